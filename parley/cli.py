@@ -1,0 +1,142 @@
+"""The one `parley` command.
+
+    parley models import smollm2                 # the default chat model
+    parley models import PATH [--name NAME]      # an HF folder or a .gguf file
+    parley models list | export NAME DIR | remove NAME
+    parley generate --model smollm2 --prompt "The capital of France is" --max-tokens 20
+    parley chat [--model NAME]
+
+Errors in what the user gave (a missing file, an unknown model, a bad value) print one
+line on stderr and exit with status 2; `--debug` shows the traceback instead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+import torch
+
+from parley.engine.sampling import SamplingParams
+from parley.registry import DEFAULT_MODEL, Registry
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+def _add_sampling_args(p: argparse.ArgumentParser, temperature: float, max_tokens: int) -> None:
+    p.add_argument("--model", default=DEFAULT_MODEL, help=f"imported model name (default: {DEFAULT_MODEL})")
+    p.add_argument("--max-tokens", type=int, default=max_tokens, help="most tokens to generate")
+    p.add_argument("--temperature", type=float, default=temperature, help="0 = greedy")
+    p.add_argument("--top-k", type=int, default=0, help="sample from the k most likely tokens (0 = all)")
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling threshold")
+    p.add_argument("--repetition-penalty", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=None, help="make sampling repeatable")
+    p.add_argument("--stop", action="append", default=[], help="stop at this string (repeatable)")
+    p.add_argument("--dtype", choices=sorted(DTYPES), default="bfloat16",
+                   help="compute precision (default bfloat16: fast on AVX-512/AMX CPUs)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="parley", description="Parley: an open conversational assistant")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks on errors")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    models = sub.add_parser("models", help="import, list, export and remove models")
+    msub = models.add_subparsers(dest="models_command", required=True)
+    imp = msub.add_parser("import", help=f"import an HF folder, a .gguf file, or `{DEFAULT_MODEL}`")
+    imp.add_argument("source")
+    imp.add_argument("--name", help="name to register it under (default: from the source)")
+    imp.add_argument("--force", action="store_true", help="replace a model of the same name")
+    msub.add_parser("list", help="list imported models")
+    exp = msub.add_parser("export", help="write a model as an HF folder (transformers/vLLM load it)")
+    exp.add_argument("name")
+    exp.add_argument("dir")
+    rem = msub.add_parser("remove", help="delete an imported model")
+    rem.add_argument("name")
+
+    gen = sub.add_parser("generate", help="plain completion of a prompt (no chat template)")
+    gen.add_argument("--prompt", required=True, help="text to continue ('-' reads stdin)")
+    _add_sampling_args(gen, temperature=0.0, max_tokens=128)
+
+    chat = sub.add_parser("chat", help="chat in the terminal (or with piped input, one turn per line)")
+    chat.add_argument("--system", default=None, help="system message")
+    _add_sampling_args(chat, temperature=0.2, max_tokens=512)
+    chat.set_defaults(top_p=0.9, repetition_penalty=1.1)
+    return parser
+
+
+def _sampling(args, stop_ids=frozenset()) -> SamplingParams:
+    return SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_k=args.top_k,
+                          top_p=args.top_p, repetition_penalty=args.repetition_penalty,
+                          seed=args.seed, stop_ids=stop_ids)
+
+
+def _load(args):
+    from parley.engine.engine import Engine
+
+    sampling = _sampling(args)  # validate the numbers before the (slow) model load
+    model, tokenizer, _ = Registry().load(args.model, dtype=DTYPES[args.dtype])
+    return Engine(model), tokenizer, sampling
+
+
+def cmd_models(args) -> int:
+    reg = Registry()
+    if args.models_command == "import":
+        info = reg.import_model(args.source, name=args.name, force=args.force)
+        print(f"imported {info.name} ({info.meta['params'] / 1e6:.1f}M parameters) into {info.path}")
+    elif args.models_command == "list":
+        rows = reg.list()
+        if not rows:
+            print(f"no models in {reg.models_dir}; run `parley models import {DEFAULT_MODEL}`")
+        for m in rows:
+            print(f"{m.name:24} {m.meta.get('params', 0) / 1e6:8.1f}M  {m.size_bytes / 2**20:8.0f} MiB  "
+                  f"{m.meta.get('architecture', '?'):20} {m.meta.get('source', '')}")
+    elif args.models_command == "export":
+        print(f"exported {args.name} to {reg.export(args.name, args.dir)}")
+    elif args.models_command == "remove":
+        reg.remove(args.name)
+        print(f"removed {args.name}")
+    return 0
+
+
+def cmd_generate(args) -> int:
+    from parley.engine.text import TextStream
+
+    prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
+    if not prompt:
+        raise ValueError("the prompt is empty")
+    engine, tokenizer, params = _load(args)
+    for piece in TextStream(engine, tokenizer, tokenizer.encode(prompt), params, stop=args.stop):
+        sys.stdout.write(piece)
+        sys.stdout.flush()
+    sys.stdout.write("\n")
+    return 0
+
+
+def cmd_chat(args) -> int:
+    from parley import chat
+
+    engine, tokenizer, params = _load(args)
+    if args.stop:
+        raise ValueError("--stop is not used by chat: the model's end-of-turn token ends each answer")
+    return chat.run(chat.ChatSession(engine, tokenizer, params, system=args.system))
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    torch.set_flush_denormal(True)  # denormals slow CPU decoding ~10x
+    handlers = {"models": cmd_models, "generate": cmd_generate, "chat": cmd_chat}
+    try:
+        return handlers[args.command](args)
+    except (ValueError, LookupError, OSError) as e:
+        if args.debug:
+            raise
+        message = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
+        print(f"parley: error: {message}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

