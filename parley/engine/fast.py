@@ -1,0 +1,142 @@
+"""Fast small-batch decoding on CPU with the C kernels in kernels.c.
+
+    decoder = FastDecoder.create(model)        # None where the kernels cannot serve this model
+    logits = decoder.step(tokens, cache)       # tokens (B,), one new token per row; cache in fp32
+
+The Transformer's own forward stays the reference (and does prefill, where big matmuls
+make PyTorch's AMX kernels the right tool); this path computes the same decode step
+with fp32 activations over the model's bf16 or fp32 weights, without copying them.
+The kernels compile once with the system C compiler into the user's cache folder; if
+that fails, decoding falls back to the reference forward.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import subprocess
+import sys
+import tempfile
+from functools import cache
+from pathlib import Path
+
+import torch
+
+from parley.model.transformer import KVCache, Transformer
+
+SOURCE = Path(__file__).with_name("kernels.c")
+P = ctypes.c_void_p
+
+
+class Layer(ctypes.Structure):
+    _fields_ = [(n, P) for n in ("q", "k", "v", "o", "gate", "up", "down", "ln1", "ln2", "K", "V")]
+
+
+class Buffers(ctypes.Structure):
+    _fields_ = [(n, P) for n in ("x", "h", "qkv", "att", "gu", "act", "scores", "logits")]
+
+
+class Shape(ctypes.Structure):
+    _fields_ = [(n, ctypes.c_int) for n in ("B", "H", "nh", "nkv", "hd", "n_layers", "w_bf16")] + \
+               [(n, ctypes.c_long) for n in ("inter", "vocab", "max_len", "slot")] + [("eps", ctypes.c_float)]
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "parley"
+
+
+@cache
+def kernels() -> ctypes.CDLL | None:
+    """Compile (once per source version) and load the kernels; None if no compiler works."""
+    source = SOURCE.read_bytes()
+    flags = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC"]
+    tag = hashlib.sha256(source + " ".join(flags).encode()).hexdigest()[:16]
+    lib = cache_dir() / f"kernels-{tag}.so"
+    if not lib.exists():
+        lib.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(suffix=".so", dir=lib.parent)
+        os.close(fd)
+        try:
+            subprocess.run([os.environ.get("CC", "cc"), *flags, str(SOURCE), "-o", tmp, "-lm"],
+                           check=True, capture_output=True, text=True)
+            os.replace(tmp, lib)  # atomic: a half-written library is never loaded
+        except (OSError, subprocess.CalledProcessError) as e:
+            detail = getattr(e, "stderr", "") or str(e)
+            print(f"parley: fast CPU kernels unavailable ({detail.strip()[:200]}); "
+                  "using the slower PyTorch path", file=sys.stderr)
+            return None
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+    so = ctypes.CDLL(str(lib))
+    so.decode_step.argtypes = [ctypes.POINTER(Layer), P, P, ctypes.POINTER(Buffers), ctypes.POINTER(Shape), P, P, P, P]
+    so.decode_step.restype = None
+    return so
+
+
+class FastDecoder:
+    def __init__(self, model: Transformer, lib: ctypes.CDLL):
+        self.lib, self.model, self.cfg = lib, model, model.config
+        m = model.model
+        # norms are tiny: keep fp32 copies; big weights are used in place, never copied
+        self.keep = [(b.input_layernorm.weight.float().contiguous(), b.post_attention_layernorm.weight.float().contiguous())
+                     for b in m.layers]
+        self.layers = (Layer * len(m.layers))()
+        for layer, block, (ln1, ln2) in zip(self.layers, m.layers, self.keep):
+            a, f = block.self_attn, block.mlp
+            for name, w in (("q", a.q_proj), ("k", a.k_proj), ("v", a.v_proj), ("o", a.o_proj),
+                            ("gate", f.gate_proj), ("up", f.up_proj), ("down", f.down_proj)):
+                setattr(layer, name, w.weight.data_ptr())
+            layer.ln1, layer.ln2 = ln1.data_ptr(), ln2.data_ptr()
+        self.norm = m.norm.weight.float().contiguous()
+        self.embed = m.embed_tokens.weight
+        self.cos, self.sin = model.rope_cos.contiguous(), model.rope_sin.contiguous()
+        self.buffers: dict = {}
+
+    @classmethod
+    def create(cls, model: Transformer) -> "FastDecoder | None":
+        """A fast decoder if this model and machine allow one: dense, no biases, bf16 or
+        fp32 weights on the CPU, and a working C compiler."""
+        cfg, w = model.config, model.lm_head.weight
+        if cfg.is_moe or cfg.attention_bias or w.device.type != "cpu" or \
+                w.dtype not in (torch.float32, torch.bfloat16):
+            return None
+        if any(not p.is_contiguous() or p.dtype != w.dtype for p in model.parameters() if p.dim() == 2):
+            return None
+        lib = kernels()
+        return cls(model, lib) if lib is not None else None
+
+    def _buffers(self, B: int, max_len: int) -> tuple[dict, Buffers]:
+        key = (B, max_len)
+        if key not in self.buffers:
+            c = self.cfg
+            qkv = (c.num_attention_heads + 2 * c.num_key_value_heads) * c.head_dim
+            tensors = dict(
+                x=torch.empty(B, c.hidden_size), h=torch.empty(B, c.hidden_size), qkv=torch.empty(B, qkv),
+                att=torch.empty(B, c.num_attention_heads * c.head_dim), gu=torch.empty(B, 2 * c.intermediate_size),
+                act=torch.empty(B, c.intermediate_size), scores=torch.empty(B * c.num_attention_heads * max_len),
+                logits=torch.empty(B, c.vocab_size))
+            self.buffers = {key: (tensors, Buffers(**{n: t.data_ptr() for n, t in tensors.items()}))}
+        return self.buffers[key]
+
+    @torch.inference_mode()
+    def step(self, tokens: torch.Tensor, cache: KVCache) -> torch.Tensor:
+        """Logits (B, vocab) for one new token per row, appended to the cache (fp32).
+        The returned tensor is a buffer that the next step overwrites."""
+        B = tokens.shape[0]
+        assert cache.k[0].dtype == torch.float32, "the fast path keeps its KV cache in fp32"
+        c = self.cfg
+        tensors, buffers = self._buffers(B, cache.max_len)
+        positions = cache.advance(torch.ones(B, 1, dtype=torch.bool)).reshape(B).contiguous()
+        tensors["x"].copy_(self.embed[tokens])
+        for layer, k, v in zip(self.layers, cache.k, cache.v):  # cache tensors change when rows leave
+            layer.K, layer.V = k.data_ptr(), v.data_ptr()
+        shape = Shape(B=B, H=c.hidden_size, nh=c.num_attention_heads, nkv=c.num_key_value_heads, hd=c.head_dim,
+                      n_layers=c.num_hidden_layers, w_bf16=int(self.embed.dtype == torch.bfloat16),
+                      inter=c.intermediate_size, vocab=c.vocab_size, max_len=cache.max_len, slot=cache.length - 1,
+                      eps=c.rms_norm_eps)
+        self.lib.decode_step(self.layers, self.norm.data_ptr(), self.model.lm_head.weight.data_ptr(),
+                             ctypes.byref(buffers), ctypes.byref(shape), positions.data_ptr(),
+                             self.cos.data_ptr(), self.sin.data_ptr(), cache.valid.data_ptr())
+        return tensors["logits"]

@@ -1,0 +1,461 @@
+"""Weights in and out: Hugging Face folders, GGUF files and Parley's own checkpoints.
+
+    from parley.model.weights import load_hf, load_gguf, save_checkpoint, load_checkpoint, export_hf
+    model, hf_config = load_hf("models/SmolLM2-135M-Instruct")     # config.json + *.safetensors
+    model, metadata = load_gguf("SmolLM2-135M-Instruct.Q4_1.gguf")  # dequantized to fp32
+    save_checkpoint("runs/sft/step-1000", model, meta={"step": 1000})
+    model, meta = load_checkpoint("runs/sft/step-1000")
+    export_hf(model, "out/hf")  # transformers.AutoModelForCausalLM.from_pretrained("out/hf") loads it
+
+Loaders build the model without random init, check that the file holds exactly the tensors the
+config asks for, with the right shapes, and copy them in one at a time, so peak memory stays
+near one model. Writers build the folder in a temporary sibling and swap it in, so a crash
+never leaves a half-written checkpoint behind; files they do not write themselves (a tokenizer
+saved alongside) are carried over into the new folder.
+
+Supported: Llama, Mistral (without sliding windows) and Mixtral, i.e. what `Transformer`
+computes. Anything else is refused with `UnsupportedModelError` rather than loaded wrongly.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from contextlib import ExitStack
+from pathlib import Path
+from typing import Iterable, Iterator
+
+import gguf
+import numpy as np
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+
+from parley.model.transformer import ModelConfig, Transformer, rope_tables
+
+_MODEL_TYPE_OF_ARCH = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "mistral", "MixtralForCausalLM": "mixtral"}
+SUPPORTED_ARCHITECTURES = tuple(_MODEL_TYPE_OF_ARCH)
+# transformers' defaults for keys a config.json may leave out, per model_type
+_HF_DEFAULTS = {
+    "llama": dict(rms_norm_eps=1e-6, max_position_embeddings=2048, rope_theta=1e4, sliding_window=None),
+    "mistral": dict(rms_norm_eps=1e-6, max_position_embeddings=131072, rope_theta=1e4, sliding_window=4096),
+    "mixtral": dict(rms_norm_eps=1e-5, max_position_embeddings=131072, rope_theta=1e6, sliding_window=None,
+                    num_local_experts=8, num_experts_per_tok=2, router_aux_loss_coef=0.001),
+}
+_SHAPE_KEYS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
+
+
+class WeightsError(ValueError):
+    """A weights file or config that cannot be loaded (corrupt, mismatched, or not a model)."""
+
+
+class UnsupportedModelError(WeightsError):
+    """A model that `Transformer` does not implement: another architecture or feature."""
+
+
+def _corrupt(path, err: Exception) -> WeightsError:
+    return WeightsError(f"{path}: file is corrupt or truncated ({err})")
+
+
+def _require(path, what: str) -> Path:
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"{what} not found: {path}")
+    return path
+
+
+# ---------------------------------------------------------------- HF config.json <-> ModelConfig
+
+def config_from_hf(d: dict) -> ModelConfig:
+    """ModelConfig from a Hugging Face config.json dict; refuses what we cannot compute exactly."""
+    archs = d.get("architectures") or [a for a, t in _MODEL_TYPE_OF_ARCH.items() if t == d.get("model_type")]
+    model_type = d.get("model_type") or _MODEL_TYPE_OF_ARCH.get(archs[0] if archs else None)
+    if len(archs) != 1 or archs[0] not in SUPPORTED_ARCHITECTURES or model_type not in _HF_DEFAULTS:
+        name = ", ".join(archs) or d.get("model_type") or "unknown"
+        raise UnsupportedModelError(
+            f"unsupported architecture {name!r} (supported: {', '.join(SUPPORTED_ARCHITECTURES)})")
+    arch, defaults = archs[0], _HF_DEFAULTS[model_type]
+
+    def unsupported(feature: str):
+        return UnsupportedModelError(f"{arch} with {feature} is not supported")
+
+    # transformers 5 writes rope settings as rope_parameters={rope_theta, rope_type, ...};
+    # older files have a top-level rope_theta and an optional rope_scaling={type or rope_type, ...}
+    ropes = [d.get("rope_scaling") or {}, d.get("rope_parameters") or {}]
+    for rope in ropes:
+        rope_type = rope.get("rope_type", rope.get("type", "default"))
+        if rope_type not in ("default", None):
+            raise unsupported(f"rope scaling {rope_type!r} (only plain RoPE)")
+    if d.get("hidden_act", "silu") != "silu":
+        raise unsupported(f"hidden_act {d['hidden_act']!r} (only silu)")
+    if d.get("mlp_bias"):
+        raise unsupported("mlp_bias")
+    max_pos = d.get("max_position_embeddings") or defaults["max_position_embeddings"]
+    window = d.get("sliding_window", defaults["sliding_window"])
+    if window is not None and window < max_pos:  # a window as long as the context changes nothing
+        raise unsupported(f"sliding-window attention (window {window} < {max_pos} positions)")
+    missing = [k for k in _SHAPE_KEYS if d.get(k) is None]
+    if missing:
+        raise WeightsError(f"config.json lacks {', '.join(missing)}")
+
+    def get(key):
+        return d[key] if d.get(key) is not None else defaults[key]
+
+    moe = model_type == "mixtral"
+    return ModelConfig(
+        **{k: d[k] for k in _SHAPE_KEYS},
+        num_key_value_heads=d.get("num_key_value_heads") or d["num_attention_heads"],
+        head_dim=d.get("head_dim"),
+        max_position_embeddings=max_pos,
+        rope_theta=float(ropes[1].get("rope_theta") or get("rope_theta")),
+        rms_norm_eps=float(get("rms_norm_eps")),
+        tie_word_embeddings=bool(d.get("tie_word_embeddings", False)),
+        attention_bias=bool(d.get("attention_bias", False)),
+        num_local_experts=get("num_local_experts") if moe else 0,
+        num_experts_per_tok=get("num_experts_per_tok") if moe else 2,
+        router_aux_loss_coef=get("router_aux_loss_coef") if moe else 0.01,
+    )
+
+
+def config_to_hf(cfg: ModelConfig, dtype: torch.dtype = torch.float32,
+                 bos_token_id: int | None = None, eos_token_id: int | list[int] | None = None) -> dict:
+    """config.json for LlamaForCausalLM (dense) or MixtralForCausalLM (MoE)."""
+    if cfg.is_moe and cfg.attention_bias:
+        raise UnsupportedModelError("MixtralForCausalLM has no attention bias: this model cannot be exported")
+    dtype_name = str(dtype).removeprefix("torch.")
+    d = {
+        "architectures": ["MixtralForCausalLM" if cfg.is_moe else "LlamaForCausalLM"],
+        "model_type": "mixtral" if cfg.is_moe else "llama",
+        **{k: getattr(cfg, k) for k in _SHAPE_KEYS},
+        "num_key_value_heads": cfg.num_key_value_heads,
+        "head_dim": cfg.head_dim,
+        "max_position_embeddings": cfg.max_position_embeddings,
+        "rms_norm_eps": cfg.rms_norm_eps,
+        "tie_word_embeddings": cfg.tie_word_embeddings,
+        "hidden_act": "silu",
+        # both spellings: transformers 5 reads rope_parameters, 4.x reads rope_theta
+        "rope_theta": cfg.rope_theta,
+        "rope_parameters": {"rope_theta": cfg.rope_theta, "rope_type": "default"},
+        "dtype": dtype_name,
+        "torch_dtype": dtype_name,
+    }
+    if cfg.is_moe:
+        d.update(num_local_experts=cfg.num_local_experts, num_experts_per_tok=cfg.num_experts_per_tok,
+                 router_aux_loss_coef=cfg.router_aux_loss_coef, sliding_window=None)
+    else:
+        d.update(attention_bias=cfg.attention_bias, mlp_bias=False)
+    d.update({k: v for k, v in (("bos_token_id", bos_token_id), ("eos_token_id", eos_token_id)) if v is not None})
+    return d
+
+
+# ---------------------------------------------------------------- filling a model from tensors
+
+def _blank_model(cfg: ModelConfig, dtype: torch.dtype) -> Transformer:
+    """A Transformer with uninitialized parameters. Random init would cost more than the
+    load itself for big models, so build on the meta device and allocate empty storage."""
+    with torch.device("meta"):
+        model = Transformer(cfg).to(dtype)
+    model.to_empty(device="cpu")
+    if cfg.tie_word_embeddings:  # leaving the meta device makes new parameters, which unties them
+        model.lm_head.weight = model.model.embed_tokens.weight
+    # to_empty leaves buffers empty too; the rope tables are the only ones and stay fp32
+    tables = dict(zip(("rope_cos", "rope_sin"), rope_tables(cfg, cfg.max_position_embeddings)))
+    if {name for name, _ in model.named_buffers()} != set(tables):
+        raise RuntimeError("Transformer has buffers that _blank_model does not rebuild")
+    for name, table in tables.items():
+        setattr(model, name, table)
+    return model
+
+
+def _fill(model: Transformer, names: Iterable[str], tensors: Iterator[tuple[str, torch.Tensor]], where) -> None:
+    """Copy `tensors` into `model` after checking that `names` (what the file will yield) are
+    exactly the model's parameters. A tied lm_head may be absent (it is the embedding)."""
+    params = model.state_dict()
+    optional = {"lm_head.weight"} if model.config.tie_word_embeddings else set()
+    names = {n for n in names if not n.endswith("rotary_emb.inv_freq")}  # old Llama files store rope tables
+    problems = []
+    missing, unexpected = sorted(set(params) - optional - names), sorted(names - set(params))
+    for label, found in (("missing", missing), ("unexpected", unexpected)):
+        if found:
+            problems.append(f"{label} tensor{'s' if len(found) > 1 else ''} {', '.join(found[:3])}"
+                            + (f" and {len(found) - 3} more" if len(found) > 3 else ""))
+    if problems:
+        raise WeightsError(f"{where}: {'; '.join(problems)} "
+                           "(the weights do not match the config: another architecture or size?)")
+    with torch.no_grad():
+        for name, tensor in tensors:
+            if name not in params or name in optional:
+                continue  # a skipped inv_freq, or a tied lm_head stored anyway: the embedding wins, as in transformers
+            if tensor.shape != params[name].shape:
+                raise WeightsError(f"{where}: tensor {name} has shape {tuple(tensor.shape)}, "
+                                   f"the config expects {tuple(params[name].shape)}")
+            params[name].copy_(tensor)
+
+
+def _read_safetensors(model: Transformer, files: list[Path], where) -> None:
+    with ExitStack() as stack:
+        owner = {}
+        for f in files:
+            try:
+                handle = stack.enter_context(safe_open(f, framework="pt"))
+            except SafetensorError as e:
+                raise _corrupt(f, e) from e
+            owner.update({name: handle for name in handle.keys()})
+        _fill(model, owner, ((name, h.get_tensor(name)) for name, h in owner.items()), where)
+
+
+def _weight_files(folder: Path) -> list[Path]:
+    """The safetensors files of an HF folder: one file, or the shards its index names."""
+    if (folder / "model.safetensors").exists():
+        return [folder / "model.safetensors"]
+    index = folder / "model.safetensors.index.json"
+    if index.exists():
+        try:
+            shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        except (ValueError, KeyError, AttributeError) as e:
+            raise _corrupt(index, e) from e
+        return [_require(folder / s, "safetensors shard") for s in shards]
+    if any(folder.glob("pytorch_model*.bin")):
+        raise WeightsError(f"{folder} has only pytorch_model*.bin weights, which Parley does not read (pickles "
+                           "can run code): convert them to safetensors, e.g. with transformers' from_pretrained "
+                           "+ save_pretrained")
+    raise FileNotFoundError(f"no model.safetensors or model.safetensors.index.json in {folder}")
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(_require(path, "config file").read_text())
+    except (ValueError, UnicodeDecodeError) as e:
+        raise _corrupt(path, e) from e
+
+
+def load_hf(path, dtype: torch.dtype = torch.float32) -> tuple[Transformer, dict]:
+    """Load a Hugging Face model folder (config.json + safetensors). Returns (model in eval
+    mode, the raw config.json dict)."""
+    folder = _require(path, "model folder")
+    if not folder.is_dir():
+        raise WeightsError(f"{folder} is a file; load_hf wants the folder holding config.json and the safetensors")
+    hf_config = _read_json(folder / "config.json")
+    model = _blank_model(config_from_hf(hf_config), dtype)
+    _read_safetensors(model, _weight_files(folder), folder)
+    return model.eval(), hf_config
+
+
+# ---------------------------------------------------------------- GGUF (llama.cpp)
+
+_GGUF_TOP = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}
+_GGUF_BLOCK = {"attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
+               "attn_output": "self_attn.o_proj", "attn_norm": "input_layernorm",
+               "ffn_norm": "post_attention_layernorm", "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj",
+               "ffn_down": "mlp.down_proj", "ffn_gate_inp": "block_sparse_moe.gate"}
+_GGUF_EXPERTS = {"ffn_gate_exps": "w1", "ffn_down_exps": "w2", "ffn_up_exps": "w3"}  # one tensor for all experts
+
+
+def _hf_name(gguf_name: str) -> str:
+    """HF name for a GGUF tensor name; expert tensors get an `{}` for the expert index.
+    Unknown names come back unchanged and are reported as unexpected."""
+    parts = gguf_name.split(".")
+    if len(parts) == 2 and parts[0] in _GGUF_TOP:
+        return f"{_GGUF_TOP[parts[0]]}.{parts[1]}"
+    if len(parts) == 4 and parts[0] == "blk":
+        _, layer, kind, suffix = parts
+        if kind in _GGUF_BLOCK:
+            return f"model.layers.{layer}.{_GGUF_BLOCK[kind]}.{suffix}"
+        if kind in _GGUF_EXPERTS:
+            return f"model.layers.{layer}.block_sparse_moe.experts.{{}}.{_GGUF_EXPERTS[kind]}.{suffix}"
+    return gguf_name
+
+
+def _unpermute(w: torch.Tensor, n_head: int) -> torch.Tensor:
+    """Undo llama.cpp's q/k row order. HF rotates the two halves of each head (i, i + d/2);
+    llama.cpp rotates adjacent pairs (2i, 2i + 1), so convert_hf_to_gguf interleaves each
+    head's halves. Read the rows back as (head, d/2, pair) and put the pair axis first."""
+    return w.reshape(n_head, -1, 2, *w.shape[1:]).transpose(1, 2).reshape(w.shape)
+
+
+def _config_from_gguf(meta: dict, tensor_names: set[str], n_tokens: int, path) -> ModelConfig:
+    required = object()
+
+    def key(name, default=required):
+        value = meta.get(f"llama.{name}", default)
+        if value is required:
+            raise WeightsError(f"{path}: GGUF metadata lacks llama.{name}")
+        return value
+
+    def decimal(value):  # GGUF stores float32: 1e-5 reads back as 9.99999974e-06, so take float32's shortest repr
+        return float(str(np.float32(value)))
+
+    n_head = key("attention.head_count")
+    head_dim = key("attention.key_length", key("embedding_length") // n_head)
+    if key("rope.dimension_count", head_dim) != head_dim:
+        raise UnsupportedModelError(f"{path}: partial rotary embeddings are not supported")
+    scaling = key("rope.scaling.type", "none")
+    if "rope_freqs.weight" in tensor_names:  # Llama 3.1's scaled frequencies, stored as a tensor
+        scaling = "llama3 rope_freqs"
+    if scaling != "none":
+        raise UnsupportedModelError(f"{path}: rope scaling ({scaling}) is not supported")
+    experts = key("expert_count", 0)
+    return ModelConfig(
+        vocab_size=key("vocab_size", None) or n_tokens, hidden_size=key("embedding_length"),
+        intermediate_size=key("expert_feed_forward_length", None) or key("feed_forward_length"),
+        num_hidden_layers=key("block_count"), num_attention_heads=n_head,
+        num_key_value_heads=key("attention.head_count_kv", n_head), head_dim=head_dim,
+        max_position_embeddings=key("context_length"), rope_theta=decimal(key("rope.freq_base", 10000.0)),
+        rms_norm_eps=decimal(key("attention.layer_norm_rms_epsilon")),
+        tie_word_embeddings="output.weight" not in tensor_names,
+        attention_bias="blk.0.attn_q.bias" in tensor_names,
+        num_local_experts=experts, num_experts_per_tok=key("expert_used_count", 2) if experts else 2,
+    )
+
+
+def load_gguf(path, dtype: torch.dtype = torch.float32) -> tuple[Transformer, dict]:
+    """Load a llama-architecture GGUF file, dequantizing every tensor. Returns (model in eval
+    mode, the file's scalar metadata: `llama.*`, `general.*`, tokenizer ids, chat template)."""
+    path = _require(path, "GGUF file")
+    try:  # GGUFReader reports a damaged file through whatever numpy raises while parsing it
+        reader = gguf.GGUFReader(path)
+        # scalars only: the arrays are the vocabulary, which the tokenizer reads from the file itself
+        meta = {name: f.contents() for name, f in reader.fields.items()
+                if not name.startswith("GGUF.") and f.types[0] != gguf.GGUFValueType.ARRAY}
+        tokens = reader.fields.get("tokenizer.ggml.tokens")
+        n_tokens = len(tokens.data) if tokens else 0
+    except Exception as e:
+        raise _corrupt(path, e) from e
+    arch = meta.get("general.architecture")
+    if arch != "llama":
+        raise UnsupportedModelError(f"{path}: unsupported GGUF architecture {arch!r} (supported: llama)")
+    tensors = [(t, _hf_name(t.name)) for t in reader.tensors]
+    cfg = _config_from_gguf(meta, {t.name for t in reader.tensors}, n_tokens, path)
+
+    def dequantized() -> Iterator[tuple[str, torch.Tensor]]:
+        for t, name in tensors:
+            try:
+                array = gguf.quants.dequantize(t.data, t.tensor_type)
+            except NotImplementedError as e:
+                raise UnsupportedModelError(f"{path}: cannot dequantize {t.name} ({t.tensor_type.name}): {e}") from e
+            # F32 tensors come back as read-only views of the file, which torch warns about
+            w = torch.from_numpy(array if array.flags.writeable else np.array(array))
+            if name.endswith(("q_proj.weight", "q_proj.bias")):
+                w = _unpermute(w, cfg.num_attention_heads)
+            elif name.endswith(("k_proj.weight", "k_proj.bias")):
+                w = _unpermute(w, cfg.num_key_value_heads)  # k has its own (kv) head count
+            if "{}" in name:
+                yield from ((name.format(e), w[e]) for e in range(w.shape[0]))
+            else:
+                yield name, w
+
+    names = []
+    for t, name in tensors:  # GGUF shapes list the innermost dimension first: experts are the last
+        names += [name.format(e) for e in range(int(t.shape[-1]))] if "{}" in name else [name]
+    model = _blank_model(cfg, dtype)
+    _fill(model, names, dequantized(), path)
+    return model.eval(), meta
+
+
+# ---------------------------------------------------------------- writing folders atomically
+
+_STALE_WEIGHTS = ("*.safetensors", "*.safetensors.index.json", "pytorch_model*.bin")
+
+
+def _link_or_copy(src, dst):
+    try:
+        os.link(src, dst)  # instant, and the old folder is about to go anyway
+    except OSError:
+        shutil.copy2(src, dst)
+
+
+def _fsync(path: Path):
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write_folder(path, json_files: dict[str, dict], tensors: dict[str, torch.Tensor]) -> None:
+    """Write a model folder: build it complete in a temp sibling, then swap it in with renames.
+    Files of an existing folder that we do not write (a tokenizer, say) are carried over,
+    except old weight files. Only the instant between the two renames is unprotected, and a
+    crash there leaves the old folder whole under `.NAME.old-*`."""
+    path = Path(path)
+    if path.exists() and not (path.is_dir() and ((path / "config.json").exists() or not any(path.iterdir()))):
+        raise WeightsError(f"refusing to overwrite {path}: it is not a model folder (no config.json)")
+    # serialize first: a meta dict that is not JSON fails before anything is written
+    texts = {name: json.dumps(content, indent=2) + "\n" for name, content in json_files.items()}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+    try:
+        save_file(tensors, tmp / "model.safetensors", metadata={"format": "pt"})
+        for name, text in texts.items():
+            (tmp / name).write_text(text)
+        if path.exists():
+            stale = {p.name for pattern in _STALE_WEIGHTS for p in path.glob(pattern)}
+            for entry in path.iterdir():
+                if entry.name not in stale and not (tmp / entry.name).exists():
+                    if entry.is_dir():
+                        shutil.copytree(entry, tmp / entry.name, copy_function=_link_or_copy)
+                    else:
+                        _link_or_copy(entry, tmp / entry.name)
+        for f in tmp.iterdir():
+            if f.is_file():
+                _fsync(f)
+        if path.exists():
+            old = tmp.with_name(tmp.name.replace(".tmp-", ".old-"))
+            os.replace(path, old)
+            os.replace(tmp, path)
+            shutil.rmtree(old)
+        else:
+            os.replace(tmp, path)
+        _fsync(path.parent)  # make the rename itself durable
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _tensors_to_save(model: Transformer, dtype: torch.dtype | None) -> dict[str, torch.Tensor]:
+    state = model.state_dict()
+    if model.config.tie_word_embeddings:
+        del state["lm_head.weight"]  # the same tensor as the embedding; safetensors refuses shared storage
+    return {name: t.detach().to("cpu", dtype or t.dtype).contiguous() for name, t in state.items()}
+
+
+def _param_dtype(model: Transformer) -> torch.dtype:
+    return model.model.embed_tokens.weight.dtype
+
+
+# ---------------------------------------------------------------- Parley checkpoints, HF export
+
+def save_checkpoint(path, model: Transformer, meta: dict | None = None) -> None:
+    """Save Parley's format: config.json ({"parley_format": 1, "dtype", "model", "meta"}) and
+    model.safetensors, written atomically. `meta` must be JSON-serializable."""
+    config = {"parley_format": 1, "dtype": str(_param_dtype(model)).removeprefix("torch."),
+              "model": model.config.to_dict(), "meta": meta or {}}
+    _write_folder(path, {"config.json": config}, _tensors_to_save(model, None))
+
+
+def load_checkpoint(path, dtype: torch.dtype | None = None) -> tuple[Transformer, dict]:
+    """Load a folder written by save_checkpoint, in its saved dtype unless `dtype` is given.
+    Returns (model in eval mode, meta)."""
+    folder = _require(path, "checkpoint")
+    config = _read_json(folder / "config.json")
+    if config.get("parley_format") != 1:
+        hint = " (it looks like a Hugging Face folder: use load_hf)" if "architectures" in config else ""
+        raise WeightsError(f"{folder} is not a Parley checkpoint{hint}")
+    dtype = dtype or getattr(torch, config.get("dtype", "float32"))
+    model = _blank_model(ModelConfig.from_dict(config["model"]), dtype)
+    _read_safetensors(model, [_require(folder / "model.safetensors", "checkpoint weights")], folder)
+    return model.eval(), config.get("meta") or {}
+
+
+def export_hf(model: Transformer, path, dtype: torch.dtype | None = None,
+              bos_token_id: int | None = None, eos_token_id: int | list[int] | None = None) -> None:
+    """Write a Hugging Face folder (config.json, model.safetensors, generation_config.json)
+    that `transformers.AutoModelForCausalLM.from_pretrained(path)` loads. Written atomically."""
+    dtype = dtype or _param_dtype(model)
+    files = {"config.json": config_to_hf(model.config, dtype, bos_token_id, eos_token_id)}
+    ids = {k: v for k, v in (("bos_token_id", bos_token_id), ("eos_token_id", eos_token_id)) if v is not None}
+    if ids:
+        files["generation_config.json"] = ids
+    _write_folder(path, files, _tensors_to_save(model, dtype))

@@ -1,0 +1,107 @@
+"""The `parley` command end to end, in subprocesses with their own PARLEY_HOME: importing,
+listing, exporting, generating, chatting through a pipe, and one-line errors for bad input."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+
+
+def parley(home, *args, stdin=None, check=True):
+    env = {**os.environ, "PARLEY_HOME": str(home)}
+    result = subprocess.run([sys.executable, "-m", "parley", *args], input=stdin, capture_output=True,
+                            text=True, env=env, timeout=300)
+    if check and result.returncode != 0:
+        raise AssertionError(f"parley {' '.join(args)} failed ({result.returncode}):\n{result.stderr}")
+    return result
+
+
+def assert_clean_error(result, *fragments):
+    """Non-zero exit, exactly one line on stderr naming the problem, no traceback."""
+    assert result.returncode != 0
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("parley: error: "), result.stderr
+    for fragment in fragments:
+        assert fragment in lines[0], lines[0]
+
+
+@pytest.fixture(scope="module")
+def home(tmp_path_factory, tiny_hf_dir):
+    home = tmp_path_factory.mktemp("home")
+    out = parley(home, "models", "import", str(tiny_hf_dir), "--name", "tiny")
+    assert "imported tiny" in out.stdout
+    return home
+
+
+def test_list_shows_imported_model(home):
+    out = parley(home, "models", "list").stdout
+    assert out.startswith("tiny") and "LlamaForCausalLM" in out
+
+
+def test_generate_is_deterministic_and_prints_only_the_continuation(home):
+    args = ("generate", "--model", "tiny", "--prompt", "The capital of France is", "--max-tokens", "12")
+    first, second = parley(home, *args).stdout, parley(home, *args).stdout
+    assert first == second and "The capital" not in first and first.strip()
+    seeded = [parley(home, *args, "--temperature", "1.0", "--seed", "4", "--dtype", "float32").stdout
+              for _ in range(2)]
+    assert seeded[0] == seeded[1]
+
+
+def test_chat_reads_turns_from_a_pipe(home):
+    out = parley(home, "chat", "--model", "tiny", "--max-tokens", "8", "--temperature", "0",
+                 stdin="hello there\n/help\n/reset\nhow are you?\n/exit\nnever read\n").stdout
+    first_answer, rest = out.split("commands:")
+    assert first_answer.endswith("\n\n")  # each answer ends with a blank line
+    assert "/reset" in rest and "(conversation reset)\n" in rest
+    assert rest.split("(conversation reset)\n")[1].endswith("\n\n")  # the second answer; /exit ends it
+
+
+def test_export_loads_in_transformers(home, tmp_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from parley.registry import Registry
+
+    parley(home, "models", "export", "tiny", str(tmp_path / "out"))
+    hf = AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval()
+    hf_tok = AutoTokenizer.from_pretrained(tmp_path / "out")
+    model, tok, _ = Registry(home).load("tiny")
+    ids = tok.encode("Hello there, café 東京")
+    assert hf_tok("Hello there, café 東京")["input_ids"] == ids
+    with torch.no_grad():
+        torch.testing.assert_close(hf(torch.tensor([ids])).logits, model(torch.tensor([ids])), atol=1e-4, rtol=0)
+
+
+def test_bad_input_gives_one_line_errors(home, tiny_hf_dir, tmp_path):
+    assert_clean_error(parley(home, "models", "import", str(tmp_path / "nope"), check=False), "no such file")
+    assert_clean_error(parley(home, "generate", "--model", "ghost", "--prompt", "hi", check=False),
+                       "no model named 'ghost'")
+    assert_clean_error(parley(home, "models", "import", str(tiny_hf_dir), "--name", "tiny", check=False),
+                       "already exists")
+    long_prompt = "Paris " * 200  # the tiny model's context is 96 tokens
+    assert_clean_error(parley(home, "generate", "--model", "tiny", "--prompt", long_prompt, check=False),
+                       "context is 96 tokens")
+    assert_clean_error(parley(home, "generate", "--model", "tiny", "--prompt", "hi", "--temperature", "-1",
+                              check=False), "temperature")
+
+    truncated = tmp_path / "truncated"
+    shutil.copytree(tiny_hf_dir, truncated)
+    weights = truncated / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    assert_clean_error(parley(home, "models", "import", str(truncated), check=False), "corrupt or truncated")
+
+    garbage = tmp_path / "garbage.gguf"
+    garbage.write_bytes(b"GGUF" + os.urandom(200))
+    assert_clean_error(parley(home, "models", "import", str(garbage), check=False))
+
+    gpt2 = tmp_path / "gpt2"
+    shutil.copytree(tiny_hf_dir, gpt2)
+    config = json.loads((gpt2 / "config.json").read_text())
+    config.update(architectures=["GPT2LMHeadModel"], model_type="gpt2")
+    (gpt2 / "config.json").write_text(json.dumps(config))
+    assert_clean_error(parley(home, "models", "import", str(gpt2), check=False), "GPT2LMHeadModel")
+    # nothing half-written was left behind by the failed imports
+    assert sorted(p.name for p in (home / "models").iterdir()) == ["tiny"]
