@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import os
 import platform
 import statistics
 import subprocess
@@ -90,7 +91,6 @@ def main() -> None:
     if args.quick:
         args.repeats, args.new = 1, 32
     torch.set_flush_denormal(True)
-    import os
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from transformers import AutoModelForCausalLM
 
@@ -120,6 +120,16 @@ def main() -> None:
         write_results(rows, args, bw, weight_bytes_per_step(ours.to(torch.bfloat16)))
 
 
+def cpu_name() -> str:
+    try:
+        info = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return platform.machine()
+    name = next((l.split(":", 1)[1].strip() for l in info.splitlines() if l.startswith("model name")), "?")
+    flags = [f for f in ("avx512f", "avx512_bf16", "amx_bf16") if f" {f}" in info]
+    return f"{name} ({', '.join(flags) or 'no AVX-512'})"
+
+
 def write_results(rows, args, bw: float, bf16_bytes: int) -> None:
     try:
         commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
@@ -127,7 +137,7 @@ def write_results(rows, args, bw: float, bf16_bytes: int) -> None:
         commit = "?"
     lines = [
         f"\n## Decode speed, SmolLM2-135M-Instruct ({datetime.date.today()}, commit {commit})\n",
-        f"Machine: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, "
+        f"Machine: {cpu_name()}, {os.cpu_count()} cores, {torch.get_num_threads()} threads, "
         f"torch {torch.__version__}. Command: `.venv/bin/python benchmarks/decode.py "
         f"--prompt {args.prompt} --new {args.new} --repeats {args.repeats}`. Prompt {args.prompt} tokens, "
         f"{args.new} new tokens, greedy, median of {args.repeats}. Measured read bandwidth {bw:.1f} GB/s; "

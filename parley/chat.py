@@ -13,7 +13,7 @@ from __future__ import annotations
 import sys
 from typing import TextIO
 
-from parley.engine.engine import Engine
+from parley.engine.engine import Engine, PromptError
 from parley.engine.sampling import SamplingParams
 from parley.engine.text import TextStream
 from parley.model.tokenizer import Tokenizer
@@ -91,6 +91,8 @@ def run(session: ChatSession, stdin: TextIO = sys.stdin, stdout: TextIO = sys.st
                 stdout.flush()
         except KeyboardInterrupt:
             stdout.write(" [interrupted]")
+        except PromptError as e:  # e.g. one message longer than the context: say so, keep chatting
+            stdout.write(f"[error: {e}]")
         stdout.write("\n" if interactive else "\n\n")
         stdout.flush()
     return 0

@@ -105,3 +105,45 @@ def test_repetition_penalty_and_seeded_sampling():
     seq_a = [a(torch.zeros(50), torch.zeros(0, dtype=torch.long)) for _ in range(20)]
     seq_b = [b(torch.zeros(50), torch.zeros(0, dtype=torch.long)) for _ in range(20)]
     assert seq_a == seq_b and len(set(seq_a)) > 5  # same seed, same draws; and they vary
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fast_decode_step_equals_reference_forward(dtype):
+    """The C decode step computes in fp32 over the model's weights: it must equal the
+    reference forward of the same (bf16-rounded) weights in fp32, padding included."""
+    from parley.engine.fast import FastDecoder
+    from parley.model.transformer import KVCache
+
+    torch.manual_seed(1)
+    cfg = ModelConfig(vocab_size=301, hidden_size=96, intermediate_size=200, num_hidden_layers=3,
+                      num_attention_heads=6, num_key_value_heads=2, max_position_embeddings=64,
+                      tie_word_embeddings=False)
+    model = Transformer(cfg)
+    model.init_weights(std=0.1)
+    model = model.to(dtype).eval()
+    reference = Transformer(cfg).eval()
+    reference.load_state_dict({k: v.float() for k, v in model.state_dict().items()})
+    fast = FastDecoder.create(model)
+    assert fast is not None, "the C kernels failed to build: is a C compiler installed?"
+    B, T = 5, 9  # five rows: more than one 4-row block, and a partial one
+    ids = torch.randint(0, 301, (B, T))
+    mask = torch.ones(B, T, dtype=torch.bool)
+    mask[0, :4] = mask[3, :7] = False  # left padding
+    caches = [KVCache(cfg, B, T + 3, torch.float32) for _ in range(2)]
+    with torch.inference_mode():
+        for cache in caches:
+            reference(ids, cache, token_mask=mask)
+        for step in range(3):
+            tokens = torch.randint(0, 301, (B,))
+            got = fast.step(tokens, caches[0]).clone()
+            expected = reference(tokens[:, None], caches[1])[:, -1]
+            torch.testing.assert_close(got, expected, atol=2e-5, rtol=1e-4)
+
+
+def test_engine_fast_and_reference_paths_agree(engine):
+    reference = Engine(engine.model, fast=False)
+    assert engine.fast is not None and reference.fast is None
+    prompts = [[1, 2, 3], [7] * 11, [50, 60, 70, 80, 90, 100]]
+    params = SamplingParams(max_tokens=10)
+    assert [c.tokens for c in engine.generate(prompts, params)] == \
+        [c.tokens for c in reference.generate(prompts, params)]

@@ -1,0 +1,64 @@
+"""The default model end to end: SmolLM2-135M-Instruct from its GGUF, through our engine
+(KV cache, fast decode path, batching) against transformers loading the same file, and
+through `parley chat` with piped input."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from parley.engine.engine import Engine
+from parley.engine.sampling import SamplingParams
+from parley.model.tokenizer import Tokenizer
+from parley.model.weights import load_gguf
+
+PROMPTS = ["The capital of France is", "def fibonacci(n):", "Once upon a time, in a small village,",
+           "The three primary colors are", "Water boils at a temperature of", "Le chat est sur"]
+
+
+@pytest.fixture(scope="module")
+def smol(smollm2_path):
+    from transformers import AutoModelForCausalLM
+
+    model, _ = load_gguf(smollm2_path)
+    hf = AutoModelForCausalLM.from_pretrained(smollm2_path.parent, gguf_file=smollm2_path.name).eval()
+    return model, hf, Tokenizer.from_gguf(smollm2_path)
+
+
+def test_engine_greedy_continuations_equal_transformers(smol):
+    model, hf, tok = smol
+    engine = Engine(model)  # fp32 weights: the fast path computes what transformers computes
+    assert engine.fast is not None
+    prompts = [tok.encode(p) for p in PROMPTS]
+    ours = [c.tokens for c in engine.generate(prompts, SamplingParams(max_tokens=16))]  # one padded batch
+    for prompt, got in zip(prompts, ours):
+        with torch.inference_mode():
+            ref = hf.generate(torch.tensor([prompt]), do_sample=False, max_new_tokens=16, min_new_tokens=16,
+                              pad_token_id=tok.pad_id)[0, len(prompt):].tolist()
+        assert got == ref, (tok.decode(prompt), tok.decode(got), tok.decode(ref))
+
+
+def test_bf16_engine_answers_in_chat_format(smol):
+    model, _, tok = smol
+    engine = Engine(model.to(torch.bfloat16))
+    try:
+        ids = tok.encode_chat([{"role": "user", "content": "What is the capital of France?"}])
+        [out] = engine.generate([ids], SamplingParams(max_tokens=30, stop_ids=tok.stop_ids))
+        assert out.finish_reason == "stop" and "Paris" in tok.decode(out.tokens)
+    finally:
+        model.float()
+
+
+def test_chat_through_the_cli_answers_sensibly(smollm2_path, tmp_path):
+    env = {**os.environ, "PARLEY_HOME": str(tmp_path)}
+    run = lambda args, stdin=None: subprocess.run([sys.executable, "-m", "parley", *args], input=stdin, env=env,
+                                                  capture_output=True, text=True, timeout=600)
+    imported = run(["models", "import", "smollm2"])
+    assert imported.returncode == 0, imported.stderr
+    chat = run(["chat", "--temperature", "0"], stdin="What is the capital of France?\n/reset\nWhat is 2 + 2?\n")
+    assert chat.returncode == 0, chat.stderr
+    first, second = [a for a in chat.stdout.split("(conversation reset)")]
+    assert "Paris" in first
+    assert "4" in second
