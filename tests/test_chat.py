@@ -41,3 +41,21 @@ def test_run_reports_errors_and_keeps_going(session_parts):
     assert "[error: the prompt is" in text and "context is 96 tokens" in text
     assert "unknown command /bogus" in text
     assert len(session.history) == 2  # the failed turn left no trace; the last one did
+
+
+def test_text_stream_stops_at_stop_strings_without_emitting_them(session_parts):
+    from parley.engine.text import TextStream
+
+    engine, tok = session_parts
+    prompt = tok.encode("The capital of France is")
+    free = TextStream(engine, tok, prompt, SamplingParams(max_tokens=40))
+    pieces = list(free)
+    assert "".join(pieces) == free.text == tok.decode(free.tokens) and free.finish_reason == "length"
+    text = free.text
+    stop = text[len(text) // 2: len(text) // 2 + 3]
+    stopped = TextStream(engine, tok, prompt, SamplingParams(max_tokens=40), stop=[stop, "never-there"])
+    streamed = "".join(stopped)
+    assert streamed == stopped.text == text[:text.find(stop)]
+    assert stopped.finish_reason == "stop" and len(stopped.tokens) < len(free.tokens)
+    with pytest.raises(ValueError, match="must not be empty"):
+        TextStream(engine, tok, prompt, SamplingParams(), stop=[""])
