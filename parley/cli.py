@@ -5,6 +5,8 @@
     parley models list | export NAME DIR | remove NAME
     parley generate --model smollm2 --prompt "The capital of France is" --max-tokens 20
     parley chat [--model NAME]
+    parley data prepare OUT [--tokenizer DIR]    # training corpus + dialogs from offline packages
+    parley train tokenizer|pretrain|sft [RECIPE.toml] [key=value ...]
 
 Errors in what the user gave (a missing file, an unknown model, a bad value) print one
 line on stderr and exit with status 2; `--debug` shows the traceback instead.
@@ -13,6 +15,7 @@ line on stderr and exit with status 2; `--debug` shows the traceback instead.
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 
 import torch
@@ -21,6 +24,9 @@ from parley.engine.sampling import SamplingParams
 from parley.registry import DEFAULT_MODEL, Registry
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+# stage name -> (module, config class); imported only when the stage runs
+STAGES = {"tokenizer": ("parley.train.bpe", "TokenizerConfig"), "pretrain": ("parley.train.pretrain", "PretrainConfig"),
+          "sft": ("parley.train.sft", "SFTConfig")}
 
 
 def _add_sampling_args(p: argparse.ArgumentParser, temperature: float, max_tokens: int) -> None:
@@ -62,6 +68,17 @@ def build_parser() -> argparse.ArgumentParser:
     chat.add_argument("--system", default=None, help="system message")
     _add_sampling_args(chat, temperature=0.2, max_tokens=512)
     chat.set_defaults(top_p=0.9, repetition_penalty=1.1)
+
+    train = sub.add_parser("train", help="training stages: tokenizer, pretrain, sft",
+                           description="parley train STAGE [RECIPE.toml] [key=value ...]; "
+                                       "parley train STAGE --help lists every key")
+    train.add_argument("stage", choices=sorted(STAGES))
+    train.add_argument("settings", nargs=argparse.REMAINDER, help="a TOML recipe, then key=value overrides")
+
+    data = sub.add_parser("data", help="build the training corpus and dialog sets from offline sources",
+                          add_help=False)
+    data.add_argument("action", choices=["prepare"])
+    data.add_argument("settings", nargs=argparse.REMAINDER, help="see `parley data prepare --help`")
     return parser
 
 
@@ -122,10 +139,29 @@ def cmd_chat(args) -> int:
     return chat.run(chat.ChatSession(engine, tokenizer, params, system=args.system))
 
 
+def cmd_train(args) -> int:
+    import importlib
+
+    from parley.config import parse_cli
+
+    module_name, config_name = STAGES[args.stage]
+    module = importlib.import_module(module_name)
+    module.main(parse_cli(getattr(module, config_name), args.settings, prog=f"parley train {args.stage}"))
+    return 0
+
+
+def cmd_data(args) -> int:
+    from parley.train import corpus
+
+    return corpus.main(args.settings)
+
+
 def main(argv: list[str] | None = None) -> int:
+    signal.signal(signal.SIGPIPE, signal.SIG_DFL)  # `parley ... | head` ends quietly, like other tools
     args = build_parser().parse_args(argv)
     torch.set_flush_denormal(True)  # denormals slow CPU decoding ~10x
-    handlers = {"models": cmd_models, "generate": cmd_generate, "chat": cmd_chat}
+    handlers = {"models": cmd_models, "generate": cmd_generate, "chat": cmd_chat, "train": cmd_train,
+                "data": cmd_data}
     try:
         return handlers[args.command](args)
     except (ValueError, LookupError, OSError) as e:

