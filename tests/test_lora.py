@@ -10,15 +10,8 @@ from parley.model.lora import LoRALinear, apply_lora, load_lora, lora_state_dict
 from parley.train.loop import train
 from parley.train.losses import lm_loss
 
+pytestmark = pytest.mark.usefixtures("one_thread")
 IDS = torch.randint(0, 96, (2, 12), generator=torch.Generator().manual_seed(1))
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def trained_adapter(tmp_path, moe=False, targets=None):

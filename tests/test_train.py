@@ -20,16 +20,9 @@ from parley.train import loop
 from parley.train.loop import TrainConfig, latest_checkpoint, lr_multiplier, train
 from parley.train.losses import lm_loss, next_token_loss, router_loss
 
+pytestmark = pytest.mark.usefixtures("one_thread")
 JOB = Path(__file__).with_name("train_job.py")
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}  # tiny models: one thread is fastest and immune to busy neighbours
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def losses(run_dir) -> dict[int, float]:

@@ -366,7 +366,8 @@ def _link_or_copy(src, dst):
         shutil.copy2(src, dst)
 
 
-def _fsync(path: Path):
+def fsync(path: Path) -> None:
+    """Flush a file (or a folder's entries) to disk: a rename is durable only after this."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -400,7 +401,7 @@ def _write_folder(path, json_files: dict[str, dict], tensors: dict[str, torch.Te
                         _link_or_copy(entry, tmp / entry.name)
         for f in tmp.iterdir():
             if f.is_file():
-                _fsync(f)
+                fsync(f)
         if path.exists():
             old = tmp.with_name(tmp.name.replace(".tmp-", ".old-"))
             os.replace(path, old)
@@ -408,7 +409,7 @@ def _write_folder(path, json_files: dict[str, dict], tensors: dict[str, torch.Te
             shutil.rmtree(old)
         else:
             os.replace(tmp, path)
-        _fsync(path.parent)  # make the rename itself durable
+        fsync(path.parent)  # make the rename itself durable
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

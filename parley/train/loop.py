@@ -42,7 +42,7 @@ from safetensors.torch import load_file, save_file
 
 from parley.config import setting, to_dict
 from parley.model.transformer import Transformer
-from parley.model.weights import save_checkpoint
+from parley.model.weights import fsync, save_checkpoint
 
 
 @dataclass
@@ -166,14 +166,6 @@ def latest_checkpoint(run_dir) -> Path | None:
     return dirs[-1][1] if dirs else None
 
 
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _unique_state(model: nn.Module) -> dict[str, torch.Tensor]:
     """state_dict without the second name of a tied tensor (safetensors refuses shared storage)."""
     state, seen = {}, set()
@@ -197,13 +189,13 @@ def save_train_checkpoint(run_dir, step: int, model: nn.Module, optimizer, cfg: 
         tmp.mkdir(parents=True)
         save_file(_unique_state(model), tmp / "model.safetensors")
         (tmp / "config.json").write_text(json.dumps({"meta": meta}, indent=2) + "\n")
-        _fsync(tmp / "model.safetensors")
+        fsync(tmp / "model.safetensors")
     torch.save({"step": step, "train": to_dict(cfg), "optimizer": optimizer.state_dict()}, tmp / "trainer.pt")
-    _fsync(tmp / "trainer.pt")
+    fsync(tmp / "trainer.pt")
     if final.exists():  # left by a run that crashed after this step and before its next save
         shutil.rmtree(final)
     os.replace(tmp, final)
-    _fsync(ckpts)
+    fsync(ckpts)
     for _, old in _step_dirs(run_dir)[:-keep]:
         shutil.rmtree(old)
     return final
