@@ -153,7 +153,7 @@ def cmd_train(args) -> int:
 def cmd_data(args) -> int:
     from parley.train import corpus
 
-    return corpus.main(args.settings)
+    return corpus.main(args.settings, prog="parley data prepare")
 
 
 def main(argv: list[str] | None = None) -> int:

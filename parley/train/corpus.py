@@ -676,8 +676,8 @@ def tokenize(out_dir, tokenizer, val_fraction: float = 0.01, seed: int = 0, shar
     return manifest
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m parley.train.corpus", description=__doc__.split("\n\n")[0])
+def main(argv: list[str] | None = None, prog: str = "python -m parley.train.corpus") -> int:
+    p = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0])
     p.add_argument("out", help="output folder")
     p.add_argument("--sources", help=f"comma-separated subset of: {', '.join(SOURCES)}")
     p.add_argument("--tokenizer", help="tokenizer folder or .gguf file: also write token shards")

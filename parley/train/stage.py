@@ -43,6 +43,9 @@ def finish(cfg, run: Path, model: Transformer, tokenizer: Tokenizer, final: dict
             "params": model.config.num_params(), "active_params": model.config.num_params(active=True),
             "final": {k: v for k, v in final.items() if isinstance(v, (int, float, str))},
             "config": to_dict(cfg)}
-    Registry().save(name, model.float().eval(), tokenizer, meta, replace=True)
-    print(f"registered {name}: parley chat --model {name}")
+    registry = Registry()
+    replaced = registry.path(name).exists()
+    registry.save(name, model.float().eval(), tokenizer, meta, replace=True)
+    print(f"registered {name}{' (replacing the model of that name)' if replaced else ''}: "
+          f"parley chat --model {name}")
     return {**final, "model": name}
