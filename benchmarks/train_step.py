@@ -69,6 +69,7 @@ def main():
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--steps", type=int, default=12, help="steps of each (the first two are warm-up)")
     p.add_argument("--dtypes", default="float32,bfloat16")
+    p.add_argument("--compile", action="store_true", help="torch.compile our model (train.compile=true)")
     args = p.parse_args()
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -87,7 +88,7 @@ def main():
           f"{torch.get_num_threads()} threads, torch {torch.__version__}, {fpt / 1e6:.0f} MFLOP per token")
     for dtype in args.dtypes.split(","):
         cfg = TrainConfig(steps=args.steps, batch_size=args.batch, seq_len=args.seq, lr=1e-3, warmup_steps=1,
-                          dtype=dtype, log_every=1, save_every=0, eval_every=0)
+                          dtype=dtype, log_every=1, save_every=0, eval_every=0, compile=args.compile)
         peak = measure_peak_flops(torch.bfloat16 if dtype == "bfloat16" else torch.float32)
         ours, theirs = Transformer(shape), LlamaForCausalLM(hf_config)
         ours.load_state_dict(base.state_dict())
