@@ -113,3 +113,14 @@ def test_cli_reports_recipe_mistakes_in_one_line(tmp_path):
                             text=True, env={**os.environ, "PARLEY_HOME": str(tmp_path)})
     assert result.returncode == 2
     assert result.stderr.count("\n") == 1 and "train.steps" in result.stderr, result.stderr
+
+
+def test_every_shipped_recipe_loads():
+    from pathlib import Path
+
+    recipes = sorted((Path(__file__).resolve().parents[1] / "recipes").glob("*.toml"))
+    assert len(recipes) >= 4
+    for recipe in recipes:
+        cls = sft.SFTConfig if recipe.name.startswith("sft") else pretrain.PretrainConfig
+        cfg = load_config(cls, recipe)
+        assert cfg.train.steps > 0 and cfg.run.startswith("runs/")
