@@ -1,0 +1,85 @@
+"""The store's schema as numbered forward migrations.
+
+`MIGRATIONS[i]` takes a database from version i to version i + 1. Each migration is a tuple
+of single statements rather than one script, because `executescript` commits first and would
+break the all-or-nothing transaction the store applies them in. Never edit a released
+migration; append a new one.
+"""
+
+MIGRATIONS: list[tuple[str, ...]] = [
+    (  # 1: users, keys, conversations, memory and documents with full-text search
+        """CREATE TABLE users (
+            id INTEGER PRIMARY KEY,
+            name TEXT NOT NULL UNIQUE,
+            role TEXT NOT NULL DEFAULT 'user' CHECK (role IN ('user', 'admin')),
+            created_at TEXT NOT NULL)""",
+        # only the sha256 of a key is kept: a copied database file grants no access
+        """CREATE TABLE api_keys (
+            id INTEGER PRIMARY KEY,
+            user_id INTEGER NOT NULL REFERENCES users(id) ON DELETE CASCADE,
+            key_hash TEXT NOT NULL UNIQUE,
+            created_at TEXT NOT NULL,
+            last_used_at TEXT)""",
+        """CREATE TABLE conversations (
+            id INTEGER PRIMARY KEY,
+            user_id INTEGER NOT NULL REFERENCES users(id) ON DELETE CASCADE,
+            title TEXT NOT NULL,
+            created_at TEXT NOT NULL,
+            updated_at TEXT NOT NULL)""",
+        "CREATE INDEX conversations_user ON conversations(user_id, updated_at)",
+        """CREATE TABLE turns (
+            id INTEGER PRIMARY KEY,
+            conversation_id INTEGER NOT NULL REFERENCES conversations(id) ON DELETE CASCADE,
+            role TEXT NOT NULL CHECK (role IN ('system', 'user', 'assistant', 'tool')),
+            content TEXT NOT NULL,
+            created_at TEXT NOT NULL,
+            prompt_tokens INTEGER,
+            completion_tokens INTEGER)""",
+        "CREATE INDEX turns_conversation ON turns(conversation_id, id)",
+        """CREATE TABLE traces (
+            turn_id INTEGER PRIMARY KEY REFERENCES turns(id) ON DELETE CASCADE,
+            data TEXT NOT NULL CHECK (json_valid(data)))""",
+        """CREATE TABLE feedback (
+            id INTEGER PRIMARY KEY,
+            turn_id INTEGER NOT NULL REFERENCES turns(id) ON DELETE CASCADE,
+            user_id INTEGER NOT NULL REFERENCES users(id) ON DELETE CASCADE,
+            rating INTEGER NOT NULL CHECK (rating IN (-1, 1)),
+            edited_text TEXT,
+            created_at TEXT NOT NULL,
+            UNIQUE (turn_id, user_id))""",
+        """CREATE TABLE memory_facts (
+            id INTEGER PRIMARY KEY,
+            user_id INTEGER NOT NULL REFERENCES users(id) ON DELETE CASCADE,
+            text TEXT NOT NULL,
+            created_at TEXT NOT NULL,
+            embedding BLOB)""",
+        "CREATE INDEX memory_user ON memory_facts(user_id)",
+        """CREATE TABLE documents (
+            id INTEGER PRIMARY KEY,
+            user_id INTEGER NOT NULL REFERENCES users(id) ON DELETE CASCADE,
+            name TEXT NOT NULL,
+            mime TEXT NOT NULL,
+            sha256 TEXT NOT NULL,
+            created_at TEXT NOT NULL)""",
+        "CREATE INDEX documents_user ON documents(user_id)",
+        """CREATE TABLE chunks (
+            id INTEGER PRIMARY KEY,
+            document_id INTEGER NOT NULL REFERENCES documents(id) ON DELETE CASCADE,
+            ord INTEGER NOT NULL,
+            text TEXT NOT NULL,
+            embedding BLOB,
+            UNIQUE (document_id, ord))""",
+        # external-content FTS: the text lives once, in chunks; triggers keep the index in step
+        "CREATE VIRTUAL TABLE chunks_fts USING fts5(text, content='chunks', content_rowid='id')",
+        """CREATE TRIGGER chunks_ai AFTER INSERT ON chunks BEGIN
+            INSERT INTO chunks_fts(rowid, text) VALUES (new.id, new.text);
+        END""",
+        """CREATE TRIGGER chunks_ad AFTER DELETE ON chunks BEGIN
+            INSERT INTO chunks_fts(chunks_fts, rowid, text) VALUES ('delete', old.id, old.text);
+        END""",
+        """CREATE TRIGGER chunks_au AFTER UPDATE OF text ON chunks BEGIN
+            INSERT INTO chunks_fts(chunks_fts, rowid, text) VALUES ('delete', old.id, old.text);
+            INSERT INTO chunks_fts(rowid, text) VALUES (new.id, new.text);
+        END""",
+    ),
+]

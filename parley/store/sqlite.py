@@ -1,0 +1,411 @@
+"""The conversation store: users, keys, conversations, memory and documents in one SQLite file.
+
+    from parley.store import Store
+
+    with Store("parley.db") as store:
+        alice = store.add_user("alice")
+        key = store.create_api_key(alice.id)          # shown once; only its sha256 is kept
+        assert store.user_for_key(key) == alice
+        conv = store.create_conversation(alice.id, "Trip")
+        store.add_turn(alice.id, conv.id, "user", "Where to in May?")
+        store.add_document(alice.id, "notes.txt", "text/plain", ["Lisbon in May", "Oslo in June"])
+        hits = store.search_chunks(alice.id, "May", k=5)
+
+Everything a user owns is read, written and deleted through methods that take that user's
+id, so isolation between users is enforced here and nowhere else: another user's ids behave
+exactly like ids that do not exist (None, False, or ValueError for writes).
+The file runs in WAL mode, so readers never wait for a writer and several `Store` objects
+(processes, threads) may share it; each `Store` is one connection for one thread.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import secrets
+import sqlite3
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, TypeVar
+
+from parley.store.schema import MIGRATIONS
+
+ROLES = ("system", "user", "assistant", "tool")
+T = TypeVar("T")
+
+
+class SchemaError(RuntimeError):
+    """The database was written by a newer Parley than this one."""
+
+
+@dataclass(frozen=True)
+class User:
+    id: int
+    name: str
+    role: str
+    created_at: str
+
+
+@dataclass(frozen=True)
+class Conversation:
+    id: int
+    user_id: int
+    title: str
+    created_at: str
+    updated_at: str
+
+
+@dataclass(frozen=True)
+class Turn:
+    id: int
+    conversation_id: int
+    role: str
+    content: str
+    created_at: str
+    prompt_tokens: int | None
+    completion_tokens: int | None
+
+
+@dataclass(frozen=True)
+class Feedback:
+    id: int
+    turn_id: int
+    user_id: int
+    rating: int
+    edited_text: str | None
+    created_at: str
+
+
+@dataclass(frozen=True)
+class MemoryFact:
+    id: int
+    user_id: int
+    text: str
+    created_at: str
+    embedding: bytes | None
+
+
+@dataclass(frozen=True)
+class Document:
+    id: int
+    user_id: int
+    name: str
+    mime: str
+    sha256: str
+    created_at: str
+
+
+@dataclass(frozen=True)
+class ChunkHit:
+    chunk_id: int
+    document_id: int
+    document_name: str
+    ord: int
+    text: str
+    score: float  # bm25, lower is better; hits come best first
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="microseconds")
+
+
+def _hash_key(key: str) -> str:
+    return hashlib.sha256(key.encode()).hexdigest()
+
+
+def _text(value: str, what: str) -> str:
+    if not isinstance(value, str) or not value.strip():
+        raise ValueError(f"{what} must be a non-empty string")
+    return value
+
+
+def fts_query(query: str) -> str:
+    """Turn free text into an FTS5 query that cannot be a syntax error: each word becomes a
+    quoted phrase (quotes doubled), OR-ed so bm25 ranks chunks matching more words higher."""
+    return " OR ".join('"' + word.replace('"', '""') + '"' for word in query.split())
+
+
+class Store:
+    def __init__(self, path: str | Path, timeout: float = 5.0):
+        # isolation_level=None: we issue BEGIN/COMMIT ourselves, so transactions are explicit
+        self.db = sqlite3.connect(path, timeout=timeout, isolation_level=None)
+        self.db.row_factory = sqlite3.Row
+        self.db.execute("PRAGMA journal_mode=WAL")
+        self.db.execute("PRAGMA foreign_keys=ON")  # off by default; cascades depend on it
+        self.db.execute(f"PRAGMA busy_timeout={int(timeout * 1000)}")
+        try:
+            self._migrate()
+        except BaseException:
+            self.db.close()
+            raise
+
+    def close(self) -> None:
+        self.db.close()
+
+    def __enter__(self) -> Store:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    @contextmanager
+    def _tx(self) -> Iterator[sqlite3.Connection]:
+        # IMMEDIATE takes the write lock up front: two writers queue on busy_timeout instead
+        # of one failing when it upgrades a read lock mid-transaction
+        self.db.execute("BEGIN IMMEDIATE")
+        try:
+            yield self.db
+        except BaseException:
+            self.db.execute("ROLLBACK")
+            raise
+        self.db.execute("COMMIT")
+
+    def _migrate(self) -> None:
+        with self._tx() as db:
+            db.execute("CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)")
+            row = db.execute("SELECT version FROM schema_version").fetchone()
+            version = row[0] if row else 0
+            if version > len(MIGRATIONS):
+                raise SchemaError(
+                    f"database schema version {version} is newer than this Parley knows "
+                    f"({len(MIGRATIONS)}); upgrade Parley to open it"
+                )
+            for statements in MIGRATIONS[version:]:
+                for sql in statements:
+                    db.execute(sql)
+            if row is None:
+                db.execute("INSERT INTO schema_version VALUES (?)", (len(MIGRATIONS),))
+            else:
+                db.execute("UPDATE schema_version SET version = ?", (len(MIGRATIONS),))
+
+    @property
+    def version(self) -> int:
+        return self.db.execute("SELECT version FROM schema_version").fetchone()[0]
+
+    def _one(self, cls: type[T], sql: str, args: tuple = ()) -> T | None:
+        row = self.db.execute(sql, args).fetchone()
+        return cls(**dict(row)) if row else None
+
+    def _all(self, cls: type[T], sql: str, args: tuple = ()) -> list[T]:
+        return [cls(**dict(row)) for row in self.db.execute(sql, args)]
+
+    def _exists(self, sql: str, args: tuple) -> bool:
+        return self.db.execute(sql, args).fetchone() is not None
+
+    def _require_user(self, user_id: int) -> None:
+        if not self._exists("SELECT 1 FROM users WHERE id = ?", (user_id,)):
+            raise ValueError(f"unknown user {user_id}")
+
+    def _require_conversation(self, user_id: int, conv_id: int) -> None:
+        if not self._exists("SELECT 1 FROM conversations WHERE id = ? AND user_id = ?", (conv_id, user_id)):
+            raise ValueError(f"unknown conversation {conv_id}")
+
+    def _require_turn(self, user_id: int, turn_id: int) -> None:
+        sql = "SELECT 1 FROM turns t JOIN conversations c ON c.id = t.conversation_id WHERE t.id = ? AND c.user_id = ?"
+        if not self._exists(sql, (turn_id, user_id)):
+            raise ValueError(f"unknown turn {turn_id}")
+
+    # users and keys
+
+    def add_user(self, name: str, role: str = "user") -> User:
+        _text(name, "user name")
+        if role not in ("user", "admin"):
+            raise ValueError(f"role must be 'user' or 'admin', not {role!r}")
+        try:
+            with self._tx() as db:
+                cur = db.execute("INSERT INTO users (name, role, created_at) VALUES (?, ?, ?)", (name, role, _now()))
+        except sqlite3.IntegrityError:
+            raise ValueError(f"user {name!r} already exists") from None
+        return self.get_user(cur.lastrowid)
+
+    def get_user(self, user_id: int) -> User | None:
+        return self._one(User, "SELECT id, name, role, created_at FROM users WHERE id = ?", (user_id,))
+
+    def get_user_by_name(self, name: str) -> User | None:
+        return self._one(User, "SELECT id, name, role, created_at FROM users WHERE name = ?", (name,))
+
+    def create_api_key(self, user_id: int) -> str:
+        """A new key for the user. The plaintext is returned this once and never stored."""
+        self._require_user(user_id)
+        key = "pk-" + secrets.token_urlsafe(32)
+        with self._tx() as db:
+            db.execute(
+                "INSERT INTO api_keys (user_id, key_hash, created_at) VALUES (?, ?, ?)",
+                (user_id, _hash_key(key), _now()),
+            )
+        return key
+
+    def user_for_key(self, key: str) -> User | None:
+        # sha256 of a 256-bit random key: an exact index lookup is safe, no slow hash needed
+        digest = _hash_key(key)
+        with self._tx() as db:
+            db.execute("UPDATE api_keys SET last_used_at = ? WHERE key_hash = ?", (_now(), digest))
+        sql = (
+            "SELECT u.id, u.name, u.role, u.created_at FROM users u"
+            " JOIN api_keys k ON k.user_id = u.id WHERE k.key_hash = ?"
+        )
+        return self._one(User, sql, (digest,))
+
+    # conversations, turns, traces, feedback
+
+    def create_conversation(self, user_id: int, title: str = "New conversation") -> Conversation:
+        _text(title, "title")
+        self._require_user(user_id)
+        stamp = _now()
+        with self._tx() as db:
+            cur = db.execute(
+                "INSERT INTO conversations (user_id, title, created_at, updated_at) VALUES (?, ?, ?, ?)",
+                (user_id, title, stamp, stamp),
+            )
+        return self.get_conversation(user_id, cur.lastrowid)
+
+    def list_conversations(self, user_id: int) -> list[Conversation]:
+        sql = "SELECT * FROM conversations WHERE user_id = ? ORDER BY updated_at DESC, id DESC"
+        return self._all(Conversation, sql, (user_id,))
+
+    def get_conversation(self, user_id: int, conv_id: int) -> Conversation | None:
+        return self._one(Conversation, "SELECT * FROM conversations WHERE id = ? AND user_id = ?", (conv_id, user_id))
+
+    def delete_conversation(self, user_id: int, conv_id: int) -> bool:
+        """Delete it with its turns, traces and feedback (foreign-key cascades)."""
+        with self._tx() as db:
+            cur = db.execute("DELETE FROM conversations WHERE id = ? AND user_id = ?", (conv_id, user_id))
+        return cur.rowcount > 0
+
+    def add_turn(
+        self,
+        user_id: int,
+        conv_id: int,
+        role: str,
+        content: str,
+        prompt_tokens: int | None = None,
+        completion_tokens: int | None = None,
+    ) -> Turn:
+        if role not in ROLES:
+            raise ValueError(f"role must be one of {ROLES}, not {role!r}")
+        _text(content, "turn content")
+        stamp = _now()
+        with self._tx() as db:
+            self._require_conversation(user_id, conv_id)
+            cur = db.execute(
+                "INSERT INTO turns (conversation_id, role, content, created_at, prompt_tokens, completion_tokens)"
+                " VALUES (?, ?, ?, ?, ?, ?)",
+                (conv_id, role, content, stamp, prompt_tokens, completion_tokens),
+            )
+            db.execute("UPDATE conversations SET updated_at = ? WHERE id = ?", (stamp, conv_id))
+        return self._one(Turn, "SELECT * FROM turns WHERE id = ?", (cur.lastrowid,))
+
+    def turns(self, user_id: int, conv_id: int) -> list[Turn]:
+        sql = (
+            "SELECT t.* FROM turns t JOIN conversations c ON c.id = t.conversation_id"
+            " WHERE c.id = ? AND c.user_id = ? ORDER BY t.id"
+        )
+        return self._all(Turn, sql, (conv_id, user_id))
+
+    def add_trace(self, user_id: int, turn_id: int, trace: dict[str, Any]) -> None:
+        """Attach (or replace) the JSON trace of how a turn was produced."""
+        data = json.dumps(trace)
+        with self._tx() as db:
+            self._require_turn(user_id, turn_id)
+            db.execute("INSERT OR REPLACE INTO traces (turn_id, data) VALUES (?, ?)", (turn_id, data))
+
+    def get_trace(self, user_id: int, turn_id: int) -> dict[str, Any] | None:
+        sql = (
+            "SELECT tr.data FROM traces tr JOIN turns t ON t.id = tr.turn_id"
+            " JOIN conversations c ON c.id = t.conversation_id WHERE tr.turn_id = ? AND c.user_id = ?"
+        )
+        row = self.db.execute(sql, (turn_id, user_id)).fetchone()
+        return json.loads(row[0]) if row else None
+
+    def add_feedback(self, user_id: int, turn_id: int, rating: int, edited_text: str | None = None) -> Feedback:
+        """Rate a turn +1 or -1, optionally with a corrected text; rating again replaces it."""
+        if rating not in (1, -1) or isinstance(rating, bool):
+            raise ValueError(f"rating must be +1 or -1, not {rating!r}")
+        if edited_text is not None:
+            _text(edited_text, "edited text")
+        with self._tx() as db:
+            self._require_turn(user_id, turn_id)
+            db.execute(
+                "INSERT OR REPLACE INTO feedback (turn_id, user_id, rating, edited_text, created_at)"
+                " VALUES (?, ?, ?, ?, ?)",
+                (turn_id, user_id, rating, edited_text, _now()),
+            )
+        return self.get_feedback(user_id, turn_id)
+
+    def get_feedback(self, user_id: int, turn_id: int) -> Feedback | None:
+        return self._one(Feedback, "SELECT * FROM feedback WHERE turn_id = ? AND user_id = ?", (turn_id, user_id))
+
+    # long-term memory
+
+    def add_memory(self, user_id: int, text: str, embedding: bytes | None = None) -> MemoryFact:
+        _text(text, "memory text")
+        self._require_user(user_id)
+        with self._tx() as db:
+            cur = db.execute(
+                "INSERT INTO memory_facts (user_id, text, created_at, embedding) VALUES (?, ?, ?, ?)",
+                (user_id, text, _now(), embedding),
+            )
+        return self._one(MemoryFact, "SELECT * FROM memory_facts WHERE id = ?", (cur.lastrowid,))
+
+    def list_memory(self, user_id: int) -> list[MemoryFact]:
+        return self._all(MemoryFact, "SELECT * FROM memory_facts WHERE user_id = ? ORDER BY id", (user_id,))
+
+    def delete_memory(self, user_id: int, fact_id: int) -> bool:
+        with self._tx() as db:
+            cur = db.execute("DELETE FROM memory_facts WHERE id = ? AND user_id = ?", (fact_id, user_id))
+        return cur.rowcount > 0
+
+    def search_memory_text(self, user_id: int, query: str, limit: int = 20) -> list[MemoryFact]:
+        """Facts containing `query`, case-insensitively (ASCII); instr, so % and _ are literal."""
+        _text(query, "query")
+        sql = "SELECT * FROM memory_facts WHERE user_id = ? AND instr(lower(text), lower(?)) > 0 ORDER BY id LIMIT ?"
+        return self._all(MemoryFact, sql, (user_id, query, limit))
+
+    # documents and retrieval
+
+    def add_document(self, user_id: int, name: str, mime: str, chunks: Iterable[str]) -> int:
+        """Store a document and its chunks in one transaction: any failure, including a bad
+        chunk halfway through, leaves nothing behind. Returns the document id."""
+        _text(name, "document name")
+        _text(mime, "mime type")
+        self._require_user(user_id)
+        digest = hashlib.sha256()
+        with self._tx() as db:
+            doc_id = db.execute(
+                "INSERT INTO documents (user_id, name, mime, sha256, created_at) VALUES (?, ?, ?, '', ?)",
+                (user_id, name, mime, _now()),
+            ).lastrowid
+            count = 0
+            for count, text in enumerate(chunks, 1):
+                _text(text, f"chunk {count - 1}")
+                digest.update(text.encode())
+                db.execute("INSERT INTO chunks (document_id, ord, text) VALUES (?, ?, ?)", (doc_id, count - 1, text))
+            if count == 0:
+                raise ValueError("a document needs at least one chunk")
+            # the hash of the text (chunks concatenated), known only once all are read
+            db.execute("UPDATE documents SET sha256 = ? WHERE id = ?", (digest.hexdigest(), doc_id))
+        return doc_id
+
+    def list_documents(self, user_id: int) -> list[Document]:
+        return self._all(Document, "SELECT * FROM documents WHERE user_id = ? ORDER BY id", (user_id,))
+
+    def delete_document(self, user_id: int, doc_id: int) -> bool:
+        with self._tx() as db:
+            cur = db.execute("DELETE FROM documents WHERE id = ? AND user_id = ?", (doc_id, user_id))
+        return cur.rowcount > 0
+
+    def search_chunks(self, user_id: int, query: str, k: int = 5) -> list[ChunkHit]:
+        """The user's k best chunks for `query` by BM25. Any text is a valid query."""
+        match = fts_query(query)
+        if not match:
+            return []
+        sql = (
+            "SELECT c.id AS chunk_id, c.document_id, d.name AS document_name, c.ord, c.text,"
+            " bm25(chunks_fts) AS score"
+            " FROM chunks_fts JOIN chunks c ON c.id = chunks_fts.rowid JOIN documents d ON d.id = c.document_id"
+            " WHERE chunks_fts MATCH ? AND d.user_id = ? ORDER BY score LIMIT ?"
+        )
+        return self._all(ChunkHit, sql, (match, user_id, k))

@@ -1,0 +1,231 @@
+"""The conversation store on real SQLite files: schema, isolation, atomicity, search, WAL."""
+
+import sqlite3
+import threading
+
+import pytest
+
+import parley.store.sqlite as store_module
+from parley.store import SchemaError, Store
+from parley.store.schema import MIGRATIONS
+
+
+@pytest.fixture
+def path(tmp_path):
+    return tmp_path / "parley.db"
+
+
+@pytest.fixture
+def store(path):
+    with Store(path) as s:
+        yield s
+
+
+def count(store: Store, table: str) -> int:
+    return store.db.execute(f"SELECT count(*) FROM {table}").fetchone()[0]
+
+
+def fts_consistent(store: Store) -> None:
+    # the index keeps one docsize row per indexed chunk; a stale entry would show here (the
+    # FTS5 integrity-check does not compare against external content on SQLite < 3.44)
+    assert count(store, "chunks_fts_docsize") == count(store, "chunks")
+
+
+def test_migrates_an_empty_file(store):
+    assert store.version == len(MIGRATIONS)
+    tables = {r[0] for r in store.db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+    assert {"users", "api_keys", "conversations", "turns", "traces", "feedback"} <= tables
+    assert {"memory_facts", "documents", "chunks", "chunks_fts", "schema_version"} <= tables
+    assert store.db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    assert store.db.execute("PRAGMA foreign_keys").fetchone()[0] == 1
+
+
+def test_reopen_keeps_data(path):
+    with Store(path) as s:
+        conv = s.create_conversation(s.add_user("ann").id, "hello")
+    with Store(path) as s:
+        ann = s.get_user_by_name("ann")
+        assert s.list_conversations(ann.id) == [conv]
+        assert s.version == len(MIGRATIONS)
+
+
+def test_newer_schema_is_refused(path):
+    Store(path).close()
+    with sqlite3.connect(path) as db:
+        db.execute("UPDATE schema_version SET version = 99")
+    with pytest.raises(SchemaError, match="newer"):
+        Store(path)
+
+
+def test_new_migrations_apply_on_reopen_and_fail_whole(path, monkeypatch):
+    with Store(path) as s:
+        s.add_user("ann")
+    bad = MIGRATIONS + [("CREATE TABLE tags (name TEXT)", "THIS IS NOT SQL")]
+    monkeypatch.setattr(store_module, "MIGRATIONS", bad)
+    with pytest.raises(sqlite3.OperationalError):
+        Store(path)
+    good = MIGRATIONS + [("CREATE TABLE tags (name TEXT)", "INSERT INTO tags VALUES ('x')")]
+    monkeypatch.setattr(store_module, "MIGRATIONS", good)
+    with Store(path) as s:  # the failed attempt left no half-made tags table behind
+        assert s.version == len(MIGRATIONS) + 1
+        assert count(s, "tags") == 1
+        assert s.get_user_by_name("ann") is not None
+
+
+def test_users_cannot_see_or_touch_each_others_data(store):
+    a, b = store.add_user("ann").id, store.add_user("bob").id
+    conv = store.create_conversation(a, "secret plans")
+    turn = store.add_turn(a, conv.id, "user", "the treasure is under the oak")
+    store.add_trace(a, turn.id, {"model": "tiny"})
+    store.add_feedback(a, turn.id, 1)
+    fact = store.add_memory(a, "ann likes oak trees")
+    doc = store.add_document(a, "map.txt", "text/plain", ["the oak tree marks the treasure"])
+
+    assert store.get_conversation(b, conv.id) is None
+    assert store.list_conversations(b) == []
+    assert store.turns(b, conv.id) == []
+    assert store.get_trace(b, turn.id) is None
+    assert store.list_memory(b) == [] and store.search_memory_text(b, "oak") == []
+    assert store.list_documents(b) == [] and store.search_chunks(b, "oak") == []
+    for write in (
+        lambda: store.add_turn(b, conv.id, "user", "mine now"),
+        lambda: store.add_trace(b, turn.id, {}),
+        lambda: store.add_feedback(b, turn.id, -1),
+    ):
+        with pytest.raises(ValueError, match="unknown"):
+            write()
+    assert not store.delete_conversation(b, conv.id)
+    assert not store.delete_memory(b, fact.id)
+    assert not store.delete_document(b, doc)
+
+    assert store.get_conversation(a, conv.id).title == "secret plans"
+    assert [t.content for t in store.turns(a, conv.id)] == ["the treasure is under the oak"]
+    assert store.get_trace(a, turn.id) == {"model": "tiny"}
+    assert store.get_feedback(a, turn.id).rating == 1
+    assert store.list_memory(a) == [fact]
+    assert [h.document_id for h in store.search_chunks(a, "oak")] == [doc]
+
+
+def test_api_key_is_hashed_at_rest(path):
+    with Store(path) as s:
+        ann = s.add_user("ann", role="admin")
+        key = s.create_api_key(ann.id)
+        assert s.user_for_key(key) == ann
+        assert s.user_for_key(key + "x") is None
+        assert s.db.execute("SELECT last_used_at FROM api_keys").fetchone()[0] is not None
+    files = list(path.parent.glob(path.name + "*"))  # the db and any WAL/shm left behind
+    assert all(key.encode() not in f.read_bytes() for f in files)
+
+
+def test_document_insert_is_atomic(store):
+    ann = store.add_user("ann").id
+
+    def failing_chunks():
+        yield "first chunk about rivers"
+        yield "second chunk about rivers"
+        raise OSError("disk read failed while chunking")
+
+    with pytest.raises(OSError):
+        store.add_document(ann, "a.txt", "text/plain", failing_chunks())
+    with pytest.raises(ValueError, match="chunk 2"):
+        store.add_document(ann, "b.txt", "text/plain", ["rivers", "more rivers", "  "])
+    with pytest.raises(ValueError, match="at least one chunk"):
+        store.add_document(ann, "c.txt", "text/plain", [])
+    assert count(store, "documents") == count(store, "chunks") == 0
+    assert store.search_chunks(ann, "rivers") == []
+    fts_consistent(store)
+
+
+def test_search_finds_and_ranks(store):
+    ann = store.add_user("ann").id
+    doc = store.add_document(
+        ann,
+        "energy.md",
+        "text/markdown",
+        ["Solar panels turn light into power.", "Wind turbines need wind.", "Panels of judges."],
+    )
+    store.add_document(ann, "other.md", "text/markdown", ["Nothing relevant here."])
+    hits = store.search_chunks(ann, "solar panels", k=5)
+    assert [h.ord for h in hits] == [0, 2]  # both words beat one word
+    assert hits[0].document_id == doc and hits[0].document_name == "energy.md"
+    assert hits[0].score < hits[1].score
+    assert len(store.search_chunks(ann, "solar panels", k=1)) == 1
+    assert store.search_chunks(ann, "volcano") == []
+
+
+@pytest.mark.parametrize(
+    "query", ['"', 'say "hi', "AND", "OR NOT", "a*", "col:umn", "(", "NEAR(a b)", "-x", "^start", "", "  ", "C++"]
+)
+def test_search_accepts_any_text(store, query):
+    ann = store.add_user("ann").id
+    store.add_document(ann, "c.txt", "text/plain", ['C++ and "quotes" AND operators'])
+    store.search_chunks(ann, query)
+
+
+def test_deletes_cascade(store):
+    ann = store.add_user("ann").id
+    conv = store.create_conversation(ann, "t")
+    for text in ("hi", "hello"):
+        turn = store.add_turn(ann, conv.id, "assistant", text, prompt_tokens=3, completion_tokens=1)
+        store.add_trace(ann, turn.id, {"steps": [1, 2]})
+        store.add_feedback(ann, turn.id, -1, edited_text="hey")
+    doc = store.add_document(ann, "d.txt", "text/plain", ["one", "two"])
+    assert store.delete_conversation(ann, conv.id)
+    assert store.delete_document(ann, doc)
+    for table in ("conversations", "turns", "traces", "feedback", "documents", "chunks"):
+        assert count(store, table) == 0, table
+    fts_consistent(store)
+    assert store.search_chunks(ann, "one") == []
+
+
+def test_bad_input_is_a_value_error(store):
+    ann = store.add_user("ann").id
+    conv = store.create_conversation(ann)
+    turn = store.add_turn(ann, conv.id, "user", "hi")
+    cases = [
+        (lambda: store.add_user("ann"), "already exists"),
+        (lambda: store.add_user("x", role="root"), "role"),
+        (lambda: store.add_turn(ann, conv.id, "user", ""), "non-empty"),
+        (lambda: store.add_turn(ann, conv.id, "narrator", "hi"), "role"),
+        (lambda: store.add_turn(ann, 999, "user", "hi"), "unknown conversation"),
+        (lambda: store.add_feedback(ann, turn.id, 2), "rating"),
+        (lambda: store.add_feedback(ann, turn.id, True), "rating"),
+        (lambda: store.add_memory(999, "x"), "unknown user"),
+        (lambda: store.create_api_key(999), "unknown user"),
+        (lambda: store.add_memory(ann, " "), "non-empty"),
+    ]
+    for call, message in cases:
+        with pytest.raises(ValueError, match=message):
+            call()
+
+
+def test_memory_text_search_is_literal(store):
+    ann = store.add_user("ann").id
+    store.add_memory(ann, "Prefers 100% dark chocolate", embedding=b"\x00\x01")
+    store.add_memory(ann, "Lives in Oslo")
+    assert [f.text for f in store.search_memory_text(ann, "100%")] == ["Prefers 100% dark chocolate"]
+    assert store.search_memory_text(ann, "_") == []
+    assert store.list_memory(ann)[0].embedding == b"\x00\x01"
+
+
+def test_two_stores_share_one_file(path):
+    with Store(path) as first, Store(path) as second:
+        ann = first.add_user("ann").id
+        conv = first.create_conversation(ann, "shared")
+        with first._tx() as db:  # a writer mid-transaction does not block a WAL reader
+            db.execute("UPDATE conversations SET title = 'renamed' WHERE id = ?", (conv.id,))
+            assert second.get_conversation(ann, conv.id).title == "shared"
+        assert second.get_conversation(ann, conv.id).title == "renamed"
+
+    def write_turns(n: int) -> None:
+        with Store(path) as own:  # one connection per thread
+            for i in range(n):
+                own.add_turn(ann, conv.id, "user", f"turn {i}")
+
+    threads = [threading.Thread(target=write_turns, args=(25,)) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    with Store(path) as s:
+        assert len(s.turns(ann, conv.id)) == 50
