@@ -13,7 +13,6 @@ registered in PARLEY_HOME under `name`, ready for `parley chat --model NAME`.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from pathlib import Path
 
 from parley.config import save_config, setting
 from parley.model.tokenizer import Tokenizer

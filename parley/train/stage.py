@@ -4,7 +4,6 @@ register the trained model (with its tokenizer) so `parley chat --model NAME` ca
 from __future__ import annotations
 
 import os
-from dataclasses import asdict
 from pathlib import Path
 
 from parley.config import to_dict
