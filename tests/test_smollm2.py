@@ -2,6 +2,7 @@
 (KV cache, fast decode path, batching) against transformers loading the same file, and
 through `parley chat` with piped input."""
 
+import copy
 import os
 import subprocess
 import sys
@@ -12,19 +13,14 @@ import torch
 from parley.engine.engine import Engine
 from parley.engine.sampling import SamplingParams
 from parley.model.tokenizer import Tokenizer
-from parley.model.weights import load_gguf
 
 PROMPTS = ["The capital of France is", "def fibonacci(n):", "Once upon a time, in a small village,",
            "The three primary colors are", "Water boils at a temperature of", "Le chat est sur"]
 
 
 @pytest.fixture(scope="module")
-def smol(smollm2_path):
-    from transformers import AutoModelForCausalLM
-
-    model, _ = load_gguf(smollm2_path)
-    hf = AutoModelForCausalLM.from_pretrained(smollm2_path.parent, gguf_file=smollm2_path.name).eval()
-    return model, hf, Tokenizer.from_gguf(smollm2_path)
+def smol(smollm2_path, smollm2_ours, smollm2_hf):
+    return smollm2_ours[0], smollm2_hf, Tokenizer.from_gguf(smollm2_path)
 
 
 def test_engine_greedy_continuations_equal_transformers(smol):
@@ -42,13 +38,10 @@ def test_engine_greedy_continuations_equal_transformers(smol):
 
 def test_bf16_engine_answers_in_chat_format(smol):
     model, _, tok = smol
-    engine = Engine(model.to(torch.bfloat16))
-    try:
-        ids = tok.encode_chat([{"role": "user", "content": "What is the capital of France?"}])
-        [out] = engine.generate([ids], SamplingParams(max_tokens=30, stop_ids=tok.stop_ids))
-        assert out.finish_reason == "stop" and "Paris" in tok.decode(out.tokens)
-    finally:
-        model.float()
+    engine = Engine(copy.deepcopy(model).to(torch.bfloat16))  # the shared fp32 model stays exact
+    ids = tok.encode_chat([{"role": "user", "content": "What is the capital of France?"}])
+    [out] = engine.generate([ids], SamplingParams(max_tokens=30, stop_ids=tok.stop_ids))
+    assert out.finish_reason == "stop" and "Paris" in tok.decode(out.tokens)
 
 
 def test_chat_through_the_cli_answers_sensibly(smollm2_path, tmp_path):

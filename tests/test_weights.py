@@ -5,7 +5,6 @@ bad input fails with a clear message."""
 
 import json
 import os
-import time
 from pathlib import Path
 
 import gguf
@@ -13,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 from safetensors.torch import save_file
-from transformers import (AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM,
+from transformers import (AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM,
                           MixtralConfig, MixtralForCausalLM)
 
 from parley.model import weights
@@ -228,19 +227,10 @@ PROMPTS = ["The capital of France is", "def fibonacci(n):", "Once upon a time, t
 
 
 @pytest.fixture(scope="module")
-def smollm2(smollm2_path):
-    """SmolLM2 loaded by us and by transformers (both dequantize to fp32): the slow part."""
-    path = smollm2_path
-    if not path.exists():
-        pytest.skip(f"{path} is missing")
-    start = time.perf_counter()
-    model, meta = load_gguf(path)
-    ours_s = time.perf_counter() - start
-    reference = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name).eval()
-    tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
-    theirs_s = time.perf_counter() - start - ours_s
-    print(f"\nSmolLM2 GGUF: load_gguf {ours_s:.1f}s, transformers model + tokenizer {theirs_s:.1f}s")
-    return model, meta, reference, tokenizer
+def smollm2(smollm2_ours, smollm2_hf, smollm2_hf_tokenizer):
+    """SmolLM2 loaded by us and by transformers (both dequantize to fp32)."""
+    model, meta = smollm2_ours
+    return model, meta, smollm2_hf, smollm2_hf_tokenizer
 
 
 def test_smollm2_gguf_config_and_metadata(smollm2):
