@@ -20,8 +20,6 @@ A tokenizer without a chat template renders chats as plain ChatML (CHATML_TEMPLA
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from datetime import datetime
 from functools import lru_cache
 from pathlib import Path
@@ -30,6 +28,8 @@ import jinja2
 import tokenizers
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers, processors, trainers
+
+from parley.files import atomic_open
 
 ROLES = ("system", "user", "assistant", "tool")
 CHATML_TEMPLATE = (
@@ -199,9 +199,9 @@ class Tokenizer:
         config = {"tokenizer_class": "PreTrainedTokenizerFast", **special, "clean_up_tokenization_spaces": False}
         if self.chat_template is not None:
             config["chat_template"] = self.chat_template
-        _write_atomic(path / "tokenizer.json", self.backend.to_str())
-        _write_atomic(path / "tokenizer_config.json", json.dumps(config, indent=2, ensure_ascii=False))
-        _write_atomic(path / "special_tokens_map.json", json.dumps(special, indent=2, ensure_ascii=False))
+        _write_text(path / "tokenizer.json", self.backend.to_str())
+        _write_text(path / "tokenizer_config.json", json.dumps(config, indent=2, ensure_ascii=False))
+        _write_text(path / "special_tokens_map.json", json.dumps(special, indent=2, ensure_ascii=False))
 
     # ---- vocabulary ----
 
@@ -365,14 +365,6 @@ def _read_json(path: Path) -> dict:
     return data
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    """Write to a temporary file beside `path`, then rename: readers never see a half-written file."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.chmod(tmp, 0o644)  # mkstemp makes it private; these are ordinary shared files
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
+def _write_text(path: Path, text: str) -> None:
+    with atomic_open(path) as f:
+        f.write(text)

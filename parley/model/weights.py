@@ -33,6 +33,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
+from parley.files import fsync
 from parley.model.transformer import ModelConfig, Transformer, rope_tables
 
 _MODEL_TYPE_OF_ARCH = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "mistral", "MixtralForCausalLM": "mixtral"}
@@ -364,15 +365,6 @@ def _link_or_copy(src, dst):
         os.link(src, dst)  # instant, and the old folder is about to go anyway
     except OSError:
         shutil.copy2(src, dst)
-
-
-def fsync(path: Path) -> None:
-    """Flush a file (or a folder's entries) to disk: a rename is durable only after this."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _write_folder(path, json_files: dict[str, dict], tensors: dict[str, torch.Tensor]) -> None:

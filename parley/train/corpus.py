@@ -20,16 +20,13 @@ The output folder holds
 from __future__ import annotations
 
 import argparse
-import contextlib
 import gzip
 import hashlib
 import importlib.util
 import json
-import os
 import re
 import struct
 import sys
-import tempfile
 import textwrap
 import time
 import unicodedata
@@ -38,6 +35,8 @@ from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
 import numpy as np
+
+from parley.files import atomic_open
 
 MIN_WORDS = 3  # shorter documents (a bare headword, a "%" left alone) teach nothing
 SHARD_TOKENS = 1 << 27  # 256 MiB of uint16 a shard
@@ -463,22 +462,8 @@ def _key(text: str) -> bytes:
     return hashlib.blake2b(text.encode(), digest_size=16).digest()
 
 
-@contextlib.contextmanager
-def _atomic(path: Path, mode: str = "w"):
-    """A file opened for writing beside `path`, renamed over it only if the block finishes."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, mode, **({"encoding": "utf-8"} if "b" not in mode else {})) as f:
-            yield f
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
-
-
 def _write_json(path: Path, data) -> None:
-    with _atomic(path) as f:
+    with atomic_open(path) as f:
         json.dump(data, f, indent=2, ensure_ascii=False)
         f.write("\n")
 
@@ -544,7 +529,7 @@ def prepare(out_dir, sources=None, val_fraction: float = 0.01, seed: int = 0, to
             text_file.unlink(missing_ok=True)
             print(f"parley: warning: skipping source {name}: {e}", file=sys.stderr)
     for split, conversations in dialogs.items():
-        with _atomic(out / f"dialogs-{split}.jsonl") as f:
+        with atomic_open(out / f"dialogs-{split}.jsonl") as f:
             for c in conversations:
                 f.write(json.dumps(c, ensure_ascii=False) + "\n")
     manifest["dialogs"] = {split: len(c) for split, c in dialogs.items()}
@@ -557,7 +542,7 @@ def prepare(out_dir, sources=None, val_fraction: float = 0.01, seed: int = 0, to
 
 def _write_text(source: Source, path: Path, file: Path, seen: set) -> dict:
     stats = {"documents": 0, "words": 0, "duplicates": 0, "too_short": 0}
-    with _atomic(file) as f:
+    with atomic_open(file) as f:
         for raw in source.text(path):
             text = source.clean_text(raw)
             if len(text.split()) < MIN_WORDS:
@@ -617,7 +602,7 @@ class _ShardWriter:
     def _flush(self, n: int) -> None:
         tokens = np.concatenate(self.pending) if self.pending else np.zeros(0, self.dtype)
         name = f"{self.split}-{len(self.shards):03d}.bin"
-        with _atomic(self.out / name, "wb") as f:
+        with atomic_open(self.out / name, "wb") as f:
             tokens[:n].tofile(f)
         self.shards.append({"file": name, "tokens": int(n)})
         self.pending, self.size = [tokens[n:]], len(tokens) - n

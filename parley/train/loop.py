@@ -42,7 +42,8 @@ from safetensors.torch import load_file, save_file
 
 from parley.config import setting, to_dict
 from parley.model.transformer import Transformer
-from parley.model.weights import fsync, save_checkpoint
+from parley.files import atomic_open, fsync
+from parley.model.weights import save_checkpoint
 
 
 @dataclass
@@ -291,10 +292,9 @@ class _RunLog:
         ax.set(xlabel="step", ylabel="loss", title=self.path.parent.name)
         ax.grid(alpha=0.3)
         ax.legend()
-        tmp = self.path.with_name(".loss.png.tmp")
-        fig.savefig(tmp, format="png", dpi=100)
+        with atomic_open(self.path.with_name("loss.png"), "wb") as f:
+            fig.savefig(f, format="png", dpi=100)
         plt.close(fig)
-        os.replace(tmp, self.path.with_name("loss.png"))
 
 
 def _duration(seconds: float) -> str:
