@@ -10,6 +10,7 @@ is kept; when it no longer fits the context, the oldest turns are dropped.
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 from typing import TextIO
 
@@ -28,7 +29,9 @@ class ChatSession:
     """A conversation: history of messages, rendered with the model's chat template."""
 
     def __init__(self, engine: Engine, tokenizer: Tokenizer, params: SamplingParams, system: str | None = None):
-        self.engine, self.tokenizer, self.params = engine, tokenizer, params
+        self.engine, self.tokenizer = engine, tokenizer
+        # answers end at the model's end-of-turn tokens as well as any the caller gave
+        self.params = dataclasses.replace(params, stop_ids=params.stop_ids | tokenizer.stop_ids)
         self.system = system
         self.history: list[dict] = []
 
@@ -49,8 +52,7 @@ class ChatSession:
 
     def reply(self, user_text: str):
         """Stream the assistant's answer; the history is updated once the answer is complete."""
-        params = SamplingParams(**{**vars(self.params), "stop_ids": self.params.stop_ids | self.tokenizer.stop_ids})
-        stream = TextStream(self.engine, self.tokenizer, self.prompt_ids(user_text), params)
+        stream = TextStream(self.engine, self.tokenizer, self.prompt_ids(user_text), self.params)
         yield from stream
         self.history += [{"role": "user", "content": user_text},
                          {"role": "assistant", "content": stream.text.strip()}]
