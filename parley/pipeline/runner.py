@@ -1,0 +1,163 @@
+"""Run one turn through a list of stages, streaming, and record what each stage did.
+
+    pipeline = Pipeline([InputSafety(...), NLU(...), Respond(...), OutputSafety(...)])
+    turn = Turn(user_id=1)
+    for frame in pipeline.run(turn, UserText("hello")):
+        if isinstance(frame, TextDelta):
+            print(frame.text, end="")
+    print(turn.trace_dict())
+
+A stage is a small object with one method, `process(frame, turn)`, a generator that gets one
+frame and yields what goes downstream: the same frame to pass it on, new frames to add,
+nothing to drop it. Stages are chained as generators, so the first `TextDelta` of an answer
+reaches the caller while later ones are still being generated, and every stage downstream
+of respond (output safety) sees each piece as it comes.
+
+The `Turn` is the blackboard of one turn: who is speaking, the conversation so far, every
+frame any stage created (so respond can ask for the `Intent` or the `Passages`), and the
+trace: per stage a decision, its evidence and the milliseconds spent inside that stage (its
+own work only: time spent upstream or downstream is not counted twice).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+from parley.pipeline.frames import Frame, Interrupt, TraceEntry
+
+F = TypeVar("F", bound=Frame)
+
+
+@dataclass
+class Turn:
+    user_id: int
+    conversation_id: int | None = None
+    history: list[dict[str, str]] = field(default_factory=list)  # earlier messages, oldest first
+    frames: list[Frame] = field(default_factory=list)
+    trace: dict[str, TraceEntry] = field(default_factory=dict)
+    interrupted: str | None = None  # set (to a reason) to stop the turn; see `interrupt`
+
+    def get(self, kind: type[F]) -> F | None:
+        """The latest frame of this type created so far in the turn, or None."""
+        for frame in reversed(self.frames):
+            if isinstance(frame, kind):
+                return frame
+        return None
+
+    def all(self, kind: type[F]) -> list[F]:
+        return [f for f in self.frames if isinstance(f, kind)]
+
+    def note(self, stage: str, decision: str, **evidence: Any) -> None:
+        """Record a stage's decision for the trace (the last note of a stage wins; evidence merges)."""
+        entry = self.trace.setdefault(stage, TraceEntry(stage))
+        entry.decision = decision
+        entry.evidence.update(evidence)
+
+    def interrupt(self, reason: str = "interrupted") -> None:
+        """Stop the turn: the runner stops pulling frames, closing every stage's generator,
+        so generation upstream ends at its next token."""
+        self.interrupted = reason
+
+    def text(self) -> str:
+        """The answer streamed so far (TextDelta frames joined)."""
+        from parley.pipeline.frames import TextDelta
+
+        return "".join(f.text for f in self.frames if isinstance(f, TextDelta))
+
+    def trace_dict(self) -> dict[str, Any]:
+        return {
+            "stages": [
+                {"stage": e.stage, "decision": e.decision, "evidence": e.evidence, "ms": round(e.ms, 3)}
+                for e in self.trace.values()
+            ],
+            "total_ms": round(sum(e.ms for e in self.trace.values()), 3),
+        }
+
+
+class Stage:
+    """Base class: override `process`. The default passes every frame on unchanged."""
+
+    name = "stage"
+
+    def process(self, frame: Frame, turn: Turn) -> Iterator[Frame]:
+        yield frame
+
+
+class Pipeline:
+    def __init__(self, stages: list[Stage]):
+        names = [s.name for s in stages]
+        duplicates = sorted({n for n in names if names.count(n) > 1})
+        if duplicates:
+            raise ValueError(f"pipeline stage names must be unique; repeated: {', '.join(duplicates)}")
+        self.stages = list(stages)
+
+    def __repr__(self) -> str:
+        return f"Pipeline({' -> '.join(s.name for s in self.stages)})"
+
+    def stage(self, name: str) -> Stage:
+        for s in self.stages:
+            if s.name == name:
+                return s
+        raise KeyError(f"no stage named {name!r} in {self!r}")
+
+    def run(self, turn: Turn, first: Frame) -> Iterator[Frame]:
+        """Stream the frames that leave the last stage. Closing the iterator (or calling
+        `turn.interrupt`) closes every stage, so a streaming generator stops promptly."""
+        turn.frames.append(first)
+        for stage in self.stages:
+            turn.trace.setdefault(stage.name, TraceEntry(stage.name))
+        stream: Iterator[Frame] = iter((first,))
+        for stage in self.stages:
+            stream = _through(stage, stream, turn)
+        try:
+            for frame in stream:
+                yield frame
+                if turn.interrupted is not None:
+                    break
+            if turn.interrupted is not None:
+                yield Interrupt(turn.interrupted)
+        finally:
+            stream.close()
+
+    def __call__(self, turn: Turn, text: str) -> list[Frame]:
+        """Run a text turn to the end and return the frames that came out."""
+        from parley.pipeline.frames import UserText
+
+        return list(self.run(turn, UserText(text)))
+
+
+def _through(stage: Stage, upstream: Iterator[Frame], turn: Turn) -> Iterator[Frame]:
+    entry = turn.trace[stage.name]
+    try:
+        for frame in upstream:
+            if isinstance(frame, Interrupt):
+                yield frame
+                continue
+            out = stage.process(frame, turn)
+            if not hasattr(out, "__next__"):
+                out = iter(out)
+            try:
+                while True:
+                    start = time.perf_counter()
+                    try:
+                        emitted = next(out)
+                    except StopIteration:
+                        break
+                    finally:
+                        entry.ms += (time.perf_counter() - start) * 1000
+                    if emitted is not frame:
+                        turn.frames.append(emitted)
+                    yield emitted
+                    if turn.interrupted is not None:
+                        return
+            finally:
+                close = getattr(out, "close", None)
+                if close is not None:
+                    close()
+            if turn.interrupted is not None:
+                return
+    finally:
+        upstream.close()

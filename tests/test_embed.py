@@ -1,0 +1,47 @@
+"""Our MiniLM encoder against sentence-transformers on the same weights."""
+
+import numpy as np
+import pytest
+
+from parley.pipeline.embed import Embedder, EmbedderError, cosine_top, from_blob, to_blob
+
+
+@pytest.fixture(scope="module")
+def embedder():
+    return Embedder.load()
+
+
+def test_matches_sentence_transformers(embedder):
+    from sentence_transformers import SentenceTransformer
+
+    from parley.pipeline.embed import default_model_dir
+
+    texts = ["hello", "How do I kill a python process?", "", "word " * 600, "Paris is in France."]
+    reference = SentenceTransformer(str(default_model_dir()), device="cpu").encode(texts, normalize_embeddings=True)
+    ours = embedder(texts)
+    assert ours.shape == (5, 384) and ours.dtype == np.float32
+    np.testing.assert_allclose(ours, reference, atol=2e-5)
+
+
+def test_batched_equals_alone_and_order_kept(embedder):
+    texts = ["a short one", "a much longer sentence about the weather in Lisbon in May", "mid length text"]
+    together = embedder(texts)
+    for i, t in enumerate(texts):
+        np.testing.assert_allclose(embedder([t])[0], together[i], atol=1e-5)
+
+
+def test_similarity_ranks_paraphrase_first(embedder):
+    docs = embedder(["The cat sat on the mat.", "Stock markets fell sharply today.", "A kitten rested on a rug."])
+    q = embedder(["a small cat lying on a carpet"])[0]
+    assert [i for i, _ in cosine_top(q, docs, 2)] == [2, 0]
+
+
+def test_blob_round_trip_and_errors(embedder, tmp_path):
+    v = embedder(["x"])[0]
+    np.testing.assert_array_equal(from_blob(to_blob(v)), v)
+    with pytest.raises(EmbedderError, match="expected 384"):
+        from_blob(b"\0" * 12)
+    with pytest.raises(TypeError, match="list"):
+        embedder("not a list")
+    with pytest.raises(EmbedderError, match="cannot load"):
+        Embedder.load(tmp_path)
