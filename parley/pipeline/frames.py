@@ -120,6 +120,11 @@ class TextDelta(Frame):
 
 
 @dataclass(frozen=True)
+class EndOfAnswer(Frame):
+    """The respond stage has emitted its last TextDelta: stages that hold text back flush now."""
+
+
+@dataclass(frozen=True)
 class Refusal(Frame):
     """The turn's answer when a principle forbids a normal one: shown instead of (or after)
     any text already streamed."""

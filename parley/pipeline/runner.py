@@ -9,7 +9,9 @@
 
 A stage is a small object with one method, `process(frame, turn)`, a generator that gets one
 frame and yields what goes downstream: the same frame to pass it on, new frames to add,
-nothing to drop it. Stages are chained as generators, so the first `TextDelta` of an answer
+nothing to drop it. A stage that learns something about a frame yields what it learned
+first and the frame after it (NLU yields `Intent`, then the `UserText`), so every stage
+downstream already has the facts when the frame arrives. Stages are chained as generators, so the first `TextDelta` of an answer
 reaches the caller while later ones are still being generated, and every stage downstream
 of respond (output safety) sees each piece as it comes.
 
@@ -23,10 +25,10 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, TypeVar
 
-from parley.pipeline.frames import Frame, Interrupt, TraceEntry
+from parley.pipeline.frames import Frame, Interrupt, Passage, Passages, TextDelta, TraceEntry
 
 F = TypeVar("F", bound=Frame)
 
@@ -36,8 +38,10 @@ class Turn:
     user_id: int
     conversation_id: int | None = None
     history: list[dict[str, str]] = field(default_factory=list)  # earlier messages, oldest first
-    frames: list[Frame] = field(default_factory=list)
+    frames: list[Frame] = field(default_factory=list)  # every frame created in the turn, in order
+    output: list[Frame] = field(default_factory=list)  # the frames that left the last stage
     trace: dict[str, TraceEntry] = field(default_factory=dict)
+    scratch: dict[str, Any] = field(default_factory=dict)  # per-turn working state of a stage, by stage name
     interrupted: str | None = None  # set (to a reason) to stop the turn; see `interrupt`
 
     def get(self, kind: type[F]) -> F | None:
@@ -62,10 +66,14 @@ class Turn:
         self.interrupted = reason
 
     def text(self) -> str:
-        """The answer streamed so far (TextDelta frames joined)."""
-        from parley.pipeline.frames import TextDelta
+        """The answer as it left the pipeline so far (after any stage that held or rewrote it)."""
+        return "".join(f.text for f in self.output if isinstance(f, TextDelta))
 
-        return "".join(f.text for f in self.frames if isinstance(f, TextDelta))
+    def sources(self) -> list[Passage]:
+        """Every passage the turn retrieved or fetched, numbered [1], [2], ... across all its
+        Passages frames: the numbers the model sees, cites, and the user is shown."""
+        found = [p for frame in self.all(Passages) for p in frame.items]
+        return [replace(p, n=i) for i, p in enumerate(found, 1)]
 
     def trace_dict(self) -> dict[str, Any]:
         return {
@@ -109,16 +117,18 @@ class Pipeline:
         turn.frames.append(first)
         for stage in self.stages:
             turn.trace.setdefault(stage.name, TraceEntry(stage.name))
-        stream: Iterator[Frame] = iter((first,))
+        stream: Iterator[Frame] = _source(first)
         for stage in self.stages:
             stream = _through(stage, stream, turn)
         try:
             for frame in stream:
+                turn.output.append(frame)
                 yield frame
                 if turn.interrupted is not None:
                     break
             if turn.interrupted is not None:
-                yield Interrupt(turn.interrupted)
+                turn.output.append(Interrupt(turn.interrupted))
+                yield turn.output[-1]
         finally:
             stream.close()
 
@@ -127,6 +137,10 @@ class Pipeline:
         from parley.pipeline.frames import UserText
 
         return list(self.run(turn, UserText(text)))
+
+
+def _source(first: Frame) -> Iterator[Frame]:
+    yield first
 
 
 def _through(stage: Stage, upstream: Iterator[Frame], turn: Turn) -> Iterator[Frame]:

@@ -1,0 +1,206 @@
+"""Respond: build the prompt from what the turn found, and stream the answer.
+
+    backend = LocalBackend(engine, tokenizer, SamplingParams(max_tokens=256, temperature=0))
+    # or OpenAIBackend("http://127.0.0.1:8000/v1", model="smollm2")  (vLLM, llama.cpp, another Parley)
+    stage = RespondStage(backend, persona="You are Parley ...", principles=constitution.summary)
+
+The prompt is: a system message (persona, the constitution's summary, a tone instruction
+from the sentiment, the user's relevant memory facts), the conversation history that fits
+the model's context (older exchanges summarised in one line, see state.fit_history), and
+the user's message. Retrieved or fetched text goes in front of the question inside fences
+(untrusted.fence), numbered for citation as [n]; sentences in it that address the assistant
+("ignore previous instructions ...") are replaced by a visible marker before the model
+sees them, and the trace says which. Text from documents and web pages is data: the model
+is told so, and it never gets the chance to read an injected order.
+
+Backends implement one small interface (`Backend`): count tokens of a message list, say the
+context length, stream the answer's text for a message list.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import re
+from collections.abc import Iterator
+from typing import Protocol
+
+import httpx
+
+from parley.engine.engine import Engine
+from parley.engine.sampling import SamplingParams
+from parley.engine.text import TextStream
+from parley.model.tokenizer import Tokenizer
+from parley.pipeline.frames import EndOfAnswer, Frame, MemoryRecall, Sentiment, TextDelta, UserText
+from parley.pipeline.runner import Stage, Turn
+from parley.pipeline.state import fit_history
+
+PERSONA = ("You are Parley, a helpful, honest and friendly assistant. Answer clearly and briefly. "
+           "You are an AI, not a person.")
+
+
+class BackendError(RuntimeError):
+    """The generator could not answer (server unreachable, bad reply)."""
+
+
+class Backend(Protocol):
+    context_length: int
+
+    def count_tokens(self, messages: list[dict[str, str]]) -> int: ...
+
+    def stream(self, messages: list[dict[str, str]]) -> Iterator[str]: ...
+
+
+class LocalBackend:
+    """Generation with Parley's own engine, in this process."""
+
+    def __init__(self, engine: Engine, tokenizer: Tokenizer, params: SamplingParams):
+        self.engine, self.tokenizer = engine, tokenizer
+        # answers end at the model's end-of-turn tokens as well as any the caller gave
+        self.params = dataclasses.replace(params, stop_ids=params.stop_ids | tokenizer.stop_ids)
+        self.context_length = engine.context_length
+        self.answer_room = min(params.max_tokens, engine.context_length // 4)
+
+    def count_tokens(self, messages: list[dict[str, str]]) -> int:
+        return len(self.tokenizer.encode_chat(messages, add_generation_prompt=True))
+
+    def stream(self, messages: list[dict[str, str]]) -> Iterator[str]:
+        ids = self.tokenizer.encode_chat(messages, add_generation_prompt=True)
+        yield from TextStream(self.engine, self.tokenizer, ids, self.params)
+
+
+class OpenAIBackend:
+    """Any server speaking OpenAI's /v1/chat/completions with streaming (SSE): vLLM serving
+    an exported Parley checkpoint, llama.cpp's server, or another Parley."""
+
+    def __init__(self, base_url: str, model: str, api_key: str | None = None, params: SamplingParams | None = None,
+                 context_length: int = 8192, timeout: float = 60.0):
+        if not re.match(r"^https?://", base_url):
+            raise ValueError(f"backend URL must start with http:// or https://, got {base_url!r}")
+        self.base_url, self.model, self.api_key = base_url.rstrip("/"), model, api_key
+        self.params = params or SamplingParams(max_tokens=512)
+        self.context_length, self.timeout = context_length, timeout
+        self.answer_room = min(self.params.max_tokens, context_length // 4)
+
+    def count_tokens(self, messages: list[dict[str, str]]) -> int:
+        # the remote tokenizer is unknown: ~4 characters per token, plus a few per message
+        return sum(len(m["content"]) // 4 + 4 for m in messages)
+
+    def stream(self, messages: list[dict[str, str]]) -> Iterator[str]:
+        p = self.params
+        body = {"model": self.model, "messages": messages, "stream": True, "max_tokens": p.max_tokens,
+                "temperature": p.temperature, "top_p": p.top_p}
+        if p.seed is not None:
+            body["seed"] = p.seed
+        headers = {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
+        url = f"{self.base_url}/chat/completions"
+        try:
+            with httpx.stream("POST", url, json=body, headers=headers, timeout=self.timeout) as reply:
+                if reply.status_code != 200:
+                    reply.read()
+                    raise BackendError(f"{url} answered HTTP {reply.status_code}: {reply.text[:300]}")
+                for line in reply.iter_lines():
+                    if not line.startswith("data:"):
+                        continue
+                    data = line[5:].strip()
+                    if data == "[DONE]":
+                        return
+                    try:
+                        delta = json.loads(data)["choices"][0].get("delta", {}).get("content")
+                    except (ValueError, KeyError, IndexError, TypeError, AttributeError):
+                        raise BackendError(f"{url} sent a stream event that is not a chat completion chunk: "
+                                           f"{data[:200]}") from None
+                    if delta:
+                        yield delta
+        except httpx.HTTPError as e:
+            raise BackendError(f"cannot reach the generation server at {url}: {e}") from None
+
+
+_SENTENCE = re.compile(r"(?<=[.!?])\s+|\n+")
+
+
+def redact_instructions(text: str) -> tuple[str, list[str]]:
+    """Replace sentences that give the assistant orders with a marker; return them too."""
+    from parley.pipeline.untrusted import injection_signals
+
+    removed = []
+    out = []
+    for sentence in _SENTENCE.split(text):
+        if sentence.strip() and injection_signals(sentence):
+            removed.append(sentence.strip())
+            out.append("[text addressed to the assistant removed]")
+        else:
+            out.append(sentence)
+    return " ".join(out), removed
+
+
+def build_messages(turn: Turn, backend: Backend, persona: str = PERSONA, principles: str = "",
+                   text: str | None = None) -> tuple[list[dict[str, str]], dict]:
+    """The messages for this turn, and what went into them (for the trace)."""
+    from parley.pipeline.sentiment import tone_instruction
+    from parley.pipeline.untrusted import DATA_NOT_INSTRUCTIONS, fence
+
+    evidence: dict = {}
+    system = [persona]
+    if principles:
+        system.append(principles)
+    sentiment = turn.get(Sentiment)
+    if sentiment is not None and (tone := tone_instruction(sentiment.label)):
+        system.append(tone)
+        evidence["tone"] = sentiment.label
+    memory = turn.get(MemoryRecall)
+    if memory is not None and memory.facts:
+        system.append("What you know about the user: " + "; ".join(memory.facts) + ".")
+        evidence["memory"] = list(memory.facts)
+
+    question = text if text is not None else (turn.get(UserText) or UserText("")).text
+    passages = turn.sources()
+    if passages:
+        cleaned, removed = [], {}
+        for p in passages:
+            body, gone = redact_instructions(p.text)
+            if gone:
+                removed[p.n] = gone
+            cleaned.append(dataclasses.replace(p, text=body))
+        system.append(DATA_NOT_INSTRUCTIONS)
+        system.append("Answer from the sources when they help, and cite them as [1], [2].")
+        question = fence(cleaned) + "\n\nQuestion: " + question
+        evidence["passages"] = [f"[{p.n}] {p.source}, {p.location}" for p in cleaned]
+        if removed:
+            evidence["injection_removed"] = removed
+    system_message = {"role": "system", "content": "\n".join(system)}
+    user_message = {"role": "user", "content": question}
+
+    limit = backend.context_length - backend.answer_room
+    budget = limit - backend.count_tokens([system_message, user_message])
+    history, summary = fit_history(turn.history, backend.count_tokens, max(budget, 0))
+    if summary:
+        with_summary = {"role": "system", "content": system_message["content"] + "\n" + summary}
+        # the summary takes room too: older messages give way to it, and it gives way last of all
+        while history and backend.count_tokens([with_summary, *history, user_message]) > limit:
+            history = history[2:] if len(history) >= 2 else []
+        if backend.count_tokens([with_summary, *history, user_message]) <= limit:
+            system_message = with_summary
+            evidence["history_summarised"] = True
+    evidence["history_messages"] = len(history)
+    return [system_message, *history, user_message], evidence
+
+
+class RespondStage(Stage):
+    name = "respond"
+
+    def __init__(self, backend: Backend, persona: str = PERSONA, principles: str = ""):
+        self.backend, self.persona, self.principles = backend, persona, principles
+
+    def process(self, frame: Frame, turn: Turn) -> Iterator[Frame]:
+        yield frame
+        if not isinstance(frame, UserText):
+            return
+        messages, evidence = build_messages(turn, self.backend, self.persona, self.principles, frame.text)
+        turn.note(self.name, "generating", **evidence)
+        chars = 0
+        for piece in self.backend.stream(messages):
+            chars += len(piece)
+            yield TextDelta(piece)
+        turn.note(self.name, "answered", chars=chars)
+        yield EndOfAnswer()
