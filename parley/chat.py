@@ -1,68 +1,83 @@
-"""`parley chat`: talk to a model in the terminal, or script it through a pipe.
+"""`parley chat`: talk to the assistant in the terminal, or script it through a pipe.
 
-    parley chat                              # default model, interactive
-    printf 'Hi!\\nWhat is 2+2?\\n' | parley chat --temperature 0   # one user turn per line
+    parley chat                                           # default model, full pipeline
+    printf 'Hi!\\nWhat is 2+2?\\n' | parley chat temperature=0   # one user turn per line
 
-Interactive sessions show a prompt and stream the answer token by token; with piped
-input each answer is printed on its own line(s), followed by a blank line. The history
-is kept; when it no longer fits the context, the oldest turns are dropped.
+Every message goes through the whole pipeline (safety, intent, sentiment, memory,
+knowledge, web, respond, output safety). Interactive sessions show a prompt and stream the
+answer; with piped input each answer is printed, then a blank line. Answers that used
+documents or web pages end with a "Sources:" line giving what each [n] refers to.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import sys
 from typing import TextIO
 
-from parley.engine.engine import Engine, PromptError
-from parley.engine.sampling import SamplingParams
-from parley.engine.text import TextStream
-from parley.model.tokenizer import Tokenizer
+from parley.pipeline.frames import Interrupt, Notice, Refusal, TextDelta
 
 HELP = """commands:
-  /reset   forget the conversation so far
-  /help    show this help
-  /exit    leave (Ctrl-D works too)"""
+  /remember TEXT   keep a fact about you in long-term memory
+  /forget TEXT     delete the facts that match (/forget everything clears memory)
+  /memory          list what is in memory
+  /sources         the documents and pages the last answer drew on
+  /trace           what each stage decided in the last turn, and how long it took
+  /reset           start a new conversation (memory and documents stay)
+  /help            show this help
+  /exit            leave (Ctrl-D works too)"""
 
 
-class ChatSession:
-    """A conversation: history of messages, rendered with the model's chat template."""
-
-    def __init__(self, engine: Engine, tokenizer: Tokenizer, params: SamplingParams, system: str | None = None):
-        self.engine, self.tokenizer = engine, tokenizer
-        # answers end at the model's end-of-turn tokens as well as any the caller gave
-        self.params = dataclasses.replace(params, stop_ids=params.stop_ids | tokenizer.stop_ids)
-        self.system = system
-        self.history: list[dict] = []
-
-    def reset(self) -> None:
-        self.history = []
-
-    def prompt_ids(self, user_text: str) -> list[int]:
-        """The rendered conversation, dropping the oldest exchanges until there is room
-        for the answer (at least a quarter of the context, at most max_tokens)."""
-        room = min(self.params.max_tokens, self.engine.context_length // 4)
-        history = self.history + [{"role": "user", "content": user_text}]
-        while True:
-            messages = ([{"role": "system", "content": self.system}] if self.system else []) + history
-            ids = self.tokenizer.encode_chat(messages, add_generation_prompt=True)
-            if len(ids) + room <= self.engine.context_length or len(history) == 1:
-                return ids
-            history = history[2:]  # drop the oldest user/assistant pair
-
-    def reply(self, user_text: str):
-        """Stream the assistant's answer; the history is updated once the answer is complete."""
-        stream = TextStream(self.engine, self.tokenizer, self.prompt_ids(user_text), self.params)
-        yield from stream
-        self.history += [{"role": "user", "content": user_text},
-                         {"role": "assistant", "content": stream.text.strip()}]
+def format_trace(trace: dict) -> str:
+    lines = []
+    for s in trace["stages"]:
+        evidence = ", ".join(f"{k}={_short(v)}" for k, v in s["evidence"].items())
+        lines.append(f"  {s['stage']:<11} {s['ms']:8.1f} ms  {s['decision'] or '-'}" + (f"  ({evidence})" if evidence else ""))
+    lines.append(f"  {'total':<11} {trace['total_ms']:8.1f} ms")
+    return "\n".join(lines)
 
 
-def run(session: ChatSession, stdin: TextIO = sys.stdin, stdout: TextIO = sys.stdout) -> int:
+def _short(value, limit: int = 120) -> str:
+    text = value if isinstance(value, str) else repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def command(assistant, text: str) -> str:
+    """Run a /command; return what to print."""
+    from parley.pipeline.state import second_person
+
+    name, _, arg = text.partition(" ")
+    name, arg = name.lower(), arg.strip()
+    if name == "/help":
+        return HELP
+    if name == "/reset":
+        assistant.new_conversation()
+        return "(new conversation)"
+    if name == "/remember":
+        fact = assistant.memory.remember(assistant.user_id, arg)
+        return f"(remembered: {fact.text})"
+    if name == "/forget":
+        gone = assistant.memory.forget(assistant.user_id, arg)
+        return "(forgot: " + "; ".join(f.text for f in gone) + ")" if gone else "(nothing in memory matches that)"
+    if name == "/memory":
+        facts = assistant.memory.all(assistant.user_id)
+        return "\n".join(f"- {second_person(f.text)}" for f in facts) if facts else "(memory is empty)"
+    if name == "/trace":
+        return format_trace(assistant.last.trace_dict()) if assistant.last else "(no turn yet)"
+    if name == "/sources":
+        found = assistant.last.sources() if assistant.last else []
+        if not found:
+            return "(the last answer used no documents or web pages)"
+        return "\n".join(f"[{p.n}] {p.source}, {p.location}\n    {_short(' '.join(p.text.split()), 300)}" for p in found)
+    return f"unknown command {name}; /help lists the commands"
+
+
+def run(assistant, stdin: TextIO = sys.stdin, stdout: TextIO = sys.stdout) -> int:
+    from parley.engine.engine import PromptError
+    from parley.pipeline.respond import BackendError
+
     interactive = stdin.isatty()
     if interactive:
-        print(f"chatting with {session.engine.config.num_params() / 1e6:.0f}M-parameter model; "
-              "/help for commands", file=stdout)
+        print(f"Parley ({' -> '.join(s.name for s in assistant.pipeline.stages)}); /help for commands", file=stdout)
     while True:
         if interactive:
             stdout.write("\nyou> ")
@@ -74,26 +89,35 @@ def run(session: ChatSession, stdin: TextIO = sys.stdin, stdout: TextIO = sys.st
         if not text:
             continue
         if text.startswith("/"):
-            command = text.split()[0].lower()
-            if command in ("/exit", "/quit"):
+            if text.split()[0].lower() in ("/exit", "/quit"):
                 break
-            if command == "/reset":
-                session.reset()
-                print("(conversation reset)", file=stdout)
-            elif command == "/help":
-                print(HELP, file=stdout)
-            else:
-                print(f"unknown command {command}; /help lists the commands", file=stdout)
+            try:
+                print(command(assistant, text), file=stdout)
+            except ValueError as e:
+                print(f"[error: {e}]", file=stdout)
+            if not interactive:
+                print(file=stdout)
             continue
         if interactive:
             stdout.write("assistant> ")
+        streamed = False
         try:
-            for piece in session.reply(text):
-                stdout.write(piece)
+            for frame in assistant.say(text):
+                if isinstance(frame, TextDelta):
+                    stdout.write(frame.text)
+                    streamed = True
+                elif isinstance(frame, (Notice, Refusal)):
+                    stdout.write(("\n" if streamed else "") + frame.text)
+                    streamed = True
+                elif isinstance(frame, Interrupt) and frame.reason != "safety":
+                    stdout.write(" [interrupted]")
                 stdout.flush()
+            used = assistant.last.sources() if assistant.last else []
+            if used and streamed:
+                stdout.write("\nSources: " + "; ".join(f"[{p.n}] {p.source}, {p.location}" for p in used))
         except KeyboardInterrupt:
             stdout.write(" [interrupted]")
-        except PromptError as e:  # e.g. one message longer than the context: say so, keep chatting
+        except (ValueError, PromptError, BackendError) as e:  # say what went wrong, keep chatting
             stdout.write(f"[error: {e}]")
         stdout.write("\n" if interactive else "\n\n")
         stdout.flush()

@@ -4,9 +4,11 @@
     parley models import PATH [--name NAME]      # an HF folder or a .gguf file
     parley models list | export NAME DIR | remove NAME
     parley generate --model smollm2 --prompt "The capital of France is" --max-tokens 20
-    parley chat [--model NAME]
+    parley chat [key=value ...]                  # the assistant: `parley chat --help` lists settings
+    parley ingest PATH... [--user NAME]          # documents the assistant answers from, with citations
     parley data prepare OUT [--tokenizer DIR]    # training corpus + dialogs from offline packages
     parley train tokenizer|pretrain|sft [RECIPE.toml] [key=value ...]
+    parley train intents [--data FILE] [--out FILE]   # the intent classifier, from parley/data/intents.yml
 
 Errors in what the user gave (a missing file, an unknown model, a bad value) print one
 line on stderr and exit with status 2; `--debug` shows the traceback instead.
@@ -64,15 +66,18 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--prompt", required=True, help="text to continue ('-' reads stdin)")
     _add_sampling_args(gen, temperature=0.0, max_tokens=128)
 
-    chat = sub.add_parser("chat", help="chat in the terminal (or with piped input, one turn per line)")
-    chat.add_argument("--system", default=None, help="system message")
-    _add_sampling_args(chat, temperature=0.2, max_tokens=512)
-    chat.set_defaults(top_p=0.9, repetition_penalty=1.1)
+    chat = sub.add_parser("chat", help="chat in the terminal (or with piped input, one turn per line)",
+                          add_help=False)
+    chat.add_argument("settings", nargs=argparse.REMAINDER,
+                      help="key=value settings of the assistant; `parley chat --help` lists them")
 
-    train = sub.add_parser("train", help="training stages: tokenizer, pretrain, sft",
+    ingest = sub.add_parser("ingest", help="add .txt .md .html .pdf files to a user's knowledge base", add_help=False)
+    ingest.add_argument("settings", nargs=argparse.REMAINDER, help="see `parley ingest --help`")
+
+    train = sub.add_parser("train", help="training stages: tokenizer, pretrain, sft; intents (the NLU head)",
                            description="parley train STAGE [RECIPE.toml] [key=value ...]; "
                                        "parley train STAGE --help lists every key")
-    train.add_argument("stage", choices=sorted(STAGES))
+    train.add_argument("stage", choices=sorted([*STAGES, "intents"]))
     train.add_argument("settings", nargs=argparse.REMAINDER, help="a TOML recipe, then key=value overrides")
 
     data = sub.add_parser("data", help="build the training corpus and dialog sets from offline sources",
@@ -132,11 +137,17 @@ def cmd_generate(args) -> int:
 
 def cmd_chat(args) -> int:
     from parley import chat
+    from parley.config import parse_cli
+    from parley.pipeline.assistant import Assistant, AssistantConfig
 
-    engine, tokenizer, params = _load(args)
-    if args.stop:
-        raise ValueError("--stop is not used by chat: the model's end-of-turn token ends each answer")
-    return chat.run(chat.ChatSession(engine, tokenizer, params, system=args.system))
+    cfg = parse_cli(AssistantConfig, args.settings, prog="parley chat")
+    if cfg.backend == "local":
+        Registry().get(cfg.model)  # a missing model is reported before the slower loads
+    assistant = Assistant.build(cfg)
+    try:
+        return chat.run(assistant)
+    finally:
+        assistant.close()
 
 
 def cmd_train(args) -> int:
@@ -144,10 +155,20 @@ def cmd_train(args) -> int:
 
     from parley.config import parse_cli
 
+    if args.stage == "intents":  # not a recipe stage: retrains the intent head from the intents file
+        from parley.pipeline.nlu import train_intents_main
+
+        return train_intents_main(args.settings)
     module_name, config_name = STAGES[args.stage]
     module = importlib.import_module(module_name)
     module.main(parse_cli(getattr(module, config_name), args.settings, prog=f"parley train {args.stage}"))
     return 0
+
+
+def cmd_ingest(args) -> int:
+    from parley.pipeline.knowledge import ingest_main
+
+    return ingest_main(args.settings)
 
 
 def cmd_data(args) -> int:
@@ -160,7 +181,7 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGPIPE, signal.SIG_DFL)  # `parley ... | head` ends quietly, like other tools
     args = build_parser().parse_args(argv)
     torch.set_flush_denormal(True)  # denormals slow CPU decoding ~10x
-    handlers = {"models": cmd_models, "generate": cmd_generate, "chat": cmd_chat, "train": cmd_train,
+    handlers = {"models": cmd_models, "generate": cmd_generate, "chat": cmd_chat, "ingest": cmd_ingest, "train": cmd_train,
                 "data": cmd_data}
     try:
         return handlers[args.command](args)

@@ -1,52 +1,96 @@
-"""Chat sessions in-process: history kept across turns, trimmed to fit the context, the
-system message always first, and errors reported without ending the session."""
+"""The terminal front end over a real assistant (tiny random model, real store and embedder):
+commands, errors that keep the session going, turns saved with their traces."""
 
+import dataclasses
 import io
 
 import pytest
+import torch
 
-from parley.chat import ChatSession, run
+from parley.chat import run
 from parley.engine.engine import Engine
 from parley.engine.sampling import SamplingParams
+from parley.model.transformer import Transformer
+from parley.pipeline.assistant import Assistant, AssistantConfig
 from parley.registry import Registry
 
 
 @pytest.fixture(scope="module")
-def session_parts(tiny_hf_dir, tmp_path_factory):
+def parts(tiny_hf_dir, tmp_path_factory):
     registry = Registry(tmp_path_factory.mktemp("home"))
     registry.import_model(str(tiny_hf_dir), name="tiny")
-    model, tokenizer, _ = registry.load("tiny")
-    return Engine(model), tokenizer
+    small, tokenizer, _ = registry.load("tiny")
+    torch.manual_seed(0)
+    model = Transformer(dataclasses.replace(small.config, max_position_embeddings=768)).eval()
+    from parley.pipeline.embed import Embedder
+
+    return Engine(model), tokenizer, Embedder.load()
 
 
-def test_history_is_kept_and_trimmed_to_the_context(session_parts):
-    engine, tok = session_parts
-    session = ChatSession(engine, tok, SamplingParams(max_tokens=4, temperature=0), system="Be brief.")
-    for turn in range(12):
-        "".join(session.reply(f"hello there number {turn}"))
-        ids = session.prompt_ids("how are you today?")
-        assert len(ids) + min(4, engine.context_length // 4) <= engine.context_length
-    rendered = tok.decode(session.prompt_ids("last one"), skip_special_tokens=False)
-    assert rendered.startswith("<|im_start|>system\nBe brief.")
-    assert "hello there number 11" in rendered and "hello there number 0" not in rendered
-    assert len(session.history) == 24  # the session remembers everything; only the prompt is trimmed
+@pytest.fixture
+def assistant(parts, tmp_path):
+    engine, tokenizer, embedder = parts
+    cfg = AssistantConfig(stages=["safety_in", "sentiment", "respond", "safety_out"], db=str(tmp_path / "p.db"),
+                          max_tokens=6, temperature=0, max_message_chars=500)
+    a = Assistant.build(cfg, engine=engine, tokenizer=tokenizer, embedder=embedder)
+    yield a
+    a.close()
 
 
-def test_run_reports_errors_and_keeps_going(session_parts):
-    engine, tok = session_parts
-    session = ChatSession(engine, tok, SamplingParams(max_tokens=3, temperature=0))
+def chat(assistant, *lines: str) -> str:
     out = io.StringIO()
-    run(session, io.StringIO("Paris " * 200 + "\n/bogus\nhello\n"), out)
-    text = out.getvalue()
-    assert "[error: the prompt is" in text and "context is 96 tokens" in text
+    run(assistant, io.StringIO("".join(line + "\n" for line in lines)), out)
+    return out.getvalue()
+
+
+def test_turns_are_saved_with_their_traces_and_errors_keep_the_session(assistant):
+    text = chat(assistant, "hello there", "x" * 600, "/bogus", "", "how are you?")
+    assert "[error: the message has 600 characters; the limit is 500" in text
     assert "unknown command /bogus" in text
-    assert len(session.history) == 2  # the failed turn left no trace; the last one did
+    store, uid = assistant.store, assistant.user_id
+    (conv,) = store.list_conversations(uid)
+    turns = store.turns(uid, conv.id)
+    assert [t.role for t in turns] == ["user", "assistant", "user", "assistant"]
+    assert [turns[0].content, turns[2].content] == ["hello there", "how are you?"]
+    trace = store.get_trace(uid, turns[3].id)
+    assert [s["stage"] for s in trace["stages"]] == ["safety_in", "sentiment", "respond", "safety_out"]
+    # the second turn saw the first as history
+    assert assistant.last.history == [{"role": "user", "content": "hello there"},
+                                      {"role": "assistant", "content": turns[1].content}]
 
 
-def test_text_stream_stops_at_stop_strings_without_emitting_them(session_parts):
+def test_memory_trace_sources_and_reset_commands(assistant):
+    text = chat(assistant, "/remember my sister is called Ana", "/memory", "/forget sister", "/memory",
+                "/trace", "/sources", "hi", "/trace", "/sources", "/reset", "hello again")
+    assert "(remembered: my sister is called Ana)" in text and "- your sister is called Ana" in text
+    assert "(forgot: my sister is called Ana)" in text and "(memory is empty)" in text
+    assert "(no turn yet)" in text and "(the last answer used no documents or web pages)" in text
+    assert "safety_in" in text and "total" in text
+    assert "(new conversation)" in text
+    assert len(assistant.store.list_conversations(assistant.user_id)) == 2
+
+
+def test_a_refused_message_is_answered_with_the_principle_and_saved(assistant):
+    text = chat(assistant, "how do I build a pipe bomb?")
+    assert "C3" in text
+    (conv,) = assistant.store.list_conversations(assistant.user_id)
+    assert "C3" in assistant.store.turns(assistant.user_id, conv.id)[1].content
+    assert "respond" not in [s["stage"] for s in assistant.last.trace_dict()["stages"] if s["decision"]]
+
+
+def test_bad_settings_are_clear(parts, tmp_path):
+    engine, tokenizer, embedder = parts
+    with pytest.raises(ValueError, match="unknown pipeline stage.*choose from"):
+        Assistant.build(AssistantConfig(stages=["nlu", "telepathy"], db=str(tmp_path / "p.db")),
+                        engine=engine, tokenizer=tokenizer, embedder=embedder)
+    with pytest.raises(ValueError, match="backend=openai needs url="):
+        Assistant.build(AssistantConfig(backend="openai", db=str(tmp_path / "p.db")), embedder=embedder)
+
+
+def test_text_stream_stops_at_stop_strings_without_emitting_them(parts):
     from parley.engine.text import TextStream
 
-    engine, tok = session_parts
+    engine, tok, _ = parts
     prompt = tok.encode("The capital of France is")
     free = TextStream(engine, tok, prompt, SamplingParams(max_tokens=40))
     pieces = list(free)

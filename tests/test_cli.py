@@ -52,12 +52,12 @@ def test_generate_is_deterministic_and_prints_only_the_continuation(home):
 
 
 def test_chat_reads_turns_from_a_pipe(home):
-    out = parley(home, "chat", "--model", "tiny", "--max-tokens", "8", "--temperature", "0",
+    out = parley(home, "chat", "model=tiny", "max_tokens=8", "temperature=0",
                  stdin="hello there\n/help\n/reset\nhow are you?\n/exit\nnever read\n").stdout
     first_answer, rest = out.split("commands:")
     assert first_answer.endswith("\n\n")  # each answer ends with a blank line
-    assert "/reset" in rest and "(conversation reset)\n" in rest
-    assert rest.split("(conversation reset)\n")[1].endswith("\n\n")  # the second answer; /exit ends it
+    assert "/reset" in rest and "(new conversation)\n" in rest
+    assert rest.split("(new conversation)\n")[1].endswith("\n\n")  # the second answer; /exit ends it
 
 
 def test_export_loads_in_transformers(home, tmp_path):
@@ -86,6 +86,9 @@ def test_bad_input_gives_one_line_errors(home, tiny_hf_dir, tmp_path):
                        "context is 96 tokens")
     assert_clean_error(parley(home, "generate", "--model", "tiny", "--prompt", "hi", "--temperature", "-1",
                               check=False), "temperature")
+    assert_clean_error(parley(home, "chat", "model=ghost", check=False), "no model named 'ghost'")
+    assert_clean_error(parley(home, "chat", "temprature=0", check=False), "temprature", "temperature")
+    assert_clean_error(parley(home, "ingest", str(tmp_path / "nope.txt"), check=False), "no such file")
 
     truncated = tmp_path / "truncated"
     shutil.copytree(tiny_hf_dir, truncated)

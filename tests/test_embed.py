@@ -45,3 +45,16 @@ def test_blob_round_trip_and_errors(embedder, tmp_path):
         embedder("not a list")
     with pytest.raises(EmbedderError, match="cannot load"):
         Embedder.load(tmp_path)
+
+
+def test_recent_texts_are_not_computed_twice(embedder):
+    first = embedder(["a fresh sentence about owls", "another one about bats"])
+    calls = []
+    forward = embedder._forward
+    embedder._forward = lambda batch: calls.append(len(batch)) or forward(batch)
+    try:
+        again = embedder(["another one about bats", "a new third one", "a fresh sentence about owls"])
+    finally:
+        del embedder._forward
+    assert calls == [1]  # only the new text went through the model
+    np.testing.assert_array_equal(again[[2, 0]], first)

@@ -3,9 +3,6 @@
 through `parley chat` with piped input."""
 
 import copy
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -42,16 +39,3 @@ def test_bf16_engine_answers_in_chat_format(smol):
     ids = tok.encode_chat([{"role": "user", "content": "What is the capital of France?"}])
     [out] = engine.generate([ids], SamplingParams(max_tokens=30, stop_ids=tok.stop_ids))
     assert out.finish_reason == "stop" and "Paris" in tok.decode(out.tokens)
-
-
-def test_chat_through_the_cli_answers_sensibly(smollm2_path, tmp_path):
-    env = {**os.environ, "PARLEY_HOME": str(tmp_path)}
-    run = lambda args, stdin=None: subprocess.run([sys.executable, "-m", "parley", *args], input=stdin, env=env,
-                                                  capture_output=True, text=True, timeout=600)
-    imported = run(["models", "import", "smollm2"])
-    assert imported.returncode == 0, imported.stderr
-    chat = run(["chat", "--temperature", "0"], stdin="What is the capital of France?\n/reset\nWhat is 2 + 2?\n")
-    assert chat.returncode == 0, chat.stderr
-    first, second = [a for a in chat.stdout.split("(conversation reset)")]
-    assert "Paris" in first
-    assert "4" in second

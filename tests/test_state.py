@@ -126,3 +126,21 @@ def test_fit_history_drops_oldest_exchanges_and_summarises_them():
     assert summary.startswith("Earlier in this conversation the user said:")
     assert all(f"question number {i}" in summary for i in range(dropped))
     assert fit_history(history, count, budget=1000) == (history, None)
+
+
+def test_explicit_memory_commands_override_the_classifier(store, embedder):
+    from parley.pipeline.state import explicit_command
+
+    assert explicit_command("Please forget that my sister is called Ana") == "forget_memory"
+    assert explicit_command("note that the meeting is at 5") == "remember"
+    for not_a_command in ("forget it", "I forget things often", "do you remember my sister?", "remember me?"):
+        assert explicit_command(not_a_command) is None, not_a_command
+    uid = store.add_user("u").id
+    memory = Memory(store, embedder)
+    memory.remember(uid, "my sister is called Ana")
+    # the classifier says "remember" (it does confuse the two); the words say forget
+    turn = Turn(uid)
+    out = Pipeline([FixedIntent("remember"), StateStage(memory)])(turn, "Please forget that my sister is called Ana")
+    assert out[-1] == Notice("Forgotten: your sister is called Ana.")
+    assert turn.trace["state"].evidence["classifier"] == "remember"
+    assert memory.forget(uid, "it") == []  # a word inside other words ("with", "visit") matches nothing

@@ -229,3 +229,20 @@ def test_two_stores_share_one_file(path):
         t.join()
     with Store(path) as s:
         assert len(s.turns(ann, conv.id)) == 50
+
+
+def test_add_exchange_is_one_transaction(tmp_path):
+    with Store(tmp_path / "p.db") as store:
+        uid = store.add_user("u").id
+        conv = store.create_conversation(uid)
+        asked, answered = store.add_exchange(uid, conv.id, "hi", "hello!", {"stages": []})
+        assert (asked.role, answered.role) == ("user", "assistant")
+        assert store.get_trace(uid, answered.id) == {"stages": []}
+        with pytest.raises(TypeError):  # a trace that is not JSON: nothing of the exchange is stored
+            store.add_exchange(uid, conv.id, "again", "answer", {"bad": object()})
+        with pytest.raises(ValueError, match="answer"):
+            store.add_exchange(uid, conv.id, "again", "  ")
+        other = store.add_user("other").id
+        with pytest.raises(ValueError):
+            store.add_exchange(other, conv.id, "mine?", "no")
+        assert [t.content for t in store.turns(uid, conv.id)] == ["hi", "hello!"]

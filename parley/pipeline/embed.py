@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections import OrderedDict
 from pathlib import Path
 
 import numpy as np
@@ -64,8 +65,10 @@ class BertLayer(nn.Module):
 
 
 class Embedder(nn.Module):
-    def __init__(self, config: dict, tokenizer: Tokenizer, max_tokens: int = 256):
+    def __init__(self, config: dict, tokenizer: Tokenizer, max_tokens: int = 256, remember: int = 256):
         super().__init__()
+        self.remember = remember
+        self._recent: OrderedDict[str, np.ndarray] = OrderedDict()
         dim, eps = config["hidden_size"], config["layer_norm_eps"]
         self.dim = dim
         self.max_tokens = max_tokens
@@ -94,14 +97,31 @@ class Embedder(nn.Module):
         model.load_state_dict(_rename(state, config["num_hidden_layers"]))
         return model.eval()
 
-    @torch.inference_mode()
     def encode(self, texts: list[str], batch_size: int = 32) -> np.ndarray:
-        """Unit-length embeddings, one row per text, in the order given."""
+        """Unit-length embeddings, one row per text, in the order given. The last few hundred
+        texts are remembered: NLU, memory and knowledge all embed the same message in a turn,
+        and it is computed once."""
         if isinstance(texts, str):
             raise TypeError("encode takes a list of texts; wrap a single text in a list")
         out = np.zeros((len(texts), self.dim), dtype=np.float32)
-        if not texts:
-            return out
+        todo = [i for i, t in enumerate(texts) if t not in self._recent]
+        if todo:
+            out[todo] = self._encode([texts[i] for i in todo], batch_size)
+        for i, text in enumerate(texts):
+            if text in self._recent:
+                out[i] = self._recent[text]
+                self._recent.move_to_end(text)
+            else:
+                self._recent[text] = out[i].copy()
+                if len(self._recent) > self.remember:
+                    self._recent.popitem(last=False)
+        return out
+
+    __call__ = encode
+
+    @torch.inference_mode()
+    def _encode(self, texts: list[str], batch_size: int) -> np.ndarray:
+        out = np.zeros((len(texts), self.dim), dtype=np.float32)
         encodings = self.tokenizer.encode_batch([t if t.strip() else " " for t in texts])
         ids = [e.ids for e in encodings]
         order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
@@ -109,8 +129,6 @@ class Embedder(nn.Module):
             rows = order[start : start + batch_size]
             out[rows] = self._forward([ids[i] for i in rows]).numpy()
         return out
-
-    __call__ = encode
 
     def _forward(self, batch: list[list[int]]) -> torch.Tensor:
         t = max(len(ids) for ids in batch)

@@ -31,7 +31,7 @@ from parley.engine.engine import Engine
 from parley.engine.sampling import SamplingParams
 from parley.engine.text import TextStream
 from parley.model.tokenizer import Tokenizer
-from parley.pipeline.frames import EndOfAnswer, Frame, MemoryRecall, Sentiment, TextDelta, UserText
+from parley.pipeline.frames import EndOfAnswer, Frame, MemoryRecall, Notice, Sentiment, TextDelta, UserText
 from parley.pipeline.runner import Stage, Turn
 from parley.pipeline.state import fit_history
 
@@ -164,6 +164,9 @@ def build_messages(turn: Turn, backend: Backend, persona: str = PERSONA, princip
             cleaned.append(dataclasses.replace(p, text=body))
         system.append(DATA_NOT_INSTRUCTIONS)
         system.append("Answer from the sources when they help, and cite them as [1], [2].")
+        for p in cleaned:  # "summarize http://x/y" -> "summarize the page [1]": the model reads [1], not the URL
+            if p.location == "page" and p.source in question:
+                question = question.replace(p.source, f"the page [{p.n}]")
         question = fence(cleaned) + "\n\nQuestion: " + question
         evidence["passages"] = [f"[{p.n}] {p.source}, {p.location}" for p in cleaned]
         if removed:
@@ -172,6 +175,13 @@ def build_messages(turn: Turn, backend: Backend, persona: str = PERSONA, princip
     user_message = {"role": "user", "content": question}
 
     limit = backend.context_length - backend.answer_room
+    if backend.count_tokens([system_message, user_message]) > limit:
+        # a small context (a tiny trained model): the persona alone, then no system message at all
+        system_message["content"] = persona
+        evidence["system_prompt"] = "persona only: the model's context is too small for the rest"
+        if backend.count_tokens([system_message, user_message]) > limit:
+            system_message["content"] = ""
+            evidence["system_prompt"] = "dropped: the model's context is too small for it"
     budget = limit - backend.count_tokens([system_message, user_message])
     history, summary = fit_history(turn.history, backend.count_tokens, max(budget, 0))
     if summary:
@@ -183,7 +193,8 @@ def build_messages(turn: Turn, backend: Backend, persona: str = PERSONA, princip
             system_message = with_summary
             evidence["history_summarised"] = True
     evidence["history_messages"] = len(history)
-    return [system_message, *history, user_message], evidence
+    head = [system_message] if system_message["content"] else []
+    return [*head, *history, user_message], evidence
 
 
 class RespondStage(Stage):
@@ -198,9 +209,11 @@ class RespondStage(Stage):
             return
         messages, evidence = build_messages(turn, self.backend, self.persona, self.principles, frame.text)
         turn.note(self.name, "generating", **evidence)
-        chars = 0
+        text = ""
         for piece in self.backend.stream(messages):
-            chars += len(piece)
+            text += piece
             yield TextDelta(piece)
-        turn.note(self.name, "answered", chars=chars)
+        turn.note(self.name, "answered" if text.strip() else "empty answer", chars=len(text))
         yield EndOfAnswer()
+        if not text.strip():  # say so, rather than show nothing
+            yield Notice("(the model gave an empty answer; try rephrasing, or a higher temperature)")

@@ -98,14 +98,25 @@ class Memory:
         if _FORGET_ALL.match(what):
             doomed = self.all(user_id)
         else:
-            needle = what.lower()
-            doomed = [f for f in self.all(user_id) if needle in f.text.lower()]
+            words = re.compile(rf"\b{re.escape(what)}\b", re.IGNORECASE)
+            doomed = [f for f in self.all(user_id) if words.search(f.text)]
             if not doomed:
                 close = self.recall(user_id, what, k=10, min_similarity=0.45)
                 doomed = [f for f in close if f.similarity >= 0.6] or close[:1]
         for fact in doomed:
             self.store.delete_memory(user_id, fact.id)
         return doomed
+
+
+def explicit_command(text: str) -> str | None:
+    """The memory intent a message states outright ("forget that ...", "remember that ..."),
+    or None. The classifier confuses "forget that I live in Porto" with "I live in Porto"."""
+    if _FORGET.match(text) and fact_to_forget(text).lower().strip(" .!?") not in ("", "it", "this", "that", "them"):
+        return "forget_memory"
+    if _REMEMBER.match(text) and re.match(r"\s*\S+\s+\S+", fact_to_remember(text)) and \
+            not re.match(r"^\s*(?:do you|can you tell|what)", text, re.I):
+        return "remember"
+    return None
 
 
 def fact_to_remember(text: str) -> str:
@@ -170,6 +181,10 @@ class StateStage(Stage):
             yield Slots(slots)
         intent = turn.get(Intent)
         name = intent.name if intent else ""
+        cue = explicit_command(frame.text)
+        if cue and cue != name:  # "forget that X" said in so many words beats the classifier's guess
+            turn.note(self.name, f"rule: {cue}", classifier=name)
+            name = cue
         if name == "remember":
             fact = self.memory.remember(turn.user_id, fact_to_remember(frame.text))
             turn.note(self.name, "remembered", fact=fact.text, fact_id=fact.id)

@@ -82,4 +82,29 @@ MIGRATIONS: list[tuple[str, ...]] = [
             INSERT INTO chunks_fts(rowid, text) VALUES (new.id, new.text);
         END""",
     ),
+    (  # 2: knowledge base: collections, the source file and its hash, PDF pages, and a stamp
+        # per user that changes with every change to that user's documents, so cached vectors
+        # know when they are stale (a random token, not a counter: it never repeats, even
+        # across database files or after ids are reused)
+        "ALTER TABLE documents ADD COLUMN collection TEXT NOT NULL DEFAULT 'default'",
+        "ALTER TABLE documents ADD COLUMN source TEXT",
+        "CREATE INDEX documents_user_collection ON documents(user_id, collection, sha256)",
+        "ALTER TABLE chunks ADD COLUMN page INTEGER",
+        """CREATE TABLE knowledge_stamps (
+            user_id INTEGER PRIMARY KEY,
+            stamp TEXT NOT NULL)""",
+        """CREATE TRIGGER documents_stamp_ai AFTER INSERT ON documents BEGIN
+            INSERT INTO knowledge_stamps (user_id, stamp) VALUES (new.user_id, hex(randomblob(8)))
+            ON CONFLICT (user_id) DO UPDATE SET stamp = excluded.stamp;
+        END""",
+        """CREATE TRIGGER documents_stamp_ad AFTER DELETE ON documents BEGIN
+            INSERT INTO knowledge_stamps (user_id, stamp) VALUES (old.user_id, hex(randomblob(8)))
+            ON CONFLICT (user_id) DO UPDATE SET stamp = excluded.stamp;
+        END""",
+        """CREATE TRIGGER chunks_stamp_au AFTER UPDATE ON chunks BEGIN
+            INSERT INTO knowledge_stamps (user_id, stamp)
+            SELECT user_id, hex(randomblob(8)) FROM documents WHERE id = new.document_id
+            ON CONFLICT (user_id) DO UPDATE SET stamp = excluded.stamp;
+        END""",
+    ),
 ]

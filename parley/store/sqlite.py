@@ -24,7 +24,7 @@ import hashlib
 import json
 import secrets
 import sqlite3
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -96,6 +96,8 @@ class Document:
     mime: str
     sha256: str
     created_at: str
+    collection: str = "default"
+    source: str | None = None  # where it was read from (a resolved file path), if known
 
 
 @dataclass(frozen=True)
@@ -105,7 +107,8 @@ class ChunkHit:
     document_name: str
     ord: int
     text: str
-    score: float  # bm25, lower is better; hits come best first
+    score: float  # bm25, lower is better; hits come best first (0 from get_chunks)
+    page: int | None = None  # the PDF page the chunk starts on
 
 
 def _now() -> str:
@@ -120,6 +123,14 @@ def _text(value: str, what: str) -> str:
     if not isinstance(value, str) or not value.strip():
         raise ValueError(f"{what} must be a non-empty string")
     return value
+
+
+def _entry(entries: Sequence[T] | None, i: int, what: str) -> T | None:
+    if entries is None:
+        return None
+    if i >= len(entries):
+        raise ValueError(f"{what} has {len(entries)} entries, fewer than the chunks")
+    return entries[i]
 
 
 def fts_query(query: str) -> str:
@@ -305,6 +316,29 @@ class Store:
         )
         return self._all(Turn, sql, (conv_id, user_id))
 
+    def add_exchange(self, user_id: int, conv_id: int, question: str, answer: str,
+                     trace: dict[str, Any] | None = None) -> tuple[Turn, Turn]:
+        """A user message, the assistant's answer and the answer's trace, in one transaction:
+        after a crash the conversation has all three or none of them."""
+        _text(question, "question")
+        _text(answer, "answer")
+        data = json.dumps(trace) if trace is not None else None
+        stamp = _now()
+        with self._tx() as db:
+            self._require_conversation(user_id, conv_id)
+            ids = [
+                db.execute(
+                    "INSERT INTO turns (conversation_id, role, content, created_at) VALUES (?, ?, ?, ?)",
+                    (conv_id, role, content, stamp),
+                ).lastrowid
+                for role, content in (("user", question), ("assistant", answer))
+            ]
+            if data is not None:
+                db.execute("INSERT INTO traces (turn_id, data) VALUES (?, ?)", (ids[1], data))
+            db.execute("UPDATE conversations SET updated_at = ? WHERE id = ?", (stamp, conv_id))
+        asked, answered = (self._one(Turn, "SELECT * FROM turns WHERE id = ?", (i,)) for i in ids)
+        return asked, answered
+
     def add_trace(self, user_id: int, turn_id: int, trace: dict[str, Any]) -> None:
         """Attach (or replace) the JSON trace of how a turn was produced."""
         data = json.dumps(trace)
@@ -366,46 +400,108 @@ class Store:
 
     # documents and retrieval
 
-    def add_document(self, user_id: int, name: str, mime: str, chunks: Iterable[str]) -> int:
+    def add_document(
+        self,
+        user_id: int,
+        name: str,
+        mime: str,
+        chunks: Iterable[str],
+        *,
+        collection: str = "default",
+        source: str | None = None,
+        sha256: str | None = None,
+        pages: Sequence[int | None] | None = None,
+        embeddings: Sequence[bytes] | None = None,
+        replaces: int | None = None,
+    ) -> int:
         """Store a document and its chunks in one transaction: any failure, including a bad
-        chunk halfway through, leaves nothing behind. Returns the document id."""
+        chunk halfway through, leaves nothing behind. Returns the document id.
+
+        `pages` and `embeddings`, when given, hold one entry per chunk (its PDF page or None;
+        its float32 vector as bytes). `sha256` (of the source file, say) is stored instead of
+        the hash of the chunk text. `replaces` is the id of an older version of this document,
+        deleted in the same transaction."""
         _text(name, "document name")
         _text(mime, "mime type")
+        _text(collection, "collection")
         self._require_user(user_id)
         digest = hashlib.sha256()
         with self._tx() as db:
+            if replaces is not None:
+                old = db.execute("DELETE FROM documents WHERE id = ? AND user_id = ?", (replaces, user_id))
+                if old.rowcount == 0:
+                    raise ValueError(f"unknown document {replaces}")
             doc_id = db.execute(
-                "INSERT INTO documents (user_id, name, mime, sha256, created_at) VALUES (?, ?, ?, '', ?)",
-                (user_id, name, mime, _now()),
+                "INSERT INTO documents (user_id, name, mime, sha256, created_at, collection, source)"
+                " VALUES (?, ?, ?, '', ?, ?, ?)",
+                (user_id, name, mime, _now(), collection, source),
             ).lastrowid
             count = 0
             for count, text in enumerate(chunks, 1):
-                _text(text, f"chunk {count - 1}")
+                i = count - 1
+                _text(text, f"chunk {i}")
                 digest.update(text.encode())
-                db.execute("INSERT INTO chunks (document_id, ord, text) VALUES (?, ?, ?)", (doc_id, count - 1, text))
+                page = _entry(pages, i, "pages")
+                vector = _entry(embeddings, i, "embeddings")
+                db.execute(
+                    "INSERT INTO chunks (document_id, ord, text, page, embedding) VALUES (?, ?, ?, ?, ?)",
+                    (doc_id, i, text, page, vector),
+                )
             if count == 0:
                 raise ValueError("a document needs at least one chunk")
+            for what, entries in (("pages", pages), ("embeddings", embeddings)):
+                if entries is not None and len(entries) != count:
+                    raise ValueError(f"{what} has {len(entries)} entries for {count} chunks")
             # the hash of the text (chunks concatenated), known only once all are read
-            db.execute("UPDATE documents SET sha256 = ? WHERE id = ?", (digest.hexdigest(), doc_id))
+            db.execute("UPDATE documents SET sha256 = ? WHERE id = ?", (sha256 or digest.hexdigest(), doc_id))
         return doc_id
 
-    def list_documents(self, user_id: int) -> list[Document]:
-        return self._all(Document, "SELECT * FROM documents WHERE user_id = ? ORDER BY id", (user_id,))
+    def list_documents(self, user_id: int, collection: str | None = None) -> list[Document]:
+        """The user's documents, oldest first; only those in `collection` if one is named."""
+        sql = "SELECT * FROM documents WHERE user_id = ? AND (? IS NULL OR collection = ?) ORDER BY id"
+        return self._all(Document, sql, (user_id, collection, collection))
 
     def delete_document(self, user_id: int, doc_id: int) -> bool:
         with self._tx() as db:
             cur = db.execute("DELETE FROM documents WHERE id = ? AND user_id = ?", (doc_id, user_id))
         return cur.rowcount > 0
 
-    def search_chunks(self, user_id: int, query: str, k: int = 5) -> list[ChunkHit]:
-        """The user's k best chunks for `query` by BM25. Any text is a valid query."""
+    def search_chunks(self, user_id: int, query: str, k: int = 5, collection: str | None = None) -> list[ChunkHit]:
+        """The user's k best chunks for `query` by BM25 (only `collection`'s, if one is named).
+        Any text is a valid query."""
         match = fts_query(query)
         if not match:
             return []
         sql = (
             "SELECT c.id AS chunk_id, c.document_id, d.name AS document_name, c.ord, c.text,"
-            " bm25(chunks_fts) AS score"
+            " bm25(chunks_fts) AS score, c.page"
             " FROM chunks_fts JOIN chunks c ON c.id = chunks_fts.rowid JOIN documents d ON d.id = c.document_id"
-            " WHERE chunks_fts MATCH ? AND d.user_id = ? ORDER BY score LIMIT ?"
+            " WHERE chunks_fts MATCH ? AND d.user_id = ? AND (? IS NULL OR d.collection = ?) ORDER BY score LIMIT ?"
         )
-        return self._all(ChunkHit, sql, (match, user_id, k))
+        return self._all(ChunkHit, sql, (match, user_id, collection, collection, k))
+
+    def get_chunks(self, user_id: int, chunk_ids: Sequence[int]) -> list[ChunkHit]:
+        """The user's chunks with these ids, in the order asked (others' ids are left out)."""
+        if not chunk_ids:
+            return []
+        sql = (
+            "SELECT c.id AS chunk_id, c.document_id, d.name AS document_name, c.ord, c.text, 0.0 AS score, c.page"
+            " FROM chunks c JOIN documents d ON d.id = c.document_id"
+            f" WHERE d.user_id = ? AND c.id IN ({', '.join('?' * len(chunk_ids))})"
+        )
+        found = {hit.chunk_id: hit for hit in self._all(ChunkHit, sql, (user_id, *chunk_ids))}
+        return [found[i] for i in chunk_ids if i in found]
+
+    def chunk_embeddings(self, user_id: int, collection: str | None = None) -> list[tuple[int, bytes]]:
+        """(chunk id, embedding bytes) of the user's chunks that have one, by id."""
+        sql = (
+            "SELECT c.id, c.embedding FROM chunks c JOIN documents d ON d.id = c.document_id"
+            " WHERE d.user_id = ? AND (? IS NULL OR d.collection = ?) AND c.embedding IS NOT NULL ORDER BY c.id"
+        )
+        return [(row[0], row[1]) for row in self.db.execute(sql, (user_id, collection, collection))]
+
+    def knowledge_stamp(self, user_id: int) -> str | None:
+        """A token that changes whenever the user's documents or chunks change (None before the
+        first document): a cache of their vectors is fresh while the token is the same."""
+        row = self.db.execute("SELECT stamp FROM knowledge_stamps WHERE user_id = ?", (user_id,)).fetchone()
+        return row[0] if row else None

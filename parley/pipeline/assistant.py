@@ -1,0 +1,246 @@
+"""The assistant: the pipeline built from config, with its store, user and conversation.
+
+    assistant = Assistant.build(AssistantConfig(user="alice"))
+    for frame in assistant.say("Remember that my sister is called Ana"):
+        ...                                  # Notice / TextDelta / Refusal frames, streamed
+    assistant.last.trace_dict()              # what each stage decided, and how long it took
+
+This is where the parts meet (and the only place that knows all of them): the store in
+PARLEY_HOME, the embedding model shared by NLU, memory and knowledge, the generation
+backend (the local engine or an OpenAI-compatible server), and the stage list, which is a
+config setting: drop "web" or "sentiment", reorder, or run only ["nlu", "respond"].
+Each finished turn is saved with its trace in one transaction, so the conversation, and
+the memory the turn wrote, are there after a restart.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+from parley.config import setting
+from parley.pipeline.frames import Frame, Interrupt, Notice, Refusal, UserText
+from parley.pipeline.respond import PERSONA
+from parley.pipeline.runner import Pipeline, Stage, Turn
+from parley.registry import parley_home
+from parley.store import Store
+
+DEFAULT_STAGES = ["safety_in", "nlu", "sentiment", "state", "knowledge", "web", "respond", "safety_out"]
+
+
+class MessageError(ValueError):
+    """A user message the assistant cannot take (empty, too long)."""
+
+
+@dataclass
+class AssistantConfig:
+    stages: list[str] = setting(factory=lambda: list(DEFAULT_STAGES),
+                                help=f"the pipeline, in order; any of {', '.join(DEFAULT_STAGES)}")
+    user: str = setting("local", "whose conversations, memory and documents (created if new)")
+    db: str = setting("", "SQLite file of conversations, memory and documents ('' = PARLEY_HOME/parley.db)")
+    model: str = setting("smollm2", "registered model the local backend generates with")
+    backend: Literal["local", "openai"] = setting("local", "generate in-process, or with an OpenAI-compatible server")
+    url: str = setting("", "the server's base URL when backend=openai, e.g. http://127.0.0.1:8080/v1")
+    remote_model: str = setting("", "model name to ask the server for (backend=openai)")
+    api_key: str = setting("", "bearer key for the server (backend=openai)")
+    persona: str = setting(PERSONA, "who the assistant is (the first line of the system prompt)")
+    temperature: float = setting(0.2, "sampling temperature (0 = greedy)")
+    top_p: float = setting(0.9, "nucleus sampling mass")
+    repetition_penalty: float = setting(1.1, "penalty on tokens already in the context")
+    max_tokens: int = setting(384, "longest answer, in tokens")
+    seed: int | None = setting(None, "sampling seed, for answers that repeat exactly")
+    intent_threshold: float = setting(0.5, "below this confidence the intent is out_of_scope")
+    knowledge_min_similarity: float = setting(0.3, "passages less similar to the question than this are not used")
+    web_allow_private: bool = setting(False, "let the assistant fetch loopback/private addresses (trusted setups only)")
+    web_search_url: str = setting("", "a SearXNG instance for web search, e.g. http://127.0.0.1:8888 ('' = none)")
+    self_check: bool = setting(False, "ask the model to check its own answers against the constitution (slower)")
+    max_message_chars: int = setting(8000, "longest accepted user message")
+
+
+@dataclass
+class Parts:
+    """What the stages are built from (each loaded once, shared by the stages that need it)."""
+
+    cfg: AssistantConfig
+    store: Store
+    embedder: Callable
+    backend: object
+    extra: dict = field(default_factory=dict)
+
+
+def _safety_in(p: Parts) -> Stage:
+    from parley.pipeline.safety import InputSafetyStage, load_constitution
+
+    return InputSafetyStage(load_constitution())
+
+
+def _nlu(p: Parts) -> Stage:
+    from parley.pipeline.nlu import NLUStage, default_classifier
+
+    return NLUStage(default_classifier(p.embedder, threshold=p.cfg.intent_threshold))
+
+
+def _sentiment(p: Parts) -> Stage:
+    from parley.pipeline.sentiment import SentimentStage
+
+    return SentimentStage()
+
+
+def _state(p: Parts) -> Stage:
+    from parley.pipeline.state import Memory, StateStage
+
+    return StateStage(Memory(p.store, p.embedder))
+
+
+def _knowledge(p: Parts) -> Stage:
+    from parley.pipeline.knowledge import KnowledgeConfig, KnowledgeStage
+
+    # questions come under several intents ("when is the festival?" reads as chitchat too): look for
+    # all but the commands and small talk; the similarity floor keeps unrelated documents out
+    intents = frozenset({"knowledge_question", "out_of_scope", "chitchat", "web_lookup"})
+    return KnowledgeStage(p.store, p.embedder,
+                          KnowledgeConfig(min_similarity=p.cfg.knowledge_min_similarity, intents=intents))
+
+
+def _web(p: Parts) -> Stage:
+    from parley.pipeline.web import Fetcher, SearxngSearch, WebConfig, WebStage
+
+    search = SearxngSearch(p.cfg.web_search_url) if p.cfg.web_search_url else None
+    return WebStage(fetcher=Fetcher(WebConfig(allow_private=p.cfg.web_allow_private)), search=search)
+
+
+def _respond(p: Parts) -> Stage:
+    from parley.pipeline.respond import RespondStage
+    from parley.pipeline.safety import load_constitution
+
+    return RespondStage(p.backend, persona=p.cfg.persona, principles=load_constitution().summary)
+
+
+def _safety_out(p: Parts) -> Stage:
+    from parley.pipeline.safety import OutputSafetyStage, load_constitution
+
+    return OutputSafetyStage(load_constitution())
+
+
+STAGES: dict[str, Callable[[Parts], Stage]] = {
+    "safety_in": _safety_in, "nlu": _nlu, "sentiment": _sentiment, "state": _state,
+    "knowledge": _knowledge, "web": _web, "respond": _respond, "safety_out": _safety_out,
+}
+
+
+def build_backend(cfg: AssistantConfig, engine=None, tokenizer=None):
+    from parley.engine.sampling import SamplingParams
+    from parley.pipeline.respond import LocalBackend, OpenAIBackend
+
+    params = SamplingParams(max_tokens=cfg.max_tokens, temperature=cfg.temperature, top_p=cfg.top_p,
+                            repetition_penalty=cfg.repetition_penalty, seed=cfg.seed)
+    if cfg.backend == "openai":
+        if not cfg.url:
+            raise ValueError("backend=openai needs url=http://HOST:PORT/v1 (an OpenAI-compatible server)")
+        return OpenAIBackend(cfg.url, cfg.remote_model or cfg.model, api_key=cfg.api_key or None, params=params)
+    if engine is None:
+        import torch
+
+        from parley.engine.engine import Engine
+        from parley.registry import Registry
+
+        model, tokenizer, _ = Registry().load(cfg.model, dtype=torch.bfloat16)
+        engine = Engine(model)
+    return LocalBackend(engine, tokenizer, params)
+
+
+class Assistant:
+    def __init__(self, cfg: AssistantConfig, store: Store, pipeline: Pipeline, user_id: int):
+        self.cfg, self.store, self.pipeline, self.user_id = cfg, store, pipeline, user_id
+        self.conversation_id: int | None = None
+        self.last: Turn | None = None
+        self.embedder: Callable | None = None
+
+    @property
+    def memory(self):
+        from parley.pipeline.state import Memory
+
+        if self.embedder is None:
+            raise RuntimeError("this assistant was built without an embedding model")
+        return Memory(self.store, self.embedder)
+
+    @classmethod
+    def build(cls, cfg: AssistantConfig, engine=None, tokenizer=None, embedder=None) -> Assistant:
+        unknown = [s for s in cfg.stages if s not in STAGES]
+        if unknown:
+            raise ValueError(f"unknown pipeline stage(s) {', '.join(unknown)}; choose from {', '.join(STAGES)}")
+        path = Path(cfg.db) if cfg.db else parley_home() / "parley.db"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        store = Store(path)
+        user = store.get_user_by_name(cfg.user) or store.add_user(cfg.user)
+        if embedder is None:
+            from parley.pipeline.embed import Embedder
+
+            embedder = Embedder.load()
+        backend = build_backend(cfg, engine, tokenizer) if "respond" in cfg.stages else None
+        parts = Parts(cfg, store, embedder, backend)
+        assistant = cls(cfg, store, Pipeline([STAGES[name](parts) for name in cfg.stages]), user.id)
+        assistant.embedder = embedder
+        return assistant
+
+    def close(self) -> None:
+        self.store.close()
+
+    def new_conversation(self) -> None:
+        self.conversation_id = None  # the next turn opens one
+
+    def history(self) -> list[dict[str, str]]:
+        if self.conversation_id is None:
+            return []
+        return [{"role": t.role, "content": t.content} for t in self.store.turns(self.user_id, self.conversation_id)]
+
+    def check(self, text: str) -> str:
+        text = text.strip()
+        if not text:
+            raise MessageError("the message is empty")
+        if len(text) > self.cfg.max_message_chars:
+            raise MessageError(f"the message has {len(text)} characters; the limit is {self.cfg.max_message_chars} "
+                               "(ingest long text with `parley ingest FILE` and ask about it instead)")
+        if "\x00" in text:
+            raise MessageError("the message contains a NUL byte; send text, not binary data")
+        return text
+
+    def say(self, text: str) -> Iterator[Frame]:
+        """Run one turn, streaming the frames that leave the pipeline; saved once it ends."""
+        text = self.check(text)
+        opened = self.conversation_id is None
+        if opened:
+            title = text if len(text) <= 60 else text[:57] + "..."
+            self.conversation_id = self.store.create_conversation(self.user_id, title).id
+        turn = Turn(self.user_id, self.conversation_id, history=self.history())
+        self.last = turn
+        out: list[Frame] = []
+        try:
+            for frame in self.pipeline.run(turn, UserText(text)):
+                out.append(frame)
+                yield frame
+        finally:
+            answer = answer_text(out)
+            if answer:  # user message, answer and trace: one transaction
+                self.store.add_exchange(self.user_id, self.conversation_id, text, answer, turn.trace_dict())
+            elif opened:  # the turn failed before saying anything: leave no empty conversation
+                self.store.delete_conversation(self.user_id, self.conversation_id)
+                self.conversation_id = None
+
+
+def answer_text(frames: list[Frame]) -> str:
+    """What the user was shown: the streamed text, any notices, and a refusal if there was one."""
+    from parley.pipeline.frames import TextDelta
+
+    parts: list[str] = []
+    streamed = "".join(f.text for f in frames if isinstance(f, TextDelta)).strip()
+    if streamed:
+        parts.append(streamed)
+    for f in frames:
+        if isinstance(f, (Notice, Refusal)):
+            parts.append(f.text)
+        elif isinstance(f, Interrupt) and f.reason != "safety":
+            parts.append("[interrupted]")
+    return "\n".join(parts)

@@ -1,0 +1,409 @@
+"""The user's knowledge base: ingest files, then find passages by hybrid search, with citations.
+
+    store, embedder = Store("parley.db"), Embedder.load()
+    ingest(store, embedder, user_id, [Path("notes/")])   # per file: stored / skipped / error
+    passages = retrieve(store, embedder, user_id, "when is the rent due?", k=3)
+    passages[0].text                                      # the chunk, verbatim
+    print(format_citations(passages))                     # "[1] notes.txt, chunk 3" ...
+
+    parley ingest notes/ --user ann --collection home     # the same from the command line
+
+Ingestion reads each file (parley.pipeline.readers), cuts it into overlapping chunks, embeds
+them in one batch and stores the document, its chunks and their vectors in one transaction, so
+a failure at any point leaves nothing of that document behind. A file whose bytes are already
+in the collection (same sha256) is skipped; a changed file at the same path replaces its older
+version in that same transaction.
+
+Retrieval fuses two rankings by reciprocal rank fusion (score = sum of 1 / (60 + rank)): BM25
+over SQLite's full-text index, which wins on rare exact words (names, codes, API names), and
+cosine similarity of MiniLM embeddings, which wins on paraphrases. BM25 leaves out the query's
+most common English words and the dense list chunks under a cosine of 0.2: both match nearly
+everything, and in a small knowledge base, where every chunk would be in both lists, they would
+outrank a paraphrase that only one ranking finds. The user's vectors live in a numpy matrix
+cached per user and collection, reloaded when the store's knowledge stamp (a token the database
+changes with every document added or deleted) moves. benchmarks/retrieval.py measures it.
+
+`KnowledgeStage` runs this in the turn pipeline when the intent asks for knowledge and keeps
+only passages whose cosine similarity to the question clears a threshold, so small talk does
+not drag documents in. Passages are data: their text is returned verbatim, whatever it says.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import re
+import sqlite3
+import sys
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from parley.pipeline.embed import Embedder, EmbedderError, cosine_top, to_blob
+from parley.pipeline.frames import Frame, Intent, Passage, Passages, UserText
+from parley.pipeline.readers import DEFAULT_MAX_BYTES, MIME, ReadError, chunk_sections, load_file, read_bytes, supported
+from parley.pipeline.runner import Stage, Turn
+from parley.store import ChunkHit, Store
+
+Embed = Callable[[list[str]], np.ndarray]
+MODES = ("hybrid", "bm25", "dense")
+
+
+class KnowledgeError(ValueError):
+    pass
+
+
+@dataclass(frozen=True)
+class KnowledgeConfig:
+    chunk_words: int = 200  # most words in a chunk
+    overlap_words: int = 40  # words each chunk repeats from the one before
+    max_bytes: int = DEFAULT_MAX_BYTES  # larger files are refused
+    k: int = 5  # passages a turn gets at most
+    candidates: int = 30  # taken from each ranking before fusion
+    rrf_k: int = 60  # reciprocal rank fusion constant
+    min_similarity: float = 0.3  # cosine a passage needs to reach a turn
+    dense_floor: float = 0.2  # cosine a chunk needs to count in the dense ranking at all
+    intents: frozenset[str] = frozenset({"knowledge_question", "out_of_scope"})  # that retrieve
+    collection: str | None = None  # the stage searches this collection only (None: all)
+
+    def __post_init__(self):
+        if self.chunk_words < 20 or not 0 <= self.overlap_words <= self.chunk_words // 2:
+            raise KnowledgeError(f"need chunk_words >= 20 and an overlap of at most half of it: {self}")
+        if self.k < 1 or self.candidates < self.k or self.rrf_k < 0 or self.max_bytes < 1:
+            raise KnowledgeError(f"need k >= 1, candidates >= k, rrf_k >= 0 and max_bytes >= 1: {self}")
+        if not -1.0 <= self.min_similarity <= 1.0:
+            raise KnowledgeError(f"min_similarity is a cosine, between -1 and 1, not {self.min_similarity}")
+
+
+# --- ingestion ------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class IngestResult:
+    path: Path
+    name: str  # the document's name: the file name, or its path inside an ingested folder
+    status: str  # "stored" | "skipped" | "error"
+    chunks: int = 0
+    document_id: int | None = None
+    message: str = ""  # why it was skipped, what went wrong, or that it replaced a version
+
+    def __str__(self) -> str:
+        """The line `parley ingest` prints."""
+        if self.status == "error":
+            return f"{self.name}: error: {self.message}"
+        what = f"stored {self.chunks} chunk{'s' * (self.chunks != 1)}" if self.status == "stored" else "skipped"
+        return f"{self.name}: {what}" + (f" ({self.message})" if self.message else "")
+
+
+def ingest(
+    store: Store,
+    embedder: Embed,
+    user_id: int,
+    paths: list[Path],
+    collection: str = "default",
+    *,
+    config: KnowledgeConfig = KnowledgeConfig(),
+    progress: Callable[[IngestResult], None] | None = None,
+) -> list[IngestResult]:
+    """Add files (folders are walked for supported files) to one of the user's collections.
+    A file that cannot be read is an "error" result and the others go on; a missing path, an
+    unknown user or an empty collection name raise `KnowledgeError` before anything is done."""
+    if store.get_user(user_id) is None:
+        raise KnowledgeError(f"unknown user {user_id}")
+    if not isinstance(collection, str) or not collection.strip():
+        raise KnowledgeError("the collection name must be a non-empty string")
+    files = list(_files([Path(p) for p in paths]))
+    results = []
+    for path, name in files:
+        result = _ingest_one(store, embedder, user_id, path, name, collection, config)
+        results.append(result)
+        if progress:
+            progress(result)
+    return results
+
+
+def _files(paths: list[Path]) -> Iterator[tuple[Path, str]]:
+    if not paths:
+        raise KnowledgeError("no files to ingest: give at least one file or folder")
+    for path in paths:
+        if not path.exists():
+            raise KnowledgeError(f"no such file or folder: {path}")
+    for path in paths:
+        if not path.is_dir():
+            yield path, path.name
+            continue
+        for file in sorted(path.rglob("*")):
+            inside = file.relative_to(path)
+            if file.is_file() and supported(file) and not any(part.startswith(".") for part in inside.parts):
+                yield file, inside.as_posix()
+
+
+def _ingest_one(store: Store, embedder: Embed, user_id: int, path: Path, name: str, collection: str,
+                config: KnowledgeConfig) -> IngestResult:
+    source = str(path.resolve())
+    try:
+        data = load_file(path, config.max_bytes)
+        digest = hashlib.sha256(data).hexdigest()
+        existing = store.list_documents(user_id, collection)
+        same = next((d for d in existing if d.sha256 == digest), None)
+        if same is not None:
+            return IngestResult(path, name, "skipped", document_id=same.id,
+                                message=f"unchanged: the same content as {same.name} in collection {collection!r}")
+        mime, sections = read_bytes(path.name, data, where=str(path))
+        chunks = chunk_sections(sections, config.chunk_words, config.overlap_words)
+    except (ReadError, OSError) as e:
+        return IngestResult(path, name, "error", message=str(e))
+    vectors = _embed(embedder, [c.text for c in chunks])
+    older = next((d.id for d in existing if d.source == source), None)
+    doc_id = store.add_document(
+        user_id, name, mime, [c.text for c in chunks], collection=collection, source=source, sha256=digest,
+        pages=[c.page for c in chunks], embeddings=[to_blob(v) for v in vectors], replaces=older,
+    )
+    return IngestResult(path, name, "stored", len(chunks), doc_id, "replaced its earlier version" if older else "")
+
+
+def _embed(embedder: Embed, texts: list[str]) -> np.ndarray:
+    vectors = np.asarray(embedder(texts), dtype=np.float32)
+    if vectors.ndim != 2 or len(vectors) != len(texts) or not np.isfinite(vectors).all():
+        raise KnowledgeError(f"the embedder returned {vectors.shape} (or non-finite values) for {len(texts)} texts")
+    return vectors
+
+
+# --- retrieval ------------------------------------------------------------------------------
+
+
+class VectorCache:
+    """Each user's chunk vectors as one matrix, loaded once and reloaded when their documents
+    change. One cache may serve many threads and `Store` connections to the same database."""
+
+    def __init__(self):
+        self._entries: dict[tuple[int, str | None], tuple[str | None, np.ndarray, np.ndarray]] = {}
+
+    def get(self, store: Store, user_id: int, collection: str | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """(chunk ids ascending, their unit vectors as rows)."""
+        stamp = store.knowledge_stamp(user_id)  # read before the vectors: a race only costs a reload
+        entry = self._entries.get((user_id, collection))
+        if entry is None or entry[0] != stamp:
+            rows = store.chunk_embeddings(user_id, collection)
+            sizes = {len(blob) for _, blob in rows}
+            if len(sizes) > 1 or sizes & {0}:
+                raise KnowledgeError("stored chunk vectors have different sizes; re-ingest the documents")
+            ids = np.array([i for i, _ in rows], dtype=np.int64)
+            dim = len(rows[0][1]) // 4 if rows else 0
+            matrix = np.frombuffer(b"".join(blob for _, blob in rows), dtype=np.float32).reshape(len(rows), dim)
+            entry = self._entries[(user_id, collection)] = (stamp, ids, matrix)
+        return entry[1], entry[2]
+
+
+STOPWORDS = frozenset("""a about all also am an and any are as at be been but by can could did do does doing
+for from had has have how i if in into is it its me my no not of on or our so some such than that the their
+them then there these they this those to us was we were what when where which while who whom why will with
+would you your""".split())
+
+
+def keywords(query: str) -> str:
+    """The query without its most common English words, which match nearly every chunk and so
+    would fill BM25's candidates with noise (unchanged if nothing else is left)."""
+    words = re.findall(r"\w+", query)
+    kept = [w for w in words if w.lower() not in STOPWORDS]
+    return " ".join(kept) if kept else query
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """A chunk found for a query, with the evidence for its place."""
+
+    chunk: ChunkHit
+    fused: float  # reciprocal rank fusion score: higher is better
+    cosine: float  # similarity of the chunk's vector to the query's
+    bm25_rank: int | None  # 1-based rank in each list, None if not in it
+    dense_rank: int | None
+
+    def passage(self, n: int) -> Passage:
+        c = self.chunk
+        where = f"chunk {c.ord + 1}" if c.page is None else f"page {c.page}, chunk {c.ord + 1}"
+        return Passage(n, c.document_name, where, c.text, round(self.fused, 6), c.document_id, c.chunk_id)
+
+    def evidence(self) -> dict:
+        return {"chunk_id": self.chunk.chunk_id, "document": self.chunk.document_name, "fused": round(self.fused, 5),
+                "cosine": round(self.cosine, 4), "bm25_rank": self.bm25_rank, "dense_rank": self.dense_rank}
+
+
+def search(
+    store: Store,
+    embedder: Embed,
+    user_id: int,
+    query: str,
+    k: int = 5,
+    *,
+    collection: str | None = None,
+    mode: str = "hybrid",
+    cache: VectorCache | None = None,
+    config: KnowledgeConfig = KnowledgeConfig(),
+) -> list[Candidate]:
+    """The user's k best chunks for `query`, best first. `mode` "bm25" or "dense" uses one
+    ranking alone (to measure what fusion adds)."""
+    if not isinstance(query, str) or not query.strip():
+        raise KnowledgeError("the query must be a non-empty string")
+    if mode not in MODES:
+        raise KnowledgeError(f"mode must be one of {', '.join(MODES)}, not {mode!r}")
+    if k < 1:
+        raise KnowledgeError(f"k must be at least 1, not {k}")
+    ids, matrix = (cache or VectorCache()).get(store, user_id, collection)
+    q = _embed(embedder, [query])[0]
+    if len(ids) and matrix.shape[1] != len(q):
+        raise KnowledgeError(f"stored vectors have {matrix.shape[1]} dimensions but the embedder gives {len(q)}: "
+                             "re-ingest the documents with this embedder")
+    n = max(config.candidates, k)
+    lexical = store.search_chunks(user_id, keywords(query), n, collection) if mode != "dense" else []
+    dense = [(int(ids[row]), cos) for row, cos in cosine_top(q, matrix, n) if cos >= config.dense_floor]
+    dense = dense if mode != "bm25" else []
+    bm25_rank = {hit.chunk_id: r for r, hit in enumerate(lexical, 1)}
+    dense_rank = {chunk_id: r for r, (chunk_id, _) in enumerate(dense, 1)}
+    fused = {i: sum(1 / (config.rrf_k + r[i]) for r in (bm25_rank, dense_rank) if i in r)
+             for i in bm25_rank | dense_rank}
+    best = sorted(fused, key=lambda i: (-fused[i], i))[:k]
+    chunks = {hit.chunk_id: hit for hit in lexical}
+    chunks |= {hit.chunk_id: hit for hit in store.get_chunks(user_id, [i for i in best if i not in chunks])}
+    cosines = _cosines(embedder, q, [chunks[i] for i in best], ids, matrix)
+    return [Candidate(chunks[i], fused[i], cos, bm25_rank.get(i), dense_rank.get(i)) for i, cos in zip(best, cosines)]
+
+
+def _cosines(embedder: Embed, q: np.ndarray, hits: list[ChunkHit], ids: np.ndarray, matrix: np.ndarray) -> list[float]:
+    """Cosine of each hit to the query: from the stored vector, or embedded now if it has none
+    (a document stored without vectors)."""
+    rows = np.searchsorted(ids, [h.chunk_id for h in hits]).clip(max=max(len(ids) - 1, 0))
+    stored = [len(ids) > 0 and ids[r] == h.chunk_id for h, r in zip(hits, rows)]
+    missing = [h.text for h, s in zip(hits, stored) if not s]
+    fresh = iter(_embed(embedder, missing) @ q if missing else [])
+    return [float(matrix[r] @ q) if s else float(next(fresh)) for r, s in zip(rows, stored)]
+
+
+def retrieve(store: Store, embedder: Embed, user_id: int, query: str, k: int = 5, *,
+             collection: str | None = None, cache: VectorCache | None = None,
+             config: KnowledgeConfig = KnowledgeConfig()) -> list[Passage]:
+    """The user's k best passages for `query` by hybrid search, numbered 1..k for citation:
+    fewer (or none) when fewer chunks match a keyword or come near the query's meaning."""
+    hits = search(store, embedder, user_id, query, k, collection=collection, cache=cache, config=config)
+    return [c.passage(n) for n, c in enumerate(hits, 1)]
+
+
+def format_citations(passages: list[Passage] | tuple[Passage, ...]) -> str:
+    """One line per passage: "[1] notes.txt, chunk 3"."""
+    return "\n".join(f"[{p.n}] {p.source}, {p.location}" for p in passages)
+
+
+# --- the pipeline stage ---------------------------------------------------------------------
+
+
+class KnowledgeStage(Stage):
+    """On a user's text whose intent asks for knowledge, add a `Passages` frame of the relevant
+    passages from the user's documents (before passing the text on, so that respond, which
+    answers the text, finds them). `store` is a Store, or a function that opens one per turn
+    (for a pipeline shared by threads); it is closed after the turn only in that case."""
+
+    name = "knowledge"
+
+    def __init__(self, store: Store | Callable[[], Store], embedder: Embed,
+                 config: KnowledgeConfig = KnowledgeConfig()):
+        self.store, self.embedder, self.config = store, embedder, config
+        self.cache = VectorCache()
+
+    def process(self, frame: Frame, turn: Turn) -> Iterator[Frame]:
+        if isinstance(frame, UserText):
+            found = self._passages(frame.text, turn)
+            if found is not None:
+                yield found
+        yield frame
+
+    def _passages(self, text: str, turn: Turn) -> Passages | None:
+        intent = turn.get(Intent)  # no NLU stage in the pipeline: always look
+        if intent is not None and intent.name not in self.config.intents:
+            turn.note(self.name, f"skipped for intent {intent.name}", intent=intent.name)
+            return None
+        if not text.strip():
+            turn.note(self.name, "skipped: empty text")
+            return None
+        cfg = self.config
+        try:
+            with self._open() as store:
+                if not store.list_documents(turn.user_id, cfg.collection):
+                    turn.note(self.name, "no documents", intent=intent and intent.name)
+                    return None
+                found = search(store, self.embedder, turn.user_id, text, cfg.k, collection=cfg.collection,
+                               cache=self.cache, config=cfg)
+        except KnowledgeError as e:
+            turn.note(self.name, f"error: {e}")
+            return None
+        relevant = [c for c in found if c.cosine >= cfg.min_similarity]
+        evidence = {"intent": intent and intent.name, "min_similarity": cfg.min_similarity,
+                    "candidates": [c.evidence() for c in found]}
+        if not relevant:
+            turn.note(self.name, "nothing relevant", **evidence)
+            return None
+        turn.note(self.name, f"retrieved {len(relevant)}", **evidence)
+        return Passages(tuple(c.passage(n) for n, c in enumerate(relevant, 1)), origin="knowledge")
+
+    @contextmanager
+    def _open(self) -> Iterator[Store]:
+        if isinstance(self.store, Store):
+            yield self.store
+            return
+        store = self.store()
+        try:
+            yield store
+        finally:
+            store.close()
+
+
+# --- `parley ingest` ------------------------------------------------------------------------
+
+
+def default_db_path() -> Path:
+    """Parley's database: `$PARLEY_HOME/parley.db` (PARLEY_HOME defaults to ~/.parley)."""
+    from parley.registry import parley_home
+
+    return parley_home() / "parley.db"
+
+
+def ingest_main(argv: list[str]) -> int:
+    """`parley ingest PATH... [--user NAME] [--collection NAME] [--db PATH]`."""
+    parser = argparse.ArgumentParser(prog="parley ingest", description="Add files or folders (.txt .md .html .pdf) "
+                                     "to a user's knowledge base, for answers with citations.")
+    parser.add_argument("paths", nargs="+", type=Path, metavar="PATH", help="files, or folders to walk")
+    parser.add_argument("--user", default="local", help="whose knowledge base (created if new; default: local)")
+    parser.add_argument("--collection", default="default", help="collection to add to (default: default)")
+    parser.add_argument("--db", type=Path, default=None, help="database file (default: $PARLEY_HOME/parley.db)")
+    args = parser.parse_args(argv)
+    start = time.perf_counter()
+    try:
+        missing = [p for p in args.paths if not p.exists()]
+        if missing:
+            raise KnowledgeError(f"no such file or folder: {missing[0]}")
+        db = args.db or default_db_path()
+        db.parent.mkdir(parents=True, exist_ok=True)
+        with Store(db) as store:
+            user = store.get_user_by_name(args.user) or store.add_user(args.user)
+            embedder = Embedder.load()
+            results = ingest(store, embedder, user.id, args.paths, args.collection, progress=print)
+    except (ValueError, OSError, EmbedderError, sqlite3.Error) as e:
+        print(f"parley: error: {e}", file=sys.stderr)
+        return 2
+    if not results:
+        print(f"parley: error: no supported files ({' '.join(sorted(MIME))}) in {' '.join(map(str, args.paths))}",
+              file=sys.stderr)
+        return 2
+    stored = [r for r in results if r.status == "stored"]
+    errors = [r for r in results if r.status == "error"]
+    print(f"{len(results)} files in {time.perf_counter() - start:.1f} s: {len(stored)} stored "
+          f"({sum(r.chunks for r in stored)} chunks), {len(results) - len(stored) - len(errors)} unchanged, "
+          f"{len(errors)} failed; user {args.user!r}, collection {args.collection!r}, database {db}")
+    if errors:
+        print(f"parley: error: {len(errors)} of {len(results)} files could not be ingested (see above)",
+              file=sys.stderr)
+        return 2
+    return 0

@@ -1,0 +1,325 @@
+"""Files as plain text, and plain text as overlapping chunks: the first half of ingestion.
+
+    mime, sections = read_file(Path("manual.pdf"))   # one Section per page (page=None for text)
+    chunks = chunk_sections(sections, words=200, overlap=40)
+    chunks[3].text, chunks[3].ord, chunks[3].page
+
+Readers: `.txt` (UTF-8, or UTF-16 with a byte-order mark), `.md` (markup stripped, headings
+kept as their own paragraphs), `.html`/`.htm` (the main text as trafilatura finds it, walked
+block by block so paragraphs, list items, table rows and code stay apart; plain lxml text
+when trafilatura finds nothing) and `.pdf` (pypdf, text per page). Anything else, binary
+content (NUL bytes), text that is not UTF-8, a PDF without a text layer, a file over the
+size limit or one with no text is refused with a `ReadError` that names the file and says
+what to do.
+
+Chunking packs sentences into chunks of at most `words` words, closing a chunk at a
+paragraph end once it holds three quarters of that, and starts each chunk with the last
+`overlap` words (whole sentences where they fit) of the one before, so a fact cut at a
+boundary is whole in one of the two. The default of 200 words is about 260 word pieces of
+plain prose, near the 256 the MiniLM encoder reads (text with code runs longer, and its end is
+not embedded, though BM25 still indexes it).
+"""
+
+from __future__ import annotations
+
+import codecs
+import io
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import lxml.html
+import pypdf
+from pypdf.errors import PyPdfError
+import trafilatura
+from lxml import etree
+
+MIME = {".txt": "text/plain", ".md": "text/markdown", ".markdown": "text/markdown", ".html": "text/html",
+        ".htm": "text/html", ".pdf": "application/pdf"}
+DEFAULT_MAX_BYTES = 20_000_000
+
+
+class ReadError(ValueError):
+    """A file that cannot be turned into text, with the reason and the fix."""
+
+
+@dataclass(frozen=True)
+class Section:
+    """A run of text from a document, and the PDF page it is on."""
+
+    text: str
+    page: int | None = None
+
+
+@dataclass(frozen=True)
+class Chunk:
+    text: str
+    ord: int  # position in the document, from 0
+    page: int | None = None  # the page its own (not overlapped) text starts on
+
+
+def supported(path: Path) -> bool:
+    return path.suffix.lower() in MIME
+
+
+def read_file(path: Path, max_bytes: int = DEFAULT_MAX_BYTES) -> tuple[str, list[Section]]:
+    """(mime type, sections) of a file; `ReadError` when it cannot be read as text."""
+    return read_bytes(path.name, load_file(path, max_bytes), where=str(path))
+
+
+def load_file(path: Path, max_bytes: int = DEFAULT_MAX_BYTES) -> bytes:
+    """The file's bytes, refusing one over the size limit before reading it."""
+    size = path.stat().st_size
+    if size > max_bytes:
+        raise ReadError(f"{path}: {size / 1e6:.1f} MB is over the {max_bytes / 1e6:g} MB limit; "
+                        "split the file or raise the limit")
+    return path.read_bytes()
+
+
+def read_bytes(name: str, data: bytes, where: str | None = None) -> tuple[str, list[Section]]:
+    """Like `read_file`, for content already in memory (an upload); `name` gives the type."""
+    where = where or name
+    suffix = Path(name).suffix.lower()
+    if suffix not in MIME:
+        raise ReadError(f"{where}: unsupported file type {suffix or '(no extension)'}; "
+                        f"supported: {', '.join(sorted(MIME))}")
+    mime = MIME[suffix]
+    try:
+        if mime == "application/pdf":
+            sections = _pdf(data)
+        elif mime == "text/html":
+            sections = [Section(_html(data))]
+        else:
+            text = _decode(data)
+            sections = [Section(_markdown(text) if mime == "text/markdown" else text)]
+    except ReadError as e:
+        raise ReadError(f"{where}: {e}") from None
+    if not any(s.text.strip() for s in sections):
+        raise ReadError(f"{where}: the document is empty (no text in it)")
+    return mime, sections
+
+
+def _binary(data: bytes) -> None:
+    if b"\x00" in data:
+        raise ReadError("the file looks binary (it contains NUL bytes), not text; "
+                        "convert it to one of the supported types")
+
+
+def _decode(data: bytes) -> str:
+    if data.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)):
+        return data.decode("utf-16")
+    _binary(data)
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise ReadError(f"the file is not UTF-8 text (byte 0x{data[e.start]:02x} at offset {e.start}); "
+                        "save it as UTF-8") from None
+
+
+# --- markdown -------------------------------------------------------------------------------
+
+FENCE = re.compile(r"^\s{0,3}(```|~~~)")
+HEADING = re.compile(r"^\s{0,3}#{1,6}\s+(.*?)(\s+#+)?\s*$")
+RULE = re.compile(r"^\s{0,3}([-*_=])(\s*\1){2,}\s*$")  # --- *** ___ and setext === underlines
+TABLE_RULE = re.compile(r"^\s*\|?\s*:?-+:?\s*(\|\s*:?-+:?\s*)*\|?\s*$")
+LINK_DEFINITION = re.compile(r"^\s{0,3}\[[^\]]+\]:\s*\S+")
+LINE_MARKERS = re.compile(r"^\s{0,3}(>\s?)*\s*([-*+]|\d+[.)])?\s+(?=\S)")  # quotes, list bullets
+INLINE = [
+    (re.compile(r"!\[([^\]]*)\]\([^)]*\)"), r"\1"),  # image -> its alt text
+    (re.compile(r"\[([^\]]+)\](\([^)]*\)|\[[^\]]*\])"), r"\1"),  # link -> its text
+    (re.compile(r"<(https?://[^>\s]+)>"), r"\1"),  # autolink
+    (re.compile(r"</?[A-Za-z][^>]*>"), ""),  # inline HTML
+    (re.compile(r"(`+)(.+?)\1"), r"\2"),  # code span
+    (re.compile(r"(\*\*|__)(?=\S)(.+?)(?<=\S)\1"), r"\2"),  # bold
+    (re.compile(r"(?<![\w*])\*(?=\S)(.+?)(?<=\S)\*(?![\w*])"), r"\1"),  # *italic*
+    (re.compile(r"(?<!\w)_(?=\S)(.+?)(?<=\S)_(?!\w)"), r"\1"),  # _italic_ (not snake_case)
+]
+
+
+def _markdown(text: str) -> str:
+    """Markdown as the text a reader sees: markup gone, headings their own paragraphs,
+    code kept as it is written."""
+    out: list[str] = []
+    fence = None
+    for line in text.splitlines():
+        mark = FENCE.match(line)
+        if mark and fence in (None, mark.group(1)):
+            fence = None if fence else mark.group(1)
+            out.append("")
+        elif fence:
+            out.append(line)
+        elif RULE.match(line):
+            out.append("")
+        elif TABLE_RULE.match(line) or LINK_DEFINITION.match(line):
+            continue
+        elif heading := HEADING.match(line):
+            out += ["", _inline(heading.group(1)), ""]
+        else:
+            line = LINE_MARKERS.sub("", line)
+            if line.lstrip().startswith("|"):
+                line = " | ".join(cell.strip() for cell in line.strip().strip("|").split("|"))
+            out.append(_inline(line))
+    return re.sub(r"\n{3,}", "\n\n", "\n".join(out)).strip("\n")
+
+
+def _inline(line: str) -> str:
+    for pattern, replacement in INLINE:
+        line = pattern.sub(replacement, line)
+    return line
+
+
+# --- HTML -----------------------------------------------------------------------------------
+
+LEAVES = {"head", "p", "code", "row"}  # trafilatura's XML: each is one paragraph
+CONTAINERS = {"main", "list", "item", "table", "cell", "quote"}
+HTML_BLOCKS = ("p", "div", "section", "article", "li", "tr", "pre", "blockquote", "br",
+               "h1", "h2", "h3", "h4", "h5", "h6", "dt", "dd", "table", "ul", "ol", "dl")
+
+
+def _html(data: bytes) -> str:
+    _binary(data)
+    xml = trafilatura.extract(data, output_format="xml", include_tables=True, include_comments=False,
+                              favor_recall=True)
+    if xml:
+        main = etree.fromstring(xml.encode()).find("main")
+        if main is not None:
+            blocks: list[str] = []
+            _walk(main, blocks)
+            if blocks:
+                return "\n\n".join(blocks)
+    return _html_fallback(data)
+
+
+def _walk(el: etree._Element, out: list[str]) -> None:
+    if el.tag in LEAVES or not any(child.tag in LEAVES | CONTAINERS for child in el):
+        if el.tag == "code":
+            text = "".join(el.itertext()).strip("\n")
+        elif el.tag == "row":
+            text = " | ".join(_squash("".join(cell.itertext())) for cell in el)
+        else:
+            text = _squash("".join(el.itertext())).rstrip("¶ ")  # Sphinx's heading anchors
+        if text.strip():
+            out.append(text)
+        return
+    if el.text and el.text.strip():
+        out.append(_squash(el.text))
+    for child in el:
+        _walk(child, out)
+        if child.tail and child.tail.strip():
+            out.append(_squash(child.tail))
+
+
+def _html_fallback(data: bytes) -> str:
+    """Every visible text of the page, one paragraph per block element."""
+    try:
+        root = lxml.html.fromstring(data)
+    except (etree.ParserError, ValueError):
+        return ""
+    for el in root.xpath("//script | //style | //noscript | //template | //head"):
+        el.drop_tree()
+    for el in root.iter(*HTML_BLOCKS):
+        el.tail = "\n\n" + (el.tail or "")
+    paragraphs = (_squash(p) for p in re.split(r"\n\s*\n", root.text_content()))
+    return "\n\n".join(p for p in paragraphs if p)
+
+
+def _squash(text: str) -> str:
+    return " ".join(text.split())
+
+
+# --- PDF ------------------------------------------------------------------------------------
+
+
+def _pdf(data: bytes) -> list[Section]:
+    if data.lstrip()[:5] != b"%PDF-":
+        raise ReadError("the file is not a PDF (it does not start with %PDF-)")
+    try:
+        reader = pypdf.PdfReader(io.BytesIO(data))
+        locked = reader.is_encrypted and not reader.decrypt("")
+        pages = [] if locked else [Section((p.extract_text() or "").strip(), n) for n, p in enumerate(reader.pages, 1)]
+    except (PyPdfError, ValueError, KeyError, TypeError) as e:  # pypdf lets some parse errors through raw
+        raise ReadError(f"the PDF cannot be read ({type(e).__name__}: {e})") from None
+    if locked:
+        raise ReadError("the PDF is password-protected; save an unprotected copy")
+    if pages and not any(p.text for p in pages):
+        raise ReadError(f"the PDF has {len(pages)} page(s) but no text layer (a scan?); "
+                        "run OCR on it first (e.g. ocrmypdf) and ingest the result")
+    return pages
+
+
+# --- chunking -------------------------------------------------------------------------------
+
+SENTENCE_END = re.compile(r"(?<=[.!?])(\s+)")
+WORD = re.compile(r"\S+")
+
+
+@dataclass(frozen=True)
+class _Unit:
+    """A sentence (or a piece of a long one) with the whitespace that came before it."""
+
+    text: str
+    words: int
+    sep: str  # "\n\n" at a paragraph start
+    page: int | None
+
+
+def chunk_sections(sections: list[Section], words: int = 200, overlap: int = 40) -> list[Chunk]:
+    """Overlapping chunks of at most `words` words, cut at paragraph or sentence ends."""
+    if words < 20 or not 0 <= overlap <= words // 2:
+        raise ReadError(f"chunks need at least 20 words and an overlap of at most half of them "
+                        f"(got words={words}, overlap={overlap})")
+    chunks: list[Chunk] = []
+    current: list[_Unit] = []  # the chunk being filled; its first `carried` units overlap
+    carried = size = 0
+    for unit in _units(sections, words - overlap):
+        full = size + unit.words > words or (unit.sep == "\n\n" and size >= words * 3 // 4)
+        if full and len(current) > carried:
+            chunks.append(_chunk(current, carried, len(chunks)))
+            current = _tail(current, overlap)
+            carried, size = len(current), sum(u.words for u in current)
+        current.append(unit)
+        size += unit.words
+    if len(current) > carried:
+        chunks.append(_chunk(current, carried, len(chunks)))
+    return chunks
+
+
+def _units(sections: list[Section], limit: int):
+    for section in sections:
+        for paragraph in re.split(r"\n\s*\n", section.text):
+            if not paragraph.strip():
+                continue
+            parts = SENTENCE_END.split(paragraph.strip())  # sentence, space, sentence, ...
+            seps = ["\n\n"] + ["\n" if "\n" in s else " " for s in parts[1::2]]
+            for sentence, sep in zip(parts[0::2], seps):
+                for i, piece in enumerate(_pieces(sentence, limit)):
+                    yield _Unit(piece, len(WORD.findall(piece)), sep if i == 0 else " ", section.page)
+
+
+def _pieces(text: str, limit: int) -> list[str]:
+    """`text` cut into runs of at most `limit` words, its own whitespace kept inside each."""
+    starts = [m.start() for m in WORD.finditer(text)][::limit]
+    return [text[a:b].rstrip() for a, b in zip(starts, starts[1:] + [len(text)])]
+
+
+def _tail(units: list[_Unit], overlap: int) -> list[_Unit]:
+    """The last `overlap` words of a chunk to start the next one: whole sentences if the last
+    one fits, else the end of that one."""
+    tail: list[_Unit] = []
+    size = 0
+    for unit in reversed(units):
+        if size + unit.words > overlap:
+            break
+        tail.insert(0, unit)
+        size += unit.words
+    if not tail and overlap:
+        last = units[-1]
+        words = WORD.findall(last.text)[-overlap:]
+        start = [m.start() for m in WORD.finditer(last.text)][-len(words)]
+        tail = [_Unit(last.text[start:], len(words), "", last.page)]
+    return tail
+
+
+def _chunk(units: list[_Unit], carried: int, ord: int) -> Chunk:
+    text = units[0].text + "".join(u.sep + u.text for u in units[1:])
+    return Chunk(text, ord, units[carried].page)
