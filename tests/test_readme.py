@@ -7,6 +7,8 @@ import subprocess
 from pathlib import Path
 
 from parley.cli import build_parser
+from parley.config import parse_cli
+from parley.pipeline.assistant import AssistantConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 README = (ROOT / "README.md").read_text()
@@ -31,4 +33,6 @@ def test_every_parley_command_in_the_readme_parses():
     parser = build_parser()
     for line in commands:
         args = shlex.split(line.split("| ")[-1])[1:]
-        parser.parse_args(args)  # argparse exits (fails the test) on an unknown command or flag
+        parsed = parser.parse_args(args)  # argparse exits (fails the test) on an unknown command or flag
+        if parsed.command == "chat":  # the assistant's key=value settings are checked too
+            parse_cli(AssistantConfig, parsed.settings, prog="parley chat")

@@ -395,6 +395,9 @@ def test_web_lookup_searches_and_fetches_the_top_results(site, tmp_path):
     assert [(i.n, i.location) for i in items] == [(1, "page"), (2, "search snippet"), (3, "page")]
     assert items[1].text == "Otters hold hands while sleeping." and items[2].source == site.url("/notes.md")
     assert turn.trace["web"].decision == "searched" and turn.trace["web"].evidence["results"] == 3
+    assert turn.trace["web"].evidence["query"] == "tell me about sea otters"  # no query slot: the whole text
+    out, turn = run(stage, "search the web for sea otters", Intent("web_lookup", 0.9), Slots({"query": "sea otters"}))
+    assert turn.trace["web"].evidence["query"] == "sea otters"  # NLU's query slot
 
 
 def test_without_url_or_search_backend_the_stage_passes(site, tmp_path):

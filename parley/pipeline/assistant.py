@@ -24,7 +24,7 @@ from parley.config import setting
 from parley.pipeline.frames import Frame, Interrupt, Notice, Refusal, UserText
 from parley.pipeline.respond import PERSONA
 from parley.pipeline.runner import Pipeline, Stage, Turn
-from parley.registry import parley_home
+from parley.registry import default_db_path
 from parley.store import Store
 
 DEFAULT_STAGES = ["safety_in", "nlu", "sentiment", "state", "knowledge", "web", "respond", "safety_out"]
@@ -171,7 +171,7 @@ class Assistant:
         unknown = [s for s in cfg.stages if s not in STAGES]
         if unknown:
             raise ValueError(f"unknown pipeline stage(s) {', '.join(unknown)}; choose from {', '.join(STAGES)}")
-        path = Path(cfg.db) if cfg.db else parley_home() / "parley.db"
+        path = Path(cfg.db) if cfg.db else default_db_path()
         path.parent.mkdir(parents=True, exist_ok=True)
         store = Store(path)
         user = store.get_user_by_name(cfg.user) or store.add_user(cfg.user)

@@ -363,13 +363,6 @@ class KnowledgeStage(Stage):
 # --- `parley ingest` ------------------------------------------------------------------------
 
 
-def default_db_path() -> Path:
-    """Parley's database: `$PARLEY_HOME/parley.db` (PARLEY_HOME defaults to ~/.parley)."""
-    from parley.registry import parley_home
-
-    return parley_home() / "parley.db"
-
-
 def ingest_main(argv: list[str]) -> int:
     """`parley ingest PATH... [--user NAME] [--collection NAME] [--db PATH]`."""
     parser = argparse.ArgumentParser(prog="parley ingest", description="Add files or folders (.txt .md .html .pdf) "
@@ -384,6 +377,8 @@ def ingest_main(argv: list[str]) -> int:
         missing = [p for p in args.paths if not p.exists()]
         if missing:
             raise KnowledgeError(f"no such file or folder: {missing[0]}")
+        from parley.registry import default_db_path
+
         db = args.db or default_db_path()
         db.parent.mkdir(parents=True, exist_ok=True)
         with Store(db) as store:

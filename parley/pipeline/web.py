@@ -523,7 +523,9 @@ class WebStage(Stage):
         if self.search is None:
             turn.note(self.name, "no search backend", query=text)
             return
-        query = text
+        # NLU's `query` slot ("search the web for X" -> "X") makes a better query than the whole message
+        query = str(slots[0].values.get("query") or "").strip() if slots else ""
+        query = query or text
         try:
             hits = self.search.search(query, self.max_results)
         except WebError as e:
