@@ -76,3 +76,27 @@ def tiny_hf_dir(tmp_path_factory) -> Path:
     LlamaForCausalLM(cfg).save_pretrained(folder)
     tokenizer.save(folder)
     return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_chat_model(tiny_hf_dir, tmp_path_factory):
+    """(model, tokenizer): the tiny model's config and tokenizer with room for a real chat
+    prompt (the HF folder's has 96 positions; a system prompt alone is longer), random weights."""
+    import dataclasses
+
+    from parley.model.transformer import Transformer
+    from parley.registry import Registry
+
+    registry = Registry(tmp_path_factory.mktemp("tiny-chat-home"))
+    registry.import_model(str(tiny_hf_dir), name="tiny")
+    small, tokenizer, _ = registry.load("tiny")
+    torch.manual_seed(0)
+    return Transformer(dataclasses.replace(small.config, max_position_embeddings=768)).eval(), tokenizer
+
+
+@pytest.fixture(scope="session")
+def embedder():
+    """The real sentence-embedding model, loaded once for every test that needs it."""
+    from parley.pipeline.embed import Embedder
+
+    return Embedder.load()

@@ -1,30 +1,20 @@
 """The terminal front end over a real assistant (tiny random model, real store and embedder):
 commands, errors that keep the session going, turns saved with their traces."""
 
-import dataclasses
 import io
 
 import pytest
-import torch
 
 from parley.chat import run
 from parley.engine.engine import Engine
 from parley.engine.sampling import SamplingParams
-from parley.model.transformer import Transformer
 from parley.pipeline.assistant import Assistant, AssistantConfig
-from parley.registry import Registry
 
 
 @pytest.fixture(scope="module")
-def parts(tiny_hf_dir, tmp_path_factory):
-    registry = Registry(tmp_path_factory.mktemp("home"))
-    registry.import_model(str(tiny_hf_dir), name="tiny")
-    small, tokenizer, _ = registry.load("tiny")
-    torch.manual_seed(0)
-    model = Transformer(dataclasses.replace(small.config, max_position_embeddings=768)).eval()
-    from parley.pipeline.embed import Embedder
-
-    return Engine(model), tokenizer, Embedder.load()
+def parts(tiny_chat_model, embedder):
+    model, tokenizer = tiny_chat_model
+    return Engine(model), tokenizer, embedder
 
 
 @pytest.fixture

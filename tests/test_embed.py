@@ -6,11 +6,6 @@ import pytest
 from parley.pipeline.embed import Embedder, EmbedderError, cosine_top, from_blob, to_blob
 
 
-@pytest.fixture(scope="module")
-def embedder():
-    return Embedder.load()
-
-
 def test_matches_sentence_transformers(embedder):
     from sentence_transformers import SentenceTransformer
 

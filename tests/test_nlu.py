@@ -6,7 +6,6 @@ import re
 import numpy as np
 import pytest
 
-from parley.pipeline.embed import Embedder
 from parley.pipeline.frames import Intent, Slots, UserText
 from parley.pipeline.nlu import (
     OUT_OF_SCOPE,
@@ -32,11 +31,6 @@ intents:
       item: "(?:buy|order|purchase) (?:a |an |two )?(?P<item>\\\\w+)"
 """
 WEDNESDAY = dt.date(2026, 3, 4)
-
-
-@pytest.fixture(scope="module")
-def embedder():
-    return Embedder.load()
 
 
 @pytest.fixture(scope="module")

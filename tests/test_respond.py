@@ -2,33 +2,24 @@
 (a tiny real model) and an OpenAI-compatible server (a real HTTP server on loopback that
 speaks the streaming chat-completions protocol)."""
 
-import dataclasses
 import json
 import threading
 from contextlib import contextmanager
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
-import torch
 
 from parley.engine.engine import Engine
 from parley.engine.sampling import SamplingParams
-from parley.model.transformer import Transformer
-from parley.pipeline.frames import EndOfAnswer, MemoryRecall, Passage, Passages, Sentiment, TextDelta, UserText
+from parley.pipeline.frames import MemoryRecall, Passage, Passages, Sentiment, TextDelta, UserText
 from parley.pipeline.respond import (BackendError, LocalBackend, OpenAIBackend, RespondStage, build_messages,
                                      redact_instructions)
 from parley.pipeline.runner import Pipeline, Turn
-from parley.registry import Registry
 
 
 @pytest.fixture(scope="module")
-def local(tiny_hf_dir, tmp_path_factory):
-    registry = Registry(tmp_path_factory.mktemp("home"))
-    registry.import_model(str(tiny_hf_dir), name="tiny")
-    small, tokenizer, _ = registry.load("tiny")
-    # the same tiny random model with room for a real prompt (the fixture's has 96 positions)
-    torch.manual_seed(0)
-    model = Transformer(dataclasses.replace(small.config, max_position_embeddings=768)).eval()
+def local(tiny_chat_model):
+    model, tokenizer = tiny_chat_model
     return LocalBackend(Engine(model), tokenizer, SamplingParams(max_tokens=8, temperature=0))
 
 

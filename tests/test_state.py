@@ -3,17 +3,11 @@ across turns, memory commands answered by the stage, and the history token budge
 
 import pytest
 
-from parley.pipeline.embed import Embedder
 from parley.pipeline.frames import Intent, MemoryRecall, MemoryUpdate, Notice, Slots, UserText
 from parley.pipeline.runner import Pipeline, Stage, Turn
 from parley.pipeline.state import (Memory, MemoryInputError, StateStage, fact_to_forget, fact_to_remember,
                                    fit_history, second_person)
 from parley.store import Store
-
-
-@pytest.fixture(scope="module")
-def embedder():
-    return Embedder.load()
 
 
 @pytest.fixture
