@@ -91,7 +91,7 @@ def tiny_chat_model(tiny_hf_dir, tmp_path_factory):
     registry.import_model(str(tiny_hf_dir), name="tiny")
     small, tokenizer, _ = registry.load("tiny")
     torch.manual_seed(0)
-    return Transformer(dataclasses.replace(small.config, max_position_embeddings=768)).eval(), tokenizer
+    return Transformer(dataclasses.replace(small.config, max_position_embeddings=4096)).eval(), tokenizer
 
 
 @pytest.fixture(scope="session")

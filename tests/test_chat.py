@@ -93,3 +93,14 @@ def test_text_stream_stops_at_stop_strings_without_emitting_them(parts):
     assert stopped.finish_reason == "stop" and len(stopped.tokens) < len(free.tokens)
     with pytest.raises(ValueError, match="must not be empty"):
         TextStream(engine, tok, prompt, SamplingParams(), stop=[""])
+
+
+def test_self_check_asks_the_model_that_answers(parts, tmp_path):
+    engine, tokenizer, embedder = parts
+    cfg = AssistantConfig(stages=["respond", "safety_out"], db=str(tmp_path / "p.db"), max_tokens=4, temperature=0,
+                          self_check=True)
+    a = Assistant.build(cfg, engine=engine, tokenizer=tokenizer, embedder=embedder)
+    list(a.say("hello"))
+    # the random model's reply is neither OK nor VIOLATION: allowed, and the reply kept as evidence
+    assert "self_check" in a.last.trace_dict()["stages"][1]["evidence"]
+    a.close()

@@ -84,16 +84,18 @@ def test_redaction_keeps_plain_text_and_marks_removed_orders():
     assert cleaned.startswith("Paris is the capital of France.") and cleaned.endswith("It has 2M people.")
     assert "DAN" not in cleaned and len(removed) == 1
     assert redact_instructions("How do I kill a python process? Use kill -9.")[1] == []
+    # a control token is data to neutralise (fence does), not an order to remove
+    assert redact_instructions("ChatML marks turns with <|im_start|>.") == ("ChatML marks turns with <|im_start|>.", [])
 
 
 def test_history_is_trimmed_to_the_context_with_a_summary(local):
-    turn = Turn(1, history=[m for i in range(40) for m in (
+    turn = Turn(1, history=[m for i in range(400) for m in (
         {"role": "user", "content": f"tell me about topic number {i} please"},
         {"role": "assistant", "content": f"topic {i} is interesting"})])
     messages, evidence = build_messages(turn, local, text="and the last one?")
     assert local.count_tokens(messages) + local.answer_room <= local.context_length
     assert evidence["history_summarised"] and "Earlier in this conversation" in messages[0]["content"]
-    assert messages[-2]["content"] == "topic 39 is interesting"
+    assert messages[-2]["content"] == "topic 399 is interesting"
 
 
 def test_local_stage_streams_deltas_then_end_of_answer(local):

@@ -121,7 +121,21 @@ def _respond(p: Parts) -> Stage:
 def _safety_out(p: Parts) -> Stage:
     from parley.pipeline.safety import OutputSafetyStage, load_constitution
 
-    return OutputSafetyStage(load_constitution())
+    checker = None
+    if p.cfg.self_check:
+        if p.backend is None:
+            raise ValueError("self_check=true needs the respond stage: the model that answers also judges")
+        backend = p.backend
+
+        def checker(prompt: str) -> str:
+            from parley.engine.engine import PromptError
+            from parley.pipeline.respond import BackendError
+
+            try:
+                return "".join(backend.stream([{"role": "user", "content": prompt}]))
+            except (PromptError, BackendError) as e:  # no opinion, and the trace says why
+                return f"self-check could not run: {e}"
+    return OutputSafetyStage(load_constitution(), checker=checker)
 
 
 STAGES: dict[str, Callable[[Parts], Stage]] = {

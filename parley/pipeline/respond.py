@@ -116,6 +116,7 @@ class OpenAIBackend:
             raise BackendError(f"cannot reach the generation server at {url}: {e}") from None
 
 
+_DEFUSED_BY_FENCE = {"chat-template control token", "fence look-alike"}
 _SENTENCE = re.compile(r"(?<=[.!?])\s+|\n+")
 
 
@@ -126,7 +127,9 @@ def redact_instructions(text: str) -> tuple[str, list[str]]:
     removed = []
     out = []
     for sentence in _SENTENCE.split(text):
-        if sentence.strip() and injection_signals(sentence):
+        # control tokens and fence look-alikes are made harmless by fence(); orders are taken out
+        orders = [s for s in injection_signals(sentence) if s not in _DEFUSED_BY_FENCE] if sentence.strip() else []
+        if orders:
             removed.append(sentence.strip())
             out.append("[text addressed to the assistant removed]")
         else:

@@ -456,6 +456,8 @@ class OutputSafetyStage(Stage):
         v = check_output(piece, self.constitution, stream.citable, stream.released)
         if v.action != "refuse" and self.checker is not None:
             opinion = self_check(self.checker, self.constitution, stream.released + piece)
+            # the model's last word goes in the trace whatever it was (the final note keeps it)
+            stream.turn.note(self.name, "checking", self_check=opinion.evidence.get("self_check", ""))
             v = opinion if opinion.action == "refuse" else v
         if v.action == "refuse":
             turn = stream.turn
