@@ -100,15 +100,16 @@ def run(assistant, stdin: TextIO = sys.stdin, stdout: TextIO = sys.stdout) -> in
             continue
         if interactive:
             stdout.write("assistant> ")
-        streamed = False
+        streamed = False  # something is on the answer's line(s) already
+        after_notice = False  # a notice ends its own line
         try:
             for frame in assistant.say(text):
                 if isinstance(frame, TextDelta):
-                    stdout.write(frame.text)
-                    streamed = True
+                    stdout.write(("\n" if after_notice else "") + frame.text)
+                    streamed, after_notice = True, False
                 elif isinstance(frame, (Notice, Refusal)):
                     stdout.write(("\n" if streamed else "") + frame.text)
-                    streamed = True
+                    streamed = after_notice = True
                 elif isinstance(frame, Interrupt) and frame.reason != "safety":
                     stdout.write(" [interrupted]")
                 stdout.flush()

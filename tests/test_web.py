@@ -382,10 +382,11 @@ def test_a_url_in_the_text_is_found_and_long_text_truncated(site, tmp_path):
     assert item.source == site.url("/article") and len(item.text) <= 60 and item.text.endswith("\u2026")
 
 
-def test_a_failed_fetch_becomes_a_notice_and_the_turn_goes_on(site, tmp_path):
+def test_a_failed_fetch_is_the_answer(site, tmp_path):
     out, turn = run(WebStage(fetcher(tmp_path)), "read this", Slots({"url": site.url("/missing")}))
     assert isinstance(out[1], Notice) and out[1].text.startswith("Could not fetch URL: ") and "404" in out[1].text
-    assert out[2] == UserText("read this") and turn.trace["web"].decision == "fetch failed"
+    # the text is not passed on: nothing downstream makes up a summary of a page it never saw
+    assert UserText("read this") not in out and turn.trace["web"].decision == "fetch failed"
 
 
 def test_web_lookup_searches_and_fetches_the_top_results(site, tmp_path):

@@ -496,10 +496,14 @@ class WebStage(Stage):
 
     def process(self, frame: Frame, turn: Turn) -> Iterator[Frame]:
         if isinstance(frame, UserText):
-            yield from self._lookup(frame.text, turn)
+            fetched = yield from self._lookup(frame.text, turn)
+            if fetched is False:
+                return  # the message was about a page we could not read: the notice is the answer
         yield frame
 
     def _lookup(self, text: str, turn: Turn) -> Iterator[Frame]:
+        """Yield the web frames for the turn; return False when the page the user pointed at
+        could not be fetched (answering without it would invite a made-up summary)."""
         # This turn's slots are the first Slots frame (NLU's); a later one (state's) adds values
         # carried over from earlier turns, and an old URL must not be fetched again every turn.
         slots = turn.all(Slots)
@@ -512,7 +516,7 @@ class WebStage(Stage):
             except WebError as e:
                 turn.note(self.name, "fetch failed", url=url, error=str(e))
                 yield Notice(f"Could not fetch URL: {e}")
-                return
+                return False
             turn.note(self.name, "fetched", **info)
             yield Passages((self._passage(1, page.final_url, "page", page.text),), origin="web")
             return
