@@ -1,9 +1,11 @@
-"""The knowledge base on real files, a real SQLite store and the real MiniLM embedder."""
+"""The knowledge base on real files, a real store (SQLite, then PostgreSQL) and the real MiniLM
+embedder."""
 
 import sqlite3
 from pathlib import Path
 
 import pytest
+from pg import store_target  # noqa: F401 (a fixture)
 
 from parley.pipeline.embed import Embedder
 from parley.pipeline.frames import Intent, Passages, UserText
@@ -38,8 +40,8 @@ def embedder():
 
 
 @pytest.fixture
-def store(tmp_path):
-    with Store(tmp_path / "parley.db") as s:
+def store(store_target):
+    with Store(store_target) as s:
         yield s
 
 
@@ -246,15 +248,25 @@ def test_a_failure_mid_document_stores_nothing_of_it(store, embedder, tmp_path):
     assert ingest(store, embedder, user, [tmp_path / "first.txt"])[0].status == "stored"
     assert [p.source for p in retrieve(store, embedder, user, "owls", cache=cache)] == ["first.txt"]
     # the disk "fills up" when the third chunk of the long document is written
-    store.db.execute("CREATE TRIGGER full BEFORE INSERT ON chunks WHEN new.ord = 2 "
-                     "BEGIN SELECT RAISE(ABORT, 'database or disk is full'); END")
-    with pytest.raises(sqlite3.IntegrityError, match="disk is full"):
+    if store.dialect.name == "sqlite":
+        store.db.execute("CREATE TRIGGER disk_full BEFORE INSERT ON chunks WHEN new.ord = 2 "
+                         "BEGIN SELECT RAISE(ABORT, 'database or disk is full'); END")
+        error, indexed = sqlite3.IntegrityError, "chunks_fts_docsize"
+    else:
+        import psycopg
+
+        store.db.execute("CREATE FUNCTION fill() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN "
+                         "RAISE EXCEPTION 'database or disk is full'; END $$")
+        store.db.execute("CREATE TRIGGER disk_full BEFORE INSERT ON chunks FOR EACH ROW WHEN (new.ord = 2) "
+                         "EXECUTE FUNCTION fill()")
+        error, indexed = psycopg.errors.RaiseException, "chunks"  # its index has no rows of its own
+    with pytest.raises(error, match="disk is full"):
         ingest(store, embedder, user, [tmp_path / "long.txt"])
     assert [d.name for d in store.list_documents(user)] == ["first.txt"]
-    assert count(store, "chunks") == 1 and count(store, "chunks_fts_docsize") == 1
+    assert count(store, "chunks") == 1 and count(store, indexed) == 1
     assert store.search_chunks(user, "herons") == []
     assert [p.source for p in retrieve(store, embedder, user, "herons nests", cache=cache)] == ["first.txt"]
-    store.db.execute("DROP TRIGGER full")
+    store.db.execute("DROP TRIGGER disk_full" + (" ON chunks" if store.dialect.name == "postgres" else ""))
     assert ingest(store, embedder, user, [tmp_path / "long.txt"])[0].chunks > 2  # and it works once there is room
 
 
@@ -282,18 +294,19 @@ def test_store_keeps_pages_and_vectors_whole_and_stamps_changes(store):
     assert store.knowledge_stamp(ann) != stamp
 
 
-def test_documents_from_before_the_knowledge_migration_are_found(tmp_path, embedder, monkeypatch):
+def test_documents_from_before_the_knowledge_migration_are_found(store_target, embedder, monkeypatch):
     import parley.store.sqlite as store_module
 
+    migrations = "PG_MIGRATIONS" if isinstance(store_target, str) else "MIGRATIONS"
     with monkeypatch.context() as m:
-        m.setattr(store_module, "MIGRATIONS", store_module.MIGRATIONS[:1])
-        with Store(tmp_path / "old.db") as old:
+        m.setattr(store_module, migrations, getattr(store_module, migrations)[:1])
+        with Store(store_target) as old:
             user = old.add_user("ann").id
-            doc = old.db.execute("INSERT INTO documents (user_id, name, mime, sha256, created_at)"
-                                 " VALUES (?, 'old.txt', 'text/plain', '', '')", (user,)).lastrowid
+            doc = old._insert("INSERT INTO documents (user_id, name, mime, sha256, created_at)"
+                              " VALUES (?, 'old.txt', 'text/plain', '', '')", (user,))
             old.db.execute("INSERT INTO chunks (document_id, ord, text) VALUES (?, 0, ?)",
                            (doc, "The boiler is serviced every October."))
-    with Store(tmp_path / "old.db") as store:  # migrated on opening: no vectors, default collection
+    with Store(store_target) as store:  # migrated on opening: no vectors, default collection
         assert [d.id for d in store.list_documents(user, "default")] == [doc]
         [found] = search(store, embedder, user, "when is the boiler serviced?", 3)
         assert found.chunk.document_id == doc and found.dense_rank is None and found.cosine > 0.5
@@ -417,8 +430,8 @@ def test_stage_adds_passages_only_when_relevant(store, embedder, notes):
     assert trace.decision.startswith("retrieved")
 
 
-def test_stage_opens_a_store_per_turn_from_a_factory(tmp_path, embedder, notes):
-    path = tmp_path / "shared.db"
+def test_stage_opens_a_store_per_turn_from_a_factory(store_target, embedder, notes):
+    path = store_target
     with Store(path) as s:
         user = s.add_user("ann").id
         ingest(s, embedder, user, [notes])

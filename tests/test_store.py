@@ -1,18 +1,27 @@
-"""The conversation store on real SQLite files: schema, isolation, atomicity, search, WAL."""
+"""The conversation store on real SQLite files and a real PostgreSQL server: schema,
+isolation, atomicity, search, concurrent connections. Every test runs on both databases."""
 
 import sqlite3
 import threading
+from pathlib import Path
 
 import pytest
+from pg import pg_server, store_target  # noqa: F401 (store_target is a fixture)
 
 import parley.store.sqlite as store_module
 from parley.store import SchemaError, Store
+from parley.store.dialect import DialectError
 from parley.store.schema import MIGRATIONS
+from parley.store.schema_pg import PG_MIGRATIONS
+
+
+def on_postgres(target) -> bool:
+    return isinstance(target, str)
 
 
 @pytest.fixture
-def path(tmp_path):
-    return tmp_path / "parley.db"
+def path(store_target):
+    return store_target
 
 
 @pytest.fixture
@@ -27,17 +36,53 @@ def count(store: Store, table: str) -> int:
 
 def fts_consistent(store: Store) -> None:
     # the index keeps one docsize row per indexed chunk; a stale entry would show here (the
-    # FTS5 integrity-check does not compare against external content on SQLite < 3.44)
-    assert count(store, "chunks_fts_docsize") == count(store, "chunks")
+    # FTS5 integrity-check does not compare against external content on SQLite < 3.44).
+    # PostgreSQL's index is on an expression of chunks.text, so it has no rows of its own.
+    if store.dialect.name == "sqlite":
+        assert count(store, "chunks_fts_docsize") == count(store, "chunks")
+
+
+def columns(store: Store) -> dict[str, list[str]]:
+    if store.dialect.name == "sqlite":
+        tables = [r[0] for r in store.db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")]
+        return {t: [r[1] for r in store.db.execute(f"PRAGMA table_info({t})")] for t in tables}
+    rows = store.db.execute("SELECT table_name, column_name FROM information_schema.columns"
+                            " WHERE table_schema = current_schema() ORDER BY table_name, ordinal_position")
+    found: dict[str, list[str]] = {}
+    for table, column in rows:
+        found.setdefault(table, []).append(column)
+    return found
 
 
 def test_migrates_an_empty_file(store):
-    assert store.version == len(MIGRATIONS)
-    tables = {r[0] for r in store.db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+    assert store.version == len(MIGRATIONS) == len(PG_MIGRATIONS)
+    tables = set(columns(store))
     assert {"users", "api_keys", "conversations", "turns", "traces", "feedback"} <= tables
-    assert {"memory_facts", "documents", "chunks", "chunks_fts", "schema_version"} <= tables
-    assert store.db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
-    assert store.db.execute("PRAGMA foreign_keys").fetchone()[0] == 1
+    assert {"memory_facts", "documents", "chunks", "schema_version", "knowledge_stamps"} <= tables
+    if store.dialect.name == "sqlite":
+        assert "chunks_fts" in tables
+        assert store.db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+        assert store.db.execute("PRAGMA foreign_keys").fetchone()[0] == 1
+    else:
+        indexes = {r[0] for r in store.db.execute("SELECT indexname FROM pg_indexes WHERE tablename = 'chunks'")}
+        assert "chunks_fts" in indexes
+
+
+def test_both_databases_have_the_same_tables_and_columns(tmp_path):
+    server = pg_server()
+    name = server.create_database()
+    try:
+        with Store(tmp_path / "parley.db") as lite, Store(server.url(name)) as pg:
+            expected = {t: c for t, c in columns(lite).items() if not t.startswith(("chunks_fts", "sqlite_"))}
+            assert columns(pg) == expected
+    finally:
+        server.drop_database(name)
+
+
+def test_a_target_that_is_no_database_is_refused():
+    for target in ("mysql://localhost/parley", "", 42, Path("postgresql://localhost/parley")):
+        with pytest.raises(DialectError, match="file path or a postgresql://|unsupported|not a Path"):
+            Store(target)
 
 
 def test_reopen_keeps_data(path):
@@ -49,10 +94,29 @@ def test_reopen_keeps_data(path):
         assert s.version == len(MIGRATIONS)
 
 
+def test_stores_opened_at_once_migrate_a_new_database_once(path):
+    errors: list[Exception] = []
+
+    def open_store() -> None:
+        try:
+            with Store(path) as s:
+                assert s.version == len(MIGRATIONS)
+        except Exception as e:  # noqa: BLE001 (reported below, from the main thread)
+            errors.append(e)
+
+    threads = [threading.Thread(target=open_store) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+    with Store(path) as s:
+        assert s.db.execute("SELECT count(*) FROM schema_version").fetchone()[0] == 1
+
+
 def test_newer_schema_is_refused(path):
-    Store(path).close()
-    with sqlite3.connect(path) as db:
-        db.execute("UPDATE schema_version SET version = 99")
+    with Store(path) as s:  # outside a transaction a statement commits at once, on both
+        s.db.execute("UPDATE schema_version SET version = 99")
     with pytest.raises(SchemaError, match="newer"):
         Store(path)
 
@@ -60,12 +124,18 @@ def test_newer_schema_is_refused(path):
 def test_new_migrations_apply_on_reopen_and_fail_whole(path, monkeypatch):
     with Store(path) as s:
         s.add_user("ann")
-    bad = MIGRATIONS + [("CREATE TABLE tags (name TEXT)", "THIS IS NOT SQL")]
-    monkeypatch.setattr(store_module, "MIGRATIONS", bad)
-    with pytest.raises(sqlite3.OperationalError):
+    if on_postgres(path):
+        import psycopg
+
+        name, migrations, error = "PG_MIGRATIONS", PG_MIGRATIONS, psycopg.errors.SyntaxError
+    else:
+        name, migrations, error = "MIGRATIONS", MIGRATIONS, sqlite3.OperationalError
+    bad = migrations + [("CREATE TABLE tags (name TEXT)", "THIS IS NOT SQL")]
+    monkeypatch.setattr(store_module, name, bad)
+    with pytest.raises(error):
         Store(path)
-    good = MIGRATIONS + [("CREATE TABLE tags (name TEXT)", "INSERT INTO tags VALUES ('x')")]
-    monkeypatch.setattr(store_module, "MIGRATIONS", good)
+    good = migrations + [("CREATE TABLE tags (name TEXT)", "INSERT INTO tags VALUES ('x')")]
+    monkeypatch.setattr(store_module, name, good)
     with Store(path) as s:  # the failed attempt left no half-made tags table behind
         assert s.version == len(MIGRATIONS) + 1
         assert count(s, "tags") == 1
@@ -113,8 +183,11 @@ def test_api_key_is_hashed_at_rest(path):
         assert s.user_for_key(key) == ann
         assert s.user_for_key(key + "x") is None
         assert s.db.execute("SELECT last_used_at FROM api_keys").fetchone()[0] is not None
-    files = list(path.parent.glob(path.name + "*"))  # the db and any WAL/shm left behind
-    assert all(key.encode() not in f.read_bytes() for f in files)
+        rows = s.db.execute("SELECT * FROM api_keys").fetchall()
+    assert len(rows) == 1 and key not in repr(rows)
+    if not on_postgres(path):
+        files = list(path.parent.glob(path.name + "*"))  # the db and any WAL/shm left behind
+        assert all(key.encode() not in f.read_bytes() for f in files)
 
 
 def test_document_insert_is_atomic(store):
@@ -212,7 +285,7 @@ def test_two_stores_share_one_file(path):
     with Store(path) as first, Store(path) as second:
         ann = first.add_user("ann").id
         conv = first.create_conversation(ann, "shared")
-        with first._tx() as db:  # a writer mid-transaction does not block a WAL reader
+        with first._tx() as db:  # a writer mid-transaction does not block a reader (WAL, MVCC)
             db.execute("UPDATE conversations SET title = 'renamed' WHERE id = ?", (conv.id,))
             assert second.get_conversation(ann, conv.id).title == "shared"
         assert second.get_conversation(ann, conv.id).title == "renamed"
@@ -231,8 +304,8 @@ def test_two_stores_share_one_file(path):
         assert len(s.turns(ann, conv.id)) == 50
 
 
-def test_add_exchange_is_one_transaction(tmp_path):
-    with Store(tmp_path / "p.db") as store:
+def test_add_exchange_is_one_transaction(path):
+    with Store(path) as store:
         uid = store.add_user("u").id
         conv = store.create_conversation(uid)
         asked, answered = store.add_exchange(uid, conv.id, "hi", "hello!", {"stages": []})

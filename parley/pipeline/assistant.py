@@ -39,7 +39,8 @@ class AssistantConfig:
     stages: list[str] = setting(factory=lambda: list(DEFAULT_STAGES),
                                 help=f"the pipeline, in order; any of {', '.join(DEFAULT_STAGES)}")
     user: str = setting("local", "whose conversations, memory and documents (created if new)")
-    db: str = setting("", "SQLite file of conversations, memory and documents ('' = PARLEY_HOME/parley.db)")
+    db: str = setting("", "SQLite file or postgresql:// URL of conversations, memory and documents "
+                          "('' = PARLEY_HOME/parley.db)")
     model: str = setting("smollm2", "registered model the local backend generates with")
     backend: Literal["local", "openai"] = setting("local", "generate in-process, or with an OpenAI-compatible server")
     url: str = setting("", "the server's base URL when backend=openai, e.g. http://127.0.0.1:8080/v1")
@@ -121,21 +122,23 @@ def _respond(p: Parts) -> Stage:
 def _safety_out(p: Parts) -> Stage:
     from parley.pipeline.safety import OutputSafetyStage, load_constitution
 
-    checker = None
-    if p.cfg.self_check:
-        if p.backend is None:
-            raise ValueError("self_check=true needs the respond stage: the model that answers also judges")
-        backend = p.backend
+    if p.cfg.self_check and p.backend is None:
+        raise ValueError("self_check=true needs the respond stage: the model that answers also judges")
+    return OutputSafetyStage(load_constitution(), checker=_judge(p.backend) if p.cfg.self_check else None)
 
-        def checker(prompt: str) -> str:
-            from parley.engine.engine import PromptError
-            from parley.pipeline.respond import BackendError
 
-            try:
-                return "".join(backend.stream([{"role": "user", "content": prompt}]))
-            except (PromptError, BackendError) as e:  # no opinion, and the trace says why
-                return f"self-check could not run: {e}"
-    return OutputSafetyStage(load_constitution(), checker=checker)
+def _judge(backend) -> Callable[[str], str]:
+    """The answering model as a self-check judge: prompt in, reply out."""
+    from parley.engine.engine import PromptError
+    from parley.pipeline.respond import BackendError
+
+    def judge(prompt: str) -> str:
+        try:
+            return "".join(backend.stream([{"role": "user", "content": prompt}]))
+        except (PromptError, BackendError) as e:  # no opinion, and the trace says why
+            return f"self-check could not run: {e}"
+
+    return judge
 
 
 STAGES: dict[str, Callable[[Parts], Stage]] = {
@@ -185,9 +188,12 @@ class Assistant:
         unknown = [s for s in cfg.stages if s not in STAGES]
         if unknown:
             raise ValueError(f"unknown pipeline stage(s) {', '.join(unknown)}; choose from {', '.join(STAGES)}")
-        path = Path(cfg.db) if cfg.db else default_db_path()
-        path.parent.mkdir(parents=True, exist_ok=True)
-        store = Store(path)
+        if cfg.db.startswith(("postgresql://", "postgres://")):
+            store = Store(cfg.db)
+        else:
+            path = Path(cfg.db) if cfg.db else default_db_path()
+            path.parent.mkdir(parents=True, exist_ok=True)
+            store = Store(path)
         user = store.get_user_by_name(cfg.user) or store.add_user(cfg.user)
         if embedder is None:
             from parley.pipeline.embed import Embedder

@@ -33,7 +33,6 @@ from __future__ import annotations
 import argparse
 import hashlib
 import re
-import sqlite3
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -47,7 +46,7 @@ from parley.pipeline.embed import Embedder, EmbedderError, cosine_top, to_blob
 from parley.pipeline.frames import Frame, Intent, Passage, Passages, UserText
 from parley.pipeline.readers import DEFAULT_MAX_BYTES, MIME, ReadError, chunk_sections, load_file, read_bytes, supported
 from parley.pipeline.runner import Stage, Turn
-from parley.store import ChunkHit, Store
+from parley.store import ChunkHit, Store, database_errors
 
 Embed = Callable[[list[str]], np.ndarray]
 MODES = ("hybrid", "bm25", "dense")
@@ -370,7 +369,8 @@ def ingest_main(argv: list[str]) -> int:
     parser.add_argument("paths", nargs="+", type=Path, metavar="PATH", help="files, or folders to walk")
     parser.add_argument("--user", default="local", help="whose knowledge base (created if new; default: local)")
     parser.add_argument("--collection", default="default", help="collection to add to (default: default)")
-    parser.add_argument("--db", type=Path, default=None, help="database file (default: $PARLEY_HOME/parley.db)")
+    parser.add_argument("--db", default=None,
+                        help="SQLite file or postgresql:// URL (default: $PARLEY_HOME/parley.db)")
     args = parser.parse_args(argv)
     start = time.perf_counter()
     try:
@@ -380,12 +380,14 @@ def ingest_main(argv: list[str]) -> int:
         from parley.registry import default_db_path
 
         db = args.db or default_db_path()
-        db.parent.mkdir(parents=True, exist_ok=True)
+        if not str(db).startswith(("postgresql://", "postgres://")):
+            db = Path(db)
+            db.parent.mkdir(parents=True, exist_ok=True)
         with Store(db) as store:
             user = store.get_user_by_name(args.user) or store.add_user(args.user)
             embedder = Embedder.load()
             results = ingest(store, embedder, user.id, args.paths, args.collection, progress=print)
-    except (ValueError, OSError, EmbedderError, sqlite3.Error) as e:
+    except (ValueError, OSError, EmbedderError, *database_errors()) as e:
         print(f"parley: error: {e}", file=sys.stderr)
         return 2
     if not results:

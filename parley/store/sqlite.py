@@ -1,4 +1,5 @@
-"""The conversation store: users, keys, conversations, memory and documents in one SQLite file.
+"""The conversation store: users, keys, conversations, memory and documents, in one SQLite file
+or one PostgreSQL database.
 
     from parley.store import Store
 
@@ -16,6 +17,11 @@ id, so isolation between users is enforced here and nowhere else: another user's
 exactly like ids that do not exist (None, False, or ValueError for writes).
 The file runs in WAL mode, so readers never wait for a writer and several `Store` objects
 (processes, threads) may share it; each `Store` is one connection for one thread.
+
+`Store("postgresql://user@host/dbname")` opens a PostgreSQL database instead, with the same
+methods and behaviour; the SQL that differs (ids, full-text search, migrations) is in
+`parley.store.dialect`. Search scores differ (bm25 versus ts_rank, lower is better on both),
+and vector search stays in numpy on both: embeddings are stored as bytes.
 """
 
 from __future__ import annotations
@@ -23,7 +29,6 @@ from __future__ import annotations
 import hashlib
 import json
 import secrets
-import sqlite3
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -31,7 +36,9 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, TypeVar
 
+from parley.store.dialect import Connection, dialect_for
 from parley.store.schema import MIGRATIONS
+from parley.store.schema_pg import PG_MIGRATIONS
 
 ROLES = ("system", "user", "assistant", "tool")
 T = TypeVar("T")
@@ -107,7 +114,7 @@ class ChunkHit:
     document_name: str
     ord: int
     text: str
-    score: float  # bm25, lower is better; hits come best first (0 from get_chunks)
+    score: float  # bm25 (ts_rank negated on PostgreSQL), lower is better; hits come best first (0 from get_chunks)
     page: int | None = None  # the PDF page the chunk starts on
 
 
@@ -133,20 +140,17 @@ def _entry(entries: Sequence[T] | None, i: int, what: str) -> T | None:
     return entries[i]
 
 
-def fts_query(query: str) -> str:
-    """Turn free text into an FTS5 query that cannot be a syntax error: each word becomes a
-    quoted phrase (quotes doubled), OR-ed so bm25 ranks chunks matching more words higher."""
-    return " OR ".join('"' + word.replace('"', '""') + '"' for word in query.split())
+def _in_collection(collection: str | None, table: str) -> tuple[str, tuple[str, ...]]:
+    """A WHERE clause's extra condition, and its args, keeping only `collection` if named."""
+    return (f" AND {table}collection = ?", (collection,)) if collection is not None else ("", ())
 
 
 class Store:
     def __init__(self, path: str | Path, timeout: float = 5.0):
-        # isolation_level=None: we issue BEGIN/COMMIT ourselves, so transactions are explicit
-        self.db = sqlite3.connect(path, timeout=timeout, isolation_level=None)
-        self.db.row_factory = sqlite3.Row
-        self.db.execute("PRAGMA journal_mode=WAL")
-        self.db.execute("PRAGMA foreign_keys=ON")  # off by default; cascades depend on it
-        self.db.execute(f"PRAGMA busy_timeout={int(timeout * 1000)}")
+        """`path`: an SQLite file (created if new) or a postgresql:// URL of an existing
+        database. Either is migrated to the current schema on opening."""
+        self.dialect = dialect_for(path)
+        self.db: Connection = self.dialect.connect(path, timeout)
         try:
             self._migrate()
         except BaseException:
@@ -163,10 +167,8 @@ class Store:
         self.close()
 
     @contextmanager
-    def _tx(self) -> Iterator[sqlite3.Connection]:
-        # IMMEDIATE takes the write lock up front: two writers queue on busy_timeout instead
-        # of one failing when it upgrades a read lock mid-transaction
-        self.db.execute("BEGIN IMMEDIATE")
+    def _tx(self) -> Iterator[Connection]:
+        self.db.execute(self.dialect.begin)
         try:
             yield self.db
         except BaseException:
@@ -175,33 +177,42 @@ class Store:
         self.db.execute("COMMIT")
 
     def _migrate(self) -> None:
+        migrations = PG_MIGRATIONS if self.dialect.name == "postgres" else MIGRATIONS
         with self._tx() as db:
+            if self.dialect.migration_lock:
+                db.execute(self.dialect.migration_lock)
             db.execute("CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)")
             row = db.execute("SELECT version FROM schema_version").fetchone()
             version = row[0] if row else 0
-            if version > len(MIGRATIONS):
+            if version > len(migrations):
                 raise SchemaError(
                     f"database schema version {version} is newer than this Parley knows "
-                    f"({len(MIGRATIONS)}); upgrade Parley to open it"
+                    f"({len(migrations)}); upgrade Parley to open it"
                 )
-            for statements in MIGRATIONS[version:]:
+            for statements in migrations[version:]:
                 for sql in statements:
                     db.execute(sql)
             if row is None:
-                db.execute("INSERT INTO schema_version VALUES (?)", (len(MIGRATIONS),))
+                db.execute("INSERT INTO schema_version VALUES (?)", (len(migrations),))
             else:
-                db.execute("UPDATE schema_version SET version = ?", (len(MIGRATIONS),))
+                db.execute("UPDATE schema_version SET version = ?", (len(migrations),))
 
     @property
     def version(self) -> int:
         return self.db.execute("SELECT version FROM schema_version").fetchone()[0]
 
     def _one(self, cls: type[T], sql: str, args: tuple = ()) -> T | None:
-        row = self.db.execute(sql, args).fetchone()
-        return cls(**dict(row)) if row else None
+        found = self._all(cls, sql, args)
+        return found[0] if found else None
 
     def _all(self, cls: type[T], sql: str, args: tuple = ()) -> list[T]:
-        return [cls(**dict(row)) for row in self.db.execute(sql, args)]
+        cur = self.db.execute(sql, args)
+        names = [column[0] for column in cur.description]
+        return [cls(**dict(zip(names, row))) for row in cur.fetchall()]
+
+    def _insert(self, sql: str, args: tuple) -> int:
+        """Run an INSERT (inside a transaction) and return the new row's id."""
+        return self.dialect.insert(self.db, sql, args)
 
     def _exists(self, sql: str, args: tuple) -> bool:
         return self.db.execute(sql, args).fetchone() is not None
@@ -226,14 +237,18 @@ class Store:
         if role not in ("user", "admin"):
             raise ValueError(f"role must be 'user' or 'admin', not {role!r}")
         try:
-            with self._tx() as db:
-                cur = db.execute("INSERT INTO users (name, role, created_at) VALUES (?, ?, ?)", (name, role, _now()))
-        except sqlite3.IntegrityError:
+            with self._tx():
+                new = self._insert("INSERT INTO users (name, role, created_at) VALUES (?, ?, ?)", (name, role, _now()))
+        except self.dialect.integrity_error:
             raise ValueError(f"user {name!r} already exists") from None
-        return self.get_user(cur.lastrowid)
+        return self.get_user(new)
 
     def get_user(self, user_id: int) -> User | None:
         return self._one(User, "SELECT id, name, role, created_at FROM users WHERE id = ?", (user_id,))
+
+    def list_users(self) -> list[User]:
+        """Every user (for administrators), oldest first."""
+        return self._all(User, "SELECT id, name, role, created_at FROM users ORDER BY id")
 
     def get_user_by_name(self, name: str) -> User | None:
         return self._one(User, "SELECT id, name, role, created_at FROM users WHERE name = ?", (name,))
@@ -266,12 +281,12 @@ class Store:
         _text(title, "title")
         self._require_user(user_id)
         stamp = _now()
-        with self._tx() as db:
-            cur = db.execute(
+        with self._tx():
+            new = self._insert(
                 "INSERT INTO conversations (user_id, title, created_at, updated_at) VALUES (?, ?, ?, ?)",
                 (user_id, title, stamp, stamp),
             )
-        return self.get_conversation(user_id, cur.lastrowid)
+        return self.get_conversation(user_id, new)
 
     def list_conversations(self, user_id: int) -> list[Conversation]:
         sql = "SELECT * FROM conversations WHERE user_id = ? ORDER BY updated_at DESC, id DESC"
@@ -301,13 +316,13 @@ class Store:
         stamp = _now()
         with self._tx() as db:
             self._require_conversation(user_id, conv_id)
-            cur = db.execute(
+            new = self._insert(
                 "INSERT INTO turns (conversation_id, role, content, created_at, prompt_tokens, completion_tokens)"
                 " VALUES (?, ?, ?, ?, ?, ?)",
                 (conv_id, role, content, stamp, prompt_tokens, completion_tokens),
             )
             db.execute("UPDATE conversations SET updated_at = ? WHERE id = ?", (stamp, conv_id))
-        return self._one(Turn, "SELECT * FROM turns WHERE id = ?", (cur.lastrowid,))
+        return self._one(Turn, "SELECT * FROM turns WHERE id = ?", (new,))
 
     def turns(self, user_id: int, conv_id: int) -> list[Turn]:
         sql = (
@@ -327,10 +342,10 @@ class Store:
         with self._tx() as db:
             self._require_conversation(user_id, conv_id)
             ids = [
-                db.execute(
+                self._insert(
                     "INSERT INTO turns (conversation_id, role, content, created_at) VALUES (?, ?, ?, ?)",
                     (conv_id, role, content, stamp),
-                ).lastrowid
+                )
                 for role, content in (("user", question), ("assistant", answer))
             ]
             if data is not None:
@@ -344,7 +359,11 @@ class Store:
         data = json.dumps(trace)
         with self._tx() as db:
             self._require_turn(user_id, turn_id)
-            db.execute("INSERT OR REPLACE INTO traces (turn_id, data) VALUES (?, ?)", (turn_id, data))
+            db.execute(
+                "INSERT INTO traces (turn_id, data) VALUES (?, ?)"
+                " ON CONFLICT (turn_id) DO UPDATE SET data = excluded.data",
+                (turn_id, data),
+            )
 
     def get_trace(self, user_id: int, turn_id: int) -> dict[str, Any] | None:
         sql = (
@@ -363,8 +382,9 @@ class Store:
         with self._tx() as db:
             self._require_turn(user_id, turn_id)
             db.execute(
-                "INSERT OR REPLACE INTO feedback (turn_id, user_id, rating, edited_text, created_at)"
-                " VALUES (?, ?, ?, ?, ?)",
+                "INSERT INTO feedback (turn_id, user_id, rating, edited_text, created_at) VALUES (?, ?, ?, ?, ?)"
+                " ON CONFLICT (turn_id, user_id) DO UPDATE SET rating = excluded.rating,"
+                " edited_text = excluded.edited_text, created_at = excluded.created_at",
                 (turn_id, user_id, rating, edited_text, _now()),
             )
         return self.get_feedback(user_id, turn_id)
@@ -377,12 +397,12 @@ class Store:
     def add_memory(self, user_id: int, text: str, embedding: bytes | None = None) -> MemoryFact:
         _text(text, "memory text")
         self._require_user(user_id)
-        with self._tx() as db:
-            cur = db.execute(
+        with self._tx():
+            new = self._insert(
                 "INSERT INTO memory_facts (user_id, text, created_at, embedding) VALUES (?, ?, ?, ?)",
                 (user_id, text, _now(), embedding),
             )
-        return self._one(MemoryFact, "SELECT * FROM memory_facts WHERE id = ?", (cur.lastrowid,))
+        return self._one(MemoryFact, "SELECT * FROM memory_facts WHERE id = ?", (new,))
 
     def list_memory(self, user_id: int) -> list[MemoryFact]:
         return self._all(MemoryFact, "SELECT * FROM memory_facts WHERE user_id = ? ORDER BY id", (user_id,))
@@ -393,9 +413,10 @@ class Store:
         return cur.rowcount > 0
 
     def search_memory_text(self, user_id: int, query: str, limit: int = 20) -> list[MemoryFact]:
-        """Facts containing `query`, case-insensitively (ASCII); instr, so % and _ are literal."""
+        """Facts containing `query`, case-insensitively (ASCII); not LIKE, so % and _ are literal."""
         _text(query, "query")
-        sql = "SELECT * FROM memory_facts WHERE user_id = ? AND instr(lower(text), lower(?)) > 0 ORDER BY id LIMIT ?"
+        contains = self.dialect.contains.format(column="text")
+        sql = f"SELECT * FROM memory_facts WHERE user_id = ? AND {contains} ORDER BY id LIMIT ?"
         return self._all(MemoryFact, sql, (user_id, query, limit))
 
     # documents and retrieval
@@ -431,11 +452,11 @@ class Store:
                 old = db.execute("DELETE FROM documents WHERE id = ? AND user_id = ?", (replaces, user_id))
                 if old.rowcount == 0:
                     raise ValueError(f"unknown document {replaces}")
-            doc_id = db.execute(
+            doc_id = self._insert(
                 "INSERT INTO documents (user_id, name, mime, sha256, created_at, collection, source)"
                 " VALUES (?, ?, ?, '', ?, ?, ?)",
                 (user_id, name, mime, _now(), collection, source),
-            ).lastrowid
+            )
             count = 0
             for count, text in enumerate(chunks, 1):
                 i = count - 1
@@ -458,8 +479,8 @@ class Store:
 
     def list_documents(self, user_id: int, collection: str | None = None) -> list[Document]:
         """The user's documents, oldest first; only those in `collection` if one is named."""
-        sql = "SELECT * FROM documents WHERE user_id = ? AND (? IS NULL OR collection = ?) ORDER BY id"
-        return self._all(Document, sql, (user_id, collection, collection))
+        where, args = _in_collection(collection, "")
+        return self._all(Document, f"SELECT * FROM documents WHERE user_id = ?{where} ORDER BY id", (user_id, *args))
 
     def delete_document(self, user_id: int, doc_id: int) -> bool:
         with self._tx() as db:
@@ -469,16 +490,16 @@ class Store:
     def search_chunks(self, user_id: int, query: str, k: int = 5, collection: str | None = None) -> list[ChunkHit]:
         """The user's k best chunks for `query` by BM25 (only `collection`'s, if one is named).
         Any text is a valid query."""
-        match = fts_query(query)
-        if not match:
+        match = self.dialect.match(query)
+        if match is None:
             return []
+        where, args = _in_collection(collection, "d.")
         sql = (
             "SELECT c.id AS chunk_id, c.document_id, d.name AS document_name, c.ord, c.text,"
-            " bm25(chunks_fts) AS score, c.page"
-            " FROM chunks_fts JOIN chunks c ON c.id = chunks_fts.rowid JOIN documents d ON d.id = c.document_id"
-            " WHERE chunks_fts MATCH ? AND d.user_id = ? AND (? IS NULL OR d.collection = ?) ORDER BY score LIMIT ?"
+            f" {match.score} AS score, c.page FROM {match.source} JOIN documents d ON d.id = c.document_id"
+            f" WHERE {match.condition} AND d.user_id = ?{where} ORDER BY score, c.id LIMIT ?"
         )
-        return self._all(ChunkHit, sql, (match, user_id, collection, collection, k))
+        return self._all(ChunkHit, sql, (*match.args, user_id, *args, k))
 
     def get_chunks(self, user_id: int, chunk_ids: Sequence[int]) -> list[ChunkHit]:
         """The user's chunks with these ids, in the order asked (others' ids are left out)."""
@@ -494,11 +515,12 @@ class Store:
 
     def chunk_embeddings(self, user_id: int, collection: str | None = None) -> list[tuple[int, bytes]]:
         """(chunk id, embedding bytes) of the user's chunks that have one, by id."""
+        where, args = _in_collection(collection, "d.")
         sql = (
             "SELECT c.id, c.embedding FROM chunks c JOIN documents d ON d.id = c.document_id"
-            " WHERE d.user_id = ? AND (? IS NULL OR d.collection = ?) AND c.embedding IS NOT NULL ORDER BY c.id"
+            f" WHERE d.user_id = ?{where} AND c.embedding IS NOT NULL ORDER BY c.id"
         )
-        return [(row[0], row[1]) for row in self.db.execute(sql, (user_id, collection, collection))]
+        return [(row[0], row[1]) for row in self.db.execute(sql, (user_id, *args))]
 
     def knowledge_stamp(self, user_id: int) -> str | None:
         """A token that changes whenever the user's documents or chunks change (None before the
