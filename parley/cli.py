@@ -6,6 +6,7 @@
     parley generate --model smollm2 --prompt "The capital of France is" --max-tokens 20
     parley chat [key=value ...]                  # the assistant: `parley chat --help` lists settings
     parley ingest PATH... [--user NAME]          # documents the assistant answers from, with citations
+    parley serve [--host H] [--port P] [--model M]   # OpenAI-compatible API; `parley users add NAME` for keys
     parley data prepare OUT [--tokenizer DIR]    # training corpus + dialogs from offline packages
     parley train tokenizer|pretrain|sft [RECIPE.toml] [key=value ...]
     parley train intents [--data FILE] [--out FILE]   # the intent classifier, from parley/data/intents.yml
@@ -73,6 +74,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     ingest = sub.add_parser("ingest", help="add .txt .md .html .pdf files to a user's knowledge base", add_help=False)
     ingest.add_argument("settings", nargs=argparse.REMAINDER, help="see `parley ingest --help`")
+
+    serve = sub.add_parser("serve", help="the OpenAI-compatible HTTP API (and Parley's own routes)", add_help=False)
+    serve.add_argument("settings", nargs=argparse.REMAINDER, help="see `parley serve --help`")
+    users = sub.add_parser("users", help="users and API keys of the server", add_help=False)
+    users.add_argument("settings", nargs=argparse.REMAINDER, help="see `parley users --help`")
 
     train = sub.add_parser("train", help="training stages: tokenizer, pretrain, sft; intents (the NLU head)",
                            description="parley train STAGE [RECIPE.toml] [key=value ...]; "
@@ -171,6 +177,18 @@ def cmd_ingest(args) -> int:
     return ingest_main(args.settings)
 
 
+def cmd_serve(args) -> int:
+    from parley.serve.main import serve_main
+
+    return serve_main(args.settings)
+
+
+def cmd_users(args) -> int:
+    from parley.serve.main import users_main
+
+    return users_main(args.settings)
+
+
 def cmd_data(args) -> int:
     from parley.train import corpus
 
@@ -181,8 +199,8 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGPIPE, signal.SIG_DFL)  # `parley ... | head` ends quietly, like other tools
     args = build_parser().parse_args(argv)
     torch.set_flush_denormal(True)  # denormals slow CPU decoding ~10x
-    handlers = {"models": cmd_models, "generate": cmd_generate, "chat": cmd_chat, "ingest": cmd_ingest, "train": cmd_train,
-                "data": cmd_data}
+    handlers = {"models": cmd_models, "generate": cmd_generate, "chat": cmd_chat, "ingest": cmd_ingest,
+                "serve": cmd_serve, "users": cmd_users, "train": cmd_train, "data": cmd_data}
     try:
         return handlers[args.command](args)
     except (ValueError, LookupError, OSError) as e:

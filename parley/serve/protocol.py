@@ -1,0 +1,185 @@
+"""What goes over the wire: OpenAI's request and response shapes, and Parley's own.
+
+    req = ChatRequest.model_validate({"model": "parley", "messages": [{"role": "user", "content": "hi"}]})
+    req.sampling(context=2048, prompt_tokens=12)   # SamplingParams, or ValueError saying what is wrong
+
+Requests are validated here (ranges, types, what Parley does not support, such as n > 1), so
+a route only sees sensible values; the error mapper turns a failed validation into a 400.
+Unknown fields are ignored, as OpenAI's own server does, so newer SDKs keep working.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from parley.engine.sampling import SamplingParams
+
+Role = Literal["system", "developer", "user", "assistant", "tool"]
+
+
+class _Request(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+
+class TextPart(_Request):
+    type: Literal["text"]
+    text: str
+
+
+class Message(_Request):
+    role: Role
+    content: str | list[TextPart] | None = None
+
+    @property
+    def text(self) -> str:
+        if isinstance(self.content, list):
+            return "".join(p.text for p in self.content)
+        return self.content or ""
+
+
+class StreamOptions(_Request):
+    include_usage: bool = False
+
+
+class _Sampling(_Request):
+    """The sampling fields chat and text completions share."""
+
+    model: str = Field(min_length=1)
+    temperature: float | None = Field(None, ge=0, le=2)
+    top_p: float | None = Field(None, gt=0, le=1)
+    max_tokens: int | None = Field(None, ge=1)
+    stop: str | list[str] | None = None
+    seed: int | None = Field(None, ge=-(2**63), le=2**63 - 1)
+    n: int | None = 1
+    logprobs: bool | None = None
+    tools: list | None = None
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+
+    @field_validator("n")
+    @classmethod
+    def _one_choice(cls, n: int | None) -> int | None:
+        if n is not None and n != 1:
+            raise ValueError(f"only n=1 is supported (got {n}); send separate requests for more choices")
+        return n
+
+    @field_validator("logprobs", "tools")
+    @classmethod
+    def _unsupported(cls, value, info):
+        if value:
+            raise ValueError(f"{info.field_name} is not supported by this server; leave it out")
+        return value
+
+    @field_validator("stop")
+    @classmethod
+    def _stops(cls, stop: str | list[str] | None) -> str | list[str] | None:
+        stops = [stop] if isinstance(stop, str) else stop or []
+        if len(stops) > 4 or any(not s for s in stops):
+            raise ValueError("give at most 4 non-empty stop strings")
+        return stop
+
+    @property
+    def stops(self) -> list[str]:
+        return [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
+
+    def sampling(self, context: int, prompt_tokens: int, stop_ids: set[int] = frozenset(),
+                 default_max: int = 512) -> SamplingParams:
+        """The engine's parameters; ValueError if the prompt plus the answer would not fit."""
+        room = context - prompt_tokens
+        asked = getattr(self, "max_completion_tokens", None) or self.max_tokens
+        if asked is not None and asked > room:
+            raise ValueError(f"this model's context is {context} tokens, but {prompt_tokens + asked} were asked "
+                             f"for ({prompt_tokens} in the prompt, {asked} for the completion); "
+                             "shorten the prompt or lower max_tokens")
+        temperature = 1.0 if self.temperature is None else self.temperature
+        return SamplingParams(max_tokens=max(1, asked or min(default_max, room)),
+                              # so small a temperature is greedy, and dividing by it would overflow
+                              temperature=0.0 if temperature < 1e-4 else temperature,
+                              top_p=1.0 if self.top_p is None else self.top_p, stop_ids=frozenset(stop_ids),
+                              seed=self.seed)
+
+
+class ChatRequest(_Sampling):
+    messages: list[Message] = Field(min_length=1)
+    max_completion_tokens: int | None = Field(None, ge=1)
+
+
+class CompletionRequest(_Sampling):
+    prompt: str | list[str]
+
+    @field_validator("prompt")
+    @classmethod
+    def _one_prompt(cls, prompt: str | list[str]) -> str | list[str]:
+        if isinstance(prompt, list) and len(prompt) != 1:
+            raise ValueError("give one prompt (a string, or a list of one string)")
+        return prompt
+
+    @property
+    def text(self) -> str:
+        return self.prompt if isinstance(self.prompt, str) else self.prompt[0]
+
+
+class EmbeddingRequest(_Request):
+    model: str = Field(min_length=1)
+    input: str | list[str]
+    encoding_format: Literal["float", "base64"] = "float"
+
+    @field_validator("input")
+    @classmethod
+    def _texts(cls, value: str | list[str]) -> str | list[str]:
+        texts = [value] if isinstance(value, str) else value
+        if not texts or len(texts) > 2048 or any(not t.strip() for t in texts):
+            raise ValueError("give 1 to 2048 non-empty strings")
+        return value
+
+    @property
+    def texts(self) -> list[str]:
+        return [self.input] if isinstance(self.input, str) else list(self.input)
+
+
+class FeedbackRequest(_Request):
+    rating: Literal[1, -1]
+    edited_text: str | None = Field(None, min_length=1, max_length=100_000)
+
+
+# --- responses ---------------------------------------------------------------------------------
+
+
+def usage(prompt: int, completion: int) -> dict:
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+
+
+def new_id(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex[:24]}"
+
+
+def chat_completion(rid: str, model: str, text: str, finish: str | None, prompt: int, completion: int) -> dict:
+    return {"id": rid, "object": "chat.completion", "created": int(time.time()), "model": model,
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
+                         "finish_reason": finish, "logprobs": None}],
+            "usage": usage(prompt, completion)}
+
+
+def chat_chunk(rid: str, model: str, delta: dict, finish: str | None = None) -> dict:
+    return {"id": rid, "object": "chat.completion.chunk", "created": int(time.time()), "model": model,
+            "choices": [{"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}]}
+
+
+def text_completion(rid: str, model: str, text: str, finish: str | None, counts: dict | None = None) -> dict:
+    out = {"id": rid, "object": "text_completion", "created": int(time.time()), "model": model,
+           "choices": [{"index": 0, "text": text, "finish_reason": finish, "logprobs": None}]}
+    if counts is not None:
+        out["usage"] = counts
+    return out
+
+
+def usage_chunk(rid: str, model: str, obj: str, counts: dict) -> dict:
+    return {"id": rid, "object": obj, "created": int(time.time()), "model": model, "choices": [], "usage": counts}
+
+
+def model_card(name: str, created: int = 0, **extra) -> dict:
+    return {"id": name, "object": "model", "created": created, "owned_by": "parley", **extra}

@@ -1,0 +1,223 @@
+"""OpenAI-compatible routes: /v1/models, /v1/chat/completions, /v1/completions, /v1/embeddings.
+
+    client = openai.OpenAI(base_url="http://127.0.0.1:8000/v1", api_key=KEY)
+    client.chat.completions.create(model="smollm2", messages=[...], stream=True)  # the raw model
+    client.chat.completions.create(model="parley", messages=[...],                # the assistant
+                                   extra_headers={"X-Parley-Conversation": "12"})
+
+A registered model answers directly: its chat template renders the messages and the
+generator streams tokens. "parley" runs the last user message through the assistant's whole
+pipeline (safety, memory, knowledge, respond ...) in the conversation the header names, or a
+new one; the reply carries the conversation and saved turn ids (header and a "parley" field),
+for feedback and traces. Streams are Server-Sent Events ending with `data: [DONE]`; an error
+after the stream began arrives as one `data: {"error": ...}` event.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+from collections.abc import AsyncIterator
+
+import numpy as np
+from fastapi import APIRouter, Depends, Header
+from fastapi.responses import JSONResponse, StreamingResponse
+
+from parley.serve import protocol as p
+from parley.serve.app import ASSISTANT_MODEL, EMBEDDING_MODEL, Server
+from parley.serve.errors import APIError, from_exception
+from parley.serve.generation import TextAssembler
+from parley.serve.turns import TurnDone, TurnStarted, frame_text
+from parley.store import User
+
+
+def openai_routes(server: Server) -> APIRouter:
+    router = APIRouter(prefix="/v1")
+    auth = Depends(server.authenticate)
+
+    @router.get("/models")
+    def list_models(user: User = auth) -> dict:
+        names = [m.name for m in server.registry.list()]
+        names = sorted({*names, server.model_name}) + [ASSISTANT_MODEL, EMBEDDING_MODEL]
+        return {"object": "list", "data": [p.model_card(n) for n in names]}
+
+    @router.get("/models/{name}")
+    def get_model(name: str, user: User = auth) -> dict:
+        if name not in (ASSISTANT_MODEL, EMBEDDING_MODEL):
+            _check_model(server, name)
+        return p.model_card(name)
+
+    @router.post("/chat/completions")
+    async def chat(req: p.ChatRequest, user: User = auth,
+                   conversation: str | None = Header(None, alias="X-Parley-Conversation")):
+        if req.model == ASSISTANT_MODEL:
+            return await _assistant_chat(server, req, user, conversation)
+        _check_model(server, req.model)
+        messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text} for m in req.messages]
+        try:
+            ids = server.tokenizer.encode_chat(messages)
+        except ValueError as e:
+            raise APIError(400, str(e), code="invalid_value", param="messages") from None
+        return await _complete(server, req, ids, chat=True)
+
+    @router.post("/completions")
+    async def completions(req: p.CompletionRequest, user: User = auth):
+        _check_model(server, req.model)
+        return await _complete(server, req, server.tokenizer.encode(req.text), chat=False)
+
+    @router.post("/embeddings")
+    def embeddings(req: p.EmbeddingRequest, user: User = auth) -> dict:
+        if req.model != EMBEDDING_MODEL:
+            raise APIError(404, f"no embedding model named {req.model!r}; use {EMBEDDING_MODEL!r}",
+                           code="model_not_found", param="model")
+        vectors = np.asarray(server.embed(req.texts), dtype="<f4")  # base64: little-endian float32 bytes
+        data = [{"object": "embedding", "index": i,
+                 "embedding": base64.b64encode(v.tobytes()).decode() if req.encoding_format == "base64" else v.tolist()}
+                for i, v in enumerate(vectors)]
+        tokens = server.count_embedding_tokens(req.texts)
+        return {"object": "list", "model": EMBEDDING_MODEL, "data": data,
+                "usage": {"prompt_tokens": tokens, "total_tokens": tokens}}
+
+    return router
+
+
+def _check_model(server: Server, name: str) -> None:
+    if name == server.model_name:
+        return
+    known = {m.name for m in server.registry.list()}
+    hint = (f"it is registered, but this server serves {server.model_name!r}: restart with --model {name}"
+            if name in known else "GET /v1/models lists the models")
+    raise APIError(404, f"the model {name!r} does not exist here; {hint}", code="model_not_found", param="model")
+
+
+async def _complete(server: Server, req: p.ChatRequest | p.CompletionRequest, ids: list[int], chat: bool):
+    try:
+        params = req.sampling(server.generator.context_length, len(ids), server.tokenizer.stop_ids,
+                              server.settings.default_max_tokens)
+    except ValueError as e:
+        raise APIError(400, str(e), code="context_length_exceeded", param="max_tokens") from None
+    handle = server.generator.submit(ids, params)  # PromptError -> 400, QueueFull -> 429
+    text = TextAssembler(server.tokenizer, req.stops)
+
+    async def pieces() -> AsyncIterator[str]:
+        try:
+            async for event in handle.events():
+                if piece := text.push(event):
+                    yield piece
+                if text.finish_reason:
+                    return
+        finally:
+            handle.cancel()  # the client left, or a stop string ended it: free the generator
+            server.metrics.add_tokens(text.tokens)
+
+    rid, model = p.new_id("chatcmpl" if chat else "cmpl"), req.model
+
+    def usage() -> dict:  # read once generation is over
+        return p.usage(len(ids), text.tokens)
+
+    if not req.stream:
+        answer = "".join([piece async for piece in pieces()])
+        if chat:
+            return p.chat_completion(rid, model, answer, text.finish_reason, len(ids), text.tokens)
+        return p.text_completion(rid, model, answer, text.finish_reason, usage())
+
+    async def chunks() -> AsyncIterator[dict]:
+        if chat:
+            yield p.chat_chunk(rid, model, {"role": "assistant", "content": ""})
+        async for piece in pieces():
+            yield p.chat_chunk(rid, model, {"content": piece}) if chat else p.text_completion(rid, model, piece, None)
+        yield p.chat_chunk(rid, model, {}, text.finish_reason) if chat else \
+            p.text_completion(rid, model, "", text.finish_reason)
+        if req.stream_options and req.stream_options.include_usage:
+            yield p.usage_chunk(rid, model, "chat.completion.chunk" if chat else "text_completion", usage())
+
+    return _sse(server, chunks())
+
+
+def _sse(server: Server, chunks: AsyncIterator[dict], headers: dict | None = None) -> StreamingResponse:
+    async def events() -> AsyncIterator[str]:
+        server.metrics.stream_delta(1)
+        try:
+            async for chunk in chunks:
+                yield f"data: {json.dumps(chunk)}\n\n"
+            yield "data: [DONE]\n\n"
+        except Exception as e:  # the status line is gone: report the error in the stream
+            yield f"data: {json.dumps(from_exception(e).body())}\n\n"
+        finally:
+            server.metrics.stream_delta(-1)
+
+    return StreamingResponse(events(), media_type="text/event-stream",
+                             headers={"Cache-Control": "no-cache", **(headers or {})})
+
+
+async def _assistant_chat(server: Server, req: p.ChatRequest, user: User, conversation: str | None):
+    if req.stops:
+        raise APIError(400, "stop strings are not supported with model 'parley'", code="invalid_value", param="stop")
+    last = next((m.text for m in reversed(req.messages) if m.role == "user"), None)
+    if last is None:
+        raise APIError(400, "the messages have no user message to answer", code="invalid_value", param="messages")
+    overrides = {k: v for k, v in (("temperature", req.temperature), ("top_p", req.top_p), ("seed", req.seed),
+                                   ("max_tokens", req.max_completion_tokens or req.max_tokens)) if v is not None}
+    turn = server.turns.start(user, _conversation(server, user, conversation), last, overrides)
+    items, ahead = aiter(turn.frames), []
+    # wait for the first words (or the end): errors before them (a full queue, a bad message)
+    # are then plain HTTP errors rather than an event in a stream that already said 200
+    while not ahead or not (isinstance(ahead[-1], TurnDone) or frame_text(ahead[-1], False)):
+        item = await anext(items, None)
+        if item is None:
+            break
+        ahead.append(item)
+    started = next((i.conversation_id for i in ahead if isinstance(i, (TurnStarted, TurnDone))), None)
+    done: list[TurnDone] = []
+
+    async def pieces() -> AsyncIterator[str]:
+        streamed = False
+        try:
+            async for item in _chain(ahead, items):
+                if isinstance(item, TurnDone):
+                    done.append(item)
+                elif text := frame_text(item, streamed):
+                    streamed = True
+                    yield text
+        finally:
+            turn.stop()
+            server.metrics.add_tokens(done[0].completion_tokens if done else 0)
+
+    rid, headers = p.new_id("chatcmpl"), {"X-Parley-Conversation": str(started)} if started else {}
+
+    def ids() -> dict:
+        return {"conversation_id": started, "turn_id": done[0].turn_id if done else None}
+
+    if not req.stream:
+        answer = "".join([t async for t in pieces()])
+        counts = (done[0].prompt_tokens, done[0].completion_tokens) if done else (0, 0)
+        body = p.chat_completion(rid, ASSISTANT_MODEL, answer, "stop", *counts)
+        return JSONResponse({**body, "parley": ids()}, headers=headers)
+
+    async def chunks() -> AsyncIterator[dict]:
+        yield p.chat_chunk(rid, ASSISTANT_MODEL, {"role": "assistant", "content": ""})
+        async for text in pieces():
+            yield p.chat_chunk(rid, ASSISTANT_MODEL, {"content": text})
+        yield {**p.chat_chunk(rid, ASSISTANT_MODEL, {}, "stop"), "parley": ids()}
+
+    return _sse(server, chunks(), headers)
+
+
+async def _chain(first: list, rest: AsyncIterator) -> AsyncIterator:
+    for item in first:
+        yield item
+    async for item in rest:
+        yield item
+
+
+def _conversation(server: Server, user: User, header: str | None) -> int | None:
+    if header is None or not header.strip():
+        return None
+    if not header.strip().isdigit() or int(header) > 2**63 - 1:
+        raise APIError(400, f"X-Parley-Conversation must be a conversation id (a number), not {header!r}",
+                       code="invalid_value", param="X-Parley-Conversation")
+    conv_id = int(header)
+    if server.store().get_conversation(user.id, conv_id) is None:
+        raise APIError(404, f"no conversation {conv_id}; omit the header to start a new one",
+                       code="not_found", param="X-Parley-Conversation")
+    return conv_id

@@ -1,0 +1,408 @@
+"""The HTTP server over real parts: uvicorn on a local port, the official openai SDK as client, a
+tiny random model from a temporary registry, the real MiniLM embedder and a SQLite file."""
+
+import base64
+import dataclasses
+import io
+import json
+import re
+
+import httpx
+import numpy as np
+import openai
+import pytest
+import torch
+
+from parley.engine.engine import Engine
+from parley.engine.sampling import SamplingParams
+from parley.engine.text import TextStream
+from parley.model.transformer import Transformer
+from parley.pipeline.embed import Embedder
+from parley.registry import Registry
+from parley.serve.app import ServeError, Settings, create_app
+from parley.serve.generation import SerialGenerator
+from parley.serve.main import serve_main, users_main
+from parley.store import Store
+from serving import GatedEngine, RecordingGenerator, serving
+
+STAGES = ["safety_in", "sentiment", "state", "respond", "safety_out"]
+
+
+@pytest.fixture(scope="module")
+def registry(tiny_hf_dir, tmp_path_factory):
+    """The tiny model (96-token context) and a copy with room for a chat template: tiny768."""
+    registry = Registry(tmp_path_factory.mktemp("home"))
+    registry.import_model(str(tiny_hf_dir), name="tiny")
+    small, tokenizer, meta = registry.load("tiny")
+    torch.manual_seed(0)
+    model = Transformer(dataclasses.replace(small.config, max_position_embeddings=768)).eval()
+    registry.save("tiny768", model, tokenizer, {**meta, "name": "tiny768"})
+    return registry
+
+
+@pytest.fixture(scope="module")
+def reference(registry):
+    """What the engine says on its own, for comparing the server's answers with."""
+    model, tokenizer, _ = registry.load("tiny768")
+    engine = Engine(model)
+
+    def complete(ids: list[int], max_tokens: int, stop=()) -> str:
+        params = SamplingParams(max_tokens=max_tokens, stop_ids=tokenizer.stop_ids)
+        return "".join(TextStream(engine, tokenizer, ids, params, stop=stop))
+
+    return engine, tokenizer, complete
+
+
+@pytest.fixture(scope="module")
+def embedder():
+    return Embedder.load()
+
+
+@dataclasses.dataclass
+class Site:
+    url: str
+    keys: dict[str, str]
+    db: str
+
+    def sdk(self, user: str = "ann") -> openai.OpenAI:
+        return openai.OpenAI(base_url=self.url + "/v1", api_key=self.keys.get(user, user), max_retries=0)
+
+    def http(self, user: str = "ann") -> httpx.Client:
+        return httpx.Client(base_url=self.url, headers={"Authorization": f"Bearer {self.keys[user]}"}, timeout=60)
+
+
+def make_users(db: str, **roles: str) -> dict[str, str]:
+    """Users made with `parley users`, and a key for each."""
+    keys = {}
+    for name, role in roles.items():
+        users_main(["--db", db, "add", name, *(["--admin"] if role == "admin" else [])], out=io.StringIO())
+        out = io.StringIO()
+        users_main(["--db", db, "key", name], out=out)
+        keys[name] = out.getvalue().strip()
+    return keys
+
+
+@pytest.fixture(scope="module")
+def site(registry, embedder, tmp_path_factory):
+    db = str(tmp_path_factory.mktemp("db") / "parley.db")
+    keys = make_users(db, ann="admin", bob="user")
+    settings = Settings(db=db, home=registry.home, model="tiny768", dtype="float32", stages=STAGES,
+                        default_max_tokens=12, max_upload_bytes=20_000)
+    with serving(create_app(settings, embedder=embedder)) as url:
+        yield Site(url, keys, db)
+
+
+def test_models_lists_the_registry_the_assistant_and_the_embedder(site):
+    names = [m.id for m in site.sdk().models.list()]
+    assert names == ["tiny", "tiny768", "parley", "all-minilm-l6-v2"]
+    assert site.sdk().models.retrieve("parley").id == "parley"
+    with pytest.raises(openai.NotFoundError):
+        site.sdk().models.retrieve("nope")
+
+
+def test_chat_answers_as_the_engine_does_whole_and_streamed(site, reference):
+    engine, tokenizer, complete = reference
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hello there, how are you?"}]
+    ids = tokenizer.encode_chat(messages)
+    expected = complete(ids, 10)
+    reply = site.sdk().chat.completions.create(model="tiny768", messages=messages, temperature=0, max_tokens=10)
+    assert reply.choices[0].message.content == expected
+    assert reply.choices[0].finish_reason in ("stop", "length")
+    assert reply.usage.prompt_tokens == len(ids) and 1 <= reply.usage.completion_tokens <= 10
+    chunks = list(site.sdk().chat.completions.create(model="tiny768", messages=messages, temperature=0,
+                                                     max_completion_tokens=10, stream=True,
+                                                     stream_options={"include_usage": True}))
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == expected
+    assert chunks[-2].choices[0].finish_reason == reply.choices[0].finish_reason
+    assert chunks[-1].usage.completion_tokens == reply.usage.completion_tokens
+
+
+def test_completions_with_a_stop_string(site, reference):
+    engine, tokenizer, complete = reference
+    prompt = "The capital of France is"
+    full = complete(tokenizer.encode(prompt), 20)
+    reply = site.sdk().completions.create(model="tiny768", prompt=prompt, temperature=0, max_tokens=20)
+    assert reply.choices[0].text == full
+    stop = full[3:5]
+    cut = site.sdk().completions.create(model="tiny768", prompt=prompt, temperature=0, max_tokens=20, stop=[stop])
+    assert cut.choices[0].text == full[:full.index(stop)] and cut.choices[0].finish_reason == "stop"
+    streamed = site.sdk().completions.create(model="tiny768", prompt=prompt, temperature=0, max_tokens=20,
+                                             stop=stop, stream=True)
+    assert "".join(c.choices[0].text for c in streamed) == cut.choices[0].text
+
+
+def test_embeddings_are_minilm_vectors_as_floats_and_base64(site, embedder):
+    texts = ["The rent is due on the first.", "Paris is in France."]
+    reply = site.sdk().embeddings.create(model="all-minilm-l6-v2", input=texts)  # the SDK asks for base64
+    got = np.array([d.embedding for d in reply.data])
+    np.testing.assert_allclose(got, embedder(texts), atol=1e-6)
+    with site.http() as http:
+        body = http.post("/v1/embeddings", json={"model": "all-minilm-l6-v2", "input": texts[0],
+                                                 "encoding_format": "float"}).json()
+    assert len(body["data"][0]["embedding"]) == 384 and body["usage"]["prompt_tokens"] > 0
+    raw = site.sdk().embeddings.with_raw_response.create(model="all-minilm-l6-v2", input=texts[0],
+                                                         encoding_format="base64")
+    vector = np.frombuffer(base64.b64decode(json.loads(raw.text)["data"][0]["embedding"]), dtype="<f4")
+    np.testing.assert_allclose(vector, body["data"][0]["embedding"], atol=1e-6)
+
+
+def test_bad_requests_are_openai_errors_with_the_right_status(site):
+    sdk, chat = site.sdk(), [{"role": "user", "content": "hi"}]
+    cases = [
+        (openai.NotFoundError, dict(model="gpt-9", messages=chat), "model"),
+        (openai.BadRequestError, dict(model="tiny768", messages=chat, temperature=5), "temperature"),
+        (openai.BadRequestError, dict(model="tiny768", messages=chat, n=2), "n"),
+        (openai.BadRequestError, dict(model="tiny768", messages=chat, max_tokens=100_000), "max_tokens"),
+        (openai.BadRequestError, dict(model="tiny768", messages=[]), "messages"),
+        (openai.BadRequestError, dict(model="parley", messages=chat, stop="x"), "stop"),
+        (openai.BadRequestError, dict(model="tiny768", messages=chat, seed=2**70), "seed"),
+        (openai.BadRequestError, dict(model="tiny768", messages=chat, logprobs=True), "logprobs"),
+        (openai.BadRequestError, dict(model="parley", messages=[{"role": "system", "content": "x"}]), "messages"),
+    ]
+    for error, kwargs, param in cases:
+        with pytest.raises(error) as caught:
+            sdk.chat.completions.create(**kwargs)
+        assert caught.value.body["param"] == param and caught.value.body["message"]
+    with pytest.raises(openai.NotFoundError):
+        sdk.embeddings.create(model="tiny768", input="x")
+    with pytest.raises(openai.AuthenticationError):
+        site.sdk("not-a-key").models.list()
+    with httpx.Client(base_url=site.url) as http:
+        missing = http.get("/v1/models")
+        assert missing.status_code == 401 and missing.json()["error"]["code"] == "missing_api_key"
+    with site.http() as http:
+        bad = http.post("/v1/chat/completions", content=b'{"model": "tiny768", "messages": [', 
+                        headers={"Content-Type": "application/json"})
+        assert bad.status_code == 400 and bad.json()["error"]["code"] == "invalid_json"
+        assert set(bad.json()["error"]) == {"message", "type", "param", "code"}
+        assert http.post("/v1/completions", json={"model": "tiny768", "prompt": "x" * 5000}).status_code == 400
+        huge = http.post("/v1/completions", content=b"x" * 3_000_000)
+        assert huge.status_code == 413 and huge.json()["error"]["code"] == "too_large"
+        assert http.get("/api/nowhere").json()["error"]["type"] == "not_found_error"
+        assert http.get(f"/api/conversations/{2**70}").status_code == 400  # not an overflow deep down
+        assert http.get("/api/conversations/abc").status_code == 400
+        tiny_t = http.post("/v1/completions", json={"model": "tiny768", "prompt": "Hi", "temperature": 1e-300,
+                                                    "max_tokens": 2})
+        assert tiny_t.status_code == 200
+
+
+def test_the_assistant_keeps_a_conversation_with_traces_and_feedback(site):
+    sdk = site.sdk()
+    first = sdk.chat.completions.with_raw_response.create(
+        model="parley", messages=[{"role": "user", "content": "hello there"}], temperature=0)
+    conv = int(first.headers["x-parley-conversation"])
+    reply = first.parse()
+    assert reply.choices[0].message.content and reply.usage.completion_tokens > 0
+    chunks = list(sdk.chat.completions.create(model="parley", messages=[{"role": "user", "content": "how are you?"}],
+                                              temperature=0, stream=True,
+                                              extra_headers={"X-Parley-Conversation": str(conv)}))
+    streamed = "".join(c.choices[0].delta.content or "" for c in chunks)
+    turn_id = chunks[-1].model_extra["parley"]["turn_id"]
+    with site.http() as http:
+        turns = http.get(f"/api/conversations/{conv}").json()["turns"]
+        assert [t["role"] for t in turns] == ["user", "assistant"] * 2
+        # what was shown is what was saved (the store keeps it without surrounding whitespace)
+        assert turns[1]["content"] == reply.choices[0].message.content.strip()
+        assert turns[3]["content"] == streamed.strip()
+        assert turns[3]["id"] == turn_id
+        stages = [s["stage"] for s in http.get(f"/api/turns/{turn_id}/trace").json()["stages"]]
+        assert stages == STAGES
+        saved = http.post(f"/api/turns/{turn_id}/feedback", json={"rating": -1, "edited_text": "Fine, thanks!"})
+        assert saved.status_code == 200 and saved.json()["rating"] == -1
+        assert http.post(f"/api/turns/{turn_id}/feedback", json={"rating": 3}).status_code == 400
+        assert conv in [c["id"] for c in http.get("/api/conversations").json()["data"]]
+    with Store(site.db) as store:
+        feedback = store.get_feedback(store.get_user_by_name("ann").id, turn_id)
+    assert (feedback.rating, feedback.edited_text) == (-1, "Fine, thanks!")
+
+
+def test_a_user_cannot_see_or_touch_another_users_things(site):
+    with Store(site.db) as store:
+        ann = store.get_user_by_name("ann").id
+        conv = store.create_conversation(ann, "private")
+        _, answer = store.add_exchange(ann, conv.id, "q", "a", {"stages": [], "total_ms": 0})
+        fact = store.add_memory(ann, "my sister is called Ana")
+        doc = store.add_document(ann, "notes.txt", "text/plain", ["secret notes"])
+    with site.http("bob") as bob:
+        for method, path, body in [("GET", f"/api/conversations/{conv.id}", None),
+                                   ("DELETE", f"/api/conversations/{conv.id}", None),
+                                   ("GET", f"/api/turns/{answer.id}/trace", None),
+                                   ("POST", f"/api/turns/{answer.id}/feedback", {"rating": 1}),
+                                   ("DELETE", f"/api/memory/{fact.id}", None),
+                                   ("DELETE", f"/api/knowledge/{doc}", None)]:
+            assert bob.request(method, path, json=body).status_code == 404, path
+        assert bob.get("/api/memory").json()["data"] == [] and bob.get("/api/knowledge").json()["data"] == []
+        assert conv.id not in [c["id"] for c in bob.get("/api/conversations").json()["data"]]
+        assert bob.get("/api/users").status_code == 403
+        hijack = bob.post("/v1/chat/completions", headers={"X-Parley-Conversation": str(conv.id)},
+                          json={"model": "parley", "messages": [{"role": "user", "content": "hi"}]})
+        assert hijack.status_code == 404
+    with site.http("ann") as ann_http:
+        assert ann_http.get(f"/api/turns/{answer.id}/trace").status_code == 200
+        assert [f["text"] for f in ann_http.get("/api/memory").json()["data"]] == ["my sister is called Ana"]
+        assert ann_http.delete(f"/api/memory/{fact.id}").status_code == 200
+        assert ann_http.delete(f"/api/conversations/{conv.id}").status_code == 200
+        assert ann_http.get(f"/api/conversations/{conv.id}").status_code == 404
+        assert {u["name"] for u in ann_http.get("/api/users").json()["data"]} >= {"ann", "bob"}
+
+
+def test_knowledge_upload_list_delete_and_limits(site):
+    with site.http("bob") as http:
+        files = {"file": ("rent.md", b"# Rent\n\nThe rent is due on the first of each month.", "text/markdown")}
+        stored = http.post("/api/knowledge", files=files, data={"collection": "home"})
+        assert stored.status_code == 201 and stored.json()["chunks"] == 1
+        assert http.post("/api/knowledge", files=files).json()["status"] == "stored"  # another collection
+        again = http.post("/api/knowledge", files=files, data={"collection": "home"})
+        assert again.status_code == 200 and again.json()["status"] == "skipped"
+        docs = http.get("/api/knowledge").json()["data"]
+        assert [(d["name"], d["collection"]) for d in docs] == [("rent.md", "home"), ("rent.md", "default")]
+        for d in docs:
+            assert http.delete(f"/api/knowledge/{d['id']}").status_code == 200
+        assert http.get("/api/knowledge").json()["data"] == []
+        big = http.post("/api/knowledge", files={"file": ("big.txt", b"word " * 20_000, "text/plain")})
+        assert big.status_code == 413 and big.json()["error"]["code"] == "too_large"
+        odd = http.post("/api/knowledge", files={"file": ("tool.exe", b"MZ\x00\x01", "application/octet-stream")})
+        assert odd.status_code == 400 and "unsupported file type" in odd.json()["error"]["message"]
+        assert http.post("/api/knowledge", data={"collection": "x"}).status_code == 400
+
+
+def test_metrics_are_prometheus_text_and_health_answers(site):
+    site.sdk().completions.create(model="tiny768", prompt="Hello", temperature=0, max_tokens=3)
+    with httpx.Client(base_url=site.url) as http:
+        assert http.get("/health").json()["status"] == "ok"
+        text = http.get("/metrics").text
+    sample = re.compile(r'^[a-zA-Z_:][a-zA-Z0-9_:]*(\{([a-zA-Z_]\w*="(\\.|[^"\\])*",?)*\})? -?[0-9.e+]+$')
+    for line in text.strip().splitlines():
+        assert line.startswith(("# HELP ", "# TYPE ")) or sample.match(line), line
+    assert re.search(r'parley_requests_total\{method="POST",route="/v1/completions",status="200"\} [1-9]', text)
+    assert int(re.search(r"^parley_tokens_generated_total (\d+)", text, re.M).group(1)) > 0
+    assert "parley_queue_depth 0" in text and "parley_active_streams" in text
+
+
+@pytest.fixture
+def gated(registry, tmp_path):
+    """A server whose generation pauses after each request's first token until the test says."""
+    model, tokenizer, _ = registry.load("tiny768")
+    engine = GatedEngine(Engine(model))
+    generator = RecordingGenerator(engine, max_pending=1, retry_after=3)
+    db = str(tmp_path / "p.db")
+    keys = make_users(db, ann="user")
+    settings = Settings(db=db, home=registry.home, model="tiny768", max_pending=1, requests_per_minute=0,
+                        stages=["respond"])
+    with serving(create_app(settings, generator=generator, tokenizer=tokenizer)) as url:
+        yield Site(url, keys, db), engine, generator
+        engine.gate.set()
+
+
+def _stream(http: httpx.Client, max_tokens: int = 500, model: str = "tiny768"):
+    return http.stream("POST", "/v1/chat/completions", json={
+        "model": model, "messages": [{"role": "user", "content": "Hello"}], "stream": True,
+        "temperature": 0.8, "seed": 1, "max_tokens": max_tokens})
+
+
+@pytest.mark.parametrize("model", ["tiny768", "parley"])
+def test_a_client_that_goes_away_cancels_its_generation(gated, model):
+    site, engine, generator = gated
+    with site.http() as http, _stream(http, model=model) as reply:
+        assert reply.status_code == 200
+        assert next(reply.iter_lines()).startswith("data: ")  # the stream began; the worker is at the gate
+    (handle,) = generator.handles
+    assert handle.cancelled.wait(timeout=30)
+    engine.gate.set()
+    assert handle.finished.wait(timeout=30)
+    assert handle.generated < 500 and generator.active == 0
+
+
+def test_a_full_queue_answers_429_with_retry_after_and_cancel_dequeues(gated):
+    site, engine, generator = gated
+    with site.http() as http, _stream(http) as running:
+        assert generator.handles[0].started.wait(timeout=30)
+        with site.http() as http2, _stream(http2) as waiting:
+            assert waiting.status_code == 200 and generator.pending == 1
+            with pytest.raises(openai.RateLimitError) as caught:
+                site.sdk().chat.completions.create(model="tiny768", messages=[{"role": "user", "content": "hi"}])
+            assert caught.value.response.headers["retry-after"] == "3"
+            assert caught.value.body["code"] == "queue_full"
+            with pytest.raises(openai.RateLimitError):  # the assistant's turns queue for the same generator
+                site.sdk().chat.completions.create(model="parley", messages=[{"role": "user", "content": "hi"}],
+                                                   stream=True)
+        assert generator.handles[1].finished.wait(timeout=30) and generator.pending == 0
+        assert running.status_code == 200
+    engine.gate.set()
+
+
+def test_rate_limit_per_key(registry, tmp_path, reference):
+    engine, tokenizer, _ = reference
+    db = str(tmp_path / "p.db")
+    keys = make_users(db, ann="user", bob="user")
+    settings = Settings(db=db, home=registry.home, model="tiny768", requests_per_minute=2)
+    with serving(create_app(settings, generator=SerialGenerator(engine), tokenizer=tokenizer)) as url:
+        site = Site(url, keys, db)
+        site.sdk("ann").models.list()
+        site.sdk("ann").models.list()
+        with pytest.raises(openai.RateLimitError) as caught:
+            site.sdk("ann").models.list()
+        assert int(caught.value.response.headers["retry-after"]) >= 1
+        site.sdk("bob").models.list()  # each key has its own bucket
+
+
+def test_no_auth_only_on_loopback(registry, tmp_path, reference):
+    with pytest.raises(ServeError, match="loopback"):
+        Settings(db=str(tmp_path / "p.db"), host="0.0.0.0", no_auth=True)
+    with pytest.raises(ServeError, match="loopback"):
+        serve_main(["--host", "0.0.0.0", "--no-auth", "--db", str(tmp_path / "p.db")])
+    engine, tokenizer, _ = reference
+    settings = Settings(db=str(tmp_path / "p.db"), host="::1", no_auth=True)
+    with serving(create_app(settings, generator=SerialGenerator(engine), tokenizer=tokenizer)) as url:
+        with httpx.Client(base_url=url) as http:
+            assert http.get("/api/conversations").json() == {"data": []}
+            assert [u["name"] for u in http.get("/api/users").json()["data"]] == ["local"]
+
+
+def test_users_command(tmp_path):
+    db = str(tmp_path / "p.db")
+    keys = make_users(db, ann="admin")
+    assert keys["ann"].startswith("pk-")
+    out = io.StringIO()
+    users_main(["--db", db, "list"], out=out)
+    assert "\tann\tadmin\t" in out.getvalue()
+    with pytest.raises(ValueError, match="already exists"):
+        users_main(["--db", db, "add", "ann"], out=out)
+    with pytest.raises(ValueError, match="no user named 'zed'"):
+        users_main(["--db", db, "key", "zed"], out=out)
+
+
+def test_smollm2_through_the_server_knows_the_capital_of_france(smollm2_path, tmp_path, embedder):
+    registry = Registry(tmp_path / "home")
+    registry.import_model(str(smollm2_path), name="smollm2")
+    db = str(tmp_path / "p.db")
+    keys = make_users(db, ann="user")
+    settings = Settings(db=db, home=registry.home, model="smollm2")
+    with serving(create_app(settings, embedder=embedder)) as url:
+        reply = Site(url, keys, db).sdk().chat.completions.create(
+            model="smollm2", messages=[{"role": "user", "content": "What is the capital of France?"}],
+            temperature=0, max_tokens=24)
+    assert "Paris" in reply.choices[0].message.content
+
+
+def test_continuous_batching_serves_concurrent_streams_as_each_alone(registry, reference, tmp_path):
+    from concurrent.futures import ThreadPoolExecutor
+
+    engine, tokenizer, complete = reference
+    db = str(tmp_path / "p.db")
+    keys = make_users(db, ann="user")
+    questions = [f"Hello there, how are you {i}?" for i in range(8)]
+    expected = [complete(tokenizer.encode_chat([{"role": "user", "content": q}]), 12) for q in questions]
+    settings = Settings(db=db, home=registry.home, model="tiny768", dtype="float32", batching=True,
+                        requests_per_minute=0)
+    with serving(create_app(settings)) as url:
+        sdk = Site(url, keys, db).sdk()
+
+        def ask(question: str) -> str:
+            chunks = sdk.chat.completions.create(model="tiny768", messages=[{"role": "user", "content": question}],
+                                                 temperature=0, max_tokens=12, stream=True)
+            return "".join(c.choices[0].delta.content or "" for c in chunks)
+
+        with ThreadPoolExecutor(len(questions)) as pool:
+            assert list(pool.map(ask, questions)) == expected
