@@ -14,9 +14,41 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 
-from parley.engine.engine import Engine
+from parley.engine.engine import Engine, Event
 from parley.engine.sampling import SamplingParams
 from parley.model.tokenizer import Tokenizer
+
+
+class TextAssembler:
+    """Tokens to text for one sequence: decodes byte-level tokens across boundaries and stops at
+    the first stop string, holding back text that could be the start of one."""
+
+    def __init__(self, tokenizer: Tokenizer, stop: Sequence[str] = ()):
+        if any(not s for s in stop):
+            raise ValueError("stop strings must not be empty")
+        self.decoder, self.stop = tokenizer.stream_decoder(), list(stop)
+        self.hold = max((len(s) for s in self.stop), default=1) - 1
+        self.text, self.emitted, self.tokens = "", 0, 0
+        self.finish_reason: str | None = None
+
+    def push(self, event: Event) -> str:
+        """The new text this event makes safe to show ('' if none). Once a stop string is
+        seen (finish_reason "stop") or the sequence ends, everything is shown and later
+        events are ignored."""
+        if self.finish_reason:
+            return ""
+        if event.token is not None:
+            self.tokens += 1
+            self.text += self.decoder.push(event.token)
+        if event.finish_reason:
+            self.finish_reason = event.finish_reason
+            self.text += self.decoder.flush()
+        cut = min((i for i in (self.text.find(s) for s in self.stop) if i >= 0), default=-1)
+        if cut >= 0:
+            self.text, self.finish_reason = self.text[:cut], "stop"
+        safe = len(self.text) if self.finish_reason else max(self.emitted, len(self.text) - self.hold)
+        piece, self.emitted = self.text[self.emitted:safe], max(self.emitted, safe)
+        return piece
 
 
 class TextStream:
@@ -31,27 +63,17 @@ class TextStream:
         self.finish_reason: str | None = None
 
     def __iter__(self) -> Iterator[str]:
-        decoder = self.tokenizer.stream_decoder()
-        hold = max((len(s) for s in self.stop), default=1) - 1
-        emitted = 0  # characters of self.text already yielded
+        text = TextAssembler(self.tokenizer, self.stop)
         events = self.engine.stream([self.prompt], self.params)
         try:
             for event in events:
                 if event.token is not None:
                     self.tokens.append(event.token)
-                    self.text += decoder.push(event.token)
-                if event.finish_reason:
-                    self.finish_reason = event.finish_reason
-                    self.text += decoder.flush()
-                cut = min((i for i in (self.text.find(s) for s in self.stop) if i >= 0), default=-1)
-                if cut >= 0:
-                    self.text, self.finish_reason = self.text[:cut], "stop"
+                piece = text.push(event)
+                self.text, self.finish_reason = text.text, text.finish_reason
+                if piece:
+                    yield piece
+                if text.finish_reason:
                     break
-                safe = len(self.text) if self.finish_reason else max(emitted, len(self.text) - hold)
-                if safe > emitted:
-                    yield self.text[emitted:safe]
-                    emitted = safe
         finally:
             events.close()  # a consumer that stops early frees the engine's batch
-        if len(self.text) > emitted:
-            yield self.text[emitted:]

@@ -2,7 +2,7 @@
 
     generator = SerialGenerator(Engine(model), max_pending=32)
     handle = generator.submit(prompt_ids, SamplingParams(max_tokens=64))  # PromptError, QueueFull
-    text = TextAssembler(tokenizer, stop=["\\n\\n"])
+    text = TextAssembler(tokenizer, stop=["\\n\\n"])   # parley.engine.text
     async for event in handle.events():        # parley.engine.engine.Event, as they come
         piece = text.push(event)               # text safe to show (stop strings held back)
         if text.finish_reason:
@@ -35,7 +35,6 @@ from typing import Protocol
 
 from parley.engine.engine import Engine, Event, PromptError
 from parley.engine.sampling import SamplingParams
-from parley.model.tokenizer import Tokenizer
 
 
 class QueueFull(RuntimeError):
@@ -232,36 +231,6 @@ class SerialGenerator:
         finally:
             stream.close()  # a cancelled request leaves the engine now, not at its max_tokens
             handle.end()
-
-
-class TextAssembler:
-    """Tokens to text for one request: decodes byte-level tokens across boundaries and stops at
-    the first stop string, holding back text that could be the start of one (as engine/text.py)."""
-
-    def __init__(self, tokenizer: Tokenizer, stop: Sequence[str] = ()):
-        if any(not s for s in stop):
-            raise ValueError("stop strings must not be empty")
-        self.decoder, self.stop = tokenizer.stream_decoder(), list(stop)
-        self.hold = max((len(s) for s in self.stop), default=1) - 1
-        self.text, self.emitted, self.tokens = "", 0, 0
-        self.finish_reason: str | None = None
-
-    def push(self, event: Event) -> str:
-        """The new text this event makes safe to show ('' if none)."""
-        if self.finish_reason:
-            return ""
-        if event.token is not None:
-            self.tokens += 1
-            self.text += self.decoder.push(event.token)
-        if event.finish_reason:
-            self.finish_reason = event.finish_reason
-            self.text += self.decoder.flush()
-        cut = min((i for i in (self.text.find(s) for s in self.stop) if i >= 0), default=-1)
-        if cut >= 0:
-            self.text, self.finish_reason = self.text[:cut], "stop"
-        safe = len(self.text) if self.finish_reason else max(self.emitted, len(self.text) - self.hold)
-        piece, self.emitted = self.text[self.emitted:safe], max(self.emitted, safe)
-        return piece
 
 
 class EngineView:

@@ -23,10 +23,10 @@ import numpy as np
 from fastapi import APIRouter, Depends, Header
 from fastapi.responses import JSONResponse, StreamingResponse
 
+from parley.engine.text import TextAssembler
 from parley.serve import protocol as p
 from parley.serve.app import ASSISTANT_MODEL, EMBEDDING_MODEL, Server
 from parley.serve.errors import APIError, from_exception
-from parley.serve.generation import TextAssembler
 from parley.serve.turns import TurnDone, TurnStarted, frame_text
 from parley.store import User
 
