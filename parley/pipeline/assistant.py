@@ -54,6 +54,7 @@ class AssistantConfig:
     seed: int | None = setting(None, "sampling seed, for answers that repeat exactly")
     intent_threshold: float = setting(0.5, "below this confidence the intent is out_of_scope")
     knowledge_min_similarity: float = setting(0.3, "passages less similar to the question than this are not used")
+    collection: str = setting("", "answer from this knowledge collection only ('' = all of the user's documents)")
     web_allow_private: bool = setting(False, "let the assistant fetch loopback/private addresses (trusted setups only)")
     web_search_url: str = setting("", "a SearXNG instance for web search, e.g. http://127.0.0.1:8888 ('' = none)")
     self_check: bool = setting(False, "ask the model to check its own answers against the constitution (slower)")
@@ -102,7 +103,8 @@ def _knowledge(p: Parts) -> Stage:
     # all but the commands and small talk; the similarity floor keeps unrelated documents out
     intents = frozenset({"knowledge_question", "out_of_scope", "chitchat", "web_lookup"})
     return KnowledgeStage(p.store, p.embedder,
-                          KnowledgeConfig(min_similarity=p.cfg.knowledge_min_similarity, intents=intents))
+                          KnowledgeConfig(min_similarity=p.cfg.knowledge_min_similarity, intents=intents,
+                                          collection=p.cfg.collection or None))
 
 
 def _web(p: Parts) -> Stage:
