@@ -5,6 +5,7 @@
     parley models list | export NAME DIR | remove NAME
     parley generate --model smollm2 --prompt "The capital of France is" --max-tokens 20
     parley chat [key=value ...]                  # the assistant: `parley chat --help` lists settings
+    parley chat --url http://HOST:PORT --key KEY # the assistant of a `parley serve` server
     parley ingest PATH... [--user NAME]          # documents the assistant answers from, with citations
     parley serve [--host H] [--port P] [--model M]   # OpenAI-compatible API; `parley users add NAME` for keys
     parley data prepare OUT [--tokenizer DIR]    # training corpus + dialogs from offline packages
@@ -26,6 +27,7 @@ import torch
 from parley.engine.sampling import SamplingParams
 from parley.registry import DEFAULT_MODEL, Registry
 
+OWN_PARSERS = ("ingest", "serve", "users")  # commands whose options their own module parses
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 # stage name -> (module, config class); imported only when the stage runs
 STAGES = {"tokenizer": ("parley.train.bpe", "TokenizerConfig"), "pretrain": ("parley.train.pretrain", "PretrainConfig"),
@@ -69,6 +71,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     chat = sub.add_parser("chat", help="chat in the terminal (or with piped input, one turn per line)",
                           add_help=False)
+    chat.add_argument("-h", "--help", action="store_true", help="list the assistant's settings")
+    chat.add_argument("--url", help="talk to a `parley serve` server at this URL instead of a local assistant")
+    chat.add_argument("--key", help="the server's API key for --url (from `parley users key NAME`)")
     chat.add_argument("settings", nargs=argparse.REMAINDER,
                       help="key=value settings of the assistant; `parley chat --help` lists them")
 
@@ -146,6 +151,18 @@ def cmd_chat(args) -> int:
     from parley.config import parse_cli
     from parley.pipeline.assistant import Assistant, AssistantConfig
 
+    if args.url:  # the server's own settings apply
+        from parley.serve.client import RemoteAssistant
+
+        if args.settings:
+            raise ValueError(f"--url talks to a server, which has its own settings: drop {' '.join(args.settings)}")
+        remote = RemoteAssistant(args.url, key=args.key)
+        try:
+            return chat.run(remote)
+        finally:
+            remote.close()
+    if args.key:
+        raise ValueError("--key is the API key of a server: give --url too")
     cfg = parse_cli(AssistantConfig, args.settings, prog="parley chat")
     if cfg.backend == "local":
         Registry().get(cfg.model)  # a missing model is reported before the slower loads
@@ -197,7 +214,16 @@ def cmd_data(args) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGPIPE, signal.SIG_DFL)  # `parley ... | head` ends quietly, like other tools
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    command = next((i for i, a in enumerate(argv) if not a.startswith("-")), None)
+    if command is not None and argv[command] in OWN_PARSERS:
+        # these commands parse their own options: hand them everything after the command's name
+        args = build_parser().parse_args(argv[:command + 1])
+        args.settings = argv[command + 1:]
+    else:
+        args = build_parser().parse_args(argv)
+    if getattr(args, "help", False):  # chat's settings are listed by its config's own --help
+        args.settings = ["--help", *args.settings]
     torch.set_flush_denormal(True)  # denormals slow CPU decoding ~10x
     handlers = {"models": cmd_models, "generate": cmd_generate, "chat": cmd_chat, "ingest": cmd_ingest,
                 "serve": cmd_serve, "users": cmd_users, "train": cmd_train, "data": cmd_data}

@@ -108,3 +108,13 @@ def test_bad_input_gives_one_line_errors(home, tiny_hf_dir, tmp_path):
     assert_clean_error(parley(home, "models", "import", str(gpt2), check=False), "GPT2LMHeadModel")
     # nothing half-written was left behind by the failed imports
     assert sorted(p.name for p in (home / "models").iterdir()) == ["tiny"]
+
+
+def test_commands_with_their_own_options(home, tmp_path):
+    note = tmp_path / "note.txt"
+    note.write_text("The boiler is serviced every October by Hansen & Sons.")
+    out = parley(home, "ingest", "--user", "bob", "--collection", "house", str(note)).stdout
+    assert "note.txt: stored 1 chunk" in out and "user 'bob', collection 'house'" in out
+    assert "bob" in parley(home, "users", "list").stdout
+    assert "stages: list[str]" in parley(home, "chat", "--help").stdout
+    assert "--no-auth" in parley(home, "serve", "--help").stdout

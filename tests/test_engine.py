@@ -163,3 +163,11 @@ def test_moe_model_generates_on_the_reference_path():
     together = [c.tokens for c in moe.generate(prompts, params)]
     assert together == [moe.generate([p], params)[0].tokens for p in prompts]
     assert together[0] == greedy_uncached(model, prompts[0], 8)
+
+
+def test_top_p_too_small_to_represent_keeps_the_best_token():
+    from parley.engine.sampling import filter_top_k_top_p
+
+    logits = torch.tensor([[1.0, 3.0, 2.0]])
+    kept = filter_top_k_top_p(logits, 0, 5e-324)  # rounds to 0 in float32: nothing "reaches" it
+    assert torch.isfinite(kept).tolist() == [[False, True, False]]

@@ -65,6 +65,7 @@ def filter_top_k_top_p(logits: torch.Tensor, top_k: int, top_p: float) -> torch.
         cumulative = sorted_logits.softmax(-1).cumsum(-1)
         # drop a token when the tokens ranked above it already reach top_p (keeps at least one)
         drop_sorted = (cumulative - sorted_logits.softmax(-1)) >= top_p
+        drop_sorted[..., 0] = False  # the best token always stays, even when top_p rounds to 0
         drop = drop_sorted.scatter(-1, order, drop_sorted)
         logits = logits.masked_fill(drop, float("-inf"))
     return logits

@@ -168,6 +168,7 @@ def create_app(settings: Settings, generator: Generator | None = None, tokenizer
     `settings.model` from the registry; `embedder` replaces loading MiniLM on first use."""
     from parley.serve.routes_openai import openai_routes
     from parley.serve.routes_parley import parley_routes
+    from parley.serve.routes_ui import ui_routes
 
     if (generator is None) != (tokenizer is None):
         raise ServeError("give both generator and tokenizer, or neither")
@@ -190,11 +191,12 @@ def create_app(settings: Settings, generator: Generator | None = None, tokenizer
         yield
         server.close()
 
-    app = FastAPI(title="Parley", version="0.1.0", lifespan=lifespan)
+    app = FastAPI(title="Parley", version="0.1.0", lifespan=lifespan, responses=errors.RESPONSES)
     app.state.server = server
     errors.install(app)
     app.include_router(openai_routes(server))
     app.include_router(parley_routes(server))
+    app.include_router(ui_routes(server))
 
     def limit(path: str) -> int:
         return settings.max_upload_bytes + 64_000 if path.startswith("/api/knowledge") else settings.max_body_bytes

@@ -19,6 +19,7 @@ import math
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from pydantic import BaseModel
 from starlette.exceptions import HTTPException
 
 log = logging.getLogger("parley.serve")
@@ -26,6 +27,24 @@ log = logging.getLogger("parley.serve")
 TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
          404: "not_found_error", 405: "invalid_request_error", 413: "invalid_request_error",
          429: "rate_limit_error", 500: "server_error", 503: "server_error"}
+
+
+class ErrorDetail(BaseModel):
+    message: str
+    type: str
+    param: str | None
+    code: str | None
+
+
+class ErrorBody(BaseModel):
+    """Every error's body, as OpenAI's; documented for every route (the app's `responses`)."""
+
+    error: ErrorDetail
+
+
+RESPONSES = {"4XX": {"model": ErrorBody, "description": "bad input (400), a missing or invalid key (401), "
+                     "not allowed (403), unknown id (404), too large (413), rate limit or full queue (429)"},
+             "5XX": {"model": ErrorBody, "description": "a bug (500), shutting down (503)"}}
 
 
 class APIError(Exception):

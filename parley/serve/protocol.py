@@ -67,6 +67,17 @@ class _Sampling(_Request):
             raise ValueError(f"only n=1 is supported (got {n}); send separate requests for more choices")
         return n
 
+    @field_validator("temperature", "top_p")
+    @classmethod
+    def _representable(cls, value: float | None, info) -> float | None:
+        # the sampler works in float32: logits divided by so small a temperature overflow, and
+        # so small a top_p rounds to 0 and filters out every token. Both mean "the likeliest token".
+        if value is None:
+            return None
+        if info.field_name == "temperature":
+            return 0.0 if value < 1e-4 else value
+        return max(value, 1e-6)
+
     @field_validator("logprobs", "tools")
     @classmethod
     def _unsupported(cls, value, info):
@@ -95,10 +106,8 @@ class _Sampling(_Request):
             raise ValueError(f"this model's context is {context} tokens, but {prompt_tokens + asked} were asked "
                              f"for ({prompt_tokens} in the prompt, {asked} for the completion); "
                              "shorten the prompt or lower max_tokens")
-        temperature = 1.0 if self.temperature is None else self.temperature
         return SamplingParams(max_tokens=max(1, asked or min(default_max, room)),
-                              # so small a temperature is greedy, and dividing by it would overflow
-                              temperature=0.0 if temperature < 1e-4 else temperature,
+                              temperature=1.0 if self.temperature is None else self.temperature,
                               top_p=1.0 if self.top_p is None else self.top_p, stop_ids=frozenset(stop_ids),
                               seed=self.seed)
 

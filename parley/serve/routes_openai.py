@@ -31,6 +31,11 @@ from parley.serve.turns import TurnDone, TurnStarted, frame_text
 from parley.store import User
 
 
+# with "stream": true the answer is Server-Sent Events instead of one JSON body
+STREAMED = {200: {"description": "the completion, or with stream=true its chunks as Server-Sent Events",
+                  "content": {"text/event-stream": {}}}}
+
+
 def openai_routes(server: Server) -> APIRouter:
     router = APIRouter(prefix="/v1")
     auth = Depends(server.authenticate)
@@ -47,7 +52,7 @@ def openai_routes(server: Server) -> APIRouter:
             _check_model(server, name)
         return p.model_card(name)
 
-    @router.post("/chat/completions")
+    @router.post("/chat/completions", responses=STREAMED)
     async def chat(req: p.ChatRequest, user: User = auth,
                    conversation: str | None = Header(None, alias="X-Parley-Conversation")):
         if req.model == ASSISTANT_MODEL:
@@ -60,7 +65,7 @@ def openai_routes(server: Server) -> APIRouter:
             raise APIError(400, str(e), code="invalid_value", param="messages") from None
         return await _complete(server, req, ids, chat=True)
 
-    @router.post("/completions")
+    @router.post("/completions", responses=STREAMED)
     async def completions(req: p.CompletionRequest, user: User = auth):
         _check_model(server, req.model)
         return await _complete(server, req, server.tokenizer.encode(req.text), chat=False)

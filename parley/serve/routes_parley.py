@@ -23,6 +23,7 @@ from pathlib import Path as FilePath
 from typing import Annotated
 
 from fastapi import APIRouter, Depends, Path, Request, Response
+from fastapi.responses import PlainTextResponse
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
 
@@ -34,6 +35,12 @@ from parley.store import User
 
 
 Id = Annotated[int, Path(ge=1, le=2**63 - 1, description="an id, as the list routes give them")]
+
+
+# the upload is read by hand (to cap its size), so its form is documented here
+UPLOAD = {"requestBody": {"required": True, "content": {"multipart/form-data": {"schema": {
+    "type": "object", "required": ["file"],
+    "properties": {"file": {"type": "string", "format": "binary"}, "collection": {"type": "string"}}}}}}}
 
 
 def _missing(what: str, ident: int) -> APIError:
@@ -90,7 +97,7 @@ def parley_routes(server: Server) -> APIRouter:
             raise _missing("memory fact", fact_id)
         return {"id": fact_id, "deleted": True}
 
-    @router.post("/api/knowledge")
+    @router.post("/api/knowledge", openapi_extra=UPLOAD)
     async def upload(request: Request, response: Response, user: User = auth) -> dict:
         limit = server.settings.max_upload_bytes
         form = await request.form(max_files=1, max_fields=4)
@@ -129,7 +136,7 @@ def parley_routes(server: Server) -> APIRouter:
     def health() -> dict:
         return {"status": "ok", "model": server.model_name, "pending": server.generator.pending}
 
-    @router.get("/metrics")
+    @router.get("/metrics", response_class=PlainTextResponse)
     def metrics() -> Response:
         gauges = {"parley_queue_depth": ("generation requests waiting to start", server.generator.pending),
                   "parley_generating": ("generation requests running now", server.generator.active)}
@@ -144,5 +151,6 @@ def _ingest(server: Server, user: User, name: str, data: bytes, collection: str)
         path.write_bytes(data)
         config = KnowledgeConfig(max_bytes=server.settings.max_upload_bytes)
         [result] = ingest(server.store(), server.embed, user.id, [path], collection, config=config)
-    return result
+    # the message names the file the client sent, not the server's temporary folder
+    return dataclasses.replace(result, message=result.message.replace(f"{folder}/", ""))
 

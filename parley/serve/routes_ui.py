@@ -1,0 +1,55 @@
+"""The web UI: one static page (no build step, nothing fetched from elsewhere) that talks to
+the same API as every other client, plus the one read the page needs that the API lacks.
+
+    app.include_router(ui_routes(server))     # in create_app
+    # GET /                 the page (its Content-Security-Policy allows this origin only)
+    # GET /static/app.js    its script and style, from parley/serve/static/
+    # GET /api/chunks/{id}  a knowledge chunk's text, for showing what a citation [n] refers to
+
+The page and its files need no key (they hold no data); the chunk route takes the caller's
+key like every /api route, and another user's chunk ids are 404s.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path as FilePath
+from typing import Annotated
+
+from fastapi import APIRouter, Depends, Path
+from fastapi.responses import FileResponse
+
+from parley.serve.app import Server
+from parley.serve.errors import APIError
+from parley.store import User
+
+STATIC = FilePath(__file__).parent / "static"
+FILES = {"app.js": "text/javascript", "app.css": "text/css"}  # all the page loads besides itself
+POLICY = ("default-src 'none'; script-src 'self'; style-src 'self'; connect-src 'self'; img-src 'self' data:; "
+          "form-action 'none'; frame-ancestors 'none'; base-uri 'none'")
+
+
+def ui_routes(server: Server) -> APIRouter:
+    router = APIRouter()
+    auth = Depends(server.authenticate)
+
+    @router.get("/", include_in_schema=False)
+    def page() -> FileResponse:
+        return FileResponse(STATIC / "index.html", media_type="text/html",
+                            headers={"Content-Security-Policy": POLICY, "Cache-Control": "no-cache"})
+
+    @router.get("/static/{name}", include_in_schema=False)
+    def asset(name: str) -> FileResponse:
+        if name not in FILES:  # a fixed list: no path from the request ever reaches the file system
+            raise APIError(404, f"no static file {name!r}", code="not_found")
+        return FileResponse(STATIC / name, media_type=FILES[name], headers={"Cache-Control": "no-cache"})
+
+    @router.get("/api/chunks/{chunk_id}")
+    def chunk(chunk_id: Annotated[int, Path(ge=1, le=2**63 - 1)], user: User = auth) -> dict:
+        found = server.store().get_chunks(user.id, [chunk_id])
+        if not found:
+            raise APIError(404, f"no chunk {chunk_id} (its document may have been deleted)", code="not_found")
+        c = found[0]
+        return {"id": c.chunk_id, "document_id": c.document_id, "document": c.document_name, "ord": c.ord,
+                "page": c.page, "text": c.text}
+
+    return router
