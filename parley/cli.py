@@ -212,8 +212,7 @@ def cmd_data(args) -> int:
     return corpus.main(args.settings, prog="parley data prepare")
 
 
-def main(argv: list[str] | None = None) -> int:
-    signal.signal(signal.SIGPIPE, signal.SIG_DFL)  # `parley ... | head` ends quietly, like other tools
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     argv = sys.argv[1:] if argv is None else list(argv)
     command = next((i for i, a in enumerate(argv) if not a.startswith("-")), None)
     if command is not None and argv[command] in OWN_PARSERS:
@@ -224,6 +223,12 @@ def main(argv: list[str] | None = None) -> int:
         args = build_parser().parse_args(argv)
     if getattr(args, "help", False):  # chat's settings are listed by its config's own --help
         args.settings = ["--help", *args.settings]
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    signal.signal(signal.SIGPIPE, signal.SIG_DFL)  # `parley ... | head` ends quietly, like other tools
+    args = parse_args(argv)
     torch.set_flush_denormal(True)  # denormals slow CPU decoding ~10x
     handlers = {"models": cmd_models, "generate": cmd_generate, "chat": cmd_chat, "ingest": cmd_ingest,
                 "serve": cmd_serve, "users": cmd_users, "train": cmd_train, "data": cmd_data}

@@ -6,7 +6,7 @@ import shlex
 import subprocess
 from pathlib import Path
 
-from parley.cli import build_parser
+from parley.cli import parse_args
 from parley.config import parse_cli
 from parley.pipeline.assistant import AssistantConfig
 
@@ -30,9 +30,8 @@ def test_readme_opens_with_the_two_commands():
 def test_every_parley_command_in_the_readme_parses():
     commands = [line for line in code_lines() if line.startswith("parley ") or "| parley " in line]
     assert len(commands) >= 6
-    parser = build_parser()
     for line in commands:
         args = shlex.split(line.split("| ")[-1])[1:]
-        parsed = parser.parse_args(args)  # argparse exits (fails the test) on an unknown command or flag
+        parsed = parse_args(args)  # argparse exits (fails the test) on an unknown command or flag
         if parsed.command == "chat":  # the assistant's key=value settings are checked too
             parse_cli(AssistantConfig, parsed.settings, prog="parley chat")
