@@ -2,6 +2,7 @@
 
     decoder = FastDecoder.create(model)        # None where the kernels cannot serve this model
     logits = decoder.step(tokens, cache)       # tokens (B,), one new token per row; cache in fp32
+    logits = decoder.step_paged(batch)         # the same over a paged cache (engine/cache.py)
 
 The Transformer's own forward stays the reference (and does prefill, where big matmuls
 make PyTorch's AMX kernels the right tool); this path computes the same decode step
@@ -23,6 +24,7 @@ from pathlib import Path
 
 import torch
 
+from parley.engine.cache import PagedBatch
 from parley.model.transformer import KVCache, Transformer
 
 SOURCE = Path(__file__).with_name("kernels.c")
@@ -72,6 +74,9 @@ def kernels() -> ctypes.CDLL | None:
     so = ctypes.CDLL(str(lib))
     so.decode_step.argtypes = [ctypes.POINTER(Layer), P, P, ctypes.POINTER(Buffers), ctypes.POINTER(Shape), P, P, P, P]
     so.decode_step.restype = None
+    so.decode_step_paged.argtypes = [ctypes.POINTER(Layer), P, P, ctypes.POINTER(Buffers), ctypes.POINTER(Shape),
+                                     P, P, P, P, ctypes.c_long, ctypes.c_long]
+    so.decode_step_paged.restype = None
     return so
 
 
@@ -139,4 +144,28 @@ class FastDecoder:
         self.lib.decode_step(self.layers, self.norm.data_ptr(), self.model.lm_head.weight.data_ptr(),
                              ctypes.byref(buffers), ctypes.byref(shape), positions.data_ptr(),
                              self.cos.data_ptr(), self.sin.data_ptr(), cache.valid.data_ptr())
+        return tensors["logits"]
+
+    @torch.inference_mode()
+    def step_paged(self, batch: PagedBatch) -> torch.Tensor:
+        """Logits (B, vocab) for a batch of one-token feeds over a paged cache in fp32; the
+        keys and values go to the rows' pages. The returned tensor is a reused buffer."""
+        cache = batch.cache
+        assert cache.k[0].dtype == torch.float32 and not batch.prefill, "fp32 pages and one token per row"
+        c, B = self.cfg, len(batch.decode)
+        table = batch.decode_table.contiguous()
+        # round the scratch length up so that growing sequences do not reallocate it every step
+        span = -(-table.shape[1] * cache.page_size // 256) * 256
+        tensors, buffers = self._buffers(B, span)
+        positions = batch.positions[0].contiguous()
+        tensors["x"].copy_(self.embed[torch.tensor(batch.ids)])
+        for layer, k, v in zip(self.layers, cache.k, cache.v):
+            layer.K, layer.V = k.data_ptr(), v.data_ptr()
+        shape = Shape(B=B, H=c.hidden_size, nh=c.num_attention_heads, nkv=c.num_key_value_heads, hd=c.head_dim,
+                      n_layers=c.num_hidden_layers, w_bf16=int(self.embed.dtype == torch.bfloat16),
+                      inter=c.intermediate_size, vocab=c.vocab_size, max_len=span, slot=0, eps=c.rms_norm_eps)
+        self.lib.decode_step_paged(self.layers, self.norm.data_ptr(), self.model.lm_head.weight.data_ptr(),
+                                   ctypes.byref(buffers), ctypes.byref(shape), positions.data_ptr(),
+                                   self.cos.data_ptr(), self.sin.data_ptr(), table.data_ptr(),
+                                   table.shape[1], cache.page_size)
         return tensors["logits"]

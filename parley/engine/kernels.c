@@ -13,6 +13,9 @@
  *   W           [O, I] weights (nn.Linear layout), bf16 bits (uint16) or fp32
  *   K, V        [B, n_kv, max_len, hd] cache, fp32
  *   valid       [B, max_len] bool: slot holds a real token
+ * or, for decode_step_paged (the paged cache of engine/cache.py):
+ *   K, V        [pages, n_kv, page_size, hd] page pools, fp32
+ *   table       [B, width] int64: row b's position p lives in page table[b, p / page_size]
  */
 #include <math.h>
 #include <stdint.h>
@@ -142,51 +145,68 @@ static inline void rotate(float *v, const float *cos_p, const float *sin_p, int 
     }
 }
 
+/* Where the cache keeps row b's key (or value) for kv head g at slot s: in the row's own
+ * contiguous buffer, or (with a page table) in the page holding its position s. */
+typedef struct {
+    const int64_t *table; /* NULL: contiguous cache */
+    long width, page_size;
+} Paging;
+
+static inline long kv_at(const Paging *pg, int b, int g, long s, int nkv, int hd, long max_len) {
+    if (!pg->table) return (((long)b * nkv + g) * max_len + s) * hd;
+    long page = pg->table[(long)b * pg->width + s / pg->page_size];
+    return ((page * nkv + g) * pg->page_size + s % pg->page_size) * hd;
+}
+
 /* qkv: [B, (nh + 2 nkv) * hd], the fused q|k|v projection of one new token per row.
- * Rotate q and k at each row's position, then store k and v in cache slot `slot`. */
+ * Rotate q and k at each row's position, then store k and v in cache slot `slot` (paged:
+ * at the row's position). */
 static void rope_store(float *qkv, const int64_t *pos, const float *cos_t, const float *sin_t, float *K, float *V,
-                int B, int nh, int nkv, int hd, long max_len, long slot) {
+                int B, int nh, int nkv, int hd, long max_len, long slot, const Paging *pg) {
     long stride = (long)(nh + 2 * nkv) * hd;
     for (int b = 0; b < B; b++) {
         float *row = qkv + b * stride;
         const float *c = cos_t + pos[b] * hd, *s = sin_t + pos[b] * hd;
         for (int h = 0; h < nh + nkv; h++) rotate(row + (long)h * hd, c, s, hd);
         for (int h = 0; h < nkv; h++) {
-            long dst = (((long)b * nkv + h) * max_len + slot) * hd;
+            long dst = kv_at(pg, b, h, pg->table ? pos[b] : slot, nkv, hd, max_len);
             memcpy(K + dst, row + (long)(nh + h) * hd, hd * sizeof(float));
             memcpy(V + dst, row + (long)(nh + nkv + h) * hd, hd * sizeof(float));
         }
     }
 }
 
-/* One query per row against the first S slots of the cache; q is read from qkv rows
- * (stride q_stride), out is [B, nh * hd]. scratch holds B * nh * S floats. */
+/* One query per row against the first S slots of the cache (paged: the row's first
+ * pos[b] + 1 positions, all real); q is read from qkv rows (stride q_stride), out is
+ * [B, nh * hd]. scratch holds B * nh * max_len floats. */
 static void attend_for(const float *qkv, long q_stride, const float *K, const float *V, const uint8_t *valid,
-                       float *out, float *scratch, int B, int nh, int nkv, int hd, long max_len, long S, float scale) {
+                       float *out, float *scratch, int B, int nh, int nkv, int hd, long max_len, long S, float scale,
+                       const int64_t *pos, const Paging *pg) {
     int group = nh / nkv;
 #pragma omp for schedule(static)
     for (long bh = 0; bh < (long)B * nh; bh++) {
         int b = bh / nh, h = bh % nh, g = h / group;
         const float *q = qkv + b * q_stride + (long)h * hd;
-        const float *Kb = K + ((long)b * nkv + g) * max_len * hd;
-        const float *Vb = V + ((long)b * nkv + g) * max_len * hd;
-        const uint8_t *ok = valid + (long)b * max_len;
-        float *p = scratch + bh * S, m = -INFINITY, sum = 0.f;
-        for (long s = 0; s < S; s++) {
-            if (!ok[s]) { p[s] = -INFINITY; continue; }
+        const uint8_t *ok = pg->table ? NULL : valid + (long)b * max_len;
+        long n = pg->table ? pos[b] + 1 : S;
+        float *p = scratch + bh * max_len, m = -INFINITY, sum = 0.f;
+        for (long s = 0; s < n; s++) {
+            if (ok && !ok[s]) { p[s] = -INFINITY; continue; }
+            const float *k = K + kv_at(pg, b, g, s, nkv, hd, max_len);
             float d = 0.f;
 #pragma omp simd reduction(+ : d)
-            for (int i = 0; i < hd; i++) d += q[i] * Kb[s * hd + i];
+            for (int i = 0; i < hd; i++) d += q[i] * k[i];
             p[s] = d * scale;
             if (p[s] > m) m = p[s];
         }
-        for (long s = 0; s < S; s++) { p[s] = ok[s] ? expf(p[s] - m) : 0.f; sum += p[s]; }
+        for (long s = 0; s < n; s++) { p[s] = !ok || ok[s] ? expf(p[s] - m) : 0.f; sum += p[s]; }
         float *o = out + (long)b * nh * hd + (long)h * hd;
         for (int i = 0; i < hd; i++) o[i] = 0.f;
-        for (long s = 0; s < S; s++) {
+        for (long s = 0; s < n; s++) {
             if (p[s] == 0.f) continue;
+            const float *v = V + kv_at(pg, b, g, s, nkv, hd, max_len);
             float ps = p[s] / sum;
-            for (int i = 0; i < hd; i++) o[i] += ps * Vb[s * hd + i];
+            for (int i = 0; i < hd; i++) o[i] += ps * v[i];
         }
     }
 }
@@ -220,11 +240,9 @@ typedef struct {
     float eps;
 } Shape;
 
-/* x holds the new tokens' embeddings; writes their next-token logits. The new keys and
- * values go to cache slot `slot`; rows attend to the slots marked valid up to it. */
-void decode_step(const Layer *layers, const float *final_norm, const void *lm_head, const Buffers *buf,
+static void step(const Layer *layers, const float *final_norm, const void *lm_head, const Buffers *buf,
                  const Shape *sh, const int64_t *pos, const float *cos_t, const float *sin_t,
-                 const uint8_t *valid) {
+                 const uint8_t *valid, const Paging *pg) {
     const int B = sh->B, H = sh->H, nh = sh->nh, nkv = sh->nkv, hd = sh->hd, wb = sh->w_bf16;
     const long qkv_w = (long)(nh + 2 * nkv) * hd, inter = sh->inter;
     const float scale = 1.f / sqrtf((float)hd);
@@ -238,9 +256,9 @@ void decode_step(const Layer *layers, const float *final_norm, const void *lm_he
             linear_for(L->k, wb, buf->h, buf->qkv + nh * hd, qkv_w, B, H, (long)nkv * hd, 0);
             linear_for(L->v, wb, buf->h, buf->qkv + (nh + nkv) * hd, qkv_w, B, H, (long)nkv * hd, 0);
 #pragma omp single
-            rope_store(buf->qkv, pos, cos_t, sin_t, L->K, L->V, B, nh, nkv, hd, sh->max_len, sh->slot);
+            rope_store(buf->qkv, pos, cos_t, sin_t, L->K, L->V, B, nh, nkv, hd, sh->max_len, sh->slot, pg);
             attend_for(buf->qkv, qkv_w, L->K, L->V, valid, buf->att, buf->scores, B, nh, nkv, hd, sh->max_len,
-                       sh->slot + 1, scale);
+                       sh->slot + 1, scale, pos, pg);
             linear_for(L->o, wb, buf->att, buf->x, H, B, (long)nh * hd, H, 1);
 #pragma omp single
             rmsnorm(buf->x, L->ln2, buf->h, B, H, sh->eps);
@@ -253,4 +271,22 @@ void decode_step(const Layer *layers, const float *final_norm, const void *lm_he
         rmsnorm(buf->x, final_norm, buf->h, B, H, sh->eps);
         linear_for(lm_head, wb, buf->h, buf->logits, sh->vocab, B, H, sh->vocab, 0);
     }
+}
+
+/* x holds the new tokens' embeddings; writes their next-token logits. The new keys and
+ * values go to cache slot `slot`; rows attend to the slots marked valid up to it. */
+void decode_step(const Layer *layers, const float *final_norm, const void *lm_head, const Buffers *buf,
+                 const Shape *sh, const int64_t *pos, const float *cos_t, const float *sin_t,
+                 const uint8_t *valid) {
+    const Paging contiguous = {NULL, 0, 0};
+    step(layers, final_norm, lm_head, buf, sh, pos, cos_t, sin_t, valid, &contiguous);
+}
+
+/* The same step over a paged cache: row b's new key and value go to its position pos[b],
+ * and it attends to its positions 0..pos[b]. sh->max_len bounds pos[b] + 1 (scratch size). */
+void decode_step_paged(const Layer *layers, const float *final_norm, const void *lm_head, const Buffers *buf,
+                       const Shape *sh, const int64_t *pos, const float *cos_t, const float *sin_t,
+                       const int64_t *table, long width, long page_size) {
+    const Paging paged = {table, width, page_size};
+    step(layers, final_norm, lm_head, buf, sh, pos, cos_t, sin_t, NULL, &paged);
 }

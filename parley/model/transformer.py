@@ -12,12 +12,15 @@ state dict moves between the two without renaming. Config fields use HF's names 
 Inference keeps keys and values in a `KVCache`: pre-allocated buffers shared by a batch of
 left-padded sequences. `cache.valid` marks which slots hold real tokens, so padding is never
 attended to and every row gets its own positions: a batch decodes exactly like its rows alone.
+A paged cache (`PagedBatch`, implemented by engine/cache.py) instead packs the tokens of
+several sequences into one row and does its own attention over each sequence's pages.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass, fields
+from typing import Protocol
 
 import torch
 import torch.nn as nn
@@ -144,6 +147,16 @@ class KVCache:
         self.valid, self.seen = self.valid[rows], self.seen[rows]
 
 
+class PagedBatch(Protocol):
+    """One step over a paged KV cache: the input row packs tokens of several sequences."""
+
+    positions: torch.Tensor  # (1, N): each packed token's position in its own sequence
+    outputs: torch.Tensor  # (M,): the packed tokens whose logits the forward returns
+
+    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """Store k, v (1, kv_heads, N, hd) and return attention outputs shaped like q (1, heads, N, hd)."""
+
+
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float):
         super().__init__()
@@ -182,12 +195,15 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(cfg.hidden_size, self.n_kv * self.hd, bias=b)
         self.o_proj = nn.Linear(self.n_head * self.hd, cfg.hidden_size, bias=b)
 
-    def forward(self, x, cos, sin, layer: int, cache: KVCache | None, mask):
+    def forward(self, x, cos, sin, layer: int, cache: KVCache | PagedBatch | None, mask):
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, self.n_head, self.hd).transpose(1, 2)
         k = self.k_proj(x).view(B, T, self.n_kv, self.hd).transpose(1, 2)
         v = self.v_proj(x).view(B, T, self.n_kv, self.hd).transpose(1, 2)
         q, k = apply_rope(q, cos, sin).to(v.dtype), apply_rope(k, cos, sin).to(v.dtype)
+        if cache is not None and not isinstance(cache, KVCache):
+            y = cache.attend(layer, q, k, v)
+            return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_head * self.hd))
         if cache is not None:
             end = cache.length  # the caller has already advanced the cache over these tokens
             cache.k[layer][:, :, end - T:end] = k
@@ -325,18 +341,22 @@ class Transformer(nn.Module):
                 out_proj = name.endswith(("o_proj.weight", "down_proj.weight", "w2.weight"))
                 nn.init.normal_(p, mean=0.0, std=std * (scale if out_proj else 1.0))
 
-    def forward(self, input_ids: torch.Tensor, cache: KVCache | None = None,
+    def forward(self, input_ids: torch.Tensor, cache: KVCache | PagedBatch | None = None,
                 token_mask: torch.Tensor | None = None, last_only: bool = False,
                 return_router_logits: bool = False):
         """Logits for every position (or only the last, with `last_only`).
 
         Without a cache this is the training forward: one causal pass, no padding. With a
         cache the tokens are appended to it; `token_mask` (batch, time) marks which of them
-        are real (False for left padding) and defaults to all real.
+        are real (False for left padding) and defaults to all real. With a `PagedBatch`,
+        input_ids is its packed row (1, N) and the logits are those of `cache.outputs` (1, M, vocab).
         """
         B, T = input_ids.shape
         mask = None
-        if cache is None:
+        paged = cache is not None and not isinstance(cache, KVCache)
+        if paged:
+            positions = cache.positions
+        elif cache is None:
             if T > self.config.max_position_embeddings:
                 raise ValueError(f"sequence of {T} tokens is longer than the model's context "
                                  f"({self.config.max_position_embeddings})")
@@ -357,6 +377,8 @@ class Transformer(nn.Module):
             x, r = block(x, cos, sin, i, cache, mask)
             if r is not None:
                 router_logits.append(r)
+        if paged:
+            x = x[:, cache.outputs]
         x = self.model.norm(x[:, -1:] if last_only else x)
         logits = self.lm_head(x)
         return (logits, router_logits) if return_router_logits else logits

@@ -1,0 +1,140 @@
+"""Continuous batching: aggregate decode speed of N concurrent requests through the
+Scheduler (paged KV cache) against the Engine, on SmolLM2-135M.
+
+    .venv/bin/python benchmarks/batching.py                   # print the table
+    .venv/bin/python benchmarks/batching.py --pytorch --write # also the PyTorch decode path; append to RESULTS.md
+
+Each case sends N distinct `--prompt`-token prompts, greedy, `--new` tokens each, end of
+sequence ignored; tokens/s = N * new / wall time from the first submit to the last token
+(prefill included, as in decode.py). The scheduler decodes on the C step over its pages
+(with --pytorch, also on the model's own forward). The Engine columns serve other prompts
+of the same length one at a time (batch 1: the single-user speed) and all N as one static
+batch (its C step over a contiguous cache)."""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import os
+import statistics
+import subprocess
+import time
+from pathlib import Path
+
+import torch
+
+from parley.engine.engine import Engine
+from parley.engine.sampling import SamplingParams
+from parley.engine.scheduler import Scheduler
+from parley.model.tokenizer import Tokenizer
+from parley.model.weights import load_gguf
+from parley.registry import smollm2_gguf
+
+SOURCES = sorted((Path(__file__).parent.parent / "parley").rglob("*.py"))  # fixed, varied text
+
+
+class Prompts:
+    """Distinct prompts, never the same twice: no case reuses another's cached prefix."""
+
+    def __init__(self, tokenizer: Tokenizer, length: int):
+        self.ids = tokenizer.encode("".join(path.read_text() for path in SOURCES))
+        self.length, self.used = length, 0
+
+    def take(self, n: int) -> list[list[int]]:
+        start, self.used = self.used, self.used + n
+        if self.used * self.length > len(self.ids):
+            raise SystemExit(f"not enough text for {self.used} prompts of {self.length} tokens")
+        return [self.ids[i * self.length:(i + 1) * self.length] for i in range(start, start + n)]
+
+
+def time_scheduler(scheduler: Scheduler, batch: list[list[int]], new: int) -> float:
+    params = SamplingParams(max_tokens=new)
+    t = time.perf_counter()
+    handles = [scheduler.submit(p, params) for p in batch]
+    for h in handles:
+        h.wait()
+    elapsed = time.perf_counter() - t
+    assert all(len(h.tokens) == new for h in handles)
+    return len(batch) * new / elapsed
+
+
+def time_engine(engine: Engine, batch: list[list[int]], new: int, together: bool) -> float:
+    params = SamplingParams(max_tokens=new)
+    t = time.perf_counter()
+    for group in ([batch] if together else [[p] for p in batch]):
+        assert all(len(c.tokens) == new for c in engine.generate(group, params))
+    return len(batch) * new / (time.perf_counter() - t)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--prompt", type=int, default=128)
+    ap.add_argument("--new", type=int, default=64)
+    ap.add_argument("--concurrency", default="1,8,32")
+    ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--pytorch", action="store_true", help="also time the scheduler with PyTorch decode steps")
+    ap.add_argument("--write", action="store_true", help="append the table to benchmarks/RESULTS.md")
+    args = ap.parse_args()
+    torch.set_flush_denormal(True)
+    path = smollm2_gguf()
+    tokenizer = Tokenizer.from_gguf(path)
+    model, _ = load_gguf(path)
+    model = model.to(getattr(torch, args.dtype)).eval()
+    engine = Engine(model)
+    source = Prompts(tokenizer, args.prompt)
+    schedulers = [Scheduler(model, max_batch=64, kv_budget_bytes=512 * 2**20)]
+    if args.pytorch:
+        schedulers.append(Scheduler(model, max_batch=64, kv_budget_bytes=512 * 2**20, fast=False))
+    for scheduler in schedulers:
+        scheduler.start()
+        time_scheduler(scheduler, source.take(2), 4)  # warm-up
+    time_engine(engine, source.take(1), 4, together=True)
+    rows = []
+    for n in map(int, args.concurrency.split(",")):
+        runs = []
+        for _ in range(args.repeats):  # the contenders alternate, so machine noise hits them all
+            rates = [time_scheduler(scheduler, source.take(n), args.new) for scheduler in schedulers]
+            batch = source.take(n)
+            rates += [time_engine(engine, batch[:min(n, 4)], args.new, together=False),  # batch 1: per token
+                      time_engine(engine, batch, args.new, together=True)]
+            runs.append(rates)
+        rates = [statistics.median(column) for column in zip(*runs)]
+        rows.append((n, *rates))
+        cells = (f"{name} {rate:7.1f} tok/s" for name, rate in zip(columns(args), rates))
+        print(f"{n:2} concurrent: " + "   ".join(cells), flush=True)
+    for scheduler in schedulers:
+        print(scheduler.stats())
+        scheduler.close()
+    if args.write:
+        write_results(rows, args)
+
+
+def columns(args) -> list[str]:
+    return ["Scheduler"] + (["Scheduler, PyTorch decode"] if args.pytorch else []) + \
+        ["Engine batch-1", "Engine static batch"]
+
+
+def write_results(rows, args) -> None:
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    lines = [
+        f"\n## Continuous batching, SmolLM2-135M-Instruct ({datetime.date.today()}, commit {commit})\n",
+        f"Machine: {os.uname().machine}, {os.cpu_count()} cores, {torch.get_num_threads()} threads, "
+        f"torch {torch.__version__}. Command: `.venv/bin/python benchmarks/batching.py --prompt {args.prompt} "
+        f"--new {args.new} --dtype {args.dtype} --repeats {args.repeats}{' --pytorch' * args.pytorch} --write`. "
+        f"N distinct {args.prompt}-token prompts, {args.new} new tokens each, greedy, median of {args.repeats}; "
+        "tokens/s = N * new / wall time, prefill included. Scheduler: paged KV cache, prompt chunks on the "
+        "PyTorch forward, decode rows on the C step (PyTorch decode: the model's forward for every row); "
+        "Engine: contiguous cache, C decode step.\n",
+        "| concurrent requests | " + " | ".join(f"{name} tok/s" for name in columns(args)) + " |",
+        "|---" * (len(columns(args)) + 1) + "|",
+    ]
+    lines += [f"| {n} | " + " | ".join(f"{rate:.1f}" for rate in rates) + " |" for n, *rates in rows]
+    results = Path(__file__).with_name("RESULTS.md")
+    with results.open("a") as f:
+        f.write("\n".join(lines) + "\n")
+    print(f"appended to {results}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,228 @@
+"""A paged KV cache: fixed-size pages from one memory budget, page tables per sequence,
+and reuse of pages whose tokens another sequence already computed.
+
+    cache = PagedKVCache(model.config, budget_bytes=64 * 2**20, page_size=16)
+    seq = Sequence(tokens=prompt)
+    reused = cache.match(seq, len(prompt) - 1)    # full pages of a cached prefix, ref'd for seq
+    seq.pages += cache.allocate(cache.pages_for(len(prompt) + 32) - len(seq.pages))
+    batch = cache.batch([(seq, len(prompt) - seq.length)])   # feed the rest of the prompt
+    logits = model(ids, batch)                    # the model appends K/V to seq's pages
+    cache.publish(seq); cache.release(seq)        # share its full pages, give back the rest
+
+Each layer holds K and V pools of shape [num_pages, kv_heads, page_size, head_dim]; a
+sequence's token at position p lives in page `seq.pages[p // page_size]`, slot
+`p % page_size`. Pages are reference-counted. A full page is named by a hash of its tokens
+and of every token before it (the hash of the previous page chains in), so equal names
+mean equal keys and values. When no sequence holds a named page any more it stays in the
+pools as *cached* (least recently used first out) until an allocation needs the room.
+Shared pages are never written: a sequence only appends after its own last token.
+
+A `PagedBatch` is one forward step over several sequences, packed into one row: decoding
+sequences (one query each) attend together through one padded gather of their pages;
+each sequence that feeds several tokens (prefill) attends on its own, causally.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections import OrderedDict
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+from parley.model.transformer import ModelConfig
+
+
+class CacheError(ValueError):
+    """A cache that cannot be built, or a request for more pages than exist."""
+
+
+@dataclass
+class Sequence:
+    """One sequence in the cache: its tokens so far, how many have K/V in the cache
+    (`length`), its page table, and the names of its full pages."""
+
+    tokens: list[int]
+    length: int = 0
+    pages: list[int] = field(default_factory=list)
+    hashes: list[bytes] = field(default_factory=list)
+
+
+class PagedKVCache:
+    def __init__(self, cfg: ModelConfig, budget_bytes: int, page_size: int = 16,
+                 dtype: torch.dtype = torch.float32, device="cpu"):
+        if page_size < 1:
+            raise CacheError(f"page_size must be >= 1 (got {page_size})")
+        self.page_size, self.cfg = page_size, cfg
+        element = torch.empty(0, dtype=dtype).element_size()
+        self.page_bytes = 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * page_size * cfg.head_dim * element
+        self.num_pages = budget_bytes // self.page_bytes
+        if self.num_pages < 1:
+            raise CacheError(f"a KV budget of {budget_bytes} bytes holds no page of {self.page_bytes} bytes: "
+                             "raise the budget or lower page_size")
+        shape = (self.num_pages, cfg.num_key_value_heads, page_size, cfg.head_dim)
+        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(cfg.num_hidden_layers)]
+        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(cfg.num_hidden_layers)]
+        self.device = device
+        self.refs = [0] * self.num_pages
+        self.free: list[int] = list(range(self.num_pages - 1, -1, -1))  # pop() hands out page 0 first
+        self.cached: OrderedDict[int, None] = OrderedDict()  # named pages nobody holds, oldest first
+        self.name_of: dict[int, bytes] = {}
+        self.page_named: dict[bytes, int] = {}
+
+    # -- counters
+    @property
+    def pages_free(self) -> int:
+        """Pages an allocation can take now: never used, or cached and unreferenced."""
+        return len(self.free) + len(self.cached)
+
+    @property
+    def pages_used(self) -> int:
+        return self.num_pages - self.pages_free
+
+    @property
+    def pages_cached(self) -> int:
+        return len(self.cached)
+
+    def pages_for(self, tokens: int) -> int:
+        return -(-tokens // self.page_size)
+
+    # -- allocation
+    def allocate(self, n: int) -> list[int]:
+        """n pages for one sequence (fresh ones first, then the least recently used cached)."""
+        if n > self.pages_free:
+            raise CacheError(f"{n} pages wanted but only {self.pages_free} of {self.num_pages} are free")
+        pages = []
+        for _ in range(n):
+            if self.free:
+                page = self.free.pop()
+            else:
+                page, _ = self.cached.popitem(last=False)
+                del self.page_named[self.name_of.pop(page)]
+            self.refs[page] = 1
+            pages.append(page)
+        return pages
+
+    def release(self, seq: Sequence) -> None:
+        """Drop seq's hold on its pages: named ones become cached, the others free."""
+        for page in seq.pages:
+            self.refs[page] -= 1
+            if self.refs[page] == 0:
+                if page in self.name_of:
+                    self.cached[page] = None
+                else:
+                    self.free.append(page)
+        seq.pages = []
+
+    # -- prefix reuse
+    def _name(self, previous: bytes, tokens: list[int]) -> bytes:
+        return hashlib.blake2b(previous + b"".join(t.to_bytes(4, "little") for t in tokens), digest_size=16).digest()
+
+    def match(self, seq: Sequence, limit: int) -> int:
+        """Give an empty sequence the cached pages of its longest named prefix of at most
+        `limit` tokens; returns how many tokens that covers (its new `length`)."""
+        ps, previous = self.page_size, b""
+        while (len(seq.pages) + 1) * ps <= limit:
+            start = len(seq.pages) * ps
+            name = self._name(previous, seq.tokens[start:start + ps])
+            page = self.page_named.get(name)
+            if page is None:
+                break
+            self.cached.pop(page, None)
+            self.refs[page] += 1
+            seq.pages.append(page)
+            seq.hashes.append(name)
+            previous = name
+        seq.length = len(seq.pages) * ps
+        return seq.length
+
+    def publish(self, seq: Sequence) -> None:
+        """Name seq's pages that have filled since the last call, so later sequences can
+        reuse them. A page whose name another page has already taken stays unnamed."""
+        ps = self.page_size
+        while (len(seq.hashes) + 1) * ps <= seq.length:
+            i = len(seq.hashes)
+            name = self._name(seq.hashes[-1] if seq.hashes else b"", seq.tokens[i * ps:(i + 1) * ps])
+            seq.hashes.append(name)
+            page = seq.pages[i]
+            if name not in self.page_named and page not in self.name_of:
+                self.page_named[name], self.name_of[page] = page, name
+
+    # -- one forward step
+    def batch(self, feeds: list[tuple[Sequence, int]]) -> "PagedBatch":
+        """A step feeding each sequence its next n uncached tokens (n=1: decoding)."""
+        return PagedBatch(self, feeds)
+
+
+class PagedBatch:
+    """The packed tokens of one step, in the order of `feeds`; implements the paged
+    protocol of `Transformer.forward` (positions, outputs, attend). Building it advances
+    every sequence's `length`."""
+
+    def __init__(self, cache: PagedKVCache, feeds: list[tuple[Sequence, int]]):
+        ps, dev = cache.page_size, cache.device
+        self.cache = cache
+        self.ids: list[int] = []
+        positions, pages, slots, outputs = [], [], [], []
+        self.decode: list[int] = []  # packed index of each one-token feed
+        self.prefill: list[tuple[int, int, int, torch.Tensor]] = []  # (packed start, T, first position, pages)
+        decode_tables, decode_lengths = [], []
+        for seq, n in feeds:
+            if n < 1 or seq.length + n > len(seq.tokens) or seq.length + n > len(seq.pages) * ps:
+                raise CacheError(f"cannot feed {n} tokens to a sequence of {len(seq.tokens)} tokens, "
+                                 f"{seq.length} cached, {len(seq.pages)} pages")
+            at, start = len(self.ids), seq.length
+            span = range(start, start + n)
+            self.ids += seq.tokens[start:start + n]
+            positions += span
+            pages += [seq.pages[p // ps] for p in span]
+            slots += [p % ps for p in span]
+            outputs.append(at + n - 1)
+            if n == 1:
+                self.decode.append(at)
+                decode_tables.append(seq.pages[:cache.pages_for(start + 1)])
+                decode_lengths.append(start + 1)
+            else:
+                used = torch.tensor(seq.pages[:cache.pages_for(start + n)], device=dev)
+                self.prefill.append((at, n, start, used))
+            seq.length += n
+        self.positions = torch.tensor([positions], device=dev)
+        self.outputs = torch.tensor(outputs, device=dev)
+        self.write_pages = torch.tensor(pages, device=dev)
+        self.write_slots = torch.tensor(slots, device=dev)
+        if self.decode:
+            width = max(len(t) for t in decode_tables)
+            self.decode_table = torch.tensor([t + [0] * (width - len(t)) for t in decode_tables], device=dev)
+            keys = torch.arange(width * ps, device=dev)
+            self.decode_mask = (keys[None] < torch.tensor(decode_lengths, device=dev)[:, None])[:, None, None]
+            self.decode_index = torch.tensor(self.decode, device=dev)
+
+    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """q (1, heads, N, hd), k and v (1, kv_heads, N, hd) of the packed tokens: store k
+        and v in their pages, then return each token's attention output (1, heads, N, hd)."""
+        K, V = self.cache.k[layer], self.cache.v[layer]
+        K[self.write_pages, :, self.write_slots] = k[0].transpose(0, 1).to(K.dtype)
+        V[self.write_pages, :, self.write_slots] = v[0].transpose(0, 1).to(V.dtype)
+        gqa = q.shape[1] != k.shape[1]
+        y = torch.empty_like(q)
+        if self.decode:
+            D, width = self.decode_table.shape
+            gather = lambda pool: pool[self.decode_table].transpose(1, 2).reshape(
+                D, pool.shape[1], width * pool.shape[2], pool.shape[3]).to(q.dtype)
+            qd = q[0, :, self.decode_index].transpose(0, 1)[:, :, None]  # (D, heads, 1, hd)
+            out = F.scaled_dot_product_attention(qd, gather(K), gather(V), attn_mask=self.decode_mask,
+                                                 enable_gqa=gqa)
+            y[0, :, self.decode_index] = out[:, :, 0].transpose(0, 1)
+        for at, T, start, pages in self.prefill:
+            S = start + T
+            gather = lambda pool: pool[pages].transpose(0, 1).reshape(
+                pool.shape[1], -1, pool.shape[3])[None, :, :S].to(q.dtype)
+            qp = q[:, :, at:at + T]
+            if start == 0:
+                out = F.scaled_dot_product_attention(qp, gather(K), gather(V), is_causal=True, enable_gqa=gqa)
+            else:
+                mask = torch.arange(S, device=q.device)[None] <= torch.arange(start, S, device=q.device)[:, None]
+                out = F.scaled_dot_product_attention(qp, gather(K), gather(V), attn_mask=mask, enable_gqa=gqa)
+            y[:, :, at:at + T] = out
+        return y
