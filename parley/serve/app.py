@@ -66,7 +66,7 @@ class Settings:
     pipeline_workers: int = 4
     default_max_tokens: int = 512
     dtype: str = "bfloat16"
-    batching: bool = False  # continuous batching (engine/scheduler.py) instead of one request at a time
+    batching: bool = True  # continuous batching (engine/scheduler.py); False: one request at a time
 
     def __post_init__(self):
         if self.no_auth and not is_loopback(self.host):

@@ -17,8 +17,9 @@ queue. `SerialGenerator` runs one request at a time on a worker thread with `Eng
 
 `SchedulerGenerator` adapts the continuous-batching `parley.engine.scheduler.Scheduler` (its
 handles have the same `events()`, blocking iteration and `cancel()`); `create_app` picks it
-with `Settings(batching=True)` (`parley serve --batching`). Another generator plugs in the same
-way: implement `Generator` and pass it as `create_app(settings, generator=..., tokenizer=...)`.
+by default, and `SerialGenerator` with `Settings(batching=False)` (`parley serve --serial`).
+Another generator plugs in the same way: implement `Generator` and pass it as
+`create_app(settings, generator=..., tokenizer=...)`.
 
 `EngineView` lets code written against `Engine.stream` (the assistant's respond stage) share
 the same generator, so every token the server produces goes through one queue.

@@ -37,14 +37,14 @@ def serve_main(argv: list[str]) -> int:
     parser.add_argument("--rate-limit", type=int, default=600, help="requests a minute per key (0 = none)")
     parser.add_argument("--max-pending", type=int, default=32, help="generation requests that may wait")
     parser.add_argument("--dtype", choices=["bfloat16", "float32"], default="bfloat16")
-    parser.add_argument("--batching", action="store_true",
-                        help="continuous batching of concurrent requests (default: one at a time)")
+    parser.add_argument("--serial", action="store_true",
+                        help="serve one request at a time instead of batching concurrent ones continuously")
     args = parser.parse_args(argv)
     if not 0 <= args.port <= 65535:
         parser.error(f"--port must be 0..65535, not {args.port}")
     settings = Settings(db=_db(args.db), model=args.model, host=args.host, no_auth=args.no_auth,
                         requests_per_minute=args.rate_limit, max_pending=args.max_pending, dtype=args.dtype,
-                        batching=args.batching)
+                        batching=not args.serial)
     import uvicorn
 
     from parley.serve.app import create_app
