@@ -36,6 +36,10 @@ def registry(tiny_hf_dir, tmp_path_factory):
     small, tokenizer, meta = registry.load("tiny")
     torch.manual_seed(0)
     model = Transformer(dataclasses.replace(small.config, max_position_embeddings=768)).eval()
+    with torch.no_grad():  # larger random weights: answers that differ from prompt to prompt
+        for weight in model.parameters():
+            if weight.dim() == 2:
+                weight.normal_(0, 0.5)
     registry.save("tiny768", model, tokenizer, {**meta, "name": "tiny768"})
     return registry
 
@@ -392,8 +396,9 @@ def test_continuous_batching_serves_concurrent_streams_as_each_alone(registry, r
     engine, tokenizer, complete = reference
     db = str(tmp_path / "p.db")
     keys = make_users(db, ann="user")
-    questions = [f"Hello there, how are you {i}?" for i in range(8)]
+    questions = [f"Hello there, how are you {i}?" for i in range(32)]
     expected = [complete(tokenizer.encode_chat([{"role": "user", "content": q}]), 12) for q in questions]
+    assert len(set(expected)) > 24  # the answers differ, so a mix-up between streams would show
     settings = Settings(db=db, home=registry.home, model="tiny768", dtype="float32", batching=True,
                         requests_per_minute=0)
     with serving(create_app(settings)) as url:
