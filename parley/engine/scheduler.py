@@ -168,7 +168,8 @@ class Scheduler:
     """
 
     def __init__(self, model: Transformer, *, max_batch: int = 64, kv_budget_bytes: int | None = None,
-                 page_size: int = 16, max_waiting: int = 256, prefill_chunk: int = 256, fast: bool = True):
+                 page_size: int = 16, max_waiting: int = 256, prefill_chunk: int = 256, fast: bool = True,
+                 threads: int | None = None):
         for name, value in (("max_batch", max_batch), ("max_waiting", max_waiting), ("prefill_chunk", prefill_chunk)):
             if value < 1:
                 raise SchedulerError(f"{name} must be >= 1 (got {value})")
@@ -181,6 +182,11 @@ class Scheduler:
         self.cache = PagedKVCache(cfg, kv_budget_bytes, page_size, dtype, device)
         self.max_batch, self.max_waiting, self.prefill_chunk = max_batch, max_waiting, prefill_chunk
         self.device = device
+        # torch threads of the scheduler's own thread (None: as inherited). Each OS thread that runs
+        # multi-threaded OpenMP work keeps its own team, and with two teams on a 2-core machine libgomp
+        # stops spinning, which halves decode speed (RESULTS.md): a server runs every other thread
+        # single-threaded and gives the scheduler all of them.
+        self.threads = threads
         self._lock = threading.Condition()
         self._waiting: deque[_Request] = deque()
         self._running: list[_Request] = []
@@ -264,6 +270,8 @@ class Scheduler:
 
     # -- the loop
     def _loop(self) -> None:
+        if self.threads:
+            torch.set_num_threads(self.threads)
         try:
             while True:
                 with self._lock:

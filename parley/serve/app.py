@@ -67,6 +67,7 @@ class Settings:
     default_max_tokens: int = 512
     dtype: str = "bfloat16"
     batching: bool = True  # continuous batching (engine/scheduler.py); False: one request at a time
+    threads: int | None = None  # torch threads of the scheduler thread (serve_main: all; every other thread: 1)
 
     def __post_init__(self):
         if self.no_auth and not is_loopback(self.host):
@@ -113,7 +114,8 @@ class Server:
         self.metrics, self.buckets = Metrics(), TokenBuckets(settings.requests_per_minute)
         self._embedder, self._embed_lock, self._local = embedder, threading.Lock(), threading.local()
         self.turns = TurnRunner(str(settings.db), settings.stages, settings.default_max_tokens, generator,
-                                tokenizer, self.embed, settings.pipeline_workers, settings.max_pending)
+                                tokenizer, self.embed, settings.pipeline_workers, settings.max_pending,
+                                single_threaded=bool(settings.threads))
         if settings.no_auth:
             with Store(settings.db) as store:
                 if store.get_user_by_name("local") is None:
@@ -128,6 +130,10 @@ class Server:
     def embed(self, texts: list[str]) -> np.ndarray:
         """MiniLM embeddings (loaded on first use); one call at a time, as the model's cache wants."""
         with self._embed_lock:
+            if self.settings.threads:  # keep request threads off OpenMP teams: see Settings.threads
+                import torch
+
+                torch.set_num_threads(1)
             if self._embedder is None:
                 from parley.pipeline.embed import Embedder
 
@@ -181,7 +187,8 @@ def create_app(settings: Settings, generator: Generator | None = None, tokenizer
         if settings.batching:
             from parley.engine.scheduler import Scheduler
 
-            generator = SchedulerGenerator(Scheduler(model, max_waiting=settings.max_pending))
+            generator = SchedulerGenerator(Scheduler(model, max_waiting=settings.max_pending,
+                                                     threads=settings.threads))
         else:
             generator = SerialGenerator(Engine(model), max_pending=settings.max_pending)
     server = Server(settings, generator, settings.model, tokenizer, embedder)

@@ -42,9 +42,17 @@ def serve_main(argv: list[str]) -> int:
     args = parser.parse_args(argv)
     if not 0 <= args.port <= 65535:
         parser.error(f"--port must be 0..65535, not {args.port}")
+    import torch
+
+    # Only the scheduler thread runs multi-threaded torch work: a second OpenMP team in the
+    # process (this thread's, after loading the model) halves decode speed. So this thread, and
+    # every request thread, computes with one thread, and the scheduler's gets them all.
+    threads = torch.get_num_threads() if not args.serial else None
+    if threads:
+        torch.set_num_threads(1)
     settings = Settings(db=_db(args.db), model=args.model, host=args.host, no_auth=args.no_auth,
                         requests_per_minute=args.rate_limit, max_pending=args.max_pending, dtype=args.dtype,
-                        batching=not args.serial)
+                        batching=not args.serial, threads=threads)
     import uvicorn
 
     from parley.serve.app import create_app

@@ -66,13 +66,20 @@ def frame_text(frame, streamed: bool) -> str:
     return ""
 
 
+def _one_torch_thread() -> None:
+    import torch
+
+    torch.set_num_threads(1)  # the pipeline's own torch work (NLU head, MiniLM) stays off OpenMP teams
+
+
 class TurnRunner:
     def __init__(self, db: str, stages: list[str], max_tokens: int, generator: Generator, tokenizer: Tokenizer,
-                 embed, workers: int = 4, max_pending: int = 32):
+                 embed, workers: int = 4, max_pending: int = 32, single_threaded: bool = False):
         self.db, self.stages, self.max_tokens = db, list(stages), max_tokens
         self.workers, self.max_pending, self._inflight, self._count = workers, max_pending, 0, threading.Lock()
         self.generator, self.tokenizer, self.embed = generator, tokenizer, embed
-        self.pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="parley-turn")
+        self.pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="parley-turn",
+                                       initializer=_one_torch_thread if single_threaded else None)
         self._local = threading.local()
 
     def close(self) -> None:
