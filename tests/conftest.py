@@ -100,3 +100,26 @@ def embedder():
     from parley.pipeline.embed import Embedder
 
     return Embedder.load()
+
+
+@pytest.fixture(scope="session")
+def tiny768_registry(tiny_hf_dir, tmp_path_factory):
+    """A registry holding "tiny768": the tiny model's tokenizer and shape with a 768-token context
+    (room for the assistant's prompt) and larger random weights, so answers differ from prompt to
+    prompt (a mix-up between concurrent streams shows). Servers in tests serve it."""
+    import dataclasses
+
+    from parley.model.transformer import Transformer
+    from parley.registry import Registry
+
+    registry = Registry(tmp_path_factory.mktemp("tiny768-home"))
+    registry.import_model(str(tiny_hf_dir), name="tiny")
+    small, tokenizer, meta = registry.load("tiny")
+    torch.manual_seed(0)
+    model = Transformer(dataclasses.replace(small.config, max_position_embeddings=768)).eval()
+    with torch.no_grad():
+        for weight in model.parameters():
+            if weight.dim() == 2:
+                weight.normal_(0, 0.5)
+    registry.save("tiny768", model, tokenizer, {**meta, "name": "tiny768"})
+    return registry

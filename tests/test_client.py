@@ -1,7 +1,6 @@
 """`parley chat --url`: the terminal front end over a real server (uvicorn on a local port, the
 tiny model with room for the assistant's prompt, the real MiniLM embedder, a SQLite file)."""
 
-import dataclasses
 import io
 import socket
 import subprocess
@@ -9,12 +8,9 @@ import sys
 
 import httpx
 import pytest
-import torch
 
 from parley.chat import run
-from parley.model.transformer import Transformer
 from parley.pipeline.embed import Embedder
-from parley.registry import Registry
 from parley.serve.app import Settings, create_app
 from parley.serve.client import ClientError, RemoteAssistant
 from parley.store import Store
@@ -24,14 +20,9 @@ STAGES = ["safety_in", "sentiment", "state", "knowledge", "respond", "safety_out
 
 
 @pytest.fixture(scope="module")
-def site(tiny_hf_dir, tmp_path_factory):
+def site(tiny768_registry, tmp_path_factory):
     """(url, key) of a server whose user has one document, notes.txt."""
-    registry = Registry(tmp_path_factory.mktemp("home"))
-    registry.import_model(str(tiny_hf_dir), name="tiny")
-    small, tokenizer, meta = registry.load("tiny")
-    torch.manual_seed(0)
-    model = Transformer(dataclasses.replace(small.config, max_position_embeddings=768)).eval()
-    registry.save("tiny768", model, tokenizer, {**meta, "name": "tiny768"})
+    registry = tiny768_registry
     db = str(tmp_path_factory.mktemp("db") / "parley.db")
     with Store(db) as store:
         key = store.create_api_key(store.add_user("ann").id)

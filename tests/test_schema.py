@@ -11,20 +11,16 @@ attribute that pytest 9 no longer has; the operations' Hypothesis strategies are
 directly instead.)
 """
 
-import dataclasses
 
 import httpx
 import pytest
 import schemathesis
-import torch
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 from schemathesis import GenerationMode, checks
 from schemathesis.specs.openapi import checks as openapi_checks
 
-from parley.model.transformer import Transformer
 from parley.pipeline.embed import Embedder
-from parley.registry import Registry
 from parley.serve.app import Settings, create_app
 from parley.store import Store
 from serving import serving
@@ -37,15 +33,10 @@ EXAMPLES = 30  # per operation, valid and invalid mixed
 
 
 @pytest.fixture(scope="module")
-def site(tiny_hf_dir, tmp_path_factory):
+def site(tiny768_registry, tmp_path_factory):
     """The served app over the tiny model with a 768-token context (room for the assistant's
     prompt), and an admin's key."""
-    registry = Registry(tmp_path_factory.mktemp("home"))
-    registry.import_model(str(tiny_hf_dir), name="tiny")
-    small, tokenizer, meta = registry.load("tiny")
-    torch.manual_seed(0)
-    model = Transformer(dataclasses.replace(small.config, max_position_embeddings=768)).eval()
-    registry.save("tiny768", model, tokenizer, {**meta, "name": "tiny768"})
+    registry = tiny768_registry
     db = str(tmp_path_factory.mktemp("db") / "parley.db")
     with Store(db) as store:
         key = store.create_api_key(store.add_user("ann", role="admin").id)

@@ -11,12 +11,10 @@ import httpx
 import numpy as np
 import openai
 import pytest
-import torch
 
 from parley.engine.engine import Engine
 from parley.engine.sampling import SamplingParams
 from parley.engine.text import TextStream
-from parley.model.transformer import Transformer
 from parley.pipeline.embed import Embedder
 from parley.registry import Registry
 from parley.serve.app import ServeError, Settings, create_app
@@ -29,19 +27,8 @@ STAGES = ["safety_in", "sentiment", "state", "respond", "safety_out"]
 
 
 @pytest.fixture(scope="module")
-def registry(tiny_hf_dir, tmp_path_factory):
-    """The tiny model (96-token context) and a copy with room for a chat template: tiny768."""
-    registry = Registry(tmp_path_factory.mktemp("home"))
-    registry.import_model(str(tiny_hf_dir), name="tiny")
-    small, tokenizer, meta = registry.load("tiny")
-    torch.manual_seed(0)
-    model = Transformer(dataclasses.replace(small.config, max_position_embeddings=768)).eval()
-    with torch.no_grad():  # larger random weights: answers that differ from prompt to prompt
-        for weight in model.parameters():
-            if weight.dim() == 2:
-                weight.normal_(0, 0.5)
-    registry.save("tiny768", model, tokenizer, {**meta, "name": "tiny768"})
-    return registry
+def registry(tiny768_registry):
+    return tiny768_registry
 
 
 @pytest.fixture(scope="module")
