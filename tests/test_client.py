@@ -68,14 +68,14 @@ def test_chat_keeps_the_conversation_shows_traces_and_resets(site):
 def test_memory_sources_and_server_errors_keep_the_session(site):
     url, key = site
     assistant = RemoteAssistant(url + "/v1/", key=key)  # the SDK's base URL works too
-    text = chat(assistant, "Remember that my sister is called Ana", "/memory", "/remember I like tea",
+    text = chat(assistant, "Remember that my sister is called Ana", "/memory", "/remember I like tea", "/memory",
                 "When is the rent due?", "/sources", "x" * 9000, "/forget sister", "/memory")
     assistant.close()
     assert "- your sister is called Ana" in text
-    assert "[error: /remember is not supported with a remote server" in text
+    assert "(remembered: I like tea)" in text and "- you like tea" in text
     assert "Sources: [1] notes.txt" in text and "[1] notes.txt, chunk id" in text
     assert "[error: the message has 9000 characters; the limit is 8000" in text and "(HTTP 400" in text
-    assert "(forgot: my sister is called Ana)" in text and text.rstrip().endswith("(memory is empty)")
+    assert "(forgot: my sister is called Ana)" in text and text.rstrip().endswith("- you like tea")
 
 
 def test_a_plain_model_gets_the_history_from_the_client(site):

@@ -202,6 +202,7 @@ def test_the_assistant_keeps_a_conversation_with_traces_and_feedback(site):
         saved = http.post(f"/api/turns/{turn_id}/feedback", json={"rating": -1, "edited_text": "Fine, thanks!"})
         assert saved.status_code == 200 and saved.json()["rating"] == -1
         assert http.post(f"/api/turns/{turn_id}/feedback", json={"rating": 3}).status_code == 400
+        assert http.get(f"/api/turns/{turn_id}/feedback").json()["edited_text"] == "Fine, thanks!"
         assert conv in [c["id"] for c in http.get("/api/conversations").json()["data"]]
     with Store(site.db) as store:
         feedback = store.get_feedback(store.get_user_by_name("ann").id, turn_id)
@@ -220,6 +221,7 @@ def test_a_user_cannot_see_or_touch_another_users_things(site):
                                    ("DELETE", f"/api/conversations/{conv.id}", None),
                                    ("GET", f"/api/turns/{answer.id}/trace", None),
                                    ("POST", f"/api/turns/{answer.id}/feedback", {"rating": 1}),
+                                   ("GET", f"/api/turns/{answer.id}/feedback", None),
                                    ("DELETE", f"/api/memory/{fact.id}", None),
                                    ("DELETE", f"/api/knowledge/{doc}", None)]:
             assert bob.request(method, path, json=body).status_code == 404, path
@@ -233,6 +235,13 @@ def test_a_user_cannot_see_or_touch_another_users_things(site):
         assert ann_http.get(f"/api/turns/{answer.id}/trace").status_code == 200
         assert [f["text"] for f in ann_http.get("/api/memory").json()["data"]] == ["my sister is called Ana"]
         assert ann_http.delete(f"/api/memory/{fact.id}").status_code == 200
+        added = ann_http.post("/api/memory", json={"text": "I live in Porto"})
+        assert added.status_code == 201 and added.json()["text"] == "I live in Porto"
+        assert ann_http.post("/api/memory", json={"text": "   "}).json()["error"]["message"].startswith("nothing to")
+        assert ann_http.post("/api/memory", json={"text": "x" * 501}).status_code == 400
+    with site.http("bob") as bob:
+        assert bob.get("/api/memory").json()["data"] == []  # ann's new fact is hers alone
+    with site.http("ann") as ann_http:
         assert ann_http.delete(f"/api/conversations/{conv.id}").status_code == 200
         assert ann_http.get(f"/api/conversations/{conv.id}").status_code == 404
         assert {u["name"] for u in ann_http.get("/api/users").json()["data"]} >= {"ann", "bob"}

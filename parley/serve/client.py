@@ -95,8 +95,8 @@ class RemoteMemory:
         return [Fact(f["id"], f["text"]) for f in self.client.request("GET", "/api/memory")["data"]]
 
     def remember(self, user_id, text: str) -> Fact:
-        raise ClientError("/remember is not supported with a remote server (it has no route to add a memory "
-                          "fact); say 'remember that ...' in the chat instead")
+        fact = self.client.request("POST", "/api/memory", json={"text": text})
+        return Fact(fact["id"], fact["text"])
 
     def forget(self, user_id, what: str) -> list[Fact]:
         """Delete the facts that contain `what` (all of them for "everything"). The server's

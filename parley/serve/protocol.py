@@ -150,6 +150,10 @@ class EmbeddingRequest(_Request):
         return [self.input] if isinstance(self.input, str) else list(self.input)
 
 
+class MemoryRequest(_Request):
+    text: str = Field(min_length=1, max_length=500)
+
+
 class FeedbackRequest(_Request):
     rating: Literal[1, -1]
     edited_text: str | None = Field(None, min_length=1, max_length=100_000)

@@ -5,7 +5,8 @@
     DELETE /api/conversations/{id}
     GET    /api/turns/{id}/trace              what each pipeline stage decided for that answer
     POST   /api/turns/{id}/feedback           {"rating": 1 | -1, "edited_text": "..."}
-    GET    /api/memory          DELETE /api/memory/{id}
+    GET    /api/turns/{id}/feedback
+    GET    /api/memory          POST /api/memory {"text": "..."}          DELETE /api/memory/{id}
     POST   /api/knowledge (multipart: file, collection)   GET /api/knowledge   DELETE /api/knowledge/{id}
     GET    /api/users                         admins only
     GET    /health   GET /metrics             no key needed
@@ -30,7 +31,7 @@ from starlette.datastructures import UploadFile
 from parley.pipeline.knowledge import KnowledgeConfig, ingest
 from parley.serve.app import Server
 from parley.serve.errors import APIError
-from parley.serve.protocol import FeedbackRequest
+from parley.serve.protocol import FeedbackRequest, MemoryRequest
 from parley.store import User
 
 
@@ -85,6 +86,23 @@ def parley_routes(server: Server) -> APIRouter:
                 raise _missing("turn", turn_id) from None
             raise APIError(400, str(e), code="invalid_value") from None
         return dataclasses.asdict(saved)
+
+    @router.get("/api/turns/{turn_id}/feedback")
+    def get_feedback(turn_id: Id, user: User = auth) -> dict:
+        found = server.store().get_feedback(user.id, turn_id)
+        if found is None:
+            raise APIError(404, f"no feedback on turn {turn_id}", code="not_found")
+        return dataclasses.asdict(found)
+
+    @router.post("/api/memory", status_code=201)
+    def remember(body: MemoryRequest, user: User = auth) -> dict:
+        from parley.pipeline.state import Memory, MemoryInputError
+
+        try:
+            fact = Memory(server.store(), server.embed).remember(user.id, body.text)
+        except MemoryInputError as e:
+            raise APIError(400, str(e), code="invalid_value") from None
+        return {"id": fact.id, "text": fact.text}
 
     @router.get("/api/memory")
     def memory(user: User = auth) -> dict:
