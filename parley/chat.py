@@ -27,6 +27,28 @@ HELP = """commands:
   /exit            leave (Ctrl-D works too)"""
 
 
+class ShownText:
+    """What the user sees of an answer, frame by frame: the streamed text, notices and refusals
+    on their own lines, an interruption marked. The terminal and the server both show it so."""
+
+    def __init__(self):
+        self.streamed = False  # something is on the answer's line(s) already
+        self.after_notice = False  # a notice ends its own line
+
+    def __call__(self, frame) -> str:
+        if isinstance(frame, TextDelta):
+            piece = ("\n" if self.after_notice else "") + frame.text
+            self.streamed, self.after_notice = True, False
+            return piece
+        if isinstance(frame, (Notice, Refusal)):
+            piece = ("\n" if self.streamed else "") + frame.text
+            self.streamed = self.after_notice = True
+            return piece
+        if isinstance(frame, Interrupt) and frame.reason != "safety":
+            return " [interrupted]"
+        return ""
+
+
 def format_trace(trace: dict) -> str:
     lines = []
     for s in trace["stages"]:
@@ -100,21 +122,13 @@ def run(assistant, stdin: TextIO = sys.stdin, stdout: TextIO = sys.stdout) -> in
             continue
         if interactive:
             stdout.write("assistant> ")
-        streamed = False  # something is on the answer's line(s) already
-        after_notice = False  # a notice ends its own line
+        shown = ShownText()
         try:
             for frame in assistant.say(text):
-                if isinstance(frame, TextDelta):
-                    stdout.write(("\n" if after_notice else "") + frame.text)
-                    streamed, after_notice = True, False
-                elif isinstance(frame, (Notice, Refusal)):
-                    stdout.write(("\n" if streamed else "") + frame.text)
-                    streamed = after_notice = True
-                elif isinstance(frame, Interrupt) and frame.reason != "safety":
-                    stdout.write(" [interrupted]")
+                stdout.write(shown(frame))
                 stdout.flush()
             used = assistant.last.sources() if assistant.last else []
-            if used and streamed:
+            if used and shown.streamed:
                 stdout.write("\nSources: " + "; ".join(f"[{p.n}] {p.source}, {p.location}" for p in used))
         except KeyboardInterrupt:
             stdout.write(" [interrupted]")

@@ -23,11 +23,12 @@ import numpy as np
 from fastapi import APIRouter, Depends, Header
 from fastapi.responses import JSONResponse, StreamingResponse
 
+from parley.chat import ShownText
 from parley.engine.text import TextAssembler
 from parley.serve import protocol as p
 from parley.serve.app import ASSISTANT_MODEL, EMBEDDING_MODEL, Server
 from parley.serve.errors import APIError, from_exception
-from parley.serve.turns import TurnDone, TurnStarted, frame_text
+from parley.serve.turns import TurnDone, TurnStarted
 from parley.store import User
 
 
@@ -167,7 +168,7 @@ async def _assistant_chat(server: Server, req: p.ChatRequest, user: User, conver
     items, ahead = aiter(turn.frames), []
     # wait for the first words (or the end): errors before them (a full queue, a bad message)
     # are then plain HTTP errors rather than an event in a stream that already said 200
-    while not ahead or not (isinstance(ahead[-1], TurnDone) or frame_text(ahead[-1], False)):
+    while not ahead or not (isinstance(ahead[-1], TurnDone) or ShownText()(ahead[-1])):
         item = await anext(items, None)
         if item is None:
             break
@@ -176,13 +177,12 @@ async def _assistant_chat(server: Server, req: p.ChatRequest, user: User, conver
     done: list[TurnDone] = []
 
     async def pieces() -> AsyncIterator[str]:
-        streamed = False
+        shown = ShownText()
         try:
             async for item in _chain(ahead, items):
                 if isinstance(item, TurnDone):
                     done.append(item)
-                elif text := frame_text(item, streamed):
-                    streamed = True
+                elif text := shown(item):
                     yield text
         finally:
             turn.stop()

@@ -20,7 +20,6 @@ from dataclasses import dataclass, field
 
 from parley.model.tokenizer import Tokenizer
 from parley.pipeline.assistant import Assistant, AssistantConfig
-from parley.pipeline.frames import Interrupt, Notice, Refusal, TextDelta
 from parley.store import User
 from parley.serve.generation import Channel, EngineView, Generator, Handle, QueueFull
 
@@ -53,17 +52,6 @@ class RunningTurn:
         self.cancel.set()
         for handle in list(self.handles):
             handle.cancel()
-
-
-def frame_text(frame, streamed: bool) -> str:
-    """What the user sees of a frame (as parley.chat shows it)."""
-    if isinstance(frame, TextDelta):
-        return frame.text
-    if isinstance(frame, (Notice, Refusal)):
-        return ("\n" if streamed else "") + frame.text
-    if isinstance(frame, Interrupt) and frame.reason != "safety":
-        return " [interrupted]"
-    return ""
 
 
 def _one_torch_thread() -> None:
