@@ -47,6 +47,7 @@ from safetensors.torch import save as safetensors_bytes
 from parley.files import atomic_open
 from parley.pipeline.frames import Frame, Intent, Slots, UserText
 from parley.pipeline.runner import Stage, Turn
+from parley.pipeline.urls import url_span
 from parley.registry import parley_home
 
 DEFAULT_INTENTS = Path(__file__).resolve().parent.parent / "data" / "intents.yml"
@@ -346,10 +347,6 @@ def train_intents_main(argv: list[str]) -> int:
 
 # --- slots ---------------------------------------------------------------------------------
 
-TLDS = ("com|org|net|edu|gov|io|dev|ai|app|info|co|uk|de|fr|es|it|nl|pt|eu|us|ca|au|jp|ch|se|no|be|at|"
-        "ie|me|tv|ly|xyz|wiki|news|blog|site|tech")
-URL = re.compile(r"\bhttps?://[^\s<>\"']+|\b(?:www\.)?(?:[a-z0-9](?:[a-z0-9-]*[a-z0-9])?\.)+"
-                 rf"(?:{TLDS})\b(?:/[^\s<>\"']*)?", re.IGNORECASE)
 EMAIL = re.compile(r"\b[\w.+-]+@[\w-]+(?:\.[\w-]+)+\b")
 MONTHS = ("jan", "feb", "mar", "apr", "may", "jun", "jul", "aug", "sep", "oct", "nov", "dec")
 WEEKDAYS = ("monday", "tuesday", "wednesday", "thursday", "friday", "saturday", "sunday")
@@ -390,17 +387,17 @@ def extract_slots(text: str, patterns: Mapping[str, re.Pattern] | None = None,
     slots: dict[str, Any] = {}
     masked = text
 
-    def take(slot: str, match: re.Match, value: Any) -> None:
+    def take(slot: str, match: re.Match | tuple[int, int], value: Any) -> None:
         nonlocal masked
+        start, end = match if isinstance(match, tuple) else match.span()
         if value is not None and slot not in slots:
             slots[slot] = value
-            masked = masked[:match.start()] + " " * (match.end() - match.start()) + masked[match.end():]
+            masked = masked[:start] + " " * (end - start) + masked[end:]
 
     if m := EMAIL.search(masked):
         take("email", m, m.group())
-    if m := URL.search(masked):
-        url = m.group().rstrip(".,;:!?)]}'\"")
-        take("url", m, url if re.match(r"https?://", url, re.I) else f"https://{url}")
+    if found := url_span(masked):
+        take("url", found[1], found[0])
     for slot, rules, resolve in (("date", DATES, _date), ("time", TIMES, _time)):
         found = sorted((m for rule in rules if (m := rule.search(masked))), key=lambda m: m.start())
         for m in found:

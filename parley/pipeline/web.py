@@ -66,6 +66,7 @@ from parley.config import setting
 from parley.files import atomic_open
 from parley.pipeline.frames import Frame, Intent, Notice, Passage, Passages, Slots, UserText
 from parley.pipeline.runner import Stage, Turn
+from parley.pipeline.urls import find_url
 
 MAX_REDIRECTS = 5
 REDIRECTS = {301, 302, 303, 307, 308}
@@ -459,26 +460,6 @@ class SearxngSearch:
 
 
 # --- the pipeline stage ---------------------------------------------------------------------
-
-URL_IN_TEXT = re.compile(r"https?://[^\s<>\"'`]+", re.I)
-BARE_DOMAIN = re.compile(r"(?<![\w@./-])(?:[a-z0-9](?:[a-z0-9-]*[a-z0-9])?\.)+"
-                         r"(?:com|org|net|edu|gov|io|dev|ai|app|info|co|uk|de|fr|nl|eu|ca|au|us|me|ch|se|no|es|it)"
-                         r"(?::\d+)?(?:/[^\s<>\"'`]*)?(?![\w-])", re.I)
-
-
-def find_url(text: str) -> str | None:
-    """The first http(s) URL in `text`, else the first bare domain (example.com/x, common
-    top-level domains only, so file.txt is not taken for a site) as an https URL."""
-    match = URL_IN_TEXT.search(text)
-    found = match.group(0) if match else None
-    if found is None and (match := BARE_DOMAIN.search(text)):
-        found = "https://" + match.group(0)
-    while found and found[-1] in ".,;:!?)]}":  # sentence punctuation, unless it closes a "(" in the URL
-        if found[-1] == ")" and found.count("(") >= found.count(")"):
-            break
-        found = found[:-1]
-    return found
-
 
 class WebStage(Stage):
     """Fetches the page a turn points at (or searches, for a web_lookup) into web Passages."""
