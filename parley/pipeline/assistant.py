@@ -16,7 +16,8 @@ the memory the turn wrote, are there after a restart.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from functools import cached_property
 from typing import Literal
 
 from parley.config import setting
@@ -68,13 +69,18 @@ class Parts:
     store: Store
     embedder: Callable
     backend: object
-    extra: dict = field(default_factory=dict)
+
+    @cached_property
+    def constitution(self):
+        from parley.pipeline.safety import load_constitution
+
+        return load_constitution()
 
 
 def _safety_in(p: Parts) -> Stage:
-    from parley.pipeline.safety import InputSafetyStage, load_constitution
+    from parley.pipeline.safety import InputSafetyStage
 
-    return InputSafetyStage(load_constitution())
+    return InputSafetyStage(p.constitution)
 
 
 def _nlu(p: Parts) -> Stage:
@@ -115,17 +121,15 @@ def _web(p: Parts) -> Stage:
 
 def _respond(p: Parts) -> Stage:
     from parley.pipeline.respond import RespondStage
-    from parley.pipeline.safety import load_constitution
-
-    return RespondStage(p.backend, persona=p.cfg.persona, principles=load_constitution().summary)
+    return RespondStage(p.backend, persona=p.cfg.persona, principles=p.constitution.summary)
 
 
 def _safety_out(p: Parts) -> Stage:
-    from parley.pipeline.safety import OutputSafetyStage, load_constitution
+    from parley.pipeline.safety import OutputSafetyStage
 
     if p.cfg.self_check and p.backend is None:
         raise ValueError("self_check=true needs the respond stage: the model that answers also judges")
-    return OutputSafetyStage(load_constitution(), checker=_judge(p.backend) if p.cfg.self_check else None)
+    return OutputSafetyStage(p.constitution, checker=_judge(p.backend) if p.cfg.self_check else None)
 
 
 def _judge(backend) -> Callable[[str], str]:
@@ -170,18 +174,16 @@ def build_backend(cfg: AssistantConfig, engine=None, tokenizer=None):
 
 
 class Assistant:
-    def __init__(self, cfg: AssistantConfig, store: Store, pipeline: Pipeline, user_id: int):
+    def __init__(self, cfg: AssistantConfig, store: Store, pipeline: Pipeline, user_id: int, embedder: Callable):
         self.cfg, self.store, self.pipeline, self.user_id = cfg, store, pipeline, user_id
+        self.embedder = embedder
         self.conversation_id: int | None = None
         self.last: Turn | None = None
-        self.embedder: Callable | None = None
 
     @property
     def memory(self):
         from parley.pipeline.state import Memory
 
-        if self.embedder is None:
-            raise RuntimeError("this assistant was built without an embedding model")
         return Memory(self.store, self.embedder)
 
     @classmethod
@@ -197,9 +199,7 @@ class Assistant:
             embedder = Embedder.load()
         backend = build_backend(cfg, engine, tokenizer) if "respond" in cfg.stages else None
         parts = Parts(cfg, store, embedder, backend)
-        assistant = cls(cfg, store, Pipeline([STAGES[name](parts) for name in cfg.stages]), user.id)
-        assistant.embedder = embedder
-        return assistant
+        return cls(cfg, store, Pipeline([STAGES[name](parts) for name in cfg.stages]), user.id, embedder)
 
     def close(self) -> None:
         self.store.close()
