@@ -18,6 +18,7 @@ import datetime
 import os
 import statistics
 import subprocess
+import threading
 import time
 from pathlib import Path
 
@@ -77,35 +78,49 @@ def main() -> None:
     ap.add_argument("--write", action="store_true", help="append the table to benchmarks/RESULTS.md")
     args = ap.parse_args()
     torch.set_flush_denormal(True)
+    # OpenMP work on two OS threads of one process halves both (RESULTS.md, "Serving"): as in
+    # `parley serve`, the main thread runs single-threaded, each scheduler gets every core on
+    # its own thread and is closed before the Engine runs, on a fresh thread, with every core
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
     path = smollm2_gguf()
     tokenizer = Tokenizer.from_gguf(path)
     model, _ = load_gguf(path)
     model = model.to(getattr(torch, args.dtype)).eval()
     engine = Engine(model)
     source = Prompts(tokenizer, args.prompt)
-    schedulers = [Scheduler(model, max_batch=64, kv_budget_bytes=512 * 2**20)]
-    if args.pytorch:
-        schedulers.append(Scheduler(model, max_batch=64, kv_budget_bytes=512 * 2**20, fast=False))
-    for scheduler in schedulers:
-        scheduler.start()
-        time_scheduler(scheduler, source.take(2), 4)  # warm-up
-    time_engine(engine, source.take(1), 4, together=True)
+    kinds = [True, False] if args.pytorch else [True]  # the C step, then PyTorch decode steps
+
+    def time_scheduler_case(fast: bool, n: int) -> float:
+        with Scheduler(model, max_batch=64, kv_budget_bytes=512 * 2**20, fast=fast, threads=threads) as scheduler:
+            time_scheduler(scheduler, source.take(2), 4)  # warm-up
+            return time_scheduler(scheduler, source.take(n), args.new)
+
+    def time_engine_case(batch: list[list[int]], together: bool) -> float:
+        rate = []
+
+        def run() -> None:
+            torch.set_num_threads(threads)
+            rate.append(time_engine(engine, batch, args.new, together))
+        worker = threading.Thread(target=run)
+        worker.start()
+        worker.join()
+        return rate[0]
+
+    time_engine_case(source.take(1), together=True)  # warm-up
     rows = []
     for n in map(int, args.concurrency.split(",")):
         runs = []
         for _ in range(args.repeats):  # the contenders alternate, so machine noise hits them all
-            rates = [time_scheduler(scheduler, source.take(n), args.new) for scheduler in schedulers]
+            rates = [time_scheduler_case(fast, n) for fast in kinds]
             batch = source.take(n)
-            rates += [time_engine(engine, batch[:min(n, 4)], args.new, together=False),  # batch 1: per token
-                      time_engine(engine, batch, args.new, together=True)]
+            rates += [time_engine_case(batch[:min(n, 4)], together=False),  # batch 1: per token
+                      time_engine_case(batch, together=True)]
             runs.append(rates)
         rates = [statistics.median(column) for column in zip(*runs)]
         rows.append((n, *rates))
         cells = (f"{name} {rate:7.1f} tok/s" for name, rate in zip(columns(args), rates))
         print(f"{n:2} concurrent: " + "   ".join(cells), flush=True)
-    for scheduler in schedulers:
-        print(scheduler.stats())
-        scheduler.close()
     if args.write:
         write_results(rows, args)
 
@@ -119,7 +134,7 @@ def write_results(rows, args) -> None:
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
     lines = [
         f"\n## Continuous batching, SmolLM2-135M-Instruct ({datetime.date.today()}, commit {commit})\n",
-        f"Machine: {os.uname().machine}, {os.cpu_count()} cores, {torch.get_num_threads()} threads, "
+        f"Machine: {os.uname().machine}, {os.cpu_count()} cores, {os.cpu_count()} threads, "
         f"torch {torch.__version__}. Command: `.venv/bin/python benchmarks/batching.py --prompt {args.prompt} "
         f"--new {args.new} --dtype {args.dtype} --repeats {args.repeats}{' --pytorch' * args.pytorch} --write`. "
         f"N distinct {args.prompt}-token prompts, {args.new} new tokens each, greedy, median of {args.repeats}; "

@@ -215,14 +215,20 @@ class PagedBatch:
                                                  enable_gqa=gqa)
             y[0, :, self.decode_index] = out[:, :, 0].transpose(0, 1)
         for at, T, start, pages in self.prefill:
-            S = start + T
-            gather = lambda pool: pool[pages].transpose(0, 1).reshape(
-                pool.shape[1], -1, pool.shape[3])[None, :, :S].to(q.dtype)
-            qp = q[:, :, at:at + T]
-            if start == 0:
-                out = F.scaled_dot_product_attention(qp, gather(K), gather(V), is_causal=True, enable_gqa=gqa)
-            else:
-                mask = torch.arange(S, device=q.device)[None] <= torch.arange(start, S, device=q.device)[:, None]
-                out = F.scaled_dot_product_attention(qp, gather(K), gather(V), attn_mask=mask, enable_gqa=gqa)
-            y[:, :, at:at + T] = out
+            y[:, :, at:at + T] = self.attend_chunk(layer, q[:, :, at:at + T], start, pages)
         return y
+
+    def attend_chunk(self, layer: int, q: torch.Tensor, start: int, pages: torch.Tensor) -> torch.Tensor:
+        """Causal attention of a prompt chunk's queries q (1, heads, T, hd), at positions
+        start.., over its sequence's keys and values up to them (stored in `pages` already):
+        (1, heads, T, hd) in q's dtype."""
+        K, V = self.cache.k[layer], self.cache.v[layer]
+        T = q.shape[2]
+        S = start + T
+        gather = lambda pool: pool[pages].transpose(0, 1).reshape(
+            pool.shape[1], -1, pool.shape[3])[None, :, :S].to(q.dtype)
+        gqa = q.shape[1] != K.shape[1]
+        if start == 0:
+            return F.scaled_dot_product_attention(q, gather(K), gather(V), is_causal=True, enable_gqa=gqa)
+        mask = torch.arange(S, device=q.device)[None] <= torch.arange(start, S, device=q.device)[:, None]
+        return F.scaled_dot_product_attention(q, gather(K), gather(V), attn_mask=mask, enable_gqa=gqa)

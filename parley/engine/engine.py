@@ -53,8 +53,8 @@ class Engine:
         self.config = model.config
         self.device = model.lm_head.weight.device
         self.fast = FastDecoder.create(model) if fast else None
-        # the fast path computes in fp32 and keeps its cache in fp32 too
-        self.cache_dtype = torch.float32 if self.fast else model.lm_head.weight.dtype
+        # the fast path keeps its cache in fp32, or bf16 on the AMX tile path (engine/fast.py)
+        self.cache_dtype = self.fast.kv_dtype if self.fast else model.lm_head.weight.dtype
 
     @property
     def context_length(self) -> int:

@@ -36,11 +36,11 @@ class Layer(ctypes.Structure):
 
 
 class Buffers(ctypes.Structure):
-    _fields_ = [(n, P) for n in ("x", "h", "qkv", "att", "gu", "act", "scores", "logits")]
+    _fields_ = [(n, P) for n in ("x", "h", "qkv", "att", "gu", "act", "scores", "logits", "xp")]
 
 
 class Shape(ctypes.Structure):
-    _fields_ = [(n, ctypes.c_int) for n in ("B", "H", "nh", "nkv", "hd", "n_layers", "w_bf16")] + \
+    _fields_ = [(n, ctypes.c_int) for n in ("B", "H", "nh", "nkv", "hd", "n_layers", "w_bf16", "amx", "kv_bf16")] + \
                [(n, ctypes.c_long) for n in ("inter", "vocab", "max_len", "slot")] + [("eps", ctypes.c_float)]
 
 
@@ -77,6 +77,15 @@ def kernels() -> ctypes.CDLL | None:
     so.decode_step_paged.argtypes = [ctypes.POINTER(Layer), P, P, ctypes.POINTER(Buffers), ctypes.POINTER(Shape),
                                      P, P, P, P, ctypes.c_long, ctypes.c_long]
     so.decode_step_paged.restype = None
+    so.amx_enable.argtypes, so.amx_enable.restype = [], ctypes.c_int
+    so.prompt_qkv.argtypes = [ctypes.POINTER(Layer), ctypes.POINTER(Buffers), ctypes.POINTER(Shape), P, P, P, P,
+                              ctypes.c_long, ctypes.c_long]
+    so.prompt_mlp.argtypes = [ctypes.POINTER(Layer), ctypes.POINTER(Buffers), ctypes.POINTER(Shape)]
+    so.prompt_logits.argtypes = [P, P, ctypes.POINTER(Buffers), ctypes.POINTER(Shape), P, ctypes.c_int]
+    so.rows_attend.argtypes = [ctypes.POINTER(Layer), ctypes.POINTER(Buffers), ctypes.POINTER(Shape), P, P,
+                               ctypes.c_long, ctypes.c_long]
+    for f in (so.prompt_qkv, so.prompt_mlp, so.prompt_logits, so.rows_attend):
+        f.restype = None
     return so
 
 
@@ -97,7 +106,19 @@ class FastDecoder:
         self.norm = m.norm.weight.float().contiguous()
         self.embed = m.embed_tokens.weight
         self.cos, self.sin = model.rope_cos.contiguous(), model.rope_sin.contiguous()
+        self.amx = self._tiles_fit() and os.environ.get("PARLEY_AMX", "1") != "0" and bool(lib.amx_enable())
+        # the tile path keeps keys and values in bf16 (half the bytes each step reads); else fp32
+        self.kv_dtype = torch.bfloat16 if self.amx else torch.float32
         self.buffers: dict = {}
+
+    def _tiles_fit(self) -> bool:
+        """Whether the projections can run on AMX tiles: bf16 weights, every input size a
+        multiple of 32 and every output size a multiple of 16 (see kernels.c)."""
+        c = self.cfg
+        q, kv = c.num_attention_heads * c.head_dim, c.num_key_value_heads * c.head_dim
+        return self.embed.dtype == torch.bfloat16 and \
+            all(n % 32 == 0 for n in (c.hidden_size, q, c.intermediate_size)) and \
+            all(n % 16 == 0 for n in (q, kv, c.hidden_size, c.intermediate_size, c.vocab_size))
 
     @classmethod
     def create(cls, model: Transformer) -> "FastDecoder | None":
@@ -112,33 +133,44 @@ class FastDecoder:
         lib = kernels()
         return cls(model, lib) if lib is not None else None
 
-    def _buffers(self, B: int, max_len: int) -> tuple[dict, Buffers]:
-        key = (B, max_len)
-        if key not in self.buffers:
-            c = self.cfg
+    def _buffers(self, kind: str, rows: int, span: int = 0, logit_rows: int | None = None) -> tuple[dict, Buffers]:
+        """Scratch tensors (views of `rows` rows, and of `logit_rows` rows of logits) and their
+        pointers for the C side. One set per kind of call ("step", "prompt"), grown when a
+        call needs more and otherwise reused, so that steps do not allocate."""
+        c = self.cfg
+        logit_rows = rows if logit_rows is None else logit_rows
+        have = self.buffers.get(kind)
+        if have is None or have[0] < rows or have[1] < span or have[2] < logit_rows:
+            R, S, L = (max(rows, have[0] if have else 0), max(span, have[1] if have else 0),
+                       max(logit_rows, have[2] if have else 0))
             qkv = (c.num_attention_heads + 2 * c.num_key_value_heads) * c.head_dim
             tensors = dict(
-                x=torch.empty(B, c.hidden_size), h=torch.empty(B, c.hidden_size), qkv=torch.empty(B, qkv),
-                att=torch.empty(B, c.num_attention_heads * c.head_dim), gu=torch.empty(B, 2 * c.intermediate_size),
-                act=torch.empty(B, c.intermediate_size), scores=torch.empty(B * c.num_attention_heads * max_len),
-                logits=torch.empty(B, c.vocab_size))
-            self.buffers = {key: (tensors, Buffers(**{n: t.data_ptr() for n, t in tensors.items()}))}
-        return self.buffers[key]
+                x=torch.empty(R, c.hidden_size), h=torch.empty(R, c.hidden_size), qkv=torch.empty(R, qkv),
+                att=torch.empty(R, c.num_attention_heads * c.head_dim), gu=torch.empty(R, 2 * c.intermediate_size),
+                act=torch.empty(R, c.intermediate_size), scores=torch.empty(R * c.num_attention_heads * S),
+                logits=torch.empty(L, c.vocab_size),
+                xp=torch.empty(max(c.hidden_size, c.intermediate_size, c.num_attention_heads * c.head_dim) // 2
+                               * -(-R // 16) * 16, dtype=torch.int32))
+            self.buffers[kind] = (R, S, L, tensors, Buffers(**{n: t.data_ptr() for n, t in tensors.items()}))
+        *_, tensors, pointers = self.buffers[kind]
+        views = {n: t[:logit_rows] if n == "logits" else t[:rows] if t.dim() == 2 else t for n, t in tensors.items()}
+        return views, pointers
 
     @torch.inference_mode()
     def step(self, tokens: torch.Tensor, cache: KVCache) -> torch.Tensor:
         """Logits (B, vocab) for one new token per row, appended to the cache (fp32).
         The returned tensor is a buffer that the next step overwrites."""
         B = tokens.shape[0]
-        assert cache.k[0].dtype == torch.float32, "the fast path keeps its KV cache in fp32"
+        assert cache.k[0].dtype == self.kv_dtype, f"this decoder keeps its KV cache in {self.kv_dtype}"
         c = self.cfg
-        tensors, buffers = self._buffers(B, cache.max_len)
+        tensors, buffers = self._buffers("step", B, cache.max_len)
         positions = cache.advance(torch.ones(B, 1, dtype=torch.bool)).reshape(B).contiguous()
         tensors["x"].copy_(self.embed[tokens])
         for layer, k, v in zip(self.layers, cache.k, cache.v):  # cache tensors change when rows leave
             layer.K, layer.V = k.data_ptr(), v.data_ptr()
         shape = Shape(B=B, H=c.hidden_size, nh=c.num_attention_heads, nkv=c.num_key_value_heads, hd=c.head_dim,
-                      n_layers=c.num_hidden_layers, w_bf16=int(self.embed.dtype == torch.bfloat16),
+                      n_layers=c.num_hidden_layers, w_bf16=int(self.embed.dtype == torch.bfloat16), amx=int(self.amx),
+                      kv_bf16=int(self.amx),
                       inter=c.intermediate_size, vocab=c.vocab_size, max_len=cache.max_len, slot=cache.length - 1,
                       eps=c.rms_norm_eps)
         self.lib.decode_step(self.layers, self.norm.data_ptr(), self.model.lm_head.weight.data_ptr(),
@@ -151,21 +183,70 @@ class FastDecoder:
         """Logits (B, vocab) for a batch of one-token feeds over a paged cache in fp32; the
         keys and values go to the rows' pages. The returned tensor is a reused buffer."""
         cache = batch.cache
-        assert cache.k[0].dtype == torch.float32 and not batch.prefill, "fp32 pages and one token per row"
+        assert cache.k[0].dtype == self.kv_dtype and not batch.prefill, f"{self.kv_dtype} pages, one token a row"
         c, B = self.cfg, len(batch.decode)
         table = batch.decode_table.contiguous()
         # round the scratch length up so that growing sequences do not reallocate it every step
         span = -(-table.shape[1] * cache.page_size // 256) * 256
-        tensors, buffers = self._buffers(B, span)
+        tensors, buffers = self._buffers("step", B, span)
         positions = batch.positions[0].contiguous()
         tensors["x"].copy_(self.embed[torch.tensor(batch.ids)])
         for layer, k, v in zip(self.layers, cache.k, cache.v):
             layer.K, layer.V = k.data_ptr(), v.data_ptr()
         shape = Shape(B=B, H=c.hidden_size, nh=c.num_attention_heads, nkv=c.num_key_value_heads, hd=c.head_dim,
-                      n_layers=c.num_hidden_layers, w_bf16=int(self.embed.dtype == torch.bfloat16),
+                      n_layers=c.num_hidden_layers, w_bf16=int(self.embed.dtype == torch.bfloat16), amx=int(self.amx),
+                      kv_bf16=int(self.amx),
                       inter=c.intermediate_size, vocab=c.vocab_size, max_len=span, slot=0, eps=c.rms_norm_eps)
         self.lib.decode_step_paged(self.layers, self.norm.data_ptr(), self.model.lm_head.weight.data_ptr(),
                                    ctypes.byref(buffers), ctypes.byref(shape), positions.data_ptr(),
                                    self.cos.data_ptr(), self.sin.data_ptr(), table.data_ptr(),
                                    table.shape[1], cache.page_size)
+        return tensors["logits"]
+
+    @torch.inference_mode()
+    def step_rows(self, batch: PagedBatch) -> torch.Tensor:
+        """Logits (one row per feed, in feed order) of a batch of prompt chunks over the paged
+        cache, with one-token feeds riding along (they must come first). Layer by layer:
+        norms, projections and MLP of every row run in C (on AMX tiles where the step does),
+        so a decode row adds little to a chunk; a chunk's attention runs in PyTorch's flash
+        attention, a one-token row's in C. The returned tensor is a reused buffer."""
+        cache, c = batch.cache, self.cfg
+        D = len(batch.decode)
+        assert cache.k[0].dtype == self.kv_dtype and batch.prefill, f"{self.kv_dtype} pages and a prompt chunk"
+        assert batch.decode == list(range(D)), "one-token feeds come before the prompt chunks"
+        N, n_out = len(batch.ids), len(batch.outputs)
+        nh, hd, ps = c.num_attention_heads, c.head_dim, cache.page_size
+        widths = [len(pages) for *_, pages in batch.prefill] + ([batch.decode_table.shape[1]] if D else [])
+        span = -(-batch.decode_table.shape[1] * ps // 256) * 256 if D else 0
+        tensors, buffers = self._buffers("rows", N, span, n_out)
+        tensors["x"].copy_(self.embed[torch.tensor(batch.ids)])
+        positions = batch.positions[0].contiguous()
+        table = torch.zeros(N, max(widths), dtype=torch.long)  # every row gets its sequence's pages
+        if D:
+            decode_table = batch.decode_table.contiguous()
+            table[:D, :decode_table.shape[1]] = decode_table
+        for at, T, _, pages in batch.prefill:
+            table[at:at + T, :len(pages)] = pages
+        shape = Shape(B=N, H=c.hidden_size, nh=nh, nkv=c.num_key_value_heads, hd=hd,
+                      n_layers=c.num_hidden_layers, w_bf16=int(self.embed.dtype == torch.bfloat16), amx=int(self.amx),
+                      kv_bf16=int(self.amx), inter=c.intermediate_size, vocab=c.vocab_size, max_len=0, slot=0,
+                      eps=c.rms_norm_eps)
+        rows_shape = Shape(**{name: getattr(shape, name) for name, _ in Shape._fields_})
+        rows_shape.B, rows_shape.max_len = D, span
+        queries = tensors["qkv"][:, :nh * hd].view(N, nh, hd)
+        out = tensors["att"].view(N, nh, hd)
+        for i, layer in enumerate(self.layers):
+            layer.K, layer.V = cache.k[i].data_ptr(), cache.v[i].data_ptr()
+            self.lib.prompt_qkv(ctypes.byref(layer), ctypes.byref(buffers), ctypes.byref(shape), positions.data_ptr(),
+                                self.cos.data_ptr(), self.sin.data_ptr(), table.data_ptr(), table.shape[1], ps)
+            if D:
+                self.lib.rows_attend(ctypes.byref(layer), ctypes.byref(buffers), ctypes.byref(rows_shape),
+                                     positions.data_ptr(), decode_table.data_ptr(), decode_table.shape[1], ps)
+            for at, T, start, pages in batch.prefill:  # in the cache's dtype: bf16 attention is 2x fp32's speed
+                q = queries[at:at + T].transpose(0, 1)[None].to(self.kv_dtype)
+                out[at:at + T] = batch.attend_chunk(i, q, start, pages)[0].transpose(0, 1)
+            self.lib.prompt_mlp(ctypes.byref(layer), ctypes.byref(buffers), ctypes.byref(shape))
+        rows = batch.outputs.contiguous()
+        self.lib.prompt_logits(self.norm.data_ptr(), self.model.lm_head.weight.data_ptr(), ctypes.byref(buffers),
+                               ctypes.byref(shape), rows.data_ptr(), n_out)
         return tensors["logits"]

@@ -8,13 +8,21 @@
  * fp32 registers, activations stay fp32, and the threads meet at a barrier between ops.
  * Functions named *_for are work-shared loops: they must run inside the parallel region.
  *
+ * With bf16 weights on a CPU with AMX (and shapes in whole tiles), the projections run on
+ * the tile unit instead: activations are rounded to bf16 and multiplied with fp32
+ * accumulation, 16 weight rows x 16 batch rows x 32 inputs per instruction. A weight
+ * block is read once per 32 batch rows, so a batch of 32 costs about what one row does
+ * (the loop is bound by reading the weights either way). Every row's sums run in the
+ * same order whatever the batch size, so a request's logits do not depend on what it is
+ * batched with: the same greedy output alone or among 64.
+ *
  * Layouts (all row-major, contiguous unless a stride is given):
  *   x, y        [B, n] activations, fp32
  *   W           [O, I] weights (nn.Linear layout), bf16 bits (uint16) or fp32
- *   K, V        [B, n_kv, max_len, hd] cache, fp32
+ *   K, V        [B, n_kv, max_len, hd] cache, fp32 (or bf16 on the tile path)
  *   valid       [B, max_len] bool: slot holds a real token
  * or, for decode_step_paged (the paged cache of engine/cache.py):
- *   K, V        [pages, n_kv, page_size, hd] page pools, fp32
+ *   K, V        [pages, n_kv, page_size, hd] page pools, fp32 (or bf16 on the tile path)
  *   table       [B, width] int64: row b's position p lives in page table[b, p / page_size]
  */
 #include <math.h>
@@ -22,6 +30,11 @@
 #include <string.h>
 #ifdef __AVX512F__
 #include <immintrin.h>
+#endif
+#if defined(__AMX_TILE__) && defined(__AMX_BF16__) && defined(__AVX512BF16__)
+#define HAVE_AMX 1
+#include <sys/syscall.h>
+#include <unistd.h>
 #endif
 
 
@@ -37,6 +50,21 @@ static inline __m512 load16(const void *W, int w_bf16, long at) {
     if (!w_bf16) return _mm512_loadu_ps((const float *)W + at);
     __m256i h = _mm256_loadu_si256((const __m256i *)((const uint16_t *)W + at));
     return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16)); /* bf16 -> fp32 is a shift */
+}
+
+/* e^x on 16 lanes: 2^n e^r with n = round(x / ln 2) and r = x - n ln 2 (ln 2 in two parts, so
+ * r is exact), e^r by its Taylor series to r^7 (|r| <= 0.35: relative error below 1e-7).
+ * Inputs are clamped to [-104, 88.7]: -inf gives 0 (e^-104 rounds to it), +inf a finite 3e38. */
+static inline __m512 exp16(__m512 x) {
+    x = _mm512_min_ps(_mm512_max_ps(x, _mm512_set1_ps(-104.f)), _mm512_set1_ps(88.7f));
+    const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504f)),
+                                          _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
+    r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
+    __m512 e = _mm512_set1_ps(1.f / 5040);
+    static const float taylor[] = {1.f / 720, 1.f / 120, 1.f / 24, 1.f / 6, 0.5f, 1.f, 1.f};
+    for (int t = 0; t < 7; t++) e = _mm512_fmadd_ps(e, r, _mm512_set1_ps(taylor[t]));
+    return _mm512_scalef_ps(e, n);
 }
 #endif
 
@@ -123,16 +151,115 @@ static void linear_for(const void *W, int w_bf16, const float *x, float *y, long
         linear_impl(W, 0, x, y, y_stride, B, I, O, accumulate);
 }
 
-/* y[b] = x[b] / rms(x[b]) * w */
-static void rmsnorm(const float *x, const float *w, float *y, int B, int H, float eps) {
-    for (int b = 0; b < B; b++) {
-        const float *xb = x + (long)b * H;
-        float ss = 0.f;
-#pragma omp simd reduction(+ : ss)
-        for (int i = 0; i < H; i++) ss += xb[i] * xb[i];
-        float r = 1.f / sqrtf(ss / H + eps);
-        for (int i = 0; i < H; i++) y[(long)b * H + i] = xb[i] * r * w[i];
+#ifdef HAVE_AMX
+/* Ask Linux for the AMX tile state (once per process; a no-op when granted already).
+ * Returns 1 when the tile unit can be used. */
+int amx_enable(void) {
+    const long ARCH_REQ_XCOMP_PERM = 0x1023, XFEATURE_XTILEDATA = 18;
+    return syscall(SYS_arch_prctl, ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA) == 0;
+}
+
+/* Every tile is 16 rows x 64 bytes: weights 16 x 32 bf16, packed activations 16 pairs x 16
+ * rows, sums 16 x 16 fp32. Tile config is per thread: each thread of the region loads it. */
+typedef struct {
+    uint8_t palette, start_row, reserved[14];
+    uint16_t colsb[16];
+    uint8_t rows[16];
+} __attribute__((packed)) TileConfig;
+
+static void tiles_on(void) {
+    TileConfig tc;
+    memset(&tc, 0, sizeof tc);
+    tc.palette = 1;
+    for (int t = 0; t < 8; t++) tc.colsb[t] = 64, tc.rows[t] = 16;
+    _tile_loadconfig(&tc);
+}
+
+/* Packs x [B, I] fp32 for the tile unit: pair p of row b is (bf16(x[b, 2p]), bf16(x[b, 2p + 1]))
+ * as one 32-bit word, and each tile (16 pairs x 16 rows, rows from B on zero) is stored as
+ * one contiguous 1 KB block: xp[kb, nb] for input block kb (32 inputs) and row block nb, so a
+ * tile load reads 1 KB in a row. I % 32 == 0; Bp is B rounded up to 16. */
+static void pack_for(const float *x, uint32_t *xp, int B, int Bp, long I) {
+    const __m512i across = _mm512_mullo_epi32(_mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0),
+                                              _mm512_set1_epi32(16));
+#pragma omp for schedule(static)
+    for (long k = 0; k < I; k += 32) {
+        uint32_t *block = xp + (k / 32) * Bp * 16;
+        for (int b = 0; b < Bp; b++) {
+            __m512i pairs = _mm512_setzero_si512();
+            if (b < B) {
+                const float *src = x + (long)b * I + k;
+                pairs = (__m512i)_mm512_cvtne2ps_pbh(_mm512_loadu_ps(src + 16), _mm512_loadu_ps(src));
+            }
+            /* tile nb = b / 16 of this input block; pair j goes to its row j, column b % 16 */
+            _mm512_i32scatter_epi32(block + (b / 16) * 256 + b % 16, across, pairs, 4);
+        }
     }
+}
+
+/* y[b, o] (+)= sum_i W[o, i] * x[b, i] on the tile unit, with x packed by pack_for (Bp rows, a
+ * multiple of 16). W is [O, I] bf16 in nn.Linear layout, used as is: a 16-row block of it is
+ * a tile of the left operand, so the product is y transposed, 16 outputs x 16 batch rows a
+ * tile. I % 32 == 0, O % 16 == 0. */
+static void amx_linear_for(const uint16_t *W, const uint32_t *xp, int Bp, float *y, long y_stride, int B, long I,
+                           long O, int accumulate) {
+    const long w_stride = I * 2;
+#pragma omp for schedule(static)
+    for (long o = 0; o < O; o += 32) {
+        const int two = o + 32 <= O; /* a last block of 16 rows uses one weight tile */
+        for (int b0 = 0; b0 < Bp; b0 += 32) {
+            const int wide = b0 + 32 <= Bp;
+            float sums[4][16][16];
+            _tile_zero(0); _tile_zero(1); _tile_zero(2); _tile_zero(3);
+            for (long k = 0; k < I; k += 32) {
+                const uint32_t *xk = xp + ((k / 32) * Bp + b0) * 16;
+                _tile_loadd(4, W + o * I + k, w_stride);
+                _tile_loadd(6, xk, 64);
+                _tile_dpbf16ps(0, 4, 6);
+                if (wide) {
+                    _tile_loadd(7, xk + 256, 64);
+                    _tile_dpbf16ps(1, 4, 7);
+                }
+                if (two) {
+                    _tile_loadd(5, W + (o + 16) * I + k, w_stride);
+                    _tile_dpbf16ps(2, 5, 6);
+                    if (wide) _tile_dpbf16ps(3, 5, 7);
+                }
+            }
+            _tile_stored(0, sums[0], 64);
+            if (wide) _tile_stored(1, sums[1], 64);
+            if (two) _tile_stored(2, sums[2], 64);
+            if (two && wide) _tile_stored(3, sums[3], 64);
+            const __m512i column = _mm512_mullo_epi32(_mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2,
+                                                                       1, 0), _mm512_set1_epi32(16));
+            for (int t = 0; t < 4; t++) { /* tile t holds y[b0 + cols + n, o + rows + m] at [m][n] */
+                int rows = t >= 2 ? 16 : 0, cols = t & 1 ? 16 : 0;
+                if ((rows && !two) || (cols && !wide)) continue;
+                for (int n = 0; n < 16 && b0 + cols + n < B; n++) {
+                    float *out = y + (long)(b0 + cols + n) * y_stride + o + rows;
+                    __m512 v = _mm512_i32gather_ps(column, &sums[t][0][n], 4);
+                    _mm512_storeu_ps(out, accumulate ? _mm512_add_ps(_mm512_loadu_ps(out), v) : v);
+                }
+            }
+        }
+    }
+}
+#else
+int amx_enable(void) { return 0; }
+#endif
+
+/* y[b] = x[b] / rms(x[b]) * w */
+static void rmsnorm(const float *x, const float *w, float *y, int H, float eps) {
+    float ss = 0.f;
+#pragma omp simd reduction(+ : ss)
+    for (int i = 0; i < H; i++) ss += x[i] * x[i];
+    float r = 1.f / sqrtf(ss / H + eps);
+    for (int i = 0; i < H; i++) y[i] = x[i] * r * w[i];
+}
+
+static void rmsnorm_for(const float *x, const float *w, float *y, int B, int H, float eps) {
+#pragma omp for schedule(static)
+    for (int b = 0; b < B; b++) rmsnorm(x + (long)b * H, w, y + (long)b * H, H, eps);
 }
 
 /* Rotate one head in place with HF's half-split layout: pairs (i, i + hd/2). */
@@ -158,118 +285,284 @@ static inline long kv_at(const Paging *pg, int b, int g, long s, int nkv, int hd
     return ((page * nkv + g) * pg->page_size + s % pg->page_size) * hd;
 }
 
+/* dst[i] = src[i] for i < n, into fp32, or rounded to the nearest bf16 (as torch's .to()). */
+static inline void store_row(void *dst, const float *src, int n, int bf16) {
+    if (!bf16) {
+        memcpy(dst, src, n * sizeof(float));
+        return;
+    }
+    uint16_t *out = dst;
+    int i = 0;
+#if defined(__AVX512F__) && defined(__AVX512BF16__)
+    for (; i + 16 <= n; i += 16) _mm256_storeu_si256((__m256i *)(out + i), (__m256i)_mm512_cvtneps_pbh(_mm512_loadu_ps(src + i)));
+#endif
+    for (; i < n; i++) {
+        uint32_t u;
+        memcpy(&u, src + i, sizeof u);
+        out[i] = isnan(src[i]) ? 0x7fc0 : (uint16_t)((u + 0x7fff + ((u >> 16) & 1)) >> 16);
+    }
+}
+
 /* qkv: [B, (nh + 2 nkv) * hd], the fused q|k|v projection of one new token per row.
  * Rotate q and k at each row's position, then store k and v in cache slot `slot` (paged:
- * at the row's position). */
-static void rope_store(float *qkv, const int64_t *pos, const float *cos_t, const float *sin_t, float *K, float *V,
-                int B, int nh, int nkv, int hd, long max_len, long slot, const Paging *pg) {
+ * at the row's position), as fp32 or bf16 (kv_bf16). Rows write distinct slots. */
+static void rope_store_for(float *qkv, const int64_t *pos, const float *cos_t, const float *sin_t, void *K, void *V,
+                           int kv_bf16, int B, int nh, int nkv, int hd, long max_len, long slot, const Paging *pg) {
     long stride = (long)(nh + 2 * nkv) * hd;
+    const int size = kv_bf16 ? 2 : 4;
+#pragma omp for schedule(static)
     for (int b = 0; b < B; b++) {
         float *row = qkv + b * stride;
         const float *c = cos_t + pos[b] * hd, *s = sin_t + pos[b] * hd;
         for (int h = 0; h < nh + nkv; h++) rotate(row + (long)h * hd, c, s, hd);
         for (int h = 0; h < nkv; h++) {
-            long dst = kv_at(pg, b, h, pg->table ? pos[b] : slot, nkv, hd, max_len);
-            memcpy(K + dst, row + (long)(nh + h) * hd, hd * sizeof(float));
-            memcpy(V + dst, row + (long)(nh + nkv + h) * hd, hd * sizeof(float));
+            long dst = kv_at(pg, b, h, pg->table ? pos[b] : slot, nkv, hd, max_len) * size;
+            store_row((char *)K + dst, row + (long)(nh + h) * hd, hd, kv_bf16);
+            store_row((char *)V + dst, row + (long)(nh + nkv + h) * hd, hd, kv_bf16);
         }
     }
 }
 
-/* One query per row against the first S slots of the cache (paged: the row's first
- * pos[b] + 1 positions, all real); q is read from qkv rows (stride q_stride), out is
- * [B, nh * hd]. scratch holds B * nh * max_len floats. */
-static void attend_for(const float *qkv, long q_stride, const float *K, const float *V, const uint8_t *valid,
-                       float *out, float *scratch, int B, int nh, int nkv, int hd, long max_len, long S, float scale,
-                       const int64_t *pos, const Paging *pg) {
-    int group = nh / nkv;
-#pragma omp for schedule(static)
-    for (long bh = 0; bh < (long)B * nh; bh++) {
-        int b = bh / nh, h = bh % nh, g = h / group;
-        const float *q = qkv + b * q_stride + (long)h * hd;
-        const uint8_t *ok = pg->table ? NULL : valid + (long)b * max_len;
-        long n = pg->table ? pos[b] + 1 : S;
-        float *p = scratch + bh * max_len, m = -INFINITY, sum = 0.f;
-        for (long s = 0; s < n; s++) {
-            if (ok && !ok[s]) { p[s] = -INFINITY; continue; }
-            const float *k = K + kv_at(pg, b, g, s, nkv, hd, max_len);
-            float d = 0.f;
-#pragma omp simd reduction(+ : d)
-            for (int i = 0; i < hd; i++) d += q[i] * k[i];
-            p[s] = d * scale;
-            if (p[s] > m) m = p[s];
+/* sum_i a[i] * b[i], b fp32 or bf16 (b_bf16) */
+static inline float dot(const float *a, const void *b, int b_bf16, int n) {
+    int i = 0;
+    float d = 0.f;
+#ifdef __AVX512F__
+    __m512 acc0 = _mm512_setzero_ps(), acc1 = _mm512_setzero_ps();
+    for (; i + 32 <= n; i += 32) {
+        acc0 = _mm512_fmadd_ps(_mm512_loadu_ps(a + i), load16(b, b_bf16, i), acc0);
+        acc1 = _mm512_fmadd_ps(_mm512_loadu_ps(a + i + 16), load16(b, b_bf16, i + 16), acc1);
+    }
+    for (; i + 16 <= n; i += 16) acc0 = _mm512_fmadd_ps(_mm512_loadu_ps(a + i), load16(b, b_bf16, i), acc0);
+    d = _mm512_reduce_add_ps(_mm512_add_ps(acc0, acc1));
+#endif
+    for (; i < n; i++) d += a[i] * load1(b, b_bf16, i);
+    return d;
+}
+
+/* y[i] += w * x[i], x fp32 or bf16 (x_bf16) */
+static inline void axpy(float w, const void *x, int x_bf16, float *y, int n) {
+    int i = 0;
+#ifdef __AVX512F__
+    const __m512 wv = _mm512_set1_ps(w);
+    for (; i + 16 <= n; i += 16) _mm512_storeu_ps(y + i, _mm512_fmadd_ps(wv, load16(x, x_bf16, i), _mm512_loadu_ps(y + i)));
+#endif
+    for (; i < n; i++) y[i] += w * load1(x, x_bf16, i);
+}
+
+/* exp(x[i] - shift) for i < n, in place; returns their sum. */
+static float exp_sum(float *x, long n, float shift) {
+    long i = 0;
+    float sum = 0.f;
+#ifdef __AVX512F__
+    __m512 acc = _mm512_setzero_ps();
+    const __m512 sh = _mm512_set1_ps(shift);
+    for (; i < n; i += 16) {
+        __mmask16 k = n - i >= 16 ? 0xffff : (__mmask16)((1u << (n - i)) - 1);
+        __m512 e = exp16(_mm512_sub_ps(_mm512_maskz_loadu_ps(k, x + i), sh));
+        _mm512_mask_storeu_ps(x + i, k, e);
+        acc = _mm512_add_ps(acc, _mm512_maskz_mov_ps(k, e));
+    }
+    sum = _mm512_reduce_add_ps(acc);
+#endif
+    for (; i < n; i++) sum += x[i] = expf(x[i] - shift);
+    return sum;
+}
+
+#define MAX_HD 256
+
+#ifdef HAVE_AMX
+/* The group's queries q [group, hd] as the right operand of keys . queries: for each block of
+ * 32 head dims a tile of 16 pairs x 16 columns (query j in column j, columns from group on
+ * zero), 1 KB each, contiguous. */
+static void pack_queries(const float *q, int group, int hd, uint32_t *qp) {
+    memset(qp, 0, (size_t)hd / 2 * 16 * sizeof *qp);
+    for (int j = 0; j < group; j++)
+        for (int d = 0; d < hd; d += 2) {
+            float two[2] = {q[j * hd + d], q[j * hd + d + 1]};
+            uint16_t h[2];
+            store_row(h, two, 2, 1);
+            qp[(d / 32) * 256 + (d % 32) / 2 * 16 + j] = h[0] | (uint32_t)h[1] << 16;
         }
-        for (long s = 0; s < n; s++) { p[s] = !ok || ok[s] ? expf(p[s] - m) : 0.f; sum += p[s]; }
-        float *o = out + (long)b * nh * hd + (long)h * hd;
-        for (int i = 0; i < hd; i++) o[i] = 0.f;
-        for (long s = 0; s < n; s++) {
-            if (p[s] == 0.f) continue;
-            const float *v = V + kv_at(pg, b, g, s, nkv, hd, max_len);
-            float ps = p[s] / sum;
-            for (int i = 0; i < hd; i++) o[i] += ps * v[i];
+}
+#endif
+
+/* One query per row and head against the row's first S cache slots (paged: its positions
+ * 0..pos[b], all real). Work is shared by (row, kv head): the `group` query heads that
+ * read one kv head go together, so each key and value is loaded once for all of them.
+ * q is read from qkv rows (stride q_stride); out is [B, nh * hd]; scratch holds
+ * B * nh * max_len floats. */
+static void attend_for(const float *qkv, long q_stride, const void *K, const void *V, int kv_bf16, int amx,
+                       const uint8_t *valid, float *out, float *scratch, int B, int nh, int nkv, int hd, long max_len,
+                       long S, float scale, const int64_t *pos, const Paging *pg) {
+    const int group = nh / nkv;
+    /* query . key products on the tile unit: bf16 keys, whole tiles of head dims, <= 16 heads a group */
+    const int tiles = amx && kv_bf16 && hd % 32 == 0 && hd <= MAX_HD && group <= 16;
+    (void)tiles;
+    /* slots s0.. of a row lie contiguously (stride hd) up to the end of their page */
+    const long run = pg->table ? pg->page_size : max_len, size = kv_bf16 ? 2 : 4, row = hd * size;
+#pragma omp for schedule(static)
+    for (long bg = 0; bg < (long)B * nkv; bg++) {
+        const int b = bg / nkv, g = bg % nkv;
+        const uint8_t *ok = pg->table ? NULL : valid + (long)b * max_len;
+        const long n = pg->table ? pos[b] + 1 : S;
+        const float *q = qkv + b * q_stride + (long)g * group * hd;
+        float *p = scratch + ((long)b * nh + (long)g * group) * max_len; /* group rows of max_len */
+        float *o = out + (long)b * nh * hd + (long)g * group * hd;       /* group heads, contiguous */
+#ifdef HAVE_AMX
+        uint32_t qp[MAX_HD / 2 * 16];
+        if (tiles) pack_queries(q, group, hd, qp);
+#endif
+        for (long s0 = 0; s0 < n; s0 += run) {
+            const char *k = (const char *)K + kv_at(pg, b, g, s0, nkv, hd, max_len) * size;
+            long s = s0;
+            if (pg->table && s0 + run < n) { /* pages lie anywhere in the pool: fetch the next one's keys early */
+                const char *next = (const char *)K + kv_at(pg, b, g, s0 + run, nkv, hd, max_len) * size;
+                for (long at = 0; at < run * row; at += 64) _mm_prefetch(next + at, _MM_HINT_T0);
+            }
+#ifdef HAVE_AMX
+            /* 16 slots at once while all 16 lie in this run's memory (slots from n on are read, not used) */
+            for (; tiles && s < n && s + 16 <= s0 + run; s += 16, k += 16 * row) {
+                float c[16][16];
+                _tile_zero(0);
+                for (int kb = 0; kb < hd / 32; kb++) {
+                    _tile_loadd(4, k + kb * 64, row);
+                    _tile_loadd(6, qp + kb * 256, 64);
+                    _tile_dpbf16ps(0, 4, 6);
+                }
+                _tile_stored(0, c, 64);
+                for (int r = 0; r < 16 && s + r < n; r++)
+                    for (int j = 0; j < group; j++)
+                        p[j * max_len + s + r] = ok && !ok[s + r] ? -INFINITY : c[r][j] * scale;
+            }
+#endif
+            for (; s < n && s < s0 + run; s++, k += row)
+                for (int j = 0; j < group; j++)
+                    p[j * max_len + s] = ok && !ok[s] ? -INFINITY : dot(q + (long)j * hd, k, kv_bf16, hd) * scale;
+        }
+        for (int j = 0; j < group; j++) {
+            float *pj = p + j * max_len, m = -INFINITY;
+            for (long s = 0; s < n; s++) m = pj[s] > m ? pj[s] : m;
+            float r = 1.f / exp_sum(pj, n, m);
+            for (long s = 0; s < n; s++) pj[s] = ok && !ok[s] ? 0.f : pj[s] * r;
+        }
+        for (long i = 0; i < (long)group * hd; i++) o[i] = 0.f;
+        for (long s0 = 0; s0 < n; s0 += run) {
+            const char *v = (const char *)V + kv_at(pg, b, g, s0, nkv, hd, max_len) * size;
+            if (pg->table && s0 + run < n) {
+                const char *next = (const char *)V + kv_at(pg, b, g, s0 + run, nkv, hd, max_len) * size;
+                for (long at = 0; at < run * row; at += 64) _mm_prefetch(next + at, _MM_HINT_T0);
+            }
+            for (long s = s0; s < n && s < s0 + run; s++, v += row)
+                for (int j = 0; j < group; j++) axpy(p[j * max_len + s], v, kv_bf16, o + (long)j * hd, hd);
         }
     }
 }
 
 /* gu: [B, 2I] = gate | up; h[b] = silu(gate) * up */
 static void silu_mul_for(const float *gu, float *h, int B, long I) {
-#pragma omp for collapse(2) schedule(static)
-    for (int b = 0; b < B; b++)
-        for (long i = 0; i < I; i++) {
-            float g = gu[b * 2 * I + i], u = gu[b * 2 * I + I + i];
-            h[b * I + i] = g / (1.f + expf(-g)) * u;
+#pragma omp for schedule(static)
+    for (int b = 0; b < B; b++) {
+        const float *g = gu + b * 2 * I, *u = g + I;
+        float *y = h + b * I;
+        long i = 0;
+#ifdef __AVX512F__
+        const __m512 one = _mm512_set1_ps(1.f);
+        for (; i + 16 <= I; i += 16) {
+            __m512 gv = _mm512_loadu_ps(g + i);
+            __m512 e = exp16(_mm512_sub_ps(_mm512_setzero_ps(), gv));
+            _mm512_storeu_ps(y + i, _mm512_mul_ps(_mm512_div_ps(gv, _mm512_add_ps(one, e)), _mm512_loadu_ps(u + i)));
         }
+#endif
+        for (; i < I; i++) y[i] = g[i] / (1.f + expf(-g[i])) * u[i];
+    }
 }
 
 /* Pointers to one layer's weights (nn.Linear layout) and its slice of the KV cache. */
 typedef struct {
     const void *q, *k, *v, *o, *gate, *up, *down;
     const float *ln1, *ln2;
-    float *K, *V;
+    void *K, *V; /* fp32, or bf16 with kv_bf16 */
 } Layer;
 
 /* Scratch activations, fp32: x, h [B, H]; qkv [B, (nh + 2 nkv) hd]; att [B, nh hd];
- * gu [B, 2 inter]; act [B, inter]; scores [B, nh, max_len]; logits [B, vocab]. */
+ * gu [B, 2 inter]; act [B, inter]; scores [B, nh, max_len]; logits [B, vocab]; and for the
+ * tile path xp [max(H, inter) / 2, B rounded up to 16], the packed input of a projection. */
 typedef struct {
     float *x, *h, *qkv, *att, *gu, *act, *scores, *logits;
+    uint32_t *xp;
 } Buffers;
 
+/* amx: run the projections on the tile unit (bf16 weights, every dimension whole tiles,
+ * amx_enable() said yes: fast.py checks all three). kv_bf16: the cache holds bf16. */
 typedef struct {
-    int B, H, nh, nkv, hd, n_layers, w_bf16;
+    int B, H, nh, nkv, hd, n_layers, w_bf16, amx, kv_bf16;
     long inter, vocab, max_len, slot;
     float eps;
 } Shape;
 
+/* The input x [B, I] of the projections that follow: packed for the tile unit, or as is. */
+typedef struct {
+    const float *x;
+    long I;
+} Input;
+
+static Input input_for(const Shape *sh, const Buffers *buf, const float *x, long I) {
+#ifdef HAVE_AMX
+    if (sh->amx) pack_for(x, buf->xp, sh->B, (sh->B + 15) / 16 * 16, I);
+#endif
+    return (Input){x, I};
+}
+
+/* y[b, o] (+)= sum_i W[o, i] * in.x[b, i] on whichever unit the step runs on. */
+static void project_for(const Shape *sh, const Buffers *buf, const void *W, Input in, float *y, long y_stride, long O,
+                        int accumulate) {
+#ifdef HAVE_AMX
+    if (sh->amx) {
+        amx_linear_for(W, buf->xp, (sh->B + 15) / 16 * 16, y, y_stride, sh->B, in.I, O, accumulate);
+        return;
+    }
+#endif
+    linear_for(W, sh->w_bf16, in.x, y, y_stride, sh->B, in.I, O, accumulate);
+}
+
 static void step(const Layer *layers, const float *final_norm, const void *lm_head, const Buffers *buf,
                  const Shape *sh, const int64_t *pos, const float *cos_t, const float *sin_t,
                  const uint8_t *valid, const Paging *pg) {
-    const int B = sh->B, H = sh->H, nh = sh->nh, nkv = sh->nkv, hd = sh->hd, wb = sh->w_bf16;
+    const int B = sh->B, H = sh->H, nh = sh->nh, nkv = sh->nkv, hd = sh->hd;
     const long qkv_w = (long)(nh + 2 * nkv) * hd, inter = sh->inter;
     const float scale = 1.f / sqrtf((float)hd);
 #pragma omp parallel
     {
+#ifdef HAVE_AMX
+        if (sh->amx) tiles_on();
+#endif
         for (int l = 0; l < sh->n_layers; l++) {
             const Layer *L = &layers[l];
-#pragma omp single
-            rmsnorm(buf->x, L->ln1, buf->h, B, H, sh->eps);
-            linear_for(L->q, wb, buf->h, buf->qkv, qkv_w, B, H, (long)nh * hd, 0);
-            linear_for(L->k, wb, buf->h, buf->qkv + nh * hd, qkv_w, B, H, (long)nkv * hd, 0);
-            linear_for(L->v, wb, buf->h, buf->qkv + (nh + nkv) * hd, qkv_w, B, H, (long)nkv * hd, 0);
-#pragma omp single
-            rope_store(buf->qkv, pos, cos_t, sin_t, L->K, L->V, B, nh, nkv, hd, sh->max_len, sh->slot, pg);
-            attend_for(buf->qkv, qkv_w, L->K, L->V, valid, buf->att, buf->scores, B, nh, nkv, hd, sh->max_len,
-                       sh->slot + 1, scale, pos, pg);
-            linear_for(L->o, wb, buf->att, buf->x, H, B, (long)nh * hd, H, 1);
-#pragma omp single
-            rmsnorm(buf->x, L->ln2, buf->h, B, H, sh->eps);
-            linear_for(L->gate, wb, buf->h, buf->gu, 2 * inter, B, H, inter, 0);
-            linear_for(L->up, wb, buf->h, buf->gu + inter, 2 * inter, B, H, inter, 0);
+            rmsnorm_for(buf->x, L->ln1, buf->h, B, H, sh->eps);
+            Input in = input_for(sh, buf, buf->h, H);
+            project_for(sh, buf, L->q, in, buf->qkv, qkv_w, (long)nh * hd, 0);
+            project_for(sh, buf, L->k, in, buf->qkv + nh * hd, qkv_w, (long)nkv * hd, 0);
+            project_for(sh, buf, L->v, in, buf->qkv + (nh + nkv) * hd, qkv_w, (long)nkv * hd, 0);
+            rope_store_for(buf->qkv, pos, cos_t, sin_t, L->K, L->V, sh->kv_bf16, B, nh, nkv, hd, sh->max_len,
+                           sh->slot, pg);
+            attend_for(buf->qkv, qkv_w, L->K, L->V, sh->kv_bf16, sh->amx, valid, buf->att, buf->scores, B, nh, nkv,
+                       hd, sh->max_len, sh->slot + 1, scale, pos, pg);
+            in = input_for(sh, buf, buf->att, (long)nh * hd);
+            project_for(sh, buf, L->o, in, buf->x, H, H, 1);
+            rmsnorm_for(buf->x, L->ln2, buf->h, B, H, sh->eps);
+            in = input_for(sh, buf, buf->h, H);
+            project_for(sh, buf, L->gate, in, buf->gu, 2 * inter, inter, 0);
+            project_for(sh, buf, L->up, in, buf->gu + inter, 2 * inter, inter, 0);
             silu_mul_for(buf->gu, buf->act, B, inter);
-            linear_for(L->down, wb, buf->act, buf->x, H, B, inter, H, 1);
+            in = input_for(sh, buf, buf->act, inter);
+            project_for(sh, buf, L->down, in, buf->x, H, H, 1);
         }
-#pragma omp single
-        rmsnorm(buf->x, final_norm, buf->h, B, H, sh->eps);
-        linear_for(lm_head, wb, buf->h, buf->logits, sh->vocab, B, H, sh->vocab, 0);
+        rmsnorm_for(buf->x, final_norm, buf->h, B, H, sh->eps);
+        project_for(sh, buf, lm_head, input_for(sh, buf, buf->h, H), buf->logits, sh->vocab, sh->vocab, 0);
+#ifdef HAVE_AMX
+        if (sh->amx) _tile_release();
+#endif
     }
 }
 
@@ -289,4 +582,99 @@ void decode_step_paged(const Layer *layers, const float *final_norm, const void 
                        const int64_t *table, long width, long page_size) {
     const Paging paged = {table, width, page_size};
     step(layers, final_norm, lm_head, buf, sh, pos, cos_t, sin_t, NULL, &paged);
+}
+
+
+/* Prompt chunks run layer by layer, with attention between the two halves done by the caller
+ * (fast.py, PyTorch's flash attention: a chunk's queries attend to many keys at once, which
+ * the one-query loop of attend_for is not made for; one-token rows riding along use
+ * rows_attend). B rows are the chunks' tokens; row b has position pos[b] and its sequence's
+ * page table at table[b]. */
+
+/* Norm, q/k/v projections and rotation of layer L; keys and values go to their pages; the
+ * rotated queries stay in buf->qkv (rows of (nh + 2 nkv) hd). */
+void prompt_qkv(const Layer *L, const Buffers *buf, const Shape *sh, const int64_t *pos, const float *cos_t,
+                const float *sin_t, const int64_t *table, long width, long page_size) {
+    const Paging pg = {table, width, page_size};
+    const int B = sh->B, H = sh->H, nh = sh->nh, nkv = sh->nkv, hd = sh->hd;
+    const long qkv_w = (long)(nh + 2 * nkv) * hd;
+#pragma omp parallel
+    {
+#ifdef HAVE_AMX
+        if (sh->amx) tiles_on();
+#endif
+        rmsnorm_for(buf->x, L->ln1, buf->h, B, H, sh->eps);
+        Input in = input_for(sh, buf, buf->h, H);
+        project_for(sh, buf, L->q, in, buf->qkv, qkv_w, (long)nh * hd, 0);
+        project_for(sh, buf, L->k, in, buf->qkv + nh * hd, qkv_w, (long)nkv * hd, 0);
+        project_for(sh, buf, L->v, in, buf->qkv + (nh + nkv) * hd, qkv_w, (long)nkv * hd, 0);
+        rope_store_for(buf->qkv, pos, cos_t, sin_t, L->K, L->V, sh->kv_bf16, B, nh, nkv, hd, 0, 0, &pg);
+#ifdef HAVE_AMX
+        if (sh->amx) _tile_release();
+#endif
+    }
+}
+
+/* The rest of layer L once buf->att holds the attention output: output projection and
+ * residual, norm, MLP and residual, into buf->x. */
+void prompt_mlp(const Layer *L, const Buffers *buf, const Shape *sh) {
+    const int B = sh->B, H = sh->H;
+    const long inter = sh->inter;
+#pragma omp parallel
+    {
+#ifdef HAVE_AMX
+        if (sh->amx) tiles_on();
+#endif
+        Input in = input_for(sh, buf, buf->att, (long)sh->nh * sh->hd);
+        project_for(sh, buf, L->o, in, buf->x, H, H, 1);
+        rmsnorm_for(buf->x, L->ln2, buf->h, B, H, sh->eps);
+        in = input_for(sh, buf, buf->h, H);
+        project_for(sh, buf, L->gate, in, buf->gu, 2 * inter, inter, 0);
+        project_for(sh, buf, L->up, in, buf->gu + inter, 2 * inter, inter, 0);
+        silu_mul_for(buf->gu, buf->act, B, inter);
+        in = input_for(sh, buf, buf->act, inter);
+        project_for(sh, buf, L->down, in, buf->x, H, H, 1);
+#ifdef HAVE_AMX
+        if (sh->amx) _tile_release();
+#endif
+    }
+}
+
+/* Attention of the one-token rows 0..B-1 among them (keys and values stored by prompt_qkv)
+ * over their pages, into buf->att; sh->max_len bounds pos[b] + 1 (scratch size). */
+void rows_attend(const Layer *L, const Buffers *buf, const Shape *sh, const int64_t *pos, const int64_t *table,
+                 long width, long page_size) {
+    const Paging pg = {table, width, page_size};
+    const long qkv_w = (long)(sh->nh + 2 * sh->nkv) * sh->hd;
+#pragma omp parallel
+    {
+#ifdef HAVE_AMX
+        if (sh->amx) tiles_on();
+#endif
+        attend_for(buf->qkv, qkv_w, L->K, L->V, sh->kv_bf16, sh->amx, NULL, buf->att, buf->scores, sh->B, sh->nh,
+                   sh->nkv, sh->hd, sh->max_len, 0, 1.f / sqrtf((float)sh->hd), pos, &pg);
+#ifdef HAVE_AMX
+        if (sh->amx) _tile_release();
+#endif
+    }
+}
+
+/* Logits of the n rows rows[0..n) of buf->x (final norm, output layer) into buf->logits. */
+void prompt_logits(const float *final_norm, const void *lm_head, const Buffers *buf, const Shape *sh,
+                   const int64_t *rows, int n) {
+    Shape out = *sh;
+    out.B = n;
+#pragma omp parallel
+    {
+#ifdef HAVE_AMX
+        if (sh->amx) tiles_on();
+#endif
+#pragma omp for schedule(static)
+        for (int i = 0; i < n; i++)
+            rmsnorm(buf->x + rows[i] * sh->H, final_norm, buf->h + (long)i * sh->H, sh->H, sh->eps);
+        project_for(&out, buf, lm_head, input_for(&out, buf, buf->h, sh->H), buf->logits, sh->vocab, sh->vocab, 0);
+#ifdef HAVE_AMX
+        if (sh->amx) _tile_release();
+#endif
+    }
 }

@@ -164,7 +164,8 @@ class Scheduler:
     at most 1 GiB); page_size is in tokens; max_waiting bounds the queue (`QueueFull`
     beyond it); prefill_chunk is the most prompt tokens one step prefills. With `fast`
     (the default), decode rows run on the C step of engine/fast.py where the model allows
-    (then pages are fp32, as Engine's cache); prompt chunks always run on the model's forward.
+    (then pages are fp32, as Engine's cache, or bf16 on AMX tiles); prompt chunks run on
+    the model's forward, or with AMX on the C layers, together with that step's decode rows.
     """
 
     def __init__(self, model: Transformer, *, max_batch: int = 64, kv_budget_bytes: int | None = None,
@@ -336,33 +337,53 @@ class Scheduler:
             if not request.prefilling:
                 decodes.append((request, 1))
             elif chunk > 0:
-                n = min(chunk, len(seq.tokens) - seq.length)
+                # a prompt is cut into the same chunks however it is batched (prefill_chunk tokens
+                # from its start), so its numbers, and its answer, are those it gets alone: one that
+                # does not fit in what is left of this step's budget starts the next step
+                n = min(self.prefill_chunk, len(seq.tokens) - seq.length)
+                if n > chunk:
+                    chunk = 0  # later prompts wait too: prompts are prefilled in arrival order
+                    continue
                 prompts.append((request, n))
                 chunk -= n
         feeds = decodes + prompts
         if not feeds:
             return
-        if self.fast:  # decode rows on the C step, prompt chunks on the model's forward
+        if self.fast and self.fast.amx:  # every row through the C layers, prompt chunks' attention in PyTorch
+            # one-token feeds (decode rows, and prompts down to their last token) go first
+            chunks = [feed for feed in prompts if feed[1] > 1]
+            feeds = decodes + [feed for feed in prompts if feed[1] == 1] + chunks
+            batch = self.cache.batch([(r.seq, n) for r, n in feeds])
+            logits = self.fast.step_rows(batch) if chunks else self.fast.step_paged(batch)
+        elif self.fast:  # decode rows on the C step, prompt chunks on the model's forward
             logits = [self.fast.step_paged(self.cache.batch([(r.seq, 1) for r, _ in decodes]))] if decodes else []
             logits += [self._forward(prompts)] if prompts else []
             logits = torch.cat(logits) if len(logits) > 1 else logits[0]
         else:
             logits = self._forward(feeds)
         self._stats["steps"] += 1
-        self._stats["prefill_tokens"] += self.prefill_chunk - chunk
+        self._stats["prefill_tokens"] += sum(n for _, n in prompts)
+        choosing = []  # prompt done: these rows choose a token
         for row, (request, _) in enumerate(feeds):
             self.cache.publish(request.seq)
-            if request.seq.length == len(request.seq.tokens):  # prompt done: this row chooses a token
-                self._sample(request, logits[row])
+            if request.seq.length == len(request.seq.tokens):
+                choosing.append((row, request))
+        # plain greedy rows take one argmax for all of them, not one call each
+        plain = [row for row, r in choosing if r.handle.params.greedy and r.handle.params.repetition_penalty == 1.0]
+        best = dict(zip(plain, logits[plain].argmax(-1).tolist())) if plain else {}
+        for row, request in choosing:
+            self._sample(request, logits[row], best.get(row))
 
     def _forward(self, feeds: list[tuple[_Request, int]]) -> torch.Tensor:
         batch = self.cache.batch([(r.seq, n) for r, n in feeds])
         return self.model(torch.tensor([batch.ids], device=self.device), batch)[0]
 
-    def _sample(self, request: _Request, logits: torch.Tensor) -> None:
+    def _sample(self, request: _Request, logits: torch.Tensor, token: int | None = None) -> None:
+        """Deliver the request's next token: `token` when chosen already, else its sampler's pick."""
         params, seq = request.handle.params, request.seq
-        context = torch.as_tensor(seq.tokens, device=self.device) if params.repetition_penalty != 1.0 else _EMPTY
-        token = request.sampler(logits, context)
+        if token is None:
+            context = torch.as_tensor(seq.tokens, device=self.device) if params.repetition_penalty != 1.0 else _EMPTY
+            token = request.sampler(logits, context)
         if token in params.stop_ids:
             event = Event(0, None, "stop")
         else:

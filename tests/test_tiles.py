@@ -1,0 +1,139 @@
+"""The C layers on AMX tiles (engine/fast.py, kernels.c): bf16 weights, activations rounded
+to bf16 at each projection, bf16 keys and values. They must stay within bf16 precision of
+the fp32 reference forward, give every row the same bits whatever it is batched with, and
+so give each request of the scheduler the tokens it gets alone. The
+layer-by-layer prompt path (step_rows) is also checked on fp32 weights, where it runs the
+plain C projections and must equal the reference forward."""
+
+import random
+
+import pytest
+import torch
+
+from parley.engine.cache import PagedKVCache, Sequence
+from parley.engine.fast import FastDecoder
+from parley.engine.sampling import SamplingParams
+from parley.engine.scheduler import Scheduler
+from parley.model.transformer import KVCache, ModelConfig, Transformer
+
+# every size a whole number of tiles: inputs multiples of 32, outputs of 16, head_dim 32
+CFG = ModelConfig(vocab_size=304, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                  tie_word_embeddings=False)
+
+
+def tile_model(dtype=torch.bfloat16) -> Transformer:
+    torch.manual_seed(3)
+    model = Transformer(CFG)
+    model.init_weights(std=0.08)
+    return model.to(dtype).eval()
+
+
+@pytest.fixture(scope="module")
+def tiles():
+    fast = FastDecoder.create(tile_model())
+    assert fast is not None, "the C kernels failed to build: is a C compiler installed?"
+    if not fast.amx:
+        pytest.skip("this CPU (or kernel) offers no AMX tiles: the tile path is not used here")
+    return fast
+
+
+def test_tile_decode_step_stays_within_bf16_precision_of_fp32(tiles):
+    """Against the fp32 reference forward (fp32 weights of the same values, fp32 cache):
+    the roundings to bf16 (projection inputs, keys, values, queries in q.k) move logits
+    by about 1% of their scale and do not change which token is best."""
+    ref = Transformer(CFG).eval()
+    ref.load_state_dict({k: v.float() for k, v in tiles.model.state_dict().items()})
+    assert tiles.kv_dtype == torch.bfloat16
+    B, T = 5, 40
+    ids = torch.randint(0, CFG.vocab_size, (B, T), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones(B, T, dtype=torch.bool)
+    mask[1, :9] = mask[4, :30] = False  # left padding
+    cache, ref_cache = KVCache(CFG, B, T + 4, torch.bfloat16), KVCache(CFG, B, T + 4, torch.float32)
+    with torch.inference_mode():
+        ref(ids, cache, token_mask=mask)
+        ref(ids, ref_cache, token_mask=mask)
+        for step in range(4):
+            tokens = torch.randint(0, CFG.vocab_size, (B,), generator=torch.Generator().manual_seed(step))
+            got = tiles.step(tokens, cache).clone()
+            expected = ref(tokens[:, None], ref_cache)[:, -1]
+            scale = expected.abs().max()
+            assert (got - expected).abs().max() < 0.015 * scale
+            assert (got - expected).abs().mean() < 0.002 * scale
+            assert torch.equal(got.argmax(-1), expected.argmax(-1))
+
+
+def paged_rows(cache: PagedKVCache, lengths: list[int], seed: int) -> list[Sequence]:
+    """Sequences of the given lengths with their pages scattered through the pool."""
+    rng = random.Random(seed)
+    free = rng.sample(range(cache.num_pages), cache.num_pages)
+    seqs = []
+    for n in lengths:
+        pages = [free.pop() for _ in range(cache.pages_for(n + 8))]
+        seqs.append(Sequence(tokens=[rng.randrange(CFG.vocab_size) for _ in range(n)], pages=pages))
+    return seqs
+
+
+def test_a_rows_logits_do_not_depend_on_its_batch(tiles):
+    """Bit for bit: a row decoded alone, among 20 others, or riding along a prompt chunk."""
+    cache = PagedKVCache(CFG, 2**26, 8, torch.bfloat16)
+    seqs = paged_rows(cache, [random.Random(i).randint(3, 90) for i in range(21)], seed=1)
+    with torch.inference_mode():
+        for seq in seqs:  # prefill all but each row's last token
+            tiles.step_rows(cache.batch([(seq, len(seq.tokens) - 1)]))
+
+        def decode(rows, extra_prompt=None):
+            for seq in rows:
+                seq.length = len(seq.tokens) - 1
+            feeds = [(seq, 1) for seq in rows]
+            if extra_prompt is not None:
+                extra_prompt.length = 0
+                batch = cache.batch(feeds + [(extra_prompt, len(extra_prompt.tokens))])
+                return tiles.step_rows(batch)[:len(rows)].clone()
+            return tiles.step_paged(cache.batch(feeds)).clone()
+
+        together = decode(seqs)
+        alone = torch.cat([decode([seq]) for seq in seqs])
+        assert torch.equal(together, alone)
+        [prompt] = paged_rows(cache, [50], seed=2)
+        riding = decode(seqs[:7], extra_prompt=prompt)
+        assert torch.equal(riding, alone[:7])
+
+
+def test_prompt_layers_equal_the_reference_forward_in_fp32():
+    """step_rows with fp32 weights (the plain C projections, fp32 pages): prompt chunks
+    continued over two steps, with one-token rows riding along, equal the model's forward."""
+    model = tile_model(torch.float32)
+    fast = FastDecoder.create(model)
+    assert fast is not None and not fast.amx and fast.kv_dtype == torch.float32
+    caches = [PagedKVCache(CFG, 2**26, 8, torch.float32) for _ in range(2)]
+    rows = [paged_rows(cache, [30, 45, 12], seed=4) for cache in caches]
+    with torch.inference_mode():
+        for step, cut in enumerate(([10, 20, 11], [20, 25, 1])):  # the third row decodes in step 2
+            feeds = [[(seq, n) for seq, n in zip(mine, cut)] for mine in rows]
+            if step == 1:  # one-token feeds first, as the scheduler orders them
+                feeds = [[f[2], f[0], f[1]] for f in feeds]
+            got = fast.step_rows(caches[0].batch(feeds[0])).clone()
+            batch = caches[1].batch(feeds[1])
+            expected = model(torch.tensor([batch.ids]), batch)[0]
+            torch.testing.assert_close(got, expected, atol=3e-5, rtol=1e-4)
+    for k0, k1 in zip(caches[0].k + caches[0].v, caches[1].k + caches[1].v):
+        torch.testing.assert_close(k0, k1, atol=2e-5, rtol=1e-5)
+
+
+def test_scheduled_requests_get_the_tokens_they_get_alone_on_tiles(tiles):
+    """24 greedy requests at once, with prompt chunks split across steps and decode rows
+    riding along them, each get exactly the tokens the same scheduler gives them alone."""
+    rng = random.Random(5)
+    requests = [[rng.randrange(CFG.vocab_size) for _ in range(rng.randint(1, 70))] for _ in range(24)]
+    params = SamplingParams(max_tokens=12)
+    tokens = lambda handle: [e.token for e in handle if e.token is not None]
+    # two schedulers: the second must not reuse the first one's cached prompts
+    with Scheduler(tiles.model, max_batch=64, prefill_chunk=48, page_size=8) as scheduler:
+        alone = [tokens(scheduler.submit(p, params)) for p in requests]
+    with Scheduler(tiles.model, max_batch=64, prefill_chunk=48, page_size=8) as scheduler:
+        handles = [scheduler.submit(p, params) for p in requests]
+        together = [tokens(h) for h in handles]
+        assert scheduler.stats()["peak_running"] > 8
+    assert together == alone
+    assert len({tuple(t) for t in alone}) > 12  # the answers differ: the check has teeth
