@@ -14,9 +14,10 @@ text decoder holds back an incomplete character) and completion tokens (the usag
 Aggregate tok/s = all completion tokens / wall time of the case. Answers may end before
 `--new` at an end-of-turn token: every figure counts the tokens actually produced.
 
-Afterwards, with the server stopped, the same kind of requests (same chat template, stop tokens
-and max tokens) go through `Engine` one at a time (batch 1, the single-user speed) and through
-transformers' `generate` in static left-padded batches.
+In each repeat, after the client counts, `--batch1` requests of the same kind (same chat
+template, stop tokens and max tokens) go through `Engine` one at a time in this process (batch 1,
+the single-user speed) while the server idles; the ratios use the median of those runs. Last,
+with the server stopped, transformers' `generate` serves them in static left-padded batches.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ import os
 import socket
 import subprocess
 import sys
+import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -161,33 +163,37 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="parley-serve-bench-") as home:
         registry = Registry(home)
         registry.import_model("smollm2")
-        _, tokenizer, _ = registry.load("smollm2", dtype=torch.bfloat16)
+        model, tokenizer, _ = registry.load("smollm2", dtype=torch.bfloat16)
         source = Messages(tokenizer, args.prompt)
         port = free_port()
         url = f"http://127.0.0.1:{port}"
+        # the Engine's batch-1 baseline runs in this process while the server idles: its
+        # threads sleep then, and the baseline alternates with the cases, so that drift in the
+        # machine's speed (shared memory bandwidth moves by a third over minutes) hits both
+        engine = Engine(model)
+        params = SamplingParams(max_tokens=args.new, temperature=0.0, stop_ids=frozenset(tokenizer.stop_ids))
         server = start_server(Path(home), port, max_pending=max(clients))
         try:
             asyncio.run(serve_case(url, source.take(2), 4))  # warm-up
-            rows = []
-            for n in clients:
-                runs = [asyncio.run(serve_case(url, source.take(n), args.new)) for _ in range(args.repeats)]
-                best = sorted(runs, key=lambda r: r["rate"])[len(runs) // 2]  # the median run (upper, if even)
-                rows.append((n, best))
-                print(f"{n:2} clients: {best['rate']:7.1f} tok/s ({best['tokens']} tokens in {best['wall']:.1f} s), "
-                      f"TTFT p50 {pct(best['ttft'], 50):.0f} ms p99 {pct(best['ttft'], 99):.0f} ms, "
-                      f"ITL p50 {pct(best['itl'], 50):.0f} ms p99 {pct(best['itl'], 99):.0f} ms; "
-                      f"all runs {[round(r['rate'], 1) for r in runs]}", flush=True)
+            warm = [tokenizer.encode_chat([{"role": "user", "content": m}]) for m in source.take(1)]
+            time_engine(engine, warm, SamplingParams(max_tokens=4))
+            runs: dict[int, list[dict]] = {n: [] for n in clients}
+            batch1_runs = []
+            for _ in range(args.repeats):
+                for n in clients:
+                    runs[n].append(asyncio.run(serve_case(url, source.take(n), args.new)))
+                    r = runs[n][-1]
+                    print(f"{n:2} clients: {r['rate']:7.1f} tok/s ({r['tokens']} tokens in {r['wall']:.1f} s), "
+                          f"TTFT p50 {pct(r['ttft'], 50):.0f} ms p99 {pct(r['ttft'], 99):.0f} ms, "
+                          f"ITL p50 {pct(r['itl'], 50):.0f} ms p99 {pct(r['itl'], 99):.0f} ms", flush=True)
+                chat = [tokenizer.encode_chat([{"role": "user", "content": m}]) for m in source.take(args.batch1)]
+                batch1_runs.append(time_engine(engine, chat, params))
+                print(f"Engine batch-1: {batch1_runs[-1]:.1f} tok/s ({args.batch1} requests)", flush=True)
         finally:
             server.terminate()
             server.wait(timeout=60)
-        # the comparisons run in this process with the server gone
-        model, _, _ = registry.load("smollm2", dtype=torch.bfloat16)
-        engine = Engine(model)
-        params = SamplingParams(max_tokens=args.new, temperature=0.0, stop_ids=frozenset(tokenizer.stop_ids))
-        chat = [tokenizer.encode_chat([{"role": "user", "content": m}]) for m in source.take(args.batch1 + 1)]
-        time_engine(engine, chat[:1], SamplingParams(max_tokens=4))  # warm-up
-        batch1 = time_engine(engine, chat[1:], params)
-        print(f"Engine batch-1: {batch1:.1f} tok/s ({args.batch1} requests)", flush=True)
+        rows = [(n, sorted(runs[n], key=lambda r: r["rate"])[len(runs[n]) // 2]) for n in clients]  # median run
+        batch1 = statistics.median(batch1_runs)
         del engine, model
     from transformers import AutoModelForCausalLM
 
@@ -205,14 +211,16 @@ def main() -> None:
 
 
 def render(rows, batch1: float, hf_rate: float, args) -> list[str]:
-    lines = ["| clients | aggregate tok/s | vs Engine batch-1 | TTFT p50 / p99 ms | ITL p50 / p99 ms |",
-             "|---|---|---|---|---|"]
+    lines = ["| clients | aggregate tok/s | vs Engine batch-1 | vs 1 client | TTFT p50 / p99 ms | ITL p50 / p99 ms |",
+             "|---|---|---|---|---|---|"]
+    one = dict(rows).get(1)
     for n, r in rows:
-        lines.append(f"| {n} | {r['rate']:.1f} | {r['rate'] / batch1:.2f}x | {pct(r['ttft'], 50):.0f} / "
+        vs_one = f"{r['rate'] / one['rate']:.2f}x" if one else ""
+        lines.append(f"| {n} | {r['rate']:.1f} | {r['rate'] / batch1:.2f}x | {vs_one} | {pct(r['ttft'], 50):.0f} / "
                      f"{pct(r['ttft'], 99):.0f} | {pct(r['itl'], 50):.0f} / {pct(r['itl'], 99):.0f} |")
-    lines.append(f"| Engine batch-1, in process ({args.batch1} requests one at a time) | {batch1:.1f} | 1.00x | | |")
+    lines.append(f"| Engine batch-1, in process ({args.batch1} requests one at a time) | {batch1:.1f} | 1.00x | | | |")
     lines.append(f"| transformers static batch {args.hf_batch}, in process ({args.hf_requests} requests) | "
-                 f"{hf_rate:.1f} | {hf_rate / batch1:.2f}x | | |")
+                 f"{hf_rate:.1f} | {hf_rate / batch1:.2f}x | | | |")
     return lines
 
 
@@ -233,9 +241,10 @@ def write_results(table: list[str], args) -> None:
         f"client and server on the same cores. Tokens: the usage chunk (answers may end early at end of turn). "
         f"Aggregate tok/s = all completion tokens / wall time of the case, prefill included; the median of "
         f"{args.repeats} runs. TTFT: request sent to first content chunk; ITL: between content chunks. "
-        "The Engine and transformers rows ran afterwards in the benchmark process (server stopped), on the "
-        "same kind of requests: the Engine one request at a time (C decode step), transformers "
-        "`generate` on left-padded static batches of the GGUF loaded by transformers.\n",
+        "The Engine row ran in the benchmark process after the client counts of each repeat, with the "
+        "server idle (median of the repeats), on the same kind of requests one at a time; the transformers "
+        "row ran last with the server stopped: `generate` on left-padded static batches of the GGUF loaded "
+        "by transformers. \"vs 1 client\": the aggregate over the server's own one-client rate.\n",
         *table,
     ]
     results = Path(__file__).with_name("RESULTS.md")

@@ -137,3 +137,29 @@ def test_scheduled_requests_get_the_tokens_they_get_alone_on_tiles(tiles):
         assert scheduler.stats()["peak_running"] > 8
     assert together == alone
     assert len({tuple(t) for t in alone}) > 12  # the answers differ: the check has teeth
+
+
+def test_weights_and_pages_move_to_huge_pages_unchanged():
+    from parley.engine.hugepages import HUGE, huge_zeros, move_to_huge_pages
+
+    model = Transformer(ModelConfig(vocab_size=96, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                    num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32))
+    model.init_weights(std=0.1)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    ids = torch.tensor([[3, 1, 4, 1, 5]])
+    with torch.inference_mode():
+        expected = model(ids)
+    moved = move_to_huge_pages(model)
+    assert moved >= sum(p.numel() * 4 for p in model.parameters() if p.dim() >= 2)
+    assert model.lm_head.weight is model.model.embed_tokens.weight  # still tied
+    after = model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    first = min(p.data_ptr() for p in model.parameters() if p.dim() >= 2)
+    assert first % HUGE == 0
+    with torch.inference_mode():
+        assert torch.equal(model(ids), expected)
+    pool = huge_zeros((3, 5, 7), torch.bfloat16)
+    assert pool.shape == (3, 5, 7) and pool.dtype == torch.bfloat16 and not pool.any()
+    assert pool.data_ptr() % HUGE == 0
+    pool[1, 2, 3] = 2.5  # writable
+    assert pool.sum().item() == 2.5

@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
+from parley.engine.hugepages import huge_zeros
 from parley.model.transformer import ModelConfig
 
 
@@ -62,8 +63,11 @@ class PagedKVCache:
             raise CacheError(f"a KV budget of {budget_bytes} bytes holds no page of {self.page_bytes} bytes: "
                              "raise the budget or lower page_size")
         shape = (self.num_pages, cfg.num_key_value_heads, page_size, cfg.head_dim)
-        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(cfg.num_hidden_layers)]
-        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(cfg.num_hidden_layers)]
+        # on the CPU, in huge pages: a step reads keys and values of pages all over the pool
+        zeros = huge_zeros if torch.device(device).type == "cpu" else \
+            (lambda size, kind: torch.zeros(size, dtype=kind, device=device))
+        self.k = [zeros(shape, dtype) for _ in range(cfg.num_hidden_layers)]
+        self.v = [zeros(shape, dtype) for _ in range(cfg.num_hidden_layers)]
         self.device = device
         self.refs = [0] * self.num_pages
         self.free: list[int] = list(range(self.num_pages - 1, -1, -1))  # pop() hands out page 0 first

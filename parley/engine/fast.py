@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 
 from parley.engine.cache import PagedBatch
+from parley.engine.hugepages import move_to_huge_pages
 from parley.model.transformer import KVCache, Transformer
 
 SOURCE = Path(__file__).with_name("kernels.c")
@@ -123,7 +124,8 @@ class FastDecoder:
     @classmethod
     def create(cls, model: Transformer) -> "FastDecoder | None":
         """A fast decoder if this model and machine allow one: dense, no biases, bf16 or
-        fp32 weights on the CPU, and a working C compiler."""
+        fp32 weights on the CPU, and a working C compiler. Moves the model's weights into
+        huge pages (engine/hugepages.py) the first time."""
         cfg, w = model.config, model.lm_head.weight
         if cfg.is_moe or cfg.attention_bias or w.device.type != "cpu" or \
                 w.dtype not in (torch.float32, torch.bfloat16):
@@ -131,7 +133,12 @@ class FastDecoder:
         if any(not p.is_contiguous() or p.dtype != w.dtype for p in model.parameters() if p.dim() == 2):
             return None
         lib = kernels()
-        return cls(model, lib) if lib is not None else None
+        if lib is None:
+            return None
+        if not getattr(model, "_parley_huge_pages", False):  # weights in 2 MiB pages: see engine/hugepages.py
+            move_to_huge_pages(model)
+            model._parley_huge_pages = True
+        return cls(model, lib)
 
     def _buffers(self, kind: str, rows: int, span: int = 0, logit_rows: int | None = None) -> tuple[dict, Buffers]:
         """Scratch tensors (views of `rows` rows, and of `logit_rows` rows of logits) and their
