@@ -151,6 +151,7 @@ def test_weights_and_pages_move_to_huge_pages_unchanged():
         expected = model(ids)
     moved = move_to_huge_pages(model)
     assert moved >= sum(p.numel() * 4 for p in model.parameters() if p.dim() >= 2)
+    assert move_to_huge_pages(model) == 0  # once
     assert model.lm_head.weight is model.model.embed_tokens.weight  # still tied
     after = model.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before)
@@ -158,6 +159,8 @@ def test_weights_and_pages_move_to_huge_pages_unchanged():
     assert first % HUGE == 0
     with torch.inference_mode():
         assert torch.equal(model(ids), expected)
+    model.to(torch.bfloat16)  # new tensors, in ordinary pages: they move again
+    assert move_to_huge_pages(model) == pytest.approx(moved / 2, rel=0.01)
     pool = huge_zeros((3, 5, 7), torch.bfloat16)
     assert pool.shape == (3, 5, 7) and pool.dtype == torch.bfloat16 and not pool.any()
     assert pool.data_ptr() % HUGE == 0

@@ -135,9 +135,7 @@ class FastDecoder:
         lib = kernels()
         if lib is None:
             return None
-        if not getattr(model, "_parley_huge_pages", False):  # weights in 2 MiB pages: see engine/hugepages.py
-            move_to_huge_pages(model)
-            model._parley_huge_pages = True
+        move_to_huge_pages(model)  # weights in 2 MiB pages, once: see engine/hugepages.py
         return cls(model, lib)
 
     def _buffers(self, kind: str, rows: int, span: int = 0, logit_rows: int | None = None) -> tuple[dict, Buffers]:

@@ -43,9 +43,11 @@ def huge_zeros(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
 def move_to_huge_pages(model: torch.nn.Module) -> int:
     """Copy the model's CPU parameters of two or more dimensions into one huge-page area and
     point the parameters at it (same values, dtypes and shapes; tied parameters stay tied).
-    Returns the bytes moved."""
+    Returns the bytes moved: 0 when they were moved already (and not replaced since, as
+    `model.to(dtype)` does)."""
     params = [p for p in dict.fromkeys(model.parameters()) if p.dim() >= 2 and p.device.type == "cpu"]
-    if not params:
+    where = tuple(p.data_ptr() for p in params)
+    if not params or getattr(model, "_parley_huge_pages", None) == where:
         return 0
     align = 64  # every tensor starts on a cache line
     sizes = [-(-p.numel() * p.element_size() // align) * align for p in params]
@@ -56,4 +58,5 @@ def move_to_huge_pages(model: torch.nn.Module) -> int:
         view.copy_(p.data)
         p.data = view
         at += size
+    model._parley_huge_pages = tuple(p.data_ptr() for p in params)
     return at
