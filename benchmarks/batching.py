@@ -138,9 +138,10 @@ def write_results(rows, args) -> None:
         f"torch {torch.__version__}. Command: `.venv/bin/python benchmarks/batching.py --prompt {args.prompt} "
         f"--new {args.new} --dtype {args.dtype} --repeats {args.repeats}{' --pytorch' * args.pytorch} --write`. "
         f"N distinct {args.prompt}-token prompts, {args.new} new tokens each, greedy, median of {args.repeats}; "
-        "tokens/s = N * new / wall time, prefill included. Scheduler: paged KV cache, prompt chunks on the "
-        "PyTorch forward, decode rows on the C step (PyTorch decode: the model's forward for every row); "
-        "Engine: contiguous cache, C decode step.\n",
+        "tokens/s = N * new / wall time, prefill included. Scheduler: paged KV cache, decode rows on the C "
+        "step and, with AMX, prompt chunks on the C layers with decode rows riding along (else on the PyTorch "
+        "forward; PyTorch decode: the model's forward for every row), each on its own thread, closed before "
+        "the Engine runs; Engine: contiguous cache, PyTorch prefill, C decode step, on a fresh thread.\n",
         "| concurrent requests | " + " | ".join(f"{name} tok/s" for name in columns(args)) + " |",
         "|---" * (len(columns(args)) + 1) + "|",
     ]
