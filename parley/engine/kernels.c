@@ -526,43 +526,73 @@ static void project_for(const Shape *sh, const Buffers *buf, const void *W, Inpu
     linear_for(W, sh->w_bf16, in.x, y, y_stride, sh->B, in.I, O, accumulate);
 }
 
+/* Each thread of a parallel region that may use the tile unit starts and ends with these. */
+static inline void tiles_begin(const Shape *sh) {
+#ifdef HAVE_AMX
+    if (sh->amx) tiles_on();
+#else
+    (void)sh;
+#endif
+}
+
+static inline void tiles_end(const Shape *sh) {
+#ifdef HAVE_AMX
+    if (sh->amx) _tile_release();
+#else
+    (void)sh;
+#endif
+}
+
+/* The first half of layer L for rows 0..B-1 of buf->x: norm, q/k/v projections, rotation;
+ * keys and values go to the cache (slot `slot`, or paged: each row's position), the rotated
+ * queries stay in buf->qkv. */
+static void qkv_for(const Layer *L, const Buffers *buf, const Shape *sh, const int64_t *pos, const float *cos_t,
+                    const float *sin_t, const Paging *pg) {
+    const int nh = sh->nh, nkv = sh->nkv, hd = sh->hd;
+    const long qkv_w = (long)(nh + 2 * nkv) * hd;
+    rmsnorm_for(buf->x, L->ln1, buf->h, sh->B, sh->H, sh->eps);
+    Input in = input_for(sh, buf, buf->h, sh->H);
+    project_for(sh, buf, L->q, in, buf->qkv, qkv_w, (long)nh * hd, 0);
+    project_for(sh, buf, L->k, in, buf->qkv + nh * hd, qkv_w, (long)nkv * hd, 0);
+    project_for(sh, buf, L->v, in, buf->qkv + (nh + nkv) * hd, qkv_w, (long)nkv * hd, 0);
+    rope_store_for(buf->qkv, pos, cos_t, sin_t, L->K, L->V, sh->kv_bf16, sh->B, nh, nkv, hd, sh->max_len, sh->slot,
+                   pg);
+}
+
+/* The second half once buf->att holds the attention output: output projection and residual,
+ * norm, MLP and residual, into buf->x. */
+static void mlp_for(const Layer *L, const Buffers *buf, const Shape *sh) {
+    const int H = sh->H;
+    const long inter = sh->inter;
+    Input in = input_for(sh, buf, buf->att, (long)sh->nh * sh->hd);
+    project_for(sh, buf, L->o, in, buf->x, H, H, 1);
+    rmsnorm_for(buf->x, L->ln2, buf->h, sh->B, H, sh->eps);
+    in = input_for(sh, buf, buf->h, H);
+    project_for(sh, buf, L->gate, in, buf->gu, 2 * inter, inter, 0);
+    project_for(sh, buf, L->up, in, buf->gu + inter, 2 * inter, inter, 0);
+    silu_mul_for(buf->gu, buf->act, sh->B, inter);
+    in = input_for(sh, buf, buf->act, inter);
+    project_for(sh, buf, L->down, in, buf->x, H, H, 1);
+}
+
 static void step(const Layer *layers, const float *final_norm, const void *lm_head, const Buffers *buf,
                  const Shape *sh, const int64_t *pos, const float *cos_t, const float *sin_t,
                  const uint8_t *valid, const Paging *pg) {
-    const int B = sh->B, H = sh->H, nh = sh->nh, nkv = sh->nkv, hd = sh->hd;
-    const long qkv_w = (long)(nh + 2 * nkv) * hd, inter = sh->inter;
-    const float scale = 1.f / sqrtf((float)hd);
+    const long qkv_w = (long)(sh->nh + 2 * sh->nkv) * sh->hd;
+    const float scale = 1.f / sqrtf((float)sh->hd);
 #pragma omp parallel
     {
-#ifdef HAVE_AMX
-        if (sh->amx) tiles_on();
-#endif
+        tiles_begin(sh);
         for (int l = 0; l < sh->n_layers; l++) {
             const Layer *L = &layers[l];
-            rmsnorm_for(buf->x, L->ln1, buf->h, B, H, sh->eps);
-            Input in = input_for(sh, buf, buf->h, H);
-            project_for(sh, buf, L->q, in, buf->qkv, qkv_w, (long)nh * hd, 0);
-            project_for(sh, buf, L->k, in, buf->qkv + nh * hd, qkv_w, (long)nkv * hd, 0);
-            project_for(sh, buf, L->v, in, buf->qkv + (nh + nkv) * hd, qkv_w, (long)nkv * hd, 0);
-            rope_store_for(buf->qkv, pos, cos_t, sin_t, L->K, L->V, sh->kv_bf16, B, nh, nkv, hd, sh->max_len,
-                           sh->slot, pg);
-            attend_for(buf->qkv, qkv_w, L->K, L->V, sh->kv_bf16, sh->amx, valid, buf->att, buf->scores, B, nh, nkv,
-                       hd, sh->max_len, sh->slot + 1, scale, pos, pg);
-            in = input_for(sh, buf, buf->att, (long)nh * hd);
-            project_for(sh, buf, L->o, in, buf->x, H, H, 1);
-            rmsnorm_for(buf->x, L->ln2, buf->h, B, H, sh->eps);
-            in = input_for(sh, buf, buf->h, H);
-            project_for(sh, buf, L->gate, in, buf->gu, 2 * inter, inter, 0);
-            project_for(sh, buf, L->up, in, buf->gu + inter, 2 * inter, inter, 0);
-            silu_mul_for(buf->gu, buf->act, B, inter);
-            in = input_for(sh, buf, buf->act, inter);
-            project_for(sh, buf, L->down, in, buf->x, H, H, 1);
+            qkv_for(L, buf, sh, pos, cos_t, sin_t, pg);
+            attend_for(buf->qkv, qkv_w, L->K, L->V, sh->kv_bf16, sh->amx, valid, buf->att, buf->scores, sh->B,
+                       sh->nh, sh->nkv, sh->hd, sh->max_len, sh->slot + 1, scale, pos, pg);
+            mlp_for(L, buf, sh);
         }
-        rmsnorm_for(buf->x, final_norm, buf->h, B, H, sh->eps);
-        project_for(sh, buf, lm_head, input_for(sh, buf, buf->h, H), buf->logits, sh->vocab, sh->vocab, 0);
-#ifdef HAVE_AMX
-        if (sh->amx) _tile_release();
-#endif
+        rmsnorm_for(buf->x, final_norm, buf->h, sh->B, sh->H, sh->eps);
+        project_for(sh, buf, lm_head, input_for(sh, buf, buf->h, sh->H), buf->logits, sh->vocab, sh->vocab, 0);
+        tiles_end(sh);
     }
 }
 
@@ -591,52 +621,25 @@ void decode_step_paged(const Layer *layers, const float *final_norm, const void 
  * rows_attend). B rows are the chunks' tokens; row b has position pos[b] and its sequence's
  * page table at table[b]. */
 
-/* Norm, q/k/v projections and rotation of layer L; keys and values go to their pages; the
- * rotated queries stay in buf->qkv (rows of (nh + 2 nkv) hd). */
+/* The first half of layer L (qkv_for) for the chunks' rows, keys and values to their pages. */
 void prompt_qkv(const Layer *L, const Buffers *buf, const Shape *sh, const int64_t *pos, const float *cos_t,
                 const float *sin_t, const int64_t *table, long width, long page_size) {
     const Paging pg = {table, width, page_size};
-    const int B = sh->B, H = sh->H, nh = sh->nh, nkv = sh->nkv, hd = sh->hd;
-    const long qkv_w = (long)(nh + 2 * nkv) * hd;
 #pragma omp parallel
     {
-#ifdef HAVE_AMX
-        if (sh->amx) tiles_on();
-#endif
-        rmsnorm_for(buf->x, L->ln1, buf->h, B, H, sh->eps);
-        Input in = input_for(sh, buf, buf->h, H);
-        project_for(sh, buf, L->q, in, buf->qkv, qkv_w, (long)nh * hd, 0);
-        project_for(sh, buf, L->k, in, buf->qkv + nh * hd, qkv_w, (long)nkv * hd, 0);
-        project_for(sh, buf, L->v, in, buf->qkv + (nh + nkv) * hd, qkv_w, (long)nkv * hd, 0);
-        rope_store_for(buf->qkv, pos, cos_t, sin_t, L->K, L->V, sh->kv_bf16, B, nh, nkv, hd, 0, 0, &pg);
-#ifdef HAVE_AMX
-        if (sh->amx) _tile_release();
-#endif
+        tiles_begin(sh);
+        qkv_for(L, buf, sh, pos, cos_t, sin_t, &pg);
+        tiles_end(sh);
     }
 }
 
-/* The rest of layer L once buf->att holds the attention output: output projection and
- * residual, norm, MLP and residual, into buf->x. */
+/* The second half of layer L (mlp_for) once buf->att holds the attention output. */
 void prompt_mlp(const Layer *L, const Buffers *buf, const Shape *sh) {
-    const int B = sh->B, H = sh->H;
-    const long inter = sh->inter;
 #pragma omp parallel
     {
-#ifdef HAVE_AMX
-        if (sh->amx) tiles_on();
-#endif
-        Input in = input_for(sh, buf, buf->att, (long)sh->nh * sh->hd);
-        project_for(sh, buf, L->o, in, buf->x, H, H, 1);
-        rmsnorm_for(buf->x, L->ln2, buf->h, B, H, sh->eps);
-        in = input_for(sh, buf, buf->h, H);
-        project_for(sh, buf, L->gate, in, buf->gu, 2 * inter, inter, 0);
-        project_for(sh, buf, L->up, in, buf->gu + inter, 2 * inter, inter, 0);
-        silu_mul_for(buf->gu, buf->act, B, inter);
-        in = input_for(sh, buf, buf->act, inter);
-        project_for(sh, buf, L->down, in, buf->x, H, H, 1);
-#ifdef HAVE_AMX
-        if (sh->amx) _tile_release();
-#endif
+        tiles_begin(sh);
+        mlp_for(L, buf, sh);
+        tiles_end(sh);
     }
 }
 
@@ -648,14 +651,10 @@ void rows_attend(const Layer *L, const Buffers *buf, const Shape *sh, const int6
     const long qkv_w = (long)(sh->nh + 2 * sh->nkv) * sh->hd;
 #pragma omp parallel
     {
-#ifdef HAVE_AMX
-        if (sh->amx) tiles_on();
-#endif
+        tiles_begin(sh);
         attend_for(buf->qkv, qkv_w, L->K, L->V, sh->kv_bf16, sh->amx, NULL, buf->att, buf->scores, sh->B, sh->nh,
                    sh->nkv, sh->hd, sh->max_len, 0, 1.f / sqrtf((float)sh->hd), pos, &pg);
-#ifdef HAVE_AMX
-        if (sh->amx) _tile_release();
-#endif
+        tiles_end(sh);
     }
 }
 
@@ -666,15 +665,11 @@ void prompt_logits(const float *final_norm, const void *lm_head, const Buffers *
     out.B = n;
 #pragma omp parallel
     {
-#ifdef HAVE_AMX
-        if (sh->amx) tiles_on();
-#endif
+        tiles_begin(sh);
 #pragma omp for schedule(static)
         for (int i = 0; i < n; i++)
             rmsnorm(buf->x + rows[i] * sh->H, final_norm, buf->h + (long)i * sh->H, sh->H, sh->eps);
         project_for(&out, buf, lm_head, input_for(&out, buf, buf->h, sh->H), buf->logits, sh->vocab, sh->vocab, 0);
-#ifdef HAVE_AMX
-        if (sh->amx) _tile_release();
-#endif
+        tiles_end(sh);
     }
 }
