@@ -1,14 +1,19 @@
-"""Fast small-batch decoding on CPU with the C kernels in kernels.c.
+"""Fast decoding and prompt layers on CPU with the C kernels in kernels.c.
 
     decoder = FastDecoder.create(model)        # None where the kernels cannot serve this model
-    logits = decoder.step(tokens, cache)       # tokens (B,), one new token per row; cache in fp32
+    logits = decoder.step(tokens, cache)       # tokens (B,), one new token per row; cache in decoder.kv_dtype
     logits = decoder.step_paged(batch)         # the same over a paged cache (engine/cache.py)
+    logits = decoder.step_rows(batch)          # prompt chunks (+ one-token rows) over a paged cache
 
-The Transformer's own forward stays the reference (and does prefill, where big matmuls
-make PyTorch's AMX kernels the right tool); this path computes the same decode step
-with fp32 activations over the model's bf16 or fp32 weights, without copying them.
-The kernels compile once with the system C compiler into the user's cache folder; if
-that fails, decoding falls back to the reference forward.
+The Transformer's own forward stays the reference. This path computes the same step with
+fp32 activations over the model's bf16 or fp32 weights, used in place. On a CPU with AMX
+and bf16 weights whose sizes are whole tiles (`decoder.amx`), the projections run on the
+tile unit with their inputs rounded to bf16, and keys and values are kept in bf16
+(`decoder.kv_dtype`); every row's arithmetic is the same whatever it is batched with.
+`step_rows` runs prompt chunks layer by layer through the same C code, their attention in
+PyTorch's flash attention; the scheduler uses it on the tile path. PARLEY_AMX=0 turns the
+tile path off. The kernels compile once with the system C compiler into the user's cache
+folder; if that fails, decoding falls back to the reference forward.
 """
 
 from __future__ import annotations
@@ -163,8 +168,8 @@ class FastDecoder:
 
     @torch.inference_mode()
     def step(self, tokens: torch.Tensor, cache: KVCache) -> torch.Tensor:
-        """Logits (B, vocab) for one new token per row, appended to the cache (fp32).
-        The returned tensor is a buffer that the next step overwrites."""
+        """Logits (B, vocab) for one new token per row, appended to the cache (of
+        kv_dtype). The returned tensor is a buffer that the next step overwrites."""
         B = tokens.shape[0]
         assert cache.k[0].dtype == self.kv_dtype, f"this decoder keeps its KV cache in {self.kv_dtype}"
         c = self.cfg
@@ -185,8 +190,8 @@ class FastDecoder:
 
     @torch.inference_mode()
     def step_paged(self, batch: PagedBatch) -> torch.Tensor:
-        """Logits (B, vocab) for a batch of one-token feeds over a paged cache in fp32; the
-        keys and values go to the rows' pages. The returned tensor is a reused buffer."""
+        """Logits (B, vocab) for a batch of one-token feeds over a paged cache of kv_dtype;
+        the keys and values go to the rows' pages. The returned tensor is a reused buffer."""
         cache = batch.cache
         assert cache.k[0].dtype == self.kv_dtype and not batch.prefill, f"{self.kv_dtype} pages, one token a row"
         c, B = self.cfg, len(batch.decode)
