@@ -175,6 +175,9 @@ def test_chat_feedback_documents_citations_and_trace_on_a_phone(page, site):
     page.get_by_role("button", name=conv["title"], exact=True).click()
     expect(page.locator("#log .msg")).to_have_count(4)
     expect(answers(page).nth(1).locator(".sources")).to_contain_text("[1] rent.md, chunk 1")
+    expect(answers(page).first.get_by_role("button", name="Good")).to_have_attribute("aria-pressed", "true")
+    expect(answers(page).first.get_by_role("status")).to_have_text("Corrected earlier.")  # the feedback given then
+    expect(answers(page).nth(1).get_by_role("button", name="Good")).to_have_attribute("aria-pressed", "false")
     page.get_by_role("button", name=f"Delete conversation {conv['title']}").click()
     expect(page.locator("#conversations")).to_have_text("None yet.")
     expect(answers(page)).to_have_count(0)

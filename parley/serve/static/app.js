@@ -166,10 +166,13 @@ function setBusy(busy) {
   $("stop").hidden = !busy;
 }
 
-/* An answer the store has saved: its citations, feedback buttons and (if it is the latest) trace. */
-async function finishAnswer(item, turnId, latest) {
+/* An answer the store has saved: its citations, feedback buttons and (if it is the latest) trace;
+   reopened from history (`earlier`), also the feedback it was given then. */
+async function finishAnswer(item, turnId, latest, earlier = false) {
   item.dataset.turn = turnId;
-  item.append(feedbackControls(item, turnId));
+  const controls = feedbackControls(item, turnId);
+  item.append(controls);
+  if (earlier) showEarlierFeedback(turnId, controls).catch(showError);
   try {
     const trace = await getTrace(turnId);
     const sources = sourcesOf(trace);
@@ -266,9 +269,25 @@ async function postFeedback(turnId, rating, editedText, group, status) {
     showError(e);
     return;
   }
+  markRating(group, rating);
+  status.textContent = editedText ? "Correction saved." : "Feedback saved.";
+}
+
+function markRating(group, rating) {
   group.dataset.rating = String(rating);
   for (const b of group.querySelectorAll("[data-rating]")) b.setAttribute("aria-pressed", String(b.dataset.rating === String(rating)));
-  status.textContent = editedText ? "Correction saved." : "Feedback saved.";
+}
+
+async function showEarlierFeedback(turnId, group) {
+  let saved;
+  try {
+    saved = await getJSON(`/api/turns/${turnId}/feedback`);
+  } catch (e) {
+    if (e instanceof ApiError && e.status === 404) return;  // none given
+    throw e;
+  }
+  markRating(group, saved.rating);
+  group.querySelector(".status").textContent = saved.edited_text ? "Corrected earlier." : "Rated earlier.";
 }
 
 function openEditor(item, button, save) {
@@ -324,7 +343,7 @@ async function openConversation(id) {
   const answers = conv.turns.filter((t) => t.role === "assistant");
   for (const t of conv.turns) {
     const item = addMessage(t.role, t.content);
-    if (t.role === "assistant") finishAnswer(item, t.id, t === answers[answers.length - 1]);
+    if (t.role === "assistant") finishAnswer(item, t.id, t === answers[answers.length - 1], true);
   }
   loadConversations().catch(showError);
 }
