@@ -175,26 +175,52 @@ static void tiles_on(void) {
     _tile_loadconfig(&tc);
 }
 
+/* r[i] (i < 16) as rows of a 16 x 16 matrix of 32-bit words, transposed into out. Two rounds of
+ * unpacking transpose the 4 x 4 blocks inside each 128-bit lane; two rounds of lane shuffles
+ * then move the blocks. */
+static inline void transpose16(const __m512i r[16], __m512i out[16]) {
+    __m512i t[16], u[16];
+    for (int i = 0; i < 16; i += 2) {
+        t[i] = _mm512_unpacklo_epi32(r[i], r[i + 1]);
+        t[i + 1] = _mm512_unpackhi_epi32(r[i], r[i + 1]);
+    }
+    /* u[4g + m], lane l: column 4l + m of rows 4g..4g+3 */
+    for (int g = 0; g < 4; g++) {
+        const __m512i *q = t + 4 * g;
+        u[4 * g + 0] = _mm512_unpacklo_epi64(q[0], q[2]);
+        u[4 * g + 1] = _mm512_unpackhi_epi64(q[0], q[2]);
+        u[4 * g + 2] = _mm512_unpacklo_epi64(q[1], q[3]);
+        u[4 * g + 3] = _mm512_unpackhi_epi64(q[1], q[3]);
+    }
+    for (int m = 0; m < 4; m++) { /* out[4l + m] = lane l of u[m], u[4 + m], u[8 + m], u[12 + m] */
+        __m512i x0 = _mm512_shuffle_i32x4(u[m], u[4 + m], 0x44), x1 = _mm512_shuffle_i32x4(u[m], u[4 + m], 0xee);
+        __m512i x2 = _mm512_shuffle_i32x4(u[8 + m], u[12 + m], 0x44), x3 = _mm512_shuffle_i32x4(u[8 + m], u[12 + m], 0xee);
+        out[m] = _mm512_shuffle_i32x4(x0, x2, 0x88);
+        out[4 + m] = _mm512_shuffle_i32x4(x0, x2, 0xdd);
+        out[8 + m] = _mm512_shuffle_i32x4(x1, x3, 0x88);
+        out[12 + m] = _mm512_shuffle_i32x4(x1, x3, 0xdd);
+    }
+}
+
 /* Packs x [B, I] fp32 for the tile unit: pair p of row b is (bf16(x[b, 2p]), bf16(x[b, 2p + 1]))
  * as one 32-bit word, and each tile (16 pairs x 16 rows, rows from B on zero) is stored as
  * one contiguous 1 KB block: xp[kb, nb] for input block kb (32 inputs) and row block nb, so a
  * tile load reads 1 KB in a row. I % 32 == 0; Bp is B rounded up to 16. */
 static void pack_for(const float *x, uint32_t *xp, int B, int Bp, long I) {
-    const __m512i across = _mm512_mullo_epi32(_mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0),
-                                              _mm512_set1_epi32(16));
-#pragma omp for schedule(static)
-    for (long k = 0; k < I; k += 32) {
-        uint32_t *block = xp + (k / 32) * Bp * 16;
-        for (int b = 0; b < Bp; b++) {
-            __m512i pairs = _mm512_setzero_si512();
-            if (b < B) {
-                const float *src = x + (long)b * I + k;
-                pairs = (__m512i)_mm512_cvtne2ps_pbh(_mm512_loadu_ps(src + 16), _mm512_loadu_ps(src));
+#pragma omp for collapse(2) schedule(static)
+    for (long kb = 0; kb < I / 32; kb++)
+        for (int nb = 0; nb < Bp / 16; nb++) {
+            __m512i rows[16], pairs[16];
+            for (int i = 0; i < 16; i++) {
+                const long b = nb * 16 + i;
+                const float *src = x + b * I + kb * 32;
+                rows[i] = b < B ? (__m512i)_mm512_cvtne2ps_pbh(_mm512_loadu_ps(src + 16), _mm512_loadu_ps(src))
+                                : _mm512_setzero_si512();
             }
-            /* tile nb = b / 16 of this input block; pair j goes to its row j, column b % 16 */
-            _mm512_i32scatter_epi32(block + (b / 16) * 256 + b % 16, across, pairs, 4);
+            transpose16(rows, pairs); /* row i of the tile: pair i of the 16 batch rows */
+            uint32_t *tile = xp + (kb * Bp + nb * 16) * 16;
+            for (int i = 0; i < 16; i++) _mm512_storeu_si512(tile + i * 16, pairs[i]);
         }
-    }
 }
 
 /* y[b, o] (+)= sum_i W[o, i] * x[b, i] on the tile unit, with x packed by pack_for (Bp rows, a
@@ -235,9 +261,15 @@ static void amx_linear_for(const uint16_t *W, const uint32_t *xp, int Bp, float 
             for (int t = 0; t < 4; t++) { /* tile t holds y[b0 + cols + n, o + rows + m] at [m][n] */
                 int rows = t >= 2 ? 16 : 0, cols = t & 1 ? 16 : 0;
                 if ((rows && !two) || (cols && !wide)) continue;
-                for (int n = 0; n < 16 && b0 + cols + n < B; n++) {
+                const int n_rows = B - (b0 + cols) < 16 ? B - (b0 + cols) : 16;
+                __m512i by_output[16], by_row[16];
+                if (n_rows >= 8) { /* most of the tile is wanted: transpose it whole, else gather its columns */
+                    for (int m = 0; m < 16; m++) by_output[m] = _mm512_loadu_si512(sums[t][m]);
+                    transpose16(by_output, by_row);
+                }
+                for (int n = 0; n < n_rows; n++) {
                     float *out = y + (long)(b0 + cols + n) * y_stride + o + rows;
-                    __m512 v = _mm512_i32gather_ps(column, &sums[t][0][n], 4);
+                    __m512 v = n_rows >= 8 ? _mm512_castsi512_ps(by_row[n]) : _mm512_i32gather_ps(column, &sums[t][0][n], 4);
                     _mm512_storeu_ps(out, accumulate ? _mm512_add_ps(_mm512_loadu_ps(out), v) : v);
                 }
             }
