@@ -224,15 +224,23 @@ static void pack_for(const float *x, uint32_t *xp, int B, int Bp, long I) {
 }
 
 /* y[b, o] (+)= sum_i W[o, i] * x[b, i] on the tile unit, with x packed by pack_for (Bp rows, a
- * multiple of 16). W is [O, I] bf16 in nn.Linear layout, used as is: a 16-row block of it is
- * a tile of the left operand, so the product is y transposed, 16 outputs x 16 batch rows a
- * tile. I % 32 == 0, O % 16 == 0. */
-static void amx_linear_for(const uint16_t *W, const uint32_t *xp, int Bp, float *y, long y_stride, int B, long I,
-                           long O, int accumulate) {
+ * multiple of 16), for W the `count` matrices Ws stacked along their outputs (rows[m] each: q | k | v
+ * or gate | up, written side by side into y), so that they share one work-shared loop. Each W
+ * is [rows, I] bf16 in nn.Linear layout, used as is: a 16-row block of it is a tile of the
+ * left operand, so the product is y transposed, 16 outputs x 16 batch rows a tile.
+ * I % 32 == 0, rows[m] % 16 == 0. */
+static void amx_linear_for(const uint16_t *const *Ws, const long *rows, int count, const uint32_t *xp, int Bp, float *y,
+                           long y_stride, int B, long I, int accumulate) {
     const long w_stride = I * 2;
+    long blocks = 0;
+    for (int m = 0; m < count; m++) blocks += (rows[m] + 31) / 32;
 #pragma omp for schedule(static)
-    for (long o = 0; o < O; o += 32) {
-        const int two = o + 32 <= O; /* a last block of 16 rows uses one weight tile */
+    for (long j = 0; j < blocks; j++) {
+        int m = 0;
+        long o = j * 32, column0 = 0; /* block j: rows o.. of matrix m, outputs column0 + o.. */
+        while (o >= (rows[m] + 31) / 32 * 32) o -= (rows[m] + 31) / 32 * 32, column0 += rows[m], m++;
+        const uint16_t *W = Ws[m];
+        const int two = o + 32 <= rows[m]; /* a last block of 16 rows uses one weight tile */
         for (int b0 = 0; b0 < Bp; b0 += 32) {
             const int wide = b0 + 32 <= Bp;
             float sums[4][16][16];
@@ -258,9 +266,9 @@ static void amx_linear_for(const uint16_t *W, const uint32_t *xp, int Bp, float 
             if (two && wide) _tile_stored(3, sums[3], 64);
             const __m512i column = _mm512_mullo_epi32(_mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2,
                                                                        1, 0), _mm512_set1_epi32(16));
-            for (int t = 0; t < 4; t++) { /* tile t holds y[b0 + cols + n, o + rows + m] at [m][n] */
-                int rows = t >= 2 ? 16 : 0, cols = t & 1 ? 16 : 0;
-                if ((rows && !two) || (cols && !wide)) continue;
+            for (int t = 0; t < 4; t++) { /* tile t holds y[b0 + cols + n, o + lower + m] at [m][n] */
+                int lower = t >= 2 ? 16 : 0, cols = t & 1 ? 16 : 0;
+                if ((lower && !two) || (cols && !wide)) continue;
                 const int n_rows = B - (b0 + cols) < 16 ? B - (b0 + cols) : 16;
                 __m512i by_output[16], by_row[16];
                 if (n_rows >= 8) { /* most of the tile is wanted: transpose it whole, else gather its columns */
@@ -268,7 +276,7 @@ static void amx_linear_for(const uint16_t *W, const uint32_t *xp, int Bp, float 
                     transpose16(by_output, by_row);
                 }
                 for (int n = 0; n < n_rows; n++) {
-                    float *out = y + (long)(b0 + cols + n) * y_stride + o + rows;
+                    float *out = y + (long)(b0 + cols + n) * y_stride + column0 + o + lower;
                     __m512 v = n_rows >= 8 ? _mm512_castsi512_ps(by_row[n]) : _mm512_i32gather_ps(column, &sums[t][0][n], 4);
                     _mm512_storeu_ps(out, accumulate ? _mm512_add_ps(_mm512_loadu_ps(out), v) : v);
                 }
@@ -546,16 +554,25 @@ static Input input_for(const Shape *sh, const Buffers *buf, const float *x, long
     return (Input){x, I};
 }
 
-/* y[b, o] (+)= sum_i W[o, i] * in.x[b, i] on whichever unit the step runs on. */
-static void project_for(const Shape *sh, const Buffers *buf, const void *W, Input in, float *y, long y_stride, long O,
-                        int accumulate) {
+/* y[b, o] (+)= sum_i W[o, i] * in.x[b, i] on whichever unit the step runs on, for W the `count`
+ * matrices Ws stacked along their outputs (rows[m] each), written side by side into y. */
+static void project_for(const Shape *sh, const Buffers *buf, const void *const *Ws, const long *rows, int count,
+                        Input in, float *y, long y_stride, int accumulate) {
 #ifdef HAVE_AMX
     if (sh->amx) {
-        amx_linear_for(W, buf->xp, (sh->B + 15) / 16 * 16, y, y_stride, sh->B, in.I, O, accumulate);
+        amx_linear_for((const uint16_t *const *)Ws, rows, count, buf->xp, (sh->B + 15) / 16 * 16, y, y_stride, sh->B,
+                       in.I, accumulate);
         return;
     }
 #endif
-    linear_for(W, sh->w_bf16, in.x, y, y_stride, sh->B, in.I, O, accumulate);
+    for (int m = 0; m < count; y += rows[m], m++)
+        linear_for(Ws[m], sh->w_bf16, in.x, y, y_stride, sh->B, in.I, rows[m], accumulate);
+}
+
+/* One matrix W [O, I]. */
+static void project1_for(const Shape *sh, const Buffers *buf, const void *W, Input in, float *y, long y_stride, long O,
+                         int accumulate) {
+    project_for(sh, buf, &W, &O, 1, in, y, y_stride, accumulate);
 }
 
 /* Each thread of a parallel region that may use the tile unit starts and ends with these. */
@@ -584,9 +601,9 @@ static void qkv_for(const Layer *L, const Buffers *buf, const Shape *sh, const i
     const long qkv_w = (long)(nh + 2 * nkv) * hd;
     rmsnorm_for(buf->x, L->ln1, buf->h, sh->B, sh->H, sh->eps);
     Input in = input_for(sh, buf, buf->h, sh->H);
-    project_for(sh, buf, L->q, in, buf->qkv, qkv_w, (long)nh * hd, 0);
-    project_for(sh, buf, L->k, in, buf->qkv + nh * hd, qkv_w, (long)nkv * hd, 0);
-    project_for(sh, buf, L->v, in, buf->qkv + (nh + nkv) * hd, qkv_w, (long)nkv * hd, 0);
+    const void *qkv[3] = {L->q, L->k, L->v};
+    const long qkv_rows[3] = {(long)nh * hd, (long)nkv * hd, (long)nkv * hd};
+    project_for(sh, buf, qkv, qkv_rows, 3, in, buf->qkv, qkv_w, 0);
     rope_store_for(buf->qkv, pos, cos_t, sin_t, L->K, L->V, sh->kv_bf16, sh->B, nh, nkv, hd, sh->max_len, sh->slot,
                    pg);
 }
@@ -597,14 +614,15 @@ static void mlp_for(const Layer *L, const Buffers *buf, const Shape *sh) {
     const int H = sh->H;
     const long inter = sh->inter;
     Input in = input_for(sh, buf, buf->att, (long)sh->nh * sh->hd);
-    project_for(sh, buf, L->o, in, buf->x, H, H, 1);
+    project1_for(sh, buf, L->o, in, buf->x, H, H, 1);
     rmsnorm_for(buf->x, L->ln2, buf->h, sh->B, H, sh->eps);
     in = input_for(sh, buf, buf->h, H);
-    project_for(sh, buf, L->gate, in, buf->gu, 2 * inter, inter, 0);
-    project_for(sh, buf, L->up, in, buf->gu + inter, 2 * inter, inter, 0);
+    const void *gate_up[2] = {L->gate, L->up};
+    const long gate_up_rows[2] = {inter, inter};
+    project_for(sh, buf, gate_up, gate_up_rows, 2, in, buf->gu, 2 * inter, 0);
     silu_mul_for(buf->gu, buf->act, sh->B, inter);
     in = input_for(sh, buf, buf->act, inter);
-    project_for(sh, buf, L->down, in, buf->x, H, H, 1);
+    project1_for(sh, buf, L->down, in, buf->x, H, H, 1);
 }
 
 static void step(const Layer *layers, const float *final_norm, const void *lm_head, const Buffers *buf,
@@ -623,7 +641,7 @@ static void step(const Layer *layers, const float *final_norm, const void *lm_he
             mlp_for(L, buf, sh);
         }
         rmsnorm_for(buf->x, final_norm, buf->h, sh->B, sh->H, sh->eps);
-        project_for(sh, buf, lm_head, input_for(sh, buf, buf->h, sh->H), buf->logits, sh->vocab, sh->vocab, 0);
+        project1_for(sh, buf, lm_head, input_for(sh, buf, buf->h, sh->H), buf->logits, sh->vocab, sh->vocab, 0);
         tiles_end(sh);
     }
 }
@@ -701,7 +719,7 @@ void prompt_logits(const float *final_norm, const void *lm_head, const Buffers *
 #pragma omp for schedule(static)
         for (int i = 0; i < n; i++)
             rmsnorm(buf->x + rows[i] * sh->H, final_norm, buf->h + (long)i * sh->H, sh->H, sh->eps);
-        project_for(&out, buf, lm_head, input_for(&out, buf, buf->h, sh->H), buf->logits, sh->vocab, sh->vocab, 0);
+        project1_for(&out, buf, lm_head, input_for(&out, buf, buf->h, sh->H), buf->logits, sh->vocab, sh->vocab, 0);
         tiles_end(sh);
     }
 }
