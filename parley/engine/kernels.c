@@ -390,6 +390,19 @@ static inline void axpy(float w, const void *x, int x_bf16, float *y, int n) {
     for (; i < n; i++) y[i] += w * load1(x, x_bf16, i);
 }
 
+/* max_i x[i] for i < n (-inf when n == 0) */
+static inline float max_of(const float *x, long n) {
+    long i = 0;
+    float m = -INFINITY;
+#ifdef __AVX512F__
+    __m512 mv = _mm512_set1_ps(-INFINITY);
+    for (; i + 16 <= n; i += 16) mv = _mm512_max_ps(mv, _mm512_loadu_ps(x + i));
+    m = _mm512_reduce_max_ps(mv);
+#endif
+    for (; i < n; i++) m = x[i] > m ? x[i] : m;
+    return m;
+}
+
 /* exp(x[i] - shift) for i < n, in place; returns their sum. */
 static float exp_sum(float *x, long n, float shift) {
     long i = 0;
@@ -407,6 +420,57 @@ static float exp_sum(float *x, long n, float shift) {
 #endif
     for (; i < n; i++) sum += x[i] = expf(x[i] - shift);
     return sum;
+}
+
+/* o[j] += sum_s p[j * max_len + s] * v_s for s in [s0, s1) and the G query heads of a group, v_s
+ * the value rows (stride `row` bytes); HC chunks of 16 head dims. Each value row is loaded
+ * once for all G heads and the sums stay in registers. Same sums, same order, as axpy. */
+#ifdef __AVX512F__
+static inline __attribute__((always_inline)) void weigh_block(const float *p, long max_len, const char *v, long row,
+                                                              int kv_bf16, long s0, long s1, float *o, int hd,
+                                                              const int G, const int HC) {
+    __m512 acc[4][8];
+    for (int j = 0; j < G; j++)
+        for (int c = 0; c < HC; c++) acc[j][c] = _mm512_loadu_ps(o + (long)j * hd + c * 16);
+    for (long s = s0; s < s1; s++, v += row) {
+        __m512 value[8];
+        for (int c = 0; c < HC; c++) value[c] = load16(v, kv_bf16, c * 16);
+        for (int j = 0; j < G; j++) {
+            const __m512 w = _mm512_set1_ps(p[j * max_len + s]);
+            for (int c = 0; c < HC; c++) acc[j][c] = _mm512_fmadd_ps(w, value[c], acc[j][c]);
+        }
+    }
+    for (int j = 0; j < G; j++)
+        for (int c = 0; c < HC; c++) _mm512_storeu_ps(o + (long)j * hd + c * 16, acc[j][c]);
+}
+#endif
+
+/* weigh_block for the common shapes (up to 4 heads a group; head_dim 32, 64 or 128); 0 when
+ * the shape is not one of them and the caller must use axpy. */
+static int weigh_values(const float *p, long max_len, const char *v, long row, int kv_bf16, long s0, long s1,
+                        float *o, int hd, int group) {
+#ifdef __AVX512F__
+#define WEIGH(G, HC) weigh_block(p, max_len, v, row, kv_bf16, s0, s1, o, hd, G, HC)
+#define WEIGH_HC(G)                                                                                          \
+    switch (hd) {                                                                                            \
+    case 32: WEIGH(G, 2); return 1;                                                                          \
+    case 64: WEIGH(G, 4); return 1;                                                                          \
+    case 128: WEIGH(G, 8); return 1;                                                                         \
+    default: return 0;                                                                                       \
+    }
+    switch (group) {
+    case 1: WEIGH_HC(1)
+    case 2: WEIGH_HC(2)
+    case 3: WEIGH_HC(3)
+    case 4: WEIGH_HC(4)
+    default: return 0;
+    }
+#undef WEIGH_HC
+#undef WEIGH
+#else
+    (void)p, (void)max_len, (void)v, (void)row, (void)kv_bf16, (void)s0, (void)s1, (void)o, (void)hd, (void)group;
+    return 0;
+#endif
 }
 
 #define MAX_HD 256
@@ -481,8 +545,7 @@ static void attend_for(const float *qkv, long q_stride, const void *K, const voi
                     p[j * max_len + s] = ok && !ok[s] ? -INFINITY : dot(q + (long)j * hd, k, kv_bf16, hd) * scale;
         }
         for (int j = 0; j < group; j++) {
-            float *pj = p + j * max_len, m = -INFINITY;
-            for (long s = 0; s < n; s++) m = pj[s] > m ? pj[s] : m;
+            float *pj = p + j * max_len, m = max_of(pj, n);
             float r = 1.f / exp_sum(pj, n, m);
             for (long s = 0; s < n; s++) pj[s] = ok && !ok[s] ? 0.f : pj[s] * r;
         }
@@ -493,8 +556,10 @@ static void attend_for(const float *qkv, long q_stride, const void *K, const voi
                 const char *next = (const char *)V + kv_at(pg, b, g, s0 + run, nkv, hd, max_len) * size;
                 for (long at = 0; at < run * row; at += 64) _mm_prefetch(next + at, _MM_HINT_T0);
             }
-            for (long s = s0; s < n && s < s0 + run; s++, v += row)
-                for (int j = 0; j < group; j++) axpy(p[j * max_len + s], v, kv_bf16, o + (long)j * hd, hd);
+            const long s1 = n < s0 + run ? n : s0 + run;
+            if (!weigh_values(p, max_len, v, row, kv_bf16, s0, s1, o, hd, group))
+                for (long s = s0; s < s1; s++, v += row)
+                    for (int j = 0; j < group; j++) axpy(p[j * max_len + s], v, kv_bf16, o + (long)j * hd, hd);
         }
     }
 }
