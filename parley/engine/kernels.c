@@ -1,4 +1,5 @@
-/* One decode step of a Llama-style model on the CPU (parley/engine/fast.py calls it via ctypes).
+/* Decode steps and prompt layers of a Llama-style model on the CPU (parley/engine/fast.py calls
+ * them via ctypes).
  *
  * Decoding one token at a time is bound by memory bandwidth: every weight is read once
  * per step and used for only a few multiply-adds. Stock PyTorch reaches a fraction of the
@@ -10,9 +11,9 @@
  *
  * With bf16 weights on a CPU with AMX (and shapes in whole tiles), the projections run on
  * the tile unit instead: activations are rounded to bf16 and multiplied with fp32
- * accumulation, 16 weight rows x 16 batch rows x 32 inputs per instruction. A weight
- * block is read once per 32 batch rows, so a batch of 32 costs about what one row does
- * (the loop is bound by reading the weights either way). Every row's sums run in the
+ * accumulation, 16 weight rows x 16 batch rows x 32 inputs per instruction. A block of
+ * weights is read from memory once for all the batch rows, so 32 rows cost ~1.5x one row,
+ * not 32x. Every row's sums run in the
  * same order whatever the batch size, so a request's logits do not depend on what it is
  * batched with: the same greedy output alone or among 64.
  *
@@ -522,7 +523,7 @@ static void attend_for(const float *qkv, long q_stride, const void *K, const voi
             long s = s0;
             if (pg->table && s0 + run < n) { /* pages lie anywhere in the pool: fetch the next one's keys early */
                 const char *next = (const char *)K + kv_at(pg, b, g, s0 + run, nkv, hd, max_len) * size;
-                for (long at = 0; at < run * row; at += 64) _mm_prefetch(next + at, _MM_HINT_T0);
+                for (long at = 0; at < run * row; at += 64) __builtin_prefetch(next + at, 0, 3);
             }
 #ifdef HAVE_AMX
             /* 16 slots at once while all 16 lie in this run's memory (slots from n on are read, not used) */
@@ -554,7 +555,7 @@ static void attend_for(const float *qkv, long q_stride, const void *K, const voi
             const char *v = (const char *)V + kv_at(pg, b, g, s0, nkv, hd, max_len) * size;
             if (pg->table && s0 + run < n) {
                 const char *next = (const char *)V + kv_at(pg, b, g, s0 + run, nkv, hd, max_len) * size;
-                for (long at = 0; at < run * row; at += 64) _mm_prefetch(next + at, _MM_HINT_T0);
+                for (long at = 0; at < run * row; at += 64) __builtin_prefetch(next + at, 0, 3);
             }
             const long s1 = n < s0 + run ? n : s0 + run;
             if (!weigh_values(p, max_len, v, row, kv_bf16, s0, s1, o, hd, group))
@@ -615,6 +616,8 @@ typedef struct {
 static Input input_for(const Shape *sh, const Buffers *buf, const float *x, long I) {
 #ifdef HAVE_AMX
     if (sh->amx) pack_for(x, buf->xp, sh->B, (sh->B + 15) / 16 * 16, I);
+#else
+    (void)sh, (void)buf;
 #endif
     return (Input){x, I};
 }
@@ -629,6 +632,8 @@ static void project_for(const Shape *sh, const Buffers *buf, const void *const *
                        in.I, accumulate);
         return;
     }
+#else
+    (void)buf;
 #endif
     for (int m = 0; m < count; y += rows[m], m++)
         linear_for(Ws[m], sh->w_bf16, in.x, y, y_stride, sh->B, in.I, rows[m], accumulate);
