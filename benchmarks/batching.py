@@ -17,12 +17,13 @@ import argparse
 import datetime
 import os
 import statistics
-import subprocess
 import threading
 import time
 from pathlib import Path
 
 import torch
+
+from record import append_section, commit
 
 from parley.engine.engine import Engine
 from parley.engine.sampling import SamplingParams
@@ -131,9 +132,8 @@ def columns(args) -> list[str]:
 
 
 def write_results(rows, args) -> None:
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
     lines = [
-        f"\n## Continuous batching, SmolLM2-135M-Instruct ({datetime.date.today()}, commit {commit})\n",
+        f"\n## Continuous batching, SmolLM2-135M-Instruct ({datetime.date.today()}, commit {commit()})\n",
         f"Machine: {os.uname().machine}, {os.cpu_count()} cores, {os.cpu_count()} threads, "
         f"torch {torch.__version__}. Command: `.venv/bin/python benchmarks/batching.py --prompt {args.prompt} "
         f"--new {args.new} --dtype {args.dtype} --repeats {args.repeats}{' --pytorch' * args.pytorch} --write`. "
@@ -146,10 +146,7 @@ def write_results(rows, args) -> None:
         "|---" * (len(columns(args)) + 1) + "|",
     ]
     lines += [f"| {n} | " + " | ".join(f"{rate:.1f}" for rate in rates) + " |" for n, *rates in rows]
-    results = Path(__file__).with_name("RESULTS.md")
-    with results.open("a") as f:
-        f.write("\n".join(lines) + "\n")
-    print(f"appended to {results}")
+    append_section("\n".join(lines))
 
 
 if __name__ == "__main__":

@@ -17,13 +17,13 @@ from __future__ import annotations
 import argparse
 import datetime
 import os
-import platform
 import statistics
-import subprocess
 import time
 from pathlib import Path
 
 import torch
+
+from record import append_section, commit, cpu_name
 
 from parley.engine.engine import Engine
 from parley.engine.sampling import SamplingParams
@@ -120,24 +120,10 @@ def main() -> None:
         write_results(rows, args, bw, weight_bytes_per_step(ours.to(torch.bfloat16)))
 
 
-def cpu_name() -> str:
-    try:
-        info = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return platform.machine()
-    name = next((l.split(":", 1)[1].strip() for l in info.splitlines() if l.startswith("model name")), "?")
-    flags = [f for f in ("avx512f", "avx512_bf16", "amx_bf16") if f" {f}" in info]
-    return f"{name} ({', '.join(flags) or 'no AVX-512'})"
-
-
 def write_results(rows, args, bw: float, bf16_bytes: int) -> None:
-    try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
-    except OSError:
-        commit = "?"
     lines = [
-        f"\n## Decode speed, SmolLM2-135M-Instruct ({datetime.date.today()}, commit {commit})\n",
-        f"Machine: {cpu_name()}, {os.cpu_count()} cores, {torch.get_num_threads()} threads, "
+        f"\n## Decode speed, SmolLM2-135M-Instruct ({datetime.date.today()}, commit {commit()})\n",
+        f"Machine: {cpu_name(flags=True)}, {os.cpu_count()} cores, {torch.get_num_threads()} threads, "
         f"torch {torch.__version__}. Command: `.venv/bin/python benchmarks/decode.py "
         f"--prompt {args.prompt} --new {args.new} --repeats {args.repeats}`. Prompt {args.prompt} tokens, "
         f"{args.new} new tokens, greedy, median of {args.repeats}. Measured read bandwidth {bw:.1f} GB/s; "
@@ -146,13 +132,7 @@ def write_results(rows, args, bw: float, bf16_bytes: int) -> None:
         "|---|---|---|---|---|---|",
     ]
     lines += [f"| {d} | {b} | {p:.1f} | {h:.1f} | {p / h:.2f}x | {bound:.0f} |" for d, b, p, h, _, bound in rows]
-    results = Path(__file__).with_name("RESULTS.md")
-    if not results.exists():
-        results.write_text("# Benchmark results\n\nNewest last. Every figure comes from a script in this folder, "
-                           "run side by side with its peer.\n")
-    with results.open("a") as f:
-        f.write("\n".join(lines) + "\n")
-    print(f"appended to {results}")
+    append_section("\n".join(lines))
 
 
 if __name__ == "__main__":

@@ -18,13 +18,14 @@ import collections
 import datetime
 import os
 import platform
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 import torch
 import yaml
+
+from record import append_section, commit
 
 from parley.pipeline.embed import Embedder
 from parley.pipeline.nlu import DEFAULT_INTENTS, OUT_OF_SCOPE, IntentClassifier, load_intents
@@ -116,14 +117,10 @@ def main() -> None:
     print(report)
 
     if args.write:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                                cwd=HERE).stdout.strip()
         section = (f"\n## Intent classification, held out (benchmarks/intents.py, {datetime.date.today()}, "
-                   f"commit {commit})\n\nMachine: {platform.machine()}, {os.cpu_count()} cores, torch "
+                   f"commit {commit()})\n\nMachine: {platform.machine()}, {os.cpu_count()} cores, torch "
                    f"{torch.__version__}. Command: `.venv/bin/python benchmarks/intents.py --write`.\n\n{report}\n")
-        with open(HERE / "RESULTS.md", "a", encoding="utf-8") as f:
-            f.write(section)
-        print(f"\nappended to {HERE / 'RESULTS.md'}")
+        append_section(section)
 
 
 if __name__ == "__main__":

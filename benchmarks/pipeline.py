@@ -23,6 +23,7 @@ from pathlib import Path
 
 import torch
 import yaml
+from record import append_section
 
 ROOT = Path(__file__).resolve().parent
 DOCS = {
@@ -86,8 +87,7 @@ def main() -> None:
                    f"Command: `python benchmarks/pipeline.py --turns {args.turns} --write`. Every stage of the "
                    "default pipeline except respond (generation), over held-out intent messages, with 3 documents "
                    "and 3 memory facts in the store.\n\n" + report + "\n")
-        with open(ROOT / "RESULTS.md", "a") as f:
-            f.write(section)
+        append_section(section)
 
 
 if __name__ == "__main__":

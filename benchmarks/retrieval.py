@@ -18,9 +18,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import os
-import platform
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -28,6 +26,8 @@ from pathlib import Path
 
 import torch
 import yaml
+
+from record import append_section, commit, cpu_name
 
 from parley.pipeline.embed import Embedder
 from parley.pipeline.knowledge import MODES, KnowledgeConfig, VectorCache, ingest, search
@@ -117,22 +117,10 @@ def main() -> None:
         write_results(args, len(pages), len(questions), chunks, words / total, seconds, results)
 
 
-def cpu_name() -> str:
-    try:
-        info = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return platform.machine()
-    return next((l.split(":", 1)[1].strip() for l in info.splitlines() if l.startswith("model name")), "?")
-
-
 def write_results(args, pages: int, questions: int, chunks: int, words: float, seconds: float, results: dict) -> None:
-    try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
-    except OSError:
-        commit = "?"
     c = KnowledgeConfig()
     lines = [
-        f"\n## Knowledge retrieval on the Python 3.11 docs ({datetime.date.today()}, commit {commit})\n",
+        f"\n## Knowledge retrieval on the Python 3.11 docs ({datetime.date.today()}, commit {commit()})\n",
         f"Machine: {cpu_name()}, {os.cpu_count()} cores, {torch.get_num_threads()} threads, torch {torch.__version__}. "
         f"Command: `.venv/bin/python benchmarks/retrieval.py --write`. {pages} pages of Debian's python3.11-doc "
         f"(benchmarks/data/retrieval_questions.yml) ingested in {seconds:.0f} s: {chunks} chunks of at most "
@@ -144,10 +132,7 @@ def write_results(args, pages: int, questions: int, chunks: int, words: float, s
     ]
     names = {"bm25": "BM25 (FTS5)", "dense": "dense (MiniLM cosine)", "hybrid": f"hybrid (RRF, k={c.rrf_k})"}
     lines += [f"| {names[m]} | {r['recall']:.3f} | {r['mrr']:.3f} | {r['ms']:.1f} |" for m, r in results.items()]
-    results_md = HERE / "RESULTS.md"
-    with results_md.open("a") as f:
-        f.write("\n".join(lines) + "\n")
-    print(f"appended to {results_md}")
+    append_section("\n".join(lines))
 
 
 if __name__ == "__main__":

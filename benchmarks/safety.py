@@ -21,13 +21,14 @@ import datetime
 import os
 import platform
 import statistics
-import subprocess
 import time
 from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 
 import yaml
+
+from record import append_section, commit
 
 from parley.pipeline.safety import Constitution, check_input, load_constitution, profanity
 
@@ -165,15 +166,12 @@ def main() -> None:
     body = report(results, timing)
     print(body)
     if args.write:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                                cwd=HERE).stdout.strip()
         command = "`.venv/bin/python benchmarks/safety.py" + (" --embed" if args.embed else "") + " --write`"
-        section = (f"\n## Input safety check (benchmarks/safety.py, {datetime.date.today()}, commit {commit})\n\n"
+        section = (f"\n## Input safety check (benchmarks/safety.py, {datetime.date.today()}, commit {commit()})\n\n"
                    f"Machine: {platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}. "
                    f"Command: {command}. Prompts: {args.prompts.name} "
                    f"({sum(len(i) for i in halves.values())}).\n\n{body}\n")
-        with open(HERE / "RESULTS.md", "a", encoding="utf-8") as f:
-            f.write(section)
+        append_section(section)
 
 
 if __name__ == "__main__":

@@ -38,6 +38,8 @@ from pathlib import Path
 import httpx
 import torch
 
+from record import append_section, commit
+
 from parley.engine.engine import Engine
 from parley.engine.sampling import SamplingParams
 from parley.registry import Registry, smollm2_gguf
@@ -225,14 +227,12 @@ def render(rows, batch1: float, hf_rate: float, args) -> list[str]:
 
 
 def write_results(table: list[str], args) -> None:
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                            cwd=ROOT).stdout.strip()
     load = os.getloadavg()[0]
     command = (f".venv/bin/python benchmarks/serve.py --prompt {args.prompt} --new {args.new} --clients {args.clients} "
                f"--repeats {args.repeats} --batch1 {args.batch1} --hf-batch {args.hf_batch} "
                f"--hf-requests {args.hf_requests} --write")
     lines = [
-        f"\n## Serving concurrent streams, SmolLM2-135M-Instruct bf16 ({datetime.date.today()}, commit {commit})\n",
+        f"\n## Serving concurrent streams, SmolLM2-135M-Instruct bf16 ({datetime.date.today()}, commit {commit()})\n",
         f"Machine: {os.uname().machine}, {os.cpu_count()} cores, torch {torch.__version__}; 1-minute load average "
         f"{load:.2f} when the run ended. Command: `{command}`. `parley serve --no-auth` in a subprocess "
         f"(continuous-batching scheduler, --max-pending {args.clients.split(',')[-1]}, --rate-limit 0) on 127.0.0.1; "
@@ -247,10 +247,7 @@ def write_results(table: list[str], args) -> None:
         "by transformers. \"vs 1 client\": the aggregate over the server's own one-client rate.\n",
         *table,
     ]
-    results = Path(__file__).with_name("RESULTS.md")
-    with results.open("a") as f:
-        f.write("\n".join(lines) + "\n")
-    print(f"appended to {results}")
+    append_section("\n".join(lines))
 
 
 if __name__ == "__main__":

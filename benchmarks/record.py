@@ -1,0 +1,47 @@
+"""What every benchmark script writes down with its figures: the commit it measured, the CPU,
+and the section appended to benchmarks/RESULTS.md (newest last).
+
+    from record import append_section, commit, cpu_name   # the scripts run from this folder
+"""
+
+from __future__ import annotations
+
+import platform
+import subprocess
+from pathlib import Path
+
+RESULTS = Path(__file__).with_name("RESULTS.md")
+HEADER = "# Benchmark results\n\nNewest last. Every figure comes from a script in this folder, run side by side with its peer.\n"
+
+
+def commit() -> str:
+    """The short hash of the checked-out commit, or "?" outside a git checkout."""
+    try:
+        done = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                              cwd=RESULTS.parent)
+    except OSError:
+        return "?"
+    return done.stdout.strip() or "?"
+
+
+def cpu_name(flags: bool = False) -> str:
+    """The CPU's model name from /proc/cpuinfo (the machine type elsewhere); with `flags`, also
+    which of AVX-512, AVX-512 BF16 and AMX-BF16 it has."""
+    try:
+        info = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return platform.machine()
+    name = next((l.split(":", 1)[1].strip() for l in info.splitlines() if l.startswith("model name")), "?")
+    if not flags:
+        return name
+    have = [f for f in ("avx512f", "avx512_bf16", "amx_bf16") if f" {f}" in info]
+    return f"{name} ({', '.join(have) or 'no AVX-512'})"
+
+
+def append_section(text: str) -> None:
+    """Append a section (markdown, starting with its own blank line and heading) to RESULTS.md."""
+    if not RESULTS.exists():
+        RESULTS.write_text(HEADER, encoding="utf-8")
+    with RESULTS.open("a", encoding="utf-8") as f:
+        f.write(text if text.endswith("\n") else text + "\n")
+    print(f"appended to {RESULTS}")
