@@ -29,7 +29,7 @@ from pathlib import Path
 
 import torch
 
-from parley.engine.cache import PagedBatch
+from parley.engine.cache import PagedBatch, PagedKVCache
 from parley.engine.hugepages import move_to_huge_pages
 from parley.model.transformer import KVCache, Transformer
 
@@ -166,23 +166,37 @@ class FastDecoder:
         views = {n: t[:logit_rows] if n == "logits" else t[:rows] if t.dim() == 2 else t for n, t in tensors.items()}
         return views, pointers
 
+    def _shape(self, B: int, max_len: int = 0, slot: int = 0) -> Shape:
+        """What the C side needs to know of the model, for a call over B rows (scratch of
+        max_len scores a row and head; `slot` is the contiguous cache's next slot)."""
+        c = self.cfg
+        return Shape(B=B, H=c.hidden_size, nh=c.num_attention_heads, nkv=c.num_key_value_heads, hd=c.head_dim,
+                     n_layers=c.num_hidden_layers, w_bf16=int(self.embed.dtype == torch.bfloat16), amx=int(self.amx),
+                     kv_bf16=int(self.amx), inter=c.intermediate_size, vocab=c.vocab_size, max_len=max_len,
+                     slot=slot, eps=c.rms_norm_eps)
+
+    def _point_at(self, cache: KVCache | PagedKVCache) -> None:
+        """Give every layer its slice of the cache (cache tensors change when rows leave)."""
+        for layer, k, v in zip(self.layers, cache.k, cache.v):
+            layer.K, layer.V = k.data_ptr(), v.data_ptr()
+
+    @staticmethod
+    def _span(pages: int, page_size: int) -> int:
+        """Score scratch for rows of up to `pages` pages, rounded up so that growing sequences
+        do not reallocate it every step."""
+        return -(-pages * page_size // 256) * 256
+
     @torch.inference_mode()
     def step(self, tokens: torch.Tensor, cache: KVCache) -> torch.Tensor:
         """Logits (B, vocab) for one new token per row, appended to the cache (of
         kv_dtype). The returned tensor is a buffer that the next step overwrites."""
         B = tokens.shape[0]
         assert cache.k[0].dtype == self.kv_dtype, f"this decoder keeps its KV cache in {self.kv_dtype}"
-        c = self.cfg
         tensors, buffers = self._buffers("step", B, cache.max_len)
         positions = cache.advance(torch.ones(B, 1, dtype=torch.bool)).reshape(B).contiguous()
         tensors["x"].copy_(self.embed[tokens])
-        for layer, k, v in zip(self.layers, cache.k, cache.v):  # cache tensors change when rows leave
-            layer.K, layer.V = k.data_ptr(), v.data_ptr()
-        shape = Shape(B=B, H=c.hidden_size, nh=c.num_attention_heads, nkv=c.num_key_value_heads, hd=c.head_dim,
-                      n_layers=c.num_hidden_layers, w_bf16=int(self.embed.dtype == torch.bfloat16), amx=int(self.amx),
-                      kv_bf16=int(self.amx),
-                      inter=c.intermediate_size, vocab=c.vocab_size, max_len=cache.max_len, slot=cache.length - 1,
-                      eps=c.rms_norm_eps)
+        self._point_at(cache)
+        shape = self._shape(B, cache.max_len, cache.length - 1)
         self.lib.decode_step(self.layers, self.norm.data_ptr(), self.model.lm_head.weight.data_ptr(),
                              ctypes.byref(buffers), ctypes.byref(shape), positions.data_ptr(),
                              self.cos.data_ptr(), self.sin.data_ptr(), cache.valid.data_ptr())
@@ -194,19 +208,14 @@ class FastDecoder:
         the keys and values go to the rows' pages. The returned tensor is a reused buffer."""
         cache = batch.cache
         assert cache.k[0].dtype == self.kv_dtype and not batch.prefill, f"{self.kv_dtype} pages, one token a row"
-        c, B = self.cfg, len(batch.decode)
+        B = len(batch.decode)
         table = batch.decode_table.contiguous()
-        # round the scratch length up so that growing sequences do not reallocate it every step
-        span = -(-table.shape[1] * cache.page_size // 256) * 256
+        span = self._span(table.shape[1], cache.page_size)
         tensors, buffers = self._buffers("step", B, span)
         positions = batch.positions[0].contiguous()
         tensors["x"].copy_(self.embed[torch.tensor(batch.ids)])
-        for layer, k, v in zip(self.layers, cache.k, cache.v):
-            layer.K, layer.V = k.data_ptr(), v.data_ptr()
-        shape = Shape(B=B, H=c.hidden_size, nh=c.num_attention_heads, nkv=c.num_key_value_heads, hd=c.head_dim,
-                      n_layers=c.num_hidden_layers, w_bf16=int(self.embed.dtype == torch.bfloat16), amx=int(self.amx),
-                      kv_bf16=int(self.amx),
-                      inter=c.intermediate_size, vocab=c.vocab_size, max_len=span, slot=0, eps=c.rms_norm_eps)
+        self._point_at(cache)
+        shape = self._shape(B, span)
         self.lib.decode_step_paged(self.layers, self.norm.data_ptr(), self.model.lm_head.weight.data_ptr(),
                                    ctypes.byref(buffers), ctypes.byref(shape), positions.data_ptr(),
                                    self.cos.data_ptr(), self.sin.data_ptr(), table.data_ptr(),
@@ -226,27 +235,22 @@ class FastDecoder:
         assert batch.decode == list(range(D)), "one-token feeds come before the prompt chunks"
         N, n_out = len(batch.ids), len(batch.outputs)
         nh, hd, ps = c.num_attention_heads, c.head_dim, cache.page_size
-        widths = [len(pages) for *_, pages in batch.prefill] + ([batch.decode_table.shape[1]] if D else [])
-        span = -(-batch.decode_table.shape[1] * ps // 256) * 256 if D else 0
+        decode_table = batch.decode_table.contiguous() if D else None
+        span = self._span(decode_table.shape[1], ps) if D else 0
         tensors, buffers = self._buffers("rows", N, span, n_out)
         tensors["x"].copy_(self.embed[torch.tensor(batch.ids)])
         positions = batch.positions[0].contiguous()
+        widths = [len(pages) for *_, pages in batch.prefill] + ([decode_table.shape[1]] if D else [])
         table = torch.zeros(N, max(widths), dtype=torch.long)  # every row gets its sequence's pages
         if D:
-            decode_table = batch.decode_table.contiguous()
             table[:D, :decode_table.shape[1]] = decode_table
         for at, T, _, pages in batch.prefill:
             table[at:at + T, :len(pages)] = pages
-        shape = Shape(B=N, H=c.hidden_size, nh=nh, nkv=c.num_key_value_heads, hd=hd,
-                      n_layers=c.num_hidden_layers, w_bf16=int(self.embed.dtype == torch.bfloat16), amx=int(self.amx),
-                      kv_bf16=int(self.amx), inter=c.intermediate_size, vocab=c.vocab_size, max_len=0, slot=0,
-                      eps=c.rms_norm_eps)
-        rows_shape = Shape(**{name: getattr(shape, name) for name, _ in Shape._fields_})
-        rows_shape.B, rows_shape.max_len = D, span
+        shape, rows_shape = self._shape(N), self._shape(D, span)
+        self._point_at(cache)
         queries = tensors["qkv"][:, :nh * hd].view(N, nh, hd)
         out = tensors["att"].view(N, nh, hd)
         for i, layer in enumerate(self.layers):
-            layer.K, layer.V = cache.k[i].data_ptr(), cache.v[i].data_ptr()
             self.lib.prompt_qkv(ctypes.byref(layer), ctypes.byref(buffers), ctypes.byref(shape), positions.data_ptr(),
                                 self.cos.data_ptr(), self.sin.data_ptr(), table.data_ptr(), table.shape[1], ps)
             if D:
