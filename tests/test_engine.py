@@ -140,6 +140,22 @@ def test_fast_decode_step_equals_reference_forward(dtype):
             torch.testing.assert_close(got, expected, atol=2e-5, rtol=1e-4)
 
 
+def test_fast_argmax_picks_what_torch_argmax_picks(engine):
+    """The C argmax the scheduler's greedy rows use: first maximum on ties, NaN as the
+    largest, any row subset in any order, vocabularies not a multiple of 16 wide."""
+    fast = engine.fast
+    torch.manual_seed(3)
+    for vocab in (1, 15, 16, 301, 49152):
+        logits = torch.randn(9, vocab)
+        logits[2] = 0.0                                   # all tied: index 0
+        logits[4, vocab // 2:] = logits[4].max() + 1       # a tie: the first of the block
+        logits[5, vocab - 1] = float("inf")
+        logits[6, vocab // 3] = float("nan")               # torch takes the NaN
+        logits[7] = float("-inf")
+        rows = [8, 0, 2, 4, 5, 6, 7, 3, 1, 4]
+        assert fast.argmax(logits, rows) == logits[rows].argmax(-1).tolist()
+
+
 def test_engine_fast_and_reference_paths_agree(engine):
     reference = Engine(engine.model, fast=False)
     assert engine.fast is not None and reference.fast is None

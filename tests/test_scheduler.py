@@ -122,7 +122,7 @@ def test_chunked_prefill_of_a_long_prompt_while_others_decode(model, engine):
 
 
 def test_a_long_prefill_delays_running_streams_by_at_most_one_chunk_per_step(model, engine):
-    scheduler = Scheduler(model, prefill_chunk=8, page_size=4)
+    scheduler = Scheduler(model, prefill_chunk=8, prefill_budget=8, page_size=4)
     short = scheduler.submit([4, 5, 6], SamplingParams(max_tokens=40))
     scheduler.step()
     long = scheduler.submit([7 * i % 101 for i in range(100)], SamplingParams(max_tokens=5))
@@ -139,6 +139,23 @@ def test_a_long_prefill_delays_running_streams_by_at_most_one_chunk_per_step(mod
         assert (handle.wait() and handle.tokens, handle.finish_reason) == \
             alone(engine, handle.prompt, handle.params)
     scheduler.close()
+
+
+def test_a_burst_of_short_prompts_is_prefilled_several_to_a_step_within_the_budget(model, engine):
+    scheduler = Scheduler(model, prefill_chunk=8, prefill_budget=20, page_size=4)
+    burst = [scheduler.submit([7 * i + j for j in range(6)], SamplingParams(max_tokens=6)) for i in range(4)]
+    long = scheduler.submit(list(range(30)), SamplingParams(max_tokens=6))
+    scheduler.step()  # three 6-token prompts fit in 20 tokens; the fourth waits for whole room
+    assert scheduler.stats()["prefill_tokens"] == 18
+    assert [len(h.tokens) for h in burst] == [1, 1, 1, 0] and not long.tokens
+    scheduler.step()  # the fourth prompt, then the first 8-token chunk of the long one: 6 + 8 <= 20
+    assert scheduler.stats()["prefill_tokens"] == 18 + 6 + 8
+    scheduler.start()
+    for handle in (*burst, long):
+        assert (handle.wait() and handle.tokens, handle.finish_reason) == alone(engine, handle.prompt, handle.params)
+    scheduler.close()
+    with pytest.raises(SchedulerError, match="prefill_budget must be >= prefill_chunk"):
+        Scheduler(model, prefill_chunk=64, prefill_budget=32)
 
 
 def test_cancelling_mid_stream_frees_pages_and_leaves_others_unaffected(model, engine):

@@ -121,6 +121,37 @@ def test_prompt_layers_equal_the_reference_forward_in_fp32():
         torch.testing.assert_close(k0, k1, atol=2e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("heads", [4, 6], ids=["2-heads-a-kv-head", "3-heads-a-kv-head"])
+def test_tile_prompt_chunks_stay_within_bf16_precision_of_fp32(tiles, heads):
+    """step_rows on tiles (chunk attention in C: keys . queries 16 x 16 a tile, causal per
+    row) against the fp32 reference forward: prompts in chunks over two steps (the second
+    chunk attends to the first), rows not a whole block, one-token rows riding along."""
+    cfg = ModelConfig(**{**CFG.__dict__, "num_attention_heads": heads, "hidden_size": 32 * heads})
+    torch.manual_seed(4)
+    model = Transformer(cfg)
+    model.init_weights(std=0.08)
+    model = model.to(torch.bfloat16).eval()
+    ref = Transformer(cfg).eval()
+    ref.load_state_dict({k: v.float() for k, v in model.state_dict().items()})
+    fast = FastDecoder.create(model)
+    assert fast.amx and fast.kv_dtype == torch.bfloat16
+    # as many pages in each (the same scattered pages and tokens from paged_rows)
+    caches = [PagedKVCache(cfg, 2**26 // (4 // dtype.itemsize), 16, dtype) for dtype in (torch.bfloat16, torch.float32)]
+    rows = [paged_rows(cache, [70, 45, 23, 6], seed=6) for cache in caches]
+    with torch.inference_mode():
+        for step, cut in enumerate(([37, 19, 22, 5], [33, 26, 1, 1])):  # rows 3 and 4 decode in step 2
+            feeds = [[(seq, n) for seq, n in zip(mine, cut)] for mine in rows]
+            if step == 1:  # one-token feeds first, as the scheduler orders them
+                feeds = [[f[2], f[3], f[0], f[1]] for f in feeds]
+            got = fast.step_rows(caches[0].batch(feeds[0])).clone()
+            batch = caches[1].batch(feeds[1])
+            expected = ref(torch.tensor([batch.ids]), batch)[0]
+            scale = expected.abs().max()
+            assert (got - expected).abs().max() < 0.015 * scale
+            assert (got - expected).abs().mean() < 0.002 * scale
+            assert torch.equal(got.argmax(-1), expected.argmax(-1))
+
+
 def test_scheduled_requests_get_the_tokens_they_get_alone_on_tiles(tiles):
     """24 greedy requests at once, with prompt chunks split across steps and decode rows
     riding along them, each get exactly the tokens the same scheduler gives them alone."""

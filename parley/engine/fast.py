@@ -4,14 +4,16 @@
     logits = decoder.step(tokens, cache)       # tokens (B,), one new token per row; cache in decoder.kv_dtype
     logits = decoder.step_paged(batch)         # the same over a paged cache (engine/cache.py)
     logits = decoder.step_rows(batch)          # prompt chunks (+ one-token rows) over a paged cache
+    tokens = decoder.argmax(logits, rows)      # greedy picks of those rows
 
 The Transformer's own forward stays the reference. This path computes the same step with
 fp32 activations over the model's bf16 or fp32 weights, used in place. On a CPU with AMX
 and bf16 weights whose sizes are whole tiles (`decoder.amx`), the projections run on the
 tile unit with their inputs rounded to bf16, and keys and values are kept in bf16
 (`decoder.kv_dtype`); every row's arithmetic is the same whatever it is batched with.
-`step_rows` runs prompt chunks layer by layer through the same C code, their attention in
-PyTorch's flash attention; the scheduler uses it on the tile path. PARLEY_AMX=0 turns the
+`step_rows` runs prompt chunks layer by layer through the same C code, their causal
+attention too (keys . queries on tiles, 16 positions by 16 queries); the scheduler uses it
+on the tile path. PARLEY_AMX=0 turns the
 tile path off. The kernels compile once with the system C compiler into the user's cache
 folder; if that fails, decoding falls back to the reference forward.
 """
@@ -90,7 +92,10 @@ def kernels() -> ctypes.CDLL | None:
     so.prompt_logits.argtypes = [P, P, ctypes.POINTER(Buffers), ctypes.POINTER(Shape), P, ctypes.c_int]
     so.rows_attend.argtypes = [ctypes.POINTER(Layer), ctypes.POINTER(Buffers), ctypes.POINTER(Shape), P, P,
                                ctypes.c_long, ctypes.c_long]
-    for f in (so.prompt_qkv, so.prompt_mlp, so.prompt_logits, so.rows_attend):
+    so.chunks_attend.argtypes = [ctypes.POINTER(Layer), ctypes.POINTER(Buffers), ctypes.POINTER(Shape), P, P,
+                                 ctypes.c_long, ctypes.c_long, P, P, ctypes.c_int, ctypes.c_int]
+    so.argmax_rows.argtypes = [P, ctypes.c_long, P, ctypes.c_int, P]
+    for f in (so.prompt_qkv, so.prompt_mlp, so.prompt_logits, so.rows_attend, so.chunks_attend, so.argmax_rows):
         f.restype = None
     return so
 
@@ -116,6 +121,9 @@ class FastDecoder:
         # the tile path keeps keys and values in bf16 (half the bytes each step reads); else fp32
         self.kv_dtype = torch.bfloat16 if self.amx else torch.float32
         self.buffers: dict = {}
+        # threads that may share chunks_attend, each with its own 16 rows of scores (the C side
+        # caps its team at this)
+        self.slots = max(torch.get_num_threads(), os.cpu_count() or 1)
 
     def _tiles_fit(self) -> bool:
         """Whether the projections can run on AMX tiles: bf16 weights, every input size a
@@ -157,7 +165,8 @@ class FastDecoder:
             tensors = dict(
                 x=torch.empty(R, c.hidden_size), h=torch.empty(R, c.hidden_size), qkv=torch.empty(R, qkv),
                 att=torch.empty(R, c.num_attention_heads * c.head_dim), gu=torch.empty(R, 2 * c.intermediate_size),
-                act=torch.empty(R, c.intermediate_size), scores=torch.empty(R * c.num_attention_heads * S),
+                act=torch.empty(R, c.intermediate_size),
+                scores=torch.empty(max(R * c.num_attention_heads, 16 * self.slots) * S),
                 logits=torch.empty(L, c.vocab_size),
                 xp=torch.empty(max(c.hidden_size, c.intermediate_size, c.num_attention_heads * c.head_dim) // 2
                                * -(-R // 16) * 16, dtype=torch.int32))
@@ -185,6 +194,16 @@ class FastDecoder:
         """Score scratch for rows of up to `pages` pages, rounded up so that growing sequences
         do not reallocate it every step."""
         return -(-pages * page_size // 256) * 256
+
+    def argmax(self, logits: torch.Tensor, rows: list[int]) -> list[int]:
+        """`logits[rows].argmax(-1).tolist()` for fp32 logits (a step's buffer) in one C call, both
+        threads sharing the rows (torch's argmax takes ~1.7 ms for 32 rows of SmolLM2's vocabulary)."""
+        assert logits.dtype == torch.float32 and logits.dim() == 2 and logits.is_contiguous()
+        index = torch.tensor(rows, dtype=torch.long)
+        assert all(0 <= r < logits.shape[0] for r in rows), "a row outside the logits"
+        out = torch.empty(len(rows), dtype=torch.long)
+        self.lib.argmax_rows(logits.data_ptr(), logits.shape[1], index.data_ptr(), len(rows), out.data_ptr())
+        return out.tolist()
 
     @torch.inference_mode()
     def step(self, tokens: torch.Tensor, cache: KVCache) -> torch.Tensor:
@@ -227,8 +246,10 @@ class FastDecoder:
         """Logits (one row per feed, in feed order) of a batch of prompt chunks over the paged
         cache, with one-token feeds riding along (they must come first). Layer by layer:
         norms, projections and MLP of every row run in C (on AMX tiles where the step does),
-        so a decode row adds little to a chunk; a chunk's attention runs in PyTorch's flash
-        attention, a one-token row's in C. The returned tensor is a reused buffer."""
+        so a decode row adds little to a chunk; attention too: a one-token row's alone, a
+        chunk's rows in blocks that share each key (16 / group rows of one kv head; PyTorch's
+        flash attention took three times as long for a 130-token chunk, mostly in dispatch
+        and the gather of pages). The returned tensor is a reused buffer."""
         cache, c = batch.cache, self.cfg
         D = len(batch.decode)
         assert cache.k[0].dtype == self.kv_dtype and batch.prefill, f"{self.kv_dtype} pages and a prompt chunk"
@@ -236,29 +257,28 @@ class FastDecoder:
         N, n_out = len(batch.ids), len(batch.outputs)
         nh, hd, ps = c.num_attention_heads, c.head_dim, cache.page_size
         decode_table = batch.decode_table.contiguous() if D else None
-        span = self._span(decode_table.shape[1], ps) if D else 0
+        widths = [len(pages) for *_, pages in batch.prefill] + ([decode_table.shape[1]] if D else [])
+        span = self._span(max(widths), ps)  # scores of any row's positions
         tensors, buffers = self._buffers("rows", N, span, n_out)
         tensors["x"].copy_(self.embed[torch.tensor(batch.ids)])
         positions = batch.positions[0].contiguous()
-        widths = [len(pages) for *_, pages in batch.prefill] + ([decode_table.shape[1]] if D else [])
         table = torch.zeros(N, max(widths), dtype=torch.long)  # every row gets its sequence's pages
         if D:
             table[:D, :decode_table.shape[1]] = decode_table
         for at, T, _, pages in batch.prefill:
             table[at:at + T, :len(pages)] = pages
-        shape, rows_shape = self._shape(N), self._shape(D, span)
+        chunks = torch.tensor([[at, T] for at, T, *_ in batch.prefill], dtype=torch.long).t().contiguous()
+        shape, attend_shape = self._shape(N), self._shape(D, span)
         self._point_at(cache)
-        queries = tensors["qkv"][:, :nh * hd].view(N, nh, hd)
-        out = tensors["att"].view(N, nh, hd)
-        for i, layer in enumerate(self.layers):
+        for layer in self.layers:
             self.lib.prompt_qkv(ctypes.byref(layer), ctypes.byref(buffers), ctypes.byref(shape), positions.data_ptr(),
                                 self.cos.data_ptr(), self.sin.data_ptr(), table.data_ptr(), table.shape[1], ps)
             if D:
-                self.lib.rows_attend(ctypes.byref(layer), ctypes.byref(buffers), ctypes.byref(rows_shape),
+                self.lib.rows_attend(ctypes.byref(layer), ctypes.byref(buffers), ctypes.byref(attend_shape),
                                      positions.data_ptr(), decode_table.data_ptr(), decode_table.shape[1], ps)
-            for at, T, start, pages in batch.prefill:  # in the cache's dtype: bf16 attention is 2x fp32's speed
-                q = queries[at:at + T].transpose(0, 1)[None].to(self.kv_dtype)
-                out[at:at + T] = batch.attend_chunk(i, q, start, pages)[0].transpose(0, 1)
+            self.lib.chunks_attend(ctypes.byref(layer), ctypes.byref(buffers), ctypes.byref(attend_shape),
+                                   positions.data_ptr(), table.data_ptr(), table.shape[1], ps, chunks[0].data_ptr(),
+                                   chunks[1].data_ptr(), chunks.shape[1], self.slots)
             self.lib.prompt_mlp(ctypes.byref(layer), ctypes.byref(buffers), ctypes.byref(shape))
         rows = batch.outputs.contiguous()
         self.lib.prompt_logits(self.norm.data_ptr(), self.model.lm_head.weight.data_ptr(), ctypes.byref(buffers),

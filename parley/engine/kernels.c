@@ -27,6 +27,7 @@
  *   table       [B, width] int64: row b's position p lives in page table[b, p / page_size]
  */
 #include <math.h>
+#include <omp.h>
 #include <stdint.h>
 #include <string.h>
 #ifdef __AVX512F__
@@ -242,12 +243,21 @@ static void amx_linear_for(const uint16_t *const *Ws, const long *rows, int coun
         while (o >= (rows[m] + 31) / 32 * 32) o -= (rows[m] + 31) / 32 * 32, column0 += rows[m], m++;
         const uint16_t *W = Ws[m];
         const int two = o + 32 <= rows[m]; /* a last block of 16 rows uses one weight tile */
+        /* the next block's rows (contiguous in memory, in this matrix or the next), fetched into
+         * L2 a slice per k step during the first pass over this block: with 32 or more rows the
+         * tile unit otherwise waits on DRAM (a 32-row decode step went from 26.2 to 22.8 ms); with
+         * one row tile of 16 the hardware prefetcher alone is as fast, and the extra instructions cost */
+        const char *next = NULL;
+        if (j + 1 < blocks)
+            next = o + 32 < rows[m] ? (const char *)(W + (o + 32) * I) : m + 1 < count ? (const char *)Ws[m + 1] : NULL;
         for (int b0 = 0; b0 < Bp; b0 += 32) {
             const int wide = b0 + 32 <= Bp;
             float sums[4][16][16];
             _tile_zero(0); _tile_zero(1); _tile_zero(2); _tile_zero(3);
             for (long k = 0; k < I; k += 32) {
                 const uint32_t *xk = xp + ((k / 32) * Bp + b0) * 16;
+                if (next && b0 == 0 && Bp >= 32) /* 32 rows x 64 bytes of the next block each k step */
+                    for (int line = 0; line < 32; line++) _mm_prefetch(next + k * 64 + line * 64, _MM_HINT_T1);
                 _tile_loadd(4, W + o * I + k, w_stride);
                 _tile_loadd(6, xk, 64);
                 _tile_dpbf16ps(0, 4, 6);
@@ -477,18 +487,28 @@ static int weigh_values(const float *p, long max_len, const char *v, long row, i
 #define MAX_HD 256
 
 #ifdef HAVE_AMX
-/* The group's queries q [group, hd] as the right operand of keys . queries: for each block of
- * 32 head dims a tile of 16 pairs x 16 columns (query j in column j, columns from group on
- * zero), 1 KB each, contiguous. */
+/* Queries as the right operand of keys . queries: for each block of 32 head dims a tile of
+ * 16 pairs x 16 columns, 1 KB each, contiguous. Column j holds query j: q + j * hd for the
+ * group's heads of one row (pack_queries), or those of several rows (pack_columns, row i's
+ * heads at rows[i]); columns past the last query are zero. */
+static void pack_column(const float *q, int j, int hd, uint32_t *qp) {
+    for (int d = 0; d < hd; d += 2) {
+        float two[2] = {q[d], q[d + 1]};
+        uint16_t h[2];
+        store_row(h, two, 2, 1);
+        qp[(d / 32) * 256 + (d % 32) / 2 * 16 + j] = h[0] | (uint32_t)h[1] << 16;
+    }
+}
+
 static void pack_queries(const float *q, int group, int hd, uint32_t *qp) {
     memset(qp, 0, (size_t)hd / 2 * 16 * sizeof *qp);
-    for (int j = 0; j < group; j++)
-        for (int d = 0; d < hd; d += 2) {
-            float two[2] = {q[j * hd + d], q[j * hd + d + 1]};
-            uint16_t h[2];
-            store_row(h, two, 2, 1);
-            qp[(d / 32) * 256 + (d % 32) / 2 * 16 + j] = h[0] | (uint32_t)h[1] << 16;
-        }
+    for (int j = 0; j < group; j++) pack_column(q + (long)j * hd, j, hd, qp);
+}
+
+static void pack_columns(const float *const *rows, int n_rows, int group, int hd, uint32_t *qp) {
+    memset(qp, 0, (size_t)hd / 2 * 16 * sizeof *qp);
+    for (int i = 0; i < n_rows; i++)
+        for (int j = 0; j < group; j++) pack_column(rows[i] + (long)j * hd, i * group + j, hd, qp);
 }
 #endif
 
@@ -561,6 +581,70 @@ static void attend_for(const float *qkv, long q_stride, const void *K, const voi
             if (!weigh_values(p, max_len, v, row, kv_bf16, s0, s1, o, hd, group))
                 for (long s = s0; s < s1; s++, v += row)
                     for (int j = 0; j < group; j++) axpy(p[j * max_len + s], v, kv_bf16, o + (long)j * hd, hd);
+        }
+    }
+}
+
+/* Causal attention of a prompt chunk's rows: the rows r0 .. r0 + n_rows - 1 (at consecutive
+ * positions from pos[r0], all of one sequence, its pages in table row r0) against their kv head
+ * g, for the group query heads of each row, over the keys and values stored for positions
+ * 0 .. pos[row] of each. The block's n_rows * group queries (<= 16) go through the keys together,
+ * 16 positions by 16 queries a tile (or one dot product at a time without tiles); then each
+ * row's heads weigh the values as in attend_for. p: 16 rows of max_len floats of scratch. */
+static void attend_block(const float *qkv, long q_stride, const void *K, const void *V, int kv_bf16, int tiles,
+                         float *out, float *p, int nh, int nkv, int hd, long max_len, float scale,
+                         const int64_t *pos, const Paging *pg, long r0, int n_rows, int g) {
+    const int group = nh / nkv;
+    const long run = pg->page_size, size = kv_bf16 ? 2 : 4, row = hd * size, n = pos[r0 + n_rows - 1] + 1;
+    const float *q[16];
+    for (int i = 0; i < n_rows; i++) q[i] = qkv + (r0 + i) * q_stride + (long)g * group * hd;
+#ifdef HAVE_AMX
+    uint32_t qp[MAX_HD / 2 * 16];
+    if (tiles) pack_columns(q, n_rows, group, hd, qp);
+#else
+    (void)tiles;
+#endif
+    for (long s0 = 0; s0 < n; s0 += run) {
+        const char *k = (const char *)K + kv_at(pg, r0, g, s0, nkv, hd, 0) * size;
+        long s = s0;
+#ifdef HAVE_AMX
+        for (; tiles && s < n && s + 16 <= s0 + run; s += 16, k += 16 * row) {
+            float c[16][16];
+            _tile_zero(0);
+            for (int kb = 0; kb < hd / 32; kb++) {
+                _tile_loadd(4, k + kb * 64, row);
+                _tile_loadd(6, qp + kb * 256, 64);
+                _tile_dpbf16ps(0, 4, 6);
+            }
+            _tile_stored(0, c, 64);
+            __m512i by_position[16], by_query[16]; /* c[r][i]: position s + r, query i; transposed */
+            for (int r = 0; r < 16; r++) by_position[r] = _mm512_loadu_si512(c[r]);
+            transpose16(by_position, by_query);
+            const __m512 sc = _mm512_set1_ps(scale);
+            for (int i = 0; i < n_rows * group; i++) /* positions from n on are scratch, not read */
+                _mm512_storeu_ps(p + i * max_len + s, _mm512_mul_ps(_mm512_castsi512_ps(by_query[i]), sc));
+        }
+#endif
+        for (; s < n && s < s0 + run; s++, k += row)
+            for (int i = 0; i < n_rows; i++)
+                for (int j = 0; j < group; j++)
+                    p[(i * group + j) * max_len + s] = dot(q[i] + (long)j * hd, k, kv_bf16, hd) * scale;
+    }
+    for (int i = 0; i < n_rows; i++) {
+        const long n_i = pos[r0 + i] + 1; /* causal: row i sees positions up to its own */
+        float *p_i = p + (long)i * group * max_len, *o = out + (r0 + i) * (long)nh * hd + (long)g * group * hd;
+        for (int j = 0; j < group; j++) {
+            float *pj = p_i + j * max_len, m = max_of(pj, n_i);
+            float r = 1.f / exp_sum(pj, n_i, m);
+            for (long s = 0; s < n_i; s++) pj[s] *= r;
+        }
+        for (long e = 0; e < (long)group * hd; e++) o[e] = 0.f;
+        for (long s0 = 0; s0 < n_i; s0 += run) {
+            const char *v = (const char *)V + kv_at(pg, r0, g, s0, nkv, hd, 0) * size;
+            const long s1 = n_i < s0 + run ? n_i : s0 + run;
+            if (!weigh_values(p_i, max_len, v, row, kv_bf16, s0, s1, o, hd, group))
+                for (long s = s0; s < s1; s++, v += row)
+                    for (int j = 0; j < group; j++) axpy(p_i[j * max_len + s], v, kv_bf16, o + (long)j * hd, hd);
         }
     }
 }
@@ -735,11 +819,11 @@ void decode_step_paged(const Layer *layers, const float *final_norm, const void 
 }
 
 
-/* Prompt chunks run layer by layer, with attention between the two halves done by the caller
- * (fast.py, PyTorch's flash attention: a chunk's queries attend to many keys at once, which
- * the one-query loop of attend_for is not made for; one-token rows riding along use
- * rows_attend). B rows are the chunks' tokens; row b has position pos[b] and its sequence's
- * page table at table[b]. */
+/* Prompt chunks run layer by layer, the caller (fast.py) calling the halves of each layer and
+ * the attention between them: chunks_attend for the chunks' rows (a chunk's queries attend to
+ * many keys at once, which the one-query loop of attend_for is not made for) and rows_attend
+ * for one-token rows riding along. B rows are the chunks' tokens; row b has position pos[b]
+ * and its sequence's page table at table[b]. */
 
 /* The first half of layer L (qkv_for) for the chunks' rows, keys and values to their pages. */
 void prompt_qkv(const Layer *L, const Buffers *buf, const Shape *sh, const int64_t *pos, const float *cos_t,
@@ -778,6 +862,38 @@ void rows_attend(const Layer *L, const Buffers *buf, const Shape *sh, const int6
     }
 }
 
+/* Attention of prompt chunks (keys and values stored by prompt_qkv) into buf->att: chunk c is
+ * the rows at[c] .. at[c] + len[c] - 1, at consecutive positions of one sequence whose pages
+ * are in the table row of each. Work is shared by (chunk, kv head, block of 16 / group rows);
+ * each thread has 16 rows of sh->max_len (>= the last position + 1) floats of buf->scores, so
+ * the team is at most `slots` threads. */
+void chunks_attend(const Layer *L, const Buffers *buf, const Shape *sh, const int64_t *pos, const int64_t *table,
+                   long width, long page_size, const int64_t *at, const int64_t *len, int count, int slots) {
+    const Paging pg = {table, width, page_size};
+    const int group = sh->nh / sh->nkv, per = 16 / group > 0 ? 16 / group : 1;
+    const int tiles = sh->amx && sh->kv_bf16 && sh->hd % 32 == 0 && sh->hd <= MAX_HD && group <= 16 && page_size % 16 == 0;
+    const long qkv_w = (long)(sh->nh + 2 * sh->nkv) * sh->hd;
+    long units = 0;
+    for (int c = 0; c < count; c++) units += (len[c] + per - 1) / per * sh->nkv;
+    const int team = omp_get_max_threads() < slots ? omp_get_max_threads() : slots;
+#pragma omp parallel num_threads(team)
+    {
+        tiles_begin(sh);
+        float *p = buf->scores + (long)omp_get_thread_num() * 16 * sh->max_len;
+#pragma omp for schedule(dynamic, 1)
+        for (long u = 0; u < units; u++) {
+            long rest = u;
+            int c = 0;
+            while (rest >= (len[c] + per - 1) / per * sh->nkv) rest -= (len[c] + per - 1) / per * sh->nkv, c++;
+            const long block = rest / sh->nkv, r0 = at[c] + block * per;
+            const int g = rest % sh->nkv, n_rows = len[c] - block * per < per ? len[c] - block * per : per;
+            attend_block(buf->qkv, qkv_w, L->K, L->V, sh->kv_bf16, tiles, buf->att, p, sh->nh, sh->nkv, sh->hd,
+                         sh->max_len, 1.f / sqrtf((float)sh->hd), pos, &pg, r0, n_rows, g);
+        }
+        tiles_end(sh);
+    }
+}
+
 /* Logits of the n rows rows[0..n) of buf->x (final norm, output layer) into buf->logits. */
 void prompt_logits(const float *final_norm, const void *lm_head, const Buffers *buf, const Shape *sh,
                    const int64_t *rows, int n) {
@@ -791,5 +907,44 @@ void prompt_logits(const float *final_norm, const void *lm_head, const Buffers *
             rmsnorm(buf->x + rows[i] * sh->H, final_norm, buf->h + (long)i * sh->H, sh->H, sh->eps);
         project1_for(&out, buf, lm_head, input_for(&out, buf, buf->h, sh->H), buf->logits, sh->vocab, sh->vocab, 0);
         tiles_end(sh);
+    }
+}
+
+/* out[i] = the first index of the largest of the n values in row rows[i] of x, as torch.argmax
+ * gives it (a NaN counts as the largest): greedy sampling of a step's rows in one call. */
+void argmax_rows(const float *x, long n, const int64_t *rows, int count, int64_t *out) {
+#pragma omp parallel for schedule(static)
+    for (int i = 0; i < count; i++) {
+        const float *r = x + rows[i] * n;
+        long at = 0, best = -1;
+        float m = -INFINITY;
+        int nan = 0;
+#ifdef __AVX512F__
+        __m512 mv = _mm512_set1_ps(-INFINITY);
+        for (; at + 16 <= n; at += 16) {
+            const __m512 v = _mm512_loadu_ps(r + at);
+            nan |= _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q) != 0;
+            mv = _mm512_max_ps(mv, v);
+        }
+        m = _mm512_reduce_max_ps(mv);
+#endif
+        for (; at < n; at++) {
+            nan |= isnan(r[at]);
+            m = r[at] > m ? r[at] : m;
+        }
+        long s = 0;
+#ifdef __AVX512F__
+        const __m512 mm = _mm512_set1_ps(m);
+        for (; !nan && s + 16 <= n; s += 16) {
+            const __mmask16 hit = _mm512_cmp_ps_mask(_mm512_loadu_ps(r + s), mm, _CMP_EQ_OQ);
+            if (hit) {
+                best = s + __builtin_ctz(hit);
+                break;
+            }
+        }
+#endif
+        for (; s < n && best < 0; s++) /* the first NaN, else the first maximum */
+            if (nan ? isnan(r[s]) : r[s] == m) best = s;
+        out[i] = best < 0 ? 0 : best;
     }
 }

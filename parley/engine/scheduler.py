@@ -9,13 +9,15 @@ One background thread runs steps. A step (1) drops cancelled requests, (2) admit
 requests in FIFO order while a batch slot and the pages their whole answer may need are
 free (so an admitted request always finishes; the head of the queue is never overtaken,
 so nobody starves), (3) computes one token of every decoding request plus at most
-`prefill_chunk` prompt tokens of requests still in prefill (oldest first): a long prompt
-is prefilled over several steps while the running streams keep decoding in the same
-steps, so it delays each of their tokens by at most one chunk's forward, (4) samples and
+`prefill_budget` prompt tokens of requests still in prefill (oldest first), each prompt
+cut into chunks of `prefill_chunk` tokens: a long prompt is prefilled over several steps
+while the running streams keep decoding in the same steps, so it delays each of their
+tokens by at most one step's prompt tokens, and a burst of short prompts is prefilled
+several to a step (a step's weights are read once for all its rows), (4) samples and
 delivers events, and finished requests leave at once, releasing their pages. The decode
 rows run on the C step of engine/fast.py over the pages where the model allows it, and
-the prompt chunks on the model's forward over a packed row; without the C step, one
-forward takes both. Full pages are named by their tokens and stay cached after their
+the prompt chunks on the model's forward over a packed row (on AMX tiles, the C layers
+take the chunks and the decode rows together); without the C step, one forward takes both. Full pages are named by their tokens and stay cached after their
 request ends (engine/cache.py), so the next turn of a conversation skips prefill of the
 history it shares with the last one.
 
@@ -91,8 +93,10 @@ class RequestHandle:
             self.cancelled = True
             self._wake()
 
-    def _deliver(self, item: Event | BaseException) -> None:
-        """Called by the scheduler thread: hand an event (or the error that ended it) over."""
+    def _deliver(self, item: Event | BaseException, outbox: dict | None = None) -> None:
+        """Called by the scheduler thread: hand an event (or the error that ended it) over.
+        With an `outbox`, an event for an async consumer waits there (by event loop) until the
+        step ends and `_post` hands the step's events to each loop in one wake-up."""
         if isinstance(item, Event):
             if item.token is not None:
                 self.tokens.append(item.token)
@@ -106,10 +110,24 @@ class RequestHandle:
             if self._loop is None:
                 self._queue.put(item)
                 return
+        if outbox is not None:
+            outbox.setdefault(self._loop, []).append((self, item))
+            return
         try:
             self._loop.call_soon_threadsafe(self._aqueue.put_nowait, item)
         except RuntimeError:  # the consumer's event loop is closed: nobody listens any more
             self.cancel()
+
+    @staticmethod
+    def _post(outbox: dict) -> None:
+        """Hand each event loop its events of the step, in order, with one call: one wake-up of
+        the loop a step instead of one a stream."""
+        for loop, items in outbox.items():
+            try:
+                loop.call_soon_threadsafe(_put_all, items)
+            except RuntimeError:  # that loop is closed: nobody listens to its requests any more
+                for handle, _ in items:
+                    handle.cancel()
 
     @staticmethod
     def _unwrap(item: Event | BaseException) -> Event:
@@ -143,6 +161,11 @@ class RequestHandle:
             self.cancel()
 
 
+def _put_all(items: list) -> None:
+    for handle, item in items:
+        handle._aqueue.put_nowait(item)
+
+
 class _Request:
     """The scheduler's side of a request."""
 
@@ -162,18 +185,21 @@ class Scheduler:
 
     kv_budget_bytes sizes the paged cache (default: room for max_batch full contexts,
     at most 1 GiB); page_size is in tokens; max_waiting bounds the queue (`QueueFull`
-    beyond it); prefill_chunk is the most prompt tokens one step prefills. With `fast`
+    beyond it); prefill_chunk is the most tokens of one prompt that one step prefills, and
+    prefill_budget (>= prefill_chunk) the most prompt tokens of all prompts. With `fast`
     (the default), decode rows run on the C step of engine/fast.py where the model allows
     (then pages are fp32, as Engine's cache, or bf16 on AMX tiles); prompt chunks run on
     the model's forward, or with AMX on the C layers, together with that step's decode rows.
     """
 
     def __init__(self, model: Transformer, *, max_batch: int = 64, kv_budget_bytes: int | None = None,
-                 page_size: int = 16, max_waiting: int = 256, prefill_chunk: int = 256, fast: bool = True,
-                 threads: int | None = None):
+                 page_size: int = 16, max_waiting: int = 256, prefill_chunk: int = 256,
+                 prefill_budget: int = 512, fast: bool = True, threads: int | None = None):
         for name, value in (("max_batch", max_batch), ("max_waiting", max_waiting), ("prefill_chunk", prefill_chunk)):
             if value < 1:
                 raise SchedulerError(f"{name} must be >= 1 (got {value})")
+        if prefill_budget < prefill_chunk:  # else a whole chunk would never fit in a step
+            raise SchedulerError(f"prefill_budget must be >= prefill_chunk ({prefill_chunk}), got {prefill_budget}")
         self.engine = Engine(model, fast=fast)  # prompt checks, the C decode step and the cache dtype
         self.model, self.fast, cfg = model.eval(), self.engine.fast, model.config
         dtype, device = self.engine.cache_dtype, model.lm_head.weight.device
@@ -182,6 +208,7 @@ class Scheduler:
             kv_budget_bytes = min(2**30, max_batch * cfg.max_position_embeddings * per_token)
         self.cache = PagedKVCache(cfg, kv_budget_bytes, page_size, dtype, device)
         self.max_batch, self.max_waiting, self.prefill_chunk = max_batch, max_waiting, prefill_chunk
+        self.prefill_budget = prefill_budget
         self.device = device
         # torch threads of the scheduler's own thread (None: as inherited). Each OS thread that runs
         # multi-threaded OpenMP work keeps its own team, and with two teams on a 2-core machine libgomp
@@ -292,9 +319,9 @@ class Scheduler:
             for request in doomed:
                 request.handle._deliver(e)
 
-    def _finish(self, request: _Request, event: Event) -> None:
+    def _finish(self, request: _Request, event: Event, outbox: dict | None = None) -> None:
         self.cache.release(request.seq)
-        request.handle._deliver(event)
+        request.handle._deliver(event, outbox)
 
     def _admit(self) -> None:
         """FIFO: admit the head of the queue while a slot and its pages are free."""
@@ -331,7 +358,7 @@ class Scheduler:
             self._stats["cancelled"] += 1
             self._finish(request, Event(0, None, "cancelled"))
         self._admit()
-        decodes, prompts, chunk = [], [], self.prefill_chunk
+        decodes, prompts, chunk = [], [], self.prefill_budget
         for request in self._running:
             seq = request.seq
             if not request.prefilling:
@@ -349,7 +376,7 @@ class Scheduler:
         feeds = decodes + prompts
         if not feeds:
             return
-        if self.fast and self.fast.amx:  # every row through the C layers, prompt chunks' attention in PyTorch
+        if self.fast and self.fast.amx:  # every row through the C layers
             # one-token feeds (decode rows, and prompts down to their last token) go first
             chunks = [feed for feed in prompts if feed[1] > 1]
             feeds = decodes + [feed for feed in prompts if feed[1] == 1] + chunks
@@ -370,15 +397,23 @@ class Scheduler:
                 choosing.append((row, request))
         # plain greedy rows take one argmax for all of them, not one call each
         plain = [row for row, r in choosing if r.handle.params.greedy and r.handle.params.repetition_penalty == 1.0]
-        best = dict(zip(plain, logits[plain].argmax(-1).tolist())) if plain else {}
-        for row, request in choosing:
-            self._sample(request, logits[row], best.get(row))
+        best = {}
+        if plain and self.fast and logits.dtype == torch.float32 and logits.is_contiguous():
+            best = dict(zip(plain, self.fast.argmax(logits, plain)))
+        elif plain:
+            best = dict(zip(plain, logits[plain].argmax(-1).tolist()))
+        outbox: dict = {}
+        try:
+            for row, request in choosing:
+                self._sample(request, logits[row], best.get(row), outbox)
+        finally:
+            RequestHandle._post(outbox)
 
     def _forward(self, feeds: list[tuple[_Request, int]]) -> torch.Tensor:
         batch = self.cache.batch([(r.seq, n) for r, n in feeds])
         return self.model(torch.tensor([batch.ids], device=self.device), batch)[0]
 
-    def _sample(self, request: _Request, logits: torch.Tensor, token: int | None = None) -> None:
+    def _sample(self, request: _Request, logits: torch.Tensor, token: int | None, outbox: dict) -> None:
         """Deliver the request's next token: `token` when chosen already, else its sampler's pick."""
         params, seq = request.handle.params, request.seq
         if token is None:
@@ -394,9 +429,9 @@ class Scheduler:
         if event.finish_reason:
             self._running.remove(request)
             self._stats["finished"] += 1
-            self._finish(request, event)
+            self._finish(request, event, outbox)
         else:
-            request.handle._deliver(event)
+            request.handle._deliver(event, outbox)
 
 
 _EMPTY = torch.zeros(0, dtype=torch.long)
