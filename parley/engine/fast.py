@@ -44,7 +44,7 @@ class Layer(ctypes.Structure):
 
 
 class Buffers(ctypes.Structure):
-    _fields_ = [(n, P) for n in ("x", "h", "qkv", "att", "gu", "act", "scores", "logits", "xp")]
+    _fields_ = [(n, P) for n in ("x", "h", "qkv", "att", "gu", "act", "scores", "logits", "xp", "xp_act")]
 
 
 class Shape(ctypes.Structure):
@@ -168,8 +168,8 @@ class FastDecoder:
                 act=torch.empty(R, c.intermediate_size),
                 scores=torch.empty(max(R * c.num_attention_heads, 16 * self.slots) * S),
                 logits=torch.empty(L, c.vocab_size),
-                xp=torch.empty(max(c.hidden_size, c.intermediate_size, c.num_attention_heads * c.head_dim) // 2
-                               * -(-R // 16) * 16, dtype=torch.int32))
+                **{name: torch.empty(max(c.hidden_size, c.intermediate_size, c.num_attention_heads * c.head_dim) // 2
+                                     * -(-R // 16) * 16, dtype=torch.int32) for name in ("xp", "xp_act")})
             self.buffers[kind] = (R, S, L, tensors, Buffers(**{n: t.data_ptr() for n, t in tensors.items()}))
         *_, tensors, pointers = self.buffers[kind]
         views = {n: t[:logit_rows] if n == "logits" else t[:rows] if t.dim() == 2 else t for n, t in tensors.items()}
