@@ -14,12 +14,13 @@ cut into chunks of `prefill_chunk` tokens: a long prompt is prefilled over sever
 while the running streams keep decoding in the same steps, so it delays each of their
 tokens by at most one step's prompt tokens, and a burst of short prompts is prefilled
 several to a step (a step's weights are read once for all its rows), (4) samples and
-delivers events, and finished requests leave at once, releasing their pages. The decode
-rows run on the C step of engine/fast.py over the pages where the model allows it, and
-the prompt chunks on the model's forward over a packed row (on AMX tiles, the C layers
-take the chunks and the decode rows together); without the C step, one forward takes both. Full pages are named by their tokens and stay cached after their
-request ends (engine/cache.py), so the next turn of a conversation skips prefill of the
-history it shares with the last one.
+delivers events (each event loop gets a step's events in one wake-up), and finished
+requests leave at once, releasing their pages. The decode rows run on the C step of
+engine/fast.py over the pages where the model allows it, and the prompt chunks on the
+model's forward over a packed row (on AMX tiles, the C layers take the chunks and the
+decode rows together); without the C step, one forward takes both. Full pages are named
+by their tokens and stay cached after their request ends (engine/cache.py), so the next
+turn of a conversation skips prefill of the history it shares with the last one.
 
 Each request samples with its own `Sampler`, so its tokens are those `Engine.generate`
 gives for its prompt alone (same seed, same tokens).
