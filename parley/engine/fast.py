@@ -250,12 +250,12 @@ class FastDecoder:
         chunk's rows in blocks that share each key (16 / group rows of one kv head; PyTorch's
         flash attention took three times as long for a 130-token chunk, mostly in dispatch
         and the gather of pages). The returned tensor is a reused buffer."""
-        cache, c = batch.cache, self.cfg
+        cache = batch.cache
         D = len(batch.decode)
         assert cache.k[0].dtype == self.kv_dtype and batch.prefill, f"{self.kv_dtype} pages and a prompt chunk"
         assert batch.decode == list(range(D)), "one-token feeds come before the prompt chunks"
         N, n_out = len(batch.ids), len(batch.outputs)
-        nh, hd, ps = c.num_attention_heads, c.head_dim, cache.page_size
+        ps = cache.page_size
         decode_table = batch.decode_table.contiguous() if D else None
         widths = [len(pages) for *_, pages in batch.prefill] + ([decode_table.shape[1]] if D else [])
         span = self._span(max(widths), ps)  # scores of any row's positions

@@ -572,6 +572,17 @@ static void pack_columns(const float *const *rows, int n_rows, int group, int hd
     for (int i = 0; i < n_rows; i++)
         for (int j = 0; j < group; j++) pack_column(rows[i] + (long)j * hd, i * group + j, hd, qp);
 }
+
+/* c[r][j] = key r . query j for the 16 bf16 keys at k (a row apart) and the packed queries qp. */
+static inline void key_tile(const char *k, long row, int hd, const uint32_t *qp, float c[16][16]) {
+    _tile_zero(0);
+    for (int kb = 0; kb < hd / 32; kb++) {
+        _tile_loadd(4, k + kb * 64, row);
+        _tile_loadd(6, qp + kb * 256, 64);
+        _tile_dpbf16ps(0, 4, 6);
+    }
+    _tile_stored(0, c, 64);
+}
 #endif
 
 /* One query per row and head against the row's first S cache slots (paged: its positions
@@ -611,13 +622,7 @@ static void attend_for(const float *qkv, long q_stride, const void *K, const voi
             /* 16 slots at once while all 16 lie in this run's memory (slots from n on are read, not used) */
             for (; tiles && s < n && s + 16 <= s0 + run; s += 16, k += 16 * row) {
                 float c[16][16];
-                _tile_zero(0);
-                for (int kb = 0; kb < hd / 32; kb++) {
-                    _tile_loadd(4, k + kb * 64, row);
-                    _tile_loadd(6, qp + kb * 256, 64);
-                    _tile_dpbf16ps(0, 4, 6);
-                }
-                _tile_stored(0, c, 64);
+                key_tile(k, row, hd, qp, c);
                 for (int r = 0; r < 16 && s + r < n; r++)
                     for (int j = 0; j < group; j++)
                         p[j * max_len + s + r] = ok && !ok[s + r] ? -INFINITY : c[r][j] * scale;
@@ -672,13 +677,7 @@ static void attend_block(const float *qkv, long q_stride, const void *K, const v
 #ifdef HAVE_AMX
         for (; tiles && s < n && s + 16 <= s0 + run; s += 16, k += 16 * row) {
             float c[16][16];
-            _tile_zero(0);
-            for (int kb = 0; kb < hd / 32; kb++) {
-                _tile_loadd(4, k + kb * 64, row);
-                _tile_loadd(6, qp + kb * 256, 64);
-                _tile_dpbf16ps(0, 4, 6);
-            }
-            _tile_stored(0, c, 64);
+            key_tile(k, row, hd, qp, c);
             __m512i by_position[16], by_query[16]; /* c[r][i]: position s + r, query i; transposed */
             for (int r = 0; r < 16; r++) by_position[r] = _mm512_loadu_si512(c[r]);
             transpose16(by_position, by_query);
