@@ -190,6 +190,19 @@ def test_api_key_is_hashed_at_rest(path):
         assert all(key.encode() not in f.read_bytes() for f in files)
 
 
+def test_a_keys_last_use_is_written_at_most_once_a_minute(store):
+    ann = store.add_user("ann")
+    key = store.create_api_key(ann.id)
+    last_used = lambda: store.db.execute("SELECT last_used_at FROM api_keys").fetchone()[0]
+    assert last_used() is None
+    assert store.user_for_key(key) == ann
+    first = last_used()
+    assert first is not None
+    assert store.user_for_key(key) == ann and last_used() == first  # a second later: no write
+    store.db.execute("UPDATE api_keys SET last_used_at = ?", ("2026-01-01T00:00:00.000000+00:00",))
+    assert store.user_for_key(key) == ann and last_used() > first  # stale: written again
+
+
 def test_document_insert_is_atomic(store):
     ann = store.add_user("ann").id
 

@@ -118,6 +118,9 @@ class ChunkHit:
     page: int | None = None  # the PDF page the chunk starts on
 
 
+LAST_USED_RESOLUTION = 60.0  # seconds: how stale an API key's last_used_at may be
+
+
 def _now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="microseconds")
 
@@ -265,15 +268,25 @@ class Store:
         return key
 
     def user_for_key(self, key: str) -> User | None:
+        """The key's user, or None. The key's last use is written at most once a minute
+        (LAST_USED_RESOLUTION): a server checks the key of every request, and a write per
+        request would serialize them all on the database's write lock."""
         # sha256 of a 256-bit random key: an exact index lookup is safe, no slow hash needed
         digest = _hash_key(key)
-        with self._tx() as db:
-            db.execute("UPDATE api_keys SET last_used_at = ? WHERE key_hash = ?", (_now(), digest))
-        sql = (
-            "SELECT u.id, u.name, u.role, u.created_at FROM users u"
-            " JOIN api_keys k ON k.user_id = u.id WHERE k.key_hash = ?"
-        )
-        return self._one(User, sql, (digest,))
+        row = self.db.execute(
+            "SELECT u.id, u.name, u.role, u.created_at, k.last_used_at FROM users u"
+            " JOIN api_keys k ON k.user_id = u.id WHERE k.key_hash = ?",
+            (digest,),
+        ).fetchone()
+        if row is None:
+            return None
+        *fields, last_used = row
+        now = datetime.now(timezone.utc)
+        if last_used is None or (now - datetime.fromisoformat(last_used)).total_seconds() >= LAST_USED_RESOLUTION:
+            with self._tx() as db:
+                db.execute("UPDATE api_keys SET last_used_at = ? WHERE key_hash = ?",
+                           (now.isoformat(timespec="microseconds"), digest))
+        return User(*fields)
 
     # conversations, turns, traces, feedback
 
