@@ -328,3 +328,28 @@ def test_a_moe_model_is_served_on_the_pytorch_path():
         assert scheduler.fast is None  # the C step covers dense models only
         results = run_staggered(scheduler, requests, lag=2)
     assert results == [alone(Engine(moe), p, sp) for p, sp in requests]
+
+
+def test_stepped_engine_streams_like_engine_reuses_the_conversation_and_frees_on_abandon(model, engine):
+    """SteppedEngine (what the local assistant generates with): Engine's tokens, in the
+    caller's thread; the next turn of a conversation prefills only what is new; leaving the
+    iteration early frees the request's pages."""
+    from parley.engine.stepped import SteppedEngine
+
+    stepped = SteppedEngine(model, page_size=4)
+    batch = prompts(3, seed=8, longest=30)
+    params = SamplingParams(max_tokens=12)
+    got = stepped.generate(batch, params)
+    assert [(c.tokens, c.finish_reason) for c in got] == [alone(engine, p, params) for p in batch]
+    turn1 = batch[0] + got[0].tokens
+    turn2 = turn1 + [5, 6, 7]
+    before = stepped.stats()["prefill_tokens"]
+    [again] = stepped.generate([turn2], params)
+    assert (again.tokens, again.finish_reason) == alone(engine, turn2, params)
+    assert stepped.stats()["reused_tokens"] >= len(turn1) // 4 * 4 - 4  # whole pages of turn 1
+    assert stepped.stats()["prefill_tokens"] - before <= len(turn2) - len(turn1) + 4
+    for event in stepped.stream([batch[1]], SamplingParams(max_tokens=40)):
+        break  # the caller stops listening after one token
+    assert stepped.stats()["running"] == 0 and stepped.stats()["pages_used"] == 0
+    with pytest.raises(PromptError):
+        next(stepped.stream([[]], params))

@@ -10,7 +10,8 @@ requests in FIFO order while a batch slot and the pages their whole answer may n
 free (so an admitted request always finishes; the head of the queue is never overtaken,
 so nobody starves), (3) computes one token of every decoding request plus at most
 `prefill_budget` prompt tokens of requests still in prefill (oldest first), each prompt
-cut into chunks of `prefill_chunk` tokens: a long prompt is prefilled over several steps
+cut into chunks of `prefill_chunk` tokens (on AMX tiles, where the cut changes no bits,
+wherever the budget ends): a long prompt is prefilled over several steps
 while the running streams keep decoding in the same steps, so it delays each of their
 tokens by at most one step's prompt tokens, and a burst of short prompts is prefilled
 several to a step (a step's weights are read once for all its rows), (4) samples and
@@ -186,8 +187,9 @@ class Scheduler:
 
     kv_budget_bytes sizes the paged cache (default: room for max_batch full contexts,
     at most 1 GiB); page_size is in tokens; max_waiting bounds the queue (`QueueFull`
-    beyond it); prefill_chunk is the most tokens of one prompt that one step prefills, and
-    prefill_budget (>= prefill_chunk) the most prompt tokens of all prompts. With `fast`
+    beyond it); prefill_chunk is the most tokens of one prompt that one step prefills (not on
+    AMX tiles: there a prompt may take a whole step), and prefill_budget (>= prefill_chunk)
+    the most prompt tokens of all prompts. With `fast`
     (the default), decode rows run on the C step of engine/fast.py where the model allows
     (then pages are fp32, as Engine's cache, or bf16 on AMX tiles); prompt chunks run on
     the model's forward, or with AMX on the C layers, together with that step's decode rows.
@@ -360,14 +362,22 @@ class Scheduler:
             self._finish(request, Event(0, None, "cancelled"))
         self._admit()
         decodes, prompts, chunk = [], [], self.prefill_budget
+        # on AMX tiles every row's arithmetic, attention included, is the same wherever its
+        # prompt is cut (tests/test_tiles.py), so a prompt takes whatever is left of the budget
+        any_cut = self.fast is not None and self.fast.amx
         for request in self._running:
             seq = request.seq
             if not request.prefilling:
                 decodes.append((request, 1))
+            elif chunk > 0 and any_cut:
+                n = min(chunk, len(seq.tokens) - seq.length)
+                prompts.append((request, n))
+                chunk -= n
             elif chunk > 0:
-                # a prompt is cut into the same chunks however it is batched (prefill_chunk tokens
-                # from its start), so its numbers, and its answer, are those it gets alone: one that
-                # does not fit in what is left of this step's budget starts the next step
+                # else a prompt is cut into the same chunks however it is batched (prefill_chunk
+                # tokens from its start; flash attention's sums depend on the cut), so its numbers,
+                # and its answer, are those it gets alone: one that does not fit in what is left of
+                # this step's budget starts the next step
                 n = min(self.prefill_chunk, len(seq.tokens) - seq.length)
                 if n > chunk:
                     chunk = 0  # later prompts wait too: prompts are prefilled in arrival order

@@ -165,11 +165,11 @@ def build_backend(cfg: AssistantConfig, engine=None, tokenizer=None):
     if engine is None:
         import torch
 
-        from parley.engine.engine import Engine
+        from parley.engine.stepped import SteppedEngine
         from parley.registry import Registry
 
         model, tokenizer, _ = Registry().load(cfg.model, dtype=torch.bfloat16)
-        engine = Engine(model)
+        engine = SteppedEngine(model)  # turns reuse the conversation's cached pages
     return LocalBackend(engine, tokenizer, params)
 
 
