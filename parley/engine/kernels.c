@@ -583,6 +583,87 @@ static inline void key_tile(const char *k, long row, int hd, const uint32_t *qp,
     }
     _tile_stored(0, c, 64);
 }
+
+/* rows[r]: the bf16 value row of position s + r (from head dim d0 on) of kv head g of table row b,
+ * NULL from position N on; one page lookup a page. */
+static void value_rows(const void *V, const Paging *pg, long b, int g, long s, long N, int nkv, int hd, long max_len,
+                       int d0, const uint16_t *rows[32]) {
+    const long run = pg->table ? pg->page_size : max_len;
+    long in_run = s % run;
+    const uint16_t *at = NULL;
+    for (int r = 0; r < 32; r++, in_run = in_run + 1 == run ? 0 : in_run + 1) {
+        if (s + r >= N) {
+            rows[r] = NULL;
+            continue;
+        }
+        if (r == 0 || in_run == 0) at = (const uint16_t *)V + kv_at(pg, b, g, s + r, nkv, hd, max_len) + d0;
+        rows[r] = at;
+        at += hd;
+    }
+}
+
+/* o[i][d] = sum over s < n[i] of w[i][s] * v_s[d], for the m (<= 16) rows of attention
+ * weights w (fp32, row i at p + i * p_stride; rounded to bf16 here) and the bf16 value rows v_s of
+ * kv head g of table row b: on the tile unit, 32 positions by 16 rows a step, the values packed in
+ * pairs of positions for it. Weights from n[i] on count as zero, values from max n[i] on are not read.
+ * A row's sums run in the same order whatever the other rows are. */
+static void weigh_tiles(const float *p, long p_stride, int m, const long *n, const void *V, const Paging *pg, long b,
+                        int g, int nkv, int hd, long max_len, float *const *o) {
+    long N = 0;
+    for (int i = 0; i < m; i++) N = n[i] > N ? n[i] : N;
+    uint16_t weights[16][32], values[4][16][32];
+    float sums[16][16];
+    const uint16_t *rows[32], *ahead[32];
+    memset(weights, 0, sizeof weights);
+    for (int d0 = 0; d0 < hd; d0 += 64) { /* up to 4 sums tiles (64 head dims) a pass */
+        const int parts = hd - d0 >= 64 ? 4 : (hd - d0) / 16;
+        _tile_zero(0); _tile_zero(1); _tile_zero(2); _tile_zero(3);
+        for (long s = 0; s < N; s += 32) {
+            for (int i = 0; i < m; i++) { /* weights s .. s + 31 of row i, zero from n[i] on */
+                const long left = n[i] - s;
+                const __mmask16 lo = left <= 0 ? 0 : left >= 16 ? 0xffff : (__mmask16)((1u << left) - 1);
+                const __mmask16 hi = left <= 16 ? 0 : left >= 32 ? 0xffff : (__mmask16)((1u << (left - 16)) - 1);
+                const float *w = p + i * p_stride + s;
+                _mm512_storeu_si512(weights[i], (__m512i)_mm512_cvtne2ps_pbh(_mm512_maskz_loadu_ps(hi, w + 16),
+                                                                            _mm512_maskz_loadu_ps(lo, w)));
+            }
+            if (s == 0) value_rows(V, pg, b, g, 0, N, nkv, hd, max_len, d0, rows);
+            else memcpy(rows, ahead, sizeof rows);
+            value_rows(V, pg, b, g, s + 32, N, nkv, hd, max_len, d0, ahead);
+            for (int r = 0; r < 32 && ahead[r]; r++) /* pages lie anywhere in the pool: ask for the next rows now */
+                for (int at = 0; at < parts * 32; at += 64) __builtin_prefetch((const char *)ahead[r] + at, 0, 3);
+            for (int t = 0; t < 16; t++) { /* row t of a values tile: (v[s + 2t][d], v[s + 2t + 1][d]) */
+                const uint16_t *even = rows[2 * t], *odd = rows[2 * t + 1];
+                for (int c = 0; c < parts; c++) {
+                    const __m512i e = even ? _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)(even + c * 16)))
+                                           : _mm512_setzero_si512();
+                    const __m512i h = odd ? _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)(odd + c * 16)))
+                                          : _mm512_setzero_si512();
+                    _mm512_storeu_si512(values[c][t], _mm512_or_si512(e, _mm512_slli_epi32(h, 16)));
+                }
+            }
+            _tile_loadd(4, weights, 64);
+            for (int c = 0; c < parts; c++) {
+                _tile_loadd(5, values[c], 64);
+                switch (c) { /* the tile number must be a constant */
+                case 0: _tile_dpbf16ps(0, 4, 5); break;
+                case 1: _tile_dpbf16ps(1, 4, 5); break;
+                case 2: _tile_dpbf16ps(2, 4, 5); break;
+                default: _tile_dpbf16ps(3, 4, 5); break;
+                }
+            }
+        }
+        for (int c = 0; c < parts; c++) {
+            switch (c) {
+            case 0: _tile_stored(0, sums, 64); break;
+            case 1: _tile_stored(1, sums, 64); break;
+            case 2: _tile_stored(2, sums, 64); break;
+            default: _tile_stored(3, sums, 64); break;
+            }
+            for (int i = 0; i < m; i++) memcpy(o[i] + d0 + c * 16, sums[i], 64);
+        }
+    }
+}
 #endif
 
 /* One query per row and head against the row's first S cache slots (paged: its positions
@@ -637,6 +718,15 @@ static void attend_for(const float *qkv, long q_stride, const void *K, const voi
             float r = 1.f / exp_sum(pj, n, m);
             for (long s = 0; s < n; s++) pj[s] = ok && !ok[s] ? 0.f : pj[s] * r;
         }
+#ifdef HAVE_AMX
+        if (tiles) { /* values on the tile unit too: the same sums as a prompt row's (attend_block) */
+            long lens[16];
+            float *heads[16];
+            for (int j = 0; j < group; j++) lens[j] = n, heads[j] = o + (long)j * hd;
+            weigh_tiles(p, max_len, group, lens, V, pg, b, g, nkv, hd, max_len, heads);
+            continue;
+        }
+#endif
         for (long i = 0; i < (long)group * hd; i++) o[i] = 0.f;
         for (long s0 = 0; s0 < n; s0 += run) {
             const char *v = (const char *)V + kv_at(pg, b, g, s0, nkv, hd, max_len) * size;
@@ -656,10 +746,11 @@ static void attend_for(const float *qkv, long q_stride, const void *K, const voi
  * positions from pos[r0], all of one sequence, its pages in table row r0) against their kv head
  * g, for the group query heads of each row, over the keys and values stored for positions
  * 0 .. pos[row] of each. The block's n_rows * group queries (<= 16) go through the keys together,
- * 16 positions by 16 queries a tile (or one dot product at a time without tiles); then each
- * row's heads weigh the values as in attend_for. p: 16 rows of max_len floats of scratch. */
+ * 16 positions by 16 queries a tile (or one dot product at a time without tiles); then they weigh
+ * the values together, as attend_for does for one row's heads (weigh_tiles on the tile unit, so a
+ * prompt row and a decode row get the same bits). p: 16 rows of max_len floats of scratch. */
 static void attend_block(const float *qkv, long q_stride, const void *K, const void *V, int kv_bf16, int tiles,
-                         float *out, float *p, int nh, int nkv, int hd, long max_len, float scale,
+                         int value_tiles, float *out, float *p, int nh, int nkv, int hd, long max_len, float scale,
                          const int64_t *pos, const Paging *pg, long r0, int n_rows, int g) {
     const int group = nh / nkv;
     const long run = pg->page_size, size = kv_bf16 ? 2 : 4, row = hd * size, n = pos[r0 + n_rows - 1] + 1;
@@ -691,6 +782,8 @@ static void attend_block(const float *qkv, long q_stride, const void *K, const v
                 for (int j = 0; j < group; j++)
                     p[(i * group + j) * max_len + s] = dot(q[i] + (long)j * hd, k, kv_bf16, hd) * scale;
     }
+    long lens[16];
+    float *heads[16];
     for (int i = 0; i < n_rows; i++) {
         const long n_i = pos[r0 + i] + 1; /* causal: row i sees positions up to its own */
         float *p_i = p + (long)i * group * max_len, *o = out + (r0 + i) * (long)nh * hd + (long)g * group * hd;
@@ -698,7 +791,20 @@ static void attend_block(const float *qkv, long q_stride, const void *K, const v
             float *pj = p_i + j * max_len, m = max_of(pj, n_i);
             float r = 1.f / exp_sum(pj, n_i, m);
             for (long s = 0; s < n_i; s++) pj[s] *= r;
+            lens[i * group + j] = n_i, heads[i * group + j] = o + (long)j * hd;
         }
+    }
+#ifdef HAVE_AMX
+    if (value_tiles) {
+        weigh_tiles(p, max_len, n_rows * group, lens, V, pg, r0, g, nkv, hd, 0, heads);
+        return;
+    }
+#else
+    (void)value_tiles, (void)lens, (void)heads;
+#endif
+    for (int i = 0; i < n_rows; i++) {
+        const long n_i = pos[r0 + i] + 1;
+        float *p_i = p + (long)i * group * max_len, *o = out + (r0 + i) * (long)nh * hd + (long)g * group * hd;
         for (long e = 0; e < (long)group * hd; e++) o[e] = 0.f;
         for (long s0 = 0; s0 < n_i; s0 += run) {
             const char *v = (const char *)V + kv_at(pg, r0, g, s0, nkv, hd, 0) * size;
@@ -942,7 +1048,10 @@ void chunks_attend(const Layer *L, const Buffers *buf, const Shape *sh, const in
                    long width, long page_size, const int64_t *at, const int64_t *len, int count, int slots) {
     const Paging pg = {table, width, page_size};
     const int group = sh->nh / sh->nkv, per = 16 / group > 0 ? 16 / group : 1;
-    const int tiles = sh->amx && sh->kv_bf16 && sh->hd % 32 == 0 && sh->hd <= MAX_HD && group <= 16 && page_size % 16 == 0;
+    /* values on tiles wherever attend_for weighs them there (a row's bits then match its decode-row
+     * twin's); keys on tiles when each 16 positions lie in one page */
+    const int value_tiles = sh->amx && sh->kv_bf16 && sh->hd % 32 == 0 && sh->hd <= MAX_HD && group <= 16;
+    const int tiles = value_tiles && page_size % 16 == 0;
     const long qkv_w = (long)(sh->nh + 2 * sh->nkv) * sh->hd;
     long units = 0;
     for (int c = 0; c < count; c++) units += (len[c] + per - 1) / per * sh->nkv;
@@ -958,7 +1067,7 @@ void chunks_attend(const Layer *L, const Buffers *buf, const Shape *sh, const in
             while (rest >= (len[c] + per - 1) / per * sh->nkv) rest -= (len[c] + per - 1) / per * sh->nkv, c++;
             const long block = rest / sh->nkv, r0 = at[c] + block * per;
             const int g = rest % sh->nkv, n_rows = len[c] - block * per < per ? len[c] - block * per : per;
-            attend_block(buf->qkv, qkv_w, L->K, L->V, sh->kv_bf16, tiles, buf->att, p, sh->nh, sh->nkv, sh->hd,
+            attend_block(buf->qkv, qkv_w, L->K, L->V, sh->kv_bf16, tiles, value_tiles, buf->att, p, sh->nh, sh->nkv, sh->hd,
                          sh->max_len, 1.f / sqrtf((float)sh->hd), pos, &pg, r0, n_rows, g);
         }
         tiles_end(sh);
