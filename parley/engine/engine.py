@@ -43,6 +43,15 @@ class Completion:
     finish_reason: str | None = None
 
 
+def params_per_prompt(prompts: Sequence, params: SamplingParams | Sequence[SamplingParams]) -> list[SamplingParams]:
+    """One SamplingParams for every prompt: the same for all, or one each."""
+    if isinstance(params, SamplingParams):
+        return [params] * len(prompts)
+    if len(params) != len(prompts):
+        raise ValueError(f"{len(prompts)} prompts but {len(params)} sampling params")
+    return list(params)
+
+
 class Engine:
     """Generates from a model. With `fast` (the default), decode steps run on the C kernels
     of engine/fast.py where the model and machine allow; prefill always uses the model's
@@ -84,10 +93,7 @@ class Engine:
     def stream(self, prompts: Sequence[Sequence[int]],
                params: SamplingParams | Sequence[SamplingParams]) -> Iterator[Event]:
         """Decode all prompts together, yielding each new token as soon as it is chosen."""
-        if isinstance(params, SamplingParams):
-            params = [params] * len(prompts)
-        if len(params) != len(prompts):
-            raise ValueError(f"{len(prompts)} prompts but {len(params)} sampling params")
+        params = params_per_prompt(prompts, params)
         if not prompts:
             return
         for p in prompts:

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 
-from parley.engine.engine import Engine, Event
+from parley.engine.engine import Engine, Event, params_per_prompt
 from parley.engine.sampling import SamplingParams
 from parley.engine.scheduler import RequestHandle, Scheduler
 from parley.model.transformer import Transformer
@@ -44,10 +44,7 @@ class SteppedEngine:
     def stream(self, prompts: Sequence[Sequence[int]],
                params: SamplingParams | Sequence[SamplingParams]) -> Iterator[Event]:
         """The prompts' tokens as they are chosen, Event.index the prompt's position."""
-        if isinstance(params, SamplingParams):
-            params = [params] * len(prompts)
-        if len(params) != len(prompts):
-            raise ValueError(f"{len(prompts)} prompts but {len(params)} sampling params")
+        params = params_per_prompt(prompts, params)
         handles: list[RequestHandle] = []
         try:
             for prompt, p in zip(prompts, params):  # PromptError for a prompt that cannot be served
