@@ -13,10 +13,9 @@ tile unit with their inputs rounded to bf16, and keys and values are kept in bf1
 (`decoder.kv_dtype`); every row's arithmetic is the same whatever it is batched with.
 `step_rows` runs prompt chunks layer by layer through the same C code, their causal
 attention too (keys . queries and weights . values on tiles, 16 queries at a time; a row's
-bits do not depend on where its prompt is cut); the scheduler uses it
-on the tile path. PARLEY_AMX=0 turns the
-tile path off. The kernels compile once with the system C compiler into the user's cache
-folder; if that fails, decoding falls back to the reference forward.
+bits do not depend on where its prompt is cut); the scheduler uses it on the tile path.
+PARLEY_AMX=0 turns the tile path off. The kernels compile once with the system C compiler
+into the user's cache folder; if that fails, decoding falls back to the reference forward.
 """
 
 from __future__ import annotations
