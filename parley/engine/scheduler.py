@@ -326,13 +326,22 @@ class Scheduler:
         self.cache.release(request.seq)
         request.handle._deliver(event, outbox)
 
-    def _admit(self) -> None:
-        """FIFO: admit the head of the queue while a slot and its pages are free."""
+    def drop_cancelled(self) -> None:
+        """End cancelled requests now, waiting or running, and free their pages (each step
+        starts with this; a caller stepping by hand may call it alone, computing nothing)."""
         with self._lock:
             for request in [r for r in self._waiting if r.handle.cancelled]:
                 self._waiting.remove(request)
                 self._stats["cancelled"] += 1
                 request.handle._deliver(Event(0, None, "cancelled"))
+        for request in [r for r in self._running if r.handle.cancelled]:
+            self._running.remove(request)
+            self._stats["cancelled"] += 1
+            self._finish(request, Event(0, None, "cancelled"))
+
+    def _admit(self) -> None:
+        """FIFO: admit the head of the queue while a slot and its pages are free."""
+        with self._lock:
             while self._waiting and len(self._running) < self.max_batch:
                 request = self._waiting[0]
                 seq = request.seq
@@ -356,10 +365,7 @@ class Scheduler:
 
     @torch.inference_mode()
     def _step(self) -> None:
-        for request in [r for r in self._running if r.handle.cancelled]:
-            self._running.remove(request)
-            self._stats["cancelled"] += 1
-            self._finish(request, Event(0, None, "cancelled"))
+        self.drop_cancelled()
         self._admit()
         decodes, prompts, chunk = [], [], self.prefill_budget
         # on AMX tiles every row's arithmetic, attention included, is the same wherever its

@@ -59,11 +59,10 @@ class SteppedEngine:
                         yield Event(i, event.token, event.finish_reason)
                     if handle.done:
                         pending.discard(i)
-        finally:
-            live = [h for h in handles if not h.done]
-            for handle in live:
-                handle.cancel()
-            if live:
-                self.scheduler.step()  # drops the cancelled requests and frees their pages now
+        finally:  # the caller stopped listening, or a step failed: free the pages now, computing nothing
+            for handle in handles:
+                if not handle.done:
+                    handle.cancel()
+            self.scheduler.drop_cancelled()
 
     generate = Engine.generate  # the tokens of each prompt, collected from stream
