@@ -68,6 +68,13 @@ static inline __m512 exp16(__m512 x) {
     for (int t = 0; t < 7; t++) e = _mm512_fmadd_ps(e, r, _mm512_set1_ps(taylor[t]));
     return _mm512_scalef_ps(e, n);
 }
+
+/* silu(g) * u = g / (1 + e^-g) * u on 16 lanes: the MLP's activation, one formula for the plain
+ * and the fused (amx_gate_up_for) paths, so both give the same bits. */
+static inline __m512 silu_mul16(__m512 g, __m512 u) {
+    const __m512 e = exp16(_mm512_sub_ps(_mm512_setzero_ps(), g));
+    return _mm512_mul_ps(_mm512_div_ps(g, _mm512_add_ps(_mm512_set1_ps(1.f), e)), u);
+}
 #endif
 
 static inline float load1(const void *W, int w_bf16, long at) {
@@ -305,7 +312,6 @@ static void amx_linear_for(const uint16_t *const *Ws, const long *rows, int coun
 static void amx_gate_up_for(const uint16_t *gate, const uint16_t *up, const uint32_t *xp, int Bp, long I, long inter,
                             uint32_t *act_p) {
     const long w_stride = I * 2;
-    const __m512 one = _mm512_set1_ps(1.f);
 #pragma omp for schedule(static)
     for (long j = 0; j < inter / 16; j++) {
         const long o = j * 16;
@@ -343,11 +349,8 @@ static void amx_gate_up_for(const uint16_t *gate, const uint16_t *up, const uint
                 uint32_t *tile = act_p + ((o / 32) * Bp + b0 + half * 16) * 16 + (o % 32) / 2 * 16;
                 for (int m = 0; m < 16; m += 2) {
                     __m512 h[2];
-                    for (int e = 0; e < 2; e++) {
-                        const __m512 gv = _mm512_loadu_ps(g[half][m + e]);
-                        const __m512 ex = exp16(_mm512_sub_ps(_mm512_setzero_ps(), gv));
-                        h[e] = _mm512_mul_ps(_mm512_div_ps(gv, _mm512_add_ps(one, ex)), _mm512_loadu_ps(u[half][m + e]));
-                    }
+                    for (int e = 0; e < 2; e++)
+                        h[e] = silu_mul16(_mm512_loadu_ps(g[half][m + e]), _mm512_loadu_ps(u[half][m + e]));
                     /* pair m / 2 of the 16 rows: (bf16 act[o + m], bf16 act[o + m + 1]) in one word */
                     const __m512i lo = _mm512_cvtepu16_epi32((__m256i)_mm512_cvtneps_pbh(h[0]));
                     const __m512i hi = _mm512_cvtepu16_epi32((__m256i)_mm512_cvtneps_pbh(h[1]));
@@ -546,6 +549,26 @@ static int weigh_values(const float *p, long max_len, const char *v, long row, i
 #endif
 }
 
+/* o[j] = sum over s < n of p[j * p_stride + s] * v_s for the group heads j (o: group rows of hd),
+ * v_s the value rows of kv head g of row b (a contiguous cache of cache_len slots, or pages):
+ * a run of consecutive slots at a time, the next run's values fetched early. */
+static void weigh_runs(const float *p, long p_stride, const void *V, int kv_bf16, const Paging *pg, long b, int g,
+                       int nkv, int hd, long cache_len, long n, float *o, int group) {
+    const long run = pg->table ? pg->page_size : cache_len, size = kv_bf16 ? 2 : 4, row = hd * size;
+    for (long i = 0; i < (long)group * hd; i++) o[i] = 0.f;
+    for (long s0 = 0; s0 < n; s0 += run) {
+        const char *v = (const char *)V + kv_at(pg, b, g, s0, nkv, hd, cache_len) * size;
+        if (pg->table && s0 + run < n) { /* pages lie anywhere in the pool */
+            const char *next = (const char *)V + kv_at(pg, b, g, s0 + run, nkv, hd, cache_len) * size;
+            for (long at = 0; at < run * row; at += 64) __builtin_prefetch(next + at, 0, 3);
+        }
+        const long s1 = n < s0 + run ? n : s0 + run;
+        if (!weigh_values(p, p_stride, v, row, kv_bf16, s0, s1, o, hd, group))
+            for (long s = s0; s < s1; s++, v += row)
+                for (int j = 0; j < group; j++) axpy(p[j * p_stride + s], v, kv_bf16, o + (long)j * hd, hd);
+    }
+}
+
 #define MAX_HD 256
 
 #ifdef HAVE_AMX
@@ -727,18 +750,7 @@ static void attend_for(const float *qkv, long q_stride, const void *K, const voi
             continue;
         }
 #endif
-        for (long i = 0; i < (long)group * hd; i++) o[i] = 0.f;
-        for (long s0 = 0; s0 < n; s0 += run) {
-            const char *v = (const char *)V + kv_at(pg, b, g, s0, nkv, hd, max_len) * size;
-            if (pg->table && s0 + run < n) {
-                const char *next = (const char *)V + kv_at(pg, b, g, s0 + run, nkv, hd, max_len) * size;
-                for (long at = 0; at < run * row; at += 64) __builtin_prefetch(next + at, 0, 3);
-            }
-            const long s1 = n < s0 + run ? n : s0 + run;
-            if (!weigh_values(p, max_len, v, row, kv_bf16, s0, s1, o, hd, group))
-                for (long s = s0; s < s1; s++, v += row)
-                    for (int j = 0; j < group; j++) axpy(p[j * max_len + s], v, kv_bf16, o + (long)j * hd, hd);
-        }
+        weigh_runs(p, max_len, V, kv_bf16, pg, b, g, nkv, hd, max_len, n, o, group);
     }
 }
 
@@ -800,20 +812,11 @@ static void attend_block(const float *qkv, long q_stride, const void *K, const v
         return;
     }
 #else
-    (void)value_tiles, (void)lens, (void)heads;
+    (void)value_tiles;
 #endif
-    for (int i = 0; i < n_rows; i++) {
-        const long n_i = pos[r0 + i] + 1;
-        float *p_i = p + (long)i * group * max_len, *o = out + (r0 + i) * (long)nh * hd + (long)g * group * hd;
-        for (long e = 0; e < (long)group * hd; e++) o[e] = 0.f;
-        for (long s0 = 0; s0 < n_i; s0 += run) {
-            const char *v = (const char *)V + kv_at(pg, r0, g, s0, nkv, hd, 0) * size;
-            const long s1 = n_i < s0 + run ? n_i : s0 + run;
-            if (!weigh_values(p_i, max_len, v, row, kv_bf16, s0, s1, o, hd, group))
-                for (long s = s0; s < s1; s++, v += row)
-                    for (int j = 0; j < group; j++) axpy(p_i[j * max_len + s], v, kv_bf16, o + (long)j * hd, hd);
-        }
-    }
+    for (int i = 0; i < n_rows; i++)
+        weigh_runs(p + (long)i * group * max_len, max_len, V, kv_bf16, pg, r0, g, nkv, hd, 0, lens[i * group], heads[i * group],
+                   group);
 }
 
 /* gu: [B, 2I] = gate | up; h[b] = silu(gate) * up */
@@ -824,12 +827,7 @@ static void silu_mul_for(const float *gu, float *h, int B, long I) {
         float *y = h + b * I;
         long i = 0;
 #ifdef __AVX512F__
-        const __m512 one = _mm512_set1_ps(1.f);
-        for (; i + 16 <= I; i += 16) {
-            __m512 gv = _mm512_loadu_ps(g + i);
-            __m512 e = exp16(_mm512_sub_ps(_mm512_setzero_ps(), gv));
-            _mm512_storeu_ps(y + i, _mm512_mul_ps(_mm512_div_ps(gv, _mm512_add_ps(one, e)), _mm512_loadu_ps(u + i)));
-        }
+        for (; i + 16 <= I; i += 16) _mm512_storeu_ps(y + i, silu_mul16(_mm512_loadu_ps(g + i), _mm512_loadu_ps(u + i)));
 #endif
         for (; i < I; i++) y[i] = g[i] / (1.f + expf(-g[i])) * u[i];
     }
