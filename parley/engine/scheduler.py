@@ -137,6 +137,14 @@ class RequestHandle:
             raise SchedulerError(f"the scheduler failed: {item}") from item
         return item
 
+    def delivered(self) -> list[Event]:
+        """The events delivered so far and not taken yet, without waiting: for a caller that
+        runs the steps itself (engine/stepped.py)."""
+        events = []
+        while not self._queue.empty():
+            events.append(self._unwrap(self._queue.get()))
+        return events
+
     def __iter__(self) -> Iterator[Event]:
         try:
             while True:

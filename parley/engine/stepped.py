@@ -53,11 +53,9 @@ class SteppedEngine:
             while pending:
                 self.scheduler.step()
                 for i in sorted(pending):
-                    handle = handles[i]
-                    while not handle._queue.empty():
-                        event = RequestHandle._unwrap(handle._queue.get())
+                    for event in handles[i].delivered():
                         yield Event(i, event.token, event.finish_reason)
-                    if handle.done:
+                    if handles[i].done:
                         pending.discard(i)
         finally:  # the caller stopped listening, or a step failed: free the pages now, computing nothing
             for handle in handles:

@@ -281,11 +281,11 @@ class Store:
         if row is None:
             return None
         *fields, last_used = row
-        now = datetime.now(timezone.utc)
-        if last_used is None or (now - datetime.fromisoformat(last_used)).total_seconds() >= LAST_USED_RESOLUTION:
+        stamp = _now()
+        if last_used is None or \
+                (datetime.fromisoformat(stamp) - datetime.fromisoformat(last_used)).total_seconds() >= LAST_USED_RESOLUTION:
             with self._tx() as db:
-                db.execute("UPDATE api_keys SET last_used_at = ? WHERE key_hash = ?",
-                           (now.isoformat(timespec="microseconds"), digest))
+                db.execute("UPDATE api_keys SET last_used_at = ? WHERE key_hash = ?", (stamp, digest))
         return User(*fields)
 
     # conversations, turns, traces, feedback
