@@ -51,7 +51,12 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--write", action="store_true", help="append the table to benchmarks/RESULTS.md")
     args = ap.parse_args()
-    lengths = [int(n) for n in args.lengths.split(",")]
+    try:
+        lengths = [int(n) for n in args.lengths.split(",")]
+    except ValueError:
+        ap.error(f"--lengths takes comma-separated token counts such as 300,1200, not {args.lengths!r}")
+    if min(lengths) < 1 or args.turn < 1 or args.repeats < 1:
+        ap.error("--lengths, --turn and --repeats must be positive")
     torch.set_flush_denormal(True)
     path = smollm2_gguf()
     tokenizer = Tokenizer.from_gguf(path)
