@@ -1,0 +1,71 @@
+"""How the engine runs: one typed section (`engine.KEY=value`) that every front end shares.
+
+    parley chat engine.kernels=torch engine.max_batch=4
+    parley serve engine.device=cuda engine.kv_budget_mb=2048
+
+`kernels` picks the CPU path: `auto` takes the best this CPU offers (AMX tiles, then the
+AVX-512 C kernels), `avx512` keeps the C kernels but off the tile unit, `torch` runs
+PyTorch only. The environment variable PARLEY_KERNELS overrides the setting (for a quick
+comparison without editing a command line); PARLEY_AMX=0 is the older spelling of
+`avx512`.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Literal
+
+from parley.config import ConfigError, setting
+
+KERNELS = ("auto", "amx", "avx512", "torch")
+
+
+@dataclass
+class EngineConfig:
+    device: Literal["auto", "cpu", "cuda"] = setting("auto", "where the model runs: auto = cuda when PyTorch sees "
+                                                             "a GPU, else cpu")
+    dtype: Literal["bfloat16", "float32"] = setting("bfloat16", "weights and compute precision")
+    kernels: Literal["auto", "amx", "avx512", "torch"] = setting(
+        "auto", "CPU path: auto = the best this CPU has (AMX tiles, then AVX-512 C kernels); torch = PyTorch only "
+                "(the environment variable PARLEY_KERNELS overrides this)")
+    max_batch: int = setting(64, "most requests generating at once")
+    max_waiting: int = setting(256, "most requests waiting to start; more are refused (HTTP 429)")
+    kv_budget_mb: int = setting(0, "memory for the paged KV cache in MiB (0 = room for max_batch full contexts, "
+                                   "at most 1024)")
+    page_size: int = setting(16, "tokens per KV page")
+    prefill_chunk: int = setting(256, "most tokens of one prompt a step prefills (not on AMX tiles)")
+    prefill_budget: int = setting(512, "most prompt tokens of all prompts in one step (>= prefill_chunk)")
+    threads: int = setting(0, "torch threads of the thread that runs the steps (0 = PyTorch's default)")
+
+    def __post_init__(self):
+        for name in ("max_batch", "max_waiting", "page_size", "prefill_chunk", "prefill_budget"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1 (got {getattr(self, name)})")
+        for name in ("kv_budget_mb", "threads"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0 (got {getattr(self, name)})")
+        if self.prefill_budget < self.prefill_chunk:  # else a whole chunk would never fit in a step
+            raise ValueError(f"prefill_budget must be >= prefill_chunk ({self.prefill_chunk}), "
+                             f"got {self.prefill_budget}")
+
+    def resolved_kernels(self) -> str:
+        """The CPU path asked for, after the environment's override."""
+        env = os.environ.get("PARLEY_KERNELS")
+        if env is not None:
+            if env not in KERNELS:
+                raise ConfigError(f"PARLEY_KERNELS={env!r}: choose one of {', '.join(KERNELS)}")
+            return env
+        if self.kernels == "auto" and os.environ.get("PARLEY_AMX") == "0":
+            return "avx512"
+        return self.kernels
+
+    def resolved_device(self) -> str:
+        import torch
+
+        if self.device == "auto":
+            return "cuda" if torch.cuda.is_available() else "cpu"
+        if self.device == "cuda" and not torch.cuda.is_available():
+            raise ConfigError("engine.device=cuda but PyTorch sees no GPU (this torch build is "
+                              f"{torch.__version__}); use engine.device=cpu or auto")
+        return self.device
