@@ -1,10 +1,13 @@
-"""The token engine: sampling rules, KV-cached generation equals the plain forward pass,
-batched generation equals one prompt at a time, stopping, and bad prompts."""
+"""The token engine: sampling rules, generation equals the plain (uncached) forward pass,
+batched generation equals one prompt at a time, stopping, bad prompts, the C step against
+the paged reference forward, and the engine's settings (CPU path, device)."""
 
 import pytest
 import torch
 
-from parley.engine.engine import Engine, PromptError
+from parley.config import ConfigError
+from parley.engine.config import EngineConfig
+from parley.engine.engine import Engine, EngineError, PromptError
 from parley.engine.sampling import SamplingParams, Sampler, apply_repetition_penalty, filter_top_k_top_p
 from parley.model.transformer import ModelConfig, Transformer
 
@@ -109,10 +112,10 @@ def test_repetition_penalty_and_seeded_sampling():
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_fast_decode_step_equals_reference_forward(dtype):
-    """The C decode step computes in fp32 over the model's weights: it must equal the
-    reference forward of the same (bf16-rounded) weights in fp32, padding included."""
+    """The C decode step computes in fp32 over the model's weights: it must equal the paged
+    reference forward of the same (bf16-rounded) weights in fp32, rows of different lengths."""
+    from parley.engine.cache import CachedSequence, PagedKVCache
     from parley.engine.fast import FastDecoder
-    from parley.model.transformer import KVCache
 
     torch.manual_seed(1)
     cfg = ModelConfig(vocab_size=301, hidden_size=96, intermediate_size=200, num_hidden_layers=3,
@@ -125,18 +128,24 @@ def test_fast_decode_step_equals_reference_forward(dtype):
     reference.load_state_dict({k: v.float() for k, v in model.state_dict().items()})
     fast = FastDecoder.create(model)
     assert fast is not None, "the C kernels failed to build: is a C compiler installed?"
-    B, T = 5, 9  # five rows: more than one 4-row block, and a partial one
-    ids = torch.randint(0, 301, (B, T))
-    mask = torch.ones(B, T, dtype=torch.bool)
-    mask[0, :4] = mask[3, :7] = False  # left padding
-    caches = [KVCache(cfg, B, T + 3, torch.float32) for _ in range(2)]
+    assert fast.kv_dtype == torch.float32  # these shapes are not whole tiles
+    page_bytes = PagedKVCache(cfg, 10**9, 4).page_bytes
+    caches = [PagedKVCache(cfg, page_bytes * 40, 4) for _ in range(2)]
+    lengths = [9, 5, 2, 9, 7]  # five rows: more than one 4-row block, and a partial one
+    prompts = [torch.randint(0, 301, (n,)).tolist() for n in lengths]
+    seqs = [[CachedSequence(tokens=list(p), pages=c.allocate(4)) for p in prompts] for c in caches]
     with torch.inference_mode():
-        for cache in caches:
-            reference(ids, cache, token_mask=mask)
+        for cache, mine in zip(caches, seqs):
+            batch = cache.batch([(q, len(q.tokens)) for q in mine])
+            reference(torch.tensor([batch.ids]), batch)
         for step in range(3):
-            tokens = torch.randint(0, 301, (B,))
-            got = fast.step(tokens, caches[0]).clone()
-            expected = reference(tokens[:, None], caches[1])[:, -1]
+            for a, b in zip(*seqs):
+                token = int(torch.randint(0, 301, ()))
+                a.tokens.append(token)
+                b.tokens.append(token)
+            got = fast.step_paged(caches[0].batch([(q, 1) for q in seqs[0]])).clone()
+            batch = caches[1].batch([(q, 1) for q in seqs[1]])
+            expected = reference(torch.tensor([batch.ids]), batch)[0]
             torch.testing.assert_close(got, expected, atol=2e-5, rtol=1e-4)
 
 
@@ -157,7 +166,7 @@ def test_fast_argmax_picks_what_torch_argmax_picks(engine):
 
 
 def test_engine_fast_and_reference_paths_agree(engine):
-    reference = Engine(engine.model, fast=False)
+    reference = Engine(engine.model, kernels="torch")
     assert engine.fast is not None and reference.fast is None
     prompts = [[1, 2, 3], [7] * 11, [50, 60, 70, 80, 90, 100]]
     params = SamplingParams(max_tokens=10)
@@ -187,3 +196,42 @@ def test_top_p_too_small_to_represent_keeps_the_best_token():
     logits = torch.tensor([[1.0, 3.0, 2.0]])
     kept = filter_top_k_top_p(logits, 0, 5e-324)  # rounds to 0 in float32: nothing "reaches" it
     assert torch.isfinite(kept).tolist() == [[False, True, False]]
+
+
+def test_the_cpu_path_is_a_setting_with_an_environment_override(engine, monkeypatch):
+    monkeypatch.delenv("PARLEY_KERNELS", raising=False)
+    monkeypatch.delenv("PARLEY_AMX", raising=False)
+    assert EngineConfig().resolved_kernels() == "auto"
+    assert EngineConfig(kernels="torch").resolved_kernels() == "torch"
+    monkeypatch.setenv("PARLEY_AMX", "0")  # the older spelling
+    assert EngineConfig().resolved_kernels() == "avx512"
+    monkeypatch.setenv("PARLEY_KERNELS", "torch")
+    assert EngineConfig(kernels="amx").resolved_kernels() == "torch"
+    monkeypatch.setenv("PARLEY_KERNELS", "fast")
+    with pytest.raises(ConfigError, match="PARLEY_KERNELS='fast'"):
+        EngineConfig().resolved_kernels()
+    with pytest.raises(ValueError, match="kernels must be one of"):
+        EngineConfig(kernels="sse")
+    plain = Engine(engine.model, kernels="avx512")
+    assert plain.fast is not None and not plain.fast.amx
+    with pytest.raises(EngineError, match="kernels=amx"):
+        Engine(engine.model, kernels="amx")  # fp32 weights: never on tiles
+    with pytest.raises(EngineError, match="max_batch must be >= 1"):
+        Engine(engine.model, max_batch=0)
+
+
+def test_the_device_is_a_setting(engine):
+    """auto is the GPU when PyTorch sees one, else the CPU; asking for a GPU that is not there
+    is a clear error. (The GPU path itself needs a machine with one: see README.)"""
+    expected = "cuda" if torch.cuda.is_available() else "cpu"
+    assert EngineConfig().resolved_device() == expected
+    if not torch.cuda.is_available():
+        with pytest.raises(ConfigError, match="engine.device=cuda but PyTorch sees no GPU"):
+            EngineConfig(device="cuda").resolved_device()
+    cfg = EngineConfig(device="cpu", dtype="float32", kernels="torch", max_batch=2, kv_budget_mb=1)
+    built = Engine.from_config(engine.model, cfg)
+    assert built.device.type == "cpu" and built.fast is None and built.max_batch == 2
+    assert built.cache.num_pages * built.cache.page_bytes <= 2**20
+    prompt = [5, 17, 3, 99, 42]
+    params = SamplingParams(max_tokens=6)
+    assert built.generate([prompt], params)[0].tokens == engine.generate([prompt], params)[0].tokens

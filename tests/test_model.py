@@ -1,11 +1,13 @@
-"""The model on its own: cached decoding equals uncached, padded batches equal single rows,
-MoE routing and its auxiliary loss. (Equality with `transformers` is in test_weights.py,
+"""The model on its own: the paged forward (inference) equals the uncached one (training,
+reference), chunk by chunk and with several sequences packed in one row; MoE routing and its
+auxiliary loss. (Equality with `transformers` is in test_weights.py,
 which goes through real checkpoint files.)"""
 
 import pytest
 import torch
 
-from parley.model.transformer import KVCache, ModelConfig, Transformer, load_balancing_loss
+from parley.engine.cache import CachedSequence, CacheError, PagedKVCache
+from parley.model.transformer import ModelConfig, Transformer, load_balancing_loss
 
 
 def tiny(**overrides) -> Transformer:
@@ -17,51 +19,61 @@ def tiny(**overrides) -> Transformer:
     return model.eval()
 
 
+def paged(model, page_size=4, pages=32) -> PagedKVCache:
+    probe = PagedKVCache(model.config, 10**9, page_size)
+    return PagedKVCache(model.config, probe.page_bytes * pages, page_size)
+
+
+def feed(model, cache, feeds):
+    """One paged forward over [(sequence, tokens to feed)]: the logits of each feed's last token."""
+    batch = cache.batch(feeds)
+    return model(torch.tensor([batch.ids]), batch)[0]
+
+
 @pytest.mark.parametrize("moe", [False, True])
-def test_cached_decoding_equals_uncached(moe):
+def test_paged_decoding_equals_uncached(moe):
     model = tiny(num_local_experts=4 if moe else 0)
     ids = torch.randint(0, 97, (1, 12))
-    full = model(ids)
-    cache = KVCache(model.config, 1, 12, torch.float32)
-    parts = [model(ids[:, :5], cache)] + [model(ids[:, t:t + 1], cache) for t in range(5, 12)]
-    torch.testing.assert_close(torch.cat(parts, dim=1), full, atol=1e-5, rtol=1e-5)
+    full = model(ids)[0]
+    cache = paged(model)
+    seq = CachedSequence(tokens=ids[0].tolist(), pages=cache.allocate(3))
+    got = [feed(model, cache, [(seq, 5)])] + [feed(model, cache, [(seq, 1)]) for _ in range(5, 12)]
+    torch.testing.assert_close(torch.cat(got), full[4:], atol=1e-5, rtol=1e-5)
 
 
-def test_chunked_prefill_into_cache_equals_uncached():
+def test_chunked_prefill_into_pages_equals_uncached():
     model = tiny()
     ids = torch.randint(0, 97, (1, 12))
-    cache = KVCache(model.config, 1, 12, torch.float32)
-    out = torch.cat([model(ids[:, :4], cache), model(ids[:, 4:9], cache), model(ids[:, 9:], cache)], 1)
-    torch.testing.assert_close(out, model(ids), atol=1e-5, rtol=1e-5)
+    cache = paged(model)
+    seq = CachedSequence(tokens=ids[0].tolist(), pages=cache.allocate(3))
+    got = torch.cat([feed(model, cache, [(seq, n)]) for n in (4, 5, 3)])
+    torch.testing.assert_close(got, model(ids)[0, [3, 8, 11]], atol=1e-5, rtol=1e-5)
 
 
-def test_left_padded_batch_equals_single_rows():
+def test_sequences_packed_in_one_row_equal_single_rows():
+    """Prompts of different lengths prefilled together, then decoded together: each row's logits
+    are those of its own uncached forward."""
     model = tiny()
     prompts = [torch.randint(0, 97, (n,)) for n in (3, 9, 6)]
-    longest = 9
-    ids = torch.zeros(3, longest, dtype=torch.long)
-    mask = torch.zeros(3, longest, dtype=torch.bool)
-    for i, p in enumerate(prompts):
-        ids[i, longest - len(p):], mask[i, longest - len(p):] = p, True
-    cache = KVCache(model.config, 3, longest + 4, torch.float32)
-    batch_logits = [model(ids, cache, token_mask=mask)[:, -1]]
     nxt = torch.randint(0, 97, (3, 4))
-    for t in range(4):
-        batch_logits.append(model(nxt[:, t:t + 1], cache)[:, -1])
+    cache = paged(model)
+    seqs = [CachedSequence(tokens=(p.tolist() + nxt[i].tolist()), pages=cache.allocate(4)) for i, p in enumerate(prompts)]
+    steps = [feed(model, cache, [(s, len(p)) for s, p in zip(seqs, prompts)])]
+    steps += [feed(model, cache, [(s, 1) for s in seqs]) for _ in range(3)]
     for i, p in enumerate(prompts):
         alone = model(torch.cat([p, nxt[i]])[None])[0]
-        expected = alone[len(p) - 1:]
-        got = torch.stack([b[i] for b in batch_logits])
-        torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+        got = torch.stack([logits[i] for logits in steps])
+        torch.testing.assert_close(got, alone[len(p) - 1:len(p) + 3], atol=1e-5, rtol=1e-5)
 
 
-def test_cache_overflow_and_context_limit_are_clear_errors():
+def test_context_limit_and_overfeeding_a_sequence_are_clear_errors():
     model = tiny(max_position_embeddings=8)
     with pytest.raises(ValueError, match="longer than the model's context"):
         model(torch.zeros(1, 9, dtype=torch.long))
-    cache = KVCache(model.config, 1, 4, torch.float32)
-    with pytest.raises(ValueError, match="KV cache is full"):
-        model(torch.zeros(1, 5, dtype=torch.long), cache)
+    cache = paged(model)
+    seq = CachedSequence(tokens=[1] * 6, pages=cache.allocate(1))
+    with pytest.raises(CacheError, match="cannot feed 5 tokens"):
+        cache.batch([(seq, 5)])  # 5 tokens but one page of 4
 
 
 def test_moe_routes_tokens_to_experts_and_exposes_balancing_loss():

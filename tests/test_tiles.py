@@ -1,7 +1,7 @@
 """The C layers on AMX tiles (engine/fast.py, kernels.c): bf16 weights, activations rounded
 to bf16 at each projection, bf16 keys and values. They must stay within bf16 precision of
 the fp32 reference forward, give every row the same bits whatever it is batched with, and
-so give each request of the scheduler the tokens it gets alone. The
+so give each request of the engine the tokens it gets alone. The
 layer-by-layer prompt path (step_rows) is also checked on fp32 weights, where it runs the
 plain C projections and must equal the reference forward."""
 
@@ -10,11 +10,11 @@ import random
 import pytest
 import torch
 
-from parley.engine.cache import PagedKVCache, Sequence
+from parley.engine.cache import CachedSequence, PagedKVCache
+from parley.engine.engine import Engine
 from parley.engine.fast import FastDecoder
 from parley.engine.sampling import SamplingParams
-from parley.engine.scheduler import Scheduler
-from parley.model.transformer import KVCache, ModelConfig, Transformer
+from parley.model.transformer import ModelConfig, Transformer
 
 # every size a whole number of tiles: inputs multiples of 32, outputs of 16, head_dim 32
 CFG = ModelConfig(vocab_size=304, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
@@ -45,25 +45,28 @@ def test_tile_decode_step_stays_within_bf16_precision_of_fp32(tiles):
     ref = Transformer(CFG).eval()
     ref.load_state_dict({k: v.float() for k, v in tiles.model.state_dict().items()})
     assert tiles.kv_dtype == torch.bfloat16
-    B, T = 5, 40
-    ids = torch.randint(0, CFG.vocab_size, (B, T), generator=torch.Generator().manual_seed(0))
-    mask = torch.ones(B, T, dtype=torch.bool)
-    mask[1, :9] = mask[4, :30] = False  # left padding
-    cache, ref_cache = KVCache(CFG, B, T + 4, torch.bfloat16), KVCache(CFG, B, T + 4, torch.float32)
+    lengths = [40, 31, 5, 40, 10]  # rows of different lengths, pages scattered through the pools
+    cache, ref_cache = PagedKVCache(CFG, 2**24, 8, torch.bfloat16), PagedKVCache(CFG, 2**25, 8, torch.float32)
+    seqs, ref_seqs = paged_rows(cache, lengths, seed=0), paged_rows(ref_cache, lengths, seed=0)
     with torch.inference_mode():
-        ref(ids, cache, token_mask=mask)
-        ref(ids, ref_cache, token_mask=mask)
+        for pool, rows in ((cache, seqs), (ref_cache, ref_seqs)):
+            batch = pool.batch([(q, len(q.tokens)) for q in rows])
+            ref(torch.tensor([batch.ids]), batch)
         for step in range(4):
-            tokens = torch.randint(0, CFG.vocab_size, (B,), generator=torch.Generator().manual_seed(step))
-            got = tiles.step(tokens, cache).clone()
-            expected = ref(tokens[:, None], ref_cache)[:, -1]
+            tokens = torch.randint(0, CFG.vocab_size, (len(lengths),), generator=torch.Generator().manual_seed(step))
+            for q, r, t in zip(seqs, ref_seqs, tokens.tolist()):
+                q.tokens.append(t)
+                r.tokens.append(t)
+            got = tiles.step_paged(cache.batch([(q, 1) for q in seqs])).clone()
+            batch = ref_cache.batch([(q, 1) for q in ref_seqs])
+            expected = ref(torch.tensor([batch.ids]), batch)[0]
             scale = expected.abs().max()
             assert (got - expected).abs().max() < 0.015 * scale
             assert (got - expected).abs().mean() < 0.002 * scale
             assert torch.equal(got.argmax(-1), expected.argmax(-1))
 
 
-def paged_rows(cache: PagedKVCache, lengths: list[int], seed: int) -> list[Sequence]:
+def paged_rows(cache: PagedKVCache, lengths: list[int], seed: int) -> list[CachedSequence]:
     """Sequences of the given lengths with their pages scattered through the pool."""
     rng = random.Random(seed)
     free = rng.sample(range(cache.num_pages), cache.num_pages)
@@ -111,7 +114,7 @@ def test_prompt_layers_equal_the_reference_forward_in_fp32():
     with torch.inference_mode():
         for step, cut in enumerate(([10, 20, 11], [20, 25, 1])):  # the third row decodes in step 2
             feeds = [[(seq, n) for seq, n in zip(mine, cut)] for mine in rows]
-            if step == 1:  # one-token feeds first, as the scheduler orders them
+            if step == 1:  # one-token feeds first, as the engine orders them
                 feeds = [[f[2], f[0], f[1]] for f in feeds]
             got = fast.step_rows(caches[0].batch(feeds[0])).clone()
             batch = caches[1].batch(feeds[1])
@@ -141,7 +144,7 @@ def test_tile_prompt_chunks_stay_within_bf16_precision_of_fp32(tiles, heads):
     with torch.inference_mode():
         for step, cut in enumerate(([37, 19, 22, 5], [33, 26, 1, 1])):  # rows 3 and 4 decode in step 2
             feeds = [[(seq, n) for seq, n in zip(mine, cut)] for mine in rows]
-            if step == 1:  # one-token feeds first, as the scheduler orders them
+            if step == 1:  # one-token feeds first, as the engine orders them
                 feeds = [[f[2], f[3], f[0], f[1]] for f in feeds]
             got = fast.step_rows(caches[0].batch(feeds[0])).clone()
             batch = caches[1].batch(feeds[1])
@@ -154,14 +157,14 @@ def test_tile_prompt_chunks_stay_within_bf16_precision_of_fp32(tiles, heads):
 
 @pytest.mark.parametrize("page_size", [16, 8], ids=["key-tiles", "one-key-at-a-time"])
 def test_where_a_prompt_is_cut_changes_no_bit(tiles, page_size):
-    """The scheduler cuts prompts wherever a step's budget ends on this path: the last
+    """The engine cuts prompts wherever a step's budget ends on this path: the last
     token's logits must be the same bits however the prompt was fed (in one go, in chunks
     of any size, a token at a time, its last token as a decode row)."""
     tokens = [random.Random(9).randrange(CFG.vocab_size) for _ in range(150)]
 
     def last_logits(cuts):
         cache = PagedKVCache(CFG, 2**24, page_size, torch.bfloat16)
-        seq = Sequence(tokens=tokens, pages=list(range(cache.pages_for(len(tokens)))))
+        seq = CachedSequence(tokens=tokens, pages=list(range(cache.pages_for(len(tokens)))))
         with torch.inference_mode():
             for n in cuts:
                 batch = cache.batch([(seq, n)])
@@ -175,18 +178,18 @@ def test_where_a_prompt_is_cut_changes_no_bit(tiles, page_size):
 
 def test_scheduled_requests_get_the_tokens_they_get_alone_on_tiles(tiles):
     """24 greedy requests at once, with prompt chunks split across steps and decode rows
-    riding along them, each get exactly the tokens the same scheduler gives them alone."""
+    riding along them, each get exactly the tokens the same engine gives them alone."""
     rng = random.Random(5)
     requests = [[rng.randrange(CFG.vocab_size) for _ in range(rng.randint(1, 70))] for _ in range(24)]
     params = SamplingParams(max_tokens=12)
     tokens = lambda handle: [e.token for e in handle if e.token is not None]
-    # two schedulers: the second must not reuse the first one's cached prompts
-    with Scheduler(tiles.model, max_batch=64, prefill_chunk=48, page_size=8) as scheduler:
-        alone = [tokens(scheduler.submit(p, params)) for p in requests]
-    with Scheduler(tiles.model, max_batch=64, prefill_chunk=48, page_size=8) as scheduler:
-        handles = [scheduler.submit(p, params) for p in requests]
+    # two engines: the second must not reuse the first one's cached prompts
+    with Engine(tiles.model, max_batch=64, prefill_chunk=48, page_size=8) as engine:
+        alone = [tokens(engine.submit(p, params)) for p in requests]
+    with Engine(tiles.model, max_batch=64, prefill_chunk=48, page_size=8) as engine:
+        handles = [engine.submit(p, params) for p in requests]
         together = [tokens(h) for h in handles]
-        assert scheduler.stats()["peak_running"] > 8
+        assert engine.stats()["peak_running"] > 8
     assert together == alone
     assert len({tuple(t) for t in alone}) > 12  # the answers differ: the check has teeth
 

@@ -2,7 +2,7 @@
 and reuse of pages whose tokens another sequence already computed.
 
     cache = PagedKVCache(model.config, budget_bytes=64 * 2**20, page_size=16)
-    seq = Sequence(tokens=prompt)
+    seq = CachedSequence(tokens=prompt)
     reused = cache.match(seq, len(prompt) - 1)    # full pages of a cached prefix, ref'd for seq
     seq.pages += cache.allocate(cache.pages_for(len(prompt) + 32) - len(seq.pages))
     batch = cache.batch([(seq, len(prompt) - seq.length)])   # feed the rest of the prompt
@@ -40,7 +40,7 @@ class CacheError(ValueError):
 
 
 @dataclass
-class Sequence:
+class CachedSequence:
     """One sequence in the cache: its tokens so far, how many have K/V in the cache
     (`length`), its page table, and the names of its full pages."""
 
@@ -108,7 +108,7 @@ class PagedKVCache:
             pages.append(page)
         return pages
 
-    def release(self, seq: Sequence) -> None:
+    def release(self, seq: CachedSequence) -> None:
         """Drop seq's hold on its pages: named ones become cached, the others free."""
         for page in seq.pages:
             self.refs[page] -= 1
@@ -123,7 +123,7 @@ class PagedKVCache:
     def _name(self, previous: bytes, tokens: list[int]) -> bytes:
         return hashlib.blake2b(previous + b"".join(t.to_bytes(4, "little") for t in tokens), digest_size=16).digest()
 
-    def match(self, seq: Sequence, limit: int) -> int:
+    def match(self, seq: CachedSequence, limit: int) -> int:
         """Give an empty sequence the cached pages of its longest named prefix of at most
         `limit` tokens; returns how many tokens that covers (its new `length`)."""
         ps, previous = self.page_size, b""
@@ -141,7 +141,7 @@ class PagedKVCache:
         seq.length = len(seq.pages) * ps
         return seq.length
 
-    def publish(self, seq: Sequence) -> None:
+    def publish(self, seq: CachedSequence) -> None:
         """Name seq's pages that have filled since the last call, so later sequences can
         reuse them. A page whose name another page has already taken stays unnamed."""
         ps = self.page_size
@@ -154,7 +154,7 @@ class PagedKVCache:
                 self.page_named[name], self.name_of[page] = page, name
 
     # -- one forward step
-    def batch(self, feeds: list[tuple[Sequence, int]]) -> "PagedBatch":
+    def batch(self, feeds: list[tuple[CachedSequence, int]]) -> "PagedBatch":
         """A step feeding each sequence its next n uncached tokens (n=1: decoding)."""
         return PagedBatch(self, feeds)
 
@@ -164,7 +164,7 @@ class PagedBatch:
     protocol of `Transformer.forward` (positions, outputs, attend). Building it advances
     every sequence's `length`."""
 
-    def __init__(self, cache: PagedKVCache, feeds: list[tuple[Sequence, int]]):
+    def __init__(self, cache: PagedKVCache, feeds: list[tuple[CachedSequence, int]]):
         ps, dev = cache.page_size, cache.device
         self.cache = cache
         self.ids: list[int] = []

@@ -39,6 +39,10 @@ class EngineConfig:
     threads: int = setting(0, "torch threads of the thread that runs the steps (0 = PyTorch's default)")
 
     def __post_init__(self):
+        for name, choices in (("device", ("auto", "cpu", "cuda")), ("dtype", ("bfloat16", "float32")),
+                              ("kernels", KERNELS)):
+            if getattr(self, name) not in choices:
+                raise ValueError(f"{name} must be one of {', '.join(choices)} (got {getattr(self, name)!r})")
         for name in ("max_batch", "max_waiting", "page_size", "prefill_chunk", "prefill_budget"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1 (got {getattr(self, name)})")

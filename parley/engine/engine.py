@@ -1,36 +1,86 @@
-"""Decoding over token ids: KV-cached, batched, streamed. Knows nothing about text.
+"""The engine: every request of every front end, batched continuously over a paged KV cache.
+Knows nothing about text.
 
-    engine = Engine(model)
-    for event in engine.stream([[1, 2, 3]], SamplingParams(max_tokens=16)):
-        print(event.index, event.token, event.finish_reason)
-    [completion] = engine.generate([[1, 2, 3]], SamplingParams(max_tokens=16))
+    engine = Engine(model)                                   # or Engine.from_config(model, EngineConfig(...))
+    request = engine.submit([1, 2, 3], SamplingParams(max_tokens=16))
+    for event in request:                # steps the engine in this thread (no thread of its own yet)
+        print(event.token, event.finish_reason)
+    [completion] = engine.generate([[1, 2, 3], [4, 5]], SamplingParams(max_tokens=16))
 
-Several prompts decode together in one batch: rows are left-padded, prefilled in one
-forward pass, then advanced one token per step; a finished row leaves the batch so the
-rest run smaller. Every row has its own sampler, so a row's tokens do not depend on
-which other rows share its batch.
+    engine.start()                       # a server: the engine steps on its own thread
+    async for event in engine.submit(ids, params).events():   # awaited on the caller's event loop
+        ...
+    request.cancel()                     # the one way to stop: client gone, barge-in, interrupt
+    engine.close()
+
+A step (1) drops cancelled requests, (2) admits waiting requests in FIFO order while a batch
+slot and the pages their whole answer may need are free (so an admitted request always
+finishes, and the head of the queue is never overtaken), (3) computes one token of every
+decoding request plus at most `prefill_budget` prompt tokens of requests still in prefill
+(oldest first; a prompt is cut into chunks of `prefill_chunk` tokens, or on AMX tiles, where
+the cut changes no bits, wherever the budget ends), (4) samples and delivers events (each
+event loop gets a step's events in one wake-up); finished requests leave at once and
+release their pages. Full pages are named by their tokens and stay cached after their
+request ends (engine/cache.py), so the next turn of a conversation prefills only what is new.
+
+Where the rows run: on the C layers of engine/fast.py (AMX tiles, or AVX-512 without them)
+when the model and CPU allow, else on the model's paged PyTorch forward, which is also the
+path on a GPU. Each request samples with its own `Sampler` and every row's arithmetic is
+independent of its batch, so a request's tokens are those it gets alone (`max_batch=1`).
+
+Steps run either on the engine's own thread (`start()`, for servers) or in whichever thread
+iterates a request or calls `stream`/`generate` while no thread runs (the terminal,
+benchmarks, tests): then all of the model's OpenMP work stays on that one thread.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+import asyncio
+import itertools
+import queue
+import threading
+import time
+from collections import deque
+from collections.abc import AsyncIterator, Iterator, Sequence
 from dataclasses import dataclass, field
 
 import torch
 
+from parley.engine.cache import CachedSequence, PagedKVCache
+from parley.engine.config import EngineConfig
 from parley.engine.fast import FastDecoder
 from parley.engine.sampling import Sampler, SamplingParams
-from parley.model.transformer import KVCache, Transformer
+from parley.model.transformer import Transformer
+
+__all__ = ["Engine", "Request", "Event", "Completion", "EngineError", "PromptError", "QueueFull", "EngineClosed"]
 
 
-class PromptError(ValueError):
-    """A prompt the model cannot take (empty, unknown ids, longer than the context)."""
+class EngineError(Exception):
+    """Anything the engine refuses or cannot do; the subclasses say which."""
+
+
+class PromptError(EngineError, ValueError):
+    """A prompt the engine cannot take: empty, unknown ids, longer than the context, or with
+    max_tokens more KV cache than the engine has. The caller's to fix."""
+
+
+class QueueFull(EngineError):
+    """Too many requests are waiting: try again after `retry_after` seconds."""
+
+    def __init__(self, waiting: int, retry_after: float):
+        super().__init__(f"the engine is busy ({waiting} requests waiting): retry in {retry_after:.0f} s")
+        self.retry_after = retry_after
+
+
+class EngineClosed(EngineError):
+    """The engine is shut down, or a step failed while this request was in it (the cause chained)."""
 
 
 @dataclass
 class Event:
-    """One step of one sequence: a new token, or the end (`finish_reason` "stop" or "length").
-    A stop token ends the sequence without being emitted (token is None)."""
+    """One step of one request: a new token, or the end. `finish_reason` is "stop" (a stop token,
+    which is not emitted: token None), "length", "cancelled" or, when a step failed, "error".
+    `index` is the prompt's position in `stream(prompts, ...)` (0 for a lone request)."""
 
     index: int
     token: int | None
@@ -52,24 +102,243 @@ def params_per_prompt(prompts: Sequence, params: SamplingParams | Sequence[Sampl
     return list(params)
 
 
-class Engine:
-    """Generates from a model. With `fast` (the default), decode steps run on the C kernels
-    of engine/fast.py where the model and machine allow; prefill always uses the model's
-    own forward."""
+class Request:
+    """One submitted request. Iterate it (blocking; with no engine thread running, the
+    iteration steps the engine itself) or `async for` over `events()` (needs `start()`), not
+    both; leaving either iteration early cancels the request. The last event carries the
+    finish_reason; if a step failed, iteration raises EngineClosed with the cause chained."""
 
-    def __init__(self, model: Transformer, fast: bool = True):
-        self.model = model.eval()
-        self.config = model.config
+    def __init__(self, engine: Engine, request_id: int, prompt: list[int], params: SamplingParams,
+                 index: int = 0, inbox: queue.SimpleQueue | None = None):
+        self.id, self.prompt, self.params, self.index = request_id, prompt, params, index
+        self.tokens: list[int] = []
+        self.finish_reason: str | None = None
+        self.error: BaseException | None = None
+        self.cancelled = False
+        self._engine = engine
+        self._lock = threading.Lock()
+        self._queue = inbox if inbox is not None else queue.SimpleQueue()  # shared by the prompts of one stream()
+        self._finished = threading.Event()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._aqueue: asyncio.Queue | None = None
+
+    @property
+    def done(self) -> bool:
+        return self.finish_reason is not None
+
+    def wait(self, timeout: float | None = None) -> str | None:
+        """Block until the request ends (without consuming its events); its finish_reason."""
+        self._finished.wait(timeout)
+        return self.finish_reason
+
+    def cancel(self) -> None:
+        """Stop generating; the pages are freed at the next step (or at once by the thread
+        that steps). Safe from any thread, and a no-op once the request has ended."""
+        if not self.done:
+            self.cancelled = True
+            self._engine._wake()
+
+    def _deliver(self, item: Event | BaseException, outbox: dict | None = None) -> None:
+        """Called by the stepping thread: hand an event (or the error that ended it) over. With
+        an `outbox`, an event for an async consumer waits there (by event loop) until the step
+        ends and `_post` hands each loop its events in one wake-up."""
+        if isinstance(item, Event):
+            if item.token is not None:
+                self.tokens.append(item.token)
+            if item.finish_reason:
+                self.finish_reason = item.finish_reason
+        else:
+            self.error, self.finish_reason = item, "error"
+        if self.finish_reason:
+            self._finished.set()
+        with self._lock:
+            if self._loop is None:
+                self._queue.put((self, item))
+                return
+        if outbox is not None:
+            outbox.setdefault(self._loop, []).append((self, item))
+            return
+        try:
+            self._loop.call_soon_threadsafe(self._aqueue.put_nowait, item)
+        except RuntimeError:  # the consumer's event loop is closed: nobody listens any more
+            self.cancel()
+
+    @staticmethod
+    def _post(outbox: dict) -> None:
+        for loop, items in outbox.items():
+            try:
+                loop.call_soon_threadsafe(_put_all, items)
+            except RuntimeError:  # that loop is closed: nobody listens to its requests any more
+                for request, _ in items:
+                    request.cancel()
+
+    @staticmethod
+    def _unwrap(item: Event | BaseException) -> Event:
+        if isinstance(item, BaseException):
+            raise EngineClosed(f"generation failed: {item}") from item
+        return item
+
+    def __iter__(self) -> Iterator[Event]:
+        try:
+            for _, event in self._engine._drain(self._queue, lambda: self.done):
+                yield event
+                if event.finish_reason:
+                    return
+        finally:
+            self.cancel()
+            self._engine._tidy()
+
+    async def events(self) -> AsyncIterator[Event]:
+        """The events, awaited on the caller's event loop (no thread per request). Something else
+        steps the engine meanwhile: its own thread (`start()`), as in a server."""
+        with self._lock:
+            self._loop, self._aqueue = asyncio.get_running_loop(), asyncio.Queue()
+            while not self._queue.empty():  # events delivered before we attached
+                self._aqueue.put_nowait(self._queue.get()[1])
+        try:
+            while True:
+                event = self._unwrap(await self._aqueue.get())
+                yield event
+                if event.finish_reason:
+                    return
+        finally:
+            self.cancel()
+
+
+def _put_all(items: list) -> None:
+    for request, item in items:
+        request._aqueue.put_nowait(item)
+
+
+class _Entry:
+    """The engine's side of a request: its sequence in the cache, sampler and budget."""
+
+    def __init__(self, request: Request, budget: int, pages: int, device):
+        self.request, self.budget, self.pages_needed = request, budget, pages
+        self.seq = CachedSequence(tokens=list(request.prompt))
+        self.sampler = Sampler(request.params, device)
+        self.generated = 0
+
+    @property
+    def prefilling(self) -> bool:
+        return self.seq.length < len(self.request.prompt)
+
+
+class Engine:
+    """Serves many requests at once over one model (see the module docstring).
+
+    max_batch: requests generating at once (1: one at a time, the batch-1 baseline);
+    max_waiting: requests queued beyond those (QueueFull past it); kv_budget_bytes: the paged
+    cache (default room for max_batch full contexts, at most 1 GiB); page_size in tokens;
+    prefill_chunk: most tokens of one prompt a step prefills (not on AMX tiles: there a prompt
+    may take a whole step's budget); prefill_budget (>= prefill_chunk): most prompt tokens of
+    all prompts in a step; kernels: the CPU path, "auto" | "amx" | "avx512" | "torch"
+    (parley/engine/config.py); threads: torch threads of the engine's own thread.
+    """
+
+    def __init__(self, model: Transformer, *, max_batch: int = 64, max_waiting: int = 256,
+                 kv_budget_bytes: int | None = None, page_size: int = 16, prefill_chunk: int = 256,
+                 prefill_budget: int = 512, kernels: str = "auto", threads: int | None = None):
+        try:  # the one place these numbers are checked
+            EngineConfig(max_batch=max_batch, max_waiting=max_waiting, page_size=page_size,
+                         prefill_chunk=prefill_chunk, prefill_budget=prefill_budget, kernels=kernels)
+        except ValueError as e:
+            raise EngineError(str(e)) from None
+        self.model, cfg = model.eval(), model.config
+        self.config = cfg
         self.device = model.lm_head.weight.device
-        self.fast = FastDecoder.create(model) if fast else None
-        # the fast path keeps its cache in fp32, or bf16 on the AMX tile path (engine/fast.py)
-        self.cache_dtype = self.fast.kv_dtype if self.fast else model.lm_head.weight.dtype
+        if self.device.type == "cpu":
+            torch.set_flush_denormal(True)  # denormals slow CPU decoding about tenfold
+        self.fast = self._kernels(model, kernels)
+        # the C path keeps keys and values in fp32, or bf16 on AMX tiles; PyTorch in the weights' dtype
+        dtype = self.fast.kv_dtype if self.fast else model.lm_head.weight.dtype
+        if kv_budget_bytes is None:
+            per_token = 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * cfg.head_dim * dtype.itemsize
+            kv_budget_bytes = min(2**30, max_batch * cfg.max_position_embeddings * per_token)
+        self.cache = PagedKVCache(cfg, kv_budget_bytes, page_size, dtype, self.device)
+        self.max_batch, self.max_waiting, self.prefill_chunk = max_batch, max_waiting, prefill_chunk
+        self.prefill_budget = prefill_budget
+        # torch threads of the engine's own thread (None: as inherited). Each OS thread that runs
+        # multi-threaded OpenMP work keeps its own team, and with two teams on a 2-core machine libgomp
+        # stops spinning, which halves decode speed (RESULTS.md): a server runs every other thread
+        # single-threaded and gives the engine's thread all of them.
+        self.threads = threads
+        self._lock = threading.Condition()
+        self._stepping = threading.Lock()  # one thread steps at a time when callers step
+        self._waiting: deque[_Entry] = deque()
+        self._running: list[_Entry] = []
+        self._ids = itertools.count()
+        self._thread: threading.Thread | None = None
+        self._closed = False
+        self._step_seconds = 0.0  # moving average, for Retry-After estimates
+        self._stats = dict(steps=0, prefill_tokens=0, reused_tokens=0, decode_tokens=0, finished=0, cancelled=0,
+                           failed=0, peak_running=0)
+
+    @classmethod
+    def from_config(cls, model: Transformer, cfg: EngineConfig) -> Engine:
+        """An engine as `cfg` says: the model moved to its device and dtype, the CPU path and sizes."""
+        model = model.to(device=cfg.resolved_device(), dtype=getattr(torch, cfg.dtype))
+        return cls(model, max_batch=cfg.max_batch, max_waiting=cfg.max_waiting,
+                   kv_budget_bytes=cfg.kv_budget_mb * 2**20 or None, page_size=cfg.page_size,
+                   prefill_chunk=cfg.prefill_chunk, prefill_budget=cfg.prefill_budget,
+                   kernels=cfg.resolved_kernels(), threads=cfg.threads or None)
+
+    @staticmethod
+    def _kernels(model: Transformer, kernels: str) -> FastDecoder | None:
+        if kernels == "torch":
+            return None
+        fast = FastDecoder.create(model, tiles=kernels != "avx512")
+        if kernels == "amx" and (fast is None or not fast.amx):
+            raise EngineError("kernels=amx, but the AMX tile path cannot run here (it needs a CPU with AMX, "
+                              "a C compiler, a dense bf16 model on the CPU with whole-tile shapes): "
+                              "use kernels=auto")
+        if kernels == "avx512" and fast is None:
+            raise EngineError("kernels=avx512, but the C kernels cannot run here (they need a C compiler and a "
+                              "dense bf16 or fp32 model on the CPU): use kernels=auto")
+        return fast
 
     @property
     def context_length(self) -> int:
         return self.config.max_position_embeddings
 
+    @property
+    def running(self) -> bool:
+        """Whether the engine steps on its own thread."""
+        return self._thread is not None
+
+    # -- lifecycle
+    def start(self) -> Engine:
+        """Step on a background thread from now on (a server); idempotent."""
+        with self._lock:
+            if self._closed:
+                raise EngineClosed("the engine is closed")
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._loop, name="parley-engine", daemon=True)
+                self._thread.start()
+        return self
+
+    def close(self) -> None:
+        """Stop; requests still waiting or running end with "cancelled". New ones are refused."""
+        with self._lock:
+            self._closed = True
+            self._lock.notify_all()
+        if self._thread is not None and self._thread is not threading.current_thread():
+            self._thread.join()
+        with self._stepping:
+            for entry in list(self._waiting) + self._running:
+                self._finish(entry, Event(entry.request.index, None, "cancelled"))
+            self._waiting.clear()
+            self._running.clear()
+
+    def __enter__(self) -> Engine:
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # -- requests
     def check_prompt(self, prompt: Sequence[int]) -> None:
+        """PromptError unless the model can take this prompt."""
         if len(prompt) == 0:
             raise PromptError("the prompt is empty: give at least one token")
         if len(prompt) >= self.context_length:
@@ -79,67 +348,261 @@ class Engine:
         if bad:
             raise PromptError(f"token id {bad[0]} is outside the vocabulary (0..{self.config.vocab_size - 1})")
 
-    def generate(self, prompts: Sequence[Sequence[int]],
-                 params: SamplingParams | Sequence[SamplingParams]) -> list[Completion]:
-        out = [Completion() for _ in prompts]
-        for e in self.stream(prompts, params):
-            if e.token is not None:
-                out[e.index].tokens.append(e.token)
-            if e.finish_reason:
-                out[e.index].finish_reason = e.finish_reason
-        return out
+    def submit(self, prompt_ids: Sequence[int], params: SamplingParams) -> Request:
+        """Queue a request (thread-safe). PromptError for a prompt the model cannot take or whose
+        prompt and max_tokens could never fit in the KV cache, QueueFull when max_waiting requests
+        wait already, EngineClosed once closed."""
+        return self._submit(prompt_ids, params)
 
-    @torch.inference_mode()
+    def _submit(self, prompt_ids: Sequence[int], params: SamplingParams, index: int = 0,
+                inbox: queue.SimpleQueue | None = None) -> Request:
+        if not isinstance(params, SamplingParams):
+            raise TypeError(f"params must be SamplingParams (got {type(params).__name__})")
+        prompt = [int(t) for t in prompt_ids]
+        self.check_prompt(prompt)
+        budget = min(params.max_tokens, self.context_length - len(prompt))
+        pages = self.cache.pages_for(len(prompt) + budget)
+        if pages > self.cache.num_pages:
+            raise PromptError(f"the prompt and max_tokens need {pages * self.cache.page_size} tokens of KV cache "
+                              f"but the engine holds {self.cache.num_pages * self.cache.page_size}: lower max_tokens, "
+                              "shorten the prompt or raise the engine's kv_budget_mb")
+        with self._lock:
+            if self._closed:
+                raise EngineClosed("the engine is shut down and takes no new requests")
+            if len(self._waiting) >= self.max_waiting:
+                raise QueueFull(len(self._waiting), self._retry_after())
+            request = Request(self, next(self._ids), prompt, params, index, inbox)
+            self._waiting.append(_Entry(request, budget, pages, self.device))
+            self._lock.notify_all()
+        return request
+
     def stream(self, prompts: Sequence[Sequence[int]],
                params: SamplingParams | Sequence[SamplingParams]) -> Iterator[Event]:
-        """Decode all prompts together, yielding each new token as soon as it is chosen."""
+        """Every prompt's events as they come, `Event.index` the prompt's position. Leaving the
+        iteration early cancels what is left of them."""
         params = params_per_prompt(prompts, params)
-        if not prompts:
-            return
-        for p in prompts:
-            self.check_prompt(p)
-        # each row may generate until max_tokens or until its positions reach the context
-        budgets = [min(sp.max_tokens, self.context_length - len(p)) for p, sp in zip(prompts, params)]
-        longest = max(len(p) for p in prompts)
-        cache = KVCache(self.config, len(prompts), longest + max(budgets), self.cache_dtype, self.device)
-        ids = torch.zeros(len(prompts), longest, dtype=torch.long)
-        mask = torch.zeros(len(prompts), longest, dtype=torch.bool)
-        for i, p in enumerate(prompts):
-            ids[i, longest - len(p):] = torch.as_tensor(p)
-            mask[i, longest - len(p):] = True
-        samplers = [Sampler(sp, self.device) for sp in params]
-        penalized = any(sp.repetition_penalty != 1.0 for sp in params)
-        contexts = [list(p) for p in prompts] if penalized else None
-        generated = [0] * len(prompts)
-        active = list(range(len(prompts)))  # original index of each cache row
+        for prompt in prompts:  # all or nothing: no request starts if one prompt is bad
+            self.check_prompt(prompt)
+        inbox: queue.SimpleQueue = queue.SimpleQueue()
+        requests: list[Request] = []
+        try:
+            for i, (prompt, p) in enumerate(zip(prompts, params)):
+                requests.append(self._submit(prompt, p, i, inbox))
+            for _, event in self._drain(inbox, lambda: all(r.done for r in requests)):
+                yield event
+        finally:
+            for request in requests:
+                request.cancel()
+            self._tidy()
 
-        logits = self.model(ids.to(self.device), cache, token_mask=mask.to(self.device), last_only=True)
-        while active:
-            next_tokens, keep = [], []
-            for row, i in enumerate(active):
-                context = torch.as_tensor(contexts[i], device=self.device) if penalized else _EMPTY
-                token = samplers[i](logits[row, -1], context)
-                if token in params[i].stop_ids:
-                    yield Event(i, None, "stop")
+    def generate(self, prompts: Sequence[Sequence[int]],
+                 params: SamplingParams | Sequence[SamplingParams]) -> list[Completion]:
+        """The tokens of each prompt, once all are done."""
+        out = [Completion() for _ in prompts]
+        for event in self.stream(prompts, params):
+            if event.token is not None:
+                out[event.index].tokens.append(event.token)
+            if event.finish_reason:
+                out[event.index].finish_reason = event.finish_reason
+        return out
+
+    def _drain(self, inbox: queue.SimpleQueue, done) -> Iterator[tuple[Request, Event]]:
+        """(request, event) pairs from an inbox until it is empty and `done()`: taken as the
+        engine's thread delivers them, or, with no thread running, stepping the engine here."""
+        while True:
+            if inbox.empty():
+                if done():
+                    return
+                if not self.running:
+                    with self._stepping:
+                        if inbox.empty() and not done():
+                            self._step()
                     continue
-                generated[i] += 1
-                done = generated[i] >= budgets[i]
-                yield Event(i, token, "length" if done else None)
-                if not done:
-                    next_tokens.append(token)
-                    keep.append(row)
-                    if penalized:
-                        contexts[i].append(token)
-            if not keep:
-                return
-            if len(keep) < len(active):
-                cache.select(torch.as_tensor(keep, device=self.device))
-                active = [active[row] for row in keep]
-            step = torch.as_tensor(next_tokens, device=self.device)
-            if self.fast:
-                logits = self.fast.step(step, cache)[:, None]
-            else:
-                logits = self.model(step[:, None], cache, last_only=True)
+            request, item = inbox.get()
+            yield request, Request._unwrap(item)
+
+    def _tidy(self) -> None:
+        """A caller that steps frees a cancelled request's pages now, computing nothing."""
+        if not self.running:
+            with self._stepping:
+                self.drop_cancelled()
+
+    def stats(self) -> dict:
+        """Counters: requests running/waiting (and the most ever running at once), pages
+        (total, used, free, cached), tokens prefilled, reused from the prefix cache, decoded;
+        steps; requests finished, cancelled, failed."""
+        c = self.cache
+        with self._lock:
+            return dict(self._stats, running=len(self._running), waiting=len(self._waiting),
+                        pages_total=c.num_pages, pages_used=c.pages_used, pages_free=c.pages_free,
+                        pages_cached=c.pages_cached, page_size=c.page_size)
+
+    def _wake(self) -> None:
+        with self._lock:
+            self._lock.notify_all()
+
+    def _retry_after(self) -> float:
+        """Roughly when a slot frees: the shortest remaining answer at the recent step rate."""
+        remaining = min((r.budget - r.generated for r in self._running), default=1)
+        return max(1.0, remaining * self._step_seconds)
+
+    # -- stepping
+    def step(self) -> None:
+        """Run one step in the caller's thread (for tools and tests that drive the engine by hand)."""
+        if self.running:
+            raise EngineError("the engine's own thread runs the steps: do not call step() after start()")
+        with self._stepping:
+            self._step()
+
+    def _loop(self) -> None:
+        if self.threads:
+            torch.set_num_threads(self.threads)
+        while True:
+            with self._lock:
+                while not self._closed and not self._running and not self._waiting:
+                    self._lock.wait()
+                if self._closed:
+                    return
+            started = time.perf_counter()
+            with self._stepping:
+                self._step()
+            self._step_seconds = 0.9 * self._step_seconds + 0.1 * (time.perf_counter() - started)
+
+    def _step(self) -> None:
+        """One step; if it fails, every request in it fails with the cause (their pages freed), and
+        the engine goes on with the next (clients never hang on a broken step)."""
+        try:
+            self._compute()
+        except BaseException as e:
+            with self._lock:
+                doomed, self._running = self._running, []
+                self._stats["failed"] += len(doomed)
+            for entry in doomed:
+                self.cache.release(entry.seq)
+                entry.request._deliver(e)
+            if not isinstance(e, Exception):  # KeyboardInterrupt, SystemExit: the caller's to handle
+                raise
+
+    def _finish(self, entry: _Entry, event: Event, outbox: dict | None = None) -> None:
+        self.cache.release(entry.seq)
+        entry.request._deliver(event, outbox)
+
+    def drop_cancelled(self) -> None:
+        """End cancelled requests now, waiting or running, and free their pages (each step
+        starts with this). Only the stepping thread calls it."""
+        with self._lock:
+            for entry in [r for r in self._waiting if r.request.cancelled]:
+                self._waiting.remove(entry)
+                self._stats["cancelled"] += 1
+                entry.request._deliver(Event(entry.request.index, None, "cancelled"))
+        for entry in [r for r in self._running if r.request.cancelled]:
+            self._running.remove(entry)
+            self._stats["cancelled"] += 1
+            self._finish(entry, Event(entry.request.index, None, "cancelled"))
+
+    def _admit(self) -> None:
+        """FIFO: admit the head of the queue while a slot and its pages are free."""
+        with self._lock:
+            while self._waiting and len(self._running) < self.max_batch:
+                entry = self._waiting[0]
+                seq = entry.seq
+                # reuse whole cached pages, but always compute the last prompt token (its logits)
+                reused = self.cache.match(seq, len(seq.tokens) - 1)
+                if entry.pages_needed - len(seq.pages) > self.cache.pages_free:
+                    self.cache.release(seq)
+                    seq.length, seq.hashes = 0, []
+                    return
+                seq.pages += self.cache.allocate(entry.pages_needed - len(seq.pages))
+                self._stats["reused_tokens"] += reused
+                self._running.append(self._waiting.popleft())
+                self._stats["peak_running"] = max(self._stats["peak_running"], len(self._running))
+
+    @torch.inference_mode()
+    def _compute(self) -> None:
+        self.drop_cancelled()
+        self._admit()
+        decodes, prompts, left = [], [], self.prefill_budget
+        # on AMX tiles every row's arithmetic, attention included, is the same wherever its
+        # prompt is cut (tests/test_tiles.py), so a prompt takes whatever is left of the budget
+        any_cut = self.fast is not None and self.fast.amx
+        for entry in self._running:
+            seq = entry.seq
+            if not entry.prefilling:
+                decodes.append((entry, 1))
+            elif left > 0 and any_cut:
+                n = min(left, len(seq.tokens) - seq.length)
+                prompts.append((entry, n))
+                left -= n
+            elif left > 0:
+                # else a prompt is cut into the same chunks however it is batched (prefill_chunk
+                # tokens from its start; flash attention's sums depend on the cut), so its numbers,
+                # and its answer, are those it gets alone: one that does not fit in what is left of
+                # this step's budget starts the next step
+                n = min(self.prefill_chunk, len(seq.tokens) - seq.length)
+                if n > left:
+                    left = 0  # later prompts wait too: prompts are prefilled in arrival order
+                    continue
+                prompts.append((entry, n))
+                left -= n
+        feeds = decodes + prompts
+        if not feeds:
+            return
+        if self.fast and self.fast.amx:  # every row through the C layers
+            # one-token feeds (decode rows, and prompts down to their last token) go first
+            chunks = [feed for feed in prompts if feed[1] > 1]
+            feeds = decodes + [feed for feed in prompts if feed[1] == 1] + chunks
+            batch = self.cache.batch([(r.seq, n) for r, n in feeds])
+            logits = self.fast.step_rows(batch) if chunks else self.fast.step_paged(batch)
+        elif self.fast:  # decode rows on the C step, prompt chunks on the model's forward
+            logits = [self.fast.step_paged(self.cache.batch([(r.seq, 1) for r, _ in decodes]))] if decodes else []
+            logits += [self._forward(prompts)] if prompts else []
+            logits = torch.cat(logits) if len(logits) > 1 else logits[0]
+        else:
+            logits = self._forward(feeds)
+        self._stats["steps"] += 1
+        self._stats["prefill_tokens"] += sum(n for _, n in prompts)
+        choosing = []  # prompt done: these rows choose a token
+        for row, (entry, _) in enumerate(feeds):
+            self.cache.publish(entry.seq)
+            if entry.seq.length == len(entry.seq.tokens):
+                choosing.append((row, entry))
+        # plain greedy rows take one argmax for all of them, not one call each
+        plain = [row for row, r in choosing if r.request.params.greedy and r.request.params.repetition_penalty == 1.0]
+        best = {}
+        if plain and self.fast and logits.dtype == torch.float32 and logits.is_contiguous():
+            best = dict(zip(plain, self.fast.argmax(logits, plain)))
+        elif plain:
+            best = dict(zip(plain, logits[plain].argmax(-1).tolist()))
+        outbox: dict = {}
+        try:
+            for row, entry in choosing:
+                self._sample(entry, logits[row], best.get(row), outbox)
+        finally:
+            Request._post(outbox)
+
+    def _forward(self, feeds: list[tuple[_Entry, int]]) -> torch.Tensor:
+        batch = self.cache.batch([(r.seq, n) for r, n in feeds])
+        return self.model(torch.tensor([batch.ids], device=self.device), batch)[0]
+
+    def _sample(self, entry: _Entry, logits: torch.Tensor, token: int | None, outbox: dict) -> None:
+        """Deliver the request's next token: `token` when chosen already, else its sampler's pick."""
+        params, seq, index = entry.request.params, entry.seq, entry.request.index
+        if token is None:
+            context = torch.as_tensor(seq.tokens, device=self.device) if params.repetition_penalty != 1.0 else _EMPTY
+            token = entry.sampler(logits, context)
+        if token in params.stop_ids:
+            event = Event(index, None, "stop")
+        else:
+            entry.generated += 1
+            self._stats["decode_tokens"] += 1
+            seq.tokens.append(token)
+            event = Event(index, token, "length" if entry.generated >= entry.budget else None)
+        if event.finish_reason:
+            self._running.remove(entry)
+            self._stats["finished"] += 1
+            self._finish(entry, event, outbox)
+        else:
+            entry.request._deliver(event, outbox)
 
 
 _EMPTY = torch.zeros(0, dtype=torch.long)

@@ -1,8 +1,7 @@
 """Fast decoding and prompt layers on CPU with the C kernels in kernels.c.
 
     decoder = FastDecoder.create(model)        # None where the kernels cannot serve this model
-    logits = decoder.step(tokens, cache)       # tokens (B,), one new token per row; cache in decoder.kv_dtype
-    logits = decoder.step_paged(batch)         # the same over a paged cache (engine/cache.py)
+    logits = decoder.step_paged(batch)         # one new token per row over the paged cache (engine/cache.py)
     logits = decoder.step_rows(batch)          # prompt chunks (+ one-token rows) over a paged cache
     tokens = decoder.argmax(logits, rows)      # greedy picks of those rows
 
@@ -13,8 +12,8 @@ tile unit with their inputs rounded to bf16, and keys and values are kept in bf1
 (`decoder.kv_dtype`); every row's arithmetic is the same whatever it is batched with.
 `step_rows` runs prompt chunks layer by layer through the same C code, their causal
 attention too (keys . queries and weights . values on tiles, 16 queries at a time; a row's
-bits do not depend on where its prompt is cut); the scheduler uses it on the tile path.
-PARLEY_AMX=0 turns the tile path off. The kernels compile once with the system C compiler
+bits do not depend on where its prompt is cut); the engine uses it on the tile path.
+`create(model, tiles=False)` keeps off the tile unit (the engine's `kernels=avx512`). The kernels compile once with the system C compiler
 into the user's cache folder; if that fails, decoding falls back to the reference forward.
 """
 
@@ -33,7 +32,7 @@ import torch
 
 from parley.engine.cache import PagedBatch, PagedKVCache
 from parley.engine.hugepages import move_to_huge_pages
-from parley.model.transformer import KVCache, Transformer
+from parley.model.transformer import Transformer
 
 SOURCE = Path(__file__).with_name("kernels.c")
 P = ctypes.c_void_p
@@ -49,7 +48,7 @@ class Buffers(ctypes.Structure):
 
 class Shape(ctypes.Structure):
     _fields_ = [(n, ctypes.c_int) for n in ("B", "H", "nh", "nkv", "hd", "n_layers", "w_bf16", "amx", "kv_bf16")] + \
-               [(n, ctypes.c_long) for n in ("inter", "vocab", "max_len", "slot")] + [("eps", ctypes.c_float)]
+               [(n, ctypes.c_long) for n in ("inter", "vocab", "max_len")] + [("eps", ctypes.c_float)]
 
 
 def cache_dir() -> Path:
@@ -80,8 +79,6 @@ def kernels() -> ctypes.CDLL | None:
             if os.path.exists(tmp):
                 os.unlink(tmp)
     so = ctypes.CDLL(str(lib))
-    so.decode_step.argtypes = [ctypes.POINTER(Layer), P, P, ctypes.POINTER(Buffers), ctypes.POINTER(Shape), P, P, P, P]
-    so.decode_step.restype = None
     so.decode_step_paged.argtypes = [ctypes.POINTER(Layer), P, P, ctypes.POINTER(Buffers), ctypes.POINTER(Shape),
                                      P, P, P, P, ctypes.c_long, ctypes.c_long]
     so.decode_step_paged.restype = None
@@ -101,7 +98,7 @@ def kernels() -> ctypes.CDLL | None:
 
 
 class FastDecoder:
-    def __init__(self, model: Transformer, lib: ctypes.CDLL):
+    def __init__(self, model: Transformer, lib: ctypes.CDLL, tiles: bool = True):
         self.lib, self.model, self.cfg = lib, model, model.config
         m = model.model
         # norms are tiny: keep fp32 copies; big weights are used in place, never copied
@@ -117,7 +114,7 @@ class FastDecoder:
         self.norm = m.norm.weight.float().contiguous()
         self.embed = m.embed_tokens.weight
         self.cos, self.sin = model.rope_cos.contiguous(), model.rope_sin.contiguous()
-        self.amx = self._tiles_fit() and os.environ.get("PARLEY_AMX", "1") != "0" and bool(lib.amx_enable())
+        self.amx = tiles and self._tiles_fit() and bool(lib.amx_enable())
         # the tile path keeps keys and values in bf16 (half the bytes each step reads); else fp32
         self.kv_dtype = torch.bfloat16 if self.amx else torch.float32
         self.buffers: dict = {}
@@ -135,10 +132,11 @@ class FastDecoder:
             all(n % 16 == 0 for n in (q, kv, c.hidden_size, c.intermediate_size, c.vocab_size))
 
     @classmethod
-    def create(cls, model: Transformer) -> "FastDecoder | None":
+    def create(cls, model: Transformer, tiles: bool = True) -> "FastDecoder | None":
         """A fast decoder if this model and machine allow one: dense, no biases, bf16 or
-        fp32 weights on the CPU, and a working C compiler. Moves the model's weights into
-        huge pages (engine/hugepages.py) the first time."""
+        fp32 weights on the CPU, and a working C compiler; on AMX tiles where they fit, unless
+        `tiles` is False. Moves the model's weights into huge pages (engine/hugepages.py) the
+        first time."""
         cfg, w = model.config, model.lm_head.weight
         if cfg.is_moe or cfg.attention_bias or w.device.type != "cpu" or \
                 w.dtype not in (torch.float32, torch.bfloat16):
@@ -149,7 +147,7 @@ class FastDecoder:
         if lib is None:
             return None
         move_to_huge_pages(model)  # weights in 2 MiB pages, once: see engine/hugepages.py
-        return cls(model, lib)
+        return cls(model, lib, tiles)
 
     def _buffers(self, kind: str, rows: int, span: int = 0, logit_rows: int | None = None) -> tuple[dict, Buffers]:
         """Scratch tensors (views of `rows` rows, and of `logit_rows` rows of logits) and their
@@ -175,17 +173,17 @@ class FastDecoder:
         views = {n: t[:logit_rows] if n == "logits" else t[:rows] if t.dim() == 2 else t for n, t in tensors.items()}
         return views, pointers
 
-    def _shape(self, B: int, max_len: int = 0, slot: int = 0) -> Shape:
+    def _shape(self, B: int, max_len: int = 0) -> Shape:
         """What the C side needs to know of the model, for a call over B rows (scratch of
-        max_len scores a row and head; `slot` is the contiguous cache's next slot)."""
+        max_len scores a row and head)."""
         c = self.cfg
         return Shape(B=B, H=c.hidden_size, nh=c.num_attention_heads, nkv=c.num_key_value_heads, hd=c.head_dim,
                      n_layers=c.num_hidden_layers, w_bf16=int(self.embed.dtype == torch.bfloat16), amx=int(self.amx),
                      kv_bf16=int(self.amx), inter=c.intermediate_size, vocab=c.vocab_size, max_len=max_len,
-                     slot=slot, eps=c.rms_norm_eps)
+                     eps=c.rms_norm_eps)
 
-    def _point_at(self, cache: KVCache | PagedKVCache) -> None:
-        """Give every layer its slice of the cache (cache tensors change when rows leave)."""
+    def _point_at(self, cache: PagedKVCache) -> None:
+        """Give every layer its page pools of the cache."""
         for layer, k, v in zip(self.layers, cache.k, cache.v):
             layer.K, layer.V = k.data_ptr(), v.data_ptr()
 
@@ -204,22 +202,6 @@ class FastDecoder:
         out = torch.empty(len(rows), dtype=torch.long)
         self.lib.argmax_rows(logits.data_ptr(), logits.shape[1], index.data_ptr(), len(rows), out.data_ptr())
         return out.tolist()
-
-    @torch.inference_mode()
-    def step(self, tokens: torch.Tensor, cache: KVCache) -> torch.Tensor:
-        """Logits (B, vocab) for one new token per row, appended to the cache (of
-        kv_dtype). The returned tensor is a buffer that the next step overwrites."""
-        B = tokens.shape[0]
-        assert cache.k[0].dtype == self.kv_dtype, f"this decoder keeps its KV cache in {self.kv_dtype}"
-        tensors, buffers = self._buffers("step", B, cache.max_len)
-        positions = cache.advance(torch.ones(B, 1, dtype=torch.bool)).reshape(B).contiguous()
-        tensors["x"].copy_(self.embed[tokens])
-        self._point_at(cache)
-        shape = self._shape(B, cache.max_len, cache.length - 1)
-        self.lib.decode_step(self.layers, self.norm.data_ptr(), self.model.lm_head.weight.data_ptr(),
-                             ctypes.byref(buffers), ctypes.byref(shape), positions.data_ptr(),
-                             self.cos.data_ptr(), self.sin.data_ptr(), cache.valid.data_ptr())
-        return tensors["logits"]
 
     @torch.inference_mode()
     def step_paged(self, batch: PagedBatch) -> torch.Tensor:

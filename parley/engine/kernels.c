@@ -20,10 +20,8 @@
  * Layouts (all row-major, contiguous unless a stride is given):
  *   x, y        [B, n] activations, fp32
  *   W           [O, I] weights (nn.Linear layout), bf16 bits (uint16) or fp32
- *   K, V        [B, n_kv, max_len, hd] cache, fp32 (or bf16 on the tile path)
- *   valid       [B, max_len] bool: slot holds a real token
- * or, for decode_step_paged (the paged cache of engine/cache.py):
- *   K, V        [pages, n_kv, page_size, hd] page pools, fp32 (or bf16 on the tile path)
+ *   K, V        [pages, n_kv, page_size, hd] page pools of the paged cache (engine/cache.py),
+ *               fp32 (or bf16 on the tile path)
  *   table       [B, width] int64: row b's position p lives in page table[b, p / page_size]
  */
 #include <math.h>
@@ -388,15 +386,14 @@ static inline void rotate(float *v, const float *cos_p, const float *sin_p, int 
     }
 }
 
-/* Where the cache keeps row b's key (or value) for kv head g at slot s: in the row's own
- * contiguous buffer, or (with a page table) in the page holding its position s. */
+/* Where the cache keeps row b's key (or value) for kv head g at position s: in the page of
+ * row b's page table that holds position s. */
 typedef struct {
-    const int64_t *table; /* NULL: contiguous cache */
+    const int64_t *table;
     long width, page_size;
 } Paging;
 
-static inline long kv_at(const Paging *pg, int b, int g, long s, int nkv, int hd, long max_len) {
-    if (!pg->table) return (((long)b * nkv + g) * max_len + s) * hd;
+static inline long kv_at(const Paging *pg, int b, int g, long s, int nkv, int hd) {
     long page = pg->table[(long)b * pg->width + s / pg->page_size];
     return ((page * nkv + g) * pg->page_size + s % pg->page_size) * hd;
 }
@@ -420,10 +417,10 @@ static inline void store_row(void *dst, const float *src, int n, int bf16) {
 }
 
 /* qkv: [B, (nh + 2 nkv) * hd], the fused q|k|v projection of one new token per row.
- * Rotate q and k at each row's position, then store k and v in cache slot `slot` (paged:
- * at the row's position), as fp32 or bf16 (kv_bf16). Rows write distinct slots. */
+ * Rotate q and k at each row's position, then store k and v at that position of the row's
+ * pages, as fp32 or bf16 (kv_bf16). Rows write distinct slots. */
 static void rope_store_for(float *qkv, const int64_t *pos, const float *cos_t, const float *sin_t, void *K, void *V,
-                           int kv_bf16, int B, int nh, int nkv, int hd, long max_len, long slot, const Paging *pg) {
+                           int kv_bf16, int B, int nh, int nkv, int hd, const Paging *pg) {
     long stride = (long)(nh + 2 * nkv) * hd;
     const int size = kv_bf16 ? 2 : 4;
 #pragma omp for schedule(static)
@@ -432,7 +429,7 @@ static void rope_store_for(float *qkv, const int64_t *pos, const float *cos_t, c
         const float *c = cos_t + pos[b] * hd, *s = sin_t + pos[b] * hd;
         for (int h = 0; h < nh + nkv; h++) rotate(row + (long)h * hd, c, s, hd);
         for (int h = 0; h < nkv; h++) {
-            long dst = kv_at(pg, b, h, pg->table ? pos[b] : slot, nkv, hd, max_len) * size;
+            long dst = kv_at(pg, b, h, pos[b], nkv, hd) * size;
             store_row((char *)K + dst, row + (long)(nh + h) * hd, hd, kv_bf16);
             store_row((char *)V + dst, row + (long)(nh + nkv + h) * hd, hd, kv_bf16);
         }
@@ -550,16 +547,16 @@ static int weigh_values(const float *p, long max_len, const char *v, long row, i
 }
 
 /* o[j] = sum over s < n of p[j * p_stride + s] * v_s for the group heads j (o: group rows of hd),
- * v_s the value rows of kv head g of row b (a contiguous cache of cache_len slots, or pages):
- * a run of consecutive slots at a time, the next run's values fetched early. */
+ * v_s the value rows of kv head g of row b: a page of consecutive positions at a time, the next
+ * page's values fetched early (pages lie anywhere in the pool). */
 static void weigh_runs(const float *p, long p_stride, const void *V, int kv_bf16, const Paging *pg, long b, int g,
-                       int nkv, int hd, long cache_len, long n, float *o, int group) {
-    const long run = pg->table ? pg->page_size : cache_len, size = kv_bf16 ? 2 : 4, row = hd * size;
+                       int nkv, int hd, long n, float *o, int group) {
+    const long run = pg->page_size, size = kv_bf16 ? 2 : 4, row = hd * size;
     for (long i = 0; i < (long)group * hd; i++) o[i] = 0.f;
     for (long s0 = 0; s0 < n; s0 += run) {
-        const char *v = (const char *)V + kv_at(pg, b, g, s0, nkv, hd, cache_len) * size;
-        if (pg->table && s0 + run < n) { /* pages lie anywhere in the pool */
-            const char *next = (const char *)V + kv_at(pg, b, g, s0 + run, nkv, hd, cache_len) * size;
+        const char *v = (const char *)V + kv_at(pg, b, g, s0, nkv, hd) * size;
+        if (s0 + run < n) {
+            const char *next = (const char *)V + kv_at(pg, b, g, s0 + run, nkv, hd) * size;
             for (long at = 0; at < run * row; at += 64) __builtin_prefetch(next + at, 0, 3);
         }
         const long s1 = n < s0 + run ? n : s0 + run;
@@ -609,9 +606,9 @@ static inline void key_tile(const char *k, long row, int hd, const uint32_t *qp,
 
 /* rows[r]: the bf16 value row of position s + r (from head dim d0 on) of kv head g of table row b,
  * NULL from position N on; one page lookup a page. */
-static void value_rows(const void *V, const Paging *pg, long b, int g, long s, long N, int nkv, int hd, long max_len,
-                       int d0, const uint16_t *rows[32]) {
-    const long run = pg->table ? pg->page_size : max_len;
+static void value_rows(const void *V, const Paging *pg, long b, int g, long s, long N, int nkv, int hd, int d0,
+                       const uint16_t *rows[32]) {
+    const long run = pg->page_size;
     long in_run = s % run;
     const uint16_t *at = NULL;
     for (int r = 0; r < 32; r++, in_run = in_run + 1 == run ? 0 : in_run + 1) {
@@ -619,7 +616,7 @@ static void value_rows(const void *V, const Paging *pg, long b, int g, long s, l
             rows[r] = NULL;
             continue;
         }
-        if (r == 0 || in_run == 0) at = (const uint16_t *)V + kv_at(pg, b, g, s + r, nkv, hd, max_len) + d0;
+        if (r == 0 || in_run == 0) at = (const uint16_t *)V + kv_at(pg, b, g, s + r, nkv, hd) + d0;
         rows[r] = at;
         at += hd;
     }
@@ -631,7 +628,7 @@ static void value_rows(const void *V, const Paging *pg, long b, int g, long s, l
  * pairs of positions for it. Weights from n[i] on count as zero, values from max n[i] on are not read.
  * A row's sums run in the same order whatever the other rows are. */
 static void weigh_tiles(const float *p, long p_stride, int m, const long *n, const void *V, const Paging *pg, long b,
-                        int g, int nkv, int hd, long max_len, float *const *o) {
+                        int g, int nkv, int hd, float *const *o) {
     long N = 0;
     for (int i = 0; i < m; i++) N = n[i] > N ? n[i] : N;
     uint16_t weights[16][32], values[4][16][32];
@@ -650,9 +647,9 @@ static void weigh_tiles(const float *p, long p_stride, int m, const long *n, con
                 _mm512_storeu_si512(weights[i], (__m512i)_mm512_cvtne2ps_pbh(_mm512_maskz_loadu_ps(hi, w + 16),
                                                                             _mm512_maskz_loadu_ps(lo, w)));
             }
-            if (s == 0) value_rows(V, pg, b, g, 0, N, nkv, hd, max_len, d0, rows);
+            if (s == 0) value_rows(V, pg, b, g, 0, N, nkv, hd, d0, rows);
             else memcpy(rows, ahead, sizeof rows);
-            value_rows(V, pg, b, g, s + 32, N, nkv, hd, max_len, d0, ahead);
+            value_rows(V, pg, b, g, s + 32, N, nkv, hd, d0, ahead);
             for (int r = 0; r < 32 && ahead[r]; r++) /* pages lie anywhere in the pool: ask for the next rows now */
                 for (int at = 0; at < parts * 32; at += 64) __builtin_prefetch((const char *)ahead[r] + at, 0, 3);
             for (int t = 0; t < 16; t++) { /* row t of a values tile: (v[s + 2t][d], v[s + 2t + 1][d]) */
@@ -689,25 +686,23 @@ static void weigh_tiles(const float *p, long p_stride, int m, const long *n, con
 }
 #endif
 
-/* One query per row and head against the row's first S cache slots (paged: its positions
- * 0..pos[b], all real). Work is shared by (row, kv head): the `group` query heads that
+/* One query per row and head against the row's positions 0..pos[b] in its pages. Work is shared by (row, kv head): the `group` query heads that
  * read one kv head go together, so each key and value is loaded once for all of them.
  * q is read from qkv rows (stride q_stride); out is [B, nh * hd]; scratch holds
  * B * nh * max_len floats. */
 static void attend_for(const float *qkv, long q_stride, const void *K, const void *V, int kv_bf16, int amx,
-                       const uint8_t *valid, float *out, float *scratch, int B, int nh, int nkv, int hd, long max_len,
-                       long S, float scale, const int64_t *pos, const Paging *pg) {
+                       float *out, float *scratch, int B, int nh, int nkv, int hd, long max_len, float scale,
+                       const int64_t *pos, const Paging *pg) {
     const int group = nh / nkv;
     /* query . key products on the tile unit: bf16 keys, whole tiles of head dims, <= 16 heads a group */
     const int tiles = amx && kv_bf16 && hd % 32 == 0 && hd <= MAX_HD && group <= 16;
     (void)tiles;
     /* slots s0.. of a row lie contiguously (stride hd) up to the end of their page */
-    const long run = pg->table ? pg->page_size : max_len, size = kv_bf16 ? 2 : 4, row = hd * size;
+    const long run = pg->page_size, size = kv_bf16 ? 2 : 4, row = hd * size;
 #pragma omp for schedule(static)
     for (long bg = 0; bg < (long)B * nkv; bg++) {
         const int b = bg / nkv, g = bg % nkv;
-        const uint8_t *ok = pg->table ? NULL : valid + (long)b * max_len;
-        const long n = pg->table ? pos[b] + 1 : S;
+        const long n = pos[b] + 1;
         const float *q = qkv + b * q_stride + (long)g * group * hd;
         float *p = scratch + ((long)b * nh + (long)g * group) * max_len; /* group rows of max_len */
         float *o = out + (long)b * nh * hd + (long)g * group * hd;       /* group heads, contiguous */
@@ -716,10 +711,10 @@ static void attend_for(const float *qkv, long q_stride, const void *K, const voi
         if (tiles) pack_queries(q, group, hd, qp);
 #endif
         for (long s0 = 0; s0 < n; s0 += run) {
-            const char *k = (const char *)K + kv_at(pg, b, g, s0, nkv, hd, max_len) * size;
+            const char *k = (const char *)K + kv_at(pg, b, g, s0, nkv, hd) * size;
             long s = s0;
-            if (pg->table && s0 + run < n) { /* pages lie anywhere in the pool: fetch the next one's keys early */
-                const char *next = (const char *)K + kv_at(pg, b, g, s0 + run, nkv, hd, max_len) * size;
+            if (s0 + run < n) { /* pages lie anywhere in the pool: fetch the next one's keys early */
+                const char *next = (const char *)K + kv_at(pg, b, g, s0 + run, nkv, hd) * size;
                 for (long at = 0; at < run * row; at += 64) __builtin_prefetch(next + at, 0, 3);
             }
 #ifdef HAVE_AMX
@@ -729,28 +724,28 @@ static void attend_for(const float *qkv, long q_stride, const void *K, const voi
                 key_tile(k, row, hd, qp, c);
                 for (int r = 0; r < 16 && s + r < n; r++)
                     for (int j = 0; j < group; j++)
-                        p[j * max_len + s + r] = ok && !ok[s + r] ? -INFINITY : c[r][j] * scale;
+                        p[j * max_len + s + r] = c[r][j] * scale;
             }
 #endif
             for (; s < n && s < s0 + run; s++, k += row)
                 for (int j = 0; j < group; j++)
-                    p[j * max_len + s] = ok && !ok[s] ? -INFINITY : dot(q + (long)j * hd, k, kv_bf16, hd) * scale;
+                    p[j * max_len + s] = dot(q + (long)j * hd, k, kv_bf16, hd) * scale;
         }
         for (int j = 0; j < group; j++) {
             float *pj = p + j * max_len, m = max_of(pj, n);
             float r = 1.f / exp_sum(pj, n, m);
-            for (long s = 0; s < n; s++) pj[s] = ok && !ok[s] ? 0.f : pj[s] * r;
+            for (long s = 0; s < n; s++) pj[s] *= r;
         }
 #ifdef HAVE_AMX
         if (tiles) { /* values on the tile unit too: the same sums as a prompt row's (attend_block) */
             long lens[16];
             float *heads[16];
             for (int j = 0; j < group; j++) lens[j] = n, heads[j] = o + (long)j * hd;
-            weigh_tiles(p, max_len, group, lens, V, pg, b, g, nkv, hd, max_len, heads);
+            weigh_tiles(p, max_len, group, lens, V, pg, b, g, nkv, hd, heads);
             continue;
         }
 #endif
-        weigh_runs(p, max_len, V, kv_bf16, pg, b, g, nkv, hd, max_len, n, o, group);
+        weigh_runs(p, max_len, V, kv_bf16, pg, b, g, nkv, hd, n, o, group);
     }
 }
 
@@ -775,7 +770,7 @@ static void attend_block(const float *qkv, long q_stride, const void *K, const v
     (void)tiles;
 #endif
     for (long s0 = 0; s0 < n; s0 += run) {
-        const char *k = (const char *)K + kv_at(pg, r0, g, s0, nkv, hd, 0) * size;
+        const char *k = (const char *)K + kv_at(pg, r0, g, s0, nkv, hd) * size;
         long s = s0;
 #ifdef HAVE_AMX
         for (; tiles && s < n && s + 16 <= s0 + run; s += 16, k += 16 * row) {
@@ -808,14 +803,14 @@ static void attend_block(const float *qkv, long q_stride, const void *K, const v
     }
 #ifdef HAVE_AMX
     if (value_tiles) {
-        weigh_tiles(p, max_len, n_rows * group, lens, V, pg, r0, g, nkv, hd, 0, heads);
+        weigh_tiles(p, max_len, n_rows * group, lens, V, pg, r0, g, nkv, hd, heads);
         return;
     }
 #else
     (void)value_tiles;
 #endif
     for (int i = 0; i < n_rows; i++)
-        weigh_runs(p + (long)i * group * max_len, max_len, V, kv_bf16, pg, r0, g, nkv, hd, 0, lens[i * group], heads[i * group],
+        weigh_runs(p + (long)i * group * max_len, max_len, V, kv_bf16, pg, r0, g, nkv, hd, lens[i * group], heads[i * group],
                    group);
 }
 
@@ -853,7 +848,7 @@ typedef struct {
  * amx_enable() said yes: fast.py checks all three). kv_bf16: the cache holds bf16. */
 typedef struct {
     int B, H, nh, nkv, hd, n_layers, w_bf16, amx, kv_bf16;
-    long inter, vocab, max_len, slot;
+    long inter, vocab, max_len;
     float eps;
 } Shape;
 
@@ -913,7 +908,7 @@ static inline void tiles_end(const Shape *sh) {
 }
 
 /* The first half of layer L for rows 0..B-1 of buf->x: norm, q/k/v projections, rotation;
- * keys and values go to the cache (slot `slot`, or paged: each row's position), the rotated
+ * keys and values go to each row's position in its pages, the rotated
  * queries stay in buf->qkv. */
 static void qkv_for(const Layer *L, const Buffers *buf, const Shape *sh, const int64_t *pos, const float *cos_t,
                     const float *sin_t, const Paging *pg) {
@@ -924,8 +919,7 @@ static void qkv_for(const Layer *L, const Buffers *buf, const Shape *sh, const i
     const void *qkv[3] = {L->q, L->k, L->v};
     const long qkv_rows[3] = {(long)nh * hd, (long)nkv * hd, (long)nkv * hd};
     project_for(sh, buf, qkv, qkv_rows, 3, in, buf->qkv, qkv_w, 0);
-    rope_store_for(buf->qkv, pos, cos_t, sin_t, L->K, L->V, sh->kv_bf16, sh->B, nh, nkv, hd, sh->max_len, sh->slot,
-                   pg);
+    rope_store_for(buf->qkv, pos, cos_t, sin_t, L->K, L->V, sh->kv_bf16, sh->B, nh, nkv, hd, pg);
 }
 
 /* The second half once buf->att holds the attention output: output projection and residual,
@@ -954,9 +948,13 @@ static void mlp_for(const Layer *L, const Buffers *buf, const Shape *sh) {
     project1_for(sh, buf, L->down, in, buf->x, H, H, 1);
 }
 
-static void step(const Layer *layers, const float *final_norm, const void *lm_head, const Buffers *buf,
-                 const Shape *sh, const int64_t *pos, const float *cos_t, const float *sin_t,
-                 const uint8_t *valid, const Paging *pg) {
+/* x holds the new tokens' embeddings; writes their next-token logits. Row b's new key and value
+ * go to its position pos[b], and it attends to its positions 0..pos[b]. sh->max_len bounds
+ * pos[b] + 1 (scratch size). */
+void decode_step_paged(const Layer *layers, const float *final_norm, const void *lm_head, const Buffers *buf,
+                       const Shape *sh, const int64_t *pos, const float *cos_t, const float *sin_t,
+                       const int64_t *table, long width, long page_size) {
+    const Paging pg = {table, width, page_size};
     const long qkv_w = (long)(sh->nh + 2 * sh->nkv) * sh->hd;
     const float scale = 1.f / sqrtf((float)sh->hd);
 #pragma omp parallel
@@ -964,9 +962,9 @@ static void step(const Layer *layers, const float *final_norm, const void *lm_he
         tiles_begin(sh);
         for (int l = 0; l < sh->n_layers; l++) {
             const Layer *L = &layers[l];
-            qkv_for(L, buf, sh, pos, cos_t, sin_t, pg);
-            attend_for(buf->qkv, qkv_w, L->K, L->V, sh->kv_bf16, sh->amx, valid, buf->att, buf->scores, sh->B,
-                       sh->nh, sh->nkv, sh->hd, sh->max_len, sh->slot + 1, scale, pos, pg);
+            qkv_for(L, buf, sh, pos, cos_t, sin_t, &pg);
+            attend_for(buf->qkv, qkv_w, L->K, L->V, sh->kv_bf16, sh->amx, buf->att, buf->scores, sh->B, sh->nh,
+                       sh->nkv, sh->hd, sh->max_len, scale, pos, &pg);
             mlp_for(L, buf, sh);
         }
         rmsnorm_for(buf->x, final_norm, buf->h, sh->B, sh->H, sh->eps);
@@ -974,25 +972,6 @@ static void step(const Layer *layers, const float *final_norm, const void *lm_he
         tiles_end(sh);
     }
 }
-
-/* x holds the new tokens' embeddings; writes their next-token logits. The new keys and
- * values go to cache slot `slot`; rows attend to the slots marked valid up to it. */
-void decode_step(const Layer *layers, const float *final_norm, const void *lm_head, const Buffers *buf,
-                 const Shape *sh, const int64_t *pos, const float *cos_t, const float *sin_t,
-                 const uint8_t *valid) {
-    const Paging contiguous = {NULL, 0, 0};
-    step(layers, final_norm, lm_head, buf, sh, pos, cos_t, sin_t, valid, &contiguous);
-}
-
-/* The same step over a paged cache: row b's new key and value go to its position pos[b],
- * and it attends to its positions 0..pos[b]. sh->max_len bounds pos[b] + 1 (scratch size). */
-void decode_step_paged(const Layer *layers, const float *final_norm, const void *lm_head, const Buffers *buf,
-                       const Shape *sh, const int64_t *pos, const float *cos_t, const float *sin_t,
-                       const int64_t *table, long width, long page_size) {
-    const Paging paged = {table, width, page_size};
-    step(layers, final_norm, lm_head, buf, sh, pos, cos_t, sin_t, NULL, &paged);
-}
-
 
 /* Prompt chunks run layer by layer, the caller (fast.py) calling the halves of each layer and
  * the attention between them: chunks_attend for the chunks' rows (a chunk's queries attend to
@@ -1031,8 +1010,8 @@ void rows_attend(const Layer *L, const Buffers *buf, const Shape *sh, const int6
 #pragma omp parallel
     {
         tiles_begin(sh);
-        attend_for(buf->qkv, qkv_w, L->K, L->V, sh->kv_bf16, sh->amx, NULL, buf->att, buf->scores, sh->B, sh->nh,
-                   sh->nkv, sh->hd, sh->max_len, 0, 1.f / sqrtf((float)sh->hd), pos, &pg);
+        attend_for(buf->qkv, qkv_w, L->K, L->V, sh->kv_bf16, sh->amx, buf->att, buf->scores, sh->B, sh->nh,
+                   sh->nkv, sh->hd, sh->max_len, 1.f / sqrtf((float)sh->hd), pos, &pg);
         tiles_end(sh);
     }
 }

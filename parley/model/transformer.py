@@ -9,11 +9,10 @@ Parameter names and shapes follow Hugging Face's LlamaForCausalLM / MixtralForCa
 (`model.layers.0.self_attn.q_proj.weight`, `...block_sparse_moe.experts.3.w1.weight`), so a
 state dict moves between the two without renaming. Config fields use HF's names too.
 
-Inference keeps keys and values in a `KVCache`: pre-allocated buffers shared by a batch of
-left-padded sequences. `cache.valid` marks which slots hold real tokens, so padding is never
-attended to and every row gets its own positions: a batch decodes exactly like its rows alone.
-A paged cache (`PagedBatch`, implemented by engine/cache.py) instead packs the tokens of
-several sequences into one row and does its own attention over each sequence's pages.
+Two forwards: without a cache, the plain causal pass over whole sequences (training, and
+the reference every faster path is tested against); with a `PagedBatch` (implemented by
+engine/cache.py), inference: the new tokens of several sequences packed into one row, each
+attending to its own sequence's keys and values in the paged cache.
 """
 
 from __future__ import annotations
@@ -110,43 +109,6 @@ class ModelConfig:
         return self.num_hidden_layers * (attn + ffn + 2 * h) + h + emb
 
 
-class KVCache:
-    """Keys and values of a batch of sequences, pre-allocated to `max_len` slots.
-
-    Rows are left-padded: slot i of every row is written in the same step, and `valid`
-    records which slots hold real tokens. `seen` counts each row's real tokens, which is
-    also the position the row's next token gets.
-    """
-
-    def __init__(self, cfg: ModelConfig, batch: int, max_len: int, dtype: torch.dtype, device="cpu"):
-        shape = (batch, cfg.num_key_value_heads, max_len, cfg.head_dim)
-        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(cfg.num_hidden_layers)]
-        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(cfg.num_hidden_layers)]
-        self.valid = torch.zeros(batch, max_len, dtype=torch.bool, device=device)
-        self.seen = torch.zeros(batch, dtype=torch.long, device=device)
-        self.length = 0  # slots filled, the same for every row
-        self.max_len = max_len
-        self.padded = False  # True once any row holds a padding slot: masks are needed
-
-    def advance(self, token_mask: torch.Tensor) -> torch.Tensor:
-        """Reserve slots for the next `token_mask.shape[1]` tokens; return their positions."""
-        B, T = token_mask.shape
-        if self.length + T > self.max_len:
-            raise ValueError(f"KV cache is full: {self.length} + {T} tokens > {self.max_len} slots")
-        self.valid[:, self.length:self.length + T] = token_mask
-        positions = self.seen[:, None] + token_mask.long().cumsum(1) - 1
-        self.seen += token_mask.sum(1)
-        self.padded = self.padded or not bool(token_mask.all())
-        self.length += T
-        return positions.clamp_(min=0)
-
-    def select(self, rows: torch.Tensor) -> None:
-        """Keep only the given batch rows (finished sequences leave the batch)."""
-        self.k = [k[rows] for k in self.k]
-        self.v = [v[rows] for v in self.v]
-        self.valid, self.seen = self.valid[rows], self.seen[rows]
-
-
 class PagedBatch(Protocol):
     """One step over a paged KV cache: the input row packs tokens of several sequences."""
 
@@ -195,24 +157,16 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(cfg.hidden_size, self.n_kv * self.hd, bias=b)
         self.o_proj = nn.Linear(self.n_head * self.hd, cfg.hidden_size, bias=b)
 
-    def forward(self, x, cos, sin, layer: int, cache: KVCache | PagedBatch | None, mask):
+    def forward(self, x, cos, sin, layer: int, cache: PagedBatch | None):
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, self.n_head, self.hd).transpose(1, 2)
         k = self.k_proj(x).view(B, T, self.n_kv, self.hd).transpose(1, 2)
         v = self.v_proj(x).view(B, T, self.n_kv, self.hd).transpose(1, 2)
         q, k = apply_rope(q, cos, sin).to(v.dtype), apply_rope(k, cos, sin).to(v.dtype)
-        if cache is not None and not isinstance(cache, KVCache):
-            y = cache.attend(layer, q, k, v)
-            return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_head * self.hd))
         if cache is not None:
-            end = cache.length  # the caller has already advanced the cache over these tokens
-            cache.k[layer][:, :, end - T:end] = k
-            cache.v[layer][:, :, end - T:end] = v
-            # the cache may be kept in higher precision than the weights (see engine/fast.py)
-            k, v = cache.k[layer][:, :, :end].to(q.dtype), cache.v[layer][:, :, :end].to(q.dtype)
-        causal = mask is None and T > 1 and (cache is None or cache.length == T)
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal,
-                                           enable_gqa=self.n_kv != self.n_head)
+            y = cache.attend(layer, q, k, v)
+        else:
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=T > 1, enable_gqa=self.n_kv != self.n_head)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_head * self.hd))
 
 
@@ -291,8 +245,8 @@ class Block(nn.Module):
         else:
             self.mlp = MLP(cfg)
 
-    def forward(self, x, cos, sin, layer, cache, mask):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, layer, cache, mask)
+    def forward(self, x, cos, sin, layer, cache):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, layer, cache)
         h = self.post_attention_layernorm(x)
         if hasattr(self, "mlp"):
             return x + self.mlp(h), None
@@ -341,55 +295,31 @@ class Transformer(nn.Module):
                 out_proj = name.endswith(("o_proj.weight", "down_proj.weight", "w2.weight"))
                 nn.init.normal_(p, mean=0.0, std=std * (scale if out_proj else 1.0))
 
-    def forward(self, input_ids: torch.Tensor, cache: KVCache | PagedBatch | None = None,
-                token_mask: torch.Tensor | None = None, last_only: bool = False,
+    def forward(self, input_ids: torch.Tensor, cache: PagedBatch | None = None, last_only: bool = False,
                 return_router_logits: bool = False):
         """Logits for every position (or only the last, with `last_only`).
 
-        Without a cache this is the training forward: one causal pass, no padding. With a
-        cache the tokens are appended to it; `token_mask` (batch, time) marks which of them
-        are real (False for left padding) and defaults to all real. With a `PagedBatch`,
-        input_ids is its packed row (1, N) and the logits are those of `cache.outputs` (1, M, vocab).
+        Without a cache this is the training forward: one causal pass over whole sequences.
+        With a `PagedBatch`, input_ids is its packed row (1, N), the keys and values go to the
+        cache's pages, and the logits are those of `cache.outputs` (1, M, vocab).
         """
         B, T = input_ids.shape
-        mask = None
-        paged = cache is not None and not isinstance(cache, KVCache)
-        if paged:
+        if cache is not None:
             positions = cache.positions
-        elif cache is None:
+        else:
             if T > self.config.max_position_embeddings:
                 raise ValueError(f"sequence of {T} tokens is longer than the model's context "
                                  f"({self.config.max_position_embeddings})")
             positions = torch.arange(T, device=input_ids.device)[None].expand(B, T)
-        else:
-            if token_mask is None:
-                token_mask = torch.ones(B, T, dtype=torch.bool, device=input_ids.device)
-            positions = cache.advance(token_mask)
-            if int(positions.max()) >= self.config.max_position_embeddings:
-                raise ValueError(f"position {int(positions.max())} is past the model's context "
-                                 f"({self.config.max_position_embeddings} tokens)")
-            if cache.padded or T > 1 and cache.length > T:
-                mask = self._cache_mask(cache, T)
         cos, sin = self.rope_cos[positions][:, None], self.rope_sin[positions][:, None]
         x = self.model.embed_tokens(input_ids)
         router_logits = []
         for i, block in enumerate(self.model.layers):
-            x, r = block(x, cos, sin, i, cache, mask)
+            x, r = block(x, cos, sin, i, cache)
             if r is not None:
                 router_logits.append(r)
-        if paged:
+        if cache is not None:
             x = x[:, cache.outputs]
         x = self.model.norm(x[:, -1:] if last_only else x)
         logits = self.lm_head(x)
         return (logits, router_logits) if return_router_logits else logits
-
-    @staticmethod
-    def _cache_mask(cache: KVCache, T: int) -> torch.Tensor:
-        """(batch, 1, T, length) bool: a query sees real keys at or before its own slot."""
-        S = cache.length
-        slots = torch.arange(S, device=cache.valid.device)
-        query_slots = torch.arange(S - T, S, device=cache.valid.device)
-        causal = slots[None, :] <= query_slots[:, None]
-        mask = cache.valid[:, None, None, :S] & causal[None, None]
-        # a padding query would see no key at all; let it see itself so softmax stays finite
-        return mask | torch.eye(S, dtype=torch.bool, device=mask.device)[None, None, S - T:]

@@ -1,6 +1,6 @@
-"""Engine v2: continuous batching over a paged KV cache. Every request, however it shares
-steps with others (joining mid-stream, chunked prefill, pages reused from an earlier turn,
-a tight memory budget), gets exactly the tokens `Engine.generate` gives its prompt alone."""
+"""Continuous batching over a paged KV cache. Every request, however it shares steps with
+others (joining mid-stream, chunked prefill, pages reused from an earlier turn, a tight
+memory budget), gets exactly the tokens it gets alone (an engine with max_batch=1)."""
 
 import asyncio
 import random
@@ -9,10 +9,9 @@ import threading
 import pytest
 import torch
 
-from parley.engine.cache import CacheError, PagedKVCache, Sequence
-from parley.engine.engine import Engine, PromptError
+from parley.engine.cache import CachedSequence, CacheError, PagedKVCache
+from parley.engine.engine import Engine, EngineClosed, EngineError, PromptError, QueueFull
 from parley.engine.sampling import SamplingParams
-from parley.engine.scheduler import QueueFull, Scheduler, SchedulerError
 from parley.model.transformer import ModelConfig, Transformer
 
 CONTEXT = 160
@@ -30,14 +29,15 @@ def model():
 
 @pytest.fixture(scope="module")
 def engine(model):
-    return Engine(model)
+    """The reference: one request at a time."""
+    return Engine(model, max_batch=1)
 
 
 _alone: dict = {}
 
 
 def alone(engine, prompt, params):
-    """(tokens, finish_reason) of the prompt generated alone by the Engine (memoized)."""
+    """(tokens, finish_reason) of the prompt generated alone (memoized)."""
     key = (id(engine.model), tuple(prompt), repr(params))
     if key not in _alone:
         [c] = engine.generate([prompt], params)
@@ -50,20 +50,20 @@ def prompts(n, seed=0, longest=70):
     return [[rng.randrange(101) for _ in range(rng.randint(1, longest))] for _ in range(n)]
 
 
-def run_staggered(scheduler, requests, lag=4):
+def run_staggered(batched, requests, lag=4):
     """One client thread per request. The first `lag` requests are queued before the
-    scheduler starts (so they surely share steps); request i >= lag is submitted from its
+    batched starts (so they surely share steps); request i >= lag is submitted from its
     thread once request i - lag has its first token, joining a batch already decoding."""
     first = [threading.Event() for _ in requests]
     results = [None] * len(requests)
-    early = [scheduler.submit(p, sp) for p, sp in requests[:lag]]
-    scheduler.start()
+    early = [batched.submit(p, sp) for p, sp in requests[:lag]]
+    batched.start()
 
     def client(i, prompt, params):
         try:
             if i >= lag:
                 first[i - lag].wait()
-            handle = early[i] if i < lag else scheduler.submit(prompt, params)
+            handle = early[i] if i < lag else batched.submit(prompt, params)
             tokens = []
             for event in handle:
                 first[i].set()
@@ -84,10 +84,10 @@ def run_staggered(scheduler, requests, lag=4):
 @pytest.mark.parametrize("fast", [True, False], ids=["C-decode", "pytorch-decode"])
 def test_32_concurrent_greedy_requests_each_equal_their_answer_alone(model, engine, fast):
     requests = [(p, SamplingParams(max_tokens=8 + i % 13)) for i, p in enumerate(prompts(32))]
-    with Scheduler(model, max_batch=64, prefill_chunk=24, page_size=8, fast=fast) as scheduler:
-        assert (scheduler.fast is not None) == fast
-        results = run_staggered(scheduler, requests, lag=6)
-        stats = scheduler.stats()
+    with Engine(model, max_batch=64, prefill_chunk=24, page_size=8, kernels="auto" if fast else "torch") as batched:
+        assert (batched.fast is not None) == fast
+        results = run_staggered(batched, requests, lag=6)
+        stats = batched.stats()
     assert results == [alone(engine, p, sp) for p, sp in requests]
     assert stats["finished"] == 32 and stats["pages_used"] == 0 and stats["peak_running"] >= 6
     assert stats["decode_tokens"] == sum(len(tokens) for tokens, _ in results)
@@ -104,8 +104,8 @@ def test_seeded_sampling_and_stop_tokens_equal_alone(model, engine):
     for i in (3, 8):
         p, sp = requests[i]
         requests[i] = (p, SamplingParams(**{**sp.__dict__, "stop_ids": {free[i][4]}}))
-    with Scheduler(model, prefill_chunk=16) as scheduler:
-        results = run_staggered(scheduler, requests, lag=3)
+    with Engine(model, prefill_chunk=16) as batched:
+        results = run_staggered(batched, requests, lag=3)
     assert results == [alone(engine, p, sp) for p, sp in requests]
     assert results[3][1] == results[8][1] == "stop"
 
@@ -115,74 +115,74 @@ def test_chunked_prefill_of_a_long_prompt_while_others_decode(model, engine):
     long_prompt = [rng.randrange(101) for _ in range(150)]
     requests = [(p, SamplingParams(max_tokens=30)) for p in prompts(4, seed=3, longest=10)]
     requests.insert(2, (long_prompt, SamplingParams(max_tokens=9)))
-    with Scheduler(model, prefill_chunk=8, page_size=4) as scheduler:
-        results = run_staggered(scheduler, requests, lag=2)
-        assert scheduler.stats()["prefill_tokens"] >= 150
+    with Engine(model, prefill_chunk=8, page_size=4) as batched:
+        results = run_staggered(batched, requests, lag=2)
+        assert batched.stats()["prefill_tokens"] >= 150
     assert results == [alone(engine, p, sp) for p, sp in requests]
 
 
 def test_a_long_prefill_delays_running_streams_by_at_most_one_chunk_per_step(model, engine):
-    scheduler = Scheduler(model, prefill_chunk=8, prefill_budget=8, page_size=4)
-    short = scheduler.submit([4, 5, 6], SamplingParams(max_tokens=40))
-    scheduler.step()
-    long = scheduler.submit([7 * i % 101 for i in range(100)], SamplingParams(max_tokens=5))
-    late = scheduler.submit([9, 9], SamplingParams(max_tokens=40))
+    batched = Engine(model, prefill_chunk=8, prefill_budget=8, page_size=4)
+    short = batched.submit([4, 5, 6], SamplingParams(max_tokens=40))
+    batched.step()
+    long = batched.submit([7 * i % 101 for i in range(100)], SamplingParams(max_tokens=5))
+    late = batched.submit([9, 9], SamplingParams(max_tokens=40))
     steps = -(-100 // 8)
     for step in range(1, steps + 1):
-        scheduler.step()
+        batched.step()
         # the running stream gains a token every step; prompts wait their turn in FIFO order
         assert len(short.tokens) == step + 1
-        assert scheduler.stats()["prefill_tokens"] == 3 + min(8 * step, 100) + 2 * (step == steps)
+        assert batched.stats()["prefill_tokens"] == 3 + min(8 * step, 100) + 2 * (step == steps)
         assert len(long.tokens) == len(late.tokens) == (step == steps)
-    scheduler.start()
+    batched.start()
     for handle in (short, long, late):
         assert (handle.wait() and handle.tokens, handle.finish_reason) == \
             alone(engine, handle.prompt, handle.params)
-    scheduler.close()
+    batched.close()
 
 
 def test_a_burst_of_short_prompts_is_prefilled_several_to_a_step_within_the_budget(model, engine):
-    scheduler = Scheduler(model, prefill_chunk=8, prefill_budget=20, page_size=4)
-    burst = [scheduler.submit([7 * i + j for j in range(6)], SamplingParams(max_tokens=6)) for i in range(4)]
-    long = scheduler.submit(list(range(30)), SamplingParams(max_tokens=6))
-    scheduler.step()  # three 6-token prompts fit in 20 tokens; the fourth waits for whole room
-    assert scheduler.stats()["prefill_tokens"] == 18
+    batched = Engine(model, prefill_chunk=8, prefill_budget=20, page_size=4)
+    burst = [batched.submit([7 * i + j for j in range(6)], SamplingParams(max_tokens=6)) for i in range(4)]
+    long = batched.submit(list(range(30)), SamplingParams(max_tokens=6))
+    batched.step()  # three 6-token prompts fit in 20 tokens; the fourth waits for whole room
+    assert batched.stats()["prefill_tokens"] == 18
     assert [len(h.tokens) for h in burst] == [1, 1, 1, 0] and not long.tokens
-    scheduler.step()  # the fourth prompt, then the first 8-token chunk of the long one: 6 + 8 <= 20
-    assert scheduler.stats()["prefill_tokens"] == 18 + 6 + 8
-    scheduler.start()
+    batched.step()  # the fourth prompt, then the first 8-token chunk of the long one: 6 + 8 <= 20
+    assert batched.stats()["prefill_tokens"] == 18 + 6 + 8
+    batched.start()
     for handle in (*burst, long):
         assert (handle.wait() and handle.tokens, handle.finish_reason) == alone(engine, handle.prompt, handle.params)
-    scheduler.close()
-    with pytest.raises(SchedulerError, match="prefill_budget must be >= prefill_chunk"):
-        Scheduler(model, prefill_chunk=64, prefill_budget=32)
+    batched.close()
+    with pytest.raises(EngineError, match="prefill_budget must be >= prefill_chunk"):
+        Engine(model, prefill_chunk=64, prefill_budget=32)
 
 
 def test_cancelling_mid_stream_frees_pages_and_leaves_others_unaffected(model, engine):
     others = [(p, SamplingParams(max_tokens=20)) for p in prompts(5, seed=4)]
     victim_prompt = [5, 6, 7, 8, 9] * 6
     expected = [alone(engine, p, sp) for p, sp in others]
-    scheduler = Scheduler(model, page_size=8)  # stepped by hand: the cancel lands at a known step
-    pages_at_start = scheduler.stats()["pages_free"]
-    victim = scheduler.submit(victim_prompt, SamplingParams(max_tokens=100))
-    handles = [scheduler.submit(p, sp) for p, sp in others]
-    abandoned = scheduler.submit([2, 3], SamplingParams(max_tokens=100))
+    batched = Engine(model, page_size=8)  # stepped by hand: the cancel lands at a known step
+    pages_at_start = batched.stats()["pages_free"]
+    victim = batched.submit(victim_prompt, SamplingParams(max_tokens=100))
+    handles = [batched.submit(p, sp) for p, sp in others]
+    abandoned = batched.submit([2, 3], SamplingParams(max_tokens=100))
     reading = iter(abandoned)
     for _ in range(3):
-        scheduler.step()
-    used = scheduler.stats()["pages_used"]
+        batched.step()
+    used = batched.stats()["pages_used"]
     victim.cancel()
     next(reading)
     reading.close()  # a client that stops reading: its request is cancelled too
-    scheduler.step()
+    batched.step()
     assert victim.finish_reason == abandoned.finish_reason == "cancelled"
     assert victim.tokens == alone(engine, victim_prompt, SamplingParams(max_tokens=3))[0]
     assert [e.finish_reason for e in victim][-1] == "cancelled"
-    freed = used - scheduler.stats()["pages_used"]
-    assert freed == scheduler.cache.pages_for(30 + 100) + scheduler.cache.pages_for(2 + 100)
-    with scheduler:
+    freed = used - batched.stats()["pages_used"]
+    assert freed == batched.cache.pages_for(30 + 100) + batched.cache.pages_for(2 + 100)
+    with batched:
         assert [(h.wait() and h.tokens, h.finish_reason) for h in handles] == expected
-        stats = scheduler.stats()
+        stats = batched.stats()
     assert stats["pages_used"] == 0 and stats["pages_free"] == pages_at_start
     assert stats["cancelled"] == 2 and stats["running"] == 0
 
@@ -190,75 +190,75 @@ def test_cancelling_mid_stream_frees_pages_and_leaves_others_unaffected(model, e
 def test_async_consumers_and_a_client_that_disconnects(model, engine):
     requests = [(p, SamplingParams(max_tokens=12)) for p in prompts(6, seed=5)]
     expected = [alone(engine, p, sp) for p, sp in requests]
-    scheduler = Scheduler(model)  # stepped from a worker thread by the event loop's driver below
+    batched = Engine(model)  # stepped from a worker thread by the event loop's driver below
 
     async def consume(handle):
         return [event async for event in handle.events()]
 
     async def main():
-        handles = [scheduler.submit(p, sp) for p, sp in requests]
+        handles = [batched.submit(p, sp) for p, sp in requests]
         readers = [asyncio.create_task(consume(h)) for h in handles]
-        quitter = scheduler.submit([1] * 40, SamplingParams(max_tokens=100))
+        quitter = batched.submit([1] * 40, SamplingParams(max_tokens=100))
         disconnected = asyncio.create_task(consume(quitter))
         while not all(h.done for h in handles + [quitter]):
             if len(quitter.tokens) >= 2 and not disconnected.done():
                 disconnected.cancel()  # the client went away, as a server sees it
-            await asyncio.to_thread(scheduler.step)
+            await asyncio.to_thread(batched.step)
         return handles, [await r for r in readers], quitter
 
     handles, events, quitter = asyncio.run(main())
     assert [([e.token for e in ev if e.token is not None], ev[-1].finish_reason) for ev in events] == expected
     assert quitter.finish_reason == "cancelled" and 2 <= len(quitter.tokens) < 100
-    assert scheduler.stats()["pages_used"] == 0
+    assert batched.stats()["pages_used"] == 0
 
 
 def test_a_small_kv_budget_makes_requests_wait_not_fail(model, engine):
     requests = [(p, SamplingParams(max_tokens=25)) for p in prompts(10, seed=6, longest=40)]
     page_bytes = PagedKVCache(model.config, 10**9, 8).page_bytes
-    with Scheduler(model, page_size=8, kv_budget_bytes=page_bytes * 24) as scheduler:
-        needed = sum(scheduler.cache.pages_for(len(p) + sp.max_tokens) for p, sp in requests)
-        assert scheduler.stats()["pages_total"] == 24 < needed
-        results = run_staggered(scheduler, requests, lag=10)  # all at once
+    with Engine(model, page_size=8, kv_budget_bytes=page_bytes * 24) as batched:
+        needed = sum(batched.cache.pages_for(len(p) + sp.max_tokens) for p, sp in requests)
+        assert batched.stats()["pages_total"] == 24 < needed
+        results = run_staggered(batched, requests, lag=10)  # all at once
     assert results == [alone(engine, p, sp) for p, sp in requests]
 
 
 def test_queue_full_prompt_errors_and_impossible_requests(model):
-    scheduler = Scheduler(model, max_waiting=3, kv_budget_bytes=PagedKVCache(model.config, 10**9, 16).page_bytes * 4)
-    waiting = [scheduler.submit([1, 2, 3], SamplingParams(max_tokens=4)) for _ in range(3)]
+    batched = Engine(model, max_waiting=3, kv_budget_bytes=PagedKVCache(model.config, 10**9, 16).page_bytes * 4)
+    waiting = [batched.submit([1, 2, 3], SamplingParams(max_tokens=4)) for _ in range(3)]
     with pytest.raises(QueueFull) as full:
-        scheduler.submit([1, 2, 3], SamplingParams(max_tokens=4))
-    assert full.value.retry_after_seconds >= 1
+        batched.submit([1, 2, 3], SamplingParams(max_tokens=4))
+    assert full.value.retry_after >= 1
     with pytest.raises(PromptError, match=f"context is {CONTEXT} tokens"):
-        scheduler.submit(list(range(1, 101)) * 2, SamplingParams())
+        batched.submit(list(range(1, 101)) * 2, SamplingParams())
     with pytest.raises(PromptError, match="empty"):
-        scheduler.submit([], SamplingParams())
+        batched.submit([], SamplingParams())
     with pytest.raises(PromptError, match="outside the vocabulary"):
-        scheduler.submit([1, 500], SamplingParams())
-    with pytest.raises(PromptError, match="KV budget holds 4"):
-        scheduler.submit([1] * 60, SamplingParams(max_tokens=10))
-    scheduler.close()  # never started: the waiting requests end cancelled
+        batched.submit([1, 500], SamplingParams())
+    with pytest.raises(PromptError, match="the engine holds 64"):
+        batched.submit([1] * 60, SamplingParams(max_tokens=10))
+    batched.close()  # never started: the waiting requests end cancelled
     assert [h.finish_reason for h in waiting] == ["cancelled"] * 3
     assert [e.finish_reason for e in waiting[0]] == ["cancelled"]
-    with pytest.raises(SchedulerError, match="closed"):
-        scheduler.submit([1, 2, 3], SamplingParams(max_tokens=4))
-    with pytest.raises(SchedulerError, match="max_batch"):
-        Scheduler(model, max_batch=0)
+    with pytest.raises(EngineClosed, match="shut down"):
+        batched.submit([1, 2, 3], SamplingParams(max_tokens=4))
+    with pytest.raises(EngineError, match="max_batch"):
+        Engine(model, max_batch=0)
     with pytest.raises(CacheError, match="holds no page"):
-        Scheduler(model, kv_budget_bytes=100)
+        Engine(model, kv_budget_bytes=100)
 
 
 def test_the_next_turn_reuses_the_cached_history(model, engine):
     first = prompts(1, seed=7, longest=40)[0] + [3] * 20  # 21..60 tokens
     params = SamplingParams(max_tokens=12)
-    with Scheduler(model, page_size=8) as scheduler:
-        answer = scheduler.submit(first, params)
+    with Engine(model, page_size=8) as batched:
+        answer = batched.submit(first, params)
         list(answer)
         assert (answer.tokens, answer.finish_reason) == alone(engine, first, params)
-        assert scheduler.stats()["reused_tokens"] == 0
+        assert batched.stats()["reused_tokens"] == 0
         second = first + answer.tokens + [11, 12, 13, 14, 15]
-        reply = scheduler.submit(second, params)
+        reply = batched.submit(second, params)
         list(reply)
-        stats = scheduler.stats()
+        stats = batched.stats()
     cached = len(first) + len(answer.tokens) - 1  # the last answer token was never fed
     assert stats["reused_tokens"] == cached // 8 * 8 > 0
     assert stats["prefill_tokens"] == len(first) + len(second) - stats["reused_tokens"]
@@ -267,18 +267,18 @@ def test_the_next_turn_reuses_the_cached_history(model, engine):
 
 def test_page_cache_counts_refs_and_evicts_least_recently_used(model):
     cache = PagedKVCache(model.config, PagedKVCache(model.config, 10**9, 4).page_bytes * 4, page_size=4)
-    a = Sequence(tokens=list(range(12)), pages=cache.allocate(3), length=12)
+    a = CachedSequence(tokens=list(range(12)), pages=cache.allocate(3), length=12)
     cache.publish(a)
     cache.release(a)
     assert cache.pages_used == 0 and cache.pages_cached == 3
-    b = Sequence(tokens=list(range(10)) + [99])
+    b = CachedSequence(tokens=list(range(10)) + [99])
     assert cache.match(b, len(b.tokens) - 1) == 8 and cache.pages_used == 2
     with pytest.raises(CacheError, match="3 pages wanted but only 2"):
         cache.allocate(3)
     c = cache.allocate(2)  # the never-used page, then the cached page b does not hold
     assert cache.pages_cached == 0 and len(set(c) | set(b.pages)) == 4
     cache.release(b)
-    assert cache.match(Sequence(tokens=list(range(12))), 11) == 8  # b's pages are still named
+    assert cache.match(CachedSequence(tokens=list(range(12))), 11) == 8  # b's pages are still named
 
 
 def test_paged_c_decode_step_equals_the_paged_reference_forward(model):
@@ -297,7 +297,7 @@ def test_paged_c_decode_step_equals_the_paged_reference_forward(model):
     for cache, mine in zip(caches, seqs):
         taken = iter(pages)
         for p in rows:
-            seq = Sequence(tokens=list(p), pages=[next(taken) for _ in range(cache.pages_for(len(p) + 3))])
+            seq = CachedSequence(tokens=list(p), pages=[next(taken) for _ in range(cache.pages_for(len(p) + 3))])
             with torch.inference_mode():
                 batch = cache.batch([(seq, len(p))])
                 model(torch.tensor([batch.ids]), batch)
@@ -324,32 +324,45 @@ def test_a_moe_model_is_served_on_the_pytorch_path():
     moe = Transformer(cfg)
     moe.init_weights(std=0.2)
     requests = [([1, 2, 3], SamplingParams(max_tokens=8)), ([5] * 20, SamplingParams(max_tokens=8))]
-    with Scheduler(moe, prefill_chunk=8, page_size=4) as scheduler:
-        assert scheduler.fast is None  # the C step covers dense models only
-        results = run_staggered(scheduler, requests, lag=2)
-    assert results == [alone(Engine(moe), p, sp) for p, sp in requests]
+    with Engine(moe, prefill_chunk=8, page_size=4) as batched:
+        assert batched.fast is None  # the C step covers dense models only
+        results = run_staggered(batched, requests, lag=2)
+    assert results == [alone(Engine(moe, max_batch=1), p, sp) for p, sp in requests]
 
 
-def test_stepped_engine_streams_like_engine_reuses_the_conversation_and_frees_on_abandon(model, engine):
-    """SteppedEngine (what the local assistant generates with): Engine's tokens, in the
-    caller's thread; the next turn of a conversation prefills only what is new; leaving the
-    iteration early frees the request's pages."""
-    from parley.engine.stepped import SteppedEngine
-
-    stepped = SteppedEngine(model, page_size=4)
+def test_stepping_in_the_callers_thread_reuses_the_conversation_and_frees_on_abandon(model, engine):
+    """With no thread of its own (the terminal), the engine steps in the thread that reads: the
+    same tokens; the next turn of a conversation prefills only what is new; leaving the
+    iteration early frees the request's pages at once."""
+    local = Engine(model, page_size=4, max_batch=8)
     batch = prompts(3, seed=8, longest=30)
     params = SamplingParams(max_tokens=12)
-    got = stepped.generate(batch, params)
+    got = local.generate(batch, params)
     assert [(c.tokens, c.finish_reason) for c in got] == [alone(engine, p, params) for p in batch]
     turn1 = batch[0] + got[0].tokens
     turn2 = turn1 + [5, 6, 7]
-    before = stepped.stats()["prefill_tokens"]
-    [again] = stepped.generate([turn2], params)
-    assert (again.tokens, again.finish_reason) == alone(engine, turn2, params)
-    assert stepped.stats()["reused_tokens"] >= len(turn1) // 4 * 4 - 4  # whole pages of turn 1
-    assert stepped.stats()["prefill_tokens"] - before <= len(turn2) - len(turn1) + 4
-    for event in stepped.stream([batch[1]], SamplingParams(max_tokens=40)):
+    before = local.stats()["prefill_tokens"]
+    request = local.submit(turn2, params)
+    assert ([e.token for e in request if e.token is not None], request.finish_reason) == alone(engine, turn2, params)
+    assert local.stats()["reused_tokens"] >= len(turn1) // 4 * 4 - 4  # whole pages of turn 1
+    assert local.stats()["prefill_tokens"] - before <= len(turn2) - len(turn1) + 4
+    for event in local.stream([batch[1]], SamplingParams(max_tokens=40)):
         break  # the caller stops listening after one token
-    assert stepped.stats()["running"] == 0 and stepped.stats()["pages_used"] == 0
+    assert local.stats()["running"] == 0 and local.stats()["pages_used"] == 0
     with pytest.raises(PromptError):
-        next(stepped.stream([[]], params))
+        next(local.stream([batch[0], []], params))
+    assert local.stats()["waiting"] == 0  # a bad prompt among several starts none of them
+
+
+def test_a_failed_step_fails_its_requests_and_the_engine_goes_on(model, engine):
+    local = Engine(model, page_size=4)
+    doomed = local.submit([1, 2, 3], SamplingParams(max_tokens=5))
+    real = local._compute
+    local._compute = lambda: (_ for _ in ()).throw(RuntimeError("out of memory"))  # one step breaks
+    with pytest.raises(EngineClosed, match="out of memory"):
+        list(doomed)
+    local._compute = real
+    assert doomed.finish_reason == "error" and local.stats()["pages_used"] == 0
+    params = SamplingParams(max_tokens=5)
+    [after] = local.generate([[1, 2, 3]], params)
+    assert (after.tokens, after.finish_reason) == alone(engine, [1, 2, 3], params)
