@@ -5,8 +5,8 @@
 
 Trains the head on parley/data/intents.yml exactly as `parley train intents` does, then
 predicts benchmarks/data/intents_heldout.yml, a separate set written in other words (never
-used for training; benchmarks/heldout_overlap.py pruned its near-duplicates of training lines), with ~20 `out_of_scope` utterances that no intent covers. A prediction
-counts when it names the labelled intent; an out-of-scope utterance counts when the top
+used for training; no line within MiniLM cosine 0.75 of a training line, see heldout_overlap.py),
+with ~20 `out_of_scope` utterances that no intent covers. A prediction counts when it names the labelled intent; an out-of-scope utterance counts when the top
 probability falls under the threshold. Macro-F1 averages the F1 of every label, out_of_scope
 included. The threshold sweep reuses the same probabilities.
 """
