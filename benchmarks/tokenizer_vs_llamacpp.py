@@ -5,7 +5,7 @@
 
 The reference is llama.cpp's tokenizer through PyPI `llama-cpp-python` (not a project
 dependency: install it anywhere, e.g. `pip install --target DIR llama-cpp-python`, and put DIR
-on PYTHONPATH). `Llama(model_path=..., vocab_only=True)` reads the vocabulary, the merges and the
+on PYTHONPATH; its libllama built elsewhere is found with LLAMA_CPP_LIB_PATH=FOLDER). `Llama(model_path=..., vocab_only=True)` reads the vocabulary, the merges and the
 `tokenizer.ggml.pre` name ("smollm") from the same GGUF that `parley models import smollm2`
 reads, without loading weights. Both tokenize every string without a BOS and without parsing
 special tokens (the generator never writes "<|", where one starts), and the ids must be equal.
