@@ -2,6 +2,7 @@
 
     PYTHONPATH=/path/to/llama_cpp .venv/bin/python benchmarks/tokenizer_vs_llamacpp.py             # 20,000 strings
     PYTHONPATH=/path/to/llama_cpp .venv/bin/python benchmarks/tokenizer_vs_llamacpp.py --strings 500 --seed 3
+    PYTHONPATH=/path/to/llama_cpp .venv/bin/python benchmarks/tokenizer_vs_llamacpp.py --gpt2-split --show 3  # control
 
 The reference is llama.cpp's tokenizer through PyPI `llama-cpp-python` (not a project
 dependency: install it anywhere, e.g. `pip install --target DIR llama-cpp-python`, and put DIR
@@ -60,6 +61,9 @@ def main() -> None:
     ap.add_argument("--strings", type=int, default=20_000)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--show", type=int, default=10, help="how many mismatches to print")
+    ap.add_argument("--gpt2-split", action="store_true",
+                    help="a control: give Parley's tokenizer GPT-2's split alone for SmolLM2 (no digit "
+                         "split first, what transformers' GGUF converter falls back to); mismatches must appear")
     args = ap.parse_args()
     if args.strings < 1:
         sys.exit(f"--strings must be a positive count (got {args.strings})")
@@ -69,8 +73,12 @@ def main() -> None:
         sys.exit("llama-cpp-python is not importable: `pip install --target DIR llama-cpp-python`, then run "
                  "with DIR on PYTHONPATH (it is the reference, not a project dependency)")
 
+    from parley.model import tokenizer as tokenizer_module
     from parley.model.tokenizer import Tokenizer
     from parley.registry import smollm2_gguf
+
+    if args.gpt2_split:
+        tokenizer_module.GGUF_PRE_SPLITS["smollm"] = (tokenizer_module.GPT2_SPLIT,)
 
     path = smollm2_gguf()
     ours = Tokenizer.from_gguf(path)
@@ -88,7 +96,7 @@ def main() -> None:
           f"{sum(len(t) for t in texts):,} characters in all)")
     for text, mine, theirs in mismatches[: args.show]:
         print(f"  {text!r}\n    parley    {mine}\n    llama.cpp {theirs}")
-    sys.exit(1 if mismatches else 0)
+    sys.exit(0 if bool(mismatches) == args.gpt2_split else 1)
 
 
 if __name__ == "__main__":
