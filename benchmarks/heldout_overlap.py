@@ -15,9 +15,7 @@ tests/test_heldout.py fails if a line above HELDOUT_MAX_COSINE comes back.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -51,10 +49,10 @@ def prune(path: Path, drop: set[str]) -> int:
                 removed += 1
                 continue
         kept.append(line)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
+    from parley.files import atomic_open
+
+    with atomic_open(path) as f:
         f.write("".join(kept))
-    os.replace(tmp, path)
     return removed
 
 
