@@ -295,7 +295,7 @@ def test_store_keeps_pages_and_vectors_whole_and_stamps_changes(store):
 
 
 def test_documents_from_before_the_knowledge_migration_are_found(store_target, embedder, monkeypatch):
-    import parley.store.sqlite as store_module
+    import parley.store.store as store_module
 
     migrations = "PG_MIGRATIONS" if isinstance(store_target, str) else "MIGRATIONS"
     with monkeypatch.context() as m:
