@@ -182,6 +182,7 @@ class StateStage(Stage):
         if this_turn is not None:
             slots.update(this_turn.values)
         turn.slots = slots  # saved with the answer, for the conversation's next turn
+        turn.note(self.name, "slots", slots=slots)  # in the trace whatever the stage decides next
         if slots:
             yield Slots(slots)
         intent = turn.get(Intent)
@@ -212,7 +213,7 @@ class StateStage(Stage):
             return
         facts = memory.recall(turn.user_id, frame.text, k=self.recall_k)
         turn.note(self.name, f"recalled {len(facts)}" if facts else "no memory used",
-                  facts=[(f.text, round(f.similarity, 3)) for f in facts], slots=slots)
+                  facts=[(f.text, round(f.similarity, 3)) for f in facts])
         if facts:
             yield MemoryRecall(tuple(f.text for f in facts))
         yield frame
