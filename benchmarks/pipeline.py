@@ -49,6 +49,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_flush_denormal(True)
 
+    from parley.chat import Session
     from parley.pipeline.assistant import Assistant, AssistantConfig
     from parley.pipeline.knowledge import ingest
 
@@ -59,21 +60,21 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         for name, text in DOCS.items():
             (Path(tmp) / name).write_text(text)
-        assistant = Assistant.build(AssistantConfig(db=f"{tmp}/parley.db", max_tokens=8, temperature=0))
-        ingest(assistant.store, assistant.embedder, assistant.user_id, [Path(tmp) / n for n in DOCS])
+        session = Session(Assistant.build(AssistantConfig(db=f"{tmp}/parley.db", max_tokens=8, temperature=0)))
+        ingest(session.store, session.assistant.embedder, session.user_id, [Path(tmp) / n for n in DOCS])
         for fact in ("my sister is called Ana", "I live in Porto", "I am allergic to peanuts"):
-            assistant.memory.remember(assistant.user_id, fact)
+            session.memory.remember(session.user_id, fact)
         overheads, by_stage = [], {}
         for i in range(args.warmup + args.turns):
-            assistant.new_conversation()  # each message alone: history length is not what is measured
-            list(assistant.say(messages[i % len(messages)]))
-            stages = assistant.last.trace_dict()["stages"]
+            session.new_conversation()  # each message alone: history length is not what is measured
+            list(session.say(messages[i % len(messages)]))
+            stages = session.last.trace_dict()["stages"]
             if i < args.warmup:
                 continue
             overheads.append(sum(s["ms"] for s in stages if s["stage"] != "respond"))
             for s in stages:
                 by_stage.setdefault(s["stage"], []).append(s["ms"])
-        assistant.close()
+        session.close()
 
     p50, p95 = percentile(overheads, 0.5), percentile(overheads, 0.95)
     lines = [f"turns {len(overheads)}: overhead p50 {p50:.1f} ms, p95 {p95:.1f} ms (aim: p50 < 50 ms)", "",

@@ -11,7 +11,8 @@ import subprocess
 from pathlib import Path
 
 RESULTS = Path(__file__).with_name("RESULTS.md")
-HEADER = "# Benchmark results\n\nNewest last. Every figure comes from a script in this folder, run side by side with its peer.\n"
+HEADER = ("# Benchmark results\n\nNewest last. Every table comes from a script in this folder (or from the `parley` "
+          "command it names), run side by side with its peer; probes/ holds the probes behind the accounts.\n")
 
 
 def commit() -> str:

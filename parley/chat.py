@@ -12,9 +12,14 @@ documents or web pages end with a "Sources:" line giving what each [n] refers to
 from __future__ import annotations
 
 import sys
-from typing import TextIO
+from collections.abc import Iterator
+from typing import TYPE_CHECKING, TextIO
 
-from parley.pipeline.frames import Interrupt, Notice, Refusal, TextDelta
+from parley.pipeline.frames import Frame, ShownText
+from parley.pipeline.runner import Turn
+
+if TYPE_CHECKING:
+    from parley.pipeline.assistant import Assistant
 
 HELP = """commands:
   /remember TEXT   keep a fact about you in long-term memory
@@ -27,26 +32,40 @@ HELP = """commands:
   /exit            leave (Ctrl-D works too)"""
 
 
-class ShownText:
-    """What the user sees of an answer, frame by frame: the streamed text, notices and refusals
-    on their own lines, an interruption marked. The terminal and the server both show it so."""
+class Session:
+    """One person's conversation with a shared `Assistant` in the terminal: their store
+    connection and user (the config's `db` and `user`), the current conversation and the last
+    turn (for /trace and /sources). `parley.serve.client.RemoteAssistant` has the same surface,
+    so `run` talks to a server just as well."""
 
-    def __init__(self):
-        self.streamed = False  # something is on the answer's line(s) already
-        self.after_notice = False  # a notice ends its own line
+    def __init__(self, assistant: Assistant):
+        from parley.registry import store_target
+        from parley.store import Store
 
-    def __call__(self, frame) -> str:
-        if isinstance(frame, TextDelta):
-            piece = ("\n" if self.after_notice else "") + frame.text
-            self.streamed, self.after_notice = True, False
-            return piece
-        if isinstance(frame, (Notice, Refusal)):
-            piece = ("\n" if self.streamed else "") + frame.text
-            self.streamed = self.after_notice = True
-            return piece
-        if isinstance(frame, Interrupt) and frame.reason != "safety":
-            return " [interrupted]"
-        return ""
+        self.assistant, self.pipeline = assistant, assistant.pipeline
+        self.store = Store(store_target(assistant.cfg.db))
+        try:
+            user = self.store.get_user_by_name(assistant.cfg.user) or self.store.add_user(assistant.cfg.user)
+        except BaseException:
+            self.store.close()
+            raise
+        self.user_id, self.memory = user.id, assistant.memory(self.store)
+        self.conversation_id: int | None = None
+        self.last: Turn | None = None
+
+    def close(self) -> None:
+        self.store.close()
+
+    def new_conversation(self) -> None:
+        self.conversation_id = None  # the next turn opens one
+
+    def say(self, text: str) -> Iterator[Frame]:
+        turn = Turn(self.user_id, self.conversation_id, store=self.store)
+        self.last = turn
+        try:
+            yield from self.assistant.say(turn, text)
+        finally:
+            self.conversation_id = turn.conversation_id
 
 
 def format_trace(trace: dict) -> str:
@@ -63,7 +82,7 @@ def _short(value, limit: int = 120) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
-def command(assistant, text: str) -> str:
+def command(session, text: str) -> str:
     """Run a /command; return what to print."""
     from parley.pipeline.state import second_person
 
@@ -72,34 +91,34 @@ def command(assistant, text: str) -> str:
     if name == "/help":
         return HELP
     if name == "/reset":
-        assistant.new_conversation()
+        session.new_conversation()
         return "(new conversation)"
     if name == "/remember":
-        fact = assistant.memory.remember(assistant.user_id, arg)
+        fact = session.memory.remember(session.user_id, arg)
         return f"(remembered: {fact.text})"
     if name == "/forget":
-        gone = assistant.memory.forget(assistant.user_id, arg)
+        gone = session.memory.forget(session.user_id, arg)
         return "(forgot: " + "; ".join(f.text for f in gone) + ")" if gone else "(nothing in memory matches that)"
     if name == "/memory":
-        facts = assistant.memory.all(assistant.user_id)
+        facts = session.memory.all(session.user_id)
         return "\n".join(f"- {second_person(f.text)}" for f in facts) if facts else "(memory is empty)"
     if name == "/trace":
-        return format_trace(assistant.last.trace_dict()) if assistant.last else "(no turn yet)"
+        return format_trace(session.last.trace_dict()) if session.last else "(no turn yet)"
     if name == "/sources":
-        found = assistant.last.sources() if assistant.last else []
+        found = session.last.sources() if session.last else []
         if not found:
             return "(the last answer used no documents or web pages)"
         return "\n".join(f"[{p.n}] {p.source}, {p.location}\n    {_short(' '.join(p.text.split()), 300)}" for p in found)
     return f"unknown command {name}; /help lists the commands"
 
 
-def run(assistant, stdin: TextIO = sys.stdin, stdout: TextIO = sys.stdout) -> int:
+def run(session, stdin: TextIO = sys.stdin, stdout: TextIO = sys.stdout) -> int:
     from parley.engine.engine import PromptError
     from parley.pipeline.respond import BackendError
 
     interactive = stdin.isatty()
     if interactive:
-        print(f"Parley ({' -> '.join(s.name for s in assistant.pipeline.stages)}); /help for commands", file=stdout)
+        print(f"Parley ({' -> '.join(s.name for s in session.pipeline.stages)}); /help for commands", file=stdout)
     while True:
         if interactive:
             stdout.write("\nyou> ")
@@ -114,7 +133,7 @@ def run(assistant, stdin: TextIO = sys.stdin, stdout: TextIO = sys.stdout) -> in
             if text.split()[0].lower() in ("/exit", "/quit"):
                 break
             try:
-                print(command(assistant, text), file=stdout)
+                print(command(session, text), file=stdout)
             except ValueError as e:
                 print(f"[error: {e}]", file=stdout)
             if not interactive:
@@ -124,10 +143,10 @@ def run(assistant, stdin: TextIO = sys.stdin, stdout: TextIO = sys.stdout) -> in
             stdout.write("assistant> ")
         shown = ShownText()
         try:
-            for frame in assistant.say(text):
+            for frame in session.say(text):
                 stdout.write(shown(frame))
                 stdout.flush()
-            used = assistant.last.sources() if assistant.last else []
+            used = session.last.sources() if session.last else []
             if used and shown.streamed:
                 stdout.write("\nSources: " + "; ".join(f"[{p.n}] {p.source}, {p.location}" for p in used))
         except KeyboardInterrupt:

@@ -166,11 +166,11 @@ def cmd_chat(args) -> int:
     cfg = parse_cli(AssistantConfig, args.settings, prog="parley chat")
     if cfg.backend == "local":
         Registry().get(cfg.model)  # a missing model is reported before the slower loads
-    assistant = Assistant.build(cfg)
+    session = chat.Session(Assistant.build(cfg))
     try:
-        return chat.run(assistant)
+        return chat.run(session)
     finally:
-        assistant.close()
+        session.close()
 
 
 def cmd_train(args) -> int:

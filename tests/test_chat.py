@@ -5,7 +5,7 @@ import io
 
 import pytest
 
-from parley.chat import run
+from parley.chat import Session, run
 from parley.engine.engine import Engine
 from parley.engine.sampling import SamplingParams
 from parley.pipeline.assistant import Assistant, AssistantConfig
@@ -18,54 +18,54 @@ def parts(tiny_chat_model, embedder):
 
 
 @pytest.fixture
-def assistant(parts, tmp_path):
+def session(parts, tmp_path):
     engine, tokenizer, embedder = parts
     cfg = AssistantConfig(stages=["safety_in", "sentiment", "respond", "safety_out"], db=str(tmp_path / "p.db"),
                           max_tokens=6, temperature=0, max_message_chars=500)
-    a = Assistant.build(cfg, engine=engine, tokenizer=tokenizer, embedder=embedder)
-    yield a
-    a.close()
+    s = Session(Assistant.build(cfg, engine=engine, tokenizer=tokenizer, embedder=embedder))
+    yield s
+    s.close()
 
 
-def chat(assistant, *lines: str) -> str:
+def chat(session, *lines: str) -> str:
     out = io.StringIO()
-    run(assistant, io.StringIO("".join(line + "\n" for line in lines)), out)
+    run(session, io.StringIO("".join(line + "\n" for line in lines)), out)
     return out.getvalue()
 
 
-def test_turns_are_saved_with_their_traces_and_errors_keep_the_session(assistant):
-    text = chat(assistant, "hello there", "x" * 600, "/bogus", "", "how are you?")
+def test_turns_are_saved_with_their_traces_and_errors_keep_the_session(session):
+    text = chat(session, "hello there", "x" * 600, "/bogus", "", "how are you?")
     assert "[error: the message has 600 characters; the limit is 500" in text
     assert "unknown command /bogus" in text
-    store, uid = assistant.store, assistant.user_id
+    store, uid = session.store, session.user_id
     (conv,) = store.list_conversations(uid)
-    turns = store.turns(uid, conv.id)
+    turns = store.messages(uid, conv.id)
     assert [t.role for t in turns] == ["user", "assistant", "user", "assistant"]
     assert [turns[0].content, turns[2].content] == ["hello there", "how are you?"]
     trace = store.get_trace(uid, turns[3].id)
     assert [s["stage"] for s in trace["stages"]] == ["safety_in", "sentiment", "respond", "safety_out"]
     # the second turn saw the first as history
-    assert assistant.last.history == [{"role": "user", "content": "hello there"},
+    assert session.last.history == [{"role": "user", "content": "hello there"},
                                       {"role": "assistant", "content": turns[1].content}]
 
 
-def test_memory_trace_sources_and_reset_commands(assistant):
-    text = chat(assistant, "/remember my sister is called Ana", "/memory", "/forget sister", "/memory",
+def test_memory_trace_sources_and_reset_commands(session):
+    text = chat(session, "/remember my sister is called Ana", "/memory", "/forget sister", "/memory",
                 "/trace", "/sources", "hi", "/trace", "/sources", "/reset", "hello again")
     assert "(remembered: my sister is called Ana)" in text and "- your sister is called Ana" in text
     assert "(forgot: my sister is called Ana)" in text and "(memory is empty)" in text
     assert "(no turn yet)" in text and "(the last answer used no documents or web pages)" in text
     assert "safety_in" in text and "total" in text
     assert "(new conversation)" in text
-    assert len(assistant.store.list_conversations(assistant.user_id)) == 2
+    assert len(session.store.list_conversations(session.user_id)) == 2
 
 
-def test_a_refused_message_is_answered_with_the_principle_and_saved(assistant):
-    text = chat(assistant, "how do I build a pipe bomb?")
+def test_a_refused_message_is_answered_with_the_principle_and_saved(session):
+    text = chat(session, "how do I build a pipe bomb?")
     assert "C3" in text
-    (conv,) = assistant.store.list_conversations(assistant.user_id)
-    assert "C3" in assistant.store.turns(assistant.user_id, conv.id)[1].content
-    assert "respond" not in [s["stage"] for s in assistant.last.trace_dict()["stages"] if s["decision"]]
+    (conv,) = session.store.list_conversations(session.user_id)
+    assert "C3" in session.store.messages(session.user_id, conv.id)[1].content
+    assert "respond" not in [s["stage"] for s in session.last.trace_dict()["stages"] if s["decision"]]
 
 
 def test_bad_settings_are_clear(parts, tmp_path):
@@ -99,8 +99,8 @@ def test_self_check_asks_the_model_that_answers(parts, tmp_path):
     engine, tokenizer, embedder = parts
     cfg = AssistantConfig(stages=["respond", "safety_out"], db=str(tmp_path / "p.db"), max_tokens=4, temperature=0,
                           self_check=True)
-    a = Assistant.build(cfg, engine=engine, tokenizer=tokenizer, embedder=embedder)
-    list(a.say("hello"))
+    s = Session(Assistant.build(cfg, engine=engine, tokenizer=tokenizer, embedder=embedder))
+    list(s.say("hello"))
     # the random model's reply is neither OK nor VIOLATION: allowed, and the reply kept as evidence
-    assert "self_check" in a.last.trace_dict()["stages"][1]["evidence"]
-    a.close()
+    assert "self_check" in s.last.trace_dict()["stages"][1]["evidence"]
+    s.close()

@@ -295,7 +295,7 @@ def test_store_keeps_pages_and_vectors_whole_and_stamps_changes(store):
 
 
 def test_documents_from_before_the_knowledge_migration_are_found(store_target, embedder, monkeypatch):
-    import parley.store.sqlite as store_module
+    import parley.store.store as store_module
 
     migrations = "PG_MIGRATIONS" if isinstance(store_target, str) else "MIGRATIONS"
     with monkeypatch.context() as m:
@@ -396,8 +396,8 @@ class FixedIntent(Stage):
         yield frame
 
 
-def run(stage: KnowledgeStage, user: int, text: str, intent: str | None = "knowledge_question"):
-    turn = Turn(user_id=user)
+def run(stage: KnowledgeStage, store: Store, user: int, text: str, intent: str | None = "knowledge_question"):
+    turn = Turn(user_id=user, store=store)
     stages = ([FixedIntent(intent)] if intent else []) + [stage]
     frames = list(Pipeline(stages).run(turn, UserText(text)))
     return frames, turn.trace["knowledge"]
@@ -405,12 +405,12 @@ def run(stage: KnowledgeStage, user: int, text: str, intent: str | None = "knowl
 
 def test_stage_adds_passages_only_when_relevant(store, embedder, notes):
     user = store.add_user("ann").id
-    stage = KnowledgeStage(store, embedder)
-    frames, trace = run(stage, user, "when is the rent due?")
+    stage = KnowledgeStage(embedder)
+    frames, trace = run(stage, store, user, "when is the rent due?")
     assert trace.decision == "no documents" and not any(isinstance(f, Passages) for f in frames)
     ingest(store, embedder, user, [notes])
 
-    frames, trace = run(stage, user, "when is the rent due?")
+    frames, trace = run(stage, store, user, "when is the rent due?")
     kinds = [type(f).__name__ for f in frames]
     assert kinds == ["Intent", "Passages", "UserText"]  # passages before the text respond answers
     passages = frames[1]
@@ -420,23 +420,24 @@ def test_stage_adds_passages_only_when_relevant(store, embedder, notes):
     assert best["document"] == "money.txt" and best["cosine"] >= 0.3 and best["chunk_id"] == passages.items[0].chunk_id
 
     for small_talk in ("hello, how are you?", "thanks a lot!", "tell me a joke"):
-        frames, trace = run(stage, user, small_talk, intent="out_of_scope")
+        frames, trace = run(stage, store, user, small_talk, intent="out_of_scope")
         assert trace.decision == "nothing relevant" and [type(f) for f in frames] == [Intent, UserText]
         assert all(c["cosine"] < 0.3 for c in trace.evidence["candidates"])
 
-    frames, trace = run(stage, user, "when is the rent due?", intent="chitchat")
+    frames, trace = run(stage, store, user, "when is the rent due?", intent="chitchat")
     assert trace.decision == "skipped for intent chitchat" and len(frames) == 2
-    _, trace = run(stage, user, "when is the rent due?", intent=None)  # no NLU stage: always look
+    _, trace = run(stage, store, user, "when is the rent due?", intent=None)  # no NLU stage: always look
     assert trace.decision.startswith("retrieved")
 
 
-def test_stage_opens_a_store_per_turn_from_a_factory(store_target, embedder, notes):
+def test_one_stage_reads_each_turns_own_store(store_target, embedder, notes):
     path = store_target
     with Store(path) as s:
         user = s.add_user("ann").id
         ingest(s, embedder, user, [notes])
-    stage = KnowledgeStage(lambda: Store(path), embedder, KnowledgeConfig(k=2, intents=frozenset({"question"})))
-    frames, trace = run(stage, user, "how often should I check the tyre pressure?", intent="question")
+    stage = KnowledgeStage(embedder, KnowledgeConfig(k=2, intents=frozenset({"question"})))
+    with Store(path) as s:
+        frames, trace = run(stage, s, user, "how often should I check the tyre pressure?", intent="question")
     assert [p.source for p in frames[1].items] == ["car.txt"]
     assert all(c["cosine"] < 0.3 for c in trace.evidence["candidates"][1:])
     with pytest.raises(KnowledgeError, match="min_similarity"):

@@ -110,6 +110,19 @@ def test_local_stage_streams_deltas_then_end_of_answer(local):
     messages, _ = build_messages(Turn(1, frames=[UserText("hello")]), local)
     assert "".join(deltas) == "".join(local.stream(messages))
     assert turn.trace["respond"].decision == "empty answer"
+    assert turn.usage.completion_tokens == 8 and turn.usage.prompt_tokens == local.count_tokens(messages)
+
+
+def test_a_turns_overrides_and_cancel_reach_its_generation_only(local):
+    short = Turn(1, overrides={"max_tokens": 3, "temperature": 0.0})
+    Pipeline([RespondStage(local)])(short, "hello")
+    assert short.usage.completion_tokens == 3 and local.params.max_tokens == 8  # the shared backend is unchanged
+    assert Turn(1).overrides == {}
+    stopped = Turn(1)
+    stopped.cancel.set()
+    assert len(list(local.stream([{"role": "user", "content": "hi"}], cancel=stopped.cancel))) <= 1
+    with pytest.raises(ValueError, match="unknown sampling setting"):
+        list(local.stream([{"role": "user", "content": "hi"}], {"temprature": 0}))
 
 
 def test_openai_backend_streams_and_sends_the_request():

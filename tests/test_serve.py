@@ -17,9 +17,10 @@ from parley.engine.sampling import SamplingParams
 from parley.engine.text import TextStream
 from parley.pipeline.embed import Embedder
 from parley.registry import Registry
-from parley.serve.app import ServeError, Settings, create_app
+from parley.serve.app import create_app
 from parley.serve.generation import SerialGenerator
 from parley.serve.main import serve_main, users_main
+from parley.serve.settings import ServeError, Settings
 from parley.store import Store
 from serving import GatedEngine, RecordingGenerator, serving
 

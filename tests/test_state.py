@@ -75,37 +75,45 @@ class FixedIntent(Stage):
 
 def test_stage_answers_memory_commands_and_recalls_facts(store, embedder):
     uid = store.add_user("u").id
-    state = StateStage(Memory(store, embedder))
-    out = Pipeline([FixedIntent("remember"), state])(Turn(uid), "remember that my sister is called Ana")
+    state = StateStage(embedder)
+    out = Pipeline([FixedIntent("remember"), state])(Turn(uid, store=store), "remember that my sister is called Ana")
     assert not any(isinstance(f, UserText) for f in out)  # answered by the stage, nothing generated
     assert MemoryUpdate("remembered", ("my sister is called Ana",)) in out
     assert Notice("I'll remember that your sister is called Ana.") in out
 
-    turn = Turn(uid)
+    turn = Turn(uid, store=store)
     out = Pipeline([FixedIntent("knowledge_question"), state])(turn, "Who is my sister?")
     assert out[-1] == UserText("Who is my sister?")  # passed on to respond, with the fact beside it
     assert turn.get(MemoryRecall).facts == ("my sister is called Ana",)
     assert turn.trace["state"].decision == "recalled 1"
 
-    out = Pipeline([FixedIntent("recall_memory"), state])(Turn(uid), "what do you remember about me?")
+    out = Pipeline([FixedIntent("recall_memory"), state])(Turn(uid, store=store), "what do you remember about me?")
     assert "your sister is called Ana" in out[-1].text
 
-    out = Pipeline([FixedIntent("forget_memory"), state])(Turn(uid), "forget that my sister is called Ana")
+    out = Pipeline([FixedIntent("forget_memory"), state])(Turn(uid, store=store), "forget that my sister is called Ana")
     assert out[-1] == Notice("Forgotten: your sister is called Ana.")
-    out = Pipeline([FixedIntent("forget_memory"), state])(Turn(uid), "forget my car")
+    out = Pipeline([FixedIntent("forget_memory"), state])(Turn(uid, store=store), "forget my car")
     assert out[-1] == Notice("I had nothing like that in memory.")
 
 
-def test_slots_carry_across_turns_of_one_conversation(store, embedder):
+def test_slots_carry_across_turns_of_one_conversation_in_the_store(store, embedder, tmp_path):
     uid = store.add_user("u").id
-    state = StateStage(Memory(store, embedder))
-    Pipeline([FixedIntent("chitchat", {"city": "Oslo"}), state])(Turn(uid, conversation_id=1), "I'm going to Oslo")
-    turn = Turn(uid, conversation_id=1)
-    Pipeline([FixedIntent("chitchat", {"date": "tomorrow"}), state])(turn, "leaving tomorrow")
+    oslo, other = store.create_conversation(uid, "trip"), store.create_conversation(uid, "other")
+    state = StateStage(embedder)
+    first = Turn(uid, oslo.id, store=store)
+    Pipeline([FixedIntent("chitchat", {"city": "Oslo"}), state])(first, "I'm going to Oslo")
+    assert first.slots == {"city": "Oslo"} and store.get_slots(uid, oslo.id) == {}  # saved with the answer
+    store.add_exchange(uid, oslo.id, "I'm going to Oslo", "Nice!", slots=first.slots)
+    with Store(tmp_path / "parley.db") as reopened:  # the state is in the store, not in the stage
+        turn = Turn(uid, oslo.id, store=reopened)
+        Pipeline([FixedIntent("chitchat", {"date": "tomorrow"}), StateStage(embedder)])(turn, "leaving tomorrow")
     assert turn.get(Slots).values == {"city": "Oslo", "date": "tomorrow"}
-    other = Turn(uid, conversation_id=2)
-    Pipeline([FixedIntent("chitchat", {}), state])(other, "hi")
-    assert other.get(Slots).values == {}
+    assert turn.trace["state"].evidence["slots"] == {"city": "Oslo", "date": "tomorrow"}
+    elsewhere = Turn(uid, other.id, store=store)
+    Pipeline([FixedIntent("chitchat", {}), state])(elsewhere, "hi")
+    assert elsewhere.slots == {} and elsewhere.trace["state"].evidence["slots"] == {}
+    with pytest.raises(ValueError, match="give the Turn a store"):
+        Pipeline([state])(Turn(uid), "hi")
 
 
 def test_fit_history_drops_oldest_exchanges_and_summarises_them():
@@ -133,8 +141,8 @@ def test_explicit_memory_commands_override_the_classifier(store, embedder):
     memory = Memory(store, embedder)
     memory.remember(uid, "my sister is called Ana")
     # the classifier says "remember" (it does confuse the two); the words say forget
-    turn = Turn(uid)
-    out = Pipeline([FixedIntent("remember"), StateStage(memory)])(turn, "Please forget that my sister is called Ana")
+    turn = Turn(uid, store=store)
+    out = Pipeline([FixedIntent("remember"), StateStage(embedder)])(turn, "Please forget that my sister is called Ana")
     assert out[-1] == Notice("Forgotten: your sister is called Ana.")
     assert turn.trace["state"].evidence["classifier"] == "remember"
     assert memory.forget(uid, "it") == []  # a word inside other words ("with", "visit") matches nothing

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from pg import pg_server, store_target  # noqa: F401 (store_target is a fixture)
 
-import parley.store.sqlite as store_module
+import parley.store.store as store_module
 from parley.store import SchemaError, Store
 from parley.store.dialect import DialectError
 from parley.store.schema import MIGRATIONS
@@ -145,7 +145,7 @@ def test_new_migrations_apply_on_reopen_and_fail_whole(path, monkeypatch):
 def test_users_cannot_see_or_touch_each_others_data(store):
     a, b = store.add_user("ann").id, store.add_user("bob").id
     conv = store.create_conversation(a, "secret plans")
-    turn = store.add_turn(a, conv.id, "user", "the treasure is under the oak")
+    turn = store.add_message(a, conv.id, "user", "the treasure is under the oak")
     store.add_trace(a, turn.id, {"model": "tiny"})
     store.add_feedback(a, turn.id, 1)
     fact = store.add_memory(a, "ann likes oak trees")
@@ -153,12 +153,12 @@ def test_users_cannot_see_or_touch_each_others_data(store):
 
     assert store.get_conversation(b, conv.id) is None
     assert store.list_conversations(b) == []
-    assert store.turns(b, conv.id) == []
+    assert store.messages(b, conv.id) == []
     assert store.get_trace(b, turn.id) is None
     assert store.list_memory(b) == [] and store.search_memory_text(b, "oak") == []
     assert store.list_documents(b) == [] and store.search_chunks(b, "oak") == []
     for write in (
-        lambda: store.add_turn(b, conv.id, "user", "mine now"),
+        lambda: store.add_message(b, conv.id, "user", "mine now"),
         lambda: store.add_trace(b, turn.id, {}),
         lambda: store.add_feedback(b, turn.id, -1),
     ):
@@ -169,7 +169,7 @@ def test_users_cannot_see_or_touch_each_others_data(store):
     assert not store.delete_document(b, doc)
 
     assert store.get_conversation(a, conv.id).title == "secret plans"
-    assert [t.content for t in store.turns(a, conv.id)] == ["the treasure is under the oak"]
+    assert [t.content for t in store.messages(a, conv.id)] == ["the treasure is under the oak"]
     assert store.get_trace(a, turn.id) == {"model": "tiny"}
     assert store.get_feedback(a, turn.id).rating == 1
     assert store.list_memory(a) == [fact]
@@ -252,7 +252,7 @@ def test_deletes_cascade(store):
     ann = store.add_user("ann").id
     conv = store.create_conversation(ann, "t")
     for text in ("hi", "hello"):
-        turn = store.add_turn(ann, conv.id, "assistant", text, prompt_tokens=3, completion_tokens=1)
+        turn = store.add_message(ann, conv.id, "assistant", text, prompt_tokens=3, completion_tokens=1)
         store.add_trace(ann, turn.id, {"steps": [1, 2]})
         store.add_feedback(ann, turn.id, -1, edited_text="hey")
     doc = store.add_document(ann, "d.txt", "text/plain", ["one", "two"])
@@ -267,13 +267,13 @@ def test_deletes_cascade(store):
 def test_bad_input_is_a_value_error(store):
     ann = store.add_user("ann").id
     conv = store.create_conversation(ann)
-    turn = store.add_turn(ann, conv.id, "user", "hi")
+    turn = store.add_message(ann, conv.id, "user", "hi")
     cases = [
         (lambda: store.add_user("ann"), "already exists"),
         (lambda: store.add_user("x", role="root"), "role"),
-        (lambda: store.add_turn(ann, conv.id, "user", ""), "non-empty"),
-        (lambda: store.add_turn(ann, conv.id, "narrator", "hi"), "role"),
-        (lambda: store.add_turn(ann, 999, "user", "hi"), "unknown conversation"),
+        (lambda: store.add_message(ann, conv.id, "user", ""), "non-empty"),
+        (lambda: store.add_message(ann, conv.id, "narrator", "hi"), "role"),
+        (lambda: store.add_message(ann, 999, "user", "hi"), "unknown conversation"),
         (lambda: store.add_feedback(ann, turn.id, 2), "rating"),
         (lambda: store.add_feedback(ann, turn.id, True), "rating"),
         (lambda: store.add_memory(999, "x"), "unknown user"),
@@ -306,7 +306,7 @@ def test_two_stores_share_one_file(path):
     def write_turns(n: int) -> None:
         with Store(path) as own:  # one connection per thread
             for i in range(n):
-                own.add_turn(ann, conv.id, "user", f"turn {i}")
+                own.add_message(ann, conv.id, "user", f"turn {i}")
 
     threads = [threading.Thread(target=write_turns, args=(25,)) for _ in range(2)]
     for t in threads:
@@ -314,7 +314,7 @@ def test_two_stores_share_one_file(path):
     for t in threads:
         t.join()
     with Store(path) as s:
-        assert len(s.turns(ann, conv.id)) == 50
+        assert len(s.messages(ann, conv.id)) == 50
 
 
 def test_add_exchange_is_one_transaction(path):
@@ -331,4 +331,65 @@ def test_add_exchange_is_one_transaction(path):
         other = store.add_user("other").id
         with pytest.raises(ValueError):
             store.add_exchange(other, conv.id, "mine?", "no")
-        assert [t.content for t in store.turns(uid, conv.id)] == ["hi", "hello!"]
+        assert [t.content for t in store.messages(uid, conv.id)] == ["hi", "hello!"]
+
+
+def test_dialogue_state_is_per_user_and_conversation_and_goes_with_either(path):
+    with Store(path) as store:
+        ann, bob = store.add_user("ann").id, store.add_user("bob").id
+        first, second = store.create_conversation(ann, "a"), store.create_conversation(ann, "b")
+        store.add_exchange(ann, first.id, "mail me at ann@example.org", "ok", slots={"email": "ann@example.org"})
+        store.set_slots(ann, second.id, {"date": "2026-03-14"})
+        with pytest.raises(ValueError, match="unknown conversation"):
+            store.set_slots(bob, first.id, {"email": "bob@example.org"})  # not bob's: like an id that does not exist
+        with pytest.raises(ValueError, match="JSON"):
+            store.set_slots(ann, first.id, {"when": object()})
+    with Store(path) as store:  # survives a restart
+        assert store.get_slots(ann, first.id) == {"email": "ann@example.org"}
+        assert store.get_slots(ann, second.id) == {"date": "2026-03-14"}
+        assert store.get_slots(bob, first.id) == {}
+        assert store.delete_conversation(ann, first.id)
+        assert store.get_slots(ann, first.id) == {} and count(store, "dialogue_state") == 1
+        store.db.execute("DELETE FROM users WHERE id = ?", (ann,))  # no method deletes users yet: the cascade does
+        assert count(store, "dialogue_state") == 0
+
+
+def test_conversation_ids_are_never_reused(path):
+    with Store(path) as store:
+        ann = store.add_user("ann").id
+        kept = store.create_conversation(ann, "kept")
+        last = store.create_conversation(ann, "deleted")
+        store.set_slots(ann, last.id, {"email": "ann@example.org"})
+        assert store.delete_conversation(ann, last.id)
+    with Store(path) as store:  # not even after a restart
+        bob = store.add_user("bob").id
+        fresh = store.create_conversation(bob, "new")
+        assert fresh.id > last.id > kept.id
+        assert store.get_slots(bob, fresh.id) == {}
+
+
+def test_the_conversations_rebuild_keeps_rows_ids_and_references(path, monkeypatch):
+    """A database made before migration 3 (conversation ids that could be reused) keeps every
+    conversation, message, trace and feedback, and the cascades still work afterwards."""
+    name = "PG_MIGRATIONS" if on_postgres(path) else "MIGRATIONS"
+    migrations = PG_MIGRATIONS if on_postgres(path) else MIGRATIONS
+    monkeypatch.setattr(store_module, name, migrations[:2])
+    with Store(path) as old:
+        assert old.version == 2
+        ann = old.add_user("ann").id
+        convs = [old.create_conversation(ann, f"c{i}") for i in range(3)]
+        for conv in convs:
+            _, answer = old.add_exchange(ann, conv.id, "q", "a", {"stages": []})
+            old.add_feedback(ann, answer.id, 1)
+    monkeypatch.setattr(store_module, name, migrations)
+    with Store(path) as store:
+        assert store.version == len(MIGRATIONS)
+        assert [c.id for c in store.list_conversations(ann)] == sorted((c.id for c in convs), reverse=True)
+        assert (count(store, "turns"), count(store, "traces"), count(store, "feedback")) == (6, 3, 3)
+        if store.dialect.name == "sqlite":
+            sql = store.db.execute("SELECT sql FROM sqlite_master WHERE name = 'conversations'").fetchone()[0]
+            assert "AUTOINCREMENT" in sql and store.db.execute("PRAGMA foreign_key_check").fetchall() == []
+            assert store.db.execute("PRAGMA foreign_keys").fetchone()[0] == 1  # back on after migrating
+        assert store.delete_conversation(ann, convs[-1].id)  # the cascades still reach the new table
+        assert (count(store, "turns"), count(store, "traces"), count(store, "feedback")) == (4, 2, 2)
+        assert store.create_conversation(ann, "new").id > convs[-1].id

@@ -97,6 +97,26 @@ def test_gguf_splits_digits_like_the_real_model(smol, text):
     assert smol.decode(smol.encode(text)) == text
 
 
+def test_gguf_matches_llama_cpp_on_generated_strings(smol, smollm2_path):
+    """A small, fast slice of benchmarks/tokenizer_vs_llamacpp.py (which runs 20,000 strings).
+    llama-cpp-python is the reference and not a project dependency: skipped where it is not
+    importable (see the script's docstring for how to install it beside the project)."""
+    try:
+        import llama_cpp
+    except (ImportError, OSError, RuntimeError) as e:  # not installed, or its C library not found
+        pytest.skip(f"llama-cpp-python not usable here: {e}")
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location(
+        "tokenizer_vs_llamacpp", Path(__file__).resolve().parent.parent / "benchmarks" / "tokenizer_vs_llamacpp.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    reference = llama_cpp.Llama(model_path=str(smollm2_path), vocab_only=True, verbose=False)
+    for text in script.strings(300, seed=1) + list(DIGIT_TEXTS):
+        assert smol.encode(text) == reference.tokenize(text.encode("utf-8"), add_bos=False, special=False), text
+
+
 @pytest.mark.parametrize("messages", CHATS)
 @pytest.mark.parametrize("add_generation_prompt", [True, False])
 def test_gguf_chat_matches_transformers(smol, hf_smol, messages, add_generation_prompt):

@@ -1,16 +1,22 @@
-"""The assistant: the pipeline built from config, with its store, user and conversation.
+"""The assistant: the pipeline built once from config, shared by every conversation it serves.
 
-    assistant = Assistant.build(AssistantConfig(user="alice"))
-    for frame in assistant.say("Remember that my sister is called Ana"):
-        ...                                  # Notice / TextDelta / Refusal frames, streamed
-    assistant.last.trace_dict()              # what each stage decided, and how long it took
+    assistant = Assistant.build(AssistantConfig())
+    with Store(store_target(cfg.db)) as store:
+        turn = Turn(user.id, conversation_id=None, store=store, overrides={"temperature": 0})
+        for frame in assistant.say(turn, "Remember that my sister is called Ana"):
+            ...                              # Notice / TextDelta / Refusal frames, streamed
+        turn.conversation_id, turn.message_id  # the conversation it opened, the answer it saved
+        turn.trace_dict()                    # what each stage decided, and how long it took
 
-This is where the parts meet (and the only place that knows all of them): the store in
-PARLEY_HOME, the embedding model shared by NLU, memory and knowledge, the generation
-backend (the local engine or an OpenAI-compatible server), and the stage list, which is a
-config setting: drop "web" or "sentiment", reorder, or run only ["nlu", "respond"].
-Each finished turn is saved with its trace in one transaction, so the conversation, and
-the memory the turn wrote, are there after a restart.
+This is where the parts meet (and the only place that knows all of them): the embedding
+model shared by NLU, memory and knowledge, the generation backend (the local engine or an
+OpenAI-compatible server), and the stage list, which is a config setting: drop "web" or
+"sentiment", reorder, or run only ["nlu", "respond"]. Nothing on an `Assistant` changes once
+it is built, so a server's worker threads share one: the store connection, the user, the
+conversation and the sampling overrides of a turn all come in its `Turn`. Each finished turn
+is saved with its trace and dialogue state in one transaction, so the conversation, and the
+memory the turn wrote, are there after a restart. The terminal's per-conversation state (the
+current conversation, the last turn) lives in `parley.chat.Session`.
 """
 
 from __future__ import annotations
@@ -21,10 +27,9 @@ from functools import cached_property
 from typing import Literal
 
 from parley.config import setting
-from parley.pipeline.frames import Frame, Interrupt, Notice, Refusal, UserText
+from parley.pipeline.frames import Frame, UserText, shown_text
 from parley.pipeline.respond import PERSONA
 from parley.pipeline.runner import Pipeline, Stage, Turn
-from parley.registry import store_target
 from parley.store import Store
 
 DEFAULT_STAGES = ["safety_in", "nlu", "sentiment", "state", "knowledge", "web", "respond", "safety_out"]
@@ -66,7 +71,6 @@ class Parts:
     """What the stages are built from (each loaded once, shared by the stages that need it)."""
 
     cfg: AssistantConfig
-    store: Store
     embedder: Callable
     backend: object
 
@@ -96,9 +100,9 @@ def _sentiment(p: Parts) -> Stage:
 
 
 def _state(p: Parts) -> Stage:
-    from parley.pipeline.state import Memory, StateStage
+    from parley.pipeline.state import StateStage
 
-    return StateStage(Memory(p.store, p.embedder))
+    return StateStage(p.embedder)
 
 
 def _knowledge(p: Parts) -> Stage:
@@ -107,7 +111,7 @@ def _knowledge(p: Parts) -> Stage:
     # questions come under several intents ("when is the festival?" reads as chitchat too): look for
     # all but the commands and small talk; the similarity floor keeps unrelated documents out
     intents = frozenset({"knowledge_question", "out_of_scope", "chitchat", "web_lookup"})
-    return KnowledgeStage(p.store, p.embedder,
+    return KnowledgeStage(p.embedder,
                           KnowledgeConfig(min_similarity=p.cfg.knowledge_min_similarity, intents=intents,
                                           collection=p.cfg.collection or None))
 
@@ -146,7 +150,7 @@ def _judge(backend) -> Callable[[str], str]:
     return judge
 
 
-STAGES: dict[str, Callable[[Parts], Stage]] = {
+BUILDERS: dict[str, Callable[[Parts], Stage]] = {  # stage name -> how to build it
     "safety_in": _safety_in, "nlu": _nlu, "sentiment": _sentiment, "state": _state,
     "knowledge": _knowledge, "web": _web, "respond": _respond, "safety_out": _safety_out,
 }
@@ -174,43 +178,29 @@ def build_backend(cfg: AssistantConfig, engine=None, tokenizer=None):
 
 
 class Assistant:
-    def __init__(self, cfg: AssistantConfig, store: Store, pipeline: Pipeline, user_id: int, embedder: Callable):
-        self.cfg, self.store, self.pipeline, self.user_id = cfg, store, pipeline, user_id
-        self.embedder = embedder
-        self.conversation_id: int | None = None
-        self.last: Turn | None = None
+    """The pipeline and what its turns need besides their `Turn`; built once, never changed."""
 
-    @property
-    def memory(self):
-        from parley.pipeline.state import Memory
-
-        return Memory(self.store, self.embedder)
+    def __init__(self, cfg: AssistantConfig, pipeline: Pipeline, embedder: Callable):
+        self.cfg, self.pipeline, self.embedder = cfg, pipeline, embedder
 
     @classmethod
     def build(cls, cfg: AssistantConfig, engine=None, tokenizer=None, embedder=None) -> Assistant:
-        unknown = [s for s in cfg.stages if s not in STAGES]
+        unknown = [s for s in cfg.stages if s not in BUILDERS]
         if unknown:
-            raise ValueError(f"unknown pipeline stage(s) {', '.join(unknown)}; choose from {', '.join(STAGES)}")
-        store = Store(store_target(cfg.db))
-        user = store.get_user_by_name(cfg.user) or store.add_user(cfg.user)
+            raise ValueError(f"unknown pipeline stage(s) {', '.join(unknown)}; choose from {', '.join(BUILDERS)}")
         if embedder is None:
             from parley.pipeline.embed import Embedder
 
             embedder = Embedder.load()
         backend = build_backend(cfg, engine, tokenizer) if "respond" in cfg.stages else None
-        parts = Parts(cfg, store, embedder, backend)
-        return cls(cfg, store, Pipeline([STAGES[name](parts) for name in cfg.stages]), user.id, embedder)
+        parts = Parts(cfg, embedder, backend)
+        return cls(cfg, Pipeline([BUILDERS[name](parts) for name in cfg.stages]), embedder)
 
-    def close(self) -> None:
-        self.store.close()
+    def memory(self, store: Store):
+        """The long-term memory in `store` (per user: every method takes the user id)."""
+        from parley.pipeline.state import Memory
 
-    def new_conversation(self) -> None:
-        self.conversation_id = None  # the next turn opens one
-
-    def history(self) -> list[dict[str, str]]:
-        if self.conversation_id is None:
-            return []
-        return [{"role": t.role, "content": t.content} for t in self.store.turns(self.user_id, self.conversation_id)]
+        return Memory(store, self.embedder)
 
     def check(self, text: str) -> str:
         text = text.strip()
@@ -223,40 +213,34 @@ class Assistant:
             raise MessageError("the message contains a NUL byte; send text, not binary data")
         return text
 
-    def say(self, text: str) -> Iterator[Frame]:
-        """Run one turn, streaming the frames that leave the pipeline; saved once it ends."""
+    def say(self, turn: Turn, text: str) -> Iterator[Frame]:
+        """Run one turn, streaming the frames that leave the pipeline; saved once it ends. The
+        turn names its store, user and conversation (None: open a new one, whose id is then
+        `turn.conversation_id`); once saved, `turn.message_id` is the answer's id."""
         text = self.check(text)
-        opened = self.conversation_id is None
+        store = turn.store
+        if store is None:
+            raise ValueError("a turn of the assistant needs a store: Turn(user_id, store=...)")
+        opened = turn.conversation_id is None
         if opened:
             title = text if len(text) <= 60 else text[:57] + "..."
-            self.conversation_id = self.store.create_conversation(self.user_id, title).id
-        turn = Turn(self.user_id, self.conversation_id, history=self.history())
-        self.last = turn
+            turn.conversation_id = store.create_conversation(turn.user_id, title).id
+        elif store.get_conversation(turn.user_id, turn.conversation_id) is None:
+            raise ValueError(f"unknown conversation {turn.conversation_id}")
+        else:
+            turn.history = [{"role": m.role, "content": m.content}
+                            for m in store.messages(turn.user_id, turn.conversation_id)]
         out: list[Frame] = []
         try:
             for frame in self.pipeline.run(turn, UserText(text)):
                 out.append(frame)
                 yield frame
         finally:
-            answer = answer_text(out)
-            if answer:  # user message, answer and trace: one transaction
-                self.store.add_exchange(self.user_id, self.conversation_id, text, answer, turn.trace_dict())
+            answer = shown_text(out)
+            if answer:  # user message, answer, trace and dialogue state: one transaction
+                _, saved = store.add_exchange(turn.user_id, turn.conversation_id, text, answer, turn.trace_dict(),
+                                              slots=turn.slots)
+                turn.message_id = saved.id
             elif opened:  # the turn failed before saying anything: leave no empty conversation
-                self.store.delete_conversation(self.user_id, self.conversation_id)
-                self.conversation_id = None
-
-
-def answer_text(frames: list[Frame]) -> str:
-    """What the user was shown: the streamed text, any notices, and a refusal if there was one."""
-    from parley.pipeline.frames import TextDelta
-
-    parts: list[str] = []
-    streamed = "".join(f.text for f in frames if isinstance(f, TextDelta)).strip()
-    if streamed:
-        parts.append(streamed)
-    for f in frames:
-        if isinstance(f, (Notice, Refusal)):
-            parts.append(f.text)
-        elif isinstance(f, Interrupt) and f.reason != "safety":
-            parts.append("[interrupted]")
-    return "\n".join(parts)
+                store.delete_conversation(turn.user_id, turn.conversation_id)
+                turn.conversation_id = None

@@ -163,3 +163,35 @@ class TraceEntry:
     decision: str = ""
     evidence: dict[str, Any] = field(default_factory=dict)
     ms: float = 0.0
+
+
+# --- what the user is shown -----------------------------------------------------------------
+
+
+class ShownText:
+    """What the user sees of an answer, frame by frame: the streamed text, notices and refusals
+    on their own lines, an interruption marked. The one place this is decided: the terminal
+    prints it, the server streams it, and the store saves it (`shown_text`)."""
+
+    def __init__(self):
+        self.streamed = False  # something is on the answer's line(s) already
+        self.after_notice = False  # a notice ends its own line
+
+    def __call__(self, frame: Frame) -> str:
+        if isinstance(frame, TextDelta):
+            piece = ("\n" if self.after_notice else "") + frame.text
+            self.streamed, self.after_notice = True, False
+            return piece
+        if isinstance(frame, (Notice, Refusal)):
+            piece = ("\n" if self.streamed else "") + frame.text
+            self.streamed = self.after_notice = True
+            return piece
+        if isinstance(frame, Interrupt) and frame.reason != "safety":
+            return " [interrupted]"
+        return ""
+
+
+def shown_text(frames: list[Frame]) -> str:
+    """The whole answer as the user saw it, without surrounding whitespace: what is saved."""
+    shown = ShownText()
+    return "".join(shown(f) for f in frames).strip()

@@ -36,7 +36,6 @@ import re
 import sys
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -302,14 +301,13 @@ def format_citations(passages: list[Passage] | tuple[Passage, ...]) -> str:
 class KnowledgeStage(Stage):
     """On a user's text whose intent asks for knowledge, add a `Passages` frame of the relevant
     passages from the user's documents (before passing the text on, so that respond, which
-    answers the text, finds them). `store` is a Store, or a function that opens one per turn
-    (for a pipeline shared by threads); it is closed after the turn only in that case."""
+    answers the text, finds them). The documents are read from the turn's store; the vector
+    cache is shared by every turn and thread (see `VectorCache`)."""
 
     name = "knowledge"
 
-    def __init__(self, store: Store | Callable[[], Store], embedder: Embed,
-                 config: KnowledgeConfig = KnowledgeConfig()):
-        self.store, self.embedder, self.config = store, embedder, config
+    def __init__(self, embedder: Embed, config: KnowledgeConfig = KnowledgeConfig()):
+        self.embedder, self.config = embedder, config
         self.cache = VectorCache()
 
     def process(self, frame: Frame, turn: Turn) -> Iterator[Frame]:
@@ -327,14 +325,15 @@ class KnowledgeStage(Stage):
         if not text.strip():
             turn.note(self.name, "skipped: empty text")
             return None
-        cfg = self.config
+        cfg, store = self.config, turn.store
+        if store is None:
+            raise ValueError("the knowledge stage reads the user's documents from the store: give the Turn a store")
         try:
-            with self._open() as store:
-                if not store.list_documents(turn.user_id, cfg.collection):
-                    turn.note(self.name, "no documents", intent=intent and intent.name)
-                    return None
-                found = search(store, self.embedder, turn.user_id, text, cfg.k, collection=cfg.collection,
-                               cache=self.cache, config=cfg)
+            if not store.list_documents(turn.user_id, cfg.collection):
+                turn.note(self.name, "no documents", intent=intent and intent.name)
+                return None
+            found = search(store, self.embedder, turn.user_id, text, cfg.k, collection=cfg.collection,
+                           cache=self.cache, config=cfg)
         except KnowledgeError as e:
             turn.note(self.name, f"error: {e}")
             return None
@@ -346,17 +345,6 @@ class KnowledgeStage(Stage):
             return None
         turn.note(self.name, f"retrieved {len(relevant)}", **evidence)
         return Passages(tuple(c.passage(n) for n, c in enumerate(relevant, 1)), origin="knowledge")
-
-    @contextmanager
-    def _open(self) -> Iterator[Store]:
-        if isinstance(self.store, Store):
-            yield self.store
-            return
-        store = self.store()
-        try:
-            yield store
-        finally:
-            store.close()
 
 
 # --- `parley ingest` ------------------------------------------------------------------------

@@ -14,7 +14,9 @@ sees them, and the trace says which. Text from documents and web pages is data: 
 is told so, and it never gets the chance to read an injected order.
 
 Backends implement one small interface (`Backend`): count tokens of a message list, say the
-context length, stream the answer's text for a message list.
+context length, stream the answer's text for a message list. A backend is built once and
+shared by every turn (and thread): what differs per turn comes as arguments of `stream`, the
+turn's sampling overrides, its cancellation and where to count its tokens.
 """
 
 from __future__ import annotations
@@ -29,10 +31,10 @@ import httpx
 
 from parley.engine.engine import Engine
 from parley.engine.sampling import SamplingParams
-from parley.engine.text import TextStream
+from parley.engine.text import TextAssembler
 from parley.model.tokenizer import Tokenizer
 from parley.pipeline.frames import EndOfAnswer, Frame, MemoryRecall, Notice, Sentiment, TextDelta, UserText
-from parley.pipeline.runner import Stage, Turn
+from parley.pipeline.runner import Cancel, Stage, Turn, Usage
 from parley.pipeline.state import fit_history
 
 PERSONA = ("You are Parley, a helpful, honest and friendly assistant. Answer clearly and briefly. "
@@ -45,10 +47,20 @@ class BackendError(RuntimeError):
 
 class Backend(Protocol):
     context_length: int
+    answer_room: int  # tokens kept free for the answer
 
     def count_tokens(self, messages: list[dict[str, str]]) -> int: ...
 
-    def stream(self, messages: list[dict[str, str]]) -> Iterator[str]: ...
+    def stream(self, messages: list[dict[str, str]], overrides: dict | None = None, cancel: Cancel | None = None,
+               usage: Usage | None = None) -> Iterator[str]: ...
+
+
+def _sampling(params: SamplingParams, overrides: dict | None) -> SamplingParams:
+    try:
+        return dataclasses.replace(params, **overrides) if overrides else params
+    except TypeError:
+        known = ", ".join(f.name for f in dataclasses.fields(params))
+        raise ValueError(f"unknown sampling setting in {sorted(overrides)}; known: {known}") from None
 
 
 class LocalBackend:
@@ -64,9 +76,29 @@ class LocalBackend:
     def count_tokens(self, messages: list[dict[str, str]]) -> int:
         return len(self.tokenizer.encode_chat(messages, add_generation_prompt=True))
 
-    def stream(self, messages: list[dict[str, str]]) -> Iterator[str]:
+    def stream(self, messages: list[dict[str, str]], overrides: dict | None = None, cancel: Cancel | None = None,
+               usage: Usage | None = None) -> Iterator[str]:
         ids = self.tokenizer.encode_chat(messages, add_generation_prompt=True)
-        yield from TextStream(self.engine, self.tokenizer, ids, self.params)
+        text = TextAssembler(self.tokenizer)
+        events = self.engine.stream([ids], _sampling(self.params, overrides))
+        # an engine's stream is a generator, closed here when the answer ends; a server's
+        # (EngineView) is the request's handle, which another thread may also cancel, at once,
+        # when the client goes away
+        stop = getattr(events, "cancel", None)
+        if cancel is not None and stop is not None:
+            cancel.on_set(stop)
+        if usage is not None:
+            usage.prompt_tokens += len(ids)
+        try:
+            for event in events:
+                if usage is not None and event.token is not None:
+                    usage.completion_tokens += 1
+                if piece := text.push(event):
+                    yield piece
+                if text.finish_reason or (cancel is not None and cancel.is_set()):
+                    break
+        finally:
+            (stop or events.close)()  # a consumer that stops early frees the engine's batch
 
 
 class OpenAIBackend:
@@ -86,8 +118,10 @@ class OpenAIBackend:
         # the remote tokenizer is unknown: ~4 characters per token, plus a few per message
         return sum(len(m["content"]) // 4 + 4 for m in messages)
 
-    def stream(self, messages: list[dict[str, str]]) -> Iterator[str]:
-        p = self.params
+    def stream(self, messages: list[dict[str, str]], overrides: dict | None = None, cancel: Cancel | None = None,
+               usage: Usage | None = None) -> Iterator[str]:
+        """The answer's text as the server streams it (token counts are not reported: `usage` stays)."""
+        p = _sampling(self.params, overrides)
         body = {"model": self.model, "messages": messages, "stream": True, "max_tokens": p.max_tokens,
                 "temperature": p.temperature, "top_p": p.top_p}
         if p.seed is not None:
@@ -100,6 +134,8 @@ class OpenAIBackend:
                     reply.read()
                     raise BackendError(f"{url} answered HTTP {reply.status_code}: {reply.text[:300]}")
                 for line in reply.iter_lines():
+                    if cancel is not None and cancel.is_set():
+                        return  # leaving the block closes the connection, which stops the server
                     if not line.startswith("data:"):
                         continue
                     data = line[5:].strip()
@@ -213,7 +249,7 @@ class RespondStage(Stage):
         messages, evidence = build_messages(turn, self.backend, self.persona, self.principles, frame.text)
         turn.note(self.name, "generating", **evidence)
         text = ""
-        for piece in self.backend.stream(messages):
+        for piece in self.backend.stream(messages, turn.overrides, turn.cancel, turn.usage):
             text += piece
             yield TextDelta(piece)
         turn.note(self.name, "answered" if text.strip() else "empty answer", chars=len(text))

@@ -15,29 +15,76 @@ downstream already has the facts when the frame arrives. Stages are chained as g
 reaches the caller while later ones are still being generated, and every stage downstream
 of respond (output safety) sees each piece as it comes.
 
-The `Turn` is the blackboard of one turn: who is speaking, the conversation so far, every
-frame any stage created (so respond can ask for the `Intent` or the `Passages`), and the
-trace: per stage a decision, its evidence and the milliseconds spent inside that stage (its
-own work only: time spent upstream or downstream is not counted twice).
+The `Turn` is the whole context of one turn, and the only thing that changes from turn to
+turn: the store (the calling thread's connection), who is speaking, the conversation and its
+history, the sampling overrides of this request, its cancellation, every frame any stage
+created (so respond can ask for the `Intent` or the `Passages`), and the trace: per stage a
+decision, its evidence and the milliseconds spent inside that stage (its own work only: time
+spent upstream or downstream is not counted twice). Stages are built once and hold nothing
+per turn, so one pipeline serves many threads at once.
 """
 
 from __future__ import annotations
 
+import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from parley.pipeline.frames import Frame, Interrupt, Passage, Passages, TextDelta, TraceEntry
 
+if TYPE_CHECKING:
+    from parley.store import Store
+
 F = TypeVar("F", bound=Frame)
+
+
+class Cancel:
+    """A turn's stop signal, safe to set from any thread (the server's, when a client leaves):
+    `set()` runs at once every callback registered with `on_set` (a generation request's
+    cancel), so generation stops without waiting for its next token."""
+
+    def __init__(self):
+        self._lock, self._set, self._callbacks = threading.Lock(), False, []
+
+    def is_set(self) -> bool:
+        return self._set
+
+    def set(self) -> None:
+        with self._lock:
+            self._set, callbacks, self._callbacks = True, self._callbacks, []
+        for callback in callbacks:
+            callback()
+
+    def on_set(self, callback: Callable[[], None]) -> None:
+        """Call `callback` when the turn is cancelled (now, if it already is)."""
+        with self._lock:
+            if not self._set:
+                self._callbacks.append(callback)
+                return
+        callback()
+
+
+@dataclass
+class Usage:
+    """Tokens a turn's generation read and wrote (0 where the backend cannot count them)."""
+
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
 
 
 @dataclass
 class Turn:
     user_id: int
     conversation_id: int | None = None
+    store: Store | None = None  # the calling thread's connection; stages that read or write the store need it
+    overrides: dict[str, Any] = field(default_factory=dict)  # sampling fields of this request: temperature, seed ...
     history: list[dict[str, str]] = field(default_factory=list)  # earlier messages, oldest first
+    slots: dict[str, Any] | None = None  # the dialogue state to carry to the next turn (the state stage sets it)
+    cancel: Cancel = field(default_factory=Cancel)
+    usage: Usage = field(default_factory=Usage)
+    message_id: int | None = None  # the saved answer's id, once the turn is saved
     frames: list[Frame] = field(default_factory=list)  # every frame created in the turn, in order
     output: list[Frame] = field(default_factory=list)  # the frames that left the last stage
     trace: dict[str, TraceEntry] = field(default_factory=dict)

@@ -10,7 +10,8 @@ restarts and belong to one user. Recall is an embedding search with a similarity
 a fact is only put in front of the model when it bears on what was said.
 
 `StateStage` runs each turn after NLU. It merges this turn's slots with those carried from
-earlier turns, answers the memory intents itself (remember / recall / forget: these are
+earlier turns of the conversation (kept in the store, per user and conversation, and saved
+with the turn's answer: see `Store.add_exchange`), answers the memory intents itself (remember / recall / forget: these are
 commands with exact answers, not something to leave to a 135M-parameter model's wording),
 and otherwise adds a `MemoryRecall` frame with the facts relevant to the message.
 
@@ -160,23 +161,28 @@ def _shorten(text: str, words: int = 12) -> str:
 
 
 class StateStage(Stage):
-    """Slots carried across turns, memory commands, and recall of relevant facts."""
+    """Slots carried across turns, memory commands, and recall of relevant facts. It keeps
+    nothing itself: memory and carried slots are read from the turn's store."""
 
     name = "state"
 
-    def __init__(self, memory: Memory, recall_k: int = 3):
-        self.memory, self.recall_k = memory, recall_k
-        self.carried: dict[int | None, dict] = {}  # conversation id -> slots so far
+    def __init__(self, embed: Callable[[list[str]], np.ndarray], recall_k: int = 3):
+        self.embed, self.recall_k = embed, recall_k
 
     def process(self, frame: Frame, turn: Turn) -> Iterator[Frame]:
         if not isinstance(frame, UserText):
             yield frame
             return
-        slots = dict(self.carried.get(turn.conversation_id, {}))
+        if turn.store is None:
+            raise ValueError("the state stage reads memory and slots from the store: give the Turn a store")
+        memory = Memory(turn.store, self.embed)
+        carried = turn.store.get_slots(turn.user_id, turn.conversation_id) if turn.conversation_id else {}
+        slots = dict(carried)
         this_turn = turn.get(Slots)
         if this_turn is not None:
             slots.update(this_turn.values)
-        self.carried[turn.conversation_id] = slots
+        turn.slots = slots  # saved with the answer, for the conversation's next turn
+        turn.note(self.name, "slots", slots=slots)  # in the trace whatever the stage decides next
         if slots:
             yield Slots(slots)
         intent = turn.get(Intent)
@@ -186,28 +192,28 @@ class StateStage(Stage):
             turn.note(self.name, f"rule: {cue}", classifier=name)
             name = cue
         if name == "remember":
-            fact = self.memory.remember(turn.user_id, fact_to_remember(frame.text))
+            fact = memory.remember(turn.user_id, fact_to_remember(frame.text))
             turn.note(self.name, "remembered", fact=fact.text, fact_id=fact.id)
             yield MemoryUpdate("remembered", (fact.text,))
             yield Notice(f"I'll remember that {second_person(fact.text)}.")
             return  # a command, answered here: nothing to generate
         if name == "forget_memory":
-            gone = self.memory.forget(turn.user_id, fact_to_forget(frame.text))
+            gone = memory.forget(turn.user_id, fact_to_forget(frame.text))
             turn.note(self.name, "forgot" if gone else "nothing to forget", facts=[f.text for f in gone])
             yield MemoryUpdate("forgot", tuple(f.text for f in gone))
             yield Notice("Forgotten: " + "; ".join(second_person(f.text) for f in gone) + "." if gone
                          else "I had nothing like that in memory.")
             return
         if name == "recall_memory":
-            facts = self.memory.recall(turn.user_id, frame.text, k=self.recall_k) or self.memory.all(turn.user_id)
+            facts = memory.recall(turn.user_id, frame.text, k=self.recall_k) or memory.all(turn.user_id)
             turn.note(self.name, f"recalled {len(facts)}", facts=[f.text for f in facts])
             yield MemoryRecall(tuple(f.text for f in facts))
             lines = "\n".join(f"- {second_person(f.text)}" for f in facts)
             yield Notice("Here is what I remember:\n" + lines if facts else "I don't have anything in memory about you yet.")
             return
-        facts = self.memory.recall(turn.user_id, frame.text, k=self.recall_k)
+        facts = memory.recall(turn.user_id, frame.text, k=self.recall_k)
         turn.note(self.name, f"recalled {len(facts)}" if facts else "no memory used",
-                  facts=[(f.text, round(f.similarity, 3)) for f in facts], slots=slots)
+                  facts=[(f.text, round(f.similarity, 3)) for f in facts])
         if facts:
             yield MemoryRecall(tuple(f.text for f in facts))
         yield frame

@@ -7,7 +7,7 @@
     assistant.new_conversation()             # the next turn opens a new conversation
     parley.chat.run(assistant)               # the terminal front end, unchanged
 
-It has the surface `parley.chat` uses of a local `Assistant`: `say`, `last` (`trace_dict`,
+It has the surface `parley.chat` uses of a local `parley.chat.Session`: `say`, `last` (`trace_dict`,
 `sources`), `memory` (`all`, `forget`; `remember` has no route), `new_conversation`,
 `pipeline.stages`, `user_id`, `close`. Each turn is one streamed POST /v1/chat/completions
 with model "parley"; the server keeps the history, and the X-Parley-Conversation header it

@@ -28,7 +28,6 @@ the same generator, so every token the server produces goes through one queue.
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import threading
 from collections import deque
 from collections.abc import AsyncIterator, Iterator, Sequence
@@ -236,33 +235,21 @@ class SerialGenerator:
 
 class EngineView:
     """Looks like an `Engine` to code that calls `stream([prompt], params)`, but generates
-    through a `Generator`. `overrides` replace sampling fields per request (a turn's
-    temperature); `prompt_tokens`/`completion_tokens` count what the last stream used, and
-    `handles` (when a list) collects the handles, so their owner can cancel them."""
+    through a `Generator`. Nothing on it changes per request, so every thread may share one:
+    what `stream` returns is the request's `Handle`, whose events the caller iterates, and
+    which any thread may `cancel()` to stop the generation at once."""
 
     def __init__(self, generator: Generator):
         self.generator = generator
-        self.overrides: dict = {}
-        self.handles: list[Handle] | None = None
-        self.prompt_tokens = self.completion_tokens = 0
 
     @property
     def context_length(self) -> int:
         return self.generator.context_length
 
-    def stream(self, prompts: Sequence[Sequence[int]], params: SamplingParams) -> Iterator[Event]:
+    def stream(self, prompts: Sequence[Sequence[int]], params: SamplingParams) -> Handle:
         if len(prompts) != 1:
             raise ValueError("EngineView streams one prompt at a time")
-        handle = self.generator.submit(list(prompts[0]), dataclasses.replace(params, **self.overrides))
-        if self.handles is not None:
-            self.handles.append(handle)
-        self.prompt_tokens += len(prompts[0])
-        try:
-            for event in handle:
-                self.completion_tokens += event.token is not None
-                yield event
-        finally:
-            handle.cancel()
+        return self.generator.submit(list(prompts[0]), params)
 
 
 class SchedulerGenerator:

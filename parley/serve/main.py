@@ -18,7 +18,7 @@ from parley.registry import DEFAULT_MODEL, store_target
 
 
 def serve_main(argv: list[str]) -> int:
-    from parley.serve.app import Settings
+    from parley.serve.settings import Settings
 
     parser = argparse.ArgumentParser(prog="parley serve", description="OpenAI-compatible API + Parley's routes")
     parser.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")

@@ -23,11 +23,11 @@ import numpy as np
 from fastapi import APIRouter, Depends, Header
 from fastapi.responses import JSONResponse, StreamingResponse
 
-from parley.chat import ShownText
 from parley.engine.text import TextAssembler
+from parley.pipeline.frames import ShownText
 from parley.serve import protocol as p
-from parley.serve.app import ASSISTANT_MODEL, EMBEDDING_MODEL, Server
 from parley.serve.errors import APIError, from_exception
+from parley.serve.server import ASSISTANT_MODEL, EMBEDDING_MODEL, Server
 from parley.serve.turns import TurnDone, TurnStarted
 from parley.store import User
 
@@ -191,7 +191,7 @@ async def _assistant_chat(server: Server, req: p.ChatRequest, user: User, conver
     rid, headers = p.new_id("chatcmpl"), {"X-Parley-Conversation": str(started)} if started else {}
 
     def ids() -> dict:
-        return {"conversation_id": started, "turn_id": done[0].turn_id if done else None}
+        return {"conversation_id": started, "turn_id": done[0].message_id if done else None}
 
     if not req.stream:
         answer = "".join([t async for t in pieces()])

@@ -29,7 +29,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
 
 from parley.pipeline.knowledge import KnowledgeConfig, ingest
-from parley.serve.app import Server
+from parley.serve.server import Server
 from parley.serve.errors import APIError
 from parley.serve.protocol import FeedbackRequest, MemoryRequest
 from parley.store import User
@@ -62,7 +62,8 @@ def parley_routes(server: Server) -> APIRouter:
         conv = store.get_conversation(user.id, conv_id)
         if conv is None:
             raise _missing("conversation", conv_id)
-        return {**dataclasses.asdict(conv), "turns": [dataclasses.asdict(t) for t in store.turns(user.id, conv_id)]}
+        messages = store.messages(user.id, conv_id)
+        return {**dataclasses.asdict(conv), "turns": [dataclasses.asdict(m) for m in messages]}  # the API's name
 
     @router.delete("/api/conversations/{conv_id}")
     def delete_conversation(conv_id: Id, user: User = auth) -> dict:

@@ -18,7 +18,7 @@ from typing import Annotated
 from fastapi import APIRouter, Depends, Path
 from fastapi.responses import FileResponse
 
-from parley.serve.app import Server
+from parley.serve.server import Server
 from parley.serve.errors import APIError
 from parley.store import User
 

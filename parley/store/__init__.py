@@ -1,20 +1,20 @@
-"""Persistent state of a Parley deployment, in SQLite or PostgreSQL: see `parley.store.sqlite`
+"""Persistent state of a Parley deployment, in SQLite or PostgreSQL: see `parley.store.store`
 for usage and `parley.store.dialect` for what differs between the two."""
 
 from parley.store.dialect import DialectError, database_errors
-from parley.store.sqlite import (
+from parley.store.store import (
     ChunkHit,
     Conversation,
     Document,
     Feedback,
     MemoryFact,
+    Message,
     SchemaError,
     Store,
-    Turn,
     User,
 )
 
 __all__ = [
-    "ChunkHit", "Conversation", "DialectError", "Document", "Feedback", "MemoryFact", "SchemaError", "Store", "Turn",
+    "ChunkHit", "Conversation", "DialectError", "Document", "Feedback", "MemoryFact", "Message", "SchemaError", "Store",
     "User", "database_errors",
 ]

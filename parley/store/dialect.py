@@ -15,7 +15,9 @@ The differences:
 - new ids: `cursor.lastrowid` on SQLite, `RETURNING id` on PostgreSQL.
 - migrations: two numbered lists with the same version numbers and the same tables and
   columns (`schema.MIGRATIONS`, `schema_pg.PG_MIGRATIONS`); PostgreSQL takes an advisory lock
-  so two processes opening a new database migrate it once.
+  so two processes opening a new database migrate it once. SQLite migrates with foreign keys
+  off (a migration that rebuilds a table must not cascade the old table's DROP) and checks
+  every reference before it commits.
 - full-text search: an FTS5 table ranked by bm25 on SQLite; on PostgreSQL a GIN index on
   `to_tsvector('simple', text)` ranked by `ts_rank`, reported negated so that on both a
   lower score is better. The 'simple' configuration, like FTS5's default tokenizer, lowercases
@@ -30,7 +32,8 @@ pgvector is not assumed.
 from __future__ import annotations
 
 import sqlite3
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, NamedTuple, Protocol
 
@@ -84,6 +87,23 @@ class SQLite:
     def insert(self, db: Connection, sql: str, args: Sequence[Any]) -> int:
         return db.execute(sql, args).lastrowid
 
+    @contextmanager
+    def migrating(self, db: Connection) -> Iterator[None]:
+        """Foreign keys off around a migration's transaction (inside one the pragma is ignored):
+        rebuilding a table drops the old one, and that DROP would otherwise delete, by cascade,
+        every row that refers to it."""
+        db.execute("PRAGMA foreign_keys=OFF")
+        try:
+            yield
+        finally:
+            db.execute("PRAGMA foreign_keys=ON")
+
+    def check_references(self, db: Connection) -> None:
+        """Inside the migration's transaction: fail (and roll back) if a reference now dangles."""
+        broken = db.execute("PRAGMA foreign_key_check").fetchall()
+        if broken:
+            raise sqlite3.IntegrityError(f"the migration left {len(broken)} dangling references, e.g. {broken[0]}")
+
     def match(self, query: str) -> Match | None:
         # each word a quoted phrase (quotes doubled), so no text is an FTS5 syntax error
         words = " OR ".join('"' + word.replace('"', '""') + '"' for word in query.split())
@@ -130,6 +150,13 @@ class Postgres:
 
     def insert(self, db: Connection, sql: str, args: Sequence[Any]) -> int:
         return db.execute(sql + " RETURNING id", args).fetchone()[0]
+
+    @contextmanager
+    def migrating(self, db: Connection) -> Iterator[None]:
+        yield  # PostgreSQL checks references inside DDL transactions itself
+
+    def check_references(self, db: Connection) -> None:
+        pass
 
     def match(self, query: str) -> Match | None:
         words = query.split()

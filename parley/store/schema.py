@@ -107,4 +107,28 @@ MIGRATIONS: list[tuple[str, ...]] = [
             ON CONFLICT (user_id) DO UPDATE SET stamp = excluded.stamp;
         END""",
     ),
+    (  # 3: conversation ids are never reused (AUTOINCREMENT: a deleted conversation's id, and
+        # anything keyed by it, can never come back as someone else's), and the dialogue state
+        # (slots carried across turns) per user and conversation, deleted with either. SQLite
+        # cannot add AUTOINCREMENT to a table: it is rebuilt, rows and ids kept. The store runs
+        # migrations with foreign keys off (see Store._migrate), so dropping the old table
+        # cascades nothing, and checks every reference before committing.
+        """CREATE TABLE conversations_new (
+            id INTEGER PRIMARY KEY AUTOINCREMENT,
+            user_id INTEGER NOT NULL REFERENCES users(id) ON DELETE CASCADE,
+            title TEXT NOT NULL,
+            created_at TEXT NOT NULL,
+            updated_at TEXT NOT NULL)""",
+        "INSERT INTO conversations_new (id, user_id, title, created_at, updated_at)"
+        " SELECT id, user_id, title, created_at, updated_at FROM conversations",
+        "DROP TABLE conversations",
+        "ALTER TABLE conversations_new RENAME TO conversations",
+        "CREATE INDEX conversations_user ON conversations(user_id, updated_at)",
+        """CREATE TABLE dialogue_state (
+            conversation_id INTEGER PRIMARY KEY REFERENCES conversations(id) ON DELETE CASCADE,
+            user_id INTEGER NOT NULL REFERENCES users(id) ON DELETE CASCADE,
+            slots TEXT NOT NULL CHECK (json_valid(slots)),
+            updated_at TEXT NOT NULL)""",
+        "CREATE INDEX dialogue_state_user ON dialogue_state(user_id)",
+    ),
 ]

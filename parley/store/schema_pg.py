@@ -110,4 +110,14 @@ PG_MIGRATIONS: list[tuple[str, ...]] = [
         """CREATE TRIGGER chunks_stamp_au AFTER UPDATE ON chunks
             FOR EACH ROW EXECUTE FUNCTION chunks_stamp()""",
     ),
+    (  # 3: the dialogue state per user and conversation (see schema.py). Conversation ids come
+        # from an identity column's sequence, which never hands out a number twice (deleting rows
+        # does not rewind it), so they need no rebuild here.
+        """CREATE TABLE dialogue_state (
+            conversation_id BIGINT PRIMARY KEY REFERENCES conversations(id) ON DELETE CASCADE,
+            user_id BIGINT NOT NULL REFERENCES users(id) ON DELETE CASCADE,
+            slots TEXT NOT NULL CHECK (slots::json IS NOT NULL),
+            updated_at TEXT NOT NULL)""",
+        "CREATE INDEX dialogue_state_user ON dialogue_state(user_id)",
+    ),
 ]

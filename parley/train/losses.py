@@ -60,7 +60,7 @@ def lm_loss(model, batch) -> tuple[torch.Tensor, dict]:
     return ce + aux, {"ce": ce.detach(), "router": aux.detach()}
 
 
-# Later objectives, each a pure function like the ones above (see ARCHITECTURE.md):
+# Later objectives, each a pure function like the ones above (see docs/ARCHITECTURE.md):
 #   reward_loss(chosen_scores, rejected_scores)                   Bradley-Terry: -logsigmoid(c - r)
 #   dpo_loss(policy_logps, reference_logps, beta)                 chosen/rejected pairs
 #   ppo_loss(logps, old_logps, advantages, ref_logps, clip, kl)   clipped ratio + KL to the reference

@@ -8,13 +8,18 @@ or one PostgreSQL database.
         key = store.create_api_key(alice.id)          # shown once; only its sha256 is kept
         assert store.user_for_key(key) == alice
         conv = store.create_conversation(alice.id, "Trip")
-        store.add_turn(alice.id, conv.id, "user", "Where to in May?")
+        store.add_message(alice.id, conv.id, "user", "Where to in May?")
         store.add_document(alice.id, "notes.txt", "text/plain", ["Lisbon in May", "Oslo in June"])
         hits = store.search_chunks(alice.id, "May", k=5)
 
 Everything a user owns is read, written and deleted through methods that take that user's
 id, so isolation between users is enforced here and nowhere else: another user's ids behave
-exactly like ids that do not exist (None, False, or ValueError for writes).
+exactly like ids that do not exist (None, False, or ValueError for writes). Conversation ids
+are never reused, so nothing kept under a deleted conversation's id can reach a later one.
+
+A conversation's rows are `Message`s (a user's message, an assistant's answer); their SQL
+table is still called `turns`, as are the `turn_id` columns of traces and feedback and the
+HTTP API's "turn" ids: renaming a table is a rebuild migration for no change in behaviour.
 The file runs in WAL mode, so readers never wait for a writer and several `Store` objects
 (processes, threads) may share it; each `Store` is one connection for one thread.
 
@@ -66,7 +71,9 @@ class Conversation:
 
 
 @dataclass(frozen=True)
-class Turn:
+class Message:
+    """One message of a conversation (a row of the `turns` table)."""
+
     id: int
     conversation_id: int
     role: str
@@ -79,7 +86,7 @@ class Turn:
 @dataclass(frozen=True)
 class Feedback:
     id: int
-    turn_id: int
+    turn_id: int  # the answer's message id (the column's and the HTTP API's name)
     user_id: int
     rating: int
     edited_text: str | None
@@ -135,6 +142,15 @@ def _text(value: str, what: str) -> str:
     return value
 
 
+def _slots_json(slots: dict[str, Any]) -> str:
+    if not isinstance(slots, dict):
+        raise ValueError(f"dialogue state must be a dict of slots, not {type(slots).__name__}")
+    try:
+        return json.dumps(slots)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"dialogue state must be JSON-serialisable: {e}") from None
+
+
 def _entry(entries: Sequence[T] | None, i: int, what: str) -> T | None:
     if entries is None:
         return None
@@ -181,7 +197,7 @@ class Store:
 
     def _migrate(self) -> None:
         migrations = PG_MIGRATIONS if self.dialect.name == "postgres" else MIGRATIONS
-        with self._tx() as db:
+        with self.dialect.migrating(self.db), self._tx() as db:
             if self.dialect.migration_lock:
                 db.execute(self.dialect.migration_lock)
             db.execute("CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)")
@@ -195,6 +211,8 @@ class Store:
             for statements in migrations[version:]:
                 for sql in statements:
                     db.execute(sql)
+            if version < len(migrations):
+                self.dialect.check_references(db)
             if row is None:
                 db.execute("INSERT INTO schema_version VALUES (?)", (len(migrations),))
             else:
@@ -228,10 +246,10 @@ class Store:
         if not self._exists("SELECT 1 FROM conversations WHERE id = ? AND user_id = ?", (conv_id, user_id)):
             raise ValueError(f"unknown conversation {conv_id}")
 
-    def _require_turn(self, user_id: int, turn_id: int) -> None:
+    def _require_message(self, user_id: int, message_id: int) -> None:
         sql = "SELECT 1 FROM turns t JOIN conversations c ON c.id = t.conversation_id WHERE t.id = ? AND c.user_id = ?"
-        if not self._exists(sql, (turn_id, user_id)):
-            raise ValueError(f"unknown turn {turn_id}")
+        if not self._exists(sql, (message_id, user_id)):
+            raise ValueError(f"unknown turn {message_id}")  # "turn": the HTTP API's word for a message id
 
     # users and keys
 
@@ -288,7 +306,7 @@ class Store:
                 db.execute("UPDATE api_keys SET last_used_at = ? WHERE key_hash = ?", (stamp, digest))
         return User(*fields)
 
-    # conversations, turns, traces, feedback
+    # conversations, messages, traces, feedback, dialogue state
 
     def create_conversation(self, user_id: int, title: str = "New conversation") -> Conversation:
         _text(title, "title")
@@ -309,12 +327,12 @@ class Store:
         return self._one(Conversation, "SELECT * FROM conversations WHERE id = ? AND user_id = ?", (conv_id, user_id))
 
     def delete_conversation(self, user_id: int, conv_id: int) -> bool:
-        """Delete it with its turns, traces and feedback (foreign-key cascades)."""
+        """Delete it with its messages, traces, feedback and dialogue state (foreign-key cascades)."""
         with self._tx() as db:
             cur = db.execute("DELETE FROM conversations WHERE id = ? AND user_id = ?", (conv_id, user_id))
         return cur.rowcount > 0
 
-    def add_turn(
+    def add_message(
         self,
         user_id: int,
         conv_id: int,
@@ -322,10 +340,10 @@ class Store:
         content: str,
         prompt_tokens: int | None = None,
         completion_tokens: int | None = None,
-    ) -> Turn:
+    ) -> Message:
         if role not in ROLES:
             raise ValueError(f"role must be one of {ROLES}, not {role!r}")
-        _text(content, "turn content")
+        _text(content, "message content")
         stamp = _now()
         with self._tx() as db:
             self._require_conversation(user_id, conv_id)
@@ -335,22 +353,25 @@ class Store:
                 (conv_id, role, content, stamp, prompt_tokens, completion_tokens),
             )
             db.execute("UPDATE conversations SET updated_at = ? WHERE id = ?", (stamp, conv_id))
-        return self._one(Turn, "SELECT * FROM turns WHERE id = ?", (new,))
+        return self._one(Message, "SELECT * FROM turns WHERE id = ?", (new,))
 
-    def turns(self, user_id: int, conv_id: int) -> list[Turn]:
+    def messages(self, user_id: int, conv_id: int) -> list[Message]:
         sql = (
             "SELECT t.* FROM turns t JOIN conversations c ON c.id = t.conversation_id"
             " WHERE c.id = ? AND c.user_id = ? ORDER BY t.id"
         )
-        return self._all(Turn, sql, (conv_id, user_id))
+        return self._all(Message, sql, (conv_id, user_id))
 
     def add_exchange(self, user_id: int, conv_id: int, question: str, answer: str,
-                     trace: dict[str, Any] | None = None) -> tuple[Turn, Turn]:
-        """A user message, the assistant's answer and the answer's trace, in one transaction:
-        after a crash the conversation has all three or none of them."""
+                     trace: dict[str, Any] | None = None,
+                     slots: dict[str, Any] | None = None) -> tuple[Message, Message]:
+        """A user message, the assistant's answer, the answer's trace and the dialogue state the
+        turn leaves (`slots`, when given), in one transaction: after a crash the conversation has
+        all of them or none."""
         _text(question, "question")
         _text(answer, "answer")
         data = json.dumps(trace) if trace is not None else None
+        state = _slots_json(slots) if slots is not None else None
         stamp = _now()
         with self._tx() as db:
             self._require_conversation(user_id, conv_id)
@@ -363,47 +384,71 @@ class Store:
             ]
             if data is not None:
                 db.execute("INSERT INTO traces (turn_id, data) VALUES (?, ?)", (ids[1], data))
+            if state is not None:
+                self._put_slots(user_id, conv_id, state, stamp)
             db.execute("UPDATE conversations SET updated_at = ? WHERE id = ?", (stamp, conv_id))
-        asked, answered = (self._one(Turn, "SELECT * FROM turns WHERE id = ?", (i,)) for i in ids)
+        asked, answered = (self._one(Message, "SELECT * FROM turns WHERE id = ?", (i,)) for i in ids)
         return asked, answered
 
-    def add_trace(self, user_id: int, turn_id: int, trace: dict[str, Any]) -> None:
-        """Attach (or replace) the JSON trace of how a turn was produced."""
+    def get_slots(self, user_id: int, conv_id: int) -> dict[str, Any]:
+        """The dialogue state carried into the conversation's next turn ({} if none, or if the
+        conversation is not the user's)."""
+        row = self.db.execute("SELECT slots FROM dialogue_state WHERE conversation_id = ? AND user_id = ?",
+                              (conv_id, user_id)).fetchone()
+        return json.loads(row[0]) if row else {}
+
+    def set_slots(self, user_id: int, conv_id: int, slots: dict[str, Any]) -> None:
+        """Replace the conversation's dialogue state (a JSON object)."""
+        state = _slots_json(slots)
+        with self._tx():
+            self._require_conversation(user_id, conv_id)
+            self._put_slots(user_id, conv_id, state, _now())
+
+    def _put_slots(self, user_id: int, conv_id: int, state: str, stamp: str) -> None:
+        self.db.execute(
+            "INSERT INTO dialogue_state (conversation_id, user_id, slots, updated_at) VALUES (?, ?, ?, ?)"
+            " ON CONFLICT (conversation_id) DO UPDATE SET slots = excluded.slots, updated_at = excluded.updated_at",
+            (conv_id, user_id, state, stamp),
+        )
+
+    def add_trace(self, user_id: int, message_id: int, trace: dict[str, Any]) -> None:
+        """Attach (or replace) the JSON trace of how an answer was produced."""
         data = json.dumps(trace)
         with self._tx() as db:
-            self._require_turn(user_id, turn_id)
+            self._require_message(user_id, message_id)
             db.execute(
                 "INSERT INTO traces (turn_id, data) VALUES (?, ?)"
                 " ON CONFLICT (turn_id) DO UPDATE SET data = excluded.data",
-                (turn_id, data),
+                (message_id, data),
             )
 
-    def get_trace(self, user_id: int, turn_id: int) -> dict[str, Any] | None:
+    def get_trace(self, user_id: int, message_id: int) -> dict[str, Any] | None:
         sql = (
             "SELECT tr.data FROM traces tr JOIN turns t ON t.id = tr.turn_id"
             " JOIN conversations c ON c.id = t.conversation_id WHERE tr.turn_id = ? AND c.user_id = ?"
         )
-        row = self.db.execute(sql, (turn_id, user_id)).fetchone()
+        row = self.db.execute(sql, (message_id, user_id)).fetchone()
         return json.loads(row[0]) if row else None
 
-    def add_feedback(self, user_id: int, turn_id: int, rating: int, edited_text: str | None = None) -> Feedback:
-        """Rate a turn +1 or -1, optionally with a corrected text; rating again replaces it."""
+    def add_feedback(self, user_id: int, message_id: int, rating: int, edited_text: str | None = None) -> Feedback:
+        """Rate an answer +1 or -1, optionally with a corrected text; rating again replaces it."""
         if rating not in (1, -1) or isinstance(rating, bool):
             raise ValueError(f"rating must be +1 or -1, not {rating!r}")
         if edited_text is not None:
             _text(edited_text, "edited text")
         with self._tx() as db:
-            self._require_turn(user_id, turn_id)
+            self._require_message(user_id, message_id)
             db.execute(
                 "INSERT INTO feedback (turn_id, user_id, rating, edited_text, created_at) VALUES (?, ?, ?, ?, ?)"
                 " ON CONFLICT (turn_id, user_id) DO UPDATE SET rating = excluded.rating,"
                 " edited_text = excluded.edited_text, created_at = excluded.created_at",
-                (turn_id, user_id, rating, edited_text, _now()),
+                (message_id, user_id, rating, edited_text, _now()),
             )
-        return self.get_feedback(user_id, turn_id)
+        return self.get_feedback(user_id, message_id)
 
-    def get_feedback(self, user_id: int, turn_id: int) -> Feedback | None:
-        return self._one(Feedback, "SELECT * FROM feedback WHERE turn_id = ? AND user_id = ?", (turn_id, user_id))
+    def get_feedback(self, user_id: int, message_id: int) -> Feedback | None:
+        sql = "SELECT * FROM feedback WHERE turn_id = ? AND user_id = ?"
+        return self._one(Feedback, sql, (message_id, user_id))
 
     # long-term memory
 

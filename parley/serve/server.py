@@ -1,0 +1,118 @@
+"""The app's state and shared services: one `Server` per app, that every route module closes over.
+
+    server = Server(settings, generator, "smollm2", tokenizer)
+    server.store()                 # this thread's connection to the database
+    server.authenticate(request)   # the User of a request's bearer key (the routes' dependency)
+    server.turns.start(user, conversation_id, "hello", overrides={})   # a pipeline turn
+
+Each thread gets its own `Store` connection, as SQLite wants. Authentication is a dependency:
+a bearer key known to the store (per-key token-bucket rate limit), or, with `no_auth` on a
+loopback address only, everyone is the local user "local".
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+import time
+
+import numpy as np
+from fastapi import Request
+
+from parley.registry import Registry
+from parley.serve.errors import APIError
+from parley.serve.generation import Generator
+from parley.serve.metrics import Metrics
+from parley.serve.settings import Settings
+from parley.store import Store, User
+
+EMBEDDING_MODEL = "all-minilm-l6-v2"
+ASSISTANT_MODEL = "parley"
+
+
+class TokenBuckets:
+    """Per key: `rate` requests a minute, in bursts of up to `rate`."""
+
+    def __init__(self, per_minute: int):
+        self.rate, self._lock, self._buckets = per_minute, threading.Lock(), {}
+
+    def take(self, key: str) -> float | None:
+        """None if the request may go on, else the seconds until it may."""
+        if self.rate == 0:
+            return None
+        now = time.monotonic()
+        with self._lock:
+            tokens, last = self._buckets.get(key, (float(self.rate), now))
+            tokens = min(float(self.rate), tokens + (now - last) * self.rate / 60)
+            if tokens < 1:
+                self._buckets[key] = (tokens, now)
+                return (1 - tokens) * 60 / self.rate
+            self._buckets[key] = (tokens - 1, now)
+            return None
+
+
+class Server:
+    """The app's state and shared services."""
+
+    def __init__(self, settings: Settings, generator: Generator, model_name: str, tokenizer, embedder=None):
+        from parley.pipeline.assistant import AssistantConfig
+        from parley.serve.turns import TurnRunner
+
+        self.settings, self.generator, self.model_name, self.tokenizer = settings, generator, model_name, tokenizer
+        self.registry = Registry(settings.home)
+        self.metrics, self.buckets = Metrics(), TokenBuckets(settings.requests_per_minute)
+        self._embedder, self._embed_lock, self._local = embedder, threading.Lock(), threading.local()
+        assistant = AssistantConfig(stages=list(settings.stages), max_tokens=settings.default_max_tokens)
+        self.turns = TurnRunner(assistant, self.store, generator, tokenizer, self.embed, settings.pipeline_workers,
+                                settings.max_pending, single_threaded=bool(settings.threads))
+        if settings.no_auth:
+            with Store(settings.db) as store:
+                if store.get_user_by_name("local") is None:
+                    store.add_user("local", role="admin")
+
+    def store(self) -> Store:
+        """This thread's connection to the database."""
+        if getattr(self._local, "store", None) is None:
+            self._local.store = Store(self.settings.db)
+        return self._local.store
+
+    def embed(self, texts: list[str]) -> np.ndarray:
+        """MiniLM embeddings (loaded on first use); one call at a time, as the model's cache wants."""
+        with self._embed_lock:
+            if self.settings.threads:  # keep request threads off OpenMP teams: see Settings.threads
+                import torch
+
+                torch.set_num_threads(1)
+            if self._embedder is None:
+                from parley.pipeline.embed import Embedder
+
+                self._embedder = Embedder.load()
+            return self._embedder(texts)
+
+    def count_embedding_tokens(self, texts: list[str]) -> int:
+        self.embed(texts[:1])  # loads it
+        return sum(len(e.ids) for e in self._embedder.tokenizer.encode_batch(texts))
+
+    def authenticate(self, request: Request) -> User:
+        """The dependency every /v1 and /api route takes."""
+        store = self.store()
+        if self.settings.no_auth:
+            user, key = store.get_user_by_name("local"), "local"
+        else:
+            scheme, _, key = request.headers.get("authorization", "").partition(" ")
+            if scheme.lower() != "bearer" or not key.strip():
+                raise APIError(401, "missing API key: send the header 'Authorization: Bearer KEY' "
+                               "(create one with `parley users key NAME`)", code="missing_api_key")
+            user = store.user_for_key(key.strip())
+            if user is None:
+                raise APIError(401, "invalid API key: check it, or create a new one with `parley users key NAME`",
+                               code="invalid_api_key")
+        wait = self.buckets.take(key)
+        if wait is not None:
+            raise APIError(429, f"rate limit of {self.settings.requests_per_minute} requests a minute reached for "
+                           f"this key; retry in {math.ceil(wait)} s", code="rate_limit_exceeded", retry_after=wait)
+        return user
+
+    def close(self) -> None:
+        self.turns.close()
+        self.generator.close()
