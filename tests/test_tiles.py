@@ -73,7 +73,7 @@ def paged_rows(cache: PagedKVCache, lengths: list[int], seed: int) -> list[Cache
     seqs = []
     for n in lengths:
         pages = [free.pop() for _ in range(cache.pages_for(n + 8))]
-        seqs.append(Sequence(tokens=[rng.randrange(CFG.vocab_size) for _ in range(n)], pages=pages))
+        seqs.append(CachedSequence(tokens=[rng.randrange(CFG.vocab_size) for _ in range(n)], pages=pages))
     return seqs
 
 
