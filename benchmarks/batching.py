@@ -1,15 +1,14 @@
-"""Continuous batching: aggregate decode speed of N concurrent requests through the
-Scheduler (paged KV cache) against the Engine, on SmolLM2-135M.
+"""Continuous batching: aggregate decode speed of N concurrent requests through the engine
+on its own thread, against the same engine one request at a time, on SmolLM2-135M.
 
     .venv/bin/python benchmarks/batching.py                   # print the table
     .venv/bin/python benchmarks/batching.py --pytorch --write # also the PyTorch decode path; append to RESULTS.md
 
 Each case sends N distinct `--prompt`-token prompts, greedy, `--new` tokens each, end of
 sequence ignored; tokens/s = N * new / wall time from the first submit to the last token
-(prefill included, as in decode.py). The scheduler decodes on the C step over its pages
-(with --pytorch, also on the model's own forward). The Engine columns serve other prompts
-of the same length one at a time (batch 1: the single-user speed) and all N as one static
-batch (its C step over a contiguous cache)."""
+(prefill included, as in decode.py). The engine runs on its C layers (with --pytorch, also
+with kernels=torch: the model's own paged forward). The batch-1 column is an engine with
+max_batch=1 serving other prompts of the same length one at a time (the single-user speed)."""
 
 from __future__ import annotations
 
@@ -17,7 +16,6 @@ import argparse
 import datetime
 import os
 import statistics
-import threading
 import time
 from pathlib import Path
 
@@ -27,7 +25,6 @@ from record import append_section, commit
 
 from parley.engine.engine import Engine
 from parley.engine.sampling import SamplingParams
-from parley.engine.scheduler import Scheduler
 from parley.model.tokenizer import Tokenizer
 from parley.model.weights import load_gguf
 from parley.registry import smollm2_gguf
@@ -49,23 +46,15 @@ class Prompts:
         return [self.ids[i * self.length:(i + 1) * self.length] for i in range(start, start + n)]
 
 
-def time_scheduler(scheduler: Scheduler, batch: list[list[int]], new: int) -> float:
+def time_engine(engine: Engine, batch: list[list[int]], new: int) -> float:
     params = SamplingParams(max_tokens=new)
     t = time.perf_counter()
-    handles = [scheduler.submit(p, params) for p in batch]
+    handles = [engine.submit(p, params) for p in batch]
     for h in handles:
         h.wait()
     elapsed = time.perf_counter() - t
     assert all(len(h.tokens) == new for h in handles)
     return len(batch) * new / elapsed
-
-
-def time_engine(engine: Engine, batch: list[list[int]], new: int, together: bool) -> float:
-    params = SamplingParams(max_tokens=new)
-    t = time.perf_counter()
-    for group in ([batch] if together else [[p] for p in batch]):
-        assert all(len(c.tokens) == new for c in engine.generate(group, params))
-    return len(batch) * new / (time.perf_counter() - t)
 
 
 def main() -> None:
@@ -75,49 +64,33 @@ def main() -> None:
     ap.add_argument("--concurrency", default="1,8,32")
     ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
     ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--pytorch", action="store_true", help="also time the scheduler with PyTorch decode steps")
+    ap.add_argument("--pytorch", action="store_true", help="also time the engine with kernels=torch")
     ap.add_argument("--write", action="store_true", help="append the table to benchmarks/RESULTS.md")
     args = ap.parse_args()
     torch.set_flush_denormal(True)
     # OpenMP work on two OS threads of one process halves both (RESULTS.md, "Serving"): as in
-    # `parley serve`, the main thread runs single-threaded, each scheduler gets every core on
-    # its own thread and is closed before the Engine runs, on a fresh thread, with every core
+    # `parley serve`, the main thread runs single-threaded and each engine's own thread gets every core
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     path = smollm2_gguf()
     tokenizer = Tokenizer.from_gguf(path)
     model, _ = load_gguf(path)
     model = model.to(getattr(torch, args.dtype)).eval()
-    engine = Engine(model)
     source = Prompts(tokenizer, args.prompt)
-    kinds = [True, False] if args.pytorch else [True]  # the C step, then PyTorch decode steps
+    kinds = ["auto", "torch"] if args.pytorch else ["auto"]
 
-    def time_scheduler_case(fast: bool, n: int) -> float:
-        with Scheduler(model, max_batch=64, kv_budget_bytes=512 * 2**20, fast=fast, threads=threads) as scheduler:
-            time_scheduler(scheduler, source.take(2), 4)  # warm-up
-            return time_scheduler(scheduler, source.take(n), args.new)
+    def time_case(n: int, kernels: str = "auto", one_at_a_time: bool = False) -> float:
+        with Engine(model, max_batch=1 if one_at_a_time else 64, kv_budget_bytes=512 * 2**20, kernels=kernels,
+                    threads=threads) as engine:
+            time_engine(engine, source.take(2), 4)  # warm-up
+            batch = source.take(min(n, 4) if one_at_a_time else n)  # batch 1: a rate per token
+            return time_engine(engine, batch, args.new)
 
-    def time_engine_case(batch: list[list[int]], together: bool) -> float:
-        rate = []
-
-        def run() -> None:
-            torch.set_num_threads(threads)
-            rate.append(time_engine(engine, batch, args.new, together))
-        worker = threading.Thread(target=run)
-        worker.start()
-        worker.join()
-        return rate[0]
-
-    time_engine_case(source.take(1), together=True)  # warm-up
     rows = []
     for n in map(int, args.concurrency.split(",")):
         runs = []
         for _ in range(args.repeats):  # the contenders alternate, so machine noise hits them all
-            rates = [time_scheduler_case(fast, n) for fast in kinds]
-            batch = source.take(n)
-            rates += [time_engine_case(batch[:min(n, 4)], together=False),  # batch 1: per token
-                      time_engine_case(batch, together=True)]
-            runs.append(rates)
+            runs.append([time_case(n, kernels) for kernels in kinds] + [time_case(n, one_at_a_time=True)])
         rates = [statistics.median(column) for column in zip(*runs)]
         rows.append((n, *rates))
         cells = (f"{name} {rate:7.1f} tok/s" for name, rate in zip(columns(args), rates))
@@ -127,8 +100,7 @@ def main() -> None:
 
 
 def columns(args) -> list[str]:
-    return ["Scheduler"] + (["Scheduler, PyTorch decode"] if args.pytorch else []) + \
-        ["Engine batch-1", "Engine static batch"]
+    return ["Engine"] + (["Engine, kernels=torch"] if args.pytorch else []) + ["Engine max_batch=1"]
 
 
 def write_results(rows, args) -> None:
@@ -138,10 +110,10 @@ def write_results(rows, args) -> None:
         f"torch {torch.__version__}. Command: `.venv/bin/python benchmarks/batching.py --prompt {args.prompt} "
         f"--new {args.new} --dtype {args.dtype} --repeats {args.repeats}{' --pytorch' * args.pytorch} --write`. "
         f"N distinct {args.prompt}-token prompts, {args.new} new tokens each, greedy, median of {args.repeats}; "
-        "tokens/s = N * new / wall time, prefill included. Scheduler: paged KV cache, decode rows on the C "
-        "step and, with AMX, prompt chunks on the C layers with decode rows riding along (else on the PyTorch "
-        "forward; PyTorch decode: the model's forward for every row), each on its own thread, closed before "
-        "the Engine runs; Engine: contiguous cache, PyTorch prefill, C decode step, on a fresh thread.\n",
+        "tokens/s = N * new / wall time, prefill included. Each engine runs on its own thread with every core "
+        "(the main thread single-threaded): decode rows on the C step and, with AMX, prompt chunks on the C "
+        "layers with decode rows riding along (kernels=torch: the model's paged forward for every row); "
+        "max_batch=1 serves min(N, 4) requests one at a time.\n",
         "| concurrent requests | " + " | ".join(f"{name} tok/s" for name in columns(args)) + " |",
         "|---" * (len(columns(args)) + 1) + "|",
     ]

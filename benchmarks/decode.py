@@ -60,6 +60,7 @@ def weight_bytes_per_step(model) -> int:
 
 def time_parley(engine: Engine, batch_prompts, new: int) -> float:
     params = SamplingParams(max_tokens=new)
+    engine.cache.drop_cached()  # prefill every time, as transformers does
     t = time.perf_counter()
     out = engine.generate(batch_prompts, params)
     elapsed = time.perf_counter() - t
@@ -103,7 +104,7 @@ def main() -> None:
     for dtype_name in args.dtypes.split(","):
         dtype = getattr(torch, dtype_name)
         ours, hf = ours.to(dtype), hf.to(dtype)
-        engine = Engine(ours)
+        engine = Engine(ours, max_batch=max(map(int, args.batches.split(","))))
         bound = bw * 1e9 / weight_bytes_per_step(ours)
         for batch in map(int, args.batches.split(",")):
             ps = prompts(tokenizer, batch, args.prompt)

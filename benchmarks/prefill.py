@@ -1,17 +1,17 @@
-"""Time to first token of long prompts, SmolLM2-135M bf16: Parley's scheduler path (what
-`parley chat` and `parley serve` use) against the Engine's PyTorch prefill and transformers.
+"""Time to first token of long prompts, SmolLM2-135M bf16: Parley's engine (what `parley chat`
+and `parley serve` use) on its C layers and on its PyTorch path, against transformers.
 
     .venv/bin/python benchmarks/prefill.py            # print the table
     .venv/bin/python benchmarks/prefill.py --write    # also append it to RESULTS.md
 
 Each case feeds a distinct prompt of `--lengths` tokens (slices of Parley's own sources) and
 times until the first new token is chosen (greedy), one request at a time on every core:
-`SteppedEngine` (paged cache, prompt layers in C: engine/stepped.py), `Engine` (its
-PyTorch forward over the whole prompt, then the C decode step) and transformers (one forward
-of the same GGUF weights with its KV cache, then the argmax). The "next turn" row is a
-conversation's following turn: the previous prompt and its answer plus `--turn` new tokens;
-SteppedEngine reuses the pages it cached and prefills only what is new, the others prefill it
-all. The contenders alternate within each repeat; the median of `--repeats` is shown.
+the engine stepped in the caller's thread (paged cache, prompt layers in C: engine/fast.py),
+the same engine with `kernels=torch` (the model's paged PyTorch forward, the path without the
+C kernels, and on a GPU) and transformers (one forward of the same GGUF weights with its KV
+cache, then the argmax). The "next turn" row is a conversation's following turn: the previous
+prompt and its answer plus `--turn` new tokens; the first engine reuses the pages it cached
+and prefills only what is new, the others prefill it all. The contenders alternate within each repeat; the median of `--repeats` is shown.
 """
 
 from __future__ import annotations
@@ -29,7 +29,6 @@ from record import append_section, commit, cpu_name
 
 from parley.engine.engine import Engine
 from parley.engine.sampling import SamplingParams
-from parley.engine.stepped import SteppedEngine
 from parley.model.tokenizer import Tokenizer
 from parley.model.weights import load_gguf
 from parley.registry import smollm2_gguf
@@ -72,7 +71,7 @@ def main() -> None:
         taken += n
         return text[taken - n:taken]
 
-    stepped, engine = SteppedEngine(model), Engine(model)
+    stepped, engine = Engine(model, max_batch=8), Engine(model, max_batch=8, kernels="torch")
     from transformers import AutoModelForCausalLM
 
     hf = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.bfloat16).eval()
@@ -81,8 +80,8 @@ def main() -> None:
     def hf_first(prompt: list[int]) -> int:
         return int(hf(torch.tensor([prompt]), use_cache=True).logits[0, -1].argmax())
 
-    contenders = {"Parley SteppedEngine": lambda p: stepped.generate([p], FIRST),
-                  "Parley Engine (PyTorch prefill)": lambda p: engine.generate([p], FIRST),
+    contenders = {"Parley Engine": lambda p: stepped.generate([p], FIRST),
+                  "Parley Engine, kernels=torch": lambda p: engine.generate([p], FIRST),
                   "transformers": hf_first}
     for generate in contenders.values():  # warm-up: buffers, pages, kernels
         first_token_ms(generate, fresh(64))
@@ -95,12 +94,12 @@ def main() -> None:
         for name, generate in contenders.items():
             earlier = fresh(n)
             [answer] = stepped.generate([earlier], SamplingParams(max_tokens=32, temperature=0.0)) \
-                if name.endswith("SteppedEngine") else [None]
+                if name == "Parley Engine" else [None]
             history = earlier + (answer.tokens if answer else fresh(32))
             runs.setdefault(f"next turn: {n} + 32 + {args.turn} new tokens", {}).setdefault(name, []).append(
                 first_token_ms(generate, history + fresh(args.turn)))
     names = list(contenders)
-    table = ["| case | " + " | ".join(f"{n} ms" for n in names) + " | transformers / SteppedEngine |",
+    table = ["| case | " + " | ".join(f"{n} ms" for n in names) + " | transformers / Parley Engine |",
              "|---|" + "---|" * (len(names) + 1)]
     for case, by_name in runs.items():
         ms = [statistics.median(by_name[n]) for n in names]
@@ -114,7 +113,7 @@ def main() -> None:
             f"`.venv/bin/python benchmarks/prefill.py --lengths {args.lengths} --turn {args.turn} "
             f"--repeats {args.repeats} --write`. One request at a time, greedy, until the first new token; "
             f"distinct source-code prompts; median of {args.repeats}, the contenders alternating. Next turn: "
-            "the longest prompt, its answer and new tokens (SteppedEngine reuses its cached pages; the others "
+            "the longest prompt, its answer and new tokens (the first engine reuses its cached pages; the others "
             "prefill everything).\n",
             *table]))
 

@@ -15,7 +15,7 @@ Aggregate tok/s = all completion tokens / wall time of the case. Answers may end
 `--new` at an end-of-turn token: every figure counts the tokens actually produced.
 
 In each repeat, after the client counts, `--batch1` requests of the same kind (same chat
-template, stop tokens and max tokens) go through `Engine` one at a time in this process (batch 1,
+template, stop tokens and max tokens) go through an `Engine(max_batch=1)` in this process (batch 1,
 the single-user speed) while the server idles; the ratios use the median of those runs. Last,
 with the server stopped, transformers' `generate` serves them in static left-padded batches.
 """
@@ -172,7 +172,7 @@ def main() -> None:
         # the Engine's batch-1 baseline runs in this process while the server idles: its
         # threads sleep then, and the baseline alternates with the cases, so that drift in the
         # machine's speed (shared memory bandwidth moves by a third over minutes) hits both
-        engine = Engine(model)
+        engine = Engine(model, max_batch=1)
         params = SamplingParams(max_tokens=args.new, temperature=0.0, stop_ids=frozenset(tokenizer.stop_ids))
         server = start_server(Path(home), port, max_pending=max(clients))
         try:

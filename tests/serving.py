@@ -13,7 +13,7 @@ from contextlib import contextmanager
 
 import uvicorn
 
-from parley.serve.generation import Handle, SerialGenerator
+from parley.engine.engine import Engine
 
 
 @contextmanager
@@ -34,39 +34,20 @@ def serving(app) -> Iterator[str]:
         sock.close()
 
 
-class GatedEngine:
-    """A real engine whose streams stop after their first `after` events until `gate` is set,
-    so a test can act while a request is known to be generating."""
+class GatedEngine(Engine):
+    """A real engine that holds every step after its first `after` until `gate` is set (so a test
+    can act while a request is known to be generating), keeping each request it was given."""
 
-    def __init__(self, engine, after: int = 1):
-        self.engine, self.after, self.gate = engine, after, threading.Event()
+    def __init__(self, model, after: int = 1, **settings):
+        super().__init__(model, **settings)
+        self.after, self.gate, self.requests = after, threading.Event(), []
 
-    @property
-    def context_length(self) -> int:
-        return self.engine.context_length
+    def _submit(self, *args, **kwargs):
+        request = super()._submit(*args, **kwargs)
+        self.requests.append(request)
+        return request
 
-    def check_prompt(self, prompt) -> None:
-        self.engine.check_prompt(prompt)
-
-    def stream(self, prompts, params):
-        events = self.engine.stream(prompts, params)
-        try:
-            for i, event in enumerate(events):
-                if i == self.after:
-                    self.gate.wait(timeout=60)
-                yield event
-        finally:
-            events.close()
-
-
-class RecordingGenerator(SerialGenerator):
-    """The serial generator, keeping every handle it gave out so a test can watch them."""
-
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.handles: list[Handle] = []
-
-    def submit(self, prompt_ids, params) -> Handle:
-        handle = super().submit(prompt_ids, params)
-        self.handles.append(handle)
-        return handle
+    def _compute(self) -> None:
+        if self.stats()["steps"] >= self.after:
+            self.gate.wait(timeout=60)
+        super()._compute()

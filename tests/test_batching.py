@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from parley.engine.cache import CachedSequence, CacheError, PagedKVCache
-from parley.engine.engine import Engine, EngineClosed, EngineError, PromptError, QueueFull
+from parley.engine.engine import Engine, EngineClosed, EngineError, PromptError, QueueFull, StepFailed
 from parley.engine.sampling import SamplingParams
 from parley.model.transformer import ModelConfig, Transformer
 
@@ -359,7 +359,7 @@ def test_a_failed_step_fails_its_requests_and_the_engine_goes_on(model, engine):
     doomed = local.submit([1, 2, 3], SamplingParams(max_tokens=5))
     real = local._compute
     local._compute = lambda: (_ for _ in ()).throw(RuntimeError("out of memory"))  # one step breaks
-    with pytest.raises(EngineClosed, match="out of memory"):
+    with pytest.raises(StepFailed, match="out of memory"):
         list(doomed)
     local._compute = real
     assert doomed.finish_reason == "error" and local.stats()["pages_used"] == 0

@@ -19,7 +19,6 @@ from parley.engine.engine import Engine
 from parley.model.tokenizer import Tokenizer
 from parley.pipeline.embed import Embedder
 from parley.serve.app import Settings, create_app
-from parley.serve.generation import SerialGenerator
 from parley.store import Store
 from serving import serving
 
@@ -48,7 +47,7 @@ def site(smollm2_path, smollm2_ours, tmp_path_factory):
         key = store.create_api_key(ann.id)
     settings = Settings(db=db, home=tmp_path_factory.mktemp("home"), model="smollm2", stages=STAGES,
                         default_max_tokens=24, requests_per_minute=0)
-    app = create_app(settings, generator=SerialGenerator(Engine(model)), tokenizer=Tokenizer.from_gguf(smollm2_path),
+    app = create_app(settings, engine=Engine(model), tokenizer=Tokenizer.from_gguf(smollm2_path),
                      embedder=Embedder.load())
     with serving(app) as url:
         yield Site(url, db, key, ann.id)

@@ -4,12 +4,12 @@
     .venv/bin/python benchmarks/probes/threads.py --requests 2 --new 16
 
 The probe behind "Why the server was at 2.7x" in RESULTS.md (2026-11-28, commit 98b5404). The
-Engine decodes requests one at a time on the main thread (SmolLM2 bf16, greedy, prefill
-included) in three cases, in this order: alone; while a started `Scheduler` idles on its own
+engine decodes requests one at a time, stepped on the main thread (SmolLM2 bf16, greedy, prefill
+included) in three cases, in this order: alone; while a second, started engine idles on its own
 thread after serving one short request (its thread has then built its own OpenMP team, as
-`parley serve`'s scheduler thread does); and after `scheduler.close()`. Each case prints tok/s.
+`parley serve`'s engine thread does); and after that engine's `close()`. Each case prints tok/s.
 On a 2-core machine, two teams that each spin while waiting for work halve the speed; that is
-why a server runs every thread but the scheduler's single-threaded (Scheduler `threads=`).
+why a server runs every thread but the engine's single-threaded (Engine `threads=`).
 """
 
 from __future__ import annotations
@@ -26,7 +26,6 @@ from batching import Prompts  # noqa: E402
 
 from parley.engine.engine import Engine  # noqa: E402
 from parley.engine.sampling import SamplingParams  # noqa: E402
-from parley.engine.scheduler import Scheduler  # noqa: E402
 from parley.model.tokenizer import Tokenizer  # noqa: E402
 from parley.model.weights import load_gguf  # noqa: E402
 from parley.registry import smollm2_gguf  # noqa: E402
@@ -54,20 +53,20 @@ def main() -> None:
     path = smollm2_gguf()
     model, _ = load_gguf(path)
     model = model.to(torch.bfloat16).eval()
-    engine = Engine(model)
+    engine = Engine(model, max_batch=1)
     prompts = Prompts(Tokenizer.from_gguf(path), args.prompt)
     rate(engine, prompts.take(1), 4)  # warm-up: kernels built, pages touched
     print(f"{torch.get_num_threads()} torch threads; Engine batch 1, {args.requests} requests of "
           f"{args.prompt} + {args.new} tokens per case")
     print(f"alone:                          {rate(engine, prompts.take(args.requests), args.new):6.1f} tok/s")
-    scheduler = Scheduler(model, max_batch=8, kv_budget_bytes=64 * 2**20).start()
+    other = Engine(model, max_batch=8, kv_budget_bytes=64 * 2**20).start()
     try:
-        handle = scheduler.submit(prompts.take(1)[0], SamplingParams(max_tokens=4))
-        handle.wait()  # the scheduler's thread has run OpenMP work; now it idles
-        print(f"beside an idle scheduler thread: {rate(engine, prompts.take(args.requests), args.new):6.1f} tok/s")
+        handle = other.submit(prompts.take(1)[0], SamplingParams(max_tokens=4))
+        handle.wait()  # the other engine's thread has run OpenMP work; now it idles
+        print(f"beside an idle engine thread:   {rate(engine, prompts.take(args.requests), args.new):6.1f} tok/s")
     finally:
-        scheduler.close()
-    print(f"after scheduler.close():        {rate(engine, prompts.take(args.requests), args.new):6.1f} tok/s")
+        other.close()
+    print(f"after the other's close():      {rate(engine, prompts.take(args.requests), args.new):6.1f} tok/s")
 
 
 if __name__ == "__main__":

@@ -92,6 +92,13 @@ class PagedKVCache:
     def pages_for(self, tokens: int) -> int:
         return -(-tokens // self.page_size)
 
+    def drop_cached(self) -> None:
+        """Forget every cached page nobody holds (a benchmark that must prefill from scratch)."""
+        for page in self.cached:
+            del self.page_named[self.name_of.pop(page)]
+            self.free.append(page)
+        self.cached.clear()
+
     # -- allocation
     def allocate(self, n: int) -> list[int]:
         """n pages for one sequence (fresh ones first, then the least recently used cached)."""

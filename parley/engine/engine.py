@@ -52,7 +52,8 @@ from parley.engine.fast import FastDecoder
 from parley.engine.sampling import Sampler, SamplingParams
 from parley.model.transformer import Transformer
 
-__all__ = ["Engine", "Request", "Event", "Completion", "EngineError", "PromptError", "QueueFull", "EngineClosed"]
+__all__ = ["Engine", "Request", "Event", "Completion", "EngineError", "PromptError", "QueueFull", "EngineClosed",
+           "StepFailed"]
 
 
 class EngineError(Exception):
@@ -68,12 +69,17 @@ class QueueFull(EngineError):
     """Too many requests are waiting: try again after `retry_after` seconds."""
 
     def __init__(self, waiting: int, retry_after: float):
-        super().__init__(f"the engine is busy ({waiting} requests waiting): retry in {retry_after:.0f} s")
+        super().__init__(f"busy: {waiting} requests are waiting already; retry in {retry_after:.0f} s")
         self.retry_after = retry_after
 
 
 class EngineClosed(EngineError):
-    """The engine is shut down, or a step failed while this request was in it (the cause chained)."""
+    """The engine is shut down and takes no new requests."""
+
+
+class StepFailed(EngineError):
+    """A step failed while this request was in it (the cause chained): a bug or out of memory,
+    not the caller's doing. The engine itself goes on."""
 
 
 @dataclass
@@ -106,7 +112,7 @@ class Request:
     """One submitted request. Iterate it (blocking; with no engine thread running, the
     iteration steps the engine itself) or `async for` over `events()` (needs `start()`), not
     both; leaving either iteration early cancels the request. The last event carries the
-    finish_reason; if a step failed, iteration raises EngineClosed with the cause chained."""
+    finish_reason; if a step failed, iteration raises StepFailed with the cause chained."""
 
     def __init__(self, engine: Engine, request_id: int, prompt: list[int], params: SamplingParams,
                  index: int = 0, inbox: queue.SimpleQueue | None = None):
@@ -132,11 +138,12 @@ class Request:
         return self.finish_reason
 
     def cancel(self) -> None:
-        """Stop generating; the pages are freed at the next step (or at once by the thread
-        that steps). Safe from any thread, and a no-op once the request has ended."""
+        """Stop generating: a waiting request leaves the queue at once; a running one's pages are
+        freed at the next step (or at once by the thread that steps). Safe from any thread, and
+        a no-op once the request has ended."""
         if not self.done:
             self.cancelled = True
-            self._engine._wake()
+            self._engine._withdraw(self)
 
     def _deliver(self, item: Event | BaseException, outbox: dict | None = None) -> None:
         """Called by the stepping thread: hand an event (or the error that ended it) over. With
@@ -175,7 +182,7 @@ class Request:
     @staticmethod
     def _unwrap(item: Event | BaseException) -> Event:
         if isinstance(item, BaseException):
-            raise EngineClosed(f"generation failed: {item}") from item
+            raise StepFailed(f"generation failed: {item}") from item
         return item
 
     def __iter__(self) -> Iterator[Event]:
@@ -437,9 +444,17 @@ class Engine:
                         pages_total=c.num_pages, pages_used=c.pages_used, pages_free=c.pages_free,
                         pages_cached=c.pages_cached, page_size=c.page_size)
 
-    def _wake(self) -> None:
+    def _withdraw(self, request: Request) -> None:
+        """A cancelled request still waiting leaves the queue now (it holds no pages yet), so its
+        place is free for the next client at once; a running one is ended by the next step."""
         with self._lock:
+            entry = next((e for e in self._waiting if e.request is request), None)
+            if entry is not None:
+                self._waiting.remove(entry)
+                self._stats["cancelled"] += 1
             self._lock.notify_all()
+        if entry is not None:
+            request._deliver(Event(request.index, None, "cancelled"))
 
     def _retry_after(self) -> float:
         """Roughly when a slot frees: the shortest remaining answer at the recent step rate."""

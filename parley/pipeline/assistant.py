@@ -166,14 +166,16 @@ def build_backend(cfg: AssistantConfig, engine=None, tokenizer=None):
         if not cfg.url:
             raise ValueError("backend=openai needs url=http://HOST:PORT/v1 (an OpenAI-compatible server)")
         return OpenAIBackend(cfg.url, cfg.remote_model or cfg.model, api_key=cfg.api_key or None, params=params)
-    if engine is None:
+    if engine is None:  # the terminal's own engine, stepped in the thread that reads the answer
         import torch
 
-        from parley.engine.stepped import SteppedEngine
+        from parley.engine.config import EngineConfig
+        from parley.engine.engine import Engine
         from parley.registry import Registry
 
-        model, tokenizer, _ = Registry().load(cfg.model, dtype=torch.bfloat16)
-        engine = SteppedEngine(model)  # turns reuse the conversation's cached pages
+        settings = getattr(cfg, "engine", None) or EngineConfig(max_batch=8)
+        model, tokenizer, _ = Registry().load(cfg.model, dtype=getattr(torch, settings.dtype))
+        engine = Engine.from_config(model, settings)  # turns reuse the conversation's cached pages
     return LocalBackend(engine, tokenizer, params)
 
 

@@ -80,17 +80,13 @@ class LocalBackend:
                usage: Usage | None = None) -> Iterator[str]:
         ids = self.tokenizer.encode_chat(messages, add_generation_prompt=True)
         text = TextAssembler(self.tokenizer)
-        events = self.engine.stream([ids], _sampling(self.params, overrides))
-        # an engine's stream is a generator, closed here when the answer ends; a server's
-        # (EngineView) is the request's handle, which another thread may also cancel, at once,
-        # when the client goes away
-        stop = getattr(events, "cancel", None)
-        if cancel is not None and stop is not None:
-            cancel.on_set(stop)
+        request = self.engine.submit(ids, _sampling(self.params, overrides))  # PromptError, QueueFull
+        if cancel is not None:  # the server's thread cancels it at once when the client goes away
+            cancel.on_set(request.cancel)
         if usage is not None:
             usage.prompt_tokens += len(ids)
         try:
-            for event in events:
+            for event in request:  # steps the engine here unless it runs on its own thread
                 if usage is not None and event.token is not None:
                     usage.completion_tokens += 1
                 if piece := text.push(event):
@@ -98,7 +94,7 @@ class LocalBackend:
                 if text.finish_reason or (cancel is not None and cancel.is_set()):
                     break
         finally:
-            (stop or events.close)()  # a consumer that stops early frees the engine's batch
+            request.cancel()  # a consumer that stops early frees the request's pages
 
 
 class OpenAIBackend:

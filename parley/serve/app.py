@@ -7,7 +7,7 @@
     client.chat.completions.create(model="parley", messages=[{"role": "user", "content": "hi"}])
 
 Everything a route needs lives on one `Server` object (parley/serve/server.py: settings, the
-model's tokenizer, the generator, the embedder, the turn runner, metrics, rate limits) that the
+model's tokenizer, the engine, the embedder, the turn runner, metrics, rate limits) that the
 route modules close over; they import it from there, never from this module, so nothing
 imports in a circle. Settings are in parley/serve/settings.py.
 """
@@ -20,40 +20,39 @@ from fastapi import FastAPI
 
 from parley.registry import Registry
 from parley.serve import errors
-from parley.serve.generation import Generator, SchedulerGenerator, SerialGenerator
 from parley.serve.metrics import MetricsMiddleware
 from parley.serve.server import Server
 from parley.serve.settings import ServeError, Settings
 
 
-def create_app(settings: Settings, generator: Generator | None = None, tokenizer=None, embedder=None) -> FastAPI:
-    """The app for these settings. `generator` and `tokenizer` (both or neither) replace loading
-    `settings.model` from the registry; `embedder` replaces loading MiniLM on first use."""
+def create_app(settings: Settings, engine=None, tokenizer=None, embedder=None) -> FastAPI:
+    """The app for these settings. `engine` (a parley.engine.engine.Engine) and `tokenizer`, both
+    or neither, replace loading `settings.model` from the registry: the app starts that engine
+    but leaves closing it to the caller, and closes only an engine it built. `embedder` replaces
+    loading MiniLM on first use."""
     from parley.serve.routes_openai import openai_routes
     from parley.serve.routes_parley import parley_routes
     from parley.serve.routes_ui import ui_routes
 
-    if (generator is None) != (tokenizer is None):
-        raise ServeError("give both generator and tokenizer, or neither")
-    if generator is None:
+    if (engine is None) != (tokenizer is None):
+        raise ServeError("give both engine and tokenizer, or neither")
+    owned = engine is None
+    if owned:
         import torch
 
         from parley.engine.engine import Engine
 
         model, tokenizer, _ = Registry(settings.home).load(settings.model, dtype=getattr(torch, settings.dtype))
-        if settings.batching:
-            from parley.engine.scheduler import Scheduler
-
-            generator = SchedulerGenerator(Scheduler(model, max_waiting=settings.max_pending,
-                                                     threads=settings.threads))
-        else:
-            generator = SerialGenerator(Engine(model), max_pending=settings.max_pending)
-    server = Server(settings, generator, settings.model, tokenizer, embedder)
+        engine = Engine(model, max_batch=64 if settings.batching else 1, max_waiting=settings.max_pending,
+                        threads=settings.threads)
+    server = Server(settings, engine.start(), settings.model, tokenizer, embedder)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         yield
         server.close()
+        if owned:
+            engine.close()
 
     app = FastAPI(title="Parley", version="0.1.0", lifespan=lifespan, responses=errors.RESPONSES)
     app.state.server = server

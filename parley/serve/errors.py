@@ -69,18 +69,17 @@ class APIError(Exception):
 
 def from_exception(exc: BaseException) -> APIError:
     """The APIError for any exception a route can raise (500 only for our own bugs)."""
-    from parley.engine.engine import PromptError
+    from parley.engine.engine import EngineClosed, PromptError, QueueFull
     from parley.pipeline.assistant import MessageError
     from parley.pipeline.knowledge import KnowledgeError
     from parley.pipeline.readers import ReadError
     from parley.registry import ModelNotFound
-    from parley.serve.generation import GeneratorClosed, QueueFull
 
     if isinstance(exc, APIError):
         return exc
     if isinstance(exc, QueueFull):
         return APIError(429, str(exc), code="queue_full", retry_after=exc.retry_after)
-    if isinstance(exc, GeneratorClosed):
+    if isinstance(exc, EngineClosed):
         return APIError(503, str(exc), code="shutting_down", retry_after=5)
     if isinstance(exc, ModelNotFound):
         return APIError(404, str(exc), code="model_not_found", param="model")
@@ -113,17 +112,16 @@ def install(app: FastAPI) -> None:
         code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code)
         return APIError(exc.status_code, str(exc.detail), code=code).response()
 
-    from parley.engine.engine import PromptError
+    from parley.engine.engine import EngineClosed, PromptError, QueueFull
     from parley.pipeline.assistant import MessageError
     from parley.pipeline.knowledge import KnowledgeError
     from parley.pipeline.readers import ReadError
     from parley.registry import ModelNotFound
-    from parley.serve.generation import GeneratorClosed, QueueFull
 
     app.add_exception_handler(RequestValidationError, validation)
     app.add_exception_handler(HTTPException, http_error)
     # the expected failures, each by class: Starlette handles these without logging a crash
-    for cls in (APIError, QueueFull, GeneratorClosed, ModelNotFound, PromptError, MessageError, KnowledgeError,
+    for cls in (APIError, QueueFull, EngineClosed, ModelNotFound, PromptError, MessageError, KnowledgeError,
                 ReadError):
         app.add_exception_handler(cls, api_error)
     app.add_exception_handler(Exception, api_error)  # our bugs: a logged 500, still OpenAI-shaped

@@ -6,7 +6,7 @@
                                    extra_headers={"X-Parley-Conversation": "12"})
 
 A registered model answers directly: its chat template renders the messages and the
-generator streams tokens. "parley" runs the last user message through the assistant's whole
+engine streams tokens. "parley" runs the last user message through the assistant's whole
 pipeline (safety, memory, knowledge, respond ...) in the conversation the header names, or a
 new one; the reply carries the conversation and saved turn ids (header and a "parley" field),
 for feedback and traces. Streams are Server-Sent Events ending with `data: [DONE]`; an error
@@ -98,11 +98,11 @@ def _check_model(server: Server, name: str) -> None:
 
 async def _complete(server: Server, req: p.ChatRequest | p.CompletionRequest, ids: list[int], chat: bool):
     try:
-        params = req.sampling(server.generator.context_length, len(ids), server.tokenizer.stop_ids,
+        params = req.sampling(server.engine.context_length, len(ids), server.tokenizer.stop_ids,
                               server.settings.default_max_tokens)
     except ValueError as e:
         raise APIError(400, str(e), code="context_length_exceeded", param="max_tokens") from None
-    handle = server.generator.submit(ids, params)  # PromptError -> 400, QueueFull -> 429
+    handle = server.engine.submit(ids, params)  # PromptError -> 400, QueueFull -> 429
     text = TextAssembler(server.tokenizer, req.stops)
 
     async def pieces() -> AsyncIterator[str]:
@@ -113,7 +113,7 @@ async def _complete(server: Server, req: p.ChatRequest | p.CompletionRequest, id
                 if text.finish_reason:
                     return
         finally:
-            handle.cancel()  # the client left, or a stop string ended it: free the generator
+            handle.cancel()  # the client left, or a stop string ended it: free its pages
             server.metrics.add_tokens(text.tokens)
 
     rid, model = p.new_id("chatcmpl" if chat else "cmpl"), req.model

@@ -153,12 +153,13 @@ def parley_routes(server: Server) -> APIRouter:
 
     @router.get("/health")
     def health() -> dict:
-        return {"status": "ok", "model": server.model_name, "pending": server.generator.pending}
+        return {"status": "ok", "model": server.model_name, "pending": server.engine.stats()["waiting"]}
 
     @router.get("/metrics", response_class=PlainTextResponse)
     def metrics() -> Response:
-        gauges = {"parley_queue_depth": ("generation requests waiting to start", server.generator.pending),
-                  "parley_generating": ("generation requests running now", server.generator.active)}
+        stats = server.engine.stats()
+        gauges = {"parley_queue_depth": ("generation requests waiting to start", stats["waiting"]),
+                  "parley_generating": ("generation requests running now", stats["running"])}
         return Response(server.metrics.render(gauges), media_type="text/plain; version=0.0.4")
 
     return router

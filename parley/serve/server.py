@@ -1,6 +1,6 @@
 """The app's state and shared services: one `Server` per app, that every route module closes over.
 
-    server = Server(settings, generator, "smollm2", tokenizer)
+    server = Server(settings, engine, "smollm2", tokenizer)
     server.store()                 # this thread's connection to the database
     server.authenticate(request)   # the User of a request's bearer key (the routes' dependency)
     server.turns.start(user, conversation_id, "hello", overrides={})   # a pipeline turn
@@ -21,7 +21,7 @@ from fastapi import Request
 
 from parley.registry import Registry
 from parley.serve.errors import APIError
-from parley.serve.generation import Generator
+from parley.engine.engine import Engine
 from parley.serve.metrics import Metrics
 from parley.serve.settings import Settings
 from parley.store import Store, User
@@ -54,16 +54,16 @@ class TokenBuckets:
 class Server:
     """The app's state and shared services."""
 
-    def __init__(self, settings: Settings, generator: Generator, model_name: str, tokenizer, embedder=None):
+    def __init__(self, settings: Settings, engine: Engine, model_name: str, tokenizer, embedder=None):
         from parley.pipeline.assistant import AssistantConfig
         from parley.serve.turns import TurnRunner
 
-        self.settings, self.generator, self.model_name, self.tokenizer = settings, generator, model_name, tokenizer
+        self.settings, self.engine, self.model_name, self.tokenizer = settings, engine, model_name, tokenizer
         self.registry = Registry(settings.home)
         self.metrics, self.buckets = Metrics(), TokenBuckets(settings.requests_per_minute)
         self._embedder, self._embed_lock, self._local = embedder, threading.Lock(), threading.local()
         assistant = AssistantConfig(stages=list(settings.stages), max_tokens=settings.default_max_tokens)
-        self.turns = TurnRunner(assistant, self.store, generator, tokenizer, self.embed, settings.pipeline_workers,
+        self.turns = TurnRunner(assistant, self.store, engine, tokenizer, self.embed, settings.pipeline_workers,
                                 settings.max_pending, single_threaded=bool(settings.threads))
         if settings.no_auth:
             with Store(settings.db) as store:
@@ -115,4 +115,3 @@ class Server:
 
     def close(self) -> None:
         self.turns.close()
-        self.generator.close()

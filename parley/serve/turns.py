@@ -1,6 +1,6 @@
 """The assistant ("model": "parley") behind the API: blocking pipeline turns bridged to async.
 
-    turns = TurnRunner(AssistantConfig(stages=...), server.store, generator, tokenizer, embed)
+    turns = TurnRunner(AssistantConfig(stages=...), server.store, engine, tokenizer, embed)
     turn = turns.start(user, conversation_id=None, text="hello", overrides={"temperature": 0})
     async for item in turn.frames:           # TurnStarted, then TextDelta / Notice / Refusal ...
         ...                                  # frames, then TurnDone (saved message id, token counts)
@@ -9,22 +9,77 @@
 Each turn runs on a small pool of threads. They share one `Assistant`, built on the first turn
 and never changed after: everything a turn owns (this thread's store connection, the user,
 the conversation, the request's sampling overrides, its cancellation and token counts) is in
-its pipeline `Turn`. The respond stage generates through an `EngineView` of the server's one
-generator, so pipeline turns and raw completions share one queue.
+its pipeline `Turn`. The respond stage submits to the server's one engine, so pipeline turns
+and raw completions share one queue. A turn's frames reach the route's event loop through a
+`Channel`.
 """
 
 from __future__ import annotations
 
+import asyncio
 import threading
-from collections.abc import Callable
+from collections import deque
+from collections.abc import AsyncIterator, Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
+from parley.engine.engine import Engine, QueueFull
 from parley.model.tokenizer import Tokenizer
 from parley.pipeline.assistant import Assistant, AssistantConfig
 from parley.pipeline.runner import Cancel, Turn
-from parley.serve.generation import Channel, EngineView, Generator, QueueFull
 from parley.store import Store, User
+
+_END = object()  # a channel's last item
+
+
+class Channel:
+    """Items from a producer thread to one consumer, async (`async for`) or blocking (`for`).
+    `put` an exception to raise it at the consumer; `end()` finishes the iteration."""
+
+    def __init__(self):
+        self._items: deque = deque()
+        self._ready = threading.Condition()
+        self._wakers: list[tuple[asyncio.AbstractEventLoop, asyncio.Event]] = []
+
+    def put(self, item) -> None:
+        with self._ready:
+            self._items.append(item)
+            self._ready.notify_all()
+            wakers = list(self._wakers)
+        for loop, event in wakers:
+            loop.call_soon_threadsafe(event.set)
+
+    def end(self) -> None:
+        self.put(_END)
+
+    async def __aiter__(self) -> AsyncIterator:
+        wake = asyncio.Event()
+        with self._ready:
+            self._wakers.append((asyncio.get_running_loop(), wake))
+        while True:
+            wake.clear()  # cleared before looking: a put after the look sets it again
+            with self._ready:
+                items = list(self._items)
+                self._items.clear()
+            for item in items:
+                if item is _END:
+                    return
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+            await wake.wait()
+
+    def __iter__(self) -> Iterator:
+        while True:
+            with self._ready:
+                while not self._items:
+                    self._ready.wait()
+                item = self._items.popleft()
+            if item is _END:
+                return
+            if isinstance(item, BaseException):
+                raise item
+            yield item
 
 
 @dataclass
@@ -61,11 +116,11 @@ def _one_torch_thread() -> None:
 
 
 class TurnRunner:
-    def __init__(self, cfg: AssistantConfig, store: Callable[[], Store], generator: Generator, tokenizer: Tokenizer,
+    def __init__(self, cfg: AssistantConfig, store: Callable[[], Store], engine: Engine, tokenizer: Tokenizer,
                  embed, workers: int = 4, max_pending: int = 32, single_threaded: bool = False):
         self.cfg, self.store = cfg, store
         self.workers, self.max_pending, self._inflight, self._count = workers, max_pending, 0, threading.Lock()
-        self.generator, self.tokenizer, self.embed = generator, tokenizer, embed
+        self.engine, self.tokenizer, self.embed = engine, tokenizer, embed
         self.pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="parley-turn",
                                        initializer=_one_torch_thread if single_threaded else None)
         self._assistant: Assistant | None = None
@@ -78,7 +133,7 @@ class TurnRunner:
         """The one assistant every turn shares, built on first use (the NLU model loads then)."""
         with self._building:
             if self._assistant is None:
-                self._assistant = Assistant.build(self.cfg, engine=EngineView(self.generator),
+                self._assistant = Assistant.build(self.cfg, engine=self.engine,
                                                   tokenizer=self.tokenizer, embedder=self.embed)
             return self._assistant
 
