@@ -35,8 +35,8 @@ def serving(app) -> Iterator[str]:
 
 
 class GatedEngine(Engine):
-    """A real engine that holds every step after its first `after` until `gate` is set (so a test
-    can act while a request is known to be generating), keeping each request it was given."""
+    """A real engine that, once `after` tokens are out, holds every step until `gate` is set (so a
+    test can act while a request is known to be generating), keeping each request it was given."""
 
     def __init__(self, model, after: int = 1, **settings):
         super().__init__(model, **settings)
@@ -48,6 +48,6 @@ class GatedEngine(Engine):
         return request
 
     def _compute(self) -> None:
-        if self.stats()["steps"] >= self.after:
+        if self.stats()["decode_tokens"] >= self.after:
             self.gate.wait(timeout=60)
         super()._compute()
