@@ -16,11 +16,12 @@ the memory the turn wrote, are there after a restart.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Literal
 
 from parley.config import setting
+from parley.engine.config import EngineConfig
 from parley.pipeline.frames import Frame, Interrupt, Notice, Refusal, UserText
 from parley.pipeline.respond import PERSONA
 from parley.pipeline.runner import Pipeline, Stage, Turn
@@ -59,6 +60,7 @@ class AssistantConfig:
     web_search_url: str = setting("", "a SearXNG instance for web search, e.g. http://127.0.0.1:8888 ('' = none)")
     self_check: bool = setting(False, "ask the model to check its own answers against the constitution (slower)")
     max_message_chars: int = setting(8000, "longest accepted user message")
+    engine: EngineConfig = field(default_factory=EngineConfig)  # [engine]: how the local backend generates
 
 
 @dataclass
@@ -168,8 +170,12 @@ def build_backend(cfg: AssistantConfig, engine=None, tokenizer=None):
         from parley.engine.stepped import SteppedEngine
         from parley.registry import Registry
 
-        model, tokenizer, _ = Registry().load(cfg.model, dtype=torch.bfloat16)
-        engine = SteppedEngine(model)  # turns reuse the conversation's cached pages
+        e = cfg.engine  # e.device and e.kernels: for the engine rewrite to consume (fast.py reads PARLEY_AMX today)
+        model, tokenizer, _ = Registry().load(cfg.model, dtype=getattr(torch, e.dtype))
+        engine = SteppedEngine(model, max_batch=e.max_batch, max_waiting=e.max_waiting,  # turns reuse cached pages
+                               kv_budget_bytes=e.kv_budget_mb * 2**20 or None, page_size=e.page_size,
+                               prefill_chunk=e.prefill_chunk, prefill_budget=e.prefill_budget,
+                               threads=e.threads or None)
     return LocalBackend(engine, tokenizer, params)
 
 

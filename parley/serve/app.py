@@ -10,76 +10,30 @@ Everything a route needs lives on one `Server` object (settings, the model's tok
 generator, the embedder, the turn runner, metrics, rate limits) that the route modules close
 over. Each thread gets its own `Store` connection, as SQLite wants. Authentication is a
 dependency: a bearer key known to the store (per-key token-bucket rate limit), or, with
-`no_auth` on a loopback address only, everyone is the local user "local".
+`no_auth` on a loopback address only, everyone is the user `settings.user` ("local").
 """
 
 from __future__ import annotations
 
-import ipaddress
+import dataclasses
 import math
 import threading
 import time
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
 from fastapi import FastAPI, Request
 
-from parley.pipeline.assistant import DEFAULT_STAGES
-from parley.registry import Registry
+from parley.registry import Registry, store_target
 from parley.serve import errors
 from parley.serve.errors import APIError
 from parley.serve.generation import Generator, SchedulerGenerator, SerialGenerator
 from parley.serve.metrics import Metrics, MetricsMiddleware
+from parley.serve.settings import ServeError, Settings, is_loopback  # noqa: F401 (is_loopback: re-exported)
 from parley.store import Store, User
 
 EMBEDDING_MODEL = "all-minilm-l6-v2"
 ASSISTANT_MODEL = "parley"
-
-
-class ServeError(ValueError):
-    """Settings the server cannot start with."""
-
-
-def is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
-
-
-@dataclass
-class Settings:
-    db: str | Path
-    home: str | Path | None = None  # the model registry's folder (None: PARLEY_HOME)
-    model: str = "smollm2"
-    host: str = "127.0.0.1"
-    no_auth: bool = False
-    requests_per_minute: int = 600  # per key; 0 = no limit
-    max_pending: int = 32  # generation requests waiting; more get 429
-    max_body_bytes: int = 2_000_000
-    max_upload_bytes: int = 10_000_000
-    stages: list[str] = field(default_factory=lambda: list(DEFAULT_STAGES))
-    pipeline_workers: int = 4
-    default_max_tokens: int = 512
-    dtype: str = "bfloat16"
-    batching: bool = True  # continuous batching (engine/scheduler.py); False: one request at a time
-    threads: int | None = None  # torch threads of the scheduler thread (serve_main: all; every other thread: 1)
-
-    def __post_init__(self):
-        if self.no_auth and not is_loopback(self.host):
-            raise ServeError(f"--no-auth serves everyone as one user, so it is allowed only on a loopback address "
-                             f"(127.0.0.1, ::1, localhost), not {self.host!r}: drop --no-auth and create keys "
-                             "with `parley users add NAME` and `parley users key NAME`")
-        for name in ("requests_per_minute", "max_pending", "max_body_bytes", "max_upload_bytes", "pipeline_workers",
-                     "default_max_tokens"):
-            if getattr(self, name) < (0 if name == "requests_per_minute" else 1):
-                raise ServeError(f"{name} must be positive (got {getattr(self, name)})")
-        if self.dtype not in ("float32", "bfloat16"):
-            raise ServeError(f"dtype must be float32 or bfloat16, not {self.dtype!r}")
 
 
 class TokenBuckets:
@@ -110,27 +64,28 @@ class Server:
         from parley.serve.turns import TurnRunner
 
         self.settings, self.generator, self.model_name, self.tokenizer = settings, generator, model_name, tokenizer
-        self.registry = Registry(settings.home)
+        self.db = store_target(settings.db)
+        self.registry = Registry(settings.home or None)
         self.metrics, self.buckets = Metrics(), TokenBuckets(settings.requests_per_minute)
         self._embedder, self._embed_lock, self._local = embedder, threading.Lock(), threading.local()
-        self.turns = TurnRunner(str(settings.db), settings.stages, settings.default_max_tokens, generator,
-                                tokenizer, self.embed, settings.pipeline_workers, settings.max_pending,
-                                single_threaded=bool(settings.threads))
+        assistant = dataclasses.replace(settings.assistant(), db=self.db)
+        self.turns = TurnRunner(assistant, generator, tokenizer, self.embed, settings.pipeline_workers,
+                                settings.max_pending, single_threaded=bool(settings.engine.threads))
         if settings.no_auth:
-            with Store(settings.db) as store:
-                if store.get_user_by_name("local") is None:
-                    store.add_user("local", role="admin")
+            with Store(self.db) as store:
+                if store.get_user_by_name(settings.user) is None:
+                    store.add_user(settings.user, role="admin")
 
     def store(self) -> Store:
         """This thread's connection to the database."""
         if getattr(self._local, "store", None) is None:
-            self._local.store = Store(self.settings.db)
+            self._local.store = Store(self.db)
         return self._local.store
 
     def embed(self, texts: list[str]) -> np.ndarray:
         """MiniLM embeddings (loaded on first use); one call at a time, as the model's cache wants."""
         with self._embed_lock:
-            if self.settings.threads:  # keep request threads off OpenMP teams: see Settings.threads
+            if self.settings.engine.threads:  # keep request threads off OpenMP teams: see serve_main
                 import torch
 
                 torch.set_num_threads(1)
@@ -148,7 +103,7 @@ class Server:
         """The dependency every /v1 and /api route takes."""
         store = self.store()
         if self.settings.no_auth:
-            user, key = store.get_user_by_name("local"), "local"
+            user, key = store.get_user_by_name(self.settings.user), self.settings.user
         else:
             scheme, _, key = request.headers.get("authorization", "").partition(" ")
             if scheme.lower() != "bearer" or not key.strip():
@@ -183,14 +138,18 @@ def create_app(settings: Settings, generator: Generator | None = None, tokenizer
 
         from parley.engine.engine import Engine
 
-        model, tokenizer, _ = Registry(settings.home).load(settings.model, dtype=getattr(torch, settings.dtype))
-        if settings.batching:
+        engine = settings.engine  # engine.device and engine.kernels: for the engine rewrite to consume
+        model, tokenizer, _ = Registry(settings.home or None).load(settings.model, dtype=getattr(torch, engine.dtype))
+        if engine.max_batch > 1:
             from parley.engine.scheduler import Scheduler
 
-            generator = SchedulerGenerator(Scheduler(model, max_waiting=settings.max_pending,
-                                                     threads=settings.threads))
-        else:
-            generator = SerialGenerator(Engine(model), max_pending=settings.max_pending)
+            generator = SchedulerGenerator(Scheduler(
+                model, max_batch=engine.max_batch, max_waiting=engine.max_waiting,
+                kv_budget_bytes=engine.kv_budget_mb * 2**20 or None, page_size=engine.page_size,
+                prefill_chunk=engine.prefill_chunk, prefill_budget=engine.prefill_budget,
+                threads=engine.threads or None))
+        else:  # one request at a time, on the plain engine
+            generator = SerialGenerator(Engine(model), max_pending=engine.max_waiting)
     server = Server(settings, generator, settings.model, tokenizer, embedder)
 
     @asynccontextmanager

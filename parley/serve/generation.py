@@ -17,7 +17,7 @@ queue. `SerialGenerator` runs one request at a time on a worker thread with `Eng
 
 `SchedulerGenerator` adapts the continuous-batching `parley.engine.scheduler.Scheduler` (its
 handles have the same `events()`, blocking iteration and `cancel()`); `create_app` picks it
-by default, and `SerialGenerator` with `Settings(batching=False)` (`parley serve --serial`).
+by default, and `SerialGenerator` with `engine.max_batch=1` (`parley serve engine.max_batch=1`).
 Another generator plugs in the same way: implement `Generator` and pass it as
 `create_app(settings, generator=..., tokenizer=...)`.
 

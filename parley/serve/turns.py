@@ -14,6 +14,7 @@ server's one generator, so pipeline turns and raw completions share one queue.
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -61,9 +62,9 @@ def _one_torch_thread() -> None:
 
 
 class TurnRunner:
-    def __init__(self, db: str, stages: list[str], max_tokens: int, generator: Generator, tokenizer: Tokenizer,
+    def __init__(self, config: AssistantConfig, generator: Generator, tokenizer: Tokenizer,
                  embed, workers: int = 4, max_pending: int = 32, single_threaded: bool = False):
-        self.db, self.stages, self.max_tokens = db, list(stages), max_tokens
+        self.config = config  # what each thread's assistant is built from (its user set per thread)
         self.workers, self.max_pending, self._inflight, self._count = workers, max_pending, 0, threading.Lock()
         self.generator, self.tokenizer, self.embed = generator, tokenizer, embed
         self.pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="parley-turn",
@@ -76,7 +77,7 @@ class TurnRunner:
     def _assistant(self, user: User) -> tuple[Assistant, EngineView]:
         if getattr(self._local, "assistant", None) is None:
             view = EngineView(self.generator)
-            cfg = AssistantConfig(stages=self.stages, db=self.db, user=user.name, max_tokens=self.max_tokens)
+            cfg = dataclasses.replace(self.config, user=user.name)
             self._local.assistant = Assistant.build(cfg, engine=view, tokenizer=self.tokenizer, embedder=self.embed)
             self._local.view = view
         return self._local.assistant, self._local.view

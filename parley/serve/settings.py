@@ -1,0 +1,62 @@
+"""What `parley serve` runs with: every setting of the assistant (the same keys as `parley
+chat`, engine section included) plus the server's own.
+
+    parley serve persona="You are terse." web_search_url=http://127.0.0.1:8888 --port 8000
+    parley serve --help                         # every key once, with its type and default
+
+    settings = Settings(db="parley.db", model="smollm2", engine=EngineConfig(max_batch=1))
+    create_app(settings)                        # parley/serve/app.py
+
+The assistant behind the API ("model": "parley") is built from `settings.assistant()`; raw
+completions use the same model, engine section and `max_tokens` default.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from dataclasses import dataclass, fields
+
+from parley.config import setting
+from parley.pipeline.assistant import AssistantConfig
+
+
+class ServeError(ValueError):
+    """Settings the server cannot start with."""
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+@dataclass
+class Settings(AssistantConfig):
+    host: str = setting("127.0.0.1", "address to bind")
+    port: int = setting(8000, "TCP port to listen on")
+    no_auth: bool = setting(False, "no API keys: every request is the user `user`; loopback addresses only")
+    requests_per_minute: int = setting(600, "requests a minute per API key (0 = no limit)")
+    max_pending: int = setting(32, "assistant turns that may wait for a pipeline worker; more get HTTP 429")
+    max_body_bytes: int = setting(2_000_000, "largest request body, in bytes")
+    max_upload_bytes: int = setting(10_000_000, "largest document upload (/api/knowledge), in bytes")
+    pipeline_workers: int = setting(4, "assistant turns that run at once")
+    home: str = setting("", "the model registry's folder ('' = PARLEY_HOME)")
+
+    def __post_init__(self):
+        if self.no_auth and not is_loopback(self.host):
+            raise ServeError(f"--no-auth serves everyone as one user, so it is allowed only on a loopback address "
+                             f"(127.0.0.1, ::1, localhost), not {self.host!r}: drop --no-auth and create keys "
+                             "with `parley users add NAME` and `parley users key NAME`")
+        for name in ("requests_per_minute", "max_pending", "max_body_bytes", "max_upload_bytes", "pipeline_workers",
+                     "max_tokens"):
+            if getattr(self, name) < (0 if name == "requests_per_minute" else 1):
+                raise ServeError(f"{name} must be positive (got {getattr(self, name)})")
+        if not 0 <= self.port <= 65535:
+            raise ServeError(f"port must be 0..65535, not {self.port}")
+
+    def assistant(self) -> AssistantConfig:
+        """The assistant's part of these settings (every key `parley chat` also takes)."""
+        return AssistantConfig(**{f.name: getattr(self, f.name) for f in fields(AssistantConfig)})
