@@ -25,8 +25,8 @@ import difflib
 import importlib
 import signal
 import sys
-from argparse import Namespace
 from dataclasses import dataclass, field, fields
+from types import SimpleNamespace
 
 import torch
 
@@ -121,7 +121,7 @@ def _choose(word: str | None, choices, what: str) -> str:
     return word
 
 
-def parse_args(argv: list[str] | None = None) -> Namespace:
+def parse_args(argv: list[str] | None = None) -> SimpleNamespace:
     """`[--debug] COMMAND [ACTION] SETTINGS...` as (debug, command, action, settings, prog);
     the settings are left for the command's own config class to parse."""
     rest, debug = list(sys.argv[1:] if argv is None else argv), False
@@ -141,11 +141,11 @@ def parse_args(argv: list[str] | None = None) -> Namespace:
                 f"  {a:10} {what}" for a, (what, _) in actions.items()))
             raise SystemExit(0)
         action = _choose(rest.pop(0) if rest else None, actions, f"action of `parley {command}`")
-    return Namespace(debug=debug, command=command, action=action, settings=rest,
+    return SimpleNamespace(debug=debug, command=command, action=action, settings=rest,
                      prog=f"parley {command}" + (f" {action}" if action else ""))
 
 
-def load_settings(args: Namespace):
+def load_settings(args: SimpleNamespace):
     """The command's settings, parsed from its arguments (`--help` prints them and exits)."""
     return parse_cli(settings_class(args.command, args.action), args.settings, prog=args.prog)
 

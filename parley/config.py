@@ -9,6 +9,12 @@ recipes on top, `key.sub=value` overrides on top of that.
     save_config(cfg, "runs/a/config.toml")                          # what the run really used
     print(describe(PretrainConfig))                                 # every key, type, default, help
 
+    cfg = parse_cli(IngestConfig, ["notes/", "--user", "ann", "collection=home"], prog="parley ingest")
+
+On a command line (parse_cli) a key is `key=value`, `--key=value` or `--key value`, a bool
+also a bare `--flag`, with dashes read as underscores (`--max-tokens 20` is `max_tokens=20`);
+a field made with `setting(..., positional="PATH")` may be given without its key.
+
 Values are checked against the field's annotation: int, float, bool, str, Path, Literal[...],
 list[X], X | None and nested dataclasses. Every mistake is one ConfigError line naming the key.
 """
