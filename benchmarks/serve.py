@@ -71,7 +71,7 @@ def free_port() -> int:
 
 def start_server(home: Path, port: int, max_pending: int) -> subprocess.Popen:
     cmd = [sys.executable, "-m", "parley", "serve", "--no-auth", "--port", str(port), "--model", "smollm2",
-           "--max-pending", str(max_pending), "--rate-limit", "0"]
+           "--max-pending", str(max_pending), f"engine.max_waiting={max_pending}", "requests_per_minute=0"]
     server = subprocess.Popen(cmd, cwd=ROOT, env={**os.environ, "PARLEY_HOME": str(home)})
     deadline = time.monotonic() + 180
     while time.monotonic() < deadline:  # poll until it answers (it loads the model first)
@@ -235,7 +235,7 @@ def write_results(table: list[str], args) -> None:
         f"\n## Serving concurrent streams, SmolLM2-135M-Instruct bf16 ({datetime.date.today()}, commit {commit()})\n",
         f"Machine: {os.uname().machine}, {os.cpu_count()} cores, torch {torch.__version__}; 1-minute load average "
         f"{load:.2f} when the run ended. Command: `{command}`. `parley serve --no-auth` in a subprocess "
-        f"(continuous-batching scheduler, --max-pending {args.clients.split(',')[-1]}, --rate-limit 0) on 127.0.0.1; "
+        f"(continuous-batching scheduler, max_pending and engine.max_waiting {args.clients.split(',')[-1]}, requests_per_minute=0) on 127.0.0.1; "
         f"N asyncio + httpx clients each stream one `/v1/chat/completions` request at once (model smollm2, "
         f"temperature 0, max_tokens {args.new}, a distinct ~{args.prompt}-token user message in the chat template), "
         f"client and server on the same cores. Tokens: the usage chunk (answers may end early at end of turn). "

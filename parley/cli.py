@@ -1,13 +1,16 @@
-"""The one `parley` command.
+"""The one `parley` command. Every command's settings are a typed dataclass (parley/config.py):
+`parley COMMAND --help` lists each key once with its type and default, and a key is given
+as `key=value`, `--key=value`, `--key value` or (a bool) a bare `--key`; dashes read as underscores.
 
     parley models import smollm2                 # the default chat model
-    parley models import PATH [--name NAME]      # an HF folder or a .gguf file
+    parley models import PATH --name NAME        # an HF folder or a .gguf file
     parley models list | export NAME DIR | remove NAME
     parley generate --model smollm2 --prompt "The capital of France is" --max-tokens 20
-    parley chat [key=value ...]                  # the assistant: `parley chat --help` lists settings
-    parley chat --url http://HOST:PORT --key KEY # the assistant of a `parley serve` server
+    parley chat [key=value ...]                  # the assistant
+    parley chat --server http://HOST:PORT --api-key KEY   # the assistant of a `parley serve` server
     parley ingest PATH... [--user NAME]          # documents the assistant answers from, with citations
-    parley serve [--host H] [--port P] [--model M]   # OpenAI-compatible API; `parley users add NAME` for keys
+    parley serve [--port P] [key=value ...]      # the OpenAI-compatible API: the assistant's keys + the server's
+    parley users add NAME | key NAME | list      # users of the server and their API keys
     parley data prepare OUT [--tokenizer DIR]    # training corpus + dialogs from offline packages
     parley train tokenizer|pretrain|sft [RECIPE.toml] [key=value ...]
     parley train intents [--data FILE] [--out FILE]   # the intent classifier, from parley/data/intents.yml
@@ -18,128 +21,172 @@ line on stderr and exit with status 2; `--debug` shows the traceback instead.
 
 from __future__ import annotations
 
-import argparse
+import difflib
+import importlib
 import signal
 import sys
+from dataclasses import dataclass, field, fields
+from types import SimpleNamespace
 
 import torch
 
-from parley.engine.sampling import SamplingParams
+from parley.config import ConfigError, parse_cli, setting, to_dict
+from parley.engine.config import EngineConfig
+from parley.pipeline.assistant import AssistantConfig
 from parley.registry import DEFAULT_MODEL, Registry
 
-OWN_PARSERS = ("ingest", "serve", "users")  # commands whose options their own module parses
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
-# stage name -> (module, config class); imported only when the stage runs
-STAGES = {"tokenizer": ("parley.train.bpe", "TokenizerConfig"), "pretrain": ("parley.train.pretrain", "PretrainConfig"),
-          "sft": ("parley.train.sft", "SFTConfig")}
+# command -> {action -> (what it does, "module:SettingsClass")}; action None: the command has no actions
+COMMANDS: dict[str, dict[str | None, tuple[str, str]]] = {
+    "models": {"import": (f"import an HF folder, a .gguf file, or `{DEFAULT_MODEL}`", "parley.cli:ImportConfig"),
+               "list": ("list imported models", "parley.cli:ListConfig"),
+               "export": ("write a model as an HF folder (transformers/vLLM load it)", "parley.cli:ExportConfig"),
+               "remove": ("delete an imported model", "parley.cli:RemoveConfig")},
+    "generate": {None: ("plain completion of a prompt (no chat template)", "parley.cli:GenerateConfig")},
+    "chat": {None: ("chat in the terminal (or with piped input, one turn per line)", "parley.cli:ChatConfig")},
+    "ingest": {None: ("add .txt .md .html .pdf files to a user's knowledge base",
+                      "parley.pipeline.knowledge:IngestConfig")},
+    "serve": {None: ("the OpenAI-compatible HTTP API (and Parley's own routes)", "parley.serve.settings:Settings")},
+    "users": {None: ("users and API keys of the server", "parley.serve.main:UsersConfig")},
+    "train": {"tokenizer": ("train a BPE tokenizer", "parley.train.bpe:TokenizerConfig"),
+              "pretrain": ("pretrain a model from a recipe", "parley.train.pretrain:PretrainConfig"),
+              "sft": ("fine-tune on dialogs (full or LoRA)", "parley.train.sft:SFTConfig"),
+              "intents": ("retrain the intent classifier's head", "parley.pipeline.nlu:IntentsConfig")},
+    "data": {"prepare": ("build the training corpus and dialog sets from offline sources",
+                         "parley.train.corpus:DataConfig")},
+}
 
 
-def _add_sampling_args(p: argparse.ArgumentParser, temperature: float, max_tokens: int) -> None:
-    p.add_argument("--model", default=DEFAULT_MODEL, help=f"imported model name (default: {DEFAULT_MODEL})")
-    p.add_argument("--max-tokens", type=int, default=max_tokens, help="most tokens to generate")
-    p.add_argument("--temperature", type=float, default=temperature, help="0 = greedy")
-    p.add_argument("--top-k", type=int, default=0, help="sample from the k most likely tokens (0 = all)")
-    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling threshold")
-    p.add_argument("--repetition-penalty", type=float, default=1.0)
-    p.add_argument("--seed", type=int, default=None, help="make sampling repeatable")
-    p.add_argument("--stop", action="append", default=[], help="stop at this string (repeatable)")
-    p.add_argument("--dtype", choices=sorted(DTYPES), default="bfloat16",
-                   help="compute precision (default bfloat16: fast on AVX-512/AMX CPUs)")
+@dataclass
+class ImportConfig:
+    source: str = setting(help=f"an HF folder, a .gguf file, or `{DEFAULT_MODEL}`", positional="SOURCE")
+    name: str = setting("", "name to register it under ('' = from the source)")
+    force: bool = setting(False, "replace a model of the same name")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="parley", description="Parley: an open conversational assistant")
-    parser.add_argument("--debug", action="store_true", help="show tracebacks on errors")
-    sub = parser.add_subparsers(dest="command", required=True)
-
-    models = sub.add_parser("models", help="import, list, export and remove models")
-    msub = models.add_subparsers(dest="models_command", required=True)
-    imp = msub.add_parser("import", help=f"import an HF folder, a .gguf file, or `{DEFAULT_MODEL}`")
-    imp.add_argument("source")
-    imp.add_argument("--name", help="name to register it under (default: from the source)")
-    imp.add_argument("--force", action="store_true", help="replace a model of the same name")
-    msub.add_parser("list", help="list imported models")
-    exp = msub.add_parser("export", help="write a model as an HF folder (transformers/vLLM load it)")
-    exp.add_argument("name")
-    exp.add_argument("dir")
-    rem = msub.add_parser("remove", help="delete an imported model")
-    rem.add_argument("name")
-
-    gen = sub.add_parser("generate", help="plain completion of a prompt (no chat template)")
-    gen.add_argument("--prompt", required=True, help="text to continue ('-' reads stdin)")
-    _add_sampling_args(gen, temperature=0.0, max_tokens=128)
-
-    chat = sub.add_parser("chat", help="chat in the terminal (or with piped input, one turn per line)",
-                          add_help=False)
-    chat.add_argument("-h", "--help", action="store_true", help="list the assistant's settings")
-    chat.add_argument("--url", help="talk to a `parley serve` server at this URL instead of a local assistant")
-    chat.add_argument("--key", help="the server's API key for --url (from `parley users key NAME`)")
-    chat.add_argument("settings", nargs=argparse.REMAINDER,
-                      help="key=value settings of the assistant; `parley chat --help` lists them")
-
-    ingest = sub.add_parser("ingest", help="add .txt .md .html .pdf files to a user's knowledge base", add_help=False)
-    ingest.add_argument("settings", nargs=argparse.REMAINDER, help="see `parley ingest --help`")
-
-    serve = sub.add_parser("serve", help="the OpenAI-compatible HTTP API (and Parley's own routes)", add_help=False)
-    serve.add_argument("settings", nargs=argparse.REMAINDER, help="see `parley serve --help`")
-    users = sub.add_parser("users", help="users and API keys of the server", add_help=False)
-    users.add_argument("settings", nargs=argparse.REMAINDER, help="see `parley users --help`")
-
-    train = sub.add_parser("train", help="training stages: tokenizer, pretrain, sft; intents (the NLU head)",
-                           description="parley train STAGE [RECIPE.toml] [key=value ...]; "
-                                       "parley train STAGE --help lists every key")
-    train.add_argument("stage", choices=sorted([*STAGES, "intents"]))
-    train.add_argument("settings", nargs=argparse.REMAINDER, help="a TOML recipe, then key=value overrides")
-
-    data = sub.add_parser("data", help="build the training corpus and dialog sets from offline sources",
-                          add_help=False)
-    data.add_argument("action", choices=["prepare"])
-    data.add_argument("settings", nargs=argparse.REMAINDER, help="see `parley data prepare --help`")
-    return parser
+@dataclass
+class ListConfig:
+    pass
 
 
-def _sampling(args, stop_ids=frozenset()) -> SamplingParams:
-    return SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_k=args.top_k,
-                          top_p=args.top_p, repetition_penalty=args.repetition_penalty,
-                          seed=args.seed, stop_ids=stop_ids)
+@dataclass
+class ExportConfig:
+    name: str = setting(help="the imported model", positional="NAME")
+    dir: str = setting(help="folder to write (an HF folder: config, tokenizer, safetensors)", positional="DIR")
 
 
-def _load(args):
-    from parley.engine.engine import Engine
+@dataclass
+class RemoveConfig:
+    name: str = setting(help="the imported model to delete", positional="NAME")
 
-    sampling = _sampling(args)  # validate the numbers before the (slow) model load
-    model, tokenizer, _ = Registry().load(args.model, dtype=DTYPES[args.dtype])
-    return Engine(model), tokenizer, sampling
+
+@dataclass
+class GenerateConfig:
+    prompt: str = setting(help="text to continue ('-' reads stdin)")
+    model: str = setting(DEFAULT_MODEL, "imported model name")
+    max_tokens: int = setting(128, "most tokens to generate")
+    temperature: float = setting(0.0, "sampling temperature (0 = greedy)")
+    top_k: int = setting(0, "sample from the k most likely tokens (0 = all)")
+    top_p: float = setting(1.0, "nucleus sampling mass")
+    repetition_penalty: float = setting(1.0, "penalty on tokens already in the context (1 = none)")
+    seed: int | None = setting(None, "sampling seed, for output that repeats exactly")
+    stop: list[str] = setting(factory=list, help="stop at any of these strings (repeatable: --stop A --stop B)")
+    engine: EngineConfig = field(default_factory=EngineConfig)
+
+
+@dataclass
+class ChatConfig(AssistantConfig):
+    server: str = setting("", "talk to the assistant of a `parley serve` server at this URL (with api_key=KEY) "
+                              "instead of running one here ('' = run it here)")
+
+
+def settings_class(command: str, action: str | None):
+    module, name = COMMANDS[command][action][1].split(":")
+    return getattr(importlib.import_module(module), name)
+
+
+def overview() -> str:
+    rows = [f"  {command} {action or ''}".ljust(26) + what
+            for command, actions in COMMANDS.items() for action, (what, _) in actions.items()]
+    return ("usage: parley [--debug] COMMAND [ACTION] [key=value | --key value ...]\n\n"
+            "Parley: an open conversational assistant. `parley COMMAND [ACTION] --help` lists its settings.\n\n"
+            "commands:\n" + "\n".join(rows) + "\n\n  --debug                 show tracebacks on errors")
+
+
+def _choose(word: str | None, choices, what: str) -> str:
+    if word not in choices:
+        close = difflib.get_close_matches(word or "", [c for c in choices if c], n=1)
+        hint = f" (did you mean {close[0]}?)" if close else ""
+        raise ConfigError(f"{'no ' + what if word is None else f'unknown {what} {word!r}'}{hint}; "
+                          f"choose one of {', '.join(c for c in choices if c)} (`parley --help`)")
+    return word
+
+
+def parse_args(argv: list[str] | None = None) -> SimpleNamespace:
+    """`[--debug] COMMAND [ACTION] SETTINGS...` as (debug, command, action, settings, prog);
+    the settings are left for the command's own config class to parse."""
+    rest, debug = list(sys.argv[1:] if argv is None else argv), False
+    while rest and rest[0].startswith("-"):
+        flag = rest.pop(0)
+        if flag in ("-h", "--help"):
+            print(overview())
+            raise SystemExit(0)
+        if flag != "--debug":
+            raise ConfigError(f"unknown option {flag!r} before the command; `parley --help` lists the commands")
+        debug = True
+    command = _choose(rest.pop(0) if rest else None, COMMANDS, "command")
+    actions, action = COMMANDS[command], None
+    if None not in actions:
+        if rest and rest[0] in ("-h", "--help"):
+            print(f"usage: parley {command} ACTION ...\n\nactions:\n" + "\n".join(
+                f"  {a:10} {what}" for a, (what, _) in actions.items()))
+            raise SystemExit(0)
+        action = _choose(rest.pop(0) if rest else None, actions, f"action of `parley {command}`")
+    return SimpleNamespace(debug=debug, command=command, action=action, settings=rest,
+                     prog=f"parley {command}" + (f" {action}" if action else ""))
+
+
+def load_settings(args: SimpleNamespace):
+    """The command's settings, parsed from its arguments (`--help` prints them and exits)."""
+    return parse_cli(settings_class(args.command, args.action), args.settings, prog=args.prog)
 
 
 def cmd_models(args) -> int:
-    reg = Registry()
-    if args.models_command == "import":
-        info = reg.import_model(args.source, name=args.name, force=args.force)
+    cfg, reg = load_settings(args), Registry()
+    if args.action == "import":
+        info = reg.import_model(cfg.source, name=cfg.name or None, force=cfg.force)
         print(f"imported {info.name} ({info.meta['params'] / 1e6:.1f}M parameters) into {info.path}")
-    elif args.models_command == "list":
+    elif args.action == "list":
         rows = reg.list()
         if not rows:
             print(f"no models in {reg.models_dir}; run `parley models import {DEFAULT_MODEL}`")
         for m in rows:
             print(f"{m.name:24} {m.meta.get('params', 0) / 1e6:8.1f}M  {m.size_bytes / 2**20:8.0f} MiB  "
                   f"{m.meta.get('architecture', '?'):20} {m.meta.get('source', '')}")
-    elif args.models_command == "export":
-        print(f"exported {args.name} to {reg.export(args.name, args.dir)}")
-    elif args.models_command == "remove":
-        reg.remove(args.name)
-        print(f"removed {args.name}")
+    elif args.action == "export":
+        print(f"exported {cfg.name} to {reg.export(cfg.name, cfg.dir)}")
+    else:
+        reg.remove(cfg.name)
+        print(f"removed {cfg.name}")
     return 0
 
 
 def cmd_generate(args) -> int:
+    from parley.engine.engine import Engine
+    from parley.engine.sampling import SamplingParams
     from parley.engine.text import TextStream
 
-    prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
+    cfg = load_settings(args)
+    prompt = sys.stdin.read() if cfg.prompt == "-" else cfg.prompt
     if not prompt:
         raise ValueError("the prompt is empty")
-    engine, tokenizer, params = _load(args)
-    for piece in TextStream(engine, tokenizer, tokenizer.encode(prompt), params, stop=args.stop):
+    params = SamplingParams(max_tokens=cfg.max_tokens, temperature=cfg.temperature, top_k=cfg.top_k,
+                            top_p=cfg.top_p, repetition_penalty=cfg.repetition_penalty, seed=cfg.seed)
+    # the numbers are checked above, before the (slow) model load; engine.device, engine.kernels and the
+    # batch and cache sizes are for the engine rewrite to consume: one prompt runs on the plain Engine today
+    model, tokenizer, _ = Registry().load(cfg.model, dtype=getattr(torch, cfg.engine.dtype))
+    if cfg.engine.threads:
+        torch.set_num_threads(cfg.engine.threads)
+    for piece in TextStream(Engine(model), tokenizer, tokenizer.encode(prompt), params, stop=cfg.stop):
         sys.stdout.write(piece)
         sys.stdout.flush()
     sys.stdout.write("\n")
@@ -148,25 +195,29 @@ def cmd_generate(args) -> int:
 
 def cmd_chat(args) -> int:
     from parley import chat
-    from parley.config import parse_cli
-    from parley.pipeline.assistant import Assistant, AssistantConfig
+    from parley.pipeline.assistant import Assistant
 
-    if args.url:  # the server's own settings apply
+    cfg = load_settings(args)
+    if cfg.server:  # the server's own settings apply
         from parley.serve.client import RemoteAssistant
 
-        if args.settings:
-            raise ValueError(f"--url talks to a server, which has its own settings: drop {' '.join(args.settings)}")
-        remote = RemoteAssistant(args.url, key=args.key)
+        given = to_dict(cfg)
+        unused = [f"{k}={given[k]}" for k, v in to_dict(ChatConfig(server=cfg.server, api_key=cfg.api_key)).items()
+                  if given[k] != v]
+        if unused:
+            raise ValueError(f"server= talks to a server, which has its own settings: drop {' '.join(unused)}")
+        remote = RemoteAssistant(cfg.server, key=cfg.api_key or None)
         try:
             return chat.run(remote)
         finally:
             remote.close()
-    if args.key:
-        raise ValueError("--key is the API key of a server: give --url too")
-    cfg = parse_cli(AssistantConfig, args.settings, prog="parley chat")
+    if cfg.url and cfg.backend == "local":
+        raise ValueError("url= is the OpenAI-compatible server of backend=openai; for a `parley serve` server "
+                         "give server=URL api_key=KEY")
+    assistant_cfg = AssistantConfig(**{f.name: getattr(cfg, f.name) for f in fields(AssistantConfig)})
     if cfg.backend == "local":
         Registry().get(cfg.model)  # a missing model is reported before the slower loads
-    session = chat.Session(Assistant.build(cfg))
+    session = chat.Session(Assistant.build(assistant_cfg))
     try:
         return chat.run(session)
     finally:
@@ -174,17 +225,12 @@ def cmd_chat(args) -> int:
 
 
 def cmd_train(args) -> int:
-    import importlib
-
-    from parley.config import parse_cli
-
-    if args.stage == "intents":  # not a recipe stage: retrains the intent head from the intents file
+    if args.action == "intents":  # not a recipe stage: retrains the intent head from the intents file
         from parley.pipeline.nlu import train_intents_main
 
         return train_intents_main(args.settings)
-    module_name, config_name = STAGES[args.stage]
-    module = importlib.import_module(module_name)
-    module.main(parse_cli(getattr(module, config_name), args.settings, prog=f"parley train {args.stage}"))
+    module = importlib.import_module(COMMANDS["train"][args.action][1].split(":")[0])
+    module.main(load_settings(args))
     return 0
 
 
@@ -209,33 +255,22 @@ def cmd_users(args) -> int:
 def cmd_data(args) -> int:
     from parley.train import corpus
 
-    return corpus.main(args.settings, prog="parley data prepare")
-
-
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    argv = sys.argv[1:] if argv is None else list(argv)
-    command = next((i for i, a in enumerate(argv) if not a.startswith("-")), None)
-    if command is not None and argv[command] in OWN_PARSERS:
-        # these commands parse their own options: hand them everything after the command's name
-        args = build_parser().parse_args(argv[:command + 1])
-        args.settings = argv[command + 1:]
-    else:
-        args = build_parser().parse_args(argv)
-    if getattr(args, "help", False):  # chat's settings are listed by its config's own --help
-        args.settings = ["--help", *args.settings]
-    return args
+    return corpus.main(args.settings, prog=args.prog)
 
 
 def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGPIPE, signal.SIG_DFL)  # `parley ... | head` ends quietly, like other tools
-    args = parse_args(argv)
-    torch.set_flush_denormal(True)  # denormals slow CPU decoding ~10x
+    argv = sys.argv[1:] if argv is None else list(argv)
     handlers = {"models": cmd_models, "generate": cmd_generate, "chat": cmd_chat, "ingest": cmd_ingest,
                 "serve": cmd_serve, "users": cmd_users, "train": cmd_train, "data": cmd_data}
+    debug = "--debug" in argv[:1]
     try:
+        args = parse_args(argv)
+        debug = args.debug
+        torch.set_flush_denormal(True)  # denormals slow CPU decoding ~10x
         return handlers[args.command](args)
-    except (ValueError, LookupError, OSError) as e:
-        if args.debug:
+    except (ValueError, LookupError, OSError) as e:  # ConfigError is a ValueError
+        if debug:
             raise
         message = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
         print(f"parley: error: {message}", file=sys.stderr)

@@ -9,6 +9,12 @@ recipes on top, `key.sub=value` overrides on top of that.
     save_config(cfg, "runs/a/config.toml")                          # what the run really used
     print(describe(PretrainConfig))                                 # every key, type, default, help
 
+    cfg = parse_cli(IngestConfig, ["notes/", "--user", "ann", "collection=home"], prog="parley ingest")
+
+On a command line (parse_cli) a key is `key=value`, `--key=value` or `--key value`, a bool
+also a bare `--flag`, with dashes read as underscores (`--max-tokens 20` is `max_tokens=20`);
+a field made with `setting(..., positional="PATH")` may be given without its key.
+
 Values are checked against the field's annotation: int, float, bool, str, Path, Literal[...],
 list[X], X | None and nested dataclasses. Every mistake is one ConfigError line naming the key.
 """
@@ -17,6 +23,7 @@ from __future__ import annotations
 
 import difflib
 import json
+import re
 import tomllib
 import types
 import typing
@@ -31,10 +38,11 @@ class ConfigError(ValueError):
     """A recipe or override that does not fit the config: one line, naming the key."""
 
 
-def setting(default: Any = MISSING, help: str = "", *, factory: Any = MISSING):
+def setting(default: Any = MISSING, help: str = "", *, factory: Any = MISSING, positional: str = ""):
     """A dataclass field with help text: `lr: float = setting(3e-4, "peak learning rate")`.
-    Without a default (or factory) the value is required."""
-    return field(default=default, default_factory=factory, metadata={"help": help})
+    Without a default (or factory) the value is required. `positional="PATH"` lets the
+    command line give it without its key (a list field takes every remaining argument)."""
+    return field(default=default, default_factory=factory, metadata={"help": help, "positional": positional})
 
 
 # ---------------------------------------------------------------- reading values
@@ -170,7 +178,7 @@ def _build(cls, values: dict, root, prefix: str = ""):
     try:
         return cls(**kwargs)
     except (TypeError, ValueError) as e:  # the dataclass's own __post_init__ checks
-        raise ConfigError(f"{prefix.rstrip('.') or cls.__name__}: {e}") from e
+        raise ConfigError(f"{prefix.rstrip('.')}: {e}" if prefix else str(e)) from e
 
 
 def _read_recipe(path) -> dict:
@@ -185,30 +193,39 @@ def _read_recipe(path) -> dict:
         raise ConfigError(f"{path}: not valid {'JSON' if path.suffix == '.json' else 'TOML'} ({e})") from e
 
 
+def _override(cls, values: dict, item: str, seen: set[str]) -> None:
+    """Set one `key.sub=value` override in the nested `values`, parsed by the field's type; a
+    list key given again (`--stop a --stop b`) adds to the list instead of replacing it."""
+    key, eq, text = item.partition("=")
+    key = key.strip().removeprefix("--")
+    if not eq or not key:
+        raise ConfigError(f"override {item!r} is not key=value")
+    owner, node, parts = cls, values, key.split(".")
+    for i, part in enumerate(parts):  # walk down the sections to the field being set
+        tp = _hints(owner).get(part) if is_dataclass(owner) else None
+        if tp is None:
+            raise _unknown(key, cls)
+        if i < len(parts) - 1:
+            if not is_dataclass(tp):
+                raise _unknown(key, cls)
+            owner, node = tp, node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"{'.'.join(parts[:i + 1])} is a section, but the recipe sets it to a value")
+        elif is_dataclass(tp):
+            raise ConfigError(f"{key} is a section: set {key}.KEY")
+        else:
+            value = _parse_text(text.strip(), tp)
+            if key in seen and isinstance(value, list) and isinstance(node.get(part), list):
+                value = node[part] + value
+            node[part], _ = value, seen.add(key)
+
+
 def load_config(cls: type[T], recipe_path: str | Path | None = None, overrides: list[str] = ()) -> T:
     """`cls` filled from its defaults, then the recipe (TOML, or JSON by suffix), then the
     `key.sub=value` overrides, each parsed by the type of the field it sets."""
-    values = _read_recipe(recipe_path) if recipe_path else {}
+    values, seen = _read_recipe(recipe_path) if recipe_path else {}, set()
     for item in overrides:
-        key, eq, text = item.partition("=")
-        key = key.strip().removeprefix("--")
-        if not eq or not key:
-            raise ConfigError(f"override {item!r} is not key=value")
-        owner, node, parts = cls, values, key.split(".")
-        for i, part in enumerate(parts):  # walk down the sections to the field being set
-            tp = _hints(owner).get(part) if is_dataclass(owner) else None
-            if tp is None:
-                raise _unknown(key, cls)
-            if i < len(parts) - 1:
-                if not is_dataclass(tp):
-                    raise _unknown(key, cls)
-                owner, node = tp, node.setdefault(part, {})
-                if not isinstance(node, dict):
-                    raise ConfigError(f"{'.'.join(parts[:i + 1])} is a section, but the recipe sets it to a value")
-            elif is_dataclass(tp):
-                raise ConfigError(f"{key} is a section: set {key}.KEY")
-            else:
-                node[part] = _parse_text(text.strip(), tp)
+        _override(cls, values, item, seen)
     return _build(cls, values, cls)
 
 
@@ -287,15 +304,81 @@ def describe(cls, prefix: str = "", base=None) -> str:
             rows.append(describe(tp, f"{prefix}{f.name}.", value if is_dataclass(value) else None))
             continue
         default = " (required)" if value is MISSING else f" = {to_dict(value)!r}"
-        rows.append(f"  {prefix}{f.name}: {_type_name(tp)}{default}  {f.metadata.get('help', '')}".rstrip())
+        slot = f" ({f.metadata['positional']}{'...' if typing.get_origin(tp) is list else ''})" \
+            if f.metadata.get("positional") else ""
+        rows.append(f"  {prefix}{f.name}{slot}: {_type_name(tp)}{default}  {f.metadata.get('help', '')}".rstrip())
     return "\n".join(rows)
 
 
+def _positionals(cls) -> list:
+    return [f for f in fields(cls) if f.metadata.get("positional")]
+
+
+def usage(cls, prog: str) -> str:
+    """What `PROG --help` prints: the command's shape, then every key once."""
+    slots = " ".join(f.metadata["positional"] + ("..." if typing.get_origin(_hints(cls)[f.name]) is list else "")
+                     for f in _positionals(cls))
+    return (f"usage: {prog} [RECIPE.toml] {slots + ' ' if slots else ''}[key=value | --key value ...]\n\n"
+            "keys (key=value, --key=value or --key value; - or _ alike; a bare --flag sets a bool to true):\n"
+            f"{describe(cls)}")
+
+
+KEY = re.compile(r"[A-Za-z_][\w.-]*")
+
+
 def parse_cli(cls: type[T], argv: list[str], prog: str = "parley") -> T:
-    """Command-line form for stage entry points: `[RECIPE.toml] [key=value ...]`, or
-    `--help` to list every key. Raises ConfigError on any mistake."""
+    """A command line as `cls`: `[RECIPE.toml] [POSITIONAL ...] [key=value | --key=value |
+    --key value | --flag ...]`, dashes in keys read as underscores (`--max-tokens 20` is
+    `max_tokens=20`); `--help` prints every key and exits. Raises ConfigError on any mistake."""
     if any(a in ("-h", "--help") for a in argv):
-        print(f"usage: {prog} [RECIPE.toml] [key=value ...]\n\nkeys:\n{describe(cls)}")
+        print(usage(cls, prog))
         raise SystemExit(0)
-    recipe = argv[0] if argv and "=" not in argv[0] else None
-    return load_config(cls, recipe, argv[1:] if recipe else argv)
+    args = list(argv)
+    first = args[0] if args else ""
+    recipe = args.pop(0) if first.endswith((".toml", ".json")) and "=" not in first and first[:1] != "-" else None
+    overrides, loose = [], []
+    while args:
+        arg = args.pop(0)
+        key, eq, text = arg.removeprefix("--").partition("=")
+        if arg.startswith("--") and KEY.fullmatch(key):
+            key = key.replace("-", "_")
+            if not eq:
+                tp = _field_type(cls, key)
+                if tp is bool:
+                    text = "true"
+                elif args:
+                    text = args.pop(0)
+                else:
+                    raise ConfigError(f"{arg} needs a value: {arg} VALUE or {key}=VALUE")
+            overrides.append(f"{key}={text}")
+        elif eq and KEY.fullmatch(key):
+            overrides.append(f"{key.replace('-', '_')}={text}")
+        else:
+            loose.append(arg)
+    values, seen = _read_recipe(recipe) if recipe else {}, set()
+    for item in overrides:
+        _override(cls, values, item, seen)
+    for f in _positionals(cls):
+        if not loose:
+            break
+        tp = _hints(cls)[f.name]
+        if typing.get_origin(tp) is list:
+            values[f.name] = [_parse_text(a, typing.get_args(tp)[0]) for a in loose]
+            loose = []
+        else:
+            values[f.name] = _parse_text(loose.pop(0), tp)
+    if loose:
+        raise ConfigError(f"unexpected argument {loose[0]!r}: {prog} takes settings as key=value or --key value "
+                          f"({prog} --help lists them)")
+    return _build(cls, values, cls)
+
+
+def _field_type(cls, key: str):
+    """The annotation of dotted `key`, or the unknown-key error."""
+    owner = cls
+    for part in key.split("."):
+        tp = _hints(owner).get(part) if is_dataclass(owner) else None
+        if tp is None:
+            raise _unknown(key, cls)
+        owner = tp
+    return owner

@@ -3,12 +3,19 @@ listing, exporting, generating, chatting through a pipe, and one-line errors for
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
+import typing
+from dataclasses import MISSING, fields, is_dataclass
 
 import pytest
 import torch
+
+from parley.cli import COMMANDS, load_settings, parse_args, settings_class
+from parley.config import to_dict
+from parley.pipeline.assistant import AssistantConfig
 
 
 def parley(home, *args, stdin=None, check=True):
@@ -21,8 +28,8 @@ def parley(home, *args, stdin=None, check=True):
 
 
 def assert_clean_error(result, *fragments):
-    """Non-zero exit, exactly one line on stderr naming the problem, no traceback."""
-    assert result.returncode != 0
+    """Exit status 2, exactly one line on stderr naming the problem, no traceback."""
+    assert result.returncode == 2, result.stderr
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("parley: error: "), result.stderr
     for fragment in fragments:
@@ -46,7 +53,7 @@ def test_generate_is_deterministic_and_prints_only_the_continuation(home):
     args = ("generate", "--model", "tiny", "--prompt", "The capital of France is", "--max-tokens", "12")
     first, second = parley(home, *args).stdout, parley(home, *args).stdout
     assert first == second and "The capital" not in first and first.strip()
-    seeded = [parley(home, *args, "--temperature", "1.0", "--seed", "4", "--dtype", "float32").stdout
+    seeded = [parley(home, *args, "--temperature", "1.0", "--seed", "4", "--engine.dtype", "float32").stdout
               for _ in range(2)]
     assert seeded[0] == seeded[1]
 
@@ -89,6 +96,14 @@ def test_bad_input_gives_one_line_errors(home, tiny_hf_dir, tmp_path):
     assert_clean_error(parley(home, "chat", "model=ghost", check=False), "no model named 'ghost'")
     assert_clean_error(parley(home, "chat", "temprature=0", check=False), "temprature", "temperature")
     assert_clean_error(parley(home, "ingest", str(tmp_path / "nope.txt"), check=False), "no such file")
+    assert_clean_error(parley(home, "serve", "--prot", "8000", check=False),
+                       "unknown config key 'prot' (did you mean port?)")
+    assert_clean_error(parley(home, "serve", "engine.max_batch=0", check=False), "engine: max_batch must be >= 1")
+    assert_clean_error(parley(home, "generate", "--prompt", "hi", "--max-tokens", "ten", check=False),
+                       "max_tokens: expected int, got 'ten'")
+    assert_clean_error(parley(home, "chat", "--url", "http://127.0.0.1:9", check=False), "server=URL")
+    assert_clean_error(parley(home, "users", "key", check=False), "parley users key NAME")
+    assert_clean_error(parley(home, "modles", "list", check=False), "unknown command 'modles' (did you mean models?)")
 
     truncated = tmp_path / "truncated"
     shutil.copytree(tiny_hf_dir, truncated)
@@ -117,4 +132,50 @@ def test_commands_with_their_own_options(home, tmp_path):
     assert "note.txt: stored 1 chunk" in out and "user 'bob', collection 'house'" in out
     assert "bob" in parley(home, "users", "list").stdout
     assert "stages: list[str]" in parley(home, "chat", "--help").stdout
-    assert "--no-auth" in parley(home, "serve", "--help").stdout
+    assert "no_auth: bool = False" in parley(home, "serve", "--help").stdout
+
+
+def _defaults(cls, prefix="", base=None):
+    """(dotted key, default) of every setting, from the dataclass fields themselves."""
+    for f in fields(cls):
+        tp = typing.get_type_hints(cls)[f.name]
+        if base is not None:
+            value = getattr(base, f.name)
+        else:
+            value = f.default_factory() if f.default_factory is not MISSING else f.default
+        if is_dataclass(tp):
+            yield from _defaults(tp, f"{prefix}{f.name}.", value)
+        else:
+            yield prefix + f.name, value
+
+
+@pytest.mark.parametrize("command, action", [(c, a) for c, actions in COMMANDS.items() for a in actions])
+def test_every_command_help_lists_each_key_once_with_its_default(command, action, capsys):
+    argv = [command, *([action] if action else []), "--help"]
+    with pytest.raises(SystemExit) as done:
+        load_settings(parse_args(argv))
+    assert done.value.code == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith(f"usage: parley {' '.join(argv[:-1])} ")
+    for key, default in _defaults(settings_class(command, action)):
+        rows = [line for line in lines if re.match(rf"  {re.escape(key)}( \(|:)", line)]
+        assert len(rows) == 1, (key, rows)
+        assert ("(required)" if default is MISSING else f" = {to_dict(default)!r}") in rows[0], rows[0]
+
+
+def test_serve_and_chat_take_the_same_assistant_keys():
+    serve = load_settings(parse_args(["serve", "persona=You are Zed.", "--web-search-url", "http://127.0.0.1:8888",
+                                      "--self-check", "--engine.max-batch", "1", "--no-auth", "--port=9000",
+                                      "max_tokens=20"]))
+    assert (serve.persona, serve.web_search_url, serve.self_check, serve.max_tokens) == \
+        ("You are Zed.", "http://127.0.0.1:8888", True, 20)
+    assert (serve.engine.max_batch, serve.no_auth, serve.port) == (1, True, 9000)
+    chat = load_settings(parse_args(["chat", "persona=You are Zed.", "web_search_url=http://127.0.0.1:8888",
+                                     "self_check=true", "engine.max_batch=1", "max_tokens=20"]))
+    assert serve.assistant() == AssistantConfig(**{f.name: getattr(chat, f.name) for f in fields(AssistantConfig)})
+    chat = load_settings(parse_args(["chat", "--server", "http://127.0.0.1:8000", "--api-key", "pk-1"]))
+    assert (chat.server, chat.api_key) == ("http://127.0.0.1:8000", "pk-1")
+    models = load_settings(parse_args(["models", "import", "path/to/hf", "--name", "mine", "--force"]))
+    assert (models.source, models.name, models.force) == ("path/to/hf", "mine", True)
+    data = load_settings(parse_args(["data", "prepare", "out", "--location", "gcide=/a", "--location", "wordnet=/b"]))
+    assert (data.out, data.location) == ("out", ["gcide=/a", "wordnet=/b"])

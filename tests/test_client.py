@@ -1,4 +1,4 @@
-"""`parley chat --url`: the terminal front end over a real server (uvicorn on a local port, the
+"""`parley chat --server`: the terminal front end over a real server (uvicorn on a local port, the
 tiny model with room for the assistant's prompt, the real MiniLM embedder, a SQLite file)."""
 
 import io
@@ -11,6 +11,7 @@ import pytest
 
 from parley.chat import run
 from parley.pipeline.embed import Embedder
+from parley.engine.config import EngineConfig
 from parley.serve.app import Settings, create_app
 from parley.serve.client import ClientError, RemoteAssistant
 from parley.store import Store
@@ -26,8 +27,8 @@ def site(tiny768_registry, tmp_path_factory):
     db = str(tmp_path_factory.mktemp("db") / "parley.db")
     with Store(db) as store:
         key = store.create_api_key(store.add_user("ann").id)
-    cfg = Settings(db=db, home=registry.home, model="tiny768", dtype="float32", stages=STAGES,
-                   default_max_tokens=8)
+    cfg = Settings(db=db, home=registry.home, model="tiny768", engine=EngineConfig(dtype="float32"), stages=STAGES,
+                   max_tokens=8)
     with serving(create_app(cfg, embedder=Embedder.load())) as url:
         with httpx.Client(base_url=url, headers={"Authorization": f"Bearer {key}"}) as http:
             http.post("/api/knowledge", files={"file": ("notes.txt", b"The rent is due on the first of the month.")},
@@ -114,10 +115,10 @@ def test_the_cli_chats_with_a_server(site):
         return subprocess.run([sys.executable, "-m", "parley.cli", "chat", *args], input="hello there\n/trace\n",
                               capture_output=True, text=True, timeout=120)
 
-    done = parley("--url", url, "--key", key)
+    done = parley("--server", url, "--api-key", key)
     assert done.returncode == 0, done.stderr
     assert "respond" in done.stdout and "total" in done.stdout
-    wrong = parley("--url", url, "--key", "pk-wrong")
+    wrong = parley(f"server={url}", "api_key=pk-wrong")
     assert wrong.returncode == 2 and "parley: error: invalid API key" in wrong.stderr
-    mixed = parley("--url", url, "--key", key, "temperature=0")
+    mixed = parley("--server", url, "--api-key", key, "temperature=0")
     assert mixed.returncode == 2 and "drop temperature=0" in mixed.stderr

@@ -105,3 +105,56 @@ def test_parse_cli(tmp_path, capsys):
     with pytest.raises(SystemExit):
         parse_cli(Stage, ["--help"])
     assert "train.grad_accum" in capsys.readouterr().out
+
+
+@dataclass
+class Command:
+    paths: list[Path] = setting(help="files to read", positional="PATH")
+    user: str = setting("local", "whose")
+    max_tokens: int = setting(8, "longest answer")
+    force: bool = setting(False, "replace")
+    stop: list[str] = setting(factory=list, help="stop strings")
+    model: Model = field(default_factory=Model)
+
+
+@pytest.mark.parametrize("argv", [
+    ["a", "b", "user=ann", "max_tokens=20", "force=true", "model.depth=3"],
+    ["--user=ann", "a", "--force", "b", "--max-tokens", "20", "--model.depth", "3"],
+    ["a", "--user", "ann", "--max_tokens=20", "--force=yes", "max-tokens=20", "b", "--model.depth=3"],
+])
+def test_the_command_line_spellings_agree(argv):
+    assert parse_cli(Command, argv) == Command([Path("a"), Path("b")], user="ann", max_tokens=20, force=True,
+                                               model=Model(depth=3))
+
+
+def test_command_line_lists_positionals_and_recipes(tmp_path, capsys):
+    assert parse_cli(Command, ["a", "--stop", "x", "--stop", "y,z"]).stop == ["x", "y", "z"]  # repeated: added
+    assert parse_cli(Command, ["a", "stop=q"]).stop == ["q"]
+    assert parse_cli(Command, ["paths=a,b"]).paths == [Path("a"), Path("b")]  # a positional by its key
+    path = recipe(tmp_path, 'user = "bob"\npaths = ["r"]\n')
+    assert parse_cli(Command, [str(path), "--max-tokens", "-1"]) == Command([Path("r")], user="bob", max_tokens=-1)
+    with pytest.raises(SystemExit):
+        parse_cli(Command, ["--help"], prog="parley thing")
+    out = capsys.readouterr().out
+    assert out.startswith("usage: parley thing [RECIPE.toml] PATH... ")
+    assert "  paths (PATH...): list[Path] (required)  files to read" in out and "  model.depth: int = 2  layers" in out
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["a", "--usr", "bob"], r"^unknown config key 'usr' \(did you mean user\?\)"),
+    (["a", "--max-tokens", "many"], r"^max_tokens: expected int, got 'many'$"),
+    (["a", "--user"], r"^--user needs a value: --user VALUE or user=VALUE$"),
+    (["a", "--model.width"], r"^--model.width needs a value"),
+    (["a", "--model", "x"], r"^model is a section: set model.KEY$"),
+    (["a", "force=maybe"], r"^force: expected bool, got 'maybe'$"),
+    ([], r"^missing required value paths"),
+])
+def test_command_line_mistakes_are_one_line(argv, message):
+    with pytest.raises(ConfigError, match=message) as err:
+        parse_cli(Command, argv)
+    assert "\n" not in str(err.value)
+
+
+def test_a_stray_argument_is_named():
+    with pytest.raises(ConfigError, match=r"unexpected argument 'extra': parley x takes settings as key=value"):
+        parse_cli(Stage, ["out=o", "extra"], prog="parley x")

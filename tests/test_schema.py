@@ -21,6 +21,7 @@ from schemathesis import GenerationMode, checks
 from schemathesis.specs.openapi import checks as openapi_checks
 
 from parley.pipeline.embed import Embedder
+from parley.engine.config import EngineConfig
 from parley.serve.app import Settings, create_app
 from parley.store import Store
 from serving import serving
@@ -40,8 +41,8 @@ def site(tiny768_registry, tmp_path_factory):
     db = str(tmp_path_factory.mktemp("db") / "parley.db")
     with Store(db) as store:
         key = store.create_api_key(store.add_user("ann", role="admin").id)
-    cfg = Settings(db=db, home=registry.home, model="tiny768", dtype="float32", stages=STAGES,
-                   default_max_tokens=8, max_upload_bytes=20_000, requests_per_minute=0)
+    cfg = Settings(db=db, home=registry.home, model="tiny768", engine=EngineConfig(dtype="float32"), stages=STAGES,
+                   max_tokens=8, max_upload_bytes=20_000, requests_per_minute=0)
     with serving(create_app(cfg, embedder=Embedder.load())) as url:
         with httpx.Client(base_url=url, headers={"Authorization": f"Bearer {key}"}, timeout=60) as http:
             for text in ("Hello there, how are you?", "Remember that my sister is called Ana", "Hi again"):

@@ -13,11 +13,13 @@ import numpy as np
 import openai
 import pytest
 
+from parley.config import ConfigError
 from parley.engine.engine import Engine
 from parley.engine.sampling import SamplingParams
 from parley.engine.text import TextStream
 from parley.pipeline.embed import Embedder
 from parley.registry import Registry
+from parley.engine.config import EngineConfig
 from parley.serve.app import create_app
 from parley.serve.main import serve_main, users_main
 from parley.serve.settings import ServeError, Settings
@@ -78,8 +80,8 @@ def make_users(db: str, **roles: str) -> dict[str, str]:
 def site(registry, embedder, tmp_path_factory):
     db = str(tmp_path_factory.mktemp("db") / "parley.db")
     keys = make_users(db, ann="admin", bob="user")
-    settings = Settings(db=db, home=registry.home, model="tiny768", dtype="float32", stages=STAGES,
-                        default_max_tokens=12, max_upload_bytes=20_000)
+    settings = Settings(db=db, home=registry.home, model="tiny768", engine=EngineConfig(dtype="float32"), stages=STAGES,
+                        max_tokens=12, max_upload_bytes=20_000)
     with serving(create_app(settings, embedder=embedder)) as url:
         yield Site(url, keys, db)
 
@@ -362,7 +364,7 @@ def test_rate_limit_per_key(registry, tmp_path, reference):
 def test_no_auth_only_on_loopback(registry, tmp_path, reference):
     with pytest.raises(ServeError, match="loopback"):
         Settings(db=str(tmp_path / "p.db"), host="0.0.0.0", no_auth=True)
-    with pytest.raises(ServeError, match="loopback"):
+    with pytest.raises(ConfigError, match="loopback"):  # the same check, one line for the command line
         serve_main(["--host", "0.0.0.0", "--no-auth", "--db", str(tmp_path / "p.db")])
     engine, tokenizer, _ = reference
     settings = Settings(db=str(tmp_path / "p.db"), host="::1", no_auth=True)
@@ -407,7 +409,7 @@ def test_continuous_batching_serves_concurrent_streams_as_each_alone(registry, r
     questions = [f"Hello there, how are you {i}?" for i in range(32)]
     expected = [complete(tokenizer.encode_chat([{"role": "user", "content": q}]), 12) for q in questions]
     assert len(set(expected)) > 24  # the answers differ, so a mix-up between streams would show
-    settings = Settings(db=db, home=registry.home, model="tiny768", dtype="float32", batching=True,
+    settings = Settings(db=db, home=registry.home, model="tiny768", engine=EngineConfig(dtype="float32"),
                         requests_per_minute=0)
     with serving(create_app(settings)) as url:
         sdk = Site(url, keys, db).sdk()
@@ -419,3 +421,44 @@ def test_continuous_batching_serves_concurrent_streams_as_each_alone(registry, r
 
         with ThreadPoolExecutor(len(questions)) as pool:
             assert list(pool.map(ask, questions)) == expected
+
+
+def test_serve_settings_reach_the_assistant(registry, reference, embedder, tmp_path):
+    """`parley serve` takes the assistant's settings by the names `parley chat` uses: the persona
+    is in the prompt the served assistant generates from, web search goes to the SearXNG server,
+    and self_check makes the output safety stage ask the model to judge the answer."""
+    from parley.config import parse_cli
+    from parley.serve.settings import Settings as ServeSettings
+    from websrv import Reply, serve
+
+    def searxng(req) -> Reply:
+        base = "http://" + req.headers["Host"]
+        results = [{"title": "Otters", "url": f"{base}/otters", "content": "Sea otters hold hands."}]
+        return Reply(200, json.dumps({"query": req.query["q"][0], "results": results}).encode(), "application/json")
+
+    engine, tokenizer, _ = reference
+    db = str(tmp_path / "p.db")
+    keys = make_users(db, ann="user")
+    routes = {"/search": searxng, "/otters": Reply(200, b"<html><body><p>Sea otters use stones.</p></body></html>")}
+    with serve(routes) as searx:
+        settings = parse_cli(ServeSettings, [
+            "persona=You are Zed, a pirate who answers in rhyme.", f"--web-search-url={searx.base}",
+            "--web-allow-private", "self_check=true", "--stages", "nlu,web,respond,safety_out", "--max-tokens", "6",
+            f"db={db}", "--home", str(registry.home), "model=tiny768", "engine.dtype=float32"], prog="parley serve")
+        recorder = GatedEngine(engine.model)  # keeps the requests it was given
+        recorder.gate.set()  # and never holds them
+        with serving(create_app(settings, engine=recorder, tokenizer=tokenizer, embedder=embedder)) as url:
+            site = Site(url, keys, db)
+            reply = site.sdk().chat.completions.with_raw_response.create(
+                model="parley", messages=[{"role": "user", "content": "search the web for otters"}], temperature=0)
+            conv = int(reply.headers["x-parley-conversation"])
+            with site.http() as http:
+                turn_id = http.get(f"/api/conversations/{conv}").json()["turns"][-1]["id"]
+                trace = {s["stage"]: s for s in http.get(f"/api/turns/{turn_id}/trace").json()["stages"]}
+    assert searx.hits["/search"] == 1 and trace["web"]["decision"] == "searched"
+    prompt = tokenizer.decode(recorder.requests[0].prompt, skip_special_tokens=False)
+    recorder.close()
+    assert "You are Zed, a pirate who answers in rhyme." in prompt and "Sea otters" in prompt
+    assert reply.parse().choices[0].message.content  # (some questions get an empty answer from this model)
+    assert "self_check" in trace["safety_out"]["evidence"]  # the model was asked to judge its answer (the tiny
+    # model's context is too small for the judge's prompt: the trace says so, which is enough here)

@@ -11,6 +11,7 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 import pytest
 
+from parley.engine.config import EngineConfig
 from parley.serve.app import create_app
 from parley.serve.settings import Settings
 from parley.store import Store
@@ -28,8 +29,8 @@ def site(tiny768_registry, embedder, tmp_path_factory):
         env.setenv("PARLEY_HOME", str(home))
         db = str(tmp_path_factory.mktemp("db") / "parley.db")
         keys = make_users(db, **{name: "user" for name in USERS})
-        settings = Settings(db=db, home=tiny768_registry.home, model="tiny768", dtype="float32",
-                            stages=["nlu", "state", "respond"], default_max_tokens=8, pipeline_workers=4)
+        settings = Settings(db=db, home=tiny768_registry.home, model="tiny768", engine=EngineConfig(dtype="float32"),
+                            stages=["nlu", "state", "respond"], max_tokens=8, pipeline_workers=4)
         with serving(create_app(settings, embedder=embedder)) as url:
             yield url, keys, db
 

@@ -46,7 +46,7 @@ def site(smollm2_path, smollm2_ours, tmp_path_factory):
         ann = store.add_user("ann")
         key = store.create_api_key(ann.id)
     settings = Settings(db=db, home=tmp_path_factory.mktemp("home"), model="smollm2", stages=STAGES,
-                        default_max_tokens=24, requests_per_minute=0)
+                        max_tokens=24, requests_per_minute=0)
     app = create_app(settings, engine=Engine(model), tokenizer=Tokenizer.from_gguf(smollm2_path),
                      embedder=Embedder.load())
     with serving(app) as url:

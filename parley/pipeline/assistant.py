@@ -22,11 +22,12 @@ current conversation, the last turn) lives in `parley.chat.Session`.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Literal
 
 from parley.config import setting
+from parley.engine.config import EngineConfig
 from parley.pipeline.frames import Frame, UserText, shown_text
 from parley.pipeline.respond import PERSONA
 from parley.pipeline.runner import Pipeline, Stage, Turn
@@ -64,6 +65,7 @@ class AssistantConfig:
     web_search_url: str = setting("", "a SearXNG instance for web search, e.g. http://127.0.0.1:8888 ('' = none)")
     self_check: bool = setting(False, "ask the model to check its own answers against the constitution (slower)")
     max_message_chars: int = setting(8000, "longest accepted user message")
+    engine: EngineConfig = field(default_factory=EngineConfig)  # [engine]: how the local backend generates
 
 
 @dataclass
@@ -169,13 +171,12 @@ def build_backend(cfg: AssistantConfig, engine=None, tokenizer=None):
     if engine is None:  # the terminal's own engine, stepped in the thread that reads the answer
         import torch
 
-        from parley.engine.config import EngineConfig
         from parley.engine.engine import Engine
         from parley.registry import Registry
 
-        settings = getattr(cfg, "engine", None) or EngineConfig(max_batch=8)
-        model, tokenizer, _ = Registry().load(cfg.model, dtype=getattr(torch, settings.dtype))
-        engine = Engine.from_config(model, settings)  # turns reuse the conversation's cached pages
+        e = cfg.engine
+        model, tokenizer, _ = Registry().load(cfg.model, dtype=getattr(torch, e.dtype))
+        engine = Engine.from_config(model, e)  # turns reuse the conversation's cached pages
     return LocalBackend(engine, tokenizer, params)
 
 

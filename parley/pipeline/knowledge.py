@@ -30,7 +30,6 @@ not drag documents in. Passages are data: their text is returned verbatim, whate
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import re
 import sys
@@ -41,6 +40,7 @@ from pathlib import Path
 
 import numpy as np
 
+from parley.config import ConfigError, parse_cli, setting
 from parley.pipeline.embed import Embedder, EmbedderError, cosine_top, to_blob
 from parley.pipeline.frames import Frame, Intent, Passage, Passages, UserText
 from parley.pipeline.readers import DEFAULT_MAX_BYTES, MIME, ReadError, chunk_sections, load_file, read_bytes, supported
@@ -350,16 +350,25 @@ class KnowledgeStage(Stage):
 # --- `parley ingest` ------------------------------------------------------------------------
 
 
+@dataclass
+class IngestConfig:
+    paths: list[Path] = setting(help="files, or folders to walk (.txt .md .html .pdf)", positional="PATH")
+    user: str = setting("local", "whose knowledge base (created if new)")
+    collection: str = setting("default", "collection to add to")
+    db: str = setting("", "SQLite file or postgresql:// URL ('' = PARLEY_HOME/parley.db)")
+
+    def __post_init__(self):
+        if not self.paths:
+            raise ValueError("give at least one file or folder: parley ingest PATH...")
+
+
 def ingest_main(argv: list[str]) -> int:
-    """`parley ingest PATH... [--user NAME] [--collection NAME] [--db PATH]`."""
-    parser = argparse.ArgumentParser(prog="parley ingest", description="Add files or folders (.txt .md .html .pdf) "
-                                     "to a user's knowledge base, for answers with citations.")
-    parser.add_argument("paths", nargs="+", type=Path, metavar="PATH", help="files, or folders to walk")
-    parser.add_argument("--user", default="local", help="whose knowledge base (created if new; default: local)")
-    parser.add_argument("--collection", default="default", help="collection to add to (default: default)")
-    parser.add_argument("--db", default=None,
-                        help="SQLite file or postgresql:// URL (default: $PARLEY_HOME/parley.db)")
-    args = parser.parse_args(argv)
+    """`parley ingest PATH... [--user NAME] [--collection NAME] [--db PATH]`; `--help` lists the keys."""
+    try:
+        args = parse_cli(IngestConfig, argv, prog="parley ingest")
+    except ConfigError as e:
+        print(f"parley: error: {e}", file=sys.stderr)
+        return 2
     start = time.perf_counter()
     try:
         missing = [p for p in args.paths if not p.exists()]
@@ -367,7 +376,7 @@ def ingest_main(argv: list[str]) -> int:
             raise KnowledgeError(f"no such file or folder: {missing[0]}")
         from parley.registry import store_target
 
-        db = store_target(args.db)
+        db = store_target(args.db or None)
         with Store(db) as store:
             user = store.get_user_by_name(args.user) or store.add_user(args.user)
             embedder = Embedder.load()

@@ -24,7 +24,6 @@ regular expressions the predicted intent declares in the YAML file, which win on
 
 from __future__ import annotations
 
-import argparse
 import datetime as dt
 import hashlib
 import json
@@ -44,6 +43,7 @@ import yaml
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save as safetensors_bytes
 
+from parley.config import parse_cli, setting
 from parley.files import atomic_open
 from parley.pipeline.frames import Frame, Intent, Slots, UserText
 from parley.pipeline.runner import Stage, Turn
@@ -322,16 +322,18 @@ def default_classifier(embedder: Callable[[list[str]], np.ndarray], intents_path
     return classifier
 
 
+@dataclass
+class IntentsConfig:
+    data: str = setting("", f"intents YAML file ('' = the shipped {DEFAULT_INTENTS})")
+    out: str = setting("", "where to write the head ('' = next to the embedding model, where the NLU stage looks)")
+
+
 def train_intents_main(argv: list[str]) -> int:
     """`parley train intents [--data FILE] [--out FILE]`."""
     from parley.pipeline.embed import Embedder
 
-    parser = argparse.ArgumentParser(prog="parley train intents",
-                                     description="train the intent classifier's head on an intents file")
-    parser.add_argument("--data", metavar="FILE", help=f"intents YAML file (default: the shipped {DEFAULT_INTENTS})")
-    parser.add_argument("--out", metavar="FILE", help=f"where to write the head (default: {default_head_path()})")
-    args = parser.parse_args(argv)
-    intents = load_intents(args.data)
+    args = parse_cli(IntentsConfig, argv, prog="parley train intents")
+    intents = load_intents(args.data or None)
     examples = [(t, spec.name) for spec in intents for t in spec.examples]
     start = time.perf_counter()
     classifier = IntentClassifier.train(intents, Embedder.load())

@@ -42,9 +42,9 @@ def create_app(settings: Settings, engine=None, tokenizer=None, embedder=None) -
 
         from parley.engine.engine import Engine
 
-        model, tokenizer, _ = Registry(settings.home).load(settings.model, dtype=getattr(torch, settings.dtype))
-        engine = Engine(model, max_batch=64 if settings.batching else 1, max_waiting=settings.max_pending,
-                        threads=settings.threads)
+        model, tokenizer, _ = Registry(settings.home or None).load(settings.model,
+                                                                   dtype=getattr(torch, settings.engine.dtype))
+        engine = Engine.from_config(model, settings.engine)
     server = Server(settings, engine.start(), settings.model, tokenizer, embedder)
 
     @asynccontextmanager

@@ -1,4 +1,4 @@
-"""A Parley server as the assistant: what `parley chat --url URL` talks to.
+"""A Parley server as the assistant: what `parley chat --server URL` talks to.
 
     assistant = RemoteAssistant("http://127.0.0.1:8000", key="pk-...")
     for frame in assistant.say("hello"):     # TextDelta frames, streamed as the server sends them

@@ -99,7 +99,7 @@ def _check_model(server: Server, name: str) -> None:
 async def _complete(server: Server, req: p.ChatRequest | p.CompletionRequest, ids: list[int], chat: bool):
     try:
         params = req.sampling(server.engine.context_length, len(ids), server.tokenizer.stop_ids,
-                              server.settings.default_max_tokens)
+                              server.settings.max_tokens)
     except ValueError as e:
         raise APIError(400, str(e), code="context_length_exceeded", param="max_tokens") from None
     handle = server.engine.submit(ids, params)  # PromptError -> 400, QueueFull -> 429

@@ -7,11 +7,12 @@
 
 Each thread gets its own `Store` connection, as SQLite wants. Authentication is a dependency:
 a bearer key known to the store (per-key token-bucket rate limit), or, with `no_auth` on a
-loopback address only, everyone is the local user "local".
+loopback address only, everyone is the user `settings.user` ("local").
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import threading
 import time
@@ -19,7 +20,7 @@ import time
 import numpy as np
 from fastapi import Request
 
-from parley.registry import Registry
+from parley.registry import Registry, store_target
 from parley.serve.errors import APIError
 from parley.engine.engine import Engine
 from parley.serve.metrics import Metrics
@@ -55,31 +56,31 @@ class Server:
     """The app's state and shared services."""
 
     def __init__(self, settings: Settings, engine: Engine, model_name: str, tokenizer, embedder=None):
-        from parley.pipeline.assistant import AssistantConfig
         from parley.serve.turns import TurnRunner
 
         self.settings, self.engine, self.model_name, self.tokenizer = settings, engine, model_name, tokenizer
-        self.registry = Registry(settings.home)
+        self.db = store_target(settings.db)
+        self.registry = Registry(settings.home or None)
         self.metrics, self.buckets = Metrics(), TokenBuckets(settings.requests_per_minute)
         self._embedder, self._embed_lock, self._local = embedder, threading.Lock(), threading.local()
-        assistant = AssistantConfig(stages=list(settings.stages), max_tokens=settings.default_max_tokens)
+        assistant = dataclasses.replace(settings.assistant(), db=self.db)
         self.turns = TurnRunner(assistant, self.store, engine, tokenizer, self.embed, settings.pipeline_workers,
-                                settings.max_pending, single_threaded=bool(settings.threads))
+                                settings.max_pending, single_threaded=bool(settings.engine.threads))
         if settings.no_auth:
-            with Store(settings.db) as store:
-                if store.get_user_by_name("local") is None:
-                    store.add_user("local", role="admin")
+            with Store(self.db) as store:
+                if store.get_user_by_name(settings.user) is None:
+                    store.add_user(settings.user, role="admin")
 
     def store(self) -> Store:
         """This thread's connection to the database."""
         if getattr(self._local, "store", None) is None:
-            self._local.store = Store(self.settings.db)
+            self._local.store = Store(self.db)
         return self._local.store
 
     def embed(self, texts: list[str]) -> np.ndarray:
         """MiniLM embeddings (loaded on first use); one call at a time, as the model's cache wants."""
         with self._embed_lock:
-            if self.settings.threads:  # keep request threads off OpenMP teams: see Settings.threads
+            if self.settings.engine.threads:  # keep request threads off OpenMP teams: see serve_main
                 import torch
 
                 torch.set_num_threads(1)
@@ -97,7 +98,7 @@ class Server:
         """The dependency every /v1 and /api route takes."""
         store = self.store()
         if self.settings.no_auth:
-            user, key = store.get_user_by_name("local"), "local"
+            user, key = store.get_user_by_name(self.settings.user), self.settings.user
         else:
             scheme, _, key = request.headers.get("authorization", "").partition(" ")
             if scheme.lower() != "bearer" or not key.strip():

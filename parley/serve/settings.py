@@ -1,15 +1,23 @@
-"""The server's settings: what `parley serve` and `create_app` take, checked once.
+"""What `parley serve` runs with: every setting of the assistant (the same keys as `parley
+chat`, engine section included) plus the server's own.
 
-    settings = Settings(db="parley.db", model="smollm2", host="127.0.0.1")
+    parley serve persona="You are terse." web_search_url=http://127.0.0.1:8888 --port 8000
+    parley serve --help                         # every key once, with its type and default
+
+    settings = Settings(db="parley.db", model="smollm2", engine=EngineConfig(max_batch=1))
+    create_app(settings)                        # parley/serve/app.py
+
+The assistant behind the API ("model": "parley") is built from `settings.assistant()`; raw
+completions use the same model, engine section and `max_tokens` default.
 """
 
 from __future__ import annotations
 
 import ipaddress
-from dataclasses import dataclass, field
-from pathlib import Path
+from dataclasses import dataclass, fields
 
-from parley.pipeline.assistant import DEFAULT_STAGES
+from parley.config import setting
+from parley.pipeline.assistant import AssistantConfig
 
 
 class ServeError(ValueError):
@@ -26,22 +34,16 @@ def is_loopback(host: str) -> bool:
 
 
 @dataclass
-class Settings:
-    db: str | Path
-    home: str | Path | None = None  # the model registry's folder (None: PARLEY_HOME)
-    model: str = "smollm2"
-    host: str = "127.0.0.1"
-    no_auth: bool = False
-    requests_per_minute: int = 600  # per key; 0 = no limit
-    max_pending: int = 32  # generation requests waiting; more get 429
-    max_body_bytes: int = 2_000_000
-    max_upload_bytes: int = 10_000_000
-    stages: list[str] = field(default_factory=lambda: list(DEFAULT_STAGES))
-    pipeline_workers: int = 4
-    default_max_tokens: int = 512
-    dtype: str = "bfloat16"
-    batching: bool = True  # continuous batching (engine/scheduler.py); False: one request at a time
-    threads: int | None = None  # torch threads of the scheduler thread (serve_main: all; every other thread: 1)
+class Settings(AssistantConfig):
+    host: str = setting("127.0.0.1", "address to bind")
+    port: int = setting(8000, "TCP port to listen on")
+    no_auth: bool = setting(False, "no API keys: every request is the user `user`; loopback addresses only")
+    requests_per_minute: int = setting(600, "requests a minute per API key (0 = no limit)")
+    max_pending: int = setting(32, "assistant turns that may wait for a pipeline worker; more get HTTP 429")
+    max_body_bytes: int = setting(2_000_000, "largest request body, in bytes")
+    max_upload_bytes: int = setting(10_000_000, "largest document upload (/api/knowledge), in bytes")
+    pipeline_workers: int = setting(4, "assistant turns that run at once")
+    home: str = setting("", "the model registry's folder ('' = PARLEY_HOME)")
 
     def __post_init__(self):
         if self.no_auth and not is_loopback(self.host):
@@ -49,8 +51,12 @@ class Settings:
                              f"(127.0.0.1, ::1, localhost), not {self.host!r}: drop --no-auth and create keys "
                              "with `parley users add NAME` and `parley users key NAME`")
         for name in ("requests_per_minute", "max_pending", "max_body_bytes", "max_upload_bytes", "pipeline_workers",
-                     "default_max_tokens"):
+                     "max_tokens"):
             if getattr(self, name) < (0 if name == "requests_per_minute" else 1):
                 raise ServeError(f"{name} must be positive (got {getattr(self, name)})")
-        if self.dtype not in ("float32", "bfloat16"):
-            raise ServeError(f"dtype must be float32 or bfloat16, not {self.dtype!r}")
+        if not 0 <= self.port <= 65535:
+            raise ServeError(f"port must be 0..65535, not {self.port}")
+
+    def assistant(self) -> AssistantConfig:
+        """The assistant's part of these settings (every key `parley chat` also takes)."""
+        return AssistantConfig(**{f.name: getattr(self, f.name) for f in fields(AssistantConfig)})

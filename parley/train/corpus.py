@@ -19,7 +19,6 @@ The output folder holds
 
 from __future__ import annotations
 
-import argparse
 import gzip
 import hashlib
 import importlib.util
@@ -36,6 +35,7 @@ from typing import Callable, Iterable, Iterator
 
 import numpy as np
 
+from parley.config import parse_cli, setting
 from parley.files import atomic_open
 
 MIN_WORDS = 3  # shorter documents (a bare headword, a "%" left alone) teach nothing
@@ -661,22 +661,26 @@ def tokenize(out_dir, tokenizer, val_fraction: float = 0.01, seed: int = 0, shar
     return manifest
 
 
+@dataclass
+class DataConfig:
+    out: str = setting(help="output folder", positional="OUT")
+    sources: list[str] = setting(factory=list, help=f"a subset of {', '.join(SOURCES)} (empty = all)")
+    tokenizer: str = setting("", "tokenizer folder or .gguf file: also write token shards ('' = none)")
+    val_fraction: float = setting(0.01, "held-out share of documents and dialogs")
+    seed: int = setting(0, "picks the held-out split")
+    location: list[str] = setting(factory=list, help="NAME=PATH: where a source's files are (repeatable)")
+
+    def __post_init__(self):
+        bad = [item for item in self.location if "=" not in item]
+        if bad:
+            raise ValueError(f"location takes NAME=PATH, not {bad[0]!r}")
+
+
 def main(argv: list[str] | None = None, prog: str = "python -m parley.train.corpus") -> int:
-    p = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0])
-    p.add_argument("out", help="output folder")
-    p.add_argument("--sources", help=f"comma-separated subset of: {', '.join(SOURCES)}")
-    p.add_argument("--tokenizer", help="tokenizer folder or .gguf file: also write token shards")
-    p.add_argument("--val-fraction", type=float, default=0.01, help="held-out share of documents and dialogs")
-    p.add_argument("--seed", type=int, default=0, help="picks the held-out split")
-    p.add_argument("--location", action="append", default=[], metavar="NAME=PATH", help="where a source's files are")
-    args = p.parse_args(argv)
     try:
-        locations = dict(item.split("=", 1) for item in args.location)
-    except ValueError:
-        p.error("--location takes NAME=PATH")
-    try:
-        manifest = prepare(args.out, args.sources.split(",") if args.sources else None, args.val_fraction,
-                           args.seed, args.tokenizer, locations)
+        args = parse_cli(DataConfig, sys.argv[1:] if argv is None else argv, prog=prog)
+        manifest = prepare(args.out, args.sources or None, args.val_fraction, args.seed, args.tokenizer or None,
+                           dict(item.split("=", 1) for item in args.location))
     except (OSError, ValueError) as e:
         print(f"parley: error: {e}", file=sys.stderr)
         return 2
