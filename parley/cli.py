@@ -181,12 +181,12 @@ def cmd_generate(args) -> int:
         raise ValueError("the prompt is empty")
     params = SamplingParams(max_tokens=cfg.max_tokens, temperature=cfg.temperature, top_k=cfg.top_k,
                             top_p=cfg.top_p, repetition_penalty=cfg.repetition_penalty, seed=cfg.seed)
-    # the numbers are checked above, before the (slow) model load; engine.device, engine.kernels and the
-    # batch and cache sizes are for the engine rewrite to consume: one prompt runs on the plain Engine today
+    # the numbers are checked above, before the (slow) model load; the engine steps in this thread
     model, tokenizer, _ = Registry().load(cfg.model, dtype=getattr(torch, cfg.engine.dtype))
     if cfg.engine.threads:
         torch.set_num_threads(cfg.engine.threads)
-    for piece in TextStream(Engine(model), tokenizer, tokenizer.encode(prompt), params, stop=cfg.stop):
+    engine = Engine.from_config(model, cfg.engine)
+    for piece in TextStream(engine, tokenizer, tokenizer.encode(prompt), params, stop=cfg.stop):
         sys.stdout.write(piece)
         sys.stdout.flush()
     sys.stdout.write("\n")
