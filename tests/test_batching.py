@@ -366,3 +366,26 @@ def test_a_failed_step_fails_its_requests_and_the_engine_goes_on(model, engine):
     params = SamplingParams(max_tokens=5)
     [after] = local.generate([[1, 2, 3]], params)
     assert (after.tokens, after.finish_reason) == alone(engine, [1, 2, 3], params)
+
+
+def test_a_channel_defers_wake_ups_to_the_end_of_a_step_and_reports_a_closed_loop():
+    from parley.engine.channel import Channel
+
+    plain = Channel()
+    plain.put(1)
+    plain.put(2)
+    assert (plain.get(), plain.get(), plain.empty()) == (1, 2, True)
+    gone = []
+    channel = Channel(gone=lambda: gone.append(True))
+    loop = asyncio.new_event_loop()
+    reader = loop.create_task(channel.aget())
+    loop.run_until_complete(asyncio.sleep(0))  # the reader now waits on its loop
+    wakes: dict = {}
+    channel.put("a", wakes)
+    loop.run_until_complete(asyncio.sleep(0))
+    assert not reader.done() and list(wakes) == [loop]  # noted, not woken yet
+    Channel.wake(wakes)
+    assert loop.run_until_complete(reader) == "a"
+    loop.close()
+    channel.put("b")  # nobody can read any more: the channel says so
+    assert gone == [True]

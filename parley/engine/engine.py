@@ -36,7 +36,6 @@ benchmarks, tests): then all of the model's OpenMP work stays on that one thread
 from __future__ import annotations
 
 import itertools
-import queue
 import threading
 import time
 from collections import deque
@@ -45,6 +44,7 @@ from collections.abc import Iterator, Sequence
 import torch
 
 from parley.engine.cache import CachedSequence, PagedKVCache
+from parley.engine.channel import Channel
 from parley.engine.config import EngineConfig
 from parley.engine.fast import FastDecoder
 from parley.engine.request import (Completion, EngineClosed, EngineError, Event, PromptError, QueueFull, Request,
@@ -201,7 +201,7 @@ class Engine:
         return self._submit(prompt_ids, params)
 
     def _submit(self, prompt_ids: Sequence[int], params: SamplingParams, index: int = 0,
-                inbox: queue.SimpleQueue | None = None) -> Request:
+                channel: Channel | None = None) -> Request:
         if not isinstance(params, SamplingParams):
             raise TypeError(f"params must be SamplingParams (got {type(params).__name__})")
         prompt = [int(t) for t in prompt_ids]
@@ -217,7 +217,7 @@ class Engine:
                 raise EngineClosed("the engine is shut down and takes no new requests")
             if len(self._waiting) >= self.max_waiting:
                 raise QueueFull(len(self._waiting), self._retry_after())
-            request = Request(self, next(self._ids), prompt, params, index, inbox)
+            request = Request(self, next(self._ids), prompt, params, index, channel)
             self._waiting.append(_Entry(request, budget, pages, self.device))
             self._lock.notify_all()
         return request
@@ -229,12 +229,12 @@ class Engine:
         params = params_per_prompt(prompts, params)
         for prompt in prompts:  # all or nothing: no request starts if one prompt is bad
             self.check_prompt(prompt)
-        inbox: queue.SimpleQueue = queue.SimpleQueue()
+        channel = Channel()
         requests: list[Request] = []
         try:
             for i, (prompt, p) in enumerate(zip(prompts, params)):
-                requests.append(self._submit(prompt, p, i, inbox))
-            for _, event in self._drain(inbox, lambda: all(r.done for r in requests)):
+                requests.append(self._submit(prompt, p, i, channel))
+            for _, event in self._drain(channel, lambda: all(r.done for r in requests)):
                 yield event
         finally:
             for request in requests:
@@ -252,19 +252,19 @@ class Engine:
                 out[event.index].finish_reason = event.finish_reason
         return out
 
-    def _drain(self, inbox: queue.SimpleQueue, done) -> Iterator[tuple[Request, Event]]:
-        """(request, event) pairs from an inbox until it is empty and `done()`: taken as the
+    def _drain(self, channel: Channel, done) -> Iterator[tuple[Request, Event]]:
+        """(request, event) pairs from a channel until it is empty and `done()`: taken as the
         engine's thread delivers them, or, with no thread running, stepping the engine here."""
         while True:
-            if inbox.empty():
+            if channel.empty():
                 if done():
                     return
                 if not self.running:
                     with self._stepping:
-                        if inbox.empty() and not done():
+                        if channel.empty() and not done():
                             self._step()
                     continue
-            request, item = inbox.get()
+            request, item = channel.get()
             yield request, Request._unwrap(item)
 
     def _tidy(self) -> None:
@@ -337,9 +337,9 @@ class Engine:
             if not isinstance(e, Exception):  # KeyboardInterrupt, SystemExit: the caller's to handle
                 raise
 
-    def _finish(self, entry: _Entry, event: Event, outbox: dict | None = None) -> None:
+    def _finish(self, entry: _Entry, event: Event, wakes: dict | None = None) -> None:
         self.cache.release(entry.seq)
-        entry.request._deliver(event, outbox)
+        entry.request._deliver(event, wakes)
 
     def drop_cancelled(self) -> None:
         """End cancelled requests now, waiting or running, and free their pages (each step
@@ -427,18 +427,18 @@ class Engine:
             best = dict(zip(plain, self.fast.argmax(logits, plain)))
         elif plain:
             best = dict(zip(plain, logits[plain].argmax(-1).tolist()))
-        outbox: dict = {}
+        wakes: dict = {}  # each event loop is woken once, when the step's events are all out
         try:
             for row, entry in choosing:
-                self._sample(entry, logits[row], best.get(row), outbox)
+                self._sample(entry, logits[row], best.get(row), wakes)
         finally:
-            Request._post(outbox)
+            Channel.wake(wakes)
 
     def _forward(self, feeds: list[tuple[_Entry, int]]) -> torch.Tensor:
         batch = self.cache.batch([(r.seq, n) for r, n in feeds])
         return self.model(torch.tensor([batch.ids], device=self.device), batch)[0]
 
-    def _sample(self, entry: _Entry, logits: torch.Tensor, token: int | None, outbox: dict) -> None:
+    def _sample(self, entry: _Entry, logits: torch.Tensor, token: int | None, wakes: dict) -> None:
         """Deliver the request's next token: `token` when chosen already, else its sampler's pick."""
         params, seq, index = entry.request.params, entry.seq, entry.request.index
         if token is None:
@@ -454,9 +454,9 @@ class Engine:
         if event.finish_reason:
             self._running.remove(entry)
             self._stats["finished"] += 1
-            self._finish(entry, event, outbox)
+            self._finish(entry, event, wakes)
         else:
-            entry.request._deliver(event, outbox)
+            entry.request._deliver(event, wakes)
 
 
 _EMPTY = torch.zeros(0, dtype=torch.long)

@@ -5,19 +5,18 @@
         print(event.token, event.finish_reason)
     request.cancel()                            # from any thread
 
-Events travel from the thread that steps the engine to the request's reader: a queue for a
-blocking reader (or, with no engine thread running, the reader steps the engine itself), the
-reader's event loop for an async one (each loop gets a step's events in one wake-up).
+Events travel from the thread that steps the engine to the request's reader through a
+`Channel` (engine/channel.py): taken blocking (with no engine thread running, the reader steps
+the engine itself) or awaited on the reader's event loop (each loop woken once a step).
 """
 
 from __future__ import annotations
 
-import asyncio
-import queue
 import threading
 from collections.abc import AsyncIterator, Iterator, Sequence
 from dataclasses import dataclass, field
 
+from parley.engine.channel import Channel
 from parley.engine.sampling import SamplingParams
 
 
@@ -81,18 +80,16 @@ class Request:
     `engine` is the Engine that made it (this module does not import it: no circle)."""
 
     def __init__(self, engine, request_id: int, prompt: list[int], params: SamplingParams,
-                 index: int = 0, inbox: queue.SimpleQueue | None = None):
+                 index: int = 0, channel: Channel | None = None):
         self.id, self.prompt, self.params, self.index = request_id, prompt, params, index
         self.tokens: list[int] = []
         self.finish_reason: str | None = None
         self.error: BaseException | None = None
         self.cancelled = False
         self._engine = engine
-        self._lock = threading.Lock()
-        self._queue = inbox if inbox is not None else queue.SimpleQueue()  # shared by the prompts of one stream()
+        # (request, event) pairs; one channel is shared by the prompts of one stream()
+        self._channel = channel if channel is not None else Channel(gone=self.cancel)
         self._finished = threading.Event()
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._aqueue: asyncio.Queue | None = None
 
     @property
     def done(self) -> bool:
@@ -111,10 +108,9 @@ class Request:
             self.cancelled = True
             self._engine._withdraw(self)
 
-    def _deliver(self, item: Event | BaseException, outbox: dict | None = None) -> None:
-        """Called by the stepping thread: hand an event (or the error that ended it) over. With
-        an `outbox`, an event for an async consumer waits there (by event loop) until the step
-        ends and `_post` hands each loop its events in one wake-up."""
+    def _deliver(self, item: Event | BaseException, wakes: dict | None = None) -> None:
+        """Called by the stepping thread: hand an event (or the error that ended it) over; with
+        `wakes`, the reader's event loop is woken when the step ends (`Channel.wake`)."""
         if isinstance(item, Event):
             if item.token is not None:
                 self.tokens.append(item.token)
@@ -124,26 +120,7 @@ class Request:
             self.error, self.finish_reason = item, "error"
         if self.finish_reason:
             self._finished.set()
-        with self._lock:
-            if self._loop is None:
-                self._queue.put((self, item))
-                return
-        if outbox is not None:
-            outbox.setdefault(self._loop, []).append((self, item))
-            return
-        try:
-            self._loop.call_soon_threadsafe(self._aqueue.put_nowait, item)
-        except RuntimeError:  # the consumer's event loop is closed: nobody listens any more
-            self.cancel()
-
-    @staticmethod
-    def _post(outbox: dict) -> None:
-        for loop, items in outbox.items():
-            try:
-                loop.call_soon_threadsafe(_put_all, items)
-            except RuntimeError:  # that loop is closed: nobody listens to its requests any more
-                for request, _ in items:
-                    request.cancel()
+        self._channel.put((self, item), wakes)
 
     @staticmethod
     def _unwrap(item: Event | BaseException) -> Event:
@@ -153,7 +130,7 @@ class Request:
 
     def __iter__(self) -> Iterator[Event]:
         try:
-            for _, event in self._engine._drain(self._queue, lambda: self.done):
+            for _, event in self._engine._drain(self._channel, lambda: self.done):
                 yield event
                 if event.finish_reason:
                     return
@@ -164,20 +141,11 @@ class Request:
     async def events(self) -> AsyncIterator[Event]:
         """The events, awaited on the caller's event loop (no thread per request). Something else
         steps the engine meanwhile: its own thread (`start()`), as in a server."""
-        with self._lock:
-            self._loop, self._aqueue = asyncio.get_running_loop(), asyncio.Queue()
-            while not self._queue.empty():  # events delivered before we attached
-                self._aqueue.put_nowait(self._queue.get()[1])
         try:
             while True:
-                event = self._unwrap(await self._aqueue.get())
+                event = self._unwrap((await self._channel.aget())[1])
                 yield event
                 if event.finish_reason:
                     return
         finally:
             self.cancel()
-
-
-def _put_all(items: list) -> None:
-    for request, item in items:
-        request._aqueue.put_nowait(item)

@@ -165,7 +165,7 @@ async def _assistant_chat(server: Server, req: p.ChatRequest, user: User, conver
     overrides = {k: v for k, v in (("temperature", req.temperature), ("top_p", req.top_p), ("seed", req.seed),
                                    ("max_tokens", req.max_completion_tokens or req.max_tokens)) if v is not None}
     turn = server.turns.start(user, _conversation(server, user, conversation), last, overrides)
-    items, ahead = aiter(turn.frames), []
+    items, ahead = turn.frames(), []
     # wait for the first words (or the end): errors before them (a full queue, a bad message)
     # are then plain HTTP errors rather than an event in a stream that already said 200
     while not ahead or not (isinstance(ahead[-1], TurnDone) or ShownText()(ahead[-1])):

@@ -2,7 +2,7 @@
 
     turns = TurnRunner(AssistantConfig(stages=...), server.store, engine, tokenizer, embed)
     turn = turns.start(user, conversation_id=None, text="hello", overrides={"temperature": 0})
-    async for item in turn.frames:           # TurnStarted, then TextDelta / Notice / Refusal ...
+    async for item in turn.frames():         # TurnStarted, then TextDelta / Notice / Refusal ...
         ...                                  # frames, then TurnDone (saved message id, token counts)
     turn.stop()                              # the client went away: generation stops at once
 
@@ -11,75 +11,24 @@ and never changed after: everything a turn owns (this thread's store connection,
 the conversation, the request's sampling overrides, its cancellation and token counts) is in
 its pipeline `Turn`. The respond stage submits to the server's one engine, so pipeline turns
 and raw completions share one queue. A turn's frames reach the route's event loop through a
-`Channel`.
+`Channel` (engine/channel.py), the bridge the engine's requests use too.
 """
 
 from __future__ import annotations
 
-import asyncio
 import threading
-from collections import deque
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
+from parley.engine.channel import Channel
 from parley.engine.engine import Engine, QueueFull
 from parley.model.tokenizer import Tokenizer
 from parley.pipeline.assistant import Assistant, AssistantConfig
 from parley.pipeline.runner import Cancel, Turn
 from parley.store import Store, User
 
-_END = object()  # a channel's last item
-
-
-class Channel:
-    """Items from a producer thread to one consumer, async (`async for`) or blocking (`for`).
-    `put` an exception to raise it at the consumer; `end()` finishes the iteration."""
-
-    def __init__(self):
-        self._items: deque = deque()
-        self._ready = threading.Condition()
-        self._wakers: list[tuple[asyncio.AbstractEventLoop, asyncio.Event]] = []
-
-    def put(self, item) -> None:
-        with self._ready:
-            self._items.append(item)
-            self._ready.notify_all()
-            wakers = list(self._wakers)
-        for loop, event in wakers:
-            loop.call_soon_threadsafe(event.set)
-
-    def end(self) -> None:
-        self.put(_END)
-
-    async def __aiter__(self) -> AsyncIterator:
-        wake = asyncio.Event()
-        with self._ready:
-            self._wakers.append((asyncio.get_running_loop(), wake))
-        while True:
-            wake.clear()  # cleared before looking: a put after the look sets it again
-            with self._ready:
-                items = list(self._items)
-                self._items.clear()
-            for item in items:
-                if item is _END:
-                    return
-                if isinstance(item, BaseException):
-                    raise item
-                yield item
-            await wake.wait()
-
-    def __iter__(self) -> Iterator:
-        while True:
-            with self._ready:
-                while not self._items:
-                    self._ready.wait()
-                item = self._items.popleft()
-            if item is _END:
-                return
-            if isinstance(item, BaseException):
-                raise item
-            yield item
+_END = object()  # a turn's last item
 
 
 @dataclass
@@ -101,8 +50,15 @@ class TurnStarted:
 
 @dataclass
 class RunningTurn:
-    frames: Channel
+    channel: Channel = field(default_factory=Channel)  # from the turn's thread to the route
     cancel: Cancel = field(default_factory=Cancel)  # the pipeline turn's own
+
+    async def frames(self) -> AsyncIterator:
+        """TurnStarted, the pipeline's frames, TurnDone; the turn's exception if it failed."""
+        while (item := await self.channel.aget()) is not _END:
+            if isinstance(item, BaseException):
+                raise item
+            yield item
 
     def stop(self) -> None:
         """Stop the turn: its generation at once (queued or running), the pipeline at its next frame."""
@@ -143,7 +99,7 @@ class TurnRunner:
             if self._inflight >= self.workers + self.max_pending:
                 raise QueueFull(self._inflight - self.workers, retry_after=1.0)
             self._inflight += 1
-        running = RunningTurn(Channel())
+        running = RunningTurn()
         self.pool.submit(self._run, running, user, conversation_id, text, dict(overrides))
         return running
 
@@ -158,15 +114,15 @@ class TurnRunner:
                     if running.cancel.is_set():
                         break
                     if i == 0:  # say() has opened the conversation by now
-                        running.frames.put(TurnStarted(turn.conversation_id))
-                    running.frames.put(frame)
+                        running.channel.put(TurnStarted(turn.conversation_id))
+                    running.channel.put(frame)
             finally:
                 frames.close()  # closes the respond stage's stream, which cancels its generation
-            running.frames.put(TurnDone(turn.conversation_id, turn.message_id, turn.usage.prompt_tokens,
+            running.channel.put(TurnDone(turn.conversation_id, turn.message_id, turn.usage.prompt_tokens,
                                         turn.usage.completion_tokens))
         except Exception as e:  # the turn fails, the thread serves the next one
-            running.frames.put(e)
+            running.channel.put(e)
         finally:
             with self._count:
                 self._inflight -= 1
-            running.frames.end()
+            running.channel.put(_END)
