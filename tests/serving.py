@@ -47,7 +47,7 @@ class GatedEngine(Engine):
         self.requests.append(request)
         return request
 
-    def _compute(self) -> None:
+    def _compute(self) -> bool:
         if self.stats()["decode_tokens"] >= self.after:
             self.gate.wait(timeout=60)
-        super()._compute()
+        return super()._compute()

@@ -358,7 +358,7 @@ def test_a_failed_step_fails_its_requests_and_the_engine_goes_on(model, engine):
     local = Engine(model, page_size=4)
     doomed = local.submit([1, 2, 3], SamplingParams(max_tokens=5))
     real = local._compute
-    local._compute = lambda: (_ for _ in ()).throw(RuntimeError("out of memory"))  # one step breaks
+    local._compute = lambda: (_ for _ in ()).throw(RuntimeError("out of memory"))  # every step breaks now
     with pytest.raises(StepFailed, match="out of memory"):
         list(doomed)
     local._compute = real

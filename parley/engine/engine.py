@@ -262,7 +262,9 @@ class Engine:
                 if not self.running:
                     with self._stepping:
                         if channel.empty() and not done():
-                            self._step()
+                            moved = self._step()
+                            if not moved and channel.empty() and not done():  # would spin forever
+                                raise EngineError("nothing left to step, yet the request has not ended: a bug")
                     continue
             request, item = channel.get()
             yield request, Request._unwrap(item)
@@ -322,14 +324,16 @@ class Engine:
                 self._step()
             self._step_seconds = 0.9 * self._step_seconds + 0.1 * (time.perf_counter() - started)
 
-    def _step(self) -> None:
-        """One step; if it fails, every request in it fails with the cause (their pages freed), and
-        the engine goes on with the next (clients never hang on a broken step)."""
+    def _step(self) -> bool:
+        """One step; whether it computed anything. If it fails, every request in flight fails with
+        the cause (their pages freed) and the engine goes on with new ones: clients never hang on
+        a broken step."""
         try:
-            self._compute()
+            return self._compute()
         except BaseException as e:
             with self._lock:
-                doomed, self._running = self._running, []
+                doomed, self._running = self._running + list(self._waiting), []
+                self._waiting.clear()
                 self._stats["failed"] += len(doomed)
             for entry in doomed:
                 self.cache.release(entry.seq)
@@ -372,7 +376,7 @@ class Engine:
                 self._stats["peak_running"] = max(self._stats["peak_running"], len(self._running))
 
     @torch.inference_mode()
-    def _compute(self) -> None:
+    def _compute(self) -> bool:
         self.drop_cancelled()
         self._admit()
         decodes, prompts, left = [], [], self.prefill_budget
@@ -400,7 +404,7 @@ class Engine:
                 left -= n
         feeds = decodes + prompts
         if not feeds:
-            return
+            return False
         if self.fast and self.fast.amx:  # every row through the C layers
             # one-token feeds (decode rows, and prompts down to their last token) go first
             chunks = [feed for feed in prompts if feed[1] > 1]
@@ -433,6 +437,7 @@ class Engine:
                 self._sample(entry, logits[row], best.get(row), wakes)
         finally:
             Channel.wake(wakes)
+        return True
 
     def _forward(self, feeds: list[tuple[_Entry, int]]) -> torch.Tensor:
         batch = self.cache.batch([(r.seq, n) for r, n in feeds])
