@@ -92,9 +92,8 @@ class Engine:
             raise EngineError(str(e)) from None
         self.model, cfg = model.eval(), model.config
         self.config = cfg
-        self.device = model.lm_head.weight.device
-        if self.device.type == "cpu":
-            torch.set_flush_denormal(True)  # denormals slow CPU decoding about tenfold
+        self.device = model.lm_head.weight.device  # (the front ends call torch.set_flush_denormal(True): a
+        # process-wide switch, without which denormals slow CPU decoding about tenfold)
         self.fast = self._kernels(model, kernels)
         # the C path keeps keys and values in fp32, or bf16 on AMX tiles; PyTorch in the weights' dtype
         dtype = self.fast.kv_dtype if self.fast else model.lm_head.weight.dtype
