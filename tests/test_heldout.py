@@ -20,7 +20,12 @@ def _overlap():
     return module
 
 
-def test_no_heldout_line_is_near_a_training_line(embedder):
+def test_no_heldout_line_is_near_a_training_line():
+    from parley.pipeline.embed import Embedder
+
+    # its own embedder: the shared one remembers recent vectors, and these (from one big batch) differ
+    # in the last bits from what other tests compute, enough to move a borderline intent in test_nlu
+    embedder = Embedder.load()
     overlap = _overlap()
     heldout = overlap.heldout_lines(overlap.HELDOUT)
     training = [text for intent in load_intents(DEFAULT_INTENTS) for text in intent.examples]
