@@ -19,7 +19,7 @@ from parley.model.tokenizer import Tokenizer
 from parley.model.transformer import ModelConfig, Transformer
 from parley.train.data import TokenShards
 from parley.train.losses import lm_loss
-from parley.train.loop import TrainConfig, train
+from parley.train.loop import TrainConfig, resolve_device, train
 from parley.train.stage import finish, start_run
 
 
@@ -51,6 +51,7 @@ def main(cfg: PretrainConfig) -> dict:
                          f"has {tokenizer.vocab_size}: re-tokenize the data with this tokenizer")
     if cfg.train.seq_len > cfg.model.context:
         raise ValueError(f"train.seq_len {cfg.train.seq_len} is longer than model.context {cfg.model.context}")
+    resolve_device(cfg.train.device)  # refuse a missing GPU before the run folder is claimed
     run = start_run(cfg.run, cfg.resume)
     save_config(cfg, run / "config.toml")
     shape = ModelConfig.from_depth(cfg.model.depth, tokenizer.vocab_size, cfg.model.context,
