@@ -2,6 +2,7 @@
 step orthogonalizes, that its AdamW half is torch's AdamW, and that a run with it learns and
 resumes exactly. The two-process run with Muon is in test_train.py (the torchrun harness)."""
 
+import functools
 import math
 
 import pytest
@@ -9,6 +10,7 @@ import torch
 from safetensors.torch import load_file
 from train_job import VOCAB, make_get_batch, job_train_config, tiny_model
 
+from parley.model.lora import apply_lora
 from parley.model.transformer import ModelConfig, Transformer
 from parley.train.loop import build_optimizer, latest_checkpoint, muon_matrices, train
 from parley.train.losses import lm_loss
@@ -46,6 +48,10 @@ def test_muon_takes_the_hidden_matrices_and_adamw_the_rest():
     assert id(untied.lm_head.weight) not in muon_matrices(untied)
     hidden = next(g for g in opt.param_groups if g["muon"])
     assert hidden["lr"] == hidden["peak_lr"] == 0.02 and hidden["weight_decay"] == 0.1
+    # LoRA adapters are low-rank factors, not hidden maps: they stay on AdamW
+    adapted = tiny_model()
+    adapters = apply_lora(adapted, r=2, alpha=4)
+    assert adapters and not {id(p) for p in adapters} & muon_matrices(adapted)
 
 
 def test_adamw_keeps_torch_adamw_and_muon_groups_take_only_matrices():
@@ -93,13 +99,20 @@ def test_adamw_half_of_muon_is_torch_adamw():
     assert all(torch.allclose(p, q, atol=1e-6) for p, q in zip((a, b), mine))
 
 
-def test_muon_step_moves_each_matrix_by_an_orthogonal_update():
-    """Plain momentum-free Muon: the weight change is -lr * scale * orthogonalize(grad)."""
-    w = torch.nn.Parameter(torch.zeros(48, 16))
-    w.grad = torch.randn(48, 16)
-    Muon([{"params": [w]}], lr=0.1, momentum=0.0, ns_dtype=torch.float32).step()
-    want = -0.1 * math.sqrt(48 / 16) * orthogonalize(w.grad, dtype=torch.float32)
-    assert torch.allclose(w.detach(), want, atol=1e-6)
+def test_muon_step_is_nesterov_momentum_then_orthogonalized_and_scaled():
+    """Each step moves a (48, 16) matrix by -lr * sqrt(48 / 16) * orthogonalize(g + mu * buf),
+    where buf = mu * buf + g: Nesterov momentum. A wide matrix is not scaled."""
+    torch.manual_seed(0)
+    tall, wide = torch.nn.Parameter(torch.zeros(48, 16)), torch.nn.Parameter(torch.zeros(16, 48))
+    opt = Muon([{"params": [tall, wide]}], lr=0.1, momentum=0.5, ns_dtype=torch.float32)
+    g1, g2 = torch.randn(48, 16), torch.randn(48, 16)
+    for g in (g1, g2):
+        tall.grad, wide.grad = g.clone(), g.T.clone()
+        opt.step()
+    ortho = functools.partial(orthogonalize, dtype=torch.float32)
+    updates = ortho(1.5 * g1) + ortho(g2 + 0.5 * (0.5 * g1 + g2))
+    assert torch.allclose(tall.detach(), -0.1 * math.sqrt(3) * updates, atol=1e-5)
+    assert torch.allclose(wide.detach(), -0.1 * updates.T, atol=1e-5)
 
 
 def test_a_tiny_model_learns_with_muon(tmp_path):

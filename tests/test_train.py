@@ -17,7 +17,7 @@ from train_job import VOCAB, Job, job_train_config, make_get_batch, run, tiny_mo
 
 from parley.config import ConfigError, parse_cli
 from parley.model.weights import load_checkpoint
-from parley.train import loop
+from parley.train import loop, pretrain, sft
 from parley.train.loop import TrainConfig, latest_checkpoint, lr_multiplier, train
 from parley.train.losses import lm_loss, next_token_loss, router_loss
 
@@ -265,6 +265,12 @@ def test_device_cuda_without_a_gpu_is_refused_before_anything_is_written(tmp_pat
     with pytest.raises(ConfigError, match="train.device=cuda, but torch sees no CUDA GPU.*set train.device=cpu"):
         train(tiny_model(), job_train_config(device="cuda"), tmp_path / "run", fixed_batch, lm_loss)
     assert not (tmp_path / "run").exists()
+    stage = ["data=nowhere", f"run={tmp_path / 'stage'}", "train.device=cuda"]  # refused before data or model
+    with pytest.raises(ConfigError, match="train.device=cuda"):
+        pretrain.main(parse_cli(pretrain.PretrainConfig, [*stage, "tokenizer=nowhere"]))
+    with pytest.raises(ConfigError, match="train.device=cuda"):
+        sft.main(parse_cli(sft.SFTConfig, [*stage, "base=no-such-model"]))
+    assert not (tmp_path / "stage").exists()
     with pytest.raises(ConfigError, match="expected auto, cpu or cuda"):
         loop.resolve_device("tpu")
     with pytest.raises(ConfigError, match="device: expected"):

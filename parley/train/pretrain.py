@@ -44,6 +44,7 @@ class PretrainConfig:
 
 
 def main(cfg: PretrainConfig) -> dict:
+    resolve_device(cfg.train.device)  # refuse a missing GPU before reading data or claiming the run folder
     tokenizer = Tokenizer.from_dir(cfg.tokenizer)
     shards, val = TokenShards(cfg.data, "train"), TokenShards(cfg.data, "val")
     if shards.vocab_size != tokenizer.vocab_size:
@@ -51,7 +52,6 @@ def main(cfg: PretrainConfig) -> dict:
                          f"has {tokenizer.vocab_size}: re-tokenize the data with this tokenizer")
     if cfg.train.seq_len > cfg.model.context:
         raise ValueError(f"train.seq_len {cfg.train.seq_len} is longer than model.context {cfg.model.context}")
-    resolve_device(cfg.train.device)  # refuse a missing GPU before the run folder is claimed
     run = start_run(cfg.run, cfg.resume)
     save_config(cfg, run / "config.toml")
     shape = ModelConfig.from_depth(cfg.model.depth, tokenizer.vocab_size, cfg.model.context,
