@@ -59,7 +59,7 @@ class TrainConfig:
     batch_size: int = setting(8, "sequences per micro-batch per process")
     grad_accum: int = setting(1, "micro-batches per optimizer step (global batch: batch_size * grad_accum * processes)")
     seq_len: int = setting(128, "tokens per sequence (for token counts and FLOPs; the data decides the real shape)")
-    lr: float = setting(3e-3, "peak learning rate (AdamW; with optimizer=muon, of the parameters Muon does not take)")
+    lr: float = setting(3e-3, "peak learning rate (AdamW); with optimizer=muon, of what Muon does not take")
     min_lr_ratio: float = setting(0.1, "final learning rate as a fraction of the peak")
     warmup_steps: int = setting(20, "steps of linear warm-up from lr/warmup_steps to lr")
     schedule: Literal["cosine", "linear", "constant"] = setting("cosine", "decay after warm-up")
