@@ -15,8 +15,9 @@ import torch
 from safetensors.torch import load_file
 from train_job import VOCAB, Job, job_train_config, make_get_batch, run, tiny_model
 
+from parley.config import ConfigError, parse_cli
 from parley.model.weights import load_checkpoint
-from parley.train import loop
+from parley.train import loop, pretrain, sft
 from parley.train.loop import TrainConfig, latest_checkpoint, lr_multiplier, train
 from parley.train.losses import lm_loss, next_token_loss, router_loss
 
@@ -108,9 +109,10 @@ def _final_weights(run_dir):
     return load_file(latest_checkpoint(run_dir) / "model.safetensors")
 
 
-@pytest.mark.parametrize("batch_size, grad_accum", [(2, 1), (1, 2)])  # (1, 2) skips DDP's sync on micro-step 1
-def test_torchrun_two_processes_equal_one_process(tmp_path, batch_size, grad_accum):
-    fp32 = dict(dtype="float32", steps=6, save_every=0)
+# (1, 2) skips DDP's sync on micro-step 1; with Muon each rank orthogonalizes the same all-reduced gradient
+@pytest.mark.parametrize("batch_size, grad_accum, optimizer", [(2, 1, "adamw"), (1, 2, "adamw"), (1, 2, "muon")])
+def test_torchrun_two_processes_equal_one_process(tmp_path, batch_size, grad_accum, optimizer):
+    fp32 = dict(dtype="float32", steps=6, save_every=0, optimizer=optimizer)
     ddp = tmp_path / "ddp"
     result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
                              str(JOB), f"run_dir={ddp}", f"train.batch_size={batch_size}",
@@ -246,3 +248,30 @@ def test_any_module_trains_saves_and_resumes(tmp_path):
     train(Bigram(), cfg, tmp_path / "half", make_get_batch(cfg), bigram_loss, resume=True, peak_flops=1e12)
     assert losses(tmp_path / "half") == pytest.approx(losses(tmp_path / "whole"), abs=1e-6)
     assert list(load_file(latest_checkpoint(tmp_path / "half") / "model.safetensors")) == ["embed.weight"]
+
+
+def test_device_auto_is_the_gpu_when_there_is_one_else_the_cpu(tmp_path):
+    want = torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")
+    assert loop.resolve_device("auto") == want
+    assert loop.resolve_device("cpu") == torch.device("cpu")
+    model = tiny_model()
+    train(model, job_train_config(steps=1, save_every=0, device="cpu"), tmp_path, fixed_batch, lm_loss,
+          peak_flops=1e12)
+    assert {p.device for p in model.parameters()} == {torch.device("cpu")}
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without a CUDA GPU")
+def test_device_cuda_without_a_gpu_is_refused_before_anything_is_written(tmp_path):
+    with pytest.raises(ConfigError, match="train.device=cuda, but torch sees no CUDA GPU.*set train.device=cpu"):
+        train(tiny_model(), job_train_config(device="cuda"), tmp_path / "run", fixed_batch, lm_loss)
+    assert not (tmp_path / "run").exists()
+    stage = ["data=nowhere", f"run={tmp_path / 'stage'}", "train.device=cuda"]  # refused before data or model
+    with pytest.raises(ConfigError, match="train.device=cuda"):
+        pretrain.main(parse_cli(pretrain.PretrainConfig, [*stage, "tokenizer=nowhere"]))
+    with pytest.raises(ConfigError, match="train.device=cuda"):
+        sft.main(parse_cli(sft.SFTConfig, [*stage, "base=no-such-model"]))
+    assert not (tmp_path / "stage").exists()
+    with pytest.raises(ConfigError, match="expected auto, cpu or cuda"):
+        loop.resolve_device("tpu")
+    with pytest.raises(ConfigError, match="device: expected"):
+        parse_cli(TrainConfig, ["device=gpu"])

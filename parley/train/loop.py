@@ -9,6 +9,10 @@ distributed data parallelism, evaluation, logging, plots and checkpoints.
 
     torchrun --standalone --nproc-per-node 2 stage.py ...    # the same code, one process per device
 
+cfg.device picks where a process trains (auto: the GPU when torch sees one); under torchrun
+each process takes cuda:LOCAL_RANK and nccl, or the CPU and gloo. cfg.optimizer picks AdamW,
+or Muon for the matrices inside the layers (parley/train/muon.py) with AdamW for the rest.
+
 `get_batch(step, micro, rank, world)` returns the batch for one micro-step of one process and
 must be a pure function of its arguments. That is what makes a resumed run repeat an
 uninterrupted one exactly, and N processes equal one process that accumulates N micro-batches.
@@ -40,10 +44,11 @@ import torch.distributed as dist
 import torch.nn as nn
 from safetensors.torch import load_file, save_file
 
-from parley.config import setting, to_dict
-from parley.model.transformer import Transformer
+from parley.config import ConfigError, setting, to_dict
+from parley.model.transformer import SparseMoE, Transformer
 from parley.files import atomic_open, fsync
 from parley.model.weights import save_checkpoint
+from parley.train.muon import Muon
 
 
 @dataclass
@@ -54,7 +59,7 @@ class TrainConfig:
     batch_size: int = setting(8, "sequences per micro-batch per process")
     grad_accum: int = setting(1, "micro-batches per optimizer step (global batch: batch_size * grad_accum * processes)")
     seq_len: int = setting(128, "tokens per sequence (for token counts and FLOPs; the data decides the real shape)")
-    lr: float = setting(3e-3, "peak learning rate (AdamW)")
+    lr: float = setting(3e-3, "peak learning rate (AdamW); with optimizer=muon, of what Muon does not take")
     min_lr_ratio: float = setting(0.1, "final learning rate as a fraction of the peak")
     warmup_steps: int = setting(20, "steps of linear warm-up from lr/warmup_steps to lr")
     schedule: Literal["cosine", "linear", "constant"] = setting("cosine", "decay after warm-up")
@@ -62,9 +67,11 @@ class TrainConfig:
     beta1: float = setting(0.9, "AdamW beta1")
     beta2: float = setting(0.95, "AdamW beta2")
     grad_clip: float = setting(1.0, "clip the global gradient norm to this (0 = off)")
-    # Muon (orthogonalized momentum on hidden matrices) was tried and did not beat tuned AdamW
-    # at equal steps on tiny models, so it is not offered
-    optimizer: Literal["adamw"] = setting("adamw", "the optimizer (AdamW is the only one so far)")
+    optimizer: Literal["adamw", "muon"] = setting(
+        "adamw", "adamw: AdamW everywhere; muon: Muon for the matrices inside the layers, AdamW for the rest")
+    muon_lr: float = setting(0.02, "peak learning rate of the Muon matrices (optimizer=muon; lr drives the AdamW rest)")
+    device: Literal["auto", "cpu", "cuda"] = setting(
+        "auto", "where to train: auto = cuda when torch sees a GPU, else cpu (torchrun: cuda:LOCAL_RANK per process)")
     dtype: Literal["bfloat16", "float32"] = setting("bfloat16", "autocast compute dtype; weights stay fp32")
     compile: bool = setting(False, "torch.compile the model (C++ on CPU): slow start, faster steps")
     eval_every: int = setting(50, "evaluate every N steps and at the end (0 = only at the end)")
@@ -80,6 +87,8 @@ class TrainConfig:
                 raise ValueError(f"{name} must be at least 1")
         if self.warmup_steps < 0 or not 0 <= self.min_lr_ratio <= 1:
             raise ValueError("warmup_steps must be >= 0 and min_lr_ratio within [0, 1]")
+        if self.lr <= 0 or self.muon_lr <= 0:
+            raise ValueError("lr and muon_lr must be positive")
 
 
 # ---------------------------------------------------------------- schedule and optimizer
@@ -96,19 +105,43 @@ def lr_multiplier(step: int, cfg: TrainConfig) -> float:
     return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * decay
 
 
+def muon_matrices(model: nn.Module) -> set[int]:
+    """ids of the parameters Muon takes: the weights of the nn.Linear maps inside the model's
+    layers (attention, feed-forward, experts). Not the embeddings, the output head (tied to the
+    embeddings or not), the MoE routers (a softmax's logits, not a hidden map), norms, biases,
+    or LoRA adapters (LoRALinear is not an nn.Linear)."""
+    routers = {id(m.gate.weight) for m in model.modules() if isinstance(m, SparseMoE)}
+    embeddings = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
+    head = getattr(model, "lm_head", None)
+    outside = routers | embeddings | ({id(head.weight)} if isinstance(head, nn.Linear) else set())
+    return {id(m.weight) for m in model.modules() if isinstance(m, nn.Linear) and id(m.weight) not in outside}
+
+
 def build_optimizer(model: nn.Module, params: Iterable[nn.Parameter], cfg: TrainConfig) -> torch.optim.Optimizer:
     """AdamW over `params`, with weight decay on matrices only: norms, biases and embeddings
-    are not pulled towards zero."""
+    are not pulled towards zero. With cfg.optimizer == "muon", the hidden matrices
+    (`muon_matrices`) go to Muon at cfg.muon_lr, with the same weight decay, and the rest stays
+    on AdamW at cfg.lr. Each group remembers its peak learning rate for the schedule."""
     embeddings = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
-    decay, no_decay, seen = [], [], set()
+    hidden = muon_matrices(model) if cfg.optimizer == "muon" else set()
+    muon, decay, no_decay, seen = [], [], [], set()
     for p in params:
         if id(p) not in seen and p.requires_grad:
             seen.add(id(p))
-            (no_decay if p.dim() < 2 or id(p) in embeddings else decay).append(p)
+            if id(p) in hidden:
+                muon.append(p)
+            else:
+                (no_decay if p.dim() < 2 or id(p) in embeddings else decay).append(p)
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    # fused: one kernel for the whole update instead of several passes over every tensor
-    optimizer = torch.optim.AdamW([g for g in groups if g["params"]], lr=cfg.lr, betas=(cfg.beta1, cfg.beta2),
-                                  fused=all(p.device.type in ("cpu", "cuda") for p in decay + no_decay))
+    if cfg.optimizer == "muon":
+        groups = [{"params": muon, "muon": True, "lr": cfg.muon_lr, "weight_decay": cfg.weight_decay},
+                  *({**g, "muon": False} for g in groups)]
+        ns_dtype = torch.bfloat16 if cfg.dtype == "bfloat16" else torch.float32
+        optimizer = Muon([g for g in groups if g["params"]], lr=cfg.lr, betas=(cfg.beta1, cfg.beta2),
+                         ns_dtype=ns_dtype)
+    else:  # fused: one kernel for the whole update instead of several passes over every tensor
+        optimizer = torch.optim.AdamW([g for g in groups if g["params"]], lr=cfg.lr, betas=(cfg.beta1, cfg.beta2),
+                                      fused=all(p.device.type in ("cpu", "cuda") for p in decay + no_decay))
     for g in optimizer.param_groups:
         g["peak_lr"] = g["lr"]
     return optimizer
@@ -222,7 +255,8 @@ def _load_train_checkpoint(folder: Path, model: nn.Module, optimizer) -> dict:
     if unexpected or missing:
         raise ValueError(f"checkpoint {folder} does not fit this model: missing {missing[:3]}, "
                          f"unexpected {sorted(unexpected)[:3]}")
-    trainer = torch.load(folder / "trainer.pt", map_location="cpu", weights_only=True)
+    device = next(model.parameters()).device  # a run saved on a GPU resumes on a CPU, and the other way
+    trainer = torch.load(folder / "trainer.pt", map_location=device, weights_only=True)
     current = [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
     try:
         optimizer.load_state_dict(trainer["optimizer"])
@@ -305,18 +339,30 @@ def _duration(seconds: float) -> str:
 
 # ---------------------------------------------------------------- the loop
 
-def _distributed() -> tuple[int, int, int, bool]:
-    """(rank, world, local_rank, whether we started the process group) from torchrun's env."""
+def resolve_device(choice: str) -> torch.device:
+    """train.device as a torch device: cuda:LOCAL_RANK (0 outside torchrun) or cpu; auto takes
+    cuda when torch sees a GPU. Asking for cuda without one is a ConfigError that says what to do."""
+    if choice not in ("auto", "cpu", "cuda"):
+        raise ConfigError(f"train.device: expected auto, cpu or cuda, got {choice!r}")
+    if choice == "cuda" and not torch.cuda.is_available():
+        build = f"a CPU-only build ({torch.__version__})" if torch.version.cuda is None else "a CUDA build"
+        raise ConfigError(f"train.device=cuda, but torch sees no CUDA GPU (torch is {build}): set train.device=cpu "
+                          "or auto, or run on a machine with an NVIDIA GPU and a CUDA build of torch")
+    if choice == "cpu" or not torch.cuda.is_available():
+        return torch.device("cpu")
+    return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+
+
+def _distributed(device: torch.device) -> tuple[int, int, bool]:
+    """(rank, world, whether we started the process group) from torchrun's env: nccl between
+    GPUs, gloo between CPU processes."""
     world = int(os.environ.get("WORLD_SIZE", 1))
     if world == 1 or "RANK" not in os.environ:
-        return 0, 1, 0, False
-    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+        return 0, 1, False
     if dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size(), local_rank, False
-    if torch.cuda.is_available():
-        torch.cuda.set_device(local_rank)
-    dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-    return dist.get_rank(), dist.get_world_size(), local_rank, True
+        return dist.get_rank(), dist.get_world_size(), False
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return dist.get_rank(), dist.get_world_size(), True
 
 
 def _to(batch, device: torch.device):
@@ -365,19 +411,20 @@ def train(model: nn.Module, cfg: TrainConfig, run_dir, get_batch: Callable[[int,
           loss_fn: Callable[[nn.Module, Any], tuple[torch.Tensor, dict]],
           eval_batches: Callable[[], Iterable[Any]] | None = None, params: Iterable[nn.Parameter] | None = None,
           resume: bool = False, peak_flops: float | None = None) -> dict:
-    """Train `model` in place for cfg.steps optimizer steps; return the final metrics.
+    """Train `model` in place for cfg.steps optimizer steps on cfg.device (it is moved there);
+    return the final metrics.
 
     params: what to optimize (default: every parameter that requires grad), e.g. LoRA adapters.
     resume: continue from the newest complete checkpoint in run_dir (fresh start if none).
     peak_flops: the device's peak FLOP/s for MFU; measured once when not given.
     """
     run_dir = Path(run_dir)
-    rank, world, local_rank, started_group = _distributed()
+    device = resolve_device(cfg.device)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    rank, world, started_group = _distributed(device)
     main = rank == 0
-    device = next(model.parameters()).device
-    if world > 1 and torch.cuda.is_available():
-        device = torch.device("cuda", local_rank)
-        model.to(device)
+    model.to(device)  # before the optimizer is built: its state lives beside the parameters
     if not resume and _step_dirs(run_dir):
         raise ValueError(f"{run_dir} already holds checkpoints: resume=True continues that run, "
                          "or choose a new run folder")
@@ -408,7 +455,7 @@ def train(model: nn.Module, cfg: TrainConfig, run_dir, get_batch: Callable[[int,
         experts = getattr(getattr(model, "config", None), "num_local_experts", 0)
         # an expert that gets no token in a micro-batch has no gradient: DDP must be told to expect that
         ddp = net = nn.parallel.DistributedDataParallel(
-            model, device_ids=[local_rank] if device.type == "cuda" else None, find_unused_parameters=bool(experts))
+            model, device_ids=[device.index] if device.type == "cuda" else None, find_unused_parameters=bool(experts))
     if cfg.compile:
         net = torch.compile(net)
 

@@ -19,7 +19,7 @@ from parley.model.tokenizer import Tokenizer
 from parley.model.transformer import ModelConfig, Transformer
 from parley.train.data import TokenShards
 from parley.train.losses import lm_loss
-from parley.train.loop import TrainConfig, train
+from parley.train.loop import TrainConfig, resolve_device, train
 from parley.train.stage import finish, start_run
 
 
@@ -44,6 +44,7 @@ class PretrainConfig:
 
 
 def main(cfg: PretrainConfig) -> dict:
+    resolve_device(cfg.train.device)  # refuse a missing GPU before reading data or claiming the run folder
     tokenizer = Tokenizer.from_dir(cfg.tokenizer)
     shards, val = TokenShards(cfg.data, "train"), TokenShards(cfg.data, "val")
     if shards.vocab_size != tokenizer.vocab_size:

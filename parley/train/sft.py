@@ -21,7 +21,7 @@ from parley.config import save_config, setting
 from parley.model.lora import DEFAULT_TARGETS, apply_lora, lora_state_dict, merge_lora
 from parley.registry import Registry
 from parley.train.data import ChatDataset
-from parley.train.loop import TrainConfig, evaluate, train
+from parley.train.loop import TrainConfig, evaluate, resolve_device, train
 from parley.train.losses import lm_loss
 from parley.train.stage import finish, start_run
 
@@ -46,8 +46,10 @@ class SFTConfig:
 
 
 def main(cfg: SFTConfig) -> dict:
-    model, tokenizer, _ = Registry().load(cfg.base, dtype=torch.float32)
     t = cfg.train
+    device = resolve_device(t.device)  # refuse a missing GPU before loading anything
+    model, tokenizer, _ = Registry().load(cfg.base, dtype=torch.float32)
+    model.to(device)  # the evaluation before training runs where the training will
     if t.seq_len > model.config.max_position_embeddings:
         raise ValueError(f"train.seq_len {t.seq_len} is longer than {cfg.base}'s context "
                          f"({model.config.max_position_embeddings})")
