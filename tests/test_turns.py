@@ -1,5 +1,5 @@
 """Turns of many users at once through the HTTP API share one assistant and nothing else: a real
-server (uvicorn on a local port, the continuous-batching scheduler over the tiny model, the real
+server (uvicorn on a local port, the engine over the tiny model, the real
 MiniLM embedder and intent classifier, a SQLite file), 16 concurrent turns from 4 users whose
 messages each carry their own e-mail address and date, so any slot, trace or answer that
 reached the wrong user or conversation would show."""
