@@ -32,6 +32,7 @@ import torch
 
 from parley.config import ConfigError, parse_cli, setting, to_dict
 from parley.engine.config import EngineConfig
+from parley.engine.request import EngineError
 from parley.pipeline.assistant import AssistantConfig
 from parley.registry import DEFAULT_MODEL, Registry
 
@@ -269,7 +270,7 @@ def main(argv: list[str] | None = None) -> int:
         debug = args.debug
         torch.set_flush_denormal(True)  # denormals slow CPU decoding ~10x
         return handlers[args.command](args)
-    except (ValueError, LookupError, OSError) as e:  # ConfigError is a ValueError
+    except (ValueError, LookupError, OSError, EngineError) as e:  # ConfigError is a ValueError
         if debug:
             raise
         message = e.args[0] if isinstance(e, KeyError) and e.args else str(e)

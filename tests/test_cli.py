@@ -104,6 +104,8 @@ def test_bad_input_gives_one_line_errors(home, tiny_hf_dir, tmp_path):
     assert_clean_error(parley(home, "chat", "--url", "http://127.0.0.1:9", check=False), "server=URL")
     assert_clean_error(parley(home, "users", "key", check=False), "parley users key NAME")
     assert_clean_error(parley(home, "modles", "list", check=False), "unknown command 'modles' (did you mean models?)")
+    assert_clean_error(parley(home, "generate", "--model", "tiny", "--prompt", "hi", "engine.kernels=amx",
+                              "engine.dtype=float32", check=False), "kernels=amx, but the AMX tile path cannot run")
 
     truncated = tmp_path / "truncated"
     shutil.copytree(tiny_hf_dir, truncated)
