@@ -47,16 +47,21 @@ def serve_main(argv: list[str]) -> int:
 
 @dataclass
 class UsersConfig:
-    action: Literal["add", "list", "key"] = setting(
-        help="add a user, list users, or create a user's API key (printed once; only its hash is kept)",
+    action: Literal["add", "list", "key", "revoke", "delete"] = setting(
+        help="add a user, list users, create a user's API key (printed once; only its hash is kept), revoke "
+             "all of a user's keys, or delete a user with everything they own (needs yes=true)",
         positional="ACTION")
-    name: str = setting("", "the user to add or make a key for", positional="NAME")
+    name: str = setting("", "the user to add, make a key for, revoke or delete", positional="NAME")
     admin: bool = setting(False, "add: the user may list users over the API")
+    yes: bool = setting(False, "delete: yes, delete the user's conversations, memory and documents too")
     db: str = setting("", "SQLite file or postgresql:// URL ('' = PARLEY_HOME/parley.db)")
 
     def __post_init__(self):
         if self.action != "list" and not self.name:
             raise ValueError(f"`parley users {self.action}` needs the user's name: parley users {self.action} NAME")
+        if self.action == "delete" and not self.yes:
+            raise ValueError(f"deleting {self.name} deletes their conversations, memory and documents for good: "
+                             f"parley users delete {self.name} --yes")
 
 
 def users_main(argv: list[str], out=sys.stdout) -> int:
@@ -73,6 +78,12 @@ def users_main(argv: list[str], out=sys.stdout) -> int:
         else:
             user = store.get_user_by_name(args.name)
             if user is None:
-                raise ValueError(f"no user named {args.name!r}: add one with `parley users add {args.name}`")
-            print(store.create_api_key(user.id), file=out)
+                raise ValueError(f"no user named {args.name!r}: `parley users list` shows who there is")
+            if args.action == "key":
+                print(store.create_api_key(user.id), file=out)
+            elif args.action == "revoke":
+                print(f"revoked {store.revoke_keys(user.id)} API key(s) of {user.name}; their data stays", file=out)
+            else:
+                store.delete_user(user.id)
+                print(f"deleted {user.name} and everything they owned", file=out)
     return 0

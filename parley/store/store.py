@@ -285,6 +285,22 @@ class Store:
             )
         return key
 
+    def revoke_keys(self, user_id: int) -> int:
+        """Delete every API key of the user (their data stays); how many there were."""
+        self._require_user(user_id)
+        with self._tx() as db:
+            return db.execute("DELETE FROM api_keys WHERE user_id = ?", (user_id,)).rowcount
+
+    def delete_user(self, user_id: int) -> bool:
+        """Delete the user and everything they own, in one transaction: keys, conversations with
+        their messages, traces, feedback and dialogue state, memory, documents with their chunks
+        (the foreign keys cascade), and the knowledge stamp (keyed by user id alone)."""
+        with self._tx() as db:
+            gone = db.execute("DELETE FROM users WHERE id = ?", (user_id,)).rowcount > 0
+            # after the cascade: deleting documents writes a fresh stamp for their owner
+            db.execute("DELETE FROM knowledge_stamps WHERE user_id = ?", (user_id,))
+        return gone
+
     def user_for_key(self, key: str) -> User | None:
         """The key's user, or None. The key's last use is written at most once a minute
         (LAST_USED_RESOLUTION): a server checks the key of every request, and a write per
