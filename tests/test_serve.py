@@ -259,6 +259,8 @@ def test_knowledge_upload_list_delete_and_limits(site):
         again = http.post("/api/knowledge", files=files, data={"collection": "home"})
         assert again.status_code == 200 and again.json()["status"] == "skipped"
         docs = http.get("/api/knowledge").json()["data"]
+        # where an upload came from is its name, never the server's temporary folder
+        assert {d["source"] for d in docs} == {"upload:rent.md"}
         assert [(d["name"], d["collection"]) for d in docs] == [("rent.md", "home"), ("rent.md", "default")]
         for d in docs:
             assert http.delete(f"/api/knowledge/{d['id']}").status_code == 200

@@ -106,18 +106,24 @@ def ingest(
     *,
     config: KnowledgeConfig = KnowledgeConfig(),
     progress: Callable[[IngestResult], None] | None = None,
+    source: str | None = None,
 ) -> list[IngestResult]:
     """Add files (folders are walked for supported files) to one of the user's collections.
     A file that cannot be read is an "error" result and the others go on; a missing path, an
-    unknown user or an empty collection name raise `KnowledgeError` before anything is done."""
+    unknown user or an empty collection name raise `KnowledgeError` before anything is done.
+    `source`, for one file, is what the document records as where it came from instead of the
+    file's path (an upload: its name, never the server's temporary folder); a later file with
+    the same source replaces it."""
     if store.get_user(user_id) is None:
         raise KnowledgeError(f"unknown user {user_id}")
     if not isinstance(collection, str) or not collection.strip():
         raise KnowledgeError("the collection name must be a non-empty string")
     files = list(_files([Path(p) for p in paths]))
+    if source is not None and len(files) != 1:
+        raise KnowledgeError(f"a source name is for one file, not {len(files)}")
     results = []
     for path, name in files:
-        result = _ingest_one(store, embedder, user_id, path, name, collection, config)
+        result = _ingest_one(store, embedder, user_id, path, name, collection, config, source)
         results.append(result)
         if progress:
             progress(result)
@@ -141,8 +147,8 @@ def _files(paths: list[Path]) -> Iterator[tuple[Path, str]]:
 
 
 def _ingest_one(store: Store, embedder: Embed, user_id: int, path: Path, name: str, collection: str,
-                config: KnowledgeConfig) -> IngestResult:
-    source = str(path.resolve())
+                config: KnowledgeConfig, source: str | None = None) -> IngestResult:
+    source = source or str(path.resolve())
     try:
         data = load_file(path, config.max_bytes)
         digest = hashlib.sha256(data).hexdigest()

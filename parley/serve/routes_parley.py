@@ -170,7 +170,8 @@ def _ingest(server: Server, user: User, name: str, data: bytes, collection: str)
         path = FilePath(folder) / name
         path.write_bytes(data)
         config = KnowledgeConfig(max_bytes=server.settings.max_upload_bytes)
-        [result] = ingest(server.store(), server.embed, user.id, [path], collection, config=config)
+        [result] = ingest(server.store(), server.embed, user.id, [path], collection, config=config,
+                          source=f"upload:{name}")
     # the message names the file the client sent, not the server's temporary folder
     return dataclasses.replace(result, message=result.message.replace(f"{folder}/", ""))
 
