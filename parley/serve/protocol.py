@@ -5,7 +5,9 @@
 
 Requests are validated here (ranges, types, what Parley does not support, such as n > 1), so
 a route only sees sensible values; the error mapper turns a failed validation into a 400.
-Unknown fields are ignored, as OpenAI's own server does, so newer SDKs keep working.
+Unknown fields are ignored, as OpenAI's own server does, so newer SDKs keep working. Every
+string of every request must be Unicode that UTF-8 can encode: JSON's "\\ud800" escape decodes to a
+lone surrogate, which the tokenizer and SQLite refuse, so it is a 400 here, naming the field.
 """
 
 from __future__ import annotations
@@ -23,6 +25,29 @@ Role = Literal["system", "developer", "user", "assistant", "tool"]
 
 class _Request(BaseModel):
     model_config = ConfigDict(extra="ignore")
+
+    @field_validator("*", mode="before")  # before: a union's error would hide this one
+    @classmethod
+    def _encodable(cls, value, info):
+        _check_text(value, info.field_name)
+        return value
+
+
+def _check_text(value, where: str) -> None:
+    """ValueError if a string in value (a string, or lists and dicts of them) is not valid Unicode."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError as e:  # the message must not hold the bad character: it could not be sent
+            raise ValueError(f"{where} holds a lone surrogate (U+{ord(value[e.start]):04X} at character {e.start}), "
+                             "which is not Unicode text; send the text as valid UTF-8") from None
+    elif isinstance(value, (list, tuple)):
+        for i, item in enumerate(value):
+            _check_text(item, f"{where}[{i}]")
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            _check_text(key, f"a key of {where}")
+            _check_text(item, f"{where}.{key}")
 
 
 class TextPart(_Request):

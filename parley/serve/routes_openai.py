@@ -218,10 +218,12 @@ async def _chain(first: list, rest: AsyncIterator) -> AsyncIterator:
 def _conversation(server: Server, user: User, header: str | None) -> int | None:
     if header is None or not header.strip():
         return None
-    if not header.strip().isdigit() or int(header) > 2**63 - 1:
-        raise APIError(400, f"X-Parley-Conversation must be a conversation id (a number), not {header!r}",
+    digits = header.strip()
+    # ASCII digits only: str.isdigit() also takes "²", which int() refuses
+    if not (digits.isascii() and digits.isdigit()) or int(digits) > 2**63 - 1:
+        raise APIError(400, f"X-Parley-Conversation must be a conversation id (ASCII digits), not {header!r}",
                        code="invalid_value", param="X-Parley-Conversation")
-    conv_id = int(header)
+    conv_id = int(digits)
     if server.store().get_conversation(user.id, conv_id) is None:
         raise APIError(404, f"no conversation {conv_id}; omit the header to start a new one",
                        code="not_found", param="X-Parley-Conversation")
