@@ -1,4 +1,4 @@
-"""Hostile text at the HTTP edge: lone surrogates, odd digits in headers.
+"""Hostile text at the HTTP edge: lone surrogates, odd digits in headers, out-of-range max_tokens.
 Each is a 400 in OpenAI's error shape, never a 500, and the connection keeps serving. A real
 server over the tiny model, the real embedder and a SQLite file, as in test_serve.py."""
 
@@ -123,6 +123,30 @@ def test_a_good_conversation_header_still_continues_the_conversation(http):
     again = http.post(CHAT, json=chat("parley", "and again"), headers={"X-Parley-Conversation": str(conv)})
     assert again.status_code == 200, again.text
     assert again.json()["parley"]["conversation_id"] == conv
+
+
+@pytest.mark.parametrize("field", ["max_tokens", "max_completion_tokens"])
+@pytest.mark.parametrize("value", [10**9, 1e9, 769, 768])
+def test_max_tokens_past_the_context_is_the_same_400_for_both_models(http, field, value):
+    body = {"messages": [{"role": "user", "content": "hi"}], field: value}
+    raw, parley = (http.post(CHAT, json={**body, "model": m}) for m in ("tiny768", "parley"))
+    raw_error, parley_error = assert_refused(raw, "max_tokens"), assert_refused(parley, "max_tokens")
+    assert raw_error["code"] == parley_error["code"] == "context_length_exceeded"
+    assert "768" in parley_error["message"]  # the context it has to fit in
+
+
+@pytest.mark.parametrize("field", ["max_tokens", "max_completion_tokens"])
+@pytest.mark.parametrize("value", [0, -1, -(10**9), 1.5, "many"])
+def test_max_tokens_out_of_range_is_the_same_400_for_both_models(http, field, value):
+    body = {"messages": [{"role": "user", "content": "hi"}], field: value}
+    raw, parley = (http.post(CHAT, json={**body, "model": m}) for m in ("tiny768", "parley"))
+    assert assert_refused(raw, field)["code"] == assert_refused(parley, field)["code"]
+
+
+def test_a_max_tokens_that_fits_still_answers_with_the_assistant(http):
+    answer = http.post(CHAT, json=chat("parley", max_tokens=3))
+    assert answer.status_code == 200, answer.text
+    assert answer.json()["usage"]["completion_tokens"] <= 3
 
 
 hypothesis = pytest.importorskip("hypothesis")

@@ -122,15 +122,24 @@ class _Sampling(_Request):
     def stops(self) -> list[str]:
         return [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
 
+    def answer_tokens(self, context: int, prompt_tokens: int | None = None) -> int | None:
+        """The longest answer asked for (None: not said); ValueError if it cannot fit in the context
+        with the prompt (prompt_tokens None: not known yet, and at least one token)."""
+        asked = getattr(self, "max_completion_tokens", None) or self.max_tokens
+        if asked is None or asked <= context - (1 if prompt_tokens is None else prompt_tokens):
+            return asked
+        if prompt_tokens is None:
+            raise ValueError(f"this model's context is {context} tokens, so an answer of {asked} leaves no room "
+                             f"for the prompt; lower max_tokens (below {context})")
+        raise ValueError(f"this model's context is {context} tokens, but {prompt_tokens + asked} were asked "
+                         f"for ({prompt_tokens} in the prompt, {asked} for the completion); "
+                         "shorten the prompt or lower max_tokens")
+
     def sampling(self, context: int, prompt_tokens: int, stop_ids: set[int] = frozenset(),
                  default_max: int = 512) -> SamplingParams:
         """The engine's parameters; ValueError if the prompt plus the answer would not fit."""
         room = context - prompt_tokens
-        asked = getattr(self, "max_completion_tokens", None) or self.max_tokens
-        if asked is not None and asked > room:
-            raise ValueError(f"this model's context is {context} tokens, but {prompt_tokens + asked} were asked "
-                             f"for ({prompt_tokens} in the prompt, {asked} for the completion); "
-                             "shorten the prompt or lower max_tokens")
+        asked = self.answer_tokens(context, prompt_tokens)
         return SamplingParams(max_tokens=max(1, asked or min(default_max, room)),
                               temperature=1.0 if self.temperature is None else self.temperature,
                               top_p=1.0 if self.top_p is None else self.top_p, stop_ids=frozenset(stop_ids),
