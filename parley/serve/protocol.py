@@ -5,7 +5,9 @@
 
 Requests are validated here (ranges, types, what Parley does not support, such as n > 1), so
 a route only sees sensible values; the error mapper turns a failed validation into a 400.
-Unknown fields are ignored, as OpenAI's own server does, so newer SDKs keep working.
+Unknown fields are ignored, as OpenAI's own server does, so newer SDKs keep working. Every
+string of every request must be Unicode that UTF-8 can encode: JSON's "\\ud800" escape decodes to a
+lone surrogate, which the tokenizer and SQLite refuse, so it is a 400 here, naming the field.
 """
 
 from __future__ import annotations
@@ -23,6 +25,29 @@ Role = Literal["system", "developer", "user", "assistant", "tool"]
 
 class _Request(BaseModel):
     model_config = ConfigDict(extra="ignore")
+
+    @field_validator("*", mode="before")  # before: a union's error would hide this one
+    @classmethod
+    def _encodable(cls, value, info):
+        _check_text(value, info.field_name)
+        return value
+
+
+def _check_text(value, where: str) -> None:
+    """ValueError if a string in value (a string, or lists and dicts of them) is not valid Unicode."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError as e:  # the message must not hold the bad character: it could not be sent
+            raise ValueError(f"{where} holds a lone surrogate (U+{ord(value[e.start]):04X} at character {e.start}), "
+                             "which is not Unicode text; send the text as valid UTF-8") from None
+    elif isinstance(value, (list, tuple)):
+        for i, item in enumerate(value):
+            _check_text(item, f"{where}[{i}]")
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            _check_text(key, f"a key of {where}")
+            _check_text(item, f"{where}.{key}")
 
 
 class TextPart(_Request):
@@ -97,15 +122,24 @@ class _Sampling(_Request):
     def stops(self) -> list[str]:
         return [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
 
+    def answer_tokens(self, context: int, prompt_tokens: int | None = None) -> int | None:
+        """The longest answer asked for (None: not said); ValueError if it cannot fit in the context
+        with the prompt (prompt_tokens None: not known yet, and at least one token)."""
+        asked = getattr(self, "max_completion_tokens", None) or self.max_tokens
+        if asked is None or asked <= context - (1 if prompt_tokens is None else prompt_tokens):
+            return asked
+        if prompt_tokens is None:
+            raise ValueError(f"this model's context is {context} tokens, so an answer of {asked} leaves no room "
+                             f"for the prompt; lower max_tokens (below {context})")
+        raise ValueError(f"this model's context is {context} tokens, but {prompt_tokens + asked} were asked "
+                         f"for ({prompt_tokens} in the prompt, {asked} for the completion); "
+                         "shorten the prompt or lower max_tokens")
+
     def sampling(self, context: int, prompt_tokens: int, stop_ids: set[int] = frozenset(),
                  default_max: int = 512) -> SamplingParams:
         """The engine's parameters; ValueError if the prompt plus the answer would not fit."""
         room = context - prompt_tokens
-        asked = getattr(self, "max_completion_tokens", None) or self.max_tokens
-        if asked is not None and asked > room:
-            raise ValueError(f"this model's context is {context} tokens, but {prompt_tokens + asked} were asked "
-                             f"for ({prompt_tokens} in the prompt, {asked} for the completion); "
-                             "shorten the prompt or lower max_tokens")
+        asked = self.answer_tokens(context, prompt_tokens)
         return SamplingParams(max_tokens=max(1, asked or min(default_max, room)),
                               temperature=1.0 if self.temperature is None else self.temperature,
                               top_p=1.0 if self.top_p is None else self.top_p, stop_ids=frozenset(stop_ids),

@@ -162,8 +162,12 @@ async def _assistant_chat(server: Server, req: p.ChatRequest, user: User, conver
     last = next((m.text for m in reversed(req.messages) if m.role == "user"), None)
     if last is None:
         raise APIError(400, "the messages have no user message to answer", code="invalid_value", param="messages")
+    try:  # the pipeline writes the prompt, so only the bound without it can be checked here
+        asked = req.answer_tokens(server.engine.context_length)
+    except ValueError as e:
+        raise APIError(400, str(e), code="context_length_exceeded", param="max_tokens") from None
     overrides = {k: v for k, v in (("temperature", req.temperature), ("top_p", req.top_p), ("seed", req.seed),
-                                   ("max_tokens", req.max_completion_tokens or req.max_tokens)) if v is not None}
+                                   ("max_tokens", asked)) if v is not None}
     turn = server.turns.start(user, _conversation(server, user, conversation), last, overrides)
     items, ahead = turn.frames(), []
     # wait for the first words (or the end): errors before them (a full queue, a bad message)
@@ -218,10 +222,12 @@ async def _chain(first: list, rest: AsyncIterator) -> AsyncIterator:
 def _conversation(server: Server, user: User, header: str | None) -> int | None:
     if header is None or not header.strip():
         return None
-    if not header.strip().isdigit() or int(header) > 2**63 - 1:
-        raise APIError(400, f"X-Parley-Conversation must be a conversation id (a number), not {header!r}",
+    digits = header.strip()
+    # ASCII digits only: str.isdigit() also takes "²", which int() refuses
+    if not (digits.isascii() and digits.isdigit()) or int(digits) > 2**63 - 1:
+        raise APIError(400, f"X-Parley-Conversation must be a conversation id (ASCII digits), not {header!r}",
                        code="invalid_value", param="X-Parley-Conversation")
-    conv_id = int(header)
+    conv_id = int(digits)
     if server.store().get_conversation(user.id, conv_id) is None:
         raise APIError(404, f"no conversation {conv_id}; omit the header to start a new one",
                        code="not_found", param="X-Parley-Conversation")
