@@ -5,6 +5,8 @@ server over the tiny model, the real embedder and a SQLite file, as in test_serv
 import json
 
 import httpx
+import hypothesis  # installed with schemathesis, a pinned dev dependency
+import hypothesis.strategies as st
 import pytest
 
 from parley.engine.config import EngineConfig
@@ -148,9 +150,6 @@ def test_a_max_tokens_that_fits_still_answers_with_the_assistant(http):
     assert answer.status_code == 200, answer.text
     assert answer.json()["usage"]["completion_tokens"] <= 3
 
-
-hypothesis = pytest.importorskip("hypothesis")
-st = pytest.importorskip("hypothesis.strategies")
 
 # any code point, lone surrogates (category Cs) and control characters included
 ANY_CHAR = st.characters(min_codepoint=0, max_codepoint=0x10FFFF, exclude_categories=())
