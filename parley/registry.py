@@ -69,8 +69,23 @@ def store_target(db: str | None = None) -> str:
     if db and db.startswith(POSTGRES_SCHEMES):
         return db
     path = Path(db) if db else default_db_path()
-    path.parent.mkdir(parents=True, exist_ok=True)
+    private_dir(path.parent)
     return str(path)
+
+
+def private_dir(path: Path) -> None:
+    """`path` as a folder, creating what is missing of it owner-only (0700): it holds the store
+    (every user's conversations) or models. A folder that already exists is left as it is."""
+    missing = []
+    while not path.exists() and path.parent != path:
+        missing.append(path)
+        path = path.parent
+    for folder in reversed(missing):
+        try:
+            folder.mkdir(mode=0o700)
+        except FileExistsError:
+            continue  # made by another process meanwhile: theirs
+        folder.chmod(0o700)  # mkdir's mode passes through the umask; make it exact
 
 
 def smollm2_gguf(install: bool = True) -> Path:
@@ -163,7 +178,7 @@ class Registry:
 
     def save(self, name: str, model: Transformer, tokenizer: Tokenizer, meta: dict, replace: bool = False) -> Path:
         """Write a model folder atomically: build it beside the target, then rename."""
-        self.models_dir.mkdir(parents=True, exist_ok=True)
+        private_dir(self.models_dir)
         target = self.path(name)
         tmp = Path(tempfile.mkdtemp(prefix=f".{name}.", dir=self.models_dir))
         try:

@@ -17,6 +17,7 @@ from __future__ import annotations
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
+from starlette.concurrency import run_in_threadpool
 
 from parley.registry import Registry
 from parley.serve import errors
@@ -64,5 +65,10 @@ def create_app(settings: Settings, engine=None, tokenizer=None, embedder=None) -
     def limit(path: str) -> int:
         return settings.max_upload_bytes + 64_000 if path.startswith("/api/knowledge") else settings.max_body_bytes
 
-    app.add_middleware(MetricsMiddleware, metrics=server.metrics, limit=limit)
+    async def authorize(scope) -> None:  # a key's check before the body is read: see MetricsMiddleware
+        if not settings.no_auth:
+            header = dict(scope["headers"]).get(b"authorization", b"").decode("latin-1")
+            await run_in_threadpool(server.key_user, header)
+
+    app.add_middleware(MetricsMiddleware, metrics=server.metrics, limit=limit, authorize=authorize)
     return app

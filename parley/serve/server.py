@@ -96,23 +96,28 @@ class Server:
 
     def authenticate(self, request: Request) -> User:
         """The dependency every /v1 and /api route takes."""
-        store = self.store()
         if self.settings.no_auth:
-            user, key = store.get_user_by_name(self.settings.user), self.settings.user
+            user, key = self.store().get_user_by_name(self.settings.user), self.settings.user
         else:
-            scheme, _, key = request.headers.get("authorization", "").partition(" ")
-            if scheme.lower() != "bearer" or not key.strip():
-                raise APIError(401, "missing API key: send the header 'Authorization: Bearer KEY' "
-                               "(create one with `parley users key NAME`)", code="missing_api_key")
-            user = store.user_for_key(key.strip())
-            if user is None:
-                raise APIError(401, "invalid API key: check it, or create a new one with `parley users key NAME`",
-                               code="invalid_api_key")
+            user, key = self.key_user(request.headers.get("authorization", ""))
         wait = self.buckets.take(key)
         if wait is not None:
             raise APIError(429, f"rate limit of {self.settings.requests_per_minute} requests a minute reached for "
                            f"this key; retry in {math.ceil(wait)} s", code="rate_limit_exceeded", retry_after=wait)
         return user
+
+    def key_user(self, authorization: str) -> tuple[User, str]:
+        """The user of an Authorization header's bearer key, and the key; a 401 if there is none or
+        it is unknown. The middleware also calls it, before a request's body is read."""
+        scheme, _, key = authorization.partition(" ")
+        if scheme.lower() != "bearer" or not key.strip():
+            raise APIError(401, "missing API key: send the header 'Authorization: Bearer KEY' "
+                           "(create one with `parley users key NAME`)", code="missing_api_key")
+        user = self.store().user_for_key(key.strip())
+        if user is None:
+            raise APIError(401, "invalid API key: check it, or create a new one with `parley users key NAME`",
+                           code="invalid_api_key")
+        return user, key.strip()
 
     def close(self) -> None:
         self.turns.close()

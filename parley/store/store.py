@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import secrets
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
@@ -136,6 +137,18 @@ def _hash_key(key: str) -> str:
     return hashlib.sha256(key.encode()).hexdigest()
 
 
+def _create_private(path: str | Path) -> None:
+    """A new SQLite file, created empty and owner-only (0600) before SQLite opens it: SQLite then
+    gives its -wal and -shm files the same mode. An existing file is left as it is."""
+    if str(path) == ":memory:" or str(path).startswith("file:"):
+        return
+    try:
+        os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+    except OSError:
+        return  # it exists (left as it is), or no such folder: SQLite's own error says that better
+    os.chmod(path, 0o600)  # os.open's mode passes through the umask; make it exact
+
+
 def _text(value: str, what: str) -> str:
     if not isinstance(value, str) or not value.strip():
         raise ValueError(f"{what} must be a non-empty string")
@@ -169,6 +182,8 @@ class Store:
         """`path`: an SQLite file (created if new) or a postgresql:// URL of an existing
         database. Either is migrated to the current schema on opening."""
         self.dialect = dialect_for(path)
+        if self.dialect.name == "sqlite":
+            _create_private(path)
         self.db: Connection = self.dialect.connect(path, timeout)
         try:
             self._migrate()
