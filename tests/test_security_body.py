@@ -194,3 +194,35 @@ def test_without_auth_a_body_needs_no_key_but_is_still_capped(tiny768_registry, 
         assert CAP < sent < BOUNDED
         sent, status, body = push_chunked(url, "/api/memory", key=None, total=CHUNK)
         assert status == 400 and body["error"]["code"] == "invalid_json"
+
+
+def test_failed_authentications_are_limited_per_client_address(tiny768_registry, tmp_path):
+    """Past `failed_auth_per_minute` failures an address gets 429 without its key being looked at,
+    its good keys too; another address is not affected."""
+    import httpx
+
+    from parley.engine.config import EngineConfig
+    from parley.serve.app import create_app
+    from parley.serve.settings import Settings
+    from serving import serving
+    from test_serve import make_users
+
+    db = str(tmp_path / "p.db")
+    keys = make_users(db, ann="user")
+    settings = Settings(db=db, home=tiny768_registry.home, model="tiny768", engine=EngineConfig(dtype="float32"),
+                        failed_auth_per_minute=3, requests_per_minute=0)
+    with serving(create_app(settings)) as url:
+        def models(key: str, address: str = "127.0.0.1") -> httpx.Response:
+            with httpx.Client(transport=httpx.HTTPTransport(local_address=address)) as http:
+                return http.get(url + "/v1/models", headers={"Authorization": f"Bearer {key}"})
+
+        assert [models("pk-wrong").status_code for _ in range(3)] == [401, 401, 401]
+        blocked = models("pk-wrong")
+        assert blocked.status_code == 429 and int(blocked.headers["retry-after"]) >= 1
+        assert "failed authentications" in blocked.json()["error"]["message"]
+        assert models(keys["ann"]).status_code == 429  # the address is blocked, whatever it sends
+        assert models(keys["ann"], "127.0.0.2").status_code == 200  # another address is not
+        with httpx.Client(transport=httpx.HTTPTransport(local_address="127.0.0.1")) as http:  # bodies too
+            chat = http.post(url + "/v1/chat/completions", json={"model": "tiny768", "messages": []},
+                             headers={"Authorization": "Bearer pk-wrong"})
+        assert chat.status_code == 429

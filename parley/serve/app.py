@@ -68,7 +68,8 @@ def create_app(settings: Settings, engine=None, tokenizer=None, embedder=None) -
     async def authorize(scope) -> None:  # a key's check before the body is read: see MetricsMiddleware
         if not settings.no_auth:
             header = dict(scope["headers"]).get(b"authorization", b"").decode("latin-1")
-            await run_in_threadpool(server.key_user, header)
+            client = scope["client"][0] if scope.get("client") else ""
+            await run_in_threadpool(server.key_user, header, client)
 
     app.add_middleware(MetricsMiddleware, metrics=server.metrics, limit=limit, authorize=authorize)
     return app

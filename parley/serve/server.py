@@ -37,8 +37,9 @@ class TokenBuckets:
     def __init__(self, per_minute: int):
         self.rate, self._lock, self._buckets = per_minute, threading.Lock(), {}
 
-    def take(self, key: str) -> float | None:
-        """None if the request may go on, else the seconds until it may."""
+    def take(self, key: str, spend: bool = True) -> float | None:
+        """None if the request may go on, else the seconds until it may. With spend=False, only
+        look: nothing is taken."""
         if self.rate == 0:
             return None
         now = time.monotonic()
@@ -48,7 +49,7 @@ class TokenBuckets:
             if tokens < 1:
                 self._buckets[key] = (tokens, now)
                 return (1 - tokens) * 60 / self.rate
-            self._buckets[key] = (tokens - 1, now)
+            self._buckets[key] = (tokens - int(spend), now)
             return None
 
 
@@ -62,6 +63,7 @@ class Server:
         self.db = store_target(settings.db)
         self.registry = Registry(settings.home or None)
         self.metrics, self.buckets = Metrics(), TokenBuckets(settings.requests_per_minute)
+        self.failures = TokenBuckets(settings.failed_auth_per_minute)  # per client address
         self._embedder, self._embed_lock, self._local = embedder, threading.Lock(), threading.local()
         assistant = dataclasses.replace(settings.assistant(), db=self.db)
         self.turns = TurnRunner(assistant, self.store, engine, tokenizer, self.embed, settings.pipeline_workers,
@@ -99,22 +101,31 @@ class Server:
         if self.settings.no_auth:
             user, key = self.store().get_user_by_name(self.settings.user), self.settings.user
         else:
-            user, key = self.key_user(request.headers.get("authorization", ""))
+            user, key = self.key_user(request.headers.get("authorization", ""),
+                                      request.client.host if request.client else "")
         wait = self.buckets.take(key)
         if wait is not None:
             raise APIError(429, f"rate limit of {self.settings.requests_per_minute} requests a minute reached for "
                            f"this key; retry in {math.ceil(wait)} s", code="rate_limit_exceeded", retry_after=wait)
         return user
 
-    def key_user(self, authorization: str) -> tuple[User, str]:
+    def key_user(self, authorization: str, client: str) -> tuple[User, str]:
         """The user of an Authorization header's bearer key, and the key; a 401 if there is none or
-        it is unknown. The middleware also calls it, before a request's body is read."""
+        it is unknown, and a 429 for a client address past its failed authentications a minute
+        (then no key of it is looked at, good or bad). The middleware also calls it, before a
+        request's body is read."""
+        blocked = self.failures.take(client, spend=False)
+        if blocked is not None:
+            raise APIError(429, f"too many failed authentications from this address; retry in {math.ceil(blocked)} s",
+                           code="rate_limit_exceeded", retry_after=blocked)
         scheme, _, key = authorization.partition(" ")
         if scheme.lower() != "bearer" or not key.strip():
+            self.failures.take(client)
             raise APIError(401, "missing API key: send the header 'Authorization: Bearer KEY' "
                            "(create one with `parley users key NAME`)", code="missing_api_key")
         user = self.store().user_for_key(key.strip())
         if user is None:
+            self.failures.take(client)
             raise APIError(401, "invalid API key: check it, or create a new one with `parley users key NAME`",
                            code="invalid_api_key")
         return user, key.strip()

@@ -39,6 +39,8 @@ class Settings(AssistantConfig):
     port: int = setting(8000, "TCP port to listen on")
     no_auth: bool = setting(False, "no API keys: every request is the user `user`; loopback addresses only")
     requests_per_minute: int = setting(600, "requests a minute per API key (0 = no limit)")
+    failed_auth_per_minute: int = setting(30, "failed authentications a minute per client address; past them the "
+                                              "address gets HTTP 429 without its key being looked at (0 = no limit)")
     max_pending: int = setting(32, "assistant turns that may wait for a pipeline worker; more get HTTP 429")
     max_body_bytes: int = setting(2_000_000, "largest request body, in bytes")
     max_upload_bytes: int = setting(10_000_000, "largest document upload (/api/knowledge), in bytes")
@@ -50,6 +52,8 @@ class Settings(AssistantConfig):
             raise ServeError(f"--no-auth serves everyone as one user, so it is allowed only on a loopback address "
                              f"(127.0.0.1, ::1, localhost), not {self.host!r}: drop --no-auth and create keys "
                              "with `parley users add NAME` and `parley users key NAME`")
+        if self.failed_auth_per_minute < 0:
+            raise ServeError(f"failed_auth_per_minute must be >= 0 (got {self.failed_auth_per_minute})")
         for name in ("requests_per_minute", "max_pending", "max_body_bytes", "max_upload_bytes", "pipeline_workers",
                      "max_tokens"):
             if getattr(self, name) < (0 if name == "requests_per_minute" else 1):
