@@ -345,13 +345,9 @@ class Engine:
         entry.request._deliver(event, wakes)
 
     def drop_cancelled(self) -> None:
-        """End cancelled requests now, waiting or running, and free their pages (each step
-        starts with this). Only the stepping thread calls it."""
-        with self._lock:
-            for entry in [r for r in self._waiting if r.request.cancelled]:
-                self._waiting.remove(entry)
-                self._stats["cancelled"] += 1
-                entry.request._deliver(Event(entry.request.index, None, "cancelled"))
+        """End cancelled running requests now and free their pages (each step starts with this;
+        a cancelled waiting request has left the queue already, in `_withdraw`). Only the
+        stepping thread calls it."""
         for entry in [r for r in self._running if r.request.cancelled]:
             self._running.remove(entry)
             self._stats["cancelled"] += 1
