@@ -69,7 +69,8 @@ def create_app(settings: Settings, engine=None, tokenizer=None, embedder=None) -
         if not settings.no_auth:
             header = dict(scope["headers"]).get(b"authorization", b"").decode("latin-1")
             client = scope["client"][0] if scope.get("client") else ""
-            await run_in_threadpool(server.key_user, header, client)
+            # the route's `authenticate` takes the user from here instead of looking the key up again
+            scope.setdefault("state", {})["key_user"] = await run_in_threadpool(server.key_user, header, client)
 
     app.add_middleware(MetricsMiddleware, metrics=server.metrics, limit=limit, authorize=authorize)
     return app

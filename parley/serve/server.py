@@ -100,9 +100,9 @@ class Server:
         """The dependency every /v1 and /api route takes."""
         if self.settings.no_auth:
             user, key = self.store().get_user_by_name(self.settings.user), self.settings.user
-        else:
-            user, key = self.key_user(request.headers.get("authorization", ""),
-                                      request.client.host if request.client else "")
+        else:  # the middleware has looked the key up already for a request with a body
+            user, key = getattr(request.state, "key_user", None) or \
+                self.key_user(request.headers.get("authorization", ""), request.client.host if request.client else "")
         wait = self.buckets.take(key)
         if wait is not None:
             raise APIError(429, f"rate limit of {self.settings.requests_per_minute} requests a minute reached for "
