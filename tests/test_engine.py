@@ -212,6 +212,10 @@ def test_the_cpu_path_is_a_setting_with_an_environment_override(engine, monkeypa
         EngineConfig().resolved_kernels()
     with pytest.raises(ValueError, match="kernels must be one of"):
         EngineConfig(kernels="sse")
+    monkeypatch.setenv("PARLEY_KERNELS", "torch")  # the override reaches an engine built directly too
+    assert Engine(engine.model).fast is None
+    monkeypatch.delenv("PARLEY_KERNELS")
+    monkeypatch.delenv("PARLEY_AMX")
     plain = Engine(engine.model, kernels="avx512")
     assert plain.fast is not None and not plain.fast.amx
     with pytest.raises(EngineError, match="kernels=amx"):
@@ -220,9 +224,10 @@ def test_the_cpu_path_is_a_setting_with_an_environment_override(engine, monkeypa
         Engine(engine.model, max_batch=0)
 
 
-def test_the_device_is_a_setting(engine):
+def test_the_device_is_a_setting(engine, monkeypatch):
     """auto is the GPU when PyTorch sees one, else the CPU; asking for a GPU that is not there
     is a clear error. (The GPU path itself needs a machine with one: see README.)"""
+    monkeypatch.delenv("PARLEY_KERNELS", raising=False)  # this test sets the CPU path itself
     expected = "cuda" if torch.cuda.is_available() else "cpu"
     assert EngineConfig().resolved_device() == expected
     if not torch.cuda.is_available():

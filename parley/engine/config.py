@@ -5,9 +5,9 @@
 
 `kernels` picks the CPU path: `auto` takes the best this CPU offers (AMX tiles, then the
 AVX-512 C kernels), `avx512` keeps the C kernels but off the tile unit, `torch` runs
-PyTorch only. The environment variable PARLEY_KERNELS overrides the setting (for a quick
-comparison without editing a command line); PARLEY_AMX=0 is the older spelling of
-`avx512`.
+PyTorch only. The environment variable PARLEY_KERNELS overrides the setting, for every engine
+the process builds (a quick comparison without editing a command line; the test suite on a
+lower path: `PARLEY_KERNELS=avx512 make test`); PARLEY_AMX=0 is the older spelling of `avx512`.
 """
 
 from __future__ import annotations

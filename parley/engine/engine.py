@@ -94,7 +94,11 @@ class Engine:
         self.config = cfg
         self.device = model.lm_head.weight.device  # (the front ends call torch.set_flush_denormal(True): a
         # process-wide switch, without which denormals slow CPU decoding about tenfold)
-        self.fast = self._kernels(model, kernels)
+        # an engine built on "auto" takes the environment's PARLEY_KERNELS / PARLEY_AMX=0 as a ceiling
+        # (what runs where that path cannot falls back), so a whole test suite can run a lower path
+        ceiling = EngineConfig().resolved_kernels() if kernels == "auto" else "auto"
+        self.fast = self._kernels(model, kernels) if ceiling in ("auto", "amx") else \
+            None if ceiling == "torch" else FastDecoder.create(model, tiles=False)
         # the C path keeps keys and values in fp32, or bf16 on AMX tiles; PyTorch in the weights' dtype
         dtype = self.fast.kv_dtype if self.fast else model.lm_head.weight.dtype
         if kv_budget_bytes is None:
