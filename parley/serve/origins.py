@@ -21,7 +21,11 @@ is answered before its key or body is looked at.
   SDK): it passes, and still needs its key. OWASP's CSRF sheet calls this "verifying origin
   with standard headers" plus fetch metadata; it needs no token, so API clients are unchanged.
 - **CORS**: none by default (a browser then lets no other origin read an answer). Origins in
-  `allowed_origins` get Access-Control-Allow-Origin and an answered preflight.
+  `allowed_origins` get Access-Control-Allow-Origin and an answered preflight. Open WebUI's
+  CORS_ALLOW_ORIGIN and llama.cpp's --cors-origins are the same knob, but default to any
+  origin (with a warning at start); a server that may run without keys cannot afford that.
+  No cookies are used, so a page can never make the browser attach credentials: a key is a
+  bearer header the page's own script must hold.
 - **Headers** on every answer: `X-Content-Type-Options: nosniff`, `X-Frame-Options: DENY`,
   `Referrer-Policy: no-referrer`, `Cross-Origin-Resource-Policy: same-origin`, and a CSP that
   allows nothing (`default-src 'none'; frame-ancestors 'none'`) unless the route set its own
