@@ -15,6 +15,7 @@ in the module named, and each of these failed on the code the report was written
     5. 5xx on bad text                    test_security_input.py; test_no_request_the_schema_allows_is_a_5xx
                                           (Schemathesis, below)
     6. one request stalls everyone        test_a_big_embeddings_request_does_not_stall_a_turn,
+                                          test_the_embedding_lock_is_handed_over_in_arrival_order,
                                           test_embeddings_over_the_limits_are_a_clear_400
     7. injected orders / fence markup     test_security_fences.py (twelve injected phrasings: fenced as data
                                           for the model, no fence markup for the user, however streamed)
@@ -43,7 +44,7 @@ import pytest
 from parley.engine.config import EngineConfig
 from parley.serve.app import create_app
 from parley.serve.main import users_main
-from parley.serve.server import EMBEDDING_MODEL
+from parley.serve.server import EMBEDDING_MODEL, FairLock
 from parley.serve.settings import ServeError, Settings
 from parley.store import Store
 from serving import serving
@@ -275,6 +276,28 @@ def test_a_big_embeddings_request_does_not_stall_a_turn(site, watched):
     assert answer.status_code == 200 and result["turn done first"] and len(batches) == 12
     vectors = np.array([d["embedding"] for d in answer.json()["data"]], dtype=np.float32)
     assert np.allclose(vectors, watched.embedder(bulk), atol=1e-5)  # batching changed nothing
+
+
+def test_the_embedding_lock_is_handed_over_in_arrival_order():
+    """threading.Lock lets a thread that releases take it straight back, ahead of those waiting;
+    the embedder's lock hands it to the longest waiter, so a request's next batch queues last."""
+    lock, order = FairLock(), []
+    lock.__enter__()
+
+    def take(i: int) -> None:
+        with lock:
+            order.append(i)
+
+    threads = [threading.Thread(target=take, args=(i,)) for i in range(5)]
+    for i, thread in enumerate(threads):
+        thread.start()
+        assert _until(lambda: lock.waiting == i + 1)  # queued in this order
+    lock.__exit__()
+    for thread in threads:
+        thread.join(30)
+    assert order == [0, 1, 2, 3, 4] and lock.waiting == 0
+    with lock:  # free again
+        pass
 
 
 def test_embeddings_over_the_limits_are_a_clear_400(site):

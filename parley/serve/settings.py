@@ -56,7 +56,7 @@ class Settings(AssistantConfig):
     max_embedding_inputs: int = setting(256, "texts one /v1/embeddings request may give; more get HTTP 400")
     max_embedding_chars: int = setting(200_000, "characters, all texts together, one /v1/embeddings request may "
                                                 "give; more get HTTP 400")
-    embedding_batch: int = setting(8, "texts embedded at a time: a turn's own embedding waits for at most one "
+    embedding_batch: int = setting(4, "texts embedded at a time: a turn's own embedding waits for at most one "
                                       "such batch of another request (an upload, /v1/embeddings)")
     home: str = setting("", "the model registry's folder ('' = PARLEY_HOME)")
     allowed_hosts: str = setting("", "more Host names to answer for, comma-separated, beyond localhost and the "
