@@ -1,7 +1,8 @@
 """Issue 15 (hardening): each finding of the attacker's and the operator's report is a test here or
 in the module named, and each of these failed on the code the report was written against.
 
-    1. another user's dialogue state      test_a_new_users_conversation_never_shows_another_users_things;
+    1. another user's dialogue state      test_a_new_users_conversation_never_shows_another_users_things,
+                                          test_what_a_caller_embeds_outside_a_turn_never_meets_the_shared_memory_of_texts;
                                           test_store.py: test_user_ids_are_never_reused,
                                           test_conversation_ids_are_never_reused
     2. memory exhaustion without a key    test_security_body.py (chunked bodies: key first, 413 while streaming)
@@ -61,11 +62,11 @@ class Watched:
     def __init__(self, embedder):
         self.embedder, self.tokenizer, self.hook, self.calls = embedder, embedder.tokenizer, None, []
 
-    def __call__(self, texts):
+    def __call__(self, texts, **options):
         self.calls.append(list(texts))
         if self.hook is not None:
             self.hook(texts)
-        return self.embedder(texts)
+        return self.embedder(texts, **options)
 
 
 @pytest.fixture(scope="module")
@@ -144,6 +145,25 @@ def test_a_new_users_conversation_never_shows_another_users_things(site, tmp_pat
     assert not any(s in seen for s in SECRETS), seen
     decisions = {s["stage"]: s["decision"] for s in trace["stages"]}
     assert decisions["state"] == "no memory used" and decisions["knowledge"] == "no documents"
+
+
+def test_what_a_caller_embeds_outside_a_turn_never_meets_the_shared_memory_of_texts(site, watched):
+    """The embedder remembers recent texts for all users (a turn embeds its message three times).
+    /v1/embeddings, memory facts and uploads neither read it (a planted wrong vector is not
+    returned) nor fill it: timing such a request could otherwise tell whether another user had
+    sent a given text lately."""
+    recent = watched.embedder._recent
+    recent["my email is dee@example.org"] = np.zeros(watched.embedder.dim, dtype=np.float32)  # as if cached
+    with site.http("bob") as http:
+        answer = http.post("/v1/embeddings", json={"model": EMBEDDING_MODEL,
+                                                   "input": ["my email is dee@example.org", "a probe never seen"]})
+        assert http.post("/api/memory", json={"text": "a fact never seen"}).status_code == 201
+        assert http.post("/api/knowledge", files={"file": ("f.txt", b"A chunk never seen.")}).status_code == 201
+        ask(http, "a message sent in a turn")
+    vector = np.array(answer.json()["data"][0]["embedding"])
+    assert abs(np.linalg.norm(vector) - 1) < 1e-4  # computed, not the planted zeros
+    assert not {"a probe never seen", "a fact never seen", "A chunk never seen."} & recent.keys()
+    assert "a message sent in a turn" in recent  # turns still share their message's vector
 
 
 # --- finding 4 ------------------------------------------------------------------------------

@@ -77,7 +77,7 @@ def openai_routes(server: Server) -> APIRouter:
             raise APIError(404, f"no embedding model named {req.model!r}; use {EMBEDDING_MODEL!r}",
                            code="model_not_found", param="model")
         _check_embedding_size(server, req.texts)
-        vectors = np.asarray(server.embed(req.texts), dtype="<f4")  # base64: little-endian float32 bytes
+        vectors = np.asarray(server.embed(req.texts, remember=False), dtype="<f4")  # base64: little-endian float32
         data = [{"object": "embedding", "index": i,
                  "embedding": base64.b64encode(v.tobytes()).decode() if req.encoding_format == "base64" else v.tolist()}
                 for i, v in enumerate(vectors)]

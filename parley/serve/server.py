@@ -119,11 +119,14 @@ class Server:
                 self._embedder = Embedder.load()
             return self._embedder
 
-    def embed(self, texts: list[str]) -> np.ndarray:
+    def embed(self, texts: list[str], remember: bool = True) -> np.ndarray:
         """Embeddings of `texts`, `embedding_batch` texts at a time, each batch under the fair
         lock (one at a time, as the model's cache wants): a long request (an upload's chunks, a
-        big /v1/embeddings) lets every turn that asks meanwhile go between two of its batches."""
+        big /v1/embeddings) lets every turn that asks meanwhile go between two of its batches.
+        `remember=False` for what a caller sends outside a turn: it neither reads nor fills the
+        embedder's memory of recent texts, which all users share (see Embedder.encode)."""
         embedder, size = self.embedder(), self.settings.embedding_batch
+        options = {} if remember else {"remember": False}
         parts = []
         for start in range(0, len(texts), size):
             with self.embed_lock:
@@ -131,8 +134,12 @@ class Server:
                     import torch
 
                     torch.set_num_threads(1)
-                parts.append(np.asarray(embedder(texts[start:start + size]), dtype=np.float32))
+                parts.append(np.asarray(embedder(texts[start:start + size], **options), dtype=np.float32))
         return np.concatenate(parts) if parts else np.zeros((0, 0), dtype=np.float32)
+
+    def embed_once(self, texts: list[str]) -> np.ndarray:
+        """`embed` for texts a caller sends outside a turn (a memory fact, a document's chunks)."""
+        return self.embed(texts, remember=False)
 
     def count_embedding_tokens(self, texts: list[str]) -> int:
         return sum(len(e.ids) for e in self.embedder().tokenizer.encode_batch(texts))

@@ -14,6 +14,7 @@ completions use the same model, engine section and `max_tokens` default.
 from __future__ import annotations
 
 import ipaddress
+import re
 from dataclasses import dataclass, fields
 
 from parley.config import setting
@@ -35,8 +36,6 @@ def is_loopback(host: str) -> bool:
 
 def _well_formed(value: str, origin: bool) -> bool:
     """An origin is scheme://host[:port] and nothing more; a host is a name or an address."""
-    import re
-
     host = r"(\[[0-9a-fA-F:.]+\]|[A-Za-z0-9.-]+)(:\d{1,5})?"
     return re.fullmatch(rf"https?://{host}/?" if origin else host, value) is not None
 
