@@ -197,7 +197,7 @@ def test_a_cross_site_write_is_refused_and_the_api_clients_still_work(site):
     with site.http("bob") as http:
         before = len(http.get("/api/knowledge").json()["data"])
         for origin in ("http://evil.example", "null", site.url.replace("127.0.0.1", "localhost"),
-                       own.replace("http://", "https://"), own.rsplit(":", 1)[0] + ":1"):
+                       own.rsplit(":", 1)[0] + ":1", "file://", own.replace("http://", "ftp://")):
             planted = http.post("/api/knowledge", headers={"Origin": origin},
                                 files={"file": ("x.txt", b"planted by a cross-site form")})
             assert planted.status_code == 403, (origin, planted.text)
@@ -239,6 +239,9 @@ def test_allowed_hosts_and_origins_open_the_server_to_named_pages(tiny768_regist
             "Authorization": f"Bearer {keys['ann']}"}) as http:
         assert http.get("/v1/models", headers={"Host": "parley.lan:8000"}).status_code == 200
         assert http.get("/v1/models", headers={"Host": "other.lan"}).status_code == 421
+        proxied = http.post("/v1/completions", headers={"Host": "parley.lan", "Origin": "https://parley.lan"},
+                            json={"model": "tiny768", "prompt": "hi", "max_tokens": 1})
+        assert proxied.status_code == 200  # behind a proxy that ends TLS: the page is https, the server http
         preflight = http.options("/v1/chat/completions", headers={
             "Origin": "https://tools.example", "Access-Control-Request-Method": "POST"})
         assert preflight.status_code == 204 and preflight.headers["access-control-allow-origin"] == "https://tools.example"

@@ -14,8 +14,9 @@ is answered before its key or body is looked at.
   whatever the bind. Anything else is a 421 (Misdirected Request), as the request was meant
   for another server. A request without Host (HTTP/1.0 tools) passes: browsers always send it.
 - **Origin** on every write (POST, PUT, PATCH, DELETE): a browser sends Origin with every
-  cross-origin write (a form, a fetch), and with same-origin fetches too; it must be this
-  server's own origin (scheme, the Host above, port) or one of `allowed_origins`, else 403.
+  cross-origin write (a form, a fetch), and with same-origin fetches too; it must name the
+  Host above and its port (either scheme: behind a proxy that ends TLS the page is https and
+  the server sees http) or be one of `allowed_origins`, else 403.
   Without Origin, `Sec-Fetch-Site: cross-site` or `same-site` (fetch metadata, sent by every
   current browser) is refused too; a request with neither comes from no browser (curl, an
   SDK): it passes, and still needs its key. OWASP's CSRF sheet calls this "verifying origin
@@ -136,10 +137,11 @@ class BrowserGuard:
             if site in ("cross-site", "same-site"):
                 return f"a {site} browser request may not change anything here; use this server's own page"
             return None
+        # the same host and port; the scheme may differ, as behind a proxy that ends TLS (the page is
+        # https, the server sees http): a page on another scheme of the same host is no other site
         parts = urlsplit(origin)
-        scheme = scope.get("scheme", "http")
-        same = parts.scheme == scheme and host and split_host(parts.netloc) == _with_port(split_host(host), scheme)
-        if same:
+        ours = _with_port(split_host(host), scope.get("scheme", "http")) if host else None
+        if parts.scheme in ("http", "https") and _with_port(split_host(parts.netloc), parts.scheme) == ours:
             return None
         return (f"a request from the page at {origin!r} may not change anything here (only this server's own "
                 "page may); start the server with allowed_origins=ORIGIN to allow that page")
