@@ -10,6 +10,7 @@ from pg import pg_server, store_target  # noqa: F401 (store_target is a fixture)
 
 import parley.store.store as store_module
 from parley.store import SchemaError, Store
+from parley.store.store import Conversation
 from parley.store.dialect import DialectError
 from parley.store.schema import MIGRATIONS
 from parley.store.schema_pg import PG_MIGRATIONS
@@ -374,13 +375,11 @@ def test_the_conversations_rebuild_keeps_rows_ids_and_references(path, monkeypat
     name = "PG_MIGRATIONS" if on_postgres(path) else "MIGRATIONS"
     migrations = PG_MIGRATIONS if on_postgres(path) else MIGRATIONS
     monkeypatch.setattr(store_module, name, migrations[:2])
-    with Store(path) as old:
+    with Store(path) as old:  # rows as version 2 wrote them: today's methods write later columns
         assert old.version == 2
         ann = old.add_user("ann").id
-        convs = [old.create_conversation(ann, f"c{i}") for i in range(3)]
-        for conv in convs:
-            _, answer = old.add_exchange(ann, conv.id, "q", "a", {"stages": []})
-            old.add_feedback(ann, answer.id, 1)
+        convs = [old._one(Conversation, "SELECT * FROM conversations WHERE id = ?", (_insert_v2(old, ann, i),))
+                 for i in range(3)]
     monkeypatch.setattr(store_module, name, migrations)
     with Store(path) as store:
         assert store.version == len(MIGRATIONS)
@@ -393,3 +392,72 @@ def test_the_conversations_rebuild_keeps_rows_ids_and_references(path, monkeypat
         assert store.delete_conversation(ann, convs[-1].id)  # the cascades still reach the new table
         assert (count(store, "turns"), count(store, "traces"), count(store, "feedback")) == (4, 2, 2)
         assert store.create_conversation(ann, "new").id > convs[-1].id
+
+
+def _insert_v2(store: Store, user_id: int, i: int) -> int:
+    """A conversation with one exchange, its trace and feedback, in version 2's columns."""
+    with store._tx() as db:
+        conv = store._insert("INSERT INTO conversations (user_id, title, created_at, updated_at) VALUES (?, ?, ?, ?)",
+                             (user_id, f"c{i}", "2026-01-01", "2026-01-01"))
+        asked, answer = (store._insert("INSERT INTO turns (conversation_id, role, content, created_at)"
+                                       " VALUES (?, ?, ?, ?)", (conv, role, text, "2026-01-01"))
+                         for role, text in (("user", "q"), ("assistant", "a")))
+        db.execute("INSERT INTO traces (turn_id, data) VALUES (?, ?)", (answer, '{"stages": []}'))
+        db.execute("INSERT INTO feedback (turn_id, user_id, rating, created_at) VALUES (?, ?, 1, ?)",
+                   (answer, user_id, "2026-01-01"))
+    return conv
+
+
+def test_user_ids_are_never_reused(path):
+    """Finding 1 of issue 15: a new user never gets a deleted user's id, so nothing kept under
+    that id (a vector cache, a rate-limit bucket, a client's notes) can reach them."""
+    with Store(path) as store:
+        ann = store.add_user("ann").id
+        last = store.add_user("zed").id
+        assert store.delete_user(last)
+    with Store(path) as store:  # not even after a restart
+        fresh = store.add_user("bob").id
+        assert fresh > last > ann
+
+
+def test_the_users_rebuild_keeps_rows_ids_and_references(path, monkeypatch):
+    """A database made before migration 4 keeps its users, their ids and everything that refers
+    to them; the cascades still work; from then on no id is reused."""
+    name = "PG_MIGRATIONS" if on_postgres(path) else "MIGRATIONS"
+    migrations = PG_MIGRATIONS if on_postgres(path) else MIGRATIONS
+    monkeypatch.setattr(store_module, name, migrations[:3])
+    with Store(path) as old:
+        ids = [old.add_user(n).id for n in ("ann", "bob", "cid")]
+        with old._tx():
+            old._insert("INSERT INTO conversations (user_id, title, created_at, updated_at) VALUES (?, ?, ?, ?)",
+                        (ids[1], "c", "2026-01-01", "2026-01-01"))
+        key = old.create_api_key(ids[1])
+        old.add_memory(ids[1], "bob likes tea")
+        assert old.delete_user(ids[2])
+    monkeypatch.setattr(store_module, name, migrations)
+    with Store(path) as store:
+        assert [u.id for u in store.list_users()] == ids[:2] and store.user_for_key(key).id == ids[1]
+        assert [c.title for c in store.list_conversations(ids[1])] == ["c"]
+        if store.dialect.name == "sqlite":
+            sql = store.db.execute("SELECT sql FROM sqlite_master WHERE name = 'users'").fetchone()[0]
+            assert "AUTOINCREMENT" in sql and store.db.execute("PRAGMA foreign_key_check").fetchall() == []
+            assert store.db.execute("PRAGMA foreign_keys").fetchone()[0] == 1
+        assert store.delete_user(ids[1])  # the cascades reach the new table
+        assert (count(store, "conversations"), count(store, "memory_facts"), count(store, "api_keys")) == (0, 0, 0)
+        dee = store.add_user("dee").id  # ids freed before the migration left no trace to skip them by
+        assert store.delete_user(dee) and store.add_user("eve").id > dee
+
+
+def test_a_conversation_a_turn_opened_and_never_saved_is_dropped(path):
+    """Finding 8: a conversation opened for a turn whose process died before the exchange was
+    written is dropped by `drop_unsaved` (a server's start); saved ones and empty ones opened
+    otherwise stay."""
+    with Store(path) as store:
+        ann = store.add_user("ann").id
+        dead = store.create_conversation(ann, "killed mid-turn", saved=False)
+        done = store.create_conversation(ann, "answered", saved=False)
+        store.add_exchange(ann, done.id, "q", "a")
+        empty = store.create_conversation(ann, "made empty on purpose")
+        assert store.drop_unsaved() == 1
+        assert {c.id for c in store.list_conversations(ann)} == {done.id, empty.id} and dead.id not in \
+            {c.id for c in store.list_conversations(ann)}

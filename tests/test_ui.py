@@ -104,7 +104,8 @@ def test_chat_feedback_documents_citations_and_trace_on_a_phone(page, site):
     page.get_by_role("button", name="Save key").click()
     expect(page.get_by_role("alert")).to_be_hidden()
     expect(page.get_by_label("Model")).to_have_value("parley")
-    assert page.get_by_label("Model").locator("option").all_inner_texts() == ["smollm2", "parley"]
+    # the page starts with "parley" alone and fills the list from /v1/models: wait for it, not race it
+    expect(page.get_by_label("Model").locator("option")).to_have_text(["smollm2", "parley"])
 
     page.evaluate("document.getElementById('model').append(new Option('gpt-9'))")  # a model gone since
     page.get_by_label("Model").select_option("gpt-9")

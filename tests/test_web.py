@@ -15,6 +15,7 @@ from parley.pipeline.frames import Frame, Intent, Notice, Passages, Slots, UserT
 from parley.pipeline.runner import Pipeline, Stage, Turn
 from parley.pipeline.web import (Fetcher, SearxngSearch, WebConfig, WebError, WebStage, address_refusal,
                                  find_url)
+import parley.pipeline.web as web_module
 from tests.websrv import Reply, serve
 
 ARTICLE = """<html><head><title>Otters of the Coast</title><script>var tracker = 1;</script></head><body>
@@ -279,7 +280,15 @@ def test_unreadable_content_is_refused(site, tmp_path, path, message):
 # --- cache ----------------------------------------------------------------------------------
 
 
-def test_a_cached_page_is_served_without_the_network(site, tmp_path):
+@pytest.fixture
+def public_loopback(monkeypatch):
+    """127.0.0.1 counts as a public address: the test server stands in for a public site, whose
+    pages the shared cache keeps (it never keeps a page reached on a non-public address)."""
+    real = web_module.address_refusal
+    monkeypatch.setattr(web_module, "address_refusal", lambda a: None if a == "127.0.0.1" else real(a))
+
+
+def test_a_cached_page_is_served_without_the_network(site, tmp_path, public_loopback):
     before = site.hits["/counted"]
     first = fetcher(tmp_path).fetch(site.url("/counted"))
     again = fetcher(tmp_path).fetch(site.url("/counted"))  # a new fetcher: the cache is on disk
@@ -297,7 +306,7 @@ def test_cache_ttl_zero_turns_the_cache_off(site, tmp_path):
 
 
 @pytest.mark.parametrize("garbage", ["", "{not json", '{"url": 5}', "[1, 2]", "\udcff"])
-def test_a_corrupt_cache_file_is_ignored_and_replaced(site, tmp_path, garbage):
+def test_a_corrupt_cache_file_is_ignored_and_replaced(site, tmp_path, garbage, public_loopback):
     web = fetcher(tmp_path)
     web.fetch(site.url("/counted"))
     (path,) = (tmp_path / "cache").iterdir()
@@ -305,6 +314,47 @@ def test_a_corrupt_cache_file_is_ignored_and_replaced(site, tmp_path, garbage):
     before = site.hits["/counted"]
     assert not web.fetch(site.url("/counted")).from_cache and site.hits["/counted"] == before + 1
     assert web.fetch(site.url("/counted")).from_cache
+
+
+def test_a_private_fetch_is_never_written_to_the_shared_cache(site, tmp_path):
+    """Issue 15, finding 3: a page a trusted fetcher reached on a private address (allow_private)
+    is not in the cache for a later fetcher, with or without private access."""
+    before = site.hits["/counted"]
+    trusted = fetcher(tmp_path)  # allow_private, as a local `parley chat` may run
+    assert not trusted.fetch(site.url("/counted")).from_cache
+    assert not (tmp_path / "cache").exists() or not any((tmp_path / "cache").iterdir())
+    with pytest.raises(WebError, match="refusing to fetch"):  # a server's fetcher, for any user
+        fetcher(tmp_path, allow_private=False).fetch(site.url("/counted"))
+    assert not fetcher(tmp_path).fetch(site.url("/counted")).from_cache  # fetched again, not shared
+    assert site.hits["/counted"] == before + 2
+
+
+def test_the_address_rules_are_checked_before_a_cached_page_is_served(site, tmp_path, monkeypatch):
+    """A page cached while its host was public is not served once the host is one the
+    fetcher's rules refuse (here: 127.0.0.1 stops counting as public)."""
+    real = web_module.address_refusal
+    monkeypatch.setattr(web_module, "address_refusal", lambda a: None if a == "127.0.0.1" else real(a))
+    assert not fetcher(tmp_path, allow_private=False).fetch(site.url("/counted")).from_cache
+    assert fetcher(tmp_path, allow_private=False).fetch(site.url("/counted")).from_cache
+    monkeypatch.setattr(web_module, "address_refusal", real)
+    with pytest.raises(WebError, match="refusing to fetch"):
+        fetcher(tmp_path, allow_private=False).fetch(site.url("/counted"))
+    assert fetcher(tmp_path).fetch(site.url("/counted")).from_cache  # allowed here, so served
+
+
+def test_a_cache_file_from_before_the_scoped_keys_is_never_served(site, tmp_path):
+    """A file the old cache wrote (named by the URL alone, maybe a private page) is not found."""
+    import hashlib
+
+    url = site.url("/counted")
+    trusted = fetcher(tmp_path, cache_ttl=0)
+    page = trusted.fetch(url)
+    (tmp_path / "cache").mkdir()
+    old = {k: v for k, v in vars(page).items() if k in web_module.CACHE_FIELDS}
+    old.update(text="SECRET from the LAN", notes=[])
+    (tmp_path / "cache" / f"{hashlib.sha256(url.encode()).hexdigest()}.json").write_text(json.dumps(old))
+    again = fetcher(tmp_path).fetch(url)
+    assert not again.from_cache and "SECRET" not in again.text
 
 
 # --- search ---------------------------------------------------------------------------------

@@ -4,7 +4,7 @@
         httpx.get(site.url("/"))
         assert site.hits["/"] == 1
 
-A route is a `Reply` or a function of the `Request` that returns one. A reply's body is bytes
+A route is a `Reply` or a function of the `Request` (GET or POST) that returns one. A reply's body is bytes
 or an iterable of byte chunks (written as they come, so a test can serve a body larger than
 any client should read). Responses are HTTP/1.0: one request per connection, the body ends
 when the connection closes, so nothing depends on Content-Length unless a reply sets it.
@@ -36,6 +36,7 @@ class Request:
     path: str
     query: dict[str, list[str]]
     headers: dict[str, str]
+    body: bytes = b""  # a POST's (read by its Content-Length)
 
 
 Route = Reply | Callable[[Request], Reply]
@@ -60,7 +61,8 @@ def serve(routes: dict[str, Route], tls: tuple[str, str] | None = None) -> Itera
     class Handler(BaseHTTPRequestHandler):
         def do_GET(self) -> None:
             parts = urlsplit(self.path)
-            request = Request(parts.path, parse_qs(parts.query), dict(self.headers.items()))
+            length = int(self.headers.get("Content-Length") or 0) if self.command == "POST" else 0
+            request = Request(parts.path, parse_qs(parts.query), dict(self.headers.items()), self.rfile.read(length))
             with lock:
                 site.hits[parts.path] += 1
                 site.requests.append(request)
@@ -76,6 +78,8 @@ def serve(routes: dict[str, Route], tls: tuple[str, str] | None = None) -> Itera
                     self.wfile.write(chunk)
             except (BrokenPipeError, ConnectionResetError):
                 pass  # the client stopped reading (size limit, timeout): that is the point
+
+        do_POST = do_GET  # the route sees the body in request.body
 
         def log_message(self, format: str, *args) -> None:
             pass

@@ -227,7 +227,7 @@ class Assistant:
         opened = turn.conversation_id is None
         if opened:
             title = text if len(text) <= 60 else text[:57] + "..."
-            turn.conversation_id = store.create_conversation(turn.user_id, title).id
+            turn.conversation_id = store.create_conversation(turn.user_id, title, saved=False).id  # until add_exchange
         elif store.get_conversation(turn.user_id, turn.conversation_id) is None:
             raise ValueError(f"unknown conversation {turn.conversation_id}")
         else:

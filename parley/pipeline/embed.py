@@ -97,12 +97,16 @@ class Embedder(nn.Module):
         model.load_state_dict(_rename(state, config["num_hidden_layers"]))
         return model.eval()
 
-    def encode(self, texts: list[str], batch_size: int = 32) -> np.ndarray:
+    def encode(self, texts: list[str], batch_size: int = 32, remember: bool = True) -> np.ndarray:
         """Unit-length embeddings, one row per text, in the order given. The last few hundred
         texts are remembered: NLU, memory and knowledge all embed the same message in a turn,
-        and it is computed once."""
+        and it is computed once. `remember=False` neither reads nor fills that memory: a server
+        shares it between users, and a caller who could time a request for a text of their
+        choosing would learn whether someone else had sent that text lately."""
         if isinstance(texts, str):
             raise TypeError("encode takes a list of texts; wrap a single text in a list")
+        if not remember:
+            return self._encode(list(texts), batch_size) if texts else np.zeros((0, self.dim), dtype=np.float32)
         out = np.zeros((len(texts), self.dim), dtype=np.float32)
         todo = [i for i, t in enumerate(texts) if t not in self._recent]
         if todo:

@@ -34,6 +34,7 @@ from parley.engine.sampling import SamplingParams
 from parley.engine.text import TextAssembler
 from parley.model.tokenizer import Tokenizer
 from parley.pipeline.frames import EndOfAnswer, Frame, MemoryRecall, Notice, Sentiment, TextDelta, UserText
+from parley.pipeline.markup import FenceFilter
 from parley.pipeline.runner import Cancel, Stage, Turn, Usage
 from parley.pipeline.state import fit_history
 
@@ -244,10 +245,14 @@ class RespondStage(Stage):
             return
         messages, evidence = build_messages(turn, self.backend, self.persona, self.principles, frame.text)
         turn.note(self.name, "generating", **evidence)
-        text = ""
+        text, unfence = "", FenceFilter()  # the prompt's passage tags never reach the user
         for piece in self.backend.stream(messages, turn.overrides, turn.cancel, turn.usage):
-            text += piece
-            yield TextDelta(piece)
+            if shown := unfence.push(piece):
+                text += shown
+                yield TextDelta(shown)
+        if shown := unfence.flush():
+            text += shown
+            yield TextDelta(shown)
         turn.note(self.name, "answered" if text.strip() else "empty answer", chars=len(text))
         yield EndOfAnswer()
         if not text.strip():  # say so, rather than show nothing

@@ -23,8 +23,13 @@ A URL typed into a chat can point anywhere, so `Fetcher` treats it as hostile (S
 
 Residual risk, honestly: we vet where we connect, not what the server does there. A public
 host can relay to its own network (an open proxy); a host in `private_hosts` is trusted by
-name, whatever it resolves to; `allow_private=True` trusts every address. A
-cached page is served from disk without these checks (it passed them when fetched).
+name, whatever it resolves to; `allow_private=True` trusts every address.
+
+The page cache is shared (one folder per PARLEY_HOME, for `parley chat` and `parley serve`
+alike), so it holds public pages only: a page that any hop reached on a non-public address
+(allowed by `allow_private` or `private_hosts`) is never written to it. Its files are keyed
+by the URL and that scope, and before a cached page is served, its URL's host and its final
+URL's host are resolved and checked against this fetcher's rules, as a fetch would be.
 
 robots.txt is honoured for our user agent (its first word, "Parley"): a missing file (4xx)
 allows everything; a 5xx or unreachable one is treated as allowing and noted in
@@ -206,10 +211,13 @@ class Fetcher:
         target = parse_url(url)
         key = str(target)
         cached = self._cache_read(key)
-        if cached is not None:
+        if cached is not None:  # checked as a fetch would be: the rules may differ from the writer's
+            for url in {target, parse_url(cached.final_url)}:
+                self._vet(url)
             return cached
         notes: list[str] = []
-        with self._follow(target, notes) as (final, response):
+        private: set[str] = set()  # hosts reached on non-public addresses: the page stays out of the cache
+        with self._follow(target, notes, private) as (final, response):
             status = response.status_code
             if status >= 300:
                 raise WebError(f"{final} returned HTTP {status} {response.reason_phrase}".rstrip())
@@ -220,18 +228,20 @@ class Fetcher:
             text = _decode(body, response.charset_encoding, kind)
         title, text = _readable(text, kind, final)
         page = Page(key, str(final), status, kind, title, text, time.time(), size=len(body), notes=tuple(notes))
-        return self._cache_write(page)
+        return page if private else self._cache_write(page)
 
     # --- requests ---------------------------------------------------------------------------
 
     @contextmanager
-    def _follow(self, url: httpx.URL, notes: list[str] | None) -> Iterator[tuple[httpx.URL, httpx.Response]]:
+    def _follow(self, url: httpx.URL, notes: list[str] | None,
+                private: set[str] | None = None) -> Iterator[tuple[httpx.URL, httpx.Response]]:
         """The first non-redirect response from `url`, each hop vetted (and checked against
-        robots.txt unless `notes` is None, as when fetching robots.txt itself)."""
+        robots.txt unless `notes` is None, as when fetching robots.txt itself); the hosts a hop
+        reached on a non-public address are added to `private`."""
         for _ in range(MAX_REDIRECTS + 1):
             if notes is not None and self.config.obey_robots:
                 self._check_robots(url, notes)
-            with self._open(url) as response:
+            with self._open(url, private) as response:
                 if response.status_code not in REDIRECTS:
                     yield url, response
                     return
@@ -241,19 +251,29 @@ class Fetcher:
             url = parse_url(urljoin(str(url), location))
         raise WebError(f"too many redirects (more than {MAX_REDIRECTS}) before reaching {url}")
 
-    @contextmanager
-    def _open(self, url: httpx.URL) -> Iterator[httpx.Response]:
-        """A streamed response from a vetted address of `url`'s host; httpx errors made clear."""
+    def _vet(self, url: httpx.URL) -> tuple[list[str], bool]:
+        """The addresses of `url`'s host, and whether any is non-public (then allowed only by
+        `allow_private` or `private_hosts`); WebError if the rules refuse them."""
         host = url.raw_host.decode("ascii")
         addresses = resolve(host, url.port or (443 if url.scheme == "https" else 80))
         if not addresses:
             raise WebError(f"the host {host!r} has no addresses: check the URL {url}")
-        if not (self.config.allow_private or host.lower() in self._private_hosts
-                or url.host.lower() in self._private_hosts):
-            for address in addresses:
-                if why := address_refusal(address):
-                    raise WebError(f"refusing to fetch {url}: {host} is {address}, {why} (set allow_private, "
-                                   f"or list the host in private_hosts, to reach your own network)")
+        refusals = [(address, why) for address in addresses if (why := address_refusal(address))]
+        exempt = self.config.allow_private or host.lower() in self._private_hosts or \
+            url.host.lower() in self._private_hosts
+        if refusals and not exempt:
+            address, why = refusals[0]
+            raise WebError(f"refusing to fetch {url}: {host} is {address}, {why} (set allow_private, "
+                           f"or list the host in private_hosts, to reach your own network)")
+        return addresses, bool(refusals)
+
+    @contextmanager
+    def _open(self, url: httpx.URL, private: set[str] | None = None) -> Iterator[httpx.Response]:
+        """A streamed response from a vetted address of `url`'s host; httpx errors made clear."""
+        host = url.raw_host.decode("ascii")
+        addresses, non_public = self._vet(url)
+        if non_public and private is not None:
+            private.add(host)
         headers = {"Host": url.netloc.decode("ascii"), "User-Agent": self.config.user_agent, "Accept": ACCEPT}
         extensions = {"sni_hostname": host} if url.scheme == "https" else {}
         try:
@@ -324,7 +344,9 @@ class Fetcher:
     # --- cache ------------------------------------------------------------------------------
 
     def _cache_path(self, key: str) -> Path:
-        return self.cache_dir / f"{hashlib.sha256(key.encode()).hexdigest()}.json"
+        # keyed by what the fetch was allowed to reach too: only public pages are written, and a
+        # file written before that rule (which may hold a private page) is never found
+        return self.cache_dir / f"{hashlib.sha256(f'public {key}'.encode()).hexdigest()}.json"
 
     def _cache_read(self, key: str) -> Page | None:
         """A fresh cached page for `key`, or None (absent, stale, or corrupt: refetched and replaced)."""

@@ -22,6 +22,7 @@ from starlette.concurrency import run_in_threadpool
 from parley.registry import Registry
 from parley.serve import errors
 from parley.serve.metrics import MetricsMiddleware
+from parley.serve.origins import BrowserGuard
 from parley.serve.server import Server
 from parley.serve.settings import ServeError, Settings
 
@@ -73,4 +74,7 @@ def create_app(settings: Settings, engine=None, tokenizer=None, embedder=None) -
             scope.setdefault("state", {})["key_user"] = await run_in_threadpool(server.key_user, header, client)
 
     app.add_middleware(MetricsMiddleware, metrics=server.metrics, limit=limit, authorize=authorize)
+    # outermost: a foreign Host or a cross-site write is refused before its key or body is read
+    app.add_middleware(BrowserGuard, bind=settings.host, allowed_hosts=settings.allowed_hosts,
+                       allowed_origins=settings.allowed_origins)
     return app

@@ -76,7 +76,8 @@ def openai_routes(server: Server) -> APIRouter:
         if req.model != EMBEDDING_MODEL:
             raise APIError(404, f"no embedding model named {req.model!r}; use {EMBEDDING_MODEL!r}",
                            code="model_not_found", param="model")
-        vectors = np.asarray(server.embed(req.texts), dtype="<f4")  # base64: little-endian float32 bytes
+        _check_embedding_size(server, req.texts)
+        vectors = np.asarray(server.embed(req.texts, remember=False), dtype="<f4")  # base64: little-endian float32
         data = [{"object": "embedding", "index": i,
                  "embedding": base64.b64encode(v.tobytes()).decode() if req.encoding_format == "base64" else v.tolist()}
                 for i, v in enumerate(vectors)]
@@ -85,6 +86,16 @@ def openai_routes(server: Server) -> APIRouter:
                 "usage": {"prompt_tokens": tokens, "total_tokens": tokens}}
 
     return router
+
+
+def _check_embedding_size(server: Server, texts: list[str]) -> None:
+    most, chars = server.settings.max_embedding_inputs, server.settings.max_embedding_chars
+    if len(texts) > most:
+        raise APIError(400, f"{len(texts)} inputs is over this server's limit of {most} per request; "
+                       "send them in several requests", code="too_many_inputs", param="input")
+    if (total := sum(map(len, texts))) > chars:
+        raise APIError(400, f"the inputs have {total} characters together, over this server's limit of {chars} "
+                       "per request; send them in several requests", code="input_too_long", param="input")
 
 
 def _check_model(server: Server, name: str) -> None:

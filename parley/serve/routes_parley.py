@@ -100,7 +100,7 @@ def parley_routes(server: Server) -> APIRouter:
         from parley.pipeline.state import Memory, MemoryInputError
 
         try:
-            fact = Memory(server.store(), server.embed).remember(user.id, body.text)
+            fact = Memory(server.store(), server.embed_once).remember(user.id, body.text)
         except MemoryInputError as e:
             raise APIError(400, str(e), code="invalid_value") from None
         return {"id": fact.id, "text": fact.text}
@@ -170,7 +170,7 @@ def _ingest(server: Server, user: User, name: str, data: bytes, collection: str)
         path = FilePath(folder) / name
         path.write_bytes(data)
         config = KnowledgeConfig(max_bytes=server.settings.max_upload_bytes)
-        [result] = ingest(server.store(), server.embed, user.id, [path], collection, config=config,
+        [result] = ingest(server.store(), server.embed_once, user.id, [path], collection, config=config,
                           source=f"upload:{name}")
     # the message names the file the client sent, not the server's temporary folder
     return dataclasses.replace(result, message=result.message.replace(f"{folder}/", ""))

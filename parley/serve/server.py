@@ -16,6 +16,7 @@ import dataclasses
 import math
 import threading
 import time
+from collections import deque
 
 import numpy as np
 from fastapi import Request
@@ -53,6 +54,35 @@ class TokenBuckets:
             return None
 
 
+class FairLock:
+    """A lock handed to its waiters in the order they came (threading.Lock is not: a thread that
+    releases and at once acquires again usually wins). Big embedding requests take it once per
+    batch, so a turn's embedding waits behind at most the one batch running."""
+
+    def __init__(self):
+        self._mutex, self._queue, self._held = threading.Lock(), deque(), False
+
+    @property
+    def waiting(self) -> int:
+        return len(self._queue)
+
+    def __enter__(self) -> None:
+        with self._mutex:
+            if not self._held:
+                self._held = True
+                return
+            turn = threading.Event()
+            self._queue.append(turn)
+        turn.wait()  # the releasing thread hands the lock over: _held stays True
+
+    def __exit__(self, *exc) -> None:
+        with self._mutex:
+            if self._queue:
+                self._queue.popleft().set()
+            else:
+                self._held = False
+
+
 class Server:
     """The app's state and shared services."""
 
@@ -64,14 +94,15 @@ class Server:
         self.registry = Registry(settings.home or None)
         self.metrics, self.buckets = Metrics(), TokenBuckets(settings.requests_per_minute)
         self.failures = TokenBuckets(settings.failed_auth_per_minute)  # per client address
-        self._embedder, self._embed_lock, self._local = embedder, threading.Lock(), threading.local()
+        self._embedder, self.embed_lock, self._local = embedder, FairLock(), threading.local()
         assistant = dataclasses.replace(settings.assistant(), db=self.db)
         self.turns = TurnRunner(assistant, self.store, engine, tokenizer, self.embed, settings.pipeline_workers,
                                 settings.max_pending, single_threaded=bool(settings.engine.threads))
-        if settings.no_auth:
-            with Store(self.db) as store:
-                if store.get_user_by_name(settings.user) is None:
-                    store.add_user(settings.user, role="admin")
+        with Store(self.db) as store:
+            # conversations whose first turn a killed process never finished: nobody can answer them
+            store.drop_unsaved()
+            if settings.no_auth and store.get_user_by_name(settings.user) is None:
+                store.add_user(settings.user, role="admin")
 
     def store(self) -> Store:
         """This thread's connection to the database."""
@@ -79,22 +110,39 @@ class Server:
             self._local.store = Store(self.db)
         return self._local.store
 
-    def embed(self, texts: list[str]) -> np.ndarray:
-        """MiniLM embeddings (loaded on first use); one call at a time, as the model's cache wants."""
-        with self._embed_lock:
-            if self.settings.engine.threads:  # keep request threads off OpenMP teams: see serve_main
-                import torch
-
-                torch.set_num_threads(1)
+    def embedder(self):
+        """MiniLM (loaded on first use), or the embedder the app was given."""
+        with self.embed_lock:
             if self._embedder is None:
                 from parley.pipeline.embed import Embedder
 
                 self._embedder = Embedder.load()
-            return self._embedder(texts)
+            return self._embedder
+
+    def embed(self, texts: list[str], remember: bool = True) -> np.ndarray:
+        """Embeddings of `texts`, `embedding_batch` texts at a time, each batch under the fair
+        lock (one at a time, as the model's cache wants): a long request (an upload's chunks, a
+        big /v1/embeddings) lets every turn that asks meanwhile go between two of its batches.
+        `remember=False` for what a caller sends outside a turn: it neither reads nor fills the
+        embedder's memory of recent texts, which all users share (see Embedder.encode)."""
+        embedder, size = self.embedder(), self.settings.embedding_batch
+        options = {} if remember else {"remember": False}
+        parts = []
+        for start in range(0, len(texts), size):
+            with self.embed_lock:
+                if self.settings.engine.threads:  # keep request threads off OpenMP teams: see serve_main
+                    import torch
+
+                    torch.set_num_threads(1)
+                parts.append(np.asarray(embedder(texts[start:start + size], **options), dtype=np.float32))
+        return np.concatenate(parts) if parts else np.zeros((0, 0), dtype=np.float32)
+
+    def embed_once(self, texts: list[str]) -> np.ndarray:
+        """`embed` for texts a caller sends outside a turn (a memory fact, a document's chunks)."""
+        return self.embed(texts, remember=False)
 
     def count_embedding_tokens(self, texts: list[str]) -> int:
-        self.embed(texts[:1])  # loads it
-        return sum(len(e.ids) for e in self._embedder.tokenizer.encode_batch(texts))
+        return sum(len(e.ids) for e in self.embedder().tokenizer.encode_batch(texts))
 
     def authenticate(self, request: Request) -> User:
         """The dependency every /v1 and /api route takes."""

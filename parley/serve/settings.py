@@ -14,6 +14,7 @@ completions use the same model, engine section and `max_tokens` default.
 from __future__ import annotations
 
 import ipaddress
+import re
 from dataclasses import dataclass, fields
 
 from parley.config import setting
@@ -33,6 +34,12 @@ def is_loopback(host: str) -> bool:
         return False
 
 
+def _well_formed(value: str, origin: bool) -> bool:
+    """An origin is scheme://host[:port] and nothing more; a host is a name or an address."""
+    host = r"(\[[0-9a-fA-F:.]+\]|[A-Za-z0-9.-]+)(:\d{1,5})?"
+    return re.fullmatch(rf"https?://{host}/?" if origin else host, value) is not None
+
+
 @dataclass
 class Settings(AssistantConfig):
     host: str = setting("127.0.0.1", "address to bind")
@@ -45,7 +52,16 @@ class Settings(AssistantConfig):
     max_body_bytes: int = setting(2_000_000, "largest request body, in bytes")
     max_upload_bytes: int = setting(10_000_000, "largest document upload (/api/knowledge), in bytes")
     pipeline_workers: int = setting(4, "assistant turns that run at once")
+    max_embedding_inputs: int = setting(256, "texts one /v1/embeddings request may give; more get HTTP 400")
+    max_embedding_chars: int = setting(200_000, "characters, all texts together, one /v1/embeddings request may "
+                                                "give; more get HTTP 400")
+    embedding_batch: int = setting(4, "texts embedded at a time: a turn's own embedding waits for at most one "
+                                      "such batch of another request (an upload, /v1/embeddings)")
     home: str = setting("", "the model registry's folder ('' = PARLEY_HOME)")
+    allowed_hosts: str = setting("", "more Host names to answer for, comma-separated, beyond localhost and the "
+                                     "addresses served (DNS-rebinding guard: others get HTTP 421); '*' = any")
+    allowed_origins: str = setting("", "web page origins (https://app.example) that may call the API from a "
+                                       "browser: writes and CORS; '' = this server's own page only")
 
     def __post_init__(self):
         if self.no_auth and not is_loopback(self.host):
@@ -55,9 +71,14 @@ class Settings(AssistantConfig):
         if self.failed_auth_per_minute < 0:
             raise ServeError(f"failed_auth_per_minute must be >= 0 (got {self.failed_auth_per_minute})")
         for name in ("requests_per_minute", "max_pending", "max_body_bytes", "max_upload_bytes", "pipeline_workers",
-                     "max_tokens"):
+                     "max_tokens", "max_embedding_inputs", "max_embedding_chars", "embedding_batch"):
             if getattr(self, name) < (0 if name == "requests_per_minute" else 1):
                 raise ServeError(f"{name} must be positive (got {getattr(self, name)})")
+        for name, what, example in (("allowed_hosts", "a host name", "parley.lan,10.0.0.5"),
+                                    ("allowed_origins", "an origin", "https://app.example:8443")):
+            for item in filter(None, (n.strip() for n in getattr(self, name).split(","))):
+                if not (item == "*" and name == "allowed_hosts") and not _well_formed(item, name == "allowed_origins"):
+                    raise ServeError(f"{name}: {item!r} is not {what}; give a comma-separated list such as {example}")
         if not 0 <= self.port <= 65535:
             raise ServeError(f"port must be 0..65535, not {self.port}")
 

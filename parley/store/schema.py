@@ -131,4 +131,18 @@ MIGRATIONS: list[tuple[str, ...]] = [
             updated_at TEXT NOT NULL)""",
         "CREATE INDEX dialogue_state_user ON dialogue_state(user_id)",
     ),
+    (  # 4: user ids are never reused either (a deleted user's id, and anything still keyed by it,
+        # such as a cache of their vectors, can never come back as a new user's), rebuilt as in 3;
+        # and a conversation a turn opens stays `saved = 0` until the turn's exchange is written,
+        # so one a crash left empty can be told from any other and dropped at the next start.
+        """CREATE TABLE users_new (
+            id INTEGER PRIMARY KEY AUTOINCREMENT,
+            name TEXT NOT NULL UNIQUE,
+            role TEXT NOT NULL DEFAULT 'user' CHECK (role IN ('user', 'admin')),
+            created_at TEXT NOT NULL)""",
+        "INSERT INTO users_new (id, name, role, created_at) SELECT id, name, role, created_at FROM users",
+        "DROP TABLE users",
+        "ALTER TABLE users_new RENAME TO users",
+        "ALTER TABLE conversations ADD COLUMN saved INTEGER NOT NULL DEFAULT 1",
+    ),
 ]

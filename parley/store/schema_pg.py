@@ -120,4 +120,8 @@ PG_MIGRATIONS: list[tuple[str, ...]] = [
             updated_at TEXT NOT NULL)""",
         "CREATE INDEX dialogue_state_user ON dialogue_state(user_id)",
     ),
+    (  # 4: user ids come from an identity column's sequence, never reused, so only the
+        # conversations' `saved` mark (see schema.py) is new here.
+        "ALTER TABLE conversations ADD COLUMN saved INTEGER NOT NULL DEFAULT 1",
+    ),
 ]

@@ -14,8 +14,9 @@ or one PostgreSQL database.
 
 Everything a user owns is read, written and deleted through methods that take that user's
 id, so isolation between users is enforced here and nowhere else: another user's ids behave
-exactly like ids that do not exist (None, False, or ValueError for writes). Conversation ids
-are never reused, so nothing kept under a deleted conversation's id can reach a later one.
+exactly like ids that do not exist (None, False, or ValueError for writes). User and
+conversation ids are never reused, so nothing kept under a deleted user's or conversation's
+id can reach a later one.
 
 A conversation's rows are `Message`s (a user's message, an assistant's answer); their SQL
 table is still called `turns`, as are the `turn_id` columns of traces and feedback and the
@@ -126,6 +127,7 @@ class ChunkHit:
     page: int | None = None  # the PDF page the chunk starts on
 
 
+CONVERSATION = "id, user_id, title, created_at, updated_at"  # a Conversation's columns (not `saved`)
 LAST_USED_RESOLUTION = 60.0  # seconds: how stale an API key's last_used_at may be
 
 
@@ -339,23 +341,34 @@ class Store:
 
     # conversations, messages, traces, feedback, dialogue state
 
-    def create_conversation(self, user_id: int, title: str = "New conversation") -> Conversation:
+    def create_conversation(self, user_id: int, title: str = "New conversation", saved: bool = True) -> Conversation:
+        """A new conversation. `saved=False`: a turn opens it, and it counts as abandoned (see
+        `drop_unsaved`) until that turn's exchange is written with `add_exchange`."""
         _text(title, "title")
         self._require_user(user_id)
         stamp = _now()
         with self._tx():
             new = self._insert(
-                "INSERT INTO conversations (user_id, title, created_at, updated_at) VALUES (?, ?, ?, ?)",
-                (user_id, title, stamp, stamp),
+                "INSERT INTO conversations (user_id, title, created_at, updated_at, saved) VALUES (?, ?, ?, ?, ?)",
+                (user_id, title, stamp, stamp, int(saved)),
             )
         return self.get_conversation(user_id, new)
 
+    def drop_unsaved(self) -> int:
+        """Delete every conversation a turn opened but never saved an exchange in (the process
+        running the turn was killed); how many. For a server's start: a turn another process is
+        running right now on the same database would lose its new conversation."""
+        with self._tx() as db:
+            return db.execute("DELETE FROM conversations WHERE saved = 0 AND NOT EXISTS"
+                              " (SELECT 1 FROM turns t WHERE t.conversation_id = conversations.id)").rowcount
+
     def list_conversations(self, user_id: int) -> list[Conversation]:
-        sql = "SELECT * FROM conversations WHERE user_id = ? ORDER BY updated_at DESC, id DESC"
+        sql = f"SELECT {CONVERSATION} FROM conversations WHERE user_id = ? ORDER BY updated_at DESC, id DESC"
         return self._all(Conversation, sql, (user_id,))
 
     def get_conversation(self, user_id: int, conv_id: int) -> Conversation | None:
-        return self._one(Conversation, "SELECT * FROM conversations WHERE id = ? AND user_id = ?", (conv_id, user_id))
+        sql = f"SELECT {CONVERSATION} FROM conversations WHERE id = ? AND user_id = ?"
+        return self._one(Conversation, sql, (conv_id, user_id))
 
     def delete_conversation(self, user_id: int, conv_id: int) -> bool:
         """Delete it with its messages, traces, feedback and dialogue state (foreign-key cascades)."""
@@ -417,7 +430,7 @@ class Store:
                 db.execute("INSERT INTO traces (turn_id, data) VALUES (?, ?)", (ids[1], data))
             if state is not None:
                 self._put_slots(user_id, conv_id, state, stamp)
-            db.execute("UPDATE conversations SET updated_at = ? WHERE id = ?", (stamp, conv_id))
+            db.execute("UPDATE conversations SET updated_at = ?, saved = 1 WHERE id = ?", (stamp, conv_id))
         asked, answered = (self._one(Message, "SELECT * FROM turns WHERE id = ?", (i,)) for i in ids)
         return asked, answered
 
