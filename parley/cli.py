@@ -52,6 +52,9 @@ COMMANDS: dict[str, dict[str | None, tuple[str, str]]] = {
               "pretrain": ("pretrain a model from a recipe", "parley.train.pretrain:PretrainConfig"),
               "sft": ("fine-tune on dialogs (full or LoRA)", "parley.train.sft:SFTConfig"),
               "intents": ("retrain the intent classifier's head", "parley.pipeline.nlu:IntentsConfig")},
+    "speak": {None: ("speak text into a WAV file (piper, or espeak-ng)", "parley.voice.main:SpeakConfig")},
+    "transcribe": {None: ("print the text spoken in a WAV file (whisper, or wav2vec 2.0)",
+                          "parley.voice.main:TranscribeConfig")},
     "data": {"prepare": ("build the training corpus and dialog sets from offline sources",
                          "parley.train.corpus:DataConfig")},
 }
@@ -259,11 +262,18 @@ def cmd_data(args) -> int:
     return corpus.main(args.settings, prog=args.prog)
 
 
+def cmd_voice(args) -> int:
+    from parley.voice import main as voice
+
+    return (voice.speak_main if args.command == "speak" else voice.transcribe_main)(args.settings, prog=args.prog)
+
+
 def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGPIPE, signal.SIG_DFL)  # `parley ... | head` ends quietly, like other tools
     argv = sys.argv[1:] if argv is None else list(argv)
     handlers = {"models": cmd_models, "generate": cmd_generate, "chat": cmd_chat, "ingest": cmd_ingest,
-                "serve": cmd_serve, "users": cmd_users, "train": cmd_train, "data": cmd_data}
+                "serve": cmd_serve, "users": cmd_users, "train": cmd_train, "data": cmd_data,
+                "speak": cmd_voice, "transcribe": cmd_voice}
     debug = "--debug" in argv[:1]
     try:
         args = parse_args(argv)
