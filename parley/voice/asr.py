@@ -35,6 +35,9 @@ class Segment:
     start: float  # seconds
     end: float
     text: str
+    avg_logprob: float = 0.0  # Whisper's confidences, where the backend has them
+    compression_ratio: float = 0.0
+    no_speech_prob: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -70,11 +73,12 @@ class WhisperASR:
 
     def transcribe(self, clip: Clip) -> Transcription:
         if clip.rate != MODEL_RATE:
-            raise ASRError(f"Whisper takes {MODEL_RATE} Hz audio, not {clip.rate} Hz: use parley.voice.audio.load_audio")
+            raise ASRError(f"Whisper takes {MODEL_RATE} Hz audio, not {clip.rate} Hz (parley.voice.audio.load_audio)")
         parts, info = self.model.transcribe(clip.samples, language="en" if self.english_only else None,
                                             beam_size=self.beam_size, vad_filter=False,
                                             condition_on_previous_text=False)
-        segments = [Segment(round(s.start, 3), round(s.end, 3), s.text.strip()) for s in parts]
+        segments = [Segment(round(s.start, 3), round(s.end, 3), s.text.strip(), s.avg_logprob, s.compression_ratio,
+                            s.no_speech_prob) for s in parts]
         return Transcription(" ".join(s.text for s in segments if s.text), segments, info.language, clip.seconds)
 
 
