@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
-from parley.voice.audio import MODEL_RATE, Clip
+from parley.voice.audio import MODEL_RATE, Clip, resample
 
 WHISPER_ALIASES = ("default", "whisper-1", "tiny.en", "whisper-tiny.en")
 
@@ -82,6 +82,48 @@ class WhisperASR:
         return Transcription(" ".join(s.text for s in segments if s.text), segments, info.language, clip.seconds)
 
 
+class Wav2Vec2ASR:
+    """Our wav2vec 2.0 (parley/voice/wav2vec2.py) on an HF Wav2Vec2ForCTC folder, greedy CTC
+    decoding. The audio is resampled to the feature extractor's rate and normalised if it says so."""
+
+    def __init__(self, folder: str | Path, dtype: str = "float32"):
+        from parley.voice.wav2vec2 import Wav2Vec2Error, load_folder
+
+        try:
+            self.model, self.vocab, extractor = load_folder(folder, dtype)
+        except Wav2Vec2Error as e:
+            raise ASRError(str(e)) from None
+        self.rate, self.normalize = int(extractor.get("sampling_rate", MODEL_RATE)), extractor.get("do_normalize", True)
+        self.name = Path(folder).name
+
+    def inputs(self, clip: Clip):
+        """The model's input for a clip (1, samples): at the extractor's rate, normalised if it says so."""
+        import numpy as np
+        import torch
+
+        x = resample(clip.samples, clip.rate, self.rate)
+        if self.normalize:  # as transformers' Wav2Vec2FeatureExtractor: zero mean, unit variance
+            x = (x - x.mean()) / np.sqrt(x.var() + 1e-7)
+        return torch.from_numpy(x.astype(np.float32))[None]
+
+    def logits(self, clip: Clip):
+        import torch
+
+        x = self.inputs(clip)
+        if x.shape[1] < self.model.config.conv_kernel[0]:
+            raise ASRError("the audio is shorter than the model's first convolution")
+        with torch.inference_mode():
+            return self.model(x.to(next(self.model.parameters()).dtype)).float()[0]
+
+    def transcribe(self, clip: Clip) -> Transcription:
+        ids = self.logits(clip).argmax(-1).tolist()
+        text = self.vocab.decode(ids)
+        spoken = [i for i, t in enumerate(ids) if self.vocab.tokens.get(t, self.vocab.blank) != self.vocab.blank]
+        step = self.model.config.frame_samples / self.rate
+        segments = [Segment(round(spoken[0] * step, 3), round((spoken[-1] + 1) * step, 3), text)] if text else []
+        return Transcription(text, segments, "en", clip.seconds)
+
+
 def whisper_folder(name: str) -> Path:
     """The CTranslate2 folder of a Whisper model name or path."""
     if name in WHISPER_ALIASES:
@@ -104,9 +146,7 @@ def load_asr(name: str = "default", dtype: str = "") -> ASR:
     if (path / "model.bin").is_file() or name in WHISPER_ALIASES:
         return WhisperASR(whisper_folder(name), name="whisper-tiny.en" if name in WHISPER_ALIASES else path.name,
                           dtype=dtype or "int8")
-    from parley.voice.wav2vec2 import Wav2Vec2ASR
-
-    return Wav2Vec2ASR.load(path, dtype=dtype or "float32")
+    return Wav2Vec2ASR(path, dtype=dtype or "float32")
 
 
 # ---------------------------------------------------------------- scoring
