@@ -161,14 +161,18 @@ def normalize(text: str) -> list[str]:
     return [_NUMBERS.get(w, w) for w in (w.strip("'") for w in words) if w]
 
 
-def wer(reference: str, hypothesis: str) -> float:
-    """Word error rate: word-level edit distance over the reference's length (after normalize)."""
+def word_edits(reference: str, hypothesis: str) -> tuple[int, int]:
+    """(word-level edit distance, words in the reference), after normalize: pool these over a set."""
     ref, hyp = normalize(reference), normalize(hypothesis)
-    if not ref:
-        return float(bool(hyp))
     row = list(range(len(hyp) + 1))
     for i, r in enumerate(ref, 1):
         prev, row[0] = row[0], i
         for j, h in enumerate(hyp, 1):
             prev, row[j] = row[j], min(row[j] + 1, row[j - 1] + 1, prev + (r != h))
-    return row[-1] / len(ref)
+    return row[-1], len(ref)
+
+
+def wer(reference: str, hypothesis: str) -> float:
+    """Word error rate: word-level edit distance over the reference's length (after normalize)."""
+    edits, words = word_edits(reference, hypothesis)
+    return edits / words if words else float(edits > 0)
