@@ -126,6 +126,12 @@ def test_sentences_come_out_as_soon_as_they_end():
     for sentence in sentences(feed()):
         out.append((sentence, len(seen)))
     assert out == [("Hello there.", 2), ("How are you?", 3), ("Pi is 3.14 today!", 4), ("New line", 5)]
+    answer = ["Yes, ", "it is. Well, ", "in most countries, ", "the tap water is safe, mostly."]
+    assert list(sentences(answer, first_clause=3)) == ["Yes, it is.", "Well, in most countries, the tap water is "
+                                                       "safe, mostly."]
+    assert list(sentences(["The tap water there, ", "in most towns, is safe."], first_clause=3)) == [
+        "The tap water there,", "in most towns, is safe."]  # only the first piece is cut at a clause
+    assert next(sentences(["Yes, the tap water, ", "is safe."], first_clause=3)) == "Yes, the tap water,"
     long = list(sentences(["word, " * 100]))
     assert len(long) > 1 and all(len(s) <= 300 for s in long)
 

@@ -125,13 +125,22 @@ _END = re.compile(r"[.!?…]+[\"')\]]*\s+|\n\s*")  # a sentence end is only sure
 SOFT_LIMIT = 300  # characters without a sentence end before we cut at a comma or space anyway
 
 
-def sentences(pieces: Iterable[str]) -> Iterator[str]:
-    """The sentences of streamed text, each as soon as it is complete (the last at the end)."""
-    buffer = ""
+_CLAUSE = re.compile(r"[,;:]\s+")
+
+
+def sentences(pieces: Iterable[str], first_clause: int = 0) -> Iterator[str]:
+    """The sentences of streamed text, each as soon as it is complete (the last at the end). With
+    `first_clause` > 0 the first piece may end at a comma, semicolon or colon once it has that
+    many words: a voice turn's first audio then waits for a clause, not a whole sentence."""
+    buffer, first = "", first_clause > 0
     for piece in pieces:
         buffer += piece
         while True:
             end = _END.search(buffer)
+            if first:
+                clause = next((c for c in _CLAUSE.finditer(buffer, 0, end.start() if end else len(buffer))
+                               if len(buffer[:c.start()].split()) >= first_clause), None)
+                end = clause or end
             if end is None and len(buffer) > SOFT_LIMIT:
                 cut = max(buffer.rfind(", ", 0, SOFT_LIMIT), buffer.rfind(" ", 0, SOFT_LIMIT))
                 end = re.compile(r"\s+").search(buffer, cut if cut > 0 else SOFT_LIMIT)
@@ -139,13 +148,15 @@ def sentences(pieces: Iterable[str]) -> Iterator[str]:
                 break
             sentence, buffer = buffer[:end.end()].strip(), buffer[end.end():]
             if sentence:
+                first = False
                 yield sentence
     if buffer.strip():
         yield buffer.strip()
 
 
-def speak_stream(tts: TTS, pieces: Iterable[str]) -> Iterator[tuple[str, Clip]]:
-    """(sentence, its audio) for each sentence of streamed text, as soon as the sentence is complete."""
-    for sentence in sentences(pieces):
+def speak_stream(tts: TTS, pieces: Iterable[str], first_clause: int = 0) -> Iterator[tuple[str, Clip]]:
+    """(sentence, its audio) for each sentence of streamed text, as soon as the sentence is complete
+    (the first may be a clause: see `sentences`)."""
+    for sentence in sentences(pieces, first_clause):
         if any(c.isalnum() for c in sentence):  # "..." alone has nothing to say
             yield sentence, tts.synthesize(sentence)
