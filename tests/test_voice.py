@@ -111,6 +111,50 @@ def test_too_long_is_refused_before_resampling():
     assert e.value.code == "too_long"
 
 
+def encode(clip: Clip, fmt: str, codec: str) -> bytes:
+    """The clip compressed by PyAV (FFmpeg), as a browser or a phone would send it."""
+    import io
+
+    import av
+
+    out = io.BytesIO()
+    with av.open(out, "w", format=fmt) as container:
+        stream = container.add_stream(codec, rate=48_000 if codec == "libopus" else clip.rate)
+        stream.layout = "mono"
+        frame = av.AudioFrame.from_ndarray(clip.samples[None].astype(np.float32), format="flt", layout="mono")
+        frame.sample_rate = clip.rate
+        for packet in [*stream.encode(frame), *stream.encode(None)]:
+            container.mux(packet)
+    return out.getvalue()
+
+
+@pytest.mark.parametrize("fmt,codec", [("mp3", "libmp3lame"), ("ogg", "libopus"), ("flac", "flac"),
+                                       ("webm", "libopus"), ("ipod", "aac")])
+def test_compressed_speech_is_decoded_and_recognised(fmt, codec, piper, whisper):
+    pytest.importorskip("av")
+    speech = load_audio(wav_bytes(piper.synthesize(SENTENCE)))
+    clip = load_audio(encode(speech, fmt, codec))
+    assert clip.rate == 16_000 and abs(clip.seconds - speech.seconds) < 0.15
+    assert wer(SENTENCE, whisper.transcribe(clip).text) <= WER_BOUND
+
+
+def test_compressed_files_are_bounded_and_checked():
+    pytest.importorskip("av")
+    long = encode(Clip(tone(3.0), 16_000), "mp3", "libmp3lame")
+    with pytest.raises(AudioError, match="over the 1 s limit") as e:
+        load_audio(long, max_seconds=1)
+    assert e.value.code == "too_long"
+    with pytest.raises(AudioError, match="silent"):
+        load_audio(encode(Clip(np.zeros(16_000, np.float32), 16_000), "flac", "flac"))
+    with pytest.raises(AudioError, match="could not be decoded") as e:
+        load_audio(long[:200] + bytes(300))  # an MP3 cut short and zeroed
+    gif = b"GIF89a\x01\x00\x01\x00\x80\x00\x00\x00\x00\x00\xff\xff\xff!\xf9\x04\x01\x00\x00\x00\x00,\x00\x00" \
+        b"\x00\x00\x01\x00\x01\x00\x00\x02\x02D\x01\x00;"
+    with pytest.raises(AudioError) as e:
+        load_audio(gif)  # FFmpeg reads images too: only audio containers are let through
+    assert e.value.code == "unsupported"
+
+
 # ---------------------------------------------------------------- synthesis
 
 def test_sentences_come_out_as_soon_as_they_end():

@@ -12,9 +12,10 @@ from parley.engine.config import EngineConfig
 from parley.serve.app import create_app
 from parley.serve.settings import Settings
 from parley.voice.asr import wer
-from parley.voice.audio import Clip, read_wav, wav_bytes
+from parley.voice.audio import Clip, load_audio, read_wav, wav_bytes
 from serving import serving
 from test_serve import make_users
+from test_voice import encode
 
 pytest.importorskip("faster_whisper")
 pytest.importorskip("piper")
@@ -62,6 +63,8 @@ def test_speech_then_transcription_gives_the_text_back(site, spoken):
     assert plain.strip() == text
     srt = sdk.audio.transcriptions.create(model="whisper-1", file=("s.wav", spoken), response_format="srt")
     assert srt.startswith("1\n00:00:00,000 --> 00:00:0")
+    webm = encode(load_audio(spoken), "webm", "libopus")  # what a browser's MediaRecorder sends
+    assert wer(TEXT, sdk.audio.transcriptions.create(model="whisper-1", file=("speech.webm", webm)).text) <= WER_BOUND
 
 
 def test_speech_streams_sentence_by_sentence_and_as_pcm(site):

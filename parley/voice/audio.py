@@ -1,5 +1,5 @@
-"""Audio in and out: read a WAV file's bytes into a checked mono clip at the rate a model wants,
-and write a clip back as 16-bit PCM WAV.
+"""Audio in and out: read a WAV (or compressed) file's bytes into a checked mono clip at the rate
+a model wants, and write a clip back as 16-bit PCM WAV.
 
     clip = load_audio(open("hello.wav", "rb").read())       # mono float32, 16 kHz, checked
     clip.samples, clip.rate, clip.seconds
@@ -10,11 +10,15 @@ a rate out of range, silent, too long) is one `AudioError` that names what is wr
 send instead: the CLI prints it, the server answers it as HTTP 400. WAV is parsed here (RIFF
 chunks, with numpy) rather than by the stdlib `wave`, which reads integer PCM only: float WAVs
 (what numpy/soundfile users write) and WAVE_FORMAT_EXTENSIBLE files (what many recorders write)
-are read too. A stream writer's WAV, whose sizes say 0 or 0xFFFFFFFF, is read up to its end.
+are read too. A stream writer's WAV, whose sizes say 0 or 0xFFFFFFFF, is read up to its end. Compressed
+files (MP3, Ogg/Opus, FLAC, WebM, M4A: what browsers record and OpenAI's API takes) are decoded
+by PyAV's FFmpeg when it is installed, only for those container formats.
 """
 
 from __future__ import annotations
 
+import importlib.util
+import io
 import struct
 from dataclasses import dataclass
 
@@ -136,10 +140,43 @@ def check(clip: Clip, max_seconds: float = 600.0, min_seconds: float = 0.1) -> C
 
 
 def load_audio(data: bytes, rate: int = MODEL_RATE, max_seconds: float = 600.0) -> Clip:
-    """WAV bytes as a checked mono clip at `rate` Hz. The length is checked before resampling, so
-    a long file costs no work."""
-    clip = check(read_wav(data), max_seconds)
-    return Clip(resample(clip.samples, clip.rate, rate), rate)
+    """Audio bytes as a checked mono clip at `rate` Hz: WAV, or (with PyAV, which faster-whisper
+    installs) MP3, Ogg/Opus, FLAC, WebM, M4A. A WAV's length is checked before resampling, a
+    compressed file's while it decodes, so a long file costs little work."""
+    if data[:4] == b"RIFF" or len(data) < 12 or importlib.util.find_spec("av") is None:
+        clip = check(read_wav(data), max_seconds)
+        return Clip(resample(clip.samples, clip.rate, rate), rate)
+    return check(decode(data, rate, max_seconds), max_seconds)
+
+
+COMPRESSED = {"mp3", "ogg", "flac", "matroska,webm", "mov,mp4,m4a,3gp,3g2,mj2", "aac"}  # FFmpeg's demuxer names
+
+
+def decode(data: bytes, rate: int, max_seconds: float) -> Clip:
+    """A compressed file's audio (one of COMPRESSED) as mono at `rate` Hz, through PyAV (FFmpeg)."""
+    import av
+
+    try:
+        with av.open(io.BytesIO(data), metadata_errors="ignore") as container:
+            if container.format.name not in COMPRESSED:
+                raise AudioError(f"the audio is not a WAV file or a format we decode ({container.format.name}): "
+                                 f"{_SEND}, or MP3, Ogg, FLAC, WebM, M4A", "unsupported")
+            stream = next((s for s in container.streams if s.type == "audio"), None)
+            if stream is None:
+                raise AudioError("the file has no audio stream", "not_audio")
+            resampler, chunks, total = av.AudioResampler(format="flt", layout="mono", rate=rate), [], 0
+            for frame in container.decode(stream):
+                for out in resampler.resample(frame):
+                    chunks.append(out.to_ndarray().reshape(-1))
+                    total += len(chunks[-1])
+                if total > max_seconds * rate:
+                    raise AudioError(f"the audio is over the {max_seconds:.0f} s limit: split it into shorter files",
+                                     "too_long")
+            chunks += [out.to_ndarray().reshape(-1) for out in resampler.resample(None)]
+    except av.FFmpegError as e:
+        raise AudioError(f"the audio is not a WAV file and could not be decoded ({e.strerror or e}): {_SEND}, "
+                         "or MP3, Ogg, FLAC, WebM, M4A", "not_audio") from None
+    return Clip(np.concatenate(chunks).astype(np.float32) if chunks else np.zeros(0, np.float32), rate)
 
 
 def wav_bytes(clip: Clip) -> bytes:
