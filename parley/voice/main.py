@@ -4,6 +4,7 @@
     parley speak "Hello" --out hello.wav --voice espeak:en-gb --speed 1.2
     parley transcribe hello.wav                                          # prints the text
     parley transcribe hello.wav --model runs/asr/model --dtype float32 --segments
+    parley chat --audio-in question.wav --audio-out answer.wav      # one spoken turn (voice_chat)
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from __future__ import annotations
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TextIO
 
 from parley.config import parse_cli, setting
 from parley.files import atomic_open
@@ -71,4 +73,48 @@ def transcribe_main(argv: list[str], prog: str = "parley transcribe") -> int:
             print(f"[{s.start:7.2f} -> {s.end:7.2f}] {s.text}")
     else:
         print(result.text)
+    return 0
+
+
+def voice_chat(session, audio_in: str, audio_out: str = "", voice: str = "default", model: str = "default",
+               stdout: TextIO = sys.stdout) -> int:
+    """One spoken turn of `parley chat`: the WAV `audio_in` transcribed, said to the session (local
+    or a server's), the answer printed as it streams and spoken sentence by sentence into
+    `audio_out`. The transcript is what the conversation saves as the user's message."""
+    import numpy as np
+
+    from parley.pipeline.frames import ShownText
+    from parley.voice.asr import load_asr
+    from parley.voice.audio import Clip, load_audio, wav_bytes
+    from parley.voice.tts import load_tts, speak_stream
+
+    path = Path(audio_in)
+    if not path.is_file():
+        raise FileNotFoundError(f"no audio file {audio_in}")
+    tts = load_tts(voice) if audio_out else None  # a bad voice fails before the turn, not after it
+    heard = load_asr(model).transcribe(load_audio(path.read_bytes())).text
+    if not heard:
+        raise ValueError(f"no speech was recognised in {audio_in}")
+    print(f"you (heard)> {heard}", file=stdout)
+    stdout.write("assistant> ")
+    shown = ShownText()
+
+    def pieces():
+        for frame in session.say(heard):
+            piece = shown(frame)
+            stdout.write(piece)
+            stdout.flush()
+            yield piece
+
+    if tts is None:
+        for _ in pieces():
+            pass
+        print(file=stdout)
+        return 0
+    clips = [clip for _, clip in speak_stream(tts, pieces(), first_clause=4)]
+    print(file=stdout)
+    samples = np.concatenate([c.samples for c in clips]) if clips else np.zeros(0, np.float32)
+    with atomic_open(audio_out, "wb") as f:
+        f.write(wav_bytes(Clip(samples, tts.rate)))
+    print(f"wrote {audio_out}: {len(samples) / tts.rate:.1f} s of speech, voice {tts.name}", file=stdout)
     return 0
