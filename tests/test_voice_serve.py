@@ -1,6 +1,7 @@
 """The audio routes over real parts: uvicorn on a local port, the official openai SDK, piper's voice
 and Whisper tiny.en; the round trip /v1/audio/speech -> /v1/audio/transcriptions gives the text back."""
 
+import signal
 import struct
 
 import httpx
@@ -23,6 +24,16 @@ pytest.importorskip("piper")
 TEXT = "Turn on the kitchen lights. Then play some quiet music."
 WER_BOUND = 0.25  # tiny.en scores ~0.05 on piper speech (benchmarks/voice.py)
 UPLOAD = 400_000  # bytes: 12 s of 16 kHz 16-bit audio
+
+
+@pytest.fixture(scope="module", autouse=True)
+def broken_pipes_raise():
+    """A refused upload closes the socket while the client still sends: that must be an error in
+    the client, not SIGPIPE killing the test process (`parley.cli.main`, which earlier tests
+    call, sets SIGPIPE to the default so that `parley ... | head` ends quietly)."""
+    before = signal.signal(signal.SIGPIPE, signal.SIG_IGN)
+    yield
+    signal.signal(signal.SIGPIPE, before)
 
 
 @pytest.fixture(scope="module")
@@ -111,8 +122,9 @@ def test_requests_are_checked_and_bounded(site):
         sdk.audio.speech.create(model="tts-1", voice="alloy", input="hi", response_format="mp3")
     with pytest.raises(openai.BadRequestError, match="nothing to speak"):
         sdk.audio.speech.create(model="tts-1", voice="alloy", input=" ... ")
-    with pytest.raises(openai.BadRequestError, match="no voice named"):
-        sdk.audio.speech.create(model="tts-1", voice="nobody", input="hi")
+    for voice in ("nobody", "/etc/passwd.onnx", "espeak:en;rm"):  # no file path: only our voices' names
+        with pytest.raises(openai.BadRequestError, match="no voice named"):
+            sdk.audio.speech.create(model="tts-1", voice=voice, input="hi")
     with pytest.raises(openai.BadRequestError, match="speed"):
         sdk.audio.speech.create(model="tts-1", voice="alloy", input="hi", speed=9)
     with pytest.raises(openai.BadRequestError, match="response_format"):

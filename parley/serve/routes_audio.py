@@ -17,6 +17,8 @@ body over the upload limit is a 413 from the middleware before it is read.
 from __future__ import annotations
 
 import importlib.util
+import re
+import shutil
 import struct
 import threading
 from collections.abc import Iterator
@@ -41,7 +43,8 @@ PCM_RATE = 24_000  # OpenAI's raw `pcm` format: 16-bit mono at 24 kHz
 def audio_models() -> list[str]:
     """The speech model names /v1/models lists: those whose backend is installed."""
     names = list(TRANSCRIPTION_MODELS) if importlib.util.find_spec("faster_whisper") else []
-    return names + list(SPEECH_MODELS if importlib.util.find_spec("piper") else SPEECH_MODELS[-1:])
+    espeak = ["espeak"] if shutil.which("espeak-ng") else []
+    return names + (list(SPEECH_MODELS[:-1]) if importlib.util.find_spec("piper") else []) + espeak
 
 
 class SpeechRequest(BaseModel):
@@ -54,7 +57,8 @@ class SpeechRequest(BaseModel):
 
 
 class Voices:
-    """The server's speech models, each loaded on first use and kept; one request at a time per
+    """The server's speech models, each loaded on first use and kept (a few: the voice names a
+    request may give are checked first, and no file path is one); one request at a time per
     model, so two cores are not split between several syntheses that all finish late."""
 
     def __init__(self):
@@ -117,7 +121,10 @@ def audio_routes(server: Server) -> APIRouter:
             raise APIError(400, "input has nothing to speak: give some words", code="invalid_value", param="input")
         name = req.voice if req.voice not in OPENAI_VOICES else {"espeak": "espeak", "piper": "joe"}.get(
             req.model, "default")
-        tts, busy = voices.get(("tts", name, req.speed), lambda: load_tts(name, req.speed))
+        if name not in ("default", "joe", "espeak") and not re.fullmatch(r"espeak:[\w+-]+", name):
+            raise APIError(400, f"no voice named {name!r}: use one of {', '.join(OPENAI_VOICES)}, default, joe, "
+                           "espeak or espeak:VOICE (espeak-ng --voices=en)", code="invalid_value", param="voice")
+        tts, busy = voices.get(("tts", name), lambda: load_tts(name))
         rate = PCM_RATE if req.response_format == "pcm" else tts.rate
         parts = [s for s in sentences([req.input]) if any(c.isalnum() for c in s)]
 
@@ -129,7 +136,7 @@ def audio_routes(server: Server) -> APIRouter:
             for sentence in parts:
                 try:
                     with busy:
-                        clip = tts.synthesize(sentence)
+                        clip = tts.synthesize(sentence, req.speed)
                 except TTSError:  # nothing to say in this piece after all: skip it, keep the stream
                     continue
                 samples = resample(clip.samples, clip.rate, rate)

@@ -38,7 +38,7 @@ class TTS(Protocol):
     name: str
     rate: int
 
-    def synthesize(self, text: str) -> Clip: ...
+    def synthesize(self, text: str, speed: float | None = None) -> Clip: ...  # speed: this call's, not the default
 
 
 def _checked(text: str) -> str:
@@ -64,12 +64,12 @@ class PiperTTS:
             self.name = Path(model).stem
         if not Path(model).is_file():
             raise TTSError(f"no piper voice at {model}: give an .onnx file with its .onnx.json beside it")
-        self.voice = PiperVoice.load(model)
+        self.voice, self.speed, self._config = PiperVoice.load(model), speed, SynthesisConfig
         self.rate = self.voice.config.sample_rate
-        self.config = SynthesisConfig(length_scale=self.voice.config.length_scale / speed)
 
-    def synthesize(self, text: str) -> Clip:
-        chunks = [c.audio_float_array for c in self.voice.synthesize(_checked(text), self.config)]
+    def synthesize(self, text: str, speed: float | None = None) -> Clip:
+        config = self._config(length_scale=self.voice.config.length_scale / _speed(speed or self.speed))
+        chunks = [c.audio_float_array for c in self.voice.synthesize(_checked(text), config)]
         return Clip(np.concatenate(chunks).astype(np.float32) if chunks else np.zeros(0, np.float32), self.rate)
 
 
@@ -82,11 +82,11 @@ class EspeakTTS:
         self.binary = shutil.which("espeak-ng")
         if self.binary is None:
             raise TTSError("espeak-ng is not installed: `apt-get install espeak-ng` (or `make voice`)")
-        self.voice, self.name, self.rate = voice, f"espeak:{voice}", 22050
-        self.wpm = int(np.clip(175 * speed, 80, 450))
+        self.voice, self.name, self.rate, self.speed = voice, f"espeak:{voice}", 22050, speed
 
-    def synthesize(self, text: str) -> Clip:
-        run = subprocess.run([self.binary, "--stdout", "-b", "1", "-v", self.voice, "-s", str(self.wpm)],
+    def synthesize(self, text: str, speed: float | None = None) -> Clip:
+        wpm = int(np.clip(175 * _speed(speed or self.speed), 80, 450))  # espeak-ng's words a minute
+        run = subprocess.run([self.binary, "--stdout", "-b", "1", "-v", self.voice, "-s", str(wpm)],
                              input=_checked(text).encode(), capture_output=True, timeout=120)
         if run.returncode != 0 or not run.stdout:
             raise TTSError(f"espeak-ng failed for voice {self.voice!r}: {run.stderr.decode(errors='replace').strip()}")
@@ -98,10 +98,15 @@ class EspeakTTS:
         return clip
 
 
-def load_tts(voice: str = "default", speed: float = 1.0) -> TTS:
-    """The synthesizer for a voice name (see the module docstring)."""
+def _speed(speed: float) -> float:
     if not 0.25 <= speed <= 4.0:
         raise TTSError(f"speed must be 0.25..4.0 (got {speed})")
+    return speed
+
+
+def load_tts(voice: str = "default", speed: float = 1.0) -> TTS:
+    """The synthesizer for a voice name (see the module docstring)."""
+    _speed(speed)
     if voice in ("default", *OPENAI_VOICES):
         try:
             import piper  # noqa: F401
