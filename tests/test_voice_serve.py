@@ -125,6 +125,8 @@ def test_requests_are_checked_and_bounded(site):
     for voice in ("nobody", "/etc/passwd.onnx", "espeak:en;rm"):  # no file path: only our voices' names
         with pytest.raises(openai.BadRequestError, match="no voice named"):
             sdk.audio.speech.create(model="tts-1", voice=voice, input="hi")
+    with pytest.raises(openai.BadRequestError, match="espeak-ng failed"):  # before the stream starts
+        sdk.audio.speech.create(model="tts-1", voice="espeak:xx-nonexistent", input="hi")
     with pytest.raises(openai.BadRequestError, match="speed"):
         sdk.audio.speech.create(model="tts-1", voice="alloy", input="hi", speed=9)
     with pytest.raises(openai.BadRequestError, match="response_format"):

@@ -65,17 +65,22 @@ class Voices:
         self._lock, self._models, self._busy = threading.Lock(), {}, {}
 
     def get(self, key: tuple, make):
+        """The model made by `make` under `key` (made on first use) and its lock."""
         with self._lock:
             if key not in self._models:
-                try:
-                    self._models[key] = make()
-                except ImportError as e:
-                    raise APIError(503, f"speech is not installed on this server ({e.name} is missing): "
-                                   "pip install 'parley[voice]'", code="unavailable") from None
-                except ValueError as e:  # TTSError / ASRError: a voice name that is not one
-                    raise APIError(400, str(e), code="invalid_value", param="voice") from None
-                self._busy[key] = threading.Lock()
+                self._models[key], self._busy[key] = self.make(make), threading.Lock()
             return self._models[key], self._busy[key]
+
+    @staticmethod
+    def make(make):
+        """`make()`, its failures as API errors."""
+        try:
+            return make()
+        except ImportError as e:
+            raise APIError(503, f"speech is not installed on this server ({e.name} is missing): "
+                           "pip install 'parley[voice]'", code="unavailable") from None
+        except ValueError as e:  # TTSError / ASRError: a voice name that is not one
+            raise APIError(400, str(e), code="invalid_value", param="voice") from None
 
 
 def audio_routes(server: Server) -> APIRouter:
@@ -109,6 +114,7 @@ def audio_routes(server: Server) -> APIRouter:
     @router.post("/speech", response_class=StreamingResponse,
                  responses={200: {"content": {"audio/wav": {}, "audio/pcm": {}}}})
     def speech(req: SpeechRequest, user: User = auth):
+        from parley.voice.audio import resample
         from parley.voice.tts import OPENAI_VOICES, TTSError, load_tts, sentences
 
         if req.model not in SPEECH_MODELS:
@@ -124,23 +130,30 @@ def audio_routes(server: Server) -> APIRouter:
         if name not in ("default", "joe", "espeak") and not re.fullmatch(r"espeak:[\w+-]+", name):
             raise APIError(400, f"no voice named {name!r}: use one of {', '.join(OPENAI_VOICES)}, default, joe, "
                            "espeak or espeak:VOICE (espeak-ng --voices=en)", code="invalid_value", param="voice")
-        tts, busy = voices.get(("tts", name), lambda: load_tts(name))
+        if name in ("default", "joe"):  # piper: loaded once, kept
+            tts, busy = voices.get(("tts", name), lambda: load_tts(name))
+        else:  # espeak-ng: nothing to load, a process per sentence
+            tts, busy = voices.make(lambda: load_tts(name)), threading.Lock()
         rate = PCM_RATE if req.response_format == "pcm" else tts.rate
         parts = [s for s in sentences([req.input]) if any(c.isalnum() for c in s)]
 
-        def stream() -> Iterator[bytes]:  # Starlette runs a plain iterator in its thread pool
-            from parley.voice.audio import resample
+        def pcm(sentence: str) -> bytes:
+            with busy:
+                clip = tts.synthesize(sentence, req.speed)
+            return (resample(clip.samples, clip.rate, rate).clip(-1, 1) * 32767).round().astype("<i2").tobytes()
 
-            if req.response_format == "wav":
-                yield _stream_header(rate)
-            for sentence in parts:
+        try:  # the first sentence before the answer starts: a voice that fails is a 400, not an empty stream
+            first = pcm(parts[0])
+        except TTSError as e:
+            raise APIError(400, str(e), code="invalid_value", param="voice") from None
+
+        def stream() -> Iterator[bytes]:  # Starlette runs a plain iterator in its thread pool
+            yield (_stream_header(rate) if req.response_format == "wav" else b"") + first
+            for sentence in parts[1:]:
                 try:
-                    with busy:
-                        clip = tts.synthesize(sentence, req.speed)
+                    yield pcm(sentence)
                 except TTSError:  # nothing to say in this piece after all: skip it, keep the stream
                     continue
-                samples = resample(clip.samples, clip.rate, rate)
-                yield (samples.clip(-1, 1) * 32767).round().astype("<i2").tobytes()
 
         return StreamingResponse(stream(), media_type="audio/wav" if req.response_format == "wav" else "audio/pcm")
 
