@@ -62,7 +62,7 @@ def test_speech_then_transcription_gives_the_text_back(site, spoken):
     clip = read_wav(spoken)
     assert clip.rate == 22_050 and 2.5 < clip.seconds < 8
     sdk = site[1]
-    text = sdk.audio.transcriptions.create(model="whisper-1", file=("speech.wav", spoken)).text
+    text = sdk.audio.transcriptions.create(model="whisper-1", file=("speech.wav", spoken), language="en").text
     assert wer(TEXT, text) <= WER_BOUND, text
     verbose = sdk.audio.transcriptions.create(model="whisper-1", file=("speech.wav", spoken),
                                               response_format="verbose_json")
@@ -129,6 +129,8 @@ def test_requests_are_checked_and_bounded(site):
         sdk.audio.speech.create(model="tts-1", voice="espeak:xx-nonexistent", input="hi")
     with pytest.raises(openai.BadRequestError, match="speed"):
         sdk.audio.speech.create(model="tts-1", voice="alloy", input="hi", speed=9)
+    with pytest.raises(openai.BadRequestError, match="English-only"):
+        sdk.audio.transcriptions.create(model="whisper-1", file=("a.wav", silent_wav()), language="fr")
     with pytest.raises(openai.BadRequestError, match="response_format"):
         sdk.audio.transcriptions.create(model="whisper-1", file=("a.wav", silent_wav()), response_format="xml")
     with pytest.raises(openai.AuthenticationError):

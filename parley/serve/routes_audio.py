@@ -102,6 +102,10 @@ def audio_routes(server: Server) -> APIRouter:
         if fmt not in ("json", "text", "verbose_json", "srt", "vtt"):
             raise APIError(400, f"response_format {fmt!r} is not supported: use json, text, verbose_json, srt or vtt",
                            code="invalid_value", param="response_format")
+        language = form.get("language") or "en"
+        if not isinstance(language, str) or language.lower() not in ("en", "english"):
+            raise APIError(400, f"language {language!r}: the speech models here are English-only (Whisper tiny.en); "
+                           "send English speech with language=en or none", code="invalid_value", param="language")
         data = await file.read()
         result = await run_in_threadpool(_transcribe, voices, data)
         if fmt == "json":
