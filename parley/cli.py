@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import difflib
 import importlib
+import os
 import signal
 import sys
 from dataclasses import dataclass, field, fields
@@ -52,6 +53,9 @@ COMMANDS: dict[str, dict[str | None, tuple[str, str]]] = {
               "pretrain": ("pretrain a model from a recipe", "parley.train.pretrain:PretrainConfig"),
               "sft": ("fine-tune on dialogs (full or LoRA)", "parley.train.sft:SFTConfig"),
               "intents": ("retrain the intent classifier's head", "parley.pipeline.nlu:IntentsConfig")},
+    "speak": {None: ("speak text into a WAV file (piper, or espeak-ng)", "parley.voice.main:SpeakConfig")},
+    "transcribe": {None: ("print the text spoken in a WAV file (whisper, or wav2vec 2.0)",
+                          "parley.voice.main:TranscribeConfig")},
     "data": {"prepare": ("build the training corpus and dialog sets from offline sources",
                          "parley.train.corpus:DataConfig")},
 }
@@ -98,6 +102,9 @@ class GenerateConfig:
 class ChatConfig(AssistantConfig):
     server: str = setting("", "talk to the assistant of a `parley serve` server at this URL (with api_key=KEY) "
                               "instead of running one here ('' = run it here)")
+    audio_in: str = setting("", "a WAV file: transcribe it and take it as the one message (a spoken turn)")
+    audio_out: str = setting("", "with audio_in: write the spoken answer to this WAV file")
+    voice: str = setting("default", "the voice of audio_out (see `parley speak --help`)")
 
 
 def settings_class(command: str, action: str | None):
@@ -199,17 +206,22 @@ def cmd_chat(args) -> int:
     from parley.pipeline.assistant import Assistant
 
     cfg = load_settings(args)
+    if cfg.audio_out and not cfg.audio_in:
+        raise ValueError("audio_out= is where a spoken turn's answer goes: give audio_in=QUESTION.wav too")
+    if cfg.audio_in and not os.path.isfile(cfg.audio_in):  # before the slow loads
+        raise FileNotFoundError(f"no audio file {cfg.audio_in}")
     if cfg.server:  # the server's own settings apply
         from parley.serve.client import RemoteAssistant
 
         given = to_dict(cfg)
-        unused = [f"{k}={given[k]}" for k, v in to_dict(ChatConfig(server=cfg.server, api_key=cfg.api_key)).items()
-                  if given[k] != v]
+        local = ChatConfig(server=cfg.server, api_key=cfg.api_key, audio_in=cfg.audio_in, audio_out=cfg.audio_out,
+                           voice=cfg.voice)  # the settings that stay on this side
+        unused = [f"{k}={given[k]}" for k, v in to_dict(local).items() if given[k] != v]
         if unused:
             raise ValueError(f"server= talks to a server, which has its own settings: drop {' '.join(unused)}")
         remote = RemoteAssistant(cfg.server, key=cfg.api_key or None)
         try:
-            return chat.run(remote)
+            return _voice_chat(remote, cfg) if cfg.audio_in else chat.run(remote)
         finally:
             remote.close()
     if cfg.url and cfg.backend == "local":
@@ -220,9 +232,15 @@ def cmd_chat(args) -> int:
         Registry().get(cfg.model)  # a missing model is reported before the slower loads
     session = chat.Session(Assistant.build(assistant_cfg))
     try:
-        return chat.run(session)
+        return _voice_chat(session, cfg) if cfg.audio_in else chat.run(session)
     finally:
         session.close()
+
+
+def _voice_chat(session, cfg: ChatConfig) -> int:
+    from parley.voice.main import voice_chat
+
+    return voice_chat(session, cfg.audio_in, cfg.audio_out, cfg.voice)
 
 
 def cmd_train(args) -> int:
@@ -259,11 +277,18 @@ def cmd_data(args) -> int:
     return corpus.main(args.settings, prog=args.prog)
 
 
+def cmd_voice(args) -> int:
+    from parley.voice import main as voice
+
+    return (voice.speak_main if args.command == "speak" else voice.transcribe_main)(args.settings, prog=args.prog)
+
+
 def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGPIPE, signal.SIG_DFL)  # `parley ... | head` ends quietly, like other tools
     argv = sys.argv[1:] if argv is None else list(argv)
     handlers = {"models": cmd_models, "generate": cmd_generate, "chat": cmd_chat, "ingest": cmd_ingest,
-                "serve": cmd_serve, "users": cmd_users, "train": cmd_train, "data": cmd_data}
+                "serve": cmd_serve, "users": cmd_users, "train": cmd_train, "data": cmd_data,
+                "speak": cmd_voice, "transcribe": cmd_voice}
     debug = "--debug" in argv[:1]
     try:
         args = parse_args(argv)

@@ -32,6 +32,7 @@ def create_app(settings: Settings, engine=None, tokenizer=None, embedder=None) -
     or neither, replace loading `settings.model` from the registry: the app starts that engine
     but leaves closing it to the caller, and closes only an engine it built. `embedder` replaces
     loading MiniLM on first use."""
+    from parley.serve.routes_audio import audio_routes
     from parley.serve.routes_openai import openai_routes
     from parley.serve.routes_parley import parley_routes
     from parley.serve.routes_ui import ui_routes
@@ -62,9 +63,11 @@ def create_app(settings: Settings, engine=None, tokenizer=None, embedder=None) -
     app.include_router(openai_routes(server))
     app.include_router(parley_routes(server))
     app.include_router(ui_routes(server))
+    app.include_router(audio_routes(server))
 
     def limit(path: str) -> int:
-        return settings.max_upload_bytes + 64_000 if path.startswith("/api/knowledge") else settings.max_body_bytes
+        uploads = ("/api/knowledge", "/v1/audio/transcriptions")  # a file in a multipart form
+        return settings.max_upload_bytes + 64_000 if path.startswith(uploads) else settings.max_body_bytes
 
     async def authorize(scope) -> None:  # a key's check before the body is read: see MetricsMiddleware
         if not settings.no_auth:

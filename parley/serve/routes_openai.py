@@ -27,6 +27,7 @@ from parley.engine.text import TextAssembler
 from parley.pipeline.frames import ShownText
 from parley.serve import protocol as p
 from parley.serve.errors import APIError, from_exception
+from parley.serve.routes_audio import audio_models
 from parley.serve.server import ASSISTANT_MODEL, EMBEDDING_MODEL, Server
 from parley.serve.turns import TurnDone, TurnStarted
 from parley.store import User
@@ -44,12 +45,12 @@ def openai_routes(server: Server) -> APIRouter:
     @router.get("/models")
     def list_models(user: User = auth) -> dict:
         names = [m.name for m in server.registry.list()]
-        names = sorted({*names, server.model_name}) + [ASSISTANT_MODEL, EMBEDDING_MODEL]
+        names = sorted({*names, server.model_name}) + [ASSISTANT_MODEL, EMBEDDING_MODEL, *audio_models()]
         return {"object": "list", "data": [p.model_card(n) for n in names]}
 
     @router.get("/models/{name}")
     def get_model(name: str, user: User = auth) -> dict:
-        if name not in (ASSISTANT_MODEL, EMBEDDING_MODEL):
+        if name not in (ASSISTANT_MODEL, EMBEDDING_MODEL, *audio_models()):
             _check_model(server, name)
         return p.model_card(name)
 

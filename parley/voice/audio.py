@@ -1,0 +1,187 @@
+"""Audio in and out: read a WAV (or compressed) file's bytes into a checked mono clip at the rate
+a model wants, and write a clip back as 16-bit PCM WAV.
+
+    clip = load_audio(open("hello.wav", "rb").read())       # mono float32, 16 kHz, checked
+    clip.samples, clip.rate, clip.seconds
+    wav_bytes(clip)                                           # 16-bit PCM WAV bytes
+
+Every way a file can be wrong (empty, not audio, truncated header, an encoding we do not read,
+a rate out of range, silent, too long) is one `AudioError` that names what is wrong and what to
+send instead: the CLI prints it, the server answers it as HTTP 400. WAV is parsed here (RIFF
+chunks, with numpy) rather than by the stdlib `wave`, which reads integer PCM only: float WAVs
+(what numpy/soundfile users write) and WAVE_FORMAT_EXTENSIBLE files (what many recorders write)
+are read too. A stream writer's WAV, whose sizes say 0 or 0xFFFFFFFF, is read up to its end. Compressed
+files (MP3, Ogg/Opus, FLAC, WebM, M4A: what browsers record and OpenAI's API takes) are decoded
+by PyAV's FFmpeg when it is installed, only for those container formats.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import io
+import struct
+from dataclasses import dataclass
+
+import numpy as np
+
+MODEL_RATE = 16_000  # what the speech recognisers take
+MIN_RATE, MAX_RATE = 8_000, 192_000
+SILENCE = 1e-3  # peak below -60 dBFS: nothing a recogniser can hear
+
+_PCM, _FLOAT, _EXTENSIBLE = 1, 3, 0xFFFE
+_SEND = "send a WAV file (16-bit PCM, mono, 16 kHz is best)"
+
+
+class AudioError(ValueError):
+    """Audio we cannot use; `code` names the kind (empty, not_audio, unsupported, silent, too_long)."""
+
+    def __init__(self, message: str, code: str = "invalid_audio"):
+        super().__init__(message)
+        self.code = code
+
+
+@dataclass(frozen=True)
+class Clip:
+    """Mono audio: float32 samples in [-1, 1] at `rate` Hz."""
+
+    samples: np.ndarray
+    rate: int
+
+    @property
+    def seconds(self) -> float:
+        return len(self.samples) / self.rate
+
+
+def read_wav(data: bytes) -> Clip:
+    """A WAV file's bytes as a mono clip at the file's own rate (channels averaged)."""
+    if not data:
+        raise AudioError(f"the audio is empty (0 bytes): {_SEND}", "empty")
+    if data[:4] != b"RIFF" or data[8:12] != b"WAVE":
+        if len(data) < 12 and b"RIFF".startswith(data[:4]):
+            raise AudioError(f"the WAV header is truncated: {len(data)} bytes, a header has at least 44", "not_audio")
+        raise AudioError(f"the audio is not a WAV file (it starts with {data[:12]!r}): {_SEND}", "not_audio")
+    fmt, pcm, at = None, None, 12
+    while at + 8 <= len(data):
+        tag, size = data[at:at + 4], struct.unpack_from("<I", data, at + 4)[0]
+        body = data[at + 8:at + 8 + size]
+        if tag == b"fmt ":
+            if len(body) < 16:
+                raise AudioError(f"the WAV header is truncated: its fmt chunk has {len(body)} of 16 bytes", "not_audio")
+            fmt = body
+        elif tag == b"data":
+            if fmt is None:
+                raise AudioError("the WAV file has its data before its fmt chunk: it is damaged", "not_audio")
+            pcm = body  # a size past the end (a stream writer's 0xFFFFFFFF): read what there is
+            break
+        at += 8 + size + (size & 1)  # chunks are padded to an even length
+    if fmt is None:
+        raise AudioError(f"the WAV header is truncated: no fmt chunk in {len(data)} bytes", "not_audio")
+    if pcm is None:
+        raise AudioError("the WAV file has no data chunk (a truncated file?)", "not_audio")
+    code, channels, rate, _, align, bits = struct.unpack_from("<HHIIHH", fmt)
+    if code == _EXTENSIBLE and len(fmt) >= 26:
+        code = struct.unpack_from("<H", fmt, 24)[0]  # the first two bytes of the sub-format GUID
+    width = bits // 8
+    if not 1 <= channels <= 16 or bits % 8 or width == 0 or align != channels * width:
+        raise AudioError(f"the WAV header is inconsistent ({channels} channels, {bits} bits, block {align} bytes)",
+                         "not_audio")
+    if not MIN_RATE <= rate <= MAX_RATE:
+        raise AudioError(f"sample rate {rate} Hz is not supported: use {MIN_RATE}..{MAX_RATE} Hz (16000 is best)",
+                         "unsupported")
+    samples = _decode(pcm[:len(pcm) - len(pcm) % align], code, width)
+    return Clip(samples.reshape(-1, channels).mean(axis=1, dtype=np.float32), rate)
+
+
+def _decode(raw: bytes, code: int, width: int) -> np.ndarray:
+    if code == _PCM and width == 1:  # 8-bit WAV is unsigned
+        return (np.frombuffer(raw, np.uint8).astype(np.float32) - 128) / 128
+    if code == _PCM and width in (2, 4):
+        return np.frombuffer(raw, f"<i{width}").astype(np.float32) / 2 ** (8 * width - 1)
+    if code == _PCM and width == 3:  # 24-bit: put each sample in the top three bytes of an int32
+        b = np.frombuffer(raw, np.uint8).reshape(-1, 3)
+        padded = np.zeros((len(b), 4), np.uint8)
+        padded[:, 1:] = b
+        return padded.view("<i4").ravel().astype(np.float32) / 2 ** 31
+    if code == _FLOAT and width in (4, 8):
+        samples = np.frombuffer(raw, f"<f{width}").astype(np.float32)
+        if not np.isfinite(samples).all():
+            raise AudioError("the WAV file holds NaN or infinite samples", "not_audio")
+        return np.clip(samples, -1, 1)
+    kind = {_PCM: "integer PCM", _FLOAT: "float"}.get(code, f"format code {code:#x} (compressed?)")
+    raise AudioError(f"WAV {kind} with {8 * width}-bit samples is not supported: use 8/16/24/32-bit PCM "
+                     "or 32/64-bit float", "unsupported")
+
+
+def resample(samples: np.ndarray, rate: int, to: int) -> np.ndarray:
+    """Band-limited resampling (in the frequency domain: exact for a clip, no filter design)."""
+    if rate == to or len(samples) == 0:
+        return samples.astype(np.float32, copy=False)
+    n = max(1, round(len(samples) * to / rate))
+    spectrum = np.fft.rfft(samples.astype(np.float64))
+    keep = min(len(spectrum), n // 2 + 1)
+    out = np.zeros(n // 2 + 1, np.complex128)
+    out[:keep] = spectrum[:keep]
+    return (np.fft.irfft(out, n) * (n / len(samples))).astype(np.float32)
+
+
+def check(clip: Clip, max_seconds: float = 600.0, min_seconds: float = 0.1) -> Clip:
+    """The clip if a recogniser can use it, else an AudioError saying why."""
+    if len(clip.samples) == 0:
+        raise AudioError(f"the audio has no samples: {_SEND}", "empty")
+    if clip.seconds < min_seconds:
+        raise AudioError(f"the audio is {clip.seconds * 1000:.0f} ms long; send at least {min_seconds * 1000:.0f} ms",
+                         "empty")
+    if clip.seconds > max_seconds:
+        raise AudioError(f"the audio is {clip.seconds:.0f} s long, over the {max_seconds:.0f} s limit: "
+                         "split it into shorter files", "too_long")
+    if float(np.abs(clip.samples).max()) < SILENCE:
+        raise AudioError("the audio is silent (peak below -60 dBFS): check the microphone or the file", "silent")
+    return clip
+
+
+def load_audio(data: bytes, rate: int = MODEL_RATE, max_seconds: float = 600.0) -> Clip:
+    """Audio bytes as a checked mono clip at `rate` Hz: WAV, or (with PyAV, which faster-whisper
+    installs) MP3, Ogg/Opus, FLAC, WebM, M4A. A WAV's length is checked before resampling, a
+    compressed file's while it decodes, so a long file costs little work."""
+    if data[:4] == b"RIFF" or len(data) < 12 or importlib.util.find_spec("av") is None:
+        clip = check(read_wav(data), max_seconds)
+        return Clip(resample(clip.samples, clip.rate, rate), rate)
+    return check(decode(data, rate, max_seconds), max_seconds)
+
+
+COMPRESSED = {"mp3", "ogg", "flac", "matroska,webm", "mov,mp4,m4a,3gp,3g2,mj2", "aac"}  # FFmpeg's demuxer names
+
+
+def decode(data: bytes, rate: int, max_seconds: float) -> Clip:
+    """A compressed file's audio (one of COMPRESSED) as mono at `rate` Hz, through PyAV (FFmpeg)."""
+    import av
+
+    try:
+        with av.open(io.BytesIO(data), metadata_errors="ignore") as container:
+            if container.format.name not in COMPRESSED:
+                raise AudioError(f"the audio is not a WAV file or a format we decode ({container.format.name}): "
+                                 f"{_SEND}, or MP3, Ogg, FLAC, WebM, M4A", "unsupported")
+            stream = next((s for s in container.streams if s.type == "audio"), None)
+            if stream is None:
+                raise AudioError("the file has no audio stream", "not_audio")
+            resampler, chunks, total = av.AudioResampler(format="flt", layout="mono", rate=rate), [], 0
+            for frame in container.decode(stream):
+                for out in resampler.resample(frame):
+                    chunks.append(out.to_ndarray().reshape(-1))
+                    total += len(chunks[-1])
+                if total > max_seconds * rate:
+                    raise AudioError(f"the audio is over the {max_seconds:.0f} s limit: split it into shorter files",
+                                     "too_long")
+            chunks += [out.to_ndarray().reshape(-1) for out in resampler.resample(None)]
+    except av.FFmpegError as e:
+        raise AudioError(f"the audio is not a WAV file and could not be decoded ({e.strerror or e}): {_SEND}, "
+                         "or MP3, Ogg, FLAC, WebM, M4A", "not_audio") from None
+    return Clip(np.concatenate(chunks).astype(np.float32) if chunks else np.zeros(0, np.float32), rate)
+
+
+def wav_bytes(clip: Clip) -> bytes:
+    """The clip as a 16-bit PCM mono WAV file."""
+    pcm = (np.clip(clip.samples, -1, 1) * 32767).round().astype("<i2").tobytes()
+    header = struct.pack("<4sI4s4sIHHIIHH4sI", b"RIFF", 36 + len(pcm), b"WAVE", b"fmt ", 16, _PCM, 1,
+                         clip.rate, clip.rate * 2, 2, 16, b"data", len(pcm))
+    return header + pcm
