@@ -27,7 +27,7 @@ from pathlib import Path
 
 import torch
 
-from parley.model.quant import keep_gguf_blocks, quantize_model
+from parley.model.quant import dequantize_model, keep_gguf_blocks, quantize_model
 from parley.model.tokenizer import Tokenizer
 from parley.model.transformer import Transformer
 from parley.model.weights import export_hf, load_checkpoint, load_gguf, load_hf, save_checkpoint
@@ -216,6 +216,7 @@ class Registry:
         if out.exists() and any(out.iterdir()):
             raise FileExistsError(f"{out} exists and is not empty: choose a new folder")
         model, tokenizer, _ = self.load(name)
+        dequantize_model(model)  # an HF folder holds floats: quantized layers go out as their exact values
         export_hf(model, out, bos_token_id=tokenizer.bos_id, eos_token_id=tokenizer.eos_id)
         tokenizer.save(out)
         return out

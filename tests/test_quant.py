@@ -271,6 +271,12 @@ def test_import_quantize_stores_quantized_weights_and_generates(tmp_path, tiny_h
         assert engine.fast.quant
         [done] = engine.generate([[1, 2, 3]], SamplingParams(max_tokens=5))
         assert len(done.tokens) == 5
+    registry.export("tiny-q4", tmp_path / "out")  # an HF folder of the exact dequantized values
+    from parley.model.weights import load_hf
+
+    exported, _ = load_hf(tmp_path / "out")
+    q4, _, _ = registry.load("tiny-q4")
+    assert torch.equal(exported.model.layers[0].mlp.down_proj.weight, q4.model.layers[0].mlp.down_proj.dequantize())
     with pytest.raises(ValueError, match="applies to .gguf files"):
         registry.import_model(str(tiny_hf_dir), name="x", quantize="keep")
     assert_clean_error(parley(tmp_path, "models", "import", str(tiny_hf_dir), "--name", "x", "--quantize", "q5",
