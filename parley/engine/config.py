@@ -5,7 +5,9 @@
 
 `kernels` picks the CPU path: `auto` takes the best this CPU offers (AMX tiles, then the
 AVX-512 C kernels), `avx512` keeps the C kernels but off the tile unit, `torch` runs
-PyTorch only. The environment variable PARLEY_KERNELS overrides the setting, for every engine
+PyTorch only. Quantized weights (model/quant.py) run on int8 dot products: AVX512-VNNI where
+the CPU has it, unless `avx2` (vpmaddubsw) or `scalar` (portable C) caps them lower, so that
+each path this CPU runs can be tested on it; for float weights these two mean `avx512`. The environment variable PARLEY_KERNELS overrides the setting, for every engine
 the process builds (a quick comparison without editing a command line; the test suite on a
 lower path: `PARLEY_KERNELS=avx512 make test`); PARLEY_AMX=0 is the older spelling of `avx512`.
 """
@@ -18,7 +20,7 @@ from typing import Literal
 
 from parley.config import ConfigError, setting
 
-KERNELS = ("auto", "amx", "avx512", "torch")
+KERNELS = ("auto", "amx", "avx512", "avx2", "scalar", "torch")
 
 
 @dataclass
@@ -26,9 +28,10 @@ class EngineConfig:
     device: Literal["auto", "cpu", "cuda"] = setting("auto", "where the model runs: auto = cuda when PyTorch sees "
                                                              "a GPU, else cpu")
     dtype: Literal["bfloat16", "float32"] = setting("bfloat16", "weights and compute precision")
-    kernels: Literal["auto", "amx", "avx512", "torch"] = setting(
-        "auto", "CPU path: auto = the best this CPU has (AMX tiles, then AVX-512 C kernels); torch = PyTorch only "
-                "(the environment variable PARLEY_KERNELS overrides this)")
+    kernels: Literal["auto", "amx", "avx512", "avx2", "scalar", "torch"] = setting(
+        "auto", "CPU path: auto = the best this CPU has (AMX tiles, then AVX-512 C kernels); avx2 / scalar cap the "
+                "int8 products of quantized weights; torch = PyTorch only (the environment variable PARLEY_KERNELS "
+                "overrides this)")
     max_batch: int = setting(64, "most requests generating at once")
     max_waiting: int = setting(256, "most requests waiting to start; more are refused (HTTP 429)")
     kv_budget_mb: int = setting(0, "memory for the paged KV cache in MiB (0 = room for max_batch full contexts, "

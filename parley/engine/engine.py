@@ -78,7 +78,7 @@ class Engine:
     cache (default room for max_batch full contexts, at most 1 GiB); page_size in tokens;
     prefill_chunk: most tokens of one prompt a step prefills (not on AMX tiles: there a prompt
     may take a whole step's budget); prefill_budget (>= prefill_chunk): most prompt tokens of
-    all prompts in a step; kernels: the CPU path, "auto" | "amx" | "avx512" | "torch"
+    all prompts in a step; kernels: the CPU path, "auto" | "amx" | "avx512" | "avx2" | "scalar" | "torch"
     (parley/engine/config.py); threads: torch threads of the engine's own thread.
     """
 
@@ -92,15 +92,15 @@ class Engine:
             raise EngineError(str(e)) from None
         self.model, cfg = model.eval(), model.config
         self.config = cfg
-        self.device = model.lm_head.weight.device  # (the front ends call torch.set_flush_denormal(True): a
+        self.device = model.model.embed_tokens.weight.device  # (the front ends call torch.set_flush_denormal(True): a
         # process-wide switch, without which denormals slow CPU decoding about tenfold)
         # an engine built on "auto" takes the environment's PARLEY_KERNELS / PARLEY_AMX=0 as a ceiling
         # (what runs where that path cannot falls back), so a whole test suite can run a lower path
         ceiling = EngineConfig().resolved_kernels() if kernels == "auto" else "auto"
         self.fast = self._kernels(model, kernels) if ceiling in ("auto", "amx") else \
-            None if ceiling == "torch" else FastDecoder.create(model, tiles=False)
+            None if ceiling == "torch" else FastDecoder.create(model, tiles=False, path=ceiling)
         # the C path keeps keys and values in fp32, or bf16 on AMX tiles; PyTorch in the weights' dtype
-        dtype = self.fast.kv_dtype if self.fast else model.lm_head.weight.dtype
+        dtype = self.fast.kv_dtype if self.fast else model.model.embed_tokens.weight.dtype
         if kv_budget_bytes is None:
             per_token = 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * cfg.head_dim * dtype.itemsize
             kv_budget_bytes = min(2**30, max_batch * cfg.max_position_embeddings * per_token)
@@ -136,15 +136,20 @@ class Engine:
     def _kernels(model: Transformer, kernels: str) -> FastDecoder | None:
         if kernels == "torch":
             return None
-        fast = FastDecoder.create(model, tiles=kernels != "avx512")
+        fast = FastDecoder.create(model, tiles=kernels in ("auto", "amx"), path=kernels)
         if kernels == "amx" and (fast is None or not fast.amx):
             raise EngineError("kernels=amx, but the AMX tile path cannot run here (it needs a CPU with AMX, "
                               "a C compiler, a dense bf16 model on the CPU with whole-tile shapes): "
                               "use kernels=auto")
-        if kernels == "avx512" and fast is None:
-            raise EngineError("kernels=avx512, but the C kernels cannot run here (they need a C compiler and a "
+        if kernels in ("avx512", "avx2", "scalar") and fast is None:
+            raise EngineError(f"kernels={kernels}, but the C kernels cannot run here (they need a C compiler and a "
                               "dense bf16 or fp32 model on the CPU): use kernels=auto")
         return fast
+
+    @property
+    def kernels_path(self) -> str:
+        """The CPU path the steps run on, chosen once (e.g. "amx", "avx512", "vnni int8 (q4/q8)", "torch")."""
+        return self.fast.path if self.fast else "torch"
 
     @property
     def context_length(self) -> int:
@@ -381,7 +386,7 @@ class Engine:
         decodes, prompts, left = [], [], self.prefill_budget
         # on AMX tiles every row's arithmetic, attention included, is the same wherever its
         # prompt is cut (tests/test_tiles.py), so a prompt takes whatever is left of the budget
-        any_cut = self.fast is not None and self.fast.amx
+        any_cut = self.fast is not None and self.fast.all_rows
         for entry in self._running:
             seq = entry.seq
             if not entry.prefilling:
@@ -404,7 +409,7 @@ class Engine:
         feeds = decodes + prompts
         if not feeds:
             return False
-        if self.fast and self.fast.amx:  # every row through the C layers
+        if self.fast and self.fast.all_rows:  # every row through the C layers
             # one-token feeds (decode rows, and prompts down to their last token) go first
             chunks = [feed for feed in prompts if feed[1] > 1]
             feeds = decodes + [feed for feed in prompts if feed[1] == 1] + chunks

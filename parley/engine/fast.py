@@ -13,7 +13,12 @@ tile unit with their inputs rounded to bf16, and keys and values are kept in bf1
 `step_rows` runs prompt chunks layer by layer through the same C code, their causal
 attention too (keys . queries and weights . values on tiles, 16 queries at a time; a row's
 bits do not depend on where its prompt is cut); the engine uses it on the tile path.
-`create(model, tiles=False)` keeps off the tile unit (the engine's `kernels=avx512`). The kernels compile once with the system C compiler
+`create(model, tiles=False)` keeps off the tile unit (the engine's `kernels=avx512`).
+A model whose projections and output layer are quantized (model/quant.py: q8, q4) runs on the
+int8 kernels instead, its activations rounded to int8 per block of 32; `decoder.path` names the
+instruction set chosen once at start (AVX512-VNNI, AVX2, or portable C; `create(model,
+path="avx2")` caps it), and its prompt chunks go through `step_rows` too (`decoder.all_rows`).
+The kernels compile once with the system C compiler
 into the user's cache folder; if that fails, decoding falls back to the reference forward.
 """
 
@@ -32,6 +37,7 @@ import torch
 
 from parley.engine.cache import PagedBatch, PagedKVCache
 from parley.engine.hugepages import move_to_huge_pages
+from parley.model.quant import QuantLinear, quantized_layers
 from parley.model.transformer import Transformer
 
 SOURCE = Path(__file__).with_name("kernels.c")
@@ -43,12 +49,28 @@ class Layer(ctypes.Structure):
 
 
 class Buffers(ctypes.Structure):
-    _fields_ = [(n, P) for n in ("x", "h", "qkv", "att", "gu", "act", "scores", "logits", "xp", "xp_act")]
+    _fields_ = [(n, P) for n in ("x", "h", "qkv", "att", "gu", "act", "scores", "logits", "xp", "xp_act", "xq", "xs")]
 
 
 class Shape(ctypes.Structure):
     _fields_ = [(n, ctypes.c_int) for n in ("B", "H", "nh", "nkv", "hd", "n_layers", "w_bf16", "amx", "kv_bf16")] + \
-               [(n, ctypes.c_long) for n in ("inter", "vocab", "max_len")] + [("eps", ctypes.c_float)]
+               [(n, ctypes.c_long) for n in ("inter", "vocab", "max_len")] + [("eps", ctypes.c_float)] + \
+               [(n, ctypes.c_int) for n in ("quant", "isa")]
+
+
+class QWeight(ctypes.Structure):
+    """A q8 / q4 weight (model/quant.py) as the C side reads it."""
+    _fields_ = [("q", P), ("d", P), ("m", P), ("fmt", ctypes.c_int)]
+
+    @classmethod
+    def of(cls, layer: QuantLinear) -> "QWeight":
+        return cls(layer.q.data_ptr(), layer.d.data_ptr(), layer.m.data_ptr() if layer.m is not None else None,
+                   8 if layer.fmt == "q8" else 4)
+
+
+# the int8 paths of quantized weights (kernels.c's ISA_*), best last; `kernels=` names a ceiling
+ISAS = ("scalar", "avx2", "vnni")
+ISA_CEILING = {"scalar": 0, "avx2": 1}  # any other setting: the best this CPU has
 
 
 def cache_dir() -> Path:
@@ -92,15 +114,24 @@ def kernels() -> ctypes.CDLL | None:
     so.chunks_attend.argtypes = [ctypes.POINTER(Layer), ctypes.POINTER(Buffers), ctypes.POINTER(Shape), P, P,
                                  ctypes.c_long, ctypes.c_long, P, P, ctypes.c_int, ctypes.c_int]
     so.argmax_rows.argtypes = [P, ctypes.c_long, P, ctypes.c_int, P]
+    so.quant_isa.argtypes, so.quant_isa.restype = [ctypes.c_int], ctypes.c_int
+    so.quant_linear.argtypes = [ctypes.POINTER(QWeight), ctypes.c_int, P, P, P, P, ctypes.c_int, ctypes.c_long,
+                                ctypes.c_long]
+    so.quant_linear.restype = None
     for f in (so.prompt_qkv, so.prompt_mlp, so.prompt_logits, so.rows_attend, so.chunks_attend, so.argmax_rows):
         f.restype = None
     return so
 
 
 class FastDecoder:
-    def __init__(self, model: Transformer, lib: ctypes.CDLL, tiles: bool = True):
+    def __init__(self, model: Transformer, lib: ctypes.CDLL, tiles: bool = True, path: str = "auto"):
         self.lib, self.model, self.cfg = lib, model, model.config
         m = model.model
+        # quantized weights (all projections and the output layer, create checks) are read through
+        # QWeight structs, kept here; the int8 path is the best this CPU has under `path`
+        self.quant = bool(quantized_layers(model))
+        self.isa = lib.quant_isa(ISA_CEILING.get(path, len(ISAS)))
+        self.qweights: list[QWeight] = []
         # norms are tiny: keep fp32 copies; big weights are used in place, never copied
         self.keep = [(b.input_layernorm.weight.float().contiguous(), b.post_attention_layernorm.weight.float().contiguous())
                      for b in m.layers]
@@ -109,18 +140,40 @@ class FastDecoder:
             a, f = block.self_attn, block.mlp
             for name, w in (("q", a.q_proj), ("k", a.k_proj), ("v", a.v_proj), ("o", a.o_proj),
                             ("gate", f.gate_proj), ("up", f.up_proj), ("down", f.down_proj)):
-                setattr(layer, name, w.weight.data_ptr())
+                setattr(layer, name, self._pointer(w))
             layer.ln1, layer.ln2 = ln1.data_ptr(), ln2.data_ptr()
         self.norm = m.norm.weight.float().contiguous()
         self.embed = m.embed_tokens.weight
+        self.head = self._pointer(model.lm_head)
         self.cos, self.sin = model.rope_cos.contiguous(), model.rope_sin.contiguous()
-        self.amx = tiles and self._tiles_fit() and bool(lib.amx_enable())
+        self.amx = tiles and not self.quant and self._tiles_fit() and bool(lib.amx_enable())
         # the tile path keeps keys and values in bf16 (half the bytes each step reads); else fp32
         self.kv_dtype = torch.bfloat16 if self.amx else torch.float32
         self.buffers: dict = {}
         # threads that may share chunks_attend, each with its own 16 rows of scores (the C side
         # caps its team at this)
         self.slots = max(torch.get_num_threads(), os.cpu_count() or 1)
+
+    def _pointer(self, linear: torch.nn.Module) -> int:
+        """What the C side takes for a layer's weights: the float matrix, or a QWeight."""
+        if not isinstance(linear, QuantLinear):
+            return linear.weight.data_ptr()
+        self.qweights.append(QWeight.of(linear))
+        return ctypes.addressof(self.qweights[-1])
+
+    @property
+    def path(self) -> str:
+        """The CPU path the projections run on, as the startup line shows it."""
+        if self.quant:
+            return f"{ISAS[self.isa]} int8 ({'/'.join(sorted({l.fmt for l in quantized_layers(self.model).values()}))})"
+        return "amx" if self.amx else "avx512"
+
+    @property
+    def all_rows(self) -> bool:
+        """Whether prompt chunks too should run here (step_rows): on AMX tiles, and with quantized
+        weights (which PyTorch would dequantize every step); a row's numbers do not depend on
+        where its prompt is cut on either."""
+        return self.amx or self.quant
 
     def _tiles_fit(self) -> bool:
         """Whether the projections can run on AMX tiles: bf16 weights, every input size a
@@ -132,22 +185,26 @@ class FastDecoder:
             all(n % 16 == 0 for n in (q, kv, c.hidden_size, c.intermediate_size, c.vocab_size))
 
     @classmethod
-    def create(cls, model: Transformer, tiles: bool = True) -> "FastDecoder | None":
+    def create(cls, model: Transformer, tiles: bool = True, path: str = "auto") -> "FastDecoder | None":
         """A fast decoder if this model and machine allow one: dense, no biases, bf16 or
-        fp32 weights on the CPU, and a working C compiler; on AMX tiles where they fit, unless
-        `tiles` is False. Moves the model's weights into huge pages (engine/hugepages.py) the
-        first time."""
-        cfg, w = model.config, model.lm_head.weight
+        fp32 weights on the CPU (or q8 / q4 ones: every projection and the output layer), and a
+        working C compiler; on AMX tiles where they fit, unless `tiles` is False. `path` (the
+        engine's `kernels` setting, engine/config.py) caps the int8 path of quantized weights: avx2, scalar. Moves the
+        model's float weights into huge pages (engine/hugepages.py) the first time."""
+        cfg, w = model.config, model.model.embed_tokens.weight
         if cfg.is_moe or cfg.attention_bias or w.device.type != "cpu" or \
                 w.dtype not in (torch.float32, torch.bfloat16):
             return None
+        quantized = quantized_layers(model)
+        if quantized and len(quantized) != 7 * cfg.num_hidden_layers + 1:
+            return None  # some layers float, some not: the C step takes one kind
         if any(not p.is_contiguous() or p.dtype != w.dtype for p in model.parameters() if p.dim() == 2):
             return None
         lib = kernels()
         if lib is None:
             return None
         move_to_huge_pages(model)  # weights in 2 MiB pages, once: see engine/hugepages.py
-        return cls(model, lib, tiles)
+        return cls(model, lib, tiles, path)
 
     def _buffers(self, kind: str, rows: int, span: int = 0, logit_rows: int | None = None) -> tuple[dict, Buffers]:
         """Scratch tensors (views of `rows` rows, and of `logit_rows` rows of logits) and their
@@ -160,6 +217,7 @@ class FastDecoder:
             R, S, L = (max(rows, have[0] if have else 0), max(span, have[1] if have else 0),
                        max(logit_rows, have[2] if have else 0))
             qkv = (c.num_attention_heads + 2 * c.num_key_value_heads) * c.head_dim
+            widest = max(c.hidden_size, c.intermediate_size, c.num_attention_heads * c.head_dim)
             tensors = dict(
                 x=torch.empty(R, c.hidden_size), h=torch.empty(R, c.hidden_size), qkv=torch.empty(R, qkv),
                 att=torch.empty(R, c.num_attention_heads * c.head_dim), gu=torch.empty(R, 2 * c.intermediate_size),
@@ -167,7 +225,8 @@ class FastDecoder:
                 scores=torch.empty(max(R * c.num_attention_heads, 16 * self.slots) * S),
                 logits=torch.empty(L, c.vocab_size),
                 **{name: torch.empty(max(c.hidden_size, c.intermediate_size, c.num_attention_heads * c.head_dim) // 2
-                                     * -(-R // 16) * 16, dtype=torch.int32) for name in ("xp", "xp_act")})
+                                     * -(-R // 16) * 16, dtype=torch.int32) for name in ("xp", "xp_act")},
+                xq=torch.empty(R * widest, dtype=torch.int8), xs=torch.empty(R * 2 * widest // 32))
             self.buffers[kind] = (R, S, L, tensors, Buffers(**{n: t.data_ptr() for n, t in tensors.items()}))
         *_, tensors, pointers = self.buffers[kind]
         views = {n: t[:logit_rows] if n == "logits" else t[:rows] if t.dim() == 2 else t for n, t in tensors.items()}
@@ -180,7 +239,7 @@ class FastDecoder:
         return Shape(B=B, H=c.hidden_size, nh=c.num_attention_heads, nkv=c.num_key_value_heads, hd=c.head_dim,
                      n_layers=c.num_hidden_layers, w_bf16=int(self.embed.dtype == torch.bfloat16), amx=int(self.amx),
                      kv_bf16=int(self.amx), inter=c.intermediate_size, vocab=c.vocab_size, max_len=max_len,
-                     eps=c.rms_norm_eps)
+                     eps=c.rms_norm_eps, quant=int(self.quant), isa=self.isa)
 
     def _point_at(self, cache: PagedKVCache) -> None:
         """Give every layer its page pools of the cache."""
@@ -217,7 +276,7 @@ class FastDecoder:
         tensors["x"].copy_(self.embed[torch.tensor(batch.ids)])
         self._point_at(cache)
         shape = self._shape(B, span)
-        self.lib.decode_step_paged(self.layers, self.norm.data_ptr(), self.model.lm_head.weight.data_ptr(),
+        self.lib.decode_step_paged(self.layers, self.norm.data_ptr(), self.head,
                                    ctypes.byref(buffers), ctypes.byref(shape), positions.data_ptr(),
                                    self.cos.data_ptr(), self.sin.data_ptr(), table.data_ptr(),
                                    table.shape[1], cache.page_size)
@@ -263,6 +322,6 @@ class FastDecoder:
                                    chunks[1].data_ptr(), chunks.shape[1], self.slots)
             self.lib.prompt_mlp(ctypes.byref(layer), ctypes.byref(buffers), ctypes.byref(shape))
         rows = batch.outputs.contiguous()
-        self.lib.prompt_logits(self.norm.data_ptr(), self.model.lm_head.weight.data_ptr(), ctypes.byref(buffers),
+        self.lib.prompt_logits(self.norm.data_ptr(), self.head, ctypes.byref(buffers),
                                ctypes.byref(shape), rows.data_ptr(), n_out)
         return tensors["logits"]

@@ -362,6 +362,258 @@ static void amx_gate_up_for(const uint16_t *gate, const uint16_t *up, const uint
 int amx_enable(void) { return 0; }
 #endif
 
+/* ---------------------------------------------------------------- quantized weights (model/quant.py)
+ *
+ * q8: int8 weights, a half-float scale d per block of 32 inputs (weight = d q); q4: two 4-bit
+ * weights a byte (block k of a row is bytes 16k..16k+15, byte j holding input j in its low nibble
+ * and input 16 + j in its high one), a scale d and a minimum m per block (weight = d q + m). The
+ * input x of a projection is rounded to int8 first, per block of 32 (scale = max |x| / 127, as
+ * llama.cpp's q8 activation blocks), so a block's product is one integer dot product of 32 pairs
+ * times d * scale, plus, for q4, m * scale * sum(xq): a quarter (q8) or an eighth (q4) of the
+ * bytes a bf16 weight takes, and 64 multiply-adds an instruction where the CPU has AVX512-VNNI.
+ * Three paths, one build (per-function target attributes): VNNI (vpdpbusd, 2 blocks a
+ * register, up to 4 rows of x a weight block), AVX2 (vpmaddubsw, one block a register) and
+ * portable C; quant_isa() says which this CPU can run. Every path sums a block's integers exactly;
+ * only the order of the float sums differs (tests/test_quant.py compares each with a float64
+ * reference). Each row of x is rounded on its own, so a row's result does not depend on its batch. */
+
+typedef struct {
+    const void *q;              /* int8 [O, I] (q8) or uint8 [O, I / 2] (q4) */
+    const uint16_t *d, *m;      /* half floats [O, I / 32]; m only for q4 */
+    int fmt;                    /* 8 or 4 */
+} QWeight;
+
+enum { ISA_SCALAR = 0, ISA_AVX2 = 1, ISA_VNNI = 2 };
+
+static inline float half_to_f32(uint16_t h) {
+    const uint32_t sign = (uint32_t)(h & 0x8000) << 16, exp = (h >> 10) & 31, mant = h & 1023;
+    uint32_t u;
+    if (exp == 31) u = sign | 0x7f800000 | (mant << 13); /* inf, nan */
+    else if (exp) u = sign | ((exp + 112) << 23) | (mant << 13);
+    else if (!mant) u = sign;
+    else { /* subnormal: normalize */
+        int e = -1;
+        uint32_t m = mant;
+        do { m <<= 1; e++; } while (!(m & 1024));
+        u = sign | ((uint32_t)(112 - e) << 23) | ((m & 1023) << 13);
+    }
+    float f;
+    memcpy(&f, &u, sizeof f);
+    return f;
+}
+
+/* The best path this CPU runs, at most `ceiling` (ISA_*): checked once by fast.py. */
+int quant_isa(int ceiling) {
+    int best = ISA_SCALAR;
+#if defined(__x86_64__) || defined(__i386__)
+    __builtin_cpu_init();
+    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) best = ISA_AVX2;
+    if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl") &&
+        __builtin_cpu_supports("avx512vnni"))
+        best = ISA_VNNI;
+#endif
+    return best < ceiling ? best : ceiling;
+}
+
+/* x [B, I] fp32 -> xq [B, I] int8 and xs [B, 2 I / 32]: per row, the blocks' scales then their
+ * scale * sum(xq). Rounding half to even (nearbyintf), as quant.quantize_activations does. */
+static void quantize_rows_for(const float *x, int8_t *xq, float *xs, int B, long I) {
+    const long n = I / 32;
+#pragma omp for schedule(static)
+    for (long j = 0; j < B * n; j++) {
+        const long b = j / n, k = j % n;
+        const float *v = x + b * I + k * 32;
+        float amax = 0.f;
+        for (int i = 0; i < 32; i++) amax = fabsf(v[i]) > amax ? fabsf(v[i]) : amax;
+        const float inverse = amax > 0.f ? 127.f / amax : 0.f, scale = amax / 127.f;
+        int sum = 0;
+        for (int i = 0; i < 32; i++) {
+            const int q = (int)nearbyintf(v[i] * inverse);
+            xq[b * I + k * 32 + i] = (int8_t)q;
+            sum += q;
+        }
+        xs[b * 2 * n + k] = scale;
+        xs[b * 2 * n + n + k] = scale * (float)sum;
+    }
+}
+
+/* The integer dot product of block k of weight row o with x's block k. */
+static inline int block_dot(const QWeight *W, long o, long I, long k, const int8_t *x) {
+    int s = 0;
+    if (W->fmt == 8) {
+        const int8_t *q = (const int8_t *)W->q + o * I + k * 32;
+        for (int i = 0; i < 32; i++) s += q[i] * x[k * 32 + i];
+    } else {
+        const uint8_t *q = (const uint8_t *)W->q + o * I / 2 + k * 16;
+        for (int i = 0; i < 16; i++) s += (q[i] & 15) * x[k * 32 + i] + (q[i] >> 4) * x[k * 32 + 16 + i];
+    }
+    return s;
+}
+
+/* The portable path: one weight row o against one row of x. */
+static float qdot_scalar(const QWeight *W, long o, long I, const int8_t *x, const float *xs) {
+    const long n = I / 32;
+    const uint16_t *d = W->d + o * n;
+    float total = 0.f;
+    for (long k = 0; k < n; k++) total += (float)block_dot(W, o, I, k, x) * (half_to_f32(d[k]) * xs[k]);
+    if (W->fmt == 4)
+        for (long k = 0; k < n; k++) total += half_to_f32(W->m[o * n + k]) * xs[n + k];
+    return total;
+}
+
+#if defined(__x86_64__) || defined(__i386__)
+#include <immintrin.h>
+#define TARGET_AVX2 __attribute__((target("avx2,fma,f16c")))
+#define TARGET_VNNI __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")))
+
+TARGET_AVX2 static inline float hsum8(__m256 v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
+}
+
+/* sum_k m[k] * sums[k] over n blocks: q4's minimums times the blocks' sums of x. */
+TARGET_AVX2 static float min_terms_avx2(const uint16_t *m, const float *sums, long n) {
+    __m256 acc = _mm256_setzero_ps();
+    long k = 0;
+    for (; k + 8 <= n; k += 8)
+        acc = _mm256_fmadd_ps(_mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(m + k))), _mm256_loadu_ps(sums + k), acc);
+    float total = hsum8(acc);
+    for (; k < n; k++) total += _cvtsh_ss(m[k]) * sums[k];
+    return total;
+}
+
+/* AVX2: one block of 32 a register; vpmaddubsw multiplies unsigned by signed bytes, so q8 takes
+ * |w| and x with w's sign (pairs of products stay below 2 * 128 * 127: no saturation). */
+TARGET_AVX2 static float qdot_avx2(const QWeight *W, long o, long I, const int8_t *x, const float *xs) {
+    const long n = I / 32;
+    const uint16_t *d = W->d + o * n;
+    const __m256i ones = _mm256_set1_epi16(1);
+    __m256 acc = _mm256_setzero_ps();
+    if (W->fmt == 8) {
+        const int8_t *q = (const int8_t *)W->q + o * I;
+        for (long k = 0; k < n; k++) {
+            const __m256i w = _mm256_loadu_si256((const __m256i *)(q + k * 32));
+            const __m256i xv = _mm256_loadu_si256((const __m256i *)(x + k * 32));
+            const __m256i p = _mm256_madd_epi16(_mm256_maddubs_epi16(_mm256_abs_epi8(w), _mm256_sign_epi8(xv, w)), ones);
+            acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_set1_ps(_cvtsh_ss(d[k]) * xs[k]), acc);
+        }
+        return hsum8(acc);
+    }
+    const uint8_t *q = (const uint8_t *)W->q + o * I / 2;
+    const __m256i low = _mm256_set1_epi8(15);
+    for (long k = 0; k < n; k++) {
+        const __m128i raw = _mm_loadu_si128((const __m128i *)(q + k * 16));
+        const __m256i w = _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(raw, 4), raw), low);
+        const __m256i p = _mm256_madd_epi16(_mm256_maddubs_epi16(w, _mm256_loadu_si256((const __m256i *)(x + k * 32))),
+                                            ones);
+        acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_set1_ps(_cvtsh_ss(d[k]) * xs[k]), acc);
+    }
+    return hsum8(acc) + min_terms_avx2(W->m + o * n, xs + n, n);
+}
+
+/* VNNI: two blocks a 512-bit register (lanes 0-7 the first block's sums, 8-15 the second's), the
+ * weights unpacked once for NB rows of x (x rows I apart, xs rows 2 I / 32 apart). A q4 register
+ * of nibbles [block k low | k+1 low | k high | k+1 high] is put in input order by one shuffle of
+ * 128-bit lanes. q8's signed weights: vpdpbusd takes |w| and x with w's sign. */
+TARGET_VNNI static inline __attribute__((always_inline)) void qdot_vnni_rows(const QWeight *W, long o, long I,
+                                                                              const int8_t *x, const float *xs,
+                                                                              float *out, const int NB) {
+    const long n = I / 32;
+    const uint16_t *d = W->d + o * n;
+    __m512 acc[4];
+    float tail[4] = {0.f, 0.f, 0.f, 0.f};
+    for (int b = 0; b < NB; b++) acc[b] = _mm512_setzero_ps();
+    const __m512i zero = _mm512_setzero_si512();
+    long k = 0;
+    if (W->fmt == 8) {
+        const int8_t *q = (const int8_t *)W->q + o * I;
+        for (; k + 2 <= n; k += 2) {
+            const __m512i w = _mm512_loadu_si512(q + k * 32);
+            const __mmask64 negative = _mm512_movepi8_mask(w);
+            const __m512i magnitude = _mm512_abs_epi8(w);
+            const float dw0 = _cvtsh_ss(d[k]), dw1 = _cvtsh_ss(d[k + 1]);
+            for (int b = 0; b < NB; b++) {
+                const __m512i xv = _mm512_loadu_si512(x + b * I + k * 32);
+                const __m512i dot = _mm512_dpbusd_epi32(zero, magnitude, _mm512_mask_sub_epi8(xv, negative, zero, xv));
+                const float *s = xs + b * 2 * n;
+                const __m512 scale = _mm512_mask_blend_ps(0xFF00, _mm512_set1_ps(dw0 * s[k]), _mm512_set1_ps(dw1 * s[k + 1]));
+                acc[b] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), scale, acc[b]);
+            }
+        }
+    } else {
+        const uint8_t *q = (const uint8_t *)W->q + o * I / 2;
+        const __m256i low = _mm256_set1_epi8(15);
+        for (; k + 2 <= n; k += 2) {
+            const __m256i raw = _mm256_loadu_si256((const __m256i *)(q + k * 16));
+            const __m256i lo = _mm256_and_si256(raw, low), hi = _mm256_and_si256(_mm256_srli_epi16(raw, 4), low);
+            __m512i w = _mm512_inserti64x4(_mm512_castsi256_si512(lo), hi, 1);
+            w = _mm512_shuffle_i64x2(w, w, _MM_SHUFFLE(3, 1, 2, 0));
+            const float dw0 = _cvtsh_ss(d[k]), dw1 = _cvtsh_ss(d[k + 1]);
+            for (int b = 0; b < NB; b++) {
+                const __m512i dot = _mm512_dpbusd_epi32(zero, w, _mm512_loadu_si512(x + b * I + k * 32));
+                const float *s = xs + b * 2 * n;
+                const __m512 scale = _mm512_mask_blend_ps(0xFF00, _mm512_set1_ps(dw0 * s[k]), _mm512_set1_ps(dw1 * s[k + 1]));
+                acc[b] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), scale, acc[b]);
+            }
+        }
+        for (int b = 0; b < NB; b++) tail[b] = min_terms_avx2(W->m + o * n, xs + b * 2 * n + n, n);
+    }
+    for (int b = 0; b < NB; b++) {
+        out[b] = _mm512_reduce_add_ps(acc[b]) + tail[b];
+        if (k < n) /* an odd last block */
+            out[b] += (float)block_dot(W, o, I, k, x + b * I) * (_cvtsh_ss(d[k]) * xs[b * 2 * n + k]);
+    }
+}
+
+TARGET_VNNI static void qdot_vnni(const QWeight *W, long o, long I, const int8_t *x, const float *xs, float *out, int nb) {
+    switch (nb) {
+    case 4: qdot_vnni_rows(W, o, I, x, xs, out, 4); break;
+    case 3: qdot_vnni_rows(W, o, I, x, xs, out, 3); break;
+    case 2: qdot_vnni_rows(W, o, I, x, xs, out, 2); break;
+    default: qdot_vnni_rows(W, o, I, x, xs, out, 1);
+    }
+}
+#endif
+
+/* y[b, o] (+)= sum_i W[o, i] x[b, i] for x already rounded (xq, xs: quantize_rows_for) on path isa;
+ * y's rows y_stride apart. Work is shared by weight rows; a row's blocks are read from memory
+ * once for all rows of x (4 at a time on the VNNI path). */
+static void qlinear_for(const QWeight *W, int isa, const int8_t *xq, const float *xs, float *y, long y_stride, int B,
+                        long I, long O, int accumulate) {
+    const long n = I / 32;
+#pragma omp for schedule(static)
+    for (long o = 0; o < O; o++)
+        for (int b0 = 0; b0 < B; b0 += 4) {
+            const int nb = B - b0 < 4 ? B - b0 : 4;
+            const int8_t *x = xq + (long)b0 * I;
+            const float *s = xs + (long)b0 * 2 * n;
+            float sums[4];
+#if defined(__x86_64__) || defined(__i386__)
+            if (isa == ISA_VNNI)
+                qdot_vnni(W, o, I, x, s, sums, nb);
+            else if (isa == ISA_AVX2)
+                for (int b = 0; b < nb; b++) sums[b] = qdot_avx2(W, o, I, x + b * I, s + b * 2 * n);
+            else
+#endif
+                for (int b = 0; b < nb; b++) sums[b] = qdot_scalar(W, o, I, x + b * I, s + b * 2 * n);
+            for (int b = 0; b < nb; b++) {
+                float *out = y + (long)(b0 + b) * y_stride + o;
+                *out = (accumulate ? *out : 0.f) + sums[b];
+            }
+        }
+}
+
+/* y = x W^T for one matrix, outside any parallel region: what tests/test_quant.py checks each path with.
+ * xq [B, I] int8 and xs [B, 2 I / 32] are the caller's scratch. */
+void quant_linear(const QWeight *W, int isa, const float *x, int8_t *xq, float *xs, float *y, int B, long I, long O) {
+#pragma omp parallel
+    {
+        quantize_rows_for(x, xq, xs, B, I);
+        qlinear_for(W, isa, xq, xs, y, O, B, I, O, 0);
+    }
+}
+
 /* y[b] = x[b] / rms(x[b]) * w */
 static void rmsnorm(const float *x, const float *w, float *y, int H, float eps) {
     float ss = 0.f;
@@ -828,7 +1080,7 @@ static void silu_mul_for(const float *gu, float *h, int B, long I) {
     }
 }
 
-/* Pointers to one layer's weights (nn.Linear layout) and its slice of the KV cache. */
+/* Pointers to one layer's weights (nn.Linear layout, or QWeight when sh->quant) and its slice of the KV cache. */
 typedef struct {
     const void *q, *k, *v, *o, *gate, *up, *down;
     const float *ln1, *ln2;
@@ -842,6 +1094,8 @@ typedef struct {
 typedef struct {
     float *x, *h, *qkv, *att, *gu, *act, *scores, *logits;
     uint32_t *xp, *xp_act;
+    int8_t *xq; /* with quantized weights: the projection's input rounded to int8 [B, max(H, inter)] */
+    float *xs;  /* and its blocks' scales and sums [B, 2 max(H, inter) / 32] (quantize_rows_for) */
 } Buffers;
 
 /* amx: run the projections on the tile unit (bf16 weights, every dimension whole tiles,
@@ -850,6 +1104,7 @@ typedef struct {
     int B, H, nh, nkv, hd, n_layers, w_bf16, amx, kv_bf16;
     long inter, vocab, max_len;
     float eps;
+    int quant, isa; /* quant: the weights are QWeight (layers and output layer), run on path isa (ISA_*) */
 } Shape;
 
 /* The input x [B, I] of the projections that follow: packed for the tile unit, or as is. */
@@ -859,6 +1114,7 @@ typedef struct {
 } Input;
 
 static Input input_for(const Shape *sh, const Buffers *buf, const float *x, long I) {
+    if (sh->quant) quantize_rows_for(x, buf->xq, buf->xs, sh->B, I);
 #ifdef HAVE_AMX
     if (sh->amx) pack_for(x, buf->xp, sh->B, (sh->B + 15) / 16 * 16, I);
 #else
@@ -871,6 +1127,11 @@ static Input input_for(const Shape *sh, const Buffers *buf, const float *x, long
  * matrices Ws stacked along their outputs (rows[m] each), written side by side into y. */
 static void project_for(const Shape *sh, const Buffers *buf, const void *const *Ws, const long *rows, int count,
                         Input in, float *y, long y_stride, int accumulate) {
+    if (sh->quant) {
+        for (int m = 0; m < count; y += rows[m], m++)
+            qlinear_for((const QWeight *)Ws[m], sh->isa, buf->xq, buf->xs, y, y_stride, sh->B, in.I, rows[m], accumulate);
+        return;
+    }
 #ifdef HAVE_AMX
     if (sh->amx) {
         amx_linear_for((const uint16_t *const *)Ws, rows, count, buf->xp, (sh->B + 15) / 16 * 16, y, y_stride, sh->B,

@@ -410,7 +410,8 @@ def _write_folder(path, json_files: dict[str, dict], tensors: dict[str, torch.Te
 def _tensors_to_save(model: Transformer, dtype: torch.dtype | None) -> dict[str, torch.Tensor]:
     state = model.state_dict()
     if model.config.tie_word_embeddings:
-        del state["lm_head.weight"]  # the same tensor as the embedding; safetensors refuses shared storage
+        state.pop("lm_head.weight", None)  # the embedding's tensor (safetensors refuses shared storage); a
+        # quantized output layer (model/quant.py) is its own copy, saved as lm_head.q, .d, .m
     return {name: t.detach().to("cpu", dtype or t.dtype).contiguous() for name, t in state.items()}
 
 
@@ -422,9 +423,12 @@ def _param_dtype(model: Transformer) -> torch.dtype:
 
 def save_checkpoint(path, model: Transformer, meta: dict | None = None) -> None:
     """Save Parley's format: config.json ({"parley_format": 1, "dtype", "model", "meta"}) and
-    model.safetensors, written atomically. `meta` must be JSON-serializable."""
+    model.safetensors, written atomically. `meta` must be JSON-serializable. Quantized layers
+    (model/quant.py) are listed under "quant" ({module: format})."""
+    from parley.model.quant import formats
+
     config = {"parley_format": 1, "dtype": str(_param_dtype(model)).removeprefix("torch."),
-              "model": model.config.to_dict(), "meta": meta or {}}
+              "model": model.config.to_dict(), "meta": meta or {}, **({"quant": formats(model)} if formats(model) else {})}
     _write_folder(path, {"config.json": config}, _tensors_to_save(model, None))
 
 
@@ -438,6 +442,10 @@ def load_checkpoint(path, dtype: torch.dtype | None = None) -> tuple[Transformer
         raise WeightsError(f"{folder} is not a Parley checkpoint{hint}")
     dtype = dtype or getattr(torch, config.get("dtype", "float32"))
     model = _blank_model(ModelConfig.from_dict(config["model"]), dtype)
+    if config.get("quant"):
+        from parley.model.quant import prepare_for_loading
+
+        prepare_for_loading(model, config["quant"])
     _read_safetensors(model, [_require(folder / "model.safetensors", "checkpoint weights")], folder)
     return model.eval(), config.get("meta") or {}
 

@@ -153,7 +153,8 @@ def parley_routes(server: Server) -> APIRouter:
 
     @router.get("/health")
     def health() -> dict:
-        return {"status": "ok", "model": server.model_name, "pending": server.engine.stats()["waiting"]}
+        return {"status": "ok", "model": server.model_name, "pending": server.engine.stats()["waiting"],
+                "kernels": server.engine.kernels_path}
 
     @router.get("/metrics", response_class=PlainTextResponse)
     def metrics() -> Response:
