@@ -29,7 +29,7 @@ from record import append_section, commit, cpu_name
 
 from parley.engine.engine import Engine
 from parley.engine.sampling import SamplingParams
-from parley.model import quant
+from parley.model import quant, weights
 from parley.model.tokenizer import Tokenizer
 from parley.model.weights import load_gguf
 from parley.registry import smollm2_gguf
@@ -101,7 +101,7 @@ def main() -> None:
     path = smollm2_gguf()
     tokenizer = Tokenizer.from_gguf(path)
     ours, _ = load_gguf(path)
-    kept = quant.keep_gguf_blocks(copy.deepcopy(ours), path).to(torch.bfloat16) if "q4" in args.dtypes else None
+    kept = weights.keep_gguf_blocks(copy.deepcopy(ours), path).to(torch.bfloat16) if "q4" in args.dtypes else None
     hf = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name).eval()
     bw = bandwidth_gbs()
     rows = []

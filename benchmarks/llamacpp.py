@@ -36,7 +36,7 @@ from record import append_section, commit, cpu_name
 
 from parley.engine.engine import Engine
 from parley.engine.sampling import SamplingParams
-from parley.model import quant
+from parley.model import quant, weights
 from parley.model.tokenizer import Tokenizer
 from parley.model.weights import load_gguf
 from parley.registry import smollm2_gguf
@@ -93,7 +93,7 @@ def main() -> None:
     tokenizer = Tokenizer.from_gguf(path)
     [prompt] = prompts(tokenizer, 1, args.prompt)
     float_model, _ = load_gguf(path)
-    kept = quant.keep_gguf_blocks(copy.deepcopy(float_model), path).to(torch.bfloat16)
+    kept = weights.keep_gguf_blocks(copy.deepcopy(float_model), path).to(torch.bfloat16)
     float_model = float_model.to(torch.bfloat16)
     engines = {"Parley, file's 4-bit blocks, best int8 path": Engine(kept, max_batch=1),
                "Parley, file's 4-bit blocks, kernels=avx2": Engine(kept, max_batch=1, kernels="avx2"),

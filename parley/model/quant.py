@@ -1,8 +1,8 @@
 """Quantized weights that stay quantized: Parley's q8 and q4 formats, and GGUF files read into them.
 
-    from parley.model.quant import quantize_model, load_gguf_quantized
+    from parley.model.quant import quantize_model
     quantize_model(model, "q4")                  # every linear layer to q4, in place (an HF import)
-    model, meta = load_gguf_quantized(path)      # a GGUF's Q8_0 / Q4_0 / Q4_1 tensors kept as they are
+    weights.keep_gguf_blocks(model, path)        # a GGUF's Q8_0 / Q4_0 / Q4_1 tensors kept as they are
     QuantLinear.quantize(w, "q8").dequantize()   # the float weights the kernels compute with
 
 Both formats cut each weight row into blocks of 32 inputs and keep, per block, 16-bit
@@ -34,7 +34,7 @@ from parley.model.transformer import Transformer
 BLOCK = 32
 FORMATS = ("q8", "q4")
 # GGUF tensor types kept quantized: type -> (Parley format, bytes a block)
-_GGUF_KEPT = {gguf.GGMLQuantizationType.Q8_0: ("q8", 34), gguf.GGMLQuantizationType.Q4_0: ("q4", 18),
+GGUF_KEPT = {gguf.GGMLQuantizationType.Q8_0: ("q8", 34), gguf.GGMLQuantizationType.Q4_0: ("q4", 18),
               gguf.GGMLQuantizationType.Q4_1: ("q4", 20)}
 
 
@@ -164,7 +164,7 @@ def formats(model: Transformer) -> dict[str, str]:
     return {name: mod.fmt for name, mod in quantized_layers(model).items()}
 
 
-def _linear_names(model: Transformer) -> list[str]:
+def linear_names(model: Transformer) -> list[str]:
     """The dense model's projections and output layer (the embedding stays float: a step reads
     only its rows)."""
     if model.config.is_moe:
@@ -172,15 +172,15 @@ def _linear_names(model: Transformer) -> list[str]:
     return [name for name, mod in model.named_modules() if isinstance(mod, nn.Linear)]
 
 
-def _swap(model: Transformer, name: str, layer: QuantLinear) -> None:
+def swap_layer(model: Transformer, name: str, layer: QuantLinear) -> None:
     parent, _, attr = name.rpartition(".")
     setattr(model.get_submodule(parent) if parent else model, attr, layer)
 
 
 def quantize_model(model: Transformer, fmt: str) -> Transformer:
     """Every linear layer of `model` (projections and output layer) to `fmt`, in place."""
-    for name in _linear_names(model):
-        _swap(model, name, QuantLinear.quantize(model.get_submodule(name).weight, fmt))
+    for name in linear_names(model):
+        swap_layer(model, name, QuantLinear.quantize(model.get_submodule(name).weight, fmt))
     return model
 
 
@@ -190,18 +190,18 @@ def dequantize_model(model: Transformer, dtype: torch.dtype = torch.float32) -> 
     for name, layer in quantized_layers(model).items():
         linear = nn.Linear(layer.in_features, layer.out_features, bias=False, dtype=dtype)
         linear.weight.data = layer.dequantize(dtype)
-        _swap(model, name, linear)
+        swap_layer(model, name, linear)
     return model
 
 
 def prepare_for_loading(model: Transformer, layers: dict[str, str]) -> Transformer:
     """Swap the named linear layers of a blank model for empty quantized ones (loading a checkpoint)."""
-    known = set(_linear_names(model))
+    known = set(linear_names(model))
     for name, fmt in layers.items():
         if name not in known:
             raise QuantError(f"the checkpoint lists a quantized layer {name!r} that the model does not have")
         linear = model.get_submodule(name)
-        _swap(model, name, QuantLinear.empty(fmt, linear.out_features, linear.in_features))
+        swap_layer(model, name, QuantLinear.empty(fmt, linear.out_features, linear.in_features))
     return model
 
 
@@ -222,7 +222,7 @@ def weight_bytes(model: Transformer) -> int:
 
 def from_gguf_blocks(data: np.ndarray, kind: gguf.GGMLQuantizationType) -> QuantLinear:
     """A QuantLinear over a GGUF tensor's raw blocks (rows x bytes, as gguf's reader gives them)."""
-    fmt, size = _GGUF_KEPT[kind]
+    fmt, size = GGUF_KEPT[kind]
     raw = torch.from_numpy(np.array(data, dtype=np.uint8))  # a copy: the reader maps the file read-only
     if raw.dim() != 2 or raw.shape[1] % size:
         raise QuantError(f"a {kind.name} tensor of {tuple(raw.shape)} bytes is not whole blocks of {size}")
@@ -237,49 +237,3 @@ def from_gguf_blocks(data: np.ndarray, kind: gguf.GGMLQuantizationType) -> Quant
     if (scale.abs() * 8 > 65504).any():
         raise QuantError("a Q4_0 block scale is too large to keep as q4: import without keeping the file's blocks")
     return QuantLinear("q4", blocks[..., 2:].reshape(raw.shape[0], -1), d, _half_bits(-8 * scale))
-
-
-def _unpermute_rows(layer: QuantLinear, n_head: int) -> QuantLinear:
-    """llama.cpp's q/k row order undone (as weights._unpermute does for floats) on whole rows,
-    which moves every row's blocks with it: exact."""
-    from parley.model.weights import _unpermute
-
-    return QuantLinear(layer.fmt, *(_unpermute(t, n_head) for t in (layer.q, layer.d, layer.m) if t is not None))
-
-
-def load_gguf_quantized(path) -> tuple[Transformer, dict]:
-    """Load a GGUF file as `weights.load_gguf` does, then put back the projections and output
-    layer that the file stores as Q8_0, Q4_0 or Q4_1, kept in those blocks (q8 / q4). Tensors of
-    other types stay dequantized floats; a tied output layer takes the embedding's blocks."""
-    from parley.model.weights import load_gguf
-
-    model, meta = load_gguf(path)
-    return keep_gguf_blocks(model, path), meta
-
-
-def keep_gguf_blocks(model: Transformer, path) -> Transformer:
-    """Swap the linear layers of `model` (loaded from the GGUF file `path` by weights.load_gguf)
-    whose tensors the file stores as Q8_0, Q4_0 or Q4_1 for those blocks, in place."""
-    from parley.model.weights import _hf_name
-
-    cfg = model.config
-    linears = set(_linear_names(model))
-    for t in gguf.GGUFReader(path).tensors:
-        name = _hf_name(t.name).removesuffix(".weight")
-        if t.tensor_type not in _GGUF_KEPT:
-            continue
-        if name == "model.embed_tokens" and cfg.tie_word_embeddings:
-            name = "lm_head"
-        if name not in linears:
-            continue
-        layer = from_gguf_blocks(t.data, t.tensor_type)
-        if name.endswith("q_proj"):
-            layer = _unpermute_rows(layer, cfg.num_attention_heads)
-        elif name.endswith("k_proj"):
-            layer = _unpermute_rows(layer, cfg.num_key_value_heads)
-        target = model.get_submodule(name)
-        if (layer.out_features, layer.in_features) != tuple(target.weight.shape):
-            raise QuantError(f"{path}: {t.name} has shape {(layer.out_features, layer.in_features)}, "
-                             f"the model expects {tuple(target.weight.shape)}")
-        _swap(model, name, layer)
-    return model

@@ -34,6 +34,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from parley.files import fsync
+from parley.model import quant
 from parley.model.transformer import ModelConfig, Transformer, rope_tables
 
 _MODEL_TYPE_OF_ARCH = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "mistral", "MixtralForCausalLM": "mixtral"}
@@ -419,16 +420,46 @@ def _param_dtype(model: Transformer) -> torch.dtype:
     return model.model.embed_tokens.weight.dtype
 
 
+def _unpermute_rows(layer: quant.QuantLinear, n_head: int) -> quant.QuantLinear:
+    """llama.cpp's q/k row order undone (as weights._unpermute does for floats) on whole rows,
+    which moves every row's blocks with it: exact."""
+    return quant.QuantLinear(layer.fmt, *(_unpermute(t, n_head) for t in (layer.q, layer.d, layer.m) if t is not None))
+
+
+def keep_gguf_blocks(model: Transformer, path) -> Transformer:
+    """Swap the linear layers of `model` (loaded from the GGUF file `path` by weights.load_gguf)
+    whose tensors the file stores as Q8_0, Q4_0 or Q4_1 for those blocks, in place."""
+    cfg = model.config
+    linears = set(quant.linear_names(model))
+    for t in gguf.GGUFReader(path).tensors:
+        name = _hf_name(t.name).removesuffix(".weight")
+        if t.tensor_type not in quant.GGUF_KEPT:
+            continue
+        if name == "model.embed_tokens" and cfg.tie_word_embeddings:
+            name = "lm_head"
+        if name not in linears:
+            continue
+        layer = quant.from_gguf_blocks(t.data, t.tensor_type)
+        if name.endswith("q_proj"):
+            layer = _unpermute_rows(layer, cfg.num_attention_heads)
+        elif name.endswith("k_proj"):
+            layer = _unpermute_rows(layer, cfg.num_key_value_heads)
+        target = model.get_submodule(name)
+        if (layer.out_features, layer.in_features) != tuple(target.weight.shape):
+            raise quant.QuantError(f"{path}: {t.name} has shape {(layer.out_features, layer.in_features)}, "
+                             f"the model expects {tuple(target.weight.shape)}")
+        quant.swap_layer(model, name, layer)
+    return model
+
+
 # ---------------------------------------------------------------- Parley checkpoints, HF export
 
 def save_checkpoint(path, model: Transformer, meta: dict | None = None) -> None:
     """Save Parley's format: config.json ({"parley_format": 1, "dtype", "model", "meta"}) and
     model.safetensors, written atomically. `meta` must be JSON-serializable. Quantized layers
     (model/quant.py) are listed under "quant" ({module: format})."""
-    from parley.model.quant import formats
-
     config = {"parley_format": 1, "dtype": str(_param_dtype(model)).removeprefix("torch."),
-              "model": model.config.to_dict(), "meta": meta or {}, **({"quant": formats(model)} if formats(model) else {})}
+              "model": model.config.to_dict(), "meta": meta or {}, **({"quant": quant.formats(model)} if quant.formats(model) else {})}
     _write_folder(path, {"config.json": config}, _tensors_to_save(model, None))
 
 
@@ -443,9 +474,7 @@ def load_checkpoint(path, dtype: torch.dtype | None = None) -> tuple[Transformer
     dtype = dtype or getattr(torch, config.get("dtype", "float32"))
     model = _blank_model(ModelConfig.from_dict(config["model"]), dtype)
     if config.get("quant"):
-        from parley.model.quant import prepare_for_loading
-
-        prepare_for_loading(model, config["quant"])
+        quant.prepare_for_loading(model, config["quant"])
     _read_safetensors(model, [_require(folder / "model.safetensors", "checkpoint weights")], folder)
     return model.eval(), config.get("meta") or {}
 
