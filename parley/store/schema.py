@@ -131,4 +131,11 @@ MIGRATIONS: list[tuple[str, ...]] = [
             updated_at TEXT NOT NULL)""",
         "CREATE INDEX dialogue_state_user ON dialogue_state(user_id)",
     ),
+    (  # 4: a message can be withdrawn from its conversation (the user regenerated an answer or
+        # edited a question: the old rows stay, out of the conversation's history), and feedback
+        # has a kind: "rating" (thumbs, corrections) or "regenerated" (an answer the user asked
+        # to replace: a rejected alternative to the answer that follows the same question)
+        "ALTER TABLE turns ADD COLUMN withdrawn_at TEXT",
+        "ALTER TABLE feedback ADD COLUMN kind TEXT NOT NULL DEFAULT 'rating' CHECK (kind IN ('rating', 'regenerated'))",
+    ),
 ]

@@ -120,4 +120,8 @@ PG_MIGRATIONS: list[tuple[str, ...]] = [
             updated_at TEXT NOT NULL)""",
         "CREATE INDEX dialogue_state_user ON dialogue_state(user_id)",
     ),
+    (  # 4: withdrawn messages and the kind of feedback (see schema.py)
+        "ALTER TABLE turns ADD COLUMN withdrawn_at TEXT",
+        "ALTER TABLE feedback ADD COLUMN kind TEXT NOT NULL DEFAULT 'rating' CHECK (kind IN ('rating', 'regenerated'))",
+    ),
 ]
