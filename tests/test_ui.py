@@ -117,7 +117,7 @@ def test_chat_feedback_documents_citations_and_trace_on_a_phone(page, site):
     page.get_by_role("button", name="Save key").click()
     expect(page.get_by_role("alert")).to_be_hidden()
     expect(page.get_by_label("Model")).to_have_value("parley")
-    assert page.get_by_label("Model").locator("option").all_inner_texts() == ["smollm2", "parley"]
+    expect(page.get_by_label("Model").locator("option")).to_have_text(["smollm2", "parley"])
 
     page.evaluate("document.getElementById('model').append(new Option('gpt-9'))")  # a model gone since
     page.get_by_label("Model").select_option("gpt-9")
@@ -303,10 +303,10 @@ def test_hostile_markdown_stays_inert_and_rich_answers_render(browser, site):
     expect(link).to_have_attribute("rel", "noopener noreferrer nofollow")
     expect(link).to_have_attribute("target", "_blank")
     expect(md).to_contain_text("Click [here](javascript:window.pwned=1)")  # no link: markdown-it refuses it
-    found = page.evaluate("""() => ({
-        elements: document.querySelectorAll('#log script, #log img, #log svg:not(.icon), #log iframe').length,
-        handlers: [...document.querySelectorAll('#log *')].filter(n => [...n.attributes].some(a => /^on/i.test(a.name))).length,
-        scripted: [...document.querySelectorAll('#log [href], #log [src]')].filter(
+    found = page.evaluate("""() => ({  // anywhere in the page: the answer, the title in the list, the question
+        elements: document.querySelectorAll('body script, body img, body svg:not(.icon), body iframe').length,
+        handlers: [...document.querySelectorAll('body *')].filter(n => [...n.attributes].some(a => /^on/i.test(a.name))).length,
+        scripted: [...document.querySelectorAll('body [href], body [src]')].filter(
                      n => /^\\s*(javascript|data|vbscript):/i.test(n.getAttribute('href') || n.getAttribute('src'))).length})""")
     assert found == {"elements": 0, "handlers": 0, "scripted": 0}
     expect(page.locator("#log .msg.user .text")).to_have_text("Show <b>me</b> <img src=x onerror=window.pwned=15>")
@@ -585,3 +585,33 @@ def test_settings_search_and_withdraw_routes(site):
         again = http.post(f"/api/turns/{a.id}/withdraw", json={"reason": "edit"})
         assert again.status_code == 400 and "withdrawn already" in again.json()["error"]["message"]
         http.delete(f"/api/conversations/{conv.id}")
+
+
+def test_store_search_rename_and_withdraw(tmp_path):
+    """The store methods behind the page's conversation controls, without a server."""
+    with Store(tmp_path / "p.db") as store:
+        ann, bob = store.add_user("ann").id, store.add_user("bob").id
+        conv = store.create_conversation(ann, "100% rye_bread")
+        q1, a1 = store.add_exchange(ann, conv.id, "How long to bake?", "About an hour.")
+        q2, a2 = store.add_exchange(ann, conv.id, "At what heat?", "220 C.")
+        assert [c.id for c in store.search_conversations(ann, "100%")] == [conv.id]  # % and _ are literal
+        assert store.search_conversations(ann, "1000%") == [] and store.search_conversations(ann, "rye bread") == []
+        assert [c.id for c in store.search_conversations(ann, "ABOUT AN")] == [conv.id]
+        assert store.search_conversations(bob, "hour") == []
+        assert store.rename_conversation(bob, conv.id, "mine") is None
+        assert store.rename_conversation(ann, conv.id, "Rye").title == "Rye"
+        with pytest.raises(ValueError, match="non-empty"):
+            store.rename_conversation(ann, conv.id, " ")
+        with pytest.raises(ValueError, match="unknown turn"):
+            store.withdraw(bob, a2.id, regenerated=True)
+        with pytest.raises(ValueError, match="only an answer"):
+            store.withdraw(ann, q2.id, regenerated=True)
+        assert [m.id for m in store.withdraw(ann, a2.id, regenerated=True)] == [q2.id, a2.id]
+        assert (store.get_feedback(ann, a2.id).kind, store.get_feedback(ann, a2.id).rating) == ("regenerated", -1)
+        assert [m.id for m in store.messages(ann, conv.id)] == [q1.id, a1.id]
+        assert store.search_conversations(ann, "220") == []  # withdrawn text is not searched
+        with pytest.raises(ValueError, match="withdrawn already"):
+            store.withdraw(ann, q2.id)
+        assert [m.id for m in store.withdraw(ann, q1.id)] == [q1.id, a1.id]  # an edit: no feedback
+        assert store.messages(ann, conv.id) == [] and store.get_feedback(ann, a1.id) is None
+        assert len(store.messages(ann, conv.id, withdrawn=True)) == 4
