@@ -615,3 +615,30 @@ def test_store_search_rename_and_withdraw(tmp_path):
         assert [m.id for m in store.withdraw(ann, q1.id)] == [q1.id, a1.id]  # an edit: no feedback
         assert store.messages(ann, conv.id) == [] and store.get_feedback(ann, a1.id) is None
         assert len(store.messages(ann, conv.id, withdrawn=True)) == 4
+
+
+def test_regenerate_and_edit_with_a_raw_model_resend_the_history_shown(browser, site):
+    """A raw model keeps no history on the server: the page sends what it shows, so a replaced
+    answer or an edited message must be gone from what it sends next."""
+    from playwright.sync_api import expect
+
+    page, _ = signed_in(browser, site, "ivan")
+    sent = []
+    page.on("request", lambda r: sent.append(r.post_data_json["messages"]) if r.url.endswith("/v1/chat/completions") else None)
+    expect(page.get_by_label("Model").locator("option")).to_have_text(["smollm2", "parley"])
+    page.get_by_label("Model").select_option("smollm2")
+    first = ask(page, "Name a colour.")
+    expect(first.locator(".meta")).to_have_text("Answered by smollm2")
+    first.get_by_role("button", name="Regenerate answer").click()
+    expect(answers(page).first.locator(".earlier")).to_be_attached()
+    answers(page).first.locator(".actions").wait_for()
+    ask(page, "Another one?")
+    assert sent[1] == [{"role": "user", "content": "Name a colour."}]  # the replaced answer is not sent
+    assert [m["content"] for m in sent[2]][::2] == ["Name a colour.", "Another one?"]
+    page.locator("#log .msg.user").first.get_by_role("button", name="Edit message").click()
+    page.get_by_label("Edit your message").fill("Name a fruit.")
+    page.get_by_role("button", name="Send edited message").click()
+    expect(page.locator("#log .msg")).to_have_count(2)
+    answers(page).first.locator(".actions").wait_for()
+    assert sent[3] == [{"role": "user", "content": "Name a fruit."}]
+    assert page.errors == []
