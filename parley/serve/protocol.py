@@ -193,6 +193,18 @@ class FeedbackRequest(_Request):
     edited_text: str | None = Field(None, min_length=1, max_length=100_000)
 
 
+class RenameRequest(_Request):
+    title: str = Field(min_length=1, max_length=200, pattern=r"\S")
+
+
+class WithdrawRequest(_Request):
+    """Before a question is sent again: "regenerate" an answer (kept as a rejected alternative)
+    or "edit" (a question, or an answer's question). The exchange and all after it leave the
+    conversation's history."""
+
+    reason: Literal["regenerate", "edit"]
+
+
 # --- responses ---------------------------------------------------------------------------------
 
 

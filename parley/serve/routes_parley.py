@@ -1,8 +1,13 @@
 """Parley's own routes: conversations, traces, feedback, memory, knowledge, users; health, metrics.
 
-    GET    /api/conversations                 the caller's conversations, newest first
-    GET    /api/conversations/{id}            one, with its turns
+    GET    /api/conversations?q=TEXT          the caller's conversations, newest first; with q, those
+                                              whose title or a message contains TEXT (any case)
+    GET    /api/conversations/{id}            one, with its turns (withdrawn ones left out)
+    PATCH  /api/conversations/{id}            {"title": "..."}: rename it
     DELETE /api/conversations/{id}
+    POST   /api/turns/{id}/withdraw           {"reason": "regenerate" | "edit"}: take that turn (an
+                                              answer with its question, or a question) and every later
+                                              one out of the history, before sending the question again
     GET    /api/turns/{id}/trace              what each pipeline stage decided for that answer
     POST   /api/turns/{id}/feedback           {"rating": 1 | -1, "edited_text": "..."}
     GET    /api/turns/{id}/feedback
@@ -23,7 +28,7 @@ import tempfile
 from pathlib import Path as FilePath
 from typing import Annotated
 
-from fastapi import APIRouter, Depends, Path, Request, Response
+from fastapi import APIRouter, Depends, Path, Query, Request, Response
 from fastapi.responses import PlainTextResponse
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
@@ -31,7 +36,7 @@ from starlette.datastructures import UploadFile
 from parley.pipeline.knowledge import KnowledgeConfig, ingest
 from parley.serve.server import Server
 from parley.serve.errors import APIError
-from parley.serve.protocol import FeedbackRequest, MemoryRequest
+from parley.serve.protocol import FeedbackRequest, MemoryRequest, RenameRequest, WithdrawRequest
 from parley.store import User
 
 
@@ -53,8 +58,11 @@ def parley_routes(server: Server) -> APIRouter:
     auth = Depends(server.authenticate)
 
     @router.get("/api/conversations")
-    def conversations(user: User = auth) -> dict:
-        return {"data": [dataclasses.asdict(c) for c in server.store().list_conversations(user.id)]}
+    def conversations(q: Annotated[str | None, Query(max_length=200, description="search text")] = None,
+                      user: User = auth) -> dict:
+        store = server.store()
+        found = store.search_conversations(user.id, q) if q and q.strip() else store.list_conversations(user.id)
+        return {"data": [dataclasses.asdict(c) for c in found]}
 
     @router.get("/api/conversations/{conv_id}")
     def conversation(conv_id: Id, user: User = auth) -> dict:
@@ -64,6 +72,13 @@ def parley_routes(server: Server) -> APIRouter:
             raise _missing("conversation", conv_id)
         messages = store.messages(user.id, conv_id)
         return {**dataclasses.asdict(conv), "turns": [dataclasses.asdict(m) for m in messages]}  # the API's name
+
+    @router.patch("/api/conversations/{conv_id}")
+    def rename_conversation(conv_id: Id, body: RenameRequest, user: User = auth) -> dict:
+        renamed = server.store().rename_conversation(user.id, conv_id, body.title.strip())
+        if renamed is None:
+            raise _missing("conversation", conv_id)
+        return dataclasses.asdict(renamed)
 
     @router.delete("/api/conversations/{conv_id}")
     def delete_conversation(conv_id: Id, user: User = auth) -> dict:
@@ -77,6 +92,17 @@ def parley_routes(server: Server) -> APIRouter:
         if found is None:
             raise APIError(404, f"no trace for turn {turn_id} (only assistant answers have one)", code="not_found")
         return found
+
+    @router.post("/api/turns/{turn_id}/withdraw")
+    def withdraw(turn_id: Id, body: WithdrawRequest, user: User = auth) -> dict:
+        try:
+            gone = server.store().withdraw(user.id, turn_id, regenerated=body.reason == "regenerate")
+        except ValueError as e:
+            if "unknown turn" in str(e):
+                raise _missing("turn", turn_id) from None
+            raise APIError(400, str(e), code="invalid_value") from None
+        question = gone[0].content if gone[0].role == "user" else None
+        return {"conversation_id": gone[0].conversation_id, "question": question, "withdrawn": [m.id for m in gone]}
 
     @router.post("/api/turns/{turn_id}/feedback")
     def feedback(turn_id: Id, body: FeedbackRequest, user: User = auth) -> dict:

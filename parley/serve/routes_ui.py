@@ -3,11 +3,13 @@ the same API as every other client, plus the one read the page needs that the AP
 
     app.include_router(ui_routes(server))     # in create_app
     # GET /                 the page (its Content-Security-Policy allows this origin only)
-    # GET /static/app.js    its script and style, from parley/serve/static/
+    # GET /static/app.js    its scripts, style and vendored libraries, from parley/serve/static/
     # GET /api/chunks/{id}  a knowledge chunk's text, for showing what a citation [n] refers to
+    # GET /api/settings     what this server runs with that a user may see: model, persona, stages
 
-The page and its files need no key (they hold no data); the chunk route takes the caller's
-key like every /api route, and another user's chunk ids are 404s.
+The page and its files need no key (they hold no data); the other routes take the caller's
+key like every /api route, and another user's chunk ids are 404s. The libraries in
+static/vendor/ (Markdown, sanitising, highlighting) are pinned copies: see its README.md.
 """
 
 from __future__ import annotations
@@ -23,7 +25,9 @@ from parley.serve.errors import APIError
 from parley.store import User
 
 STATIC = FilePath(__file__).parent / "static"
-FILES = {"app.js": "text/javascript", "app.css": "text/css"}  # all the page loads besides itself
+JS, CSS = "text/javascript", "text/css"
+FILES = {"app.js": JS, "render.js": JS, "icons.js": JS, "app.css": CSS,  # all the page loads besides itself
+         "vendor/markdown-it.min.js": JS, "vendor/purify.min.js": JS, "vendor/highlight.min.js": JS}
 POLICY = ("default-src 'none'; script-src 'self'; style-src 'self'; connect-src 'self'; img-src 'self' data:; "
           "form-action 'none'; frame-ancestors 'none'; base-uri 'none'")
 
@@ -37,7 +41,7 @@ def ui_routes(server: Server) -> APIRouter:
         return FileResponse(STATIC / "index.html", media_type="text/html",
                             headers={"Content-Security-Policy": POLICY, "Cache-Control": "no-cache"})
 
-    @router.get("/static/{name}", include_in_schema=False)
+    @router.get("/static/{name:path}", include_in_schema=False)
     def asset(name: str) -> FileResponse:
         if name not in FILES:  # a fixed list: no path from the request ever reaches the file system
             raise APIError(404, f"no static file {name!r}", code="not_found")
@@ -52,4 +56,20 @@ def ui_routes(server: Server) -> APIRouter:
         return {"id": c.chunk_id, "document_id": c.document_id, "document": c.document_name, "ord": c.ord,
                 "page": c.page, "text": c.text}
 
+    @router.get("/api/settings")
+    def settings(user: User = auth) -> dict:
+        cfg = server.settings
+        return {"model": server.model_name, "version": _version(server), "persona": cfg.persona,
+                "stages": list(cfg.stages), "max_tokens": cfg.max_tokens}
+
     return router
+
+
+def _version(server: Server) -> str | None:
+    """Which copy of the model this is, as the registry recorded its import (None if the
+    engine was handed to the app rather than loaded from the registry)."""
+    found = {m.name: m.meta for m in server.registry.list()}.get(server.model_name)
+    if not found or "imported_at" not in found:
+        return None
+    source = FilePath(found.get("source", "")).name
+    return f"{source}, imported {found['imported_at']}" if source else f"imported {found['imported_at']}"

@@ -145,4 +145,11 @@ MIGRATIONS: list[tuple[str, ...]] = [
         "ALTER TABLE users_new RENAME TO users",
         "ALTER TABLE conversations ADD COLUMN saved INTEGER NOT NULL DEFAULT 1",
     ),
+    (  # 5: a message can be withdrawn from its conversation (the user regenerated an answer or
+        # edited a question: the old rows stay, out of the conversation's history), and feedback
+        # has a kind: "rating" (thumbs, corrections) or "regenerated" (an answer the user asked
+        # to replace: a rejected alternative to the answer that follows the same question)
+        "ALTER TABLE turns ADD COLUMN withdrawn_at TEXT",
+        "ALTER TABLE feedback ADD COLUMN kind TEXT NOT NULL DEFAULT 'rating' CHECK (kind IN ('rating', 'regenerated'))",
+    ),
 ]

@@ -124,4 +124,8 @@ PG_MIGRATIONS: list[tuple[str, ...]] = [
         # conversations' `saved` mark (see schema.py) is new here.
         "ALTER TABLE conversations ADD COLUMN saved INTEGER NOT NULL DEFAULT 1",
     ),
+    (  # 5: withdrawn messages and the kind of feedback (see schema.py)
+        "ALTER TABLE turns ADD COLUMN withdrawn_at TEXT",
+        "ALTER TABLE feedback ADD COLUMN kind TEXT NOT NULL DEFAULT 'rating' CHECK (kind IN ('rating', 'regenerated'))",
+    ),
 ]

@@ -83,6 +83,7 @@ class Message:
     created_at: str
     prompt_tokens: int | None
     completion_tokens: int | None
+    withdrawn_at: str | None = None  # set when the user regenerated or edited it away (see `withdraw`)
 
 
 @dataclass(frozen=True)
@@ -93,6 +94,7 @@ class Feedback:
     rating: int
     edited_text: str | None
     created_at: str
+    kind: str = "rating"  # or "regenerated": the user asked for another answer instead (see `withdraw`)
 
 
 @dataclass(frozen=True)
@@ -399,12 +401,63 @@ class Store:
             db.execute("UPDATE conversations SET updated_at = ? WHERE id = ?", (stamp, conv_id))
         return self._one(Message, "SELECT * FROM turns WHERE id = ?", (new,))
 
-    def messages(self, user_id: int, conv_id: int) -> list[Message]:
+    def messages(self, user_id: int, conv_id: int, withdrawn: bool = False) -> list[Message]:
+        """The conversation's messages in order; withdrawn ones too only if `withdrawn`."""
         sql = (
             "SELECT t.* FROM turns t JOIN conversations c ON c.id = t.conversation_id"
-            " WHERE c.id = ? AND c.user_id = ? ORDER BY t.id"
+            " WHERE c.id = ? AND c.user_id = ?" + ("" if withdrawn else " AND t.withdrawn_at IS NULL") + " ORDER BY t.id"
         )
         return self._all(Message, sql, (conv_id, user_id))
+
+    def rename_conversation(self, user_id: int, conv_id: int, title: str) -> Conversation | None:
+        """Give it a new title (None if it is not the user's); its place in the list stays."""
+        _text(title, "title")
+        with self._tx() as db:
+            db.execute("UPDATE conversations SET title = ? WHERE id = ? AND user_id = ?", (title, conv_id, user_id))
+        return self.get_conversation(user_id, conv_id)
+
+    def search_conversations(self, user_id: int, query: str, limit: int = 50) -> list[Conversation]:
+        """The user's conversations whose title or any message (withdrawn ones aside) contains
+        `query`, ignoring case; newest first, as `list_conversations`."""
+        _text(query, "search text")
+        pattern = "%" + query.lower().replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%"
+        sql = (
+            "SELECT * FROM conversations c WHERE c.user_id = ? AND (lower(c.title) LIKE ? ESCAPE '\\'"
+            " OR EXISTS (SELECT 1 FROM turns t WHERE t.conversation_id = c.id AND t.withdrawn_at IS NULL"
+            " AND lower(t.content) LIKE ? ESCAPE '\\')) ORDER BY c.updated_at DESC, c.id DESC LIMIT ?"
+        )
+        return self._all(Conversation, sql, (user_id, pattern, pattern, limit))
+
+    def withdraw(self, user_id: int, message_id: int, regenerated: bool = False) -> list[Message]:
+        """Take a message and every later one out of its conversation's history (the rows stay,
+        with `withdrawn_at` set), as when the user edits a question; an answer takes its question
+        with it. Returns the withdrawn messages in order. With `regenerated` the message must be
+        an answer, kept as a rejected alternative (feedback -1 of kind "regenerated") to the one
+        the same question gets next. ValueError for another user's, unknown or withdrawn ids."""
+        stamp = _now()
+        with self._tx() as db:
+            self._require_message(user_id, message_id)
+            conv_id, role, gone = db.execute(
+                "SELECT conversation_id, role, withdrawn_at FROM turns WHERE id = ?", (message_id,)).fetchone()
+            if gone is not None:
+                raise ValueError(f"turn {message_id} was withdrawn already")
+            if regenerated and role != "assistant":
+                raise ValueError(f"turn {message_id} is a {role} message; only an answer can be regenerated")
+            start = message_id
+            if role == "assistant":
+                asked = db.execute("SELECT max(id) FROM turns WHERE conversation_id = ? AND id < ? AND role = 'user'"
+                                   " AND withdrawn_at IS NULL", (conv_id, message_id)).fetchone()[0]
+                start = asked if asked is not None else message_id
+            if regenerated:
+                db.execute(
+                    "INSERT INTO feedback (turn_id, user_id, rating, edited_text, created_at, kind)"
+                    " VALUES (?, ?, -1, NULL, ?, 'regenerated') ON CONFLICT (turn_id, user_id) DO UPDATE SET"
+                    " rating = -1, edited_text = NULL, created_at = excluded.created_at, kind = 'regenerated'",
+                    (message_id, user_id, stamp))
+            db.execute("UPDATE turns SET withdrawn_at = ? WHERE conversation_id = ? AND id >= ? AND withdrawn_at IS NULL",
+                       (stamp, conv_id, start))
+        return self._all(Message, "SELECT * FROM turns WHERE conversation_id = ? AND withdrawn_at = ? AND id >= ?"
+                         " ORDER BY id", (conv_id, stamp, start))
 
     def add_exchange(self, user_id: int, conv_id: int, question: str, answer: str,
                      trace: dict[str, Any] | None = None,

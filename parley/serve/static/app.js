@@ -1,28 +1,35 @@
-/* Parley's web page: plain JavaScript over the same HTTP API every client uses.
+/* Parley's web page: plain JavaScript over the same HTTP API every client uses (no build step;
+   the Markdown, sanitising and highlighting libraries are pinned copies in static/vendor/).
 
    POST /v1/chat/completions (stream: true)   the answer, as Server-Sent Events read with fetch;
         model "parley" answers in the conversation the X-Parley-Conversation header names, and
-        its last chunk's "parley" object gives the conversation and the saved turn's ids
+        its last chunk's "parley" object gives the conversation and the saved turn's ids;
+        Stop aborts the request, which ends the generation on the server
+   POST /api/turns/{id}/withdraw              before Regenerate and an edited message are sent
    GET  /api/turns/{id}/trace                 the trace panel, and what each citation [n] is
    GET  /api/chunks/{id}                      a cited chunk's text
    POST /api/turns/{id}/feedback              thumbs up/down and corrections
-   /api/conversations, /api/knowledge         the two lists at the side
+   /api/conversations (?q= search, PATCH rename, DELETE), /api/knowledge, /api/memory,
+   /api/settings                              the lists and settings at the side
 
-   Text from the model or the server is only ever put in the page as text (textContent), never
-   as HTML. The key lives in localStorage; without one, requests go without Authorization (a
-   server run with --no-auth). */
+   Answers are rendered from Markdown by render.js (sanitised); everything else from the model or
+   the server (messages, titles, sources, traces) is put in the page as text, never as HTML. The
+   key lives in localStorage; without one, requests go without Authorization (--no-auth). */
 "use strict";
 
 const KEY_STORE = "parley.key";
 const ASSISTANT = "parley";
-const NOT_FOR_CHAT = new Set(["all-minilm-l6-v2"]);  // the server's embedding model
+// the server's embedding and speech models (serve/routes_audio.py): not chat models
+const NOT_FOR_CHAT = new Set(["all-minilm-l6-v2", "whisper-1", "whisper-tiny.en", "tts-1", "tts-1-hd",
+  "gpt-4o-mini-tts", "piper", "espeak"]);
 
 const $ = (id) => document.getElementById(id);
 const state = {
   conversation: null,  // id of the assistant conversation shown, null for a new one
-  history: [],         // messages so far, sent whole to a raw model (the assistant keeps its own)
   traces: new Map(),   // turn id -> trace
   controller: null,    // aborts the answer being streamed
+  settings: null,      // GET /api/settings
+  searching: 0,        // the timer of a search about to run
 };
 
 class ApiError extends Error {
@@ -46,6 +53,13 @@ function el(tag, props = {}, ...children) {
   return node;
 }
 
+/* A button showing only an icon: its name is the label (for screen readers) and the tooltip. */
+function iconButton(name, label, onclick, props = {}) {
+  return el("button", { type: "button", class: `icon-button ${props.class || ""}`.trim(), "aria-label": label,
+                        title: label, onclick, ...Object.fromEntries(Object.entries(props).filter(([k]) => k !== "class")) },
+            icon(name));
+}
+
 /* --- talking to the server ------------------------------------------------------------- */
 
 async function request(path, options = {}) {
@@ -67,6 +81,8 @@ async function request(path, options = {}) {
 }
 
 const getJSON = async (path, options) => (await request(path, options)).json();
+const sendJSON = (method, path, body) => getJSON(path, {
+  method, headers: { "Content-Type": "application/json" }, body: JSON.stringify(body) });
 
 function showError(e) {
   if (e.name === "AbortError") return;
@@ -108,24 +124,44 @@ async function readEvents(response, onData) {
 
 /* --- the chat -------------------------------------------------------------------------- */
 
-function addMessage(role, text) {
-  const item = el("li", { class: `msg ${role}` }, el("p", { class: "who", text: role === "user" ? "You" : "Parley" }),
-                  el("div", { class: "text", text }));
+/* A message in the log; `item.raw` keeps its text as written (Markdown, for an answer). */
+function addMessage(role, text, model) {
+  const body = el("div", { class: role === "user" ? "text plain" : "text md" });
+  const who = role === "user" ? "You" : "Parley";
+  const item = el("article", { class: `msg ${role}`, "aria-label": who }, el("p", { class: "who", text: who }), body);
+  item.raw = text;
+  item.dataset.model = model;
+  if (role === "user") {
+    body.textContent = text;
+    item.append(el("div", { class: "actions" }, iconButton("pencil", "Edit message", () => editMessage(item), {
+      class: "edit-message", "aria-expanded": "false" })));
+  } else {
+    renderMarkdown(body, text);
+  }
   $("log").append(item);
   item.scrollIntoView({ block: "end" });
   return item;
 }
 
-async function send(text) {
+/* The messages shown, as a raw model is sent them (the assistant keeps its own history). */
+function transcript() {
+  return [...$("log").querySelectorAll(".msg:not(.failed)")].map((m) => ({
+    role: m.classList.contains("user") ? "user" : "assistant", content: m.raw })).filter((m) => m.content);
+}
+
+async function send(text, earlier = null) {
   const model = $("model").value;
   const assistant = model === ASSISTANT;
-  addMessage("user", text);
-  const answer = addMessage("assistant", "");
+  const messages = assistant ? [{ role: "user", content: text }] : [...transcript(), { role: "user", content: text }];
+  addMessage("user", text, model);
+  const answer = addMessage("assistant", "", model);
   const body = answer.querySelector(".text");
+  if (earlier) body.after(el("details", { class: "earlier" }, el("summary", { text: "Earlier answer (replaced)" }),
+                              renderedText(earlier)));
   const headers = { "Content-Type": "application/json" };
   if (assistant && state.conversation) headers["X-Parley-Conversation"] = String(state.conversation);
-  const messages = assistant ? [{ role: "user", content: text }] : [...state.history, { role: "user", content: text }];
-  let ids = null;
+  let ids = null, raw = "", frame = 0, answeredBy = model;
+  const paint = () => { frame = 0; renderMarkdown(body, raw); };
   state.controller = new AbortController();
   setBusy(true);
   try {
@@ -137,40 +173,91 @@ async function send(text) {
     if (conversation) state.conversation = Number(conversation);
     await readEvents(response, (chunk) => {
       const piece = chunk.choices?.[0]?.delta?.content;
-      if (piece) body.append(piece);  // text nodes: shown as it comes
+      if (piece) {
+        raw += piece;
+        frame ||= requestAnimationFrame(paint);  // one render a frame, however fast pieces come
+      }
+      if (chunk.model) answeredBy = chunk.model;
       if (chunk.parley) ids = chunk.parley;
     });
-    body.textContent = body.textContent.trim() || "(no answer)";  // as the store keeps it
-    if (!assistant) state.history.push({ role: "user", content: text }, { role: "assistant", content: body.textContent });
+    answer.raw = raw.trim() || "(no answer)";  // as the store keeps it
   } catch (e) {
-    if (e.name === "AbortError") body.append(" [stopped]");
+    answer.raw = raw.trim();
+    if (e.name === "AbortError") answer.classList.add("stopped");
     else {
       answer.classList.add("failed");
-      body.append(`${body.textContent ? "\n" : ""}(no answer: ${e.message})`);
+      answer.raw += `${answer.raw ? "\n\n" : ""}(no answer: ${e.message})`;
       showError(e);
     }
   } finally {
+    cancelAnimationFrame(frame);
+    renderMarkdown(body, answer.raw);
     state.controller = null;
     setBusy(false);
   }
+  answer.append(el("p", { class: "meta", text: answerLabel(answeredBy) + (answer.classList.contains("stopped") ? " · stopped" : "") }));
   if (ids?.conversation_id) state.conversation = ids.conversation_id;
-  if (ids?.turn_id) {
-    await finishAnswer(answer, ids.turn_id, true);
-    loadConversations().catch(showError);
+  let turnId = ids?.turn_id;
+  if (!turnId && assistant && answer.classList.contains("stopped")) {
+    const saved = await savedAnswer(answer.raw);
+    if (saved) {
+      turnId = saved.id;
+      answer.raw = saved.content;
+      renderMarkdown(body, answer.raw);
+    }
   }
+  if (turnId) await finishAnswer(answer, turnId, true);
+  else answer.append(answerControls(answer, null));
+  showRegenerate();
+  if (assistant) loadConversations().catch(showError);
+}
+
+/* Which model (and version, where the server knows it) wrote an answer. */
+function answerLabel(model) {
+  const s = state.settings;
+  if (model !== ASSISTANT) return `Answered by ${model}`;
+  return s ? `Answered by ${s.model}${s.version ? ` (${s.version})` : ""} through the Parley assistant`
+           : "Answered by the Parley assistant";
+}
+
+/* A stopped answer is saved by the server once it notices: looked up for a few seconds, its
+   id, and its text as saved (which may hold words that were on their way to the page). */
+async function savedAnswer(text) {
+  if (!state.conversation || !text) return null;
+  for (let i = 0; i < 20; i++) {
+    const conv = await getJSON(`/api/conversations/${state.conversation}`).catch(() => null);
+    const last = conv?.turns.at(-1);
+    if (last?.role === "assistant" && last.content.startsWith(text) && !document.querySelector(`[data-turn="${last.id}"]`)) {
+      return last;
+    }
+    await new Promise((r) => setTimeout(r, 300));
+  }
+  return null;
+}
+
+function renderedText(text) {
+  const box = el("div", { class: "text md" });
+  renderMarkdown(box, text);
+  return box;
 }
 
 function setBusy(busy) {
   $("log").setAttribute("aria-busy", String(busy));  // screen readers read the answer once it is whole
   $("send").disabled = busy;
   $("stop").hidden = !busy;
+  for (const b of $("log").querySelectorAll(".regenerate, .edit-message")) b.disabled = busy;
+  if (!busy && document.activeElement === document.body) $("message").focus();
 }
 
-/* An answer the store has saved: its citations, feedback buttons and (if it is the latest) trace;
+function stop() {
+  if (state.controller) state.controller.abort();
+}
+
+/* An answer the store has saved: its controls, citations and (if it is the latest) trace;
    reopened from history (`earlier`), also the feedback it was given then. */
 async function finishAnswer(item, turnId, latest, earlier = false) {
   item.dataset.turn = turnId;
-  const controls = feedbackControls(item, turnId);
+  const controls = answerControls(item, turnId);
   item.append(controls);
   if (earlier) showEarlierFeedback(turnId, controls).catch(showError);
   try {
@@ -210,11 +297,7 @@ function sourcesOf(trace) {
 /* Each [n] in the answer, and a "Sources:" line, become buttons that show the source. */
 function renderCitations(item, sources) {
   const body = item.querySelector(".text");
-  const parts = body.textContent.split(/(\[\d+\])/);
-  body.replaceChildren(...parts.map((part) => {
-    const m = /^\[(\d+)\]$/.exec(part);
-    return m && sources.has(Number(m[1])) ? citeButton(sources.get(Number(m[1]))) : part;
-  }));
+  renderMarkdown(body, item.raw, { cite: (n) => sources.has(n) && citeButton(sources.get(n)) });
   const line = el("p", { class: "sources" }, "Sources: ");
   [...sources.values()].forEach((s, i) => line.append(i ? "; " : "", citeButton(s), ` ${s.label}`));
   body.after(line);
@@ -241,30 +324,85 @@ async function showSource(source) {
   }
 }
 
-/* --- feedback -------------------------------------------------------------------------- */
+/* --- an answer's controls: copy, regenerate, feedback ------------------------------------ */
 
-function feedbackControls(item, turnId) {
-  const status = el("span", { class: "status", role: "status" });
-  const rate = (rating, editedText) => postFeedback(turnId, rating, editedText, group, status);
-  const thumb = (rating, icon, label) => el("button", { type: "button", "aria-pressed": "false", "data-rating": rating,
-                                                       onclick: () => rate(Number(rating)) },
-                                           el("span", { "aria-hidden": "true", text: icon }), ` ${label}`);
-  const up = thumb("1", "👍", "Good");
-  const down = thumb("-1", "👎", "Bad");
-  const edit = el("button", { type: "button", text: "Edit", "aria-expanded": "false",
-                              onclick: () => openEditor(item, edit, (text) => rate(Number(group.dataset.rating) || -1, text)) });
-  const group = el("div", { class: "actions", role: "group", "aria-label": "Feedback on this answer" },
-                   up, down, edit, status);
+function answerControls(item, turnId) {
+  const group = el("div", { class: "actions", role: "group", "aria-label": "Answer actions" });
+  group.append(iconButton("copy", "Copy answer", (e) => copyText(item.raw, e.currentTarget)),
+               iconButton("regenerate", "Regenerate answer", () => regenerate(item).catch(showError),
+                          { class: "regenerate" }));
+  if (turnId) {
+    const status = el("span", { class: "status", role: "status" });
+    const rate = (rating, editedText) => postFeedback(turnId, rating, editedText, group, status);
+    const thumb = (rating, name, label) => iconButton(name, label, () => rate(Number(rating)),
+                                                      { "aria-pressed": "false", "data-rating": rating });
+    const edit = iconButton("pencil", "Edit", () => openEditor(item, edit, (text) => rate(Number(group.dataset.rating) || -1, text)),
+                            { "aria-expanded": "false", title: "Correct this answer" });
+    group.append(thumb("1", "up", "Good"), thumb("-1", "down", "Bad"), edit, status);
+  }
   return group;
+}
+
+/* Only the latest answer can be regenerated (an earlier one: edit the message after it). */
+function showRegenerate() {
+  const answers = [...$("log").querySelectorAll(".msg.assistant")];
+  answers.forEach((a, i) => {
+    const b = a.querySelector(".regenerate");
+    if (b) b.hidden = i !== answers.length - 1;
+  });
+}
+
+/* The question again, for a new answer; the old one stays in the store as a rejected
+   alternative (and on the page, folded under the new one). */
+async function regenerate(answer) {
+  if (state.controller) return;
+  const asked = answer.previousElementSibling;
+  let question = asked?.raw;
+  if (answer.dataset.model === ASSISTANT && answer.dataset.turn) {
+    question = (await sendJSON("POST", `/api/turns/${answer.dataset.turn}/withdraw`, { reason: "regenerate" })).question ?? question;
+  }
+  if (!question) return;
+  removeFrom(asked || answer);
+  await send(question, answer.raw);
+}
+
+/* Edit a message of yours and send it again: it and everything after it leave the conversation. */
+function editMessage(item) {
+  if (item.querySelector(".edit") || state.controller) return item.querySelector(".edit textarea")?.focus();
+  const button = item.querySelector(".edit-message");
+  const id = `edit-message-${[...$("log").children].indexOf(item)}`;
+  const area = el("textarea", { id, rows: "3", required: "" });
+  area.value = item.raw;
+  const close = () => { form.remove(); button.setAttribute("aria-expanded", "false"); button.focus(); };
+  const form = el("form", { class: "edit", onsubmit: (e) => { e.preventDefault(); resend(item, area.value.trim()).catch(showError); } },
+    el("label", { for: id, text: "Edit your message" }), area,
+    el("div", { class: "buttons" }, el("button", { type: "submit", text: "Send edited message" }),
+       el("button", { type: "button", text: "Cancel", onclick: close })));
+  area.addEventListener("keydown", (e) => { if (e.key === "Escape") { e.stopPropagation(); close(); } });
+  item.append(form);
+  button.setAttribute("aria-expanded", "true");
+  area.focus();
+}
+
+async function resend(item, text) {
+  if (!text || state.controller) return;
+  const answer = item.nextElementSibling;
+  const turn = item.dataset.turn || answer?.dataset.turn;
+  if (item.dataset.model === ASSISTANT && turn) await sendJSON("POST", `/api/turns/${turn}/withdraw`, { reason: "edit" });
+  removeFrom(item);
+  await send(text);
+}
+
+function removeFrom(item) {
+  while (item.nextElementSibling) item.nextElementSibling.remove();
+  item.remove();
 }
 
 async function postFeedback(turnId, rating, editedText, group, status) {
   const body = { rating };
   if (editedText) body.edited_text = editedText;
   try {
-    await getJSON(`/api/turns/${turnId}/feedback`, {
-      method: "POST", headers: { "Content-Type": "application/json" }, body: JSON.stringify(body),
-    });
+    await sendJSON("POST", `/api/turns/${turnId}/feedback`, body);
   } catch (e) {
     showError(e);
     return;
@@ -294,12 +432,12 @@ function openEditor(item, button, save) {
   if (item.querySelector(".edit")) return item.querySelector(".edit textarea").focus();
   const id = `edit-${item.dataset.turn}`;
   const area = el("textarea", { id, rows: "4", required: "" });
-  area.value = item.querySelector(".text").textContent;
+  area.value = item.raw;
   const close = () => { form.remove(); button.setAttribute("aria-expanded", "false"); button.focus(); };
   const form = el("form", { class: "edit", onsubmit: (e) => { e.preventDefault(); save(area.value.trim()); close(); } },
     el("label", { for: id, text: "Corrected answer" }), area,
-    el("button", { type: "submit", text: "Save correction" }),
-    el("button", { type: "button", text: "Cancel", onclick: close }));
+    el("div", { class: "buttons" }, el("button", { type: "submit", text: "Save correction" }),
+       el("button", { type: "button", text: "Cancel", onclick: close })));
   item.append(form);
   button.setAttribute("aria-expanded", "true");
   area.focus();
@@ -312,7 +450,7 @@ function renderTrace(trace, turnId) {
   $("trace-stages").replaceChildren(...trace.stages.map((s) => el("li", {},
     el("details", {},
       el("summary", {}, el("strong", { text: s.stage }), ` ${s.decision} `, el("span", { class: "ms", text: `${s.ms} ms` })),
-      el("pre", { text: JSON.stringify(s.evidence, null, 2) })))));
+      el("pre", { tabindex: "0", text: JSON.stringify(s.evidence, null, 2) })))));
 }
 
 function toggleTrace() {
@@ -322,16 +460,48 @@ function toggleTrace() {
   if (open) $("trace-title").focus();
 }
 
-/* --- the lists at the side ------------------------------------------------------------- */
+/* --- conversations: list, search, rename, delete ------------------------------------------ */
 
 async function loadConversations() {
-  const { data } = await getJSON("/api/conversations");
-  $("conversations").replaceChildren(...data.map((c) => el("li", {},
+  const q = $("search").value.trim();
+  const { data } = await getJSON(`/api/conversations${q ? `?q=${encodeURIComponent(q)}` : ""}`);
+  if (q !== $("search").value.trim()) return;  // typed on meanwhile: a newer search follows
+  $("conversations").replaceChildren(...data.map(conversationItem));
+  if (!data.length) $("conversations").append(el("li", { class: "empty", text: q ? `No conversation mentions “${q}”.` : "None yet." }));
+}
+
+function conversationItem(c) {
+  const title = c.title || `Conversation ${c.id}`;
+  const item = el("li", { "data-id": c.id });
+  item.append(
     el("button", { type: "button", class: "open", "aria-current": String(c.id === state.conversation),
-                   text: c.title || `Conversation ${c.id}`, onclick: () => openConversation(c.id).catch(showError) }),
-    el("button", { type: "button", class: "delete", "aria-label": `Delete conversation ${c.title || c.id}`,
-                   text: "Delete", onclick: () => deleteConversation(c.id).catch(showError) }))));
-  if (!data.length) $("conversations").append(el("li", { class: "empty", text: "None yet." }));
+                   text: title, onclick: () => openConversation(c.id).catch(showError) }),
+    iconButton("pencil", `Rename conversation ${title}`, () => renameForm(item, c.id, title)),
+    iconButton("trash", `Delete conversation ${title}`, () => deleteConversation(c.id, title).catch(showError),
+               { class: "delete", "aria-haspopup": "dialog" }));
+  return item;
+}
+
+function renameForm(item, id, title) {
+  const input = el("input", { type: "text", value: title, maxlength: "200", required: "",
+                              "aria-label": `New title for conversation ${title}` });
+  const cancel = () => loadConversations().catch(showError);
+  const form = el("form", { class: "rename", onsubmit: async (e) => {
+    e.preventDefault();
+    const name = input.value.trim();
+    if (!name) return;
+    try {
+      const saved = await sendJSON("PATCH", `/api/conversations/${id}`, { title: name });
+      if (id === state.conversation) $("chat-title").textContent = saved.title;
+      await loadConversations();
+      $("conversations").querySelector(`[data-id="${id}"] .open`)?.focus();
+    } catch (err) {
+      showError(err);
+    }
+  } }, input, iconButton("check", "Save title", null, { type: "submit" }), iconButton("close", "Cancel renaming", cancel));
+  input.addEventListener("keydown", (e) => { if (e.key === "Escape") { e.stopPropagation(); cancel(); } });
+  item.replaceChildren(form);
+  input.select();
 }
 
 async function openConversation(id) {
@@ -342,32 +512,48 @@ async function openConversation(id) {
   $("chat-title").textContent = conv.title || `Conversation ${conv.id}`;
   const answers = conv.turns.filter((t) => t.role === "assistant");
   for (const t of conv.turns) {
-    const item = addMessage(t.role, t.content);
-    if (t.role === "assistant") finishAnswer(item, t.id, t === answers[answers.length - 1], true);
+    const item = addMessage(t.role, t.content, ASSISTANT);
+    item.dataset.turn = t.id;
+    if (t.role === "assistant") finishAnswer(item, t.id, t === answers.at(-1), true).then(showRegenerate);
   }
   loadConversations().catch(showError);
 }
 
-async function deleteConversation(id) {
+/* Asks first, in the page's own dialog; resolves to whether the user said yes. */
+function confirmed(text) {
+  $("confirm-text").textContent = text;
+  const dialog = $("confirm");
+  return new Promise((resolve) => {
+    const done = (yes) => () => { dialog.close(); resolve(yes); };
+    $("confirm-ok").onclick = done(true);
+    $("confirm-cancel").onclick = done(false);
+    dialog.oncancel = () => resolve(false);
+    dialog.showModal();
+  });
+}
+
+async function deleteConversation(id, title) {
+  if (!(await confirmed(`Delete the conversation “${title}” with all its messages? This cannot be undone.`))) return;
   await getJSON(`/api/conversations/${id}`, { method: "DELETE" });
   if (state.conversation === id) newChat();
   await loadConversations();
 }
 
 function newChat() {
-  if (state.controller) state.controller.abort();
+  stop();
   state.conversation = null;
-  state.history = [];
   $("log").replaceChildren();
   $("chat-title").textContent = "New conversation";
 }
+
+/* --- documents, memory and settings ------------------------------------------------------ */
 
 async function loadDocuments() {
   const { data } = await getJSON("/api/knowledge");
   $("documents").replaceChildren(...data.map((d) => el("li", {},
     el("span", { class: "name", text: d.collection === "default" ? d.name : `${d.name} (${d.collection})` }),
-    el("button", { type: "button", class: "delete", "aria-label": `Delete document ${d.name}`, text: "Delete",
-                   onclick: () => deleteDocument(d.id).catch(showError) }))));
+    iconButton("trash", `Delete document ${d.name}`, () => deleteDocument(d.id, d.name).catch(showError),
+               { class: "delete", "aria-haspopup": "dialog" }))));
   if (!data.length) $("documents").append(el("li", { class: "empty", text: "None yet." }));
 }
 
@@ -386,9 +572,37 @@ async function upload(form) {
   }
 }
 
-async function deleteDocument(id) {
+async function deleteDocument(id, name) {
+  if (!(await confirmed(`Delete the document “${name}”? Answers will no longer draw on it.`))) return;
   await getJSON(`/api/knowledge/${id}`, { method: "DELETE" });
   await loadDocuments();
+}
+
+async function loadMemory() {
+  const { data } = await getJSON("/api/memory");
+  $("memory").replaceChildren(...data.map((f) => el("li", {}, el("span", { class: "name", text: f.text }),
+    iconButton("trash", `Forget: ${f.text}`, () => forget(f.id).catch(showError), { class: "delete" }))));
+  if (!data.length) $("memory").append(el("li", { class: "empty", text: "Nothing yet." }));
+}
+
+async function forget(id) {
+  await getJSON(`/api/memory/${id}`, { method: "DELETE" });
+  await loadMemory();
+  $("fact").focus();
+}
+
+async function remember(form) {
+  await sendJSON("POST", "/api/memory", { text: form.elements.text.value.trim() });
+  form.reset();
+  await loadMemory();
+}
+
+async function loadSettings() {
+  const s = state.settings = await getJSON("/api/settings");
+  const rows = [["Model", s.model], ["Version", s.version || "not recorded (the model was not loaded from the registry)"],
+                ["Persona", s.persona], ["Stages", s.stages.join(" → ")], ["Longest answer", `${s.max_tokens} tokens`]];
+  $("server-settings").replaceChildren(...rows.flatMap(([k, v]) => [el("dt", { text: k }), el("dd", { text: v })]));
+  $("server-settings").append(el("dd", { class: "help", text: "Set when the server starts: parley serve persona=\"...\" stages=[...]" }));
 }
 
 async function loadModels() {
@@ -404,13 +618,28 @@ async function loadModels() {
 async function refresh() {
   clearError();
   try {
-    await Promise.all([loadModels(), loadConversations(), loadDocuments()]);
+    await Promise.all([loadModels(), loadSettings(), loadConversations(), loadDocuments(), loadMemory()]);
   } catch (e) {
     showError(e);
   }
 }
 
+function shortcuts(e) {
+  const key = e.key.toLowerCase();
+  if ((e.ctrlKey || e.metaKey) && e.shiftKey && key === "o") {
+    e.preventDefault();
+    $("new-chat").click();
+  } else if (e.key === "Escape" && e.shiftKey) {
+    e.preventDefault();
+    $("message").focus();
+  } else if (e.key === "Escape" && state.controller && !document.querySelector("dialog[open]")) {
+    e.preventDefault();
+    stop();
+  }
+}
+
 function start() {
+  for (const b of document.querySelectorAll("[data-icon]")) b.prepend(icon(b.dataset.icon));
   $("key").value = localStorage.getItem(KEY_STORE) || "";
   $("settings").addEventListener("submit", (e) => {
     e.preventDefault();
@@ -432,12 +661,19 @@ function start() {
       $("ask").requestSubmit();
     }
   });
-  $("stop").addEventListener("click", () => state.controller && state.controller.abort());
+  document.addEventListener("keydown", shortcuts);
+  $("stop").addEventListener("click", stop);
   $("new-chat").addEventListener("click", () => { newChat(); loadConversations().catch(showError); $("message").focus(); });
   $("trace-toggle").addEventListener("click", toggleTrace);
   $("error-close").addEventListener("click", clearError);
   $("source-close").addEventListener("click", () => $("source").close());
   $("upload").addEventListener("submit", (e) => { e.preventDefault(); upload(e.target); });
+  $("remember").addEventListener("submit", (e) => { e.preventDefault(); remember(e.target).catch(showError); });
+  $("search-form").addEventListener("submit", (e) => e.preventDefault());
+  $("search").addEventListener("input", () => {
+    clearTimeout(state.searching);
+    state.searching = setTimeout(() => loadConversations().catch(showError), 200);
+  });
   $("trace-title").tabIndex = -1;
   refresh();
 }
