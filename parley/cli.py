@@ -289,7 +289,8 @@ def cmd_voice(args) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    signal.signal(signal.SIGPIPE, signal.SIG_DFL)  # `parley ... | head` ends quietly, like other tools
+    if argv is None:  # run as the command (not called from Python, e.g. a test, whose sockets must not kill it)
+        signal.signal(signal.SIGPIPE, signal.SIG_DFL)  # `parley ... | head` ends quietly, like other tools
     argv = sys.argv[1:] if argv is None else list(argv)
     handlers = {"models": cmd_models, "generate": cmd_generate, "chat": cmd_chat, "ingest": cmd_ingest,
                 "serve": cmd_serve, "users": cmd_users, "train": cmd_train, "data": cmd_data,

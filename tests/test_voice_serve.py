@@ -29,8 +29,8 @@ UPLOAD = 400_000  # bytes: 12 s of 16 kHz 16-bit audio
 @pytest.fixture(scope="module", autouse=True)
 def broken_pipes_raise():
     """A refused upload closes the socket while the client still sends: that must be an error in
-    the client, not SIGPIPE killing the test process (`parley.cli.main`, which earlier tests
-    call, sets SIGPIPE to the default so that `parley ... | head` ends quietly)."""
+    the client, not SIGPIPE killing the test process (the `parley` command sets SIGPIPE to the
+    default so that `parley ... | head` ends quietly; a test run from a shell may inherit that)."""
     before = signal.signal(signal.SIGPIPE, signal.SIG_IGN)
     yield
     signal.signal(signal.SIGPIPE, before)
