@@ -422,7 +422,7 @@ class Store:
         _text(query, "search text")
         pattern = "%" + query.lower().replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%"
         sql = (
-            "SELECT * FROM conversations c WHERE c.user_id = ? AND (lower(c.title) LIKE ? ESCAPE '\\'"
+            f"SELECT {CONVERSATION} FROM conversations c WHERE c.user_id = ? AND (lower(c.title) LIKE ? ESCAPE '\\'"
             " OR EXISTS (SELECT 1 FROM turns t WHERE t.conversation_id = c.id AND t.withdrawn_at IS NULL"
             " AND lower(t.content) LIKE ? ESCAPE '\\')) ORDER BY c.updated_at DESC, c.id DESC LIMIT ?"
         )
