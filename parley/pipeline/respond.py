@@ -21,6 +21,7 @@ turn's sampling overrides, its cancellation and where to count its tokens.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import re
@@ -37,6 +38,7 @@ from parley.pipeline.frames import EndOfAnswer, Frame, MemoryRecall, Notice, Sen
 from parley.pipeline.runner import Cancel, Stage, Turn, Usage
 from parley.pipeline.state import fit_history
 
+BLANK_LIMIT = 32  # characters of whitespace before any text after which an answer counts as empty
 PERSONA = ("You are Parley, a helpful, honest and friendly assistant. Answer clearly and briefly. "
            "You are an AI, not a person.")
 
@@ -244,10 +246,17 @@ class RespondStage(Stage):
             return
         messages, evidence = build_messages(turn, self.backend, self.persona, self.principles, frame.text)
         turn.note(self.name, "generating", **evidence)
-        text = ""
-        for piece in self.backend.stream(messages, turn.overrides, turn.cancel, turn.usage):
-            text += piece
-            yield TextDelta(piece)
+        text, visible = "", False
+        with contextlib.closing(self.backend.stream(messages, turn.overrides, turn.cancel, turn.usage)) as stream:
+            for piece in stream:
+                text += piece
+                if visible:
+                    yield TextDelta(piece)
+                elif text.strip():  # the answer's first visible text; the blank before it is not shown
+                    visible = True
+                    yield TextDelta(text.lstrip())
+                elif len(text) >= BLANK_LIMIT:  # a model that emits only whitespace: stop it now
+                    break
         turn.note(self.name, "answered" if text.strip() else "empty answer", chars=len(text))
         yield EndOfAnswer()
         if not text.strip():  # say so, rather than show nothing
