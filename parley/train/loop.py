@@ -80,7 +80,8 @@ class TrainConfig:
     save_every: int = setting(100, "checkpoint every N steps; the final step is always saved (0 = only then)")
     keep_checkpoints: int = setting(2, "how many of the newest checkpoints to keep")
     log_every: int = setting(10, "log train metrics every N steps")
-    seed: int = setting(0, "seeds torch's RNG afresh at each step (dropout, sampling) from (seed, step, rank)")
+    seed: int = setting(0, "fixes the initial weights (pretrain) or adapters (sft), the batches, and torch's RNG "
+                           "at each step (dropout) from (seed, step, rank)")
 
     def __post_init__(self):
         for name in ("steps", "batch_size", "grad_accum", "seq_len", "eval_batches", "log_every", "keep_checkpoints"):
