@@ -14,7 +14,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
 from train_job import tiny_chitchat
 
 from parley import cli

@@ -226,6 +226,7 @@ def measure_peak_flops(dtype: torch.dtype = torch.bfloat16, device: str | torch.
 
 RUN_FILES = {"config.toml", "metrics.jsonl", "loss.png", "checkpoints"}  # what a run folder holds
 
+
 def _step_dirs(run_dir: Path) -> list[tuple[int, Path]]:
     ckpts = Path(run_dir) / "checkpoints"
     found = [(int(m.group(1)), p) for p in ckpts.glob("step-*") if (m := re.fullmatch(r"step-(\d+)", p.name))]
