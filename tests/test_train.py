@@ -369,6 +369,14 @@ def test_train_seed_fixes_the_initial_weights_and_the_losses(corpus, tmp_path, m
         torch.manual_seed(100 + i)
         assert cli.main(["train", "pretrain", *pretrain_args(corpus, run_dir, f"name=seeded-{i}")]) == 0
     assert losses(tmp_path / "one") == losses(tmp_path / "two")  # equal, not close: the same computation
+    data, _ = corpus
+    for i, run_dir in enumerate((tmp_path / "sft-one", tmp_path / "sft-two")):  # LoRA's A starts random too
+        torch.manual_seed(200 + i)
+        assert cli.main(["train", "sft", str(ROOT / "recipes" / "sft-chitchat.toml"), f"data={data}",
+                         f"run={run_dir}", "base=seeded-0", "train.steps=2", "train.batch_size=2",
+                         "train.seq_len=32", "train.eval_batches=1", "train.log_every=1",
+                         "train.dtype=float32"]) == 0
+    assert losses(tmp_path / "sft-one") == losses(tmp_path / "sft-two")
 
 
 def test_a_warmup_longer_than_the_run_is_clamped_with_a_warning(tmp_path, capsys):

@@ -66,14 +66,14 @@ def main(cfg: SFTConfig) -> dict:
                          f"({model.config.max_position_embeddings})")
     chats = ChatDataset(data / "dialogs-train.jsonl", tokenizer, t.seq_len)
     val = ChatDataset(data / "dialogs-val.jsonl", tokenizer, t.seq_len)
+    params = None
+    if cfg.lora.rank:  # before the run folder: targets the model lacks are refused
+        with torch.random.fork_rng(devices=[]):  # the adapters' initial weights follow train.seed
+            torch.manual_seed(t.seed)
+            params = apply_lora(model, r=cfg.lora.rank, alpha=cfg.lora.alpha, dropout=cfg.lora.dropout,
+                                targets=tuple(cfg.lora.targets))
     with processes(device):
         run = claim_run(cfg)
-        params = None
-        if cfg.lora.rank:
-            with torch.random.fork_rng(devices=[]):  # the adapters' initial weights follow train.seed
-                torch.manual_seed(t.seed)
-                params = apply_lora(model, r=cfg.lora.rank, alpha=cfg.lora.alpha, dropout=cfg.lora.dropout,
-                                    targets=tuple(cfg.lora.targets))
         trainable = sum(p.numel() for p in (params or model.parameters()))
         main_process = int(os.environ.get("RANK", "0")) == 0
         if main_process:
