@@ -9,6 +9,7 @@ from parley.chat import Session, run
 from parley.engine.engine import Engine
 from parley.engine.sampling import SamplingParams
 from parley.pipeline.assistant import Assistant, AssistantConfig
+from parley.pipeline.frames import TextDelta
 
 
 @pytest.fixture(scope="module")
@@ -95,12 +96,28 @@ def test_text_stream_stops_at_stop_strings_without_emitting_them(parts):
         TextStream(engine, tok, prompt, SamplingParams(), stop=[""])
 
 
+class ScriptedAnswer:
+    """The real backend, except that the answer it streams is a fixed sentence: this random
+    model writes only newlines, which are not shown, so there would be nothing to check."""
+
+    def __init__(self, backend):
+        self.backend = backend
+
+    def __getattr__(self, name):
+        return getattr(self.backend, name)
+
+    def stream(self, *args, **kwargs):
+        yield "Hello there."
+
+
 def test_self_check_asks_the_model_that_answers(parts, tmp_path):
     engine, tokenizer, embedder = parts
     cfg = AssistantConfig(stages=["respond", "safety_out"], db=str(tmp_path / "p.db"), max_tokens=4, temperature=0,
                           self_check=True)
     s = Session(Assistant.build(cfg, engine=engine, tokenizer=tokenizer, embedder=embedder))
-    list(s.say("hello"))
+    respond = s.pipeline.stages[0]
+    respond.backend = ScriptedAnswer(respond.backend)  # the judge keeps the real model
+    assert "".join(f.text for f in s.say("hello") if isinstance(f, TextDelta)) == "Hello there."
     # the random model's reply is neither OK nor VIOLATION: allowed, and the reply kept as evidence
     assert "self_check" in s.last.trace_dict()["stages"][1]["evidence"]
     s.close()

@@ -2,6 +2,7 @@
 
 import gzip
 import json
+import shutil
 import struct
 from pathlib import Path
 
@@ -9,11 +10,13 @@ import numpy as np
 import pytest
 import torch
 
+from parley import cli
 from parley.model.tokenizer import Tokenizer
 from parley.train import corpus
 from parley.train.corpus import SOURCES, prepare, tokenize
 from parley.train.data import ChatDataset, TokenShards, chat_tokens
 
+ROOT = Path(__file__).resolve().parents[1]
 B64 = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/"
 
 
@@ -306,7 +309,7 @@ def test_prepare_with_tokenizer_and_bad_input(tmp_path, locations, tokenizer):
         prepare(tmp_path, sources=["nope"])
     with pytest.raises(ValueError, match="val_fraction"):
         prepare(tmp_path, val_fraction=1.5)
-    with pytest.raises(FileNotFoundError, match="run prepare"):
+    with pytest.raises(FileNotFoundError, match="run `parley data prepare .*empty` first"):
         tokenize(tmp_path / "empty", tokenizer)
 
 
@@ -432,3 +435,44 @@ def test_chat_dataset_errors(tmp_path, tokenizer, dialogs):
         ChatDataset(bad, tokenizer, 32)
     with pytest.raises(ValueError, match="keeps an assistant token"):
         ChatDataset(dialogs, tokenizer, 4)
+
+
+# ---- what a newcomer reads: real commands, their own paths ----
+
+def test_errors_name_real_commands_and_the_users_paths(prepared, tmp_path, tokenizer, capsys):
+    out, _ = prepared
+    missing = tmp_path / "my-corpus"
+    with pytest.raises(FileNotFoundError, match=f"run `parley data prepare {missing} --tokenizer"):
+        TokenShards(missing)
+    copy = tmp_path / "copy"
+    shutil.copytree(out, copy)
+    with open(copy / "train-000.bin", "ab") as f:  # a shard that does not match its manifest
+        f.write(b"\0\0")
+    with pytest.raises(ValueError, match=f"manifest says .*: run `parley data prepare {copy} --tokenizer"):
+        TokenShards(copy)
+    with pytest.raises(FileNotFoundError, match=f"run `parley data prepare {missing}` first"):
+        ChatDataset(missing / "dialogs-train.jsonl", tokenizer, 32)
+    empty = tmp_path / "empty-corpus"
+    (empty / "text").mkdir(parents=True)
+    (empty / "text" / "gcide.jsonl").write_text("")
+    assert cli.main(["train", "tokenizer", f"data={empty}", f"out={tmp_path / 'tok'}"]) == 2
+    err = capsys.readouterr().err
+    assert f"the cleaned text in {empty}/text is empty (gcide.jsonl)" in err and "make data-sources" in err
+    assert "/tmp/tmp" not in err  # not the trainer's temporary file
+    assert cli.main(["train", "tokenizer", f"data={missing}", f"out={tmp_path / 'tok'}"]) == 2
+    assert f"run `parley data prepare {missing}` first" in capsys.readouterr().err
+    assert cli.main(["train", "pretrain", str(ROOT / "recipes" / "pretrain-tiny.toml"), f"data={out}",
+                     f"tokenizer={tmp_path / 'no-tokenizer'}", f"run={tmp_path / 'run'}"]) == 2
+    assert f"train one with `parley train tokenizer data={out} out={tmp_path / 'no-tokenizer'}`" in \
+        capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
+
+
+def test_data_prepare_with_every_source_missing_fails_and_says_what_to_install(tmp_path, capsys):
+    gone = [f"location={name}={tmp_path / 'nowhere' / name}" for name in SOURCES]
+    assert cli.main(["data", "prepare", str(tmp_path / "out"), *gone]) == 2
+    err = capsys.readouterr().err
+    assert "every source is missing" in err and "`make data-sources`" in err and "apt:dict-gcide" in err
+    with pytest.raises(SystemExit) as exit:
+        cli.main(["data", "--help"])
+    assert exit.value.code == 0 and "prepare" in capsys.readouterr().out

@@ -12,7 +12,7 @@ import pytest
 from parley.engine.engine import Engine
 from parley.engine.sampling import SamplingParams
 from parley.pipeline.frames import MemoryRecall, Passage, Passages, Sentiment, TextDelta, UserText
-from parley.pipeline.respond import (BackendError, LocalBackend, OpenAIBackend, RespondStage, build_messages,
+from parley.pipeline.respond import (BLANK_LIMIT, BackendError, LocalBackend, OpenAIBackend, RespondStage, build_messages,
                                      redact_instructions)
 from parley.pipeline.runner import Pipeline, Turn
 
@@ -103,14 +103,22 @@ def test_local_stage_streams_deltas_then_end_of_answer(local):
     out = Pipeline([RespondStage(local)])(turn, "hello")
     assert out[0] == UserText("hello")
     kinds = [type(f).__name__ for f in out]
-    # the random model writes only newlines: streamed, then a notice that the answer was empty
-    assert kinds == ["UserText"] + ["TextDelta"] * 8 + ["EndOfAnswer", "Notice"] and "empty answer" in out[-1].text
+    # the random model writes only newlines: none is shown, and a notice says the answer was empty
+    assert kinds == ["UserText", "EndOfAnswer", "Notice"] and "empty answer" in out[-1].text
     deltas = [f.text for f in out if isinstance(f, TextDelta)]
-    # the same prompt straight through the backend gives the same text
+    # the same prompt straight through the backend gives the same text, less the blank it starts with
     messages, _ = build_messages(Turn(1, frames=[UserText("hello")]), local)
-    assert "".join(deltas) == "".join(local.stream(messages))
+    assert "".join(deltas) == "".join(local.stream(messages)).lstrip()
     assert turn.trace["respond"].decision == "empty answer"
     assert turn.usage.completion_tokens == 8 and turn.usage.prompt_tokens == local.count_tokens(messages)
+
+
+def test_an_answer_of_only_whitespace_is_stopped_at_once_and_called_empty(local):
+    turn = Turn(1, overrides={"max_tokens": 200})  # this random model writes newlines until max_tokens
+    out = Pipeline([RespondStage(local)])(turn, "hello")
+    assert [type(f).__name__ for f in out] == ["UserText", "EndOfAnswer", "Notice"]
+    assert out[-1].text.startswith("(the model gave an empty answer")
+    assert turn.usage.completion_tokens <= BLANK_LIMIT  # stopped after BLANK_LIMIT blank characters, not 200 tokens
 
 
 def test_a_turns_overrides_and_cancel_reach_its_generation_only(local):

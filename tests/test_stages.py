@@ -93,7 +93,7 @@ def test_stage_errors_are_clear(data, home):
     with pytest.raises(FileNotFoundError, match="not found"):
         pretrain.main(pretrain_config(data, home, f"data={home / 'nowhere'}"))
     pretrain.main(pretrain_config(data, home))
-    with pytest.raises(FileExistsError, match="already exists"):
+    with pytest.raises(FileExistsError, match="already holds a trained run: pass resume=true"):
         pretrain.main(pretrain_config(data, home))
     with pytest.raises(ValueError, match="is of a different model"):
         pretrain.main(pretrain_config(data, home, "model.depth=2", "resume=true", "train.steps=8"))

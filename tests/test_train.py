@@ -5,6 +5,8 @@ import importlib.util
 import json
 import math
 import os
+import re
+import shlex
 import signal
 import subprocess
 import sys
@@ -13,9 +15,12 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
-from train_job import VOCAB, Job, job_train_config, make_get_batch, run, tiny_model
+from train_job import VOCAB, Job, job_train_config, make_get_batch, run, tiny_chitchat, tiny_model
 
+from parley import cli
 from parley.config import ConfigError, parse_cli
+from parley.model.lora import apply_lora
+from parley.model.transformer import ModelConfig
 from parley.model.weights import load_checkpoint
 from parley.train import loop, pretrain, sft
 from parley.train.loop import TrainConfig, latest_checkpoint, lr_multiplier, train
@@ -23,6 +28,7 @@ from parley.train.losses import lm_loss, next_token_loss, router_loss
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 JOB = Path(__file__).with_name("train_job.py")
+ROOT = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}  # tiny models: one thread is fastest and immune to busy neighbours
 
 
@@ -240,11 +246,11 @@ def bigram_loss(model, batch):
 
 
 def test_any_module_trains_saves_and_resumes(tmp_path):
-    cfg = job_train_config(steps=6, save_every=3)
+    cfg = job_train_config(steps=6, save_every=3, schedule="constant", warmup_steps=2)
     train(Bigram(), cfg, tmp_path / "whole", make_get_batch(cfg), bigram_loss, peak_flops=1e12)
-    # stopped after 3 steps: those are warm-up in both runs, so the schedules agree
-    train(Bigram(), job_train_config(steps=3, save_every=3), tmp_path / "half", make_get_batch(cfg), bigram_loss,
-          peak_flops=1e12)
+    # stopped after 3 steps: a constant schedule after the same warm-up, so the schedules agree
+    train(Bigram(), job_train_config(steps=3, save_every=3, schedule="constant", warmup_steps=2), tmp_path / "half",
+          make_get_batch(cfg), bigram_loss, peak_flops=1e12)
     train(Bigram(), cfg, tmp_path / "half", make_get_batch(cfg), bigram_loss, resume=True, peak_flops=1e12)
     assert losses(tmp_path / "half") == pytest.approx(losses(tmp_path / "whole"), abs=1e-6)
     assert list(load_file(latest_checkpoint(tmp_path / "half") / "model.safetensors")) == ["embed.weight"]
@@ -275,3 +281,139 @@ def test_device_cuda_without_a_gpu_is_refused_before_anything_is_written(tmp_pat
         loop.resolve_device("tpu")
     with pytest.raises(ConfigError, match="device: expected"):
         parse_cli(TrainConfig, ["device=gpu"])
+
+
+# ---------------------------------------------------------------- the stages as a newcomer meets them
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    """A tokenizer and token shards of a made-up chitchat corpus, built with the real commands."""
+    root = tmp_path_factory.mktemp("corpus")
+    chitchat = tiny_chitchat(root / "chitchat.json")
+    data, tokenizer = root / "corpus", root / "tokenizer"
+    source = ["sources=chitchat", f"location=chitchat={chitchat}", "val_fraction=0.2"]
+    assert cli.main(["data", "prepare", str(data), *source]) == 0
+    assert cli.main(["train", "tokenizer", f"data={data}", f"out={tokenizer}", "vocab_size=400"]) == 0
+    assert cli.main(["data", "prepare", str(data), f"--tokenizer={tokenizer}", *source]) == 0
+    return data, tokenizer
+
+
+def pretrain_args(corpus, run, *extra) -> list[str]:
+    data, tokenizer = corpus
+    return [str(ROOT / "recipes" / "pretrain-tiny.toml"),
+            f"data={data}", f"tokenizer={tokenizer}", f"run={run}", "model.depth=1", "train.steps=3",
+            "train.batch_size=2", "train.seq_len=32", "train.eval_batches=1", "train.log_every=1",
+            "train.dtype=float32", *extra]
+
+
+def test_torchrun_two_processes_on_a_fresh_run_folder(corpus, tmp_path):
+    """Both processes used to create the folder and write its config, and the slower one stopped
+    with 'already exists'."""
+    home, run_dir = tmp_path / "home", tmp_path / "runs" / "ddp"
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                             "-m", "parley", "train", "pretrain", *pretrain_args(corpus, run_dir, "name=ddp")],
+                            capture_output=True, text=True, timeout=300, cwd=ROOT,
+                            env={**ENV, "PARLEY_HOME": str(home), "PYTHONPATH": str(ROOT)})
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert [r["step"] for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines())
+            if "loss" in r] == [1, 2, 3]  # logged once, by the first process
+    assert (run_dir / "config.toml").is_file() and latest_checkpoint(run_dir).name == "step-000003"
+    said = [line for line in result.stdout.splitlines() if line.startswith("registered ")]
+    assert said == ["registered ddp: parley chat model=ddp"]
+    suggestion = shlex.split(said[0].split(": ", 1)[1])[1:]
+    assert cli.load_settings(cli.parse_args(suggestion)).model == "ddp"  # the suggested command is real
+
+
+@pytest.mark.parametrize("bad, says", [
+    ("train.lr=-1", "lr and muon_lr must be positive"), ("train.beta2=1.5", "beta1 and beta2"),
+    ("train.weight_decay=-0.1", "weight_decay must be >= 0"), ("model.experts=1", "experts must be 0"),
+    ("model.experts_per_token=9", "experts_per_token"), ("train.seq_len=4096", "train.seq_len 4096 is longer"),
+    ("name=Not A Name", "invalid model name"), ("model.init_std=0", "init_std must be positive")])
+def test_bad_values_are_refused_before_the_run_folder_is_made(corpus, tmp_path, capsys, bad, says):
+    run_dir = tmp_path / "run"
+    extra = [bad, "model.experts=4"] if "experts_per_token" in bad else [bad]
+    assert cli.main(["train", "pretrain", *pretrain_args(corpus, run_dir, *extra)]) == 2
+    assert says in capsys.readouterr().err
+    assert not run_dir.exists()
+
+
+def test_a_failed_start_does_not_block_the_rerun(corpus, tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("PARLEY_HOME", str(tmp_path / "home"))
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "config.toml").write_text("# left by a start that failed before its first checkpoint\n")
+    (run_dir / "metrics.jsonl").write_text('{"step": 1, "loss": 9.0}\n')
+    assert cli.main(["train", "pretrain", *pretrain_args(corpus, run_dir, "name=rerun")]) == 0
+    assert [r["step"] for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines())
+            if "loss" in r] == [1, 2, 3]
+    capsys.readouterr()
+    assert cli.main(["train", "pretrain", *pretrain_args(corpus, run_dir, "name=rerun")]) == 2  # now it holds a run
+    assert "already holds a trained run: pass resume=true" in capsys.readouterr().err
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "notes.txt").write_text("mine")
+    assert cli.main(["train", "pretrain", *pretrain_args(corpus, other)]) == 2
+    assert "holds other files (notes.txt)" in capsys.readouterr().err
+
+
+def test_train_seed_fixes_the_initial_weights_and_the_losses(corpus, tmp_path, monkeypatch):
+    shape = ModelConfig.from_depth(1, 400, 64)
+    torch.manual_seed(1)
+    a = pretrain.build_model(shape, 0.02, seed=0).state_dict()
+    torch.manual_seed(2)  # whatever the process did before
+    b = pretrain.build_model(shape, 0.02, seed=0).state_dict()
+    c = pretrain.build_model(shape, 0.02, seed=1).state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a) and not torch.equal(a["lm_head.weight"], c["lm_head.weight"])
+    monkeypatch.setenv("PARLEY_HOME", str(tmp_path / "home"))
+    for i, run_dir in enumerate((tmp_path / "one", tmp_path / "two")):
+        torch.manual_seed(100 + i)
+        assert cli.main(["train", "pretrain", *pretrain_args(corpus, run_dir, f"name=seeded-{i}")]) == 0
+    assert losses(tmp_path / "one") == losses(tmp_path / "two")  # equal, not close: the same computation
+    data, _ = corpus
+    for i, run_dir in enumerate((tmp_path / "sft-one", tmp_path / "sft-two")):  # LoRA's A starts random too
+        torch.manual_seed(200 + i)
+        assert cli.main(["train", "sft", str(ROOT / "recipes" / "sft-chitchat.toml"), f"data={data}",
+                         f"run={run_dir}", "base=seeded-0", "train.steps=2", "train.batch_size=2",
+                         "train.seq_len=32", "train.eval_batches=1", "train.log_every=1",
+                         "train.dtype=float32"]) == 0
+    assert losses(tmp_path / "sft-one") == losses(tmp_path / "sft-two")
+
+
+def test_a_warmup_longer_than_the_run_is_clamped_with_a_warning(tmp_path, capsys):
+    cfg = job_train_config(steps=20, warmup_steps=100, save_every=0)
+    train(tiny_model(), cfg, tmp_path, fixed_batch, lm_loss, peak_flops=1e12)
+    assert ("train.warmup_steps=100 is not shorter than train.steps=20: warming up over 2 steps instead"
+            in capsys.readouterr().out)
+    lrs = [r["lr"] for r in map(json.loads, (tmp_path / "metrics.jsonl").read_text().splitlines())]
+    assert lrs[:2] == pytest.approx([cfg.lr / 2, cfg.lr]) and lrs[-1] == pytest.approx(cfg.lr * cfg.min_lr_ratio)
+
+
+def test_the_progress_line_shows_the_router_loss_of_a_moe(tmp_path, capsys):
+    cfg = job_train_config(steps=2, save_every=0)
+    train(tiny_model(moe=True), cfg, tmp_path, make_get_batch(cfg), lm_loss, peak_flops=1e12)
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("step ")]
+    assert len(lines) == 2 and all(re.search(r"loss \d+\.\d+ \(ce \d+\.\d+, router \d+\.\d+\)", x) for x in lines)
+
+
+@pytest.mark.parametrize("kind", ["full", "moe", "lora"])
+def test_flops_per_token_is_what_a_step_performs(kind):
+    """The count against torch's FLOP counter on a real step (attention in its math form, which the
+    counter sees): a LoRA step's frozen weights get no weight gradient, and what reads the frozen
+    embeddings passes no gradient back."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.utils.flop_counter import FlopCounterMode
+
+    model = tiny_model(moe=kind == "moe")
+    if kind == "lora":
+        apply_lora(model, r=4, alpha=8)
+    x = torch.randint(0, VOCAB, (3, 17), generator=torch.Generator().manual_seed(0))
+    with FlopCounterMode(display=False) as counter, sdpa_kernel(SDPBackend.MATH):
+        lm_loss(model, (x[:, :-1], x[:, 1:]))[0].backward()
+    assert loop.flops_per_token(model, 16) * 3 * 16 == counter.get_total_flops()
+
+
+def test_mfu_never_exceeds_one(tmp_path):
+    cfg = job_train_config(steps=4, save_every=0)
+    train(tiny_model(), cfg, tmp_path, fixed_batch, lm_loss, peak_flops=1.0)  # a peak far below any real step
+    mfu = [r["mfu"] for r in map(json.loads, (tmp_path / "metrics.jsonl").read_text().splitlines())]
+    assert len(mfu) == 4 and max(mfu) <= 1.0 and mfu[0] == 1.0

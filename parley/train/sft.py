@@ -11,19 +11,20 @@ shows what fine-tuning changed. With LoRA the adapters are saved in the run fold
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from safetensors.torch import save_file
 
-from parley.config import save_config, setting
+from parley.config import setting
 from parley.model.lora import DEFAULT_TARGETS, apply_lora, lora_state_dict, merge_lora
 from parley.registry import Registry
 from parley.train.data import ChatDataset
 from parley.train.loop import TrainConfig, evaluate, resolve_device, train
 from parley.train.losses import lm_loss
-from parley.train.stage import finish, start_run
+from parley.train.stage import claim_run, finish, model_name, processes
 
 
 @dataclass
@@ -32,6 +33,11 @@ class LoRAConfig:
     alpha: float = setting(16.0, "adapter scale numerator (scale = alpha / rank)")
     dropout: float = setting(0.0, "dropout on the adapter input")
     targets: list[str] = setting(factory=lambda: list(DEFAULT_TARGETS), help="linear layers that get adapters")
+
+    def __post_init__(self):
+        if self.rank < 0 or not self.alpha > 0 or not 0 <= self.dropout < 1 or (self.rank and not self.targets):
+            raise ValueError(f"rank must be >= 0, alpha > 0, dropout within [0, 1) and targets not empty; got "
+                             f"rank={self.rank}, alpha={self.alpha}, dropout={self.dropout}, targets={self.targets}")
 
 
 @dataclass
@@ -48,38 +54,48 @@ class SFTConfig:
 def main(cfg: SFTConfig) -> dict:
     t = cfg.train
     device = resolve_device(t.device)  # refuse a missing GPU before loading anything
+    model_name(cfg)
+    data = Path(cfg.data)
+    for split in ("train", "val"):  # before the (slow) model load
+        if not (data / f"dialogs-{split}.jsonl").is_file():
+            raise FileNotFoundError(f"{data / f'dialogs-{split}.jsonl'} not found: run `parley data prepare {data}`")
     model, tokenizer, _ = Registry().load(cfg.base, dtype=torch.float32)
     model.to(device)  # the evaluation before training runs where the training will
     if t.seq_len > model.config.max_position_embeddings:
         raise ValueError(f"train.seq_len {t.seq_len} is longer than {cfg.base}'s context "
                          f"({model.config.max_position_embeddings})")
-    data = Path(cfg.data)
     chats = ChatDataset(data / "dialogs-train.jsonl", tokenizer, t.seq_len)
     val = ChatDataset(data / "dialogs-val.jsonl", tokenizer, t.seq_len)
-    run = start_run(cfg.run, cfg.resume)
-    save_config(cfg, run / "config.toml")
     params = None
-    if cfg.lora.rank:
-        params = apply_lora(model, r=cfg.lora.rank, alpha=cfg.lora.alpha, dropout=cfg.lora.dropout,
-                            targets=tuple(cfg.lora.targets))
-    trainable = sum(p.numel() for p in (params or model.parameters()))
-    print(f"{cfg.base}: {trainable / 1e6:.2f}M trainable parameters; {len(chats)} training conversations "
-          f"({chats.dropped} dropped: no answer left within seq_len), {len(val)} held out")
+    if cfg.lora.rank:  # before the run folder: targets the model lacks are refused
+        with torch.random.fork_rng(devices=[]):  # the adapters' initial weights follow train.seed
+            torch.manual_seed(t.seed)
+            params = apply_lora(model, r=cfg.lora.rank, alpha=cfg.lora.alpha, dropout=cfg.lora.dropout,
+                                targets=tuple(cfg.lora.targets))
+    with processes(device):
+        run = claim_run(cfg)
+        trainable = sum(p.numel() for p in (params or model.parameters()))
+        main_process = int(os.environ.get("RANK", "0")) == 0
+        if main_process:
+            print(f"{cfg.base}: {trainable / 1e6:.2f}M trainable parameters; {len(chats)} training conversations "
+                  f"({chats.dropped} dropped: no answer left within seq_len), {len(val)} held out")
 
-    def get_batch(step, micro, rank, world):
-        return chats.batch(step, micro, rank, world, t.batch_size, t.seed)
+        def get_batch(step, micro, rank, world):
+            return chats.batch(step, micro, rank, world, t.batch_size, t.seed)
 
-    def val_batches():
-        return val.eval_batches(t.batch_size, t.eval_batches)
+        def val_batches():
+            return val.eval_batches(t.batch_size, t.eval_batches)
 
-    before = evaluate(model, t, val_batches, lm_loss)
-    print(f"validation loss before fine-tuning: {before:.4f}")
-    final = train(model, t, run, get_batch, lm_loss, eval_batches=val_batches, params=params, resume=cfg.resume)
-    final["val_loss_before"] = before
-    if cfg.lora.rank:
-        save_file(lora_state_dict(model), run / "adapter.safetensors")
-        merge_lora(model)
-    return finish(cfg, run, model, tokenizer, final, stage="sft")
+        before = evaluate(model, t, val_batches, lm_loss)
+        if main_process:
+            print(f"validation loss before fine-tuning: {before:.4f}")
+        final = train(model, t, run, get_batch, lm_loss, eval_batches=val_batches, params=params, resume=cfg.resume)
+        final["val_loss_before"] = before
+        if cfg.lora.rank:
+            if main_process:
+                save_file(lora_state_dict(model), run / "adapter.safetensors")
+            merge_lora(model)
+        return finish(cfg, run, model, tokenizer, final, stage="sft")
 
 
 if __name__ == "__main__":
