@@ -27,6 +27,7 @@ from pathlib import Path
 
 import torch
 
+from parley.model.families import hf_architecture
 from parley.model.tokenizer import Tokenizer
 from parley.model.transformer import Transformer
 from parley.model.weights import export_hf, load_checkpoint, load_gguf, load_hf, save_checkpoint
@@ -171,7 +172,7 @@ class Registry:
         else:
             raise ValueError(f"{path}: not a .gguf file or an HF model folder (config.json + *.safetensors)")
         meta = {"name": name, "source": str(path), "format": kind, "imported_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
-                "architecture": "MixtralForCausalLM" if model.config.is_moe else "LlamaForCausalLM",
+                "architecture": hf_architecture(model.config),
                 "params": model.config.num_params()}
         self.save(name, model, tokenizer, meta, replace=force)
         return self.get(name)

@@ -36,6 +36,7 @@ benchmarks, tests): then all of the model's OpenMP work stays on that one thread
 from __future__ import annotations
 
 import itertools
+import logging
 import threading
 import time
 from collections import deque
@@ -51,6 +52,8 @@ from parley.engine.request import (Completion, EngineClosed, EngineError, Event,
                                    StepFailed, params_per_prompt)
 from parley.engine.sampling import Sampler, SamplingParams
 from parley.model.transformer import Transformer
+
+log = logging.getLogger("parley.engine")
 
 __all__ = ["Engine", "Request", "Event", "Completion", "EngineError", "PromptError", "QueueFull", "EngineClosed",
            "StepFailed"]
@@ -99,6 +102,12 @@ class Engine:
         ceiling = EngineConfig().resolved_kernels() if kernels == "auto" else "auto"
         self.fast = self._kernels(model, kernels) if ceiling in ("auto", "amx") else \
             None if ceiling == "torch" else FastDecoder.create(model, tiles=False)
+        # where rows run, for startup lines and logs; a model the C kernels cannot compute says why
+        lacking = FastDecoder.unsupported(model)
+        self.path = ("C kernels on AMX tiles" if self.fast.amx else "C kernels (AVX-512)") if self.fast else \
+            f"PyTorch (the C kernels lack {lacking})" if lacking else "PyTorch"
+        if lacking and kernels != "torch" and self.device.type == "cpu":
+            log.warning("parley engine: this model runs on the slower PyTorch path: the C kernels lack %s", lacking)
         # the C path keeps keys and values in fp32, or bf16 on AMX tiles; PyTorch in the weights' dtype
         dtype = self.fast.kv_dtype if self.fast else model.lm_head.weight.dtype
         if kv_budget_bytes is None:
