@@ -5,16 +5,18 @@ round trip and a LoRA training step."""
 
 import json
 
+import numpy as np
 import pytest
 import torch
 import transformers as hf
+from safetensors.torch import load_file
 
 from parley.engine.engine import Engine
 from parley.engine.sampling import SamplingParams
 from parley.model.families import config_from_hf
 from parley.model.lora import apply_lora
 from parley.model.transformer import ModelConfig, Transformer
-from parley.model.weights import export_hf, load_hf
+from parley.model.weights import export_hf, load_gguf, load_hf
 from parley.train.losses import lm_loss
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -163,3 +165,85 @@ def test_engine_reports_the_torch_path_for_features_the_c_kernels_lack(caplog):
     assert engine.fast is None and "q/k norm" in engine.path
     assert "q/k norm" in caplog.text
     engine.close()
+
+
+# ---------------------------------------------------------------- GGUF, as llama.cpp's converter writes it
+
+GGUF_NAMES = {"self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
+              "self_attn.o_proj": "attn_output", "self_attn.q_norm": "attn_q_norm", "self_attn.k_norm": "attn_k_norm",
+              "input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm", "mlp.gate_proj": "ffn_gate",
+              "mlp.up_proj": "ffn_up", "mlp.down_proj": "ffn_down", "mlp.gate": "ffn_gate_inp"}
+GEMMA_NAMES = {"post_attention_layernorm": "post_attention_norm", "pre_feedforward_layernorm": "ffn_norm",
+               "post_feedforward_layernorm": "post_ffw_norm"}
+GGUF_CASES = {  # llama.cpp fixes Gemma 3's layer pattern (5:1), local base (1e4) and scale (1/sqrt(head_dim))
+    "qwen2": (hf.Qwen2Config, dict()),
+    "qwen3": (hf.Qwen3Config, dict()),
+    "qwen3moe": (hf.Qwen3MoeConfig, dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=24,
+                                         norm_topk_prob=True)),
+    "gemma3": (hf.Gemma3TextConfig, dict(num_hidden_layers=7, sliding_window=5, query_pre_attn_scalar=16,
+                                         rope_parameters={"full_attention": {"rope_type": "default", "rope_theta": 1e5},
+                                                          "sliding_attention": {"rope_type": "default",
+                                                                                "rope_theta": 1e4}})),
+}
+
+
+def write_gguf(path, arch: str, reference) -> None:
+    """An fp32 GGUF of an HF model under llama.cpp's names and metadata (no q/k reordering outside
+    the llama architecture; Gemma's norms stored as 1 + weight)."""
+    import gguf
+
+    reference.save_pretrained(path.parent / "hf")  # per-expert names, as checkpoints on disk have them
+    c, sd = reference.config, {k: v.numpy() for k, v in load_file(path.parent / "hf" / "model.safetensors").items()}
+    w = gguf.GGUFWriter(str(path), arch)
+    for add, value in [(w.add_context_length, c.max_position_embeddings), (w.add_embedding_length, c.hidden_size),
+                       (w.add_feed_forward_length, c.intermediate_size), (w.add_block_count, c.num_hidden_layers),
+                       (w.add_head_count, c.num_attention_heads), (w.add_head_count_kv, c.num_key_value_heads),
+                       (w.add_key_length, c.head_dim), (w.add_value_length, c.head_dim),
+                       (w.add_layer_norm_rms_eps, c.rms_norm_eps), (w.add_vocab_size, c.vocab_size)]:
+        add(value)
+    rope = c.rope_parameters["full_attention"] if arch == "gemma3" else c.rope_parameters
+    w.add_rope_freq_base(rope["rope_theta"])
+    if arch == "gemma3":
+        w.add_sliding_window(c.sliding_window)
+    if arch == "qwen3moe":
+        w.add_expert_count(c.num_experts)
+        w.add_expert_used_count(c.num_experts_per_tok)
+        w.add_expert_feed_forward_length(c.moe_intermediate_size)
+    names = {**GGUF_NAMES, **(GEMMA_NAMES if arch == "gemma3" else {})}
+    out = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight",
+           "lm_head.weight": "output.weight"}
+    for name, t in sd.items():
+        if name == "lm_head.weight" and c.tie_word_embeddings:
+            continue
+        if arch == "gemma3" and name.endswith("norm.weight"):
+            t = t + 1.0
+        if name in out:
+            w.add_tensor(out[name], t)
+            continue
+        _, _, i, rest = name.split(".", 3)
+        module, suffix = rest.rsplit(".", 1)
+        if ".experts." in module:
+            if module.endswith("experts.0.gate_proj"):
+                for proj, gg in (("gate_proj", "ffn_gate_exps"), ("down_proj", "ffn_down_exps"),
+                                 ("up_proj", "ffn_up_exps")):
+                    w.add_tensor(f"blk.{i}.{gg}.weight", np.stack(
+                        [sd[f"model.layers.{i}.mlp.experts.{e}.{proj}.weight"] for e in range(c.num_experts)]))
+            continue
+        w.add_tensor(f"blk.{i}.{names[module]}.{suffix}", t)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+
+
+@pytest.mark.parametrize("arch", list(GGUF_CASES))
+def test_gguf_of_each_family_matches_transformers(arch, tmp_path):
+    config_class, overrides = GGUF_CASES[arch]
+    config = config_class(**{**SHAPE, "attention_bias": False, **overrides})
+    reference = randomize(hf.AutoModelForCausalLM.from_config(config, attn_implementation="eager"))
+    write_gguf(tmp_path / "tiny.gguf", arch, reference)
+    model, meta = load_gguf(tmp_path / "tiny.gguf")
+    assert meta["general.architecture"] == arch
+    x = torch.tensor([PROMPTS[0] * 2])
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), reference(x).logits, atol=1e-4, rtol=0)
