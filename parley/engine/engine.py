@@ -151,8 +151,10 @@ class Engine:
                               "a C compiler, a dense bf16 model on the CPU with whole-tile shapes): "
                               "use kernels=auto")
         if kernels == "avx512" and fast is None:
+            lacking = FastDecoder.unsupported(model)
             raise EngineError("kernels=avx512, but the C kernels cannot run here (they need a C compiler and a "
-                              "dense bf16 or fp32 model on the CPU): use kernels=auto")
+                              "dense bf16 or fp32 model on the CPU" + (f"; they lack {lacking}" if lacking else "")
+                              + "): use kernels=auto")
         return fast
 
     @property

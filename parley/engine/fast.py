@@ -142,9 +142,8 @@ class FastDecoder:
             ("soft-capping", cfg.final_logit_softcapping or cfg.attn_logit_softcapping),
             ("Gemma's norms and scaled embeddings", cfg.gemma), (cfg.hidden_act, cfg.hidden_act != "silu"),
             ("an attention scale other than 1/sqrt(head_dim)", cfg.query_pre_attn_scalar is not None),
-            ("a bias-free gated MLP in every layer", any(not hasattr(b, "mlp") for b in model.model.layers)),
         ) if present]
-        return ", ".join(dict.fromkeys(lacking)) or None
+        return ", ".join(lacking) or None
 
     @classmethod
     def create(cls, model: Transformer, tiles: bool = True) -> "FastDecoder | None":

@@ -126,8 +126,8 @@ class Tokenizer:
         if kind == "llama" and arch in ("gemma", "gemma2", "gemma3"):
             backend = _gemma_backend(tokens)
         elif kind != "gpt2":
-            raise ValueError(f"{path.name}: GGUF tokenizer model {kind!r} ({arch}) is not supported; Parley reads "
-                             "byte-level BPE ('gpt2') tokenizers and Gemma's SentencePiece vocabulary from GGUF")
+            raise ValueError(f"{path.name}: GGUF tokenizer model {kind!r} is not supported (architecture {arch!r}); "
+                             "Parley reads byte-level BPE ('gpt2') tokenizers and Gemma's SentencePiece vocabulary from GGUF")
         else:
             pre = field("tokenizer.ggml.pre", "default")
             if pre not in GGUF_PRE_SPLITS:
