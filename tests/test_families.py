@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 
 from parley.engine.engine import Engine
 from parley.engine.sampling import SamplingParams
-from parley.model.families import config_from_hf
+from parley.model.families import UnsupportedModelError, config_from_hf
 from parley.model.lora import apply_lora
 from parley.model.transformer import ModelConfig, Transformer
 from parley.model.weights import export_hf, load_gguf, load_hf
@@ -180,6 +180,7 @@ GGUF_CASES = {  # llama.cpp fixes Gemma 3's layer pattern (5:1), local base (1e4
     "qwen3": (hf.Qwen3Config, dict()),
     "qwen3moe": (hf.Qwen3MoeConfig, dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=24,
                                          norm_topk_prob=True)),
+    "phi3": (hf.Phi3Config, dict(hidden_size=112, pad_token_id=0, eos_token_id=1, bos_token_id=2, sliding_window=6)),
     "gemma3": (hf.Gemma3TextConfig, dict(num_hidden_layers=7, sliding_window=5, query_pre_attn_scalar=16,
                                          rope_parameters={"full_attention": {"rope_type": "default", "rope_theta": 1e5},
                                                           "sliding_attention": {"rope_type": "default",
@@ -187,7 +188,7 @@ GGUF_CASES = {  # llama.cpp fixes Gemma 3's layer pattern (5:1), local base (1e4
 }
 
 
-def write_gguf(path, arch: str, reference) -> None:
+def write_gguf(path, arch: str, reference, extra: dict | None = None) -> None:
     """An fp32 GGUF of an HF model under llama.cpp's names and metadata (no q/k reordering outside
     the llama architecture; Gemma's norms stored as 1 + weight)."""
     import gguf
@@ -203,13 +204,14 @@ def write_gguf(path, arch: str, reference) -> None:
         add(value)
     rope = c.rope_parameters["full_attention"] if arch == "gemma3" else c.rope_parameters
     w.add_rope_freq_base(rope["rope_theta"])
-    if arch == "gemma3":
+    if arch in ("gemma3", "phi3"):
         w.add_sliding_window(c.sliding_window)
     if arch == "qwen3moe":
         w.add_expert_count(c.num_experts)
         w.add_expert_used_count(c.num_experts_per_tok)
         w.add_expert_feed_forward_length(c.moe_intermediate_size)
-    names = {**GGUF_NAMES, **(GEMMA_NAMES if arch == "gemma3" else {})}
+    names = {**GGUF_NAMES, **(GEMMA_NAMES if arch == "gemma3" else {}),
+             "self_attn.qkv_proj": "attn_qkv", "mlp.gate_up_proj": "ffn_up"}  # Phi-3's fused ones
     out = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight",
            "lm_head.weight": "output.weight"}
     for name, t in sd.items():
@@ -230,10 +232,22 @@ def write_gguf(path, arch: str, reference) -> None:
                         [sd[f"model.layers.{i}.mlp.experts.{e}.{proj}.weight"] for e in range(c.num_experts)]))
             continue
         w.add_tensor(f"blk.{i}.{names[module]}.{suffix}", t)
+    for name, t in (extra or {}).items():
+        w.add_tensor(name, t)
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
     w.close()
+
+
+def test_gguf_features_still_missing_are_refused_by_name(tmp_path):
+    config_class, overrides = GGUF_CASES["phi3"]
+    reference = hf.AutoModelForCausalLM.from_config(config_class(**{**SHAPE, **overrides}))
+    factors = np.ones(8, dtype=np.float32)
+    write_gguf(tmp_path / "phi3.gguf", "phi3", reference,
+               extra={"rope_factors_long.weight": factors, "rope_factors_short.weight": factors})
+    with pytest.raises(UnsupportedModelError, match="rope scaling \\(longrope rope_factors\\) is not supported"):
+        load_gguf(tmp_path / "phi3.gguf")
 
 
 @pytest.mark.parametrize("arch", list(GGUF_CASES))

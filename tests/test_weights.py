@@ -316,7 +316,7 @@ def test_corrupt_gguf(damage, tmp_path):
 def test_gguf_of_another_architecture_is_refused(tmp_path):
     write_gguf(tmp_path / "falcon.gguf", ours(), arch="falcon")
     with pytest.raises(UnsupportedModelError, match="unsupported GGUF architecture 'falcon' "
-                                                    "\\(supported: llama, qwen2, qwen3, qwen3moe, gemma3\\)"):
+                                                    "\\(supported: llama, qwen2, qwen3, qwen3moe, gemma3, phi3\\)"):
         load_gguf(tmp_path / "falcon.gguf")
 
 

@@ -168,7 +168,7 @@ _GGUF_BLOCK_OF = {"gemma3": {"ffn_norm": "pre_feedforward_layernorm", "post_atte
 _GGUF_EXPERTS = {"ffn_gate_exps": "w1", "ffn_down_exps": "w2", "ffn_up_exps": "w3"}  # one tensor for all experts
 # llama.cpp's architecture names -> the family they load as
 GGUF_ARCHITECTURES = {"llama": "llama", "qwen2": "qwen2", "qwen3": "qwen3", "qwen3moe": "qwen3_moe",
-                      "gemma3": "gemma3_text"}
+                      "gemma3": "gemma3_text", "phi3": "phi3"}
 
 
 def _hf_name(gguf_name: str, arch: str = "llama") -> str:
@@ -215,6 +215,8 @@ def _config_from_gguf(meta: dict, tensor_names: set[str], n_tokens: int, path) -
     scaling = key("rope.scaling.type", "none")
     if "rope_freqs.weight" in tensor_names:  # Llama 3.1's scaled frequencies, stored as a tensor
         scaling = "llama3 rope_freqs"
+    if "rope_factors_long.weight" in tensor_names:  # Phi-3's LongRoPE factors, stored as tensors
+        scaling = "longrope rope_factors"
     if scaling not in ("none", "linear"):
         raise UnsupportedModelError(f"{path}: rope scaling ({scaling}) is not supported")
     rope_scaling = {"rope_type": "linear", "factor": decimal(key("rope.scaling.factor"))} \
@@ -230,6 +232,8 @@ def _config_from_gguf(meta: dict, tensor_names: set[str], n_tokens: int, path) -
             layer_types=["sliding_attention" if (i + 1) % 6 else "full_attention" for i in range(n_layers)],
             query_pre_attn_scalar=float(hidden // n_head if n_layers == 62 else head_dim),
             final_logit_softcapping=decimal(key("final_logit_softcapping", None)))
+    elif window and family == "phi3":  # every layer, as Phi-3's config.json says
+        gemma_extras = dict(sliding_window=window if window < key("context_length") else None)
     elif window:
         raise UnsupportedModelError(f"{path}: sliding-window attention in a {arch} GGUF is not supported")
     return ModelConfig(
