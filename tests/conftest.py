@@ -123,3 +123,16 @@ def tiny768_registry(tiny_hf_dir, tmp_path_factory):
                 weight.normal_(0, 0.5)
     registry.save("tiny768", model, tokenizer, {**meta, "name": "tiny768"})
     return registry
+
+
+def pytest_addoption(parser):
+    parser.addoption("--runslow", action="store_true", help="also run tests marked slow (.ci/run does)")
+
+
+def pytest_collection_modifyitems(config, items):
+    if config.getoption("--runslow"):
+        return
+    skip = pytest.mark.skip(reason="slow: run with --runslow")
+    for item in items:
+        if "slow" in item.keywords:
+            item.add_marker(skip)

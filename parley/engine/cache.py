@@ -19,7 +19,10 @@ Shared pages are never written: a sequence only appends after its own last token
 
 A `PagedBatch` is one forward step over several sequences, packed into one row: decoding
 sequences (one query each) attend together through one padded gather of their pages;
-each sequence that feeds several tokens (prefill) attends on its own, causally.
+each sequence that feeds several tokens (prefill) attends on its own, causally. A layer with
+a sliding window (ModelConfig.window) masks out keys older than its window; every page is
+kept all the same (correctness first: freeing pages that no layer's window reaches any more
+is left to do).
 """
 
 from __future__ import annotations
@@ -29,10 +32,9 @@ from collections import OrderedDict
 from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
 
 from parley.engine.hugepages import huge_zeros
-from parley.model.transformer import ModelConfig
+from parley.model.transformer import ModelConfig, attention, visible
 
 
 class CacheError(ValueError):
@@ -206,7 +208,12 @@ class PagedBatch:
             width = max(len(t) for t in decode_tables)
             self.decode_table = torch.tensor([t + [0] * (width - len(t)) for t in decode_tables], device=dev)
             keys = torch.arange(width * ps, device=dev)
-            self.decode_mask = (keys[None] < torch.tensor(decode_lengths, device=dev)[:, None])[:, None, None]
+            lengths = torch.tensor(decode_lengths, device=dev)[:, None]
+            self.decode_mask = (keys[None] < lengths)[:, None, None]
+            # per window size of the model's layers: the same, less the keys the window has left behind
+            windows = {cache.cfg.window(i) for i in range(cache.cfg.num_hidden_layers)} - {None}
+            self.decode_window_mask = {w: (self.decode_mask[:, 0, 0] & (keys[None] >= lengths - w))[:, None, None]
+                                       for w in windows}
             self.decode_index = torch.tensor(self.decode, device=dev)
 
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -215,15 +222,15 @@ class PagedBatch:
         K, V = self.cache.k[layer], self.cache.v[layer]
         K[self.write_pages, :, self.write_slots] = k[0].transpose(0, 1).to(K.dtype)
         V[self.write_pages, :, self.write_slots] = v[0].transpose(0, 1).to(V.dtype)
-        gqa = q.shape[1] != k.shape[1]
         y = torch.empty_like(q)
         if self.decode:
             D, width = self.decode_table.shape
             gather = lambda pool: pool[self.decode_table].transpose(1, 2).reshape(
                 D, pool.shape[1], width * pool.shape[2], pool.shape[3]).to(q.dtype)
             qd = q[0, :, self.decode_index].transpose(0, 1)[:, :, None]  # (D, heads, 1, hd)
-            out = F.scaled_dot_product_attention(qd, gather(K), gather(V), attn_mask=self.decode_mask,
-                                                 enable_gqa=gqa)
+            window = self.cache.cfg.window(layer)
+            mask = self.decode_window_mask[window] if window else self.decode_mask
+            out = attention(qd, gather(K), gather(V), mask, self.cache.cfg)
             y[0, :, self.decode_index] = out[:, :, 0].transpose(0, 1)
         for at, T, start, pages in self.prefill:
             y[:, :, at:at + T] = self.attend_chunk(layer, q[:, :, at:at + T], start, pages)
@@ -238,8 +245,8 @@ class PagedBatch:
         S = start + T
         gather = lambda pool: pool[pages].transpose(0, 1).reshape(
             pool.shape[1], -1, pool.shape[3])[None, :, :S].to(q.dtype)
-        gqa = q.shape[1] != K.shape[1]
-        if start == 0:
-            return F.scaled_dot_product_attention(q, gather(K), gather(V), is_causal=True, enable_gqa=gqa)
-        mask = torch.arange(S, device=q.device)[None] <= torch.arange(start, S, device=q.device)[:, None]
-        return F.scaled_dot_product_attention(q, gather(K), gather(V), attn_mask=mask, enable_gqa=gqa)
+        window = self.cache.cfg.window(layer)
+        if start == 0 and not (window and window < S):
+            return attention(q, gather(K), gather(V), None, self.cache.cfg, causal=True)
+        mask = visible(torch.arange(start, S, device=q.device), torch.arange(S, device=q.device), window)
+        return attention(q, gather(K), gather(V), mask, self.cache.cfg)

@@ -36,6 +36,7 @@ benchmarks, tests): then all of the model's OpenMP work stays on that one thread
 from __future__ import annotations
 
 import itertools
+import logging
 import threading
 import time
 from collections import deque
@@ -51,6 +52,8 @@ from parley.engine.request import (Completion, EngineClosed, EngineError, Event,
                                    StepFailed, params_per_prompt)
 from parley.engine.sampling import Sampler, SamplingParams
 from parley.model.transformer import Transformer
+
+log = logging.getLogger("parley.engine")
 
 __all__ = ["Engine", "Request", "Event", "Completion", "EngineError", "PromptError", "QueueFull", "EngineClosed",
            "StepFailed"]
@@ -99,6 +102,10 @@ class Engine:
         ceiling = EngineConfig().resolved_kernels() if kernels == "auto" else "auto"
         self.fast = self._kernels(model, kernels) if ceiling in ("auto", "amx") else \
             None if ceiling == "torch" else FastDecoder.create(model, tiles=False, path=ceiling)
+        # a model the C kernels cannot compute runs on PyTorch, and says why (kernels_path, the startup line)
+        self.lacking = FastDecoder.unsupported(model)
+        if self.lacking and kernels != "torch" and self.device.type == "cpu":
+            log.warning("parley engine: this model runs on the slower PyTorch path: the C kernels lack %s", self.lacking)
         # the C path keeps keys and values in fp32, or bf16 on AMX tiles; PyTorch in the weights' dtype
         dtype = self.fast.kv_dtype if self.fast else model.model.embed_tokens.weight.dtype
         if kv_budget_bytes is None:
@@ -142,14 +149,17 @@ class Engine:
                               "a C compiler, a dense bf16 model on the CPU with whole-tile shapes): "
                               "use kernels=auto")
         if kernels in ("avx512", "avx2", "scalar") and fast is None:
+            lacking = FastDecoder.unsupported(model)
             raise EngineError(f"kernels={kernels}, but the C kernels cannot run here (they need a C compiler and a "
-                              "dense bf16 or fp32 model on the CPU): use kernels=auto")
+                              "dense bf16 or fp32 model on the CPU" + (f"; they lack {lacking}" if lacking else "")
+                              + "): use kernels=auto")
         return fast
 
     @property
     def kernels_path(self) -> str:
-        """The CPU path the steps run on, chosen once (e.g. "amx", "avx512", "vnni int8 (q4/q8)", "torch")."""
-        return self.fast.path if self.fast else "torch"
+        """The CPU path the steps run on, chosen once (e.g. "amx", "avx512", "vnni int8 (q4/q8)", "torch",
+        "torch (the C kernels lack q/k norm)")."""
+        return self.fast.path if self.fast else f"torch (the C kernels lack {self.lacking})" if self.lacking else "torch"
 
     @property
     def context_length(self) -> int:

@@ -184,16 +184,30 @@ class FastDecoder:
             all(n % 32 == 0 for n in (c.hidden_size, q, c.intermediate_size)) and \
             all(n % 16 == 0 for n in (q, kv, c.hidden_size, c.intermediate_size, c.vocab_size))
 
+    @staticmethod
+    def unsupported(model: Transformer) -> str | None:
+        """What of this model the C kernels do not compute (None: nothing); the engine then runs
+        it on the model's PyTorch forward and says so."""
+        cfg = model.config
+        lacking = [what for what, present in (
+            ("mixture of experts", cfg.is_moe), ("attention biases", cfg.attention_bias or cfg.qkv_bias),
+            ("q/k norm", cfg.qk_norm), ("sliding-window attention", cfg.has_window),
+            ("soft-capping", cfg.final_logit_softcapping or cfg.attn_logit_softcapping),
+            ("Gemma's norms and scaled embeddings", cfg.gemma), (cfg.hidden_act, cfg.hidden_act != "silu"),
+            ("an attention scale other than 1/sqrt(head_dim)", cfg.query_pre_attn_scalar is not None),
+        ) if present]
+        return ", ".join(lacking) or None
+
     @classmethod
     def create(cls, model: Transformer, tiles: bool = True, path: str = "auto") -> "FastDecoder | None":
-        """A fast decoder if this model and machine allow one: dense, no biases, bf16 or
-        fp32 weights on the CPU (or q8 / q4 ones: every projection and the output layer), and a
-        working C compiler; on AMX tiles where they fit, unless `tiles` is False. `path` (the
-        engine's `kernels` setting, engine/config.py) caps the int8 path of quantized weights: avx2, scalar. Moves the
-        model's float weights into huge pages (engine/hugepages.py) the first time."""
+        """A fast decoder if this model and machine allow one: a plain Llama-style model
+        (`unsupported` names what else), bf16 or fp32 weights on the CPU (or q8 / q4 ones: every
+        projection and the output layer), and a working C compiler; on AMX tiles where they fit,
+        unless `tiles` is False. `path` (the engine's `kernels` setting, engine/config.py) caps the
+        int8 path of quantized weights: avx2, scalar. Moves the model's float weights into huge
+        pages (engine/hugepages.py) the first time."""
         cfg, w = model.config, model.model.embed_tokens.weight
-        if cfg.is_moe or cfg.attention_bias or w.device.type != "cpu" or \
-                w.dtype not in (torch.float32, torch.bfloat16):
+        if cls.unsupported(model) or w.device.type != "cpu" or w.dtype not in (torch.float32, torch.bfloat16):
             return None
         quantized = quantized_layers(model)
         if quantized and len(quantized) != 7 * cfg.num_hidden_layers + 1:

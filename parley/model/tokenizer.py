@@ -3,7 +3,7 @@
 Everything that turns text into ids and back lives here; the engine only sees ids.
 
     tok = Tokenizer.from_dir("path/to/tokenizer")                   # HF folder, also Parley's own format
-    tok = Tokenizer.from_gguf("SmolLM2-135M-Instruct.Q4_1.gguf")    # byte-level BPE from GGUF metadata
+    tok = Tokenizer.from_gguf("SmolLM2-135M-Instruct.Q4_1.gguf")    # byte-level BPE (or Gemma's) from GGUF
     tok = Tokenizer.train(["corpus.txt"], vocab_size=8192)          # new BPE with ChatML special tokens
 
     ids = tok.encode("Hello world")                  # same ids as transformers' tokenizer(text)["input_ids"]
@@ -27,7 +27,7 @@ from pathlib import Path
 import jinja2
 import tokenizers
 from jinja2.sandbox import ImmutableSandboxedEnvironment
-from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers, processors, trainers
+from tokenizers import AddedToken, Regex, decoders, models, normalizers, pre_tokenizers, processors, trainers
 
 from parley.files import atomic_open
 
@@ -103,7 +103,8 @@ class Tokenizer:
 
     @classmethod
     def from_gguf(cls, path: str | Path) -> Tokenizer:
-        """Build the tokenizer a GGUF file describes in its metadata (byte-level BPE only)."""
+        """Build the tokenizer a GGUF file describes in its metadata: byte-level BPE, or Gemma's
+        SentencePiece vocabulary (`_gemma_backend`)."""
         import gguf  # only this loader needs it
 
         path = Path(path)
@@ -117,32 +118,37 @@ class Tokenizer:
         def field(key, default=None):
             return fields[key].contents() if key in fields else default
 
-        kind = field("tokenizer.ggml.model")
-        if kind != "gpt2":
-            raise ValueError(f"{path.name}: GGUF tokenizer model {kind!r} is not supported; "
-                             "Parley reads only byte-level BPE ('gpt2') tokenizers from GGUF")
-        pre = field("tokenizer.ggml.pre", "default")
-        if pre not in GGUF_PRE_SPLITS:
-            raise ValueError(f"{path.name}: GGUF pre-tokenizer {pre!r} is not supported "
-                             f"(supported: {', '.join(sorted(GGUF_PRE_SPLITS))})")
-        tokens, merges = field("tokenizer.ggml.tokens"), field("tokenizer.ggml.merges")
-        if not tokens or not merges:
-            raise ValueError(f"{path.name}: GGUF metadata lacks tokenizer.ggml.tokens or tokenizer.ggml.merges")
+        kind, arch = field("tokenizer.ggml.model"), field("general.architecture")
+        tokens = field("tokenizer.ggml.tokens")
+        if not tokens:
+            raise ValueError(f"{path.name}: GGUF metadata lacks tokenizer.ggml.tokens")
         types = field("tokenizer.ggml.token_type") or [1] * len(tokens)
-
-        backend = tokenizers.Tokenizer(models.BPE(
-            vocab={token: i for i, token in enumerate(tokens)},
-            merges=[tuple(merge.split(" ")) for merge in merges]))
-        backend.pre_tokenizer = pre_tokenizers.Sequence(
-            [pre_tokenizers.Split(Regex(regex), behavior="isolated") for regex in GGUF_PRE_SPLITS[pre]]
-            + [pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
-        backend.decoder = decoders.ByteLevel()
+        if kind == "llama" and arch in ("gemma", "gemma2", "gemma3"):
+            backend = _gemma_backend(tokens)
+        elif kind != "gpt2":
+            raise ValueError(f"{path.name}: GGUF tokenizer model {kind!r} is not supported (architecture {arch!r}); "
+                             "Parley reads byte-level BPE ('gpt2') tokenizers and Gemma's SentencePiece vocabulary from GGUF")
+        else:
+            pre = field("tokenizer.ggml.pre", "default")
+            if pre not in GGUF_PRE_SPLITS:
+                raise ValueError(f"{path.name}: GGUF pre-tokenizer {pre!r} is not supported "
+                                 f"(supported: {', '.join(sorted(GGUF_PRE_SPLITS))})")
+            merges = field("tokenizer.ggml.merges")
+            if not merges:
+                raise ValueError(f"{path.name}: GGUF metadata lacks tokenizer.ggml.merges")
+            backend = tokenizers.Tokenizer(models.BPE(
+                vocab={token: i for i, token in enumerate(tokens)},
+                merges=[tuple(merge.split(" ")) for merge in merges]))
+            backend.pre_tokenizer = pre_tokenizers.Sequence(
+                [pre_tokenizers.Split(Regex(regex), behavior="isolated") for regex in GGUF_PRE_SPLITS[pre]]
+                + [pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+            backend.decoder = decoders.ByteLevel()
         # Control tokens (<|im_start|>, ...) are matched whole in text and hidden by decode;
         # user-defined ones are matched whole too but decode as text. llama.cpp treats them the same way.
         backend.add_special_tokens([AddedToken(t, special=True, normalized=False)
                                     for t, k in zip(tokens, types) if k == GGUF_CONTROL])
-        backend.add_tokens([AddedToken(t, special=False, normalized=False)
-                            for t, k in zip(tokens, types) if k == GGUF_USER_DEFINED])
+        backend.add_tokens([AddedToken(t, special=False, normalized=False)  # (Gemma's blank ones are respelled)
+                            for t, k in zip(tokens, types) if k == GGUF_USER_DEFINED and backend.token_to_id(t) is not None])
 
         def token(key):
             index = field(f"tokenizer.ggml.{key}")
@@ -330,6 +336,27 @@ def _compile_template(source: str) -> jinja2.Template:
         return env.from_string(source)
     except jinja2.TemplateError as e:
         raise ValueError(f"the chat template is not valid Jinja: {e}") from None
+
+
+def _gemma_backend(tokens: list[str]) -> tokenizers.Tokenizer:
+    """Gemma's SentencePiece BPE as a `tokenizers` BPE, built as transformers builds it from the
+    same GGUF (so both give the same ids): spaces become "▁", unknown bytes fall back to their
+    <0xNN> tokens. The file holds no merges, so they come from the vocabulary: every split of a
+    token into two tokens, ranked by the token's position in the file (Gemma's scores do not
+    follow merge order), the longer left piece first. Tokens of blank space with a space in them
+    are spelled as that many "▁" first, as the vocabulary looks them up."""
+    tokens = ["▁" * len(t) if " " in t and not t.strip() else t for t in tokens]
+    vocab = {token: i for i, token in enumerate(tokens)}
+    merges = []
+    for token in dict.fromkeys(tokens):
+        merges += [(token[:i], token[i:]) for i in range(len(token) - 1, 0, -1)
+                   if token[:i] in vocab and token[i:] in vocab]
+    backend = tokenizers.Tokenizer(models.BPE(vocab=vocab, merges=merges, unk_token="<unk>", fuse_unk=True,
+                                              byte_fallback=True))
+    backend.normalizer = normalizers.Replace(" ", "▁")
+    backend.pre_tokenizer = pre_tokenizers.Split(" ", behavior="merged_with_previous")
+    backend.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()])
+    return backend
 
 
 def _bos_eos_processor(backend, special: dict, add_bos: bool, add_eos: bool) -> processors.TemplateProcessing:

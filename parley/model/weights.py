@@ -13,8 +13,9 @@ near one model. Writers build the folder in a temporary sibling and swap it in, 
 never leaves a half-written checkpoint behind; files they do not write themselves (a tokenizer
 saved alongside) are carried over into the new folder.
 
-Supported: Llama, Mistral (without sliding windows) and Mixtral, i.e. what `Transformer`
-computes. Anything else is refused with `UnsupportedModelError` rather than loaded wrongly.
+Supported: the families of parley/model/families.py (Llama, Mistral, Mixtral, Qwen2/3 dense and
+MoE, Gemma 3, Phi-3), i.e. what `Transformer` computes; that file maps their configs and tensor
+names. Anything else is refused with `UnsupportedModelError` rather than loaded wrongly.
 """
 
 from __future__ import annotations
@@ -35,27 +36,9 @@ from safetensors.torch import save_file
 
 from parley.files import fsync
 from parley.model import quant
-from parley.model.transformer import ModelConfig, Transformer, rope_tables
-
-_MODEL_TYPE_OF_ARCH = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "mistral", "MixtralForCausalLM": "mixtral"}
-SUPPORTED_ARCHITECTURES = tuple(_MODEL_TYPE_OF_ARCH)
-# transformers' defaults for keys a config.json may leave out, per model_type
-_HF_DEFAULTS = {
-    "llama": dict(rms_norm_eps=1e-6, max_position_embeddings=2048, rope_theta=1e4, sliding_window=None),
-    "mistral": dict(rms_norm_eps=1e-6, max_position_embeddings=131072, rope_theta=1e4, sliding_window=4096),
-    "mixtral": dict(rms_norm_eps=1e-5, max_position_embeddings=131072, rope_theta=1e6, sliding_window=None,
-                    num_local_experts=8, num_experts_per_tok=2, router_aux_loss_coef=0.001),
-}
-_SHAPE_KEYS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
-
-
-class WeightsError(ValueError):
-    """A weights file or config that cannot be loaded (corrupt, mismatched, or not a model)."""
-
-
-class UnsupportedModelError(WeightsError):
-    """A model that `Transformer` does not implement: another architecture or feature."""
-
+from parley.model.families import (SUPPORTED_ARCHITECTURES, UnsupportedModelError, WeightsError,  # noqa: F401
+                                   config_from_hf, config_to_hf, hf_to_ours, ours_to_hf)
+from parley.model.transformer import ModelConfig, Transformer, rope_buffers
 
 def _corrupt(path, err: Exception) -> WeightsError:
     return WeightsError(f"{path}: file is corrupt or truncated ({err})")
@@ -66,90 +49,6 @@ def _require(path, what: str) -> Path:
     if not path.exists():
         raise FileNotFoundError(f"{what} not found: {path}")
     return path
-
-
-# ---------------------------------------------------------------- HF config.json <-> ModelConfig
-
-def config_from_hf(d: dict) -> ModelConfig:
-    """ModelConfig from a Hugging Face config.json dict; refuses what we cannot compute exactly."""
-    archs = d.get("architectures") or [a for a, t in _MODEL_TYPE_OF_ARCH.items() if t == d.get("model_type")]
-    model_type = d.get("model_type") or _MODEL_TYPE_OF_ARCH.get(archs[0] if archs else None)
-    if len(archs) != 1 or archs[0] not in SUPPORTED_ARCHITECTURES or model_type not in _HF_DEFAULTS:
-        name = ", ".join(archs) or d.get("model_type") or "unknown"
-        raise UnsupportedModelError(
-            f"unsupported architecture {name!r} (supported: {', '.join(SUPPORTED_ARCHITECTURES)})")
-    arch, defaults = archs[0], _HF_DEFAULTS[model_type]
-
-    def unsupported(feature: str):
-        return UnsupportedModelError(f"{arch} with {feature} is not supported")
-
-    # transformers 5 writes rope settings as rope_parameters={rope_theta, rope_type, ...};
-    # older files have a top-level rope_theta and an optional rope_scaling={type or rope_type, ...}
-    ropes = [d.get("rope_scaling") or {}, d.get("rope_parameters") or {}]
-    for rope in ropes:
-        rope_type = rope.get("rope_type", rope.get("type", "default"))
-        if rope_type not in ("default", None):
-            raise unsupported(f"rope scaling {rope_type!r} (only plain RoPE)")
-    if d.get("hidden_act", "silu") != "silu":
-        raise unsupported(f"hidden_act {d['hidden_act']!r} (only silu)")
-    if d.get("mlp_bias"):
-        raise unsupported("mlp_bias")
-    max_pos = d.get("max_position_embeddings") or defaults["max_position_embeddings"]
-    window = d.get("sliding_window", defaults["sliding_window"])
-    if window is not None and window < max_pos:  # a window as long as the context changes nothing
-        raise unsupported(f"sliding-window attention (window {window} < {max_pos} positions)")
-    missing = [k for k in _SHAPE_KEYS if d.get(k) is None]
-    if missing:
-        raise WeightsError(f"config.json lacks {', '.join(missing)}")
-
-    def get(key):
-        return d[key] if d.get(key) is not None else defaults[key]
-
-    moe = model_type == "mixtral"
-    return ModelConfig(
-        **{k: d[k] for k in _SHAPE_KEYS},
-        num_key_value_heads=d.get("num_key_value_heads") or d["num_attention_heads"],
-        head_dim=d.get("head_dim"),
-        max_position_embeddings=max_pos,
-        rope_theta=float(ropes[1].get("rope_theta") or get("rope_theta")),
-        rms_norm_eps=float(get("rms_norm_eps")),
-        tie_word_embeddings=bool(d.get("tie_word_embeddings", False)),
-        attention_bias=bool(d.get("attention_bias", False)),
-        num_local_experts=get("num_local_experts") if moe else 0,
-        num_experts_per_tok=get("num_experts_per_tok") if moe else 2,
-        router_aux_loss_coef=get("router_aux_loss_coef") if moe else 0.01,
-    )
-
-
-def config_to_hf(cfg: ModelConfig, dtype: torch.dtype = torch.float32,
-                 bos_token_id: int | None = None, eos_token_id: int | list[int] | None = None) -> dict:
-    """config.json for LlamaForCausalLM (dense) or MixtralForCausalLM (MoE)."""
-    if cfg.is_moe and cfg.attention_bias:
-        raise UnsupportedModelError("MixtralForCausalLM has no attention bias: this model cannot be exported")
-    dtype_name = str(dtype).removeprefix("torch.")
-    d = {
-        "architectures": ["MixtralForCausalLM" if cfg.is_moe else "LlamaForCausalLM"],
-        "model_type": "mixtral" if cfg.is_moe else "llama",
-        **{k: getattr(cfg, k) for k in _SHAPE_KEYS},
-        "num_key_value_heads": cfg.num_key_value_heads,
-        "head_dim": cfg.head_dim,
-        "max_position_embeddings": cfg.max_position_embeddings,
-        "rms_norm_eps": cfg.rms_norm_eps,
-        "tie_word_embeddings": cfg.tie_word_embeddings,
-        "hidden_act": "silu",
-        # both spellings: transformers 5 reads rope_parameters, 4.x reads rope_theta
-        "rope_theta": cfg.rope_theta,
-        "rope_parameters": {"rope_theta": cfg.rope_theta, "rope_type": "default"},
-        "dtype": dtype_name,
-        "torch_dtype": dtype_name,
-    }
-    if cfg.is_moe:
-        d.update(num_local_experts=cfg.num_local_experts, num_experts_per_tok=cfg.num_experts_per_tok,
-                 router_aux_loss_coef=cfg.router_aux_loss_coef, sliding_window=None)
-    else:
-        d.update(attention_bias=cfg.attention_bias, mlp_bias=False)
-    d.update({k: v for k, v in (("bos_token_id", bos_token_id), ("eos_token_id", eos_token_id)) if v is not None})
-    return d
 
 
 # ---------------------------------------------------------------- filling a model from tensors
@@ -163,7 +62,7 @@ def _blank_model(cfg: ModelConfig, dtype: torch.dtype) -> Transformer:
     if cfg.tie_word_embeddings:  # leaving the meta device makes new parameters, which unties them
         model.lm_head.weight = model.model.embed_tokens.weight
     # to_empty leaves buffers empty too; the rope tables are the only ones and stay fp32
-    tables = dict(zip(("rope_cos", "rope_sin"), rope_tables(cfg, cfg.max_position_embeddings)))
+    tables = rope_buffers(cfg)
     if {name for name, _ in model.named_buffers()} != set(tables):
         raise RuntimeError("Transformer has buffers that _blank_model does not rebuild")
     for name, table in tables.items():
@@ -196,7 +95,10 @@ def _fill(model: Transformer, names: Iterable[str], tensors: Iterator[tuple[str,
             params[name].copy_(tensor)
 
 
-def _read_safetensors(model: Transformer, files: list[Path], where) -> None:
+def _read_safetensors(model: Transformer, files: list[Path], where, hf_names: bool = False) -> None:
+    """Fill `model` from safetensors files; with `hf_names`, the files use its family's HF names."""
+    cfg = model.config
+    pieces = (lambda name: hf_to_ours(cfg, name)) if hf_names else (lambda name: [(name, None)])
     with ExitStack() as stack:
         owner = {}
         for f in files:
@@ -205,7 +107,13 @@ def _read_safetensors(model: Transformer, files: list[Path], where) -> None:
             except SafetensorError as e:
                 raise _corrupt(f, e) from e
             owner.update({name: handle for name in handle.keys()})
-        _fill(model, owner, ((name, h.get_tensor(name)) for name, h in owner.items()), where)
+
+        def tensors():
+            for name, h in owner.items():
+                t = h.get_tensor(name)
+                yield from ((ours, t if rows is None else t[rows]) for ours, rows in pieces(name))
+
+        _fill(model, [ours for name in owner for ours, _ in pieces(name)], tensors(), where)
 
 
 def _weight_files(folder: Path) -> list[Path]:
@@ -241,7 +149,7 @@ def load_hf(path, dtype: torch.dtype = torch.float32) -> tuple[Transformer, dict
         raise WeightsError(f"{folder} is a file; load_hf wants the folder holding config.json and the safetensors")
     hf_config = _read_json(folder / "config.json")
     model = _blank_model(config_from_hf(hf_config), dtype)
-    _read_safetensors(model, _weight_files(folder), folder)
+    _read_safetensors(model, _weight_files(folder), folder, hf_names=True)
     return model.eval(), hf_config
 
 
@@ -251,11 +159,20 @@ _GGUF_TOP = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "o
 _GGUF_BLOCK = {"attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
                "attn_output": "self_attn.o_proj", "attn_norm": "input_layernorm",
                "ffn_norm": "post_attention_layernorm", "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj",
-               "ffn_down": "mlp.down_proj", "ffn_gate_inp": "block_sparse_moe.gate"}
+               "ffn_down": "mlp.down_proj", "ffn_gate_inp": "block_sparse_moe.gate",
+               "attn_q_norm": "self_attn.q_norm", "attn_k_norm": "self_attn.k_norm",
+               "attn_qkv": "self_attn.qkv_proj"}  # Phi-3's fused projection, split by families.hf_to_ours
+# where an architecture's names mean something else: Gemma's norms around each sublayer, Phi-3's fused gate/up
+_GGUF_BLOCK_OF = {"gemma3": {"ffn_norm": "pre_feedforward_layernorm", "post_attention_norm": "post_attention_layernorm",
+                             "post_ffw_norm": "post_feedforward_layernorm"},
+                  "phi3": {"ffn_up": "mlp.gate_up_proj"}}
 _GGUF_EXPERTS = {"ffn_gate_exps": "w1", "ffn_down_exps": "w2", "ffn_up_exps": "w3"}  # one tensor for all experts
+# llama.cpp's architecture names -> the family they load as
+GGUF_ARCHITECTURES = {"llama": "llama", "qwen2": "qwen2", "qwen3": "qwen3", "qwen3moe": "qwen3_moe",
+                      "gemma3": "gemma3_text", "phi3": "phi3"}
 
 
-def _hf_name(gguf_name: str) -> str:
+def _hf_name(gguf_name: str, arch: str = "llama") -> str:
     """HF name for a GGUF tensor name; expert tensors get an `{}` for the expert index.
     Unknown names come back unchanged and are reported as unexpected."""
     parts = gguf_name.split(".")
@@ -263,8 +180,9 @@ def _hf_name(gguf_name: str) -> str:
         return f"{_GGUF_TOP[parts[0]]}.{parts[1]}"
     if len(parts) == 4 and parts[0] == "blk":
         _, layer, kind, suffix = parts
-        if kind in _GGUF_BLOCK:
-            return f"model.layers.{layer}.{_GGUF_BLOCK[kind]}.{suffix}"
+        block = {**_GGUF_BLOCK, **_GGUF_BLOCK_OF.get(arch, {})}
+        if kind in block:
+            return f"model.layers.{layer}.{block[kind]}.{suffix}"
         if kind in _GGUF_EXPERTS:
             return f"model.layers.{layer}.block_sparse_moe.experts.{{}}.{_GGUF_EXPERTS[kind]}.{suffix}"
     return gguf_name
@@ -279,42 +197,67 @@ def _unpermute(w: torch.Tensor, n_head: int) -> torch.Tensor:
 
 def _config_from_gguf(meta: dict, tensor_names: set[str], n_tokens: int, path) -> ModelConfig:
     required = object()
+    arch = meta["general.architecture"]
+    family = GGUF_ARCHITECTURES[arch]
 
     def key(name, default=required):
-        value = meta.get(f"llama.{name}", default)
+        value = meta.get(f"{arch}.{name}", default)
         if value is required:
-            raise WeightsError(f"{path}: GGUF metadata lacks llama.{name}")
+            raise WeightsError(f"{path}: GGUF metadata lacks {arch}.{name}")
         return value
 
     def decimal(value):  # GGUF stores float32: 1e-5 reads back as 9.99999974e-06, so take float32's shortest repr
-        return float(str(np.float32(value)))
+        return None if value is None else float(str(np.float32(value)))
 
-    n_head = key("attention.head_count")
-    head_dim = key("attention.key_length", key("embedding_length") // n_head)
+    n_head, n_layers, hidden = key("attention.head_count"), key("block_count"), key("embedding_length")
+    head_dim = key("attention.key_length", hidden // n_head)
     if key("rope.dimension_count", head_dim) != head_dim:
         raise UnsupportedModelError(f"{path}: partial rotary embeddings are not supported")
     scaling = key("rope.scaling.type", "none")
     if "rope_freqs.weight" in tensor_names:  # Llama 3.1's scaled frequencies, stored as a tensor
         scaling = "llama3 rope_freqs"
-    if scaling != "none":
+    if "rope_factors_long.weight" in tensor_names:  # Phi-3's LongRoPE factors, stored as tensors
+        scaling = "longrope rope_factors"
+    if scaling not in ("none", "linear"):
         raise UnsupportedModelError(f"{path}: rope scaling ({scaling}) is not supported")
+    rope_scaling = {"rope_type": "linear", "factor": decimal(key("rope.scaling.factor"))} \
+        if scaling == "linear" else None
     experts = key("expert_count", 0)
+    gemma = family == "gemma3_text"
+    window = key("attention.sliding_window", None)
+    gemma_extras = {}
+    if gemma:  # what llama.cpp fixes for gemma3 rather than storing: 5 sliding layers to 1 global,
+        # local RoPE base 1e4, attention scale 1/sqrt(head_dim) (1/sqrt(hidden/heads) for the 62-layer 27B)
+        gemma_extras = dict(
+            hidden_act="gelu_pytorch_tanh", sliding_window=window, rope_local_base_freq=10000.0,
+            layer_types=["sliding_attention" if (i + 1) % 6 else "full_attention" for i in range(n_layers)],
+            query_pre_attn_scalar=float(hidden // n_head if n_layers == 62 else head_dim),
+            final_logit_softcapping=decimal(key("final_logit_softcapping", None)))
+    elif window and family == "phi3":  # every layer, as Phi-3's config.json says
+        gemma_extras = dict(sliding_window=window if window < key("context_length") else None)
+    elif window:
+        raise UnsupportedModelError(f"{path}: sliding-window attention in a {arch} GGUF is not supported")
     return ModelConfig(
-        vocab_size=key("vocab_size", None) or n_tokens, hidden_size=key("embedding_length"),
-        intermediate_size=key("expert_feed_forward_length", None) or key("feed_forward_length"),
-        num_hidden_layers=key("block_count"), num_attention_heads=n_head,
+        vocab_size=key("vocab_size", None) or n_tokens, hidden_size=hidden,
+        intermediate_size=key("feed_forward_length", None) or key("expert_feed_forward_length") if family == "qwen3_moe" else
+        key("expert_feed_forward_length", None) or key("feed_forward_length"),
+        num_hidden_layers=n_layers, num_attention_heads=n_head,
         num_key_value_heads=key("attention.head_count_kv", n_head), head_dim=head_dim,
         max_position_embeddings=key("context_length"), rope_theta=decimal(key("rope.freq_base", 10000.0)),
         rms_norm_eps=decimal(key("attention.layer_norm_rms_epsilon")),
         tie_word_embeddings="output.weight" not in tensor_names,
-        attention_bias="blk.0.attn_q.bias" in tensor_names,
+        attention_bias="blk.0.attn_output.bias" in tensor_names,
+        qkv_bias="blk.0.attn_q.bias" in tensor_names and "blk.0.attn_output.bias" not in tensor_names,
+        qk_norm="blk.0.attn_q_norm.weight" in tensor_names,
         num_local_experts=experts, num_experts_per_tok=key("expert_used_count", 2) if experts else 2,
+        moe_intermediate_size=key("expert_feed_forward_length", None) if family == "qwen3_moe" else None,
+        model_type=family if family != "llama" else "llama", rope_scaling=rope_scaling, **gemma_extras,
     )
 
 
 def load_gguf(path, dtype: torch.dtype = torch.float32) -> tuple[Transformer, dict]:
-    """Load a llama-architecture GGUF file, dequantizing every tensor. Returns (model in eval
-    mode, the file's scalar metadata: `llama.*`, `general.*`, tokenizer ids, chat template)."""
+    """Load a GGUF file of one of GGUF_ARCHITECTURES, dequantizing every tensor. Returns (model in
+    eval mode, the file's scalar metadata: `ARCH.*`, `general.*`, tokenizer ids, chat template)."""
     path = _require(path, "GGUF file")
     try:  # GGUFReader reports a damaged file through whatever numpy raises while parsing it
         reader = gguf.GGUFReader(path)
@@ -326,10 +269,11 @@ def load_gguf(path, dtype: torch.dtype = torch.float32) -> tuple[Transformer, di
     except Exception as e:
         raise _corrupt(path, e) from e
     arch = meta.get("general.architecture")
-    if arch != "llama":
-        raise UnsupportedModelError(f"{path}: unsupported GGUF architecture {arch!r} (supported: llama)")
-    tensors = [(t, _hf_name(t.name)) for t in reader.tensors]
+    if arch not in GGUF_ARCHITECTURES:
+        raise UnsupportedModelError(f"{path}: unsupported GGUF architecture {arch!r} "
+                                    f"(supported: {', '.join(GGUF_ARCHITECTURES)})")
     cfg = _config_from_gguf(meta, {t.name for t in reader.tensors}, n_tokens, path)
+    tensors = [(t, _hf_name(t.name, arch)) for t in reader.tensors]
 
     def dequantized() -> Iterator[tuple[str, torch.Tensor]]:
         for t, name in tensors:
@@ -339,18 +283,22 @@ def load_gguf(path, dtype: torch.dtype = torch.float32) -> tuple[Transformer, di
                 raise UnsupportedModelError(f"{path}: cannot dequantize {t.name} ({t.tensor_type.name}): {e}") from e
             # F32 tensors come back as read-only views of the file, which torch warns about
             w = torch.from_numpy(array if array.flags.writeable else np.array(array))
-            if name.endswith(("q_proj.weight", "q_proj.bias")):
-                w = _unpermute(w, cfg.num_attention_heads)
-            elif name.endswith(("k_proj.weight", "k_proj.bias")):
-                w = _unpermute(w, cfg.num_key_value_heads)  # k has its own (kv) head count
+            if arch == "llama":  # only llama.cpp's llama converter reorders q/k rows for its rotary layout
+                if name.endswith(("q_proj.weight", "q_proj.bias")):
+                    w = _unpermute(w, cfg.num_attention_heads)
+                elif name.endswith(("k_proj.weight", "k_proj.bias")):
+                    w = _unpermute(w, cfg.num_key_value_heads)  # k has its own (kv) head count
+            if cfg.gemma and name.endswith("norm.weight"):
+                w = w - 1.0  # llama.cpp stores Gemma's norms as 1 + weight
             if "{}" in name:
                 yield from ((name.format(e), w[e]) for e in range(w.shape[0]))
             else:
-                yield name, w
+                yield from ((ours, w if rows is None else w[rows]) for ours, rows in hf_to_ours(cfg, name))
 
     names = []
     for t, name in tensors:  # GGUF shapes list the innermost dimension first: experts are the last
-        names += [name.format(e) for e in range(int(t.shape[-1]))] if "{}" in name else [name]
+        names += [name.format(e) for e in range(int(t.shape[-1]))] if "{}" in name else \
+            [ours for ours, _ in hf_to_ours(cfg, name)]
     model = _blank_model(cfg, dtype)
     _fill(model, names, dequantized(), path)
     return model.eval(), meta
@@ -429,10 +377,14 @@ def _unpermute_rows(layer: quant.QuantLinear, n_head: int) -> quant.QuantLinear:
 def keep_gguf_blocks(model: Transformer, path) -> Transformer:
     """Swap the linear layers of `model` (loaded from the GGUF file `path` by weights.load_gguf)
     whose tensors the file stores as Q8_0, Q4_0 or Q4_1 for those blocks, in place."""
-    cfg = model.config
+    cfg, reader = model.config, gguf.GGUFReader(path)
+    field = reader.fields.get("general.architecture")
+    if (arch := field.contents() if field else None) != "llama":
+        raise quant.QuantError(f"{path}: keeping a GGUF file's blocks is done for the llama architecture only "
+                               f"(this file is {arch!r}): import it without --quantize keep")
     linears = set(quant.linear_names(model))
-    for t in gguf.GGUFReader(path).tensors:
-        name = _hf_name(t.name).removesuffix(".weight")
+    for t in reader.tensors:
+        name = _hf_name(t.name, arch).removesuffix(".weight")
         if t.tensor_type not in quant.GGUF_KEPT:
             continue
         if name == "model.embed_tokens" and cfg.tie_word_embeddings:
@@ -447,7 +399,7 @@ def keep_gguf_blocks(model: Transformer, path) -> Transformer:
         target = model.get_submodule(name)
         if (layer.out_features, layer.in_features) != tuple(target.weight.shape):
             raise quant.QuantError(f"{path}: {t.name} has shape {(layer.out_features, layer.in_features)}, "
-                             f"the model expects {tuple(target.weight.shape)}")
+                                   f"the model expects {tuple(target.weight.shape)}")
         quant.swap_layer(model, name, layer)
     return model
 
@@ -488,4 +440,4 @@ def export_hf(model: Transformer, path, dtype: torch.dtype | None = None,
     ids = {k: v for k, v in (("bos_token_id", bos_token_id), ("eos_token_id", eos_token_id)) if v is not None}
     if ids:
         files["generation_config.json"] = ids
-    _write_folder(path, files, _tensors_to_save(model, dtype))
+    _write_folder(path, files, ours_to_hf(model.config, _tensors_to_save(model, dtype)))
