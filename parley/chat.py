@@ -112,10 +112,12 @@ def command(session, text: str) -> str:
     return f"unknown command {name}; /help lists the commands"
 
 
-def run(session, stdin: TextIO = sys.stdin, stdout: TextIO = sys.stdout) -> int:
+def run(session, stdin: TextIO | None = None, stdout: TextIO | None = None) -> int:
+    """The terminal loop; `stdin`/`stdout` default to the process's streams as they are when called."""
     from parley.engine.engine import PromptError
     from parley.pipeline.respond import BackendError
 
+    stdin, stdout = stdin or sys.stdin, stdout or sys.stdout
     interactive = stdin.isatty()
     if interactive:
         print(f"Parley ({' -> '.join(s.name for s in session.pipeline.stages)}); /help for commands", file=stdout)
