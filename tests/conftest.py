@@ -11,6 +11,22 @@ import pytest
 import torch
 
 
+def _flushing_denormals() -> bool:
+    """Whether this thread's CPU flushes subnormal floats to zero (torch.set_flush_denormal)."""
+    return torch.tensor([1e-39]).mul(1.0).item() == 0.0
+
+
+@pytest.fixture(autouse=True)
+def denormals_as_found():
+    """A test that runs a front end in-process (`parley.cli.main`, which turns flushing of
+    subnormal floats on for CPU speed) leaves the process as it found it: Hypothesis, and the
+    tests of tiny sampling values, need subnormals."""
+    before = _flushing_denormals()
+    yield
+    if _flushing_denormals() != before:
+        torch.set_flush_denormal(before)
+
+
 @pytest.fixture
 def one_thread():
     """Tiny models train fastest on one thread, and are then immune to busy neighbours."""
