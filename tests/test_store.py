@@ -335,6 +335,16 @@ def test_add_exchange_is_one_transaction(path):
         assert [t.content for t in store.messages(uid, conv.id)] == ["hi", "hello!"]
 
 
+def test_an_answer_keeps_the_model_that_wrote_it(path):
+    with Store(path) as store:
+        uid = store.add_user("u").id
+        conv = store.create_conversation(uid)
+        store.add_exchange(uid, conv.id, "hi", "hello!", model="smollm2, imported 2026-12-01T09:00:00")
+        store.add_exchange(uid, conv.id, "and?", "that is all")  # a caller that does not say
+        assert [m.model for m in store.messages(uid, conv.id)] == [None, "smollm2, imported 2026-12-01T09:00:00",
+                                                                    None, None]
+
+
 def test_dialogue_state_is_per_user_and_conversation_and_goes_with_either(path):
     with Store(path) as store:
         ann, bob = store.add_user("ann").id, store.add_user("bob").id

@@ -129,3 +129,11 @@ def test_concurrent_users_see_only_their_own_turns_slots_and_traces(site):
     for user in USERS:  # a deleted conversation is no one's: not its owner's, not anyone else's
         for conv in old:
             assert get(site, user, f"/api/conversations/{conv}").status_code == 404
+
+
+def test_each_saved_answer_names_the_model_that_wrote_it(site):
+    turn = ask(site, "ann", "Hello there")
+    conv = get(site, "ann", f"/api/conversations/{turn['conversation']}").json()
+    models = [(t["role"], t["model"]) for t in conv["turns"]]
+    assert models[0] == ("user", None)
+    assert models[1][0] == "assistant" and models[1][1].split(",")[0] == "tiny768", models

@@ -435,14 +435,21 @@ def test_conversations_rename_search_delete_and_shortcuts(browser, site):
     with Store(site.db) as store:
         eve = store.add_user("eve").id
         bread = store.create_conversation(dan, "Bread")
-        store.add_exchange(dan, bread.id, "How long does sourdough rise?", "About 4 to 12 hours.")
+        store.add_exchange(dan, bread.id, "How long does sourdough rise?", "About 4 to 12 hours.",
+                           model="smollm2, imported 2026-12-01T09:00:00")
         tax = store.create_conversation(dan, "Tax return")
-        store.add_exchange(dan, tax.id, "When is the deadline?", "The end of July.")
+        store.add_exchange(dan, tax.id, "When is the deadline?", "The end of July.")  # saved without a model
         theirs = store.create_conversation(eve, "Sourdough secrets")
         store.add_exchange(eve, theirs.id, "sourdough?", "Sourdough!")
     page.reload()
     titles = page.locator("#conversations .open")
     expect(titles).to_have_text(["Tax return", "Bread"])  # newest first
+
+    titles.filter(has_text="Bread").click()  # a reopened answer still says which model wrote it
+    expect(page.locator("#log .msg.assistant .meta")).to_have_text(
+        "Answered by smollm2, imported 2026-12-01T09:00:00 through the Parley assistant")
+    titles.filter(has_text="Tax return").click()
+    expect(page.locator("#log .msg.assistant .meta")).to_have_text("Answered by the Parley assistant (model not recorded)")
 
     page.get_by_label("Search conversations").fill("SOURDOUGH")  # in a message, any case; never eve's
     expect(titles).to_have_text(["Bread"])

@@ -158,6 +158,23 @@ BUILDERS: dict[str, Callable[[Parts], Stage]] = {  # stage name -> how to build 
 }
 
 
+def answered_by(cfg: AssistantConfig) -> str | None:
+    """What writes this assistant's answers, as each saved answer records it: the registered
+    model and when it was imported (which copy it is), or the remote model and its server;
+    None without a respond stage (the pipeline's own stages answer)."""
+    if "respond" not in cfg.stages:
+        return None
+    if cfg.backend == "openai":
+        return f"{cfg.remote_model or cfg.model} at {cfg.url}"
+    from parley.registry import Registry
+
+    try:
+        meta = {m.name: m.meta for m in Registry().list()}.get(cfg.model) or {}
+    except OSError:  # an unreadable registry must not stop the assistant: the name alone then
+        meta = {}
+    return f"{cfg.model}, imported {meta['imported_at']}" if "imported_at" in meta else cfg.model
+
+
 def build_backend(cfg: AssistantConfig, engine=None, tokenizer=None):
     from parley.engine.sampling import SamplingParams
     from parley.pipeline.respond import LocalBackend, OpenAIBackend
@@ -185,6 +202,7 @@ class Assistant:
 
     def __init__(self, cfg: AssistantConfig, pipeline: Pipeline, embedder: Callable):
         self.cfg, self.pipeline, self.embedder = cfg, pipeline, embedder
+        self.answered_by = answered_by(cfg)  # saved with each answer
 
     @classmethod
     def build(cls, cfg: AssistantConfig, engine=None, tokenizer=None, embedder=None) -> Assistant:
@@ -242,7 +260,7 @@ class Assistant:
             answer = shown_text(out)
             if answer:  # user message, answer, trace and dialogue state: one transaction
                 _, saved = store.add_exchange(turn.user_id, turn.conversation_id, text, answer, turn.trace_dict(),
-                                              slots=turn.slots)
+                                              slots=turn.slots, model=self.answered_by)
                 turn.message_id = saved.id
             elif opened:  # the turn failed before saying anything: leave no empty conversation
                 store.delete_conversation(turn.user_id, turn.conversation_id)

@@ -152,4 +152,8 @@ MIGRATIONS: list[tuple[str, ...]] = [
         "ALTER TABLE turns ADD COLUMN withdrawn_at TEXT",
         "ALTER TABLE feedback ADD COLUMN kind TEXT NOT NULL DEFAULT 'rating' CHECK (kind IN ('rating', 'regenerated'))",
     ),
+    (  # 6: which model (and which import of it) wrote an answer, so a conversation reopened later
+        # still says so; NULL for user messages and for answers saved before this version
+        "ALTER TABLE turns ADD COLUMN model TEXT",
+    ),
 ]

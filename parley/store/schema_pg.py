@@ -128,4 +128,7 @@ PG_MIGRATIONS: list[tuple[str, ...]] = [
         "ALTER TABLE turns ADD COLUMN withdrawn_at TEXT",
         "ALTER TABLE feedback ADD COLUMN kind TEXT NOT NULL DEFAULT 'rating' CHECK (kind IN ('rating', 'regenerated'))",
     ),
+    (  # 6: the model that wrote an answer (see schema.py)
+        "ALTER TABLE turns ADD COLUMN model TEXT",
+    ),
 ]

@@ -84,6 +84,7 @@ class Message:
     prompt_tokens: int | None
     completion_tokens: int | None
     withdrawn_at: str | None = None  # set when the user regenerated or edited it away (see `withdraw`)
+    model: str | None = None  # an answer's: the model that wrote it, e.g. "smollm2, imported 2026-12-05T10:00:00"
 
 
 @dataclass(frozen=True)
@@ -461,10 +462,10 @@ class Store:
 
     def add_exchange(self, user_id: int, conv_id: int, question: str, answer: str,
                      trace: dict[str, Any] | None = None,
-                     slots: dict[str, Any] | None = None) -> tuple[Message, Message]:
+                     slots: dict[str, Any] | None = None, model: str | None = None) -> tuple[Message, Message]:
         """A user message, the assistant's answer, the answer's trace and the dialogue state the
         turn leaves (`slots`, when given), in one transaction: after a crash the conversation has
-        all of them or none."""
+        all of them or none. `model` names what wrote the answer (kept with it)."""
         _text(question, "question")
         _text(answer, "answer")
         data = json.dumps(trace) if trace is not None else None
@@ -474,10 +475,10 @@ class Store:
             self._require_conversation(user_id, conv_id)
             ids = [
                 self._insert(
-                    "INSERT INTO turns (conversation_id, role, content, created_at) VALUES (?, ?, ?, ?)",
-                    (conv_id, role, content, stamp),
+                    "INSERT INTO turns (conversation_id, role, content, created_at, model) VALUES (?, ?, ?, ?, ?)",
+                    (conv_id, role, content, stamp, by),
                 )
-                for role, content in (("user", question), ("assistant", answer))
+                for role, content, by in (("user", question, None), ("assistant", answer, model))
             ]
             if data is not None:
                 db.execute("INSERT INTO traces (turn_id, data) VALUES (?, ?)", (ids[1], data))

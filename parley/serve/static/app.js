@@ -514,6 +514,9 @@ async function openConversation(id) {
   for (const t of conv.turns) {
     const item = addMessage(t.role, t.content, ASSISTANT);
     item.dataset.turn = t.id;
+    if (t.role === "assistant")  // which model wrote it, as the server saved it with the answer
+      item.append(el("p", { class: "meta", text: t.model ? `Answered by ${t.model} through the Parley assistant`
+                                                         : "Answered by the Parley assistant (model not recorded)" }));
     if (t.role === "assistant") finishAnswer(item, t.id, t === answers.at(-1), true).then(showRegenerate);
   }
   loadConversations().catch(showError);
