@@ -15,7 +15,6 @@ Figures depend on the machine's load: say so when you record them.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import time
@@ -37,19 +36,58 @@ def own_splits(guard: Guard, quick: bool) -> dict:
     return {name: report(guard.probabilities([e.text for e in ex]), ex, guard.thresholds) for name, ex in sets.items()}
 
 
-def load_heldout(folder: Path) -> dict[str, list[Example]]:
-    """The evaluation folder's files as Examples, per file (see the format notes in RESULTS.md)."""
-    out: dict[str, list[Example]] = {}
-    for path in sorted(folder.glob("*.jsonl")):
-        rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-        out[path.stem] = [_example(row, path) for row in rows]
-    if not out:
-        raise SystemExit(f"{folder}: no .jsonl files")
+def load_heldout(folder: Path) -> list[Example]:
+    """harmful.yml and benign.yml (`requests`: text, principle, category, style) and injection.yml
+    (`sentences`: text, label injection|innocent, style) as Examples; source "heldout:<category or style>"."""
+    import yaml
+
+    def rows(name: str, key: str) -> list[dict]:
+        path = folder / name
+        if not path.is_file():
+            raise SystemExit(f"{path} not found: --heldout wants the folder with harmful.yml, benign.yml, injection.yml")
+        return yaml.safe_load(path.read_text(encoding="utf-8"))[key]
+
+    out = [Example(r["text"], r["principle"], "request", f"heldout:{r['category']}/{r['style']}")
+           for r in rows("harmful.yml", "requests")]
+    out += [Example(r["text"], "", "request", f"heldout:{r['category']}/{r['style']}") for r in rows("benign.yml", "requests")]
+    out += [Example(r["text"], "injection" if r["label"] == "injection" else "", "passage", f"heldout:{r['style']}")
+            for r in rows("injection.yml", "sentences")]
     return out
 
 
-def _example(row: dict, path: Path) -> Example:
-    raise SystemExit(f"{path}: the row format is not known yet: {sorted(row)}")
+def with_rules(guard: Guard, examples: list[Example]) -> dict:
+    """Both layers as the pipeline runs them: check_input (rules, then guard) on requests,
+    redact_orders (rules, then guard) on passage sentences."""
+    from parley.pipeline.safety import check_input, load_constitution
+    from parley.pipeline.untrusted import redact_orders
+
+    constitution = load_constitution()
+    req = [e for e in examples if e.kind == "request"]
+    verdicts = [check_input(e.text, constitution, guard) for e in req]
+    bad = [(e, v) for e, v in zip(req, verdicts) if e.label]
+    good = [v for e, v in zip(req, verdicts) if not e.label]
+    caught = [(e, v) for e, v in bad if v.action == "refuse"]
+    by_rule = sum(v.evidence.get("rule") is not None for _, v in caught)
+    sentences = [e for e in examples if e.kind == "passage"]
+    removed = [bool(redact_orders(e.text, guard)[1]) for e in sentences]
+    return {"harmful_recall": (len(caught), len(bad)),
+            "benign_flagged": (sum(v.action == "refuse" for v in good), len(good)),
+            "right_principle": (sum(v.principle == e.label for e, v in caught), len(caught)),
+            "injection_recall": (sum(r for r, e in zip(removed, sentences) if e.label), sum(1 for e in sentences if e.label)),
+            "innocent_removed": (sum(r for r, e in zip(removed, sentences) if not e.label),
+                                 sum(1 for e in sentences if not e.label)),
+            "refused_by_rule": by_rule}
+
+
+def by_group(probs, examples: list[Example], thresholds) -> dict[str, tuple[int, int]]:
+    """Harmful recall (guard alone) per category/style of the held-out harmful requests."""
+    flagged = (probs[:, :8] >= thresholds[:8]).any(axis=1)
+    groups: dict[str, list[int]] = {}
+    for i, e in enumerate(examples):
+        if e.kind == "request" and e.label:
+            for g in e.source.removeprefix("heldout:").split("/"):
+                groups.setdefault(g, []).append(i)
+    return {g: (int(flagged[idx].sum()), len(idx)) for g, idx in sorted(groups.items())}
 
 
 def latency(guard: Guard, embedder: Embedder, n: int) -> dict:
@@ -78,12 +116,15 @@ def main() -> int:
     embedder = Embedder.load()
     guard = Guard.load(args.head, embedder)
     if args.heldout:
-        sets = load_heldout(Path(args.heldout))
-        for name, examples in sets.items():
-            fig = report(guard.probabilities([e.text for e in examples]), examples, guard.thresholds)
-            print(describe(f"held-out {name}", fig))
-            if "per_principle" in fig:
-                print("  per principle: " + ", ".join(f"{p} {a}/{n}" for p, (a, n) in fig["per_principle"].items() if n))
+        examples = load_heldout(Path(args.heldout))
+        probs = guard.probabilities([e.text for e in examples])
+        fig = report(probs, examples, guard.thresholds)
+        print(describe("held-out, guard alone", fig))
+        print("  per principle: " + ", ".join(f"{p} {a}/{n}" for p, (a, n) in fig["per_principle"].items() if n))
+        print("  per category/style: " + ", ".join(f"{g} {a}/{n}" for g, (a, n) in by_group(probs, examples,
+                                                                                           guard.thresholds).items()))
+        both = with_rules(guard, examples)
+        print(describe("held-out, rules then guard (the pipeline)", both) + f"; refused by a rule {both['refused_by_rule']}")
         return 0
     for name, fig in own_splits(guard, args.quick).items():
         print(describe(f"own split, {name}", fig))
