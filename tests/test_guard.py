@@ -159,3 +159,12 @@ def test_a_tiny_head_trains_saves_atomically_and_loads_back(tmp_path, embedder):
     out.write_bytes(b"not a head")
     with pytest.raises(GuardError, match="parley train guard"):
         Guard.load(out, embedder)
+
+
+def test_the_assistant_runs_the_guard_only_when_asked(embedder):
+    from parley.pipeline.assistant import BUILDERS, AssistantConfig, Parts
+
+    assert Parts(AssistantConfig(), embedder, None).guard is None  # off by default (see README, Guard)
+    parts = Parts(AssistantConfig(guard=True), embedder, None)
+    assert isinstance(parts.guard, Guard)
+    assert BUILDERS["safety_in"](parts).guard is parts.guard and BUILDERS["safety_out"](parts).guard is parts.guard

@@ -64,8 +64,9 @@ class AssistantConfig:
     web_allow_private: bool = setting(False, "let the assistant fetch loopback/private addresses (trusted setups only)")
     web_search_url: str = setting("", "a SearXNG instance for web search, e.g. http://127.0.0.1:8888 ('' = none)")
     self_check: bool = setting(False, "ask the model to check its own answers against the constitution (slower)")
-    guard: bool = setting(True, "run the learned guard (parley train guard) beside the safety rules: on the "
-                                "message, on passages (injected orders) and on the answer")
+    guard: bool = setting(False, "run the learned guard (parley train guard) beside the safety rules: on the "
+                                 "message, on passages (injected orders) and on the answer (off by default: it "
+                                 "still refuses some plain messages, see benchmarks/RESULTS.md, Guard)")
     max_message_chars: int = setting(8000, "longest accepted user message")
     engine: EngineConfig = field(default_factory=EngineConfig)  # [engine]: how the local backend generates
 
