@@ -5,6 +5,7 @@ and its latency per message.
     python benchmarks/guard.py --quick              # latency on 50 messages, own "unseen written" split only
     python benchmarks/guard.py --heldout benchmarks/data/guard_heldout   # the frozen evaluation sets
     python benchmarks/guard.py --head FILE          # another head than the shipped one
+    python benchmarks/guard.py --every 5            # own splits on every 5th example (as the LoRA run reports)
 
 Latency is the guard's p50/p95 per message, single messages as the input stage sees them:
 "full" includes the MiniLM embedding of the message, "marginal" reuses an embedding already
@@ -28,9 +29,9 @@ from parley.train.guard import describe, report  # noqa: E402
 from parley.train.guard_data import Example, load_templates, load_written, split  # noqa: E402
 
 
-def own_splits(guard: Guard, quick: bool) -> dict:
+def own_splits(guard: Guard, quick: bool, every: int = 1) -> dict:
     s = split(load_written() + load_templates())
-    sets = {"calibration fold": s.val, **s.test}
+    sets = {name: ex[::every] for name, ex in {"calibration fold": s.val, **s.test}.items()}
     if quick:
         sets = {"unseen written": s.test["unseen written"]}
     return {name: report(guard.probabilities([e.text for e in ex]), ex, guard.thresholds) for name, ex in sets.items()}
@@ -112,6 +113,7 @@ def main() -> int:
     ap.add_argument("--head", default=str(shipped_path()))
     ap.add_argument("--heldout", default="", help="a folder of held-out evaluation files")
     ap.add_argument("--quick", action="store_true", help="short run: 50 messages, one own split")
+    ap.add_argument("--every", type=int, default=1, help="own splits: every n-th example (5: as the LoRA run)")
     ap.add_argument("--threads", type=int, default=1,
                     help="torch threads (1: on a shared, loaded CPU two threads made one embedding 40x slower)")
     args = ap.parse_args()
@@ -131,7 +133,7 @@ def main() -> int:
         both = with_rules(guard, examples)
         print(describe("held-out, rules then guard (the pipeline)", both) + f"; refused by a rule {both['refused_by_rule']}")
         return 0
-    for name, fig in own_splits(guard, args.quick).items():
+    for name, fig in own_splits(guard, args.quick, max(args.every, 1)).items():
         print(describe(f"own split, {name}", fig))
     print("latency:", latency(guard, embedder, 50 if args.quick else 300))
     return 0

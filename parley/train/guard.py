@@ -30,7 +30,7 @@ import torch.nn.functional as F
 
 from parley.config import parse_cli, setting
 from parley.pipeline.guard import INJECTION, LABELS, PRINCIPLES, Guard, features, trained_path
-from parley.train.guard_data import Example, GuardDataError, data_sha256, load_templates, load_written, split
+from parley.train.guard_data import Example, GuardDataError, Splits, data_sha256, load_templates, load_written, split
 
 
 @dataclass
@@ -48,6 +48,7 @@ class GuardTrainConfig:
     lora_model: str = setting("smollm2", "design=lora: the imported model to fine-tune")
     lora_examples: int = setting(600, "design=lora: training examples sampled (CPU time grows with it)")
     lora_steps: int = setting(60, "design=lora: optimizer steps (batch 16)")
+    lora_eval_every: int = setting(1, "design=lora: calibrate and report on every n-th example of each split (CPU time)")
 
 
 # --- labels, training, calibration, scoring -------------------------------------------------------
@@ -199,6 +200,8 @@ def train_lora(cfg: GuardTrainConfig, written: list[Example]) -> dict:
     from parley.registry import Registry
 
     s = split(written, per_example=cfg.per_example)
+    n = max(cfg.lora_eval_every, 1)
+    s = Splits(s.train_fit, s.val[::n], s.train, {k: v[::n] for k, v in s.test.items()})
     model, tokenizer, _ = Registry().load(cfg.lora_model, dtype=torch.float32)
     params = apply_lora(model, r=8, alpha=16, targets=("q_proj", "v_proj"))
     head = torch.nn.Linear(model.config.hidden_size, len(LABELS))
