@@ -3,6 +3,8 @@ seed, tricky-benign requests, passages and answers, the trace, and `parley train
 
 from __future__ import annotations
 
+import signal
+
 import pytest
 
 from parley.cli import main as cli_main
@@ -135,7 +137,11 @@ def test_the_answer_is_checked_sentence_by_sentence(guard, constitution):
 
 
 def test_train_guard_rejects_missing_or_empty_data(tmp_path, capsys):
-    assert cli_main(["train", "guard", "--data", str(tmp_path / "nowhere")]) == 2
+    sigpipe = signal.getsignal(signal.SIGPIPE)
+    try:
+        assert cli_main(["train", "guard", "--data", str(tmp_path / "nowhere")]) == 2
+    finally:  # the CLI makes SIGPIPE fatal, as a command should; not for the rest of the test session
+        signal.signal(signal.SIGPIPE, sigpipe)
     assert "requests.toml" in capsys.readouterr().err
     (tmp_path / "requests.toml").write_text("")
     (tmp_path / "injections.toml").write_text("")
