@@ -6,6 +6,7 @@ from __future__ import annotations
 import signal
 
 import pytest
+import torch
 
 from parley.cli import main as cli_main
 from parley.pipeline.frames import EndOfAnswer, Refusal, TextDelta, UserText
@@ -140,8 +141,9 @@ def test_train_guard_rejects_missing_or_empty_data(tmp_path, capsys):
     sigpipe = signal.getsignal(signal.SIGPIPE)
     try:
         assert cli_main(["train", "guard", "--data", str(tmp_path / "nowhere")]) == 2
-    finally:  # the CLI makes SIGPIPE fatal, as a command should; not for the rest of the test session
+    finally:  # the CLI makes SIGPIPE fatal and flushes denormals, as a command should; not for the rest of the session
         signal.signal(signal.SIGPIPE, sigpipe)
+        torch.set_flush_denormal(False)
     assert "requests.toml" in capsys.readouterr().err
     (tmp_path / "requests.toml").write_text("")
     (tmp_path / "injections.toml").write_text("")
