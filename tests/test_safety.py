@@ -313,7 +313,7 @@ def test_output_stage_keeps_concurrent_turns_apart(constitution):
     assert list(stage.process(EndOfAnswer(), a))[-1] == EndOfAnswer()
     # each turn's held text lives on the turn (its scratch), so the stage itself holds nothing
     assert a.scratch["safety_out"].released == "Alpha one, alpha two." and b.scratch["safety_out"].released == "Beta. "
-    assert vars(stage).keys() == {"constitution", "max_hold", "checker"}
+    assert vars(stage).keys() == {"constitution", "max_hold", "checker", "guard"}
 
 
 # --- retrieved text is data ----------------------------------------------------------------------

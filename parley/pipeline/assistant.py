@@ -64,6 +64,9 @@ class AssistantConfig:
     web_allow_private: bool = setting(False, "let the assistant fetch loopback/private addresses (trusted setups only)")
     web_search_url: str = setting("", "a SearXNG instance for web search, e.g. http://127.0.0.1:8888 ('' = none)")
     self_check: bool = setting(False, "ask the model to check its own answers against the constitution (slower)")
+    guard: bool = setting(False, "run the learned guard (parley train guard) beside the safety rules: on the "
+                                 "message, on passages (injected orders) and on the answer (off by default: it "
+                                 "still refuses some plain messages, see benchmarks/RESULTS.md, Guard)")
     max_message_chars: int = setting(8000, "longest accepted user message")
     engine: EngineConfig = field(default_factory=EngineConfig)  # [engine]: how the local backend generates
 
@@ -82,11 +85,17 @@ class Parts:
 
         return load_constitution()
 
+    @cached_property
+    def guard(self):
+        from parley.pipeline.guard import default_guard
+
+        return default_guard(self.embedder) if self.cfg.guard else None
+
 
 def _safety_in(p: Parts) -> Stage:
     from parley.pipeline.safety import InputSafetyStage
 
-    return InputSafetyStage(p.constitution)
+    return InputSafetyStage(p.constitution, guard=p.guard)
 
 
 def _nlu(p: Parts) -> Stage:
@@ -127,7 +136,7 @@ def _web(p: Parts) -> Stage:
 
 def _respond(p: Parts) -> Stage:
     from parley.pipeline.respond import RespondStage
-    return RespondStage(p.backend, persona=p.cfg.persona, principles=p.constitution.summary)
+    return RespondStage(p.backend, persona=p.cfg.persona, principles=p.constitution.summary, guard=p.guard)
 
 
 def _safety_out(p: Parts) -> Stage:
@@ -135,7 +144,8 @@ def _safety_out(p: Parts) -> Stage:
 
     if p.cfg.self_check and p.backend is None:
         raise ValueError("self_check=true needs the respond stage: the model that answers also judges")
-    return OutputSafetyStage(p.constitution, checker=_judge(p.backend) if p.cfg.self_check else None)
+    return OutputSafetyStage(p.constitution, checker=_judge(p.backend) if p.cfg.self_check else None,
+                             guard=p.guard)
 
 
 def _judge(backend) -> Callable[[str], str]:

@@ -151,32 +151,20 @@ class OpenAIBackend:
             raise BackendError(f"cannot reach the generation server at {url}: {e}") from None
 
 
-_DEFUSED_BY_FENCE = {"chat-template control token", "fence look-alike"}
-_SENTENCE = re.compile(r"(?<=[.!?])\s+|\n+")
+def redact_instructions(text: str, guard=None) -> tuple[str, list[str]]:
+    """Replace sentences that give the assistant orders with a marker; return them too
+    (untrusted.redact_orders: the rules, and the guard model where given)."""
+    from parley.pipeline.untrusted import redact_orders
 
-
-def redact_instructions(text: str) -> tuple[str, list[str]]:
-    """Replace sentences that give the assistant orders with a marker; return them too."""
-    from parley.pipeline.untrusted import injection_signals
-
-    removed = []
-    out = []
-    for sentence in _SENTENCE.split(text):
-        # control tokens and fence look-alikes are made harmless by fence(); orders are taken out
-        orders = [s for s in injection_signals(sentence) if s not in _DEFUSED_BY_FENCE] if sentence.strip() else []
-        if orders:
-            removed.append(sentence.strip())
-            out.append("[text addressed to the assistant removed]")
-        else:
-            out.append(sentence)
-    return " ".join(out), removed
+    cleaned, removed = redact_orders(text, guard)
+    return cleaned, [r["sentence"] for r in removed]
 
 
 def build_messages(turn: Turn, backend: Backend, persona: str = PERSONA, principles: str = "",
-                   text: str | None = None) -> tuple[list[dict[str, str]], dict]:
+                   text: str | None = None, guard=None) -> tuple[list[dict[str, str]], dict]:
     """The messages for this turn, and what went into them (for the trace)."""
     from parley.pipeline.sentiment import tone_instruction
-    from parley.pipeline.untrusted import DATA_NOT_INSTRUCTIONS, fence
+    from parley.pipeline.untrusted import DATA_NOT_INSTRUCTIONS, fence, redact_orders
 
     evidence: dict = {}
     system = [persona]
@@ -194,11 +182,12 @@ def build_messages(turn: Turn, backend: Backend, persona: str = PERSONA, princip
     question = text if text is not None else (turn.get(UserText) or UserText("")).text
     passages = turn.sources()
     if passages:
-        cleaned, removed = [], {}
+        cleaned, removed, why = [], {}, {}
         for p in passages:
-            body, gone = redact_instructions(p.text)
+            body, gone = redact_orders(p.text, guard)
             if gone:
-                removed[p.n] = gone
+                removed[p.n] = [g["sentence"] for g in gone]
+                why[p.n] = gone
             cleaned.append(dataclasses.replace(p, text=body))
         system.append(DATA_NOT_INSTRUCTIONS)
         system.append("Answer from the sources when they help, and cite them as [1], [2].")
@@ -209,6 +198,7 @@ def build_messages(turn: Turn, backend: Backend, persona: str = PERSONA, princip
         evidence["passages"] = [f"[{p.n}] {p.source}, {p.location}" for p in cleaned]
         if removed:
             evidence["injection_removed"] = removed
+            evidence["injection_why"] = why  # per sentence: the rule signals and/or the guard's probability
     system_message = {"role": "system", "content": "\n".join(system)}
     user_message = {"role": "user", "content": question}
 
@@ -249,14 +239,16 @@ def _unfenced(pieces: Iterator[str]) -> Iterator[str]:
 class RespondStage(Stage):
     name = "respond"
 
-    def __init__(self, backend: Backend, persona: str = PERSONA, principles: str = ""):
+    def __init__(self, backend: Backend, persona: str = PERSONA, principles: str = "", guard=None):
         self.backend, self.persona, self.principles = backend, persona, principles
+        self.guard = guard  # parley.pipeline.guard.Guard: takes injected orders out of passages beside the rules
 
     def process(self, frame: Frame, turn: Turn) -> Iterator[Frame]:
         yield frame
         if not isinstance(frame, UserText):
             return
-        messages, evidence = build_messages(turn, self.backend, self.persona, self.principles, frame.text)
+        messages, evidence = build_messages(turn, self.backend, self.persona, self.principles, frame.text,
+                                          self.guard)
         turn.note(self.name, "generating", **evidence)
         text, visible = "", False
         with contextlib.closing(self.backend.stream(messages, turn.overrides, turn.cancel, turn.usage)) as stream:

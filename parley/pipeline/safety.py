@@ -26,6 +26,11 @@ characters have piled up, checks it in the context of what was already released,
 it, rewritten or not. A refusal ends the turn through `turn.interrupt("safety")`, so
 generation stops. `self_check` asks a model for a second opinion in a strict format; it is off
 unless a stage is given a `checker`.
+
+The guard (parley/pipeline/guard.py, a classifier learned from the constitution) is the second
+layer, where a stage is given one: the rules run first, then the guard scores the message (and
+the message with the user's previous one, for requests split over turns), or each sentence of
+the answer; either layer can refuse, and the trace shows both decisions ("rule" and "guard").
 """
 
 from __future__ import annotations
@@ -35,11 +40,14 @@ import tomllib
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from parley.pipeline.frames import EndOfAnswer, Frame, Refusal, SafetyVerdict, TextDelta, UserText
 from parley.pipeline.runner import Stage, Turn
 from parley.pipeline.untrusted import injection_signals, neutralize
+
+if TYPE_CHECKING:
+    from parley.pipeline.guard import Guard
 
 PROFANITY_SENTENCE = 0.9  # a sentence of the answer this abusive gets masked ...
 PROFANITY_WORD = 0.98  # ... word by word, where a word alone scores this high
@@ -240,10 +248,35 @@ def _text(text: Any) -> str:
     return text
 
 
-def check_input(text: str, constitution: Constitution) -> Verdict:
-    """Refuse a message that matches a principle's input rules; otherwise allow it, recording
-    how abusive the language is (users may swear: that alone is no reason to refuse)."""
-    flat = _flat(_text(text))
+def check_input(text: str, constitution: Constitution, guard: Guard | None = None, previous: str = "") -> Verdict:
+    """Refuse a message that matches a principle's input rules, or, with a `guard`, that the
+    guard model flags (alone, or after `previous`, the user's last message); otherwise allow
+    it, recording how abusive the language is (users may swear: that alone is no reason to refuse)."""
+    verdict = _rules_input(_text(text), constitution)
+    if guard is None:
+        return verdict
+    texts = [text] + ([f"{_text(previous)}\n{text}"] if previous and previous.strip() else [])
+    return _with_guard(verdict, guard.score_many(texts), constitution, ("message", "with the previous message"))
+
+
+def _with_guard(verdict: Verdict, scores: list, constitution: Constitution, names: Iterable[str]) -> Verdict:
+    """The rules' verdict, with the guard's opinion of each text beside it; the guard refuses
+    what the rules let through when it flags a principle of this constitution."""
+    opinions = {name: s.evidence() for name, s in zip(names, scores)}
+    evidence = {**verdict.evidence, "rule": verdict.evidence.get("rule"), "guard": opinions}
+    if verdict.action == "refuse":
+        return Verdict(verdict.action, verdict.principle, verdict.reason, verdict.rewritten, evidence)
+    for name, s in zip(opinions, scores):
+        if s.principle in constitution:
+            principle = constitution[s.principle]
+            return Verdict("refuse", principle.id, f"{principle.title}: the guard model scored the {name} "
+                           f"{s.scores[principle.id]:.2f} (over its threshold)", evidence=evidence)
+    return Verdict(verdict.action, None, verdict.reason + "; the guard model flagged nothing", verdict.rewritten,
+                   evidence)
+
+
+def _rules_input(text: str, constitution: Constitution) -> Verdict:
+    flat = _flat(text)
     for principle in constitution.principles:
         for rule in principle.input:
             if m := rule.regex.search(flat):
@@ -376,14 +409,16 @@ class InputSafetyStage(Stage):
 
     name = "safety_in"
 
-    def __init__(self, constitution: Constitution | None = None):
+    def __init__(self, constitution: Constitution | None = None, guard: Guard | None = None):
         self.constitution = constitution or load_constitution()
+        self.guard = guard  # the learned second layer; None: rules only
 
     def process(self, frame: Frame, turn: Turn) -> Iterator[Frame]:
         if not isinstance(frame, UserText):
             yield frame
             return
-        v = check_input(frame.text, self.constitution)
+        previous = next((m["content"] for m in reversed(turn.history) if m.get("role") == "user"), "")
+        v = check_input(frame.text, self.constitution, self.guard, previous)
         turn.note(self.name, v.action, principle=v.principle, reason=v.reason, **v.evidence)
         yield SafetyVerdict(where="input", action=v.action, principle=v.principle, reason=v.reason)
         if v.action == "refuse":
@@ -402,6 +437,7 @@ class _Stream:
     released: str = ""
     checks: int = 0
     rewrites: list[dict[str, str]] = field(default_factory=list)
+    guard_max: dict[str, float] = field(default_factory=dict)  # the guard's highest score per label so far
 
 
 class OutputSafetyStage(Stage):
@@ -412,12 +448,13 @@ class OutputSafetyStage(Stage):
     name = "safety_out"
 
     def __init__(self, constitution: Constitution | None = None, max_hold: int = 200,
-                 checker: Callable[[str], str] | None = None):
+                 checker: Callable[[str], str] | None = None, guard: Guard | None = None):
         if not isinstance(max_hold, int) or max_hold < 1:
             raise SafetyError(f"max_hold must be a positive number of characters, got {max_hold!r}")
         self.constitution = constitution or load_constitution()
         self.max_hold = max_hold
         self.checker = checker  # a model (prompt -> reply) for self_check on every piece; None: rules only
+        self.guard = guard  # the learned second layer, sentence by sentence; None: rules only
 
     def process(self, frame: Frame, turn: Turn) -> Iterator[Frame]:
         if isinstance(frame, TextDelta):
@@ -432,7 +469,8 @@ class OutputSafetyStage(Stage):
                 yield from self._release(stream, len(stream.held))
             if turn.interrupted is None:
                 action = "rewrite" if stream.rewrites else "allow"
-                turn.note(self.name, action, checks=stream.checks, rewrites=stream.rewrites)
+                extra = {"guard": {"flagged": [], "top": stream.guard_max}} if self.guard is not None else {}
+                turn.note(self.name, action, checks=stream.checks, rewrites=stream.rewrites, **extra)
                 reason = "; ".join(f"{c['rule']} replaced {c['match']!r}" for c in stream.rewrites) or "no rule matched"
                 yield SafetyVerdict(where="output", action=action,
                                     principle=stream.rewrites[0]["principle"] if stream.rewrites else None, reason=reason)
@@ -454,6 +492,15 @@ class OutputSafetyStage(Stage):
         piece, stream.held = stream.held[:cut], stream.held[cut:]
         stream.checks += 1
         v = check_output(piece, self.constitution, stream.citable, stream.released)
+        if self.guard is not None and piece.strip():
+            from parley.pipeline.guard import split_sentences
+
+            sentences = [s for s in split_sentences(piece) if s.strip()]
+            v = _with_guard(v, self.guard.score_many(sentences), self.constitution,
+                            [f"sentence {stream.checks}.{k + 1}" for k in range(len(sentences))])
+            for opinion in v.evidence["guard"].values():  # the highest scores so far, for the trace
+                for label, p in opinion["top"].items():
+                    stream.guard_max[label] = max(p, stream.guard_max.get(label, 0.0))
         if v.action != "refuse" and self.checker is not None:
             opinion = self_check(self.checker, self.constitution, stream.released + piece)
             # the model's last word goes in the trace whatever it was (the final note keeps it)

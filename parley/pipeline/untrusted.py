@@ -19,14 +19,22 @@ instructions and ..."). Two defences live here:
 - `injection_signals` names the instruction-like phrasing it finds, so the trace can record it
   and the prompt can warn the model about that passage. It is a signal, not a filter: a page
   about prompt injection will (rightly) show some.
+- `redact_orders` takes orders out sentence by sentence before the model reads a passage: a
+  sentence goes when the rules above call it an order (control tokens and fence look-alikes
+  excepted: `fence` defuses those) or when the guard model (parley/pipeline/guard.py, where
+  given) scores it over its injection threshold; each removal says which layer and why.
 """
 
 from __future__ import annotations
 
 import re
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 from parley.pipeline.frames import Passage
+
+if TYPE_CHECKING:
+    from parley.pipeline.guard import Guard
 
 
 class UntrustedError(ValueError):
@@ -110,6 +118,32 @@ def injection_signals(text: str) -> list[str]:
     if not isinstance(text, str):
         raise UntrustedError(f"expected text (str), got {type(text).__name__}")
     return [label for label, pattern in _SIGNALS if pattern.search(text)]
+
+
+REMOVED = "[text addressed to the assistant removed]"
+DEFUSED_BY_FENCE = frozenset({"chat-template control token", "fence look-alike"})
+_SENTENCE = re.compile(r"(?<=[.!?])\s+|\n+")
+
+
+def redact_orders(text: str, guard: Guard | None = None) -> tuple[str, list[dict]]:
+    """`text` with each sentence that gives the assistant orders replaced by REMOVED, and the
+    removals: {"sentence", "rule": [signal names]} and/or {"model": injection probability}."""
+    if not isinstance(text, str):
+        raise UntrustedError(f"expected text (str), got {type(text).__name__}")
+    sentences = _SENTENCE.split(text)
+    live = [i for i, s in enumerate(sentences) if s.strip()]
+    scores = dict(zip(live, guard.score_many([sentences[i] for i in live]))) if guard is not None and live else {}
+    out, removed = [], []
+    for i, sentence in enumerate(sentences):
+        why: dict = {}
+        if rules := [s for s in injection_signals(sentence) if s not in DEFUSED_BY_FENCE]:
+            why["rule"] = rules
+        if i in scores and scores[i].injection:
+            why["model"] = round(scores[i].scores["injection"], 3)
+        if why:
+            removed.append({"sentence": sentence.strip(), **why})
+        out.append(REMOVED if why else sentence)
+    return " ".join(out), removed
 
 
 def _attribute(value: str) -> str:

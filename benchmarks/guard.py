@@ -1,0 +1,143 @@
+"""Benchmark the guard: its figures on its own held-out splits, on a held-out evaluation folder,
+and its latency per message.
+
+    python benchmarks/guard.py                      # own splits + latency (a few minutes on 2 cores)
+    python benchmarks/guard.py --quick              # latency on 50 messages, own "unseen written" split only
+    python benchmarks/guard.py --heldout benchmarks/data/guard_heldout   # the frozen evaluation sets
+    python benchmarks/guard.py --head FILE          # another head than the shipped one
+    python benchmarks/guard.py --every 5            # own splits on every 5th example (as the LoRA run reports)
+
+Latency is the guard's p50/p95 per message, single messages as the input stage sees them:
+"full" includes the MiniLM embedding of the message, "marginal" reuses an embedding already
+computed (the pipeline's NLU stage embeds the same message, and the embedder remembers it).
+Figures depend on the machine's load: say so when you record them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from parley.pipeline.embed import Embedder  # noqa: E402
+from parley.pipeline.guard import Guard, shipped_path  # noqa: E402
+from parley.train.guard import describe, report  # noqa: E402
+from parley.train.guard_data import Example, load_templates, load_written, split  # noqa: E402
+
+
+def own_splits(guard: Guard, quick: bool, every: int = 1) -> dict:
+    s = split(load_written() + load_templates())
+    sets = {name: ex[::every] for name, ex in {"calibration fold": s.val, **s.test}.items()}
+    if quick:
+        sets = {"unseen written": s.test["unseen written"]}
+    return {name: report(guard.probabilities([e.text for e in ex]), ex, guard.thresholds) for name, ex in sets.items()}
+
+
+def load_heldout(folder: Path) -> list[Example]:
+    """harmful.yml and benign.yml (`requests`: text, principle, category, style) and injection.yml
+    (`sentences`: text, label injection|innocent, style) as Examples; source "heldout:<category or style>"."""
+    import yaml
+
+    def rows(name: str, key: str) -> list[dict]:
+        path = folder / name
+        if not path.is_file():
+            raise SystemExit(f"{path} not found: --heldout wants the folder with harmful.yml, benign.yml, injection.yml")
+        return yaml.safe_load(path.read_text(encoding="utf-8"))[key]
+
+    out = [Example(r["text"], r["principle"], "request", f"heldout:{r['category']}/{r['style']}")
+           for r in rows("harmful.yml", "requests")]
+    out += [Example(r["text"], "", "request", f"heldout:{r['category']}/{r['style']}") for r in rows("benign.yml", "requests")]
+    out += [Example(r["text"], "injection" if r["label"] == "injection" else "", "passage", f"heldout:{r['style']}")
+            for r in rows("injection.yml", "sentences")]
+    return out
+
+
+def with_rules(guard: Guard, examples: list[Example]) -> dict:
+    """Both layers as the pipeline runs them: check_input (rules, then guard) on requests,
+    redact_orders (rules, then guard) on passage sentences."""
+    from parley.pipeline.safety import check_input, load_constitution
+    from parley.pipeline.untrusted import redact_orders
+
+    constitution = load_constitution()
+    req = [e for e in examples if e.kind == "request"]
+    verdicts = [check_input(e.text, constitution, guard) for e in req]
+    bad = [(e, v) for e, v in zip(req, verdicts) if e.label]
+    good = [v for e, v in zip(req, verdicts) if not e.label]
+    caught = [(e, v) for e, v in bad if v.action == "refuse"]
+    by_rule = sum(v.evidence.get("rule") is not None for _, v in caught)
+    sentences = [e for e in examples if e.kind == "passage"]
+    removed = [bool(redact_orders(e.text, guard)[1]) for e in sentences]
+    return {"harmful_recall": (len(caught), len(bad)),
+            "benign_flagged": (sum(v.action == "refuse" for v in good), len(good)),
+            "right_principle": (sum(v.principle == e.label for e, v in caught), len(caught)),
+            "injection_recall": (sum(r for r, e in zip(removed, sentences) if e.label), sum(1 for e in sentences if e.label)),
+            "innocent_removed": (sum(r for r, e in zip(removed, sentences) if not e.label),
+                                 sum(1 for e in sentences if not e.label)),
+            "refused_by_rule": by_rule}
+
+
+def by_group(probs, examples: list[Example], thresholds) -> dict[str, tuple[int, int]]:
+    """Harmful recall (guard alone) per category/style of the held-out harmful requests."""
+    flagged = (probs[:, :8] >= thresholds[:8]).any(axis=1)
+    groups: dict[str, list[int]] = {}
+    for i, e in enumerate(examples):
+        if e.kind == "request" and e.label:
+            for g in e.source.removeprefix("heldout:").split("/"):
+                groups.setdefault(g, []).append(i)
+    return {g: (int(flagged[idx].sum()), len(idx)) for g, idx in sorted(groups.items())}
+
+
+def latency(guard: Guard, embedder: Embedder, n: int) -> dict:
+    texts = [f"message {i}: how do I get from the station to the museum on day {i}?" for i in range(n)]
+    guard.score(texts[0])  # warm up
+    full, marginal = [], []
+    for text in texts[1:]:
+        t0 = time.perf_counter()
+        guard.score(text)  # embeds the message (not seen before)
+        t1 = time.perf_counter()
+        guard.score(text)  # the embedding is remembered now, as after the NLU stage
+        full.append((t1 - t0) * 1000)
+        marginal.append((time.perf_counter() - t1) * 1000)
+    return {"messages": len(full),
+            "full_ms": {"p50": round(statistics.median(full), 2), "p95": round(sorted(full)[int(0.95 * len(full))], 2)},
+            "marginal_ms": {"p50": round(statistics.median(marginal), 2),
+                            "p95": round(sorted(marginal)[int(0.95 * len(marginal))], 2)}}
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--head", default=str(shipped_path()))
+    ap.add_argument("--heldout", default="", help="a folder of held-out evaluation files")
+    ap.add_argument("--quick", action="store_true", help="short run: 50 messages, one own split")
+    ap.add_argument("--every", type=int, default=1, help="own splits: every n-th example (5: as the LoRA run)")
+    ap.add_argument("--threads", type=int, default=1,
+                    help="torch threads (1: on a shared, loaded CPU two threads made one embedding 40x slower)")
+    args = ap.parse_args()
+    import torch
+
+    torch.set_num_threads(args.threads)
+    embedder = Embedder.load()
+    guard = Guard.load(args.head, embedder)
+    if args.heldout:
+        examples = load_heldout(Path(args.heldout))
+        probs = guard.probabilities([e.text for e in examples])
+        fig = report(probs, examples, guard.thresholds)
+        print(describe("held-out, guard alone", fig))
+        print("  per principle: " + ", ".join(f"{p} {a}/{n}" for p, (a, n) in fig["per_principle"].items() if n))
+        print("  per category/style: " + ", ".join(f"{g} {a}/{n}" for g, (a, n) in by_group(probs, examples,
+                                                                                           guard.thresholds).items()))
+        both = with_rules(guard, examples)
+        print(describe("held-out, rules then guard (the pipeline)", both) + f"; refused by a rule {both['refused_by_rule']}")
+        return 0
+    for name, fig in own_splits(guard, args.quick, max(args.every, 1)).items():
+        print(describe(f"own split, {name}", fig))
+    print("latency:", latency(guard, embedder, 50 if args.quick else 300))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

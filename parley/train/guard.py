@@ -1,0 +1,288 @@
+"""Train the guard (parley/pipeline/guard.py) from parley/data/guard/, calibrate it, report it.
+
+    parley train guard                             # the MiniLM head: ~1 min on 2 cores, writes $PARLEY_HOME/guard/
+    parley train guard --out parley/data/guard/guard_head.safetensors    # the head the repository ships
+    parley train guard --design lora --lora-examples 600                 # the second design, for comparison only
+
+Recipe (design "minilm", the one the pipeline uses):
+1. the written examples are cut by hash into five folds: fold 0 is never trained on ("unseen
+   written" test), fold 1 is the calibration fold;
+2. a head is trained on folds 2-4 and their generated variants (seeds 0-2), and each label's
+   threshold is set on fold 1 and its variants (seed 3): the lowest threshold whose
+   false-positive rate on benign examples there is within its share of `max_fpr`, moved up
+   halfway to the next one that loses recall (a margin against overfitting the fold);
+3. the head is retrained on folds 1-4 with the same settings and saved with those thresholds.
+
+Design "lora" fine-tunes SmolLM2 (LoRA r=8 on the attention projections, a linear head on the
+last token's hidden state) on a sample of the same training data, calibrates the same way, and
+reports the same splits; it saves nothing for the pipeline (see RESULTS.md, Guard, for why).
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from parley.config import parse_cli, setting
+from parley.pipeline.guard import INJECTION, LABELS, PRINCIPLES, Guard, features, trained_path
+from parley.train.guard_data import Example, GuardDataError, Splits, data_sha256, load_templates, load_written, split
+
+
+@dataclass
+class GuardTrainConfig:
+    data: str = setting("", "folder with requests.toml and injections.toml ('' = parley/data/guard)")
+    out: str = setting("", "where to write the head ('' = $PARLEY_HOME/guard/guard_head.safetensors)")
+    design: str = setting("minilm", "minilm (a head on the sentence embeddings) or lora (SmolLM2 + LoRA, report only)")
+    per_example: int = setting(3, "generated variants per written example and generator seed")
+    hidden: int = setting(128, "hidden units of the head")
+    epochs: int = setting(12, "passes over the training data")
+    lr: float = setting(3e-3, "AdamW learning rate of the head")
+    weight_decay: float = setting(1e-2, "AdamW weight decay")
+    max_fpr: float = setting(0.03, "calibration: most benign examples of the calibration fold flagged (all labels together)")
+    seed: int = setting(0, "initialisation seed")
+    lora_model: str = setting("smollm2", "design=lora: the imported model to fine-tune")
+    lora_examples: int = setting(600, "design=lora: training examples sampled (CPU time grows with it)")
+    lora_steps: int = setting(60, "design=lora: optimizer steps (batch 16)")
+    lora_eval_every: int = setting(1, "design=lora: calibrate and report on every n-th example of each split (CPU time)")
+
+
+# --- labels, training, calibration, scoring -------------------------------------------------------
+
+
+def targets(examples: list[Example]) -> np.ndarray:
+    y = np.zeros((len(examples), len(LABELS)), dtype=np.float32)
+    for i, e in enumerate(examples):
+        if e.label:
+            y[i, LABELS.index(e.label)] = 1.0
+    return y
+
+
+def fit_head(x: np.ndarray, y: np.ndarray, hidden: int, epochs: int, lr: float, weight_decay: float,
+             seed: int) -> dict[str, np.ndarray]:
+    """The guard's MLP, minibatches of 128 with AdamW; positives weighted up by sqrt(negatives/positives)."""
+    if len(x) == 0:
+        raise GuardDataError("no training examples: the guard data files are empty")
+    xt, yt = torch.from_numpy(x), torch.from_numpy(y)
+    pos = yt.sum(0)
+    pos_weight = torch.sqrt((len(yt) - pos) / pos.clamp(min=1.0))
+    torch.manual_seed(seed)
+    net = torch.nn.Sequential(torch.nn.Linear(x.shape[1], hidden), torch.nn.ReLU(), torch.nn.Linear(hidden, y.shape[1]))
+    optimizer = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=weight_decay)
+    order = torch.Generator().manual_seed(seed)
+    for _ in range(epochs):
+        perm = torch.randperm(len(xt), generator=order)
+        for i in range(0, len(xt), 128):
+            idx = perm[i:i + 128]
+            loss = F.binary_cross_entropy_with_logits(net(xt[idx]), yt[idx], pos_weight=pos_weight)
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+    return {k: p.detach().numpy().copy() for k, p in zip(("w1", "b1", "w2", "b2"), net.parameters())}
+
+
+def head_probs(params: dict[str, np.ndarray], x: np.ndarray) -> np.ndarray:
+    hidden = np.maximum(x @ params["w1"].T + params["b1"], 0.0)
+    return _sigmoid(hidden @ params["w2"].T + params["b2"])
+
+
+def negatives(examples: list[Example], label: str) -> np.ndarray:
+    """The benign examples a label's threshold must leave alone: requests and answers for a
+    principle, passage sentences for injection."""
+    kinds = ("passage",) if label == INJECTION else ("request", "answer")
+    return np.array([e.label == "" and e.kind in kinds for e in examples])
+
+
+def calibrate(probs: np.ndarray, examples: list[Example], max_fpr: float) -> np.ndarray:
+    """Per label, the threshold described in the module docstring. A benign request is wrongly
+    refused when any of the eight principles flags it, so each principle gets an eighth of
+    `max_fpr`; injection (one label) gets all of it."""
+    grid = np.round(np.arange(0.05, 0.991, 0.005), 3)
+    out = []
+    for k, label in enumerate(LABELS):
+        budget = max_fpr if label == INJECTION else max_fpr / len(PRINCIPLES)
+        pos = np.array([e.label == label for e in examples])
+        neg = negatives(examples, label)
+        if not pos.any() or not neg.any():
+            out.append(0.5)
+            continue
+        fpr = np.array([(probs[neg, k] >= t).mean() for t in grid])
+        recall = np.array([(probs[pos, k] >= t).mean() for t in grid])
+        ok = np.flatnonzero(fpr <= budget)
+        lo = ok[0] if len(ok) else len(grid) - 1
+        hi = lo
+        while hi + 1 < len(grid) and recall[hi + 1] >= recall[lo]:
+            hi += 1
+        out.append(float(grid[(lo + hi) // 2]))
+    return np.array(out, dtype=np.float32)
+
+
+def report(probs: np.ndarray, examples: list[Example], thresholds: np.ndarray) -> dict:
+    """Harmful recall, benign false positives and right-principle rate (requests and answers),
+    injection recall and innocent sentences removed (passages), and recall per principle."""
+    flagged = probs >= thresholds
+    k_inj = LABELS.index(INJECTION)
+    harm = flagged[:, :k_inj].any(axis=1)
+    margin = probs[:, :k_inj] / thresholds[:k_inj]
+    named = [PRINCIPLES[i] for i in margin.argmax(axis=1)]
+    out: dict = {}
+    req = [i for i, e in enumerate(examples) if e.kind != "passage"]
+    bad = [i for i in req if examples[i].label]
+    good = [i for i in req if not examples[i].label]
+    caught = [i for i in bad if harm[i]]
+    if bad:
+        out["harmful_recall"] = (len(caught), len(bad))
+        out["right_principle"] = (sum(named[i] == examples[i].label for i in caught), len(caught))
+        out["per_principle"] = {p: (sum(harm[i] for i in bad if examples[i].label == p),
+                                    sum(examples[i].label == p for i in bad)) for p in PRINCIPLES}
+    if good:
+        out["benign_flagged"] = (sum(harm[i] for i in good), len(good))
+    orders = [i for i, e in enumerate(examples) if e.label == INJECTION]
+    innocent = [i for i, e in enumerate(examples) if e.kind == "passage" and not e.label]
+    if orders:
+        out["injection_recall"] = (int(flagged[orders, k_inj].sum()), len(orders))
+    if innocent:
+        out["innocent_removed"] = (int(flagged[innocent, k_inj].sum()), len(innocent))
+    return out
+
+
+def describe(name: str, figures: dict) -> str:
+    def pct(pair):
+        return f"{pair[0]}/{pair[1]} ({pair[0] / pair[1]:.1%})" if pair[1] else "0/0"
+
+    parts = [f"{key.replace('_', ' ')} {pct(figures[key])}" for key in
+             ("harmful_recall", "benign_flagged", "right_principle", "injection_recall", "innocent_removed")
+             if key in figures]
+    return f"{name}: " + "; ".join(parts)
+
+
+# --- design 1: a head on the MiniLM embeddings -----------------------------------------------------
+
+
+def train_minilm(cfg: GuardTrainConfig, written: list[Example], embedder) -> tuple[Guard, dict]:
+    s = split(written, per_example=cfg.per_example)
+    cache: dict[str, np.ndarray] = {}
+
+    def feats(examples: list[Example]) -> np.ndarray:
+        todo = list(dict.fromkeys(e.text for e in examples if e.text not in cache))
+        for i in range(0, len(todo), 512):
+            chunk = todo[i:i + 512]
+            for text, row in zip(chunk, features(chunk, embedder)):
+                cache[text] = row
+        return np.stack([cache[e.text] for e in examples])
+
+    hp = dict(hidden=cfg.hidden, epochs=cfg.epochs, lr=cfg.lr, weight_decay=cfg.weight_decay, seed=cfg.seed)
+    params = fit_head(feats(s.train_fit), targets(s.train_fit), **hp)
+    val_probs = head_probs(params, feats(s.val))
+    thresholds = calibrate(val_probs, s.val, cfg.max_fpr)
+    params = fit_head(feats(s.train), targets(s.train), **hp)
+    guard = Guard(params, thresholds, embedder, data_sha256(cfg.data or None))
+    figures = {"calibration fold": report(val_probs, s.val, thresholds)}
+    for name, examples in s.test.items():
+        figures[name] = report(head_probs(params, feats(examples)), examples, thresholds)
+    figures["sizes"] = {"train": len(s.train), "calibration": len(s.val), **{k: len(v) for k, v in s.test.items()}}
+    return guard, figures
+
+
+def _sigmoid(z: np.ndarray) -> np.ndarray:
+    return 1.0 / (1.0 + np.exp(-z.astype(np.float64)))
+
+
+# --- design 2: SmolLM2 fine-tuned with LoRA as a classifier ------------------------------------------
+
+
+def train_lora(cfg: GuardTrainConfig, written: list[Example]) -> dict:
+    from parley.model.lora import apply_lora
+    from parley.registry import Registry
+
+    s = split(written, per_example=cfg.per_example)
+    n = max(cfg.lora_eval_every, 1)
+    s = Splits(s.train_fit, s.val[::n], s.train, {k: v[::n] for k, v in s.test.items()})
+    model, tokenizer, _ = Registry().load(cfg.lora_model, dtype=torch.float32)
+    params = apply_lora(model, r=8, alpha=16, targets=("q_proj", "v_proj"))
+    head = torch.nn.Linear(model.config.hidden_size, len(LABELS))
+    torch.manual_seed(cfg.seed)
+    rng = random.Random(cfg.seed)
+
+    def hidden(texts: list[str]) -> torch.Tensor:
+        ids = [tokenizer.encode(t)[:48] or [0] for t in texts]
+        width = max(map(len, ids))
+        batch = torch.tensor([i + [0] * (width - len(i)) for i in ids])
+        last = torch.tensor([len(i) - 1 for i in ids])
+        positions = torch.arange(width)[None].expand(len(ids), width)
+        cos, sin = model.rope_cos[positions][:, None], model.rope_sin[positions][:, None]
+        x = model.model.embed_tokens(batch)
+        for i, block in enumerate(model.model.layers):
+            x, _ = block(x, cos, sin, i, None)
+        return model.model.norm(x)[torch.arange(len(ids)), last]  # causal: the last real token saw them all
+
+    sample = rng.sample(s.train_fit, min(cfg.lora_examples, len(s.train_fit)))
+    y = torch.from_numpy(targets(sample))
+    pos = y.sum(0)
+    pos_weight = torch.sqrt((len(y) - pos) / pos.clamp(min=1.0))
+    optimizer = torch.optim.AdamW([*params, *head.parameters()], lr=2e-3)
+    start = time.perf_counter()
+    model.train()
+    for step in range(cfg.lora_steps):
+        idx = rng.sample(range(len(sample)), min(16, len(sample)))
+        loss = F.binary_cross_entropy_with_logits(head(hidden([sample[i].text for i in idx])), y[idx],
+                                                  pos_weight=pos_weight)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        if step % 10 == 0:
+            print(f"lora step {step}: loss {loss.item():.3f} ({time.perf_counter() - start:.0f} s)", flush=True)
+    train_s = time.perf_counter() - start
+    model.eval()
+
+    @torch.no_grad()
+    def probs(examples: list[Example]) -> np.ndarray:
+        out = [torch.sigmoid(head(hidden([e.text for e in examples[i:i + 32]]))) for i in range(0, len(examples), 32)]
+        return torch.cat(out).double().numpy()
+
+    t0 = time.perf_counter()
+    val_probs = probs(s.val)
+    per_text_ms = (time.perf_counter() - t0) / max(len(s.val), 1) * 1000
+    thresholds = calibrate(val_probs, s.val, cfg.max_fpr)
+    figures = {"calibration fold": report(val_probs, s.val, thresholds)}
+    for name, examples in s.test.items():
+        figures[name] = report(probs(examples), examples, thresholds)
+    figures["lora"] = {"train_examples": len(sample), "steps": cfg.lora_steps, "train_s": round(train_s, 1),
+                       "batched_ms_per_text": round(per_text_ms, 1)}
+    return figures
+
+
+# --- the command -------------------------------------------------------------------------------------
+
+
+def main(cfg: GuardTrainConfig) -> int:
+    if cfg.design not in ("minilm", "lora"):
+        raise GuardDataError(f"design must be minilm or lora, got {cfg.design!r}")
+    if cfg.per_example < 0 or cfg.epochs < 1 or cfg.hidden < 1 or not 0 < cfg.max_fpr < 1:
+        raise GuardDataError("per_example must be >= 0, epochs and hidden >= 1, and max_fpr in (0, 1)")
+    written = load_written(cfg.data or None) + load_templates(cfg.data or None)
+    start = time.perf_counter()
+    if cfg.design == "lora":
+        figures = train_lora(cfg, written)
+    else:
+        from parley.pipeline.embed import Embedder
+
+        guard, figures = train_minilm(cfg, written, Embedder.load())
+        out = guard.save(cfg.out or trained_path())
+        print(f"saved {out}")
+        print("thresholds: " + ", ".join(f"{k}={t:.2f}" for k, t in zip(LABELS, guard.thresholds)))
+    print(f"design {cfg.design}, {len(written)} written examples, {time.perf_counter() - start:.0f} s")
+    for name, fig in figures.items():
+        print(describe(name, fig) if name not in ("sizes", "lora") else f"{name}: {fig}")
+        if "per_principle" in fig:
+            print("  per principle: " + ", ".join(f"{p} {a}/{n}" for p, (a, n) in fig["per_principle"].items()))
+    return 0
+
+
+def train_guard_main(argv: list[str]) -> int:
+    """`parley train guard [--data DIR] [--out FILE] [--design minilm|lora]`."""
+    return main(parse_cli(GuardTrainConfig, argv, prog="parley train guard"))
