@@ -82,6 +82,25 @@ def time_hf(model, batch_prompts, new: int) -> float:
     return len(batch_prompts) * new / elapsed
 
 
+def side_by_side(engine: Engine, hf, tokenizer, dtype_name: str, bound: float, args) -> list[tuple]:
+    """Parley's engine and the transformers model, alternating, at each of `args.batches`:
+    rows (dtype, batch, parley tok/s, transformers tok/s, ratio, bound tok/s), medians of
+    `args.repeats`, each printed as it is measured."""
+    rows = []
+    for batch in map(int, args.batches.split(",")):
+        ps = prompts(tokenizer, batch, args.prompt)
+        time_parley(engine, ps, 4), time_hf(hf, ps, 4)  # warm-up
+        p_runs, h_runs = [], []
+        for _ in range(args.repeats):
+            p_runs.append(time_parley(engine, ps, args.new))
+            h_runs.append(time_hf(hf, ps, args.new))
+        p, h = statistics.median(p_runs), statistics.median(h_runs)
+        rows.append((dtype_name, batch, p, h, p / h, batch * bound))
+        print(f"{dtype_name:9} batch {batch:2}: parley {p:7.1f} tok/s   transformers {h:7.1f} tok/s   "
+              f"ratio {p / h:5.2f}x   bound {batch * bound:7.0f} tok/s", flush=True)
+    return rows
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--prompt", type=int, default=128)
@@ -111,17 +130,7 @@ def main() -> None:
         model = kept if dtype_name == "q4" else ours
         engine = Engine(model, max_batch=max(map(int, args.batches.split(","))))
         bound = bw * 1e9 / (quant.weight_bytes(kept) if dtype_name == "q4" else weight_bytes_per_step(ours))
-        for batch in map(int, args.batches.split(",")):
-            ps = prompts(tokenizer, batch, args.prompt)
-            time_parley(engine, ps, 4), time_hf(hf, ps, 4)  # warm-up
-            p_runs, h_runs = [], []
-            for _ in range(args.repeats):
-                p_runs.append(time_parley(engine, ps, args.new))
-                h_runs.append(time_hf(hf, ps, args.new))
-            p, h = statistics.median(p_runs), statistics.median(h_runs)
-            rows.append((dtype_name, batch, p, h, p / h, batch * bound))
-            print(f"{dtype_name:9} batch {batch:2}: parley {p:7.1f} tok/s   transformers {h:7.1f} tok/s   "
-                  f"ratio {p / h:5.2f}x   bound {batch * bound:7.0f} tok/s", flush=True)
+        rows += side_by_side(engine, hf, tokenizer, dtype_name, bound, args)
     if not args.no_write:
         write_results(rows, args, bw, weight_bytes_per_step(ours.to(torch.bfloat16)),
                       quant.weight_bytes(kept) if kept is not None else 0)

@@ -15,11 +15,10 @@ from __future__ import annotations
 import argparse
 import datetime
 import os
-import statistics
 
 import torch
 
-from decode import bandwidth_gbs, prompts, time_hf, time_parley, weight_bytes_per_step
+from decode import bandwidth_gbs, side_by_side, weight_bytes_per_step
 from record import append_section, commit, cpu_name
 
 from parley.engine.engine import Engine
@@ -56,17 +55,7 @@ def main() -> None:
         engine = Engine(ours, max_batch=max(map(int, args.batches.split(","))))
         print(f"engine path: {engine.kernels_path}", flush=True)
         bound = bw * 1e9 / weight_bytes_per_step(ours)
-        for batch in map(int, args.batches.split(",")):
-            ps = prompts(tokenizer, batch, args.prompt)
-            time_parley(engine, ps, 4), time_hf(hf, ps, 4)  # warm-up
-            p_runs, h_runs = [], []
-            for _ in range(args.repeats):
-                p_runs.append(time_parley(engine, ps, args.new))
-                h_runs.append(time_hf(hf, ps, args.new))
-            p, h = statistics.median(p_runs), statistics.median(h_runs)
-            rows.append((dtype_name, batch, p, h, p / h, batch * bound))
-            print(f"{dtype_name:9} batch {batch:2}: parley {p:7.1f} tok/s   transformers {h:7.1f} tok/s   "
-                  f"ratio {p / h:5.2f}x   bound {batch * bound:7.0f} tok/s", flush=True)
+        rows += side_by_side(engine, hf, tokenizer, dtype_name, bound, args)
         engine.close()
     if not args.no_write:
         write_results(rows, args, bw)

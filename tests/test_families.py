@@ -148,8 +148,7 @@ def test_attention_soft_capping_paged_equals_uncached():
     x = torch.tensor([PROMPTS[0]])
     with torch.no_grad():
         assert (model(x) - plain.eval()(x)).abs().max() > 1e-2
-        expected = []
-        ids = x
+        ids = x  # the plain forward's greedy continuation, token by token
         for _ in range(6):
             ids = torch.cat([ids, model(ids)[:, -1:].argmax(-1)], dim=1)
     engine = Engine(model, page_size=4)
