@@ -6,6 +6,7 @@ import dataclasses
 import io
 import json
 import re
+import socket
 import threading
 
 import httpx
@@ -327,6 +328,39 @@ def test_a_client_that_goes_away_cancels_its_generation(gated, model):
     engine.gate.set()
     assert request.wait(timeout=30) == "cancelled"
     assert len(request.tokens) < 500 and _until(lambda: engine.stats()["running"] == 0)
+
+
+@pytest.fixture
+def gated_at_start(registry, tmp_path):
+    """A server whose generation holds before its first token until the test says."""
+    model, tokenizer, _ = registry.load("tiny768")
+    engine = GatedEngine(model, after=0)
+    db = str(tmp_path / "p.db")
+    keys = make_users(db, ann="user")
+    settings = Settings(db=db, home=registry.home, model="tiny768", requests_per_minute=0, stages=["respond"])
+    with serving(create_app(settings, engine=engine, tokenizer=tokenizer)) as url:
+        yield Site(url, keys, db), engine
+        engine.gate.set()
+    engine.close()
+
+
+def test_a_client_that_goes_away_before_the_first_words_stops_the_turn(gated_at_start):
+    """The assistant answers with headers only once it has words (errors before them are plain
+    HTTP errors), so a client that leaves earlier (the page's Stop) has no stream to break:
+    the server notices it has gone and cancels the generation while it is still held."""
+    site, engine = gated_at_start
+    host, port = site.url.removeprefix("http://").split(":")
+    body = json.dumps({"model": "parley", "messages": [{"role": "user", "content": "Hello"}], "stream": True})
+    with socket.create_connection((host, int(port))) as raw:
+        raw.sendall((f"POST /v1/chat/completions HTTP/1.1\r\nHost: {host}:{port}\r\n"
+                     f"Authorization: Bearer {site.keys['ann']}\r\nContent-Type: application/json\r\n"
+                     f"Content-Length: {len(body)}\r\n\r\n{body}").encode())
+        assert _until(lambda: len(engine.requests) == 1)  # the turn is generating, held before any token
+    (request,) = engine.requests  # the client has gone without a byte of answer
+    assert _until(lambda: request.cancelled)
+    assert not engine.gate.is_set() and request.tokens == []
+    engine.gate.set()
+    assert request.wait(timeout=30) == "cancelled"
 
 
 def test_a_full_queue_answers_429_with_retry_after_and_cancel_dequeues(gated):

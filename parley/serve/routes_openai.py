@@ -15,13 +15,14 @@ after the stream began arrives as one `data: {"error": ...}` event.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import json
 from collections.abc import AsyncIterator
 
 import numpy as np
-from fastapi import APIRouter, Depends, Header
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi import APIRouter, Depends, Header, Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from parley.engine.text import TextAssembler
 from parley.pipeline.frames import ShownText
@@ -55,10 +56,10 @@ def openai_routes(server: Server) -> APIRouter:
         return p.model_card(name)
 
     @router.post("/chat/completions", responses=STREAMED)
-    async def chat(req: p.ChatRequest, user: User = auth,
+    async def chat(req: p.ChatRequest, request: Request, user: User = auth,
                    conversation: str | None = Header(None, alias="X-Parley-Conversation")):
         if req.model == ASSISTANT_MODEL:
-            return await _assistant_chat(server, req, user, conversation)
+            return await _assistant_chat(server, req, user, conversation, request)
         _check_model(server, req.model)
         messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text} for m in req.messages]
         try:
@@ -168,7 +169,12 @@ def _sse(server: Server, chunks: AsyncIterator[dict], headers: dict | None = Non
                              headers={"Cache-Control": "no-cache", **(headers or {})})
 
 
-async def _assistant_chat(server: Server, req: p.ChatRequest, user: User, conversation: str | None):
+# how often a turn that has not yet said anything checks whether its client is still there
+GONE_CHECK_SECONDS = 0.25
+
+
+async def _assistant_chat(server: Server, req: p.ChatRequest, user: User, conversation: str | None,
+                          request: Request):
     if req.stops:
         raise APIError(400, "stop strings are not supported with model 'parley'", code="invalid_value", param="stop")
     last = next((m.text for m in reversed(req.messages) if m.role == "user"), None)
@@ -183,12 +189,20 @@ async def _assistant_chat(server: Server, req: p.ChatRequest, user: User, conver
     turn = server.turns.start(user, _conversation(server, user, conversation), last, overrides)
     items, ahead = turn.frames(), []
     # wait for the first words (or the end): errors before them (a full queue, a bad message)
-    # are then plain HTTP errors rather than an event in a stream that already said 200
-    while not ahead or not (isinstance(ahead[-1], TurnDone) or ShownText()(ahead[-1])):
-        item = await anext(items, None)
-        if item is None:
-            break
-        ahead.append(item)
+    # are then plain HTTP errors rather than an event in a stream that already said 200; a
+    # client that leaves meanwhile (the page's Stop before any text) stops the turn at once
+    first = asyncio.ensure_future(_first_words(items, ahead))
+    try:
+        while not (await asyncio.wait({first}, timeout=GONE_CHECK_SECONDS))[0]:
+            if await request.is_disconnected():
+                first.cancel()
+                turn.stop()
+                return Response(status_code=499)  # nobody reads it: nginx's "client closed request"
+        first.result()  # the turn's exception, if it failed before saying anything
+    except BaseException:
+        first.cancel()
+        turn.stop()
+        raise
     started = next((i.conversation_id for i in ahead if isinstance(i, (TurnStarted, TurnDone))), None)
     done: list[TurnDone] = []
 
@@ -222,6 +236,15 @@ async def _assistant_chat(server: Server, req: p.ChatRequest, user: User, conver
         yield {**p.chat_chunk(rid, ASSISTANT_MODEL, {}, "stop"), "parley": ids()}
 
     return _sse(server, chunks(), headers)
+
+
+async def _first_words(items: AsyncIterator, ahead: list) -> None:
+    """Move a turn's items into `ahead` up to its first shown text, or its end."""
+    while not ahead or not (isinstance(ahead[-1], TurnDone) or ShownText()(ahead[-1])):
+        item = await anext(items, None)
+        if item is None:
+            break
+        ahead.append(item)
 
 
 async def _chain(first: list, rest: AsyncIterator) -> AsyncIterator:
