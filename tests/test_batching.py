@@ -265,6 +265,24 @@ def test_the_next_turn_reuses_the_cached_history(model, engine):
     assert (reply.tokens, reply.finish_reason) == alone(engine, second, params)
 
 
+def test_cached_prompt_pages_are_shared_only_within_one_cache_salt(model, engine):
+    """A server salts each user's requests: another user's identical prompt prefills anew
+    (nothing to time), the same user's reuses the pages, and every answer is as alone."""
+    prompt = prompts(1, seed=5, longest=40)[0] + [7] * 24
+    with Engine(model, page_size=8) as batched:
+        def reused(salt: str) -> int:
+            before = batched.stats()["reused_tokens"]
+            request = batched.submit(prompt, SamplingParams(max_tokens=4, cache_salt=salt))
+            list(request)
+            assert request.tokens == alone(engine, prompt, SamplingParams(max_tokens=4))[0]
+            return batched.stats()["reused_tokens"] - before
+
+        assert reused("user-1") == 0
+        assert reused("user-2") == 0  # the same tokens under another salt: no page in common
+        assert reused("user-1") == (len(prompt) - 1) // 8 * 8 > 0
+        assert reused("") == 0 and reused("") > 0  # unsalted requests share among themselves
+
+
 def test_page_cache_counts_refs_and_evicts_least_recently_used(model):
     cache = PagedKVCache(model.config, PagedKVCache(model.config, 10**9, 4).page_bytes * 4, page_size=4)
     a = CachedSequence(tokens=list(range(12)), pages=cache.allocate(3), length=12)

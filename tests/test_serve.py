@@ -363,6 +363,33 @@ def test_a_client_that_goes_away_before_the_first_words_stops_the_turn(gated_at_
     assert request.wait(timeout=30) == "cancelled"
 
 
+def test_users_never_share_cached_prompt_pages(registry, tmp_path):
+    """The engine reuses a prompt's cached pages only for the same user (the raw model and the
+    assistant alike), so the time to a first token tells no one what another user sent."""
+    model, tokenizer, _ = registry.load("tiny768")
+    engine = Engine(model, page_size=8)
+    db = str(tmp_path / "p.db")
+    keys = make_users(db, ann="user", bob="user")
+    settings = Settings(db=db, home=registry.home, model="tiny768", requests_per_minute=0, stages=["respond"],
+                        max_tokens=4)
+    with serving(create_app(settings, engine=engine, tokenizer=tokenizer)) as url:
+        site = Site(url, keys, db)
+
+        def reused(user: str, model_name: str) -> int:
+            before = engine.stats()["reused_tokens"]
+            reply = site.http(user).post("/v1/chat/completions", json={
+                "model": model_name, "messages": [{"role": "user", "content": "Tell me about the sea " * 8}],
+                "max_tokens": 4, "temperature": 0})
+            assert reply.status_code == 200, reply.text
+            return engine.stats()["reused_tokens"] - before
+
+        for model_name in ("tiny768", "parley"):
+            assert reused("ann", model_name) == 0
+            assert reused("bob", model_name) == 0  # ann's pages hold the same tokens: not for bob
+            assert reused("ann", model_name) > 0  # her own are
+    engine.close()
+
+
 def test_a_full_queue_answers_429_with_retry_after_and_cancel_dequeues(gated):
     site, engine = gated
     with site.http() as http, _stream(http) as running:

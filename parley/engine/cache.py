@@ -44,12 +44,14 @@ class CacheError(ValueError):
 @dataclass
 class CachedSequence:
     """One sequence in the cache: its tokens so far, how many have K/V in the cache
-    (`length`), its page table, and the names of its full pages."""
+    (`length`), its page table, and the names of its full pages. The `salt` goes into the
+    name of its first page (and so of all): only sequences of one salt share pages."""
 
     tokens: list[int]
     length: int = 0
     pages: list[int] = field(default_factory=list)
     hashes: list[bytes] = field(default_factory=list)
+    salt: bytes = b""
 
 
 class PagedKVCache:
@@ -135,7 +137,7 @@ class PagedKVCache:
     def match(self, seq: CachedSequence, limit: int) -> int:
         """Give an empty sequence the cached pages of its longest named prefix of at most
         `limit` tokens; returns how many tokens that covers (its new `length`)."""
-        ps, previous = self.page_size, b""
+        ps, previous = self.page_size, seq.salt
         while (len(seq.pages) + 1) * ps <= limit:
             start = len(seq.pages) * ps
             name = self._name(previous, seq.tokens[start:start + ps])
@@ -156,7 +158,7 @@ class PagedKVCache:
         ps = self.page_size
         while (len(seq.hashes) + 1) * ps <= seq.length:
             i = len(seq.hashes)
-            name = self._name(seq.hashes[-1] if seq.hashes else b"", seq.tokens[i * ps:(i + 1) * ps])
+            name = self._name(seq.hashes[-1] if seq.hashes else seq.salt, seq.tokens[i * ps:(i + 1) * ps])
             seq.hashes.append(name)
             page = seq.pages[i]
             if name not in self.page_named and page not in self.name_of:

@@ -64,7 +64,7 @@ class _Entry:
 
     def __init__(self, request: Request, budget: int, pages: int, device):
         self.request, self.budget, self.pages_needed = request, budget, pages
-        self.seq = CachedSequence(tokens=list(request.prompt))
+        self.seq = CachedSequence(tokens=list(request.prompt), salt=request.params.cache_salt.encode())
         self.sampler = Sampler(request.params, device)
         self.generated = 0
 

@@ -26,6 +26,9 @@ class SamplingParams:
     repetition_penalty: float = 1.0  # > 1 discourages tokens already in the context
     stop_ids: frozenset[int] = field(default_factory=frozenset)
     seed: int | None = None
+    # requests share cached prompt pages only with requests of the same salt: a server gives each
+    # user their own, so no one can tell by timing what another user's prompts began with
+    cache_salt: str = ""
 
     def __post_init__(self):
         self.stop_ids = frozenset(self.stop_ids)

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import dataclasses
 import json
 from collections.abc import AsyncIterator
 
@@ -30,7 +31,7 @@ from parley.serve import protocol as p
 from parley.serve.errors import APIError, from_exception
 from parley.serve.routes_audio import audio_models
 from parley.serve.server import ASSISTANT_MODEL, EMBEDDING_MODEL, Server
-from parley.serve.turns import TurnDone, TurnStarted
+from parley.serve.turns import TurnDone, TurnStarted, user_salt
 from parley.store import User
 
 
@@ -66,12 +67,12 @@ def openai_routes(server: Server) -> APIRouter:
             ids = server.tokenizer.encode_chat(messages)
         except ValueError as e:
             raise APIError(400, str(e), code="invalid_value", param="messages") from None
-        return await _complete(server, req, ids, chat=True)
+        return await _complete(server, req, ids, user, chat=True)
 
     @router.post("/completions", responses=STREAMED)
     async def completions(req: p.CompletionRequest, user: User = auth):
         _check_model(server, req.model)
-        return await _complete(server, req, server.tokenizer.encode(req.text), chat=False)
+        return await _complete(server, req, server.tokenizer.encode(req.text), user, chat=False)
 
     @router.post("/embeddings")
     def embeddings(req: p.EmbeddingRequest, user: User = auth) -> dict:
@@ -109,12 +110,14 @@ def _check_model(server: Server, name: str) -> None:
     raise APIError(404, f"the model {name!r} does not exist here; {hint}", code="model_not_found", param="model")
 
 
-async def _complete(server: Server, req: p.ChatRequest | p.CompletionRequest, ids: list[int], chat: bool):
+async def _complete(server: Server, req: p.ChatRequest | p.CompletionRequest, ids: list[int], user: User,
+                    chat: bool):
     try:
         params = req.sampling(server.engine.context_length, len(ids), server.tokenizer.stop_ids,
                               server.settings.max_tokens)
     except ValueError as e:
         raise APIError(400, str(e), code="context_length_exceeded", param="max_tokens") from None
+    params = dataclasses.replace(params, cache_salt=user_salt(user))  # cached prompt pages: this user's alone
     handle = server.engine.submit(ids, params)  # PromptError -> 400, QueueFull -> 429
     text = TextAssembler(server.tokenizer, req.stops)
 

@@ -65,6 +65,12 @@ class RunningTurn:
         self.cancel.set()
 
 
+def user_salt(user: User) -> str:
+    """The engine's cache salt for a user's requests (engine/sampling.py): user ids are never
+    reused (store migration 4), so a deleted user's cached pages can serve no one else."""
+    return f"user-{user.id}"
+
+
 def _one_torch_thread() -> None:
     import torch
 
@@ -107,6 +113,7 @@ class TurnRunner:
         try:
             if running.cancel.is_set():  # the client left while the turn waited for a thread
                 return
+            overrides = {**overrides, "cache_salt": user_salt(user)}  # cached prompt pages: this user's alone
             turn = Turn(user.id, conversation_id, store=self.store(), overrides=overrides, cancel=running.cancel)
             frames = self.assistant().say(turn, text)
             try:
