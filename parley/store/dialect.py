@@ -32,6 +32,7 @@ pgvector is not assumed.
 from __future__ import annotations
 
 import sqlite3
+import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -79,7 +80,18 @@ class SQLite:
     def connect(self, target: str | Path, timeout: float) -> sqlite3.Connection:
         # isolation_level=None: we issue BEGIN/COMMIT ourselves, so transactions are explicit
         db = sqlite3.connect(target, timeout=timeout, isolation_level=None)
-        db.execute("PRAGMA journal_mode=WAL")
+        # switching a new file to WAL can find it locked by another connection doing the same, and
+        # SQLite does not wait for that lock here as it does for others: wait for it ourselves
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                db.execute("PRAGMA journal_mode=WAL")
+                break
+            except sqlite3.OperationalError as e:
+                if "locked" not in str(e) or time.monotonic() > deadline:
+                    db.close()
+                    raise
+                time.sleep(0.005)
         db.execute("PRAGMA foreign_keys=ON")  # off by default; cascades depend on it
         db.execute(f"PRAGMA busy_timeout={int(timeout * 1000)}")
         return db
