@@ -345,6 +345,25 @@ def test_an_answer_keeps_the_model_that_wrote_it(path):
                                                                     None, None]
 
 
+def test_withdrawing_exchanges_puts_the_dialogue_state_back(path):
+    """Regenerate or edit withdraws exchanges: what they put into the dialogue state goes with
+    them, and the state is what the exchanges left in the history left."""
+    with Store(path) as store:
+        uid = store.add_user("u").id
+        conv = store.create_conversation(uid)
+        store.add_exchange(uid, conv.id, "mail me at a@example.org", "ok", slots={"email": "a@example.org"})
+        _, second = store.add_exchange(uid, conv.id, "born 2001-02-03", "noted",
+                                       slots={"email": "a@example.org", "date": "2001-02-03"})
+        _, third = store.add_exchange(uid, conv.id, "thanks", "welcome")  # left the state alone
+        store.withdraw(uid, third.id, regenerated=True)
+        assert store.get_slots(uid, conv.id) == {"email": "a@example.org", "date": "2001-02-03"}
+        store.withdraw(uid, second.id, regenerated=True)
+        assert store.get_slots(uid, conv.id) == {"email": "a@example.org"}
+        first_question = store.messages(uid, conv.id)[0]
+        store.withdraw(uid, first_question.id)  # an edit of the first question: nothing is left
+        assert store.get_slots(uid, conv.id) == {} and store.messages(uid, conv.id) == []
+
+
 def test_dialogue_state_is_per_user_and_conversation_and_goes_with_either(path):
     with Store(path) as store:
         ann, bob = store.add_user("ann").id, store.add_user("bob").id

@@ -156,4 +156,8 @@ MIGRATIONS: list[tuple[str, ...]] = [
         # still says so; NULL for user messages and for answers saved before this version
         "ALTER TABLE turns ADD COLUMN model TEXT",
     ),
+    (  # 7: the dialogue state an exchange left, on its answer, so that withdrawing exchanges
+        # (regenerate, edit) can put the state back to what the remaining history left
+        "ALTER TABLE turns ADD COLUMN slots TEXT CHECK (slots IS NULL OR json_valid(slots))",
+    ),
 ]

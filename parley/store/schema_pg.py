@@ -131,4 +131,7 @@ PG_MIGRATIONS: list[tuple[str, ...]] = [
     (  # 6: the model that wrote an answer (see schema.py)
         "ALTER TABLE turns ADD COLUMN model TEXT",
     ),
+    (  # 7: the dialogue state an exchange left (see schema.py)
+        "ALTER TABLE turns ADD COLUMN slots TEXT",
+    ),
 ]

@@ -131,6 +131,8 @@ class ChunkHit:
 
 
 CONVERSATION = "id, user_id, title, created_at, updated_at"  # a Conversation's columns (not `saved`)
+# a Message's columns (not `slots`: the dialogue state an answer left, kept for `withdraw`)
+MESSAGE = "id, conversation_id, role, content, created_at, prompt_tokens, completion_tokens, withdrawn_at, model"
 LAST_USED_RESOLUTION = 60.0  # seconds: how stale an API key's last_used_at may be
 
 
@@ -400,12 +402,13 @@ class Store:
                 (conv_id, role, content, stamp, prompt_tokens, completion_tokens),
             )
             db.execute("UPDATE conversations SET updated_at = ? WHERE id = ?", (stamp, conv_id))
-        return self._one(Message, "SELECT * FROM turns WHERE id = ?", (new,))
+        return self._one(Message, f"SELECT {MESSAGE} FROM turns WHERE id = ?", (new,))
 
     def messages(self, user_id: int, conv_id: int, withdrawn: bool = False) -> list[Message]:
         """The conversation's messages in order; withdrawn ones too only if `withdrawn`."""
         sql = (
-            "SELECT t.* FROM turns t JOIN conversations c ON c.id = t.conversation_id"
+            f"SELECT {', '.join('t.' + c for c in MESSAGE.split(', '))} FROM turns t"
+            " JOIN conversations c ON c.id = t.conversation_id"
             " WHERE c.id = ? AND c.user_id = ?" + ("" if withdrawn else " AND t.withdrawn_at IS NULL") + " ORDER BY t.id"
         )
         return self._all(Message, sql, (conv_id, user_id))
@@ -434,7 +437,8 @@ class Store:
         with `withdrawn_at` set), as when the user edits a question; an answer takes its question
         with it. Returns the withdrawn messages in order. With `regenerated` the message must be
         an answer, kept as a rejected alternative (feedback -1 of kind "regenerated") to the one
-        the same question gets next. ValueError for another user's, unknown or withdrawn ids."""
+        the same question gets next. The dialogue state goes back to what the exchanges left in
+        the history left. ValueError for another user's, unknown or withdrawn ids."""
         stamp = _now()
         with self._tx() as db:
             self._require_message(user_id, message_id)
@@ -457,7 +461,17 @@ class Store:
                     (message_id, user_id, stamp))
             db.execute("UPDATE turns SET withdrawn_at = ? WHERE conversation_id = ? AND id >= ? AND withdrawn_at IS NULL",
                        (stamp, conv_id, start))
-        return self._all(Message, "SELECT * FROM turns WHERE conversation_id = ? AND withdrawn_at = ? AND id >= ?"
+            if db.execute("SELECT 1 FROM turns WHERE conversation_id = ? AND withdrawn_at = ? AND slots IS NOT NULL",
+                          (conv_id, stamp)).fetchone():
+                # a withdrawn exchange left the dialogue state: it goes back to what the last
+                # exchange still in the history left (none: nothing is carried forward)
+                row = db.execute("SELECT slots FROM turns WHERE conversation_id = ? AND role = 'assistant'"
+                                 " AND withdrawn_at IS NULL ORDER BY id DESC LIMIT 1", (conv_id,)).fetchone()
+                if row and row[0] is not None:
+                    self._put_slots(user_id, conv_id, row[0], stamp)
+                else:
+                    db.execute("DELETE FROM dialogue_state WHERE conversation_id = ?", (conv_id,))
+        return self._all(Message, f"SELECT {MESSAGE} FROM turns WHERE conversation_id = ? AND withdrawn_at = ? AND id >= ?"
                          " ORDER BY id", (conv_id, stamp, start))
 
     def add_exchange(self, user_id: int, conv_id: int, question: str, answer: str,
@@ -475,17 +489,17 @@ class Store:
             self._require_conversation(user_id, conv_id)
             ids = [
                 self._insert(
-                    "INSERT INTO turns (conversation_id, role, content, created_at, model) VALUES (?, ?, ?, ?, ?)",
-                    (conv_id, role, content, stamp, by),
+                    "INSERT INTO turns (conversation_id, role, content, created_at, model, slots) VALUES (?, ?, ?, ?, ?, ?)",
+                    (conv_id, role, content, stamp, by, left),
                 )
-                for role, content, by in (("user", question, None), ("assistant", answer, model))
+                for role, content, by, left in (("user", question, None, None), ("assistant", answer, model, state))
             ]
             if data is not None:
                 db.execute("INSERT INTO traces (turn_id, data) VALUES (?, ?)", (ids[1], data))
             if state is not None:
                 self._put_slots(user_id, conv_id, state, stamp)
             db.execute("UPDATE conversations SET updated_at = ?, saved = 1 WHERE id = ?", (stamp, conv_id))
-        asked, answered = (self._one(Message, "SELECT * FROM turns WHERE id = ?", (i,)) for i in ids)
+        asked, answered = (self._one(Message, f"SELECT {MESSAGE} FROM turns WHERE id = ?", (i,)) for i in ids)
         return asked, answered
 
     def get_slots(self, user_id: int, conv_id: int) -> dict[str, Any]:
