@@ -122,7 +122,6 @@ def injection_signals(text: str) -> list[str]:
 
 REMOVED = "[text addressed to the assistant removed]"
 DEFUSED_BY_FENCE = frozenset({"chat-template control token", "fence look-alike"})
-_SENTENCE = re.compile(r"(?<=[.!?])\s+|\n+")
 
 
 def redact_orders(text: str, guard: Guard | None = None) -> tuple[str, list[dict]]:
@@ -130,7 +129,9 @@ def redact_orders(text: str, guard: Guard | None = None) -> tuple[str, list[dict
     removals: {"sentence", "rule": [signal names]} and/or {"model": injection probability}."""
     if not isinstance(text, str):
         raise UntrustedError(f"expected text (str), got {type(text).__name__}")
-    sentences = _SENTENCE.split(text)
+    from parley.pipeline.guard import split_sentences  # the guard scores the same sentences
+
+    sentences = split_sentences(text)
     live = [i for i, s in enumerate(sentences) if s.strip()]
     scores = dict(zip(live, guard.score_many([sentences[i] for i in live]))) if guard is not None and live else {}
     out, removed = [], []
