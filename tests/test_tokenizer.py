@@ -278,7 +278,7 @@ def _write_gguf(path, model, pre):
 
 @pytest.mark.parametrize("model, pre, error", [
     ("llama", "default", "tokenizer model 'llama' is not supported"),
-    ("gpt2", "qwen2", "pre-tokenizer 'qwen2' is not supported"),
+    ("gpt2", "deepseek-llm", "pre-tokenizer 'deepseek-llm' is not supported"),
 ])
 def test_unsupported_gguf_tokenizers(tmp_path, model, pre, error):
     with pytest.raises(ValueError, match=error):
@@ -294,3 +294,52 @@ def test_gguf_pre_tokenizers(tmp_path):
     default = Tokenizer.from_gguf(_write_gguf(tmp_path / "b.gguf", "gpt2", "default"))
     pieces = [piece for piece, _ in default.backend.pre_tokenizer.pre_tokenize_str("x+=1234567 ok")]
     assert pieces == ["x", "+=", "123", "456", "7", "Ġok"]
+
+
+# Llama 3's and Qwen2's split as their tokenizer.json files spell it (with the (?i:) group llama.cpp rewrites)
+HF_SPLITS = {"llama-bpe": r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+                          r"|\s*[\r\n]+|\s+(?!\S)|\s+",
+             "qwen2": r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+                      r"|\s*[\r\n]+|\s+(?!\S)|\s+"}
+SPLIT_TEXTS = ["I'M SURE they'LL say it's 12345 or 3.14159!", "def f(x):\n\treturn x**2  # SQUARE\r\n\n  done",
+               "Ünïcödé wörds, 日本語 テキスト and émoji 🙂🙂 ...", "  leading   spaces\n\n\nand $100,000.50 (approx.)",
+               "don't DON'T Don'T we've WE'VE", "a\u00a0b\u2003c", ""]
+
+
+@pytest.mark.parametrize("pre", ["llama-bpe", "qwen2"])
+def test_gguf_llama3_and_qwen2_split_as_their_tokenizer_json(tmp_path, pre):
+    """A BPE learned here behind the split the model's tokenizer.json names, written to a GGUF with only
+    its pre-tokenizer's name: Parley's reading of that GGUF must give the ids the tokenizer.json gives."""
+    from tokenizers import Regex, Tokenizer as HFTokenizer, decoders, models, pre_tokenizers, trainers
+    hf = HFTokenizer(models.BPE(ignore_merges=pre == "llama-bpe"))
+    hf.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(HF_SPLITS[pre]), behavior="isolated"),
+                                                pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    hf.decoder = decoders.ByteLevel()
+    corpus = [t * 3 for t in SPLIT_TEXTS] + ["the quick brown fox jumps over the lazy dog " * 20, "1234567890" * 5]
+    hf.train_from_iterator(corpus, trainers.BpeTrainer(vocab_size=600, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                                       special_tokens=["<|end_of_text|>"], show_progress=False))
+    import json
+    model = json.loads(hf.to_str())["model"]
+    # plus a word no merge reaches: Llama 3 takes a piece that is a whole token as that token (ignore_merges)
+    tokens = [t for t, _ in sorted(model["vocab"].items(), key=lambda kv: kv[1])] + ["Ġxyzzy"]
+    merges = [m if isinstance(m, str) else " ".join(m) for m in model["merges"]]
+    writer = gguf.GGUFWriter(str(tmp_path / "t.gguf"), "llama")
+    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_pre(pre)
+    writer.add_token_list(tokens)
+    writer.add_token_merges(merges)
+    writer.add_token_types([3 if t == "<|end_of_text|>" else 1 for t in tokens])
+    writer.add_bos_token_id(tokens.index("<|end_of_text|>"))
+    writer.add_tensor("dummy", np.zeros(1, dtype=np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    ours = Tokenizer.from_gguf(tmp_path / "t.gguf")
+    bos = [ours.bos_id] if pre == "llama-bpe" else []  # llama.cpp adds one for the Llama 3 group by default
+    for text in SPLIT_TEXTS:
+        assert ours.backend.pre_tokenizer.pre_tokenize_str(text) == hf.pre_tokenizer.pre_tokenize_str(text), text
+        assert ours.encode(text) == bos + hf.encode(text).ids, text
+        assert ours.decode(ours.encode(text)) == text
+    whole = [ours.token_to_id("Ġxyzzy")] if pre == "llama-bpe" else hf.encode(" xyzzy").ids
+    assert ours.encode(" xyzzy") == bos + whole

@@ -46,6 +46,14 @@ SPECIAL_KEYS = ("bos_token", "eos_token", "unk_token", "pad_token")
 
 # GPT-2's split: contractions, letters, numbers, other symbols, whitespace (a space joins the next word).
 GPT2_SPLIT = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"
+# The split Llama 3's and Qwen2's tokenizer.json spell as "(?i:'s|'t|...)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}|...":
+# a word may take one leading symbol, newlines stay with the whitespace before them, and numbers are cut
+# into runs of at most three digits (Llama 3) or single digits (Qwen2). The contractions are spelled
+# without the (?i:) group, as llama.cpp writes them; tests/test_tokenizer.py checks both spellings split alike.
+_CONTRACTIONS = r"(?:'[sS]|'[tT]|'[rR][eE]|'[vV][eE]|'[mM]|'[lL][lL]|'[dD])"
+LLAMA3_SPLIT = _CONTRACTIONS + r"|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+QWEN2_SPLIT = LLAMA3_SPLIT.replace(r"\p{N}{1,3}", r"\p{N}")
+LLAMA3_PRES = ("llama3", "llama-v3", "llama-bpe", "falcon3", "falcon-h1", "pixtral")
 # llama.cpp's pre-tokenizers (src/llama-vocab.cpp) by `tokenizer.ggml.pre`: regexes applied one after
 # another, each splitting the pieces of the last. The merges were learned on exactly these pieces, so a
 # guess would change ids; names not listed here are refused.
@@ -53,6 +61,8 @@ GGUF_PRE_SPLITS = {
     **dict.fromkeys(("gpt-2", "gpt2", "phi-2", "mpt", "olmo", "jais"), (GPT2_SPLIT,)),
     # Every digit on its own first: SmolLM2's tokenizer.json does this with Digits(individual_digits=True).
     **dict.fromkeys(("smollm", "starcoder", "refact", "command-r", "codeshell", "exaone"), (r"\p{N}", GPT2_SPLIT)),
+    **dict.fromkeys(LLAMA3_PRES, (LLAMA3_SPLIT,)),
+    **dict.fromkeys(("qwen2", "deepseek-r1-qwen", "stablelm2"), (QWEN2_SPLIT,)),
     # What llama.cpp uses when a file names none.
     "default": (r"[\p{P}\$\+<=>\^~\|]+", GPT2_SPLIT, r"\p{N}+", r"[0-9][0-9][0-9]"),
 }
@@ -136,9 +146,11 @@ class Tokenizer:
             merges = field("tokenizer.ggml.merges")
             if not merges:
                 raise ValueError(f"{path.name}: GGUF metadata lacks tokenizer.ggml.merges")
+            # Llama 3's vocabulary takes a piece that is a whole token as that token, before any merge
+            # (tokenizer.json's "ignore_merges"; llama.cpp sets it for this group by name)
             backend = tokenizers.Tokenizer(models.BPE(
                 vocab={token: i for i, token in enumerate(tokens)},
-                merges=[tuple(merge.split(" ")) for merge in merges]))
+                merges=[tuple(merge.split(" ")) for merge in merges], ignore_merges=pre in LLAMA3_PRES))
             backend.pre_tokenizer = pre_tokenizers.Sequence(
                 [pre_tokenizers.Split(Regex(regex), behavior="isolated") for regex in GGUF_PRE_SPLITS[pre]]
                 + [pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
@@ -156,7 +168,9 @@ class Tokenizer:
 
         special = {"bos_token": token("bos_token_id"), "eos_token": token("eos_token_id"),
                    "unk_token": token("unknown_token_id"), "pad_token": token("padding_token_id")}
-        backend.post_processor = _bos_eos_processor(backend, special, bool(field("tokenizer.ggml.add_bos_token")),
+        # llama.cpp adds a BOS by default for the Llama 3 group; the file's own flag wins when it has one
+        add_bos = field("tokenizer.ggml.add_bos_token", kind == "gpt2" and field("tokenizer.ggml.pre") in LLAMA3_PRES)
+        backend.post_processor = _bos_eos_processor(backend, special, bool(add_bos),
                                                     bool(field("tokenizer.ggml.add_eos_token")))
         return cls(backend, special, field("tokenizer.chat_template"))
 
