@@ -4,6 +4,7 @@ sliding window shorter than the prompt): logits, greedy text through the Engine,
 round trip and a LoRA training step."""
 
 import json
+import math
 
 import numpy as np
 import pytest
@@ -187,9 +188,10 @@ GGUF_CASES = {  # llama.cpp fixes Gemma 3's layer pattern (5:1), local base (1e4
 }
 
 
-def write_gguf(path, arch: str, reference, extra: dict | None = None) -> None:
-    """An fp32 GGUF of an HF model under llama.cpp's names and metadata (no q/k reordering outside
-    the llama architecture; Gemma's norms stored as 1 + weight)."""
+def write_gguf(path, arch: str, reference, extra: dict | None = None, meta: dict | None = None) -> None:
+    """An fp32 GGUF of an HF model under llama.cpp's names and metadata (q/k rows interleaved per head
+    for the llama architecture only; Gemma's norms stored as 1 + weight). `extra`: more tensors;
+    `meta`: more metadata, uint32 or float32 (`ARCH.` is prefixed)."""
     import gguf
 
     reference.save_pretrained(path.parent / "hf")  # per-expert names, as checkpoints on disk have them
@@ -230,23 +232,83 @@ def write_gguf(path, arch: str, reference, extra: dict | None = None) -> None:
                     w.add_tensor(f"blk.{i}.{gg}.weight", np.stack(
                         [sd[f"model.layers.{i}.mlp.experts.{e}.{proj}.weight"] for e in range(c.num_experts)]))
             continue
+        heads = {"self_attn.q_proj": c.num_attention_heads, "self_attn.k_proj": c.num_key_value_heads}
+        if arch == "llama" and module in heads:  # the converter's rotary row order
+            t = t.reshape(heads[module], 2, -1, *t.shape[1:]).swapaxes(1, 2).reshape(t.shape)
         w.add_tensor(f"blk.{i}.{names[module]}.{suffix}", t)
     for name, t in (extra or {}).items():
         w.add_tensor(name, t)
+    for key, value in (meta or {}).items():
+        (w.add_uint32 if isinstance(value, int) else w.add_float32)(f"{arch}.{key}", value)
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
     w.close()
 
 
-def test_gguf_features_still_missing_are_refused_by_name(tmp_path):
-    config_class, overrides = GGUF_CASES["phi3"]
-    reference = hf.AutoModelForCausalLM.from_config(config_class(**{**SHAPE, **overrides}))
-    factors = np.ones(8, dtype=np.float32)
+def converter_rope_freqs(head_dim, theta, factor, low_freq_factor, high_freq_factor, original_max_position_embeddings):
+    """The divisors llama.cpp's convert_hf_to_gguf stores as `rope_freqs` for Llama 3's RoPE scaling."""
+    out = []
+    for freq in 1.0 / theta ** (np.arange(0, head_dim, 2) / head_dim):
+        wavelen = 2 * np.pi / freq
+        if wavelen < original_max_position_embeddings / high_freq_factor:
+            out.append(1.0)
+        elif wavelen > original_max_position_embeddings / low_freq_factor:
+            out.append(factor)
+        else:
+            s = (original_max_position_embeddings / wavelen - low_freq_factor) / (high_freq_factor - low_freq_factor)
+            out.append(1 / ((1 - s) / factor + s))
+    return np.array(out, dtype=np.float32)
+
+
+@pytest.mark.parametrize("head_dim, rope", [
+    (64, dict(factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0, original_max_position_embeddings=8192)),  # 3.1's
+    (64, dict(factor=32.0, low_freq_factor=2.0, high_freq_factor=8.0, original_max_position_embeddings=4096)),
+    (16, dict(factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0, original_max_position_embeddings=8192)),
+])
+def test_gguf_llama3_rope_freqs_tensor_matches_transformers(tmp_path, head_dim, rope):
+    """Llama 3.x GGUFs carry their RoPE scaling only as the `rope_freqs` tensor: the parameters are
+    recovered from it (fitted where 64-wide heads have several blended frequencies; the converter's
+    defaults where 16-wide heads have one) and the logits equal transformers' on the HF config."""
+    config = hf.LlamaConfig(**{**SHAPE, "hidden_size": 2 * head_dim, "num_attention_heads": 2, "head_dim": head_dim,
+                               "rope_parameters": {"rope_type": "llama3", "rope_theta": 5e5, **rope}})
+    reference = randomize(hf.AutoModelForCausalLM.from_config(config, attn_implementation="eager"))
+    write_gguf(tmp_path / "l3.gguf", "llama", reference,
+               extra={"rope_freqs.weight": converter_rope_freqs(head_dim, 5e5, **rope)})
+    model, _ = load_gguf(tmp_path / "l3.gguf")
+    assert model.config.rope_scaling["rope_type"] == "llama3" and model.config.rope_scaling["factor"] == rope["factor"]
+    x = torch.tensor([PROMPTS[0] * 2])
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), reference(x).logits, atol=1e-4, rtol=0)
+
+
+def test_gguf_rope_freqs_that_are_not_llama3s_are_refused(tmp_path):
+    config = hf.LlamaConfig(**{**SHAPE, "hidden_size": 128, "num_attention_heads": 2, "head_dim": 64})
+    reference = hf.AutoModelForCausalLM.from_config(config)
+    factors = np.linspace(1.0, 8.0, 32, dtype=np.float32) ** 2 % 7 + 1  # neither monotone nor Llama 3's ramp
+    write_gguf(tmp_path / "odd.gguf", "llama", reference, extra={"rope_freqs.weight": factors})
+    with pytest.raises(UnsupportedModelError, match="does not follow Llama 3's RoPE scaling"):
+        load_gguf(tmp_path / "odd.gguf")
+
+
+def test_gguf_phi3_longrope_factors_match_transformers(tmp_path):
+    """Phi-3's LongRoPE factors, stored by the converter as tensors with the original context and the
+    attention factor in metadata, give transformers' logits."""
+    config_class, overrides = CASES["phi3_longrope"]
+    config = config_class(**{**SHAPE, **overrides, "sliding_window": SHAPE["max_position_embeddings"]})  # no window
+    reference = randomize(hf.AutoModelForCausalLM.from_config(config, attn_implementation="eager"))
+    scaling, original = config.rope_scaling, 32
+    scale = SHAPE["max_position_embeddings"] / original
     write_gguf(tmp_path / "phi3.gguf", "phi3", reference,
-               extra={"rope_factors_long.weight": factors, "rope_factors_short.weight": factors})
-    with pytest.raises(UnsupportedModelError, match="rope scaling \\(longrope rope_factors\\) is not supported"):
-        load_gguf(tmp_path / "phi3.gguf")
+               extra={f"rope_factors_{k}.weight": np.array(scaling[f"{k}_factor"], dtype=np.float32)
+                      for k in ("short", "long")},
+               meta={"rope.scaling.original_context_length": original,
+                     "rope.scaling.attn_factor": math.sqrt(1 + math.log(scale) / math.log(original))})
+    model, _ = load_gguf(tmp_path / "phi3.gguf")
+    assert model.config.rope_scaling["rope_type"] == "longrope"
+    x = torch.tensor([PROMPTS[0] * 2])
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), reference(x).logits, atol=1e-4, rtol=0)
 
 
 @pytest.mark.parametrize("arch", list(GGUF_CASES))

@@ -195,7 +195,45 @@ def _unpermute(w: torch.Tensor, n_head: int) -> torch.Tensor:
     return w.reshape(n_head, -1, 2, *w.shape[1:]).transpose(1, 2).reshape(w.shape)
 
 
-def _config_from_gguf(meta: dict, tensor_names: set[str], n_tokens: int, path) -> ModelConfig:
+# RoPE frequency factors some converters store as tensors instead of metadata: read into the config
+ROPE_TENSORS = ("rope_freqs.weight", "rope_factors_long.weight", "rope_factors_short.weight")
+
+
+def _llama3_scaling(factors: np.ndarray, head_dim: int, theta: float, path) -> dict:
+    """Llama 3's rope_scaling parameters from the per-frequency divisors llama.cpp's converter stores
+    (`rope_freqs`: 1 for short wavelengths, `factor` for long ones, 1 / ((1 - s) / factor + s) between,
+    with s = original / wavelength - low, over high - low). Only s's slope and offset shape the
+    frequencies, so any (original, low, high) giving them computes the same model: original is kept at
+    the converter's 8192 and low/high fitted; refused unless the fit reproduces every factor."""
+    inv_freq = 1.0 / (theta ** (np.arange(0, head_dim, 2, dtype=np.float64) / head_dim))
+    factors = factors.astype(np.float64)
+    if factors.shape != inv_freq.shape:
+        raise WeightsError(f"{path}: rope_freqs has {factors.size} factors, the heads need {inv_freq.size}")
+    factor = float(np.float32(factors.max()))
+    if factor <= 1.0:
+        return {}
+    between = (factors > 1 + 1e-6) & (factors < factor * (1 - 1e-6))
+    inv_wavelen = inv_freq / (2 * np.pi)
+    original = 8192.0
+    if between.sum() >= 2:  # s is linear in 1 / wavelength: fit it through the blended frequencies
+        s = (1 / factors[between] - 1 / factor) / (1 - 1 / factor)
+        slope, offset = np.polyfit(inv_wavelen[between], s, 1)
+        span = original / slope
+        low = -offset * span
+        params = {"low_freq_factor": float(low), "high_freq_factor": float(low + span)}
+    else:  # no blend to fit: the converter's own defaults, if they give these factors
+        params = {"low_freq_factor": 1.0, "high_freq_factor": 4.0}
+    scaling = {"rope_type": "llama3", "factor": factor, **params, "original_max_position_embeddings": int(original)}
+    low, high = params["low_freq_factor"], params["high_freq_factor"]
+    blend = np.clip((original * inv_wavelen - low) / (high - low), 0, 1) if high > low else None
+    if blend is None or not np.allclose(1 / ((1 - blend) / factor + blend), factors, rtol=1e-4, atol=0):
+        raise UnsupportedModelError(f"{path}: rope_freqs does not follow Llama 3's RoPE scaling; "
+                                    "import the model's Hugging Face folder instead")
+    return scaling
+
+
+def _config_from_gguf(meta: dict, tensor_names: set[str], n_tokens: int, path,
+                      rope_tensors: dict[str, np.ndarray] | None = None) -> ModelConfig:
     required = object()
     arch = meta["general.architecture"]
     family = GGUF_ARCHITECTURES[arch]
@@ -214,14 +252,24 @@ def _config_from_gguf(meta: dict, tensor_names: set[str], n_tokens: int, path) -
     if key("rope.dimension_count", head_dim) != head_dim:
         raise UnsupportedModelError(f"{path}: partial rotary embeddings are not supported")
     scaling = key("rope.scaling.type", "none")
-    if "rope_freqs.weight" in tensor_names:  # Llama 3.1's scaled frequencies, stored as a tensor
-        scaling = "llama3 rope_freqs"
-    if "rope_factors_long.weight" in tensor_names:  # Phi-3's LongRoPE factors, stored as tensors
-        scaling = "longrope rope_factors"
-    if scaling not in ("none", "linear"):
+    rope_tensors = rope_tensors or {}
+    theta = decimal(key("rope.freq_base", 10000.0))
+    rope_scaling = None
+    if "rope_freqs.weight" in rope_tensors:  # Llama 3.1's scaled frequencies, stored as a tensor
+        rope_scaling = _llama3_scaling(rope_tensors["rope_freqs.weight"], head_dim, theta, path) or None
+    elif "rope_factors_long.weight" in rope_tensors:  # Phi-3's LongRoPE factors, stored as tensors
+        if "rope_factors_short.weight" not in rope_tensors:
+            raise WeightsError(f"{path}: rope_factors_long without rope_factors_short")
+        original = key("rope.scaling.original_context_length")
+        rope_scaling = {"rope_type": "longrope", "original_max_position_embeddings": int(original),
+                        **{f"{kind}_factor": [decimal(v) for v in rope_tensors[f"rope_factors_{kind}.weight"]]
+                           for kind in ("short", "long")}}
+        if (attention := key("rope.scaling.attn_factor", None)) is not None:
+            rope_scaling["attention_factor"] = decimal(attention)
+    elif scaling == "linear":
+        rope_scaling = {"rope_type": "linear", "factor": decimal(key("rope.scaling.factor"))}
+    elif scaling != "none":
         raise UnsupportedModelError(f"{path}: rope scaling ({scaling}) is not supported")
-    rope_scaling = {"rope_type": "linear", "factor": decimal(key("rope.scaling.factor"))} \
-        if scaling == "linear" else None
     experts = key("expert_count", 0)
     gemma = family == "gemma3_text"
     window = key("attention.sliding_window", None)
@@ -243,7 +291,7 @@ def _config_from_gguf(meta: dict, tensor_names: set[str], n_tokens: int, path) -
         key("expert_feed_forward_length", None) or key("feed_forward_length"),
         num_hidden_layers=n_layers, num_attention_heads=n_head,
         num_key_value_heads=key("attention.head_count_kv", n_head), head_dim=head_dim,
-        max_position_embeddings=key("context_length"), rope_theta=decimal(key("rope.freq_base", 10000.0)),
+        max_position_embeddings=key("context_length"), rope_theta=theta,
         rms_norm_eps=decimal(key("attention.layer_norm_rms_epsilon")),
         tie_word_embeddings="output.weight" not in tensor_names,
         attention_bias="blk.0.attn_output.bias" in tensor_names,
@@ -272,8 +320,9 @@ def load_gguf(path, dtype: torch.dtype = torch.float32) -> tuple[Transformer, di
     if arch not in GGUF_ARCHITECTURES:
         raise UnsupportedModelError(f"{path}: unsupported GGUF architecture {arch!r} "
                                     f"(supported: {', '.join(GGUF_ARCHITECTURES)})")
-    cfg = _config_from_gguf(meta, {t.name for t in reader.tensors}, n_tokens, path)
-    tensors = [(t, _hf_name(t.name, arch)) for t in reader.tensors]
+    rope = {t.name: np.array(t.data, dtype=np.float32).reshape(-1) for t in reader.tensors if t.name in ROPE_TENSORS}
+    cfg = _config_from_gguf(meta, {t.name for t in reader.tensors}, n_tokens, path, rope)
+    tensors = [(t, _hf_name(t.name, arch)) for t in reader.tensors if t.name not in ROPE_TENSORS]
 
     def dequantized() -> Iterator[tuple[str, torch.Tensor]]:
         for t, name in tensors:
