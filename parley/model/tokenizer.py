@@ -96,8 +96,8 @@ class Tokenizer:
         except Exception as e:
             reason = str(e).splitlines()[0] if str(e) else type(e).__name__
             raise ValueError(f"{file} is not a valid tokenizer.json ({reason}); re-export the tokenizer") from None
-        config, generation = _read_json(path / "tokenizer_config.json"), _read_json(path / "generation_config.json")
-        special = {key: _token_text(config.get(key)) for key in SPECIAL_KEYS}
+        config, generation = read_optional_json(path / "tokenizer_config.json"), read_optional_json(path / "generation_config.json")
+        special = {key: token_text(config.get(key)) for key in SPECIAL_KEYS}
         missing = [text for text in special.values() if text is not None and backend.token_to_id(text) is None]
         backend.add_special_tokens([AddedToken(text, special=True, normalized=False) for text in missing])
         # BOS/EOS come from tokenizer.json's post-processor alone: transformers 5 ignores the config's
@@ -389,12 +389,13 @@ def _bos_eos_processor(backend, special: dict, add_bos: bool, add_eos: bool) -> 
                                          special_tokens=[t for t in (bos, eos) if t])
 
 
-def _token_text(value) -> str | None:
+def token_text(value) -> str | None:
     """A special token as configs spell it: a string, or an AddedToken dict with its text in 'content'."""
     return value.get("content") if isinstance(value, dict) else value
 
 
-def _read_json(path: Path) -> dict:
+def read_optional_json(path: Path) -> dict:
+    """A JSON object from a config file a model folder may lack ({} then); a clear error if it is not one."""
     if not path.is_file():
         return {}
     try:

@@ -33,6 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from parley.model.tokenizer import read_optional_json, token_text
 
 
 class Wav2Vec2Error(ValueError):
@@ -284,23 +285,13 @@ def load_folder(folder: str | Path, dtype: str = "float32") -> tuple[Wav2Vec2CTC
     if missing or unexpected:
         raise Wav2Vec2Error(f"{folder}: the weights do not fit the config (missing {missing[:3]}, "
                             f"unexpected {unexpected[:3]})")
-    tok = _json(folder / "tokenizer_config.json")
+    tok = read_optional_json(folder / "tokenizer_config.json")
     vocab = json.loads((folder / "vocab.json").read_text())
     if vocab and isinstance(next(iter(vocab.values())), dict):  # a multilingual vocab: {lang: {char: id}}
         raise Wav2Vec2Error("multilingual wav2vec 2.0 vocabularies are not supported")
-    ctc = CTCVocab(vocab, _token(tok.get("pad_token"), "<pad>"), _token(tok.get("word_delimiter_token"), "|"))
+    ctc = CTCVocab(vocab, token_text(tok.get("pad_token")) or "<pad>", token_text(tok.get("word_delimiter_token")) or "|")
     # the feature extractor's settings: preprocessor_config.json, or (transformers 5) inside processor_config.json
-    extractor = _json(folder / "preprocessor_config.json") or _json(folder / "processor_config.json").get(
-        "feature_extractor", {})
+    extractor = read_optional_json(folder / "preprocessor_config.json") or read_optional_json(
+        folder / "processor_config.json").get("feature_extractor", {})
     return model.to(getattr(torch, dtype)).eval(), ctc, extractor
 
-
-def _json(path: Path) -> dict:
-    return json.loads(path.read_text()) if path.is_file() else {}
-
-
-def _token(value, default: str) -> str:
-    """A tokenizer_config entry: a string, or an AddedToken dict ({"content": ...})."""
-    if isinstance(value, dict):
-        return value.get("content", default)
-    return value or default
