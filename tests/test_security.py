@@ -33,6 +33,7 @@ import json
 import os
 import signal
 import socket
+import sqlite3
 import subprocess
 import sys
 import threading
@@ -362,8 +363,8 @@ def _free_port() -> int:
 
 def test_a_turn_killed_mid_answer_leaves_no_empty_conversation(tiny768_registry, tmp_path):
     """`parley serve` in a real process, killed with SIGKILL while a turn that opened a new
-    conversation is generating: the next server to start on that database drops the empty
-    conversation; saved ones stay."""
+    conversation is generating: the next server to start on that database (past the hour a turn in
+    another process is given) drops the empty conversation; saved ones stay."""
     db, port = str(tmp_path / "p.db"), _free_port()
     keys = make_users(db, ann="user")
     with Store(db) as store:
@@ -402,6 +403,8 @@ def test_a_turn_killed_mid_answer_leaves_no_empty_conversation(tiny768_registry,
     client.join(60)
     with Store(db) as store:
         assert len(store.list_conversations(ann)) == 2  # the crash left it behind, empty
+    with sqlite3.connect(db) as raw:  # an hour on: past the grace a turn in another process would get
+        raw.execute("UPDATE conversations SET created_at = '2000-01-01T00:00:00.000000+00:00' WHERE saved = 0")
     settings = Settings(db=db, home=tiny768_registry.home, model="tiny768", stages=["respond"])
     with serving(create_app(settings)) as url, httpx.Client(base_url=url, timeout=60, headers={
             "Authorization": f"Bearer {keys['ann']}"}) as http:

@@ -39,7 +39,7 @@ import secrets
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -134,6 +134,7 @@ CONVERSATION = "id, user_id, title, created_at, updated_at"  # a Conversation's 
 # a Message's columns (not `slots`: the dialogue state an answer left, kept for `withdraw`)
 MESSAGE = "id, conversation_id, role, content, created_at, prompt_tokens, completion_tokens, withdrawn_at, model"
 LAST_USED_RESOLUTION = 60.0  # seconds: how stale an API key's last_used_at may be
+UNSAVED_GRACE = 3600.0  # seconds: a conversation opened for a turn this recently may still get its exchange
 
 
 def _now() -> str:
@@ -359,13 +360,15 @@ class Store:
             )
         return self.get_conversation(user_id, new)
 
-    def drop_unsaved(self) -> int:
-        """Delete every conversation a turn opened but never saved an exchange in (the process
-        running the turn was killed); how many. For a server's start: a turn another process is
-        running right now on the same database would lose its new conversation."""
+    def drop_unsaved(self, older_than: float = UNSAVED_GRACE) -> int:
+        """Delete every conversation a turn opened more than `older_than` seconds ago but never saved
+        an exchange in (the process running the turn was killed); how many. For a server's start:
+        the grace keeps the conversation of a turn another process (`parley chat`, a second server)
+        is running right now on the same database."""
+        cutoff = (datetime.now(timezone.utc) - timedelta(seconds=older_than)).isoformat(timespec="microseconds")
         with self._tx() as db:
-            return db.execute("DELETE FROM conversations WHERE saved = 0 AND NOT EXISTS"
-                              " (SELECT 1 FROM turns t WHERE t.conversation_id = conversations.id)").rowcount
+            return db.execute("DELETE FROM conversations WHERE saved = 0 AND created_at < ? AND NOT EXISTS"
+                              " (SELECT 1 FROM turns t WHERE t.conversation_id = conversations.id)", (cutoff,)).rowcount
 
     def list_conversations(self, user_id: int) -> list[Conversation]:
         sql = f"SELECT {CONVERSATION} FROM conversations WHERE user_id = ? ORDER BY updated_at DESC, id DESC"
