@@ -1080,12 +1080,26 @@ static void silu_mul_for(const float *gu, float *h, int B, long I) {
     }
 }
 
-/* Pointers to one layer's weights (nn.Linear layout, or QWeight when sh->quant) and its slice of the KV cache. */
+/* Pointers to one layer's weights (nn.Linear layout, or QWeight when sh->quant) and its slice of the KV cache;
+ * index: the layer's number (which Lora of a row's adapter applies). */
 typedef struct {
     const void *q, *k, *v, *o, *gate, *up, *down;
     const float *ln1, *ln2;
     void *K, *V; /* fp32, or bf16 with kv_bf16 */
+    long index;
 } Layer;
+
+/* One LoRA adapter's matrices in one layer (engine/adapters.py), fp32, for the targets q, k, v, o,
+ * gate, up, down in that order (NULL where the adapter leaves one alone): A [r, in] and B
+ * transposed, Bt [r, out]. A row with this adapter gets y += scale * (x A^T) B^T after its
+ * projection. */
+#define LORA_MAX_RANK 64
+enum { T_Q, T_K, T_V, T_O, T_GATE, T_UP, T_DOWN };
+typedef struct {
+    const float *A[7], *Bt[7];
+    long r;
+    float scale;
+} Lora;
 
 /* Scratch activations, fp32: x, h [B, H]; qkv [B, (nh + 2 nkv) hd]; att [B, nh hd];
  * gu [B, 2 inter]; act [B, inter]; scores [B, nh, max_len]; logits [B, vocab]; and for the
@@ -1096,6 +1110,7 @@ typedef struct {
     uint32_t *xp, *xp_act;
     int8_t *xq; /* with quantized weights: the projection's input rounded to int8 [B, max(H, inter)] */
     float *xs;  /* and its blocks' scales and sums [B, 2 max(H, inter) / 32] (quantize_rows_for) */
+    const Lora *const *lora; /* NULL, or each row's adapter: its Lora of every layer [n_layers] (NULL: none) */
 } Buffers;
 
 /* amx: run the projections on the tile unit (bf16 weights, every dimension whole tiles,
@@ -1145,6 +1160,24 @@ static void project_for(const Shape *sh, const Buffers *buf, const void *const *
         linear_for(Ws[m], sh->w_bf16, in.x, y, y_stride, sh->B, in.I, rows[m], accumulate);
 }
 
+/* The adapters' part of projection t for rows 0..B-1: y[b] += scale * sum_k (A_k . x[b]) Bt_k for
+ * each row b whose adapter changes t in layer l (S-LoRA's and Punica's split: one product of the
+ * base weights for the whole batch, then each row's low-rank term). A row's sums run in the same
+ * order whatever the batch, so its bits are those it gets alone. Work is shared by rows. */
+static void lora_for(const Buffers *buf, int B, long l, int t, const float *x, long x_stride, long I, float *y,
+                     long y_stride, long O) {
+    if (!buf->lora) return;
+#pragma omp for schedule(static)
+    for (int b = 0; b < B; b++) {
+        if (!buf->lora[b]) continue;
+        const Lora *a = &buf->lora[b][l];
+        if (!a->A[t]) continue;
+        float u[LORA_MAX_RANK];
+        for (long k = 0; k < a->r; k++) u[k] = a->scale * dot(x + b * x_stride, a->A[t] + k * I, 0, (int)I);
+        for (long k = 0; k < a->r; k++) axpy(u[k], a->Bt[t] + k * O, 0, y + b * y_stride, (int)O);
+    }
+}
+
 /* One matrix W [O, I]. */
 static void project1_for(const Shape *sh, const Buffers *buf, const void *W, Input in, float *y, long y_stride, long O,
                          int accumulate) {
@@ -1180,6 +1213,8 @@ static void qkv_for(const Layer *L, const Buffers *buf, const Shape *sh, const i
     const void *qkv[3] = {L->q, L->k, L->v};
     const long qkv_rows[3] = {(long)nh * hd, (long)nkv * hd, (long)nkv * hd};
     project_for(sh, buf, qkv, qkv_rows, 3, in, buf->qkv, qkv_w, 0);
+    for (int t = T_Q, at = 0; t <= T_V; at += qkv_rows[t], t++)
+        lora_for(buf, sh->B, L->index, t, buf->h, sh->H, sh->H, buf->qkv + at, qkv_w, qkv_rows[t]);
     rope_store_for(buf->qkv, pos, cos_t, sin_t, L->K, L->V, sh->kv_bf16, sh->B, nh, nkv, hd, pg);
 }
 
@@ -1190,10 +1225,11 @@ static void mlp_for(const Layer *L, const Buffers *buf, const Shape *sh) {
     const long inter = sh->inter;
     Input in = input_for(sh, buf, buf->att, (long)sh->nh * sh->hd);
     project1_for(sh, buf, L->o, in, buf->x, H, H, 1);
+    lora_for(buf, sh->B, L->index, T_O, buf->att, (long)sh->nh * sh->hd, (long)sh->nh * sh->hd, buf->x, H, H);
     rmsnorm_for(buf->x, L->ln2, buf->h, sh->B, H, sh->eps);
     in = input_for(sh, buf, buf->h, H);
 #ifdef HAVE_AMX
-    if (sh->amx) {
+    if (sh->amx && !buf->lora) { /* fused gate/up: no fp32 gate and up for adapters to add to */
         const int Bp = (sh->B + 15) / 16 * 16;
         const long down_rows = H;
         amx_gate_up_for(L->gate, L->up, buf->xp, Bp, H, inter, buf->xp_act);
@@ -1204,9 +1240,12 @@ static void mlp_for(const Layer *L, const Buffers *buf, const Shape *sh) {
     const void *gate_up[2] = {L->gate, L->up};
     const long gate_up_rows[2] = {inter, inter};
     project_for(sh, buf, gate_up, gate_up_rows, 2, in, buf->gu, 2 * inter, 0);
+    lora_for(buf, sh->B, L->index, T_GATE, buf->h, H, H, buf->gu, 2 * inter, inter);
+    lora_for(buf, sh->B, L->index, T_UP, buf->h, H, H, buf->gu + inter, 2 * inter, inter);
     silu_mul_for(buf->gu, buf->act, sh->B, inter);
     in = input_for(sh, buf, buf->act, inter);
     project1_for(sh, buf, L->down, in, buf->x, H, H, 1);
+    lora_for(buf, sh->B, L->index, T_DOWN, buf->act, inter, inter, buf->x, H, H);
 }
 
 /* x holds the new tokens' embeddings; writes their next-token logits. Row b's new key and value
