@@ -79,8 +79,8 @@ def _one_torch_thread() -> None:
 
 class TurnRunner:
     def __init__(self, cfg: AssistantConfig, store: Callable[[], Store], engine: Engine, tokenizer: Tokenizer,
-                 embed, workers: int = 4, max_pending: int = 32, single_threaded: bool = False):
-        self.cfg, self.store = cfg, store
+                 embed, workers: int = 4, max_pending: int = 32, single_threaded: bool = False, registry=None):
+        self.cfg, self.store, self.registry = cfg, store, registry
         self.workers, self.max_pending, self._inflight, self._count = workers, max_pending, 0, threading.Lock()
         self.engine, self.tokenizer, self.embed = engine, tokenizer, embed
         self.pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="parley-turn",
@@ -95,8 +95,8 @@ class TurnRunner:
         """The one assistant every turn shares, built on first use (the NLU model loads then)."""
         with self._building:
             if self._assistant is None:
-                self._assistant = Assistant.build(self.cfg, engine=self.engine,
-                                                  tokenizer=self.tokenizer, embedder=self.embed)
+                self._assistant = Assistant.build(self.cfg, engine=self.engine, tokenizer=self.tokenizer,
+                                                  embedder=self.embed, registry=self.registry)
             return self._assistant
 
     def start(self, user: User, conversation_id: int | None, text: str, overrides: dict) -> RunningTurn:
