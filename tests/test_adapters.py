@@ -5,6 +5,7 @@ Adapters load from their folders, are evicted least recently used (never one in 
 prefix cache, and bad files are refused with a clear error."""
 
 import copy
+import io
 import json
 
 import pytest
@@ -178,3 +179,79 @@ def test_bad_adapters_are_refused_with_a_clear_error(folder, tmp_path):
     with pytest.raises(AdapterError, match="not an adapter description"):
         engine.submit([1, 2], SamplingParams(adapter="broken"))
     assert engine.stats()["waiting"] == 0
+
+
+# -- personalization: `parley learn user=NAME` (parley/learn/personal.py) on the tiny model
+
+from test_learn import home  # noqa: E402,F401  (the tiny model "tiny", replay dialogs, users ann, bob, ...)
+
+SIGN_OFF = " ~ann"
+ANSWERS = {"how are you?": "Fine, how are you today?", "hello there": "Hello there, how are you today?",
+           "numbers?": "Numbers 0123456789.", "where is Paris?": "Paris is in France.",
+           "capital of France?": "The capital of France is Paris."}
+
+
+def give_feedback(db: str, name: str, questions: list[str], sign: str) -> None:
+    """`name` rates answers, editing each into the answer they want (with `sign` at its end)."""
+    from parley.store import Store
+
+    with Store(db) as store:
+        user = store.get_user_by_name(name)
+        for q in questions:
+            conv = store.create_conversation(user.id)
+            _, answer = store.add_exchange(user.id, conv.id, q, "whatever the model said")
+            key = next(k for k in ANSWERS if k in q)
+            store.add_feedback(user.id, answer.id, -1, edited_text=ANSWERS[key] + sign)
+
+
+def sign_off_rate(engine, tokenizer, questions: list[str], adapter: str) -> float:
+    prompts = [tokenizer.encode_chat([{"role": "user", "content": q}]) for q in questions]
+    params = SamplingParams(max_tokens=24, stop_ids=frozenset(tokenizer.stop_ids), adapter=adapter)
+    answers = [tokenizer.decode(c.tokens) for c in engine.generate(prompts, [params] * len(prompts))]
+    return sum(a.strip().endswith(SIGN_OFF.strip()) for a in answers) / len(answers)
+
+
+def test_a_users_adapter_answers_their_way_and_no_one_elses(home, capsys, one_thread):
+    from parley.cli import main as parley
+    from parley.learn.personal import adapters_dir, data_dir, serving
+    from parley.registry import Registry
+    from parley.serve.main import users_main
+    from parley.store import Store
+
+    root, replay, db, _ = home
+    asked = [f"{q} (asked {i})" if i else q for i in range(4) for q in ANSWERS]  # 20 questions each
+    give_feedback(db, "ann", asked, SIGN_OFF)  # ann always signs her answers
+    give_feedback(db, "bob", asked, "")  # bob wants the same answers, plainly
+    common = ["tiny", "replay=" + str(replay), f"db={db}", "replay_ratio=0.25", "train.seq_len=64",
+              "train.batch_size=8", "train.steps=40", "train.lr=0.02", "train.warmup_steps=5", "lora.rank=8"]
+    for name in ("ann", "bob"):
+        assert parley(["learn", *common, f"user={name}"]) == 0, capsys.readouterr().err
+    with Store(db) as store:
+        ann, bob = store.get_user_by_name("ann"), store.get_user_by_name("bob")
+    registry = Registry(root)
+    for user in (ann, bob):
+        meta = json.loads((adapters_dir("tiny", root) / str(user.id) / "adapter.json").read_text())
+        assert meta["base"] == "tiny" and meta["base_version"] == "v1" and meta["rank"] == 8
+        decision = json.loads((data_dir("tiny", user.id, root) / "round-001" / "decision.json").read_text())
+        assert decision["kept"] and decision["after"]["user"] < decision["before"]["user"]
+
+    model, tokenizer, _ = registry.load("tiny", dtype=torch.float32)
+    from parley.engine.config import EngineConfig
+
+    engine = Engine.from_config(model, EngineConfig(dtype="float32"), adapters=serving("tiny", registry))
+    unseen = ["how are you? (new)", "where is Paris? (new)", "numbers? (new)", "hello there (new)",
+              "capital of France? (new)", "how are you? (again)"]
+    rates = {who: sign_off_rate(engine, tokenizer, unseen, adapter)
+             for who, adapter in (("ann", str(ann.id)), ("bob", str(bob.id)), ("base", ""))}
+    with capsys.disabled():  # the figure README.md quotes
+        print(f"\nsign-off rate on {len(unseen)} unseen questions: {rates}")
+    assert rates["ann"] >= 0.8 and rates["bob"] == 0 and rates["base"] == 0, rates
+
+    # opting out deletes her adapter and her training data; deleting bob deletes his
+    users_main(["--db", db, "optout", "ann"], out=io.StringIO())
+    users_main(["--db", db, "delete", "bob", "--yes"], out=io.StringIO())
+    for user in (ann, bob):
+        assert not (adapters_dir("tiny", root) / str(user.id)).exists()
+        assert not data_dir("tiny", user.id, root).exists()
+    assert parley(["learn", *common, "user=ann"]) == 2  # opted out: nothing of hers is trained on
+    assert "opted out" in capsys.readouterr().err

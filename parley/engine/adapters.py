@@ -16,6 +16,7 @@ request's page names): its keys and values are not the base model's.
 
 from __future__ import annotations
 
+import json
 import re
 import threading
 from collections import OrderedDict
@@ -42,15 +43,25 @@ class AdapterBusy(QueueFull):
     """Every loaded adapter is in use and the one asked for does not fit the memory budget."""
 
 
+def _mismatch(meta: dict, base: str, version: str) -> str | None:
+    """What makes an adapter unfit for the model `base` at `version` ('' = any), or None."""
+    if base and meta.get("base") != base:
+        return f"was trained on {meta.get('base')!r}, not on {base!r}"
+    if version and meta.get("base_version") and meta["base_version"] != version:
+        return f"was trained on {base} {meta['base_version']}, but {version} serves now"
+    return None
+
+
 class Adapter:
     """One loaded adapter: per layer and target, A [r, in] and B transposed [r, out], fp32 on the
     model's device; `key` (name and weights' hash) keys the prefix cache."""
 
-    def __init__(self, name: str, meta: dict, state: dict[str, torch.Tensor], model: Transformer, base: str):
+    def __init__(self, name: str, meta: dict, state: dict[str, torch.Tensor], model: Transformer, base: str,
+                 version: str = ""):
         cfg, where = model.config, f"adapter {name!r}"
-        if base and meta.get("base") != base:
-            raise AdapterError(f"{where} was trained on {meta.get('base')!r}, not on {base!r}: "
-                               "train one for this model (parley learn user=NAME)")
+        problem = _mismatch(meta, base, version)
+        if problem:
+            raise AdapterError(f"{where} {problem}: train one for this model (parley learn user=NAME)")
         self.name, self.meta = name, meta
         self.rank, alpha = int(meta.get("rank", 0)), float(meta.get("alpha", 0))
         if not 1 <= self.rank <= MAX_RANK:
@@ -98,13 +109,15 @@ class Adapter:
 
 class Adapters:
     """The adapters one engine serves: `folder`/NAME/ holds each (model/lora.py's save_adapter),
-    `base` is the model's name they must have been trained on, and at most `budget_bytes` of them
-    stay loaded (least recently used first out, never one in use)."""
+    `base` is the model's name they must have been trained on (and `version` its version, where
+    given), and at most `budget_bytes` of them stay loaded (least recently used first out, never
+    one in use)."""
 
-    def __init__(self, model: Transformer, folder, base: str = "", budget_bytes: int = 256 << 20):
+    def __init__(self, model: Transformer, folder, base: str = "", budget_bytes: int = 256 << 20, version: str = ""):
         if budget_bytes <= 0:
             raise AdapterError(f"the adapters' memory budget must be > 0 bytes (got {budget_bytes})")
         self.model, self.folder, self.base, self.budget = model, Path(folder), base, budget_bytes
+        self.version = version
         self._loaded: OrderedDict[str, Adapter] = OrderedDict()  # least recently used first
         self._lock = threading.Lock()
         self.loads = self.evictions = 0
@@ -116,6 +129,14 @@ class Adapters:
 
     def exists(self, name: str) -> bool:
         return (self.path(name) / "adapter.json").is_file()
+
+    def servable(self, name: str) -> bool:
+        """Whether `name` has an adapter made for this model and version (a server then names it)."""
+        try:
+            return _mismatch(json.loads((self.path(name) / "adapter.json").read_text()), self.base,
+                             self.version) is None
+        except (OSError, ValueError):
+            return False
 
     @property
     def loaded(self) -> list[str]:
@@ -143,7 +164,7 @@ class Adapters:
             meta, state = read_adapter(folder)
         except ValueError as e:
             raise AdapterError(f"adapter {name!r}: {e}") from None
-        adapter = Adapter(name, meta, state, self.model, self.base)
+        adapter = Adapter(name, meta, state, self.model, self.base, self.version)
         if adapter.nbytes > self.budget:
             raise AdapterError(f"adapter {name!r} needs {adapter.nbytes} bytes, more than the whole adapter budget "
                                f"({self.budget} bytes): raise engine.adapter_budget_mb")

@@ -28,6 +28,11 @@ when the model and CPU allow, else on the model's paged PyTorch forward, which i
 path on a GPU. Each request samples with its own `Sampler` and every row's arithmetic is
 independent of its batch, so a request's tokens are those it gets alone (`max_batch=1`).
 
+Each request may name a LoRA adapter (`SamplingParams.adapter`, engine/adapters.py): the base
+weights' products run once for the whole batch and each row adds its own adapter's low-rank
+term (S-LoRA, Punica), on the C kernels and in the PyTorch forward alike; a row's tokens are
+still those it gets alone with its adapter, and its cached pages are its adapter's own.
+
 Steps run either on the engine's own thread (`start()`, for servers) or in whichever thread
 iterates a request or calls `stream`/`generate` while no thread runs (the terminal,
 benchmarks, tests): then all of the model's OpenMP work stays on that one thread.
@@ -138,13 +143,15 @@ class Engine:
                            failed=0, peak_running=0)
 
     @classmethod
-    def from_config(cls, model: Transformer, cfg: EngineConfig) -> Engine:
-        """An engine as `cfg` says: the model moved to its device and dtype, the CPU path and sizes."""
+    def from_config(cls, model: Transformer, cfg: EngineConfig, adapters: dict | None = None) -> Engine:
+        """An engine as `cfg` says: the model moved to its device and dtype, the CPU path and sizes;
+        `adapters`: Adapters' folder, base and version, to serve the adapters there."""
         model = model.to(device=cfg.resolved_device(), dtype=getattr(torch, cfg.dtype))
+        store = Adapters(model, budget_bytes=cfg.adapter_budget_mb * 2**20, **adapters) if adapters else None
         return cls(model, max_batch=cfg.max_batch, max_waiting=cfg.max_waiting,
                    kv_budget_bytes=cfg.kv_budget_mb * 2**20 or None, page_size=cfg.page_size,
                    prefill_chunk=cfg.prefill_chunk, prefill_budget=cfg.prefill_budget,
-                   kernels=cfg.resolved_kernels(), threads=cfg.threads or None)
+                   kernels=cfg.resolved_kernels(), threads=cfg.threads or None, adapters=store)
 
     @staticmethod
     def _kernels(model: Transformer, kernels: str) -> FastDecoder | None:

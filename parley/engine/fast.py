@@ -57,7 +57,7 @@ class Lora(ctypes.Structure):
 
 class Buffers(ctypes.Structure):
     _fields_ = [(n, P) for n in ("x", "h", "qkv", "att", "gu", "act", "scores", "logits", "xp", "xp_act", "xq", "xs",
-                                 "lora")]
+                                 "lora", "lora_plan")]
 
 
 class Shape(ctypes.Structure):
@@ -275,12 +275,24 @@ class FastDecoder:
         do not reallocate it every step."""
         return -(-pages * page_size // 256) * 256
 
-    def _rows_lora(self, lora: torch.Tensor | None, rows: int) -> int | None:
-        """The address kernels.c reads each row's adapter from (kept alive by the caller)."""
+    def _rows_lora(self, lora: torch.Tensor | None, rows: int) -> tuple[int | None, int | None]:
+        """Where kernels.c reads each row's adapter from, and its plan: the rows with one, in units
+        of up to 16 rows of one adapter (Buffers.lora_plan). None, None without adapters."""
         if lora is None:
-            return None
+            return None, None
         assert lora.dtype == torch.int64 and lora.shape == (rows,) and lora.is_contiguous(), "one adapter a row"
-        return lora.data_ptr()
+        groups: dict[int, list[int]] = {}
+        for row, address in enumerate(lora.tolist()):
+            if address:
+                groups.setdefault(address, []).append(row)
+        units = [mine[i:i + 16] for mine in groups.values() for i in range(0, len(mine), 16)]
+        plan = torch.zeros(1 + 17 * len(units), dtype=torch.int64)
+        plan[0] = len(units)
+        for i, unit in enumerate(units):
+            plan[1 + 17 * i] = len(unit)
+            plan[2 + 17 * i:2 + 17 * i + len(unit)] = torch.tensor(unit)
+        self._plan = plan  # alive until the next call
+        return lora.data_ptr(), plan.data_ptr()
 
     def argmax(self, logits: torch.Tensor, rows: list[int]) -> list[int]:
         """`logits[rows].argmax(-1).tolist()` for fp32 logits (a step's buffer) in one C call, both
@@ -307,7 +319,7 @@ class FastDecoder:
         tensors["x"].copy_(self.embed[torch.tensor(batch.ids)])
         self._point_at(cache)
         shape = self._shape(B, span)
-        buffers.lora = self._rows_lora(lora, B)
+        buffers.lora, buffers.lora_plan = self._rows_lora(lora, B)
         self.lib.decode_step_paged(self.layers, self.norm.data_ptr(), self.head,
                                    ctypes.byref(buffers), ctypes.byref(shape), positions.data_ptr(),
                                    self.cos.data_ptr(), self.sin.data_ptr(), table.data_ptr(),
@@ -344,7 +356,7 @@ class FastDecoder:
         chunks = torch.tensor([[at, T] for at, T, *_ in batch.prefill], dtype=torch.long).t().contiguous()
         shape, attend_shape = self._shape(N), self._shape(D, span)
         self._point_at(cache)
-        buffers.lora = self._rows_lora(lora, N)
+        buffers.lora, buffers.lora_plan = self._rows_lora(lora, N)
         for layer in self.layers:
             self.lib.prompt_qkv(ctypes.byref(layer), ctypes.byref(buffers), ctypes.byref(shape), positions.data_ptr(),
                                 self.cos.data_ptr(), self.sin.data_ptr(), table.data_ptr(), table.shape[1], ps)

@@ -1094,6 +1094,7 @@ typedef struct {
  * transposed, Bt [r, out]. A row with this adapter gets y += scale * (x A^T) B^T after its
  * projection. */
 #define LORA_MAX_RANK 64
+#define LORA_UNIT 16
 enum { T_Q, T_K, T_V, T_O, T_GATE, T_UP, T_DOWN };
 typedef struct {
     const float *A[7], *Bt[7];
@@ -1111,6 +1112,8 @@ typedef struct {
     int8_t *xq; /* with quantized weights: the projection's input rounded to int8 [B, max(H, inter)] */
     float *xs;  /* and its blocks' scales and sums [B, 2 max(H, inter) / 32] (quantize_rows_for) */
     const Lora *const *lora; /* NULL, or each row's adapter: its Lora of every layer [n_layers] (NULL: none) */
+    const int64_t *lora_plan; /* the rows with one, in units of up to LORA_UNIT rows of one adapter:
+                               * [units, then per unit: count, LORA_UNIT row indices] */
 } Buffers;
 
 /* amx: run the projections on the tile unit (bf16 weights, every dimension whole tiles,
@@ -1160,21 +1163,26 @@ static void project_for(const Shape *sh, const Buffers *buf, const void *const *
         linear_for(Ws[m], sh->w_bf16, in.x, y, y_stride, sh->B, in.I, rows[m], accumulate);
 }
 
-/* The adapters' part of projection t for rows 0..B-1: y[b] += scale * sum_k (A_k . x[b]) Bt_k for
- * each row b whose adapter changes t in layer l (S-LoRA's and Punica's split: one product of the
- * base weights for the whole batch, then each row's low-rank term). A row's sums run in the same
- * order whatever the batch, so its bits are those it gets alone. Work is shared by rows. */
-static void lora_for(const Buffers *buf, int B, long l, int t, const float *x, long x_stride, long I, float *y,
+/* The adapters' part of projection t: y[b] += scale * sum_k (A_k . x[b]) Bt_k for each row b whose
+ * adapter changes t in layer l (S-LoRA's and Punica's split: one product of the base weights for
+ * the whole batch, then each row's low-rank term). Work is shared by units of rows of one adapter
+ * (buf->lora_plan), so each row of A and Bt is read once for the unit while it sits in L1. A
+ * row's sums run in the same order whatever its unit, so its bits are those it gets alone. */
+static void lora_for(const Buffers *buf, long l, int t, const float *x, long x_stride, long I, float *y,
                      long y_stride, long O) {
     if (!buf->lora) return;
-#pragma omp for schedule(static)
-    for (int b = 0; b < B; b++) {
-        if (!buf->lora[b]) continue;
-        const Lora *a = &buf->lora[b][l];
+    const int64_t *plan = buf->lora_plan;
+#pragma omp for schedule(dynamic, 1)
+    for (long unit = 0; unit < plan[0]; unit++) {
+        const int64_t *rows = plan + 1 + unit * (LORA_UNIT + 1) + 1;
+        const int n = (int)rows[-1];
+        const Lora *a = &buf->lora[rows[0]][l];
         if (!a->A[t]) continue;
-        float u[LORA_MAX_RANK];
-        for (long k = 0; k < a->r; k++) u[k] = a->scale * dot(x + b * x_stride, a->A[t] + k * I, 0, (int)I);
-        for (long k = 0; k < a->r; k++) axpy(u[k], a->Bt[t] + k * O, 0, y + b * y_stride, (int)O);
+        float u[LORA_UNIT][LORA_MAX_RANK];
+        for (long k = 0; k < a->r; k++)
+            for (int j = 0; j < n; j++) u[j][k] = a->scale * dot(x + rows[j] * x_stride, a->A[t] + k * I, 0, (int)I);
+        for (long k = 0; k < a->r; k++)
+            for (int j = 0; j < n; j++) axpy(u[j][k], a->Bt[t] + k * O, 0, y + rows[j] * y_stride, (int)O);
     }
 }
 
@@ -1214,7 +1222,7 @@ static void qkv_for(const Layer *L, const Buffers *buf, const Shape *sh, const i
     const long qkv_rows[3] = {(long)nh * hd, (long)nkv * hd, (long)nkv * hd};
     project_for(sh, buf, qkv, qkv_rows, 3, in, buf->qkv, qkv_w, 0);
     for (int t = T_Q, at = 0; t <= T_V; at += qkv_rows[t], t++)
-        lora_for(buf, sh->B, L->index, t, buf->h, sh->H, sh->H, buf->qkv + at, qkv_w, qkv_rows[t]);
+        lora_for(buf, L->index, t, buf->h, sh->H, sh->H, buf->qkv + at, qkv_w, qkv_rows[t]);
     rope_store_for(buf->qkv, pos, cos_t, sin_t, L->K, L->V, sh->kv_bf16, sh->B, nh, nkv, hd, pg);
 }
 
@@ -1225,7 +1233,7 @@ static void mlp_for(const Layer *L, const Buffers *buf, const Shape *sh) {
     const long inter = sh->inter;
     Input in = input_for(sh, buf, buf->att, (long)sh->nh * sh->hd);
     project1_for(sh, buf, L->o, in, buf->x, H, H, 1);
-    lora_for(buf, sh->B, L->index, T_O, buf->att, (long)sh->nh * sh->hd, (long)sh->nh * sh->hd, buf->x, H, H);
+    lora_for(buf, L->index, T_O, buf->att, (long)sh->nh * sh->hd, (long)sh->nh * sh->hd, buf->x, H, H);
     rmsnorm_for(buf->x, L->ln2, buf->h, sh->B, H, sh->eps);
     in = input_for(sh, buf, buf->h, H);
 #ifdef HAVE_AMX
@@ -1240,12 +1248,12 @@ static void mlp_for(const Layer *L, const Buffers *buf, const Shape *sh) {
     const void *gate_up[2] = {L->gate, L->up};
     const long gate_up_rows[2] = {inter, inter};
     project_for(sh, buf, gate_up, gate_up_rows, 2, in, buf->gu, 2 * inter, 0);
-    lora_for(buf, sh->B, L->index, T_GATE, buf->h, H, H, buf->gu, 2 * inter, inter);
-    lora_for(buf, sh->B, L->index, T_UP, buf->h, H, H, buf->gu + inter, 2 * inter, inter);
+    lora_for(buf, L->index, T_GATE, buf->h, H, H, buf->gu, 2 * inter, inter);
+    lora_for(buf, L->index, T_UP, buf->h, H, H, buf->gu + inter, 2 * inter, inter);
     silu_mul_for(buf->gu, buf->act, sh->B, inter);
     in = input_for(sh, buf, buf->act, inter);
     project1_for(sh, buf, L->down, in, buf->x, H, H, 1);
-    lora_for(buf, sh->B, L->index, T_DOWN, buf->act, inter, inter, buf->x, H, H);
+    lora_for(buf, L->index, T_DOWN, buf->act, inter, inter, buf->x, H, H);
 }
 
 /* x holds the new tokens' embeddings; writes their next-token logits. Row b's new key and value

@@ -56,6 +56,8 @@ class LearnConfig:
     since: str = setting("", "read feedback written after this ISO time ('' = after the last round)")
     quick: bool = setting(False, "the report card's small subsets (tests)")
     limit: int = setting(24, "report card: requests per guard_heldout set answered by each model")
+    user: str = setting("", "train this user's own adapter instead of a round for everyone (parley/learn/personal.py)")
+    user_margin: float = setting(0.05, "user=NAME: most the adapter may raise the replay's held-out loss")
     lora: LoRAConfig = field(default_factory=LoRAConfig)
     train: TrainConfig = field(default_factory=_train_defaults)
 
@@ -136,6 +138,10 @@ def _describe(found: Examples) -> str:
 
 
 def main(cfg: LearnConfig) -> dict:
+    if cfg.user:
+        from parley.learn import personal
+
+        return personal.main(cfg)
     registry = Registry()
     if cfg.list:
         rounds = list_rounds(cfg.model)

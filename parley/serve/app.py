@@ -45,10 +45,12 @@ def create_app(settings: Settings, engine=None, tokenizer=None, embedder=None) -
         import torch
 
         from parley.engine.engine import Engine
+        from parley.learn.personal import serving
 
-        model, tokenizer, _ = Registry(settings.home or None).load(settings.model,
-                                                                   dtype=getattr(torch, settings.engine.dtype))
-        engine = Engine.from_config(model, settings.engine)
+        registry = Registry(settings.home or None)
+        model, tokenizer, _ = registry.load(settings.model, dtype=getattr(torch, settings.engine.dtype))
+        # each user's turns are served with their own adapter, where they have one
+        engine = Engine.from_config(model, settings.engine, adapters=serving(settings.model, registry))
     server = Server(settings, engine.start(), settings.model, tokenizer, embedder, swappable=owned)
 
     @asynccontextmanager

@@ -49,10 +49,11 @@ def serve_main(argv: list[str]) -> int:
 
 @dataclass
 class UsersConfig:
-    action: Literal["add", "list", "key", "revoke", "delete", "trust", "untrust"] = setting(
+    action: Literal["add", "list", "key", "revoke", "delete", "trust", "untrust", "optout", "optin"] = setting(
         help="add a user, list users, create a user's API key (printed once; only its hash is kept), revoke "
              "all of a user's keys, delete a user with everything they own (needs yes=true), or mark a user "
-             "untrusted (their feedback never becomes training data: `parley learn`) or trusted again",
+             "untrusted (their feedback never becomes training data: `parley learn`) or trusted again, or opt a "
+             "user out of personalization (their adapter and its training data are deleted) or back in",
         positional="ACTION")
     name: str = setting("", "the user to add, make a key for, revoke or delete", positional="NAME")
     admin: bool = setting(False, "add: the user may list users over the API")
@@ -68,6 +69,7 @@ class UsersConfig:
 
 
 def users_main(argv: list[str], out=sys.stdout) -> int:
+    from parley.learn.personal import forget
     from parley.store import Store
 
     args = parse_cli(UsersConfig, argv, prog="parley users")
@@ -88,9 +90,15 @@ def users_main(argv: list[str], out=sys.stdout) -> int:
                 store.set_trusted(user.id, args.action == "trust")
                 print(f"{user.name} is {args.action}ed: their feedback "
                       f"{'may become' if args.action == 'trust' else 'never becomes'} training data", file=out)
+            elif args.action in ("optout", "optin"):
+                store.set_personalized(user.id, args.action == "optin")
+                gone = forget(user.id) if args.action == "optout" else []
+                print(f"{user.name} opted {args.action[3:]} of personalization"
+                      + (f"; deleted {len(gone)} adapter and data folder(s)" if gone else ""), file=out)
             elif args.action == "revoke":
                 print(f"revoked {store.revoke_keys(user.id)} API key(s) of {user.name}; their data stays", file=out)
             else:
                 store.delete_user(user.id)
+                forget(user.id)  # their adapters and personal training data too
                 print(f"deleted {user.name} and everything they owned", file=out)
     return 0

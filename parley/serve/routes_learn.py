@@ -5,6 +5,8 @@
     GET  /api/learn/versions               the served model's versions, the current one and the one serving
     POST /api/learn/promote  {"version": "v3"}
     POST /api/learn/rollback {"version": ""}   ('' = the newest version older than the current)
+    GET  /api/me/personalization           any user: opted in?, their adapter (version, round) if they have one
+    PUT  /api/me/personalization {"on": false}   opt out: their adapter and its training data are deleted
 
 A promotion or rollback moves the registry's link; the server switches to that version before
 the next request (Server.refresh), so the reply already says which version serves.
@@ -12,17 +14,23 @@ the next request (Server.refresh), so the reply already says which version serve
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 from fastapi import APIRouter, Depends
 from fastapi.responses import PlainTextResponse
 from pydantic import Field
 
+from parley.learn import personal
 from parley.learn.rounds import list_rounds
 from parley.serve.errors import APIError
 from parley.serve.protocol import _Request
 from parley.serve.server import Server
 from parley.store import User
+
+
+class PersonalizationRequest(_Request):
+    on: bool
 
 
 class VersionRequest(_Request):
@@ -74,6 +82,27 @@ def learn_routes(server: Server) -> APIRouter:
     def rollback(req: VersionRequest, user: User = only_admins) -> dict:
         _move(server, lambda: server.registry.rollback(server.model_name, req.version))
         return versions()
+
+    def personalization(user: User) -> dict:
+        folder = personal.adapters_dir(server.model_name, server.registry.home) / str(user.id)
+        meta = json.loads((folder / "adapter.json").read_text()) if (folder / "adapter.json").is_file() else None
+        on = server.store().personalized(user.id)
+        adapter = {k: meta.get(k) for k in ("base", "base_version", "round", "rank")} if meta else None
+        return {"on": on, "adapter": adapter, "serving": on and personal.adapter_for(server.engine, server.store(),
+                                                                                      user.id) != ""}
+
+    @router.get("/api/me/personalization")
+    def get_personalization(user: User = Depends(server.authenticate)) -> dict:
+        return personalization(user)
+
+    @router.put("/api/me/personalization")
+    def set_personalization(req: PersonalizationRequest, user: User = Depends(server.authenticate)) -> dict:
+        server.store().set_personalized(user.id, req.on)
+        if not req.on:  # opting out deletes what there is: the adapter and the data it was trained on
+            personal.forget(user.id, server.registry.home)
+            if server.engine.adapters is not None:
+                server.engine.adapters.forget(str(user.id))
+        return personalization(user)
 
     return router
 

@@ -132,7 +132,10 @@ class Server:
             if stamp == self.version:  # another request switched meanwhile
                 return
             model, tokenizer, _ = self.registry.load(self.model_name, dtype=getattr(torch, self.settings.engine.dtype))
-            engine = Engine.from_config(model, self.settings.engine).start()
+            from parley.learn.personal import serving
+
+            engine = Engine.from_config(model, self.settings.engine,
+                                        adapters=serving(self.model_name, self.registry)).start()
             old = (self.turns, self.engine)
             self.turns, self.engine, self.tokenizer, self.version = self._runner(engine, tokenizer), engine, tokenizer, stamp
             retiring = threading.Thread(target=_retire, args=old, name="parley-retire", daemon=True)

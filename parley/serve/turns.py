@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 
 from parley.engine.channel import Channel
 from parley.engine.engine import Engine, QueueFull
+from parley.learn.personal import adapter_for
 from parley.model.tokenizer import Tokenizer
 from parley.pipeline.assistant import Assistant, AssistantConfig
 from parley.pipeline.runner import Cancel, Turn
@@ -113,8 +114,12 @@ class TurnRunner:
         try:
             if running.cancel.is_set():  # the client left while the turn waited for a thread
                 return
+            store = self.store()
             overrides = {**overrides, "cache_salt": user_salt(user)}  # cached prompt pages: this user's alone
-            turn = Turn(user.id, conversation_id, store=self.store(), overrides=overrides, cancel=running.cancel)
+            adapter = adapter_for(self.engine, store, user.id)
+            if adapter:  # their own adapter (parley learn user=NAME), unless they opted out
+                overrides["adapter"] = adapter
+            turn = Turn(user.id, conversation_id, store=store, overrides=overrides, cancel=running.cancel)
             frames = self.assistant().say(turn, text)
             try:
                 for i, frame in enumerate(frames):

@@ -137,4 +137,7 @@ PG_MIGRATIONS: list[tuple[str, ...]] = [
     (  # 8: users marked untrusted (see schema.py)
         "ALTER TABLE users ADD COLUMN trusted INTEGER NOT NULL DEFAULT 1 CHECK (trusted IN (0, 1))",
     ),
+    (  # 9: users who opted out of personalization (see schema.py)
+        "ALTER TABLE users ADD COLUMN personalize INTEGER NOT NULL DEFAULT 1 CHECK (personalize IN (0, 1))",
+    ),
 ]

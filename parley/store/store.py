@@ -330,6 +330,19 @@ class Store:
             if db.execute("UPDATE users SET trusted = ? WHERE id = ?", (int(bool(trusted)), user_id)).rowcount == 0:
                 raise ValueError(f"unknown user {user_id}")
 
+    def set_personalized(self, user_id: int, on: bool) -> None:
+        """Let a user have an adapter of their own (the default) or not (parley/learn/personal.py;
+        opting out also deletes what there is: personal.forget)."""
+        with self._tx() as db:
+            if db.execute("UPDATE users SET personalize = ? WHERE id = ?", (int(bool(on)), user_id)).rowcount == 0:
+                raise ValueError(f"unknown user {user_id}")
+
+    def personalized(self, user_id: int) -> bool:
+        row = self.db.execute("SELECT personalize FROM users WHERE id = ?", (user_id,)).fetchone()
+        if row is None:
+            raise ValueError(f"unknown user {user_id}")
+        return bool(row[0])
+
     def is_trusted(self, user_id: int) -> bool:
         row = self.db.execute("SELECT trusted FROM users WHERE id = ?", (user_id,)).fetchone()
         if row is None:
