@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import copy
 import datetime
+import os
 import statistics
 import tempfile
 import time
@@ -84,6 +85,7 @@ def main() -> None:
     source = Prompts(tokenizer, args.prompt)
     with tempfile.TemporaryDirectory() as tmp:
         names = make_adapters(model, Path(tmp), args.adapters, args.rank)
+        print(f"{len(names)} adapters written; timing", flush=True)
         per_stream = [names[i % len(names)] for i in range(args.streams)]
         store = Adapters(model, tmp, base="smollm2")
         with Engine(model, kv_budget_bytes=512 * 2**20, threads=threads, adapters=store) as engine:
@@ -95,9 +97,11 @@ def main() -> None:
                 prompts = source.take(args.streams)
                 rate, together = run(engine, prompts, per_stream, args.new)
                 mixed.append(rate)
+                print(f"  no adapters {base[-1]:.1f} tok/s, over {args.adapters} adapters {rate:.1f} tok/s", flush=True)
         with Engine(model, max_batch=1, kv_budget_bytes=512 * 2**20, threads=threads, adapters=store) as alone:
             equal = sum(run(alone, [p], [a], args.new)[1][0] == t for p, a, t in zip(prompts, per_stream, together))
     b, m = statistics.median(base), statistics.median(mixed)
+    load = os.getloadavg()[0]
     print(f"path {path_name}: {args.streams} streams, no adapters {b:.1f} tok/s; over {args.adapters} adapters "
           f"{m:.1f} tok/s (ratio {m / b:.2f}); rows equal to alone: {equal}/{args.streams}")
     if args.write:
@@ -107,7 +111,9 @@ def main() -> None:
             f"\n## Many LoRA adapters in one batch, SmolLM2-135M-Instruct ({datetime.date.today()}, commit {commit()})\n",
             f"Machine: {cpu_name(flags=True)}, kernels path {path_name}. Command: `.venv/bin/python {command}`. "
             f"{args.streams} distinct {args.prompt}-token prompts, {args.new} new tokens each, greedy, median of "
-            f"{args.repeats}; random rank-{args.rank} adapters on all seven projections.\n",
+            f"{args.repeats}; random rank-{args.rank} adapters on all seven projections. Load average while it ran: "
+            f"{load:.1f} on {os.cpu_count()} cores" + (" (a loaded machine: rerun on a quiet one)" if load > 1.5 else "")
+            + f"; {threads} engine thread(s).\n",
             f"| case | tokens/s |", "|---|---|",
             f"| {args.streams} streams, no adapter | {b:.1f} |",
             f"| {args.streams} streams over {args.adapters} adapters | {m:.1f} |",

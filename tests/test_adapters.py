@@ -255,3 +255,40 @@ def test_a_users_adapter_answers_their_way_and_no_one_elses(home, capsys, one_th
         assert not data_dir("tiny", user.id, root).exists()
     assert parley(["learn", *common, "user=ann"]) == 2  # opted out: nothing of hers is trained on
     assert "opted out" in capsys.readouterr().err
+
+
+def test_a_user_opts_out_over_http_and_turns_stop_naming_their_adapter(home):
+    import httpx
+
+    from parley.engine.config import EngineConfig
+    from parley.learn.personal import adapter_for, adapters_dir, data_dir, serving as adapters_of
+    from parley.registry import Registry
+    from parley.serve.app import create_app
+    from parley.serve.settings import Settings
+    from parley.store import Store
+    from serving import serving
+
+    root, _, db, keys = home
+    registry = Registry(root)
+    model, tokenizer, _ = registry.load("tiny", dtype=torch.float32)
+    engine = Engine.from_config(model, EngineConfig(dtype="float32"), adapters=adapters_of("tiny", registry))
+    with Store(db) as store:
+        ann = store.get_user_by_name("ann")
+        write_adapter(adapters_dir("tiny", root) / str(ann.id), model, seed=1, base="tiny")
+        (data_dir("tiny", ann.id, root) / "round-001").mkdir(parents=True)
+        assert adapter_for(engine, store, ann.id) == str(ann.id)
+        bob = store.get_user_by_name("bob")
+        assert adapter_for(engine, store, bob.id) == ""  # no adapter: the base model
+    settings = Settings(db=db, home=str(root), model="tiny", stages=["respond"], requests_per_minute=0)
+    with serving(create_app(settings, engine=engine, tokenizer=tokenizer)) as url, \
+            httpx.Client(base_url=url, headers={"Authorization": f"Bearer {keys['ann']}"}) as http:
+        state = http.get("/api/me/personalization").json()
+        assert state["on"] and state["serving"] and state["adapter"]["base"] == "tiny"
+        assert http.put("/api/me/personalization", json={"on": "maybe"}).status_code == 400
+        state = http.put("/api/me/personalization", json={"on": False}).json()
+        assert state == {"on": False, "adapter": None, "serving": False}
+    assert not (adapters_dir("tiny", root) / str(ann.id)).exists() and not data_dir("tiny", ann.id, root).exists()
+    with Store(db) as store:
+        assert adapter_for(engine, store, ann.id) == ""
+        write_adapter(adapters_dir("tiny", root) / str(ann.id), model, seed=1, base="tiny")
+        assert adapter_for(engine, store, ann.id) == ""  # opted out: even an adapter put back is not served

@@ -1163,6 +1163,53 @@ static void project_for(const Shape *sh, const Buffers *buf, const void *const *
         linear_for(Ws[m], sh->w_bf16, in.x, y, y_stride, sh->B, in.I, rows[m], accumulate);
 }
 
+/* u[k] = scale * (A_k . x) for k < R: each block of x is loaded once for all R rows of A. */
+static inline __attribute__((always_inline)) void lora_down_r(const float *A, long I, const int R, float scale,
+                                                              const float *x, float *u) {
+    float sums[LORA_MAX_RANK];
+    long i = 0;
+#ifdef __AVX512F__
+    __m512 acc[16];
+    for (int k = 0; k < R; k++) acc[k] = _mm512_setzero_ps();
+    for (; i + 16 <= I; i += 16) {
+        const __m512 xv = _mm512_loadu_ps(x + i);
+        for (int k = 0; k < R; k++) acc[k] = _mm512_fmadd_ps(xv, _mm512_loadu_ps(A + k * I + i), acc[k]);
+    }
+    for (int k = 0; k < R; k++) sums[k] = _mm512_reduce_add_ps(acc[k]);
+#else
+    for (int k = 0; k < R; k++) sums[k] = 0.f;
+#endif
+    for (; i < I; i++)
+        for (int k = 0; k < R; k++) sums[k] += x[i] * A[k * I + i];
+    for (int k = 0; k < R; k++) u[k] = scale * sums[k];
+}
+
+static void lora_down(const float *A, long I, long r, float scale, const float *x, float *u) {
+    switch (r) { /* the common ranks with their accumulators in registers */
+    case 4: lora_down_r(A, I, 4, scale, x, u); return;
+    case 8: lora_down_r(A, I, 8, scale, x, u); return;
+    case 16: lora_down_r(A, I, 16, scale, x, u); return;
+    }
+    for (long k = 0; k < r; k++) u[k] = scale * dot(x, A + k * I, 0, (int)I);
+}
+
+/* y[o] += sum_k u[k] Bt[k, o], the k in order: each block of y is loaded and stored once. */
+static void lora_up(const float *Bt, long O, long r, const float *u, float *y) {
+    long o = 0;
+#ifdef __AVX512F__
+    for (; o + 16 <= O; o += 16) {
+        __m512 acc = _mm512_loadu_ps(y + o);
+        for (long k = 0; k < r; k++) acc = _mm512_fmadd_ps(_mm512_set1_ps(u[k]), _mm512_loadu_ps(Bt + k * O + o), acc);
+        _mm512_storeu_ps(y + o, acc);
+    }
+#endif
+    for (; o < O; o++) {
+        float acc = y[o];
+        for (long k = 0; k < r; k++) acc = fmaf(u[k], Bt[k * O + o], acc);
+        y[o] = acc;
+    }
+}
+
 /* The adapters' part of projection t: y[b] += scale * sum_k (A_k . x[b]) Bt_k for each row b whose
  * adapter changes t in layer l (S-LoRA's and Punica's split: one product of the base weights for
  * the whole batch, then each row's low-rank term). Work is shared by units of rows of one adapter
@@ -1178,11 +1225,11 @@ static void lora_for(const Buffers *buf, long l, int t, const float *x, long x_s
         const int n = (int)rows[-1];
         const Lora *a = &buf->lora[rows[0]][l];
         if (!a->A[t]) continue;
-        float u[LORA_UNIT][LORA_MAX_RANK];
-        for (long k = 0; k < a->r; k++)
-            for (int j = 0; j < n; j++) u[j][k] = a->scale * dot(x + rows[j] * x_stride, a->A[t] + k * I, 0, (int)I);
-        for (long k = 0; k < a->r; k++)
-            for (int j = 0; j < n; j++) axpy(u[j][k], a->Bt[t] + k * O, 0, y + rows[j] * y_stride, (int)O);
+        float u[LORA_MAX_RANK];
+        for (int j = 0; j < n; j++) {
+            lora_down(a->A[t], I, a->r, a->scale, x + rows[j] * x_stride, u);
+            lora_up(a->Bt[t], O, a->r, u, y + rows[j] * y_stride);
+        }
     }
 }
 
