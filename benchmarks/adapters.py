@@ -90,7 +90,7 @@ def main() -> None:
         store = Adapters(model, tmp, base="smollm2")
         with Engine(model, kv_budget_bytes=512 * 2**20, threads=threads, adapters=store) as engine:
             path_name = engine.kernels_path
-            run(engine, source.take(2), names[:2], 4)  # warm-up: kernels, adapters loaded
+            run(engine, source.take(len(names)), names, 4)  # warm-up: kernels, every adapter loaded
             base, mixed = [], []
             for _ in range(args.repeats):  # alternating, so machine noise hits both
                 base.append(run(engine, source.take(args.streams), [""] * args.streams, args.new)[0])
