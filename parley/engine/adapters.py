@@ -53,8 +53,9 @@ def _mismatch(meta: dict, base: str, version: str) -> str | None:
 
 
 class Adapter:
-    """One loaded adapter: per layer and target, A [r, in] and B transposed [r, out], fp32 on the
-    model's device; `key` (name and weights' hash) keys the prefix cache."""
+    """One loaded adapter: per layer and target, A [r, in] and B transposed [r, out] on the model's
+    device, in bf16 for a bf16 model (half the bytes a step reads), else fp32; `key` (name and
+    weights' hash) keys the prefix cache."""
 
     def __init__(self, name: str, meta: dict, state: dict[str, torch.Tensor], model: Transformer, base: str,
                  version: str = ""):
@@ -69,6 +70,7 @@ class Adapter:
         self.scale = alpha / self.rank
         self.key = f"{name}:{meta.get('sha256', '')}"
         device = model.model.embed_tokens.weight.device
+        dtype = torch.bfloat16 if model.model.embed_tokens.weight.dtype == torch.bfloat16 else torch.float32
         self.layers: list[dict[int, tuple[torch.Tensor, torch.Tensor]]] = [{} for _ in range(cfg.num_hidden_layers)]
         pairs: dict[tuple[int, int], dict[str, torch.Tensor]] = {}
         for key, t in state.items():
@@ -87,9 +89,10 @@ class Adapter:
                 raise AdapterError(f"{where}: layer {layer} {TARGETS[target]} needs A {want_a} and B {want_b}, "
                                    f"the file has A {None if A is None else tuple(A.shape)} and B "
                                    f"{None if B is None else tuple(B.shape)} (another base model or rank?)")
-            self.layers[layer][target] = (A.float().contiguous().to(device), B.float().t().contiguous().to(device))
+            self.layers[layer][target] = (A.to(device, dtype).contiguous(), B.to(device, dtype).t().contiguous())
         if not pairs:
             raise AdapterError(f"{where} holds no LoRA tensors")
+        self.dtype = dtype
         self.nbytes = sum(a.nbytes + b.nbytes for layer in self.layers for a, b in layer.values())
         self.users = 0  # requests holding it
         self._lora = None
@@ -101,7 +104,7 @@ class Adapter:
 
             self._lora = (Lora * len(self.layers))()
             for lora, targets in zip(self._lora, self.layers):
-                lora.r, lora.scale = self.rank, self.scale
+                lora.r, lora.scale, lora.bf16 = self.rank, self.scale, int(self.dtype == torch.bfloat16)
                 for t, (A, Bt) in targets.items():
                     lora.A[t], lora.Bt[t] = A.data_ptr(), Bt.data_ptr()
         return self._lora

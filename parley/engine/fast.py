@@ -52,7 +52,7 @@ class Layer(ctypes.Structure):
 class Lora(ctypes.Structure):
     """One adapter's matrices in one layer (kernels.c's Lora): A [r, in] and Bt [r, out] of the
     targets q, k, v, o, gate, up, down (None where the adapter leaves one alone)."""
-    _fields_ = [("A", P * 7), ("Bt", P * 7), ("r", ctypes.c_long), ("scale", ctypes.c_float)]
+    _fields_ = [("A", P * 7), ("Bt", P * 7), ("r", ctypes.c_long), ("scale", ctypes.c_float), ("bf16", ctypes.c_long)]
 
 
 class Buffers(ctypes.Structure):

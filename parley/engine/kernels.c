@@ -1089,17 +1089,18 @@ typedef struct {
     long index;
 } Layer;
 
-/* One LoRA adapter's matrices in one layer (engine/adapters.py), fp32, for the targets q, k, v, o,
- * gate, up, down in that order (NULL where the adapter leaves one alone): A [r, in] and B
- * transposed, Bt [r, out]. A row with this adapter gets y += scale * (x A^T) B^T after its
- * projection. */
+/* One LoRA adapter's matrices in one layer (engine/adapters.py), fp32 or bf16 (bf16: a model in
+ * bf16, half the bytes each step reads), for the targets q, k, v, o, gate, up, down in that order
+ * (NULL where the adapter leaves one alone): A [r, in] and B transposed, Bt [r, out]. A row with
+ * this adapter gets y += scale * (x A^T) B^T after its projection. */
 #define LORA_MAX_RANK 64
 #define LORA_UNIT 16
 enum { T_Q, T_K, T_V, T_O, T_GATE, T_UP, T_DOWN };
 typedef struct {
-    const float *A[7], *Bt[7];
+    const void *A[7], *Bt[7];
     long r;
     float scale;
+    long bf16;
 } Lora;
 
 /* Scratch activations, fp32: x, h [B, H]; qkv [B, (nh + 2 nkv) hd]; att [B, nh hd];
@@ -1164,8 +1165,8 @@ static void project_for(const Shape *sh, const Buffers *buf, const void *const *
 }
 
 /* u[k] = scale * (A_k . x) for k < R: each block of x is loaded once for all R rows of A. */
-static inline __attribute__((always_inline)) void lora_down_r(const float *A, long I, const int R, float scale,
-                                                              const float *x, float *u) {
+static inline __attribute__((always_inline)) void lora_down_r(const void *A, const int bf16, long I, const int R,
+                                                              float scale, const float *x, float *u) {
     float sums[LORA_MAX_RANK];
     long i = 0;
 #ifdef __AVX512F__
@@ -1173,39 +1174,42 @@ static inline __attribute__((always_inline)) void lora_down_r(const float *A, lo
     for (int k = 0; k < R; k++) acc[k] = _mm512_setzero_ps();
     for (; i + 16 <= I; i += 16) {
         const __m512 xv = _mm512_loadu_ps(x + i);
-        for (int k = 0; k < R; k++) acc[k] = _mm512_fmadd_ps(xv, _mm512_loadu_ps(A + k * I + i), acc[k]);
+        for (int k = 0; k < R; k++) acc[k] = _mm512_fmadd_ps(xv, load16(A, bf16, k * I + i), acc[k]);
     }
     for (int k = 0; k < R; k++) sums[k] = _mm512_reduce_add_ps(acc[k]);
 #else
     for (int k = 0; k < R; k++) sums[k] = 0.f;
 #endif
     for (; i < I; i++)
-        for (int k = 0; k < R; k++) sums[k] += x[i] * A[k * I + i];
+        for (int k = 0; k < R; k++) sums[k] += x[i] * load1(A, bf16, k * I + i);
     for (int k = 0; k < R; k++) u[k] = scale * sums[k];
 }
 
-static void lora_down(const float *A, long I, long r, float scale, const float *x, float *u) {
-    switch (r) { /* the common ranks with their accumulators in registers */
-    case 4: lora_down_r(A, I, 4, scale, x, u); return;
-    case 8: lora_down_r(A, I, 8, scale, x, u); return;
-    case 16: lora_down_r(A, I, 16, scale, x, u); return;
+static void lora_down(const void *A, int bf16, long I, long r, float scale, const float *x, float *u) {
+    switch (r * 2 + !!bf16) { /* the common ranks with their accumulators in registers */
+    case 8: lora_down_r(A, 0, I, 4, scale, x, u); return;
+    case 9: lora_down_r(A, 1, I, 4, scale, x, u); return;
+    case 16: lora_down_r(A, 0, I, 8, scale, x, u); return;
+    case 17: lora_down_r(A, 1, I, 8, scale, x, u); return;
+    case 32: lora_down_r(A, 0, I, 16, scale, x, u); return;
+    case 33: lora_down_r(A, 1, I, 16, scale, x, u); return;
     }
-    for (long k = 0; k < r; k++) u[k] = scale * dot(x, A + k * I, 0, (int)I);
+    for (long k = 0; k < r; k++) u[k] = scale * dot(x, (const char *)A + k * I * (bf16 ? 2 : 4), bf16, (int)I);
 }
 
 /* y[o] += sum_k u[k] Bt[k, o], the k in order: each block of y is loaded and stored once. */
-static void lora_up(const float *Bt, long O, long r, const float *u, float *y) {
+static void lora_up(const void *Bt, int bf16, long O, long r, const float *u, float *y) {
     long o = 0;
 #ifdef __AVX512F__
     for (; o + 16 <= O; o += 16) {
         __m512 acc = _mm512_loadu_ps(y + o);
-        for (long k = 0; k < r; k++) acc = _mm512_fmadd_ps(_mm512_set1_ps(u[k]), _mm512_loadu_ps(Bt + k * O + o), acc);
+        for (long k = 0; k < r; k++) acc = _mm512_fmadd_ps(_mm512_set1_ps(u[k]), load16(Bt, bf16, k * O + o), acc);
         _mm512_storeu_ps(y + o, acc);
     }
 #endif
     for (; o < O; o++) {
         float acc = y[o];
-        for (long k = 0; k < r; k++) acc = fmaf(u[k], Bt[k * O + o], acc);
+        for (long k = 0; k < r; k++) acc = fmaf(u[k], load1(Bt, bf16, k * O + o), acc);
         y[o] = acc;
     }
 }
@@ -1227,8 +1231,8 @@ static void lora_for(const Buffers *buf, long l, int t, const float *x, long x_s
         if (!a->A[t]) continue;
         float u[LORA_MAX_RANK];
         for (int j = 0; j < n; j++) {
-            lora_down(a->A[t], I, a->r, a->scale, x + rows[j] * x_stride, u);
-            lora_up(a->Bt[t], O, a->r, u, y + rows[j] * y_stride);
+            lora_down(a->A[t], (int)a->bf16, I, a->r, a->scale, x + rows[j] * x_stride, u);
+            lora_up(a->Bt[t], (int)a->bf16, O, a->r, u, y + rows[j] * y_stride);
         }
     }
 }
