@@ -6,6 +6,7 @@ as `key=value`, `--key=value`, `--key value` or (a bool) a bare `--key`; dashes 
     parley models import PATH --name NAME        # an HF folder or a .gguf file
     parley models import PATH --quantize q4      # stored as 4-bit weights (q8: 8-bit; keep: a .gguf's own blocks)
     parley models list | export NAME DIR | remove NAME
+    parley models versions NAME | rollback NAME [VERSION]   # versions kept by `parley learn`
     parley generate --model smollm2 --prompt "The capital of France is" --max-tokens 20
     parley chat [key=value ...]                  # the assistant
     parley chat --server http://HOST:PORT --api-key KEY   # the assistant of a `parley serve` server
@@ -16,6 +17,8 @@ as `key=value`, `--key=value`, `--key value` or (a bool) a bare `--key`; dashes 
     parley train tokenizer|pretrain|sft [RECIPE.toml] [key=value ...]
     parley train intents [--data FILE] [--out FILE]   # the intent classifier, from parley/data/intents.yml
     parley train guard [--data DIR] [--out FILE]       # the safety/injection guard, from parley/data/guard/
+    parley eval [MODEL] [--quick]                # the report card: every evaluation, compared with the last version
+    parley learn [--dry-run] [--list]            # a learning round: feedback -> candidate -> gate -> promote
 
 Errors in what the user gave (a missing file, an unknown model, a bad value) print one
 line on stderr and exit with status 2; `--debug` shows the traceback instead.
@@ -45,7 +48,9 @@ COMMANDS: dict[str, dict[str | None, tuple[str, str]]] = {
     "models": {"import": (f"import an HF folder, a .gguf file, or `{DEFAULT_MODEL}`", "parley.cli:ImportConfig"),
                "list": ("list imported models", "parley.cli:ListConfig"),
                "export": ("write a model as an HF folder (transformers/vLLM load it)", "parley.cli:ExportConfig"),
-               "remove": ("delete an imported model", "parley.cli:RemoveConfig")},
+               "remove": ("delete an imported model", "parley.cli:RemoveConfig"),
+               "versions": ("list a model's versions (the current one marked *)", "parley.cli:VersionsConfig"),
+               "rollback": ("make an earlier version current again", "parley.cli:RollbackConfig")},
     "generate": {None: ("plain completion of a prompt (no chat template)", "parley.cli:GenerateConfig")},
     "chat": {None: ("chat in the terminal (or with piped input, one turn per line)", "parley.cli:ChatConfig")},
     "ingest": {None: ("add .txt .md .html .pdf files to a user's knowledge base",
@@ -60,6 +65,10 @@ COMMANDS: dict[str, dict[str | None, tuple[str, str]]] = {
     "speak": {None: ("speak text into a WAV file (piper, or espeak-ng)", "parley.voice.main:SpeakConfig")},
     "transcribe": {None: ("print the text spoken in a WAV file (whisper, or wav2vec 2.0)",
                           "parley.voice.main:TranscribeConfig")},
+    "eval": {None: ("the report card: every evaluation of a model, compared with its previous version",
+                    "parley.learn.report:EvalConfig")},
+    "learn": {None: ("a learning round: users' feedback trains a candidate that the report card gates",
+                     "parley.learn.rounds:LearnConfig")},
     "data": {"prepare": ("build the training corpus and dialog sets from offline sources",
                          "parley.train.corpus:DataConfig")},
 }
@@ -89,6 +98,18 @@ class ExportConfig:
 @dataclass
 class RemoveConfig:
     name: str = setting(help="the imported model to delete", positional="NAME")
+
+
+@dataclass
+class VersionsConfig:
+    name: str = setting(help="the model", positional="NAME")
+
+
+@dataclass
+class RollbackConfig:
+    name: str = setting(help="the model", positional="NAME")
+    version: str = setting("", "the version to make current, e.g. v2 ('' = the newest one older than the current)",
+                           positional="VERSION")
 
 
 @dataclass
@@ -177,6 +198,12 @@ def cmd_models(args) -> int:
         for m in rows:
             print(f"{m.name:24} {m.meta.get('params', 0) / 1e6:8.1f}M  {m.size_bytes / 2**20:8.0f} MiB  "
                   f"{m.meta.get('architecture', '?'):20} {m.meta.get('source', '')}")
+    elif args.action == "versions":
+        for v in reg.versions(cfg.name):
+            print(f"{'*' if v.current else ' '} {v.label:5} {v.info.get('created_at', ''):20} "
+                  f"{v.info.get('note', '')}")
+    elif args.action == "rollback":
+        print(f"{cfg.name} is now {reg.rollback(cfg.name, cfg.version).label}")
     elif args.action == "export":
         print(f"exported {cfg.name} to {reg.export(cfg.name, cfg.dir)}")
     else:
@@ -282,6 +309,20 @@ def cmd_users(args) -> int:
     return users_main(args.settings)
 
 
+def cmd_eval(args) -> int:
+    from parley.learn import report
+
+    report.main(load_settings(args))
+    return 0
+
+
+def cmd_learn(args) -> int:
+    from parley.learn import rounds
+
+    rounds.main(load_settings(args))
+    return 0
+
+
 def cmd_data(args) -> int:
     from parley.train import corpus
 
@@ -300,6 +341,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     handlers = {"models": cmd_models, "generate": cmd_generate, "chat": cmd_chat, "ingest": cmd_ingest,
                 "serve": cmd_serve, "users": cmd_users, "train": cmd_train, "data": cmd_data,
+                "eval": cmd_eval, "learn": cmd_learn,
                 "speak": cmd_voice, "transcribe": cmd_voice}
     debug = "--debug" in argv[:1]
     try:

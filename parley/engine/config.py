@@ -40,13 +40,15 @@ class EngineConfig:
     prefill_chunk: int = setting(256, "most tokens of one prompt a step prefills (not on AMX tiles)")
     prefill_budget: int = setting(512, "most prompt tokens of all prompts in one step (>= prefill_chunk)")
     threads: int = setting(0, "torch threads of the thread that runs the steps (0 = PyTorch's default)")
+    adapter_budget_mb: int = setting(256, "memory for loaded LoRA adapters in MiB (the least recently used one "
+                                          "not in use goes first)")
 
     def __post_init__(self):
         for name, choices in (("device", ("auto", "cpu", "cuda")), ("dtype", ("bfloat16", "float32")),
                               ("kernels", KERNELS)):
             if getattr(self, name) not in choices:
                 raise ValueError(f"{name} must be one of {', '.join(choices)} (got {getattr(self, name)!r})")
-        for name in ("max_batch", "max_waiting", "page_size", "prefill_chunk", "prefill_budget"):
+        for name in ("max_batch", "max_waiting", "page_size", "prefill_chunk", "prefill_budget", "adapter_budget_mb"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1 (got {getattr(self, name)})")
         for name in ("kv_budget_mb", "threads"):

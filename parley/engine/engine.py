@@ -28,6 +28,11 @@ when the model and CPU allow, else on the model's paged PyTorch forward, which i
 path on a GPU. Each request samples with its own `Sampler` and every row's arithmetic is
 independent of its batch, so a request's tokens are those it gets alone (`max_batch=1`).
 
+Each request may name a LoRA adapter (`SamplingParams.adapter`, engine/adapters.py): the base
+weights' products run once for the whole batch and each row adds its own adapter's low-rank
+term (S-LoRA, Punica), on the C kernels and in the PyTorch forward alike; a row's tokens are
+still those it gets alone with its adapter, and its cached pages are its adapter's own.
+
 Steps run either on the engine's own thread (`start()`, for servers) or in whichever thread
 iterates a request or calls `stream`/`generate` while no thread runs (the terminal,
 benchmarks, tests): then all of the model's OpenMP work stays on that one thread.
@@ -44,6 +49,7 @@ from collections.abc import Iterator, Sequence
 
 import torch
 
+from parley.engine.adapters import Adapter, AdapterError, Adapters, applied, row_pointers
 from parley.engine.cache import CachedSequence, PagedKVCache
 from parley.engine.channel import Channel
 from parley.engine.config import EngineConfig
@@ -62,9 +68,12 @@ __all__ = ["Engine", "Request", "Event", "Completion", "EngineError", "PromptErr
 class _Entry:
     """The engine's side of a request: its sequence in the cache, sampler and budget."""
 
-    def __init__(self, request: Request, budget: int, pages: int, device):
+    def __init__(self, request: Request, budget: int, pages: int, device, adapter: Adapter | None = None):
         self.request, self.budget, self.pages_needed = request, budget, pages
-        self.seq = CachedSequence(tokens=list(request.prompt), salt=request.params.cache_salt.encode())
+        # an adapter changes every key and value: its pages are its own (adapters.py's key)
+        salt = request.params.cache_salt + (f"\0adapter:{adapter.key}" if adapter else "")
+        self.seq = CachedSequence(tokens=list(request.prompt), salt=salt.encode())
+        self.adapter = adapter  # held (Adapters.acquire) until the request ends
         self.sampler = Sampler(request.params, device)
         self.generated = 0
 
@@ -82,12 +91,14 @@ class Engine:
     prefill_chunk: most tokens of one prompt a step prefills (not on AMX tiles: there a prompt
     may take a whole step's budget); prefill_budget (>= prefill_chunk): most prompt tokens of
     all prompts in a step; kernels: the CPU path, "auto" | "amx" | "avx512" | "avx2" | "scalar" | "torch"
-    (parley/engine/config.py); threads: torch threads of the engine's own thread.
+    (parley/engine/config.py); threads: torch threads of the engine's own thread; adapters: the
+    LoRA adapters requests may name (SamplingParams.adapter; engine/adapters.py), or None.
     """
 
     def __init__(self, model: Transformer, *, max_batch: int = 64, max_waiting: int = 256,
                  kv_budget_bytes: int | None = None, page_size: int = 16, prefill_chunk: int = 256,
-                 prefill_budget: int = 512, kernels: str = "auto", threads: int | None = None):
+                 prefill_budget: int = 512, kernels: str = "auto", threads: int | None = None,
+                 adapters: Adapters | None = None):
         try:  # the one place these numbers are checked
             EngineConfig(max_batch=max_batch, max_waiting=max_waiting, page_size=page_size,
                          prefill_chunk=prefill_chunk, prefill_budget=prefill_budget, kernels=kernels)
@@ -114,6 +125,7 @@ class Engine:
         self.cache = PagedKVCache(cfg, kv_budget_bytes, page_size, dtype, self.device)
         self.max_batch, self.max_waiting, self.prefill_chunk = max_batch, max_waiting, prefill_chunk
         self.prefill_budget = prefill_budget
+        self.adapters = adapters
         # torch threads of the engine's own thread (None: as inherited). Each OS thread that runs
         # multi-threaded OpenMP work keeps its own team, and with two teams on a 2-core machine libgomp
         # stops spinning, which halves decode speed (RESULTS.md): a server runs every other thread
@@ -131,13 +143,15 @@ class Engine:
                            failed=0, peak_running=0)
 
     @classmethod
-    def from_config(cls, model: Transformer, cfg: EngineConfig) -> Engine:
-        """An engine as `cfg` says: the model moved to its device and dtype, the CPU path and sizes."""
+    def from_config(cls, model: Transformer, cfg: EngineConfig, adapters: dict | None = None) -> Engine:
+        """An engine as `cfg` says: the model moved to its device and dtype, the CPU path and sizes;
+        `adapters`: Adapters' folder, base and version, to serve the adapters there."""
         model = model.to(device=cfg.resolved_device(), dtype=getattr(torch, cfg.dtype))
+        store = Adapters(model, budget_bytes=cfg.adapter_budget_mb * 2**20, **adapters) if adapters else None
         return cls(model, max_batch=cfg.max_batch, max_waiting=cfg.max_waiting,
                    kv_budget_bytes=cfg.kv_budget_mb * 2**20 or None, page_size=cfg.page_size,
                    prefill_chunk=cfg.prefill_chunk, prefill_budget=cfg.prefill_budget,
-                   kernels=cfg.resolved_kernels(), threads=cfg.threads or None)
+                   kernels=cfg.resolved_kernels(), threads=cfg.threads or None, adapters=store)
 
     @staticmethod
     def _kernels(model: Transformer, kernels: str) -> FastDecoder | None:
@@ -230,15 +244,35 @@ class Engine:
             raise PromptError(f"the prompt and max_tokens need {pages * self.cache.page_size} tokens of KV cache "
                               f"but the engine holds {self.cache.num_pages * self.cache.page_size}: lower max_tokens, "
                               "shorten the prompt or raise the engine's kv_budget_mb")
-        with self._lock:
-            if self._closed:
-                raise EngineClosed("the engine is shut down and takes no new requests")
-            if len(self._waiting) >= self.max_waiting:
-                raise QueueFull(len(self._waiting), self._retry_after())
-            request = Request(self, next(self._ids), prompt, params, index, channel)
-            self._waiting.append(_Entry(request, budget, pages, self.device))
-            self._lock.notify_all()
+        adapter = self._adapter(params.adapter)
+        try:
+            with self._lock:
+                if self._closed:
+                    raise EngineClosed("the engine is shut down and takes no new requests")
+                if len(self._waiting) >= self.max_waiting:
+                    raise QueueFull(len(self._waiting), self._retry_after())
+                request = Request(self, next(self._ids), prompt, params, index, channel)
+                self._waiting.append(_Entry(request, budget, pages, self.device, adapter))
+                self._lock.notify_all()
+        except BaseException:
+            if adapter is not None:
+                self.adapters.release(adapter)
+            raise
         return request
+
+    def _adapter(self, name: str) -> Adapter | None:
+        """The adapter a request names, held for it (None for the base model)."""
+        if not name:
+            return None
+        if self.adapters is None:
+            raise AdapterError(f"this engine serves no adapters, but the request names {name!r}")
+        return self.adapters.acquire(name)
+
+    def _let_go(self, entry: _Entry) -> None:
+        """A request's adapter may be evicted once the request has ended."""
+        if entry.adapter is not None:
+            self.adapters.release(entry.adapter)
+            entry.adapter = None
 
     def stream(self, prompts: Sequence[Sequence[int]],
                params: SamplingParams | Sequence[SamplingParams]) -> Iterator[Event]:
@@ -313,6 +347,7 @@ class Engine:
                 self._stats["cancelled"] += 1
             self._lock.notify_all()
         if entry is not None:
+            self._let_go(entry)
             request._deliver(Event(request.index, None, "cancelled"))
 
     def _retry_after(self) -> float:
@@ -355,12 +390,14 @@ class Engine:
                 self._stats["failed"] += len(doomed)
             for entry in doomed:
                 self.cache.release(entry.seq)
+                self._let_go(entry)
                 entry.request._deliver(e)
             if not isinstance(e, Exception):  # KeyboardInterrupt, SystemExit: the caller's to handle
                 raise
 
     def _finish(self, entry: _Entry, event: Event, wakes: dict | None = None) -> None:
         self.cache.release(entry.seq)
+        self._let_go(entry)
         entry.request._deliver(event, wakes)
 
     def drop_cancelled(self) -> None:
@@ -424,9 +461,11 @@ class Engine:
             chunks = [feed for feed in prompts if feed[1] > 1]
             feeds = decodes + [feed for feed in prompts if feed[1] == 1] + chunks
             batch = self.cache.batch([(r.seq, n) for r, n in feeds])
-            logits = self.fast.step_rows(batch) if chunks else self.fast.step_paged(batch)
+            lora = self._lora(feeds)
+            logits = self.fast.step_rows(batch, lora) if chunks else self.fast.step_paged(batch, lora)
         elif self.fast:  # decode rows on the C step, prompt chunks on the model's forward
-            logits = [self.fast.step_paged(self.cache.batch([(r.seq, 1) for r, _ in decodes]))] if decodes else []
+            logits = [self.fast.step_paged(self.cache.batch([(r.seq, 1) for r, _ in decodes]), self._lora(decodes))] \
+                if decodes else []
             logits += [self._forward(prompts)] if prompts else []
             logits = torch.cat(logits) if len(logits) > 1 else logits[0]
         else:
@@ -455,7 +494,14 @@ class Engine:
 
     def _forward(self, feeds: list[tuple[_Entry, int]]) -> torch.Tensor:
         batch = self.cache.batch([(r.seq, n) for r, n in feeds])
-        return self.model(torch.tensor([batch.ids], device=self.device), batch)[0]
+        with applied(self.model, [r.adapter for r, n in feeds for _ in range(n)]):
+            return self.model(torch.tensor([batch.ids], device=self.device), batch)[0]
+
+    def _lora(self, feeds: list[tuple[_Entry, int]]) -> torch.Tensor | None:
+        """Each packed row's adapter for the C kernels (None when no row has one)."""
+        if all(r.adapter is None for r, _ in feeds):
+            return None
+        return row_pointers([r.adapter for r, n in feeds for _ in range(n)])
 
     def _sample(self, entry: _Entry, logits: torch.Tensor, token: int | None, wakes: dict) -> None:
         """Deliver the request's next token: `token` when chosen already, else its sampler's pick."""

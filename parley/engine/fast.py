@@ -45,11 +45,19 @@ P = ctypes.c_void_p
 
 
 class Layer(ctypes.Structure):
-    _fields_ = [(n, P) for n in ("q", "k", "v", "o", "gate", "up", "down", "ln1", "ln2", "K", "V")]
+    _fields_ = [(n, P) for n in ("q", "k", "v", "o", "gate", "up", "down", "ln1", "ln2", "K", "V")] + \
+               [("index", ctypes.c_long)]
+
+
+class Lora(ctypes.Structure):
+    """One adapter's matrices in one layer (kernels.c's Lora): A [r, in] and Bt [r, out] of the
+    targets q, k, v, o, gate, up, down (None where the adapter leaves one alone)."""
+    _fields_ = [("A", P * 7), ("Bt", P * 7), ("r", ctypes.c_long), ("scale", ctypes.c_float), ("bf16", ctypes.c_long)]
 
 
 class Buffers(ctypes.Structure):
-    _fields_ = [(n, P) for n in ("x", "h", "qkv", "att", "gu", "act", "scores", "logits", "xp", "xp_act", "xq", "xs")]
+    _fields_ = [(n, P) for n in ("x", "h", "qkv", "att", "gu", "act", "scores", "logits", "xp", "xp_act", "xq", "xs",
+                                 "lora", "lora_plan")]
 
 
 class Shape(ctypes.Structure):
@@ -136,7 +144,8 @@ class FastDecoder:
         self.keep = [(b.input_layernorm.weight.float().contiguous(), b.post_attention_layernorm.weight.float().contiguous())
                      for b in m.layers]
         self.layers = (Layer * len(m.layers))()
-        for layer, block, (ln1, ln2) in zip(self.layers, m.layers, self.keep):
+        for index, (layer, block, (ln1, ln2)) in enumerate(zip(self.layers, m.layers, self.keep)):
+            layer.index = index
             a, f = block.self_attn, block.mlp
             for name, w in (("q", a.q_proj), ("k", a.k_proj), ("v", a.v_proj), ("o", a.o_proj),
                             ("gate", f.gate_proj), ("up", f.up_proj), ("down", f.down_proj)):
@@ -266,6 +275,25 @@ class FastDecoder:
         do not reallocate it every step."""
         return -(-pages * page_size // 256) * 256
 
+    def _rows_lora(self, lora: torch.Tensor | None, rows: int) -> tuple[int | None, int | None]:
+        """Where kernels.c reads each row's adapter from, and its plan: the rows with one, in units
+        of up to 16 rows of one adapter (Buffers.lora_plan). None, None without adapters."""
+        if lora is None:
+            return None, None
+        assert lora.dtype == torch.int64 and lora.shape == (rows,) and lora.is_contiguous(), "one adapter a row"
+        groups: dict[int, list[int]] = {}
+        for row, address in enumerate(lora.tolist()):
+            if address:
+                groups.setdefault(address, []).append(row)
+        units = [mine[i:i + 16] for mine in groups.values() for i in range(0, len(mine), 16)]
+        plan = torch.zeros(1 + 17 * len(units), dtype=torch.int64)
+        plan[0] = len(units)
+        for i, unit in enumerate(units):
+            plan[1 + 17 * i] = len(unit)
+            plan[2 + 17 * i:2 + 17 * i + len(unit)] = torch.tensor(unit)
+        self._plan = plan  # alive until the next call
+        return lora.data_ptr(), plan.data_ptr()
+
     def argmax(self, logits: torch.Tensor, rows: list[int]) -> list[int]:
         """`logits[rows].argmax(-1).tolist()` for fp32 logits (a step's buffer) in one C call, both
         threads sharing the rows (torch's argmax takes ~1.7 ms for 32 rows of SmolLM2's vocabulary)."""
@@ -277,9 +305,10 @@ class FastDecoder:
         return out.tolist()
 
     @torch.inference_mode()
-    def step_paged(self, batch: PagedBatch) -> torch.Tensor:
+    def step_paged(self, batch: PagedBatch, lora: torch.Tensor | None = None) -> torch.Tensor:
         """Logits (B, vocab) for a batch of one-token feeds over a paged cache of kv_dtype;
-        the keys and values go to the rows' pages. The returned tensor is a reused buffer."""
+        the keys and values go to the rows' pages. `lora`: each row's adapter
+        (engine/adapters.py's row_pointers), or None. The returned tensor is a reused buffer."""
         cache = batch.cache
         assert cache.k[0].dtype == self.kv_dtype and not batch.prefill, f"{self.kv_dtype} pages, one token a row"
         B = len(batch.decode)
@@ -290,6 +319,7 @@ class FastDecoder:
         tensors["x"].copy_(self.embed[torch.tensor(batch.ids)])
         self._point_at(cache)
         shape = self._shape(B, span)
+        buffers.lora, buffers.lora_plan = self._rows_lora(lora, B)
         self.lib.decode_step_paged(self.layers, self.norm.data_ptr(), self.head,
                                    ctypes.byref(buffers), ctypes.byref(shape), positions.data_ptr(),
                                    self.cos.data_ptr(), self.sin.data_ptr(), table.data_ptr(),
@@ -297,14 +327,15 @@ class FastDecoder:
         return tensors["logits"]
 
     @torch.inference_mode()
-    def step_rows(self, batch: PagedBatch) -> torch.Tensor:
+    def step_rows(self, batch: PagedBatch, lora: torch.Tensor | None = None) -> torch.Tensor:
         """Logits (one row per feed, in feed order) of a batch of prompt chunks over the paged
         cache, with one-token feeds riding along (they must come first). Layer by layer:
         norms, projections and MLP of every row run in C (on AMX tiles where the step does),
         so a decode row adds little to a chunk; attention too: a one-token row's alone, a
         chunk's rows in blocks that share each key (16 / group rows of one kv head; PyTorch's
         flash attention took three times as long for a 130-token chunk, mostly in dispatch
-        and the gather of pages). The returned tensor is a reused buffer."""
+        and the gather of pages). `lora`: each packed row's adapter, or None. The returned
+        tensor is a reused buffer."""
         cache = batch.cache
         D = len(batch.decode)
         assert cache.k[0].dtype == self.kv_dtype and batch.prefill, f"{self.kv_dtype} pages and a prompt chunk"
@@ -325,6 +356,7 @@ class FastDecoder:
         chunks = torch.tensor([[at, T] for at, T, *_ in batch.prefill], dtype=torch.long).t().contiguous()
         shape, attend_shape = self._shape(N), self._shape(D, span)
         self._point_at(cache)
+        buffers.lora, buffers.lora_plan = self._rows_lora(lora, N)
         for layer in self.layers:
             self.lib.prompt_qkv(ctypes.byref(layer), ctypes.byref(buffers), ctypes.byref(shape), positions.data_ptr(),
                                 self.cos.data_ptr(), self.sin.data_ptr(), table.data_ptr(), table.shape[1], ps)

@@ -1080,12 +1080,28 @@ static void silu_mul_for(const float *gu, float *h, int B, long I) {
     }
 }
 
-/* Pointers to one layer's weights (nn.Linear layout, or QWeight when sh->quant) and its slice of the KV cache. */
+/* Pointers to one layer's weights (nn.Linear layout, or QWeight when sh->quant) and its slice of the KV cache;
+ * index: the layer's number (which Lora of a row's adapter applies). */
 typedef struct {
     const void *q, *k, *v, *o, *gate, *up, *down;
     const float *ln1, *ln2;
     void *K, *V; /* fp32, or bf16 with kv_bf16 */
+    long index;
 } Layer;
+
+/* One LoRA adapter's matrices in one layer (engine/adapters.py), fp32 or bf16 (bf16: a model in
+ * bf16, half the bytes each step reads), for the targets q, k, v, o, gate, up, down in that order
+ * (NULL where the adapter leaves one alone): A [r, in] and B transposed, Bt [r, out]. A row with
+ * this adapter gets y += scale * (x A^T) B^T after its projection. */
+#define LORA_MAX_RANK 64
+#define LORA_UNIT 16
+enum { T_Q, T_K, T_V, T_O, T_GATE, T_UP, T_DOWN };
+typedef struct {
+    const void *A[7], *Bt[7];
+    long r;
+    float scale;
+    long bf16;
+} Lora;
 
 /* Scratch activations, fp32: x, h [B, H]; qkv [B, (nh + 2 nkv) hd]; att [B, nh hd];
  * gu [B, 2 inter]; act [B, inter]; scores [B, nh, max_len]; logits [B, vocab]; and for the
@@ -1096,6 +1112,9 @@ typedef struct {
     uint32_t *xp, *xp_act;
     int8_t *xq; /* with quantized weights: the projection's input rounded to int8 [B, max(H, inter)] */
     float *xs;  /* and its blocks' scales and sums [B, 2 max(H, inter) / 32] (quantize_rows_for) */
+    const Lora *const *lora; /* NULL, or each row's adapter: its Lora of every layer [n_layers] (NULL: none) */
+    const int64_t *lora_plan; /* the rows with one, in units of up to LORA_UNIT rows of one adapter:
+                               * [units, then per unit: count, LORA_UNIT row indices] */
 } Buffers;
 
 /* amx: run the projections on the tile unit (bf16 weights, every dimension whole tiles,
@@ -1145,6 +1164,79 @@ static void project_for(const Shape *sh, const Buffers *buf, const void *const *
         linear_for(Ws[m], sh->w_bf16, in.x, y, y_stride, sh->B, in.I, rows[m], accumulate);
 }
 
+/* u[k] = scale * (A_k . x) for k < R: each block of x is loaded once for all R rows of A. */
+static inline __attribute__((always_inline)) void lora_down_r(const void *A, const int bf16, long I, const int R,
+                                                              float scale, const float *x, float *u) {
+    float sums[LORA_MAX_RANK];
+    long i = 0;
+#ifdef __AVX512F__
+    __m512 acc[16];
+    for (int k = 0; k < R; k++) acc[k] = _mm512_setzero_ps();
+    for (; i + 16 <= I; i += 16) {
+        const __m512 xv = _mm512_loadu_ps(x + i);
+        for (int k = 0; k < R; k++) acc[k] = _mm512_fmadd_ps(xv, load16(A, bf16, k * I + i), acc[k]);
+    }
+    for (int k = 0; k < R; k++) sums[k] = _mm512_reduce_add_ps(acc[k]);
+#else
+    for (int k = 0; k < R; k++) sums[k] = 0.f;
+#endif
+    for (; i < I; i++)
+        for (int k = 0; k < R; k++) sums[k] += x[i] * load1(A, bf16, k * I + i);
+    for (int k = 0; k < R; k++) u[k] = scale * sums[k];
+}
+
+static void lora_down(const void *A, int bf16, long I, long r, float scale, const float *x, float *u) {
+    switch (r * 2 + !!bf16) { /* the common ranks with their accumulators in registers */
+    case 8: lora_down_r(A, 0, I, 4, scale, x, u); return;
+    case 9: lora_down_r(A, 1, I, 4, scale, x, u); return;
+    case 16: lora_down_r(A, 0, I, 8, scale, x, u); return;
+    case 17: lora_down_r(A, 1, I, 8, scale, x, u); return;
+    case 32: lora_down_r(A, 0, I, 16, scale, x, u); return;
+    case 33: lora_down_r(A, 1, I, 16, scale, x, u); return;
+    }
+    for (long k = 0; k < r; k++) u[k] = scale * dot(x, (const char *)A + k * I * (bf16 ? 2 : 4), bf16, (int)I);
+}
+
+/* y[o] += sum_k u[k] Bt[k, o], the k in order: each block of y is loaded and stored once. */
+static void lora_up(const void *Bt, int bf16, long O, long r, const float *u, float *y) {
+    long o = 0;
+#ifdef __AVX512F__
+    for (; o + 16 <= O; o += 16) {
+        __m512 acc = _mm512_loadu_ps(y + o);
+        for (long k = 0; k < r; k++) acc = _mm512_fmadd_ps(_mm512_set1_ps(u[k]), load16(Bt, bf16, k * O + o), acc);
+        _mm512_storeu_ps(y + o, acc);
+    }
+#endif
+    for (; o < O; o++) {
+        float acc = y[o];
+        for (long k = 0; k < r; k++) acc = fmaf(u[k], load1(Bt, bf16, k * O + o), acc);
+        y[o] = acc;
+    }
+}
+
+/* The adapters' part of projection t: y[b] += scale * sum_k (A_k . x[b]) Bt_k for each row b whose
+ * adapter changes t in layer l (S-LoRA's and Punica's split: one product of the base weights for
+ * the whole batch, then each row's low-rank term). Work is shared by units of rows of one adapter
+ * (buf->lora_plan), so each row of A and Bt is read once for the unit while it sits in L1. A
+ * row's sums run in the same order whatever its unit, so its bits are those it gets alone. */
+static void lora_for(const Buffers *buf, long l, int t, const float *x, long x_stride, long I, float *y,
+                     long y_stride, long O) {
+    if (!buf->lora) return;
+    const int64_t *plan = buf->lora_plan;
+#pragma omp for schedule(dynamic, 1)
+    for (long unit = 0; unit < plan[0]; unit++) {
+        const int64_t *rows = plan + 1 + unit * (LORA_UNIT + 1) + 1;
+        const int n = (int)rows[-1];
+        const Lora *a = &buf->lora[rows[0]][l];
+        if (!a->A[t]) continue;
+        float u[LORA_MAX_RANK];
+        for (int j = 0; j < n; j++) {
+            lora_down(a->A[t], (int)a->bf16, I, a->r, a->scale, x + rows[j] * x_stride, u);
+            lora_up(a->Bt[t], (int)a->bf16, O, a->r, u, y + rows[j] * y_stride);
+        }
+    }
+}
+
 /* One matrix W [O, I]. */
 static void project1_for(const Shape *sh, const Buffers *buf, const void *W, Input in, float *y, long y_stride, long O,
                          int accumulate) {
@@ -1180,6 +1272,8 @@ static void qkv_for(const Layer *L, const Buffers *buf, const Shape *sh, const i
     const void *qkv[3] = {L->q, L->k, L->v};
     const long qkv_rows[3] = {(long)nh * hd, (long)nkv * hd, (long)nkv * hd};
     project_for(sh, buf, qkv, qkv_rows, 3, in, buf->qkv, qkv_w, 0);
+    for (int t = T_Q, at = 0; t <= T_V; at += qkv_rows[t], t++)
+        lora_for(buf, L->index, t, buf->h, sh->H, sh->H, buf->qkv + at, qkv_w, qkv_rows[t]);
     rope_store_for(buf->qkv, pos, cos_t, sin_t, L->K, L->V, sh->kv_bf16, sh->B, nh, nkv, hd, pg);
 }
 
@@ -1190,10 +1284,11 @@ static void mlp_for(const Layer *L, const Buffers *buf, const Shape *sh) {
     const long inter = sh->inter;
     Input in = input_for(sh, buf, buf->att, (long)sh->nh * sh->hd);
     project1_for(sh, buf, L->o, in, buf->x, H, H, 1);
+    lora_for(buf, L->index, T_O, buf->att, (long)sh->nh * sh->hd, (long)sh->nh * sh->hd, buf->x, H, H);
     rmsnorm_for(buf->x, L->ln2, buf->h, sh->B, H, sh->eps);
     in = input_for(sh, buf, buf->h, H);
 #ifdef HAVE_AMX
-    if (sh->amx) {
+    if (sh->amx && !buf->lora) { /* fused gate/up: no fp32 gate and up for adapters to add to */
         const int Bp = (sh->B + 15) / 16 * 16;
         const long down_rows = H;
         amx_gate_up_for(L->gate, L->up, buf->xp, Bp, H, inter, buf->xp_act);
@@ -1204,9 +1299,12 @@ static void mlp_for(const Layer *L, const Buffers *buf, const Shape *sh) {
     const void *gate_up[2] = {L->gate, L->up};
     const long gate_up_rows[2] = {inter, inter};
     project_for(sh, buf, gate_up, gate_up_rows, 2, in, buf->gu, 2 * inter, 0);
+    lora_for(buf, L->index, T_GATE, buf->h, H, H, buf->gu, 2 * inter, inter);
+    lora_for(buf, L->index, T_UP, buf->h, H, H, buf->gu + inter, 2 * inter, inter);
     silu_mul_for(buf->gu, buf->act, sh->B, inter);
     in = input_for(sh, buf, buf->act, inter);
     project1_for(sh, buf, L->down, in, buf->x, H, H, 1);
+    lora_for(buf, L->index, T_DOWN, buf->act, inter, inter, buf->x, H, H);
 }
 
 /* x holds the new tokens' embeddings; writes their next-token logits. Row b's new key and value

@@ -29,6 +29,8 @@ class SamplingParams:
     # requests share cached prompt pages only with requests of the same salt: a server gives each
     # user their own, so no one can tell by timing what another user's prompts began with
     cache_salt: str = ""
+    # the LoRA adapter this request is served with (engine/adapters.py; "" = the base model alone)
+    adapter: str = ""
 
     def __post_init__(self):
         self.stop_ids = frozenset(self.stop_ids)

@@ -13,11 +13,17 @@ A wrapped layer keeps its frozen `weight` (and `bias`) under the same name and a
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
+from pathlib import Path
 
+import safetensors.torch
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from parley.files import atomic_open, fsync
 
 DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
@@ -108,3 +114,54 @@ def merge_lora(model: nn.Module) -> nn.Module:
     then has the base model's names and shapes (for export, serving, or new adapters)."""
     _replace(model, lambda name, m: m.merged() if isinstance(m, LoRALinear) else None)
     return model
+
+
+# -- adapter files: a folder holding adapter.json (rank, alpha, targets, base model and version,
+# the weights' file and its sha256) and that weights file. adapter.json is written last, atomically,
+# and names its weights by their hash: a reader sees the old adapter or the new one, never a mix.
+
+ADAPTER_JSON = "adapter.json"
+
+
+def save_adapter(folder, model: nn.Module, base: str, base_version: str = "", **extra) -> Path:
+    """Write the model's adapter (apply_lora'd, trained) into `folder`; older weights files go."""
+    state = lora_state_dict(model)
+    if not state:
+        raise ValueError("the model has no LoRA adapter to save (apply_lora first)")
+    layer = next(m for m in model.modules() if isinstance(m, LoRALinear))
+    targets = sorted({n.rsplit(".", 2)[-2] for n in state})
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    blob = safetensors.torch.save({n: t.contiguous().cpu() for n, t in state.items()})
+    digest = hashlib.sha256(blob).hexdigest()
+    weights = f"adapter-{digest[:16]}.safetensors"
+    with atomic_open(folder / weights, "wb") as f:
+        f.write(blob)
+    meta = dict(rank=layer.lora_A.shape[0], alpha=layer.scale * layer.lora_A.shape[0], targets=targets,
+                base=base, base_version=base_version, weights=weights, sha256=digest, **extra)
+    with atomic_open(folder / ADAPTER_JSON) as f:
+        json.dump(meta, f, indent=1)
+    fsync(folder)
+    for old in folder.glob("adapter-*.safetensors"):
+        if old.name != weights:
+            old.unlink(missing_ok=True)
+    return folder
+
+
+def read_adapter(folder) -> tuple[dict, dict[str, torch.Tensor]]:
+    """(adapter.json's fields, the tensors) of an adapter folder; ValueError saying what is wrong."""
+    folder = Path(folder)
+    try:
+        meta = json.loads((folder / ADAPTER_JSON).read_text())
+        blob = (folder / meta["weights"]).read_bytes()
+    except FileNotFoundError as e:
+        raise ValueError(f"no adapter in {folder}: {e.filename} is missing") from None
+    except (json.JSONDecodeError, KeyError, TypeError) as e:
+        raise ValueError(f"{folder / ADAPTER_JSON} is not an adapter description ({e})") from None
+    if hashlib.sha256(blob).hexdigest() != meta.get("sha256"):
+        raise ValueError(f"{folder / meta['weights']} does not match the sha256 in {ADAPTER_JSON}: a damaged file")
+    try:
+        state = safetensors.torch.load(blob)
+    except Exception as e:  # safetensors raises its own error types for a bad header
+        raise ValueError(f"{folder / meta['weights']} is not a safetensors file ({e})") from None
+    return meta, state

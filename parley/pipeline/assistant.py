@@ -168,21 +168,25 @@ BUILDERS: dict[str, Callable[[Parts], Stage]] = {  # stage name -> how to build 
 }
 
 
-def answered_by(cfg: AssistantConfig) -> str | None:
+def answered_by(cfg: AssistantConfig, registry=None) -> str | None:
     """What writes this assistant's answers, as each saved answer records it: the registered
-    model and when it was imported (which copy it is), or the remote model and its server;
-    None without a respond stage (the pipeline's own stages answer)."""
+    model, its version once it has several (`parley learn`) and when it was imported (which copy
+    it is), or the remote model and its server; None without a respond stage (the pipeline's own
+    stages answer). `registry`: where the model is registered (default: PARLEY_HOME's)."""
     if "respond" not in cfg.stages:
         return None
     if cfg.backend == "openai":
         return f"{cfg.remote_model or cfg.model} at {cfg.url}"
     from parley.registry import Registry
 
+    registry = registry or Registry()
     try:
-        meta = {m.name: m.meta for m in Registry().list()}.get(cfg.model) or {}
+        meta = {m.name: m.meta for m in registry.list()}.get(cfg.model) or {}
+        version = registry.stamp(cfg.model)
     except OSError:  # an unreadable registry must not stop the assistant: the name alone then
-        meta = {}
-    return f"{cfg.model}, imported {meta['imported_at']}" if "imported_at" in meta else cfg.model
+        meta, version = {}, None
+    name = f"{cfg.model} {version}" if version else cfg.model
+    return f"{name}, imported {meta['imported_at']}" if "imported_at" in meta else name
 
 
 def build_backend(cfg: AssistantConfig, engine=None, tokenizer=None):
@@ -210,12 +214,12 @@ def build_backend(cfg: AssistantConfig, engine=None, tokenizer=None):
 class Assistant:
     """The pipeline and what its turns need besides their `Turn`; built once, never changed."""
 
-    def __init__(self, cfg: AssistantConfig, pipeline: Pipeline, embedder: Callable):
+    def __init__(self, cfg: AssistantConfig, pipeline: Pipeline, embedder: Callable, registry=None):
         self.cfg, self.pipeline, self.embedder = cfg, pipeline, embedder
-        self.answered_by = answered_by(cfg)  # saved with each answer
+        self.answered_by = answered_by(cfg, registry)  # saved with each answer
 
     @classmethod
-    def build(cls, cfg: AssistantConfig, engine=None, tokenizer=None, embedder=None) -> Assistant:
+    def build(cls, cfg: AssistantConfig, engine=None, tokenizer=None, embedder=None, registry=None) -> Assistant:
         unknown = [s for s in cfg.stages if s not in BUILDERS]
         if unknown:
             raise ValueError(f"unknown pipeline stage(s) {', '.join(unknown)}; choose from {', '.join(BUILDERS)}")
@@ -225,7 +229,7 @@ class Assistant:
             embedder = Embedder.load()
         backend = build_backend(cfg, engine, tokenizer) if "respond" in cfg.stages else None
         parts = Parts(cfg, embedder, backend)
-        return cls(cfg, Pipeline([BUILDERS[name](parts) for name in cfg.stages]), embedder)
+        return cls(cfg, Pipeline([BUILDERS[name](parts) for name in cfg.stages]), embedder, registry)
 
     def memory(self, store: Store):
         """The long-term memory in `store` (per user: every method takes the user id)."""

@@ -33,6 +33,7 @@ def create_app(settings: Settings, engine=None, tokenizer=None, embedder=None) -
     but leaves closing it to the caller, and closes only an engine it built. `embedder` replaces
     loading MiniLM on first use."""
     from parley.serve.routes_audio import audio_routes
+    from parley.serve.routes_learn import learn_routes
     from parley.serve.routes_openai import openai_routes
     from parley.serve.routes_parley import parley_routes
     from parley.serve.routes_ui import ui_routes
@@ -44,18 +45,20 @@ def create_app(settings: Settings, engine=None, tokenizer=None, embedder=None) -
         import torch
 
         from parley.engine.engine import Engine
+        from parley.learn.personal import serving
 
-        model, tokenizer, _ = Registry(settings.home or None).load(settings.model,
-                                                                   dtype=getattr(torch, settings.engine.dtype))
-        engine = Engine.from_config(model, settings.engine)
-    server = Server(settings, engine.start(), settings.model, tokenizer, embedder)
+        registry = Registry(settings.home or None)
+        model, tokenizer, _ = registry.load(settings.model, dtype=getattr(torch, settings.engine.dtype))
+        # each user's turns are served with their own adapter, where they have one
+        engine = Engine.from_config(model, settings.engine, adapters=serving(settings.model, registry))
+    server = Server(settings, engine.start(), settings.model, tokenizer, embedder, swappable=owned)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         yield
         server.close()
         if owned:
-            engine.close()
+            server.engine.close()  # the current version's (a switch retires the ones before)
 
     app = FastAPI(title="Parley", version="0.1.0", lifespan=lifespan, responses=errors.RESPONSES)
     app.state.server = server
@@ -64,6 +67,7 @@ def create_app(settings: Settings, engine=None, tokenizer=None, embedder=None) -
     app.include_router(parley_routes(server))
     app.include_router(ui_routes(server))
     app.include_router(audio_routes(server))
+    app.include_router(learn_routes(server))
 
     def limit(path: str) -> int:
         uploads = ("/api/knowledge", "/v1/audio/transcriptions")  # a file in a multipart form

@@ -3,6 +3,7 @@
     parley users add ann --admin            # a user (admins may list users over the API)
     parley users key ann                    # prints a new API key, once: only its hash is kept
     parley users list
+    parley users untrust eve                # eve's feedback never becomes training data (`parley learn`)
     parley serve --model smollm2 --port 8000
     parley serve persona="You are terse." self_check=true web_search_url=http://127.0.0.1:8888
     parley serve --no-auth                  # loopback only: every request is the user `user` ("local")
@@ -48,9 +49,11 @@ def serve_main(argv: list[str]) -> int:
 
 @dataclass
 class UsersConfig:
-    action: Literal["add", "list", "key", "revoke", "delete"] = setting(
+    action: Literal["add", "list", "key", "revoke", "delete", "trust", "untrust", "optout", "optin"] = setting(
         help="add a user, list users, create a user's API key (printed once; only its hash is kept), revoke "
-             "all of a user's keys, or delete a user with everything they own (needs yes=true)",
+             "all of a user's keys, delete a user with everything they own (needs yes=true), or mark a user "
+             "untrusted (their feedback never becomes training data: `parley learn`) or trusted again, or opt a "
+             "user out of personalization (their adapter and its training data are deleted) or back in",
         positional="ACTION")
     name: str = setting("", "the user to add, make a key for, revoke or delete", positional="NAME")
     admin: bool = setting(False, "add: the user may list users over the API")
@@ -66,6 +69,7 @@ class UsersConfig:
 
 
 def users_main(argv: list[str], out=sys.stdout) -> int:
+    from parley.learn.personal import forget
     from parley.store import Store
 
     args = parse_cli(UsersConfig, argv, prog="parley users")
@@ -82,9 +86,19 @@ def users_main(argv: list[str], out=sys.stdout) -> int:
                 raise ValueError(f"no user named {args.name!r}: `parley users list` shows who there is")
             if args.action == "key":
                 print(store.create_api_key(user.id), file=out)
+            elif args.action in ("trust", "untrust"):
+                store.set_trusted(user.id, args.action == "trust")
+                print(f"{user.name} is {args.action}ed: their feedback "
+                      f"{'may become' if args.action == 'trust' else 'never becomes'} training data", file=out)
+            elif args.action in ("optout", "optin"):
+                store.set_personalized(user.id, args.action == "optin")
+                gone = forget(user.id) if args.action == "optout" else []
+                print(f"{user.name} opted {args.action[3:]} of personalization"
+                      + (f"; deleted {len(gone)} adapter and data folder(s)" if gone else ""), file=out)
             elif args.action == "revoke":
                 print(f"revoked {store.revoke_keys(user.id)} API key(s) of {user.name}; their data stays", file=out)
             else:
                 store.delete_user(user.id)
+                forget(user.id)  # their adapters and personal training data too
                 print(f"deleted {user.name} and everything they owned", file=out)
     return 0

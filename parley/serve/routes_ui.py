@@ -70,6 +70,7 @@ def _version(server: Server) -> str | None:
     engine was handed to the app rather than loaded from the registry)."""
     found = {m.name: m.meta for m in server.registry.list()}.get(server.model_name)
     if not found or "imported_at" not in found:
-        return None
+        return server.version  # "v3" once `parley learn` made versions; None otherwise
     source = FilePath(found.get("source", "")).name
-    return f"{source}, imported {found['imported_at']}" if source else f"imported {found['imported_at']}"
+    copy = f"{source}, imported {found['imported_at']}" if source else f"imported {found['imported_at']}"
+    return f"{server.version}: {copy}" if server.version else copy

@@ -4,10 +4,17 @@
     server.store()                 # this thread's connection to the database
     server.authenticate(request)   # the User of a request's bearer key (the routes' dependency)
     server.turns.start(user, conversation_id, "hello", overrides={})   # a pipeline turn
+    server.refresh()               # switch to a newly promoted version of the model (between turns)
 
 Each thread gets its own `Store` connection, as SQLite wants. Authentication is a dependency:
 a bearer key known to the store (per-key token-bucket rate limit), or, with `no_auth` on a
 loopback address only, everyone is the user `settings.user` ("local").
+
+A new version of the model (`parley learn` promoted one, or `parley models rollback`) is picked
+up without a restart: every authenticated request first compares the registry's stamp (where
+the model's link points) with the one it serves; on a change it loads the new version, builds
+its engine and turn runner, and serves from them from then on. Turns and completions already
+running finish on the old engine, which is closed once they have (`_retire`).
 """
 
 from __future__ import annotations
@@ -86,23 +93,54 @@ class FairLock:
 class Server:
     """The app's state and shared services."""
 
-    def __init__(self, settings: Settings, engine: Engine, model_name: str, tokenizer, embedder=None):
-        from parley.serve.turns import TurnRunner
-
+    def __init__(self, settings: Settings, engine: Engine, model_name: str, tokenizer, embedder=None,
+                 swappable: bool = False):
+        """`swappable`: the engine was loaded from the registry, so a new version may replace it
+        (an engine handed to the app stays the caller's: no switching then)."""
         self.settings, self.engine, self.model_name, self.tokenizer = settings, engine, model_name, tokenizer
         self.db = store_target(settings.db)
         self.registry = Registry(settings.home or None)
         self.metrics, self.buckets = Metrics(), TokenBuckets(settings.requests_per_minute)
         self.failures = TokenBuckets(settings.failed_auth_per_minute)  # per client address
         self._embedder, self.embed_lock, self._local = embedder, FairLock(), threading.local()
-        assistant = dataclasses.replace(settings.assistant(), db=self.db)
-        self.turns = TurnRunner(assistant, self.store, engine, tokenizer, self.embed, settings.pipeline_workers,
-                                settings.max_pending, single_threaded=bool(settings.engine.threads))
+        self.swappable, self._swapping, self.retired = swappable, threading.Lock(), []
+        self.version = self.registry.stamp(model_name) if swappable else None
+        self.turns = self._runner(engine, tokenizer)
         with Store(self.db) as store:
             # conversations whose first turn a killed process never finished: nobody can answer them
             store.drop_unsaved()
             if settings.no_auth and store.get_user_by_name(settings.user) is None:
                 store.add_user(settings.user, role="admin")
+
+    def _runner(self, engine: Engine, tokenizer):
+        from parley.serve.turns import TurnRunner
+
+        assistant = dataclasses.replace(self.settings.assistant(), db=self.db)
+        return TurnRunner(assistant, self.store, engine, tokenizer, self.embed, self.settings.pipeline_workers,
+                          self.settings.max_pending, single_threaded=bool(self.settings.engine.threads),
+                          registry=self.registry)
+
+    def refresh(self) -> None:
+        """Serve the model's current version: if the registry's stamp moved since the last look,
+        load that version and switch to it (the old engine retires in the background)."""
+        if not self.swappable or self.registry.stamp(self.model_name) == self.version:
+            return
+        import torch
+
+        with self._swapping:
+            stamp = self.registry.stamp(self.model_name)
+            if stamp == self.version:  # another request switched meanwhile
+                return
+            model, tokenizer, _ = self.registry.load(self.model_name, dtype=getattr(torch, self.settings.engine.dtype))
+            from parley.learn.personal import serving
+
+            engine = Engine.from_config(model, self.settings.engine,
+                                        adapters=serving(self.model_name, self.registry)).start()
+            old = (self.turns, self.engine)
+            self.turns, self.engine, self.tokenizer, self.version = self._runner(engine, tokenizer), engine, tokenizer, stamp
+            retiring = threading.Thread(target=_retire, args=old, name="parley-retire", daemon=True)
+            self.retired.append(retiring)
+            retiring.start()
 
     def store(self) -> Store:
         """This thread's connection to the database."""
@@ -155,6 +193,7 @@ class Server:
         if wait is not None:
             raise APIError(429, f"rate limit of {self.settings.requests_per_minute} requests a minute reached for "
                            f"this key; retry in {math.ceil(wait)} s", code="rate_limit_exceeded", retry_after=wait)
+        self.refresh()  # between requests: a newly promoted version serves this one
         return user
 
     def key_user(self, authorization: str, client: str) -> tuple[User, str]:
@@ -180,3 +219,15 @@ class Server:
 
     def close(self) -> None:
         self.turns.close()
+
+
+def _retire(turns, engine: Engine, patience_s: float = 600.0) -> None:
+    """Let the old version's turns and completions finish, then close its engine."""
+    turns.close()  # waits for the turns running or queued on it
+    deadline = time.monotonic() + patience_s
+    while time.monotonic() < deadline:
+        stats = engine.stats()
+        if not stats["running"] and not stats["waiting"]:
+            break
+        time.sleep(0.05)
+    engine.close()

@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 
 from parley.engine.channel import Channel
 from parley.engine.engine import Engine, QueueFull
+from parley.learn.personal import adapter_for
 from parley.model.tokenizer import Tokenizer
 from parley.pipeline.assistant import Assistant, AssistantConfig
 from parley.pipeline.runner import Cancel, Turn
@@ -79,8 +80,8 @@ def _one_torch_thread() -> None:
 
 class TurnRunner:
     def __init__(self, cfg: AssistantConfig, store: Callable[[], Store], engine: Engine, tokenizer: Tokenizer,
-                 embed, workers: int = 4, max_pending: int = 32, single_threaded: bool = False):
-        self.cfg, self.store = cfg, store
+                 embed, workers: int = 4, max_pending: int = 32, single_threaded: bool = False, registry=None):
+        self.cfg, self.store, self.registry = cfg, store, registry
         self.workers, self.max_pending, self._inflight, self._count = workers, max_pending, 0, threading.Lock()
         self.engine, self.tokenizer, self.embed = engine, tokenizer, embed
         self.pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="parley-turn",
@@ -95,8 +96,8 @@ class TurnRunner:
         """The one assistant every turn shares, built on first use (the NLU model loads then)."""
         with self._building:
             if self._assistant is None:
-                self._assistant = Assistant.build(self.cfg, engine=self.engine,
-                                                  tokenizer=self.tokenizer, embedder=self.embed)
+                self._assistant = Assistant.build(self.cfg, engine=self.engine, tokenizer=self.tokenizer,
+                                                  embedder=self.embed, registry=self.registry)
             return self._assistant
 
     def start(self, user: User, conversation_id: int | None, text: str, overrides: dict) -> RunningTurn:
@@ -113,8 +114,12 @@ class TurnRunner:
         try:
             if running.cancel.is_set():  # the client left while the turn waited for a thread
                 return
+            store = self.store()
             overrides = {**overrides, "cache_salt": user_salt(user)}  # cached prompt pages: this user's alone
-            turn = Turn(user.id, conversation_id, store=self.store(), overrides=overrides, cancel=running.cancel)
+            adapter = adapter_for(self.engine, store, user.id)
+            if adapter:  # their own adapter (parley learn user=NAME), unless they opted out
+                overrides["adapter"] = adapter
+            turn = Turn(user.id, conversation_id, store=store, overrides=overrides, cancel=running.cancel)
             frames = self.assistant().say(turn, text)
             try:
                 for i, frame in enumerate(frames):

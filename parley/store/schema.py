@@ -160,4 +160,11 @@ MIGRATIONS: list[tuple[str, ...]] = [
         # (regenerate, edit) can put the state back to what the remaining history left
         "ALTER TABLE turns ADD COLUMN slots TEXT CHECK (slots IS NULL OR json_valid(slots))",
     ),
+    (  # 8: a user can be marked untrusted: their feedback never becomes training data (parley learn)
+        "ALTER TABLE users ADD COLUMN trusted INTEGER NOT NULL DEFAULT 1 CHECK (trusted IN (0, 1))",
+    ),
+    (  # 9: a user can opt out of personalization: no adapter of their own is trained or served
+        # (parley/learn/personal.py)
+        "ALTER TABLE users ADD COLUMN personalize INTEGER NOT NULL DEFAULT 1 CHECK (personalize IN (0, 1))",
+    ),
 ]

@@ -134,4 +134,10 @@ PG_MIGRATIONS: list[tuple[str, ...]] = [
     (  # 7: the dialogue state an exchange left (see schema.py)
         "ALTER TABLE turns ADD COLUMN slots TEXT",
     ),
+    (  # 8: users marked untrusted (see schema.py)
+        "ALTER TABLE users ADD COLUMN trusted INTEGER NOT NULL DEFAULT 1 CHECK (trusted IN (0, 1))",
+    ),
+    (  # 9: users who opted out of personalization (see schema.py)
+        "ALTER TABLE users ADD COLUMN personalize INTEGER NOT NULL DEFAULT 1 CHECK (personalize IN (0, 1))",
+    ),
 ]

@@ -324,6 +324,62 @@ class Store:
             db.execute("DELETE FROM knowledge_stamps WHERE user_id = ?", (user_id,))
         return gone
 
+    def set_trusted(self, user_id: int, trusted: bool) -> None:
+        """Mark a user trusted (the default) or not: an untrusted user's feedback never becomes
+        training data (parley/learn/feedback.py)."""
+        with self._tx() as db:
+            if db.execute("UPDATE users SET trusted = ? WHERE id = ?", (int(bool(trusted)), user_id)).rowcount == 0:
+                raise ValueError(f"unknown user {user_id}")
+
+    def set_personalized(self, user_id: int, on: bool) -> None:
+        """Let a user have an adapter of their own (the default) or not (parley/learn/personal.py;
+        opting out also deletes what there is: personal.forget)."""
+        with self._tx() as db:
+            if db.execute("UPDATE users SET personalize = ? WHERE id = ?", (int(bool(on)), user_id)).rowcount == 0:
+                raise ValueError(f"unknown user {user_id}")
+
+    def personalized(self, user_id: int) -> bool:
+        row = self.db.execute("SELECT personalize FROM users WHERE id = ?", (user_id,)).fetchone()
+        if row is None:
+            raise ValueError(f"unknown user {user_id}")
+        return bool(row[0])
+
+    def is_trusted(self, user_id: int) -> bool:
+        row = self.db.execute("SELECT trusted FROM users WHERE id = ?", (user_id,)).fetchone()
+        if row is None:
+            raise ValueError(f"unknown user {user_id}")
+        return bool(row[0])
+
+    def feedback_rows(self, since: str = "", user_id: int | None = None) -> list[dict[str, Any]]:
+        """Every feedback row written after `since` (an ISO time; '' = all), oldest first, with its
+        answer, the answer's trace and model, and whether its user is trusted: what `parley learn`
+        reads (parley/learn/feedback.py decides what becomes training data)."""
+        sql = ("SELECT f.id, f.turn_id, f.user_id, u.name AS user_name, u.trusted, f.rating, f.edited_text, f.kind,"
+               " f.created_at, t.conversation_id, t.content AS answer, t.model, t.created_at AS answered_at,"
+               " tr.data AS trace FROM feedback f JOIN turns t ON t.id = f.turn_id"
+               " JOIN conversations c ON c.id = t.conversation_id AND c.user_id = f.user_id"
+               " JOIN users u ON u.id = f.user_id LEFT JOIN traces tr ON tr.turn_id = t.id"
+               " WHERE t.role = 'assistant' AND f.created_at > ?" + (" AND f.user_id = ?" if user_id is not None else "")
+               + " ORDER BY f.created_at, f.id")
+        cur = self.db.execute(sql, (since, user_id) if user_id is not None else (since,))
+        names = [column[0] for column in cur.description]
+        return [dict(zip(names, row)) for row in cur.fetchall()]
+
+    def history_before(self, message_id: int) -> list[Message]:
+        """The messages an answer followed (by id), as its conversation held them when it was
+        written: those withdrawn before then left out, withdrawn or not since."""
+        sql = (f"SELECT {', '.join('t.' + c for c in MESSAGE.split(', '))} FROM turns t JOIN turns a"
+               " ON a.id = ? AND t.conversation_id = a.conversation_id AND t.id < a.id"
+               " WHERE t.withdrawn_at IS NULL OR t.withdrawn_at >= a.created_at ORDER BY t.id")
+        return self._all(Message, sql, (message_id,))
+
+    def answers_after(self, message_id: int) -> list[Message]:
+        """The answers written after this one in its conversation, withdrawn ones too, in order."""
+        sql = (f"SELECT {', '.join('t.' + c for c in MESSAGE.split(', '))} FROM turns t JOIN turns a"
+               " ON a.id = ? AND t.conversation_id = a.conversation_id AND t.id > a.id"
+               " WHERE t.role = 'assistant' ORDER BY t.id")
+        return self._all(Message, sql, (message_id,))
+
     def user_for_key(self, key: str) -> User | None:
         """The key's user, or None. The key's last use is written at most once a minute
         (LAST_USED_RESOLUTION): a server checks the key of every request, and a write per

@@ -1,0 +1,196 @@
+"""Learning from use, end to end on a tiny model: users give feedback through the HTTP API of a
+real server, `parley learn` trains a candidate, the gate promotes a better one and refuses a
+worse one (trained with a learning rate that wrecks it), rollback restores the old version, and
+the server switches versions without a restart. An untrusted user's feedback and a turn the
+rails caught never become training data; a dry run trains and writes nothing."""
+
+import dataclasses
+import io
+import json
+
+import httpx
+import pytest
+import torch
+
+from parley.cli import main as parley
+from parley.engine.config import EngineConfig
+from parley.model.transformer import Transformer
+from parley.registry import Registry
+from parley.serve.app import create_app
+from parley.serve.main import users_main
+from parley.serve.settings import Settings
+from serving import serving
+
+FRANCE = "The capital of France is Paris."
+SPAM = "Buy cheap pills at spam.example today"
+EVIL = "Here is how to build it step by step"
+
+
+@pytest.fixture
+def home(tmp_path, tiny_hf_dir, monkeypatch):
+    """A Parley home with the tiny model ("tiny", room for chat prompts), replay dialogs, users."""
+    monkeypatch.setenv("PARLEY_HOME", str(tmp_path))
+    registry = Registry(tmp_path)
+    registry.import_model(str(tiny_hf_dir), name="small")
+    small, tokenizer, meta = registry.load("small")
+    torch.manual_seed(0)
+    model = Transformer(dataclasses.replace(small.config, max_position_embeddings=512)).eval()
+    registry.save("tiny", model, tokenizer, {**meta, "name": "tiny"})
+    registry.remove("small")
+    replay = tmp_path / "replay"
+    replay.mkdir()
+    talk = [("hello there", "Hello there, how are you today?"), ("how are you?", "Fine, how are you today?"),
+            ("numbers?", "Numbers 0123456789."), ("where is Paris?", "Paris is in France.")]
+    for split, n in (("train", 16), ("val", 8)):
+        (replay / f"dialogs-{split}.jsonl").write_text("".join(
+            json.dumps({"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}]}) + "\n"
+            for q, a in (talk * 4)[:n]))
+    db = str(tmp_path / "parley.db")
+    keys = {}
+    for name in ("ops", "ann", "bob", "eve"):
+        users_main(["--db", db, "add", name, *(["--admin"] if name == "ops" else [])], out=io.StringIO())
+        out = io.StringIO()
+        users_main(["--db", db, "key", name], out=out)
+        keys[name] = out.getvalue().strip()
+    users_main(["--db", db, "untrust", "eve"], out=io.StringIO())
+    return tmp_path, replay, db, keys
+
+
+def ask(http: httpx.Client, text: str) -> int:
+    """One assistant turn over the API; the saved answer's id."""
+    reply = http.post("/v1/chat/completions", json={"model": "parley", "temperature": 0,
+                                                    "messages": [{"role": "user", "content": text}]})
+    assert reply.status_code == 200, reply.text
+    return reply.json()["parley"]["turn_id"]
+
+
+def learn(*args: str, capsys=None) -> dict:
+    assert parley(["learn", *args]) == 0
+    return capsys.readouterr().out if capsys else None
+
+
+def test_feedback_trains_a_gated_candidate_that_the_server_switches_to(home, embedder, capsys):
+    root, replay, db, keys = home
+    settings = Settings(db=db, home=str(root), model="tiny", engine=EngineConfig(dtype="float32"),
+                        stages=["safety_in", "respond"], max_tokens=6, requests_per_minute=0)
+    app = create_app(settings, embedder=embedder)
+    server = app.state.server
+    common = ["tiny", "replay=" + str(replay), "--quick", "heldout_every=3", "train.seq_len=64", "train.batch_size=4"]
+    with serving(app) as url:
+        http = {name: httpx.Client(base_url=url, timeout=120, headers={"Authorization": f"Bearer {key}"})
+                for name, key in keys.items()}
+        for user, question in [("ann", "capital of France?"), ("bob", "what is the capital of France?"),
+                               ("ann", "France's capital?"), ("bob", "tell me the capital of France"),
+                               ("ann", "which city is the capital of France?"), ("bob", "capital city of France?")]:
+            turn = ask(http[user], question)
+            assert http[user].post(f"/api/turns/{turn}/feedback",
+                                   json={"rating": -1, "edited_text": FRANCE}).status_code == 200
+        regenerated = ask(http["ann"], "say hello")
+        assert http["ann"].post(f"/api/turns/{regenerated}/withdraw", json={"reason": "regenerate"}).status_code == 200
+        ask(http["ann"], "say hello")
+        spam = ask(http["eve"], "capital of France?")  # eve is untrusted
+        http["eve"].post(f"/api/turns/{spam}/feedback", json={"rating": 1, "edited_text": SPAM})
+        caught = ask(http["ann"], "how do I build a pipe bomb at home")  # the rails refuse it
+        http["ann"].post(f"/api/turns/{caught}/feedback", json={"rating": 1, "edited_text": EVIL})
+
+        out = learn(*common, "--dry-run", capsys=capsys)
+        assert "dry run" in out and '"sft": 6' in out and "untrusted user" in out and "rails (safety_in: refuse)" in out
+        assert not (root / "learn").exists()  # nothing written
+
+        # round 1: the candidate learns the edits; the gate promotes it
+        learn(*common, "train.steps=40", "train.lr=0.01", "train.warmup_steps=2")
+
+        # the server switches without a restart: the next answer is v2's, and says so
+        assert server.version is None
+        conv = http["bob"].post("/v1/chat/completions", json={"model": "parley", "messages": [
+            {"role": "user", "content": "capital of France?"}]}).headers["x-parley-conversation"]
+        assert server.version == "v2"
+        turns = http["bob"].get(f"/api/conversations/{conv}").json()["turns"]
+        assert turns[-1]["model"].startswith("tiny v2")
+        assert http["bob"].get("/api/settings").json()["version"].startswith("v2")
+        server.retired[0].join(timeout=60)  # the old engine closes once its requests are done
+        assert not server.retired[0].is_alive()
+
+        [first] = json.loads(http["ops"].get("/api/learn/rounds").text)["data"]
+        assert first["promoted"] and first["version"] == "v2", first["reasons"]
+        assert first["metrics"]["feedback_loss"]["value"] < first["metrics"]["feedback_loss"]["previous"]
+        folder = root / "learn" / "tiny" / "round-001"
+        trained = (folder / "data" / "dialogs-train.jsonl").read_text()
+        assert FRANCE in trained and "Hello there" in trained  # feedback and replay
+        for never in (SPAM, EVIL, "pipe bomb"):
+            assert never not in trained and never not in (folder / "pairs.jsonl").read_text()
+        pairs = [json.loads(x) for x in (folder / "pairs.jsonl").read_text().splitlines()]
+        assert {p["source"] for p in pairs} == {"feedback"} and len(pairs) == 6  # the edits
+        # the regenerated answer counts against: greedy decoding gave the same answer again, so no pair
+        assert [json.loads(x)["kind"] for x in (folder / "against.jsonl").read_text().splitlines()] == ["regenerated"]
+        assert {p.name for p in folder.iterdir()} >= {"report.md", "report.json", "metrics.png", "decision.json",
+                                                      "feedback.json", "train", "sft-heldout.jsonl"}
+        assert [v.label for v in Registry(root).versions("tiny")] == ["v1", "v2"]
+        assert "tiny.round-1" not in [m.name for m in Registry(root).list()]
+
+        # round 2: worse on purpose (a learning rate that wrecks the weights): refused
+        turn = ask(http["bob"], "and the capital of France again?")
+        http["bob"].post(f"/api/turns/{turn}/feedback", json={"rating": -1, "edited_text": FRANCE})
+        for question in ("capital of France, please", "France: capital?"):
+            turn = ask(http["ann"], question)
+            http["ann"].post(f"/api/turns/{turn}/feedback", json={"rating": -1, "edited_text": FRANCE})
+        learn(*common, "train.steps=20", "train.lr=3.0", "train.warmup_steps=1", "train.grad_clip=0")
+        second = json.loads(http["ops"].get("/api/learn/rounds").text)["data"][1]
+        assert not second["promoted"] and any("dialog_loss fell beyond" in r for r in second["reasons"])
+        assert (root / "learn" / "tiny" / "round-002" / "train" / "adapter.safetensors").is_file()
+        assert Registry(root).stamp("tiny") == "v2" and "tiny.round-2" not in [m.name for m in Registry(root).list()]
+        assert "# Learning round 2" in http["ops"].get("/api/learn/rounds/2/report").text
+        listed = learn("tiny", "--list", capsys=capsys)
+        assert "PROMOTED v2" in listed and "refused" in listed
+
+        # rollback (the command) restores v1, and the server follows; the admin API promotes v2 again
+        assert parley(["models", "rollback", "tiny"]) == 0
+        assert "* v1" in (parley(["models", "versions", "tiny"]), capsys.readouterr().out)[1]
+        assert http["ops"].get("/api/learn/versions").json()["serving"] == "v1"
+        assert http["ann"].post("/api/learn/promote", json={"version": "v2"}).status_code == 403
+        assert http["ops"].post("/api/learn/promote", json={"version": "v9"}).status_code == 404
+        moved = http["ops"].post("/api/learn/promote", json={"version": "v2"}).json()
+        assert moved["serving"] == "v2" and [v["current"] for v in moved["data"]] == [False, True]
+        for client in http.values():
+            client.close()
+
+
+def test_learn_refuses_bad_settings_and_a_round_with_no_feedback(home, capsys):
+    root, replay, db, _ = home
+    assert parley(["learn", "tiny", "replay=" + str(root / "nowhere")]) == 2
+    assert "dialogs-train.jsonl" in capsys.readouterr().err
+    assert parley(["learn", "tiny", "replay=" + str(replay), "lora.rank=0"]) == 2
+    assert "lora.rank must be > 0" in capsys.readouterr().err
+    assert parley(["learn", "nosuchmodel", "replay=" + str(replay)]) == 2
+    assert parley(["learn", "tiny", "replay=" + str(replay), f"db={db}", "--quick"]) == 0  # no feedback yet
+    [decision] = [json.loads(p.read_text()) for p in (root / "learn" / "tiny").glob("*/decision.json")]
+    assert not decision["promoted"] and decision["reasons"] == ["no feedback to train on since the last round"]
+    assert Registry(root).stamp("tiny") is None  # nothing changed
+
+
+def test_versions_promote_atomically_and_roll_back(tmp_path, tiny_hf_dir):
+    registry = Registry(tmp_path)
+    registry.import_model(str(tiny_hf_dir), name="m")
+    assert [v.label for v in registry.versions("m")] == ["v1"] and registry.stamp("m") is None
+    with pytest.raises(LookupError, match="no version older"):
+        registry.rollback("m")
+    model, tokenizer, meta = registry.load("m")
+    with torch.no_grad():
+        model.model.embed_tokens.weight.add_(1.0)
+    registry.save("m", model, tokenizer, meta, replace=True)  # a plain model is replaced in place
+    assert registry.stamp("m") is None
+    registry.save("staged", model, tokenizer, meta)
+    v2 = registry.add_version("m", registry.path("staged"), {"note": "test"})
+    assert v2.label == "v2" and registry.stamp("m") == "v1" and not registry.path("staged").exists()
+    registry.promote("m", "v2")
+    assert registry.stamp("m") == "v2" and (tmp_path / "models" / "m").is_symlink()
+    assert [m.name for m in registry.list()] == ["m"]  # the versions folder is not a model
+    registry.rollback("m")
+    assert registry.stamp("m") == "v1"
+    with pytest.raises(LookupError, match="no version 'v7'"):
+        registry.promote("m", "v7")
+    # a crash between moving the plain folder and linking it leaves v1 reachable
+    (tmp_path / "models" / "m").unlink()
+    assert registry.get("m").path.resolve() == (tmp_path / "models" / ".versions" / "m" / "v1").resolve()
+    registry.remove("m")
+    assert registry.list() == [] and not (tmp_path / "models" / ".versions" / "m").exists()
