@@ -134,4 +134,8 @@ PG_MIGRATIONS: list[tuple[str, ...]] = [
     (  # 7: the dialogue state an exchange left (see schema.py)
         "ALTER TABLE turns ADD COLUMN slots TEXT",
     ),
+    (  # 8: feedback of kind "barge-in" (see schema.py); the CHECK of 5 has Postgres's default name
+        "ALTER TABLE feedback DROP CONSTRAINT feedback_kind_check",
+        "ALTER TABLE feedback ADD CONSTRAINT feedback_kind_check CHECK (kind IN ('rating', 'regenerated', 'barge-in'))",
+    ),
 ]
