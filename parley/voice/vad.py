@@ -97,6 +97,15 @@ class Endpointer:
             self.frames_seen += 1
         return out
 
+    @property
+    def in_speech(self) -> bool:
+        """An utterance has begun and not yet ended (what a live turn's barge-in listens for)."""
+        return self.start is not None
+
+    def heard(self) -> np.ndarray:
+        """The samples of the utterance so far (with its lead-in): what a partial transcript reads."""
+        return np.concatenate(self.history) if self.start is not None and self.history else np.zeros(0, np.float32)
+
     def flush(self) -> list[Utterance]:
         """The utterance still open when the stream ends, if any."""
         if self.start is None:
