@@ -16,6 +16,7 @@ from parley.serve.settings import Settings
 from parley.store import Store
 from parley.voice.asr import wer
 from parley.voice.audio import resample
+from parley.voice.vad import EndOfTurn
 from serving import GatedEngine, serving
 from test_serve import make_users
 
@@ -220,3 +221,31 @@ def test_a_foreign_page_cannot_open_the_socket(bounded):
     with connect(ws_url(url), origin=f"http://127.0.0.1:{port}") as ws:  # the server's own page
         ws.send(json.dumps({"type": "start", "api_key": key}))
         assert until(ws, "ready", [])["type"] == "ready"
+
+
+def test_a_finished_sentence_ends_the_turn_after_a_short_quiet(tiny768_registry, tmp_path, speech):
+    """The end-of-turn rule (EndOfTurn): 300 ms of quiet, less than the endpointer's 600 ms wait,
+    and no audio after it: the turn is answered because the transcript reads as finished.
+    The same quiet after a sentence cut off on "the" is not an end: that turn waits for more quiet."""
+    site, key, _ = make_site(tiny768_registry, tmp_path)
+    with site as url, connect(ws_url(url)) as ws:
+        ws.send(json.dumps({"type": "start", "api_key": key}))
+        until(ws, "ready", [])
+        send_audio(ws, speech(ASK, pause=0.3))
+        seen = []
+        final = until(ws, "transcript", seen)
+        while not final.get("final"):
+            final = until(ws, "transcript", seen)
+        assert wer(ASK, final["text"]) <= 0.25
+        until(ws, "done", seen)
+        send_audio(ws, speech("Please turn on the", pause=0.3))
+        with pytest.raises(TimeoutError):  # waits: "the" wants a next word
+            while True:
+                message = ws.recv(timeout=5)
+                if not isinstance(message, bytes) and json.loads(message).get("final"):
+                    raise AssertionError(f"the turn ended on a dangling word: {message}")
+        send_audio(ws, b"\0" * 16_000)  # 500 ms more quiet: the plain wait ends it
+        final = until(ws, "transcript", seen)
+        while not final.get("final"):
+            final = until(ws, "transcript", seen)
+        assert "turn on" in final["text"].lower() and not EndOfTurn.finished(final["text"])

@@ -87,10 +87,14 @@ class LiveSession:
     """One client's live conversation: its endpointer, its current turn, what it has been sent."""
 
     def __init__(self, server: Server, voices: Voices, ws: WebSocket):
-        from parley.voice.vad import EnergyVAD, Endpointer
+        from parley.voice.vad import EndOfTurn, EnergyVAD, Endpointer
 
         self.server, self.voices, self.ws, self.settings = server, voices, ws, server.settings
-        self.cut = Endpointer(EnergyVAD(), RATE)
+        self.end_rule = EndOfTurn()
+        self.cut = Endpointer(EnergyVAD(min_silence_ms=self.end_rule.long_ms), RATE)
+        self.guess: asyncio.Task | None = None  # the transcript made after the first short quiet
+        self.guessed: tuple[int, str] | None = None  # (Endpointer.spoken then, its text)
+        self.guess_spoken = -1  # Endpointer.spoken when the last guess began
         self.send_lock = asyncio.Lock()
         self.user = self.asr = self.tts = None
         self.conversation: int | None = None
@@ -200,9 +204,12 @@ class LiveSession:
         if self.cut.in_speech and len(self.cut.heard()) > self.settings.voice_max_utterance_seconds * RATE:
             ended += self.cut.flush()  # long enough: answer what was said so far
         for utterance in ended:
-            self.partial_at = 0
             await self.answer(utterance.clip)
-        if self.cut.in_speech and len(self.cut.heard()) - self.partial_at >= PARTIAL_EVERY_S * RATE \
+        if self.cut.in_speech and self.cut.quiet_ms >= self.end_rule.short_ms and self.guess_spoken != self.cut.spoken \
+                and (self.guess is None or self.guess.done()):  # one guess per quiet stretch
+            self.guess_spoken = self.cut.spoken
+            self.guess = asyncio.create_task(self.guess_end(self.cut.heard(), self.cut.spoken))
+        elif self.cut.in_speech and len(self.cut.heard()) - self.partial_at >= PARTIAL_EVERY_S * RATE \
                 and (self.partial is None or self.partial.done()):
             self.partial_at = len(self.cut.heard())
             self.partial = asyncio.create_task(self.say_partial(self.cut.heard()))
@@ -211,6 +218,17 @@ class LiveSession:
         text = await run_in_threadpool(self.transcribe, samples)
         if self.cut.in_speech and text:  # the utterance has not ended (and been answered) meanwhile
             await self.send("transcript", text=text, final=False)
+
+    async def guess_end(self, samples: np.ndarray, spoken: int) -> None:
+        """The end-of-turn rule (parley.voice.vad.EndOfTurn): the utterance so far, transcribed after
+        a short quiet; if nothing was said since and it reads as finished, the turn ends now."""
+        text = await run_in_threadpool(self.transcribe, samples)
+        if not self.cut.in_speech or self.cut.spoken != spoken:
+            return  # the user went on (or the utterance was cut meanwhile): this guess is stale
+        self.guessed = (spoken, text)
+        if self.end_rule.finished(text):
+            for utterance in self.cut.flush():
+                await self.answer(utterance.clip)
 
     def transcribe(self, samples: np.ndarray) -> str:
         from parley.voice.audio import Clip
@@ -234,15 +252,20 @@ class LiveSession:
     # ------------------------------------------------------------------ answering
 
     async def answer(self, clip) -> None:
-        """Start the next turn once the previous one (interrupted, or still speaking) has ended."""
+        """Start the next turn once the previous one (interrupted, or still speaking) has ended;
+        the guess's transcript is the turn's when nothing was said after it."""
+        known = self.guessed[1] if self.guessed and self.guessed[0] == self.cut.spoken else None
+        if self.guess is not None and not self.guess.done() and self.guess is not asyncio.current_task():
+            self.guess.cancel()  # its answer would be stale: the utterance is cut already
+        self.guess, self.guessed, self.partial_at = None, None, 0
         previous = self.task
-        self.task = asyncio.create_task(self.turn(clip.samples, previous))
+        self.task = asyncio.create_task(self.turn(clip.samples, previous, known))
 
-    async def turn(self, samples: np.ndarray, previous: asyncio.Task | None) -> None:
+    async def turn(self, samples: np.ndarray, previous: asyncio.Task | None, known: str | None = None) -> None:
         if previous is not None:
             await asyncio.gather(previous, return_exceptions=True)
         self.barged = False
-        text = await run_in_threadpool(self.transcribe, samples)
+        text = known if known is not None else await run_in_threadpool(self.transcribe, samples)
         await self.send("transcript", text=text, final=True)
         if not text:
             return
@@ -321,7 +344,7 @@ class LiveSession:
         self.barged = True
         if self.running is not None:
             self.running.stop()
-        for task in (self.task, self.partial):
+        for task in (self.task, self.partial, self.guess):
             if task is not None:
                 await asyncio.gather(task, return_exceptions=True)
 
