@@ -13,7 +13,8 @@ each; any size below that), and `{"type": "stop"}` to end.
 
 Server to client, JSON: `ready` {rate, voice, audio_rate}; `speech_started` (the endpointer
 heard an utterance begin); `transcript` {text, final: false} about every second of speech and
-{text, final: true} when it ends; `turn` {conversation}; `text` {text} as the answer streams;
+{text, final: true} when it ends (the end-of-turn rule, parley.voice.vad.EndOfTurn: after 200 ms
+of quiet if the transcript reads as finished, else after 600 ms); `turn` {conversation}; `text` {text} as the answer streams;
 `audio` {text, rate, samples} followed by one binary message with that sentence's PCM16 (first
 sentence, or first clause of 4+ words, as soon as it is written); `interrupted` {conversation};
 `done` {turn_id, conversation, interrupted}; `error` {message, code}, after which the socket
@@ -49,7 +50,7 @@ from parley.serve.turns import QueueFull, RunningTurn, TurnDone, TurnStarted
 
 RATE = 16_000
 MAX_FRAME_BYTES = 32_000  # one second of 16 kHz PCM16
-PARTIAL_EVERY_S = 1.0  # a partial transcript after each second of new speech
+PARTIAL_EVERY_S = 1.0  # a partial transcript after each second of new speech (or 3x the last ASR time)
 FIRST_CLAUSE = 4  # words before a comma may end the first spoken piece (as `parley chat --audio-out`)
 
 
@@ -105,6 +106,8 @@ class LiveSession:
         self.last_answer: int | None = None  # the latest saved answer, for barge-in feedback after it ended
         self.partial: asyncio.Task | None = None
         self.partial_at = 0  # samples heard when the last partial transcript was made
+        self.asr_seconds = 0.0  # how long the last transcription took: partials keep Whisper busy a third
+        # of the time at most, so the end of an utterance seldom waits for one (they share the CPU and a lock)
 
     async def send(self, kind: str, **fields) -> None:
         async with self.send_lock:
@@ -181,7 +184,8 @@ class LiveSession:
         from parley.voice.tts import load_tts
 
         try:
-            asr, asr_busy = self.voices.get(("asr", WHISPER), lambda: load_asr("default"))
+            # the encoder reads a window fitted to each utterance, not 30 s: a short one costs less
+            asr, asr_busy = self.voices.get(("asr", WHISPER, "fitted"), lambda: load_asr("default", window=0))
             if voice in ("default", "joe"):
                 tts, tts_busy = self.voices.get(("tts", voice), lambda: load_tts(voice))
             else:
@@ -209,8 +213,8 @@ class LiveSession:
                 and (self.guess is None or self.guess.done()):  # one guess per quiet stretch
             self.guess_spoken = self.cut.spoken
             self.guess = asyncio.create_task(self.guess_end(self.cut.heard(), self.cut.spoken))
-        elif self.cut.in_speech and len(self.cut.heard()) - self.partial_at >= PARTIAL_EVERY_S * RATE \
-                and (self.partial is None or self.partial.done()):
+        elif self.cut.in_speech and self.cut.quiet_ms == 0 and (self.partial is None or self.partial.done()) \
+                and len(self.cut.heard()) - self.partial_at >= max(PARTIAL_EVERY_S, 3 * self.asr_seconds) * RATE:
             self.partial_at = len(self.cut.heard())
             self.partial = asyncio.create_task(self.say_partial(self.cut.heard()))
 
@@ -234,7 +238,10 @@ class LiveSession:
         from parley.voice.audio import Clip
 
         with self.asr_busy:
-            return self.asr.transcribe(Clip(samples, RATE)).text
+            start = time.perf_counter()
+            text = self.asr.transcribe(Clip(samples, RATE)).text
+            self.asr_seconds = time.perf_counter() - start
+            return text
 
     async def barge_in(self) -> None:
         """The user started speaking: stop the assistant if it is speaking (see the module docstring)."""
