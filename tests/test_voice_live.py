@@ -32,14 +32,16 @@ CHUNK = 3_200  # bytes: 100 ms of 16 kHz PCM16, as a microphone client sends the
 
 @pytest.fixture(scope="module")
 def speech():
-    """Text -> PCM16 at 16 kHz, with a second of silence after it (the endpointer waits 500 ms)."""
+    """Text -> PCM16 at 16 kHz, then `pause` seconds of silence (the endpointer waits 200-600 ms)."""
     from parley.voice.tts import load_tts
 
     piper = load_tts("default")
 
     def pcm(text: str, pause: float = 1.0) -> bytes:
         clip = piper.synthesize(text)
-        samples = np.concatenate([resample(clip.samples, clip.rate, 16_000), np.zeros(int(pause * 16_000))])
+        samples = resample(clip.samples, clip.rate, 16_000)
+        samples = samples[:np.flatnonzero(np.abs(samples) > 0.01)[-1] + 1]  # piper's own trailing quiet cut
+        samples = np.concatenate([samples, np.zeros(int(pause * 16_000))])
         return (samples.clip(-1, 1) * 32767).round().astype("<i2").tobytes()
 
     return pcm
@@ -99,6 +101,13 @@ def test_a_spoken_turn_is_heard_answered_and_spoken(tiny768_registry, tmp_path, 
             (asked, said) = store.messages(user.id, heard["conversation"])
             assert asked.content == final["text"] and said.id == heard["turn_id"]
             assert store.get_feedback(user.id, said.id) is None
+        send_audio(ws, speech(AGAIN, pause=0))  # 2.5 s of speech, still going: a partial transcript
+        partial = until(ws, "transcript", seen)
+        assert partial.get("final") is False and wer(AGAIN, partial["text"]) < 1, partial
+        send_audio(ws, b"\0" * 32_000)  # then quiet: the final one, and the next turn
+        final = until(ws, "transcript", seen)
+        assert final["final"] is True and wer(AGAIN, final["text"]) <= 0.34, final
+        assert until(ws, "done", seen)["conversation"] == heard["conversation"]
         ws.send(json.dumps({"type": "stop"}))
 
 

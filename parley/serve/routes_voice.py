@@ -12,9 +12,10 @@ header), "conversation": ID to go on with one, "voice": "default" | "joe" | "esp
 each; any size below that), and `{"type": "stop"}` to end.
 
 Server to client, JSON: `ready` {rate, voice, audio_rate}; `speech_started` (the endpointer
-heard an utterance begin); `transcript` {text, final: false} about every second of speech and
-{text, final: true} when it ends (the end-of-turn rule, parley.voice.vad.EndOfTurn: after 200 ms
-of quiet if the transcript reads as finished, else after 600 ms); `turn` {conversation}; `text` {text} as the answer streams;
+heard an utterance begin); `transcript` {text, final: false} at 2 s of an utterance and every
+1.5 s or so after, and {text, final: true} when it ends (the end-of-turn rule,
+parley.voice.vad.EndOfTurn: after 200 ms of quiet if the transcript reads as finished, else
+after 600 ms); `turn` {conversation}; `text` {text} as the answer streams;
 `audio` {text, rate, samples} followed by one binary message with that sentence's PCM16 (first
 sentence, or first clause of 4+ words, as soon as it is written); `interrupted` {conversation};
 `done` {turn_id, conversation, interrupted}; `error` {message, code}, after which the socket
@@ -50,7 +51,8 @@ from parley.serve.turns import QueueFull, RunningTurn, TurnDone, TurnStarted
 
 RATE = 16_000
 MAX_FRAME_BYTES = 32_000  # one second of 16 kHz PCM16
-PARTIAL_EVERY_S = 1.0  # a partial transcript after each second of new speech (or 3x the last ASR time)
+PARTIAL_EVERY_S = 1.5  # a partial transcript after each 1.5 s of new speech (or 3x the last ASR time), the first
+# after 2 s: a short command ("turn on the lights") then ends without a partial in Whisper's way
 FIRST_CLAUSE = 4  # words before a comma may end the first spoken piece (as `parley chat --audio-out`)
 
 
@@ -214,9 +216,15 @@ class LiveSession:
             self.guess_spoken = self.cut.spoken
             self.guess = asyncio.create_task(self.guess_end(self.cut.heard(), self.cut.spoken))
         elif self.cut.in_speech and self.cut.quiet_ms == 0 and (self.partial is None or self.partial.done()) \
-                and len(self.cut.heard()) - self.partial_at >= max(PARTIAL_EVERY_S, 3 * self.asr_seconds) * RATE:
+                and self.partial_due(len(self.cut.heard())):
             self.partial_at = len(self.cut.heard())
             self.partial = asyncio.create_task(self.say_partial(self.cut.heard()))
+
+    def partial_due(self, heard: int) -> bool:
+        """A partial transcript at 2 s of an utterance, then every PARTIAL_EVERY_S or 3x the last ASR time."""
+        if heard < 2 * RATE:
+            return False
+        return self.partial_at == 0 or heard - self.partial_at >= max(PARTIAL_EVERY_S, 3 * self.asr_seconds) * RATE
 
     async def say_partial(self, samples: np.ndarray) -> None:
         text = await run_in_threadpool(self.transcribe, samples)
