@@ -258,3 +258,22 @@ def test_a_finished_sentence_ends_the_turn_after_a_short_quiet(tiny768_registry,
         while not final.get("final"):
             final = until(ws, "transcript", seen)
         assert "turn on" in final["text"].lower() and not EndOfTurn.finished(final["text"])
+
+
+def test_speech_over_a_turn_still_being_transcribed_joins_the_next_utterance(tiny768_registry, tmp_path, speech):
+    """Two utterances sent at once, 700 ms apart: the second starts while the first is still in
+    Whisper (milliseconds of frames against hundreds of milliseconds of recognition), so no turn
+    is started for the first; it is said with the second, as one turn."""
+    site, key, db = make_site(tiny768_registry, tmp_path)
+    with site as url, connect(ws_url(url)) as ws:
+        ws.send(json.dumps({"type": "start", "api_key": key}))
+        until(ws, "ready", [])
+        send_audio(ws, speech(ASK, pause=0.7) + speech(AGAIN))
+        seen = []
+        done = until(ws, "done", seen)
+        (final,) = [m["text"] for m in seen if m["type"] == "transcript" and m["final"]]
+        assert "kitchen" in final.lower() and "weather" in final.lower(), final
+        assert [m["type"] for m in seen].count("turn") == 1 and done["interrupted"] is False
+        with Store(db) as store:
+            user = store.get_user_by_name("ann")
+            assert [m.content for m in store.messages(user.id, done["conversation"])][0] == final

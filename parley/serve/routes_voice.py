@@ -24,7 +24,8 @@ closes (1008 a policy: auth, limits, bad input; 1011 the server's fault).
 Barge-in: speech that starts while the assistant has a turn going (generating, or audio it sent
 that the client is still playing by the server's clock) stops it: the turn is interrupted
 through the engine's cancellation (RunningTurn.interrupt: saved marked interrupted, with a
-"barge-in" feedback), no more of its audio is sent, and the new utterance starts the next turn.
+"barge-in" feedback), no more of its audio is sent, and the new utterance starts the next turn
+(speech over a turn still being transcribed joins that utterance to the next instead).
 A turn that had ended but whose audio was still playing gets the feedback only. Bounds: frame
 size, utterance length (`voice_max_utterance_seconds`: cut there and answered), idle time
 (`voice_idle_seconds`), the server's keys and rate limit, and the BrowserGuard's Host and
@@ -104,6 +105,7 @@ class LiveSession:
         self.task: asyncio.Task | None = None  # the current turn: transcribe, answer, speak
         self.running: RunningTurn | None = None  # its pipeline turn, while it generates
         self.barged = False  # the current turn was interrupted: send no more of it
+        self.carry = ""  # an utterance whose turn the user spoke over before it began: the next one's start
         self.playing_until = 0.0  # monotonic time the client's playback of what was sent ends
         self.last_answer: int | None = None  # the latest saved answer, for barge-in feedback after it ended
         self.partial: asyncio.Task | None = None
@@ -281,6 +283,12 @@ class LiveSession:
             await asyncio.gather(previous, return_exceptions=True)
         self.barged = False
         text = known if known is not None else await run_in_threadpool(self.transcribe, samples)
+        text, self.carry = " ".join(filter(None, (self.carry, text))), ""
+        if self.barged:  # the user went on before this turn began: it is said with the next utterance
+            self.carry = text
+            if text:
+                await self.send("transcript", text=text, final=False)
+            return
         await self.send("transcript", text=text, final=True)
         if not text:
             return
