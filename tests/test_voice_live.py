@@ -235,7 +235,8 @@ def test_a_foreign_page_cannot_open_the_socket(bounded):
 def test_a_finished_sentence_ends_the_turn_after_a_short_quiet(tiny768_registry, tmp_path, speech):
     """The end-of-turn rule (EndOfTurn): 300 ms of quiet, less than the endpointer's 600 ms wait,
     and no audio after it: the turn is answered because the transcript reads as finished.
-    The same quiet after a sentence cut off on "the" is not an end: that turn waits for more quiet."""
+    The same quiet after a sentence cut off on "to" is not an end: that turn waits for more quiet.
+    (Whisper may complete a cut-off sentence; "I would like to" it leaves open, as "I would like to.")"""
     site, key, _ = make_site(tiny768_registry, tmp_path)
     with site as url, connect(ws_url(url)) as ws:
         ws.send(json.dumps({"type": "start", "api_key": key}))
@@ -247,8 +248,8 @@ def test_a_finished_sentence_ends_the_turn_after_a_short_quiet(tiny768_registry,
             final = until(ws, "transcript", seen)
         assert wer(ASK, final["text"]) <= 0.25
         until(ws, "done", seen)
-        send_audio(ws, speech("Please turn on the", pause=0.3))
-        with pytest.raises(TimeoutError):  # waits: "the" wants a next word
+        send_audio(ws, speech("I would like to", pause=0.3))
+        with pytest.raises(TimeoutError):  # waits: "to" wants a next word
             while True:
                 message = ws.recv(timeout=5)
                 if not isinstance(message, bytes) and json.loads(message).get("final"):
@@ -257,7 +258,7 @@ def test_a_finished_sentence_ends_the_turn_after_a_short_quiet(tiny768_registry,
         final = until(ws, "transcript", seen)
         while not final.get("final"):
             final = until(ws, "transcript", seen)
-        assert "turn on" in final["text"].lower() and not EndOfTurn.finished(final["text"])
+        assert "like to" in final["text"].lower() and not EndOfTurn.finished(final["text"])
 
 
 def test_speech_over_a_turn_still_being_transcribed_joins_the_next_utterance(tiny768_registry, tmp_path, speech):
