@@ -105,6 +105,7 @@ class LiveSession:
         self.task: asyncio.Task | None = None  # the current turn: transcribe, answer, speak
         self.running: RunningTurn | None = None  # its pipeline turn, while it generates
         self.barged = False  # the current turn was interrupted: send no more of it
+        self.overlong = False  # the last utterance was cut for length while the user went on
         self.carry = ""  # an utterance whose turn the user spoke over before it began: the next one's start
         self.playing_until = 0.0  # monotonic time the client's playback of what was sent ends
         self.last_answer: int | None = None  # the latest saved answer, for barge-in feedback after it ended
@@ -208,9 +209,13 @@ class LiveSession:
         ended = self.cut.push(np.frombuffer(data, "<i2").astype(np.float32) / 32768)
         if self.cut.in_speech and not was_speaking or (ended and not was_speaking):
             await self.send("speech_started")
-            await self.barge_in()
+            if not self.overlong:  # speech going on past a cut for length is the same speaker, not a barge-in
+                await self.barge_in()
+        if not self.cut.in_speech and self.cut.speech_frames == 0:
+            self.overlong = False  # quiet was heard: speech from here on is a new utterance
         if self.cut.in_speech and len(self.cut.heard()) > self.settings.voice_max_utterance_seconds * RATE:
             ended += self.cut.flush()  # long enough: answer what was said so far
+            self.overlong = True
         for utterance in ended:
             await self.answer(utterance.clip)
         if self.cut.in_speech and self.cut.quiet_ms >= self.end_rule.short_ms and self.guess_spoken != self.cut.spoken \
