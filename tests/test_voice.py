@@ -222,6 +222,17 @@ def test_whisper_transcribes_piper_speech(piper, whisper):
 
 
 @needs_espeak
+def test_whisper_with_a_window_fitted_to_the_clip_hears_the_same(piper):
+    """The live route's Whisper reads a window a second longer than the utterance, not 30 s."""
+    from parley.voice.asr import ASRError, WhisperASR, whisper_folder
+
+    clip = piper.synthesize(SENTENCE)
+    fitted = load_asr("default", window=0)
+    assert fitted.window == 0 and wer(SENTENCE, fitted.transcribe(load_audio(wav_bytes(clip))).text) <= WER_BOUND
+    with pytest.raises(ASRError, match="window"):
+        WhisperASR(whisper_folder("default"), window=31)
+
+
 def test_whisper_transcribes_espeak_speech(whisper):
     text = "Please open the window."
     result = whisper.transcribe(load_audio(wav_bytes(load_tts("espeak:en-us").synthesize(text))))

@@ -54,3 +54,13 @@ def test_a_click_is_not_an_utterance():
     audio = np.zeros(RATE, np.float32)
     audio[8000:8000 + 800] = 0.5  # 50 ms
     assert EnergyVAD().segments(Clip(audio, RATE)) == []
+
+
+def test_end_of_turn_waits_less_after_a_finished_sentence():
+    from parley.voice.vad import EndOfTurn
+
+    rule = EndOfTurn(short_ms=200, long_ms=600)
+    for text in ("Turn on the kitchen lights.", "What time is it?", "Play some music, please!", '"Hello."'):
+        assert rule.finished(text) and rule.wait_ms(text) == 200, text
+    for text in ("", "Turn on the.", "I want to.", "and then", "Tell me about", "Um."):
+        assert not rule.finished(text) and rule.wait_ms(text) == 600, text

@@ -32,11 +32,12 @@ def create_app(settings: Settings, engine=None, tokenizer=None, embedder=None) -
     or neither, replace loading `settings.model` from the registry: the app starts that engine
     but leaves closing it to the caller, and closes only an engine it built. `embedder` replaces
     loading MiniLM on first use."""
-    from parley.serve.routes_audio import audio_routes
+    from parley.serve.routes_audio import Voices, audio_routes
     from parley.serve.routes_learn import learn_routes
     from parley.serve.routes_openai import openai_routes
     from parley.serve.routes_parley import parley_routes
     from parley.serve.routes_ui import ui_routes
+    from parley.serve.routes_voice import voice_routes
 
     if (engine is None) != (tokenizer is None):
         raise ServeError("give both engine and tokenizer, or neither")
@@ -66,7 +67,9 @@ def create_app(settings: Settings, engine=None, tokenizer=None, embedder=None) -
     app.include_router(openai_routes(server))
     app.include_router(parley_routes(server))
     app.include_router(ui_routes(server))
-    app.include_router(audio_routes(server))
+    voices = Voices()  # the speech models, loaded on first use: the audio routes and the live voice route share them
+    app.include_router(audio_routes(server, voices))
+    app.include_router(voice_routes(server, voices))
     app.include_router(learn_routes(server))
 
     def limit(path: str) -> int:

@@ -27,6 +27,7 @@ is answered before its key or body is looked at.
   origin (with a warning at start); a server that may run without keys cannot afford that.
   No cookies are used, so a page can never make the browser attach credentials: a key is a
   bearer header the page's own script must hold.
+- **WebSockets** (the live voice route) pass the Host rule and the Origin rule of a write.
 - **Headers** on every answer: `X-Content-Type-Options: nosniff`, `X-Frame-Options: DENY`,
   `Referrer-Policy: no-referrer`, `Cross-Origin-Resource-Policy: same-origin`, and a CSP that
   allows nothing (`default-src 'none'; frame-ancestors 'none'`) unless the route set its own
@@ -105,9 +106,11 @@ class BrowserGuard:
         self.origins = set(names(allowed_origins))
 
     async def __call__(self, scope, receive, send):
-        if scope["type"] != "http":
+        if scope["type"] not in ("http", "websocket"):
             return await self.app(scope, receive, send)
         headers = dict(scope.get("headers") or [])
+        if scope["type"] == "websocket":
+            return await self._websocket(scope, receive, send, headers)
         host = headers.get(b"host", b"").decode("latin-1")
         origin = headers.get(b"origin", b"").decode("latin-1").strip().lower().rstrip("/")
         if host and not self.hosts.allows(host):
@@ -128,6 +131,23 @@ class BrowserGuard:
             await send(message)
 
         await self.app(scope, receive, sending)
+
+    async def _websocket(self, scope, receive, send, headers) -> None:
+        """A WebSocket (the live voice route) passes the same Host and Origin rules as a write:
+        a browser sends Origin with every handshake, and a socket can change things (turns)."""
+        host = headers.get(b"host", b"").decode("latin-1")
+        origin = headers.get(b"origin", b"").decode("latin-1").strip().lower().rstrip("/")
+        refusal = None
+        if host and not self.hosts.allows(host):
+            refusal = APIError(421, f"this server does not answer for the host {split_host(host)[0]!r}",
+                               code="invalid_host")
+        elif origin not in self.origins and (why := self._write_refusal(origin, host, scope, headers)):
+            refusal = APIError(403, why, code="cross_origin")
+        if refusal is None:
+            return await self.app(scope, receive, send)
+        if "websocket.http.response" in scope.get("extensions", {}):  # an HTTP answer that says why
+            return await self._refuse(refusal, scope, receive, send)
+        await send({"type": "websocket.close", "code": 1008, "reason": refusal.code})  # the server answers 403
 
     @staticmethod
     def _write_refusal(origin: str, host: str, scope, headers) -> str | None:
@@ -157,7 +177,7 @@ class BrowserGuard:
         response.headers["connection"] = "close"  # the body, if any, is never read
 
         async def sending(message):
-            if message["type"] == "http.response.start":
+            if message["type"] in ("http.response.start", "websocket.http.response.start"):
                 message = {**message, "headers": _secured(message.get("headers", []), "")}
             await send(message)
 

@@ -83,10 +83,9 @@ class Voices:
             raise APIError(400, str(e), code="invalid_value", param="voice") from None
 
 
-def audio_routes(server: Server) -> APIRouter:
+def audio_routes(server: Server, voices: Voices) -> APIRouter:
     router = APIRouter(prefix="/v1/audio")
     auth = Depends(server.authenticate)
-    voices = Voices()
 
     @router.post("/transcriptions", openapi_extra=_form_schema())
     async def transcriptions(request: Request, user: User = auth):

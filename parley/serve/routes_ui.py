@@ -27,6 +27,7 @@ from parley.store import User
 STATIC = FilePath(__file__).parent / "static"
 JS, CSS = "text/javascript", "text/css"
 FILES = {"app.js": JS, "render.js": JS, "icons.js": JS, "app.css": CSS,  # all the page loads besides itself
+         "voice.js": JS, "voice.css": CSS,  # the Talk button (the live voice route, routes_voice.py)
          "vendor/markdown-it.min.js": JS, "vendor/purify.min.js": JS, "vendor/highlight.min.js": JS}
 POLICY = ("default-src 'none'; script-src 'self'; style-src 'self'; connect-src 'self'; img-src 'self' data:; "
           "form-action 'none'; frame-ancestors 'none'; base-uri 'none'")

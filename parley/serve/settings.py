@@ -62,6 +62,10 @@ class Settings(AssistantConfig):
                                      "addresses served (DNS-rebinding guard: others get HTTP 421); '*' = any")
     allowed_origins: str = setting("", "web page origins (https://app.example) that may call the API from a "
                                        "browser: writes and CORS; '' = this server's own page only")
+    voice_idle_seconds: float = setting(60.0, "a live voice session (/api/voice) with no message for this long "
+                                              "is closed")
+    voice_max_utterance_seconds: float = setting(30.0, "longest utterance the live voice route listens to; a "
+                                                       "longer one is cut there and answered")
 
     def __post_init__(self):
         if self.no_auth and not is_loopback(self.host):
@@ -71,7 +75,8 @@ class Settings(AssistantConfig):
         if self.failed_auth_per_minute < 0:
             raise ServeError(f"failed_auth_per_minute must be >= 0 (got {self.failed_auth_per_minute})")
         for name in ("requests_per_minute", "max_pending", "max_body_bytes", "max_upload_bytes", "pipeline_workers",
-                     "max_tokens", "max_embedding_inputs", "max_embedding_chars", "embedding_batch"):
+                     "max_tokens", "max_embedding_inputs", "max_embedding_chars", "embedding_batch", "voice_idle_seconds",
+                     "voice_max_utterance_seconds"):
             if getattr(self, name) < (0 if name == "requests_per_minute" else 1):
                 raise ServeError(f"{name} must be positive (got {getattr(self, name)})")
         for name, what, example in (("allowed_hosts", "a host name", "parley.lan,10.0.0.5"),

@@ -5,6 +5,8 @@
     async for item in turn.frames():         # TurnStarted, then TextDelta / Notice / Refusal ...
         ...                                  # frames, then TurnDone (saved message id, token counts)
     turn.stop()                              # the client went away: generation stops at once
+    turn.interrupt("barge-in")               # the user spoke over the answer: it stops at once,
+                                             # is saved marked [interrupted], with barge-in feedback
 
 Each turn runs on a small pool of threads. They share one `Assistant`, built on the first turn
 and never changed after: everything a turn owns (this thread's store connection, the user,
@@ -53,6 +55,7 @@ class TurnStarted:
 class RunningTurn:
     channel: Channel = field(default_factory=Channel)  # from the turn's thread to the route
     cancel: Cancel = field(default_factory=Cancel)  # the pipeline turn's own
+    interrupted: str | None = None  # why `interrupt` stopped it ("barge-in"), None for `stop`
 
     async def frames(self) -> AsyncIterator:
         """TurnStarted, the pipeline's frames, TurnDone; the turn's exception if it failed."""
@@ -63,6 +66,13 @@ class RunningTurn:
 
     def stop(self) -> None:
         """Stop the turn: its generation at once (queued or running), the pipeline at its next frame."""
+        self.cancel.set()
+
+    def interrupt(self, reason: str = "barge-in") -> None:
+        """Stop the turn as `stop` does (the engine's request is cancelled now, so at most the step
+        under way finishes), but let the pipeline end it: the answer so far is saved marked
+        interrupted, and a "barge-in" is recorded as -1 feedback of that kind on it."""
+        self.interrupted = reason
         self.cancel.set()
 
 
@@ -120,16 +130,21 @@ class TurnRunner:
             if adapter:  # their own adapter (parley learn user=NAME), unless they opted out
                 overrides["adapter"] = adapter
             turn = Turn(user.id, conversation_id, store=store, overrides=overrides, cancel=running.cancel)
+            # registered before respond registers its request's cancel, so it runs first: the
+            # pipeline then ends the turn with an Interrupt frame, which the saved answer shows
+            running.cancel.on_set(lambda: running.interrupted and turn.interrupt(running.interrupted))
             frames = self.assistant().say(turn, text)
             try:
                 for i, frame in enumerate(frames):
-                    if running.cancel.is_set():
+                    if running.cancel.is_set() and not running.interrupted:
                         break
                     if i == 0:  # say() has opened the conversation by now
                         running.channel.put(TurnStarted(turn.conversation_id))
                     running.channel.put(frame)
             finally:
                 frames.close()  # closes the respond stage's stream, which cancels its generation
+            if running.interrupted == "barge-in" and turn.message_id is not None:
+                turn.store.add_feedback(user.id, turn.message_id, -1, kind="barge-in")
             running.channel.put(TurnDone(turn.conversation_id, turn.message_id, turn.usage.prompt_tokens,
                                         turn.usage.completion_tokens))
         except Exception as e:  # the turn fails, the thread serves the next one

@@ -167,4 +167,20 @@ MIGRATIONS: list[tuple[str, ...]] = [
         # (parley/learn/personal.py)
         "ALTER TABLE users ADD COLUMN personalize INTEGER NOT NULL DEFAULT 1 CHECK (personalize IN (0, 1))",
     ),
+    (  # 10: feedback of kind "barge-in": the user spoke over a spoken answer, which stopped it
+        # (parley/serve/turns.py). SQLite cannot change a CHECK: the table is rebuilt, rows and ids kept.
+        """CREATE TABLE feedback_new (
+            id INTEGER PRIMARY KEY,
+            turn_id INTEGER NOT NULL REFERENCES turns(id) ON DELETE CASCADE,
+            user_id INTEGER NOT NULL REFERENCES users(id) ON DELETE CASCADE,
+            rating INTEGER NOT NULL CHECK (rating IN (-1, 1)),
+            edited_text TEXT,
+            created_at TEXT NOT NULL,
+            kind TEXT NOT NULL DEFAULT 'rating' CHECK (kind IN ('rating', 'regenerated', 'barge-in')),
+            UNIQUE (turn_id, user_id))""",
+        "INSERT INTO feedback_new (id, turn_id, user_id, rating, edited_text, created_at, kind)"
+        " SELECT id, turn_id, user_id, rating, edited_text, created_at, kind FROM feedback",
+        "DROP TABLE feedback",
+        "ALTER TABLE feedback_new RENAME TO feedback",
+    ),
 ]

@@ -140,4 +140,8 @@ PG_MIGRATIONS: list[tuple[str, ...]] = [
     (  # 9: users who opted out of personalization (see schema.py)
         "ALTER TABLE users ADD COLUMN personalize INTEGER NOT NULL DEFAULT 1 CHECK (personalize IN (0, 1))",
     ),
+    (  # 10: feedback of kind "barge-in" (see schema.py); the CHECK of 5 has Postgres's default name
+        "ALTER TABLE feedback DROP CONSTRAINT feedback_kind_check",
+        "ALTER TABLE feedback ADD CONSTRAINT feedback_kind_check CHECK (kind IN ('rating', 'regenerated', 'barge-in'))",
+    ),
 ]

@@ -95,7 +95,8 @@ class Feedback:
     rating: int
     edited_text: str | None
     created_at: str
-    kind: str = "rating"  # or "regenerated": the user asked for another answer instead (see `withdraw`)
+    kind: str = "rating"  # or "regenerated": the user asked for another answer instead (see `withdraw`),
+    # or "barge-in": the user spoke over this spoken answer, which stopped it there
 
 
 @dataclass(frozen=True)
@@ -601,19 +602,25 @@ class Store:
         row = self.db.execute(sql, (message_id, user_id)).fetchone()
         return json.loads(row[0]) if row else None
 
-    def add_feedback(self, user_id: int, message_id: int, rating: int, edited_text: str | None = None) -> Feedback:
-        """Rate an answer +1 or -1, optionally with a corrected text; rating again replaces it."""
+    def add_feedback(self, user_id: int, message_id: int, rating: int, edited_text: str | None = None,
+                     kind: str = "rating") -> Feedback:
+        """Rate an answer +1 or -1, optionally with a corrected text; rating again replaces it.
+        `kind` "barge-in" records that the user spoke over the answer (the voice route gives
+        it -1: the answer went on longer than the user wanted to hear)."""
         if rating not in (1, -1) or isinstance(rating, bool):
             raise ValueError(f"rating must be +1 or -1, not {rating!r}")
+        if kind not in ("rating", "barge-in"):  # "regenerated" is written by `withdraw`
+            raise ValueError(f"feedback kind must be 'rating' or 'barge-in', not {kind!r}")
         if edited_text is not None:
             _text(edited_text, "edited text")
         with self._tx() as db:
             self._require_message(user_id, message_id)
             db.execute(
-                "INSERT INTO feedback (turn_id, user_id, rating, edited_text, created_at) VALUES (?, ?, ?, ?, ?)"
+                "INSERT INTO feedback (turn_id, user_id, rating, edited_text, created_at, kind)"
+                " VALUES (?, ?, ?, ?, ?, ?)"
                 " ON CONFLICT (turn_id, user_id) DO UPDATE SET rating = excluded.rating,"
-                " edited_text = excluded.edited_text, created_at = excluded.created_at",
-                (message_id, user_id, rating, edited_text, _now()),
+                " edited_text = excluded.edited_text, created_at = excluded.created_at, kind = excluded.kind",
+                (message_id, user_id, rating, edited_text, _now(), kind),
             )
         return self.get_feedback(user_id, message_id)
 

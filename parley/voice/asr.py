@@ -15,6 +15,7 @@ this carries the segments and timing a file transcription or an API answer needs
 
 from __future__ import annotations
 
+import math
 import os
 import re
 from dataclasses import dataclass, field
@@ -56,17 +57,22 @@ class ASR(Protocol):
 
 class WhisperASR:
     """Whisper in CTranslate2 format via faster-whisper. `dtype` is CTranslate2's compute type
-    (int8 is the fastest on CPU; float32 the most exact); `beam_size` 1 is greedy decoding."""
+    (int8 is the fastest on CPU; float32 the most exact); `beam_size` 1 is greedy decoding.
+    `window` is the seconds of audio the encoder reads at a time: Whisper's own 30, or 0 to fit
+    it to each clip (a second over its length): a short utterance then costs the encoder a
+    fraction of 30 s of padding (the live voice route; benchmarks/voice.py compares the WER)."""
 
     def __init__(self, folder: str | Path, name: str = "whisper", dtype: str = "int8", beam_size: int = 1,
-                 threads: int = 0):
+                 threads: int = 0, window: int = 30):
         from faster_whisper import WhisperModel
 
         if not (Path(folder) / "model.bin").is_file():
             raise ASRError(f"{folder} is not a CTranslate2 Whisper folder (no model.bin)")
         if dtype not in ("int8", "float32", "int8_float32", "float16", "bfloat16"):
             raise ASRError(f"dtype {dtype!r} is not a CTranslate2 compute type: use int8 or float32")
-        self.name, self.beam_size = name, beam_size
+        if not 0 <= window <= 30:
+            raise ASRError(f"window must be 0 (fit each clip) to 30 seconds, not {window}")
+        self.name, self.beam_size, self.window = name, beam_size, window
         self.model = WhisperModel(str(folder), device="cpu", compute_type=dtype,
                                   cpu_threads=threads or min(4, os.cpu_count() or 1))
         self.english_only = not self.model.model.is_multilingual
@@ -76,7 +82,8 @@ class WhisperASR:
             raise ASRError(f"Whisper takes {MODEL_RATE} Hz audio, not {clip.rate} Hz (parley.voice.audio.load_audio)")
         parts, info = self.model.transcribe(clip.samples, language="en" if self.english_only else None,
                                             beam_size=self.beam_size, vad_filter=False,
-                                            condition_on_previous_text=False)
+                                            condition_on_previous_text=False,
+                                            chunk_length=self.window or min(30, math.ceil(clip.seconds) + 1))
         segments = [Segment(round(s.start, 3), round(s.end, 3), s.text.strip(), s.avg_logprob, s.compression_ratio,
                             s.no_speech_prob) for s in parts]
         return Transcription(" ".join(s.text for s in segments if s.text), segments, info.language, clip.seconds)
@@ -136,16 +143,17 @@ def whisper_folder(name: str) -> Path:
     return Path(name)
 
 
-def load_asr(name: str = "default", dtype: str = "") -> ASR:
+def load_asr(name: str = "default", dtype: str = "", window: int = 30) -> ASR:
     """A recogniser by name: a Whisper alias (default, whisper-1, tiny.en), a CTranslate2 Whisper
-    folder, or an HF Wav2Vec2ForCTC folder (our wav2vec 2.0). `dtype` '' is the backend's default."""
+    folder, or an HF Wav2Vec2ForCTC folder (our wav2vec 2.0). `dtype` '' is the backend's default;
+    `window` is Whisper's (WhisperASR)."""
     path = Path(name)
     if name not in WHISPER_ALIASES and not path.is_dir():
         raise ASRError(f"no speech model {name!r}: use default (whisper tiny.en), a CTranslate2 Whisper folder, "
                        "or a Wav2Vec2ForCTC folder")
     if (path / "model.bin").is_file() or name in WHISPER_ALIASES:
         return WhisperASR(whisper_folder(name), name="whisper-tiny.en" if name in WHISPER_ALIASES else path.name,
-                          dtype=dtype or "int8")
+                          dtype=dtype or "int8", window=window)
     return Wav2Vec2ASR(path, dtype=dtype or "float32")
 
 

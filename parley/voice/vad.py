@@ -15,6 +15,7 @@ speech regions of synthesized speech mixed with noise at several signal-to-noise
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -62,6 +63,7 @@ class Endpointer:
         self.history: list[np.ndarray] = []  # frames of the utterance so far (with the lead-in)
         self.frames_seen = 0
         self.speech_frames = self.quiet_frames = 0
+        self.spoken = 0  # speech frames heard in all (never reset): "was anything said since?"
         self.start: int | None = None  # frame index where the current utterance began
 
     def _is_speech(self, frame: np.ndarray) -> bool:
@@ -80,6 +82,7 @@ class Endpointer:
         while len(self.pending) >= self.frame:
             frame, self.pending = self.pending[:self.frame], self.pending[self.frame:]
             speech = self._is_speech(frame)
+            self.spoken += speech
             self.history.append(frame)
             if self.start is None:
                 if speech:
@@ -97,6 +100,20 @@ class Endpointer:
             self.frames_seen += 1
         return out
 
+    @property
+    def quiet_ms(self) -> int:
+        """How long the open utterance has been quiet (0 when speech is heard, or none is open)."""
+        return self.quiet_frames * self.vad.frame_ms if self.start is not None else 0
+
+    @property
+    def in_speech(self) -> bool:
+        """An utterance has begun and not yet ended (what a live turn's barge-in listens for)."""
+        return self.start is not None
+
+    def heard(self) -> np.ndarray:
+        """The samples of the utterance so far (with its lead-in): what a partial transcript reads."""
+        return np.concatenate(self.history) if self.start is not None and self.history else np.zeros(0, np.float32)
+
     def flush(self) -> list[Utterance]:
         """The utterance still open when the stream ends, if any."""
         if self.start is None:
@@ -112,6 +129,33 @@ class Endpointer:
                               Clip(np.concatenate(kept) if kept else np.zeros(0, np.float32), self.rate))
         self.history, self.start, self.speech_frames, self.quiet_frames = [], None, 0, 0
         return utterance
+
+
+_FINAL = re.compile(r"[.?!][\"')\]]*\s*$")
+_DANGLING = re.compile(r"\b(a|an|the|and|or|but|so|to|of|in|on|at|for|with|my|your|is|are|was|because|if|that|"
+                       r"about|from|like|um|uh|er)\W*$", re.IGNORECASE)
+
+
+@dataclass
+class EndOfTurn:
+    """When the user has finished speaking, sooner than a fixed wait: after `short_ms` of quiet
+    the utterance so far is transcribed, and if the transcript reads as finished (Whisper ends
+    it with . ? or ! and it does not end on a word that needs a next one: "the", "and", "to")
+    the turn ends there; otherwise it ends after `long_ms` of quiet, as the plain endpointer's
+    wait. The transcription made at `short_ms` is the turn's own transcript either way when no
+    speech came after it, so it overlaps the wait instead of following it."""
+
+    short_ms: int = 200
+    long_ms: int = 600
+
+    @staticmethod
+    def finished(text: str) -> bool:
+        text = text.strip()
+        return bool(text) and _FINAL.search(text) is not None and _DANGLING.search(text.rstrip(".?!\"')] ")) is None
+
+    def wait_ms(self, text: str) -> int:
+        """The quiet after speech that ends a turn whose transcript is `text`."""
+        return self.short_ms if self.finished(text) else self.long_ms
 
 
 @dataclass

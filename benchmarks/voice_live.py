@@ -1,0 +1,142 @@
+"""Voice-turn latency through the live voice route, end to end: a real server (SmolLM2, the
+default pipeline, Whisper tiny.en, piper) on a local port, and a WebSocket client that streams
+piper's speech of a held-out question in real time (100 ms frames, each sent when its time has
+come), then quiet, and notes when the final transcript and the first audio of the answer arrive.
+
+    python benchmarks/voice_live.py              # 5 questions
+    python benchmarks/voice_live.py --short      # 2 questions (a minute or two)
+    python benchmarks/voice_live.py --write      # append the table to benchmarks/RESULTS.md
+
+Latency = arrival of the first answer audio - the moment the last frame holding speech was sent
+(the end of speech as a microphone would deliver it). Everything the route does is in it: the
+end-of-turn rule (parley.voice.vad.EndOfTurn), Whisper, the turn, the first clause's synthesis.
+The questions are benchmarks/voice.py's turn questions (the held-out intent utterances).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import socket
+import sys
+import tempfile
+import threading
+import time
+
+import numpy as np
+import torch
+from record import append_section, commit, cpu_name
+from voice import heldout_sentences
+
+CHUNK_S = 0.1
+
+
+def serve(app):
+    import uvicorn
+
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    sock.listen(8)
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
+    threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True).start()
+    return server, f"ws://127.0.0.1:{sock.getsockname()[1]}/api/voice"
+
+
+def one_turn(url: str, key: str, pcm: bytes) -> dict:
+    """Stream `pcm` (16 kHz PCM16 speech) in real time, then quiet; the arrival times, relative
+    to the end of speech, of the final transcript and of the first answer audio."""
+    from websockets.sync.client import connect
+
+    step = int(CHUNK_S * 16_000) * 2
+    quiet = b"\0" * step
+    marks: dict = {}
+    with connect(url) as ws:
+        ws.send(json.dumps({"type": "start", "api_key": key}))
+        while json.loads(ws.recv(timeout=120))["type"] != "ready":
+            pass
+        start = time.perf_counter()
+        chunks = [pcm[i:i + step] for i in range(0, len(pcm), step)]
+
+        def send():
+            for i, chunk in enumerate(chunks + [quiet] * 100):  # then 10 s of quiet at most
+                time.sleep(max(0.0, start + i * CHUNK_S - time.perf_counter()))
+                if "audio" in marks:
+                    return
+                ws.send(chunk)
+                if i == len(chunks) - 1:
+                    marks["end"] = time.perf_counter()
+
+        sender = threading.Thread(target=send)
+        sender.start()
+        while "audio" not in marks:
+            message = ws.recv(timeout=60)
+            if isinstance(message, bytes):
+                continue
+            m = json.loads(message)
+            if m["type"] == "transcript" and m["final"]:
+                marks["heard"], marks["text"] = time.perf_counter(), m["text"]
+            elif m["type"] == "audio":
+                marks["audio"] = time.perf_counter()
+            elif m["type"] in ("done", "error"):
+                raise RuntimeError(f"the turn ended without audio: {m}")
+        sender.join()
+    return {"text": marks["text"], "heard_ms": (marks["heard"] - marks["end"]) * 1000,
+            "audio_ms": (marks["audio"] - marks["end"]) * 1000}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--short", action="store_true", help="2 questions")
+    parser.add_argument("--write", action="store_true", help="append the table to benchmarks/RESULTS.md")
+    parser.add_argument("--note", default="", help="a remark for the written section (e.g. the machine was loaded)")
+    args = parser.parse_args()
+    torch.set_flush_denormal(True)
+    from parley.serve.app import create_app
+    from parley.serve.settings import Settings
+    from parley.store import Store
+    from parley.voice.audio import resample
+    from parley.voice.tts import load_tts
+
+    piper = load_tts("default")
+
+    def pcm(text: str) -> bytes:
+        clip = piper.synthesize(text)
+        # trailing quiet of piper's clip is cut, so the last chunk holding speech is the end of speech
+        samples = resample(clip.samples, clip.rate, 16_000)
+        loud = np.flatnonzero(np.abs(samples) > 0.01)
+        samples = samples[:loud[-1] + 1] if len(loud) else samples
+        return (np.concatenate([np.zeros(3_200), samples]).clip(-1, 1) * 32767).round().astype("<i2").tobytes()
+
+    n, turns = 8, 2 if args.short else 5
+    questions = heldout_sentences(n + turns)[n:]
+    rows = ["| question | heard as | end of speech -> final transcript ms | -> first answer audio ms |",
+            "|---|---|---|---|"]
+    latencies = []
+    with tempfile.TemporaryDirectory() as tmp:
+        db = f"{tmp}/parley.db"
+        with Store(db) as store:
+            key = store.create_api_key(store.add_user("bench").id)
+        server, url = serve(create_app(Settings(db=db, temperature=0, max_tokens=96, requests_per_minute=0)))
+        try:
+            one_turn(url, key, pcm("Hello there."))  # warm up every stage
+            for question in questions:
+                r = one_turn(url, key, pcm(question))
+                latencies.append(r["audio_ms"])
+                rows.append(f"| {question} | {r['text']} | {r['heard_ms']:.0f} | {r['audio_ms']:.0f} |")
+                print(rows[-1], flush=True)
+        finally:
+            server.should_exit = True
+    rows.append(f"\nmedian end of speech -> first audio through /api/voice: {np.median(latencies):.0f} ms "
+                "(goal < 700 ms)")
+    print("\n".join(rows))
+    if args.write:
+        command = "python benchmarks/voice_live.py" + (" --short" if args.short else "")
+        append_section(f"\n## Voice: live-route turn latency, end to end ({dt.date.today()})\n\n"
+                       f"Commit {commit()}, {cpu_name(flags=True)}, {torch.get_num_threads()} threads. "
+                       f"Command: `{command} --write`. {args.note}\n\n" + "\n".join(rows) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

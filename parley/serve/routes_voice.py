@@ -1,0 +1,387 @@
+"""The live voice route: a WebSocket that listens, answers and speaks, turn after turn.
+
+    from websockets.sync.client import connect
+    ws = connect("ws://127.0.0.1:8000/api/voice")      # or additional_headers={"Authorization": "Bearer KEY"}
+    ws.send(json.dumps({"type": "start", "api_key": KEY}))   # first: the key (a browser cannot send headers)
+    ws.send(pcm16)                                      # then audio: 16 kHz mono 16-bit little-endian PCM
+    for message in ws: ...                              # JSON events, and binary audio after each "audio"
+
+Client to server: a JSON `start` ({"type": "start", "api_key": KEY (unless sent as a bearer
+header), "conversation": ID to go on with one, "voice": "default" | "joe" | "espeak" |
+"espeak:VOICE"}), then binary frames of 16 kHz mono PCM16 (at most 32,000 bytes, one second,
+each; any size below that), and `{"type": "stop"}` to end.
+
+Server to client, JSON: `ready` {rate, voice, audio_rate}; `speech_started` (the endpointer
+heard an utterance begin); `transcript` {text, final: false} at 2 s of an utterance and every
+1.5 s or so after, and {text, final: true} when it ends (the end-of-turn rule,
+parley.voice.vad.EndOfTurn: after 200 ms of quiet if the transcript reads as finished, else
+after 600 ms); `turn` {conversation}; `text` {text} as the answer streams;
+`audio` {text, rate, samples} followed by one binary message with that sentence's PCM16 (first
+sentence, or first clause of 4+ words, as soon as it is written); `interrupted` {conversation};
+`done` {turn_id, conversation, interrupted}; `error` {message, code}, after which the socket
+closes (1008 a policy: auth, limits, bad input; 1011 the server's fault).
+
+Barge-in: speech that starts while the assistant has a turn going (generating, or audio it sent
+that the client is still playing by the server's clock) stops it: the turn is interrupted
+through the engine's cancellation (RunningTurn.interrupt: saved marked interrupted, with a
+"barge-in" feedback), no more of its audio is sent, and the new utterance starts the next turn
+(speech over a turn still being transcribed joins that utterance to the next instead).
+A turn that had ended but whose audio was still playing gets the feedback only. Bounds: frame
+size, utterance length (`voice_max_utterance_seconds`: cut there and answered), idle time
+(`voice_idle_seconds`), the server's keys and rate limit, and the BrowserGuard's Host and
+Origin rule (parley/serve/origins.py) before the socket is accepted.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import queue
+import re
+import threading
+import time
+
+import numpy as np
+from fastapi import APIRouter, WebSocket, WebSocketDisconnect
+from starlette.concurrency import run_in_threadpool
+
+from parley.serve.errors import APIError
+from parley.serve.routes_audio import WHISPER, Voices
+from parley.serve.server import Server
+from parley.serve.turns import QueueFull, RunningTurn, TurnDone, TurnStarted
+
+RATE = 16_000
+MAX_FRAME_BYTES = 32_000  # one second of 16 kHz PCM16
+PARTIAL_EVERY_S = 1.5  # a partial transcript after each 1.5 s of new speech (or 3x the last ASR time), the first
+# after 2 s: a short command ("turn on the lights") then ends without a partial in Whisper's way
+FIRST_CLAUSE = 4  # words before a comma may end the first spoken piece (as `parley chat --audio-out`)
+
+
+class Closing(Exception):
+    """End the session with an error message and a WebSocket close code."""
+
+    def __init__(self, message: str, code: str, close: int = 1008):
+        super().__init__(message)
+        self.message, self.code, self.close = message, code, close
+
+
+def voice_routes(server: Server, voices: Voices) -> APIRouter:
+    router = APIRouter()
+
+    @router.websocket("/api/voice")
+    async def voice(ws: WebSocket):
+        await ws.accept()
+        session = LiveSession(server, voices, ws)
+        try:
+            await session.run()
+            await ws.close(1000)
+        except WebSocketDisconnect:
+            pass
+        except Closing as e:
+            await session.fail(e.message, e.code, e.close)
+        except Exception as e:  # a bug: said, never a silent drop
+            await session.fail(f"the voice session failed: {type(e).__name__}: {e}", "server_error", 1011)
+        finally:
+            await session.end()
+
+    return router
+
+
+class LiveSession:
+    """One client's live conversation: its endpointer, its current turn, what it has been sent."""
+
+    def __init__(self, server: Server, voices: Voices, ws: WebSocket):
+        from parley.voice.vad import EndOfTurn, EnergyVAD, Endpointer
+
+        self.server, self.voices, self.ws, self.settings = server, voices, ws, server.settings
+        self.end_rule = EndOfTurn()
+        self.cut = Endpointer(EnergyVAD(min_silence_ms=self.end_rule.long_ms), RATE)
+        self.guess: asyncio.Task | None = None  # the transcript made after the first short quiet
+        self.guessed: tuple[int, str] | None = None  # (Endpointer.spoken then, its text)
+        self.guess_spoken = -1  # Endpointer.spoken when the last guess began
+        self.send_lock = asyncio.Lock()
+        self.user = self.asr = self.tts = None
+        self.conversation: int | None = None
+        self.task: asyncio.Task | None = None  # the current turn: transcribe, answer, speak
+        self.running: RunningTurn | None = None  # its pipeline turn, while it generates
+        self.barged = False  # the current turn was interrupted: send no more of it
+        self.overlong = False  # the last utterance was cut for length while the user went on
+        self.carry = ""  # an utterance whose turn the user spoke over before it began: the next one's start
+        self.playing_until = 0.0  # monotonic time the client's playback of what was sent ends
+        self.last_answer: int | None = None  # the latest saved answer, for barge-in feedback after it ended
+        self.partial: asyncio.Task | None = None
+        self.partial_at = 0  # samples heard when the last partial transcript was made
+        self.asr_seconds = 0.0  # how long the last transcription took: partials keep Whisper busy a third
+        # of the time at most, so the end of an utterance seldom waits for one (they share the CPU and a lock)
+
+    async def send(self, kind: str, **fields) -> None:
+        async with self.send_lock:
+            await self.ws.send_text(json.dumps({"type": kind, **fields}))
+
+    async def fail(self, message: str, code: str, close: int) -> None:
+        try:
+            await self.send("error", message=message, code=code)
+            await self.ws.close(close, reason=code)
+        except (WebSocketDisconnect, RuntimeError):  # the client has gone already
+            pass
+
+    async def receive(self) -> dict:
+        """The client's next message; an idle session (no message, and no turn going) is closed."""
+        while True:
+            try:
+                return await asyncio.wait_for(self.ws.receive(), self.settings.voice_idle_seconds)
+            except TimeoutError:
+                if self.task is None or self.task.done():
+                    raise Closing(f"no audio or message for {self.settings.voice_idle_seconds:g} s: the session "
+                                  "is closed", "idle_timeout") from None
+
+    # ------------------------------------------------------------------ the session
+
+    async def run(self) -> None:
+        await self.start(await self.receive())
+        while True:
+            message = await self.receive()
+            if message["type"] == "websocket.disconnect":
+                return
+            if message.get("bytes") is not None:
+                await self.hear(message["bytes"])
+            elif _json(message.get("text")).get("type") == "stop":
+                return
+            else:
+                raise Closing('send binary PCM16 audio frames or {"type": "stop"}', "invalid_message")
+
+    async def start(self, message: dict) -> None:
+        if message["type"] == "websocket.disconnect":
+            raise WebSocketDisconnect()
+        start = _json(message.get("text"))
+        if start.get("type") != "start":
+            raise Closing('the first message must be {"type": "start", "api_key": KEY}', "invalid_message")
+        self.user = await run_in_threadpool(self.authenticate, start.get("api_key"))
+        conversation = start.get("conversation")
+        if conversation is not None:
+            if not isinstance(conversation, int) or await run_in_threadpool(
+                    lambda: self.server.store().get_conversation(self.user.id, conversation)) is None:
+                raise Closing(f"no conversation {conversation!r} of yours to go on with", "not_found")
+            self.conversation = conversation
+        voice = start.get("voice") or "default"
+        if not isinstance(voice, str) or not (voice in ("default", "joe", "espeak")
+                                              or re.fullmatch(r"espeak:[\w+-]+", voice)):
+            raise Closing(f"no voice named {voice!r}: use default, joe, espeak or espeak:VOICE", "invalid_value")
+        self.asr, self.asr_busy, self.tts, self.tts_busy = await run_in_threadpool(self.load, voice)
+        await self.send("ready", rate=RATE, voice=self.tts.name, audio_rate=self.tts.rate,
+                        max_frame_bytes=MAX_FRAME_BYTES)
+
+    def authenticate(self, key):
+        """The user of the key in the bearer header or the start message (as every route checks it)."""
+        try:
+            if self.settings.no_auth:
+                return self.server.store().get_user_by_name(self.settings.user)
+            header = self.ws.headers.get("authorization") or (f"Bearer {key}" if isinstance(key, str) else "")
+            user, key = self.server.key_user(header, self.ws.client.host if self.ws.client else "")
+            if self.server.buckets.take(key) is not None:
+                raise APIError(429, "rate limit reached for this key; retry in a minute", code="rate_limit_exceeded")
+            return user
+        except APIError as e:
+            raise Closing(e.message, e.code or "unauthorized") from None
+
+    def load(self, voice: str):
+        from parley.voice.asr import load_asr
+        from parley.voice.tts import load_tts
+
+        try:
+            # the encoder reads a window fitted to each utterance, not 30 s: a short one costs less
+            asr, asr_busy = self.voices.get(("asr", WHISPER, "fitted"), lambda: load_asr("default", window=0))
+            if voice in ("default", "joe"):
+                tts, tts_busy = self.voices.get(("tts", voice), lambda: load_tts(voice))
+            else:
+                tts, tts_busy = self.voices.make(lambda: load_tts(voice)), threading.Lock()
+        except APIError as e:
+            raise Closing(e.message, e.code or "unavailable") from None
+        return asr, asr_busy, tts, tts_busy
+
+    # ------------------------------------------------------------------ listening
+
+    async def hear(self, data: bytes) -> None:
+        if len(data) > MAX_FRAME_BYTES or len(data) % 2:
+            raise Closing(f"an audio frame has {len(data)} bytes: send 16 kHz mono PCM16 (an even number of bytes), "
+                          f"at most {MAX_FRAME_BYTES} (one second) a frame", "invalid_audio")
+        was_speaking = self.cut.in_speech
+        ended = self.cut.push(np.frombuffer(data, "<i2").astype(np.float32) / 32768)
+        if self.cut.in_speech and not was_speaking or (ended and not was_speaking):
+            await self.send("speech_started")
+            if not self.overlong:  # speech going on past a cut for length is the same speaker, not a barge-in
+                await self.barge_in()
+        if not self.cut.in_speech and self.cut.speech_frames == 0:
+            self.overlong = False  # quiet was heard: speech from here on is a new utterance
+        if self.cut.in_speech and len(self.cut.heard()) > self.settings.voice_max_utterance_seconds * RATE:
+            ended += self.cut.flush()  # long enough: answer what was said so far
+            self.overlong = True
+        for utterance in ended:
+            await self.answer(utterance.clip)
+        if self.cut.in_speech and self.cut.quiet_ms >= self.end_rule.short_ms and self.guess_spoken != self.cut.spoken \
+                and (self.guess is None or self.guess.done()):  # one guess per quiet stretch
+            self.guess_spoken = self.cut.spoken
+            self.guess = asyncio.create_task(self.guess_end(self.cut.heard(), self.cut.spoken))
+        elif self.cut.in_speech and self.cut.quiet_ms == 0 and (self.partial is None or self.partial.done()) \
+                and self.partial_due(len(self.cut.heard())):
+            self.partial_at = len(self.cut.heard())
+            self.partial = asyncio.create_task(self.say_partial(self.cut.heard()))
+
+    def partial_due(self, heard: int) -> bool:
+        """A partial transcript at 2 s of an utterance, then every PARTIAL_EVERY_S or 3x the last ASR time."""
+        if heard < 2 * RATE:
+            return False
+        return self.partial_at == 0 or heard - self.partial_at >= max(PARTIAL_EVERY_S, 3 * self.asr_seconds) * RATE
+
+    async def say_partial(self, samples: np.ndarray) -> None:
+        text = await run_in_threadpool(self.transcribe, samples)
+        if self.cut.in_speech and text:  # the utterance has not ended (and been answered) meanwhile
+            await self.send("transcript", text=text, final=False)
+
+    async def guess_end(self, samples: np.ndarray, spoken: int) -> None:
+        """The end-of-turn rule (parley.voice.vad.EndOfTurn): the utterance so far, transcribed after
+        a short quiet; if nothing was said since and it reads as finished, the turn ends now."""
+        text = await run_in_threadpool(self.transcribe, samples)
+        if not self.cut.in_speech or self.cut.spoken != spoken:
+            return  # the user went on (or the utterance was cut meanwhile): this guess is stale
+        self.guessed = (spoken, text)
+        if self.end_rule.finished(text):
+            for utterance in self.cut.flush():
+                await self.answer(utterance.clip)
+
+    def transcribe(self, samples: np.ndarray) -> str:
+        from parley.voice.audio import Clip
+
+        with self.asr_busy:
+            start = time.perf_counter()
+            text = self.asr.transcribe(Clip(samples, RATE)).text
+            self.asr_seconds = time.perf_counter() - start
+            return text
+
+    async def barge_in(self) -> None:
+        """The user started speaking: stop the assistant if it is speaking (see the module docstring)."""
+        if self.task is not None and not self.task.done():
+            self.barged = True
+            if self.running is not None:
+                self.running.interrupt("barge-in")
+            await self.send("interrupted", conversation=self.conversation)
+        elif time.monotonic() < self.playing_until and self.last_answer is not None:
+            self.playing_until, answer = 0.0, self.last_answer
+            await run_in_threadpool(lambda: self.server.store().add_feedback(self.user.id, answer, -1,
+                                                                              kind="barge-in"))
+            await self.send("interrupted", conversation=self.conversation)
+
+    # ------------------------------------------------------------------ answering
+
+    async def answer(self, clip) -> None:
+        """Start the next turn once the previous one (interrupted, or still speaking) has ended;
+        the guess's transcript is the turn's when nothing was said after it."""
+        known = self.guessed[1] if self.guessed and self.guessed[0] == self.cut.spoken else None
+        if self.guess is not None and not self.guess.done() and self.guess is not asyncio.current_task():
+            self.guess.cancel()  # its answer would be stale: the utterance is cut already
+        self.guess, self.guessed, self.partial_at = None, None, 0
+        previous = self.task
+        self.task = asyncio.create_task(self.turn(clip.samples, previous, known))
+
+    async def turn(self, samples: np.ndarray, previous: asyncio.Task | None, known: str | None = None) -> None:
+        if previous is not None:
+            await asyncio.gather(previous, return_exceptions=True)
+        self.barged = False
+        text = known if known is not None else await run_in_threadpool(self.transcribe, samples)
+        text, self.carry = " ".join(filter(None, (self.carry, text))), ""
+        if self.barged:  # the user went on before this turn began: it is said with the next utterance
+            self.carry = text
+            if text:
+                await self.send("transcript", text=text, final=False)
+            return
+        await self.send("transcript", text=text, final=True)
+        if not text:
+            return
+        try:
+            self.running = running = self.server.turns.start(self.user, self.conversation, text, overrides={})
+        except QueueFull as e:
+            await self.send("error", message=str(e), code="busy")
+            return
+        pieces: queue.Queue = queue.Queue()
+        speaking = asyncio.create_task(self.speak(pieces))
+        done = None
+        try:
+            from parley.pipeline.frames import ShownText
+
+            shown = ShownText()
+            async for item in running.frames():
+                if isinstance(item, TurnStarted):
+                    self.conversation = item.conversation_id
+                    await self.send("turn", conversation=self.conversation)
+                elif isinstance(item, TurnDone):
+                    done = item
+                elif (piece := shown(item)) and not self.barged:
+                    await self.send("text", text=piece)
+                    pieces.put(piece)
+        except Exception as e:  # the turn failed: said as the HTTP routes would say it
+            from parley.serve.errors import from_exception
+
+            await self.send("error", message=from_exception(e).message, code="turn_failed")
+        finally:
+            pieces.put(None)
+            self.running = None
+            await speaking
+        if done is not None:
+            self.conversation = done.conversation_id or self.conversation
+            self.last_answer = done.message_id
+            await self.send("done", turn_id=done.message_id, conversation=self.conversation,
+                            interrupted=self.barged)
+
+    async def speak(self, pieces: queue.Queue) -> None:
+        """Synthesize the answer sentence by sentence, in a thread, sending each as it is made."""
+        from parley.voice.tts import TTSError, speak_stream
+
+        loop, made = asyncio.get_running_loop(), asyncio.Queue()
+
+        def synthesize():
+            def text():
+                while (piece := pieces.get()) is not None and not self.barged:
+                    yield piece
+
+            try:
+                with self.tts_busy:  # one synthesis at a time per voice, as /v1/audio/speech
+                    for sentence, clip in speak_stream(self.tts, text(), first_clause=FIRST_CLAUSE):
+                        if self.barged:
+                            break
+                        loop.call_soon_threadsafe(made.put_nowait, (sentence, clip))
+            except TTSError:
+                pass  # nothing speakable left (text only): the answer's text has been sent
+            finally:
+                loop.call_soon_threadsafe(made.put_nowait, None)
+
+        synthesis = asyncio.ensure_future(run_in_threadpool(synthesize))
+        while (item := await made.get()) is not None:
+            sentence, clip = item
+            if self.barged:
+                continue
+            pcm = (clip.samples.clip(-1, 1) * 32767).round().astype("<i2").tobytes()
+            async with self.send_lock:
+                await self.ws.send_text(json.dumps({"type": "audio", "text": sentence, "rate": clip.rate,
+                                                    "samples": len(clip.samples)}))
+                await self.ws.send_bytes(pcm)
+            self.playing_until = max(self.playing_until, time.monotonic()) + clip.seconds
+        await synthesis
+
+    async def end(self) -> None:
+        """The client has gone: a turn still going stops (a plain stop, not a barge-in)."""
+        self.barged = True
+        if self.running is not None:
+            self.running.stop()
+        for task in (self.task, self.partial, self.guess):
+            if task is not None:
+                await asyncio.gather(task, return_exceptions=True)
+
+
+def _json(text: str | None) -> dict:
+    try:
+        value = json.loads(text) if text else None
+    except ValueError:
+        value = None
+    if not isinstance(value, dict):
+        raise Closing("text messages must be JSON objects with a 'type'", "invalid_message")
+    return value
