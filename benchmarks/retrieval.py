@@ -42,6 +42,7 @@ from retrieval_manual import ingest_manual, manual_pages
 
 from parley.pipeline.embed import Embedder
 from parley.pipeline.knowledge import MODES, KnowledgeConfig, VectorCache, ingest, search
+from parley.pipeline.rerank import Reranker
 from parley.store import Store
 
 HERE = Path(__file__).parent
@@ -106,19 +107,24 @@ def rank_of(found, answers: set[str]) -> int | None:
     return next((r for r, c in enumerate(found, 1) if c.chunk.document_name in answers), None)
 
 
-def evaluate_manual(store: Store, embedder, user: int, questions: list[dict], k: int, candidates: int) -> dict:
-    """Per method and question kind: recall@1, recall@k, MRR@k and the questions missed at k."""
+def evaluate_manual(store: Store, embedder, user: int, questions: list[dict], k: int, candidates: int,
+                    reranker: Reranker | None = None) -> dict:
+    """Per method and question kind: recall@1, recall@k, MRR@k and the questions missed at k.
+    With a reranker, one more method: the default search with the reranker."""
     cache = VectorCache()
     search(store, embedder, user, "warm up", k, cache=cache)
     vectors = {q["q"]: embedder([q["q"]]) for q in questions}  # embedded once, asked of every method
     table = {}
-    for name, (mode, overrides) in METHODS.items():
+    methods = {name: (mode, overrides, None) for name, (mode, overrides) in METHODS.items()}
+    if reranker is not None:
+        methods["+ reranker"] = ("hybrid", {}, reranker)
+    for name, (mode, overrides, rerank) in methods.items():
         config = KnowledgeConfig(**{"candidates": candidates, **overrides})
         rows = {}
         for kind in ("paraphrased", "keyword"):
             asked = [q for q in questions if q["kind"] == kind]
             ranks = [rank_of(search(store, lambda texts, q=q: vectors[q["q"]], user, q["q"], k, mode=mode,
-                                    cache=cache, config=config), set(q["pages"])) for q in asked]
+                                    cache=cache, config=config, reranker=rerank), set(q["pages"])) for q in asked]
             rows[kind] = {"n": len(asked), "r1": sum(r == 1 for r in ranks) / len(asked),
                           "rk": sum(r is not None for r in ranks) / len(asked),
                           "mrr": sum(1 / r for r in ranks if r) / len(asked),
@@ -144,7 +150,9 @@ def manual_main(args) -> None:
               "chunks/s)" if seconds else f"reused {db}"))
         with Store(db) as store:
             user = store.get_user_by_name("bench").id
-            table = evaluate_manual(store, Embedder.load(), user, questions, args.k, args.candidates)
+            embedder = Embedder.load()
+            reranker = Reranker.load(embedder, args.reranker) if args.reranker else None
+            table = evaluate_manual(store, embedder, user, questions, args.k, args.candidates, reranker)
     print(f"questions: {questions_path.name}")
     lines = manual_table(table, args.k)
     print("\n".join(lines))
@@ -178,6 +186,8 @@ def main() -> None:
     ap.add_argument("--questions", type=Path, help="questions file (default: the mode's own)")
     ap.add_argument("--manual", help="'python': ingest the whole manual and ask python_docs_questions.yml")
     ap.add_argument("--quick", action="store_true", help="with --manual: the tuning questions instead")
+    ap.add_argument("--reranker", type=Path, help="with --manual: also measure this reranker head "
+                    "(`parley train reranker`)")
     ap.add_argument("--candidates", type=int, default=KnowledgeConfig().candidates,
                     help="with --manual: chunks taken from each ranking")
     ap.add_argument("--k", type=int, default=5, help="passages per question")

@@ -6,13 +6,16 @@ import hashlib
 from collections import Counter
 from pathlib import Path
 
+import numpy as np
 import pytest
+import torch
 import yaml
 from pg import store_target  # noqa: F401 (a fixture)
 
 from parley.pipeline.embed import Embedder
 from parley.pipeline.knowledge import KnowledgeConfig, identifiers, ingest, keywords, search
 from parley.pipeline.readers import Section, chunk_sections, read_bytes
+from parley.pipeline.rerank import Reranker, RerankerError, pair_features
 from parley.store import Store
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -151,3 +154,28 @@ def test_pages_are_ranked_and_give_at_most_per_page_chunks(store, embedder, tmp_
     two = search(store, embedder, user, question, 4, config=KnowledgeConfig(per_page=2))
     assert [c.chunk.document_name for c in two][:2] == ["boiler.txt", "boiler.txt"] and len(two) == 4
     assert two[0].fused >= two[1].fused  # a page's best chunk first
+
+
+# --- the reranker stage -----------------------------------------------------------------------
+
+
+def test_reranker_reads_pairs_and_reorders_the_best_chunks(store, embedder, tmp_path):
+    user = _ingest(store, embedder, tmp_path, DEQUE)
+    question = "What happens when a collections.deque is full?"
+    texts = list(DEQUE.values())
+    features = pair_features(embedder, question, texts)
+    assert features.shape == (3, 2 * embedder.dim)  # batched and single agree (the same pairs, padded apart)
+    assert torch.allclose(features[1], pair_features(embedder, question, [texts[1]])[0], atol=1e-5)
+    # a head that scores a pair by one feature, saved and loaded again; the order follows its scores
+    weight = torch.zeros(2 * embedder.dim)
+    weight[int((features[2] - features[:2].max(0).values).argmax())] = 1.0  # container.txt scores highest
+    reranker = Reranker(embedder, weight, torch.tensor(0.0))
+    reranker.save(tmp_path / "head.safetensors")
+    loaded = Reranker.load(embedder, tmp_path / "head.safetensors")
+    scores = loaded.score(question, texts)
+    assert np.allclose(scores, reranker.score(question, texts))
+    found = search(store, embedder, user, question, 3, config=KnowledgeConfig(per_page=0), reranker=loaded)
+    by_score = [name for _, name in sorted(zip(-scores, DEQUE))]
+    assert [c.chunk.document_name for c in found] == by_score
+    with pytest.raises(RerankerError, match="train one"):
+        Reranker.load(embedder, tmp_path / "missing.safetensors")

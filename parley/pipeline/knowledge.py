@@ -44,6 +44,7 @@ import numpy as np
 from parley.config import ConfigError, parse_cli, setting
 from parley.pipeline.embed import Embedder, EmbedderError, cosine_top, to_blob
 from parley.pipeline.frames import Frame, Intent, Passage, Passages, UserText
+from parley.pipeline.rerank import Reranker
 from parley.pipeline.readers import DEFAULT_MAX_BYTES, MIME, ReadError, chunk_sections, load_file, read_bytes, supported
 from parley.pipeline.runner import Stage, Turn
 from parley.store import ChunkHit, Store, database_errors
@@ -69,6 +70,8 @@ class KnowledgeConfig:
     identifier_weight: float = 2.0  # BM25's weight in the fusion when the query names an API (os.path.join)
     exact_bonus: float = 1.0  # fused score, in top-rank units, for a chunk holding a named API verbatim
     per_page: int = 2  # page ranking: pages by their best chunks, this many chunks from each (0: rank chunks)
+    rerank: bool = False  # the stage reorders the best fused chunks with the trained reranker (rerank.py)
+    rerank_top: int = 20  # how many of the best fused chunks the reranker reads
     intents: frozenset[str] = frozenset({"knowledge_question", "out_of_scope"})  # that retrieve
     collection: str | None = None  # the stage searches this collection only (None: all)
 
@@ -77,8 +80,9 @@ class KnowledgeConfig:
             raise KnowledgeError(f"need chunk_words >= 20 and an overlap of at most half of it: {self}")
         if self.k < 1 or self.candidates < self.k or self.rrf_k < 0 or self.max_bytes < 1:
             raise KnowledgeError(f"need k >= 1, candidates >= k, rrf_k >= 0 and max_bytes >= 1: {self}")
-        if self.identifier_weight < 0 or self.exact_bonus < 0 or self.per_page < 0:
-            raise KnowledgeError(f"identifier_weight, exact_bonus and per_page cannot be negative: {self}")
+        if self.identifier_weight < 0 or self.exact_bonus < 0 or self.per_page < 0 or self.rerank_top < 1:
+            raise KnowledgeError(f"identifier_weight, exact_bonus and per_page cannot be negative, "
+                                 f"and rerank_top must be at least 1: {self}")
         if not -1.0 <= self.min_similarity <= 1.0:
             raise KnowledgeError(f"min_similarity is a cosine, between -1 and 1, not {self.min_similarity}")
 
@@ -270,11 +274,13 @@ def search(
     mode: str = "hybrid",
     cache: VectorCache | None = None,
     config: KnowledgeConfig = KnowledgeConfig(),
+    reranker: Reranker | None = None,
 ) -> list[Candidate]:
     """The user's k best chunks for `query`, best first. `mode` "bm25" or "dense" uses one
-    ranking alone (to measure what fusion adds). With `config.per_page`, documents are ranked
-    by their chunks' fused scores (a question is answered by a page) and each gives its best
-    `per_page` chunks, so k passages span several pages rather than repeating one."""
+    ranking alone (to measure what fusion adds). A `reranker` reorders the best
+    `config.rerank_top` fused chunks. With `config.per_page`, documents are ranked by their
+    chunks' scores (a question is answered by a page) and each gives its best `per_page`
+    chunks, so k passages span several pages rather than repeating one."""
     if not isinstance(query, str) or not query.strip():
         raise KnowledgeError("the query must be a non-empty string")
     if mode not in MODES:
@@ -296,7 +302,13 @@ def search(
     chunks |= {hit.chunk_id: hit for hit in store.get_chunks(user_id, [i for i in dense_rank if i not in chunks])}
     fused = _fuse(query, bm25_rank, dense_rank, chunks, config)
     order = sorted(fused, key=lambda i: (-fused[i], i))
-    pages = _pages(order, fused, chunks, config.per_page) if config.per_page else {}
+    score = fused
+    if reranker is not None and order:
+        top = order[: config.rerank_top]
+        by_reranker = np.argsort(-reranker.score(query, [chunks[i].text for i in top]), kind="stable")
+        order = [top[j] for j in by_reranker] + order[len(top):]
+        score = {i: 1 / (config.rrf_k + r) for r, i in enumerate(order, 1)}  # the new order, on fusion's scale
+    pages = _pages(order, score, chunks, config.per_page) if config.per_page else {}
     if pages:
         order = sorted(order, key=lambda i: -pages[chunks[i].document_id])  # stable: a page's best chunks first
         taken: Counter[int] = Counter()
@@ -375,6 +387,11 @@ class KnowledgeStage(Stage):
     def __init__(self, embedder: Embed, config: KnowledgeConfig = KnowledgeConfig()):
         self.embedder, self.config = embedder, config
         self.cache = VectorCache()
+        self.reranker = None
+        if config.rerank:
+            if not isinstance(embedder, Embedder):
+                raise KnowledgeError("rerank needs the MiniLM Embedder, whose encoder the reranker reads with")
+            self.reranker = Reranker.load(embedder)
 
     def process(self, frame: Frame, turn: Turn) -> Iterator[Frame]:
         if isinstance(frame, UserText):
@@ -399,7 +416,7 @@ class KnowledgeStage(Stage):
                 turn.note(self.name, "no documents", intent=intent and intent.name)
                 return None
             found = search(store, self.embedder, turn.user_id, text, cfg.k, collection=cfg.collection,
-                           cache=self.cache, config=cfg)
+                           cache=self.cache, config=cfg, reranker=self.reranker)
         except KnowledgeError as e:
             turn.note(self.name, f"error: {e}")
             return None
