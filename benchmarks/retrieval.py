@@ -130,6 +130,7 @@ def evaluate_manual(store: Store, embedder, user: int, questions: list[dict], k:
                           "mrr": sum(1 / r for r in ranks if r) / len(asked),
                           "missed": [q["q"] for q, r in zip(asked, ranks) if r is None]}
         table[name] = rows
+        print(manual_table({name: rows}, k)[2], flush=True)  # each method's row as soon as it is done
     return table
 
 
@@ -143,13 +144,24 @@ def manual_main(args) -> None:
     unknown = {p for q in questions for p in q["pages"]} - pages
     if unknown:
         sys.exit(f"error: questions are labelled with pages the manual does not have: {sorted(unknown)[:3]}")
+    have: set[str] = set()
     with tempfile.TemporaryDirectory() as tmp:
         db = args.db or Path(tmp) / "manual.db"
-        seconds, chunks = ingest_manual(db, args.docs, log=print if args.verbose else lambda r: None)
-        print(f"{len(pages)} pages, {chunks} chunks: " + (f"ingested in {seconds:.0f} s ({chunks / seconds:.1f} "
-              "chunks/s)" if seconds else f"reused {db}"))
+        if args.as_is:  # a partial ingestion: ask only what its pages can answer
+            if not args.db or not args.db.exists():
+                sys.exit("error: --as-is needs --db with an ingested manual")
+            seconds = 0.0
+        else:
+            seconds, chunks = ingest_manual(db, args.docs, log=print if args.verbose else lambda r: None)
         with Store(db) as store:
             user = store.get_user_by_name("bench").id
+            have = {d.name for d in store.list_documents(user)}
+            chunks = store.db.execute("SELECT count(*) FROM chunks").fetchone()[0]
+            asked = [q for q in questions if set(q["pages"]) & have]
+            print(f"{len(have)} of {len(pages)} pages, {chunks} chunks: " + (
+                f"ingested in {seconds:.0f} s ({chunks / seconds:.1f} chunks/s)" if seconds else f"reused {db}")
+                + f"; {len(asked)} of {len(questions)} questions have an answering page in it")
+            questions = asked
             embedder = Embedder.load()
             reranker = Reranker.load(embedder, args.reranker) if args.reranker else None
             table = evaluate_manual(store, embedder, user, questions, args.k, args.candidates, reranker)
@@ -164,7 +176,8 @@ def manual_main(args) -> None:
     if args.write:
         head = (f"\n## Retrieval on the whole Python 3.11 manual ({datetime.date.today()}, commit {commit()})\n\n"
                 f"Machine: {cpu_name()}, {os.cpu_count()} cores. Command: `.venv/bin/python benchmarks/retrieval.py "
-                f"--manual python{' --quick' if args.quick else ''} --write`. {len(pages)} pages, {chunks} chunks"
+                f"--manual python{' --quick' if args.quick else ''} --write`. {len(have)} of {len(pages)} pages, "
+                f"{chunks} chunks, {len(questions)} questions"
                 + (f", ingested in {seconds:.0f} s" if seconds else "") + f"; questions: {questions_path.name}.\n")
         append_section(head + "\n".join(lines))
 
@@ -186,6 +199,8 @@ def main() -> None:
     ap.add_argument("--questions", type=Path, help="questions file (default: the mode's own)")
     ap.add_argument("--manual", help="'python': ingest the whole manual and ask python_docs_questions.yml")
     ap.add_argument("--quick", action="store_true", help="with --manual: the tuning questions instead")
+    ap.add_argument("--as-is", action="store_true", help="with --manual --db: ingest nothing more, ask only "
+                    "the questions whose pages are in the database")
     ap.add_argument("--reranker", type=Path, help="with --manual: also measure this reranker head "
                     "(`parley train reranker`)")
     ap.add_argument("--candidates", type=int, default=KnowledgeConfig().candidates,

@@ -69,7 +69,7 @@ class KnowledgeConfig:
     dense_floor: float = 0.2  # cosine a chunk needs to count in the dense ranking at all
     identifier_weight: float = 2.0  # BM25's weight in the fusion when the query names an API (os.path.join)
     exact_bonus: float = 1.0  # fused score, in top-rank units, for a chunk holding a named API verbatim
-    per_page: int = 2  # page ranking: pages by their best chunks, this many chunks from each (0: rank chunks)
+    per_page: int = 1  # page ranking: pages by their best chunks, this many chunks from each (0: rank chunks)
     rerank: bool = False  # the stage reorders the best fused chunks with the trained reranker (rerank.py)
     rerank_top: int = 20  # how many of the best fused chunks the reranker reads
     intents: frozenset[str] = frozenset({"knowledge_question", "out_of_scope"})  # that retrieve
