@@ -21,7 +21,11 @@ most common English words and the dense list chunks under a cosine of 0.2: both 
 everything, and in a small knowledge base, where every chunk would be in both lists, they would
 outrank a paraphrase that only one ranking finds. The user's vectors live in a numpy matrix
 cached per user and collection, reloaded when the store's knowledge stamp (a token the database
-changes with every document added or deleted) moves. benchmarks/retrieval.py measures it.
+changes with every document added or deleted) moves. A query that names an API (`os.path.join`)
+has the name searched whole as a BM25 phrase, BM25 weighted up in the fusion and a bonus for chunks
+holding the name verbatim; then pages are ranked by their best chunks and each gives `per_page`
+of them (a question is answered by a page); an optional trained reranker (rerank.py) may reorder
+the best chunks first. benchmarks/retrieval.py measures it (`--manual python`: a whole manual).
 
 `KnowledgeStage` runs this in the turn pipeline when the intent asks for knowledge and keeps
 only passages whose cosine similarity to the question clears a threshold, so small talk does

@@ -7,7 +7,8 @@
 Readers: `.txt` (UTF-8, or UTF-16 with a byte-order mark), `.md` (markup stripped, headings
 kept as their own paragraphs), `.html`/`.htm` (the main text as trafilatura finds it, walked
 block by block so paragraphs, list items, table rows and code stay apart; plain lxml text
-when trafilatura finds nothing) and `.pdf` (pypdf, text per page). Anything else, binary
+when trafilatura finds nothing; one section per heading, which knows its heading path, page
+title first) and `.pdf` (pypdf, text per page). Anything else, binary
 content (NUL bytes), text that is not UTF-8, a PDF without a text layer, a file over the
 size limit or one with no text is refused with a `ReadError` that names the file and says
 what to do.
@@ -17,7 +18,9 @@ paragraph end once it holds three quarters of that, and starts each chunk with t
 `overlap` words (whole sentences where they fit) of the one before, so a fact cut at a
 boundary is whole in one of the two. The default of 200 words is about 260 word pieces of
 plain prose, near the 256 the MiniLM encoder reads (text with code runs longer, and its end is
-not embedded, though BM25 still indexes it).
+not embedded, though BM25 still indexes it). A chunk starts with its section's heading path on
+a line of its own, so it says what it is about wherever it sits in a long page; a heading starts
+a new chunk (without overlap) unless the one being filled holds under a quarter of its words.
 """
 
 from __future__ import annotations
