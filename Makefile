@@ -41,6 +41,17 @@ test: setup test-models
 bench: model
 	$(BIN)/python benchmarks/decode.py
 
+# ---- retrieval on a whole manual (issue 17): the Python 3.11 docs from Debian; not needed by the tests ----
+# RETRIEVAL_DB keeps the ingested manual between runs; add QUICK=--quick for the tuning questions.
+RETRIEVAL_DB ?= .data/python-docs.db
+.PHONY: bench-retrieval
+bench-retrieval: setup
+	@if dpkg -s python3.11-doc >/dev/null 2>&1; then echo "python3.11-doc installed"; \
+	elif [ "$$(id -u)" = 0 ]; then apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y python3.11-doc; \
+	else echo "not root: run sudo apt-get install python3.11-doc" && exit 1; fi
+	@mkdir -p $(dir $(RETRIEVAL_DB))
+	$(BIN)/python benchmarks/retrieval.py --manual python --db $(RETRIEVAL_DB) $(QUICK)
+
 clean:
 	rm -rf $(VENV) build *.egg-info
 

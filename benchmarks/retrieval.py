@@ -2,6 +2,15 @@
 
     .venv/bin/python benchmarks/retrieval.py            # ingest, ask, print the table
     .venv/bin/python benchmarks/retrieval.py --write    # and append it to benchmarks/RESULTS.md
+    .venv/bin/python benchmarks/retrieval.py --manual python --db /tmp/python-docs.db   # the whole manual
+    .venv/bin/python benchmarks/retrieval.py --manual python --db /tmp/python-docs.db --quick  # tuning set
+
+`--manual python` ingests every page of the manual (benchmarks/retrieval_manual.py) and asks the
+held-out questions of benchmarks/data/python_docs_questions.yml (`--quick`: the tuning set, which
+is also what to look at while tuning), one table per method with recall@1, recall@5 and MRR for
+paraphrased and keyword questions apart; a hit is a passage from a page that answers it. Every
+figure on the held-out set counts as an evaluation round: note it in
+benchmarks/data/python_docs_questions.md.
 
 The pages listed in benchmarks/data/retrieval_questions.yml (48 library modules and the
 tutorial, from Debian's python3.11-doc: `apt-get install python3.11-doc`) are ingested into a
@@ -29,8 +38,11 @@ import yaml
 
 from record import append_section, commit, cpu_name
 
+from retrieval_manual import ingest_manual, manual_pages
+
 from parley.pipeline.embed import Embedder
 from parley.pipeline.knowledge import MODES, KnowledgeConfig, VectorCache, ingest, search
+from parley.pipeline.rerank import Reranker
 from parley.store import Store
 
 HERE = Path(__file__).parent
@@ -78,16 +90,129 @@ def evaluate(store: Store, embedder, user: int, questions: list[dict], k: int, c
     return results
 
 
+# What each method of the manual table changes: the chunk-level baseline is the fusion as it was
+# before issue 17 (equal weights, no exact-name bonus, chunks ranked alone).
+BASE = dict(identifier_weight=1.0, exact_bonus=0.0, per_page=0)
+METHODS = {
+    "BM25": ("bm25", BASE),
+    "dense": ("dense", BASE),
+    "hybrid (RRF)": ("hybrid", BASE),
+    "+ identifier-aware fusion": ("hybrid", dict(BASE, identifier_weight=2.0, exact_bonus=1.0)),
+    "+ page ranking (default)": ("hybrid", {}),
+}
+
+
+def rank_of(found, answers: set[str]) -> int | None:
+    """1-based rank of the first passage from an answering page, None if none is in the list."""
+    return next((r for r, c in enumerate(found, 1) if c.chunk.document_name in answers), None)
+
+
+def evaluate_manual(store: Store, embedder, user: int, questions: list[dict], k: int, candidates: int,
+                    reranker: Reranker | None = None) -> dict:
+    """Per method and question kind: recall@1, recall@k, MRR@k and the questions missed at k.
+    With a reranker, one more method: the default search with the reranker."""
+    cache = VectorCache()
+    search(store, embedder, user, "warm up", k, cache=cache)
+    vectors = {q["q"]: embedder([q["q"]]) for q in questions}  # embedded once, asked of every method
+    table = {}
+    methods = {name: (mode, overrides, None) for name, (mode, overrides) in METHODS.items()}
+    if reranker is not None:
+        methods["+ reranker"] = ("hybrid", {}, reranker)
+    for name, (mode, overrides, rerank) in methods.items():
+        config = KnowledgeConfig(**{"candidates": candidates, **overrides})
+        rows = {}
+        for kind in ("paraphrased", "keyword"):
+            asked = [q for q in questions if q["kind"] == kind]
+            ranks = [rank_of(search(store, lambda texts, q=q: vectors[q["q"]], user, q["q"], k, mode=mode,
+                                    cache=cache, config=config, reranker=rerank), set(q["pages"])) for q in asked]
+            rows[kind] = {"n": len(asked), "r1": sum(r == 1 for r in ranks) / len(asked),
+                          "rk": sum(r is not None for r in ranks) / len(asked),
+                          "mrr": sum(1 / r for r in ranks if r) / len(asked),
+                          "missed": [q["q"] for q, r in zip(asked, ranks) if r is None]}
+        table[name] = rows
+        print(manual_table({name: rows}, k)[2], flush=True)  # each method's row as soon as it is done
+    return table
+
+
+def manual_main(args) -> None:
+    if args.manual != "python":
+        sys.exit(f"error: the only manual is 'python', not {args.manual!r}")
+    questions_path = args.questions or HERE / "data" / ("python_docs_tuning.yml" if args.quick else
+                                                       "python_docs_questions.yml")
+    questions = yaml.safe_load(questions_path.read_text())["questions"]
+    pages = set(manual_pages(args.docs))
+    unknown = {p for q in questions for p in q["pages"]} - pages
+    if unknown:
+        sys.exit(f"error: questions are labelled with pages the manual does not have: {sorted(unknown)[:3]}")
+    have: set[str] = set()
+    with tempfile.TemporaryDirectory() as tmp:
+        db = args.db or Path(tmp) / "manual.db"
+        if args.as_is:  # a partial ingestion: ask only what its pages can answer
+            if not args.db or not args.db.exists():
+                sys.exit("error: --as-is needs --db with an ingested manual")
+            seconds = 0.0
+        else:
+            seconds, chunks = ingest_manual(db, args.docs, log=print if args.verbose else lambda r: None)
+        with Store(db) as store:
+            user = store.get_user_by_name("bench").id
+            have = {d.name for d in store.list_documents(user)}
+            chunks = store.db.execute("SELECT count(*) FROM chunks").fetchone()[0]
+            asked = [q for q in questions if set(q["pages"]) & have]
+            print(f"{len(have)} of {len(pages)} pages, {chunks} chunks: " + (
+                f"ingested in {seconds:.0f} s ({chunks / seconds:.1f} chunks/s)" if seconds else f"reused {db}")
+                + f"; {len(asked)} of {len(questions)} questions have an answering page in it")
+            questions = asked
+            embedder = Embedder.load()
+            reranker = Reranker.load(embedder, args.reranker) if args.reranker else None
+            table = evaluate_manual(store, embedder, user, questions, args.k, args.candidates, reranker)
+    print(f"questions: {questions_path.name}")
+    lines = manual_table(table, args.k)
+    print("\n".join(lines))
+    if args.verbose:
+        for name, rows in table.items():
+            for kind, row in rows.items():
+                for q in row["missed"]:
+                    print(f"  {name} missed ({kind}): {q}")
+    if args.write:
+        head = (f"\n## Retrieval on the whole Python 3.11 manual ({datetime.date.today()}, commit {commit()})\n\n"
+                f"Machine: {cpu_name()}, {os.cpu_count()} cores. Command: `.venv/bin/python benchmarks/retrieval.py "
+                f"--manual python{' --quick' if args.quick else ''} --write`. {len(have)} of {len(pages)} pages, "
+                f"{chunks} chunks, {len(questions)} questions"
+                + (f", ingested in {seconds:.0f} s" if seconds else "") + f"; questions: {questions_path.name}.\n")
+        append_section(head + "\n".join(lines))
+
+
+def manual_table(table: dict, k: int) -> list[str]:
+    lines = [f"| method | paraphrased R@1 | R@{k} | MRR | keyword R@1 | R@{k} | MRR |", "|---|---|---|---|---|---|---|"]
+    for name, rows in table.items():
+        cells = [f"{rows[kind][m]:.3f}" for kind in ("paraphrased", "keyword") for m in ("r1", "rk", "mrr")]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    n = {kind: row["n"] for kind, row in next(iter(table.values())).items()}
+    lines.append(f"\n({n['paraphrased']} paraphrased, {n['keyword']} keyword questions; R@n: share with a passage "
+                 "from an answering page in the top n; MRR: mean 1/rank of the first, 0 past n.)")
+    return lines
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--docs", type=Path, default=DOCS, help=f"the HTML docs folder (default {DOCS})")
-    ap.add_argument("--questions", type=Path, default=HERE / "data" / "retrieval_questions.yml")
+    ap.add_argument("--questions", type=Path, help="questions file (default: the mode's own)")
+    ap.add_argument("--manual", help="'python': ingest the whole manual and ask python_docs_questions.yml")
+    ap.add_argument("--quick", action="store_true", help="with --manual: the tuning questions instead")
+    ap.add_argument("--as-is", action="store_true", help="with --manual --db: ingest nothing more, ask only "
+                    "the questions whose pages are in the database")
+    ap.add_argument("--reranker", type=Path, help="with --manual: also measure this reranker head "
+                    "(`parley train reranker`)")
+    ap.add_argument("--candidates", type=int, default=KnowledgeConfig().candidates,
+                    help="with --manual: chunks taken from each ranking")
     ap.add_argument("--k", type=int, default=5, help="passages per question")
     ap.add_argument("--db", type=Path, help="keep the database here (reused if it exists)")
     ap.add_argument("--verbose", action="store_true", help="list the questions each ranking missed")
     ap.add_argument("--write", action="store_true", help="append the results to benchmarks/RESULTS.md")
     args = ap.parse_args()
-    pages, questions = load_questions(args.questions, args.docs)
+    if args.manual:
+        return manual_main(args)
+    pages, questions = load_questions(args.questions or HERE / "data" / "retrieval_questions.yml", args.docs)
     config = KnowledgeConfig()
     with tempfile.TemporaryDirectory() as tmp, Store(args.db or Path(tmp) / "retrieval.db") as store:
         user = (store.get_user_by_name("bench") or store.add_user("bench")).id

@@ -17,6 +17,7 @@ as `key=value`, `--key=value`, `--key value` or (a bool) a bare `--key`; dashes 
     parley train tokenizer|pretrain|sft [RECIPE.toml] [key=value ...]
     parley train intents [--data FILE] [--out FILE]   # the intent classifier, from parley/data/intents.yml
     parley train guard [--data DIR] [--out FILE]       # the safety/injection guard, from parley/data/guard/
+    parley train reranker [--db PATH] [--user NAME]    # the knowledge reranker, on questions generated for chunks
     parley eval [MODEL] [--quick]                # the report card: every evaluation, compared with the last version
     parley learn [--dry-run] [--list]            # a learning round: feedback -> candidate -> gate -> promote
 
@@ -61,7 +62,8 @@ COMMANDS: dict[str, dict[str | None, tuple[str, str]]] = {
               "pretrain": ("pretrain a model from a recipe", "parley.train.pretrain:PretrainConfig"),
               "sft": ("fine-tune on dialogs (full or LoRA)", "parley.train.sft:SFTConfig"),
               "intents": ("retrain the intent classifier's head", "parley.pipeline.nlu:IntentsConfig"),
-              "guard": ("train the safety and injection guard", "parley.train.guard:GuardTrainConfig")},
+              "guard": ("train the safety and injection guard", "parley.train.guard:GuardTrainConfig"),
+              "reranker": ("train the knowledge reranker's head", "parley.train.rerank:RerankTrainConfig")},
     "speak": {None: ("speak text into a WAV file (piper, or espeak-ng)", "parley.voice.main:SpeakConfig")},
     "transcribe": {None: ("print the text spoken in a WAV file (whisper, or wav2vec 2.0)",
                           "parley.voice.main:TranscribeConfig")},
@@ -286,6 +288,10 @@ def cmd_train(args) -> int:
         from parley.train.guard import train_guard_main
 
         return train_guard_main(args.settings)
+    if args.action == "reranker":  # nor this: a head trained on questions generated for a store's chunks
+        from parley.train.rerank import train_reranker_main
+
+        return train_reranker_main(args.settings)
     module = importlib.import_module(COMMANDS["train"][args.action][1].split(":")[0])
     module.main(load_settings(args))
     return 0

@@ -21,7 +21,11 @@ most common English words and the dense list chunks under a cosine of 0.2: both 
 everything, and in a small knowledge base, where every chunk would be in both lists, they would
 outrank a paraphrase that only one ranking finds. The user's vectors live in a numpy matrix
 cached per user and collection, reloaded when the store's knowledge stamp (a token the database
-changes with every document added or deleted) moves. benchmarks/retrieval.py measures it.
+changes with every document added or deleted) moves. A query that names an API (`os.path.join`)
+has the name searched whole as a BM25 phrase, BM25 weighted up in the fusion and a bonus for chunks
+holding the name verbatim; then pages are ranked by their best chunks and each gives `per_page`
+of them (a question is answered by a page); an optional trained reranker (rerank.py) may reorder
+the best chunks first. benchmarks/retrieval.py measures it (`--manual python`: a whole manual).
 
 `KnowledgeStage` runs this in the turn pipeline when the intent asks for knowledge and keeps
 only passages whose cosine similarity to the question clears a threshold, so small talk does
@@ -34,6 +38,7 @@ import hashlib
 import re
 import sys
 import time
+from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,6 +48,7 @@ import numpy as np
 from parley.config import ConfigError, parse_cli, setting
 from parley.pipeline.embed import Embedder, EmbedderError, cosine_top, to_blob
 from parley.pipeline.frames import Frame, Intent, Passage, Passages, UserText
+from parley.pipeline.rerank import Reranker
 from parley.pipeline.readers import DEFAULT_MAX_BYTES, MIME, ReadError, chunk_sections, load_file, read_bytes, supported
 from parley.pipeline.runner import Stage, Turn
 from parley.store import ChunkHit, Store, database_errors
@@ -65,6 +71,11 @@ class KnowledgeConfig:
     rrf_k: int = 60  # reciprocal rank fusion constant
     min_similarity: float = 0.3  # cosine a passage needs to reach a turn
     dense_floor: float = 0.2  # cosine a chunk needs to count in the dense ranking at all
+    identifier_weight: float = 2.0  # BM25's weight in the fusion when the query names an API (os.path.join)
+    exact_bonus: float = 1.0  # fused score, in top-rank units, for a chunk holding a named API verbatim
+    per_page: int = 1  # page ranking: pages by their best chunks, this many chunks from each (0: rank chunks)
+    rerank: bool = False  # the stage reorders the best fused chunks with the trained reranker (rerank.py)
+    rerank_top: int = 20  # how many of the best fused chunks the reranker reads
     intents: frozenset[str] = frozenset({"knowledge_question", "out_of_scope"})  # that retrieve
     collection: str | None = None  # the stage searches this collection only (None: all)
 
@@ -73,6 +84,9 @@ class KnowledgeConfig:
             raise KnowledgeError(f"need chunk_words >= 20 and an overlap of at most half of it: {self}")
         if self.k < 1 or self.candidates < self.k or self.rrf_k < 0 or self.max_bytes < 1:
             raise KnowledgeError(f"need k >= 1, candidates >= k, rrf_k >= 0 and max_bytes >= 1: {self}")
+        if self.identifier_weight < 0 or self.exact_bonus < 0 or self.per_page < 0 or self.rerank_top < 1:
+            raise KnowledgeError(f"identifier_weight, exact_bonus and per_page cannot be negative, "
+                                 f"and rerank_top must be at least 1: {self}")
         if not -1.0 <= self.min_similarity <= 1.0:
             raise KnowledgeError(f"min_similarity is a cosine, between -1 and 1, not {self.min_similarity}")
 
@@ -209,12 +223,26 @@ them then there these they this those to us was we were what when where which wh
 would you your""".split())
 
 
+# A name from code: dotted (os.path.join), snake_case (default_factory, __slots__) or with a capital
+# inside (ThreadPoolExecutor, maxBytes). Plain words ("deque") are left to BM25 as words.
+IDENTIFIER = re.compile(r"(?<![\w.])(?:[A-Za-z_]\w*(?:\.[A-Za-z_]\w*)+|\w*[a-z0-9]_\w*|_\w+_|[A-Za-z][a-z0-9]+[A-Z]\w*)")
+
+
+def identifiers(query: str) -> list[str]:
+    """The code names a query mentions, in order, without repeats."""
+    names = (m.group() for m in IDENTIFIER.finditer(query))
+    return list(dict.fromkeys(n for n in names if min(len(part) for part in n.split(".")) > 1))  # not "e.g"
+
+
 def keywords(query: str) -> str:
-    """The query without its most common English words, which match nearly every chunk and so
-    would fill BM25's candidates with noise (unchanged if nothing else is left)."""
+    """The query for BM25: each code name whole (searched as a phrase, so `os.path.join` outranks
+    a chunk with "os", "path" and "join" far apart), then its words without the most common
+    English ones, which match nearly every chunk and so would fill BM25's candidates with noise
+    (unchanged if nothing else is left)."""
     words = re.findall(r"\w+", query)
     kept = [w for w in words if w.lower() not in STOPWORDS]
-    return " ".join(kept) if kept else query
+    names = [n for n in identifiers(query) if not re.fullmatch(r"\w+", n)]  # one-word names are words already
+    return " ".join(names + kept) if kept or names else query
 
 
 @dataclass(frozen=True)
@@ -226,6 +254,7 @@ class Candidate:
     cosine: float  # similarity of the chunk's vector to the query's
     bm25_rank: int | None  # 1-based rank in each list, None if not in it
     dense_rank: int | None
+    page_score: float | None = None  # its page's score, when pages were ranked
 
     def passage(self, n: int) -> Passage:
         c = self.chunk
@@ -234,7 +263,8 @@ class Candidate:
 
     def evidence(self) -> dict:
         return {"chunk_id": self.chunk.chunk_id, "document": self.chunk.document_name, "fused": round(self.fused, 5),
-                "cosine": round(self.cosine, 4), "bm25_rank": self.bm25_rank, "dense_rank": self.dense_rank}
+                "cosine": round(self.cosine, 4), "bm25_rank": self.bm25_rank, "dense_rank": self.dense_rank,
+                "page_score": None if self.page_score is None else round(self.page_score, 5)}
 
 
 def search(
@@ -248,9 +278,13 @@ def search(
     mode: str = "hybrid",
     cache: VectorCache | None = None,
     config: KnowledgeConfig = KnowledgeConfig(),
+    reranker: Reranker | None = None,
 ) -> list[Candidate]:
     """The user's k best chunks for `query`, best first. `mode` "bm25" or "dense" uses one
-    ranking alone (to measure what fusion adds)."""
+    ranking alone (to measure what fusion adds). A `reranker` reorders the best
+    `config.rerank_top` fused chunks. With `config.per_page`, documents are ranked by their
+    chunks' scores (a question is answered by a page) and each gives its best `per_page`
+    chunks, so k passages span several pages rather than repeating one."""
     if not isinstance(query, str) or not query.strip():
         raise KnowledgeError("the query must be a non-empty string")
     if mode not in MODES:
@@ -268,13 +302,55 @@ def search(
     dense = dense if mode != "bm25" else []
     bm25_rank = {hit.chunk_id: r for r, hit in enumerate(lexical, 1)}
     dense_rank = {chunk_id: r for r, (chunk_id, _) in enumerate(dense, 1)}
-    fused = {i: sum(1 / (config.rrf_k + r[i]) for r in (bm25_rank, dense_rank) if i in r)
-             for i in bm25_rank | dense_rank}
-    best = sorted(fused, key=lambda i: (-fused[i], i))[:k]
     chunks = {hit.chunk_id: hit for hit in lexical}
-    chunks |= {hit.chunk_id: hit for hit in store.get_chunks(user_id, [i for i in best if i not in chunks])}
+    chunks |= {hit.chunk_id: hit for hit in store.get_chunks(user_id, [i for i in dense_rank if i not in chunks])}
+    fused = _fuse(query, bm25_rank, dense_rank, chunks, config)
+    order = sorted(fused, key=lambda i: (-fused[i], i))
+    score = fused
+    if reranker is not None and order:
+        top = order[: config.rerank_top]
+        by_reranker = np.argsort(-reranker.score(query, [chunks[i].text for i in top]), kind="stable")
+        order = [top[j] for j in by_reranker] + order[len(top):]
+        score = {i: 1 / (config.rrf_k + r) for r, i in enumerate(order, 1)}  # the new order, on fusion's scale
+    pages = _pages(order, score, chunks, config.per_page) if config.per_page else {}
+    if pages:
+        order = sorted(order, key=lambda i: -pages[chunks[i].document_id])  # stable: a page's best chunks first
+        taken: Counter[int] = Counter()
+        for i in list(order):
+            taken[chunks[i].document_id] += 1
+            if taken[chunks[i].document_id] > config.per_page:
+                order.remove(i)
+    best = order[:k]
     cosines = _cosines(embedder, q, [chunks[i] for i in best], ids, matrix)
-    return [Candidate(chunks[i], fused[i], cos, bm25_rank.get(i), dense_rank.get(i)) for i, cos in zip(best, cosines)]
+    return [Candidate(chunks[i], fused[i], cos, bm25_rank.get(i), dense_rank.get(i),
+                      pages.get(chunks[i].document_id)) for i, cos in zip(best, cosines)]
+
+
+def _fuse(query: str, bm25_rank: dict[int, int], dense_rank: dict[int, int], chunks: dict[int, ChunkHit],
+          config: KnowledgeConfig) -> dict[int, float]:
+    """Weighted reciprocal rank fusion. A query that names an API (`asyncio.gather`) leans on
+    BM25, which finds the name exactly, and a chunk that holds the name verbatim gets a bonus,
+    so a page that only mentions the words in passing cannot push the page that defines it out."""
+    names = [n for n in identifiers(query) if not re.fullmatch(r"[a-z]+", n)]
+    weight = config.identifier_weight if names else 1.0
+    fused = {i: sum(w / (config.rrf_k + r[i]) for r, w in ((bm25_rank, weight), (dense_rank, 1.0)) if i in r)
+             for i in bm25_rank | dense_rank}
+    if names and config.exact_bonus:
+        bonus = config.exact_bonus / (config.rrf_k + 1)
+        for i in fused:
+            text = chunks[i].text
+            fused[i] += bonus * sum(n in text for n in names) / len(names)
+    return fused
+
+
+def _pages(order: list[int], fused: dict[int, float], chunks: dict[int, ChunkHit], per_page: int) -> dict[int, float]:
+    """Each document's score: its best chunk's fused score plus half its second's and a quarter
+    of its third's, so a page that answers in several places beats one lucky chunk, but a long
+    page is not rewarded for length alone."""
+    seen: dict[int, list[float]] = {}
+    for i in order:  # best first
+        seen.setdefault(chunks[i].document_id, []).append(fused[i])
+    return {doc: sum(s * 0.5**j for j, s in enumerate(scores[:3])) for doc, scores in seen.items()}
 
 
 def _cosines(embedder: Embed, q: np.ndarray, hits: list[ChunkHit], ids: np.ndarray, matrix: np.ndarray) -> list[float]:
@@ -315,6 +391,11 @@ class KnowledgeStage(Stage):
     def __init__(self, embedder: Embed, config: KnowledgeConfig = KnowledgeConfig()):
         self.embedder, self.config = embedder, config
         self.cache = VectorCache()
+        self.reranker = None
+        if config.rerank:
+            if not isinstance(embedder, Embedder):
+                raise KnowledgeError("rerank needs the MiniLM Embedder, whose encoder the reranker reads with")
+            self.reranker = Reranker.load(embedder)
 
     def process(self, frame: Frame, turn: Turn) -> Iterator[Frame]:
         if isinstance(frame, UserText):
@@ -339,7 +420,7 @@ class KnowledgeStage(Stage):
                 turn.note(self.name, "no documents", intent=intent and intent.name)
                 return None
             found = search(store, self.embedder, turn.user_id, text, cfg.k, collection=cfg.collection,
-                           cache=self.cache, config=cfg)
+                           cache=self.cache, config=cfg, reranker=self.reranker)
         except KnowledgeError as e:
             turn.note(self.name, f"error: {e}")
             return None

@@ -7,7 +7,8 @@
 Readers: `.txt` (UTF-8, or UTF-16 with a byte-order mark), `.md` (markup stripped, headings
 kept as their own paragraphs), `.html`/`.htm` (the main text as trafilatura finds it, walked
 block by block so paragraphs, list items, table rows and code stay apart; plain lxml text
-when trafilatura finds nothing) and `.pdf` (pypdf, text per page). Anything else, binary
+when trafilatura finds nothing; one section per heading, which knows its heading path, page
+title first) and `.pdf` (pypdf, text per page). Anything else, binary
 content (NUL bytes), text that is not UTF-8, a PDF without a text layer, a file over the
 size limit or one with no text is refused with a `ReadError` that names the file and says
 what to do.
@@ -17,7 +18,9 @@ paragraph end once it holds three quarters of that, and starts each chunk with t
 `overlap` words (whole sentences where they fit) of the one before, so a fact cut at a
 boundary is whole in one of the two. The default of 200 words is about 260 word pieces of
 plain prose, near the 256 the MiniLM encoder reads (text with code runs longer, and its end is
-not embedded, though BM25 still indexes it).
+not embedded, though BM25 still indexes it). A chunk starts with its section's heading path on
+a line of its own, so it says what it is about wherever it sits in a long page; a heading starts
+a new chunk (without overlap) unless the one being filled holds under a quarter of its words.
 """
 
 from __future__ import annotations
@@ -45,17 +48,19 @@ class ReadError(ValueError):
 
 @dataclass(frozen=True)
 class Section:
-    """A run of text from a document, and the PDF page it is on."""
+    """A run of text from a document, the PDF page it is on, and the headings it sits under."""
 
     text: str
     page: int | None = None
+    heading: str | None = None  # "Page title › Section › Subsection" (HTML), None where unknown
 
 
 @dataclass(frozen=True)
 class Chunk:
-    text: str
+    text: str  # starts with its heading path on a line of its own, when it has one
     ord: int  # position in the document, from 0
     page: int | None = None  # the page its own (not overlapped) text starts on
+    heading: str | None = None  # the heading path of the section its own text starts in
 
 
 def supported(path: Path) -> bool:
@@ -88,7 +93,7 @@ def read_bytes(name: str, data: bytes, where: str | None = None) -> tuple[str, l
         if mime == "application/pdf":
             sections = _pdf(data)
         elif mime == "text/html":
-            sections = [Section(_html(data))]
+            sections = _html(data)
         else:
             text = _decode(data)
             sections = [Section(_markdown(text) if mime == "text/markdown" else text)]
@@ -176,21 +181,44 @@ HTML_BLOCKS = ("p", "div", "section", "article", "li", "tr", "pre", "blockquote"
                "h1", "h2", "h3", "h4", "h5", "h6", "dt", "dd", "table", "ul", "ol", "dl")
 
 
-def _html(data: bytes) -> str:
+def _html(data: bytes) -> list[Section]:
+    """One section per heading, each knowing the path of headings above it (the page title,
+    h1, first), so a chunk deep in a long page still says what it is about."""
     _binary(data)
     xml = trafilatura.extract(data, output_format="xml", include_tables=True, include_comments=False,
                               favor_recall=True)
     if xml:
         main = etree.fromstring(xml.encode()).find("main")
         if main is not None:
-            blocks: list[str] = []
+            blocks: list[tuple[str, int | None]] = []
             _walk(main, blocks)
             if blocks:
-                return "\n\n".join(blocks)
-    return _html_fallback(data)
+                return _sections(blocks)
+    return [Section(_html_fallback(data))]
 
 
-def _walk(el: etree._Element, out: list[str]) -> None:
+def _sections(blocks: list[tuple[str, int | None]]) -> list[Section]:
+    """Blocks (text, heading level or None) as sections that start at each heading."""
+    sections: list[Section] = []
+    path: list[tuple[int, str]] = []  # the open headings, outermost first
+    body: list[str] = []
+
+    def close():
+        if body:
+            heading = " › ".join(text for _, text in path) or None
+            sections.append(Section("\n\n".join(body), heading=heading))
+
+    for text, level in blocks:
+        if level is not None:
+            close()
+            body = []
+            path = [(lv, t) for lv, t in path if lv < level] + [(level, text)]
+        body.append(text)
+    close()
+    return sections
+
+
+def _walk(el: etree._Element, out: list[tuple[str, int | None]]) -> None:
     if el.tag in LEAVES or not any(child.tag in LEAVES | CONTAINERS for child in el):
         if el.tag == "code":
             text = "".join(el.itertext()).strip("\n")
@@ -199,14 +227,15 @@ def _walk(el: etree._Element, out: list[str]) -> None:
         else:
             text = _squash("".join(el.itertext())).rstrip("¶ ")  # Sphinx's heading anchors
         if text.strip():
-            out.append(text)
+            rend = el.get("rend", "") if el.tag == "head" else ""
+            out.append((text, int(rend[1]) if re.fullmatch(r"h[1-6]", rend) else 6 if el.tag == "head" else None))
         return
     if el.text and el.text.strip():
-        out.append(_squash(el.text))
+        out.append((_squash(el.text), None))
     for child in el:
         _walk(child, out)
         if child.tail and child.tail.strip():
-            out.append(_squash(child.tail))
+            out.append((_squash(child.tail), None))
 
 
 def _html_fallback(data: bytes) -> str:
@@ -261,6 +290,8 @@ class _Unit:
     words: int
     sep: str  # "\n\n" at a paragraph start
     page: int | None
+    heading: str | None
+    opens: bool = False  # the first unit of a section with a heading
 
 
 def chunk_sections(sections: list[Section], words: int = 200, overlap: int = 40) -> list[Chunk]:
@@ -273,9 +304,10 @@ def chunk_sections(sections: list[Section], words: int = 200, overlap: int = 40)
     carried = size = 0
     for unit in _units(sections, words - overlap):
         full = size + unit.words > words or (unit.sep == "\n\n" and size >= words * 3 // 4)
-        if full and len(current) > carried:
+        new_section = unit.opens and size >= words // 4  # a heading starts a chunk, unless the last one is tiny
+        if (full or new_section) and len(current) > carried:
             chunks.append(_chunk(current, carried, len(chunks)))
-            current = _tail(current, overlap)
+            current = [] if new_section else _tail(current, overlap)  # no overlap across a heading
             carried, size = len(current), sum(u.words for u in current)
         current.append(unit)
         size += unit.words
@@ -286,6 +318,7 @@ def chunk_sections(sections: list[Section], words: int = 200, overlap: int = 40)
 
 def _units(sections: list[Section], limit: int):
     for section in sections:
+        first = section.heading is not None
         for paragraph in re.split(r"\n\s*\n", section.text):
             if not paragraph.strip():
                 continue
@@ -293,7 +326,9 @@ def _units(sections: list[Section], limit: int):
             seps = ["\n\n"] + ["\n" if "\n" in s else " " for s in parts[1::2]]
             for sentence, sep in zip(parts[0::2], seps):
                 for i, piece in enumerate(_pieces(sentence, limit)):
-                    yield _Unit(piece, len(WORD.findall(piece)), sep if i == 0 else " ", section.page)
+                    yield _Unit(piece, len(WORD.findall(piece)), sep if i == 0 else " ", section.page,
+                                section.heading, first)
+                    first = False
 
 
 def _pieces(text: str, limit: int) -> list[str]:
@@ -316,10 +351,15 @@ def _tail(units: list[_Unit], overlap: int) -> list[_Unit]:
         last = units[-1]
         words = WORD.findall(last.text)[-overlap:]
         start = [m.start() for m in WORD.finditer(last.text)][-len(words)]
-        tail = [_Unit(last.text[start:], len(words), "", last.page)]
+        tail = [_Unit(last.text[start:], len(words), "", last.page, last.heading)]
     return tail
 
 
 def _chunk(units: list[_Unit], carried: int, ord: int) -> Chunk:
+    """The units as one text, under the heading path of its own first unit: the path is part of
+    the text that is embedded and indexed, and of the passage a reader is shown."""
     text = units[0].text + "".join(u.sep + u.text for u in units[1:])
-    return Chunk(text, ord, units[carried].page)
+    heading = units[carried].heading
+    if heading and not text.startswith(heading):
+        text = f"{heading}\n\n{text}"
+    return Chunk(text, ord, units[carried].page, heading)
