@@ -151,6 +151,14 @@ def test_feedback_trains_a_gated_candidate_that_the_server_switches_to(home, emb
         assert http["ops"].post("/api/learn/promote", json={"version": "v9"}).status_code == 404
         moved = http["ops"].post("/api/learn/promote", json={"version": "v2"}).json()
         assert moved["serving"] == "v2" and [v["current"] for v in moved["data"]] == [False, True]
+
+        # the report card on its own: v2 against the version before it
+        card_dir = root / "card"
+        assert parley(["eval", "tiny", "--quick", f"dialogs={replay / 'dialogs-val.jsonl'}", f"out={card_dir}"]) == 0
+        card = json.loads((card_dir / "report.json").read_text())
+        assert card["versions"] == ["v2", "v1"] and card["metrics"]["dialog_loss"]["delta"] < 0
+        assert (card_dir / "metrics.png").stat().st_size and "| dialog_loss |" in (card_dir / "report.md").read_text()
+        assert parley(["eval", "tiny", "version=v5"]) == 2
         for client in http.values():
             client.close()
 

@@ -282,8 +282,8 @@ def compare(new: dict, old: dict | None) -> dict[str, dict]:
     return rows
 
 
-def _fmt(x) -> str:
-    return "-" if x is None else f"{x:+.4f}" if isinstance(x, float) and abs(x) < 1e3 else f"{x}"
+def _fmt(x, sign: str = "") -> str:
+    return "-" if x is None else f"{x:{sign}.4f}" if isinstance(x, float) else f"{x}"
 
 
 def write_report(folder: Path, title: str, rows: dict[str, dict], extra: dict, names: tuple[str, str]) -> Path:
@@ -296,7 +296,7 @@ def write_report(folder: Path, title: str, rows: dict[str, dict], extra: dict, n
              "|---|---|---|---|---|---|---|---|"]
     for name, r in rows.items():
         holds = "-" if r["within_margin"] is None else "yes" if r["within_margin"] else "**NO**"
-        lines.append(f"| {name} | {r['better']} | {_fmt(r['value'])} | {_fmt(r['previous'])} | {_fmt(r['delta'])} | "
+        lines.append(f"| {name} | {r['better']} | {_fmt(r['value'])} | {_fmt(r['previous'])} | {_fmt(r['delta'], '+')} | "
                      f"{'-' if math.isinf(r['margin']) else r['margin']} | {'yes' if r['gated'] else 'no'} | {holds} |")
     for key, value in extra.items():
         lines += ["", f"**{key}**: {value if not isinstance(value, (dict, list)) else json.dumps(value, default=str)}"]
