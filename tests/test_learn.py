@@ -5,8 +5,10 @@ the server switches versions without a restart. An untrusted user's feedback and
 rails caught never become training data; a dry run trains and writes nothing."""
 
 import dataclasses
+import importlib.util
 import io
 import json
+from pathlib import Path
 
 import httpx
 import pytest
@@ -24,6 +26,7 @@ from serving import serving
 FRANCE = "The capital of France is Paris."
 SPAM = "Buy cheap pills at spam.example today"
 EVIL = "Here is how to build it step by step"
+CHROMIUM = Path("/usr/bin/chromium")
 
 
 @pytest.fixture
@@ -151,6 +154,35 @@ def test_feedback_trains_a_gated_candidate_that_the_server_switches_to(home, emb
         assert http["ops"].post("/api/learn/promote", json={"version": "v9"}).status_code == 404
         moved = http["ops"].post("/api/learn/promote", json={"version": "v2"}).json()
         assert moved["serving"] == "v2" and [v["current"] for v in moved["data"]] == [False, True]
+
+        # the report card on its own: v2 against the version before it
+        card_dir = root / "card"
+        assert parley(["eval", "tiny", "--quick", f"dialogs={replay / 'dialogs-val.jsonl'}", f"out={card_dir}"]) == 0
+        card = json.loads((card_dir / "report.json").read_text())
+        assert card["versions"] == ["v2", "v1"] and card["metrics"]["dialog_loss"]["delta"] < 0
+        assert (card_dir / "metrics.png").stat().st_size and "| dialog_loss |" in (card_dir / "report.md").read_text()
+        assert parley(["eval", "tiny", "version=v5"]) == 2
+
+        # the admin page lists the rounds and rolls back (in Chromium, where it is installed)
+        assert "Learning rounds" in http["ops"].get("/admin").text
+        if CHROMIUM.exists() and importlib.util.find_spec("playwright"):
+            from playwright.sync_api import sync_playwright
+
+            with sync_playwright() as playwright:
+                browser = playwright.chromium.launch(executable_path=str(CHROMIUM), args=["--no-sandbox"])
+                page, errors = browser.new_page(), []
+                page.on("pageerror", lambda e: errors.append(str(e)))
+                page.goto(url + "/")
+                page.evaluate(f"localStorage.setItem('parley.key', {json.dumps(keys['ops'])})")
+                page.goto(url + "/admin")
+                page.get_by_text("promoted as v2").wait_for(timeout=30_000)
+                assert page.get_by_text("refused").count() == 1
+                page.get_by_role("button", name="Roll back to the version before").click()
+                page.get_by_text("serving tiny v1").wait_for(timeout=30_000)
+                page.get_by_role("button", name="Show round 1").click()
+                page.get_by_text("# Learning round 1").wait_for(timeout=30_000)
+                browser.close()
+            assert not errors and server.version == "v1"
         for client in http.values():
             client.close()
 

@@ -41,9 +41,9 @@ def test_each_kind_of_feedback_and_what_is_never_learned(store_target):
         assert found.sft[1]["messages"][:-1] == [{"role": "user", "content": "hi"},
                                                  {"role": "assistant", "content": "Hello!"},
                                                  {"role": "user", "content": "capital of France?"}]
-        assert [(p["chosen"], p["rejected"], p["source"], p["labeler"]) for p in found.pairs] == [
+        assert [(p.chosen, p.rejected, p.source, p.labeler) for p in found.pairs] == [
             ("Paris.", "Lyon.", "feedback", "human"), ("4", "5", "feedback", "human")]
-        assert found.pairs[1]["prompt"][-1] == {"role": "user", "content": "2+2?"}
+        assert found.pairs[1].prompt[-1] == {"role": "user", "content": "2+2?"}
         assert [a["answer"] for a in found.against] == ["No."]
         reasons = {s["turn_id"]: s["reason"] for s in found.skipped}
         assert reasons[caught].startswith("rails (safety_in: refuse)") and set(reasons.values()) - {

@@ -5,7 +5,7 @@ into training examples, with everything that must not be learned from left out (
     found = collect(store, since="2026-12-05T10:00:00+00:00")          # every user's, since then
     found = collect(store, since="", user="ann")                         # one user's, all of it
     found.sft      # [{"messages": [...history, {"role": "assistant", "content": TARGET}], ...}]
-    found.pairs    # preference pairs, the format of parley/train/preferences.py (source "feedback")
+    found.pairs    # preference pairs: parley.train.preferences.Pair (source "feedback", labeler "human")
     found.against  # answers counted against with no better answer to pair them with
     found.skipped  # [{"feedback_id", "reason"}]: untrusted user, caught by the rails, no question ...
     found.until    # the newest feedback time read: the next round's `since`
@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from parley.store import Store
+from parley.train.preferences import Pair
 
 SAFETY_STAGES = ("safety_in", "safety_out")
 NEGATIVE_KINDS = ("regenerated", "barge-in")
@@ -39,7 +40,7 @@ NEGATIVE_KINDS = ("regenerated", "barge-in")
 @dataclass
 class Examples:
     sft: list[dict] = field(default_factory=list)
-    pairs: list[dict] = field(default_factory=list)
+    pairs: list[Pair] = field(default_factory=list)
     against: list[dict] = field(default_factory=list)
     skipped: list[dict] = field(default_factory=list)
     until: str = ""
@@ -106,7 +107,7 @@ def collect(store: Store, since: str = "", user: str | None = None) -> Examples:
         meta = {k: v for k, v in base.items() if v is not None}
         if edit and edit != answer.strip():
             out.sft.append({"messages": [*prompt, {"role": "assistant", "content": edit}], "source": "edit", **meta})
-            out.pairs.append(_pair(prompt, edit, answer, meta))
+            _pair(out, prompt, edit, answer, meta)
         elif row["rating"] > 0 and row["kind"] not in NEGATIVE_KINDS:
             out.sft.append({"messages": [*prompt, {"role": "assistant", "content": answer}], "source": "thumbs_up",
                             **meta})
@@ -114,13 +115,16 @@ def collect(store: Store, since: str = "", user: str | None = None) -> Examples:
             better = _next_answer(store, row, prompt[-1]["content"], negative) \
                 if row["kind"] == "regenerated" or row["rating"] < 0 else None
             if better is not None and better.strip() != answer.strip():
-                out.pairs.append(_pair(prompt, better, answer, meta))
+                _pair(out, prompt, better, answer, meta)
             else:
                 out.against.append({"prompt": prompt, "answer": answer, **meta})
     return out
 
 
-def _pair(prompt: list[dict], chosen: str, rejected: str, meta: dict[str, Any]) -> dict:
-    """One preference pair in the shared format (parley/train/preferences.py)."""
-    return {"prompt": prompt, "chosen": chosen, "rejected": rejected, "principle": None, "source": "feedback",
-            "labeler": "human", "meta": meta}
+def _pair(out: Examples, prompt: list[dict], chosen: str, rejected: str, meta: dict[str, Any]) -> None:
+    """Add one preference pair in the shared format (parley/train/preferences.py), or say why not."""
+    try:
+        out.pairs.append(Pair(prompt=prompt, chosen=chosen, rejected=rejected, principle=None, source="feedback",
+                              labeler="human", meta=meta))
+    except ValueError as e:
+        out.skipped.append({**meta, "reason": f"not a valid pair: {e}"})

@@ -132,9 +132,9 @@ def text_loss(model, tokenizer, path: Path, seq_len: int, windows: int) -> float
 
 def answer_logprob(model, tokenizer, prompt: list[dict], answer: str, seq_len: int) -> float:
     """Sum of the answer tokens' log-probabilities after the prompt (chat template)."""
-    from parley.train.data import chat_tokens
+    from parley.train.preferences import answer_tokens
 
-    ids, mask = chat_tokens(tokenizer, [*prompt, {"role": "assistant", "content": answer}])
+    ids, mask = answer_tokens(tokenizer, prompt, answer)
     ids, mask = torch.tensor(ids[-seq_len - 1:]), torch.tensor(mask[-seq_len - 1:])
     with torch.no_grad():
         logits = model(ids[None, :-1]).float().log_softmax(-1)[0]
@@ -142,11 +142,12 @@ def answer_logprob(model, tokenizer, prompt: list[dict], answer: str, seq_len: i
     return float((picked * mask[1:]).sum())
 
 
-def pair_accuracy(model, tokenizer, pairs: list[dict], seq_len: int) -> float | None:
+def pair_accuracy(model, tokenizer, pairs: list, seq_len: int) -> float | None:
+    """How often the chosen answer of a pair (parley.train.preferences.Pair) gets the higher log-probability."""
     if not pairs:
         return None
-    wins = [answer_logprob(model, tokenizer, p["prompt"], p["chosen"], seq_len)
-            > answer_logprob(model, tokenizer, p["prompt"], p["rejected"], seq_len) for p in pairs]
+    wins = [answer_logprob(model, tokenizer, p.prompt, p.chosen, seq_len)
+            > answer_logprob(model, tokenizer, p.prompt, p.rejected, seq_len) for p in pairs]
     return sum(wins) / len(wins)
 
 
@@ -198,8 +199,9 @@ def model_metrics(model, tokenizer, cfg: EvalConfig) -> dict[str, float | None]:
     out["feedback_loss"] = dialog_loss(model, tokenizer, sft, cfg.seq_len) if sft and sft.is_file() \
         and sft.stat().st_size else None
     pairs_file = feedback / "pairs-heldout.jsonl" if feedback else None
-    pairs = [json.loads(x) for x in pairs_file.read_text().splitlines() if x.strip()] \
-        if pairs_file and pairs_file.is_file() else []
+    from parley.train.preferences import load_pairs
+
+    pairs = load_pairs(pairs_file) if pairs_file and pairs_file.is_file() else []
     out["pair_accuracy"] = pair_accuracy(model, tokenizer, pairs, cfg.seq_len)
     engine = Engine.from_config(model, EngineConfig(dtype="float32", device="cpu"))
     try:
@@ -282,8 +284,8 @@ def compare(new: dict, old: dict | None) -> dict[str, dict]:
     return rows
 
 
-def _fmt(x) -> str:
-    return "-" if x is None else f"{x:+.4f}" if isinstance(x, float) and abs(x) < 1e3 else f"{x}"
+def _fmt(x, sign: str = "") -> str:
+    return "-" if x is None else f"{x:{sign}.4f}" if isinstance(x, float) else f"{x}"
 
 
 def write_report(folder: Path, title: str, rows: dict[str, dict], extra: dict, names: tuple[str, str]) -> Path:
@@ -296,7 +298,7 @@ def write_report(folder: Path, title: str, rows: dict[str, dict], extra: dict, n
              "|---|---|---|---|---|---|---|---|"]
     for name, r in rows.items():
         holds = "-" if r["within_margin"] is None else "yes" if r["within_margin"] else "**NO**"
-        lines.append(f"| {name} | {r['better']} | {_fmt(r['value'])} | {_fmt(r['previous'])} | {_fmt(r['delta'])} | "
+        lines.append(f"| {name} | {r['better']} | {_fmt(r['value'])} | {_fmt(r['previous'])} | {_fmt(r['delta'], '+')} | "
                      f"{'-' if math.isinf(r['margin']) else r['margin']} | {'yes' if r['gated'] else 'no'} | {holds} |")
     for key, value in extra.items():
         lines += ["", f"**{key}**: {value if not isinstance(value, (dict, list)) else json.dumps(value, default=str)}"]

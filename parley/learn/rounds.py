@@ -35,6 +35,7 @@ from parley.learn.feedback import Examples, collect
 from parley.learn.report import EvalConfig, compare, model_metrics, pipeline_metrics, write_report
 from parley.registry import DEFAULT_MODEL, Registry, parley_home, store_target
 from parley.train.loop import TrainConfig
+from parley.train.preferences import write_pairs
 from parley.train.sft import LoRAConfig
 
 
@@ -130,8 +131,8 @@ def _describe(found: Examples) -> str:
         lines.append(f"  sft ({e['source']}, {e['user']}): {e['messages'][-2]['content'][:60]!r} -> "
                      f"{e['messages'][-1]['content'][:60]!r}")
     for p in found.pairs[:5]:
-        lines.append(f"  pair ({p['meta'].get('user')}): {p['prompt'][-1]['content'][:50]!r}: chosen "
-                     f"{p['chosen'][:40]!r} over {p['rejected'][:40]!r}")
+        lines.append(f"  pair ({p.meta.get('user')}): {p.prompt[-1]['content'][:50]!r}: chosen "
+                     f"{p.chosen[:40]!r} over {p.rejected[:40]!r}")
     for s in found.skipped[:5]:
         lines.append(f"  left out: turn {s['turn_id']} of {s['user']}: {s['reason']}")
     return "\n".join(lines)
@@ -174,12 +175,14 @@ def main(cfg: LearnConfig) -> dict:
                 "counts": found.counts(), "promoted": False, "version": None}
     with atomic_open(folder / "feedback.json") as f:
         json.dump({"counts": found.counts(), "skipped": found.skipped}, f, indent=1)
-    _jsonl(folder / "pairs.jsonl", found.pairs)
+    if found.pairs:
+        write_pairs(folder / "pairs.jsonl", found.pairs)
     _jsonl(folder / "against.jsonl", found.against)
     train_sft, held_sft = _split(found.sft, cfg.heldout_every)
     train_pairs, held_pairs = _split(found.pairs, cfg.heldout_every)
     _jsonl(folder / "sft-heldout.jsonl", [{"messages": e["messages"]} for e in held_sft])
-    _jsonl(folder / "pairs-heldout.jsonl", held_pairs)
+    if held_pairs:
+        write_pairs(folder / "pairs-heldout.jsonl", held_pairs)
     if not train_sft:
         return _decide(folder, decision, False, ["no feedback to train on since the last round"], registry)
     data = folder / "data"

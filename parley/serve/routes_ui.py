@@ -3,6 +3,7 @@ the same API as every other client, plus the one read the page needs that the AP
 
     app.include_router(ui_routes(server))     # in create_app
     # GET /                 the page (its Content-Security-Policy allows this origin only)
+    # GET /admin            the admins' page of learning rounds and model versions (/api/learn/*)
     # GET /static/app.js    its scripts, style and vendored libraries, from parley/serve/static/
     # GET /api/chunks/{id}  a knowledge chunk's text, for showing what a citation [n] refers to
     # GET /api/settings     what this server runs with that a user may see: model, persona, stages
@@ -28,7 +29,8 @@ STATIC = FilePath(__file__).parent / "static"
 JS, CSS = "text/javascript", "text/css"
 FILES = {"app.js": JS, "render.js": JS, "icons.js": JS, "app.css": CSS,  # all the page loads besides itself
          "voice.js": JS, "voice.css": CSS,  # the Talk button (the live voice route, routes_voice.py)
-         "vendor/markdown-it.min.js": JS, "vendor/purify.min.js": JS, "vendor/highlight.min.js": JS}
+         "vendor/markdown-it.min.js": JS, "vendor/purify.min.js": JS, "vendor/highlight.min.js": JS,
+         "admin.js": JS}  # the admin page's
 POLICY = ("default-src 'none'; script-src 'self'; style-src 'self'; connect-src 'self'; img-src 'self' data:; "
           "form-action 'none'; frame-ancestors 'none'; base-uri 'none'")
 
@@ -40,6 +42,11 @@ def ui_routes(server: Server) -> APIRouter:
     @router.get("/", include_in_schema=False)
     def page() -> FileResponse:
         return FileResponse(STATIC / "index.html", media_type="text/html",
+                            headers={"Content-Security-Policy": POLICY, "Cache-Control": "no-cache"})
+
+    @router.get("/admin", include_in_schema=False)
+    def admin_page() -> FileResponse:
+        return FileResponse(STATIC / "admin.html", media_type="text/html",
                             headers={"Content-Security-Policy": POLICY, "Cache-Control": "no-cache"})
 
     @router.get("/static/{name:path}", include_in_schema=False)
