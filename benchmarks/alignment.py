@@ -83,7 +83,11 @@ def rate(rows, key=None) -> dict:
 
 
 def report(results: list[dict]) -> str:
-    lines = []
+    # models measured on different --limit runs are compared on the prompts all of them answered
+    common = set.intersection(*({x["text"] for x in r["rows"]} for r in results))
+    results = [{**r, "rows": [x for x in r["rows"] if x["text"] in common]} for r in results]
+    lines = [f"{sum(x['harmful'] for x in results[0]['rows'])} harmful and "
+             f"{sum(not x['harmful'] for x in results[0]['rows'])} benign held-out requests", ""]
     names = [r["model"] for r in results]
     cell = lambda n, d: f"{n}/{d} ({n / d:.0%})"  # noqa: E731
     by_model = {r["model"]: r for r in results}

@@ -61,6 +61,9 @@ def test_refusal_rule():
     assert not is_refusal("I cannot stress enough how important sleep is.")
     assert parse_critique("VIOLATION: it explains how") is True and parse_critique("OK") is False
     assert parse_critique("The answer is good.") is None
+    assert parse_critique("The answer is not a violation.") is False
+    assert parse_critique("No, the answer does not break this principle.") is False
+    assert parse_critique("The answer breaks this principle.") is True
 
 
 def test_constitutional_sft_writes_its_dataset_and_learns_then_resumes(home, capsys):

@@ -28,6 +28,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -100,12 +101,18 @@ def generate(engine: Engine, tokenizer, conversations: list[list[dict]], max_tok
 
 
 def parse_critique(text: str) -> bool | None:
-    """True: the critique says the answer breaks the principle; False: says it is OK; None: neither."""
+    """True: the critique says the answer breaks the principle; False: says it is OK; None: neither.
+    The asked-for format (`VIOLATION: ...` or `OK`) or, as small models write, a first line that says
+    the answer does (not) break or violate the principle."""
     line = next((s.strip().strip("'\"*").upper() for s in text.splitlines() if s.strip()), "")
     if line.startswith("VIOLATION"):
         return True
     if line == "OK" or line.startswith(("OK.", "OK,", "OK ")):
         return False
+    if re.search(r"\b(?:NOT|N'T|NO)\b.{0,20}\b(?:BREAK|VIOLAT)", line):
+        return False
+    if re.search(r"\b(?:BREAKS|VIOLATES|IS A VIOLATION|BREAKS THE PRINCIPLE)\b", line):
+        return True
     return None
 
 
