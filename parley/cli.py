@@ -13,7 +13,7 @@ as `key=value`, `--key=value`, `--key value` or (a bool) a bare `--key`; dashes 
     parley serve [--port P] [key=value ...]      # the OpenAI-compatible API: the assistant's keys + the server's
     parley users add NAME | key NAME | list      # users of the server and their API keys
     parley data prepare OUT [--tokenizer DIR]    # training corpus + dialogs from offline packages
-    parley train tokenizer|pretrain|sft|reward|rl [RECIPE.toml] [key=value ...]
+    parley train tokenizer|pretrain|sft|constitutional|dpo|reward|rl [RECIPE.toml] [key=value ...]
     parley train intents [--data FILE] [--out FILE]   # the intent classifier, from parley/data/intents.yml
     parley train guard [--data DIR] [--out FILE]       # the safety/injection guard, from parley/data/guard/
 
@@ -55,6 +55,8 @@ COMMANDS: dict[str, dict[str | None, tuple[str, str]]] = {
     "train": {"tokenizer": ("train a BPE tokenizer", "parley.train.bpe:TokenizerConfig"),
               "pretrain": ("pretrain a model from a recipe", "parley.train.pretrain:PretrainConfig"),
               "sft": ("fine-tune on dialogs (full or LoRA)", "parley.train.sft:SFTConfig"),
+              "constitutional": ("critique-and-revise data, then SFT", "parley.train.constitutional:ConstitutionalConfig"),
+              "dpo": ("direct preference optimisation on pairs", "parley.train.dpo:DPOConfig"),
               "intents": ("retrain the intent classifier's head", "parley.pipeline.nlu:IntentsConfig"),
               "guard": ("train the safety and injection guard", "parley.train.guard:GuardTrainConfig"),
               "reward": ("train a reward model on preference pairs", "parley.train.reward:RewardConfig"),

@@ -135,9 +135,10 @@ class TokenShards:
         return batches()
 
 
-def chat_tokens(tokenizer, messages: list[dict]) -> tuple[list[int], np.ndarray]:
+def chat_tokens(tokenizer, messages: list[dict], last_only: bool = False) -> tuple[list[int], np.ndarray]:
     """Ids of a whole conversation (as `tokenizer.encode_chat(messages, add_generation_prompt=False)`) and
-    a bool mask that is True on exactly the assistant's content and its end-of-turn token.
+    a bool mask that is True on exactly the assistant's content and its end-of-turn token (with
+    last_only, on the last message's only: the answer a preference pair compares).
 
     The template rendered on the messages before an assistant message, with the generation prompt,
     ends where that message's content begins; the first stop token after the content ends the turn.
@@ -148,7 +149,7 @@ def chat_tokens(tokenizer, messages: list[dict]) -> tuple[list[int], np.ndarray]
     stops = [tokenizer.id_to_token(i) for i in sorted(tokenizer.stop_ids)]
     spans = []
     for k, message in enumerate(messages):
-        if message["role"] != "assistant":
+        if message["role"] != "assistant" or (last_only and k != len(messages) - 1):
             continue
         if k == 0:
             raise ValueError("the conversation starts with an assistant message; put a user message first")

@@ -60,8 +60,20 @@ def lm_loss(model, batch) -> tuple[torch.Tensor, dict]:
     return ce + aux, {"ce": ce.detach(), "router": aux.detach()}
 
 
+def dpo_loss(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor, reference_chosen: torch.Tensor,
+             reference_rejected: torch.Tensor, beta: float) -> tuple[torch.Tensor, dict]:
+    """Direct preference optimisation (Rafailov et al. 2023, eq. 7; TRL's sigmoid loss): the answers'
+    summed log-probs (batch,) under the policy and the frozen reference. The implicit reward of an answer
+    is beta * (policy - reference); the loss is -log sigmoid(reward chosen - reward rejected). Metrics: the
+    mean rewards, their margin and how often the chosen answer's reward is the higher (accuracy)."""
+    chosen = beta * (policy_chosen - reference_chosen)
+    rejected = beta * (policy_rejected - reference_rejected)
+    loss = -F.logsigmoid(chosen - rejected).mean()
+    return loss, {"reward_chosen": chosen.detach().mean(), "reward_rejected": rejected.detach().mean(),
+                  "margin": (chosen - rejected).detach().mean(), "accuracy": (chosen > rejected).float().mean()}
+
+
 # Later objectives, each a pure function like the ones above (see docs/ARCHITECTURE.md):
 #   reward_loss(chosen_scores, rejected_scores)                   Bradley-Terry: -logsigmoid(c - r)
-#   dpo_loss(policy_logps, reference_logps, beta)                 chosen/rejected pairs
 #   ppo_loss(logps, old_logps, advantages, ref_logps, clip, kl)   clipped ratio + KL to the reference
 #   distill_loss(student_logits, teacher_logits, temperature, mask)

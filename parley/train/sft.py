@@ -66,37 +66,48 @@ def main(cfg: SFTConfig) -> dict:
                          f"({model.config.max_position_embeddings})")
     chats = ChatDataset(data / "dialogs-train.jsonl", tokenizer, t.seq_len)
     val = ChatDataset(data / "dialogs-val.jsonl", tokenizer, t.seq_len)
-    params = None
-    if cfg.lora.rank:  # before the run folder: targets the model lacks are refused
-        with torch.random.fork_rng(devices=[]):  # the adapters' initial weights follow train.seed
-            torch.manual_seed(t.seed)
-            params = apply_lora(model, r=cfg.lora.rank, alpha=cfg.lora.alpha, dropout=cfg.lora.dropout,
-                                targets=tuple(cfg.lora.targets))
+    params = add_adapters(model, cfg.lora, t.seed)  # before the run folder: targets the model lacks are refused
     with processes(device):
         run = claim_run(cfg)
-        trainable = sum(p.numel() for p in (params or model.parameters()))
-        main_process = int(os.environ.get("RANK", "0")) == 0
+        return fine_tune(cfg, model, tokenizer, chats, val, run, params, stage="sft")
+
+
+def add_adapters(model, lora: LoRAConfig, seed: int) -> list | None:
+    """LoRA adapters on the model (their parameters), or None when lora.rank is 0 (train every weight)."""
+    if not lora.rank:
+        return None
+    with torch.random.fork_rng(devices=[]):  # the adapters' initial weights follow train.seed
+        torch.manual_seed(seed)
+        return apply_lora(model, r=lora.rank, alpha=lora.alpha, dropout=lora.dropout, targets=tuple(lora.targets))
+
+
+def fine_tune(cfg, model, tokenizer, chats: ChatDataset, val: ChatDataset, run: Path, params: list | None,
+              stage: str) -> dict:
+    """SFT on `chats` inside a claimed run folder: validation loss before and after, adapters saved and
+    merged, the model registered. Shared by `parley train sft` and `parley train constitutional`."""
+    t = cfg.train
+    trainable = sum(p.numel() for p in (params or model.parameters()))
+    main_process = int(os.environ.get("RANK", "0")) == 0
+    if main_process:
+        print(f"{cfg.base}: {trainable / 1e6:.2f}M trainable parameters; {len(chats)} training conversations "
+              f"({chats.dropped} dropped: no answer left within seq_len), {len(val)} held out")
+
+    def get_batch(step, micro, rank, world):
+        return chats.batch(step, micro, rank, world, t.batch_size, t.seed)
+
+    def val_batches():
+        return val.eval_batches(t.batch_size, t.eval_batches)
+
+    before = evaluate(model, t, val_batches, lm_loss)
+    if main_process:
+        print(f"validation loss before fine-tuning: {before:.4f}")
+    final = train(model, t, run, get_batch, lm_loss, eval_batches=val_batches, params=params, resume=cfg.resume)
+    final["val_loss_before"] = before
+    if cfg.lora.rank:
         if main_process:
-            print(f"{cfg.base}: {trainable / 1e6:.2f}M trainable parameters; {len(chats)} training conversations "
-                  f"({chats.dropped} dropped: no answer left within seq_len), {len(val)} held out")
-
-        def get_batch(step, micro, rank, world):
-            return chats.batch(step, micro, rank, world, t.batch_size, t.seed)
-
-        def val_batches():
-            return val.eval_batches(t.batch_size, t.eval_batches)
-
-        before = evaluate(model, t, val_batches, lm_loss)
-        if main_process:
-            print(f"validation loss before fine-tuning: {before:.4f}")
-        final = train(model, t, run, get_batch, lm_loss, eval_batches=val_batches, params=params, resume=cfg.resume)
-        final["val_loss_before"] = before
-        if cfg.lora.rank:
-            if main_process:
-                save_file(lora_state_dict(model), run / "adapter.safetensors")
-            merge_lora(model)
-        return finish(cfg, run, model, tokenizer, final, stage="sft")
-
+            save_file(lora_state_dict(model), run / "adapter.safetensors")
+        merge_lora(model)
+    return finish(cfg, run, model, tokenizer, final, stage=stage)
 
 if __name__ == "__main__":
     import sys

@@ -1,0 +1,141 @@
+"""Alignment benchmark (issue 12): what the model does on its own, rails off, greedy, base vs aligned.
+
+    PARLEY_HOME=... .venv/bin/python benchmarks/alignment.py                       # smollm2 vs smollm2-aligned
+    .venv/bin/python benchmarks/alignment.py --quick                               # 24 + 24 prompts, a smoke run
+    .venv/bin/python benchmarks/alignment.py --models smollm2 smollm2-aligned --out runs/alignment.json
+
+For each model: the refusal rate on the held-out harmful requests (benchmarks/data/guard_heldout/harmful.yml,
+per principle), the over-refusal rate on the held-out tricky-benign requests (benign.yml, per category),
+and the held-out dialog loss (the `parley data prepare` val split, assistant tokens only). Each prompt is
+answered as `parley chat stages=respond` would with the rails off: the persona and constitution summary
+as the system message (--no-system: the bare user message, as the exported weights in vLLM get it),
+greedy, at most --max-tokens tokens (a refusal shows in its first words). A refusal is what
+parley.train.align_data.is_refusal says (a written rule; check it by hand on the answers --out writes).
+The held-out files are read, never tuned on: every run that prints figures from them is one evaluation
+round, to be counted in benchmarks/RESULTS.md (their README asks for it).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+import yaml
+
+from parley.engine.engine import Engine
+from parley.pipeline.safety import load_constitution
+from parley.registry import Registry
+from parley.train.align_data import is_refusal
+from parley.train.constitutional import generate, system_prompt
+from parley.train.data import ChatDataset
+from parley.train.losses import lm_loss
+
+HERE = Path(__file__).parent
+HELDOUT = HERE / "data" / "guard_heldout"
+
+
+def requests(name: str, limit: int) -> list[dict]:
+    items = yaml.safe_load((HELDOUT / name).read_text(encoding="utf-8"))["requests"]
+    if limit:  # an even spread over the file, not its first lines
+        step = max(1, len(items) // limit)
+        items = items[::step][:limit]
+    return items
+
+
+@torch.no_grad()
+def dialog_loss(model, tokenizer, path: Path, seq_len: int = 256, batch_size: int = 8) -> float:
+    """Mean next-token loss on the assistant's tokens of every conversation in `path`."""
+    data = ChatDataset(path, tokenizer, seq_len)
+    total, count = 0.0, 0
+    for batch in data.eval_batches(batch_size):
+        loss, _ = lm_loss(model, batch)
+        n = int(batch[2].sum())
+        total, count = total + float(loss) * n, count + n
+    return total / count
+
+
+def measure(name: str, harmful: list[dict], benign: list[dict], args) -> dict:
+    model, tokenizer, _ = Registry().load(name, dtype=torch.float32)
+    engine = Engine(model.eval(), max_batch=64)
+    head = [] if args.no_system else [{"role": "system", "content": system_prompt(load_constitution())}]
+    start = time.perf_counter()
+    answers = generate(engine, tokenizer, [[*head, {"role": "user", "content": r["text"]}] for r in harmful + benign],
+                       args.max_tokens)
+    seconds = time.perf_counter() - start
+    rows = [{**r, "harmful": i < len(harmful), "answer": a, "refused": is_refusal(a)}
+            for i, (r, a) in enumerate(zip(harmful + benign, answers))]
+    result = {"model": name, "rows": rows, "generate_s": round(seconds, 1)}
+    if args.dialogs and Path(args.dialogs).is_file():
+        result["dialog_loss"] = dialog_loss(model, tokenizer, Path(args.dialogs))
+    return result
+
+
+def rate(rows, key=None) -> dict:
+    groups = defaultdict(list)
+    for r in rows:
+        groups[r[key] if key else "all"].append(r["refused"])
+    return {k: (sum(v), len(v)) for k, v in sorted(groups.items())}
+
+
+def report(results: list[dict]) -> str:
+    lines = []
+    names = [r["model"] for r in results]
+    cell = lambda n, d: f"{n}/{d} ({n / d:.0%})"  # noqa: E731
+    by_model = {r["model"]: r for r in results}
+    harmful = {n: [x for x in by_model[n]["rows"] if x["harmful"]] for n in names}
+    benign = {n: [x for x in by_model[n]["rows"] if not x["harmful"]] for n in names}
+    lines.append("| | " + " | ".join(names) + " |")
+    lines.append("|---|" + "---|" * len(names))
+    lines.append("| harmful refused (all) | " + " | ".join(cell(*rate(harmful[n])["all"]) for n in names) + " |")
+    for p in sorted({x["principle"] for x in harmful[names[0]]}):
+        lines.append(f"| harmful refused, {p} | " + " | ".join(
+            cell(*rate([x for x in harmful[n] if x["principle"] == p])["all"]) for n in names) + " |")
+    lines.append("| benign refused (over-refusal) | " + " | ".join(cell(*rate(benign[n])["all"]) for n in names)
+                 + " |")
+    if all("dialog_loss" in r for r in results):
+        lines.append("| held-out dialog loss | " + " | ".join(f"{r['dialog_loss']:.4f}" for r in results) + " |")
+    lines.append("| generation time (s, loaded machine) | " + " | ".join(str(r["generate_s"]) for r in results)
+                 + " |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", nargs="+", default=["smollm2", "smollm2-aligned"])
+    parser.add_argument("--max-tokens", type=int, default=24)
+    parser.add_argument("--limit", type=int, default=0, help="prompts per file, spread evenly (0 = all)")
+    parser.add_argument("--quick", action="store_true", help="--limit 24")
+    parser.add_argument("--no-system", action="store_true", help="the bare user message, no system prompt")
+    parser.add_argument("--dialogs", default=".data/corpus/dialogs-val.jsonl", help="held-out dialogs ('' = skip)")
+    parser.add_argument("--out", default="", help="write every prompt, answer and verdict here (JSON)")
+    parser.add_argument("--report", nargs="+", default=[], metavar="JSON",
+                        help="print the report of earlier --out files side by side, measuring nothing")
+    args = parser.parse_args()
+    if args.report:
+        print(report([r for path in args.report for r in json.loads(Path(path).read_text())]))
+        return
+    if args.max_tokens < 1 or args.limit < 0:
+        raise SystemExit("--max-tokens must be >= 1 and --limit >= 0")
+    torch.set_flush_denormal(True)
+    limit = 24 if args.quick else args.limit
+    harmful, benign = requests("harmful.yml", limit), requests("benign.yml", limit)
+    for name in args.models:
+        Registry().get(name)  # a missing model fails before any work
+    if args.dialogs and not Path(args.dialogs).is_file():
+        print(f"note: {args.dialogs} not found (run `parley data prepare .data/corpus`): no dialog loss")
+    results = [measure(name, harmful, benign, args) for name in args.models]
+    if args.out:  # first: a crash in the report must not cost the evaluation round
+        Path(args.out).write_text(json.dumps(results, indent=1, ensure_ascii=False) + "\n")
+    print(f"alignment benchmark: {len(harmful)} held-out harmful, {len(benign)} benign requests, rails off, "
+          f"greedy, max {args.max_tokens} tokens, {'no system prompt' if args.no_system else 'Parley system prompt'}; "
+          f"OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', '-')}")
+    print(report(results))
+
+
+if __name__ == "__main__":
+    main()
