@@ -5,7 +5,8 @@ import pytest
 import torch
 
 from parley.config import load_config
-from parley.train.reward import PairRows, RewardConfig, RewardModel, load_reward_model, main, reward_loss
+from parley.train.losses import reward_loss
+from parley.train.reward import PairRows, RewardConfig, RewardModel, load_reward_model, main
 from tests.align_tiny import make_home, write_pairs
 
 
@@ -49,11 +50,12 @@ def test_lora_reward_model_trains_adapters_and_head(home, tmp_path, one_thread):
 
 
 def test_resume_repeats_the_uninterrupted_run(home, tmp_path, one_thread):
+    constant = {"train.schedule": "constant"}  # the first part's schedule is then the whole run's
     (tmp_path / "a").mkdir()
-    whole = main(_cfg(tmp_path / "a", steps=20))
+    whole = main(_cfg(tmp_path / "a", steps=20, **constant))
     (tmp_path / "b").mkdir()
-    main(_cfg(tmp_path / "b", steps=10))
-    resumed = main(_cfg(tmp_path / "b", steps=20, resume="true"))
+    main(_cfg(tmp_path / "b", steps=10, **constant))
+    resumed = main(_cfg(tmp_path / "b", steps=20, resume="true", **constant))
     assert resumed["loss"] == pytest.approx(whole["loss"], abs=1e-5)
     assert resumed["heldout_accuracy"] == whole["heldout_accuracy"]
 

@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from parley.config import load_config
-from parley.train.rl import Prompts, RLConfig, group_advantages, grpo_loss, run_rl
+from parley.train.losses import grpo_loss
+from parley.train.rl import Prompts, RLConfig, group_advantages, run_rl
 from tests.align_tiny import make_home
 
 

@@ -24,19 +24,19 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
 from parley.config import setting
 from parley.files import atomic_open
-from parley.model.lora import apply_lora, merge_lora
+from parley.model.lora import merge_lora
 from parley.model.tokenizer import Tokenizer
 from parley.model.transformer import ModelConfig, Transformer
 from parley.registry import NAME_PATTERN, Registry
 from parley.train.data import _check_position, chat_tokens, sample_ids
 from parley.train.loop import TrainConfig, _unique_state, resolve_device, train
+from parley.train.losses import reward_loss
 from parley.train.preferences import load_pairs
-from parley.train.sft import LoRAConfig
+from parley.train.sft import LoRAConfig, add_adapters
 from parley.train.stage import claim_run, model_name, processes
 
 
@@ -95,11 +95,6 @@ def pad(rows: list[list[int]], pad_value: int) -> tuple[torch.Tensor, torch.Tens
     for i, row in enumerate(rows):
         ids[i, :len(row)] = torch.tensor(row)
     return ids, torch.tensor([len(r) - 1 for r in rows])
-
-
-def reward_loss(chosen: torch.Tensor, rejected: torch.Tensor) -> torch.Tensor:
-    """Bradley-Terry: the negative log-probability that chosen beats rejected, -log sigmoid(c - r)."""
-    return -F.logsigmoid(chosen - rejected).mean()
 
 
 def pairwise_loss(model, batch) -> tuple[torch.Tensor, dict]:
@@ -225,15 +220,13 @@ def main(cfg: RewardConfig) -> dict:
         raise ValueError(f"train.seq_len {t.seq_len} is longer than {cfg.base}'s context "
                          f"({body.config.max_position_embeddings})")
     pairs, heldout = PairRows(cfg.pairs, tokenizer, t.seq_len), PairRows(cfg.heldout, tokenizer, t.seq_len)
-    with torch.random.fork_rng(devices=[]):  # the head (and adapters) start from train.seed
+    with torch.random.fork_rng(devices=[]):  # the head starts from train.seed
         torch.manual_seed(t.seed)
         model = RewardModel(body, tokenizer)
-        params = None
-        if cfg.lora.rank:
-            params = apply_lora(body, r=cfg.lora.rank, alpha=cfg.lora.alpha, dropout=cfg.lora.dropout,
-                                targets=tuple(cfg.lora.targets))
-            body.lm_head.weight.requires_grad_(True)
-            params.append(body.lm_head.weight)
+    params = add_adapters(body, cfg.lora, t.seed)
+    if params is not None:  # the new head trains beside the adapters
+        body.lm_head.weight.requires_grad_(True)
+        params.append(body.lm_head.weight)
     model.to(device)
     with processes(device):
         run = claim_run(cfg)

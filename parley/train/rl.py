@@ -40,13 +40,14 @@ import torch.nn as nn
 from parley.config import setting
 from parley.engine.engine import Engine
 from parley.engine.sampling import SamplingParams
-from parley.model.lora import apply_lora, merge_lora
+from parley.model.lora import merge_lora
 from parley.model.tokenizer import Tokenizer
 from parley.registry import Registry
 from parley.train.data import _check_position, sample_ids
 from parley.train.loop import TrainConfig, resolve_device, train
+from parley.train.losses import grpo_loss
 from parley.train.rail_pairs import looks_like_refusal
-from parley.train.sft import LoRAConfig
+from parley.train.sft import LoRAConfig, add_adapters
 from parley.train.stage import claim_run, finish, model_name, processes
 
 RewardFn = Callable[[list[list[dict]], list[str]], list[float]]  # (conversations, answers) -> one score each
@@ -64,20 +65,6 @@ def group_advantages(rewards: torch.Tensor, group_size: int) -> torch.Tensor:
         raise ValueError(f"rewards must be a flat tensor of whole groups of {group_size}, got {tuple(rewards.shape)}")
     groups = rewards.view(-1, group_size)
     return ((groups - groups.mean(1, keepdim=True)) / (groups.std(1, keepdim=True, unbiased=False) + 1e-4)).flatten()
-
-
-def grpo_loss(logps: torch.Tensor, ref_logps: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor,
-              kl_coef: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """(loss, KL per answer) from per-token log-probs (answers, T) under the policy and the reference,
-    one advantage per answer, and the mask of answer tokens."""
-    if not (logps.shape == ref_logps.shape == mask.shape) or advantages.shape != logps.shape[:1]:
-        raise ValueError(f"shapes do not fit: logps {tuple(logps.shape)}, ref {tuple(ref_logps.shape)}, "
-                         f"mask {tuple(mask.shape)}, advantages {tuple(advantages.shape)}")
-    delta = ref_logps - logps
-    kl = (torch.exp(delta) - delta - 1) * mask
-    per_token = -(torch.exp(logps - logps.detach()) * advantages[:, None]) + kl_coef * kl
-    tokens = mask.sum(1).clamp(min=1)
-    return ((per_token * mask).sum(1) / tokens).mean(), kl.sum(1).detach()
 
 
 def rails_reward(penalty: float) -> RewardFn:
@@ -249,12 +236,7 @@ def run_rl(cfg: RLConfig, policy: nn.Module, tokenizer: Tokenizer, rewards: list
     device = resolve_device(t.device)
     prompts = Prompts(cfg.prompts, tokenizer, t.seq_len - cfg.max_new_tokens)
     loss_fn = build(policy, tokenizer, prompts, rewards, cfg)
-    params = None
-    if cfg.lora.rank:
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(t.seed)
-            params = apply_lora(policy, r=cfg.lora.rank, alpha=cfg.lora.alpha, dropout=cfg.lora.dropout,
-                                targets=tuple(cfg.lora.targets))
+    params = add_adapters(policy, cfg.lora, t.seed)
     policy.to(device)
     loss_fn.reference.to(device)
     with processes(device):
