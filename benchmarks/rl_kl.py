@@ -3,6 +3,7 @@
     PARLEY_HOME=... python benchmarks/rl_kl.py                       # kl_coef 0, 0.05, 0.2 (recipes/rl-grpo.toml)
     python benchmarks/rl_kl.py --quick                               # 4 steps each: a check that it runs
     python benchmarks/rl_kl.py --coefs 0 0.1 --steps 20 --out benchmarks/out/rl_kl
+    python benchmarks/rl_kl.py --plot-only                           # plot runs that are already there
 
 Needs the reward model the recipe names (`parley train reward recipes/reward-rails.toml`). Each run
 goes to OUT/kl-COEF (LoRA, not registered); the figures are the means over the last third of the
@@ -27,15 +28,15 @@ def tail_mean(records: list[dict], key: str) -> float:
     return sum(r[key] for r in part) / len(part)
 
 
-def run_one(coef: float, steps: int, out: Path, recipe: Path) -> dict:
+def run_one(coef: float, steps: int, out: Path, recipe: Path, train: bool = True) -> dict:
     from parley.config import load_config
     from parley.train.rl import RLConfig, main
 
     run = out / f"kl-{coef:g}"
-    resume = (run / "checkpoints").is_dir()  # a sweep that was stopped goes on where it was
-    cfg = load_config(RLConfig, recipe, [f"kl_coef={coef}", f"run={run}", f"train.steps={steps}", "register=false",
-                                         f"resume={str(resume).lower()}"])
-    main(cfg)
+    if train:
+        resume = (run / "checkpoints").is_dir()  # a sweep that was stopped goes on where it was
+        main(load_config(RLConfig, recipe, [f"kl_coef={coef}", f"run={run}", f"train.steps={steps}",
+                                            "register=false", f"resume={str(resume).lower()}"]))
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     records = [r for r in records if "reward" in r]
     return {"kl_coef": coef, "steps": steps, "reward": tail_mean(records, "reward"), "kl": tail_mean(records, "kl"),
@@ -71,13 +72,15 @@ def main() -> None:
     parser.add_argument("--coefs", type=float, nargs="+", default=[0.0, 0.05, 0.2])
     parser.add_argument("--steps", type=int, default=12)
     parser.add_argument("--quick", action="store_true", help="4 steps per run")
+    parser.add_argument("--plot-only", action="store_true",
+                        help="train nothing: plot the runs already in OUT/kl-COEF (e.g. run one process per coef first)")
     parser.add_argument("--recipe", type=Path, default=ROOT / "recipes" / "rl-grpo.toml")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "out" / "rl_kl")
     parser.add_argument("--png", type=Path, default=ROOT / "benchmarks" / "rl_kl.png")
     args = parser.parse_args()
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     steps = 4 if args.quick else args.steps
-    rows = [run_one(c, steps, args.out, args.recipe) for c in args.coefs]
+    rows = [run_one(c, steps, args.out, args.recipe, train=not args.plot_only) for c in args.coefs]
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "rl_kl.json").write_text(json.dumps(rows, indent=2) + "\n")
     plot(rows, args.png)
