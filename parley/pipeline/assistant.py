@@ -68,6 +68,13 @@ class AssistantConfig:
                                  "message, on passages (injected orders) and on the answer (off by default: it "
                                  "still refuses some plain messages, see benchmarks/RESULTS.md, Guard)")
     max_message_chars: int = setting(8000, "longest accepted user message")
+    mode: Literal["respond", "debate"] = setting(
+        "respond", "respond: the model answers; debate: two instances argue opposite answers and a judge picks "
+                   "the winner's (parley/pipeline/debate.py; /trace shows the rounds)")
+    debate_rounds: int = setting(2, "mode=debate: rounds of answers and rebuttals")
+    debate_judge: Literal["model", "reward", "both"] = setting(
+        "model", "mode=debate: who picks the winner (reward and both need reward_model)")
+    reward_model: str = setting("", "mode=debate: a reward model from `parley train reward` for the judge")
     engine: EngineConfig = field(default_factory=EngineConfig)  # [engine]: how the local backend generates
 
 
@@ -136,6 +143,17 @@ def _web(p: Parts) -> Stage:
 
 def _respond(p: Parts) -> Stage:
     from parley.pipeline.respond import RespondStage
+
+    if p.cfg.mode == "debate":
+        from parley.pipeline.debate import DebateStage
+
+        reward_model = None
+        if p.cfg.reward_model:
+            from parley.train.reward import load_reward_model
+
+            reward_model = load_reward_model(p.cfg.reward_model)
+        return DebateStage(p.backend, p.cfg.persona, p.constitution.summary, p.cfg.debate_rounds, p.cfg.debate_judge,
+                           reward_model, guard=p.guard)
     return RespondStage(p.backend, persona=p.cfg.persona, principles=p.constitution.summary, guard=p.guard)
 
 

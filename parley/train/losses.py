@@ -74,6 +74,27 @@ def dpo_loss(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor, referen
 
 
 # Later objectives, each a pure function like the ones above (see docs/ARCHITECTURE.md):
-#   reward_loss(chosen_scores, rejected_scores)                   Bradley-Terry: -logsigmoid(c - r)
-#   ppo_loss(logps, old_logps, advantages, ref_logps, clip, kl)   clipped ratio + KL to the reference
 #   distill_loss(student_logits, teacher_logits, temperature, mask)
+
+
+def reward_loss(chosen: torch.Tensor, rejected: torch.Tensor) -> torch.Tensor:
+    """Reward model (Bradley-Terry): the negative log-probability that chosen beats rejected,
+    -log sigmoid(score chosen - score rejected), over scores (batch,)."""
+    return -F.logsigmoid(chosen - rejected).mean()
+
+
+def grpo_loss(logps: torch.Tensor, ref_logps: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor,
+              kl_coef: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """GRPO with a KL penalty: (loss, KL per answer) from per-token log-probs (answers, T) under the
+    policy and the frozen reference, one advantage per answer, and the mask of answer tokens.
+    Per token -(ratio * A - kl_coef * kl), ratio = exp(logp - logp.detach()) (one update per batch of
+    samples), kl = exp(ref - logp) - (ref - logp) - 1 (the k3 estimator, as TRL's GRPO); the mean over
+    each answer's tokens, then over answers (GRPO's original normalisation)."""
+    if not (logps.shape == ref_logps.shape == mask.shape) or advantages.shape != logps.shape[:1]:
+        raise ValueError(f"shapes do not fit: logps {tuple(logps.shape)}, ref {tuple(ref_logps.shape)}, "
+                         f"mask {tuple(mask.shape)}, advantages {tuple(advantages.shape)}")
+    delta = ref_logps - logps
+    kl = (torch.exp(delta) - delta - 1) * mask
+    per_token = -(torch.exp(logps - logps.detach()) * advantages[:, None]) + kl_coef * kl
+    tokens = mask.sum(1).clamp(min=1)
+    return ((per_token * mask).sum(1) / tokens).mean(), kl.sum(1).detach()
