@@ -25,7 +25,9 @@ changes with every document added or deleted) moves. benchmarks/retrieval.py mea
 
 `KnowledgeStage` runs this in the turn pipeline when the intent asks for knowledge and keeps
 only passages whose cosine similarity to the question clears a threshold, so small talk does
-not drag documents in. Passages are data: their text is returned verbatim, whatever it says.
+not drag documents in. When a question that must be answered from the documents (intent
+knowledge_question) finds nothing relevant, it hands respond an empty `Passages` frame, and
+respond answers with a fixed sentence that says so (parley/pipeline/grounding.py). Passages are data: their text is returned verbatim, whatever it says.
 """
 
 from __future__ import annotations
@@ -68,6 +70,9 @@ class KnowledgeConfig:
     min_similarity: float = 0.3  # cosine a passage needs to reach a turn
     dense_floor: float = 0.2  # cosine a chunk needs to count in the dense ranking at all
     intents: frozenset[str] = frozenset({"knowledge_question", "out_of_scope"})  # that retrieve
+    # intents whose question must be answered from the documents: when nothing relevant is found
+    # the stage hands respond an empty Passages frame, and respond says so instead of guessing
+    grounded_intents: frozenset[str] = frozenset({"knowledge_question"})
     collection: str | None = None  # the stage searches this collection only (None: all)
 
     def __post_init__(self):
@@ -414,7 +419,8 @@ class KnowledgeStage(Stage):
                     "candidates": [c.evidence() for c in found]}
         if not relevant:
             turn.note(self.name, "nothing relevant", **evidence)
-            return None
+            grounded = intent is not None and intent.name in cfg.grounded_intents
+            return Passages((), origin="knowledge") if grounded else None
         turn.note(self.name, f"retrieved {len(relevant)}", **evidence)
         return Passages(tuple(c.passage(n) for n, c in enumerate(relevant, 1)), origin="knowledge")
 
