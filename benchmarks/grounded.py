@@ -104,6 +104,7 @@ def main() -> None:
 
     import torch
 
+    from parley.engine.config import EngineConfig
     from parley.engine.engine import Engine
     from parley.engine.sampling import SamplingParams
     from parley.pipeline.embed import Embedder
@@ -119,16 +120,20 @@ def main() -> None:
     knowledge = KnowledgeStage(embedder, KnowledgeConfig(k=args.k, collection=COLLECTION))
     report = {}
     for name in args.models.split(","):
-        model, tokenizer, _ = Registry().load(name)
-        backend = LocalBackend(Engine(model), tokenizer, SamplingParams(max_tokens=args.max_tokens, temperature=0))
+        engine_config = EngineConfig()  # what `parley chat` generates with (bf16 by default)
+        model, tokenizer, _ = Registry().load(name, dtype=getattr(torch, engine_config.dtype))
+        engine = Engine.from_config(model, engine_config)
+        backend = LocalBackend(engine, tokenizer, SamplingParams(max_tokens=args.max_tokens, temperature=0))
         pipeline = Pipeline([AskedForKnowledge(), knowledge, RespondStage(backend)])
         rows, start = [], time.perf_counter()
         for item in items:
+            asked = time.perf_counter()
             turn = Turn(user_id=user, store=store)
             frames = list(pipeline.run(turn, UserText(item["question"])))
             rows.append(score(item, "".join(f.text for f in frames if isinstance(f, TextDelta)), turn))
             r = rows[-1]
-            print(f"{name} q{r['id']}: fact={r['fact']:d} cited={r['cited']:d} retrieved={r['retrieved']:d} "
+            print(f"{name} q{r['id']} ({time.perf_counter() - asked:.0f} s): fact={r['fact']:d} cited={r['cited']:d} "
+                  f"retrieved={r['retrieved']:d} "
                   f"verdict={r['verdict']} | {r['answer'][:100]!r}", flush=True)
         n = len(rows)
         summary = {k: sum(r[k] for r in rows) / n for k in ("fact", "cited", "grounded", "retrieved")}
