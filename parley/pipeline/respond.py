@@ -13,6 +13,11 @@ the user's message. Retrieved or fetched text goes in front of the question insi
 sees them, and the trace says which. Text from documents and web pages is data: the model
 is told so, and it never gets the chance to read an injected order.
 
+Passages come best first; those that do not fit the context are dropped weakest first. After
+the answer, each citation [n] is checked against passage n and the verdict goes into the trace;
+a question for the user's documents that found nothing gets a fixed answer saying so
+(pipeline/grounding.py).
+
 Backends implement one small interface (`Backend`): count tokens of a message list, say the
 context length, stream the answer's text for a message list. A backend is built once and
 shared by every turn (and thread): what differs per turn comes as arguments of `stream`, the
@@ -265,9 +270,9 @@ class RespondStage(Stage):
         yield frame
         if not isinstance(frame, UserText):
             return
-        if any(f.origin == "knowledge" and not f.items for f in turn.all(Passages)):
-            # the question asked for the user's documents and nothing relevant was found: say so in a
-            # fixed sentence rather than let the model answer from nothing
+        if not turn.sources() and any(f.origin == "knowledge" and not f.items for f in turn.all(Passages)):
+            # the question asked for the user's documents and nothing relevant was found (nor fetched
+            # from the web): say so in a fixed sentence rather than let the model answer from nothing
             turn.note(self.name, "nothing found: fixed answer", grounding="nothing found")
             yield TextDelta(NOTHING_FOUND)
             yield EndOfAnswer()
