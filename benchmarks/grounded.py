@@ -117,7 +117,8 @@ def main() -> None:
     items = items[: args.limit] if args.limit else items
     embedder = Embedder.load()
     store, user = knowledge_base(args, embedder)
-    knowledge = KnowledgeStage(embedder, KnowledgeConfig(k=args.k, collection=COLLECTION))
+    knowledge = KnowledgeStage(embedder, KnowledgeConfig(k=args.k, collection=COLLECTION,
+                                                           grounded_intents=frozenset({"knowledge_question"})))
     report = {}
     for name in args.models.split(","):
         engine_config = EngineConfig()  # what `parley chat` generates with (bf16 by default)

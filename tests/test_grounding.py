@@ -14,7 +14,7 @@ from parley.engine.engine import Engine
 from parley.engine.sampling import SamplingParams
 from parley.pipeline.frames import Intent, Passage, Passages, TextDelta, UserText
 from parley.pipeline.grounding import NOTHING_FOUND, check_citations, content_words, fit_passages
-from parley.pipeline.knowledge import KnowledgeStage, ingest
+from parley.pipeline.knowledge import KnowledgeConfig, KnowledgeStage, ingest
 from parley.pipeline.respond import LocalBackend, OpenAIBackend, RespondStage, build_messages
 from parley.pipeline.runner import Pipeline, Stage, Turn
 from parley.store import Store
@@ -94,9 +94,10 @@ def rent_store(tmp_path, embedder):
     store.close()
 
 
-def _ask(store, user, embedder, backend, text, intent="knowledge_question"):
+def _ask(store, user, embedder, backend, text, intent="knowledge_question", grounded=frozenset({"knowledge_question"})):
     turn = Turn(user_id=user, store=store)
-    stages = [FixedIntent(intent), KnowledgeStage(embedder), RespondStage(backend)]
+    knowledge = KnowledgeStage(embedder, KnowledgeConfig(grounded_intents=grounded))
+    stages = [FixedIntent(intent), knowledge, RespondStage(backend)]
     frames = list(Pipeline(stages).run(turn, UserText(text)))
     answer = "".join(f.text for f in frames if isinstance(f, TextDelta))
     return answer, turn.trace_dict()["stages"]
@@ -133,6 +134,10 @@ def test_nothing_relevant_gets_a_fixed_answer_not_a_guess(rent_store, embedder):
         # small talk that found nothing is answered by the model as before
         answer, _ = _ask(store, user, embedder, OpenAIBackend(url, model="m"), "tell me a joke", intent="out_of_scope")
         assert answer == "The capital of Australia is Sydney." and len(seen) == 1
+        # by default (an assistant that also answers general questions) the model answers
+        answer, _ = _ask(store, user, embedder, OpenAIBackend(url, model="m"),
+                         "what is the boiling point of liquid nitrogen?", grounded=frozenset())
+        assert answer == "The capital of Australia is Sydney." and len(seen) == 2
 
 
 def test_a_real_model_answer_is_checked_too(rent_store, embedder, tiny_chat_model):

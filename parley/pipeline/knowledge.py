@@ -25,8 +25,8 @@ changes with every document added or deleted) moves. benchmarks/retrieval.py mea
 
 `KnowledgeStage` runs this in the turn pipeline when the intent asks for knowledge and keeps
 only passages whose cosine similarity to the question clears a threshold, so small talk does
-not drag documents in. When a question that must be answered from the documents (intent
-knowledge_question) finds nothing relevant, it hands respond an empty `Passages` frame, and
+not drag documents in. When a question that must be answered from the documents (an intent in
+`grounded_intents`, e.g. knowledge_question for an assistant over a manual) finds nothing relevant, it hands respond an empty `Passages` frame, and
 respond answers with a fixed sentence that says so (parley/pipeline/grounding.py). Passages are data: their text is returned verbatim, whatever it says.
 """
 
@@ -71,8 +71,11 @@ class KnowledgeConfig:
     dense_floor: float = 0.2  # cosine a chunk needs to count in the dense ranking at all
     intents: frozenset[str] = frozenset({"knowledge_question", "out_of_scope"})  # that retrieve
     # intents whose question must be answered from the documents: when nothing relevant is found
-    # the stage hands respond an empty Passages frame, and respond says so instead of guessing
-    grounded_intents: frozenset[str] = frozenset({"knowledge_question"})
+    # the stage hands respond an empty Passages frame, and respond says so instead of guessing.
+    # Empty by default: the NLU's knowledge_question also covers general questions ("what is the
+    # capital of France?") that the model answers from its own knowledge (tests/test_e2e.py);
+    # an assistant over a manual sets {"knowledge_question"}.
+    grounded_intents: frozenset[str] = frozenset()
     collection: str | None = None  # the stage searches this collection only (None: all)
 
     def __post_init__(self):
