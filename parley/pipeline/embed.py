@@ -11,6 +11,14 @@ model (6 BERT layers, mean pooling over tokens, L2 normalisation) and agrees wit
 sentence-transformers to 1e-5 (tests/test_embed.py). Texts are sorted by length and run in
 batches of similar length, so ingestion wastes little work on padding.
 
+`precision` picks the arithmetic: "fp32" (the default: NLU, the guard and the held-out figures
+were measured with it), "bf16" (weights and activations in bfloat16, pooled in fp32: several
+times faster where the CPU multiplies bf16 in hardware, AMX or AVX512-BF16) or "auto" (bf16 on
+such a CPU, fp32 elsewhere), which bulk ingestion uses. bf16 vectors keep a cosine of at least
+0.999 to the fp32 ones (tests/test_embed.py); benchmarks/ingest.py measures the speed. An int8
+path was tried and left out: torch's dynamic quantization gave a cosine of 0.90 on Python-docs
+chunks, far outside that tolerance (benchmarks/RESULTS.md).
+
 Anything that embeds (NLU, memory, knowledge) takes an `Embedder`-like callable
 `texts -> (n, dim) float32 array`, so another backend fits behind the same shape.
 """
@@ -30,8 +38,38 @@ from tokenizers import Tokenizer
 from torch import nn
 
 
+PRECISIONS = ("auto", "fp32", "bf16")
+
+
 class EmbedderError(RuntimeError):
     pass
+
+
+def cpu_flags() -> set[str]:
+    """The CPU's feature flags as Linux lists them (empty where /proc/cpuinfo is missing)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith(("flags", "Features")):
+                    return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+def fast_bf16(flags: set[str] | None = None) -> bool:
+    """Whether the CPU multiplies bf16 matrices in hardware (AMX tiles or AVX512-BF16)."""
+    flags = cpu_flags() if flags is None else flags
+    return bool(flags & {"amx_bf16", "avx512_bf16"})
+
+
+def resolve_precision(precision: str, flags: set[str] | None = None) -> str:
+    """"auto" -> "bf16" on a CPU with fast bf16, else "fp32"; "fp32"/"bf16" as given."""
+    if precision not in PRECISIONS:
+        raise EmbedderError(f"precision must be one of {', '.join(PRECISIONS)}, not {precision!r}")
+    if precision == "auto":
+        return "bf16" if fast_bf16(flags) else "fp32"
+    return precision
 
 
 def default_model_dir() -> Path:
@@ -68,6 +106,7 @@ class Embedder(nn.Module):
     def __init__(self, config: dict, tokenizer: Tokenizer, max_tokens: int = 256, remember: int = 256):
         super().__init__()
         self.remember = remember
+        self.precision = "fp32"
         self._recent: OrderedDict[str, np.ndarray] = OrderedDict()
         dim, eps = config["hidden_size"], config["layer_norm_eps"]
         self.dim = dim
@@ -85,7 +124,10 @@ class Embedder(nn.Module):
         )
 
     @classmethod
-    def load(cls, model_dir: str | Path | None = None) -> Embedder:
+    def load(cls, model_dir: str | Path | None = None, precision: str = "fp32") -> Embedder:
+        """The model in `model_dir` (default: the PyPI package's), computing in `precision`
+        ("fp32", "bf16", or "auto": bf16 where the CPU has fast bf16)."""
+        precision = resolve_precision(precision)
         folder = Path(model_dir) if model_dir else default_model_dir()
         try:
             config = json.loads((folder / "config.json").read_text())
@@ -95,7 +137,8 @@ class Embedder(nn.Module):
             raise EmbedderError(f"cannot load the embedding model from {folder}: {e}") from None
         model = cls(config, tokenizer)
         model.load_state_dict(_rename(state, config["num_hidden_layers"]))
-        return model.eval()
+        model.precision = precision
+        return model.to(torch.bfloat16 if precision == "bf16" else torch.float32).eval()
 
     def encode(self, texts: list[str], batch_size: int = 32, remember: bool = True) -> np.ndarray:
         """Unit-length embeddings, one row per text, in the order given. The last few hundred
@@ -143,9 +186,10 @@ class Embedder(nn.Module):
             keep[row, : len(ids)] = True
         positions = torch.arange(t)
         x = self.norm(self.words(tokens) + self.positions(positions) + self.types.weight[0])
-        mask = keep[:, None, None, :]
+        mask = None if keep.all() else keep[:, None, None, :]  # a batch of equal lengths needs none
         for layer in self.layers:
             x = layer(x, mask)
+        x = x.float()  # pooled and normalised in fp32 whatever the layers ran in
         weights = keep.unsqueeze(-1).float()
         pooled = (x * weights).sum(1) / weights.sum(1).clamp(min=1e-9)
         return F.normalize(pooled, dim=-1)

@@ -29,7 +29,9 @@ the best chunks first. benchmarks/retrieval.py measures it (`--manual python`: a
 
 `KnowledgeStage` runs this in the turn pipeline when the intent asks for knowledge and keeps
 only passages whose cosine similarity to the question clears a threshold, so small talk does
-not drag documents in. Passages are data: their text is returned verbatim, whatever it says.
+not drag documents in. When a question that must be answered from the documents (an intent in
+`grounded_intents`, e.g. knowledge_question for an assistant over a manual) finds nothing relevant, it hands respond an empty `Passages` frame, and
+respond answers with a fixed sentence that says so (parley/pipeline/grounding.py). Passages are data: their text is returned verbatim, whatever it says.
 """
 
 from __future__ import annotations
@@ -40,16 +42,18 @@ import sys
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 
 from parley.config import ConfigError, parse_cli, setting
 from parley.pipeline.embed import Embedder, EmbedderError, cosine_top, to_blob
 from parley.pipeline.frames import Frame, Intent, Passage, Passages, UserText
+from parley.pipeline.readers import DEFAULT_MAX_BYTES, MIME, Chunk, ReadError, chunk_sections, load_file, read_bytes, supported
 from parley.pipeline.rerank import Reranker
-from parley.pipeline.readers import DEFAULT_MAX_BYTES, MIME, ReadError, chunk_sections, load_file, read_bytes, supported
 from parley.pipeline.runner import Stage, Turn
 from parley.store import ChunkHit, Store, database_errors
 
@@ -77,6 +81,12 @@ class KnowledgeConfig:
     rerank: bool = False  # the stage reorders the best fused chunks with the trained reranker (rerank.py)
     rerank_top: int = 20  # how many of the best fused chunks the reranker reads
     intents: frozenset[str] = frozenset({"knowledge_question", "out_of_scope"})  # that retrieve
+    # intents whose question must be answered from the documents: when nothing relevant is found
+    # the stage hands respond an empty Passages frame, and respond says so instead of guessing.
+    # Empty by default: the NLU's knowledge_question also covers general questions ("what is the
+    # capital of France?") that the model answers from its own knowledge (tests/test_e2e.py);
+    # an assistant over a manual sets {"knowledge_question"}.
+    grounded_intents: frozenset[str] = frozenset()
     collection: str | None = None  # the stage searches this collection only (None: all)
 
     def __post_init__(self):
@@ -121,27 +131,71 @@ def ingest(
     config: KnowledgeConfig = KnowledgeConfig(),
     progress: Callable[[IngestResult], None] | None = None,
     source: str | None = None,
+    batch_chunks: int = 512,
 ) -> list[IngestResult]:
-    """Add files (folders are walked for supported files) to one of the user's collections.
-    A file that cannot be read is an "error" result and the others go on; a missing path, an
-    unknown user or an empty collection name raise `KnowledgeError` before anything is done.
-    `source`, for one file, is what the document records as where it came from instead of the
-    file's path (an upload: its name, never the server's temporary folder); a later file with
-    the same source replaces it."""
+    """Add files (folders are walked for supported files) to one of the user's collections;
+    the results come back in the order of the files. A file that cannot be read is an "error"
+    result and the others go on; a missing path, an unknown user or an empty collection name
+    raise `KnowledgeError` before anything is done. `source`, for one file, is what the document
+    records as where it came from instead of the file's path (an upload: its name, never the
+    server's temporary folder); a later file with the same source replaces it.
+
+    A thread reads and chunks the next files while the encoder runs (torch lets go of the
+    interpreter while it multiplies); the chunks of several files are embedded together, in
+    length-sorted batches, once `batch_chunks` of them wait, and each file is then stored in a
+    transaction of its own. A run that is killed leaves every file whole or absent, and
+    running it again skips what was stored (same sha256) and finishes the rest. `progress` is
+    called with each file's result as it is decided."""
     if store.get_user(user_id) is None:
         raise KnowledgeError(f"unknown user {user_id}")
     if not isinstance(collection, str) or not collection.strip():
         raise KnowledgeError("the collection name must be a non-empty string")
+    if batch_chunks < 1:
+        raise KnowledgeError(f"batch_chunks must be at least 1, not {batch_chunks}")
     files = list(_files([Path(p) for p in paths]))
     if source is not None and len(files) != 1:
         raise KnowledgeError(f"a source name is for one file, not {len(files)}")
-    results = []
-    for path, name in files:
-        result = _ingest_one(store, embedder, user_id, path, name, collection, config, source)
-        results.append(result)
+    existing = store.list_documents(user_id, collection)
+    known = {d.sha256: d.name for d in existing}  # grows as this run stores files
+    older = {d.source: d.id for d in existing}
+    results: list[IngestResult | None] = [None] * len(files)
+    waiting: list[tuple[int, _Read]] = []
+
+    def done(i: int, result: IngestResult) -> None:
+        results[i] = result
         if progress:
             progress(result)
-    return results
+
+    def flush() -> None:
+        texts = [c.text for _, read in waiting for c in read.chunks]
+        vectors = _embed(embedder, texts) if texts else np.zeros((0, 0), dtype=np.float32)
+        ends = np.cumsum([len(read.chunks) for _, read in waiting])
+        for (i, read), end in zip(waiting, ends):
+            mine = vectors[end - len(read.chunks) : end]
+            if read.digest in known:  # the same bytes twice in this run
+                done(i, _unchanged(read.path, read.name, known[read.digest], collection))
+                continue
+            where = source or str(read.path.resolve())
+            replaces = older.get(where)
+            doc_id = store.add_document(
+                user_id, read.name, read.mime, [c.text for c in read.chunks], collection=collection, source=where,
+                sha256=read.digest, pages=[c.page for c in read.chunks],
+                embeddings=[to_blob(v) for v in mine], replaces=replaces,
+            )
+            known[read.digest] = read.name
+            done(i, IngestResult(read.path, read.name, "stored", len(read.chunks), doc_id,
+                                 "replaced its earlier version" if replaces else ""))
+        waiting.clear()
+
+    for i, read in enumerate(_read_ahead(files, config, known, collection)):
+        if isinstance(read, IngestResult):
+            done(i, read)
+            continue
+        waiting.append((i, read))
+        if sum(len(r.chunks) for _, r in waiting) >= batch_chunks:
+            flush()
+    flush()
+    return results  # type: ignore[return-value]  (every slot is filled)
 
 
 def _files(paths: list[Path]) -> Iterator[tuple[Path, str]]:
@@ -160,28 +214,48 @@ def _files(paths: list[Path]) -> Iterator[tuple[Path, str]]:
                 yield file, inside.as_posix()
 
 
-def _ingest_one(store: Store, embedder: Embed, user_id: int, path: Path, name: str, collection: str,
-                config: KnowledgeConfig, source: str | None = None) -> IngestResult:
-    source = source or str(path.resolve())
+@dataclass(frozen=True)
+class _Read:
+    """A file read and chunked, waiting to be embedded and stored."""
+
+    path: Path
+    name: str
+    digest: str
+    mime: str
+    chunks: list[Chunk]
+
+
+def _unchanged(path: Path, name: str, same: str, collection: str) -> IngestResult:
+    return IngestResult(path, name, "skipped",
+                        message=f"unchanged: the same content as {same} in collection {collection!r}")
+
+
+def _read_ahead(files: list[tuple[Path, str]], config: KnowledgeConfig, known: dict[str, str], collection: str,
+                ahead: int = 8) -> Iterator[_Read | IngestResult]:
+    """`_read_one` of each file, in order, computed by a thread up to `ahead` files early."""
+    with ThreadPoolExecutor(1, thread_name_prefix="parley-read") as pool:
+        queue = [pool.submit(_read_one, path, name, config, dict(known), collection) for path, name in files[:ahead]]
+        for n in range(len(files)):
+            if n + ahead < len(files):
+                queue.append(pool.submit(_read_one, *files[n + ahead], config, dict(known), collection))
+            yield queue[n].result()
+            queue[n] = None  # type: ignore[call-overload]  (let the chunks go once stored)
+
+
+def _read_one(path: Path, name: str, config: KnowledgeConfig, known: dict[str, str],
+              collection: str) -> _Read | IngestResult:
+    """The file's chunks, or its result where there is nothing to embed: skipped (its bytes are
+    in the collection already) or an error (it cannot be read)."""
     try:
         data = load_file(path, config.max_bytes)
         digest = hashlib.sha256(data).hexdigest()
-        existing = store.list_documents(user_id, collection)
-        same = next((d for d in existing if d.sha256 == digest), None)
-        if same is not None:
-            return IngestResult(path, name, "skipped", document_id=same.id,
-                                message=f"unchanged: the same content as {same.name} in collection {collection!r}")
+        if digest in known:
+            return _unchanged(path, name, known[digest], collection)
         mime, sections = read_bytes(path.name, data, where=str(path))
         chunks = chunk_sections(sections, config.chunk_words, config.overlap_words)
     except (ReadError, OSError) as e:
         return IngestResult(path, name, "error", message=str(e))
-    vectors = _embed(embedder, [c.text for c in chunks])
-    older = next((d.id for d in existing if d.source == source), None)
-    doc_id = store.add_document(
-        user_id, name, mime, [c.text for c in chunks], collection=collection, source=source, sha256=digest,
-        pages=[c.page for c in chunks], embeddings=[to_blob(v) for v in vectors], replaces=older,
-    )
-    return IngestResult(path, name, "stored", len(chunks), doc_id, "replaced its earlier version" if older else "")
+    return _Read(path, name, digest, mime, chunks)
 
 
 def _embed(embedder: Embed, texts: list[str]) -> np.ndarray:
@@ -429,7 +503,8 @@ class KnowledgeStage(Stage):
                     "candidates": [c.evidence() for c in found]}
         if not relevant:
             turn.note(self.name, "nothing relevant", **evidence)
-            return None
+            grounded = intent is not None and intent.name in cfg.grounded_intents
+            return Passages((), origin="knowledge") if grounded else None
         turn.note(self.name, f"retrieved {len(relevant)}", **evidence)
         return Passages(tuple(c.passage(n) for n, c in enumerate(relevant, 1)), origin="knowledge")
 
@@ -443,14 +518,50 @@ class IngestConfig:
     user: str = setting("local", "whose knowledge base (created if new)")
     collection: str = setting("default", "collection to add to")
     db: str = setting("", "SQLite file or postgresql:// URL ('' = PARLEY_HOME/parley.db)")
+    precision: Literal["auto", "fp32", "bf16"] = setting(
+        "auto", "the encoder's arithmetic: auto = bf16 where the CPU has AMX or AVX512-BF16, else fp32")
+    batch_chunks: int = setting(512, "chunks (of several files) embedded together before they are stored")
+    progress: Literal["auto", "on", "off"] = setting(
+        "auto", "a chunks-per-second line on stderr: auto = when stderr is a terminal")
 
     def __post_init__(self):
         if not self.paths:
             raise ValueError("give at least one file or folder: parley ingest PATH...")
+        if self.batch_chunks < 1:
+            raise ValueError(f"batch_chunks must be at least 1, not {self.batch_chunks}")
+
+
+class ProgressLine:
+    """`parley ingest`'s report: each file's line on stdout and, where wanted, one status line on
+    stderr rewritten in place: "12/496 files, 1,410 chunks, 84.2 chunks/s, 17 s"."""
+
+    def __init__(self, total: int, show: bool, out=None, err=None):
+        self.total, self.show = total, show
+        self.out, self.err = out or sys.stdout, err or sys.stderr
+        self.files = self.chunks = 0
+        self.start = time.perf_counter()
+
+    def __call__(self, result: IngestResult) -> None:
+        self.files += 1
+        self.chunks += result.chunks
+        if self.show:
+            self.err.write("\r\x1b[K")  # clear the status line before a file's line goes above it
+            self.err.flush()
+        print(result, file=self.out, flush=True)
+        if self.show:
+            self.err.write(self.status() + ("\n" if self.files == self.total else ""))
+            self.err.flush()
+
+    def status(self) -> str:
+        seconds = time.perf_counter() - self.start
+        return (f"{self.files}/{self.total} files, {self.chunks:,} chunks, "
+                f"{self.chunks / max(seconds, 1e-9):.1f} chunks/s, {seconds:.0f} s")
 
 
 def ingest_main(argv: list[str]) -> int:
-    """`parley ingest PATH... [--user NAME] [--collection NAME] [--db PATH]`; `--help` lists the keys."""
+    """`parley ingest PATH... [--user NAME] [--collection NAME] [--db PATH] [--precision auto|fp32|bf16]
+    [--progress auto|on|off]`; `--help` lists the keys. Killed midway, the same command again
+    skips the files already stored and finishes the rest."""
     try:
         args = parse_cli(IngestConfig, argv, prog="parley ingest")
     except ConfigError as e:
@@ -466,8 +577,11 @@ def ingest_main(argv: list[str]) -> int:
         db = store_target(args.db or None)
         with Store(db) as store:
             user = store.get_user_by_name(args.user) or store.add_user(args.user)
-            embedder = Embedder.load()
-            results = ingest(store, embedder, user.id, args.paths, args.collection, progress=print)
+            embedder = Embedder.load(precision=args.precision)
+            show = args.progress == "on" or (args.progress == "auto" and sys.stderr.isatty())
+            report = ProgressLine(len(list(_files(args.paths))), show)
+            results = ingest(store, embedder, user.id, args.paths, args.collection, progress=report,
+                             batch_chunks=args.batch_chunks)
     except (ValueError, OSError, EmbedderError, *database_errors()) as e:
         print(f"parley: error: {e}", file=sys.stderr)
         return 2
@@ -477,9 +591,12 @@ def ingest_main(argv: list[str]) -> int:
         return 2
     stored = [r for r in results if r.status == "stored"]
     errors = [r for r in results if r.status == "error"]
-    print(f"{len(results)} files in {time.perf_counter() - start:.1f} s: {len(stored)} stored "
-          f"({sum(r.chunks for r in stored)} chunks), {len(results) - len(stored) - len(errors)} unchanged, "
-          f"{len(errors)} failed; user {args.user!r}, collection {args.collection!r}, database {db}")
+    seconds = time.perf_counter() - start
+    chunks = sum(r.chunks for r in stored)
+    print(f"{len(results)} files in {seconds:.1f} s: {len(stored)} stored ({chunks} chunks), "
+          f"{len(results) - len(stored) - len(errors)} unchanged, {len(errors)} failed; user {args.user!r}, "
+          f"collection {args.collection!r}, database {db}; {chunks / seconds:.1f} chunks/s, "
+          f"{embedder.precision} encoder")
     if errors:
         print(f"parley: error: {len(errors)} of {len(results)} files could not be ingested (see above)",
               file=sys.stderr)

@@ -13,6 +13,11 @@ the user's message. Retrieved or fetched text goes in front of the question insi
 sees them, and the trace says which. Text from documents and web pages is data: the model
 is told so, and it never gets the chance to read an injected order.
 
+Passages come best first; those that do not fit the context are dropped weakest first. After
+the answer, each citation [n] is checked against passage n and the verdict goes into the trace;
+a question for the user's documents that found nothing gets a fixed answer saying so
+(pipeline/grounding.py).
+
 Backends implement one small interface (`Backend`): count tokens of a message list, say the
 context length, stream the answer's text for a message list. A backend is built once and
 shared by every turn (and thread): what differs per turn comes as arguments of `stream`, the
@@ -34,7 +39,9 @@ from parley.engine.engine import Engine
 from parley.engine.sampling import SamplingParams
 from parley.engine.text import TextAssembler
 from parley.model.tokenizer import Tokenizer
-from parley.pipeline.frames import EndOfAnswer, Frame, MemoryRecall, Notice, Sentiment, TextDelta, UserText
+from parley.pipeline.frames import (EndOfAnswer, Frame, MemoryRecall, Notice, Passages, Sentiment, TextDelta,
+                                    UserText)
+from parley.pipeline.grounding import NOTHING_FOUND, check_citations, fit_passages
 from parley.pipeline.markup import FenceFilter
 from parley.pipeline.runner import Cancel, Stage, Turn, Usage
 from parley.pipeline.state import fit_history
@@ -164,7 +171,7 @@ def build_messages(turn: Turn, backend: Backend, persona: str = PERSONA, princip
                    text: str | None = None, guard=None) -> tuple[list[dict[str, str]], dict]:
     """The messages for this turn, and what went into them (for the trace)."""
     from parley.pipeline.sentiment import tone_instruction
-    from parley.pipeline.untrusted import DATA_NOT_INSTRUCTIONS, fence, redact_orders
+    from parley.pipeline.untrusted import DATA_NOT_INSTRUCTIONS, redact_orders
 
     evidence: dict = {}
     system = [persona]
@@ -179,8 +186,9 @@ def build_messages(turn: Turn, backend: Backend, persona: str = PERSONA, princip
         system.append("What you know about the user: " + "; ".join(memory.facts) + ".")
         evidence["memory"] = list(memory.facts)
 
-    question = text if text is not None else (turn.get(UserText) or UserText("")).text
-    passages = turn.sources()
+    asked = text if text is not None else (turn.get(UserText) or UserText("")).text
+    question, passages = asked, turn.sources()
+    limit = backend.context_length - backend.answer_room
     if passages:
         cleaned, removed, why = [], {}, {}
         for p in passages:
@@ -189,20 +197,24 @@ def build_messages(turn: Turn, backend: Backend, persona: str = PERSONA, princip
                 removed[p.n] = [g["sentence"] for g in gone]
                 why[p.n] = gone
             cleaned.append(dataclasses.replace(p, text=body))
-        system.append(DATA_NOT_INSTRUCTIONS)
-        system.append("Answer from the sources when they help, and cite them as [1], [2].")
-        for p in cleaned:  # "summarize http://x/y" -> "summarize the page [1]": the model reads [1], not the URL
-            if p.location == "page" and p.source in question:
-                question = question.replace(p.source, f"the page [{p.n}]")
-        question = fence(cleaned) + "\n\nQuestion: " + question
+        # best first; the weakest give way while the prompt would not fit even with the persona alone
+        # as its system message (below, the system message shrinks before any passage goes)
+        cleaned, dropped = fit_passages(cleaned, lambda ps: backend.count_tokens(
+            [{"role": "system", "content": persona}, {"role": "user", "content": _with_sources(asked, ps)}]
+        ) <= limit)
+        if cleaned:
+            system.append(DATA_NOT_INSTRUCTIONS)
+            system.append("Answer from the sources when they help, and cite them as [1], [2].")
+            question = _with_sources(asked, cleaned)
         evidence["passages"] = [f"[{p.n}] {p.source}, {p.location}" for p in cleaned]
+        if dropped:
+            evidence["passages_dropped"] = sorted(p.n for p in dropped)  # not in the prompt: the context is full
         if removed:
             evidence["injection_removed"] = removed
             evidence["injection_why"] = why  # per sentence: the rule signals and/or the guard's probability
     system_message = {"role": "system", "content": "\n".join(system)}
     user_message = {"role": "user", "content": question}
 
-    limit = backend.context_length - backend.answer_room
     if backend.count_tokens([system_message, user_message]) > limit:
         # a small context (a tiny trained model): the persona alone, then no system message at all
         system_message["content"] = persona
@@ -223,6 +235,17 @@ def build_messages(turn: Turn, backend: Backend, persona: str = PERSONA, princip
     evidence["history_messages"] = len(history)
     head = [system_message] if system_message["content"] else []
     return [*head, *history, user_message], evidence
+
+
+def _with_sources(question: str, passages: list) -> str:
+    """The user's message: the fenced passages, then the question (a fetched page's URL in the
+    question becomes "the page [n]": the model reads [n], not the URL)."""
+    from parley.pipeline.untrusted import fence
+
+    for p in passages:
+        if p.location == "page" and p.source in question:
+            question = question.replace(p.source, f"the page [{p.n}]")
+    return fence(passages) + "\n\nQuestion: " + question
 
 
 def _unfenced(pieces: Iterator[str]) -> Iterator[str]:
@@ -247,6 +270,13 @@ class RespondStage(Stage):
         yield frame
         if not isinstance(frame, UserText):
             return
+        if not turn.sources() and any(f.origin == "knowledge" and not f.items for f in turn.all(Passages)):
+            # the question asked for the user's documents and nothing relevant was found (nor fetched
+            # from the web): say so in a fixed sentence rather than let the model answer from nothing
+            turn.note(self.name, "nothing found: fixed answer", grounding="nothing found")
+            yield TextDelta(NOTHING_FOUND)
+            yield EndOfAnswer()
+            return
         messages, evidence = build_messages(turn, self.backend, self.persona, self.principles, frame.text,
                                           self.guard)
         turn.note(self.name, "generating", **evidence)
@@ -261,7 +291,9 @@ class RespondStage(Stage):
                     yield TextDelta(text.lstrip())
                 elif len(text) >= BLANK_LIMIT:  # a model that emits only whitespace: stop it now
                     break
-        turn.note(self.name, "answered" if text.strip() else "empty answer", chars=len(text))
+        dropped = set(evidence.get("passages_dropped", ()))
+        grounding = check_citations(text, [p for p in turn.sources() if p.n not in dropped])
+        turn.note(self.name, "answered" if text.strip() else "empty answer", chars=len(text), **grounding)
         yield EndOfAnswer()
         if not text.strip():  # say so, rather than show nothing
             yield Notice("(the model gave an empty answer; try rephrasing, or a higher temperature)")
