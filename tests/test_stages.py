@@ -118,9 +118,13 @@ def test_cli_reports_recipe_mistakes_in_one_line(tmp_path):
 def test_every_shipped_recipe_loads():
     from pathlib import Path
 
+    from parley.train import constitutional, dpo, reward, rl
+
+    stages = {"sft": sft.SFTConfig, "pretrain": pretrain.PretrainConfig, "reward": reward.RewardConfig,
+              "rl": rl.RLConfig, "align-constitutional": constitutional.ConstitutionalConfig, "align-dpo": dpo.DPOConfig}
     recipes = sorted((Path(__file__).resolve().parents[1] / "recipes").glob("*.toml"))
-    assert len(recipes) >= 4
+    assert len(recipes) >= 8
     for recipe in recipes:
-        cls = sft.SFTConfig if recipe.name.startswith("sft") else pretrain.PretrainConfig
+        [cls] = [cls for prefix, cls in stages.items() if recipe.stem.startswith(prefix)]  # a new stage: add it
         cfg = load_config(cls, recipe)
         assert cfg.train.steps > 0 and cfg.run.startswith("runs/")

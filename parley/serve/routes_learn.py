@@ -59,7 +59,10 @@ def learn_routes(server: Server) -> APIRouter:
     def rounds(user: User = only_admins) -> dict:
         return {"model": server.model_name, "data": list_rounds(server.model_name, server.registry.home)}
 
-    @router.get("/api/learn/rounds/{n}/report", response_class=PlainTextResponse)
+    # the answer is Markdown, its errors JSON as everywhere: documented both ways (a PlainTextResponse
+    # class would document the errors as text/plain too)
+    @router.get("/api/learn/rounds/{n}/report",
+                responses={200: {"content": {"text/markdown": {"schema": {"type": "string"}}}}})
     def report(n: int, user: User = only_admins) -> PlainTextResponse:
         found = [r for r in list_rounds(server.model_name, server.registry.home) if r["round"] == n]
         path = Path(found[0]["folder"]) / "report.md" if found else None
