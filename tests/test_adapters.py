@@ -10,6 +10,7 @@ import json
 
 import pytest
 import torch
+from test_tiles import CFG, tile_model
 
 from parley.engine.adapters import AdapterBusy, AdapterError, Adapters
 from parley.engine.engine import Engine
@@ -20,16 +21,7 @@ from parley.model.quant import quantize_model
 from parley.model.transformer import ModelConfig, Transformer
 
 # whole tiles (inputs multiples of 32, outputs of 16), so the AMX path runs where the CPU has it
-CFG = ModelConfig(vocab_size=304, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
-                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-                  tie_word_embeddings=False)
-
-
-def base_model(dtype=torch.bfloat16) -> Transformer:
-    torch.manual_seed(3)
-    model = Transformer(CFG)
-    model.init_weights(std=0.08)
-    return model.to(dtype).eval()
+base_model = tile_model
 
 
 def write_adapter(folder, model: Transformer, seed: int, r: int = 4, targets=None, base: str = "tiny") -> None:

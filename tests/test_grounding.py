@@ -8,15 +8,16 @@ from pathlib import Path
 
 import pytest
 import yaml
+from test_knowledge import FixedIntent
 from test_respond import openai_server
 
 from parley.engine.engine import Engine
 from parley.engine.sampling import SamplingParams
-from parley.pipeline.frames import Intent, Passage, Passages, TextDelta, UserText
+from parley.pipeline.frames import Passage, Passages, TextDelta, UserText
 from parley.pipeline.grounding import NOTHING_FOUND, check_citations, content_words, fit_passages
 from parley.pipeline.knowledge import KnowledgeConfig, KnowledgeStage, ingest
 from parley.pipeline.respond import LocalBackend, OpenAIBackend, RespondStage, build_messages
-from parley.pipeline.runner import Pipeline, Stage, Turn
+from parley.pipeline.runner import Pipeline, Turn
 from parley.store import Store
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -71,16 +72,6 @@ def test_weakest_passages_give_way_to_the_context(tiny_chat_model):
     assert fit_passages(passages, lambda ps: False) == ([], sorted(passages, key=lambda p: p.score))
 
 
-class FixedIntent(Stage):
-    name = "nlu"
-
-    def __init__(self, intent: str):
-        self.intent = intent
-
-    def process(self, frame, turn):
-        if isinstance(frame, UserText):
-            yield Intent(self.intent, 0.9)
-        yield frame
 
 
 @pytest.fixture

@@ -11,12 +11,11 @@ import pytest
 import torch
 import yaml
 from pg import store_target  # noqa: F401 (a fixture)
+from test_knowledge import store  # noqa: F401 (a fixture; `embedder` is conftest's)
 
-from parley.pipeline.embed import Embedder
 from parley.pipeline.knowledge import KnowledgeConfig, identifiers, ingest, keywords, search
 from parley.pipeline.readers import Section, chunk_sections, read_bytes
 from parley.pipeline.rerank import Reranker, RerankerError, pair_features
-from parley.store import Store
 
 ROOT = Path(__file__).resolve().parent.parent
 DATA = ROOT / "benchmarks" / "data"
@@ -87,15 +86,6 @@ def test_code_names_are_found_and_kept_whole():
     assert keywords("the of") == "the of"
 
 
-@pytest.fixture(scope="module")
-def embedder():
-    return Embedder.load()
-
-
-@pytest.fixture
-def store(store_target):
-    with Store(store_target) as s:
-        yield s
 
 
 def _ingest(store, embedder, tmp_path, docs: dict[str, str]) -> int:
