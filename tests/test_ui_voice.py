@@ -26,12 +26,15 @@ ASK = "Turn on the kitchen lights."
 
 @pytest.fixture(scope="module")
 def microphone(tmp_path_factory) -> Path:
-    """What the fake microphone says, again and again: a pause, the question, a pause long enough for a whole answer."""
+    """What the fake microphone says, again and again: a pause, the question, a pause long enough for a whole answer.
+    The first pause is long (2 s) so that the page is streaming before the question starts: a capture
+    that began mid-question heard a fragment ("like.") as the first turn, and the test waited for
+    "kitchen" in vain."""
     from parley.voice.tts import load_tts
 
     clip = load_tts("default").synthesize(ASK)
     speech = resample(clip.samples, clip.rate, 48_000)
-    samples = np.concatenate([np.zeros(int(0.3 * 48_000)), speech, np.zeros(int(4.0 * 48_000))]).astype(np.float32)
+    samples = np.concatenate([np.zeros(int(2.0 * 48_000)), speech, np.zeros(int(4.0 * 48_000))]).astype(np.float32)
     path = tmp_path_factory.mktemp("mic") / "ask.wav"
     path.write_bytes(wav_bytes(Clip(samples, 48_000)))
     return path
