@@ -26,6 +26,7 @@ import shutil
 import tempfile
 from contextlib import ExitStack
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Iterable, Iterator
 
 import gguf
@@ -39,6 +40,7 @@ from parley.model import quant
 from parley.model.families import (SUPPORTED_ARCHITECTURES, UnsupportedModelError, WeightsError,  # noqa: F401
                                    config_from_hf, config_to_hf, hf_to_ours, ours_to_hf)
 from parley.model.transformer import ModelConfig, Transformer, rope_buffers
+from parley.model.transformer import _inv_freq as inv_freq_of  # the model's own RoPE frequencies
 
 def _corrupt(path, err: Exception) -> WeightsError:
     return WeightsError(f"{path}: file is corrupt or truncated ({err})")
@@ -224,9 +226,10 @@ def _llama3_scaling(factors: np.ndarray, head_dim: int, theta: float, path) -> d
     else:  # no blend to fit: the converter's own defaults, if they give these factors
         params = {"low_freq_factor": 1.0, "high_freq_factor": 4.0}
     scaling = {"rope_type": "llama3", "factor": factor, **params, "original_max_position_embeddings": int(original)}
-    low, high = params["low_freq_factor"], params["high_freq_factor"]
-    blend = np.clip((original * inv_wavelen - low) / (high - low), 0, 1) if high > low else None
-    if blend is None or not np.allclose(1 / ((1 - blend) / factor + blend), factors, rtol=1e-4, atol=0):
+    # checked with the frequencies the model itself will compute from these parameters
+    scaled, _ = inv_freq_of(SimpleNamespace(head_dim=head_dim), theta, scaling)
+    if not (params["high_freq_factor"] > params["low_freq_factor"]
+            and np.allclose(inv_freq / scaled.numpy(), factors, rtol=1e-4, atol=0)):
         raise UnsupportedModelError(f"{path}: rope_freqs does not follow Llama 3's RoPE scaling; "
                                     "import the model's Hugging Face folder instead")
     return scaling
