@@ -24,7 +24,8 @@ from parley.model.transformer import ModelConfig, Transformer
 base_model = tile_model
 
 
-def write_adapter(folder, model: Transformer, seed: int, r: int = 4, targets=None, base: str = "tiny") -> None:
+def write_adapter(folder, model: Transformer, seed: int, r: int = 4, targets=None, base: str = "tiny",
+                  scale: float = 0.05) -> None:
     """A random adapter (B not zero, so it changes the answers) written as save_adapter writes one."""
     m = copy.deepcopy(model).float()
     kw = {"targets": targets} if targets else {}
@@ -33,7 +34,7 @@ def write_adapter(folder, model: Transformer, seed: int, r: int = 4, targets=Non
     with torch.no_grad():
         for name, p in m.named_parameters():
             if name.endswith("lora_B"):
-                p.copy_(torch.randn(p.shape, generator=g) * 0.05)
+                p.copy_(torch.randn(p.shape, generator=g) * scale)
     save_adapter(folder, m, base=base)
 
 
@@ -266,19 +267,41 @@ def test_a_user_opts_out_over_http_and_turns_stop_naming_their_adapter(home):
     engine = Engine.from_config(model, EngineConfig(dtype="float32"), adapters=adapters_of("tiny", registry))
     with Store(db) as store:
         ann = store.get_user_by_name("ann")
-        write_adapter(adapters_dir("tiny", root) / str(ann.id), model, seed=1, base="tiny")
+        # strong enough to change the tiny model's greedy answers
+        write_adapter(adapters_dir("tiny", root) / str(ann.id), model, seed=1, base="tiny", scale=1.0)
         (data_dir("tiny", ann.id, root) / "round-001").mkdir(parents=True)
         assert adapter_for(engine, store, ann.id) == str(ann.id)
         bob = store.get_user_by_name("bob")
         assert adapter_for(engine, store, bob.id) == ""  # no adapter: the base model
+    chat, text = [{"role": "user", "content": "where is Paris?"}], "The capital of France"
+    prompts = [tokenizer.encode_chat(chat), tokenizer.encode(text)]
+
+    def expected(adapter: str) -> list[str]:  # what the engine says for the two prompts with or without ann's adapter
+        params = SamplingParams(max_tokens=8, temperature=0.0, stop_ids=frozenset(tokenizer.stop_ids), adapter=adapter)
+        return [tokenizer.decode(c.tokens) for c in engine.generate(prompts, [params] * 2)]
+
+    hers, plain = expected(str(ann.id)), expected("")
+    assert hers != plain  # her adapter changes what the model says, so the replies below tell which one answered
+
+    def raw_replies(http) -> list[str]:  # the model itself (not the assistant), over both OpenAI routes
+        said = [http.post("/v1/chat/completions", json={"model": "tiny", "messages": chat, "max_tokens": 8,
+                                                        "temperature": 0}),
+                http.post("/v1/completions", json={"model": "tiny", "prompt": text, "max_tokens": 8,
+                                                   "temperature": 0})]
+        assert [r.status_code for r in said] == [200, 200], [r.text for r in said]
+        return [said[0].json()["choices"][0]["message"]["content"], said[1].json()["choices"][0]["text"]]
+
     settings = Settings(db=db, home=str(root), model="tiny", stages=["respond"], requests_per_minute=0)
     with serving(create_app(settings, engine=engine, tokenizer=tokenizer)) as url, \
-            httpx.Client(base_url=url, headers={"Authorization": f"Bearer {keys['ann']}"}) as http:
+            httpx.Client(base_url=url, headers={"Authorization": f"Bearer {keys['ann']}"}) as http, \
+            httpx.Client(base_url=url, headers={"Authorization": f"Bearer {keys['bob']}"}) as bobs:
+        assert raw_replies(http) == hers and raw_replies(bobs) == plain  # each user's own model, on both routes
         state = http.get("/api/me/personalization").json()
         assert state["on"] and state["serving"] and state["adapter"]["base"] == "tiny"
         assert http.put("/api/me/personalization", json={"on": "maybe"}).status_code == 400
         state = http.put("/api/me/personalization", json={"on": False}).json()
         assert state == {"on": False, "adapter": None, "serving": False}
+        assert raw_replies(http) == plain  # opted out: the base model answers her on both routes
     assert not (adapters_dir("tiny", root) / str(ann.id)).exists() and not data_dir("tiny", ann.id, root).exists()
     with Store(db) as store:
         assert adapter_for(engine, store, ann.id) == ""

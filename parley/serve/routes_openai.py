@@ -5,11 +5,13 @@
     client.chat.completions.create(model="parley", messages=[...],                # the assistant
                                    extra_headers={"X-Parley-Conversation": "12"})
 
-A registered model answers directly: its chat template renders the messages and the
-engine streams tokens. "parley" runs the last user message through the assistant's whole
-pipeline (safety, memory, knowledge, respond ...) in the conversation the header names, or a
-new one; the reply carries the conversation and saved turn ids (header and a "parley" field),
-for feedback and traces. Streams are Server-Sent Events ending with `data: [DONE]`; an error
+A registered model answers directly: its chat template renders the messages (or the prompt
+of /v1/completions is encoded as it is) and the engine streams tokens, with the user's own
+LoRA adapter where they have one (`parley learn user=NAME`), as the assistant's turns do.
+"parley" runs the last user message through the assistant's whole pipeline (safety, memory,
+knowledge, respond ...) in the conversation the header names, or a new one; the reply
+carries the conversation and saved turn ids (header and a "parley" field), for feedback and
+traces. Streams are Server-Sent Events ending with `data: [DONE]`; an error
 after the stream began arrives as one `data: {"error": ...}` event.
 """
 
@@ -26,6 +28,7 @@ from fastapi import APIRouter, Depends, Header, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from parley.engine.text import TextAssembler
+from parley.learn.personal import adapter_for
 from parley.pipeline.frames import ShownText
 from parley.serve import protocol as p
 from parley.serve.errors import APIError, from_exception
@@ -117,7 +120,9 @@ async def _complete(server: Server, req: p.ChatRequest | p.CompletionRequest, id
                               server.settings.max_tokens)
     except ValueError as e:
         raise APIError(400, str(e), code="context_length_exceeded", param="max_tokens") from None
-    params = dataclasses.replace(params, cache_salt=user_salt(user))  # cached prompt pages: this user's alone
+    # cached prompt pages: this user's alone; their own adapter, as the assistant's turns have it (turns.py)
+    params = dataclasses.replace(params, cache_salt=user_salt(user),
+                                 adapter=adapter_for(server.engine, server.store(), user.id))
     handle = server.engine.submit(ids, params)  # PromptError -> 400, QueueFull -> 429
     text = TextAssembler(server.tokenizer, req.stops)
 
