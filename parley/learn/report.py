@@ -37,6 +37,7 @@ import math
 import re
 import sys
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -99,6 +100,14 @@ def _benchmark(name: str):
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+@contextmanager
+def _section(name: str):
+    """Say on stderr how long a section of the report card took (which ones are slow, on this machine)."""
+    start = time.perf_counter()
+    yield
+    print(f"report card: {name} took {time.perf_counter() - start:.0f} s", file=sys.stderr, flush=True)
 
 
 # the language model's metrics
@@ -191,24 +200,32 @@ def model_metrics(model, tokenizer, cfg: EvalConfig) -> dict[str, float | None]:
 
     model = model.float().eval()
     out: dict[str, float | None] = {}
-    out["dialog_loss"] = dialog_loss(model, tokenizer, Path(cfg.dialogs), cfg.seq_len,
-                                     16 if cfg.quick else 0) if cfg.dialogs else None
-    out["text_loss"] = text_loss(model, tokenizer, DATA / "perplexity_heldout.txt", cfg.seq_len, 4 if cfg.quick else 32)
+    with _section("dialog_loss"):
+        out["dialog_loss"] = dialog_loss(model, tokenizer, Path(cfg.dialogs), cfg.seq_len,
+                                         16 if cfg.quick else 0) if cfg.dialogs else None
+    with _section("text_loss"):
+        out["text_loss"] = text_loss(model, tokenizer, DATA / "perplexity_heldout.txt", cfg.seq_len,
+                                     4 if cfg.quick else 32)
     feedback = Path(cfg.feedback) if cfg.feedback else None
     sft = feedback / "sft-heldout.jsonl" if feedback else None
-    out["feedback_loss"] = dialog_loss(model, tokenizer, sft, cfg.seq_len) if sft and sft.is_file() \
-        and sft.stat().st_size else None
     pairs_file = feedback / "pairs-heldout.jsonl" if feedback else None
     from parley.train.preferences import load_pairs
 
-    pairs = load_pairs(pairs_file) if pairs_file and pairs_file.is_file() else []
-    out["pair_accuracy"] = pair_accuracy(model, tokenizer, pairs, cfg.seq_len)
+    with _section("feedback metric"):
+        out["feedback_loss"] = dialog_loss(model, tokenizer, sft, cfg.seq_len) if sft and sft.is_file() \
+            and sft.stat().st_size else None
+        pairs = load_pairs(pairs_file) if pairs_file and pairs_file.is_file() else []
+        out["pair_accuracy"] = pair_accuracy(model, tokenizer, pairs, cfg.seq_len)
     engine = Engine.from_config(model, EngineConfig(dtype="float32", device="cpu"))
     try:
         limit = 4 if cfg.quick else cfg.limit
-        out["refusal_rails_off"] = refusal_rate(engine, tokenizer, _requests("harmful.yml", limit), cfg.max_tokens)
-        out["over_refusal_rails_off"] = refusal_rate(engine, tokenizer, _requests("benign.yml", limit), cfg.max_tokens)
-        out["decode_tokens_per_s"] = decode_speed(engine, tokenizer, 16 if cfg.quick else 64)
+        with _section(f"refusals rails off ({limit} + {limit} requests)"):
+            out["refusal_rails_off"] = refusal_rate(engine, tokenizer, _requests("harmful.yml", limit),
+                                                    cfg.max_tokens)
+            out["over_refusal_rails_off"] = refusal_rate(engine, tokenizer, _requests("benign.yml", limit),
+                                                         cfg.max_tokens)
+        with _section("decode speed"):
+            out["decode_tokens_per_s"] = decode_speed(engine, tokenizer, 16 if cfg.quick else 64)
     finally:
         engine.close()
     return out
@@ -235,7 +252,8 @@ def pipeline_metrics(quick: bool) -> dict[str, float | None]:
         return v.principle if v.action == "refuse" else None
 
     test = safety.load_prompts(safety.PROMPTS, constitution)["test"]
-    found = safety.evaluate(test[::4] if quick else test, flags)
+    with _section("safety rails on"):
+        found = safety.evaluate(test[::4] if quick else test, flags)
     out["safety_recall_rails_on"], out["safety_precision_rails_on"] = found["recall"], found["precision"]
     if quick:
         return out
@@ -244,12 +262,14 @@ def pipeline_metrics(quick: bool) -> dict[str, float | None]:
     intents_bench = _benchmark("intents")
     intents = load_intents(DEFAULT_INTENTS)
     heldout = intents_bench.load_heldout(DATA / "intents_heldout.yml", intents.names)
-    classifier = IntentClassifier.train(intents, embedder, threshold=0.5)
-    predicted = classifier.predict_many([text for text, _ in heldout])
+    with _section("intents"):
+        classifier = IntentClassifier.train(intents, embedder, threshold=0.5)
+        predicted = classifier.predict_many([text for text, _ in heldout])
     out["intent_accuracy"] = sum(
         (p.ranking[0][0] if p.confidence >= 0.5 else OUT_OF_SCOPE) == true
         for (_, true), p in zip(heldout, predicted)) / len(heldout)
-    out["retrieval_recall_at_5"] = _retrieval(embedder)
+    with _section("retrieval"):
+        out["retrieval_recall_at_5"] = _retrieval(embedder)
     return out
 
 
