@@ -226,3 +226,50 @@ def test_versions_promote_atomically_and_roll_back(tmp_path, tiny_hf_dir):
     assert registry.get("m").path.resolve() == (tmp_path / "models" / ".versions" / "m" / "v1").resolve()
     registry.remove("m")
     assert registry.list() == [] and not (tmp_path / "models" / ".versions" / "m").exists()
+
+
+def test_a_user_who_opts_out_or_is_deleted_is_withdrawn_from_the_rounds(home, capsys):
+    from parley.learn.rounds import HELD, list_rounds
+    from parley.store import Store
+
+    root, replay, db, _ = home
+    with Store(db) as store:
+        ids = {name: store.get_user_by_name(name).id for name in ("ann", "bob")}
+        for name, answer in (("ann", FRANCE), ("bob", "Paris is the capital of France.")):
+            for i in range(4):  # four edits each: three trained on, one held out, and four pairs
+                conv = store.create_conversation(ids[name])
+                _, said = store.add_exchange(ids[name], conv.id, f"capital of France? ({i})", "no idea")
+                store.add_feedback(ids[name], said.id, -1, edited_text=answer)
+        conv = store.create_conversation(ids["ann"])
+        _, said = store.add_exchange(ids["ann"], conv.id, "say hello", "hi")
+        store.add_feedback(ids["ann"], said.id, -1)  # counted against
+    assert parley(["learn", "tiny", "replay=" + str(replay), "--quick", "train.steps=2", "train.seq_len=64"]) == 0
+    folder = root / "learn" / "tiny" / "round-001"
+
+    def owners() -> dict[str, list]:
+        return {name: [owner(json.loads(x)) for x in (folder / name).read_text().splitlines()]
+                for name, owner in HELD.items()}
+
+    before = owners()
+    assert sorted(x for x in before["data/dialogs-train.jsonl"] if x) == [ids["ann"]] * 3 + [ids["bob"]] * 3
+    assert before["against.jsonl"] == [ids["ann"]] and before["sft-heldout.jsonl"] == [ids["ann"], ids["bob"]]
+
+    users_main(["--db", db, "optout", "ann"], out=io.StringIO())
+    after = owners()
+    for name, rows in after.items():  # nothing of ann's stays; bob's and the replay dialogs do
+        assert ids["ann"] not in rows and rows == [x for x in before[name] if x != ids["ann"]], name
+    [note] = json.loads((folder / "withdrawn.json").read_text())
+    assert note["user_id"] == ids["ann"] and note["examples"] == 3 + 1 + 4 + 1 + 1  # sft: trained, held out; pairs: all, held out; against
+    assert "**withdrawn**" in (folder / "report.md").read_text()  # the report card says so
+    [round_] = list_rounds("tiny", root)
+    assert round_["withdrawn"] == 10 and round_["counts"]["sft"] == 8  # the decision still says what it was made on
+    assert "withdrawn 10" in learn("tiny", "--list", capsys=capsys)
+
+    # opted out, her feedback is never read again; deleting bob takes his out too
+    assert parley(["learn", "tiny", "replay=" + str(replay), "since=2000-01-01", "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert '"sft": 4' in out and "opted out of learning" in out
+    users_main(["--db", db, "delete", "bob", "--yes"], out=io.StringIO())
+    assert not any(x for rows in owners().values() for x in rows)  # only replay dialogs are left
+    assert list_rounds("tiny", root)[0]["withdrawn"] == 10 + 3 + 1 + 4 + 1
+

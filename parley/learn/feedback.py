@@ -19,9 +19,11 @@ What each kind of feedback becomes:
 - thumbs down without an edit, and a barge-in (feedback kind "barge-in", where the voice path
   writes it): the answer is counted against; a later regeneration of it pairs it.
 
-Never learned from: feedback of a user marked untrusted (`parley users untrust NAME`), and
-answers whose trace shows the safety rails caught the question or the answer (a refusal, a
-rewrite, a flagged injection), whoever rated them.
+Never learned from: feedback of a user marked untrusted (`parley users untrust NAME`) or opted
+out (`parley users optout NAME`: rounds.withdraw also takes what earlier rounds kept of theirs
+out of the round folders), and answers whose trace shows the safety rails caught the question
+or the answer (a refusal, a rewrite, a flagged injection), whoever rated them. Every example
+carries its `user_id`, so that it can be withdrawn later.
 """
 
 from __future__ import annotations
@@ -91,11 +93,15 @@ def collect(store: Store, since: str = "", user: str | None = None) -> Examples:
     rows = store.feedback_rows(since, user_id)
     out = Examples(until=max((r["created_at"] for r in rows), default=since))
     negative = {r["turn_id"] for r in rows if r["rating"] < 0 and not r["edited_text"]}
+    opted_in: dict[int, bool] = {}
     for row in rows:
         base = {"feedback_id": row["id"], "turn_id": row["turn_id"], "user": row["user_name"],
-                "model": row["model"], "kind": row["kind"]}
+                "user_id": row["user_id"], "model": row["model"], "kind": row["kind"]}
         trace = json.loads(row["trace"]) if row["trace"] else None
+        if row["user_id"] not in opted_in:
+            opted_in[row["user_id"]] = store.personalized(row["user_id"])
         reason = ("untrusted user" if not row["trusted"] else
+                  "opted out of learning" if not opted_in[row["user_id"]] else
                   f"rails ({caught})" if (caught := caught_by_rails(trace)) else None)
         prompt = [] if reason else _prompt(store, row["turn_id"])
         if not reason and not prompt:

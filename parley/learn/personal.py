@@ -14,8 +14,9 @@ loss may rise by at most `user_margin`, and on the user's own held-out feedback 
 Where things go: the adapter in $PARLEY_HOME/adapters/MODEL/USER_ID/ (adapter.json + weights,
 model/lora.py's save_adapter: rank, alpha, targets, base model and version, the round), the
 round's data and decision in $PARLEY_HOME/learn/MODEL/users/USER_ID/round-NNN/. A user who opts
-out (`parley users personalize NAME off`, PUT /api/me/personalization) or is deleted loses both
-(`forget`): no adapter of theirs is served or kept, no data of theirs stays for training.
+out (`parley users optout NAME`, PUT /api/me/personalization) or is deleted loses both
+(`forget`): no adapter of theirs is served or kept, no data of theirs stays for training, and
+their examples are taken out of the general rounds' folders too (rounds.withdraw).
 """
 
 from __future__ import annotations
@@ -61,14 +62,17 @@ def data_dir(model: str, user_id: int, home: str | Path | None = None) -> Path:
 
 
 def forget(user_id: int, home: str | Path | None = None) -> list[str]:
-    """Delete every adapter and all training data of the user, for every model; what went."""
+    """Delete every adapter and all training data of the user, for every model, and withdraw
+    their examples from the general learning rounds (rounds.withdraw); the folders that changed."""
+    from parley.learn.rounds import withdraw
+
     home = Path(home) if home else parley_home()
     gone = []
     for folder in [*(home / "adapters").glob(f"*/{user_id}"), *(home / "learn").glob(f"*/users/{user_id}")]:
         if folder.is_dir():
             shutil.rmtree(folder)
             gone.append(str(folder))
-    return gone
+    return gone + withdraw(user_id, home)
 
 
 def _jsonl(path: Path, rows: list[dict]) -> None:

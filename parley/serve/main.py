@@ -53,7 +53,8 @@ class UsersConfig:
         help="add a user, list users, create a user's API key (printed once; only its hash is kept), revoke "
              "all of a user's keys, delete a user with everything they own (needs yes=true), or mark a user "
              "untrusted (their feedback never becomes training data: `parley learn`) or trusted again, or opt a "
-             "user out of personalization (their adapter and its training data are deleted) or back in",
+             "user out of learning (their adapter and its training data are deleted, their examples taken out "
+             "of the learning rounds' folders, and nothing of theirs is trained on again) or back in",
         positional="ACTION")
     name: str = setting("", "the user to add, make a key for, revoke or delete", positional="NAME")
     admin: bool = setting(False, "add: the user may list users over the API")
@@ -94,11 +95,12 @@ def users_main(argv: list[str], out=sys.stdout) -> int:
                 store.set_personalized(user.id, args.action == "optin")
                 gone = forget(user.id) if args.action == "optout" else []
                 print(f"{user.name} opted {args.action[3:]} of personalization"
-                      + (f"; deleted {len(gone)} adapter and data folder(s)" if gone else ""), file=out)
+                      + (f"; deleted or redacted {len(gone)} adapter, data and round folder(s)" if gone else ""),
+                      file=out)
             elif args.action == "revoke":
                 print(f"revoked {store.revoke_keys(user.id)} API key(s) of {user.name}; their data stays", file=out)
             else:
                 store.delete_user(user.id)
-                forget(user.id)  # their adapters and personal training data too
+                forget(user.id)  # their adapters and training data too, in every learning round
                 print(f"deleted {user.name} and everything they owned", file=out)
     return 0

@@ -54,7 +54,8 @@ async function load() {
     }
     const rounds = await api("/api/learn/rounds");
     for (const r of rounds.data) {
-      row("rounds", [r.round, r.at, `${r.counts.sft || 0} SFT targets, ${r.counts.pairs || 0} pairs, ${r.counts.skipped || 0} left out`,
+      row("rounds", [r.round, r.at, `${r.counts.sft || 0} SFT targets, ${r.counts.pairs || 0} pairs, ${r.counts.skipped || 0} left out` +
+                     (r.withdrawn ? `, ${r.withdrawn} withdrawn since` : ""),
                      r.promoted ? `promoted as ${r.version}` : "refused", (r.reasons || []).join("; "),
                      button(`Show round ${r.round}`, async () => { $("report").textContent = await api(`/api/learn/rounds/${r.round}/report`); })]);
     }
