@@ -273,3 +273,58 @@ def test_a_user_who_opts_out_or_is_deleted_is_withdrawn_from_the_rounds(home, ca
     assert not any(x for rows in owners().values() for x in rows)  # only replay dialogs are left
     assert list_rounds("tiny", root)[0]["withdrawn"] == 10 + 3 + 1 + 4 + 1
 
+
+def test_a_stream_in_flight_when_a_version_is_promoted_ends_on_the_old_engine(home):
+    """The old engine is paused (its step waits on an event) with a stream half answered; a new
+    version is promoted and answers the next request; the stream then ends on the old engine,
+    whole and with the old version's tokens only."""
+    import threading
+
+    root, _, db, keys = home
+    registry = Registry(root)
+    model, tokenizer, meta = registry.load("tiny")
+    with torch.no_grad():  # a random tiny model repeats its last token; negated, it picks other tokens
+        model.model.norm.weight.neg_()
+    registry.save("tiny-new", model, tokenizer, meta)  # other weights: other answers
+    registry.add_version("tiny", registry.path("tiny-new"), {"note": "the next version"})  # kept, not promoted
+    settings = Settings(db=db, home=str(root), model="tiny", engine=EngineConfig(dtype="float32"),
+                        stages=["respond"], requests_per_minute=0)
+    app = create_app(settings)
+    server = app.state.server
+    body = {"model": "tiny", "prompt": "The capital of France", "max_tokens": 12, "temperature": 0,
+            "stop": [], "stream_options": {"include_usage": True}}
+
+    def complete(http) -> str:
+        reply = http.post("/v1/completions", json=body)
+        assert reply.status_code == 200, reply.text
+        return reply.json()["choices"][0]["text"]
+
+    old, paused, resume, steps = server.engine, threading.Event(), threading.Event(), []
+    compute = old._compute
+
+    def pausing_compute():  # the old engine's steps, held before the third while a stream is in flight
+        steps.append(1)
+        if len(steps) == 3:
+            paused.set()
+            assert resume.wait(60)
+        return compute()
+
+    with serving(app) as url, httpx.Client(base_url=url, timeout=60, headers={"Authorization": f"Bearer {keys['ann']}"}) \
+            as http, httpx.Client(base_url=url, timeout=60, headers={"Authorization": f"Bearer {keys['bob']}"}) as other:
+        v1 = complete(http)  # served alone, before any promotion
+        old._compute = pausing_compute
+        with http.stream("POST", "/v1/completions", json={**body, "stream": True}) as stream:
+            events = stream.iter_lines()
+            first = next(e for e in events if e.startswith("data: "))  # the stream has begun
+            assert paused.wait(60) and old.stats()["running"] == 1  # ... and is in flight, mid-answer
+            assert server.version == "v1"
+            registry.promote("tiny", "v2")
+            v2 = complete(other)  # the next request switches the server to v2: a new engine answers it
+            assert server.version == "v2" and server.engine is not old and v2 != v1
+            resume.set()
+            chunks = [json.loads(x[6:]) for x in [first, *events] if x.startswith("data: {")]
+        assert "error" not in chunks[-1] and chunks[-1]["usage"]["completion_tokens"] == 12  # not cut
+        assert "".join(c["choices"][0]["text"] for c in chunks if c["choices"]) == v1  # v1's tokens, none of v2's
+        assert chunks[-2]["choices"][0]["finish_reason"] == "length"
+        server.retired[0].join(timeout=60)  # once its stream ended, the old engine closes
+        assert not server.retired[0].is_alive() and complete(http) == v2
