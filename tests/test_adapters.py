@@ -5,8 +5,11 @@ Adapters load from their folders, are evicted least recently used (never one in 
 prefix cache, and bad files are refused with a clear error."""
 
 import copy
+import importlib.util
 import io
 import json
+import re
+from pathlib import Path
 
 import pytest
 import torch
@@ -25,7 +28,7 @@ base_model = tile_model
 
 
 def write_adapter(folder, model: Transformer, seed: int, r: int = 4, targets=None, base: str = "tiny",
-                  scale: float = 0.05) -> None:
+                  scale: float = 0.05, **meta) -> None:
     """A random adapter (B not zero, so it changes the answers) written as save_adapter writes one."""
     m = copy.deepcopy(model).float()
     kw = {"targets": targets} if targets else {}
@@ -35,7 +38,7 @@ def write_adapter(folder, model: Transformer, seed: int, r: int = 4, targets=Non
         for name, p in m.named_parameters():
             if name.endswith("lora_B"):
                 p.copy_(torch.randn(p.shape, generator=g) * scale)
-    save_adapter(folder, m, base=base)
+    save_adapter(folder, m, base=base, **meta)
 
 
 @pytest.fixture(scope="module")
@@ -250,6 +253,39 @@ def test_a_users_adapter_answers_their_way_and_no_one_elses(home, capsys, one_th
     assert "opted out" in capsys.readouterr().err
 
 
+CHROMIUM = Path("/usr/bin/chromium")
+
+
+def turned_off_in_the_page(url: str, key: str) -> None:
+    """In Chromium: the settings show the user's adapter, an answer says it answered, and the
+    user turns personalization off (asked to confirm first)."""
+    from playwright.sync_api import expect, sync_playwright
+
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=str(CHROMIUM), args=["--no-sandbox"])
+        page, errors = browser.new_page(), []
+        page.set_default_timeout(30_000)
+        page.on("pageerror", lambda e: errors.append(str(e)))
+        page.goto(url + "/")
+        page.evaluate(f"localStorage.setItem('parley.key', {json.dumps(key)})")
+        page.goto(url + "/")
+        page.get_by_label("Message", exact=True).fill("where is Paris?")
+        page.get_by_label("Message", exact=True).press("Enter")
+        expect(page.locator("#log .msg.assistant .meta")).to_have_text(
+            re.compile(r"^Answered by tiny, imported \S+ with your own adapter through the Parley assistant$"))
+        page.locator("#settings-box summary").click()
+        expect(page.locator("#adapter")).to_contain_text("On: trained in round 1 on tiny v1 (rank 4); it answers")
+        page.get_by_role("button", name="Turn personalization off").click()
+        page.get_by_role("dialog").get_by_role("button", name="Cancel").click()
+        expect(page.locator("#adapter")).to_contain_text("it answers your messages")  # asked first: nothing changed
+        page.get_by_role("button", name="Turn personalization off").click()
+        page.get_by_role("dialog").get_by_role("button", name="Delete").click()
+        expect(page.locator("#adapter")).to_have_text("Off: nothing you write is trained on, and you have no adapter.")
+        expect(page.get_by_role("button", name="Turn personalization on")).to_be_visible()
+        browser.close()
+    assert not errors, errors
+
+
 def test_a_user_opts_out_over_http_and_turns_stop_naming_their_adapter(home):
     import httpx
 
@@ -268,7 +304,8 @@ def test_a_user_opts_out_over_http_and_turns_stop_naming_their_adapter(home):
     with Store(db) as store:
         ann = store.get_user_by_name("ann")
         # strong enough to change the tiny model's greedy answers
-        write_adapter(adapters_dir("tiny", root) / str(ann.id), model, seed=1, base="tiny", scale=1.0)
+        write_adapter(adapters_dir("tiny", root) / str(ann.id), model, seed=1, base="tiny", scale=1.0,
+                      base_version="v1", round=1)
         (data_dir("tiny", ann.id, root) / "round-001").mkdir(parents=True)
         assert adapter_for(engine, store, ann.id) == str(ann.id)
         bob = store.get_user_by_name("bob")
@@ -298,6 +335,12 @@ def test_a_user_opts_out_over_http_and_turns_stop_naming_their_adapter(home):
         assert raw_replies(http) == hers and raw_replies(bobs) == plain  # each user's own model, on both routes
         state = http.get("/api/me/personalization").json()
         assert state["on"] and state["serving"] and state["adapter"]["base"] == "tiny"
+        said = http.post("/v1/chat/completions", json={"model": "parley", "messages": chat, "max_tokens": 4})
+        assert said.json()["parley"]["adapter"] and not bobs.post("/v1/chat/completions", json={
+            "model": "parley", "messages": chat, "max_tokens": 4}).json()["parley"]["adapter"]
+        if CHROMIUM.exists() and importlib.util.find_spec("playwright"):
+            turned_off_in_the_page(url, keys["ann"])
+            assert http.get("/api/me/personalization").json()["on"] is False
         assert http.put("/api/me/personalization", json={"on": "maybe"}).status_code == 400
         state = http.put("/api/me/personalization", json={"on": False}).json()
         assert state == {"on": False, "adapter": None, "serving": False}

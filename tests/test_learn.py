@@ -8,6 +8,7 @@ import dataclasses
 import importlib.util
 import io
 import json
+import re
 from pathlib import Path
 
 import httpx
@@ -65,6 +66,14 @@ def ask(http: httpx.Client, text: str) -> int:
                                                     "messages": [{"role": "user", "content": text}]})
     assert reply.status_code == 200, reply.text
     return reply.json()["parley"]["turn_id"]
+
+
+def say(page, text: str) -> None:
+    """Send a message on the chat page and wait for its answer's controls (it is saved)."""
+    before = page.locator("#log .msg.assistant").count()
+    page.get_by_label("Message", exact=True).fill(text)
+    page.get_by_label("Message", exact=True).press("Enter")
+    page.locator("#log .msg.assistant").nth(before).locator(".actions").wait_for(timeout=60_000)
 
 
 def learn(*args: str, capsys=None) -> dict:
@@ -166,14 +175,21 @@ def test_feedback_trains_a_gated_candidate_that_the_server_switches_to(home, emb
         # the admin page lists the rounds and rolls back (in Chromium, where it is installed)
         assert "Learning rounds" in http["ops"].get("/admin").text
         if CHROMIUM.exists() and importlib.util.find_spec("playwright"):
-            from playwright.sync_api import sync_playwright
+            from playwright.sync_api import expect, sync_playwright
 
             with sync_playwright() as playwright:
                 browser = playwright.chromium.launch(executable_path=str(CHROMIUM), args=["--no-sandbox"])
-                page, errors = browser.new_page(), []
+                context = browser.new_context()  # one for both pages: the key in localStorage
+                page, errors = context.new_page(), []
                 page.on("pageerror", lambda e: errors.append(str(e)))
-                page.goto(url + "/")
-                page.evaluate(f"localStorage.setItem('parley.key', {json.dumps(keys['ops'])})")
+                chat = context.new_page()
+                chat.on("pageerror", lambda e: errors.append(str(e)))
+                chat.goto(url + "/")
+                chat.evaluate(f"localStorage.setItem('parley.key', {json.dumps(keys['ops'])})")
+                chat.goto(url + "/")
+                labels = chat.locator("#log .msg.assistant .meta")
+                say(chat, "capital of France?")
+                expect(labels).to_have_text([re.compile(r"^Answered by tiny v2\b.* through the Parley assistant$")])
                 page.goto(url + "/admin")
                 page.get_by_text("promoted as v2").wait_for(timeout=30_000)
                 assert page.get_by_text("refused").count() == 1
@@ -181,6 +197,8 @@ def test_feedback_trains_a_gated_candidate_that_the_server_switches_to(home, emb
                 page.get_by_text("serving tiny v1").wait_for(timeout=30_000)
                 page.get_by_role("button", name="Show round 1").click()
                 page.get_by_text("# Learning round 1").wait_for(timeout=30_000)
+                say(chat, "and the capital of Italy?")  # the same page, not reloaded: each answer names its version
+                expect(labels).to_have_text([re.compile(r"^Answered by tiny v2\b"), re.compile(r"^Answered by tiny v1\b")])
                 browser.close()
             assert not errors and server.version == "v1"
         for client in http.values():

@@ -11,7 +11,8 @@ LoRA adapter where they have one (`parley learn user=NAME`), as the assistant's 
 "parley" runs the last user message through the assistant's whole pipeline (safety, memory,
 knowledge, respond ...) in the conversation the header names, or a new one; the reply
 carries the conversation and saved turn ids (header and a "parley" field), for feedback and
-traces. Streams are Server-Sent Events ending with `data: [DONE]`; an error
+traces, and what answered (the model and version the answer was saved with, and whether the
+user's own adapter did). Streams are Server-Sent Events ending with `data: [DONE]`; an error
 after the stream began arrives as one `data: {"error": ...}` event.
 """
 
@@ -228,8 +229,9 @@ async def _assistant_chat(server: Server, req: p.ChatRequest, user: User, conver
 
     rid, headers = p.new_id("chatcmpl"), {"X-Parley-Conversation": str(started)} if started else {}
 
-    def ids() -> dict:
-        return {"conversation_id": started, "turn_id": done[0].message_id if done else None}
+    def ids() -> dict:  # where the answer was saved, and what wrote it
+        return {"conversation_id": started, "turn_id": done[0].message_id if done else None,
+                "answered_by": done[0].answered_by if done else None, "adapter": done[0].adapter if done else False}
 
     if not req.stream:
         answer = "".join([t async for t in pieces()])

@@ -42,6 +42,8 @@ class TurnDone:
     message_id: int | None  # the saved answer (the API calls it the turn id)
     prompt_tokens: int
     completion_tokens: int
+    answered_by: str | None = None  # the model (and version) the answer was saved with
+    adapter: bool = False  # the user's own adapter answered
 
 
 @dataclass
@@ -146,7 +148,7 @@ class TurnRunner:
             if running.interrupted == "barge-in" and turn.message_id is not None:
                 turn.store.add_feedback(user.id, turn.message_id, -1, kind="barge-in")
             running.channel.put(TurnDone(turn.conversation_id, turn.message_id, turn.usage.prompt_tokens,
-                                        turn.usage.completion_tokens))
+                                        turn.usage.completion_tokens, self.assistant().answered_by, bool(adapter)))
         except Exception as e:  # the turn fails, the thread serves the next one
             running.channel.put(e)
         finally:

@@ -195,7 +195,7 @@ async function send(text, earlier = null) {
     state.controller = null;
     setBusy(false);
   }
-  answer.append(el("p", { class: "meta", text: answerLabel(answeredBy) + (answer.classList.contains("stopped") ? " · stopped" : "") }));
+  answer.append(el("p", { class: "meta", text: answerLabel(answeredBy, ids) + (answer.classList.contains("stopped") ? " · stopped" : "") }));
   if (ids?.conversation_id) state.conversation = ids.conversation_id;
   let turnId = ids?.turn_id;
   if (!turnId && assistant && answer.classList.contains("stopped")) {
@@ -212,11 +212,15 @@ async function send(text, earlier = null) {
   if (assistant) loadConversations().catch(showError);
 }
 
-/* Which model (and version, where the server knows it) wrote an answer. */
-function answerLabel(model) {
+/* Which model (and version, where the server knows it) wrote an answer: for the assistant, as the
+   server saved it with the answer (`ids.answered_by`: the version serving then), and whether the
+   user's own adapter answered. */
+function answerLabel(model, ids) {
   const s = state.settings;
   if (model !== ASSISTANT) return `Answered by ${model}`;
-  return s ? `Answered by ${s.model}${s.version ? ` (${s.version})` : ""} through the Parley assistant`
+  const mine = ids?.adapter ? " with your own adapter" : "";
+  if (ids?.answered_by) return `Answered by ${ids.answered_by}${mine} through the Parley assistant`;
+  return s ? `Answered by ${s.model}${s.version ? ` (${s.version})` : ""}${mine} through the Parley assistant`
            : "Answered by the Parley assistant";
 }
 
@@ -588,6 +592,25 @@ async function loadMemory() {
   if (!data.length) $("memory").append(el("li", { class: "empty", text: "Nothing yet." }));
 }
 
+/* The user's own LoRA adapter (`parley learn user=NAME`): its state, and opting out or back in. */
+async function loadAdapter() {
+  const p = await getJSON("/api/me/personalization");
+  const a = p.adapter;
+  $("adapter").textContent = !p.on ? "Off: nothing you write is trained on, and you have no adapter."
+    : !a ? "On: no adapter of yours yet (an operator trains one from your edits and ratings)."
+    : `On: trained in round ${a.round} on ${a.base} ${a.base_version} (rank ${a.rank}); `
+      + (p.serving ? "it answers your messages." : "not serving (it was made for another version).");
+  $("adapter-switch").textContent = p.on ? "Turn personalization off" : "Turn personalization on";
+  $("adapter-switch").onclick = () => switchAdapter(!p.on).catch(showError);
+}
+
+async function switchAdapter(on) {
+  if (!on && !(await confirmed("Turn personalization off? Your adapter is deleted and your feedback is taken "
+                               + "out of the training data, for good."))) return;
+  await sendJSON("PUT", "/api/me/personalization", { on });
+  await loadAdapter();
+}
+
 async function forget(id) {
   await getJSON(`/api/memory/${id}`, { method: "DELETE" });
   await loadMemory();
@@ -621,7 +644,8 @@ async function loadModels() {
 async function refresh() {
   clearError();
   try {
-    await Promise.all([loadModels(), loadSettings(), loadConversations(), loadDocuments(), loadMemory()]);
+    await Promise.all([loadModels(), loadSettings(), loadConversations(), loadDocuments(), loadMemory(),
+                       loadAdapter()]);
   } catch (e) {
     showError(e);
   }
