@@ -199,8 +199,10 @@ def test_feedback_trains_a_gated_candidate_that_the_server_switches_to(home, emb
                 page.get_by_text("# Learning round 1").wait_for(timeout=30_000)
                 say(chat, "and the capital of Italy?")  # the same page, not reloaded: each answer names its version
                 expect(labels).to_have_text([re.compile(r"^Answered by tiny v2\b"), re.compile(r"^Answered by tiny v1\b")])
+                page.get_by_role("button", name="Promote v2").click()  # and forward again, from the page
+                page.get_by_text("serving tiny v2").wait_for(timeout=30_000)
                 browser.close()
-            assert not errors and server.version == "v1"
+            assert not errors and server.version == "v2"
         for client in http.values():
             client.close()
 
