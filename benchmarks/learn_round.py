@@ -13,6 +13,12 @@ as users would leave it: SmolLM2 answers each question (greedy, through the engi
 - eve (marked untrusted) edits three answers into spam, and ann likes a refusal the rails made:
   neither may reach the training data.
 Then it runs `parley learn smollm2` (LoRA) and prints the decision and the report card's path.
+
+Without --quick the report card is the full one (the first 16 requests of each guard_heldout
+set, limit=16; the guard; intents; retrieval on 65 python3.11-doc pages); each section says on
+stderr how long it took. On a loaded 2-core machine with one thread the whole round took 46 minutes
+(writing the feedback and training about 18, each model's card about 8, retrieval about 12):
+RESULTS.md, "A learning round on SmolLM2-135M with the full report card".
 """
 
 from __future__ import annotations
