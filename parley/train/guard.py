@@ -30,7 +30,7 @@ import torch.nn.functional as F
 
 from parley.config import parse_cli, setting
 from parley.pipeline.guard import INJECTION, LABELS, PRINCIPLES, Guard, features, trained_path
-from parley.train.guard_data import Example, GuardDataError, Splits, data_sha256, load_templates, load_written, split
+from parley.train.guard_data import Example, GuardDataError, Splits, data_sha256, load_all, split
 
 
 @dataclass
@@ -264,7 +264,7 @@ def main(cfg: GuardTrainConfig) -> int:
         raise GuardDataError(f"design must be minilm or lora, got {cfg.design!r}")
     if cfg.per_example < 0 or cfg.epochs < 1 or cfg.hidden < 1 or not 0 < cfg.max_fpr < 1:
         raise GuardDataError("per_example must be >= 0, epochs and hidden >= 1, and max_fpr in (0, 1)")
-    written = load_written(cfg.data or None) + load_templates(cfg.data or None)
+    written = load_all(cfg.data or None)
     start = time.perf_counter()
     if cfg.design == "lora":
         figures = train_lora(cfg, written)
