@@ -1,5 +1,6 @@
 """The guard's training data: written examples from parley/data/guard/, and variants of them.
 
+    examples = load_all()                             # written lines, intents, template sentences
     examples = load_written()                         # Example(text, label, kind, source="written", base)
     variants = generate(examples, seed=3)             # disguised and framed copies, source "gen:leet+fiction seed=3"
     train, val, test = split(examples, seeds=(0, 1, 2), val_seed=3, test_seed=4)
@@ -11,8 +12,10 @@ or the generators and the seed that made it from one. Generators disguise the te
 leetspeak, confusable letters, spaced letters, shouting) or frame it (fiction, role-play,
 hypothetical, a research pretext, a multi-turn setup; for passages: markup around the
 sentence). Benign examples get the same framings as harmful ones, so that a framing alone is
-no sign of harm. No other languages are generated: no translation model can be had offline
-(see README, Guard).
+no sign of harm. Other languages are not generated (no translation model is installed):
+intents.toml holds phrasings written in French, Spanish, German, Italian, Portuguese and Dutch,
+and the guard reads such text through a written word-for-word gloss (parley/pipeline/guard.py).
+Examples of one intent (intents.toml) share its id as `base`, so folds hold out whole intents.
 """
 
 from __future__ import annotations
