@@ -7,12 +7,13 @@
 
 Every example carries its label (a principle id "C1".."C8", "injection", or "" for fine), its
 kind ("request": a user's message, "answer": a sentence of the assistant's answer, "passage":
-a sentence of a document or web page) and its source: "written" for a line of the data files,
+a sentence of a document or web page) and its source: "written" for a line of requests.toml or
+injections.toml, "intents" for one of intents.toml, "template:..." for a template's sentence,
 or the generators and the seed that made it from one. Generators disguise the text (typos,
 leetspeak, confusable letters, spaced letters, shouting) or frame it (fiction, role-play,
-hypothetical, a research pretext, a multi-turn setup; for passages: markup around the
-sentence). Benign examples get the same framings as harmful ones, so that a framing alone is
-no sign of harm. Other languages are not generated (no translation model is installed):
+hypothetical, an indirect ask ("for a friend"), a research pretext, a multi-turn setup; for
+passages: markup around the sentence). Benign examples get the same framings as harmful
+ones, so that a framing alone is no sign of harm. Other languages are not generated (no translation model is installed):
 intents.toml holds phrasings written in French, Spanish, German, Italian, Portuguese and Dutch,
 and the guard reads such text through a written word-for-word gloss (parley/pipeline/guard.py).
 Examples of one intent (intents.toml) share its id as `base`, so folds hold out whole intents.
