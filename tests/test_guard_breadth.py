@@ -81,3 +81,10 @@ def test_joint_calibration_keeps_the_benign_budget_and_catches_at_least_as_much(
     assert fpr_joint <= 0.05
     assert caught_joint >= caught_split
     assert joint[8] == split[8]  # injection is calibrated alone either way
+
+
+def test_train_guard_rejects_a_dropout_outside_0_1():
+    from parley.train.guard import GuardTrainConfig, main as train_main
+
+    with pytest.raises(GuardDataError, match="dropout"):
+        train_main(GuardTrainConfig(dropout=1.0))
