@@ -26,11 +26,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from parley.pipeline.embed import Embedder  # noqa: E402
 from parley.pipeline.guard import Guard, shipped_path  # noqa: E402
 from parley.train.guard import describe, report  # noqa: E402
-from parley.train.guard_data import Example, load_templates, load_written, split  # noqa: E402
+from parley.train.guard_data import Example, load_all, split  # noqa: E402
 
 
 def own_splits(guard: Guard, quick: bool, every: int = 1) -> dict:
-    s = split(load_written() + load_templates())
+    s = split(load_all())
     sets = {name: ex[::every] for name, ex in {"calibration fold": s.val, **s.test}.items()}
     if quick:
         sets = {"unseen written": s.test["unseen written"]}

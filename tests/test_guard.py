@@ -15,7 +15,7 @@ from parley.pipeline.runner import Pipeline, Turn
 from parley.pipeline.safety import InputSafetyStage, OutputSafetyStage, check_input, load_constitution
 from parley.pipeline.untrusted import REMOVED, redact_orders
 from parley.train.guard import GuardTrainConfig, main as train_main
-from parley.train.guard_data import GuardDataError, load_templates, load_written, split
+from parley.train.guard_data import GuardDataError, load_all, split
 
 
 @pytest.fixture(scope="module")
@@ -38,9 +38,9 @@ def test_normalize_undoes_disguises_and_leaves_plain_text():
 
 
 def test_the_shipped_data_loads_with_a_label_and_source_on_every_example():
-    examples = load_written() + load_templates()
+    examples = load_all()
     assert {e.label for e in examples} >= {*PRINCIPLES, "injection", ""}
-    assert all(e.source == "written" or e.source.startswith("template:") for e in examples)
+    assert all(e.source in ("written", "intents") or e.source.startswith("template:") for e in examples)
     s = split(examples)
     assert all(e.source.startswith("gen:") for e in s.test["by seed"])
     assert all("seed=4" in e.source for e in s.test["by seed"])
@@ -51,7 +51,7 @@ def test_the_shipped_data_loads_with_a_label_and_source_on_every_example():
 
 
 def test_the_guard_catches_variants_held_out_by_generator_seed(guard):
-    held_out = [e for e in split(load_written() + load_templates()).test["by seed"]
+    held_out = [e for e in split(load_all()).test["by seed"]
                 if e.kind == "request"][::4]  # a quarter of them, to stay fast
     harmful = [e for e in held_out if e.label]
     benign = [e for e in held_out if not e.label]

@@ -16,7 +16,9 @@ The model is a small MLP (one hidden layer of 128 ReLU units, a sigmoid per labe
 `features`: the MiniLM sentence embedding the pipeline already computes
 (parley/pipeline/embed.py), beside hashed character n-grams, both of the text after
 `normalize`, which undoes the cheap disguises (confusable letters, leetspeak inside words,
-s p a c e d letters, zero-width characters). `parley train guard` trains it from
+s p a c e d letters, zero-width characters); a text in French, Spanish, German, Italian,
+Portuguese or Dutch is embedded as its word-for-word English `gloss` (the encoder is
+English-centric; no multilingual encoder is installed: benchmarks/RESULTS.md, Guard round 2). `parley train guard` trains it from
 parley/data/guard/ and writes $PARLEY_HOME/guard/guard_head.safetensors; the repository ships
 the head that recipe made (1.1 MB, float16) in parley/data/guard/. Texts under MIN_WORDS words
 are scored but never flagged.
@@ -24,8 +26,10 @@ are scored but never flagged.
 
 from __future__ import annotations
 
+import functools
 import json
 import re
+import tomllib
 import unicodedata
 import zlib
 from collections.abc import Callable, Sequence
@@ -40,7 +44,7 @@ from safetensors.torch import save as safetensors_bytes
 from parley.files import atomic_open
 from parley.registry import parley_home
 
-HEAD_FORMAT = "parley-guard-mlp-1"  # bump when `features` changes
+HEAD_FORMAT = "parley-guard-mlp-2"  # bump when `features` changes (2: other languages glossed)
 PRINCIPLES = ("C1", "C2", "C3", "C4", "C5", "C6", "C7", "C8")
 INJECTION = "injection"
 LABELS = (*PRINCIPLES, INJECTION)
@@ -99,11 +103,38 @@ def ngrams(text: str) -> np.ndarray:
     return counts * (NGRAM_WEIGHT / norm) if norm else counts
 
 
+@functools.lru_cache(maxsize=1)
+def _lexicon() -> tuple[frozenset[str], dict[str, tuple[frozenset[str], dict[str, str]]]]:
+    table = tomllib.loads((Path(__file__).resolve().parent.parent / "data" / "guard" / "lexicon.toml").read_text("utf-8"))
+    english = frozenset(table.pop("english_markers"))
+    return english, {lang: (frozenset(t["markers"]), t["words"]) for lang, t in table.items()}
+
+
+_TOKEN = re.compile(r"[A-Za-z]+|[^A-Za-z]+")
+
+
+def gloss(text: str) -> str:
+    """A word-for-word English reading of a normalized `text` in French, Spanish, German,
+    Italian, Portuguese or Dutch (parley/data/guard/lexicon.toml), or `text` itself when it
+    does not read as one of them: the sentence encoder understands little but English."""
+    words = re.findall(r"[a-z]+", text.lower())
+    english, languages = _lexicon()
+    hits = {lang: sum(w in markers for w in words) for lang, (markers, _) in languages.items()}
+    lang = max(hits, key=hits.get) if hits else None
+    if lang is None or hits[lang] < 2 or hits[lang] <= sum(w in english for w in words):
+        return text
+    table = languages[lang][1]
+    return "".join(table.get(t.lower(), t) for t in _TOKEN.findall(text))
+
+
 def features(texts: Sequence[str], embedder: Callable[[list[str]], np.ndarray]) -> np.ndarray:
-    """(n, dim + NGRAM_BUCKETS) float32: the embedding and the n-grams of each normalized text."""
+    """(n, dim + NGRAM_BUCKETS) float32: the embedding and the n-grams of each normalized text;
+    a text in another language is embedded as its `gloss` and its n-grams are those of both."""
     clean = [normalize(t) for t in texts]
-    grams = np.stack([ngrams(t) for t in clean]) if clean else np.zeros((0, NGRAM_BUCKETS), np.float32)
-    return np.concatenate([np.asarray(embedder(clean), dtype=np.float32), grams], axis=1)
+    read = [gloss(t) for t in clean]
+    grams = [ngrams(c if r == c else f"{c} {r}") for c, r in zip(clean, read)]
+    grams = np.stack(grams) if grams else np.zeros((0, NGRAM_BUCKETS), np.float32)
+    return np.concatenate([np.asarray(embedder(read), dtype=np.float32), grams], axis=1)
 
 
 @dataclass(frozen=True)

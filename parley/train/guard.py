@@ -1,16 +1,19 @@
 """Train the guard (parley/pipeline/guard.py) from parley/data/guard/, calibrate it, report it.
 
-    parley train guard                             # the MiniLM head: ~1 min on 2 cores, writes $PARLEY_HOME/guard/
+    parley train guard                             # the MiniLM head: ~10 min on 2 busy cores, writes $PARLEY_HOME/guard/
     parley train guard --out parley/data/guard/guard_head.safetensors    # the head the repository ships
     parley train guard --design lora --lora-examples 600                 # the second design, for comparison only
 
 Recipe (design "minilm", the one the pipeline uses):
 1. the written examples are cut by hash into five folds: fold 0 is never trained on ("unseen
    written" test), fold 1 is the calibration fold;
-2. a head is trained on folds 2-4 and their generated variants (seeds 0-2), and each label's
-   threshold is set on fold 1 and its variants (seed 3): the lowest threshold whose
-   false-positive rate on benign examples there is within its share of `max_fpr`, moved up
-   halfway to the next one that loses recall (a margin against overfitting the fold);
+2. a head is trained on folds 2-4 and their generated variants (seeds 0-2), and the thresholds
+   are set on fold 1 and its variants (seed 3): injection's is the lowest whose false-positive
+   rate on innocent passage sentences there is within `max_fpr`, moved up halfway to the next
+   one that loses recall (a margin against overfitting the fold); the eight principles share
+   `max_fpr` of benign requests and answers refused, lowered step by step where a step catches
+   the most harmful examples per benign one (`_joint_thresholds`). Folds are cut by intent for
+   intents.toml, so fold 1 holds intents the head never saw;
 3. the head is retrained on folds 1-4 with the same settings and saved with those thresholds.
 
 Design "lora" fine-tunes SmolLM2 (LoRA r=8 on the attention projections, a linear head on the
@@ -30,7 +33,7 @@ import torch.nn.functional as F
 
 from parley.config import parse_cli, setting
 from parley.pipeline.guard import INJECTION, LABELS, PRINCIPLES, Guard, features, trained_path
-from parley.train.guard_data import Example, GuardDataError, Splits, data_sha256, load_templates, load_written, split
+from parley.train.guard_data import Example, GuardDataError, Splits, data_sha256, load_all, split
 
 
 @dataclass
@@ -43,6 +46,7 @@ class GuardTrainConfig:
     epochs: int = setting(12, "passes over the training data")
     lr: float = setting(3e-3, "AdamW learning rate of the head")
     weight_decay: float = setting(1e-2, "AdamW weight decay")
+    dropout: float = setting(0.0, "dropout on the features and the hidden units while training (0: none)")
     max_fpr: float = setting(0.03, "calibration: most benign examples of the calibration fold flagged (all labels together)")
     seed: int = setting(0, "initialisation seed")
     lora_model: str = setting("smollm2", "design=lora: the imported model to fine-tune")
@@ -63,15 +67,17 @@ def targets(examples: list[Example]) -> np.ndarray:
 
 
 def fit_head(x: np.ndarray, y: np.ndarray, hidden: int, epochs: int, lr: float, weight_decay: float,
-             seed: int) -> dict[str, np.ndarray]:
-    """The guard's MLP, minibatches of 128 with AdamW; positives weighted up by sqrt(negatives/positives)."""
+             seed: int, dropout: float = 0.0) -> dict[str, np.ndarray]:
+    """The guard's MLP, minibatches of 128 with AdamW; positives weighted up by sqrt(negatives/positives);
+    `dropout` on its input and hidden units while training (the saved head has none)."""
     if len(x) == 0:
         raise GuardDataError("no training examples: the guard data files are empty")
     xt, yt = torch.from_numpy(x), torch.from_numpy(y)
     pos = yt.sum(0)
     pos_weight = torch.sqrt((len(yt) - pos) / pos.clamp(min=1.0))
     torch.manual_seed(seed)
-    net = torch.nn.Sequential(torch.nn.Linear(x.shape[1], hidden), torch.nn.ReLU(), torch.nn.Linear(hidden, y.shape[1]))
+    net = torch.nn.Sequential(torch.nn.Dropout(dropout), torch.nn.Linear(x.shape[1], hidden), torch.nn.ReLU(),
+                              torch.nn.Dropout(dropout), torch.nn.Linear(hidden, y.shape[1]))
     optimizer = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=weight_decay)
     order = torch.Generator().manual_seed(seed)
     for _ in range(epochs):
@@ -82,7 +88,7 @@ def fit_head(x: np.ndarray, y: np.ndarray, hidden: int, epochs: int, lr: float, 
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
-    return {k: p.detach().numpy().copy() for k, p in zip(("w1", "b1", "w2", "b2"), net.parameters())}
+    return {k: p.detach().numpy().copy() for k, p in zip(("w1", "b1", "w2", "b2"), net.parameters())}  # dropout has none
 
 
 def head_probs(params: dict[str, np.ndarray], x: np.ndarray) -> np.ndarray:
@@ -97,10 +103,11 @@ def negatives(examples: list[Example], label: str) -> np.ndarray:
     return np.array([e.label == "" and e.kind in kinds for e in examples])
 
 
-def calibrate(probs: np.ndarray, examples: list[Example], max_fpr: float) -> np.ndarray:
+def calibrate(probs: np.ndarray, examples: list[Example], max_fpr: float, joint: bool = True) -> np.ndarray:
     """Per label, the threshold described in the module docstring. A benign request is wrongly
-    refused when any of the eight principles flags it, so each principle gets an eighth of
-    `max_fpr`; injection (one label) gets all of it."""
+    refused when any of the eight principles flags it: `joint` shares `max_fpr` among them where
+    it buys the most recall (`_joint_thresholds`); otherwise each principle gets an eighth of it.
+    Injection (one label) gets all of it."""
     grid = np.round(np.arange(0.05, 0.991, 0.005), 3)
     out = []
     for k, label in enumerate(LABELS):
@@ -118,7 +125,43 @@ def calibrate(probs: np.ndarray, examples: list[Example], max_fpr: float) -> np.
         while hi + 1 < len(grid) and recall[hi + 1] >= recall[lo]:
             hi += 1
         out.append(float(grid[(lo + hi) // 2]))
-    return np.array(out, dtype=np.float32)
+    out = np.array(out, dtype=np.float32)
+    if joint:
+        out[:len(PRINCIPLES)] = _joint_thresholds(probs[:, :len(PRINCIPLES)], examples, max_fpr, grid)
+    return out
+
+
+def _joint_thresholds(probs: np.ndarray, examples: list[Example], max_fpr: float, grid: np.ndarray) -> np.ndarray:
+    """The principles' thresholds lowered step by step from the top of `grid`, each time on the
+    principle whose next step that catches more harmful examples catches the most per benign one
+    newly refused (by any principle), while the benign examples refused stay within `max_fpr`."""
+    harmful = np.array([e.kind != "passage" and e.label in PRINCIPLES for e in examples])
+    benign = negatives(examples, PRINCIPLES[0])
+    level = np.full(probs.shape[1], len(grid) - 1)  # index into grid per principle
+
+    def counts(levels: np.ndarray) -> tuple[int, int]:
+        flagged = (probs >= grid[levels]).any(axis=1)
+        return int(flagged[harmful].sum()), int(flagged[benign].sum())
+
+    caught, refused = counts(level)
+    allowed = max_fpr * max(int(benign.sum()), 1)
+    while True:
+        best = None
+        for k in np.flatnonzero(level > 0):
+            trial = level.copy()
+            while trial[k] > 0:  # down to the next step that catches more
+                trial[k] -= 1
+                c, r = counts(trial)
+                if c > caught:
+                    break
+            if c <= caught or r > allowed:
+                continue
+            gain = (c - caught) / (r - refused + 1)
+            if best is None or gain > best[0]:
+                best = (gain, trial, c, r)
+        if best is None:
+            return grid[level].astype(np.float32)
+        _, level, caught, refused = best
 
 
 def report(probs: np.ndarray, examples: list[Example], thresholds: np.ndarray) -> dict:
@@ -175,7 +218,8 @@ def train_minilm(cfg: GuardTrainConfig, written: list[Example], embedder) -> tup
                 cache[text] = row
         return np.stack([cache[e.text] for e in examples])
 
-    hp = dict(hidden=cfg.hidden, epochs=cfg.epochs, lr=cfg.lr, weight_decay=cfg.weight_decay, seed=cfg.seed)
+    hp = dict(hidden=cfg.hidden, epochs=cfg.epochs, lr=cfg.lr, weight_decay=cfg.weight_decay, seed=cfg.seed,
+              dropout=cfg.dropout)
     params = fit_head(feats(s.train_fit), targets(s.train_fit), **hp)
     val_probs = head_probs(params, feats(s.val))
     thresholds = calibrate(val_probs, s.val, cfg.max_fpr)
@@ -262,9 +306,9 @@ def train_lora(cfg: GuardTrainConfig, written: list[Example]) -> dict:
 def main(cfg: GuardTrainConfig) -> int:
     if cfg.design not in ("minilm", "lora"):
         raise GuardDataError(f"design must be minilm or lora, got {cfg.design!r}")
-    if cfg.per_example < 0 or cfg.epochs < 1 or cfg.hidden < 1 or not 0 < cfg.max_fpr < 1:
-        raise GuardDataError("per_example must be >= 0, epochs and hidden >= 1, and max_fpr in (0, 1)")
-    written = load_written(cfg.data or None) + load_templates(cfg.data or None)
+    if cfg.per_example < 0 or cfg.epochs < 1 or cfg.hidden < 1 or not 0 < cfg.max_fpr < 1 or not 0 <= cfg.dropout < 1:
+        raise GuardDataError("per_example must be >= 0, epochs and hidden >= 1, max_fpr in (0, 1) and dropout in [0, 1)")
+    written = load_all(cfg.data or None)
     start = time.perf_counter()
     if cfg.design == "lora":
         figures = train_lora(cfg, written)
