@@ -27,6 +27,19 @@ sys.path.insert(0, str(ROOT.parent))
 sys.path.insert(0, str(ROOT))
 
 
+def char_edits(reference: str, hypothesis: str) -> tuple[int, int]:
+    """(character edit distance, characters in the reference), both normalised as WER is."""
+    from parley.voice.asr import normalize
+
+    ref, hyp = " ".join(normalize(reference)), " ".join(normalize(hypothesis))
+    row = list(range(len(hyp) + 1))
+    for i, r in enumerate(ref, 1):
+        prev, row[0] = row[0], i
+        for j, h in enumerate(hyp, 1):
+            prev, row[j] = row[j], min(row[j] + 1, row[j - 1] + 1, prev + (r != h))
+    return row[-1], len(ref)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--run", default="runs/asr-tiny", help="the run folder of `parley train asr`")
@@ -38,6 +51,7 @@ def main() -> int:
     if not (run / "model" / "config.json").is_file():
         print(f"no trained model in {run}/model: run `parley train asr recipes/asr-tiny.toml` first", file=sys.stderr)
         return 2
+    import numpy as np
     import torch
 
     from voice import VOICES, asr_table, heldout_sentences
@@ -49,9 +63,16 @@ def main() -> int:
     recognisers = {f"wav2vec 2.0 trained here ({run.name})": load_asr(str(run / "model"))}
     if not args.no_whisper:
         recognisers["whisper tiny.en int8, greedy (default)"] = load_asr("default")
-    rows, _ = asr_table(sentences, voices, recognisers)
+    rows, spoken = asr_table(sentences, voices, recognisers)
     print(f"{len(sentences)} held-out sentences per voice; the run's own figures: {run / 'result.json'}")
     print("\n".join(rows))
+    ours = next(iter(recognisers.values()))  # words are all or nothing: the character error rate shows more
+    cer = {v: np.sum([char_edits(t, ours.transcribe(c).text) for t, c in zip(sentences, spoken[v])], axis=0)
+           for v in voices}
+    print("\n| character error rate | " + " | ".join(voices) + " |\n" + "|---" * (len(voices) + 1) + "|\n"
+          f"| {next(iter(recognisers))} | " + " | ".join(f"{e / n:.3f}" for e, n in cer.values()) + " |")
+    for text, clip in list(zip(sentences, spoken[voices[0]]))[:3]:
+        print(f"  {voices[0]}: {text!r} -> {ours.transcribe(clip).text!r}")
     if (run / "result.json").is_file():
         result = json.loads((run / "result.json").read_text())
         print(json.dumps({k: v for k, v in result.items() if k.startswith(("wer", "val_loss", "params",
