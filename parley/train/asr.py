@@ -2,7 +2,7 @@
 random weights with CTC over characters, on speech synthesized from the dialog corpora by many
 espeak-ng voices (parley/voice/speech_data.py), then scored on voices it never heard.
 
-    parley train asr recipes/asr-tiny.toml                           # ~40 min on two CPU cores
+    parley train asr recipes/asr-tiny.toml                           # ~10 min synthesis + ~40 min training, one CPU thread
     parley train asr recipes/asr-tiny.toml train.steps=20 speech.clips=200 run=runs/asr-quick
     parley transcribe clip.wav --model runs/asr-tiny/model           # the result: an HF folder
 
