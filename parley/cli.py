@@ -14,7 +14,7 @@ as `key=value`, `--key=value`, `--key value` or (a bool) a bare `--key`; dashes 
     parley serve [--port P] [key=value ...]      # the OpenAI-compatible API: the assistant's keys + the server's
     parley users add NAME | key NAME | list      # users of the server and their API keys
     parley data prepare OUT [--tokenizer DIR]    # training corpus + dialogs from offline packages
-    parley train tokenizer|pretrain|sft|constitutional|dpo|reward|rl [RECIPE.toml] [key=value ...]
+    parley train tokenizer|pretrain|sft|constitutional|dpo|reward|rl|asr [RECIPE.toml] [key=value ...]
     parley train intents [--data FILE] [--out FILE]   # the intent classifier, from parley/data/intents.yml
     parley train guard [--data DIR] [--out FILE]       # the safety/injection guard, from parley/data/guard/
     parley train reranker [--db PATH] [--user NAME]    # the knowledge reranker, on questions generated for chunks
@@ -67,7 +67,8 @@ COMMANDS: dict[str, dict[str | None, tuple[str, str]]] = {
               "guard": ("train the safety and injection guard", "parley.train.guard:GuardTrainConfig"),
               "reranker": ("train the knowledge reranker's head", "parley.train.rerank:RerankTrainConfig"),
               "reward": ("train a reward model on preference pairs", "parley.train.reward:RewardConfig"),
-              "rl": ("GRPO against a reward model and the rails, KL to the base", "parley.train.rl:RLConfig")},
+              "rl": ("GRPO against a reward model and the rails, KL to the base", "parley.train.rl:RLConfig"),
+              "asr": ("train a wav2vec 2.0 recogniser from scratch on synthesized speech", "parley.train.asr:ASRConfig")},
     "speak": {None: ("speak text into a WAV file (piper, or espeak-ng)", "parley.voice.main:SpeakConfig")},
     "transcribe": {None: ("print the text spoken in a WAV file (whisper, or wav2vec 2.0)",
                           "parley.voice.main:TranscribeConfig")},

@@ -98,3 +98,13 @@ def grpo_loss(logps: torch.Tensor, ref_logps: torch.Tensor, advantages: torch.Te
     per_token = -(torch.exp(logps - logps.detach()) * advantages[:, None]) + kl_coef * kl
     tokens = mask.sum(1).clamp(min=1)
     return ((per_token * mask).sum(1) / tokens).mean(), kl.sum(1).detach()
+
+
+def ctc_loss(logits: torch.Tensor, targets: torch.Tensor, frames: torch.Tensor, target_lengths: torch.Tensor,
+             blank: int = 0) -> torch.Tensor:
+    """Connectionist temporal classification (speech recognition): logits (batch, frames, vocab),
+    the targets of all rows concatenated, each row's valid frames and target length. Per character
+    and averaged over rows, as HF's ctc_loss_reduction="mean"; an alignment that cannot exist (a
+    target longer than its frames) counts 0 instead of infinity. Softmax in fp32."""
+    log_probs = logits.float().log_softmax(-1).transpose(0, 1)  # (frames, batch, vocab), as torch wants
+    return F.ctc_loss(log_probs, targets, frames, target_lengths, blank=blank, reduction="mean", zero_infinity=True)
