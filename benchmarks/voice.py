@@ -18,9 +18,10 @@ Voice turn: a spoken question (piper) -> endpointing -> Whisper -> the assistant
 pipeline on SmolLM2 (greedy) -> the first sentence, or first clause of 4+ words, -> piper. The endpointer waits for
 500 ms of quiet (EnergyVAD.min_silence_ms) before it knows speech has ended: that wait is part
 of the latency and is counted; the rest is measured. Side by side, the end-of-turn rule of the
-live voice route (parley.voice.vad.EndOfTurn): Whisper runs after 200 ms of quiet, and a
-transcript that reads as finished ends the turn then (200 ms + ASR); otherwise the turn ends
-after 600 ms of quiet, with the transcript made meanwhile (max(600, 200 + ASR)); its Whisper
+live voice route (parley.voice.vad.EndOfTurn): Whisper runs from 100 ms of quiet, and a
+transcript that reads as finished ends the turn at 200 ms of quiet or when it is ready
+(max(200, 100 + ASR)); otherwise the turn ends after 600 ms of quiet, with the transcript made
+meanwhile (max(600, 200 + ASR): a second one at 200 ms); its Whisper
 reads a window fitted to the clip instead of 30 s (WhisperASR window=0; its WER is in the table).
 """
 
@@ -165,7 +166,7 @@ def turn_table(questions: list[str], asr, fitted) -> list[str]:
             ms = [(t1 - t0) * 1000, (t2 - t1) * 1000, (t3 - t2) * 1000]
             totals.append(sum(ms) + wait)
             done = rule.finished(quick)
-            heard_end = rule.short_ms + fit_ms if done else max(rule.long_ms, rule.short_ms + fit_ms)
+            heard_end = max(rule.short_ms, rule.guess_ms + fit_ms) if done else max(rule.long_ms, rule.short_ms + fit_ms)
             adaptive.append(heard_end + ms[1] + ms[2])
             rows.append(f"| {question} | {ms[0]:.0f} | {ms[1]:.0f} | {ms[2]:.0f} | {sum(ms):.0f} | "
                         f"{sum(ms) + wait:.0f} | {fit_ms:.0f} | {'yes' if done else 'no'} | {adaptive[-1]:.0f} |")
