@@ -19,7 +19,7 @@ quiet if the transcript reads as finished, else after 600 ms); `turn` {conversat
 {text} as the answer streams; `audio` {text, rate, samples} followed by one binary message with
 that sentence's PCM16 (first sentence, or first clause of 4+ words, as soon as it is written;
 the turn's first `audio` also has `latency`: {endpoint_ms: last speech frame -> turn decided,
-asr_ms: the final transcription's own time, 0 when the early one was reused, first_text_ms:
+asr_ms: the wait for the final transcript, 0 when the early one was reused, first_text_ms:
 turn started -> first spoken text, tts_ms: its synthesis}); `interrupted` {conversation};
 `ignored` {text, reason: "noise" | "echo"} (speech over the answer that was no barge-in: it is
 not answered either); `resumed` {text} (speech went on after a turn began but before any of its
@@ -109,6 +109,7 @@ class LiveSession:
         self.guess: asyncio.Task | None = None  # the transcript made after the first short quiet
         self.guessed: tuple[int, str] | None = None  # (Endpointer.spoken then, its text)
         self.guess_key = (-1, False)  # pause() when the last guess began
+        self.guess_job: tuple[int, asyncio.Future] | None = None  # (Endpointer.spoken, its transcription)
         self.send_lock = asyncio.Lock()
         self.user = self.asr = self.tts = None
         self.conversation: int | None = None
@@ -276,7 +277,9 @@ class LiveSession:
         punctuate the longer pause)."""
         while True:
             self.guess_key = key = self.pause()
-            text = await run_in_threadpool(self.transcribe, self.cut.heard())
+            job = asyncio.ensure_future(run_in_threadpool(self.transcribe, self.cut.heard()))
+            self.guess_job = (key[0], job)  # the turn waits for it, if the utterance ends first (answer)
+            text = await asyncio.shield(job)
             if not self.cut.in_speech or self.cut.spoken != key[0]:
                 return  # the user went on (or the utterance was cut meanwhile): this guess is stale
             self.guessed = (key[0], text)
@@ -347,9 +350,11 @@ class LiveSession:
         """Start the next turn once the previous one (interrupted, or still speaking) has ended;
         the guess's transcript is the turn's when nothing was said after it."""
         known = self.guessed[1] if self.guessed and self.guessed[0] == self.cut.spoken else None
+        if known is None and self.guess_job and self.guess_job[0] == self.cut.spoken:
+            known = self.guess_job[1]  # a transcription of all of it is under way: the turn waits for that one
         if self.guess is not None and not self.guess.done() and self.guess is not asyncio.current_task():
-            self.guess.cancel()  # its answer would be stale: the utterance is cut already
-        self.guess, self.guessed, self.partial_at = None, None, 0
+            self.guess.cancel()  # its decision would be stale: the utterance is cut already
+        self.guess, self.guessed, self.guess_job, self.partial_at = None, None, None, 0
         decided = time.perf_counter()
         over, self.over = self.over, None
         if over is not None:  # spoken over the answer: a turn only if it is a barge-in
@@ -357,13 +362,15 @@ class LiveSession:
             return
         self.start_turn(clip.samples, known, decided)
 
-    def start_turn(self, samples: np.ndarray, known: str | None, decided: float) -> None:
+    def start_turn(self, samples: np.ndarray, known: str | asyncio.Future | None, decided: float) -> None:
         latency = {"endpoint_ms": round((decided - self.last_speech) * 1000)}
         previous = self.task
         self.task = asyncio.create_task(self.turn(samples, previous, known, latency))
 
-    async def answer_over(self, clip, over: Over, known: str | None, decided: float) -> None:
+    async def answer_over(self, clip, over: Over, known: str | asyncio.Future | None, decided: float) -> None:
         """An utterance that began over the answer has ended: answered if it was a barge-in."""
+        if isinstance(known, asyncio.Future):
+            known = await known
         if over.check is not None:
             await asyncio.gather(over.check, return_exceptions=True)
         self.over = over  # vet acts on it (barge_in) only while it is the one in question
@@ -374,11 +381,13 @@ class LiveSession:
         else:
             self.start_turn(clip.samples, text, decided)
 
-    async def turn(self, samples: np.ndarray, previous: asyncio.Task | None, known: str | None,
+    async def turn(self, samples: np.ndarray, previous: asyncio.Task | None, known: str | asyncio.Future | None,
                    latency: dict) -> None:
         if previous is not None:
             await asyncio.gather(previous, return_exceptions=True)
         self.barged, start = False, time.perf_counter()
+        if isinstance(known, asyncio.Future):
+            known = await known
         text = known if known is not None else await run_in_threadpool(self.transcribe, samples)
         latency["asr_ms"] = round((time.perf_counter() - start) * 1000)
         text, self.carry = " ".join(filter(None, (self.carry, text))), ""
