@@ -22,8 +22,8 @@ the turn's first `audio` also has `latency`: {endpoint_ms: last speech frame -> 
 asr_ms: the wait for the final transcript, 0 when the early one was reused, first_text_ms:
 turn started -> first spoken text, tts_ms: its synthesis}); `interrupted` {conversation};
 `ignored` {text, reason: "noise" | "echo"} (speech over the answer that was no barge-in: it is
-not answered either); `resumed` {text} (speech went on after a turn began but before any of its
-answer was shown: the pause was inside the user's sentence, so that turn is taken back unsaved
+not answered either); `resumed` {text} (speech went on, within 1 s of audio, after a turn began but before any
+of its answer was shown: the pause was inside the user's sentence, so that turn is taken back unsaved
 and its text starts the next utterance); `done` {turn_id, conversation, interrupted}; `error` {message, code},
 after which the socket closes (1008 a policy: auth, limits, bad input; 1011 the server's fault).
 
@@ -64,6 +64,7 @@ RATE = 16_000
 MAX_FRAME_BYTES = 32_000  # one second of 16 kHz PCM16
 PARTIAL_EVERY_S = 1.5  # a partial transcript after each 1.5 s of new speech (or 3x the last ASR time), the first
 # after 2 s: a short command ("turn on the lights") then ends without a partial in Whisper's way
+RESUME_S = 1.0  # speech this soon after an utterance whose turn has shown nothing yet goes on with it (retract)
 FIRST_CLAUSE = 4  # words before a comma may end the first spoken piece (as `parley chat --audio-out`)
 
 
@@ -127,11 +128,12 @@ class LiveSession:
         self.barge_rule = BargeIn()
         self.over: Over | None = None  # speech begun over the assistant's answer, not yet known to be a barge-in
         self.deciding: asyncio.Task | None = None  # whether an utterance spoken over the answer gets a turn
-        self.open_turn: tuple[str, int | None] | None = None  # (its text, the conversation before) of a turn
-        # that has shown nothing yet: speech now takes it back (retract)
+        self.open_turn: tuple[str, int | None, float] | None = None  # (its text, the conversation before, when
+        # its speech ended) of a turn that has shown nothing yet: speech soon after takes it back (retract)
         self.retracted = False  # the current turn was taken back: it sends nothing more
         self.said: list[str] = []  # what the assistant has spoken in its latest turn (an echo of it is no barge-in)
         self.last_speech = 0.0  # perf_counter of the last frame heard as speech: where a turn's latency starts
+        self.last_speech_frame = 0  # and its index in the stream (Endpointer.frames_seen)
 
     async def send(self, kind: str, **fields) -> None:
         async with self.send_lock:
@@ -227,12 +229,12 @@ class LiveSession:
         was_speaking, spoken = self.cut.in_speech, self.cut.spoken
         ended = self.cut.push(np.frombuffer(data, "<i2").astype(np.float32) / 32768)
         if self.cut.spoken > spoken:
-            self.last_speech = time.perf_counter()
+            self.last_speech, self.last_speech_frame = time.perf_counter(), self.cut.frames_seen
         if self.cut.in_speech and not was_speaking or (ended and not was_speaking):
             await self.send("speech_started")
             if not self.overlong:  # speech going on past a cut for length is the same speaker, not a barge-in
                 if self.answering():
-                    self.over = Over(self.cut.spoken - self.cut.speech_frames)
+                    self.over = Over(self.cut.spoken - self.cut.speech_frames, self.last_speech_frame)
                 else:
                     await self.barge_in()
         if self.over is not None and self.over.check is None and self.cut.in_speech and (
@@ -309,7 +311,7 @@ class LiveSession:
         """The user went on speaking (words, by BargeIn) after a turn began but before any of its
         answer was shown: the pause was inside their sentence. The turn is stopped unsaved, and what it heard starts the
         next utterance (a `resumed` message says so)."""
-        text, conversation = self.open_turn
+        text, conversation, _ = self.open_turn
         self.open_turn, self.retracted, self.barged = None, True, True
         if self.running is not None:
             self.running.stop()
@@ -328,7 +330,9 @@ class LiveSession:
         over.verdict = self.barge_rule.verdict(text, " ".join(self.said), heard.segments)
         if not over.verdict and self.over is over:
             self.over = None
-            await (self.retract() if self.open_turn is not None else self.barge_in())
+            resumed = self.open_turn is not None and \
+                (over.at - self.open_turn[2]) * self.cut.vad.frame_ms < RESUME_S * 1000  # stream time, not wall
+            await (self.retract() if resumed else self.barge_in())
         return text
 
     async def barge_in(self) -> None:
@@ -363,7 +367,7 @@ class LiveSession:
         self.start_turn(clip.samples, known, decided)
 
     def start_turn(self, samples: np.ndarray, known: str | asyncio.Future | None, decided: float) -> None:
-        latency = {"endpoint_ms": round((decided - self.last_speech) * 1000)}
+        latency = {"endpoint_ms": round((decided - self.last_speech) * 1000), "spoke": self.last_speech_frame}
         previous = self.task
         self.task = asyncio.create_task(self.turn(samples, previous, known, latency))
 
@@ -401,7 +405,7 @@ class LiveSession:
             return
         try:
             latency["turn_started"] = time.perf_counter()
-            self.said, self.retracted, self.open_turn = [], False, (text, self.conversation)
+            self.said, self.retracted, self.open_turn = [], False, (text, self.conversation, latency["spoke"])
             self.running = running = self.server.turns.start(self.user, self.conversation, text, overrides={})
         except QueueFull as e:
             await self.send("error", message=str(e), code="busy")
@@ -474,7 +478,7 @@ class LiveSession:
             pcm = (clip.samples.clip(-1, 1) * 32767).round().astype("<i2").tobytes()
             heading = {"type": "audio", "text": sentence, "rate": clip.rate, "samples": len(clip.samples)}
             if first and "turn_started" in latency:
-                heading["latency"] = {**{k: v for k, v in latency.items() if k != "turn_started"},
+                heading["latency"] = {**{k: v for k, v in latency.items() if k not in ("turn_started", "spoke")},
                                       "first_text_ms": round((started - latency["turn_started"]) * 1000),
                                       "tts_ms": round((made_at - started) * 1000)}
             first = False
@@ -500,6 +504,7 @@ class Over:
     """Speech that began while the assistant was answering: a barge-in once `verdict` is ''."""
 
     spoken: int  # Endpointer.spoken where it began
+    at: int  # the stream's frame where it began
     check: asyncio.Task | None = None  # the transcription that decides, once min_ms of it is heard
     verdict: str | None = None  # None: not decided; '': a barge-in; else why not (BargeIn.verdict)
 
