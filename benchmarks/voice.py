@@ -174,7 +174,8 @@ def turn_table(questions: list[str], asr, fitted) -> list[str]:
             ms = [(t1 - t0) * 1000, (t2 - t1) * 1000, (t3 - t2) * 1000]
             totals.append(sum(ms) + wait)
             done = rule.finished(quick)
-            heard_end = max(rule.short_ms, rule.guess_ms + fit_ms) if done else max(rule.long_ms, rule.short_ms + fit_ms)
+            heard_end = (max(rule.short_ms, rule.guess_ms + fit_ms) if done
+                         else max(rule.long_ms, rule.short_ms + fit_ms))
             adaptive.append(heard_end + ms[1] + ms[2])
             text_ms = (first_text[0] - t1) * 1000 if first_text else float("nan")
             rows.append(f"| {question} | {ms[0]:.0f} | {text_ms:.0f} | {ms[1]:.0f} | {ms[2]:.0f} | {sum(ms):.0f} | "
@@ -189,7 +190,8 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--short", action="store_true", help="8 sentences, 3 voices, 2 turns")
     parser.add_argument("--wav2vec2", default="", help="a Wav2Vec2ForCTC folder to score as well")
-    parser.add_argument("--turns-only", action="store_true", help="only the voice-turn latency table (no WER, RTF, VAD)")
+    parser.add_argument("--turns-only", action="store_true",
+                        help="only the voice-turn latency table (no WER, RTF, VAD)")
     parser.add_argument("--write", action="store_true", help="append the tables to benchmarks/RESULTS.md")
     parser.add_argument("--note", default="", help="a remark for the written section (e.g. the machine was loaded)")
     args = parser.parse_args()

@@ -14,7 +14,8 @@ from parley.store import Store
 from parley.voice.audio import Clip, resample
 from parley.voice.vad import BargeIn
 from serving import GatedEngine
-from test_voice_live import CHUNK, connect, make_site, send_audio, speech, until, ws_url  # noqa: F401 (speech: a fixture)
+from test_voice_live import (CHUNK, connect, make_site, send_audio, speech,  # noqa: F401 (speech: a fixture)
+                             until, ws_url)
 
 pytest.importorskip("faster_whisper")
 pytest.importorskip("piper")

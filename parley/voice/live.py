@@ -74,6 +74,8 @@ class Player:
         while (item := self.pieces.get()) is not None:
             pcm, rate = item
             if self.stream is None or self.stream.samplerate != rate:
+                if self.stream is not None:
+                    self.stream.close()
                 self.stream = self.sd.OutputStream(samplerate=rate, channels=1, dtype="int16")
             if not self.stream.active:
                 self.stream.start()
