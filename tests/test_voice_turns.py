@@ -106,7 +106,7 @@ def test_a_pause_inside_a_sentence_does_not_split_the_turn(tiny768_registry, tmp
 
 def test_a_noise_over_the_answer_stops_nothing_and_words_do(tiny768_registry, tmp_path, speech):  # noqa: F811
     model = tiny768_registry.load("tiny768")[0]
-    engine = GatedEngine(model, after=8)  # the answer holds after eight tokens, mid-turn
+    engine = GatedEngine(model, after=2)  # the answer holds after two tokens, mid-turn
     site, key, _ = make_site(tiny768_registry, tmp_path, engine=engine, max_tokens=200)
     try:
         with site as url, connect(ws_url(url)) as ws:
@@ -114,7 +114,9 @@ def test_a_noise_over_the_answer_stops_nothing_and_words_do(tiny768_registry, tm
             seen = []
             until(ws, "ready", seen)
             send_audio(ws, speech("Turn on the kitchen lights."))
-            until(ws, "text", seen)  # some of the answer is shown: speech now is a barge-in, not a pause
+            until(ws, "turn", seen)
+            while not (engine.requests and len(engine.requests[0].tokens) >= 2):  # held at the gate
+                time.sleep(0.01)
             send_audio(ws, pcm16(noise(0.4)) + b"\0" * 32_000)  # then quiet, so the utterance ends
             ignored = until(ws, "ignored", seen)
             assert ignored.get("reason") == "noise" and "interrupted" not in [m["type"] for m in seen], seen
