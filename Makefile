@@ -76,3 +76,6 @@ voice: setup
 	@if command -v espeak-ng >/dev/null; then echo "espeak-ng installed"; \
 	elif [ "$$(id -u)" = 0 ]; then apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y espeak-ng; \
 	else echo "not root: skipping apt; run: sudo apt-get install espeak-ng"; fi
+	@if ldconfig -p | grep -q libportaudio.so.2; then echo "PortAudio installed"; \
+	elif [ "$$(id -u)" = 0 ]; then DEBIAN_FRONTEND=noninteractive apt-get install -y libportaudio2; \
+	else echo "not root: skipping apt; run: sudo apt-get install libportaudio2 (parley chat --live)"; fi

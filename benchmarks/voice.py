@@ -6,6 +6,7 @@ the voice turn's latency from the end of speech to the first audio of the answer
     python benchmarks/voice.py --short         # 8 sentences, 3 voices, 2 turns (a minute or two)
     python benchmarks/voice.py --wav2vec2 DIR  # also a Wav2Vec2ForCTC folder as a recogniser
     python benchmarks/voice.py --write         # append the tables to benchmarks/RESULTS.md
+    python benchmarks/voice.py --short --turns-only   # only the voice turns (2), the quickest look
 
 Speech: the held-out intent utterances (benchmarks/data/intents_heldout.yml, out_of_scope and
 URLs left out, 4+ words), spoken by piper's joe voice and by espeak-ng voices; no recogniser
@@ -18,9 +19,10 @@ Voice turn: a spoken question (piper) -> endpointing -> Whisper -> the assistant
 pipeline on SmolLM2 (greedy) -> the first sentence, or first clause of 4+ words, -> piper. The endpointer waits for
 500 ms of quiet (EnergyVAD.min_silence_ms) before it knows speech has ended: that wait is part
 of the latency and is counted; the rest is measured. Side by side, the end-of-turn rule of the
-live voice route (parley.voice.vad.EndOfTurn): Whisper runs after 200 ms of quiet, and a
-transcript that reads as finished ends the turn then (200 ms + ASR); otherwise the turn ends
-after 600 ms of quiet, with the transcript made meanwhile (max(600, 200 + ASR)); its Whisper
+live voice route (parley.voice.vad.EndOfTurn): Whisper runs from 100 ms of quiet, and a
+transcript that reads as finished ends the turn at 200 ms of quiet or when it is ready
+(max(200, 100 + ASR)); otherwise the turn ends after 600 ms of quiet, with the transcript made
+meanwhile (max(600, 200 + ASR): a second one at 200 ms); its Whisper
 reads a window fitted to the clip instead of 30 s (WhisperASR window=0; its WER is in the table).
 """
 
@@ -137,9 +139,9 @@ def turn_table(questions: list[str], asr, fitted) -> list[str]:
     from parley.voice.vad import EndOfTurn, EnergyVAD
 
     tts, wait, rule = load_tts("default"), EnergyVAD().min_silence_ms, EndOfTurn()
-    rows = ["| question | ASR ms | to first sentence/clause ms | TTS ms | measured ms | + endpoint wait = total ms "
-            "| fitted-window ASR ms | heard as finished | end-of-turn rule total ms |",
-            "|---|---|---|---|---|---|---|---|---|"]
+    rows = ["| question | ASR ms | to first text ms | to first sentence/clause ms | TTS ms | measured ms "
+            "| + endpoint wait = total ms | fitted-window ASR ms | heard as finished | end-of-turn rule total ms |",
+            "|---|---|---|---|---|---|---|---|---|---|"]
     totals, adaptive = [], []
     with tempfile.TemporaryDirectory() as tmp:
         session = Session(Assistant.build(AssistantConfig(db=f"{tmp}/parley.db", temperature=0, max_tokens=96)))
@@ -150,8 +152,15 @@ def turn_table(questions: list[str], asr, fitted) -> list[str]:
             t0 = time.perf_counter()
             heard = asr.transcribe(clip).text
             t1 = time.perf_counter()
-            shown = ShownText()
-            said = sentences((shown(f) for f in session.say(heard or question)), first_clause=FIRST_CLAUSE)
+            shown, first_text = ShownText(), []
+
+            def pieces():
+                for frame in session.say(heard or question):
+                    if (piece := shown(frame)) and not first_text:
+                        first_text.append(time.perf_counter())
+                    yield piece
+
+            said = sentences(pieces(), first_clause=FIRST_CLAUSE)
             first = next(said, "")
             t2 = time.perf_counter()
             if first:
@@ -165,9 +174,11 @@ def turn_table(questions: list[str], asr, fitted) -> list[str]:
             ms = [(t1 - t0) * 1000, (t2 - t1) * 1000, (t3 - t2) * 1000]
             totals.append(sum(ms) + wait)
             done = rule.finished(quick)
-            heard_end = rule.short_ms + fit_ms if done else max(rule.long_ms, rule.short_ms + fit_ms)
+            heard_end = (max(rule.short_ms, rule.guess_ms + fit_ms) if done
+                         else max(rule.long_ms, rule.short_ms + fit_ms))
             adaptive.append(heard_end + ms[1] + ms[2])
-            rows.append(f"| {question} | {ms[0]:.0f} | {ms[1]:.0f} | {ms[2]:.0f} | {sum(ms):.0f} | "
+            text_ms = (first_text[0] - t1) * 1000 if first_text else float("nan")
+            rows.append(f"| {question} | {ms[0]:.0f} | {text_ms:.0f} | {ms[1]:.0f} | {ms[2]:.0f} | {sum(ms):.0f} | "
                         f"{sum(ms) + wait:.0f} | {fit_ms:.0f} | {'yes' if done else 'no'} | {adaptive[-1]:.0f} |")
         session.close()
     rows.append(f"\nmedian end of speech -> first audio: {np.median(totals):.0f} ms with the fixed 500 ms wait, "
@@ -179,6 +190,8 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--short", action="store_true", help="8 sentences, 3 voices, 2 turns")
     parser.add_argument("--wav2vec2", default="", help="a Wav2Vec2ForCTC folder to score as well")
+    parser.add_argument("--turns-only", action="store_true",
+                        help="only the voice-turn latency table (no WER, RTF, VAD)")
     parser.add_argument("--write", action="store_true", help="append the tables to benchmarks/RESULTS.md")
     parser.add_argument("--note", default="", help="a remark for the written section (e.g. the machine was loaded)")
     args = parser.parse_args()
@@ -194,22 +207,26 @@ def main() -> int:
     if args.wav2vec2:
         recognisers[f"wav2vec 2.0 ({Path(args.wav2vec2).name})"] = load_asr(args.wav2vec2)
     started = time.perf_counter()
-    asr_rows, spoken = asr_table(sentences, voices, recognisers)
-    print("\n".join(asr_rows), flush=True)
-    vad_rows = vad_table(spoken["joe"])
-    print("\n" + "\n".join(vad_rows), flush=True)
+    asr_rows, vad_rows = [], []
+    if not args.turns_only:
+        asr_rows, spoken = asr_table(sentences, voices, recognisers)
+        print("\n".join(asr_rows), flush=True)
+        vad_rows = vad_table(spoken["joe"])
+        print("\n" + "\n".join(vad_rows), flush=True)
     turn_rows = turn_table(heldout_sentences(n + turns)[n:], recognisers["whisper tiny.en int8, greedy (default)"],
                            recognisers["whisper tiny.en int8, greedy, window fitted to the clip (live route)"])
     print("\n" + "\n".join(turn_rows), flush=True)
     print(f"total {time.perf_counter() - started:.0f} s")
     if args.write:
         command = "python benchmarks/voice.py" + (" --short" if args.short else "") + \
+            (" --turns-only" if args.turns_only else "") + \
             (f" --wav2vec2 {args.wav2vec2}" if args.wav2vec2 else "")
         section = (f"\n## Voice: recognition, synthesis, VAD, voice-turn latency ({dt.date.today()})\n\n"
                    f"Commit {commit()}, {cpu_name(flags=True)}, {torch.get_num_threads()} threads. "
                    f"Command: `{command} --write`. {len(sentences)} held-out sentences per voice. "
-                   f"{args.note}\n\n" + "\n".join(asr_rows) + "\n\nVAD (frame-level, 20 ms):\n\n" +
-                   "\n".join(vad_rows) + "\n\nVoice turn (SmolLM2, default pipeline):\n\n" +
+                   f"{args.note}\n\n" + ("\n".join(asr_rows) + "\n\nVAD (frame-level, 20 ms):\n\n" +
+                                          "\n".join(vad_rows) + "\n\n" if asr_rows else "") +
+                   "Voice turn (SmolLM2, default pipeline):\n\n" +
                    "\n".join(turn_rows) + "\n")
         append_section(section)
     return 0

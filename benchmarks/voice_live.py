@@ -10,6 +10,10 @@ come), then quiet, and notes when the final transcript and the first audio of th
 Latency = arrival of the first answer audio - the moment the last frame holding speech was sent
 (the end of speech as a microphone would deliver it). Everything the route does is in it: the
 end-of-turn rule (parley.voice.vad.EndOfTurn), Whisper, the turn, the first clause's synthesis.
+The last column is the server's own split of it, from the first audio message's `latency`
+(parley/serve/routes_voice.py): last speech frame -> turn decided (the end-of-turn wait, with
+the early transcription inside it), the final transcription (0: the early one was reused), turn
+started -> first spoken text (pipeline stages and the model), the first piece's synthesis.
 The questions are benchmarks/voice.py's turn questions (the held-out intent utterances).
 """
 
@@ -39,8 +43,9 @@ def serve(app):
     sock.bind(("127.0.0.1", 0))
     sock.listen(8)
     server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
-    threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True).start()
-    return server, f"ws://127.0.0.1:{sock.getsockname()[1]}/api/voice"
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    return server, thread, f"ws://127.0.0.1:{sock.getsockname()[1]}/api/voice"
 
 
 def one_turn(url: str, key: str, pcm: bytes) -> dict:
@@ -77,12 +82,12 @@ def one_turn(url: str, key: str, pcm: bytes) -> dict:
             if m["type"] == "transcript" and m["final"]:
                 marks["heard"], marks["text"] = time.perf_counter(), m["text"]
             elif m["type"] == "audio":
-                marks["audio"] = time.perf_counter()
+                marks["audio"], marks["latency"] = time.perf_counter(), m.get("latency", {})
             elif m["type"] in ("done", "error"):
                 raise RuntimeError(f"the turn ended without audio: {m}")
         sender.join()
     return {"text": marks["text"], "heard_ms": (marks["heard"] - marks["end"]) * 1000,
-            "audio_ms": (marks["audio"] - marks["end"]) * 1000}
+            "audio_ms": (marks["audio"] - marks["end"]) * 1000, "stages": marks["latency"]}
 
 
 def main() -> int:
@@ -110,23 +115,26 @@ def main() -> int:
 
     n, turns = 8, 2 if args.short else 5
     questions = heldout_sentences(n + turns)[n:]
-    rows = ["| question | heard as | end of speech -> final transcript ms | -> first answer audio ms |",
-            "|---|---|---|---|"]
+    rows = ["| question | heard as | end of speech -> final transcript ms | -> first answer audio ms "
+            "| server: endpoint / ASR / first text / TTS ms |", "|---|---|---|---|---|"]
     latencies = []
     with tempfile.TemporaryDirectory() as tmp:
         db = f"{tmp}/parley.db"
         with Store(db) as store:
             key = store.create_api_key(store.add_user("bench").id)
-        server, url = serve(create_app(Settings(db=db, temperature=0, max_tokens=96, requests_per_minute=0)))
+        server, thread, url = serve(create_app(Settings(db=db, temperature=0, max_tokens=96, requests_per_minute=0)))
         try:
             one_turn(url, key, pcm("Hello there."))  # warm up every stage
             for question in questions:
                 r = one_turn(url, key, pcm(question))
                 latencies.append(r["audio_ms"])
-                rows.append(f"| {question} | {r['text']} | {r['heard_ms']:.0f} | {r['audio_ms']:.0f} |")
+                s = r["stages"]
+                stages = " / ".join(str(s.get(k, "-")) for k in ("endpoint_ms", "asr_ms", "first_text_ms", "tts_ms"))
+                rows.append(f"| {question} | {r['text']} | {r['heard_ms']:.0f} | {r['audio_ms']:.0f} | {stages} |")
                 print(rows[-1], flush=True)
-        finally:
+        finally:  # the app's shutdown frees the speech models, whose threads must end before the interpreter
             server.should_exit = True
+            thread.join(timeout=60)
     rows.append(f"\nmedian end of speech -> first audio through /api/voice: {np.median(latencies):.0f} ms "
                 "(goal < 700 ms)")
     print("\n".join(rows))

@@ -139,7 +139,9 @@ class ChatConfig(AssistantConfig):
                               "instead of running one here ('' = run it here)")
     audio_in: str = setting("", "a WAV file: transcribe it and take it as the one message (a spoken turn)")
     audio_out: str = setting("", "with audio_in: write the spoken answer to this WAV file")
-    voice: str = setting("default", "the voice of audio_out (see `parley speak --help`)")
+    voice: str = setting("default", "the voice of audio_out and live (see `parley speak --help`)")
+    live: bool = setting(False, "talk through the default microphone and speaker, as the web UI's Talk button "
+                                "(needs an audio device and `pip install sounddevice`)")
 
 
 def settings_class(command: str, action: str | None):
@@ -251,6 +253,8 @@ def cmd_chat(args) -> int:
         raise ValueError("audio_out= is where a spoken turn's answer goes: give audio_in=QUESTION.wav too")
     if cfg.audio_in and not os.path.isfile(cfg.audio_in):  # before the slow loads
         raise FileNotFoundError(f"no audio file {cfg.audio_in}")
+    if cfg.live:
+        return _live_chat(cfg)
     if cfg.server:  # the server's own settings apply
         from parley.serve.client import RemoteAssistant
 
@@ -276,6 +280,17 @@ def cmd_chat(args) -> int:
         return _voice_chat(session, cfg) if cfg.audio_in else chat.run(session)
     finally:
         session.close()
+
+
+def _live_chat(cfg: ChatConfig) -> int:
+    from parley.voice import live
+
+    if cfg.audio_in:
+        raise ValueError("live= talks through the microphone; audio_in= is one spoken turn from a file: give one")
+    if not cfg.server:
+        return live.talk_locally(cfg)
+    url = cfg.server.rstrip("/").replace("https://", "wss://").replace("http://", "ws://") + "/api/voice"
+    return live.talk(url, cfg.api_key, cfg.voice)
 
 
 def _voice_chat(session, cfg: ChatConfig) -> int:

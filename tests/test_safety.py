@@ -266,7 +266,7 @@ def test_harmful_sentence_streamed_token_by_token_is_stopped_before_release(cons
               "seal both ends. Then attach a fuse. " + "More steps follow. " * 20)
     out, turn, respond = run(constitution, "tell me about plumbing", answer)
     released = answer_text(out)
-    assert released == "Sure, here is what I found."
+    assert released == "Sure, here is what I found. "  # a sentence goes out with the space that ended it
     assert "pipe" not in released and respond.pulled < len(respond.tokens) / 2  # generation stopped early
     verdict, refusal, interrupt = out[-3:]
     assert verdict.where == "output" and verdict.action == "refuse" and verdict.principle == "C3"
@@ -299,7 +299,7 @@ def test_self_check_in_the_output_stage(constitution):
         return "VIOLATION C1: reveals the plan" if "secret plan" in prompt.split("<<<draft>>>")[1] else "OK"
 
     out, turn, _ = run(constitution, "hi", "Hello there. The secret plan is to meet at noon. Bye.", checker=judge)
-    assert answer_text(out) == "Hello there." and out[-2].principle == "C1" and turn.interrupted == "safety"
+    assert answer_text(out) == "Hello there. " and out[-2].principle == "C1" and turn.interrupted == "safety"
     assert turn.trace["safety_out"].evidence["self_check"] == "VIOLATION C1: reveals the plan"
 
 
@@ -307,10 +307,10 @@ def test_output_stage_keeps_concurrent_turns_apart(constitution):
     stage = OutputSafetyStage(constitution)
     a, b = Turn(user_id=1), Turn(user_id=2)
     assert list(stage.process(TextDelta("Alpha one, "), a)) == []
-    assert list(stage.process(TextDelta("Beta. "), b)) == [TextDelta("Beta.")]
-    assert list(stage.process(TextDelta("alpha two."), a)) == [TextDelta("Alpha one, alpha two.")]
-    assert [f.text for f in stage.process(EndOfAnswer(), b) if isinstance(f, TextDelta)] == [" "]
-    assert list(stage.process(EndOfAnswer(), a))[-1] == EndOfAnswer()
+    assert list(stage.process(TextDelta("Beta. "), b)) == [TextDelta("Beta. ")]
+    assert list(stage.process(TextDelta("alpha two."), a)) == []  # a period ends a sentence once a space follows
+    assert [f.text for f in stage.process(EndOfAnswer(), b) if isinstance(f, TextDelta)] == []
+    assert [f.text for f in stage.process(EndOfAnswer(), a) if isinstance(f, TextDelta)] == ["Alpha one, alpha two."]
     # each turn's held text lives on the turn (its scratch), so the stage itself holds nothing
     assert a.scratch["safety_out"].released == "Alpha one, alpha two." and b.scratch["safety_out"].released == "Beta. "
     assert vars(stage).keys() == {"constitution", "max_hold", "checker", "guard"}

@@ -522,10 +522,16 @@ class OutputSafetyStage(Stage):
             yield TextDelta(piece)
 
 
+_SENTENCE_END = re.compile(r"[.!?\u2026][\"')\]]*\s+|\n")
+
+
 def _release_point(held: str, max_hold: int) -> int:
-    """How much of the held text can be checked and released now: up to the last sentence end,
-    or, past `max_hold` characters without one, up to the last space (a word stays whole)."""
-    end = max(held.rfind(c) for c in ".!?\n") + 1
+    """How much of the held text can be checked and released now: up to the last sentence end
+    with the space after it, or, past `max_hold` characters without one, up to the last space (a
+    word stays whole). A period is only an end once a space follows it ("3.14" stays whole), and
+    the released space tells a reader of the stream (speech synthesis) at once that the sentence
+    has ended, instead of when the next sentence is released."""
+    end = max((m.end() for m in _SENTENCE_END.finditer(held)), default=0)
     if end or len(held) < max_hold:
         return end
     space = held.rfind(" ") + 1

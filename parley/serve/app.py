@@ -53,11 +53,13 @@ def create_app(settings: Settings, engine=None, tokenizer=None, embedder=None) -
         # each user's turns are served with their own adapter, where they have one
         engine = Engine.from_config(model, settings.engine, adapters=serving(settings.model, registry))
     server = Server(settings, engine.start(), settings.model, tokenizer, embedder, swappable=owned)
+    voices = Voices()  # the speech models, loaded on first use: the audio routes and the live voice route share them
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         yield
         server.close()
+        voices.close()
         if owned:
             server.engine.close()  # the current version's (a switch retires the ones before)
 
@@ -67,7 +69,6 @@ def create_app(settings: Settings, engine=None, tokenizer=None, embedder=None) -
     app.include_router(openai_routes(server))
     app.include_router(parley_routes(server))
     app.include_router(ui_routes(server))
-    voices = Voices()  # the speech models, loaded on first use: the audio routes and the live voice route share them
     app.include_router(audio_routes(server, voices))
     app.include_router(voice_routes(server, voices))
     app.include_router(learn_routes(server))

@@ -71,6 +71,14 @@ class Voices:
                 self._models[key], self._busy[key] = self.make(make), threading.Lock()
             return self._models[key], self._busy[key]
 
+    def close(self) -> None:
+        """Let go of the models once no route uses them: CTranslate2 (Whisper) joins its threads
+        as its model is freed, which must happen before the interpreter exits; freed at exit
+        instead, its threads abort the process ("terminate called without an active exception")."""
+        with self._lock:
+            self._models.clear()
+            self._busy.clear()
+
     @staticmethod
     def make(make):
         """`make()`, its failures as API errors."""

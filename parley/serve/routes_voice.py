@@ -14,15 +14,24 @@ each; any size below that), and `{"type": "stop"}` to end.
 Server to client, JSON: `ready` {rate, voice, audio_rate}; `speech_started` (the endpointer
 heard an utterance begin); `transcript` {text, final: false} at 2 s of an utterance and every
 1.5 s or so after, and {text, final: true} when it ends (the end-of-turn rule,
-parley.voice.vad.EndOfTurn: after 200 ms of quiet if the transcript reads as finished, else
-after 600 ms); `turn` {conversation}; `text` {text} as the answer streams;
-`audio` {text, rate, samples} followed by one binary message with that sentence's PCM16 (first
-sentence, or first clause of 4+ words, as soon as it is written); `interrupted` {conversation};
-`done` {turn_id, conversation, interrupted}; `error` {message, code}, after which the socket
-closes (1008 a policy: auth, limits, bad input; 1011 the server's fault).
+parley.voice.vad.EndOfTurn: Whisper starts at 100 ms of quiet; the turn ends after 200 ms of
+quiet if the transcript reads as finished, else after 600 ms); `turn` {conversation}; `text`
+{text} as the answer streams; `audio` {text, rate, samples} followed by one binary message with
+that sentence's PCM16 (first sentence, or first clause of 4+ words, as soon as it is written;
+the turn's first `audio` also has `latency`: {endpoint_ms: last speech frame -> turn decided,
+asr_ms: the wait for the final transcript, 0 when the early one was reused, first_text_ms:
+turn started -> first spoken text, tts_ms: its synthesis}); `interrupted` {conversation};
+`ignored` {text, reason: "noise" | "echo"} (speech over the answer that was no barge-in: it is
+not answered either); `resumed` {text} (speech went on, within 1 s of audio, after a turn began but before any
+of its answer was shown: the pause was inside the user's sentence, so that turn is taken back unsaved
+and its text starts the next utterance); `done` {turn_id, conversation, interrupted}; `error` {message, code},
+after which the socket closes (1008 a policy: auth, limits, bad input; 1011 the server's fault).
 
 Barge-in: speech that starts while the assistant has a turn going (generating, or audio it sent
-that the client is still playing by the server's clock) stops it: the turn is interrupted
+that the client is still playing by the server's clock) stops it once parley.voice.vad.BargeIn
+says it is the user (300 ms of speech whose transcript has words, and not mostly the words the
+assistant just spoke: a noise or the assistant's own voice from the speaker stops nothing and
+is not answered); the turn is interrupted
 through the engine's cancellation (RunningTurn.interrupt: saved marked interrupted, with a
 "barge-in" feedback), no more of its audio is sent, and the new utterance starts the next turn
 (speech over a turn still being transcribed joins that utterance to the next instead).
@@ -40,6 +49,7 @@ import queue
 import re
 import threading
 import time
+from dataclasses import dataclass
 
 import numpy as np
 from fastapi import APIRouter, WebSocket, WebSocketDisconnect
@@ -54,6 +64,7 @@ RATE = 16_000
 MAX_FRAME_BYTES = 32_000  # one second of 16 kHz PCM16
 PARTIAL_EVERY_S = 1.5  # a partial transcript after each 1.5 s of new speech (or 3x the last ASR time), the first
 # after 2 s: a short command ("turn on the lights") then ends without a partial in Whisper's way
+RESUME_S = 1.0  # speech this soon after an utterance whose turn has shown nothing yet goes on with it (retract)
 FIRST_CLAUSE = 4  # words before a comma may end the first spoken piece (as `parley chat --audio-out`)
 
 
@@ -91,14 +102,15 @@ class LiveSession:
     """One client's live conversation: its endpointer, its current turn, what it has been sent."""
 
     def __init__(self, server: Server, voices: Voices, ws: WebSocket):
-        from parley.voice.vad import EndOfTurn, EnergyVAD, Endpointer
+        from parley.voice.vad import BargeIn, EndOfTurn, EnergyVAD, Endpointer
 
         self.server, self.voices, self.ws, self.settings = server, voices, ws, server.settings
         self.end_rule = EndOfTurn()
         self.cut = Endpointer(EnergyVAD(min_silence_ms=self.end_rule.long_ms), RATE)
         self.guess: asyncio.Task | None = None  # the transcript made after the first short quiet
         self.guessed: tuple[int, str] | None = None  # (Endpointer.spoken then, its text)
-        self.guess_spoken = -1  # Endpointer.spoken when the last guess began
+        self.guess_key = (-1, False)  # pause() when the last guess began
+        self.guess_job: tuple[int, asyncio.Future] | None = None  # (Endpointer.spoken, its transcription)
         self.send_lock = asyncio.Lock()
         self.user = self.asr = self.tts = None
         self.conversation: int | None = None
@@ -113,6 +125,15 @@ class LiveSession:
         self.partial_at = 0  # samples heard when the last partial transcript was made
         self.asr_seconds = 0.0  # how long the last transcription took: partials keep Whisper busy a third
         # of the time at most, so the end of an utterance seldom waits for one (they share the CPU and a lock)
+        self.barge_rule = BargeIn()
+        self.over: Over | None = None  # speech begun over the assistant's answer, not yet known to be a barge-in
+        self.deciding: asyncio.Task | None = None  # whether an utterance spoken over the answer gets a turn
+        self.open_turn: tuple[str, int | None, float] | None = None  # (its text, the conversation before, when
+        # its speech ended) of a turn that has shown nothing yet: speech soon after takes it back (retract)
+        self.retracted = False  # the current turn was taken back: it sends nothing more
+        self.said: list[str] = []  # what the assistant has spoken in its latest turn (an echo of it is no barge-in)
+        self.last_speech = 0.0  # perf_counter of the last frame heard as speech: where a turn's latency starts
+        self.last_speech_frame = 0  # and its index in the stream (Endpointer.frames_seen)
 
     async def send(self, kind: str, **fields) -> None:
         async with self.send_lock:
@@ -205,12 +226,20 @@ class LiveSession:
         if len(data) > MAX_FRAME_BYTES or len(data) % 2:
             raise Closing(f"an audio frame has {len(data)} bytes: send 16 kHz mono PCM16 (an even number of bytes), "
                           f"at most {MAX_FRAME_BYTES} (one second) a frame", "invalid_audio")
-        was_speaking = self.cut.in_speech
+        was_speaking, spoken = self.cut.in_speech, self.cut.spoken
         ended = self.cut.push(np.frombuffer(data, "<i2").astype(np.float32) / 32768)
+        if self.cut.spoken > spoken:
+            self.last_speech, self.last_speech_frame = time.perf_counter(), self.cut.frames_seen
         if self.cut.in_speech and not was_speaking or (ended and not was_speaking):
             await self.send("speech_started")
             if not self.overlong:  # speech going on past a cut for length is the same speaker, not a barge-in
-                await self.barge_in()
+                if self.answering():
+                    self.over = Over(self.cut.spoken - self.cut.speech_frames, self.last_speech_frame)
+                else:
+                    await self.barge_in()
+        if self.over is not None and self.over.check is None and self.cut.in_speech and (
+                self.cut.spoken - self.over.spoken) * self.cut.vad.frame_ms >= self.barge_rule.min_ms:
+            self.over.check = asyncio.create_task(self.vet(self.cut.heard(), self.over))
         if not self.cut.in_speech and self.cut.speech_frames == 0:
             self.overlong = False  # quiet was heard: speech from here on is a new utterance
         if self.cut.in_speech and len(self.cut.heard()) > self.settings.voice_max_utterance_seconds * RATE:
@@ -218,10 +247,10 @@ class LiveSession:
             self.overlong = True
         for utterance in ended:
             await self.answer(utterance.clip)
-        if self.cut.in_speech and self.cut.quiet_ms >= self.end_rule.short_ms and self.guess_spoken != self.cut.spoken \
-                and (self.guess is None or self.guess.done()):  # one guess per quiet stretch
-            self.guess_spoken = self.cut.spoken
-            self.guess = asyncio.create_task(self.guess_end(self.cut.heard(), self.cut.spoken))
+        await self.end_if_finished()
+        if self.cut.in_speech and self.cut.quiet_ms >= self.end_rule.guess_ms and self.guess_key != self.pause() \
+                and (self.guess is None or self.guess.done()):  # one early guess per quiet stretch, one at short_ms
+            self.guess = asyncio.create_task(self.guess_end())
         elif self.cut.in_speech and self.cut.quiet_ms == 0 and (self.partial is None or self.partial.done()) \
                 and self.partial_due(len(self.cut.heard())):
             self.partial_at = len(self.cut.heard())
@@ -238,25 +267,73 @@ class LiveSession:
         if self.cut.in_speech and text:  # the utterance has not ended (and been answered) meanwhile
             await self.send("transcript", text=text, final=False)
 
-    async def guess_end(self, samples: np.ndarray, spoken: int) -> None:
-        """The end-of-turn rule (parley.voice.vad.EndOfTurn): the utterance so far, transcribed after
-        a short quiet; if nothing was said since and it reads as finished, the turn ends now."""
-        text = await run_in_threadpool(self.transcribe, samples)
-        if not self.cut.in_speech or self.cut.spoken != spoken:
-            return  # the user went on (or the utterance was cut meanwhile): this guess is stale
-        self.guessed = (spoken, text)
-        if self.end_rule.finished(text):
+    def pause(self) -> tuple[int, bool]:
+        """Which guess the quiet now calls for: (speech frames heard so far, quiet reached short_ms)."""
+        return self.cut.spoken, self.cut.quiet_ms >= self.end_rule.short_ms
+
+    async def guess_end(self) -> None:
+        """The end-of-turn rule (parley.voice.vad.EndOfTurn): the utterance so far, transcribed from
+        the first pause on; if nothing was said since and it reads as finished, the turn ends once
+        the quiet is `short_ms` long (now, or at a later frame: `hear`). An early guess that does
+        not read as finished is made again on the audio of `short_ms` of quiet (Whisper may
+        punctuate the longer pause)."""
+        while True:
+            self.guess_key = key = self.pause()
+            job = asyncio.ensure_future(run_in_threadpool(self.transcribe, self.cut.heard()))
+            self.guess_job = (key[0], job)  # the turn waits for it, if the utterance ends first (answer)
+            text = await asyncio.shield(job)
+            if not self.cut.in_speech or self.cut.spoken != key[0]:
+                return  # the user went on (or the utterance was cut meanwhile): this guess is stale
+            self.guessed = (key[0], text)
+            await self.end_if_finished()
+            if self.end_rule.finished(text) or key[1] or self.pause() == key:
+                return
+
+    async def end_if_finished(self) -> None:
+        if self.guessed and self.guessed[0] == self.cut.spoken and self.cut.quiet_ms >= self.end_rule.short_ms \
+                and self.end_rule.finished(self.guessed[1]):
             for utterance in self.cut.flush():
                 await self.answer(utterance.clip)
 
     def transcribe(self, samples: np.ndarray) -> str:
+        return self.recognize(samples).text
+
+    def recognize(self, samples: np.ndarray):
         from parley.voice.audio import Clip
 
         with self.asr_busy:
             start = time.perf_counter()
-            text = self.asr.transcribe(Clip(samples, RATE)).text
+            heard = self.asr.transcribe(Clip(samples, RATE))
             self.asr_seconds = time.perf_counter() - start
-            return text
+            return heard
+
+    async def retract(self) -> None:
+        """The user went on speaking (words, by BargeIn) after a turn began but before any of its
+        answer was shown: the pause was inside their sentence. The turn is stopped unsaved, and what it heard starts the
+        next utterance (a `resumed` message says so)."""
+        text, conversation, _ = self.open_turn
+        self.open_turn, self.retracted, self.barged = None, True, True
+        if self.running is not None:
+            self.running.stop()
+        self.carry, self.conversation = text, conversation
+        await self.send("resumed", text=text)
+
+    def answering(self) -> bool:
+        """The assistant's turn generates or its audio still plays: speech now may be its own voice."""
+        return self.running is not None or time.monotonic() < self.playing_until
+
+    async def vet(self, samples: np.ndarray, over: Over, known: str | None = None) -> str:
+        """Decide whether speech over the answer is a barge-in (parley.voice.vad.BargeIn); act on
+        a yes at once. Returns the transcript."""
+        heard = await run_in_threadpool(self.recognize, samples)  # its segments say how sure Whisper is
+        text = known if known is not None else heard.text
+        over.verdict = self.barge_rule.verdict(text, " ".join(self.said), heard.segments)
+        if not over.verdict and self.over is over:
+            self.over = None
+            resumed = self.open_turn is not None and \
+                (over.at - self.open_turn[2]) * self.cut.vad.frame_ms < RESUME_S * 1000  # stream time, not wall
+            await (self.retract() if resumed else self.barge_in())
+        return text
 
     async def barge_in(self) -> None:
         """The user started speaking: stop the assistant if it is speaking (see the module docstring)."""
@@ -277,17 +354,46 @@ class LiveSession:
         """Start the next turn once the previous one (interrupted, or still speaking) has ended;
         the guess's transcript is the turn's when nothing was said after it."""
         known = self.guessed[1] if self.guessed and self.guessed[0] == self.cut.spoken else None
+        if known is None and self.guess_job and self.guess_job[0] == self.cut.spoken:
+            known = self.guess_job[1]  # a transcription of all of it is under way: the turn waits for that one
         if self.guess is not None and not self.guess.done() and self.guess is not asyncio.current_task():
-            self.guess.cancel()  # its answer would be stale: the utterance is cut already
-        self.guess, self.guessed, self.partial_at = None, None, 0
-        previous = self.task
-        self.task = asyncio.create_task(self.turn(clip.samples, previous, known))
+            self.guess.cancel()  # its decision would be stale: the utterance is cut already
+        self.guess, self.guessed, self.guess_job, self.partial_at = None, None, None, 0
+        decided = time.perf_counter()
+        over, self.over = self.over, None
+        if over is not None:  # spoken over the answer: a turn only if it is a barge-in
+            self.deciding = asyncio.create_task(self.answer_over(clip, over, known, decided))
+            return
+        self.start_turn(clip.samples, known, decided)
 
-    async def turn(self, samples: np.ndarray, previous: asyncio.Task | None, known: str | None = None) -> None:
+    def start_turn(self, samples: np.ndarray, known: str | asyncio.Future | None, decided: float) -> None:
+        latency = {"endpoint_ms": round((decided - self.last_speech) * 1000), "spoke": self.last_speech_frame}
+        previous = self.task
+        self.task = asyncio.create_task(self.turn(samples, previous, known, latency))
+
+    async def answer_over(self, clip, over: Over, known: str | asyncio.Future | None, decided: float) -> None:
+        """An utterance that began over the answer has ended: answered if it was a barge-in."""
+        if isinstance(known, asyncio.Future):
+            known = await known
+        if over.check is not None:
+            await asyncio.gather(over.check, return_exceptions=True)
+        self.over = over  # vet acts on it (barge_in) only while it is the one in question
+        text = await self.vet(clip.samples, over, known)
+        self.over = None
+        if over.verdict:
+            await self.send("ignored", text=text, reason=over.verdict)
+        else:
+            self.start_turn(clip.samples, text, decided)
+
+    async def turn(self, samples: np.ndarray, previous: asyncio.Task | None, known: str | asyncio.Future | None,
+                   latency: dict) -> None:
         if previous is not None:
             await asyncio.gather(previous, return_exceptions=True)
-        self.barged = False
+        self.barged, start = False, time.perf_counter()
+        if isinstance(known, asyncio.Future):
+            known = await known
         text = known if known is not None else await run_in_threadpool(self.transcribe, samples)
+        latency["asr_ms"] = round((time.perf_counter() - start) * 1000)
         text, self.carry = " ".join(filter(None, (self.carry, text))), ""
         if self.barged:  # the user went on before this turn began: it is said with the next utterance
             self.carry = text
@@ -298,12 +404,14 @@ class LiveSession:
         if not text:
             return
         try:
+            latency["turn_started"] = time.perf_counter()
+            self.said, self.retracted, self.open_turn = [], False, (text, self.conversation, latency["spoke"])
             self.running = running = self.server.turns.start(self.user, self.conversation, text, overrides={})
         except QueueFull as e:
             await self.send("error", message=str(e), code="busy")
             return
         pieces: queue.Queue = queue.Queue()
-        speaking = asyncio.create_task(self.speak(pieces))
+        speaking = asyncio.create_task(self.speak(pieces, latency))
         done = None
         try:
             from parley.pipeline.frames import ShownText
@@ -316,6 +424,7 @@ class LiveSession:
                 elif isinstance(item, TurnDone):
                     done = item
                 elif (piece := shown(item)) and not self.barged:
+                    self.open_turn = None  # shown: the turn stands
                     await self.send("text", text=piece)
                     pieces.put(piece)
         except Exception as e:  # the turn failed: said as the HTTP routes would say it
@@ -324,17 +433,18 @@ class LiveSession:
             await self.send("error", message=from_exception(e).message, code="turn_failed")
         finally:
             pieces.put(None)
-            self.running = None
+            self.running, self.open_turn = None, None
             await speaking
-        if done is not None:
+        if done is not None and not self.retracted:
             self.conversation = done.conversation_id or self.conversation
             self.last_answer = done.message_id
             await self.send("done", turn_id=done.message_id, conversation=self.conversation,
                             interrupted=self.barged)
 
-    async def speak(self, pieces: queue.Queue) -> None:
-        """Synthesize the answer sentence by sentence, in a thread, sending each as it is made."""
-        from parley.voice.tts import TTSError, speak_stream
+    async def speak(self, pieces: queue.Queue, latency: dict) -> None:
+        """Synthesize the answer sentence by sentence, in a thread, sending each as it is made; the
+        first audio message carries the turn's `latency` (see the module docstring)."""
+        from parley.voice.tts import TTSError, sentences
 
         loop, made = asyncio.get_running_loop(), asyncio.Queue()
 
@@ -345,24 +455,36 @@ class LiveSession:
 
             try:
                 with self.tts_busy:  # one synthesis at a time per voice, as /v1/audio/speech
-                    for sentence, clip in speak_stream(self.tts, text(), first_clause=FIRST_CLAUSE):
+                    for sentence in sentences(text(), first_clause=FIRST_CLAUSE):
+                        if not any(c.isalnum() for c in sentence):  # "..." alone has nothing to say
+                            continue
+                        start = time.perf_counter()
+                        clip = self.tts.synthesize(sentence)
                         if self.barged:
                             break
-                        loop.call_soon_threadsafe(made.put_nowait, (sentence, clip))
+                        times = (start, time.perf_counter())
+                        loop.call_soon_threadsafe(made.put_nowait, (sentence, clip, times))
             except TTSError:
                 pass  # nothing speakable left (text only): the answer's text has been sent
             finally:
                 loop.call_soon_threadsafe(made.put_nowait, None)
 
         synthesis = asyncio.ensure_future(run_in_threadpool(synthesize))
+        first = True
         while (item := await made.get()) is not None:
-            sentence, clip = item
+            sentence, clip, (started, made_at) = item
             if self.barged:
                 continue
             pcm = (clip.samples.clip(-1, 1) * 32767).round().astype("<i2").tobytes()
+            heading = {"type": "audio", "text": sentence, "rate": clip.rate, "samples": len(clip.samples)}
+            if first and "turn_started" in latency:
+                heading["latency"] = {**{k: v for k, v in latency.items() if k not in ("turn_started", "spoke")},
+                                      "first_text_ms": round((started - latency["turn_started"]) * 1000),
+                                      "tts_ms": round((made_at - started) * 1000)}
+            first = False
+            self.said.append(sentence)
             async with self.send_lock:
-                await self.ws.send_text(json.dumps({"type": "audio", "text": sentence, "rate": clip.rate,
-                                                    "samples": len(clip.samples)}))
+                await self.ws.send_text(json.dumps(heading))
                 await self.ws.send_bytes(pcm)
             self.playing_until = max(self.playing_until, time.monotonic()) + clip.seconds
         await synthesis
@@ -372,9 +494,19 @@ class LiveSession:
         self.barged = True
         if self.running is not None:
             self.running.stop()
-        for task in (self.task, self.partial, self.guess):
+        for task in (self.deciding, self.task, self.partial, self.guess):
             if task is not None:
                 await asyncio.gather(task, return_exceptions=True)
+
+
+@dataclass
+class Over:
+    """Speech that began while the assistant was answering: a barge-in once `verdict` is ''."""
+
+    spoken: int  # Endpointer.spoken where it began
+    at: int  # the stream's frame where it began
+    check: asyncio.Task | None = None  # the transcription that decides, once min_ms of it is heard
+    verdict: str | None = None  # None: not decided; '': a barge-in; else why not (BargeIn.verdict)
 
 
 def _json(text: str | None) -> dict:

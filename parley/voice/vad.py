@@ -142,11 +142,13 @@ class EndOfTurn:
     the utterance so far is transcribed, and if the transcript reads as finished (Whisper ends
     it with . ? or ! and it does not end on a word that needs a next one: "the", "and", "to")
     the turn ends there; otherwise it ends after `long_ms` of quiet, as the plain endpointer's
-    wait. The transcription made at `short_ms` is the turn's own transcript either way when no
-    speech came after it, so it overlaps the wait instead of following it."""
+    wait. The transcription starts at `guess_ms` of quiet (a pause that may still be inside a
+    sentence: it decides nothing before `short_ms`) and is the turn's own transcript either way
+    when no speech came after it, so it overlaps the wait instead of following it."""
 
     short_ms: int = 200
     long_ms: int = 600
+    guess_ms: int = 100  # Whisper starts on the utterance this early, so its transcript is (nearly) ready at short_ms
 
     @staticmethod
     def finished(text: str) -> bool:
@@ -156,6 +158,45 @@ class EndOfTurn:
     def wait_ms(self, text: str) -> int:
         """The quiet after speech that ends a turn whose transcript is `text`."""
         return self.short_ms if self.finished(text) else self.long_ms
+
+
+@dataclass
+class BargeIn:
+    """Whether speech heard while the assistant is answering is the user taking the turn (a
+    barge-in), and not a noise or the assistant's own voice coming back through the microphone:
+    it must last `min_ms` (speech frames), its transcript must hold a word, and it must not be an
+    echo: runs of the assistant's own recent words, in their order, that make up `echo_share` of
+    the transcript or more (an echo repeats the answer; a user's words seldom do, beyond a word
+    or two). A one-word transcript that the answer holds counts as echo: the speaker's
+    sound reaches the microphone far more often than a user says exactly the answer's word."""
+
+    min_ms: int = 300
+    echo_share: float = 0.6
+
+    no_speech: float = 0.5  # Whisper's no-speech probability over this in every segment: a noise it put words to
+
+    def verdict(self, text: str, said: str, segments=()) -> str:
+        """'' for a barge-in, else why not: "noise" (no words, or `segments`, Whisper's, say it was
+        not sure there was speech: it puts "you" to a burst of noise) or "echo" (the answer's own words)."""
+        from parley.voice.asr import normalize
+
+        words, answer = normalize(text), normalize(said)
+        unsure = segments and all(s.no_speech_prob > self.no_speech for s in segments)
+        if unsure or not any(any(c.isalpha() for c in w) for w in words):
+            return "noise"
+        return "echo" if _echoed(words, answer) >= self.echo_share * len(words) else ""
+
+
+def _echoed(words: list[str], said: list[str]) -> int:
+    """How many of `words` lie in runs of two or more words that `said` holds in the same order (a
+    misheard word between two runs breaks neither; single common words such as "the" do not count).
+    A one-word transcript counts when `said` holds the word."""
+    if len(words) == 1:
+        return int(words[0] in said)
+    from difflib import SequenceMatcher
+
+    blocks = SequenceMatcher(None, words, said, autojunk=False).get_matching_blocks()
+    return sum(b.size for b in blocks if b.size >= 2)
 
 
 @dataclass

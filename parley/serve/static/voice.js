@@ -118,6 +118,11 @@ function onVoiceMessage(data) {
     silence();
     if (voice.answer) voice.answer.classList.add("interrupted");
     voiceStatus("Interrupted: listening…");
+  } else if (m.type === "resumed") {  // the user went on: that turn is taken back, its text said again
+    if (voice.answer) voice.answer.previousElementSibling?.remove();
+    voice.answer?.remove();
+    voice.answer = null;
+    voiceStatus("Hearing you…", m.text);
   } else if (m.type === "done") {
     const answer = voice.answer;
     voice.answer = null;
