@@ -45,8 +45,12 @@ P = ctypes.c_void_p
 
 
 class Layer(ctypes.Structure):
+    """One layer as kernels.c's Layer reads it; the fields after `index` are the families' variations
+    (None / 0: a plain Llama layer has none)."""
     _fields_ = [(n, P) for n in ("q", "k", "v", "o", "gate", "up", "down", "ln1", "ln2", "K", "V")] + \
-               [("index", ctypes.c_long)]
+               [("index", ctypes.c_long)] + \
+               [(n, P) for n in ("bq", "bk", "bv", "bo", "q_norm", "k_norm", "post_attn", "post_ff", "cos", "sin")] + \
+               [("window", ctypes.c_long)]
 
 
 class Lora(ctypes.Structure):
@@ -63,7 +67,8 @@ class Buffers(ctypes.Structure):
 class Shape(ctypes.Structure):
     _fields_ = [(n, ctypes.c_int) for n in ("B", "H", "nh", "nkv", "hd", "n_layers", "w_bf16", "amx", "kv_bf16")] + \
                [(n, ctypes.c_long) for n in ("inter", "vocab", "max_len")] + [("eps", ctypes.c_float)] + \
-               [(n, ctypes.c_int) for n in ("quant", "isa")]
+               [(n, ctypes.c_int) for n in ("quant", "isa")] + \
+               [(n, ctypes.c_float) for n in ("scale", "attn_cap")] + [("gelu", ctypes.c_int)]
 
 
 class QWeight(ctypes.Structure):
@@ -79,6 +84,12 @@ class QWeight(ctypes.Structure):
 # the int8 paths of quantized weights (kernels.c's ISA_*), best last; `kernels=` names a ceiling
 ISAS = ("scalar", "avx2", "vnni")
 ISA_CEILING = {"scalar": 0, "avx2": 1}  # any other setting: the best this CPU has
+
+
+def norm_weight(norm: torch.nn.Module) -> torch.Tensor:
+    """An RMSNorm's weights in fp32 as kernels.c multiplies by them: Gemma's (offset) are 1 + weight."""
+    w = norm.weight.detach().float()
+    return (1.0 + w if norm.offset else w).contiguous()
 
 
 def cache_dir() -> Path:
@@ -140,21 +151,23 @@ class FastDecoder:
         self.quant = bool(quantized_layers(model))
         self.isa = lib.quant_isa(ISA_CEILING.get(path, len(ISAS)))
         self.qweights: list[QWeight] = []
-        # norms are tiny: keep fp32 copies; big weights are used in place, never copied
-        self.keep = [(b.input_layernorm.weight.float().contiguous(), b.post_attention_layernorm.weight.float().contiguous())
-                     for b in m.layers]
+        # norms and biases are tiny: fp32 copies, kept here; big weights are used in place, never copied
+        self.keep: list[torch.Tensor] = []
+        self.cos, self.sin = model.rope_cos.contiguous(), model.rope_sin.contiguous()
         self.layers = (Layer * len(m.layers))()
-        for index, (layer, block, (ln1, ln2)) in enumerate(zip(self.layers, m.layers, self.keep)):
+        for index, (layer, block) in enumerate(zip(self.layers, m.layers)):
             layer.index = index
             a, f = block.self_attn, block.mlp
             for name, w in (("q", a.q_proj), ("k", a.k_proj), ("v", a.v_proj), ("o", a.o_proj),
                             ("gate", f.gate_proj), ("up", f.up_proj), ("down", f.down_proj)):
                 setattr(layer, name, self._pointer(w))
-            layer.ln1, layer.ln2 = ln1.data_ptr(), ln2.data_ptr()
-        self.norm = m.norm.weight.float().contiguous()
+            self._variations(layer, block, index)
+        self.norm = norm_weight(m.norm)
         self.embed = m.embed_tokens.weight
+        # Gemma scales embeddings by sqrt(hidden), the factor rounded to the weights' dtype first
+        self.embed_scale = torch.tensor(self.cfg.hidden_size ** 0.5, dtype=self.embed.dtype).item() \
+            if self.cfg.gemma else None
         self.head = self._pointer(model.lm_head)
-        self.cos, self.sin = model.rope_cos.contiguous(), model.rope_sin.contiguous()
         self.amx = tiles and not self.quant and self._tiles_fit() and bool(lib.amx_enable())
         # the tile path keeps keys and values in bf16 (half the bytes each step reads); else fp32
         self.kv_dtype = torch.bfloat16 if self.amx else torch.float32
@@ -162,6 +175,31 @@ class FastDecoder:
         # threads that may share chunks_attend, each with its own 16 rows of scores (the C side
         # caps its team at this)
         self.slots = max(torch.get_num_threads(), os.cpu_count() or 1)
+
+    def _fp32(self, t: torch.Tensor | None) -> int | None:
+        """The address of an fp32 copy of a small tensor, kept alive here (None for None)."""
+        if t is None:
+            return None
+        self.keep.append(t.detach().float().contiguous())
+        return self.keep[-1].data_ptr()
+
+    def _variations(self, layer: Layer, block: torch.nn.Module, index: int) -> None:
+        """The family's terms of one layer (kernels.c's Layer after `index`): norms, biases,
+        q/k norms, Gemma's sublayer output norms, the sliding window and its rotary tables."""
+        a, cfg = block.self_attn, self.cfg
+        if cfg.gemma:  # HF's names: post_attention_layernorm normalizes the attention's output
+            ln2, layer.post_attn = block.pre_feedforward_layernorm, self._fp32(norm_weight(block.post_attention_layernorm))
+            layer.post_ff = self._fp32(norm_weight(block.post_feedforward_layernorm))
+        else:
+            ln2 = block.post_attention_layernorm
+        layer.ln1, layer.ln2 = self._fp32(norm_weight(block.input_layernorm)), self._fp32(norm_weight(ln2))
+        layer.bq, layer.bk, layer.bv, layer.bo = (self._fp32(getattr(p, "bias", None)) for p in
+                                                  (a.q_proj, a.k_proj, a.v_proj, a.o_proj))
+        if cfg.qk_norm:
+            layer.q_norm, layer.k_norm = self._fp32(norm_weight(a.q_norm)), self._fp32(norm_weight(a.k_norm))
+        layer.window = cfg.window(index) or 0
+        if layer.window and cfg.rope_local_base_freq is not None:  # Gemma 3's sliding layers: their own base
+            layer.cos, layer.sin = self._fp32(self.model.rope_local_cos), self._fp32(self.model.rope_local_sin)
 
     def _pointer(self, linear: torch.nn.Module) -> int:
         """What the C side takes for a layer's weights: the float matrix, or a QWeight."""
@@ -196,15 +234,10 @@ class FastDecoder:
     @staticmethod
     def unsupported(model: Transformer) -> str | None:
         """What of this model the C kernels do not compute (None: nothing); the engine then runs
-        it on the model's PyTorch forward and says so."""
-        cfg = model.config
-        lacking = [what for what, present in (
-            ("mixture of experts", cfg.is_moe), ("attention biases", cfg.attention_bias or cfg.qkv_bias),
-            ("q/k norm", cfg.qk_norm), ("sliding-window attention", cfg.has_window),
-            ("soft-capping", cfg.final_logit_softcapping or cfg.attn_logit_softcapping),
-            ("Gemma's norms and scaled embeddings", cfg.gemma), (cfg.hidden_act, cfg.hidden_act != "silu"),
-            ("an attention scale other than 1/sqrt(head_dim)", cfg.query_pre_attn_scalar is not None),
-        ) if present]
+        it on the model's PyTorch forward and says so. They compute every dense family of
+        model/transformer.py: biases, q/k norms, Gemma 3's norms, GeGLU, scales, soft-capping,
+        sliding windows and RoPE scaling (folded into the rotary tables they read)."""
+        lacking = [what for what, present in (("mixture of experts", model.config.is_moe),) if present]
         return ", ".join(lacking) or None
 
     @classmethod
@@ -262,7 +295,20 @@ class FastDecoder:
         return Shape(B=B, H=c.hidden_size, nh=c.num_attention_heads, nkv=c.num_key_value_heads, hd=c.head_dim,
                      n_layers=c.num_hidden_layers, w_bf16=int(self.embed.dtype == torch.bfloat16), amx=int(self.amx),
                      kv_bf16=int(self.amx), inter=c.intermediate_size, vocab=c.vocab_size, max_len=max_len,
-                     eps=c.rms_norm_eps, quant=int(self.quant), isa=self.isa)
+                     eps=c.rms_norm_eps, quant=int(self.quant), isa=self.isa,
+                     scale=c.attention_scale if c.query_pre_attn_scalar else 0.0,
+                     attn_cap=c.attn_logit_softcapping or 0.0, gelu=int(c.hidden_act != "silu"))
+
+    def _embed(self, x: torch.Tensor, ids: list[int]) -> None:
+        """x = the embeddings of ids (Gemma's scaled)."""
+        x.copy_(self.embed[torch.tensor(ids)])
+        if self.embed_scale is not None:
+            x.mul_(self.embed_scale)
+
+    def _capped(self, logits: torch.Tensor) -> torch.Tensor:
+        """The final logits soft-capped in place where the model does (Gemma 3): cap tanh(logits / cap)."""
+        cap = self.cfg.final_logit_softcapping
+        return logits.div_(cap).tanh_().mul_(cap) if cap else logits
 
     def _point_at(self, cache: PagedKVCache) -> None:
         """Give every layer its page pools of the cache."""
@@ -316,7 +362,7 @@ class FastDecoder:
         span = self._span(table.shape[1], cache.page_size)
         tensors, buffers = self._buffers("step", B, span)
         positions = batch.positions[0].contiguous()
-        tensors["x"].copy_(self.embed[torch.tensor(batch.ids)])
+        self._embed(tensors["x"], batch.ids)
         self._point_at(cache)
         shape = self._shape(B, span)
         buffers.lora, buffers.lora_plan = self._rows_lora(lora, B)
@@ -324,7 +370,7 @@ class FastDecoder:
                                    ctypes.byref(buffers), ctypes.byref(shape), positions.data_ptr(),
                                    self.cos.data_ptr(), self.sin.data_ptr(), table.data_ptr(),
                                    table.shape[1], cache.page_size)
-        return tensors["logits"]
+        return self._capped(tensors["logits"])
 
     @torch.inference_mode()
     def step_rows(self, batch: PagedBatch, lora: torch.Tensor | None = None) -> torch.Tensor:
@@ -346,7 +392,7 @@ class FastDecoder:
         widths = [len(pages) for *_, pages in batch.prefill] + ([decode_table.shape[1]] if D else [])
         span = self._span(max(widths), ps)  # scores of any row's positions
         tensors, buffers = self._buffers("rows", N, span, n_out)
-        tensors["x"].copy_(self.embed[torch.tensor(batch.ids)])
+        self._embed(tensors["x"], batch.ids)
         positions = batch.positions[0].contiguous()
         table = torch.zeros(N, max(widths), dtype=torch.long)  # every row gets its sequence's pages
         if D:
@@ -370,4 +416,4 @@ class FastDecoder:
         rows = batch.outputs.contiguous()
         self.lib.prompt_logits(self.norm.data_ptr(), self.head, ctypes.byref(buffers),
                                ctypes.byref(shape), rows.data_ptr(), n_out)
-        return tensors["logits"]
+        return self._capped(tensors["logits"])
