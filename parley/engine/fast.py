@@ -6,7 +6,10 @@
     tokens = decoder.argmax(logits, rows)      # greedy picks of those rows
 
 The Transformer's own forward stays the reference. This path computes the same step with
-fp32 activations over the model's bf16 or fp32 weights, used in place. On a CPU with AMX
+fp32 activations over the model's bf16 or fp32 weights, used in place, for every family the
+Transformer has (q/k/v biases, q/k norms, Gemma 3's norms, GeGLU and scales, soft-capping,
+per-layer sliding windows with their own rotary tables, mixtures of experts; RoPE scaling is
+in the rotary tables already). On a CPU with AMX
 and bf16 weights whose sizes are whole tiles (`decoder.amx`), the projections run on the
 tile unit with their inputs rounded to bf16, and keys and values are kept in bf16
 (`decoder.kv_dtype`); every row's arithmetic is the same whatever it is batched with.
@@ -50,7 +53,8 @@ class Layer(ctypes.Structure):
     _fields_ = [(n, P) for n in ("q", "k", "v", "o", "gate", "up", "down", "ln1", "ln2", "K", "V")] + \
                [("index", ctypes.c_long)] + \
                [(n, P) for n in ("bq", "bk", "bv", "bo", "q_norm", "k_norm", "post_attn", "post_ff", "cos", "sin")] + \
-               [("window", ctypes.c_long)]
+               [("window", ctypes.c_long)] + [(n, P) for n in ("router", "experts", "shared", "shared_router")] + \
+               [(n, ctypes.c_long) for n in ("n_experts", "top_k", "expert_inter", "shared_inter", "renorm")]
 
 
 class Lora(ctypes.Structure):
@@ -61,7 +65,7 @@ class Lora(ctypes.Structure):
 
 class Buffers(ctypes.Structure):
     _fields_ = [(n, P) for n in ("x", "h", "qkv", "att", "gu", "act", "scores", "logits", "xp", "xp_act", "xq", "xs",
-                                 "lora", "lora_plan")]
+                                 "lora", "lora_plan", "route", "moe_x", "moe_y", "moe_rows")]
 
 
 class Shape(ctypes.Structure):
@@ -153,15 +157,18 @@ class FastDecoder:
         self.qweights: list[QWeight] = []
         # norms and biases are tiny: fp32 copies, kept here; big weights are used in place, never copied
         self.keep: list[torch.Tensor] = []
+        self.arrays: list[ctypes.Array] = []  # pointer arrays the layers point into (experts)
         self.cos, self.sin = model.rope_cos.contiguous(), model.rope_sin.contiguous()
         self.layers = (Layer * len(m.layers))()
         for index, (layer, block) in enumerate(zip(self.layers, m.layers)):
             layer.index = index
-            a, f = block.self_attn, block.mlp
-            for name, w in (("q", a.q_proj), ("k", a.k_proj), ("v", a.v_proj), ("o", a.o_proj),
-                            ("gate", f.gate_proj), ("up", f.up_proj), ("down", f.down_proj)):
+            a, f = block.self_attn, getattr(block, "mlp", None)
+            for name, w in (("q", a.q_proj), ("k", a.k_proj), ("v", a.v_proj), ("o", a.o_proj)) + \
+                    ((("gate", f.gate_proj), ("up", f.up_proj), ("down", f.down_proj)) if f else ()):
                 setattr(layer, name, self._pointer(w))
             self._variations(layer, block, index)
+            if f is None:
+                self._experts(layer, block.block_sparse_moe)
         self.norm = norm_weight(m.norm)
         self.embed = m.embed_tokens.weight
         # Gemma scales embeddings by sqrt(hidden), the factor rounded to the weights' dtype first
@@ -201,6 +208,21 @@ class FastDecoder:
         if layer.window and cfg.rope_local_base_freq is not None:  # Gemma 3's sliding layers: their own base
             layer.cos, layer.sin = self._fp32(self.model.rope_local_cos), self._fp32(self.model.rope_local_sin)
 
+    def _experts(self, layer: Layer, moe: torch.nn.Module) -> None:
+        """A sparse layer's router and experts (kernels.c's moe_for; model/transformer.py's SparseMoE)."""
+        cfg = self.cfg
+        layer.router, layer.n_experts, layer.top_k = moe.gate.weight.data_ptr(), cfg.num_local_experts, moe.top_k
+        layer.expert_inter, layer.renorm = cfg.moe_intermediate_size or cfg.intermediate_size, int(moe.renormalize)
+        pointers = (P * (3 * cfg.num_local_experts))(*(w.weight.data_ptr() for e in moe.experts for w in (e.w1, e.w3, e.w2)))
+        self.arrays.append(pointers)
+        layer.experts = ctypes.addressof(pointers)
+        if hasattr(moe, "shared_expert"):
+            s = moe.shared_expert
+            shared = (P * 3)(*(w.weight.data_ptr() for w in (s.gate_proj, s.up_proj, s.down_proj)))
+            self.arrays.append(shared)
+            layer.shared, layer.shared_router = ctypes.addressof(shared), moe.shared_expert_gate.weight.data_ptr()
+            layer.shared_inter = cfg.shared_expert_intermediate_size
+
     def _pointer(self, linear: torch.nn.Module) -> int:
         """What the C side takes for a layer's weights: the float matrix, or a QWeight."""
         if not isinstance(linear, QuantLinear):
@@ -228,8 +250,17 @@ class FastDecoder:
         c = self.cfg
         q, kv = c.num_attention_heads * c.head_dim, c.num_key_value_heads * c.head_dim
         return self.embed.dtype == torch.bfloat16 and \
-            all(n % 32 == 0 for n in (c.hidden_size, q, c.intermediate_size)) and \
-            all(n % 16 == 0 for n in (q, kv, c.hidden_size, c.intermediate_size, c.vocab_size))
+            all(n % 32 == 0 for n in (c.hidden_size, q, *self._mlp_widths())) and \
+            all(n % 16 == 0 for n in (q, kv, c.hidden_size, *self._mlp_widths(), c.vocab_size))
+
+    def _mlp_widths(self) -> list[int]:
+        """The widths of the model's MLPs: dense, experts', shared expert's."""
+        c = self.cfg
+        widths = [c.intermediate_size]
+        if c.is_moe:
+            widths += [c.moe_intermediate_size or c.intermediate_size] + \
+                      [c.shared_expert_intermediate_size] * bool(c.shared_expert_intermediate_size)
+        return widths
 
     @staticmethod
     def unsupported(model: Transformer) -> str | None:
@@ -237,13 +268,15 @@ class FastDecoder:
         it on the model's PyTorch forward and says so. They compute every dense family of
         model/transformer.py: biases, q/k norms, Gemma 3's norms, GeGLU, scales, soft-capping,
         sliding windows and RoPE scaling (folded into the rotary tables they read)."""
-        lacking = [what for what, present in (("mixture of experts", model.config.is_moe),) if present]
+        cfg = model.config
+        lacking = [what for what, present in (
+            ("more than 64 experts a token", cfg.is_moe and cfg.num_experts_per_tok > 64),) if present]
         return ", ".join(lacking) or None
 
     @classmethod
     def create(cls, model: Transformer, tiles: bool = True, path: str = "auto") -> "FastDecoder | None":
-        """A fast decoder if this model and machine allow one: a plain Llama-style model
-        (`unsupported` names what else), bf16 or fp32 weights on the CPU (or q8 / q4 ones: every
+        """A fast decoder if this model and machine allow one: a model of any family
+        (`unsupported` names what the kernels lack), bf16 or fp32 weights on the CPU (or q8 / q4 ones: every
         projection and the output layer), and a working C compiler; on AMX tiles where they fit,
         unless `tiles` is False. `path` (the engine's `kernels` setting, engine/config.py) caps the
         int8 path of quantized weights: avx2, scalar. Moves the model's float weights into huge
@@ -273,16 +306,19 @@ class FastDecoder:
             R, S, L = (max(rows, have[0] if have else 0), max(span, have[1] if have else 0),
                        max(logit_rows, have[2] if have else 0))
             qkv = (c.num_attention_heads + 2 * c.num_key_value_heads) * c.head_dim
-            widest = max(c.hidden_size, c.intermediate_size, c.num_attention_heads * c.head_dim)
+            inter = max(self._mlp_widths())
+            widest = max(c.hidden_size, inter, c.num_attention_heads * c.head_dim)
+            experts = max(c.num_local_experts, 1)
             tensors = dict(
                 x=torch.empty(R, c.hidden_size), h=torch.empty(R, c.hidden_size), qkv=torch.empty(R, qkv),
-                att=torch.empty(R, c.num_attention_heads * c.head_dim), gu=torch.empty(R, 2 * c.intermediate_size),
-                act=torch.empty(R, c.intermediate_size),
+                att=torch.empty(R, c.num_attention_heads * c.head_dim), gu=torch.empty(R, 2 * inter),
+                act=torch.empty(R, inter),
                 scores=torch.empty(max(R * c.num_attention_heads, 16 * self.slots) * S),
                 logits=torch.empty(L, c.vocab_size),
-                **{name: torch.empty(max(c.hidden_size, c.intermediate_size, c.num_attention_heads * c.head_dim) // 2
-                                     * -(-R // 16) * 16, dtype=torch.int32) for name in ("xp", "xp_act")},
-                xq=torch.empty(R * widest, dtype=torch.int8), xs=torch.empty(R * 2 * widest // 32))
+                **{name: torch.empty(widest // 2 * -(-R // 16) * 16, dtype=torch.int32) for name in ("xp", "xp_act")},
+                xq=torch.empty(R * widest, dtype=torch.int8), xs=torch.empty(R * 2 * widest // 32),
+                route=torch.empty(R, experts), moe_x=torch.empty(R, c.hidden_size), moe_y=torch.empty(R, c.hidden_size),
+                moe_rows=torch.empty(experts + 1 + R * c.num_experts_per_tok, dtype=torch.int64))
             self.buffers[kind] = (R, S, L, tensors, Buffers(**{n: t.data_ptr() for n, t in tensors.items()}))
         *_, tensors, pointers = self.buffers[kind]
         views = {n: t[:logit_rows] if n == "logits" else t[:rows] if t.dim() == 2 else t for n, t in tensors.items()}

@@ -1,5 +1,6 @@
 /* Decode steps and prompt layers of a Llama-style model on the CPU (parley/engine/fast.py calls
- * them via ctypes).
+ * them via ctypes), with the variations of the other families (Layer and Shape: biases, q/k
+ * norms, Gemma 3's norms and GeGLU, sliding windows, soft-capping, mixtures of experts).
  *
  * Decoding one token at a time is bound by memory bandwidth: every weight is read once
  * per step and used for only a few multiply-adds. Stock PyTorch reaches a fraction of the
@@ -1129,6 +1130,12 @@ typedef struct {
     long index;
     const float *bq, *bk, *bv, *bo, *q_norm, *k_norm, *post_attn, *post_ff, *cos, *sin;
     long window;
+    /* a mixture of experts in place of the MLP (router: NULL for a dense layer): the router [n_experts, H];
+     * experts[3 e ..]: expert e's gate, up and down [expert_inter wide]; renorm: the top_k weights
+     * renormalized to sum to one (Mixtral, Qwen3-MoE's norm_topk_prob); a shared expert (Qwen2-MoE:
+     * shared[3] gate, up, down, shared_inter wide) gated by sigmoid(shared_router . x) ([1, H]) */
+    const void *router, *const *experts, *const *shared, *shared_router;
+    long n_experts, top_k, expert_inter, shared_inter, renorm;
 } Layer;
 
 /* One LoRA adapter's matrices in one layer (engine/adapters.py), fp32 or bf16 (bf16: a model in
@@ -1157,6 +1164,9 @@ typedef struct {
     const Lora *const *lora; /* NULL, or each row's adapter: its Lora of every layer [n_layers] (NULL: none) */
     const int64_t *lora_plan; /* the rows with one, in units of up to LORA_UNIT rows of one adapter:
                                * [units, then per unit: count, LORA_UNIT row indices] */
+    float *route;             /* mixture of experts: [B, n_experts] router weights (-1: expert not chosen) */
+    float *moe_x, *moe_y;     /* [B, H]: the rows one expert gets, and its outputs */
+    int64_t *moe_rows;        /* [n_experts + 1 + B top_k]: where each expert's rows start, then the rows */
 } Buffers;
 
 /* amx: run the projections on the tile unit (bf16 weights, every dimension whole tiles,
@@ -1339,6 +1349,86 @@ static void sublayer_end_for(const float *bias, const float *norm, float *y, flo
     }
 }
 
+/* y = down(act(gate x) * up x) for the sh->B rows of x (sh->inter wide), not fused: experts are
+ * rarely whole tiles of rows. */
+static void gated_mlp_for(const Shape *sh, const Buffers *buf, const void *gate, const void *up, const void *down,
+                          const float *x, float *y) {
+    const long inter = sh->inter;
+    const void *gate_up[2] = {gate, up};
+    const long gate_up_rows[2] = {inter, inter};
+    project_for(sh, buf, gate_up, gate_up_rows, 2, input_for(sh, buf, x, sh->H), buf->gu, 2 * inter, 0);
+    act_mul_for(buf->gu, buf->act, sh->B, inter, sh->gelu);
+    project1_for(sh, buf, down, input_for(sh, buf, buf->act, inter), y, sh->H, sh->H, 0);
+}
+
+/* The row's router weights of its top_k experts (softmax over all n, then the k largest, lower
+ * expert first among equals; renormalized over the k with renorm), -1 for the others. */
+static void route_row(float *w, long n, long k, int renorm) {
+    float m = -INFINITY, sum = 0.f;
+    for (long e = 0; e < n; e++) m = w[e] > m ? w[e] : m;
+    for (long e = 0; e < n; e++) sum += w[e] = expf(w[e] - m);
+    for (long e = 0; e < n; e++) w[e] /= sum;
+    float picked[64], total = 0.f;
+    long at[64];
+    for (long j = 0; j < k; j++) {
+        at[j] = -1;
+        for (long e = 0; e < n; e++)
+            if (w[e] >= 0.f && (at[j] < 0 || w[e] > w[at[j]])) at[j] = e;
+        picked[j] = w[at[j]], total += picked[j];
+        w[at[j]] = -2.f; /* taken */
+    }
+    for (long e = 0; e < n; e++) w[e] = -1.f;
+    for (long j = 0; j < k; j++) w[at[j]] = renorm ? picked[j] / total : picked[j];
+}
+
+/* x += the mixture of experts of h = buf->h (the layer's normalized rows): the router and the
+ * shared expert's gate in fp32 (few outputs: no tiles), then expert by expert the rows routed
+ * to it, gathered, through its MLP on whichever unit the step runs on, and added back weighted. */
+static void moe_for(const Layer *L, const Buffers *buf, const Shape *sh) {
+    const int B = sh->B, H = sh->H;
+    const long E = L->n_experts;
+    linear_for(L->router, sh->w_bf16, buf->h, buf->route, E, B, H, E, 0);
+#pragma omp for schedule(static)
+    for (int b = 0; b < B; b++) route_row(buf->route + b * E, E, L->top_k, (int)L->renorm);
+    int64_t *start = buf->moe_rows, *rows = start + E + 1; /* expert e's rows: rows[start[e] .. start[e + 1]) */
+#pragma omp single
+    {
+        long n = 0;
+        for (long e = 0; e < E; e++) {
+            start[e] = n;
+            for (int b = 0; b < B; b++)
+                if (buf->route[b * E + e] >= 0.f) rows[n++] = b;
+        }
+        start[E] = n;
+    }
+    Shape one = *sh;
+    one.inter = L->expert_inter;
+    for (long e = 0; e < E; e++) {
+        const long n = start[e + 1] - start[e];
+        const int64_t *mine = rows + start[e];
+        if (n == 0) continue;
+#pragma omp for schedule(static)
+        for (long i = 0; i < n; i++) memcpy(buf->moe_x + i * H, buf->h + mine[i] * H, H * sizeof(float));
+        one.B = (int)n;
+        gated_mlp_for(&one, buf, L->experts[3 * e], L->experts[3 * e + 1], L->experts[3 * e + 2], buf->moe_x, buf->moe_y);
+#pragma omp for schedule(static)
+        for (long i = 0; i < n; i++) {
+            const long b = mine[i];
+            const float w = buf->route[b * E + e];
+            for (int j = 0; j < H; j++) buf->x[b * H + j] += w * buf->moe_y[i * H + j];
+        }
+    }
+    if (!L->shared) return;
+    linear_for(L->shared_router, sh->w_bf16, buf->h, buf->route, 1, B, H, 1, 0);
+    one.B = B, one.inter = L->shared_inter;
+    gated_mlp_for(&one, buf, L->shared[0], L->shared[1], L->shared[2], buf->h, buf->moe_y);
+#pragma omp for schedule(static)
+    for (int b = 0; b < B; b++) {
+        const float gate = 1.f / (1.f + expf(-buf->route[b]));
+        for (int j = 0; j < H; j++) buf->x[(long)b * H + j] += gate * buf->moe_y[(long)b * H + j];
+    }
+}
+
 /* The first half of layer L for rows 0..B-1 of buf->x: norm, q/k/v projections, rotation;
  * keys and values go to each row's position in its pages, the rotated
  * queries stay in buf->qkv. */
@@ -1369,6 +1459,10 @@ static void mlp_for(const Layer *L, const Buffers *buf, const Shape *sh) {
     lora_for(buf, L->index, T_O, buf->att, (long)sh->nh * sh->hd, (long)sh->nh * sh->hd, attn_out, H, H);
     sublayer_end_for(L->bo, L->post_attn, buf->h, buf->x, sh->B, H, sh->eps);
     rmsnorm_for(buf->x, L->ln2, buf->h, sh->B, H, sh->eps);
+    if (L->router) {
+        moe_for(L, buf, sh);
+        return;
+    }
     in = input_for(sh, buf, buf->h, H);
 #ifdef HAVE_AMX
     if (sh->amx && !buf->lora) { /* fused gate/up: no fp32 gate and up for adapters to add to */
