@@ -24,6 +24,7 @@ from parley.engine.fast import ISAS, FastDecoder, kernels
 from parley.engine.sampling import SamplingParams
 from parley.model import quant
 from parley.model.transformer import ModelConfig, Transformer
+from test_tiles import assert_cuts_change_no_bit
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -204,21 +205,7 @@ def test_where_a_prompt_is_cut_changes_no_bit_in_a_sliding_window(amx, page_size
     """A row's bits on tiles do not depend on how its prompt was fed, its window's first position
     anywhere in a tile of keys or values (tests/test_tiles.py checks the same without windows)."""
     model, _ = bf16_and_reference("gemma3", window=37)
-    fast = FastDecoder.create(model)
-    prompt = tokens(150, TILED["vocab_size"], seed=9)
-
-    def last_logits(cuts):
-        cache = PagedKVCache(model.config, 2**24, page_size, torch.bfloat16)
-        seq = CachedSequence(tokens=prompt, pages=list(range(cache.pages_for(len(prompt)))))
-        with torch.inference_mode():
-            for n in cuts:
-                batch = cache.batch([(seq, n)])
-                logits = (fast.step_rows(batch) if n > 1 else fast.step_paged(batch))[-1].clone()
-        return logits
-
-    whole = last_logits([150])
-    for cuts in ([149, 1], [48, 48, 48, 6], [1, 1, 1, 100, 47], [37, 90, 22, 1], [7] * 21 + [3]):
-        assert torch.equal(last_logits(cuts), whole), cuts
+    assert_cuts_change_no_bit(FastDecoder.create(model), page_size)
 
 
 def runnable(path: str) -> bool:
