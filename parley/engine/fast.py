@@ -159,6 +159,9 @@ class FastDecoder:
         self.keep: list[torch.Tensor] = []
         self.arrays: list[ctypes.Array] = []  # pointer arrays the layers point into (experts)
         self.cos, self.sin = model.rope_cos.contiguous(), model.rope_sin.contiguous()
+        # Gemma 3's sliding layers rotate with tables of their own base, shared by those layers
+        self.local = (model.rope_local_cos.contiguous(), model.rope_local_sin.contiguous()) \
+            if self.cfg.rope_local_base_freq is not None else None
         self.layers = (Layer * len(m.layers))()
         for index, (layer, block) in enumerate(zip(self.layers, m.layers)):
             layer.index = index
@@ -205,8 +208,8 @@ class FastDecoder:
         if cfg.qk_norm:
             layer.q_norm, layer.k_norm = self._fp32(norm_weight(a.q_norm)), self._fp32(norm_weight(a.k_norm))
         layer.window = cfg.window(index) or 0
-        if layer.window and cfg.rope_local_base_freq is not None:  # Gemma 3's sliding layers: their own base
-            layer.cos, layer.sin = self._fp32(self.model.rope_local_cos), self._fp32(self.model.rope_local_sin)
+        if layer.window and self.local:
+            layer.cos, layer.sin = (table.data_ptr() for table in self.local)
 
     def _experts(self, layer: Layer, moe: torch.nn.Module) -> None:
         """A sparse layer's router and experts (kernels.c's moe_for; model/transformer.py's SparseMoE)."""
