@@ -158,15 +158,6 @@ def test_attention_soft_capping_paged_equals_uncached():
     engine.close()
 
 
-def test_engine_reports_the_torch_path_for_features_the_c_kernels_lack(caplog):
-    cfg = ModelConfig(**{**SHAPE, "num_attention_heads": 4, "num_key_value_heads": 2}, qk_norm=True)
-    with caplog.at_level("WARNING", logger="parley.engine"):
-        engine = Engine(randomize(Transformer(cfg)), kernels="auto")
-    assert engine.fast is None and "q/k norm" in engine.kernels_path
-    assert "q/k norm" in caplog.text
-    engine.close()
-
-
 # ---------------------------------------------------------------- GGUF, as llama.cpp's converter writes it
 
 GGUF_NAMES = {"self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",

@@ -155,25 +155,30 @@ def test_tile_prompt_chunks_stay_within_bf16_precision_of_fp32(tiles, heads):
             assert torch.equal(got.argmax(-1), expected.argmax(-1))
 
 
-@pytest.mark.parametrize("page_size", [16, 8], ids=["key-tiles", "one-key-at-a-time"])
-def test_where_a_prompt_is_cut_changes_no_bit(tiles, page_size):
-    """The engine cuts prompts wherever a step's budget ends on this path: the last
-    token's logits must be the same bits however the prompt was fed (in one go, in chunks
-    of any size, a token at a time, its last token as a decode row)."""
-    tokens = [random.Random(9).randrange(CFG.vocab_size) for _ in range(150)]
+def assert_cuts_change_no_bit(fast: FastDecoder, page_size: int) -> None:
+    """The last token's logits of a 150-token prompt are the same bits however it is fed (in
+    one go, in chunks of any size, a token at a time, its last token as a decode row)."""
+    tokens = [random.Random(9).randrange(fast.cfg.vocab_size) for _ in range(150)]
 
     def last_logits(cuts):
-        cache = PagedKVCache(CFG, 2**24, page_size, torch.bfloat16)
+        cache = PagedKVCache(fast.cfg, 2**24, page_size, torch.bfloat16)
         seq = CachedSequence(tokens=tokens, pages=list(range(cache.pages_for(len(tokens)))))
         with torch.inference_mode():
             for n in cuts:
                 batch = cache.batch([(seq, n)])
-                logits = (tiles.step_rows(batch) if n > 1 else tiles.step_paged(batch))[-1].clone()
+                logits = (fast.step_rows(batch) if n > 1 else fast.step_paged(batch))[-1].clone()
         return logits
 
     whole = last_logits([150])
     for cuts in ([149, 1], [48, 48, 48, 6], [1, 1, 1, 100, 47], [37, 90, 22, 1], [7] * 21 + [3]):
         assert torch.equal(last_logits(cuts), whole), cuts
+
+
+@pytest.mark.parametrize("page_size", [16, 8], ids=["key-tiles", "one-key-at-a-time"])
+def test_where_a_prompt_is_cut_changes_no_bit(tiles, page_size):
+    """The engine cuts prompts wherever a step's budget ends on this path: the last
+    token's logits must be the same bits however the prompt was fed."""
+    assert_cuts_change_no_bit(tiles, page_size)
 
 
 def test_scheduled_requests_get_the_tokens_they_get_alone_on_tiles(tiles):

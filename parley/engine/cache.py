@@ -20,9 +20,12 @@ Shared pages are never written: a sequence only appends after its own last token
 A `PagedBatch` is one forward step over several sequences, packed into one row: decoding
 sequences (one query each) attend together through one padded gather of their pages;
 each sequence that feeds several tokens (prefill) attends on its own, causally. A layer with
-a sliding window (ModelConfig.window) masks out keys older than its window; every page is
-kept all the same (correctness first: freeing pages that no layer's window reaches any more
-is left to do).
+a sliding window (ModelConfig.window) masks out keys older than its window. Where every layer
+slides (Mistral, Phi-3), a page that lies wholly before the window of a sequence's next query
+is given back when a batch is built (`CachedSequence.dropped` counts them; the page table keeps
+their numbers, read only with weight zero, so positions still index it). With any full-attention
+layer (Gemma 3) every page stays: a page number holds one slot of every layer's pools, so
+freeing one for the sliding layers alone would take a page table per kind of layer.
 """
 
 from __future__ import annotations
@@ -52,6 +55,7 @@ class CachedSequence:
     pages: list[int] = field(default_factory=list)
     hashes: list[bytes] = field(default_factory=list)
     salt: bytes = b""
+    dropped: int = 0  # pages[:dropped] given back: behind every layer's sliding window
 
 
 class PagedKVCache:
@@ -78,6 +82,9 @@ class PagedKVCache:
         self.cached: OrderedDict[int, None] = OrderedDict()  # named pages nobody holds, oldest first
         self.name_of: dict[int, bytes] = {}
         self.page_named: dict[bytes, int] = {}
+        # positions a query sees where every layer slides (then older pages are given back); else None
+        windows = [cfg.window(i) for i in range(cfg.num_hidden_layers)]
+        self.window = max(windows) if all(windows) else None
 
     # -- counters
     @property
@@ -121,14 +128,29 @@ class PagedKVCache:
 
     def release(self, seq: CachedSequence) -> None:
         """Drop seq's hold on its pages: named ones become cached, the others free."""
-        for page in seq.pages:
+        self._give_back(seq.pages[seq.dropped:])
+        seq.pages, seq.dropped = [], 0
+
+    def _give_back(self, pages: list[int]) -> None:
+        for page in pages:
             self.refs[page] -= 1
             if self.refs[page] == 0:
                 if page in self.name_of:
                     self.cached[page] = None
                 else:
                     self.free.append(page)
-        seq.pages = []
+
+    def drop_behind_window(self, seq: CachedSequence) -> None:
+        """Give back seq's pages that lie wholly before what its next query (at seq.length) sees,
+        where every layer slides. Their numbers stay in seq.pages: the C kernels may read a few
+        such positions with weight zero (weigh_tiles starts at a multiple of 32), and a page
+        reused meanwhile holds another sequence's finite values."""
+        if self.window is None:
+            return
+        behind = max(0, seq.length - self.window + 1) // self.page_size
+        if behind > seq.dropped:
+            self._give_back(seq.pages[seq.dropped:behind])
+            seq.dropped = behind
 
     # -- prefix reuse
     def _name(self, previous: bytes, tokens: list[int]) -> bytes:
@@ -161,7 +183,7 @@ class PagedKVCache:
             name = self._name(seq.hashes[-1] if seq.hashes else seq.salt, seq.tokens[i * ps:(i + 1) * ps])
             seq.hashes.append(name)
             page = seq.pages[i]
-            if name not in self.page_named and page not in self.name_of:
+            if i >= seq.dropped and name not in self.page_named and page not in self.name_of:
                 self.page_named[name], self.name_of[page] = page, name
 
     # -- one forward step
@@ -187,6 +209,7 @@ class PagedBatch:
             if n < 1 or seq.length + n > len(seq.tokens) or seq.length + n > len(seq.pages) * ps:
                 raise CacheError(f"cannot feed {n} tokens to a sequence of {len(seq.tokens)} tokens, "
                                  f"{seq.length} cached, {len(seq.pages)} pages")
+            cache.drop_behind_window(seq)
             at, start = len(self.ids), seq.length
             span = range(start, start + n)
             self.ids += seq.tokens[start:start + n]

@@ -160,12 +160,12 @@ class Engine:
         fast = FastDecoder.create(model, tiles=kernels in ("auto", "amx"), path=kernels)
         if kernels == "amx" and (fast is None or not fast.amx):
             raise EngineError("kernels=amx, but the AMX tile path cannot run here (it needs a CPU with AMX, "
-                              "a C compiler, a dense bf16 model on the CPU with whole-tile shapes): "
+                              "a C compiler, a bf16 model on the CPU with whole-tile shapes): "
                               "use kernels=auto")
         if kernels in ("avx512", "avx2", "scalar") and fast is None:
             lacking = FastDecoder.unsupported(model)
             raise EngineError(f"kernels={kernels}, but the C kernels cannot run here (they need a C compiler and a "
-                              "dense bf16 or fp32 model on the CPU" + (f"; they lack {lacking}" if lacking else "")
+                              "bf16 or fp32 model on the CPU" + (f"; they lack {lacking}" if lacking else "")
                               + "): use kernels=auto")
         return fast
 

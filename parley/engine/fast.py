@@ -6,7 +6,10 @@
     tokens = decoder.argmax(logits, rows)      # greedy picks of those rows
 
 The Transformer's own forward stays the reference. This path computes the same step with
-fp32 activations over the model's bf16 or fp32 weights, used in place. On a CPU with AMX
+fp32 activations over the model's bf16 or fp32 weights, used in place, for every family the
+Transformer has (q/k/v biases, q/k norms, Gemma 3's norms, GeGLU and scales, soft-capping,
+per-layer sliding windows with their own rotary tables, mixtures of experts; RoPE scaling is
+in the rotary tables already). On a CPU with AMX
 and bf16 weights whose sizes are whole tiles (`decoder.amx`), the projections run on the
 tile unit with their inputs rounded to bf16, and keys and values are kept in bf16
 (`decoder.kv_dtype`); every row's arithmetic is the same whatever it is batched with.
@@ -45,8 +48,13 @@ P = ctypes.c_void_p
 
 
 class Layer(ctypes.Structure):
+    """One layer as kernels.c's Layer reads it; the fields after `index` are the families' variations
+    (None / 0: a plain Llama layer has none)."""
     _fields_ = [(n, P) for n in ("q", "k", "v", "o", "gate", "up", "down", "ln1", "ln2", "K", "V")] + \
-               [("index", ctypes.c_long)]
+               [("index", ctypes.c_long)] + \
+               [(n, P) for n in ("bq", "bk", "bv", "bo", "q_norm", "k_norm", "post_attn", "post_ff", "cos", "sin")] + \
+               [("window", ctypes.c_long)] + [(n, P) for n in ("router", "experts", "shared", "shared_router")] + \
+               [(n, ctypes.c_long) for n in ("n_experts", "top_k", "expert_inter", "shared_inter", "renorm")]
 
 
 class Lora(ctypes.Structure):
@@ -57,13 +65,14 @@ class Lora(ctypes.Structure):
 
 class Buffers(ctypes.Structure):
     _fields_ = [(n, P) for n in ("x", "h", "qkv", "att", "gu", "act", "scores", "logits", "xp", "xp_act", "xq", "xs",
-                                 "lora", "lora_plan")]
+                                 "lora", "lora_plan", "route", "moe_x", "moe_y", "moe_rows")]
 
 
 class Shape(ctypes.Structure):
     _fields_ = [(n, ctypes.c_int) for n in ("B", "H", "nh", "nkv", "hd", "n_layers", "w_bf16", "amx", "kv_bf16")] + \
                [(n, ctypes.c_long) for n in ("inter", "vocab", "max_len")] + [("eps", ctypes.c_float)] + \
-               [(n, ctypes.c_int) for n in ("quant", "isa")]
+               [(n, ctypes.c_int) for n in ("quant", "isa")] + \
+               [(n, ctypes.c_float) for n in ("scale", "attn_cap")] + [("gelu", ctypes.c_int)]
 
 
 class QWeight(ctypes.Structure):
@@ -79,6 +88,12 @@ class QWeight(ctypes.Structure):
 # the int8 paths of quantized weights (kernels.c's ISA_*), best last; `kernels=` names a ceiling
 ISAS = ("scalar", "avx2", "vnni")
 ISA_CEILING = {"scalar": 0, "avx2": 1}  # any other setting: the best this CPU has
+
+
+def norm_weight(norm: torch.nn.Module) -> torch.Tensor:
+    """An RMSNorm's weights in fp32 as kernels.c multiplies by them: Gemma's (offset) are 1 + weight."""
+    w = norm.weight.detach().float()
+    return (1.0 + w if norm.offset else w).contiguous()
 
 
 def cache_dir() -> Path:
@@ -140,21 +155,29 @@ class FastDecoder:
         self.quant = bool(quantized_layers(model))
         self.isa = lib.quant_isa(ISA_CEILING.get(path, len(ISAS)))
         self.qweights: list[QWeight] = []
-        # norms are tiny: keep fp32 copies; big weights are used in place, never copied
-        self.keep = [(b.input_layernorm.weight.float().contiguous(), b.post_attention_layernorm.weight.float().contiguous())
-                     for b in m.layers]
-        self.layers = (Layer * len(m.layers))()
-        for index, (layer, block, (ln1, ln2)) in enumerate(zip(self.layers, m.layers, self.keep)):
-            layer.index = index
-            a, f = block.self_attn, block.mlp
-            for name, w in (("q", a.q_proj), ("k", a.k_proj), ("v", a.v_proj), ("o", a.o_proj),
-                            ("gate", f.gate_proj), ("up", f.up_proj), ("down", f.down_proj)):
-                setattr(layer, name, self._pointer(w))
-            layer.ln1, layer.ln2 = ln1.data_ptr(), ln2.data_ptr()
-        self.norm = m.norm.weight.float().contiguous()
-        self.embed = m.embed_tokens.weight
-        self.head = self._pointer(model.lm_head)
+        # norms and biases are tiny: fp32 copies, kept here; big weights are used in place, never copied
+        self.keep: list[torch.Tensor] = []
+        self.arrays: list[ctypes.Array] = []  # pointer arrays the layers point into (experts)
         self.cos, self.sin = model.rope_cos.contiguous(), model.rope_sin.contiguous()
+        # Gemma 3's sliding layers rotate with tables of their own base, shared by those layers
+        self.local = (model.rope_local_cos.contiguous(), model.rope_local_sin.contiguous()) \
+            if self.cfg.rope_local_base_freq is not None else None
+        self.layers = (Layer * len(m.layers))()
+        for index, (layer, block) in enumerate(zip(self.layers, m.layers)):
+            layer.index = index
+            a, f = block.self_attn, getattr(block, "mlp", None)
+            for name, w in (("q", a.q_proj), ("k", a.k_proj), ("v", a.v_proj), ("o", a.o_proj)) + \
+                    ((("gate", f.gate_proj), ("up", f.up_proj), ("down", f.down_proj)) if f else ()):
+                setattr(layer, name, self._pointer(w))
+            self._variations(layer, block, index)
+            if f is None:
+                self._experts(layer, block.block_sparse_moe)
+        self.norm = norm_weight(m.norm)
+        self.embed = m.embed_tokens.weight
+        # Gemma scales embeddings by sqrt(hidden), the factor rounded to the weights' dtype first
+        self.embed_scale = torch.tensor(self.cfg.hidden_size ** 0.5, dtype=self.embed.dtype).item() \
+            if self.cfg.gemma else None
+        self.head = self._pointer(model.lm_head)
         self.amx = tiles and not self.quant and self._tiles_fit() and bool(lib.amx_enable())
         # the tile path keeps keys and values in bf16 (half the bytes each step reads); else fp32
         self.kv_dtype = torch.bfloat16 if self.amx else torch.float32
@@ -162,6 +185,46 @@ class FastDecoder:
         # threads that may share chunks_attend, each with its own 16 rows of scores (the C side
         # caps its team at this)
         self.slots = max(torch.get_num_threads(), os.cpu_count() or 1)
+
+    def _fp32(self, t: torch.Tensor | None) -> int | None:
+        """The address of an fp32 copy of a small tensor, kept alive here (None for None)."""
+        if t is None:
+            return None
+        self.keep.append(t.detach().float().contiguous())
+        return self.keep[-1].data_ptr()
+
+    def _variations(self, layer: Layer, block: torch.nn.Module, index: int) -> None:
+        """The family's terms of one layer (kernels.c's Layer after `index`): norms, biases,
+        q/k norms, Gemma's sublayer output norms, the sliding window and its rotary tables."""
+        a, cfg = block.self_attn, self.cfg
+        if cfg.gemma:  # HF's names: post_attention_layernorm normalizes the attention's output
+            ln2, layer.post_attn = block.pre_feedforward_layernorm, self._fp32(norm_weight(block.post_attention_layernorm))
+            layer.post_ff = self._fp32(norm_weight(block.post_feedforward_layernorm))
+        else:
+            ln2 = block.post_attention_layernorm
+        layer.ln1, layer.ln2 = self._fp32(norm_weight(block.input_layernorm)), self._fp32(norm_weight(ln2))
+        layer.bq, layer.bk, layer.bv, layer.bo = (self._fp32(getattr(p, "bias", None)) for p in
+                                                  (a.q_proj, a.k_proj, a.v_proj, a.o_proj))
+        if cfg.qk_norm:
+            layer.q_norm, layer.k_norm = self._fp32(norm_weight(a.q_norm)), self._fp32(norm_weight(a.k_norm))
+        layer.window = cfg.window(index) or 0
+        if layer.window and self.local:
+            layer.cos, layer.sin = (table.data_ptr() for table in self.local)
+
+    def _experts(self, layer: Layer, moe: torch.nn.Module) -> None:
+        """A sparse layer's router and experts (kernels.c's moe_for; model/transformer.py's SparseMoE)."""
+        cfg = self.cfg
+        layer.router, layer.n_experts, layer.top_k = moe.gate.weight.data_ptr(), cfg.num_local_experts, moe.top_k
+        layer.expert_inter, layer.renorm = cfg.moe_intermediate_size or cfg.intermediate_size, int(moe.renormalize)
+        pointers = (P * (3 * cfg.num_local_experts))(*(w.weight.data_ptr() for e in moe.experts for w in (e.w1, e.w3, e.w2)))
+        self.arrays.append(pointers)
+        layer.experts = ctypes.addressof(pointers)
+        if hasattr(moe, "shared_expert"):
+            s = moe.shared_expert
+            shared = (P * 3)(*(w.weight.data_ptr() for w in (s.gate_proj, s.up_proj, s.down_proj)))
+            self.arrays.append(shared)
+            layer.shared, layer.shared_router = ctypes.addressof(shared), moe.shared_expert_gate.weight.data_ptr()
+            layer.shared_inter = cfg.shared_expert_intermediate_size
 
     def _pointer(self, linear: torch.nn.Module) -> int:
         """What the C side takes for a layer's weights: the float matrix, or a QWeight."""
@@ -190,27 +253,33 @@ class FastDecoder:
         c = self.cfg
         q, kv = c.num_attention_heads * c.head_dim, c.num_key_value_heads * c.head_dim
         return self.embed.dtype == torch.bfloat16 and \
-            all(n % 32 == 0 for n in (c.hidden_size, q, c.intermediate_size)) and \
-            all(n % 16 == 0 for n in (q, kv, c.hidden_size, c.intermediate_size, c.vocab_size))
+            all(n % 32 == 0 for n in (c.hidden_size, q, *self._mlp_widths())) and \
+            all(n % 16 == 0 for n in (q, kv, c.hidden_size, *self._mlp_widths(), c.vocab_size))
+
+    def _mlp_widths(self) -> list[int]:
+        """The widths of the model's MLPs: dense, experts', shared expert's."""
+        c = self.cfg
+        widths = [c.intermediate_size]
+        if c.is_moe:
+            widths += [c.moe_intermediate_size or c.intermediate_size] + \
+                      [c.shared_expert_intermediate_size] * bool(c.shared_expert_intermediate_size)
+        return widths
 
     @staticmethod
     def unsupported(model: Transformer) -> str | None:
         """What of this model the C kernels do not compute (None: nothing); the engine then runs
-        it on the model's PyTorch forward and says so."""
+        it on the model's PyTorch forward and says so. They compute every dense family of
+        model/transformer.py: biases, q/k norms, Gemma 3's norms, GeGLU, scales, soft-capping,
+        sliding windows and RoPE scaling (folded into the rotary tables they read)."""
         cfg = model.config
         lacking = [what for what, present in (
-            ("mixture of experts", cfg.is_moe), ("attention biases", cfg.attention_bias or cfg.qkv_bias),
-            ("q/k norm", cfg.qk_norm), ("sliding-window attention", cfg.has_window),
-            ("soft-capping", cfg.final_logit_softcapping or cfg.attn_logit_softcapping),
-            ("Gemma's norms and scaled embeddings", cfg.gemma), (cfg.hidden_act, cfg.hidden_act != "silu"),
-            ("an attention scale other than 1/sqrt(head_dim)", cfg.query_pre_attn_scalar is not None),
-        ) if present]
+            ("more than 64 experts a token", cfg.is_moe and cfg.num_experts_per_tok > 64),) if present]
         return ", ".join(lacking) or None
 
     @classmethod
     def create(cls, model: Transformer, tiles: bool = True, path: str = "auto") -> "FastDecoder | None":
-        """A fast decoder if this model and machine allow one: a plain Llama-style model
-        (`unsupported` names what else), bf16 or fp32 weights on the CPU (or q8 / q4 ones: every
+        """A fast decoder if this model and machine allow one: a model of any family
+        (`unsupported` names what the kernels lack), bf16 or fp32 weights on the CPU (or q8 / q4 ones: every
         projection and the output layer), and a working C compiler; on AMX tiles where they fit,
         unless `tiles` is False. `path` (the engine's `kernels` setting, engine/config.py) caps the
         int8 path of quantized weights: avx2, scalar. Moves the model's float weights into huge
@@ -240,16 +309,19 @@ class FastDecoder:
             R, S, L = (max(rows, have[0] if have else 0), max(span, have[1] if have else 0),
                        max(logit_rows, have[2] if have else 0))
             qkv = (c.num_attention_heads + 2 * c.num_key_value_heads) * c.head_dim
-            widest = max(c.hidden_size, c.intermediate_size, c.num_attention_heads * c.head_dim)
+            inter = max(self._mlp_widths())
+            widest = max(c.hidden_size, inter, c.num_attention_heads * c.head_dim)
+            experts = max(c.num_local_experts, 1)
             tensors = dict(
                 x=torch.empty(R, c.hidden_size), h=torch.empty(R, c.hidden_size), qkv=torch.empty(R, qkv),
-                att=torch.empty(R, c.num_attention_heads * c.head_dim), gu=torch.empty(R, 2 * c.intermediate_size),
-                act=torch.empty(R, c.intermediate_size),
+                att=torch.empty(R, c.num_attention_heads * c.head_dim), gu=torch.empty(R, 2 * inter),
+                act=torch.empty(R, inter),
                 scores=torch.empty(max(R * c.num_attention_heads, 16 * self.slots) * S),
                 logits=torch.empty(L, c.vocab_size),
-                **{name: torch.empty(max(c.hidden_size, c.intermediate_size, c.num_attention_heads * c.head_dim) // 2
-                                     * -(-R // 16) * 16, dtype=torch.int32) for name in ("xp", "xp_act")},
-                xq=torch.empty(R * widest, dtype=torch.int8), xs=torch.empty(R * 2 * widest // 32))
+                **{name: torch.empty(widest // 2 * -(-R // 16) * 16, dtype=torch.int32) for name in ("xp", "xp_act")},
+                xq=torch.empty(R * widest, dtype=torch.int8), xs=torch.empty(R * 2 * widest // 32),
+                route=torch.empty(R, experts), moe_x=torch.empty(R, c.hidden_size), moe_y=torch.empty(R, c.hidden_size),
+                moe_rows=torch.empty(experts + 1 + R * c.num_experts_per_tok, dtype=torch.int64))
             self.buffers[kind] = (R, S, L, tensors, Buffers(**{n: t.data_ptr() for n, t in tensors.items()}))
         *_, tensors, pointers = self.buffers[kind]
         views = {n: t[:logit_rows] if n == "logits" else t[:rows] if t.dim() == 2 else t for n, t in tensors.items()}
@@ -262,7 +334,20 @@ class FastDecoder:
         return Shape(B=B, H=c.hidden_size, nh=c.num_attention_heads, nkv=c.num_key_value_heads, hd=c.head_dim,
                      n_layers=c.num_hidden_layers, w_bf16=int(self.embed.dtype == torch.bfloat16), amx=int(self.amx),
                      kv_bf16=int(self.amx), inter=c.intermediate_size, vocab=c.vocab_size, max_len=max_len,
-                     eps=c.rms_norm_eps, quant=int(self.quant), isa=self.isa)
+                     eps=c.rms_norm_eps, quant=int(self.quant), isa=self.isa,
+                     scale=c.attention_scale if c.query_pre_attn_scalar else 0.0,
+                     attn_cap=c.attn_logit_softcapping or 0.0, gelu=int(c.hidden_act != "silu"))
+
+    def _embed(self, x: torch.Tensor, ids: list[int]) -> None:
+        """x = the embeddings of ids (Gemma's scaled)."""
+        x.copy_(self.embed[torch.tensor(ids)])
+        if self.embed_scale is not None:
+            x.mul_(self.embed_scale)
+
+    def _capped(self, logits: torch.Tensor) -> torch.Tensor:
+        """The final logits soft-capped in place where the model does (Gemma 3): cap tanh(logits / cap)."""
+        cap = self.cfg.final_logit_softcapping
+        return logits.div_(cap).tanh_().mul_(cap) if cap else logits
 
     def _point_at(self, cache: PagedKVCache) -> None:
         """Give every layer its page pools of the cache."""
@@ -316,7 +401,7 @@ class FastDecoder:
         span = self._span(table.shape[1], cache.page_size)
         tensors, buffers = self._buffers("step", B, span)
         positions = batch.positions[0].contiguous()
-        tensors["x"].copy_(self.embed[torch.tensor(batch.ids)])
+        self._embed(tensors["x"], batch.ids)
         self._point_at(cache)
         shape = self._shape(B, span)
         buffers.lora, buffers.lora_plan = self._rows_lora(lora, B)
@@ -324,7 +409,7 @@ class FastDecoder:
                                    ctypes.byref(buffers), ctypes.byref(shape), positions.data_ptr(),
                                    self.cos.data_ptr(), self.sin.data_ptr(), table.data_ptr(),
                                    table.shape[1], cache.page_size)
-        return tensors["logits"]
+        return self._capped(tensors["logits"])
 
     @torch.inference_mode()
     def step_rows(self, batch: PagedBatch, lora: torch.Tensor | None = None) -> torch.Tensor:
@@ -346,7 +431,7 @@ class FastDecoder:
         widths = [len(pages) for *_, pages in batch.prefill] + ([decode_table.shape[1]] if D else [])
         span = self._span(max(widths), ps)  # scores of any row's positions
         tensors, buffers = self._buffers("rows", N, span, n_out)
-        tensors["x"].copy_(self.embed[torch.tensor(batch.ids)])
+        self._embed(tensors["x"], batch.ids)
         positions = batch.positions[0].contiguous()
         table = torch.zeros(N, max(widths), dtype=torch.long)  # every row gets its sequence's pages
         if D:
@@ -370,4 +455,4 @@ class FastDecoder:
         rows = batch.outputs.contiguous()
         self.lib.prompt_logits(self.norm.data_ptr(), self.head, ctypes.byref(buffers),
                                ctypes.byref(shape), rows.data_ptr(), n_out)
-        return tensors["logits"]
+        return self._capped(tensors["logits"])

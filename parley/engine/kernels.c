@@ -1,5 +1,6 @@
 /* Decode steps and prompt layers of a Llama-style model on the CPU (parley/engine/fast.py calls
- * them via ctypes).
+ * them via ctypes), with the variations of the other families (Layer and Shape: biases, q/k
+ * norms, Gemma 3's norms and GeGLU, sliding windows, soft-capping, mixtures of experts).
  *
  * Decoding one token at a time is bound by memory bandwidth: every weight is read once
  * per step and used for only a few multiply-adds. Stock PyTorch reaches a fraction of the
@@ -73,7 +74,23 @@ static inline __m512 silu_mul16(__m512 g, __m512 u) {
     const __m512 e = exp16(_mm512_sub_ps(_mm512_setzero_ps(), g));
     return _mm512_mul_ps(_mm512_div_ps(g, _mm512_add_ps(_mm512_set1_ps(1.f), e)), u);
 }
+
+/* gelu_tanh(g) * u (Gemma's GeGLU): 0.5 g (1 + tanh z) with z = sqrt(2/pi) (g + 0.044715 g^3) is
+ * g sigmoid(2z) = g / (1 + e^-2z), with the same e^x as silu. */
+static inline __m512 gelu_mul16(__m512 g, __m512 u) {
+    const __m512 cube = _mm512_mul_ps(_mm512_mul_ps(g, g), g);
+    const __m512 z2 = _mm512_mul_ps(_mm512_set1_ps(-1.5957691216f), _mm512_fmadd_ps(cube, _mm512_set1_ps(0.044715f), g));
+    return _mm512_mul_ps(_mm512_div_ps(g, _mm512_add_ps(_mm512_set1_ps(1.f), exp16(z2))), u);
+}
+
+static inline __m512 act_mul16(__m512 g, __m512 u, int gelu) { return gelu ? gelu_mul16(g, u) : silu_mul16(g, u); }
 #endif
+
+/* act_mul16 for one value */
+static inline float act_mul1(float g, float u, int gelu) {
+    const float e = gelu ? expf(-1.5957691216f * (g + 0.044715f * g * g * g)) : expf(-g);
+    return g / (1.f + e) * u;
+}
 
 static inline float load1(const void *W, int w_bf16, long at) {
     return w_bf16 ? bf16_to_f32(((const uint16_t *)W)[at]) : ((const float *)W)[at];
@@ -301,14 +318,14 @@ static void amx_linear_for(const uint16_t *const *Ws, const long *rows, int coun
     }
 }
 
-/* The MLP's first half on the tile unit, fused: act = silu(x gate^T) * (x up^T) for x packed by
+/* The MLP's first half on the tile unit, fused: act = silu(x gate^T) * (x up^T) (gelu with `gelu`) for x packed by
  * pack_for, written straight in pack_for's layout (act_p) for the down projection to read, so
  * the [B, 2 inter] sums never go to memory and act is never packed (for a 390-row chunk the
  * unfused readback cost as much as a third of the products). Block j: the same 16 outputs of
  * gate and of up, 32 rows at a time. Element by element the arithmetic of amx_linear_for,
- * silu_mul_for and pack_for: the same bits. I % 32 == 0, inter % 32 == 0. */
+ * act_mul_for and pack_for: the same bits. I % 32 == 0, inter % 32 == 0. */
 static void amx_gate_up_for(const uint16_t *gate, const uint16_t *up, const uint32_t *xp, int Bp, long I, long inter,
-                            uint32_t *act_p) {
+                            uint32_t *act_p, int gelu) {
     const long w_stride = I * 2;
 #pragma omp for schedule(static)
     for (long j = 0; j < inter / 16; j++) {
@@ -348,7 +365,7 @@ static void amx_gate_up_for(const uint16_t *gate, const uint16_t *up, const uint
                 for (int m = 0; m < 16; m += 2) {
                     __m512 h[2];
                     for (int e = 0; e < 2; e++)
-                        h[e] = silu_mul16(_mm512_loadu_ps(g[half][m + e]), _mm512_loadu_ps(u[half][m + e]));
+                        h[e] = act_mul16(_mm512_loadu_ps(g[half][m + e]), _mm512_loadu_ps(u[half][m + e]), gelu);
                     /* pair m / 2 of the 16 rows: (bf16 act[o + m], bf16 act[o + m + 1]) in one word */
                     const __m512i lo = _mm512_cvtepu16_epi32((__m256i)_mm512_cvtneps_pbh(h[0]));
                     const __m512i hi = _mm512_cvtepu16_epi32((__m256i)_mm512_cvtneps_pbh(h[1]));
@@ -798,24 +815,44 @@ static int weigh_values(const float *p, long max_len, const char *v, long row, i
 #endif
 }
 
-/* o[j] = sum over s < n of p[j * p_stride + s] * v_s for the group heads j (o: group rows of hd),
+/* o[j] = sum over lo <= s < n of p[j * p_stride + s] * v_s for the group heads j (o: group rows of hd),
  * v_s the value rows of kv head g of row b: a page of consecutive positions at a time, the next
  * page's values fetched early (pages lie anywhere in the pool). */
 static void weigh_runs(const float *p, long p_stride, const void *V, int kv_bf16, const Paging *pg, long b, int g,
-                       int nkv, int hd, long n, float *o, int group) {
+                       int nkv, int hd, long lo, long n, float *o, int group) {
     const long run = pg->page_size, size = kv_bf16 ? 2 : 4, row = hd * size;
     for (long i = 0; i < (long)group * hd; i++) o[i] = 0.f;
-    for (long s0 = 0; s0 < n; s0 += run) {
-        const char *v = (const char *)V + kv_at(pg, b, g, s0, nkv, hd) * size;
+    for (long s0 = lo / run * run; s0 < n; s0 += run) {
+        const long start = s0 > lo ? s0 : lo;
+        const char *v = (const char *)V + kv_at(pg, b, g, start, nkv, hd) * size;
         if (s0 + run < n) {
             const char *next = (const char *)V + kv_at(pg, b, g, s0 + run, nkv, hd) * size;
             for (long at = 0; at < run * row; at += 64) __builtin_prefetch(next + at, 0, 3);
         }
         const long s1 = n < s0 + run ? n : s0 + run;
-        if (!weigh_values(p, p_stride, v, row, kv_bf16, s0, s1, o, hd, group))
-            for (long s = s0; s < s1; s++, v += row)
+        if (!weigh_values(p, p_stride, v, row, kv_bf16, start, s1, o, hd, group))
+            for (long s = start; s < s1; s++, v += row)
                 for (int j = 0; j < group; j++) axpy(p[j * p_stride + s], v, kv_bf16, o + (long)j * hd, hd);
     }
+}
+
+/* The first position a query at `pos` sees: in a sliding layer (window > 0) the last `window`
+ * positions, its own included; else all. */
+static inline long first_seen(long pos, long window) { return window > 0 && pos >= window ? pos - window + 1 : 0; }
+
+/* Where the keys loop of a query that sees from lo on starts: at the block of 16 (counted from the
+ * start of lo's page) that holds lo, so that a position's score is computed the same way (one key
+ * tile, or one dot product) for every row and block that reads it. */
+static inline long keys_from(long lo, long run) { return lo / run * run + (lo % run) / 16 * 16; }
+
+/* Softmax of the scores p[lo..n) in place, soft-capped first (cap > 0: cap tanh(p / cap), Gemma 2's
+ * attention soft-capping); p[from..lo) are set to zero (weigh_tiles reads weights from `from` on). */
+static void softmax_span(float *p, long from, long lo, long n, float cap) {
+    if (cap > 0.f)
+        for (long s = lo; s < n; s++) p[s] = cap * tanhf(p[s] / cap);
+    const float m = max_of(p + lo, n - lo), r = 1.f / exp_sum(p + lo, n - lo, m);
+    for (long s = lo; s < n; s++) p[s] *= r;
+    for (long s = from; s < lo; s++) p[s] = 0.f;
 }
 
 #define MAX_HD 256
@@ -877,10 +914,11 @@ static void value_rows(const void *V, const Paging *pg, long b, int g, long s, l
 /* o[i][d] = sum over s < n[i] of w[i][s] * v_s[d], for the m (<= 16) rows of attention
  * weights w (fp32, row i at p + i * p_stride; rounded to bf16 here) and the bf16 value rows v_s of
  * kv head g of table row b: on the tile unit, 32 positions by 16 rows a step, the values packed in
- * pairs of positions for it. Weights from n[i] on count as zero, values from max n[i] on are not read.
+ * pairs of positions for it, from position `from` (a multiple of 32; the weights before it count
+ * as zero, so the sums are those from 0) on. Weights from n[i] on count as zero, values from max n[i] on are not read.
  * A row's sums run in the same order whatever the other rows are. */
-static void weigh_tiles(const float *p, long p_stride, int m, const long *n, const void *V, const Paging *pg, long b,
-                        int g, int nkv, int hd, float *const *o) {
+static void weigh_tiles(const float *p, long p_stride, int m, long from, const long *n, const void *V, const Paging *pg,
+                        long b, int g, int nkv, int hd, float *const *o) {
     long N = 0;
     for (int i = 0; i < m; i++) N = n[i] > N ? n[i] : N;
     uint16_t weights[16][32], values[4][16][32];
@@ -890,7 +928,7 @@ static void weigh_tiles(const float *p, long p_stride, int m, const long *n, con
     for (int d0 = 0; d0 < hd; d0 += 64) { /* up to 4 sums tiles (64 head dims) a pass */
         const int parts = hd - d0 >= 64 ? 4 : (hd - d0) / 16;
         _tile_zero(0); _tile_zero(1); _tile_zero(2); _tile_zero(3);
-        for (long s = 0; s < N; s += 32) {
+        for (long s = from; s < N; s += 32) {
             for (int i = 0; i < m; i++) { /* weights s .. s + 31 of row i, zero from n[i] on */
                 const long left = n[i] - s;
                 const __mmask16 lo = left <= 0 ? 0 : left >= 16 ? 0xffff : (__mmask16)((1u << left) - 1);
@@ -899,7 +937,7 @@ static void weigh_tiles(const float *p, long p_stride, int m, const long *n, con
                 _mm512_storeu_si512(weights[i], (__m512i)_mm512_cvtne2ps_pbh(_mm512_maskz_loadu_ps(hi, w + 16),
                                                                             _mm512_maskz_loadu_ps(lo, w)));
             }
-            if (s == 0) value_rows(V, pg, b, g, 0, N, nkv, hd, d0, rows);
+            if (s == from) value_rows(V, pg, b, g, from, N, nkv, hd, d0, rows);
             else memcpy(rows, ahead, sizeof rows);
             value_rows(V, pg, b, g, s + 32, N, nkv, hd, d0, ahead);
             for (int r = 0; r < 32 && ahead[r]; r++) /* pages lie anywhere in the pool: ask for the next rows now */
@@ -938,13 +976,14 @@ static void weigh_tiles(const float *p, long p_stride, int m, const long *n, con
 }
 #endif
 
-/* One query per row and head against the row's positions 0..pos[b] in its pages. Work is shared by (row, kv head): the `group` query heads that
+/* One query per row and head against the row's positions 0..pos[b] in its pages (in a sliding
+ * layer, window > 0, only the last `window` of them; scores soft-capped at cap > 0). Work is shared by (row, kv head): the `group` query heads that
  * read one kv head go together, so each key and value is loaded once for all of them.
  * q is read from qkv rows (stride q_stride); out is [B, nh * hd]; scratch holds
  * B * nh * max_len floats. */
 static void attend_for(const float *qkv, long q_stride, const void *K, const void *V, int kv_bf16, int amx,
                        float *out, float *scratch, int B, int nh, int nkv, int hd, long max_len, float scale,
-                       const int64_t *pos, const Paging *pg) {
+                       const int64_t *pos, const Paging *pg, long window, float cap) {
     const int group = nh / nkv;
     /* query . key products on the tile unit: bf16 keys, whole tiles of head dims, <= 16 heads a group */
     const int tiles = amx && kv_bf16 && hd % 32 == 0 && hd <= MAX_HD && group <= 16;
@@ -954,7 +993,7 @@ static void attend_for(const float *qkv, long q_stride, const void *K, const voi
 #pragma omp for schedule(static)
     for (long bg = 0; bg < (long)B * nkv; bg++) {
         const int b = bg / nkv, g = bg % nkv;
-        const long n = pos[b] + 1;
+        const long n = pos[b] + 1, lo = first_seen(pos[b], window), keys = keys_from(lo, run);
         const float *q = qkv + b * q_stride + (long)g * group * hd;
         float *p = scratch + ((long)b * nh + (long)g * group) * max_len; /* group rows of max_len */
         float *o = out + (long)b * nh * hd + (long)g * group * hd;       /* group heads, contiguous */
@@ -962,9 +1001,9 @@ static void attend_for(const float *qkv, long q_stride, const void *K, const voi
         uint32_t qp[MAX_HD / 2 * 16];
         if (tiles) pack_queries(q, group, hd, qp);
 #endif
-        for (long s0 = 0; s0 < n; s0 += run) {
-            const char *k = (const char *)K + kv_at(pg, b, g, s0, nkv, hd) * size;
-            long s = s0;
+        for (long s0 = keys / run * run; s0 < n; s0 += run) {
+            long s = s0 > keys ? s0 : keys;
+            const char *k = (const char *)K + kv_at(pg, b, g, s, nkv, hd) * size;
             if (s0 + run < n) { /* pages lie anywhere in the pool: fetch the next one's keys early */
                 const char *next = (const char *)K + kv_at(pg, b, g, s0 + run, nkv, hd) * size;
                 for (long at = 0; at < run * row; at += 64) __builtin_prefetch(next + at, 0, 3);
@@ -983,21 +1022,18 @@ static void attend_for(const float *qkv, long q_stride, const void *K, const voi
                 for (int j = 0; j < group; j++)
                     p[j * max_len + s] = dot(q + (long)j * hd, k, kv_bf16, hd) * scale;
         }
-        for (int j = 0; j < group; j++) {
-            float *pj = p + j * max_len, m = max_of(pj, n);
-            float r = 1.f / exp_sum(pj, n, m);
-            for (long s = 0; s < n; s++) pj[s] *= r;
-        }
+        const long from = tiles ? lo / 32 * 32 : lo;
+        for (int j = 0; j < group; j++) softmax_span(p + j * max_len, from, lo, n, cap);
 #ifdef HAVE_AMX
         if (tiles) { /* values on the tile unit too: the same sums as a prompt row's (attend_block) */
             long lens[16];
             float *heads[16];
             for (int j = 0; j < group; j++) lens[j] = n, heads[j] = o + (long)j * hd;
-            weigh_tiles(p, max_len, group, lens, V, pg, b, g, nkv, hd, heads);
+            weigh_tiles(p, max_len, group, from, lens, V, pg, b, g, nkv, hd, heads);
             continue;
         }
 #endif
-        weigh_runs(p, max_len, V, kv_bf16, pg, b, g, nkv, hd, n, o, group);
+        weigh_runs(p, max_len, V, kv_bf16, pg, b, g, nkv, hd, lo, n, o, group);
     }
 }
 
@@ -1010,9 +1046,11 @@ static void attend_for(const float *qkv, long q_stride, const void *K, const voi
  * prompt row and a decode row get the same bits). p: 16 rows of max_len floats of scratch. */
 static void attend_block(const float *qkv, long q_stride, const void *K, const void *V, int kv_bf16, int tiles,
                          int value_tiles, float *out, float *p, int nh, int nkv, int hd, long max_len, float scale,
-                         const int64_t *pos, const Paging *pg, long r0, int n_rows, int g) {
+                         const int64_t *pos, const Paging *pg, long r0, int n_rows, int g, long window, float cap) {
     const int group = nh / nkv;
     const long run = pg->page_size, size = kv_bf16 ? 2 : 4, row = hd * size, n = pos[r0 + n_rows - 1] + 1;
+    /* the first row sees the earliest position; the other rows' scores before their own are zeroed */
+    const long lo = first_seen(pos[r0], window), keys = keys_from(lo, run), from = value_tiles ? lo / 32 * 32 : lo;
     const float *q[16];
     for (int i = 0; i < n_rows; i++) q[i] = qkv + (r0 + i) * q_stride + (long)g * group * hd;
 #ifdef HAVE_AMX
@@ -1021,9 +1059,9 @@ static void attend_block(const float *qkv, long q_stride, const void *K, const v
 #else
     (void)tiles;
 #endif
-    for (long s0 = 0; s0 < n; s0 += run) {
-        const char *k = (const char *)K + kv_at(pg, r0, g, s0, nkv, hd) * size;
-        long s = s0;
+    for (long s0 = keys / run * run; s0 < n; s0 += run) {
+        long s = s0 > keys ? s0 : keys;
+        const char *k = (const char *)K + kv_at(pg, r0, g, s, nkv, hd) * size;
 #ifdef HAVE_AMX
         for (; tiles && s < n && s + 16 <= s0 + run; s += 16, k += 16 * row) {
             float c[16][16];
@@ -1041,52 +1079,63 @@ static void attend_block(const float *qkv, long q_stride, const void *K, const v
                 for (int j = 0; j < group; j++)
                     p[(i * group + j) * max_len + s] = dot(q[i] + (long)j * hd, k, kv_bf16, hd) * scale;
     }
-    long lens[16];
+    long lens[16], firsts[16];
     float *heads[16];
     for (int i = 0; i < n_rows; i++) {
         const long n_i = pos[r0 + i] + 1; /* causal: row i sees positions up to its own */
+        firsts[i] = first_seen(pos[r0 + i], window);
         float *p_i = p + (long)i * group * max_len, *o = out + (r0 + i) * (long)nh * hd + (long)g * group * hd;
         for (int j = 0; j < group; j++) {
-            float *pj = p_i + j * max_len, m = max_of(pj, n_i);
-            float r = 1.f / exp_sum(pj, n_i, m);
-            for (long s = 0; s < n_i; s++) pj[s] *= r;
+            softmax_span(p_i + j * max_len, from, firsts[i], n_i, cap);
             lens[i * group + j] = n_i, heads[i * group + j] = o + (long)j * hd;
         }
     }
 #ifdef HAVE_AMX
     if (value_tiles) {
-        weigh_tiles(p, max_len, n_rows * group, lens, V, pg, r0, g, nkv, hd, heads);
+        weigh_tiles(p, max_len, n_rows * group, from, lens, V, pg, r0, g, nkv, hd, heads);
         return;
     }
 #else
     (void)value_tiles;
 #endif
     for (int i = 0; i < n_rows; i++)
-        weigh_runs(p + (long)i * group * max_len, max_len, V, kv_bf16, pg, r0, g, nkv, hd, lens[i * group], heads[i * group],
-                   group);
+        weigh_runs(p + (long)i * group * max_len, max_len, V, kv_bf16, pg, r0, g, nkv, hd, firsts[i], lens[i * group],
+                   heads[i * group], group);
 }
 
-/* gu: [B, 2I] = gate | up; h[b] = silu(gate) * up */
-static void silu_mul_for(const float *gu, float *h, int B, long I) {
+/* gu: [B, 2I] = gate | up; h[b] = silu(gate) * up, or gelu(gate) * up with `gelu` */
+static void act_mul_for(const float *gu, float *h, int B, long I, int gelu) {
 #pragma omp for schedule(static)
     for (int b = 0; b < B; b++) {
         const float *g = gu + b * 2 * I, *u = g + I;
         float *y = h + b * I;
         long i = 0;
 #ifdef __AVX512F__
-        for (; i + 16 <= I; i += 16) _mm512_storeu_ps(y + i, silu_mul16(_mm512_loadu_ps(g + i), _mm512_loadu_ps(u + i)));
+        for (; i + 16 <= I; i += 16) _mm512_storeu_ps(y + i, act_mul16(_mm512_loadu_ps(g + i), _mm512_loadu_ps(u + i), gelu));
 #endif
-        for (; i < I; i++) y[i] = g[i] / (1.f + expf(-g[i])) * u[i];
+        for (; i < I; i++) y[i] = act_mul1(g[i], u[i], gelu);
     }
 }
 
 /* Pointers to one layer's weights (nn.Linear layout, or QWeight when sh->quant) and its slice of the KV cache;
- * index: the layer's number (which Lora of a row's adapter applies). */
+ * index: the layer's number (which Lora of a row's adapter applies). The families' variations
+ * (model/transformer.py; NULL or 0 where a plain Llama layer has none), all fp32: the biases of q,
+ * k, v (Qwen2) and o; RMSNorm weights of each q and k head (Qwen3, Gemma 3); Gemma's norms of the
+ * attention's and the MLP's outputs (ln2 is then its pre-feedforward norm); the layer's own rotary
+ * tables (Gemma 3's sliding layers: another base; NULL: the step's); its sliding window. */
 typedef struct {
     const void *q, *k, *v, *o, *gate, *up, *down;
     const float *ln1, *ln2;
     void *K, *V; /* fp32, or bf16 with kv_bf16 */
     long index;
+    const float *bq, *bk, *bv, *bo, *q_norm, *k_norm, *post_attn, *post_ff, *cos, *sin;
+    long window;
+    /* a mixture of experts in place of the MLP (router: NULL for a dense layer): the router [n_experts, H];
+     * experts[3 e ..]: expert e's gate, up and down [expert_inter wide]; renorm: the top_k weights
+     * renormalized to sum to one (Mixtral, Qwen3-MoE's norm_topk_prob); a shared expert (Qwen2-MoE:
+     * shared[3] gate, up, down, shared_inter wide) gated by sigmoid(shared_router . x) ([1, H]) */
+    const void *router, *const *experts, *const *shared, *shared_router;
+    long n_experts, top_k, expert_inter, shared_inter, renorm;
 } Layer;
 
 /* One LoRA adapter's matrices in one layer (engine/adapters.py), fp32 or bf16 (bf16: a model in
@@ -1115,6 +1164,9 @@ typedef struct {
     const Lora *const *lora; /* NULL, or each row's adapter: its Lora of every layer [n_layers] (NULL: none) */
     const int64_t *lora_plan; /* the rows with one, in units of up to LORA_UNIT rows of one adapter:
                                * [units, then per unit: count, LORA_UNIT row indices] */
+    float *route;             /* mixture of experts: [B, n_experts] router weights (-1: expert not chosen) */
+    float *moe_x, *moe_y;     /* [B, H]: the rows one expert gets, and its outputs */
+    int64_t *moe_rows;        /* [n_experts + 1 + B top_k]: where each expert's rows start, then the rows */
 } Buffers;
 
 /* amx: run the projections on the tile unit (bf16 weights, every dimension whole tiles,
@@ -1124,7 +1176,11 @@ typedef struct {
     long inter, vocab, max_len;
     float eps;
     int quant, isa; /* quant: the weights are QWeight (layers and output layer), run on path isa (ISA_*) */
+    float scale, attn_cap; /* attention scale (0: 1 / sqrt(hd)) and score soft-capping (0: none) */
+    int gelu;              /* the MLP's gate: gelu (tanh approximation; Gemma's GeGLU), else silu */
 } Shape;
+
+static inline float attention_scale(const Shape *sh) { return sh->scale > 0.f ? sh->scale : 1.f / sqrtf((float)sh->hd); }
 
 /* The input x [B, I] of the projections that follow: packed for the tile unit, or as is. */
 typedef struct {
@@ -1260,6 +1316,119 @@ static inline void tiles_end(const Shape *sh) {
 #endif
 }
 
+/* Qwen2's q, k and v biases and the RMSNorm of each q and k head (Qwen3, Gemma 3) on the fused
+ * q|k|v rows, before the rotation. */
+static void qkv_terms_for(const Layer *L, float *qkv, int B, int nh, int nkv, int hd, float eps) {
+    if (!L->bq && !L->q_norm) return;
+    const long stride = (long)(nh + 2 * nkv) * hd, nq = (long)nh * hd, nk = (long)nkv * hd;
+#pragma omp for schedule(static)
+    for (int b = 0; b < B; b++) {
+        float *row = qkv + b * stride;
+        if (L->bq) {
+            for (long i = 0; i < nq; i++) row[i] += L->bq[i];
+            for (long i = 0; i < nk; i++) row[nq + i] += L->bk[i], row[nq + nk + i] += L->bv[i];
+        }
+        if (L->q_norm)
+            for (int h = 0; h < nh + nkv; h++) rmsnorm(row + (long)h * hd, h < nh ? L->q_norm : L->k_norm, row + (long)h * hd, hd, eps);
+    }
+}
+
+/* The end of a sublayer whose output went to y (with `norm`) or straight onto the residual x:
+ * its output's bias (NULL: none), then with `norm` (Gemma) x += rmsnorm(y) * norm. */
+static void sublayer_end_for(const float *bias, const float *norm, float *y, float *x, int B, int H, float eps) {
+    if (!bias && !norm) return;
+#pragma omp for schedule(static)
+    for (int b = 0; b < B; b++) {
+        float *out = (norm ? y : x) + (long)b * H;
+        if (bias)
+            for (int i = 0; i < H; i++) out[i] += bias[i];
+        if (norm) {
+            rmsnorm(out, norm, out, H, eps);
+            for (int i = 0; i < H; i++) x[(long)b * H + i] += out[i];
+        }
+    }
+}
+
+/* y = down(act(gate x) * up x) for the sh->B rows of x (sh->inter wide), not fused: experts are
+ * rarely whole tiles of rows. */
+static void gated_mlp_for(const Shape *sh, const Buffers *buf, const void *gate, const void *up, const void *down,
+                          const float *x, float *y) {
+    const long inter = sh->inter;
+    const void *gate_up[2] = {gate, up};
+    const long gate_up_rows[2] = {inter, inter};
+    project_for(sh, buf, gate_up, gate_up_rows, 2, input_for(sh, buf, x, sh->H), buf->gu, 2 * inter, 0);
+    act_mul_for(buf->gu, buf->act, sh->B, inter, sh->gelu);
+    project1_for(sh, buf, down, input_for(sh, buf, buf->act, inter), y, sh->H, sh->H, 0);
+}
+
+/* The row's router weights of its top_k experts (softmax over all n, then the k largest, lower
+ * expert first among equals; renormalized over the k with renorm), -1 for the others. */
+static void route_row(float *w, long n, long k, int renorm) {
+    float m = -INFINITY, sum = 0.f;
+    for (long e = 0; e < n; e++) m = w[e] > m ? w[e] : m;
+    for (long e = 0; e < n; e++) sum += w[e] = expf(w[e] - m);
+    for (long e = 0; e < n; e++) w[e] /= sum;
+    float picked[64], total = 0.f;
+    long at[64];
+    for (long j = 0; j < k; j++) {
+        at[j] = -1;
+        for (long e = 0; e < n; e++)
+            if (w[e] >= 0.f && (at[j] < 0 || w[e] > w[at[j]])) at[j] = e;
+        picked[j] = w[at[j]], total += picked[j];
+        w[at[j]] = -2.f; /* taken */
+    }
+    for (long e = 0; e < n; e++) w[e] = -1.f;
+    for (long j = 0; j < k; j++) w[at[j]] = renorm ? picked[j] / total : picked[j];
+}
+
+/* x += the mixture of experts of h = buf->h (the layer's normalized rows): the router and the
+ * shared expert's gate in fp32 (few outputs: no tiles), then expert by expert the rows routed
+ * to it, gathered, through its MLP on whichever unit the step runs on, and added back weighted. */
+static void moe_for(const Layer *L, const Buffers *buf, const Shape *sh) {
+    const int B = sh->B, H = sh->H;
+    const long E = L->n_experts;
+    linear_for(L->router, sh->w_bf16, buf->h, buf->route, E, B, H, E, 0);
+#pragma omp for schedule(static)
+    for (int b = 0; b < B; b++) route_row(buf->route + b * E, E, L->top_k, (int)L->renorm);
+    int64_t *start = buf->moe_rows, *rows = start + E + 1; /* expert e's rows: rows[start[e] .. start[e + 1]) */
+#pragma omp single
+    {
+        long n = 0;
+        for (long e = 0; e < E; e++) {
+            start[e] = n;
+            for (int b = 0; b < B; b++)
+                if (buf->route[b * E + e] >= 0.f) rows[n++] = b;
+        }
+        start[E] = n;
+    }
+    Shape one = *sh;
+    one.inter = L->expert_inter;
+    for (long e = 0; e < E; e++) {
+        const long n = start[e + 1] - start[e];
+        const int64_t *mine = rows + start[e];
+        if (n == 0) continue;
+#pragma omp for schedule(static)
+        for (long i = 0; i < n; i++) memcpy(buf->moe_x + i * H, buf->h + mine[i] * H, H * sizeof(float));
+        one.B = (int)n;
+        gated_mlp_for(&one, buf, L->experts[3 * e], L->experts[3 * e + 1], L->experts[3 * e + 2], buf->moe_x, buf->moe_y);
+#pragma omp for schedule(static)
+        for (long i = 0; i < n; i++) {
+            const long b = mine[i];
+            const float w = buf->route[b * E + e];
+            for (int j = 0; j < H; j++) buf->x[b * H + j] += w * buf->moe_y[i * H + j];
+        }
+    }
+    if (!L->shared) return;
+    linear_for(L->shared_router, sh->w_bf16, buf->h, buf->route, 1, B, H, 1, 0);
+    one.B = B, one.inter = L->shared_inter;
+    gated_mlp_for(&one, buf, L->shared[0], L->shared[1], L->shared[2], buf->h, buf->moe_y);
+#pragma omp for schedule(static)
+    for (int b = 0; b < B; b++) {
+        const float gate = 1.f / (1.f + expf(-buf->route[b]));
+        for (int j = 0; j < H; j++) buf->x[(long)b * H + j] += gate * buf->moe_y[(long)b * H + j];
+    }
+}
+
 /* The first half of layer L for rows 0..B-1 of buf->x: norm, q/k/v projections, rotation;
  * keys and values go to each row's position in its pages, the rotated
  * queries stay in buf->qkv. */
@@ -1274,25 +1443,35 @@ static void qkv_for(const Layer *L, const Buffers *buf, const Shape *sh, const i
     project_for(sh, buf, qkv, qkv_rows, 3, in, buf->qkv, qkv_w, 0);
     for (int t = T_Q, at = 0; t <= T_V; at += qkv_rows[t], t++)
         lora_for(buf, L->index, t, buf->h, sh->H, sh->H, buf->qkv + at, qkv_w, qkv_rows[t]);
-    rope_store_for(buf->qkv, pos, cos_t, sin_t, L->K, L->V, sh->kv_bf16, sh->B, nh, nkv, hd, pg);
+    qkv_terms_for(L, buf->qkv, sh->B, nh, nkv, hd, sh->eps);
+    rope_store_for(buf->qkv, pos, L->cos ? L->cos : cos_t, L->sin ? L->sin : sin_t, L->K, L->V, sh->kv_bf16, sh->B, nh,
+                   nkv, hd, pg);
 }
 
 /* The second half once buf->att holds the attention output: output projection and residual,
- * norm, MLP and residual, into buf->x. */
+ * norm, MLP and residual, into buf->x. Gemma's sublayer outputs go to buf->h first, to be normalized. */
 static void mlp_for(const Layer *L, const Buffers *buf, const Shape *sh) {
     const int H = sh->H;
     const long inter = sh->inter;
+    float *attn_out = L->post_attn ? buf->h : buf->x, *mlp_out = L->post_ff ? buf->h : buf->x;
     Input in = input_for(sh, buf, buf->att, (long)sh->nh * sh->hd);
-    project1_for(sh, buf, L->o, in, buf->x, H, H, 1);
-    lora_for(buf, L->index, T_O, buf->att, (long)sh->nh * sh->hd, (long)sh->nh * sh->hd, buf->x, H, H);
+    project1_for(sh, buf, L->o, in, attn_out, H, H, !L->post_attn);
+    lora_for(buf, L->index, T_O, buf->att, (long)sh->nh * sh->hd, (long)sh->nh * sh->hd, attn_out, H, H);
+    sublayer_end_for(L->bo, L->post_attn, buf->h, buf->x, sh->B, H, sh->eps);
     rmsnorm_for(buf->x, L->ln2, buf->h, sh->B, H, sh->eps);
+    if (L->router) {
+        moe_for(L, buf, sh);
+        return;
+    }
     in = input_for(sh, buf, buf->h, H);
 #ifdef HAVE_AMX
     if (sh->amx && !buf->lora) { /* fused gate/up: no fp32 gate and up for adapters to add to */
         const int Bp = (sh->B + 15) / 16 * 16;
         const long down_rows = H;
-        amx_gate_up_for(L->gate, L->up, buf->xp, Bp, H, inter, buf->xp_act);
-        amx_linear_for((const uint16_t *const *)&L->down, &down_rows, 1, buf->xp_act, Bp, buf->x, H, sh->B, inter, 1);
+        amx_gate_up_for(L->gate, L->up, buf->xp, Bp, H, inter, buf->xp_act, sh->gelu);
+        amx_linear_for((const uint16_t *const *)&L->down, &down_rows, 1, buf->xp_act, Bp, mlp_out, H, sh->B, inter,
+                       !L->post_ff);
+        sublayer_end_for(NULL, L->post_ff, buf->h, buf->x, sh->B, H, sh->eps);
         return;
     }
 #endif
@@ -1301,10 +1480,11 @@ static void mlp_for(const Layer *L, const Buffers *buf, const Shape *sh) {
     project_for(sh, buf, gate_up, gate_up_rows, 2, in, buf->gu, 2 * inter, 0);
     lora_for(buf, L->index, T_GATE, buf->h, H, H, buf->gu, 2 * inter, inter);
     lora_for(buf, L->index, T_UP, buf->h, H, H, buf->gu + inter, 2 * inter, inter);
-    silu_mul_for(buf->gu, buf->act, sh->B, inter);
+    act_mul_for(buf->gu, buf->act, sh->B, inter, sh->gelu);
     in = input_for(sh, buf, buf->act, inter);
-    project1_for(sh, buf, L->down, in, buf->x, H, H, 1);
-    lora_for(buf, L->index, T_DOWN, buf->act, inter, inter, buf->x, H, H);
+    project1_for(sh, buf, L->down, in, mlp_out, H, H, !L->post_ff);
+    lora_for(buf, L->index, T_DOWN, buf->act, inter, inter, mlp_out, H, H);
+    sublayer_end_for(NULL, L->post_ff, buf->h, buf->x, sh->B, H, sh->eps);
 }
 
 /* x holds the new tokens' embeddings; writes their next-token logits. Row b's new key and value
@@ -1315,7 +1495,7 @@ void decode_step_paged(const Layer *layers, const float *final_norm, const void 
                        const int64_t *table, long width, long page_size) {
     const Paging pg = {table, width, page_size};
     const long qkv_w = (long)(sh->nh + 2 * sh->nkv) * sh->hd;
-    const float scale = 1.f / sqrtf((float)sh->hd);
+    const float scale = attention_scale(sh);
 #pragma omp parallel
     {
         tiles_begin(sh);
@@ -1323,7 +1503,7 @@ void decode_step_paged(const Layer *layers, const float *final_norm, const void 
             const Layer *L = &layers[l];
             qkv_for(L, buf, sh, pos, cos_t, sin_t, &pg);
             attend_for(buf->qkv, qkv_w, L->K, L->V, sh->kv_bf16, sh->amx, buf->att, buf->scores, sh->B, sh->nh,
-                       sh->nkv, sh->hd, sh->max_len, scale, pos, &pg);
+                       sh->nkv, sh->hd, sh->max_len, scale, pos, &pg, L->window, sh->attn_cap);
             mlp_for(L, buf, sh);
         }
         rmsnorm_for(buf->x, final_norm, buf->h, sh->B, sh->H, sh->eps);
@@ -1370,7 +1550,7 @@ void rows_attend(const Layer *L, const Buffers *buf, const Shape *sh, const int6
     {
         tiles_begin(sh);
         attend_for(buf->qkv, qkv_w, L->K, L->V, sh->kv_bf16, sh->amx, buf->att, buf->scores, sh->B, sh->nh,
-                   sh->nkv, sh->hd, sh->max_len, 1.f / sqrtf((float)sh->hd), pos, &pg);
+                   sh->nkv, sh->hd, sh->max_len, attention_scale(sh), pos, &pg, L->window, sh->attn_cap);
         tiles_end(sh);
     }
 }
@@ -1404,7 +1584,7 @@ void chunks_attend(const Layer *L, const Buffers *buf, const Shape *sh, const in
             const long block = rest / sh->nkv, r0 = at[c] + block * per;
             const int g = rest % sh->nkv, n_rows = len[c] - block * per < per ? len[c] - block * per : per;
             attend_block(buf->qkv, qkv_w, L->K, L->V, sh->kv_bf16, tiles, value_tiles, buf->att, p, sh->nh, sh->nkv, sh->hd,
-                         sh->max_len, 1.f / sqrtf((float)sh->hd), pos, &pg, r0, n_rows, g);
+                         sh->max_len, attention_scale(sh), pos, &pg, r0, n_rows, g, L->window, sh->attn_cap);
         }
         tiles_end(sh);
     }

@@ -169,6 +169,9 @@ def linear_names(model: Transformer) -> list[str]:
     only its rows)."""
     if model.config.is_moe:
         raise QuantError("quantized mixture-of-experts models are not supported yet: import without --quantize")
+    if any(isinstance(mod, nn.Linear) and mod.bias is not None for mod in model.modules()):
+        raise QuantError("quantized layers keep no biases, and this model's projections have them (Qwen2): "
+                         "import without --quantize")
     return [name for name, mod in model.named_modules() if isinstance(mod, nn.Linear)]
 
 
