@@ -51,7 +51,7 @@ def test_a_trained_query_map_moves_questions_to_their_answers():
     unit = lambda a: a / np.linalg.norm(a, axis=-1, keepdims=True)  # noqa: E731
     answers = unit(rng.normal(size=(200, 8)))
     turn = np.linalg.qr(rng.normal(size=(8, 8)))[0]  # questions are the answers turned away
-    questions = unit(answers @ turn + 0.1 * rng.normal(size=(200, 16)))
+    questions = unit(answers @ turn + 0.1 * rng.normal(size=(200, 8)))
     negatives = np.stack([answers[(np.arange(200) + j) % 200] for j in (1, 2, 3, 4, 5)], axis=1)
     qmap = train_query_map(questions[:150], answers[:150], negatives[:150], steps=150, lr=3e-2, anchor=0.0)
     before = first_of(questions[150:], answers[150:], negatives[150:])

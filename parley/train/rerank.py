@@ -48,7 +48,7 @@ DEFINES = re.compile(r"\b([a-z_]\w*(?:\.[A-Za-z_]\w*)+)\(")
 class RerankTrainConfig:
     db: str = setting("", "the store whose documents to write questions for ('' = PARLEY_HOME/parley.db)")
     user: str = setting("local", "whose documents")
-    out: str = setting("", "where to write the reranker ('' = PARLEY_HOME/reranker.safetensors)")
+    out: str = setting("", "where to write it ('' = PARLEY_HOME/query_map.safetensors, or reranker.safetensors)")
     questions: int = setting(300, "template questions, one per sampled chunk")
     lm_questions: str = setting("", "a JSONL of questions a chat model wrote ({chunk_id, q} per line), used too")
     exclude: list[str] = setting(factory=list, help="question sets (YAML, `questions: [{q: ...}]`) to keep out of training")
