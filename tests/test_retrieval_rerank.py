@@ -83,12 +83,12 @@ def test_query_map_in_search_saved_loaded_and_checked(store, embedder, topics, t
 
 
 def test_train_reranker_writes_a_query_map_from_a_store(embedder, tmp_path, capsys):
-    with Store(tmp_path / "kb.db") as store:
-        user = store.add_user("ann").id
+    with Store(tmp_path / "kb.db") as kb:  # SQLite: `parley train reranker` reads the chunks by SQL
+        user = kb.add_user("ann").id
         for name, text in TOPICS.items():
             (tmp_path / name).write_text(text)
-        ingest(store, embedder, user, [tmp_path / name for name in TOPICS])
-        chunk_ids = [row[0] for row in store.db.execute("SELECT id FROM chunks ORDER BY id")]
+        ingest(kb, embedder, user, [tmp_path / name for name in TOPICS])
+        chunk_ids = [row[0] for row in kb.db.execute("SELECT id FROM chunks ORDER BY id")]
     lm = tmp_path / "lm.jsonl"
     lm.write_text("\n".join(json.dumps({"chunk_id": i, "q": q}) for i, q in zip(chunk_ids, [
         "When must I pay the rent?", "How often is the boiler looked at?", "Who feeds the pets?"])))
