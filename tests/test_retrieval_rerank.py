@@ -101,6 +101,9 @@ def test_train_reranker_writes_a_query_map_from_a_store(embedder, tmp_path, caps
     assert "1 by the model" in out and "1 dropped as too close" in out  # the pets question shares no word
     assert QueryMap.load(tmp_path / "map.safetensors").dim == embedder.dim
     assert too_close("how often is the boiler looked at", [{"often", "boiler", "looked"}])
+    head = RerankTrainConfig(db=str(tmp_path / "kb.db"), user="ann", out=str(tmp_path / "head.safetensors"),
+                             questions=12, kind="head", negatives=2, epochs=5)
+    assert main(head) == 0 and not Reranker.load(embedder, tmp_path / "head.safetensors").tuned
     with pytest.raises(ValueError, match="kind must be"):
         RerankTrainConfig(kind="forest")
 

@@ -25,7 +25,12 @@ from safetensors.torch import load_file, save_file
 
 from parley.pipeline.embed import Embedder
 
-SHIPPED = Path(__file__).resolve().parent.parent / "data" / "reranker_head.safetensors"
+
+def default_path() -> Path:
+    """Where `parley train reranker --kind head|encoder` writes and `KnowledgeConfig.rerank` reads."""
+    from parley.registry import parley_home
+
+    return parley_home() / "reranker.safetensors"
 
 
 class RerankerError(RuntimeError):
@@ -90,7 +95,7 @@ class Reranker:
 
     @classmethod
     def load(cls, embedder: Embedder, path: str | Path | None = None) -> Reranker:
-        path = Path(path) if path else SHIPPED
+        path = Path(path) if path else default_path()
         try:
             state = load_file(str(path))
         except (OSError, ValueError) as e:

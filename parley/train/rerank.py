@@ -38,7 +38,7 @@ from parley.pipeline.embed import Embedder, fast_bf16
 from parley.pipeline.grounding import content_words
 from parley.pipeline.knowledge import STOPWORDS, KnowledgeConfig, VectorCache, search
 from parley.pipeline.query_map import train_query_map
-from parley.pipeline.rerank import Reranker, pair_features
+from parley.pipeline.rerank import Reranker, default_path, pair_features
 from parley.store import Store
 
 DEFINES = re.compile(r"\b([a-z_]\w*(?:\.[A-Za-z_]\w*)+)\(")
@@ -265,8 +265,8 @@ def main(cfg: RerankTrainConfig) -> int:
         else:
             groups = training_groups(store, embedder, found.id, asked, cfg.negatives)
             held = set(random.Random(cfg.seed + 1).sample(range(len(groups)), len(groups) // 5))
-    out = Path(cfg.out) if cfg.out else parley_home() / ("query_map.safetensors" if cfg.kind == "map"
-                                                         else "reranker.safetensors")
+    out = Path(cfg.out) if cfg.out else (parley_home() / "query_map.safetensors" if cfg.kind == "map"
+                                         else default_path())
     if cfg.kind == "map":
         train = np.array([i not in held for i in range(len(q))])
         qmap = train_query_map(q[train], pos[train], neg[train], steps=cfg.epochs, lr=cfg.lr,
@@ -284,8 +284,9 @@ def main(cfg: RerankTrainConfig) -> int:
         if cfg.kind == "encoder":
             reranker = fine_tune(embedder, train, cfg)
         else:
-            features = torch.stack([pair_features(embedder, q, texts, max_tokens=cfg.max_tokens).detach()
-                                    for q, texts, *_ in train])
+            with torch.no_grad():  # the encoder is frozen: its features are computed once
+                features = torch.stack([pair_features(embedder, q, texts, max_tokens=cfg.max_tokens)
+                                        for q, texts, *_ in train])
             reranker = Reranker(embedder, *train_head(features, cfg.epochs, cfg.lr, cfg.seed), cfg.max_tokens)
         for source in ("template", "lm"):
             mine = [g for g in back if g[2] == source]
