@@ -14,7 +14,7 @@ sees them, and the trace says which. Text from documents and web pages is data: 
 is told so, and it never gets the chance to read an injected order.
 
 Passages come best first; those that do not fit the context are dropped weakest first. As the
-answer streams, a sentence that cites nothing gets [n] after it where passage n supports it
+answer streams, a sentence that cites nothing gets [n] before its full stop where passage n supports it
 (grounding.Citer; `cite=False` leaves the model's text as written). After the answer, each
 citation [n] is checked against passage n and the verdict goes into the trace, with the
 citations added and the sentences no passage supports;
@@ -263,7 +263,7 @@ def _unfenced(pieces: Iterator[str]) -> Iterator[str]:
 
 
 def _cited(pieces: Iterator[str], citer: Citer | None) -> Iterator[str]:
-    """The pieces with citations added after the sentences that lack one (grounding.Citer)."""
+    """The pieces with citations added to the sentences that lack one (grounding.Citer)."""
     if citer is None:
         yield from pieces
         return
