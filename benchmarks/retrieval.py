@@ -42,6 +42,7 @@ from retrieval_manual import ingest_manual, manual_pages
 
 from parley.pipeline.embed import Embedder
 from parley.pipeline.knowledge import MODES, KnowledgeConfig, VectorCache, ingest, search
+from parley.pipeline.query_map import QueryMap
 from parley.pipeline.rerank import Reranker
 from parley.store import Store
 
@@ -108,23 +109,31 @@ def rank_of(found, answers: set[str]) -> int | None:
 
 
 def evaluate_manual(store: Store, embedder, user: int, questions: list[dict], k: int, candidates: int,
-                    reranker: Reranker | None = None) -> dict:
+                    reranker: Reranker | None = None, query_map: QueryMap | None = None,
+                    rewrite: dict[str, str] | None = None) -> dict:
     """Per method and question kind: recall@1, recall@k, MRR@k and the questions missed at k.
-    With a reranker, one more method: the default search with the reranker."""
+    With a reranker, a query map or rewritten questions (question -> what is searched instead),
+    one more method each: the default search with it."""
     cache = VectorCache()
     search(store, embedder, user, "warm up", k, cache=cache)
     vectors = {q["q"]: embedder([q["q"]]) for q in questions}  # embedded once, asked of every method
     table = {}
-    methods = {name: (mode, overrides, None) for name, (mode, overrides) in METHODS.items()}
+    same = {q["q"]: q["q"] for q in questions}
+    methods = {name: (mode, overrides, {}, same) for name, (mode, overrides) in METHODS.items()}
     if reranker is not None:
-        methods["+ reranker"] = ("hybrid", {}, reranker)
-    for name, (mode, overrides, rerank) in methods.items():
+        methods["+ cross-encoder reranker"] = ("hybrid", {}, {"reranker": reranker}, same)
+    if query_map is not None:
+        methods["+ reranker (trained query map)"] = ("hybrid", {}, {"query_map": query_map}, same)
+    if rewrite is not None:
+        vectors |= {text: embedder([text]) for text in rewrite.values() if text not in vectors}
+        methods["+ query rewriting by the model"] = ("hybrid", {}, {}, rewrite)
+    for name, (mode, overrides, extra, searched) in methods.items():
         config = KnowledgeConfig(**{"candidates": candidates, **overrides})
         rows = {}
         for kind in ("paraphrased", "keyword"):
             asked = [q for q in questions if q["kind"] == kind]
-            ranks = [rank_of(search(store, lambda texts, q=q: vectors[q["q"]], user, q["q"], k, mode=mode,
-                                    cache=cache, config=config, reranker=rerank), set(q["pages"])) for q in asked]
+            ranks = [rank_of(search(store, lambda texts, s=searched[q["q"]]: vectors[s], user, searched[q["q"]], k,
+                                    mode=mode, cache=cache, config=config, **extra), set(q["pages"])) for q in asked]
             rows[kind] = {"n": len(asked), "r1": sum(r == 1 for r in ranks) / len(asked),
                           "rk": sum(r is not None for r in ranks) / len(asked),
                           "mrr": sum(1 / r for r in ranks if r) / len(asked),
@@ -132,6 +141,23 @@ def evaluate_manual(store: Store, embedder, user: int, questions: list[dict], k:
         table[name] = rows
         print(manual_table({name: rows}, k)[2], flush=True)  # each method's row as soon as it is done
     return table
+
+
+def rewritten(questions: list[dict], model: str) -> dict[str, str]:
+    """question -> the question and the passage `model` wrote for it (parley/pipeline/rewrite.py)."""
+    from parley.engine.config import EngineConfig
+    from parley.engine.engine import Engine
+    from parley.pipeline.rewrite import QueryRewriter
+    from parley.registry import Registry
+
+    torch.set_flush_denormal(True)
+    config = EngineConfig()
+    lm, tokenizer, _ = Registry().load(model, dtype=getattr(torch, config.dtype))
+    asked = [q["q"] for q in questions]
+    out = dict(zip(asked, QueryRewriter(Engine.from_config(lm, config), tokenizer)(asked)))
+    for q in asked[:3]:
+        print(f"rewritten: {out[q]!r}", flush=True)
+    return out
 
 
 def manual_main(args) -> None:
@@ -164,7 +190,10 @@ def manual_main(args) -> None:
             questions = asked
             embedder = Embedder.load()
             reranker = Reranker.load(embedder, args.reranker) if args.reranker else None
-            table = evaluate_manual(store, embedder, user, questions, args.k, args.candidates, reranker)
+            query_map = QueryMap.load(args.query_map) if args.query_map else None
+            rewrite = rewritten(questions, args.rewrite) if args.rewrite else None
+            table = evaluate_manual(store, embedder, user, questions, args.k, args.candidates, reranker, query_map,
+                                    rewrite)
     print(f"questions: {questions_path.name}")
     lines = manual_table(table, args.k)
     print("\n".join(lines))
@@ -203,6 +232,10 @@ def main() -> None:
                     "the questions whose pages are in the database")
     ap.add_argument("--reranker", type=Path, help="with --manual: also measure this reranker head "
                     "(`parley train reranker`)")
+    ap.add_argument("--query-map", type=Path, help="with --manual: also measure this trained query map "
+                    "(`parley train reranker --kind map`)")
+    ap.add_argument("--rewrite", help="with --manual: also measure the questions rewritten by this model "
+                    "(benchmarks/rewrite.py; e.g. smollm2)")
     ap.add_argument("--candidates", type=int, default=KnowledgeConfig().candidates,
                     help="with --manual: chunks taken from each ranking")
     ap.add_argument("--k", type=int, default=5, help="passages per question")

@@ -65,7 +65,7 @@ COMMANDS: dict[str, dict[str | None, tuple[str, str]]] = {
               "dpo": ("direct preference optimisation on pairs", "parley.train.dpo:DPOConfig"),
               "intents": ("retrain the intent classifier's head", "parley.pipeline.nlu:IntentsConfig"),
               "guard": ("train the safety and injection guard", "parley.train.guard:GuardTrainConfig"),
-              "reranker": ("train the knowledge reranker's head", "parley.train.rerank:RerankTrainConfig"),
+              "reranker": ("train the knowledge reranker (a query map, or a cross-encoder)", "parley.train.rerank:RerankTrainConfig"),
               "reward": ("train a reward model on preference pairs", "parley.train.reward:RewardConfig"),
               "rl": ("GRPO against a reward model and the rails, KL to the base", "parley.train.rl:RLConfig"),
               "asr": ("train a wav2vec 2.0 recogniser from scratch on synthesized speech", "parley.train.asr:ASRConfig")},
@@ -308,7 +308,7 @@ def cmd_train(args) -> int:
         from parley.train.guard import train_guard_main
 
         return train_guard_main(args.settings)
-    if args.action == "reranker":  # nor this: a head trained on questions generated for a store's chunks
+    if args.action == "reranker":  # nor this: trained on questions generated for a store's chunks
         from parley.train.rerank import train_reranker_main
 
         return train_reranker_main(args.settings)

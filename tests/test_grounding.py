@@ -14,7 +14,7 @@ from test_respond import openai_server
 from parley.engine.engine import Engine
 from parley.engine.sampling import SamplingParams
 from parley.pipeline.frames import Passage, Passages, TextDelta, UserText
-from parley.pipeline.grounding import NOTHING_FOUND, check_citations, content_words, fit_passages
+from parley.pipeline.grounding import NOTHING_FOUND, Citer, check_citations, content_words, fit_passages
 from parley.pipeline.knowledge import KnowledgeConfig, KnowledgeStage, ingest
 from parley.pipeline.respond import LocalBackend, OpenAIBackend, RespondStage, build_messages
 from parley.pipeline.runner import Pipeline, Turn
@@ -49,6 +49,39 @@ def test_citations_are_checked_against_the_passage_they_cite():
     assert check_citations("Rent is due on the first.", [RENT])["grounding"] == "uncited"
     assert check_citations("Hello there!", [])["grounding"] == "no sources"
     assert content_words("The deques of asyncio.gather") == {"deque", "asyncio.gather", "asyncio", "gather"}
+
+
+def test_uncited_sentences_get_the_passage_that_supports_them_as_they_stream():
+    answer = ("Rent is due on the first working day of each month. Check the tyre pressure once a month!\n"
+              "Cats are lovely animals. Pay by bank transfer [1].")
+    cited = ("Rent is due on the first working day of each month [1]. Check the tyre pressure once a month [2]!\n"
+             "Cats are lovely animals. Pay by bank transfer [1].")
+    for size in (1, 3, 7, len(answer)):  # pieces cut anywhere, a sentence end split from its space
+        citer = Citer([RENT, TYRES])
+        shown = "".join(citer.push(answer[i : i + size]) for i in range(0, len(answer), size)) + citer.flush()
+        assert shown == cited, size
+        assert [a["n"] for a in citer.added] == [1, 2] and citer.unsupported == ["Cats are lovely animals"]
+    assert check_citations(cited, [RENT, TYRES])["grounding"] == "supported"
+    last = Citer([RENT, TYRES])  # the last sentence is cited when the answer ends, not before
+    assert last.push("The spare wheel is under the boot floor") == "The spare wheel is under the boot floor"
+    assert last.push(".") == "" and last.flush() == " [2]."
+    assert Citer([]).push("No sources. None.") == "No sources. None"
+
+
+def test_respond_adds_citations_and_the_trace_says_which(rent_store, embedder):
+    store, user = rent_store
+    said = "Rent is due on the first working day of each month. I like cats."
+    with openai_server(said) as (url, _):
+        answer, stages = _ask(store, user, embedder, OpenAIBackend(url, model="m"), "when is the rent due?")
+        evidence = _respond(stages)["evidence"]
+        assert answer == "Rent is due on the first working day of each month [1]. I like cats."
+        assert evidence["citations_added"] == [{"n": 1, "sentence": said.split(". ")[0]}]
+        assert evidence["unsupported_sentences"] == ["I like cats"] and evidence["grounding"] == "supported"
+        turn = Turn(user_id=user, store=store)  # cite=False: the model's text as written
+        stages = [FixedIntent("knowledge_question"), KnowledgeStage(embedder), RespondStage(OpenAIBackend(url, model="m"),
+                                                                                            cite=False)]
+        frames = list(Pipeline(stages).run(turn, UserText("when is the rent due?")))
+        assert "".join(f.text for f in frames if isinstance(f, TextDelta)) == said
 
 
 def test_weakest_passages_give_way_to_the_context(tiny_chat_model):

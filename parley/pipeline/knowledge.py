@@ -25,7 +25,9 @@ changes with every document added or deleted) moves. A query that names an API (
 has the name searched whole as a BM25 phrase, BM25 weighted up in the fusion and a bonus for chunks
 holding the name verbatim; then pages are ranked by their best chunks and each gives `per_page`
 of them (a question is answered by a page); an optional trained reranker (rerank.py) may reorder
-the best chunks first. benchmarks/retrieval.py measures it (`--manual python`: a whole manual).
+the best chunks first, and an optional trained query map (query_map.py) may map the question's
+vector before the dense ranking; both are off by default (benchmarks/RESULTS.md, issue 17's
+"reranker row" section, says why). benchmarks/retrieval.py measures it (`--manual python`: a whole manual).
 
 `KnowledgeStage` runs this in the turn pipeline when the intent asks for knowledge and keeps
 only passages whose cosine similarity to the question clears a threshold, so small talk does
@@ -53,6 +55,7 @@ from parley.config import ConfigError, parse_cli, setting
 from parley.pipeline.embed import Embedder, EmbedderError, cosine_top, to_blob
 from parley.pipeline.frames import Frame, Intent, Passage, Passages, UserText
 from parley.pipeline.readers import DEFAULT_MAX_BYTES, MIME, Chunk, ReadError, chunk_sections, load_file, read_bytes, supported
+from parley.pipeline.query_map import QueryMap
 from parley.pipeline.rerank import Reranker
 from parley.pipeline.runner import Stage, Turn
 from parley.store import ChunkHit, Store, database_errors
@@ -80,6 +83,7 @@ class KnowledgeConfig:
     per_page: int = 1  # page ranking: pages by their best chunks, this many chunks from each (0: rank chunks)
     rerank: bool = False  # the stage reorders the best fused chunks with the trained reranker (rerank.py)
     rerank_top: int = 20  # how many of the best fused chunks the reranker reads
+    query_map: str = ""  # a trained query map (query_map.py) the dense ranking maps the question with ('' = none)
     intents: frozenset[str] = frozenset({"knowledge_question", "out_of_scope"})  # that retrieve
     # intents whose question must be answered from the documents: when nothing relevant is found
     # the stage hands respond an empty Passages frame, and respond says so instead of guessing.
@@ -353,10 +357,12 @@ def search(
     cache: VectorCache | None = None,
     config: KnowledgeConfig = KnowledgeConfig(),
     reranker: Reranker | None = None,
+    query_map: QueryMap | None = None,
 ) -> list[Candidate]:
     """The user's k best chunks for `query`, best first. `mode` "bm25" or "dense" uses one
     ranking alone (to measure what fusion adds). A `reranker` reorders the best
-    `config.rerank_top` fused chunks. With `config.per_page`, documents are ranked by their
+    `config.rerank_top` fused chunks; a `query_map` maps the question's vector before the dense
+    ranking (the cosines reported stay unmapped). With `config.per_page`, documents are ranked by their
     chunks' scores (a question is answered by a page) and each gives its best `per_page`
     chunks, so k passages span several pages rather than repeating one."""
     if not isinstance(query, str) or not query.strip():
@@ -372,7 +378,8 @@ def search(
                              "re-ingest the documents with this embedder")
     n = max(config.candidates, k)
     lexical = store.search_chunks(user_id, keywords(query), n, collection) if mode != "dense" else []
-    dense = [(int(ids[row]), cos) for row, cos in cosine_top(q, matrix, n) if cos >= config.dense_floor]
+    asked = q if query_map is None else query_map(q)
+    dense = [(int(ids[row]), cos) for row, cos in cosine_top(asked, matrix, n) if cos >= config.dense_floor]
     dense = dense if mode != "bm25" else []
     bm25_rank = {hit.chunk_id: r for r, hit in enumerate(lexical, 1)}
     dense_rank = {chunk_id: r for r, (chunk_id, _) in enumerate(dense, 1)}
@@ -470,6 +477,7 @@ class KnowledgeStage(Stage):
             if not isinstance(embedder, Embedder):
                 raise KnowledgeError("rerank needs the MiniLM Embedder, whose encoder the reranker reads with")
             self.reranker = Reranker.load(embedder)
+        self.query_map = QueryMap.load(config.query_map) if config.query_map else None
 
     def process(self, frame: Frame, turn: Turn) -> Iterator[Frame]:
         if isinstance(frame, UserText):
@@ -494,7 +502,7 @@ class KnowledgeStage(Stage):
                 turn.note(self.name, "no documents", intent=intent and intent.name)
                 return None
             found = search(store, self.embedder, turn.user_id, text, cfg.k, collection=cfg.collection,
-                           cache=self.cache, config=cfg, reranker=self.reranker)
+                           cache=self.cache, config=cfg, reranker=self.reranker, query_map=self.query_map)
         except KnowledgeError as e:
             turn.note(self.name, f"error: {e}")
             return None

@@ -13,8 +13,11 @@ the user's message. Retrieved or fetched text goes in front of the question insi
 sees them, and the trace says which. Text from documents and web pages is data: the model
 is told so, and it never gets the chance to read an injected order.
 
-Passages come best first; those that do not fit the context are dropped weakest first. After
-the answer, each citation [n] is checked against passage n and the verdict goes into the trace;
+Passages come best first; those that do not fit the context are dropped weakest first. As the
+answer streams, a sentence that cites nothing gets [n] before its full stop where passage n supports it
+(grounding.Citer; `cite=False` leaves the model's text as written). After the answer, each
+citation [n] is checked against passage n and the verdict goes into the trace, with the
+citations added and the sentences no passage supports;
 a question for the user's documents that found nothing gets a fixed answer saying so
 (pipeline/grounding.py).
 
@@ -41,7 +44,7 @@ from parley.engine.text import TextAssembler
 from parley.model.tokenizer import Tokenizer
 from parley.pipeline.frames import (EndOfAnswer, Frame, MemoryRecall, Notice, Passages, Sentiment, TextDelta,
                                     UserText)
-from parley.pipeline.grounding import NOTHING_FOUND, check_citations, fit_passages
+from parley.pipeline.grounding import NOTHING_FOUND, Citer, check_citations, fit_passages
 from parley.pipeline.markup import FenceFilter
 from parley.pipeline.runner import Cancel, Stage, Turn, Usage
 from parley.pipeline.state import fit_history
@@ -259,11 +262,24 @@ def _unfenced(pieces: Iterator[str]) -> Iterator[str]:
         yield shown
 
 
+def _cited(pieces: Iterator[str], citer: Citer | None) -> Iterator[str]:
+    """The pieces with citations added to the sentences that lack one (grounding.Citer)."""
+    if citer is None:
+        yield from pieces
+        return
+    for piece in pieces:
+        if shown := citer.push(piece):
+            yield shown
+    if tail := citer.flush():
+        yield tail
+
+
 class RespondStage(Stage):
     name = "respond"
 
-    def __init__(self, backend: Backend, persona: str = PERSONA, principles: str = "", guard=None):
+    def __init__(self, backend: Backend, persona: str = PERSONA, principles: str = "", guard=None, cite: bool = True):
         self.backend, self.persona, self.principles = backend, persona, principles
+        self.cite = cite  # add [n] to the sentences a passage supports when the model wrote none
         self.guard = guard  # parley.pipeline.guard.Guard: takes injected orders out of passages beside the rules
 
     def process(self, frame: Frame, turn: Turn) -> Iterator[Frame]:
@@ -280,9 +296,12 @@ class RespondStage(Stage):
         messages, evidence = build_messages(turn, self.backend, self.persona, self.principles, frame.text,
                                           self.guard)
         turn.note(self.name, "generating", **evidence)
+        dropped = set(evidence.get("passages_dropped", ()))
+        given = [p for p in turn.sources() if p.n not in dropped]
+        citer = Citer(given) if self.cite and given else None
         text, visible = "", False
         with contextlib.closing(self.backend.stream(messages, turn.overrides, turn.cancel, turn.usage)) as stream:
-            for piece in _unfenced(stream):  # the prompt's passage tags never reach the user
+            for piece in _cited(_unfenced(stream), citer):  # the prompt's passage tags never reach the user
                 text += piece
                 if visible:
                     yield TextDelta(piece)
@@ -291,8 +310,9 @@ class RespondStage(Stage):
                     yield TextDelta(text.lstrip())
                 elif len(text) >= BLANK_LIMIT:  # a model that emits only whitespace: stop it now
                     break
-        dropped = set(evidence.get("passages_dropped", ()))
-        grounding = check_citations(text, [p for p in turn.sources() if p.n not in dropped])
+        grounding = check_citations(text, given)
+        if citer is not None:
+            grounding.update(citations_added=citer.added, unsupported_sentences=citer.unsupported)
         turn.note(self.name, "answered" if text.strip() else "empty answer", chars=len(text), **grounding)
         yield EndOfAnswer()
         if not text.strip():  # say so, rather than show nothing

@@ -1,20 +1,27 @@
-"""Train the reranker's head (parley/pipeline/rerank.py) on questions generated for the chunks of
-an ingested knowledge base, never on a question a person wrote for measuring.
+"""Train the reranker (parley/pipeline/rerank.py) on questions generated for the chunks of an
+ingested knowledge base, never on a question a person wrote for measuring.
 
-    parley train reranker --db /tmp/python-docs.db --user bench       # writes PARLEY_HOME/reranker_head.safetensors
-    parley train reranker --db ... --out parley/data/reranker_head.safetensors   # the head the repository ships
+    parley train reranker --db /tmp/python-docs.db --user bench       # writes PARLEY_HOME/reranker.safetensors
+    parley train reranker --db ... --lm_questions q.jsonl --exclude benchmarks/data/python_docs_questions.yml
 
 Recipe: sample `questions` chunks; for each, write one question by a template from what the
 chunk says about itself: its heading ("how does deque objects work in collections"), a code
 name it defines ("what does collections.deque do"), or the content words of one of its
-sentences, as a user types a search ("new deque object initialized left right"). The chunk is
-the answer; the hard negatives are the best hybrid-search chunks of other documents. The
-encoder stays frozen: the features of every pair are computed once, and a linear head is
-trained on them with a softmax over each question's group (the answer against its negatives).
+sentences, as a user types a search ("new deque object initialized left right"). Questions a
+chat model wrote for other chunks (`lm_questions`, a JSONL written with `lm_questions()` below)
+join them: they ask in a user's words rather than the page's. A question too close to one in
+an `exclude` file (the measurement sets) is dropped. The chunk is the answer; the hard negatives
+are the best hybrid-search chunks of other documents. A fifth of the questions (by `seed`) is
+held back to check the result. With `steps` > 0 the encoder is fine-tuned with the head
+(a cross-encoder: the pair read together), `batch` questions a step, the softmax over each
+question's group (the answer against its negatives) as the loss; with `steps` 0 the encoder
+stays frozen and only a linear head is trained on features computed once.
 """
 
 from __future__ import annotations
 
+import copy
+import json
 import random
 import re
 import time
@@ -24,11 +31,14 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+import yaml
 
 from parley.config import parse_cli, setting
-from parley.pipeline.embed import Embedder
+from parley.pipeline.embed import Embedder, fast_bf16
+from parley.pipeline.grounding import content_words
 from parley.pipeline.knowledge import STOPWORDS, KnowledgeConfig, VectorCache, search
-from parley.pipeline.rerank import Reranker, pair_features
+from parley.pipeline.query_map import train_query_map
+from parley.pipeline.rerank import Reranker, default_path, pair_features
 from parley.store import Store
 
 DEFINES = re.compile(r"\b([a-z_]\w*(?:\.[A-Za-z_]\w*)+)\(")
@@ -38,16 +48,31 @@ DEFINES = re.compile(r"\b([a-z_]\w*(?:\.[A-Za-z_]\w*)+)\(")
 class RerankTrainConfig:
     db: str = setting("", "the store whose documents to write questions for ('' = PARLEY_HOME/parley.db)")
     user: str = setting("local", "whose documents")
-    out: str = setting("", "where to write the head ('' = PARLEY_HOME/reranker_head.safetensors)")
-    questions: int = setting(300, "questions generated, one per sampled chunk")
+    out: str = setting("", "where to write it ('' = PARLEY_HOME/query_map.safetensors, or reranker.safetensors)")
+    questions: int = setting(300, "template questions, one per sampled chunk")
+    lm_questions: str = setting("", "a JSONL of questions a chat model wrote ({chunk_id, q} per line), used too")
+    exclude: list[str] = setting(factory=list, help="question sets (YAML, `questions: [{q: ...}]`) to keep out of training")
     negatives: int = setting(3, "hard negatives per question, from other documents")
-    epochs: int = setting(300, "full-batch passes over the features")
-    lr: float = setting(1e-2, "AdamW learning rate of the head")
-    seed: int = setting(0, "sampling and template seed")
+    kind: str = setting("map", "map: a query map over the stored vectors (query_map.py); head: a linear head "
+                        "over the frozen encoder reading question and passage; encoder: that head and the "
+                        "encoder fine-tuned together (a cross-encoder; slow on a CPU)")
+    steps: int = setting(200, "fine-tuning steps of the encoder (kind encoder)")
+    batch: int = setting(4, "questions per fine-tuning step")
+    encoder_lr: float = setting(3e-5, "AdamW learning rate of the encoder when fine-tuned")
+    max_tokens: int = setting(160, "longest question + passage pair the reranker reads, in tokens")
+    epochs: int = setting(300, "full-batch passes (kinds map and head)")
+    lr: float = setting(1e-2, "learning rate of the map or the head")
+    temperature: float = setting(0.05, "softmax temperature of the map's cosines")
+    anchor: float = setting(1.0, "weight of the map's pull towards the identity")
+    seed: int = setting(0, "sampling, template and held-back split seed")
 
     def __post_init__(self):
-        if self.questions < 10 or self.negatives < 1 or self.epochs < 1 or self.lr <= 0:
-            raise ValueError(f"need questions >= 10, negatives >= 1, epochs >= 1 and lr > 0: {self}")
+        if self.questions < 10 or self.negatives < 1 or self.epochs < 1 or self.lr <= 0 or self.encoder_lr <= 0:
+            raise ValueError(f"need questions >= 10, negatives >= 1, epochs >= 1 and positive rates: {self}")
+        if self.steps < 1 or self.batch < 1 or self.max_tokens < 32 or self.temperature <= 0 or self.anchor < 0:
+            raise ValueError(f"need steps >= 1, batch >= 1, max_tokens >= 32, temperature > 0, anchor >= 0: {self}")
+        if self.kind not in ("map", "head", "encoder"):
+            raise ValueError(f"kind must be map, head or encoder, not {self.kind!r}")
 
 
 def question_for(text: str, heading: str | None, rng: random.Random) -> str | None:
@@ -70,25 +95,111 @@ def question_for(text: str, heading: str | None, rng: random.Random) -> str | No
     return rng.choice(ways) if ways else None
 
 
-def training_groups(store: Store, embedder: Embedder, user: int, cfg: RerankTrainConfig) -> list[tuple[str, list[str]]]:
-    """(question, [answer, negative, ...]) for sampled chunks."""
+ASK = ("You write questions. Given a passage from a manual, write one short question that a user could "
+       "ask and that the passage answers. Use your own words, not the passage's.")
+
+
+def lm_questions(engine, tokenizer, texts: list[str], words: int = 160, batch: int = 16) -> list[str | None]:
+    """One question per passage written by a chat model (greedy), the way a user would ask it
+    rather than in the passage's words; None where the model wrote no usable question (not ending
+    in "?", under 4 or over 30 words, or the passage's heading copied back)."""
+    from parley.engine.sampling import SamplingParams
+
+    params = SamplingParams(max_tokens=40, temperature=0, stop_ids=tokenizer.stop_ids)
+    out: list[str | None] = []
+    for start in range(0, len(texts), batch):
+        chunk = texts[start : start + batch]
+        prompts = [tokenizer.encode_chat([{"role": "system", "content": ASK}, {"role": "user", "content":
+                   "Passage:\n" + " ".join(t.split()[:words]) + "\n\nQuestion:"}]) for t in chunk]
+        for text, done in zip(chunk, engine.generate(prompts, params)):
+            q = tokenizer.decode(done.tokens).strip().removeprefix("Question:").strip().split("\n")[0].strip()
+            usable = q.endswith("?") and 4 <= len(q.split()) <= 30 and q[:40] not in text
+            out.append(q if usable else None)
+    return out
+
+
+def too_close(question: str, measured: list[set[str]], limit: float = 0.5) -> bool:
+    """The question shares at least `limit` of its content words (Jaccard) with a measured one."""
+    words = content_words(question)
+    return any(len(words & m) / max(len(words | m), 1) >= limit for m in measured)
+
+
+def read_lm_questions(path: str | Path) -> dict[int, str]:
+    """chunk id -> question, from a JSONL written by `lm_questions` (one {chunk_id, q} a line)."""
+    try:
+        rows = [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+        return {int(r["chunk_id"]): str(r["q"]) for r in rows}
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise ValueError(f"cannot read the model's questions from {path}: {e}") from None
+
+
+def generated_questions(store: Store, user: int, cfg: RerankTrainConfig) -> tuple[list[tuple], dict]:
+    """([(chunk id, document id, chunk text, question, source)], counts): a template question for
+    each of `cfg.questions` sampled chunks and the model's questions of `cfg.lm_questions` (those
+    sharing a content word with their chunk), less any too close to an `exclude` set; source is
+    "template" or "lm"."""
     rng = random.Random(cfg.seed)
     rows = store.db.execute("SELECT c.id, c.document_id, c.text FROM chunks c JOIN documents d ON d.id = c.document_id"
                             " WHERE d.user_id = ? ORDER BY c.id", (user,)).fetchall()
     if len(rows) < cfg.questions:
         raise ValueError(f"the store holds {len(rows)} chunks of that user: fewer than the {cfg.questions} questions")
+    measured = []
+    for path in cfg.exclude:
+        try:
+            measured += [content_words(q["q"]) for q in yaml.safe_load(Path(path).read_text())["questions"]]
+        except (OSError, yaml.YAMLError, KeyError, TypeError) as e:
+            raise ValueError(f"cannot read the question set {path} to exclude: {e}") from None
+    asked = [(chunk_id, doc, text, question_for(text, _heading(text), rng), "template")
+             for chunk_id, doc, text in rng.sample(rows, cfg.questions)]
+    if cfg.lm_questions:
+        written = read_lm_questions(cfg.lm_questions)
+        asked += [(chunk_id, doc, text, written[chunk_id], "lm") for chunk_id, doc, text in rows
+                  if chunk_id in written and content_words(written[chunk_id]) & content_words(text)]
+    counts = {"excluded": 0, "template": 0, "lm": 0}
+    kept = []
+    for row in asked:
+        if not row[3]:
+            continue
+        if too_close(row[3], measured):
+            counts["excluded"] += 1
+            continue
+        kept.append(row)
+        counts[row[4]] += 1
+    return kept, counts
+
+
+def training_groups(store: Store, embedder: Embedder, user: int, asked: list[tuple], negatives: int) -> list[tuple]:
+    """[(question, [answer, negative, ...], source)]: the negatives are the best hybrid-search
+    chunks of other documents."""
     cache, plain = VectorCache(), KnowledgeConfig(per_page=0)
     groups = []
-    for chunk_id, doc, text in rng.sample(rows, cfg.questions):
-        heading = text.split("\n\n", 1)[0] if "\n\n" in text and " — " in text.split("\n\n", 1)[0] else None
-        question = question_for(text, heading, rng)
-        if not question:
-            continue
+    for _, doc, text, question, source in asked:
         found = search(store, embedder, user, question, 20, cache=cache, config=plain)
-        negatives = [c.chunk.text for c in found if c.chunk.document_id != doc][: cfg.negatives]
-        if len(negatives) == cfg.negatives:
-            groups.append((question, [text, *negatives]))
+        others = [c.chunk.text for c in found if c.chunk.document_id != doc][:negatives]
+        if len(others) == negatives:
+            groups.append((question, [text, *others], source))
     return groups
+
+
+def map_examples(store: Store, embedder: Embedder, user: int, asked: list[tuple], negatives: int):
+    """(question vectors, answer vectors, negative vectors (n, negatives, d), sources) for a query
+    map: the negatives are the chunks of other documents nearest the question."""
+    ids, matrix = VectorCache().get(store, user)
+    row_of = {int(i): r for r, i in enumerate(ids)}
+    docs = dict(store.db.execute("SELECT c.id, c.document_id FROM chunks c JOIN documents d ON d.id = c.document_id"
+                                 " WHERE d.user_id = ?", (user,)).fetchall())
+    asked = [a for a in asked if a[0] in row_of]
+    q = embedder([a[3] for a in asked])
+    near = np.argsort(-(q @ matrix.T), axis=1)[:, :200]
+    others = [[r for r in rows if docs[int(ids[r])] != a[1]][:negatives] for a, rows in zip(asked, near)]
+    keep = [i for i, rows in enumerate(others) if len(rows) == negatives]  # a long page may fill the 200 nearest
+    neg = np.stack([matrix[others[i]] for i in keep])
+    return q[keep], matrix[[row_of[asked[i][0]] for i in keep]], neg, [asked[i][4] for i in keep]
+
+
+def _heading(text: str) -> str | None:
+    head = text.split("\n\n", 1)[0]
+    return head if "\n\n" in text and " — " in head else None
 
 
 def train_head(features: torch.Tensor, epochs: int, lr: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -106,6 +217,36 @@ def train_head(features: torch.Tensor, epochs: int, lr: float, seed: int) -> tup
     return weight.detach(), bias.detach()
 
 
+def fine_tune(embedder: Embedder, groups: list, cfg: RerankTrainConfig, log=print) -> Reranker:
+    """A copy of the encoder and a head trained together on the groups (answer first)."""
+    torch.manual_seed(cfg.seed)
+    encoder = copy.deepcopy(embedder).float().train()
+    weight = torch.zeros(2 * embedder.dim, requires_grad=True)
+    bias = torch.zeros((), requires_grad=True)
+    opt = torch.optim.AdamW([{"params": list(encoder.parameters()), "lr": cfg.encoder_lr},
+                             {"params": [weight, bias], "lr": cfg.lr}], weight_decay=1e-2)
+    order = random.Random(cfg.seed).sample(range(len(groups)), len(groups))
+    start, losses = time.perf_counter(), []
+    for step in range(cfg.steps):
+        picks = [groups[order[(step * cfg.batch + j) % len(order)]] for j in range(cfg.batch)]
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=fast_bf16()):
+            logits = torch.stack([pair_features(encoder, q, texts, max_tokens=cfg.max_tokens) for q, texts, *_ in picks])
+        loss = F.cross_entropy(logits.float() @ weight + bias, torch.zeros(len(picks), dtype=torch.long))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+        if (step + 1) % 25 == 0 or step + 1 == cfg.steps:
+            log(f"step {step + 1}/{cfg.steps}: loss {sum(losses[-25:]) / len(losses[-25:]):.3f} "
+                f"({time.perf_counter() - start:.0f} s)")
+    return Reranker(encoder.eval(), weight.detach(), bias.detach(), cfg.max_tokens, tuned=True)
+
+
+def first_rate(reranker: Reranker, groups: list) -> float:
+    """Share of groups whose answer (index 0) the reranker scores above every negative."""
+    return sum(int(reranker.score(q, texts).argmax() == 0) for q, texts, *_ in groups) / max(len(groups), 1)
+
+
 def main(cfg: RerankTrainConfig) -> int:
     from parley.registry import parley_home, store_target
 
@@ -115,18 +256,51 @@ def main(cfg: RerankTrainConfig) -> int:
         found = store.get_user_by_name(cfg.user)
         if found is None:
             raise SystemExit(f"parley: error: no user {cfg.user!r} in that store: ingest documents first")
-        groups = training_groups(store, embedder, found.id, cfg)
-    print(f"{len(groups)} questions with {cfg.negatives} negatives each ({time.perf_counter() - start:.0f} s)")
-    features = torch.stack([pair_features(embedder, q, texts) for q, texts in groups])
-    cut = len(groups) * 4 // 5  # the last fifth checks the head on questions it did not see
-    weight, bias = train_head(features[:cut], cfg.epochs, cfg.lr, cfg.seed)
-    top1 = ((features[cut:] @ weight + bias).argmax(-1) == 0).float().mean().item()
-    print(f"held-back generated questions: the answer first in {top1:.2f} of groups (chance {1 / (1 + cfg.negatives):.2f})")
-    weight, bias = train_head(features, cfg.epochs, cfg.lr, cfg.seed)
-    out = Path(cfg.out) if cfg.out else parley_home() / "reranker_head.safetensors"
-    Reranker(embedder, weight, bias).save(out)
+        asked, counts = generated_questions(store, found.id, cfg)
+        held = set(random.Random(cfg.seed + 1).sample(range(len(asked)), len(asked) // 5))
+        print(f"{len(asked)} questions ({counts['template']} by template, {counts['lm']} by the model; "
+              f"{counts['excluded']} dropped as too close to an excluded set), {len(held)} held back", flush=True)
+        if cfg.kind == "map":
+            q, pos, neg, sources = map_examples(store, embedder, found.id, asked, cfg.negatives)
+        else:
+            groups = training_groups(store, embedder, found.id, asked, cfg.negatives)
+            held = set(random.Random(cfg.seed + 1).sample(range(len(groups)), len(groups) // 5))
+    out = Path(cfg.out) if cfg.out else (parley_home() / "query_map.safetensors" if cfg.kind == "map"
+                                         else default_path())
+    if cfg.kind == "map":
+        train = np.array([i not in held for i in range(len(q))])
+        qmap = train_query_map(q[train], pos[train], neg[train], steps=cfg.epochs, lr=cfg.lr,
+                               temperature=cfg.temperature, anchor=cfg.anchor, seed=cfg.seed)
+        for source in ("template", "lm"):
+            back = np.array([not t and s == source for t, s in zip(train, sources)])
+            if back.any():
+                before, after = (first_of(f(q[back]), pos[back], neg[back]) for f in (lambda v: v, qmap))
+                print(f"held-back {source} questions ({back.sum()}): the answer nearer than its {cfg.negatives} "
+                      f"nearest negatives in {before:.2f} unmapped, {after:.2f} mapped", flush=True)
+        qmap.save(out)
+    else:
+        train = [g for i, g in enumerate(groups) if i not in held]
+        back = [g for i, g in enumerate(groups) if i in held]
+        if cfg.kind == "encoder":
+            reranker = fine_tune(embedder, train, cfg)
+        else:
+            with torch.no_grad():  # the encoder is frozen: its features are computed once
+                features = torch.stack([pair_features(embedder, q, texts, max_tokens=cfg.max_tokens)
+                                        for q, texts, *_ in train])
+            reranker = Reranker(embedder, *train_head(features, cfg.epochs, cfg.lr, cfg.seed), cfg.max_tokens)
+        for source in ("template", "lm"):
+            mine = [g for g in back if g[2] == source]
+            if mine:
+                print(f"held-back {source} questions: the answer first in {first_rate(reranker, mine):.2f} of "
+                      f"{len(mine)} groups (chance {1 / (1 + cfg.negatives):.2f})", flush=True)
+        reranker.save(out)
     print(f"wrote {out} in {time.perf_counter() - start:.0f} s")
     return 0
+
+
+def first_of(q: np.ndarray, pos: np.ndarray, neg: np.ndarray) -> float:
+    """Share of questions whose answer vector is nearer than every negative."""
+    return float(((q * pos).sum(-1) > np.einsum("nd,nmd->nm", q, neg).max(-1)).mean())
 
 
 def train_reranker_main(argv: list[str]) -> int:
