@@ -10,7 +10,7 @@ import pytest
 from parley.cli import main
 from parley.voice.asr import load_asr, normalize, wer
 from parley.voice.audio import AudioError, Clip, load_audio, read_wav, resample, wav_bytes
-from parley.voice.tts import TTSError, load_tts, sentences, speak_stream
+from parley.voice.tts import TTSError, load_tts, sentences, speak_stream, spoken
 
 pytest.importorskip("faster_whisper")
 pytest.importorskip("piper")
@@ -211,6 +211,22 @@ def test_speak_stream_yields_audio_per_sentence(piper):
     out = list(speak_stream(piper, pieces))
     assert [s for s, _ in out] == ["It is late.", "Good night."]
     assert all(c.seconds > 0.3 for _, c in out)
+
+
+def test_the_marks_that_cite_sources_are_shown_but_not_spoken():
+    assert spoken("Use a deque [1].") == "Use a deque."
+    assert spoken("It joins paths [1, 3]!") == "It joins paths!"
+    assert spoken("[2]") == "" and spoken(" [2].") == ""
+    assert spoken("Index it as items[0] here.") == "Index it as items[0] here."  # code is not a citation
+
+
+@needs_espeak
+def test_a_cited_answer_sounds_as_the_same_answer_without_its_marks():
+    espeak = load_tts("espeak:en-us")
+    out = list(speak_stream(espeak, ["It is late [1]. ", "Good night [2, 3]."]))
+    assert [s for s, _ in out] == ["It is late [1].", "Good night [2, 3]."]  # the text keeps them
+    plain = [espeak.synthesize(s) for s in ("It is late.", "Good night.")]
+    assert [c.samples.tobytes() for _, c in out] == [c.samples.tobytes() for c in plain]
 
 
 # ---------------------------------------------------------------- recognition

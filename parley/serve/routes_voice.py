@@ -444,7 +444,7 @@ class LiveSession:
     async def speak(self, pieces: queue.Queue, latency: dict) -> None:
         """Synthesize the answer sentence by sentence, in a thread, sending each as it is made; the
         first audio message carries the turn's `latency` (see the module docstring)."""
-        from parley.voice.tts import TTSError, sentences
+        from parley.voice.tts import TTSError, sentences, spoken
 
         loop, made = asyncio.get_running_loop(), asyncio.Queue()
 
@@ -456,10 +456,10 @@ class LiveSession:
             try:
                 with self.tts_busy:  # one synthesis at a time per voice, as /v1/audio/speech
                     for sentence in sentences(text(), first_clause=FIRST_CLAUSE):
-                        if not any(c.isalnum() for c in sentence):  # "..." alone has nothing to say
+                        if not (words := spoken(sentence)):  # "..." alone has nothing to say
                             continue
                         start = time.perf_counter()
-                        clip = self.tts.synthesize(sentence)
+                        clip = self.tts.synthesize(words)
                         if self.barged:
                             break
                         times = (start, time.perf_counter())

@@ -131,6 +131,14 @@ SOFT_LIMIT = 300  # characters without a sentence end before we cut at a comma o
 
 
 _CLAUSE = re.compile(r"[,;:]\s+")
+_CITATION = re.compile(r"(?:^|\s+)\[\d+(?:\s*,\s*\d+)*\]")  # " [2]", " [1, 3]": the respond stage's source marks
+
+
+def spoken(sentence: str) -> str:
+    """What of an answer's sentence is said aloud: its words without the [n] marks that cite
+    its sources (they stay in the text shown); "" where nothing is left worth saying."""
+    words = _CITATION.sub("", sentence).strip()
+    return words if any(c.isalnum() for c in words) else ""
 
 
 def sentences(pieces: Iterable[str], first_clause: int = 0) -> Iterator[str]:
@@ -163,5 +171,5 @@ def speak_stream(tts: TTS, pieces: Iterable[str], first_clause: int = 0) -> Iter
     """(sentence, its audio) for each sentence of streamed text, as soon as the sentence is complete
     (the first may be a clause: see `sentences`)."""
     for sentence in sentences(pieces, first_clause):
-        if any(c.isalnum() for c in sentence):  # "..." alone has nothing to say
-            yield sentence, tts.synthesize(sentence)
+        if words := spoken(sentence):  # "..." alone has nothing to say
+            yield sentence, tts.synthesize(words)
