@@ -54,7 +54,9 @@ def _mismatch(meta: dict, base: str, version: str) -> str | None:
 
 class Adapter:
     """One loaded adapter: per layer and target, A [r, in] and B transposed [r, out] on the model's
-    device, in bf16 for a bf16 model (half the bytes a step reads), else fp32; `key` (name and
+    device, in bf16 for a bf16 model (half the bytes a step reads), else fp32; a bf16 model's also
+    keeps B [out, r] with 32 zeros after it, which the AMX tiles read (kernels.c's LORA_UP reads
+    up to 32 values past a row: the zeros keep the last row's reads inside). `key` (name and
     weights' hash) keys the prefix cache."""
 
     def __init__(self, name: str, meta: dict, state: dict[str, torch.Tensor], model: Transformer, base: str,
@@ -72,6 +74,7 @@ class Adapter:
         device = model.model.embed_tokens.weight.device
         dtype = torch.bfloat16 if model.model.embed_tokens.weight.dtype == torch.bfloat16 else torch.float32
         self.layers: list[dict[int, tuple[torch.Tensor, torch.Tensor]]] = [{} for _ in range(cfg.num_hidden_layers)]
+        self.tiles: dict[tuple[int, int], torch.Tensor] = {}  # (layer, target): B [out, r] and 32 zeros
         pairs: dict[tuple[int, int], dict[str, torch.Tensor]] = {}
         for key, t in state.items():
             m = _KEY.fullmatch(key)
@@ -89,11 +92,18 @@ class Adapter:
                 raise AdapterError(f"{where}: layer {layer} {TARGETS[target]} needs A {want_a} and B {want_b}, "
                                    f"the file has A {None if A is None else tuple(A.shape)} and B "
                                    f"{None if B is None else tuple(B.shape)} (another base model or rank?)")
-            self.layers[layer][target] = (A.to(device, dtype).contiguous(), B.to(device, dtype).t().contiguous())
+            A, B = A.to(device, dtype).contiguous(), B.to(device, dtype).contiguous()
+            if not (A.isfinite().all() and B.isfinite().all()):
+                raise AdapterError(f"{where}: layer {layer} {TARGETS[target]} holds infinite or NaN weights "
+                                   "(a diverged training run?): train it again")
+            self.layers[layer][target] = (A, B.t().contiguous())
+            if dtype == torch.bfloat16 and device.type == "cpu":
+                self.tiles[(layer, target)] = torch.cat([B.flatten(), B.new_zeros(32)])
         if not pairs:
             raise AdapterError(f"{where} holds no LoRA tensors")
         self.dtype = dtype
-        self.nbytes = sum(a.nbytes + b.nbytes for layer in self.layers for a, b in layer.values())
+        self.nbytes = sum(a.nbytes + b.nbytes for layer in self.layers for a, b in layer.values()) + \
+            sum(b.nbytes for b in self.tiles.values())
         self.users = 0  # requests holding it
         self._lora = None
 
@@ -103,10 +113,12 @@ class Adapter:
             from parley.engine.fast import Lora
 
             self._lora = (Lora * len(self.layers))()
-            for lora, targets in zip(self._lora, self.layers):
+            for layer, (lora, targets) in enumerate(zip(self._lora, self.layers)):
                 lora.r, lora.scale, lora.bf16 = self.rank, self.scale, int(self.dtype == torch.bfloat16)
                 for t, (A, Bt) in targets.items():
                     lora.A[t], lora.Bt[t] = A.data_ptr(), Bt.data_ptr()
+                    if (layer, t) in self.tiles:
+                        lora.B[t] = self.tiles[(layer, t)].data_ptr()
         return self._lora
 
 
