@@ -220,11 +220,25 @@ def row_pointers(adapters: list[Adapter | None]) -> torch.Tensor:
     return torch.tensor([ctypes.addressof(a.lora_array()) if a else 0 for a in adapters], dtype=torch.int64)
 
 
+def low_rank_term(adapter: Adapter, layer: int, target: int, x: torch.Tensor) -> torch.Tensor | None:
+    """scale * (x A^T) B^T of each row of x (n, in), fp32, as the PyTorch path adds it (None where
+    the adapter leaves this projection alone). Elementwise products and sums of each row on its
+    own, no matrix product (whose blocking PyTorch picks by the batch): a row's term has the same
+    bits whatever rows come with it (tests/test_adapters.py)."""
+    ab = adapter.layers[layer].get(target)
+    if ab is None:
+        return None
+    A, Bt = ab
+    u = (x.float()[:, None, :] * A).sum(-1) * adapter.scale  # (n, r)
+    return (u[:, :, None] * Bt).sum(1)  # (n, out)
+
+
 @contextmanager
 def applied(model: Transformer, rows: list[Adapter | None]):
     """Within the block, the model's forward adds each packed row's adapter term to the target
     projections (the PyTorch path, on CPU or GPU). `rows`: one entry per token of the packed batch.
-    Each row's term is its own elementwise products and sums, whatever the other rows."""
+    Each row's term is its own (low_rank_term); in bf16 the base products it is added to are not
+    (docs/ARCHITECTURE.md: batch invariance holds on the C paths and in fp32)."""
     groups: dict[int, tuple[Adapter, torch.Tensor]] = {}
     for i, a in enumerate(rows):
         if a is not None:
@@ -241,13 +255,9 @@ def applied(model: Transformer, rows: list[Adapter | None]):
             x = inputs[0][0]  # (N, in) of the packed row
             out = out.clone()
             for adapter, idx in groups.values():
-                ab = adapter.layers[layer].get(target)
-                if ab is None:
-                    continue
-                A, Bt = ab
-                u = (x[idx].float()[:, None, :] * A).sum(-1) * adapter.scale  # (n, r)
-                delta = (u[:, :, None] * Bt).sum(1)  # (n, out)
-                out[0, idx] = (out[0, idx].float() + delta).to(out.dtype)
+                delta = low_rank_term(adapter, layer, target, x[idx])
+                if delta is not None:
+                    out[0, idx] = (out[0, idx].float() + delta).to(out.dtype)
             return out
         return add
 
