@@ -1308,21 +1308,32 @@ static void lora_down(const void *A, int bf16, long I, long r, float scale, cons
     for (long k = 0; k < r; k++) u[k] = scale * dot(x, (const char *)A + k * I * (bf16 ? 2 : 4), bf16, (int)I);
 }
 
-/* y[o] += sum_k u[k] Bt[k, o], the k in order: each block of y is loaded and stored once. */
-static void lora_up(const void *Bt, int bf16, long O, long r, const float *u, float *y) {
+/* y[rows[j]][o] += sum_k u[j][k] Bt[k, o] for the n rows of a unit (u: LORA_MAX_RANK floats a row),
+ * the k in order: each block of 16 columns of up to 16 rows of Bt is loaded once for all the rows. */
+static void lora_up(const void *Bt, int bf16, long O, long r, const float *u, int n, const int64_t *rows, float *y,
+                    long y_stride) {
     long o = 0;
 #ifdef __AVX512F__
-    for (; o + 16 <= O; o += 16) {
-        __m512 acc = _mm512_loadu_ps(y + o);
-        for (long k = 0; k < r; k++) acc = _mm512_fmadd_ps(_mm512_set1_ps(u[k]), load16(Bt, bf16, k * O + o), acc);
-        _mm512_storeu_ps(y + o, acc);
-    }
+    for (; o + 16 <= O; o += 16)
+        for (long k0 = 0; k0 < r; k0 += 16) {
+            const int kn = r - k0 < 16 ? (int)(r - k0) : 16;
+            __m512 b[16];
+            for (int k = 0; k < kn; k++) b[k] = load16(Bt, bf16, (k0 + k) * O + o);
+            for (int j = 0; j < n; j++) {
+                float *yj = y + rows[j] * y_stride + o;
+                __m512 acc = _mm512_loadu_ps(yj);
+                for (int k = 0; k < kn; k++)
+                    acc = _mm512_fmadd_ps(_mm512_set1_ps(u[j * LORA_MAX_RANK + k0 + k]), b[k], acc);
+                _mm512_storeu_ps(yj, acc);
+            }
+        }
 #endif
-    for (; o < O; o++) {
-        float acc = y[o];
-        for (long k = 0; k < r; k++) acc = fmaf(u[k], load1(Bt, bf16, k * O + o), acc);
-        y[o] = acc;
-    }
+    for (int j = 0; j < n; j++)
+        for (long oo = o; oo < O; oo++) {
+            float *yj = y + rows[j] * y_stride, acc = yj[oo];
+            for (long k = 0; k < r; k++) acc = fmaf(u[j * LORA_MAX_RANK + k], load1(Bt, bf16, k * O + oo), acc);
+            yj[oo] = acc;
+        }
 }
 
 /* The adapters' part of projection t: y[b] += scale * sum_k (A_k . x[b]) Bt_k for each row b whose
@@ -1340,11 +1351,10 @@ static void lora_for(const Buffers *buf, long l, int t, const float *x, long x_s
         const int n = (int)rows[-1];
         const Lora *a = &buf->lora[rows[0]][l];
         if (!a->A[t]) continue;
-        float u[LORA_MAX_RANK];
-        for (int j = 0; j < n; j++) {
-            lora_down(a->A[t], (int)a->bf16, I, a->r, a->scale, x + rows[j] * x_stride, u);
-            lora_up(a->Bt[t], (int)a->bf16, O, a->r, u, y + rows[j] * y_stride);
-        }
+        float u[LORA_UNIT * LORA_MAX_RANK];
+        for (int j = 0; j < n; j++)
+            lora_down(a->A[t], (int)a->bf16, I, a->r, a->scale, x + rows[j] * x_stride, u + j * LORA_MAX_RANK);
+        lora_up(a->Bt[t], (int)a->bf16, O, a->r, u, n, rows, y, y_stride);
     }
 }
 
