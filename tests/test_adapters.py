@@ -93,6 +93,41 @@ def test_each_row_equals_that_request_alone_with_its_adapter(folder, kernels):
     assert sum(changed) >= 4, "the adapters should change most answers (else this test proves nothing)"
 
 
+@pytest.mark.parametrize("kernels", ["amx", "avx512"])
+def test_odd_and_large_ranks_keep_rows_equal_to_alone(tmp_path, kernels):
+    """Ranks that are not whole tiles: odd (its last pair of u half zero), over 16 (A in two blocks
+    of tile rows) and over 32 (u in two tiles), beside each other in one block of 16 rows."""
+    if kernels not in paths():
+        pytest.skip(f"this CPU does not run kernels={kernels}")
+    model = base_model()
+    for name, r in (("odd", 3), ("wide", 20), ("deep", 40)):
+        write_adapter(tmp_path / name, model, seed=r, r=r)
+    prompts, names = [[5, 17, 33], [40, 41, 42, 43] * 5, [100, 3, 250], [7, 8]], ["odd", "wide", "deep", ""]
+    together, _ = serve(model, tmp_path, kernels, prompts, names)
+    alone = [serve(model, tmp_path, kernels, [p], [n], max_batch=1)[0][0] for p, n in zip(prompts, names)]
+    assert together == alone
+    base = serve(model, tmp_path, kernels, prompts, [""] * len(prompts))[0]
+    assert together[3] == base[3] and sum(t != b for t, b in zip(together[:3], base)) >= 2
+
+
+def test_the_pytorch_paths_adapter_term_is_each_rows_own_in_bf16(folder):
+    """In bf16 on the PyTorch path (kernels=torch) the base products are not batch-invariant
+    (PyTorch's CPU GEMMs pick their blocking by the batch), so rows are equal to alone only in
+    fp32 (the test above); what holds in bf16 too is that the adapter's term of a row has the
+    same bits whatever rows come with it."""
+    from parley.engine.adapters import TARGETS, low_rank_term
+
+    model = base_model(torch.bfloat16)
+    adapter = Adapters(model, folder, base="tiny").acquire("user1")
+    x = torch.randn(13, CFG.hidden_size, generator=torch.Generator().manual_seed(0)).to(torch.bfloat16)
+    for target in (TARGETS.index("q_proj"), TARGETS.index("gate_proj")):
+        batch = low_rank_term(adapter, 1, target, x)
+        assert batch.abs().max() > 0
+        for i in (0, 5, 12):
+            assert torch.equal(low_rank_term(adapter, 1, target, x[i:i + 1])[0], batch[i])
+        assert torch.equal(low_rank_term(adapter, 1, target, x[3:9]), batch[3:9])
+
+
 def test_rows_match_the_lora_model_computed_by_pytorch(folder):
     """The adapter term is the one LoRALinear computes: fp32 weights, the PyTorch path, against a
     model with the adapter applied the training way (model/lora.py)."""

@@ -54,7 +54,9 @@ def _mismatch(meta: dict, base: str, version: str) -> str | None:
 
 class Adapter:
     """One loaded adapter: per layer and target, A [r, in] and B transposed [r, out] on the model's
-    device, in bf16 for a bf16 model (half the bytes a step reads), else fp32; `key` (name and
+    device, in bf16 for a bf16 model (half the bytes a step reads), else fp32; a bf16 model's also
+    keeps B [out, r] with 32 zeros after it, which the AMX tiles read (kernels.c's LORA_UP reads
+    up to 32 values past a row: the zeros keep the last row's reads inside). `key` (name and
     weights' hash) keys the prefix cache."""
 
     def __init__(self, name: str, meta: dict, state: dict[str, torch.Tensor], model: Transformer, base: str,
@@ -72,6 +74,7 @@ class Adapter:
         device = model.model.embed_tokens.weight.device
         dtype = torch.bfloat16 if model.model.embed_tokens.weight.dtype == torch.bfloat16 else torch.float32
         self.layers: list[dict[int, tuple[torch.Tensor, torch.Tensor]]] = [{} for _ in range(cfg.num_hidden_layers)]
+        self.tiles: dict[tuple[int, int], torch.Tensor] = {}  # (layer, target): B [out, r] and 32 zeros
         pairs: dict[tuple[int, int], dict[str, torch.Tensor]] = {}
         for key, t in state.items():
             m = _KEY.fullmatch(key)
@@ -89,11 +92,18 @@ class Adapter:
                 raise AdapterError(f"{where}: layer {layer} {TARGETS[target]} needs A {want_a} and B {want_b}, "
                                    f"the file has A {None if A is None else tuple(A.shape)} and B "
                                    f"{None if B is None else tuple(B.shape)} (another base model or rank?)")
-            self.layers[layer][target] = (A.to(device, dtype).contiguous(), B.to(device, dtype).t().contiguous())
+            A, B = A.to(device, dtype).contiguous(), B.to(device, dtype).contiguous()
+            if not (A.isfinite().all() and B.isfinite().all()):
+                raise AdapterError(f"{where}: layer {layer} {TARGETS[target]} holds infinite or NaN weights "
+                                   "(a diverged training run?): train it again")
+            self.layers[layer][target] = (A, B.t().contiguous())
+            if dtype == torch.bfloat16 and device.type == "cpu":
+                self.tiles[(layer, target)] = torch.cat([B.flatten(), B.new_zeros(32)])
         if not pairs:
             raise AdapterError(f"{where} holds no LoRA tensors")
         self.dtype = dtype
-        self.nbytes = sum(a.nbytes + b.nbytes for layer in self.layers for a, b in layer.values())
+        self.nbytes = sum(a.nbytes + b.nbytes for layer in self.layers for a, b in layer.values()) + \
+            sum(b.nbytes for b in self.tiles.values())
         self.users = 0  # requests holding it
         self._lora = None
 
@@ -103,10 +113,12 @@ class Adapter:
             from parley.engine.fast import Lora
 
             self._lora = (Lora * len(self.layers))()
-            for lora, targets in zip(self._lora, self.layers):
+            for layer, (lora, targets) in enumerate(zip(self._lora, self.layers)):
                 lora.r, lora.scale, lora.bf16 = self.rank, self.scale, int(self.dtype == torch.bfloat16)
                 for t, (A, Bt) in targets.items():
                     lora.A[t], lora.Bt[t] = A.data_ptr(), Bt.data_ptr()
+                    if (layer, t) in self.tiles:
+                        lora.B[t] = self.tiles[(layer, t)].data_ptr()
         return self._lora
 
 
@@ -208,11 +220,25 @@ def row_pointers(adapters: list[Adapter | None]) -> torch.Tensor:
     return torch.tensor([ctypes.addressof(a.lora_array()) if a else 0 for a in adapters], dtype=torch.int64)
 
 
+def low_rank_term(adapter: Adapter, layer: int, target: int, x: torch.Tensor) -> torch.Tensor | None:
+    """scale * (x A^T) B^T of each row of x (n, in), fp32, as the PyTorch path adds it (None where
+    the adapter leaves this projection alone). Elementwise products and sums of each row on its
+    own, no matrix product (whose blocking PyTorch picks by the batch): a row's term has the same
+    bits whatever rows come with it (tests/test_adapters.py)."""
+    ab = adapter.layers[layer].get(target)
+    if ab is None:
+        return None
+    A, Bt = ab
+    u = (x.float()[:, None, :] * A).sum(-1) * adapter.scale  # (n, r)
+    return (u[:, :, None] * Bt).sum(1)  # (n, out)
+
+
 @contextmanager
 def applied(model: Transformer, rows: list[Adapter | None]):
     """Within the block, the model's forward adds each packed row's adapter term to the target
     projections (the PyTorch path, on CPU or GPU). `rows`: one entry per token of the packed batch.
-    Each row's term is its own elementwise products and sums, whatever the other rows."""
+    Each row's term is its own (low_rank_term); in bf16 the base products it is added to are not
+    (docs/ARCHITECTURE.md: batch invariance holds on the C paths and in fp32)."""
     groups: dict[int, tuple[Adapter, torch.Tensor]] = {}
     for i, a in enumerate(rows):
         if a is not None:
@@ -229,13 +255,9 @@ def applied(model: Transformer, rows: list[Adapter | None]):
             x = inputs[0][0]  # (N, in) of the packed row
             out = out.clone()
             for adapter, idx in groups.values():
-                ab = adapter.layers[layer].get(target)
-                if ab is None:
-                    continue
-                A, Bt = ab
-                u = (x[idx].float()[:, None, :] * A).sum(-1) * adapter.scale  # (n, r)
-                delta = (u[:, :, None] * Bt).sum(1)  # (n, out)
-                out[0, idx] = (out[0, idx].float() + delta).to(out.dtype)
+                delta = low_rank_term(adapter, layer, target, x[idx])
+                if delta is not None:
+                    out[0, idx] = (out[0, idx].float() + delta).to(out.dtype)
             return out
         return add
 

@@ -38,6 +38,7 @@ from pathlib import Path
 
 import torch
 
+from parley.engine.adapters import MAX_RANK
 from parley.engine.cache import PagedBatch, PagedKVCache
 from parley.engine.hugepages import move_to_huge_pages
 from parley.model.quant import QuantLinear, quantized_layers
@@ -59,13 +60,16 @@ class Layer(ctypes.Structure):
 
 class Lora(ctypes.Structure):
     """One adapter's matrices in one layer (kernels.c's Lora): A [r, in] and Bt [r, out] of the
-    targets q, k, v, o, gate, up, down (None where the adapter leaves one alone)."""
-    _fields_ = [("A", P * 7), ("Bt", P * 7), ("r", ctypes.c_long), ("scale", ctypes.c_float), ("bf16", ctypes.c_long)]
+    targets q, k, v, o, gate, up, down (None where the adapter leaves one alone); for bf16 models
+    also B [out, r] (the tile path's)."""
+    _fields_ = [("A", P * 7), ("Bt", P * 7), ("r", ctypes.c_long), ("scale", ctypes.c_float), ("bf16", ctypes.c_long),
+                ("B", P * 7)]
 
 
 class Buffers(ctypes.Structure):
     _fields_ = [(n, P) for n in ("x", "h", "qkv", "att", "gu", "act", "scores", "logits", "xp", "xp_act", "xq", "xs",
-                                 "lora", "lora_plan", "route", "moe_x", "moe_y", "moe_rows")]
+                                 "lora", "lora_plan", "lora_blocks", "lora_segs", "lora_u", "route", "moe_x",
+                                 "moe_y", "moe_rows")]
 
 
 class Shape(ctypes.Structure):
@@ -360,24 +364,43 @@ class FastDecoder:
         do not reallocate it every step."""
         return -(-pages * page_size // 256) * 256
 
-    def _rows_lora(self, lora: torch.Tensor | None, rows: int) -> tuple[int | None, int | None]:
-        """Where kernels.c reads each row's adapter from, and its plan: the rows with one, in units
-        of up to 16 rows of one adapter (Buffers.lora_plan). None, None without adapters."""
+    def _rows_lora(self, lora: torch.Tensor | None, buffers: Buffers, rows: int) -> None:
+        """Tell kernels.c where it reads each row's adapter from (Buffers.lora, None without
+        adapters), and its plan. On AMX tiles: the segments, the rows of each block of 16 that
+        share an adapter, with scratch for their u (Buffers.lora_blocks, lora_segs, lora_u); else
+        the rows with one, in units of up to 16 rows of one adapter (Buffers.lora_plan)."""
+        buffers.lora = buffers.lora_plan = buffers.lora_blocks = buffers.lora_segs = buffers.lora_u = None
         if lora is None:
-            return None, None
+            return
         assert lora.dtype == torch.int64 and lora.shape == (rows,) and lora.is_contiguous(), "one adapter a row"
-        groups: dict[int, list[int]] = {}
-        for row, address in enumerate(lora.tolist()):
-            if address:
-                groups.setdefault(address, []).append(row)
-        units = [mine[i:i + 16] for mine in groups.values() for i in range(0, len(mine), 16)]
-        plan = torch.zeros(1 + 17 * len(units), dtype=torch.int64)
-        plan[0] = len(units)
-        for i, unit in enumerate(units):
-            plan[1 + 17 * i] = len(unit)
-            plan[2 + 17 * i:2 + 17 * i + len(unit)] = torch.tensor(unit)
-        self._plan = plan  # alive until the next call
-        return lora.data_ptr(), plan.data_ptr()
+        addresses = lora.tolist()
+        if self.amx:
+            blocks, segments = [0], []
+            for b0 in range(0, rows, 16):
+                masks: dict[int, int] = {}
+                for n, address in enumerate(addresses[b0:b0 + 16]):
+                    if address:
+                        masks[address] = masks.get(address, 0) | 1 << n
+                segments += [(address, b0 // 16, mask) for address, mask in masks.items()]
+                blocks.append(len(segments))
+            keep = (torch.tensor(blocks, dtype=torch.int64), torch.tensor(segments or [(0, 0, 0)], dtype=torch.int64),
+                    torch.empty(max(len(segments), 1) * 3 * (MAX_RANK // 32) * 256, dtype=torch.int32))
+            buffers.lora_blocks, buffers.lora_segs, buffers.lora_u = (t.data_ptr() for t in keep)
+        else:
+            groups: dict[int, list[int]] = {}
+            for row, address in enumerate(addresses):
+                if address:
+                    groups.setdefault(address, []).append(row)
+            units = [mine[i:i + 16] for mine in groups.values() for i in range(0, len(mine), 16)]
+            plan = torch.zeros(1 + 17 * len(units), dtype=torch.int64)
+            plan[0] = len(units)
+            for i, unit in enumerate(units):
+                plan[1 + 17 * i] = len(unit)
+                plan[2 + 17 * i:2 + 17 * i + len(unit)] = torch.tensor(unit)
+            keep = (plan,)
+            buffers.lora_plan = plan.data_ptr()
+        self._plan = keep  # alive until the next call
+        buffers.lora = lora.data_ptr()
 
     def argmax(self, logits: torch.Tensor, rows: list[int]) -> list[int]:
         """`logits[rows].argmax(-1).tolist()` for fp32 logits (a step's buffer) in one C call, both
@@ -404,7 +427,7 @@ class FastDecoder:
         self._embed(tensors["x"], batch.ids)
         self._point_at(cache)
         shape = self._shape(B, span)
-        buffers.lora, buffers.lora_plan = self._rows_lora(lora, B)
+        self._rows_lora(lora, buffers, B)
         self.lib.decode_step_paged(self.layers, self.norm.data_ptr(), self.head,
                                    ctypes.byref(buffers), ctypes.byref(shape), positions.data_ptr(),
                                    self.cos.data_ptr(), self.sin.data_ptr(), table.data_ptr(),
@@ -441,7 +464,7 @@ class FastDecoder:
         chunks = torch.tensor([[at, T] for at, T, *_ in batch.prefill], dtype=torch.long).t().contiguous()
         shape, attend_shape = self._shape(N), self._shape(D, span)
         self._point_at(cache)
-        buffers.lora, buffers.lora_plan = self._rows_lora(lora, N)
+        self._rows_lora(lora, buffers, N)
         for layer in self.layers:
             self.lib.prompt_qkv(ctypes.byref(layer), ctypes.byref(buffers), ctypes.byref(shape), positions.data_ptr(),
                                 self.cos.data_ptr(), self.sin.data_ptr(), table.data_ptr(), table.shape[1], ps)

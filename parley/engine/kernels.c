@@ -175,6 +175,32 @@ static void linear_for(const void *W, int w_bf16, const float *x, float *y, long
         linear_impl(W, 0, x, y, y_stride, B, I, O, accumulate);
 }
 
+/* One LoRA adapter's matrices in one layer (engine/adapters.py), fp32 or bf16 (bf16: a model in
+ * bf16, half the bytes each step reads), for the targets q, k, v, o, gate, up, down in that order
+ * (NULL where the adapter leaves one alone): A [r, in] and B transposed, Bt [r, out]. A row with
+ * this adapter gets y += scale * (x A^T) B^T after its projection. */
+#define LORA_MAX_RANK 64
+#define LORA_UNIT 16
+enum { T_Q, T_K, T_V, T_O, T_GATE, T_UP, T_DOWN };
+typedef struct {
+    const void *A[7], *Bt[7];
+    long r;
+    float scale;
+    long bf16;
+    const void *B[7]; /* bf16 models: B [out, r] as trained, 32 zeros after it, for the tile path (lora_up_tiles) */
+} Lora;
+
+/* The adapters of a product on the tile unit (lora_down_tiles_for, lora_up_tiles): the call's
+ * segments (Buffers' lora_blocks, lora_segs, lora_u), the layer, and the target of each of the
+ * product's `count` matrices (slot m of a segment's u holds matrix m's). */
+#define LORA_U_TILES (LORA_MAX_RANK / 32)
+typedef struct {
+    const int64_t *blocks, *segs;
+    uint32_t *u;
+    long layer;
+    int count, t[3];
+} Adapted;
+
 #ifdef HAVE_AMX
 /* Ask Linux for the AMX tile state (once per process; a no-op when granted already).
  * Returns 1 when the tile unit can be used. */
@@ -191,13 +217,111 @@ typedef struct {
     uint8_t rows[16];
 } __attribute__((packed)) TileConfig;
 
+/* GCC's _tile_loadconfig tells the compiler it reads 8 bytes of the config: where tiles_on is
+ * inlined (into lora_down_tiles_for) the other 56 were not stored first. Letting the config's
+ * address escape makes every store happen. */
+#define TILES_ESCAPE(tc) __asm__ volatile("" : : "r"(&(tc)) : "memory")
+
 static void tiles_on(void) {
     TileConfig tc;
     memset(&tc, 0, sizeof tc);
     tc.palette = 1;
     for (int t = 0; t < 8; t++) tc.colsb[t] = 64, tc.rows[t] = 16;
+    TILES_ESCAPE(tc);
     _tile_loadconfig(&tc);
 }
+
+/* ------------------------------------------------------------ adapters on the tile unit
+ *
+ * A row's adapter term scale * B (A x) in two products on tiles, grouped as Punica's SGMV groups
+ * them: the rows of each block of 16 (the tile unit's batch columns) that share an adapter are one
+ * segment. Down: u = A x for each segment, A [r, in] the left operand (r tile rows), the packed
+ * input of the projection the right; scaled, rounded to bf16, and packed as pair tiles with zeros
+ * for the block's other rows (lora_down_tiles_for). Up: before a projection stores its sums, each
+ * segment of the block adds B u on the same tiles (LORA_UP): B [out, r] is read as it is stored,
+ * 32 columns a tile row at a stride of r, so a row reads past its own r values into the next rows';
+ * those meet zero pairs of u and add exact zeros (B is finite: adapters.py checks). Per row, the
+ * sums are its projection's, then its own adapter's products, then zeros: the same bits whatever
+ * the block holds, so a row still gets the bits it gets alone; and there is no fp32 pass over y. */
+
+/* Tiles for an adapter of rank r: tiles 1 (sums) and 5 (rows of A) hold the last (r - 1) % 16 + 1
+ * ranks, the rest as tiles_on sets them. */
+static void lora_tiles_on(int r) {
+    TileConfig tc;
+    memset(&tc, 0, sizeof tc);
+    tc.palette = 1;
+    for (int t = 0; t < 8; t++) tc.colsb[t] = 64, tc.rows[t] = 16;
+    tc.rows[1] = tc.rows[5] = (uint8_t)((r - 1) % 16 + 1);
+    TILES_ESCAPE(tc);
+    _tile_loadconfig(&tc);
+}
+
+/* sums[k0 .. k0 + rows of tile C) = A[k0 ..] x for the 16 rows of x packed at x (pack_for's layout,
+ * Bp rows a block of inputs), on tiles C and TW. */
+#define LORA_DOWN(C, TW)                                                                       \
+    {                                                                                          \
+        _tile_zero(C);                                                                         \
+        for (long i = 0; i < I; i += 32) {                                                     \
+            _tile_loadd(TW, A + k0 * I + i, I * 2);                                            \
+            _tile_loadd(6, x + (i / 32) * Bp * 16, 64);                                        \
+            _tile_dpbf16ps(C, TW, 6);                                                          \
+        }                                                                                      \
+        _tile_stored(C, sums[k0], 64);                                                         \
+    }
+
+/* u of every segment of the call, for the targets ad->t[0 .. count) of the input packed in xp (Bp
+ * rows, I inputs): u[p] of a segment is the word pair (bf16 scale (A x)[2p], bf16 scale (A x)[2p + 1])
+ * of each of its block's 16 rows, zero for rows not in the segment and for ranks from r on, as
+ * LORA_U_TILES tiles. Leaves this thread's tiles as tiles_on sets them. */
+static void lora_down_tiles_for(const Adapted *ad, const uint32_t *xp, int Bp, long I) {
+    const long segments = ad->blocks[Bp / 16];
+    int config = 0; /* the rank this thread's tiles are set for; 0: tiles_on's setting */
+#pragma omp for schedule(static)
+    for (long j = 0; j < segments * ad->count; j++) {
+        const long s = j / ad->count;
+        const int m = (int)(j % ad->count);
+        const Lora *a = (const Lora *)(intptr_t)ad->segs[3 * s] + ad->layer;
+        const uint16_t *A = a->A[ad->t[m]];
+        if (!A || !a->B[ad->t[m]]) continue;
+        const int r = (int)a->r;
+        const uint32_t *x = xp + ad->segs[3 * s + 1] * 16 * 16;
+        if (config != r) lora_tiles_on(r), config = r;
+        float sums[LORA_MAX_RANK][16];
+        for (int k0 = 0; k0 < r; k0 += 16) {
+            if (k0 + 16 < r)
+                LORA_DOWN(0, 4)
+            else
+                LORA_DOWN(1, 5)
+        }
+        const __mmask16 rows = (__mmask16)ad->segs[3 * s + 2];
+        const __m512 scale = _mm512_set1_ps(a->scale);
+        uint32_t *u = ad->u + (s * 3 + m) * LORA_U_TILES * 256;
+        for (int p = 0; p < (r + 31) / 32 * 16; p++) {
+            __m512i half[2];
+            for (int e = 0; e < 2; e++) {
+                const __m512 v = 2 * p + e < r ? _mm512_maskz_mul_ps(rows, _mm512_loadu_ps(sums[2 * p + e]), scale)
+                                               : _mm512_setzero_ps();
+                half[e] = _mm512_cvtepu16_epi32((__m256i)_mm512_cvtneps_pbh(v));
+            }
+            _mm512_storeu_si512(u + p * 16, _mm512_or_si512(half[0], _mm512_slli_epi32(half[1], 16)));
+        }
+    }
+    if (config) tiles_on();
+}
+
+/* Adds B u of matrix `slot`'s adapters, its rows o_rows .. + 16, for the segments of row block nb
+ * to the sums on tile C (TW: a free tile for rows of B). */
+#define LORA_UP(C, TW, slot, o_rows, nb)                                                       \
+    for (long s = ad->blocks[nb]; s < ad->blocks[(nb) + 1]; s++) {                             \
+        const Lora *a = (const Lora *)(intptr_t)ad->segs[3 * s] + ad->layer;                   \
+        const uint16_t *Bw = (const uint16_t *)a->B[ad->t[slot]];                              \
+        const uint32_t *u = ad->u + (s * 3 + (slot)) * LORA_U_TILES * 256;                     \
+        for (long k = 0; Bw && k < a->r; k += 32, u += 256) {                                  \
+            _tile_loadd(6, u, 64);                                                             \
+            _tile_loadd(TW, Bw + (o_rows) * a->r + k, a->r * 2);                               \
+            _tile_dpbf16ps(C, TW, 6);                                                          \
+        }                                                                                      \
+    }
 
 /* r[i] (i < 16) as rows of a 16 x 16 matrix of 32-bit words, transposed into out. Two rounds of
  * unpacking transpose the 4 x 4 blocks inside each 128-bit lane; two rounds of lane shuffles
@@ -254,7 +378,7 @@ static void pack_for(const float *x, uint32_t *xp, int B, int Bp, long I) {
  * left operand, so the product is y transposed, 16 outputs x 16 batch rows a tile.
  * I % 32 == 0, rows[m] % 16 == 0. */
 static void amx_linear_for(const uint16_t *const *Ws, const long *rows, int count, const uint32_t *xp, int Bp, float *y,
-                           long y_stride, int B, long I, int accumulate) {
+                           long y_stride, int B, long I, int accumulate, const Adapted *ad) {
     const long w_stride = I * 2;
     long blocks = 0;
     for (int m = 0; m < count; m++) blocks += (rows[m] + 31) / 32;
@@ -293,6 +417,14 @@ static void amx_linear_for(const uint16_t *const *Ws, const long *rows, int coun
                     if (wide) _tile_dpbf16ps(3, 5, 7);
                 }
             }
+            if (ad) { /* the adapters' B u of these rows, onto the same sums (lora_down_tiles_for made u) */
+                LORA_UP(0, 4, m, o, b0 / 16)
+                if (two) LORA_UP(2, 5, m, o + 16, b0 / 16)
+                if (wide) {
+                    LORA_UP(1, 4, m, o, b0 / 16 + 1)
+                    if (two) LORA_UP(3, 5, m, o + 16, b0 / 16 + 1)
+                }
+            }
             _tile_stored(0, sums[0], 64);
             if (wide) _tile_stored(1, sums[1], 64);
             if (two) _tile_stored(2, sums[2], 64);
@@ -325,7 +457,7 @@ static void amx_linear_for(const uint16_t *const *Ws, const long *rows, int coun
  * gate and of up, 32 rows at a time. Element by element the arithmetic of amx_linear_for,
  * act_mul_for and pack_for: the same bits. I % 32 == 0, inter % 32 == 0. */
 static void amx_gate_up_for(const uint16_t *gate, const uint16_t *up, const uint32_t *xp, int Bp, long I, long inter,
-                            uint32_t *act_p, int gelu) {
+                            uint32_t *act_p, int gelu, const Adapted *ad) {
     const long w_stride = I * 2;
 #pragma omp for schedule(static)
     for (long j = 0; j < inter / 16; j++) {
@@ -352,6 +484,14 @@ static void amx_gate_up_for(const uint16_t *gate, const uint16_t *up, const uint
                     _tile_loadd(7, xk + 256, 64);
                     _tile_dpbf16ps(1, 4, 7);
                     _tile_dpbf16ps(3, 5, 7);
+                }
+            }
+            if (ad) { /* gate's adapters in slot 0, up's in slot 1 */
+                LORA_UP(0, 4, 0, o, b0 / 16)
+                LORA_UP(2, 5, 1, o, b0 / 16)
+                if (wide) {
+                    LORA_UP(1, 4, 0, o, b0 / 16 + 1)
+                    LORA_UP(3, 5, 1, o, b0 / 16 + 1)
                 }
             }
             _tile_stored(0, g[0], 64);
@@ -1138,19 +1278,6 @@ typedef struct {
     long n_experts, top_k, expert_inter, shared_inter, renorm;
 } Layer;
 
-/* One LoRA adapter's matrices in one layer (engine/adapters.py), fp32 or bf16 (bf16: a model in
- * bf16, half the bytes each step reads), for the targets q, k, v, o, gate, up, down in that order
- * (NULL where the adapter leaves one alone): A [r, in] and B transposed, Bt [r, out]. A row with
- * this adapter gets y += scale * (x A^T) B^T after its projection. */
-#define LORA_MAX_RANK 64
-#define LORA_UNIT 16
-enum { T_Q, T_K, T_V, T_O, T_GATE, T_UP, T_DOWN };
-typedef struct {
-    const void *A[7], *Bt[7];
-    long r;
-    float scale;
-    long bf16;
-} Lora;
 
 /* Scratch activations, fp32: x, h [B, H]; qkv [B, (nh + 2 nkv) hd]; att [B, nh hd];
  * gu [B, 2 inter]; act [B, inter]; scores [B, nh, max_len]; logits [B, vocab]; and for the
@@ -1164,6 +1291,12 @@ typedef struct {
     const Lora *const *lora; /* NULL, or each row's adapter: its Lora of every layer [n_layers] (NULL: none) */
     const int64_t *lora_plan; /* the rows with one, in units of up to LORA_UNIT rows of one adapter:
                                * [units, then per unit: count, LORA_UNIT row indices] */
+    /* the tile path's plan instead (lora_down_tiles_for): segments, the rows of one 16-row block with one
+     * adapter, block by block: lora_blocks [Bp / 16 + 1] (block nb's segments are lora_blocks[nb] ..
+     * lora_blocks[nb + 1] - 1), lora_segs [segments, 3] (its adapter's Lora array, block, mask of rows),
+     * and lora_u [segments, 3, LORA_U_TILES, 256] each segment's packed u of up to 3 targets */
+    const int64_t *lora_blocks, *lora_segs;
+    uint32_t *lora_u;
     float *route;             /* mixture of experts: [B, n_experts] router weights (-1: expert not chosen) */
     float *moe_x, *moe_y;     /* [B, H]: the rows one expert gets, and its outputs */
     int64_t *moe_rows;        /* [n_experts + 1 + B top_k]: where each expert's rows start, then the rows */
@@ -1196,28 +1329,6 @@ static Input input_for(const Shape *sh, const Buffers *buf, const float *x, long
     (void)sh, (void)buf;
 #endif
     return (Input){x, I};
-}
-
-/* y[b, o] (+)= sum_i W[o, i] * in.x[b, i] on whichever unit the step runs on, for W the `count`
- * matrices Ws stacked along their outputs (rows[m] each), written side by side into y. */
-static void project_for(const Shape *sh, const Buffers *buf, const void *const *Ws, const long *rows, int count,
-                        Input in, float *y, long y_stride, int accumulate) {
-    if (sh->quant) {
-        for (int m = 0; m < count; y += rows[m], m++)
-            qlinear_for((const QWeight *)Ws[m], sh->isa, buf->xq, buf->xs, y, y_stride, sh->B, in.I, rows[m], accumulate);
-        return;
-    }
-#ifdef HAVE_AMX
-    if (sh->amx) {
-        amx_linear_for((const uint16_t *const *)Ws, rows, count, buf->xp, (sh->B + 15) / 16 * 16, y, y_stride, sh->B,
-                       in.I, accumulate);
-        return;
-    }
-#else
-    (void)buf;
-#endif
-    for (int m = 0; m < count; y += rows[m], m++)
-        linear_for(Ws[m], sh->w_bf16, in.x, y, y_stride, sh->B, in.I, rows[m], accumulate);
 }
 
 /* u[k] = scale * (A_k . x) for k < R: each block of x is loaded once for all R rows of A. */
@@ -1253,21 +1364,32 @@ static void lora_down(const void *A, int bf16, long I, long r, float scale, cons
     for (long k = 0; k < r; k++) u[k] = scale * dot(x, (const char *)A + k * I * (bf16 ? 2 : 4), bf16, (int)I);
 }
 
-/* y[o] += sum_k u[k] Bt[k, o], the k in order: each block of y is loaded and stored once. */
-static void lora_up(const void *Bt, int bf16, long O, long r, const float *u, float *y) {
+/* y[rows[j]][o] += sum_k u[j][k] Bt[k, o] for the n rows of a unit (u: LORA_MAX_RANK floats a row),
+ * the k in order: each block of 16 columns of up to 16 rows of Bt is loaded once for all the rows. */
+static void lora_up(const void *Bt, int bf16, long O, long r, const float *u, int n, const int64_t *rows, float *y,
+                    long y_stride) {
     long o = 0;
 #ifdef __AVX512F__
-    for (; o + 16 <= O; o += 16) {
-        __m512 acc = _mm512_loadu_ps(y + o);
-        for (long k = 0; k < r; k++) acc = _mm512_fmadd_ps(_mm512_set1_ps(u[k]), load16(Bt, bf16, k * O + o), acc);
-        _mm512_storeu_ps(y + o, acc);
-    }
+    for (; o + 16 <= O; o += 16)
+        for (long k0 = 0; k0 < r; k0 += 16) {
+            const int kn = r - k0 < 16 ? (int)(r - k0) : 16;
+            __m512 b[16];
+            for (int k = 0; k < kn; k++) b[k] = load16(Bt, bf16, (k0 + k) * O + o);
+            for (int j = 0; j < n; j++) {
+                float *yj = y + rows[j] * y_stride + o;
+                __m512 acc = _mm512_loadu_ps(yj);
+                for (int k = 0; k < kn; k++)
+                    acc = _mm512_fmadd_ps(_mm512_set1_ps(u[j * LORA_MAX_RANK + k0 + k]), b[k], acc);
+                _mm512_storeu_ps(yj, acc);
+            }
+        }
 #endif
-    for (; o < O; o++) {
-        float acc = y[o];
-        for (long k = 0; k < r; k++) acc = fmaf(u[k], load1(Bt, bf16, k * O + o), acc);
-        y[o] = acc;
-    }
+    for (int j = 0; j < n; j++)
+        for (long oo = o; oo < O; oo++) {
+            float *yj = y + rows[j] * y_stride, acc = yj[oo];
+            for (long k = 0; k < r; k++) acc = fmaf(u[j * LORA_MAX_RANK + k], load1(Bt, bf16, k * O + oo), acc);
+            yj[oo] = acc;
+        }
 }
 
 /* The adapters' part of projection t: y[b] += scale * sum_k (A_k . x[b]) Bt_k for each row b whose
@@ -1285,18 +1407,44 @@ static void lora_for(const Buffers *buf, long l, int t, const float *x, long x_s
         const int n = (int)rows[-1];
         const Lora *a = &buf->lora[rows[0]][l];
         if (!a->A[t]) continue;
-        float u[LORA_MAX_RANK];
-        for (int j = 0; j < n; j++) {
-            lora_down(a->A[t], (int)a->bf16, I, a->r, a->scale, x + rows[j] * x_stride, u);
-            lora_up(a->Bt[t], (int)a->bf16, O, a->r, u, y + rows[j] * y_stride);
-        }
+        float u[LORA_UNIT * LORA_MAX_RANK];
+        for (int j = 0; j < n; j++)
+            lora_down(a->A[t], (int)a->bf16, I, a->r, a->scale, x + rows[j] * x_stride, u + j * LORA_MAX_RANK);
+        lora_up(a->Bt[t], (int)a->bf16, O, a->r, u, n, rows, y, y_stride);
     }
 }
 
-/* One matrix W [O, I]. */
+/* y[b, o] (+)= sum_i W[o, i] * in.x[b, i] on whichever unit the step runs on, for W the `count`
+ * matrices Ws stacked along their outputs (rows[m] each), written side by side into y; then, with
+ * `targets` (which adapter target each W is, of layer `layer`), each row's adapter term. */
+static void project_for(const Shape *sh, const Buffers *buf, const void *const *Ws, const long *rows, int count,
+                        Input in, float *y, long y_stride, int accumulate, const int *targets, long layer) {
+    if (!buf->lora) targets = NULL;
+#ifdef HAVE_AMX
+    if (sh->amx) {
+        const int Bp = (sh->B + 15) / 16 * 16;
+        Adapted ad = {buf->lora_blocks, buf->lora_segs, buf->lora_u, layer, count, {0}};
+        for (int m = 0; targets && m < count; m++) ad.t[m] = targets[m];
+        if (targets) lora_down_tiles_for(&ad, buf->xp, Bp, in.I);
+        amx_linear_for((const uint16_t *const *)Ws, rows, count, buf->xp, Bp, y, y_stride, sh->B, in.I, accumulate,
+                       targets ? &ad : NULL);
+        return;
+    }
+#endif
+    float *ym = y;
+    for (int m = 0; m < count; ym += rows[m], m++)
+        if (sh->quant)
+            qlinear_for((const QWeight *)Ws[m], sh->isa, buf->xq, buf->xs, ym, y_stride, sh->B, in.I, rows[m], accumulate);
+        else
+            linear_for(Ws[m], sh->w_bf16, in.x, ym, y_stride, sh->B, in.I, rows[m], accumulate);
+    for (int m = 0; targets && m < count; y += rows[m], m++)
+        lora_for(buf, layer, targets[m], in.x, in.I, in.I, y, y_stride, rows[m]);
+}
+
+/* One matrix W [O, I], adapter target t of layer `layer` (-1: none). */
 static void project1_for(const Shape *sh, const Buffers *buf, const void *W, Input in, float *y, long y_stride, long O,
-                         int accumulate) {
-    project_for(sh, buf, &W, &O, 1, in, y, y_stride, accumulate);
+                         int accumulate, int t, long layer) {
+    project_for(sh, buf, &W, &O, 1, in, y, y_stride, accumulate, t < 0 ? NULL : &t, layer);
 }
 
 /* Each thread of a parallel region that may use the tile unit starts and ends with these. */
@@ -1356,9 +1504,9 @@ static void gated_mlp_for(const Shape *sh, const Buffers *buf, const void *gate,
     const long inter = sh->inter;
     const void *gate_up[2] = {gate, up};
     const long gate_up_rows[2] = {inter, inter};
-    project_for(sh, buf, gate_up, gate_up_rows, 2, input_for(sh, buf, x, sh->H), buf->gu, 2 * inter, 0);
+    project_for(sh, buf, gate_up, gate_up_rows, 2, input_for(sh, buf, x, sh->H), buf->gu, 2 * inter, 0, NULL, 0);
     act_mul_for(buf->gu, buf->act, sh->B, inter, sh->gelu);
-    project1_for(sh, buf, down, input_for(sh, buf, buf->act, inter), y, sh->H, sh->H, 0);
+    project1_for(sh, buf, down, input_for(sh, buf, buf->act, inter), y, sh->H, sh->H, 0, -1, 0);
 }
 
 /* The row's router weights of its top_k experts (softmax over all n, then the k largest, lower
@@ -1440,9 +1588,8 @@ static void qkv_for(const Layer *L, const Buffers *buf, const Shape *sh, const i
     Input in = input_for(sh, buf, buf->h, sh->H);
     const void *qkv[3] = {L->q, L->k, L->v};
     const long qkv_rows[3] = {(long)nh * hd, (long)nkv * hd, (long)nkv * hd};
-    project_for(sh, buf, qkv, qkv_rows, 3, in, buf->qkv, qkv_w, 0);
-    for (int t = T_Q, at = 0; t <= T_V; at += qkv_rows[t], t++)
-        lora_for(buf, L->index, t, buf->h, sh->H, sh->H, buf->qkv + at, qkv_w, qkv_rows[t]);
+    const int targets[3] = {T_Q, T_K, T_V};
+    project_for(sh, buf, qkv, qkv_rows, 3, in, buf->qkv, qkv_w, 0, targets, L->index);
     qkv_terms_for(L, buf->qkv, sh->B, nh, nkv, hd, sh->eps);
     rope_store_for(buf->qkv, pos, L->cos ? L->cos : cos_t, L->sin ? L->sin : sin_t, L->K, L->V, sh->kv_bf16, sh->B, nh,
                    nkv, hd, pg);
@@ -1455,8 +1602,7 @@ static void mlp_for(const Layer *L, const Buffers *buf, const Shape *sh) {
     const long inter = sh->inter;
     float *attn_out = L->post_attn ? buf->h : buf->x, *mlp_out = L->post_ff ? buf->h : buf->x;
     Input in = input_for(sh, buf, buf->att, (long)sh->nh * sh->hd);
-    project1_for(sh, buf, L->o, in, attn_out, H, H, !L->post_attn);
-    lora_for(buf, L->index, T_O, buf->att, (long)sh->nh * sh->hd, (long)sh->nh * sh->hd, attn_out, H, H);
+    project1_for(sh, buf, L->o, in, attn_out, H, H, !L->post_attn, T_O, L->index);
     sublayer_end_for(L->bo, L->post_attn, buf->h, buf->x, sh->B, H, sh->eps);
     rmsnorm_for(buf->x, L->ln2, buf->h, sh->B, H, sh->eps);
     if (L->router) {
@@ -1465,25 +1611,27 @@ static void mlp_for(const Layer *L, const Buffers *buf, const Shape *sh) {
     }
     in = input_for(sh, buf, buf->h, H);
 #ifdef HAVE_AMX
-    if (sh->amx && !buf->lora) { /* fused gate/up: no fp32 gate and up for adapters to add to */
+    if (sh->amx) { /* fused gate/up, the adapters' terms added on the tiles */
         const int Bp = (sh->B + 15) / 16 * 16;
         const long down_rows = H;
-        amx_gate_up_for(L->gate, L->up, buf->xp, Bp, H, inter, buf->xp_act, sh->gelu);
+        Adapted gate_up = {buf->lora_blocks, buf->lora_segs, buf->lora_u, L->index, 2, {T_GATE, T_UP}};
+        Adapted down = {buf->lora_blocks, buf->lora_segs, buf->lora_u, L->index, 1, {T_DOWN}};
+        if (buf->lora) lora_down_tiles_for(&gate_up, buf->xp, Bp, H);
+        amx_gate_up_for(L->gate, L->up, buf->xp, Bp, H, inter, buf->xp_act, sh->gelu, buf->lora ? &gate_up : NULL);
+        if (buf->lora) lora_down_tiles_for(&down, buf->xp_act, Bp, inter);
         amx_linear_for((const uint16_t *const *)&L->down, &down_rows, 1, buf->xp_act, Bp, mlp_out, H, sh->B, inter,
-                       !L->post_ff);
+                       !L->post_ff, buf->lora ? &down : NULL);
         sublayer_end_for(NULL, L->post_ff, buf->h, buf->x, sh->B, H, sh->eps);
         return;
     }
 #endif
     const void *gate_up[2] = {L->gate, L->up};
     const long gate_up_rows[2] = {inter, inter};
-    project_for(sh, buf, gate_up, gate_up_rows, 2, in, buf->gu, 2 * inter, 0);
-    lora_for(buf, L->index, T_GATE, buf->h, H, H, buf->gu, 2 * inter, inter);
-    lora_for(buf, L->index, T_UP, buf->h, H, H, buf->gu + inter, 2 * inter, inter);
+    const int targets[2] = {T_GATE, T_UP};
+    project_for(sh, buf, gate_up, gate_up_rows, 2, in, buf->gu, 2 * inter, 0, targets, L->index);
     act_mul_for(buf->gu, buf->act, sh->B, inter, sh->gelu);
     in = input_for(sh, buf, buf->act, inter);
-    project1_for(sh, buf, L->down, in, mlp_out, H, H, !L->post_ff);
-    lora_for(buf, L->index, T_DOWN, buf->act, inter, inter, mlp_out, H, H);
+    project1_for(sh, buf, L->down, in, mlp_out, H, H, !L->post_ff, T_DOWN, L->index);
     sublayer_end_for(NULL, L->post_ff, buf->h, buf->x, sh->B, H, sh->eps);
 }
 
@@ -1507,7 +1655,7 @@ void decode_step_paged(const Layer *layers, const float *final_norm, const void 
             mlp_for(L, buf, sh);
         }
         rmsnorm_for(buf->x, final_norm, buf->h, sh->B, sh->H, sh->eps);
-        project1_for(sh, buf, lm_head, input_for(sh, buf, buf->h, sh->H), buf->logits, sh->vocab, sh->vocab, 0);
+        project1_for(sh, buf, lm_head, input_for(sh, buf, buf->h, sh->H), buf->logits, sh->vocab, sh->vocab, 0, -1, 0);
         tiles_end(sh);
     }
 }
@@ -1601,7 +1749,7 @@ void prompt_logits(const float *final_norm, const void *lm_head, const Buffers *
 #pragma omp for schedule(static)
         for (int i = 0; i < n; i++)
             rmsnorm(buf->x + rows[i] * sh->H, final_norm, buf->h + (long)i * sh->H, sh->H, sh->eps);
-        project1_for(&out, buf, lm_head, input_for(&out, buf, buf->h, sh->H), buf->logits, sh->vocab, sh->vocab, 0);
+        project1_for(&out, buf, lm_head, input_for(&out, buf, buf->h, sh->H), buf->logits, sh->vocab, sh->vocab, 0, -1, 0);
         tiles_end(sh);
     }
 }
