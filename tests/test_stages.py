@@ -118,10 +118,11 @@ def test_cli_reports_recipe_mistakes_in_one_line(tmp_path):
 def test_every_shipped_recipe_loads():
     from pathlib import Path
 
-    from parley.train import constitutional, dpo, reward, rl
+    from parley.train import asr, constitutional, dpo, reward, rl
 
     stages = {"sft": sft.SFTConfig, "pretrain": pretrain.PretrainConfig, "reward": reward.RewardConfig,
-              "rl": rl.RLConfig, "align-constitutional": constitutional.ConstitutionalConfig, "align-dpo": dpo.DPOConfig}
+              "rl": rl.RLConfig, "align-constitutional": constitutional.ConstitutionalConfig, "align-dpo": dpo.DPOConfig,
+              "asr": asr.ASRConfig}
     recipes = sorted((Path(__file__).resolve().parents[1] / "recipes").glob("*.toml"))
     assert len(recipes) >= 8
     for recipe in recipes:

@@ -25,12 +25,12 @@ from pathlib import Path
 
 import torch
 
+from parley.engine.fast import MAX_RANK
 from parley.engine.request import EngineError, QueueFull
 from parley.model.lora import read_adapter
 from parley.model.transformer import Transformer
 
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")  # kernels.c's T_* order
-MAX_RANK = 64  # kernels.c's LORA_MAX_RANK
 NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")
 _KEY = re.compile(r"model\.layers\.(\d+)\.(?:self_attn|mlp)\.(\w+)\.lora_([AB])")
 

@@ -38,7 +38,6 @@ from pathlib import Path
 
 import torch
 
-from parley.engine.adapters import MAX_RANK
 from parley.engine.cache import PagedBatch, PagedKVCache
 from parley.engine.hugepages import move_to_huge_pages
 from parley.model.quant import QuantLinear, quantized_layers
@@ -88,6 +87,8 @@ class QWeight(ctypes.Structure):
         return cls(layer.q.data_ptr(), layer.d.data_ptr(), layer.m.data_ptr() if layer.m is not None else None,
                    8 if layer.fmt == "q8" else 4)
 
+
+MAX_RANK = 64  # the highest adapter rank the kernels serve (kernels.c's LORA_MAX_RANK)
 
 # the int8 paths of quantized weights (kernels.c's ISA_*), best last; `kernels=` names a ceiling
 ISAS = ("scalar", "avx2", "vnni")

@@ -20,7 +20,7 @@ What each kind of feedback becomes:
   writes it): the answer is counted against; a later regeneration of it pairs it.
 
 Never learned from: feedback of a user marked untrusted (`parley users untrust NAME`) or opted
-out (`parley users optout NAME`: rounds.withdraw also takes what earlier rounds kept of theirs
+out (`parley users optout NAME`: withdrawal.withdraw also takes what earlier rounds kept of theirs
 out of the round folders), and answers whose trace shows the safety rails caught the question
 or the answer (a refusal, a rewrite, a flagged injection), whoever rated them. Every example
 carries its `user_id`, so that it can be withdrawn later.

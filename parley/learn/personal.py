@@ -16,7 +16,7 @@ model/lora.py's save_adapter: rank, alpha, targets, base model and version, the 
 round's data and decision in $PARLEY_HOME/learn/MODEL/users/USER_ID/round-NNN/. A user who opts
 out (`parley users optout NAME`, PUT /api/me/personalization) or is deleted loses both
 (`forget`): no adapter of theirs is served or kept, no data of theirs stays for training, and
-their examples are taken out of the general rounds' folders too (rounds.withdraw).
+their examples are taken out of the general rounds' folders too (withdrawal.withdraw).
 """
 
 from __future__ import annotations
@@ -31,6 +31,7 @@ import torch
 
 from parley.files import atomic_open
 from parley.learn.feedback import collect
+from parley.learn.withdrawal import withdraw, write_jsonl as _jsonl
 from parley.model.lora import apply_lora, save_adapter
 from parley.registry import Registry, parley_home, store_target
 from parley.train.data import ChatDataset
@@ -63,8 +64,7 @@ def data_dir(model: str, user_id: int, home: str | Path | None = None) -> Path:
 
 def forget(user_id: int, home: str | Path | None = None) -> list[str]:
     """Delete every adapter and all training data of the user, for every model, and withdraw
-    their examples from the general learning rounds (rounds.withdraw); the folders that changed."""
-    from parley.learn.rounds import withdraw
+    their examples from the general learning rounds (withdrawal.withdraw); the folders that changed."""
 
     home = Path(home) if home else parley_home()
     gone = []
@@ -73,11 +73,6 @@ def forget(user_id: int, home: str | Path | None = None) -> list[str]:
             shutil.rmtree(folder)
             gone.append(str(folder))
     return gone + withdraw(user_id, home)
-
-
-def _jsonl(path: Path, rows: list[dict]) -> None:
-    with atomic_open(path) as f:
-        f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
 
 
 def _loss(model, tokenizer, path: Path, cfg) -> float:

@@ -7,7 +7,7 @@
     POST /api/learn/rollback {"version": ""}   ('' = the newest version older than the current)
     GET  /api/me/personalization           any user: opted in?, their adapter (version, round) if they have one
     PUT  /api/me/personalization {"on": false}   opt out: their adapter and its training data are deleted,
-                                           and their examples withdrawn from the rounds (rounds.withdraw)
+                                           and their examples withdrawn from the rounds (withdrawal.withdraw)
 
 A promotion or rollback moves the registry's link; the server switches to that version before
 the next request (Server.refresh), so the reply already says which version serves.
