@@ -249,7 +249,8 @@ def test_versions_promote_atomically_and_roll_back(tmp_path, tiny_hf_dir):
 
 
 def test_a_user_who_opts_out_or_is_deleted_is_withdrawn_from_the_rounds(home, capsys):
-    from parley.learn.rounds import HELD, list_rounds
+    from parley.learn.rounds import list_rounds
+    from parley.learn.withdrawal import HELD
     from parley.store import Store
 
     root, replay, db, _ = home
