@@ -457,6 +457,10 @@ class Engine:
         if not feeds:
             return False
         if self.fast and self.fast.all_rows:  # every row through the C layers
+            # decode rows of one adapter side by side: on tiles a 16-row block's rows of one adapter
+            # share its products (fast.py's segments); a row's bits do not depend on where it sits
+            if self.adapters is not None:
+                decodes.sort(key=lambda feed: feed[0].adapter.key if feed[0].adapter else "")
             # one-token feeds (decode rows, and prompts down to their last token) go first
             chunks = [feed for feed in prompts if feed[1] > 1]
             feeds = decodes + [feed for feed in prompts if feed[1] == 1] + chunks
