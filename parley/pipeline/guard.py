@@ -22,10 +22,15 @@ English-centric; no multilingual encoder is installed: benchmarks/RESULTS.md, Gu
 parley/data/guard/ and writes $PARLEY_HOME/guard/guard_head.safetensors; the repository ships
 the head that recipe made (1.1 MB, float16) in parley/data/guard/. Texts under MIN_WORDS words
 are scored but never flagged.
+
+A head may also carry fine-tuned copies of MiniLM's top layers (`parley train guard
+--design encoder`): the guard then embeds through `TunedEncoder`, the pipeline's frozen bottom
+layers with its own top ones, and cannot reuse the pipeline's embedding of the message.
 """
 
 from __future__ import annotations
 
+import copy
 import functools
 import json
 import re
@@ -38,6 +43,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save as safetensors_bytes
 
@@ -113,28 +119,97 @@ def _lexicon() -> tuple[frozenset[str], dict[str, tuple[frozenset[str], dict[str
 _TOKEN = re.compile(r"[A-Za-z]+|[^A-Za-z]+")
 
 
-def gloss(text: str) -> str:
-    """A word-for-word English reading of a normalized `text` in French, Spanish, German,
-    Italian, Portuguese or Dutch (parley/data/guard/lexicon.toml), or `text` itself when it
-    does not read as one of them: the sentence encoder understands little but English."""
+def language(text: str) -> str:
+    """"en", or the lexicon's code ("fr", "es", "de", "it", "pt", "nl") of the language whose
+    common words a normalized `text` holds more of than English ones (two at least)."""
     words = re.findall(r"[a-z]+", text.lower())
     english, languages = _lexicon()
     hits = {lang: sum(w in markers for w in words) for lang, (markers, _) in languages.items()}
     lang = max(hits, key=hits.get) if hits else None
     if lang is None or hits[lang] < 2 or hits[lang] <= sum(w in english for w in words):
+        return "en"
+    return lang
+
+
+def gloss(text: str) -> str:
+    """A word-for-word English reading of a normalized `text` in French, Spanish, German,
+    Italian, Portuguese or Dutch (parley/data/guard/lexicon.toml), or `text` itself when it
+    does not read as one of them: the sentence encoder understands little but English."""
+    lang = language(text)
+    if lang == "en":
         return text
-    table = languages[lang][1]
+    table = _lexicon()[1][lang][1]
     return "".join(table.get(t.lower(), t) for t in _TOKEN.findall(text))
 
 
-def features(texts: Sequence[str], embedder: Callable[[list[str]], np.ndarray]) -> np.ndarray:
-    """(n, dim + NGRAM_BUCKETS) float32: the embedding and the n-grams of each normalized text;
-    a text in another language is embedded as its `gloss` and its n-grams are those of both."""
+def readings(texts: Sequence[str]) -> tuple[list[str], np.ndarray]:
+    """What `features` reads of each text: the text the encoder embeds (normalized; a text in
+    another language as its `gloss`) and the n-grams (of both, for a glossed text)."""
     clean = [normalize(t) for t in texts]
     read = [gloss(t) for t in clean]
     grams = [ngrams(c if r == c else f"{c} {r}") for c, r in zip(clean, read)]
-    grams = np.stack(grams) if grams else np.zeros((0, NGRAM_BUCKETS), np.float32)
+    return read, np.stack(grams) if grams else np.zeros((0, NGRAM_BUCKETS), np.float32)
+
+
+def features(texts: Sequence[str], embedder: Callable[[list[str]], np.ndarray]) -> np.ndarray:
+    """(n, dim + NGRAM_BUCKETS) float32: the embedding and the n-grams of each text's `readings`."""
+    read, grams = readings(texts)
     return np.concatenate([np.asarray(embedder(read), dtype=np.float32), grams], axis=1)
+
+
+class TunedEncoder:
+    """The pipeline's MiniLM (`base`, an Embedder) with its top `len(top)` layers replaced by
+    fine-tuned copies: `texts -> (n, dim)` unit-length embeddings, as the Embedder gives. The
+    bottom layers stay the base's own (shared, frozen); `bottom` and `pool` are the two halves,
+    kept apart so that training runs the frozen half once per text."""
+
+    def __init__(self, base, top: torch.nn.ModuleList):
+        if not 0 < len(top) <= len(base.layers):
+            raise GuardError(f"a tuned encoder replaces 1..{len(base.layers)} layers, not {len(top)}")
+        self.base, self.top, self.dim = base, top, base.dim
+
+    @torch.inference_mode()
+    def bottom(self, texts: Sequence[str], batch_size: int = 64) -> list[torch.Tensor]:
+        """Per text, its tokens' hidden states (tokens, dim) after the frozen layers."""
+        base = self.base
+        ids = [e.ids for e in base.tokenizer.encode_batch([t if t.strip() else " " for t in texts])]
+        out: list[torch.Tensor] = [torch.empty(0)] * len(ids)
+        order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
+        for start in range(0, len(order), batch_size):
+            rows = order[start:start + batch_size]
+            tokens, keep = _padded([torch.tensor(ids[i]) for i in rows])
+            x = base.norm(base.words(tokens) + base.positions(torch.arange(tokens.shape[1])) + base.types.weight[0])
+            for layer in base.layers[:len(base.layers) - len(self.top)]:
+                x = layer(x, keep[:, None, None, :])
+            for r, i in enumerate(rows):
+                out[i] = x[r, :len(ids[i])].clone()
+        return out
+
+    def pool(self, states: Sequence[torch.Tensor]) -> torch.Tensor:
+        """The tuned top layers over `bottom`'s states, mean-pooled and unit length (n, dim)."""
+        x, keep = _padded(list(states))
+        x = x.to(self.top[0].norm1.weight.dtype)
+        for layer in self.top:
+            x = layer(x, keep[:, None, None, :])
+        weights = keep.unsqueeze(-1).float()
+        return F.normalize((x.float() * weights).sum(1) / weights.sum(1).clamp(min=1e-9), dim=-1)
+
+    def __call__(self, texts: list[str]) -> np.ndarray:
+        if not texts:
+            return np.zeros((0, self.dim), dtype=np.float32)
+        with torch.inference_mode():
+            return self.pool(self.bottom(texts)).numpy()
+
+
+def _padded(rows: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rows of different lengths as one zero-padded batch and its mask of real positions."""
+    width = max(len(r) for r in rows)
+    batch = torch.zeros((len(rows), width, *rows[0].shape[1:]), dtype=rows[0].dtype)
+    keep = torch.zeros(len(rows), width, dtype=torch.bool)
+    for i, r in enumerate(rows):
+        batch[i, :len(r)] = r
+        keep[i, :len(r)] = True
+    return batch, keep
 
 
 @dataclass(frozen=True)
@@ -219,6 +294,9 @@ class Guard:
         path.parent.mkdir(parents=True, exist_ok=True)
         meta = {"format": HEAD_FORMAT, "labels": json.dumps(self.labels), "data_sha256": self.data_sha256}
         tensors = {k: torch.from_numpy(v).half() for k, v in self.params.items()}
+        if isinstance(self.embedder, TunedEncoder):  # the fine-tuned top layers travel with the head
+            meta["tuned_layers"] = str(len(self.embedder.top))
+            tensors |= {f"top.{k}": v.detach().half() for k, v in self.embedder.top.state_dict().items()}
         tensors["thresholds"] = torch.from_numpy(self.thresholds)
         with atomic_open(path, "wb") as f:
             f.write(safetensors_bytes(tensors, meta))
@@ -233,7 +311,9 @@ class Guard:
             with safe_open(str(path), framework="pt") as f:
                 meta = f.metadata() or {}
                 tensors = {k: f.get_tensor(k).float().numpy() for k in (*cls.PARTS, "thresholds")}
+                top = {k.removeprefix("top."): f.get_tensor(k).float() for k in f.keys() if k.startswith("top.")}
             labels = json.loads(meta["labels"])
+            tuned = int(meta.get("tuned_layers", "0"))
         except (SafetensorError, OSError, KeyError, ValueError) as e:
             raise GuardError(f"{path}: not a Parley guard head ({e}); retrain with `parley train guard`") from None
         dim = getattr(embedder, "dim", tensors["w1"].shape[-1] - NGRAM_BUCKETS) + NGRAM_BUCKETS
@@ -241,7 +321,24 @@ class Guard:
             raise GuardError(f"{path}: guard head of format {meta.get('format')!r}, input width {tensors['w1'].shape[-1]}, "
                              f"does not fit {dim}-d features; retrain with `parley train guard`")
         thresholds = tensors.pop("thresholds")
+        if tuned:
+            embedder = tuned_encoder(embedder, tuned, top, path)
         return cls(tensors, thresholds, embedder, meta.get("data_sha256", ""), labels)
+
+
+def tuned_encoder(base, layers: int, state: dict[str, torch.Tensor] | None = None, where: object = "") -> TunedEncoder:
+    """A TunedEncoder over `base` whose top `layers` start as copies of the base's (training)
+    or take `state` (a saved head's "top." tensors)."""
+    if not hasattr(base, "layers"):
+        raise GuardError(f"{where}: this head fine-tuned MiniLM's top layers and needs the MiniLM Embedder, "
+                         f"not {type(base).__name__}")
+    top = copy.deepcopy(base.layers[len(base.layers) - layers:]).float()
+    if state is not None:
+        try:
+            top.load_state_dict(state)
+        except RuntimeError as e:
+            raise GuardError(f"{where}: its tuned layers do not fit this MiniLM ({e}); retrain with `parley train guard`") from None
+    return TunedEncoder(base, top.eval())
 
 
 def shipped_path() -> Path:

@@ -32,7 +32,8 @@ import torch
 import torch.nn.functional as F
 
 from parley.config import parse_cli, setting
-from parley.pipeline.guard import INJECTION, LABELS, PRINCIPLES, Guard, features, trained_path
+from parley.pipeline.guard import (INJECTION, LABELS, PRINCIPLES, Guard, features, readings, trained_path,
+                                   tuned_encoder)
 from parley.train.guard_data import Example, GuardDataError, Splits, data_sha256, load_all, split
 
 
@@ -40,7 +41,8 @@ from parley.train.guard_data import Example, GuardDataError, Splits, data_sha256
 class GuardTrainConfig:
     data: str = setting("", "folder with requests.toml and injections.toml ('' = parley/data/guard)")
     out: str = setting("", "where to write the head ('' = $PARLEY_HOME/guard/guard_head.safetensors)")
-    design: str = setting("minilm", "minilm (a head on the sentence embeddings) or lora (SmolLM2 + LoRA, report only)")
+    design: str = setting("minilm", "minilm (a head on the sentence embeddings), encoder (the same with MiniLM's top "
+                                    "layers fine-tuned) or lora (SmolLM2 + LoRA, report only)")
     per_example: int = setting(3, "generated variants per written example and generator seed")
     hidden: int = setting(128, "hidden units of the head")
     epochs: int = setting(12, "passes over the training data")
@@ -49,6 +51,9 @@ class GuardTrainConfig:
     dropout: float = setting(0.0, "dropout on the features and the hidden units while training (0: none)")
     max_fpr: float = setting(0.03, "calibration: most benign examples of the calibration fold flagged (all labels together)")
     seed: int = setting(0, "initialisation seed")
+    tuned_layers: int = setting(2, "design=encoder: MiniLM's top layers fine-tuned (of 6)")
+    tune_epochs: int = setting(2, "design=encoder: passes of the fine-tuning over the training data")
+    encoder_lr: float = setting(5e-5, "design=encoder: AdamW learning rate of the tuned layers")
     lora_model: str = setting("smollm2", "design=lora: the imported model to fine-tune")
     lora_examples: int = setting(600, "design=lora: training examples sampled (CPU time grows with it)")
     lora_steps: int = setting(60, "design=lora: optimizer steps (batch 16)")
@@ -236,6 +241,91 @@ def _sigmoid(z: np.ndarray) -> np.ndarray:
     return 1.0 / (1.0 + np.exp(-z.astype(np.float64)))
 
 
+# --- design 3: the same head with MiniLM's top layers fine-tuned ------------------------------------
+
+
+def train_encoder(cfg: GuardTrainConfig, written: list[Example], embedder) -> tuple[Guard, dict]:
+    """Stage 1 is design "minilm"'s head fitted on folds 2-4 over the frozen encoder ("frozen:"
+    figures); stage 2 fine-tunes MiniLM's top `tuned_layers` layers and that head together for
+    `tune_epochs` ("tuned:" figures). Both are calibrated on fold 1 and reported on the same
+    splits, so the two rows differ by the fine-tuning alone. The tuned model is kept as trained
+    on folds 2-4 (no retrain on folds 1-4: it would double the CPU time)."""
+    s = split(written, per_example=cfg.per_example)
+    encoder = tuned_encoder(embedder, cfg.tuned_layers)
+    everything = [s.train_fit, s.val, *s.test.values()]
+    texts = list(dict.fromkeys(e.text for part in everything for e in part))
+    read, grams = readings(texts)
+    row = {t: i for i, t in enumerate(texts)}
+    started = time.perf_counter()
+    states = [h.to(torch.bfloat16) for h in encoder.bottom(read)]  # the frozen layers run once per text
+    print(f"frozen layers over {len(texts)} texts: {time.perf_counter() - started:.0f} s", flush=True)
+
+    def feats(examples: list[Example]) -> np.ndarray:
+        idx = [row[e.text] for e in examples]
+        with torch.inference_mode():
+            emb = [encoder.pool([states[i] for i in idx[k:k + 256]]) for k in range(0, len(idx), 256)]
+        emb = torch.cat(emb).numpy() if emb else np.zeros((0, encoder.dim), np.float32)
+        return np.concatenate([emb, grams[idx]], axis=1)
+
+    hp = dict(hidden=cfg.hidden, epochs=cfg.epochs, lr=cfg.lr, weight_decay=cfg.weight_decay, seed=cfg.seed,
+              dropout=cfg.dropout)
+    params = fit_head(feats(s.train_fit), targets(s.train_fit), **hp)
+    figures = _calibrated("frozen", params, feats, s, cfg.max_fpr)[1]
+    params = _tune(cfg, encoder, params, [states[row[e.text]] for e in s.train_fit],
+                   grams[[row[e.text] for e in s.train_fit]], targets(s.train_fit))
+    thresholds, tuned = _calibrated("tuned", params, feats, s, cfg.max_fpr)
+    figures |= tuned
+    figures["sizes"] = {"train": len(s.train_fit), "calibration": len(s.val), **{k: len(v) for k, v in s.test.items()}}
+    return Guard(params, thresholds, encoder, data_sha256(cfg.data or None)), figures
+
+
+def _calibrated(name: str, params: dict, feats, s: Splits, max_fpr: float) -> tuple[np.ndarray, dict]:
+    val_probs = head_probs(params, feats(s.val))
+    thresholds = calibrate(val_probs, s.val, max_fpr)
+    figures = {f"{name}: calibration fold": report(val_probs, s.val, thresholds)}
+    for split_name, examples in s.test.items():
+        figures[f"{name}: {split_name}"] = report(head_probs(params, feats(examples)), examples, thresholds)
+    return thresholds, figures
+
+
+def _tune(cfg: GuardTrainConfig, encoder, params: dict, states: list[torch.Tensor], grams: np.ndarray,
+          y: np.ndarray) -> dict[str, np.ndarray]:
+    """Fine-tune the encoder's top layers (AdamW at `encoder_lr`) and the head (at lr / 10, it
+    starts trained) on the training examples, batches of 32, bf16 autocast where the CPU has
+    fast bf16; returns the head's weights."""
+    from parley.pipeline.embed import fast_bf16
+
+    head = torch.nn.Sequential(torch.nn.Linear(params["w1"].shape[1], cfg.hidden), torch.nn.ReLU(),
+                               torch.nn.Linear(cfg.hidden, y.shape[1]))
+    with torch.no_grad():
+        for p, k in zip(head.parameters(), ("w1", "b1", "w2", "b2")):
+            p.copy_(torch.from_numpy(params[k]))
+    yt, gt = torch.from_numpy(y), torch.from_numpy(grams)
+    pos = yt.sum(0)
+    pos_weight = torch.sqrt((len(yt) - pos) / pos.clamp(min=1.0))
+    optimizer = torch.optim.AdamW([{"params": encoder.top.parameters(), "lr": cfg.encoder_lr},
+                                   {"params": head.parameters(), "lr": cfg.lr / 10}], weight_decay=cfg.weight_decay)
+    order = torch.Generator().manual_seed(cfg.seed)
+    encoder.top.train()
+    started = time.perf_counter()
+    for epoch in range(cfg.tune_epochs):
+        perm = torch.randperm(len(yt), generator=order).tolist()
+        for step, i in enumerate(range(0, len(perm), 32)):
+            idx = perm[i:i + 32]
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=fast_bf16()):
+                x = torch.cat([encoder.pool([states[k] for k in idx]).float(), gt[idx]], dim=1)
+                logits = head(x).float()
+            loss = F.binary_cross_entropy_with_logits(logits, yt[idx], pos_weight=pos_weight)
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            if step % 100 == 0:
+                print(f"tune epoch {epoch} step {step}: loss {loss.item():.3f} ({time.perf_counter() - started:.0f} s)",
+                      flush=True)
+    encoder.top.eval()
+    return {k: p.detach().numpy().copy() for k, p in zip(("w1", "b1", "w2", "b2"), head.parameters())}
+
+
 # --- design 2: SmolLM2 fine-tuned with LoRA as a classifier ------------------------------------------
 
 
@@ -304,8 +394,10 @@ def train_lora(cfg: GuardTrainConfig, written: list[Example]) -> dict:
 
 
 def main(cfg: GuardTrainConfig) -> int:
-    if cfg.design not in ("minilm", "lora"):
-        raise GuardDataError(f"design must be minilm or lora, got {cfg.design!r}")
+    if cfg.design not in ("minilm", "encoder", "lora"):
+        raise GuardDataError(f"design must be minilm, encoder or lora, got {cfg.design!r}")
+    if cfg.design == "encoder" and (not 1 <= cfg.tuned_layers <= 6 or cfg.tune_epochs < 1 or cfg.encoder_lr <= 0):
+        raise GuardDataError("design=encoder needs tuned_layers in 1..6, tune_epochs >= 1 and encoder_lr > 0")
     if cfg.per_example < 0 or cfg.epochs < 1 or cfg.hidden < 1 or not 0 < cfg.max_fpr < 1 or not 0 <= cfg.dropout < 1:
         raise GuardDataError("per_example must be >= 0, epochs and hidden >= 1, max_fpr in (0, 1) and dropout in [0, 1)")
     written = load_all(cfg.data or None)
@@ -315,7 +407,8 @@ def main(cfg: GuardTrainConfig) -> int:
     else:
         from parley.pipeline.embed import Embedder
 
-        guard, figures = train_minilm(cfg, written, Embedder.load())
+        train = train_encoder if cfg.design == "encoder" else train_minilm
+        guard, figures = train(cfg, written, Embedder.load())
         out = guard.save(cfg.out or trained_path())
         print(f"saved {out}")
         print("thresholds: " + ", ".join(f"{k}={t:.2f}" for k, t in zip(LABELS, guard.thresholds)))
