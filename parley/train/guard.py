@@ -2,6 +2,7 @@
 
     parley train guard                             # the MiniLM head: ~10 min on 2 busy cores, writes $PARLEY_HOME/guard/
     parley train guard --out parley/data/guard/guard_head.safetensors    # the head the repository ships
+    parley train guard --design encoder          # the head with MiniLM's top 2 layers fine-tuned (~30 min, 1 busy thread)
     parley train guard --design lora --lora-examples 600                 # the second design, for comparison only
 
 Recipe (design "minilm", the one the pipeline uses):
@@ -16,6 +17,11 @@ Recipe (design "minilm", the one the pipeline uses):
    intents.toml, so fold 1 holds intents the head never saw;
 3. the head is retrained on folds 1-4 with the same settings and saved with those thresholds.
 
+Design "encoder" (`train_encoder`) starts from step 2's head over folds 2-4, fine-tunes MiniLM's
+top `tuned_layers` layers with it end to end, recalibrates on fold 1 and reports both the frozen
+and the tuned model on the same splits; the tuned layers are saved with the head (7 MB for two
+layers in float16), and the guard then embeds through them (`TunedEncoder`).
+
 Design "lora" fine-tunes SmolLM2 (LoRA r=8 on the attention projections, a linear head on the
 last token's hidden state) on a sample of the same training data, calibrates the same way, and
 reports the same splits; it saves nothing for the pipeline (see RESULTS.md, Guard, for why).
@@ -26,6 +32,7 @@ from __future__ import annotations
 import random
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -244,12 +251,13 @@ def _sigmoid(z: np.ndarray) -> np.ndarray:
 # --- design 3: the same head with MiniLM's top layers fine-tuned ------------------------------------
 
 
-def train_encoder(cfg: GuardTrainConfig, written: list[Example], embedder) -> tuple[Guard, dict]:
+def train_encoder(cfg: GuardTrainConfig, written: list[Example], embedder) -> tuple[Guard, dict, Guard]:
     """Stage 1 is design "minilm"'s head fitted on folds 2-4 over the frozen encoder ("frozen:"
     figures); stage 2 fine-tunes MiniLM's top `tuned_layers` layers and that head together for
     `tune_epochs` ("tuned:" figures). Both are calibrated on fold 1 and reported on the same
-    splits, so the two rows differ by the fine-tuning alone. The tuned model is kept as trained
-    on folds 2-4 (no retrain on folds 1-4: it would double the CPU time)."""
+    splits, so the two rows differ by the fine-tuning alone. Returns the tuned guard, the
+    figures and the frozen stage-1 guard (main saves it beside the tuned one, ".frozen"), both
+    as trained on folds 2-4 (no retrain on folds 1-4: it would double the CPU time)."""
     s = split(written, per_example=cfg.per_example)
     encoder = tuned_encoder(embedder, cfg.tuned_layers)
     everything = [s.train_fit, s.val, *s.test.values()]
@@ -270,13 +278,14 @@ def train_encoder(cfg: GuardTrainConfig, written: list[Example], embedder) -> tu
     hp = dict(hidden=cfg.hidden, epochs=cfg.epochs, lr=cfg.lr, weight_decay=cfg.weight_decay, seed=cfg.seed,
               dropout=cfg.dropout)
     params = fit_head(feats(s.train_fit), targets(s.train_fit), **hp)
-    figures = _calibrated("frozen", params, feats, s, cfg.max_fpr)[1]
+    frozen_thresholds, figures = _calibrated("frozen", params, feats, s, cfg.max_fpr)
+    frozen = Guard(params, frozen_thresholds, embedder, data_sha256(cfg.data or None))
     params = _tune(cfg, encoder, params, [states[row[e.text]] for e in s.train_fit],
                    grams[[row[e.text] for e in s.train_fit]], targets(s.train_fit))
     thresholds, tuned = _calibrated("tuned", params, feats, s, cfg.max_fpr)
     figures |= tuned
     figures["sizes"] = {"train": len(s.train_fit), "calibration": len(s.val), **{k: len(v) for k, v in s.test.items()}}
-    return Guard(params, thresholds, encoder, data_sha256(cfg.data or None)), figures
+    return Guard(params, thresholds, encoder, data_sha256(cfg.data or None)), figures, frozen
 
 
 def _calibrated(name: str, params: dict, feats, s: Splits, max_fpr: float) -> tuple[np.ndarray, dict]:
@@ -407,10 +416,14 @@ def main(cfg: GuardTrainConfig) -> int:
     else:
         from parley.pipeline.embed import Embedder
 
-        train = train_encoder if cfg.design == "encoder" else train_minilm
-        guard, figures = train(cfg, written, Embedder.load())
-        out = guard.save(cfg.out or trained_path())
-        print(f"saved {out}")
+        out = Path(cfg.out or trained_path())
+        if cfg.design == "encoder":
+            guard, figures, frozen = train_encoder(cfg, written, Embedder.load())
+            print(f"saved the frozen head {frozen.save(out.with_suffix('.frozen' + out.suffix))}")
+            print("its thresholds: " + ", ".join(f"{k}={t:.2f}" for k, t in zip(LABELS, frozen.thresholds)))
+        else:
+            guard, figures = train_minilm(cfg, written, Embedder.load())
+        print(f"saved {guard.save(out)}")
         print("thresholds: " + ", ".join(f"{k}={t:.2f}" for k, t in zip(LABELS, guard.thresholds)))
     print(f"design {cfg.design}, {len(written)} written examples, {time.perf_counter() - start:.0f} s")
     for name, fig in figures.items():
