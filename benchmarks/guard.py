@@ -10,6 +10,8 @@ and its latency per message.
 Latency is the guard's p50/p95 per message, single messages as the input stage sees them:
 "full" includes the MiniLM embedding of the message, "marginal" reuses an embedding already
 computed (the pipeline's NLU stage embeds the same message, and the embedder remembers it).
+A head with fine-tuned encoder layers (`parley train guard --design encoder`) embeds through
+its own top layers and reuses nothing: its "marginal" is its "full" time, run again.
 Figures depend on the machine's load: say so when you record them.
 """
 
@@ -39,7 +41,8 @@ def own_splits(guard: Guard, quick: bool, every: int = 1) -> dict:
 
 def load_heldout(folder: Path) -> list[Example]:
     """harmful.yml and benign.yml (`requests`: text, principle, category, style) and injection.yml
-    (`sentences`: text, label injection|innocent, style) as Examples; source "heldout:<category or style>"."""
+    (`sentences`: text, `label` or `kind` injection|injected|innocent, style) as Examples; source
+    "heldout:<category>/<style>" for requests, "heldout:<style>" for sentences."""
     import yaml
 
     def rows(name: str, key: str) -> list[dict]:
@@ -51,8 +54,11 @@ def load_heldout(folder: Path) -> list[Example]:
     out = [Example(r["text"], r["principle"], "request", f"heldout:{r['category']}/{r['style']}")
            for r in rows("harmful.yml", "requests")]
     out += [Example(r["text"], "", "request", f"heldout:{r['category']}/{r['style']}") for r in rows("benign.yml", "requests")]
-    out += [Example(r["text"], "injection" if r["label"] == "injection" else "", "passage", f"heldout:{r['style']}")
-            for r in rows("injection.yml", "sentences")]
+    for r in rows("injection.yml", "sentences"):
+        kind = r.get("label", r.get("kind"))
+        if kind not in ("injection", "injected", "innocent"):
+            raise SystemExit(f"{folder / 'injection.yml'}: a sentence labelled {kind!r}, not injection/injected/innocent")
+        out.append(Example(r["text"], "" if kind == "innocent" else "injection", "passage", f"heldout:{r['style']}"))
     return out
 
 
@@ -80,14 +86,19 @@ def with_rules(guard: Guard, examples: list[Example]) -> dict:
             "refused_by_rule": by_rule}
 
 
-def by_group(probs, examples: list[Example], thresholds) -> dict[str, tuple[int, int]]:
-    """Harmful recall (guard alone) per category/style of the held-out harmful requests."""
-    flagged = (probs[:, :8] >= thresholds[:8]).any(axis=1)
+def by_group(probs, examples: list[Example], thresholds, which: str = "harmful") -> dict[str, tuple[int, int]]:
+    """Guard alone, flagged / all per category and per style (a style may hold a "/") of the
+    held-out `which`: "harmful" or "benign" requests, "injected" or "innocent" sentences."""
+    harm = (probs[:, :8] >= thresholds[:8]).any(axis=1)
+    injected = probs[:, 8] >= thresholds[8]
     groups: dict[str, list[int]] = {}
     for i, e in enumerate(examples):
-        if e.kind == "request" and e.label:
-            for g in e.source.removeprefix("heldout:").split("/"):
+        kind = ("harmful" if e.label else "benign") if e.kind == "request" else ("injected" if e.label else "innocent")
+        if kind == which:
+            names = e.source.removeprefix("heldout:").split("/", 1) if e.kind == "request" else [e.source.removeprefix("heldout:")]
+            for g in names:
                 groups.setdefault(g, []).append(i)
+    flagged = harm if which in ("harmful", "benign") else injected
     return {g: (int(flagged[idx].sum()), len(idx)) for g, idx in sorted(groups.items())}
 
 
@@ -102,7 +113,7 @@ def latency(guard: Guard, embedder: Embedder, n: int) -> dict:
         guard.score(text)  # the embedding is remembered now, as after the NLU stage
         full.append((t1 - t0) * 1000)
         marginal.append((time.perf_counter() - t1) * 1000)
-    return {"messages": len(full),
+    return {"messages": len(full), "tuned_layers": len(getattr(guard.embedder, "top", ())),
             "full_ms": {"p50": round(statistics.median(full), 2), "p95": round(sorted(full)[int(0.95 * len(full))], 2)},
             "marginal_ms": {"p50": round(statistics.median(marginal), 2),
                             "p95": round(sorted(marginal)[int(0.95 * len(marginal))], 2)}}
@@ -128,8 +139,9 @@ def main() -> int:
         fig = report(probs, examples, guard.thresholds)
         print(describe("held-out, guard alone", fig))
         print("  per principle: " + ", ".join(f"{p} {a}/{n}" for p, (a, n) in fig["per_principle"].items() if n))
-        print("  per category/style: " + ", ".join(f"{g} {a}/{n}" for g, (a, n) in by_group(probs, examples,
-                                                                                           guard.thresholds).items()))
+        for which in ("harmful", "benign", "injected", "innocent"):
+            groups = by_group(probs, examples, guard.thresholds, which)
+            print(f"  {which}, flagged per category/style: " + ", ".join(f"{g} {a}/{n}" for g, (a, n) in groups.items()))
         both = with_rules(guard, examples)
         print(describe("held-out, rules then guard (the pipeline)", both) + f"; refused by a rule {both['refused_by_rule']}")
         return 0
