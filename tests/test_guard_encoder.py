@@ -47,6 +47,8 @@ def test_a_tiny_encoder_design_trains_changes_its_layers_saves_them_and_loads_ba
     assert isinstance(loaded.embedder, TunedEncoder) and len(loaded.embedder.top) == 1
     tuned, frozen = loaded.embedder(TEXTS), embedder(TEXTS, remember=False)
     assert np.abs(tuned - frozen).max() > 1e-3  # the top layer was trained, not the base's copy
+    frozen = Guard.load(tmp_path / "head.frozen.safetensors", embedder)  # stage 1, saved beside it
+    assert frozen.embedder is embedder
     again = Guard.load(out, embedder)
     assert np.allclose(again.probabilities(TEXTS), loaded.probabilities(TEXTS))
     with pytest.raises(GuardError, match="MiniLM Embedder"):

@@ -17,8 +17,8 @@ Recipe (design "minilm", the one the pipeline uses):
    intents.toml, so fold 1 holds intents the head never saw;
 3. the head is retrained on folds 1-4 with the same settings and saved with those thresholds.
 
-Design "encoder" (`train_encoder`) starts from step 2's head over folds 2-4, fine-tunes MiniLM's
-top `tuned_layers` layers with it end to end, recalibrates on fold 1 and reports both the frozen
+Design "encoder" (`train_encoder`) fits step 2's head over folds 2-4, then fine-tunes MiniLM's
+top `tuned_layers` layers end to end with a new head on the same data, recalibrates on fold 1 and reports both the frozen
 and the tuned model on the same splits; the tuned layers are saved with the head (7 MB for two
 layers in float16), and the guard then embeds through them (`TunedEncoder`).
 
@@ -251,12 +251,13 @@ def _sigmoid(z: np.ndarray) -> np.ndarray:
 # --- design 3: the same head with MiniLM's top layers fine-tuned ------------------------------------
 
 
-def train_encoder(cfg: GuardTrainConfig, written: list[Example], embedder) -> tuple[Guard, dict, Guard]:
+def train_encoder(cfg: GuardTrainConfig, written: list[Example], embedder,
+                  frozen_out: Path | None = None) -> tuple[Guard, dict, Guard]:
     """Stage 1 is design "minilm"'s head fitted on folds 2-4 over the frozen encoder ("frozen:"
-    figures); stage 2 fine-tunes MiniLM's top `tuned_layers` layers and that head together for
+    figures); stage 2 fine-tunes MiniLM's top `tuned_layers` layers and a new head together for
     `tune_epochs` ("tuned:" figures). Both are calibrated on fold 1 and reported on the same
     splits, so the two rows differ by the fine-tuning alone. Returns the tuned guard, the
-    figures and the frozen stage-1 guard (main saves it beside the tuned one, ".frozen"), both
+    figures and the frozen stage-1 guard (saved at once to `frozen_out`), both
     as trained on folds 2-4 (no retrain on folds 1-4: it would double the CPU time)."""
     s = split(written, per_example=cfg.per_example)
     encoder = tuned_encoder(embedder, cfg.tuned_layers)
@@ -280,7 +281,9 @@ def train_encoder(cfg: GuardTrainConfig, written: list[Example], embedder) -> tu
     params = fit_head(feats(s.train_fit), targets(s.train_fit), **hp)
     frozen_thresholds, figures = _calibrated("frozen", params, feats, s, cfg.max_fpr)
     frozen = Guard(params, frozen_thresholds, embedder, data_sha256(cfg.data or None))
-    params = _tune(cfg, encoder, params, [states[row[e.text]] for e in s.train_fit],
+    if frozen_out is not None:  # written before the long part, so a stopped run still leaves it
+        print(f"saved the frozen head {frozen.save(frozen_out)}", flush=True)
+    params = _tune(cfg, encoder, [states[row[e.text]] for e in s.train_fit],
                    grams[[row[e.text] for e in s.train_fit]], targets(s.train_fit))
     thresholds, tuned = _calibrated("tuned", params, feats, s, cfg.max_fpr)
     figures |= tuned
@@ -297,23 +300,22 @@ def _calibrated(name: str, params: dict, feats, s: Splits, max_fpr: float) -> tu
     return thresholds, figures
 
 
-def _tune(cfg: GuardTrainConfig, encoder, params: dict, states: list[torch.Tensor], grams: np.ndarray,
+def _tune(cfg: GuardTrainConfig, encoder, states: list[torch.Tensor], grams: np.ndarray,
           y: np.ndarray) -> dict[str, np.ndarray]:
-    """Fine-tune the encoder's top layers (AdamW at `encoder_lr`) and the head (at lr / 10, it
-    starts trained) on the training examples, batches of 32, bf16 autocast where the CPU has
-    fast bf16; returns the head's weights."""
+    """Fine-tune the encoder's top layers (AdamW at `encoder_lr`) together with a new head (at
+    `lr`, initialised as stage 1's was) on the training examples, batches of 32, bf16 autocast
+    where the CPU has fast bf16; returns the head's weights. A new head, not stage 1's: that
+    one fits the training examples to a loss near 0, which leaves the encoder no gradient."""
     from parley.pipeline.embed import fast_bf16
 
-    head = torch.nn.Sequential(torch.nn.Linear(params["w1"].shape[1], cfg.hidden), torch.nn.ReLU(),
+    torch.manual_seed(cfg.seed)
+    head = torch.nn.Sequential(torch.nn.Linear(grams.shape[1] + encoder.dim, cfg.hidden), torch.nn.ReLU(),
                                torch.nn.Linear(cfg.hidden, y.shape[1]))
-    with torch.no_grad():
-        for p, k in zip(head.parameters(), ("w1", "b1", "w2", "b2")):
-            p.copy_(torch.from_numpy(params[k]))
     yt, gt = torch.from_numpy(y), torch.from_numpy(grams)
     pos = yt.sum(0)
     pos_weight = torch.sqrt((len(yt) - pos) / pos.clamp(min=1.0))
     optimizer = torch.optim.AdamW([{"params": encoder.top.parameters(), "lr": cfg.encoder_lr},
-                                   {"params": head.parameters(), "lr": cfg.lr / 10}], weight_decay=cfg.weight_decay)
+                                   {"params": head.parameters(), "lr": cfg.lr}], weight_decay=cfg.weight_decay)
     order = torch.Generator().manual_seed(cfg.seed)
     encoder.top.train()
     started = time.perf_counter()
@@ -418,9 +420,8 @@ def main(cfg: GuardTrainConfig) -> int:
 
         out = Path(cfg.out or trained_path())
         if cfg.design == "encoder":
-            guard, figures, frozen = train_encoder(cfg, written, Embedder.load())
-            print(f"saved the frozen head {frozen.save(out.with_suffix('.frozen' + out.suffix))}")
-            print("its thresholds: " + ", ".join(f"{k}={t:.2f}" for k, t in zip(LABELS, frozen.thresholds)))
+            guard, figures, frozen = train_encoder(cfg, written, Embedder.load(), out.with_suffix(".frozen" + out.suffix))
+            print("the frozen head's thresholds: " + ", ".join(f"{k}={t:.2f}" for k, t in zip(LABELS, frozen.thresholds)))
         else:
             guard, figures = train_minilm(cfg, written, Embedder.load())
         print(f"saved {guard.save(out)}")
