@@ -39,8 +39,8 @@ import torch
 import torch.nn.functional as F
 
 from parley.config import parse_cli, setting
-from parley.pipeline.guard import (INJECTION, LABELS, PRINCIPLES, Guard, features, readings, trained_path,
-                                   tuned_encoder)
+from parley.pipeline.guard import (INJECTION, LABELS, NGRAM_BUCKETS, PRINCIPLES, Guard, features, readings,
+                                   trained_path, tuned_encoder)
 from parley.train.guard_data import Example, GuardDataError, Splits, data_sha256, load_all, split
 
 
@@ -228,7 +228,7 @@ def train_minilm(cfg: GuardTrainConfig, written: list[Example], embedder) -> tup
             chunk = todo[i:i + 512]
             for text, row in zip(chunk, features(chunk, embedder)):
                 cache[text] = row
-        return np.stack([cache[e.text] for e in examples])
+        return np.stack([cache[e.text] for e in examples]) if examples else np.zeros((0, embedder.dim + NGRAM_BUCKETS), np.float32)
 
     hp = dict(hidden=cfg.hidden, epochs=cfg.epochs, lr=cfg.lr, weight_decay=cfg.weight_decay, seed=cfg.seed,
               dropout=cfg.dropout)
