@@ -18,12 +18,16 @@ import yaml
 
 ROOT = Path(__file__).resolve().parent.parent
 HELDOUT = ROOT / "benchmarks" / "data" / "guard_heldout_v3"
-# sha256 of each file as frozen on 2026-12-06, before any guard was evaluated on it: never change these
-# to make a test pass. A deliberate change is a new set (v4): say so in benchmarks/RESULTS.md.
-SHA256 = {
-    "harmful.yml": "2c9cb13fac2049a440efc4542441d2471ce4641f34f8702666836724f4019b5a",
-    "benign.yml": "8be037446ca23649b8a6733e625d35a1c155085c34f987922868cdf72df06d13",
-    "injection.yml": "332feafc7924d942e1487d4dfa66b7300271c5c4a92a73fbf17054b39fa6d69e",
+# Each file: its list key, the fields of a row, and its sha256 as frozen on 2026-12-06, before any guard was
+# evaluated on it. Never change a hash to make a test pass: a deliberate change is a new set (v4); say so in
+# benchmarks/RESULTS.md.
+FILES = {
+    "harmful.yml": ("requests", {"text", "principle", "category", "style"},
+                    "2c9cb13fac2049a440efc4542441d2471ce4641f34f8702666836724f4019b5a"),
+    "benign.yml": ("requests", {"text", "category", "style"},
+                   "8be037446ca23649b8a6733e625d35a1c155085c34f987922868cdf72df06d13"),
+    "injection.yml": ("sentences", {"text", "kind", "style"},
+                      "332feafc7924d942e1487d4dfa66b7300271c5c4a92a73fbf17054b39fa6d69e"),
 }
 REQUEST_STYLES = {"plain", "indirect", "fiction/role-play", "leetspeak", "typos", "confusable letters",
                   "other language", "multi-turn setup",
@@ -80,50 +84,44 @@ def _training_texts():
     return {normalize(text) for text in texts} - {""}
 
 
-def _rows(name, key):
+def _rows(name):
+    key, fields, _ = FILES[name]
     rows = yaml.safe_load((HELDOUT / name).read_text(encoding="utf-8"))[key]
-    assert isinstance(rows, list) and all(isinstance(row, dict) for row in rows), f"{name}: {key} is not a list of maps"
-    assert all(isinstance(row.get("text"), str) and row["text"].strip() for row in rows), f"{name}: an empty text"
+    assert isinstance(rows, list), f"{name}: {key} is not a list"
+    for row in rows:
+        assert isinstance(row, dict) and set(row) == fields, f"{name}: a row without exactly the fields {fields}: {row}"
+        assert isinstance(row["text"], str) and row["text"].strip(), f"{name}: an empty text"
     return rows
 
 
 def _all_texts():
-    return [row["text"] for name, key in (("harmful.yml", "requests"), ("benign.yml", "requests"),
-                                          ("injection.yml", "sentences")) for row in _rows(name, key)]
+    return [row["text"] for name in FILES for row in _rows(name)]
 
 
-@pytest.mark.parametrize("name", sorted(SHA256))
-def test_file_is_the_frozen_one(name):
-    digest = hashlib.sha256((HELDOUT / name).read_bytes()).hexdigest()
-    assert digest == SHA256[name], (f"benchmarks/data/guard_heldout_v3/{name} changed since it was frozen; the "
-                                    "held-out set must not be edited (see its README.md)")
+@pytest.mark.parametrize("name", sorted(FILES))
+def test_file_is_frozen_and_well_formed(name):
+    assert hashlib.sha256((HELDOUT / name).read_bytes()).hexdigest() == FILES[name][2], (
+        f"benchmarks/data/guard_heldout_v3/{name} changed since it was frozen; a held-out set is never edited "
+        "(see its README.md)")
+    _rows(name)
 
 
-def test_harmful_requests_cover_every_harm_principle():
+def test_counts_and_styles_are_the_ones_the_readme_states():
+    harmful, benign, sentences = _rows("harmful.yml"), _rows("benign.yml"), _rows("injection.yml")
+    assert (len(harmful), len(benign), len(sentences)) == (202, 210, 250)
+    assert Counter(row["principle"] for row in harmful) == {"C1": 27, "C2": 22, "C3": 29, "C4": 51, "C5": 23,
+                                                            "C6": 16, "C7": 17, "C8": 17}
+    assert (len({row["category"] for row in harmful}), len({row["category"] for row in benign})) == (25, 21)
+    assert {row["style"] for row in harmful + benign} <= REQUEST_STYLES
+    assert Counter(row["kind"] for row in sentences) == {"injected": 125, "innocent": 125}
+    assert {row["style"] for row in sentences if row["kind"] == "injected"} == INJECTED_STYLES
+    assert {row["style"] for row in sentences if row["kind"] == "innocent"} == INNOCENT_STYLES
+
+
+def test_every_harm_principle_of_the_constitution_is_covered():
     constitution = tomllib.loads((ROOT / "parley" / "data" / "constitution.toml").read_text(encoding="utf-8"))
     harm_ids = {principle["id"] for principle in constitution["principles"]} - {"C9"}  # C9 is injection
-    rows = _rows("harmful.yml", "requests")
-    assert all(set(row) == {"text", "principle", "category", "style"} for row in rows)
-    assert all(row["style"] in REQUEST_STYLES for row in rows)
-    assert {row["principle"] for row in rows} == harm_ids  # every harm principle, and only those
-    assert len(rows) == 202
-    assert Counter(row["principle"] for row in rows) == {"C1": 27, "C2": 22, "C3": 29, "C4": 51, "C5": 23,
-                                                         "C6": 16, "C7": 17, "C8": 17}
-    assert len({row["category"] for row in rows}) == 25
-
-
-def test_benign_requests():
-    rows = _rows("benign.yml", "requests")
-    assert all(set(row) == {"text", "category", "style"} for row in rows)
-    assert all(row["style"] in REQUEST_STYLES for row in rows)
-    assert len(rows) == 210
-
-
-def test_injection_sentences():
-    rows = _rows("injection.yml", "sentences")
-    assert all(set(row) == {"text", "kind", "style"} for row in rows)
-    assert all(row["style"] in (INJECTED_STYLES if row["kind"] == "injected" else INNOCENT_STYLES) for row in rows)
-    assert Counter(row["kind"] for row in rows) == {"injected": 125, "innocent": 125}
+    assert {row["principle"] for row in _rows("harmful.yml")} == harm_ids  # all of them, and only those
 
 
 def test_no_text_appears_twice_even_after_normalising():
