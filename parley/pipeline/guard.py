@@ -337,7 +337,8 @@ def tuned_encoder(base, layers: int, state: dict[str, torch.Tensor] | None = Non
         try:
             top.load_state_dict(state)
         except RuntimeError as e:
-            raise GuardError(f"{where}: its tuned layers do not fit this MiniLM ({e}); retrain with `parley train guard`") from None
+            raise GuardError(f"{where}: its tuned layers do not fit this MiniLM ({e}); "
+                             "retrain with `parley train guard`") from None
     return TunedEncoder(base, top.eval())
 
 

@@ -2,7 +2,7 @@
 
     parley train guard                             # the MiniLM head: ~10 min on 2 busy cores, writes $PARLEY_HOME/guard/
     parley train guard --out parley/data/guard/guard_head.safetensors    # the head the repository ships
-    parley train guard --design encoder          # the head with MiniLM's top 2 layers fine-tuned (~30 min, 1 busy thread)
+    parley train guard --design encoder          # the head with top 2 MiniLM layers fine-tuned (~20 min, 1 busy thread)
     parley train guard --design lora --lora-examples 600                 # the second design, for comparison only
 
 Recipe (design "minilm", the one the pipeline uses):
@@ -228,7 +228,9 @@ def train_minilm(cfg: GuardTrainConfig, written: list[Example], embedder) -> tup
             chunk = todo[i:i + 512]
             for text, row in zip(chunk, features(chunk, embedder)):
                 cache[text] = row
-        return np.stack([cache[e.text] for e in examples]) if examples else np.zeros((0, embedder.dim + NGRAM_BUCKETS), np.float32)
+        if not examples:
+            return np.zeros((0, embedder.dim + NGRAM_BUCKETS), np.float32)
+        return np.stack([cache[e.text] for e in examples])
 
     hp = dict(hidden=cfg.hidden, epochs=cfg.epochs, lr=cfg.lr, weight_decay=cfg.weight_decay, seed=cfg.seed,
               dropout=cfg.dropout)
@@ -420,7 +422,8 @@ def main(cfg: GuardTrainConfig) -> int:
 
         out = Path(cfg.out or trained_path())
         if cfg.design == "encoder":
-            guard, figures, frozen = train_encoder(cfg, written, Embedder.load(), out.with_suffix(".frozen" + out.suffix))
+            frozen_out = out.with_suffix(".frozen" + out.suffix)
+            guard, figures, frozen = train_encoder(cfg, written, Embedder.load(), frozen_out)
             print("the frozen head's thresholds: " + ", ".join(f"{k}={t:.2f}" for k, t in zip(LABELS, frozen.thresholds)))
         else:
             guard, figures = train_minilm(cfg, written, Embedder.load())

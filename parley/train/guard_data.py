@@ -323,7 +323,7 @@ def fold(text: str, folds: int = 5) -> int:
     return int(hashlib.sha256(text.encode()).hexdigest()[:8], 16) % folds
 
 
-HELD_OUT_FRAME = "poem"  # a framing template training never sees (round 2 held out all of "hypothetical"); tested "by template"
+HELD_OUT_FRAME = "poem"  # a framing template training never sees, tested "by template" (round 2: all of "hypothetical")
 HELD_OUT_LANGUAGE = "nl"  # a language training never sees (read through the gloss only); tested "by language"
 
 
