@@ -538,6 +538,7 @@ typedef struct {
     const void *q;              /* int8 [O, I] (q8) or uint8 [O, I / 2] (q4) */
     const uint16_t *d, *m;      /* half floats [O, I / 32]; m only for q4 */
     int fmt;                    /* 8 or 4 */
+    const uint8_t *rows16;      /* NULL, or the same weights interleaved 16 rows at a time (VNNI path, below) */
 } QWeight;
 
 enum { ISA_SCALAR = 0, ISA_AVX2 = 1, ISA_VNNI = 2 };
@@ -572,8 +573,9 @@ int quant_isa(int ceiling) {
     return best < ceiling ? best : ceiling;
 }
 
-/* x [B, I] fp32 -> xq [B, I] int8 and xs [B, 2 I / 32]: per row, the blocks' scales then their
- * scale * sum(xq). Rounding half to even (nearbyintf), as quant.quantize_activations does. */
+/* x [B, I] fp32 -> xq [B, I] int8 and xs [B, 3 I / 32]: per row, the blocks' scales, their
+ * scale * sum(xq), then sum(xq) itself as int32 bits (the 16-row path's q8 offset). Rounding half
+ * to even (nearbyintf), as quant.quantize_activations does. */
 static void quantize_rows_for(const float *x, int8_t *xq, float *xs, int B, long I) {
     const long n = I / 32;
 #pragma omp for schedule(static)
@@ -589,8 +591,9 @@ static void quantize_rows_for(const float *x, int8_t *xq, float *xs, int B, long
             xq[b * I + k * 32 + i] = (int8_t)q;
             sum += q;
         }
-        xs[b * 2 * n + k] = scale;
-        xs[b * 2 * n + n + k] = scale * (float)sum;
+        xs[b * 3 * n + k] = scale;
+        xs[b * 3 * n + n + k] = scale * (float)sum;
+        memcpy(xs + b * 3 * n + 2 * n + k, &sum, sizeof sum);
     }
 }
 
@@ -670,7 +673,7 @@ TARGET_AVX2 static float qdot_avx2(const QWeight *W, long o, long I, const int8_
 }
 
 /* VNNI: two blocks a 512-bit register (lanes 0-7 the first block's sums, 8-15 the second's), the
- * weights unpacked once for NB rows of x (x rows I apart, xs rows 2 I / 32 apart). A q4 register
+ * weights unpacked once for NB rows of x (x rows I apart, xs rows 3 I / 32 apart). A q4 register
  * of nibbles [block k low | k+1 low | k high | k+1 high] is put in input order by one shuffle of
  * 128-bit lanes. q8's signed weights: vpdpbusd takes |w| and x with w's sign. */
 TARGET_VNNI static inline __attribute__((always_inline)) void qdot_vnni_rows(const QWeight *W, long o, long I,
@@ -693,7 +696,7 @@ TARGET_VNNI static inline __attribute__((always_inline)) void qdot_vnni_rows(con
             for (int b = 0; b < NB; b++) {
                 const __m512i xv = _mm512_loadu_si512(x + b * I + k * 32);
                 const __m512i dot = _mm512_dpbusd_epi32(zero, magnitude, _mm512_mask_sub_epi8(xv, negative, zero, xv));
-                const float *s = xs + b * 2 * n;
+                const float *s = xs + b * 3 * n;
                 const __m512 scale = _mm512_mask_blend_ps(0xFF00, _mm512_set1_ps(dw0 * s[k]), _mm512_set1_ps(dw1 * s[k + 1]));
                 acc[b] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), scale, acc[b]);
             }
@@ -709,17 +712,17 @@ TARGET_VNNI static inline __attribute__((always_inline)) void qdot_vnni_rows(con
             const float dw0 = _cvtsh_ss(d[k]), dw1 = _cvtsh_ss(d[k + 1]);
             for (int b = 0; b < NB; b++) {
                 const __m512i dot = _mm512_dpbusd_epi32(zero, w, _mm512_loadu_si512(x + b * I + k * 32));
-                const float *s = xs + b * 2 * n;
+                const float *s = xs + b * 3 * n;
                 const __m512 scale = _mm512_mask_blend_ps(0xFF00, _mm512_set1_ps(dw0 * s[k]), _mm512_set1_ps(dw1 * s[k + 1]));
                 acc[b] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), scale, acc[b]);
             }
         }
-        for (int b = 0; b < NB; b++) tail[b] = min_terms_avx2(W->m + o * n, xs + b * 2 * n + n, n);
+        for (int b = 0; b < NB; b++) tail[b] = min_terms_avx2(W->m + o * n, xs + b * 3 * n + n, n);
     }
     for (int b = 0; b < NB; b++) {
         out[b] = _mm512_reduce_add_ps(acc[b]) + tail[b];
         if (k < n) /* an odd last block */
-            out[b] += (float)block_dot(W, o, I, k, x + b * I) * (_cvtsh_ss(d[k]) * xs[b * 2 * n + k]);
+            out[b] += (float)block_dot(W, o, I, k, x + b * I) * (_cvtsh_ss(d[k]) * xs[b * 3 * n + k]);
     }
 }
 
@@ -731,7 +734,129 @@ TARGET_VNNI static void qdot_vnni(const QWeight *W, long o, long I, const int8_t
     default: qdot_vnni_rows(W, o, I, x, xs, out, 1);
     }
 }
+
+/* The VNNI path's own layout (model/quant.py's interleave16 writes it at load): a matrix's rows in
+ * groups of 16, a group its blocks in order, a block one record that holds all 16 rows' weights and
+ * scales, so that a group streams from memory as one sequence:
+ *   q4: 256 bytes, byte 64 j + 4 r + t (j < 4, row r < 16, t < 4) holding the block's input 4 j + t
+ *       of row r in its low nibble and input 16 + 4 j + t in its high one; then d and m of the 16
+ *       rows (half floats): 320 bytes;
+ *   q8: 512 bytes, byte 64 j + 4 r + t (j < 8) holding input 4 j + t of row r plus 128 (unsigned);
+ *       then d of the 16 rows: 544 bytes.
+ * A 512-bit register of weights is then 4 inputs of 16 rows, and one vpdpbusd with the 4 inputs' x
+ * broadcast adds into 16 rows' sums at once: no sum across lanes, the scales of 16 rows are one
+ * vector, and a register unpacked once serves every row of x. q8's weights + 128 are unsigned (as
+ * vpdpbusd wants them); the sum starts at -128 sum(xq), so it is the exact integer dot product. */
+#define Q4_RECORD 320
+#define Q8_RECORD 544
+
+/* 16 outputs (o0 .. o0 + 15) of NB rows of x (xq rows I apart, xs rows 3 I / 32 apart) from one group's
+ * records: y[b, o0 + r] (+)= row r's product. A row's sums run in the same order whatever NB. */
+TARGET_VNNI static inline __attribute__((always_inline)) void qgroup_rows(const uint8_t *rec, const int FMT, long I,
+                                                                           const int8_t *x, const float *xs,
+                                                                           float *y, long y_stride, int accumulate,
+                                                                           const int NB) {
+    const long n = I / 32, size = FMT == 4 ? Q4_RECORD : Q8_RECORD;
+    const __m512i low = _mm512_set1_epi8(15);
+    __m512 acc[8];
+    for (int b = 0; b < NB; b++) acc[b] = _mm512_setzero_ps();
+    for (long k = 0; k < n; k++, rec += size) {
+        _mm_prefetch((const char *)rec + 8 * size, _MM_HINT_T0); /* a few records ahead: DRAM stays busy */
+        _mm_prefetch((const char *)rec + 8 * size + 64, _MM_HINT_T0);
+        _mm_prefetch((const char *)rec + 8 * size + 128, _MM_HINT_T0);
+        _mm_prefetch((const char *)rec + 8 * size + 192, _MM_HINT_T0);
+        _mm_prefetch((const char *)rec + 8 * size + 256, _MM_HINT_T0);
+        if (FMT == 8) {
+            _mm_prefetch((const char *)rec + 8 * size + 320, _MM_HINT_T0);
+            _mm_prefetch((const char *)rec + 8 * size + 384, _MM_HINT_T0);
+            _mm_prefetch((const char *)rec + 8 * size + 448, _MM_HINT_T0);
+            _mm_prefetch((const char *)rec + 8 * size + 512, _MM_HINT_T0);
+        }
+        __m512i w[8];
+        if (FMT == 4)
+            for (int j = 0; j < 4; j++) {
+                const __m512i raw = _mm512_loadu_si512(rec + 64 * j);
+                w[j] = _mm512_and_si512(raw, low);
+                w[4 + j] = _mm512_and_si512(_mm512_srli_epi16(raw, 4), low);
+            }
+        else
+            for (int j = 0; j < 8; j++) w[j] = _mm512_loadu_si512(rec + 64 * j);
+        const __m512 d = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(rec + (FMT == 4 ? 256 : 512))));
+        const __m512 m = FMT == 4 ? _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(rec + 288))) : d;
+        for (int b = 0; b < NB; b++) {
+            const int32_t *xb = (const int32_t *)(x + b * I + k * 32); /* 4 inputs an int32 */
+            const float *s = xs + b * 3 * n;
+            int32_t offset = 0;
+            if (FMT == 8) memcpy(&offset, s + 2 * n + k, sizeof offset);
+            /* two chains of dot products (the latency of one vpdpbusd is several cycles) */
+            __m512i even = _mm512_set1_epi32(-128 * offset), odd = _mm512_setzero_si512();
+            for (int j = 0; j < 8; j += 2) {
+                even = _mm512_dpbusd_epi32(even, w[j], _mm512_set1_epi32(xb[j]));
+                odd = _mm512_dpbusd_epi32(odd, w[j + 1], _mm512_set1_epi32(xb[j + 1]));
+            }
+            const __m512i dot = _mm512_add_epi32(even, odd);
+            acc[b] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), _mm512_mul_ps(d, _mm512_set1_ps(s[k])), acc[b]);
+            if (FMT == 4) acc[b] = _mm512_fmadd_ps(m, _mm512_set1_ps(s[n + k]), acc[b]);
+        }
+    }
+    for (int b = 0; b < NB; b++) {
+        float *out = y + b * y_stride;
+        _mm512_storeu_ps(out, accumulate ? _mm512_add_ps(_mm512_loadu_ps(out), acc[b]) : acc[b]);
+    }
+}
+
+#define QGROUP(FMT, NB) qgroup_rows(rec, FMT, I, x, s, out, y_stride, accumulate, NB)
+#define QGROUP_NB(FMT)                                                                                       \
+    switch (nb) {                                                                                            \
+    case 8: QGROUP(FMT, 8); break;                                                                           \
+    case 7: QGROUP(FMT, 7); break;                                                                           \
+    case 6: QGROUP(FMT, 6); break;                                                                           \
+    case 5: QGROUP(FMT, 5); break;                                                                           \
+    case 4: QGROUP(FMT, 4); break;                                                                           \
+    case 3: QGROUP(FMT, 3); break;                                                                           \
+    case 2: QGROUP(FMT, 2); break;                                                                           \
+    default: QGROUP(FMT, 1);                                                                                 \
+    }
+
+/* y[b, column0 + o ..] (+)= for the `count` matrices Ws stacked along their outputs (rows[m] each, a
+ * multiple of 16, every one with rows16), as project_for stacks them: one work-shared loop over all
+ * their groups of 16 rows, so q, k and v (or gate and up) meet one barrier, not three. Each group's
+ * records are read from memory once and used for every row of x, 8 rows at a time. */
+TARGET_VNNI static void qlinear16_for(const QWeight *const *Ws, const long *rows, int count, const int8_t *xq,
+                                      const float *xs, float *y, long y_stride, int B, long I, int accumulate) {
+    const long n = I / 32;
+    long groups = 0;
+    for (int m = 0; m < count; m++) groups += rows[m] / 16;
+#pragma omp for schedule(static)
+    for (long j = 0; j < groups; j++) {
+        int m = 0;
+        long g = j, column0 = 0;
+        while (g >= rows[m] / 16) g -= rows[m] / 16, column0 += rows[m], m++;
+        const QWeight *W = Ws[m];
+        const uint8_t *rec = W->rows16 + g * n * (W->fmt == 4 ? Q4_RECORD : Q8_RECORD);
+        for (int b0 = 0; b0 < B; b0 += 8) {
+            const int nb = B - b0 < 8 ? B - b0 : 8;
+            const int8_t *x = xq + (long)b0 * I;
+            const float *s = xs + (long)b0 * 3 * n;
+            float *out = y + (long)b0 * y_stride + column0 + g * 16;
+            if (W->fmt == 4) {
+                QGROUP_NB(4)
+            } else {
+                QGROUP_NB(8)
+            }
+        }
+    }
+}
+#undef QGROUP_NB
+#undef QGROUP
 #endif
+
+/* Whether the `count` matrices Ws run on qlinear16_for: the VNNI path, and every one interleaved. */
+static inline int rows16_ready(const QWeight *const *Ws, int count, int isa) {
+    for (int m = 0; m < count; m++)
+        if (!Ws[m]->rows16) return 0;
+    return isa == ISA_VNNI;
+}
 
 /* y[b, o] (+)= sum_i W[o, i] x[b, i] for x already rounded (xq, xs: quantize_rows_for) on path isa;
  * y's rows y_stride apart. Work is shared by weight rows; a row's blocks are read from memory
@@ -744,16 +869,16 @@ static void qlinear_for(const QWeight *W, int isa, const int8_t *xq, const float
         for (int b0 = 0; b0 < B; b0 += 4) {
             const int nb = B - b0 < 4 ? B - b0 : 4;
             const int8_t *x = xq + (long)b0 * I;
-            const float *s = xs + (long)b0 * 2 * n;
+            const float *s = xs + (long)b0 * 3 * n;
             float sums[4];
 #if defined(__x86_64__) || defined(__i386__)
             if (isa == ISA_VNNI)
                 qdot_vnni(W, o, I, x, s, sums, nb);
             else if (isa == ISA_AVX2)
-                for (int b = 0; b < nb; b++) sums[b] = qdot_avx2(W, o, I, x + b * I, s + b * 2 * n);
+                for (int b = 0; b < nb; b++) sums[b] = qdot_avx2(W, o, I, x + b * I, s + b * 3 * n);
             else
 #endif
-                for (int b = 0; b < nb; b++) sums[b] = qdot_scalar(W, o, I, x + b * I, s + b * 2 * n);
+                for (int b = 0; b < nb; b++) sums[b] = qdot_scalar(W, o, I, x + b * I, s + b * 3 * n);
             for (int b = 0; b < nb; b++) {
                 float *out = y + (long)(b0 + b) * y_stride + o;
                 *out = (accumulate ? *out : 0.f) + sums[b];
@@ -762,12 +887,17 @@ static void qlinear_for(const QWeight *W, int isa, const int8_t *xq, const float
 }
 
 /* y = x W^T for one matrix, outside any parallel region: what tests/test_quant.py checks each path with.
- * xq [B, I] int8 and xs [B, 2 I / 32] are the caller's scratch. */
+ * xq [B, I] int8 and xs [B, 3 I / 32] are the caller's scratch. */
 void quant_linear(const QWeight *W, int isa, const float *x, int8_t *xq, float *xs, float *y, int B, long I, long O) {
 #pragma omp parallel
     {
         quantize_rows_for(x, xq, xs, B, I);
-        qlinear_for(W, isa, xq, xs, y, O, B, I, O, 0);
+#if defined(__x86_64__) || defined(__i386__)
+        if (rows16_ready(&W, 1, isa))
+            qlinear16_for(&W, &O, 1, xq, xs, y, O, B, I, 0);
+        else
+#endif
+            qlinear_for(W, isa, xq, xs, y, O, B, I, O, 0);
     }
 }
 
@@ -1287,7 +1417,7 @@ typedef struct {
     float *x, *h, *qkv, *att, *gu, *act, *scores, *logits;
     uint32_t *xp, *xp_act;
     int8_t *xq; /* with quantized weights: the projection's input rounded to int8 [B, max(H, inter)] */
-    float *xs;  /* and its blocks' scales and sums [B, 2 max(H, inter) / 32] (quantize_rows_for) */
+    float *xs;  /* and its blocks' scales and sums [B, 3 max(H, inter) / 32] (quantize_rows_for) */
     const Lora *const *lora; /* NULL, or each row's adapter: its Lora of every layer [n_layers] (NULL: none) */
     const int64_t *lora_plan; /* the rows with one, in units of up to LORA_UNIT rows of one adapter:
                                * [units, then per unit: count, LORA_UNIT row indices] */
@@ -1431,12 +1561,20 @@ static void project_for(const Shape *sh, const Buffers *buf, const void *const *
         return;
     }
 #endif
-    float *ym = y;
-    for (int m = 0; m < count; ym += rows[m], m++)
-        if (sh->quant)
-            qlinear_for((const QWeight *)Ws[m], sh->isa, buf->xq, buf->xs, ym, y_stride, sh->B, in.I, rows[m], accumulate);
-        else
-            linear_for(Ws[m], sh->w_bf16, in.x, ym, y_stride, sh->B, in.I, rows[m], accumulate);
+#if defined(__x86_64__) || defined(__i386__)
+    if (sh->quant && rows16_ready((const QWeight *const *)Ws, count, sh->isa))
+        qlinear16_for((const QWeight *const *)Ws, rows, count, buf->xq, buf->xs, y, y_stride, sh->B, in.I, accumulate);
+    else
+#endif
+    {
+        float *ym = y;
+        for (int m = 0; m < count; ym += rows[m], m++)
+            if (sh->quant)
+                qlinear_for((const QWeight *)Ws[m], sh->isa, buf->xq, buf->xs, ym, y_stride, sh->B, in.I, rows[m],
+                            accumulate);
+            else
+                linear_for(Ws[m], sh->w_bf16, in.x, ym, y_stride, sh->B, in.I, rows[m], accumulate);
+    }
     for (int m = 0; targets && m < count; y += rows[m], m++)
         lora_for(buf, layer, targets[m], in.x, in.I, in.I, y, y_stride, rows[m]);
 }
