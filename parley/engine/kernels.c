@@ -576,24 +576,28 @@ int quant_isa(int ceiling) {
 /* x [B, I] fp32 -> xq [B, I] int8 and xs [B, 3 I / 32]: per row, the blocks' scales, their
  * scale * sum(xq), then sum(xq) itself as int32 bits (the 16-row path's q8 offset). Rounding half
  * to even (nearbyintf), as quant.quantize_activations does. */
+/* Block k of row b: its 32 values v rounded into xq (the row's int8) and xs (the row's 3 n floats). */
+static inline void quantize_block(const float *v, int8_t *xq, float *xs, long n, long k) {
+    float amax = 0.f;
+    for (int i = 0; i < 32; i++) amax = fabsf(v[i]) > amax ? fabsf(v[i]) : amax;
+    const float inverse = amax > 0.f ? 127.f / amax : 0.f, scale = amax / 127.f;
+    int sum = 0;
+    for (int i = 0; i < 32; i++) {
+        const int q = (int)nearbyintf(v[i] * inverse);
+        xq[k * 32 + i] = (int8_t)q;
+        sum += q;
+    }
+    xs[k] = scale;
+    xs[n + k] = scale * (float)sum;
+    memcpy(xs + 2 * n + k, &sum, sizeof sum);
+}
+
 static void quantize_rows_for(const float *x, int8_t *xq, float *xs, int B, long I) {
     const long n = I / 32;
 #pragma omp for schedule(static)
     for (long j = 0; j < B * n; j++) {
-        const long b = j / n, k = j % n;
-        const float *v = x + b * I + k * 32;
-        float amax = 0.f;
-        for (int i = 0; i < 32; i++) amax = fabsf(v[i]) > amax ? fabsf(v[i]) : amax;
-        const float inverse = amax > 0.f ? 127.f / amax : 0.f, scale = amax / 127.f;
-        int sum = 0;
-        for (int i = 0; i < 32; i++) {
-            const int q = (int)nearbyintf(v[i] * inverse);
-            xq[b * I + k * 32 + i] = (int8_t)q;
-            sum += q;
-        }
-        xs[b * 3 * n + k] = scale;
-        xs[b * 3 * n + n + k] = scale * (float)sum;
-        memcpy(xs + b * 3 * n + 2 * n + k, &sum, sizeof sum);
+        const long b = j / n;
+        quantize_block(x + b * I + j % n * 32, xq + b * I, xs + b * 3 * n, n, j % n);
     }
 }
 
@@ -901,18 +905,39 @@ void quant_linear(const QWeight *W, int isa, const float *x, int8_t *xq, float *
     }
 }
 
-/* y[b] = x[b] / rms(x[b]) * w */
-static void rmsnorm(const float *x, const float *w, float *y, int H, float eps) {
+/* 1 / rms(x) */
+static inline float rms_factor(const float *x, int H, float eps) {
     float ss = 0.f;
 #pragma omp simd reduction(+ : ss)
     for (int i = 0; i < H; i++) ss += x[i] * x[i];
-    float r = 1.f / sqrtf(ss / H + eps);
+    return 1.f / sqrtf(ss / H + eps);
+}
+
+/* y[b] = x[b] / rms(x[b]) * w */
+static void rmsnorm(const float *x, const float *w, float *y, int H, float eps) {
+    const float r = rms_factor(x, H, eps);
     for (int i = 0; i < H; i++) y[i] = x[i] * r * w[i];
 }
 
 static void rmsnorm_for(const float *x, const float *w, float *y, int B, int H, float eps) {
 #pragma omp for schedule(static)
     for (int b = 0; b < B; b++) rmsnorm(x + (long)b * H, w, y + (long)b * H, H, eps);
+}
+
+/* rmsnorm_for, then quantize_rows_for of its output, in one work-shared loop (one barrier, not two:
+ * a batch-1 step meets ~13 a layer, and with 2 threads each costs about a microsecond of a
+ * ~3 ms step). Each block computes its row's factor (H multiply-adds, as rmsnorm does: the same bits). */
+static void norm_quantize_for(const float *x, const float *w, float *y, int8_t *xq, float *xs, int B, int H, float eps) {
+    const long n = H / 32;
+#pragma omp for schedule(static)
+    for (long j = 0; j < B * n; j++) {
+        const long b = j / n, k = j % n;
+        const float *row = x + b * H;
+        const float r = rms_factor(row, H, eps);
+        float *v = y + b * H + k * 32;
+        for (int i = 0; i < 32; i++) v[i] = row[k * 32 + i] * r * w[k * 32 + i];
+        quantize_block(v, xq + b * H, xs + b * 3 * n, n, k);
+    }
 }
 
 /* Rotate one head in place with HF's half-split layout: pairs (i, i + hd/2). */
@@ -1387,6 +1412,24 @@ static void act_mul_for(const float *gu, float *h, int B, long I, int gelu) {
     }
 }
 
+/* act_mul_for, then quantize_rows_for of its output, in one work-shared loop (I % 32 == 0: each
+ * block's 16-lane halves are act_mul_for's, the same bits). */
+static void act_quantize_for(const float *gu, float *h, int8_t *xq, float *xs, int B, long I, int gelu) {
+    const long n = I / 32;
+#pragma omp for schedule(static)
+    for (long j = 0; j < B * n; j++) {
+        const long b = j / n, k = j % n;
+        const float *g = gu + b * 2 * I + k * 32, *u = g + I;
+        float *y = h + b * I + k * 32;
+        int i = 0;
+#ifdef __AVX512F__
+        for (; i < 32; i += 16) _mm512_storeu_ps(y + i, act_mul16(_mm512_loadu_ps(g + i), _mm512_loadu_ps(u + i), gelu));
+#endif
+        for (; i < 32; i++) y[i] = act_mul1(g[i], u[i], gelu);
+        quantize_block(y, xq + b * I, xs + b * 3 * n, n, k);
+    }
+}
+
 /* Pointers to one layer's weights (nn.Linear layout, or QWeight when sh->quant) and its slice of the KV cache;
  * index: the layer's number (which Lora of a row's adapter applies). The families' variations
  * (model/transformer.py; NULL or 0 where a plain Llama layer has none), all fp32: the biases of q,
@@ -1459,6 +1502,26 @@ static Input input_for(const Shape *sh, const Buffers *buf, const float *x, long
     (void)sh, (void)buf;
 #endif
     return (Input){x, I};
+}
+
+/* buf->h = rmsnorm(x) * w for the sh->B rows, made the projections' input (input_for). */
+static Input norm_input_for(const Shape *sh, const Buffers *buf, const float *x, const float *w) {
+    if (sh->quant && sh->H % 32 == 0) {
+        norm_quantize_for(x, w, buf->h, buf->xq, buf->xs, sh->B, sh->H, sh->eps);
+        return (Input){buf->h, sh->H};
+    }
+    rmsnorm_for(x, w, buf->h, sh->B, sh->H, sh->eps);
+    return input_for(sh, buf, buf->h, sh->H);
+}
+
+/* buf->act = act(gate) * up of buf->gu, made the down projection's input (input_for). */
+static Input act_input_for(const Shape *sh, const Buffers *buf) {
+    if (sh->quant) {
+        act_quantize_for(buf->gu, buf->act, buf->xq, buf->xs, sh->B, sh->inter, sh->gelu);
+        return (Input){buf->act, sh->inter};
+    }
+    act_mul_for(buf->gu, buf->act, sh->B, sh->inter, sh->gelu);
+    return input_for(sh, buf, buf->act, sh->inter);
 }
 
 /* u[k] = scale * (A_k . x) for k < R: each block of x is loaded once for all R rows of A. */
@@ -1722,8 +1785,7 @@ static void qkv_for(const Layer *L, const Buffers *buf, const Shape *sh, const i
                     const float *sin_t, const Paging *pg) {
     const int nh = sh->nh, nkv = sh->nkv, hd = sh->hd;
     const long qkv_w = (long)(nh + 2 * nkv) * hd;
-    rmsnorm_for(buf->x, L->ln1, buf->h, sh->B, sh->H, sh->eps);
-    Input in = input_for(sh, buf, buf->h, sh->H);
+    Input in = norm_input_for(sh, buf, buf->x, L->ln1);
     const void *qkv[3] = {L->q, L->k, L->v};
     const long qkv_rows[3] = {(long)nh * hd, (long)nkv * hd, (long)nkv * hd};
     const int targets[3] = {T_Q, T_K, T_V};
@@ -1742,12 +1804,12 @@ static void mlp_for(const Layer *L, const Buffers *buf, const Shape *sh) {
     Input in = input_for(sh, buf, buf->att, (long)sh->nh * sh->hd);
     project1_for(sh, buf, L->o, in, attn_out, H, H, !L->post_attn, T_O, L->index);
     sublayer_end_for(L->bo, L->post_attn, buf->h, buf->x, sh->B, H, sh->eps);
-    rmsnorm_for(buf->x, L->ln2, buf->h, sh->B, H, sh->eps);
     if (L->router) {
+        rmsnorm_for(buf->x, L->ln2, buf->h, sh->B, H, sh->eps);
         moe_for(L, buf, sh);
         return;
     }
-    in = input_for(sh, buf, buf->h, H);
+    in = norm_input_for(sh, buf, buf->x, L->ln2);
 #ifdef HAVE_AMX
     if (sh->amx) { /* fused gate/up, the adapters' terms added on the tiles */
         const int Bp = (sh->B + 15) / 16 * 16;
@@ -1767,8 +1829,7 @@ static void mlp_for(const Layer *L, const Buffers *buf, const Shape *sh) {
     const long gate_up_rows[2] = {inter, inter};
     const int targets[2] = {T_GATE, T_UP};
     project_for(sh, buf, gate_up, gate_up_rows, 2, in, buf->gu, 2 * inter, 0, targets, L->index);
-    act_mul_for(buf->gu, buf->act, sh->B, inter, sh->gelu);
-    in = input_for(sh, buf, buf->act, inter);
+    in = act_input_for(sh, buf);
     project1_for(sh, buf, L->down, in, mlp_out, H, H, !L->post_ff, T_DOWN, L->index);
     sublayer_end_for(NULL, L->post_ff, buf->h, buf->x, sh->B, H, sh->eps);
 }
@@ -1792,8 +1853,8 @@ void decode_step_paged(const Layer *layers, const float *final_norm, const void 
                        sh->nkv, sh->hd, sh->max_len, scale, pos, &pg, L->window, sh->attn_cap);
             mlp_for(L, buf, sh);
         }
-        rmsnorm_for(buf->x, final_norm, buf->h, sh->B, sh->H, sh->eps);
-        project1_for(sh, buf, lm_head, input_for(sh, buf, buf->h, sh->H), buf->logits, sh->vocab, sh->vocab, 0, -1, 0);
+        project1_for(sh, buf, lm_head, norm_input_for(sh, buf, buf->x, final_norm), buf->logits, sh->vocab, sh->vocab,
+                     0, -1, 0);
         tiles_end(sh);
     }
 }
