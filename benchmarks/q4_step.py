@@ -8,7 +8,8 @@ step on the best int8 path, twice: reading the weights interleaved 16 rows at a 
 (quant.interleave16, the default where the VNNI path runs) and reading the file's layout row by
 row (what the path did before). For each: a batch-1 decode step at `--context` tokens of context,
 the same step with no layers (final norm and output layer alone: the Q8_0 output layer is 30 of
-the 96 MB a step reads), a batch-8 step, and a `--prompt`-token prompt chunk (step_rows). The
+the 96 MB a step reads), a batch-8 step, and a `--prompt`-token prompt chunk (step_rows); and the
+same for the weights dequantized to bf16 (on AMX tiles where the CPU has them). The
 share of the step left to the layers is divided by their bytes for their read rate; the output
 layer's likewise. Medians of `--repeats` timings of each, the two layouts alternating.
 """
@@ -75,7 +76,8 @@ class Case:
             for seq in self.seqs:
                 seq.length = context - 1
             self.steps[n] = self.cache.batch([(seq, 1) for seq in self.seqs[:n]])
-        chunk = CachedSequence(tokens=ids[0][:prompt], pages=self.cache.allocate(self.cache.pages_for(prompt)))
+        chunk = CachedSequence(tokens=[(11 * i) % 1000 + 5 for i in range(prompt)],
+                               pages=self.cache.allocate(self.cache.pages_for(prompt)))
         self.chunk = self.cache.batch([(chunk, prompt)])
 
     def step(self, rows: int) -> None:
@@ -116,6 +118,8 @@ def main() -> None:
     layers = quant.weight_bytes(model) - head
     cases = {name: Case(decoder(model, rows16), args.batch, args.context, args.prompt)
              for name, rows16 in (("16-row layout", True), ("file's layout", False))}
+    dequantized = quant.dequantize_model(copy.deepcopy(model), torch.bfloat16)
+    cases["bf16, dequantized"] = Case(FastDecoder.create(dequantized), args.batch, args.context, args.prompt)
     bw = bandwidth_gbs()
     results = {}
     with torch.inference_mode():
@@ -127,11 +131,13 @@ def main() -> None:
     path_name = cases["16-row layout"].fast.path
     rows = []
     for name, r in results.items():
+        total, out = (quant.weight_bytes(model), head) if name in ("16-row layout", "file's layout") else \
+            (quant.weight_bytes(dequantized), dequantized.lm_head.weight.nbytes)
         rest = r["step"] - r["head"]
-        rows.append((name, 1 / r["step"], quant.weight_bytes(model) / r["step"] / 1e9, r["head"] * 1e3,
-                     head / r["head"] / 1e9, rest * 1e3, layers / rest / 1e9, args.batch / r["batch"],
+        rows.append((f"{name} ({cases[name].fast.path})", 1 / r["step"], total / r["step"] / 1e9, r["head"] * 1e3,
+                     out / r["head"] / 1e9, rest * 1e3, (total - out) / rest / 1e9, args.batch / r["batch"],
                      args.prompt / r["prompt"]))
-    head_line = ("| layout | B1 tok/s | B1 GB/s | output layer ms | its GB/s | 30 layers ms | their GB/s | "
+    head_line = ("| weights | B1 tok/s | B1 GB/s | output layer ms | its GB/s | 30 layers ms | their GB/s | "
                  f"B{args.batch} tok/s | prompt {args.prompt} tok/s |")
     print(f"{cpu_name(flags=True)}; {torch.get_num_threads()} threads; path {path_name}; read bandwidth {bw:.1f} GB/s; "
           f"a step reads {quant.weight_bytes(model) / 1e6:.0f} MB ({head / 1e6:.0f} MB output layer)")
