@@ -21,6 +21,8 @@ A model whose projections and output layer are quantized (model/quant.py: q8, q4
 int8 kernels instead, its activations rounded to int8 per block of 32; `decoder.path` names the
 instruction set chosen once at start (AVX512-VNNI, AVX2, or portable C; `create(model,
 path="avx2")` caps it), and its prompt chunks go through `step_rows` too (`decoder.all_rows`).
+The VNNI and AVX2 paths read a copy of the weights interleaved 16 rows at a time
+(quant.interleave16, made at load in huge pages: the quantized weights' bytes a second time).
 The kernels compile once with the system C compiler
 into the user's cache folder; if that fails, decoding falls back to the reference forward.
 """
@@ -161,7 +163,7 @@ class FastDecoder:
         self.quant = bool(quantized_layers(model))
         self.isa = lib.quant_isa(ISA_CEILING.get(path, len(ISAS)))
         self.qweights: list[QWeight] = []
-        self.rows16 = self._interleaved() if self.quant and ISAS[self.isa] == "vnni" else {}
+        self.rows16 = self._interleaved() if self.quant and ISAS[self.isa] in ("vnni", "avx2") else {}
         # norms and biases are tiny: fp32 copies, kept here; big weights are used in place, never copied
         self.keep: list[torch.Tensor] = []
         self.arrays: list[ctypes.Array] = []  # pointer arrays the layers point into (experts)
@@ -234,7 +236,7 @@ class FastDecoder:
             layer.shared_inter = cfg.shared_expert_intermediate_size
 
     def _interleaved(self) -> dict[int, torch.Tensor]:
-        """Each quantized layer's weights in the VNNI path's layout (quant.interleave16), by id of the
+        """Each quantized layer's weights in the layout of the VNNI and AVX2 paths (quant.interleave16), by id of the
         layer, all in one huge-page area (engine/hugepages.py); {} if some layer's rows are not whole
         groups of 16 (that path then reads the file's layout). A second copy of the weights: the
         model keeps its own for the reference forward and the other paths."""

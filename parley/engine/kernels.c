@@ -528,11 +528,15 @@ int amx_enable(void) { return 0; }
  * llama.cpp's q8 activation blocks), so a block's product is one integer dot product of 32 pairs
  * times d * scale, plus, for q4, m * scale * sum(xq): a quarter (q8) or an eighth (q4) of the
  * bytes a bf16 weight takes, and 64 multiply-adds an instruction where the CPU has AVX512-VNNI.
- * Three paths, one build (per-function target attributes): VNNI (vpdpbusd, 2 blocks a
- * register, up to 4 rows of x a weight block), AVX2 (vpmaddubsw, one block a register) and
- * portable C; quant_isa() says which this CPU can run. Every path sums a block's integers exactly;
+ * Three paths, one build (per-function target attributes): VNNI (vpdpbusd), AVX2 (vpmaddubsw) and
+ * portable C; quant_isa() says which this CPU can run. The VNNI and AVX2 paths read the weights
+ * interleaved 16 rows at a time (fast.py copies them so at load: "the 16-row layout" below), 16
+ * rows' sums a register and no sum across lanes, a block unpacked once for 8 (AVX2: 4) rows of x;
+ * where a matrix's rows are not whole groups of 16 they read the file's layout row by row
+ * (qdot_vnni, qdot_avx2: 2 blocks, or one, a register). Every path sums a block's integers exactly;
  * only the order of the float sums differs (tests/test_quant.py compares each with a float64
- * reference). Each row of x is rounded on its own, so a row's result does not depend on its batch. */
+ * reference; the two 16-row paths give the same bits). Each row of x is rounded on its own, so a
+ * row's result does not depend on its batch. */
 
 typedef struct {
     const void *q;              /* int8 [O, I] (q8) or uint8 [O, I / 2] (q4) */
@@ -739,9 +743,9 @@ TARGET_VNNI static void qdot_vnni(const QWeight *W, long o, long I, const int8_t
     }
 }
 
-/* The VNNI path's own layout (model/quant.py's interleave16 writes it at load): a matrix's rows in
- * groups of 16, a group its blocks in order, a block one record that holds all 16 rows' weights and
- * scales, so that a group streams from memory as one sequence:
+/* The 16-row layout of the VNNI and AVX2 paths (model/quant.py's interleave16 writes it at load): a
+ * matrix's rows in groups of 16, a group its blocks in order, a block one record that holds all 16
+ * rows' weights and scales, so that a group streams from memory as one sequence:
  *   q4: 256 bytes, byte 64 j + 4 r + t (j < 4, row r < 16, t < 4) holding the block's input 4 j + t
  *       of row r in its low nibble and input 16 + 4 j + t in its high one; then d and m of the 16
  *       rows (half floats): 320 bytes;
@@ -809,26 +813,110 @@ TARGET_VNNI static inline __attribute__((always_inline)) void qgroup_rows(const 
     }
 }
 
-#define QGROUP(FMT, NB) qgroup_rows(rec, FMT, I, x, s, out, y_stride, accumulate, NB)
-#define QGROUP_NB(FMT)                                                                                       \
+/* AVX2 on the same records: a 64-byte register of the VNNI path is two 256-bit halves, rows 0-7 and
+ * 8-15, taken one after the other (16 registers of 256 bits hold one half's block). vpmaddubsw
+ * multiplies the unsigned weights by x's bytes into 16-bit pairs (q4: at most 2 * 15 * 127 a pair, so
+ * the 8 products of a block add up below 2^15), vpmaddwd by ones widens them. q8's weights + 128
+ * (up to 255) would saturate a pair: they go as two nibbles, 16 hi + lo. The integers are exact and
+ * the float arithmetic after them is qgroup_rows': the same bits as the VNNI path. NB <= 4. */
+TARGET_AVX2 static inline __attribute__((always_inline)) void qgroup_rows_avx2(const uint8_t *rec, const int FMT,
+                                                                                long I, const int8_t *x,
+                                                                                const float *xs, float *y,
+                                                                                long y_stride, int accumulate,
+                                                                                const int NB) {
+    const long n = I / 32, size = FMT == 4 ? Q4_RECORD : Q8_RECORD;
+    const __m256i low = _mm256_set1_epi8(15), ones = _mm256_set1_epi16(1);
+    for (int half = 0; half < 2; half++) {
+        __m256 acc[8]; /* NB <= 4 is used; 8 compiles the shared switch */
+        for (int b = 0; b < NB; b++) acc[b] = _mm256_setzero_ps();
+        const uint8_t *r = rec + 32 * half;
+        for (long k = 0; k < n; k++, r += size) {
+            __m256i w[8], hi[8];
+            if (FMT == 4)
+                for (int j = 0; j < 4; j++) {
+                    const __m256i raw = _mm256_loadu_si256((const __m256i *)(r + 64 * j));
+                    w[j] = _mm256_and_si256(raw, low);
+                    w[4 + j] = _mm256_and_si256(_mm256_srli_epi16(raw, 4), low);
+                }
+            else
+                for (int j = 0; j < 8; j++) {
+                    const __m256i raw = _mm256_loadu_si256((const __m256i *)(r + 64 * j));
+                    w[j] = _mm256_and_si256(raw, low);
+                    hi[j] = _mm256_and_si256(_mm256_srli_epi16(raw, 4), low);
+                }
+            const uint8_t *scales = r - 32 * half + (FMT == 4 ? 256 : 512) + 16 * half;
+            const __m256 d = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)scales));
+            const __m256 m = FMT == 4 ? _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(scales + 32))) : d;
+            for (int b = 0; b < NB; b++) {
+                const int32_t *xb = (const int32_t *)(x + b * I + k * 32);
+                const float *s = xs + b * 3 * n;
+                __m256i pairs = _mm256_setzero_si256(), dot;
+                for (int j = 0; j < 8; j++)
+                    pairs = _mm256_add_epi16(pairs, _mm256_maddubs_epi16(w[j], _mm256_set1_epi32(xb[j])));
+                dot = _mm256_madd_epi16(pairs, ones);
+                if (FMT == 8) {
+                    __m256i high = _mm256_setzero_si256();
+                    for (int j = 0; j < 8; j++)
+                        high = _mm256_add_epi16(high, _mm256_maddubs_epi16(hi[j], _mm256_set1_epi32(xb[j])));
+                    int32_t offset;
+                    memcpy(&offset, s + 2 * n + k, sizeof offset);
+                    dot = _mm256_add_epi32(dot, _mm256_slli_epi32(_mm256_madd_epi16(high, ones), 4));
+                    dot = _mm256_sub_epi32(dot, _mm256_set1_epi32(128 * offset));
+                }
+                acc[b] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), _mm256_mul_ps(d, _mm256_set1_ps(s[k])), acc[b]);
+                if (FMT == 4) acc[b] = _mm256_fmadd_ps(m, _mm256_set1_ps(s[n + k]), acc[b]);
+            }
+        }
+        for (int b = 0; b < NB; b++) {
+            float *out = y + b * y_stride + 8 * half;
+            _mm256_storeu_ps(out, accumulate ? _mm256_add_ps(_mm256_loadu_ps(out), acc[b]) : acc[b]);
+        }
+    }
+}
+
+#define QGROUP(F, FMT, NB) F(rec, FMT, I, x, xs, y, y_stride, accumulate, NB)
+#define QGROUP_NB(F, FMT)                                                                                    \
     switch (nb) {                                                                                            \
-    case 8: QGROUP(FMT, 8); break;                                                                           \
-    case 7: QGROUP(FMT, 7); break;                                                                           \
-    case 6: QGROUP(FMT, 6); break;                                                                           \
-    case 5: QGROUP(FMT, 5); break;                                                                           \
-    case 4: QGROUP(FMT, 4); break;                                                                           \
-    case 3: QGROUP(FMT, 3); break;                                                                           \
-    case 2: QGROUP(FMT, 2); break;                                                                           \
-    default: QGROUP(FMT, 1);                                                                                 \
+    case 8: QGROUP(F, FMT, 8); break;                                                                        \
+    case 7: QGROUP(F, FMT, 7); break;                                                                        \
+    case 6: QGROUP(F, FMT, 6); break;                                                                        \
+    case 5: QGROUP(F, FMT, 5); break;                                                                        \
+    case 4: QGROUP(F, FMT, 4); break;                                                                        \
+    case 3: QGROUP(F, FMT, 3); break;                                                                        \
+    case 2: QGROUP(F, FMT, 2); break;                                                                        \
+    default: QGROUP(F, FMT, 1);                                                                              \
     }
 
+/* One group's 16 outputs for nb <= 8 rows of x on the VNNI path, and nb <= 4 on the AVX2 one. */
+TARGET_VNNI static void qgroup_vnni(const uint8_t *rec, int fmt, long I, const int8_t *x, const float *xs, float *y,
+                                    long y_stride, int accumulate, int nb) {
+    if (fmt == 4) {
+        QGROUP_NB(qgroup_rows, 4)
+    } else {
+        QGROUP_NB(qgroup_rows, 8)
+    }
+}
+
+TARGET_AVX2 static void qgroup_avx2(const uint8_t *rec, int fmt, long I, const int8_t *x, const float *xs, float *y,
+                                    long y_stride, int accumulate, int nb) {
+    if (fmt == 4) {
+        QGROUP_NB(qgroup_rows_avx2, 4)
+    } else {
+        QGROUP_NB(qgroup_rows_avx2, 8)
+    }
+}
+#undef QGROUP_NB
+#undef QGROUP
+
 /* y[b, column0 + o ..] (+)= for the `count` matrices Ws stacked along their outputs (rows[m] each, a
- * multiple of 16, every one with rows16), as project_for stacks them: one work-shared loop over all
- * their groups of 16 rows, so q, k and v (or gate and up) meet one barrier, not three. Each group's
- * records are read from memory once and used for every row of x, 8 rows at a time. */
-TARGET_VNNI static void qlinear16_for(const QWeight *const *Ws, const long *rows, int count, const int8_t *xq,
-                                      const float *xs, float *y, long y_stride, int B, long I, int accumulate) {
+ * multiple of 16, every one with rows16), as project_for stacks them, on path isa (VNNI or AVX2): one
+ * work-shared loop over all their groups of 16 rows, so q, k and v (or gate and up) meet one barrier,
+ * not three. Each group's records are read from memory once and used for every row of x, 8 rows at a
+ * time (AVX2: 4, its 16 registers). */
+static void qlinear16_for(const QWeight *const *Ws, const long *rows, int count, int isa, const int8_t *xq,
+                          const float *xs, float *y, long y_stride, int B, long I, int accumulate) {
     const long n = I / 32;
+    const int per = isa == ISA_VNNI ? 8 : 4;
     long groups = 0;
     for (int m = 0; m < count; m++) groups += rows[m] / 16;
 #pragma omp for schedule(static)
@@ -838,28 +926,25 @@ TARGET_VNNI static void qlinear16_for(const QWeight *const *Ws, const long *rows
         while (g >= rows[m] / 16) g -= rows[m] / 16, column0 += rows[m], m++;
         const QWeight *W = Ws[m];
         const uint8_t *rec = W->rows16 + g * n * (W->fmt == 4 ? Q4_RECORD : Q8_RECORD);
-        for (int b0 = 0; b0 < B; b0 += 8) {
-            const int nb = B - b0 < 8 ? B - b0 : 8;
+        for (int b0 = 0; b0 < B; b0 += per) {
+            const int nb = B - b0 < per ? B - b0 : per;
             const int8_t *x = xq + (long)b0 * I;
             const float *s = xs + (long)b0 * 3 * n;
             float *out = y + (long)b0 * y_stride + column0 + g * 16;
-            if (W->fmt == 4) {
-                QGROUP_NB(4)
-            } else {
-                QGROUP_NB(8)
-            }
+            if (isa == ISA_VNNI)
+                qgroup_vnni(rec, W->fmt, I, x, s, out, y_stride, accumulate, nb);
+            else
+                qgroup_avx2(rec, W->fmt, I, x, s, out, y_stride, accumulate, nb);
         }
     }
 }
-#undef QGROUP_NB
-#undef QGROUP
 #endif
 
-/* Whether the `count` matrices Ws run on qlinear16_for: the VNNI path, and every one interleaved. */
+/* Whether the `count` matrices Ws run on qlinear16_for: the VNNI or AVX2 path, and every one interleaved. */
 static inline int rows16_ready(const QWeight *const *Ws, int count, int isa) {
     for (int m = 0; m < count; m++)
         if (!Ws[m]->rows16) return 0;
-    return isa == ISA_VNNI;
+    return isa == ISA_VNNI || isa == ISA_AVX2;
 }
 
 /* y[b, o] (+)= sum_i W[o, i] x[b, i] for x already rounded (xq, xs: quantize_rows_for) on path isa;
@@ -898,7 +983,7 @@ void quant_linear(const QWeight *W, int isa, const float *x, int8_t *xq, float *
         quantize_rows_for(x, xq, xs, B, I);
 #if defined(__x86_64__) || defined(__i386__)
         if (rows16_ready(&W, 1, isa))
-            qlinear16_for(&W, &O, 1, xq, xs, y, O, B, I, 0);
+            qlinear16_for(&W, &O, 1, isa, xq, xs, y, O, B, I, 0);
         else
 #endif
             qlinear_for(W, isa, xq, xs, y, O, B, I, O, 0);
@@ -1626,7 +1711,8 @@ static void project_for(const Shape *sh, const Buffers *buf, const void *const *
 #endif
 #if defined(__x86_64__) || defined(__i386__)
     if (sh->quant && rows16_ready((const QWeight *const *)Ws, count, sh->isa))
-        qlinear16_for((const QWeight *const *)Ws, rows, count, buf->xq, buf->xs, y, y_stride, sh->B, in.I, accumulate);
+        qlinear16_for((const QWeight *const *)Ws, rows, count, sh->isa, buf->xq, buf->xs, y, y_stride, sh->B, in.I,
+                      accumulate);
     else
 #endif
     {

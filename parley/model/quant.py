@@ -157,8 +157,8 @@ RECORD = {"q4": 320, "q8": 544}  # bytes of one block of a group: 16 rows' weigh
 
 
 def interleave16(layer: QuantLinear) -> torch.Tensor:
-    """The layer's weights in the layout of the kernels' VNNI path (engine/kernels.c, "the VNNI
-    path's own layout"): rows in groups of 16 (out_features must be a multiple), each group its
+    """The layer's weights in the layout of the kernels' VNNI and AVX2 paths (engine/kernels.c, "the
+    16-row layout"): rows in groups of 16 (out_features must be a multiple), each group its
     blocks in order, each block one record of the 16 rows' integers, 4 inputs of each row after
     another, then their scales (q4: d, m; q8: d). q4 keeps two weights a byte (inputs j and 16 + j
     of the block); q8's weights are stored + 128, unsigned. uint8 [groups, blocks, RECORD]."""
