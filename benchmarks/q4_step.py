@@ -4,9 +4,9 @@
     .venv/bin/python benchmarks/q4_step.py --quick --no-write
 
 SmolLM2-135M-Instruct's own GGUF, its 4-bit blocks kept (model/quant.py), through engine/fast.py's C
-step on the best int8 path, twice: reading the weights interleaved 16 rows at a time
-(quant.interleave16, the default where the VNNI path runs) and reading the file's layout row by
-row (what the path did before). For each: a batch-1 decode step at `--context` tokens of context,
+step on the best int8 path and on the AVX2 one (`kernels=avx2`), each twice: reading the weights
+interleaved 16 rows at a time (quant.interleave16, the default on both) and reading the file's
+layout row by row (what both did before). For each: a batch-1 decode step at `--context` tokens of context,
 the same step with no layers (final norm and output layer alone: the Q8_0 output layer is 30 of
 the 96 MB a step reads), a batch-8 step, and a `--prompt`-token prompt chunk (step_rows); and the
 same for the weights dequantized to bf16 (on AMX tiles where the CPU has them). The
@@ -36,14 +36,15 @@ from parley.model.weights import load_gguf
 from parley.registry import smollm2_gguf
 
 
-def decoder(model, rows16: bool) -> FastDecoder:
-    """The C decoder on the best int8 path, reading the 16-row layout or (rows16 False) the file's."""
+def decoder(model, rows16: bool, path: str = "auto") -> FastDecoder:
+    """The C decoder on the best int8 path under `path`, reading the 16-row layout or (rows16 False)
+    the file's."""
     if rows16:
-        return FastDecoder.create(model)
+        return FastDecoder.create(model, path=path)
     interleaved = FastDecoder._interleaved
     FastDecoder._interleaved = lambda self: {}
     try:
-        return FastDecoder.create(model)
+        return FastDecoder.create(model, path=path)
     finally:
         FastDecoder._interleaved = interleaved
 
@@ -116,8 +117,10 @@ def main() -> None:
     model = weights.keep_gguf_blocks(load_gguf(path)[0], path).to(torch.bfloat16)
     head = quant.quantized_layers(model)["lm_head"].nbytes
     layers = quant.weight_bytes(model) - head
-    cases = {name: Case(decoder(model, rows16), args.batch, args.context, args.prompt)
-             for name, rows16 in (("16-row layout", True), ("file's layout", False))}
+    cases = {name: Case(decoder(model, rows16, path), args.batch, args.context, args.prompt)
+             for name, rows16, path in (("16-row layout", True, "auto"), ("file's layout", False, "auto"),
+                                        ("16-row layout, kernels=avx2", True, "avx2"),
+                                        ("file's layout, kernels=avx2", False, "avx2"))}
     dequantized = quant.dequantize_model(copy.deepcopy(model), torch.bfloat16)
     cases["bf16, dequantized"] = Case(FastDecoder.create(dequantized), args.batch, args.context, args.prompt)
     bw = bandwidth_gbs()
@@ -131,7 +134,7 @@ def main() -> None:
     path_name = cases["16-row layout"].fast.path
     rows = []
     for name, r in results.items():
-        total, out = (quant.weight_bytes(model), head) if name in ("16-row layout", "file's layout") else \
+        total, out = (quant.weight_bytes(model), head) if "layout" in name else \
             (quant.weight_bytes(dequantized), dequantized.lm_head.weight.nbytes)
         rest = r["step"] - r["head"]
         rows.append((f"{name} ({cases[name].fast.path})", 1 / r["step"], total / r["step"] / 1e9, r["head"] * 1e3,
@@ -150,7 +153,9 @@ def main() -> None:
             f"Machine: {cpu_name(flags=True)}, {os.cpu_count()} cores, {torch.get_num_threads()} threads, path "
             f"{path_name}. Command: `.venv/bin/python benchmarks/q4_step.py --context {args.context} --prompt "
             f"{args.prompt} --batch {args.batch} --repeats {args.repeats}`. Read bandwidth {bw:.1f} GB/s; a step "
-            f"reads {quant.weight_bytes(model) / 1e6:.0f} MB, {head / 1e6:.0f} MB of it the output layer. Medians.\n",
+            f"reads {quant.weight_bytes(model) / 1e6:.0f} MB, {head / 1e6:.0f} MB of it the output layer. Medians. "
+            f"Load average at the end: {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores (above the thread count: "
+            "a loaded machine, compare only rows of this table).\n",
             *table]))
 
 
