@@ -151,7 +151,7 @@ def main() -> None:
         append_section("\n".join([
             f"\n## Quantized decode step by part, SmolLM2 Q4_1 kept ({datetime.date.today()}, commit {commit()})\n",
             f"Machine: {cpu_name(flags=True)}, {os.cpu_count()} cores, {torch.get_num_threads()} threads, path "
-            f"{path_name}. Command: `.venv/bin/python benchmarks/q4_step.py --context {args.context} --prompt "
+            f"{path_name}. Command: `OMP_NUM_THREADS={torch.get_num_threads()} .venv/bin/python benchmarks/q4_step.py --context {args.context} --prompt "
             f"{args.prompt} --batch {args.batch} --repeats {args.repeats}`. Read bandwidth {bw:.1f} GB/s; a step "
             f"reads {quant.weight_bytes(model) / 1e6:.0f} MB, {head / 1e6:.0f} MB of it the output layer. Medians. "
             f"Load average at the end: {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores (above the thread count: "
