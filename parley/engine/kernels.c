@@ -542,7 +542,7 @@ typedef struct {
     const void *q;              /* int8 [O, I] (q8) or uint8 [O, I / 2] (q4) */
     const uint16_t *d, *m;      /* half floats [O, I / 32]; m only for q4 */
     int fmt;                    /* 8 or 4 */
-    const uint8_t *rows16;      /* NULL, or the same weights interleaved 16 rows at a time (VNNI path, below) */
+    const uint8_t *rows16;      /* NULL, or the same weights in the 16-row layout (below) */
 } QWeight;
 
 enum { ISA_SCALAR = 0, ISA_AVX2 = 1, ISA_VNNI = 2 };
@@ -577,10 +577,7 @@ int quant_isa(int ceiling) {
     return best < ceiling ? best : ceiling;
 }
 
-/* x [B, I] fp32 -> xq [B, I] int8 and xs [B, 3 I / 32]: per row, the blocks' scales, their
- * scale * sum(xq), then sum(xq) itself as int32 bits (the 16-row path's q8 offset). Rounding half
- * to even (nearbyintf), as quant.quantize_activations does. */
-/* Block k of row b: its 32 values v rounded into xq (the row's int8) and xs (the row's 3 n floats). */
+/* Block k of a row: its 32 values v rounded into xq (the row's int8) and xs (the row's 3 n floats). */
 static inline void quantize_block(const float *v, int8_t *xq, float *xs, long n, long k) {
     float amax = 0.f;
     for (int i = 0; i < 32; i++) amax = fabsf(v[i]) > amax ? fabsf(v[i]) : amax;
@@ -596,6 +593,9 @@ static inline void quantize_block(const float *v, int8_t *xq, float *xs, long n,
     memcpy(xs + 2 * n + k, &sum, sizeof sum);
 }
 
+/* x [B, I] fp32 -> xq [B, I] int8 and xs [B, 3 I / 32]: per row, the blocks' scales, their
+ * scale * sum(xq), then sum(xq) itself as int32 bits (the 16-row layout's q8 offset). Rounding half
+ * to even (nearbyintf), as quant.quantize_activations does. */
 static void quantize_rows_for(const float *x, int8_t *xq, float *xs, int B, long I) {
     const long n = I / 32;
 #pragma omp for schedule(static)
@@ -758,8 +758,8 @@ TARGET_VNNI static void qdot_vnni(const QWeight *W, long o, long I, const int8_t
 #define Q4_RECORD 320
 #define Q8_RECORD 544
 
-/* 16 outputs (o0 .. o0 + 15) of NB rows of x (xq rows I apart, xs rows 3 I / 32 apart) from one group's
- * records: y[b, o0 + r] (+)= row r's product. A row's sums run in the same order whatever NB. */
+/* One group's 16 outputs for NB rows of x (xq rows I apart, xs rows 3 I / 32 apart) from its records:
+ * y[b, r] (+)= weight row r . x row b. A row's sums run in the same order whatever NB. */
 TARGET_VNNI static inline __attribute__((always_inline)) void qgroup_rows(const uint8_t *rec, const int FMT, long I,
                                                                            const int8_t *x, const float *xs,
                                                                            float *y, long y_stride, int accumulate,
@@ -769,17 +769,8 @@ TARGET_VNNI static inline __attribute__((always_inline)) void qgroup_rows(const 
     __m512 acc[8];
     for (int b = 0; b < NB; b++) acc[b] = _mm512_setzero_ps();
     for (long k = 0; k < n; k++, rec += size) {
-        _mm_prefetch((const char *)rec + 8 * size, _MM_HINT_T0); /* a few records ahead: DRAM stays busy */
-        _mm_prefetch((const char *)rec + 8 * size + 64, _MM_HINT_T0);
-        _mm_prefetch((const char *)rec + 8 * size + 128, _MM_HINT_T0);
-        _mm_prefetch((const char *)rec + 8 * size + 192, _MM_HINT_T0);
-        _mm_prefetch((const char *)rec + 8 * size + 256, _MM_HINT_T0);
-        if (FMT == 8) {
-            _mm_prefetch((const char *)rec + 8 * size + 320, _MM_HINT_T0);
-            _mm_prefetch((const char *)rec + 8 * size + 384, _MM_HINT_T0);
-            _mm_prefetch((const char *)rec + 8 * size + 448, _MM_HINT_T0);
-            _mm_prefetch((const char *)rec + 8 * size + 512, _MM_HINT_T0);
-        }
+        for (long line = 0; line < size; line += 64) /* 8 records ahead: DRAM stays busy */
+            _mm_prefetch((const char *)rec + 8 * size + line, _MM_HINT_T0);
         __m512i w[8];
         if (FMT == 4)
             for (int j = 0; j < 4; j++) {
