@@ -10,6 +10,9 @@ perplexity on held-out text (benchmarks/data/perplexity_heldout.txt), with the m
 import copy
 import ctypes
 import math
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import gguf
@@ -144,6 +147,22 @@ def test_interleave16_holds_every_weight_and_scale_where_the_kernel_reads_it():
             assert scales[r] == layer.d[row, k] and (fmt == "q8" or scales[16 + r] == layer.m[row, k])
     with pytest.raises(QuantError, match="groups of 16"):
         quant.interleave16(QuantLinear.quantize(torch.randn(40, 32), "q4"))
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not runnable("avx2"), reason="this CPU cannot run an AVX2 build")
+def test_an_avx2_build_runs_every_path_it_can(tmp_path):
+    """The kernels compiled for an AVX2 CPU (-march=haswell: no AVX-512 outside the VNNI path's
+    own functions, no AMX), into a cache of their own, through this file's kernel and decode tests."""
+    cc = tmp_path / "cc"
+    cc.write_text('#!/bin/sh\nexec cc "$@" -march=haswell\n')  # the last -march wins over -march=native
+    cc.chmod(0o755)
+    env = {**os.environ, "CC": str(cc), "XDG_CACHE_HOME": str(tmp_path / "cache")}
+    done = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__, "-k",
+                           "kernel_equals or decode_step or interleave16"], env=env, capture_output=True, text=True,
+                          cwd=Path(__file__).parent.parent)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    assert list((tmp_path / "cache" / "parley").glob("kernels-*.so")), "the AVX2 build was not made"
 
 
 @pytest.mark.parametrize("fmt", ["q8", "q4"])
