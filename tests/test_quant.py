@@ -10,6 +10,9 @@ perplexity on held-out text (benchmarks/data/perplexity_heldout.txt), with the m
 import copy
 import ctypes
 import math
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import gguf
@@ -84,30 +87,82 @@ def test_gguf_blocks_are_kept_exactly(kind):
 
 # ---------------------------------------------------------------- kernels, each path
 
-def run_kernel(layer: QuantLinear, x: torch.Tensor, isa: int) -> torch.Tensor:
+def run_kernel(layer: QuantLinear, x: torch.Tensor, isa: int, rows16: bool = False) -> torch.Tensor:
+    """y = x W^T by kernels.c's quant_linear on path isa; `rows16`: from the weights interleaved 16
+    rows at a time (quant.interleave16), which the VNNI path reads when it has them."""
     lib = kernels()
     B, I = x.shape
     y = torch.empty(B, layer.out_features)
-    xq, xs = torch.empty(B * I, dtype=torch.int8), torch.empty(B * 2 * I // 32)
-    w = QWeight.of(layer)
+    xq, xs = torch.empty(B * I, dtype=torch.int8), torch.empty(B * 3 * I // 32)
+    packed = quant.interleave16(layer) if rows16 else None
+    w = QWeight.of(layer, packed)
     lib.quant_linear(ctypes.byref(w), isa, x.data_ptr(), xq.data_ptr(), xs.data_ptr(), y.data_ptr(), B, I,
                      layer.out_features)
     return y
 
 
-@pytest.mark.parametrize("path", PATHS)
+LAYOUTS = [pytest.param(p.values[0], True, id=f"{p.values[0]}-rows16", marks=p.marks) for p in PATHS[1:]] + \
+          [pytest.param(p.values[0], False, id=p.values[0], marks=p.marks) for p in PATHS]
+
+
+@pytest.mark.parametrize("path,rows16", LAYOUTS)
 @pytest.mark.parametrize("fmt", ["q8", "q4"])
-@pytest.mark.parametrize("rows", [1, 6])
-def test_kernel_equals_the_float64_product_of_the_same_integers(path, fmt, rows):
-    """Integer sums are exact on every path; only float32 rounding of the block sums differs."""
+@pytest.mark.parametrize("rows", [1, 6, 13])
+def test_kernel_equals_the_float64_product_of_the_same_integers(path, rows16, fmt, rows):
+    """Integer sums are exact on every path and layout; only float32 rounding of the block sums
+    differs. 13 rows: the 16-row layout's batch of 8 and a remainder of 5."""
     torch.manual_seed(2)
     for I in (96, 576):  # 3 blocks (VNNI's odd last block) and SmolLM2's width
-        layer = QuantLinear.quantize(torch.randn(37, I), fmt)
+        layer = QuantLinear.quantize(torch.randn(48 if rows16 else 37, I), fmt)
         x = torch.randn(rows, I) * 4
         x[0, :32] = 0  # an all-zero block of activations
-        got = run_kernel(layer, x, ISAS.index(path)).double()
+        got = run_kernel(layer, x, ISAS.index(path), rows16).double()
         ref = quant.reference_product(layer, x)
         assert (got - ref).abs().max() <= 2e-6 * ref.abs().max(), (path, fmt, I)
+        if rows16 and rows > 1:  # a row's bits do not depend on its batch
+            assert torch.equal(run_kernel(layer, x[-1:], ISAS.index(path), True)[0], got[-1].float())
+        if rows16 and path == "avx2" and runnable("vnni"):  # the same integers, the same float steps
+            assert torch.equal(run_kernel(layer, x, ISAS.index("vnni"), True), got.float())
+
+
+def test_interleave16_holds_every_weight_and_scale_where_the_kernel_reads_it():
+    """The 16-row layout, read back in Python byte by byte as kernels.c documents it."""
+    torch.manual_seed(5)
+    for fmt in ("q4", "q8"):
+        layer = QuantLinear.quantize(torch.randn(32, 64), fmt)
+        rec = quant.interleave16(layer)
+        assert rec.shape == (2, 2, quant.RECORD[fmt])
+        ints = layer.integers().to(torch.int16)
+        for g, k, r in ((0, 0, 0), (1, 1, 15), (1, 0, 7)):
+            row, block = 16 * g + r, rec[g, k].to(torch.int16)
+            for i in range(32):
+                j, t = (i % 16) // 4, i % 4
+                if fmt == "q4":
+                    byte = block[64 * j + 4 * r + t]
+                    got = byte & 15 if i < 16 else byte >> 4
+                else:
+                    got = block[64 * (i // 4) + 4 * r + t] - 128
+                assert got == ints[row, 32 * k + i], (fmt, g, k, r, i)
+            scales = rec[g, k, (256 if fmt == "q4" else 512):].contiguous().view(torch.int16)
+            assert scales[r] == layer.d[row, k] and (fmt == "q8" or scales[16 + r] == layer.m[row, k])
+    with pytest.raises(QuantError, match="groups of 16"):
+        quant.interleave16(QuantLinear.quantize(torch.randn(40, 32), "q4"))
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not runnable("avx2"), reason="this CPU cannot run an AVX2 build")
+def test_an_avx2_build_runs_every_path_it_can(tmp_path):
+    """The kernels compiled for an AVX2 CPU (-march=haswell: no AVX-512 outside the VNNI path's
+    own functions, no AMX), into a cache of their own, through this file's kernel and decode tests."""
+    cc = tmp_path / "cc"
+    cc.write_text('#!/bin/sh\nexec cc "$@" -march=haswell\n')  # the last -march wins over -march=native
+    cc.chmod(0o755)
+    env = {**os.environ, "CC": str(cc), "XDG_CACHE_HOME": str(tmp_path / "cache")}
+    done = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__, "-k",
+                           "kernel_equals or decode_step or interleave16"], env=env, capture_output=True, text=True,
+                          cwd=Path(__file__).parent.parent)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    assert list((tmp_path / "cache" / "parley").glob("kernels-*.so")), "the AVX2 build was not made"
 
 
 @pytest.mark.parametrize("fmt", ["q8", "q4"])
@@ -220,8 +275,9 @@ def test_smollm2_keeps_the_files_blocks_exactly(smol_q):
 def test_smollm2_quantized_logits_greedy_text_and_perplexity(smol_q):
     """Against the same weights dequantized, run in fp32 by the C kernels: logits within 4% of their
     scale (mean 0.5%); perplexity on held-out text within 2% of the dequantized model in bf16 (the
-    engine's default dtype; measured: q4 26.56, bf16 26.39, fp32 26.42 on 312 tokens). Greedy
-    continuations (12 tokens) equal on at least 3 of 8 prompts (measured 3; bf16 on AMX tiles: 7 of 8):
+    engine's default dtype; measured: q4 26.50 on the VNNI path's 16-row layout (26.56 on the file's
+    layout), bf16 26.39, fp32 26.42 on 312 tokens). Greedy continuations (12 tokens) equal on at
+    least 3 of 8 prompts (measured 5 on the 16-row layout, 3 on the file's; bf16 on AMX tiles: 7 of 8):
     rounding the activations to int8 per block, as llama.cpp does, moves near-tied logits enough to
     flip a pick, after which the texts part (first differences at tokens 0, 6, 8, 9, 10). The
     PyTorch forward over the same quantized weights with float activations gives 8 of 8: the

@@ -21,6 +21,8 @@ A model whose projections and output layer are quantized (model/quant.py: q8, q4
 int8 kernels instead, its activations rounded to int8 per block of 32; `decoder.path` names the
 instruction set chosen once at start (AVX512-VNNI, AVX2, or portable C; `create(model,
 path="avx2")` caps it), and its prompt chunks go through `step_rows` too (`decoder.all_rows`).
+The VNNI and AVX2 paths read a copy of the weights interleaved 16 rows at a time
+(quant.interleave16, made at load in huge pages: the quantized weights' bytes a second time).
 The kernels compile once with the system C compiler
 into the user's cache folder; if that fails, decoding falls back to the reference forward.
 """
@@ -39,8 +41,8 @@ from pathlib import Path
 import torch
 
 from parley.engine.cache import PagedBatch, PagedKVCache
-from parley.engine.hugepages import move_to_huge_pages
-from parley.model.quant import QuantLinear, quantized_layers
+from parley.engine.hugepages import huge_empty, move_to_huge_pages
+from parley.model.quant import ROWS16, QuantLinear, interleave16, quantized_layers
 from parley.model.transformer import Transformer
 
 SOURCE = Path(__file__).with_name("kernels.c")
@@ -80,12 +82,13 @@ class Shape(ctypes.Structure):
 
 class QWeight(ctypes.Structure):
     """A q8 / q4 weight (model/quant.py) as the C side reads it."""
-    _fields_ = [("q", P), ("d", P), ("m", P), ("fmt", ctypes.c_int)]
+    _fields_ = [("q", P), ("d", P), ("m", P), ("fmt", ctypes.c_int), ("rows16", P)]
 
     @classmethod
-    def of(cls, layer: QuantLinear) -> "QWeight":
+    def of(cls, layer: QuantLinear, rows16: torch.Tensor | None = None) -> "QWeight":
+        """`rows16`: the same weights interleaved (quant.interleave16), which the VNNI path reads instead."""
         return cls(layer.q.data_ptr(), layer.d.data_ptr(), layer.m.data_ptr() if layer.m is not None else None,
-                   8 if layer.fmt == "q8" else 4)
+                   8 if layer.fmt == "q8" else 4, rows16.data_ptr() if rows16 is not None else None)
 
 
 MAX_RANK = 64  # the highest adapter rank the kernels serve (kernels.c's LORA_MAX_RANK)
@@ -160,6 +163,7 @@ class FastDecoder:
         self.quant = bool(quantized_layers(model))
         self.isa = lib.quant_isa(ISA_CEILING.get(path, len(ISAS)))
         self.qweights: list[QWeight] = []
+        self.rows16 = self._interleaved() if self.quant and ISAS[self.isa] in ("vnni", "avx2") else {}
         # norms and biases are tiny: fp32 copies, kept here; big weights are used in place, never copied
         self.keep: list[torch.Tensor] = []
         self.arrays: list[ctypes.Array] = []  # pointer arrays the layers point into (experts)
@@ -231,11 +235,28 @@ class FastDecoder:
             layer.shared, layer.shared_router = ctypes.addressof(shared), moe.shared_expert_gate.weight.data_ptr()
             layer.shared_inter = cfg.shared_expert_intermediate_size
 
+    def _interleaved(self) -> dict[int, torch.Tensor]:
+        """Each quantized layer's weights in the layout of the VNNI and AVX2 paths (quant.interleave16), by id of the
+        layer, all in one huge-page area (engine/hugepages.py); {} if some layer's rows are not whole
+        groups of 16 (that path then reads the file's layout). A second copy of the weights: the
+        model keeps its own for the reference forward and the other paths."""
+        layers = list(quantized_layers(self.model).values())
+        if any(layer.out_features % ROWS16 for layer in layers):
+            return {}
+        packed = [interleave16(layer) for layer in layers]
+        sizes = [-(-t.numel() // 64) * 64 for t in packed]  # every matrix on a cache line
+        area, at, out = huge_empty(sum(sizes)), 0, {}
+        for layer, t, size in zip(layers, packed, sizes):
+            out[id(layer)] = area[at:at + t.numel()]
+            out[id(layer)].copy_(t.reshape(-1))
+            at += size
+        return out
+
     def _pointer(self, linear: torch.nn.Module) -> int:
         """What the C side takes for a layer's weights: the float matrix, or a QWeight."""
         if not isinstance(linear, QuantLinear):
             return linear.weight.data_ptr()
-        self.qweights.append(QWeight.of(linear))
+        self.qweights.append(QWeight.of(linear, self.rows16.get(id(linear))))
         return ctypes.addressof(self.qweights[-1])
 
     @property
@@ -324,7 +345,7 @@ class FastDecoder:
                 scores=torch.empty(max(R * c.num_attention_heads, 16 * self.slots) * S),
                 logits=torch.empty(L, c.vocab_size),
                 **{name: torch.empty(widest // 2 * -(-R // 16) * 16, dtype=torch.int32) for name in ("xp", "xp_act")},
-                xq=torch.empty(R * widest, dtype=torch.int8), xs=torch.empty(R * 2 * widest // 32),
+                xq=torch.empty(R * widest, dtype=torch.int8), xs=torch.empty(R * 3 * widest // 32),
                 route=torch.empty(R, experts), moe_x=torch.empty(R, c.hidden_size), moe_y=torch.empty(R, c.hidden_size),
                 moe_rows=torch.empty(experts + 1 + R * c.num_experts_per_tok, dtype=torch.int64))
             self.buffers[kind] = (R, S, L, tensors, Buffers(**{n: t.data_ptr() for n, t in tensors.items()}))

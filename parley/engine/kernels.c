@@ -528,16 +528,21 @@ int amx_enable(void) { return 0; }
  * llama.cpp's q8 activation blocks), so a block's product is one integer dot product of 32 pairs
  * times d * scale, plus, for q4, m * scale * sum(xq): a quarter (q8) or an eighth (q4) of the
  * bytes a bf16 weight takes, and 64 multiply-adds an instruction where the CPU has AVX512-VNNI.
- * Three paths, one build (per-function target attributes): VNNI (vpdpbusd, 2 blocks a
- * register, up to 4 rows of x a weight block), AVX2 (vpmaddubsw, one block a register) and
- * portable C; quant_isa() says which this CPU can run. Every path sums a block's integers exactly;
+ * Three paths, one build (per-function target attributes): VNNI (vpdpbusd), AVX2 (vpmaddubsw) and
+ * portable C; quant_isa() says which this CPU can run. The VNNI and AVX2 paths read the weights
+ * interleaved 16 rows at a time (fast.py copies them so at load: "the 16-row layout" below), 16
+ * rows' sums a register and no sum across lanes, a block unpacked once for 8 (AVX2: 4) rows of x;
+ * where a matrix's rows are not whole groups of 16 they read the file's layout row by row
+ * (qdot_vnni, qdot_avx2: 2 blocks, or one, a register). Every path sums a block's integers exactly;
  * only the order of the float sums differs (tests/test_quant.py compares each with a float64
- * reference). Each row of x is rounded on its own, so a row's result does not depend on its batch. */
+ * reference; the two 16-row paths give the same bits). Each row of x is rounded on its own, so a
+ * row's result does not depend on its batch. */
 
 typedef struct {
     const void *q;              /* int8 [O, I] (q8) or uint8 [O, I / 2] (q4) */
     const uint16_t *d, *m;      /* half floats [O, I / 32]; m only for q4 */
     int fmt;                    /* 8 or 4 */
+    const uint8_t *rows16;      /* NULL, or the same weights in the 16-row layout (below) */
 } QWeight;
 
 enum { ISA_SCALAR = 0, ISA_AVX2 = 1, ISA_VNNI = 2 };
@@ -572,25 +577,31 @@ int quant_isa(int ceiling) {
     return best < ceiling ? best : ceiling;
 }
 
-/* x [B, I] fp32 -> xq [B, I] int8 and xs [B, 2 I / 32]: per row, the blocks' scales then their
- * scale * sum(xq). Rounding half to even (nearbyintf), as quant.quantize_activations does. */
+/* Block k of a row: its 32 values v rounded into xq (the row's int8) and xs (the row's 3 n floats). */
+static inline void quantize_block(const float *v, int8_t *xq, float *xs, long n, long k) {
+    float amax = 0.f;
+    for (int i = 0; i < 32; i++) amax = fabsf(v[i]) > amax ? fabsf(v[i]) : amax;
+    const float inverse = amax > 0.f ? 127.f / amax : 0.f, scale = amax / 127.f;
+    int sum = 0;
+    for (int i = 0; i < 32; i++) {
+        const int q = (int)nearbyintf(v[i] * inverse);
+        xq[k * 32 + i] = (int8_t)q;
+        sum += q;
+    }
+    xs[k] = scale;
+    xs[n + k] = scale * (float)sum;
+    memcpy(xs + 2 * n + k, &sum, sizeof sum);
+}
+
+/* x [B, I] fp32 -> xq [B, I] int8 and xs [B, 3 I / 32]: per row, the blocks' scales, their
+ * scale * sum(xq), then sum(xq) itself as int32 bits (the 16-row layout's q8 offset). Rounding half
+ * to even (nearbyintf), as quant.quantize_activations does. */
 static void quantize_rows_for(const float *x, int8_t *xq, float *xs, int B, long I) {
     const long n = I / 32;
 #pragma omp for schedule(static)
     for (long j = 0; j < B * n; j++) {
-        const long b = j / n, k = j % n;
-        const float *v = x + b * I + k * 32;
-        float amax = 0.f;
-        for (int i = 0; i < 32; i++) amax = fabsf(v[i]) > amax ? fabsf(v[i]) : amax;
-        const float inverse = amax > 0.f ? 127.f / amax : 0.f, scale = amax / 127.f;
-        int sum = 0;
-        for (int i = 0; i < 32; i++) {
-            const int q = (int)nearbyintf(v[i] * inverse);
-            xq[b * I + k * 32 + i] = (int8_t)q;
-            sum += q;
-        }
-        xs[b * 2 * n + k] = scale;
-        xs[b * 2 * n + n + k] = scale * (float)sum;
+        const long b = j / n;
+        quantize_block(x + b * I + j % n * 32, xq + b * I, xs + b * 3 * n, n, j % n);
     }
 }
 
@@ -670,7 +681,7 @@ TARGET_AVX2 static float qdot_avx2(const QWeight *W, long o, long I, const int8_
 }
 
 /* VNNI: two blocks a 512-bit register (lanes 0-7 the first block's sums, 8-15 the second's), the
- * weights unpacked once for NB rows of x (x rows I apart, xs rows 2 I / 32 apart). A q4 register
+ * weights unpacked once for NB rows of x (x rows I apart, xs rows 3 I / 32 apart). A q4 register
  * of nibbles [block k low | k+1 low | k high | k+1 high] is put in input order by one shuffle of
  * 128-bit lanes. q8's signed weights: vpdpbusd takes |w| and x with w's sign. */
 TARGET_VNNI static inline __attribute__((always_inline)) void qdot_vnni_rows(const QWeight *W, long o, long I,
@@ -693,7 +704,7 @@ TARGET_VNNI static inline __attribute__((always_inline)) void qdot_vnni_rows(con
             for (int b = 0; b < NB; b++) {
                 const __m512i xv = _mm512_loadu_si512(x + b * I + k * 32);
                 const __m512i dot = _mm512_dpbusd_epi32(zero, magnitude, _mm512_mask_sub_epi8(xv, negative, zero, xv));
-                const float *s = xs + b * 2 * n;
+                const float *s = xs + b * 3 * n;
                 const __m512 scale = _mm512_mask_blend_ps(0xFF00, _mm512_set1_ps(dw0 * s[k]), _mm512_set1_ps(dw1 * s[k + 1]));
                 acc[b] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), scale, acc[b]);
             }
@@ -709,17 +720,17 @@ TARGET_VNNI static inline __attribute__((always_inline)) void qdot_vnni_rows(con
             const float dw0 = _cvtsh_ss(d[k]), dw1 = _cvtsh_ss(d[k + 1]);
             for (int b = 0; b < NB; b++) {
                 const __m512i dot = _mm512_dpbusd_epi32(zero, w, _mm512_loadu_si512(x + b * I + k * 32));
-                const float *s = xs + b * 2 * n;
+                const float *s = xs + b * 3 * n;
                 const __m512 scale = _mm512_mask_blend_ps(0xFF00, _mm512_set1_ps(dw0 * s[k]), _mm512_set1_ps(dw1 * s[k + 1]));
                 acc[b] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), scale, acc[b]);
             }
         }
-        for (int b = 0; b < NB; b++) tail[b] = min_terms_avx2(W->m + o * n, xs + b * 2 * n + n, n);
+        for (int b = 0; b < NB; b++) tail[b] = min_terms_avx2(W->m + o * n, xs + b * 3 * n + n, n);
     }
     for (int b = 0; b < NB; b++) {
         out[b] = _mm512_reduce_add_ps(acc[b]) + tail[b];
         if (k < n) /* an odd last block */
-            out[b] += (float)block_dot(W, o, I, k, x + b * I) * (_cvtsh_ss(d[k]) * xs[b * 2 * n + k]);
+            out[b] += (float)block_dot(W, o, I, k, x + b * I) * (_cvtsh_ss(d[k]) * xs[b * 3 * n + k]);
     }
 }
 
@@ -731,7 +742,201 @@ TARGET_VNNI static void qdot_vnni(const QWeight *W, long o, long I, const int8_t
     default: qdot_vnni_rows(W, o, I, x, xs, out, 1);
     }
 }
+
+/* The 16-row layout of the VNNI and AVX2 paths (model/quant.py's interleave16 writes it at load): a
+ * matrix's rows in groups of 16, a group its blocks in order, a block one record that holds all 16
+ * rows' weights and scales, so that a group streams from memory as one sequence:
+ *   q4: 256 bytes, byte 64 j + 4 r + t (j < 4, row r < 16, t < 4) holding the block's input 4 j + t
+ *       of row r in its low nibble and input 16 + 4 j + t in its high one; then d and m of the 16
+ *       rows (half floats): 320 bytes;
+ *   q8: 512 bytes, byte 64 j + 4 r + t (j < 8) holding input 4 j + t of row r plus 128 (unsigned);
+ *       then d of the 16 rows: 544 bytes.
+ * A 512-bit register of weights is then 4 inputs of 16 rows, and one vpdpbusd with the 4 inputs' x
+ * broadcast adds into 16 rows' sums at once: no sum across lanes, the scales of 16 rows are one
+ * vector, and a register unpacked once serves every row of x. q8's weights + 128 are unsigned (as
+ * vpdpbusd wants them); the sum starts at -128 sum(xq), so it is the exact integer dot product. */
+#define Q4_RECORD 320
+#define Q8_RECORD 544
+
+/* One group's 16 outputs for NB rows of x (xq rows I apart, xs rows 3 I / 32 apart) from its records:
+ * y[b, r] (+)= weight row r . x row b. A row's sums run in the same order whatever NB. */
+TARGET_VNNI static inline __attribute__((always_inline)) void qgroup_rows(const uint8_t *rec, const int FMT, long I,
+                                                                           const int8_t *x, const float *xs,
+                                                                           float *y, long y_stride, int accumulate,
+                                                                           const int NB) {
+    const long n = I / 32, size = FMT == 4 ? Q4_RECORD : Q8_RECORD;
+    const __m512i low = _mm512_set1_epi8(15);
+    __m512 acc[8];
+    for (int b = 0; b < NB; b++) acc[b] = _mm512_setzero_ps();
+    for (long k = 0; k < n; k++, rec += size) {
+        for (long line = 0; line < size; line += 64) /* 8 records ahead: DRAM stays busy */
+            _mm_prefetch((const char *)rec + 8 * size + line, _MM_HINT_T0);
+        __m512i w[8];
+        if (FMT == 4)
+            for (int j = 0; j < 4; j++) {
+                const __m512i raw = _mm512_loadu_si512(rec + 64 * j);
+                w[j] = _mm512_and_si512(raw, low);
+                w[4 + j] = _mm512_and_si512(_mm512_srli_epi16(raw, 4), low);
+            }
+        else
+            for (int j = 0; j < 8; j++) w[j] = _mm512_loadu_si512(rec + 64 * j);
+        const __m512 d = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(rec + (FMT == 4 ? 256 : 512))));
+        const __m512 m = FMT == 4 ? _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(rec + 288))) : d;
+        for (int b = 0; b < NB; b++) {
+            const int32_t *xb = (const int32_t *)(x + b * I + k * 32); /* 4 inputs an int32 */
+            const float *s = xs + b * 3 * n;
+            int32_t offset = 0;
+            if (FMT == 8) memcpy(&offset, s + 2 * n + k, sizeof offset);
+            /* two chains of dot products (the latency of one vpdpbusd is several cycles) */
+            __m512i even = _mm512_set1_epi32(-128 * offset), odd = _mm512_setzero_si512();
+            for (int j = 0; j < 8; j += 2) {
+                even = _mm512_dpbusd_epi32(even, w[j], _mm512_set1_epi32(xb[j]));
+                odd = _mm512_dpbusd_epi32(odd, w[j + 1], _mm512_set1_epi32(xb[j + 1]));
+            }
+            const __m512i dot = _mm512_add_epi32(even, odd);
+            acc[b] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), _mm512_mul_ps(d, _mm512_set1_ps(s[k])), acc[b]);
+            if (FMT == 4) acc[b] = _mm512_fmadd_ps(m, _mm512_set1_ps(s[n + k]), acc[b]);
+        }
+    }
+    for (int b = 0; b < NB; b++) {
+        float *out = y + b * y_stride;
+        _mm512_storeu_ps(out, accumulate ? _mm512_add_ps(_mm512_loadu_ps(out), acc[b]) : acc[b]);
+    }
+}
+
+/* AVX2 on the same records: a 64-byte register of the VNNI path is two 256-bit halves, rows 0-7 and
+ * 8-15, taken one after the other (16 registers of 256 bits hold one half's block). vpmaddubsw
+ * multiplies the unsigned weights by x's bytes into 16-bit pairs (q4: at most 2 * 15 * 127 a pair, so
+ * the 8 products of a block add up below 2^15), vpmaddwd by ones widens them. q8's weights + 128
+ * (up to 255) would saturate a pair: they go as two nibbles, 16 hi + lo. The integers are exact and
+ * the float arithmetic after them is qgroup_rows': the same bits as the VNNI path. NB <= 4. */
+TARGET_AVX2 static inline __attribute__((always_inline)) void qgroup_rows_avx2(const uint8_t *rec, const int FMT,
+                                                                                long I, const int8_t *x,
+                                                                                const float *xs, float *y,
+                                                                                long y_stride, int accumulate,
+                                                                                const int NB) {
+    const long n = I / 32, size = FMT == 4 ? Q4_RECORD : Q8_RECORD;
+    const __m256i low = _mm256_set1_epi8(15), ones = _mm256_set1_epi16(1);
+    for (int half = 0; half < 2; half++) {
+        __m256 acc[8]; /* NB <= 4 is used; 8 compiles the shared switch */
+        for (int b = 0; b < NB; b++) acc[b] = _mm256_setzero_ps();
+        const uint8_t *r = rec + 32 * half;
+        for (long k = 0; k < n; k++, r += size) {
+            __m256i w[8], hi[8];
+            if (FMT == 4)
+                for (int j = 0; j < 4; j++) {
+                    const __m256i raw = _mm256_loadu_si256((const __m256i *)(r + 64 * j));
+                    w[j] = _mm256_and_si256(raw, low);
+                    w[4 + j] = _mm256_and_si256(_mm256_srli_epi16(raw, 4), low);
+                }
+            else
+                for (int j = 0; j < 8; j++) {
+                    const __m256i raw = _mm256_loadu_si256((const __m256i *)(r + 64 * j));
+                    w[j] = _mm256_and_si256(raw, low);
+                    hi[j] = _mm256_and_si256(_mm256_srli_epi16(raw, 4), low);
+                }
+            const uint8_t *scales = r - 32 * half + (FMT == 4 ? 256 : 512) + 16 * half;
+            const __m256 d = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)scales));
+            const __m256 m = FMT == 4 ? _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(scales + 32))) : d;
+            for (int b = 0; b < NB; b++) {
+                const int32_t *xb = (const int32_t *)(x + b * I + k * 32);
+                const float *s = xs + b * 3 * n;
+                __m256i pairs = _mm256_setzero_si256(), dot;
+                for (int j = 0; j < 8; j++)
+                    pairs = _mm256_add_epi16(pairs, _mm256_maddubs_epi16(w[j], _mm256_set1_epi32(xb[j])));
+                dot = _mm256_madd_epi16(pairs, ones);
+                if (FMT == 8) {
+                    __m256i high = _mm256_setzero_si256();
+                    for (int j = 0; j < 8; j++)
+                        high = _mm256_add_epi16(high, _mm256_maddubs_epi16(hi[j], _mm256_set1_epi32(xb[j])));
+                    int32_t offset;
+                    memcpy(&offset, s + 2 * n + k, sizeof offset);
+                    dot = _mm256_add_epi32(dot, _mm256_slli_epi32(_mm256_madd_epi16(high, ones), 4));
+                    dot = _mm256_sub_epi32(dot, _mm256_set1_epi32(128 * offset));
+                }
+                acc[b] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), _mm256_mul_ps(d, _mm256_set1_ps(s[k])), acc[b]);
+                if (FMT == 4) acc[b] = _mm256_fmadd_ps(m, _mm256_set1_ps(s[n + k]), acc[b]);
+            }
+        }
+        for (int b = 0; b < NB; b++) {
+            float *out = y + b * y_stride + 8 * half;
+            _mm256_storeu_ps(out, accumulate ? _mm256_add_ps(_mm256_loadu_ps(out), acc[b]) : acc[b]);
+        }
+    }
+}
+
+#define QGROUP(F, FMT, NB) F(rec, FMT, I, x, xs, y, y_stride, accumulate, NB)
+#define QGROUP_NB(F, FMT)                                                                                    \
+    switch (nb) {                                                                                            \
+    case 8: QGROUP(F, FMT, 8); break;                                                                        \
+    case 7: QGROUP(F, FMT, 7); break;                                                                        \
+    case 6: QGROUP(F, FMT, 6); break;                                                                        \
+    case 5: QGROUP(F, FMT, 5); break;                                                                        \
+    case 4: QGROUP(F, FMT, 4); break;                                                                        \
+    case 3: QGROUP(F, FMT, 3); break;                                                                        \
+    case 2: QGROUP(F, FMT, 2); break;                                                                        \
+    default: QGROUP(F, FMT, 1);                                                                              \
+    }
+
+/* One group's 16 outputs for nb <= 8 rows of x on the VNNI path, and nb <= 4 on the AVX2 one. */
+TARGET_VNNI static void qgroup_vnni(const uint8_t *rec, int fmt, long I, const int8_t *x, const float *xs, float *y,
+                                    long y_stride, int accumulate, int nb) {
+    if (fmt == 4) {
+        QGROUP_NB(qgroup_rows, 4)
+    } else {
+        QGROUP_NB(qgroup_rows, 8)
+    }
+}
+
+TARGET_AVX2 static void qgroup_avx2(const uint8_t *rec, int fmt, long I, const int8_t *x, const float *xs, float *y,
+                                    long y_stride, int accumulate, int nb) {
+    if (fmt == 4) {
+        QGROUP_NB(qgroup_rows_avx2, 4)
+    } else {
+        QGROUP_NB(qgroup_rows_avx2, 8)
+    }
+}
+#undef QGROUP_NB
+#undef QGROUP
+
+/* y[b, column0 + o ..] (+)= for the `count` matrices Ws stacked along their outputs (rows[m] each, a
+ * multiple of 16, every one with rows16), as project_for stacks them, on path isa (VNNI or AVX2): one
+ * work-shared loop over all their groups of 16 rows, so q, k and v (or gate and up) meet one barrier,
+ * not three. Each group's records are read from memory once and used for every row of x, 8 rows at a
+ * time (AVX2: 4, its 16 registers). */
+static void qlinear16_for(const QWeight *const *Ws, const long *rows, int count, int isa, const int8_t *xq,
+                          const float *xs, float *y, long y_stride, int B, long I, int accumulate) {
+    const long n = I / 32;
+    const int per = isa == ISA_VNNI ? 8 : 4;
+    long groups = 0;
+    for (int m = 0; m < count; m++) groups += rows[m] / 16;
+#pragma omp for schedule(static)
+    for (long j = 0; j < groups; j++) {
+        int m = 0;
+        long g = j, column0 = 0;
+        while (g >= rows[m] / 16) g -= rows[m] / 16, column0 += rows[m], m++;
+        const QWeight *W = Ws[m];
+        const uint8_t *rec = W->rows16 + g * n * (W->fmt == 4 ? Q4_RECORD : Q8_RECORD);
+        for (int b0 = 0; b0 < B; b0 += per) {
+            const int nb = B - b0 < per ? B - b0 : per;
+            const int8_t *x = xq + (long)b0 * I;
+            const float *s = xs + (long)b0 * 3 * n;
+            float *out = y + (long)b0 * y_stride + column0 + g * 16;
+            if (isa == ISA_VNNI)
+                qgroup_vnni(rec, W->fmt, I, x, s, out, y_stride, accumulate, nb);
+            else
+                qgroup_avx2(rec, W->fmt, I, x, s, out, y_stride, accumulate, nb);
+        }
+    }
+}
 #endif
+
+/* Whether the `count` matrices Ws run on qlinear16_for: the VNNI or AVX2 path, and every one interleaved. */
+static inline int rows16_ready(const QWeight *const *Ws, int count, int isa) {
+    for (int m = 0; m < count; m++)
+        if (!Ws[m]->rows16) return 0;
+    return isa == ISA_VNNI || isa == ISA_AVX2;
+}
 
 /* y[b, o] (+)= sum_i W[o, i] x[b, i] for x already rounded (xq, xs: quantize_rows_for) on path isa;
  * y's rows y_stride apart. Work is shared by weight rows; a row's blocks are read from memory
@@ -744,16 +949,16 @@ static void qlinear_for(const QWeight *W, int isa, const int8_t *xq, const float
         for (int b0 = 0; b0 < B; b0 += 4) {
             const int nb = B - b0 < 4 ? B - b0 : 4;
             const int8_t *x = xq + (long)b0 * I;
-            const float *s = xs + (long)b0 * 2 * n;
+            const float *s = xs + (long)b0 * 3 * n;
             float sums[4];
 #if defined(__x86_64__) || defined(__i386__)
             if (isa == ISA_VNNI)
                 qdot_vnni(W, o, I, x, s, sums, nb);
             else if (isa == ISA_AVX2)
-                for (int b = 0; b < nb; b++) sums[b] = qdot_avx2(W, o, I, x + b * I, s + b * 2 * n);
+                for (int b = 0; b < nb; b++) sums[b] = qdot_avx2(W, o, I, x + b * I, s + b * 3 * n);
             else
 #endif
-                for (int b = 0; b < nb; b++) sums[b] = qdot_scalar(W, o, I, x + b * I, s + b * 2 * n);
+                for (int b = 0; b < nb; b++) sums[b] = qdot_scalar(W, o, I, x + b * I, s + b * 3 * n);
             for (int b = 0; b < nb; b++) {
                 float *out = y + (long)(b0 + b) * y_stride + o;
                 *out = (accumulate ? *out : 0.f) + sums[b];
@@ -762,27 +967,53 @@ static void qlinear_for(const QWeight *W, int isa, const int8_t *xq, const float
 }
 
 /* y = x W^T for one matrix, outside any parallel region: what tests/test_quant.py checks each path with.
- * xq [B, I] int8 and xs [B, 2 I / 32] are the caller's scratch. */
+ * xq [B, I] int8 and xs [B, 3 I / 32] are the caller's scratch. */
 void quant_linear(const QWeight *W, int isa, const float *x, int8_t *xq, float *xs, float *y, int B, long I, long O) {
 #pragma omp parallel
     {
         quantize_rows_for(x, xq, xs, B, I);
-        qlinear_for(W, isa, xq, xs, y, O, B, I, O, 0);
+#if defined(__x86_64__) || defined(__i386__)
+        if (rows16_ready(&W, 1, isa))
+            qlinear16_for(&W, &O, 1, isa, xq, xs, y, O, B, I, 0);
+        else
+#endif
+            qlinear_for(W, isa, xq, xs, y, O, B, I, O, 0);
     }
+}
+
+/* 1 / rms(x) */
+static inline float rms_factor(const float *x, int H, float eps) {
+    float ss = 0.f;
+#pragma omp simd reduction(+ : ss)
+    for (int i = 0; i < H; i++) ss += x[i] * x[i];
+    return 1.f / sqrtf(ss / H + eps);
 }
 
 /* y[b] = x[b] / rms(x[b]) * w */
 static void rmsnorm(const float *x, const float *w, float *y, int H, float eps) {
-    float ss = 0.f;
-#pragma omp simd reduction(+ : ss)
-    for (int i = 0; i < H; i++) ss += x[i] * x[i];
-    float r = 1.f / sqrtf(ss / H + eps);
+    const float r = rms_factor(x, H, eps);
     for (int i = 0; i < H; i++) y[i] = x[i] * r * w[i];
 }
 
 static void rmsnorm_for(const float *x, const float *w, float *y, int B, int H, float eps) {
 #pragma omp for schedule(static)
     for (int b = 0; b < B; b++) rmsnorm(x + (long)b * H, w, y + (long)b * H, H, eps);
+}
+
+/* rmsnorm_for, then quantize_rows_for of its output, in one work-shared loop (one barrier, not two:
+ * a batch-1 step meets ~13 a layer, and with 2 threads each costs about a microsecond of a
+ * ~3 ms step). Each block computes its row's factor (H multiply-adds, as rmsnorm does: the same bits). */
+static void norm_quantize_for(const float *x, const float *w, float *y, int8_t *xq, float *xs, int B, int H, float eps) {
+    const long n = H / 32;
+#pragma omp for schedule(static)
+    for (long j = 0; j < B * n; j++) {
+        const long b = j / n, k = j % n;
+        const float *row = x + b * H;
+        const float r = rms_factor(row, H, eps);
+        float *v = y + b * H + k * 32;
+        for (int i = 0; i < 32; i++) v[i] = row[k * 32 + i] * r * w[k * 32 + i];
+        quantize_block(v, xq + b * H, xs + b * 3 * n, n, k);
+    }
 }
 
 /* Rotate one head in place with HF's half-split layout: pairs (i, i + hd/2). */
@@ -1257,6 +1488,24 @@ static void act_mul_for(const float *gu, float *h, int B, long I, int gelu) {
     }
 }
 
+/* act_mul_for, then quantize_rows_for of its output, in one work-shared loop (I % 32 == 0: each
+ * block's 16-lane halves are act_mul_for's, the same bits). */
+static void act_quantize_for(const float *gu, float *h, int8_t *xq, float *xs, int B, long I, int gelu) {
+    const long n = I / 32;
+#pragma omp for schedule(static)
+    for (long j = 0; j < B * n; j++) {
+        const long b = j / n, k = j % n;
+        const float *g = gu + b * 2 * I + k * 32, *u = g + I;
+        float *y = h + b * I + k * 32;
+        int i = 0;
+#ifdef __AVX512F__
+        for (; i < 32; i += 16) _mm512_storeu_ps(y + i, act_mul16(_mm512_loadu_ps(g + i), _mm512_loadu_ps(u + i), gelu));
+#endif
+        for (; i < 32; i++) y[i] = act_mul1(g[i], u[i], gelu);
+        quantize_block(y, xq + b * I, xs + b * 3 * n, n, k);
+    }
+}
+
 /* Pointers to one layer's weights (nn.Linear layout, or QWeight when sh->quant) and its slice of the KV cache;
  * index: the layer's number (which Lora of a row's adapter applies). The families' variations
  * (model/transformer.py; NULL or 0 where a plain Llama layer has none), all fp32: the biases of q,
@@ -1287,7 +1536,7 @@ typedef struct {
     float *x, *h, *qkv, *att, *gu, *act, *scores, *logits;
     uint32_t *xp, *xp_act;
     int8_t *xq; /* with quantized weights: the projection's input rounded to int8 [B, max(H, inter)] */
-    float *xs;  /* and its blocks' scales and sums [B, 2 max(H, inter) / 32] (quantize_rows_for) */
+    float *xs;  /* and its blocks' scales and sums [B, 3 max(H, inter) / 32] (quantize_rows_for) */
     const Lora *const *lora; /* NULL, or each row's adapter: its Lora of every layer [n_layers] (NULL: none) */
     const int64_t *lora_plan; /* the rows with one, in units of up to LORA_UNIT rows of one adapter:
                                * [units, then per unit: count, LORA_UNIT row indices] */
@@ -1329,6 +1578,26 @@ static Input input_for(const Shape *sh, const Buffers *buf, const float *x, long
     (void)sh, (void)buf;
 #endif
     return (Input){x, I};
+}
+
+/* buf->h = rmsnorm(x) * w for the sh->B rows, made the projections' input (input_for). */
+static Input norm_input_for(const Shape *sh, const Buffers *buf, const float *x, const float *w) {
+    if (sh->quant && sh->H % 32 == 0) {
+        norm_quantize_for(x, w, buf->h, buf->xq, buf->xs, sh->B, sh->H, sh->eps);
+        return (Input){buf->h, sh->H};
+    }
+    rmsnorm_for(x, w, buf->h, sh->B, sh->H, sh->eps);
+    return input_for(sh, buf, buf->h, sh->H);
+}
+
+/* buf->act = act(gate) * up of buf->gu, made the down projection's input (input_for). */
+static Input act_input_for(const Shape *sh, const Buffers *buf) {
+    if (sh->quant) {
+        act_quantize_for(buf->gu, buf->act, buf->xq, buf->xs, sh->B, sh->inter, sh->gelu);
+        return (Input){buf->act, sh->inter};
+    }
+    act_mul_for(buf->gu, buf->act, sh->B, sh->inter, sh->gelu);
+    return input_for(sh, buf, buf->act, sh->inter);
 }
 
 /* u[k] = scale * (A_k . x) for k < R: each block of x is loaded once for all R rows of A. */
@@ -1431,12 +1700,21 @@ static void project_for(const Shape *sh, const Buffers *buf, const void *const *
         return;
     }
 #endif
-    float *ym = y;
-    for (int m = 0; m < count; ym += rows[m], m++)
-        if (sh->quant)
-            qlinear_for((const QWeight *)Ws[m], sh->isa, buf->xq, buf->xs, ym, y_stride, sh->B, in.I, rows[m], accumulate);
-        else
-            linear_for(Ws[m], sh->w_bf16, in.x, ym, y_stride, sh->B, in.I, rows[m], accumulate);
+#if defined(__x86_64__) || defined(__i386__)
+    if (sh->quant && rows16_ready((const QWeight *const *)Ws, count, sh->isa))
+        qlinear16_for((const QWeight *const *)Ws, rows, count, sh->isa, buf->xq, buf->xs, y, y_stride, sh->B, in.I,
+                      accumulate);
+    else
+#endif
+    {
+        float *ym = y;
+        for (int m = 0; m < count; ym += rows[m], m++)
+            if (sh->quant)
+                qlinear_for((const QWeight *)Ws[m], sh->isa, buf->xq, buf->xs, ym, y_stride, sh->B, in.I, rows[m],
+                            accumulate);
+            else
+                linear_for(Ws[m], sh->w_bf16, in.x, ym, y_stride, sh->B, in.I, rows[m], accumulate);
+    }
     for (int m = 0; targets && m < count; y += rows[m], m++)
         lora_for(buf, layer, targets[m], in.x, in.I, in.I, y, y_stride, rows[m]);
 }
@@ -1584,8 +1862,7 @@ static void qkv_for(const Layer *L, const Buffers *buf, const Shape *sh, const i
                     const float *sin_t, const Paging *pg) {
     const int nh = sh->nh, nkv = sh->nkv, hd = sh->hd;
     const long qkv_w = (long)(nh + 2 * nkv) * hd;
-    rmsnorm_for(buf->x, L->ln1, buf->h, sh->B, sh->H, sh->eps);
-    Input in = input_for(sh, buf, buf->h, sh->H);
+    Input in = norm_input_for(sh, buf, buf->x, L->ln1);
     const void *qkv[3] = {L->q, L->k, L->v};
     const long qkv_rows[3] = {(long)nh * hd, (long)nkv * hd, (long)nkv * hd};
     const int targets[3] = {T_Q, T_K, T_V};
@@ -1604,12 +1881,12 @@ static void mlp_for(const Layer *L, const Buffers *buf, const Shape *sh) {
     Input in = input_for(sh, buf, buf->att, (long)sh->nh * sh->hd);
     project1_for(sh, buf, L->o, in, attn_out, H, H, !L->post_attn, T_O, L->index);
     sublayer_end_for(L->bo, L->post_attn, buf->h, buf->x, sh->B, H, sh->eps);
-    rmsnorm_for(buf->x, L->ln2, buf->h, sh->B, H, sh->eps);
     if (L->router) {
+        rmsnorm_for(buf->x, L->ln2, buf->h, sh->B, H, sh->eps);
         moe_for(L, buf, sh);
         return;
     }
-    in = input_for(sh, buf, buf->h, H);
+    in = norm_input_for(sh, buf, buf->x, L->ln2);
 #ifdef HAVE_AMX
     if (sh->amx) { /* fused gate/up, the adapters' terms added on the tiles */
         const int Bp = (sh->B + 15) / 16 * 16;
@@ -1629,8 +1906,7 @@ static void mlp_for(const Layer *L, const Buffers *buf, const Shape *sh) {
     const long gate_up_rows[2] = {inter, inter};
     const int targets[2] = {T_GATE, T_UP};
     project_for(sh, buf, gate_up, gate_up_rows, 2, in, buf->gu, 2 * inter, 0, targets, L->index);
-    act_mul_for(buf->gu, buf->act, sh->B, inter, sh->gelu);
-    in = input_for(sh, buf, buf->act, inter);
+    in = act_input_for(sh, buf);
     project1_for(sh, buf, L->down, in, mlp_out, H, H, !L->post_ff, T_DOWN, L->index);
     sublayer_end_for(NULL, L->post_ff, buf->h, buf->x, sh->B, H, sh->eps);
 }
@@ -1654,8 +1930,8 @@ void decode_step_paged(const Layer *layers, const float *final_norm, const void 
                        sh->nkv, sh->hd, sh->max_len, scale, pos, &pg, L->window, sh->attn_cap);
             mlp_for(L, buf, sh);
         }
-        rmsnorm_for(buf->x, final_norm, buf->h, sh->B, sh->H, sh->eps);
-        project1_for(sh, buf, lm_head, input_for(sh, buf, buf->h, sh->H), buf->logits, sh->vocab, sh->vocab, 0, -1, 0);
+        project1_for(sh, buf, lm_head, norm_input_for(sh, buf, buf->x, final_norm), buf->logits, sh->vocab, sh->vocab,
+                     0, -1, 0);
         tiles_end(sh);
     }
 }

@@ -152,6 +152,31 @@ def reference_product(layer: QuantLinear, x: torch.Tensor) -> torch.Tensor:
     return y
 
 
+ROWS16 = 16  # rows a group of the interleaved layout holds
+RECORD = {"q4": 320, "q8": 544}  # bytes of one block of a group: 16 rows' weights and scales
+
+
+def interleave16(layer: QuantLinear) -> torch.Tensor:
+    """The layer's weights in the layout of the kernels' VNNI and AVX2 paths (engine/kernels.c, "the
+    16-row layout"): rows in groups of 16 (out_features must be a multiple), each group its
+    blocks in order, each block one record of the 16 rows' integers, 4 inputs of each row after
+    another, then their scales (q4: d, m; q8: d). q4 keeps two weights a byte (inputs j and 16 + j
+    of the block); q8's weights are stored + 128, unsigned. uint8 [groups, blocks, RECORD]."""
+    if layer.out_features % ROWS16:
+        raise QuantError(f"{layer.out_features} rows do not interleave in groups of {ROWS16}")
+    groups, n = layer.out_features // ROWS16, layer.in_features // BLOCK
+    ints = layer.integers()
+    if layer.fmt == "q4":  # [group, row, block, half, j, t] -> [group, block, j, row, t, half]
+        w = ints.reshape(groups, ROWS16, n, 2, 4, 4).permute(0, 2, 4, 1, 5, 3)
+        w = (w[..., 0] | w[..., 1] << 4).reshape(groups, n, 256)
+    else:  # [group, row, block, j, t] -> [group, block, j, row, t], + 128
+        w = (ints.to(torch.int16) + 128).to(torch.uint8).reshape(groups, ROWS16, n, 8, 4).permute(0, 2, 3, 1, 4)
+        w = w.reshape(groups, n, 512)
+    scales = [s.reshape(groups, ROWS16, n).permute(0, 2, 1).contiguous().view(torch.uint8)
+              for s in (layer.d, layer.m) if s is not None]
+    return torch.cat([w, *scales], dim=-1).contiguous()
+
+
 # ---------------------------------------------------------------- whole models
 
 def quantized_layers(model: Transformer) -> dict[str, QuantLinear]:
