@@ -17,7 +17,8 @@ heard an utterance begin); `transcript` {text, final: false} at 2 s of an uttera
 parley.voice.vad.EndOfTurn: Whisper starts at 100 ms of quiet; the turn ends after 200 ms of
 quiet if the transcript reads as finished, else after 600 ms); `turn` {conversation}; `text`
 {text} as the answer streams; `audio` {text, rate, samples} followed by one binary message with
-that sentence's PCM16 (first sentence, or first clause of 4+ words, as soon as it is written;
+that sentence's PCM16 (first sentence, or first clause of 4+ words, or the first 6 words of a
+sentence of 10 or more, as soon as it is written;
 the turn's first `audio` also has `latency`: {endpoint_ms: last speech frame -> turn decided,
 asr_ms: the wait for the final transcript, 0 when the early one was reused, first_text_ms:
 turn started -> first spoken text, tts_ms: its synthesis}); `interrupted` {conversation};
@@ -67,6 +68,7 @@ PARTIAL_EVERY_S = 1.5  # a partial transcript after each 1.5 s of new speech (or
 # after 2 s: a short command ("turn on the lights") then ends without a partial in Whisper's way
 RESUME_S = 1.0  # speech this soon after an utterance whose turn has shown nothing yet goes on with it (retract)
 FIRST_CLAUSE = 4  # words before a comma may end the first spoken piece (as `parley chat --audio-out`)
+FIRST_WORDS = 6  # and a longer first sentence is spoken from its first 6 words (tts.sentences)
 
 
 class Closing(Exception):
@@ -297,14 +299,19 @@ class LiveSession:
         the first pause on; if nothing was said since and it reads as finished, the turn ends once
         the quiet is `short_ms` long (now, or at a later frame: `hear`). An early guess that does
         not read as finished is made again on the audio of `short_ms` of quiet (Whisper may
-        punctuate the longer pause)."""
+        punctuate the longer pause). A guess made stale by more speech is made again at once if the
+        next pause has begun meanwhile."""
         while True:
             self.guess_key = key = self.pause()
             job = asyncio.ensure_future(run_in_threadpool(self.recognize, self.cut.heard()))
             self.guess_job = (key[0], job)  # the turn waits for it, if the utterance ends first (answer)
             heard = await asyncio.shield(job)
-            if not self.cut.in_speech or self.cut.spoken != key[0]:
-                return  # the user went on (or the utterance was cut meanwhile): this guess is stale
+            if not self.cut.in_speech:
+                return  # the utterance was cut (and answered) meanwhile
+            if self.cut.spoken != key[0]:  # the user went on: this guess is stale, and a pause heard
+                if self.cut.quiet_ms >= self.end_rule.guess_ms:  # meanwhile (no new guess while this one
+                    continue  # ran) gets one now, or a client that sends no more quiet waits for ever
+                return
             self.guessed = (key[0], heard)
             await self.end_if_finished()
             if self.end_rule.finished(heard.text) or key[1] or self.pause() == key:
@@ -480,7 +487,7 @@ class LiveSession:
                     yield piece
 
             try:
-                for sentence in sentences(text(), first_clause=FIRST_CLAUSE):
+                for sentence in sentences(text(), first_clause=FIRST_CLAUSE, first_words=FIRST_WORDS):
                     if not (words := spoken(sentence)):  # "..." alone has nothing to say
                         continue
                     # one synthesis at a time per voice, as /v1/audio/speech; held per sentence, not
