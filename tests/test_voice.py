@@ -176,6 +176,14 @@ def test_sentences_come_out_as_soon_as_they_end():
     assert list(sentences(["The tap water there, ", "in most towns, is safe."], first_clause=3)) == [
         "The tap water there,", "in most towns, is safe."]  # only the first piece is cut at a clause
     assert next(sentences(["Yes, the tap water, ", "is safe."], first_clause=3)) == "Yes, the tap water,"
+    # a long first sentence: its first words are spoken first, if enough of it follows them
+    answer = ["To kill all the child processes ", "of a script use kill. ", "Then wait for them."]
+    assert list(sentences(answer, first_clause=4, first_words=6)) == [
+        "To kill all the child processes", "of a script use kill.", "Then wait for them."]
+    assert list(sentences(["To kill all the child processes of a script, use kill."], 4, 6)) == [
+        "To kill all the child processes of a script,", "use kill."]  # a clause is a better place
+    assert next(sentences([" To kill all the child processes, use kill."], 4, 6)) == \
+        "To kill all the child processes,"  # one word after the 6th: no cut that leaves it alone
     long = list(sentences(["word, " * 100]))
     assert len(long) > 1 and all(len(s) <= 300 for s in long)
 
@@ -238,13 +246,18 @@ def test_whisper_transcribes_piper_speech(piper, whisper):
 
 
 @needs_espeak
-def test_whisper_with_a_window_fitted_to_the_clip_hears_the_same(piper):
-    """The live route's Whisper reads a window a second longer than the utterance, not 30 s."""
-    from parley.voice.asr import ASRError, WhisperASR, whisper_folder
+def test_whisper_with_a_window_fitted_to_the_clip_hears_the_same(piper, whisper):
+    """The live route's Whisper reads a window a second longer than the utterance (10 s at
+    least), not 30 s: its encoder is given that window's features, not 30 s of them (faster-whisper
+    pads each window to 30 s; WhisperASR cuts them back)."""
+    from parley.voice.asr import FIT_MIN_S, ASRError, WhisperASR, whisper_folder
 
     clip = piper.synthesize(SENTENCE)
     fitted = load_asr("default", window=0)
     assert fitted.window == 0 and wer(SENTENCE, fitted.transcribe(load_audio(wav_bytes(clip))).text) <= WER_BOUND
+    padded = np.zeros((1, 80, 3000), np.float32)  # what faster-whisper hands the encoder: 30 s of features
+    assert fitted.model.encode(padded).shape[1] == FIT_MIN_S * 50  # 2 features per encoder position
+    assert whisper.model.encode(padded).shape[1] == 1500  # the 30 s window reads all of it
     with pytest.raises(ASRError, match="window"):
         WhisperASR(whisper_folder("default"), window=31)
 

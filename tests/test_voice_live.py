@@ -65,15 +65,17 @@ def send_audio(ws, pcm: bytes) -> None:
         ws.send(pcm[i:i + CHUNK])
 
 
-def until(ws, kind: str, seen: list, timeout: float = 120) -> dict:
-    """Read messages into `seen` (a binary one after its "audio" as that message's "pcm") until one of `kind`."""
+def until(ws, kind: str | tuple[str, ...], seen: list, timeout: float = 120) -> dict:
+    """Read messages into `seen` (a binary one after its "audio" as that message's "pcm") until
+    one of `kind` (a type, or several) or an error."""
+    kinds = (kind,) if isinstance(kind, str) else kind
     while True:
         message = ws.recv(timeout=timeout)
         if isinstance(message, bytes):
             seen[-1]["pcm"] = message
             continue
         seen.append(json.loads(message))
-        if seen[-1]["type"] in (kind, "error"):
+        if seen[-1]["type"] in (*kinds, "error"):
             return seen[-1]
 
 

@@ -17,7 +17,8 @@ heard an utterance begin); `transcript` {text, final: false} at 2 s of an uttera
 parley.voice.vad.EndOfTurn: Whisper starts at 100 ms of quiet; the turn ends after 200 ms of
 quiet if the transcript reads as finished, else after 600 ms); `turn` {conversation}; `text`
 {text} as the answer streams; `audio` {text, rate, samples} followed by one binary message with
-that sentence's PCM16 (first sentence, or first clause of 4+ words, as soon as it is written;
+that sentence's PCM16 (first sentence, or first clause of 4+ words, or the first 6 words of a
+sentence of 10 or more, as soon as it is written;
 the turn's first `audio` also has `latency`: {endpoint_ms: last speech frame -> turn decided,
 asr_ms: the wait for the final transcript, 0 when the early one was reused, first_text_ms:
 turn started -> first spoken text, tts_ms: its synthesis}); `interrupted` {conversation};
@@ -59,6 +60,7 @@ from parley.serve.errors import APIError
 from parley.serve.routes_audio import WHISPER, Voices
 from parley.serve.server import Server
 from parley.serve.turns import QueueFull, RunningTurn, TurnDone, TurnStarted
+from parley.voice.asr import Transcription
 
 RATE = 16_000
 MAX_FRAME_BYTES = 32_000  # one second of 16 kHz PCM16
@@ -66,6 +68,7 @@ PARTIAL_EVERY_S = 1.5  # a partial transcript after each 1.5 s of new speech (or
 # after 2 s: a short command ("turn on the lights") then ends without a partial in Whisper's way
 RESUME_S = 1.0  # speech this soon after an utterance whose turn has shown nothing yet goes on with it (retract)
 FIRST_CLAUSE = 4  # words before a comma may end the first spoken piece (as `parley chat --audio-out`)
+FIRST_WORDS = 6  # and a longer first sentence is spoken from its first 6 words (tts.sentences)
 
 
 class Closing(Exception):
@@ -108,7 +111,7 @@ class LiveSession:
         self.end_rule = EndOfTurn()
         self.cut = Endpointer(EnergyVAD(min_silence_ms=self.end_rule.long_ms), RATE)
         self.guess: asyncio.Task | None = None  # the transcript made after the first short quiet
-        self.guessed: tuple[int, str] | None = None  # (Endpointer.spoken then, its text)
+        self.guessed: tuple[int, Transcription] | None = None  # (Endpointer.spoken then, its transcription)
         self.guess_key = (-1, False)  # pause() when the last guess began
         self.guess_job: tuple[int, asyncio.Future] | None = None  # (Endpointer.spoken, its transcription)
         self.send_lock = asyncio.Lock()
@@ -134,6 +137,8 @@ class LiveSession:
         self.said: list[str] = []  # what the assistant has spoken in its latest turn (an echo of it is no barge-in)
         self.last_speech = 0.0  # perf_counter of the last frame heard as speech: where a turn's latency starts
         self.last_speech_frame = 0  # and its index in the stream (Endpointer.frames_seen)
+        self.broken: asyncio.Future = asyncio.get_running_loop().create_future()  # a task's error (spawn)
+        self.ended = False  # the client has gone (end): a turn that has not started its answer never does
 
     async def send(self, kind: str, **fields) -> None:
         async with self.send_lock:
@@ -146,15 +151,33 @@ class LiveSession:
         except (WebSocketDisconnect, RuntimeError):  # the client has gone already
             pass
 
+    def spawn(self, work) -> asyncio.Task:
+        """Run `work` beside the session; if it fails, the session ends with its error (`receive`
+        raises it) instead of the client waiting for a message that never comes."""
+        def failed(task: asyncio.Task) -> None:
+            if not task.cancelled() and task.exception() is not None and not self.broken.done():
+                self.broken.set_result(task.exception())
+
+        task = asyncio.create_task(work)
+        task.add_done_callback(failed)
+        return task
+
     async def receive(self) -> dict:
-        """The client's next message; an idle session (no message, and no turn going) is closed."""
+        """The client's next message; an idle session (no message, and no turn going) is closed,
+        and a failed task of the session (spawn) ends it."""
         while True:
-            try:
-                return await asyncio.wait_for(self.ws.receive(), self.settings.voice_idle_seconds)
-            except TimeoutError:
-                if self.task is None or self.task.done():
-                    raise Closing(f"no audio or message for {self.settings.voice_idle_seconds:g} s: the session "
-                                  "is closed", "idle_timeout") from None
+            message = asyncio.ensure_future(self.ws.receive())
+            await asyncio.wait((message, self.broken), timeout=self.settings.voice_idle_seconds,
+                               return_when=asyncio.FIRST_COMPLETED)
+            if self.broken.done():
+                message.cancel()
+                raise self.broken.result()
+            if message.done():
+                return message.result()
+            message.cancel()
+            if self.task is None or self.task.done():
+                raise Closing(f"no audio or message for {self.settings.voice_idle_seconds:g} s: the session "
+                              "is closed", "idle_timeout")
 
     # ------------------------------------------------------------------ the session
 
@@ -239,7 +262,7 @@ class LiveSession:
                     await self.barge_in()
         if self.over is not None and self.over.check is None and self.cut.in_speech and (
                 self.cut.spoken - self.over.spoken) * self.cut.vad.frame_ms >= self.barge_rule.min_ms:
-            self.over.check = asyncio.create_task(self.vet(self.cut.heard(), self.over))
+            self.over.check = self.spawn(self.vet(self.cut.heard(), self.over))
         if not self.cut.in_speech and self.cut.speech_frames == 0:
             self.overlong = False  # quiet was heard: speech from here on is a new utterance
         if self.cut.in_speech and len(self.cut.heard()) > self.settings.voice_max_utterance_seconds * RATE:
@@ -250,11 +273,11 @@ class LiveSession:
         await self.end_if_finished()
         if self.cut.in_speech and self.cut.quiet_ms >= self.end_rule.guess_ms and self.guess_key != self.pause() \
                 and (self.guess is None or self.guess.done()):  # one early guess per quiet stretch, one at short_ms
-            self.guess = asyncio.create_task(self.guess_end())
+            self.guess = self.spawn(self.guess_end())
         elif self.cut.in_speech and self.cut.quiet_ms == 0 and (self.partial is None or self.partial.done()) \
                 and self.partial_due(len(self.cut.heard())):
             self.partial_at = len(self.cut.heard())
-            self.partial = asyncio.create_task(self.say_partial(self.cut.heard()))
+            self.partial = self.spawn(self.say_partial(self.cut.heard()))
 
     def partial_due(self, heard: int) -> bool:
         """A partial transcript at 2 s of an utterance, then every PARTIAL_EVERY_S or 3x the last ASR time."""
@@ -276,22 +299,27 @@ class LiveSession:
         the first pause on; if nothing was said since and it reads as finished, the turn ends once
         the quiet is `short_ms` long (now, or at a later frame: `hear`). An early guess that does
         not read as finished is made again on the audio of `short_ms` of quiet (Whisper may
-        punctuate the longer pause)."""
+        punctuate the longer pause). A guess made stale by more speech is made again at once if the
+        next pause has begun meanwhile."""
         while True:
             self.guess_key = key = self.pause()
-            job = asyncio.ensure_future(run_in_threadpool(self.transcribe, self.cut.heard()))
+            job = asyncio.ensure_future(run_in_threadpool(self.recognize, self.cut.heard()))
             self.guess_job = (key[0], job)  # the turn waits for it, if the utterance ends first (answer)
-            text = await asyncio.shield(job)
-            if not self.cut.in_speech or self.cut.spoken != key[0]:
-                return  # the user went on (or the utterance was cut meanwhile): this guess is stale
-            self.guessed = (key[0], text)
+            heard = await asyncio.shield(job)
+            if not self.cut.in_speech:
+                return  # the utterance was cut (and answered) meanwhile
+            if self.cut.spoken != key[0]:  # the user went on: this guess is stale, and a pause heard
+                if self.cut.quiet_ms >= self.end_rule.guess_ms:  # meanwhile (no new guess while this one
+                    continue  # ran) gets one now, or a client that sends no more quiet waits for ever
+                return
+            self.guessed = (key[0], heard)
             await self.end_if_finished()
-            if self.end_rule.finished(text) or key[1] or self.pause() == key:
+            if self.end_rule.finished(heard.text) or key[1] or self.pause() == key:
                 return
 
     async def end_if_finished(self) -> None:
         if self.guessed and self.guessed[0] == self.cut.spoken and self.cut.quiet_ms >= self.end_rule.short_ms \
-                and self.end_rule.finished(self.guessed[1]):
+                and self.end_rule.finished(self.guessed[1].text):
             for utterance in self.cut.flush():
                 await self.answer(utterance.clip)
 
@@ -322,18 +350,18 @@ class LiveSession:
         """The assistant's turn generates or its audio still plays: speech now may be its own voice."""
         return self.running is not None or time.monotonic() < self.playing_until
 
-    async def vet(self, samples: np.ndarray, over: Over, known: str | None = None) -> str:
-        """Decide whether speech over the answer is a barge-in (parley.voice.vad.BargeIn); act on
-        a yes at once. Returns the transcript."""
-        heard = await run_in_threadpool(self.recognize, samples)  # its segments say how sure Whisper is
-        text = known if known is not None else heard.text
-        over.verdict = self.barge_rule.verdict(text, " ".join(self.said), heard.segments)
+    async def vet(self, samples: np.ndarray, over: Over, known: Transcription | None = None) -> Transcription:
+        """Decide whether speech over the answer is a barge-in (parley.voice.vad.BargeIn) on `known`,
+        the utterance's transcription, or `samples` transcribed now; act on a yes at once. Returns
+        the transcription judged (its text and its own segments: see BargeIn.verdict)."""
+        heard = known if known is not None else await run_in_threadpool(self.recognize, samples)
+        over.verdict = self.barge_rule.verdict(heard, " ".join(self.said))
         if not over.verdict and self.over is over:
             self.over = None
             resumed = self.open_turn is not None and \
                 (over.at - self.open_turn[2]) * self.cut.vad.frame_ms < RESUME_S * 1000  # stream time, not wall
             await (self.retract() if resumed else self.barge_in())
-        return text
+        return heard
 
     async def barge_in(self) -> None:
         """The user started speaking: stop the assistant if it is speaking (see the module docstring)."""
@@ -362,37 +390,38 @@ class LiveSession:
         decided = time.perf_counter()
         over, self.over = self.over, None
         if over is not None:  # spoken over the answer: a turn only if it is a barge-in
-            self.deciding = asyncio.create_task(self.answer_over(clip, over, known, decided))
+            self.deciding = self.spawn(self.answer_over(clip, over, known, decided))
             return
         self.start_turn(clip.samples, known, decided)
 
-    def start_turn(self, samples: np.ndarray, known: str | asyncio.Future | None, decided: float) -> None:
+    def start_turn(self, samples: np.ndarray, known: Transcription | asyncio.Future | None, decided: float) -> None:
         latency = {"endpoint_ms": round((decided - self.last_speech) * 1000), "spoke": self.last_speech_frame}
         previous = self.task
-        self.task = asyncio.create_task(self.turn(samples, previous, known, latency))
+        self.task = self.spawn(self.turn(samples, previous, known, latency))
 
-    async def answer_over(self, clip, over: Over, known: str | asyncio.Future | None, decided: float) -> None:
+    async def answer_over(self, clip, over: Over, known: Transcription | asyncio.Future | None,
+                          decided: float) -> None:
         """An utterance that began over the answer has ended: answered if it was a barge-in."""
         if isinstance(known, asyncio.Future):
             known = await known
         if over.check is not None:
             await asyncio.gather(over.check, return_exceptions=True)
         self.over = over  # vet acts on it (barge_in) only while it is the one in question
-        text = await self.vet(clip.samples, over, known)
+        heard = await self.vet(clip.samples, over, known)
         self.over = None
         if over.verdict:
-            await self.send("ignored", text=text, reason=over.verdict)
+            await self.send("ignored", text=heard.text, reason=over.verdict)
         else:
-            self.start_turn(clip.samples, text, decided)
+            self.start_turn(clip.samples, heard, decided)
 
-    async def turn(self, samples: np.ndarray, previous: asyncio.Task | None, known: str | asyncio.Future | None,
-                   latency: dict) -> None:
+    async def turn(self, samples: np.ndarray, previous: asyncio.Task | None,
+                   known: Transcription | asyncio.Future | None, latency: dict) -> None:
         if previous is not None:
             await asyncio.gather(previous, return_exceptions=True)
         self.barged, start = False, time.perf_counter()
         if isinstance(known, asyncio.Future):
             known = await known
-        text = known if known is not None else await run_in_threadpool(self.transcribe, samples)
+        text = known.text if known is not None else await run_in_threadpool(self.transcribe, samples)
         latency["asr_ms"] = round((time.perf_counter() - start) * 1000)
         text, self.carry = " ".join(filter(None, (self.carry, text))), ""
         if self.barged:  # the user went on before this turn began: it is said with the next utterance
@@ -410,6 +439,10 @@ class LiveSession:
         except QueueFull as e:
             await self.send("error", message=str(e), code="busy")
             return
+        if self.ended:
+            running.stop()
+        elif self.barged:  # spoken over while its transcript was being sent: a barge-in at its start
+            running.interrupt("barge-in")
         pieces: queue.Queue = queue.Queue()
         speaking = asyncio.create_task(self.speak(pieces, latency))
         done = None
@@ -454,16 +487,18 @@ class LiveSession:
                     yield piece
 
             try:
-                with self.tts_busy:  # one synthesis at a time per voice, as /v1/audio/speech
-                    for sentence in sentences(text(), first_clause=FIRST_CLAUSE):
-                        if not (words := spoken(sentence)):  # "..." alone has nothing to say
-                            continue
+                for sentence in sentences(text(), first_clause=FIRST_CLAUSE, first_words=FIRST_WORDS):
+                    if not (words := spoken(sentence)):  # "..." alone has nothing to say
+                        continue
+                    # one synthesis at a time per voice, as /v1/audio/speech; held per sentence, not
+                    # while the answer is written (another session's speech would wait for this answer)
+                    with self.tts_busy:
                         start = time.perf_counter()
                         clip = self.tts.synthesize(words)
-                        if self.barged:
-                            break
-                        times = (start, time.perf_counter())
-                        loop.call_soon_threadsafe(made.put_nowait, (sentence, clip, times))
+                    if self.barged:
+                        break
+                    times = (start, time.perf_counter())
+                    loop.call_soon_threadsafe(made.put_nowait, (sentence, clip, times))
             except TTSError:
                 pass  # nothing speakable left (text only): the answer's text has been sent
             finally:
@@ -491,7 +526,7 @@ class LiveSession:
 
     async def end(self) -> None:
         """The client has gone: a turn still going stops (a plain stop, not a barge-in)."""
-        self.barged = True
+        self.barged = self.ended = True
         if self.running is not None:
             self.running.stop()
         for task in (self.deciding, self.task, self.partial, self.guess):

@@ -22,9 +22,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
+import numpy as np
+
 from parley.voice.audio import MODEL_RATE, Clip, resample
 
 WHISPER_ALIASES = ("default", "whisper-1", "tiny.en", "whisper-tiny.en")
+FIT_MIN_S = 10  # the shortest window a fitted Whisper encoder reads (WhisperASR window=0)
+LEAD_S = 0.3  # quiet put before a clip in a fitted window ("turn on the lights" lost "turn" without it)
+
+
+def fitted_window(seconds: float, smallest: int = FIT_MIN_S) -> int:
+    """The window, in seconds, a fitted Whisper reads for a clip: a second over it, `smallest` at least."""
+    return min(30, max(smallest, math.ceil(seconds) + 1))
 
 
 class ASRError(ValueError):
@@ -59,8 +68,10 @@ class WhisperASR:
     """Whisper in CTranslate2 format via faster-whisper. `dtype` is CTranslate2's compute type
     (int8 is the fastest on CPU; float32 the most exact); `beam_size` 1 is greedy decoding.
     `window` is the seconds of audio the encoder reads at a time: Whisper's own 30, or 0 to fit
-    it to each clip (a second over its length): a short utterance then costs the encoder a
-    fraction of 30 s of padding (the live voice route; benchmarks/voice.py compares the WER)."""
+    it to each clip (fitted_window, after LEAD_S of quiet put before it): a short utterance then costs
+    the encoder a third of 30 s or less (the live voice route; benchmarks/voice.py compares the
+    WER). Shorter windows made tiny.en repeat itself ("what are you capable of what are you
+    capable of"): benchmarks/voice_window.py."""
 
     def __init__(self, folder: str | Path, name: str = "whisper", dtype: str = "int8", beam_size: int = 1,
                  threads: int = 0, window: int = 30):
@@ -73,20 +84,37 @@ class WhisperASR:
         if not 0 <= window <= 30:
             raise ASRError(f"window must be 0 (fit each clip) to 30 seconds, not {window}")
         self.name, self.beam_size, self.window = name, beam_size, window
-        self.model = WhisperModel(str(folder), device="cpu", compute_type=dtype,
-                                  cpu_threads=threads or min(4, os.cpu_count() or 1))
+        self.model = _fitted(WhisperModel)(str(folder), device="cpu", compute_type=dtype,
+                                           cpu_threads=threads or min(4, os.cpu_count() or 1))
         self.english_only = not self.model.model.is_multilingual
 
     def transcribe(self, clip: Clip) -> Transcription:
         if clip.rate != MODEL_RATE:
             raise ASRError(f"Whisper takes {MODEL_RATE} Hz audio, not {clip.rate} Hz (parley.voice.audio.load_audio)")
-        parts, info = self.model.transcribe(clip.samples, language="en" if self.english_only else None,
+        samples, lead = clip.samples, 0.0
+        if not self.window:  # in a short window, Whisper is unsure of a first word that starts the clip
+            lead, samples = LEAD_S, np.concatenate([np.zeros(int(LEAD_S * MODEL_RATE), np.float32), samples])
+        parts, info = self.model.transcribe(samples, language="en" if self.english_only else None,
                                             beam_size=self.beam_size, vad_filter=False,
                                             condition_on_previous_text=False,
-                                            chunk_length=self.window or min(30, math.ceil(clip.seconds) + 1))
-        segments = [Segment(round(s.start, 3), round(s.end, 3), s.text.strip(), s.avg_logprob, s.compression_ratio,
-                            s.no_speech_prob) for s in parts]
+                                            chunk_length=self.window or fitted_window(len(samples) / MODEL_RATE))
+        segments = [Segment(round(max(0.0, s.start - lead), 3), round(max(0.0, s.end - lead), 3), s.text.strip(),
+                            s.avg_logprob, s.compression_ratio, s.no_speech_prob) for s in parts]
         return Transcription(" ".join(s.text for s in segments if s.text), segments, info.language, clip.seconds)
+
+
+def _fitted(whisper_model: type) -> type:
+    """faster-whisper's WhisperModel, but its encoder reads the window it was asked for: the
+    library pads every window's features to 30 s before the encoder (`pad_or_trim`), so a
+    shorter `chunk_length` alone saves nothing there, where nearly all of a short clip's time
+    goes. Here the features are cut back to the window (faster-whisper sets `nb_max_frames` to
+    it on each call): the encoder's cost follows the clip's length (whisper.cpp's `audio_ctx`)."""
+
+    class Fitted(whisper_model):
+        def encode(self, features):
+            return super().encode(features[..., :self.feature_extractor.nb_max_frames])
+
+    return Fitted
 
 
 class Wav2Vec2ASR:

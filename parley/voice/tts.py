@@ -141,10 +141,13 @@ def spoken(sentence: str) -> str:
     return words if any(c.isalnum() for c in words) else ""
 
 
-def sentences(pieces: Iterable[str], first_clause: int = 0) -> Iterator[str]:
+def sentences(pieces: Iterable[str], first_clause: int = 0, first_words: int = 0) -> Iterator[str]:
     """The sentences of streamed text, each as soon as it is complete (the last at the end). With
     `first_clause` > 0 the first piece may end at a comma, semicolon or colon once it has that
-    many words: a voice turn's first audio then waits for a clause, not a whole sentence."""
+    many words: a voice turn's first audio then waits for a clause, not a whole sentence. With
+    `first_words` > 0 as well, a longer first sentence (or clause) is cut after that many words
+    when `first_clause` words or more follow it: the first audio is a short piece, whose
+    synthesis is quick, and the rest is made while it plays."""
     buffer, first = "", first_clause > 0
     for piece in pieces:
         buffer += piece
@@ -154,6 +157,9 @@ def sentences(pieces: Iterable[str], first_clause: int = 0) -> Iterator[str]:
                 clause = next((c for c in _CLAUSE.finditer(buffer, 0, end.start() if end else len(buffer))
                                if len(buffer[:c.start()].split()) >= first_clause), None)
                 end = clause or end
+                if first_words:
+                    end = _after_words(buffer[:end.start() if end else len(buffer)], first_words,
+                                       first_clause) or end
             if end is None and len(buffer) > SOFT_LIMIT:
                 cut = max(buffer.rfind(", ", 0, SOFT_LIMIT), buffer.rfind(" ", 0, SOFT_LIMIT))
                 end = re.compile(r"\s+").search(buffer, cut if cut > 0 else SOFT_LIMIT)
@@ -165,6 +171,12 @@ def sentences(pieces: Iterable[str], first_clause: int = 0) -> Iterator[str]:
                 yield sentence
     if buffer.strip():
         yield buffer.strip()
+
+
+def _after_words(text: str, words: int, tail: int) -> re.Match | None:
+    """The space after the `words`-th word of `text`, if `tail` or more words follow it."""
+    gaps = [gap for gap in re.finditer(r"\s+", text.rstrip()) if gap.start() > 0]
+    return gaps[words - 1] if len(gaps) >= words + tail - 1 else None
 
 
 def speak_stream(tts: TTS, pieces: Iterable[str], first_clause: int = 0) -> Iterator[tuple[str, Clip]]:

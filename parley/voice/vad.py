@@ -21,6 +21,7 @@ from typing import Protocol
 
 import numpy as np
 
+from parley.voice.asr import Transcription, normalize
 from parley.voice.audio import Clip
 
 
@@ -175,13 +176,13 @@ class BargeIn:
 
     no_speech: float = 0.5  # Whisper's no-speech probability over this in every segment: a noise it put words to
 
-    def verdict(self, text: str, said: str, segments=()) -> str:
-        """'' for a barge-in, else why not: "noise" (no words, or `segments`, Whisper's, say it was
-        not sure there was speech: it puts "you" to a burst of noise) or "echo" (the answer's own words)."""
-        from parley.voice.asr import normalize
-
-        words, answer = normalize(text), normalize(said)
-        unsure = segments and all(s.no_speech_prob > self.no_speech for s in segments)
+    def verdict(self, heard: Transcription, said: str) -> str:
+        """'' for a barge-in, else why not: "noise" (no words, or the segments say Whisper was not
+        sure there was speech: it puts "you" to a burst of noise) or "echo" (the answer's own words).
+        `heard` is judged whole: its text with its own segments (the text of one Whisper pass with
+        the segments of another, on a longer or shorter cut, can read a noise as words)."""
+        words, answer = normalize(heard.text), normalize(said)
+        unsure = heard.segments and all(s.no_speech_prob > self.no_speech for s in heard.segments)
         if unsure or not any(any(c.isalpha() for c in w) for w in words):
             return "noise"
         return "echo" if _echoed(words, answer) >= self.echo_share * len(words) else ""
