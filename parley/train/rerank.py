@@ -1,8 +1,9 @@
 """Train the reranker (parley/pipeline/rerank.py) on questions generated for the chunks of an
 ingested knowledge base, never on a question a person wrote for measuring.
 
-    parley train reranker --db /tmp/python-docs.db --user bench       # writes PARLEY_HOME/reranker.safetensors
-    parley train reranker --db ... --lm_questions q.jsonl --exclude benchmarks/data/python_docs_questions.yml
+    parley train reranker --db /tmp/python-docs.db --user bench       # a query map: PARLEY_HOME/query_map.safetensors
+    parley train reranker --db ... --kind encoder --lm_questions q.jsonl --exclude benchmarks/data/python_docs_questions.yml
+        --negatives 3 --steps 140 --batch 8 --lr 1e-3 --encoder_lr 1e-4   # the cross-encoder: reranker.safetensors
 
 Recipe: sample `questions` chunks; for each, write one question by a template from what the
 chunk says about itself: its heading ("how does deque objects work in collections"), a code
@@ -12,10 +13,12 @@ chat model wrote for other chunks (`lm_questions`, a JSONL written with `lm_ques
 join them: they ask in a user's words rather than the page's. A question too close to one in
 an `exclude` file (the measurement sets) is dropped. The chunk is the answer; the hard negatives
 are the best hybrid-search chunks of other documents. A fifth of the questions (by `seed`) is
-held back to check the result. With `steps` > 0 the encoder is fine-tuned with the head
-(a cross-encoder: the pair read together), `batch` questions a step, the softmax over each
-question's group (the answer against its negatives) as the loss; with `steps` 0 the encoder
-stays frozen and only a linear head is trained on features computed once.
+held back to check the result, and written beside the output (`*.heldback.yml`) as a question
+set for `benchmarks/retrieval.py --questions`. Kind "encoder" fine-tunes the top `train_layers`
+layers of a copy of the encoder with the head (a cross-encoder: the pair read together), `batch`
+questions a step, the softmax over each question's group (the answer against its negatives) as
+the loss; kind "head" keeps the encoder frozen and trains only a linear head on features
+computed once.
 """
 
 from __future__ import annotations
