@@ -3,6 +3,7 @@
     python benchmarks/ingest_phases.py                      # 40 pages of the Python docs (seed 0)
     python benchmarks/ingest_phases.py --pages 0            # every page
     python benchmarks/ingest_phases.py --fast-reader DB     # also: would trafilatura's fast mode change chunks?
+    python benchmarks/ingest_phases.py --encoder-ops        # also: the encoder's time by operation (profiler)
 
 For a sample of pages of the manual (benchmarks/ingest.py's list, shuffled by seed 0), times
 reading and chunking (HTML through trafilatura, `_read_one`), tokenizing the chunks, embedding
@@ -94,6 +95,25 @@ def phases(pages: list[Path], batch_size: int) -> None:
           f"{batch_size}: {padding_waste(lengths, batch_size):.1%} of the tokens computed")
 
 
+def encoder_ops(batch_size: int, tokens: int = 256, repeats: int = 3) -> None:
+    """Where the encoder's own time goes: torch's profiler over `repeats` batches of full-length texts."""
+    from torch.profiler import ProfilerActivity, profile
+
+    embedder = Embedder.load(precision="auto")
+    batch = [[101] + [1996] * (tokens - 2) + [102]] * batch_size  # "[CLS] the the ... [SEP]": no padding
+    with torch.inference_mode():
+        embedder._forward(batch)
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            for _ in range(repeats):
+                embedder._forward(batch)
+    rows = sorted(prof.key_averages(), key=lambda e: -e.self_cpu_time_total)
+    total = sum(e.self_cpu_time_total for e in rows)
+    print(f"encoder ({embedder.precision}), {repeats} batches of {batch_size} x {tokens} tokens: "
+          f"{total / 1e6 / repeats:.2f} s a batch; share of its time by operation:")
+    for e in rows[:8]:
+        print(f"  {e.key:55} {e.self_cpu_time_total / total:.0%}")
+
+
 def fast_reader(db: Path, docs: Path) -> None:
     """Pages whose chunks trafilatura's fast mode (no comparison with other extractors) would change."""
     plain = readers.trafilatura.extract
@@ -123,6 +143,7 @@ def main() -> None:
     ap.add_argument("--docs", type=Path, default=DOCS, help="folder of the manual (apt-get install python3.11-doc)")
     ap.add_argument("--pages", type=int, default=40, help="pages sampled (seed 0); 0: all")
     ap.add_argument("--batch-size", type=int, default=32, help="texts per encoder batch, as benchmarks/ingest.py")
+    ap.add_argument("--encoder-ops", action="store_true", help="also profile the encoder's operations")
     ap.add_argument("--fast-reader", type=Path, metavar="DB", help="a store of the whole manual to compare against")
     args = ap.parse_args()
     if not args.docs.is_dir():
@@ -135,6 +156,8 @@ def main() -> None:
     pages = manual(args.docs)
     random.Random(0).shuffle(pages)
     phases(pages[: args.pages] if args.pages else pages, args.batch_size)
+    if args.encoder_ops:
+        encoder_ops(args.batch_size)
     if args.fast_reader:
         fast_reader(args.fast_reader, args.docs)
 
