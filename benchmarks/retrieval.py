@@ -110,7 +110,7 @@ def rank_of(found, answers: set[str]) -> int | None:
 
 def evaluate_manual(store: Store, embedder, user: int, questions: list[dict], k: int, candidates: int,
                     reranker: Reranker | None = None, query_map: QueryMap | None = None,
-                    rewrite: dict[str, str] | None = None) -> dict:
+                    rewrite: dict[str, str] | None = None, rerank_top: int = KnowledgeConfig().rerank_top) -> dict:
     """Per method and question kind: recall@1, recall@k, MRR@k and the questions missed at k.
     With a reranker, a query map or rewritten questions (question -> what is searched instead),
     one more method each: the default search with it."""
@@ -121,7 +121,7 @@ def evaluate_manual(store: Store, embedder, user: int, questions: list[dict], k:
     same = {q["q"]: q["q"] for q in questions}
     methods = {name: (mode, overrides, {}, same) for name, (mode, overrides) in METHODS.items()}
     if reranker is not None:
-        methods["+ cross-encoder reranker"] = ("hybrid", {}, {"reranker": reranker}, same)
+        methods["+ cross-encoder reranker"] = ("hybrid", {"rerank_top": rerank_top}, {"reranker": reranker}, same)
     if query_map is not None:
         methods["+ reranker (trained query map)"] = ("hybrid", {}, {"query_map": query_map}, same)
     if rewrite is not None:
@@ -129,15 +129,21 @@ def evaluate_manual(store: Store, embedder, user: int, questions: list[dict], k:
         methods["+ query rewriting by the model"] = ("hybrid", {}, {}, rewrite)
     for name, (mode, overrides, extra, searched) in methods.items():
         config = KnowledgeConfig(**{"candidates": candidates, **overrides})
-        rows = {}
+        rows, times = {}, []
         for kind in ("paraphrased", "keyword"):
             asked = [q for q in questions if q["kind"] == kind]
-            ranks = [rank_of(search(store, lambda texts, s=searched[q["q"]]: vectors[s], user, searched[q["q"]], k,
-                                    mode=mode, cache=cache, config=config, **extra), set(q["pages"])) for q in asked]
+            ranks = []
+            for q in asked:
+                began = time.perf_counter()
+                found = search(store, lambda texts, s=searched[q["q"]]: vectors[s], user, searched[q["q"]], k,
+                               mode=mode, cache=cache, config=config, **extra)
+                times.append(time.perf_counter() - began)
+                ranks.append(rank_of(found, set(q["pages"])))
             rows[kind] = {"n": len(asked), "r1": sum(r == 1 for r in ranks) / len(asked),
                           "rk": sum(r is not None for r in ranks) / len(asked),
                           "mrr": sum(1 / r for r in ranks if r) / len(asked),
                           "missed": [q["q"] for q, r in zip(asked, ranks) if r is None]}
+        rows["ms"] = 1000 * statistics.median(times)  # per query, the question already embedded
         table[name] = rows
         print(manual_table({name: rows}, k)[2], flush=True)  # each method's row as soon as it is done
     return table
@@ -193,14 +199,14 @@ def manual_main(args) -> None:
             query_map = QueryMap.load(args.query_map) if args.query_map else None
             rewrite = rewritten(questions, args.rewrite) if args.rewrite else None
             table = evaluate_manual(store, embedder, user, questions, args.k, args.candidates, reranker, query_map,
-                                    rewrite)
+                                    rewrite, args.rerank_top)
     print(f"questions: {questions_path.name}")
     lines = manual_table(table, args.k)
     print("\n".join(lines))
     if args.verbose:
         for name, rows in table.items():
-            for kind, row in rows.items():
-                for q in row["missed"]:
+            for kind in ("paraphrased", "keyword"):
+                for q in rows[kind]["missed"]:
                     print(f"  {name} missed ({kind}): {q}")
     if args.write:
         head = (f"\n## Retrieval on the whole Python 3.11 manual ({datetime.date.today()}, commit {commit()})\n\n"
@@ -212,11 +218,12 @@ def manual_main(args) -> None:
 
 
 def manual_table(table: dict, k: int) -> list[str]:
-    lines = [f"| method | paraphrased R@1 | R@{k} | MRR | keyword R@1 | R@{k} | MRR |", "|---|---|---|---|---|---|---|"]
+    lines = [f"| method | paraphrased R@1 | R@{k} | MRR | keyword R@1 | R@{k} | MRR | median ms/query |",
+             "|---|---|---|---|---|---|---|---|"]
     for name, rows in table.items():
         cells = [f"{rows[kind][m]:.3f}" for kind in ("paraphrased", "keyword") for m in ("r1", "rk", "mrr")]
-        lines.append(f"| {name} | " + " | ".join(cells) + " |")
-    n = {kind: row["n"] for kind, row in next(iter(table.values())).items()}
+        lines.append(f"| {name} | " + " | ".join(cells) + f" | {rows['ms']:.0f} |")
+    n = {kind: next(iter(table.values()))[kind]["n"] for kind in ("paraphrased", "keyword")}
     lines.append(f"\n({n['paraphrased']} paraphrased, {n['keyword']} keyword questions; R@n: share with a passage "
                  "from an answering page in the top n; MRR: mean 1/rank of the first, 0 past n.)")
     return lines
@@ -232,6 +239,8 @@ def main() -> None:
                     "the questions whose pages are in the database")
     ap.add_argument("--reranker", type=Path, help="with --manual: also measure this reranker head "
                     "(`parley train reranker`)")
+    ap.add_argument("--rerank-top", type=int, default=KnowledgeConfig().rerank_top,
+                    help="with --reranker: how many of the best fused chunks it reorders")
     ap.add_argument("--query-map", type=Path, help="with --manual: also measure this trained query map "
                     "(`parley train reranker --kind map`)")
     ap.add_argument("--rewrite", help="with --manual: also measure the questions rewritten by this model "

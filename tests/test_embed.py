@@ -53,3 +53,10 @@ def test_recent_texts_are_not_computed_twice(embedder):
         del embedder._forward
     assert calls == [1]  # only the new text went through the model
     np.testing.assert_array_equal(again[[2, 0]], first)
+
+
+def test_last_lengths_are_the_token_counts_the_encoder_read(embedder):
+    texts = ["short", "a somewhat longer sentence about the encoder", "x " * 400]  # the last one is cut at 256
+    embedder.encode(texts, remember=False)
+    assert embedder.last_lengths == [len(embedder.tokenizer.encode(t).ids) for t in texts]
+    assert embedder.last_lengths[2] == embedder.max_tokens

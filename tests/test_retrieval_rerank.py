@@ -13,7 +13,7 @@ from test_knowledge import store  # noqa: F401 (a fixture; `embedder` is conftes
 from parley.engine.engine import Engine
 from parley.pipeline.knowledge import KnowledgeConfig, KnowledgeStage, ingest, search
 from parley.pipeline.query_map import QueryMap, QueryMapError, train_query_map
-from parley.pipeline.rerank import Reranker
+from parley.pipeline.rerank import Reranker, RerankerError, pair_features
 from parley.pipeline.rewrite import QueryRewriter
 from parley.store import Store
 from parley.train.rerank import RerankTrainConfig, fine_tune, first_of, main, too_close
@@ -112,16 +112,32 @@ def test_a_fine_tuned_cross_encoder_is_its_own_copy(embedder, tmp_path):
     texts = list(TOPICS.values())
     groups = [("when is the rent due?", texts[0:4], "template"), ("when is the boiler serviced?", texts[1:5], "lm")]
     before = {name: p.detach().clone() for name, p in embedder.named_parameters()}
-    reranker = fine_tune(embedder, groups, RerankTrainConfig(steps=1, batch=2, max_tokens=48), log=lambda s: None)
+    cfg = RerankTrainConfig(steps=1, batch=2, max_tokens=48, train_layers=2)
+    reranker = fine_tune(embedder, groups, cfg, log=lambda s: None)
     assert reranker.embedder is not embedder and reranker.tuned
     assert all(torch.equal(p, before[name]) for name, p in embedder.named_parameters())  # retrieval's is untouched
     tuned = dict(reranker.embedder.named_parameters())
-    assert any(not torch.equal(tuned[name], p) for name, p in before.items())  # the copy learned
+    changed = {name for name, p in before.items() if not torch.equal(tuned[name], p)}
+    assert changed and all(name.startswith(("layers.4.", "layers.5.")) for name in changed)  # the top two alone
     reranker.save(tmp_path / "ce.safetensors")
-    loaded = Reranker.load(embedder, tmp_path / "ce.safetensors")
+    loaded = Reranker.load(embedder, tmp_path / "ce.safetensors", precision="fp32")
     assert loaded.tuned and loaded.max_tokens == 48
     question = "when is the rent due?"
     assert np.allclose(loaded.score(question, texts[:4]), reranker.score(question, texts[:4]), atol=1e-4)
+    fast = Reranker.load(embedder, tmp_path / "ce.safetensors", precision="bf16")  # what "auto" picks on AMX
+    assert next(fast.embedder.parameters()).dtype == torch.bfloat16
+    assert np.allclose(fast.score(question, texts[:4]), loaded.score(question, texts[:4]), atol=3e-2)
+    with pytest.raises(RerankerError, match="precision must be"):
+        Reranker.load(embedder, tmp_path / "ce.safetensors", precision="int4")
+    with pytest.raises(ValueError, match="train_layers"):
+        RerankTrainConfig(train_layers=7)
+
+
+def test_frozen_layers_change_no_feature(embedder):
+    texts = list(TOPICS.values())[:3]
+    full = pair_features(embedder, "when is the rent due?", texts)
+    for frozen in (0, 4, 6):  # the lower layers run without gradients, to the same values
+        assert torch.allclose(pair_features(embedder, "when is the rent due?", texts, frozen=frozen), full, atol=1e-6)
 
 
 def test_the_rewriter_keeps_the_question_in_front(tiny_chat_model):

@@ -107,6 +107,7 @@ class Embedder(nn.Module):
         super().__init__()
         self.remember = remember
         self.precision = "fp32"
+        self.last_lengths: list[int] = []
         self._recent: OrderedDict[str, np.ndarray] = OrderedDict()
         dim, eps = config["hidden_size"], config["layer_norm_eps"]
         self.dim = dim
@@ -171,6 +172,7 @@ class Embedder(nn.Module):
         out = np.zeros((len(texts), self.dim), dtype=np.float32)
         encodings = self.tokenizer.encode_batch([t if t.strip() else " " for t in texts])
         ids = [e.ids for e in encodings]
+        self.last_lengths = [len(i) for i in ids]  # token counts of the last texts encoded (for benchmarks)
         order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
         for start in range(0, len(order), batch_size):
             rows = order[start : start + batch_size]

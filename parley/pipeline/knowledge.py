@@ -27,7 +27,7 @@ holding the name verbatim; then pages are ranked by their best chunks and each g
 of them (a question is answered by a page); an optional trained reranker (rerank.py) may reorder
 the best chunks first, and an optional trained query map (query_map.py) may map the question's
 vector before the dense ranking; both are off by default (benchmarks/RESULTS.md, issue 17's
-"reranker row" section, says why). benchmarks/retrieval.py measures it (`--manual python`: a whole manual).
+sections "Issue 17, what was left" and "The cross-encoder reranker, trained and measured", say why). benchmarks/retrieval.py measures it (`--manual python`: a whole manual).
 
 `KnowledgeStage` runs this in the turn pipeline when the intent asks for knowledge and keeps
 only passages whose cosine similarity to the question clears a threshold, so small talk does
@@ -82,7 +82,7 @@ class KnowledgeConfig:
     exact_bonus: float = 1.0  # fused score, in top-rank units, for a chunk holding a named API verbatim
     per_page: int = 1  # page ranking: pages by their best chunks, this many chunks from each (0: rank chunks)
     rerank: bool = False  # the stage reorders the best fused chunks with the trained reranker (rerank.py)
-    rerank_top: int = 20  # how many of the best fused chunks the reranker reads
+    rerank_top: int = 10  # how many of the best fused chunks the reranker reads (10 beat 20 on the tuning set)
     query_map: str = ""  # a trained query map (query_map.py) the dense ranking maps the question with ('' = none)
     intents: frozenset[str] = frozenset({"knowledge_question", "out_of_scope"})  # that retrieve
     # intents whose question must be answered from the documents: when nothing relevant is found

@@ -1,8 +1,9 @@
 """Train the reranker (parley/pipeline/rerank.py) on questions generated for the chunks of an
 ingested knowledge base, never on a question a person wrote for measuring.
 
-    parley train reranker --db /tmp/python-docs.db --user bench       # writes PARLEY_HOME/reranker.safetensors
-    parley train reranker --db ... --lm_questions q.jsonl --exclude benchmarks/data/python_docs_questions.yml
+    parley train reranker --db /tmp/python-docs.db --user bench       # a query map: PARLEY_HOME/query_map.safetensors
+    parley train reranker --db ... --kind encoder --lm_questions q.jsonl --exclude benchmarks/data/python_docs_questions.yml
+        --negatives 3 --steps 140 --batch 8 --lr 1e-3 --encoder_lr 1e-4   # the cross-encoder: reranker.safetensors
 
 Recipe: sample `questions` chunks; for each, write one question by a template from what the
 chunk says about itself: its heading ("how does deque objects work in collections"), a code
@@ -12,10 +13,12 @@ chat model wrote for other chunks (`lm_questions`, a JSONL written with `lm_ques
 join them: they ask in a user's words rather than the page's. A question too close to one in
 an `exclude` file (the measurement sets) is dropped. The chunk is the answer; the hard negatives
 are the best hybrid-search chunks of other documents. A fifth of the questions (by `seed`) is
-held back to check the result. With `steps` > 0 the encoder is fine-tuned with the head
-(a cross-encoder: the pair read together), `batch` questions a step, the softmax over each
-question's group (the answer against its negatives) as the loss; with `steps` 0 the encoder
-stays frozen and only a linear head is trained on features computed once.
+held back to check the result, and written beside the output (`*.heldback.yml`) as a question
+set for `benchmarks/retrieval.py --questions`. Kind "encoder" fine-tunes the top `train_layers`
+layers of a copy of the encoder with the head (a cross-encoder: the pair read together), `batch`
+questions a step, the softmax over each question's group (the answer against its negatives) as
+the loss; kind "head" keeps the encoder frozen and trains only a linear head on features
+computed once.
 """
 
 from __future__ import annotations
@@ -59,7 +62,9 @@ class RerankTrainConfig:
     steps: int = setting(200, "fine-tuning steps of the encoder (kind encoder)")
     batch: int = setting(4, "questions per fine-tuning step")
     encoder_lr: float = setting(3e-5, "AdamW learning rate of the encoder when fine-tuned")
-    max_tokens: int = setting(160, "longest question + passage pair the reranker reads, in tokens")
+    max_tokens: int = setting(256, "longest question + passage pair the reranker reads, in tokens")
+    train_layers: int = setting(2, "top layers of the encoder fine-tuned with the head (kind encoder; "
+                                "the embeddings and the layers below stay frozen)")
     epochs: int = setting(300, "full-batch passes (kinds map and head)")
     lr: float = setting(1e-2, "learning rate of the map or the head")
     temperature: float = setting(0.05, "softmax temperature of the map's cosines")
@@ -71,6 +76,8 @@ class RerankTrainConfig:
             raise ValueError(f"need questions >= 10, negatives >= 1, epochs >= 1 and positive rates: {self}")
         if self.steps < 1 or self.batch < 1 or self.max_tokens < 32 or self.temperature <= 0 or self.anchor < 0:
             raise ValueError(f"need steps >= 1, batch >= 1, max_tokens >= 32, temperature > 0, anchor >= 0: {self}")
+        if not 1 <= self.train_layers <= 6:
+            raise ValueError(f"train_layers must be between 1 and the encoder's 6 layers, not {self.train_layers}")
         if self.kind not in ("map", "head", "encoder"):
             raise ValueError(f"kind must be map, head or encoder, not {self.kind!r}")
 
@@ -169,15 +176,15 @@ def generated_questions(store: Store, user: int, cfg: RerankTrainConfig) -> tupl
 
 
 def training_groups(store: Store, embedder: Embedder, user: int, asked: list[tuple], negatives: int) -> list[tuple]:
-    """[(question, [answer, negative, ...], source)]: the negatives are the best hybrid-search
-    chunks of other documents."""
+    """[(question, [answer, negative, ...], source, document id)]: the negatives are the best
+    hybrid-search chunks of other documents."""
     cache, plain = VectorCache(), KnowledgeConfig(per_page=0)
     groups = []
     for _, doc, text, question, source in asked:
         found = search(store, embedder, user, question, 20, cache=cache, config=plain)
         others = [c.chunk.text for c in found if c.chunk.document_id != doc][:negatives]
         if len(others) == negatives:
-            groups.append((question, [text, *others], source))
+            groups.append((question, [text, *others], source, doc))
     return groups
 
 
@@ -218,19 +225,29 @@ def train_head(features: torch.Tensor, epochs: int, lr: float, seed: int) -> tup
 
 
 def fine_tune(embedder: Embedder, groups: list, cfg: RerankTrainConfig, log=print) -> Reranker:
-    """A copy of the encoder and a head trained together on the groups (answer first)."""
+    """A copy of the encoder whose top `cfg.train_layers` layers are trained with the head on the
+    groups (answer first). The embeddings and lower layers stay as they are and run without
+    gradients, in bf16 where the CPU multiplies it in hardware: the word table's gradient and
+    a backward pass through every layer cost most of a step, and the trained layers run under
+    bf16 autocast on such a CPU too (benchmarks/RESULTS.md, "The cross-encoder reranker")."""
     torch.manual_seed(cfg.seed)
-    encoder = copy.deepcopy(embedder).float().train()
+    encoder = copy.deepcopy(embedder).float().train().requires_grad_(False)
+    frozen = len(encoder.layers) - cfg.train_layers
+    tuned = encoder.layers[frozen:].requires_grad_(True)
+    low = torch.bfloat16 if fast_bf16() else torch.float32
+    for part in (encoder.words, encoder.positions, encoder.types, encoder.norm, *encoder.layers[:frozen]):
+        part.to(low).eval()
     weight = torch.zeros(2 * embedder.dim, requires_grad=True)
     bias = torch.zeros((), requires_grad=True)
-    opt = torch.optim.AdamW([{"params": list(encoder.parameters()), "lr": cfg.encoder_lr},
+    opt = torch.optim.AdamW([{"params": list(tuned.parameters()), "lr": cfg.encoder_lr},
                              {"params": [weight, bias], "lr": cfg.lr}], weight_decay=1e-2)
     order = random.Random(cfg.seed).sample(range(len(groups)), len(groups))
     start, losses = time.perf_counter(), []
     for step in range(cfg.steps):
         picks = [groups[order[(step * cfg.batch + j) % len(order)]] for j in range(cfg.batch)]
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=fast_bf16()):
-            logits = torch.stack([pair_features(encoder, q, texts, max_tokens=cfg.max_tokens) for q, texts, *_ in picks])
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=low == torch.bfloat16):  # halves a step on AMX
+            logits = torch.stack([pair_features(encoder, q, texts, max_tokens=cfg.max_tokens, frozen=frozen)
+                                  for q, texts, *_ in picks])
         loss = F.cross_entropy(logits.float() @ weight + bias, torch.zeros(len(picks), dtype=torch.long))
         opt.zero_grad()
         loss.backward()
@@ -239,7 +256,9 @@ def fine_tune(embedder: Embedder, groups: list, cfg: RerankTrainConfig, log=prin
         if (step + 1) % 25 == 0 or step + 1 == cfg.steps:
             log(f"step {step + 1}/{cfg.steps}: loss {sum(losses[-25:]) / len(losses[-25:]):.3f} "
                 f"({time.perf_counter() - start:.0f} s)")
-    return Reranker(encoder.eval(), weight.detach(), bias.detach(), cfg.max_tokens, tuned=True)
+    result = copy.deepcopy(embedder).float()  # the frozen part exact, not the bf16 copy it ran in
+    result.layers[frozen:].load_state_dict(tuned.state_dict())
+    return Reranker(result.eval(), weight.detach(), bias.detach(), cfg.max_tokens, tuned=True)
 
 
 def first_rate(reranker: Reranker, groups: list) -> float:
@@ -288,14 +307,32 @@ def main(cfg: RerankTrainConfig) -> int:
                 features = torch.stack([pair_features(embedder, q, texts, max_tokens=cfg.max_tokens)
                                         for q, texts, *_ in train])
             reranker = Reranker(embedder, *train_head(features, cfg.epochs, cfg.lr, cfg.seed), cfg.max_tokens)
+        reranker.save(out)
+        with Store(store_target(cfg.db or None)) as store:
+            write_held_back(store, back, out.with_suffix(".heldback.yml"))
+        reranker = Reranker.load(embedder, out)  # as search will read it (bf16 where fast)
         for source in ("template", "lm"):
             mine = [g for g in back if g[2] == source]
             if mine:
-                print(f"held-back {source} questions: the answer first in {first_rate(reranker, mine):.2f} of "
-                      f"{len(mine)} groups (chance {1 / (1 + cfg.negatives):.2f})", flush=True)
-        reranker.save(out)
+                began = time.perf_counter()
+                rate = first_rate(reranker, mine)
+                print(f"held-back {source} questions: the answer first in {rate:.2f} of {len(mine)} groups (chance "
+                      f"{1 / (1 + cfg.negatives):.2f}; {(time.perf_counter() - began) / len(mine):.2f} s a group)",
+                      flush=True)
     print(f"wrote {out} in {time.perf_counter() - start:.0f} s")
     return 0
+
+
+def write_held_back(store: Store, back: list[tuple], path: Path) -> None:
+    """The held-back questions as a question set for benchmarks/retrieval.py (`--questions`): the
+    model's questions as "paraphrased", the templates' as "keyword", each answered by its chunk's
+    page. Never trained on: they tell how the reranker does on questions it has not seen."""
+    names = dict(store.db.execute("SELECT id, name FROM documents").fetchall())
+    rows = [{"kind": "paraphrased" if source == "lm" else "keyword", "q": q, "pages": [names[doc]]}
+            for q, _, source, doc in back]
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(yaml.safe_dump({"questions": rows}, sort_keys=False))
+    tmp.replace(path)
 
 
 def first_of(q: np.ndarray, pos: np.ndarray, neg: np.ndarray) -> float:
