@@ -12,7 +12,7 @@ import torch
 
 from parley import cli
 from parley.registry import Registry
-from parley.train.align_data import alignment_prompts, in_split, load_requests
+from parley.train.align_data import alignment_prompts, in_split, load_requests, repeats_itself
 from parley.train.data import ChatDataset
 from parley.train.losses import kl_loss
 from parley.train.preferences import Pair, write_pairs
@@ -36,6 +36,14 @@ def test_the_dev_split_holds_out_whole_lines():
         assert {r.text for r in dev if r.origin == "written" and r.harmful == (kind == "harmful")} == dev_lines
     with pytest.raises(ValueError, match="split must be one of all, train, dev"):
         alignment_prompts(split="test")
+
+
+def test_looping_answers_are_not_helpful_targets():
+    assert repeats_itself("You are not right now. " * 8)
+    assert repeats_itself("The Detectives in the Library.  The Detectives in the Library. " * 3)
+    assert not repeats_itself("To stop a frozen process on Linux, find its id with `ps aux | grep name` and run "
+                              "`kill PID`; if it ignores that, `kill -9 PID` ends it at once.")
+    assert not repeats_itself("Yes, yes, yes.")  # too short to judge
 
 
 def test_kl_loss_is_zero_only_where_the_distributions_agree():

@@ -58,6 +58,14 @@ def is_refusal(answer: str) -> bool:
     return bool(REFUSAL.search(answer.replace("’", "'")))
 
 
+def repeats_itself(answer: str, n: int = 4) -> bool:
+    """Whether an answer loops (fewer than half of its word n-grams distinct): a small model's greedy
+    failure, not a helpful answer to train on."""
+    words = answer.lower().split()
+    grams = [tuple(words[i:i + n]) for i in range(len(words) - n + 1)]
+    return len(grams) >= 4 and len(set(grams)) < 0.5 * len(grams)
+
+
 def typos(text: str, rng: random.Random, rate: float = 0.06) -> str:
     """Swap, drop or double a few letters, as a hurried typist does."""
     chars, out, i = list(text), [], 0

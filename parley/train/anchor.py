@@ -6,7 +6,7 @@ distribution is the target, not its sampled answers), the constraint TRL's and O
 sampled answers, moved onto the dialogs whose loss must not rise.
 
     anchor = AnchorConfig(dialogs="runs/corpus/dialogs-train.jsonl", coef=1.0)
-    get_batch, loss_fn = anchored(get_batch, loss_fn, model, anchor, tokenizer, seq_len, seed)
+    get_batch, loss_fn = anchored(get_batch, loss_fn, model, anchor, tokenizer, seed)
 
 A batch is then {"task": the stage's batch, "anchor": (inputs, targets, mask)}; a plain batch (the
 validation batches) gets the stage's loss alone, so validation losses stay comparable across runs.
@@ -32,11 +32,12 @@ class AnchorConfig:
                                "prepare`) on which the model is held to its base ('' = no anchor)")
     coef: float = setting(1.0, "weight of KL(base || model) on those dialogs' assistant tokens")
     batch_size: int = setting(4, "dialogs per micro-step")
+    seq_len: int = setting(128, "tokens of each dialog (from its start; most are long, multi-turn)")
 
     def __post_init__(self):
-        if not self.coef >= 0 or self.batch_size < 1:
-            raise ValueError(f"anchor.coef must be >= 0 and anchor.batch_size >= 1; got coef={self.coef}, "
-                             f"batch_size={self.batch_size}")
+        if not self.coef >= 0 or self.batch_size < 1 or self.seq_len < 2:
+            raise ValueError(f"anchor.coef must be >= 0, anchor.batch_size >= 1 and anchor.seq_len >= 2; got "
+                             f"coef={self.coef}, batch_size={self.batch_size}, seq_len={self.seq_len}")
 
     def check(self, lora_rank: int) -> None:
         """Before the model loads: the file exists, and the base can be had (adapters to switch off)."""
@@ -64,11 +65,11 @@ def adapters_off(model):
             m.scale = s
 
 
-def anchored(get_batch, loss_fn, model, anchor: AnchorConfig, tokenizer, seq_len: int, seed: int):
+def anchored(get_batch, loss_fn, model, anchor: AnchorConfig, tokenizer, seed: int):
     """(get_batch, loss_fn) for the loop with the anchor added; the arguments unchanged when it is off."""
     if not anchor.dialogs or not anchor.coef:
         return get_batch, loss_fn
-    dialogs = ChatDataset(anchor.dialogs, tokenizer, seq_len)
+    dialogs = ChatDataset(anchor.dialogs, tokenizer, anchor.seq_len)
 
     def batch(step, micro, rank, world):
         return {"task": get_batch(step, micro, rank, world),

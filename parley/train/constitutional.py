@@ -51,7 +51,8 @@ from parley.files import atomic_open
 from parley.pipeline.respond import PERSONA
 from parley.pipeline.safety import check_input, check_output, load_constitution
 from parley.registry import Registry
-from parley.train.align_data import REQUESTS, SPLITS, Request, alignment_prompts, is_refusal
+from parley.train.align_data import (REQUESTS, SPLITS, Request, alignment_prompts, is_refusal,
+                                     repeats_itself)
 from parley.train.anchor import AnchorConfig
 from parley.train.data import ChatDataset
 from parley.train.loop import TrainConfig, resolve_device
@@ -168,8 +169,9 @@ def build_dataset(cfg: ConstitutionalConfig, model, tokenizer, requests: list[Re
             record.update(critique=critiques[i], critique_usable=usable, model_revision=revisions[i],
                           revision=revisions[i] if use_model else principle[i].refusal(),
                           labeler="model" if use_model else "rails")
-        else:  # the base model's own answer, when it helps and the rails' output check lets it through
-            helpful = not refused and check_output(answer, constitution).action != "refuse" and len(answer) > 0
+        else:  # the base's own answer, when it helps, does not loop and the rails' output check lets it through
+            helpful = (not refused and check_output(answer, constitution).action != "refuse" and len(answer) > 0
+                       and not repeats_itself(answer))
             record.update(revision=answer if helpful else None, labeler="rails")
         records.append(record)
     return records

@@ -142,7 +142,7 @@ def main(cfg: DPOConfig) -> dict:
             return val.eval_batches(t.batch_size, t.eval_batches)
 
         before = preference_metrics(model, loss_fn, val, t.batch_size)
-        get_batch, train_loss = anchored(get_batch, loss_fn, model, cfg.anchor, tokenizer, t.seq_len, t.seed)
+        get_batch, train_loss = anchored(get_batch, loss_fn, model, cfg.anchor, tokenizer, t.seed)
         final = train(model, t, run, get_batch, train_loss, eval_batches=val_batches, params=params,
                       resume=cfg.resume)
         after = preference_metrics(model, loss_fn, val, t.batch_size)

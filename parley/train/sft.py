@@ -103,7 +103,7 @@ def fine_tune(cfg, model, tokenizer, chats: ChatDataset, val: ChatDataset, run: 
     before = evaluate(model, t, val_batches, lm_loss)
     if main_process:
         print(f"validation loss before fine-tuning: {before:.4f}")
-    get_batch, loss_fn = anchored(get_batch, lm_loss, model, anchor or AnchorConfig(), tokenizer, t.seq_len, t.seed)
+    get_batch, loss_fn = anchored(get_batch, lm_loss, model, anchor or AnchorConfig(), tokenizer, t.seed)
     final = train(model, t, run, get_batch, loss_fn, eval_batches=val_batches, params=params, resume=cfg.resume)
     final["val_loss_before"] = before
     if cfg.lora.rank:
