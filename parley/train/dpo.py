@@ -84,24 +84,25 @@ def make_loss(model, reference, beta: float, sft_coef: float = 0.0):
 
 
 @torch.no_grad()
-def preference_metrics(model, loss_fn, data: PairDataset, batch_size: int) -> dict:
+def preference_metrics(model, loss_fn, data: PairDataset, batch_size: int, dtype: str = "float32") -> dict:
     """On every pair of `data`: DPO loss, reward accuracy, and how often the model alone gives the chosen
-    answer more log-probability than the rejected one, and by how much on average (logp_margin)."""
-    was_training, count = model.training, 0
+    answer more log-probability than the rejected one, and by how much on average (logp_margin); in
+    bf16 autocast when `dtype` is bfloat16, as the loop's own evaluation."""
+    was_training, device = model.training, next(model.parameters()).device
     sums = {"loss": 0.0, "accuracy": 0.0, "prefers_chosen": 0.0, "logp_margin": 0.0}
     model.eval()
-    for batch in data.eval_batches(batch_size):
-        batch = tuple(b.to(next(model.parameters()).device) for b in batch)
-        loss, metrics = loss_fn(model, batch)
-        n = len(batch[0])
-        gap = sequence_logprobs(model, batch[0], batch[2]) - sequence_logprobs(model, batch[1], batch[3])
-        sums["loss"] += float(loss) * n
-        sums["accuracy"] += float(metrics["accuracy"]) * n
-        sums["prefers_chosen"] += float((gap > 0).float().sum())
-        sums["logp_margin"] += float(gap.sum())
-        count += n
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=dtype == "bfloat16"):
+        for batch in data.eval_batches(batch_size):
+            batch = tuple(b.to(device) for b in batch)
+            loss, metrics = loss_fn(model, batch)
+            n = len(batch[0])
+            gap = sequence_logprobs(model, batch[0], batch[2]) - sequence_logprobs(model, batch[1], batch[3])
+            sums["loss"] += float(loss) * n
+            sums["accuracy"] += float(metrics["accuracy"]) * n
+            sums["prefers_chosen"] += float((gap > 0).float().sum())
+            sums["logp_margin"] += float(gap.sum())
     model.train(was_training)
-    return {k: v / count for k, v in sums.items()}
+    return {k: v / len(data) for k, v in sums.items()}
 
 
 def main(cfg: DPOConfig) -> dict:
@@ -141,11 +142,11 @@ def main(cfg: DPOConfig) -> dict:
         def val_batches():
             return val.eval_batches(t.batch_size, t.eval_batches)
 
-        before = preference_metrics(model, loss_fn, val, t.batch_size)
+        before = preference_metrics(model, loss_fn, val, t.batch_size, t.dtype)
         get_batch, train_loss = anchored(get_batch, loss_fn, model, cfg.anchor, tokenizer, t.seed)
         final = train(model, t, run, get_batch, train_loss, eval_batches=val_batches, params=params,
                       resume=cfg.resume)
-        after = preference_metrics(model, loss_fn, val, t.batch_size)
+        after = preference_metrics(model, loss_fn, val, t.batch_size, t.dtype)
         final.update({f"val_{k}_before": v for k, v in before.items()})
         final.update({f"val_{k}_after": v for k, v in after.items()})
         if main_process:
