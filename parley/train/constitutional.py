@@ -21,10 +21,19 @@ refusal (parley/data/constitution.toml), which names the principle. Departure fr
 several critique/revision rounds over randomly drawn principles; we run one round against the principle the
 request was written for, since a 135M model's critiques are rarely usable (generation.json counts them).
 resume=true reuses the dataset already generated in the run folder and continues training from its checkpoint.
+With critic=rails the model writes no critique or revision at all (SmolLM2-135M's critiques agreed with
+the rails on 2 of 20 harmful answers: benchmarks/RESULTS.md, the first alignment section).
+
+Keeping what the model does well: `split=train` leaves the requests of the dev split (every fifth line,
+parley/train/align_data.py) out, to tune the recipe on; benign answers may be longer than the others
+(benign_tokens), so helpful targets are whole answers; `anchor.dialogs` holds the model to its base on
+ordinary dialogs (parley/train/anchor.py). The model answers in bfloat16 (what `parley chat` runs, on
+the C kernels' fastest path) and trains in fp32.
 """
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import random
@@ -42,7 +51,9 @@ from parley.files import atomic_open
 from parley.pipeline.respond import PERSONA
 from parley.pipeline.safety import check_input, check_output, load_constitution
 from parley.registry import Registry
-from parley.train.align_data import REQUESTS, Request, alignment_prompts, is_refusal
+from parley.train.align_data import (REQUESTS, SPLITS, Request, alignment_prompts, is_refusal,
+                                     repeats_itself)
+from parley.train.anchor import AnchorConfig
 from parley.train.data import ChatDataset
 from parley.train.loop import TrainConfig, resolve_device
 from parley.train.preferences import Pair, write_pairs
@@ -64,21 +75,25 @@ class ConstitutionalConfig:
     name: str = setting("", "register the result under this name ('' = the run folder's name)")
     resume: bool = setting(False, "reuse the dataset in `run` and continue its training from the newest checkpoint")
     requests: str = setting("", "requests TOML ('' = parley/data/alignment/requests.toml)")
-    limit: int = setting(0, "use N requests drawn at random (train.seed) from all of them (0 = all)")
+    split: Literal[SPLITS] = setting("train", "requests to use: train (the dev split left out for tuning), dev, all")
+    limit: int = setting(0, "use N requests drawn at random (train.seed) from the split (0 = all)")
     critic: Literal["auto", "model", "rails"] = setting(
         "auto", "who revises: auto = the model where its critique is usable, else the rails; model = the "
                 "model always (its revision kept even when unusable); rails = the rails always")
     max_tokens: int = setting(96, "most tokens of each answer, critique and revision")
+    benign_tokens: int = setting(0, "most tokens of the answers to benign requests, the helpful targets (0 = max_tokens)")
     temperature: float = setting(0.0, "sampling temperature of the model's answers (0 = greedy)")
     system_prompt: bool = setting(True, "give every other conversation Parley's system prompt (persona and "
                                         "constitution summary), as `parley chat` does")
     lora: LoRAConfig = field(default_factory=LoRAConfig)
+    anchor: AnchorConfig = field(default_factory=AnchorConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
 
     def __post_init__(self):
-        if self.limit < 0 or self.max_tokens < 1 or not self.temperature >= 0:
-            raise ValueError(f"limit must be >= 0, max_tokens >= 1 and temperature >= 0; got limit={self.limit}, "
-                             f"max_tokens={self.max_tokens}, temperature={self.temperature}")
+        if self.limit < 0 or self.max_tokens < 1 or self.benign_tokens < 0 or not self.temperature >= 0:
+            raise ValueError(f"limit must be >= 0, max_tokens >= 1, benign_tokens >= 0 and temperature >= 0; got "
+                             f"limit={self.limit}, max_tokens={self.max_tokens}, benign_tokens={self.benign_tokens}, "
+                             f"temperature={self.temperature}")
 
 
 def system_prompt(constitution) -> str:
@@ -86,15 +101,17 @@ def system_prompt(constitution) -> str:
     return f"{PERSONA}\n{constitution.summary}"
 
 
-def generate(engine: Engine, tokenizer, conversations: list[list[dict]], max_tokens: int, temperature: float = 0.0,
-             seed: int = 0) -> list[str]:
-    """The model's answer to each conversation, generated together (the engine batches them)."""
+def generate(engine: Engine, tokenizer, conversations: list[list[dict]], max_tokens: int | list[int],
+             temperature: float = 0.0, seed: int = 0) -> list[str]:
+    """The model's answer to each conversation, generated together (the engine batches them); max_tokens
+    for all of them or one per conversation."""
     if not conversations:
         return []
-    params = [SamplingParams(max_tokens=max_tokens, temperature=temperature, stop_ids=tokenizer.stop_ids,
+    limits = max_tokens if isinstance(max_tokens, list) else [max_tokens] * len(conversations)
+    params = [SamplingParams(max_tokens=limits[i], temperature=temperature, stop_ids=tokenizer.stop_ids,
                              seed=seed + i if temperature else None) for i in range(len(conversations))]
-    room = engine.context_length - max_tokens
-    prompts = [tokenizer.encode_chat(c, add_generation_prompt=True)[-room:] for c in conversations]
+    prompts = [tokenizer.encode_chat(c, add_generation_prompt=True)[-(engine.context_length - n):]
+               for c, n in zip(conversations, limits)]
     chunk = 128  # the engine queues a bounded number of requests (QueueFull past it)
     done = [c for i in range(0, len(prompts), chunk) for c in engine.generate(prompts[i:i + chunk], params[i:i + chunk])]
     return [tokenizer.decode(c.tokens).strip() for c in done]
@@ -119,11 +136,12 @@ def parse_critique(text: str) -> bool | None:
 def build_dataset(cfg: ConstitutionalConfig, model, tokenizer, requests: list[Request]) -> list[dict]:
     """Answer, critique and revise every request; one record each (see the module docstring)."""
     constitution = load_constitution()
-    engine = Engine(model, max_batch=32)
+    engine = Engine(copy.deepcopy(model).to(torch.bfloat16).eval(), max_batch=64)
     system = system_prompt(constitution)
     chats = [([{"role": "system", "content": system}] if cfg.system_prompt and i % 2 else [])
              + [{"role": "user", "content": r.text}] for i, r in enumerate(requests)]
-    answers = generate(engine, tokenizer, chats, cfg.max_tokens, cfg.temperature, cfg.train.seed)
+    limits = [cfg.max_tokens if r.harmful else cfg.benign_tokens or cfg.max_tokens for r in requests]
+    answers = generate(engine, tokenizer, chats, limits, cfg.temperature, cfg.train.seed)
     harmful = [i for i, r in enumerate(requests) if r.harmful]
     principle = {i: constitution[requests[i].principle] for i in range(len(requests))}
 
@@ -131,9 +149,12 @@ def build_dataset(cfg: ConstitutionalConfig, model, tokenizer, requests: list[Re
         p = principle[i]
         return [{"role": "user", "content": template.format(request=requests[i].text, answer=answers[i], id=p.id,
                                                             title=p.title, text=p.text, **extra)}]
-    critiques = dict(zip(harmful, generate(engine, tokenizer, [ask(CRITIQUE, i) for i in harmful], cfg.max_tokens)))
-    revisions = dict(zip(harmful, generate(engine, tokenizer, [ask(REVISION, i, critique=critiques[i])
-                                                               for i in harmful], cfg.max_tokens)))
+    critiques = revisions = dict.fromkeys(harmful, "")
+    if cfg.critic != "rails":
+        critiques = dict(zip(harmful, generate(engine, tokenizer, [ask(CRITIQUE, i) for i in harmful],
+                                               cfg.max_tokens)))
+        revisions = dict(zip(harmful, generate(engine, tokenizer, [ask(REVISION, i, critique=critiques[i])
+                                                                   for i in harmful], cfg.max_tokens)))
     records = []
     for i, request in enumerate(requests):
         answer, refused = answers[i], is_refusal(answers[i])
@@ -148,8 +169,9 @@ def build_dataset(cfg: ConstitutionalConfig, model, tokenizer, requests: list[Re
             record.update(critique=critiques[i], critique_usable=usable, model_revision=revisions[i],
                           revision=revisions[i] if use_model else principle[i].refusal(),
                           labeler="model" if use_model else "rails")
-        else:  # the base model's own answer, when it helps and the rails' output check lets it through
-            helpful = not refused and check_output(answer, constitution).action != "refuse" and len(answer) > 0
+        else:  # the base's own answer, when it helps, does not loop and the rails' output check lets it through
+            helpful = (not refused and check_output(answer, constitution).action != "refuse" and len(answer) > 0
+                       and not repeats_itself(answer))
             record.update(revision=answer if helpful else None, labeler="rails")
         records.append(record)
     return records
@@ -204,7 +226,8 @@ def main(cfg: ConstitutionalConfig) -> dict:
     t = cfg.train
     device = resolve_device(t.device)
     model_name(cfg)
-    requests = alignment_prompts(cfg.requests or REQUESTS, seed=t.seed)  # bad requests fail before the model loads
+    requests = alignment_prompts(cfg.requests or REQUESTS, seed=t.seed, split=cfg.split)  # before the model loads
+    cfg.anchor.check(cfg.lora.rank)
     if cfg.limit:
         requests = random.Random(t.seed).sample(requests, min(cfg.limit, len(requests)))
     model, tokenizer, _ = Registry().load(cfg.base, dtype=torch.float32)
@@ -229,7 +252,8 @@ def main(cfg: ConstitutionalConfig) -> dict:
         chats = ChatDataset(run / "dialogs-train.jsonl", tokenizer, t.seq_len)
         val = ChatDataset(run / "dialogs-val.jsonl", tokenizer, t.seq_len)
         params = add_adapters(model, cfg.lora, t.seed)
-        return fine_tune(cfg, model, tokenizer, chats, val, run, params, stage="constitutional")
+        return fine_tune(cfg, model, tokenizer, chats, val, run, params, stage="constitutional",
+                         anchor=cfg.anchor)
 
 
 if __name__ == "__main__":

@@ -12,13 +12,18 @@ their margin and the accuracy (chosen reward above rejected); the held-out pairs
 tenth pair of the file) are measured before and after: DPO loss, reward accuracy, and how often the
 policy itself gives the chosen answer the higher log-probability. Chosen and rejected answers go through
 the model in one forward pass (TRL's concatenated forward).
+
+Two regularisers keep DPO from drifting off what the model already does well: sft_coef adds the chosen
+answers' mean per-token negative log-likelihood (RPO, Pang et al. 2024; TRL's rpo_alpha), so the policy
+raises the chosen answer rather than only pushing the rejected one down; anchor.dialogs adds the KL to
+the base on ordinary dialogs (parley/train/anchor.py).
 """
 
 from __future__ import annotations
 
 import copy
 import os
-from contextlib import contextmanager, nullcontext
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -27,9 +32,10 @@ import torch
 from safetensors.torch import save_file
 
 from parley.config import setting
-from parley.model.lora import LoRALinear, lora_state_dict, merge_lora
+from parley.model.lora import lora_state_dict, merge_lora
 from parley.registry import Registry
-from parley.train.loop import TrainConfig, evaluate, resolve_device, train
+from parley.train.anchor import AnchorConfig, adapters_off, anchored
+from parley.train.loop import TrainConfig, resolve_device, train
 from parley.train.losses import dpo_loss
 from parley.train.preferences import PairDataset, load_pairs, sequence_logprobs
 from parley.train.sft import LoRAConfig, add_adapters
@@ -45,64 +51,58 @@ class DPOConfig:
     name: str = setting("", "register the result under this name ('' = the run folder's name)")
     resume: bool = setting(False, "continue the run in `run` from its newest checkpoint")
     beta: float = setting(0.1, "strength of the pull to the reference (DPO's beta): larger stays closer")
+    sft_coef: float = setting(0.0, "weight of the chosen answers' per-token NLL added to the DPO loss (RPO; 0 = off)")
     reference: Literal["auto", "frozen", "adapters-off"] = setting(
         "auto", "auto: adapters-off with LoRA, a frozen copy without; frozen: always a copy")
     lora: LoRAConfig = field(default_factory=LoRAConfig)
+    anchor: AnchorConfig = field(default_factory=AnchorConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
 
     def __post_init__(self):
-        if not self.beta > 0:
-            raise ValueError(f"beta must be positive, got {self.beta}")
+        if not self.beta > 0 or not self.sft_coef >= 0:
+            raise ValueError(f"beta must be positive and sft_coef >= 0, got beta={self.beta}, sft_coef={self.sft_coef}")
         if self.reference == "adapters-off" and not self.lora.rank:
             raise ValueError("reference=adapters-off needs LoRA adapters (lora.rank > 0); use frozen or auto")
 
 
-@contextmanager
-def adapters_off(model):
-    """The model without its LoRA adapters' contribution, for the duration of the block."""
-    layers = [m for m in model.modules() if isinstance(m, LoRALinear)]
-    scales = [m.scale for m in layers]
-    for m in layers:
-        m.scale = 0.0
-    try:
-        yield model
-    finally:
-        for m, s in zip(layers, scales):
-            m.scale = s
-
-
-def make_loss(model, reference, beta: float):
-    """loss_fn(net, batch) for the loop: DPO on (chosen, rejected, chosen mask, rejected mask). `reference`
-    is a frozen model, or None: `model` with its adapters off."""
+def make_loss(model, reference, beta: float, sft_coef: float = 0.0):
+    """loss_fn(net, batch) for the loop: DPO on (chosen, rejected, chosen mask, rejected mask), plus sft_coef
+    times the chosen answers' per-token NLL. `reference` is a frozen model, or None: `model` with its
+    adapters off."""
     def loss_fn(net, batch):
         chosen, rejected, chosen_mask, rejected_mask = batch
         ids, mask, n = torch.cat([chosen, rejected]), torch.cat([chosen_mask, rejected_mask]), len(chosen)
         with torch.no_grad(), (adapters_off(model) if reference is None else nullcontext()):
             ref = sequence_logprobs(model if reference is None else reference, ids, mask)
         policy = sequence_logprobs(net, ids, mask)
-        return dpo_loss(policy[:n], policy[n:], ref[:n], ref[n:], beta)
+        loss, metrics = dpo_loss(policy[:n], policy[n:], ref[:n], ref[n:], beta)
+        if sft_coef:
+            nll = -(policy[:n] / chosen_mask[:, 1:].sum(-1).clamp(min=1)).mean()
+            loss, metrics = loss + sft_coef * nll, {**metrics, "chosen_nll": nll.detach()}
+        return loss, metrics
     return loss_fn
 
 
 @torch.no_grad()
-def preference_metrics(model, loss_fn, data: PairDataset, batch_size: int) -> dict:
+def preference_metrics(model, loss_fn, data: PairDataset, batch_size: int, dtype: str = "float32") -> dict:
     """On every pair of `data`: DPO loss, reward accuracy, and how often the model alone gives the chosen
-    answer more log-probability than the rejected one, and by how much on average (logp_margin)."""
-    was_training, count = model.training, 0
+    answer more log-probability than the rejected one, and by how much on average (logp_margin); in
+    bf16 autocast when `dtype` is bfloat16, as the loop's own evaluation."""
+    was_training, device = model.training, next(model.parameters()).device
     sums = {"loss": 0.0, "accuracy": 0.0, "prefers_chosen": 0.0, "logp_margin": 0.0}
     model.eval()
-    for batch in data.eval_batches(batch_size):
-        batch = tuple(b.to(next(model.parameters()).device) for b in batch)
-        loss, metrics = loss_fn(model, batch)
-        n = len(batch[0])
-        gap = sequence_logprobs(model, batch[0], batch[2]) - sequence_logprobs(model, batch[1], batch[3])
-        sums["loss"] += float(loss) * n
-        sums["accuracy"] += float(metrics["accuracy"]) * n
-        sums["prefers_chosen"] += float((gap > 0).float().sum())
-        sums["logp_margin"] += float(gap.sum())
-        count += n
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=dtype == "bfloat16"):
+        for batch in data.eval_batches(batch_size):
+            batch = tuple(b.to(device) for b in batch)
+            loss, metrics = loss_fn(model, batch)
+            n = len(batch[0])
+            gap = sequence_logprobs(model, batch[0], batch[2]) - sequence_logprobs(model, batch[1], batch[3])
+            sums["loss"] += float(loss) * n
+            sums["accuracy"] += float(metrics["accuracy"]) * n
+            sums["prefers_chosen"] += float((gap > 0).float().sum())
+            sums["logp_margin"] += float(gap.sum())
     model.train(was_training)
-    return {k: v / count for k, v in sums.items()}
+    return {k: v / len(data) for k, v in sums.items()}
 
 
 def main(cfg: DPOConfig) -> dict:
@@ -110,6 +110,7 @@ def main(cfg: DPOConfig) -> dict:
     device = resolve_device(t.device)
     model_name(cfg)
     pairs = load_pairs(cfg.pairs)  # a missing or malformed file fails before the (slow) model load
+    cfg.anchor.check(cfg.lora.rank)
     if cfg.val_pairs:
         val_pairs = load_pairs(cfg.val_pairs)
     else:
@@ -125,7 +126,7 @@ def main(cfg: DPOConfig) -> dict:
     if cfg.reference == "frozen" or not cfg.lora.rank:
         reference = copy.deepcopy(model).eval().requires_grad_(False)
     params = add_adapters(model, cfg.lora, t.seed)
-    loss_fn = make_loss(model, reference, cfg.beta)
+    loss_fn = make_loss(model, reference, cfg.beta, cfg.sft_coef)
     with processes(device):
         run = claim_run(cfg)
         main_process = int(os.environ.get("RANK", "0")) == 0
@@ -141,9 +142,11 @@ def main(cfg: DPOConfig) -> dict:
         def val_batches():
             return val.eval_batches(t.batch_size, t.eval_batches)
 
-        before = preference_metrics(model, loss_fn, val, t.batch_size)
-        final = train(model, t, run, get_batch, loss_fn, eval_batches=val_batches, params=params, resume=cfg.resume)
-        after = preference_metrics(model, loss_fn, val, t.batch_size)
+        before = preference_metrics(model, loss_fn, val, t.batch_size, t.dtype)
+        get_batch, train_loss = anchored(get_batch, loss_fn, model, cfg.anchor, tokenizer, t.seed)
+        final = train(model, t, run, get_batch, train_loss, eval_batches=val_batches, params=params,
+                      resume=cfg.resume)
+        after = preference_metrics(model, loss_fn, val, t.batch_size, t.dtype)
         final.update({f"val_{k}_before": v for k, v in before.items()})
         final.update({f"val_{k}_after": v for k, v in after.items()})
         if main_process:

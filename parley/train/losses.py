@@ -73,8 +73,15 @@ def dpo_loss(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor, referen
                   "margin": (chosen - rejected).detach().mean(), "accuracy": (chosen > rejected).float().mean()}
 
 
-# Later objectives, each a pure function like the ones above (see docs/ARCHITECTURE.md):
-#   distill_loss(student_logits, teacher_logits, temperature, mask)
+def kl_loss(logits: torch.Tensor, teacher_logits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """KL(teacher || model) of the next-token distributions, per position where `mask` is True, averaged
+    over those positions (distillation at temperature 1; the anchor of parley/train/anchor.py). Softmax
+    in fp32; 0 with a gradient when no position is masked in."""
+    mask = mask.flatten()
+    logp = logits.flatten(0, -2)[mask].float().log_softmax(-1)
+    teacher = teacher_logits.flatten(0, -2)[mask].float().log_softmax(-1)
+    total = (teacher.exp() * (teacher - logp)).sum()
+    return total / mask.sum().clamp(min=1)
 
 
 def reward_loss(chosen: torch.Tensor, rejected: torch.Tensor) -> torch.Tensor:

@@ -21,6 +21,7 @@ from safetensors.torch import save_file
 from parley.config import setting
 from parley.model.lora import DEFAULT_TARGETS, apply_lora, lora_state_dict, merge_lora
 from parley.registry import Registry
+from parley.train.anchor import AnchorConfig, anchored
 from parley.train.data import ChatDataset
 from parley.train.loop import TrainConfig, evaluate, resolve_device, train
 from parley.train.losses import lm_loss
@@ -82,9 +83,10 @@ def add_adapters(model, lora: LoRAConfig, seed: int) -> list | None:
 
 
 def fine_tune(cfg, model, tokenizer, chats: ChatDataset, val: ChatDataset, run: Path, params: list | None,
-              stage: str) -> dict:
+              stage: str, anchor: AnchorConfig | None = None) -> dict:
     """SFT on `chats` inside a claimed run folder: validation loss before and after, adapters saved and
-    merged, the model registered. Shared by `parley train sft` and `parley train constitutional`."""
+    merged, the model registered. Shared by `parley train sft` and `parley train constitutional` (which
+    may hold the model to its base on ordinary dialogs: `anchor`, parley/train/anchor.py)."""
     t = cfg.train
     trainable = sum(p.numel() for p in (params or model.parameters()))
     main_process = int(os.environ.get("RANK", "0")) == 0
@@ -101,7 +103,8 @@ def fine_tune(cfg, model, tokenizer, chats: ChatDataset, val: ChatDataset, run: 
     before = evaluate(model, t, val_batches, lm_loss)
     if main_process:
         print(f"validation loss before fine-tuning: {before:.4f}")
-    final = train(model, t, run, get_batch, lm_loss, eval_batches=val_batches, params=params, resume=cfg.resume)
+    get_batch, loss_fn = anchored(get_batch, lm_loss, model, anchor or AnchorConfig(), tokenizer, t.seed)
+    final = train(model, t, run, get_batch, loss_fn, eval_batches=val_batches, params=params, resume=cfg.resume)
     final["val_loss_before"] = before
     if cfg.lora.rank:
         if main_process:
