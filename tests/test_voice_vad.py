@@ -60,7 +60,9 @@ def test_end_of_turn_waits_less_after_a_finished_sentence():
     from parley.voice.vad import EndOfTurn
 
     rule = EndOfTurn(short_ms=200, long_ms=600)
-    for text in ("Turn on the kitchen lights.", "What time is it?", "Play some music, please!", '"Hello."'):
+    for text in ("Turn on the kitchen lights.", "What time is it?", "Play some music, please!", '"Hello."',
+                 "What are you capable of?", "Who is this gift for?"):
         assert rule.finished(text) and rule.wait_ms(text) == 200, text
-    for text in ("", "Turn on the.", "I want to.", "and then", "Tell me about", "Um."):
+    for text in ("", "Turn on the.", "I want to.", "and then", "Tell me about", "Um.", "Remember that.",
+                 "Can you tell me the?", "What about my?", "Is it this or?"):
         assert not rule.finished(text) and rule.wait_ms(text) == 600, text

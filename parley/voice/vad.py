@@ -135,14 +135,18 @@ class Endpointer:
 _FINAL = re.compile(r"[.?!][\"')\]]*\s*$")
 _DANGLING = re.compile(r"\b(a|an|the|and|or|but|so|to|of|in|on|at|for|with|my|your|is|are|was|because|if|that|"
                        r"about|from|like|um|uh|er)\W*$", re.IGNORECASE)
+# After a question mark a preposition or "that" ends many whole questions ("what are you capable
+# of?", "who is it for?"); only words that cannot end one still mean more is coming.
+_DANGLING_IN_QUESTION = re.compile(r"\b(a|an|the|and|or|but|because|if|my|your|um|uh|er)\W*$", re.IGNORECASE)
 
 
 @dataclass
 class EndOfTurn:
     """When the user has finished speaking, sooner than a fixed wait: after `short_ms` of quiet
     the utterance so far is transcribed, and if the transcript reads as finished (Whisper ends
-    it with . ? or ! and it does not end on a word that needs a next one: "the", "and", "to")
-    the turn ends there; otherwise it ends after `long_ms` of quiet, as the plain endpointer's
+    it with . ? or ! and it does not end on a word that needs a next one: "the", "and", "to";
+    after a "?" only articles, conjunctions, "my"/"your" and fillers count, since "what is it for?"
+    is whole) the turn ends there; otherwise it ends after `long_ms` of quiet, as the plain endpointer's
     wait. The transcription starts at `guess_ms` of quiet (a pause that may still be inside a
     sentence: it decides nothing before `short_ms`) and is the turn's own transcript either way
     when no speech came after it, so it overlaps the wait instead of following it."""
@@ -154,7 +158,10 @@ class EndOfTurn:
     @staticmethod
     def finished(text: str) -> bool:
         text = text.strip()
-        return bool(text) and _FINAL.search(text) is not None and _DANGLING.search(text.rstrip(".?!\"')] ")) is None
+        if not text or _FINAL.search(text) is None:
+            return False
+        dangling = _DANGLING_IN_QUESTION if text.rstrip("\"')] ").endswith("?") else _DANGLING
+        return dangling.search(text.rstrip(".?!\"')] ")) is None
 
     def wait_ms(self, text: str) -> int:
         """The quiet after speech that ends a turn whose transcript is `text`."""
