@@ -15,11 +15,18 @@ The last column is the server's own split of it, from the first audio message's 
 the early transcription inside it), the final transcription (0: the early one was reused), turn
 started -> first spoken text (pipeline stages and the model), the first piece's synthesis.
 The questions are benchmarks/voice.py's turn questions (the held-out intent utterances).
+When a pause inside a question is taken for its end, the answer to the part heard so far may
+start before the speech ends; that audio is not counted, the turn measured is the one that
+follows the end of speech, and the table says so ("first answered early as ..."), with the count
+under it. If the rest of the question is then judged no barge-in (it came while the early
+answer played, and the rule took it for an echo or a noise), no turn follows it: the row says
+so and the median leaves it out. VOICE_LIVE_DEBUG=1 prints every message the socket receives.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import datetime as dt
 import json
 import socket
@@ -66,7 +73,7 @@ def one_turn(url: str, key: str, pcm: bytes) -> dict:
         def send():
             for i, chunk in enumerate(chunks + [quiet] * 100):  # then 10 s of quiet at most
                 time.sleep(max(0.0, start + i * CHUNK_S - time.perf_counter()))
-                if "audio" in marks:
+                if "audio" in marks or "ignored" in marks:
                     return
                 ws.send(chunk)
                 if i == len(chunks) - 1:
@@ -74,19 +81,31 @@ def one_turn(url: str, key: str, pcm: bytes) -> dict:
 
         sender = threading.Thread(target=send)
         sender.start()
-        while "audio" not in marks:
+        while "audio" not in marks and "ignored" not in marks:
             message = ws.recv(timeout=60)
+            if os.environ.get("VOICE_LIVE_DEBUG"):  # every message of the socket, for reading a turn's course
+                print("received", message if isinstance(message, str) else f"{len(message)} bytes", file=sys.stderr)
             if isinstance(message, bytes):
                 continue
             m = json.loads(message)
             if m["type"] == "transcript" and m["final"]:
                 marks["heard"], marks["text"] = time.perf_counter(), m["text"]
+            elif m["type"] == "audio" and "end" not in marks:
+                # a pause inside the utterance was taken for its end: the answer to the part heard so far
+                # starts, and the rest of the speech takes the turn back; the turn measured is the last one
+                marks.setdefault("early", marks.get("text", ""))
             elif m["type"] == "audio":
                 marks["audio"], marks["latency"] = time.perf_counter(), m.get("latency", {})
-            elif m["type"] in ("done", "error"):
+            elif m["type"] == "ignored" and "early" in marks:
+                # the rest of the question came while the early answer still played, and the barge-in
+                # rule judged it no barge-in (e.g. an echo of the answer's words): no turn follows
+                marks["ignored"] = f"{m['text']} ({m['reason']})"
+            elif m["type"] == "error" or m["type"] == "ignored" or (m["type"] == "done" and "end" in marks):
                 raise RuntimeError(f"the turn ended without audio: {m}")
         sender.join()
-    return {"text": marks["text"], "heard_ms": (marks["heard"] - marks["end"]) * 1000,
+    if "ignored" in marks:
+        return {"early": marks["early"], "ignored": marks["ignored"], "text": marks["text"]}
+    return {"early": marks.get("early"), "text": marks["text"], "heard_ms": (marks["heard"] - marks["end"]) * 1000,
             "audio_ms": (marks["audio"] - marks["end"]) * 1000, "stages": marks["latency"]}
 
 
@@ -117,7 +136,7 @@ def main() -> int:
     questions = heldout_sentences(n + turns)[n:]
     rows = ["| question | heard as | end of speech -> final transcript ms | -> first answer audio ms "
             "| server: endpoint / ASR / first text / TTS ms |", "|---|---|---|---|---|"]
-    latencies = []
+    latencies, early, ignored = [], 0, 0
     with tempfile.TemporaryDirectory() as tmp:
         db = f"{tmp}/parley.db"
         with Store(db) as store:
@@ -127,16 +146,26 @@ def main() -> int:
             one_turn(url, key, pcm("Hello there."))  # warm up every stage
             for question in questions:
                 r = one_turn(url, key, pcm(question))
+                if "ignored" in r:
+                    ignored += 1
+                    rows.append(f"| {question} | answered early as \"{r['early']}\"; the rest ignored: "
+                                f"{r['ignored']} | - | - | - |")
+                    print(rows[-1], flush=True)
+                    continue
                 latencies.append(r["audio_ms"])
                 s = r["stages"]
                 stages = " / ".join(str(s.get(k, "-")) for k in ("endpoint_ms", "asr_ms", "first_text_ms", "tts_ms"))
-                rows.append(f"| {question} | {r['text']} | {r['heard_ms']:.0f} | {r['audio_ms']:.0f} | {stages} |")
+                heard = r["text"] if r["early"] is None else f"{r['text']} (first answered early as \"{r['early']}\")"
+                early += r["early"] is not None
+                rows.append(f"| {question} | {heard} | {r['heard_ms']:.0f} | {r['audio_ms']:.0f} | {stages} |")
                 print(rows[-1], flush=True)
         finally:  # the app's shutdown frees the speech models, whose threads must end before the interpreter
             server.should_exit = True
             thread.join(timeout=60)
     rows.append(f"\nmedian end of speech -> first audio through /api/voice: {np.median(latencies):.0f} ms "
-                "(goal < 700 ms)")
+                f"(goal < 700 ms); turns answered before the speech ended (a pause inside it taken for its end): "
+                f"{early + ignored} of {len(latencies) + ignored}, {ignored} of them with the rest of the question "
+                "ignored (not in the median)")
     print("\n".join(rows))
     if args.write:
         command = "python benchmarks/voice_live.py" + (" --short" if args.short else "")
