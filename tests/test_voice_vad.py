@@ -64,5 +64,5 @@ def test_end_of_turn_waits_less_after_a_finished_sentence():
                  "What are you capable of?", "Who is this gift for?"):
         assert rule.finished(text) and rule.wait_ms(text) == 200, text
     for text in ("", "Turn on the.", "I want to.", "and then", "Tell me about", "Um.", "Remember that.",
-                 "Can you tell me the?", "What about my?", "Is it this or?"):
+                 "Can you tell me the?", "What about my?", "Is it this or?", "Can you explain how to?"):
         assert not rule.finished(text) and rule.wait_ms(text) == 600, text

@@ -136,8 +136,9 @@ _FINAL = re.compile(r"[.?!][\"')\]]*\s*$")
 _DANGLING = re.compile(r"\b(a|an|the|and|or|but|so|to|of|in|on|at|for|with|my|your|is|are|was|because|if|that|"
                        r"about|from|like|um|uh|er)\W*$", re.IGNORECASE)
 # After a question mark a preposition or "that" ends many whole questions ("what are you capable
-# of?", "who is it for?"); only words that cannot end one still mean more is coming.
-_DANGLING_IN_QUESTION = re.compile(r"\b(a|an|the|and|or|but|because|if|my|your|um|uh|er)\W*$", re.IGNORECASE)
+# of?", "who is it for?"); only words that cannot end one still mean more is coming, and "to",
+# where Whisper writes "Can you explain how to?" for a pause inside a question.
+_DANGLING_IN_QUESTION = re.compile(r"\b(a|an|the|and|or|but|because|if|to|my|your|um|uh|er)\W*$", re.IGNORECASE)
 
 
 @dataclass
