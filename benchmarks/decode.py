@@ -42,11 +42,13 @@ def prompts(tokenizer: Tokenizer, batch: int, length: int) -> list[list[int]]:
     return [ids[i * 37:i * 37 + length] for i in range(batch)]
 
 
-def bandwidth_gbs() -> float:
-    """Read bandwidth of a 512 MB fp32 sum, best of 5: the decode bound's denominator."""
-    x = torch.ones(128 * 2**20)
+def bandwidth_gbs(nbytes: int = 512 * 2**20, tries: int = 5) -> float:
+    """Read bandwidth of an fp32 sum over `nbytes`, best of `tries`: the decode bound's
+    denominator. The default 512 MB is read from DRAM; a buffer the size of a step's weights,
+    read again and again, stays in cache where it fits (benchmarks/llamacpp.py's second bound)."""
+    x = torch.ones(max(1, nbytes // 4))
     best = 0.0
-    for _ in range(5):
+    for _ in range(tries):
         t = time.perf_counter()
         x.sum()
         best = max(best, x.numel() * 4 / (time.perf_counter() - t) / 1e9)

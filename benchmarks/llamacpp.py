@@ -73,19 +73,6 @@ def build_flags(cache: Path | None) -> str:
     return ", ".join(f"{k}={v}" for k, v in flags)
 
 
-def warm_read_gbs(nbytes: int, tries: int = 20) -> float:
-    """Best read bandwidth of an fp32 sum over a buffer of `nbytes`, read again and again (so it
-    stays in cache where it fits): the bound of a step that reads that many bytes."""
-    x = torch.ones(max(1, nbytes // 4))
-    x.sum()
-    best = 0.0
-    for _ in range(tries):
-        t = time.perf_counter()
-        x.sum()
-        best = max(best, x.numel() * 4 / (time.perf_counter() - t) / 1e9)
-    return best
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--prompt", type=int, default=128)
@@ -130,7 +117,7 @@ def main() -> None:
     for _ in range(args.repeats):
         for name, run in sides.items():
             rates[name].append((args.new - 1) / (run(args.new) - run(1)))
-    warm = {nbytes: warm_read_gbs(nbytes) for nbytes in set(read.values())}
+    warm = {nbytes: bandwidth_gbs(nbytes, tries=20) for nbytes in set(read.values())}  # cached where it fits
     rows = [(name, statistics.median(r), bw * 1e9 / read[name], read[name]) for name, r in rates.items()]
     llama_rate = statistics.median(rates["llama.cpp"])
     print(f"{cpu_name(flags=True)}; {threads} threads; read bandwidth {bw:.1f} GB/s")

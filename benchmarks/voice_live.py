@@ -26,9 +26,9 @@ so and the median leaves it out. VOICE_LIVE_DEBUG=1 prints every message the soc
 from __future__ import annotations
 
 import argparse
-import os
 import datetime as dt
 import json
+import os
 import socket
 import sys
 import tempfile
@@ -136,7 +136,7 @@ def main() -> int:
     questions = heldout_sentences(n + turns)[n:]
     rows = ["| question | heard as | end of speech -> final transcript ms | -> first answer audio ms "
             "| server: endpoint / ASR / first text / TTS ms |", "|---|---|---|---|---|"]
-    latencies, early, ignored = [], 0, 0
+    latencies, results = [], []
     with tempfile.TemporaryDirectory() as tmp:
         db = f"{tmp}/parley.db"
         with Store(db) as store:
@@ -146,8 +146,8 @@ def main() -> int:
             one_turn(url, key, pcm("Hello there."))  # warm up every stage
             for question in questions:
                 r = one_turn(url, key, pcm(question))
+                results.append(r)
                 if "ignored" in r:
-                    ignored += 1
                     rows.append(f"| {question} | answered early as \"{r['early']}\"; the rest ignored: "
                                 f"{r['ignored']} | - | - | - |")
                     print(rows[-1], flush=True)
@@ -156,15 +156,15 @@ def main() -> int:
                 s = r["stages"]
                 stages = " / ".join(str(s.get(k, "-")) for k in ("endpoint_ms", "asr_ms", "first_text_ms", "tts_ms"))
                 heard = r["text"] if r["early"] is None else f"{r['text']} (first answered early as \"{r['early']}\")"
-                early += r["early"] is not None
                 rows.append(f"| {question} | {heard} | {r['heard_ms']:.0f} | {r['audio_ms']:.0f} | {stages} |")
                 print(rows[-1], flush=True)
         finally:  # the app's shutdown frees the speech models, whose threads must end before the interpreter
             server.should_exit = True
             thread.join(timeout=60)
+    early, ignored = sum(r["early"] is not None for r in results), sum("ignored" in r for r in results)
     rows.append(f"\nmedian end of speech -> first audio through /api/voice: {np.median(latencies):.0f} ms "
                 f"(goal < 700 ms); turns answered before the speech ended (a pause inside it taken for its end): "
-                f"{early + ignored} of {len(latencies) + ignored}, {ignored} of them with the rest of the question "
+                f"{early} of {len(results)}, {ignored} of them with the rest of the question "
                 "ignored (not in the median)")
     print("\n".join(rows))
     if args.write:

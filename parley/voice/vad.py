@@ -146,8 +146,8 @@ class EndOfTurn:
     """When the user has finished speaking, sooner than a fixed wait: after `short_ms` of quiet
     the utterance so far is transcribed, and if the transcript reads as finished (Whisper ends
     it with . ? or ! and it does not end on a word that needs a next one: "the", "and", "to";
-    after a "?" only articles, conjunctions, "my"/"your" and fillers count, since "what is it for?"
-    is whole) the turn ends there; otherwise it ends after `long_ms` of quiet, as the plain endpointer's
+    after a "?" only articles, conjunctions, "to", "my"/"your" and fillers count, since "what is it
+    for?" is whole) the turn ends there; otherwise it ends after `long_ms` of quiet, as the plain endpointer's
     wait. The transcription starts at `guess_ms` of quiet (a pause that may still be inside a
     sentence: it decides nothing before `short_ms`) and is the turn's own transcript either way
     when no speech came after it, so it overlaps the wait instead of following it."""
@@ -158,11 +158,9 @@ class EndOfTurn:
 
     @staticmethod
     def finished(text: str) -> bool:
-        text = text.strip()
-        if not text or _FINAL.search(text) is None:
-            return False
-        dangling = _DANGLING_IN_QUESTION if text.rstrip("\"')] ").endswith("?") else _DANGLING
-        return dangling.search(text.rstrip(".?!\"')] ")) is None
+        final = _FINAL.search(text.strip())  # the dangling word patterns end in \W*: the mark, quotes, space
+        return final is not None and (_DANGLING_IN_QUESTION if final.group()[0] == "?" else _DANGLING).search(
+            text) is None
 
     def wait_ms(self, text: str) -> int:
         """The quiet after speech that ends a turn whose transcript is `text`."""
