@@ -186,15 +186,22 @@ class Embedder(nn.Module):
         for row, ids in enumerate(batch):
             tokens[row, : len(ids)] = torch.tensor(ids)
             keep[row, : len(ids)] = True
-        positions = torch.arange(t)
-        x = self.norm(self.words(tokens) + self.positions(positions) + self.types.weight[0])
+        x = self.embed_tokens(tokens)
         mask = None if keep.all() else keep[:, None, None, :]  # a batch of equal lengths needs none
         for layer in self.layers:
             x = layer(x, mask)
-        x = x.float()  # pooled and normalised in fp32 whatever the layers ran in
+        return self.mean_pool(x, keep)
+
+    def embed_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
+        """(batch, t) token ids -> the first layer's input: word + position + type embeddings, normed."""
+        return self.norm(self.words(tokens) + self.positions(torch.arange(tokens.shape[1])) + self.types.weight[0])
+
+    @staticmethod
+    def mean_pool(x: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+        """The mean of the last layer's states over the real positions (`keep`), unit length:
+        pooled and normalised in fp32 whatever the layers ran in."""
         weights = keep.unsqueeze(-1).float()
-        pooled = (x * weights).sum(1) / weights.sum(1).clamp(min=1e-9)
-        return F.normalize(pooled, dim=-1)
+        return F.normalize((x.float() * weights).sum(1) / weights.sum(1).clamp(min=1e-9), dim=-1)
 
 
 def _rename(state: dict[str, torch.Tensor], layers: int) -> dict[str, torch.Tensor]:

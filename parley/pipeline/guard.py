@@ -43,7 +43,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save as safetensors_bytes
 
@@ -178,7 +177,7 @@ class TunedEncoder:
         for start in range(0, len(order), batch_size):
             rows = order[start:start + batch_size]
             tokens, keep = _padded([torch.tensor(ids[i]) for i in rows])
-            x = base.norm(base.words(tokens) + base.positions(torch.arange(tokens.shape[1])) + base.types.weight[0])
+            x = base.embed_tokens(tokens)
             for layer in base.layers[:len(base.layers) - len(self.top)]:
                 x = layer(x, keep[:, None, None, :])
             for r, i in enumerate(rows):
@@ -191,8 +190,7 @@ class TunedEncoder:
         x = x.to(self.top[0].norm1.weight.dtype)
         for layer in self.top:
             x = layer(x, keep[:, None, None, :])
-        weights = keep.unsqueeze(-1).float()
-        return F.normalize((x.float() * weights).sum(1) / weights.sum(1).clamp(min=1e-9), dim=-1)
+        return self.base.mean_pool(x, keep)
 
     def __call__(self, texts: list[str]) -> np.ndarray:
         if not texts:
