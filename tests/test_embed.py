@@ -60,3 +60,73 @@ def test_last_lengths_are_the_token_counts_the_encoder_read(embedder):
     embedder.encode(texts, remember=False)
     assert embedder.last_lengths == [len(embedder.tokenizer.encode(t).ids) for t in texts]
     assert embedder.last_lengths[2] == embedder.max_tokens
+
+
+def test_the_fused_layer_equals_the_plain_one(embedder):
+    """Without gradients a layer runs through oneDNN's fused linear (bias, GELU and residual
+    inside the product); with them, the plain modules. Same numbers, fp32."""
+    import torch
+
+    x = torch.randn(3, 11, 384, generator=torch.Generator().manual_seed(0))
+    keep = torch.arange(11) < torch.tensor([[11], [4], [1]])
+    layer = embedder.layers[2]
+    with torch.no_grad():
+        fused = layer(x, keep[:, None, None, :])
+    plain = layer(x, keep[:, None, None, :]).detach()  # grad enabled: the plain path
+    torch.testing.assert_close(fused[keep], plain[keep], atol=2e-5, rtol=1e-5)
+
+
+def test_tile_attention_equals_sdpa_on_padded_rows(monkeypatch):
+    """kernels.c's encoder_attend (AMX) against PyTorch's attention on bf16 projections, rows of
+    several lengths (1, a tile's 16, past it, not a multiple of 16, full); padded rows come out
+    zero. On a CPU without AMX the kernel is not offered and SDPA runs: checked too."""
+    import torch
+    import torch.nn.functional as F
+
+    import parley.pipeline.embed as embed
+
+    b, t, heads, hd = 5, 77, 12, 32
+    qkv = (torch.randn(b * t, 3 * heads * hd, generator=torch.Generator().manual_seed(1)) * 2).bfloat16()
+    lens = torch.tensor([77, 1, 16, 33, 50])
+    keep = torch.arange(t) < lens[:, None]
+    out = embed._tile_attention(qkv, keep[:, None, None, :], b, t, heads)
+    if "amx_bf16" not in embed.cpu_flags():
+        assert out is None and embed._attention_kernel() is None
+        return
+    assert out is not None and out.dtype == torch.bfloat16 and out.shape == (b * t, heads * hd)
+    q, k, v = qkv.float().view(b, t, 3, heads, hd).permute(2, 0, 3, 1, 4)
+    ref = F.scaled_dot_product_attention(q, k, v, attn_mask=keep[:, None, None, :]).transpose(1, 2).reshape(b * t, -1)
+    got = out.float()
+    flat = keep.reshape(-1)
+    assert (got[~flat] == 0).all()
+    torch.testing.assert_close(got[flat], ref[flat], atol=0.04, rtol=0.02)  # bf16 probabilities and outputs
+    # left padding is not what the kernel reads: it declines, and SDPA runs
+    assert embed._tile_attention(qkv, keep.flip(1)[:, None, None, :], b, t, heads) is None
+    # the engine's setting forces the lower path
+    monkeypatch.setenv("PARLEY_KERNELS", "avx512")
+    embed._attention_kernel.cache_clear()
+    try:
+        assert embed._tile_attention(qkv, keep[:, None, None, :], b, t, heads) is None
+    finally:
+        monkeypatch.delenv("PARLEY_KERNELS")
+        embed._attention_kernel.cache_clear()
+
+
+def test_bf16_embeddings_with_and_without_the_tile_kernel(monkeypatch):
+    """Whole bf16 embeddings of texts of many lengths: the AMX attention kernel against SDPA
+    (forced by PARLEY_KERNELS=avx512), both within the fp32 tolerance of tests/test_ingest.py."""
+    import parley.pipeline.embed as embed
+
+    texts = ["hi", "How do I kill a python process that hangs?", "word " * 600,
+             "asyncio.gather(*aws) runs awaitables concurrently. " * 9, "Rent is due on the first day."]
+    fp32 = Embedder.load(precision="fp32")(texts, remember=False)
+    tiles = Embedder.load(precision="bf16")(texts, remember=False)
+    monkeypatch.setenv("PARLEY_KERNELS", "avx512")
+    embed._attention_kernel.cache_clear()
+    try:
+        sdpa = Embedder.load(precision="bf16")(texts, remember=False)
+    finally:
+        monkeypatch.delenv("PARLEY_KERNELS")
+        embed._attention_kernel.cache_clear()
+    assert (fp32 * tiles).sum(1).min() >= 0.999 and (fp32 * sdpa).sum(1).min() >= 0.999
+    assert (tiles * sdpa).sum(1).min() >= 0.9995

@@ -154,3 +154,34 @@ def test_progress_line_on_stderr_only_when_asked(tmp_path, capsys):
     assert "precision" in capsys.readouterr().err
     assert ingest_main([str(folder), "--db", str(db), "--batch-chunks", "0"]) == 2
     assert "batch_chunks must be at least 1" in capsys.readouterr().err
+
+
+def test_a_folder_is_read_by_a_process_with_the_same_result(tmp_path, monkeypatch, fp32):
+    """A folder of 16 or more files is read by a reader process of its own (trafilatura would
+    otherwise hold the interpreter the encoder needs): same statuses, messages, chunks and
+    vectors as the reader thread, a twin skipped and a bad file an error either way."""
+    import multiprocessing
+
+    from parley.pipeline import knowledge
+
+    folder = _folder(tmp_path, 18, words=240)
+    (folder / "twin.txt").write_bytes((folder / "f003.txt").read_bytes())
+    (folder / "broken.pdf").write_bytes(b"%PDF-1.4 this is not a real pdf")
+    seen, runs = {}, {}
+    for how, start in (("process", knowledge._Reader.PROCESS_FROM), ("thread", 10_000)):
+        monkeypatch.setattr(knowledge._Reader, "PROCESS_FROM", start)
+        children = []
+        with Store(tmp_path / f"{how}.db") as store:
+            user = store.add_user("ann").id
+            runs[how] = ingest(store, fp32, user, [folder], batch_chunks=7,
+                               progress=lambda r: children.append(len(multiprocessing.active_children())))
+        seen[how] = max(children)
+    assert seen == {"process": 1, "thread": 0}
+    assert [(r.name, r.status, r.chunks, r.message) for r in runs["process"]] == \
+           [(r.name, r.status, r.chunks, r.message) for r in runs["thread"]]
+    statuses = {r.name: r.status for r in runs["process"]}
+    assert statuses["twin.txt"] == "skipped" and statuses["broken.pdf"] == "error"
+    assert sum(s == "stored" for s in statuses.values()) == 18
+    assert _vectors(tmp_path / "process.db").keys() == _vectors(tmp_path / "thread.db").keys()
+    for key, blob in _vectors(tmp_path / "process.db").items():
+        assert float(np.frombuffer(blob, np.float32) @ np.frombuffer(_vectors(tmp_path / "thread.db")[key], np.float32)) > 0.99999

@@ -15,7 +15,10 @@ batches of similar length, so ingestion wastes little work on padding.
 were measured with it), "bf16" (weights and activations in bfloat16, pooled in fp32: several
 times faster where the CPU multiplies bf16 in hardware, AMX or AVX512-BF16) or "auto" (bf16 on
 such a CPU, fp32 elsewhere), which bulk ingestion uses. bf16 vectors keep a cosine of at least
-0.999 to the fp32 ones (tests/test_embed.py); benchmarks/ingest.py measures the speed. An int8
+0.999 to the fp32 ones (tests/test_embed.py); benchmarks/ingest.py measures the speed. Without
+gradients a layer runs its linear layers through oneDNN with the bias, GELU and residual add
+fused into the product, and on a CPU with AMX its bf16 attention through kernels.c's
+`encoder_attend` (tests/test_embed.py compares both with the plain forms). An int8
 path was tried and left out: torch's dynamic quantization gave a cosine of 0.90 on Python-docs
 chunks, far outside that tolerance (benchmarks/RESULTS.md).
 
@@ -25,9 +28,11 @@ Anything that embeds (NLU, memory, knowledge) takes an `Embedder`-like callable
 
 from __future__ import annotations
 
+import ctypes
 import json
 import math
 from collections import OrderedDict
+from functools import cache
 from pathlib import Path
 
 import numpy as np
@@ -95,11 +100,84 @@ class BertLayer(nn.Module):
         self.norm2 = nn.LayerNorm(dim, eps=eps)
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        if _FUSED and not torch.is_grad_enabled():
+            return self._fused(x, mask)
         b, t, d = x.shape
         q, k, v = self.qkv(x).view(b, t, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
         a = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         x = self.norm1(x + self.out(a.transpose(1, 2).reshape(b, t, d)))
         return self.norm2(x + self.down(F.gelu(self.up(x))))
+
+    def _fused(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """The same layer without gradients, through oneDNN's linear with its epilogue: the bias,
+        the GELU and the residual add happen inside the matrix product instead of as passes of
+        their own over [tokens, width] (addmm copies the bias into its output first; GELU and
+        the adds each read and write the whole activation again)."""
+        b, t, d = x.shape
+        x = x.reshape(b * t, d)
+        qkv = _linear(x, self.qkv, "none")
+        a = _tile_attention(qkv, mask, b, t, self.heads)
+        if a is None:
+            q, k, v = qkv.view(b, t, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
+            a = F.scaled_dot_product_attention(q, k, v, attn_mask=mask).transpose(1, 2).reshape(b * t, d)
+        x = self.norm1(_linear_add(a, self.out, x))
+        x = self.norm2(_linear_add(_linear(x, self.up, "gelu"), self.down, x))
+        return x.view(b, t, d)
+
+
+# oneDNN's fused linear (what torch.compile's CPU backend emits): present in CPU builds of
+# torch with mkldnn; elsewhere the layer runs its plain form
+_FUSED = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+
+
+@cache
+def _attention_kernel():
+    """kernels.c's encoder_attend, where it can run: a CPU with AMX, the C kernels built, and
+    the engine's kernel setting not forcing a lower path (PARLEY_KERNELS=avx512 tests SDPA)."""
+    from parley.engine.config import EngineConfig
+    from parley.engine.fast import kernels
+
+    if EngineConfig().resolved_kernels() not in ("auto", "amx") or "amx_bf16" not in cpu_flags():
+        return None
+    lib = kernels()
+    if lib is None:
+        return None
+    fn = lib.encoder_attend
+    fn.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int] * 4 + [ctypes.c_float, ctypes.c_int]
+    fn.restype = ctypes.c_int
+    return fn
+
+
+def _tile_attention(qkv: torch.Tensor, mask: torch.Tensor | None, b: int, t: int, heads: int) -> torch.Tensor | None:
+    """Attention of bf16 [b * t, 3 d] projections on the tile unit ([b * t, d] bf16), or None
+    where the kernel does not run (then SDPA does). `mask` [b, 1, 1, t] keeps a prefix of
+    each row (right padding, as `_forward` builds it); padded rows come out zero."""
+    fn = _attention_kernel() if qkv.dtype == torch.bfloat16 else None
+    hd = qkv.shape[1] // 3 // heads
+    if fn is None or hd % 32:
+        return None
+    if mask is None:
+        lens = torch.full((b,), t, dtype=torch.int32)
+    else:
+        keep = mask.reshape(b, t)
+        lens = keep.sum(1, dtype=torch.int32)
+        if not torch.equal(keep, torch.arange(t) < lens[:, None]):  # not right padding: leave it to SDPA
+            return None
+    qkv = qkv.contiguous()
+    out = torch.empty(b * t, heads * hd, dtype=torch.bfloat16)
+    if not fn(qkv.data_ptr(), out.data_ptr(), lens.data_ptr(), b, t, heads, hd, hd ** -0.5, torch.get_num_threads()):
+        return None
+    return out
+
+
+def _linear(x: torch.Tensor, linear: nn.Linear, post: str) -> torch.Tensor:
+    """x @ W.T + b, then `post` ("none" or "gelu", the exact erf form) in the same pass."""
+    return torch.ops.mkldnn._linear_pointwise(x, linear.weight, linear.bias, post, [], "none" if post == "gelu" else "")
+
+
+def _linear_add(x: torch.Tensor, linear: nn.Linear, residual: torch.Tensor) -> torch.Tensor:
+    """x @ W.T + b + residual in one pass."""
+    return torch.ops.mkldnn._linear_pointwise.binary(x, residual, linear.weight, linear.bias, "add")
 
 
 class Embedder(nn.Module):

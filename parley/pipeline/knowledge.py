@@ -38,23 +38,24 @@ respond answers with a fixed sentence that says so (parley/pipeline/grounding.py
 
 from __future__ import annotations
 
-import hashlib
+import multiprocessing
 import re
 import sys
 import time
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Executor, Future, ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
 import numpy as np
+import torch
 
 from parley.config import ConfigError, parse_cli, setting
 from parley.pipeline.embed import Embedder, EmbedderError, cosine_top, to_blob
 from parley.pipeline.frames import Frame, Intent, Passage, Passages, UserText
-from parley.pipeline.readers import DEFAULT_MAX_BYTES, MIME, Chunk, ReadError, chunk_sections, load_file, read_bytes, supported
+from parley.pipeline.readers import DEFAULT_MAX_BYTES, MIME, Chunk, ReadError, read_chunks, supported
 from parley.pipeline.query_map import QueryMap
 from parley.pipeline.rerank import Reranker
 from parley.pipeline.runner import Stage, Turn
@@ -144,8 +145,9 @@ def ingest(
     records as where it came from instead of the file's path (an upload: its name, never the
     server's temporary folder); a later file with the same source replaces it.
 
-    A thread reads and chunks the next files while the encoder runs (torch lets go of the
-    interpreter while it multiplies); the chunks of several files are embedded together, in
+    A reader (a process for a folder, a thread for a few files: `_Reader`) reads and chunks the
+    next files while the encoder runs, with one core fewer while the reader works; the chunks
+    of several files are embedded together, in
     length-sorted batches, once `batch_chunks` of them wait, and each file is then stored in a
     transaction of its own. A run that is killed leaves every file whole or absent, and
     running it again skips what was stored (same sha256) and finishes the rest. `progress` is
@@ -172,7 +174,13 @@ def ingest(
 
     def flush() -> None:
         texts = [c.text for _, read in waiting for c in read.chunks]
-        vectors = _embed(embedder, texts) if texts else np.zeros((0, 0), dtype=np.float32)
+        threads = torch.get_num_threads()
+        if threads > 1 and reader.busy():  # the reader has a core: the encoder's threads would wait on it
+            torch.set_num_threads(threads - 1)
+        try:
+            vectors = _embed(embedder, texts) if texts else np.zeros((0, 0), dtype=np.float32)
+        finally:
+            torch.set_num_threads(threads)
         ends = np.cumsum([len(read.chunks) for _, read in waiting])
         for (i, read), end in zip(waiting, ends):
             mine = vectors[end - len(read.chunks) : end]
@@ -191,7 +199,8 @@ def ingest(
                                  "replaced its earlier version" if replaces else ""))
         waiting.clear()
 
-    for i, read in enumerate(_read_ahead(files, config, known, collection)):
+    reader = _Reader(files, config, known, collection)
+    for i, read in enumerate(reader):
         if isinstance(read, IngestResult):
             done(i, read)
             continue
@@ -234,16 +243,60 @@ def _unchanged(path: Path, name: str, same: str, collection: str) -> IngestResul
                         message=f"unchanged: the same content as {same} in collection {collection!r}")
 
 
-def _read_ahead(files: list[tuple[Path, str]], config: KnowledgeConfig, known: dict[str, str], collection: str,
-                ahead: int = 8) -> Iterator[_Read | IngestResult]:
-    """`_read_one` of each file, in order, computed by a thread up to `ahead` files early."""
-    with ThreadPoolExecutor(1, thread_name_prefix="parley-read") as pool:
-        queue = [pool.submit(_read_one, path, name, config, dict(known), collection) for path, name in files[:ahead]]
-        for n in range(len(files)):
-            if n + ahead < len(files):
-                queue.append(pool.submit(_read_one, *files[n + ahead], config, dict(known), collection))
-            yield queue[n].result()
-            queue[n] = None  # type: ignore[call-overload]  (let the chunks go once stored)
+class _Reader:
+    """`_read_one` of each file, in order, computed ahead of the encoder: by a thread for a few
+    files, and for a folder by a process of its own (trafilatura is Python: on a thread it holds
+    the interpreter the encoder needs between operations). Up to `ahead` files, and
+    `ahead_bytes` of them on disk, are read before the encoder takes them; while the reader
+    works, `busy()` is true, and `ingest` gives the encoder one core fewer."""
+
+    PROCESS_FROM = 16  # files: fewer are read on a thread (a process takes ~0.5 s to start)
+
+    def __init__(self, files: list[tuple[Path, str]], config: KnowledgeConfig, known: dict[str, str],
+                 collection: str, ahead: int = 256, ahead_bytes: int = 128 << 20):
+        self.files, self.config, self.known, self.collection = files, config, known, collection
+        self.ahead, self.ahead_bytes = ahead, ahead_bytes
+        if len(files) >= self.PROCESS_FROM:
+            self.pool: Executor = ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"))
+        else:
+            self.pool = ThreadPoolExecutor(1, thread_name_prefix="parley-read")
+        self.pending: deque[tuple[Future, int]] = deque()
+        self.submitted = 0
+
+    def __iter__(self) -> Iterator[_Read | IngestResult]:
+        with self.pool:
+            for path, name in self.files:
+                self._fill()
+                future, _ = self.pending.popleft()
+                yield self._result(path, name, future)
+                self._fill()
+
+    def busy(self) -> bool:
+        return any(not future.done() for future, _ in self.pending)
+
+    def _fill(self) -> None:
+        held = sum(size for _, size in self.pending)
+        while self.submitted < len(self.files) and (not self.pending or (
+                len(self.pending) < self.ahead and held < self.ahead_bytes)):
+            path, _ = self.files[self.submitted]
+            try:
+                size = path.stat().st_size
+            except OSError:
+                size = 0  # read_chunks says what is wrong
+            c = self.config
+            self.pending.append((self.pool.submit(read_chunks, path, c.max_bytes, c.chunk_words, c.overlap_words,
+                                                  frozenset(self.known)), size))
+            self.submitted += 1
+            held += size
+
+    def _result(self, path: Path, name: str, future: Future) -> _Read | IngestResult:
+        try:
+            digest, mime, chunks = future.result()
+        except (ReadError, OSError) as e:
+            return IngestResult(path, name, "error", message=str(e))
+        if chunks is None or digest in self.known:  # stored before, or earlier in this run
+            return _unchanged(path, name, self.known.get(digest, name), self.collection)
+        return _Read(path, name, digest, mime, chunks)
 
 
 def _read_one(path: Path, name: str, config: KnowledgeConfig, known: dict[str, str],
@@ -251,14 +304,12 @@ def _read_one(path: Path, name: str, config: KnowledgeConfig, known: dict[str, s
     """The file's chunks, or its result where there is nothing to embed: skipped (its bytes are
     in the collection already) or an error (it cannot be read)."""
     try:
-        data = load_file(path, config.max_bytes)
-        digest = hashlib.sha256(data).hexdigest()
-        if digest in known:
-            return _unchanged(path, name, known[digest], collection)
-        mime, sections = read_bytes(path.name, data, where=str(path))
-        chunks = chunk_sections(sections, config.chunk_words, config.overlap_words)
+        digest, mime, chunks = read_chunks(path, config.max_bytes, config.chunk_words, config.overlap_words,
+                                           frozenset(known))
     except (ReadError, OSError) as e:
         return IngestResult(path, name, "error", message=str(e))
+    if chunks is None:
+        return _unchanged(path, name, known[digest], collection)
     return _Read(path, name, digest, mime, chunks)
 
 

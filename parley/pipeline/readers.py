@@ -26,6 +26,7 @@ a new chunk (without overlap) unless the one being filled holds under a quarter 
 from __future__ import annotations
 
 import codecs
+import hashlib
 import io
 import re
 from dataclasses import dataclass
@@ -292,6 +293,19 @@ class _Unit:
     page: int | None
     heading: str | None
     opens: bool = False  # the first unit of a section with a heading
+
+
+def read_chunks(path: Path, max_bytes: int, words: int, overlap: int,
+                skip: frozenset[str] = frozenset()) -> tuple[str, str, list[Chunk] | None]:
+    """(sha256, media type, chunks) of a file on disk; chunks None, and nothing parsed, where the
+    sha256 is in `skip` (its bytes are stored already). Raises ReadError or OSError. This module
+    does not import torch, so `ingest` can run this in a reader process of its own."""
+    data = load_file(path, max_bytes)
+    digest = hashlib.sha256(data).hexdigest()
+    if digest in skip:
+        return digest, "", None
+    mime, sections = read_bytes(path.name, data, where=str(path))
+    return digest, mime, chunk_sections(sections, words, overlap)
 
 
 def chunk_sections(sections: list[Section], words: int = 200, overlap: int = 40) -> list[Chunk]:
