@@ -138,6 +138,36 @@ def test_a_killed_ingest_resumes_where_it_stopped(tmp_path):
     assert _count(db) == (11, 11, 0)
 
 
+def test_a_killed_ingest_takes_its_reader_process_with_it(tmp_path):
+    """A folder (16 files or more) is read by a process of its own; `parley ingest` killed
+    outright must not leave it behind, and what was stored stays whole."""
+    folder, db = tmp_path / "docs", tmp_path / "kb.db"
+    folder.mkdir()
+    for i in range(20):
+        (folder / f"a{i:02d}.txt").write_text(f"Note {i} about the heron colony on island {i}.")
+    (folder / "b_large.txt").write_text("\n\n".join(f"Paragraph {i} tells of herons and egrets nesting. " * 20
+                                                    for i in range(2000)))
+    command = [sys.executable, "-m", "parley", "ingest", str(folder), "--db", str(db), "--precision", "fp32",
+               "--batch-chunks", "1"]
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "PARLEY_HOME": str(tmp_path / "home")}
+    run = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    while _count(db)[0] < 20 and run.poll() is None:  # the large file is next: the reader has read ahead
+        time.sleep(0.05)
+    children = {int(c) for task in Path(f"/proc/{run.pid}/task").iterdir()
+                for c in (task / "children").read_text().split()}
+    readers = {c for c in children if "spawn_main" in Path(f"/proc/{c}/cmdline").read_text(errors="replace")}
+    assert readers, "no reader process was started"
+    run.send_signal(signal.SIGKILL)
+    run.wait()
+    assert _count(db) == (20, 20, 0)
+    deadline = time.monotonic() + 60
+    while readers and time.monotonic() < deadline:  # the kernel delivers the parent-death signal at once
+        readers = {c for c in readers if Path(f"/proc/{c}").exists() and
+                   Path(f"/proc/{c}/stat").read_text().split(") ")[-1][0] != "Z"}
+        time.sleep(0.05)
+    assert not readers, f"reader process {readers} outlived the killed ingest"
+
+
 def test_progress_line_on_stderr_only_when_asked(tmp_path, capsys):
     folder = _folder(tmp_path, 3)
     db = tmp_path / "kb.db"

@@ -39,6 +39,7 @@ respond answers with a fixed sentence that says so (parley/pipeline/grounding.py
 from __future__ import annotations
 
 import multiprocessing
+import os
 import re
 import sys
 import time
@@ -55,7 +56,7 @@ import torch
 from parley.config import ConfigError, parse_cli, setting
 from parley.pipeline.embed import Embedder, EmbedderError, cosine_top, to_blob
 from parley.pipeline.frames import Frame, Intent, Passage, Passages, UserText
-from parley.pipeline.readers import DEFAULT_MAX_BYTES, MIME, Chunk, ReadError, read_chunks, supported
+from parley.pipeline.readers import DEFAULT_MAX_BYTES, MIME, Chunk, ReadError, read_chunks, reader_process_init, supported
 from parley.pipeline.query_map import QueryMap
 from parley.pipeline.rerank import Reranker
 from parley.pipeline.runner import Stage, Turn
@@ -244,9 +245,10 @@ def _unchanged(path: Path, name: str, same: str, collection: str) -> IngestResul
 
 
 class _Reader:
-    """`_read_one` of each file, in order, computed ahead of the encoder: by a thread for a few
-    files, and for a folder by a process of its own (trafilatura is Python: on a thread it holds
-    the interpreter the encoder needs between operations). Up to `ahead` files, and
+    """Each file's chunks (or its result: unchanged, unreadable), in order, computed ahead of
+    the encoder: by a thread for a few files, and for a folder by a process of its own
+    (trafilatura is Python: on a thread it holds the interpreter the encoder needs between
+    operations). Up to `ahead` files, and
     `ahead_bytes` of them on disk, are read before the encoder takes them; while the reader
     works, `busy()` is true, and `ingest` gives the encoder one core fewer."""
 
@@ -257,19 +259,23 @@ class _Reader:
         self.files, self.config, self.known, self.collection = files, config, known, collection
         self.ahead, self.ahead_bytes = ahead, ahead_bytes
         if len(files) >= self.PROCESS_FROM:
-            self.pool: Executor = ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"))
+            self.pool: Executor = ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"),
+                                                      initializer=reader_process_init, initargs=(os.getpid(),))
         else:
             self.pool = ThreadPoolExecutor(1, thread_name_prefix="parley-read")
         self.pending: deque[tuple[Future, int]] = deque()
         self.submitted = 0
+        self.skip = frozenset(known)  # stored before this run: not parsed again
 
     def __iter__(self) -> Iterator[_Read | IngestResult]:
-        with self.pool:
+        try:
             for path, name in self.files:
                 self._fill()
                 future, _ = self.pending.popleft()
                 yield self._result(path, name, future)
                 self._fill()
+        finally:  # also when ingest stops early: the files read ahead are not waited for
+            self.pool.shutdown(cancel_futures=True)
 
     def busy(self) -> bool:
         return any(not future.done() for future, _ in self.pending)
@@ -285,31 +291,30 @@ class _Reader:
                 size = 0  # read_chunks says what is wrong
             c = self.config
             self.pending.append((self.pool.submit(read_chunks, path, c.max_bytes, c.chunk_words, c.overlap_words,
-                                                  frozenset(self.known)), size))
+                                                  self.skip), size))
             self.submitted += 1
             held += size
 
     def _result(self, path: Path, name: str, future: Future) -> _Read | IngestResult:
-        try:
-            digest, mime, chunks = future.result()
-        except (ReadError, OSError) as e:
-            return IngestResult(path, name, "error", message=str(e))
-        if chunks is None or digest in self.known:  # stored before, or earlier in this run
-            return _unchanged(path, name, self.known.get(digest, name), self.collection)
-        return _Read(path, name, digest, mime, chunks)
+        return _outcome(path, name, self.known, self.collection, future.result)
 
 
 def _read_one(path: Path, name: str, config: KnowledgeConfig, known: dict[str, str],
               collection: str) -> _Read | IngestResult:
     """The file's chunks, or its result where there is nothing to embed: skipped (its bytes are
-    in the collection already) or an error (it cannot be read)."""
+    in the collection already) or an error (it cannot be read). In this thread."""
+    return _outcome(path, name, known, collection, lambda: read_chunks(
+        path, config.max_bytes, config.chunk_words, config.overlap_words, frozenset(known)))
+
+
+def _outcome(path: Path, name: str, known: dict[str, str], collection: str,
+             read: Callable[[], tuple[str, str, list[Chunk] | None]]) -> _Read | IngestResult:
     try:
-        digest, mime, chunks = read_chunks(path, config.max_bytes, config.chunk_words, config.overlap_words,
-                                           frozenset(known))
+        digest, mime, chunks = read()
     except (ReadError, OSError) as e:
         return IngestResult(path, name, "error", message=str(e))
-    if chunks is None:
-        return _unchanged(path, name, known[digest], collection)
+    if chunks is None or digest in known:  # stored before, or earlier in this run
+        return _unchanged(path, name, known.get(digest, name), collection)
     return _Read(path, name, digest, mime, chunks)
 
 

@@ -26,9 +26,12 @@ a new chunk (without overlap) unless the one being filled holds under a quarter 
 from __future__ import annotations
 
 import codecs
+import ctypes
 import hashlib
 import io
+import os
 import re
+import signal
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -293,6 +296,17 @@ class _Unit:
     page: int | None
     heading: str | None
     opens: bool = False  # the first unit of a section with a heading
+
+
+def reader_process_init(parent: int) -> None:
+    """Run first in a reader process (`ingest`'s): it ends when `parent` does, even when that is
+    killed outright (Linux's parent-death signal; elsewhere it ends with its task queue)."""
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # 1: PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        return
+    if os.getppid() != parent:  # the parent died before the signal was set
+        os._exit(0)
 
 
 def read_chunks(path: Path, max_bytes: int, words: int, overlap: int,
