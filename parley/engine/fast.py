@@ -77,7 +77,7 @@ class Shape(ctypes.Structure):
     _fields_ = [(n, ctypes.c_int) for n in ("B", "H", "nh", "nkv", "hd", "n_layers", "w_bf16", "amx", "kv_bf16")] + \
                [(n, ctypes.c_long) for n in ("inter", "vocab", "max_len")] + [("eps", ctypes.c_float)] + \
                [(n, ctypes.c_int) for n in ("quant", "isa")] + \
-               [(n, ctypes.c_float) for n in ("scale", "attn_cap")] + [("gelu", ctypes.c_int)]
+               [(n, ctypes.c_float) for n in ("scale", "attn_cap")] + [(n, ctypes.c_int) for n in ("gelu", "fisa")]
 
 
 class QWeight(ctypes.Structure):
@@ -96,6 +96,10 @@ MAX_RANK = 64  # the highest adapter rank the kernels serve (kernels.c's LORA_MA
 # the int8 paths of quantized weights (kernels.c's ISA_*), best last; `kernels=` names a ceiling
 ISAS = ("scalar", "avx2", "vnni")
 ISA_CEILING = {"scalar": 0, "avx2": 1}  # any other setting: the best this CPU has
+# the paths of float weights off the tiles (kernels.c's F_*), best last; the same ceilings, and
+# avx512-fma (tests: the AVX-512 path in fp32 on a CPU that has AVX512-BF16)
+FLOAT_ISAS = ("scalar", "avx2", "avx512", "avx512-bf16")
+FLOAT_CEILING = {**ISA_CEILING, "avx512-fma": 2}
 
 
 def norm_weight(norm: torch.nn.Module) -> torch.Tensor:
@@ -146,6 +150,9 @@ def kernels() -> ctypes.CDLL | None:
                                  ctypes.c_long, ctypes.c_long, P, P, ctypes.c_int, ctypes.c_int]
     so.argmax_rows.argtypes = [P, ctypes.c_long, P, ctypes.c_int, P]
     so.quant_isa.argtypes, so.quant_isa.restype = [ctypes.c_int], ctypes.c_int
+    so.float_isa.argtypes, so.float_isa.restype = [ctypes.c_int], ctypes.c_int
+    so.float_linear.argtypes = [P, ctypes.c_int, ctypes.c_int, P, P, P, ctypes.c_int, ctypes.c_long, ctypes.c_long]
+    so.float_linear.restype = None
     so.quant_linear.argtypes = [ctypes.POINTER(QWeight), ctypes.c_int, P, P, P, P, ctypes.c_int, ctypes.c_long,
                                 ctypes.c_long]
     so.quant_linear.restype = None
@@ -162,6 +169,7 @@ class FastDecoder:
         # QWeight structs, kept here; the int8 path is the best this CPU has under `path`
         self.quant = bool(quantized_layers(model))
         self.isa = lib.quant_isa(ISA_CEILING.get(path, len(ISAS)))
+        self.fisa = lib.float_isa(FLOAT_CEILING.get(path, len(FLOAT_ISAS)))
         self.qweights: list[QWeight] = []
         self.rows16 = self._interleaved() if self.quant and ISAS[self.isa] in ("vnni", "avx2") else {}
         # norms and biases are tiny: fp32 copies, kept here; big weights are used in place, never copied
@@ -264,14 +272,17 @@ class FastDecoder:
         """The CPU path the projections run on, as the startup line shows it."""
         if self.quant:
             return f"{ISAS[self.isa]} int8 ({'/'.join(sorted({l.fmt for l in quantized_layers(self.model).values()}))})"
-        return "amx" if self.amx else "avx512"
+        if self.amx:
+            return "amx"
+        name = FLOAT_ISAS[self.fisa]
+        return "avx512" if name == "avx512-bf16" and self.embed.dtype != torch.bfloat16 else name
 
     @property
     def all_rows(self) -> bool:
-        """Whether prompt chunks too should run here (step_rows): on AMX tiles, and with quantized
-        weights (which PyTorch would dequantize every step); a row's numbers do not depend on
-        where its prompt is cut on either."""
-        return self.amx or self.quant
+        """Whether prompt chunks too should run here (step_rows): on every path (AMX tiles,
+        register-blocked GEMMs of float weights, int8 products of quantized ones), each faster
+        than PyTorch's forward; a row's numbers do not depend on where its prompt is cut on any."""
+        return True
 
     def _tiles_fit(self) -> bool:
         """Whether the projections can run on AMX tiles: bf16 weights, every input size a
@@ -360,7 +371,7 @@ class FastDecoder:
         return Shape(B=B, H=c.hidden_size, nh=c.num_attention_heads, nkv=c.num_key_value_heads, hd=c.head_dim,
                      n_layers=c.num_hidden_layers, w_bf16=int(self.embed.dtype == torch.bfloat16), amx=int(self.amx),
                      kv_bf16=int(self.amx), inter=c.intermediate_size, vocab=c.vocab_size, max_len=max_len,
-                     eps=c.rms_norm_eps, quant=int(self.quant), isa=self.isa,
+                     eps=c.rms_norm_eps, quant=int(self.quant), isa=self.isa, fisa=self.fisa,
                      scale=c.attention_scale if c.query_pre_attn_scalar else 0.0,
                      attn_cap=c.attn_logit_softcapping or 0.0, gelu=int(c.hidden_act != "silu"))
 
