@@ -202,7 +202,7 @@ def test_bf16_dot_products_stay_within_bf16_precision_of_fp32(name):
     """tiles=False with bf16 weights on a CPU with AVX512-BF16: projection inputs rounded to bf16
     as on the tiles (keys and values stay fp32), so the tiles' bounds hold."""
     model, reference = bf16_and_reference(name, window=37)
-    fast = FastDecoder.create(model, tiles=False)
+    fast = FastDecoder.create(model, tiles=False, path="avx512-bf16")
     assert fast.path == "avx512-bf16" and fast.kv_dtype == torch.float32 and fast.all_rows
     for got, expected in run_both(fast, reference, torch.float32, 16, TILE_CUTS, [102, 20]):
         scale = expected.abs().max()

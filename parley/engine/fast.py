@@ -96,10 +96,11 @@ MAX_RANK = 64  # the highest adapter rank the kernels serve (kernels.c's LORA_MA
 # the int8 paths of quantized weights (kernels.c's ISA_*), best last; `kernels=` names a ceiling
 ISAS = ("scalar", "avx2", "vnni")
 ISA_CEILING = {"scalar": 0, "avx2": 1}  # any other setting: the best this CPU has
-# the paths of float weights off the tiles (kernels.c's F_*), best last; the same ceilings, and
-# avx512-fma (tests: the AVX-512 path in fp32 on a CPU that has AVX512-BF16)
+# the paths of float weights off the tiles (kernels.c's F_*), best last; the same ceilings, and two
+# for tests and benchmarks: avx512-fma (fp32 products on a CPU with AVX512-BF16) and avx512-bf16
+# (bf16 dot products on a CPU with AMX too, which else keeps to fp32 ones: float_isa)
 FLOAT_ISAS = ("scalar", "avx2", "avx512", "avx512-bf16")
-FLOAT_CEILING = {**ISA_CEILING, "avx512-fma": 2}
+FLOAT_CEILING = {**ISA_CEILING, "avx512-fma": 2, "avx512-bf16": 3}
 
 
 def norm_weight(norm: torch.nn.Module) -> torch.Tensor:

@@ -999,7 +999,10 @@ void quant_linear(const QWeight *W, int isa, const float *x, int8_t *xq, float *
 
 enum { F_SCALAR = 0, F_AVX2 = 1, F_AVX512 = 2, F_BF16 = 3 };
 
-/* The best float path this CPU runs, at most `ceiling` (F_*): checked once by fast.py. */
+/* The best float path this CPU runs, at most `ceiling` (F_*): checked once by fast.py. A CPU with
+ * AMX (Intel's, from Sapphire Rapids) keeps F_AVX512 for what its tiles do not take unless the
+ * ceiling is F_BF16 itself: there vdpbf16ps measured slower than widening to fp32 and two FMAs
+ * (benchmarks/RESULTS.md, "Float weights without AMX"); on AMD's (Zen 4) it does twice their work. */
 int float_isa(int ceiling) {
     int best = F_SCALAR;
 #if defined(__x86_64__) || defined(__i386__)
@@ -1007,7 +1010,9 @@ int float_isa(int ceiling) {
     if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) best = F_AVX2;
 #ifdef __AVX512F__ /* linear_avx512_for is built with the build's own flags */
     if (__builtin_cpu_supports("avx512f")) best = F_AVX512;
-    if (best == F_AVX512 && __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512bf16")) best = F_BF16;
+    if (best == F_AVX512 && __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512bf16") &&
+        (ceiling == F_BF16 || !__builtin_cpu_supports("amx-bf16")))
+        best = F_BF16;
 #endif
 #endif
     return best < ceiling ? best : ceiling;
