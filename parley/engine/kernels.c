@@ -53,6 +53,33 @@ static inline __m512 load16(const void *W, int w_bf16, long at) {
     return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16)); /* bf16 -> fp32 is a shift */
 }
 
+/* r[i] (i < 16) as rows of a 16 x 16 matrix of 32-bit words, transposed into out. Two rounds of
+ * unpacking transpose the 4 x 4 blocks inside each 128-bit lane; two rounds of lane shuffles
+ * then move the blocks. */
+static inline void transpose16(const __m512i r[16], __m512i out[16]) {
+    __m512i t[16], u[16];
+    for (int i = 0; i < 16; i += 2) {
+        t[i] = _mm512_unpacklo_epi32(r[i], r[i + 1]);
+        t[i + 1] = _mm512_unpackhi_epi32(r[i], r[i + 1]);
+    }
+    /* u[4g + m], lane l: column 4l + m of rows 4g..4g+3 */
+    for (int g = 0; g < 4; g++) {
+        const __m512i *q = t + 4 * g;
+        u[4 * g + 0] = _mm512_unpacklo_epi64(q[0], q[2]);
+        u[4 * g + 1] = _mm512_unpackhi_epi64(q[0], q[2]);
+        u[4 * g + 2] = _mm512_unpacklo_epi64(q[1], q[3]);
+        u[4 * g + 3] = _mm512_unpackhi_epi64(q[1], q[3]);
+    }
+    for (int m = 0; m < 4; m++) { /* out[4l + m] = lane l of u[m], u[4 + m], u[8 + m], u[12 + m] */
+        __m512i x0 = _mm512_shuffle_i32x4(u[m], u[4 + m], 0x44), x1 = _mm512_shuffle_i32x4(u[m], u[4 + m], 0xee);
+        __m512i x2 = _mm512_shuffle_i32x4(u[8 + m], u[12 + m], 0x44), x3 = _mm512_shuffle_i32x4(u[8 + m], u[12 + m], 0xee);
+        out[m] = _mm512_shuffle_i32x4(x0, x2, 0x88);
+        out[4 + m] = _mm512_shuffle_i32x4(x0, x2, 0xdd);
+        out[8 + m] = _mm512_shuffle_i32x4(x1, x3, 0x88);
+        out[12 + m] = _mm512_shuffle_i32x4(x1, x3, 0xdd);
+    }
+}
+
 /* e^x on 16 lanes: 2^n e^r with n = round(x / ln 2) and r = x - n ln 2 (ln 2 in two parts, so
  * r is exact), e^r by its Taylor series to r^7 (|r| <= 0.35: relative error below 1e-7).
  * Inputs are clamped to [-104, 88.7]: -inf gives 0 (e^-104 rounds to it), +inf a finite 3e38. */
@@ -145,19 +172,31 @@ static inline __attribute__((always_inline)) void dot_block(const void *W, const
     default: dot_block(W, w_bf16, I, o, xb, yb, y_stride, accumulate, NR, 1);                \
     }
 
+/* How many rows of x (I values of `size` bytes) a product takes at a time: as many as fit in
+ * 512 KB, so that they stay in L2 while every block of weight rows passes over them (a prompt
+ * chunk's rows all at once would be read from memory again for each block), a multiple of 4. */
+static inline int rows_in_l2(long I, int size) {
+    const long rows = (512L << 10) / (I * size) / 4 * 4;
+    return rows < 4 ? 4 : rows > (1 << 20) ? (1 << 20) : (int)rows;
+}
+
 static inline __attribute__((always_inline)) void linear_impl(const void *W, const int w_bf16, const float *x,
                                                               float *y, long y_stride, int B, long I, long O,
                                                               int accumulate) {
+    const int chunk = rows_in_l2(I, 4);
+    for (int c0 = 0; c0 < B; c0 += chunk) {
+        const int c1 = B - c0 < chunk ? B : c0 + chunk;
 #pragma omp for schedule(static)
-    for (long o = 0; o < O; o += 4) {
-        for (int b0 = 0; b0 < B; b0 += 4) {
-            int nb = B - b0 < 4 ? B - b0 : 4;
-            const float *xb = x + b0 * I;
-            float *yb = y + b0 * y_stride;
-            if (o + 4 <= O) {
-                DOT_BLOCKS(4, o)
-            } else {
-                for (long tail = o; tail < O; tail++) DOT_BLOCKS(1, tail)
+        for (long o = 0; o < O; o += 4) {
+            for (int b0 = c0; b0 < c1; b0 += 4) {
+                int nb = c1 - b0 < 4 ? c1 - b0 : 4;
+                const float *xb = x + b0 * I;
+                float *yb = y + b0 * y_stride;
+                if (o + 4 <= O) {
+                    DOT_BLOCKS(4, o)
+                } else {
+                    for (long tail = o; tail < O; tail++) DOT_BLOCKS(1, tail)
+                }
             }
         }
     }
@@ -322,33 +361,6 @@ static void lora_down_tiles_for(const Adapted *ad, const uint32_t *xp, int Bp, l
             _tile_dpbf16ps(C, TW, 6);                                                          \
         }                                                                                      \
     }
-
-/* r[i] (i < 16) as rows of a 16 x 16 matrix of 32-bit words, transposed into out. Two rounds of
- * unpacking transpose the 4 x 4 blocks inside each 128-bit lane; two rounds of lane shuffles
- * then move the blocks. */
-static inline void transpose16(const __m512i r[16], __m512i out[16]) {
-    __m512i t[16], u[16];
-    for (int i = 0; i < 16; i += 2) {
-        t[i] = _mm512_unpacklo_epi32(r[i], r[i + 1]);
-        t[i + 1] = _mm512_unpackhi_epi32(r[i], r[i + 1]);
-    }
-    /* u[4g + m], lane l: column 4l + m of rows 4g..4g+3 */
-    for (int g = 0; g < 4; g++) {
-        const __m512i *q = t + 4 * g;
-        u[4 * g + 0] = _mm512_unpacklo_epi64(q[0], q[2]);
-        u[4 * g + 1] = _mm512_unpackhi_epi64(q[0], q[2]);
-        u[4 * g + 2] = _mm512_unpacklo_epi64(q[1], q[3]);
-        u[4 * g + 3] = _mm512_unpackhi_epi64(q[1], q[3]);
-    }
-    for (int m = 0; m < 4; m++) { /* out[4l + m] = lane l of u[m], u[4 + m], u[8 + m], u[12 + m] */
-        __m512i x0 = _mm512_shuffle_i32x4(u[m], u[4 + m], 0x44), x1 = _mm512_shuffle_i32x4(u[m], u[4 + m], 0xee);
-        __m512i x2 = _mm512_shuffle_i32x4(u[8 + m], u[12 + m], 0x44), x3 = _mm512_shuffle_i32x4(u[8 + m], u[12 + m], 0xee);
-        out[m] = _mm512_shuffle_i32x4(x0, x2, 0x88);
-        out[4 + m] = _mm512_shuffle_i32x4(x0, x2, 0xdd);
-        out[8 + m] = _mm512_shuffle_i32x4(x1, x3, 0x88);
-        out[12 + m] = _mm512_shuffle_i32x4(x1, x3, 0xdd);
-    }
-}
 
 /* Packs x [B, I] fp32 for the tile unit: pair p of row b is (bf16(x[b, 2p]), bf16(x[b, 2p + 1]))
  * as one 32-bit word, and each tile (16 pairs x 16 rows, rows from B on zero) is stored as
@@ -993,8 +1005,9 @@ void quant_linear(const QWeight *W, int isa, const float *x, int8_t *xq, float *
  *   F_AVX2    the same on 8 lanes, for CPUs with AVX2 and FMA only (laptops, older servers).
  *   F_SCALAR  portable C.
  * Each is register-blocked: a block of 4 weight rows is loaded once for 4 rows of x (AVX2: 2, its 16
- * registers) with 16 (8) sums in registers, the block used for every row of x while it sits in L1, so
- * a prompt chunk or a batch reads the weights from memory once. A row's sums run in the same order
+ * registers) with 16 (8) sums in registers, the block used for every row of x while it sits in L1, the
+ * rows of x taken as many as fit in L2 at a time (rows_in_l2), so that a batch reads the weights from
+ * memory once and a long prompt chunk once per few hundred KB of its rows. A row's sums run in the same order
  * whatever it is batched with: its bits do not depend on its batch, on any path. */
 
 enum { F_SCALAR = 0, F_AVX2 = 1, F_AVX512 = 2, F_BF16 = 3 };
@@ -1073,20 +1086,24 @@ TARGET_AVX2 static inline __attribute__((always_inline)) void dot_block_avx2(con
 
 TARGET_AVX2 static void linear_avx2_for(const void *W, int w_bf16, const float *x, float *y, long y_stride, int B,
                                         long I, long O, int accumulate) {
+    const int chunk = rows_in_l2(I, 4);
+    for (int c0 = 0; c0 < B; c0 += chunk) {
+        const int c1 = B - c0 < chunk ? B : c0 + chunk;
 #pragma omp for schedule(static)
-    for (long o = 0; o < O; o += 4)
-        for (int b0 = 0; b0 < B; b0 += 2) {
-            const float *xb = x + b0 * I;
-            float *yb = y + b0 * y_stride;
-            const int two = B - b0 >= 2;
-            for (long r = o; r < O && r < o + 4; r += o + 4 <= O ? 4 : 1) {
-                const int whole = o + 4 <= O;
-                if (whole && two) dot_block_avx2(W, w_bf16, I, r, xb, yb, y_stride, accumulate, 4, 2);
-                else if (whole) dot_block_avx2(W, w_bf16, I, r, xb, yb, y_stride, accumulate, 4, 1);
-                else if (two) dot_block_avx2(W, w_bf16, I, r, xb, yb, y_stride, accumulate, 1, 2);
-                else dot_block_avx2(W, w_bf16, I, r, xb, yb, y_stride, accumulate, 1, 1);
+        for (long o = 0; o < O; o += 4)
+            for (int b0 = c0; b0 < c1; b0 += 2) {
+                const float *xb = x + b0 * I;
+                float *yb = y + b0 * y_stride;
+                const int two = c1 - b0 >= 2;
+                for (long r = o; r < O && r < o + 4; r += o + 4 <= O ? 4 : 1) {
+                    const int whole = o + 4 <= O;
+                    if (whole && two) dot_block_avx2(W, w_bf16, I, r, xb, yb, y_stride, accumulate, 4, 2);
+                    else if (whole) dot_block_avx2(W, w_bf16, I, r, xb, yb, y_stride, accumulate, 4, 1);
+                    else if (two) dot_block_avx2(W, w_bf16, I, r, xb, yb, y_stride, accumulate, 1, 2);
+                    else dot_block_avx2(W, w_bf16, I, r, xb, yb, y_stride, accumulate, 1, 1);
+                }
             }
-        }
+    }
 }
 
 /* x [B, I] fp32 -> xb [B, I] bf16 bits, rounded to nearest even (as the tile path's pack_for). */
@@ -1164,18 +1181,22 @@ TARGET_BF16 static inline __attribute__((always_inline)) void dot_block_bf16(con
 
 TARGET_BF16 static void linear_bf16_for(const uint16_t *W, const uint16_t *x, float *y, long y_stride, int B, long I,
                                         long O, int accumulate) {
+    const int chunk = rows_in_l2(I, 2);
+    for (int c0 = 0; c0 < B; c0 += chunk) {
+        const int c1 = B - c0 < chunk ? B : c0 + chunk;
 #pragma omp for schedule(static)
-    for (long o = 0; o < O; o += 4)
-        for (int b0 = 0; b0 < B; b0 += 4) {
-            const int nb = B - b0 < 4 ? B - b0 : 4;
-            const uint16_t *xb = x + b0 * I;
-            float *yb = y + b0 * y_stride;
-            if (o + 4 <= O) {
-                BF16_BLOCKS(4, o)
-            } else {
-                for (long tail = o; tail < O; tail++) BF16_BLOCKS(1, tail)
+        for (long o = 0; o < O; o += 4)
+            for (int b0 = c0; b0 < c1; b0 += 4) {
+                const int nb = c1 - b0 < 4 ? c1 - b0 : 4;
+                const uint16_t *xb = x + b0 * I;
+                float *yb = y + b0 * y_stride;
+                if (o + 4 <= O) {
+                    BF16_BLOCKS(4, o)
+                } else {
+                    for (long tail = o; tail < O; tail++) BF16_BLOCKS(1, tail)
+                }
             }
-        }
+    }
 }
 #undef BF16_BLOCKS
 #endif
@@ -1422,6 +1443,48 @@ static int weigh_values(const float *p, long max_len, const char *v, long row, i
 #endif
 }
 
+#define MAX_HD 256
+#define MAX_GROUP 64 /* the most queries key_scores16 scores at once (query heads a kv head, or a block's) */
+
+#ifdef __AVX512F__
+/* p[j * stride + i] = scale * (q[j] . k_i) for the nq queries q[j] and the m <= 16 fp32 keys from k
+ * (rows `row` bytes apart; hd a multiple of 16, at most MAX_HD): the keys transposed 16 dims at a
+ * time, then per query one FMA a dim for all 16 keys at once (the one-query-one-key dot product
+ * spends more on summing its lanes than on its products). A key's score is the same two chains
+ * (even and odd dims) whatever m, nq and the block's other keys and queries are, so a prompt row
+ * and a decode row get the same bits. */
+static void key_scores16(const char *k, long row, int m, int hd, const float *const *q, int nq, float scale,
+                         float *p, long stride) {
+    __m512 kt[MAX_HD];
+    for (int d0 = 0; d0 < hd; d0 += 16) {
+        __m512i rows[16], cols[16];
+        for (int i = 0; i < 16; i++)
+            rows[i] = i < m ? _mm512_loadu_si512(k + i * row + d0 * 4) : _mm512_setzero_si512();
+        transpose16(rows, cols);
+        for (int d = 0; d < 16; d++) kt[d0 + d] = _mm512_castsi512_ps(cols[d]);
+    }
+    const __mmask16 keep = (__mmask16)((1u << m) - 1);
+    for (int j = 0; j < nq; j++) {
+        __m512 even = _mm512_setzero_ps(), odd = _mm512_setzero_ps();
+        for (int d = 0; d < hd; d += 2) {
+            even = _mm512_fmadd_ps(_mm512_set1_ps(q[j][d]), kt[d], even);
+            odd = _mm512_fmadd_ps(_mm512_set1_ps(q[j][d + 1]), kt[d + 1], odd);
+        }
+        _mm512_mask_storeu_ps(p + j * stride, keep, _mm512_mul_ps(_mm512_add_ps(even, odd), _mm512_set1_ps(scale)));
+    }
+}
+
+/* The scores of keys s .. end - 1 (one page's run from k) by key_scores16 where it applies (fp32
+ * keys off the tiles), 16 at a time; returns where it stopped (s: it does not apply). */
+static long key_scores_run(const char *k, long row, long s, long end, int kv_bf16, int hd, const float *const *q,
+                           int nq, float scale, float *p, long stride) {
+    if (kv_bf16 || hd % 16 || hd > MAX_HD) return s;
+    for (; s < end; s += 16, k += 16 * row)
+        key_scores16(k, row, end - s < 16 ? (int)(end - s) : 16, hd, q, nq, scale, p + s, stride);
+    return s;
+}
+#endif
+
 /* o[j] = sum over lo <= s < n of p[j * p_stride + s] * v_s for the group heads j (o: group rows of hd),
  * v_s the value rows of kv head g of row b: a page of consecutive positions at a time, the next
  * page's values fetched early (pages lie anywhere in the pool). */
@@ -1461,8 +1524,6 @@ static void softmax_span(float *p, long from, long lo, long n, float cap) {
     for (long s = lo; s < n; s++) p[s] *= r;
     for (long s = from; s < lo; s++) p[s] = 0.f;
 }
-
-#define MAX_HD 256
 
 #ifdef HAVE_AMX
 /* Queries as the right operand of keys . queries: for each block of 32 head dims a tile of
@@ -1625,6 +1686,15 @@ static void attend_for(const float *qkv, long q_stride, const void *K, const voi
                         p[j * max_len + s + r] = c[r][j] * scale;
             }
 #endif
+#ifdef __AVX512F__
+            if (s < n) {
+                const float *qs[MAX_GROUP];
+                for (int j = 0; j < group && j < MAX_GROUP; j++) qs[j] = q + (long)j * hd;
+                const long end = n < s0 + run ? n : s0 + run, at = group <= MAX_GROUP ?
+                    key_scores_run(k, row, s, end, kv_bf16, hd, qs, group, scale, p, max_len) : s;
+                k += (at - s) * row, s = at;
+            }
+#endif
             for (; s < n && s < s0 + run; s++, k += row)
                 for (int j = 0; j < group; j++)
                     p[j * max_len + s] = dot(q + (long)j * hd, k, kv_bf16, hd) * scale;
@@ -1679,6 +1749,16 @@ static void attend_block(const float *qkv, long q_stride, const void *K, const v
             const __m512 sc = _mm512_set1_ps(scale);
             for (int i = 0; i < n_rows * group; i++) /* positions from n on are scratch, not read */
                 _mm512_storeu_ps(p + i * max_len + s, _mm512_mul_ps(_mm512_castsi512_ps(by_query[i]), sc));
+        }
+#endif
+#ifdef __AVX512F__
+        if (s < n && n_rows * group <= MAX_GROUP) {
+            const float *qs[MAX_GROUP];
+            for (int i = 0; i < n_rows; i++)
+                for (int j = 0; j < group; j++) qs[i * group + j] = q[i] + (long)j * hd;
+            const long at = key_scores_run(k, row, s, n < s0 + run ? n : s0 + run, kv_bf16, hd, qs, n_rows * group,
+                                           scale, p, max_len);
+            k += (at - s) * row, s = at;
         }
 #endif
         for (; s < n && s < s0 + run; s++, k += row)
