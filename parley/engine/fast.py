@@ -16,11 +16,16 @@ tile unit with their inputs rounded to bf16, and keys and values are kept in bf1
 `step_rows` runs prompt chunks layer by layer through the same C code, their causal
 attention too (keys . queries and weights . values on tiles, 16 queries at a time; a row's
 bits do not depend on where its prompt is cut); the engine uses it on the tile path.
-`create(model, tiles=False)` keeps off the tile unit (the engine's `kernels=avx512`).
+`create(model, tiles=False)` keeps off the tile unit (the engine's `kernels=avx512`). Off the
+tiles, float weights' projections run on register-blocked products (kernels.c's "float weights
+off the tile unit"): AVX512-BF16 dot products on CPUs that have them and no AMX (inputs rounded
+to bf16, as on the tiles), else fp32 FMAs on AVX-512 or AVX2, else portable C; `decoder.path`
+names the one chosen once at start (`create(model, path="avx2")` caps it). Prompt chunks of
+bf16 weights run through `step_rows` off the tiles too (`decoder.all_rows`).
 A model whose projections and output layer are quantized (model/quant.py: q8, q4) runs on the
 int8 kernels instead, its activations rounded to int8 per block of 32; `decoder.path` names the
 instruction set chosen once at start (AVX512-VNNI, AVX2, or portable C; `create(model,
-path="avx2")` caps it), and its prompt chunks go through `step_rows` too (`decoder.all_rows`).
+path="avx2")` caps it).
 The VNNI and AVX2 paths read a copy of the weights interleaved 16 rows at a time
 (quant.interleave16, made at load in huge pages: the quantized weights' bytes a second time).
 The kernels compile once with the system C compiler
@@ -280,10 +285,13 @@ class FastDecoder:
 
     @property
     def all_rows(self) -> bool:
-        """Whether prompt chunks too should run here (step_rows): on every path (AMX tiles,
-        register-blocked GEMMs of float weights, int8 products of quantized ones), each faster
-        than PyTorch's forward; a row's numbers do not depend on where its prompt is cut on any."""
-        return True
+        """Whether prompt chunks too should run here (step_rows): on AMX tiles, with bf16 weights
+        off them (register-blocked products, on a par with oneDNN's AVX512-BF16 GEMM and far
+        ahead of PyTorch's bf16 on AVX2) and with quantized weights (which PyTorch would dequantize
+        every step); a row's numbers do not depend on where its prompt is cut on any of them.
+        Prompts of fp32 weights stay on PyTorch: MKL's fp32 GEMM ran 2.2x these products on
+        512-row chunks (benchmarks/RESULTS.md, "Float weights without AMX")."""
+        return self.amx or self.quant or self.embed.dtype == torch.bfloat16
 
     def _tiles_fit(self) -> bool:
         """Whether the projections can run on AMX tiles: bf16 weights, every input size a
