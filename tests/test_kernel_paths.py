@@ -14,11 +14,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from parley.engine.cache import CachedSequence, PagedKVCache
 from parley.engine.engine import Engine
 from parley.engine.fast import FLOAT_CEILING, FLOAT_ISAS, FastDecoder, kernels
 from parley.engine.sampling import SamplingParams
 from parley.model.transformer import ModelConfig, Transformer
+from test_tiles import assert_cuts_change_no_bit
 
 PATHS = ("avx512-bf16", "avx512-fma", "avx2", "scalar")
 
@@ -84,24 +84,11 @@ def bf16_model() -> Transformer:
 
 @pytest.mark.parametrize("path", EACH_PATH)
 def test_where_a_prompt_is_cut_changes_no_bit(path):
-    """The engine cuts prompts wherever a step's budget ends on every C path: the last token's
-    logits are the same bits fed in one go, in chunks of any size or a token at a time."""
+    """The engine cuts prompts of bf16 weights wherever a step's budget ends on every C path: the
+    last token's logits are the same bits however the prompt is fed (test_tiles.py's check)."""
     fast = FastDecoder.create(bf16_model(), tiles=False, path=path)
     assert fast.path == path.removesuffix("-fma") and fast.all_rows and fast.kv_dtype == torch.float32
-    tokens = [random.Random(9).randrange(CFG.vocab_size) for _ in range(90)]
-
-    def last_logits(cuts):
-        cache = PagedKVCache(CFG, 2**24, 8, torch.float32)
-        seq = CachedSequence(tokens=tokens, pages=list(range(cache.pages_for(len(tokens)))))
-        with torch.inference_mode():
-            for n in cuts:
-                batch = cache.batch([(seq, n)])
-                logits = (fast.step_rows(batch) if n > 1 else fast.step_paged(batch))[-1].clone()
-        return logits
-
-    whole = last_logits([90])
-    for cuts in ([89, 1], [30, 30, 30], [1, 1, 60, 28]):
-        assert torch.equal(last_logits(cuts), whole), cuts
+    assert_cuts_change_no_bit(fast, 8)
 
 
 @pytest.mark.parametrize("path", [p for p in EACH_PATH if p.values[0] in ("avx2", "scalar")] +

@@ -180,26 +180,32 @@ static inline int rows_in_l2(long I, int size) {
     return rows < 4 ? 4 : rows > (1 << 20) ? (1 << 20) : (int)rows;
 }
 
+/* The loop of a register-blocked product y (+)= x W^T (O outputs, B rows of x, I inputs of x_size
+ * bytes): work-shared blocks of 4 weight rows from o, each against the rows of x 4 at a time (nb
+ * rows from b0: xb, yb), those rows taken as many as fit in L2 at a time; BLOCKS(NR, o) runs one
+ * block of NR weight rows. */
+#define FOR_BLOCKS(x_size, BLOCKS)                                                                \
+    const int chunk = rows_in_l2(I, x_size);                                                     \
+    for (int c0 = 0; c0 < B; c0 += chunk) {                                                      \
+        const int c1 = B - c0 < chunk ? B : c0 + chunk;                                          \
+        _Pragma("omp for schedule(static)")                                                      \
+        for (long o = 0; o < O; o += 4)                                                          \
+            for (int b0 = c0; b0 < c1; b0 += 4) {                                                \
+                const int nb = c1 - b0 < 4 ? c1 - b0 : 4;                                        \
+                const __typeof__(x) xb = x + b0 * I;                                             \
+                float *yb = y + b0 * y_stride;                                                   \
+                if (o + 4 <= O) {                                                                \
+                    BLOCKS(4, o)                                                                 \
+                } else {                                                                         \
+                    for (long tail = o; tail < O; tail++) BLOCKS(1, tail)                        \
+                }                                                                                \
+            }                                                                                    \
+    }
+
 static inline __attribute__((always_inline)) void linear_impl(const void *W, const int w_bf16, const float *x,
                                                               float *y, long y_stride, int B, long I, long O,
                                                               int accumulate) {
-    const int chunk = rows_in_l2(I, 4);
-    for (int c0 = 0; c0 < B; c0 += chunk) {
-        const int c1 = B - c0 < chunk ? B : c0 + chunk;
-#pragma omp for schedule(static)
-        for (long o = 0; o < O; o += 4) {
-            for (int b0 = c0; b0 < c1; b0 += 4) {
-                int nb = c1 - b0 < 4 ? c1 - b0 : 4;
-                const float *xb = x + b0 * I;
-                float *yb = y + b0 * y_stride;
-                if (o + 4 <= O) {
-                    DOT_BLOCKS(4, o)
-                } else {
-                    for (long tail = o; tail < O; tail++) DOT_BLOCKS(1, tail)
-                }
-            }
-        }
-    }
+    FOR_BLOCKS(4, DOT_BLOCKS)
 }
 
 /* y[b, o] (+)= sum_i W[o, i] * x[b, i] with AVX-512 FMAs (where the build has them; linear_for
@@ -1181,22 +1187,7 @@ TARGET_BF16 static inline __attribute__((always_inline)) void dot_block_bf16(con
 
 TARGET_BF16 static void linear_bf16_for(const uint16_t *W, const uint16_t *x, float *y, long y_stride, int B, long I,
                                         long O, int accumulate) {
-    const int chunk = rows_in_l2(I, 2);
-    for (int c0 = 0; c0 < B; c0 += chunk) {
-        const int c1 = B - c0 < chunk ? B : c0 + chunk;
-#pragma omp for schedule(static)
-        for (long o = 0; o < O; o += 4)
-            for (int b0 = c0; b0 < c1; b0 += 4) {
-                const int nb = c1 - b0 < 4 ? c1 - b0 : 4;
-                const uint16_t *xb = x + b0 * I;
-                float *yb = y + b0 * y_stride;
-                if (o + 4 <= O) {
-                    BF16_BLOCKS(4, o)
-                } else {
-                    for (long tail = o; tail < O; tail++) BF16_BLOCKS(1, tail)
-                }
-            }
-    }
+    FOR_BLOCKS(2, BF16_BLOCKS)
 }
 #undef BF16_BLOCKS
 #endif
