@@ -289,7 +289,7 @@ class FastDecoder:
         off them (register-blocked products, on a par with oneDNN's AVX512-BF16 GEMM and far
         ahead of PyTorch's bf16 on AVX2) and with quantized weights (which PyTorch would dequantize
         every step); a row's numbers do not depend on where its prompt is cut on any of them.
-        Prompts of fp32 weights stay on PyTorch: MKL's fp32 GEMM ran 2.2x these products on
+        Prompts of fp32 weights stay on PyTorch: MKL's fp32 GEMM ran 2.2-2.8x these products on
         512-row chunks (benchmarks/RESULTS.md, "Float weights without AMX")."""
         return self.amx or self.quant or self.embed.dtype == torch.bfloat16
 

@@ -1021,7 +1021,8 @@ enum { F_SCALAR = 0, F_AVX2 = 1, F_AVX512 = 2, F_BF16 = 3 };
 /* The best float path this CPU runs, at most `ceiling` (F_*): checked once by fast.py. A CPU with
  * AMX (Intel's, from Sapphire Rapids) keeps F_AVX512 for what its tiles do not take unless the
  * ceiling is F_BF16 itself: there vdpbf16ps measured slower than widening to fp32 and two FMAs
- * (benchmarks/RESULTS.md, "Float weights without AMX"); on AMD's (Zen 4) it does twice their work. */
+ * (benchmarks/float_paths.py; RESULTS.md, "Float weights without AMX"). CPUs with AVX512-BF16 and
+ * no tiles (AMD Zen 4 and later) take it: not measured on one yet. */
 int float_isa(int ceiling) {
     int best = F_SCALAR;
 #if defined(__x86_64__) || defined(__i386__)
