@@ -148,7 +148,8 @@ def write_results(rows, args, bw: float, bf16_bytes: int, q4_bytes: int) -> None
         f"\n## Decode speed, SmolLM2-135M-Instruct ({datetime.date.today()}, commit {commit()})\n",
         f"Machine: {cpu_name(flags=True)}, {os.cpu_count()} cores, {torch.get_num_threads()} threads, "
         f"torch {torch.__version__}. Command: `.venv/bin/python benchmarks/decode.py "
-        f"--prompt {args.prompt} --new {args.new} --repeats {args.repeats}{' --no-amx' * args.no_amx}`. Prompt {args.prompt} tokens, "
+        f"--prompt {args.prompt} --new {args.new} --repeats {args.repeats}{' --no-amx' * args.no_amx}`. "
+        f"Prompt {args.prompt} tokens, "
         f"{args.new} new tokens, greedy, median of {args.repeats}. Measured read bandwidth {bw:.1f} GB/s; "
         f"a bf16 decode step reads {bf16_bytes / 1e6:.0f} MB of weights"
         + (f", a q4 step (the file's blocks kept) {q4_bytes / 1e6:.0f} MB" if q4_bytes else "") + ".\n",

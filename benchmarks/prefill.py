@@ -116,7 +116,8 @@ def main() -> None:
             f"commit {commit()})\n",
             f"Machine: {cpu_name(flags=True)}, {os.cpu_count()} cores, torch {torch.__version__}. Command: "
             f"`.venv/bin/python benchmarks/prefill.py --lengths {args.lengths} --turn {args.turn} "
-            f"--repeats {args.repeats}{' --no-amx' * args.no_amx} --write`. One request at a time, greedy, until the first new token; "
+            f"--repeats {args.repeats}{' --no-amx' * args.no_amx} --write`. One request at a time, greedy, "
+            "until the first new token; "
             f"distinct source-code prompts; median of {args.repeats}, the contenders alternating. Next turn: "
             "the longest prompt, its answer and new tokens (the first engine reuses its cached pages; the others "
             "prefill everything).\n",
