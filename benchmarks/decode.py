@@ -23,9 +23,11 @@ import statistics
 import time
 from pathlib import Path
 
-import torch
+from record import append_section, commit, cpu_name, no_amx
 
-from record import append_section, commit, cpu_name
+no_amx()  # before torch is imported
+
+import torch
 
 from parley.engine.engine import Engine
 from parley.engine.sampling import SamplingParams
@@ -112,7 +114,10 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--quick", action="store_true", help="one repeat, 32 new tokens")
     ap.add_argument("--no-write", action="store_true", help="do not append to benchmarks/RESULTS.md")
+    ap.add_argument("--no-amx", action="store_true", help="run as on a CPU without AMX tiles: Parley on "
+                    "kernels=avx512, oneDNN capped at AVX512_CORE_BF16 (set before torch is imported)")
     args = ap.parse_args()
+    print(cpu_name(flags=True), flush=True)
     if args.quick:
         args.repeats, args.new = 1, 32
     torch.set_flush_denormal(True)
@@ -143,7 +148,8 @@ def write_results(rows, args, bw: float, bf16_bytes: int, q4_bytes: int) -> None
         f"\n## Decode speed, SmolLM2-135M-Instruct ({datetime.date.today()}, commit {commit()})\n",
         f"Machine: {cpu_name(flags=True)}, {os.cpu_count()} cores, {torch.get_num_threads()} threads, "
         f"torch {torch.__version__}. Command: `.venv/bin/python benchmarks/decode.py "
-        f"--prompt {args.prompt} --new {args.new} --repeats {args.repeats}`. Prompt {args.prompt} tokens, "
+        f"--prompt {args.prompt} --new {args.new} --repeats {args.repeats}{' --no-amx' * args.no_amx}`. "
+        f"Prompt {args.prompt} tokens, "
         f"{args.new} new tokens, greedy, median of {args.repeats}. Measured read bandwidth {bw:.1f} GB/s; "
         f"a bf16 decode step reads {bf16_bytes / 1e6:.0f} MB of weights"
         + (f", a q4 step (the file's blocks kept) {q4_bytes / 1e6:.0f} MB" if q4_bytes else "") + ".\n",

@@ -23,9 +23,11 @@ import statistics
 import time
 from pathlib import Path
 
-import torch
+from record import append_section, commit, cpu_name, no_amx
 
-from record import append_section, commit, cpu_name
+no_amx()  # before torch is imported
+
+import torch
 
 from parley.engine.engine import Engine
 from parley.engine.sampling import SamplingParams
@@ -49,7 +51,10 @@ def main() -> None:
     ap.add_argument("--turn", type=int, default=60, help="new tokens of the next turn")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--write", action="store_true", help="append the table to benchmarks/RESULTS.md")
+    ap.add_argument("--no-amx", action="store_true", help="run as on a CPU without AMX tiles: Parley on "
+                    "kernels=avx512, oneDNN capped at AVX512_CORE_BF16 (set before torch is imported)")
     args = ap.parse_args()
+    print(cpu_name(flags=True), flush=True)
     try:
         lengths = [int(n) for n in args.lengths.split(",")]
     except ValueError:
@@ -111,7 +116,8 @@ def main() -> None:
             f"commit {commit()})\n",
             f"Machine: {cpu_name(flags=True)}, {os.cpu_count()} cores, torch {torch.__version__}. Command: "
             f"`.venv/bin/python benchmarks/prefill.py --lengths {args.lengths} --turn {args.turn} "
-            f"--repeats {args.repeats} --write`. One request at a time, greedy, until the first new token; "
+            f"--repeats {args.repeats}{' --no-amx' * args.no_amx} --write`. One request at a time, greedy, "
+            "until the first new token; "
             f"distinct source-code prompts; median of {args.repeats}, the contenders alternating. Next turn: "
             "the longest prompt, its answer and new tokens (the first engine reuses its cached pages; the others "
             "prefill everything).\n",

@@ -35,10 +35,12 @@ import tempfile
 import time
 from pathlib import Path
 
+from record import append_section, commit, cpu_name, no_amx
+
+no_amx()  # before torch is imported
+
 import httpx
 import torch
-
-from record import append_section, commit
 
 from parley.engine.engine import Engine
 from parley.engine.sampling import SamplingParams
@@ -158,7 +160,10 @@ def main() -> None:
     ap.add_argument("--hf-batch", type=int, default=8, help="transformers' static batch size")
     ap.add_argument("--hf-requests", type=int, default=32, help="requests transformers serves")
     ap.add_argument("--write", action="store_true", help="append the table to benchmarks/RESULTS.md")
+    ap.add_argument("--no-amx", action="store_true", help="run as on a CPU without AMX tiles: Parley on "
+                    "kernels=avx512, oneDNN capped at AVX512_CORE_BF16 (set before torch is imported)")
     args = ap.parse_args()
+    print(cpu_name(flags=True), flush=True)
     clients = [int(n) for n in args.clients.split(",")]
     torch.set_flush_denormal(True)
     started = time.perf_counter()
@@ -230,10 +235,10 @@ def write_results(table: list[str], args) -> None:
     load = os.getloadavg()[0]
     command = (f".venv/bin/python benchmarks/serve.py --prompt {args.prompt} --new {args.new} --clients {args.clients} "
                f"--repeats {args.repeats} --batch1 {args.batch1} --hf-batch {args.hf_batch} "
-               f"--hf-requests {args.hf_requests} --write")
+               f"--hf-requests {args.hf_requests}{' --no-amx' * args.no_amx} --write")
     lines = [
         f"\n## Serving concurrent streams, SmolLM2-135M-Instruct bf16 ({datetime.date.today()}, commit {commit()})\n",
-        f"Machine: {os.uname().machine}, {os.cpu_count()} cores, torch {torch.__version__}; 1-minute load average "
+        f"Machine: {cpu_name(flags=True)}, {os.cpu_count()} cores, torch {torch.__version__}; 1-minute load average "
         f"{load:.2f} when the run ended. Command: `{command}`. `parley serve --no-auth` in a subprocess "
         f"(continuous-batching scheduler, max_pending and engine.max_waiting {args.clients.split(',')[-1]}, requests_per_minute=0) on 127.0.0.1; "
         f"N asyncio + httpx clients each stream one `/v1/chat/completions` request at once (model smollm2, "

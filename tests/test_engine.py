@@ -112,7 +112,8 @@ def test_repetition_penalty_and_seeded_sampling():
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_fast_decode_step_equals_reference_forward(dtype):
-    """The C decode step computes in fp32 over the model's weights: it must equal the paged
+    """The C decode step on the fp32 path (avx512-fma; AVX512-BF16's rounds its inputs to bf16:
+    tests/test_kernel_paths.py) computes in fp32 over the model's weights: it must equal the paged
     reference forward of the same (bf16-rounded) weights in fp32, rows of different lengths."""
     from parley.engine.cache import CachedSequence, PagedKVCache
     from parley.engine.fast import FastDecoder
@@ -126,7 +127,7 @@ def test_fast_decode_step_equals_reference_forward(dtype):
     model = model.to(dtype).eval()
     reference = Transformer(cfg).eval()
     reference.load_state_dict({k: v.float() for k, v in model.state_dict().items()})
-    fast = FastDecoder.create(model)
+    fast = FastDecoder.create(model, path="avx512-fma")
     assert fast is not None, "the C kernels failed to build: is a C compiler installed?"
     assert fast.kv_dtype == torch.float32  # these shapes are not whole tiles
     page_bytes = PagedKVCache(cfg, 10**9, 4).page_bytes

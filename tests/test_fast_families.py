@@ -2,13 +2,14 @@
 PyTorch forward on random-init models of unusual shapes (GQA 7:1, head_dim unlike hidden/heads,
 random norm weights and biases so a missing term shows, a sliding window shorter than the
 prompt and crossing pages; mixtures of experts: Mixtral, Qwen3-MoE with dense layers among
-sparse ones, Qwen2-MoE with its shared expert), on every path this machine runs: the plain C
-loops (`tiles=False`, the engine's kernels=avx512) with fp32 and with bf16 weights, AMX tiles
-with bf16 weights, and the int8 paths of q8 weights (vnni, avx2, scalar).
+sparse ones, Qwen2-MoE with its shared expert), on every path this machine runs: the C loops
+of float weights (`tiles=False`, the engine's kernels=avx512; AVX-512, AVX2 and portable C) with
+fp32 and with bf16 weights, AVX512-BF16 dot products and AMX tiles with bf16 weights, and the
+int8 paths of q8 weights (vnni, avx2, scalar).
 
 Tolerances: fp32 weights, 1e-4 absolute on logits of scale ~1 (the same sums in another order);
 the C loops on bf16 weights, 0.1% of the logits' scale against the fp32 forward of the same
-values; bf16 tiles, 2% of the scale at most and 0.3% on average (activations, keys and values
+values; bf16 tiles and AVX512-BF16 dot products, 2% of the scale at most and 0.3% on average (activations, keys and values
 rounded to bf16: PyTorch's own bf16 forward is as far); int8, 5% at most and 1% on average
 (tests/test_quant.py allows 3% for a plain Llama; Gemma's norms amplify the rounding)."""
 
@@ -20,7 +21,7 @@ import torch
 
 from parley.engine.cache import CachedSequence, PagedKVCache
 from parley.engine.engine import Engine
-from parley.engine.fast import ISAS, FastDecoder, kernels
+from parley.engine.fast import FLOAT_CEILING, FLOAT_ISAS, ISAS, FastDecoder, kernels
 from parley.engine.sampling import SamplingParams
 from parley.model import quant
 from parley.model.transformer import ModelConfig, Transformer
@@ -112,12 +113,23 @@ def run_both(fast: FastDecoder, reference: Transformer, kv_dtype: torch.dtype, p
 CUTS = [[12, 9], [8, 1], [0, 1], [1, 1], [1, 1], [1, 1]]
 
 
+def float_runnable(path: str) -> bool:
+    """Whether this CPU runs the float path `path` (FLOAT_ISAS, or avx512-fma)."""
+    lib, level = kernels(), FLOAT_CEILING.get(path, FLOAT_ISAS.index(path) if path in FLOAT_ISAS else -1)
+    return lib is not None and lib.float_isa(level) == level
+
+
+FLOAT_PATHS = [pytest.param(p, marks=pytest.mark.skipif(not float_runnable(p), reason=f"no {p} here"))
+               for p in ("avx512-fma", "avx2", "scalar")]
+
+
+@pytest.mark.parametrize("path", FLOAT_PATHS)
 @pytest.mark.parametrize("name", list(FAMILIES))
-def test_c_path_equals_the_model_forward_in_fp32(name):
+def test_c_path_equals_the_model_forward_in_fp32(name, path):
     model = family_model(name, SMALL)
     assert FastDecoder.unsupported(model) is None
-    fast = FastDecoder.create(model, tiles=False)
-    assert fast is not None and fast.path == "avx512" and not fast.all_rows
+    fast = FastDecoder.create(model, tiles=False, path=path)
+    assert fast is not None and fast.path == path.removesuffix("-fma") and not fast.all_rows  # fp32: PyTorch's
     for got, expected in run_both(fast, model, torch.float32, 4, CUTS, [23, 14]):
         torch.testing.assert_close(got, expected, atol=1e-4, rtol=0)
     # and the last step's logits of the first row are the plain (uncached) forward's
@@ -174,13 +186,28 @@ TILE_FAMILIES = ["qwen2", "qwen3", "gemma3", "gemma3_attention_softcap", "phi3_l
 
 @pytest.mark.parametrize("name", TILE_FAMILIES)
 def test_c_loops_on_bf16_weights_equal_the_fp32_forward(name):
-    """tiles=False with bf16 weights (the path of a CPU without AMX): fp32 activations, keys and
-    values, so only the order of the sums differs from the fp32 forward of the same values."""
+    """tiles=False with bf16 weights on the fp32 path (of a CPU without AMX and AVX512-BF16): fp32
+    activations, keys and values, so only the order of the sums differs from the fp32 forward of
+    the same values."""
     model, reference = bf16_and_reference(name, window=37)
-    fast = FastDecoder.create(model, tiles=False)
+    fast = FastDecoder.create(model, tiles=False, path="avx512-fma")
     assert not fast.amx and fast.kv_dtype == torch.float32
     for got, expected in run_both(fast, reference, torch.float32, 16, TILE_CUTS, [102, 20]):
         assert (got - expected).abs().max() < 1e-3 * expected.abs().max()
+
+
+@pytest.mark.skipif(not float_runnable("avx512-bf16"), reason="this CPU has no AVX512-BF16")
+@pytest.mark.parametrize("name", TILE_FAMILIES)
+def test_bf16_dot_products_stay_within_bf16_precision_of_fp32(name):
+    """tiles=False with bf16 weights on a CPU with AVX512-BF16: projection inputs rounded to bf16
+    as on the tiles (keys and values stay fp32), so the tiles' bounds hold."""
+    model, reference = bf16_and_reference(name, window=37)
+    fast = FastDecoder.create(model, tiles=False, path="avx512-bf16")
+    assert fast.path == "avx512-bf16" and fast.kv_dtype == torch.float32 and fast.all_rows
+    for got, expected in run_both(fast, reference, torch.float32, 16, TILE_CUTS, [102, 20]):
+        scale = expected.abs().max()
+        assert (got - expected).abs().max() < 0.02 * scale
+        assert (got - expected).abs().mean() < 0.003 * scale
 
 
 @pytest.mark.parametrize("name", TILE_FAMILIES)

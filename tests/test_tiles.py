@@ -161,7 +161,7 @@ def assert_cuts_change_no_bit(fast: FastDecoder, page_size: int) -> None:
     tokens = [random.Random(9).randrange(fast.cfg.vocab_size) for _ in range(150)]
 
     def last_logits(cuts):
-        cache = PagedKVCache(fast.cfg, 2**24, page_size, torch.bfloat16)
+        cache = PagedKVCache(fast.cfg, 2**24, page_size, fast.kv_dtype)
         seq = CachedSequence(tokens=tokens, pages=list(range(cache.pages_for(len(tokens)))))
         with torch.inference_mode():
             for n in cuts:

@@ -4,10 +4,12 @@
     parley serve engine.device=cuda engine.kv_budget_mb=2048
 
 `kernels` picks the CPU path: `auto` takes the best this CPU offers (AMX tiles, then the
-AVX-512 C kernels), `avx512` keeps the C kernels but off the tile unit, `torch` runs
-PyTorch only. Quantized weights (model/quant.py) run on int8 dot products: AVX512-VNNI where
-the CPU has it, unless `avx2` (vpmaddubsw) or `scalar` (portable C) caps them lower, so that
-each path this CPU runs can be tested on it; for float weights these two mean `avx512`. The environment variable PARLEY_KERNELS overrides the setting, for every engine
+C kernels' register-blocked products), `avx512` keeps the C kernels but off the tile unit, `torch`
+runs PyTorch only. Off the tiles, float weights run on the best of AVX512-BF16 dot products
+(CPUs without AMX), AVX-512 FMAs, AVX2 FMAs (a laptop) and portable C, and quantized weights
+(model/quant.py) on int8 dot products: AVX512-VNNI, AVX2 (vpmaddubsw) or portable C; `avx2` and
+`scalar` cap both lower, so that each path this CPU runs can be tested on it (engine/fast.py's
+`path` names the one chosen, as the startup line and /health show it). The environment variable PARLEY_KERNELS overrides the setting, for every engine
 the process builds (a quick comparison without editing a command line; the test suite on a
 lower path: `PARLEY_KERNELS=avx512 make test`); PARLEY_AMX=0 is the older spelling of `avx512`.
 """
@@ -29,15 +31,16 @@ class EngineConfig:
                                                              "a GPU, else cpu")
     dtype: Literal["bfloat16", "float32"] = setting("bfloat16", "weights and compute precision")
     kernels: Literal["auto", "amx", "avx512", "avx2", "scalar", "torch"] = setting(
-        "auto", "CPU path: auto = the best this CPU has (AMX tiles, then AVX-512 C kernels); avx2 / scalar cap the "
-                "int8 products of quantized weights; torch = PyTorch only (the environment variable PARLEY_KERNELS "
-                "overrides this)")
+        "auto", "CPU path: auto = the best this CPU has (AMX tiles, then the C kernels: AVX512-BF16, AVX-512, AVX2 "
+                "or portable C); avx512 = off the tiles; avx2 / scalar cap the C kernels' instruction set; torch = "
+                "PyTorch only (the environment variable PARLEY_KERNELS overrides this)")
     max_batch: int = setting(64, "most requests generating at once")
     max_waiting: int = setting(256, "most requests waiting to start; more are refused (HTTP 429)")
     kv_budget_mb: int = setting(0, "memory for the paged KV cache in MiB (0 = room for max_batch full contexts, "
                                    "at most 1024)")
     page_size: int = setting(16, "tokens per KV page")
-    prefill_chunk: int = setting(256, "most tokens of one prompt a step prefills (not on AMX tiles)")
+    prefill_chunk: int = setting(256, "most tokens of one prompt a step prefills (on the PyTorch path; "
+                                             "the C kernels cut prompts anywhere)")
     prefill_budget: int = setting(512, "most prompt tokens of all prompts in one step (>= prefill_chunk)")
     threads: int = setting(0, "torch threads of the thread that runs the steps (0 = PyTorch's default)")
     adapter_budget_mb: int = setting(256, "memory for loaded LoRA adapters in MiB (the least recently used one "

@@ -17,7 +17,7 @@ A step (1) drops cancelled requests, (2) admits waiting requests in FIFO order w
 slot and the pages their whole answer may need are free (so an admitted request always
 finishes, and the head of the queue is never overtaken), (3) computes one token of every
 decoding request plus at most `prefill_budget` prompt tokens of requests still in prefill
-(oldest first; a prompt is cut into chunks of `prefill_chunk` tokens, or on AMX tiles, where
+(oldest first; a prompt is cut into chunks of `prefill_chunk` tokens, or on the C kernels, where
 the cut changes no bits, wherever the budget ends), (4) samples and delivers events (each
 event loop gets a step's events in one wake-up); finished requests leave at once and
 release their pages. Full pages are named by their tokens and stay cached after their
@@ -88,8 +88,8 @@ class Engine:
     max_batch: requests generating at once (1: one at a time, the batch-1 baseline);
     max_waiting: requests queued beyond those (QueueFull past it); kv_budget_bytes: the paged
     cache (default room for max_batch full contexts, at most 1 GiB); page_size in tokens;
-    prefill_chunk: most tokens of one prompt a step prefills (not on AMX tiles: there a prompt
-    may take a whole step's budget); prefill_budget (>= prefill_chunk): most prompt tokens of
+    prefill_chunk: most tokens of one prompt a step prefills (on the PyTorch path; on the C
+    kernels a prompt may take a whole step's budget); prefill_budget (>= prefill_chunk): most prompt tokens of
     all prompts in a step; kernels: the CPU path, "auto" | "amx" | "avx512" | "avx2" | "scalar" | "torch"
     (parley/engine/config.py); threads: torch threads of the engine's own thread; adapters: the
     LoRA adapters requests may name (SamplingParams.adapter; engine/adapters.py), or None.
@@ -431,8 +431,9 @@ class Engine:
         self.drop_cancelled()
         self._admit()
         decodes, prompts, left = [], [], self.prefill_budget
-        # on AMX tiles every row's arithmetic, attention included, is the same wherever its
-        # prompt is cut (tests/test_tiles.py), so a prompt takes whatever is left of the budget
+        # on the C kernels every row's arithmetic, attention included, is the same wherever its
+        # prompt is cut (tests/test_tiles.py, test_kernel_paths.py), so a prompt takes whatever is
+        # left of the budget
         any_cut = self.fast is not None and self.fast.all_rows
         for entry in self._running:
             seq = entry.seq

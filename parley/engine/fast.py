@@ -16,11 +16,16 @@ tile unit with their inputs rounded to bf16, and keys and values are kept in bf1
 `step_rows` runs prompt chunks layer by layer through the same C code, their causal
 attention too (keys . queries and weights . values on tiles, 16 queries at a time; a row's
 bits do not depend on where its prompt is cut); the engine uses it on the tile path.
-`create(model, tiles=False)` keeps off the tile unit (the engine's `kernels=avx512`).
+`create(model, tiles=False)` keeps off the tile unit (the engine's `kernels=avx512`). Off the
+tiles, float weights' projections run on register-blocked products (kernels.c's "float weights
+off the tile unit"): AVX512-BF16 dot products on CPUs that have them and no AMX (inputs rounded
+to bf16, as on the tiles), else fp32 FMAs on AVX-512 or AVX2, else portable C; `decoder.path`
+names the one chosen once at start (`create(model, path="avx2")` caps it). Prompt chunks of
+bf16 weights run through `step_rows` off the tiles too (`decoder.all_rows`).
 A model whose projections and output layer are quantized (model/quant.py: q8, q4) runs on the
 int8 kernels instead, its activations rounded to int8 per block of 32; `decoder.path` names the
 instruction set chosen once at start (AVX512-VNNI, AVX2, or portable C; `create(model,
-path="avx2")` caps it), and its prompt chunks go through `step_rows` too (`decoder.all_rows`).
+path="avx2")` caps it).
 The VNNI and AVX2 paths read a copy of the weights interleaved 16 rows at a time
 (quant.interleave16, made at load in huge pages: the quantized weights' bytes a second time).
 The kernels compile once with the system C compiler
@@ -77,7 +82,7 @@ class Shape(ctypes.Structure):
     _fields_ = [(n, ctypes.c_int) for n in ("B", "H", "nh", "nkv", "hd", "n_layers", "w_bf16", "amx", "kv_bf16")] + \
                [(n, ctypes.c_long) for n in ("inter", "vocab", "max_len")] + [("eps", ctypes.c_float)] + \
                [(n, ctypes.c_int) for n in ("quant", "isa")] + \
-               [(n, ctypes.c_float) for n in ("scale", "attn_cap")] + [("gelu", ctypes.c_int)]
+               [(n, ctypes.c_float) for n in ("scale", "attn_cap")] + [(n, ctypes.c_int) for n in ("gelu", "fisa")]
 
 
 class QWeight(ctypes.Structure):
@@ -96,6 +101,11 @@ MAX_RANK = 64  # the highest adapter rank the kernels serve (kernels.c's LORA_MA
 # the int8 paths of quantized weights (kernels.c's ISA_*), best last; `kernels=` names a ceiling
 ISAS = ("scalar", "avx2", "vnni")
 ISA_CEILING = {"scalar": 0, "avx2": 1}  # any other setting: the best this CPU has
+# the paths of float weights off the tiles (kernels.c's F_*), best last; the same ceilings, and two
+# for tests and benchmarks: avx512-fma (fp32 products on a CPU with AVX512-BF16) and avx512-bf16
+# (bf16 dot products on a CPU with AMX too, which else keeps to fp32 ones: float_isa)
+FLOAT_ISAS = ("scalar", "avx2", "avx512", "avx512-bf16")
+FLOAT_CEILING = {**ISA_CEILING, "avx512-fma": 2, "avx512-bf16": 3}
 
 
 def norm_weight(norm: torch.nn.Module) -> torch.Tensor:
@@ -146,6 +156,9 @@ def kernels() -> ctypes.CDLL | None:
                                  ctypes.c_long, ctypes.c_long, P, P, ctypes.c_int, ctypes.c_int]
     so.argmax_rows.argtypes = [P, ctypes.c_long, P, ctypes.c_int, P]
     so.quant_isa.argtypes, so.quant_isa.restype = [ctypes.c_int], ctypes.c_int
+    so.float_isa.argtypes, so.float_isa.restype = [ctypes.c_int], ctypes.c_int
+    so.float_linear.argtypes = [P, ctypes.c_int, ctypes.c_int, P, P, P, ctypes.c_int, ctypes.c_long, ctypes.c_long]
+    so.float_linear.restype = None
     so.quant_linear.argtypes = [ctypes.POINTER(QWeight), ctypes.c_int, P, P, P, P, ctypes.c_int, ctypes.c_long,
                                 ctypes.c_long]
     so.quant_linear.restype = None
@@ -162,6 +175,7 @@ class FastDecoder:
         # QWeight structs, kept here; the int8 path is the best this CPU has under `path`
         self.quant = bool(quantized_layers(model))
         self.isa = lib.quant_isa(ISA_CEILING.get(path, len(ISAS)))
+        self.fisa = lib.float_isa(FLOAT_CEILING.get(path, len(FLOAT_ISAS)))
         self.qweights: list[QWeight] = []
         self.rows16 = self._interleaved() if self.quant and ISAS[self.isa] in ("vnni", "avx2") else {}
         # norms and biases are tiny: fp32 copies, kept here; big weights are used in place, never copied
@@ -264,14 +278,20 @@ class FastDecoder:
         """The CPU path the projections run on, as the startup line shows it."""
         if self.quant:
             return f"{ISAS[self.isa]} int8 ({'/'.join(sorted({l.fmt for l in quantized_layers(self.model).values()}))})"
-        return "amx" if self.amx else "avx512"
+        if self.amx:
+            return "amx"
+        name = FLOAT_ISAS[self.fisa]
+        return "avx512" if name == "avx512-bf16" and self.embed.dtype != torch.bfloat16 else name
 
     @property
     def all_rows(self) -> bool:
-        """Whether prompt chunks too should run here (step_rows): on AMX tiles, and with quantized
-        weights (which PyTorch would dequantize every step); a row's numbers do not depend on
-        where its prompt is cut on either."""
-        return self.amx or self.quant
+        """Whether prompt chunks too should run here (step_rows): on AMX tiles, with bf16 weights
+        off them (register-blocked products, on a par with oneDNN's AVX512-BF16 GEMM and far
+        ahead of PyTorch's bf16 on AVX2) and with quantized weights (which PyTorch would dequantize
+        every step); a row's numbers do not depend on where its prompt is cut on any of them.
+        Prompts of fp32 weights stay on PyTorch: MKL's fp32 GEMM ran 2.2-2.8x these products on
+        512-row chunks (benchmarks/RESULTS.md, "Float weights without AMX")."""
+        return self.amx or self.quant or self.embed.dtype == torch.bfloat16
 
     def _tiles_fit(self) -> bool:
         """Whether the projections can run on AMX tiles: bf16 weights, every input size a
@@ -360,7 +380,7 @@ class FastDecoder:
         return Shape(B=B, H=c.hidden_size, nh=c.num_attention_heads, nkv=c.num_key_value_heads, hd=c.head_dim,
                      n_layers=c.num_hidden_layers, w_bf16=int(self.embed.dtype == torch.bfloat16), amx=int(self.amx),
                      kv_bf16=int(self.amx), inter=c.intermediate_size, vocab=c.vocab_size, max_len=max_len,
-                     eps=c.rms_norm_eps, quant=int(self.quant), isa=self.isa,
+                     eps=c.rms_norm_eps, quant=int(self.quant), isa=self.isa, fisa=self.fisa,
                      scale=c.attention_scale if c.query_pre_attn_scalar else 0.0,
                      attn_cap=c.attn_logit_softcapping or 0.0, gelu=int(c.hidden_act != "silu"))
 

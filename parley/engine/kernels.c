@@ -54,6 +54,33 @@ static inline __m512 load16(const void *W, int w_bf16, long at) {
     return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16)); /* bf16 -> fp32 is a shift */
 }
 
+/* r[i] (i < 16) as rows of a 16 x 16 matrix of 32-bit words, transposed into out. Two rounds of
+ * unpacking transpose the 4 x 4 blocks inside each 128-bit lane; two rounds of lane shuffles
+ * then move the blocks. */
+static inline void transpose16(const __m512i r[16], __m512i out[16]) {
+    __m512i t[16], u[16];
+    for (int i = 0; i < 16; i += 2) {
+        t[i] = _mm512_unpacklo_epi32(r[i], r[i + 1]);
+        t[i + 1] = _mm512_unpackhi_epi32(r[i], r[i + 1]);
+    }
+    /* u[4g + m], lane l: column 4l + m of rows 4g..4g+3 */
+    for (int g = 0; g < 4; g++) {
+        const __m512i *q = t + 4 * g;
+        u[4 * g + 0] = _mm512_unpacklo_epi64(q[0], q[2]);
+        u[4 * g + 1] = _mm512_unpackhi_epi64(q[0], q[2]);
+        u[4 * g + 2] = _mm512_unpacklo_epi64(q[1], q[3]);
+        u[4 * g + 3] = _mm512_unpackhi_epi64(q[1], q[3]);
+    }
+    for (int m = 0; m < 4; m++) { /* out[4l + m] = lane l of u[m], u[4 + m], u[8 + m], u[12 + m] */
+        __m512i x0 = _mm512_shuffle_i32x4(u[m], u[4 + m], 0x44), x1 = _mm512_shuffle_i32x4(u[m], u[4 + m], 0xee);
+        __m512i x2 = _mm512_shuffle_i32x4(u[8 + m], u[12 + m], 0x44), x3 = _mm512_shuffle_i32x4(u[8 + m], u[12 + m], 0xee);
+        out[m] = _mm512_shuffle_i32x4(x0, x2, 0x88);
+        out[4 + m] = _mm512_shuffle_i32x4(x0, x2, 0xdd);
+        out[8 + m] = _mm512_shuffle_i32x4(x1, x3, 0x88);
+        out[12 + m] = _mm512_shuffle_i32x4(x1, x3, 0xdd);
+    }
+}
+
 /* e^x on 16 lanes: 2^n e^r with n = round(x / ln 2) and r = x - n ln 2 (ln 2 in two parts, so
  * r is exact), e^r by its Taylor series to r^7 (|r| <= 0.35: relative error below 1e-7).
  * Inputs are clamped to [-104, 88.7]: -inf gives 0 (e^-104 rounds to it), +inf a finite 3e38. */
@@ -146,30 +173,48 @@ static inline __attribute__((always_inline)) void dot_block(const void *W, const
     default: dot_block(W, w_bf16, I, o, xb, yb, y_stride, accumulate, NR, 1);                \
     }
 
+/* How many rows of x (I values of `size` bytes) a product takes at a time: as many as fit in
+ * 512 KB, so that they stay in L2 while every block of weight rows passes over them (a prompt
+ * chunk's rows all at once would be read from memory again for each block), a multiple of 4. */
+static inline int rows_in_l2(long I, int size) {
+    const long rows = (512L << 10) / (I * size) / 4 * 4;
+    return rows < 4 ? 4 : rows > (1 << 20) ? (1 << 20) : (int)rows;
+}
+
+/* The loop of a register-blocked product y (+)= x W^T (O outputs, B rows of x, I inputs of x_size
+ * bytes): work-shared blocks of 4 weight rows from o, each against the rows of x 4 at a time (nb
+ * rows from b0: xb, yb), those rows taken as many as fit in L2 at a time; BLOCKS(NR, o) runs one
+ * block of NR weight rows. */
+#define FOR_BLOCKS(x_size, BLOCKS)                                                                \
+    const int chunk = rows_in_l2(I, x_size);                                                     \
+    for (int c0 = 0; c0 < B; c0 += chunk) {                                                      \
+        const int c1 = B - c0 < chunk ? B : c0 + chunk;                                          \
+        _Pragma("omp for schedule(static)")                                                      \
+        for (long o = 0; o < O; o += 4)                                                          \
+            for (int b0 = c0; b0 < c1; b0 += 4) {                                                \
+                const int nb = c1 - b0 < 4 ? c1 - b0 : 4;                                        \
+                const __typeof__(x) xb = x + b0 * I;                                             \
+                float *yb = y + b0 * y_stride;                                                   \
+                if (o + 4 <= O) {                                                                \
+                    BLOCKS(4, o)                                                                 \
+                } else {                                                                         \
+                    for (long tail = o; tail < O; tail++) BLOCKS(1, tail)                        \
+                }                                                                                \
+            }                                                                                    \
+    }
+
 static inline __attribute__((always_inline)) void linear_impl(const void *W, const int w_bf16, const float *x,
                                                               float *y, long y_stride, int B, long I, long O,
                                                               int accumulate) {
-#pragma omp for schedule(static)
-    for (long o = 0; o < O; o += 4) {
-        for (int b0 = 0; b0 < B; b0 += 4) {
-            int nb = B - b0 < 4 ? B - b0 : 4;
-            const float *xb = x + b0 * I;
-            float *yb = y + b0 * y_stride;
-            if (o + 4 <= O) {
-                DOT_BLOCKS(4, o)
-            } else {
-                for (long tail = o; tail < O; tail++) DOT_BLOCKS(1, tail)
-            }
-        }
-    }
+    FOR_BLOCKS(4, DOT_BLOCKS)
 }
 
-/* y[b, o] (+)= sum_i W[o, i] * x[b, i]. W is bf16 bits when w_bf16, else fp32; rows of y are
- * y_stride apart, so q, k and v (or gate and up) can be written side by side into one
- * buffer. Weight rows are read from memory once, in blocks of 4, and applied to every
- * row of x while they sit in L1. */
-static void linear_for(const void *W, int w_bf16, const float *x, float *y, long y_stride, int B, long I, long O,
-                       int accumulate) {
+/* y[b, o] (+)= sum_i W[o, i] * x[b, i] with AVX-512 FMAs (where the build has them; linear_for
+ * picks the path). W is bf16 bits when w_bf16, else fp32; rows of y are y_stride apart, so q, k
+ * and v (or gate and up) can be written side by side into one buffer. Weight rows are read from
+ * memory once, in blocks of 4, and applied to every row of x while they sit in L1. */
+static void linear_avx512_for(const void *W, int w_bf16, const float *x, float *y, long y_stride, int B, long I,
+                              long O, int accumulate) {
     if (w_bf16)
         linear_impl(W, 1, x, y, y_stride, B, I, O, accumulate);
     else
@@ -323,33 +368,6 @@ static void lora_down_tiles_for(const Adapted *ad, const uint32_t *xp, int Bp, l
             _tile_dpbf16ps(C, TW, 6);                                                          \
         }                                                                                      \
     }
-
-/* r[i] (i < 16) as rows of a 16 x 16 matrix of 32-bit words, transposed into out. Two rounds of
- * unpacking transpose the 4 x 4 blocks inside each 128-bit lane; two rounds of lane shuffles
- * then move the blocks. */
-static inline void transpose16(const __m512i r[16], __m512i out[16]) {
-    __m512i t[16], u[16];
-    for (int i = 0; i < 16; i += 2) {
-        t[i] = _mm512_unpacklo_epi32(r[i], r[i + 1]);
-        t[i + 1] = _mm512_unpackhi_epi32(r[i], r[i + 1]);
-    }
-    /* u[4g + m], lane l: column 4l + m of rows 4g..4g+3 */
-    for (int g = 0; g < 4; g++) {
-        const __m512i *q = t + 4 * g;
-        u[4 * g + 0] = _mm512_unpacklo_epi64(q[0], q[2]);
-        u[4 * g + 1] = _mm512_unpackhi_epi64(q[0], q[2]);
-        u[4 * g + 2] = _mm512_unpacklo_epi64(q[1], q[3]);
-        u[4 * g + 3] = _mm512_unpackhi_epi64(q[1], q[3]);
-    }
-    for (int m = 0; m < 4; m++) { /* out[4l + m] = lane l of u[m], u[4 + m], u[8 + m], u[12 + m] */
-        __m512i x0 = _mm512_shuffle_i32x4(u[m], u[4 + m], 0x44), x1 = _mm512_shuffle_i32x4(u[m], u[4 + m], 0xee);
-        __m512i x2 = _mm512_shuffle_i32x4(u[8 + m], u[12 + m], 0x44), x3 = _mm512_shuffle_i32x4(u[8 + m], u[12 + m], 0xee);
-        out[m] = _mm512_shuffle_i32x4(x0, x2, 0x88);
-        out[4 + m] = _mm512_shuffle_i32x4(x0, x2, 0xdd);
-        out[8 + m] = _mm512_shuffle_i32x4(x1, x3, 0x88);
-        out[12 + m] = _mm512_shuffle_i32x4(x1, x3, 0xdd);
-    }
-}
 
 /* Packs x [B, I] fp32 for the tile unit: pair p of row b is (bf16(x[b, 2p]), bf16(x[b, 2p + 1]))
  * as one 32-bit word, and each tile (16 pairs x 16 rows, rows from B on zero) is stored as
@@ -982,6 +1000,237 @@ void quant_linear(const QWeight *W, int isa, const float *x, int8_t *xq, float *
     }
 }
 
+/* ---------------------------------------------------------------- float weights off the tile unit
+ *
+ * The projections of bf16 and fp32 weights on CPUs without AMX (or with kernels=avx512 and lower),
+ * four paths in one build (per-function target attributes, as the int8 paths above), chosen once
+ * at start (float_isa; fast.py's `path`):
+ *   F_BF16    AVX512-BF16: bf16 weights against the inputs rounded to bf16 (round_rows_for, as the
+ *             tile path rounds them), vdpbf16ps: 32 products an instruction, no conversion of the
+ *             weights; fp32 weights take F_AVX512.
+ *   F_AVX512  fp32 FMAs on 16 lanes, bf16 weights widened by a shift (linear_avx512_for).
+ *   F_AVX2    the same on 8 lanes, for CPUs with AVX2 and FMA only (laptops, older servers).
+ *   F_SCALAR  portable C.
+ * Each is register-blocked: a block of 4 weight rows is loaded once for 4 rows of x (AVX2: 2, its 16
+ * registers) with 16 (8) sums in registers, the block used for every row of x while it sits in L1, the
+ * rows of x taken as many as fit in L2 at a time (rows_in_l2), so that a batch reads the weights from
+ * memory once and a long prompt chunk once per few hundred KB of its rows. A row's sums run in the same order
+ * whatever it is batched with: its bits do not depend on its batch, on any path. */
+
+enum { F_SCALAR = 0, F_AVX2 = 1, F_AVX512 = 2, F_BF16 = 3 };
+
+/* The best float path this CPU runs, at most `ceiling` (F_*): checked once by fast.py. A CPU with
+ * AMX (Intel's, from Sapphire Rapids) keeps F_AVX512 for what its tiles do not take unless the
+ * ceiling is F_BF16 itself: there vdpbf16ps measured slower than widening to fp32 and two FMAs
+ * (benchmarks/float_paths.py; RESULTS.md, "Float weights without AMX"). CPUs with AVX512-BF16 and
+ * no tiles (AMD Zen 4 and later) take it: not measured on one yet. */
+int float_isa(int ceiling) {
+    int best = F_SCALAR;
+#if defined(__x86_64__) || defined(__i386__)
+    __builtin_cpu_init();
+    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) best = F_AVX2;
+#ifdef __AVX512F__ /* linear_avx512_for is built with the build's own flags */
+    if (__builtin_cpu_supports("avx512f")) best = F_AVX512;
+    if (best == F_AVX512 && __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512bf16") &&
+        (ceiling == F_BF16 || !__builtin_cpu_supports("amx-bf16")))
+        best = F_BF16;
+#endif
+#endif
+    return best < ceiling ? best : ceiling;
+}
+
+/* The portable path: every weight row against every row of x, one sum at a time. */
+static void linear_scalar_for(const void *W, int w_bf16, const float *x, float *y, long y_stride, int B, long I,
+                              long O, int accumulate) {
+#pragma omp for schedule(static)
+    for (long o = 0; o < O; o++)
+        for (int b = 0; b < B; b++) {
+            float sum = 0.f;
+            for (long i = 0; i < I; i++) sum += load1(W, w_bf16, o * I + i) * x[b * I + i];
+            float *out = y + b * y_stride + o;
+            *out = (accumulate ? *out : 0.f) + sum;
+        }
+}
+
+#if defined(__x86_64__) || defined(__i386__)
+#define TARGET_BF16 __attribute__((target("avx512f,avx512bw,avx512dq,avx512bf16")))
+
+/* 8 weights of row o from i, in fp32 */
+TARGET_AVX2 static inline __m256 load8(const void *W, int w_bf16, long at) {
+    if (!w_bf16) return _mm256_loadu_ps((const float *)W + at);
+    const __m128i h = _mm_loadu_si128((const __m128i *)((const uint16_t *)W + at));
+    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+}
+
+/* dot_block on 8 lanes: NR weight rows from o against NB rows of x (NR * NB <= 8 sums). */
+TARGET_AVX2 static inline __attribute__((always_inline)) void dot_block_avx2(const void *W, const int w_bf16, long I,
+                                                                            long o, const float *x, float *y,
+                                                                            long y_stride, int accumulate,
+                                                                            const int NR, const int NB) {
+    __m256 acc[4][2];
+    float sums[4][2];
+    for (int r = 0; r < NR; r++)
+        for (int b = 0; b < NB; b++) acc[r][b] = _mm256_setzero_ps();
+    long i = 0;
+    for (; i + 8 <= I; i += 8) {
+        __m256 w[4];
+        for (int r = 0; r < NR; r++) w[r] = load8(W, w_bf16, (o + r) * I + i);
+        for (int b = 0; b < NB; b++) {
+            const __m256 xv = _mm256_loadu_ps(x + b * I + i);
+            for (int r = 0; r < NR; r++) acc[r][b] = _mm256_fmadd_ps(w[r], xv, acc[r][b]);
+        }
+    }
+    for (int r = 0; r < NR; r++)
+        for (int b = 0; b < NB; b++) sums[r][b] = hsum8(acc[r][b]);
+    for (; i < I; i++)
+        for (int r = 0; r < NR; r++)
+            for (int b = 0; b < NB; b++) sums[r][b] += load1(W, w_bf16, (o + r) * I + i) * x[b * I + i];
+    for (int r = 0; r < NR; r++)
+        for (int b = 0; b < NB; b++) {
+            float *out = y + b * y_stride + o + r;
+            *out = (accumulate ? *out : 0.f) + sums[r][b];
+        }
+}
+
+TARGET_AVX2 static void linear_avx2_for(const void *W, int w_bf16, const float *x, float *y, long y_stride, int B,
+                                        long I, long O, int accumulate) {
+    const int chunk = rows_in_l2(I, 4);
+    for (int c0 = 0; c0 < B; c0 += chunk) {
+        const int c1 = B - c0 < chunk ? B : c0 + chunk;
+#pragma omp for schedule(static)
+        for (long o = 0; o < O; o += 4)
+            for (int b0 = c0; b0 < c1; b0 += 2) {
+                const float *xb = x + b0 * I;
+                float *yb = y + b0 * y_stride;
+                const int two = c1 - b0 >= 2;
+                for (long r = o; r < O && r < o + 4; r += o + 4 <= O ? 4 : 1) {
+                    const int whole = o + 4 <= O;
+                    if (whole && two) dot_block_avx2(W, w_bf16, I, r, xb, yb, y_stride, accumulate, 4, 2);
+                    else if (whole) dot_block_avx2(W, w_bf16, I, r, xb, yb, y_stride, accumulate, 4, 1);
+                    else if (two) dot_block_avx2(W, w_bf16, I, r, xb, yb, y_stride, accumulate, 1, 2);
+                    else dot_block_avx2(W, w_bf16, I, r, xb, yb, y_stride, accumulate, 1, 1);
+                }
+            }
+    }
+}
+
+/* x [B, I] fp32 -> xb [B, I] bf16 bits, rounded to nearest even (as the tile path's pack_for). */
+TARGET_BF16 static void round_rows_for(const float *x, uint16_t *xb, int B, long I) {
+#pragma omp for schedule(static)
+    for (int b = 0; b < B; b++) {
+        long i = 0;
+        for (; i + 32 <= I; i += 32) {
+            const __m512bh h = _mm512_cvtne2ps_pbh(_mm512_loadu_ps(x + b * I + i + 16), _mm512_loadu_ps(x + b * I + i));
+            _mm512_storeu_si512(xb + b * I + i, (__m512i)h);
+        }
+        for (; i < I; i++) {
+            uint32_t u;
+            memcpy(&u, x + b * I + i, sizeof u);
+            xb[b * I + i] = (uint16_t)((u + 0x7fff + ((u >> 16) & 1)) >> 16);
+        }
+    }
+}
+
+/* The sums of the lanes of a, b, c and d, one shuffle tree for the four (a quarter of the
+ * instructions of four _mm512_reduce_add_ps); each sum's order is fixed, whatever the others hold. */
+TARGET_BF16 static inline __m128 reduce4(__m512 a, __m512 b, __m512 c, __m512 d) {
+    const __m512 ab = _mm512_add_ps(_mm512_unpacklo_ps(a, b), _mm512_unpackhi_ps(a, b));
+    const __m512 cd = _mm512_add_ps(_mm512_unpacklo_ps(c, d), _mm512_unpackhi_ps(c, d));
+    const __m512 abcd = _mm512_add_ps(_mm512_shuffle_ps(ab, cd, 0x44), _mm512_shuffle_ps(ab, cd, 0xee));
+    const __m256 half = _mm256_add_ps(_mm512_castps512_ps256(abcd), _mm512_extractf32x8_ps(abcd, 1));
+    return _mm_add_ps(_mm256_castps256_ps128(half), _mm256_extractf128_ps(half, 1));
+}
+
+/* NR bf16 weight rows from o against NB rows of xb, 32 products an instruction; the last block of
+ * a row (I not a multiple of 32) is read through a mask, zeros beyond it. */
+TARGET_BF16 static inline __attribute__((always_inline)) void dot_block_bf16(const uint16_t *W, long I, long o,
+                                                                            const uint16_t *x, float *y,
+                                                                            long y_stride, int accumulate,
+                                                                            const int NR, const int NB) {
+    __m512 acc[4][4];
+    for (int r = 0; r < NR; r++)
+        for (int b = 0; b < NB; b++) acc[r][b] = _mm512_setzero_ps();
+    long i = 0;
+    for (; i + 32 <= I; i += 32) {
+        __m512i w[4];
+        for (int r = 0; r < NR; r++) _mm_prefetch((const char *)(W + (o + r + 8) * I + i), _MM_HINT_T0);
+        for (int r = 0; r < NR; r++) w[r] = _mm512_loadu_si512(W + (o + r) * I + i);
+        for (int b = 0; b < NB; b++) {
+            const __m512bh xv = (__m512bh)_mm512_loadu_si512(x + b * I + i);
+            for (int r = 0; r < NR; r++) acc[r][b] = _mm512_dpbf16_ps(acc[r][b], (__m512bh)w[r], xv);
+        }
+    }
+    if (i < I) {
+        const __mmask32 m = (1u << (I - i)) - 1;
+        for (int b = 0; b < NB; b++) {
+            const __m512bh xv = (__m512bh)_mm512_maskz_loadu_epi16(m, x + b * I + i);
+            for (int r = 0; r < NR; r++)
+                acc[r][b] = _mm512_dpbf16_ps(acc[r][b], (__m512bh)_mm512_maskz_loadu_epi16(m, W + (o + r) * I + i), xv);
+        }
+    }
+    for (int b = 0; b < NB; b++) {
+        float sums[4];
+        _mm_storeu_ps(sums, reduce4(acc[0][b], NR > 1 ? acc[1][b] : _mm512_setzero_ps(),
+                                    NR > 2 ? acc[2][b] : _mm512_setzero_ps(), NR > 3 ? acc[3][b] : _mm512_setzero_ps()));
+        for (int r = 0; r < NR; r++) {
+            float *out = y + b * y_stride + o + r;
+            *out = (accumulate ? *out : 0.f) + sums[r];
+        }
+    }
+}
+
+#define BF16_BLOCKS(NR, o)                                                                        \
+    switch (nb) {                                                                                \
+    case 4: dot_block_bf16(W, I, o, xb, yb, y_stride, accumulate, NR, 4); break;                 \
+    case 3: dot_block_bf16(W, I, o, xb, yb, y_stride, accumulate, NR, 3); break;                 \
+    case 2: dot_block_bf16(W, I, o, xb, yb, y_stride, accumulate, NR, 2); break;                 \
+    default: dot_block_bf16(W, I, o, xb, yb, y_stride, accumulate, NR, 1);                       \
+    }
+
+TARGET_BF16 static void linear_bf16_for(const uint16_t *W, const uint16_t *x, float *y, long y_stride, int B, long I,
+                                        long O, int accumulate) {
+    FOR_BLOCKS(2, BF16_BLOCKS)
+}
+#undef BF16_BLOCKS
+#endif
+
+/* The float path a product of inputs in fp32 takes (F_BF16 needs them rounded first: linear_for's xb). */
+static inline int fp32_isa(int isa) { return isa == F_BF16 ? F_AVX512 : isa; }
+
+/* y[b, o] (+)= sum_i W[o, i] * x[b, i] on float path isa (F_*), rows of y y_stride apart; xb: x
+ * rounded to bf16 (round_rows_for), read on F_BF16 with bf16 weights, else unused. */
+static void linear_for(const void *W, int w_bf16, int isa, const float *x, const uint16_t *xb, float *y,
+                       long y_stride, int B, long I, long O, int accumulate) {
+#if defined(__x86_64__) || defined(__i386__)
+    if (isa == F_BF16 && w_bf16) {
+        linear_bf16_for((const uint16_t *)W, xb, y, y_stride, B, I, O, accumulate);
+        return;
+    }
+    if (isa == F_AVX2) {
+        linear_avx2_for(W, w_bf16, x, y, y_stride, B, I, O, accumulate);
+        return;
+    }
+#else
+    (void)xb;
+#endif
+    if (isa >= F_AVX512)
+        linear_avx512_for(W, w_bf16, x, y, y_stride, B, I, O, accumulate);
+    else
+        linear_scalar_for(W, w_bf16, x, y, y_stride, B, I, O, accumulate);
+}
+
+/* y = x W^T for one float matrix on path isa, outside any parallel region: what tests/test_kernel_paths.py
+ * checks each path with. xb [B, I] uint16 is the caller's scratch. */
+void float_linear(const void *W, int w_bf16, int isa, const float *x, uint16_t *xb, float *y, int B, long I, long O) {
+#pragma omp parallel
+    {
+#if defined(__x86_64__) || defined(__i386__)
+        if (isa == F_BF16 && w_bf16) round_rows_for(x, xb, B, I);
+#endif
+        linear_for(W, w_bf16, isa, x, xb, y, O, B, I, O, 0);
+    }
+}
+
 /* 1 / rms(x) */
 static inline float rms_factor(const float *x, int H, float eps) {
     float ss = 0.f;
@@ -1187,6 +1436,48 @@ static int weigh_values(const float *p, long max_len, const char *v, long row, i
 #endif
 }
 
+#define MAX_HD 256
+#define MAX_GROUP 64 /* the most queries key_scores16 scores at once (query heads a kv head, or a block's) */
+
+#ifdef __AVX512F__
+/* p[j * stride + i] = scale * (q[j] . k_i) for the nq queries q[j] and the m <= 16 fp32 keys from k
+ * (rows `row` bytes apart; hd a multiple of 16, at most MAX_HD): the keys transposed 16 dims at a
+ * time, then per query one FMA a dim for all 16 keys at once (the one-query-one-key dot product
+ * spends more on summing its lanes than on its products). A key's score is the same two chains
+ * (even and odd dims) whatever m, nq and the block's other keys and queries are, so a prompt row
+ * and a decode row get the same bits. */
+static void key_scores16(const char *k, long row, int m, int hd, const float *const *q, int nq, float scale,
+                         float *p, long stride) {
+    __m512 kt[MAX_HD];
+    for (int d0 = 0; d0 < hd; d0 += 16) {
+        __m512i rows[16], cols[16];
+        for (int i = 0; i < 16; i++)
+            rows[i] = i < m ? _mm512_loadu_si512(k + i * row + d0 * 4) : _mm512_setzero_si512();
+        transpose16(rows, cols);
+        for (int d = 0; d < 16; d++) kt[d0 + d] = _mm512_castsi512_ps(cols[d]);
+    }
+    const __mmask16 keep = (__mmask16)((1u << m) - 1);
+    for (int j = 0; j < nq; j++) {
+        __m512 even = _mm512_setzero_ps(), odd = _mm512_setzero_ps();
+        for (int d = 0; d < hd; d += 2) {
+            even = _mm512_fmadd_ps(_mm512_set1_ps(q[j][d]), kt[d], even);
+            odd = _mm512_fmadd_ps(_mm512_set1_ps(q[j][d + 1]), kt[d + 1], odd);
+        }
+        _mm512_mask_storeu_ps(p + j * stride, keep, _mm512_mul_ps(_mm512_add_ps(even, odd), _mm512_set1_ps(scale)));
+    }
+}
+
+/* The scores of keys s .. end - 1 (one page's run from k) by key_scores16 where it applies (fp32
+ * keys off the tiles), 16 at a time; returns where it stopped (s: it does not apply). */
+static long key_scores_run(const char *k, long row, long s, long end, int kv_bf16, int hd, const float *const *q,
+                           int nq, float scale, float *p, long stride) {
+    if (kv_bf16 || hd % 16 || hd > MAX_HD) return s;
+    for (; s < end; s += 16, k += 16 * row)
+        key_scores16(k, row, end - s < 16 ? (int)(end - s) : 16, hd, q, nq, scale, p + s, stride);
+    return s;
+}
+#endif
+
 /* o[j] = sum over lo <= s < n of p[j * p_stride + s] * v_s for the group heads j (o: group rows of hd),
  * v_s the value rows of kv head g of row b: a page of consecutive positions at a time, the next
  * page's values fetched early (pages lie anywhere in the pool). */
@@ -1226,8 +1517,6 @@ static void softmax_span(float *p, long from, long lo, long n, float cap) {
     for (long s = lo; s < n; s++) p[s] *= r;
     for (long s = from; s < lo; s++) p[s] = 0.f;
 }
-
-#define MAX_HD 256
 
 #ifdef HAVE_AMX
 /* Queries as the right operand of keys . queries: for each block of 32 head dims a tile of
@@ -1390,6 +1679,15 @@ static void attend_for(const float *qkv, long q_stride, const void *K, const voi
                         p[j * max_len + s + r] = c[r][j] * scale;
             }
 #endif
+#ifdef __AVX512F__
+            if (s < n) {
+                const float *qs[MAX_GROUP];
+                for (int j = 0; j < group && j < MAX_GROUP; j++) qs[j] = q + (long)j * hd;
+                const long end = n < s0 + run ? n : s0 + run, at = group <= MAX_GROUP ?
+                    key_scores_run(k, row, s, end, kv_bf16, hd, qs, group, scale, p, max_len) : s;
+                k += (at - s) * row, s = at;
+            }
+#endif
             for (; s < n && s < s0 + run; s++, k += row)
                 for (int j = 0; j < group; j++)
                     p[j * max_len + s] = dot(q + (long)j * hd, k, kv_bf16, hd) * scale;
@@ -1444,6 +1742,16 @@ static void attend_block(const float *qkv, long q_stride, const void *K, const v
             const __m512 sc = _mm512_set1_ps(scale);
             for (int i = 0; i < n_rows * group; i++) /* positions from n on are scratch, not read */
                 _mm512_storeu_ps(p + i * max_len + s, _mm512_mul_ps(_mm512_castsi512_ps(by_query[i]), sc));
+        }
+#endif
+#ifdef __AVX512F__
+        if (s < n && n_rows * group <= MAX_GROUP) {
+            const float *qs[MAX_GROUP];
+            for (int i = 0; i < n_rows; i++)
+                for (int j = 0; j < group; j++) qs[i * group + j] = q[i] + (long)j * hd;
+            const long at = key_scores_run(k, row, s, n < s0 + run ? n : s0 + run, kv_bf16, hd, qs, n_rows * group,
+                                           scale, p, max_len);
+            k += (at - s) * row, s = at;
         }
 #endif
         for (; s < n && s < s0 + run; s++, k += row)
@@ -1531,8 +1839,9 @@ typedef struct {
 
 /* Scratch activations, fp32: x, h [B, H]; qkv [B, (nh + 2 nkv) hd]; att [B, nh hd];
  * gu [B, 2 inter]; act [B, inter]; scores [B, nh, max_len]; logits [B, vocab]; and for the
- * tile path xp [max(H, inter) / 2, B rounded up to 16], the packed input of a projection, and
- * xp_act (as large), the MLP's packed activations written by amx_gate_up_for. */
+ * tile path xp [max(H, inter) / 2, B rounded up to 16], the packed input of a projection (the F_BF16
+ * path: that input rounded to bf16, [B, I]), and xp_act (as large), the MLP's packed activations
+ * written by amx_gate_up_for. */
 typedef struct {
     float *x, *h, *qkv, *att, *gu, *act, *scores, *logits;
     uint32_t *xp, *xp_act;
@@ -1561,11 +1870,13 @@ typedef struct {
     int quant, isa; /* quant: the weights are QWeight (layers and output layer), run on path isa (ISA_*) */
     float scale, attn_cap; /* attention scale (0: 1 / sqrt(hd)) and score soft-capping (0: none) */
     int gelu;              /* the MLP's gate: gelu (tanh approximation; Gemma's GeGLU), else silu */
+    int fisa;              /* float weights off the tiles: the path (F_*) their projections run on */
 } Shape;
 
 static inline float attention_scale(const Shape *sh) { return sh->scale > 0.f ? sh->scale : 1.f / sqrtf((float)sh->hd); }
 
-/* The input x [B, I] of the projections that follow: packed for the tile unit, or as is. */
+/* The input x [B, I] of the projections that follow: packed for the tile unit, rounded to bf16 into
+ * buf->xp for the F_BF16 path, rounded to int8 for quantized weights, or as is. */
 typedef struct {
     const float *x;
     long I;
@@ -1575,8 +1886,9 @@ static Input input_for(const Shape *sh, const Buffers *buf, const float *x, long
     if (sh->quant) quantize_rows_for(x, buf->xq, buf->xs, sh->B, I);
 #ifdef HAVE_AMX
     if (sh->amx) pack_for(x, buf->xp, sh->B, (sh->B + 15) / 16 * 16, I);
-#else
-    (void)sh, (void)buf;
+#endif
+#if defined(__x86_64__) || defined(__i386__)
+    if (!sh->amx && !sh->quant && sh->w_bf16 && sh->fisa == F_BF16) round_rows_for(x, (uint16_t *)buf->xp, sh->B, I);
 #endif
     return (Input){x, I};
 }
@@ -1714,7 +2026,8 @@ static void project_for(const Shape *sh, const Buffers *buf, const void *const *
                 qlinear_for((const QWeight *)Ws[m], sh->isa, buf->xq, buf->xs, ym, y_stride, sh->B, in.I, rows[m],
                             accumulate);
             else
-                linear_for(Ws[m], sh->w_bf16, in.x, ym, y_stride, sh->B, in.I, rows[m], accumulate);
+                linear_for(Ws[m], sh->w_bf16, sh->fisa, in.x, (const uint16_t *)buf->xp, ym, y_stride, sh->B, in.I,
+                           rows[m], accumulate);
     }
     for (int m = 0; targets && m < count; y += rows[m], m++)
         lora_for(buf, layer, targets[m], in.x, in.I, in.I, y, y_stride, rows[m]);
@@ -1814,7 +2127,7 @@ static void route_row(float *w, long n, long k, int renorm) {
 static void moe_for(const Layer *L, const Buffers *buf, const Shape *sh) {
     const int B = sh->B, H = sh->H;
     const long E = L->n_experts;
-    linear_for(L->router, sh->w_bf16, buf->h, buf->route, E, B, H, E, 0);
+    linear_for(L->router, sh->w_bf16, fp32_isa(sh->fisa), buf->h, NULL, buf->route, E, B, H, E, 0);
 #pragma omp for schedule(static)
     for (int b = 0; b < B; b++) route_row(buf->route + b * E, E, L->top_k, (int)L->renorm);
     int64_t *start = buf->moe_rows, *rows = start + E + 1; /* expert e's rows: rows[start[e] .. start[e + 1]) */
@@ -1846,7 +2159,7 @@ static void moe_for(const Layer *L, const Buffers *buf, const Shape *sh) {
         }
     }
     if (!L->shared) return;
-    linear_for(L->shared_router, sh->w_bf16, buf->h, buf->route, 1, B, H, 1, 0);
+    linear_for(L->shared_router, sh->w_bf16, fp32_isa(sh->fisa), buf->h, NULL, buf->route, 1, B, H, 1, 0);
     one.B = B, one.inter = L->shared_inter;
     gated_mlp_for(&one, buf, L->shared[0], L->shared[1], L->shared[2], buf->h, buf->moe_y);
 #pragma omp for schedule(static)
