@@ -95,3 +95,41 @@ def test_playback_places_clips_on_the_streams_clock():
     window = playback.window(0.5, 3 * RATE)
     assert window[:8000].sum() == 0 and np.allclose(window[8000:16000], 1.0)
     assert np.allclose(window[16000:24000], 2.0, atol=1e-3) and window[24000:].sum() == 0
+
+
+def test_the_live_route_ignores_its_own_audio_and_hears_a_user_repeating_it(tiny768_registry, tmp_path):
+    """Over /api/voice: the answer's audio, played by the client into its microphone (quieter, a
+    room's reverberation, noise), as a speaker beside the microphone would, is ignored as an echo;
+    the user saying the answer's very words in the assistant's own voice while the next answer
+    plays is not (the word rule alone took it for an echo): it is a barge-in or the next turn."""
+    import json
+    import threading
+
+    from test_voice_live import connect, make_site, until, ws_url
+    from test_voice_turns import pcm16, send_live, spoken
+
+    site, key, _ = make_site(tiny768_registry, tmp_path, max_tokens=200)
+
+    def ask(ws, seen) -> tuple[dict, np.ndarray]:
+        talk = threading.Thread(target=send_live, args=(ws, pcm16(np.concatenate(
+            [spoken("Turn on the kitchen lights."), np.zeros(RATE)]))))
+        talk.start()
+        first = until(ws, "audio", seen, timeout=120)
+        pcm = np.frombuffer(ws.recv(timeout=60), "<i2").astype(np.float32) / 32768
+        talk.join()
+        return first, resample(pcm, first["rate"], RATE)
+
+    with site as url, connect(ws_url(url)) as ws:
+        ws.send(json.dumps({"type": "start", "api_key": key}))
+        seen = []
+        until(ws, "ready", seen)
+        first, played = ask(ws, seen)
+        send_live(ws, pcm16(np.concatenate([np.zeros(1600), room(played, snr_db=20), np.zeros(RATE)])))
+        ignored = until(ws, ("ignored", "interrupted", "turn"), seen)
+        assert ignored["type"] == "ignored" and ignored["reason"] == "echo", (ignored, first["text"])
+        if not any(m["type"] == "done" for m in seen):  # the answer ends: the next question is a turn of its own
+            until(ws, "done", seen)
+        first, played = ask(ws, seen)  # the next answer plays; the user says its words at once
+        send_live(ws, pcm16(np.concatenate([spoken(first["text"]), np.zeros(RATE)])))
+        heard = until(ws, ("ignored", "interrupted", "turn"), seen)
+        assert heard["type"] != "ignored", (heard, first["text"])

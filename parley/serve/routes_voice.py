@@ -21,7 +21,9 @@ that sentence's PCM16 (first sentence, or first clause of 4+ words, or the first
 sentence of 8 or more, as soon as it is written;
 the turn's first `audio` also has `latency`: {endpoint_ms: last speech frame -> turn decided,
 asr_ms: the wait for the final transcript, 0 when the early one was reused, first_text_ms:
-turn started -> first spoken text, tts_ms: its synthesis}); `interrupted` {conversation};
+turn started -> first spoken text, tts_ms: its synthesis, marks: {step: ms after the last speech
+frame} for each step on the way: decided, transcribed, turn_started, the first of each pipeline frame
+("frame:TextDelta": the first shown text), tts_started, tts_done, sending}); `interrupted` {conversation};
 `ignored` {text, reason: "noise" | "echo"} (speech over the answer that was no barge-in: it is
 not answered either); `resumed` {text} (speech went on, within 1 s of audio, after a turn began but before any
 of its answer was shown: the pause was inside the user's sentence, so that turn is taken back unsaved
@@ -30,9 +32,10 @@ after which the socket closes (1008 a policy: auth, limits, bad input; 1011 the 
 
 Barge-in: speech that starts while the assistant has a turn going (generating, or audio it sent
 that the client is still playing by the server's clock) stops it once parley.voice.vad.BargeIn
-says it is the user (300 ms of speech whose transcript has words, and not mostly the words the
-assistant just spoke: a noise or the assistant's own voice from the speaker stops nothing and
-is not answered); the turn is interrupted
+says it is the user (300 ms of speech whose transcript has words, and not the sound the assistant
+just played coming back: parley.voice.echo.Playback holds what was sent on the stream's clock, and
+the heard audio is matched against it; a noise or the assistant's own voice from the speaker stops
+nothing and is not answered, a user repeating the answer's words does); the turn is interrupted
 through the engine's cancellation (RunningTurn.interrupt: saved marked interrupted, with a
 "barge-in" feedback), no more of its audio is sent, and the new utterance starts the next turn
 (speech over a turn still being transcribed joins that utterance to the next instead).
@@ -353,14 +356,18 @@ class LiveSession:
         """The assistant's turn generates or its audio still plays: speech now may be its own voice."""
         return self.running is not None or time.monotonic() < self.playing_until
 
-    async def vet(self, samples: np.ndarray, start_s: float, over: Over,
-                  known: Transcription | None = None) -> Transcription:
+    async def vet(self, samples: np.ndarray, start_s: float, over: Over, known: Transcription | None = None,
+                  played: float | None = None) -> Transcription:
         """Decide whether speech over the answer is a barge-in (parley.voice.vad.BargeIn) on `known`,
         the utterance's transcription, or `samples` (from `start_s` of the stream) transcribed now,
-        and on how much they sound like the audio played then; act on a yes at once. Returns the
-        transcription judged (its text and its own segments: see BargeIn.verdict)."""
-        heard = known if known is not None else await run_in_threadpool(self.recognize, samples)
-        played = await run_in_threadpool(self.played.match, samples, start_s)
+        and on `played`, how much they sound like the audio played then (Playback.match, made now
+        if None); act on a yes at once. Returns the transcription judged (its text and its own
+        segments: see BargeIn.verdict)."""
+        if known is None or played is None:  # one wait for both: a frame read meanwhile may start the next Over
+            known, played = await run_in_threadpool(
+                lambda: (known or self.recognize(samples), self.played.match(samples, start_s) if played is None
+                         else played))
+        heard = known
         over.verdict = self.barge_rule.verdict(heard, " ".join(self.said), played)
         if not over.verdict and self.over is over:
             self.over = None
@@ -413,8 +420,9 @@ class LiveSession:
             known = await known
         if over.check is not None:
             await asyncio.gather(over.check, return_exceptions=True)
-        self.over = over  # vet acts on it (barge_in) only while it is the one in question
-        heard = await self.vet(utterance.clip.samples, utterance.start, over, known)
+        played = await run_in_threadpool(self.played.match, utterance.clip.samples, utterance.start)
+        self.over = over  # vet acts on it (barge_in) only while it is the one in question: it does not wait now
+        heard = await self.vet(utterance.clip.samples, utterance.start, over, known, played)
         self.over = None
         if over.verdict:
             await self.send("ignored", text=heard.text, reason=over.verdict)

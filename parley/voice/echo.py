@@ -50,15 +50,23 @@ class Playback:
 
     def match(self, heard: np.ndarray, start_s: float) -> float:
         """The best normalized correlation of `heard` (starting at `start_s` of the stream) with
-        the played audio at a delay of 0 to `max_delay_s`; 0 where nothing played over it."""
+        the played audio at a delay of 0 to `max_delay_s`; 0 where nothing played over it. Heard
+        speech before or after the played sound counts in the norm: a user who spoke on after
+        the echo ended is mostly not the echo."""
         lag = round(self.max_delay_s * self.rate)
         heard = np.asarray(heard, np.float64)
-        if not len(heard) or not self.clips:
-            return 0.0
         ref = self.window(start_s - self.max_delay_s, len(heard) + lag).astype(np.float64)
-        size = 1 << int(np.ceil(np.log2(len(ref) + len(heard))))
-        # corr[k] = sum_t heard[t] * ref[t + k]: ref[k:] lines up with heard when it was played max_delay - k before
-        corr = np.fft.irfft(np.fft.rfft(ref, size) * np.conj(np.fft.rfft(heard, size)), size)[:lag + 1]
+        loud = np.flatnonzero(ref)
+        if not len(heard) or not len(loud):
+            return 0.0
+        # corr[k] = sum_t heard[t] * ref[t + k] (ref[k:] lines up with heard when it was played max_delay - k
+        # before it); only heard[loud[0] - lag : loud[-1] + 1] meets played sound, so only that is transformed
+        lo, hi = max(0, loud[0] - lag), min(len(heard), loud[-1] + 1)
+        if lo >= hi:
+            return 0.0
+        part, near = heard[lo:hi], ref[lo:hi + lag]
+        size = 1 << int(np.ceil(np.log2(len(near) + len(part))))
+        corr = np.fft.irfft(np.fft.rfft(near, size) * np.conj(np.fft.rfft(part, size)), size)[:lag + 1]
         energy = np.concatenate([[0.0], np.cumsum(ref ** 2)])
         energy = energy[len(heard):len(heard) + lag + 1] - energy[:lag + 1]  # of each window of ref
         score = np.abs(corr) / np.sqrt(energy * float(heard @ heard) + 1e-12)
