@@ -363,11 +363,9 @@ class LiveSession:
         and on `played`, how much they sound like the audio played then (Playback.match, made now
         if None); act on a yes at once. Returns the transcription judged (its text and its own
         segments: see BargeIn.verdict)."""
-        if known is None or played is None:  # one wait for both: a frame read meanwhile may start the next Over
-            known, played = await run_in_threadpool(
-                lambda: (known or self.recognize(samples), self.played.match(samples, start_s) if played is None
-                         else played))
         heard = known
+        if heard is None or played is None:  # one wait for both: a frame read meanwhile may start the next Over
+            heard, played = await run_in_threadpool(self.hearing, samples, start_s, heard, played)
         over.verdict = self.barge_rule.verdict(heard, " ".join(self.said), played)
         if not over.verdict and self.over is over:
             self.over = None
@@ -375,6 +373,13 @@ class LiveSession:
                 (over.at - self.open_turn[2]) * self.cut.vad.frame_ms < RESUME_S * 1000  # stream time, not wall
             await (self.retract() if resumed else self.barge_in())
         return heard
+
+    def hearing(self, samples: np.ndarray, start_s: float, heard: Transcription | None,
+                played: float | None) -> tuple[Transcription, float]:
+        """What `vet` judges speech over the answer on: its transcription and its match with the
+        audio played then (Playback.match), each made now unless given."""
+        return (heard if heard is not None else self.recognize(samples),
+                played if played is not None else self.played.match(samples, start_s))
 
     async def barge_in(self) -> None:
         """The user started speaking: stop the assistant if it is speaking (see the module docstring)."""
