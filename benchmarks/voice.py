@@ -16,8 +16,8 @@ Real-time factor = compute seconds / audio seconds (< 1 is faster than real time
 VAD: utterances in quiet, joined by 0.8 s gaps, white noise added at each SNR; frame-level
 precision and recall (20 ms frames) against where the clean speech is above -40 dBFS.
 Voice turn: a spoken question (piper) -> endpointing -> Whisper -> the assistant's default
-pipeline on SmolLM2 (greedy) -> the first sentence, or first clause of 4+ words, or first 6
-words of a sentence of 10 or more, -> piper. The endpointer waits for
+pipeline on SmolLM2 (greedy) -> the first sentence, or first clause of 4+ words, or first 4
+words of a sentence of 8 or more (the live route's cut), -> piper. The endpointer waits for
 500 ms of quiet (EnergyVAD.min_silence_ms) before it knows speech has ended: that wait is part
 of the latency and is counted; the rest is measured. Side by side, the end-of-turn rule of the
 live voice route (parley.voice.vad.EndOfTurn): Whisper runs from 100 ms of quiet, and a
@@ -43,9 +43,9 @@ import torch
 import yaml
 from record import append_section, commit, cpu_name
 
+from parley.serve.routes_voice import FIRST_CLAUSE, FIRST_WORDS  # the first spoken piece, as the live route cuts it
+
 ROOT = Path(__file__).resolve().parent
-FIRST_CLAUSE = 4  # the first audio may be a clause of 4+ words (parley.voice.tts.sentences)
-FIRST_WORDS = 6  # or the first 6 words of a longer sentence, as the live route (routes_voice.FIRST_WORDS)
 VOICES = ["joe", "espeak:en-us", "espeak:en-gb", "espeak:en-us+f3", "espeak:en-gb-x-rp+m3"]
 
 

@@ -17,11 +17,13 @@ heard an utterance begin); `transcript` {text, final: false} at 2 s of an uttera
 parley.voice.vad.EndOfTurn: Whisper starts at 100 ms of quiet; the turn ends after 200 ms of
 quiet if the transcript reads as finished, else after 600 ms); `turn` {conversation}; `text`
 {text} as the answer streams; `audio` {text, rate, samples} followed by one binary message with
-that sentence's PCM16 (first sentence, or first clause of 4+ words, or the first 6 words of a
-sentence of 10 or more, as soon as it is written;
+that sentence's PCM16 (first sentence, or first clause of 4+ words, or the first 4 words of a
+sentence of 8 or more, as soon as it is written;
 the turn's first `audio` also has `latency`: {endpoint_ms: last speech frame -> turn decided,
 asr_ms: the wait for the final transcript, 0 when the early one was reused, first_text_ms:
-turn started -> first spoken text, tts_ms: its synthesis}); `interrupted` {conversation};
+turn started -> first spoken text, tts_ms: its synthesis, marks: {step: ms after the last speech
+frame} for each step on the way: decided, transcribed, turn_started, the first of each pipeline frame
+("frame:TextDelta": the first shown text), tts_started, tts_done, sending}); `interrupted` {conversation};
 `ignored` {text, reason: "noise" | "echo"} (speech over the answer that was no barge-in: it is
 not answered either); `resumed` {text} (speech went on, within 1 s of audio, after a turn began but before any
 of its answer was shown: the pause was inside the user's sentence, so that turn is taken back unsaved
@@ -30,9 +32,10 @@ after which the socket closes (1008 a policy: auth, limits, bad input; 1011 the 
 
 Barge-in: speech that starts while the assistant has a turn going (generating, or audio it sent
 that the client is still playing by the server's clock) stops it once parley.voice.vad.BargeIn
-says it is the user (300 ms of speech whose transcript has words, and not mostly the words the
-assistant just spoke: a noise or the assistant's own voice from the speaker stops nothing and
-is not answered); the turn is interrupted
+says it is the user (300 ms of speech whose transcript has words, and not the sound the assistant
+just played coming back: parley.voice.echo.Playback holds what was sent on the stream's clock, and
+the heard audio is matched against it; a noise or the assistant's own voice from the speaker stops
+nothing and is not answered, a user repeating the answer's words does); the turn is interrupted
 through the engine's cancellation (RunningTurn.interrupt: saved marked interrupted, with a
 "barge-in" feedback), no more of its audio is sent, and the new utterance starts the next turn
 (speech over a turn still being transcribed joins that utterance to the next instead).
@@ -50,7 +53,7 @@ import queue
 import re
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 from fastapi import APIRouter, WebSocket, WebSocketDisconnect
@@ -68,7 +71,8 @@ PARTIAL_EVERY_S = 1.5  # a partial transcript after each 1.5 s of new speech (or
 # after 2 s: a short command ("turn on the lights") then ends without a partial in Whisper's way
 RESUME_S = 1.0  # speech this soon after an utterance whose turn has shown nothing yet goes on with it (retract)
 FIRST_CLAUSE = 4  # words before a comma may end the first spoken piece (as `parley chat --audio-out`)
-FIRST_WORDS = 6  # and a longer first sentence is spoken from its first 6 words (tts.sentences)
+FIRST_WORDS = 4  # and a longer first sentence from its first 4 words (tts.sentences): piper makes 4
+# words in about half the time of 6 while the model, writing the next sentence, shares the CPU with it
 
 
 class Closing(Exception):
@@ -105,6 +109,7 @@ class LiveSession:
     """One client's live conversation: its endpointer, its current turn, what it has been sent."""
 
     def __init__(self, server: Server, voices: Voices, ws: WebSocket):
+        from parley.voice.echo import Playback
         from parley.voice.vad import BargeIn, EndOfTurn, EnergyVAD, Endpointer
 
         self.server, self.voices, self.ws, self.settings = server, voices, ws, server.settings
@@ -135,6 +140,7 @@ class LiveSession:
         # its speech ended) of a turn that has shown nothing yet: speech soon after takes it back (retract)
         self.retracted = False  # the current turn was taken back: it sends nothing more
         self.said: list[str] = []  # what the assistant has spoken in its latest turn (an echo of it is no barge-in)
+        self.played = Playback()  # and its audio, on the stream's clock: an echo is that sound, not just its words
         self.last_speech = 0.0  # perf_counter of the last frame heard as speech: where a turn's latency starts
         self.last_speech_frame = 0  # and its index in the stream (Endpointer.frames_seen)
         self.broken: asyncio.Future = asyncio.get_running_loop().create_future()  # a task's error (spawn)
@@ -262,14 +268,14 @@ class LiveSession:
                     await self.barge_in()
         if self.over is not None and self.over.check is None and self.cut.in_speech and (
                 self.cut.spoken - self.over.spoken) * self.cut.vad.frame_ms >= self.barge_rule.min_ms:
-            self.over.check = self.spawn(self.vet(self.cut.heard(), self.over))
+            self.over.check = self.spawn(self.vet(self.cut.heard(), self.cut.heard_start, self.over))
         if not self.cut.in_speech and self.cut.speech_frames == 0:
             self.overlong = False  # quiet was heard: speech from here on is a new utterance
         if self.cut.in_speech and len(self.cut.heard()) > self.settings.voice_max_utterance_seconds * RATE:
             ended += self.cut.flush()  # long enough: answer what was said so far
             self.overlong = True
         for utterance in ended:
-            await self.answer(utterance.clip)
+            await self.answer(utterance)
         await self.end_if_finished()
         if self.cut.in_speech and self.cut.quiet_ms >= self.end_rule.guess_ms and self.guess_key != self.pause() \
                 and (self.guess is None or self.guess.done()):  # one early guess per quiet stretch, one at short_ms
@@ -321,7 +327,7 @@ class LiveSession:
         if self.guessed and self.guessed[0] == self.cut.spoken and self.cut.quiet_ms >= self.end_rule.short_ms \
                 and self.end_rule.finished(self.guessed[1].text):
             for utterance in self.cut.flush():
-                await self.answer(utterance.clip)
+                await self.answer(utterance)
 
     def transcribe(self, samples: np.ndarray) -> str:
         return self.recognize(samples).text
@@ -350,18 +356,30 @@ class LiveSession:
         """The assistant's turn generates or its audio still plays: speech now may be its own voice."""
         return self.running is not None or time.monotonic() < self.playing_until
 
-    async def vet(self, samples: np.ndarray, over: Over, known: Transcription | None = None) -> Transcription:
+    async def vet(self, samples: np.ndarray, start_s: float, over: Over, known: Transcription | None = None,
+                  played: float | None = None) -> Transcription:
         """Decide whether speech over the answer is a barge-in (parley.voice.vad.BargeIn) on `known`,
-        the utterance's transcription, or `samples` transcribed now; act on a yes at once. Returns
-        the transcription judged (its text and its own segments: see BargeIn.verdict)."""
-        heard = known if known is not None else await run_in_threadpool(self.recognize, samples)
-        over.verdict = self.barge_rule.verdict(heard, " ".join(self.said))
+        the utterance's transcription, or `samples` (from `start_s` of the stream) transcribed now,
+        and on `played`, how much they sound like the audio played then (Playback.match, made now
+        if None); act on a yes at once. Returns the transcription judged (its text and its own
+        segments: see BargeIn.verdict)."""
+        heard = known
+        if heard is None or played is None:  # one wait for both: a frame read meanwhile may start the next Over
+            heard, played = await run_in_threadpool(self.hearing, samples, start_s, heard, played)
+        over.verdict = self.barge_rule.verdict(heard, " ".join(self.said), played)
         if not over.verdict and self.over is over:
             self.over = None
             resumed = self.open_turn is not None and \
                 (over.at - self.open_turn[2]) * self.cut.vad.frame_ms < RESUME_S * 1000  # stream time, not wall
             await (self.retract() if resumed else self.barge_in())
         return heard
+
+    def hearing(self, samples: np.ndarray, start_s: float, heard: Transcription | None,
+                played: float | None) -> tuple[Transcription, float]:
+        """What `vet` judges speech over the answer on: its transcription and its match with the
+        audio played then (Playback.match), each made now unless given."""
+        return (heard if heard is not None else self.recognize(samples),
+                played if played is not None else self.played.match(samples, start_s))
 
     async def barge_in(self) -> None:
         """The user started speaking: stop the assistant if it is speaking (see the module docstring)."""
@@ -378,7 +396,7 @@ class LiveSession:
 
     # ------------------------------------------------------------------ answering
 
-    async def answer(self, clip) -> None:
+    async def answer(self, utterance) -> None:
         """Start the next turn once the previous one (interrupted, or still speaking) has ended;
         the guess's transcript is the turn's when nothing was said after it."""
         known = self.guessed[1] if self.guessed and self.guessed[0] == self.cut.spoken else None
@@ -390,39 +408,42 @@ class LiveSession:
         decided = time.perf_counter()
         over, self.over = self.over, None
         if over is not None:  # spoken over the answer: a turn only if it is a barge-in
-            self.deciding = self.spawn(self.answer_over(clip, over, known, decided))
+            self.deciding = self.spawn(self.answer_over(utterance, over, known, decided))
             return
-        self.start_turn(clip.samples, known, decided)
+        self.start_turn(utterance.clip.samples, known, decided)
 
     def start_turn(self, samples: np.ndarray, known: Transcription | asyncio.Future | None, decided: float) -> None:
-        latency = {"endpoint_ms": round((decided - self.last_speech) * 1000), "spoke": self.last_speech_frame}
+        clock = TurnClock(self.last_speech, self.last_speech_frame)
+        clock.mark("decided", decided)
         previous = self.task
-        self.task = self.spawn(self.turn(samples, previous, known, latency))
+        self.task = self.spawn(self.turn(samples, previous, known, clock))
 
-    async def answer_over(self, clip, over: Over, known: Transcription | asyncio.Future | None,
+    async def answer_over(self, utterance, over: Over, known: Transcription | asyncio.Future | None,
                           decided: float) -> None:
         """An utterance that began over the answer has ended: answered if it was a barge-in."""
         if isinstance(known, asyncio.Future):
             known = await known
         if over.check is not None:
             await asyncio.gather(over.check, return_exceptions=True)
-        self.over = over  # vet acts on it (barge_in) only while it is the one in question
-        heard = await self.vet(clip.samples, over, known)
+        played = await run_in_threadpool(self.played.match, utterance.clip.samples, utterance.start)
+        self.over = over  # vet acts on it (barge_in) only while it is the one in question: it does not wait now
+        heard = await self.vet(utterance.clip.samples, utterance.start, over, known, played)
         self.over = None
         if over.verdict:
             await self.send("ignored", text=heard.text, reason=over.verdict)
         else:
-            self.start_turn(clip.samples, heard, decided)
+            self.start_turn(utterance.clip.samples, heard, decided)
 
     async def turn(self, samples: np.ndarray, previous: asyncio.Task | None,
-                   known: Transcription | asyncio.Future | None, latency: dict) -> None:
+                   known: Transcription | asyncio.Future | None, clock: TurnClock) -> None:
         if previous is not None:
             await asyncio.gather(previous, return_exceptions=True)
-        self.barged, start = False, time.perf_counter()
+        self.barged = False
+        clock.mark("previous_done")
         if isinstance(known, asyncio.Future):
             known = await known
         text = known.text if known is not None else await run_in_threadpool(self.transcribe, samples)
-        latency["asr_ms"] = round((time.perf_counter() - start) * 1000)
+        clock.mark("transcribed")
         text, self.carry = " ".join(filter(None, (self.carry, text))), ""
         if self.barged:  # the user went on before this turn began: it is said with the next utterance
             self.carry = text
@@ -433,8 +454,8 @@ class LiveSession:
         if not text:
             return
         try:
-            latency["turn_started"] = time.perf_counter()
-            self.said, self.retracted, self.open_turn = [], False, (text, self.conversation, latency["spoke"])
+            clock.mark("turn_started")
+            self.said, self.retracted, self.open_turn = [], False, (text, self.conversation, clock.spoke)
             self.running = running = self.server.turns.start(self.user, self.conversation, text, overrides={})
         except QueueFull as e:
             await self.send("error", message=str(e), code="busy")
@@ -444,13 +465,14 @@ class LiveSession:
         elif self.barged:  # spoken over while its transcript was being sent: a barge-in at its start
             running.interrupt("barge-in")
         pieces: queue.Queue = queue.Queue()
-        speaking = asyncio.create_task(self.speak(pieces, latency))
+        speaking = asyncio.create_task(self.speak(pieces, clock))
         done = None
         try:
             from parley.pipeline.frames import ShownText
 
             shown = ShownText()
             async for item in running.frames():
+                clock.mark(f"frame:{type(item).__name__}")
                 if isinstance(item, TurnStarted):
                     self.conversation = item.conversation_id
                     await self.send("turn", conversation=self.conversation)
@@ -474,7 +496,7 @@ class LiveSession:
             await self.send("done", turn_id=done.message_id, conversation=self.conversation,
                             interrupted=self.barged)
 
-    async def speak(self, pieces: queue.Queue, latency: dict) -> None:
+    async def speak(self, pieces: queue.Queue, clock: TurnClock) -> None:
         """Synthesize the answer sentence by sentence, in a thread, sending each as it is made; the
         first audio message carries the turn's `latency` (see the module docstring)."""
         from parley.voice.tts import TTSError, sentences, spoken
@@ -512,12 +534,16 @@ class LiveSession:
                 continue
             pcm = (clip.samples.clip(-1, 1) * 32767).round().astype("<i2").tobytes()
             heading = {"type": "audio", "text": sentence, "rate": clip.rate, "samples": len(clip.samples)}
-            if first and "turn_started" in latency:
-                heading["latency"] = {**{k: v for k, v in latency.items() if k not in ("turn_started", "spoke")},
-                                      "first_text_ms": round((started - latency["turn_started"]) * 1000),
-                                      "tts_ms": round((made_at - started) * 1000)}
+            if first:
+                clock.mark("tts_started", started)
+                clock.mark("tts_done", made_at)
+                clock.mark("sending")
+                heading["latency"] = clock.report()
             first = False
             self.said.append(sentence)
+            # it plays once what was sent before it has played: its start on the stream's clock
+            queued = max(0.0, self.playing_until - time.monotonic())
+            self.played.add(self.cut.frames_seen * self.cut.vad.frame_ms / 1000 + queued, clip)
             async with self.send_lock:
                 await self.ws.send_text(json.dumps(heading))
                 await self.ws.send_bytes(pcm)
@@ -532,6 +558,29 @@ class LiveSession:
         for task in (self.deciding, self.task, self.partial, self.guess):
             if task is not None:
                 await asyncio.gather(task, return_exceptions=True)
+
+
+@dataclass
+class TurnClock:
+    """When each step of one turn happened, in perf_counter seconds: what the first audio message's
+    `latency` reports, as ms after the last speech frame (see the module docstring)."""
+
+    spoke_at: float  # the last frame heard as speech
+    spoke: int  # its index in the stream (Endpointer.frames_seen)
+    marks: dict[str, float] = field(default_factory=dict)
+
+    def mark(self, name: str, at: float | None = None) -> None:
+        """The first time `name` happened (a later one is not the turn's latency)."""
+        self.marks.setdefault(name, time.perf_counter() if at is None else at)
+
+    def report(self) -> dict:
+        def ms(a: str, b: str) -> int:
+            return round((m[b] - m[a]) * 1000)
+
+        m = {"spoke": self.spoke_at, **self.marks}
+        return {"endpoint_ms": ms("spoke", "decided"), "asr_ms": ms("previous_done", "transcribed"),
+                "first_text_ms": ms("turn_started", "tts_started"), "tts_ms": ms("tts_started", "tts_done"),
+                "marks": {name: round((at - self.spoke_at) * 1000) for name, at in sorted(m.items(), key=lambda x: x[1])}}
 
 
 @dataclass

@@ -111,6 +111,11 @@ class Endpointer:
         """An utterance has begun and not yet ended (what a live turn's barge-in listens for)."""
         return self.start is not None
 
+    @property
+    def heard_start(self) -> float:
+        """Where `heard()` begins, in seconds of the stream."""
+        return (self.frames_seen - len(self.history)) * self.vad.frame_ms / 1000
+
     def heard(self) -> np.ndarray:
         """The samples of the utterance so far (with its lead-in): what a partial transcript reads."""
         return np.concatenate(self.history) if self.start is not None and self.history else np.zeros(0, np.float32)
@@ -172,25 +177,31 @@ class BargeIn:
     """Whether speech heard while the assistant is answering is the user taking the turn (a
     barge-in), and not a noise or the assistant's own voice coming back through the microphone:
     it must last `min_ms` (speech frames), its transcript must hold a word, and it must not be an
-    echo: runs of the assistant's own recent words, in their order, that make up `echo_share` of
-    the transcript or more (an echo repeats the answer; a user's words seldom do, beyond a word
-    or two). A one-word transcript that the answer holds counts as echo: the speaker's
-    sound reaches the microphone far more often than a user says exactly the answer's word."""
+    echo. Where the caller knows what was played (parley.voice.echo.Playback), an echo is audio
+    that is that sound coming back: its match with the played audio is `echo_audio` or more,
+    whatever Whisper made of it. Where it does not, an echo is runs of the assistant's own recent
+    words, in their order, that make up `echo_share` of the transcript or more (a one-word
+    transcript that the answer holds counts); the words alone take a user who repeats the
+    answer's words ("Remember that." over "I'll remember that ...") for its echo."""
 
     min_ms: int = 300
     echo_share: float = 0.6
+    echo_audio: float = 0.3  # Playback.match: an echo measures 0.4+ with a roomful of reverberation, a voice 0.2-
 
     no_speech: float = 0.5  # Whisper's no-speech probability over this in every segment: a noise it put words to
 
-    def verdict(self, heard: Transcription, said: str) -> str:
+    def verdict(self, heard: Transcription, said: str, played: float | None = None) -> str:
         """'' for a barge-in, else why not: "noise" (no words, or the segments say Whisper was not
-        sure there was speech: it puts "you" to a burst of noise) or "echo" (the answer's own words).
+        sure there was speech: it puts "you" to a burst of noise) or "echo": the sound that was
+        played, by `played` (Playback.match), or where that is None the answer's own words.
         `heard` is judged whole: its text with its own segments (the text of one Whisper pass with
         the segments of another, on a longer or shorter cut, can read a noise as words)."""
         words, answer = normalize(heard.text), normalize(said)
         unsure = heard.segments and all(s.no_speech_prob > self.no_speech for s in heard.segments)
         if unsure or not any(any(c.isalpha() for c in w) for w in words):
             return "noise"
+        if played is not None:  # the audio says whether it is the played sound; its words may be misheard
+            return "echo" if played >= self.echo_audio else ""
         return "echo" if _echoed(words, answer) >= self.echo_share * len(words) else ""
 
 
