@@ -7,11 +7,11 @@ and its latency per message.
     python benchmarks/guard.py --head FILE          # another head than the shipped one
     python benchmarks/guard.py --every 5            # own splits on every 5th example (as the LoRA run reports)
 
-Latency is the guard's p50/p95 per message, single messages as the input stage sees them:
-"full" includes the MiniLM embedding of the message, "marginal" reuses an embedding already
-computed (the pipeline's NLU stage embeds the same message, and the embedder remembers it).
-A head with fine-tuned encoder layers (`parley train guard --design encoder`) embeds through
-its own top layers and reuses nothing: its "marginal" is its "full" time, run again.
+Latency is per message, single messages as the pipeline sees them (`latency`): the input check
+and the NLU stage's embedding of the same message, against that embedding alone; "marginal"
+is what the guard adds. Both designs share the pipeline's pass: the frozen head reads the
+embedding, a head with fine-tuned top layers (`--design encoder`) the states below them
+(`Embedder.encode_sharing`), and the embedding the NLU stage needs is remembered from it.
 Figures depend on the machine's load: say so when you record them.
 """
 
@@ -103,20 +103,29 @@ def by_group(probs, examples: list[Example], thresholds, which: str = "harmful")
 
 
 def latency(guard: Guard, embedder: Embedder, n: int) -> dict:
-    texts = [f"message {i}: how do I get from the station to the museum on day {i}?" for i in range(n)]
-    guard.score(texts[0])  # warm up
-    full, marginal = [], []
-    for text in texts[1:]:
+    """Per message, as the pipeline runs it: the input check (`guard.score`) and then the NLU
+    stage's embedding of the same message ("with guard"), against the embedding alone of another
+    new message of the same shape ("embedding alone"), alternated; "marginal" is the p50 of the
+    pairs' differences: what the guard adds to a turn."""
+    run = time.time_ns()  # new messages in every call: the embedder remembers the texts it has seen
+    texts = [f"message {i} of {run}: how do I get from the station to the museum on day {i}?" for i in range(2 * n + 2)]
+    guard.score(texts[0]), embedder([texts[1]])  # warm up
+    alone, both = [], []
+    for a, b in zip(texts[2::2], texts[3::2]):
         t0 = time.perf_counter()
-        guard.score(text)  # embeds the message (not seen before)
+        embedder([a])
         t1 = time.perf_counter()
-        guard.score(text)  # the embedding is remembered now, as after the NLU stage
-        full.append((t1 - t0) * 1000)
-        marginal.append((time.perf_counter() - t1) * 1000)
-    return {"messages": len(full), "tuned_layers": len(getattr(guard.embedder, "top", ())),
-            "full_ms": {"p50": round(statistics.median(full), 2), "p95": round(sorted(full)[int(0.95 * len(full))], 2)},
-            "marginal_ms": {"p50": round(statistics.median(marginal), 2),
-                            "p95": round(sorted(marginal)[int(0.95 * len(marginal))], 2)}}
+        guard.score(b)
+        embedder([b])  # the NLU stage: remembered from the guard's pass (both designs embed the message)
+        alone.append((t1 - t0) * 1000)
+        both.append((time.perf_counter() - t1) * 1000)
+
+    def pct(values: list[float]) -> dict:
+        return {"p50": round(statistics.median(values), 2), "p95": round(sorted(values)[int(0.95 * len(values))], 2)}
+
+    return {"messages": len(both), "tuned_layers": len(getattr(guard.embedder, "top", ())),
+            "with_guard_ms": pct(both), "embedding_alone_ms": pct(alone),
+            "marginal_ms": pct([y - x for x, y in zip(alone, both)])}
 
 
 def main() -> int:
