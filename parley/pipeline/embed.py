@@ -155,6 +155,12 @@ class Embedder(nn.Module):
         todo = [i for i, t in enumerate(texts) if t not in self._recent]
         if todo:
             out[todo] = self._encode([texts[i] for i in todo], batch_size)
+        return self._remembered(texts, out)
+
+    __call__ = encode
+
+    def _remembered(self, texts: list[str], out: np.ndarray) -> np.ndarray:
+        """`out` with the rows of remembered texts read from the memory, and the others remembered."""
         for i, text in enumerate(texts):
             if text in self._recent:
                 out[i] = self._recent[text]
@@ -164,8 +170,6 @@ class Embedder(nn.Module):
                 if len(self._recent) > self.remember:
                     self._recent.popitem(last=False)
         return out
-
-    __call__ = encode
 
     @torch.inference_mode()
     def _encode(self, texts: list[str], batch_size: int) -> np.ndarray:
@@ -226,15 +230,7 @@ class Embedder(nn.Module):
             for block in self.layers[layer:]:
                 x = block(x, mask)
             out[rows] = self.mean_pool(x, keep).numpy()
-        for i, text in enumerate(texts):
-            if text in self._recent:
-                out[i] = self._recent[text]
-                self._recent.move_to_end(text)
-            else:
-                self._recent[text] = out[i].copy()
-                if len(self._recent) > self.remember:
-                    self._recent.popitem(last=False)
-        return out, states
+        return self._remembered(texts, out), states
 
     def embed_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
         """(batch, t) token ids -> the first layer's input: word + position + type embeddings, normed."""
