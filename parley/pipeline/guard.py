@@ -19,16 +19,17 @@ The model is a small MLP (one hidden layer of 128 ReLU units, a sigmoid per labe
 s p a c e d letters, zero-width characters); a text in French, Spanish, German, Italian,
 Portuguese or Dutch is embedded as its word-for-word English `gloss` (the encoder is
 English-centric; no multilingual encoder is installed: benchmarks/RESULTS.md, Guard round 2). `parley train guard` trains it from
-parley/data/guard/ and writes $PARLEY_HOME/guard/guard_head.safetensors; the repository ships
-the head that recipe made (1.1 MB, float16) in parley/data/guard/. Texts under MIN_WORDS words
-are scored but never flagged.
+parley/data/guard/ (and the retired held-out sets) and writes $PARLEY_HOME/guard/guard_head.safetensors.
+Texts under MIN_WORDS words are scored but never flagged.
 
 A head may also carry fine-tuned copies of MiniLM's top layers (`parley train guard
 --design encoder`): the guard then embeds through `TunedEncoder`, the pipeline's frozen bottom
 layers with its own top ones. The two share a trunk: the guard's pass over a message
 (`Embedder.encode_sharing`) runs the base's layers once, keeps the states after the bottom
 ones for its tuned top layers and remembers the base's embedding, which the NLU stage (after
-the input check) then reads for free; the guard adds its top layers and head.
+the input check) then reads for free; the guard adds its top layers and head. The repository
+ships such a head (parley/data/guard/guard_head.safetensors, 8.2 MB in float16: two tuned
+layers and the MLP; benchmarks/RESULTS.md, Guard round 4, says why and how it was made).
 """
 
 from __future__ import annotations
@@ -281,7 +282,7 @@ class Guard:
         return self.score_many([text])[0]
 
     def save(self, path: str | Path) -> Path:
-        """One safetensors file (weights in float16: the shipped head stays under 2 MB), written
+        """One safetensors file (weights in float16: a head alone is 1.1 MB, with two tuned layers 8.2 MB), written
         atomically (a crash leaves the old one)."""
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
