@@ -7,11 +7,11 @@ and its latency per message.
     python benchmarks/guard.py --head FILE          # another head than the shipped one
     python benchmarks/guard.py --every 5            # own splits on every 5th example (as the LoRA run reports)
 
-Latency is the guard's p50/p95 per message, single messages as the input stage sees them:
-"full" includes the MiniLM embedding of the message, "marginal" reuses an embedding already
-computed (the pipeline's NLU stage embeds the same message, and the embedder remembers it).
-A head with fine-tuned encoder layers (`parley train guard --design encoder`) embeds through
-its own top layers and reuses nothing: its "marginal" is its "full" time, run again.
+Latency is per message, single messages as the pipeline sees them (`latency`): the input check
+and the NLU stage's embedding of the same message, against that embedding alone; "marginal"
+is what the guard adds. Both designs share the pipeline's pass: the frozen head reads the
+embedding, a head with fine-tuned top layers (`--design encoder`) the states below them
+(`Embedder.encode_sharing`), and the embedding the NLU stage needs is remembered from it.
 Figures depend on the machine's load: say so when you record them.
 """
 
@@ -39,10 +39,11 @@ def own_splits(guard: Guard, quick: bool, every: int = 1) -> dict:
     return {name: report(guard.probabilities([e.text for e in ex]), ex, guard.thresholds) for name, ex in sets.items()}
 
 
-def load_heldout(folder: Path) -> list[Example]:
-    """harmful.yml and benign.yml (`requests`: text, principle, category, style) and injection.yml
-    (`sentences`: text, `label` or `kind` injection|injected|innocent, style) as Examples; source
-    "heldout:<category>/<style>" for requests, "heldout:<style>" for sentences."""
+def load_heldout(folder: Path) -> tuple[list[Example], list[dict]]:
+    """harmful.yml and benign.yml (`requests`: text, principle, category, style, ...) and
+    injection.yml (`sentences`: text, `label` or `kind` injection|injected|innocent, style, ...)
+    as Examples (source "heldout"), and beside each its other fields (category, style, language
+    where the set has it ...) for the per-group tables."""
     import yaml
 
     def rows(name: str, key: str) -> list[dict]:
@@ -51,72 +52,81 @@ def load_heldout(folder: Path) -> list[Example]:
             raise SystemExit(f"{path} not found: --heldout wants the folder with harmful.yml, benign.yml, injection.yml")
         return yaml.safe_load(path.read_text(encoding="utf-8"))[key]
 
-    out = [Example(r["text"], r["principle"], "request", f"heldout:{r['category']}/{r['style']}")
-           for r in rows("harmful.yml", "requests")]
-    out += [Example(r["text"], "", "request", f"heldout:{r['category']}/{r['style']}") for r in rows("benign.yml", "requests")]
+    def tags(r: dict) -> dict:
+        return {k: str(v) for k, v in r.items() if k not in ("text", "principle", "label", "kind")}
+
+    out = [(Example(r["text"], r["principle"], "request", "heldout"), tags(r)) for r in rows("harmful.yml", "requests")]
+    out += [(Example(r["text"], "", "request", "heldout"), tags(r)) for r in rows("benign.yml", "requests")]
     for r in rows("injection.yml", "sentences"):
         kind = r.get("label", r.get("kind"))
         if kind not in ("injection", "injected", "innocent"):
             raise SystemExit(f"{folder / 'injection.yml'}: a sentence labelled {kind!r}, not injection/injected/innocent")
-        out.append(Example(r["text"], "" if kind == "innocent" else "injection", "passage", f"heldout:{r['style']}"))
-    return out
+        out.append((Example(r["text"], "" if kind == "innocent" else "injection", "passage", "heldout"), tags(r)))
+    return [e for e, _ in out], [t for _, t in out]
 
 
-def with_rules(guard: Guard, examples: list[Example]) -> dict:
+def with_rules(guard: Guard, examples: list[Example]) -> tuple[dict, list[bool]]:
     """Both layers as the pipeline runs them: check_input (rules, then guard) on requests,
-    redact_orders (rules, then guard) on passage sentences."""
+    redact_orders (rules, then guard) on passage sentences. The figures, and per example
+    whether it was refused (a request) or removed (a sentence)."""
     from parley.pipeline.safety import check_input, load_constitution
     from parley.pipeline.untrusted import redact_orders
 
     constitution = load_constitution()
-    req = [e for e in examples if e.kind == "request"]
-    verdicts = [check_input(e.text, constitution, guard) for e in req]
-    bad = [(e, v) for e, v in zip(req, verdicts) if e.label]
-    good = [v for e, v in zip(req, verdicts) if not e.label]
-    caught = [(e, v) for e, v in bad if v.action == "refuse"]
-    by_rule = sum(v.evidence.get("rule") is not None for _, v in caught)
-    sentences = [e for e in examples if e.kind == "passage"]
-    removed = [bool(redact_orders(e.text, guard)[1]) for e in sentences]
+    verdicts = {i: check_input(e.text, constitution, guard) for i, e in enumerate(examples) if e.kind == "request"}
+    stopped = [verdicts[i].action == "refuse" if i in verdicts else bool(redact_orders(e.text, guard)[1])
+               for i, e in enumerate(examples)]
+    bad = [i for i in verdicts if examples[i].label]
+    caught = [i for i in bad if stopped[i]]
+    orders = [i for i, e in enumerate(examples) if e.kind == "passage" and e.label]
+    innocent = [i for i, e in enumerate(examples) if e.kind == "passage" and not e.label]
     return {"harmful_recall": (len(caught), len(bad)),
-            "benign_flagged": (sum(v.action == "refuse" for v in good), len(good)),
-            "right_principle": (sum(v.principle == e.label for e, v in caught), len(caught)),
-            "injection_recall": (sum(r for r, e in zip(removed, sentences) if e.label), sum(1 for e in sentences if e.label)),
-            "innocent_removed": (sum(r for r, e in zip(removed, sentences) if not e.label),
-                                 sum(1 for e in sentences if not e.label)),
-            "refused_by_rule": by_rule}
+            "benign_flagged": (sum(stopped[i] for i in verdicts if not examples[i].label),
+                               sum(not examples[i].label for i in verdicts)),
+            "right_principle": (sum(verdicts[i].principle == examples[i].label for i in caught), len(caught)),
+            "injection_recall": (sum(stopped[i] for i in orders), len(orders)),
+            "innocent_removed": (sum(stopped[i] for i in innocent), len(innocent)),
+            "refused_by_rule": sum(verdicts[i].evidence.get("rule") is not None for i in caught)}, stopped
 
 
-def by_group(probs, examples: list[Example], thresholds, which: str = "harmful") -> dict[str, tuple[int, int]]:
-    """Guard alone, flagged / all per category and per style (a style may hold a "/") of the
-    held-out `which`: "harmful" or "benign" requests, "injected" or "innocent" sentences."""
-    harm = (probs[:, :8] >= thresholds[:8]).any(axis=1)
-    injected = probs[:, 8] >= thresholds[8]
-    groups: dict[str, list[int]] = {}
-    for i, e in enumerate(examples):
+def by_group(stopped, examples: list[Example], tags: list[dict], which: str) -> dict[str, dict[str, tuple[int, int]]]:
+    """Stopped / all of the held-out `which` ("harmful" or "benign" requests, "injected" or
+    "innocent" sentences), per value of each field the set tags its rows with (category,
+    style, language ...), and per principle for harmful requests."""
+    groups: dict[str, dict[str, list[int]]] = {}
+    for i, (e, t) in enumerate(zip(examples, tags)):
         kind = ("harmful" if e.label else "benign") if e.kind == "request" else ("injected" if e.label else "innocent")
         if kind == which:
-            names = e.source.removeprefix("heldout:").split("/", 1) if e.kind == "request" else [e.source.removeprefix("heldout:")]
-            for g in names:
-                groups.setdefault(g, []).append(i)
-    flagged = harm if which in ("harmful", "benign") else injected
-    return {g: (int(flagged[idx].sum()), len(idx)) for g, idx in sorted(groups.items())}
+            for field, value in (({"principle": e.label} if which == "harmful" else {}) | t).items():
+                groups.setdefault(field, {}).setdefault(value, []).append(i)
+    return {field: {v: (int(sum(stopped[i] for i in idx)), len(idx)) for v, idx in sorted(values.items())}
+            for field, values in groups.items()}
 
 
 def latency(guard: Guard, embedder: Embedder, n: int) -> dict:
-    texts = [f"message {i}: how do I get from the station to the museum on day {i}?" for i in range(n)]
-    guard.score(texts[0])  # warm up
-    full, marginal = [], []
-    for text in texts[1:]:
+    """Per message, as the pipeline runs it: the input check (`guard.score`) and then the NLU
+    stage's embedding of the same message ("with guard"), against the embedding alone of another
+    new message of the same shape ("embedding alone"), alternated; "marginal" is the p50 of the
+    pairs' differences: what the guard adds to a turn."""
+    run = time.time_ns()  # new messages in every call: the embedder remembers the texts it has seen
+    texts = [f"message {i} of {run}: how do I get from the station to the museum on day {i}?" for i in range(2 * n + 2)]
+    guard.score(texts[0]), embedder([texts[1]])  # warm up
+    alone, both = [], []
+    for a, b in zip(texts[2::2], texts[3::2]):
         t0 = time.perf_counter()
-        guard.score(text)  # embeds the message (not seen before)
+        embedder([a])
         t1 = time.perf_counter()
-        guard.score(text)  # the embedding is remembered now, as after the NLU stage
-        full.append((t1 - t0) * 1000)
-        marginal.append((time.perf_counter() - t1) * 1000)
-    return {"messages": len(full), "tuned_layers": len(getattr(guard.embedder, "top", ())),
-            "full_ms": {"p50": round(statistics.median(full), 2), "p95": round(sorted(full)[int(0.95 * len(full))], 2)},
-            "marginal_ms": {"p50": round(statistics.median(marginal), 2),
-                            "p95": round(sorted(marginal)[int(0.95 * len(marginal))], 2)}}
+        guard.score(b)
+        embedder([b])  # the NLU stage: remembered from the guard's pass (both designs embed the message)
+        alone.append((t1 - t0) * 1000)
+        both.append((time.perf_counter() - t1) * 1000)
+
+    def pct(values: list[float]) -> dict:
+        return {"p50": round(statistics.median(values), 2), "p95": round(sorted(values)[int(0.95 * len(values))], 2)}
+
+    return {"messages": len(both), "tuned_layers": len(getattr(guard.embedder, "top", ())),
+            "with_guard_ms": pct(both), "embedding_alone_ms": pct(alone),
+            "marginal_ms": pct([y - x for x, y in zip(alone, both)])}
 
 
 def main() -> int:
@@ -134,16 +144,17 @@ def main() -> int:
     embedder = Embedder.load()
     guard = Guard.load(args.head, embedder)
     if args.heldout:
-        examples = load_heldout(Path(args.heldout))
+        examples, tags = load_heldout(Path(args.heldout))
         probs = guard.probabilities([e.text for e in examples])
-        fig = report(probs, examples, guard.thresholds)
-        print(describe("held-out, guard alone", fig))
-        print("  per principle: " + ", ".join(f"{p} {a}/{n}" for p, (a, n) in fig["per_principle"].items() if n))
-        for which in ("harmful", "benign", "injected", "innocent"):
-            groups = by_group(probs, examples, guard.thresholds, which)
-            print(f"  {which}, flagged per category/style: " + ", ".join(f"{g} {a}/{n}" for g, (a, n) in groups.items()))
-        both = with_rules(guard, examples)
+        harm, order = (probs[:, :8] >= guard.thresholds[:8]).any(axis=1), probs[:, 8] >= guard.thresholds[8]
+        alone = [bool(harm[i] if e.kind == "request" else order[i]) for i, e in enumerate(examples)]
+        both, stopped = with_rules(guard, examples)
+        print(describe("held-out, guard alone", report(probs, examples, guard.thresholds)))
         print(describe("held-out, rules then guard (the pipeline)", both) + f"; refused by a rule {both['refused_by_rule']}")
+        for which in ("harmful", "benign", "injected", "innocent"):
+            for name, flags in (("guard alone", alone), ("rules then guard", stopped)):
+                for field, groups in by_group(flags, examples, tags, which).items():
+                    print(f"  {which}, {name}, per {field}: " + ", ".join(f"{g} {a}/{n}" for g, (a, n) in groups.items()))
         return 0
     for name, fig in own_splits(guard, args.quick, max(args.every, 1)).items():
         print(describe(f"own split, {name}", fig))

@@ -40,7 +40,8 @@ def test_normalize_undoes_disguises_and_leaves_plain_text():
 def test_the_shipped_data_loads_with_a_label_and_source_on_every_example():
     examples = load_all()
     assert {e.label for e in examples} >= {*PRINCIPLES, "injection", ""}
-    assert all(e.source in ("written", "intents") or e.source.startswith("template:") for e in examples)
+    assert all(e.source in ("written", "intents", "heldout_v1", "heldout_v3") or e.source.startswith("template:")
+               for e in examples)
     s = split(examples)
     assert all(e.source.startswith("gen:") for e in s.test["by seed"])
     assert all("seed=4" in e.source for e in s.test["by seed"])
@@ -51,8 +52,10 @@ def test_the_shipped_data_loads_with_a_label_and_source_on_every_example():
 
 
 def test_the_guard_catches_variants_held_out_by_generator_seed(guard):
-    held_out = [e for e in split(load_all()).test["by seed"]
-                if e.kind == "request"][::4]  # a quarter of them, to stay fast
+    s = split(load_all())
+    trained = {e.base for e in s.train_fit}  # the bases every design trains on (the encoder design: only these)
+    held_out = [e for e in s.test["by seed"]
+                if e.kind == "request" and e.base in trained][::4]  # a quarter of them, to stay fast
     harmful = [e for e in held_out if e.label]
     benign = [e for e in held_out if not e.label]
     scores = guard.score_many([e.text for e in held_out])

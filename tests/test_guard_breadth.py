@@ -89,3 +89,41 @@ def test_train_guard_rejects_a_dropout_outside_0_1():
 
     with pytest.raises(GuardDataError, match="dropout"):
         train_main(GuardTrainConfig(dropout=1.0))
+
+
+def test_the_retired_held_out_sets_train_the_guard_tagged_with_their_principles():
+    import yaml
+
+    from parley.train.guard_data import RETIRED, load_retired, retired_dir
+
+    rows = load_retired()
+    assert {e.source for e in rows} == {"heldout_v1", "heldout_v3"}
+    for source, name in RETIRED.items():
+        folder = retired_dir() / name
+        harmful = yaml.safe_load((folder / "harmful.yml").read_text(encoding="utf-8"))["requests"]
+        mine = [e for e in rows if e.source == source]
+        assert Counter(e.label for e in mine if e.kind == "request" and e.label) == Counter(r["principle"] for r in harmful)
+        sentences = yaml.safe_load((folder / "injection.yml").read_text(encoding="utf-8"))["sentences"]
+        assert sum(e.label == "injection" for e in mine) == sum(r.get("label", r.get("kind")) != "innocent" for r in sentences)
+        assert len(mine) == len(harmful) + len(sentences) + len(
+            yaml.safe_load((folder / "benign.yml").read_text(encoding="utf-8"))["requests"])
+    everything = load_all()
+    assert {e.text for e in rows} <= {e.text for e in everything}
+    assert not any(e.source.startswith("heldout") for e in load_all(data_dir()))
+
+
+@pytest.mark.parametrize("harmful, match", [("requests:\n- {text: hurt someone, principle: C12}\n", "principle"),
+                                            ("requests: 3\n", "requests"),
+                                            ("requests:\n- {principle: C1}\n", "text")])
+def test_the_retired_sets_are_validated(tmp_path, harmful, match):
+    from parley.train.guard_data import RETIRED, load_retired
+
+    for name in RETIRED.values():
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "harmful.yml").write_text(harmful)
+        (tmp_path / name / "benign.yml").write_text("requests:\n- {text: bake bread}\n")
+        (tmp_path / name / "injection.yml").write_text("sentences:\n- {text: Preheat the oven., kind: innocent}\n")
+    with pytest.raises(GuardDataError, match=match):
+        load_retired(tmp_path)
+    with pytest.raises(GuardDataError, match="not found"):
+        load_retired(tmp_path / "nowhere")

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 
 from parley.pipeline.guard import PRINCIPLES, Guard, GuardError, TunedEncoder, language, normalize, tuned_encoder
 from parley.train.guard import GuardTrainConfig, main as train_main
@@ -24,6 +25,33 @@ def test_a_tuned_encoder_with_untouched_layers_embeds_as_the_pipeline_does(embed
     assert encoder([]).shape == (0, embedder.dim)
     with pytest.raises(GuardError, match="1..6"):
         TunedEncoder(embedder, embedder.layers[:0])
+
+
+def test_the_shared_pass_gives_the_pipelines_embedding_and_the_trunk_states(embedder):
+    texts = [f"{t} (shared pass {i})" for i, t in enumerate(TEXTS)]
+    vectors, states = embedder.encode_sharing(texts, 4)
+    assert np.abs(vectors - embedder(texts, remember=False)).max() < 1e-5
+    for text, state, vector in zip(texts, states, vectors):
+        assert state.shape == (len(embedder.tokenizer.encode(text).ids), embedder.dim)
+        with torch.inference_mode():
+            x = state[None]
+            for layer in embedder.layers[4:]:  # the top layers over the kept states finish the same pass
+                x = layer(x, None)
+            pooled = embedder.mean_pool(x, torch.ones(x.shape[:2], dtype=torch.bool))[0].numpy()
+        assert np.abs(pooled - vector).max() < 1e-5
+    with pytest.raises(Exception, match="0..6"):
+        embedder.encode_sharing(texts, 7)
+
+
+def test_the_guards_pass_leaves_the_message_embedded_for_the_pipeline(embedder):
+    message = "what time does the shared-trunk museum open on sundays"
+    encoder = tuned_encoder(embedder, 2)
+    assert message not in embedder._recent
+    encoder([message])
+    assert message in embedder._recent  # the NLU stage's embed() of the message is now a lookup
+    assert np.abs(embedder([message]) - embedder([message], remember=False)).max() < 1e-5
+    # and once remembered, a second guard pass runs the bottom layers only and agrees with the first
+    assert np.abs(encoder([message]) - encoder([message, "another text to pad the batch"])[:1]).max() < 1e-5
 
 
 def _tiny_data(folder):

@@ -233,6 +233,12 @@ class Embedder(nn.Module):
         todo = [i for i, t in enumerate(texts) if t not in self._recent]
         if todo:
             out[todo] = self._encode([texts[i] for i in todo], batch_size)
+        return self._remembered(texts, out)
+
+    __call__ = encode
+
+    def _remembered(self, texts: list[str], out: np.ndarray) -> np.ndarray:
+        """`out` with the rows of remembered texts read from the memory, and the others remembered."""
         for i, text in enumerate(texts):
             if text in self._recent:
                 out[i] = self._recent[text]
@@ -242,8 +248,6 @@ class Embedder(nn.Module):
                 if len(self._recent) > self.remember:
                     self._recent.popitem(last=False)
         return out
-
-    __call__ = encode
 
     @torch.inference_mode()
     def _encode(self, texts: list[str], batch_size: int) -> np.ndarray:
@@ -269,6 +273,42 @@ class Embedder(nn.Module):
         for layer in self.layers:
             x = layer(x, mask)
         return self.mean_pool(x, keep)
+
+    @torch.inference_mode()
+    def encode_sharing(self, texts: list[str], layer: int, batch_size: int = 32) -> tuple[np.ndarray, list[torch.Tensor]]:
+        """`encode(texts)` and, per text, its tokens' hidden states (tokens, dim) after the first
+        `layer` layers, from one pass: a classifier that fine-tunes only the top layers (the
+        guard's TunedEncoder) starts from those states, and the embeddings are remembered as
+        `encode` remembers them, so a later `encode` of the same text (the NLU stage's, after the
+        input check) costs nothing and the classifier adds only its own top layers. A text whose
+        embedding is already remembered is run through the first `layer` layers only."""
+        if isinstance(texts, str):
+            raise TypeError("encode_sharing takes a list of texts; wrap a single text in a list")
+        if not 0 <= layer <= len(self.layers):
+            raise EmbedderError(f"layer must be in 0..{len(self.layers)}, not {layer}")
+        out = np.zeros((len(texts), self.dim), dtype=np.float32)
+        states: list[torch.Tensor] = [torch.empty(0)] * len(texts)
+        ids = [e.ids for e in self.tokenizer.encode_batch([t if t.strip() else " " for t in texts])]
+        order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
+        for start in range(0, len(order), batch_size):
+            rows = order[start : start + batch_size]
+            tokens = torch.zeros(len(rows), max(len(ids[i]) for i in rows), dtype=torch.long)
+            keep = torch.zeros(tokens.shape, dtype=torch.bool)
+            for r, i in enumerate(rows):
+                tokens[r, : len(ids[i])] = torch.tensor(ids[i])
+                keep[r, : len(ids[i])] = True
+            x = self.embed_tokens(tokens)
+            mask = None if keep.all() else keep[:, None, None, :]
+            for block in self.layers[:layer]:
+                x = block(x, mask)
+            for r, i in enumerate(rows):
+                states[i] = x[r, : len(ids[i])].clone()
+            if all(texts[i] in self._recent for i in rows):
+                continue
+            for block in self.layers[layer:]:
+                x = block(x, mask)
+            out[rows] = self.mean_pool(x, keep).numpy()
+        return self._remembered(texts, out), states
 
     def embed_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
         """(batch, t) token ids -> the first layer's input: word + position + type embeddings, normed."""

@@ -19,13 +19,17 @@ The model is a small MLP (one hidden layer of 128 ReLU units, a sigmoid per labe
 s p a c e d letters, zero-width characters); a text in French, Spanish, German, Italian,
 Portuguese or Dutch is embedded as its word-for-word English `gloss` (the encoder is
 English-centric; no multilingual encoder is installed: benchmarks/RESULTS.md, Guard round 2). `parley train guard` trains it from
-parley/data/guard/ and writes $PARLEY_HOME/guard/guard_head.safetensors; the repository ships
-the head that recipe made (1.1 MB, float16) in parley/data/guard/. Texts under MIN_WORDS words
-are scored but never flagged.
+parley/data/guard/ (and the retired held-out sets) and writes $PARLEY_HOME/guard/guard_head.safetensors.
+Texts under MIN_WORDS words are scored but never flagged.
 
 A head may also carry fine-tuned copies of MiniLM's top layers (`parley train guard
 --design encoder`): the guard then embeds through `TunedEncoder`, the pipeline's frozen bottom
-layers with its own top ones, and cannot reuse the pipeline's embedding of the message.
+layers with its own top ones. The two share a trunk: the guard's pass over a message
+(`Embedder.encode_sharing`) runs the base's layers once, keeps the states after the bottom
+ones for its tuned top layers and remembers the base's embedding, which the NLU stage (after
+the input check) then reads for free; the guard adds its top layers and head. The repository
+ships such a head (parley/data/guard/guard_head.safetensors, 8.2 MB in float16: two tuned
+layers and the MLP; benchmarks/RESULTS.md, Guard round 4, says why and how it was made).
 """
 
 from __future__ import annotations
@@ -160,29 +164,18 @@ class TunedEncoder:
     """The pipeline's MiniLM (`base`, an Embedder) with its top `len(top)` layers replaced by
     fine-tuned copies: `texts -> (n, dim)` unit-length embeddings, as the Embedder gives. The
     bottom layers stay the base's own (shared, frozen); `bottom` and `pool` are the two halves,
-    kept apart so that training runs the frozen half once per text."""
+    kept apart so that training runs the frozen half once per text, and so that a message's
+    bottom half is the pipeline's own embedding pass (a shared trunk)."""
 
     def __init__(self, base, top: torch.nn.ModuleList):
         if not 0 < len(top) <= len(base.layers):
             raise GuardError(f"a tuned encoder replaces 1..{len(base.layers)} layers, not {len(top)}")
         self.base, self.top, self.dim = base, top, base.dim
 
-    @torch.inference_mode()
     def bottom(self, texts: Sequence[str], batch_size: int = 64) -> list[torch.Tensor]:
-        """Per text, its tokens' hidden states (tokens, dim) after the frozen layers."""
-        base = self.base
-        ids = [e.ids for e in base.tokenizer.encode_batch([t if t.strip() else " " for t in texts])]
-        out: list[torch.Tensor] = [torch.empty(0)] * len(ids)
-        order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
-        for start in range(0, len(order), batch_size):
-            rows = order[start:start + batch_size]
-            tokens, keep = _padded([torch.tensor(ids[i]) for i in rows])
-            x = base.embed_tokens(tokens)
-            for layer in base.layers[:len(base.layers) - len(self.top)]:
-                x = layer(x, keep[:, None, None, :])
-            for r, i in enumerate(rows):
-                out[i] = x[r, :len(ids[i])].clone()
-        return out
+        """Per text, its tokens' hidden states (tokens, dim) after the frozen layers: the base's
+        own pass (`Embedder.encode_sharing`), which also gives the pipeline its embedding."""
+        return self.base.encode_sharing(list(texts), len(self.base.layers) - len(self.top), batch_size)[1]
 
     def pool(self, states: Sequence[torch.Tensor]) -> torch.Tensor:
         """The tuned top layers over `bottom`'s states, mean-pooled and unit length (n, dim)."""
@@ -193,6 +186,9 @@ class TunedEncoder:
         return self.base.mean_pool(x, keep)
 
     def __call__(self, texts: list[str]) -> np.ndarray:
+        """The tuned embeddings, from the bottom layers' states of the base's own pass: the
+        pipeline's embedding of the same text comes out of that pass too, so the guard adds
+        only its top layers and head (the shared trunk)."""
         if not texts:
             return np.zeros((0, self.dim), dtype=np.float32)
         with torch.inference_mode():
@@ -286,7 +282,7 @@ class Guard:
         return self.score_many([text])[0]
 
     def save(self, path: str | Path) -> Path:
-        """One safetensors file (weights in float16: the shipped head stays under 2 MB), written
+        """One safetensors file (weights in float16: a head alone is 1.1 MB, with two tuned layers 8.2 MB), written
         atomically (a crash leaves the old one)."""
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)

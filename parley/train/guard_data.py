@@ -138,8 +138,62 @@ def load_intents(folder: str | Path | None = None) -> list[Example]:
 
 
 def load_all(folder: str | Path | None = None) -> list[Example]:
-    """Everything `parley train guard` learns from: written lines, intents, template sentences."""
-    return load_written(folder) + load_intents(folder) + load_templates(folder)
+    """Everything `parley train guard` learns from: written lines, intents, template sentences,
+    and (for the project's own data, `folder` None) the retired held-out sets."""
+    retired = load_retired() if folder is None else []
+    return load_written(folder) + load_intents(folder) + load_templates(folder) + retired
+
+
+# Held-out sets that have been evaluated on and retired to training data (their README.md says so),
+# read where they lie, by source tag: the frozen-set tests forbid copies of them under parley/data/.
+RETIRED = {"heldout_v1": "guard_heldout", "heldout_v3": "guard_heldout_v3"}
+
+
+def retired_dir() -> Path:
+    return Path(__file__).resolve().parent.parent.parent / "benchmarks" / "data"
+
+
+def load_retired(root: str | Path | None = None) -> list[Example]:
+    """The rows of the retired held-out sets under `root` (default benchmarks/data of the
+    checkout): harmful and benign requests with their principle ids, injected and innocent
+    sentences; source "heldout_v1"/"heldout_v3", each row its own `base` (folds cut by row)."""
+    import yaml
+
+    root = Path(root) if root is not None else retired_dir()
+    out: list[Example] = []
+    for source, name in RETIRED.items():
+        folder = root / name
+
+        def rows(file: str, key: str) -> list[dict]:
+            path = folder / file
+            try:
+                table = yaml.safe_load(path.read_text(encoding="utf-8"))
+            except FileNotFoundError:
+                raise GuardDataError(f"retired held-out file {path} not found; the guard trains from a checkout "
+                                     "of the repository (benchmarks/data/ beside parley/)") from None
+            except yaml.YAMLError as e:
+                raise GuardDataError(f"{path} is not valid YAML: {e}") from None
+            if not isinstance(table, dict) or not isinstance(table.get(key), list):
+                raise GuardDataError(f"{path}: expected a `{key}` list")
+            for row in table[key]:
+                if not isinstance(row, dict) or not isinstance(row.get("text"), str) or not row["text"].strip():
+                    raise GuardDataError(f"{path}: every row of `{key}` needs a non-empty `text`, got {row!r}")
+            return table[key]
+
+        for row in rows("harmful.yml", "requests"):
+            if row.get("principle") not in PRINCIPLES:
+                raise GuardDataError(f"{folder / 'harmful.yml'}: principle {row.get('principle')!r} of "
+                                     f"{row['text']!r} is not one of {', '.join(PRINCIPLES)}")
+            out.append(Example(row["text"].strip(), row["principle"], "request", source, row["text"].strip()))
+        out += [Example(r["text"].strip(), "", "request", source, r["text"].strip()) for r in rows("benign.yml", "requests")]
+        for row in rows("injection.yml", "sentences"):
+            kind = row.get("label", row.get("kind"))
+            if kind not in ("injection", "injected", "innocent"):
+                raise GuardDataError(f"{folder / 'injection.yml'}: {row['text']!r} is labelled {kind!r}, "
+                                     "not injection/injected/innocent")
+            out.append(Example(row["text"].strip(), "" if kind == "innocent" else INJECTION, "passage", source,
+                               row["text"].strip()))
+    return out
 
 
 def _fill(template: str, slots: dict[str, list[str]], rng: random.Random, where: str) -> str:
@@ -370,4 +424,9 @@ def data_sha256(folder: str | Path | None = None) -> str:
     for name in ("requests.toml", "injections.toml", "templates.toml", "intents.toml"):
         if (folder / name).is_file():
             h.update((folder / name).read_bytes())
+    if folder == data_dir():  # the retired held-out sets train the project's guard too
+        for name in RETIRED.values():
+            for file in ("harmful.yml", "benign.yml", "injection.yml"):
+                if (retired_dir() / name / file).is_file():
+                    h.update((retired_dir() / name / file).read_bytes())
     return h.hexdigest()
