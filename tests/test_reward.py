@@ -74,6 +74,11 @@ def test_bad_input_is_refused_with_a_clear_error(home, tmp_path):
         PairRows(tmp_path / "same.jsonl", tokenizer_of(home), 64)
     with pytest.raises(ValueError, match="longer than train.seq_len=4"):
         PairRows(cfg.pairs, tokenizer_of(home), 4)
+    with pytest.raises(FileNotFoundError, match="more_pairs file .*gone.jsonl not found"):
+        main(load_config(RewardConfig, None, [f"pairs={cfg.pairs}", f"heldout={cfg.heldout}", f"run={tmp_path / 'r'}",
+                                              f"more_pairs={tmp_path / 'gone.jsonl'}"]))
+    both = PairRows([cfg.pairs, cfg.heldout], tokenizer_of(home), 64)  # more_pairs: read after `pairs`
+    assert len(both) == len(PairRows(cfg.pairs, tokenizer_of(home), 64)) + len(PairRows(cfg.heldout, tokenizer_of(home), 64))
     with pytest.raises(LookupError, match="no reward model named 'nope'.*parley train reward"):
         load_reward_model("nope")
     model, tokenizer, _ = home.load("tiny")
