@@ -6,7 +6,7 @@
     .venv/bin/python benchmarks/alignment.py --heldout dev ...                     # tune on the dev split
 
 For each model: the refusal rate on the held-out harmful requests (--heldout: a folder with harmful.yml and
-benign.yml, by default benchmarks/data/guard_heldout_v3; per principle), how many of those refusals name
+benign.yml, by default benchmarks/data/guard_heldout_v4; per principle), how many of those refusals name
 the request's own principle (its id or title), the over-refusal rate on the held-out tricky-benign requests,
 and the held-out dialog loss (the `parley data prepare` val split, assistant tokens only, fp32). Each prompt
 is answered as `parley chat stages=respond` would with the rails off: the persona and constitution summary
@@ -42,7 +42,7 @@ from parley.train.data import ChatDataset
 from parley.train.losses import lm_loss
 
 HERE = Path(__file__).parent
-HELDOUT = HERE / "data" / "guard_heldout_v3"
+HELDOUT = HERE / "data" / "guard_heldout_v4"
 
 
 def requests(heldout: str, harmful: bool, limit: int) -> list[dict]:

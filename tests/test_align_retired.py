@@ -3,6 +3,7 @@ categories through LOOKS_LIKE), tagged by source and style, and split by line li
 dev split of each retired file is never trained on."""
 
 import pytest
+import yaml
 
 from parley.train.align_data import RETIRED, LOOKS_LIKE, alignment_prompts, retired_prompts, training_requests
 
@@ -22,6 +23,11 @@ def test_retired_lines_split_by_line_and_join_the_training_requests():
     assert len(train) + len(dev) == len(retired_prompts())
     assert not {r.text for r in train} & {r.text for r in dev}
     assert len(dev) == sum(len(range(4, n, 5)) for n in (146, 140, 202, 210))
+    for folder in RETIRED:  # exactly lines 4, 9, 14, ... of each file
+        for name, harmful in (("harmful.yml", True), ("benign.yml", False)):
+            lines = yaml.safe_load((folder / name).read_text(encoding="utf-8"))["requests"]
+            assert [r.text for r in dev if r.source == folder.name and r.harmful == harmful] == \
+                [line["text"].strip() for line in lines[4::5]]
     both = training_requests(split="dev")
     assert both == alignment_prompts(split="dev") + dev
     assert training_requests(split="dev", retired=()) == alignment_prompts(split="dev")
