@@ -39,6 +39,9 @@ def test_ranks_heldout_pairs_above_chance_and_scores_after_loading(home, tmp_pat
     good, bad = rm.score_many([prompt, prompt], ["Paris is the capital of France.", "café 0123 東京"])
     assert good > bad
     assert rm.score(prompt, "Paris is the capital of France.") == pytest.approx(good, abs=1e-5)
+    answers = ["Paris.", "café 0123 東京 and a longer answer than the others", "Paris is the capital of France."]
+    assert rm.score_many([prompt] * 3, answers, batch_size=2) == pytest.approx(rm.score_many([prompt] * 3, answers),
+                                                                               abs=1e-5)  # batches agree
     assert (tmp_path / "run" / "reward.json").is_file()
 
 

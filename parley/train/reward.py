@@ -60,17 +60,20 @@ class RewardModel(nn.Module):
         return values.gather(1, last[:, None])[:, 0].float()
 
     @torch.no_grad()
-    def score_many(self, prompts: list[list[dict]], answers: list[str]) -> list[float]:
-        """Scores of each (conversation before the answer, answer); longer ones keep their end."""
+    def score_many(self, prompts: list[list[dict]], answers: list[str], batch_size: int = 16) -> list[float]:
+        """Scores of each (conversation before the answer, answer), `batch_size` rows at a time; longer ones
+        keep their end."""
         if self.tokenizer is None:
             raise ValueError("this reward model has no tokenizer: load it with load_reward_model(name)")
         if len(prompts) != len(answers):
             raise ValueError(f"{len(prompts)} prompts but {len(answers)} answers")
         context = self.config.max_position_embeddings
         rows = [encode(self.tokenizer, p, a)[-context:] for p, a in zip(prompts, answers)]
-        device = next(self.parameters()).device
-        ids, last = pad(rows, pad_id(self.tokenizer))
-        return self(ids.to(device), last.to(device)).tolist()
+        device, scores = next(self.parameters()).device, []
+        for i in range(0, len(rows), batch_size):
+            ids, last = pad(rows[i:i + batch_size], pad_id(self.tokenizer))
+            scores += self(ids.to(device), last.to(device)).tolist()
+        return scores
 
     def score(self, prompt: list[dict], answer: str) -> float:
         return self.score_many([prompt], [answer])[0]
