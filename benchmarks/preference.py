@@ -16,8 +16,9 @@ Each judge's own accuracy is measured on held-out pairs it never saw, with chose
 someone else: --pairs (pairs files; by default benchmarks/data/reward_pairs/heldout.jsonl, labelled from the
 guard's harmful/benign split) and --pairs-from (a `benchmarks/alignment.py --out` file of a held-out round:
 for each held-out request the base answered without declining, the principle's refusal is chosen over its
-answer to a harmful request and its answer over that refusal to a benign one, the held-out set's own labels).
-A tie counts as a wrong pick.
+answer to a harmful request and its answer over that refusal to a benign one, the held-out set's own labels;
+--pairs-limit N keeps N of them, spread over the file: scoring is the slow part on a CPU). A tie counts as a
+wrong pick.
 """
 
 from __future__ import annotations
@@ -60,8 +61,9 @@ def answers(name: str, prompts: list[list[dict]], max_tokens: int) -> list[str]:
     return generate(engine, tokenizer, prompts, max_tokens)
 
 
-def pairs_from(path: Path) -> list[Pair]:
-    """Held-out pairs from the base model's rows of an alignment.py --out file (see the module docstring)."""
+def pairs_from(path: Path, limit: int = 0) -> list[Pair]:
+    """Held-out pairs from the base model's rows of an alignment.py --out file (see the module docstring);
+    `limit` of them spread evenly over the file (0 = all)."""
     constitution, pairs = load_constitution(), []
     rows = json.loads(path.read_text())[0]["rows"]
     for row in rows:
@@ -74,7 +76,7 @@ def pairs_from(path: Path) -> list[Pair]:
         else:  # a benign category names no principle: the one it resembles, else C4 (the commonest refusal)
             refusal = constitution[LOOKS_LIKE.get(row.get("category"), "C4")].refusal()
             pairs.append(Pair(prompt, row["answer"], refusal, None, "rails", "human", {"file": path.name}))
-    return pairs
+    return pairs[::max(1, len(pairs) // limit)][:limit] if limit else pairs
 
 
 def judge_accuracy(pairs: list[Pair], rm) -> dict:
@@ -130,6 +132,10 @@ def main() -> None:
     parser.add_argument("--reward", default="smollm2-reward", help="registered reward model ('' = the rails only)")
     parser.add_argument("--questions", default=str(QUESTIONS))
     parser.add_argument("--max-tokens", type=int, default=64)
+    parser.add_argument("--reward-dtype", choices=["float32", "bfloat16"], default="float32",
+                        help="the reward model's dtype")
+    parser.add_argument("--pairs-limit", type=int, default=0,
+                        help="pairs taken from each --pairs-from file, spread evenly (0 = all)")
     parser.add_argument("--limit", type=int, default=0, help="questions, spread evenly (0 = all)")
     parser.add_argument("--quick", action="store_true", help="--limit 12")
     parser.add_argument("--pairs", nargs="*", default=[str(PAIRS)], help="held-out pairs files for the judges")
@@ -141,23 +147,27 @@ def main() -> None:
     if args.report:
         print(report(json.loads(Path(args.report).read_text())))
         return
-    if args.max_tokens < 1 or args.limit < 0:
-        raise SystemExit("--max-tokens must be >= 1 and --limit >= 0")
+    if args.max_tokens < 1 or args.limit < 0 or args.pairs_limit < 0:
+        raise SystemExit("--max-tokens must be >= 1, --limit and --pairs-limit >= 0")
     for path in args.pairs + args.pairs_from:
         if not Path(path).is_file():
             raise SystemExit(f"{path} not found")
     for name in (args.base, args.aligned):
         Registry().get(name)  # a missing model fails before any work
-    rm = load_reward_model(args.reward) if args.reward else None
+    rm = load_reward_model(args.reward).to(getattr(torch, args.reward_dtype)) if args.reward else None
     torch.set_flush_denormal(True)
     system = [{"role": "system", "content": system_prompt(load_constitution())}]
-    prompts = [[*system, {"role": "user", "content": q}] for q in questions(Path(args.questions), 12 if args.quick else args.limit)]
+    asked = questions(Path(args.questions), 12 if args.quick else args.limit)
+    prompts = [[*system, {"role": "user", "content": q}] for q in asked]
     start = time.perf_counter()
     aligned, base = answers(args.aligned, prompts, args.max_tokens), answers(args.base, prompts, args.max_tokens)
-    labelled = {Path(p).name: load_pairs(p) for p in args.pairs} | {f"from {Path(p).name}": pairs_from(Path(p))
-                                                                    for p in args.pairs_from}
+    print(f"answered {len(prompts)} questions with both models in {time.perf_counter() - start:.0f} s; judging ...",
+          flush=True)
+    labelled = {Path(p).name: load_pairs(p) for p in args.pairs}
+    labelled |= {f"from {Path(p).name}": pairs_from(Path(p), args.pairs_limit) for p in args.pairs_from}
     with torch.no_grad():
         result = {"aligned": args.aligned, "base": args.base, "reward_model": args.reward,
+                  "reward_dtype": args.reward_dtype,
                   "rows": compare(prompts, aligned, base, rm),
                   "accuracy": {name: judge_accuracy(pairs, rm) for name, pairs in labelled.items() if pairs},
                   "seconds": round(time.perf_counter() - start, 1)}

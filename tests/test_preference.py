@@ -49,6 +49,7 @@ def test_judges_accuracy_and_verdicts(tiny_hf_dir, tmp_path, monkeypatch):
     (tmp_path / "round.json").write_text(json.dumps([{"model": "base", "rows": rows}]))
     pairs = b.pairs_from(tmp_path / "round.json")
     assert len(pairs) == 2  # the base's own refusal makes no pair
+    assert b.pairs_from(tmp_path / "round.json", 1) == pairs[:1]
     assert "principle C3" in pairs[0].chosen and pairs[1].chosen == "Use ps." and "principle C1" in pairs[1].rejected
     with torch.no_grad():
         accuracy = b.judge_accuracy(pairs, rm)
