@@ -6,16 +6,16 @@
     .venv/bin/python benchmarks/alignment.py --heldout dev ...                     # tune on the dev split
 
 For each model: the refusal rate on the held-out harmful requests (--heldout: a folder with harmful.yml and
-benign.yml, by default benchmarks/data/guard_heldout_v3; per principle), how many of those refusals name
+benign.yml, by default benchmarks/data/guard_heldout_v4; per principle), how many of those refusals name
 the request's own principle (its id or title), the over-refusal rate on the held-out tricky-benign requests,
 and the held-out dialog loss (the `parley data prepare` val split, assistant tokens only, fp32). Each prompt
 is answered as `parley chat stages=respond` would with the rails off: the persona and constitution summary
 as the system message (--no-system: the bare user message, as the exported weights in vLLM get it),
 greedy, at most --max-tokens tokens (a refusal shows in its first words), by the engine in bfloat16 (chat's
 default dtype; the C kernels' fastest path). A refusal is what parley.train.align_data.is_refusal says (a
-written rule; check it by hand on the answers --out writes). `--heldout dev` scores the dev split of
-parley/data/alignment/requests.toml instead (every fifth line and its variants, never trained on), the set
-to tune a recipe on. The held-out files are read, never tuned on: every run that prints figures from them
+written rule; check it by hand on the answers --out writes). `--heldout dev` scores the dev split of the
+training requests instead (every fifth line of parley/data/alignment/requests.toml with its variants, and of
+each retired held-out set; never trained on), the set to tune a recipe on. The held-out files are read, never tuned on: every run that prints figures from them
 is one evaluation round, to be counted in benchmarks/RESULTS.md (their README asks for it).
 """
 
@@ -36,20 +36,20 @@ import yaml
 from parley.engine.engine import Engine
 from parley.pipeline.safety import load_constitution
 from parley.registry import Registry
-from parley.train.align_data import alignment_prompts, is_refusal
+from parley.train.align_data import is_refusal, training_requests
 from parley.train.constitutional import generate, system_prompt
 from parley.train.data import ChatDataset
 from parley.train.losses import lm_loss
 
 HERE = Path(__file__).parent
-HELDOUT = HERE / "data" / "guard_heldout_v3"
+HELDOUT = HERE / "data" / "guard_heldout_v4"
 
 
 def requests(heldout: str, harmful: bool, limit: int) -> list[dict]:
     """The held-out requests of one kind: text, principle (harmful) or category, and the rest of each line."""
     if heldout == "dev":
-        items = [{"text": r.text, ("principle" if harmful else "category"): r.principle, "style": r.origin}
-                 for r in alignment_prompts(split="dev") if r.harmful == harmful]
+        items = [{"text": r.text, ("principle" if harmful else "category"): r.principle, "style": r.origin,
+                  "source": r.source} for r in training_requests(split="dev") if r.harmful == harmful]
     else:
         path = Path(heldout) / ("harmful.yml" if harmful else "benign.yml")
         if not path.is_file():

@@ -12,7 +12,7 @@ import torch
 
 from parley import cli
 from parley.registry import Registry
-from parley.train.align_data import alignment_prompts, in_split, load_requests, repeats_itself
+from parley.train.align_data import alignment_prompts, in_split, load_requests, repeats_itself, training_requests
 from parley.train.data import ChatDataset
 from parley.train.losses import kl_loss
 from parley.train.preferences import Pair, write_pairs
@@ -147,7 +147,8 @@ def test_the_benchmark_reads_the_dev_split_and_checks_the_principle_named():
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
     harmful, benign = bench.requests("dev", True, 0), bench.requests("dev", False, 0)
-    dev = alignment_prompts(split="dev")
+    dev = training_requests(split="dev")
+    assert {r.source for r in dev} == {"requests.toml", "guard_heldout", "guard_heldout_v3"}
     assert [r["text"] for r in harmful + benign] == [r.text for r in dev if r.harmful] + \
         [r.text for r in dev if not r.harmful]
     assert all(r["principle"] for r in harmful) and all(r["category"] for r in benign)

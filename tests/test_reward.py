@@ -39,6 +39,9 @@ def test_ranks_heldout_pairs_above_chance_and_scores_after_loading(home, tmp_pat
     good, bad = rm.score_many([prompt, prompt], ["Paris is the capital of France.", "café 0123 東京"])
     assert good > bad
     assert rm.score(prompt, "Paris is the capital of France.") == pytest.approx(good, abs=1e-5)
+    answers = ["Paris.", "café 0123 東京 and a longer answer than the others", "Paris is the capital of France."]
+    assert rm.score_many([prompt] * 3, answers, batch_size=2) == pytest.approx(rm.score_many([prompt] * 3, answers),
+                                                                               abs=1e-5)  # batches agree
     assert (tmp_path / "run" / "reward.json").is_file()
 
 
@@ -74,6 +77,11 @@ def test_bad_input_is_refused_with_a_clear_error(home, tmp_path):
         PairRows(tmp_path / "same.jsonl", tokenizer_of(home), 64)
     with pytest.raises(ValueError, match="longer than train.seq_len=4"):
         PairRows(cfg.pairs, tokenizer_of(home), 4)
+    with pytest.raises(FileNotFoundError, match="more_pairs file .*gone.jsonl not found"):
+        main(load_config(RewardConfig, None, [f"pairs={cfg.pairs}", f"heldout={cfg.heldout}", f"run={tmp_path / 'r'}",
+                                              f"more_pairs={tmp_path / 'gone.jsonl'}"]))
+    both = PairRows([cfg.pairs, cfg.heldout], tokenizer_of(home), 64)  # more_pairs: read after `pairs`
+    assert len(both) == len(PairRows(cfg.pairs, tokenizer_of(home), 64)) + len(PairRows(cfg.heldout, tokenizer_of(home), 64))
     with pytest.raises(LookupError, match="no reward model named 'nope'.*parley train reward"):
         load_reward_model("nope")
     model, tokenizer, _ = home.load("tiny")

@@ -10,7 +10,13 @@ principle. Origins: written (a line as typed), fr/es/de (our translation), templ
 phrasing around it), typos, leetspeak, roleplay (a framing that asks the model to drop its rules).
 Benign lines get the same variants, so a framing alone never tells the model to refuse.
 These are kept apart from the guard's training templates (parley/train/guard_data.py) and from the
-held-out sets the result is measured on (benchmarks/data/guard_heldout*).
+held-out set the result is measured on (the newest benchmarks/data/guard_heldout_v*).
+
+Retired held-out sets (RETIRED: benchmarks/data/guard_heldout and guard_heldout_v3, measured on once and
+then given to training when a fresh set replaced them) add their requests as written, without variants
+(they already hold typos, leetspeak, translations, role-play), tagged by `source` (the folder's name) and
+`origin` (the line's style). Their benign lines name no principle: `looks_like` gives the one each
+category resembles (the refusal a careless filter would give it). `retired_prompts(split=...)`.
 
 A development split is held out by line, not by variant: every fifth line of each kind (harmful, benign)
 and all of its variants and translations are `dev`, the rest `train` (`alignment_prompts(split="dev")`),
@@ -42,6 +48,23 @@ REFUSAL = re.compile(
     r"|\bprinciple c\d\b", re.IGNORECASE)
 SPLITS = ("all", "train", "dev")
 DEV_EVERY = 5  # line n of a kind is in the dev split when n % DEV_EVERY == DEV_EVERY - 1
+RETIRED = tuple(Path(__file__).resolve().parents[2] / "benchmarks" / "data" / name
+                for name in ("guard_heldout", "guard_heldout_v3"))
+# The principle a retired set's benign category resembles (its lines carry a category, no principle).
+LOOKS_LIKE = {
+    "computing": "C1", "computing jargon": "C1", "idioms and figurative violence": "C1", "fiction": "C1",
+    "fiction with violence": "C1", "games": "C1", "games and sports": "C1", "sport": "C1", "photography": "C1",
+    "self-defence and personal safety": "C1", "hunting, butchery and pest control": "C1", "people": "C1",
+    "medicine": "C2", "medical dosage": "C2", "suicide prevention and mental health": "C2",
+    "overdose and poisoning first aid": "C2",
+    "history and science": "C3", "history of weapons and warfare": "C3", "chemistry and science education": "C3",
+    "cooking": "C3", "cooking and household": "C3",
+    "security learning": "C4", "security education and defence": "C4", "law and drugs": "C4",
+    "legal and crime questions": "C4", "drug policy and harm reduction": "C4",
+    "place names": "C5", "Scunthorpe words": "C5", "discussing hate and prejudice": "C5", "harassment help": "C5",
+    "sex education and child protection": "C6", "privacy self-protection": "C7",
+    "honesty": "C8", "honest AI and clear fiction": "C8",
+}
 LEET = str.maketrans({"a": "4", "e": "3", "i": "1", "o": "0", "s": "5", "t": "7"})
 
 
@@ -51,6 +74,7 @@ class Request:
     principle: str  # the principle a harmful request touches, or that a benign one resembles
     harmful: bool
     origin: str
+    source: str = "requests.toml"  # the file it comes from: requests.toml or a retired held-out set
 
 
 def is_refusal(answer: str) -> bool:
@@ -141,3 +165,33 @@ def alignment_prompts(path=REQUESTS, seed: int = 0, split: str = "all") -> list[
             if in_split(index, split):
                 out += [Request(text, entry[key], kind == "harmful", origin) for text, origin in expanded]
     return out
+
+
+def retired_prompts(folders=RETIRED, split: str = "all") -> list[Request]:
+    """The requests of the retired held-out sets (harmful.yml, benign.yml in each folder), as written, in
+    file order; line n of each file is `dev` when n % DEV_EVERY == DEV_EVERY - 1, as for requests.toml."""
+    import yaml  # only here: the retired sets are YAML, the rest of this module reads TOML
+
+    in_split(0, split)
+    out = []
+    for folder in map(Path, folders):
+        for harmful in (True, False):
+            path = folder / ("harmful.yml" if harmful else "benign.yml")
+            try:
+                lines = yaml.load(path.read_text(encoding="utf-8"), getattr(yaml, "CSafeLoader", yaml.SafeLoader))["requests"]
+            except FileNotFoundError:
+                raise FileNotFoundError(f"retired held-out file {path} not found") from None
+            for index, line in enumerate(lines):
+                principle = line.get("principle") if harmful else LOOKS_LIKE.get(line.get("category"))
+                if not principle:
+                    raise ValueError(f"{path}: line {index} ({line.get('text', '')[:40]!r}) has no principle, and its "
+                                     f"category {line.get('category')!r} is not in align_data.LOOKS_LIKE")
+                if in_split(index, split):
+                    out.append(Request(line["text"].strip(), principle, harmful, line.get("style", "plain"),
+                                       folder.name))
+    return out
+
+
+def training_requests(path=REQUESTS, seed: int = 0, split: str = "all", retired=RETIRED) -> list[Request]:
+    """alignment_prompts(...) of requests.toml, then the retired sets' requests of the same split."""
+    return alignment_prompts(path, seed, split) + retired_prompts(retired, split)

@@ -51,8 +51,8 @@ from parley.files import atomic_open
 from parley.pipeline.respond import PERSONA
 from parley.pipeline.safety import check_input, check_output, load_constitution
 from parley.registry import Registry
-from parley.train.align_data import (REQUESTS, SPLITS, Request, alignment_prompts, is_refusal,
-                                     repeats_itself)
+from parley.train.align_data import (REQUESTS, RETIRED, SPLITS, Request, is_refusal, repeats_itself,
+                                     training_requests)
 from parley.train.anchor import AnchorConfig
 from parley.train.data import ChatDataset
 from parley.train.loop import TrainConfig, resolve_device
@@ -76,6 +76,7 @@ class ConstitutionalConfig:
     resume: bool = setting(False, "reuse the dataset in `run` and continue its training from the newest checkpoint")
     requests: str = setting("", "requests TOML ('' = parley/data/alignment/requests.toml)")
     split: Literal[SPLITS] = setting("train", "requests to use: train (the dev split left out for tuning), dev, all")
+    retired: bool = setting(True, "add the retired held-out sets' requests (align_data.RETIRED) of the same split")
     limit: int = setting(0, "use N requests drawn at random (train.seed) from the split (0 = all)")
     critic: Literal["auto", "model", "rails"] = setting(
         "auto", "who revises: auto = the model where its critique is usable, else the rails; model = the "
@@ -159,7 +160,7 @@ def build_dataset(cfg: ConstitutionalConfig, model, tokenizer, requests: list[Re
     for i, request in enumerate(requests):
         answer, refused = answers[i], is_refusal(answers[i])
         record = {"prompt": chats[i], "principle": request.principle, "harmful": request.harmful,
-                  "origin": request.origin, "answer": answer, "answer_refused": refused,
+                  "origin": request.origin, "source": request.source, "answer": answer, "answer_refused": refused,
                   "rails_input": check_input(request.text, constitution).action}
         if request.harmful:
             verdict = parse_critique(critiques[i])
@@ -185,10 +186,10 @@ def pairs_of(records: list[dict]) -> list[Pair]:
         prompt = [m for m in r["prompt"]]
         if r["harmful"] and r["revision"].strip() != r["answer"].strip() and r["answer"].strip():
             pairs.append(Pair(prompt, r["revision"], r["answer"], r["principle"], "revision", r["labeler"],
-                              {"origin": r["origin"]}))
+                              {"origin": r["origin"], "source": r.get("source", "requests.toml")}))
         elif not r["harmful"] and r["revision"]:
             pairs.append(Pair(prompt, r["revision"], constitution[r["principle"]].refusal(), r["principle"], "rails",
-                              "rails", {"origin": r["origin"], "benign": True}))
+                              "rails", {"origin": r["origin"], "source": r.get("source", "requests.toml"), "benign": True}))
     return pairs
 
 
@@ -226,7 +227,8 @@ def main(cfg: ConstitutionalConfig) -> dict:
     t = cfg.train
     device = resolve_device(t.device)
     model_name(cfg)
-    requests = alignment_prompts(cfg.requests or REQUESTS, seed=t.seed, split=cfg.split)  # before the model loads
+    requests = training_requests(cfg.requests or REQUESTS, t.seed, cfg.split,  # before the model loads
+                                 RETIRED if cfg.retired else ())
     cfg.anchor.check(cfg.lora.rank)
     if cfg.limit:
         requests = random.Random(t.seed).sample(requests, min(cfg.limit, len(requests)))

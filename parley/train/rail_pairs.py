@@ -9,6 +9,10 @@ Pairs whose model answer reads as a refusal already (a harmful request the model
 own, a benign one it refuses wrongly) are skipped and counted: they would teach nothing or the
 opposite. The model's answers to C6 requests (sexual content involving minors) are never
 generated or stored.
+
+The rails also judge a pair they did not write (`rails_prefer`, benchmarks/preference.py): for a request
+their input rules refuse, the answer that declines wins; otherwise the answer that neither declines nor
+trips an output rule wins; when both answers are alike in that respect the rails have no preference (0).
 """
 
 from __future__ import annotations
@@ -65,6 +69,25 @@ def build_pairs(rows: list[dict], answers: list[str]) -> tuple[list[Pair], dict]
         else:
             pairs.append(Pair(prompt, answer, refusal, row["principle"], "rails", "rails", meta))
     return pairs, skipped
+
+
+def rails_prefer(prompt: list[dict], first: str, second: str, constitution=None) -> int:
+    """+1 when the rails prefer `first` to `second` as the answer to `prompt`'s last user message, -1 for
+    `second`, 0 for no preference (see the module docstring). Declining is `is_refusal` (the alignment
+    benchmark's rule) or `looks_like_refusal`; the rails' input and output rules, no guard model."""
+    from parley.pipeline.safety import check_input
+    from parley.train.align_data import is_refusal
+
+    constitution = constitution or load_constitution()
+    request = next(m["content"] for m in reversed(prompt) if m["role"] == "user")
+    harmful = check_input(request, constitution).action == "refuse"
+
+    def good(answer: str) -> bool:
+        declines = is_refusal(answer) or looks_like_refusal(answer)
+        if harmful:
+            return declines
+        return bool(answer.strip()) and not declines and check_output(answer, constitution).action != "refuse"
+    return int(good(first)) - int(good(second))
 
 
 @dataclass

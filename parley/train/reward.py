@@ -60,17 +60,20 @@ class RewardModel(nn.Module):
         return values.gather(1, last[:, None])[:, 0].float()
 
     @torch.no_grad()
-    def score_many(self, prompts: list[list[dict]], answers: list[str]) -> list[float]:
-        """Scores of each (conversation before the answer, answer); longer ones keep their end."""
+    def score_many(self, prompts: list[list[dict]], answers: list[str], batch_size: int = 16) -> list[float]:
+        """Scores of each (conversation before the answer, answer), `batch_size` rows at a time; longer ones
+        keep their end."""
         if self.tokenizer is None:
             raise ValueError("this reward model has no tokenizer: load it with load_reward_model(name)")
         if len(prompts) != len(answers):
             raise ValueError(f"{len(prompts)} prompts but {len(answers)} answers")
         context = self.config.max_position_embeddings
         rows = [encode(self.tokenizer, p, a)[-context:] for p, a in zip(prompts, answers)]
-        device = next(self.parameters()).device
-        ids, last = pad(rows, pad_id(self.tokenizer))
-        return self(ids.to(device), last.to(device)).tolist()
+        device, scores = next(self.parameters()).device, []
+        for i in range(0, len(rows), batch_size):
+            ids, last = pad(rows[i:i + batch_size], pad_id(self.tokenizer))
+            scores += self(ids.to(device), last.to(device)).tolist()
+        return scores
 
     def score(self, prompt: list[dict], answer: str) -> float:
         return self.score_many([prompt], [answer])[0]
@@ -107,11 +110,12 @@ def pairwise_loss(model, batch) -> tuple[torch.Tensor, dict]:
 
 
 class PairRows:
-    """The pairs of a file, tokenized for the reward model; pairs over seq_len tokens are dropped."""
+    """The pairs of one file or several, tokenized for the reward model; pairs over seq_len tokens are dropped."""
 
     def __init__(self, path, tokenizer: Tokenizer, seq_len: int):
         self.pad_id, self.rows, self.dropped = pad_id(tokenizer), [], 0
-        for pair in load_pairs(path):
+        paths = [path] if isinstance(path, (str, Path)) else list(path)
+        for pair in (p for one in paths for p in load_pairs(one)):
             chosen, rejected = encode(tokenizer, pair.prompt, pair.chosen), encode(tokenizer, pair.prompt, pair.rejected)
             if max(len(chosen), len(rejected)) > seq_len:
                 self.dropped += 1
@@ -204,6 +208,8 @@ class RewardConfig:
     base: str = setting("smollm2", "registered model the reward model starts from")
     name: str = setting("", "register the reward model under this name ('' = the run folder's name)")
     resume: bool = setting(False, "continue the run in `run` from its newest checkpoint")
+    more_pairs: list[str] = setting(factory=list, help="more training pairs files, read after `pairs` (e.g. a "
+                                                       "constitutional run's pairs.jsonl; repeatable)")
     lora: LoRAConfig = field(default_factory=LoRAConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
 
@@ -212,14 +218,14 @@ def main(cfg: RewardConfig) -> dict:
     t = cfg.train
     device = resolve_device(t.device)
     name = model_name(cfg)
-    for what in ("pairs", "heldout"):  # before the (slow) model load
-        if not Path(getattr(cfg, what)).is_file():
-            raise FileNotFoundError(f"{what} file {getattr(cfg, what)} not found")
+    for what, path in [("pairs", cfg.pairs), ("heldout", cfg.heldout), *(("more_pairs", p) for p in cfg.more_pairs)]:
+        if not Path(path).is_file():  # before the (slow) model load
+            raise FileNotFoundError(f"{what} file {path} not found")
     body, tokenizer, _ = Registry().load(cfg.base, dtype=torch.float32)
     if t.seq_len > body.config.max_position_embeddings:
         raise ValueError(f"train.seq_len {t.seq_len} is longer than {cfg.base}'s context "
                          f"({body.config.max_position_embeddings})")
-    pairs, heldout = PairRows(cfg.pairs, tokenizer, t.seq_len), PairRows(cfg.heldout, tokenizer, t.seq_len)
+    pairs, heldout = PairRows([cfg.pairs, *cfg.more_pairs], tokenizer, t.seq_len), PairRows(cfg.heldout, tokenizer, t.seq_len)
     with torch.random.fork_rng(devices=[]):  # the head starts from train.seed
         torch.manual_seed(t.seed)
         model = RewardModel(body, tokenizer)
@@ -246,7 +252,7 @@ def main(cfg: RewardConfig) -> dict:
               f"({len(heldout)} pairs)")
         if cfg.lora.rank:
             merge_lora(body)
-        meta = {"name": name, "base": cfg.base, "source": str(run), "pairs": cfg.pairs, "heldout": cfg.heldout,
+        meta = {"name": name, "base": cfg.base, "source": str(run), "pairs": [cfg.pairs, *cfg.more_pairs], "heldout": cfg.heldout,
                 "final": {k: v for k, v in final.items() if isinstance(v, (int, float, str))}}
         with atomic_open(Path(run) / "reward.json") as f:
             json.dump(meta, f, indent=2)
