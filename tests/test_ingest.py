@@ -107,19 +107,25 @@ def _count(db: Path) -> tuple[int, int, int]:
         return 0, 0, 0
 
 
-def test_a_killed_ingest_resumes_where_it_stopped(tmp_path):
-    """Five small files, then one so large that embedding it takes many seconds on any CPU, then
-    five small ones: the run is killed while the large one is in flight, so where it stops does
-    not depend on the machine's speed."""
+def _around_a_large_file(tmp_path: Path, small: list[str]) -> tuple[Path, Path, list[str], dict]:
+    """A folder of small notes and b_large.txt, which takes many seconds to embed on any CPU (the
+    small names sort around it as they are chosen); `parley ingest`'s command line and environment."""
     folder, db = tmp_path / "docs", tmp_path / "kb.db"
     folder.mkdir()
-    for name in [f"a{i}" for i in range(5)] + [f"c{i}" for i in range(5)]:
+    for name in small:
         (folder / f"{name}.txt").write_text(f"Note {name} about the heron colony on the island of {name}.")
     (folder / "b_large.txt").write_text("\n\n".join(f"Paragraph {i} tells of herons and egrets nesting. " * 20
                                                     for i in range(2000)))
     command = [sys.executable, "-m", "parley", "ingest", str(folder), "--db", str(db), "--precision", "fp32",
                "--batch-chunks", "1"]
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "PARLEY_HOME": str(tmp_path / "home")}
+    return folder, db, command, {**os.environ, "PYTHONPATH": str(ROOT), "PARLEY_HOME": str(tmp_path / "home")}
+
+
+def test_a_killed_ingest_resumes_where_it_stopped(tmp_path):
+    """Five small files, then one so large that embedding it takes many seconds on any CPU, then
+    five small ones: the run is killed while the large one is in flight, so where it stops does
+    not depend on the machine's speed."""
+    folder, db, command, env = _around_a_large_file(tmp_path, [f"a{i}" for i in range(5)] + [f"c{i}" for i in range(5)])
     run = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     while _count(db)[0] < 5 and run.poll() is None:
         time.sleep(0.05)
@@ -141,15 +147,7 @@ def test_a_killed_ingest_resumes_where_it_stopped(tmp_path):
 def test_a_killed_ingest_takes_its_reader_process_with_it(tmp_path):
     """A folder (16 files or more) is read by a process of its own; `parley ingest` killed
     outright must not leave it behind, and what was stored stays whole."""
-    folder, db = tmp_path / "docs", tmp_path / "kb.db"
-    folder.mkdir()
-    for i in range(20):
-        (folder / f"a{i:02d}.txt").write_text(f"Note {i} about the heron colony on island {i}.")
-    (folder / "b_large.txt").write_text("\n\n".join(f"Paragraph {i} tells of herons and egrets nesting. " * 20
-                                                    for i in range(2000)))
-    command = [sys.executable, "-m", "parley", "ingest", str(folder), "--db", str(db), "--precision", "fp32",
-               "--batch-chunks", "1"]
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "PARLEY_HOME": str(tmp_path / "home")}
+    _, db, command, env = _around_a_large_file(tmp_path, [f"a{i:02d}" for i in range(20)])
     run = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     while _count(db)[0] < 20 and run.poll() is None:  # the large file is next: the reader has read ahead
         time.sleep(0.05)
