@@ -137,8 +137,10 @@ def test_speaking_over_the_answer_cancels_it_within_one_engine_step(tiny768_regi
             assert request.wait(timeout=60) == "cancelled"
             assert len(request.tokens) <= before + 1  # only the step under way finished
             done = until(ws, "done", seen)
+            assert done["type"] == "done", done  # an error says what failed (it failed 2 runs in 31 once)
             assert done["interrupted"] is True and done["conversation"] == started["conversation"]
             second = until(ws, "done", seen)  # the new utterance is the next turn, in the same conversation
+            assert second["type"] == "done", second
             finals = [m["text"] for m in seen if m["type"] == "transcript" and m["final"]]
             assert len(finals) == 2 and wer(AGAIN, finals[1]) <= 0.34, finals
             assert second["conversation"] == started["conversation"] and second["interrupted"] is False
