@@ -7,7 +7,8 @@
 
 Prints the CPU (model, the flags that matter), the encoder's path (fp32/bf16), chunks, seconds,
 chunks per second, and the encoder's own share: its seconds, the GFLOP/s it sustained (the
-multiply-adds of its linear layers and attention, counted per chunk from its token count) and
+multiply-adds of its linear layers and attention, counted per chunk from its token count), apart
+for the batches it ran a thread short while the reader process worked, and
 that as a fraction of this machine's matmul peak, measured by the script itself for fp32 and
 bf16 (the best of a few 2048x2048 products on all threads). On a shared machine every figure
 moves with the neighbours' load: compare runs made side by side.
@@ -66,20 +67,24 @@ def encoder_flops(embedder: Embedder, tokens: int) -> float:
 
 
 class Timed:
-    """The embedder, counting the seconds and FLOPs spent in it."""
+    """The embedder, counting the seconds and FLOPs spent in it, in all and by the number of
+    threads it ran on (ingest gives it one fewer while its reader process works)."""
 
     def __init__(self, embedder: Embedder, batch_size: int):
         self.embedder, self.batch_size = embedder, batch_size
         self.seconds = self.flops = 0.0
         self.texts = 0
+        self.by_threads: dict[int, list[float]] = {}  # threads -> [texts, seconds, flops]
 
     def __call__(self, texts: list[str]):
         start = time.perf_counter()
         vectors = self.embedder.encode(texts, batch_size=self.batch_size, remember=False)
-        self.seconds += time.perf_counter() - start
+        seconds = time.perf_counter() - start
         # the encoder's own token counts: tokenizing a second time here would add to the wall time
-        self.flops += sum(encoder_flops(self.embedder, n) for n in self.embedder.last_lengths)
-        self.texts += len(texts)
+        flops = sum(encoder_flops(self.embedder, n) for n in self.embedder.last_lengths)
+        self.seconds, self.flops, self.texts = self.seconds + seconds, self.flops + flops, self.texts + len(texts)
+        row = self.by_threads.setdefault(torch.get_num_threads(), [0, 0.0, 0.0])
+        row[0], row[1], row[2] = row[0] + len(texts), row[1] + seconds, row[2] + flops
         return vectors
 
 
@@ -126,6 +131,9 @@ def main() -> None:
     print(f"encoder: {embedder.texts} texts in {embedder.seconds:.1f} s ({embedder.seconds / seconds:.0%} of the "
           f"wall time), {embedder.flops / 1e12:.2f} TFLOP, {gflops:.0f} GFLOP/s = {gflops / peaks[path]:.0%} of the "
           f"{path} matmul peak")
+    for threads, (texts, secs, flops) in sorted(embedder.by_threads.items()):
+        print(f"  on {threads} thread{'s' * (threads != 1)}: {texts} texts in {secs:.1f} s, "
+              f"{flops / max(secs, 1e-9) / 1e9:.0f} GFLOP/s")
 
 
 if __name__ == "__main__":
