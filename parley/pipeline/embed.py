@@ -32,6 +32,7 @@ import ctypes
 import json
 import math
 from collections import OrderedDict
+from collections.abc import Iterator
 from functools import cache
 from pathlib import Path
 
@@ -252,27 +253,32 @@ class Embedder(nn.Module):
     @torch.inference_mode()
     def _encode(self, texts: list[str], batch_size: int) -> np.ndarray:
         out = np.zeros((len(texts), self.dim), dtype=np.float32)
-        encodings = self.tokenizer.encode_batch([t if t.strip() else " " for t in texts])
-        ids = [e.ids for e in encodings]
+        ids = self._token_ids(texts)
         self.last_lengths = [len(i) for i in ids]  # token counts of the last texts encoded (for benchmarks)
-        order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
-        for start in range(0, len(order), batch_size):
-            rows = order[start : start + batch_size]
+        for rows in _by_length(ids, batch_size):
             out[rows] = self._forward([ids[i] for i in rows]).numpy()
         return out
 
     def _forward(self, batch: list[list[int]]) -> torch.Tensor:
+        x, keep, mask = self._inputs(batch)
+        for layer in self.layers:
+            x = layer(x, mask)
+        return self.mean_pool(x, keep)
+
+    def _token_ids(self, texts: list[str]) -> list[list[int]]:
+        """Each text's word pieces, [CLS] and [SEP] included (an empty text is read as a space)."""
+        return [e.ids for e in self.tokenizer.encode_batch([t if t.strip() else " " for t in texts])]
+
+    def _inputs(self, batch: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """A batch of token ids, right-padded: the first layer's input, which positions are real
+        (`keep`, [batch, t]) and the attention mask (None for a batch of equal lengths)."""
         t = max(len(ids) for ids in batch)
         tokens = torch.zeros(len(batch), t, dtype=torch.long)
         keep = torch.zeros(len(batch), t, dtype=torch.bool)
         for row, ids in enumerate(batch):
             tokens[row, : len(ids)] = torch.tensor(ids)
             keep[row, : len(ids)] = True
-        x = self.embed_tokens(tokens)
-        mask = None if keep.all() else keep[:, None, None, :]  # a batch of equal lengths needs none
-        for layer in self.layers:
-            x = layer(x, mask)
-        return self.mean_pool(x, keep)
+        return self.embed_tokens(tokens), keep, None if keep.all() else keep[:, None, None, :]
 
     @torch.inference_mode()
     def encode_sharing(self, texts: list[str], layer: int, batch_size: int = 32) -> tuple[np.ndarray, list[torch.Tensor]]:
@@ -288,17 +294,9 @@ class Embedder(nn.Module):
             raise EmbedderError(f"layer must be in 0..{len(self.layers)}, not {layer}")
         out = np.zeros((len(texts), self.dim), dtype=np.float32)
         states: list[torch.Tensor] = [torch.empty(0)] * len(texts)
-        ids = [e.ids for e in self.tokenizer.encode_batch([t if t.strip() else " " for t in texts])]
-        order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
-        for start in range(0, len(order), batch_size):
-            rows = order[start : start + batch_size]
-            tokens = torch.zeros(len(rows), max(len(ids[i]) for i in rows), dtype=torch.long)
-            keep = torch.zeros(tokens.shape, dtype=torch.bool)
-            for r, i in enumerate(rows):
-                tokens[r, : len(ids[i])] = torch.tensor(ids[i])
-                keep[r, : len(ids[i])] = True
-            x = self.embed_tokens(tokens)
-            mask = None if keep.all() else keep[:, None, None, :]
+        ids = self._token_ids(texts)
+        for rows in _by_length(ids, batch_size):
+            x, keep, mask = self._inputs([ids[i] for i in rows])
             for block in self.layers[:layer]:
                 x = block(x, mask)
             for r, i in enumerate(rows):
@@ -320,6 +318,13 @@ class Embedder(nn.Module):
         pooled and normalised in fp32 whatever the layers ran in."""
         weights = keep.unsqueeze(-1).float()
         return F.normalize((x.float() * weights).sum(1) / weights.sum(1).clamp(min=1e-9), dim=-1)
+
+
+def _by_length(ids: list[list[int]], batch_size: int) -> Iterator[list[int]]:
+    """Indices of `ids` in batches of similar length (sorted by length), so little is padding."""
+    order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
+    for start in range(0, len(order), batch_size):
+        yield order[start : start + batch_size]
 
 
 def _rename(state: dict[str, torch.Tensor], layers: int) -> dict[str, torch.Tensor]:
