@@ -4,6 +4,9 @@ user who says the answer's own words while it plays ("Remember that." over "I'll
 ...") is not, in another voice or in the assistant's very voice; speech while nothing plays
 cannot be one. Speech is synthesized here and recognised by Whisper tiny.en."""
 
+import threading
+import time
+
 import numpy as np
 import pytest
 
@@ -97,39 +100,107 @@ def test_playback_places_clips_on_the_streams_clock():
     assert np.allclose(window[16000:24000], 2.0, atol=1e-3) and window[24000:].sum() == 0
 
 
-def test_the_live_route_ignores_its_own_audio_and_hears_a_user_repeating_it(tiny768_registry, tmp_path):
-    """Over /api/voice: the answer's audio, played by the client into its microphone (quieter, a
-    room's reverberation, noise), as a speaker beside the microphone would, is ignored as an echo;
-    the user saying the answer's very words in the assistant's own voice while the next answer
-    plays is not (the word rule alone took it for an echo): it is a barge-in or the next turn."""
-    import json
-    import threading
+class Microphone:
+    """A live client's microphone: a 100 ms frame every 100 ms, in real time, of what the user is
+    given to say (silence between), with the answer's audio mixed in as a speaker beside it plays
+    it: from the frame being sent when it arrives (plus 150 ms of output buffering), after what
+    plays before it, through a room (quieter, reverberation, noise 20 dB under it)."""
 
-    from test_voice_live import connect, make_site, until, ws_url
-    from test_voice_turns import pcm16, send_live, spoken
+    def __init__(self, ws):
+        self.ws, self.lock, self.echo = ws, threading.Lock(), True
+        self.voice, self.sound = np.zeros(0, np.float32), np.zeros(0, np.float32)  # from `sent` on
+        self.sent = self.played_to = 0  # samples sent so far; where what was played ends
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self.run, daemon=True)
+        self.thread.start()
+
+    def say(self, samples: np.ndarray) -> None:
+        with self.lock:
+            self.voice = np.concatenate([self.voice, samples])
+
+    def play(self, samples: np.ndarray) -> None:
+        if not self.echo:
+            return
+        with self.lock:
+            start = max(self.sent + round(0.15 * RATE), self.played_to)  # in samples of the stream
+            self.played_to = start + len(samples)
+            heard = room(samples, seed=start, snr_db=20)
+            sound = np.zeros(max(len(self.sound), start - self.sent + len(heard)), np.float32)
+            sound[:len(self.sound)] = self.sound
+            sound[start - self.sent:][:len(heard)] += heard
+            self.sound = sound
+
+    def busy(self) -> bool:
+        with self.lock:
+            return bool(len(self.voice) or len(self.sound))
+
+    def run(self) -> None:
+        from test_voice_turns import pcm16
+
+        begin, frame = time.perf_counter(), RATE // 10
+        while not self.stop.is_set():
+            with self.lock:
+                out = np.zeros(frame, np.float32)
+                for part in ("voice", "sound"):
+                    now = getattr(self, part)[:frame]
+                    out[:len(now)] += now
+                    setattr(self, part, getattr(self, part)[frame:])
+                self.sent += frame
+            self.ws.send(pcm16(out))
+            time.sleep(max(0.0, begin + self.sent / RATE - time.perf_counter()))
+
+    def close(self) -> None:
+        self.stop.set()
+        self.thread.join()
+
+
+def test_the_live_route_ignores_its_own_audio_and_hears_a_user_repeating_it(tiny768_registry, tmp_path):
+    """Over /api/voice, from a client that streams its microphone in real time: the answer's
+    audio, played by the client and heard back by its microphone (quieter, a room's reverberation,
+    noise), as from a speaker beside it, is ignored as an echo; the user saying the answer's very
+    words in the assistant's own voice while the next answer plays is not (the word rule alone took
+    it for an echo): it is a barge-in or the next turn."""
+    import json
+
+    from test_voice_live import connect, make_site, ws_url
+    from test_voice_turns import spoken
 
     site, key, _ = make_site(tiny768_registry, tmp_path, max_tokens=200)
 
-    def ask(ws, seen) -> tuple[dict, np.ndarray]:
-        talk = threading.Thread(target=send_live, args=(ws, pcm16(np.concatenate(
-            [spoken("Turn on the kitchen lights."), np.zeros(RATE)]))))
-        talk.start()
-        first = until(ws, "audio", seen, timeout=120)
-        pcm = np.frombuffer(ws.recv(timeout=60), "<i2").astype(np.float32) / 32768
-        talk.join()
-        return first, resample(pcm, first["rate"], RATE)
+    def next_of(ws, mic, kinds: tuple[str, ...], seen: list) -> dict:
+        """Read messages until one of `kinds` (or an error), playing each piece of audio as it comes."""
+        while True:
+            message = ws.recv(timeout=120)
+            if isinstance(message, bytes):
+                pcm = np.frombuffer(message, "<i2").astype(np.float32) / 32768
+                mic.play(resample(pcm, seen[-1]["rate"], RATE))
+                continue
+            seen.append(json.loads(message))
+            if seen[-1]["type"] in (*kinds, "error"):
+                return seen[-1]
 
     with site as url, connect(ws_url(url)) as ws:
         ws.send(json.dumps({"type": "start", "api_key": key}))
         seen = []
-        until(ws, "ready", seen)
-        first, played = ask(ws, seen)
-        send_live(ws, pcm16(np.concatenate([np.zeros(1600), room(played, snr_db=20), np.zeros(RATE)])))
-        ignored = until(ws, ("ignored", "interrupted", "turn"), seen)
-        assert ignored["type"] == "ignored" and ignored["reason"] == "echo", (ignored, first["text"])
-        if not any(m["type"] == "done" for m in seen):  # the answer ends: the next question is a turn of its own
-            until(ws, "done", seen)
-        first, played = ask(ws, seen)  # the next answer plays; the user says its words at once
-        send_live(ws, pcm16(np.concatenate([spoken(first["text"]), np.zeros(RATE)])))
-        heard = until(ws, ("ignored", "interrupted", "turn"), seen)
-        assert heard["type"] != "ignored", (heard, first["text"])
+        while json.loads(ws.recv(timeout=120))["type"] != "ready":
+            pass
+        mic = Microphone(ws)
+        try:
+            mic.say(spoken("Turn on the kitchen lights."))
+            first = next_of(ws, mic, ("audio",), seen)
+            ignored = next_of(ws, mic, ("ignored", "interrupted", "turn"), seen)
+            assert ignored["type"] == "ignored" and ignored["reason"] == "echo", (ignored, first["text"])
+            if not any(m["type"] == "done" for m in seen):
+                next_of(ws, mic, ("done",), seen)
+            mic.echo = False  # the next answer is not heard back (headphones): only the user's words
+            while mic.busy():  # the echo of the first answer plays out
+                time.sleep(0.1)
+            mic.say(np.zeros(RATE, np.float32))  # a second of quiet, then the next question
+            mic.say(spoken("Turn on the kitchen lights."))
+            next_of(ws, mic, ("turn",), seen)  # the question's own turn (echoes ignored before it are skipped)
+            first = next_of(ws, mic, ("audio",), seen)  # the next answer plays; the user says its words at once
+            mic.say(spoken(first["text"]))
+            heard = next_of(ws, mic, ("ignored", "interrupted", "turn"), seen)
+            assert heard["type"] != "ignored", (heard, first["text"])
+        finally:
+            mic.close()
