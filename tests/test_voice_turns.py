@@ -145,3 +145,39 @@ def test_a_noise_over_the_answer_stops_nothing_and_words_do(tiny768_registry, tm
     finally:
         engine.gate.set()
         engine.close()
+
+
+def test_a_tentative_turn_writes_nothing_until_it_is_kept(tmp_path, embedder):
+    """Turn.tentative, what the live route's speculative turn runs with (parley.pipeline.runner):
+    its writes wait for the decision. Dropped, a memory command writes no fact and the turn saves
+    no exchange, its new conversation deleted; kept, the same turn writes both."""
+    from parley.pipeline.assistant import Assistant, AssistantConfig
+    from parley.pipeline.runner import Tentative, Turn
+
+    assistant = Assistant.build(AssistantConfig(stages=["state"]), embedder=embedder)
+    db = tmp_path / "p.db"
+    with Store(db) as store:
+        uid = store.add_user("u").id
+
+    def say(turn: Turn) -> None:  # in a thread of its own, with its own connection, as a server's turn
+        with Store(db) as store:
+            turn.store = store
+            list(assistant.say(turn, "Remember that I like tea"))
+
+    for keep in (False, True):
+        tentative = Tentative()
+        turn = Turn(uid, tentative=tentative)
+        saying = threading.Thread(target=say, args=(turn,))
+        saying.start()  # it waits for the decision before its first write
+        (tentative.keep if keep else tentative.drop)()
+        saying.join(timeout=60)
+        assert not saying.is_alive()
+        with Store(db) as store:
+            facts = [f.text for f in store.list_memory(uid)]
+            if not keep:
+                assert facts == [] and store.list_conversations(uid) == [] and turn.message_id is None
+    with Store(db) as store:
+        (conversation,) = store.list_conversations(uid)
+        assert [m.role for m in store.messages(uid, conversation.id)] == ["user", "assistant"]
+    assert facts == ["I like tea"]
+    assert Tentative(timeout_s=0.01).wait() is False  # never decided: dropped, no thread waits for ever

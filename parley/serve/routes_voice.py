@@ -123,6 +123,7 @@ class LiveSession:
         self.user = self.asr = self.tts = None
         self.conversation: int | None = None
         self.task: asyncio.Task | None = None  # the current turn: transcribe, answer, speak
+        self.spec: Spec | None = None  # a turn started on the guess, before the end of the turn (speculate)
         self.running: RunningTurn | None = None  # its pipeline turn, while it generates
         self.barged = False  # the current turn was interrupted: send no more of it
         self.overlong = False  # the last utterance was cut for length while the user went on
@@ -259,6 +260,8 @@ class LiveSession:
         ended = self.cut.push(np.frombuffer(data, "<i2").astype(np.float32) / 32768)
         if self.cut.spoken > spoken:
             self.last_speech, self.last_speech_frame = time.perf_counter(), self.cut.frames_seen
+            if self.spec is not None:  # the user went on: the guess it was started on is not the turn's
+                self.drop_spec()
         if self.cut.in_speech and not was_speaking or (ended and not was_speaking):
             await self.send("speech_started")
             if not self.overlong:  # speech going on past a cut for length is the same speaker, not a barge-in
@@ -320,6 +323,8 @@ class LiveSession:
                 return
             self.guessed = (key[0], heard)
             await self.end_if_finished()
+            if self.cut.in_speech:  # not ended by it: the turn is started now, kept if the transcript holds
+                self.speculate(key[0], heard)
             if self.end_rule.finished(heard.text) or key[1] or self.pause() == key:
                 return
 
@@ -406,6 +411,15 @@ class LiveSession:
             self.guess.cancel()  # its decision would be stale: the utterance is cut already
         self.guess, self.guessed, self.guess_job, self.partial_at = None, None, None, 0
         decided = time.perf_counter()
+        if self.spec is not None:
+            spec, self.spec = self.spec, None
+            if self.over is None and isinstance(known, Transcription) and spec.spoken == self.cut.spoken \
+                    and spec.text == " ".join(filter(None, (self.carry, known.text))):
+                spec.clock.mark("decided", decided)  # the transcript held: the turn already going is the turn
+                self.carry = ""
+                await spec.out.keep()
+                return
+            spec.out.drop()
         over, self.over = self.over, None
         if over is not None:  # spoken over the answer: a turn only if it is a barge-in
             self.deciding = self.spawn(self.answer_over(utterance, over, known, decided))
@@ -416,7 +430,31 @@ class LiveSession:
         clock = TurnClock(self.last_speech, self.last_speech_frame)
         clock.mark("decided", decided)
         previous = self.task
-        self.task = self.spawn(self.turn(samples, previous, known, clock))
+        self.task = self.spawn(self.turn(samples, previous, known, clock, Outbox()))
+
+    def speculate(self, spoken: int, heard: Transcription) -> None:
+        """Start the turn on the guess made in a pause (`guess_end`) before the end-of-turn rule has
+        decided that the user has finished: the model writes and the first piece is synthesized
+        while the rest of the quiet is waited for. Its messages are held (Outbox) and its writes
+        wait (RunningTurn.keep); `answer` keeps it if the final transcript is this one, and more
+        speech, or another transcript, drops it (nothing of it sent or saved)."""
+        text = " ".join(filter(None, (self.carry, heard.text)))
+        if self.spec is not None:
+            if self.spec.text == text:
+                return
+            self.drop_spec()
+        if not heard.text or self.over is not None or self.overlong or self.ended or self.answering() \
+                or (self.task is not None and not self.task.done()) \
+                or (self.deciding is not None and not self.deciding.done()):
+            return  # a turn or a barge-in decision is going: nothing is started over it
+        clock = TurnClock(self.last_speech, self.last_speech_frame)
+        clock.mark("speculated")
+        self.spec = Spec(spoken, text, Outbox(held=True), clock)
+        self.task = self.spawn(self.turn(None, self.task, heard, clock, self.spec.out))
+
+    def drop_spec(self) -> None:
+        self.spec.out.drop()
+        self.spec = None
 
     async def answer_over(self, utterance, over: Over, known: Transcription | asyncio.Future | None,
                           decided: float) -> None:
@@ -434,8 +472,9 @@ class LiveSession:
         else:
             self.start_turn(utterance.clip.samples, heard, decided)
 
-    async def turn(self, samples: np.ndarray, previous: asyncio.Task | None,
-                   known: Transcription | asyncio.Future | None, clock: TurnClock) -> None:
+    async def turn(self, samples: np.ndarray | None, previous: asyncio.Task | None,
+                   known: Transcription | asyncio.Future | None, clock: TurnClock, out: Outbox) -> None:
+        """Transcribe (unless `known`), answer and speak one turn; what it sends goes through `out`."""
         if previous is not None:
             await asyncio.gather(previous, return_exceptions=True)
         self.barged = False
@@ -444,28 +483,32 @@ class LiveSession:
             known = await known
         text = known.text if known is not None else await run_in_threadpool(self.transcribe, samples)
         clock.mark("transcribed")
-        text, self.carry = " ".join(filter(None, (self.carry, text))), ""
+        text = " ".join(filter(None, (self.carry, text)))
+        if not out.tentative:  # a speculative turn takes the carried text once it is kept (answer)
+            self.carry = ""
         if self.barged:  # the user went on before this turn began: it is said with the next utterance
             self.carry = text
             if text:
                 await self.send("transcript", text=text, final=False)
             return
-        await self.send("transcript", text=text, final=True)
-        if not text:
+        await out.put(self.sender("transcript", text=text, final=True))
+        if not text or out.dropped:
             return
         try:
             clock.mark("turn_started")
             self.said, self.retracted, self.open_turn = [], False, (text, self.conversation, clock.spoke)
-            self.running = running = self.server.turns.start(self.user, self.conversation, text, overrides={})
+            self.running = running = self.server.turns.start(self.user, self.conversation, text, overrides={},
+                                                             tentative=out.tentative)
+            out.running = running
         except QueueFull as e:
-            await self.send("error", message=str(e), code="busy")
+            await out.put(self.sender("error", message=str(e), code="busy"))
             return
         if self.ended:
             running.stop()
         elif self.barged:  # spoken over while its transcript was being sent: a barge-in at its start
             running.interrupt("barge-in")
         pieces: queue.Queue = queue.Queue()
-        speaking = asyncio.create_task(self.speak(pieces, clock))
+        speaking = asyncio.create_task(self.speak(pieces, clock, out))
         done = None
         try:
             from parley.pipeline.frames import ShownText
@@ -474,29 +517,42 @@ class LiveSession:
             async for item in running.frames():
                 clock.mark(f"frame:{type(item).__name__}")
                 if isinstance(item, TurnStarted):
-                    self.conversation = item.conversation_id
-                    await self.send("turn", conversation=self.conversation)
+                    await out.put(self.began(item.conversation_id))
                 elif isinstance(item, TurnDone):
                     done = item
-                elif (piece := shown(item)) and not self.barged:
+                elif (piece := shown(item)) and not self.barged and not out.dropped:
                     self.open_turn = None  # shown: the turn stands
-                    await self.send("text", text=piece)
-                    pieces.put(piece)
+                    pieces.put(piece)  # synthesized at once, sent when `out` sends
+                    await out.put(self.sender("text", text=piece))
         except Exception as e:  # the turn failed: said as the HTTP routes would say it
             from parley.serve.errors import from_exception
 
-            await self.send("error", message=from_exception(e).message, code="turn_failed")
+            await out.put(self.sender("error", message=from_exception(e).message, code="turn_failed"))
         finally:
             pieces.put(None)
             self.running, self.open_turn = None, None
             await speaking
         if done is not None and not self.retracted:
+            await out.put(self.ended_turn(done))
+
+    def sender(self, kind: str, **fields):
+        """A message to send when the turn's Outbox sends."""
+        return lambda: self.send(kind, **fields)
+
+    def began(self, conversation: int):
+        async def send() -> None:
+            self.conversation = conversation
+            await self.send("turn", conversation=conversation)
+        return send
+
+    def ended_turn(self, done: TurnDone):
+        async def send() -> None:
             self.conversation = done.conversation_id or self.conversation
             self.last_answer = done.message_id
-            await self.send("done", turn_id=done.message_id, conversation=self.conversation,
-                            interrupted=self.barged)
+            await self.send("done", turn_id=done.message_id, conversation=self.conversation, interrupted=self.barged)
+        return send
 
-    async def speak(self, pieces: queue.Queue, clock: TurnClock) -> None:
+    async def speak(self, pieces: queue.Queue, clock: TurnClock, out: Outbox) -> None:
         """Synthesize the answer sentence by sentence, in a thread, sending each as it is made; the
         first audio message carries the turn's `latency` (see the module docstring)."""
         from parley.voice.tts import TTSError, sentences, spoken
@@ -505,7 +561,7 @@ class LiveSession:
 
         def synthesize():
             def text():
-                while (piece := pieces.get()) is not None and not self.barged:
+                while (piece := pieces.get()) is not None and not self.barged and not out.dropped:
                     yield piece
 
             try:
@@ -517,7 +573,7 @@ class LiveSession:
                     with self.tts_busy:
                         start = time.perf_counter()
                         clip = self.tts.synthesize(words)
-                    if self.barged:
+                    if self.barged or out.dropped:
                         break
                     times = (start, time.perf_counter())
                     loop.call_soon_threadsafe(made.put_nowait, (sentence, clip, times))
@@ -530,16 +586,26 @@ class LiveSession:
         first = True
         while (item := await made.get()) is not None:
             sentence, clip, (started, made_at) = item
-            if self.barged:
+            if self.barged or out.dropped:
                 continue
-            pcm = (clip.samples.clip(-1, 1) * 32767).round().astype("<i2").tobytes()
-            heading = {"type": "audio", "text": sentence, "rate": clip.rate, "samples": len(clip.samples)}
             if first:
                 clock.mark("tts_started", started)
                 clock.mark("tts_done", made_at)
+            await out.put(self.audio_sender(sentence, clip, clock if first else None))
+            first = False
+        await synthesis
+
+    def audio_sender(self, sentence: str, clip, clock: TurnClock | None):
+        """A piece of the answer's audio to send when the turn's Outbox sends; the turn's first
+        (`clock` given) carries its `latency`, taken then."""
+        async def send() -> None:
+            if self.barged:
+                return
+            pcm = (clip.samples.clip(-1, 1) * 32767).round().astype("<i2").tobytes()
+            heading = {"type": "audio", "text": sentence, "rate": clip.rate, "samples": len(clip.samples)}
+            if clock is not None:
                 clock.mark("sending")
                 heading["latency"] = clock.report()
-            first = False
             self.said.append(sentence)
             # it plays once what was sent before it has played: its start on the stream's clock
             queued = max(0.0, self.playing_until - time.monotonic())
@@ -548,11 +614,13 @@ class LiveSession:
                 await self.ws.send_text(json.dumps(heading))
                 await self.ws.send_bytes(pcm)
             self.playing_until = max(self.playing_until, time.monotonic()) + clip.seconds
-        await synthesis
+        return send
 
     async def end(self) -> None:
         """The client has gone: a turn still going stops (a plain stop, not a barge-in)."""
         self.barged = self.ended = True
+        if self.spec is not None:
+            self.drop_spec()
         if self.running is not None:
             self.running.stop()
         for task in (self.deciding, self.task, self.partial, self.guess):
@@ -581,6 +649,54 @@ class TurnClock:
         return {"endpoint_ms": ms("spoke", "decided"), "asr_ms": ms("previous_done", "transcribed"),
                 "first_text_ms": ms("turn_started", "tts_started"), "tts_ms": ms("tts_started", "tts_done"),
                 "marks": {name: round((at - self.spoke_at) * 1000) for name, at in sorted(m.items(), key=lambda x: x[1])}}
+
+
+class Outbox:
+    """What one turn sends. A turn started on a guess (LiveSession.speculate) holds all of it
+    until it is kept (`keep`: its writes go ahead and what was held is sent, in order) or dropped
+    (`drop`: its generation is cancelled through the engine's cancellation, nothing of it is sent
+    and nothing saved); a plain turn's outbox sends at once."""
+
+    def __init__(self, held: bool = False):
+        self.held, self.kept, self.dropped = held, False, False
+        self.items: list = []  # async callables that send, in order, while held
+        self.running: RunningTurn | None = None  # the turn's pipeline turn, once started
+
+    async def put(self, send) -> None:
+        if self.dropped:
+            return
+        if self.held:
+            self.items.append(send)
+        else:
+            await send()
+
+    @property
+    def tentative(self) -> bool:
+        """Neither kept nor dropped yet (a plain turn's never is)."""
+        return self.held and not self.kept and not self.dropped
+
+    async def keep(self) -> None:
+        self.kept = True
+        if self.running is not None:
+            self.running.keep()
+        while self.items:  # what is put while these are sent joins the queue: the order holds
+            await self.items.pop(0)()
+        self.held = False
+
+    def drop(self) -> None:
+        self.dropped, self.items = True, []
+        if self.running is not None:
+            self.running.drop()
+
+
+@dataclass
+class Spec:
+    """A turn started on a guess of the transcript (LiveSession.speculate)."""
+
+    spoken: int  # Endpointer.spoken when the guess's audio ended: more speech since drops it
+    text: str  # what it answers (with any carried text)
+    out: Outbox
+    clock: TurnClock
 
 
 @dataclass
