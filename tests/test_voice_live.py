@@ -366,3 +366,40 @@ def test_a_turn_started_on_the_guess_is_dropped_unsent_and_unsaved_when_speech_g
     finally:
         engine.gate.set()
         engine.close()
+
+
+def test_the_first_piece_is_made_from_the_draft_and_given_only_for_the_same_checked_text():
+    """HeadStart (parley.voice.tts): the draft's first piece ("the first 4 words of a sentence of
+    8 or more", as `sentences` cuts it) is synthesized as soon as the draft shows it, before the
+    sentence is finished, and given for that same checked piece only; a different checked piece
+    (a rewritten answer) gets nothing, and once the caller has asked, a late draft starts nothing."""
+    import threading
+
+    from parley.voice.tts import HeadStart, load_tts
+
+    tts = load_tts("default")
+    head = HeadStart(tts, threading.Lock(), first_clause=4, first_words=4)
+    worker = threading.Thread(target=head.run)
+    worker.start()
+    for word in "I'm here to assist you in any way".split():  # no sentence end yet: the checker holds it
+        head.drafts.put(word + " ")
+    worker.join(timeout=60)  # done before the draft ended: the piece was known at its 8th word
+    assert not worker.is_alive()
+    clip, (start, end) = head.take("I'm here to assist")
+    assert clip.rate == tts.rate and np.abs(clip.samples).max() > 0.05 and start <= end
+    head.close()
+
+    rewritten = HeadStart(tts, threading.Lock(), first_clause=4, first_words=4)
+    worker = threading.Thread(target=rewritten.run)
+    worker.start()
+    for word in "I'm here to assist you in any way".split():
+        rewritten.drafts.put(word + " ")
+    worker.join(timeout=60)
+    assert rewritten.take("I am here to assist") is None  # not what was drafted: the caller makes it
+
+    late = HeadStart(tts, threading.Lock(), first_clause=4, first_words=4)
+    assert late.take("Hello there.") is None  # asked before the draft had a piece
+    late.drafts.put("Hello there. ")
+    late.close()
+    late.run()
+    assert late._ahead is None  # nothing synthesized after the caller went ahead without it

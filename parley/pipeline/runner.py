@@ -116,6 +116,8 @@ class Turn:
     scratch: dict[str, Any] = field(default_factory=dict)  # per-turn working state of a stage, by stage name
     interrupted: str | None = None  # set (to a reason) to stop the turn; see `interrupt`
     tentative: Tentative | None = None  # a turn not yet known to be wanted: its writes wait (may_write)
+    draft: Callable[[str], None] | None = None  # given each piece of the answer as the model writes it,
+    # before later stages check it: the live voice route synthesizes from it, and sends only checked text
 
     def get(self, kind: type[F]) -> F | None:
         """The latest frame of this type created so far in the turn, or None."""
@@ -142,6 +144,11 @@ class Turn:
         """Whether the turn may write to the store now: a plain turn always; a tentative one waits
         until it is kept (True) or dropped (False: it writes nothing)."""
         return self.tentative is None or self.tentative.wait()
+
+    def drafted(self, piece: str) -> None:
+        """The respond stage wrote `piece` of the answer (not yet checked): tell `draft`, if any."""
+        if self.draft is not None:
+            self.draft(piece)
 
     def text(self) -> str:
         """The answer as it left the pipeline so far (after any stage that held or rewrote it)."""

@@ -494,11 +494,14 @@ class LiveSession:
         await out.put(self.sender("transcript", text=text, final=True))
         if not text or out.dropped:
             return
+        from parley.voice.tts import HeadStart
+
+        head = HeadStart(self.tts, self.tts_busy, FIRST_CLAUSE, FIRST_WORDS, lambda: self.barged or out.dropped)
         try:
             clock.mark("turn_started")
             self.said, self.retracted, self.open_turn = [], False, (text, self.conversation, clock.spoke)
             self.running = running = self.server.turns.start(self.user, self.conversation, text, overrides={},
-                                                             tentative=out.tentative)
+                                                             tentative=out.tentative, draft=head.drafts.put)
             out.running = running
         except QueueFull as e:
             await out.put(self.sender("error", message=str(e), code="busy"))
@@ -508,7 +511,7 @@ class LiveSession:
         elif self.barged:  # spoken over while its transcript was being sent: a barge-in at its start
             running.interrupt("barge-in")
         pieces: queue.Queue = queue.Queue()
-        speaking = asyncio.create_task(self.speak(pieces, clock, out))
+        speaking = asyncio.create_task(self.speak(pieces, clock, out, head))
         done = None
         try:
             from parley.pipeline.frames import ShownText
@@ -530,6 +533,7 @@ class LiveSession:
             await out.put(self.sender("error", message=from_exception(e).message, code="turn_failed"))
         finally:
             pieces.put(None)
+            head.close()
             self.running, self.open_turn = None, None
             await speaking
         if done is not None and not self.retracted:
@@ -552,9 +556,11 @@ class LiveSession:
             await self.send("done", turn_id=done.message_id, conversation=self.conversation, interrupted=self.barged)
         return send
 
-    async def speak(self, pieces: queue.Queue, clock: TurnClock, out: Outbox) -> None:
+    async def speak(self, pieces: queue.Queue, clock: TurnClock, out: Outbox, head) -> None:
         """Synthesize the answer sentence by sentence, in a thread, sending each as it is made; the
-        first audio message carries the turn's `latency` (see the module docstring)."""
+        first audio message carries the turn's `latency` (see the module docstring). The first
+        piece is made from the model's draft while the safety stage still holds its sentence
+        (parley.voice.tts.HeadStart), and sent once the checked text's first piece is the same."""
         from parley.voice.tts import TTSError, sentences, spoken
 
         loop, made = asyncio.get_running_loop(), asyncio.Queue()
@@ -565,23 +571,29 @@ class LiveSession:
                     yield piece
 
             try:
+                first = True
                 for sentence in sentences(text(), first_clause=FIRST_CLAUSE, first_words=FIRST_WORDS):
                     if not (words := spoken(sentence)):  # "..." alone has nothing to say
                         continue
-                    # one synthesis at a time per voice, as /v1/audio/speech; held per sentence, not
-                    # while the answer is written (another session's speech would wait for this answer)
-                    with self.tts_busy:
-                        start = time.perf_counter()
-                        clip = self.tts.synthesize(words)
+                    ahead, first = head.take(sentence) if first else None, False
+                    if ahead is not None:
+                        clip, times = ahead
+                    else:
+                        # one synthesis at a time per voice, as /v1/audio/speech; held per sentence, not
+                        # while the answer is written (another session's speech would wait for this answer)
+                        with self.tts_busy:
+                            start = time.perf_counter()
+                            clip = self.tts.synthesize(words)
+                        times = (start, time.perf_counter())
                     if self.barged or out.dropped:
                         break
-                    times = (start, time.perf_counter())
                     loop.call_soon_threadsafe(made.put_nowait, (sentence, clip, times))
             except TTSError:
                 pass  # nothing speakable left (text only): the answer's text has been sent
             finally:
                 loop.call_soon_threadsafe(made.put_nowait, None)
 
+        drafting = asyncio.ensure_future(run_in_threadpool(head.run))
         synthesis = asyncio.ensure_future(run_in_threadpool(synthesize))
         first = True
         while (item := await made.get()) is not None:
@@ -594,6 +606,7 @@ class LiveSession:
             await out.put(self.audio_sender(sentence, clip, clock if first else None))
             first = False
         await synthesis
+        await asyncio.gather(drafting, return_exceptions=True)  # its error, if any, met by `synthesize` too
 
     def audio_sender(self, sentence: str, clip, clock: TurnClock | None):
         """A piece of the answer's audio to send when the turn's Outbox sends; the turn's first

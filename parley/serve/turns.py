@@ -125,19 +125,21 @@ class TurnRunner:
             return self._assistant
 
     def start(self, user: User, conversation_id: int | None, text: str, overrides: dict,
-              tentative: bool = False) -> RunningTurn:
+              tentative: bool = False, draft: Callable[[str], None] | None = None) -> RunningTurn:
         """Queue a turn; QueueFull when `max_pending` turns already wait for a thread. A `tentative`
         turn (started on a guess of what the user said) generates at once but writes nothing until
-        `RunningTurn.keep`; `RunningTurn.drop` stops it unsaved."""
+        `RunningTurn.keep`; `RunningTurn.drop` stops it unsaved. `draft` is given each piece of the
+        answer as the model writes it, before the stages after respond have checked it (Turn.draft)."""
         with self._count:
             if self._inflight >= self.workers + self.max_pending:
                 raise QueueFull(self._inflight - self.workers, retry_after=1.0)
             self._inflight += 1
         running = RunningTurn(tentative=Tentative() if tentative else None)
-        self.pool.submit(self._run, running, user, conversation_id, text, dict(overrides))
+        self.pool.submit(self._run, running, user, conversation_id, text, dict(overrides), draft)
         return running
 
-    def _run(self, running: RunningTurn, user: User, conversation_id: int | None, text: str, overrides: dict) -> None:
+    def _run(self, running: RunningTurn, user: User, conversation_id: int | None, text: str, overrides: dict,
+             draft: Callable[[str], None] | None = None) -> None:
         try:
             if running.cancel.is_set():  # the client left while the turn waited for a thread
                 return
@@ -147,7 +149,7 @@ class TurnRunner:
             if adapter:  # their own adapter (parley learn user=NAME), unless they opted out
                 overrides["adapter"] = adapter
             turn = Turn(user.id, conversation_id, store=store, overrides=overrides, cancel=running.cancel,
-                        tentative=running.tentative)
+                        tentative=running.tentative, draft=draft)
             # registered before respond registers its request's cancel, so it runs first: the
             # pipeline then ends the turn with an Interrupt frame, which the saved answer shows
             running.cancel.on_set(lambda: running.interrupted and turn.interrupt(running.interrupted))
