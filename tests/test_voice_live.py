@@ -4,6 +4,7 @@ assistant's turn on the tiny model, and piper speaking the answer back. Barge-in
 the engine's cancellation; the bounds (frame size, key, Origin, idle time, utterance length)
 each close the socket with a message that says what to do."""
 
+import contextlib
 import json
 import time
 
@@ -284,48 +285,49 @@ def test_speech_over_a_turn_still_being_transcribed_joins_the_next_utterance(tin
             assert [m.content for m in store.messages(user.id, done["conversation"])][0] == final
 
 
-def held_request(engine, count: int = 1):
-    """The engine's `count`-th request once it has written two tokens (held there by the gate)."""
-    deadline = time.monotonic() + 60
-    while not (len(engine.requests) >= count and len(engine.requests[count - 1].tokens) >= 2):
-        assert time.monotonic() < deadline, "no generation started"
-        time.sleep(0.01)
-    return engine.requests[count - 1]
-
-
-def test_a_turn_started_on_the_guess_is_kept_when_the_transcript_holds(tiny768_registry, tmp_path, speech):
-    """Speculative start: 120 ms of quiet after the question is past the guess (100 ms), short of
-    the end of the turn (200 ms): the model is already answering the guess, unseen. 200 ms more
-    quiet ends the turn on the same transcript: that generation is the turn (one engine request),
-    and its messages, held until then, arrive in order."""
-    model = tiny768_registry.load("tiny768")[0]
-    engine = GatedEngine(model, after=2)
-    site, key, db = make_site(tiny768_registry, tmp_path, engine=engine, max_tokens=12)
+@contextlib.contextmanager
+def guessed(registry, tmp_path, speech):
+    """A live session on a held engine, the question sent with 120 ms of quiet after it: past the
+    guess (100 ms), short of the end of the turn (200 ms). Yields (ws, seen messages, engine, the
+    engine request the guess started, held after two tokens, the store's path)."""
+    engine = GatedEngine(registry.load("tiny768")[0], after=2)
+    site, key, db = make_site(registry, tmp_path, engine=engine, max_tokens=12)
     try:
         with site as url, connect(ws_url(url)) as ws:
             ws.send(json.dumps({"type": "start", "api_key": key}))
             seen = []
             until(ws, "ready", seen)
             send_audio(ws, speech(ASK, pause=0.12))
-            request = held_request(engine)  # generating before the end of the turn was decided
-            send_audio(ws, b"\0" * 6_400)  # 200 ms more quiet: the turn ends, on the guess's transcript
-            final = until(ws, "transcript", seen)
-            assert final["final"] is True and wer(ASK, final["text"]) <= 0.25, final
-            engine.gate.set()
-            done = until(ws, "done", seen)
-            assert done["type"] == "done" and done["interrupted"] is False, done
-            assert engine.requests == [request] and request.wait(timeout=60) != "cancelled"
-            kinds = [m["type"] for m in seen]
-            assert kinds.index("transcript") < kinds.index("turn") < kinds.index("audio") < kinds.index("done")
-            marks = next(m for m in seen if m["type"] == "audio")["latency"]["marks"]
-            assert marks["speculated"] < marks["decided"] <= marks["sending"], marks
-        with Store(db) as store:
-            user = store.get_user_by_name("ann")
-            (asked, said) = store.messages(user.id, done["conversation"])
-            assert asked.content == final["text"] and said.id == done["turn_id"]
+            deadline = time.monotonic() + 60
+            while not (engine.requests and len(engine.requests[0].tokens) >= 2):
+                assert time.monotonic() < deadline, "no generation started on the guess"
+                time.sleep(0.01)
+            yield ws, seen, engine, engine.requests[0], db
     finally:
         engine.gate.set()
         engine.close()
+
+
+def test_a_turn_started_on_the_guess_is_kept_when_the_transcript_holds(tiny768_registry, tmp_path, speech):
+    """Speculative start: the model is already answering the guess, unseen, before the end of the
+    turn. 200 ms more quiet ends the turn on the same transcript: that generation is the turn (one
+    engine request), and its messages, held until then, arrive in order."""
+    with guessed(tiny768_registry, tmp_path, speech) as (ws, seen, engine, request, db):
+        send_audio(ws, b"\0" * 6_400)  # 200 ms more quiet: the turn ends, on the guess's transcript
+        final = until(ws, "transcript", seen)
+        assert final["final"] is True and wer(ASK, final["text"]) <= 0.25, final
+        engine.gate.set()
+        done = until(ws, "done", seen)
+        assert done["type"] == "done" and done["interrupted"] is False, done
+        assert engine.requests == [request] and request.wait(timeout=60) != "cancelled"
+        kinds = [m["type"] for m in seen]
+        assert kinds.index("transcript") < kinds.index("turn") < kinds.index("audio") < kinds.index("done")
+        marks = next(m for m in seen if m["type"] == "audio")["latency"]["marks"]
+        assert marks["speculated"] < marks["decided"] <= marks["sending"], marks
+    with Store(db) as store:
+        user = store.get_user_by_name("ann")
+        (asked, said) = store.messages(user.id, done["conversation"])
+        assert asked.content == final["text"] and said.id == done["turn_id"]
 
 
 def test_a_turn_started_on_the_guess_is_dropped_unsent_and_unsaved_when_speech_goes_on(
@@ -333,39 +335,27 @@ def test_a_turn_started_on_the_guess_is_dropped_unsent_and_unsaved_when_speech_g
     """The same guess, but the user goes on after the pause: the generation started on it is
     cancelled through the engine's cancellation (at most the step under way finishes), none of its
     messages is sent and nothing of it is saved; the whole utterance is the one turn."""
-    model = tiny768_registry.load("tiny768")[0]
-    engine = GatedEngine(model, after=2)
-    site, key, db = make_site(tiny768_registry, tmp_path, engine=engine, max_tokens=12)
-    try:
-        with site as url, connect(ws_url(url)) as ws:
-            ws.send(json.dumps({"type": "start", "api_key": key}))
-            seen = []
-            until(ws, "ready", seen)
-            send_audio(ws, speech(ASK, pause=0.12))
-            guessed = held_request(engine)
-            before = len(guessed.tokens)
-            send_audio(ws, speech(AGAIN))  # the user goes on: the same utterance
-            deadline = time.monotonic() + 60
-            while not guessed.cancelled:
-                assert time.monotonic() < deadline, "the speculative generation was not cancelled"
-                time.sleep(0.01)
-            engine.gate.set()
-            assert guessed.wait(timeout=60) == "cancelled" and len(guessed.tokens) <= before + 1
-            done = until(ws, "done", seen)
-            assert done["type"] == "done" and done["interrupted"] is False, done
-            kinds = [m["type"] for m in seen]
-            (final,) = [m["text"] for m in seen if m["type"] == "transcript" and m["final"]]
-            assert "kitchen" in final.lower() and "weather" in final.lower(), final
-            assert kinds.count("turn") == kinds.count("done") == 1 and len(engine.requests) == 2
-            assert "interrupted" not in kinds and "resumed" not in kinds
-        with Store(db) as store:
-            user = store.get_user_by_name("ann")
-            (conversation,) = store.list_conversations(user.id)  # the guess's was never kept
-            assert conversation.id == done["conversation"]
-            assert [m.content for m in store.messages(user.id, conversation.id)][0] == final
-    finally:
+    with guessed(tiny768_registry, tmp_path, speech) as (ws, seen, engine, request, db):
+        before = len(request.tokens)
+        send_audio(ws, speech(AGAIN))  # the user goes on: the same utterance
+        deadline = time.monotonic() + 60
+        while not request.cancelled:
+            assert time.monotonic() < deadline, "the speculative generation was not cancelled"
+            time.sleep(0.01)
         engine.gate.set()
-        engine.close()
+        assert request.wait(timeout=60) == "cancelled" and len(request.tokens) <= before + 1
+        done = until(ws, "done", seen)
+        assert done["type"] == "done" and done["interrupted"] is False, done
+        kinds = [m["type"] for m in seen]
+        (final,) = [m["text"] for m in seen if m["type"] == "transcript" and m["final"]]
+        assert "kitchen" in final.lower() and "weather" in final.lower(), final
+        assert kinds.count("turn") == kinds.count("done") == 1 and len(engine.requests) == 2
+        assert "interrupted" not in kinds and "resumed" not in kinds
+    with Store(db) as store:
+        user = store.get_user_by_name("ann")
+        (conversation,) = store.list_conversations(user.id)  # the guess's was never kept
+        assert conversation.id == done["conversation"]
+        assert [m.content for m in store.messages(user.id, conversation.id)][0] == final
 
 
 def test_the_first_piece_is_made_from_the_draft_and_given_only_for_the_same_checked_text():

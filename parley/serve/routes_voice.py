@@ -22,13 +22,22 @@ sentence of 8 or more, as soon as it is written;
 the turn's first `audio` also has `latency`: {endpoint_ms: last speech frame -> turn decided,
 asr_ms: the wait for the final transcript, 0 when the early one was reused, first_text_ms:
 turn started -> first spoken text, tts_ms: its synthesis, marks: {step: ms after the last speech
-frame} for each step on the way: decided, transcribed, turn_started, the first of each pipeline frame
-("frame:TextDelta": the first shown text), tts_started, tts_done, sending}); `interrupted` {conversation};
+frame} for each step on the way: speculated (below), decided, transcribed, turn_started, the first of
+each pipeline frame ("frame:TextDelta": the first shown text), tts_started, tts_done, sending});
+`interrupted` {conversation};
 `ignored` {text, reason: "noise" | "echo"} (speech over the answer that was no barge-in: it is
 not answered either); `resumed` {text} (speech went on, within 1 s of audio, after a turn began but before any
 of its answer was shown: the pause was inside the user's sentence, so that turn is taken back unsaved
 and its text starts the next utterance); `done` {turn_id, conversation, interrupted}; `error` {message, code},
 after which the socket closes (1008 a policy: auth, limits, bad input; 1011 the server's fault).
+
+Speculative start: when the guess made in a pause (100 ms of quiet) is ready before the end-of-turn
+rule has decided, the turn starts on it at once, unseen: its messages are held and its writes wait
+(parley.pipeline.runner.Tentative). If the turn then ends on that same transcript, it is kept and
+what it held is sent in order; if speech goes on, or the final transcript differs, it is dropped
+through the engine's cancellation and nothing of it is sent or saved. The first spoken piece is
+synthesized from the model's draft while the output safety stage still holds its sentence
+(parley.voice.tts.HeadStart) and sent only once the checked text's first piece is the same.
 
 Barge-in: speech that starts while the assistant has a turn going (generating, or audio it sent
 that the client is still playing by the server's clock) stops it once parley.voice.vad.BargeIn
