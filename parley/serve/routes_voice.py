@@ -533,9 +533,8 @@ class LiveSession:
                 elif isinstance(item, TurnDone):
                     done = item
                 elif (piece := shown(item)) and not self.barged and not out.dropped:
-                    self.open_turn = None  # shown: the turn stands
                     pieces.put(piece)  # synthesized at once, sent when `out` sends
-                    await out.put(self.sender("text", text=piece))
+                    await out.put(self.shown(piece))
         except Exception as e:  # the turn failed: said as the HTTP routes would say it
             from parley.serve.errors import from_exception
 
@@ -551,6 +550,12 @@ class LiveSession:
     def sender(self, kind: str, **fields):
         """A message to send when the turn's Outbox sends."""
         return lambda: self.send(kind, **fields)
+
+    def shown(self, piece: str):
+        async def send() -> None:
+            self.open_turn = None  # shown: the turn stands (a held turn's text is not shown until sent)
+            await self.send("text", text=piece)
+        return send
 
     def began(self, conversation: int):
         async def send() -> None:
