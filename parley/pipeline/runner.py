@@ -82,10 +82,6 @@ class Tentative:
     def drop(self) -> None:
         self._decided.set()
 
-    @property
-    def decided(self) -> bool:
-        return self._decided.is_set()
-
     def wait(self) -> bool:
         """Block until kept (True) or dropped (False)."""
         return self._decided.wait(self.timeout_s) and self._kept
