@@ -80,6 +80,15 @@ def until(ws, kind: str | tuple[str, ...], seen: list, timeout: float = 120) -> 
             return seen[-1]
 
 
+def held(engine, what: str = "no generation started"):
+    """The engine's first request, once two tokens are out (a GatedEngine(after=2) holds it there)."""
+    deadline = time.monotonic() + 60
+    while not (engine.requests and len(engine.requests[0].tokens) >= 2):
+        assert time.monotonic() < deadline, what
+        time.sleep(0.01)
+    return engine.requests[0]
+
+
 def test_a_spoken_turn_is_heard_answered_and_spoken(tiny768_registry, tmp_path, speech):
     site, key, db = make_site(tiny768_registry, tmp_path)
     with site as url, connect(ws_url(url)) as ws:
@@ -125,10 +134,7 @@ def test_speaking_over_the_answer_cancels_it_within_one_engine_step(tiny768_regi
             until(ws, "ready", seen)
             send_audio(ws, speech(ASK))
             started = until(ws, "turn", seen)
-            deadline = time.monotonic() + 60
-            while not (engine.requests and len(engine.requests[0].tokens) >= 2):  # held at the gate
-                assert time.monotonic() < deadline
-                time.sleep(0.01)
+            held(engine)  # held at the gate
             (request,) = engine.requests
             before = len(request.tokens)
             send_audio(ws, speech(AGAIN))  # the user speaks over the answer
@@ -286,26 +292,30 @@ def test_speech_over_a_turn_still_being_transcribed_joins_the_next_utterance(tin
 
 
 @contextlib.contextmanager
-def guessed(registry, tmp_path, speech):
-    """A live session on a held engine, the question sent with 120 ms of quiet after it: past the
-    guess (100 ms), short of the end of the turn (200 ms). Yields (ws, seen messages, engine, the
-    engine request the guess started, held after two tokens, the store's path)."""
+def gated(registry, tmp_path, max_tokens: int):
+    """A live session, started and ready, on an engine that holds every answer after two tokens
+    until its gate is set. Yields (ws, messages seen, engine, the store's path)."""
     engine = GatedEngine(registry.load("tiny768")[0], after=2)
-    site, key, db = make_site(registry, tmp_path, engine=engine, max_tokens=12)
+    site, key, db = make_site(registry, tmp_path, engine=engine, max_tokens=max_tokens)
     try:
         with site as url, connect(ws_url(url)) as ws:
             ws.send(json.dumps({"type": "start", "api_key": key}))
             seen = []
             until(ws, "ready", seen)
-            send_audio(ws, speech(ASK, pause=0.12))
-            deadline = time.monotonic() + 60
-            while not (engine.requests and len(engine.requests[0].tokens) >= 2):
-                assert time.monotonic() < deadline, "no generation started on the guess"
-                time.sleep(0.01)
-            yield ws, seen, engine, engine.requests[0], db
+            yield ws, seen, engine, db
     finally:
         engine.gate.set()
         engine.close()
+
+
+@contextlib.contextmanager
+def guessed(registry, tmp_path, speech):
+    """`gated`, the question sent with 120 ms of quiet after it: past the guess (100 ms), short of
+    the end of the turn (200 ms). Yields (ws, messages seen, engine, the engine request the guess
+    started, held after two tokens, the store's path)."""
+    with gated(registry, tmp_path, max_tokens=12) as (ws, seen, engine, db):
+        send_audio(ws, speech(ASK, pause=0.12))
+        yield ws, seen, engine, held(engine, "no generation started on the guess"), db
 
 
 def test_a_turn_started_on_the_guess_is_kept_when_the_transcript_holds(tiny768_registry, tmp_path, speech):
