@@ -16,7 +16,10 @@ turn, the first clause's synthesis.
 The last column is the server's own split of it, from the first audio message's `latency`
 (parley/serve/routes_voice.py): last speech frame -> turn decided (the end-of-turn wait, with
 the early transcription inside it), the final transcription (0: the early one was reused), turn
-started -> first spoken text (pipeline stages and the model), the first piece's synthesis;
+started -> first spoken text (pipeline stages and the model), the first piece's synthesis; it
+says when the turn was started on the guess before it was decided (speculative start, ms after
+the last speech frame) and when the first piece was synthesized from the model's draft before
+the safety stage released its sentence (tts.HeadStart);
 VOICE_LIVE_DEBUG=1 prints as well the server's timeline of each turn (`latency.marks`: ms after
 the server read the last speech frame, up to the sending of the first audio).
 The questions are benchmarks/voice.py's turn questions (the held-out intent utterances).
@@ -168,6 +171,11 @@ def main() -> int:
                 if os.environ.get("VOICE_LIVE_DEBUG"):  # the server's timeline, ms after it read the last speech frame
                     print("marks", json.dumps(s.get("marks")), f"client: {r['audio_ms']:.0f} ms", file=sys.stderr)
                 stages = " / ".join(str(s.get(k, "-")) for k in ("endpoint_ms", "asr_ms", "first_text_ms", "tts_ms"))
+                marks = s.get("marks", {})
+                if "speculated" in marks:  # the turn was started on the guess, before it was decided
+                    stages += f" (started on the guess at {marks['speculated']})"
+                if marks.get("tts_started", 0) < marks.get("frame:TextDelta", 0):  # HeadStart: from the draft
+                    stages += " (first piece from the draft)"
                 heard = r["text"] if r["early"] is None else f"{r['text']} (first answered early as \"{r['early']}\")"
                 rows.append(f"| {question} | {heard} | {r['heard_ms']:.0f} | {r['audio_ms']:.0f} | {stages} |")
                 print(rows[-1], flush=True)

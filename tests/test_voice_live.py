@@ -4,6 +4,7 @@ assistant's turn on the tiny model, and piper speaking the answer back. Barge-in
 the engine's cancellation; the bounds (frame size, key, Origin, idle time, utterance length)
 each close the socket with a message that says what to do."""
 
+import contextlib
 import json
 import time
 
@@ -79,6 +80,15 @@ def until(ws, kind: str | tuple[str, ...], seen: list, timeout: float = 120) -> 
             return seen[-1]
 
 
+def held(engine, what: str = "no generation started"):
+    """The engine's first request, once two tokens are out (a GatedEngine(after=2) holds it there)."""
+    deadline = time.monotonic() + 60
+    while not (engine.requests and len(engine.requests[0].tokens) >= 2):
+        assert time.monotonic() < deadline, what
+        time.sleep(0.01)
+    return engine.requests[0]
+
+
 def test_a_spoken_turn_is_heard_answered_and_spoken(tiny768_registry, tmp_path, speech):
     site, key, db = make_site(tiny768_registry, tmp_path)
     with site as url, connect(ws_url(url)) as ws:
@@ -124,10 +134,7 @@ def test_speaking_over_the_answer_cancels_it_within_one_engine_step(tiny768_regi
             until(ws, "ready", seen)
             send_audio(ws, speech(ASK))
             started = until(ws, "turn", seen)
-            deadline = time.monotonic() + 60
-            while not (engine.requests and len(engine.requests[0].tokens) >= 2):  # held at the gate
-                assert time.monotonic() < deadline
-                time.sleep(0.01)
+            held(engine)  # held at the gate
             (request,) = engine.requests
             before = len(request.tokens)
             send_audio(ws, speech(AGAIN))  # the user speaks over the answer
@@ -282,3 +289,117 @@ def test_speech_over_a_turn_still_being_transcribed_joins_the_next_utterance(tin
         with Store(db) as store:
             user = store.get_user_by_name("ann")
             assert [m.content for m in store.messages(user.id, done["conversation"])][0] == final
+
+
+@contextlib.contextmanager
+def gated(registry, tmp_path, max_tokens: int):
+    """A live session, started and ready, on an engine that holds every answer after two tokens
+    until its gate is set. Yields (ws, messages seen, engine, the store's path)."""
+    engine = GatedEngine(registry.load("tiny768")[0], after=2)
+    site, key, db = make_site(registry, tmp_path, engine=engine, max_tokens=max_tokens)
+    try:
+        with site as url, connect(ws_url(url)) as ws:
+            ws.send(json.dumps({"type": "start", "api_key": key}))
+            seen = []
+            until(ws, "ready", seen)
+            yield ws, seen, engine, db
+    finally:
+        engine.gate.set()
+        engine.close()
+
+
+@contextlib.contextmanager
+def guessed(registry, tmp_path, speech):
+    """`gated`, the question sent with 120 ms of quiet after it: past the guess (100 ms), short of
+    the end of the turn (200 ms). Yields (ws, messages seen, engine, the engine request the guess
+    started, held after two tokens, the store's path)."""
+    with gated(registry, tmp_path, max_tokens=12) as (ws, seen, engine, db):
+        send_audio(ws, speech(ASK, pause=0.12))
+        yield ws, seen, engine, held(engine, "no generation started on the guess"), db
+
+
+def test_a_turn_started_on_the_guess_is_kept_when_the_transcript_holds(tiny768_registry, tmp_path, speech):
+    """Speculative start: the model is already answering the guess, unseen, before the end of the
+    turn. 200 ms more quiet ends the turn on the same transcript: that generation is the turn (one
+    engine request), and its messages, held until then, arrive in order."""
+    with guessed(tiny768_registry, tmp_path, speech) as (ws, seen, engine, request, db):
+        send_audio(ws, b"\0" * 6_400)  # 200 ms more quiet: the turn ends, on the guess's transcript
+        final = until(ws, "transcript", seen)
+        assert final["final"] is True and wer(ASK, final["text"]) <= 0.25, final
+        engine.gate.set()
+        done = until(ws, "done", seen)
+        assert done["type"] == "done" and done["interrupted"] is False, done
+        assert engine.requests == [request] and request.wait(timeout=60) != "cancelled"
+        kinds = [m["type"] for m in seen]
+        assert kinds.index("transcript") < kinds.index("turn") < kinds.index("audio") < kinds.index("done")
+        marks = next(m for m in seen if m["type"] == "audio")["latency"]["marks"]
+        assert marks["speculated"] < marks["decided"] <= marks["sending"], marks
+    with Store(db) as store:
+        user = store.get_user_by_name("ann")
+        (asked, said) = store.messages(user.id, done["conversation"])
+        assert asked.content == final["text"] and said.id == done["turn_id"]
+
+
+def test_a_turn_started_on_the_guess_is_dropped_unsent_and_unsaved_when_speech_goes_on(
+        tiny768_registry, tmp_path, speech):
+    """The same guess, but the user goes on after the pause: the generation started on it is
+    cancelled through the engine's cancellation (at most the step under way finishes), none of its
+    messages is sent and nothing of it is saved; the whole utterance is the one turn."""
+    with guessed(tiny768_registry, tmp_path, speech) as (ws, seen, engine, request, db):
+        before = len(request.tokens)
+        send_audio(ws, speech(AGAIN))  # the user goes on: the same utterance
+        deadline = time.monotonic() + 60
+        while not request.cancelled:
+            assert time.monotonic() < deadline, "the speculative generation was not cancelled"
+            time.sleep(0.01)
+        engine.gate.set()
+        assert request.wait(timeout=60) == "cancelled" and len(request.tokens) <= before + 1
+        done = until(ws, "done", seen)
+        assert done["type"] == "done" and done["interrupted"] is False, done
+        kinds = [m["type"] for m in seen]
+        (final,) = [m["text"] for m in seen if m["type"] == "transcript" and m["final"]]
+        assert "kitchen" in final.lower() and "weather" in final.lower(), final
+        assert kinds.count("turn") == kinds.count("done") == 1 and len(engine.requests) == 2
+        assert "interrupted" not in kinds and "resumed" not in kinds
+    with Store(db) as store:
+        user = store.get_user_by_name("ann")
+        (conversation,) = store.list_conversations(user.id)  # the guess's was never kept
+        assert conversation.id == done["conversation"]
+        assert [m.content for m in store.messages(user.id, conversation.id)][0] == final
+
+
+def test_the_first_piece_is_made_from_the_draft_and_given_only_for_the_same_checked_text():
+    """HeadStart (parley.voice.tts): the draft's first piece ("the first 4 words of a sentence of
+    8 or more", as `sentences` cuts it) is synthesized as soon as the draft shows it, before the
+    sentence is finished, and given for that same checked piece only; a different checked piece
+    (a rewritten answer) gets nothing, and once the caller has asked, a late draft starts nothing."""
+    import threading
+
+    from parley.voice.tts import HeadStart, load_tts
+
+    tts = load_tts("default")
+    head = HeadStart(tts, threading.Lock(), first_clause=4, first_words=4)
+    worker = threading.Thread(target=head.run)
+    worker.start()
+    for word in "I'm here to assist you in any way".split():  # no sentence end yet: the checker holds it
+        head.drafts.put(word + " ")
+    worker.join(timeout=60)  # done before the draft ended: the piece was known at its 8th word
+    assert not worker.is_alive()
+    clip, (start, end) = head.take("I'm here to assist")
+    assert clip.rate == tts.rate and np.abs(clip.samples).max() > 0.05 and start <= end
+    head.close()
+
+    rewritten = HeadStart(tts, threading.Lock(), first_clause=4, first_words=4)
+    worker = threading.Thread(target=rewritten.run)
+    worker.start()
+    for word in "I'm here to assist you in any way".split():
+        rewritten.drafts.put(word + " ")
+    worker.join(timeout=60)
+    assert rewritten.take("I am here to assist") is None  # not what was drafted: the caller makes it
+
+    late = HeadStart(tts, threading.Lock(), first_clause=4, first_words=4)
+    assert late.take("Hello there.") is None  # asked before the draft had a piece
+    late.drafts.put("Hello there. ")
+    late.close()
+    late.run()
+    assert late._ahead is None  # nothing synthesized after the caller went ahead without it

@@ -15,8 +15,8 @@ from parley.voice.asr import Segment, Transcription
 from parley.voice.audio import Clip, resample
 from parley.voice.vad import BargeIn
 from serving import GatedEngine
-from test_voice_live import (CHUNK, connect, make_site, send_audio, speech,  # noqa: F401 (speech: a fixture)
-                             until, ws_url)
+from test_voice_live import (CHUNK, connect, gated, held, make_site, send_audio,  # noqa: F401 (speech: a fixture)
+                             speech, until, ws_url)
 
 pytest.importorskip("faster_whisper")
 pytest.importorskip("piper")
@@ -117,31 +117,56 @@ def test_a_pause_inside_a_sentence_does_not_split_the_turn(tiny768_registry, tmp
 
 
 def test_a_noise_over_the_answer_stops_nothing_and_words_do(tiny768_registry, tmp_path, speech):  # noqa: F811
-    model = tiny768_registry.load("tiny768")[0]
-    engine = GatedEngine(model, after=2)  # the answer holds after two tokens, mid-turn
-    site, key, _ = make_site(tiny768_registry, tmp_path, engine=engine, max_tokens=200)
-    try:
-        with site as url, connect(ws_url(url)) as ws:
-            ws.send(json.dumps({"type": "start", "api_key": key}))
-            seen = []
-            until(ws, "ready", seen)
-            send_audio(ws, speech("Turn on the kitchen lights."))
-            until(ws, "turn", seen)
-            while not (engine.requests and len(engine.requests[0].tokens) >= 2):  # held at the gate
-                time.sleep(0.01)
-            # then quiet, so the utterance ends; in real time, so the early end-of-turn guess (at
-            # 100 ms of quiet) is under way or done when the utterance ends at 600 ms: its
-            # transcript ("You", Whisper unsure there is speech) is the one the rule judges
-            send_live(ws, pcm16(noise(0.4)) + b"\0" * 32_000)
-            ignored = until(ws, ("ignored", "interrupted"), seen)
-            assert ignored["type"] == "ignored" and ignored.get("reason") == "noise", seen
-            assert not engine.requests[0].cancelled
-            send_audio(ws, pcm16(spoken("Wait, stop. Tell me about the weather instead.", "espeak:en-gb")))
-            until(ws, "interrupted", seen)
-            assert engine.requests[0].cancelled
-            engine.gate.set()
-            done = until(ws, "done", seen, timeout=30)
-            assert done.get("interrupted") is True, [m["type"] for m in seen]
-    finally:
+    with gated(tiny768_registry, tmp_path, max_tokens=200) as (ws, seen, engine, _):  # held mid-turn
+        send_audio(ws, speech("Turn on the kitchen lights."))
+        until(ws, "turn", seen)
+        held(engine)  # held at the gate
+        # then quiet, so the utterance ends; in real time, so the early end-of-turn guess (at
+        # 100 ms of quiet) is under way or done when the utterance ends at 600 ms: its
+        # transcript ("You", Whisper unsure there is speech) is the one the rule judges
+        send_live(ws, pcm16(noise(0.4)) + b"\0" * 32_000)
+        ignored = until(ws, ("ignored", "interrupted"), seen)
+        assert ignored["type"] == "ignored" and ignored.get("reason") == "noise", seen
+        assert not engine.requests[0].cancelled
+        send_audio(ws, pcm16(spoken("Wait, stop. Tell me about the weather instead.", "espeak:en-gb")))
+        until(ws, "interrupted", seen)
+        assert engine.requests[0].cancelled
         engine.gate.set()
-        engine.close()
+        done = until(ws, "done", seen, timeout=30)
+        assert done.get("interrupted") is True, [m["type"] for m in seen]
+
+
+def test_a_tentative_turn_writes_nothing_until_it_is_kept(tmp_path, embedder):
+    """Turn.tentative, what the live route's speculative turn runs with (parley.pipeline.runner):
+    its writes wait for the decision. Dropped, a memory command writes no fact and the turn saves
+    no exchange, its new conversation deleted; kept, the same turn writes both."""
+    from parley.pipeline.assistant import Assistant, AssistantConfig
+    from parley.pipeline.runner import Tentative, Turn
+
+    assistant = Assistant.build(AssistantConfig(stages=["state"]), embedder=embedder)
+    db = tmp_path / "p.db"
+    with Store(db) as store:
+        uid = store.add_user("u").id
+
+    def say(turn: Turn) -> None:  # in a thread of its own, with its own connection, as a server's turn
+        with Store(db) as store:
+            turn.store = store
+            list(assistant.say(turn, "Remember that I like tea"))
+
+    for keep in (False, True):
+        tentative = Tentative()
+        turn = Turn(uid, tentative=tentative)
+        saying = threading.Thread(target=say, args=(turn,))
+        saying.start()  # it waits for the decision before its first write
+        (tentative.keep if keep else tentative.drop)()
+        saying.join(timeout=60)
+        assert not saying.is_alive()
+        with Store(db) as store:
+            facts = [f.text for f in store.list_memory(uid)]
+            if not keep:
+                assert facts == [] and store.list_conversations(uid) == [] and turn.message_id is None
+    with Store(db) as store:
+        (conversation,) = store.list_conversations(uid)
+        assert [m.role for m in store.messages(uid, conversation.id)] == ["user", "assistant"]
+    assert facts == ["I like tea"]
+    assert Tentative(timeout_s=0.01).wait() is False  # never decided: dropped, no thread waits for ever

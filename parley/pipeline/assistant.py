@@ -290,10 +290,10 @@ class Assistant:
                 yield frame
         finally:
             answer = shown_text(out)
-            if answer:  # user message, answer, trace and dialogue state: one transaction
+            if answer and turn.may_write():  # user message, answer, trace and dialogue state: one transaction
                 _, saved = store.add_exchange(turn.user_id, turn.conversation_id, text, answer, turn.trace_dict(),
                                               slots=turn.slots, model=self.answered_by)
                 turn.message_id = saved.id
-            elif opened:  # the turn failed before saying anything: leave no empty conversation
+            elif opened:  # it failed before saying anything, or was dropped (Turn.tentative): no empty conversation
                 store.delete_conversation(turn.user_id, turn.conversation_id)
                 turn.conversation_id = None

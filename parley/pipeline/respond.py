@@ -304,9 +304,11 @@ class RespondStage(Stage):
             for piece in _cited(_unfenced(stream), citer):  # the prompt's passage tags never reach the user
                 text += piece
                 if visible:
+                    turn.drafted(piece)
                     yield TextDelta(piece)
                 elif text.strip():  # the answer's first visible text; the blank before it is not shown
                     visible = True
+                    turn.drafted(text.lstrip())
                     yield TextDelta(text.lstrip())
                 elif len(text) >= BLANK_LIMIT:  # a model that emits only whitespace: stop it now
                     break

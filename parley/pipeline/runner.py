@@ -66,6 +66,27 @@ class Cancel:
         callback()
 
 
+class Tentative:
+    """A turn started before it is known to be wanted: the live voice route starts one on its
+    guess of what the user said, before the user is known to have finished. Its writes (the
+    exchange, memory) wait until the route keeps it (`keep`) or drops it (`drop`: nothing of it is
+    saved); one never decided is dropped after `timeout_s`, so no thread waits for ever."""
+
+    def __init__(self, timeout_s: float = 60.0):
+        self._decided, self._kept, self.timeout_s = threading.Event(), False, timeout_s
+
+    def keep(self) -> None:
+        self._kept = True
+        self._decided.set()
+
+    def drop(self) -> None:
+        self._decided.set()
+
+    def wait(self) -> bool:
+        """Block until kept (True) or dropped (False)."""
+        return self._decided.wait(self.timeout_s) and self._kept
+
+
 @dataclass
 class Usage:
     """Tokens a turn's generation read and wrote (0 where the backend cannot count them)."""
@@ -90,6 +111,9 @@ class Turn:
     trace: dict[str, TraceEntry] = field(default_factory=dict)
     scratch: dict[str, Any] = field(default_factory=dict)  # per-turn working state of a stage, by stage name
     interrupted: str | None = None  # set (to a reason) to stop the turn; see `interrupt`
+    tentative: Tentative | None = None  # a turn not yet known to be wanted: its writes wait (may_write)
+    draft: Callable[[str], None] | None = None  # given each piece of the answer as the model writes it,
+    # before later stages check it: the live voice route synthesizes from it, and sends only checked text
 
     def get(self, kind: type[F]) -> F | None:
         """The latest frame of this type created so far in the turn, or None."""
@@ -111,6 +135,16 @@ class Turn:
         """Stop the turn: the runner stops pulling frames, closing every stage's generator,
         so generation upstream ends at its next token."""
         self.interrupted = reason
+
+    def may_write(self) -> bool:
+        """Whether the turn may write to the store now: a plain turn always; a tentative one waits
+        until it is kept (True) or dropped (False: it writes nothing)."""
+        return self.tentative is None or self.tentative.wait()
+
+    def drafted(self, piece: str) -> None:
+        """The respond stage wrote `piece` of the answer (not yet checked): tell `draft`, if any."""
+        if self.draft is not None:
+            self.draft(piece)
 
     def text(self) -> str:
         """The answer as it left the pipeline so far (after any stage that held or rewrote it)."""

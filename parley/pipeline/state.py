@@ -191,6 +191,8 @@ class StateStage(Stage):
         if cue and cue != name:  # "forget that X" said in so many words beats the classifier's guess
             turn.note(self.name, f"rule: {cue}", classifier=name)
             name = cue
+        if name in ("remember", "forget_memory") and not turn.may_write():
+            return  # a tentative turn that was dropped (Turn.tentative): it changes no memory
         if name == "remember":
             fact = memory.remember(turn.user_id, fact_to_remember(frame.text))
             turn.note(self.name, "remembered", fact=fact.text, fact_id=fact.id)

@@ -22,13 +22,22 @@ sentence of 8 or more, as soon as it is written;
 the turn's first `audio` also has `latency`: {endpoint_ms: last speech frame -> turn decided,
 asr_ms: the wait for the final transcript, 0 when the early one was reused, first_text_ms:
 turn started -> first spoken text, tts_ms: its synthesis, marks: {step: ms after the last speech
-frame} for each step on the way: decided, transcribed, turn_started, the first of each pipeline frame
-("frame:TextDelta": the first shown text), tts_started, tts_done, sending}); `interrupted` {conversation};
+frame} for each step on the way: speculated (below), decided, transcribed, turn_started, the first of
+each pipeline frame ("frame:TextDelta": the first shown text), tts_started, tts_done, sending});
+`interrupted` {conversation};
 `ignored` {text, reason: "noise" | "echo"} (speech over the answer that was no barge-in: it is
 not answered either); `resumed` {text} (speech went on, within 1 s of audio, after a turn began but before any
 of its answer was shown: the pause was inside the user's sentence, so that turn is taken back unsaved
 and its text starts the next utterance); `done` {turn_id, conversation, interrupted}; `error` {message, code},
 after which the socket closes (1008 a policy: auth, limits, bad input; 1011 the server's fault).
+
+Speculative start: when the guess made in a pause (100 ms of quiet) is ready before the end-of-turn
+rule has decided, the turn starts on it at once, unseen: its messages are held and its writes wait
+(parley.pipeline.runner.Tentative). If the turn then ends on that same transcript, it is kept and
+what it held is sent in order; if speech goes on, or the final transcript differs, it is dropped
+through the engine's cancellation and nothing of it is sent or saved. The first spoken piece is
+synthesized from the model's draft while the output safety stage still holds its sentence
+(parley.voice.tts.HeadStart) and sent only once the checked text's first piece is the same.
 
 Barge-in: speech that starts while the assistant has a turn going (generating, or audio it sent
 that the client is still playing by the server's clock) stops it once parley.voice.vad.BargeIn
@@ -123,6 +132,7 @@ class LiveSession:
         self.user = self.asr = self.tts = None
         self.conversation: int | None = None
         self.task: asyncio.Task | None = None  # the current turn: transcribe, answer, speak
+        self.spec: Spec | None = None  # a turn started on the guess, before the end of the turn (speculate)
         self.running: RunningTurn | None = None  # its pipeline turn, while it generates
         self.barged = False  # the current turn was interrupted: send no more of it
         self.overlong = False  # the last utterance was cut for length while the user went on
@@ -259,6 +269,8 @@ class LiveSession:
         ended = self.cut.push(np.frombuffer(data, "<i2").astype(np.float32) / 32768)
         if self.cut.spoken > spoken:
             self.last_speech, self.last_speech_frame = time.perf_counter(), self.cut.frames_seen
+            if self.spec is not None:  # the user went on: the guess it was started on is not the turn's
+                self.drop_spec()
         if self.cut.in_speech and not was_speaking or (ended and not was_speaking):
             await self.send("speech_started")
             if not self.overlong:  # speech going on past a cut for length is the same speaker, not a barge-in
@@ -320,6 +332,8 @@ class LiveSession:
                 return
             self.guessed = (key[0], heard)
             await self.end_if_finished()
+            if self.cut.in_speech:  # not ended by it: the turn is started now, kept if the transcript holds
+                self.speculate(key[0], heard)
             if self.end_rule.finished(heard.text) or key[1] or self.pause() == key:
                 return
 
@@ -406,6 +420,15 @@ class LiveSession:
             self.guess.cancel()  # its decision would be stale: the utterance is cut already
         self.guess, self.guessed, self.guess_job, self.partial_at = None, None, None, 0
         decided = time.perf_counter()
+        if self.spec is not None:
+            spec, self.spec = self.spec, None
+            if self.over is None and isinstance(known, Transcription) and spec.spoken == self.cut.spoken \
+                    and spec.text == " ".join(filter(None, (self.carry, known.text))):
+                spec.clock.mark("decided", decided)  # the transcript held: the turn already going is the turn
+                self.carry = ""
+                await spec.out.keep()
+                return
+            spec.out.drop()
         over, self.over = self.over, None
         if over is not None:  # spoken over the answer: a turn only if it is a barge-in
             self.deciding = self.spawn(self.answer_over(utterance, over, known, decided))
@@ -416,7 +439,31 @@ class LiveSession:
         clock = TurnClock(self.last_speech, self.last_speech_frame)
         clock.mark("decided", decided)
         previous = self.task
-        self.task = self.spawn(self.turn(samples, previous, known, clock))
+        self.task = self.spawn(self.turn(samples, previous, known, clock, Outbox()))
+
+    def speculate(self, spoken: int, heard: Transcription) -> None:
+        """Start the turn on the guess made in a pause (`guess_end`) before the end-of-turn rule has
+        decided that the user has finished: the model writes and the first piece is synthesized
+        while the rest of the quiet is waited for. Its messages are held (Outbox) and its writes
+        wait (RunningTurn.keep); `answer` keeps it if the final transcript is this one, and more
+        speech, or another transcript, drops it (nothing of it sent or saved)."""
+        text = " ".join(filter(None, (self.carry, heard.text)))
+        if self.spec is not None:
+            if self.spec.text == text:
+                return
+            self.drop_spec()
+        if not heard.text or self.over is not None or self.overlong or self.ended or self.answering() \
+                or (self.task is not None and not self.task.done()) \
+                or (self.deciding is not None and not self.deciding.done()):
+            return  # a turn or a barge-in decision is going: nothing is started over it
+        clock = TurnClock(self.last_speech, self.last_speech_frame)
+        clock.mark("speculated")
+        self.spec = Spec(spoken, text, Outbox(held=True), clock)
+        self.task = self.spawn(self.turn(None, self.task, heard, clock, self.spec.out))
+
+    def drop_spec(self) -> None:
+        self.spec.out.drop()
+        self.spec = None
 
     async def answer_over(self, utterance, over: Over, known: Transcription | asyncio.Future | None,
                           decided: float) -> None:
@@ -434,8 +481,9 @@ class LiveSession:
         else:
             self.start_turn(utterance.clip.samples, heard, decided)
 
-    async def turn(self, samples: np.ndarray, previous: asyncio.Task | None,
-                   known: Transcription | asyncio.Future | None, clock: TurnClock) -> None:
+    async def turn(self, samples: np.ndarray | None, previous: asyncio.Task | None,
+                   known: Transcription | asyncio.Future | None, clock: TurnClock, out: Outbox) -> None:
+        """Transcribe (unless `known`), answer and speak one turn; what it sends goes through `out`."""
         if previous is not None:
             await asyncio.gather(previous, return_exceptions=True)
         self.barged = False
@@ -444,28 +492,35 @@ class LiveSession:
             known = await known
         text = known.text if known is not None else await run_in_threadpool(self.transcribe, samples)
         clock.mark("transcribed")
-        text, self.carry = " ".join(filter(None, (self.carry, text))), ""
+        text = " ".join(filter(None, (self.carry, text)))
+        if not out.tentative:  # a speculative turn takes the carried text once it is kept (answer)
+            self.carry = ""
         if self.barged:  # the user went on before this turn began: it is said with the next utterance
             self.carry = text
             if text:
                 await self.send("transcript", text=text, final=False)
             return
-        await self.send("transcript", text=text, final=True)
-        if not text:
+        await out.put(self.sender("transcript", text=text, final=True))
+        if not text or out.dropped:
             return
+        from parley.voice.tts import HeadStart
+
+        head = HeadStart(self.tts, self.tts_busy, FIRST_CLAUSE, FIRST_WORDS, lambda: self.barged or out.dropped)
         try:
             clock.mark("turn_started")
             self.said, self.retracted, self.open_turn = [], False, (text, self.conversation, clock.spoke)
-            self.running = running = self.server.turns.start(self.user, self.conversation, text, overrides={})
+            self.running = running = self.server.turns.start(self.user, self.conversation, text, overrides={},
+                                                             tentative=out.tentative, draft=head.drafts.put)
+            out.running = running
         except QueueFull as e:
-            await self.send("error", message=str(e), code="busy")
+            await out.put(self.sender("error", message=str(e), code="busy"))
             return
         if self.ended:
             running.stop()
         elif self.barged:  # spoken over while its transcript was being sent: a barge-in at its start
             running.interrupt("barge-in")
         pieces: queue.Queue = queue.Queue()
-        speaking = asyncio.create_task(self.speak(pieces, clock))
+        speaking = asyncio.create_task(self.speak(pieces, clock, out, head))
         done = None
         try:
             from parley.pipeline.frames import ShownText
@@ -474,72 +529,110 @@ class LiveSession:
             async for item in running.frames():
                 clock.mark(f"frame:{type(item).__name__}")
                 if isinstance(item, TurnStarted):
-                    self.conversation = item.conversation_id
-                    await self.send("turn", conversation=self.conversation)
+                    await out.put(self.began(item.conversation_id))
                 elif isinstance(item, TurnDone):
                     done = item
-                elif (piece := shown(item)) and not self.barged:
-                    self.open_turn = None  # shown: the turn stands
-                    await self.send("text", text=piece)
-                    pieces.put(piece)
+                elif (piece := shown(item)) and not self.barged and not out.dropped:
+                    pieces.put(piece)  # synthesized at once, sent when `out` sends
+                    await out.put(self.shown(piece))
         except Exception as e:  # the turn failed: said as the HTTP routes would say it
             from parley.serve.errors import from_exception
 
-            await self.send("error", message=from_exception(e).message, code="turn_failed")
+            await out.put(self.sender("error", message=from_exception(e).message, code="turn_failed"))
         finally:
             pieces.put(None)
+            head.close()
             self.running, self.open_turn = None, None
             await speaking
         if done is not None and not self.retracted:
+            await out.put(self.ended_turn(done))
+
+    def sender(self, kind: str, **fields):
+        """A message to send when the turn's Outbox sends."""
+        return lambda: self.send(kind, **fields)
+
+    def shown(self, piece: str):
+        async def send() -> None:
+            self.open_turn = None  # shown: the turn stands (a held turn's text is not shown until sent)
+            await self.send("text", text=piece)
+        return send
+
+    def began(self, conversation: int):
+        async def send() -> None:
+            self.conversation = conversation
+            await self.send("turn", conversation=conversation)
+        return send
+
+    def ended_turn(self, done: TurnDone):
+        async def send() -> None:
             self.conversation = done.conversation_id or self.conversation
             self.last_answer = done.message_id
-            await self.send("done", turn_id=done.message_id, conversation=self.conversation,
-                            interrupted=self.barged)
+            await self.send("done", turn_id=done.message_id, conversation=self.conversation, interrupted=self.barged)
+        return send
 
-    async def speak(self, pieces: queue.Queue, clock: TurnClock) -> None:
+    async def speak(self, pieces: queue.Queue, clock: TurnClock, out: Outbox, head) -> None:
         """Synthesize the answer sentence by sentence, in a thread, sending each as it is made; the
-        first audio message carries the turn's `latency` (see the module docstring)."""
+        first audio message carries the turn's `latency` (see the module docstring). The first
+        piece is made from the model's draft while the safety stage still holds its sentence
+        (parley.voice.tts.HeadStart), and sent once the checked text's first piece is the same."""
         from parley.voice.tts import TTSError, sentences, spoken
 
         loop, made = asyncio.get_running_loop(), asyncio.Queue()
 
         def synthesize():
             def text():
-                while (piece := pieces.get()) is not None and not self.barged:
+                while (piece := pieces.get()) is not None and not self.barged and not out.dropped:
                     yield piece
 
             try:
+                first = True
                 for sentence in sentences(text(), first_clause=FIRST_CLAUSE, first_words=FIRST_WORDS):
                     if not (words := spoken(sentence)):  # "..." alone has nothing to say
                         continue
-                    # one synthesis at a time per voice, as /v1/audio/speech; held per sentence, not
-                    # while the answer is written (another session's speech would wait for this answer)
-                    with self.tts_busy:
-                        start = time.perf_counter()
-                        clip = self.tts.synthesize(words)
-                    if self.barged:
+                    ahead, first = head.take(sentence) if first else None, False
+                    if ahead is not None:
+                        clip, times = ahead
+                    else:
+                        # one synthesis at a time per voice, as /v1/audio/speech; held per sentence, not
+                        # while the answer is written (another session's speech would wait for this answer)
+                        with self.tts_busy:
+                            start = time.perf_counter()
+                            clip = self.tts.synthesize(words)
+                        times = (start, time.perf_counter())
+                    if self.barged or out.dropped:
                         break
-                    times = (start, time.perf_counter())
                     loop.call_soon_threadsafe(made.put_nowait, (sentence, clip, times))
             except TTSError:
                 pass  # nothing speakable left (text only): the answer's text has been sent
             finally:
                 loop.call_soon_threadsafe(made.put_nowait, None)
 
+        drafting = asyncio.ensure_future(run_in_threadpool(head.run))
         synthesis = asyncio.ensure_future(run_in_threadpool(synthesize))
         first = True
         while (item := await made.get()) is not None:
             sentence, clip, (started, made_at) = item
-            if self.barged:
+            if self.barged or out.dropped:
                 continue
-            pcm = (clip.samples.clip(-1, 1) * 32767).round().astype("<i2").tobytes()
-            heading = {"type": "audio", "text": sentence, "rate": clip.rate, "samples": len(clip.samples)}
             if first:
                 clock.mark("tts_started", started)
                 clock.mark("tts_done", made_at)
+            await out.put(self.audio_sender(sentence, clip, clock if first else None))
+            first = False
+        await synthesis
+        await asyncio.gather(drafting, return_exceptions=True)  # its error, if any, met by `synthesize` too
+
+    def audio_sender(self, sentence: str, clip, clock: TurnClock | None):
+        """A piece of the answer's audio to send when the turn's Outbox sends; the turn's first
+        (`clock` given) carries its `latency`, taken then."""
+        async def send() -> None:
+            if self.barged:
+                return
+            pcm = (clip.samples.clip(-1, 1) * 32767).round().astype("<i2").tobytes()
+            heading = {"type": "audio", "text": sentence, "rate": clip.rate, "samples": len(clip.samples)}
+            if clock is not None:
                 clock.mark("sending")
                 heading["latency"] = clock.report()
-            first = False
             self.said.append(sentence)
             # it plays once what was sent before it has played: its start on the stream's clock
             queued = max(0.0, self.playing_until - time.monotonic())
@@ -548,11 +641,13 @@ class LiveSession:
                 await self.ws.send_text(json.dumps(heading))
                 await self.ws.send_bytes(pcm)
             self.playing_until = max(self.playing_until, time.monotonic()) + clip.seconds
-        await synthesis
+        return send
 
     async def end(self) -> None:
         """The client has gone: a turn still going stops (a plain stop, not a barge-in)."""
         self.barged = self.ended = True
+        if self.spec is not None:
+            self.drop_spec()
         if self.running is not None:
             self.running.stop()
         for task in (self.deciding, self.task, self.partial, self.guess):
@@ -581,6 +676,54 @@ class TurnClock:
         return {"endpoint_ms": ms("spoke", "decided"), "asr_ms": ms("previous_done", "transcribed"),
                 "first_text_ms": ms("turn_started", "tts_started"), "tts_ms": ms("tts_started", "tts_done"),
                 "marks": {name: round((at - self.spoke_at) * 1000) for name, at in sorted(m.items(), key=lambda x: x[1])}}
+
+
+class Outbox:
+    """What one turn sends. A turn started on a guess (LiveSession.speculate) holds all of it
+    until it is kept (`keep`: its writes go ahead and what was held is sent, in order) or dropped
+    (`drop`: its generation is cancelled through the engine's cancellation, nothing of it is sent
+    and nothing saved); a plain turn's outbox sends at once."""
+
+    def __init__(self, held: bool = False):
+        self.held, self.kept, self.dropped = held, False, False
+        self.items: list = []  # async callables that send, in order, while held
+        self.running: RunningTurn | None = None  # the turn's pipeline turn, once started
+
+    async def put(self, send) -> None:
+        if self.dropped:
+            return
+        if self.held:
+            self.items.append(send)
+        else:
+            await send()
+
+    @property
+    def tentative(self) -> bool:
+        """Neither kept nor dropped yet (a plain turn's never is)."""
+        return self.held and not self.kept and not self.dropped
+
+    async def keep(self) -> None:
+        self.kept = True
+        if self.running is not None:
+            self.running.keep()
+        while self.items:  # what is put while these are sent joins the queue: the order holds
+            await self.items.pop(0)()
+        self.held = False
+
+    def drop(self) -> None:
+        self.dropped, self.items = True, []
+        if self.running is not None:
+            self.running.drop()
+
+
+@dataclass
+class Spec:
+    """A turn started on a guess of the transcript (LiveSession.speculate)."""
+
+    spoken: int  # Endpointer.spoken when the guess's audio ended: more speech since drops it
+    text: str  # what it answers (with any carried text)
+    out: Outbox
+    clock: TurnClock
 
 
 @dataclass

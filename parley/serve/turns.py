@@ -28,7 +28,7 @@ from parley.engine.engine import Engine, QueueFull
 from parley.learn.personal import adapter_for
 from parley.model.tokenizer import Tokenizer
 from parley.pipeline.assistant import Assistant, AssistantConfig
-from parley.pipeline.runner import Cancel, Turn
+from parley.pipeline.runner import Cancel, Tentative, Turn
 from parley.store import Store, User
 
 _END = object()  # a turn's last item
@@ -58,6 +58,7 @@ class RunningTurn:
     channel: Channel = field(default_factory=Channel)  # from the turn's thread to the route
     cancel: Cancel = field(default_factory=Cancel)  # the pipeline turn's own
     interrupted: str | None = None  # why `interrupt` stopped it ("barge-in"), None for `stop`
+    tentative: Tentative | None = None  # started on a guess (TurnRunner.start): `keep` or `drop` decides
 
     async def frames(self) -> AsyncIterator:
         """TurnStarted, the pipeline's frames, TurnDone; the turn's exception if it failed."""
@@ -68,6 +69,17 @@ class RunningTurn:
 
     def stop(self) -> None:
         """Stop the turn: its generation at once (queued or running), the pipeline at its next frame."""
+        self.cancel.set()
+
+    def keep(self) -> None:
+        """A turn started tentative is wanted after all: its writes go ahead."""
+        if self.tentative is not None:
+            self.tentative.keep()
+
+    def drop(self) -> None:
+        """A turn started tentative is not wanted: stopped as `stop` does, and nothing of it is saved."""
+        if self.tentative is not None:
+            self.tentative.drop()
         self.cancel.set()
 
     def interrupt(self, reason: str = "barge-in") -> None:
@@ -112,17 +124,22 @@ class TurnRunner:
                                                   embedder=self.embed, registry=self.registry)
             return self._assistant
 
-    def start(self, user: User, conversation_id: int | None, text: str, overrides: dict) -> RunningTurn:
-        """Queue a turn; QueueFull when `max_pending` turns already wait for a thread."""
+    def start(self, user: User, conversation_id: int | None, text: str, overrides: dict,
+              tentative: bool = False, draft: Callable[[str], None] | None = None) -> RunningTurn:
+        """Queue a turn; QueueFull when `max_pending` turns already wait for a thread. A `tentative`
+        turn (started on a guess of what the user said) generates at once but writes nothing until
+        `RunningTurn.keep`; `RunningTurn.drop` stops it unsaved. `draft` is given each piece of the
+        answer as the model writes it, before the stages after respond have checked it (Turn.draft)."""
         with self._count:
             if self._inflight >= self.workers + self.max_pending:
                 raise QueueFull(self._inflight - self.workers, retry_after=1.0)
             self._inflight += 1
-        running = RunningTurn()
-        self.pool.submit(self._run, running, user, conversation_id, text, dict(overrides))
+        running = RunningTurn(tentative=Tentative() if tentative else None)
+        self.pool.submit(self._run, running, user, conversation_id, text, dict(overrides), draft)
         return running
 
-    def _run(self, running: RunningTurn, user: User, conversation_id: int | None, text: str, overrides: dict) -> None:
+    def _run(self, running: RunningTurn, user: User, conversation_id: int | None, text: str, overrides: dict,
+             draft: Callable[[str], None] | None = None) -> None:
         try:
             if running.cancel.is_set():  # the client left while the turn waited for a thread
                 return
@@ -131,7 +148,8 @@ class TurnRunner:
             adapter = adapter_for(self.engine, store, user.id)
             if adapter:  # their own adapter (parley learn user=NAME), unless they opted out
                 overrides["adapter"] = adapter
-            turn = Turn(user.id, conversation_id, store=store, overrides=overrides, cancel=running.cancel)
+            turn = Turn(user.id, conversation_id, store=store, overrides=overrides, cancel=running.cancel,
+                        tentative=running.tentative, draft=draft)
             # registered before respond registers its request's cancel, so it runs first: the
             # pipeline then ends the turn with an Interrupt frame, which the saved answer shows
             running.cancel.on_set(lambda: running.interrupted and turn.interrupt(running.interrupted))

@@ -15,10 +15,14 @@ parsed as an option.
 
 from __future__ import annotations
 
+import queue
 import re
 import shutil
 import subprocess
-from collections.abc import Iterable, Iterator
+import threading
+import time
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import Future
 from pathlib import Path
 from typing import Protocol
 
@@ -177,6 +181,58 @@ def _after_words(text: str, words: int, tail: int) -> re.Match | None:
     """The space after the `words`-th word of `text`, if `tail` or more words follow it."""
     gaps = [gap for gap in re.finditer(r"\s+", text.rstrip()) if gap.start() > 0]
     return gaps[words - 1] if len(gaps) >= words + tail - 1 else None
+
+
+class HeadStart:
+    """The first spoken piece of an answer, synthesized from its draft (the model's text before
+    the later pipeline stages have checked it: Turn.draft) while those stages still hold its
+    sentence. `take(piece)` gives that audio only when the checked text's first piece is the same
+    text, so nothing unchecked is ever heard; otherwise None, and the caller synthesizes the
+    checked piece itself. The pieces are cut as `sentences` cuts them (the same arguments).
+
+        head = HeadStart(tts, busy_lock, first_clause=4, first_words=4)
+        turn = turns.start(..., draft=head.drafts.put)      # the draft, piece by piece; None ends it
+        thread(head.run)                                    # synthesizes the draft's first piece
+        for piece in sentences(checked, 4, 4):              # the checked text
+            made = first and head.take(piece)               # (clip, (start, end)) or None
+    """
+
+    def __init__(self, tts: TTS, busy: threading.Lock, first_clause: int, first_words: int,
+                 stopped: Callable[[], bool] = lambda: False):
+        self.tts, self.busy, self.cut, self.stopped = tts, busy, (first_clause, first_words), stopped
+        self.drafts: queue.Queue = queue.Queue()
+        self._lock = threading.Lock()
+        self._taken = False  # the caller has asked for the first piece: too late to start one
+        self._ahead: tuple[str, Future] | None = None  # the draft's first piece and its audio to come
+
+    def run(self) -> None:
+        def draft():
+            while (piece := self.drafts.get()) is not None and not self.stopped():
+                yield piece
+
+        first = next((s for s in sentences(draft(), *self.cut) if spoken(s)), None)
+        with self._lock:
+            if first is None or self._taken or self.stopped():
+                return
+            made: Future = Future()
+            self._ahead = (first, made)
+        try:
+            with self.busy:  # the voice's one synthesis at a time
+                start = time.perf_counter()
+                made.set_result((self.tts.synthesize(spoken(first)), (start, time.perf_counter())))
+        except BaseException:  # the caller synthesizes it then, and meets the error itself
+            made.set_result(None)
+            raise
+
+    def take(self, piece: str) -> tuple[Clip, tuple[float, float]] | None:
+        """The draft's audio of `piece` (waiting for it if it is being made), if that was the
+        draft's first piece; None otherwise (and from then on the draft starts nothing)."""
+        with self._lock:
+            self._taken, ahead = True, self._ahead
+        return ahead[1].result() if ahead is not None and ahead[0] == piece else None
+
+    def close(self) -> None:
+        self.drafts.put(None)
 
 
 def speak_stream(tts: TTS, pieces: Iterable[str], first_clause: int = 0) -> Iterator[tuple[str, Clip]]:
