@@ -1,6 +1,9 @@
 """The `parley` command end to end, in subprocesses with their own PARLEY_HOME: importing,
-listing, exporting, generating, chatting through a pipe, and one-line errors for bad input."""
+listing, exporting, generating, chatting through a pipe, and one-line errors for bad input
+(most of those run in this process: a subprocess spends seconds importing torch)."""
 
+import contextlib
+import io
 import json
 import os
 import re
@@ -8,7 +11,9 @@ import shutil
 import subprocess
 import sys
 import typing
+import warnings
 from dataclasses import MISSING, fields, is_dataclass
+from unittest.mock import patch
 
 import pytest
 import torch
@@ -25,6 +30,26 @@ def parley(home, *args, stdin=None, check=True):
     if check and result.returncode != 0:
         raise AssertionError(f"parley {' '.join(args)} failed ({result.returncode}):\n{result.stderr}")
     return result
+
+
+def parley_here(home, *args) -> subprocess.CompletedProcess:
+    """`parley ARGS` run by `parley.cli.main` in this process, as `parley` (the subprocess) would
+    exit and print: its exit status, stdout and stderr. The warnings a fresh interpreter prints
+    (its default filters: not the deprecations of libraries) count as lines on stderr."""
+    from parley.cli import main
+
+    out, err = io.StringIO(), io.StringIO()
+    with patch.dict(os.environ, {"PARLEY_HOME": str(home)}), warnings.catch_warnings(record=True) as caught, \
+            contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        warnings.simplefilter("default")
+        for quiet in (DeprecationWarning, PendingDeprecationWarning, ImportWarning, ResourceWarning):
+            warnings.simplefilter("ignore", quiet)
+        try:
+            code = main(list(args))
+        except SystemExit as e:
+            code = e.code
+    printed = "".join(f"{w.filename}:{w.lineno}: {w.category.__name__}: {w.message}\n" for w in caught)
+    return subprocess.CompletedProcess(["parley", *args], code, out.getvalue(), err.getvalue() + printed)
 
 
 def assert_clean_error(result, *fragments):
@@ -83,46 +108,49 @@ def test_export_loads_in_transformers(home, tmp_path):
 
 
 def test_bad_input_gives_one_line_errors(home, tiny_hf_dir, tmp_path):
+    # as the command runs, in a subprocess (a fresh interpreter's imports print nothing more); serve too:
+    # a server that started by mistake would hang this process
     assert_clean_error(parley(home, "models", "import", str(tmp_path / "nope"), check=False), "no such file")
-    assert_clean_error(parley(home, "generate", "--model", "ghost", "--prompt", "hi", check=False),
-                       "no model named 'ghost'")
-    assert_clean_error(parley(home, "models", "import", str(tiny_hf_dir), "--name", "tiny", check=False),
-                       "already exists")
-    long_prompt = "Paris " * 200  # the tiny model's context is 96 tokens
-    assert_clean_error(parley(home, "generate", "--model", "tiny", "--prompt", long_prompt, check=False),
-                       "context is 96 tokens")
-    assert_clean_error(parley(home, "generate", "--model", "tiny", "--prompt", "hi", "--temperature", "-1",
-                              check=False), "temperature")
-    assert_clean_error(parley(home, "chat", "model=ghost", check=False), "no model named 'ghost'")
-    assert_clean_error(parley(home, "chat", "temprature=0", check=False), "temprature", "temperature")
-    assert_clean_error(parley(home, "ingest", str(tmp_path / "nope.txt"), check=False), "no such file")
     assert_clean_error(parley(home, "serve", "--prot", "8000", check=False),
                        "unknown config key 'prot' (did you mean port?)")
     assert_clean_error(parley(home, "serve", "engine.max_batch=0", check=False), "engine: max_batch must be >= 1")
-    assert_clean_error(parley(home, "generate", "--prompt", "hi", "--max-tokens", "ten", check=False),
+    # the rest in this process, through parley.cli.main as the command calls it
+    assert_clean_error(parley_here(home, "generate", "--model", "ghost", "--prompt", "hi"),
+                       "no model named 'ghost'")
+    assert_clean_error(parley_here(home, "models", "import", str(tiny_hf_dir), "--name", "tiny"),
+                       "already exists")
+    long_prompt = "Paris " * 200  # the tiny model's context is 96 tokens
+    assert_clean_error(parley_here(home, "generate", "--model", "tiny", "--prompt", long_prompt),
+                       "context is 96 tokens")
+    assert_clean_error(parley_here(home, "generate", "--model", "tiny", "--prompt", "hi", "--temperature", "-1"),
+                       "temperature")
+    assert_clean_error(parley_here(home, "chat", "model=ghost"), "no model named 'ghost'")
+    assert_clean_error(parley_here(home, "chat", "temprature=0"), "temprature", "temperature")
+    assert_clean_error(parley_here(home, "ingest", str(tmp_path / "nope.txt")), "no such file")
+    assert_clean_error(parley_here(home, "generate", "--prompt", "hi", "--max-tokens", "ten"),
                        "max_tokens: expected int, got 'ten'")
-    assert_clean_error(parley(home, "chat", "--url", "http://127.0.0.1:9", check=False), "server=URL")
-    assert_clean_error(parley(home, "users", "key", check=False), "parley users key NAME")
-    assert_clean_error(parley(home, "modles", "list", check=False), "unknown command 'modles' (did you mean models?)")
-    assert_clean_error(parley(home, "generate", "--model", "tiny", "--prompt", "hi", "engine.kernels=amx",
-                              "engine.dtype=float32", check=False), "kernels=amx, but the AMX tile path cannot run")
+    assert_clean_error(parley_here(home, "chat", "--url", "http://127.0.0.1:9"), "server=URL")
+    assert_clean_error(parley_here(home, "users", "key"), "parley users key NAME")
+    assert_clean_error(parley_here(home, "modles", "list"), "unknown command 'modles' (did you mean models?)")
+    assert_clean_error(parley_here(home, "generate", "--model", "tiny", "--prompt", "hi", "engine.kernels=amx",
+                                   "engine.dtype=float32"), "kernels=amx, but the AMX tile path cannot run")
 
     truncated = tmp_path / "truncated"
     shutil.copytree(tiny_hf_dir, truncated)
     weights = truncated / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
-    assert_clean_error(parley(home, "models", "import", str(truncated), check=False), "corrupt or truncated")
+    assert_clean_error(parley_here(home, "models", "import", str(truncated)), "corrupt or truncated")
 
     garbage = tmp_path / "garbage.gguf"
     garbage.write_bytes(b"GGUF" + os.urandom(200))
-    assert_clean_error(parley(home, "models", "import", str(garbage), check=False))
+    assert_clean_error(parley_here(home, "models", "import", str(garbage)))
 
     gpt2 = tmp_path / "gpt2"
     shutil.copytree(tiny_hf_dir, gpt2)
     config = json.loads((gpt2 / "config.json").read_text())
     config.update(architectures=["GPT2LMHeadModel"], model_type="gpt2")
     (gpt2 / "config.json").write_text(json.dumps(config))
-    assert_clean_error(parley(home, "models", "import", str(gpt2), check=False), "GPT2LMHeadModel")
+    assert_clean_error(parley_here(home, "models", "import", str(gpt2)), "GPT2LMHeadModel")
     # nothing half-written was left behind by the failed imports
     assert sorted(p.name for p in (home / "models").iterdir()) == ["tiny"]
 
