@@ -311,12 +311,12 @@ def test_smollm2_quantized_logits_greedy_text_and_perplexity(smol_q):
 # ---------------------------------------------------------------- `parley models import --quantize`
 
 def test_import_quantize_stores_quantized_weights_and_generates(tmp_path, tiny_hf_dir):
-    from test_cli import assert_clean_error, parley
+    from test_cli import assert_clean_error, parley_here
 
     from parley.registry import Registry
 
-    out = parley(tmp_path, "models", "import", str(tiny_hf_dir), "--name", "tiny-q4", "--quantize", "q4")
-    assert "imported tiny-q4" in out.stdout
+    out = parley_here(tmp_path, "models", "import", str(tiny_hf_dir), "--name", "tiny-q4", "--quantize", "q4")
+    assert out.returncode == 0 and "imported tiny-q4" in out.stdout, out.stderr
     registry = Registry(tmp_path)
     registry.import_model(str(tiny_hf_dir), name="tiny-q8", quantize="q8")
     for fmt in ("q4", "q8"):
@@ -335,5 +335,5 @@ def test_import_quantize_stores_quantized_weights_and_generates(tmp_path, tiny_h
     assert torch.equal(exported.model.layers[0].mlp.down_proj.weight, q4.model.layers[0].mlp.down_proj.dequantize())
     with pytest.raises(ValueError, match="applies to .gguf files"):
         registry.import_model(str(tiny_hf_dir), name="x", quantize="keep")
-    assert_clean_error(parley(tmp_path, "models", "import", str(tiny_hf_dir), "--name", "x", "--quantize", "q5",
-                              check=False), "quantize")
+    assert_clean_error(parley_here(tmp_path, "models", "import", str(tiny_hf_dir), "--name", "x", "--quantize", "q5"),
+                       "quantize")
