@@ -115,16 +115,31 @@ def _final_weights(run_dir):
     return load_file(latest_checkpoint(run_dir) / "model.safetensors")
 
 
-# (1, 2) skips DDP's sync on micro-step 1; with Muon each rank orthogonalizes the same all-reduced gradient
-@pytest.mark.parametrize("batch_size, grad_accum, optimizer", [(2, 1, "adamw"), (1, 2, "adamw"), (1, 2, "muon")])
-def test_torchrun_two_processes_equal_one_process(tmp_path, batch_size, grad_accum, optimizer):
-    fp32 = dict(dtype="float32", steps=6, save_every=0, optimizer=optimizer)
-    ddp = tmp_path / "ddp"
+DDP = [(2, 1, "adamw"), (1, 2, "adamw"), (1, 2, "muon")]  # (batch_size, grad_accum, optimizer)
+DDP_FP32 = dict(dtype="float32", steps=6, save_every=0)
+
+
+@pytest.fixture(scope="module")
+def ddp_runs(tmp_path_factory) -> dict[tuple, Path]:
+    """Each of DDP trained by two torchrun processes, one after the other in one launch (a launch
+    costs three interpreters' imports): its run folder by its settings."""
+    root = tmp_path_factory.mktemp("ddp")
+    folders = {case: root / "-".join(map(str, case)) for case in DDP}
+    argv = []
+    for (batch_size, grad_accum, optimizer), folder in folders.items():
+        argv += ["--", f"run_dir={folder}", f"train.batch_size={batch_size}", f"train.grad_accum={grad_accum}",
+                 f"train.optimizer={optimizer}", *(f"train.{k}={v}" for k, v in DDP_FP32.items())]
     result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-                             str(JOB), f"run_dir={ddp}", f"train.batch_size={batch_size}",
-                             f"train.grad_accum={grad_accum}", *(f"train.{k}={v}" for k, v in fp32.items())],
-                            capture_output=True, text=True, env=ENV, timeout=300)
+                             str(JOB), *argv[1:]], capture_output=True, text=True, env=ENV, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
+    return folders
+
+
+# (1, 2) skips DDP's sync on micro-step 1; with Muon each rank orthogonalizes the same all-reduced gradient
+@pytest.mark.parametrize("batch_size, grad_accum, optimizer", DDP)
+def test_torchrun_two_processes_equal_one_process(ddp_runs, tmp_path, batch_size, grad_accum, optimizer):
+    fp32 = dict(DDP_FP32, optimizer=optimizer)
+    ddp = ddp_runs[batch_size, grad_accum, optimizer]
     tokens = [json.loads(line)["tokens"] for line in (ddp / "metrics.jsonl").read_text().splitlines()]
     assert tokens[0] == 4 * 16  # a global batch of 4 sequences over two processes
     one = tmp_path / "one"  # the same global batch of 4 in one process, whole

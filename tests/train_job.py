@@ -2,6 +2,7 @@
 
     python tests/train_job.py run_dir=RUN [train.steps=30 moe=true resume=true hold_at=12 ...]
     torchrun --standalone --nproc-per-node 2 tests/train_job.py run_dir=RUN train.dtype=float32
+    torchrun ... tests/train_job.py run_dir=A train.batch_size=2 -- run_dir=B train.grad_accum=2   # runs in turn
 
 Batches are random tokens drawn from generators seeded by (step, sequence index). Each step has
 one global batch of batch_size * grad_accum * world sequences, and process `rank` at micro-step
@@ -93,5 +94,22 @@ def run(job: Job) -> dict:
                  resume=job.resume, peak_flops=1e12)
 
 
+def jobs(argv: list[str]) -> list[Job]:
+    """The jobs of a command line: groups of settings separated by `--`, run in turn (one process
+    start, and under torchrun one process group, for several runs)."""
+    groups, group = [], []
+    for arg in [*argv, "--"]:
+        if arg != "--":
+            group.append(arg)
+        elif group:
+            groups.append(group)
+            group = []
+    return [parse_cli(Job, group) for group in groups]
+
+
 if __name__ == "__main__":
-    run(parse_cli(Job, sys.argv[1:]))
+    from parley.train.stage import processes
+
+    with processes(torch.device("cpu")):  # the runs join this group (train starts none of its own)
+        for job in jobs(sys.argv[1:]):
+            run(job)
