@@ -76,10 +76,11 @@ def test_list_shows_imported_model(home):
 
 def test_generate_is_deterministic_and_prints_only_the_continuation(home):
     args = ("generate", "--model", "tiny", "--prompt", "The capital of France is", "--max-tokens", "12")
-    first, second = parley(home, *args).stdout, parley(home, *args).stdout
+    # each the same in a second process: this one (a third interpreter costs seconds of imports)
+    first, second = parley(home, *args).stdout, parley_here(home, *args).stdout
     assert first == second and "The capital" not in first and first.strip()
-    seeded = [parley(home, *args, "--temperature", "1.0", "--seed", "4", "--engine.dtype", "float32").stdout
-              for _ in range(2)]
+    seeded = [run(home, *args, "--temperature", "1.0", "--seed", "4", "--engine.dtype", "float32").stdout
+              for run in (parley, parley_here)]
     assert seeded[0] == seeded[1]
 
 
@@ -160,8 +161,8 @@ def test_commands_with_their_own_options(home, tmp_path):
     note.write_text("The boiler is serviced every October by Hansen & Sons.")
     out = parley(home, "ingest", "--user", "bob", "--collection", "house", str(note)).stdout
     assert "note.txt: stored 1 chunk" in out and "user 'bob', collection 'house'" in out
-    assert "bob" in parley(home, "users", "list").stdout
-    assert "stages: list[str]" in parley(home, "chat", "--help").stdout
+    assert "bob" in parley_here(home, "users", "list").stdout
+    assert "stages: list[str]" in parley_here(home, "chat", "--help").stdout
     assert "no_auth: bool = False" in parley(home, "serve", "--help").stdout
 
 
