@@ -35,7 +35,8 @@ def parley(home, *args, stdin=None, check=True):
 def parley_here(home, *args) -> subprocess.CompletedProcess:
     """`parley ARGS` run by `parley.cli.main` in this process, as `parley` (the subprocess) would
     exit and print: its exit status, stdout and stderr. The warnings a fresh interpreter prints
-    (its default filters: not the deprecations of libraries) count as lines on stderr."""
+    (its default filters: not the deprecations of libraries) count as lines on stderr. Output written
+    to a stream bound at import (users_main's `out=sys.stdout`) escapes it: use `parley` for those."""
     from parley.cli import main
 
     out, err = io.StringIO(), io.StringIO()
