@@ -32,8 +32,8 @@ from parley.pipeline import readers  # noqa: E402
 DOCS = Path("/usr/share/doc/python3.11/html")
 
 
-def read(data: bytes, blocks) -> tuple[list[readers.Chunk], float]:
-    """Chunks of the page through one reader's blocks, and the process CPU seconds it took."""
+def read(data: bytes, blocks) -> tuple[list[readers.Chunk], float, list[readers.Section]]:
+    """Chunks of the page through one reader's blocks, the process CPU seconds it took, and its sections."""
     start = time.process_time()
     found = blocks(data)
     sections = readers._sections(found) if found else [readers.Section(readers._html_fallback(data))]
@@ -52,10 +52,11 @@ def main() -> None:
     ap.add_argument("--show", type=int, default=0, help="print the word differences of the N least similar pages")
     args = ap.parse_args()
     pages = manual_pages(args.docs)[: args.limit or None]
-    rows = []
+    rows, landmark = [], 0
     for page in pages:
         data = (args.docs / page).read_bytes()
         new, new_s, new_sections = read(data, readers._landmark_blocks)
+        landmark += readers._landmark_blocks(data) is not None
         old, old_s, old_sections = read(data, readers._trafilatura_blocks)
         a, b = words(old_sections), words(new_sections)
         ratio = difflib.SequenceMatcher(None, a, b, autojunk=False).ratio() if a or b else 1.0
@@ -63,10 +64,9 @@ def main() -> None:
     ratios = sorted(r[1] for r in rows)
     old_cpu, new_cpu = sum(r[4] for r in rows), sum(r[5] for r in rows)
     old_chunks, new_chunks = sum(r[2] for r in rows), sum(r[3] for r in rows)
-    landmark = sum(1 for page in pages if readers._landmark_blocks((args.docs / page).read_bytes()))
     print(f"{len(pages)} pages from {args.docs}; {landmark} with one main landmark (walked directly)")
-    print(f"| reader | CPU s | ms per page | chunks | words |")
-    print(f"|---|---|---|---|---|")
+    print("| reader | CPU s | ms per page | chunks | words |")
+    print("|---|---|---|---|---|")
     print(f"| trafilatura | {old_cpu:.1f} | {1000 * old_cpu / len(rows):.1f} | {old_chunks} | "
           f"{sum(len(r[6]) for r in rows)} |")
     print(f"| main landmark | {new_cpu:.1f} | {1000 * new_cpu / len(rows):.1f} | {new_chunks} | "
