@@ -241,7 +241,7 @@ def _unchanged(path: Path, name: str, same: str, collection: str) -> IngestResul
 class _Reader:
     """Each file's chunks (or its result: unchanged, unreadable), in order, computed ahead of
     the encoder: by a thread for a few files, and for a folder by a process of its own
-    (trafilatura is Python: on a thread it holds the interpreter the encoder needs between
+    (reading HTML is Python: on a thread it holds the interpreter the encoder needs between
     operations). Up to `ahead` files, and
     `ahead_bytes` of them on disk, are read before the encoder takes them; while the reader
     works, `busy()` is true, and `ingest` gives the encoder one core fewer (`_embed_beside`)."""

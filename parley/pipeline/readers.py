@@ -5,10 +5,11 @@
     chunks[3].text, chunks[3].ord, chunks[3].page
 
 Readers: `.txt` (UTF-8, or UTF-16 with a byte-order mark), `.md` (markup stripped, headings
-kept as their own paragraphs), `.html`/`.htm` (the main text as trafilatura finds it, walked
-block by block so paragraphs, list items, table rows and code stay apart; plain lxml text
-when trafilatura finds nothing; one section per heading, which knows its heading path, page
-title first) and `.pdf` (pypdf, text per page). Anything else, binary
+kept as their own paragraphs), `.html`/`.htm` (the page's main landmark, <main> or
+role="main", where it has one, else the main text as trafilatura finds it; walked block by
+block so paragraphs, list items, table rows and code stay apart, lists that are nearly all
+links left out; plain lxml text when neither finds any; one section per heading, which knows
+its heading path, page title first) and `.pdf` (pypdf, text per page). Anything else, binary
 content (NUL bytes), text that is not UTF-8, a PDF without a text layer, a file over the
 size limit or one with no text is refused with a `ReadError` that names the file and says
 what to do.
