@@ -2,27 +2,22 @@
 
     python benchmarks/ingest_phases.py                      # 40 pages of the Python docs (seed 0)
     python benchmarks/ingest_phases.py --pages 0            # every page
-    python benchmarks/ingest_phases.py --fast-reader DB     # also: would trafilatura's fast mode change chunks?
     python benchmarks/ingest_phases.py --encoder-ops        # also: the encoder's time by operation (profiler)
 
 For a sample of pages of the manual (benchmarks/ingest.py's list, shuffled by seed 0), times
-reading and chunking (HTML through trafilatura, `_read_one`), tokenizing the chunks, embedding
+reading and chunking (HTML by readers.py, `_read_one`), tokenizing the chunks, embedding
 them (the encoder, its own tokenizing included), and storing them (SQLite rows, the FTS5 index
 and the vectors, one transaction per page), each phase alone so none hides behind another; and
 the padding the length-sorted batches waste (batches of `--batch-size` inside flushes of 512
 chunks, as `ingest` embeds). `parley ingest` overlaps reading with the encoder on a thread, so
 on two cores the reading costs CPU the encoder could use: the shares printed are of the serial
-sum. `--fast-reader DB` reads every page of a store ingested from the manual (names as paths
-inside the docs folder: benchmarks/retrieval_manual.py) again with trafilatura's `fast=True`
-and counts the pages whose chunks would differ. Run with OMP_NUM_THREADS=1 on a shared machine.
+sum. Run with OMP_NUM_THREADS=1 on a shared machine.
 """
 
 from __future__ import annotations
 
 import argparse
-import functools
 import random
-import sqlite3
 import sys
 import tempfile
 import time
@@ -35,7 +30,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from ingest import DOCS, GENERATED, encoder_flops  # noqa: E402
 
-import parley.pipeline.readers as readers  # noqa: E402
 from parley.pipeline.embed import Embedder, to_blob  # noqa: E402
 from parley.pipeline.knowledge import KnowledgeConfig, _read_one  # noqa: E402
 from parley.store import Store  # noqa: E402
@@ -63,7 +57,7 @@ def phases(pages: list[Path], batch_size: int) -> None:
     seconds = {}
     began = time.perf_counter()
     reads = [_read_one(p, p.name, KnowledgeConfig(), {}, "bench") for p in pages]
-    seconds["read and chunk (trafilatura)"] = time.perf_counter() - began
+    seconds["read and chunk"] = time.perf_counter() - began
     reads = [r for r in reads if hasattr(r, "chunks")]
     texts = [c.text for r in reads for c in r.chunks]
     embedder = Embedder.load(precision="auto")
@@ -114,52 +108,23 @@ def encoder_ops(batch_size: int, tokens: int = 256, repeats: int = 3) -> None:
         print(f"  {e.key:55} {e.self_cpu_time_total / total:.0%}")
 
 
-def fast_reader(db: Path, docs: Path) -> None:
-    """Pages whose chunks trafilatura's fast mode (no comparison with other extractors) would change."""
-    plain = readers.trafilatura.extract
-    store = sqlite3.connect(db)
-    names = [name for (name,) in store.execute("SELECT name FROM documents ORDER BY name")]
-    differ, spent = [], 0.0
-    readers.trafilatura.extract = functools.partial(plain, fast=True)
-    try:
-        for name in names:
-            began = time.perf_counter()
-            read = _read_one(docs / name, name, KnowledgeConfig(), {}, "bench")
-            spent += time.perf_counter() - began
-            stored = [t for (t,) in store.execute("SELECT c.text FROM chunks c JOIN documents d ON d.id = c.document_id"
-                                                  " WHERE d.name = ? ORDER BY c.ord", (name,))]
-            if stored != [c.text for c in getattr(read, "chunks", [])]:
-                differ.append(f"{name} ({len(stored)} chunks stored, {len(getattr(read, 'chunks', []))} fast)")
-    finally:
-        readers.trafilatura.extract = plain
-    print(f"fast reader: {len(names) - len(differ)} of {len(names)} pages give the stored chunks, {len(differ)} differ; "
-          f"{spent:.1f} s to read and chunk them all")
-    for line in differ:
-        print(f"  differs: {line}")
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--docs", type=Path, default=DOCS, help="folder of the manual (apt-get install python3.11-doc)")
     ap.add_argument("--pages", type=int, default=40, help="pages sampled (seed 0); 0: all")
     ap.add_argument("--batch-size", type=int, default=32, help="texts per encoder batch, as benchmarks/ingest.py")
     ap.add_argument("--encoder-ops", action="store_true", help="also profile the encoder's operations")
-    ap.add_argument("--fast-reader", type=Path, metavar="DB", help="a store of the whole manual to compare against")
     args = ap.parse_args()
     if not args.docs.is_dir():
         sys.exit(f"no manual at {args.docs}: apt-get install python3.11-doc, or give --docs FOLDER")
     if args.pages < 0 or args.batch_size < 1:
         sys.exit("--pages must be 0 or more and --batch-size at least 1")
-    if args.fast_reader and not args.fast_reader.is_file():
-        sys.exit(f"no store at {args.fast_reader}: ingest the manual with benchmarks/retrieval_manual.py first")
     torch.set_flush_denormal(True)
     pages = manual(args.docs)
     random.Random(0).shuffle(pages)
     phases(pages[: args.pages] if args.pages else pages, args.batch_size)
     if args.encoder_ops:
         encoder_ops(args.batch_size)
-    if args.fast_reader:
-        fast_reader(args.fast_reader, args.docs)
 
 
 if __name__ == "__main__":

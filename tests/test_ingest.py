@@ -213,3 +213,27 @@ def test_a_folder_is_read_by_a_process_with_the_same_result(tmp_path, monkeypatc
     assert _vectors(tmp_path / "process.db").keys() == _vectors(tmp_path / "thread.db").keys()
     for key, blob in _vectors(tmp_path / "process.db").items():
         assert float(np.frombuffer(blob, np.float32) @ np.frombuffer(_vectors(tmp_path / "thread.db")[key], np.float32)) > 0.99999
+
+
+def test_the_encoder_gets_its_core_back_as_soon_as_the_reader_is_done(fp32):
+    """`ingest` embeds a batch of chunks in parts, on one thread fewer only while the reader is
+    still reading: the same vectors, in the texts' order, as one call."""
+    import torch
+
+    from parley.pipeline.knowledge import _embed_beside
+
+    texts = [f"Chunk {i}: " + "herons nest on the island " * (i % 7 + 1) for i in range(150)]
+    threads, ran = torch.get_num_threads(), []
+
+    def encoder(batch):
+        ran.append((len(batch), torch.get_num_threads()))
+        return fp32.encode(batch, remember=False)
+
+    answers = iter([True])  # the reader is busy at the first part, then done
+    vectors = _embed_beside(encoder, texts, lambda: next(answers, False), part=64)
+    assert [n for n, _ in ran] == [64, 64, 22]
+    assert [t for _, t in ran] == [threads - 1 if threads > 1 else 1, threads, threads]
+    assert torch.get_num_threads() == threads
+    whole = fp32.encode(texts, remember=False)
+    assert vectors.shape == whole.shape and ((vectors * whole).sum(1) > 0.99999).all()
+    assert _embed_beside(encoder, [], lambda: True).shape == (0, 0)

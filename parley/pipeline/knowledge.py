@@ -147,8 +147,8 @@ def ingest(
     server's temporary folder); a later file with the same source replaces it.
 
     A reader (a process for a folder, a thread for a few files: `_Reader`) reads and chunks the
-    next files while the encoder runs, with one core fewer while the reader works; the chunks
-    of several files are embedded together, in
+    next files while the encoder runs, the encoder taking one core fewer while the reader works
+    (looked at every 64 chunks: `_embed_beside`); the chunks of several files are embedded together, in
     length-sorted batches, once `batch_chunks` of them wait, and each file is then stored in a
     transaction of its own. A run that is killed leaves every file whole or absent, and
     running it again skips what was stored (same sha256) and finishes the rest. `progress` is
@@ -175,13 +175,7 @@ def ingest(
 
     def flush() -> None:
         texts = [c.text for _, read in waiting for c in read.chunks]
-        threads = torch.get_num_threads()
-        if threads > 1 and reader.busy():  # the reader has a core: the encoder's threads would wait on it
-            torch.set_num_threads(threads - 1)
-        try:
-            vectors = _embed(embedder, texts) if texts else np.zeros((0, 0), dtype=np.float32)
-        finally:
-            torch.set_num_threads(threads)
+        vectors = _embed_beside(embedder, texts, reader.busy)
         ends = np.cumsum([len(read.chunks) for _, read in waiting])
         for (i, read), end in zip(waiting, ends):
             mine = vectors[end - len(read.chunks) : end]
@@ -247,10 +241,10 @@ def _unchanged(path: Path, name: str, same: str, collection: str) -> IngestResul
 class _Reader:
     """Each file's chunks (or its result: unchanged, unreadable), in order, computed ahead of
     the encoder: by a thread for a few files, and for a folder by a process of its own
-    (trafilatura is Python: on a thread it holds the interpreter the encoder needs between
+    (reading HTML is Python: on a thread it holds the interpreter the encoder needs between
     operations). Up to `ahead` files, and
     `ahead_bytes` of them on disk, are read before the encoder takes them; while the reader
-    works, `busy()` is true, and `ingest` gives the encoder one core fewer."""
+    works, `busy()` is true, and `ingest` gives the encoder one core fewer (`_embed_beside`)."""
 
     PROCESS_FROM = 16  # files: fewer are read on a thread (a process takes ~0.5 s to start)
 
@@ -316,6 +310,29 @@ def _outcome(path: Path, name: str, known: dict[str, str], collection: str,
     if chunks is None or digest in known:  # stored before, or earlier in this run
         return _unchanged(path, name, known.get(digest, name), collection)
     return _Read(path, name, digest, mime, chunks)
+
+
+def _embed_beside(embedder: Embed, texts: list[str], reading: Callable[[], bool], part: int = 64) -> np.ndarray:
+    """`texts`' vectors, embedded `part` at a time (shortest first, so each part's batches are of
+    like lengths) on one thread fewer while `reading()`: the reader has a core then, and the
+    encoder's threads would wait on it. It reads only the files it was given before this call,
+    so it is soon done and the rest runs on every thread."""
+    if not texts:
+        return np.zeros((0, 0), dtype=np.float32)
+    order = np.argsort([len(t) for t in texts], kind="stable")
+    threads = torch.get_num_threads()
+    out = None
+    try:
+        for start in range(0, len(order), part):
+            rows = order[start : start + part]
+            torch.set_num_threads(threads - 1 if threads > 1 and reading() else threads)
+            vectors = _embed(embedder, [texts[i] for i in rows])
+            if out is None:
+                out = np.empty((len(texts), vectors.shape[1]), dtype=np.float32)
+            out[rows] = vectors
+    finally:
+        torch.set_num_threads(threads)
+    return out
 
 
 def _embed(embedder: Embed, texts: list[str]) -> np.ndarray:
