@@ -275,7 +275,7 @@ def _landmark_blocks(data: bytes) -> list[tuple[str, int | None]] | None:
 
 def _walk_html(el, out: list[tuple[str, int | None]]) -> None:
     tag = el.tag if isinstance(el.tag, str) else ""  # comments and processing instructions: ""
-    if tag in SKIP_TAGS or el.get("hidden") is not None or el.get("aria-hidden") == "true" or _navigation(el):
+    if _unseen(el) or _navigation(el):
         return
     if tag == "pre":
         _block("".join(el.itertext()).strip("\n"), None, out)
@@ -307,12 +307,17 @@ def _visible_text(el) -> str:
     for e in el.iterdescendants():
         if e.tag == "br":
             e.tail = "\n" + (e.tail or "")
-        elif isinstance(e.tag, str) and (e.tag in SKIP_TAGS or e.get("hidden") is not None
-                                         or e.get("aria-hidden") == "true"):
+        elif _unseen(e):
             hidden.append(e)
     for e in hidden:
         e.drop_tree()  # its tail (text after it) stays
     return "".join(el.itertext())
+
+
+def _unseen(el) -> bool:
+    """An element a reader does not see or read: a script, a form, navigation, a hidden part."""
+    return isinstance(el.tag, str) and (el.tag in SKIP_TAGS or el.get("hidden") is not None
+                                        or el.get("aria-hidden") == "true")
 
 
 def _navigation(el) -> bool:
