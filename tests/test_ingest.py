@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from parley.pipeline.embed import Embedder, EmbedderError, fast_bf16, resolve_precision
+from parley.pipeline.embed import Embedder, EmbedderError, bf16_faster, fast_bf16, resolve_precision
 from parley.pipeline.knowledge import ingest, ingest_main
 from parley.store import Store
 
@@ -50,15 +50,27 @@ def test_bf16_vectors_agree_with_fp32(fp32, bf16):
     assert not np.array_equal(a, b)  # it did run in another precision
 
 
-def test_precision_is_chosen_by_cpu_flags():
-    assert resolve_precision("auto", {"avx512f", "amx_bf16", "amx_tile"}) == "bf16"
-    assert resolve_precision("auto", {"avx512f", "avx512_bf16", "avx512_vnni"}) == "bf16"  # AMD EPYC
-    assert resolve_precision("auto", {"avx2", "fma"}) == "fp32"
+def test_precision_is_chosen_by_cpu_flags(monkeypatch):
+    monkeypatch.delenv("ONEDNN_MAX_CPU_ISA", raising=False)
+    yes, no = (lambda: True), (lambda: False)
+    assert resolve_precision("auto", {"avx512f", "amx_bf16", "amx_tile"}, faster=no) == "bf16"  # tiles: no timing
+    epyc = {"avx512f", "avx512_bf16", "avx512_vnni"}  # AMD EPYC: bf16 dot products, no tiles
+    assert resolve_precision("auto", epyc, faster=yes) == "bf16"
+    assert resolve_precision("auto", epyc, faster=no) == "fp32"
+    assert resolve_precision("auto", {"avx2", "fma"}, faster=yes) == "fp32"
     assert resolve_precision("fp32", {"amx_bf16"}) == "fp32"  # forced
+    assert resolve_precision("bf16", {"avx2"}) == "bf16"
+    # --no-amx's emulation: oneDNN capped below the tiles counts as a CPU without them
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX512_CORE_BF16")
+    assert resolve_precision("auto", {"avx512f", "avx512_bf16", "amx_bf16"}, faster=no) == "fp32"
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX512_CORE_AMX")
+    assert resolve_precision("auto", {"avx512f", "avx512_bf16", "amx_bf16"}, faster=no) == "bf16"
     assert fast_bf16(set()) is False
     with pytest.raises(EmbedderError, match="precision must be one of auto, fp32, bf16"):
         resolve_precision("int4")
-    assert Embedder.load(precision="auto").precision == ("bf16" if fast_bf16() else "fp32")
+    assert isinstance(bf16_faster(rows=32), bool)  # the real timing runs
+    monkeypatch.delenv("ONEDNN_MAX_CPU_ISA")
+    assert Embedder.load(precision="auto").precision == resolve_precision("auto")
 
 
 def _folder(tmp_path: Path, n: int, words: int = 30) -> Path:

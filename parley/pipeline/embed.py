@@ -13,8 +13,12 @@ batches of similar length, so ingestion wastes little work on padding.
 
 `precision` picks the arithmetic: "fp32" (the default: NLU, the guard and the held-out figures
 were measured with it), "bf16" (weights and activations in bfloat16, pooled in fp32: several
-times faster where the CPU multiplies bf16 in hardware, AMX or AVX512-BF16) or "auto" (bf16 on
-such a CPU, fp32 elsewhere), which bulk ingestion uses. bf16 vectors keep a cosine of at least
+times faster where the CPU multiplies bf16 in hardware) or "auto", which bulk ingestion uses:
+bf16 on a CPU with AMX tiles; on one with AVX512-BF16 and no tiles (AMD Zen 4, or AMX withheld from
+oneDNN by ONEDNN_MAX_CPU_ISA) bf16 only if a timed product of the encoder's shape says it is the
+faster there (`bf16_faster`; on this project's Xeon with the tiles withheld, bf16's large-matrix
+peak was about half fp32's and the whole encoder ran at the same speed in both, RESULTS.md
+"Ingest precision without AMX"); fp32 elsewhere. bf16 vectors keep a cosine of at least
 0.999 to the fp32 ones (tests/test_embed.py); benchmarks/ingest.py measures the speed. Without
 gradients a layer runs its linear layers through oneDNN with the bias, GELU and residual add
 fused into the product, and on a CPU with AMX its bf16 attention through kernels.c's
@@ -31,6 +35,8 @@ from __future__ import annotations
 import ctypes
 import json
 import math
+import os
+import time
 from collections import OrderedDict
 from collections.abc import Iterator
 from functools import cache
@@ -69,13 +75,43 @@ def fast_bf16(flags: set[str] | None = None) -> bool:
     return bool(flags & {"amx_bf16", "avx512_bf16"})
 
 
-def resolve_precision(precision: str, flags: set[str] | None = None) -> str:
-    """"auto" -> "bf16" on a CPU with fast bf16, else "fp32"; "fp32"/"bf16" as given."""
+def tiles_for_torch(flags: set[str] | None = None) -> bool:
+    """Whether PyTorch's oneDNN may use AMX tiles: the CPU has them and ONEDNN_MAX_CPU_ISA, if set,
+    names an AMX level (benchmarks' --no-amx caps it at AVX512_CORE_BF16 to stand for a CPU without)."""
+    flags = cpu_flags() if flags is None else flags
+    cap = os.environ.get("ONEDNN_MAX_CPU_ISA", "").upper()
+    return "amx_bf16" in flags and (not cap or cap == "ALL" or "AMX" in cap)
+
+
+@cache
+def bf16_faster(rows: int = 512, inputs: int = 384, outputs: int = 1536, repeats: int = 5) -> bool:
+    """Whether a bf16 product of the encoder's shape (its feed-forward layer on `rows` tokens) beats
+    the fp32 one on this CPU, best of `repeats` each after a warm-up: a few tens of ms, once a process."""
+    times = {}
+    for dtype in (torch.float32, torch.bfloat16):
+        x, w = torch.randn(rows, inputs, dtype=dtype), torch.randn(outputs, inputs, dtype=dtype)
+        with torch.inference_mode():
+            F.linear(x, w)
+            best = math.inf
+            for _ in range(repeats):
+                start = time.perf_counter()
+                F.linear(x, w)
+                best = min(best, time.perf_counter() - start)
+        times[dtype] = best
+    return times[torch.bfloat16] < times[torch.float32]
+
+
+def resolve_precision(precision: str, flags: set[str] | None = None, faster=bf16_faster) -> str:
+    """"auto" -> "bf16" with AMX tiles, or with AVX512-BF16 alone where `faster()` says bf16 wins
+    (a timed product), else "fp32"; "fp32"/"bf16" as given."""
     if precision not in PRECISIONS:
         raise EmbedderError(f"precision must be one of {', '.join(PRECISIONS)}, not {precision!r}")
-    if precision == "auto":
-        return "bf16" if fast_bf16(flags) else "fp32"
-    return precision
+    if precision != "auto":
+        return precision
+    flags = cpu_flags() if flags is None else flags
+    if tiles_for_torch(flags):
+        return "bf16"
+    return "bf16" if "avx512_bf16" in flags and faster() else "fp32"
 
 
 def default_model_dir() -> Path:

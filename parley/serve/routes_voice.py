@@ -589,7 +589,8 @@ class LiveSession:
                 for sentence in sentences(text(), first_clause=FIRST_CLAUSE, first_words=FIRST_WORDS):
                     if not (words := spoken(sentence)):  # "..." alone has nothing to say
                         continue
-                    ahead, first = head.take(sentence) if first else None, False
+                    ahead = head.take(sentence) if first else None  # the draft's clip, first sentence only
+                    first = False
                     if ahead is not None:
                         clip, times = ahead
                     else:
