@@ -256,22 +256,17 @@ def test_a_float_projection_is_refused_by_name(tmp_path):
         weights.keep_gguf_blocks(model, path)
 
 
-def test_llama_q_and_k_rows_are_reordered_and_other_architectures_are_not(tmp_path):
-    """Only llama.cpp's llama converter permutes q/k rows (load_gguf undoes it for floats); kept
-    blocks follow the same rule, so every kept layer equals the dequantized one where the type is exact."""
-    from test_weights import ours, write_gguf
-
-    model = ours(hidden_size=64, intermediate_size=96, num_attention_heads=4, num_key_value_heads=2)
-    write_gguf(tmp_path / "f32.gguf", model)
-    reader = gguf.GGUFReader(tmp_path / "f32.gguf")
-    w = gguf.GGUFWriter(str(tmp_path / "q8.gguf"), "llama")
+def as_q8_0(src: Path, dst: Path) -> None:
+    """A copy of the GGUF file `src` with every matrix stored as Q8_0 (kept exactly)."""
+    reader, w = gguf.GGUFReader(src), None
+    w = gguf.GGUFWriter(str(dst), reader.fields["general.architecture"].contents())
     for field in reader.fields.values():
         if not field.name.startswith(("GGUF.", "general.architecture")):
-            w.add_key_value(field.name, field.contents(), field.types[0],
-                            field.types[-1] if field.types[0] == gguf.GGUFValueType.ARRAY else None)
+            array = field.types[0] == gguf.GGUFValueType.ARRAY
+            w.add_key_value(field.name, field.contents(), field.types[0], field.types[-1] if array else None)
     for t in reader.tensors:
         data = np.array(t.data)
-        if data.ndim == 2:  # every matrix as Q8_0, kept exactly
+        if data.ndim == 2:
             w.add_tensor(t.name, gguf.quants.quantize(data, GGML.Q8_0), raw_dtype=GGML.Q8_0)
         else:
             w.add_tensor(t.name, data)
@@ -279,10 +274,28 @@ def test_llama_q_and_k_rows_are_reordered_and_other_architectures_are_not(tmp_pa
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
     w.close()
+
+
+@pytest.mark.parametrize("arch, config", [
+    ("llama", dict()), ("qwen3", dict()), ("gemma3", dict(sliding_window=5, query_pre_attn_scalar=16)),
+    ("phi3", dict(hidden_size=128, pad_token_id=0, eos_token_id=1, bos_token_id=2, sliding_window=6))])
+def test_every_family_keeps_its_blocks_in_the_models_row_order(arch, config, tmp_path):
+    """Only llama.cpp's llama converter permutes q/k rows (load_gguf undoes it for floats, and
+    keep_gguf_blocks for blocks); Phi-3's fused qkv and gate/up are split by rows. With every matrix
+    Q8_0 (exact), each kept layer equals the dequantized model's, row for row."""
+    import transformers as hf
+    from test_families import randomize, write_gguf
+
+    classes = {"llama": hf.LlamaConfig, "qwen3": hf.Qwen3Config, "gemma3": hf.Gemma3TextConfig, "phi3": hf.Phi3Config}
+    shape = dict(vocab_size=96, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=2, head_dim=16, max_position_embeddings=64, rms_norm_eps=1e-5)
+    reference = randomize(hf.AutoModelForCausalLM.from_config(classes[arch](**{**shape, **config})))
+    write_gguf(tmp_path / "f32.gguf", arch, reference)
+    as_q8_0(tmp_path / "f32.gguf", tmp_path / "q8.gguf")
     dequantized, _ = weights.load_gguf(tmp_path / "q8.gguf")
     kept = weights.keep_gguf_blocks(copy.deepcopy(dequantized), tmp_path / "q8.gguf")
     layers = quant.quantized_layers(kept)
-    assert len(layers) == 7 * model.config.num_hidden_layers + 1
+    assert len(layers) == 7 * 2 + 1
     for name, layer in layers.items():
         assert torch.equal(layer.dequantize(), dequantized.get_submodule(name).weight), name
 
