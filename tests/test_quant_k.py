@@ -375,3 +375,24 @@ def test_gemma3_kept_logits_greedy_text_and_perplexity(gemma3):
     same = sum(a == b for a, b in zip(ours, theirs))
     print(f"greedy continuations equal on {same} of {len(PROMPTS)} prompts")
     assert same >= 3
+
+
+@pytest.mark.slow
+def test_import_gemma3_keeps_its_blocks_by_default(tmp_path, monkeypatch):
+    """`parley models import gemma3-270m` stores the kept blocks (faster at the same quality:
+    the tests above, benchmarks/RESULTS.md); the model loads back quantized and runs on the int8 path."""
+    from parley.cli import main
+    from parley.registry import GEMMA3_MODEL, Registry, gemma3_gguf
+
+    monkeypatch.setenv("PARLEY_HOME", str(tmp_path))
+    try:
+        gemma3_gguf(install=False)
+    except FileNotFoundError as e:
+        pytest.skip(f"{e} (make test-models installs it)")
+    assert main(["models", "import", GEMMA3_MODEL]) == 0
+    model, tok, meta = Registry(tmp_path).load(GEMMA3_MODEL)
+    assert meta["quantized"] == "keep" and len(quant.formats(model)) == 7 * 18 + 1
+    engine = Engine(model.to(torch.bfloat16))
+    assert engine.fast.quant
+    [done] = engine.generate([tok.encode("The capital of France is")], SamplingParams(max_tokens=8))
+    assert "France" in tok.decode(done.tokens)  # " the capital of the country of France." (a base model)
