@@ -8,7 +8,6 @@ dequantized; and (slow, `--runslow`) the real Gemma 3 270M Q4_K_M: logits, greed
 """
 
 import copy
-import math
 from pathlib import Path
 
 import gguf
@@ -302,11 +301,6 @@ def test_every_family_keeps_its_blocks_in_the_models_row_order(arch, config, tmp
 
 # ---------------------------------------------------------------- the real Gemma 3 270M Q4_K_M
 
-PROMPTS = ["The capital of France is", "def fibonacci(n):", "Once upon a time, in a small village,",
-           "The three primary colors are", "Water boils at a temperature of", "Le chat est sur",
-           "My favourite recipe for pancakes", "The theory of relativity says that"]
-
-
 @pytest.fixture(scope="module")
 def gemma3():
     from parley.model.tokenizer import Tokenizer
@@ -345,36 +339,17 @@ def test_gemma3_keeps_its_q4_k_m_file(gemma3):
 @pytest.mark.slow
 def test_gemma3_kept_logits_greedy_text_and_perplexity(gemma3):
     """Against the same file dequantized, run in fp32 by the C kernels: logits within 5% of their
-    scale (mean 0.5%); perplexity on held-out text within 3% of the dequantized model in bf16;
-    greedy continuations (12 tokens) equal on at least 3 of 8 prompts. Measured figures are printed
-    (benchmarks/RESULTS.md, "Gemma 3 270M's Q4_K_M kept quantized")."""
-    from test_quant import all_logits
+    scale (measured 2.9%), mean 0.5% (0.34%); perplexity on the held-out text (309 tokens) within 3%
+    of the dequantized model in bf16 (measured: kept 23.18, bf16 23.28, fp32 23.29); greedy
+    continuations (12 tokens) equal on most of the 8 prompts, at least 5 (measured 6; SmolLM2's Q4_1
+    file, where every projection is 4-bit, 3 to 5)."""
+    from test_quant import PROMPTS, kept_against_dequantized
 
     kept, dequantized, tok, _ = gemma3
-    fast = FastDecoder.create(copy.deepcopy(kept).to(torch.bfloat16))
-    reference = FastDecoder.create(dequantized)
-    assert fast.quant and not reference.quant
-    text = tok.encode(HELDOUT.read_text())[:400]
-    with torch.inference_mode():
-        got, exact = all_logits(fast, text), all_logits(reference, text)
-        scale, diff = exact.abs().max(), (got - exact).abs()
-        print(f"logits: max difference {diff.max() / scale:.4f}, mean {diff.mean() / scale:.5f} of their scale")
-        assert diff.max() < 0.05 * scale and diff.mean() < 0.005 * scale
-
-        def perplexity(logits):
-            return math.exp(torch.nn.functional.cross_entropy(logits[:-1].float(), torch.tensor(text[1:])).item())
-
-        bf16 = FastDecoder.create(copy.deepcopy(dequantized).to(torch.bfloat16))
-        ppl_q, ppl_bf16, ppl_fp32 = perplexity(got), perplexity(all_logits(bf16, text)), perplexity(exact)
-    print(f"perplexity on {len(text)} held-out tokens: kept {ppl_q:.3f}, bf16 {ppl_bf16:.3f}, fp32 {ppl_fp32:.3f}")
-    assert abs(ppl_q / ppl_bf16 - 1) < 0.03
-    prompts = [tok.encode(p) for p in PROMPTS]
-    params = SamplingParams(max_tokens=12)
-    ours = [c.tokens for c in Engine(copy.deepcopy(kept).to(torch.bfloat16)).generate(prompts, params)]
-    theirs = [c.tokens for c in Engine(dequantized).generate(prompts, params)]  # fp32
-    same = sum(a == b for a, b in zip(ours, theirs))
-    print(f"greedy continuations equal on {same} of {len(PROMPTS)} prompts")
-    assert same >= 3
+    got = kept_against_dequantized(kept, dequantized, tok, HELDOUT.read_text(), PROMPTS)
+    assert got["max"] < 0.05 and got["mean"] < 0.005
+    assert abs(got["ppl_kept"] / got["ppl_bf16"] - 1) < 0.03
+    assert got["same"] >= 5
 
 
 @pytest.mark.slow
