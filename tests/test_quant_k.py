@@ -63,7 +63,8 @@ def random_q4_k(rng, rows, cols, size=0.02):
 
 def random_q6_k(rng, rows, cols, size=0.02):
     n = rows * cols // 256
-    d, sc, ints = halves(rng, n, size / 2000, size / 1000), rng.integers(-128, 128, (n, 16)), rng.integers(0, 64, (n, 256))
+    d, sc = halves(rng, n, size / 2000, size / 1000), rng.integers(-128, 128, (n, 16))
+    ints = rng.integers(0, 64, (n, 256))
     return pack_q6_k(d, sc, ints).reshape(rows, -1), (d, sc, ints)
 
 
@@ -239,7 +240,8 @@ def test_a_kept_gemma3_gguf_computes_what_the_dequantized_one_does(tiny_gemma):
     assert fast is not None and fast.quant
     from test_quant import all_logits
 
-    got, ref = all_logits(fast, ids[0].tolist()), all_logits(FastDecoder.create(copy.deepcopy(dequantized)), ids[0].tolist())
+    reference = FastDecoder.create(copy.deepcopy(dequantized))
+    got, ref = all_logits(fast, ids[0].tolist()), all_logits(reference, ids[0].tolist())
     assert (got - ref).abs().max() < 0.03 * ref.abs().max()
     prompts, params = [[2, 9, 8, 7], [2, 100, 200, 300, 31], [2] + list(range(40, 60))], SamplingParams(max_tokens=6)
     a = [c.tokens for c in Engine(copy.deepcopy(kept)).generate(prompts, params)]

@@ -104,7 +104,8 @@ class QuantLinear(nn.Module):
     @classmethod
     def quantize(cls, w: torch.Tensor, fmt: str) -> "QuantLinear":
         """Round float weights [out, in] (in a multiple of 32) to `fmt`: per block, q8 scales by the
-        largest magnitude / 127 (rounded up to a half: within half a step of every weight); q4 spans the block's minimum to maximum in 15 steps."""
+        largest magnitude / 127 (rounded up to a half: within half a step of every weight); q4
+        spans the block's minimum to maximum in 15 steps."""
         if w.dim() != 2 or w.shape[1] % BLOCK:
             raise QuantError(f"cannot quantize a weight of shape {tuple(w.shape)}: the input size must be "
                              f"a multiple of {BLOCK}")
