@@ -306,8 +306,9 @@ def test_smollm2_quantized_logits_greedy_text_and_perplexity(smol_q):
     """Against the same weights dequantized, run in fp32 by the C kernels: logits within 4% of their
     scale (mean 0.5%); perplexity on held-out text within 2% of the dequantized model in bf16 (the
     engine's default dtype; measured: q4 26.50 on the VNNI path's 16-row layout (26.56 on the file's
-    layout), bf16 26.39, fp32 26.42 on 312 tokens). Greedy continuations (12 tokens) equal on at
-    least 3 of 8 prompts (measured 5 on the 16-row layout, 3 on the file's; bf16 on AMX tiles: 7 of 8):
+    layout), bf16 26.39, fp32 26.42 on 312 tokens; 26.66 on 2026-12-06 with the kernels of then, on
+    main as on branch kquant). Greedy continuations (12 tokens) equal on at least 3 of 8 prompts
+    (measured 5 on the 16-row layout, 3 on the file's, 4 on 2026-12-06; bf16 on AMX tiles: 7 of 8):
     rounding the activations to int8 per block, as llama.cpp does, moves near-tied logits enough to
     flip a pick, after which the texts part (first differences at tokens 0, 6, 8, 9, 10). The
     PyTorch forward over the same quantized weights with float activations gives 8 of 8: the
