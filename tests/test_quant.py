@@ -272,40 +272,52 @@ def test_smollm2_keeps_the_files_blocks_exactly(smol_q):
     assert quant.weight_bytes(model) < 0.2 * quant.weight_bytes(dequantized)  # fp32 there
 
 
+def kept_against_dequantized(kept: Transformer, dequantized: Transformer, tok, text: str, prompts: list[str]) -> dict:
+    """A model of kept blocks (in bf16) through the C step against the same file dequantized (fp32,
+    the exact sums of its weights), each figure printed: logits after each of `text`'s first 400
+    tokens (max and mean difference over the fp32 logits' largest magnitude); perplexity of those
+    tokens kept, in bf16 and in fp32; on how many `prompts` greedy 12-token continuations are equal."""
+    fast = FastDecoder.create(copy.deepcopy(kept).to(torch.bfloat16))
+    reference = FastDecoder.create(dequantized)
+    assert fast.quant and not reference.quant
+    ids = tok.encode(text)[:400]
+    with torch.inference_mode():
+        got, exact = all_logits(fast, ids), all_logits(reference, ids)
+        scale, diff = exact.abs().max(), (got - exact).abs()
+
+        def perplexity(logits):
+            return math.exp(torch.nn.functional.cross_entropy(logits[:-1].float(), torch.tensor(ids[1:])).item())
+
+        bf16 = FastDecoder.create(copy.deepcopy(dequantized).to(torch.bfloat16))
+        out = dict(max=(diff.max() / scale).item(), mean=(diff.mean() / scale).item(), ppl_kept=perplexity(got),
+                   ppl_bf16=perplexity(all_logits(bf16, ids)), ppl_fp32=perplexity(exact))
+    params = SamplingParams(max_tokens=12)
+    encoded = [tok.encode(p) for p in prompts]
+    ours = [c.tokens for c in Engine(copy.deepcopy(kept).to(torch.bfloat16)).generate(encoded, params)]
+    theirs = [c.tokens for c in Engine(dequantized, kernels="avx512").generate(encoded, params)]
+    out["same"] = sum(a == b for a, b in zip(ours, theirs))
+    print(f"logits within {out['max']:.4f} (mean {out['mean']:.5f}) of their scale; perplexity on {len(ids)} held-out "
+          f"tokens: kept {out['ppl_kept']:.3f}, bf16 {out['ppl_bf16']:.3f}, fp32 {out['ppl_fp32']:.3f}; greedy "
+          f"continuations equal on {out['same']} of {len(prompts)} prompts")
+    return out
+
+
 def test_smollm2_quantized_logits_greedy_text_and_perplexity(smol_q):
     """Against the same weights dequantized, run in fp32 by the C kernels: logits within 4% of their
     scale (mean 0.5%); perplexity on held-out text within 2% of the dequantized model in bf16 (the
     engine's default dtype; measured: q4 26.50 on the VNNI path's 16-row layout (26.56 on the file's
-    layout), bf16 26.39, fp32 26.42 on 312 tokens). Greedy continuations (12 tokens) equal on at
-    least 3 of 8 prompts (measured 5 on the 16-row layout, 3 on the file's; bf16 on AMX tiles: 7 of 8):
+    layout), bf16 26.39, fp32 26.42 on 312 tokens; 26.66 on 2026-12-06 with the kernels of then, on
+    main as on branch kquant). Greedy continuations (12 tokens) equal on at least 3 of 8 prompts
+    (measured 5 on the 16-row layout, 3 on the file's, 4 on 2026-12-06; bf16 on AMX tiles: 7 of 8):
     rounding the activations to int8 per block, as llama.cpp does, moves near-tied logits enough to
     flip a pick, after which the texts part (first differences at tokens 0, 6, 8, 9, 10). The
     PyTorch forward over the same quantized weights with float activations gives 8 of 8: the
     weights are exact, the activations' rounding is the difference."""
     model, dequantized, tok = smol_q
-    fast = FastDecoder.create(copy.deepcopy(model).to(torch.bfloat16))
-    reference = FastDecoder.create(dequantized)  # fp32: the exact sums of the file's weights
-    assert fast.quant and not reference.quant
-    text = tok.encode(HELDOUT.read_text())[:400]
-    with torch.inference_mode():
-        got, exact = all_logits(fast, text), all_logits(reference, text)
-        scale = exact.abs().max()
-        assert (got - exact).abs().max() < 0.04 * scale and (got - exact).abs().mean() < 0.005 * scale
-
-        def perplexity(logits):
-            return math.exp(torch.nn.functional.cross_entropy(logits[:-1].float(), torch.tensor(text[1:])).item())
-
-        bf16 = FastDecoder.create(copy.deepcopy(dequantized).to(torch.bfloat16))
-        ppl_q, ppl_bf16, ppl_fp32 = perplexity(got), perplexity(all_logits(bf16, text)), perplexity(exact)
-    print(f"perplexity on {len(text)} held-out tokens: q4 {ppl_q:.3f}, bf16 {ppl_bf16:.3f}, fp32 {ppl_fp32:.3f}")
-    assert abs(ppl_q / ppl_bf16 - 1) < 0.02
-    prompts = [tok.encode(p) for p in PROMPTS]
-    params = SamplingParams(max_tokens=12)
-    ours = [c.tokens for c in Engine(copy.deepcopy(model).to(torch.bfloat16)).generate(prompts, params)]
-    theirs = [c.tokens for c in Engine(dequantized, kernels="avx512").generate(prompts, params)]
-    same = sum(a == b for a, b in zip(ours, theirs))
-    print(f"greedy continuations equal on {same} of {len(PROMPTS)} prompts")
-    assert same >= 3
+    got = kept_against_dequantized(model, dequantized, tok, HELDOUT.read_text(), PROMPTS)
+    assert got["max"] < 0.04 and got["mean"] < 0.005
+    assert abs(got["ppl_kept"] / got["ppl_bf16"] - 1) < 0.02
+    assert got["same"] >= 3
 
 
 # ---------------------------------------------------------------- `parley models import --quantize`

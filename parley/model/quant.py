@@ -2,7 +2,7 @@
 
     from parley.model.quant import quantize_model
     quantize_model(model, "q4")                  # every linear layer to q4, in place (an HF import)
-    weights.keep_gguf_blocks(model, path)        # a GGUF's Q8_0 / Q4_0 / Q4_1 tensors kept as they are
+    weights.keep_gguf_blocks(model, path)        # a GGUF's quantized tensors kept as q8 / q4 (GGUF_KEPT)
     QuantLinear.quantize(w, "q8").dequantize()   # the float weights the kernels compute with
 
 Both formats cut each weight row into blocks of 32 inputs and keep, per block, 16-bit
@@ -14,11 +14,23 @@ Both formats cut each weight row into blocks of 32 inputs and keep, per block, 1
   input 32k + j in its low nibble and input 32k + 16 + j in its high one (GGUF's order). 5 bits a weight.
 
 Scales are kept as the raw bits of their half floats in int16 tensors, so that `model.to(bf16)`
-(which casts every floating tensor) leaves them alone. GGUF Q8_0 maps to q8 and Q4_1 to q4 byte
-for byte; Q4_0 (weight = d * (q - 8)) is q4 with m = -8 d, exact too. Nothing goes through floats.
-The C kernels (engine/kernels.c) read these tensors as they are, with activations rounded to int8
-per block of 32 (`quantize_activations` shows how); `QuantLinear.forward` is the PyTorch
-reference, which dequantizes the weights (slow, exact).
+(which casts every floating tensor) leaves them alone. The C kernels (engine/kernels.c) read these
+tensors as they are, with activations rounded to int8 per block of 32 (`quantize_activations`
+shows how); `QuantLinear.forward` is the PyTorch reference, which dequantizes the weights (slow, exact).
+
+GGUF tensor types (`from_gguf_blocks`; GGUF_KEPT lists them), none through floats unless said:
+- Q8_0 -> q8 and Q4_1 -> q4 byte for byte; Q4_0 (d * (q - 8)) -> q4 with m = -8 d; Q5_0
+  (d * (q - 16), q in 0..31) -> q8 with the same d and q - 16: all exact.
+- Q4_K (super-blocks of 256: half d and dmin, 6-bit scale sc and min mn per 32, 4-bit q; weight =
+  d sc q - dmin mn) -> q4 per 32: the file's integers exactly (repacked to q4's nibble order),
+  scale = d sc and minimum = -dmin mn rounded to the nearest half (their products are exact in
+  fp32). A weight then moves by at most 2^-11 (15 |d sc| + |dmin mn|): under 0.8% of its step.
+- Q6_K (16-value sub-blocks, int8 scales, 6-bit q) has no exact q8 / q4 form: its exact values are
+  rounded to q8 (as Q5_1 and Q5_K are), the scale a block rounded up to a half so no integer
+  clips: each weight within half a q8 step, which is at most 32 / 254 (1 + 2^-10) < 0.127 of the
+  larger Q6_K step d |sc| of the block's two sub-blocks. (A Q6_K kernel was not worth its code:
+  Gemma 3 270M's Q6_K tensors are 9.7 MB of the ~275 MB a step reads; as q8 12.4 MB.)
+Any other type is refused (QuantError); weights.keep_gguf_blocks then names the tensor.
 """
 
 from __future__ import annotations
@@ -33,9 +45,10 @@ from parley.model.transformer import Transformer
 
 BLOCK = 32
 FORMATS = ("q8", "q4")
-# GGUF tensor types kept quantized: type -> (Parley format, bytes a block)
-GGUF_KEPT = {gguf.GGMLQuantizationType.Q8_0: ("q8", 34), gguf.GGMLQuantizationType.Q4_0: ("q4", 18),
-              gguf.GGMLQuantizationType.Q4_1: ("q4", 20)}
+GGML = gguf.GGMLQuantizationType
+# GGUF tensor types kept quantized (module docstring: how each maps) -> their Parley format
+GGUF_KEPT = {GGML.Q8_0: "q8", GGML.Q4_0: "q4", GGML.Q4_1: "q4", GGML.Q5_0: "q8", GGML.Q4_K: "q4",
+             GGML.Q6_K: "q8", GGML.Q5_1: "q8", GGML.Q5_K: "q8"}
 
 
 class QuantError(ValueError):
@@ -48,6 +61,15 @@ def _half_bits(x: torch.Tensor) -> torch.Tensor:
 
 def _half(bits: torch.Tensor) -> torch.Tensor:
     return bits.view(torch.float16).float()
+
+
+def _half_bits_up(x: torch.Tensor) -> torch.Tensor:
+    """The bits of the smallest half float >= x (x >= 0): a scale that no integer of its block
+    needs clipping for."""
+    bits = _half_bits(x)
+    if torch.isinf(_half(bits)).any():
+        raise QuantError(f"a block's scale ({x.max().item():.3g}) does not fit a half float")
+    return torch.where(_half(bits) < x, bits + 1, bits)  # positive halves order as their bits
 
 
 class QuantLinear(nn.Module):
@@ -82,13 +104,14 @@ class QuantLinear(nn.Module):
     @classmethod
     def quantize(cls, w: torch.Tensor, fmt: str) -> "QuantLinear":
         """Round float weights [out, in] (in a multiple of 32) to `fmt`: per block, q8 scales by the
-        largest magnitude / 127; q4 spans the block's minimum to maximum in 15 steps."""
+        largest magnitude / 127 (rounded up to a half: within half a step of every weight); q4
+        spans the block's minimum to maximum in 15 steps."""
         if w.dim() != 2 or w.shape[1] % BLOCK:
             raise QuantError(f"cannot quantize a weight of shape {tuple(w.shape)}: the input size must be "
                              f"a multiple of {BLOCK}")
         blocks = w.detach().float().reshape(w.shape[0], -1, BLOCK)
         if fmt == "q8":
-            d = _half_bits(blocks.abs().amax(-1) / 127)
+            d = _half_bits_up(blocks.abs().amax(-1) / 127)
             scale = _half(d)[..., None]
             q = torch.where(scale > 0, blocks / scale, 0).round().clamp(-127, 127).to(torch.int8)
             return cls(fmt, q.reshape(w.shape), d)
@@ -248,17 +271,73 @@ def weight_bytes(model: Transformer) -> int:
 
 # ---------------------------------------------------------------- GGUF
 
+def _k_scales(packed: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Q4_K's / Q5_K's eight 6-bit scales and eight 6-bit minimums from their 12 bytes [..., 12]:
+    bytes 0-3 hold scales 0-3 and bytes 4-7 minimums 0-3 in their low 6 bits, their top 2 bits
+    the high bits of scales / minimums 4-7, whose low 4 bits are bytes 8-11's low / high nibbles."""
+    a, b, c = packed[..., 0:4], packed[..., 4:8], packed[..., 8:12]
+    scales = np.concatenate([a & 63, (c & 15) | (a >> 6) << 4], axis=-1)
+    minimums = np.concatenate([b & 63, (c >> 4) | (b >> 6) << 4], axis=-1)
+    return scales, minimums
+
+
+def _to_half_bits(x: np.ndarray, what: str) -> torch.Tensor:
+    """Nearest half floats of fp32 `x`, as bits; QuantError if one overflows."""
+    with np.errstate(over="ignore"):
+        half = x.astype(np.float16)
+    if not np.isfinite(half).all():
+        raise QuantError(f"a Q4_K block's {what} ({np.abs(x).max():.3g}) does not fit a half float: "
+                         "import without keeping the file's blocks")
+    return torch.from_numpy(half.view(np.int16))
+
+
+def _q4_from_q4_k(blocks: np.ndarray) -> QuantLinear:
+    """Q4_K super-blocks [rows, n, 144] (d, dmin, 12 bytes of scales, 128 of 4-bit integers, whose
+    32-byte group j holds sub-block 2j in its low nibbles and 2j + 1 in its high ones) as q4."""
+    rows, n = blocks.shape[:2]
+    d, dmin = (blocks[..., at:at + 2].copy().view(np.float16).astype(np.float32) for at in (0, 2))
+    scales, minimums = _k_scales(blocks[..., 4:16])
+    groups = blocks[..., 16:].reshape(rows, n, 4, 1, 32)
+    ints = np.concatenate([groups & 15, groups >> 4], axis=3).reshape(rows, n * 8, 32)
+    packed = ints[..., :16] | ints[..., 16:] << 4  # q4's nibble order
+    scale = _to_half_bits((d * scales).reshape(rows, -1), "scale")  # exact in fp32: 11 bits x 6 bits
+    minimum = _to_half_bits((-dmin * minimums).reshape(rows, -1), "minimum")
+    return QuantLinear("q4", torch.from_numpy(packed.reshape(rows, -1)), scale, minimum)
+
+
+def _q8_from_q5_0(blocks: np.ndarray) -> QuantLinear:
+    """Q5_0 blocks [rows, n, 22] (half d, 32 high bits, 16 bytes of low nibbles in GGUF's order)
+    as q8: weight = d (q - 16), and q - 16 is an int8."""
+    rows = blocks.shape[0]
+    high = np.unpackbits(blocks[..., 2:6], axis=-1, bitorder="little")  # bit i: input i's fifth bit
+    low = np.concatenate([blocks[..., 6:22] & 15, blocks[..., 6:22] >> 4], axis=-1)
+    q = (low | high << 4).astype(np.int8) - 16
+    d = blocks[..., 0:2].copy().view(np.int16)[..., 0]
+    return QuantLinear("q8", torch.from_numpy(q.reshape(rows, -1)), torch.from_numpy(d))
+
+
 def from_gguf_blocks(data: np.ndarray, kind: gguf.GGMLQuantizationType) -> QuantLinear:
-    """A QuantLinear over a GGUF tensor's raw blocks (rows x bytes, as gguf's reader gives them)."""
-    fmt, size = GGUF_KEPT[kind]
-    raw = torch.from_numpy(np.array(data, dtype=np.uint8))  # a copy: the reader maps the file read-only
-    if raw.dim() != 2 or raw.shape[1] % size:
-        raise QuantError(f"a {kind.name} tensor of {tuple(raw.shape)} bytes is not whole blocks of {size}")
+    """A QuantLinear over a GGUF tensor's raw blocks (rows x bytes, as gguf's reader gives them);
+    how each type maps is in the module docstring."""
+    if kind not in GGUF_KEPT:
+        raise QuantError(f"GGUF {kind.name} tensors are not kept quantized (kept: "
+                         f"{', '.join(k.name for k in GGUF_KEPT)})")
+    _, size = gguf.GGML_QUANT_SIZES[kind]
+    raw = np.array(data, dtype=np.uint8)  # a copy: the reader maps the file read-only
+    if raw.ndim != 2 or raw.shape[1] % size:
+        raise QuantError(f"a {kind.name} tensor of {raw.shape} bytes is not whole blocks of {size}")
     blocks = raw.reshape(raw.shape[0], -1, size)
+    if kind == GGML.Q4_K:
+        return _q4_from_q4_k(blocks)
+    if kind == GGML.Q5_0:
+        return _q8_from_q5_0(blocks)
+    if kind not in (GGML.Q8_0, GGML.Q4_0, GGML.Q4_1):  # no exact form: the exact values rounded to q8
+        return QuantLinear.quantize(torch.from_numpy(gguf.quants.dequantize(raw, kind)), "q8")
+    blocks = torch.from_numpy(blocks)
     d = blocks[..., 0:2].contiguous().view(torch.int16)[..., 0]
-    if kind == gguf.GGMLQuantizationType.Q8_0:
+    if kind == GGML.Q8_0:
         return QuantLinear("q8", blocks[..., 2:].contiguous().view(torch.int8).reshape(raw.shape[0], -1), d)
-    if kind == gguf.GGMLQuantizationType.Q4_1:
+    if kind == GGML.Q4_1:
         m = blocks[..., 2:4].contiguous().view(torch.int16)[..., 0]
         return QuantLinear("q4", blocks[..., 4:].reshape(raw.shape[0], -1), d, m)
     scale = _half(d)  # Q4_0: d * (q - 8) = d * q + (-8 d); -8 d is exact in half unless it overflows

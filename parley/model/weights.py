@@ -420,39 +420,46 @@ def _param_dtype(model: Transformer) -> torch.dtype:
     return model.model.embed_tokens.weight.dtype
 
 
-def _unpermute_rows(layer: quant.QuantLinear, n_head: int) -> quant.QuantLinear:
-    """llama.cpp's q/k row order undone (as weights._unpermute does for floats) on whole rows,
-    which moves every row's blocks with it: exact."""
-    return quant.QuantLinear(layer.fmt, *(_unpermute(t, n_head) for t in (layer.q, layer.d, layer.m) if t is not None))
+def _rows_of(layer: quant.QuantLinear, rows) -> quant.QuantLinear:
+    """The layer's rows picked or reordered by `rows` (a function of a tensor): every row moves with
+    its blocks, so this is exact (llama.cpp's q/k row order undone, a fused projection split)."""
+    return quant.QuantLinear(layer.fmt, *(rows(t).contiguous() for t in (layer.q, layer.d, layer.m) if t is not None))
 
 
 def keep_gguf_blocks(model: Transformer, path) -> Transformer:
     """Swap the linear layers of `model` (loaded from the GGUF file `path` by weights.load_gguf)
-    whose tensors the file stores as Q8_0, Q4_0 or Q4_1 for those blocks, in place."""
+    for their tensors' blocks as q8 / q4 (quant.GGUF_KEPT: how each type maps), in place. Any
+    architecture load_gguf reads whose projections have no biases or experts (quant.linear_names
+    refuses those): llama's q/k rows are put back in HF's order, as load_gguf does for floats (only
+    llama.cpp's llama converter reorders them; gemma3, qwen3, phi3 keep HF's order), and Phi-3's
+    fused projections are split by rows. A projection stored in a type that is not kept (F16, say)
+    is refused: the C step runs a model whose projections are all quantized, or none."""
     cfg, reader = model.config, gguf.GGUFReader(path)
-    field = reader.fields.get("general.architecture")
-    if (arch := field.contents() if field else None) != "llama":
-        raise quant.QuantError(f"{path}: keeping a GGUF file's blocks is done for the llama architecture only "
-                               f"(this file is {arch!r}): import it without --quantize keep")
+    arch = reader.fields["general.architecture"].contents()  # load_gguf has checked it
     linears = set(quant.linear_names(model))
     for t in reader.tensors:
-        name = _hf_name(t.name, arch).removesuffix(".weight")
-        if t.tensor_type not in quant.GGUF_KEPT:
+        name = _hf_name(t.name, arch)
+        if name == "model.embed_tokens.weight" and cfg.tie_word_embeddings:
+            name = "lm_head.weight"
+        parts = [(ours.removesuffix(".weight"), rows) for ours, rows in hf_to_ours(cfg, name)
+                 if ours.endswith(".weight")]
+        if not any(ours in linears for ours, _ in parts):
             continue
-        if name == "model.embed_tokens" and cfg.tie_word_embeddings:
-            name = "lm_head"
-        if name not in linears:
-            continue
-        layer = quant.from_gguf_blocks(t.data, t.tensor_type)
-        if name.endswith("q_proj"):
-            layer = _unpermute_rows(layer, cfg.num_attention_heads)
-        elif name.endswith("k_proj"):
-            layer = _unpermute_rows(layer, cfg.num_key_value_heads)
-        target = model.get_submodule(name)
-        if (layer.out_features, layer.in_features) != tuple(target.weight.shape):
-            raise quant.QuantError(f"{path}: {t.name} has shape {(layer.out_features, layer.in_features)}, "
-                                   f"the model expects {tuple(target.weight.shape)}")
-        quant.swap_layer(model, name, layer)
+        try:
+            blocks = quant.from_gguf_blocks(t.data, t.tensor_type)
+        except quant.QuantError as e:
+            raise quant.QuantError(f"{path}: {t.name}: {e}; import it without --quantize keep "
+                                   "(dequantized), or with --quantize q8") from None
+        for ours, rows in parts:
+            layer = blocks if rows is None else _rows_of(blocks, lambda w, rows=rows: w[rows])
+            heads = {"q_proj": cfg.num_attention_heads, "k_proj": cfg.num_key_value_heads}.get(ours.rsplit(".", 1)[-1])
+            if arch == "llama" and heads:
+                layer = _rows_of(layer, lambda w, heads=heads: _unpermute(w, heads))
+            target = model.get_submodule(ours)
+            if (layer.out_features, layer.in_features) != tuple(target.weight.shape):
+                raise quant.QuantError(f"{path}: {t.name} has shape {(layer.out_features, layer.in_features)}, "
+                                       f"the model expects {tuple(target.weight.shape)}")
+            quant.swap_layer(model, ours, layer)
     return model
 
 
