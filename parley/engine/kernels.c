@@ -1309,16 +1309,27 @@ TARGET_BF16 static inline __attribute__((always_inline)) void outer_dp(const uin
     default: CALL(NO, 1);                                                                        \
     }
 
-/* The loop of a product on packed weights: work-shared blocks of 2 panels (the last may be one),
- * each against the rows of x 8 at a time, those rows taken as many as fit in L2 at a time;
- * CALL(NO, NB) runs one block. */
+/* The loop of the products of `count` (<= 4) packed matrices Ws stacked along their outputs (rows[m]
+ * each), written side by side into y, as one work-shared loop (one barrier for q, k and v): blocks
+ * of 2 panels of one matrix (its last may be one), each against the rows of x 8 at a time, those
+ * rows taken as many as fit in L2 at a time; CALL(NO, NB) runs one block of matrix Wp, O outputs,
+ * into ym. */
 #define FOR_PANELS(x_size, CALL)                                                                  \
-    const long panels = (O + PANEL - 1) / PANEL;                                                 \
+    long first[5] = {0}, at[4] = {0}; /* matrix m's blocks first[m].., its outputs from y + at[m] */ \
+    for (int m = 0; m < count; m++) {                                                            \
+        first[m + 1] = first[m] + ((rows[m] + PANEL - 1) / PANEL + 1) / 2;                       \
+        if (m) at[m] = at[m - 1] + rows[m - 1];                                                  \
+    }                                                                                            \
     const int chunk = rows_in_l2(I, x_size);                                                     \
     for (int c0 = 0; c0 < B; c0 += chunk) {                                                      \
         const int c1 = B - c0 < chunk ? B : c0 + chunk;                                          \
         _Pragma("omp for schedule(static)")                                                      \
-        for (long ob = 0; ob < panels; ob += 2)                                                  \
+        for (long t = 0; t < first[count]; t++) {                                                \
+            int m = 0;                                                                           \
+            while (t >= first[m + 1]) m++;                                                       \
+            const long O = rows[m], ob = 2 * (t - first[m]), panels = (O + PANEL - 1) / PANEL;  \
+            const void *Wp = Ws[m];                                                              \
+            float *ym = y + at[m];                                                               \
             for (int b0 = c0; b0 < c1; b0 += 8) {                                                \
                 const int nb = c1 - b0 < 8 ? c1 - b0 : 8;                                        \
                 if (panels - ob >= 2) {                                                          \
@@ -1327,34 +1338,36 @@ TARGET_BF16 static inline __attribute__((always_inline)) void outer_dp(const uin
                     OUTER_ROWS(CALL, 1)                                                          \
                 }                                                                                \
             }                                                                                    \
+        }                                                                                        \
     }
 
-TARGET_512 static void packed_fma_for(const void *Wp, const int w_bf16, const float *x, float *y, long y_stride, int B,
-                                      long I, long O, int accumulate) {
-#define FMA_CALL(NO, NB) outer_fma(Wp, w_bf16, I, ob, NO, x + b0 * I, NB, y + b0 * y_stride, y_stride, O, accumulate)
+TARGET_512 static void packed_fma_for(const void *const *Ws, const long *rows, int count, const int w_bf16,
+                                      const float *x, float *y, long y_stride, int B, long I, int accumulate) {
+#define FMA_CALL(NO, NB) outer_fma(Wp, w_bf16, I, ob, NO, x + b0 * I, NB, ym + b0 * y_stride, y_stride, O, accumulate)
     FOR_PANELS(4, FMA_CALL)
 #undef FMA_CALL
 }
 
-TARGET_BF16 static void packed_dp_for(const uint16_t *Wp, const uint16_t *xb, float *y, long y_stride, int B, long I,
-                                      long O, int accumulate) {
-#define DP_CALL(NO, NB) outer_dp(Wp, I, ob, NO, xb + b0 * I, NB, y + b0 * y_stride, y_stride, O, accumulate)
+TARGET_BF16 static void packed_dp_for(const void *const *Ws, const long *rows, int count, const uint16_t *xb, float *y,
+                                      long y_stride, int B, long I, int accumulate) {
+#define DP_CALL(NO, NB) outer_dp((const uint16_t *)Wp, I, ob, NO, xb + b0 * I, NB, ym + b0 * y_stride, y_stride, O, accumulate)
     FOR_PANELS(2, DP_CALL)
 #undef DP_CALL
 }
 #undef FOR_PANELS
 #undef OUTER_ROWS
 
-/* y[b, o] (+)= sum_i W[o, i] * x[b, i] for weights Wp packed as above, on F_BF16 (bf16 weights: xb) or
- * else F_AVX512. */
-static void linear_packed_for(const void *Wp, int w_bf16, int isa, const float *x, const uint16_t *xb, float *y,
-                              long y_stride, int B, long I, long O, int accumulate) {
+/* y[b, o] (+)= sum_i W[o, i] * x[b, i] for `count` (<= 4) matrices Ws packed as above, stacked along
+ * their outputs (rows[m] each) and written side by side into y, on F_BF16 (bf16 weights: xb) or else
+ * F_AVX512. */
+static void linear_packed_for(const void *const *Ws, const long *rows, int count, int w_bf16, int isa, const float *x,
+                              const uint16_t *xb, float *y, long y_stride, int B, long I, int accumulate) {
     if (isa == F_BF16 && w_bf16)
-        packed_dp_for((const uint16_t *)Wp, xb, y, y_stride, B, I, O, accumulate);
+        packed_dp_for(Ws, rows, count, xb, y, y_stride, B, I, accumulate);
     else if (w_bf16)
-        packed_fma_for(Wp, 1, x, y, y_stride, B, I, O, accumulate);
+        packed_fma_for(Ws, rows, count, 1, x, y, y_stride, B, I, accumulate);
     else
-        packed_fma_for(Wp, 0, x, y, y_stride, B, I, O, accumulate);
+        packed_fma_for(Ws, rows, count, 0, x, y, y_stride, B, I, accumulate);
 }
 #endif
 
@@ -1393,7 +1406,7 @@ void float_linear(const void *W, int w_bf16, int isa, int packed, const float *x
 #if defined(__x86_64__) || defined(__i386__)
         if (isa == F_BF16 && w_bf16) round_rows_for(x, xb, B, I);
         if (packed && isa >= F_AVX512)
-            linear_packed_for(W, w_bf16, isa, x, xb, y, O, B, I, O, 0);
+            linear_packed_for(&W, &O, 1, w_bf16, isa, x, xb, y, O, B, I, 0);
         else
 #endif
             linear_for(W, w_bf16, isa, x, xb, y, O, B, I, O, 0);
@@ -2187,6 +2200,9 @@ static void project_for(const Shape *sh, const Buffers *buf, const void *const *
     if (sh->quant && rows16_ready((const QWeight *const *)Ws, count, sh->isa))
         qlinear16_for((const QWeight *const *)Ws, rows, count, sh->isa, buf->xq, buf->xs, y, y_stride, sh->B, in.I,
                       accumulate);
+    else if (sh->packed)
+        linear_packed_for(Ws, rows, count, sh->w_bf16, sh->fisa, in.x, (const uint16_t *)buf->xp, y, y_stride, sh->B,
+                          in.I, accumulate);
     else
 #endif
     {
@@ -2195,11 +2211,6 @@ static void project_for(const Shape *sh, const Buffers *buf, const void *const *
             if (sh->quant)
                 qlinear_for((const QWeight *)Ws[m], sh->isa, buf->xq, buf->xs, ym, y_stride, sh->B, in.I, rows[m],
                             accumulate);
-#if defined(__x86_64__) || defined(__i386__)
-            else if (sh->packed)
-                linear_packed_for(Ws[m], sh->w_bf16, sh->fisa, in.x, (const uint16_t *)buf->xp, ym, y_stride, sh->B,
-                                  in.I, rows[m], accumulate);
-#endif
             else
                 linear_for(Ws[m], sh->w_bf16, sh->fisa, in.x, (const uint16_t *)buf->xp, ym, y_stride, sh->B, in.I,
                            rows[m], accumulate);
