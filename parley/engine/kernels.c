@@ -1011,19 +1011,25 @@ void quant_linear(const QWeight *W, int isa, const float *x, int8_t *xq, float *
  *   F_AVX512  fp32 FMAs on 16 lanes, bf16 weights widened by a shift (linear_avx512_for).
  *   F_AVX2    the same on 8 lanes, for CPUs with AVX2 and FMA only (laptops, older servers).
  *   F_SCALAR  portable C.
- * Each is register-blocked: a block of 4 weight rows is loaded once for 4 rows of x (AVX2: 2, its 16
- * registers) with 16 (8) sums in registers, the block used for every row of x while it sits in L1, the
- * rows of x taken as many as fit in L2 at a time (rows_in_l2), so that a batch reads the weights from
- * memory once and a long prompt chunk once per few hundred KB of its rows. A row's sums run in the same order
- * whatever it is batched with: its bits do not depend on its batch, on any path. */
+ * Each is register-blocked. The layers and the output layer on F_AVX512 and F_BF16 read a copy of
+ * their weights packed at load (linear_packed_for, below: outer products, 16 outputs a vector, 32 x 8
+ * rows of x a block); the experts of a mixture, and F_AVX2 and F_SCALAR, read them as the model holds
+ * them, in dot products: a block of 4 weight rows loaded once for 4 rows of x (AVX2: 2, its 16
+ * registers) with 16 (8) sums in registers, reduced across lanes at the end. Either way the block is
+ * used for every row of x while it sits in L1, the rows of x taken as many as fit in L2 at a time
+ * (rows_in_l2), so that a batch reads the weights from memory once and a long prompt chunk once per
+ * few hundred KB of its rows. A row's sums run in the same order whatever it is batched with: its
+ * bits do not depend on its batch, on any path. */
 
 enum { F_SCALAR = 0, F_AVX2 = 1, F_AVX512 = 2, F_BF16 = 3 };
 
 /* The best float path this CPU runs, at most `ceiling` (F_*): checked once by fast.py. A CPU with
  * AMX (Intel's, from Sapphire Rapids) keeps F_AVX512 for what its tiles do not take unless the
- * ceiling is F_BF16 itself: there vdpbf16ps measured slower than widening to fp32 and two FMAs
- * (benchmarks/float_paths.py; RESULTS.md, "Float weights without AMX"). CPUs with AVX512-BF16 and
- * no tiles (AMD Zen 4 and later) take it: not measured on one yet. */
+ * ceiling is F_BF16 itself: there vdpbf16ps ran at about half the rate of widening to fp32 and two
+ * FMAs on packed weights (61-90 against 142-156 GFLOP/s a thread: benchmarks/float_paths.py;
+ * RESULTS.md, "Batched decode without AMX: packed float weights"), as one vdpbf16ps (32 products)
+ * issues where two FMAs (32) do. CPUs with AVX512-BF16 and no tiles (AMD Zen 4 and later) take it:
+ * there a 512-bit FMA takes both of the two FMA pipes, vdpbf16ps twice the products for the same. */
 int float_isa(int ceiling) {
     int best = F_SCALAR;
 #if defined(__x86_64__) || defined(__i386__)
