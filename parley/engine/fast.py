@@ -6,8 +6,8 @@
     tokens = decoder.argmax(logits, rows)      # greedy picks of those rows
 
 The Transformer's own forward stays the reference. This path computes the same step with
-fp32 activations over the model's bf16 or fp32 weights, used in place, for every family the
-Transformer has (q/k/v biases, q/k norms, Gemma 3's norms, GeGLU and scales, soft-capping,
+fp32 activations over the model's bf16 or fp32 weights, used in place (or packed once, below),
+for every family the Transformer has (q/k/v biases, q/k norms, Gemma 3's norms, GeGLU and scales, soft-capping,
 per-layer sliding windows with their own rotary tables, mixtures of experts; RoPE scaling is
 in the rotary tables already). On a CPU with AMX
 and bf16 weights whose sizes are whole tiles (`decoder.amx`), the projections run on the
@@ -20,7 +20,9 @@ bits do not depend on where its prompt is cut); the engine uses it on the tile p
 tiles, float weights' projections run on register-blocked products (kernels.c's "float weights
 off the tile unit"): AVX512-BF16 dot products on CPUs that have them and no AMX (inputs rounded
 to bf16, as on the tiles), else fp32 FMAs on AVX-512 or AVX2, else portable C; `decoder.path`
-names the one chosen once at start (`create(model, path="avx2")` caps it). Prompt chunks of
+names the one chosen once at start (`create(model, path="avx2")` caps it). On the AVX-512 paths
+the layers and the output layer read a copy of their weights packed at load (`pack_float`,
+`decoder.packed`: the float weights' bytes a second time), multiplied as outer products. Prompt chunks of
 bf16 weights run through `step_rows` off the tiles too (`decoder.all_rows`).
 A model whose projections and output layer are quantized (model/quant.py: q8, q4) runs on the
 int8 kernels instead, its activations rounded to int8 per block of 32; `decoder.path` names the
@@ -206,7 +208,8 @@ class FastDecoder:
         self.fisa = lib.float_isa(FLOAT_CEILING.get(path, len(FLOAT_ISAS)))
         self.qweights: list[QWeight] = []
         self.rows16 = self._interleaved() if self.quant and ISAS[self.isa] in ("vnni", "avx2") else {}
-        # norms and biases are tiny: fp32 copies, kept here; big weights are used in place, never copied
+        # norms and biases are tiny: fp32 copies, kept here; big weights are used in place (but for the
+        # packed copies of the AVX-512 paths: _pack)
         self.keep: list[torch.Tensor] = []
         self.arrays: list[ctypes.Array] = []  # pointer arrays the layers point into (experts)
         self.cos, self.sin = model.rope_cos.contiguous(), model.rope_sin.contiguous()

@@ -1215,7 +1215,7 @@ TARGET_BF16 static void linear_bf16_for(const uint16_t *W, const uint16_t *x, fl
 #define TARGET_512 __attribute__((target("avx512f,avx512bw,avx512dq")))
 
 /* y[b, o] (+)= acc[j][b] for the NO panels from ob, outputs past O left alone */
-#define STORE_PANELS(TARGET_Y)                                                                       \
+#define STORE_PANELS()                                                                               \
     for (int j = 0; j < NO; j++) {                                                               \
         const long o = (ob + j) * PANEL;                                                         \
         const __mmask16 m = O - o >= PANEL ? 0xffff : (__mmask16)((1u << (O - o)) - 1);          \
