@@ -1,6 +1,7 @@
 """One projection of SmolLM2-135M's shapes on each float path of the C kernels (kernels.c's
-float_linear: AVX512-BF16 dot products, AVX-512 FMAs, AVX2 FMAs) against PyTorch's matmul, in
-GFLOP/s, one thread: which path is fastest on this CPU for a decode batch and a prompt chunk.
+float_linear: AVX512-BF16 dot products, AVX-512 FMAs, AVX2 FMAs; the AVX-512 paths also on weights
+packed as the engine reads them, fast.py's pack_float) against PyTorch's matmul, in GFLOP/s, one
+thread: which path is fastest on this CPU for a decode batch and a prompt chunk.
 
     .venv/bin/python benchmarks/float_paths.py --no-amx            # print the table
     .venv/bin/python benchmarks/float_paths.py --no-amx --quick    # 10 tries instead of 40
@@ -21,7 +22,7 @@ no_amx()  # before torch is imported
 
 import torch
 
-from parley.engine.fast import FLOAT_CEILING, FLOAT_ISAS, kernels
+from parley.engine.fast import FLOAT_CEILING, kernels, pack_float
 
 SHAPES = [(1, 576, 1536), (8, 576, 1536), (512, 576, 1536), (512, 1536, 576)]  # rows of x, inputs, outputs
 PATHS = ("avx512-bf16", "avx512-fma", "avx2")
@@ -43,15 +44,18 @@ def main() -> None:
     torch.set_num_threads(1)
     print(f"{cpu_name(flags=True)}; one thread; best of {tries}")
     levels = {p: FLOAT_CEILING[p] for p in PATHS if lib.float_isa(FLOAT_CEILING[p]) == FLOAT_CEILING[p]}
+    levels.update({f"{p} packed": level for p, level in list(levels.items()) if p.startswith("avx512")})
     print("| weights | rows x inputs -> outputs | " + " | ".join(f"{p} GFLOP/s" for p in levels) + " | torch GFLOP/s |")
     print("|---|---|" + "---|" * (len(levels) + 1))
     for dtype in (torch.bfloat16, torch.float32):
         for B, I, O in SHAPES:
             w, x = torch.randn(O, I).to(dtype), torch.randn(B, I)
             xt, y, xb = x.to(dtype), torch.empty(B, O), torch.empty(B * I, dtype=torch.int16)
-            runs = {p: (lambda level=level: lib.float_linear(w.data_ptr(), int(dtype == torch.bfloat16), level,
-                                                             x.data_ptr(), xb.data_ptr(), y.data_ptr(), B, I, O))
-                    for p, level in levels.items() if not (p == "avx512-bf16" and dtype == torch.float32)}
+            wp = pack_float(w)
+            runs = {p: (lambda level=level, packed=p.endswith("packed"):
+                        lib.float_linear((wp if packed else w).data_ptr(), int(dtype == torch.bfloat16), level,
+                                         int(packed), x.data_ptr(), xb.data_ptr(), y.data_ptr(), B, I, O))
+                    for p, level in levels.items() if not (p.startswith("avx512-bf16") and dtype == torch.float32)}
             runs["torch"] = lambda: xt @ w.t()
             best = dict.fromkeys(runs, float("inf"))
             for _ in range(tries):

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from parley.engine.engine import Engine
-from parley.engine.fast import FLOAT_CEILING, FLOAT_ISAS, FastDecoder, kernels
+from parley.engine.fast import FLOAT_CEILING, FLOAT_ISAS, FastDecoder, kernels, pack_float
 from parley.engine.sampling import SamplingParams
 from parley.model.transformer import ModelConfig, Transformer
 from test_tiles import assert_cuts_change_no_bit
@@ -34,40 +34,70 @@ def runnable(path: str) -> bool:
 
 EACH_PATH = [pytest.param(p, marks=pytest.mark.skipif(not runnable(p), reason=f"this CPU cannot run {p}"))
              for p in PATHS]
+# each path with each layout of the weights it reads: the AVX-512 paths read the layers' packed
+# copies (fast.py's pack_float) and the experts of a mixture as the model holds them
+EACH_KERNEL = [pytest.param(p, packed, marks=pytest.mark.skipif(not runnable(p), reason=f"this CPU cannot run {p}"),
+                            id=f"{p}-{'packed' if packed else 'as-held'}")
+               for p in PATHS for packed in ((True, False) if p.startswith("avx512") else (False,))]
 
 
-def linear(path: str, w: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """x @ w.T by kernels.c's float_linear on `path`."""
+def linear(path: str, w: torch.Tensor, x: torch.Tensor, packed: bool = False) -> torch.Tensor:
+    """x @ w.T by kernels.c's float_linear on `path`, from w packed (pack_float) or as it is."""
     B, I = x.shape
     y, xb = torch.empty(B, w.shape[0]), torch.empty(B * I, dtype=torch.int16)
-    kernels().float_linear(w.data_ptr(), int(w.dtype == torch.bfloat16), level(path), x.data_ptr(), xb.data_ptr(),
-                           y.data_ptr(), B, I, w.shape[0])
+    W = pack_float(w) if packed else w
+    kernels().float_linear(W.data_ptr(), int(w.dtype == torch.bfloat16), level(path), int(packed), x.data_ptr(),
+                           xb.data_ptr(), y.data_ptr(), B, I, w.shape[0])
     return y
 
 
+# (outputs, inputs, rows): outputs not a multiple of 4 or 16, an odd number of 16-output panels, a
+# whole one; inputs odd, not a multiple of 32, 16 or 8, and a wide layer's; rows past a block of 8
+SIZES = [(23, 101, 9), (37, 64, 17), (48, 97, 8), (16, 3, 1), (40, 576, 3)]
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("path", EACH_PATH)
-def test_each_path_computes_the_product(path, dtype):
-    """Sizes off every block (inputs not a multiple of 32, 16 or 8; outputs not of 4; 9 rows):
-    within fp32 rounding of a float64 product, of the inputs rounded to bf16 where the path
-    rounds them (bf16 weights on AVX512-BF16)."""
+@pytest.mark.parametrize("path, packed", EACH_KERNEL)
+def test_each_path_computes_the_product(path, packed, dtype):
+    """Sizes off every block: within fp32 rounding of a float64 product, of the inputs rounded to
+    bf16 where the path rounds them (bf16 weights on AVX512-BF16)."""
     torch.manual_seed(0)
-    w, x = torch.randn(23, 101).to(dtype), torch.randn(9, 101)
     rounds = path == "avx512-bf16" and dtype == torch.bfloat16
-    exact = (x.bfloat16() if rounds else x).double() @ w.double().t()
-    got = linear(path, w, x)
-    assert (got.double() - exact).abs().max() < 1e-5 * exact.abs().max()
-    if rounds:  # and the rounding is what moves it from the fp32 inputs' product
-        assert (got.double() - x.double() @ w.double().t()).abs().max() > 1e-4 * exact.abs().max()
+    for O, I, B in SIZES:
+        w, x = torch.randn(O, I).to(dtype), torch.randn(B, I)
+        exact = (x.bfloat16() if rounds else x).double() @ w.double().t()
+        got = linear(path, w, x, packed)
+        assert (got.double() - exact).abs().max() < 1e-5 * exact.abs().max(), (O, I, B)
+        if rounds and I > 3:  # and the rounding is what moves it from the fp32 inputs' product
+            assert (got.double() - x.double() @ w.double().t()).abs().max() > 1e-4 * exact.abs().max()
 
 
-@pytest.mark.parametrize("path", EACH_PATH)
-def test_a_rows_bits_do_not_depend_on_its_batch(path):
+@pytest.mark.parametrize("path, packed", EACH_KERNEL)
+def test_a_rows_bits_do_not_depend_on_its_batch(path, packed):
     torch.manual_seed(1)
-    w, x = torch.randn(36, 96).to(torch.bfloat16), torch.randn(11, 96)
-    together = linear(path, w, x)
-    for b in range(11):
-        assert torch.equal(linear(path, w, x[b:b + 1].clone())[0], together[b]), b
+    for dtype, (O, I, B) in ((torch.bfloat16, (36, 96, 11)), (torch.bfloat16, (50, 77, 19)), (torch.float32, (50, 77, 19))):
+        w, x = torch.randn(O, I).to(dtype), torch.randn(B, I)
+        together = linear(path, w, x, packed)
+        for b in range(B):
+            assert torch.equal(linear(path, w, x[b:b + 1].clone(), packed)[0], together[b]), (dtype, b)
+        assert torch.equal(linear(path, w, x[3:12].clone(), packed), together[3:12])  # a block of 8 from row 3
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_packed_weights_lie_as_the_kernels_read_them(dtype):
+    """pack_float: panel p, input pair k (fp32: input k), output j of the panel, and for bf16 the
+    pair's input t at [p, k, j, t]; outputs past O and the input past an odd I are zero."""
+    w = torch.arange(1, 1 + 19 * 5, dtype=torch.float32).view(19, 5).to(dtype)
+    packed = pack_float(w)
+    pairs = 2 if dtype == torch.bfloat16 else 1
+    assert packed.shape == (2, -(-5 // pairs), 16, pairs)
+    for p in range(2):
+        for j in range(16):
+            for i in range(packed.shape[1] * pairs):
+                o, want = 16 * p + j, 0.0
+                if o < 19 and i < 5:
+                    want = w[o, i].item()
+                assert packed[p, i // pairs, j, i % pairs].item() == want, (p, j, i)
 
 
 CFG = ModelConfig(vocab_size=304, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
@@ -88,6 +118,7 @@ def test_where_a_prompt_is_cut_changes_no_bit(path):
     last token's logits are the same bits however the prompt is fed (test_tiles.py's check)."""
     fast = FastDecoder.create(bf16_model(), tiles=False, path=path)
     assert fast.path == path.removesuffix("-fma") and fast.all_rows and fast.kv_dtype == torch.float32
+    assert fast.packed == path.startswith("avx512")
     assert_cuts_change_no_bit(fast, 8)
 
 

@@ -6,8 +6,8 @@
     tokens = decoder.argmax(logits, rows)      # greedy picks of those rows
 
 The Transformer's own forward stays the reference. This path computes the same step with
-fp32 activations over the model's bf16 or fp32 weights, used in place, for every family the
-Transformer has (q/k/v biases, q/k norms, Gemma 3's norms, GeGLU and scales, soft-capping,
+fp32 activations over the model's bf16 or fp32 weights, used in place (or packed once, below),
+for every family the Transformer has (q/k/v biases, q/k norms, Gemma 3's norms, GeGLU and scales, soft-capping,
 per-layer sliding windows with their own rotary tables, mixtures of experts; RoPE scaling is
 in the rotary tables already). On a CPU with AMX
 and bf16 weights whose sizes are whole tiles (`decoder.amx`), the projections run on the
@@ -20,7 +20,9 @@ bits do not depend on where its prompt is cut); the engine uses it on the tile p
 tiles, float weights' projections run on register-blocked products (kernels.c's "float weights
 off the tile unit"): AVX512-BF16 dot products on CPUs that have them and no AMX (inputs rounded
 to bf16, as on the tiles), else fp32 FMAs on AVX-512 or AVX2, else portable C; `decoder.path`
-names the one chosen once at start (`create(model, path="avx2")` caps it). Prompt chunks of
+names the one chosen once at start (`create(model, path="avx2")` caps it). On the AVX-512 paths
+the layers and the output layer read a copy of their weights packed at load (`pack_float`,
+`decoder.packed`: the float weights' bytes a second time), multiplied as outer products. Prompt chunks of
 bf16 weights run through `step_rows` off the tiles too (`decoder.all_rows`).
 A model whose projections and output layer are quantized (model/quant.py: q8, q4) runs on the
 int8 kernels instead, its activations rounded to int8 per block of 32; `decoder.path` names the
@@ -82,7 +84,7 @@ class Shape(ctypes.Structure):
     _fields_ = [(n, ctypes.c_int) for n in ("B", "H", "nh", "nkv", "hd", "n_layers", "w_bf16", "amx", "kv_bf16")] + \
                [(n, ctypes.c_long) for n in ("inter", "vocab", "max_len")] + [("eps", ctypes.c_float)] + \
                [(n, ctypes.c_int) for n in ("quant", "isa")] + \
-               [(n, ctypes.c_float) for n in ("scale", "attn_cap")] + [(n, ctypes.c_int) for n in ("gelu", "fisa")]
+               [(n, ctypes.c_float) for n in ("scale", "attn_cap")] + [(n, ctypes.c_int) for n in ("gelu", "fisa", "packed")]
 
 
 class QWeight(ctypes.Structure):
@@ -106,6 +108,33 @@ ISA_CEILING = {"scalar": 0, "avx2": 1}  # any other setting: the best this CPU h
 # (bf16 dot products on a CPU with AMX too, which else keeps to fp32 ones: float_isa)
 FLOAT_ISAS = ("scalar", "avx2", "avx512", "avx512-bf16")
 FLOAT_CEILING = {**ISA_CEILING, "avx512-fma": 2, "avx512-bf16": 3}
+
+
+PANEL = 16  # outputs a panel of packed float weights holds (kernels.c's PANEL)
+
+
+def pack_float(w: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """A float weight [O, I] in the layout kernels.c's linear_packed_for reads (the AVX-512 paths off
+    the tiles): panels of 16 outputs, each input's 16 weights side by side, for bf16 each pair of
+    inputs' 32; outputs past O and the input past an odd I zero. Written into `out` (that many
+    elements of the dtype) where given."""
+    O, I = w.shape
+    pairs = 2 if w.dtype == torch.bfloat16 else 1
+    Ip = -(-I // pairs) * pairs
+    panels = -(-O // PANEL)
+    padded = torch.zeros(panels * PANEL, Ip, dtype=w.dtype)
+    padded[:O, :I] = w
+    packed = padded.view(panels, PANEL, Ip // pairs, pairs).transpose(1, 2)
+    if out is None:
+        return packed.contiguous()
+    out.view(packed.shape).copy_(packed)
+    return out
+
+
+def packed_numel(w: torch.Tensor) -> int:
+    """The elements of pack_float(w)."""
+    O, I = w.shape
+    return -(-O // PANEL) * PANEL * (I + I % 2 if w.dtype == torch.bfloat16 else I)
 
 
 def norm_weight(norm: torch.nn.Module) -> torch.Tensor:
@@ -157,7 +186,8 @@ def kernels() -> ctypes.CDLL | None:
     so.argmax_rows.argtypes = [P, ctypes.c_long, P, ctypes.c_int, P]
     so.quant_isa.argtypes, so.quant_isa.restype = [ctypes.c_int], ctypes.c_int
     so.float_isa.argtypes, so.float_isa.restype = [ctypes.c_int], ctypes.c_int
-    so.float_linear.argtypes = [P, ctypes.c_int, ctypes.c_int, P, P, P, ctypes.c_int, ctypes.c_long, ctypes.c_long]
+    so.float_linear.argtypes = [P, ctypes.c_int, ctypes.c_int, ctypes.c_int, P, P, P, ctypes.c_int, ctypes.c_long,
+                                ctypes.c_long]
     so.float_linear.restype = None
     so.quant_linear.argtypes = [ctypes.POINTER(QWeight), ctypes.c_int, P, P, P, P, ctypes.c_int, ctypes.c_long,
                                 ctypes.c_long]
@@ -178,7 +208,8 @@ class FastDecoder:
         self.fisa = lib.float_isa(FLOAT_CEILING.get(path, len(FLOAT_ISAS)))
         self.qweights: list[QWeight] = []
         self.rows16 = self._interleaved() if self.quant and ISAS[self.isa] in ("vnni", "avx2") else {}
-        # norms and biases are tiny: fp32 copies, kept here; big weights are used in place, never copied
+        # norms and biases are tiny: fp32 copies, kept here; big weights are used in place (but for the
+        # packed copies of the AVX-512 paths: _pack)
         self.keep: list[torch.Tensor] = []
         self.arrays: list[ctypes.Array] = []  # pointer arrays the layers point into (experts)
         self.cos, self.sin = model.rope_cos.contiguous(), model.rope_sin.contiguous()
@@ -202,6 +233,10 @@ class FastDecoder:
             if self.cfg.gemma else None
         self.head = self._pointer(model.lm_head)
         self.amx = tiles and not self.quant and self._tiles_fit() and bool(lib.amx_enable())
+        # off the tiles on AVX-512 the layers and the output layer read packed copies (pack_float)
+        self.packed = not self.amx and not self.quant and self.fisa >= FLOAT_ISAS.index("avx512")
+        if self.packed:
+            self._pack()
         # the tile path keeps keys and values in bf16 (half the bytes each step reads); else fp32
         self.kv_dtype = torch.bfloat16 if self.amx else torch.float32
         self.buffers: dict = {}
@@ -265,6 +300,25 @@ class FastDecoder:
             out[id(layer)].copy_(t.reshape(-1))
             at += size
         return out
+
+    def _pack(self) -> None:
+        """Point the layers and the output layer at packed copies of their weights (pack_float), all in
+        one huge-page area: the float weights' bytes a second time (the model keeps its own for the
+        reference forward and the experts of a mixture, read as they are)."""
+        m = self.model.model
+        names = ("q", "k", "v", "o", "gate", "up", "down")
+        weights = [(layer, name, getattr(getattr(block, part), f"{name}_proj").weight)
+                   for layer, block in zip(self.layers, m.layers)
+                   for part, group in (("self_attn", names[:4]), ("mlp", names[4:])) if hasattr(block, part)
+                   for name in group]
+        weights.append((self, "head", self.model.lm_head.weight))
+        sizes = [-(-packed_numel(w) // 32) * 32 for *_, w in weights]  # every matrix on a cache line
+        dtype = self.embed.dtype
+        self.packed_area = huge_empty(sum(sizes) * dtype.itemsize).view(dtype)
+        at = 0
+        for (owner, name, w), size in zip(weights, sizes):
+            setattr(owner, name, pack_float(w, self.packed_area[at:at + packed_numel(w)]).data_ptr())
+            at += size
 
     def _pointer(self, linear: torch.nn.Module) -> int:
         """What the C side takes for a layer's weights: the float matrix, or a QWeight."""
@@ -380,7 +434,7 @@ class FastDecoder:
         return Shape(B=B, H=c.hidden_size, nh=c.num_attention_heads, nkv=c.num_key_value_heads, hd=c.head_dim,
                      n_layers=c.num_hidden_layers, w_bf16=int(self.embed.dtype == torch.bfloat16), amx=int(self.amx),
                      kv_bf16=int(self.amx), inter=c.intermediate_size, vocab=c.vocab_size, max_len=max_len,
-                     eps=c.rms_norm_eps, quant=int(self.quant), isa=self.isa, fisa=self.fisa,
+                     eps=c.rms_norm_eps, quant=int(self.quant), isa=self.isa, fisa=self.fisa, packed=int(self.packed),
                      scale=c.attention_scale if c.query_pre_attn_scalar else 0.0,
                      attn_cap=c.attn_logit_softcapping or 0.0, gelu=int(c.hidden_act != "silu"))
 

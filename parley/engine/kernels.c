@@ -1011,19 +1011,25 @@ void quant_linear(const QWeight *W, int isa, const float *x, int8_t *xq, float *
  *   F_AVX512  fp32 FMAs on 16 lanes, bf16 weights widened by a shift (linear_avx512_for).
  *   F_AVX2    the same on 8 lanes, for CPUs with AVX2 and FMA only (laptops, older servers).
  *   F_SCALAR  portable C.
- * Each is register-blocked: a block of 4 weight rows is loaded once for 4 rows of x (AVX2: 2, its 16
- * registers) with 16 (8) sums in registers, the block used for every row of x while it sits in L1, the
- * rows of x taken as many as fit in L2 at a time (rows_in_l2), so that a batch reads the weights from
- * memory once and a long prompt chunk once per few hundred KB of its rows. A row's sums run in the same order
- * whatever it is batched with: its bits do not depend on its batch, on any path. */
+ * Each is register-blocked. The layers and the output layer on F_AVX512 and F_BF16 read a copy of
+ * their weights packed at load (linear_packed_for, below: outer products, 16 outputs a vector, 32 x 8
+ * rows of x a block); the experts of a mixture, and F_AVX2 and F_SCALAR, read them as the model holds
+ * them, in dot products: a block of 4 weight rows loaded once for 4 rows of x (AVX2: 2, its 16
+ * registers) with 16 (8) sums in registers, reduced across lanes at the end. Either way the block is
+ * used for every row of x while it sits in L1, the rows of x taken as many as fit in L2 at a time
+ * (rows_in_l2), so that a batch reads the weights from memory once and a long prompt chunk once per
+ * few hundred KB of its rows. A row's sums run in the same order whatever it is batched with: its
+ * bits do not depend on its batch, on any path. */
 
 enum { F_SCALAR = 0, F_AVX2 = 1, F_AVX512 = 2, F_BF16 = 3 };
 
 /* The best float path this CPU runs, at most `ceiling` (F_*): checked once by fast.py. A CPU with
  * AMX (Intel's, from Sapphire Rapids) keeps F_AVX512 for what its tiles do not take unless the
- * ceiling is F_BF16 itself: there vdpbf16ps measured slower than widening to fp32 and two FMAs
- * (benchmarks/float_paths.py; RESULTS.md, "Float weights without AMX"). CPUs with AVX512-BF16 and
- * no tiles (AMD Zen 4 and later) take it: not measured on one yet. */
+ * ceiling is F_BF16 itself: there vdpbf16ps ran at about half the rate of widening to fp32 and two
+ * FMAs on packed weights (61-90 against 142-156 GFLOP/s a thread: benchmarks/float_paths.py;
+ * RESULTS.md, "Batched decode without AMX: packed float weights"), as one vdpbf16ps (32 products)
+ * issues where two FMAs (32) do. CPUs with AVX512-BF16 and no tiles (AMD Zen 4 and later) take it:
+ * there a 512-bit FMA takes both of the two FMA pipes, vdpbf16ps twice the products for the same. */
 int float_isa(int ceiling) {
     int best = F_SCALAR;
 #if defined(__x86_64__) || defined(__i386__)
@@ -1192,6 +1198,183 @@ TARGET_BF16 static void linear_bf16_for(const uint16_t *W, const uint16_t *x, fl
     FOR_BLOCKS(2, BF16_BLOCKS)
 }
 #undef BF16_BLOCKS
+
+/* ---- packed weights, an outer product per input
+ *
+ * On F_AVX512 and F_BF16 the projections read a copy of the weights packed at load (fast.py's
+ * pack_float): panels of PANEL = 16 outputs, in which each input's 16 weights lie side by side
+ * (bf16: each pair of inputs', 32 words, as vdpbf16ps pairs them), outputs past O and the input
+ * past an odd I zero. A block of 2 panels (32 outputs) x up to 8 rows of x keeps 16 sums in
+ * registers, each a vector of 16 outputs of one row: a weight vector is loaded once and meets each
+ * row's input broadcast, so nothing is summed across lanes and bf16 weights are widened once for 8
+ * rows (a shift and a mask for a pair of inputs) where the dot products above widen them per 4 rows
+ * and reduce each of their 16 sums across lanes. Each sum is one chain over the inputs in order, in
+ * any block: a row's bits do not depend on what it is batched with or where its prompt is cut. */
+#define PANEL 16
+#define PF_LINES 16 /* prefetch the panels this many cache lines ahead: a third less time at batch 8 */
+#define TARGET_512 __attribute__((target("avx512f,avx512bw,avx512dq")))
+
+/* y[b, o] (+)= acc[j][b] for the NO panels from ob, outputs past O left alone */
+#define STORE_PANELS()                                                                               \
+    for (int j = 0; j < NO; j++) {                                                               \
+        const long o = (ob + j) * PANEL;                                                         \
+        const __mmask16 m = O - o >= PANEL ? 0xffff : (__mmask16)((1u << (O - o)) - 1);          \
+        for (int b = 0; b < NB; b++) {                                                           \
+            float *out = y + b * y_stride + o;                                                   \
+            const __m512 v = accumulate ? _mm512_add_ps(_mm512_maskz_loadu_ps(m, out), acc[j][b]) : acc[j][b]; \
+            _mm512_mask_storeu_ps(out, m, v);                                                    \
+        }                                                                                        \
+    }
+
+/* NO panels from ob (fp32 or bf16 weights, I inputs) against NB rows of x, with FMAs. */
+TARGET_512 static inline __attribute__((always_inline)) void outer_fma(const void *Wp, const int w_bf16, long I, long ob,
+                                                                       const int NO, const float *x, const int NB,
+                                                                       float *y, long y_stride, long O, int accumulate) {
+    __m512 acc[2][8];
+    for (int j = 0; j < NO; j++)
+        for (int b = 0; b < NB; b++) acc[j][b] = _mm512_setzero_ps();
+    if (!w_bf16) {
+        const float *w = (const float *)Wp + ob * PANEL * I;
+        for (long i = 0; i < I; i++) {
+            __m512 wv[2];
+            for (int j = 0; j < NO; j++) _mm_prefetch((const char *)(w + j * PANEL * I + (i + PF_LINES) * PANEL), _MM_HINT_T0);
+            for (int j = 0; j < NO; j++) wv[j] = _mm512_loadu_ps(w + j * PANEL * I + i * PANEL);
+            for (int b = 0; b < NB; b++) {
+                const __m512 xv = _mm512_set1_ps(x[b * I + i]);
+                for (int j = 0; j < NO; j++) acc[j][b] = _mm512_fmadd_ps(wv[j], xv, acc[j][b]);
+            }
+        }
+    } else {
+        const long Ip = (I + 1) / 2 * 2;
+        const uint16_t *w = (const uint16_t *)Wp + ob * PANEL * Ip;
+        const __m512i high = _mm512_set1_epi32((int)0xffff0000);
+        long i = 0;
+        for (; i + 2 <= I; i += 2) {
+            __m512 even[2], odd[2]; /* inputs i and i + 1: a bf16 word is the high half of its fp32 */
+            for (int j = 0; j < NO; j++) {
+                _mm_prefetch((const char *)(w + j * PANEL * Ip + (i + 2 * PF_LINES) * PANEL), _MM_HINT_T0);
+                const __m512i v = _mm512_loadu_si512(w + j * PANEL * Ip + i * PANEL);
+                even[j] = _mm512_castsi512_ps(_mm512_slli_epi32(v, 16));
+                odd[j] = _mm512_castsi512_ps(_mm512_and_si512(v, high));
+            }
+            for (int b = 0; b < NB; b++) {
+                const __m512 x0 = _mm512_set1_ps(x[b * I + i]), x1 = _mm512_set1_ps(x[b * I + i + 1]);
+                for (int j = 0; j < NO; j++) acc[j][b] = _mm512_fmadd_ps(odd[j], x1, _mm512_fmadd_ps(even[j], x0, acc[j][b]));
+            }
+        }
+        if (i < I)
+            for (int j = 0; j < NO; j++) {
+                const __m512 even = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_loadu_si512(w + j * PANEL * Ip + i * PANEL), 16));
+                for (int b = 0; b < NB; b++) acc[j][b] = _mm512_fmadd_ps(even, _mm512_set1_ps(x[b * I + i]), acc[j][b]);
+            }
+    }
+    STORE_PANELS()
+}
+
+/* The same for bf16 weights against xb, the rows of x rounded to bf16, with vdpbf16ps: a pair of
+ * inputs of 16 outputs an instruction, no widening. */
+TARGET_BF16 static inline __attribute__((always_inline)) void outer_dp(const uint16_t *Wp, long I, long ob, const int NO,
+                                                                      const uint16_t *xb, const int NB, float *y,
+                                                                      long y_stride, long O, int accumulate) {
+    __m512 acc[2][8];
+    for (int j = 0; j < NO; j++)
+        for (int b = 0; b < NB; b++) acc[j][b] = _mm512_setzero_ps();
+    const long Ip = (I + 1) / 2 * 2;
+    const uint16_t *w = Wp + ob * PANEL * Ip;
+    long i = 0;
+    for (; i + 2 <= I; i += 2) {
+        __m512i wv[2];
+        for (int j = 0; j < NO; j++) _mm_prefetch((const char *)(w + j * PANEL * Ip + (i + 2 * PF_LINES) * PANEL), _MM_HINT_T0);
+        for (int j = 0; j < NO; j++) wv[j] = _mm512_loadu_si512(w + j * PANEL * Ip + i * PANEL);
+        for (int b = 0; b < NB; b++) {
+            int pair; /* inputs i and i + 1 of row b */
+            memcpy(&pair, xb + b * I + i, sizeof pair);
+            const __m512bh xv = (__m512bh)_mm512_set1_epi32(pair);
+            for (int j = 0; j < NO; j++) acc[j][b] = _mm512_dpbf16_ps(acc[j][b], (__m512bh)wv[j], xv);
+        }
+    }
+    if (i < I) /* the last input of an odd I, paired with zero */
+        for (int j = 0; j < NO; j++) {
+            const __m512i wv = _mm512_loadu_si512(w + j * PANEL * Ip + i * PANEL);
+            for (int b = 0; b < NB; b++)
+                acc[j][b] = _mm512_dpbf16_ps(acc[j][b], (__m512bh)wv, (__m512bh)_mm512_set1_epi32(xb[b * I + i]));
+        }
+    STORE_PANELS()
+}
+#undef STORE_PANELS
+
+#define OUTER_ROWS(CALL, NO)                                                                      \
+    switch (nb) {                                                                                \
+    case 8: CALL(NO, 8); break;                                                                  \
+    case 7: CALL(NO, 7); break;                                                                  \
+    case 6: CALL(NO, 6); break;                                                                  \
+    case 5: CALL(NO, 5); break;                                                                  \
+    case 4: CALL(NO, 4); break;                                                                  \
+    case 3: CALL(NO, 3); break;                                                                  \
+    case 2: CALL(NO, 2); break;                                                                  \
+    default: CALL(NO, 1);                                                                        \
+    }
+
+/* The loop of the products of `count` (<= 4) packed matrices Ws stacked along their outputs (rows[m]
+ * each), written side by side into y, as one work-shared loop (one barrier for q, k and v): blocks
+ * of 2 panels of one matrix (its last may be one), each against the rows of x 8 at a time, those
+ * rows taken as many as fit in L2 at a time; CALL(NO, NB) runs one block of matrix Wp, O outputs,
+ * into ym. */
+#define FOR_PANELS(x_size, CALL)                                                                  \
+    long first[5] = {0}, at[4] = {0}; /* matrix m's blocks first[m].., its outputs from y + at[m] */ \
+    for (int m = 0; m < count; m++) {                                                            \
+        first[m + 1] = first[m] + ((rows[m] + PANEL - 1) / PANEL + 1) / 2;                       \
+        if (m) at[m] = at[m - 1] + rows[m - 1];                                                  \
+    }                                                                                            \
+    const int chunk = rows_in_l2(I, x_size);                                                     \
+    for (int c0 = 0; c0 < B; c0 += chunk) {                                                      \
+        const int c1 = B - c0 < chunk ? B : c0 + chunk;                                          \
+        _Pragma("omp for schedule(static)")                                                      \
+        for (long t = 0; t < first[count]; t++) {                                                \
+            int m = 0;                                                                           \
+            while (t >= first[m + 1]) m++;                                                       \
+            const long O = rows[m], ob = 2 * (t - first[m]), panels = (O + PANEL - 1) / PANEL;  \
+            const void *Wp = Ws[m];                                                              \
+            float *ym = y + at[m];                                                               \
+            for (int b0 = c0; b0 < c1; b0 += 8) {                                                \
+                const int nb = c1 - b0 < 8 ? c1 - b0 : 8;                                        \
+                if (panels - ob >= 2) {                                                          \
+                    OUTER_ROWS(CALL, 2)                                                          \
+                } else {                                                                         \
+                    OUTER_ROWS(CALL, 1)                                                          \
+                }                                                                                \
+            }                                                                                    \
+        }                                                                                        \
+    }
+
+TARGET_512 static void packed_fma_for(const void *const *Ws, const long *rows, int count, const int w_bf16,
+                                      const float *x, float *y, long y_stride, int B, long I, int accumulate) {
+#define FMA_CALL(NO, NB) outer_fma(Wp, w_bf16, I, ob, NO, x + b0 * I, NB, ym + b0 * y_stride, y_stride, O, accumulate)
+    FOR_PANELS(4, FMA_CALL)
+#undef FMA_CALL
+}
+
+TARGET_BF16 static void packed_dp_for(const void *const *Ws, const long *rows, int count, const uint16_t *xb, float *y,
+                                      long y_stride, int B, long I, int accumulate) {
+#define DP_CALL(NO, NB) outer_dp((const uint16_t *)Wp, I, ob, NO, xb + b0 * I, NB, ym + b0 * y_stride, y_stride, O, accumulate)
+    FOR_PANELS(2, DP_CALL)
+#undef DP_CALL
+}
+#undef FOR_PANELS
+#undef OUTER_ROWS
+
+/* y[b, o] (+)= sum_i W[o, i] * x[b, i] for `count` (<= 4) matrices Ws packed as above, stacked along
+ * their outputs (rows[m] each) and written side by side into y, on F_BF16 (bf16 weights: xb) or else
+ * F_AVX512. */
+static void linear_packed_for(const void *const *Ws, const long *rows, int count, int w_bf16, int isa, const float *x,
+                              const uint16_t *xb, float *y, long y_stride, int B, long I, int accumulate) {
+    if (isa == F_BF16 && w_bf16)
+        packed_dp_for(Ws, rows, count, xb, y, y_stride, B, I, accumulate);
+    else if (w_bf16)
+        packed_fma_for(Ws, rows, count, 1, x, y, y_stride, B, I, accumulate);
+    else
+        packed_fma_for(Ws, rows, count, 0, x, y, y_stride, B, I, accumulate);
+}
 #endif
 
 /* The float path a product of inputs in fp32 takes (F_BF16 needs them rounded first: linear_for's xb). */
@@ -1220,14 +1403,19 @@ static void linear_for(const void *W, int w_bf16, int isa, const float *x, const
 }
 
 /* y = x W^T for one float matrix on path isa, outside any parallel region: what tests/test_kernel_paths.py
- * checks each path with. xb [B, I] uint16 is the caller's scratch. */
-void float_linear(const void *W, int w_bf16, int isa, const float *x, uint16_t *xb, float *y, int B, long I, long O) {
+ * checks each path with; W packed (fast.py's pack_float) when `packed`, which F_AVX512 and F_BF16 take.
+ * xb [B, I] uint16 is the caller's scratch. */
+void float_linear(const void *W, int w_bf16, int isa, int packed, const float *x, uint16_t *xb, float *y, int B, long I,
+                  long O) {
 #pragma omp parallel
     {
 #if defined(__x86_64__) || defined(__i386__)
         if (isa == F_BF16 && w_bf16) round_rows_for(x, xb, B, I);
+        if (packed && isa >= F_AVX512)
+            linear_packed_for(&W, &O, 1, w_bf16, isa, x, xb, y, O, B, I, 0);
+        else
 #endif
-        linear_for(W, w_bf16, isa, x, xb, y, O, B, I, O, 0);
+            linear_for(W, w_bf16, isa, x, xb, y, O, B, I, O, 0);
     }
 }
 
@@ -1871,6 +2059,7 @@ typedef struct {
     float scale, attn_cap; /* attention scale (0: 1 / sqrt(hd)) and score soft-capping (0: none) */
     int gelu;              /* the MLP's gate: gelu (tanh approximation; Gemma's GeGLU), else silu */
     int fisa;              /* float weights off the tiles: the path (F_*) their projections run on */
+    int packed;            /* and the layers' and output layer's weights are packed (linear_packed_for) */
 } Shape;
 
 static inline float attention_scale(const Shape *sh) { return sh->scale > 0.f ? sh->scale : 1.f / sqrtf((float)sh->hd); }
@@ -2017,6 +2206,9 @@ static void project_for(const Shape *sh, const Buffers *buf, const void *const *
     if (sh->quant && rows16_ready((const QWeight *const *)Ws, count, sh->isa))
         qlinear16_for((const QWeight *const *)Ws, rows, count, sh->isa, buf->xq, buf->xs, y, y_stride, sh->B, in.I,
                       accumulate);
+    else if (sh->packed)
+        linear_packed_for(Ws, rows, count, sh->w_bf16, sh->fisa, in.x, (const uint16_t *)buf->xp, y, y_stride, sh->B,
+                          in.I, accumulate);
     else
 #endif
     {
@@ -2142,7 +2334,7 @@ static void moe_for(const Layer *L, const Buffers *buf, const Shape *sh) {
         start[E] = n;
     }
     Shape one = *sh;
-    one.inter = L->expert_inter;
+    one.inter = L->expert_inter, one.packed = 0; /* the experts' weights are read as the model holds them */
     for (long e = 0; e < E; e++) {
         const long n = start[e + 1] - start[e];
         const int64_t *mine = rows + start[e];
