@@ -49,6 +49,7 @@ def test_a_me5_head_records_its_trunk_and_loads_over_me5(tmp_path, embedder):
     guard = Guard.load(out, embedder)  # given the pipeline's MiniLM, it takes mE5 as its file says
     assert guard.trunk == "me5" and guard.embedder is not embedder and guard.embedder.prefix == "query: "
     assert guard.embedder.tokenizer.get_vocab_size() > 250_000
+    assert guard.params["shift"].shape == guard.params["scale"].shape == (384,)  # mE5's embeddings standardized
     assert guard.probabilities(["Wie backe ich Brot?", "Как испечь хлеб?"]).shape == (2, 9)
 
     tensors = load_file(str(out))
@@ -68,7 +69,7 @@ def test_heads_without_a_trunk_are_minilm_heads_and_bad_trunks_are_refused(tmp_p
     _tiny_data(tmp_path)
     with pytest.raises(GuardDataError, match="trunk must be one of minilm, me5"):
         train_main(GuardTrainConfig(data=str(tmp_path), trunk="xlmr"))
-    with pytest.raises(GuardDataError, match="design=lora"):
+    with pytest.raises(GuardDataError, match="design=minilm"):
         train_main(GuardTrainConfig(data=str(tmp_path), trunk="me5", design="lora"))
     with pytest.raises(GuardError, match="trunk is one of"):
         Guard({}, [], None, trunk="xlmr")

@@ -212,6 +212,17 @@ class TunedEncoder:
             return self.pool(self.bottom(texts)).numpy()
 
 
+def standardize(x: np.ndarray, params: dict[str, np.ndarray]) -> np.ndarray:
+    """`features` with the embedding part moved by `params["shift"]` and scaled by
+    `params["scale"]` where the head has them (a head over mE5: its embeddings sit in a narrow
+    cone, unrelated sentences at cosine 0.7-0.8, so what tells them apart is small beside the
+    n-grams until each dimension is centred and scaled to the training rows' spread); `x` as it is otherwise."""
+    if "shift" not in params:
+        return x
+    width = len(params["shift"])
+    return np.concatenate([(x[:, :width] - params["shift"]) * params["scale"], x[:, width:]], axis=1)
+
+
 def _padded(rows: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     """Rows of different lengths as one zero-padded batch and its mask of real positions."""
     width = max(len(r) for r in rows)
@@ -250,6 +261,7 @@ class Guard:
     output and one threshold per label."""
 
     PARTS = ("w1", "b1", "w2", "b2")
+    SCALING = ("shift", "scale")  # optional, per embedding dimension: see `standardize`
 
     def __init__(self, params: dict[str, np.ndarray], thresholds: Sequence[float],
                  embedder: Callable[[list[str]], np.ndarray], data_sha256: str = "", labels: Sequence[str] = LABELS,
@@ -260,7 +272,11 @@ class Guard:
         missing = [k for k in self.PARTS if k not in params]
         if missing:
             raise GuardError(f"a guard needs the weights {', '.join(self.PARTS)}; missing {', '.join(missing)}")
-        self.params = {k: np.asarray(params[k], dtype=np.float32) for k in self.PARTS}
+        self.params = {k: np.asarray(params[k], dtype=np.float32) for k in (*self.PARTS, *self.SCALING) if k in params}
+        width = self.params["w1"].shape[1] - NGRAM_BUCKETS
+        if any(k in params for k in self.SCALING) and any(self.params.get(k, np.zeros(0)).shape != (width,)
+                                                          for k in self.SCALING):
+            raise GuardError(f"a guard's shift and scale come together, one value per embedding dimension ({width})")
         self.thresholds = np.asarray(thresholds, dtype=np.float32)
         w1, b1, w2, b2 = (self.params[k] for k in self.PARTS)
         n = len(self.labels)
@@ -283,7 +299,8 @@ class Guard:
         if not texts:
             return np.zeros((0, len(self.labels)), dtype=np.float32)
         p = self.params
-        hidden = np.maximum(features(texts, self.embedder, self.trunk) @ p["w1"].T + p["b1"], 0.0)
+        x = standardize(features(texts, self.embedder, self.trunk), p)
+        hidden = np.maximum(x @ p["w1"].T + p["b1"], 0.0)
         logits = hidden @ p["w2"].T + p["b2"]
         return 1.0 / (1.0 + np.exp(-logits.astype(np.float64)))
 
@@ -308,7 +325,8 @@ class Guard:
         path.parent.mkdir(parents=True, exist_ok=True)
         meta = {"format": HEAD_FORMAT, "labels": json.dumps(self.labels), "data_sha256": self.data_sha256,
                 "trunk": self.trunk}
-        tensors = {k: torch.from_numpy(v).half() for k, v in self.params.items()}
+        tensors = {k: torch.from_numpy(v).half() if k in self.PARTS else torch.from_numpy(v)
+                   for k, v in self.params.items()}
         if isinstance(self.embedder, TunedEncoder):  # the fine-tuned top layers travel with the head
             meta["tuned_layers"] = str(len(self.embedder.top))
             tensors |= {f"top.{k}": v.detach().half() for k, v in self.embedder.top.state_dict().items()}
@@ -328,6 +346,7 @@ class Guard:
             with safe_open(str(path), framework="pt") as f:
                 meta = f.metadata() or {}
                 tensors = {k: f.get_tensor(k).float().numpy() for k in (*cls.PARTS, "thresholds")}
+                tensors |= {k: f.get_tensor(k).numpy() for k in cls.SCALING if k in f.keys()}
                 top = {k.removeprefix("top."): f.get_tensor(k).float() for k in f.keys() if k.startswith("top.")}
             labels = json.loads(meta["labels"])
             tuned = int(meta.get("tuned_layers", "0"))

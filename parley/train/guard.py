@@ -46,7 +46,7 @@ import torch.nn.functional as F
 
 from parley.config import parse_cli, setting
 from parley.pipeline.guard import (INJECTION, LABELS, NGRAM_BUCKETS, PRINCIPLES, TRUNKS, Guard, features,
-                                   readings, trained_path, tuned_encoder)
+                                   readings, standardize, trained_path, tuned_encoder)
 from parley.train.guard_data import Example, GuardDataError, Splits, data_sha256, load_all, split
 
 
@@ -65,7 +65,7 @@ class GuardTrainConfig:
     max_fpr: float = setting(0.03, "calibration: most benign examples of the calibration fold flagged (all labels together)")
     seed: int = setting(0, "initialisation seed")
     trunk: str = setting("minilm", "the sentence encoder under the head: minilm (the pipeline's) or me5 "
-                                   "(multilingual-e5-small, reads other languages; designs minilm and encoder)")
+                                   "(multilingual-e5-small, reads other languages; design minilm only)")
     precision: str = setting("fp32", "the encoder's arithmetic while training: fp32, bf16 or auto (bf16 with AMX)")
     tuned_layers: int = setting(2, "design=encoder: MiniLM's top layers fine-tuned (of 6)")
     tune_epochs: int = setting(1, "design=encoder: passes of the fine-tuning over the training data (2 over-fitted: "
@@ -113,7 +113,18 @@ def fit_head(x: np.ndarray, y: np.ndarray, hidden: int, epochs: int, lr: float, 
     return {k: p.detach().numpy().copy() for k, p in zip(("w1", "b1", "w2", "b2"), net.parameters())}  # dropout has none
 
 
+def spread(embeddings: np.ndarray) -> dict[str, np.ndarray]:
+    """The shift and scale `standardize` applies: each dimension's mean over the training rows,
+    and one over its standard deviation times sqrt(dim), so the embedding part has a length of
+    about 1 beside the n-grams' 1."""
+    std = embeddings.std(axis=0).clip(min=1e-6)
+    return {"shift": embeddings.mean(axis=0).astype(np.float32),
+            "scale": (1.0 / (std * np.sqrt(embeddings.shape[1]))).astype(np.float32)}
+
+
 def head_probs(params: dict[str, np.ndarray], x: np.ndarray) -> np.ndarray:
+    """The head's probabilities for raw `features` (standardized here where the head says so)."""
+    x = standardize(x, params)
     hidden = np.maximum(x @ params["w1"].T + params["b1"], 0.0)
     return _sigmoid(hidden @ params["w2"].T + params["b2"])
 
@@ -244,10 +255,11 @@ def train_minilm(cfg: GuardTrainConfig, written: list[Example], embedder) -> tup
 
     hp = dict(hidden=cfg.hidden, epochs=cfg.epochs, lr=cfg.lr, weight_decay=cfg.weight_decay, seed=cfg.seed,
               dropout=cfg.dropout)
-    params = fit_head(feats(s.train_fit), targets(s.train_fit), **hp)
-    val_probs = head_probs(params, feats(s.val))
+    scaling = spread(feats(s.train_fit)[:, :embedder.dim]) if cfg.trunk == "me5" else {}
+    params = fit_head(standardize(feats(s.train_fit), scaling), targets(s.train_fit), **hp)
+    val_probs = head_probs(params | scaling, feats(s.val))
     thresholds = calibrate(val_probs, s.val, cfg.max_fpr)
-    params = fit_head(feats(s.train), targets(s.train), **hp)
+    params = fit_head(standardize(feats(s.train), scaling), targets(s.train), **hp) | scaling
     guard = Guard(params, thresholds, embedder, data_sha256(cfg.data or None), trunk=cfg.trunk)
     figures = {"calibration fold": report(val_probs, s.val, thresholds)}
     for name, examples in s.test.items():
@@ -421,8 +433,9 @@ def main(cfg: GuardTrainConfig) -> int:
         raise GuardDataError(f"design must be minilm, encoder or lora, got {cfg.design!r}")
     if cfg.trunk not in TRUNKS:
         raise GuardDataError(f"trunk must be one of {', '.join(TRUNKS)}, got {cfg.trunk!r}")
-    if cfg.trunk != "minilm" and cfg.design == "lora":
-        raise GuardDataError("design=lora fine-tunes SmolLM2 and has no trunk; leave --trunk at minilm")
+    if cfg.trunk != "minilm" and cfg.design != "minilm":
+        raise GuardDataError(f"--trunk {cfg.trunk} is built for design=minilm (a head on the frozen embeddings) "
+                             f"only, not design={cfg.design}; leave --trunk at minilm")
     if cfg.design == "encoder" and (not 1 <= cfg.tuned_layers <= 6 or cfg.tune_epochs < 1 or cfg.encoder_lr <= 0):
         raise GuardDataError("design=encoder needs tuned_layers in 1..6, tune_epochs >= 1 and encoder_lr > 0")
     if cfg.per_example < 0 or cfg.epochs < 1 or cfg.hidden < 1 or not 0 < cfg.max_fpr < 1 or not 0 <= cfg.dropout < 1:
