@@ -164,10 +164,14 @@ def gloss(text: str) -> str:
 def readings(texts: Sequence[str], trunk: str = "minilm") -> tuple[list[str], np.ndarray]:
     """What `features` reads of each text: the text the encoder embeds (normalized; for MiniLM
     a text in another language as its `gloss`, for mE5 the text itself, accents and scripts
-    kept) and the n-grams of the normalized text (and of its gloss, for a glossed one)."""
+    kept) and the n-grams of the normalized text (and of its gloss, for a glossed one). A head
+    over mE5 gets no n-grams (zeros): they are English-centric, and with them a head scored
+    other-language requests far below English ones (benchmarks/RESULTS.md, Guard round 5)."""
+    if trunk == "me5":
+        return [normalize(t, keep_scripts=True) for t in texts], np.zeros((len(texts), NGRAM_BUCKETS), np.float32)
     clean = [normalize(t) for t in texts]
-    read = [normalize(t, keep_scripts=True) for t in texts] if trunk == "me5" else [gloss(t) for t in clean]
-    grams = [ngrams(c if r == c or trunk == "me5" else f"{c} {r}") for c, r in zip(clean, read)]
+    read = [gloss(t) for t in clean]
+    grams = [ngrams(c if r == c else f"{c} {r}") for c, r in zip(clean, read)]
     return read, np.stack(grams) if grams else np.zeros((0, NGRAM_BUCKETS), np.float32)
 
 
