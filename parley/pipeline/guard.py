@@ -161,14 +161,27 @@ def gloss(text: str) -> str:
     return "".join(table.get(t.lower(), t) for t in _TOKEN.findall(text))
 
 
+def plainly_english(text: str) -> bool:
+    """Whether a `normalize(text, keep_scripts=True)`d text reads as English: no letter outside
+    ASCII, at least one common English word, and not one of the glossed languages."""
+    if any(c.isalpha() and not c.isascii() for c in text):
+        return False
+    english = _lexicon()[0]
+    return any(w in english for w in re.findall(r"[a-z]+", text.lower())) and language(text) == "en"
+
+
 def readings(texts: Sequence[str], trunk: str = "minilm") -> tuple[list[str], np.ndarray]:
     """What `features` reads of each text: the text the encoder embeds (normalized; for MiniLM
     a text in another language as its `gloss`, for mE5 the text itself, accents and scripts
     kept) and the n-grams of the normalized text (and of its gloss, for a glossed one). A head
-    over mE5 gets no n-grams (zeros): they are English-centric, and with them a head scored
-    other-language requests far below English ones (benchmarks/RESULTS.md, Guard round 5)."""
+    over mE5 gets the n-grams of `plainly_english` texts only (zeros for the others): they are
+    English-centric, and with them for every text a head scored other-language requests far
+    below English ones (benchmarks/RESULTS.md, Guard round 5)."""
     if trunk == "me5":
-        return [normalize(t, keep_scripts=True) for t in texts], np.zeros((len(texts), NGRAM_BUCKETS), np.float32)
+        read = [normalize(t, keep_scripts=True) for t in texts]
+        grams = [ngrams(normalize(t)) if plainly_english(r) else np.zeros(NGRAM_BUCKETS, np.float32)
+                 for t, r in zip(texts, read)]
+        return read, np.stack(grams) if grams else np.zeros((0, NGRAM_BUCKETS), np.float32)
     clean = [normalize(t) for t in texts]
     read = [gloss(t) for t in clean]
     grams = [ngrams(c if r == c else f"{c} {r}") for c, r in zip(clean, read)]
