@@ -6,12 +6,14 @@ and its latency per message.
     python benchmarks/guard.py --heldout benchmarks/data/guard_heldout   # the frozen evaluation sets
     python benchmarks/guard.py --head FILE          # another head than the shipped one
     python benchmarks/guard.py --every 5            # own splits on every 5th example (as the LoRA run reports)
+    python benchmarks/guard.py --quick --head FILE --precision bf16   # encoders in bf16 (a head over mE5 too)
 
 Latency is per message, single messages as the pipeline sees them (`latency`): the input check
 and the NLU stage's embedding of the same message, against that embedding alone; "marginal"
 is what the guard adds. Both designs share the pipeline's pass: the frozen head reads the
 embedding, a head with fine-tuned top layers (`--design encoder`) the states below them
-(`Embedder.encode_sharing`), and the embedding the NLU stage needs is remembered from it.
+(`Embedder.encode_sharing`), and the embedding the NLU stage needs is remembered from it. A head over mE5 (`--trunk me5`) runs its
+own pass beside MiniLM's, so its marginal latency is a whole mE5 embedding and its head.
 Figures depend on the machine's load: say so when you record them.
 """
 
@@ -137,11 +139,13 @@ def main() -> int:
     ap.add_argument("--every", type=int, default=1, help="own splits: every n-th example (5: as the LoRA run)")
     ap.add_argument("--threads", type=int, default=1,
                     help="torch threads (1: on a shared, loaded CPU two threads made one embedding 40x slower)")
+    ap.add_argument("--precision", default="fp32", choices=("fp32", "bf16", "auto"),
+                    help="the encoders' arithmetic (MiniLM's, and mE5's for a head over it)")
     args = ap.parse_args()
     import torch
 
     torch.set_num_threads(args.threads)
-    embedder = Embedder.load()
+    embedder = Embedder.load(precision=args.precision)
     guard = Guard.load(args.head, embedder)
     if args.heldout:
         examples, tags = load_heldout(Path(args.heldout))

@@ -222,6 +222,7 @@ class Embedder(nn.Module):
         super().__init__()
         self.remember = remember
         self.precision = "fp32"
+        self.prefix = ""  # put before every text encoded (mE5's "query: ", parley/pipeline/e5.py)
         self.last_lengths: list[int] = []
         self._recent: OrderedDict[str, np.ndarray] = OrderedDict()
         dim, eps = config["hidden_size"], config["layer_norm_eps"]
@@ -302,8 +303,8 @@ class Embedder(nn.Module):
         return self.mean_pool(x, keep)
 
     def _token_ids(self, texts: list[str]) -> list[list[int]]:
-        """Each text's word pieces, [CLS] and [SEP] included (an empty text is read as a space)."""
-        return [e.ids for e in self.tokenizer.encode_batch([t if t.strip() else " " for t in texts])]
+        """Each text's word pieces, [CLS] and [SEP] included, after `prefix` (an empty text is read as a space)."""
+        return [e.ids for e in self.tokenizer.encode_batch([self.prefix + (t if t.strip() else " ") for t in texts])]
 
     def _inputs(self, batch: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """A batch of token ids, right-padded: the first layer's input, which positions are real

@@ -30,6 +30,13 @@ ones for its tuned top layers and remembers the base's embedding, which the NLU 
 the input check) then reads for free; the guard adds its top layers and head. The repository
 ships such a head (parley/data/guard/guard_head.safetensors, 8.2 MB in float16: two tuned
 layers and the MLP; benchmarks/RESULTS.md, Guard round 4, says why and how it was made).
+
+A head's file names its trunk: "minilm" (the pipeline's encoder; files from before round 5
+name none) or "me5" (`parley train guard --trunk me5`: multilingual-e5-small,
+parley/pipeline/e5.py, which reads other languages itself, so nothing is glossed and accents
+and other scripts are kept: `normalize(text, keep_scripts=True)`). `Guard.load` embeds through
+the trunk its file names: for "me5" one mE5 a process beside the pipeline's MiniLM, a second
+embedding pass a message (benchmarks/RESULTS.md, Guard round 5).
 """
 
 from __future__ import annotations
@@ -57,6 +64,7 @@ HEAD_FORMAT = "parley-guard-mlp-2"  # bump when `features` changes (2: other lan
 PRINCIPLES = ("C1", "C2", "C3", "C4", "C5", "C6", "C7", "C8")
 INJECTION = "injection"
 LABELS = (*PRINCIPLES, INJECTION)
+TRUNKS = ("minilm", "me5")  # the sentence encoder under a head: the pipeline's MiniLM, or multilingual-e5-small
 NGRAM_BUCKETS = 4096
 NGRAM_WEIGHT = 1.0  # length of the n-gram part beside the unit-length embedding
 MIN_WORDS = 3  # shorter texts ("Sure.", "ok thanks") are scored but never flagged: no training example is that short
@@ -72,6 +80,7 @@ _LEET = str.maketrans({"0": "o", "1": "i", "3": "e", "4": "a", "5": "s", "7": "t
                        "@": "a", "$": "s", "!": "i", "|": "l"})
 _WORD = re.compile(r"[A-Za-z0-9@$!|]*[A-Za-z][A-Za-z0-9@$!|]*")
 _UNITS = re.compile(r"\d+(?:st|nd|rd|th|s|yo|y|yr|yrs|k|m|km|cm|mm|kg|g|mg|ml|l|h|am|pm|gb|mb|x|d|p)", re.IGNORECASE)
+_MIXED = re.compile(r"\w*[A-Za-z]\w*")  # a word with a Latin letter in it (look-alikes in it are a disguise)
 _SPACED = re.compile(r"\b(?:[A-Za-z][ .\-_*]){2,}[A-Za-z]\b")
 
 
@@ -79,14 +88,21 @@ class GuardError(ValueError):
     pass
 
 
-def normalize(text: str) -> str:
+def normalize(text: str, keep_scripts: bool = False) -> str:
     """`text` with disguises undone: compatibility forms (full-width, math letters) and
     accents folded, look-alike Cyrillic/Greek letters made Latin, digits and symbols inside
     words read as the letters they stand for ("b0mb" -> "bomb", not "3 ways"), spaced-out
     letters joined ("b o m b" -> "bomb"). Case is kept: the embedder is uncased, and an
-    unchanged text is one the pipeline has already embedded."""
-    text = unicodedata.normalize("NFKD", _INVISIBLE.sub("", text))
-    text = "".join(c for c in text if not unicodedata.combining(c)).translate(_CONFUSABLE)
+    unchanged text is one the pipeline has already embedded. `keep_scripts` (for a
+    multilingual encoder, which reads accents and other scripts) keeps accents and folds
+    look-alike letters only inside words that mix them with Latin ones, so a Russian or Greek
+    sentence stays itself."""
+    text = _INVISIBLE.sub("", text)
+    if keep_scripts:
+        text = _MIXED.sub(lambda m: m.group().translate(_CONFUSABLE), unicodedata.normalize("NFKC", text))
+    else:
+        text = unicodedata.normalize("NFKD", text)
+        text = "".join(c for c in text if not unicodedata.combining(c)).translate(_CONFUSABLE)
 
     def unleet(m: re.Match) -> str:
         word = m.group()
@@ -145,18 +161,36 @@ def gloss(text: str) -> str:
     return "".join(table.get(t.lower(), t) for t in _TOKEN.findall(text))
 
 
-def readings(texts: Sequence[str]) -> tuple[list[str], np.ndarray]:
-    """What `features` reads of each text: the text the encoder embeds (normalized; a text in
-    another language as its `gloss`) and the n-grams (of both, for a glossed text)."""
+def plainly_english(text: str) -> bool:
+    """Whether a `normalize(text, keep_scripts=True)`d text reads as English: no letter outside
+    ASCII, at least one common English word, and not one of the glossed languages."""
+    if any(c.isalpha() and not c.isascii() for c in text):
+        return False
+    english = _lexicon()[0]
+    return any(w in english for w in re.findall(r"[a-z]+", text.lower())) and language(text) == "en"
+
+
+def readings(texts: Sequence[str], trunk: str = "minilm") -> tuple[list[str], np.ndarray]:
+    """What `features` reads of each text: the text the encoder embeds (normalized; for MiniLM
+    a text in another language as its `gloss`, for mE5 the text itself, accents and scripts
+    kept) and the n-grams of the normalized text (and of its gloss, for a glossed one). A head
+    over mE5 gets the n-grams of `plainly_english` texts only (zeros for the others): they are
+    English-centric, and with them for every text a head scored other-language requests far
+    below English ones (benchmarks/RESULTS.md, Guard round 5)."""
+    if trunk == "me5":
+        read = [normalize(t, keep_scripts=True) for t in texts]
+        grams = [ngrams(normalize(t)) if plainly_english(r) else np.zeros(NGRAM_BUCKETS, np.float32)
+                 for t, r in zip(texts, read)]
+        return read, np.stack(grams) if grams else np.zeros((0, NGRAM_BUCKETS), np.float32)
     clean = [normalize(t) for t in texts]
     read = [gloss(t) for t in clean]
     grams = [ngrams(c if r == c else f"{c} {r}") for c, r in zip(clean, read)]
     return read, np.stack(grams) if grams else np.zeros((0, NGRAM_BUCKETS), np.float32)
 
 
-def features(texts: Sequence[str], embedder: Callable[[list[str]], np.ndarray]) -> np.ndarray:
+def features(texts: Sequence[str], embedder: Callable[[list[str]], np.ndarray], trunk: str = "minilm") -> np.ndarray:
     """(n, dim + NGRAM_BUCKETS) float32: the embedding and the n-grams of each text's `readings`."""
-    read, grams = readings(texts)
+    read, grams = readings(texts, trunk)
     return np.concatenate([np.asarray(embedder(read), dtype=np.float32), grams], axis=1)
 
 
@@ -193,6 +227,17 @@ class TunedEncoder:
             return np.zeros((0, self.dim), dtype=np.float32)
         with torch.inference_mode():
             return self.pool(self.bottom(texts)).numpy()
+
+
+def standardize(x: np.ndarray, params: dict[str, np.ndarray]) -> np.ndarray:
+    """`features` with the embedding part moved by `params["shift"]` and scaled by
+    `params["scale"]` where the head has them (a head over mE5: its embeddings sit in a narrow
+    cone, unrelated sentences at cosine 0.7-0.8, so what tells them apart is small beside the
+    n-grams until each dimension is centred and scaled to the training rows' spread); `x` as it is otherwise."""
+    if "shift" not in params:
+        return x
+    width = len(params["shift"])
+    return np.concatenate([(x[:, :width] - params["shift"]) * params["scale"], x[:, width:]], axis=1)
 
 
 def _padded(rows: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -233,14 +278,22 @@ class Guard:
     output and one threshold per label."""
 
     PARTS = ("w1", "b1", "w2", "b2")
+    SCALING = ("shift", "scale")  # optional, per embedding dimension: see `standardize`
 
     def __init__(self, params: dict[str, np.ndarray], thresholds: Sequence[float],
-                 embedder: Callable[[list[str]], np.ndarray], data_sha256: str = "", labels: Sequence[str] = LABELS):
-        self.labels = tuple(labels)
+                 embedder: Callable[[list[str]], np.ndarray], data_sha256: str = "", labels: Sequence[str] = LABELS,
+                 trunk: str = "minilm"):
+        if trunk not in TRUNKS:
+            raise GuardError(f"a guard's trunk is one of {', '.join(TRUNKS)}, not {trunk!r}")
+        self.labels, self.trunk = tuple(labels), trunk
         missing = [k for k in self.PARTS if k not in params]
         if missing:
             raise GuardError(f"a guard needs the weights {', '.join(self.PARTS)}; missing {', '.join(missing)}")
-        self.params = {k: np.asarray(params[k], dtype=np.float32) for k in self.PARTS}
+        self.params = {k: np.asarray(params[k], dtype=np.float32) for k in (*self.PARTS, *self.SCALING) if k in params}
+        width = self.params["w1"].shape[1] - NGRAM_BUCKETS
+        if any(k in params for k in self.SCALING) and any(self.params.get(k, np.zeros(0)).shape != (width,)
+                                                          for k in self.SCALING):
+            raise GuardError(f"a guard's shift and scale come together, one value per embedding dimension ({width})")
         self.thresholds = np.asarray(thresholds, dtype=np.float32)
         w1, b1, w2, b2 = (self.params[k] for k in self.PARTS)
         n = len(self.labels)
@@ -263,7 +316,8 @@ class Guard:
         if not texts:
             return np.zeros((0, len(self.labels)), dtype=np.float32)
         p = self.params
-        hidden = np.maximum(features(texts, self.embedder) @ p["w1"].T + p["b1"], 0.0)
+        x = standardize(features(texts, self.embedder, self.trunk), p)
+        hidden = np.maximum(x @ p["w1"].T + p["b1"], 0.0)
         logits = hidden @ p["w2"].T + p["b2"]
         return 1.0 / (1.0 + np.exp(-logits.astype(np.float64)))
 
@@ -286,8 +340,10 @@ class Guard:
         atomically (a crash leaves the old one)."""
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        meta = {"format": HEAD_FORMAT, "labels": json.dumps(self.labels), "data_sha256": self.data_sha256}
-        tensors = {k: torch.from_numpy(v).half() for k, v in self.params.items()}
+        meta = {"format": HEAD_FORMAT, "labels": json.dumps(self.labels), "data_sha256": self.data_sha256,
+                "trunk": self.trunk}
+        tensors = {k: torch.from_numpy(v).half() if k in self.PARTS else torch.from_numpy(v)
+                   for k, v in self.params.items()}
         if isinstance(self.embedder, TunedEncoder):  # the fine-tuned top layers travel with the head
             meta["tuned_layers"] = str(len(self.embedder.top))
             tensors |= {f"top.{k}": v.detach().half() for k, v in self.embedder.top.state_dict().items()}
@@ -298,6 +354,8 @@ class Guard:
 
     @classmethod
     def load(cls, path: str | Path, embedder: Callable[[list[str]], np.ndarray]) -> Guard:
+        """The head in `path` over `embedder` (the pipeline's MiniLM), or over mE5 where the file
+        names that trunk (one copy a process, in the precision `embedder` computes in)."""
         path = Path(path)
         if not path.is_file():
             raise GuardError(f"{path}: no guard head there; run `parley train guard` to make one")
@@ -305,11 +363,20 @@ class Guard:
             with safe_open(str(path), framework="pt") as f:
                 meta = f.metadata() or {}
                 tensors = {k: f.get_tensor(k).float().numpy() for k in (*cls.PARTS, "thresholds")}
+                tensors |= {k: f.get_tensor(k).numpy() for k in cls.SCALING if k in f.keys()}
                 top = {k.removeprefix("top."): f.get_tensor(k).float() for k in f.keys() if k.startswith("top.")}
             labels = json.loads(meta["labels"])
             tuned = int(meta.get("tuned_layers", "0"))
+            trunk = meta.get("trunk", "minilm")  # heads from before round 5 name none
         except (SafetensorError, OSError, KeyError, ValueError) as e:
             raise GuardError(f"{path}: not a Parley guard head ({e}); retrain with `parley train guard`") from None
+        if trunk not in TRUNKS:
+            raise GuardError(f"{path}: a guard head over the trunk {trunk!r}, which this Parley does not know "
+                             f"({', '.join(TRUNKS)}); retrain with `parley train guard`")
+        if trunk == "me5":
+            from parley.pipeline.e5 import shared_e5
+
+            embedder = shared_e5(getattr(embedder, "precision", "fp32"))
         dim = getattr(embedder, "dim", tensors["w1"].shape[-1] - NGRAM_BUCKETS) + NGRAM_BUCKETS
         if meta.get("format") != HEAD_FORMAT or tensors["w1"].shape[-1] != dim:
             raise GuardError(f"{path}: guard head of format {meta.get('format')!r}, input width {tensors['w1'].shape[-1]}, "
@@ -317,7 +384,7 @@ class Guard:
         thresholds = tensors.pop("thresholds")
         if tuned:
             embedder = tuned_encoder(embedder, tuned, top, path)
-        return cls(tensors, thresholds, embedder, meta.get("data_sha256", ""), labels)
+        return cls(tensors, thresholds, embedder, meta.get("data_sha256", ""), labels, trunk)
 
 
 def tuned_encoder(base, layers: int, state: dict[str, torch.Tensor] | None = None, where: object = "") -> TunedEncoder:

@@ -4,6 +4,7 @@
     parley train guard --design encoder          # top 2 MiniLM layers fine-tuned (~25 min, 1 busy thread): the shipped head
     parley train guard --design encoder --out parley/data/guard/guard_head.safetensors   # how it was made (round 4)
     parley train guard --design lora --lora-examples 600                 # the second design, for comparison only
+    parley train guard --trunk me5 --precision auto     # the head over multilingual-e5-small (round 5)
 
 Recipe (design "minilm"; design "encoder", which the repository ships since round 4, builds on it):
 1. the written examples are cut by hash into five folds: fold 0 is never trained on ("unseen
@@ -23,6 +24,10 @@ and the tuned model on the same splits; the tuned layers are saved with the head
 layers in float16), and the guard then embeds through them (`TunedEncoder`), sharing the
 pipeline's pass for the layers below (`Embedder.encode_sharing`).
 
+`--trunk me5` puts the head over multilingual-e5-small (parley/pipeline/e5.py) instead of
+MiniLM: the encoder reads other languages itself, so no gloss; the guard file records the trunk
+and the runtime guard loads mE5 beside the pipeline's MiniLM (a second embedding pass a message).
+
 Design "lora" fine-tunes SmolLM2 (LoRA r=8 on the attention projections, a linear head on the
 last token's hidden state) on a sample of the same training data, calibrates the same way, and
 reports the same splits; it saves nothing for the pipeline (see RESULTS.md, Guard, for why).
@@ -40,8 +45,8 @@ import torch
 import torch.nn.functional as F
 
 from parley.config import parse_cli, setting
-from parley.pipeline.guard import (INJECTION, LABELS, NGRAM_BUCKETS, PRINCIPLES, Guard, features, readings,
-                                   trained_path, tuned_encoder)
+from parley.pipeline.guard import (INJECTION, LABELS, NGRAM_BUCKETS, PRINCIPLES, TRUNKS, Guard, features,
+                                   readings, standardize, trained_path, tuned_encoder)
 from parley.train.guard_data import Example, GuardDataError, Splits, data_sha256, load_all, split
 
 
@@ -59,6 +64,9 @@ class GuardTrainConfig:
     dropout: float = setting(0.0, "dropout on the features and the hidden units while training (0: none)")
     max_fpr: float = setting(0.03, "calibration: most benign examples of the calibration fold flagged (all labels together)")
     seed: int = setting(0, "initialisation seed")
+    trunk: str = setting("minilm", "the sentence encoder under the head: minilm (the pipeline's) or me5 "
+                                   "(multilingual-e5-small, reads other languages; design minilm only)")
+    precision: str = setting("fp32", "the encoder's arithmetic while training: fp32, bf16 or auto (bf16 with AMX)")
     tuned_layers: int = setting(2, "design=encoder: MiniLM's top layers fine-tuned (of 6)")
     tune_epochs: int = setting(1, "design=encoder: passes of the fine-tuning over the training data (2 over-fitted: "
                                   "RESULTS.md, Guard round 4)")
@@ -105,7 +113,18 @@ def fit_head(x: np.ndarray, y: np.ndarray, hidden: int, epochs: int, lr: float, 
     return {k: p.detach().numpy().copy() for k, p in zip(("w1", "b1", "w2", "b2"), net.parameters())}  # dropout has none
 
 
+def spread(embeddings: np.ndarray) -> dict[str, np.ndarray]:
+    """The shift and scale `standardize` applies: each dimension's mean over the training rows,
+    and one over its standard deviation times sqrt(dim), so the embedding part has a length of
+    about 1 beside the n-grams' 1."""
+    std = embeddings.std(axis=0).clip(min=1e-6)
+    return {"shift": embeddings.mean(axis=0).astype(np.float32),
+            "scale": (1.0 / (std * np.sqrt(embeddings.shape[1]))).astype(np.float32)}
+
+
 def head_probs(params: dict[str, np.ndarray], x: np.ndarray) -> np.ndarray:
+    """The head's probabilities for raw `features` (standardized here where the head says so)."""
+    x = standardize(x, params)
     hidden = np.maximum(x @ params["w1"].T + params["b1"], 0.0)
     return _sigmoid(hidden @ params["w2"].T + params["b2"])
 
@@ -228,7 +247,7 @@ def train_minilm(cfg: GuardTrainConfig, written: list[Example], embedder) -> tup
         todo = list(dict.fromkeys(e.text for e in examples if e.text not in cache))
         for i in range(0, len(todo), 512):
             chunk = todo[i:i + 512]
-            for text, row in zip(chunk, features(chunk, embedder)):
+            for text, row in zip(chunk, features(chunk, embedder, cfg.trunk)):
                 cache[text] = row
         if not examples:
             return np.zeros((0, embedder.dim + NGRAM_BUCKETS), np.float32)
@@ -236,11 +255,12 @@ def train_minilm(cfg: GuardTrainConfig, written: list[Example], embedder) -> tup
 
     hp = dict(hidden=cfg.hidden, epochs=cfg.epochs, lr=cfg.lr, weight_decay=cfg.weight_decay, seed=cfg.seed,
               dropout=cfg.dropout)
-    params = fit_head(feats(s.train_fit), targets(s.train_fit), **hp)
-    val_probs = head_probs(params, feats(s.val))
+    scaling = spread(feats(s.train_fit)[:, :embedder.dim]) if cfg.trunk == "me5" else {}
+    params = fit_head(standardize(feats(s.train_fit), scaling), targets(s.train_fit), **hp)
+    val_probs = head_probs(params | scaling, feats(s.val))
     thresholds = calibrate(val_probs, s.val, cfg.max_fpr)
-    params = fit_head(feats(s.train), targets(s.train), **hp)
-    guard = Guard(params, thresholds, embedder, data_sha256(cfg.data or None))
+    params = fit_head(standardize(feats(s.train), scaling), targets(s.train), **hp) | scaling
+    guard = Guard(params, thresholds, embedder, data_sha256(cfg.data or None), trunk=cfg.trunk)
     figures = {"calibration fold": report(val_probs, s.val, thresholds)}
     for name, examples in s.test.items():
         figures[name] = report(head_probs(params, feats(examples)), examples, thresholds)
@@ -267,7 +287,7 @@ def train_encoder(cfg: GuardTrainConfig, written: list[Example], embedder,
     encoder = tuned_encoder(embedder, cfg.tuned_layers)
     everything = [s.train_fit, s.val, *s.test.values()]
     texts = list(dict.fromkeys(e.text for part in everything for e in part))
-    read, grams = readings(texts)
+    read, grams = readings(texts, cfg.trunk)
     row = {t: i for i, t in enumerate(texts)}
     started = time.perf_counter()
     states = [h.to(torch.bfloat16) for h in encoder.bottom(read)]  # the frozen layers run once per text
@@ -284,7 +304,7 @@ def train_encoder(cfg: GuardTrainConfig, written: list[Example], embedder,
               dropout=cfg.dropout)
     params = fit_head(feats(s.train_fit), targets(s.train_fit), **hp)
     frozen_thresholds, figures = _calibrated("frozen", params, feats, s, cfg.max_fpr)
-    frozen = Guard(params, frozen_thresholds, embedder, data_sha256(cfg.data or None))
+    frozen = Guard(params, frozen_thresholds, embedder, data_sha256(cfg.data or None), trunk=cfg.trunk)
     if frozen_out is not None:  # written before the long part, so a stopped run still leaves it
         print(f"saved the frozen head {frozen.save(frozen_out)}", flush=True)
     params = _tune(cfg, encoder, [states[row[e.text]] for e in s.train_fit],
@@ -292,7 +312,7 @@ def train_encoder(cfg: GuardTrainConfig, written: list[Example], embedder,
     thresholds, tuned = _calibrated("tuned", params, feats, s, cfg.max_fpr)
     figures |= tuned
     figures["sizes"] = {"train": len(s.train_fit), "calibration": len(s.val), **{k: len(v) for k, v in s.test.items()}}
-    return Guard(params, thresholds, encoder, data_sha256(cfg.data or None)), figures, frozen
+    return Guard(params, thresholds, encoder, data_sha256(cfg.data or None), trunk=cfg.trunk), figures, frozen
 
 
 def _calibrated(name: str, params: dict, feats, s: Splits, max_fpr: float) -> tuple[np.ndarray, dict]:
@@ -411,6 +431,11 @@ def train_lora(cfg: GuardTrainConfig, written: list[Example]) -> dict:
 def main(cfg: GuardTrainConfig) -> int:
     if cfg.design not in ("minilm", "encoder", "lora"):
         raise GuardDataError(f"design must be minilm, encoder or lora, got {cfg.design!r}")
+    if cfg.trunk not in TRUNKS:
+        raise GuardDataError(f"trunk must be one of {', '.join(TRUNKS)}, got {cfg.trunk!r}")
+    if cfg.trunk != "minilm" and cfg.design != "minilm":
+        raise GuardDataError(f"--trunk {cfg.trunk} is built for design=minilm (a head on the frozen embeddings) "
+                             f"only, not design={cfg.design}; leave --trunk at minilm")
     if cfg.design == "encoder" and (not 1 <= cfg.tuned_layers <= 6 or cfg.tune_epochs < 1 or cfg.encoder_lr <= 0):
         raise GuardDataError("design=encoder needs tuned_layers in 1..6, tune_epochs >= 1 and encoder_lr > 0")
     if cfg.per_example < 0 or cfg.epochs < 1 or cfg.hidden < 1 or not 0 < cfg.max_fpr < 1 or not 0 <= cfg.dropout < 1:
@@ -420,15 +445,17 @@ def main(cfg: GuardTrainConfig) -> int:
     if cfg.design == "lora":
         figures = train_lora(cfg, written)
     else:
+        from parley.pipeline.e5 import load_e5
         from parley.pipeline.embed import Embedder
 
+        embedder = load_e5(precision=cfg.precision) if cfg.trunk == "me5" else Embedder.load(precision=cfg.precision)
         out = Path(cfg.out or trained_path())
         if cfg.design == "encoder":
             frozen_out = out.with_suffix(".frozen" + out.suffix)
-            guard, figures, frozen = train_encoder(cfg, written, Embedder.load(), frozen_out)
+            guard, figures, frozen = train_encoder(cfg, written, embedder, frozen_out)
             print("the frozen head's thresholds: " + ", ".join(f"{k}={t:.2f}" for k, t in zip(LABELS, frozen.thresholds)))
         else:
-            guard, figures = train_minilm(cfg, written, Embedder.load())
+            guard, figures = train_minilm(cfg, written, embedder)
         print(f"saved {guard.save(out)}")
         print("thresholds: " + ", ".join(f"{k}={t:.2f}" for k, t in zip(LABELS, guard.thresholds)))
     print(f"design {cfg.design}, {len(written)} written examples, {time.perf_counter() - start:.0f} s")
@@ -440,5 +467,5 @@ def main(cfg: GuardTrainConfig) -> int:
 
 
 def train_guard_main(argv: list[str]) -> int:
-    """`parley train guard [--data DIR] [--out FILE] [--design minilm|lora]`."""
+    """`parley train guard [--data DIR] [--out FILE] [--design minilm|encoder|lora] [--trunk minilm|me5]`."""
     return main(parse_cli(GuardTrainConfig, argv, prog="parley train guard"))
