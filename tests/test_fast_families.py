@@ -186,25 +186,38 @@ TILE_FAMILIES = ["qwen2", "qwen3", "gemma3", "gemma3_attention_softcap", "phi3_l
 
 @pytest.mark.parametrize("name", TILE_FAMILIES)
 def test_c_loops_on_bf16_weights_equal_the_fp32_forward(name):
-    """tiles=False with bf16 weights on the fp32 path (of a CPU without AMX and AVX512-BF16): fp32
-    activations, keys and values, so only the order of the sums differs from the fp32 forward of
-    the same values."""
+    """tiles=False with bf16 weights on the AVX2 path (a CPU without AVX-512): fp32 activations,
+    keys and values, so only the order of the sums differs from the fp32 forward of the same
+    values."""
     model, reference = bf16_and_reference(name, window=37)
-    fast = FastDecoder.create(model, tiles=False, path="avx512-fma")
-    assert not fast.amx and fast.kv_dtype == torch.float32
+    fast = FastDecoder.create(model, tiles=False, path="avx2")
+    assert not fast.amx and not fast.packed and fast.kv_dtype == torch.float32
     for got, expected in run_both(fast, reference, torch.float32, 16, TILE_CUTS, [102, 20]):
         assert (got - expected).abs().max() < 1e-3 * expected.abs().max()
+
+
+@pytest.mark.parametrize("name", TILE_FAMILIES)
+def test_packed_fma_path_keeps_bf16_keys_within_bf16_precision_of_fp32(name):
+    """tiles=False with bf16 weights on AVX-512 FMAs (packed weights): fp32 activations, keys and
+    values kept in bf16 as on the tiles, so the tiles' bounds hold."""
+    model, reference = bf16_and_reference(name, window=37)
+    fast = FastDecoder.create(model, tiles=False, path="avx512-fma")
+    assert not fast.amx and fast.packed and fast.kv_dtype == torch.bfloat16
+    for got, expected in run_both(fast, reference, fast.kv_dtype, 16, TILE_CUTS, [102, 20]):
+        scale = expected.abs().max()
+        assert (got - expected).abs().max() < 0.02 * scale
+        assert (got - expected).abs().mean() < 0.003 * scale
 
 
 @pytest.mark.skipif(not float_runnable("avx512-bf16"), reason="this CPU has no AVX512-BF16")
 @pytest.mark.parametrize("name", TILE_FAMILIES)
 def test_bf16_dot_products_stay_within_bf16_precision_of_fp32(name):
     """tiles=False with bf16 weights on a CPU with AVX512-BF16: projection inputs rounded to bf16
-    as on the tiles (keys and values stay fp32), so the tiles' bounds hold."""
+    and keys and values kept in bf16, as on the tiles, so the tiles' bounds hold."""
     model, reference = bf16_and_reference(name, window=37)
     fast = FastDecoder.create(model, tiles=False, path="avx512-bf16")
-    assert fast.path == "avx512-bf16" and fast.kv_dtype == torch.float32 and fast.all_rows
-    for got, expected in run_both(fast, reference, torch.float32, 16, TILE_CUTS, [102, 20]):
+    assert fast.path == "avx512-bf16" and fast.kv_dtype == torch.bfloat16 and fast.all_rows
+    for got, expected in run_both(fast, reference, fast.kv_dtype, 16, TILE_CUTS, [102, 20]):
         scale = expected.abs().max()
         assert (got - expected).abs().max() < 0.02 * scale
         assert (got - expected).abs().mean() < 0.003 * scale

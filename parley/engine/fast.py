@@ -12,7 +12,8 @@ per-layer sliding windows with their own rotary tables, mixtures of experts; RoP
 in the rotary tables already). On a CPU with AMX
 and bf16 weights whose sizes are whole tiles (`decoder.amx`), the projections run on the
 tile unit with their inputs rounded to bf16, and keys and values are kept in bf16
-(`decoder.kv_dtype`); every row's arithmetic is the same whatever it is batched with.
+(`decoder.kv_dtype`; so are those of the packed AVX-512 paths over bf16 weights, below); every
+row's arithmetic is the same whatever it is batched with.
 `step_rows` runs prompt chunks layer by layer through the same C code, their causal
 attention too (keys . queries and weights . values on tiles, 16 queries at a time; a row's
 bits do not depend on where its prompt is cut); the engine uses it on the tile path.
@@ -237,8 +238,10 @@ class FastDecoder:
         self.packed = not self.amx and not self.quant and self.fisa >= FLOAT_ISAS.index("avx512")
         if self.packed:
             self._pack()
-        # the tile path keeps keys and values in bf16 (half the bytes each step reads); else fp32
-        self.kv_dtype = torch.bfloat16 if self.amx else torch.float32
+        # the tile path and the packed AVX-512 paths over bf16 weights keep keys and values in bf16 (half
+        # the bytes each step's attention reads; scored 16 keys at a time, widened exactly); else fp32
+        bf16_kv = self.amx or (self.packed and self.embed.dtype == torch.bfloat16)
+        self.kv_dtype = torch.bfloat16 if bf16_kv else torch.float32
         self.buffers: dict = {}
         # threads that may share chunks_attend, each with its own 16 rows of scores (the C side
         # caps its team at this)
@@ -433,7 +436,8 @@ class FastDecoder:
         c = self.cfg
         return Shape(B=B, H=c.hidden_size, nh=c.num_attention_heads, nkv=c.num_key_value_heads, hd=c.head_dim,
                      n_layers=c.num_hidden_layers, w_bf16=int(self.embed.dtype == torch.bfloat16), amx=int(self.amx),
-                     kv_bf16=int(self.amx), inter=c.intermediate_size, vocab=c.vocab_size, max_len=max_len,
+                     kv_bf16=int(self.kv_dtype == torch.bfloat16), inter=c.intermediate_size, vocab=c.vocab_size,
+                     max_len=max_len,
                      eps=c.rms_norm_eps, quant=int(self.quant), isa=self.isa, fisa=self.fisa, packed=int(self.packed),
                      scale=c.attention_scale if c.query_pre_attn_scalar else 0.0,
                      attn_cap=c.attn_logit_softcapping or 0.0, gelu=int(c.hidden_act != "silu"))

@@ -1628,19 +1628,23 @@ static int weigh_values(const float *p, long max_len, const char *v, long row, i
 #define MAX_GROUP 64 /* the most queries key_scores16 scores at once (query heads a kv head, or a block's) */
 
 #ifdef __AVX512F__
-/* p[j * stride + i] = scale * (q[j] . k_i) for the nq queries q[j] and the m <= 16 fp32 keys from k
- * (rows `row` bytes apart; hd a multiple of 16, at most MAX_HD): the keys transposed 16 dims at a
+/* p[j * stride + i] = scale * (q[j] . k_i) for the nq queries q[j] and the m <= 16 keys from k, fp32 or
+ * bf16 (kv_bf16: widened exactly to fp32 first) (rows `row` bytes apart; hd a multiple of 16, at most
+ * MAX_HD): the keys transposed 16 dims at a
  * time, then per query one FMA a dim for all 16 keys at once (the one-query-one-key dot product
  * spends more on summing its lanes than on its products). A key's score is the same two chains
  * (even and odd dims) whatever m, nq and the block's other keys and queries are, so a prompt row
  * and a decode row get the same bits. */
-static void key_scores16(const char *k, long row, int m, int hd, const float *const *q, int nq, float scale,
-                         float *p, long stride) {
+static void key_scores16(const char *k, long row, int m, int kv_bf16, int hd, const float *const *q, int nq,
+                         float scale, float *p, long stride) {
     __m512 kt[MAX_HD];
     for (int d0 = 0; d0 < hd; d0 += 16) {
         __m512i rows[16], cols[16];
         for (int i = 0; i < 16; i++)
-            rows[i] = i < m ? _mm512_loadu_si512(k + i * row + d0 * 4) : _mm512_setzero_si512();
+            rows[i] = i >= m ? _mm512_setzero_si512()
+                      : kv_bf16 ? _mm512_slli_epi32(
+                                      _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)(k + i * row + d0 * 2))), 16)
+                                : _mm512_loadu_si512(k + i * row + d0 * 4);
         transpose16(rows, cols);
         for (int d = 0; d < 16; d++) kt[d0 + d] = _mm512_castsi512_ps(cols[d]);
     }
@@ -1655,13 +1659,15 @@ static void key_scores16(const char *k, long row, int m, int hd, const float *co
     }
 }
 
-/* The scores of keys s .. end - 1 (one page's run from k) by key_scores16 where it applies (fp32
- * keys off the tiles), 16 at a time; returns where it stopped (s: it does not apply). */
-static long key_scores_run(const char *k, long row, long s, long end, int kv_bf16, int hd, const float *const *q,
-                           int nq, float scale, float *p, long stride) {
-    if (kv_bf16 || hd % 16 || hd > MAX_HD) return s;
+/* The scores of keys s .. end - 1 (one page's run from k) by key_scores16 where it applies (keys off
+ * the tiles, fp32 or bf16; bf16 keys on an AMX step keep the tile path's own scoring: `amx` is the
+ * step's flag, the same for its decode rows and prompt rows), 16 at a time; returns where it stopped
+ * (s: it does not apply). */
+static long key_scores_run(const char *k, long row, long s, long end, int kv_bf16, int amx, int hd,
+                           const float *const *q, int nq, float scale, float *p, long stride) {
+    if ((kv_bf16 && amx) || hd % 16 || hd > MAX_HD) return s;
     for (; s < end; s += 16, k += 16 * row)
-        key_scores16(k, row, end - s < 16 ? (int)(end - s) : 16, hd, q, nq, scale, p + s, stride);
+        key_scores16(k, row, end - s < 16 ? (int)(end - s) : 16, kv_bf16, hd, q, nq, scale, p + s, stride);
     return s;
 }
 #endif
@@ -1872,7 +1878,7 @@ static void attend_for(const float *qkv, long q_stride, const void *K, const voi
                 const float *qs[MAX_GROUP];
                 for (int j = 0; j < group && j < MAX_GROUP; j++) qs[j] = q + (long)j * hd;
                 const long end = n < s0 + run ? n : s0 + run, at = group <= MAX_GROUP ?
-                    key_scores_run(k, row, s, end, kv_bf16, hd, qs, group, scale, p, max_len) : s;
+                    key_scores_run(k, row, s, end, kv_bf16, amx, hd, qs, group, scale, p, max_len) : s;
                 k += (at - s) * row, s = at;
             }
 #endif
@@ -1902,8 +1908,8 @@ static void attend_for(const float *qkv, long q_stride, const void *K, const voi
  * 16 positions by 16 queries a tile (or one dot product at a time without tiles); then they weigh
  * the values together, as attend_for does for one row's heads (weigh_tiles on the tile unit, so a
  * prompt row and a decode row get the same bits). p: 16 rows of max_len floats of scratch. */
-static void attend_block(const float *qkv, long q_stride, const void *K, const void *V, int kv_bf16, int tiles,
-                         int value_tiles, float *out, float *p, int nh, int nkv, int hd, long max_len, float scale,
+static void attend_block(const float *qkv, long q_stride, const void *K, const void *V, int kv_bf16, int amx,
+                         int tiles, int value_tiles, float *out, float *p, int nh, int nkv, int hd, long max_len, float scale,
                          const int64_t *pos, const Paging *pg, long r0, int n_rows, int g, long window, float cap) {
     const int group = nh / nkv;
     const long run = pg->page_size, size = kv_bf16 ? 2 : 4, row = hd * size, n = pos[r0 + n_rows - 1] + 1;
@@ -1937,8 +1943,8 @@ static void attend_block(const float *qkv, long q_stride, const void *K, const v
             const float *qs[MAX_GROUP];
             for (int i = 0; i < n_rows; i++)
                 for (int j = 0; j < group; j++) qs[i * group + j] = q[i] + (long)j * hd;
-            const long at = key_scores_run(k, row, s, n < s0 + run ? n : s0 + run, kv_bf16, hd, qs, n_rows * group,
-                                           scale, p, max_len);
+            const long at = key_scores_run(k, row, s, n < s0 + run ? n : s0 + run, kv_bf16, amx, hd, qs,
+                                           n_rows * group, scale, p, max_len);
             k += (at - s) * row, s = at;
         }
 #endif
@@ -2513,7 +2519,8 @@ void chunks_attend(const Layer *L, const Buffers *buf, const Shape *sh, const in
             while (rest >= (len[c] + per - 1) / per * sh->nkv) rest -= (len[c] + per - 1) / per * sh->nkv, c++;
             const long block = rest / sh->nkv, r0 = at[c] + block * per;
             const int g = rest % sh->nkv, n_rows = len[c] - block * per < per ? len[c] - block * per : per;
-            attend_block(buf->qkv, qkv_w, L->K, L->V, sh->kv_bf16, tiles, value_tiles, buf->att, p, sh->nh, sh->nkv, sh->hd,
+            attend_block(buf->qkv, qkv_w, L->K, L->V, sh->kv_bf16, sh->amx, tiles, value_tiles, buf->att, p, sh->nh,
+                         sh->nkv, sh->hd,
                          sh->max_len, attention_scale(sh), pos, &pg, r0, n_rows, g, L->window, sh->attn_cap);
         }
         tiles_end(sh);
