@@ -35,6 +35,7 @@ import importlib.util
 import struct
 from pathlib import Path
 
+import gguf
 import numpy as np
 import torch
 from tokenizers import Regex, Tokenizer, models, normalizers, pre_tokenizers, processors
@@ -48,6 +49,7 @@ BLOB_SHA256 = "1571fc9827503943b6bb2e2c03c071f70a14f6e8ffc673946a1f7abbbfbb782f"
 PREFIX = "query: "
 Q4_BLOCK, Q4_BYTES = 32, 18  # weights per block, bytes per block (fp16 scale + 16 bytes of nibbles)
 _F32, _Q4 = 0, 1  # the blob's tensor type codes
+GGML_Q4_0 = gguf.GGMLQuantizationType.Q4_0  # its Q4 tensors' blocks
 
 
 def default_blob() -> Path:
@@ -116,13 +118,10 @@ def _parse(data: bytes) -> tuple[dict, list[tuple[str, float]], dict[str, np.nda
 
 
 def dequantize(raw: np.ndarray | torch.Tensor, rows: int, cols: int) -> torch.Tensor:
-    """A Q4_0 matrix (raw bytes of `rows` x `cols` weights, row-major) as fp32."""
-    return _q4_rows(torch.from_numpy(np.array(raw, dtype=np.uint8)).view(rows, cols // Q4_BLOCK, Q4_BYTES))
-
-
-def _q4_rows(blocks: torch.Tensor) -> torch.Tensor:
-    """uint8 [..., blocks, 18] -> fp32 [..., blocks * 32]."""
-    return _q4_values(blocks[..., 2:], blocks[..., :2].contiguous().view(torch.float16).float())
+    """A Q4_0 matrix (raw bytes of `rows` x `cols` weights, row-major) as fp32: GGUF's Q4_0 block
+    layout, so the `gguf` package's reader does it, as it does for weights.load_gguf."""
+    return torch.from_numpy(gguf.quants.dequantize(np.asarray(raw, np.uint8).reshape(rows, -1), GGML_Q4_0)
+                            .reshape(rows, cols))
 
 
 def _q4_values(nibbles: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
