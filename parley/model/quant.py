@@ -63,12 +63,18 @@ def _half(bits: torch.Tensor) -> torch.Tensor:
     return bits.view(torch.float16).float()
 
 
+def _fitting_half_bits(x: torch.Tensor, what: str) -> torch.Tensor:
+    """The bits of the nearest half floats to `x`; QuantError naming `what` if one overflows."""
+    bits = _half_bits(x)
+    if torch.isinf(_half(bits)).any():
+        raise QuantError(f"{what} ({x.abs().max().item():.3g}) does not fit a half float")
+    return bits
+
+
 def _half_bits_up(x: torch.Tensor) -> torch.Tensor:
     """The bits of the smallest half float >= x (x >= 0): a scale that no integer of its block
     needs clipping for."""
-    bits = _half_bits(x)
-    if torch.isinf(_half(bits)).any():
-        raise QuantError(f"a block's scale ({x.max().item():.3g}) does not fit a half float")
+    bits = _fitting_half_bits(x, "a block's scale")
     return torch.where(_half(bits) < x, bits + 1, bits)  # positive halves order as their bits
 
 
@@ -281,16 +287,6 @@ def _k_scales(packed: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return scales, minimums
 
 
-def _to_half_bits(x: np.ndarray, what: str) -> torch.Tensor:
-    """Nearest half floats of fp32 `x`, as bits; QuantError if one overflows."""
-    with np.errstate(over="ignore"):
-        half = x.astype(np.float16)
-    if not np.isfinite(half).all():
-        raise QuantError(f"a Q4_K block's {what} ({np.abs(x).max():.3g}) does not fit a half float: "
-                         "import without keeping the file's blocks")
-    return torch.from_numpy(half.view(np.int16))
-
-
 def _q4_from_q4_k(blocks: np.ndarray) -> QuantLinear:
     """Q4_K super-blocks [rows, n, 144] (d, dmin, 12 bytes of scales, 128 of 4-bit integers, whose
     32-byte group j holds sub-block 2j in its low nibbles and 2j + 1 in its high ones) as q4."""
@@ -300,8 +296,9 @@ def _q4_from_q4_k(blocks: np.ndarray) -> QuantLinear:
     groups = blocks[..., 16:].reshape(rows, n, 4, 1, 32)
     ints = np.concatenate([groups & 15, groups >> 4], axis=3).reshape(rows, n * 8, 32)
     packed = ints[..., :16] | ints[..., 16:] << 4  # q4's nibble order
-    scale = _to_half_bits((d * scales).reshape(rows, -1), "scale")  # exact in fp32: 11 bits x 6 bits
-    minimum = _to_half_bits((-dmin * minimums).reshape(rows, -1), "minimum")
+    # d sc and dmin mn are exact in fp32 (11 bits x 6 bits), then rounded to the nearest half
+    scale = _fitting_half_bits(torch.from_numpy((d * scales).reshape(rows, -1)), "a Q4_K block's scale")
+    minimum = _fitting_half_bits(torch.from_numpy((-dmin * minimums).reshape(rows, -1)), "a Q4_K block's minimum")
     return QuantLinear("q4", torch.from_numpy(packed.reshape(rows, -1)), scale, minimum)
 
 
