@@ -2520,8 +2520,8 @@ void chunks_attend(const Layer *L, const Buffers *buf, const Shape *sh, const in
             const long block = rest / sh->nkv, r0 = at[c] + block * per;
             const int g = rest % sh->nkv, n_rows = len[c] - block * per < per ? len[c] - block * per : per;
             attend_block(buf->qkv, qkv_w, L->K, L->V, sh->kv_bf16, sh->amx, tiles, value_tiles, buf->att, p, sh->nh,
-                         sh->nkv, sh->hd,
-                         sh->max_len, attention_scale(sh), pos, &pg, r0, n_rows, g, L->window, sh->attn_cap);
+                         sh->nkv, sh->hd, sh->max_len, attention_scale(sh), pos, &pg, r0, n_rows, g, L->window,
+                         sh->attn_cap);
         }
         tiles_end(sh);
     }

@@ -255,8 +255,9 @@ def train_minilm(cfg: GuardTrainConfig, written: list[Example], embedder) -> tup
 
     hp = dict(hidden=cfg.hidden, epochs=cfg.epochs, lr=cfg.lr, weight_decay=cfg.weight_decay, seed=cfg.seed,
               dropout=cfg.dropout)
-    scaling = spread(feats(s.train_fit)[:, :embedder.dim]) if cfg.trunk == "me5" else {}
-    params = fit_head(standardize(feats(s.train_fit), scaling), targets(s.train_fit), **hp)
+    fit = feats(s.train_fit)
+    scaling = spread(fit[:, :embedder.dim]) if cfg.trunk == "me5" else {}
+    params = fit_head(standardize(fit, scaling), targets(s.train_fit), **hp)
     val_probs = head_probs(params | scaling, feats(s.val))
     thresholds = calibrate(val_probs, s.val, cfg.max_fpr)
     params = fit_head(standardize(feats(s.train), scaling), targets(s.train), **hp) | scaling
