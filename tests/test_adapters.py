@@ -236,10 +236,16 @@ def give_feedback(db: str, name: str, questions: list[str], sign: str) -> None:
 
 
 def sign_off_rate(engine, tokenizer, questions: list[str], adapter: str) -> float:
-    prompts = [tokenizer.encode_chat([{"role": "user", "content": q}]) for q in questions]
-    params = SamplingParams(max_tokens=24, stop_ids=frozenset(tokenizer.stop_ids), adapter=adapter)
-    answers = [tokenizer.decode(c.tokens) for c in engine.generate(prompts, [params] * len(prompts))]
-    return sum(a.strip().endswith(SIGN_OFF.strip()) for a in answers) / len(answers)
+    """Of `questions` (unseen), the share where the served model, having written the answer the users
+    want, goes on with the sign-off: its greedy next token after that answer is the sign-off's first.
+    (The tiny model cannot be relied on to write the answer itself: on another CPU's rounding its
+    free text differs, so the decision is read where the users' preferences differ.)"""
+    first = tokenizer.encode(SIGN_OFF)[0]
+    prompts = [tokenizer.encode_chat([{"role": "user", "content": q}])
+               + tokenizer.encode(ANSWERS[next(k for k in ANSWERS if k in q)]) for q in questions]
+    params = SamplingParams(max_tokens=1, adapter=adapter)
+    nexts = [c.tokens[0] for c in engine.generate(prompts, [params] * len(prompts))]
+    return sum(t == first for t in nexts) / len(nexts)
 
 
 def test_a_users_adapter_answers_their_way_and_no_one_elses(home, capsys, one_thread):
@@ -254,7 +260,7 @@ def test_a_users_adapter_answers_their_way_and_no_one_elses(home, capsys, one_th
     give_feedback(db, "ann", asked, SIGN_OFF)  # ann always signs her answers
     give_feedback(db, "bob", asked, "")  # bob wants the same answers, plainly
     common = ["tiny", "replay=" + str(replay), f"db={db}", "replay_ratio=0.25", "train.seq_len=64",
-              "train.batch_size=8", "train.steps=40", "train.lr=0.02", "train.warmup_steps=5", "lora.rank=8"]
+              "train.batch_size=8", "train.steps=120", "train.lr=0.01", "train.warmup_steps=5", "lora.rank=8"]
     for name in ("ann", "bob"):
         assert parley(["learn", *common, f"user={name}"]) == 0, capsys.readouterr().err
     with Store(db) as store:
