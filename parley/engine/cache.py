@@ -33,6 +33,7 @@ from __future__ import annotations
 import hashlib
 from collections import OrderedDict
 from dataclasses import dataclass, field
+from functools import cached_property
 
 import torch
 
@@ -226,20 +227,48 @@ class PagedBatch:
                 self.prefill.append((at, n, start, used))
             seq.length += n
         self.positions = torch.tensor([positions], device=dev)
-        self.outputs = torch.tensor(outputs, device=dev)
-        self.write_pages = torch.tensor(pages, device=dev)
-        self.write_slots = torch.tensor(slots, device=dev)
+        self._outputs, self._pages, self._slots = outputs, pages, slots
         if self.decode:
             width = max(len(t) for t in decode_tables)
             self.decode_table = torch.tensor([t + [0] * (width - len(t)) for t in decode_tables], device=dev)
-            keys = torch.arange(width * ps, device=dev)
-            lengths = torch.tensor(decode_lengths, device=dev)[:, None]
-            self.decode_mask = (keys[None] < lengths)[:, None, None]
-            # per window size of the model's layers: the same, less the keys the window has left behind
-            windows = {cache.cfg.window(i) for i in range(cache.cfg.num_hidden_layers)} - {None}
-            self.decode_window_mask = {w: (self.decode_mask[:, 0, 0] & (keys[None] >= lengths - w))[:, None, None]
-                                       for w in windows}
-            self.decode_index = torch.tensor(self.decode, device=dev)
+            self._decode_lengths = decode_lengths
+
+    # what the model's own forward reads (attend below, Transformer.forward), built on first use: the C
+    # step reads none of it, and at batch 1 building it was a third of the engine's Python a step
+    @cached_property
+    def outputs(self) -> torch.Tensor:
+        return torch.tensor(self._outputs, device=self.cache.device)
+
+    @cached_property
+    def write_pages(self) -> torch.Tensor:
+        return torch.tensor(self._pages, device=self.cache.device)
+
+    @cached_property
+    def write_slots(self) -> torch.Tensor:
+        return torch.tensor(self._slots, device=self.cache.device)
+
+    @cached_property
+    def decode_index(self) -> torch.Tensor:
+        return torch.tensor(self.decode, device=self.cache.device)
+
+    @cached_property
+    def _keys(self) -> tuple[torch.Tensor, torch.Tensor]:
+        dev = self.cache.device
+        keys = torch.arange(self.decode_table.shape[1] * self.cache.page_size, device=dev)
+        return keys, torch.tensor(self._decode_lengths, device=dev)[:, None]
+
+    @cached_property
+    def decode_mask(self) -> torch.Tensor:
+        keys, lengths = self._keys
+        return (keys[None] < lengths)[:, None, None]
+
+    @cached_property
+    def decode_window_mask(self) -> dict[int, torch.Tensor]:
+        """Per window size of the model's layers: decode_mask less the keys the window has left behind."""
+        keys, lengths = self._keys
+        cfg = self.cache.cfg
+        windows = {cfg.window(i) for i in range(cfg.num_hidden_layers)} - {None}
+        return {w: (self.decode_mask[:, 0, 0] & (keys[None] >= lengths - w))[:, None, None] for w in windows}
 
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """q (1, heads, N, hd), k and v (1, kv_heads, N, hd) of the packed tokens: store k

@@ -43,6 +43,7 @@ import os
 import subprocess
 import sys
 import tempfile
+import weakref
 from functools import cache
 from pathlib import Path
 
@@ -243,6 +244,8 @@ class FastDecoder:
         bf16_kv = self.amx or (self.packed and self.embed.dtype == torch.bfloat16)
         self.kv_dtype = torch.bfloat16 if bf16_kv else torch.float32
         self.buffers: dict = {}
+        self._views: dict = {}  # _buffers' views, by kind and rows
+        self._pointed: weakref.ref | None = None  # the cache whose pools the layers point at
         # threads that may share chunks_attend, each with its own 16 rows of scores (the C side
         # caps its team at this)
         self.slots = max(torch.get_num_threads(), os.cpu_count() or 1)
@@ -426,8 +429,12 @@ class FastDecoder:
                 route=torch.empty(R, experts), moe_x=torch.empty(R, c.hidden_size), moe_y=torch.empty(R, c.hidden_size),
                 moe_rows=torch.empty(experts + 1 + R * c.num_experts_per_tok, dtype=torch.int64))
             self.buffers[kind] = (R, S, L, tensors, Buffers(**{n: t.data_ptr() for n, t in tensors.items()}))
+            self._views.clear()
         *_, tensors, pointers = self.buffers[kind]
-        views = {n: t[:logit_rows] if n == "logits" else t[:rows] if t.dim() == 2 else t for n, t in tensors.items()}
+        views = self._views.get((kind, rows, logit_rows))
+        if views is None:  # made once per shape (a step's Python is a part of a batch-1 step's time)
+            views = {n: t[:logit_rows] if n == "logits" else t[:rows] if t.dim() == 2 else t for n, t in tensors.items()}
+            self._views[kind, rows, logit_rows] = views
         return views, pointers
 
     def _shape(self, B: int, max_len: int = 0) -> Shape:
@@ -454,7 +461,11 @@ class FastDecoder:
         return logits.div_(cap).tanh_().mul_(cap) if cap else logits
 
     def _point_at(self, cache: PagedKVCache) -> None:
-        """Give every layer its page pools of the cache."""
+        """Give every layer its page pools of the cache (a cache's pools stay where they are: done again
+        only for another cache)."""
+        if self._pointed is not None and self._pointed() is cache:
+            return
+        self._pointed = weakref.ref(cache)
         for layer, k, v in zip(self.layers, cache.k, cache.v):
             layer.K, layer.V = k.data_ptr(), v.data_ptr()
 
