@@ -5,6 +5,16 @@ file, same prompt, same threads, in one run.
         .venv/bin/python benchmarks/llamacpp.py                         # full run, appended to RESULTS.md
     ... benchmarks/llamacpp.py --quick --no-write                       # one short pass, print only
 
+llama.cpp built for this CPU (on one without AMX; with AMX tiles, build with GGML_NATIVE=OFF and the
+AMX switches off, as RESULTS.md's earlier runs say):
+
+    pip download --no-deps --no-binary :all: llama-cpp-python==0.3.36 -d /tmp/llpy   # then untar it there
+    cd /tmp/llpy/llama_cpp_python-0.3.36/vendor/llama.cpp
+    cmake -B build -G Ninja -DCMAKE_BUILD_TYPE=Release -DBUILD_SHARED_LIBS=ON -DGGML_NATIVE=ON \
+        -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_TOOLS=OFF -DLLAMA_BUILD_SERVER=OFF
+    cmake --build build --target llama          # then copy build/bin/*.so* to /tmp/llpy/lib
+    pip install --target /tmp/llpy/deps diskcache typing-extensions
+
 llama.cpp is the reference, not a dependency: llama-cpp-python's source on PYTHONPATH, its
 libllama (built elsewhere: on a CPU with AMX it must be built with AMX off) found through
 LLAMA_CPP_LIB_PATH; its CMakeCache's GGML_* flags are printed when `--cmake-cache` names it.
@@ -18,7 +28,10 @@ weight_bytes: each projection and the output layer as stored, one embedding row)
 last-level cache holds those bytes (this project's VMs have had 300 MB of L3) reads them faster than
 the 512 MB probe does, so the table also gives the bound at the step's own size: the best read
 bandwidth of a warm buffer of exactly those bytes. A rate above 100% of the first bound and below
-the second means the weights were served from cache.
+the second means the weights were served from cache. A step also reads the keys and values of its
+context (30 layers' of `--prompt` + `--new` / 2 positions on average; fp32 on Parley's int8 paths,
+bf16 on its bf16 path, f16 in llama.cpp's default cache): the last column divides by weights plus
+those, at the 512 MB bandwidth.
 """
 
 from __future__ import annotations
@@ -70,7 +83,10 @@ def build_flags(cache: Path | None) -> str:
         return "unknown (pass --cmake-cache)"
     flags = re.findall(r"^(GGML_(?:NATIVE|AVX\w*|AMX\w*|F16C|FMA|BMI2|OPENMP|LLAMAFILE)|CMAKE_BUILD_TYPE):\w+=(\S+)$",
                        cache.read_text(), re.M)
-    return ", ".join(f"{k}={v}" for k, v in flags)
+    text = ", ".join(f"{k}={v}" for k, v in flags)
+    if ("GGML_NATIVE", "ON") in flags:
+        text += " (GGML_NATIVE=ON compiles with -march=native: every instruction set of this CPU, whatever the GGML_AVX* switches say)"
+    return text
 
 
 def main() -> None:
@@ -111,6 +127,11 @@ def main() -> None:
     read = {"Parley, dequantized to bf16": quant.weight_bytes(float_model)}
     read.update({name: quant.weight_bytes(kept) for name in engines if "4-bit" in name})
     read["llama.cpp"] = read["Parley, file's 4-bit blocks, best int8 path"]  # the same tensors: Q4_1 + Q8_0
+    cfg = float_model.config
+    positions = args.prompt + args.new / 2  # a decode step's context, on average
+    per_byte = cfg.num_hidden_layers * 2 * cfg.num_key_value_heads * cfg.head_dim * positions
+    kv = {name: int(per_byte * (e.fast.kv_dtype.itemsize if e.fast else 4)) for name, e in engines.items()}
+    kv["llama.cpp"] = int(per_byte * 2)  # its default cache type: f16
     for run in sides.values():
         run(2)  # warm-up
     rates = {name: [] for name in sides}
@@ -119,13 +140,15 @@ def main() -> None:
             rates[name].append((args.new - 1) / (run(args.new) - run(1)))
     warm = {nbytes: bandwidth_gbs(nbytes, tries=20) for nbytes in set(read.values())}  # cached where it fits
     rows = [(name, statistics.median(r), bw * 1e9 / read[name], read[name]) for name, r in rates.items()]
+    with_kv = {name: bw * 1e9 / (read[name] + kv[name]) for name in rates}
     llama_rate = statistics.median(rates["llama.cpp"])
     print(f"{cpu_name(flags=True)}; {threads} threads; read bandwidth {bw:.1f} GB/s")
     for name, rate, bound, nbytes in rows:
         print(f"{name:48} {rate:7.1f} tok/s  {rate / llama_rate:5.2f}x llama.cpp  {rate / bound:5.0%} of its bound "
               f"({bound:.0f} tok/s, {nbytes / 1e6:.0f} MB a step)  "
               f"{rate / (warm[nbytes] * 1e9 / nbytes):5.0%} of the warm {nbytes / 1e6:.0f} MB bound "
-              f"({warm[nbytes] * 1e9 / nbytes:.0f} tok/s)  {paths.get(name, '')}", flush=True)
+              f"({warm[nbytes] * 1e9 / nbytes:.0f} tok/s)  {rate / with_kv[name]:5.0%} of the bound with keys and "
+              f"values ({(read[name] + kv[name]) / 1e6:.0f} MB)  {paths.get(name, '')}", flush=True)
     print(f"llama.cpp build: {build_flags(args.cmake_cache)}")
     if not args.no_write:
         lines = [
@@ -136,12 +159,13 @@ def main() -> None:
             f"docstring for the environment). Greedy, prefill excluded, median of {args.repeats}; read bandwidth "
             f"{bw:.1f} GB/s. llama.cpp build: {build_flags(args.cmake_cache)}.\n",
             "| engine | path | tok/s | vs llama.cpp | MB read a step | bound tok/s | % of bound | bound at the step's "
-            "size (warm buffer) tok/s | % of it |",
-            "|---|---|---|---|---|---|---|---|---|",
+            "size (warm buffer) tok/s | % of it | MB a step with keys and values | % of that bound |",
+            "|---|---|---|---|---|---|---|---|---|---|---|",
         ]
         lines += [f"| {name} | {paths.get(name, '')} | {rate:.1f} | {rate / llama_rate:.2f}x | {nbytes / 1e6:.0f} | "
                   f"{bound:.0f} | {rate / bound:.0%} | {warm[nbytes] * 1e9 / nbytes:.0f} | "
-                  f"{rate / (warm[nbytes] * 1e9 / nbytes):.0%} |" for name, rate, bound, nbytes in rows]
+                  f"{rate / (warm[nbytes] * 1e9 / nbytes):.0%} | {(nbytes + kv[name]) / 1e6:.0f} | "
+                  f"{rate / with_kv[name]:.0%} |" for name, rate, bound, nbytes in rows]
         append_section("\n".join(lines))
 
 
