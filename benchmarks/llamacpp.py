@@ -20,7 +20,8 @@ libllama (built elsewhere: on a CPU with AMX it must be built with AMX off) foun
 LLAMA_CPP_LIB_PATH; its CMakeCache's GGML_* flags are printed when `--cmake-cache` names it.
 Both decode `--new` tokens greedily after the same `--prompt`-token prompt (end of sequence
 ignored); each side also runs the prompt alone (one new token), so decode tok/s = (new - 1) /
-(time with new tokens - time with one), prefill excluded. Parley runs its best int8 path and the
+(time with new tokens - time with one), prefill excluded. Parley runs its best int8 path (also with
+keys and values in bf16, `engine.kv_dtype=bfloat16`) and the
 AVX2 one (`kernels=avx2`, the instruction set of a llama.cpp built without AVX-512), and the
 same weights dequantized to bf16; sides alternate within each repeat, medians reported. The
 bound is the measured read bandwidth over the bytes of weights a step reads (model/quant.py's
@@ -29,8 +30,8 @@ last-level cache holds those bytes (this project's VMs have had 300 MB of L3) re
 the 512 MB probe does, so the table also gives the bound at the step's own size: the best read
 bandwidth of a warm buffer of exactly those bytes. A rate above 100% of the first bound and below
 the second means the weights were served from cache. A step also reads the keys and values of its
-context (30 layers' of `--prompt` + `--new` / 2 positions on average; fp32 on Parley's int8 paths,
-bf16 on its bf16 path, f16 in llama.cpp's default cache): the last column divides by weights plus
+context (30 layers' of `--prompt` + `--new` / 2 positions on average; fp32 on Parley's int8 paths
+unless kv_dtype=bfloat16, bf16 on its bf16 path, f16 in llama.cpp's default cache): the last column divides by weights plus
 those, at the 512 MB bandwidth.
 """
 
@@ -116,6 +117,7 @@ def main() -> None:
     kept = weights.keep_gguf_blocks(copy.deepcopy(float_model), path).to(torch.bfloat16)
     float_model = float_model.to(torch.bfloat16)
     engines = {"Parley, file's 4-bit blocks, best int8 path": Engine(kept, max_batch=1),
+               "Parley, file's 4-bit blocks, kv_dtype=bfloat16": Engine(kept, max_batch=1, kv_dtype="bfloat16"),
                "Parley, file's 4-bit blocks, kernels=avx2": Engine(kept, max_batch=1, kernels="avx2"),
                "Parley, dequantized to bf16": Engine(float_model, max_batch=1)}
     paths = {name: e.fast.path if e.fast else "torch" for name, e in engines.items()}

@@ -92,16 +92,18 @@ class Engine:
     kernels a prompt may take a whole step's budget); prefill_budget (>= prefill_chunk): most prompt tokens of
     all prompts in a step; kernels: the CPU path, "auto" | "amx" | "avx512" | "avx2" | "scalar" | "torch"
     (parley/engine/config.py); threads: torch threads of the engine's own thread; adapters: the
-    LoRA adapters requests may name (SamplingParams.adapter; engine/adapters.py), or None.
+    LoRA adapters requests may name (SamplingParams.adapter; engine/adapters.py), or None;
+    kv_dtype: "auto" | "bfloat16", the keys and values' precision (parley/engine/config.py).
     """
 
     def __init__(self, model: Transformer, *, max_batch: int = 64, max_waiting: int = 256,
                  kv_budget_bytes: int | None = None, page_size: int = 16, prefill_chunk: int = 256,
                  prefill_budget: int = 512, kernels: str = "auto", threads: int | None = None,
-                 adapters: Adapters | None = None):
+                 adapters: Adapters | None = None, kv_dtype: str = "auto"):
         try:  # the one place these numbers are checked
             EngineConfig(max_batch=max_batch, max_waiting=max_waiting, page_size=page_size,
-                         prefill_chunk=prefill_chunk, prefill_budget=prefill_budget, kernels=kernels)
+                         prefill_chunk=prefill_chunk, prefill_budget=prefill_budget, kernels=kernels,
+                         kv_dtype=kv_dtype)
         except ValueError as e:
             raise EngineError(str(e)) from None
         self.model, cfg = model.eval(), model.config
@@ -111,14 +113,16 @@ class Engine:
         # an engine built on "auto" takes the environment's PARLEY_KERNELS / PARLEY_AMX=0 as a ceiling
         # (what runs where that path cannot falls back), so a whole test suite can run a lower path
         ceiling = EngineConfig().resolved_kernels() if kernels == "auto" else "auto"
-        self.fast = self._kernels(model, kernels) if ceiling in ("auto", "amx") else \
-            None if ceiling == "torch" else FastDecoder.create(model, tiles=False, path=ceiling)
+        self.fast = self._kernels(model, kernels, kv_dtype) if ceiling in ("auto", "amx") else \
+            None if ceiling == "torch" else FastDecoder.create(model, tiles=False, path=ceiling, kv=kv_dtype)
         # a model the C kernels cannot compute runs on PyTorch, and says why (kernels_path, the startup line)
         self.lacking = FastDecoder.unsupported(model)
         if self.lacking and kernels != "torch" and self.device.type == "cpu":
             log.warning("parley engine: this model runs on the slower PyTorch path: the C kernels lack %s", self.lacking)
-        # the C path keeps keys and values in fp32, or bf16 on AMX tiles; PyTorch in the weights' dtype
-        dtype = self.fast.kv_dtype if self.fast else model.model.embed_tokens.weight.dtype
+        # the C path keeps keys and values in its kv_dtype (fast.py); PyTorch in the weights' dtype, or bf16
+        # where kv_dtype says so
+        dtype = self.fast.kv_dtype if self.fast else \
+            torch.bfloat16 if kv_dtype == "bfloat16" else model.model.embed_tokens.weight.dtype
         if kv_budget_bytes is None:
             per_token = 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * cfg.head_dim * dtype.itemsize
             kv_budget_bytes = min(2**30, max_batch * cfg.max_position_embeddings * per_token)
@@ -151,13 +155,14 @@ class Engine:
         return cls(model, max_batch=cfg.max_batch, max_waiting=cfg.max_waiting,
                    kv_budget_bytes=cfg.kv_budget_mb * 2**20 or None, page_size=cfg.page_size,
                    prefill_chunk=cfg.prefill_chunk, prefill_budget=cfg.prefill_budget,
-                   kernels=cfg.resolved_kernels(), threads=cfg.threads or None, adapters=store)
+                   kernels=cfg.resolved_kernels(), threads=cfg.threads or None, adapters=store,
+                   kv_dtype=cfg.kv_dtype)
 
     @staticmethod
-    def _kernels(model: Transformer, kernels: str) -> FastDecoder | None:
+    def _kernels(model: Transformer, kernels: str, kv_dtype: str = "auto") -> FastDecoder | None:
         if kernels == "torch":
             return None
-        fast = FastDecoder.create(model, tiles=kernels in ("auto", "amx"), path=kernels)
+        fast = FastDecoder.create(model, tiles=kernels in ("auto", "amx"), path=kernels, kv=kv_dtype)
         if kernels == "amx" and (fast is None or not fast.amx):
             raise EngineError("kernels=amx, but the AMX tile path cannot run here (it needs a CPU with AMX, "
                               "a C compiler, a bf16 model on the CPU with whole-tile shapes): "

@@ -200,7 +200,8 @@ def kernels() -> ctypes.CDLL | None:
 
 
 class FastDecoder:
-    def __init__(self, model: Transformer, lib: ctypes.CDLL, tiles: bool = True, path: str = "auto"):
+    def __init__(self, model: Transformer, lib: ctypes.CDLL, tiles: bool = True, path: str = "auto",
+                 kv: str = "auto"):
         self.lib, self.model, self.cfg = lib, model, model.config
         m = model.model
         # quantized weights (all projections and the output layer, create checks) are read through
@@ -240,8 +241,9 @@ class FastDecoder:
         if self.packed:
             self._pack()
         # the tile path and the packed AVX-512 paths over bf16 weights keep keys and values in bf16 (half
-        # the bytes each step's attention reads; scored 16 keys at a time, widened exactly); else fp32
-        bf16_kv = self.amx or (self.packed and self.embed.dtype == torch.bfloat16)
+        # the bytes each step's attention reads; scored 16 keys at a time, widened exactly); else fp32,
+        # unless `kv` asks for bf16 (the engine's kv_dtype: every path reads either)
+        bf16_kv = self.amx or (self.packed and self.embed.dtype == torch.bfloat16) or kv == "bfloat16"
         self.kv_dtype = torch.bfloat16 if bf16_kv else torch.float32
         self.buffers: dict = {}
         self._views: dict = {}  # _buffers' views, by kind and rows
@@ -383,13 +385,15 @@ class FastDecoder:
         return ", ".join(lacking) or None
 
     @classmethod
-    def create(cls, model: Transformer, tiles: bool = True, path: str = "auto") -> "FastDecoder | None":
+    def create(cls, model: Transformer, tiles: bool = True, path: str = "auto",
+               kv: str = "auto") -> "FastDecoder | None":
         """A fast decoder if this model and machine allow one: a model of any family
         (`unsupported` names what the kernels lack), bf16 or fp32 weights on the CPU (or q8 / q4 ones: every
         projection and the output layer), and a working C compiler; on AMX tiles where they fit,
         unless `tiles` is False. `path` (the engine's `kernels` setting, engine/config.py) caps the
-        int8 path of quantized weights: avx2, scalar. Moves the model's float weights into huge
-        pages (engine/hugepages.py) the first time."""
+        int8 path of quantized weights: avx2, scalar. `kv` (the engine's kv_dtype): "bfloat16" keeps
+        keys and values in bf16 on every path, "auto" where the path does (kv_dtype). Moves the model's
+        float weights into huge pages (engine/hugepages.py) the first time."""
         cfg, w = model.config, model.model.embed_tokens.weight
         if cls.unsupported(model) or w.device.type != "cpu" or w.dtype not in (torch.float32, torch.bfloat16):
             return None
@@ -402,7 +406,7 @@ class FastDecoder:
         if lib is None:
             return None
         move_to_huge_pages(model)  # weights in 2 MiB pages, once: see engine/hugepages.py
-        return cls(model, lib, tiles, path)
+        return cls(model, lib, tiles, path, kv)
 
     def _buffers(self, kind: str, rows: int, span: int = 0, logit_rows: int | None = None) -> tuple[dict, Buffers]:
         """Scratch tensors (views of `rows` rows, and of `logit_rows` rows of logits) and their
