@@ -162,6 +162,9 @@ def main() -> None:
     ap.add_argument("--write", action="store_true", help="append the table to benchmarks/RESULTS.md")
     ap.add_argument("--no-amx", action="store_true", help="run as on a CPU without AMX tiles: Parley on "
                     "kernels=avx512, oneDNN capped at AVX512_CORE_BF16 (set before torch is imported)")
+    ap.add_argument("--quantize", default="auto", choices=("auto", "none", "keep"),
+                    help="how smollm2 is imported for Parley (`parley models import --quantize`): keep = the "
+                         "file's 4-bit blocks, none = bf16, auto = the import's default on this CPU")
     args = ap.parse_args()
     print(cpu_name(flags=True), flush=True)
     clients = [int(n) for n in args.clients.split(",")]
@@ -169,7 +172,8 @@ def main() -> None:
     started = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="parley-serve-bench-") as home:
         registry = Registry(home)
-        registry.import_model("smollm2")
+        registry.import_model("smollm2", quantize=args.quantize)
+        args.weights = "4-bit (the file's blocks kept)" if registry.get("smollm2").meta.get("quantized") else "bf16"
         model, tokenizer, _ = registry.load("smollm2", dtype=torch.bfloat16)
         source = Messages(tokenizer, args.prompt)
         port = free_port()
@@ -235,9 +239,10 @@ def write_results(table: list[str], args) -> None:
     load = os.getloadavg()[0]
     command = (f".venv/bin/python benchmarks/serve.py --prompt {args.prompt} --new {args.new} --clients {args.clients} "
                f"--repeats {args.repeats} --batch1 {args.batch1} --hf-batch {args.hf_batch} "
-               f"--hf-requests {args.hf_requests}{' --no-amx' * args.no_amx} --write")
+               f"--hf-requests {args.hf_requests}{' --no-amx' * args.no_amx} --quantize {args.quantize} --write")
     lines = [
-        f"\n## Serving concurrent streams, SmolLM2-135M-Instruct bf16 ({datetime.date.today()}, commit {commit()})\n",
+        f"\n## Serving concurrent streams, SmolLM2-135M-Instruct {args.weights} ({datetime.date.today()}, "
+        f"commit {commit()})\n",
         f"Machine: {cpu_name(flags=True)}, {os.cpu_count()} cores, torch {torch.__version__}; 1-minute load average "
         f"{load:.2f} when the run ended. Command: `{command}`. `parley serve --no-auth` in a subprocess "
         f"(continuous-batching scheduler, max_pending and engine.max_waiting {args.clients.split(',')[-1]}, requests_per_minute=0) on 127.0.0.1; "
