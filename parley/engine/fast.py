@@ -246,7 +246,7 @@ class FastDecoder:
         bf16_kv = self.amx or (self.packed and self.embed.dtype == torch.bfloat16) or kv == "bfloat16"
         self.kv_dtype = torch.bfloat16 if bf16_kv else torch.float32
         self.buffers: dict = {}
-        self._views: dict = {}  # _buffers' views, by kind and rows
+        self._views: dict = {}  # _buffers' views for decode steps, by batch size (at most max_batch of them)
         self._pointed: weakref.ref | None = None  # the cache whose pools the layers point at
         # threads that may share chunks_attend, each with its own 16 rows of scores (the C side
         # caps its team at this)
@@ -435,10 +435,11 @@ class FastDecoder:
             self.buffers[kind] = (R, S, L, tensors, Buffers(**{n: t.data_ptr() for n, t in tensors.items()}))
             self._views.clear()
         *_, tensors, pointers = self.buffers[kind]
-        views = self._views.get((kind, rows, logit_rows))
-        if views is None:  # made once per shape (a step's Python is a part of a batch-1 step's time)
+        views = self._views.get(rows) if kind == "step" else None
+        if views is None:
             views = {n: t[:logit_rows] if n == "logits" else t[:rows] if t.dim() == 2 else t for n, t in tensors.items()}
-            self._views[kind, rows, logit_rows] = views
+            if kind == "step":  # a decode step's, kept by batch size (its Python is a part of a batch-1 step's time)
+                self._views[rows] = views
         return views, pointers
 
     def _shape(self, B: int, max_len: int = 0) -> Shape:
