@@ -164,7 +164,7 @@ def main() -> None:
                     "kernels=avx512, oneDNN capped at AVX512_CORE_BF16 (set before torch is imported)")
     ap.add_argument("--quantize", default="auto", choices=("auto", "none", "keep"),
                     help="how smollm2 is imported for Parley (`parley models import --quantize`): keep = the "
-                         "file's 4-bit blocks, none = bf16, auto = the import's default on this CPU")
+                         "file's 4-bit blocks, none = bf16, auto = the import's default (floats for smollm2)")
     args = ap.parse_args()
     print(cpu_name(flags=True), flush=True)
     clients = [int(n) for n in args.clients.split(",")]
