@@ -276,7 +276,8 @@ def test_knowledge_upload_list_delete_and_limits(site):
 def test_metrics_are_prometheus_text_and_health_answers(site):
     site.sdk().completions.create(model="tiny768", prompt="Hello", temperature=0, max_tokens=3)
     with httpx.Client(base_url=site.url) as http:
-        assert http.get("/health").json()["status"] == "ok"
+        health = http.get("/health").json()
+        assert health["status"] == "ok" and health["kv_dtype"] == "float32" and health["kernels"]  # fp32 weights
         text = http.get("/metrics").text
     sample = re.compile(r'^[a-zA-Z_:][a-zA-Z0-9_:]*(\{([a-zA-Z_]\w*="(\\.|[^"\\])*",?)*\})? -?[0-9.e+]+$')
     for line in text.strip().splitlines():
@@ -284,6 +285,20 @@ def test_metrics_are_prometheus_text_and_health_answers(site):
     assert re.search(r'parley_requests_total\{method="POST",route="/v1/completions",status="200"\} [1-9]', text)
     assert int(re.search(r"^parley_tokens_generated_total (\d+)", text, re.M).group(1)) > 0
     assert "parley_queue_depth 0" in text and "parley_active_streams" in text
+
+
+def test_kv_dtype_bfloat16_serves_and_health_says_so(registry, tmp_path):
+    """engine.kv_dtype=bfloat16 on an fp32 model (whose cache is else fp32): the server answers, and
+    /health names the cache's precision."""
+    db = str(tmp_path / "p.db")
+    keys = make_users(db, ann="user")
+    settings = Settings(db=db, home=registry.home, model="tiny768",
+                        engine=EngineConfig(dtype="float32", kv_dtype="bfloat16"))
+    with serving(create_app(settings)) as url:
+        reply = Site(url, keys, db).sdk().completions.create(model="tiny768", prompt="Hello", temperature=0,
+                                                             max_tokens=3)
+        assert reply.choices[0].finish_reason in ("length", "stop") and reply.usage.completion_tokens <= 3
+        assert httpx.get(url + "/health").json()["kv_dtype"] == "bfloat16"
 
 
 @pytest.fixture
