@@ -181,6 +181,12 @@ class Engine:
         return self.fast.path if self.fast else f"torch (the C kernels lack {self.lacking})" if self.lacking else "torch"
 
     @property
+    def kv_dtype(self) -> str:
+        """The precision the paged cache keeps keys and values in ("float32", "bfloat16"), as the startup
+        line and /health show it."""
+        return str(self.cache.k[0].dtype).removeprefix("torch.")
+
+    @property
     def context_length(self) -> int:
         return self.config.max_position_embeddings
 

@@ -42,7 +42,7 @@ def serve_main(argv: list[str]) -> int:
     app = create_app(settings)
     print(f"Parley serving {settings.model} on http://{settings.host}:{settings.port}/v1"
           f" (CPU path: {app.state.server.engine.kernels_path}; keys and values in "
-          f"{str(app.state.server.engine.cache.k[0].dtype).split('.')[-1]})"
+          f"{app.state.server.engine.kv_dtype})"
           + (f" (no auth: everyone is {settings.user!r})" if settings.no_auth else ""), file=sys.stderr)
     uvicorn.run(app, host=settings.host, port=settings.port, log_level="warning")
     return 0

@@ -180,7 +180,7 @@ def parley_routes(server: Server) -> APIRouter:
     @router.get("/health")
     def health() -> dict:
         return {"status": "ok", "model": server.model_name, "pending": server.engine.stats()["waiting"],
-                "kernels": server.engine.kernels_path, "kv_dtype": str(server.engine.cache.k[0].dtype).split(".")[-1]}
+                "kernels": server.engine.kernels_path, "kv_dtype": server.engine.kv_dtype}
 
     @router.get("/metrics", response_class=PlainTextResponse)
     def metrics() -> Response:
