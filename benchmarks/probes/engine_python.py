@@ -1,8 +1,8 @@
 """Probe: the engine's Python around a batch-1 decode step. SmolLM2-135M-Instruct's own Q4_1 GGUF kept,
 an Engine at max_batch 1, `generate` of 1,001 tokens after a 128-token prompt minus that of 1 token,
 per step, with the decoder's C call replaced by a stub that returns a fixed logits row (so only the
-engine's scheduling, sampling and delivery remain), and then with step_paged's own Python (batch
-table, buffers, embedding, cache pointers, shape) put back in front of the stub.
+engine's scheduling, sampling and delivery remain), and then step_paged itself with only its C call
+made a no-op (its own Python back: batch table, buffers, embedding, cache pointers, shape).
 
     .venv/bin/python benchmarks/probes/engine_python.py
 """
@@ -39,23 +39,20 @@ def seconds(new: int) -> float:
     return time.perf_counter() - t
 
 
-def python_only(batch, lora=None):
-    """step_paged less its C call."""
-    cache, B = batch.cache, len(batch.decode)
-    table = batch.decode_table.contiguous()
-    span = fast._span(table.shape[1], cache.page_size)
-    tensors, buffers = fast._buffers("step", B, span)
-    batch.positions[0].contiguous()
-    fast._embed(tensors["x"], batch.ids)
-    fast._point_at(cache)
-    fast._shape(B, span)
-    fast._rows_lora(lora, buffers, B)
-    return logits
+class NoDecodeCall:
+    """The decoder's library with its decode call made a no-op: step_paged's own Python still runs."""
+
+    def __init__(self, lib):
+        self.lib = lib
+
+    def __getattr__(self, name):
+        return (lambda *args: None) if name == "decode_step_paged" else getattr(self.lib, name)
 
 
-for name, stub in (("the engine's Python a step", lambda batch, lora=None: logits),
-                   ("... with step_paged's own Python", python_only)):
-    fast.step_paged = stub
+real_step, real_lib = fast.step_paged, fast.lib
+for name, stub, lib in (("the engine's Python a step", lambda batch, lora=None: logits, real_lib),
+                        ("... with step_paged's own Python", real_step, NoDecodeCall(real_lib))):
+    fast.step_paged, fast.lib = stub, lib
     seconds(8)
     runs = sorted((seconds(1001) - seconds(1)) / 1000 for _ in range(3))
     print(f"{name}: {runs[1] * 1e6:.1f} us (median of 3)")
