@@ -59,6 +59,25 @@ def median_seconds(run, repeats: int) -> float:
     return statistics.median(times)
 
 
+def rotated_medians(cases: dict, rows: int, rounds: int, steps: int = 20) -> dict:
+    """Median seconds of a `rows`-row decode step of each Case: `steps` steps a round after as many to warm
+    up, the cases taking turns with each going first in turn (so neither the machine's drift nor the
+    order favours one)."""
+    times = {name: [] for name in cases}
+    names = list(cases)
+    with torch.inference_mode():
+        for case in cases.values():
+            for _ in range(steps):
+                case.step(rows)
+        for r in range(rounds):
+            for name in names[r % len(names):] + names[:r % len(names)]:
+                t = time.perf_counter()
+                for _ in range(steps):
+                    cases[name].step(rows)
+                times[name].append((time.perf_counter() - t) / steps)
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
 class Case:
     """One decoder's timed calls over its own cache: `batch` sequences of `context` tokens."""
 

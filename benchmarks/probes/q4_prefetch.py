@@ -3,22 +3,21 @@ SmolLM2-135M-Instruct's own Q4_1 GGUF kept (16-row layout), decode steps through
 at `--batches` rows of 128 tokens of context, on three builds of kernels.c compiled side by side
 into one process: as it is (prefetch 8 records ahead only with more than 4 rows of x), prefetching
 at every batch, and never prefetching; plus the same weights dequantized to bf16 as a yardstick.
-The builds alternate, 20 steps a round, each going first in turn; medians of `--rounds`.
+The builds alternate, 20 steps a round, each going first in turn; medians of `--rounds`
+(q4_step.rotated_medians).
 
     .venv/bin/python benchmarks/probes/q4_prefetch.py --batches 1,8 --rounds 20
 """
 import argparse
 import copy
-import statistics
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 
-from q4_step import Case  # noqa: E402
+from q4_step import Case, rotated_medians  # noqa: E402
 from record import cpu_name  # noqa: E402
 
 import parley.engine.fast as fast  # noqa: E402
@@ -53,21 +52,8 @@ def main() -> None:
             fast.kernels.cache_clear()
             cases[name] = Case(FastDecoder.create(model), B, 128, 16)
         cases["bf16, dequantized"] = Case(FastDecoder.create(dequantized), B, 128, 16)
-        times = {name: [] for name in cases}
-        with torch.inference_mode():
-            for case in cases.values():
-                for _ in range(20):
-                    case.step(B)
-            names = list(cases)
-            for r in range(args.rounds):
-                for name in names[r % len(names):] + names[:r % len(names)]:  # each goes first in turn
-                    case = cases[name]
-                    t = time.perf_counter()
-                    for _ in range(20):
-                        case.step(B)
-                    times[name].append((time.perf_counter() - t) / 20)
-        for name, t in times.items():
-            m = statistics.median(t)
+        medians = rotated_medians(cases, B, args.rounds)
+        for name, m in medians.items():
             nbytes = quant.weight_bytes(dequantized if "bf16" in name else model)
             print(f"batch {B}  {name:18} {m * 1e3:7.3f} ms a step  {B / m:7.1f} tok/s  {nbytes / m / 1e9:5.1f} GB/s")
 
