@@ -210,15 +210,22 @@ def test_decode_step_on_each_path_follows_the_reference_forward(path, fmt):
         assert torch.equal(alone[0], got[1])
 
 
+ENGINE_PROMPTS = [[3, 14, 15, 92, 65, 35, 89, 79, 32, 38], [2, 71, 82], [1] * 40]
+
+
+def engine_paths() -> list[tuple[str, str]]:
+    """(int8 path, the engine's `kernels=` setting for it) of each path this CPU runs."""
+    return [(path, "avx512" if path == "vnni" else path) for path in ISAS if runnable(path)]
+
+
 @pytest.mark.parametrize("fmt", ["q8", "q4"])
 def test_engine_paths_agree_and_prompts_run_in_c(fmt, monkeypatch):
     """Greedy tokens of every runnable path are the same (their sums differ only in float order),
     prompt chunks included (step_rows), and a prompt's tokens are those it gets alone."""
     monkeypatch.delenv("PARLEY_KERNELS", raising=False)
-    prompts = [[3, 14, 15, 92, 65, 35, 89, 79, 32, 38], [2, 71, 82], [1] * 40]
+    prompts = ENGINE_PROMPTS
     outs = {}
-    for path in [p for p in ISAS if runnable(p)]:
-        setting = "avx512" if path == "vnni" else path  # the engine's `kernels=` for that int8 path
+    for path, setting in engine_paths():
         engine = Engine(tiny(fmt), kernels=setting, max_batch=4, prefill_chunk=16, prefill_budget=32)
         assert engine.fast.all_rows
         outs[path] = [c.tokens for c in engine.generate(prompts, SamplingParams(max_tokens=8))]
@@ -234,9 +241,8 @@ def test_keys_and_values_in_bf16_on_every_int8_path(fmt, monkeypatch):
     same path with fp32 keys and values (teacher-forced on that path's own greedy tokens; measured at
     most 2.7% on this tiny model, where the attention output is rounded to int8 after them)."""
     monkeypatch.delenv("PARLEY_KERNELS", raising=False)
-    prompts = [[3, 14, 15, 92, 65, 35, 89, 79, 32, 38], [2, 71, 82], [1] * 40]
-    for path in [p for p in ISAS if runnable(p)]:
-        setting = "avx512" if path == "vnni" else path
+    prompts = ENGINE_PROMPTS
+    for path, setting in engine_paths():
         engine = Engine(tiny(fmt), kernels=setting, kv_dtype="bfloat16", max_batch=4, prefill_chunk=16,
                         prefill_budget=32)
         assert engine.fast.kv_dtype == torch.bfloat16 and engine.cache.k[0].dtype == torch.bfloat16
@@ -256,7 +262,7 @@ def test_keys_and_values_in_bf16_on_the_float_paths_and_pytorch():
     torch.manual_seed(4)
     model = Transformer(CFG)
     model.init_weights(std=0.1)
-    prompts = [[3, 14, 15, 92, 65, 35, 89, 79, 32, 38], [2, 71, 82]]
+    prompts = ENGINE_PROMPTS[:2]
     for kernels in ("avx2", "scalar", "torch"):
         engine = Engine(model.eval(), kernels=kernels, kv_dtype="bfloat16", max_batch=4)
         assert engine.cache.k[0].dtype == torch.bfloat16 and (kernels == "torch") == (engine.fast is None)
