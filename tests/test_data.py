@@ -405,18 +405,21 @@ def test_chat_dataset_batches(dialogs, tokenizer):
     data = ChatDataset(dialogs, tokenizer, seq_len=48)
     assert len(data) == 2 and data.dropped == 1  # the third answer lies past seq_len
     inputs, targets, mask = data.batch(step=0, micro=0, rank=0, world=1, batch_size=6, seed=0)
-    assert inputs.shape == targets.shape == mask.shape == (6, 48) and mask.dtype == torch.bool
+    width = max(len(ids) - 1 for ids, _ in data.examples)  # the longest row, not seq_len
+    assert inputs.shape == targets.shape == mask.shape == (6, width) and mask.dtype == torch.bool
     assert torch.equal(inputs[:, 1:][mask[:, :-1]], targets[:, :-1][mask[:, :-1]])  # shifted by one
     expected = {"".join(c["content"] + "<|im_end|>" for c in conv if c["role"] == "assistant")
                 for conv in (CONVERSATION, CONVERSATION[1:3])}
     for row in range(6):
         assert tokenizer.decode(targets[row][mask[row]], skip_special_tokens=False) in expected
-    halves = [data.batch(0, 0, r, 2, 3, seed=0) for r in range(2)]
-    assert all(torch.equal(torch.cat([h[i] for h in halves]), x) for i, x in enumerate((inputs, targets, mask)))
+    halves = [data.batch(0, 0, r, 2, 3, seed=0) for r in range(2)]  # each half as wide as its own longest row
+    for i, x in enumerate((inputs, targets, mask)):
+        assert torch.equal(torch.cat([torch.nn.functional.pad(h[i], (0, width - h[i].shape[1]), value=x[0, -1].item()
+                                                              if i < 2 else False) for h in halves]), x)
     evals = list(data.eval_batches(batch_size=1))
     assert len(evals) == 2  # every conversation once, in file order
     for (inputs, _, mask), (ids, m) in zip(evals, data.examples):
-        assert torch.equal(inputs[0, :len(ids) - 1], torch.from_numpy(ids[:-1]))
+        assert torch.equal(inputs[0], torch.from_numpy(ids[:-1]))  # as wide as the row itself
         assert torch.equal(mask[0, :len(m) - 1], torch.from_numpy(m[1:]))
 
 

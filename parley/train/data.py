@@ -209,12 +209,12 @@ class ChatDataset:
         return len(self.examples)
 
     def _tensors(self, indices) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        n = len(indices)
-        inputs = torch.full((n, self.seq_len), self.pad_id, dtype=torch.long)
-        targets = torch.full((n, self.seq_len), self.pad_id, dtype=torch.long)
-        mask = torch.zeros((n, self.seq_len), dtype=torch.bool)
-        for row, i in enumerate(indices):
-            ids, m = self.examples[int(i)]
+        rows = [self.examples[int(i)] for i in indices]
+        width = max(len(ids) - 1 for ids, _ in rows)  # the longest row, not seq_len: short chats cost less
+        inputs = torch.full((len(rows), width), self.pad_id, dtype=torch.long)
+        targets = torch.full((len(rows), width), self.pad_id, dtype=torch.long)
+        mask = torch.zeros((len(rows), width), dtype=torch.bool)
+        for row, (ids, m) in enumerate(rows):
             inputs[row, :len(ids) - 1] = torch.from_numpy(ids[:-1])
             targets[row, :len(ids) - 1] = torch.from_numpy(ids[1:])
             mask[row, :len(ids) - 1] = torch.from_numpy(m[1:])  # mask[t] says whether targets[t] counts
@@ -222,7 +222,8 @@ class ChatDataset:
 
     def batch(self, step: int, micro: int, rank: int, world: int, batch_size: int, seed: int = 0
               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(inputs, targets, mask), each (batch_size, seq_len); padding has mask False."""
+        """(inputs, targets, mask), each (batch_size, width): width is the longest row's length (at most
+        seq_len), so a batch of short conversations is not padded to seq_len; padding has mask False."""
         start = _check_position(step, micro, rank, world, batch_size, seed)
         return self._tensors(sample_ids(seed, step, start, batch_size, len(self.examples)))
 
