@@ -6,7 +6,8 @@
     .venv/bin/python benchmarks/alignment.py --heldout dev ...                     # tune on the dev split
 
 For each model: the refusal rate on the held-out harmful requests (--heldout: a folder with harmful.yml and
-benign.yml, by default benchmarks/data/guard_heldout_v4; per principle), how many of those refusals name
+benign.yml, by default benchmarks/data/guard_heldout_v5; per principle,
+and per language where the rows name theirs), how many of those refusals name
 the request's own principle (its id or title), the over-refusal rate on the held-out tricky-benign requests,
 and the held-out dialog loss (the `parley data prepare` val split, assistant tokens only, fp32). Each prompt
 is answered as `parley chat stages=respond` would with the rails off: the persona and constitution summary
@@ -36,20 +37,21 @@ import yaml
 from parley.engine.engine import Engine
 from parley.pipeline.safety import load_constitution
 from parley.registry import Registry
-from parley.train.align_data import is_refusal, training_requests
+from parley.train.align_data import EVERYDAY, is_refusal, training_requests
 from parley.train.constitutional import generate, system_prompt
 from parley.train.data import ChatDataset
 from parley.train.losses import lm_loss
 
 HERE = Path(__file__).parent
-HELDOUT = HERE / "data" / "guard_heldout_v4"
+HELDOUT = HERE / "data" / "guard_heldout_v5"
 
 
 def requests(heldout: str, harmful: bool, limit: int) -> list[dict]:
     """The held-out requests of one kind: text, principle (harmful) or category, and the rest of each line."""
     if heldout == "dev":
         items = [{"text": r.text, ("principle" if harmful else "category"): r.principle, "style": r.origin,
-                  "source": r.source} for r in training_requests(split="dev") if r.harmful == harmful]
+                  "source": r.source} for r in training_requests(split="dev", everyday=EVERYDAY if EVERYDAY.is_file() else None)
+                 if r.harmful == harmful]
     else:
         path = Path(heldout) / ("harmful.yml" if harmful else "benign.yml")
         if not path.is_file():
@@ -111,7 +113,7 @@ def report(results: list[dict]) -> str:
     lines = [f"{sum(x['harmful'] for x in results[0]['rows'])} harmful and "
              f"{sum(not x['harmful'] for x in results[0]['rows'])} benign held-out requests", ""]
     names = [r["model"] for r in results]
-    cell = lambda n, d: f"{n}/{d} ({n / d:.0%})"  # noqa: E731
+    cell = lambda n, d: f"{n}/{d} ({n / d:.0%})" if d else "0/0"  # noqa: E731
     by_model = {r["model"]: r for r in results}
     harmful = {n: [x for x in by_model[n]["rows"] if x["harmful"]] for n in names}
     benign = {n: [x for x in by_model[n]["rows"] if not x["harmful"]] for n in names}
@@ -126,9 +128,19 @@ def report(results: list[dict]) -> str:
             cell(sum(x["named"] for x in harmful[n]), len(harmful[n])) for n in names) + " |")
     lines.append("| benign refused (over-refusal) | " + " | ".join(cell(*rate(benign[n])["all"]) for n in names)
                  + " |")
+    if any(str(x.get("style", "")).startswith("ordinary") for x in benign[names[0]]):  # the dev split's everyday rows
+        for label, ordinary in (("ordinary", True), ("tricky", False)):
+            lines.append(f"| benign refused, {label} | " + " | ".join(cell(*rate(
+                [x for x in benign[n] if str(x.get("style", "")).startswith("ordinary") == ordinary])["all"])
+                for n in names) + " |")
+    if all("language" in x for n in names for x in by_model[n]["rows"]):  # v5 and later name each row's language
+        for kind, rows in (("harmful refused", harmful), ("benign refused", benign)):
+            for label, english in (("English", True), ("other languages", False)):
+                lines.append(f"| {kind}, {label} | " + " | ".join(cell(*rate(
+                    [x for x in rows[n] if (x["language"] == "en") == english])["all"]) for n in names) + " |")
     if all("dialog_loss" in r for r in results):
         lines.append("| held-out dialog loss | " + " | ".join(f"{r['dialog_loss']:.4f}" for r in results) + " |")
-    lines.append("| generation time (s, loaded machine) | " + " | ".join(str(r["generate_s"]) for r in results)
+    lines.append("| generation time (s) | " + " | ".join(str(r["generate_s"]) for r in results)
                  + " |")
     return "\n".join(lines)
 
@@ -155,6 +167,8 @@ def main() -> None:
     torch.set_flush_denormal(True)
     limit = 24 if args.quick else args.limit
     harmful, benign = requests(args.heldout, True, limit), requests(args.heldout, False, limit)
+    if not (harmful and benign):
+        raise SystemExit(f"{args.heldout}: no harmful or no benign request to measure")
     for name in args.models:
         Registry().get(name)  # a missing model fails before any work
     if args.dialogs and not Path(args.dialogs).is_file():

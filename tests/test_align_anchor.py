@@ -12,7 +12,8 @@ import torch
 
 from parley import cli
 from parley.registry import Registry
-from parley.train.align_data import alignment_prompts, in_split, load_requests, repeats_itself, training_requests
+from parley.train.align_data import (EVERYDAY, PRINCIPLES, alignment_prompts, everyday_prompts, in_split, load_requests,
+                                     repeats_itself, training_requests)
 from parley.train.data import ChatDataset
 from parley.train.losses import kl_loss
 from parley.train.preferences import Pair, write_pairs
@@ -36,6 +37,28 @@ def test_the_dev_split_holds_out_whole_lines():
         assert {r.text for r in dev if r.origin == "written" and r.harmful == (kind == "harmful")} == dev_lines
     with pytest.raises(ValueError, match="split must be one of all, train, dev"):
         alignment_prompts(split="test")
+
+
+def test_everyday_requests_split_by_line_with_their_language_and_kind(tmp_path):
+    every, train, dev = (everyday_prompts(split=s) for s in ("all", "train", "dev"))
+    assert len(train) + len(dev) == len(every) and not {r.text for r in train} & {r.text for r in dev}
+    assert {r.source for r in every} == {"everyday.toml"} and all(r.principle in PRINCIPLES for r in every)
+    ordinary = [r for r in every if r.origin.split("/")[0] == "ordinary"]
+    assert len(ordinary) >= 300 and not any(r.harmful for r in ordinary)
+    assert sum("/" in r.origin for r in ordinary) > len(ordinary) / 4  # other languages, tagged ordinary/xx
+    assert any(r.harmful for r in dev) and any(r.origin == "benign" for r in dev)
+    assert training_requests(split="dev", everyday=EVERYDAY)[-len(dev):] == dev
+    assert training_requests(split="dev") == training_requests(split="dev", everyday=None)  # off unless asked
+    bad = tmp_path / "everyday.toml"
+    for text, message in [('[[ordinary]]\ntext = "bake bread"\n', "entry 0 needs a text and a lang"),
+                          ('[[benign]]\ntext = "kill the process"\nlang = "en"\nlooks_like = "C0"\n',
+                           "needs looks_like = C1..C9"),
+                          ('[[ordinary]]\ntext = "bake\n', "not valid TOML"), ("", "holds no")]:
+        bad.write_text(text, encoding="utf-8")
+        with pytest.raises(ValueError, match=message):
+            everyday_prompts(bad)
+    with pytest.raises(FileNotFoundError, match="everyday requests file .* not found"):
+        everyday_prompts(tmp_path / "none.toml")
 
 
 def test_looping_answers_are_not_helpful_targets():
@@ -147,8 +170,9 @@ def test_the_benchmark_reads_the_dev_split_and_checks_the_principle_named():
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
     harmful, benign = bench.requests("dev", True, 0), bench.requests("dev", False, 0)
-    dev = training_requests(split="dev")
-    assert {r.source for r in dev} == {"requests.toml", "guard_heldout", "guard_heldout_v3"}
+    dev = training_requests(split="dev", everyday=EVERYDAY)
+    assert {r.source for r in dev} == {"requests.toml", "guard_heldout", "guard_heldout_v3", "guard_heldout_v4",
+                                       "everyday.toml"}
     assert [r["text"] for r in harmful + benign] == [r.text for r in dev if r.harmful] + \
         [r.text for r in dev if not r.harmful]
     assert all(r["principle"] for r in harmful) and all(r["category"] for r in benign)

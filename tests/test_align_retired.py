@@ -10,9 +10,11 @@ from parley.train.align_data import RETIRED, LOOKS_LIKE, alignment_prompts, reti
 
 def test_every_retired_line_is_read_with_a_principle_and_its_source():
     every = retired_prompts()
-    assert {r.source for r in every} == {"guard_heldout", "guard_heldout_v3"}
-    by_source = {s: [r for r in every if r.source == s] for s in ("guard_heldout", "guard_heldout_v3")}
+    sources = ("guard_heldout", "guard_heldout_v3", "guard_heldout_v4")
+    assert {r.source for r in every} == set(sources)
+    by_source = {s: [r for r in every if r.source == s] for s in sources}
     assert len(by_source["guard_heldout"]) == 146 + 140 and len(by_source["guard_heldout_v3"]) == 202 + 210
+    assert len(by_source["guard_heldout_v4"]) == 221 + 234
     assert all(r.principle in {f"C{i}" for i in range(1, 10)} for r in every)
     assert {r.origin for r in every} >= {"plain", "leetspeak", "other language", "fiction/role-play"}
     assert set(LOOKS_LIKE.values()) <= {f"C{i}" for i in range(1, 10)}
@@ -22,7 +24,7 @@ def test_retired_lines_split_by_line_and_join_the_training_requests():
     train, dev = retired_prompts(split="train"), retired_prompts(split="dev")
     assert len(train) + len(dev) == len(retired_prompts())
     assert not {r.text for r in train} & {r.text for r in dev}
-    assert len(dev) == sum(len(range(4, n, 5)) for n in (146, 140, 202, 210))
+    assert len(dev) == sum(len(range(4, n, 5)) for n in (146, 140, 202, 210, 221, 234))
     for folder in RETIRED:  # exactly lines 4, 9, 14, ... of each file
         for name, harmful in (("harmful.yml", True), ("benign.yml", False)):
             lines = yaml.safe_load((folder / name).read_text(encoding="utf-8"))["requests"]

@@ -51,7 +51,7 @@ from parley.files import atomic_open
 from parley.pipeline.respond import PERSONA
 from parley.pipeline.safety import check_input, check_output, load_constitution
 from parley.registry import Registry
-from parley.train.align_data import (REQUESTS, RETIRED, SPLITS, Request, is_refusal, repeats_itself,
+from parley.train.align_data import (EVERYDAY, REQUESTS, RETIRED, SPLITS, Request, is_refusal, repeats_itself,
                                      training_requests)
 from parley.train.anchor import AnchorConfig
 from parley.train.data import ChatDataset
@@ -77,6 +77,8 @@ class ConstitutionalConfig:
     requests: str = setting("", "requests TOML ('' = parley/data/alignment/requests.toml)")
     split: Literal[SPLITS] = setting("train", "requests to use: train (the dev split left out for tuning), dev, all")
     retired: bool = setting(True, "add the retired held-out sets' requests (align_data.RETIRED) of the same split")
+    everyday: bool = setting(False, "add parley/data/alignment/everyday.toml's requests of the same split (ordinary, "
+                                    "tricky-benign and disguised harmful ones, a third in other languages)")
     limit: int = setting(0, "use N requests drawn at random (train.seed) from the split (0 = all)")
     critic: Literal["auto", "model", "rails"] = setting(
         "auto", "who revises: auto = the model where its critique is usable, else the rails; model = the "
@@ -228,7 +230,7 @@ def main(cfg: ConstitutionalConfig) -> dict:
     device = resolve_device(t.device)
     model_name(cfg)
     requests = training_requests(cfg.requests or REQUESTS, t.seed, cfg.split,  # before the model loads
-                                 RETIRED if cfg.retired else ())
+                                 RETIRED if cfg.retired else (), EVERYDAY if cfg.everyday else None)
     cfg.anchor.check(cfg.lora.rank)
     if cfg.limit:
         requests = random.Random(t.seed).sample(requests, min(cfg.limit, len(requests)))
