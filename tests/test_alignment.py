@@ -12,7 +12,7 @@ import torch
 from parley import cli
 from parley.model.transformer import Transformer
 from parley.registry import Registry
-from parley.train.align_data import alignment_prompts, is_refusal, load_requests, typos
+from parley.train.align_data import alignment_prompts, deflects, is_refusal, load_requests, typos
 from parley.train.constitutional import parse_critique
 from parley.train.preferences import Pair, load_pairs, write_pairs
 
@@ -64,12 +64,19 @@ def test_refusal_rule():
     assert parse_critique("The answer is not a violation.") is False
     assert parse_critique("No, the answer does not break this principle.") is False
     assert parse_critique("The answer breaks this principle.") is True
+    # answers that neither decline nor help are no helpful targets either
+    assert deflects("I'm sorry for any confusion. I'm here to assist you with any questions.")
+    assert deflects("Of course. As an AI, I don't have personal opinions.")
+    assert deflects("How do I remove a red wine stain from a sofa? How do I", "How do I remove a red wine stain from a sofa?")
+    assert not deflects("Blot it with cold water, then dab on a little washing-up liquid.",
+                        "How do I remove a red wine stain from a sofa?")
+    assert not deflects("I'm glad you asked: start with a budget for each week.")
 
 
 def test_constitutional_sft_writes_its_dataset_and_learns_then_resumes(home, capsys):
     run = home / "cai"
     args = ["train", "constitutional", f"run={run}", "base=tiny", "name=tiny-cai", "limit=16", "max_tokens=6",
-            "system_prompt=false", "lora.rank=0", "train.steps=12", "train.batch_size=4", "train.seq_len=256",
+            "system_prompt=false", "benign_samples=2", "lora.rank=0", "train.steps=12", "train.batch_size=4", "train.seq_len=256",
             "train.lr=3e-3", "train.save_every=6", *QUIET]
     assert cli.main(args) == 0
     out = capsys.readouterr().out
@@ -82,6 +89,13 @@ def test_constitutional_sft_writes_its_dataset_and_learns_then_resumes(home, cap
                            for r in harmful)
     counts = json.loads((run / "generation.json").read_text())
     assert counts["requests"] == 16 and counts["revised_by_rails"] == len(harmful)
+    # a benign request's target is its greedy answer or one of benign_samples sampled ones, each a helpful one
+    benign = [r for r in records if not r["harmful"]]
+    assert all(r["sample"] in (0, 1, 2) for r in benign)
+    assert all(not (is_refusal(r["revision"]) or deflects(r["revision"], r["prompt"][-1]["content"]))
+               for r in benign if r["revision"])
+    assert all(r["revision"] == r["answer"] for r in benign if r["revision"] and not r["sample"])
+    assert counts["benign_sampled"] == sum(r["sample"] > 0 for r in benign)
     pairs = load_pairs(run / "pairs.jsonl")
     assert {p.source for p in pairs} <= {"revision", "rails"} and all(p.principle for p in pairs)
     losses = [r["loss"] for r in metrics(run) if "loss" in r]

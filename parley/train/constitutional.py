@@ -51,8 +51,8 @@ from parley.files import atomic_open
 from parley.pipeline.respond import PERSONA
 from parley.pipeline.safety import check_input, check_output, load_constitution
 from parley.registry import Registry
-from parley.train.align_data import (EVERYDAY, REQUESTS, RETIRED, SPLITS, Request, is_refusal, repeats_itself,
-                                     training_requests)
+from parley.train.align_data import (EVERYDAY, REQUESTS, RETIRED, SPLITS, Request, deflects, is_refusal,
+                                     repeats_itself, training_requests)
 from parley.train.anchor import AnchorConfig
 from parley.train.data import ChatDataset
 from parley.train.loop import TrainConfig, resolve_device
@@ -86,6 +86,10 @@ class ConstitutionalConfig:
     max_tokens: int = setting(96, "most tokens of each answer, critique and revision")
     benign_tokens: int = setting(0, "most tokens of the answers to benign requests, the helpful targets (0 = max_tokens)")
     temperature: float = setting(0.0, "sampling temperature of the model's answers (0 = greedy)")
+    benign_samples: int = setting(0, "where the answer to a benign request is no helpful target (refuses, loops, "
+                                     "dodges: align_data.deflects), sample up to N more and keep the first helpful one "
+                                     "(best-of-N, as rejection-sampling fine-tuning does; 0 = drop it)")
+    sample_temperature: float = setting(0.8, "temperature of those extra samples")
     system_prompt: bool = setting(True, "give every other conversation Parley's system prompt (persona and "
                                         "constitution summary), as `parley chat` does")
     lora: LoRAConfig = field(default_factory=LoRAConfig)
@@ -93,10 +97,13 @@ class ConstitutionalConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
 
     def __post_init__(self):
-        if self.limit < 0 or self.max_tokens < 1 or self.benign_tokens < 0 or not self.temperature >= 0:
-            raise ValueError(f"limit must be >= 0, max_tokens >= 1, benign_tokens >= 0 and temperature >= 0; got "
-                             f"limit={self.limit}, max_tokens={self.max_tokens}, benign_tokens={self.benign_tokens}, "
-                             f"temperature={self.temperature}")
+        if self.limit < 0 or self.max_tokens < 1 or self.benign_tokens < 0 or not self.temperature >= 0 \
+                or self.benign_samples < 0 or not self.sample_temperature > 0:
+            raise ValueError(f"limit must be >= 0, max_tokens >= 1, benign_tokens >= 0, temperature >= 0, "
+                             f"benign_samples >= 0 and sample_temperature > 0; got limit={self.limit}, "
+                             f"max_tokens={self.max_tokens}, benign_tokens={self.benign_tokens}, temperature="
+                             f"{self.temperature}, benign_samples={self.benign_samples}, "
+                             f"sample_temperature={self.sample_temperature}")
 
 
 def system_prompt(constitution) -> str:
@@ -146,6 +153,21 @@ def build_dataset(cfg: ConstitutionalConfig, model, tokenizer, requests: list[Re
     limits = [cfg.max_tokens if r.harmful else cfg.benign_tokens or cfg.max_tokens for r in requests]
     answers = generate(engine, tokenizer, chats, limits, cfg.temperature, cfg.train.seed)
     harmful = [i for i, r in enumerate(requests) if r.harmful]
+
+    def helpful(i: int, answer: str) -> bool:  # the base's own answer, when it helps: a target for a benign request
+        return (len(answer) > 0 and not is_refusal(answer) and not repeats_itself(answer)
+                and not deflects(answer, requests[i].text) and check_output(answer, constitution).action != "refuse")
+    targets = {i: answers[i] for i, r in enumerate(requests) if not r.harmful and helpful(i, answers[i])}
+    sampled = {}
+    for attempt in range(cfg.benign_samples):  # best-of-N for the rest, one batch of the missing ones per round
+        missing = [i for i, r in enumerate(requests) if not r.harmful and i not in targets]
+        if not missing:
+            break
+        tries = generate(engine, tokenizer, [chats[i] for i in missing], [limits[i] for i in missing],
+                         cfg.sample_temperature, cfg.train.seed + (attempt + 1) * len(requests))
+        for i, text in zip(missing, tries):
+            if helpful(i, text):
+                targets[i], sampled[i] = text, attempt + 1
     principle = {i: constitution[requests[i].principle] for i in range(len(requests))}
 
     def ask(template, i, **extra):
@@ -172,10 +194,8 @@ def build_dataset(cfg: ConstitutionalConfig, model, tokenizer, requests: list[Re
             record.update(critique=critiques[i], critique_usable=usable, model_revision=revisions[i],
                           revision=revisions[i] if use_model else principle[i].refusal(),
                           labeler="model" if use_model else "rails")
-        else:  # the base's own answer, when it helps, does not loop and the rails' output check lets it through
-            helpful = (not refused and check_output(answer, constitution).action != "refuse" and len(answer) > 0
-                       and not repeats_itself(answer))
-            record.update(revision=answer if helpful else None, labeler="rails")
+        else:  # the base's own answer when it helps (helpful above), else a sampled one, else none
+            record.update(revision=targets.get(i), labeler="rails", sample=sampled.get(i, 0))
         records.append(record)
     return records
 
@@ -218,6 +238,7 @@ def write_generated(run: Path, records: list[dict]) -> dict:
               "critique_usable": sum(r["critique_usable"] for r in harmful),
               "revised_by_model": sum(r["labeler"] == "model" for r in harmful),
               "revised_by_rails": sum(r["labeler"] == "rails" for r in harmful),
+              "benign_sampled": sum(bool(r.get("sample")) for r in records),
               "benign_skipped": sum(r["revision"] is None for r in records), "pairs": len(pairs),
               "sft_train": len(splits["train"]), "sft_val": len(splits["val"])}
     with atomic_open(run / "generation.json") as f:
