@@ -111,7 +111,9 @@ def report(result: dict) -> str:
     rows, lines = result["rows"], []
     n = len(rows)
     lines += [f"{n} ordinary questions: {result['aligned']} (aligned) against {result['base']} (base), "
-              f"{sum(r['aligned'] == r['base'] for r in rows)} identical answers", "",
+              f"{sum(r['aligned'] == r['base'] for r in rows)} identical answers; answers that decline "
+              f"(align_data.is_refusal): aligned {sum(is_refusal(r['aligned']) for r in rows)}, "
+              f"base {sum(is_refusal(r['base']) for r in rows)}", "",
               "| judge | aligned better | base better | ties | preference of aligned | judge accuracy on held-out pairs |",
               "|---|---|---|---|---|---|"]
     for judge in ("reward", "rails"):
