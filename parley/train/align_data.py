@@ -147,14 +147,18 @@ def variants(text: str, rng: random.Random) -> list[tuple[str, str]]:
             (rng.choice(ROLEPLAY).format(_lower_first(text)), "roleplay")]
 
 
-def load_requests(path=REQUESTS) -> dict:
-    path = Path(path)
+def _read_toml(path: Path, what: str) -> dict:
     try:
-        data = tomllib.loads(path.read_text(encoding="utf-8"))
+        return tomllib.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
-        raise FileNotFoundError(f"alignment requests file {path} not found") from None
+        raise FileNotFoundError(f"{what} file {path} not found") from None
     except tomllib.TOMLDecodeError as e:
         raise ValueError(f"{path} is not valid TOML: {e}") from None
+
+
+def load_requests(path=REQUESTS) -> dict:
+    path = Path(path)
+    data = _read_toml(path, "alignment requests")
     for kind, key in (("harmful", "principle"), ("benign", "looks_like")):
         entries = data.get(kind)
         if not isinstance(entries, list) or not entries:
@@ -222,12 +226,7 @@ def everyday_prompts(path=EVERYDAY, split: str = "all") -> list[Request]:
     with looks_like) and `harmful` (with principle and style). origin = the style (harmful), "ordinary" or
     "benign", and the language when it is not English, e.g. "ordinary/fr"."""
     path = Path(path)
-    try:
-        data = tomllib.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise FileNotFoundError(f"everyday requests file {path} not found") from None
-    except tomllib.TOMLDecodeError as e:
-        raise ValueError(f"{path} is not valid TOML: {e}") from None
+    data = _read_toml(path, "everyday requests")
     in_split(0, split)
     out = []
     for kind, key in (("harmful", "principle"), ("benign", "looks_like"), ("ordinary", None)):
