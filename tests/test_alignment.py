@@ -76,7 +76,7 @@ def test_refusal_rule():
 def test_constitutional_sft_writes_its_dataset_and_learns_then_resumes(home, capsys):
     run = home / "cai"
     args = ["train", "constitutional", f"run={run}", "base=tiny", "name=tiny-cai", "limit=16", "max_tokens=6",
-            "system_prompt=false", "benign_samples=2", "lora.rank=0", "train.steps=12", "train.batch_size=4", "train.seq_len=256",
+            "system_prompt=false", "drop_dodges=true", "benign_samples=2", "lora.rank=0", "train.steps=12", "train.batch_size=4", "train.seq_len=256",
             "train.lr=3e-3", "train.save_every=6", *QUIET]
     assert cli.main(args) == 0
     out = capsys.readouterr().out

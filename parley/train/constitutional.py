@@ -86,8 +86,10 @@ class ConstitutionalConfig:
     max_tokens: int = setting(96, "most tokens of each answer, critique and revision")
     benign_tokens: int = setting(0, "most tokens of the answers to benign requests, the helpful targets (0 = max_tokens)")
     temperature: float = setting(0.0, "sampling temperature of the model's answers (0 = greedy)")
+    drop_dodges: bool = setting(False, "answers to benign requests that dodge (align_data.deflects: an apology for a "
+                                       "confusion nobody mentioned, 'as an AI', the request repeated) are no targets")
     benign_samples: int = setting(0, "where the answer to a benign request is no helpful target (refuses, loops, "
-                                     "dodges: align_data.deflects), sample up to N more and keep the first helpful one "
+                                     "dodges with drop_dodges), sample up to N more and keep the first helpful one "
                                      "(best-of-N, as rejection-sampling fine-tuning does; 0 = drop it)")
     sample_temperature: float = setting(0.8, "temperature of those extra samples")
     system_prompt: bool = setting(True, "give every other conversation Parley's system prompt (persona and "
@@ -156,7 +158,7 @@ def build_dataset(cfg: ConstitutionalConfig, model, tokenizer, requests: list[Re
 
     def helpful(i: int, answer: str) -> bool:  # the base's own answer, when it helps: a target for a benign request
         return (len(answer) > 0 and not is_refusal(answer) and not repeats_itself(answer)
-                and not deflects(answer, requests[i].text) and check_output(answer, constitution).action != "refuse")
+                and not (cfg.drop_dodges and deflects(answer, requests[i].text)) and check_output(answer, constitution).action != "refuse")
     targets = {i: answers[i] for i, r in enumerate(requests) if not r.harmful and helpful(i, answers[i])}
     sampled = {}
     for attempt in range(cfg.benign_samples):  # best-of-N for the rest, one batch of the missing ones per round
