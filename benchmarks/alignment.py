@@ -50,7 +50,7 @@ def requests(heldout: str, harmful: bool, limit: int) -> list[dict]:
     """The held-out requests of one kind: text, principle (harmful) or category, and the rest of each line."""
     if heldout == "dev":
         items = [{"text": r.text, ("principle" if harmful else "category"): r.principle, "style": r.origin,
-                  "source": r.source} for r in training_requests(split="dev", everyday=EVERYDAY if EVERYDAY.is_file() else None)
+                  "source": r.source} for r in training_requests(split="dev", everyday=EVERYDAY)
                  if r.harmful == harmful]
     else:
         path = Path(heldout) / ("harmful.yml" if harmful else "benign.yml")
@@ -128,11 +128,11 @@ def report(results: list[dict]) -> str:
             cell(sum(x["named"] for x in harmful[n]), len(harmful[n])) for n in names) + " |")
     lines.append("| benign refused (over-refusal) | " + " | ".join(cell(*rate(benign[n])["all"]) for n in names)
                  + " |")
-    if any(str(x.get("style", "")).startswith("ordinary") for x in benign[names[0]]):  # the dev split's everyday rows
-        for label, ordinary in (("ordinary", True), ("tricky", False)):
+    ordinary = lambda x: str(x.get("style", "")).startswith("ordinary")  # noqa: E731  (everyday.toml's dev rows)
+    if any(ordinary(x) for x in benign[names[0]]):
+        for label, wanted in (("ordinary", True), ("tricky", False)):
             lines.append(f"| benign refused, {label} | " + " | ".join(cell(*rate(
-                [x for x in benign[n] if str(x.get("style", "")).startswith("ordinary") == ordinary])["all"])
-                for n in names) + " |")
+                [x for x in benign[n] if ordinary(x) == wanted])["all"]) for n in names) + " |")
     if all("language" in x for n in names for x in by_model[n]["rows"]):  # v5 and later name each row's language
         for kind, rows in (("harmful refused", harmful), ("benign refused", benign)):
             for label, english in (("English", True), ("other languages", False)):

@@ -414,8 +414,9 @@ def test_chat_dataset_batches(dialogs, tokenizer):
         assert tokenizer.decode(targets[row][mask[row]], skip_special_tokens=False) in expected
     halves = [data.batch(0, 0, r, 2, 3, seed=0) for r in range(2)]  # each half as wide as its own longest row
     for i, x in enumerate((inputs, targets, mask)):
-        assert torch.equal(torch.cat([torch.nn.functional.pad(h[i], (0, width - h[i].shape[1]), value=x[0, -1].item()
-                                                              if i < 2 else False) for h in halves]), x)
+        fill = data.pad_id if i < 2 else False
+        assert torch.equal(torch.cat([torch.nn.functional.pad(h[i], (0, width - h[i].shape[1]), value=fill)
+                                      for h in halves]), x)
     evals = list(data.eval_batches(batch_size=1))
     assert len(evals) == 2  # every conversation once, in file order
     for (inputs, _, mask), (ids, m) in zip(evals, data.examples):

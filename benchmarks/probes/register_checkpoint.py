@@ -12,14 +12,18 @@ import tomllib
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_file
 
 from parley.model.lora import merge_lora
 from parley.registry import Registry
 from parley.train.sft import LoRAConfig, add_adapters
+from parley.train.stage import trained_meta
 
 
 def main(run: str, step: int, name: str) -> None:
     run_dir = Path(run)
+    if not (run_dir / "config.toml").is_file():
+        raise SystemExit(f"{run_dir} holds no config.toml: pass the folder of a `parley train` run")
     config = tomllib.loads((run_dir / "config.toml").read_text(encoding="utf-8"))
     folder = run_dir / "checkpoints" / f"step-{step:06d}"
     if not (folder / "model.safetensors").is_file():
@@ -27,15 +31,12 @@ def main(run: str, step: int, name: str) -> None:
     model, tokenizer, _ = Registry().load(config["base"], dtype=torch.float32)
     lora = config.get("lora", {})
     add_adapters(model, LoRAConfig(**lora), 0)
-    from safetensors.torch import load_file
     missing, unexpected = model.load_state_dict(load_file(folder / "model.safetensors"), strict=False)
     if unexpected or any("lora" in m for m in missing):
         raise SystemExit(f"{folder} does not fit {config['base']} with {lora}: unexpected {unexpected[:3]}")
     merge_lora(model)
-    Registry().save(name, model.float().eval(), tokenizer,
-                    {"name": name, "source": str(folder), "format": "parley", "stage": "checkpoint",
-                     "architecture": "LlamaForCausalLM", "params": model.config.num_params(),
-                     "active_params": model.config.num_params(active=True)}, replace=True)
+    Registry().save(name, model.float().eval(), tokenizer, trained_meta(name, folder, model, "checkpoint"),
+                    replace=True)
     print(f"registered {name} from {folder}")
 
 

@@ -158,7 +158,8 @@ def build_dataset(cfg: ConstitutionalConfig, model, tokenizer, requests: list[Re
 
     def helpful(i: int, answer: str) -> bool:  # the base's own answer, when it helps: a target for a benign request
         return (len(answer) > 0 and not is_refusal(answer) and not repeats_itself(answer)
-                and not (cfg.drop_dodges and deflects(answer, requests[i].text)) and check_output(answer, constitution).action != "refuse")
+                and not (cfg.drop_dodges and deflects(answer, requests[i].text))
+                and check_output(answer, constitution).action != "refuse")
     targets = {i: answers[i] for i, r in enumerate(requests) if not r.harmful and helpful(i, answers[i])}
     sampled = {}
     for attempt in range(cfg.benign_samples):  # best-of-N for the rest, one batch of the missing ones per round

@@ -86,14 +86,19 @@ def model_name(cfg) -> str:
     return name
 
 
+def trained_meta(name: str, source, model: Transformer, stage: str) -> dict:
+    """The registry entry's description of a model a stage trained: where from, which stage, its size."""
+    return {"name": name, "source": str(source), "format": "parley", "stage": stage,
+            "architecture": "MixtralForCausalLM" if model.config.is_moe else "LlamaForCausalLM",
+            "params": model.config.num_params(), "active_params": model.config.num_params(active=True)}
+
+
 def finish(cfg, run: Path, model: Transformer, tokenizer: Tokenizer, final: dict, stage: str) -> dict:
     """Register the trained model (on the first process only) and say how to talk to it."""
     if int(os.environ.get("RANK", "0")) != 0:
         return final
     name = model_name(cfg)
-    meta = {"name": name, "source": str(run), "format": "parley", "stage": stage,
-            "architecture": "MixtralForCausalLM" if model.config.is_moe else "LlamaForCausalLM",
-            "params": model.config.num_params(), "active_params": model.config.num_params(active=True),
+    meta = {**trained_meta(name, run, model, stage),
             "final": {k: v for k, v in final.items() if isinstance(v, (int, float, str))},
             "config": to_dict(cfg)}
     registry = Registry()
