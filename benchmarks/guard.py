@@ -38,7 +38,8 @@ def own_splits(guard: Guard, quick: bool, every: int = 1) -> dict:
     sets = {name: ex[::every] for name, ex in {"calibration fold": s.val, **s.test}.items()}
     if quick:
         sets = {"unseen written": s.test["unseen written"]}
-    return {name: report(guard.probabilities([e.text for e in ex]), ex, guard.thresholds) for name, ex in sets.items()}
+    return {name: report(guard.probabilities(texts := [e.text for e in ex]), ex, guard.thresholds_for(texts))
+            for name, ex in sets.items()}
 
 
 def load_heldout(folder: Path) -> tuple[list[Example], list[dict]]:
@@ -149,11 +150,12 @@ def main() -> int:
     guard = Guard.load(args.head, embedder)
     if args.heldout:
         examples, tags = load_heldout(Path(args.heldout))
-        probs = guard.probabilities([e.text for e in examples])
-        harm, order = (probs[:, :8] >= guard.thresholds[:8]).any(axis=1), probs[:, 8] >= guard.thresholds[8]
+        probs = guard.probabilities(texts := [e.text for e in examples])
+        limits = guard.thresholds_for(texts)
+        harm, order = (probs[:, :8] >= limits[:, :8]).any(axis=1), probs[:, 8] >= limits[:, 8]
         alone = [bool(harm[i] if e.kind == "request" else order[i]) for i, e in enumerate(examples)]
         both, stopped = with_rules(guard, examples)
-        print(describe("held-out, guard alone", report(probs, examples, guard.thresholds)))
+        print(describe("held-out, guard alone", report(probs, examples, limits)))
         print(describe("held-out, rules then guard (the pipeline)", both) + f"; refused by a rule {both['refused_by_rule']}")
         for which in ("harmful", "benign", "injected", "innocent"):
             for name, flags in (("guard alone", alone), ("rules then guard", stopped)):

@@ -15,7 +15,7 @@ from parley.pipeline.runner import Pipeline, Turn
 from parley.pipeline.safety import InputSafetyStage, OutputSafetyStage, check_input, load_constitution
 from parley.pipeline.untrusted import REMOVED, redact_orders
 from parley.train.guard import GuardTrainConfig, main as train_main
-from parley.train.guard_data import HELD_OUT_FRAME, GuardDataError, load_all, split
+from parley.train.guard_data import HELD_OUT_FRAME, HELD_OUT_UNGLOSSED, GuardDataError, load_all, split
 
 
 @pytest.fixture(scope="module")
@@ -40,8 +40,8 @@ def test_normalize_undoes_disguises_and_leaves_plain_text():
 def test_the_shipped_data_loads_with_a_label_and_source_on_every_example():
     examples = load_all()
     assert {e.label for e in examples} >= {*PRINCIPLES, "injection", ""}
-    assert all(e.source in ("written", "intents", "heldout_v1", "heldout_v3") or e.source.startswith("template:")
-               for e in examples)
+    sources = ("written", "intents", "languages", "everyday", "heldout_v1", "heldout_v3", "heldout_v4")
+    assert all(e.source in sources or e.source.startswith("template:") for e in examples)
     s = split(examples)
     assert all(e.source.startswith("gen:") for e in s.test["by seed"])
     assert all("seed=4" in e.source for e in s.test["by seed"])
@@ -49,6 +49,10 @@ def test_the_shipped_data_loads_with_a_label_and_source_on_every_example():
     assert not any(HELD_OUT_FRAME in e.source for e in s.train) and s.test["by template"]
     unseen = {e.base for e in s.test["unseen written"]}
     assert not unseen & {e.base for e in s.train}
+    # the languages held out whole: no row tagged with one trains or calibrates, and every such row is tested
+    held = [e for e in examples if e.lang in HELD_OUT_UNGLOSSED]
+    assert held and not any(e.lang in HELD_OUT_UNGLOSSED for e in s.train + s.val)
+    assert {e.text for e in held} <= {e.text for e in s.test["unglossed languages"]}
 
 
 def test_the_guard_catches_variants_held_out_by_generator_seed(guard):

@@ -97,7 +97,7 @@ def test_the_retired_held_out_sets_train_the_guard_tagged_with_their_principles(
     from parley.train.guard_data import RETIRED, load_retired, retired_dir
 
     rows = load_retired()
-    assert {e.source for e in rows} == {"heldout_v1", "heldout_v3"}
+    assert {e.source for e in rows} == {"heldout_v1", "heldout_v3", "heldout_v4"}
     for source, name in RETIRED.items():
         folder = retired_dir() / name
         harmful = yaml.safe_load((folder / "harmful.yml").read_text(encoding="utf-8"))["requests"]
@@ -127,3 +127,45 @@ def test_the_retired_sets_are_validated(tmp_path, harmful, match):
         load_retired(tmp_path)
     with pytest.raises(GuardDataError, match="not found"):
         load_retired(tmp_path / "nowhere")
+
+
+@pytest.mark.parametrize("body, match", [
+    ('[[intent]]\nid = "x"\nprinciple = "C1"\nharmful = ["a b c"]\n', "lang"),
+    ('[[intent]]\nid = "x"\nprinciple = "C1"\nlang = "russian"\nharmful = ["a b c"]\n', "two-letter"),
+    ('[[intent]]\nid = "x"\nprinciple = "C12"\nlang = "ru"\nharmful = ["a b c"]\n', "principle"),
+    ('[[intent]]\nid = "x"\nprinciple = "C1"\nlang = "ru"\nharmful = ["a b c"]\n[[order]]\nid = "x"\nlang = "ru"\n'
+     'orders = ["d e f"]\n', "id"),
+    ('[[order]]\nid = "o"\nlang = "ru"\norders = []\n', "o.orders")])
+def test_the_other_language_file_is_validated(tmp_path, body, match):
+    from parley.train.guard_data import load_languages
+
+    (tmp_path / "languages.toml").write_text(body, encoding="utf-8")
+    with pytest.raises(GuardDataError, match=match):
+        load_languages(tmp_path)
+
+
+def test_other_language_rows_carry_their_language_and_share_their_intents_fold():
+    from parley.train.guard_data import fold, load_everyday, load_languages
+
+    rows = load_languages()
+    assert rows and all(e.source == "languages" and len(e.lang) == 2 for e in rows)
+    assert {e.label for e in rows} >= {*PRINCIPLES, "injection", ""}
+    by_base: dict[str, set[int]] = {}
+    for e in rows:
+        by_base.setdefault(e.base, set()).add(fold(e.base))
+    assert all(len(f) == 1 for f in by_base.values())
+    everyday = load_everyday()
+    assert {e.label for e in everyday} == {*PRINCIPLES, ""}  # C9's requests to obey a document are left out
+    assert len({e.lang for e in everyday}) == 21 and all(e.source == "everyday" for e in everyday)
+
+
+def test_the_everyday_file_is_validated(tmp_path):
+    from parley.train.guard_data import load_everyday
+
+    bad = tmp_path / "everyday.toml"
+    bad.write_text('[[harmful]]\ntext = "do a crime"\nprinciple = "C11"\nlang = "en"\n', encoding="utf-8")
+    with pytest.raises(GuardDataError, match="C11"):
+        load_everyday(bad)
+    bad.write_text('[[ordinary]]\ntext = "bake bread"\n', encoding="utf-8")
+    with pytest.raises(GuardDataError, match="lang"):
+        load_everyday(bad)

@@ -257,6 +257,7 @@ class GuardScore:
 
     scores: dict[str, float]
     flagged: tuple[str, ...]  # labels at or over their threshold, most certain first
+    head: str = ""  # which head of a gated guard scored it ("" for a guard of one head)
 
     @property
     def principle(self) -> str | None:
@@ -270,7 +271,8 @@ class GuardScore:
     def evidence(self, top: int = 3) -> dict:
         """For the trace: the flagged labels and the highest scores."""
         best = sorted(self.scores.items(), key=lambda kv: -kv[1])[:top]
-        return {"flagged": list(self.flagged), "top": {k: round(v, 3) for k, v in best}}
+        head = {"head": self.head} if self.head else {}
+        return {"flagged": list(self.flagged), "top": {k: round(v, 3) for k, v in best}} | head
 
 
 class Guard:
@@ -321,13 +323,22 @@ class Guard:
         logits = hidden @ p["w2"].T + p["b2"]
         return 1.0 / (1.0 + np.exp(-logits.astype(np.float64)))
 
+    def thresholds_for(self, texts: Sequence[str]) -> np.ndarray:
+        """(n, labels): the thresholds each text is judged by (one head: the same row for all)."""
+        return np.broadcast_to(self.thresholds, (len(texts), len(self.labels)))
+
+    def heads_for(self, texts: Sequence[str]) -> list[str]:
+        """Which head scores each text, for the trace ("" where there is one head)."""
+        return [""] * len(texts)
+
     def score_many(self, texts: Sequence[str]) -> list[GuardScore]:
         out = []
-        for text, row in zip(texts, self.probabilities(texts)):
-            margin = row / self.thresholds  # how far over its own threshold each label is
+        rows = zip(texts, self.probabilities(texts), self.thresholds_for(texts), self.heads_for(texts))
+        for text, row, limits, head in rows:
+            margin = row / limits  # how far over its own threshold each label is
             judged = len(re.findall(r"\w+", normalize(text))) >= MIN_WORDS
             flagged = tuple(self.labels[k] for k in np.argsort(-margin, kind="stable") if margin[k] >= 1.0 and judged)
-            out.append(GuardScore({label: float(p) for label, p in zip(self.labels, row)}, flagged))
+            out.append(GuardScore({label: float(p) for label, p in zip(self.labels, row)}, flagged, head))
         return out
 
     def score(self, text: str) -> GuardScore:
@@ -335,11 +346,8 @@ class Guard:
             raise GuardError(f"the guard scores text (str), got {type(text).__name__}")
         return self.score_many([text])[0]
 
-    def save(self, path: str | Path) -> Path:
-        """One safetensors file (weights in float16: a head alone is 1.1 MB, with two tuned layers 8.2 MB), written
-        atomically (a crash leaves the old one)."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
+    def parts(self, prefix: str = "") -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+        """The head's tensors (weights in float16) and metadata as a file holds them, names after `prefix`."""
         meta = {"format": HEAD_FORMAT, "labels": json.dumps(self.labels), "data_sha256": self.data_sha256,
                 "trunk": self.trunk}
         tensors = {k: torch.from_numpy(v).half() if k in self.PARTS else torch.from_numpy(v)
@@ -347,44 +355,132 @@ class Guard:
         if isinstance(self.embedder, TunedEncoder):  # the fine-tuned top layers travel with the head
             meta["tuned_layers"] = str(len(self.embedder.top))
             tensors |= {f"top.{k}": v.detach().half() for k, v in self.embedder.top.state_dict().items()}
-        tensors["thresholds"] = torch.from_numpy(self.thresholds)
-        with atomic_open(path, "wb") as f:
-            f.write(safetensors_bytes(tensors, meta))
-        return path
+        tensors["thresholds"] = torch.from_numpy(np.ascontiguousarray(self.thresholds))
+        return {prefix + k: v for k, v in tensors.items()}, meta
+
+    def save(self, path: str | Path) -> Path:
+        """One safetensors file (weights in float16: a head alone is 1.1 MB, with two tuned layers 8.2 MB), written
+        atomically (a crash leaves the old one)."""
+        tensors, meta = self.parts()
+        return _write(path, tensors, meta)
 
     @classmethod
-    def load(cls, path: str | Path, embedder: Callable[[list[str]], np.ndarray]) -> Guard:
-        """The head in `path` over `embedder` (the pipeline's MiniLM), or over mE5 where the file
-        names that trunk (one copy a process, in the precision `embedder` computes in)."""
-        path = Path(path)
-        if not path.is_file():
-            raise GuardError(f"{path}: no guard head there; run `parley train guard` to make one")
+    def from_parts(cls, tensors: dict[str, torch.Tensor], meta: dict[str, str],
+                   embedder: Callable[[list[str]], np.ndarray], where: object) -> Guard:
+        """The head that `parts` gave `tensors` and `meta` (names without prefix), over `embedder`
+        (the pipeline's MiniLM), or over mE5 where `meta` names that trunk (one copy a process, in
+        the precision `embedder` computes in)."""
         try:
-            with safe_open(str(path), framework="pt") as f:
-                meta = f.metadata() or {}
-                tensors = {k: f.get_tensor(k).float().numpy() for k in (*cls.PARTS, "thresholds")}
-                tensors |= {k: f.get_tensor(k).numpy() for k in cls.SCALING if k in f.keys()}
-                top = {k.removeprefix("top."): f.get_tensor(k).float() for k in f.keys() if k.startswith("top.")}
+            arrays = {k: tensors[k].float().numpy() for k in (*cls.PARTS, "thresholds")}
+            arrays |= {k: tensors[k].numpy() for k in cls.SCALING if k in tensors}
+            top = {k.removeprefix("top."): v.float() for k, v in tensors.items() if k.startswith("top.")}
             labels = json.loads(meta["labels"])
             tuned = int(meta.get("tuned_layers", "0"))
             trunk = meta.get("trunk", "minilm")  # heads from before round 5 name none
-        except (SafetensorError, OSError, KeyError, ValueError) as e:
-            raise GuardError(f"{path}: not a Parley guard head ({e}); retrain with `parley train guard`") from None
+        except (KeyError, ValueError) as e:
+            raise GuardError(f"{where}: not a Parley guard head ({e}); retrain with `parley train guard`") from None
         if trunk not in TRUNKS:
-            raise GuardError(f"{path}: a guard head over the trunk {trunk!r}, which this Parley does not know "
+            raise GuardError(f"{where}: a guard head over the trunk {trunk!r}, which this Parley does not know "
                              f"({', '.join(TRUNKS)}); retrain with `parley train guard`")
         if trunk == "me5":
             from parley.pipeline.e5 import shared_e5
 
             embedder = shared_e5(getattr(embedder, "precision", "fp32"))
-        dim = getattr(embedder, "dim", tensors["w1"].shape[-1] - NGRAM_BUCKETS) + NGRAM_BUCKETS
-        if meta.get("format") != HEAD_FORMAT or tensors["w1"].shape[-1] != dim:
-            raise GuardError(f"{path}: guard head of format {meta.get('format')!r}, input width {tensors['w1'].shape[-1]}, "
+        dim = getattr(embedder, "dim", arrays["w1"].shape[-1] - NGRAM_BUCKETS) + NGRAM_BUCKETS
+        if meta.get("format") != HEAD_FORMAT or arrays["w1"].shape[-1] != dim:
+            raise GuardError(f"{where}: guard head of format {meta.get('format')!r}, input width {arrays['w1'].shape[-1]}, "
                              f"does not fit {dim}-d features; retrain with `parley train guard`")
-        thresholds = tensors.pop("thresholds")
+        thresholds = arrays.pop("thresholds")
         if tuned:
-            embedder = tuned_encoder(embedder, tuned, top, path)
-        return cls(tensors, thresholds, embedder, meta.get("data_sha256", ""), labels, trunk)
+            embedder = tuned_encoder(embedder, tuned, top, where)
+        return cls(arrays, thresholds, embedder, meta.get("data_sha256", ""), labels, trunk)
+
+    @classmethod
+    def load(cls, path: str | Path, embedder: Callable[[list[str]], np.ndarray]) -> Guard | GatedGuard:
+        """The guard in `path`: one head (`from_parts`), or two behind a language gate (`GatedGuard`)."""
+        tensors, meta = _read(path)
+        if meta.get("trunk") == "gate":
+            return GatedGuard.from_parts(tensors, meta, embedder, path)
+        return cls.from_parts(tensors, meta, embedder, path)
+
+
+class GatedGuard(Guard):
+    """Two heads behind a language gate: `english` scores the texts that read as plainly English
+    (`plainly_english`), `other` (a head over multilingual-e5-small, whose thresholds were set on
+    the calibration rows it scores) everything else, each with its own thresholds. An English
+    message costs what the English head costs: the other head's encoder runs only for the rest."""
+
+    def __init__(self, english: Guard, other: Guard):
+        if tuple(english.labels) != tuple(other.labels):
+            raise GuardError(f"the two heads of a gated guard name different labels: {english.labels} and {other.labels}")
+        self.english, self.other = english, other
+        self.labels, self.trunk = english.labels, "gate"
+        self.thresholds, self.embedder, self.data_sha256 = english.thresholds, english.embedder, english.data_sha256
+
+    @property
+    def dim(self) -> int:
+        return self.english.dim
+
+    @staticmethod
+    def routes(texts: Sequence[str]) -> np.ndarray:
+        """True where the English head scores a text."""
+        return np.array([plainly_english(normalize(t, keep_scripts=True)) for t in texts], dtype=bool)
+
+    def probabilities(self, texts: Sequence[str]) -> np.ndarray:
+        if isinstance(texts, str) or not all(isinstance(t, str) for t in texts):
+            raise GuardError("the guard scores a list of strings")
+        out = np.zeros((len(texts), len(self.labels)), dtype=np.float64)
+        english = self.routes(texts)
+        for head, rows in ((self.english, np.flatnonzero(english)), (self.other, np.flatnonzero(~english))):
+            if len(rows):
+                out[rows] = head.probabilities([texts[i] for i in rows])
+        return out
+
+    def thresholds_for(self, texts: Sequence[str]) -> np.ndarray:
+        return np.where(self.routes(texts)[:, None], self.english.thresholds, self.other.thresholds)
+
+    def heads_for(self, texts: Sequence[str]) -> list[str]:
+        return [f"english ({self.english.trunk})" if e else f"other languages ({self.other.trunk})"
+                for e in self.routes(texts)]
+
+    def parts(self, prefix: str = "") -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+        (en, en_meta), (other, other_meta) = self.english.parts("english."), self.other.parts("other.")
+        meta = {"format": HEAD_FORMAT, "trunk": "gate", "labels": json.dumps(self.labels),
+                "data_sha256": self.data_sha256, "english": json.dumps(en_meta), "other": json.dumps(other_meta)}
+        return {prefix + k: v for k, v in (en | other).items()}, meta
+
+    @classmethod
+    def from_parts(cls, tensors: dict[str, torch.Tensor], meta: dict[str, str],
+                   embedder: Callable[[list[str]], np.ndarray], where: object) -> GatedGuard:
+        heads = []
+        for name in ("english", "other"):
+            try:
+                part_meta = json.loads(meta[name])
+            except (KeyError, ValueError) as e:
+                raise GuardError(f"{where}: a gated guard without its {name} head ({e}); "
+                                 "retrain with `parley train guard`") from None
+            mine = {k.removeprefix(name + "."): v for k, v in tensors.items() if k.startswith(name + ".")}
+            heads.append(Guard.from_parts(mine, part_meta, embedder, f"{where} ({name} head)"))
+        return cls(*heads)
+
+
+def _write(path: str | Path, tensors: dict[str, torch.Tensor], meta: dict[str, str]) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_open(path, "wb") as f:
+        f.write(safetensors_bytes(tensors, meta))
+    return path
+
+
+def _read(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    path = Path(path)
+    if not path.is_file():
+        raise GuardError(f"{path}: no guard head there; run `parley train guard` to make one")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return {k: f.get_tensor(k) for k in f.keys()}, f.metadata() or {}
+    except (SafetensorError, OSError, ValueError) as e:
+        raise GuardError(f"{path}: not a Parley guard head ({e}); retrain with `parley train guard`") from None
 
 
 def tuned_encoder(base, layers: int, state: dict[str, torch.Tensor] | None = None, where: object = "") -> TunedEncoder:
@@ -411,7 +507,7 @@ def trained_path() -> Path:
     return parley_home() / "guard" / "guard_head.safetensors"
 
 
-def default_guard(embedder: Callable[[list[str]], np.ndarray]) -> Guard:
+def default_guard(embedder: Callable[[list[str]], np.ndarray]) -> Guard | GatedGuard:
     """The head `parley train guard` wrote under PARLEY_HOME if there is one, else the shipped one."""
     trained = trained_path()
     return Guard.load(trained if trained.is_file() else shipped_path(), embedder)

@@ -45,7 +45,7 @@ import torch
 import torch.nn.functional as F
 
 from parley.config import parse_cli, setting
-from parley.pipeline.guard import (INJECTION, LABELS, NGRAM_BUCKETS, PRINCIPLES, TRUNKS, Guard, features,
+from parley.pipeline.guard import (INJECTION, LABELS, NGRAM_BUCKETS, PRINCIPLES, TRUNKS, GatedGuard, Guard, features,
                                    readings, standardize, trained_path, tuned_encoder)
 from parley.train.guard_data import Example, GuardDataError, Splits, data_sha256, load_all, split
 
@@ -66,6 +66,8 @@ class GuardTrainConfig:
     seed: int = setting(0, "initialisation seed")
     trunk: str = setting("minilm", "the sentence encoder under the head: minilm (the pipeline's) or me5 "
                                    "(multilingual-e5-small, reads other languages; design minilm only)")
+    gate_with: str = setting("", "trunk=me5: a guard head over MiniLM (a file) that scores the plainly English texts; "
+                                 "this head scores the rest, and the two are saved as one gated guard")
     precision: str = setting("fp32", "the encoder's arithmetic while training: fp32, bf16 or auto (bf16 with AMX)")
     tuned_layers: int = setting(2, "design=encoder: MiniLM's top layers fine-tuned (of 6)")
     tune_epochs: int = setting(1, "design=encoder: passes of the fine-tuning over the training data (2 over-fitted: "
@@ -199,11 +201,13 @@ def _joint_thresholds(probs: np.ndarray, examples: list[Example], max_fpr: float
 
 def report(probs: np.ndarray, examples: list[Example], thresholds: np.ndarray) -> dict:
     """Harmful recall, benign false positives and right-principle rate (requests and answers),
-    injection recall and innocent sentences removed (passages), and recall per principle."""
+    injection recall and innocent sentences removed (passages), and recall per principle.
+    `thresholds`: (labels,), or (examples, labels) where each example has its own (`thresholds_for`)."""
+    thresholds = np.broadcast_to(thresholds, probs.shape)  # one row for all, or a row per example (a gated guard)
     flagged = probs >= thresholds
     k_inj = LABELS.index(INJECTION)
     harm = flagged[:, :k_inj].any(axis=1)
-    margin = probs[:, :k_inj] / thresholds[:k_inj]
+    margin = probs[:, :k_inj] / thresholds[:, :k_inj]
     named = [PRINCIPLES[i] for i in margin.argmax(axis=1)]
     out: dict = {}
     req = [i for i, e in enumerate(examples) if e.kind != "passage"]
@@ -239,7 +243,13 @@ def describe(name: str, figures: dict) -> str:
 # --- design 1: a head on the MiniLM embeddings -----------------------------------------------------
 
 
-def train_minilm(cfg: GuardTrainConfig, written: list[Example], embedder) -> tuple[Guard, dict]:
+def train_minilm(cfg: GuardTrainConfig, written: list[Example], embedder, english: Guard | None = None,
+                 alone_out: Path | None = None) -> tuple[Guard, dict]:
+    """Design "minilm" (over either trunk): the head of steps 1-3 and its figures. With `english`
+    (a head over MiniLM, `--gate-with`), the result is a `GatedGuard`: `english` for plainly
+    English texts, this head for the rest with thresholds set on the calibration rows it scores;
+    the figures then report this head alone and, as "gated: ...", the two together, and this
+    head alone (thresholds set on all calibration rows) is saved to `alone_out` for comparison."""
     s = split(written, per_example=cfg.per_example)
     cache: dict[str, np.ndarray] = {}
 
@@ -263,10 +273,29 @@ def train_minilm(cfg: GuardTrainConfig, written: list[Example], embedder) -> tup
     params = fit_head(standardize(feats(s.train), scaling), targets(s.train), **hp) | scaling
     guard = Guard(params, thresholds, embedder, data_sha256(cfg.data or None), trunk=cfg.trunk)
     figures = {"calibration fold": report(val_probs, s.val, thresholds)}
+    probs = {name: head_probs(params, feats(examples)) for name, examples in s.test.items()}
     for name, examples in s.test.items():
-        figures[name] = report(head_probs(params, feats(examples)), examples, thresholds)
+        figures[name] = report(probs[name], examples, thresholds)
     figures["sizes"] = {"train": len(s.train), "calibration": len(s.val), **{k: len(v) for k, v in s.test.items()}}
-    return guard, figures
+    if english is None:
+        return guard, figures
+    if alone_out is not None:
+        print(f"saved the {cfg.trunk} head alone {guard.save(alone_out)}", flush=True)
+    # the gate: `english` scores the plainly English texts; this head the rest, its thresholds set on the
+    # calibration rows it will score
+    routed = [not e for e in GatedGuard.routes([e.text for e in s.val])]
+    other_val = [e for e, r in zip(s.val, routed) if r]
+    other = Guard(params, calibrate(val_probs[routed], other_val, cfg.max_fpr), embedder, guard.data_sha256,
+                  trunk=cfg.trunk)
+    gated = GatedGuard(english, other)
+    for name, examples, mine in (("calibration fold", s.val, val_probs), *((n, s.test[n], probs[n]) for n in s.test)):
+        texts = [e.text for e in examples]
+        both = mine.copy()
+        own = GatedGuard.routes(texts)
+        if own.any():
+            both[own] = english.probabilities([t for t, r in zip(texts, own) if r])
+        figures[f"gated: {name}"] = report(both, examples, gated.thresholds_for(texts))
+    return gated, figures
 
 
 def _sigmoid(z: np.ndarray) -> np.ndarray:
@@ -434,6 +463,8 @@ def main(cfg: GuardTrainConfig) -> int:
         raise GuardDataError(f"design must be minilm, encoder or lora, got {cfg.design!r}")
     if cfg.trunk not in TRUNKS:
         raise GuardDataError(f"trunk must be one of {', '.join(TRUNKS)}, got {cfg.trunk!r}")
+    if cfg.gate_with and cfg.trunk != "me5":
+        raise GuardDataError("--gate-with puts a head over mE5 behind a language gate: it needs --trunk me5")
     if cfg.trunk != "minilm" and cfg.design != "minilm":
         raise GuardDataError(f"--trunk {cfg.trunk} is built for design=minilm (a head on the frozen embeddings) "
                              f"only, not design={cfg.design}; leave --trunk at minilm")
@@ -456,9 +487,13 @@ def main(cfg: GuardTrainConfig) -> int:
             guard, figures, frozen = train_encoder(cfg, written, embedder, frozen_out)
             print("the frozen head's thresholds: " + ", ".join(f"{k}={t:.2f}" for k, t in zip(LABELS, frozen.thresholds)))
         else:
-            guard, figures = train_minilm(cfg, written, embedder)
+            english = Guard.load(cfg.gate_with, Embedder.load(precision=cfg.precision)) if cfg.gate_with else None
+            guard, figures = train_minilm(cfg, written, embedder, english, out.with_suffix(f".{cfg.trunk}" + out.suffix))
         print(f"saved {guard.save(out)}")
         print("thresholds: " + ", ".join(f"{k}={t:.2f}" for k, t in zip(LABELS, guard.thresholds)))
+        if isinstance(guard, GatedGuard):
+            print("the other-language head's thresholds: " + ", ".join(f"{k}={t:.2f}" for k, t in
+                                                                       zip(LABELS, guard.other.thresholds)))
     print(f"design {cfg.design}, {len(written)} written examples, {time.perf_counter() - start:.0f} s")
     for name, fig in figures.items():
         print(describe(name, fig) if name not in ("sizes", "lora") else f"{name}: {fig}")

@@ -43,6 +43,7 @@ class Example:
     kind: str  # "request" | "answer" | "passage"
     source: str = "written"  # or "gen:<generators> seed=<n>"
     base: str = ""  # the written text this one was made from (itself, for a written one)
+    lang: str = ""  # ISO 639-1 code where the data file tags it (languages.toml, everyday.toml), else ""
 
 
 TEMPLATE_FILLS = 8  # sentences drawn from each template per seed
@@ -137,16 +138,70 @@ def load_intents(folder: str | Path | None = None) -> list[Example]:
     return out
 
 
+def load_languages(folder: str | Path | None = None) -> list[Example]:
+    """languages.toml in `folder` (absent: none): intents and order groups written in languages
+    the gloss does not read (Russian, Hindi, Japanese, Swahili ...), each tagged with its `lang`;
+    like intents.toml, an intent's phrasings and look-alikes share its id as `base`."""
+    folder = Path(folder) if folder is not None else data_dir()
+    path = folder / "languages.toml"
+    if not path.is_file():
+        return []
+    table, out, seen = _read(path), [], set()
+    for section, lists in (("intent", (("harmful", None, "request"), ("benign", "", "request"))),
+                           ("order", (("orders", INJECTION, "passage"), ("innocent", "", "passage")))):
+        for n, entry in enumerate(table.get(section, [])):
+            eid, lang, pid = entry.get("id"), entry.get("lang"), entry.get("principle")
+            if not isinstance(eid, str) or not eid or eid in seen:
+                raise GuardDataError(f"{path}: {section} #{n} needs an `id` of its own (got {eid!r})")
+            if not isinstance(lang, str) or not re.fullmatch(r"[a-z]{2}", lang):
+                raise GuardDataError(f"{path}: {section} {eid!r} needs `lang`, a two-letter ISO 639-1 code (got {lang!r})")
+            if section == "intent" and pid not in PRINCIPLES:
+                raise GuardDataError(f"{path}: intent {eid!r} has principle {pid!r}, not one of {', '.join(PRINCIPLES)}")
+            seen.add(eid)
+            for n_key, (key, label, kind) in enumerate(lists):  # the first list (harmful, orders) must hold some
+                texts = _strings(entry.get(key, None if n_key == 0 else []), f"{eid}.{key}", folder)
+                if n_key == 0 and not texts:
+                    raise GuardDataError(f"{path}: `{eid}.{key}` is empty; write at least one line or drop the entry")
+                out += [Example(t, pid if label is None else label, kind, "languages", f"{section}:{eid}", lang)
+                        for t in texts]
+    return out
+
+
+def everyday_path() -> Path:
+    return Path(__file__).resolve().parent.parent / "data" / "alignment" / "everyday.toml"
+
+
+def load_everyday(path: str | Path | None = None) -> list[Example]:
+    """The alignment work's everyday requests (parley/data/alignment/everyday.toml, 20 languages):
+    its harmful rows under C1-C8 with their principle (C9's are requests to obey a document, not
+    the guard's kind of injection: left out), its tricky-benign and ordinary rows as fine; each
+    row its own `base`, tagged with its `lang`; source "everyday"."""
+    path = Path(path) if path is not None else everyday_path()
+    out = []
+    for key in ("harmful", "benign", "ordinary"):
+        for n, row in enumerate(_read(path).get(key, [])):
+            text, lang = row.get("text") if isinstance(row, dict) else None, row.get("lang") if isinstance(row, dict) else None
+            if not isinstance(text, str) or not text.strip() or not isinstance(lang, str):
+                raise GuardDataError(f"{path}: {key} #{n} needs a non-empty `text` and its `lang`, got {row!r}")
+            label = row.get("principle", "") if key == "harmful" else ""
+            if key == "harmful" and label not in (*PRINCIPLES, "C9"):
+                raise GuardDataError(f"{path}: {key} #{n} has principle {label!r}, not one of C1..C9")
+            if label != "C9":
+                out.append(Example(text.strip(), label, "request", "everyday", text.strip(), lang))
+    return out
+
+
 def load_all(folder: str | Path | None = None) -> list[Example]:
-    """Everything `parley train guard` learns from: written lines, intents, template sentences,
-    and (for the project's own data, `folder` None) the retired held-out sets."""
-    retired = load_retired() if folder is None else []
-    return load_written(folder) + load_intents(folder) + load_templates(folder) + retired
+    """Everything `parley train guard` learns from: written lines, intents, other-language
+    intents, template sentences, and (for the project's own data, `folder` None) the retired
+    held-out sets and the alignment work's everyday requests."""
+    own = load_retired() + load_everyday() if folder is None else []
+    return load_written(folder) + load_intents(folder) + load_languages(folder) + load_templates(folder) + own
 
 
 # Held-out sets that have been evaluated on and retired to training data (their README.md says so),
 # read where they lie, by source tag: the frozen-set tests forbid copies of them under parley/data/.
-RETIRED = {"heldout_v1": "guard_heldout", "heldout_v3": "guard_heldout_v3"}
+RETIRED = {"heldout_v1": "guard_heldout", "heldout_v3": "guard_heldout_v3", "heldout_v4": "guard_heldout_v4"}
 
 
 def retired_dir() -> Path:
@@ -379,6 +434,8 @@ def fold(text: str, folds: int = 5) -> int:
 
 HELD_OUT_FRAME = "poem"  # a framing template training never sees, tested "by template" (round 2: all of "hypothetical")
 HELD_OUT_LANGUAGE = "nl"  # a language training never sees (read through the gloss only); tested "by language"
+# languages the gloss does not read, none trained on: tested "unglossed languages" (the rows their data files tag)
+HELD_OUT_UNGLOSSED = ("uk", "hi", "vi", "el", "sw")
 
 
 @dataclass(frozen=True)
@@ -388,11 +445,14 @@ class Splits:
     train_fit: list[Example]  # folds 2-4 and their variants (seeds 0-2): the head whose thresholds are set
     val: list[Example]  # fold 1 and its variants (seed 3): where the thresholds are set
     train: list[Example]  # folds 1-4 and their variants (seeds 0-2): the head that is kept
-    test: dict[str, list[Example]]  # "unseen written", "by seed", "by template", "by language": never trained
+    test: dict[str, list[Example]]  # "unseen written", "by seed", "by template", "by language",
+    #                                  "unglossed languages": never trained
 
 
 def split(written: list[Example], train_seeds: Iterable[int] = (0, 1, 2), val_seed: int = 3, test_seed: int = 4,
           per_example: int = 3) -> Splits:
+    unglossed = [e for e in written if e.lang in HELD_OUT_UNGLOSSED]
+    written = [e for e in written if e.lang not in HELD_OUT_UNGLOSSED]
     foreign = [e for e in written if language(normalize(e.text)) == HELD_OUT_LANGUAGE]
     written = [e for e in written if language(normalize(e.text)) != HELD_OUT_LANGUAGE]
     by_fold = [[e for e in written if fold(e.base or e.text) == k] for k in range(5)]
@@ -413,6 +473,7 @@ def split(written: list[Example], train_seeds: Iterable[int] = (0, 1, 2), val_se
         "by seed": generate(bases, test_seed, per_example, frames),
         "by template": [e for e in framed if HELD_OUT_FRAME in e.source],
         "by language": foreign + generate(foreign, test_seed, per_example, frames),
+        "unglossed languages": unglossed + generate(unglossed, test_seed, per_example, frames),
     }
     return Splits(with_variants(fit_bases), by_fold[1] + generate(by_fold[1], val_seed, per_example, frames),
                   with_variants(bases), test)
@@ -421,10 +482,11 @@ def split(written: list[Example], train_seeds: Iterable[int] = (0, 1, 2), val_se
 def data_sha256(folder: str | Path | None = None) -> str:
     folder = Path(folder) if folder is not None else data_dir()
     h = hashlib.sha256()
-    for name in ("requests.toml", "injections.toml", "templates.toml", "intents.toml"):
+    for name in ("requests.toml", "injections.toml", "templates.toml", "intents.toml", "languages.toml"):
         if (folder / name).is_file():
             h.update((folder / name).read_bytes())
-    if folder == data_dir():  # the retired held-out sets train the project's guard too
+    if folder == data_dir():  # the retired held-out sets and the everyday requests train the project's guard too
+        h.update(everyday_path().read_bytes())
         for name in RETIRED.values():
             for file in ("harmful.yml", "benign.yml", "injection.yml"):
                 if (retired_dir() / name / file).is_file():
