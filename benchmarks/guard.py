@@ -7,6 +7,7 @@ and its latency per message.
     python benchmarks/guard.py --head FILE          # another head than the shipped one
     python benchmarks/guard.py --every 5            # own splits on every 5th example (as the LoRA run reports)
     python benchmarks/guard.py --quick --head FILE --precision bf16   # encoders in bf16 (a head over mE5 too)
+    python benchmarks/guard.py --quick --head FILE --messages other   # latency on Russian messages (a gated guard)
 
 Latency is per message, single messages as the pipeline sees them (`latency`): the input check
 and the NLU stage's embedding of the same message, against that embedding alone; "marginal"
@@ -106,13 +107,19 @@ def by_group(stopped, examples: list[Example], tags: list[dict], which: str) -> 
             for field, values in groups.items()}
 
 
-def latency(guard: Guard, embedder: Embedder, n: int) -> dict:
+MESSAGES = {  # the shape of a message latency is timed on: {i} numbers it, {run} makes it new to the embedder
+    "english": "message {i} of {run}: how do I get from the station to the museum on day {i}?",
+    "other": "сообщение {i} из {run}: как добраться от вокзала до музея в день {i}?",  # Russian: a gated guard's mE5 head
+}
+
+
+def latency(guard: Guard, embedder: Embedder, n: int, language: str = "english") -> dict:
     """Per message, as the pipeline runs it: the input check (`guard.score`) and then the NLU
     stage's embedding of the same message ("with guard"), against the embedding alone of another
     new message of the same shape ("embedding alone"), alternated; "marginal" is the p50 of the
     pairs' differences: what the guard adds to a turn."""
     run = time.time_ns()  # new messages in every call: the embedder remembers the texts it has seen
-    texts = [f"message {i} of {run}: how do I get from the station to the museum on day {i}?" for i in range(2 * n + 2)]
+    texts = [MESSAGES[language].format(i=i, run=run) for i in range(2 * n + 2)]
     guard.score(texts[0]), embedder([texts[1]])  # warm up
     alone, both = [], []
     for a, b in zip(texts[2::2], texts[3::2]):
@@ -127,7 +134,7 @@ def latency(guard: Guard, embedder: Embedder, n: int) -> dict:
     def pct(values: list[float]) -> dict:
         return {"p50": round(statistics.median(values), 2), "p95": round(sorted(values)[int(0.95 * len(values))], 2)}
 
-    return {"messages": len(both), "tuned_layers": len(getattr(guard.embedder, "top", ())),
+    return {"messages": len(both), "language": language, "tuned_layers": len(getattr(guard.embedder, "top", ())),
             "with_guard_ms": pct(both), "embedding_alone_ms": pct(alone),
             "marginal_ms": pct([y - x for x, y in zip(alone, both)])}
 
@@ -142,6 +149,9 @@ def main() -> int:
                     help="torch threads (1: on a shared, loaded CPU two threads made one embedding 40x slower)")
     ap.add_argument("--precision", default="fp32", choices=("fp32", "bf16", "auto"),
                     help="the encoders' arithmetic (MiniLM's, and mE5's for a head over it)")
+    ap.add_argument("--messages", default="english", choices=sorted(MESSAGES),
+                    help="the language of the messages latency is timed on (other: Russian, which a gated guard's "
+                         "other-language head scores)")
     args = ap.parse_args()
     import torch
 
@@ -164,7 +174,7 @@ def main() -> int:
         return 0
     for name, fig in own_splits(guard, args.quick, max(args.every, 1)).items():
         print(describe(f"own split, {name}", fig))
-    print("latency:", latency(guard, embedder, 50 if args.quick else 300))
+    print("latency:", latency(guard, embedder, 50 if args.quick else 300, args.messages))
     return 0
 
 

@@ -37,6 +37,12 @@ parley/pipeline/e5.py, which reads other languages itself, so nothing is glossed
 and other scripts are kept: `normalize(text, keep_scripts=True)`). `Guard.load` embeds through
 the trunk its file names: for "me5" one mE5 a process beside the pipeline's MiniLM, a second
 embedding pass a message (benchmarks/RESULTS.md, Guard round 5).
+
+A `GatedGuard` (`parley train guard --trunk me5 --gate-with ENGLISH_HEAD`, one file, trunk
+"gate") puts two heads behind a language gate: the English head (over MiniLM) scores the texts
+that read as `plainly_english`, the mE5 head the rest, each with thresholds set on the
+calibration rows it scores; an English message never runs mE5. The trace names the head that
+judged (`GuardScore.head`).
 """
 
 from __future__ import annotations

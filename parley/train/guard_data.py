@@ -1,6 +1,6 @@
 """The guard's training data: written examples from parley/data/guard/, and variants of them.
 
-    examples = load_all()                             # written lines, intents, template sentences
+    examples = load_all()                             # written lines, intents, languages, templates, retired sets
     examples = load_written()                         # Example(text, label, kind, source="written", base)
     variants = generate(examples, seed=3)             # disguised and framed copies, source "gen:leet+fiction seed=3"
     train, val, test = split(examples, seeds=(0, 1, 2), val_seed=3, test_seed=4)
@@ -15,8 +15,13 @@ hypothetical, an indirect ask ("for a friend"), a research pretext, a multi-turn
 passages: markup around the sentence). Benign examples get the same framings as harmful
 ones, so that a framing alone is no sign of harm. Other languages are not generated (no translation model is installed):
 intents.toml holds phrasings written in French, Spanish, German, Italian, Portuguese and Dutch,
-and the guard reads such text through a written word-for-word gloss (parley/pipeline/guard.py).
-Examples of one intent (intents.toml) share its id as `base`, so folds hold out whole intents.
+which a head over MiniLM reads through a written word-for-word gloss (parley/pipeline/guard.py);
+languages.toml holds intents and injected orders written in 22 languages the gloss does not read
+(source "languages", each row tagged with its `lang`), for a head over multilingual-e5-small.
+Examples of one intent (intents.toml, languages.toml) share its id as `base`, so folds hold out
+whole intents. The project's own data also takes the retired held-out sets (`RETIRED`, read in
+place) and the alignment work's everyday requests (parley/data/alignment/everyday.toml: ordinary,
+tricky-benign and disguised harmful requests in 21 languages; source "everyday").
 """
 
 from __future__ import annotations
