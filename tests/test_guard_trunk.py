@@ -82,13 +82,21 @@ def test_a_me5_head_records_its_trunk_and_loads_over_me5(tmp_path, embedder):
         Guard.load(out, embedder)
 
 
-def test_heads_without_a_trunk_are_minilm_heads_and_bad_trunks_are_refused(tmp_path):
+def test_heads_without_a_trunk_are_minilm_heads_and_bad_trunks_are_refused(tmp_path, embedder):
     from parley.pipeline.guard import shipped_path
 
-    with safe_open(str(shipped_path()), framework="pt") as f:
+    with safe_open(str(shipped_path()), framework="pt") as f:  # round 6: two heads behind the language gate
         assert json.loads(f.metadata()["labels"])[-1] == "injection"
-        assert f.metadata().get("trunk", "minilm") == "minilm"
+        assert f.metadata()["trunk"] == "gate"
+        assert json.loads(f.metadata()["english"])["trunk"] == "minilm"
+        assert json.loads(f.metadata()["other"])["trunk"] == "me5"
     _tiny_data(tmp_path)
+    old = tmp_path / "old.safetensors"  # a head from before round 5 names no trunk
+    assert train_main(GuardTrainConfig(data=str(tmp_path), out=str(old), per_example=1, epochs=1, hidden=8)) == 0
+    with safe_open(str(old), framework="pt") as f:
+        meta = f.metadata()
+    save_file(load_file(str(old)), str(old), {k: v for k, v in meta.items() if k != "trunk"})
+    assert Guard.load(old, embedder).trunk == "minilm"
     with pytest.raises(GuardDataError, match="trunk must be one of minilm, me5"):
         train_main(GuardTrainConfig(data=str(tmp_path), trunk="xlmr"))
     with pytest.raises(GuardDataError, match="design=minilm"):
