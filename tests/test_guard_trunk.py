@@ -127,6 +127,8 @@ def test_a_gated_guard_scores_english_with_one_head_and_the_rest_with_the_other(
         train_main(GuardTrainConfig(**tiny, out=str(gated_file), gate_with=str(english_file)))
     assert train_main(GuardTrainConfig(**tiny, out=str(gated_file), trunk="me5", gate_with=str(english_file))) == 0
 
+    with pytest.raises(GuardDataError, match="head over MiniLM"):  # a gate behind a gate
+        train_main(GuardTrainConfig(**tiny, out=str(tmp_path / "x.safetensors"), trunk="me5", gate_with=str(gated_file)))
     gated, english = Guard.load(gated_file, embedder), Guard.load(english_file, embedder)
     alone = Guard.load(tmp_path / "gated.me5.safetensors", embedder)  # the mE5 head alone, saved beside it
     assert isinstance(gated, GatedGuard) and gated.trunk == "gate" and alone.trunk == "me5"

@@ -5,6 +5,8 @@
     parley train guard --design encoder --out parley/data/guard/guard_head.safetensors   # how it was made (round 4)
     parley train guard --design lora --lora-examples 600                 # the second design, for comparison only
     parley train guard --trunk me5 --precision auto     # the head over multilingual-e5-small (round 5)
+    parley train guard --trunk me5 --dropout 0.2 --gate-with EN.safetensors   # the shipped guard (round 6): the
+                                                  # English head EN (--design encoder) and this one behind a language gate
 
 Recipe (design "minilm"; design "encoder", which the repository ships since round 4, builds on it):
 1. the written examples are cut by hash into five folds: fold 0 is never trained on ("unseen
@@ -488,6 +490,9 @@ def main(cfg: GuardTrainConfig) -> int:
             print("the frozen head's thresholds: " + ", ".join(f"{k}={t:.2f}" for k, t in zip(LABELS, frozen.thresholds)))
         else:
             english = Guard.load(cfg.gate_with, Embedder.load(precision=cfg.precision)) if cfg.gate_with else None
+            if english is not None and english.trunk != "minilm":
+                raise GuardDataError(f"--gate-with wants a head over MiniLM (the English side of the gate); "
+                                     f"{cfg.gate_with} is a head over {english.trunk!r}")
             guard, figures = train_minilm(cfg, written, embedder, english, out.with_suffix(f".{cfg.trunk}" + out.suffix))
         print(f"saved {guard.save(out)}")
         print("thresholds: " + ", ".join(f"{k}={t:.2f}" for k, t in zip(LABELS, guard.thresholds)))
