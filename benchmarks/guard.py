@@ -26,8 +26,6 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
-
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from parley.pipeline.embed import Embedder  # noqa: E402
@@ -41,15 +39,8 @@ def own_splits(guard: Guard, quick: bool, every: int = 1) -> dict:
     sets = {name: ex[::every] for name, ex in {"calibration fold": s.val, **s.test}.items()}
     if quick:
         sets = {"unseen written": s.test["unseen written"]}
-    return {name: report(chunked(guard, texts := [e.text for e in ex]), ex, guard.thresholds_for(texts))
+    return {name: report(guard.probabilities(texts := [e.text for e in ex]), ex, guard.thresholds_for(texts))
             for name, ex in sets.items()}
-
-
-def chunked(guard: Guard, texts: list[str], size: int = 512) -> np.ndarray:
-    """The guard's probabilities, `size` texts a batch: a split of 14,000 texts in one batch (the encoder's
-    states for all of them) took more than this machine's 24 GB."""
-    parts = [guard.probabilities(texts[i:i + size]) for i in range(0, len(texts), size)]
-    return np.concatenate(parts) if parts else np.zeros((0, len(guard.labels)))
 
 
 def load_heldout(folder: Path) -> tuple[list[Example], list[dict]]:

@@ -35,6 +35,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from parley.pipeline.guard import INJECTION, PRINCIPLES, language, normalize
+from parley.train.align_data import EVERYDAY
 
 
 class GuardDataError(ValueError):
@@ -172,22 +173,19 @@ def load_languages(folder: str | Path | None = None) -> list[Example]:
     return out
 
 
-def everyday_path() -> Path:
-    return Path(__file__).resolve().parent.parent / "data" / "alignment" / "everyday.toml"
-
-
 def load_everyday(path: str | Path | None = None) -> list[Example]:
     """The alignment work's everyday requests (parley/data/alignment/everyday.toml, 20 languages):
     its harmful rows under C1-C8 with their principle (C9's are requests to obey a document, not
     the guard's kind of injection: left out), its tricky-benign and ordinary rows as fine; each
     row its own `base`, tagged with its `lang`; source "everyday"."""
-    path = Path(path) if path is not None else everyday_path()
-    out = []
+    path = Path(path) if path is not None else EVERYDAY
+    table, out = _read(path), []
     for key in ("harmful", "benign", "ordinary"):
-        for n, row in enumerate(_read(path).get(key, [])):
-            text, lang = row.get("text") if isinstance(row, dict) else None, row.get("lang") if isinstance(row, dict) else None
-            if not isinstance(text, str) or not text.strip() or not isinstance(lang, str):
+        for n, row in enumerate(table.get(key, [])):
+            if not isinstance(row, dict) or not isinstance(row.get("text"), str) or not row["text"].strip() \
+                    or not isinstance(row.get("lang"), str):
                 raise GuardDataError(f"{path}: {key} #{n} needs a non-empty `text` and its `lang`, got {row!r}")
+            text, lang = row["text"], row["lang"]
             label = row.get("principle", "") if key == "harmful" else ""
             if key == "harmful" and label not in (*PRINCIPLES, "C9"):
                 raise GuardDataError(f"{path}: {key} #{n} has principle {label!r}, not one of C1..C9")
@@ -491,7 +489,7 @@ def data_sha256(folder: str | Path | None = None) -> str:
         if (folder / name).is_file():
             h.update((folder / name).read_bytes())
     if folder == data_dir():  # the retired held-out sets and the everyday requests train the project's guard too
-        h.update(everyday_path().read_bytes())
+        h.update(EVERYDAY.read_bytes())
         for name in RETIRED.values():
             for file in ("harmful.yml", "benign.yml", "injection.yml"):
                 if (retired_dir() / name / file).is_file():
