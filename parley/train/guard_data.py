@@ -204,17 +204,25 @@ def load_all(folder: str | Path | None = None) -> list[Example]:
 
 # Held-out sets that have been evaluated on and retired to training data (their README.md says so),
 # read where they lie, by source tag: the frozen-set tests forbid copies of them under parley/data/.
-RETIRED = {"heldout_v1": "guard_heldout", "heldout_v3": "guard_heldout_v3", "heldout_v4": "guard_heldout_v4"}
+RETIRED = {"heldout_v1": "guard_heldout", "heldout_v3": "guard_heldout_v3", "heldout_v4": "guard_heldout_v4",
+           "heldout_v5": "guard_heldout_v5"}
 
 
 def retired_dir() -> Path:
     return Path(__file__).resolve().parent.parent.parent / "benchmarks" / "data"
 
 
+def language(row: dict) -> str:
+    """A held-out row's `language` (v5 on; "" before), the first code of a code-switching "de+en"."""
+    code = row.get("language", "")
+    return code.split("+")[0].strip() if isinstance(code, str) else ""
+
+
 def load_retired(root: str | Path | None = None) -> list[Example]:
     """The rows of the retired held-out sets under `root` (default benchmarks/data of the
     checkout): harmful and benign requests with their principle ids, injected and innocent
-    sentences; source "heldout_v1"/"heldout_v3", each row its own `base` (folds cut by row)."""
+    sentences; source "heldout_v1" .. "heldout_v5", each row its own `base` (folds cut by row) and,
+    from v5 on, its `lang`."""
     import yaml
 
     root = Path(root) if root is not None else retired_dir()
@@ -242,15 +250,17 @@ def load_retired(root: str | Path | None = None) -> list[Example]:
             if row.get("principle") not in PRINCIPLES:
                 raise GuardDataError(f"{folder / 'harmful.yml'}: principle {row.get('principle')!r} of "
                                      f"{row['text']!r} is not one of {', '.join(PRINCIPLES)}")
-            out.append(Example(row["text"].strip(), row["principle"], "request", source, row["text"].strip()))
-        out += [Example(r["text"].strip(), "", "request", source, r["text"].strip()) for r in rows("benign.yml", "requests")]
+            out.append(Example(row["text"].strip(), row["principle"], "request", source, row["text"].strip(),
+                               language(row)))
+        out += [Example(r["text"].strip(), "", "request", source, r["text"].strip(), language(r))
+                for r in rows("benign.yml", "requests")]
         for row in rows("injection.yml", "sentences"):
             kind = row.get("label", row.get("kind"))
             if kind not in ("injection", "injected", "innocent"):
                 raise GuardDataError(f"{folder / 'injection.yml'}: {row['text']!r} is labelled {kind!r}, "
                                      "not injection/injected/innocent")
             out.append(Example(row["text"].strip(), "" if kind == "innocent" else INJECTION, "passage", source,
-                               row["text"].strip()))
+                               row["text"].strip(), language(row)))
     return out
 
 
