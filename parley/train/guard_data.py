@@ -212,7 +212,7 @@ def retired_dir() -> Path:
     return Path(__file__).resolve().parent.parent.parent / "benchmarks" / "data"
 
 
-def language(row: dict) -> str:
+def row_language(row: dict) -> str:
     """A held-out row's `language` (v5 on; "" before), the first code of a code-switching "de+en"."""
     code = row.get("language", "")
     return code.split("+")[0].strip() if isinstance(code, str) else ""
@@ -251,8 +251,8 @@ def load_retired(root: str | Path | None = None) -> list[Example]:
                 raise GuardDataError(f"{folder / 'harmful.yml'}: principle {row.get('principle')!r} of "
                                      f"{row['text']!r} is not one of {', '.join(PRINCIPLES)}")
             out.append(Example(row["text"].strip(), row["principle"], "request", source, row["text"].strip(),
-                               language(row)))
-        out += [Example(r["text"].strip(), "", "request", source, r["text"].strip(), language(r))
+                               row_language(row)))
+        out += [Example(r["text"].strip(), "", "request", source, r["text"].strip(), row_language(r))
                 for r in rows("benign.yml", "requests")]
         for row in rows("injection.yml", "sentences"):
             kind = row.get("label", row.get("kind"))
@@ -260,7 +260,7 @@ def load_retired(root: str | Path | None = None) -> list[Example]:
                 raise GuardDataError(f"{folder / 'injection.yml'}: {row['text']!r} is labelled {kind!r}, "
                                      "not injection/injected/innocent")
             out.append(Example(row["text"].strip(), "" if kind == "innocent" else INJECTION, "passage", source,
-                               row["text"].strip(), language(row)))
+                               row["text"].strip(), row_language(row)))
     return out
 
 
