@@ -54,7 +54,7 @@ def main() -> None:
             wp = pack_float(w)
             runs = {p: (lambda level=level, packed=p.endswith("packed"):
                         lib.float_linear((wp if packed else w).data_ptr(), int(dtype == torch.bfloat16), level,
-                                         int(packed), x.data_ptr(), xb.data_ptr(), y.data_ptr(), B, I, O))
+                                         int(packed), x.data_ptr(), xb.data_ptr(), y.data_ptr(), B, I, O, 1))
                     for p, level in levels.items() if not (p.startswith("avx512-bf16") and dtype == torch.float32)}
             runs["torch"] = lambda: xt @ w.t()
             best = dict.fromkeys(runs, float("inf"))

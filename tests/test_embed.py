@@ -133,3 +133,63 @@ def test_bf16_embeddings_with_and_without_the_tile_kernel(monkeypatch):
         embed._attention_kernel.cache_clear()
     assert (fp32 * tiles).sum(1).min() >= 0.999 and (fp32 * sdpa).sum(1).min() >= 0.999
     assert (tiles * sdpa).sum(1).min() >= 0.9995
+
+
+TEXTS = ["hi", "How do I kill a python process that hangs?", "word " * 600,
+         "asyncio.gather(*aws) runs awaitables concurrently. " * 9, "Rent is due on the first day."]
+
+
+@pytest.mark.parametrize("path, name", [("avx2", "avx2"), ("avx512-fma", "avx512"), ("avx512-bf16", "avx512-bf16")])
+def test_bf16_linear_products_on_each_kernel_path(path, name):
+    """In bf16 on a CPU without tiles the encoder's linear products run on kernels.c (bf16 weights,
+    packed for the AVX-512 paths; fp32 activations); each path this CPU can execute is forced by the
+    engine's setting and checked against fp32, texts of many lengths in one padded batch. Only a path
+    whose instructions the CPU lacks is skipped (a laptop with AVX2 runs the first)."""
+    import torch
+
+    from parley.engine.fast import FLOAT_CEILING, kernels
+
+    if kernels() is None:
+        pytest.fail("the C kernels did not build: is a C compiler installed (make setup)?")
+    if kernels().float_isa(FLOAT_CEILING[path]) != FLOAT_CEILING[path]:
+        pytest.skip(f"this CPU lacks the instructions of {path}")
+    fp32 = Embedder.load()
+    want = fp32(TEXTS, remember=False)
+    half = Embedder.load().in_precision("bf16", path)
+    assert half.linear_path == name and half.precision == "bf16"
+    assert all(layer.kernel is not None for layer in half.layers)
+    assert half.layers[0].qkv.weight.dtype == torch.float32  # activations and the rest stay fp32
+    got = half(TEXTS, remember=False)
+    assert (want * got).sum(1).min() >= 0.9999
+    one = half([TEXTS[1]], remember=False)  # alone, unpadded: the same vector as in the batch
+    assert float(one[0] @ got[1]) >= 0.99999
+
+
+def test_the_kernel_copies_follow_their_weights():
+    """The bf16 copies are used only while the weights are the ones they were copied from: a copy of
+    the model, weights loaded in place, or the model moved to bf16 compute in oneDNN, and give its
+    numbers; "torch" keeps oneDNN in bf16 throughout."""
+    import copy
+
+    import torch
+
+    from parley.pipeline.embed import kernel_path
+
+    assert kernel_path("torch") is None
+    plain = Embedder.load().in_precision("bf16", "torch")
+    assert plain.linear_path == "torch" and plain.layers[0].qkv.weight.dtype == torch.bfloat16
+    if kernel_path("avx2") is None:
+        pytest.skip("no kernels.c float path on this CPU")
+    fp32 = Embedder.load()
+    half = Embedder.load().in_precision("bf16", "avx2")
+    twin = copy.deepcopy(half)
+    assert all(layer.kernel is None for layer in twin.layers)
+    np.testing.assert_allclose(twin(TEXTS[:2], remember=False), fp32(TEXTS[:2], remember=False), atol=1e-5)
+    layer = half.layers[3]
+    assert layer.kernel.packs("up", layer.up)
+    with torch.no_grad():
+        layer.up.weight.mul_(0.0)  # written in place: the copy is stale, oneDNN reads the new weights
+    assert not layer.kernel.packs("up", layer.up) and layer.kernel.packs("down", layer.down)
+    x = torch.randn(1, 5, 384)
+    with torch.no_grad():
+        assert torch.equal(layer._project(x[0], "up"), torch.zeros(5, 1536) + layer.up.bias)

@@ -47,7 +47,7 @@ def linear(path: str, w: torch.Tensor, x: torch.Tensor, packed: bool = False) ->
     y, xb = torch.empty(B, w.shape[0]), torch.empty(B * I, dtype=torch.int16)
     W = pack_float(w) if packed else w
     kernels().float_linear(W.data_ptr(), int(w.dtype == torch.bfloat16), level(path), int(packed), x.data_ptr(),
-                           xb.data_ptr(), y.data_ptr(), B, I, w.shape[0])
+                           xb.data_ptr(), y.data_ptr(), B, I, w.shape[0], 0)
     return y
 
 

@@ -91,7 +91,7 @@ def main() -> None:
         def run():
             for w, (O, I), y in zip(weights, shapes, ys):
                 lib.float_linear(w.data_ptr(), w_bf16, level, int(packed), x.data_ptr(), xb.data_ptr(), y.data_ptr(), B,
-                                 I, O)
+                                 I, O, 0)
         return run
     parts = {name: [getattr(getattr(block, where), name).weight for block in layers]
              for name, where in (("q_proj", "self_attn"), ("k_proj", "self_attn"), ("v_proj", "self_attn"),

@@ -189,7 +189,7 @@ def kernels() -> ctypes.CDLL | None:
     so.quant_isa.argtypes, so.quant_isa.restype = [ctypes.c_int], ctypes.c_int
     so.float_isa.argtypes, so.float_isa.restype = [ctypes.c_int], ctypes.c_int
     so.float_linear.argtypes = [P, ctypes.c_int, ctypes.c_int, ctypes.c_int, P, P, P, ctypes.c_int, ctypes.c_long,
-                                ctypes.c_long]
+                                ctypes.c_long, ctypes.c_int]
     so.float_linear.restype = None
     so.quant_linear.argtypes = [ctypes.POINTER(QWeight), ctypes.c_int, P, P, P, P, ctypes.c_int, ctypes.c_long,
                                 ctypes.c_long]

@@ -1406,12 +1406,13 @@ static void linear_for(const void *W, int w_bf16, int isa, const float *x, const
         linear_scalar_for(W, w_bf16, x, y, y_stride, B, I, O, accumulate);
 }
 
-/* y = x W^T for one float matrix on path isa, outside any parallel region: what tests/test_kernel_paths.py
- * checks each path with; W packed (fast.py's pack_float) when `packed`, which F_AVX512 and F_BF16 take.
- * xb [B, I] uint16 is the caller's scratch. */
+/* y = x W^T for one float matrix on path isa, outside any parallel region, on `threads` threads (< 1: the
+ * runtime's default): what tests/test_kernel_paths.py checks each path with, and the sentence encoders'
+ * linear layers in bf16 on CPUs without tiles (parley/pipeline/embed.py's use_kernels); W packed (fast.py's
+ * pack_float) when `packed`, which F_AVX512 and F_BF16 take. xb [B, I] uint16 is the caller's scratch. */
 void float_linear(const void *W, int w_bf16, int isa, int packed, const float *x, uint16_t *xb, float *y, int B, long I,
-                  long O) {
-#pragma omp parallel
+                  long O, int threads) {
+#pragma omp parallel num_threads(threads < 1 ? omp_get_max_threads() : threads)
     {
 #if defined(__x86_64__) || defined(__i386__)
         if (isa == F_BF16 && w_bf16) round_rows_for(x, xb, B, I);

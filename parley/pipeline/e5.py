@@ -199,8 +199,7 @@ def load_e5(blob: str | Path | None = None, precision: str = "fp32", sha256: str
                             f"unexpected {unexpected}")
     model.words = words
     model.prefix = PREFIX
-    model.precision = precision
-    return model.to(torch.bfloat16 if precision == "bf16" else torch.float32).eval()
+    return model.in_precision(precision)
 
 
 @functools.cache

@@ -19,7 +19,11 @@ oneDNN by ONEDNN_MAX_CPU_ISA) bf16 only if a timed product of the encoder's shap
 faster there (`bf16_faster`; on this project's Xeon with the tiles withheld, bf16's large-matrix
 peak was about half fp32's and the whole encoder ran at the same speed in both, RESULTS.md
 "Ingest precision without AMX"); fp32 elsewhere. bf16 vectors keep a cosine of at least
-0.999 to the fp32 ones (tests/test_embed.py); benchmarks/ingest.py measures the speed. Without
+0.999 to the fp32 ones (tests/test_embed.py); benchmarks/ingest.py measures the speed. On a CPU
+with AVX512-BF16 and no tiles, bf16 keeps fp32 activations and runs the linear products from bf16
+copies of the weights, packed once, on kernels.c's dot-product path (`kernel_path`,
+`Embedder.in_precision`): a message's embedding 2x faster than fp32 there
+(benchmarks/probes/encoder_paths.py). Without
 gradients a layer runs its linear layers through oneDNN with the bias, GELU and residual add
 fused into the product, and on a CPU with AMX its bf16 attention through kernels.c's
 `encoder_attend` (tests/test_embed.py compares both with the plain forms). An int8
@@ -129,6 +133,7 @@ class BertLayer(nn.Module):
     def __init__(self, dim: int, hidden: int, heads: int, eps: float):
         super().__init__()
         self.heads = heads
+        self.kernel: LinearKernels | None = None  # Embedder.use_kernels: the bf16 linear layers on kernels.c
         self.qkv = nn.Linear(dim, 3 * dim)
         self.out = nn.Linear(dim, dim)
         self.norm1 = nn.LayerNorm(dim, eps=eps)
@@ -152,14 +157,26 @@ class BertLayer(nn.Module):
         the adds each read and write the whole activation again)."""
         b, t, d = x.shape
         x = x.reshape(b * t, d)
-        qkv = _linear(x, self.qkv, "none")
+        qkv = self._project(x, "qkv")
         a = _tile_attention(qkv, mask, b, t, self.heads)
         if a is None:
             q, k, v = qkv.view(b, t, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
             a = F.scaled_dot_product_attention(q, k, v, attn_mask=mask).transpose(1, 2).reshape(b * t, d)
-        x = self.norm1(_linear_add(a, self.out, x))
-        x = self.norm2(_linear_add(_linear(x, self.up, "gelu"), self.down, x))
+        x = self.norm1(self._project(a, "out", residual=x))
+        x = self.norm2(self._project(self._project(x, "up", "gelu"), "down", residual=x))
         return x.view(b, t, d)
+
+    def _project(self, x: torch.Tensor, name: str, post: str = "none", residual: torch.Tensor | None = None) -> torch.Tensor:
+        """Linear layer `name` of x, then `post` ("none" or "gelu") or + `residual`: through oneDNN,
+        or kernels.c where `Embedder.in_precision` gave this layer bf16 copies of its weights, as
+        long as the weights are still the ones they were copied from (`LinearKernels.packs`)."""
+        linear = getattr(self, name)
+        if self.kernel is None or not self.kernel.packs(name, linear):
+            return _linear_add(x, linear, residual) if residual is not None else _linear(x, linear, post)
+        y = self.kernel(x, name)
+        if post == "gelu":
+            y = F.gelu(y)
+        return y.add_(residual) if residual is not None else y
 
 
 # oneDNN's fused linear (what torch.compile's CPU backend emits): present in CPU builds of
@@ -207,6 +224,74 @@ def _tile_attention(qkv: torch.Tensor, mask: torch.Tensor | None, b: int, t: int
     return out
 
 
+def kernel_path(path: str | None = None) -> str | None:
+    """The float path of kernels.c (fast.py's FLOAT_ISAS name) that the encoders' bf16 linear layers
+    take on this CPU under the engine's kernel setting `path` (default: `EngineConfig`'s, with
+    PARLEY_KERNELS), or None for oneDNN's. By default ("auto") only the AVX512-BF16 dot products on
+    packed weights, on a CPU without AMX tiles: there they ran a message through MiniLM and mE5
+    1.3-1.4x faster than oneDNN's bf16 and 2-2.3x faster than fp32 (oneDNN reorders its operands on
+    every call; benchmarks/probes/encoder_paths.py, RESULTS.md "Guard, round 7"), while the other
+    paths were slower than oneDNN's bf16. A lower path named in `path` ("avx2", "avx512-fma",
+    "avx512") is taken as forced, for tests and benchmarks; "torch", a CPU without a path of the
+    kernels but their portable loop, or kernels that did not build give None."""
+    from parley.engine.config import EngineConfig
+    from parley.engine.fast import FLOAT_CEILING, FLOAT_ISAS, kernels
+
+    path = EngineConfig().resolved_kernels() if path is None else path
+    if path == "torch" or (path in ("auto", "amx") and tiles_for_torch()):
+        return None
+    lib = kernels()
+    if lib is None:
+        return None
+    level = lib.float_isa(FLOAT_CEILING.get(path, len(FLOAT_ISAS)))
+    if path in ("auto", "amx") and level != FLOAT_CEILING["avx512-bf16"]:
+        return None
+    return FLOAT_ISAS[level] if level >= FLOAT_CEILING["avx2"] else None
+
+
+class LinearKernels:
+    """A BERT layer's four linear layers as kernels.c's `float_linear` reads them on `path` (a name
+    of fast.py's FLOAT_ISAS, as `kernel_path` gives it): bf16 weights,
+    packed (fast.py's pack_float) for the AVX-512 paths, as they are for AVX2; biases in fp32."""
+
+    def __init__(self, layer: BertLayer, path: str):
+        from parley.engine.fast import FLOAT_ISAS, pack_float
+
+        self.level = FLOAT_ISAS.index(path)  # kernels.c's F_* of `path`, a name kernel_path gives
+        self.packed = path.startswith("avx512")
+        self.weights, self.bias, self.shapes, self.sources = {}, {}, {}, {}
+        for name in ("qkv", "out", "up", "down"):
+            linear = getattr(layer, name)
+            w = linear.weight.detach().to(torch.bfloat16).contiguous()
+            self.weights[name] = pack_float(w) if self.packed else w
+            self.bias[name] = linear.bias.detach().float().contiguous()
+            self.shapes[name] = tuple(w.shape)
+            self.sources[name] = (linear.weight.data_ptr(), linear.weight._version)
+
+    def __deepcopy__(self, memo: dict) -> None:
+        """A copy of the model computes in oneDNN until its own `in_precision` (its weights are new
+        tensors, which these were not copied from)."""
+        return None
+
+    def packs(self, name: str, linear: nn.Linear) -> bool:
+        """Whether `linear` still holds the fp32 weights copied into linear layer `name`: the same
+        tensor, not written since (a `load_state_dict` or an optimizer step writes in place)."""
+        w = linear.weight
+        return (w.data_ptr(), w._version) == self.sources[name] and w.dtype == torch.float32
+
+    def __call__(self, x: torch.Tensor, name: str) -> torch.Tensor:
+        """x @ W.T + b in fp32, x [rows, in] fp32."""
+        from parley.engine.fast import kernels
+
+        x = x.contiguous()
+        (rows, inputs), (outputs, _) = x.shape, self.shapes[name]
+        y = torch.empty(rows, outputs)
+        scratch = torch.empty(rows * inputs, dtype=torch.int16)
+        kernels().float_linear(self.weights[name].data_ptr(), 1, self.level, int(self.packed), x.data_ptr(),
+                               scratch.data_ptr(), y.data_ptr(), rows, inputs, outputs, torch.get_num_threads())
+        return y.add_(self.bias[name])
+
+
 def _linear(x: torch.Tensor, linear: nn.Linear, post: str) -> torch.Tensor:
     """x @ W.T + b, then `post` ("none" or "gelu", the exact erf form) in the same pass."""
     return torch.ops.mkldnn._linear_pointwise(x, linear.weight, linear.bias, post, [], "none" if post == "gelu" else "")
@@ -222,6 +307,7 @@ class Embedder(nn.Module):
         super().__init__()
         self.remember = remember
         self.precision = "fp32"
+        self.linear_path = "torch"  # or the kernels.c path the bf16 linear layers run on (use_kernels)
         self.prefix = ""  # put before every text encoded (mE5's "query: ", parley/pipeline/e5.py)
         self.last_lengths: list[int] = []
         self._recent: OrderedDict[str, np.ndarray] = OrderedDict()
@@ -254,8 +340,21 @@ class Embedder(nn.Module):
             raise EmbedderError(f"cannot load the embedding model from {folder}: {e}") from None
         model = cls(config, tokenizer)
         model.load_state_dict(_rename(state, config["num_hidden_layers"]))
-        model.precision = precision
-        return model.to(torch.bfloat16 if precision == "bf16" else torch.float32).eval()
+        return model.in_precision(precision)
+
+    def in_precision(self, precision: str, path: str | None = None) -> Embedder:
+        """This model (fp32 weights) set to compute in `precision`, "fp32" or "bf16". bf16 runs
+        on oneDNN in bfloat16 throughout, or, where `kernel_path(path)` names one of kernels.c's
+        float paths (a CPU without AMX tiles), keeps fp32 activations and runs the linear
+        products from bf16 copies of their weights on that path (`path` is the engine's kernel
+        setting: "avx2" forces a lower path, "torch" oneDNN). `linear_path` says which."""
+        chosen = kernel_path(path) if precision == "bf16" else None
+        self.precision = precision
+        self.to(torch.bfloat16 if precision == "bf16" and not chosen else torch.float32).eval()
+        for layer in self.layers:
+            layer.kernel = LinearKernels(layer, chosen) if chosen else None
+        self.linear_path = chosen or "torch"
+        return self
 
     def encode(self, texts: list[str], batch_size: int = 32, remember: bool = True) -> np.ndarray:
         """Unit-length embeddings, one row per text, in the order given. The last few hundred

@@ -377,7 +377,7 @@ class Guard:
                    embedder: Callable[[list[str]], np.ndarray], where: object) -> Guard:
         """The head that `parts` gave `tensors` and `meta` (names without prefix), over `embedder`
         (the pipeline's MiniLM), or over mE5 where `meta` names that trunk (one copy a process, in
-        the precision `embedder` computes in)."""
+        bf16 where the CPU multiplies bf16 fast, or where `embedder` computes in bf16)."""
         try:
             arrays = {k: tensors[k].float().numpy() for k in (*cls.PARTS, "thresholds")}
             arrays |= {k: tensors[k].numpy() for k in cls.SCALING if k in tensors}
@@ -393,7 +393,10 @@ class Guard:
         if trunk == "me5":
             from parley.pipeline.e5 import shared_e5
 
-            embedder = shared_e5(getattr(embedder, "precision", "fp32"))
+            # bf16 where the CPU multiplies it fast ("auto"): a message's mE5 pass is the guard's whole
+            # cost for other languages, 2x less in bf16 on the tiles or on kernels.c's packed paths
+            # (RESULTS.md, "Guard, round 7"); an fp32 pipeline's MiniLM does not hold it to fp32
+            embedder = shared_e5("bf16" if getattr(embedder, "precision", "fp32") == "bf16" else "auto")
         dim = getattr(embedder, "dim", arrays["w1"].shape[-1] - NGRAM_BUCKETS) + NGRAM_BUCKETS
         if meta.get("format") != HEAD_FORMAT or arrays["w1"].shape[-1] != dim:
             raise GuardError(f"{where}: guard head of format {meta.get('format')!r}, input width {arrays['w1'].shape[-1]}, "

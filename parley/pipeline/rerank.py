@@ -123,7 +123,7 @@ class Reranker:
         except RuntimeError as e:
             raise RerankerError(f"{path} holds an encoder of another shape: {str(e)[:200]}") from None
         # its own copy reads in bf16 where the CPU multiplies bf16 in hardware (several times faster)
-        own = own.to(torch.bfloat16 if resolve_precision(precision) == "bf16" else torch.float32)
+        own = own.in_precision(resolve_precision(precision))
         return cls(own.eval(), state["weight"], state["bias"], max_tokens, tuned=True)
 
     def save(self, path: str | Path) -> None:
