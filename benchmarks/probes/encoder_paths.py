@@ -4,7 +4,8 @@ of kernels.c's float paths this CPU runs (fp32 activations; `Embedder.in_precisi
 and for multilingual-e5-small (the guard's trunk for other languages).
 
     OMP_NUM_THREADS=1 python benchmarks/probes/encoder_paths.py              # 60 messages a variant
-    OMP_NUM_THREADS=1 python benchmarks/probes/encoder_paths.py --batch 32   # ingest-sized batches too
+    OMP_NUM_THREADS=2 python benchmarks/probes/encoder_paths.py --batch 32 --repeat 8   # ingest-sized batches:
+                                                     # 32 texts of ~180 tokens (MiniLM) a call
 
 Each message is new to the encoder (`remember=False`); p50 and p95 of wall time per message, and the
 lowest cosine to the fp32 vectors over a few texts of other lengths and languages. Print the CPU with
@@ -51,9 +52,10 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--messages", type=int, default=60, help="messages a variant (alternated)")
     ap.add_argument("--batch", type=int, default=1, help="texts a call (1: a message as the pipeline embeds it)")
+    ap.add_argument("--repeat", type=int, default=1, help="the message repeated this many times in each text")
     args = ap.parse_args()
     print(f"{cpu_name(flags=True)}; {torch.get_num_threads()} thread(s); {args.messages} calls of {args.batch} "
-          f"text(s) a variant, alternated; p50 / p95 ms a call")
+          f"text(s) of {args.repeat} message(s) a variant, alternated; p50 / p95 ms a call")
     print("| encoder | path | p50 ms | p95 ms | vs fp32 p50 | min cosine to fp32 |")
     print("|---|---|---|---|---|---|")
     for name, load in (("MiniLM", Embedder.load), ("mE5", load_e5)):
@@ -63,7 +65,8 @@ def main() -> None:
         run = time.time_ns()
         for i in range(args.messages + 3):
             for label, model in models.items():
-                texts = [MESSAGES[name].format(i=f"{i}.{j}", run=run) for j in range(args.batch)]
+                texts = [" ".join(MESSAGES[name].format(i=f"{i}.{j}.{k}", run=run) for k in range(args.repeat))
+                         for j in range(args.batch)]
                 start = time.perf_counter()
                 model(texts, remember=False)
                 if i >= 3:  # the first calls warm up
