@@ -36,7 +36,7 @@ def fp32():
 
 @pytest.fixture(scope="module")
 def bf16():
-    return Embedder.load(precision="bf16")
+    return Embedder.load(precision="bf16", path="torch")  # as `parley ingest` loads it: oneDNN's bf16 throughout
 
 
 def test_bf16_vectors_agree_with_fp32(fp32, bf16):

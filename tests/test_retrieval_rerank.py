@@ -125,9 +125,9 @@ def test_a_fine_tuned_cross_encoder_is_its_own_copy(embedder, tmp_path):
     question = "when is the rent due?"
     assert np.allclose(loaded.score(question, texts[:4]), reranker.score(question, texts[:4]), atol=1e-4)
     fast = Reranker.load(embedder, tmp_path / "ce.safetensors", precision="bf16")  # what "auto" picks on AMX
-    own = fast.embedder  # bf16 on oneDNN, or (without tiles) bf16 weight copies on kernels.c's path
-    assert own.precision == "bf16"
-    assert next(own.parameters()).dtype == (torch.bfloat16 if own.linear_path == "torch" else torch.float32)
+    own = fast.embedder  # bf16 on oneDNN throughout: it scores batches of long pairs (rerank.py)
+    assert own.precision == "bf16" and own.linear_path == "torch"
+    assert next(own.parameters()).dtype == torch.bfloat16
     assert np.allclose(fast.score(question, texts[:4]), loaded.score(question, texts[:4]), atol=3e-2)
     with pytest.raises(RerankerError, match="precision must be"):
         Reranker.load(embedder, tmp_path / "ce.safetensors", precision="int4")

@@ -23,7 +23,9 @@ peak was about half fp32's and the whole encoder ran at the same speed in both, 
 with AVX512-BF16 and no tiles, bf16 keeps fp32 activations and runs the linear products from bf16
 copies of the weights, packed once, on kernels.c's dot-product path (`kernel_path`,
 `Embedder.in_precision`): a message's embedding 2x faster than fp32 there
-(benchmarks/probes/encoder_paths.py). Without
+(benchmarks/probes/encoder_paths.py). Batches of many long texts (ingestion, the reranker's
+pairs) ran faster in oneDNN's bf16 throughout (1.75x fp32 against the kernels' 1.32x on 32
+texts of ~180 tokens), so those callers ask for it (`path="torch"`). Without
 gradients a layer runs its linear layers through oneDNN with the bias, GELU and residual add
 fused into the product, and on a CPU with AMX its bf16 attention through kernels.c's
 `encoder_attend` (tests/test_embed.py compares both with the plain forms). An int8
@@ -327,9 +329,10 @@ class Embedder(nn.Module):
         )
 
     @classmethod
-    def load(cls, model_dir: str | Path | None = None, precision: str = "fp32") -> Embedder:
+    def load(cls, model_dir: str | Path | None = None, precision: str = "fp32", path: str | None = None) -> Embedder:
         """The model in `model_dir` (default: the PyPI package's), computing in `precision`
-        ("fp32", "bf16", or "auto": bf16 where the CPU has fast bf16)."""
+        ("fp32", "bf16", or "auto": bf16 where the CPU has fast bf16) on kernel path `path`
+        (`in_precision`)."""
         precision = resolve_precision(precision)
         folder = Path(model_dir) if model_dir else default_model_dir()
         try:
@@ -340,7 +343,7 @@ class Embedder(nn.Module):
             raise EmbedderError(f"cannot load the embedding model from {folder}: {e}") from None
         model = cls(config, tokenizer)
         model.load_state_dict(_rename(state, config["num_hidden_layers"]))
-        return model.in_precision(precision)
+        return model.in_precision(precision, path)
 
     def in_precision(self, precision: str, path: str | None = None) -> Embedder:
         """This model (fp32 weights) set to compute in `precision`, "fp32" or "bf16". bf16 runs

@@ -658,7 +658,9 @@ def ingest_main(argv: list[str]) -> int:
         db = store_target(args.db or None)
         with Store(db) as store:
             user = store.get_user_by_name(args.user) or store.add_user(args.user)
-            embedder = Embedder.load(precision=args.precision)
+            # batches of many chunks: oneDNN's bf16 throughout beats kernels.c's bf16 products
+            # there (embed.py's docstring; benchmarks/probes/encoder_paths.py --batch 32)
+            embedder = Embedder.load(precision=args.precision, path="torch")
             show = args.progress == "on" or (args.progress == "auto" and sys.stderr.isatty())
             report = ProgressLine(len(list(_files(args.paths))), show)
             results = ingest(store, embedder, user.id, args.paths, args.collection, progress=report,

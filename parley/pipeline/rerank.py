@@ -123,7 +123,8 @@ class Reranker:
         except RuntimeError as e:
             raise RerankerError(f"{path} holds an encoder of another shape: {str(e)[:200]}") from None
         # its own copy reads in bf16 where the CPU multiplies bf16 in hardware (several times faster)
-        own = own.in_precision(resolve_precision(precision))
+        # (oneDNN's bf16 throughout: it scores batches of long pairs, where that beats kernels.c's)
+        own = own.in_precision(resolve_precision(precision), path="torch")
         return cls(own.eval(), state["weight"], state["bias"], max_tokens, tuned=True)
 
     def save(self, path: str | Path) -> None:
