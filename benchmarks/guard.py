@@ -148,7 +148,8 @@ def main() -> int:
     ap.add_argument("--threads", type=int, default=1,
                     help="torch threads (1: on a shared, loaded CPU two threads made one embedding 40x slower)")
     ap.add_argument("--precision", default="fp32", choices=("fp32", "bf16", "auto"),
-                    help="the encoders' arithmetic (MiniLM's, and mE5's for a head over it)")
+                    help="MiniLM's arithmetic (a head over mE5 runs mE5 in bf16 here, else in 'auto' as the "
+                         "pipeline does; benchmarks/probes/guard_precision.py compares it with fp32)")
     ap.add_argument("--messages", default="english", choices=sorted(MESSAGES),
                     help="the language of the messages latency is timed on (other: Russian, which a gated guard's "
                          "other-language head scores)")
