@@ -1408,7 +1408,7 @@ static void linear_for(const void *W, int w_bf16, int isa, const float *x, const
 
 /* y = x W^T for one float matrix on path isa, outside any parallel region, on `threads` threads (< 1: the
  * runtime's default): what tests/test_kernel_paths.py checks each path with, and the sentence encoders'
- * linear layers in bf16 on CPUs without tiles (parley/pipeline/embed.py's use_kernels); W packed (fast.py's
+ * linear layers in bf16 on CPUs without tiles (parley/pipeline/embed.py's LinearKernels); W packed (fast.py's
  * pack_float) when `packed`, which F_AVX512 and F_BF16 take. xb [B, I] uint16 is the caller's scratch. */
 void float_linear(const void *W, int w_bf16, int isa, int packed, const float *x, uint16_t *xb, float *y, int B, long I,
                   long O, int threads) {

@@ -135,7 +135,7 @@ class BertLayer(nn.Module):
     def __init__(self, dim: int, hidden: int, heads: int, eps: float):
         super().__init__()
         self.heads = heads
-        self.kernel: LinearKernels | None = None  # Embedder.use_kernels: the bf16 linear layers on kernels.c
+        self.kernel: LinearKernels | None = None  # Embedder.in_precision: the bf16 linear layers on kernels.c
         self.qkv = nn.Linear(dim, 3 * dim)
         self.out = nn.Linear(dim, dim)
         self.norm1 = nn.LayerNorm(dim, eps=eps)
@@ -309,7 +309,7 @@ class Embedder(nn.Module):
         super().__init__()
         self.remember = remember
         self.precision = "fp32"
-        self.linear_path = "torch"  # or the kernels.c path the bf16 linear layers run on (use_kernels)
+        self.linear_path = "torch"  # or the kernels.c path the bf16 linear layers run on (in_precision)
         self.prefix = ""  # put before every text encoded (mE5's "query: ", parley/pipeline/e5.py)
         self.last_lengths: list[int] = []
         self._recent: OrderedDict[str, np.ndarray] = OrderedDict()
