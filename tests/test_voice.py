@@ -262,6 +262,7 @@ def test_whisper_with_a_window_fitted_to_the_clip_hears_the_same(piper, whisper)
         WhisperASR(whisper_folder("default"), window=31)
 
 
+@needs_espeak
 def test_whisper_transcribes_espeak_speech(whisper):
     text = "Please open the window."
     result = whisper.transcribe(load_audio(wav_bytes(load_tts("espeak:en-us").synthesize(text))))

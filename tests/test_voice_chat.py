@@ -13,6 +13,7 @@ from parley.voice.asr import wer
 from parley.voice.audio import read_wav, wav_bytes
 from parley.voice.main import voice_chat
 from parley.voice.tts import load_tts
+from test_voice import needs_espeak
 
 pytest.importorskip("faster_whisper")
 pytest.importorskip("piper")
@@ -30,6 +31,7 @@ def session(tiny_chat_model, embedder, tmp_path):
     s.close()
 
 
+@needs_espeak
 def test_a_spoken_question_gets_a_saved_answer_and_a_spoken_reply(session, tmp_path):
     question, answer = tmp_path / "q.wav", tmp_path / "a.wav"
     question.write_bytes(wav_bytes(load_tts("default").synthesize(QUESTION)))

@@ -13,6 +13,7 @@ import pytest
 from parley.voice.audio import Clip, resample
 from parley.voice.echo import Playback
 from parley.voice.vad import BargeIn
+from test_voice import needs_espeak
 
 pytest.importorskip("faster_whisper")
 pytest.importorskip("piper")
@@ -53,6 +54,7 @@ def played(answer: Clip) -> Playback:
     return playback
 
 
+@needs_espeak
 def test_the_answer_coming_back_is_an_echo(sounds):
     answer, _, whisper = sounds
     playback, echo = played(answer), room(resample(answer.samples, answer.rate, RATE))
@@ -65,6 +67,7 @@ def test_the_answer_coming_back_is_an_echo(sounds):
         assert verdict == "echo", (delay, whisper.transcribe(Clip(heard, RATE)).text)
 
 
+@needs_espeak
 def test_a_user_saying_the_answers_words_while_they_play_is_a_barge_in(sounds):
     answer, user, whisper = sounds
     playback, rule = played(answer), BargeIn()
@@ -82,6 +85,7 @@ def test_a_user_saying_the_answers_words_while_they_play_is_a_barge_in(sounds):
     assert playback.match(echo + voice, PLAYED_AT) < BargeIn().echo_audio
 
 
+@needs_espeak
 def test_nothing_played_then_is_no_echo(sounds):
     answer, _, _ = sounds
     playback = played(answer)

@@ -16,7 +16,7 @@ from parley.voice.asr import wer
 from parley.voice.audio import Clip, load_audio, read_wav, wav_bytes
 from serving import serving
 from test_serve import make_users
-from test_voice import encode
+from test_voice import encode, needs_espeak
 
 pytest.importorskip("faster_whisper")
 pytest.importorskip("piper")
@@ -52,6 +52,7 @@ def spoken(site):
     return site[1].audio.speech.create(model="tts-1", voice="alloy", input=TEXT, response_format="wav").content
 
 
+@needs_espeak
 def test_models_lists_the_speech_models(site):
     names = [m.id for m in site[1].models.list()]
     assert {"whisper-1", "whisper-tiny.en", "tts-1", "espeak"} <= set(names)
@@ -78,6 +79,7 @@ def test_speech_then_transcription_gives_the_text_back(site, spoken):
     assert wer(TEXT, sdk.audio.transcriptions.create(model="whisper-1", file=("speech.webm", webm)).text) <= WER_BOUND
 
 
+@needs_espeak
 def test_speech_streams_sentence_by_sentence_and_as_pcm(site):
     sdk = site[1]
     with sdk.audio.speech.with_streaming_response.create(model="tts-1", voice="echo", input=TEXT,
@@ -112,6 +114,7 @@ def test_bad_audio_is_a_400_that_says_why(site, name, data, code):
     assert e.value.status_code == 400 and e.value.code == code and e.value.param == "file"
 
 
+@needs_espeak
 def test_requests_are_checked_and_bounded(site):
     url, sdk, key = site
     with pytest.raises(openai.NotFoundError, match="no transcription model"):

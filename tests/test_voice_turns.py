@@ -15,6 +15,7 @@ from parley.voice.asr import Segment, Transcription
 from parley.voice.audio import Clip, resample
 from parley.voice.vad import BargeIn
 from serving import GatedEngine
+from test_voice import needs_espeak
 from test_voice_live import (CHUNK, connect, gated, held, make_site, send_audio,  # noqa: F401 (speech: a fixture)
                              speech, until, ws_url)
 
@@ -50,6 +51,7 @@ def whisper():
     return load_asr("default", window=0)
 
 
+@needs_espeak
 def test_noise_and_the_assistants_own_voice_are_no_barge_in_but_words_are(whisper):
     rule = BargeIn()
 
@@ -119,6 +121,7 @@ def test_a_pause_inside_a_sentence_does_not_split_the_turn(tiny768_registry, tmp
         engine.close()
 
 
+@needs_espeak
 def test_a_noise_over_the_answer_stops_nothing_and_words_do(tiny768_registry, tmp_path, speech):  # noqa: F811
     with gated(tiny768_registry, tmp_path, max_tokens=200) as (ws, seen, engine, _):  # held mid-turn
         send_audio(ws, speech("Turn on the kitchen lights."))
