@@ -10,7 +10,7 @@ cd "$(dirname "$0")/../.."
 BIN=${BIN:-.venv/bin}
 case "${1:-}" in
 train)
-    test -f runs/corpus/dialogs-train.jsonl || $BIN/parley data prepare runs/corpus sources=chitchat sources=chatterbot
+    test -f runs/corpus/dialogs-train.jsonl || { make data-sources && $BIN/parley data prepare runs/corpus sources=chitchat sources=chatterbot; }
     # round 5's run B: 300 steps (the cosine schedule's length), its step 200 kept
     test -f runs/cai-b/checkpoints/step-000200/model.safetensors ||
         OMP_NUM_THREADS=2 $BIN/parley train constitutional recipes/align-constitutional.toml run=runs/cai-b \
