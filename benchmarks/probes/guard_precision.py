@@ -35,7 +35,7 @@ def main() -> None:
     if not isinstance(guard, GatedGuard):
         raise SystemExit(f"{args.head} is not a gated guard: it has no mE5 head")
     s = split(load_all())
-    texts = sorted({e.text for name, rows in {"calibration": s.val, **s.test}.items() for e in rows})
+    texts = sorted({e.text for rows in (s.val, *s.test.values()) for e in rows})
     other = [t for t, english in zip(texts, GatedGuard.routes(texts)) if not english]
     head = guard.other
     auto = head.embedder

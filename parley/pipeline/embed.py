@@ -257,8 +257,9 @@ class LinearKernels:
     packed (fast.py's pack_float) for the AVX-512 paths, as they are for AVX2; biases in fp32."""
 
     def __init__(self, layer: BertLayer, path: str):
-        from parley.engine.fast import FLOAT_ISAS, pack_float
+        from parley.engine.fast import FLOAT_ISAS, kernels, pack_float
 
+        self.linear = kernels().float_linear  # kernel_path gave `path`: the kernels are built
         self.level = FLOAT_ISAS.index(path)  # kernels.c's F_* of `path`, a name kernel_path gives
         self.packed = path.startswith("avx512")
         self.weights, self.bias, self.shapes, self.sources = {}, {}, {}, {}
@@ -283,14 +284,12 @@ class LinearKernels:
 
     def __call__(self, x: torch.Tensor, name: str) -> torch.Tensor:
         """x @ W.T + b in fp32, x [rows, in] fp32."""
-        from parley.engine.fast import kernels
-
         x = x.contiguous()
         (rows, inputs), (outputs, _) = x.shape, self.shapes[name]
         y = torch.empty(rows, outputs)
         scratch = torch.empty(rows * inputs, dtype=torch.int16)
-        kernels().float_linear(self.weights[name].data_ptr(), 1, self.level, int(self.packed), x.data_ptr(),
-                               scratch.data_ptr(), y.data_ptr(), rows, inputs, outputs, torch.get_num_threads())
+        self.linear(self.weights[name].data_ptr(), 1, self.level, int(self.packed), x.data_ptr(),
+                    scratch.data_ptr(), y.data_ptr(), rows, inputs, outputs, torch.get_num_threads())
         return y.add_(self.bias[name])
 
 
