@@ -76,6 +76,8 @@ def make_loss(model, reference, beta: float, sft_coef: float = 0.0):
             ref = sequence_logprobs(model if reference is None else reference, ids, mask)
         policy = sequence_logprobs(net, ids, mask)
         loss, metrics = dpo_loss(policy[:n], policy[n:], ref[:n], ref[n:], beta)
+        gap = (policy[:n] - policy[n:]).detach()  # the model alone: chosen over rejected, log-probability
+        metrics = {**metrics, "prefers_chosen": (gap > 0).float().mean(), "logp_margin": gap.mean()}
         if sft_coef:
             nll = -(policy[:n] / chosen_mask[:, 1:].sum(-1).clamp(min=1)).mean()
             loss, metrics = loss + sft_coef * nll, {**metrics, "chosen_nll": nll.detach()}
@@ -94,13 +96,11 @@ def preference_metrics(model, loss_fn, data: PairDataset, batch_size: int, dtype
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=dtype == "bfloat16"):
         for batch in data.eval_batches(batch_size):
             batch = tuple(b.to(device) for b in batch)
-            loss, metrics = loss_fn(model, batch)
+            loss, metrics = loss_fn(model, batch)  # its metrics hold the model's own preference too
             n = len(batch[0])
-            gap = sequence_logprobs(model, batch[0], batch[2]) - sequence_logprobs(model, batch[1], batch[3])
             sums["loss"] += float(loss) * n
-            sums["accuracy"] += float(metrics["accuracy"]) * n
-            sums["prefers_chosen"] += float((gap > 0).float().sum())
-            sums["logp_margin"] += float(gap.sum())
+            for k in ("accuracy", "prefers_chosen", "logp_margin"):
+                sums[k] += float(metrics[k]) * n
     model.train(was_training)
     return {k: v / len(data) for k, v in sums.items()}
 
