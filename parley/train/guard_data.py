@@ -1,6 +1,6 @@
 """The guard's training data: written examples from parley/data/guard/, and variants of them.
 
-    examples = load_all()                             # written lines, intents, languages, templates, retired sets
+    examples = load_all()                             # written lines, intents, languages, breadth, templates, retired sets
     examples = load_written()                         # Example(text, label, kind, source="written", base)
     variants = generate(examples, seed=3)             # disguised and framed copies, source "gen:leet+fiction seed=3"
     train, val, test = split(examples, seeds=(0, 1, 2), val_seed=3, test_seed=4)
@@ -21,7 +21,9 @@ languages.toml holds intents and injected orders written in 22 languages the glo
 Examples of one intent (intents.toml, languages.toml) share its id as `base`, so folds hold out
 whole intents. The project's own data also takes the retired held-out sets (`RETIRED`, read in
 place) and the alignment work's everyday requests (parley/data/alignment/everyday.toml: ordinary,
-tricky-benign and disguised harmful requests in 21 languages; source "everyday").
+tricky-benign and disguised harmful requests in 21 languages; source "everyday"). breadth/ holds
+more intents and order groups in languages.toml's format, English among them (lang "en"), for
+principles and orders that intents.toml covers thinly (source "breadth", guard round 8).
 """
 
 from __future__ import annotations
@@ -150,8 +152,29 @@ def load_languages(folder: str | Path | None = None) -> list[Example]:
     like intents.toml, an intent's phrasings and look-alikes share its id as `base`."""
     folder = Path(folder) if folder is not None else data_dir()
     path = folder / "languages.toml"
-    if not path.is_file():
-        return []
+    return _load_tagged(path, "languages") if path.is_file() else []
+
+
+def load_breadth(folder: str | Path | None = None) -> list[Example]:
+    """The files of breadth/ in `folder` (guard round 8: intents and order groups in the languages.toml
+    format, English tagged "en", each file written by its own hand from the constitution), source
+    "breadth"; an id may not repeat across the files or those of intents.toml and languages.toml."""
+    folder = Path(folder) if folder is not None else data_dir()
+    out: list[Example] = []
+    owner = {e.base.split(":", 1)[1]: "intents.toml or languages.toml" for e in load_intents(folder) + load_languages(folder)}
+    for path in sorted((folder / "breadth").glob("*.toml")):
+        examples = _load_tagged(path, "breadth")
+        ids = dict.fromkeys(e.base.split(":", 1)[1] for e in examples)
+        for eid in ids:
+            if eid in owner:
+                raise GuardDataError(f"{path}: id {eid!r} is already used in {owner[eid]}; give the entry an id of its own")
+        owner.update(dict.fromkeys(ids, path.name))
+        out += examples
+    return out
+
+
+def _load_tagged(path: Path, source: str) -> list[Example]:
+    """Intents and order groups of a file in the languages.toml format, every entry tagged with its `lang`."""
     table, out, seen = _read(path), [], set()
     for section, lists in (("intent", (("harmful", None, "request"), ("benign", "", "request"))),
                            ("order", (("orders", INJECTION, "passage"), ("innocent", "", "passage")))):
@@ -165,10 +188,10 @@ def load_languages(folder: str | Path | None = None) -> list[Example]:
                 raise GuardDataError(f"{path}: intent {eid!r} has principle {pid!r}, not one of {', '.join(PRINCIPLES)}")
             seen.add(eid)
             for n_key, (key, label, kind) in enumerate(lists):  # the first list (harmful, orders) must hold some
-                texts = _strings(entry.get(key, None if n_key == 0 else []), f"{eid}.{key}", folder)
+                texts = _strings(entry.get(key, None if n_key == 0 else []), f"{eid}.{key}", path)
                 if n_key == 0 and not texts:
                     raise GuardDataError(f"{path}: `{eid}.{key}` is empty; write at least one line or drop the entry")
-                out += [Example(t, pid if label is None else label, kind, "languages", f"{section}:{eid}", lang)
+                out += [Example(t, pid if label is None else label, kind, source, f"{section}:{eid}", lang)
                         for t in texts]
     return out
 
@@ -199,7 +222,8 @@ def load_all(folder: str | Path | None = None) -> list[Example]:
     intents, template sentences, and (for the project's own data, `folder` None) the retired
     held-out sets and the alignment work's everyday requests."""
     own = load_retired() + load_everyday() if folder is None else []
-    return load_written(folder) + load_intents(folder) + load_languages(folder) + load_templates(folder) + own
+    return (load_written(folder) + load_intents(folder) + load_languages(folder) + load_breadth(folder)
+            + load_templates(folder) + own)
 
 
 # Held-out sets that have been evaluated on and retired to training data (their README.md says so),
@@ -498,6 +522,8 @@ def data_sha256(folder: str | Path | None = None) -> str:
     for name in ("requests.toml", "injections.toml", "templates.toml", "intents.toml", "languages.toml"):
         if (folder / name).is_file():
             h.update((folder / name).read_bytes())
+    for path in sorted((folder / "breadth").glob("*.toml")):
+        h.update(path.read_bytes())
     if folder == data_dir():  # the retired held-out sets and the everyday requests train the project's guard too
         h.update(EVERYDAY.read_bytes())
         for name in RETIRED.values():
