@@ -155,13 +155,15 @@ def load_languages(folder: str | Path | None = None) -> list[Example]:
     return _load_tagged(path, "languages") if path.is_file() else []
 
 
-def load_breadth(folder: str | Path | None = None) -> list[Example]:
+def load_breadth(folder: str | Path | None = None, beside: list[Example] | None = None) -> list[Example]:
     """The files of breadth/ in `folder` (guard round 8: intents and order groups in the languages.toml
     format, English tagged "en", each file written by its own hand from the constitution), source
-    "breadth"; an id may not repeat across the files or those of intents.toml and languages.toml."""
+    "breadth"; an id may not repeat across the files or those of intents.toml and languages.toml
+    (`beside`: their examples where the caller has loaded them already)."""
     folder = Path(folder) if folder is not None else data_dir()
+    beside = load_intents(folder) + load_languages(folder) if beside is None else beside
     out: list[Example] = []
-    owner = {e.base.split(":", 1)[1]: "intents.toml or languages.toml" for e in load_intents(folder) + load_languages(folder)}
+    owner = {e.base.split(":", 1)[1]: "intents.toml or languages.toml" for e in beside}
     for path in sorted((folder / "breadth").glob("*.toml")):
         examples = _load_tagged(path, "breadth")
         ids = dict.fromkeys(e.base.split(":", 1)[1] for e in examples)
@@ -222,8 +224,8 @@ def load_all(folder: str | Path | None = None) -> list[Example]:
     intents, template sentences, and (for the project's own data, `folder` None) the retired
     held-out sets and the alignment work's everyday requests."""
     own = load_retired() + load_everyday() if folder is None else []
-    return (load_written(folder) + load_intents(folder) + load_languages(folder) + load_breadth(folder)
-            + load_templates(folder) + own)
+    tagged = load_intents(folder) + load_languages(folder)
+    return load_written(folder) + tagged + load_breadth(folder, tagged) + load_templates(folder) + own
 
 
 # Held-out sets that have been evaluated on and retired to training data (their README.md says so),
