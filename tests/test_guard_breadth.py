@@ -97,10 +97,11 @@ def test_the_retired_held_out_sets_train_the_guard_tagged_with_their_principles(
     from parley.train.guard_data import RETIRED, load_retired, retired_dir
 
     rows = load_retired()
-    assert {e.source for e in rows} == {"heldout_v1", "heldout_v3", "heldout_v4", "heldout_v5"}
-    v5 = [e for e in rows if e.source == "heldout_v5"]
-    assert {e.lang for e in v5} >= {"en", "de", "ja", "ru"} and "" not in {e.lang for e in v5}
-    assert not any("+" in e.lang for e in v5)  # a code-switching row goes by its first language
+    assert {e.source for e in rows} == {"heldout_v1", "heldout_v3", "heldout_v4", "heldout_v5", "heldout_v6"}
+    for source in ("heldout_v5", "heldout_v6"):
+        tagged = [e for e in rows if e.source == source]
+        assert {e.lang for e in tagged} >= {"en", "de", "ja", "ru"} and "" not in {e.lang for e in tagged}
+        assert not any("+" in e.lang for e in tagged)  # a code-switching row goes by its first language
     for source, name in RETIRED.items():
         folder = retired_dir() / name
         harmful = yaml.safe_load((folder / "harmful.yml").read_text(encoding="utf-8"))["requests"]

@@ -1,15 +1,17 @@
 #!/usr/bin/env bash
-# Guard rounds 7 and 8 (benchmarks/RESULTS.md, "Guard, round 7" and "Guard, round 8"): the runs as they were made
-# (runs/ is not in git). ROUND is 7 or 8; each round trains from the data of its commit.
+# Guard rounds 7, 8 and 9 (benchmarks/RESULTS.md, "Guard, round 7" .. "Guard, round 9"): the runs as they were made
+# (runs/ is not in git). ROUND is 7, 8 or 9; each round trains from the data of its commit.
 #   bash benchmarks/probes/guard_round.sh ROUND train          # A (English head), then B + C (gated) in one run
 #   bash benchmarks/probes/guard_round.sh ROUND own HEAD       # a head's own-split figures, fp32 (S: the shipped one)
 #   bash benchmarks/probes/guard_round.sh ROUND flips HEAD...  # mE5 head decisions, fp32 against the shipped 'auto'
-#   bash benchmarks/probes/guard_round.sh ROUND latency HEAD...  # English then Russian messages, one thread each
+#   bash benchmarks/probes/guard_round.sh ROUND latency HEAD...  # English then Russian messages, one thread each;
+#                                                                # REPEAT=5 goes through the heads five times, alternating
 #   bash benchmarks/probes/guard_round.sh ROUND v6 HEAD...     # v6 once per head (a held-out round: count it)
+#   bash benchmarks/probes/guard_round.sh ROUND v7 HEAD...     # v7 the same way (round 9 on)
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 PY=${PY:-.venv/bin/python}
-round=${1:?usage: $0 ROUND train | own HEAD | flips HEAD... | latency HEAD... | v6 HEAD...}
+round=${1:?usage: $0 ROUND train | own HEAD | flips HEAD... | latency HEAD... | v6 HEAD... | v7 HEAD...}
 what=${2:-}
 shift 2 || true
 runs=runs/g$round
@@ -26,18 +28,20 @@ own)
 flips)
     for head in "$@"; do echo "== $head"; OMP_NUM_THREADS=2 $PY benchmarks/probes/guard_precision.py --head "$head"; done ;;
 latency)
-    for head in "$@"; do
-        for messages in english other; do
-            echo "== $head, $messages"
-            OMP_NUM_THREADS=1 $PY benchmarks/guard.py --quick --head "$head" --messages $messages 2>&1 | grep -v '^own split'
+    for pass in $(seq "${REPEAT:-1}"); do
+        for head in "$@"; do
+            for messages in english other; do
+                echo "== pass $pass, $head, $messages"
+                OMP_NUM_THREADS=1 $PY benchmarks/guard.py --quick --head "$head" --messages $messages 2>&1 | grep -v '^own split'
+            done
         done
     done ;;
-v6)
+v6|v7)
     for head in "$@"; do
         echo "== $head"
-        OMP_NUM_THREADS=2 $PY benchmarks/guard.py --threads 2 --heldout benchmarks/data/guard_heldout_v6 --head "$head"
+        OMP_NUM_THREADS=2 $PY benchmarks/guard.py --threads 2 --heldout benchmarks/data/guard_heldout_$what --head "$head"
     done ;;
 *)
-    echo "usage: $0 ROUND train | own HEAD | flips HEAD... | latency HEAD... | v6 HEAD..." >&2
+    echo "usage: $0 ROUND train | own HEAD | flips HEAD... | latency HEAD... | v6 HEAD... | v7 HEAD..." >&2
     exit 2 ;;
 esac

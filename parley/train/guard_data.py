@@ -231,7 +231,7 @@ def load_all(folder: str | Path | None = None) -> list[Example]:
 # Held-out sets that have been evaluated on and retired to training data (their README.md says so),
 # read where they lie, by source tag: the frozen-set tests forbid copies of them under parley/data/.
 RETIRED = {"heldout_v1": "guard_heldout", "heldout_v3": "guard_heldout_v3", "heldout_v4": "guard_heldout_v4",
-           "heldout_v5": "guard_heldout_v5"}
+           "heldout_v5": "guard_heldout_v5", "heldout_v6": "guard_heldout_v6"}
 
 
 def retired_dir() -> Path:
@@ -247,7 +247,7 @@ def row_language(row: dict) -> str:
 def load_retired(root: str | Path | None = None) -> list[Example]:
     """The rows of the retired held-out sets under `root` (default benchmarks/data of the
     checkout): harmful and benign requests with their principle ids, injected and innocent
-    sentences; source "heldout_v1" .. "heldout_v5", each row its own `base` (folds cut by row) and,
+    sentences; source "heldout_v1" .. "heldout_v6", each row its own `base` (folds cut by row) and,
     from v5 on, its `lang`."""
     import yaml
 
