@@ -8,6 +8,7 @@ and its latency per message.
     python benchmarks/guard.py --every 5            # own splits on every 5th example (as the LoRA run reports)
     python benchmarks/guard.py --quick --head FILE --precision bf16   # encoders in bf16 (a head over mE5 too)
     python benchmarks/guard.py --quick --head FILE --messages other   # latency on Russian messages (a gated guard)
+    python benchmarks/guard.py --quick --latency-only --head FILE     # the 50 messages' latency alone
 
 Latency is per message, single messages as the pipeline sees them (`latency`): the input check
 and the NLU stage's embedding of the same message, against that embedding alone; "marginal"
@@ -144,6 +145,8 @@ def main() -> int:
     ap.add_argument("--head", default=str(shipped_path()))
     ap.add_argument("--heldout", default="", help="a folder of held-out evaluation files")
     ap.add_argument("--quick", action="store_true", help="short run: 50 messages, one own split")
+    ap.add_argument("--latency-only", action="store_true",
+                    help="time the messages and read no own split (repeated latency passes, guard_round.sh)")
     ap.add_argument("--every", type=int, default=1, help="own splits: every n-th example (5: as the LoRA run)")
     ap.add_argument("--threads", type=int, default=1,
                     help="torch threads (1: on a shared, loaded CPU two threads made one embedding 40x slower)")
@@ -173,7 +176,7 @@ def main() -> int:
                 for field, groups in by_group(flags, examples, tags, which).items():
                     print(f"  {which}, {name}, per {field}: " + ", ".join(f"{g} {a}/{n}" for g, (a, n) in groups.items()))
         return 0
-    for name, fig in own_splits(guard, args.quick, max(args.every, 1)).items():
+    for name, fig in ({} if args.latency_only else own_splits(guard, args.quick, max(args.every, 1))).items():
         print(describe(f"own split, {name}", fig))
     print("latency:", latency(guard, embedder, 50 if args.quick else 300, args.messages))
     return 0
