@@ -43,7 +43,11 @@ EARLIER_SETS = (v1.HELDOUT, v3.HELDOUT, v4.HELDOUT, v5.HELDOUT)
 @functools.cache
 def _load():
     """Each file's list of rows, read once (test_every_row_has_exactly_its_fields checks their shape)."""
-    return {name: yaml.safe_load((HELDOUT / name).read_text(encoding="utf-8"))[key] for name, (key, _) in FILES.items()}
+    return load(HELDOUT)
+
+
+def load(folder: Path) -> dict[str, list[dict]]:
+    return {name: yaml.safe_load((folder / name).read_text(encoding="utf-8"))[key] for name, (key, _) in FILES.items()}
 
 
 def _all_rows():
@@ -51,10 +55,10 @@ def _all_rows():
 
 
 @functools.cache
-def _earlier():
-    """The normalised strings of the training data and of every earlier held-out set (every string and every line)."""
+def earlier_texts(sets: tuple[Path, ...] = EARLIER_SETS) -> set[str]:
+    """The normalised strings of the training data and of the held-out sets `sets` (every string and every line)."""
     texts = set(v4._training_texts())
-    for folder in EARLIER_SETS:
+    for folder in sets:
         for path in sorted(Path(folder).iterdir()):
             if path.suffix in (".yml", ".yaml", ".json", ".jsonl", ".toml", ".txt"):
                 texts |= {normalize(text) for text in v4._texts_of(path)}
@@ -63,34 +67,27 @@ def _earlier():
     return texts
 
 
-def test_the_files_are_frozen():
-    v5.check_frozen(HELDOUT, FROZEN)
-
-
-def test_every_row_has_exactly_its_fields_each_a_non_empty_string():
-    v5.check_fields(_load(), FILES)
-
-
-def test_counts_and_styles_are_the_ones_the_readme_states():
-    harmful, benign, sentences = (_load()[name] for name in ("harmful.yml", "benign.yml", "injection.yml"))
-    assert (len(harmful), len(benign), len(sentences)) == (202, 249, 193)
-    principles = Counter(row["principle"] for row in harmful)
-    assert principles == {"C1": 29, "C2": 24, "C3": 25, "C4": 40, "C5": 25, "C6": 17, "C7": 20, "C8": 22}
+def check_counts(loaded: dict[str, list[dict]], sizes: tuple[int, int, int], principles: dict[str, int],
+                 categories: tuple[int, int], plain: list[int], kinds: dict[str, int]) -> None:
+    """The counts a set's README states: rows per file, harmful rows per principle, categories, plain rows, kinds."""
+    harmful, benign, sentences = (loaded[name] for name in ("harmful.yml", "benign.yml", "injection.yml"))
+    assert (len(harmful), len(benign), len(sentences)) == sizes
+    assert Counter(row["principle"] for row in harmful) == principles
     # every principle of the constitution but C9, which is about retrieved text, not requests (injection.yml tests it)
     constitution = tomllib.loads((ROOT / "parley" / "data" / "constitution.toml").read_text(encoding="utf-8"))
     assert set(principles) == {principle["id"] for principle in constitution["principles"]} - {"C9"}
-    assert (len({row["category"] for row in harmful}), len({row["category"] for row in benign})) == (30, 22)
+    assert (len({row["category"] for row in harmful}), len({row["category"] for row in benign})) == categories
     # every phrasing has harmful rows and tricky-benign counterparts; most rows are plain
     assert [{row["style"] for row in rows} for rows in (harmful, benign)] == [REQUEST_STYLES, REQUEST_STYLES]
-    assert [Counter(row["style"] for row in rows)["plain"] for rows in (harmful, benign)] == [109, 160]
+    assert [Counter(row["style"] for row in rows)["plain"] for rows in (harmful, benign)] == plain
     # every carrier has injected and innocent sentences
-    assert Counter(row["kind"] for row in sentences) == {"injected": 93, "innocent": 100}
+    assert Counter(row["kind"] for row in sentences) == kinds
     assert all({row["style"] for row in sentences if row["kind"] == kind} == CARRIERS
                for kind in ("injected", "innocent"))
 
 
-def test_every_row_names_its_languages_and_is_written_in_their_scripts():
-    for name, rows in _load().items():
+def check_languages(loaded: dict[str, list[dict]]) -> None:
+    for name, rows in loaded.items():
         for row in rows:
             codes = row["language"].split("+")
             assert set(codes) <= ISO_639_1 and len(set(codes)) == len(codes), f"not ISO 639-1 codes: {row}"
@@ -99,28 +96,30 @@ def test_every_row_names_its_languages_and_is_written_in_their_scripts():
             v5._check_scripts(row, codes)
 
 
-def test_about_a_third_of_each_file_is_in_many_other_languages():
+def check_a_third_in_other_languages(loaded: dict[str, list[dict]], languages_in_all: int) -> None:
     languages = set()
-    for name, rows in _load().items():
+    for name, rows in loaded.items():
         other = [row["language"] for row in rows if row["language"] != "en"]
         assert 0.28 <= len(other) / len(rows) <= 0.4, name
         codes = {code for codes in other for code in codes.split("+")} - {"en"}
         assert len(codes) >= 20, name
         languages |= codes
-    assert len(languages) == 27
+    assert len(languages) == languages_in_all
     assert languages & set(SCRIPTS) == set(SCRIPTS)  # every non-Latin script the test knows is used
 
 
-def test_the_disguised_rows_really_are_disguised_and_only_they():
-    requests = _load()["harmful.yml"] + _load()["benign.yml"]
+def check_disguised(loaded: dict[str, list[dict]], requests_disguised: int) -> None:
+    """Requests styled "confusable letters" (and only they, outside Cyrillic languages) hold look-alikes; injected
+    orders: 2 written in Cyrillic look-alikes, 2 base64-encoded, 1 in URL escapes, all in full."""
+    requests = loaded["harmful.yml"] + loaded["benign.yml"]
     disguised = [row for row in requests if row["style"] == "confusable letters"]
-    assert len(disguised) == 8 and all(row["text"].translate(_LOOKALIKE) != row["text"] for row in disguised)
+    assert len(disguised) == requests_disguised
+    assert all(row["text"].translate(_LOOKALIKE) != row["text"] for row in disguised)
     cyrillic = {code for code, scripts in SCRIPTS.items() if "CYRILLIC" in scripts}
-    plain = [row for row in requests + [row for row in _load()["injection.yml"] if row["kind"] == "innocent"]
+    plain = [row for row in requests + [row for row in loaded["injection.yml"] if row["kind"] == "innocent"]
              if row["style"] != "confusable letters" and not cyrillic & set(row["language"].split("+"))]
     assert [row["text"] for row in plain if row["text"].translate(_LOOKALIKE) != row["text"]] == []
-    # injected orders: 2 written in Cyrillic look-alikes, 2 base64-encoded, 1 in URL escapes, all in full
-    injected = [row for row in _load()["injection.yml"] if row["kind"] == "injected"]
+    injected = [row for row in loaded["injection.yml"] if row["kind"] == "injected"]
     assert sum(row["text"].translate(_LOOKALIKE) != row["text"] and row["language"] == "en" for row in injected) == 2
 
     def decodes(token):
@@ -133,27 +132,57 @@ def test_the_disguised_rows_really_are_disguised_and_only_they():
     assert sum(bool(re.search(r"(?:%[0-9A-F]{2}){30,}", row["text"])) for row in injected) == 1
 
 
-def test_no_text_appears_twice_and_no_two_rows_are_near_duplicates():
-    v5.check_no_repeats(_all_rows())
-
-
-def test_no_text_is_in_the_training_data_or_an_earlier_set():
-    earlier = _earlier()
-    assert len(earlier) > 10000, "found too few of the training files and earlier sets to compare with"
-    assert [row["text"] for row in _all_rows() if normalize(row["text"]) in earlier] == []  # prints only v6 rows
-
-
-def test_no_text_is_a_near_duplicate_of_the_training_data_or_an_earlier_set():
-    # token-set Jaccard >= 0.7 with any string of the training data or of v1, v3, v4, v5 (v5 becomes training data)
-    others = [frozenset(text.split()) for text in _earlier()]
+def check_not_near(rows: list[dict], earlier: set[str]) -> None:
+    """No row is within token-set Jaccard 0.7 of a string of `earlier`; a failure prints only the rows."""
+    others = [frozenset(text.split()) for text in earlier]
     index = defaultdict(list)
     for i, words in enumerate(others):
         for word in words:
             index[word].append(i)
     close = []
-    for row in _all_rows():
+    for row in rows:
         words = set(normalize(row["text"]).split())
         candidates = {i for word in words for i in index[word]}
         if any(len(words & others[i]) >= 0.7 * len(words | others[i]) for i in candidates):
             close.append(row["text"])
-    assert close == []  # prints only v6 rows, never the text they are close to
+    assert close == []  # prints only the set's rows, never the text they are close to
+
+
+def test_the_files_are_frozen():
+    v5.check_frozen(HELDOUT, FROZEN)
+
+
+def test_every_row_has_exactly_its_fields_each_a_non_empty_string():
+    v5.check_fields(_load(), FILES)
+
+
+def test_counts_and_styles_are_the_ones_the_readme_states():
+    check_counts(_load(), (202, 249, 193), {"C1": 29, "C2": 24, "C3": 25, "C4": 40, "C5": 25, "C6": 17, "C7": 20, "C8": 22},
+                 (30, 22), [109, 160], {"injected": 93, "innocent": 100})
+
+
+def test_every_row_names_its_languages_and_is_written_in_their_scripts():
+    check_languages(_load())
+
+
+def test_about_a_third_of_each_file_is_in_many_other_languages():
+    check_a_third_in_other_languages(_load(), 27)
+
+
+def test_the_disguised_rows_really_are_disguised_and_only_they():
+    check_disguised(_load(), 8)
+
+
+def test_no_text_appears_twice_and_no_two_rows_are_near_duplicates():
+    v5.check_no_repeats(_all_rows())
+
+
+def test_no_text_is_in_the_training_data_or_an_earlier_set():
+    earlier = earlier_texts()
+    assert len(earlier) > 10000, "found too few of the training files and earlier sets to compare with"
+    assert [row["text"] for row in _all_rows() if normalize(row["text"]) in earlier] == []  # prints only v6 rows
+
+
+def test_no_text_is_a_near_duplicate_of_the_training_data_or_an_earlier_set():
+    # token-set Jaccard >= 0.7 with any string of the training data or of v1, v3, v4, v5 (v5 is training data now)
+    check_not_near(_all_rows(), earlier_texts())

@@ -7,21 +7,15 @@ nor the earlier sets' data files (see the README there). The overlap checks belo
 programmatically, and a failure names only v7 rows, never the text they collide with.
 """
 
-import base64
-import binascii
 import functools
-import re
-import tomllib
-from collections import Counter, defaultdict
 from pathlib import Path
 
-import yaml
 import test_guard_heldout as v1
 import test_guard_heldout_v3 as v3
 import test_guard_heldout_v4 as v4
 import test_guard_heldout_v5 as v5
 import test_guard_heldout_v6 as v6
-from test_guard_heldout_v3 import _LOOKALIKE, normalize  # the same comparison as v3 to v6 (tested in v3)
+from test_guard_heldout_v3 import normalize  # the same comparison as v3 to v6 (tested in v3)
 
 ROOT = Path(__file__).resolve().parent.parent
 HELDOUT = ROOT / "benchmarks" / "data" / "guard_heldout_v7"
@@ -31,12 +25,9 @@ HELDOUT = ROOT / "benchmarks" / "data" / "guard_heldout_v7"
 FROZEN = {"harmful.yml": "92a0b734c7f481a68db04bd518495af368e255650fc27af9e2fe9d2269152d10",
           "benign.yml": "093995be594abd7bb0cca6deeb907d344385b70f1127fa61b3e5e5ca56080b29",
           "injection.yml": "7e48a31666468267dd1b92ec79a342922ebfb35d19077737998d16f8872eadbb"}
-# v5's and v6's files and fields (a language on every row), request styles, carriers, language codes and scripts
+# v5's and v6's files and fields (a language on every row), request styles, carriers, language codes and scripts,
+# checked by v6's functions
 FILES = v5.FILES
-REQUEST_STYLES = v5.REQUEST_STYLES
-CARRIERS = v5.CARRIERS
-ISO_639_1 = v5.ISO_639_1
-SCRIPTS = v5.SCRIPTS
 # the earlier held-out sets, all of whose strings and lines are compared with v7 (v6 is becoming training data)
 EARLIER_SETS = (v1.HELDOUT, v3.HELDOUT, v4.HELDOUT, v5.HELDOUT, v6.HELDOUT)
 
@@ -44,24 +35,11 @@ EARLIER_SETS = (v1.HELDOUT, v3.HELDOUT, v4.HELDOUT, v5.HELDOUT, v6.HELDOUT)
 @functools.cache
 def _load():
     """Each file's list of rows, read once (test_every_row_has_exactly_its_fields checks their shape)."""
-    return {name: yaml.safe_load((HELDOUT / name).read_text(encoding="utf-8"))[key] for name, (key, _) in FILES.items()}
+    return v6.load(HELDOUT)
 
 
 def _all_rows():
     return [row for rows in _load().values() for row in rows]
-
-
-@functools.cache
-def _earlier():
-    """The normalised strings of the training data and of every earlier held-out set (every string and every line)."""
-    texts = set(v4._training_texts())
-    for folder in EARLIER_SETS:
-        for path in sorted(Path(folder).iterdir()):
-            if path.suffix in (".yml", ".yaml", ".json", ".jsonl", ".toml", ".txt"):
-                texts |= {normalize(text) for text in v4._texts_of(path)}
-                texts |= {normalize(line) for line in path.read_text(encoding="utf-8").splitlines()}
-    texts.discard("")
-    return texts
 
 
 def test_the_files_are_frozen():
@@ -73,65 +51,21 @@ def test_every_row_has_exactly_its_fields_each_a_non_empty_string():
 
 
 def test_counts_and_styles_are_the_ones_the_readme_states():
-    harmful, benign, sentences = (_load()[name] for name in ("harmful.yml", "benign.yml", "injection.yml"))
-    assert (len(harmful), len(benign), len(sentences)) == (202, 250, 193)
-    principles = Counter(row["principle"] for row in harmful)
-    assert principles == {"C1": 29, "C2": 24, "C3": 25, "C4": 40, "C5": 25, "C6": 17, "C7": 20, "C8": 22}
-    # every principle of the constitution but C9, which is about retrieved text, not requests (injection.yml tests it)
-    constitution = tomllib.loads((ROOT / "parley" / "data" / "constitution.toml").read_text(encoding="utf-8"))
-    assert set(principles) == {principle["id"] for principle in constitution["principles"]} - {"C9"}
-    assert (len({row["category"] for row in harmful}), len({row["category"] for row in benign})) == (30, 27)
-    # every phrasing has harmful rows and tricky-benign counterparts; most rows are plain
-    assert [{row["style"] for row in rows} for rows in (harmful, benign)] == [REQUEST_STYLES, REQUEST_STYLES]
-    assert [Counter(row["style"] for row in rows)["plain"] for rows in (harmful, benign)] == [114, 164]
-    # every carrier has injected and innocent sentences
-    assert Counter(row["kind"] for row in sentences) == {"injected": 93, "innocent": 100}
-    assert all({row["style"] for row in sentences if row["kind"] == kind} == CARRIERS
-               for kind in ("injected", "innocent"))
+    v6.check_counts(_load(), (202, 250, 193),
+                    {"C1": 29, "C2": 24, "C3": 25, "C4": 40, "C5": 25, "C6": 17, "C7": 20, "C8": 22},
+                    (30, 27), [114, 164], {"injected": 93, "innocent": 100})
 
 
 def test_every_row_names_its_languages_and_is_written_in_their_scripts():
-    for name, rows in _load().items():
-        for row in rows:
-            codes = row["language"].split("+")
-            assert set(codes) <= ISO_639_1 and len(set(codes)) == len(codes), f"not ISO 639-1 codes: {row}"
-            if name != "injection.yml":  # a request that switches language is styled so, and only such a request
-                assert (len(codes) > 1) == (row["style"] == "code-switching"), row
-            v5._check_scripts(row, codes)
+    v6.check_languages(_load())
 
 
 def test_about_a_third_of_each_file_is_in_many_other_languages():
-    languages = set()
-    for name, rows in _load().items():
-        other = [row["language"] for row in rows if row["language"] != "en"]
-        assert 0.28 <= len(other) / len(rows) <= 0.4, name
-        codes = {code for codes in other for code in codes.split("+")} - {"en"}
-        assert len(codes) >= 20, name
-        languages |= codes
-    assert len(languages) == 27
-    assert languages & set(SCRIPTS) == set(SCRIPTS)  # every non-Latin script the test knows is used
+    v6.check_a_third_in_other_languages(_load(), 27)
 
 
 def test_the_disguised_rows_really_are_disguised_and_only_they():
-    requests = _load()["harmful.yml"] + _load()["benign.yml"]
-    disguised = [row for row in requests if row["style"] == "confusable letters"]
-    assert len(disguised) == 9 and all(row["text"].translate(_LOOKALIKE) != row["text"] for row in disguised)
-    cyrillic = {code for code, scripts in SCRIPTS.items() if "CYRILLIC" in scripts}
-    plain = [row for row in requests + [row for row in _load()["injection.yml"] if row["kind"] == "innocent"]
-             if row["style"] != "confusable letters" and not cyrillic & set(row["language"].split("+"))]
-    assert [row["text"] for row in plain if row["text"].translate(_LOOKALIKE) != row["text"]] == []
-    # injected orders: 2 written in Cyrillic look-alikes, 2 base64-encoded, 1 in URL escapes, all in full
-    injected = [row for row in _load()["injection.yml"] if row["kind"] == "injected"]
-    assert sum(row["text"].translate(_LOOKALIKE) != row["text"] and row["language"] == "en" for row in injected) == 2
-
-    def decodes(token):
-        try:
-            return base64.b64decode(token, validate=True).decode("ascii").isprintable()
-        except (binascii.Error, UnicodeDecodeError):
-            return False
-    assert sum(any(decodes(token) for token in re.findall(r"[A-Za-z0-9+/]{40,}={0,2}", row["text"]))
-               for row in injected) == 2
-    assert sum(bool(re.search(r"(?:%[0-9A-F]{2}){30,}", row["text"])) for row in injected) == 1
+    v6.check_disguised(_load(), 9)
 
 
 def test_no_text_appears_twice_and_no_two_rows_are_near_duplicates():
@@ -139,22 +73,11 @@ def test_no_text_appears_twice_and_no_two_rows_are_near_duplicates():
 
 
 def test_no_text_is_in_the_training_data_or_an_earlier_set():
-    earlier = _earlier()
+    earlier = v6.earlier_texts(EARLIER_SETS)
     assert len(earlier) > 10000, "found too few of the training files and earlier sets to compare with"
     assert [row["text"] for row in _all_rows() if normalize(row["text"]) in earlier] == []  # prints only v7 rows
 
 
 def test_no_text_is_a_near_duplicate_of_the_training_data_or_an_earlier_set():
-    # token-set Jaccard >= 0.7 with any string of the training data or of v1, v3, v4, v5, v6 (v6 becomes training data)
-    others = [frozenset(text.split()) for text in _earlier()]
-    index = defaultdict(list)
-    for i, words in enumerate(others):
-        for word in words:
-            index[word].append(i)
-    close = []
-    for row in _all_rows():
-        words = set(normalize(row["text"]).split())
-        candidates = {i for word in words for i in index[word]}
-        if any(len(words & others[i]) >= 0.7 * len(words | others[i]) for i in candidates):
-            close.append(row["text"])
-    assert close == []  # prints only v7 rows, never the text they are close to
+    # token-set Jaccard >= 0.7 with any string of the training data or of v1, v3, v4, v5, v6 (v6 is training data now)
+    v6.check_not_near(_all_rows(), v6.earlier_texts(EARLIER_SETS))
