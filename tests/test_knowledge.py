@@ -110,6 +110,21 @@ def test_reads_text_and_markdown(tmp_path):
     assert not any(mark in section.text for mark in ("#", "**", "](", "```", "---", "https://x"))
 
 
+def test_markdown_with_long_runs_of_spaces_reads_in_one_pass_and_keeps_its_text():
+    # Uploaded files are untrusted: indented list lines, a heading, quote marks and blank lines padded with
+    # thousands of spaces made the line patterns backtrack over every split of the run (a 9 MB upload of the
+    # first kind held a core for minutes). The same shapes now read to the text a reader sees.
+    markdown = ("".join("  " * i + "- item\n" for i in range(600)) + "# Big " + " " * 20000 + "title ##\n"
+                + ">" * 3000 + " " * 20000 + "\n" + " " * 50000 + "\n| a | b |\n|" + " " * 20000 + "---|---|\n"
+                + "# C# ##\n#tag stays\n")
+    mime, [section] = read_bytes("deep.md", markdown.encode())
+    paragraphs = [p for p in section.text.split("\n\n") if p.strip()]
+    assert paragraphs[0].splitlines() == ["item"] * 600
+    assert paragraphs[1] == "Big " + " " * 20000 + "title"  # the closing #s cut, the words kept
+    assert paragraphs[2] == ">" * 3000  # quote marks with no text after them stay, as before
+    assert paragraphs[3:] == ["a | b", "C#", "#tag stays"] and "---" not in section.text  # the table rule dropped
+
+
 def test_reads_html_main_text_and_falls_back_to_lxml():
     page = (b"<html><head><title>t</title><style>p {color: red}</style></head><body>"
             b"<nav><a href='/'>Home</a> <a href='/about'>About us</a></nav><article><h1>Solar power</h1>"

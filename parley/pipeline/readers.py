@@ -129,9 +129,11 @@ def _decode(data: bytes) -> str:
 # --- markdown -------------------------------------------------------------------------------
 
 FENCE = re.compile(r"^\s{0,3}(```|~~~)")
-HEADING = re.compile(r"^\s{0,3}#{1,6}\s+(.*?)(\s+#+)?\s*$")
+HEADING = re.compile(r"^\s{0,3}#{1,6}\s+(.*)$")  # the closing #s are cut in _heading
 RULE = re.compile(r"^\s{0,3}([-*_=])(\s*\1){2,}\s*$")  # --- *** ___ and setext === underlines
-TABLE_RULE = re.compile(r"^\s*\|?\s*:?-+:?\s*(\|\s*:?-+:?\s*)*\|?\s*$")
+# The table rule is matched on the stripped line: with \s* at both ends of the pattern, a long run of spaces
+# before something that is no rule took quadratic time (9 MB of indented list lines: minutes of a core)
+TABLE_RULE = re.compile(r"^\|?\s*:?-+:?\s*(?:\|\s*:?-+:?\s*)*\|?$")
 LINK_DEFINITION = re.compile(r"^\s{0,3}\[[^\]]+\]:\s*\S+")
 LINE_MARKERS = re.compile(r"^\s{0,3}(>\s?)*\s*([-*+]|\d+[.)])?\s+(?=\S)")  # quotes, list bullets
 INLINE = [
@@ -160,16 +162,25 @@ def _markdown(text: str) -> str:
             out.append(line)
         elif RULE.match(line):
             out.append("")
-        elif TABLE_RULE.match(line) or LINK_DEFINITION.match(line):
+        elif TABLE_RULE.match(line.strip()) or LINK_DEFINITION.match(line):
             continue
         elif heading := HEADING.match(line):
-            out += ["", _inline(heading.group(1)), ""]
+            out += ["", _inline(_heading(heading.group(1))), ""]
         else:
-            line = LINE_MARKERS.sub("", line)
+            # without trailing spaces every run of spaces is followed by text, so the markers' pattern cannot
+            # backtrack through a long run (it took quadratic time on ">" and thousands of spaces)
+            line = LINE_MARKERS.sub("", line.rstrip())
             if line.lstrip().startswith("|"):
                 line = " | ".join(cell.strip() for cell in line.strip().strip("|").split("|"))
             out.append(_inline(line))
     return re.sub(r"\n{3,}", "\n\n", "\n".join(out)).strip("\n")
+
+
+def _heading(text: str) -> str:
+    """A heading's text without its closing #s ("## Title ##"), which only count after a space."""
+    text = text.rstrip()
+    bare = text.rstrip("#")
+    return bare.rstrip() if bare != text and (not bare or bare[-1].isspace()) else text
 
 
 def _inline(line: str) -> str:
