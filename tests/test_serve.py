@@ -182,6 +182,16 @@ def test_bad_requests_are_openai_errors_with_the_right_status(site):
         assert tiny_t.status_code == 200
 
 
+def test_the_assistant_says_when_max_tokens_cut_its_answer(site):
+    # model "parley" reported "stop" for every answer, also one cut at max_tokens, which model "tiny" calls "length"
+    sdk = site.sdk()
+    chat = [{"role": "user", "content": "tell me a long story about the sea"}]
+    reply = sdk.chat.completions.create(model="parley", messages=chat, temperature=0, max_tokens=2)
+    assert reply.usage.completion_tokens == 2 and reply.choices[0].finish_reason == "length"
+    chunks = list(sdk.chat.completions.create(model="parley", messages=chat, temperature=0, max_tokens=2, stream=True))
+    assert chunks[-1].choices[0].finish_reason == "length"
+
+
 def test_the_assistant_keeps_a_conversation_with_traces_and_feedback(site):
     sdk = site.sdk()
     first = sdk.chat.completions.with_raw_response.create(

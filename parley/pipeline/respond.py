@@ -106,6 +106,8 @@ class LocalBackend:
                     yield piece
                 if text.finish_reason or (cancel is not None and cancel.is_set()):
                     break
+            if usage is not None:
+                usage.finish_reason = text.finish_reason
         finally:
             request.cancel()  # a consumer that stops early frees the request's pages
 

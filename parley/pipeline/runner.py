@@ -93,6 +93,7 @@ class Usage:
 
     prompt_tokens: int = 0
     completion_tokens: int = 0
+    finish_reason: str | None = None  # the last generation's, as the engine gave it ("stop", "length")
 
 
 @dataclass

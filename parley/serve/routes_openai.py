@@ -236,14 +236,14 @@ async def _assistant_chat(server: Server, req: p.ChatRequest, user: User, conver
     if not req.stream:
         answer = "".join([t async for t in pieces()])
         counts = (done[0].prompt_tokens, done[0].completion_tokens) if done else (0, 0)
-        body = p.chat_completion(rid, ASSISTANT_MODEL, answer, "stop", *counts)
+        body = p.chat_completion(rid, ASSISTANT_MODEL, answer, done[0].finish_reason if done else "stop", *counts)
         return JSONResponse({**body, "parley": ids()}, headers=headers)
 
     async def chunks() -> AsyncIterator[dict]:
         yield p.chat_chunk(rid, ASSISTANT_MODEL, {"role": "assistant", "content": ""})
         async for text in pieces():
             yield p.chat_chunk(rid, ASSISTANT_MODEL, {"content": text})
-        yield {**p.chat_chunk(rid, ASSISTANT_MODEL, {}, "stop"), "parley": ids()}
+        yield {**p.chat_chunk(rid, ASSISTANT_MODEL, {}, done[0].finish_reason if done else "stop"), "parley": ids()}
 
     return _sse(server, chunks(), headers)
 

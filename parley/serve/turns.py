@@ -44,6 +44,7 @@ class TurnDone:
     completion_tokens: int
     answered_by: str | None = None  # the model (and version) the answer was saved with
     adapter: bool = False  # the user's own adapter answered
+    finish_reason: str = "stop"  # "length" where the answer was cut at max_tokens
 
 
 @dataclass
@@ -166,7 +167,8 @@ class TurnRunner:
             if running.interrupted == "barge-in" and turn.message_id is not None:
                 turn.store.add_feedback(user.id, turn.message_id, -1, kind="barge-in")
             running.channel.put(TurnDone(turn.conversation_id, turn.message_id, turn.usage.prompt_tokens,
-                                        turn.usage.completion_tokens, self.assistant().answered_by, bool(adapter)))
+                                        turn.usage.completion_tokens, self.assistant().answered_by, bool(adapter),
+                                        turn.usage.finish_reason or "stop"))
         except Exception as e:  # the turn fails, the thread serves the next one
             running.channel.put(e)
         finally:
