@@ -388,6 +388,26 @@ def test_a_client_that_goes_away_before_the_first_words_stops_the_turn(gated_at_
     assert request.wait(timeout=30) == "cancelled"
 
 
+@pytest.mark.parametrize("route, body", [
+    ("/v1/chat/completions", {"model": "tiny768", "messages": [{"role": "user", "content": "Hello"}]}),
+    ("/v1/completions", {"model": "tiny768", "prompt": "Hello"})])
+def test_a_client_that_leaves_a_whole_reply_stops_its_generation(gated_at_start, route, body):
+    """A reply that is not streamed is generated apart from the connection; a client that leaves before it is
+    done (a timeout, a closed tab) stops it, instead of the engine writing max_tokens for nobody."""
+    site, engine = gated_at_start
+    host, port = site.url.removeprefix("http://").split(":")
+    body = json.dumps({**body, "max_tokens": 50})
+    with socket.create_connection((host, int(port))) as raw:
+        raw.sendall((f"POST {route} HTTP/1.1\r\nHost: {host}:{port}\r\n"
+                     f"Authorization: Bearer {site.keys['ann']}\r\nContent-Type: application/json\r\n"
+                     f"Content-Length: {len(body)}\r\n\r\n{body}").encode())
+        assert _until(lambda: len(engine.requests) == 1)  # generating, held before any token
+    (request,) = engine.requests
+    assert _until(lambda: request.cancelled)
+    engine.gate.set()
+    assert request.wait(timeout=30) == "cancelled" and request.tokens == []
+
+
 def test_users_never_share_cached_prompt_pages(registry, tmp_path):
     """The engine reuses a prompt's cached pages only for the same user (the raw model and the
     assistant alike), so the time to a first token tells no one what another user sent."""

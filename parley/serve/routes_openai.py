@@ -71,12 +71,12 @@ def openai_routes(server: Server) -> APIRouter:
             ids = server.tokenizer.encode_chat(messages)
         except ValueError as e:
             raise APIError(400, str(e), code="invalid_value", param="messages") from None
-        return await _complete(server, req, ids, user, chat=True)
+        return await _complete(server, req, ids, user, request, chat=True)
 
     @router.post("/completions", responses=STREAMED)
-    async def completions(req: p.CompletionRequest, user: User = auth):
+    async def completions(req: p.CompletionRequest, request: Request, user: User = auth):
         _check_model(server, req.model)
-        return await _complete(server, req, server.tokenizer.encode(req.text), user, chat=False)
+        return await _complete(server, req, server.tokenizer.encode(req.text), user, request, chat=False)
 
     @router.post("/embeddings")
     def embeddings(req: p.EmbeddingRequest, user: User = auth) -> dict:
@@ -115,7 +115,7 @@ def _check_model(server: Server, name: str) -> None:
 
 
 async def _complete(server: Server, req: p.ChatRequest | p.CompletionRequest, ids: list[int], user: User,
-                    chat: bool):
+                    request: Request, chat: bool):
     try:
         params = req.sampling(server.engine.context_length, len(ids), server.tokenizer.stop_ids,
                               server.settings.max_tokens)
@@ -144,7 +144,18 @@ async def _complete(server: Server, req: p.ChatRequest | p.CompletionRequest, id
         return p.usage(len(ids), text.tokens)
 
     if not req.stream:
-        answer = "".join([piece async for piece in pieces()])
+        # generated apart from the reply, so that a client who leaves before it is done stops it (a streamed
+        # reply stops when its next piece cannot be sent; a whole one would run to max_tokens for nobody)
+        whole = asyncio.ensure_future(_joined(pieces()))
+        try:
+            while not (await asyncio.wait({whole}, timeout=GONE_CHECK_SECONDS))[0]:
+                if await request.is_disconnected():
+                    whole.cancel()  # pieces() cancels the request, which frees its pages
+                    return Response(status_code=499)
+        except BaseException:
+            whole.cancel()
+            raise
+        answer = whole.result()
         if chat:
             return p.chat_completion(rid, model, answer, text.finish_reason, len(ids), text.tokens)
         return p.text_completion(rid, model, answer, text.finish_reason, usage())
@@ -246,6 +257,10 @@ async def _assistant_chat(server: Server, req: p.ChatRequest, user: User, conver
         yield {**p.chat_chunk(rid, ASSISTANT_MODEL, {}, done[0].finish_reason if done else "stop"), "parley": ids()}
 
     return _sse(server, chunks(), headers)
+
+
+async def _joined(pieces: AsyncIterator[str]) -> str:
+    return "".join([piece async for piece in pieces])
 
 
 async def _first_words(items: AsyncIterator, ahead: list) -> None:
