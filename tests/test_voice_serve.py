@@ -119,6 +119,10 @@ def test_requests_are_checked_and_bounded(site):
     url, sdk, key = site
     with pytest.raises(openai.NotFoundError, match="no transcription model"):
         sdk.audio.transcriptions.create(model="whisper-9", file=("a.wav", silent_wav()))
+    # a form without its model field is the client's mistake (400), not a model that does not exist (404)
+    reply = httpx.post(url + "/v1/audio/transcriptions", headers={"Authorization": f"Bearer {key}"},
+                       files={"file": ("a.wav", silent_wav(), "audio/wav")})
+    assert reply.status_code == 400 and reply.json()["error"]["param"] == "model", reply.text
     with pytest.raises(openai.NotFoundError, match="no speech model"):
         sdk.audio.speech.create(model="tts-9", voice="alloy", input="hi")
     with pytest.raises(openai.BadRequestError, match="use wav or pcm"):

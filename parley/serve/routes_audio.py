@@ -103,6 +103,9 @@ def audio_routes(server: Server, voices: Voices) -> APIRouter:
         if not isinstance(file, UploadFile):
             raise APIError(400, "send a multipart form with the audio in a 'file' field", code="invalid_value",
                            param="file")
+        if not isinstance(model, str) or not model:
+            raise APIError(400, f"the form needs a 'model' field: one of {', '.join(TRANSCRIPTION_MODELS)}",
+                           code="invalid_value", param="model")
         if model not in TRANSCRIPTION_MODELS:
             raise APIError(404, f"no transcription model {model!r}: use one of {', '.join(TRANSCRIPTION_MODELS)}",
                            code="model_not_found", param="model")
