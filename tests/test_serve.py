@@ -171,6 +171,10 @@ def test_bad_requests_are_openai_errors_with_the_right_status(site):
                         headers={"Content-Type": "application/json"})
         assert bad.status_code == 400 and bad.json()["error"]["code"] == "invalid_json"
         assert set(bad.json()["error"]) == {"message", "type", "param", "code"}
+        for kind in ("application/x-www-form-urlencoded", "text/plain"):  # curl -d's type, and a plain one
+            form = http.post("/v1/chat/completions", headers={"Content-Type": kind},
+                             content=b'{"model": "tiny768", "messages": [{"role": "user", "content": "hi"}]}')
+            assert form.status_code == 400 and "Content-Type: application/json" in form.json()["error"]["message"]
         assert http.post("/v1/completions", json={"model": "tiny768", "prompt": "x" * 5000}).status_code == 400
         huge = http.post("/v1/completions", content=b"x" * 3_000_000)
         assert huge.status_code == 413 and huge.json()["error"]["code"] == "too_large"

@@ -90,9 +90,13 @@ def from_exception(exc: BaseException) -> APIError:
                     code="internal_error")
 
 
-def _validation(exc: RequestValidationError) -> APIError:
+def _validation(exc: RequestValidationError, content_type: str = "application/json") -> APIError:
     first = exc.errors()[0] if exc.errors() else {}
     where = [str(p) for p in first.get("loc", ()) if p not in ("body", "query", "path", "header")]
+    if tuple(first.get("loc", ())) == ("body",) and "json" not in content_type.lower():
+        # FastAPI reads a body as JSON only when it says it is: curl -d sends it as a form
+        return APIError(400, f"the request body was sent as {content_type or 'no content type'!r}; send JSON with "
+                        "the header 'Content-Type: application/json'", code="invalid_value")
     if first.get("type") == "json_invalid":
         return APIError(400, "the request body is not valid JSON: "
                         f"{first.get('ctx', {}).get('error', 'parse error')}", code="invalid_json")
@@ -106,7 +110,7 @@ def install(app: FastAPI) -> None:
         return from_exception(exc).response()
 
     async def validation(request: Request, exc: RequestValidationError) -> JSONResponse:
-        return _validation(exc).response()
+        return _validation(exc, request.headers.get("content-type", "")).response()
 
     async def http_error(request: Request, exc: HTTPException) -> JSONResponse:
         code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code)
