@@ -14,16 +14,18 @@ from contextlib import contextmanager
 import uvicorn
 
 from parley.engine.engine import Engine
+from parley.serve.http import BoundedHttp
 
 
 @contextmanager
-def serving(app) -> Iterator[str]:
-    """The app served by uvicorn on 127.0.0.1 (a free port). The socket listens before the
-    thread starts, so clients may connect at once: the kernel queues them until uvicorn runs."""
+def serving(app, http=BoundedHttp) -> Iterator[str]:
+    """The app served by uvicorn on 127.0.0.1 (a free port), with the HTTP protocol `parley serve`
+    runs (parley/serve/http.py). The socket listens before the thread starts, so clients may
+    connect at once: the kernel queues them until uvicorn runs."""
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.bind(("127.0.0.1", 0))
     sock.listen(64)
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="on"))
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="on", http=http))
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
     try:

@@ -45,6 +45,7 @@ import pytest
 
 from parley.engine.config import EngineConfig
 from parley.serve.app import create_app
+from parley.serve.http import HEAD_BYTES, BoundedHttp
 from parley.serve.main import users_main
 from parley.serve.server import EMBEDDING_MODEL, FairLock
 from parley.serve.settings import ServeError, Settings
@@ -409,3 +410,38 @@ def test_a_turn_killed_mid_answer_leaves_no_empty_conversation(tiny768_registry,
     with serving(create_app(settings)) as url, httpx.Client(base_url=url, timeout=60, headers={
             "Authorization": f"Bearer {keys['ann']}"}) as http:
         assert [c["id"] for c in http.get("/api/conversations").json()["data"]] == [kept.id]
+
+
+class _QuickHead(BoundedHttp):
+    head_seconds = 0.5  # the shipped 20 s, shortened so the test waits half a second for the server to act
+
+
+def _raw_reply(url: str, data: bytes) -> bytes:
+    """What the server sends back on a connection given `data`, until it closes it (at most 10 s)."""
+    host, port = url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=10) as raw:
+        raw.sendall(data)
+        reply = b""
+        while chunk := raw.recv(65536):
+            reply += chunk
+    return reply
+
+
+def test_a_request_head_that_is_too_big_or_never_ends_is_refused_and_its_connection_closed(tiny768_registry, tmp_path):
+    """uvicorn's parser took a header of any size (the process grew by hundreds of megabytes) and waited for a head
+    forever (thousands of connections held that way ran the server out of file descriptors)."""
+    settings = Settings(db=str(tmp_path / "p.db"), home=tiny768_registry.home, model="tiny768", no_auth=True)
+    with serving(create_app(settings), http=_QuickHead) as url:
+        # just over the bound, so that the server has read every byte when it answers (had it closed with bytes
+        # unread, the kernel would reset the connection and the client might never see the answer)
+        huge = b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Big: " + b"a" * HEAD_BYTES
+        assert _raw_reply(url, huge).startswith(b"HTTP/1.1 431 ")
+        assert _raw_reply(url, b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Slow: ").startswith(b"HTTP/1.1 408 ")
+        assert _raw_reply(url, b"").startswith(b"HTTP/1.1 408 ")  # connected, never a byte
+        # a whole request on the same server is answered, its body not counted as head
+        body = json.dumps({"model": EMBEDDING_MODEL, "input": "x" * (2 * HEAD_BYTES)}).encode()
+        ok = _raw_reply(url, b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n")
+        assert ok.startswith(b"HTTP/1.1 200 ")
+        posted = _raw_reply(url, b"POST /v1/embeddings HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+                            b"Connection: close\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
+        assert posted.split(b"\r\n")[0] in (b"HTTP/1.1 200 OK", b"HTTP/1.1 400 Bad Request"), posted[:300]

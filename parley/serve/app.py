@@ -1,7 +1,7 @@
 """The HTTP server: `create_app(settings)` builds the whole app, with no global state.
 
     app = create_app(Settings(db="parley.db", model="smollm2"))
-    uvicorn.run(app, host="127.0.0.1", port=8000)      # what `parley serve` does
+    uvicorn.run(app, host="127.0.0.1", port=8000, http=BoundedHttp)   # what `parley serve` does (serve/http.py)
 
     client = openai.OpenAI(base_url="http://127.0.0.1:8000/v1", api_key=KEY)
     client.chat.completions.create(model="parley", messages=[{"role": "user", "content": "hi"}])

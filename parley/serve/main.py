@@ -38,13 +38,14 @@ def serve_main(argv: list[str]) -> int:
     import uvicorn
 
     from parley.serve.app import create_app
+    from parley.serve.http import BoundedHttp
 
     app = create_app(settings)
     print(f"Parley serving {settings.model} on http://{settings.host}:{settings.port}/v1"
           f" (CPU path: {app.state.server.engine.kernels_path}; keys and values in "
           f"{app.state.server.engine.kv_dtype})"
           + (f" (no auth: everyone is {settings.user!r})" if settings.no_auth else ""), file=sys.stderr)
-    uvicorn.run(app, host=settings.host, port=settings.port, log_level="warning")
+    uvicorn.run(app, host=settings.host, port=settings.port, log_level="warning", http=BoundedHttp)
     return 0
 
 

@@ -170,6 +170,7 @@ def talk_locally(cfg, stdout: TextIO = sys.stdout) -> int:
 
     from parley.pipeline.assistant import AssistantConfig
     from parley.serve.app import create_app
+    from parley.serve.http import BoundedHttp
     from parley.serve.settings import Settings
 
     audio_library()  # no device: said before the slow loads
@@ -178,7 +179,7 @@ def talk_locally(cfg, stdout: TextIO = sys.stdout) -> int:
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
     sock.listen(8)
-    server = uvicorn.Server(uvicorn.Config(create_app(settings), log_level="warning"))
+    server = uvicorn.Server(uvicorn.Config(create_app(settings), log_level="warning", http=BoundedHttp))
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
     try:
