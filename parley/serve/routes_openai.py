@@ -147,14 +147,8 @@ async def _complete(server: Server, req: p.ChatRequest | p.CompletionRequest, id
         # generated apart from the reply, so that a client who leaves before it is done stops it (a streamed
         # reply stops when its next piece cannot be sent; a whole one would run to max_tokens for nobody)
         whole = asyncio.ensure_future(_joined(pieces()))
-        try:
-            while not (await asyncio.wait({whole}, timeout=GONE_CHECK_SECONDS))[0]:
-                if await request.is_disconnected():
-                    whole.cancel()  # pieces() cancels the request, which frees its pages
-                    return Response(status_code=499)
-        except BaseException:
-            whole.cancel()
-            raise
+        if not await _unless_gone(whole, request):
+            return Response(status_code=499)  # pieces() cancelled the request, which frees its pages
         answer = whole.result()
         if chat:
             return p.chat_completion(rid, model, answer, text.finish_reason, len(ids), text.tokens)
@@ -213,14 +207,10 @@ async def _assistant_chat(server: Server, req: p.ChatRequest, user: User, conver
     # client that leaves meanwhile (the page's Stop before any text) stops the turn at once
     first = asyncio.ensure_future(_first_words(items, ahead))
     try:
-        while not (await asyncio.wait({first}, timeout=GONE_CHECK_SECONDS))[0]:
-            if await request.is_disconnected():
-                first.cancel()
-                turn.stop()
-                return Response(status_code=499)  # nobody reads it: nginx's "client closed request"
-        first.result()  # the turn's exception, if it failed before saying anything
+        if not await _unless_gone(first, request):  # raises the turn's exception, if it failed before saying anything
+            turn.stop()
+            return Response(status_code=499)  # nobody reads it: nginx's "client closed request"
     except BaseException:
-        first.cancel()
         turn.stop()
         raise
     started = next((i.conversation_id for i in ahead if isinstance(i, (TurnStarted, TurnDone))), None)
@@ -257,6 +247,21 @@ async def _assistant_chat(server: Server, req: p.ChatRequest, user: User, conver
         yield {**p.chat_chunk(rid, ASSISTANT_MODEL, {}, done[0].finish_reason if done else "stop"), "parley": ids()}
 
     return _sse(server, chunks(), headers)
+
+
+async def _unless_gone(task: asyncio.Future, request: Request) -> bool:
+    """Wait for `task` while checking every GONE_CHECK_SECONDS that its client is still there: False, with the
+    task cancelled, if the client left first. An exception (the task's own too) cancels the task and propagates."""
+    try:
+        while not (await asyncio.wait({task}, timeout=GONE_CHECK_SECONDS))[0]:
+            if await request.is_disconnected():
+                task.cancel()
+                return False
+        task.result()
+        return True
+    except BaseException:
+        task.cancel()
+        raise
 
 
 async def _joined(pieces: AsyncIterator[str]) -> str:
