@@ -90,7 +90,7 @@ def from_exception(exc: BaseException) -> APIError:
                     code="internal_error")
 
 
-def _validation(exc: RequestValidationError, content_type: str = "application/json") -> APIError:
+def _validation(exc: RequestValidationError, content_type: str) -> APIError:
     first = exc.errors()[0] if exc.errors() else {}
     where = [str(p) for p in first.get("loc", ()) if p not in ("body", "query", "path", "header")]
     if tuple(first.get("loc", ())) == ("body",) and "json" not in content_type.lower():
