@@ -40,7 +40,8 @@ def own_splits(guard: Guard, quick: bool, every: int = 1) -> dict:
     sets = {name: ex[::every] for name, ex in {"calibration fold": s.val, **s.test}.items()}
     if quick:
         sets = {"unseen written": s.test["unseen written"]}
-    return {name: report(guard.probabilities(texts := [e.text for e in ex]), ex, guard.thresholds_for(texts))
+    return {name: report(guard.probabilities(texts := [e.text for e in ex]), ex,
+                         guard.thresholds_for(texts, [e.kind for e in ex]))  # answers by their own thresholds
             for name, ex in sets.items()}
 
 
@@ -165,7 +166,7 @@ def main() -> int:
     if args.heldout:
         examples, tags = load_heldout(Path(args.heldout))
         probs = guard.probabilities(texts := [e.text for e in examples])
-        limits = guard.thresholds_for(texts)
+        limits = guard.thresholds_for(texts, [e.kind for e in examples])
         harm, order = (probs[:, :8] >= limits[:, :8]).any(axis=1), probs[:, 8] >= limits[:, 8]
         alone = [bool(harm[i] if e.kind == "request" else order[i]) for i, e in enumerate(examples)]
         both, stopped = with_rules(guard, examples)

@@ -40,8 +40,8 @@ def test_normalize_undoes_disguises_and_leaves_plain_text():
 def test_the_shipped_data_loads_with_a_label_and_source_on_every_example():
     examples = load_all()
     assert {e.label for e in examples} >= {*PRINCIPLES, "injection", ""}
-    sources = ("written", "intents", "languages", "breadth", "everyday", "heldout_v1", "heldout_v3", "heldout_v4", "heldout_v5",
-               "heldout_v6")
+    sources = ("written", "intents", "languages", "breadth", "answers", "everyday", "heldout_v1", "heldout_v3",
+               "heldout_v4", "heldout_v5", "heldout_v6")
     assert all(e.source in sources or e.source.startswith("template:") for e in examples)
     s = split(examples)
     assert all(e.source.startswith("gen:") for e in s.test["by seed"])

@@ -24,7 +24,7 @@ def main(heads: list[str]) -> None:
         guard = Guard.load(head, embedder)
         for name in ("unseen written", "by seed"):
             answers = [e for e in s.test[name] if e.kind == "answer"]
-            scores = guard.score_many([e.text for e in answers])
+            scores = guard.score_many([e.text for e in answers], kind="answer")  # as the output check judges them
             harmful = [v.principle is not None for e, v in zip(answers, scores) if e.label]
             benign = [v.principle is not None for e, v in zip(answers, scores) if not e.label]
             print(f"{head}, {name}: harmful answer sentences flagged {sum(harmful)}/{len(harmful)}, "

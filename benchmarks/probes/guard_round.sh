@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Guard rounds 7, 8 and 9 (benchmarks/RESULTS.md, "Guard, round 7" .. "Guard, round 9"): the runs as they were made
-# (runs/ is not in git). ROUND is 7, 8 or 9; each round trains from the data of its commit.
+# Guard rounds 7 to 10 (benchmarks/RESULTS.md, "Guard, round 7" .. "Guard, round 10"): the runs as they were made
+# (runs/ is not in git). ROUND is 7, 8, 9 or 10; each round trains from the data of its commit.
 #   bash benchmarks/probes/guard_round.sh ROUND train          # A (English head), then B + C (gated) in one run
 #   bash benchmarks/probes/guard_round.sh ROUND own HEAD       # a head's own-split figures, fp32 (S: the shipped one)
 #   bash benchmarks/probes/guard_round.sh ROUND flips HEAD...  # mE5 head decisions, fp32 against the shipped 'auto'

@@ -43,6 +43,11 @@ A `GatedGuard` (`parley train guard --trunk me5 --gate-with ENGLISH_HEAD`, one f
 that read as `plainly_english`, the mE5 head the rest, each with thresholds set on the
 calibration rows it scores; an English message never runs mE5. The trace names the head that
 judged (`GuardScore.head`).
+
+Thresholds come per kind of text (guard round 10; Llama Guard classifies prompts and responses
+apart): `thresholds` judge requests (and passages), `answer_thresholds` the assistant's answer
+sentences (`score_many(texts, kind="answer")`, the output check), each calibrated on its own
+kind of row. A file from before round 10 carries one set, which then judges both.
 """
 
 from __future__ import annotations
@@ -291,7 +296,7 @@ class Guard:
 
     def __init__(self, params: dict[str, np.ndarray], thresholds: Sequence[float],
                  embedder: Callable[[list[str]], np.ndarray], data_sha256: str = "", labels: Sequence[str] = LABELS,
-                 trunk: str = "minilm"):
+                 trunk: str = "minilm", answer_thresholds: Sequence[float] | None = None):
         if trunk not in TRUNKS:
             raise GuardError(f"a guard's trunk is one of {', '.join(TRUNKS)}, not {trunk!r}")
         self.labels, self.trunk = tuple(labels), trunk
@@ -304,13 +309,19 @@ class Guard:
                                                           for k in self.SCALING):
             raise GuardError(f"a guard's shift and scale come together, one value per embedding dimension ({width})")
         self.thresholds = np.asarray(thresholds, dtype=np.float32)
+        self.per_kind = answer_thresholds is not None  # False: one set judges every kind (files before round 10)
+        self.answer_thresholds = np.asarray(thresholds if answer_thresholds is None else answer_thresholds,
+                                            dtype=np.float32)
         w1, b1, w2, b2 = (self.params[k] for k in self.PARTS)
         n = len(self.labels)
-        if b1.shape != (w1.shape[0],) or w2.shape != (n, w1.shape[0]) or b2.shape != (n,) or self.thresholds.shape != (n,):
+        if (b1.shape != (w1.shape[0],) or w2.shape != (n, w1.shape[0]) or b2.shape != (n,)
+                or self.thresholds.shape != (n,) or self.answer_thresholds.shape != (n,)):
             raise GuardError(f"guard weights do not fit together for {n} labels: w1 {w1.shape}, b1 {b1.shape}, "
-                             f"w2 {w2.shape}, b2 {b2.shape}, thresholds {self.thresholds.shape}")
-        if not np.all((self.thresholds > 0) & (self.thresholds < 1)):
-            raise GuardError(f"guard thresholds must be probabilities in (0, 1), got {self.thresholds.tolist()}")
+                             f"w2 {w2.shape}, b2 {b2.shape}, thresholds {self.thresholds.shape}, "
+                             f"answer thresholds {self.answer_thresholds.shape}")
+        for name, limits in (("", self.thresholds), ("answer ", self.answer_thresholds)):
+            if not np.all((limits > 0) & (limits < 1)):
+                raise GuardError(f"guard {name}thresholds must be probabilities in (0, 1), got {limits.tolist()}")
         self.embedder = embedder
         self.data_sha256 = data_sha256
 
@@ -331,17 +342,22 @@ class Guard:
         logits = hidden @ p["w2"].T + p["b2"]
         return 1.0 / (1.0 + np.exp(-logits.astype(np.float64)))
 
-    def thresholds_for(self, texts: Sequence[str]) -> np.ndarray:
-        """(n, labels): the thresholds each text is judged by (one head: the same row for all)."""
-        return np.broadcast_to(self.thresholds, (len(texts), len(self.labels)))
+    def thresholds_for(self, texts: Sequence[str], kinds: str | Sequence[str] = "request") -> np.ndarray:
+        """(n, labels): the thresholds each text is judged by, by its kind ("request", "passage" or
+        "answer": one for all texts, or one per text)."""
+        kinds = _kinds(kinds, len(texts))
+        return np.where(np.array([k == "answer" for k in kinds], dtype=bool)[:, None],
+                        self.answer_thresholds, self.thresholds).reshape(len(texts), len(self.labels))
 
     def heads_for(self, texts: Sequence[str]) -> list[str]:
         """Which head scores each text, for the trace ("" where there is one head)."""
         return [""] * len(texts)
 
-    def score_many(self, texts: Sequence[str]) -> list[GuardScore]:
+    def score_many(self, texts: Sequence[str], kind: str = "request") -> list[GuardScore]:
+        """Each text scored and judged by the thresholds of its `kind`: "request" (a user's message),
+        "passage" (a sentence of a document or page) or "answer" (a sentence of the assistant's answer)."""
         out = []
-        rows = zip(texts, self.probabilities(texts), self.thresholds_for(texts), self.heads_for(texts))
+        rows = zip(texts, self.probabilities(texts), self.thresholds_for(texts, kind), self.heads_for(texts))
         for text, row, limits, head in rows:
             margin = row / limits  # how far over its own threshold each label is
             judged = len(re.findall(r"\w+", normalize(text))) >= MIN_WORDS
@@ -364,6 +380,8 @@ class Guard:
             meta["tuned_layers"] = str(len(self.embedder.top))
             tensors |= {f"top.{k}": v.detach().half() for k, v in self.embedder.top.state_dict().items()}
         tensors["thresholds"] = torch.from_numpy(np.ascontiguousarray(self.thresholds))
+        if self.per_kind:
+            tensors["answer_thresholds"] = torch.from_numpy(np.ascontiguousarray(self.answer_thresholds))
         return {prefix + k: v for k, v in tensors.items()}, meta
 
     def save(self, path: str | Path) -> Path:
@@ -380,7 +398,7 @@ class Guard:
         bf16 where the CPU multiplies bf16 fast, or where `embedder` computes in bf16)."""
         try:
             arrays = {k: tensors[k].float().numpy() for k in (*cls.PARTS, "thresholds")}
-            arrays |= {k: tensors[k].numpy() for k in cls.SCALING if k in tensors}
+            arrays |= {k: tensors[k].numpy() for k in (*cls.SCALING, "answer_thresholds") if k in tensors}
             top = {k.removeprefix("top."): v.float() for k, v in tensors.items() if k.startswith("top.")}
             labels = json.loads(meta["labels"])
             tuned = int(meta.get("tuned_layers", "0"))
@@ -401,10 +419,10 @@ class Guard:
         if meta.get("format") != HEAD_FORMAT or arrays["w1"].shape[-1] != dim:
             raise GuardError(f"{where}: guard head of format {meta.get('format')!r}, input width {arrays['w1'].shape[-1]}, "
                              f"does not fit {dim}-d features; retrain with `parley train guard`")
-        thresholds = arrays.pop("thresholds")
+        thresholds, answer_thresholds = arrays.pop("thresholds"), arrays.pop("answer_thresholds", None)
         if tuned:
             embedder = tuned_encoder(embedder, tuned, top, where)
-        return cls(arrays, thresholds, embedder, meta.get("data_sha256", ""), labels, trunk)
+        return cls(arrays, thresholds, embedder, meta.get("data_sha256", ""), labels, trunk, answer_thresholds)
 
     @classmethod
     def load(cls, path: str | Path, embedder: Callable[[list[str]], np.ndarray]) -> Guard | GatedGuard:
@@ -427,6 +445,7 @@ class GatedGuard(Guard):
         self.english, self.other = english, other
         self.labels, self.trunk = english.labels, "gate"
         self.thresholds, self.embedder, self.data_sha256 = english.thresholds, english.embedder, english.data_sha256
+        self.answer_thresholds, self.per_kind = english.answer_thresholds, english.per_kind or other.per_kind
 
     @property
     def dim(self) -> int:
@@ -446,8 +465,9 @@ class GatedGuard(Guard):
                 out[rows] = head.probabilities([texts[i] for i in rows])
         return out
 
-    def thresholds_for(self, texts: Sequence[str]) -> np.ndarray:
-        return np.where(self.routes(texts)[:, None], self.english.thresholds, self.other.thresholds)
+    def thresholds_for(self, texts: Sequence[str], kinds: str | Sequence[str] = "request") -> np.ndarray:
+        return np.where(self.routes(texts)[:, None], self.english.thresholds_for(texts, kinds),
+                        self.other.thresholds_for(texts, kinds))
 
     def heads_for(self, texts: Sequence[str]) -> list[str]:
         return [f"english ({self.english.trunk})" if e else f"other languages ({self.other.trunk})"
@@ -472,6 +492,18 @@ class GatedGuard(Guard):
             mine = {k.removeprefix(name + "."): v for k, v in tensors.items() if k.startswith(name + ".")}
             heads.append(Guard.from_parts(mine, part_meta, embedder, f"{where} ({name} head)"))
         return cls(*heads)
+
+
+KINDS = ("request", "passage", "answer")
+
+
+def _kinds(kinds: str | Sequence[str], n: int) -> list[str]:
+    """`kinds` as one kind per text (a single kind stands for all `n`), each checked."""
+    out = [kinds] * n if isinstance(kinds, str) else list(kinds)
+    if len(out) != n or any(k not in KINDS for k in out):
+        raise GuardError(f"a text's kind is one of {', '.join(KINDS)} (one for all texts, or one per text), "
+                         f"got {kinds!r} for {n} texts")
+    return out
 
 
 def _check_texts(texts: Sequence[str]) -> None:

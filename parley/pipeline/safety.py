@@ -496,7 +496,7 @@ class OutputSafetyStage(Stage):
             from parley.pipeline.guard import split_sentences
 
             sentences = [s for s in split_sentences(piece) if s.strip()]
-            v = _with_guard(v, self.guard.score_many(sentences), self.constitution,
+            v = _with_guard(v, self.guard.score_many(sentences, kind="answer"), self.constitution,
                             [f"sentence {stream.checks}.{k + 1}" for k in range(len(sentences))])
             for opinion in v.evidence["guard"].values():  # the highest scores so far, for the trace
                 for label, p in opinion["top"].items():

@@ -133,7 +133,7 @@ def redact_orders(text: str, guard: Guard | None = None) -> tuple[str, list[dict
 
     sentences = split_sentences(text)
     live = [i for i, s in enumerate(sentences) if s.strip()]
-    scores = dict(zip(live, guard.score_many([sentences[i] for i in live]))) if guard is not None and live else {}
+    scores = dict(zip(live, guard.score_many([sentences[i] for i in live], kind="passage"))) if guard is not None and live else {}
     out, removed = [], []
     for i, sentence in enumerate(sentences):
         why: dict = {}

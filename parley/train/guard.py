@@ -16,7 +16,9 @@ Recipe (design "minilm"; design "encoder", which the repository ships since roun
    rate on innocent passage sentences there is within `max_fpr`, moved up halfway to the next
    one that loses recall (a margin against overfitting the fold); the eight principles share
    `max_fpr` of benign requests and answers refused, lowered step by step where a step catches
-   the most harmful examples per benign one (`_joint_thresholds`). Folds are cut by intent for
+   the most harmful examples per benign one (`_joint_thresholds`). Since round 10 that budget is
+   spent on requests alone, and answer sentences get thresholds of their own, the same way on the
+   fold's answer rows with a budget `answer_fpr` (`calibrate_kinds`). Folds are cut by intent for
    intents.toml, so fold 1 holds intents the head never saw;
 3. the head is retrained on folds 1-4 with the same settings and saved with those thresholds.
 
@@ -64,7 +66,9 @@ class GuardTrainConfig:
     lr: float = setting(3e-3, "AdamW learning rate of the head")
     weight_decay: float = setting(1e-2, "AdamW weight decay")
     dropout: float = setting(0.0, "dropout on the features and the hidden units while training (0: none)")
-    max_fpr: float = setting(0.03, "calibration: most benign examples of the calibration fold flagged (all labels together)")
+    max_fpr: float = setting(0.03, "calibration: most benign requests of the calibration fold flagged (all labels together)")
+    answer_fpr: float = setting(0.02, "calibration: most benign answer sentences of the calibration fold flagged (the "
+                                      "output check's own thresholds; 0: answers judged by the requests' thresholds)")
     seed: int = setting(0, "initialisation seed")
     trunk: str = setting("minilm", "the sentence encoder under the head: minilm (the pipeline's) or me5 "
                                    "(multilingual-e5-small, reads other languages; design minilm only)")
@@ -133,6 +137,9 @@ def head_probs(params: dict[str, np.ndarray], x: np.ndarray) -> np.ndarray:
     return _sigmoid(hidden @ params["w2"].T + params["b2"])
 
 
+GRID = np.round(np.arange(0.05, 0.991, 0.005), 3)  # the thresholds calibration chooses from
+
+
 def negatives(examples: list[Example], label: str) -> np.ndarray:
     """The benign examples a label's threshold must leave alone: requests and answers for a
     principle, passage sentences for injection."""
@@ -145,7 +152,7 @@ def calibrate(probs: np.ndarray, examples: list[Example], max_fpr: float, joint:
     refused when any of the eight principles flags it: `joint` shares `max_fpr` among them where
     it buys the most recall (`_joint_thresholds`); otherwise each principle gets an eighth of it.
     Injection (one label) gets all of it."""
-    grid = np.round(np.arange(0.05, 0.991, 0.005), 3)
+    grid = GRID
     out = []
     for k, label in enumerate(LABELS):
         budget = max_fpr if label == INJECTION else max_fpr / len(PRINCIPLES)
@@ -166,6 +173,30 @@ def calibrate(probs: np.ndarray, examples: list[Example], max_fpr: float, joint:
     if joint:
         out[:len(PRINCIPLES)] = _joint_thresholds(probs[:, :len(PRINCIPLES)], examples, max_fpr, grid)
     return out
+
+
+def calibrate_kinds(probs: np.ndarray, examples: list[Example], max_fpr: float,
+                    answer_fpr: float) -> tuple[np.ndarray, np.ndarray | None]:
+    """The thresholds for requests and passages (`calibrate` on every row but the answers), and
+    the principles' thresholds for answer sentences (`_joint_thresholds` on the answer rows alone,
+    `answer_fpr` of the benign ones; injection's as for requests). The answer thresholds are None
+    where `answer_fpr` is 0 or the rows hold no harmful or no benign answer: the requests' then
+    judge answers too."""
+    answer = np.array([e.kind == "answer" for e in examples], dtype=bool)
+    thresholds = calibrate(probs[~answer], [e for e, a in zip(examples, answer) if not a], max_fpr)
+    answers = [e for e, a in zip(examples, answer) if a]
+    if answer_fpr <= 0 or not any(e.label for e in answers) or all(e.label for e in answers):
+        return thresholds, None
+    out = thresholds.copy()
+    out[:len(PRINCIPLES)] = _joint_thresholds(probs[answer][:, :len(PRINCIPLES)], answers, answer_fpr, GRID)
+    return thresholds, out
+
+
+def limits(examples: list[Example], thresholds: np.ndarray, answer_thresholds: np.ndarray | None) -> np.ndarray:
+    """(examples, labels): the thresholds each example is judged by, by its kind (`Guard.thresholds_for`)."""
+    answer = np.array([e.kind == "answer" for e in examples], dtype=bool)[:, None]
+    both = np.where(answer, thresholds if answer_thresholds is None else answer_thresholds, thresholds)
+    return both.reshape(len(examples), len(thresholds))
 
 
 def _joint_thresholds(probs: np.ndarray, examples: list[Example], max_fpr: float, grid: np.ndarray) -> np.ndarray:
@@ -202,8 +233,9 @@ def _joint_thresholds(probs: np.ndarray, examples: list[Example], max_fpr: float
 
 
 def report(probs: np.ndarray, examples: list[Example], thresholds: np.ndarray) -> dict:
-    """Harmful recall, benign false positives and right-principle rate (requests and answers),
-    injection recall and innocent sentences removed (passages), and recall per principle.
+    """Harmful recall, benign false positives, right-principle rate and recall per principle
+    (requests), harmful and benign answer sentences flagged (answers), injection recall and
+    innocent sentences removed (passages).
     `thresholds`: (labels,), or (examples, labels) where each example has its own (`thresholds_for`)."""
     thresholds = np.broadcast_to(thresholds, probs.shape)  # one row for all, or a row per example (a gated guard)
     flagged = probs >= thresholds
@@ -212,7 +244,7 @@ def report(probs: np.ndarray, examples: list[Example], thresholds: np.ndarray) -
     margin = probs[:, :k_inj] / thresholds[:, :k_inj]
     named = [PRINCIPLES[i] for i in margin.argmax(axis=1)]
     out: dict = {}
-    req = [i for i, e in enumerate(examples) if e.kind != "passage"]
+    req = [i for i, e in enumerate(examples) if e.kind == "request"]
     bad = [i for i in req if examples[i].label]
     good = [i for i in req if not examples[i].label]
     caught = [i for i in bad if harm[i]]
@@ -223,6 +255,12 @@ def report(probs: np.ndarray, examples: list[Example], thresholds: np.ndarray) -
                                     sum(examples[i].label == p for i in bad)) for p in PRINCIPLES}
     if good:
         out["benign_flagged"] = (sum(harm[i] for i in good), len(good))
+    answers = [i for i, e in enumerate(examples) if e.kind == "answer"]
+    if answers:
+        out["answer_recall"] = (sum(harm[i] for i in answers if examples[i].label),
+                                sum(bool(examples[i].label) for i in answers))
+        out["answer_flagged"] = (sum(harm[i] for i in answers if not examples[i].label),
+                                 sum(not examples[i].label for i in answers))
     orders = [i for i, e in enumerate(examples) if e.label == INJECTION]
     innocent = [i for i, e in enumerate(examples) if e.kind == "passage" and not e.label]
     if orders:
@@ -237,7 +275,8 @@ def describe(name: str, figures: dict) -> str:
         return f"{pair[0]}/{pair[1]} ({pair[0] / pair[1]:.1%})" if pair[1] else "0/0"
 
     parts = [f"{key.replace('_', ' ')} {pct(figures[key])}" for key in
-             ("harmful_recall", "benign_flagged", "right_principle", "injection_recall", "innocent_removed")
+             ("harmful_recall", "benign_flagged", "right_principle", "answer_recall", "answer_flagged",
+              "injection_recall", "innocent_removed")
              if key in figures]
     return f"{name}: " + "; ".join(parts)
 
@@ -271,13 +310,14 @@ def train_minilm(cfg: GuardTrainConfig, written: list[Example], embedder, englis
     scaling = spread(fit[:, :embedder.dim]) if cfg.trunk == "me5" else {}
     params = fit_head(standardize(fit, scaling), targets(s.train_fit), **hp)
     val_probs = head_probs(params | scaling, feats(s.val))
-    thresholds = calibrate(val_probs, s.val, cfg.max_fpr)
+    thresholds, answer_thresholds = calibrate_kinds(val_probs, s.val, cfg.max_fpr, cfg.answer_fpr)
     params = fit_head(standardize(feats(s.train), scaling), targets(s.train), **hp) | scaling
-    guard = Guard(params, thresholds, embedder, data_sha256(cfg.data or None), trunk=cfg.trunk)
-    figures = {"calibration fold": report(val_probs, s.val, thresholds)}
+    guard = Guard(params, thresholds, embedder, data_sha256(cfg.data or None), trunk=cfg.trunk,
+                  answer_thresholds=answer_thresholds)
+    figures = {"calibration fold": report(val_probs, s.val, limits(s.val, thresholds, answer_thresholds))}
     probs = {name: head_probs(params, feats(examples)) for name, examples in s.test.items()}
     for name, examples in s.test.items():
-        figures[name] = report(probs[name], examples, thresholds)
+        figures[name] = report(probs[name], examples, limits(examples, thresholds, answer_thresholds))
     figures["sizes"] = {"train": len(s.train), "calibration": len(s.val), **{k: len(v) for k, v in s.test.items()}}
     if english is None:
         return guard, figures
@@ -287,8 +327,9 @@ def train_minilm(cfg: GuardTrainConfig, written: list[Example], embedder, englis
     # calibration rows it will score
     routed = [not e for e in GatedGuard.routes([e.text for e in s.val])]
     other_val = [e for e, r in zip(s.val, routed) if r]
-    other = Guard(params, calibrate(val_probs[routed], other_val, cfg.max_fpr), embedder, guard.data_sha256,
-                  trunk=cfg.trunk)
+    other_thresholds, other_answers = calibrate_kinds(val_probs[routed], other_val, cfg.max_fpr, cfg.answer_fpr)
+    other = Guard(params, other_thresholds, embedder, guard.data_sha256, trunk=cfg.trunk,
+                  answer_thresholds=other_answers)
     gated = GatedGuard(english, other)
     for name, examples, mine in (("calibration fold", s.val, val_probs), *((n, s.test[n], probs[n]) for n in s.test)):
         texts = [e.text for e in examples]
@@ -296,7 +337,7 @@ def train_minilm(cfg: GuardTrainConfig, written: list[Example], embedder, englis
         own = GatedGuard.routes(texts)
         if own.any():
             both[own] = english.probabilities([t for t, r in zip(texts, own) if r])
-        figures[f"gated: {name}"] = report(both, examples, gated.thresholds_for(texts))
+        figures[f"gated: {name}"] = report(both, examples, gated.thresholds_for(texts, [e.kind for e in examples]))
     return gated, figures
 
 
@@ -335,25 +376,28 @@ def train_encoder(cfg: GuardTrainConfig, written: list[Example], embedder,
     hp = dict(hidden=cfg.hidden, epochs=cfg.epochs, lr=cfg.lr, weight_decay=cfg.weight_decay, seed=cfg.seed,
               dropout=cfg.dropout)
     params = fit_head(feats(s.train_fit), targets(s.train_fit), **hp)
-    frozen_thresholds, figures = _calibrated("frozen", params, feats, s, cfg.max_fpr)
-    frozen = Guard(params, frozen_thresholds, embedder, data_sha256(cfg.data or None), trunk=cfg.trunk)
+    (frozen_thresholds, frozen_answers), figures = _calibrated("frozen", params, feats, s, cfg)
+    frozen = Guard(params, frozen_thresholds, embedder, data_sha256(cfg.data or None), trunk=cfg.trunk,
+                   answer_thresholds=frozen_answers)
     if frozen_out is not None:  # written before the long part, so a stopped run still leaves it
         print(f"saved the frozen head {frozen.save(frozen_out)}", flush=True)
     params = _tune(cfg, encoder, [states[row[e.text]] for e in s.train_fit],
                    grams[[row[e.text] for e in s.train_fit]], targets(s.train_fit))
-    thresholds, tuned = _calibrated("tuned", params, feats, s, cfg.max_fpr)
+    (thresholds, answer_thresholds), tuned = _calibrated("tuned", params, feats, s, cfg)
     figures |= tuned
     figures["sizes"] = {"train": len(s.train_fit), "calibration": len(s.val), **{k: len(v) for k, v in s.test.items()}}
-    return Guard(params, thresholds, encoder, data_sha256(cfg.data or None), trunk=cfg.trunk), figures, frozen
+    return (Guard(params, thresholds, encoder, data_sha256(cfg.data or None), trunk=cfg.trunk,
+                  answer_thresholds=answer_thresholds), figures, frozen)
 
 
-def _calibrated(name: str, params: dict, feats, s: Splits, max_fpr: float) -> tuple[np.ndarray, dict]:
+def _calibrated(name: str, params: dict, feats, s: Splits,
+                cfg: GuardTrainConfig) -> tuple[tuple[np.ndarray, np.ndarray | None], dict]:
     val_probs = head_probs(params, feats(s.val))
-    thresholds = calibrate(val_probs, s.val, max_fpr)
-    figures = {f"{name}: calibration fold": report(val_probs, s.val, thresholds)}
+    both = calibrate_kinds(val_probs, s.val, cfg.max_fpr, cfg.answer_fpr)
+    figures = {f"{name}: calibration fold": report(val_probs, s.val, limits(s.val, *both))}
     for split_name, examples in s.test.items():
-        figures[f"{name}: {split_name}"] = report(head_probs(params, feats(examples)), examples, thresholds)
-    return thresholds, figures
+        figures[f"{name}: {split_name}"] = report(head_probs(params, feats(examples)), examples, limits(examples, *both))
+    return both, figures
 
 
 def _tune(cfg: GuardTrainConfig, encoder, states: list[torch.Tensor], grams: np.ndarray,
@@ -448,10 +492,10 @@ def train_lora(cfg: GuardTrainConfig, written: list[Example]) -> dict:
     t0 = time.perf_counter()
     val_probs = probs(s.val)
     per_text_ms = (time.perf_counter() - t0) / max(len(s.val), 1) * 1000
-    thresholds = calibrate(val_probs, s.val, cfg.max_fpr)
-    figures = {"calibration fold": report(val_probs, s.val, thresholds)}
+    both = calibrate_kinds(val_probs, s.val, cfg.max_fpr, cfg.answer_fpr)
+    figures = {"calibration fold": report(val_probs, s.val, limits(s.val, *both))}
     for name, examples in s.test.items():
-        figures[name] = report(probs(examples), examples, thresholds)
+        figures[name] = report(probs(examples), examples, limits(examples, *both))
     figures["lora"] = {"train_examples": len(sample), "steps": cfg.lora_steps, "train_s": round(train_s, 1),
                        "batched_ms_per_text": round(per_text_ms, 1)}
     return figures
@@ -472,8 +516,10 @@ def main(cfg: GuardTrainConfig) -> int:
                              f"only, not design={cfg.design}; leave --trunk at minilm")
     if cfg.design == "encoder" and (not 1 <= cfg.tuned_layers <= 6 or cfg.tune_epochs < 1 or cfg.encoder_lr <= 0):
         raise GuardDataError("design=encoder needs tuned_layers in 1..6, tune_epochs >= 1 and encoder_lr > 0")
-    if cfg.per_example < 0 or cfg.epochs < 1 or cfg.hidden < 1 or not 0 < cfg.max_fpr < 1 or not 0 <= cfg.dropout < 1:
-        raise GuardDataError("per_example must be >= 0, epochs and hidden >= 1, max_fpr in (0, 1) and dropout in [0, 1)")
+    if (cfg.per_example < 0 or cfg.epochs < 1 or cfg.hidden < 1 or not 0 < cfg.max_fpr < 1 or not 0 <= cfg.answer_fpr < 1
+            or not 0 <= cfg.dropout < 1):
+        raise GuardDataError("per_example must be >= 0, epochs and hidden >= 1, max_fpr in (0, 1), answer_fpr in [0, 1) "
+                             "and dropout in [0, 1)")
     written = load_all(cfg.data or None)
     start = time.perf_counter()
     if cfg.design == "lora":
@@ -495,10 +541,10 @@ def main(cfg: GuardTrainConfig) -> int:
                                      f"{cfg.gate_with} is a head over {english.trunk!r}")
             guard, figures = train_minilm(cfg, written, embedder, english, out.with_suffix(f".{cfg.trunk}" + out.suffix))
         print(f"saved {guard.save(out)}")
-        print("thresholds: " + ", ".join(f"{k}={t:.2f}" for k, t in zip(LABELS, guard.thresholds)))
-        if isinstance(guard, GatedGuard):
-            print("the other-language head's thresholds: " + ", ".join(f"{k}={t:.2f}" for k, t in
-                                                                       zip(LABELS, guard.other.thresholds)))
+        for name, head in (("", guard), *((("the other-language head's ", guard.other),)
+                                           if isinstance(guard, GatedGuard) else ())):
+            print(f"{name}thresholds: " + ", ".join(f"{k}={t:.2f}" for k, t in zip(LABELS, head.thresholds)))
+            print(f"{name}answer thresholds: " + ", ".join(f"{k}={t:.2f}" for k, t in zip(LABELS, head.answer_thresholds)))
     print(f"design {cfg.design}, {len(written)} written examples, {time.perf_counter() - start:.0f} s")
     for name, fig in figures.items():
         print(describe(name, fig) if name not in ("sizes", "lora") else f"{name}: {fig}")

@@ -198,6 +198,44 @@ def _load_tagged(path: Path, source: str) -> list[Example]:
     return out
 
 
+def load_answers(folder: str | Path | None = None) -> list[Example]:
+    """The files of answers/ in `folder` (guard round 10: the output check's kind of text, each file
+    written by its own hand from the constitution), source "answers", kind "answer": `[[answer]]`
+    entries (id, principle, lang, `harmful` sentences of an answer that complies and `benign` ones
+    on the same topic) and `[[plain]]` entries (id, lang, `benign`: ordinary answers). An entry's
+    sentences share a `base`, so they share a fold; an id may not repeat across the files."""
+    folder = Path(folder) if folder is not None else data_dir()
+    out: list[Example] = []
+    owner: dict[str, str] = {}
+    for path in sorted((folder / "answers").glob("*.toml")):
+        table = _read(path)
+        unknown = sorted(set(table) - {"answer", "plain"})
+        if unknown:
+            raise GuardDataError(f"{path}: unknown table(s) {', '.join(unknown)}; answers files hold [[answer]] and "
+                                 "[[plain]] entries")
+        for section, lists in (("answer", (("harmful", None), ("benign", ""))), ("plain", (("benign", ""),))):
+            for n, entry in enumerate(table.get(section, [])):
+                eid, lang, pid = entry.get("id"), entry.get("lang"), entry.get("principle")
+                if not isinstance(eid, str) or not eid or eid in owner:
+                    where = f" (already in {owner[eid]})" if isinstance(eid, str) and eid in owner else ""
+                    raise GuardDataError(f"{path}: {section} #{n} needs an `id` of its own (got {eid!r}){where}")
+                if not isinstance(lang, str) or not re.fullmatch(r"[a-z]{2}", lang):
+                    raise GuardDataError(f"{path}: {section} {eid!r} needs `lang`, a two-letter ISO 639-1 code "
+                                         f"(got {lang!r})")
+                if section == "answer" and pid not in PRINCIPLES:
+                    raise GuardDataError(f"{path}: answer {eid!r} has principle {pid!r}, not one of "
+                                         f"{', '.join(PRINCIPLES)}")
+                owner[eid] = path.name
+                for n_key, (key, label) in enumerate(lists):  # the first list must hold some
+                    texts = _strings(entry.get(key, None if n_key == 0 else []), f"{eid}.{key}", path)
+                    if n_key == 0 and not texts:
+                        raise GuardDataError(f"{path}: `{eid}.{key}` is empty; write at least one sentence or drop "
+                                             "the entry")
+                    out += [Example(t, pid if label is None else label, "answer", "answers", f"{section}:{eid}", lang)
+                            for t in texts]
+    return out
+
+
 def load_everyday(path: str | Path | None = None) -> list[Example]:
     """The alignment work's everyday requests (parley/data/alignment/everyday.toml, 20 languages):
     its harmful rows under C1-C8 with their principle (C9's are requests to obey a document, not
@@ -221,11 +259,12 @@ def load_everyday(path: str | Path | None = None) -> list[Example]:
 
 def load_all(folder: str | Path | None = None) -> list[Example]:
     """Everything `parley train guard` learns from: written lines, intents, other-language
-    intents, template sentences, and (for the project's own data, `folder` None) the retired
-    held-out sets and the alignment work's everyday requests."""
+    intents, answer sentences, template sentences, and (for the project's own data, `folder`
+    None) the retired held-out sets and the alignment work's everyday requests."""
     own = load_retired() + load_everyday() if folder is None else []
     tagged = load_intents(folder) + load_languages(folder)
-    return load_written(folder) + tagged + load_breadth(folder, tagged) + load_templates(folder) + own
+    return (load_written(folder) + tagged + load_breadth(folder, tagged) + load_answers(folder) + load_templates(folder)
+            + own)
 
 
 # Held-out sets that have been evaluated on and retired to training data (their README.md says so),
@@ -524,7 +563,7 @@ def data_sha256(folder: str | Path | None = None) -> str:
     for name in ("requests.toml", "injections.toml", "templates.toml", "intents.toml", "languages.toml"):
         if (folder / name).is_file():
             h.update((folder / name).read_bytes())
-    for path in sorted((folder / "breadth").glob("*.toml")):
+    for path in (*sorted((folder / "breadth").glob("*.toml")), *sorted((folder / "answers").glob("*.toml"))):
         h.update(path.read_bytes())
     if folder == data_dir():  # the retired held-out sets and the everyday requests train the project's guard too
         h.update(EVERYDAY.read_bytes())
