@@ -144,6 +144,33 @@ def test_reads_html_main_text_and_falls_back_to_lxml():
     assert read_bytes("tiny.htm", tiny)[1] == [Section("just a span")]
 
 
+def test_html_nested_past_the_parsers_depth_keeps_its_text(tmp_path):
+    # Uploads and fetched pages are untrusted: libxml2 stops reading 256 elements deep, so a page of 200,000
+    # nested <div>s around its text read as "empty" (and a tree that deep overflows a recursive walk). Such a
+    # page is now rebuilt with nothing deeper than readers.MAX_DEPTH: its text kept in order, not what is hidden.
+    from websrv import Reply, serve
+
+    from parley.pipeline.web import Fetcher, WebConfig
+
+    facts = ["The rent is due on the first.", "The spare wheel is under the floor of the boot.",
+             "Pinch off the side shoots."]
+    deep = 200_000
+    page = (f"<html><head><title>Deep</title></head><body><p>{facts[0]}</p>".encode() + b"<div>" * deep
+            + f"<p>{facts[1]}</p><script>alert('no')</script><span hidden>unseen</span>".encode()
+            + b"</div>" * deep + f"<p>{facts[2]}</p></body></html>".encode())
+    landmark = page.replace(b"<body>", b"<body><nav>Home</nav><main>").replace(b"</body>", b"</main></body>")
+    unclosed = page[:page.index(b"</div>")]  # the parser closes them all at the end
+    for name, data, said in [("deep.html", page, facts), ("main.html", landmark, facts),
+                             ("unclosed.htm", unclosed, facts[:2])]:
+        text = "\n\n".join(s.text for s in read_bytes(name, data)[1])
+        assert [text.index(fact) for fact in said] == sorted(text.index(fact) for fact in said), text
+        assert not any(junk in text for junk in ("alert", "unseen", "Home")), text
+    with serve({"/deep": Reply(200, page)}) as site:
+        web = Fetcher(WebConfig(allow_private=True, cache_dir=tmp_path / "cache", max_bytes=3_000_000))
+        fetched = web.fetch(site.url("/deep"))
+    assert fetched.title == "Deep" and all(fact in fetched.text for fact in facts) and "alert" not in fetched.text
+
+
 def test_reads_pdf_pages(tmp_path):
     (tmp_path / "report.pdf").write_bytes(make_pdf(["Page one is about rivers.", "Page two is about\nmountains."]))
     mime, sections = read_file(tmp_path / "report.pdf")

@@ -9,10 +9,10 @@ kept as their own paragraphs), `.html`/`.htm` (the page's main landmark, <main> 
 role="main", where it has one, else the main text as trafilatura finds it; walked block by
 block so paragraphs, list items, table rows and code stay apart, lists that are nearly all
 links left out; plain lxml text when neither finds any; one section per heading, which knows
-its heading path, page title first) and `.pdf` (pypdf, text per page). Anything else, binary
-content (NUL bytes), text that is not UTF-8, a PDF without a text layer, a file over the
-size limit or one with no text is refused with a `ReadError` that names the file and says
-what to do.
+its heading path, page title first; past MAX_DEPTH nested elements only their text is kept)
+and `.pdf` (pypdf, text per page). Anything else, binary content (NUL bytes), text that is
+not UTF-8, a PDF without a text layer, a file over the size limit or one with no text is
+refused with a `ReadError` that names the file and says what to do.
 
 Chunking packs sentences into chunks of at most `words` words, closing a chunk at a
 paragraph end once it holds three quarters of that, and starts each chunk with the last
@@ -201,6 +201,7 @@ def _html(data: bytes) -> list[Section]:
     """One section per heading, each knowing the path of headings above it (the page title,
     h1, first), so a chunk deep in a long page still says what it is about."""
     _binary(data)
+    data = shallow_html(data)
     blocks = _landmark_blocks(data) or _trafilatura_blocks(data)
     return _sections(blocks) if blocks else [Section(_html_fallback(data))]
 
@@ -343,15 +344,103 @@ def _navigation(el) -> bool:
 def _parse_html(data: bytes):
     """The page's tree; None where lxml finds no document. Bytes that are valid UTF-8 are read
     as UTF-8 (without a charset declaration lxml would take them for Latin-1)."""
-    try:
-        data.decode("utf-8")
-        parser = lxml.html.HTMLParser(encoding="utf-8")  # one a call: lxml's parsers are not shared across threads
-    except UnicodeDecodeError:
-        parser = None  # the page's own declaration, else Latin-1
+    # one parser a call: lxml's parsers are not shared across threads
+    parser = lxml.html.HTMLParser(encoding=_encoding(data))
     try:
         return lxml.html.fromstring(data, parser=parser)
     except (etree.ParserError, ValueError):
         return None
+
+
+def _encoding(data: bytes) -> str | None:
+    """UTF-8 for bytes that are valid UTF-8, else None: the page's own declaration, else Latin-1."""
+    try:
+        data.decode("utf-8")
+        return "utf-8"
+    except UnicodeDecodeError:
+        return None
+
+
+# libxml2 stops reading a page nested deeper than 256 elements, and the rest of it is lost: a page of
+# 200,000 nested <div>s around its text read as empty. Such a page is rebuilt with no element deeper than
+# MAX_DEPTH, so the parser, trafilatura and the walks above (recursive, and quadratic in the depth) see all of it.
+MAX_DEPTH = 128
+TOO_DEEP = etree.XPath("/*" * (MAX_DEPTH + 1))  # the elements one level too deep: each step reads one level
+NOT_XML = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\ufffe\uffff]")  # characters a tree's text cannot hold
+
+
+def shallow_html(data: bytes) -> bytes:
+    """The page as it is, or, where it nests elements deeper than MAX_DEPTH, rewritten without the deeper
+    elements: their text, but for what a reader does not see, goes in its place into the deepest one kept."""
+    root = _parse_html(data)
+    if root is None or not TOO_DEEP(root):
+        return data
+    shallow = _Shallow()
+    root = etree.fromstring(data, etree.HTMLParser(target=shallow, encoding=_encoding(data)))
+    return data if root is None else etree.tostring(root, method="html", encoding="utf-8")
+
+
+class _Shallow:
+    """An lxml parser target (its events come in one pass, so no depth limit) building the page's tree
+    down to MAX_DEPTH: text inside deeper elements goes, in its place, to the deepest element kept."""
+
+    def __init__(self):
+        self.root: etree._Element | None = None
+        self.open: list[tuple[etree._Element, bool]] = []  # each open element's: where its text goes, hidden
+        self.text: list[str] = []  # text not yet written, to `into` (or after its last child)
+        self.into: etree._Element | None = None
+
+    def start(self, tag: str, attrib) -> None:
+        into, hidden = self.open[-1] if self.open else (None, False)
+        if len(self.open) < MAX_DEPTH:
+            into = self._element(into, tag, attrib)
+        else:  # kept out, and what a reader does not see in it (a script, a hidden part) too
+            hidden = hidden or tag in SKIP_TAGS or "hidden" in attrib or attrib.get("aria-hidden") == "true"
+        self.open.append((into, hidden))
+
+    def end(self, tag: str) -> None:
+        if self.open:
+            into, _ = self.open.pop()
+            if not self.open or self.open[-1][0] is not into:  # an element closes: the text after it is its tail
+                self._write()
+
+    def data(self, text: str) -> None:
+        if self.open and not self.open[-1][1]:
+            if not self.text:
+                self.into = self.open[-1][0]
+            self.text.append(text)
+
+    def close(self) -> etree._Element | None:
+        self._write()
+        return self.root
+
+    def _element(self, parent: etree._Element | None, tag: str, attrib) -> etree._Element:
+        if parent is None and self.root is not None:  # text after </html> opens another <html>: the same one
+            return self.root
+        self._write()  # the text so far goes before this element
+        try:
+            element = etree.Element(tag) if parent is None else etree.SubElement(parent, tag)
+        except ValueError:  # a tag name lxml's tree cannot hold: its text goes to its parent
+            return parent
+        for name, value in attrib.items():
+            try:
+                element.set(name, NOT_XML.sub(" ", value))
+            except ValueError:  # nor an attribute name
+                pass
+        if self.root is None:
+            self.root = element
+        return element
+
+    def _write(self) -> None:
+        """Write the text gathered since the last element opened or closed (one write: appending to an
+        element's text over and over would copy it each time)."""
+        text, self.text = NOT_XML.sub(" ", "".join(self.text)), []
+        if not text or self.into is None:
+            return
+        if len(self.into):
+            self.into[-1].tail = (self.into[-1].tail or "") + text
+        else:
+            self.into.text = (self.into.text or "") + text
 
 
 def _html_fallback(data: bytes) -> str:

@@ -70,6 +70,7 @@ from charset_normalizer import from_bytes
 from parley.config import setting
 from parley.files import atomic_open
 from parley.pipeline.frames import Frame, Intent, Notice, Passage, Passages, Slots, UserText
+from parley.pipeline.readers import shallow_html
 from parley.pipeline.runner import Stage, Turn
 from parley.pipeline.urls import find_url
 
@@ -408,6 +409,7 @@ def _readable(text: str, kind: str, url: httpx.URL) -> tuple[str, str]:
     if kind not in ("text/html", "application/xhtml+xml"):
         return "", text
     html = re.sub(r"^\s*<\?xml[^>]*\?>", "", text)  # lxml refuses str with an encoding declaration
+    html = shallow_html(html.encode()).decode()  # nested too deep for lxml, it would read as empty (readers.py)
     try:
         doc = lxml.html.fromstring(html)
     except Exception:  # lxml raises several types for empty or hopeless markup; nothing to read then
