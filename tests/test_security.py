@@ -45,7 +45,7 @@ import pytest
 
 from parley.engine.config import EngineConfig
 from parley.serve.app import create_app
-from parley.serve.http import HEAD_BYTES, BoundedHttp
+from parley.serve.http import HEAD_BYTES, MAX_CONNECTIONS, MAX_CONNECTIONS_PER_CLIENT, BoundedHttp
 from parley.serve.main import users_main
 from parley.serve.server import EMBEDDING_MODEL, FairLock
 from parley.serve.settings import ServeError, Settings
@@ -445,3 +445,190 @@ def test_a_request_head_that_is_too_big_or_never_ends_is_refused_and_its_connect
         posted = _raw_reply(url, b"POST /v1/embeddings HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
                             b"Connection: close\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
         assert posted.split(b"\r\n")[0] in (b"HTTP/1.1 200 OK", b"HTTP/1.1 400 Bad Request"), posted[:300]
+
+
+# --- the hostile probe of `parley serve`: connections, bodies Starlette parses, field names ------------------------
+
+HEALTH = b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n"
+
+
+def _connect(url: str, source: str = "127.0.0.1") -> socket.socket:
+    """A connection from `source` (any 127.x.y.z is this machine: a client address of the test's choosing)."""
+    host, port = url.removeprefix("http://").split(":")
+    return socket.create_connection((host, int(port)), timeout=10, source_address=(source, 0))
+
+
+def _reply_to(url: str, data: bytes, source: str = "127.0.0.1") -> tuple[int, dict, bytes]:
+    """(status, headers, body) of what the server answers `data` from `source`, read until it closes."""
+    with _connect(url, source) as conn:
+        conn.sendall(data)
+        reply = b""
+        while chunk := conn.recv(65536):
+            reply += chunk
+    head, _, body = reply.partition(b"\r\n\r\n")
+    lines = head.decode("latin-1").split("\r\n")
+    headers = dict(line.lower().split(": ", 1) for line in lines[1:])
+    return int(lines[0].split()[1]), headers, body
+
+
+def _close(conn: socket.socket) -> None:
+    """Close a connection once the server has closed its end too: uvicorn forgets a connection before it closes the
+    socket, so its place is free when this returns (no waiting for a time)."""
+    conn.shutdown(socket.SHUT_WR)
+    while conn.recv(65536):
+        pass
+    conn.close()
+
+
+def test_one_address_cannot_take_every_connection_and_a_closed_one_frees_its_place(tiny768_registry, tmp_path):
+    """The request-head bounds close a connection after 20 s, but a client opening them faster held them all, until
+    the server was out of file descriptors and /health failed for everyone. One address now holds at most
+    MAX_CONNECTIONS_PER_CLIENT (`parley serve`'s default, and `parley voice`'s, which builds its server from the same
+    settings): one more is answered 429 at once, with Retry-After, and closed; other addresses are served; a
+    connection that closes frees its place at once."""
+    settings = Settings(db=str(tmp_path / "p.db"), home=tiny768_registry.home, model="tiny768", no_auth=True)
+    assert (settings.max_connections_per_client, settings.max_connections) == (MAX_CONNECTIONS_PER_CLIENT,
+                                                                               MAX_CONNECTIONS)
+    with serving(create_app(settings)) as url:  # the shipped BoundedHttp, its default caps
+        assert _reply_to(url, HEALTH)[0] == 200  # up (until then the kernel queues connections, 64 at most)
+        held = [_connect(url) for _ in range(MAX_CONNECTIONS_PER_CLIENT)]  # idle: not a byte sent
+        status, headers, body = _reply_to(url, HEALTH)
+        assert status == 429 and headers["retry-after"] == "1" and headers["connection"] == "close"
+        error = json.loads(body)["error"]
+        assert error["code"] == "too_many_connections" and error["type"] == "rate_limit_error"
+        assert f"{MAX_CONNECTIONS_PER_CLIENT} connections" in error["message"]
+        assert _reply_to(url, HEALTH, source="127.0.0.2")[0] == 200  # everyone else is still served
+        refused = _connect(url)  # answered at once, before it sends a byte; its client keeps it open
+        assert refused.recv(65536).startswith(b"HTTP/1.1 429 ")
+        for conn in held:
+            _close(conn)
+        assert _reply_to(url, HEALTH)[0] == 200  # the refused connection, open or not, holds no place
+        refused.close()
+        with httpx.Client(base_url=url, timeout=10) as http:  # an HTTP client sees the refusal as an answer too
+            held = [_connect(url) for _ in range(MAX_CONNECTIONS_PER_CLIENT)]
+            refused = http.get("/health")
+            assert refused.status_code == 429 and refused.json()["error"]["code"] == "too_many_connections"
+            _close(held.pop())
+            assert http.get("/health").status_code == 200
+
+
+def test_past_the_servers_own_cap_every_address_gets_503_until_a_connection_closes(tiny768_registry, tmp_path):
+    settings = Settings(db=str(tmp_path / "p.db"), home=tiny768_registry.home, model="tiny768", no_auth=True)
+    with serving(create_app(settings), http=BoundedHttp.capped(per_client=2, total=3)) as url:
+        held = [_connect(url, source) for source in ("127.0.0.2", "127.0.0.2", "127.0.0.3")]
+        assert _reply_to(url, HEALTH, source="127.0.0.2")[0] == 429  # its own cap first
+        status, headers, body = _reply_to(url, HEALTH, source="127.0.0.4")
+        assert status == 503 and headers["retry-after"] == "1"
+        assert json.loads(body)["error"]["code"] == "too_many_connections"
+        _close(held.pop())
+        assert _reply_to(url, HEALTH, source="127.0.0.4")[0] == 200
+    with serving(create_app(settings), http=BoundedHttp.capped(per_client=0, total=0)) as url:  # 0: no cap
+        assert _reply_to(url, HEALTH)[0] == 200
+        held = [_connect(url) for _ in range(MAX_CONNECTIONS_PER_CLIENT + 1)]
+        assert _reply_to(url, HEALTH)[0] == 200
+        for conn in held:
+            conn.close()
+
+
+def test_the_connection_caps_are_settings_of_parley_serve():
+    from parley.config import parse_cli, usage
+
+    settings = parse_cli(Settings, ["--max-connections-per-client", "300", "max_connections=4000"])
+    assert (settings.max_connections_per_client, settings.max_connections) == (300, 4000)
+    help_text = usage(Settings, "parley serve")
+    assert "max_connections_per_client" in help_text and "reverse proxy" in help_text
+    with pytest.raises(ServeError, match="max_connections must be >= 0"):
+        Settings(max_connections=-1)
+
+
+@pytest.fixture(scope="module")
+def open_url(tiny768_registry, tmp_path_factory):
+    """A server without keys (these requests are refused before a key would matter) and the pipeline's one stage."""
+    settings = Settings(db=str(tmp_path_factory.mktemp("db") / "p.db"), home=tiny768_registry.home, model="tiny768",
+                        no_auth=True, engine=EngineConfig(dtype="float32"), stages=["respond"], max_tokens=1)
+    with serving(create_app(settings)) as url:
+        yield url
+
+
+def _error(answer: httpx.Response) -> dict:
+    assert answer.status_code == 400, answer.text
+    error = answer.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"} and error["type"] == "invalid_request_error"
+    assert error["code"], error  # never null
+    return error
+
+
+def test_bodies_starlette_cannot_parse_are_a_400_that_says_why(open_url):
+    """Starlette's and FastAPI's own parse errors came back as `code: null` and 'There was an error parsing the
+    body' (or Starlette's bare sentence): a JSON body with bytes that are not UTF-8, one nested 100,000 levels deep (a
+    RecursionError inside the parser), malformed multipart forms. Each is a 400 in the envelope of every other 400,
+    with a code and what to do; deep JSON is refused before anything parses or validates it."""
+    chat, as_json = "/v1/chat/completions", {"Content-Type": "application/json"}
+    request = b'{"model": "tiny768", "messages": [{"role": "user", "content": %s}]}'
+    with httpx.Client(base_url=open_url, timeout=60) as http:
+        assert _error(http.post(chat, json={"model": "tiny768", "messages": []}))["code"] == "invalid_value"
+
+        error = _error(http.post(chat, content=request % b'"caf\xe9 \xff"', headers=as_json))
+        assert error["code"] == "invalid_json" and "not UTF-8" in error["message"] and "byte 0xe9 at offset" in \
+            error["message"] and "encoded as UTF-8" in error["message"]
+        error = _error(http.post(chat, content=request % (b"1" * 5000), headers=as_json))
+        assert error["code"] == "invalid_json" and "5000 digits" in error["message"] and "as strings" in error["message"]
+        for deep in (b"[" * 100_000, request % (b"[" * 100_000), request % (b"[" * 900 + b"]" * 900),
+                     b'{"a": ' * 65 + b"1" + b"}" * 65, b"[" * 1_900_000):
+            error = _error(http.post(chat, content=deep, headers=as_json))
+            assert error["code"] == "too_deep" and "at most 64" in error["message"], error
+        # brackets inside strings are text, however many; 64 levels are taken
+        text = "[{" * 40 + '\\"[' * 9
+        answer = http.post(chat, json={"model": "tiny768", "messages": [{"role": "user", "content": text}]})
+        assert answer.status_code == 200, answer.text
+        assert _error(http.post(chat, content=b"[" * 64 + b"]" * 64, headers=as_json))["code"] == \
+            "invalid_value"  # parsed and validated: a list where an object belongs
+
+        audio = "/v1/audio/transcriptions"
+        forms = {"boundary": (b"a=b", "multipart/form-data"),
+                 "Invalid multipart data": (b"not a multipart body", "multipart/form-data; boundary=xx"),
+                 '"name" must be provided': (b'--xx\r\nContent-Disposition: form-data\r\n\r\nabc\r\n--xx--\r\n',
+                                            "multipart/form-data; boundary=xx")}
+        for what, (body, kind) in forms.items():
+            error = _error(http.post(audio, content=body, headers={"Content-Type": kind}))
+            assert error["code"] == "invalid_form" and what in error["message"] and "curl -F" in error["message"]
+        error = _error(http.post(audio, files=[("file", ("a.wav", b"1")), ("file", ("b.wav", b"2"))]))
+        assert error["code"] == "invalid_form" and "Too many files" in error["message"]
+
+
+def test_an_error_in_a_field_of_several_shapes_names_it_as_sent_and_the_shapes_it_takes(open_url):
+    """pydantic names the member of a union it tried: the errors said `messages.0.content.str` (and with param
+    `messages.0.content.str`), which no client wrote and which did not say that a list of parts would do."""
+    one = [{"role": "user", "content": "hi"}]
+    cases = [("/v1/chat/completions", {"model": "tiny768", "messages": [{"role": "user", "content": 5}]},
+              "messages.0.content", 'must be a string, a list of objects like {"type": "text", "text": ...}, or null'),
+             ("/v1/chat/completions", {"model": "tiny768", "messages": [{"role": "user", "content": [{"type": "x"}]}]},
+              "messages.0.content", "; messages.0.content.0.type: Input should be 'text'"),
+             ("/v1/chat/completions", {"model": "tiny768", "messages": one, "stop": {"a": 1}},
+              "stop", "stop must be a string, a list of strings, or null"),
+             ("/v1/completions", {"model": "tiny768", "prompt": ["a", 5]},
+              "prompt", "prompt must be a string or a list of strings; prompt.1: Input should be a valid string"),
+             ("/v1/embeddings", {"model": "all-MiniLM-L6-v2", "input": 5}, "input", "a string or a list of strings")]
+    with httpx.Client(base_url=open_url, timeout=60) as http:
+        for path, body, param, said in cases:
+            error = _error(http.post(path, json=body))
+            assert error["param"] == param and said in error["message"], error
+            assert ".str" not in error["message"] and "list[" not in error["message"], error
+            assert error["code"] == "invalid_value"
+
+
+def test_the_assistants_message_errors_name_the_message(open_url):
+    """model "parley" checks its message in the pipeline (empty, too long, a NUL byte, a prompt past the context):
+    those 400s had `param: null`; they name the user message the assistant answers, as sent."""
+    def ask(*contents):
+        messages = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "earlier"},
+                    {"role": "assistant", "content": "yes"}] + [{"role": "user", "content": c} for c in contents]
+        return http.post("/v1/chat/completions", json={"model": "parley", "messages": messages})
+
+    with httpx.Client(base_url=open_url, timeout=60) as http:
+        for contents, field, said in ((("   ",), "messages.3.content", "the message is empty"),
+                                      (("a", "x\x00y"), "messages.4.content", "NUL"),
+                                      (("x" * 9000,), "messages.3.content", "characters; the limit is"),
+                                      (("word " * 1500,), "messages.3.content", "context is 768 tokens")):
+            error = _error(ask(*contents))
+            assert error["param"] == field and said in error["message"]

@@ -127,6 +127,72 @@ def test_completions_with_a_stop_string(site, reference):
     assert "".join(c.choices[0].text for c in streamed) == cut.choices[0].text
 
 
+def test_completions_echo_the_prompt_whole_and_streamed(site, reference):
+    """echo=true sends the prompt back before its completion, as OpenAI and vLLM do (it was ignored)."""
+    engine, tokenizer, complete = reference
+    prompt = "The capital of France is"
+    full = complete(tokenizer.encode(prompt), 8)
+    reply = site.sdk().completions.create(model="tiny768", prompt=[prompt], temperature=0, max_tokens=8, echo=True)
+    assert reply.choices[0].text == prompt + full and reply.usage.completion_tokens <= 8
+    chunks = list(site.sdk().completions.create(model="tiny768", prompt=prompt, temperature=0, max_tokens=8,
+                                                echo=True, stream=True))
+    assert chunks[0].choices[0].text == prompt  # the prompt comes first, as a chunk of its own
+    assert "".join(c.choices[0].text for c in chunks) == prompt + full
+    assert site.sdk().completions.create(model="tiny768", prompt=prompt, temperature=0, max_tokens=8,
+                                         echo=False).choices[0].text == full
+    stopped = site.sdk().completions.create(model="tiny768", prompt=prompt, temperature=0, max_tokens=8, echo=True,
+                                            stop="France")  # stop strings end the completion, not the prompt
+    assert stopped.choices[0].text.startswith(prompt)
+
+
+@pytest.mark.parametrize("route", ["/v1/chat/completions", "/v1/completions"])
+def test_options_not_implemented_are_refused_unless_they_ask_for_nothing(site, route):
+    """OpenAI's options that this server does not implement were answered 200 and ignored; now each is a
+    400 naming it and saying what is supported, except for the values that ask for nothing special."""
+    base = {"model": "tiny768", "max_tokens": 1, **({"messages": [{"role": "user", "content": "hi"}]}
+                                                     if route == "/v1/chat/completions" else {"prompt": "Hi"})}
+    plain = {"response_format": {"type": "text"}, "echo": False, "best_of": 1, "suffix": "", "tool_choice": "none",
+             "top_logprobs": 0, "logprobs": False, "tools": []}
+    refused = [("response_format", {"type": "json_object"}),
+               ("response_format", {"type": "json_schema", "json_schema": {"name": "x", "schema": {}}}),
+               ("best_of", 2), ("suffix", " and so on."), ("top_logprobs", 5), ("tool_choice", "required"),
+               ("tool_choice", {"type": "function", "function": {"name": "weather"}}), ("logprobs", True),
+               ("logprobs", 5)]
+    if route == "/v1/chat/completions":
+        refused.append(("echo", True))  # on /v1/completions it is implemented
+    with site.http() as http:
+        for values in (plain, {**plain, "suffix": None, "tool_choice": "auto", "top_logprobs": None,
+                               "best_of": None, "response_format": None}):
+            assert http.post(route, json={**base, **values}).status_code == 200, values
+        for name, value in refused:
+            reply = http.post(route, json={**base, name: value})
+            assert reply.status_code == 400, (name, value, reply.text)
+            error = reply.json()["error"]
+            assert error["param"] == name and f"{name} " in error["message"], error
+            assert "not supported" in error["message"], error["message"]
+
+
+def test_stop_strings_are_bounded_so_a_stream_is_never_held_back_whole(site, reference):
+    """Text that could be the start of a stop string is held back from a stream: a stop string of 100,000
+    characters held back everything until the end. Each may now be at most MAX_STOP_CHARS long, 4 at most."""
+    from parley.engine.text import TextAssembler
+
+    with site.http() as http:
+        for route, body in [("/v1/completions", {"prompt": "Hi"}),
+                            ("/v1/chat/completions", {"messages": [{"role": "user", "content": "Hi"}]})]:
+            body = {**body, "model": "tiny768", "max_tokens": 2}
+            for stop in ("z" * 100_000, ["never", "z" * 257], ["a", "b", "c", "d", "e"], ["a", ""]):
+                reply = http.post(route, json={**body, "stop": stop})
+                assert reply.status_code == 400 and reply.json()["error"]["param"] == "stop", reply.text
+            assert "at most 256 characters (one has 100000)" in \
+                http.post(route, json={**body, "stop": "z" * 100_000}).json()["error"]["message"]
+            assert http.post(route, json={**body, "stop": ["z" * 256, "a", "b", "c"]}).status_code == 200
+    tokenizer = reference[1]  # the server's text assembler refuses them too: it holds back 255 characters at most
+    assert TextAssembler(tokenizer, ["x" * 256]).hold == 255
+    with pytest.raises(ValueError, match="at most 256 characters"):
+        TextAssembler(tokenizer, ["x" * 257])
+
+
 def test_embeddings_are_minilm_vectors_as_floats_and_base64(site, embedder):
     texts = ["The rent is due on the first.", "Paris is in France."]
     reply = site.sdk().embeddings.create(model="all-minilm-l6-v2", input=texts)  # the SDK asks for base64
@@ -410,6 +476,27 @@ def test_a_client_that_leaves_a_whole_reply_stops_its_generation(gated_at_start,
     assert _until(lambda: request.cancelled)
     engine.gate.set()
     assert request.wait(timeout=30) == "cancelled" and request.tokens == []
+
+
+def test_a_client_that_leaves_the_assistants_whole_reply_after_its_first_words_stops_it(gated, registry):
+    """As above for model "parley": only the wait for its first words watched the client, so once they were
+    out a whole reply went on generating for nobody."""
+    site, engine = gated  # the engine holds after each request's first token
+    tokenizer = registry.load("tiny768")[1]
+    host, port = site.url.removeprefix("http://").split(":")
+    body = json.dumps({"model": "parley", "messages": [{"role": "user", "content": "Hello"}], "temperature": 0.8,
+                       "seed": 1, "max_tokens": 50})
+    with socket.create_connection((host, int(port))) as raw:
+        raw.sendall((f"POST /v1/chat/completions HTTP/1.1\r\nHost: {host}:{port}\r\n"
+                     f"Authorization: Bearer {site.keys['ann']}\r\nContent-Type: application/json\r\n"
+                     f"Content-Length: {len(body)}\r\n\r\n{body}").encode())
+        assert _until(lambda: engine.requests and engine.requests[0].tokens)  # the turn read its first token
+        # which is words: the turn's first-words wait is over (as in the streamed test above, where they are sent)
+        assert tokenizer.decode(engine.requests[0].tokens).strip()
+    (request,) = engine.requests
+    assert _until(lambda: request.cancelled)
+    engine.gate.set()
+    assert request.wait(timeout=30) == "cancelled" and len(request.tokens) < 50
 
 
 def test_users_never_share_cached_prompt_pages(registry, tmp_path):

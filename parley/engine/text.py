@@ -7,7 +7,9 @@
     print(stream.finish_reason, stream.tokens)
 
 The engine works on ids only; this is the one place that turns its tokens into text.
-Text that might be the start of a stop string is held back until it is known not to be.
+Text that might be the start of a stop string is held back until it is known not to be, so a
+stop string may be at most MAX_STOP_CHARS long: one of 100,000 characters would hold back
+the whole answer until its end.
 """
 
 from __future__ import annotations
@@ -18,14 +20,24 @@ from parley.engine.engine import Engine, Event
 from parley.engine.sampling import SamplingParams
 from parley.model.tokenizer import Tokenizer
 
+MAX_STOP_CHARS = 256  # the longest stop string, and so the most text held back from a stream
+
+
+def check_stops(stop: Sequence[str]) -> None:
+    """ValueError unless every stop string is non-empty and at most MAX_STOP_CHARS long."""
+    if any(not s for s in stop):
+        raise ValueError("stop strings must not be empty")
+    if (longest := max(map(len, stop), default=0)) > MAX_STOP_CHARS:
+        raise ValueError(f"a stop string may be at most {MAX_STOP_CHARS} characters (one has {longest}): "
+                         "text that could be the start of one is held back from the stream")
+
 
 class TextAssembler:
     """Tokens to text for one sequence: decodes byte-level tokens across boundaries and stops at
     the first stop string, holding back text that could be the start of one."""
 
     def __init__(self, tokenizer: Tokenizer, stop: Sequence[str] = ()):
-        if any(not s for s in stop):
-            raise ValueError("stop strings must not be empty")
+        check_stops(stop)  # the hold-back below is at most MAX_STOP_CHARS - 1
         self.decoder, self.stop = tokenizer.stream_decoder(), list(stop)
         self.hold = max((len(s) for s in self.stop), default=1) - 1
         self.text, self.emitted, self.tokens = "", 0, 0
@@ -54,8 +66,7 @@ class TextAssembler:
 class TextStream:
     def __init__(self, engine: Engine, tokenizer: Tokenizer, prompt: Sequence[int],
                  params: SamplingParams, stop: Sequence[str] = ()):
-        if any(not s for s in stop):
-            raise ValueError("stop strings must not be empty")
+        check_stops(stop)  # now, rather than when iteration starts
         self.engine, self.tokenizer, self.prompt = engine, tokenizer, list(prompt)
         self.params, self.stop = params, list(stop)
         self.tokens: list[int] = []

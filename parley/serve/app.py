@@ -84,6 +84,8 @@ def create_app(settings: Settings, engine=None, tokenizer=None, embedder=None) -
             # the route's `authenticate` takes the user from here instead of looking the key up again
             scope.setdefault("state", {})["key_user"] = await run_in_threadpool(server.key_user, header, client)
 
+    # innermost: a JSON body is checked before it is parsed, once MetricsMiddleware has bounded its size
+    app.add_middleware(errors.JsonBodyCheck)
     app.add_middleware(MetricsMiddleware, metrics=server.metrics, limit=limit, authorize=authorize)
     # outermost: a foreign Host or a cross-site write is refused before its key or body is read
     app.add_middleware(BrowserGuard, bind=settings.host, allowed_hosts=settings.allowed_hosts,

@@ -7,6 +7,7 @@
     parley serve --model smollm2 --port 8000
     parley serve persona="You are terse." self_check=true web_search_url=http://127.0.0.1:8888
     parley serve --no-auth                  # loopback only: every request is the user `user` ("local")
+    parley serve --max-connections-per-client 1024   # behind a reverse proxy: every client has its address
     parley serve --help                     # every key: the assistant's (as `parley chat`), the server's
 
 Both default to the database PARLEY_HOME/parley.db, the one `parley chat` uses.
@@ -45,7 +46,8 @@ def serve_main(argv: list[str]) -> int:
           f" (CPU path: {app.state.server.engine.kernels_path}; keys and values in "
           f"{app.state.server.engine.kv_dtype})"
           + (f" (no auth: everyone is {settings.user!r})" if settings.no_auth else ""), file=sys.stderr)
-    uvicorn.run(app, host=settings.host, port=settings.port, log_level="warning", http=BoundedHttp)
+    http = BoundedHttp.capped(settings.max_connections_per_client, settings.max_connections)
+    uvicorn.run(app, host=settings.host, port=settings.port, log_level="warning", http=http)
     return 0
 
 

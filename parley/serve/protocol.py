@@ -5,9 +5,14 @@
 
 Requests are validated here (ranges, types, what Parley does not support, such as n > 1), so
 a route only sees sensible values; the error mapper turns a failed validation into a 400.
-Unknown fields are ignored, as OpenAI's own server does, so newer SDKs keep working. Every
-string of every request must be Unicode that UTF-8 can encode: JSON's "\\ud800" escape decodes to a
-lone surrogate, which the tokenizer and SQLite refuse, so it is a 400 here, naming the field.
+Unknown fields are ignored, as OpenAI's own server does, so newer SDKs keep working; but an
+option OpenAI defines that Parley does not implement (logprobs, tools, `PLAIN`'s) is a 400
+naming it, unless its value asks for nothing special (response_format text, best_of 1 ...):
+a client relying on it must not get an answer that quietly ignored it. `stop` takes at most 4
+strings of at most 256 characters (engine/text.py's MAX_STOP_CHARS): text that could be the
+start of one is held back from a stream. Every string of every request must be Unicode that
+UTF-8 can encode: JSON's "\\ud800" escape decodes to a lone surrogate, which the tokenizer and
+SQLite refuse, so it is a 400 here, naming the field.
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from parley.engine.sampling import SamplingParams
+from parley.engine.text import check_stops
 
 Role = Literal["system", "developer", "user", "assistant", "tool"]
 
@@ -70,6 +76,20 @@ class StreamOptions(_Request):
     include_usage: bool = False
 
 
+MAX_STOPS = 4  # as OpenAI
+
+# Options OpenAI defines that this server does not implement: each accepts the values that ask for
+# nothing special (SDKs and tools send some by default), and refuses any other with what is supported.
+PLAIN = {
+    "suffix": (lambda v: v == "", "leave it out (or send null or \"\"): a completion only follows its prompt"),
+    "best_of": (lambda v: v == 1, "it may only be 1, as n: one completion is made per request"),
+    "top_logprobs": (lambda v: v == 0, "leave it out (or send 0): log probabilities are not returned"),
+    "tool_choice": (lambda v: v in ("none", "auto"), "only 'none' or 'auto', as tools are not supported"),
+    "response_format": (lambda v: v.get("type") == "text",
+                        "only {'type': 'text'}: JSON mode and JSON schemas are not"),
+}
+
+
 class _Sampling(_Request):
     """The sampling fields chat and text completions share."""
 
@@ -77,11 +97,18 @@ class _Sampling(_Request):
     temperature: float | None = Field(None, ge=0, le=2)
     top_p: float | None = Field(None, gt=0, le=1)
     max_tokens: int | None = Field(None, ge=1)
-    stop: str | list[str] | None = None
+    stop: str | list[str] | None = None  # at most MAX_STOPS strings of at most MAX_STOP_CHARS characters
     seed: int | None = Field(None, ge=-(2**63), le=2**63 - 1)
     n: int | None = 1
-    logprobs: bool | None = None
+    echo: bool = False  # /v1/completions: the prompt, then its completion (refused on chat)
+    logprobs: bool | int | None = None  # chat's is a bool, /v1/completions' a count: either is refused
     tools: list | None = None
+    # not implemented: only the values in PLAIN (which ask for nothing special) are accepted
+    suffix: str | None = None
+    best_of: int | None = None
+    top_logprobs: int | None = None
+    tool_choice: str | dict | None = None
+    response_format: dict | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
 
@@ -110,12 +137,21 @@ class _Sampling(_Request):
             raise ValueError(f"{info.field_name} is not supported by this server; leave it out")
         return value
 
+    @field_validator(*PLAIN)
+    @classmethod
+    def _plain(cls, value, info):
+        plain, supported = PLAIN[info.field_name]
+        if value is not None and not plain(value):
+            raise ValueError(f"{info.field_name} {value!r:.60} is not supported by this server; {supported}")
+        return value
+
     @field_validator("stop")
     @classmethod
     def _stops(cls, stop: str | list[str] | None) -> str | list[str] | None:
         stops = [stop] if isinstance(stop, str) else stop or []
-        if len(stops) > 4 or any(not s for s in stops):
-            raise ValueError("give at most 4 non-empty stop strings")
+        if len(stops) > MAX_STOPS:
+            raise ValueError(f"give at most {MAX_STOPS} stop strings (got {len(stops)})")
+        check_stops(stops)
         return stop
 
     @property
@@ -149,6 +185,14 @@ class _Sampling(_Request):
 class ChatRequest(_Sampling):
     messages: list[Message] = Field(min_length=1)
     max_completion_tokens: int | None = Field(None, ge=1)
+
+    @field_validator("echo")
+    @classmethod
+    def _no_echo(cls, echo: bool) -> bool:
+        if echo:
+            raise ValueError("echo is not supported on /v1/chat/completions; leave it out (on /v1/completions "
+                             "it sends the prompt back before its completion)")
+        return echo
 
 
 class CompletionRequest(_Sampling):

@@ -6,8 +6,9 @@
                                    extra_headers={"X-Parley-Conversation": "12"})
 
 A registered model answers directly: its chat template renders the messages (or the prompt
-of /v1/completions is encoded as it is) and the engine streams tokens, with the user's own
-LoRA adapter where they have one (`parley learn user=NAME`), as the assistant's turns do.
+of /v1/completions is encoded as it is, and with `echo` sent back before its completion) and
+the engine streams tokens, with the user's own LoRA adapter where they have one (`parley
+learn user=NAME`), as the assistant's turns do.
 "parley" runs the last user message through the assistant's whole pipeline (safety, memory,
 knowledge, respond ...) in the conversation the header names, or a new one; the reply
 carries the conversation and saved turn ids (header and a "parley" field), for feedback and
@@ -28,8 +29,10 @@ import numpy as np
 from fastapi import APIRouter, Depends, Header, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
+from parley.engine.engine import PromptError
 from parley.engine.text import TextAssembler
 from parley.learn.personal import adapter_for
+from parley.pipeline.assistant import MessageError
 from parley.pipeline.frames import ShownText
 from parley.serve import protocol as p
 from parley.serve.errors import APIError, from_exception
@@ -139,6 +142,7 @@ async def _complete(server: Server, req: p.ChatRequest | p.CompletionRequest, id
             server.metrics.add_tokens(text.tokens)
 
     rid, model = p.new_id("chatcmpl" if chat else "cmpl"), req.model
+    echoed = req.text if req.echo else ""  # /v1/completions' echo (a chat request refuses it): the prompt first
 
     def usage() -> dict:  # read once generation is over
         return p.usage(len(ids), text.tokens)
@@ -152,11 +156,13 @@ async def _complete(server: Server, req: p.ChatRequest | p.CompletionRequest, id
         answer = whole.result()
         if chat:
             return p.chat_completion(rid, model, answer, text.finish_reason, len(ids), text.tokens)
-        return p.text_completion(rid, model, answer, text.finish_reason, usage())
+        return p.text_completion(rid, model, echoed + answer, text.finish_reason, usage())
 
     async def chunks() -> AsyncIterator[dict]:
         if chat:
             yield p.chat_chunk(rid, model, {"role": "assistant", "content": ""})
+        elif echoed:
+            yield p.text_completion(rid, model, echoed, None)
         async for piece in pieces():
             yield p.chat_chunk(rid, model, {"content": piece}) if chat else p.text_completion(rid, model, piece, None)
         yield p.chat_chunk(rid, model, {}, text.finish_reason) if chat else \
@@ -210,6 +216,11 @@ async def _assistant_chat(server: Server, req: p.ChatRequest, user: User, conver
         if not await _unless_gone(first, request):  # raises the turn's exception, if it failed before saying anything
             turn.stop()
             return Response(status_code=499)  # nobody reads it: nginx's "client closed request"
+    except (MessageError, PromptError) as e:  # the last user message's (empty, too long ...): named as sent
+        turn.stop()
+        last = max((i for i, m in enumerate(req.messages) if m.role == "user"), default=len(req.messages) - 1)
+        field = f"messages.{last}.content"  # the message is said as it was (a chat client shows it): param names it
+        raise APIError(400, str(e), code="invalid_value", param=field) from None
     except BaseException:
         turn.stop()
         raise
@@ -234,8 +245,12 @@ async def _assistant_chat(server: Server, req: p.ChatRequest, user: User, conver
         return {"conversation_id": started, "turn_id": done[0].message_id if done else None,
                 "answered_by": done[0].answered_by if done else None, "adapter": done[0].adapter if done else False}
 
-    if not req.stream:
-        answer = "".join([t async for t in pieces()])
+    if not req.stream:  # generated apart from the reply, as in _complete: a client that leaves stops it
+        whole = asyncio.ensure_future(_joined(pieces()))
+        if not await _unless_gone(whole, request):
+            turn.stop()  # pieces() stops it too, unless it never started
+            return Response(status_code=499)
+        answer = whole.result()
         counts = (done[0].prompt_tokens, done[0].completion_tokens) if done else (0, 0)
         body = p.chat_completion(rid, ASSISTANT_MODEL, answer, done[0].finish_reason if done else "stop", *counts)
         return JSONResponse({**body, "parley": ids()}, headers=headers)

@@ -48,6 +48,12 @@ class Settings(AssistantConfig):
     requests_per_minute: int = setting(600, "requests a minute per API key (0 = no limit)")
     failed_auth_per_minute: int = setting(30, "failed authentications a minute per client address; past them the "
                                               "address gets HTTP 429 without its key being looked at (0 = no limit)")
+    max_connections_per_client: int = setting(64, "connections one client address may hold open at once; one more "
+                                                  "is answered HTTP 429 and closed (behind a reverse proxy every "
+                                                  "client has the proxy's address: raise it there; 0 = no limit)")
+    max_connections: int = setting(512, "connections all clients together may hold open; one more is answered "
+                                        "HTTP 503 and closed (keep it under the open-file limit, `ulimit -n`; "
+                                        "0 = no limit)")
     max_pending: int = setting(32, "assistant turns that may wait for a pipeline worker; more get HTTP 429")
     max_body_bytes: int = setting(2_000_000, "largest request body, in bytes")
     max_upload_bytes: int = setting(10_000_000, "largest document upload (/api/knowledge), in bytes")
@@ -72,8 +78,9 @@ class Settings(AssistantConfig):
             raise ServeError(f"--no-auth serves everyone as one user, so it is allowed only on a loopback address "
                              f"(127.0.0.1, ::1, localhost), not {self.host!r}: drop --no-auth and create keys "
                              "with `parley users add NAME` and `parley users key NAME`")
-        if self.failed_auth_per_minute < 0:
-            raise ServeError(f"failed_auth_per_minute must be >= 0 (got {self.failed_auth_per_minute})")
+        for name in ("failed_auth_per_minute", "max_connections_per_client", "max_connections"):
+            if getattr(self, name) < 0:
+                raise ServeError(f"{name} must be >= 0 (got {getattr(self, name)})")
         for name in ("requests_per_minute", "max_pending", "max_body_bytes", "max_upload_bytes", "pipeline_workers",
                      "max_tokens", "max_embedding_inputs", "max_embedding_chars", "embedding_batch", "voice_idle_seconds",
                      "voice_max_utterance_seconds"):

@@ -179,7 +179,8 @@ def talk_locally(cfg, stdout: TextIO = sys.stdout) -> int:
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
     sock.listen(8)
-    server = uvicorn.Server(uvicorn.Config(create_app(settings), log_level="warning", http=BoundedHttp))
+    http = BoundedHttp.capped(settings.max_connections_per_client, settings.max_connections)  # as `parley serve`
+    server = uvicorn.Server(uvicorn.Config(create_app(settings), log_level="warning", http=http))
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
     try:
