@@ -149,9 +149,10 @@ def test_openai_backend_errors_are_clear():
     with openai_server(status=503) as (url, _):
         with pytest.raises(BackendError, match="HTTP 503.*model overloaded"):
             list(OpenAIBackend(url, "m").stream([{"role": "user", "content": "hi"}]))
-    with openai_server(events=['{"not": "a chunk"}']) as (url, _):
-        with pytest.raises(BackendError, match="not a chat completion chunk"):
-            list(OpenAIBackend(url, "m").stream([{"role": "user", "content": "hi"}]))
+    for event in ('{"not": "a chunk"}', "[" * 100_000):  # the second: json.loads recurses once per level
+        with openai_server(events=[event]) as (url, _):
+            with pytest.raises(BackendError, match="not a chat completion chunk"):
+                list(OpenAIBackend(url, "m").stream([{"role": "user", "content": "hi"}]))
     with openai_server() as (url, _):
         dead = url  # the server is gone once the block ends
     with pytest.raises(BackendError, match="cannot reach the generation server"):

@@ -632,3 +632,8 @@ def test_the_assistants_message_errors_name_the_message(open_url):
                                       (("word " * 1500,), "messages.3.content", "context is 768 tokens")):
             error = _error(ask(*contents))
             assert error["param"] == field and said in error["message"]
+        # a raw model's prompt past its context names the field that holds it
+        for route, body, field in (("/v1/chat/completions", {"messages": [{"role": "user", "content": "word " * 1500}]},
+                                    "messages"), ("/v1/completions", {"prompt": "word " * 1500}, "prompt")):
+            error = _error(http.post(route, json={"model": "tiny768", **body}))
+            assert error["param"] == field and "context" in error["message"], error

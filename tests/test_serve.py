@@ -152,12 +152,15 @@ def test_options_not_implemented_are_refused_unless_they_ask_for_nothing(site, r
     base = {"model": "tiny768", "max_tokens": 1, **({"messages": [{"role": "user", "content": "hi"}]}
                                                      if route == "/v1/chat/completions" else {"prompt": "Hi"})}
     plain = {"response_format": {"type": "text"}, "echo": False, "best_of": 1, "suffix": "", "tool_choice": "none",
-             "top_logprobs": 0, "logprobs": False, "tools": []}
+             "top_logprobs": 0, "logprobs": False, "tools": [], "frequency_penalty": 0, "presence_penalty": 0.0,
+             "logit_bias": {}, "functions": [], "function_call": "none", "modalities": ["text"]}
     refused = [("response_format", {"type": "json_object"}),
                ("response_format", {"type": "json_schema", "json_schema": {"name": "x", "schema": {}}}),
                ("best_of", 2), ("suffix", " and so on."), ("top_logprobs", 5), ("tool_choice", "required"),
                ("tool_choice", {"type": "function", "function": {"name": "weather"}}), ("logprobs", True),
-               ("logprobs", 5)]
+               ("logprobs", 5), ("frequency_penalty", 0.5), ("presence_penalty", -1), ("logit_bias", {"50256": -100}),
+               ("functions", [{"name": "weather", "parameters": {}}]), ("function_call", {"name": "weather"}),
+               ("modalities", ["text", "audio"]), ("audio", {"voice": "alloy", "format": "wav"})]
     if route == "/v1/chat/completions":
         refused.append(("echo", True))  # on /v1/completions it is implemented
     with site.http() as http:

@@ -196,6 +196,13 @@ def test_a_bad_start_is_refused_with_a_reason(bounded, start, code, words):
         assert error["code"] == code and words in error["message"]
 
 
+def test_a_text_message_nested_past_the_json_parsers_depth_is_refused_with_a_reason(bounded):
+    url, _ = bounded
+    with connect(ws_url(url)) as ws:
+        ws.send("[" * 100_000)  # json.loads recurses once per level: a RecursionError, not a ValueError
+        assert refusal(ws)["code"] == "invalid_message"
+
+
 def test_frames_must_be_pcm16_of_at_most_a_second(bounded):
     url, key = bounded
     for frame, words in ((b"\0" * 32_002, "at most 32000"), (b"\0" * 3, "even number")):

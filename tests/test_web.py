@@ -48,6 +48,8 @@ def searxng(req) -> Reply:
         return Reply(200, b"<html>results</html>")
     if q == "bad shape":
         return Reply(200, json.dumps({"results": {"url": "x"}}).encode(), "application/json")
+    if q == "deep":
+        return Reply(200, b'{"results": ' + b"[" * 100_000, "application/json")
     if q == "bad item":
         return Reply(200, json.dumps({"results": [{"title": "no url"}]}).encode(), "application/json")
     base = "http://" + req.headers["Host"]
@@ -71,6 +73,7 @@ ROUTES = {
     "/notes.md": Reply(200, b"# Notes\n\n* otters\n", "text/markdown"),
     "/data.json": Reply(200, b'{"otters": [1, 2]}', "application/json"),
     "/bad.json": Reply(200, b'{"otters": [1, 2', "application/json"),
+    "/deep.json": Reply(200, b"[" * 100_000, "application/json"),  # json.loads recurses once per level
     "/latin1": Reply(200, "<html><body><p>Fran\u00e7ais na\u00eff</p></body></html>".encode("latin-1"),
                      "text/html; charset=iso-8859-1"),
     "/meta-charset": Reply(200, '<html><head><meta charset="windows-1252"></head><body><p>\u201cquoted\u201d</p>'
@@ -271,7 +274,7 @@ def test_text_types_are_read_and_decoded(site, tmp_path, path, text):
 
 
 @pytest.mark.parametrize("path, message", [("/image.png", "returned image/png, which Parley cannot read"),
-                                           ("/bad.json", "invalid JSON")])
+                                           ("/bad.json", "invalid JSON"), ("/deep.json", "invalid JSON")])
 def test_unreadable_content_is_refused(site, tmp_path, path, message):
     with pytest.raises(WebError, match=message):
         fetcher(tmp_path).fetch(site.url(path))
@@ -369,7 +372,8 @@ def test_searxng_results_are_parsed(site):
 
 @pytest.mark.parametrize("query, k, message", [
     ("", 3, "non-empty"), ("otters", 0, "from 1 to 50"), ("forbidden", 3, "HTTP 403.*settings.yml"),
-    ("not json", 3, "JSON object with a 'results' list"), ("bad shape", 3, "not a list"),
+    ("not json", 3, "JSON object with a 'results' list"), ("deep", 3, "JSON object with a 'results' list"),
+    ("bad shape", 3, "not a list"),
     ("bad item", 3, "malformed result #1")])
 def test_searxng_problems_are_clear_errors(site, query, k, message):
     with pytest.raises(WebError, match=message):

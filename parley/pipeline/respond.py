@@ -154,7 +154,7 @@ class OpenAIBackend:
                         return
                     try:
                         delta = json.loads(data)["choices"][0].get("delta", {}).get("content")
-                    except (ValueError, KeyError, IndexError, TypeError, AttributeError):
+                    except (ValueError, KeyError, IndexError, TypeError, AttributeError, RecursionError):
                         raise BackendError(f"{url} sent a stream event that is not a chat completion chunk: "
                                            f"{data[:200]}") from None
                     if delta:

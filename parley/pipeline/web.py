@@ -404,7 +404,7 @@ def _readable(text: str, kind: str, url: httpx.URL) -> tuple[str, str]:
     if kind.endswith("json"):
         try:
             return "", json.dumps(json.loads(text), indent=2, ensure_ascii=False)
-        except ValueError as e:
+        except (ValueError, RecursionError) as e:  # the parser recurses once per level: "[" * 100000
             raise WebError(f"{url} returned invalid JSON: {e}") from e
     if kind not in ("text/html", "application/xhtml+xml"):
         return "", text
@@ -467,7 +467,7 @@ class SearxngSearch:
             raise WebError(f"{where} returned HTTP {response.status_code}")
         try:
             results = response.json()["results"]
-        except (ValueError, KeyError, TypeError) as e:
+        except (ValueError, KeyError, TypeError, RecursionError) as e:
             raise WebError(f"{where} did not return a JSON object with a 'results' list") from e
         if not isinstance(results, list):
             raise WebError(f"{where} returned 'results' that is not a list")

@@ -87,6 +87,13 @@ PLAIN = {
     "tool_choice": (lambda v: v in ("none", "auto"), "only 'none' or 'auto', as tools are not supported"),
     "response_format": (lambda v: v.get("type") == "text",
                         "only {'type': 'text'}: JSON mode and JSON schemas are not"),
+    "frequency_penalty": (lambda v: v == 0, "leave it out (or send 0): repetition penalties are not applied"),
+    "presence_penalty": (lambda v: v == 0, "leave it out (or send 0): repetition penalties are not applied"),
+    "logit_bias": (lambda v: not v, "leave it out (or send {}): token biases are not applied"),
+    "functions": (lambda v: not v, "leave it out (or send []): function calling is not supported"),
+    "function_call": (lambda v: v in ("none", "auto"), "only 'none' or 'auto', as function calling is not supported"),
+    "modalities": (lambda v: v == ["text"], "only [\"text\"]: answers are text (speech: /v1/audio/speech)"),
+    "audio": (lambda v: False, "leave it out: answers are text (speech: /v1/audio/speech)"),
 }
 
 
@@ -109,6 +116,13 @@ class _Sampling(_Request):
     top_logprobs: int | None = None
     tool_choice: str | dict | None = None
     response_format: dict | None = None
+    frequency_penalty: float | None = None
+    presence_penalty: float | None = None
+    logit_bias: dict | None = None
+    functions: list | None = None
+    function_call: str | dict | None = None
+    modalities: list | None = None
+    audio: dict | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
 

@@ -127,7 +127,10 @@ async def _complete(server: Server, req: p.ChatRequest | p.CompletionRequest, id
     # cached prompt pages: this user's alone; their own adapter, as the assistant's turns have it (turns.py)
     params = dataclasses.replace(params, cache_salt=user_salt(user),
                                  adapter=adapter_for(server.engine, server.store(), user.id))
-    handle = server.engine.submit(ids, params)  # PromptError -> 400, QueueFull -> 429
+    try:
+        handle = server.engine.submit(ids, params)  # QueueFull -> 429
+    except PromptError as e:  # the prompt itself (longer than the context ...): named as sent
+        raise APIError(400, str(e), code="invalid_value", param="messages" if chat else "prompt") from None
     text = TextAssembler(server.tokenizer, req.stops)
 
     async def pieces() -> AsyncIterator[str]:

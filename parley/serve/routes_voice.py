@@ -740,7 +740,7 @@ class Over:
 def _json(text: str | None) -> dict:
     try:
         value = json.loads(text) if text else None
-    except ValueError:
+    except (ValueError, RecursionError):  # the parser recurses once per level: "[" * 100000
         value = None
     if not isinstance(value, dict):
         raise Closing("text messages must be JSON objects with a 'type'", "invalid_message")
