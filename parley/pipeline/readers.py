@@ -201,8 +201,8 @@ def _html(data: bytes) -> list[Section]:
     """One section per heading, each knowing the path of headings above it (the page title,
     h1, first), so a chunk deep in a long page still says what it is about."""
     _binary(data)
-    data = shallow_html(data)
-    blocks = _landmark_blocks(data) or _trafilatura_blocks(data)
+    data, root = _shallow(data)  # the landmark walk reads the tree the depth check parsed: one parse, not two
+    blocks = _landmark_blocks(data, root) or _trafilatura_blocks(data)
     return _sections(blocks) if blocks else [Section(_html_fallback(data))]
 
 
@@ -271,10 +271,11 @@ SKIP_TAGS = {"script", "style", "noscript", "template", "nav", "form", "button",
 MAIN_XPATH = etree.XPath("//main | //*[@role='main']")
 
 
-def _landmark_blocks(data: bytes) -> list[tuple[str, int | None]] | None:
+def _landmark_blocks(data: bytes, root=None) -> list[tuple[str, int | None]] | None:
     """Blocks (text, heading level or None) of the page's one main landmark; None where it has
-    no single one (then trafilatura finds the main text)."""
-    root = _parse_html(data)
+    no single one (then trafilatura finds the main text). `root`: the page's tree where the caller
+    has parsed it (it is only read)."""
+    root = _parse_html(data) if root is None else root
     if root is None:
         return None
     mains = MAIN_XPATH(root)
@@ -372,12 +373,19 @@ NOT_XML = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\ufffe\uffff]")  # characters a
 def shallow_html(data: bytes) -> bytes:
     """The page as it is, or, where it nests elements deeper than MAX_DEPTH, rewritten without the deeper
     elements: their text, but for what a reader does not see, goes in its place into the deepest one kept."""
+    return _shallow(data)[0]
+
+
+def _shallow(data: bytes) -> tuple[bytes, object]:
+    """`shallow_html(data)` and its tree (None where lxml finds no document)."""
     root = _parse_html(data)
     if root is None or not TOO_DEEP(root):
-        return data
-    shallow = _Shallow()
-    root = etree.fromstring(data, etree.HTMLParser(target=shallow, encoding=_encoding(data)))
-    return data if root is None else etree.tostring(root, method="html", encoding="utf-8")
+        return data, root
+    rebuilt = etree.fromstring(data, etree.HTMLParser(target=_Shallow(), encoding=_encoding(data)))
+    if rebuilt is None:
+        return data, root
+    data = etree.tostring(rebuilt, method="html", encoding="utf-8")
+    return data, _parse_html(data)
 
 
 class _Shallow:
