@@ -91,6 +91,7 @@ def test_calibration_sets_answer_thresholds_on_answer_rows_alone():
     c3 = PRINCIPLES.index("C3")
     assert 0.66 < thresholds[c3] <= 0.712  # every harmful request, none of the benign ones at 0.66
     assert 0.21 < answer_thresholds[c3] <= 0.312  # every harmful answer, no benign one
+    assert (answer_thresholds <= thresholds).all()  # never above the request's (a text refused there is stopped here)
     figures = report(probs, examples, limits(examples, thresholds, answer_thresholds))
     assert figures["harmful_recall"] == (30, 30) and figures["benign_flagged"] == (0, 100)
     assert figures["answer_recall"] == (30, 30) and figures["answer_flagged"] == (0, 52)

@@ -179,9 +179,11 @@ def calibrate_kinds(probs: np.ndarray, examples: list[Example], max_fpr: float,
                     answer_fpr: float) -> tuple[np.ndarray, np.ndarray | None]:
     """The thresholds for requests and passages (`calibrate` on every row but the answers), and
     the principles' thresholds for answer sentences (`_joint_thresholds` on the answer rows alone,
-    `answer_fpr` of the benign ones; injection's as for requests). The answer thresholds are None
-    where `answer_fpr` is 0 or the rows hold no harmful or no benign answer: the requests' then
-    judge answers too."""
+    `answer_fpr` of the benign ones; injection's as for requests), each at most the request's: a
+    sentence refused as a request is stopped in an answer too (the greedy joint search can leave a
+    principle at the top of the grid, as it left C3 at 0.99 in round 10's English head, RESULTS.md).
+    The answer thresholds are None where `answer_fpr` is 0 or the rows hold no harmful or no benign
+    answer: the requests' then judge answers too."""
     answer = np.array([e.kind == "answer" for e in examples], dtype=bool)
     thresholds = calibrate(probs[~answer], [e for e, a in zip(examples, answer) if not a], max_fpr)
     answers = [e for e, a in zip(examples, answer) if a]
@@ -189,7 +191,7 @@ def calibrate_kinds(probs: np.ndarray, examples: list[Example], max_fpr: float,
         return thresholds, None
     out = thresholds.copy()
     out[:len(PRINCIPLES)] = _joint_thresholds(probs[answer][:, :len(PRINCIPLES)], answers, answer_fpr, GRID)
-    return thresholds, out
+    return thresholds, np.minimum(out, thresholds)
 
 
 def limits(examples: list[Example], thresholds: np.ndarray, answer_thresholds: np.ndarray | None) -> np.ndarray:

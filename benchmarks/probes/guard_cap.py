@@ -1,0 +1,28 @@
+"""Guard round 10's amendment (benchmarks/RESULTS.md, "Guard, round 10"): a trained head file whose answer thresholds
+are capped at its request thresholds, per head of a gated guard, as `calibrate_kinds` does from the amendment on.
+The heads of round 10 were trained before it; this rewrites their file without retraining.
+
+    python benchmarks/probes/guard_cap.py runs/g10/C.safetensors runs/g10/C10.safetensors
+"""
+
+import sys
+
+import numpy as np
+
+from parley.pipeline.embed import Embedder
+from parley.pipeline.guard import LABELS, GatedGuard, Guard
+
+
+def main(src: str, dst: str) -> None:
+    guard = Guard.load(src, Embedder.load())
+    heads = (guard.english, guard.other) if isinstance(guard, GatedGuard) else (guard,)
+    for head in heads:
+        capped = np.minimum(head.answer_thresholds, head.thresholds)
+        print(f"{head.trunk}: answer thresholds " + ", ".join(
+            f"{k} {a:.3f}" + (f" -> {c:.3f}" if c != a else "") for k, a, c in zip(LABELS, head.answer_thresholds, capped)))
+        head.answer_thresholds, head.per_kind = capped, True
+    print(f"wrote {guard.save(dst)}")
+
+
+if __name__ == "__main__":
+    main(*sys.argv[1:3])
