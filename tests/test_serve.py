@@ -194,6 +194,15 @@ def test_stop_strings_are_bounded_so_a_stream_is_never_held_back_whole(site, ref
     assert TextAssembler(tokenizer, ["x" * 256]).hold == 255
     with pytest.raises(ValueError, match="at most 256 characters"):
         TextAssembler(tokenizer, ["x" * 257])
+    # each token's search starts where a stop string could begin in the new text: the first stop is still found
+    from parley.engine.engine import Event
+
+    text = "The cat sat on the mat. STOP here, then more words follow STOP again."
+    for stops in (["STOP"], ["more", "sat on the mat"], [" the m", "x" * 256], ["again."]):
+        assembler = TextAssembler(tokenizer, stops)
+        shown = "".join(assembler.push(Event(0, t, None)) for t in tokenizer.encode(text))
+        shown += assembler.push(Event(0, None, "length"))
+        assert shown == text[:min(i for i in map(text.find, stops) if i >= 0)] and assembler.finish_reason == "stop"
 
 
 def test_embeddings_are_minilm_vectors_as_floats_and_base64(site, embedder):

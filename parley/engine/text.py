@@ -49,13 +49,14 @@ class TextAssembler:
         events are ignored."""
         if self.finish_reason:
             return ""
+        seen = len(self.text)  # searched already: a stop string not found there ends in the new text
         if event.token is not None:
             self.tokens += 1
             self.text += self.decoder.push(event.token)
         if event.finish_reason:
             self.finish_reason = event.finish_reason
             self.text += self.decoder.flush()
-        cut = min((i for i in (self.text.find(s) for s in self.stop) if i >= 0), default=-1)
+        cut = min((i for i in (self.text.find(s, max(0, seen - len(s) + 1)) for s in self.stop) if i >= 0), default=-1)
         if cut >= 0:
             self.text, self.finish_reason = self.text[:cut], "stop"
         safe = len(self.text) if self.finish_reason else max(self.emitted, len(self.text) - self.hold)
