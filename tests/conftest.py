@@ -141,6 +141,17 @@ def tiny768_registry(tiny_hf_dir, tmp_path_factory):
     return registry
 
 
+@pytest.fixture(scope="module")
+def tiny768_own_home(tiny768_registry, tmp_path_factory) -> Path:
+    """A copy of tiny768_registry's home, for a module whose requests may change the registry: an admin's fuzzed
+    `/api/learn/promote` made "tiny768" a versioned model for every later test of the session."""
+    import shutil
+
+    home = tmp_path_factory.mktemp("tiny768-own-home")
+    shutil.copytree(tiny768_registry.home / "models", home / "models", symlinks=True)
+    return home
+
+
 def pytest_addoption(parser):
     parser.addoption("--runslow", action="store_true", help="also run tests marked slow (.ci/run does)")
 

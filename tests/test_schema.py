@@ -34,14 +34,14 @@ EXAMPLES = 30  # per operation, valid and invalid mixed
 
 
 @pytest.fixture(scope="module")
-def site(tiny768_registry, tmp_path_factory):
+def site(tiny768_own_home, tmp_path_factory):
     """The served app over the tiny model with a 768-token context (room for the assistant's
-    prompt), and an admin's key."""
-    registry = tiny768_registry
+    prompt), and an admin's key; its own copy of the registry, which an admin's fuzzed requests may
+    change (promote a version)."""
     db = str(tmp_path_factory.mktemp("db") / "parley.db")
     with Store(db) as store:
         key = store.create_api_key(store.add_user("ann", role="admin").id)
-    cfg = Settings(db=db, home=registry.home, model="tiny768", engine=EngineConfig(dtype="float32"), stages=STAGES,
+    cfg = Settings(db=db, home=tiny768_own_home, model="tiny768", engine=EngineConfig(dtype="float32"), stages=STAGES,
                    max_tokens=8, max_upload_bytes=20_000, requests_per_minute=0)
     with serving(create_app(cfg, embedder=Embedder.load())) as url:
         with httpx.Client(base_url=url, headers={"Authorization": f"Bearer {key}"}, timeout=60) as http:

@@ -28,10 +28,10 @@ EXAMPLES = int(os.environ.get("SCHEMATHESIS_EXAMPLES", "10"))
 
 
 @pytest.fixture(scope="module")
-def api(tiny768_registry, tmp_path_factory):
+def api(tiny768_own_home, tmp_path_factory):
     db = str(tmp_path_factory.mktemp("db") / "parley.db")
-    keys = make_users(db, ann="admin")
-    settings = Settings(db=db, home=tiny768_registry.home, model="tiny768", engine=EngineConfig(dtype="float32"),
+    keys = make_users(db, ann="admin")  # an admin's fuzzed requests may change the registry: its own copy of it
+    settings = Settings(db=db, home=tiny768_own_home, model="tiny768", engine=EngineConfig(dtype="float32"),
                         stages=["safety_in", "respond"], max_tokens=2, requests_per_minute=0,
                         failed_auth_per_minute=0, max_embedding_inputs=8, max_embedding_chars=2000)
     with serving(create_app(settings)) as url:
