@@ -201,7 +201,7 @@ def _html(data: bytes) -> list[Section]:
     """One section per heading, each knowing the path of headings above it (the page title,
     h1, first), so a chunk deep in a long page still says what it is about."""
     _binary(data)
-    data, root = _shallow(data)  # the landmark walk reads the tree the depth check parsed: one parse, not two
+    data, root = shallow_html(data)  # the landmark walk reads the tree the depth check parsed: one parse, not two
     blocks = _landmark_blocks(data, root) or _trafilatura_blocks(data)
     return _sections(blocks) if blocks else [Section(_html_fallback(data))]
 
@@ -370,14 +370,10 @@ TOO_DEEP = etree.XPath("/*" * (MAX_DEPTH + 1))  # the elements one level too dee
 NOT_XML = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\ufffe\uffff]")  # characters a tree's text cannot hold
 
 
-def shallow_html(data: bytes) -> bytes:
+def shallow_html(data: bytes) -> tuple[bytes, object]:
     """The page as it is, or, where it nests elements deeper than MAX_DEPTH, rewritten without the deeper
-    elements: their text, but for what a reader does not see, goes in its place into the deepest one kept."""
-    return _shallow(data)[0]
-
-
-def _shallow(data: bytes) -> tuple[bytes, object]:
-    """`shallow_html(data)` and its tree (None where lxml finds no document)."""
+    elements (their text, but for what a reader does not see, goes in its place into the deepest one kept);
+    and its tree, None where lxml finds no document, for the caller to read instead of parsing it again."""
     root = _parse_html(data)
     if root is None or not TOO_DEEP(root):
         return data, root

@@ -63,7 +63,6 @@ from urllib.parse import urljoin
 from urllib.robotparser import RobotFileParser
 
 import httpx
-import lxml.html
 import trafilatura
 from charset_normalizer import from_bytes
 
@@ -409,11 +408,10 @@ def _readable(text: str, kind: str, url: httpx.URL) -> tuple[str, str]:
     if kind not in ("text/html", "application/xhtml+xml"):
         return "", text
     html = re.sub(r"^\s*<\?xml[^>]*\?>", "", text)  # lxml refuses str with an encoding declaration
-    html = shallow_html(html.encode()).decode()  # nested too deep for lxml, it would read as empty (readers.py)
-    try:
-        doc = lxml.html.fromstring(html)
-    except Exception:  # lxml raises several types for empty or hopeless markup; nothing to read then
+    data, doc = shallow_html(html.encode())  # nested too deep for lxml, it would read as empty (readers.py)
+    if doc is None:  # empty or hopeless markup: nothing to read
         return "", ""
+    html = data.decode()
     title = " ".join((doc.findtext(".//title") or "").split())
     main = trafilatura.extract(html, include_comments=False, include_tables=True) or ""
     if not main.strip():
