@@ -165,29 +165,45 @@ def load_breadth(folder: str | Path | None = None, beside: list[Example] | None 
     out: list[Example] = []
     owner = {e.base.split(":", 1)[1]: "intents.toml or languages.toml" for e in beside}
     for path in sorted((folder / "breadth").glob("*.toml")):
-        examples = _load_tagged(path, "breadth")
-        ids = dict.fromkeys(e.base.split(":", 1)[1] for e in examples)
-        for eid in ids:
-            if eid in owner:
-                raise GuardDataError(f"{path}: id {eid!r} is already used in {owner[eid]}; give the entry an id of its own")
-        owner.update(dict.fromkeys(ids, path.name))
-        out += examples
+        out += _claim_ids(path, _load_tagged(path, "breadth"), owner)
     return out
 
 
-def _load_tagged(path: Path, source: str) -> list[Example]:
-    """Intents and order groups of a file in the languages.toml format, every entry tagged with its `lang`."""
+def _claim_ids(path: Path, examples: list[Example], owner: dict[str, str]) -> list[Example]:
+    """`examples`, once the ids of their entries are recorded in `owner` (id -> the file that has it) as `path`'s;
+    an id another file has is an error."""
+    ids = dict.fromkeys(e.base.split(":", 1)[1] for e in examples)
+    for eid in ids:
+        if eid in owner:
+            raise GuardDataError(f"{path}: id {eid!r} is already used in {owner[eid]}; give the entry an id of its own")
+    owner.update(dict.fromkeys(ids, path.name))
+    return examples
+
+
+# the sections of a file in the languages.toml format: per section its lists, (key, label, kind), a label None
+# taking the entry's `principle`
+TAGGED = {"intent": (("harmful", None, "request"), ("benign", "", "request")),
+          "order": (("orders", INJECTION, "passage"), ("innocent", "", "passage"))}
+ANSWERS = {"answer": (("harmful", None, "answer"), ("benign", "", "answer")), "plain": (("benign", "", "answer"),)}
+
+
+def _load_tagged(path: Path, source: str, sections: dict = TAGGED) -> list[Example]:
+    """The entries of `sections` in a file in the languages.toml format, every entry tagged with its `lang`; a table
+    of another name is an error (a misspelt one would be read as nothing)."""
     table, out, seen = _read(path), [], set()
-    for section, lists in (("intent", (("harmful", None, "request"), ("benign", "", "request"))),
-                           ("order", (("orders", INJECTION, "passage"), ("innocent", "", "passage")))):
+    unknown = sorted(set(table) - set(sections))
+    if unknown:
+        raise GuardDataError(f"{path}: unknown table(s) {', '.join(unknown)}; this file holds "
+                             + " and ".join(f"[[{s}]]" for s in sections) + " entries")
+    for section, lists in sections.items():
         for n, entry in enumerate(table.get(section, [])):
             eid, lang, pid = entry.get("id"), entry.get("lang"), entry.get("principle")
             if not isinstance(eid, str) or not eid or eid in seen:
                 raise GuardDataError(f"{path}: {section} #{n} needs an `id` of its own (got {eid!r})")
             if not isinstance(lang, str) or not re.fullmatch(r"[a-z]{2}", lang):
                 raise GuardDataError(f"{path}: {section} {eid!r} needs `lang`, a two-letter ISO 639-1 code (got {lang!r})")
-            if section == "intent" and pid not in PRINCIPLES:
-                raise GuardDataError(f"{path}: intent {eid!r} has principle {pid!r}, not one of {', '.join(PRINCIPLES)}")
+            if any(label is None for _, label, _ in lists) and pid not in PRINCIPLES:
+                raise GuardDataError(f"{path}: {section} {eid!r} has principle {pid!r}, not one of {', '.join(PRINCIPLES)}")
             seen.add(eid)
             for n_key, (key, label, kind) in enumerate(lists):  # the first list (harmful, orders) must hold some
                 texts = _strings(entry.get(key, None if n_key == 0 else []), f"{eid}.{key}", path)
@@ -208,31 +224,7 @@ def load_answers(folder: str | Path | None = None) -> list[Example]:
     out: list[Example] = []
     owner: dict[str, str] = {}
     for path in sorted((folder / "answers").glob("*.toml")):
-        table = _read(path)
-        unknown = sorted(set(table) - {"answer", "plain"})
-        if unknown:
-            raise GuardDataError(f"{path}: unknown table(s) {', '.join(unknown)}; answers files hold [[answer]] and "
-                                 "[[plain]] entries")
-        for section, lists in (("answer", (("harmful", None), ("benign", ""))), ("plain", (("benign", ""),))):
-            for n, entry in enumerate(table.get(section, [])):
-                eid, lang, pid = entry.get("id"), entry.get("lang"), entry.get("principle")
-                if not isinstance(eid, str) or not eid or eid in owner:
-                    where = f" (already in {owner[eid]})" if isinstance(eid, str) and eid in owner else ""
-                    raise GuardDataError(f"{path}: {section} #{n} needs an `id` of its own (got {eid!r}){where}")
-                if not isinstance(lang, str) or not re.fullmatch(r"[a-z]{2}", lang):
-                    raise GuardDataError(f"{path}: {section} {eid!r} needs `lang`, a two-letter ISO 639-1 code "
-                                         f"(got {lang!r})")
-                if section == "answer" and pid not in PRINCIPLES:
-                    raise GuardDataError(f"{path}: answer {eid!r} has principle {pid!r}, not one of "
-                                         f"{', '.join(PRINCIPLES)}")
-                owner[eid] = path.name
-                for n_key, (key, label) in enumerate(lists):  # the first list must hold some
-                    texts = _strings(entry.get(key, None if n_key == 0 else []), f"{eid}.{key}", path)
-                    if n_key == 0 and not texts:
-                        raise GuardDataError(f"{path}: `{eid}.{key}` is empty; write at least one sentence or drop "
-                                             "the entry")
-                    out += [Example(t, pid if label is None else label, "answer", "answers", f"{section}:{eid}", lang)
-                            for t in texts]
+        out += _claim_ids(path, _load_tagged(path, "answers", ANSWERS), owner)
     return out
 
 
