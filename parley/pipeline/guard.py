@@ -345,9 +345,7 @@ class Guard:
     def thresholds_for(self, texts: Sequence[str], kinds: str | Sequence[str] = "request") -> np.ndarray:
         """(n, labels): the thresholds each text is judged by, by its kind ("request", "passage" or
         "answer": one for all texts, or one per text)."""
-        kinds = _kinds(kinds, len(texts))
-        return np.where(np.array([k == "answer" for k in kinds], dtype=bool)[:, None],
-                        self.answer_thresholds, self.thresholds).reshape(len(texts), len(self.labels))
+        return by_kind(_kinds(kinds, len(texts)), self.thresholds, self.answer_thresholds)
 
     def heads_for(self, texts: Sequence[str]) -> list[str]:
         """Which head scores each text, for the trace ("" where there is one head)."""
@@ -495,6 +493,12 @@ class GatedGuard(Guard):
 
 
 KINDS = ("request", "passage", "answer")
+
+
+def by_kind(kinds: Sequence[str], thresholds: np.ndarray, answer_thresholds: np.ndarray) -> np.ndarray:
+    """(texts, labels): per text of these kinds, `answer_thresholds` for an answer sentence, else `thresholds`."""
+    answer = np.array([k == "answer" for k in kinds], dtype=bool)[:, None]
+    return np.where(answer, answer_thresholds, thresholds).reshape(len(kinds), len(thresholds))
 
 
 def _kinds(kinds: str | Sequence[str], n: int) -> list[str]:

@@ -49,8 +49,8 @@ import torch
 import torch.nn.functional as F
 
 from parley.config import parse_cli, setting
-from parley.pipeline.guard import (INJECTION, LABELS, NGRAM_BUCKETS, PRINCIPLES, TRUNKS, GatedGuard, Guard, features,
-                                   readings, standardize, trained_path, tuned_encoder)
+from parley.pipeline.guard import (INJECTION, LABELS, NGRAM_BUCKETS, PRINCIPLES, TRUNKS, GatedGuard, Guard, by_kind,
+                                   features, readings, standardize, trained_path, tuned_encoder)
 from parley.train.guard_data import Example, GuardDataError, Splits, data_sha256, load_all, split
 
 
@@ -196,9 +196,7 @@ def calibrate_kinds(probs: np.ndarray, examples: list[Example], max_fpr: float,
 
 def limits(examples: list[Example], thresholds: np.ndarray, answer_thresholds: np.ndarray | None) -> np.ndarray:
     """(examples, labels): the thresholds each example is judged by, by its kind (`Guard.thresholds_for`)."""
-    answer = np.array([e.kind == "answer" for e in examples], dtype=bool)[:, None]
-    both = np.where(answer, thresholds if answer_thresholds is None else answer_thresholds, thresholds)
-    return both.reshape(len(examples), len(thresholds))
+    return by_kind([e.kind for e in examples], thresholds, thresholds if answer_thresholds is None else answer_thresholds)
 
 
 def _joint_thresholds(probs: np.ndarray, examples: list[Example], max_fpr: float, grid: np.ndarray) -> np.ndarray:
