@@ -153,10 +153,9 @@ async def _complete(server: Server, req: p.ChatRequest | p.CompletionRequest, id
     if not req.stream:
         # generated apart from the reply, so that a client who leaves before it is done stops it (a streamed
         # reply stops when its next piece cannot be sent; a whole one would run to max_tokens for nobody)
-        whole = asyncio.ensure_future(_joined(pieces()))
-        if not await _unless_gone(whole, request):
+        answer = await _joined_unless_gone(pieces(), request)
+        if answer is None:
             return Response(status_code=499)  # pieces() cancelled the request, which frees its pages
-        answer = whole.result()
         if chat:
             return p.chat_completion(rid, model, answer, text.finish_reason, len(ids), text.tokens)
         return p.text_completion(rid, model, echoed + answer, text.finish_reason, usage())
@@ -249,11 +248,10 @@ async def _assistant_chat(server: Server, req: p.ChatRequest, user: User, conver
                 "answered_by": done[0].answered_by if done else None, "adapter": done[0].adapter if done else False}
 
     if not req.stream:  # generated apart from the reply, as in _complete: a client that leaves stops it
-        whole = asyncio.ensure_future(_joined(pieces()))
-        if not await _unless_gone(whole, request):
+        answer = await _joined_unless_gone(pieces(), request)
+        if answer is None:
             turn.stop()  # pieces() stops it too, unless it never started
             return Response(status_code=499)
-        answer = whole.result()
         counts = (done[0].prompt_tokens, done[0].completion_tokens) if done else (0, 0)
         body = p.chat_completion(rid, ASSISTANT_MODEL, answer, done[0].finish_reason if done else "stop", *counts)
         return JSONResponse({**body, "parley": ids()}, headers=headers)
@@ -282,8 +280,13 @@ async def _unless_gone(task: asyncio.Future, request: Request) -> bool:
         raise
 
 
-async def _joined(pieces: AsyncIterator[str]) -> str:
-    return "".join([piece async for piece in pieces])
+async def _joined_unless_gone(pieces: AsyncIterator[str], request: Request) -> str | None:
+    """The pieces joined, gathered apart from the reply (`_unless_gone`); None if the client left first."""
+    async def joined() -> str:
+        return "".join([piece async for piece in pieces])
+
+    whole = asyncio.ensure_future(joined())
+    return whole.result() if await _unless_gone(whole, request) else None
 
 
 async def _first_words(items: AsyncIterator, ahead: list) -> None:
