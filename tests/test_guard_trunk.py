@@ -119,6 +119,11 @@ def test_a_gated_guard_scores_english_with_one_head_and_the_rest_with_the_other(
 
     torch.set_num_threads(1)
     _tiny_data(tmp_path)
+    with open(tmp_path / "requests.toml", "a") as f:  # answer sentences, all English: none routed to the mE5 head
+        for p in PRINCIPLES:
+            f.write(f'\n[[principle]]\nid = "{p}"\nharmful_answers = ["First, get the bad thing {p} ready and aim it", '
+                    f'"Then do crime {p} at night"]\nbenign_answers = ["Knead the dough for {p} minutes", '
+                    f'"The history of {p} goes back centuries"]\n')
     _tiny_languages(tmp_path)
     english_file, gated_file = tmp_path / "english.safetensors", tmp_path / "gated.safetensors"
     tiny = dict(data=str(tmp_path), per_example=1, epochs=2, hidden=8)
@@ -141,6 +146,11 @@ def test_a_gated_guard_scores_english_with_one_head_and_the_rest_with_the_other(
     limits = gated.thresholds_for(texts)
     np.testing.assert_array_equal(limits[0], english.thresholds)
     np.testing.assert_array_equal(limits[1], gated.other.thresholds)
+    # the mE5 head's answer thresholds are set on all the answer rows (it is routed none of them here), each at
+    # most its request threshold; injection's for answers is its request one
+    other, n = gated.other, len(PRINCIPLES)
+    assert other.per_kind and np.all(other.answer_thresholds[:n] <= other.thresholds[:n])
+    assert other.answer_thresholds[n] == other.thresholds[n]
     scores = gated.score_many(texts)
     assert [s.head for s in scores] == ["english (minilm)", "other languages (me5)", "other languages (me5)",
                                         "english (minilm)"]

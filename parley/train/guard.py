@@ -18,7 +18,9 @@ Recipe (design "minilm"; design "encoder", which the repository ships since roun
    `max_fpr` of benign requests and answers refused, lowered step by step where a step catches
    the most harmful examples per benign one (`_joint_thresholds`). Since round 10 that budget is
    spent on requests alone, and answer sentences get thresholds of their own, the same way on the
-   fold's answer rows with a budget `answer_fpr` (`calibrate_kinds`). Folds are cut by intent for
+   fold's answer rows with a budget `answer_fpr` (`calibrate_kinds`); behind a language gate the
+   other-language head's request thresholds are set on the rows it scores, its answer thresholds
+   (since round 11) on all answer rows, since a fifth of them are too few. Folds are cut by intent for
    intents.toml, so fold 1 holds intents the head never saw;
 3. the head is retrained on folds 1-4 with the same settings and saved with those thresholds.
 
@@ -178,20 +180,35 @@ def calibrate(probs: np.ndarray, examples: list[Example], max_fpr: float, joint:
 def calibrate_kinds(probs: np.ndarray, examples: list[Example], max_fpr: float,
                     answer_fpr: float) -> tuple[np.ndarray, np.ndarray | None]:
     """The thresholds for requests and passages (`calibrate` on every row but the answers), and
-    the principles' thresholds for answer sentences (`_joint_thresholds` on the answer rows alone,
-    `answer_fpr` of the benign ones; injection's as for requests), each at most the request's: a
-    sentence refused as a request is stopped in an answer too (the greedy joint search can leave a
-    principle at the top of the grid, as it left C3 at 0.99 in round 10's English head, RESULTS.md).
-    The answer thresholds are None where `answer_fpr` is 0 or the rows hold no harmful or no benign
-    answer: the requests' then judge answers too."""
+    the principles' thresholds for answer sentences (`answer_levels`), each at most the request's:
+    a sentence refused as a request is stopped in an answer too (the greedy joint search can leave
+    a principle at the top of the grid, as it left C3 at 0.99 in round 10's English head,
+    RESULTS.md). The answer thresholds are None where `answer_levels` is: the requests' then judge
+    answers too."""
     answer = np.array([e.kind == "answer" for e in examples], dtype=bool)
     thresholds = calibrate(probs[~answer], [e for e, a in zip(examples, answer) if not a], max_fpr)
+    return thresholds, capped(answer_levels(probs, examples, answer_fpr), thresholds)
+
+
+def answer_levels(probs: np.ndarray, examples: list[Example], answer_fpr: float) -> np.ndarray | None:
+    """The principles' thresholds for answer sentences: `_joint_thresholds` on the answer rows
+    alone, `answer_fpr` of the benign ones; None where `answer_fpr` is 0 or the rows hold no harmful
+    or no benign answer."""
+    answer = np.array([e.kind == "answer" for e in examples], dtype=bool)
     answers = [e for e, a in zip(examples, answer) if a]
     if answer_fpr <= 0 or not any(e.label for e in answers) or all(e.label for e in answers):
-        return thresholds, None
+        return None
+    return _joint_thresholds(probs[answer][:, :len(PRINCIPLES)], answers, answer_fpr, GRID)
+
+
+def capped(levels: np.ndarray | None, thresholds: np.ndarray) -> np.ndarray | None:
+    """A full row of answer thresholds: the principles' `levels`, each at most its request
+    threshold in `thresholds`, and injection's from `thresholds`."""
+    if levels is None:
+        return None
     out = thresholds.copy()
-    out[:len(PRINCIPLES)] = _joint_thresholds(probs[answer][:, :len(PRINCIPLES)], answers, answer_fpr, GRID)
-    return thresholds, np.minimum(out, thresholds)
+    out[:len(PRINCIPLES)] = np.minimum(levels, thresholds[:len(PRINCIPLES)])
+    return out
 
 
 def limits(examples: list[Example], thresholds: np.ndarray, answer_thresholds: np.ndarray | None) -> np.ndarray:
@@ -327,7 +344,10 @@ def train_minilm(cfg: GuardTrainConfig, written: list[Example], embedder, englis
     # calibration rows it will score
     routed = [not e for e in GatedGuard.routes([e.text for e in s.val])]
     other_val = [e for e, r in zip(s.val, routed) if r]
-    other_thresholds, other_answers = calibrate_kinds(val_probs[routed], other_val, cfg.max_fpr, cfg.answer_fpr)
+    other_thresholds, _ = calibrate_kinds(val_probs[routed], other_val, cfg.max_fpr, 0)
+    # its answer thresholds on all the calibration fold's answer rows, which it scores as well: the
+    # ones routed to it are about a fifth, too few to set them on (guard round 11, RESULTS.md)
+    other_answers = capped(answer_levels(val_probs, s.val, cfg.answer_fpr), other_thresholds)
     other = Guard(params, other_thresholds, embedder, guard.data_sha256, trunk=cfg.trunk,
                   answer_thresholds=other_answers)
     gated = GatedGuard(english, other)
