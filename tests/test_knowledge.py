@@ -171,6 +171,49 @@ def test_html_nested_past_the_parsers_depth_keeps_its_text(tmp_path):
     assert fetched.title == "Deep" and all(fact in fetched.text for fact in facts) and "alert" not in fetched.text
 
 
+@pytest.mark.parametrize("charset, text, meta", [
+    ("windows-1251", "Счёт за квартиру нужно оплатить до первого числа.", '<meta charset="windows-1251">'),
+    ("windows-1251", "Запасное колесо лежит под полом багажника.",
+     '<meta http-equiv="Content-Type" content="text/html; charset=windows-1251">'),
+    ("shift_jis", "家賃は毎月一日までに払ってください。", '<meta charset="Shift_JIS">'),
+    ("iso-8859-1", "Le loyer est dû le premier du mois, même en été.",
+     '<META HTTP-EQUIV="content-type" CONTENT="text/html; charset=ISO-8859-1">'),
+    ("iso-8859-1", "Le loyer est dû le premier du mois, même en été.", ""),  # none: lxml takes it for Latin-1
+])
+@pytest.mark.parametrize("landmark", [False, True])  # the walk of <main>, or trafilatura and the lxml fallback
+def test_a_rebuilt_deep_page_in_another_charset_declares_utf8(tmp_path, charset, text, meta, landmark):
+    # A page nested past MAX_DEPTH is rebuilt and written as UTF-8, but kept its <meta> saying windows-1251 (or
+    # Shift_JIS...): a reader trusting it (lxml given the bytes alone) read the UTF-8 as that charset, mojibake.
+    # Every charset it declares now says UTF-8 (or it gets a <meta charset="utf-8">); a page not rebuilt is
+    # left as it came, byte for byte.
+    import lxml.html
+    import trafilatura
+    from websrv import Reply, serve
+
+    from parley.pipeline.readers import MAX_DEPTH, shallow_html
+    from parley.pipeline.web import Fetcher, WebConfig
+
+    def page(depth: int) -> bytes:
+        body = f"<p>{text}</p>" * 3
+        body = "<div>" * depth + body + "</div>" * depth
+        body = f"<main>{body}</main>" if landmark else body
+        return f"<html><head>{meta}<title>{text[:8]}</title></head><body>{body}</body></html>".encode(charset)
+
+    shallow = page(10)
+    assert shallow_html(shallow)[0] == shallow  # not rebuilt: the bytes as they came
+    deep = page(2 * MAX_DEPTH)
+    data, root = shallow_html(deep)
+    assert data != deep and text in root.text_content()
+    assert text in lxml.html.fromstring(data).text_content()  # trusts the page's own declaration
+    assert text in trafilatura.extract(data)
+    sections = read_bytes("deep.html", deep)[1]  # an upload
+    assert text in "\n".join(s.text for s in sections)
+    kind = "text/html" + ("" if meta else f"; charset={charset}")  # a page declaring nothing anywhere is guessed at
+    with serve({"/deep": Reply(200, deep, kind)}) as site:  # a fetched page
+        fetched = Fetcher(WebConfig(allow_private=True, cache_dir=tmp_path / "cache")).fetch(site.url("/deep"))
+    assert text in fetched.text and fetched.title == text[:8].strip()
+
+
 def test_reads_pdf_pages(tmp_path):
     (tmp_path / "report.pdf").write_bytes(make_pdf(["Page one is about rivers.", "Page two is about\nmountains."]))
     mime, sections = read_file(tmp_path / "report.pdf")

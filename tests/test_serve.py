@@ -153,19 +153,22 @@ def test_options_not_implemented_are_refused_unless_they_ask_for_nothing(site, r
                                                      if route == "/v1/chat/completions" else {"prompt": "Hi"})}
     plain = {"response_format": {"type": "text"}, "echo": False, "best_of": 1, "suffix": "", "tool_choice": "none",
              "top_logprobs": 0, "logprobs": False, "tools": [], "frequency_penalty": 0, "presence_penalty": 0.0,
-             "logit_bias": {}, "functions": [], "function_call": "none", "modalities": ["text"]}
+             "logit_bias": {}, "functions": [], "function_call": "none", "modalities": ["text"],
+             "parallel_tool_calls": True, "prediction": None}
     refused = [("response_format", {"type": "json_object"}),
                ("response_format", {"type": "json_schema", "json_schema": {"name": "x", "schema": {}}}),
                ("best_of", 2), ("suffix", " and so on."), ("top_logprobs", 5), ("tool_choice", "required"),
                ("tool_choice", {"type": "function", "function": {"name": "weather"}}), ("logprobs", True),
                ("logprobs", 5), ("frequency_penalty", 0.5), ("presence_penalty", -1), ("logit_bias", {"50256": -100}),
                ("functions", [{"name": "weather", "parameters": {}}]), ("function_call", {"name": "weather"}),
-               ("modalities", ["text", "audio"]), ("audio", {"voice": "alloy", "format": "wav"})]
+               ("modalities", ["text", "audio"]), ("audio", {"voice": "alloy", "format": "wav"}),
+               ("prediction", {"type": "content", "content": "The answer, nearly as it was."})]
     if route == "/v1/chat/completions":
         refused.append(("echo", True))  # on /v1/completions it is implemented
     with site.http() as http:
         for values in (plain, {**plain, "suffix": None, "tool_choice": "auto", "top_logprobs": None,
-                               "best_of": None, "response_format": None}):
+                               "best_of": None, "response_format": None, "parallel_tool_calls": False},
+                       {**plain, "parallel_tool_calls": None}):
             assert http.post(route, json={**base, **values}).status_code == 200, values
         for name, value in refused:
             reply = http.post(route, json={**base, name: value})
@@ -173,6 +176,31 @@ def test_options_not_implemented_are_refused_unless_they_ask_for_nothing(site, r
             error = reply.json()["error"]
             assert error["param"] == name and f"{name} " in error["message"], error
             assert "not supported" in error["message"], error["message"]
+
+
+def test_parallel_tool_calls_must_be_a_boolean_and_prediction_is_refused(site):
+    """parallel_tool_calls and prediction were accepted whatever they held and ignored. OpenAI defines the first
+    as a boolean (it only matters with tools, which are refused) and the second as predicted output, which Parley
+    does not use: the SDK's own values get an answer, anything else a 400 that names the field."""
+    chat = {"model": "tiny768", "max_tokens": 1, "messages": [{"role": "user", "content": "hi"}]}
+    for value in (True, False):  # as the official SDK sends them, and its prediction=None as null
+        reply = site.sdk().chat.completions.create(**chat, parallel_tool_calls=value, prediction=None)
+        assert reply.choices[0].finish_reason in ("stop", "length")
+    with pytest.raises(openai.BadRequestError) as refused:
+        site.sdk().chat.completions.create(**chat, prediction={"type": "content", "content": "hi there"})
+    assert refused.value.body["param"] == "prediction" and "predicted outputs" in refused.value.body["message"]
+    with site.http() as http:
+        for value in ("yes", "true", 1, 0, {}, [True]):
+            reply = http.post("/v1/chat/completions", json={**chat, "parallel_tool_calls": value})
+            assert reply.status_code == 400, (value, reply.text)
+            error = reply.json()["error"]
+            assert error["param"] == "parallel_tool_calls" and "boolean" in error["message"], error
+        for value in ("content", ["content"]):
+            reply = http.post("/v1/chat/completions", json={**chat, "prediction": value})
+            assert reply.status_code == 400 and reply.json()["error"]["param"] == "prediction", reply.text
+        tools = [{"type": "function", "function": {"name": "weather", "parameters": {}}}]
+        reply = http.post("/v1/chat/completions", json={**chat, "tools": tools, "parallel_tool_calls": False})
+        assert reply.status_code == 400 and reply.json()["error"]["param"] == "tools", reply.text
 
 
 def test_stop_strings_are_bounded_so_a_stream_is_never_held_back_whole(site, reference):

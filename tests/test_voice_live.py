@@ -200,7 +200,34 @@ def test_a_text_message_nested_past_the_json_parsers_depth_is_refused_with_a_rea
     url, _ = bounded
     with connect(ws_url(url)) as ws:
         ws.send("[" * 100_000)  # json.loads recurses once per level: a RecursionError, not a ValueError
-        assert refusal(ws)["code"] == "invalid_message"
+        error = refusal(ws)
+        assert error["code"] == "too_deep" and "100000 levels" in error["message"], error
+
+
+def nested(levels: int) -> list:
+    value = []
+    for _ in range(levels - 1):
+        value = [value]
+    return value
+
+
+def test_a_text_message_is_nested_at_most_64_deep_as_an_http_body(bounded):
+    """A start or stop message nested 65 deep (under the parser's recursion limit) was read; the socket now
+    bounds its text messages as JsonBodyCheck bounds HTTP bodies (64 levels), answered with an error message."""
+    url, key = bounded
+    with connect(ws_url(url)) as ws:  # 64 levels: the object, and 63 in one of its fields
+        ws.send(json.dumps({"type": "start", "api_key": key, "extra": nested(63)}))
+        assert until(ws, "ready", [])["type"] == "ready"
+    for first in (True, False):
+        with connect(ws_url(url)) as ws:
+            if not first:  # the stop message of a session going on
+                ws.send(json.dumps({"type": "start", "api_key": key}))
+                until(ws, "ready", [])
+            ws.send(json.dumps({"type": "start" if first else "stop", "api_key": key, "extra": nested(64)}))
+            error = refusal(ws)
+            assert error["code"] == "too_deep", error
+            assert error["message"] == ("a text message's JSON has arrays and objects 65 levels inside each other; "
+                                        "this server reads at most 64: send flatter JSON")
 
 
 def test_frames_must_be_pcm16_of_at_most_a_second(bounded):

@@ -380,8 +380,30 @@ def shallow_html(data: bytes) -> tuple[bytes, object]:
     rebuilt = etree.fromstring(data, etree.HTMLParser(target=_Shallow(), encoding=_encoding(data)))
     if rebuilt is None:
         return data, root
+    _declare_utf8(rebuilt)
     data = etree.tostring(rebuilt, method="html", encoding="utf-8")
     return data, _parse_html(data)
+
+
+def _declare_utf8(root: etree._Element) -> None:
+    """Make a rebuilt page, written out as UTF-8, say so: each charset it declared (<meta charset>, <meta
+    http-equiv="Content-Type">) becomes UTF-8, or, where it declared none, a <meta charset="utf-8"> opens its
+    head. A reader that trusts the declaration (lxml given the bytes alone) read a windows-1251 page's rebuilt
+    UTF-8 as windows-1251: mojibake."""
+    declared = False
+    for meta in root.iter("meta"):
+        if meta.get("charset") is not None:
+            meta.set("charset", "utf-8")
+            declared = True
+        if (meta.get("http-equiv") or "").strip().lower() == "content-type":
+            meta.set("content", "text/html; charset=utf-8")
+            declared = True
+    if not declared:
+        head = root.find("head")
+        if head is None:
+            head = etree.Element("head")
+            root.insert(0, head)
+        head.insert(0, etree.Element("meta", charset="utf-8"))
 
 
 class _Shallow:

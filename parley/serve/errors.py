@@ -212,14 +212,15 @@ _NOT_BRACKETS = bytes(b for b in range(256) if b not in b"[]{}")
 _STEPS = bytes.maketrans(b"[{]}", b"\x01\x01\xff\xff")  # +1 and -1 as int8
 
 
-def json_body_error(body: bytes) -> APIError | None:
+def json_body_error(body: bytes, what: str = "the request body") -> APIError | None:
     """Why a JSON body must not go to the parser, or None. It must be UTF-8, as RFC 8259 says (Python's parser also
     guesses UTF-16 and -32, and a bad byte was a vague error), and nested at most MAX_JSON_DEPTH deep (the parser
-    and the validators recurse once per level: `[` * 100000 was a RecursionError); measured without parsing."""
+    and the validators recurse once per level: `[` * 100000 was a RecursionError); measured without parsing.
+    `what` names the JSON in the message: the live voice socket checks its text messages here too."""
     try:
         body.decode("utf-8")
     except UnicodeDecodeError as e:
-        return APIError(400, f"the request body is not UTF-8 text: byte 0x{body[e.start]:02x} at offset {e.start} "
+        return APIError(400, f"{what} is not UTF-8 text: byte 0x{body[e.start]:02x} at offset {e.start} "
                         f"is {e.reason}; send the JSON encoded as UTF-8 (and any binary data as base64 in a string)",
                         code="invalid_json")
     if body.count(b"[") + body.count(b"{") <= MAX_JSON_DEPTH:
@@ -227,7 +228,7 @@ def json_body_error(body: bytes) -> APIError | None:
     steps = np.frombuffer(_STRING.sub(b"", body).translate(_STEPS, _NOT_BRACKETS), np.int8)
     deepest = int(steps.cumsum().max()) if steps.size else 0
     if deepest > MAX_JSON_DEPTH:
-        return APIError(400, f"the request body's JSON has arrays and objects {deepest} levels inside each other; "
+        return APIError(400, f"{what}'s JSON has arrays and objects {deepest} levels inside each other; "
                         f"this server reads at most {MAX_JSON_DEPTH}: send flatter JSON", code="too_deep")
     return None
 

@@ -94,6 +94,7 @@ PLAIN = {
     "function_call": (lambda v: v in ("none", "auto"), "only 'none' or 'auto', as function calling is not supported"),
     "modalities": (lambda v: v == ["text"], "only [\"text\"]: answers are text (speech: /v1/audio/speech)"),
     "audio": (lambda v: False, "leave it out: answers are text (speech: /v1/audio/speech)"),
+    "prediction": (lambda v: False, "leave it out (or send null): predicted outputs are not used"),
 }
 
 
@@ -110,6 +111,9 @@ class _Sampling(_Request):
     echo: bool = False  # /v1/completions: the prompt, then its completion (refused on chat)
     logprobs: bool | int | None = None  # chat's is a bool, /v1/completions' a count: either is refused
     tools: list | None = None
+    # true or false asks for nothing while tools are refused (OpenAI's SDKs send a boolean, and only when told to);
+    # strict: "yes" or 1 is a 400 naming it, not read as true
+    parallel_tool_calls: bool | None = Field(None, strict=True)
     # not implemented: only the values in PLAIN (which ask for nothing special) are accepted
     suffix: str | None = None
     best_of: int | None = None
@@ -123,6 +127,7 @@ class _Sampling(_Request):
     function_call: str | dict | None = None
     modalities: list | None = None
     audio: dict | None = None
+    prediction: dict | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
 

@@ -49,7 +49,8 @@ through the engine's cancellation (RunningTurn.interrupt: saved marked interrupt
 "barge-in" feedback), no more of its audio is sent, and the new utterance starts the next turn
 (speech over a turn still being transcribed joins that utterance to the next instead).
 A turn that had ended but whose audio was still playing gets the feedback only. Bounds: frame
-size, utterance length (`voice_max_utterance_seconds`: cut there and answered), idle time
+size, a text message's JSON nesting (at most 64 levels, as an HTTP body's: errors.json_body_error),
+utterance length (`voice_max_utterance_seconds`: cut there and answered), idle time
 (`voice_idle_seconds`), the server's keys and rate limit, and the BrowserGuard's Host and
 Origin rule (parley/serve/origins.py) before the socket is accepted.
 """
@@ -68,7 +69,7 @@ import numpy as np
 from fastapi import APIRouter, WebSocket, WebSocketDisconnect
 from starlette.concurrency import run_in_threadpool
 
-from parley.serve.errors import APIError
+from parley.serve.errors import APIError, json_body_error
 from parley.serve.routes_audio import WHISPER, Voices
 from parley.serve.server import Server
 from parley.serve.turns import QueueFull, RunningTurn, TurnDone, TurnStarted
@@ -738,9 +739,12 @@ class Over:
 
 
 def _json(text: str | None) -> dict:
+    # nested too deep, said as the HTTP routes say it (the parser recurses once per level: "[" * 100000)
+    if text and (error := json_body_error(text.encode(), "a text message")):
+        raise Closing(error.message, error.code)
     try:
         value = json.loads(text) if text else None
-    except (ValueError, RecursionError):  # the parser recurses once per level: "[" * 100000
+    except ValueError:
         value = None
     if not isinstance(value, dict):
         raise Closing("text messages must be JSON objects with a 'type'", "invalid_message")
