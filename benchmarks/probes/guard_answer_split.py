@@ -15,13 +15,17 @@ from parley.pipeline.guard import Guard
 from parley.train.guard_data import load_all, split
 
 
-def main(heads: list[str]) -> None:
+def judged(heads: list[str], answers: list) -> list[tuple[str, list]]:
+    """Each head file's scores of the answer sentences `answers`, judged as the output check judges them."""
     torch.set_num_threads(2)
     torch.set_flush_denormal(True)
-    answers = [e for e in split(load_all()).test["unseen written"] if e.kind == "answer"]
     embedder = Embedder.load()
-    for path in heads:
-        scores = Guard.load(path, embedder).score_many([e.text for e in answers], kind="answer")
+    return [(path, Guard.load(path, embedder).score_many([e.text for e in answers], kind="answer")) for path in heads]
+
+
+def main(heads: list[str]) -> None:
+    answers = [e for e in split(load_all()).test["unseen written"] if e.kind == "answer"]
+    for path, scores in judged(heads, answers):
         groups, flagged = Counter(), Counter()
         for e, s in zip(answers, scores):
             what = "harmful" if e.label else "plain" if e.base.startswith("plain:") else "hard negative"
