@@ -1,0 +1,183 @@
+"""Files and settings from outside, damaged on purpose: `parley models import` of config.json, GGUF
+headers and tokenizer files that lie; documents that are devices, pipes or crafted to make the
+Markdown reader slow; recipes and command-line values that are not numbers. Each gets a clear
+error (a ValueError or OSError, which the CLI prints as one line and exit status 2) before
+anything is allocated, and a failed import leaves the registry as it was."""
+
+import json
+import re
+from pathlib import Path
+
+import gguf
+import numpy as np
+import pytest
+import torch
+
+from parley import cli
+from parley.model.tokenizer import Tokenizer
+from parley.model.transformer import ModelConfig, Transformer
+from parley.model.weights import WeightsError, export_hf, load_gguf
+
+TINY = dict(vocab_size=300, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+            num_key_value_heads=1, max_position_embeddings=32)
+
+
+@pytest.fixture(scope="module")
+def hf_folder(tmp_path_factory) -> Path:
+    """A tiny HF folder (config.json, model.safetensors, tokenizer files) that imports cleanly."""
+    folder = tmp_path_factory.mktemp("hf") / "tiny"
+    torch.manual_seed(0)
+    export_hf(Transformer(ModelConfig(**TINY)), folder)
+    corpus = folder.parent / "corpus.txt"
+    corpus.write_text("the cat sat on the mat, and the dog sat on the log.\n" * 20)
+    Tokenizer.train([corpus], vocab_size=300).save(folder)
+    return folder
+
+
+def damaged(hf_folder: Path, tmp_path: Path, config: dict | None = None, **files: bytes) -> Path:
+    """A copy of the tiny folder with config.json changed (`config`'s keys; None deletes one) and
+    whole files replaced."""
+    folder = tmp_path / "damaged"
+    folder.mkdir()
+    for f in hf_folder.iterdir():
+        (folder / f.name).write_bytes(f.read_bytes())
+    if config is not None:
+        d = json.loads((folder / "config.json").read_text())
+        d.update(config)
+        (folder / "config.json").write_text(json.dumps({k: v for k, v in d.items() if v is not None}))
+    for name, data in files.items():
+        (folder / name.replace("__", ".")).write_bytes(data)
+    return folder
+
+
+def import_fails(folder: Path, tmp_path: Path, monkeypatch, capsys, message: str) -> None:
+    """`parley models import FOLDER` exits 2 with `message` (a regex) on one line, nothing written."""
+    home = tmp_path / "home"
+    (home / "models" / "kept").mkdir(parents=True)
+    (home / "models" / "kept" / "config.json").write_text("{}")
+    before = sorted(p.relative_to(home) for p in home.rglob("*"))
+    monkeypatch.setenv("PARLEY_HOME", str(home))
+    assert cli.main(["models", "import", str(folder), "--name", "probe"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("parley: error: ") and err.count("\n") == 1, err
+    assert re.search(message, err), err
+    assert sorted(p.relative_to(home) for p in home.rglob("*")) == before
+
+
+def test_the_tiny_folder_imports(hf_folder, tmp_path, monkeypatch):
+    monkeypatch.setenv("PARLEY_HOME", str(tmp_path))
+    assert cli.main(["models", "import", str(hf_folder), "--name", "tiny"]) == 0
+
+
+# config.json values nobody should trust: each was a traceback, a hang or terabytes asked of the allocator
+HOSTILE_CONFIGS = {
+    "hidden_size 1e9": ({"hidden_size": 10**9}, "describes [0-9,]+ parameters but the weights hold"),
+    "layers 1e12": ({"num_hidden_layers": 10**12}, "says 1,000,000,000,000 layers but the weights hold"),
+    "vocab 1e12": ({"vocab_size": 10**12}, "parameters but the weights hold"),
+    "experts 1e9": ({"architectures": ["MixtralForCausalLM"], "model_type": "mixtral", "num_local_experts": 10**9},
+                    "parameters but the weights hold"),
+    "context 1e12": ({"max_position_embeddings": 10**12}, r"GiB \(.*rotary tables for 1,000,000,000,000 positions\), "
+                                                          "more than this machine's"),
+    "head_dim 1e9": ({"head_dim": 10**9}, "parameters but the weights hold"),
+    "hidden_size string": ({"hidden_size": "16"}, "hidden_size must be a number, not '16'"),
+    "hidden_size true": ({"hidden_size": True}, "hidden_size must be a number, not True"),
+    "hidden_size float": ({"hidden_size": 16.5}, r"hidden_size must be a whole number >= 1 \(got 16.5\)"),
+    "hidden_size negative": ({"hidden_size": -16}, r"hidden_size must be a whole number >= 1 \(got -16\)"),
+    "context negative": ({"max_position_embeddings": -1}, "max_position_embeddings must be a whole number >= 1"),
+    "eps nan": ({"rms_norm_eps": float("nan")}, r"rms_norm_eps must be a finite number > 0 \(got nan\)"),
+    "eps negative": ({"rms_norm_eps": -1.0}, "rms_norm_eps must be a finite number > 0"),
+    "tie as a string": ({"tie_word_embeddings": "false"}, "tie_word_embeddings must be true or false, not 'false'"),
+    "architectures a string": ({"architectures": "LlamaForCausalLM"}, "architectures must be a list of class names"),
+    "architectures of numbers": ({"architectures": [5]}, "architectures must be a list of class names"),
+    "rope_scaling a string": ({"rope_scaling": "linear"}, "rope_scaling must be an object, not 'linear'"),
+    "rope_parameters a list": ({"rope_parameters": [1, 2]}, "rope_parameters must be an object"),
+    "linear rope without factor": ({"rope_parameters": {"rope_type": "linear", "rope_theta": 1e4}},
+                                   r"rope_scaling \(linear\) needs factor as a positive number"),
+    "longrope factors a number": ({"rope_parameters": {"rope_type": "longrope", "rope_theta": 1e4,
+                                                       "original_max_position_embeddings": 16,
+                                                       "short_factor": 1, "long_factor": [1] * 4}},
+                                  r"rope_scaling \(longrope\) needs short_factor as a list of 4 positive numbers"),
+}
+
+
+@pytest.mark.parametrize("case", HOSTILE_CONFIGS)
+def test_hostile_config_json(case, hf_folder, tmp_path, monkeypatch, capsys):
+    change, message = HOSTILE_CONFIGS[case]
+    import_fails(damaged(hf_folder, tmp_path, change), tmp_path, monkeypatch, capsys, message)
+
+
+@pytest.mark.parametrize("text, message", [(b"[1, 2]", "config.json must hold a JSON object, not list"),
+                                           (b"[" * 100_000 + b"]" * 100_000, "config.json: file is corrupt")])
+def test_config_json_that_is_no_object(text, message, hf_folder, tmp_path, monkeypatch, capsys):
+    import_fails(damaged(hf_folder, tmp_path, config__json=text), tmp_path, monkeypatch, capsys, message)
+
+
+@pytest.mark.parametrize("shard", ["../../../../etc/passwd", "/etc/passwd", 5, "."])
+def test_shard_index_naming_files_outside_the_folder(shard, hf_folder, tmp_path, monkeypatch, capsys):
+    index = json.dumps({"weight_map": {"model.norm.weight": shard}}).encode()
+    folder = damaged(hf_folder, tmp_path, model__safetensors__index__json=index)
+    (folder / "model.safetensors").unlink()
+    import_fails(folder, tmp_path, monkeypatch, capsys, f"weight_map names {shard!r}, not a safetensors file in")
+
+
+# ---------------------------------------------------------------- GGUF headers
+
+def write_gguf(path: Path, metadata: dict, tokenizer: dict | None = None) -> Path:
+    """A llama GGUF of TINY's shape (F32 tensors) with `metadata` (llama.KEY: value) changed,
+    and tokenizer.ggml.* fields when given."""
+    cfg = ModelConfig(**TINY)
+    keys = {"context_length": cfg.max_position_embeddings, "embedding_length": cfg.hidden_size,
+            "feed_forward_length": cfg.intermediate_size, "block_count": cfg.num_hidden_layers,
+            "attention.head_count": cfg.num_attention_heads, "attention.head_count_kv": cfg.num_key_value_heads,
+            "attention.layer_norm_rms_epsilon": 1e-5, "vocab_size": cfg.vocab_size, **metadata}
+    w = gguf.GGUFWriter(str(path), "llama")
+    for key, value in keys.items():
+        if isinstance(value, str):
+            w.add_string(f"llama.{key}", value)
+        elif isinstance(value, float):
+            w.add_float32(f"llama.{key}", value)
+        else:
+            w.add_uint64(f"llama.{key}", value)
+    for key, value in (tokenizer or {}).items():
+        if isinstance(value, list):
+            w.add_array(f"tokenizer.ggml.{key}", value)
+        elif isinstance(value, str):
+            w.add_string(f"tokenizer.ggml.{key}", value)
+        else:
+            w.add_int32(f"tokenizer.ggml.{key}", value)
+    for name, t in Transformer(cfg).state_dict().items():
+        if name == "lm_head.weight":
+            continue
+        parts = name.split(".")
+        gname = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight"}.get(name)
+        if gname is None:
+            block = {"self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
+                     "self_attn.o_proj": "attn_output", "input_layernorm": "attn_norm",
+                     "post_attention_layernorm": "ffn_norm", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
+                     "mlp.down_proj": "ffn_down"}[".".join(parts[3:-1])]
+            gname = f"blk.{parts[2]}.{block}.weight"
+        w.add_tensor(gname, t.detach().numpy().astype(np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path
+
+
+def test_the_tiny_gguf_loads(tmp_path):
+    model, _ = load_gguf(write_gguf(tmp_path / "ok.gguf", {}))
+    assert model.config.hidden_size == TINY["hidden_size"]
+
+
+@pytest.mark.parametrize("metadata, message", [
+    ({"block_count": 2**40}, "says 1,099,511,627,776 layers but the weights hold 11 tensors"),  # was a hang
+    ({"embedding_length": 10**9}, "parameters but the weights hold"),  # was a RuntimeError from the allocator
+    ({"expert_count": 2**40}, "parameters but the weights hold"),  # was a hang
+    ({"context_length": 2**40}, "rotary tables for 1,099,511,627,776 positions"),
+    ({"embedding_length": "16"}, "llama.embedding_length must be a number, not '16'"),  # was a TypeError
+    ({"attention.head_count": 0}, "llama.attention.head_count must be a positive whole number, not 0"),
+    ({"attention.layer_norm_rms_epsilon": float("nan")}, r"rms_norm_eps must be a finite number > 0 \(got nan\)"),
+])
+def test_hostile_gguf_metadata(metadata, message, tmp_path):
+    with pytest.raises(WeightsError, match=message):
+        load_gguf(write_gguf(tmp_path / "bad.gguf", metadata))
