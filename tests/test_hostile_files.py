@@ -181,3 +181,46 @@ def test_the_tiny_gguf_loads(tmp_path):
 def test_hostile_gguf_metadata(metadata, message, tmp_path):
     with pytest.raises(WeightsError, match=message):
         load_gguf(write_gguf(tmp_path / "bad.gguf", metadata))
+
+
+# ---------------------------------------------------------------- tokenizer files
+
+@pytest.mark.parametrize("file, content, message", [
+    ("tokenizer_config.json", {"eos_token": 5}, "tokenizer_config.json: eos_token must be a token's text, not 5"),
+    ("tokenizer_config.json", {"chat_template": 5}, "tokenizer_config.json: chat_template must be a Jinja template"),
+    ("generation_config.json", {"eos_token_id": "x"}, "generation_config.json: eos_token_id must be a token id"),
+])
+def test_hostile_tokenizer_files(file, content, message, hf_folder, tmp_path, monkeypatch, capsys):
+    folder = damaged(hf_folder, tmp_path, **{file.replace(".", "__"): json.dumps(content).encode()})
+    import_fails(folder, tmp_path, monkeypatch, capsys, message)
+
+
+GPT2 = dict(model="gpt2", pre="default", tokens=["a", "b", "ab", "<s>"], merges=["a b"])
+
+
+@pytest.mark.parametrize("change, message", [
+    (dict(merges=["a c"]), "the merge 'a c' is not two tokens of the vocabulary"),
+    (dict(tokens=["a", "b", "<s>"]), "the merge 'a b' is not two tokens"),  # `tokenizers` panicked: uncatchable
+    (dict(merges=["ab"]), "the merge 'ab' is not two tokens"),
+    (dict(tokens=[1, 2, 3]), "tokenizer.ggml.tokens must be a list of strings"),
+    (dict(bos_token_id="x"), "token ids must be whole numbers"),
+    (dict(token_type=[1]), "tokenizer.ggml.token_type must give a whole number for each token"),
+])
+def test_hostile_gguf_tokenizer(change, message, tmp_path):
+    path = write_gguf(tmp_path / "tok.gguf", {}, {**GPT2, **change})
+    with pytest.raises(ValueError, match=message):
+        Tokenizer.from_gguf(path)
+
+
+def test_hostile_gguf_chat_template(tmp_path):
+    path = write_gguf(tmp_path / "tok.gguf", {}, GPT2)
+    assert Tokenizer.from_gguf(path).encode("ab")
+    w = gguf.GGUFWriter(str(tmp_path / "t.gguf"), "llama")  # a template that is a number
+    for key, value in GPT2.items():
+        (w.add_array if isinstance(value, list) else w.add_string)(f"tokenizer.ggml.{key}", value)
+    w.add_uint32("tokenizer.chat_template", 5)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.close()
+    with pytest.raises(ValueError, match="tokenizer.chat_template must be a string"):
+        Tokenizer.from_gguf(tmp_path / "t.gguf")
