@@ -5,7 +5,9 @@ error (a ValueError or OSError, which the CLI prints as one line and exit status
 anything is allocated, and a failed import leaves the registry as it was."""
 
 import json
+import os
 import re
+import time
 from pathlib import Path
 
 import gguf
@@ -17,6 +19,7 @@ from parley import cli
 from parley.model.tokenizer import Tokenizer
 from parley.model.transformer import ModelConfig, Transformer
 from parley.model.weights import WeightsError, export_hf, load_gguf
+from parley.pipeline.readers import ReadError, _markdown, read_file
 
 TINY = dict(vocab_size=300, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
             num_key_value_heads=1, max_position_embeddings=32)
@@ -224,3 +227,57 @@ def test_hostile_gguf_chat_template(tmp_path):
     w.close()
     with pytest.raises(ValueError, match="tokenizer.chat_template must be a string"):
         Tokenizer.from_gguf(tmp_path / "t.gguf")
+
+
+# ---------------------------------------------------------------- documents
+
+def test_a_fifo_is_refused_not_waited_on(tmp_path):
+    fifo = tmp_path / "notes.txt"
+    os.mkfifo(fifo)
+    with pytest.raises(ReadError, match="notes.txt: not a regular file"):
+        read_file(fifo)  # opening it for reading blocked until a writer came
+
+
+def test_a_device_is_refused_not_read_forever(tmp_path):
+    (tmp_path / "zero.txt").symlink_to("/dev/zero")  # its size reads as 0, and reading it never ends
+    with pytest.raises(ReadError, match="zero.txt: not a regular file"):
+        read_file(tmp_path / "zero.txt")
+
+
+def test_a_folder_given_as_a_file_is_refused(tmp_path):
+    (tmp_path / "notes.txt").mkdir()
+    with pytest.raises(ReadError, match="notes.txt: not a regular file"):
+        read_file(tmp_path / "notes.txt")
+
+
+@pytest.mark.parametrize("data, message", [
+    (b"\xff\xfea\x00b", "UTF-16 byte-order mark but is not UTF-16 text"),  # an odd byte count
+    (b"\xff\xfe\x00\xd8a\x00", "UTF-16 byte-order mark but is not UTF-16 text"),  # a lone surrogate
+])
+def test_broken_utf16_is_a_read_error(data, message, tmp_path):
+    (tmp_path / "a.txt").write_bytes(data)
+    with pytest.raises(ReadError, match=message):
+        read_file(tmp_path / "a.txt")
+
+
+def test_utf32_with_a_byte_order_mark_is_read(tmp_path):
+    (tmp_path / "a.txt").write_bytes("Hello, wörld".encode("utf-32"))  # its mark begins with UTF-16's
+    assert read_file(tmp_path / "a.txt")[1][0].text == "Hello, wörld"
+
+
+@pytest.mark.parametrize("line", ["*a " * 10_000, "_a " * 10_000, "**a " * 10_000, "x " + "`" * 5_000 + "a",
+                                  "[" * 50_000, "![" * 50_000, "<a" * 50_000, "<http://" * 10_000])
+def test_markdown_lines_made_to_backtrack_read_in_linear_time(line):
+    start = time.perf_counter()
+    _markdown(line)
+    assert time.perf_counter() - start < 1.0  # each took 2 s to minutes: every opener scanned the rest of the line
+
+
+@pytest.mark.parametrize("text, expected", [("**bold** and *it* and _it_ and `code` and [link](u)",
+                                             "bold and it and it and code and link"),
+                                            ("a snake_case_name, _in snake_case_ too", "a snake_case_name, in snake_case too"),
+                                            ("``a`b`` and `a` go", "a`b and a go"),
+                                            ("[Foo](https://en.wikipedia.org/wiki/Foo_(bar)) stays a link",
+                                             "Foo stays a link")])
+def test_markdown_spans_still_read(text, expected):
+    assert _markdown(text) == expected
