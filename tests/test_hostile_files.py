@@ -8,6 +8,7 @@ import json
 import os
 import re
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import gguf
@@ -16,6 +17,7 @@ import pytest
 import torch
 
 from parley import cli
+from parley.config import ConfigError, load_config, parse_cli, setting
 from parley.model.tokenizer import Tokenizer
 from parley.model.transformer import ModelConfig, Transformer
 from parley.model.weights import WeightsError, export_hf, load_gguf
@@ -281,3 +283,37 @@ def test_markdown_lines_made_to_backtrack_read_in_linear_time(line):
                                              "Foo stays a link")])
 def test_markdown_spans_still_read(text, expected):
     assert _markdown(text) == expected
+
+
+# ---------------------------------------------------------------- recipes and command-line values
+
+@dataclass
+class Train:
+    lr: float = setting(1e-3, "learning rate")
+    stop: list[str] = setting(factory=list, help="stops")
+
+
+@dataclass
+class Stage:
+    train: Train = field(default_factory=Train)
+
+
+@pytest.mark.parametrize("value", ["nan", "inf", "-inf"])
+def test_non_finite_numbers_are_refused(value, tmp_path):
+    with pytest.raises(ConfigError, match=f"train.lr: expected a finite number, got {value}"):
+        parse_cli(Stage, [f"train.lr={value}"])
+    (tmp_path / "r.toml").write_text(f"[train]\nlr = {value}\n")
+    with pytest.raises(ConfigError, match="train.lr: expected a finite number"):
+        load_config(Stage, tmp_path / "r.toml")
+
+
+def test_a_deeply_nested_recipe_is_a_config_error(tmp_path):
+    (tmp_path / "r.toml").write_text("x = " + "[" * 5000 + "]" * 5000 + "\n")
+    with pytest.raises(ConfigError, match="r.toml: not valid TOML"):
+        load_config(Stage, tmp_path / "r.toml")
+
+
+@pytest.mark.parametrize("text", ["[abc", "[" * 5000])
+def test_a_broken_toml_list_names_its_key(text):
+    with pytest.raises(ConfigError, match="train.stop: .* is not a TOML list"):
+        parse_cli(Stage, [f"train.stop={text}"])
