@@ -125,6 +125,29 @@ def test_shard_index_naming_files_outside_the_folder(shard, hf_folder, tmp_path,
     import_fails(folder, tmp_path, monkeypatch, capsys, f"weight_map names {shard!r}, not a safetensors file in")
 
 
+@pytest.mark.parametrize("name", ["config.json", "model.safetensors", "model.safetensors.index.json"])
+@pytest.mark.parametrize("kind", ["fifo", "device"])
+def test_model_files_that_are_no_regular_files(name, kind, hf_folder, tmp_path, monkeypatch, capsys):
+    """A pipe blocked the import on open; a link to /dev/zero was read until memory ran out."""
+    folder = damaged(hf_folder, tmp_path)
+    if name.endswith("index.json"):
+        (folder / "model.safetensors").unlink()
+    else:
+        (folder / name).unlink()
+    if kind == "fifo":
+        os.mkfifo(folder / name)
+    else:
+        (folder / name).symlink_to("/dev/zero")
+    import_fails(folder, tmp_path, monkeypatch, capsys, f"{name} is not a regular file")
+
+
+def test_a_config_json_of_gigabytes_is_not_read(hf_folder, tmp_path, monkeypatch, capsys):
+    folder = damaged(hf_folder, tmp_path)
+    with open(folder / "config.json", "r+b") as f:
+        f.truncate(2**30)  # sparse: nothing written
+    import_fails(folder, tmp_path, monkeypatch, capsys, "config.json: 1,073,741,824 bytes is no config file")
+
+
 # ---------------------------------------------------------------- GGUF headers
 
 def write_gguf(path: Path, metadata: dict, tokenizer: dict | None = None) -> Path:

@@ -53,6 +53,15 @@ def _require(path, what: str) -> Path:
     return path
 
 
+def _regular_file(path, what: str) -> Path:
+    """`path` as a regular file, before it is opened: a FIFO would block the open, a device
+    (a link to /dev/zero) never end."""
+    path = _require(path, what)
+    if not path.is_file():
+        raise WeightsError(f"{what} {path} is not a regular file (a folder, pipe or device)")
+    return path
+
+
 # ---------------------------------------------------------------- filling a model from tensors
 
 def _blank_model(cfg: ModelConfig, dtype: torch.dtype) -> Transformer:
@@ -120,18 +129,18 @@ def _read_safetensors(model: Transformer, files: list[Path], where, hf_names: bo
 
 def _weight_files(folder: Path) -> list[Path]:
     """The safetensors files of an HF folder: one file, or the shards its index names."""
-    if (folder / "model.safetensors").exists():
-        return [folder / "model.safetensors"]
+    if os.path.lexists(folder / "model.safetensors"):
+        return [_regular_file(folder / "model.safetensors", "safetensors file")]
     index = folder / "model.safetensors.index.json"
-    if index.exists():
+    if os.path.lexists(index):
         try:
-            shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        except (ValueError, KeyError, AttributeError, TypeError, RecursionError) as e:
+            shards = sorted(set(_read_json(index)["weight_map"].values()))
+        except (KeyError, AttributeError, TypeError) as e:
             raise _corrupt(index, e) from e
         for s in shards:  # file names beside the index, never a path out of the folder
             if not isinstance(s, str) or s in ("", ".", "..") or Path(s).name != s:
                 raise WeightsError(f"{index}: weight_map names {s!r}, not a safetensors file in {folder}")
-        return [_require(folder / s, "safetensors shard") for s in shards]
+        return [_regular_file(folder / s, "safetensors shard") for s in shards]
     if any(folder.glob("pytorch_model*.bin")):
         raise WeightsError(f"{folder} has only pytorch_model*.bin weights, which Parley does not read (pickles "
                            "can run code): convert them to safetensors, e.g. with transformers' from_pretrained "
@@ -139,9 +148,15 @@ def _weight_files(folder: Path) -> list[Path]:
     raise FileNotFoundError(f"no model.safetensors or model.safetensors.index.json in {folder}")
 
 
+JSON_MAX_BYTES = 64 * 2**20  # a config.json or shard index is kilobytes
+
+
 def _read_json(path: Path) -> dict:
+    path = _regular_file(path, "config file")
+    if path.stat().st_size > JSON_MAX_BYTES:
+        raise WeightsError(f"{path}: {path.stat().st_size:,} bytes is no config file (at most {JSON_MAX_BYTES:,})")
     try:
-        data = json.loads(_require(path, "config file").read_text())
+        data = json.loads(path.read_text())
     except (ValueError, UnicodeDecodeError, RecursionError) as e:
         raise _corrupt(path, e) from e
     if not isinstance(data, dict):
@@ -551,7 +566,7 @@ def load_checkpoint(path, dtype: torch.dtype | None = None) -> tuple[Transformer
     model = _blank_model(ModelConfig.from_dict(config["model"]), dtype)
     if config.get("quant"):
         quant.prepare_for_loading(model, config["quant"])
-    _read_safetensors(model, [_require(folder / "model.safetensors", "checkpoint weights")], folder)
+    _read_safetensors(model, [_regular_file(folder / "model.safetensors", "checkpoint weights")], folder)
     return model.eval(), config.get("meta") or {}
 
 
