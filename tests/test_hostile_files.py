@@ -7,7 +7,6 @@ anything is allocated, and a failed import leaves the registry as it was."""
 import json
 import os
 import re
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -293,9 +292,10 @@ def test_utf32_with_a_byte_order_mark_is_read(tmp_path):
 @pytest.mark.parametrize("line", ["*a " * 10_000, "_a " * 10_000, "**a " * 10_000, "x " + "`" * 5_000 + "a",
                                   "[" * 50_000, "![" * 50_000, "<a" * 50_000, "<http://" * 10_000])
 def test_markdown_lines_made_to_backtrack_read_in_linear_time(line):
-    start = time.perf_counter()
-    _markdown(line)
-    assert time.perf_counter() - start < 1.0  # each took 2 s to minutes: every opener scanned the rest of the line
+    # each took 2 s to minutes on the old patterns (every opener scanned the rest of the line), about 5 ms now;
+    # no clock here (tests check what comes out): a return of the old patterns shows as a suite that stalls
+    assert _markdown(line) == line.strip()  # no span closes, so nothing is stripped
+    assert _markdown(line[:40] + " *a* and _b_ **c** [d](e) `f`").endswith(" a and b c d f")
 
 
 @pytest.mark.parametrize("text, expected", [("**bold** and *it* and _it_ and `code` and [link](u)",
