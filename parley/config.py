@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import difflib
 import json
+import math
 import re
 import tomllib
 import types
@@ -116,6 +117,8 @@ def _coerce(value, tp, key: str):
     if tp is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise bad
+        if not math.isfinite(value):  # nan and inf pass range checks written as comparisons: refused here, once
+            raise ConfigError(f"{key}: expected a finite number, got {value!r}")
         return float(value)
     if tp is int:
         if isinstance(value, bool) or not isinstance(value, int):
@@ -189,7 +192,7 @@ def _read_recipe(path) -> dict:
         if path.suffix == ".json":
             return json.loads(path.read_text())
         return tomllib.loads(path.read_text())
-    except (tomllib.TOMLDecodeError, json.JSONDecodeError, UnicodeDecodeError) as e:
+    except (tomllib.TOMLDecodeError, json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
         raise ConfigError(f"{path}: not valid {'JSON' if path.suffix == '.json' else 'TOML'} ({e})") from e
 
 
@@ -214,7 +217,10 @@ def _override(cls, values: dict, item: str, seen: set[str]) -> None:
         elif is_dataclass(tp):
             raise ConfigError(f"{key} is a section: set {key}.KEY")
         else:
-            value = _parse_text(text.strip(), tp)
+            try:
+                value = _parse_text(text.strip(), tp)
+            except (tomllib.TOMLDecodeError, RecursionError) as e:  # a list given in TOML's [...] syntax
+                raise ConfigError(f"{key}: {text.strip()[:40]!r} is not a TOML list ({e})") from None
             if key in seen and isinstance(value, list) and isinstance(node.get(part), list):
                 value = node[part] + value
             node[part], _ = value, seen.add(key)

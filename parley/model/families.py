@@ -66,6 +66,32 @@ _EXPORTS = {"qwen2": "Qwen2ForCausalLM", "qwen2_moe": "Qwen2MoeForCausalLM", "qw
             "qwen3_moe": "Qwen3MoeForCausalLM", "gemma3_text": "Gemma3ForCausalLM", "phi3": "Phi3ForCausalLM"}
 _SHAPE_KEYS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
 
+# config.json keys read as numbers, flags, mappings or lists: checked for their type before any is used
+# (ModelConfig then checks the ranges)
+_NUMBERS = (*_SHAPE_KEYS, "num_key_value_heads", "head_dim", "max_position_embeddings", "rms_norm_eps", "rope_theta",
+            "partial_rotary_factor", "sliding_window", "sliding_window_pattern", "max_window_layers",
+            "num_local_experts", "num_experts", "num_experts_per_tok", "moe_intermediate_size",
+            "shared_expert_intermediate_size", "decoder_sparse_step", "query_pre_attn_scalar", "rope_local_base_freq",
+            "final_logit_softcapping", "attn_logit_softcapping", "router_aux_loss_coef",
+            "original_max_position_embeddings")
+_FLAGS = ("tie_word_embeddings", "attention_bias", "mlp_bias", "use_sliding_window", "norm_topk_prob",
+          "use_bidirectional_attention")
+_TYPED = {**{k: ((int, float), "a number") for k in _NUMBERS}, **{k: (bool, "true or false") for k in _FLAGS},
+          "rope_parameters": (dict, "an object"), "rope_scaling": (dict, "an object"),
+          "architectures": (list, "a list of class names"), "layer_types": (list, "a list"),
+          "mlp_only_layers": (list, "a list"), "model_type": (str, "a string"),
+          "hidden_act": (str, "a string"), "hidden_activation": (str, "a string")}
+
+
+def _check_types(d: dict) -> None:
+    """WeightsError naming the first key of config.json whose value has the wrong type (null is a default)."""
+    for key, (kind, what) in _TYPED.items():
+        value = d.get(key)
+        if value is not None and (not isinstance(value, kind) or (isinstance(value, bool) and kind is not bool)):
+            raise WeightsError(f"config.json: {key} must be {what}, not {value!r}")
+    if not all(isinstance(a, str) for a in d.get("architectures") or []):
+        raise WeightsError(f"config.json: architectures must be a list of class names, not {d['architectures']!r}")
+
 
 def hf_architecture(cfg: ModelConfig) -> str:
     """The transformers class a model exports as."""
@@ -83,8 +109,16 @@ def _rope(d: dict, defaults: dict, unsupported) -> tuple[float, dict | None, flo
     params = d.get("rope_parameters") or {}
     full, local = (params.get("full_attention") or {}, params.get("sliding_attention") or {}) \
         if "full_attention" in params else (params, {})
+    for part in (full, local, d.get("rope_scaling") or {}):
+        if not isinstance(part, dict):
+            raise WeightsError(f"config.json: rope_parameters must map each layer type to an object, not {part!r}")
+        for key in ("rope_theta", "partial_rotary_factor"):
+            if part.get(key) is not None and (isinstance(part[key], bool) or not isinstance(part[key], (int, float))):
+                raise WeightsError(f"config.json: rope_parameters' {key} must be a number, not {part[key]!r}")
     merged = {**(d.get("rope_scaling") or {}), **full}
     kind = merged.pop("rope_type", merged.pop("type", "default")) or "default"
+    if not isinstance(kind, str):
+        raise WeightsError(f"config.json: rope_type must be a string, not {kind!r}")
     kind = {"su": "longrope"}.get(kind, kind)  # Phi-3's first name for LongRoPE
     if kind not in ROPE_TYPES:
         raise unsupported(f"rope scaling {kind!r} (supported: {', '.join(ROPE_TYPES)})")
@@ -122,11 +156,14 @@ def _windows(d: dict, model_type: str, max_pos: int, n_layers: int) -> tuple[int
         return None, None
     if layer_types is not None and "sliding_attention" not in layer_types:
         return None, None
-    return int(window), (list(layer_types) if layer_types is not None else None)
+    return window, (list(layer_types) if layer_types is not None else None)
 
 
 def config_from_hf(d: dict) -> ModelConfig:
     """ModelConfig from a Hugging Face config.json dict; refuses what we cannot compute exactly."""
+    if not isinstance(d, dict):
+        raise WeightsError(f"config.json must hold a JSON object, not {type(d).__name__}")
+    _check_types(d)
     archs = d.get("architectures") or [a for a, t in ARCHITECTURES.items() if t == d.get("model_type")][:1]
     if len(archs) != 1 or archs[0] not in ARCHITECTURES:
         name = ", ".join(archs) or d.get("model_type") or "unknown"

@@ -98,17 +98,27 @@ class Tokenizer:
             raise ValueError(f"{file} is not a valid tokenizer.json ({reason}); re-export the tokenizer") from None
         config, generation = read_optional_json(path / "tokenizer_config.json"), read_optional_json(path / "generation_config.json")
         special = {key: token_text(config.get(key)) for key in SPECIAL_KEYS}
+        for key, text in special.items():
+            if text is not None and not isinstance(text, str):
+                raise ValueError(f"{path / 'tokenizer_config.json'}: {key} must be a token's text, not {text!r}")
         missing = [text for text in special.values() if text is not None and backend.token_to_id(text) is None]
         backend.add_special_tokens([AddedToken(text, special=True, normalized=False) for text in missing])
         # BOS/EOS come from tokenizer.json's post-processor alone: transformers 5 ignores the config's
         # add_bos_token/add_eos_token whenever a tokenizer.json exists, and we must encode as it does.
         template = config.get("chat_template")
         if isinstance(template, list):  # older files keep named templates; "default" is the chat one
-            template = next((t["template"] for t in template if t.get("name") == "default"), None)
+            template = next((t.get("template") for t in template if isinstance(t, dict) and t.get("name") == "default"),
+                            None)
+        if template is not None and not isinstance(template, str):
+            raise ValueError(f"{path / 'tokenizer_config.json'}: chat_template must be a Jinja template (a string), "
+                             f"not {template!r}")
         if (path / "chat_template.jinja").is_file():  # transformers 5 saves the template here and prefers it
             template = (path / "chat_template.jinja").read_text(encoding="utf-8")
         stop = generation.get("eos_token_id")
-        stop = [] if stop is None else [stop] if isinstance(stop, int) else list(stop)
+        stop = [] if stop is None else [stop] if isinstance(stop, int) else stop
+        if not isinstance(stop, list) or not all(isinstance(i, int) and not isinstance(i, bool) for i in stop):
+            raise ValueError(f"{path / 'generation_config.json'}: eos_token_id must be a token id or a list of them, "
+                             f"not {generation.get('eos_token_id')!r}")
         return cls(backend, special, template, stop)
 
     @classmethod
@@ -132,7 +142,20 @@ class Tokenizer:
         tokens = field("tokenizer.ggml.tokens")
         if not tokens:
             raise ValueError(f"{path.name}: GGUF metadata lacks tokenizer.ggml.tokens")
+        # the file's metadata may hold anything: its types are checked before they are used
+        if not (isinstance(tokens, list) and all(isinstance(t, str) for t in tokens)):
+            raise ValueError(f"{path.name}: GGUF metadata is corrupt: tokenizer.ggml.tokens must be a list of strings")
         types = field("tokenizer.ggml.token_type") or [1] * len(tokens)
+        ids = {key: field(f"tokenizer.ggml.{key}") for key in ("bos_token_id", "eos_token_id", "unknown_token_id",
+                                                                 "padding_token_id")}
+        template = field("tokenizer.chat_template")
+        checks = ((isinstance(types, list) and len(types) == len(tokens) and all(isinstance(k, int) for k in types),
+                   "tokenizer.ggml.token_type must give a whole number for each token"),
+                  (all(i is None or isinstance(i, int) for i in ids.values()), "token ids must be whole numbers"),
+                  (template is None or isinstance(template, str), "tokenizer.chat_template must be a string"))
+        for ok, what in checks:
+            if not ok:
+                raise ValueError(f"{path.name}: GGUF metadata is corrupt: {what}")
         if kind == "llama" and arch in ("gemma", "gemma2", "gemma3"):
             backend = _gemma_backend(tokens)
         elif kind != "gpt2":
@@ -146,11 +169,15 @@ class Tokenizer:
             merges = field("tokenizer.ggml.merges")
             if not merges:
                 raise ValueError(f"{path.name}: GGUF metadata lacks tokenizer.ggml.merges")
+            vocab = {token: i for i, token in enumerate(tokens)}
+            pairs = [tuple(merge.split(" ")) if isinstance(merge, str) else () for merge in merges]
+            for merge, pair in zip(merges, pairs):  # else `tokenizers` panics (an exception no handler catches)
+                if len(pair) != 2 or not all(piece in vocab for piece in (*pair, "".join(pair))):
+                    raise ValueError(f"{path.name}: GGUF metadata is corrupt: the merge {merge!r} is not two "
+                                     "tokens of the vocabulary whose join is one too")
             # Llama 3's vocabulary takes a piece that is a whole token as that token, before any merge
             # (tokenizer.json's "ignore_merges"; llama.cpp sets it for this group by name)
-            backend = tokenizers.Tokenizer(models.BPE(
-                vocab={token: i for i, token in enumerate(tokens)},
-                merges=[tuple(merge.split(" ")) for merge in merges], ignore_merges=pre in LLAMA3_PRES))
+            backend = tokenizers.Tokenizer(models.BPE(vocab=vocab, merges=pairs, ignore_merges=pre in LLAMA3_PRES))
             backend.pre_tokenizer = pre_tokenizers.Sequence(
                 [pre_tokenizers.Split(Regex(regex), behavior="isolated") for regex in GGUF_PRE_SPLITS[pre]]
                 + [pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
@@ -163,7 +190,7 @@ class Tokenizer:
                             for t, k in zip(tokens, types) if k == GGUF_USER_DEFINED and backend.token_to_id(t) is not None])
 
         def token(key):
-            index = field(f"tokenizer.ggml.{key}")
+            index = ids[key]
             return tokens[index] if index is not None and 0 <= index < len(tokens) else None
 
         special = {"bos_token": token("bos_token_id"), "eos_token": token("eos_token_id"),
@@ -172,7 +199,7 @@ class Tokenizer:
         add_bos = field("tokenizer.ggml.add_bos_token", kind == "gpt2" and field("tokenizer.ggml.pre") in LLAMA3_PRES)
         backend.post_processor = _bos_eos_processor(backend, special, bool(add_bos),
                                                     bool(field("tokenizer.ggml.add_eos_token")))
-        return cls(backend, special, field("tokenizer.chat_template"))
+        return cls(backend, special, template)
 
     @classmethod
     def train(cls, files: list[str | Path], vocab_size: int, special_tokens: list[str] | None = None,

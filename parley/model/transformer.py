@@ -43,6 +43,63 @@ ACTIVATIONS = {"silu": F.silu, "gelu_pytorch_tanh": lambda x: F.gelu(x, approxim
 ROPE_TYPES = ("default", "linear", "llama3", "yarn", "longrope")
 
 
+# what each field of ModelConfig may hold; None only where the field's default is None
+_COUNTS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+           "num_key_value_heads", "head_dim", "max_position_embeddings", "num_experts_per_tok", "decoder_sparse_step",
+           "sliding_window", "moe_intermediate_size")  # whole numbers >= 1
+_SIZES = ("num_local_experts", "shared_expert_intermediate_size")  # whole numbers >= 0
+_SCALES = ("rope_theta", "rms_norm_eps", "query_pre_attn_scalar", "rope_local_base_freq")  # finite, > 0
+_CAPS = ("router_aux_loss_coef", "final_logit_softcapping", "attn_logit_softcapping")  # finite, >= 0
+_OPTIONAL = ("head_dim", "sliding_window", "moe_intermediate_size", "query_pre_attn_scalar", "rope_local_base_freq",
+             "final_logit_softcapping", "attn_logit_softcapping")
+# the parameters each kind of RoPE scaling computes with (transformer's modeling_rope_utils); numbers, or lists
+_ROPE_NEEDS = {"linear": ("factor",), "llama3": ("factor", "low_freq_factor", "high_freq_factor",
+                                                 "original_max_position_embeddings"),
+               "yarn": ("original_max_position_embeddings",), "longrope": ("original_max_position_embeddings",)}
+
+
+def _bad_number(cfg: "ModelConfig") -> str | None:
+    """What is wrong with the first number-valued field that is not a number in its range, or None."""
+    def number(v) -> bool:
+        return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+    for name in (*_COUNTS, *_SIZES, *_SCALES, *_CAPS):
+        v = getattr(cfg, name)
+        if v is None and name in _OPTIONAL:
+            continue
+        if name in _COUNTS or name in _SIZES:
+            low = 1 if name in _COUNTS else 0
+            if not (isinstance(v, int) and not isinstance(v, bool) and v >= low):
+                return f"{name} must be a whole number >= {low} (got {v!r})"
+        elif not (number(v) and (v > 0 if name in _SCALES else v >= 0)):
+            return f"{name} must be a finite number {'> 0' if name in _SCALES else '>= 0'} (got {v!r})"
+    if not (isinstance(cfg.mlp_only_layers, list) and all(isinstance(i, int) for i in cfg.mlp_only_layers)):
+        return f"mlp_only_layers must be a list of layer numbers (got {cfg.mlp_only_layers!r})"
+    return None
+
+
+def _bad_rope_scaling(cfg: "ModelConfig") -> str | None:
+    """What rope_scaling lacks for its kind, or None: its parameters are numbers (longrope's
+    factors one per rotated pair), checked here rather than where the tables are computed."""
+    scaling = cfg.rope_scaling
+    if scaling is None:
+        return None
+    if not isinstance(scaling, dict):
+        return f"rope_scaling must be a mapping of RoPE parameters (got {scaling!r})"
+    kind = scaling.get("rope_type", "default")
+    for key in (*_ROPE_NEEDS.get(kind, ()), *(k for k in ("factor", "attention_factor") if scaling.get(k) is not None)):
+        v = scaling.get(key)
+        if not (isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v > 0):
+            return f"rope_scaling ({kind}) needs {key} as a positive number (got {v!r})"
+    if kind == "longrope":
+        for key in ("short_factor", "long_factor"):
+            v = scaling.get(key)
+            if not (isinstance(v, list) and len(v) == cfg.head_dim // 2 and
+                    all(isinstance(x, (int, float)) and not isinstance(x, bool) and x > 0 for x in v)):
+                return f"rope_scaling (longrope) needs {key} as a list of {cfg.head_dim // 2} positive numbers"
+    return None
+
+
 @dataclass
 class ModelConfig:
     """Shape of the network. Field names match HF `config.json` keys."""
@@ -82,8 +139,14 @@ class ModelConfig:
     mlp_only_layers: list[int] = field(default_factory=list)  # ... and i is not listed here
 
     def __post_init__(self):
+        bad = _bad_number(self)
+        if bad:  # before any arithmetic: a config.json or GGUF header may hold anything
+            raise ValueError(f"invalid model config: {bad}")
         if self.head_dim is None:
             self.head_dim = self.hidden_size // self.num_attention_heads
+        bad = _bad_rope_scaling(self)
+        if bad:
+            raise ValueError(f"invalid model config: {bad}")
         checks = [
             (self.vocab_size > 0, "vocab_size must be positive"),
             (self.num_hidden_layers > 0, "num_hidden_layers must be positive"),

@@ -53,6 +53,15 @@ def _require(path, what: str) -> Path:
     return path
 
 
+def _regular_file(path, what: str) -> Path:
+    """`path` as a regular file, before it is opened: a FIFO would block the open, a device
+    (a link to /dev/zero) never end."""
+    path = _require(path, what)
+    if not path.is_file():
+        raise WeightsError(f"{what} {path} is not a regular file (a folder, pipe or device)")
+    return path
+
+
 # ---------------------------------------------------------------- filling a model from tensors
 
 def _blank_model(cfg: ModelConfig, dtype: torch.dtype) -> Transformer:
@@ -120,15 +129,18 @@ def _read_safetensors(model: Transformer, files: list[Path], where, hf_names: bo
 
 def _weight_files(folder: Path) -> list[Path]:
     """The safetensors files of an HF folder: one file, or the shards its index names."""
-    if (folder / "model.safetensors").exists():
-        return [folder / "model.safetensors"]
+    if os.path.lexists(folder / "model.safetensors"):
+        return [_regular_file(folder / "model.safetensors", "safetensors file")]
     index = folder / "model.safetensors.index.json"
-    if index.exists():
+    if os.path.lexists(index):
         try:
-            shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        except (ValueError, KeyError, AttributeError) as e:
+            shards = sorted(set(_read_json(index)["weight_map"].values()))
+        except (KeyError, AttributeError, TypeError) as e:
             raise _corrupt(index, e) from e
-        return [_require(folder / s, "safetensors shard") for s in shards]
+        for s in shards:  # file names beside the index, never a path out of the folder
+            if not isinstance(s, str) or s in ("", ".", "..") or Path(s).name != s:
+                raise WeightsError(f"{index}: weight_map names {s!r}, not a safetensors file in {folder}")
+        return [_regular_file(folder / s, "safetensors shard") for s in shards]
     if any(folder.glob("pytorch_model*.bin")):
         raise WeightsError(f"{folder} has only pytorch_model*.bin weights, which Parley does not read (pickles "
                            "can run code): convert them to safetensors, e.g. with transformers' from_pretrained "
@@ -136,11 +148,57 @@ def _weight_files(folder: Path) -> list[Path]:
     raise FileNotFoundError(f"no model.safetensors or model.safetensors.index.json in {folder}")
 
 
+JSON_MAX_BYTES = 64 * 2**20  # a config.json or shard index is kilobytes
+
+
 def _read_json(path: Path) -> dict:
+    path = _regular_file(path, "config file")
+    if path.stat().st_size > JSON_MAX_BYTES:
+        raise WeightsError(f"{path}: {path.stat().st_size:,} bytes is no config file (at most {JSON_MAX_BYTES:,})")
     try:
-        return json.loads(_require(path, "config file").read_text())
-    except (ValueError, UnicodeDecodeError) as e:
+        data = json.loads(path.read_text())
+    except (ValueError, UnicodeDecodeError, RecursionError) as e:
         raise _corrupt(path, e) from e
+    if not isinstance(data, dict):
+        raise WeightsError(f"{path} must hold a JSON object, not {type(data).__name__}")
+    return data
+
+
+def _check_layers(layers, tensors: int, where) -> None:
+    """Refuse a layer count (read from the file's config, before the config is built: building it
+    walks the layers) larger than the file's tensor count: every layer has tensors of its own."""
+    if isinstance(layers, int) and layers > tensors:
+        raise WeightsError(f"{where}: the config says {layers:,} layers but the weights hold {tensors:,} tensors: "
+                           "the config does not belong to these weights")
+
+
+def _check_fits(cfg: ModelConfig, values: int, dtype: torch.dtype, where) -> None:
+    """Refuse, before anything is allocated, a config (a config.json or GGUF header: anything) that
+    describes far more parameters than its file holds values, or a model bigger than this machine's
+    memory. A config only a little off is left to `_fill`, which names the tensor that differs."""
+    need = cfg.num_params()
+    if need > 2 * values + 2**20:
+        raise WeightsError(f"{where}: the config describes {need:,} parameters but the weights hold {values:,} "
+                           "values: the config does not belong to these weights")
+    rope = 8 * cfg.max_position_embeddings * cfg.head_dim * (2 if cfg.rope_local_base_freq is not None else 1)
+    total, memory = need * dtype.itemsize + rope, os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    if total > memory:
+        raise WeightsError(f"{where}: the model needs {total / 2**30:,.1f} GiB ({need:,} parameters, rotary tables "
+                           f"for {cfg.max_position_embeddings:,} positions), more than this machine's "
+                           f"{memory / 2**30:,.1f} GiB of memory")
+
+
+def _safetensors_size(files: list[Path]) -> tuple[int, int]:
+    """(tensors, values) in safetensors files, from their headers alone."""
+    tensors = values = 0
+    for f in files:
+        try:
+            with safe_open(f, framework="pt") as handle:
+                for name in handle.keys():
+                    tensors, values = tensors + 1, values + int(np.prod(handle.get_slice(name).get_shape()))
+        except SafetensorError as e:
+            raise _corrupt(f, e) from e
+    return tensors, values
 
 
 def load_hf(path, dtype: torch.dtype = torch.float32) -> tuple[Transformer, dict]:
@@ -150,8 +208,16 @@ def load_hf(path, dtype: torch.dtype = torch.float32) -> tuple[Transformer, dict
     if not folder.is_dir():
         raise WeightsError(f"{folder} is a file; load_hf wants the folder holding config.json and the safetensors")
     hf_config = _read_json(folder / "config.json")
-    model = _blank_model(config_from_hf(hf_config), dtype)
-    _read_safetensors(model, _weight_files(folder), folder, hf_names=True)
+    files = _weight_files(folder)
+    tensors, values = _safetensors_size(files)
+    _check_layers(hf_config.get("num_hidden_layers"), tensors, folder)
+    try:
+        cfg = config_from_hf(hf_config)
+    except ValueError as e:  # ModelConfig's checks, config_from_hf's: say which folder
+        raise (type(e) if isinstance(e, WeightsError) else WeightsError)(f"{folder}: {e}") from None
+    _check_fits(cfg, values, dtype, folder)
+    model = _blank_model(cfg, dtype)
+    _read_safetensors(model, files, folder, hf_names=True)
     return model.eval(), hf_config
 
 
@@ -245,12 +311,19 @@ def _config_from_gguf(meta: dict, tensor_names: set[str], n_tokens: int, path,
         value = meta.get(f"{arch}.{name}", default)
         if value is required:
             raise WeightsError(f"{path}: GGUF metadata lacks {arch}.{name}")
+        if value is not default and name != "rope.scaling.type" and (  # a number: ModelConfig checks its range
+                isinstance(value, bool) or not isinstance(value, (int, float))):
+            raise WeightsError(f"{path}: GGUF metadata {arch}.{name} must be a number, not {value!r}")
         return value
 
     def decimal(value):  # GGUF stores float32: 1e-5 reads back as 9.99999974e-06, so take float32's shortest repr
         return None if value is None else float(str(np.float32(value)))
 
     n_head, n_layers, hidden = key("attention.head_count"), key("block_count"), key("embedding_length")
+    _check_layers(n_layers, len(tensor_names), path)
+    if not (isinstance(n_head, int) and n_head > 0):
+        raise WeightsError(f"{path}: GGUF metadata {arch}.attention.head_count must be a positive whole number, "
+                           f"not {n_head!r}")
     head_dim = key("attention.key_length", hidden // n_head)
     if key("rope.dimension_count", head_dim) != head_dim:
         raise UnsupportedModelError(f"{path}: partial rotary embeddings are not supported")
@@ -324,7 +397,12 @@ def load_gguf(path, dtype: torch.dtype = torch.float32) -> tuple[Transformer, di
         raise UnsupportedModelError(f"{path}: unsupported GGUF architecture {arch!r} "
                                     f"(supported: {', '.join(GGUF_ARCHITECTURES)})")
     rope = {t.name: np.array(t.data, dtype=np.float32).reshape(-1) for t in reader.tensors if t.name in ROPE_TENSORS}
-    cfg = _config_from_gguf(meta, {t.name for t in reader.tensors}, n_tokens, path, rope)
+    try:
+        cfg = _config_from_gguf(meta, {t.name for t in reader.tensors}, n_tokens, path, rope)
+    except WeightsError:
+        raise
+    except ValueError as e:  # ModelConfig's checks: say which file
+        raise WeightsError(f"{path}: {e}") from None
     tensors = [(t, _hf_name(t.name, arch)) for t in reader.tensors if t.name not in ROPE_TENSORS]
 
     def dequantized() -> Iterator[tuple[str, torch.Tensor]]:
@@ -351,6 +429,7 @@ def load_gguf(path, dtype: torch.dtype = torch.float32) -> tuple[Transformer, di
     for t, name in tensors:  # GGUF shapes list the innermost dimension first: experts are the last
         names += [name.format(e) for e in range(int(t.shape[-1]))] if "{}" in name else \
             [ours for ours, _ in hf_to_ours(cfg, name)]
+    _check_fits(cfg, sum(int(t.n_elements) for t in reader.tensors), dtype, path)
     model = _blank_model(cfg, dtype)
     _fill(model, names, dequantized(), path)
     return model.eval(), meta
@@ -487,7 +566,7 @@ def load_checkpoint(path, dtype: torch.dtype | None = None) -> tuple[Transformer
     model = _blank_model(ModelConfig.from_dict(config["model"]), dtype)
     if config.get("quant"):
         quant.prepare_for_loading(model, config["quant"])
-    _read_safetensors(model, [_require(folder / "model.safetensors", "checkpoint weights")], folder)
+    _read_safetensors(model, [_regular_file(folder / "model.safetensors", "checkpoint weights")], folder)
     return model.eval(), config.get("meta") or {}
 
 

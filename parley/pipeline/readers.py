@@ -4,7 +4,7 @@
     chunks = chunk_sections(sections, words=200, overlap=40)
     chunks[3].text, chunks[3].ord, chunks[3].page
 
-Readers: `.txt` (UTF-8, or UTF-16 with a byte-order mark), `.md` (markup stripped, headings
+Readers: `.txt` (UTF-8, or UTF-16 or UTF-32 with a byte-order mark), `.md` (markup stripped, headings
 kept as their own paragraphs), `.html`/`.htm` (the page's main landmark, <main> or
 role="main", where it has one, else the main text as trafilatura finds it; walked block by
 block so paragraphs, list items, table rows and code stay apart, lists that are nearly all
@@ -33,6 +33,7 @@ import io
 import os
 import re
 import signal
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -78,12 +79,22 @@ def read_file(path: Path, max_bytes: int = DEFAULT_MAX_BYTES) -> tuple[str, list
 
 
 def load_file(path: Path, max_bytes: int = DEFAULT_MAX_BYTES) -> bytes:
-    """The file's bytes, refusing one over the size limit before reading it."""
-    size = path.stat().st_size
+    """The file's bytes, refusing one over the size limit before reading it, and anything that is
+    not a regular file: a FIFO would wait for a writer, a device (/dev/zero) never end."""
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))  # a FIFO opens at once, to be refused
+    try:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            raise ReadError(f"{path}: not a regular file (a folder, device, pipe or socket); give a document file")
+        with os.fdopen(fd, "rb", closefd=False) as f:  # bounded: the file may grow meanwhile
+            data = f.read(max_bytes + 1) if info.st_size <= max_bytes else b""
+    finally:
+        os.close(fd)
+    size = max(info.st_size, len(data))
     if size > max_bytes:
         raise ReadError(f"{path}: {size / 1e6:.1f} MB is over the {max_bytes / 1e6:g} MB limit; "
                         "split the file or raise the limit")
-    return path.read_bytes()
+    return data
 
 
 def read_bytes(name: str, data: bytes, where: str | None = None) -> tuple[str, list[Section]]:
@@ -116,8 +127,15 @@ def _binary(data: bytes) -> None:
 
 
 def _decode(data: bytes) -> str:
-    if data.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)):
-        return data.decode("utf-16")
+    # UTF-32's byte-order marks begin with UTF-16's: look for them first
+    for bom, codec in ((codecs.BOM_UTF32_LE, "utf-32"), (codecs.BOM_UTF32_BE, "utf-32"),
+                       (codecs.BOM_UTF16_LE, "utf-16"), (codecs.BOM_UTF16_BE, "utf-16")):
+        if data.startswith(bom):
+            try:
+                return data.decode(codec)
+            except UnicodeDecodeError as e:
+                raise ReadError(f"the file starts with a {codec.upper()} byte-order mark but is not {codec.upper()} "
+                                f"text ({e.reason} at offset {e.start}); save it as UTF-8") from None
     _binary(data)
     try:
         return data.decode("utf-8-sig")
@@ -136,15 +154,19 @@ RULE = re.compile(r"^\s{0,3}([-*_=])(\s*\1){2,}\s*$")  # --- *** ___ and setext 
 TABLE_RULE = re.compile(r"^\|?\s*:?-+:?\s*(?:\|\s*:?-+:?\s*)*\|?$")
 LINK_DEFINITION = re.compile(r"^\s{0,3}\[[^\]]+\]:\s*\S+")
 LINE_MARKERS = re.compile(r"^\s{0,3}(>\s?)*\s*([-*+]|\d+[.)])?\s+(?=\S)")  # quotes, list bullets
+# Each span's text excludes what opens another (a bracket, a '<', the span's own marker; a code span ends
+# at the first run of backticks as long as its own, of 1 to 3), so an opener that never closes is given up
+# at the next one: with `.+?` or `[^\]]*`, every opener scanned the rest of the line (a 20 kB line of
+# "*a " took 20 s, of backticks minutes: quadratic, and worse with the backreference).
 INLINE = [
-    (re.compile(r"!\[([^\]]*)\]\([^)]*\)"), r"\1"),  # image -> its alt text
-    (re.compile(r"\[([^\]]+)\](\([^)]*\)|\[[^\]]*\])"), r"\1"),  # link -> its text
-    (re.compile(r"<(https?://[^>\s]+)>"), r"\1"),  # autolink
-    (re.compile(r"</?[A-Za-z][^>]*>"), ""),  # inline HTML
-    (re.compile(r"(`+)(.+?)\1"), r"\2"),  # code span
-    (re.compile(r"(\*\*|__)(?=\S)(.+?)(?<=\S)\1"), r"\2"),  # bold
-    (re.compile(r"(?<![\w*])\*(?=\S)(.+?)(?<=\S)\*(?![\w*])"), r"\1"),  # *italic*
-    (re.compile(r"(?<!\w)_(?=\S)(.+?)(?<=\S)_(?!\w)"), r"\1"),  # _italic_ (not snake_case)
+    (re.compile(r"!\[([^\[\]]*)\]\((?:[^()]|\([^()]*\))*\)"), r"\1"),  # image -> its alt text
+    (re.compile(r"\[([^\[\]]+)\](\((?:[^()]|\([^()]*\))*\)|\[[^\[\]]*\])"), r"\1"),  # link -> its text
+    (re.compile(r"<(https?://[^<>\s]+)>"), r"\1"),  # autolink
+    (re.compile(r"</?[A-Za-z][^<>]*>"), ""),  # inline HTML
+    (re.compile(r"(?<!`)(`{1,3})(?!`)(.+?)(?<!`)\1(?!`)"), r"\2"),  # code span: closed by a run as long
+    (re.compile(r"(\*\*|__)(?=\S)((?:(?!\1).)+?)(?<=\S)\1"), r"\2"),  # bold
+    (re.compile(r"(?<![\w*])\*(?=\S)([^*]+?)(?<=\S)\*(?![\w*])"), r"\1"),  # *italic*
+    (re.compile(r"(?<!\w)_(?=\S)((?:[^_]|(?<=\w)_(?=\w))+?)(?<=\S)_(?!\w)"), r"\1"),  # _italic_ (snake_case kept)
 ]
 
 
