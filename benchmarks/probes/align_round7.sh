@@ -26,12 +26,9 @@ train)
             --dialogs runs/corpus/dialogs-val.jsonl --out "runs/dev-$model.json" > "runs/dev-$model.log" 2>&1
     done
     $BIN/python benchmarks/alignment.py --report runs/dev-smollm2-aligned.json runs/dev-smollm2-dpo7-{10,20,30,40,50}.json ;;
-v6)
+v6)  # as round 6 ran it
     shift
-    for model in "$@"; do
-        OMP_NUM_THREADS=2 $BIN/python benchmarks/alignment.py --heldout benchmarks/data/guard_heldout_v6 \
-            --models "$model" --dialogs runs/corpus/dialogs-val.jsonl --out "runs/v6-$model.json"
-    done ;;
+    bash benchmarks/probes/align_round6.sh v6 "$@" ;;
 *)
     echo "usage: $0 train | v6 MODEL..." >&2
     exit 2 ;;

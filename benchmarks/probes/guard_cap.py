@@ -17,11 +17,15 @@ def main(src: str, dst: str) -> None:
     guard = Guard.load(src, Embedder.load())
     heads = (guard.english, guard.other) if isinstance(guard, GatedGuard) else (guard,)
     for head in heads:
-        capped = np.minimum(head.answer_thresholds, head.thresholds)
-        print(f"{head.trunk}: answer thresholds " + ", ".join(
-            f"{k} {a:.3f}" + (f" -> {c:.3f}" if c != a else "") for k, a, c in zip(LABELS, head.answer_thresholds, capped)))
-        head.answer_thresholds, head.per_kind = capped, True
+        set_answer_thresholds(head, np.minimum(head.answer_thresholds, head.thresholds))
     print(f"wrote {guard.save(dst)}")
+
+
+def set_answer_thresholds(head: Guard, new: np.ndarray) -> None:
+    """Give `head` the answer thresholds `new`, printing each that changes."""
+    print(f"{head.trunk}: answer thresholds " + ", ".join(
+        f"{k} {a:.3f}" + (f" -> {c:.3f}" if c != a else "") for k, a, c in zip(LABELS, head.answer_thresholds, new)))
+    head.answer_thresholds, head.per_kind = new, True
 
 
 if __name__ == "__main__":

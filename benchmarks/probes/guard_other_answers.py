@@ -10,9 +10,10 @@ search's, uncapped); this takes them, capped at the gated head's request thresho
 import sys
 
 import numpy as np
+from guard_cap import set_answer_thresholds
 
 from parley.pipeline.embed import Embedder
-from parley.pipeline.guard import LABELS, PRINCIPLES, GatedGuard, Guard
+from parley.pipeline.guard import PRINCIPLES, GatedGuard, Guard
 from parley.train.guard import capped
 
 
@@ -23,11 +24,7 @@ def main(gated_path: str, alone_path: str, dst: str) -> None:
         sys.exit(f"{gated_path} must be a gated guard and {alone_path} its other-language head alone")
     if not np.array_equal(alone.params["w1"], gated.other.params["w1"]):
         sys.exit(f"{alone_path} is not the head of {gated_path}: their weights differ")
-    other = gated.other
-    new = capped(alone.answer_thresholds[:len(PRINCIPLES)], other.thresholds)
-    print(f"{other.trunk}: answer thresholds " + ", ".join(
-        f"{k} {a:.3f}" + (f" -> {c:.3f}" if c != a else "") for k, a, c in zip(LABELS, other.answer_thresholds, new)))
-    other.answer_thresholds, other.per_kind = new, True
+    set_answer_thresholds(gated.other, capped(alone.answer_thresholds[:len(PRINCIPLES)], gated.other.thresholds))
     print(f"wrote {gated.save(dst)}")
 
 
