@@ -186,8 +186,10 @@ def _build(cls, values: dict, root, prefix: str = ""):
 
 def _read_recipe(path) -> dict:
     path = Path(path)
-    if not path.is_file():
+    if not path.exists():
         raise ConfigError(f"recipe not found: {path}")
+    if not path.is_file():  # a FIFO would block the read, a device never end
+        raise ConfigError(f"recipe {path} is not a regular file (a folder, pipe or device): give a .toml or .json file")
     try:
         if path.suffix == ".json":
             return json.loads(path.read_text())

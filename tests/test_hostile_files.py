@@ -101,6 +101,10 @@ HOSTILE_CONFIGS = {
                                                        "original_max_position_embeddings": 16,
                                                        "short_factor": 1, "long_factor": [1] * 4}},
                                   r"rope_scaling \(longrope\) needs short_factor as a list of 4 positive numbers"),
+    # `0 or default` read a zero as absent and took the family's theta
+    "rope_theta zero": ({"rope_theta": 0, "rope_parameters": None}, "rope_theta must be a finite number > 0"),
+    "rope_parameters' theta zero": ({"rope_parameters": {"rope_type": "default", "rope_theta": 0}},
+                                    "rope_theta must be a finite number > 0"),
 }
 
 
@@ -124,7 +128,7 @@ def test_shard_index_naming_files_outside_the_folder(shard, hf_folder, tmp_path,
     import_fails(folder, tmp_path, monkeypatch, capsys, f"weight_map names {shard!r}, not a safetensors file in")
 
 
-@pytest.mark.parametrize("name", ["config.json", "model.safetensors", "model.safetensors.index.json"])
+@pytest.mark.parametrize("name", ["config.json", "model.safetensors", "model.safetensors.index.json", "tokenizer.json"])
 @pytest.mark.parametrize("kind", ["fifo", "device"])
 def test_model_files_that_are_no_regular_files(name, kind, hf_folder, tmp_path, monkeypatch, capsys):
     """A pipe blocked the import on open; a link to /dev/zero was read until memory ran out."""
@@ -328,6 +332,16 @@ def test_non_finite_numbers_are_refused(value, tmp_path):
     (tmp_path / "r.toml").write_text(f"[train]\nlr = {value}\n")
     with pytest.raises(ConfigError, match="train.lr: expected a finite number"):
         load_config(Stage, tmp_path / "r.toml")
+
+
+def test_a_recipe_that_is_no_regular_file_is_named_so(tmp_path):
+    os.mkfifo(tmp_path / "fifo.toml")  # said "recipe not found"
+    (tmp_path / "zero.toml").symlink_to("/dev/zero")
+    for name in ("fifo.toml", "zero.toml"):
+        with pytest.raises(ConfigError, match=f"recipe {tmp_path / name} is not a regular file"):
+            load_config(Stage, tmp_path / name)
+    with pytest.raises(ConfigError, match="recipe not found"):
+        load_config(Stage, tmp_path / "missing.toml")
 
 
 def test_a_deeply_nested_recipe_is_a_config_error(tmp_path):

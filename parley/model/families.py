@@ -126,7 +126,7 @@ def _rope(d: dict, defaults: dict, unsupported) -> tuple[float, dict | None, flo
         raise unsupported("partial rotary embeddings (partial_rotary_factor < 1)")
     if local.get("rope_type", "default") != "default":
         raise unsupported(f"rope scaling {local['rope_type']!r} on sliding layers")
-    theta = float(merged.pop("rope_theta", None) or d.get("rope_theta") or defaults["rope_theta"])
+    theta = float(_given(merged.pop("rope_theta", None), d.get("rope_theta"), defaults["rope_theta"]))
     scaling = None
     if kind != "default":
         merged.pop("partial_rotary_factor", None)
@@ -136,8 +136,13 @@ def _rope(d: dict, defaults: dict, unsupported) -> tuple[float, dict | None, flo
         scaling = {"rope_type": kind, **merged}
         if original is not None:
             scaling["original_max_position_embeddings"] = original
-    local_theta = local.get("rope_theta") or d.get("rope_local_base_freq") or defaults.get("rope_local_base_freq")
-    return theta, scaling, float(local_theta) if local_theta else None
+    local_theta = _given(local.get("rope_theta"), d.get("rope_local_base_freq"), defaults.get("rope_local_base_freq"))
+    return theta, scaling, None if local_theta is None else float(local_theta)
+
+
+def _given(*values):
+    """The first value that is not None (a 0 given is kept, for ModelConfig to refuse, not read as absent)."""
+    return next((v for v in values if v is not None), None)
 
 
 def _windows(d: dict, model_type: str, max_pos: int, n_layers: int) -> tuple[int | None, list[str] | None]:

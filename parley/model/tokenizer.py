@@ -89,8 +89,10 @@ class Tokenizer:
         """Load a Hugging Face tokenizer folder: tokenizer.json, tokenizer_config.json, generation_config.json."""
         path = Path(path)
         file = path / "tokenizer.json"
-        if not file.is_file():
+        if not file.exists():
             raise FileNotFoundError(f"{file} not found: point at a folder holding a Hugging Face tokenizer.json")
+        if not file.is_file():
+            raise ValueError(f"{file} is not a regular file (a folder, pipe or device): it must be the tokenizer's JSON")
         try:
             backend = tokenizers.Tokenizer.from_file(str(file))
         except Exception as e:
