@@ -103,10 +103,10 @@ def _decode(raw: bytes, code: int, width: int) -> np.ndarray:
         padded[:, 1:] = b
         return padded.view("<i4").ravel().astype(np.float32) / 2 ** 31
     if code == _FLOAT and width in (4, 8):
-        samples = np.frombuffer(raw, f"<f{width}").astype(np.float32)
+        samples = np.frombuffer(raw, f"<f{width}")
         if not np.isfinite(samples).all():
             raise AudioError("the WAV file holds NaN or infinite samples", "not_audio")
-        return np.clip(samples, -1, 1)
+        return np.clip(samples, -1, 1).astype(np.float32)  # clipped first: a loud 64-bit sample is no float32 inf
     kind = {_PCM: "integer PCM", _FLOAT: "float"}.get(code, f"format code {code:#x} (compressed?)")
     raise AudioError(f"WAV {kind} with {8 * width}-bit samples is not supported: use 8/16/24/32-bit PCM "
                      "or 32/64-bit float", "unsupported")
