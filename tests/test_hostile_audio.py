@@ -4,12 +4,14 @@ paths that are pipes or devices. Each is one clear AudioError (the CLI prints it
 status 2; the server answers it as a 400) before the samples are read where the header already
 says they are too many."""
 
+import os
 import struct
 
 import numpy as np
 import pytest
 
-from parley.voice.audio import AudioError, load_audio, read_wav
+from parley import cli
+from parley.voice.audio import AudioError, load_audio, read_file, read_wav
 
 
 def fmt_chunk(code=1, channels=1, rate=16_000, bits=16, align=None, extra=b"") -> bytes:
@@ -65,3 +67,61 @@ def test_loud_64_bit_float_samples_are_clipped_not_called_infinite():
     loud = np.concatenate([TONE, [1e300, -1e300]]).astype("<f8")
     clip = read_wav(wav(fmt_chunk(code=3, bits=64), loud.tobytes()))
     assert np.isfinite(clip.samples).all() and clip.samples.max() == 1 and clip.samples.min() == -1
+
+
+def test_a_long_wav_is_refused_from_its_header_before_its_samples_are_read():
+    """Its samples (NaN here) were decoded before its length was checked."""
+    nan = np.full(2 * 8_000, np.nan, "<f4").tobytes()  # 2 s at 8 kHz
+    with pytest.raises(AudioError, match="2 s long, over the 1 s limit") as e:
+        load_audio(wav(fmt_chunk(code=3, rate=8_000, bits=32), nan), max_seconds=1)
+    assert e.value.code == "too_long"
+
+
+def sparse_wav(path, seconds: float) -> None:
+    """A float WAV `seconds` long at 8 kHz, NaN at its start, the rest a hole in the file (no disk)."""
+    size = int(seconds * 8_000) * 4
+    path.write_bytes(wav(fmt_chunk(code=3, rate=8_000, bits=32), np.full(8, np.nan, "<f4").tobytes(), size=size))
+    os.truncate(path, len(wav(fmt_chunk())) + size)
+
+
+@pytest.mark.parametrize("seconds", [601, 10 * 3600])
+def test_parley_transcribe_refuses_a_long_file_without_reading_it(seconds, tmp_path, capsys):
+    """The file was read whole into memory (and decoded) before its length was checked: 10 hours
+    declared in a sparse file were gigabytes."""
+    sparse_wav(path := tmp_path / "long.wav", seconds)
+    assert cli.main(["transcribe", str(path)]) == 2
+    assert f"{seconds} s long, over the 600 s limit" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("kind", ["fifo", "device", "folder"])
+def test_audio_paths_that_are_no_regular_files(kind, tmp_path, capsys):
+    """A pipe or a device was called 'no audio file', as though it were missing."""
+    path = tmp_path / "in.wav"
+    {"fifo": os.mkfifo, "device": lambda p: os.symlink("/dev/zero", p), "folder": os.mkdir}[kind](path)
+    assert cli.main(["transcribe", str(path)]) == 2
+    assert "is not a regular file (a folder, pipe or device)" in capsys.readouterr().err
+    assert cli.main(["transcribe", str(tmp_path / "missing.wav")]) == 2
+    assert "no audio file" in capsys.readouterr().err
+
+
+def test_a_mapped_file_reads_as_its_bytes(tmp_path):
+    """read_file maps the file: a WAV and a compressed file read from it as from their bytes."""
+    av = pytest.importorskip("av")
+    import io
+
+    (path := tmp_path / "a.wav").write_bytes(wav(fmt_chunk(), PCM))
+    assert np.array_equal(load_audio(read_file(path)).samples, load_audio(path.read_bytes()).samples)
+    out = io.BytesIO()
+    with av.open(out, "w", format="flac") as container:
+        stream = container.add_stream("flac", rate=16_000)
+        stream.layout = "mono"
+        frame = av.AudioFrame.from_ndarray(TONE[None], format="flt", layout="mono")
+        frame.sample_rate = 16_000
+        for packet in [*stream.encode(frame), *stream.encode(None)]:
+            container.mux(packet)
+    (path := tmp_path / "a.flac").write_bytes(out.getvalue())
+    assert np.array_equal(load_audio(read_file(path)).samples, load_audio(out.getvalue()).samples)
+    assert read_file(tmp_path / "a.flac")[:4] == b"fLaC"
+    (empty := tmp_path / "empty.wav").write_bytes(b"")
+    with pytest.raises(AudioError, match="empty"):
+        load_audio(read_file(empty))
