@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import difflib
 import importlib
-import os
 import signal
 import sys
 from dataclasses import dataclass, field, fields
@@ -252,8 +251,9 @@ def cmd_chat(args) -> int:
     cfg = load_settings(args)
     if cfg.audio_out and not cfg.audio_in:
         raise ValueError("audio_out= is where a spoken turn's answer goes: give audio_in=QUESTION.wav too")
-    if cfg.audio_in and not os.path.isfile(cfg.audio_in):  # before the slow loads
-        raise FileNotFoundError(f"no audio file {cfg.audio_in}")
+    if cfg.audio_in:  # missing, a pipe or a device: said before the slow loads
+        from parley.voice.audio import read_file
+        read_file(cfg.audio_in)
     if cfg.live:
         return _live_chat(cfg)
     if cfg.server:  # the server's own settings apply

@@ -2,6 +2,7 @@
 a model wants, and write a clip back as 16-bit PCM WAV.
 
     clip = load_audio(open("hello.wav", "rb").read())       # mono float32, 16 kHz, checked
+    clip = load_audio(read_file("hello.wav"))                 # the same, the file mapped, not read
     clip.samples, clip.rate, clip.seconds
     wav_bytes(clip)                                           # 16-bit PCM WAV bytes
 
@@ -19,8 +20,10 @@ from __future__ import annotations
 
 import importlib.util
 import io
+import mmap
 import struct
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 
@@ -52,14 +55,28 @@ class Clip:
         return len(self.samples) / self.rate
 
 
-def read_wav(data: bytes) -> Clip:
-    """A WAV file's bytes as a mono clip at the file's own rate (channels averaged)."""
+def read_file(path) -> bytes | mmap.mmap:
+    """An audio file's bytes, mapped rather than read: a WAV's samples are then read only once its
+    header says they are within the length limit, a compressed file's only as far as it decodes."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"no audio file {path}")
+    if not path.is_file():  # a FIFO would block the read, a device never end
+        raise AudioError(f"{path} is not a regular file (a folder, pipe or device): give an audio file", "not_audio")
+    with open(path, "rb") as f:
+        return mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) if path.stat().st_size else b""
+
+
+def read_wav(data: bytes | mmap.mmap, max_seconds: float | None = None) -> Clip:
+    """A WAV file's bytes as a mono clip at the file's own rate (channels averaged); longer than
+    `max_seconds` is refused before its samples are read."""
+    data = memoryview(data)  # slices share the bytes: the data chunk is not copied
     if not data:
         raise AudioError(f"the audio is empty (0 bytes): {_SEND}", "empty")
     if data[:4] != b"RIFF" or data[8:12] != b"WAVE":
         if len(data) < 12 and b"RIFF".startswith(data[:4]):
             raise AudioError(f"the WAV header is truncated: {len(data)} bytes, a header has at least 44", "not_audio")
-        raise AudioError(f"the audio is not a WAV file (it starts with {data[:12]!r}): {_SEND}", "not_audio")
+        raise AudioError(f"the audio is not a WAV file (it starts with {bytes(data[:12])!r}): {_SEND}", "not_audio")
     fmt, pcm, at = None, None, 12
     while at + 8 <= len(data):
         tag, size = data[at:at + 4], struct.unpack_from("<I", data, at + 4)[0]
@@ -88,6 +105,8 @@ def read_wav(data: bytes) -> Clip:
     if not MIN_RATE <= rate <= MAX_RATE:
         raise AudioError(f"sample rate {rate} Hz is not supported: use {MIN_RATE}..{MAX_RATE} Hz (16000 is best)",
                          "unsupported")
+    if max_seconds is not None and len(pcm) // align > max_seconds * rate:
+        raise _too_long(len(pcm) // align / rate, max_seconds)
     samples = _decode(pcm[:len(pcm) - len(pcm) % align], code, width)
     return Clip(samples.reshape(-1, channels).mean(axis=1, dtype=np.float32), rate)
 
@@ -103,10 +122,10 @@ def _decode(raw: bytes, code: int, width: int) -> np.ndarray:
         padded[:, 1:] = b
         return padded.view("<i4").ravel().astype(np.float32) / 2 ** 31
     if code == _FLOAT and width in (4, 8):
-        samples = np.frombuffer(raw, f"<f{width}").astype(np.float32)
+        samples = np.frombuffer(raw, f"<f{width}")
         if not np.isfinite(samples).all():
             raise AudioError("the WAV file holds NaN or infinite samples", "not_audio")
-        return np.clip(samples, -1, 1)
+        return np.clip(samples, -1, 1).astype(np.float32)  # clipped first: a loud 64-bit sample is no float32 inf
     kind = {_PCM: "integer PCM", _FLOAT: "float"}.get(code, f"format code {code:#x} (compressed?)")
     raise AudioError(f"WAV {kind} with {8 * width}-bit samples is not supported: use 8/16/24/32-bit PCM "
                      "or 32/64-bit float", "unsupported")
@@ -132,19 +151,24 @@ def check(clip: Clip, max_seconds: float = 600.0, min_seconds: float = 0.1) -> C
         raise AudioError(f"the audio is {clip.seconds * 1000:.0f} ms long; send at least {min_seconds * 1000:.0f} ms",
                          "empty")
     if clip.seconds > max_seconds:
-        raise AudioError(f"the audio is {clip.seconds:.0f} s long, over the {max_seconds:.0f} s limit: "
-                         "split it into shorter files", "too_long")
+        raise _too_long(clip.seconds, max_seconds)
     if float(np.abs(clip.samples).max()) < SILENCE:
         raise AudioError("the audio is silent (peak below -60 dBFS): check the microphone or the file", "silent")
     return clip
 
 
-def load_audio(data: bytes, rate: int = MODEL_RATE, max_seconds: float = 600.0) -> Clip:
+def _too_long(seconds: float, max_seconds: float) -> AudioError:
+    return AudioError(f"the audio is {seconds:.0f} s long, over the {max_seconds:.0f} s limit: split it into shorter "
+                      "files", "too_long")
+
+
+def load_audio(data: bytes | mmap.mmap, rate: int = MODEL_RATE, max_seconds: float = 600.0) -> Clip:
     """Audio bytes as a checked mono clip at `rate` Hz: WAV, or (with PyAV, which faster-whisper
-    installs) MP3, Ogg/Opus, FLAC, WebM, M4A. A WAV's length is checked before resampling, a
-    compressed file's while it decodes, so a long file costs little work."""
+    installs) MP3, Ogg/Opus, FLAC, WebM, M4A; `data` may be a file from `read_file`. A WAV's length
+    is checked from its header before its samples are read, a compressed file's while it decodes,
+    so a long file costs little work."""
     if data[:4] == b"RIFF" or len(data) < 12 or importlib.util.find_spec("av") is None:
-        clip = check(read_wav(data), max_seconds)
+        clip = check(read_wav(data, max_seconds), max_seconds)
         return Clip(resample(clip.samples, clip.rate, rate), rate)
     return check(decode(data, rate, max_seconds), max_seconds)
 
@@ -152,12 +176,13 @@ def load_audio(data: bytes, rate: int = MODEL_RATE, max_seconds: float = 600.0) 
 COMPRESSED = {"mp3", "ogg", "flac", "matroska,webm", "mov,mp4,m4a,3gp,3g2,mj2", "aac"}  # FFmpeg's demuxer names
 
 
-def decode(data: bytes, rate: int, max_seconds: float) -> Clip:
+def decode(data: bytes | mmap.mmap, rate: int, max_seconds: float) -> Clip:
     """A compressed file's audio (one of COMPRESSED) as mono at `rate` Hz, through PyAV (FFmpeg)."""
     import av
 
     try:
-        with av.open(io.BytesIO(data), metadata_errors="ignore") as container:
+        source = data if isinstance(data, mmap.mmap) else io.BytesIO(data)  # a mapped file: read as it decodes
+        with av.open(source, metadata_errors="ignore") as container:
             if container.format.name not in COMPRESSED:
                 raise AudioError(f"the audio is not a WAV file or a format we decode ({container.format.name}): "
                                  f"{_SEND}, or MP3, Ogg, FLAC, WebM, M4A", "unsupported")

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import sys
 from dataclasses import dataclass
-from pathlib import Path
 from typing import TextIO
 
 from parley.config import parse_cli, setting
@@ -60,13 +59,10 @@ def speak_main(argv: list[str], prog: str = "parley speak") -> int:
 
 def transcribe_main(argv: list[str], prog: str = "parley transcribe") -> int:
     from parley.voice.asr import load_asr
-    from parley.voice.audio import load_audio
+    from parley.voice.audio import load_audio, read_file
 
     cfg = parse_cli(TranscribeConfig, argv, prog=prog)
-    path = Path(cfg.file)
-    if not path.is_file():
-        raise FileNotFoundError(f"no audio file {cfg.file}")
-    clip = load_audio(path.read_bytes())
+    clip = load_audio(read_file(cfg.file))
     result = load_asr(cfg.model, cfg.dtype).transcribe(clip)
     if cfg.segments:
         for s in result.segments:
@@ -85,14 +81,12 @@ def voice_chat(session, audio_in: str, audio_out: str = "", voice: str = "defaul
 
     from parley.pipeline.frames import ShownText
     from parley.voice.asr import load_asr
-    from parley.voice.audio import Clip, load_audio, wav_bytes
+    from parley.voice.audio import Clip, load_audio, read_file, wav_bytes
     from parley.voice.tts import load_tts, speak_stream
 
-    path = Path(audio_in)
-    if not path.is_file():
-        raise FileNotFoundError(f"no audio file {audio_in}")
+    audio = read_file(audio_in)
     tts = load_tts(voice) if audio_out else None  # a bad voice fails before the turn, not after it
-    heard = load_asr(model).transcribe(load_audio(path.read_bytes())).text
+    heard = load_asr(model).transcribe(load_audio(audio)).text
     if not heard:
         raise ValueError(f"no speech was recognised in {audio_in}")
     print(f"you (heard)> {heard}", file=stdout)
