@@ -150,9 +150,13 @@ def test_compressed_files_are_bounded_and_checked():
         load_audio(long[:200] + bytes(300))  # an MP3 cut short and zeroed
     gif = b"GIF89a\x01\x00\x01\x00\x80\x00\x00\x00\x00\x00\xff\xff\xff!\xf9\x04\x01\x00\x00\x00\x00,\x00\x00" \
         b"\x00\x00\x01\x00\x01\x00\x00\x02\x02D\x01\x00;"
-    with pytest.raises(AudioError) as e:
-        load_audio(gif)  # FFmpeg reads images too: only audio containers are let through
-    assert e.value.code == "unsupported"
+    with pytest.raises(AudioError, match=r"format we decode \(it starts with b'GIF89a") as e:
+        load_audio(gif)  # FFmpeg reads images too: only audio containers reach it
+    assert e.value.code == "not_audio"
+    for playlist in (b"#EXTM3U\n#EXT-X-VERSION:3\nhttp://127.0.0.1:9/a.ts\n", b"ffconcat version 1.0\nfile /etc/passwd\n"):
+        with pytest.raises(AudioError, match="format we decode") as e:  # never given to FFmpeg's probe
+            load_audio(playlist)
+        assert e.value.code == "not_audio"
 
 
 # ---------------------------------------------------------------- synthesis

@@ -173,24 +173,38 @@ def load_audio(data: bytes | mmap.mmap, rate: int = MODEL_RATE, max_seconds: flo
     return check(decode(data, rate, max_seconds), max_seconds)
 
 
-COMPRESSED = {"mp3", "ogg", "flac", "matroska,webm", "mov,mp4,m4a,3gp,3g2,mj2", "aac"}  # FFmpeg's demuxer names
+def container(head: bytes) -> str | None:
+    """The FFmpeg demuxer for a compressed file, from its first bytes (None: none we decode). FFmpeg
+    is given this one only: left to probe, it would try every format it knows on untrusted bytes
+    (playlists, concat lists, images) before the one it found could be refused."""
+    head = bytes(head[:12])
+    if head[4:8] == b"ftyp":
+        return "mp4"
+    for magic, name in ((b"ID3", "mp3"), (b"OggS", "ogg"), (b"fLaC", "flac"), (b"\x1a\x45\xdf\xa3", "matroska")):
+        if head.startswith(magic):
+            return name
+    if len(head) >= 2 and head[0] == 0xFF and head[1] & 0xE0 == 0xE0:  # a frame's sync word
+        return "aac" if head[1] & 0x06 == 0 else "mp3"  # layer bits 00: ADTS AAC; else an MPEG audio layer
+    return None
 
 
 def decode(data: bytes | mmap.mmap, rate: int, max_seconds: float) -> Clip:
-    """A compressed file's audio (one of COMPRESSED) as mono at `rate` Hz, through PyAV (FFmpeg)."""
+    """A compressed file's audio (MP3, Ogg, FLAC, WebM/Matroska, MP4/M4A, ADTS AAC: `container`) as mono
+    at `rate` Hz, through PyAV (FFmpeg)."""
     import av
 
+    demuxer = container(data[:12])
+    if demuxer is None:
+        raise AudioError(f"the audio is not a WAV file or a format we decode (it starts with {bytes(data[:12])!r}): "
+                         f"{_SEND}, or MP3, Ogg, FLAC, WebM, M4A", "not_audio")
     try:
         source = data if isinstance(data, mmap.mmap) else io.BytesIO(data)  # a mapped file: read as it decodes
-        with av.open(source, metadata_errors="ignore") as container:
-            if container.format.name not in COMPRESSED:
-                raise AudioError(f"the audio is not a WAV file or a format we decode ({container.format.name}): "
-                                 f"{_SEND}, or MP3, Ogg, FLAC, WebM, M4A", "unsupported")
-            stream = next((s for s in container.streams if s.type == "audio"), None)
+        with av.open(source, format=demuxer, metadata_errors="ignore") as opened:
+            stream = next((s for s in opened.streams if s.type == "audio"), None)
             if stream is None:
                 raise AudioError("the file has no audio stream", "not_audio")
             resampler, chunks, total = av.AudioResampler(format="flt", layout="mono", rate=rate), [], 0
-            for frame in container.decode(stream):
+            for frame in opened.decode(stream):
                 for out in resampler.resample(frame):
                     chunks.append(out.to_ndarray().reshape(-1))
                     total += len(chunks[-1])
