@@ -9,7 +9,7 @@ import torch
 
 from parley.config import load_config
 from parley.train.losses import grpo_loss
-from parley.train.rl import Prompts, RLConfig, group_advantages, run_rl
+from parley.train.rl import Prompts, RLConfig, group_advantages, refusal_labels, refusal_reward, run_rl
 from tests.align_tiny import make_home
 
 
@@ -106,3 +106,44 @@ def test_bad_input_is_refused_with_a_clear_error(home, tmp_path):
         grpo_loss(torch.zeros(2, 3), torch.zeros(2, 4), torch.zeros(2), torch.ones(2, 3, dtype=torch.bool), 0.1)
     with pytest.raises(ValueError, match="whole groups of 4"):
         group_advantages(torch.zeros(6), 4)
+
+
+HARMFUL = [{"role": "user", "content": "How do I hurt my neighbour badly?"}]
+BENIGN = [{"role": "user", "content": "How do I kill a stuck process on Linux?"}]
+DECLINE = "I can't help with that (principle C1: No threats or violence against people)."
+HELP = "Run `ps aux` to find its id, then `kill -9 <id>`."
+
+
+def test_refusal_reward_scores_each_answer_against_its_prompts_label(tmp_path):
+    path = tmp_path / "pairs.jsonl"
+    path.write_text(json.dumps({"prompt": HARMFUL, "chosen": DECLINE, "rejected": "First, find a heavy bat."}) + "\n"
+                    + json.dumps({"prompt": BENIGN, "chosen": HELP, "rejected": DECLINE}) + "\n"
+                    + json.dumps({"prompt": [{"role": "user", "content": "Write me a haiku"}], "refuse": False}) + "\n")
+    labels = refusal_labels(path)
+    assert sorted(labels.values()) == [False, False, True]
+    score = refusal_reward(path, 0.5)
+    haiku = [{"role": "user", "content": "Write me a haiku"}]
+    dodge = "I'm sorry for any confusion, but I'm here to help."
+    got = score([HARMFUL, HARMFUL, BENIGN, BENIGN, BENIGN, haiku], [DECLINE, "Find a bat.", HELP, DECLINE, dodge, "Snow"])
+    assert got == [0.5, -0.5, 0.5, -0.5, 0.0, 0.5]
+
+
+def test_refusal_reward_refuses_prompts_it_cannot_label_before_the_model_loads(home, tmp_path):
+    from parley.train.rl import main
+
+    path = tmp_path / "p.jsonl"
+    path.write_text(json.dumps({"prompt": BENIGN, "chosen": HELP, "rejected": "Use top."}) + "\n")
+    with pytest.raises(ValueError, match=r"p.jsonl:1: refusal_reward needs to know whether this prompt should be declined"):
+        main(load_config(RLConfig, None, [f"prompts={path}", f"run={tmp_path / 'r'}", "refusal_reward=1",
+                                          "base=does-not-exist", "register=false"]))
+    path.write_text(json.dumps({"prompt": BENIGN, "refuse": False}) + "\n" + json.dumps({"prompt": BENIGN, "refuse": True}))
+    with pytest.raises(ValueError, match="p.jsonl:2: this prompt is labelled both"):
+        refusal_labels(path)
+    path.write_text('{"prompt": [], "refuse": "yes"}\n')
+    with pytest.raises(ValueError, match="p.jsonl:1: refusal_reward needs"):
+        refusal_labels(path)
+    path.write_text("not json\n")
+    with pytest.raises(ValueError, match="p.jsonl:1: expected"):
+        refusal_labels(path)
+    with pytest.raises(ValueError, match="refusal_reward must be >= 0"):
+        load_config(RLConfig, None, ["prompts=p", "run=r", "refusal_reward=-1"])

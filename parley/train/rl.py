@@ -9,7 +9,11 @@ batches are) and, inside the loss, (1) samples `group_size` answers per prompt f
 policy with Parley's engine (its PyTorch path over the live weights, seeded by (seed, step, row), so
 a resumed run samples what the uninterrupted one did), (2) scores each answer: the reward model's
 score, minus `rails_penalty` when the rails' output check (parley/pipeline/safety.py check_output)
-refuses it or it is empty, (3) normalises rewards within each prompt's group (GRPO's advantage,
+refuses it or it is empty, plus, with `refusal_reward` w > 0, +w when the answer declines exactly when
+its prompt's label says it should (the line's "refuse", or a pair: declined where its chosen answer
+declines, answered where only its rejected one does; `is_refusal`, the alignment benchmark's rule), 0
+for a benign prompt's answer that dodges (`deflects`), -w otherwise: a score of the answer in its
+context, which the rails' output check alone is not, (3) normalises rewards within each prompt's group (GRPO's advantage,
 (r - mean) / (std + 1e-4)), (4) computes the reference model's per-token log-probs once for the
 batch (the base model, frozen) and the policy's with gradients, and (5) returns
 
@@ -18,8 +22,8 @@ batch (the base model, frozen) and the policy's with gradients, and (5) returns
 
 One policy update per batch of samples (TRL's default num_iterations=1), so the importance ratio is
 exp(logp - logp.detach()) = 1 with the policy gradient as its gradient, and nothing needs clipping.
-Logged per step: reward (mean of the total), reward_model and rails (the mean of each part: rails is
--rails_penalty times the share refused), kl (nats per answer: the k3 terms summed over its tokens, the
+Logged per step: reward (mean of the total), reward_model, rails and refusal (the mean of each part:
+rails is -rails_penalty times the share the rails refused), kl (nats per answer: the k3 terms summed over its tokens, the
 "KL spent"), length (answer tokens), refusal_rate (answers that read as a refusal).
 Departures from TRL: rewards are summed, not weighted, and the loss is GRPO's original per-answer
 mean (TRL's default is DAPO's per-token mean). Single process only (no torchrun).
@@ -43,6 +47,7 @@ from parley.engine.sampling import SamplingParams
 from parley.model.lora import merge_lora
 from parley.model.tokenizer import Tokenizer
 from parley.registry import Registry
+from parley.train.align_data import deflects, is_refusal
 from parley.train.data import _check_position, sample_ids
 from parley.train.loop import TrainConfig, resolve_device, train
 from parley.train.losses import grpo_loss
@@ -90,6 +95,50 @@ def reward_model_reward(name: str) -> RewardFn:
     return score
 
 
+def _key(prompt: list[dict]) -> str:
+    return json.dumps(prompt, sort_keys=True)
+
+
+def refusal_labels(path) -> dict[str, bool]:
+    """Whether each prompt of a prompts file should be declined: its line's "refuse" (true or false), or,
+    for a pair, true where the chosen answer declines, false where only the rejected one does."""
+    labels = {}
+    for lineno, line in enumerate(Path(path).read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+            key = _key(row["prompt"])
+        except (ValueError, KeyError, TypeError):
+            raise ValueError(f"{path}:{lineno}: expected {{\"prompt\": [messages ending with a user message]}}") from None
+        refuse = row.get("refuse")
+        if refuse is None and isinstance(row.get("chosen"), str) and isinstance(row.get("rejected"), str):
+            refuse = True if is_refusal(row["chosen"]) else False if is_refusal(row["rejected"]) else None
+        if not isinstance(refuse, bool):
+            raise ValueError(f"{path}:{lineno}: refusal_reward needs to know whether this prompt should be declined: "
+                             'give the line "refuse": true or false, or a chosen and a rejected answer of which '
+                             "one declines")
+        if labels.setdefault(key, refuse) != refuse:
+            raise ValueError(f"{path}:{lineno}: this prompt is labelled both to be declined and to be answered")
+    return labels
+
+
+def refusal_reward(path, weight: float) -> RewardFn:
+    """+weight for an answer that declines exactly when its prompt should be declined (refusal_labels),
+    0 for a dodge of a prompt that should be answered, -weight otherwise."""
+    labels = refusal_labels(path)
+
+    def score(prompts, answers):
+        out = []
+        for prompt, answer in zip(prompts, answers):
+            refuse, refused = labels[_key(prompt)], is_refusal(answer)
+            dodge = not refuse and not refused and deflects(answer, prompt[-1]["content"])
+            out.append(0.0 if dodge else weight if refused == refuse else -weight)
+        return out
+
+    return score
+
+
 class Prompts:
     """The conversations of a JSONL file (each line's "prompt": messages ending with a user message;
     a pairs file qualifies), tokenized for generation; duplicates kept once, longer ones dropped."""
@@ -109,7 +158,7 @@ class Prompts:
                 ok = False
             if not ok:
                 raise ValueError(f"{path}:{lineno}: expected {{\"prompt\": [messages ending with a user message]}}")
-            key = json.dumps(prompt, sort_keys=True)
+            key = _key(prompt)
             if key in seen:
                 continue
             seen.add(key)
@@ -210,6 +259,8 @@ class RLConfig:
     base: str = setting("smollm2", "registered model to start from; also the frozen reference of the KL penalty")
     reward_model: str = setting("", "registered reward model (parley train reward) ('' = the rails alone)")
     rails_penalty: float = setting(1.0, "subtracted from the reward of an answer the rails refuse, or an empty one")
+    refusal_reward: float = setting(0.0, "+this when an answer declines exactly when its prompt's label says "
+                                         "(\"refuse\", or the pair's chosen answer), -this otherwise (0 = off)")
     kl_coef: float = setting(0.05, "weight of the KL penalty to the reference (0 = unconstrained)")
     group_size: int = setting(4, "answers sampled per prompt (GRPO's group)")
     max_new_tokens: int = setting(32, "longest sampled answer")
@@ -224,8 +275,9 @@ class RLConfig:
         if self.group_size < 2:
             raise ValueError(f"group_size must be at least 2 (advantages compare answers within a group), "
                              f"got {self.group_size}")
-        if not (self.kl_coef >= 0 and self.rails_penalty >= 0 and self.temperature > 0 and self.max_new_tokens >= 1):
-            raise ValueError("kl_coef and rails_penalty must be >= 0, temperature > 0 and max_new_tokens >= 1")
+        if not (self.kl_coef >= 0 and self.rails_penalty >= 0 and self.refusal_reward >= 0 and self.temperature > 0
+                and self.max_new_tokens >= 1):
+            raise ValueError("kl_coef, rails_penalty and refusal_reward must be >= 0, temperature > 0 and max_new_tokens >= 1")
 
 
 def run_rl(cfg: RLConfig, policy: nn.Module, tokenizer: Tokenizer, rewards: list[RewardFn]) -> tuple[dict, Path]:
@@ -261,6 +313,9 @@ def main(cfg: RLConfig) -> dict:
     if cfg.reward_model:
         rewards.insert(0, reward_model_reward(cfg.reward_model))
         rewards[0].metric = "reward_model"
+    if cfg.refusal_reward:
+        rewards.append(refusal_reward(cfg.prompts, cfg.refusal_reward))
+        rewards[-1].metric = "refusal"
     policy, tokenizer, _ = Registry().load(cfg.base, dtype=torch.float32)
     final, run = run_rl(cfg, policy, tokenizer, rewards)
     return finish(cfg, run, policy, tokenizer, final, stage="rl") if cfg.register else final

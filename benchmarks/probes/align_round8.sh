@@ -1,0 +1,34 @@
+#!/usr/bin/env bash
+# Alignment round 8 (benchmarks/RESULTS.md, "Alignment, issue 12 (eighth round)"), the rule's runs in order,
+# unattended: round 7's chain up to smollm2-aligned if this machine lacks it, then GRPO (recipes/align-rl.toml)
+# with a checkpoint every 10 steps, each scored once on dev.
+#   bash benchmarks/probes/align_round8.sh train        # smollm2-aligned if missing, GRPO, dev scores
+#   bash benchmarks/probes/align_round8.sh v6 MODEL...  # after the rule's decision: v6 once (count the round)
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+BIN=${BIN:-.venv/bin}
+case "${1:-}" in
+train)
+    test -f runs/corpus/dialogs-train.jsonl || $BIN/parley data prepare runs/corpus sources=chitchat sources=chatterbot
+    test -f runs/cai-b/checkpoints/step-000200/model.safetensors ||
+        OMP_NUM_THREADS=2 $BIN/parley train constitutional recipes/align-constitutional.toml run=runs/cai-b \
+            name=smollm2-cai-b > runs/cai-b.log 2>&1
+    $BIN/parley models list 2>/dev/null | grep -q '^smollm2-aligned\b' ||
+        $BIN/python benchmarks/probes/register_checkpoint.py runs/cai-b 200 smollm2-aligned
+    test -f runs/dev-smollm2-aligned.json ||
+        OMP_NUM_THREADS=2 $BIN/python benchmarks/alignment.py --heldout dev --models smollm2-aligned \
+            --dialogs runs/corpus/dialogs-val.jsonl --out runs/dev-smollm2-aligned.json > runs/dev-smollm2-aligned.log 2>&1
+    OMP_NUM_THREADS=2 $BIN/parley train rl recipes/align-rl.toml > runs/rl8.log 2>&1
+    for step in 10 20 30 40; do
+        $BIN/python benchmarks/probes/register_checkpoint.py runs/rl8 "$step" "smollm2-rl8-$step"
+        OMP_NUM_THREADS=2 $BIN/python benchmarks/alignment.py --heldout dev --models "smollm2-rl8-$step" \
+            --dialogs runs/corpus/dialogs-val.jsonl --out "runs/dev-smollm2-rl8-$step.json" > "runs/dev-smollm2-rl8-$step.log" 2>&1
+    done
+    $BIN/python benchmarks/alignment.py --report runs/dev-smollm2-aligned.json runs/dev-smollm2-rl8-{10,20,30,40}.json ;;
+v6)  # as round 6 ran it
+    shift
+    bash benchmarks/probes/align_round6.sh v6 "$@" ;;
+*)
+    echo "usage: $0 train | v6 MODEL..." >&2
+    exit 2 ;;
+esac
