@@ -32,6 +32,8 @@ from dataclasses import MISSING, field, fields, is_dataclass
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 
+from parley.files import NotRegularFile, open_regular
+
 T = TypeVar("T")
 
 
@@ -186,14 +188,16 @@ def _build(cls, values: dict, root, prefix: str = ""):
 
 def _read_recipe(path) -> dict:
     path = Path(path)
-    if not path.exists():
-        raise ConfigError(f"recipe not found: {path}")
-    if not path.is_file():  # a FIFO would block the read, a device never end
-        raise ConfigError(f"recipe {path} is not a regular file (a folder, pipe or device): give a .toml or .json file")
     try:
+        with open_regular(path) as f:  # a FIFO would block the read, a device never end
+            text = f.read().decode("utf-8")
         if path.suffix == ".json":
-            return json.loads(path.read_text())
-        return tomllib.loads(path.read_text())
+            return json.loads(text)
+        return tomllib.loads(text)
+    except FileNotFoundError:
+        raise ConfigError(f"recipe not found: {path}") from None
+    except NotRegularFile:
+        raise ConfigError(f"recipe {path} is not a regular file (a folder, pipe or device): give a .toml or .json file") from None
     except (tomllib.TOMLDecodeError, json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
         raise ConfigError(f"{path}: not valid {'JSON' if path.suffix == '.json' else 'TOML'} ({e})") from e
 

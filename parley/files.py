@@ -1,17 +1,40 @@
 """Crash-safe file writes: a reader (or a restart after a crash) sees the old file or the
-new one, never half of one.
+new one, never half of one. And reads of files named from outside that cannot hang.
 
     with atomic_open(path) as f:        # text; "wb" for bytes
         f.write(text)
     fsync(folder)                       # make renames inside `folder` durable
+    with open_regular(path) as f:       # binary; NotRegularFile for a FIFO, device or folder
+        data = f.read()
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+import stat
 import tempfile
 from pathlib import Path
+from typing import BinaryIO
+
+
+class NotRegularFile(OSError):
+    """A path that names a folder, pipe, device or socket where a file was expected."""
+
+
+def open_regular(path) -> BinaryIO:
+    """`path` opened for binary reading, only if it is a regular file. The check is made on the
+    opened file itself, so nothing can be swapped in between: a FIFO opens at once (non-blocking)
+    to be refused instead of waiting for a writer, a device (a link to /dev/zero) is refused
+    instead of read forever. FileNotFoundError when it does not exist."""
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise NotRegularFile(f"{path} is not a regular file (a folder, pipe or device)")
+        return os.fdopen(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise
 
 
 @contextlib.contextmanager

@@ -17,6 +17,7 @@ import torch
 
 from parley import cli
 from parley.config import ConfigError, load_config, parse_cli, setting
+from parley.files import NotRegularFile, open_regular
 from parley.model.tokenizer import Tokenizer
 from parley.model.transformer import ModelConfig, Transformer
 from parley.model.weights import WeightsError, export_hf, load_gguf
@@ -149,6 +150,27 @@ def test_a_config_json_of_gigabytes_is_not_read(hf_folder, tmp_path, monkeypatch
     with open(folder / "config.json", "r+b") as f:
         f.truncate(2**30)  # sparse: nothing written
     import_fails(folder, tmp_path, monkeypatch, capsys, "config.json: 1,073,741,824 bytes is no config file")
+
+
+def test_a_tokenizer_json_that_is_not_utf8_is_named(hf_folder, tmp_path):
+    folder = damaged(hf_folder, tmp_path, tokenizer__json=b'{"version": "1.0", "x": "\xff\xfe"}')
+    with pytest.raises(ValueError, match="tokenizer.json is not a valid tokenizer.json \\(not UTF-8 text\\)"):
+        Tokenizer.from_dir(folder)
+
+
+@pytest.mark.parametrize("kind", ["fifo", "device", "folder"])
+def test_open_regular_refuses_what_is_no_regular_file_on_the_opened_file(kind, tmp_path):
+    """The one check every reader of outside files shares (files.open_regular): made on the file
+    descriptor, so a pipe swapped in after a path check cannot block the read."""
+    path = tmp_path / "f"
+    {"fifo": os.mkfifo, "device": lambda p: p.symlink_to("/dev/zero"), "folder": Path.mkdir}[kind](path)
+    with pytest.raises(NotRegularFile, match="f is not a regular file"):
+        open_regular(path)
+    with pytest.raises(FileNotFoundError):
+        open_regular(tmp_path / "missing")
+    (tmp_path / "g").write_bytes(b"abc")
+    with open_regular(tmp_path / "g") as f:
+        assert f.read() == b"abc"
 
 
 # ---------------------------------------------------------------- GGUF headers

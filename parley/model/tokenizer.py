@@ -29,7 +29,7 @@ import tokenizers
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 from tokenizers import AddedToken, Regex, decoders, models, normalizers, pre_tokenizers, processors, trainers
 
-from parley.files import atomic_open
+from parley.files import NotRegularFile, atomic_open, open_regular
 
 ROLES = ("system", "user", "assistant", "tool")
 CHATML_TEMPLATE = (
@@ -89,12 +89,17 @@ class Tokenizer:
         """Load a Hugging Face tokenizer folder: tokenizer.json, tokenizer_config.json, generation_config.json."""
         path = Path(path)
         file = path / "tokenizer.json"
-        if not file.exists():
-            raise FileNotFoundError(f"{file} not found: point at a folder holding a Hugging Face tokenizer.json")
-        if not file.is_file():
-            raise ValueError(f"{file} is not a regular file (a folder, pipe or device): it must be the tokenizer's JSON")
         try:
-            backend = tokenizers.Tokenizer.from_file(str(file))
+            with open_regular(file) as f:
+                text = f.read().decode("utf-8")
+        except FileNotFoundError:
+            raise FileNotFoundError(f"{file} not found: point at a folder holding a Hugging Face tokenizer.json") from None
+        except NotRegularFile:
+            raise ValueError(f"{file} is not a regular file (a folder, pipe or device): it must be the tokenizer's JSON") from None
+        except UnicodeDecodeError:
+            raise ValueError(f"{file} is not a valid tokenizer.json (not UTF-8 text); re-export the tokenizer") from None
+        try:
+            backend = tokenizers.Tokenizer.from_str(text)
         except Exception as e:
             reason = str(e).splitlines()[0] if str(e) else type(e).__name__
             raise ValueError(f"{file} is not a valid tokenizer.json ({reason}); re-export the tokenizer") from None

@@ -27,7 +27,7 @@ import tempfile
 from contextlib import ExitStack
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Iterable, Iterator
+from typing import BinaryIO, Iterable, Iterator
 
 import gguf
 import numpy as np
@@ -35,7 +35,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from parley.files import fsync
+from parley.files import NotRegularFile, fsync, open_regular
 from parley.model import quant
 from parley.model.families import (SUPPORTED_ARCHITECTURES, UnsupportedModelError, WeightsError,  # noqa: F401
                                    config_from_hf, config_to_hf, hf_to_ours, ours_to_hf)
@@ -53,13 +53,20 @@ def _require(path, what: str) -> Path:
     return path
 
 
-def _regular_file(path, what: str) -> Path:
-    """`path` as a regular file, before it is opened: a FIFO would block the open, a device
-    (a link to /dev/zero) never end."""
+def _open_regular(path, what: str) -> BinaryIO:
+    """`path` opened if it is a regular file (files.open_regular): a FIFO would block the open, a
+    device (a link to /dev/zero) never end."""
     path = _require(path, what)
-    if not path.is_file():
-        raise WeightsError(f"{what} {path} is not a regular file (a folder, pipe or device)")
-    return path
+    try:
+        return open_regular(path)
+    except NotRegularFile:
+        raise WeightsError(f"{what} {path} is not a regular file (a folder, pipe or device)") from None
+
+
+def _regular_file(path, what: str) -> Path:
+    """`path`, checked to be a regular file, for a reader that opens it by name (safetensors)."""
+    _open_regular(path, what).close()
+    return Path(path)
 
 
 # ---------------------------------------------------------------- filling a model from tensors
@@ -152,11 +159,13 @@ JSON_MAX_BYTES = 64 * 2**20  # a config.json or shard index is kilobytes
 
 
 def _read_json(path: Path) -> dict:
-    path = _regular_file(path, "config file")
-    if path.stat().st_size > JSON_MAX_BYTES:
-        raise WeightsError(f"{path}: {path.stat().st_size:,} bytes is no config file (at most {JSON_MAX_BYTES:,})")
+    with _open_regular(path, "config file") as f:
+        size = os.fstat(f.fileno()).st_size
+        text = f.read(JSON_MAX_BYTES + 1) if size <= JSON_MAX_BYTES else b""
+    if max(size, len(text)) > JSON_MAX_BYTES:  # bounded: the file may grow meanwhile
+        raise WeightsError(f"{path}: {max(size, len(text)):,} bytes is no config file (at most {JSON_MAX_BYTES:,})")
     try:
-        data = json.loads(path.read_text())
+        data = json.loads(text)
     except (ValueError, UnicodeDecodeError, RecursionError) as e:
         raise _corrupt(path, e) from e
     if not isinstance(data, dict):

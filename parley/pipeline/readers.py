@@ -33,7 +33,6 @@ import io
 import os
 import re
 import signal
-import stat
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -42,6 +41,8 @@ import pypdf
 from pypdf.errors import PyPdfError
 import trafilatura
 from lxml import etree
+
+from parley.files import NotRegularFile, open_regular
 
 MIME = {".txt": "text/plain", ".md": "text/markdown", ".markdown": "text/markdown", ".html": "text/html",
         ".htm": "text/html", ".pdf": "application/pdf"}
@@ -81,16 +82,14 @@ def read_file(path: Path, max_bytes: int = DEFAULT_MAX_BYTES) -> tuple[str, list
 def load_file(path: Path, max_bytes: int = DEFAULT_MAX_BYTES) -> bytes:
     """The file's bytes, refusing one over the size limit before reading it, and anything that is
     not a regular file: a FIFO would wait for a writer, a device (/dev/zero) never end."""
-    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))  # a FIFO opens at once, to be refused
     try:
-        info = os.fstat(fd)
-        if not stat.S_ISREG(info.st_mode):
-            raise ReadError(f"{path}: not a regular file (a folder, device, pipe or socket); give a document file")
-        with os.fdopen(fd, "rb", closefd=False) as f:  # bounded: the file may grow meanwhile
-            data = f.read(max_bytes + 1) if info.st_size <= max_bytes else b""
-    finally:
-        os.close(fd)
-    size = max(info.st_size, len(data))
+        f = open_regular(path)
+    except NotRegularFile:
+        raise ReadError(f"{path}: not a regular file (a folder, device, pipe or socket); give a document file") from None
+    with f:  # bounded: the file may grow meanwhile
+        length = os.fstat(f.fileno()).st_size
+        data = f.read(max_bytes + 1) if length <= max_bytes else b""
+    size = max(length, len(data))
     if size > max_bytes:
         raise ReadError(f"{path}: {size / 1e6:.1f} MB is over the {max_bytes / 1e6:g} MB limit; "
                         "split the file or raise the limit")

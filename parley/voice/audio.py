@@ -21,11 +21,14 @@ from __future__ import annotations
 import importlib.util
 import io
 import mmap
+import os
 import struct
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+
+from parley.files import NotRegularFile, open_regular
 
 MODEL_RATE = 16_000  # what the speech recognisers take
 MIN_RATE, MAX_RATE = 8_000, 192_000
@@ -59,12 +62,14 @@ def read_file(path) -> bytes | mmap.mmap:
     """An audio file's bytes, mapped rather than read: a WAV's samples are then read only once its
     header says they are within the length limit, a compressed file's only as far as it decodes."""
     path = Path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"no audio file {path}")
-    if not path.is_file():  # a FIFO would block the read, a device never end
-        raise AudioError(f"{path} is not a regular file (a folder, pipe or device): give an audio file", "not_audio")
-    with open(path, "rb") as f:
-        return mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) if path.stat().st_size else b""
+    try:
+        f = open_regular(path)  # a FIFO would block the read, a device never end
+    except FileNotFoundError:
+        raise FileNotFoundError(f"no audio file {path}") from None
+    except NotRegularFile:
+        raise AudioError(f"{path} is not a regular file (a folder, pipe or device): give an audio file", "not_audio") from None
+    with f:
+        return mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) if os.fstat(f.fileno()).st_size else b""
 
 
 def read_wav(data: bytes | mmap.mmap, max_seconds: float | None = None) -> Clip:
