@@ -75,6 +75,18 @@ def _vote(reply: str) -> str | None:
     return m.group(1) if m else None
 
 
+def model_vote(generate: Callable[[list[dict]], str], t: Transcript) -> str | None:
+    """The model judge's letter for a transcript: it reads the request and the whole exchange; None
+    when it names neither side or the exchange does not fit its context."""
+    from parley.engine.engine import PromptError
+
+    ask = JUDGE.format(question=t.prompt[-1]["content"], exchange=t.exchange())
+    try:
+        return _vote(generate([{"role": "user", "content": ask}]))
+    except PromptError:
+        return None
+
+
 def debate(generate: Callable[[list[dict]], str], prompt: list[dict], rounds: int = 2,
            judge: Literal["model", "reward", "both"] = "model", reward_model=None,
            system: str = "") -> Transcript:
@@ -100,13 +112,7 @@ def debate(generate: Callable[[list[dict]], str], prompt: list[dict], rounds: in
             talks[side].append({"role": "assistant", "content": said[side]})
         t.rounds.append(said)
     if judge in ("model", "both"):
-        from parley.engine.engine import PromptError
-
-        ask = JUDGE.format(question=prompt[-1]["content"], exchange=t.exchange())
-        try:
-            t.votes["model"] = _vote(generate([{"role": "user", "content": ask}]))
-        except PromptError:  # the whole exchange does not fit the model's context: no opinion
-            t.votes["model"] = None
+        t.votes["model"] = model_vote(generate, t)
     if judge in ("reward", "both"):
         a, b = reward_model.score_many([prompt, prompt], [t.answer("A"), t.answer("B")])
         t.scores = {"A": a, "B": b}
