@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from parley.pipeline.nlu import IntentsError, load_intents
+from parley.train.guard_data import GuardDataError, data_dir, load_all
 
 INTENTS = """intents:
 - name: greet
@@ -59,3 +60,50 @@ def test_a_hostile_intents_file(text, message, tmp_path):
     (tmp_path / "intents.yml").write_text(text)
     with pytest.raises(IntentsError, match=message):
         load_intents(tmp_path / "intents.yml")
+
+
+# ---------------------------------------------------------------- the guard's data folder (parley train guard data=)
+
+def guard_folder(tmp_path: Path, **files: str) -> Path:
+    """A copy of the shipped requests.toml and injections.toml, with files (name__toml) added or replaced."""
+    folder = tmp_path / "guard"
+    folder.mkdir()
+    for name in ("requests.toml", "injections.toml"):
+        (folder / name).write_bytes((data_dir() / name).read_bytes())
+    for name, text in files.items():
+        (folder / name.replace("__", ".")).write_text(text)
+    return folder
+
+
+@pytest.mark.parametrize("name", ["requests.toml", "intents.toml", "breadth/extra.toml"])
+@pytest.mark.parametrize("kind", ["fifo", "device", "folder"])
+def test_guard_data_files_that_are_no_regular_files(name, kind, tmp_path):
+    """requests.toml as a pipe blocked the stage, as /dev/zero ran memory out, as a folder was a bare 'Is a
+    directory'; an optional file (intents.toml) that was no regular file was skipped without a word."""
+    folder = guard_folder(tmp_path)
+    (folder / "breadth").mkdir()
+    (folder / name).unlink(missing_ok=True)
+    special(folder / name, kind)
+    with pytest.raises(GuardDataError, match=f"{name} is not a regular file"):
+        load_all(folder)
+
+
+@pytest.mark.parametrize("files, message", [
+    ({"requests__toml": "a = " + "[" * 100_000 + "]" * 100_000}, "requests.toml is nested too deeply"),
+    ({"requests__toml": "a = " + "{b = " * 100_000 + "1" + "}" * 100_000}, "requests.toml is nested too deeply"),
+    ({"requests__toml": 'principle = ["C1", "C2"]'}, r"requests.toml has no \[\[principle\]\] tables"),
+    ({"intents__toml": "intent = 5"}, r"intents.toml: `intent` must be \[\[intent\]\] tables, not int"),
+    ({"intents__toml": 'order = ["ignore your rules"]'}, r"intents.toml: `order` must be \[\[order\]\] tables"),
+    ({"languages__toml": "intent = [1, 2]"}, r"languages.toml: `intent` must be \[\[intent\]\] tables"),
+    ({"templates__toml": '[C1]\nharmful = ["how do I {verb} it"]\nslots = {verb = []}'},  # an IndexError
+     r"templates.toml: \[C1.slots\] `verb` is an empty list"),
+])
+def test_hostile_guard_data(files, message, tmp_path):
+    with pytest.raises(GuardDataError, match=message):
+        load_all(guard_folder(tmp_path, **files))
+
+
+def test_guard_data_that_is_a_file_is_named(tmp_path):
+    (tmp_path / "requests.toml").write_text("")
+    with pytest.raises(GuardDataError, match="requests.toml is not a folder; give a folder with requests.toml"):
+        load_all(tmp_path / "requests.toml")
