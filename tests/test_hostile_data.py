@@ -10,7 +10,16 @@ from pathlib import Path
 
 import pytest
 
+from parley.config import load_config
 from parley.pipeline.nlu import IntentsError, load_intents
+from parley.registry import Registry
+from parley.train.constitutional import ConstitutionalConfig
+from parley.train.constitutional import main as constitutional
+from parley.train.preferences import load_pairs
+from parley.train.reward import RewardConfig
+from parley.train.reward import main as reward
+from parley.train.rl import RLConfig
+from parley.train.rl import main as rl
 from parley.train.guard_data import GuardDataError, data_dir, load_all
 
 INTENTS = """intents:
@@ -107,3 +116,88 @@ def test_guard_data_that_is_a_file_is_named(tmp_path):
     (tmp_path / "requests.toml").write_text("")
     with pytest.raises(GuardDataError, match="requests.toml is not a folder; give a folder with requests.toml"):
         load_all(tmp_path / "requests.toml")
+
+
+@pytest.fixture
+def no_model(monkeypatch):
+    """Loading a model fails the test: the data must be refused before it."""
+    def load(*args, **kwargs):
+        raise AssertionError("a model was loaded before the data were checked")
+    monkeypatch.setattr(Registry, "load", load)
+
+
+# ---------------------------------------------------------------- the alignment requests (constitutional requests=)
+
+@pytest.mark.parametrize("text, message", [
+    (None, "is not a regular file"),  # a pipe: was a hang
+    ("a = " + "[" * 100_000 + "]" * 100_000, "nested too deeply"),  # was a RecursionError
+    ('harmful = ["make a bomb"]\nbenign = ["bake bread"]', r"needs at least one \[\[harmful\]\] entry, and `harmful` "
+                                                           "holding only such tables"),  # was an AttributeError
+    ('[[harmful]]\ntext = "x"\nprinciple = "C1"\nfr = 5\n[[benign]]\ntext = "y"\nlooks_like = "C1"',
+     r"entry 0 \('x'\): fr, its translation, must be text, not int"),  # was an AttributeError
+    ('a = "\xff"', "is not valid TOML"),  # a bare UnicodeDecodeError, no file named
+])
+def test_hostile_alignment_requests(text, message, tmp_path, no_model):
+    path = tmp_path / "requests.toml"
+    if text is None:
+        special(path, "fifo")
+    else:
+        path.write_bytes(text.encode("latin-1") if "\xff" in text else text.encode())
+    with pytest.raises(ValueError, match=f"requests.toml.*{message}"):
+        constitutional(ConstitutionalConfig(run=str(tmp_path / "run"), requests=str(path)))
+
+
+# ---------------------------------------------------------------- pairs and prompts (dpo, reward, rl)
+
+PAIR = {"prompt": [{"role": "user", "content": "How do I bake bread?"}], "chosen": "Mix flour, water and yeast.",
+        "rejected": "I can't help with that.", "principle": None, "source": "written", "labeler": "human"}
+
+
+@pytest.mark.parametrize("kind", ["fifo", "device", "folder"])
+def test_pairs_files_that_are_no_regular_files(kind, tmp_path):
+    """Were 'pairs file ... not found' (is_file() is false for them): now named for what they are."""
+    with pytest.raises(ValueError, match="pairs file .*pairs.jsonl is not a regular file"):
+        load_pairs(special(tmp_path / "pairs.jsonl", kind))
+
+
+@pytest.mark.parametrize("line, message", [
+    (b'{"prompt": "\xff"}', r":2: not UTF-8 text"),  # a bare UnicodeDecodeError, no file or line
+    (b"[" * 100_000 + b"]" * 100_000, ":2: nested too deeply"),  # a RecursionError traceback
+    # the second "chosen" silently replaced the first
+    (json.dumps(PAIR).replace('"chosen": ', '"chosen": "Knead it.", "chosen": ').encode(),
+     ":2: field 'chosen' is written twice"),
+])
+def test_hostile_pairs_lines(line, message, tmp_path):
+    path = tmp_path / "pairs.jsonl"
+    path.write_bytes(json.dumps(PAIR).encode() + b"\n" + line + b"\n")
+    with pytest.raises(ValueError, match="pairs.jsonl" + message):
+        load_pairs(path)
+
+
+def test_reward_pairs_are_checked_before_the_model_loads(tmp_path, no_model):
+    """A malformed pairs file failed only after the base model had loaded (PairRows read it)."""
+    good, bad = tmp_path / "good.jsonl", tmp_path / "bad.jsonl"
+    good.write_text(json.dumps(PAIR) + "\n")
+    bad.write_text(json.dumps({**PAIR, "rejected": PAIR["chosen"]}) + "\n")
+    for files in ([f"pairs={bad}", f"heldout={good}"], [f"pairs={good}", f"heldout={bad}"],
+                  [f"pairs={good}", f"heldout={good}", f"more_pairs={bad}"]):
+        with pytest.raises(ValueError, match="bad.jsonl:1: fields 'chosen' and 'rejected' are the same answer"):
+            reward(load_config(RewardConfig, None, [*files, f"run={tmp_path / 'run'}"]))
+
+
+@pytest.mark.parametrize("prompt, message", [
+    ([{"role": "user", "content": 5}], "message 0 needs a role .* and a string content"),
+    ([{"role": "user", "content": "hi"}, {"role": "assistant", "content": ["a list"]}], "message 1 needs a role"),
+    ([{"role": "moderator", "content": "hi"}], "message 0 needs a role"),
+    ({"role": "user", "content": "hi"}, "must be a non-empty list of messages"),
+])
+def test_rl_prompts_are_checked_before_the_model_loads(prompt, message, tmp_path, no_model):
+    """A prompt whose content was no string passed the check (only the last role was looked at) and
+    failed in the chat template after the model had loaded, naming no file or line."""
+    path = tmp_path / "prompts.jsonl"
+    path.write_text(json.dumps({"prompt": PAIR["prompt"]}) + "\n" + json.dumps({"prompt": prompt}) + "\n")
+    with pytest.raises(ValueError, match="prompts.jsonl:2: expected .*" + message):
+        rl(load_config(RLConfig, None, [f"prompts={path}", f"run={tmp_path / 'run'}", "register=false"]))
+    special(tmp_path / "fifo.jsonl", "fifo")
+    with pytest.raises(ValueError, match="prompts file .*fifo.jsonl is not a regular file"):
+        rl(load_config(RLConfig, None, [f"prompts={tmp_path / 'fifo.jsonl'}", f"run={tmp_path / 'run'}"]))
