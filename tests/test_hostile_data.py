@@ -8,10 +8,12 @@ import json
 import os
 from pathlib import Path
 
+import certifi
 import pytest
 
 from parley.config import load_config
 from parley.pipeline.nlu import IntentsError, load_intents
+from parley.pipeline.web import Fetcher, WebConfig, WebError
 from parley.registry import Registry
 from parley.train.constitutional import ConstitutionalConfig
 from parley.train.constitutional import main as constitutional
@@ -20,6 +22,7 @@ from parley.train.reward import RewardConfig
 from parley.train.reward import main as reward
 from parley.train.rl import RLConfig
 from parley.train.rl import main as rl
+from parley.voice.speech_data import SpeechDataError, corpus_sentences
 from parley.train.guard_data import GuardDataError, data_dir, load_all
 
 INTENTS = """intents:
@@ -201,3 +204,38 @@ def test_rl_prompts_are_checked_before_the_model_loads(prompt, message, tmp_path
     special(tmp_path / "fifo.jsonl", "fifo")
     with pytest.raises(ValueError, match="prompts file .*fifo.jsonl is not a regular file"):
         rl(load_config(RLConfig, None, [f"prompts={tmp_path / 'fifo.jsonl'}", f"run={tmp_path / 'run'}"]))
+
+
+# ---------------------------------------------------------------- the ASR stage's text= and the web fetcher's ca_file
+
+@pytest.mark.parametrize("kind, message", [("fifo", "is not a regular file"), ("device", "is not a regular file"),
+                                           ("folder", "is not a regular file"),  # the three were 'no text file'
+                                           ("latin-1", r"text.txt:2: not UTF-8 text")])  # a bare UnicodeDecodeError
+def test_hostile_asr_text_files(kind, message, tmp_path):
+    path = tmp_path / "text.txt"
+    if kind == "latin-1":
+        path.write_bytes(b"the cat sat on the mat.\nthe caf\xe9 is open today.\n")
+    else:
+        special(path, kind)
+    with pytest.raises(SpeechDataError, match=message):
+        corpus_sentences(3, 10, path)
+
+
+@pytest.mark.parametrize("kind", ["fifo", "device", "folder", "garbage"])
+def test_hostile_ca_files(kind, tmp_path):
+    """OpenSSL opened a pipe and waited for a writer (the fetcher never started); a link to /dev/zero or
+    a folder it reported as 'no certificate found' or a bare errno."""
+    path = tmp_path / "ca.pem"
+    if kind == "garbage":
+        path.write_bytes(b"-----BEGIN CERTIFICATE-----\n\xff\xfe not base64 \n-----END CERTIFICATE-----\n")
+    else:
+        special(path, kind)
+    with pytest.raises(WebError, match=f"cannot load ca_file {path}: "
+                                       + ("not a regular file" if kind != "garbage" else "")):
+        Fetcher(WebConfig(ca_file=path, cache_dir=tmp_path / "cache"))
+
+
+def test_a_pem_ca_file_still_loads(tmp_path):
+    path = tmp_path / "ca.pem"
+    path.write_bytes(b"a comment before the block\n" + Path(certifi.where()).read_bytes())
+    Fetcher(WebConfig(ca_file=path, cache_dir=tmp_path / "cache")).close()
