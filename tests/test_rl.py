@@ -139,11 +139,11 @@ def test_refusal_reward_refuses_prompts_it_cannot_label_before_the_model_loads(h
     path.write_text(json.dumps({"prompt": BENIGN, "refuse": False}) + "\n" + json.dumps({"prompt": BENIGN, "refuse": True}))
     with pytest.raises(ValueError, match="p.jsonl:2: this prompt is labelled both"):
         refusal_labels(path)
-    path.write_text('{"prompt": [], "refuse": "yes"}\n')
+    path.write_text(json.dumps({"prompt": BENIGN, "refuse": "yes"}) + "\n")
     with pytest.raises(ValueError, match="p.jsonl:1: refusal_reward needs"):
         refusal_labels(path)
     path.write_text("not json\n")
-    with pytest.raises(ValueError, match="p.jsonl:1: expected"):
+    with pytest.raises(ValueError, match="p.jsonl:1: not valid JSON"):
         refusal_labels(path)
     with pytest.raises(ValueError, match="refusal_reward must be >= 0"):
         load_config(RLConfig, None, ["prompts=p", "run=r", "refusal_reward=-1"])

@@ -28,6 +28,7 @@ import datetime as dt
 import hashlib
 import json
 import re
+import reprlib
 import time
 import warnings
 import zlib
@@ -44,7 +45,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save as safetensors_bytes
 
 from parley.config import parse_cli, setting
-from parley.files import atomic_open
+from parley.files import NotRegularFile, atomic_open, open_regular
 from parley.pipeline.frames import Frame, Intent, Slots, UserText
 from parley.pipeline.runner import Stage, Turn
 from parley.pipeline.urls import url_span
@@ -97,20 +98,26 @@ def load_intents(path: str | Path | None = None) -> IntentSet:
     """Read and check an intents file; every problem is an `IntentsError` naming the place."""
     path = Path(path) if path is not None else DEFAULT_INTENTS
     try:
-        raw = path.read_bytes()
+        with open_regular(path) as f:  # a FIFO would block the read, a device never end
+            raw = f.read()
     except FileNotFoundError:
         raise IntentsError(f"{path}: no such intents file (pass an existing file, or leave it out "
                            f"to use the shipped {DEFAULT_INTENTS})") from None
+    except NotRegularFile:
+        raise IntentsError(f"{path}: not a regular file (a folder, pipe or device); give the intents YAML file") from None
     except OSError as e:
         raise IntentsError(f"{path}: cannot read the intents file: {e.strerror}") from None
     try:
-        doc = yaml.safe_load(raw)
+        doc = yaml.load(raw, _UniqueKeyLoader)
     except yaml.MarkedYAMLError as e:
         mark = e.problem_mark or e.context_mark
         at = f", line {mark.line + 1}, column {mark.column + 1}" if mark else ""
         raise IntentsError(f"{path}{at}: YAML syntax error: {e.problem or e.context}") from None
     except yaml.YAMLError as e:
-        raise IntentsError(f"{path}: not readable as YAML: {e}") from None
+        raise IntentsError(f"{path}: not readable as YAML: {' '.join(str(e).split())}") from None
+    except RecursionError:
+        raise IntentsError(f"{path}: nested too deeply to be an intents file (see the format described at the "
+                           f"top of {DEFAULT_INTENTS.name})") from None
     items = doc.get("intents") if isinstance(doc, dict) else None
     if not isinstance(items, list) or len(items) < 2:
         raise IntentsError(f"{path}: expected a mapping with `intents:`, a list of at least two intents "
@@ -131,6 +138,29 @@ def load_intents(path: str | Path | None = None) -> IntentSet:
     return IntentSet(tuple(intents), path, hashlib.sha256(raw).hexdigest())
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """safe_load's loader, but a key written twice in one mapping is an error: PyYAML keeps the last
+    silently, so a second `examples:` would drop the first list without a word."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            if isinstance(key_node, yaml.ScalarNode):
+                if key_node.value in seen:
+                    raise yaml.constructor.ConstructorError(None, None, f"the key {key_node.value!r} is written "
+                                                            "twice in one mapping: keep one", key_node.start_mark)
+                seen.add(key_node.value)
+        return super().construct_mapping(node, deep)
+
+
+def _short(value: Any) -> str:
+    """A bounded repr: YAML aliases can make a value of billions of shared items, whose whole repr
+    in an error message would never finish."""
+    r = reprlib.Repr()
+    r.maxlevel, r.maxlist, r.maxdict, r.maxstring, r.maxother = 2, 4, 4, 60, 60
+    return r.repr(value)
+
+
 def _check_intent(item: Any, path: Path, index: int) -> IntentSpec:
     where = f"{path}: intent #{index + 1}"
     if not isinstance(item, dict):
@@ -139,7 +169,7 @@ def _check_intent(item: Any, path: Path, index: int) -> IntentSpec:
     if name is None:
         raise IntentsError(f"{where}: missing `name`")
     if not isinstance(name, str) or not NAME.match(name) or name == OUT_OF_SCOPE:
-        raise IntentsError(f"{where}, field name: {name!r} is not a valid intent name (lowercase letters, "
+        raise IntentsError(f"{where}, field name: {_short(name)} is not a valid intent name (lowercase letters, "
                            f"digits and '_', starting with a letter; {OUT_OF_SCOPE!r} is reserved)")
     where = f"{path}: intent {name!r}"
     unknown = sorted(set(item) - INTENT_KEYS)
@@ -154,21 +184,21 @@ def _check_intent(item: Any, path: Path, index: int) -> IntentSpec:
                            f"(25-40 varied ones work best)")
     for text in examples:
         if not isinstance(text, str) or not text.strip():
-            raise IntentsError(f"{where}, field examples: {text!r} is not a non-empty string")
+            raise IntentsError(f"{where}, field examples: {_short(text)} is not a non-empty string")
     slots = item.get("slots") or {}
     if not isinstance(slots, dict):
         raise IntentsError(f"{where}, field slots: expected a mapping of slot name -> regular expression")
     patterns = {}
     for slot, pattern in slots.items():
         if not isinstance(slot, str) or not NAME.match(slot):
-            raise IntentsError(f"{where}, field slots: {slot!r} is not a valid slot name")
+            raise IntentsError(f"{where}, field slots: {_short(slot)} is not a valid slot name")
         patterns[slot] = _compile(pattern, f"{where}, field slots.{slot}")
     return IntentSpec(name, description.strip(), tuple(t.strip() for t in examples), patterns)
 
 
 def _compile(pattern: Any, where: str) -> re.Pattern:
     if not isinstance(pattern, str):
-        raise IntentsError(f"{where}: expected a regular expression as a string, got {pattern!r}")
+        raise IntentsError(f"{where}: expected a regular expression as a string, got {_short(pattern)}")
     try:
         return re.compile(pattern, re.IGNORECASE)
     except re.error as e:

@@ -67,7 +67,7 @@ import trafilatura
 from charset_normalizer import from_bytes
 
 from parley.config import setting
-from parley.files import atomic_open
+from parley.files import NotRegularFile, atomic_open, open_regular
 from parley.pipeline.frames import Frame, Intent, Notice, Passage, Passages, Slots, UserText
 from parley.pipeline.readers import shallow_html
 from parley.pipeline.runner import Stage, Turn
@@ -197,9 +197,15 @@ class Fetcher:
     def _tls(self) -> ssl.SSLContext:
         context = httpx.create_ssl_context()  # certifi's CAs, as httpx uses by default
         if self.config.ca_file:
-            try:
-                context.load_verify_locations(cafile=self.config.ca_file)
-            except (OSError, ssl.SSLError) as e:
+            try:  # read here, not by OpenSSL: a FIFO would block its open, a device never end
+                with open_regular(self.config.ca_file) as f:
+                    data = f.read()
+                # PEM is ASCII text (what lies outside its blocks does not matter); anything else is DER
+                context.load_verify_locations(cadata=data.decode("ascii", "ignore") if b"-----BEGIN" in data else data)
+            except NotRegularFile:
+                raise WebError(f"cannot load ca_file {self.config.ca_file}: not a regular file (a folder, pipe or "
+                               "device); give a PEM file of CA certificates") from None
+            except (OSError, ssl.SSLError, ValueError) as e:
                 raise WebError(f"cannot load ca_file {self.config.ca_file}: {e}; give a PEM file of CA "
                                f"certificates") from e
         return context

@@ -31,6 +31,8 @@ import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 
+from parley.files import NotRegularFile, open_regular
+
 REQUESTS = Path(__file__).resolve().parents[1] / "data" / "alignment" / "requests.toml"
 EVERYDAY = REQUESTS.with_name("everyday.toml")
 PRINCIPLES = tuple(f"C{i}" for i in range(1, 10))
@@ -149,11 +151,16 @@ def variants(text: str, rng: random.Random) -> list[tuple[str, str]]:
 
 def _read_toml(path: Path, what: str) -> dict:
     try:
-        return tomllib.loads(path.read_text(encoding="utf-8"))
+        with open_regular(path) as f:  # a FIFO would block the read, a device never end
+            return tomllib.loads(f.read().decode("utf-8"))
     except FileNotFoundError:
         raise FileNotFoundError(f"{what} file {path} not found") from None
-    except tomllib.TOMLDecodeError as e:
+    except NotRegularFile:
+        raise ValueError(f"{what} file {path} is not a regular file (a folder, pipe or device)") from None
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
         raise ValueError(f"{path} is not valid TOML: {e}") from None
+    except RecursionError:
+        raise ValueError(f"{path} is nested too deeply to be read as {what}") from None
 
 
 def load_requests(path=REQUESTS) -> dict:
@@ -161,14 +168,18 @@ def load_requests(path=REQUESTS) -> dict:
     data = _read_toml(path, "alignment requests")
     for kind, key in (("harmful", "principle"), ("benign", "looks_like")):
         entries = data.get(kind)
-        if not isinstance(entries, list) or not entries:
-            raise ValueError(f"{path}: needs at least one [[{kind}]] entry")
+        if not isinstance(entries, list) or not entries or not all(isinstance(e, dict) for e in entries):
+            raise ValueError(f"{path}: needs at least one [[{kind}]] entry, and `{kind}` holding only such tables")
         for i, entry in enumerate(entries):
             if not isinstance(entry.get("text"), str) or not entry["text"].strip():
                 raise ValueError(f"{path}: [[{kind}]] entry {i} needs a text")
             if not (isinstance(entry.get(key), str) and len(entry[key]) == 2 and entry[key][0] == "C"
                     and entry[key][1] in "123456789"):
                 raise ValueError(f"{path}: [[{kind}]] entry {i} ({entry['text'][:40]!r}) needs {key} = C1..C9")
+            for lang in ("fr", "es", "de"):
+                if lang in entry and not isinstance(entry[lang], str):
+                    raise ValueError(f"{path}: [[{kind}]] entry {i} ({entry['text'][:40]!r}): {lang}, its translation, "
+                                     f"must be text, not {type(entry[lang]).__name__}")
     return data
 
 
@@ -230,7 +241,10 @@ def everyday_prompts(path=EVERYDAY, split: str = "all") -> list[Request]:
     in_split(0, split)
     out = []
     for kind, key in (("harmful", "principle"), ("benign", "looks_like"), ("ordinary", None)):
-        for index, entry in enumerate(data.get(kind, [])):
+        entries = data.get(kind, [])
+        if not isinstance(entries, list) or not all(isinstance(e, dict) for e in entries):
+            raise ValueError(f"{path}: `{kind}` must be [[{kind}]] tables")
+        for index, entry in enumerate(entries):
             text, lang = entry.get("text"), entry.get("lang")
             if not (isinstance(text, str) and text.strip() and isinstance(lang, str) and lang):
                 raise ValueError(f"{path}: [[{kind}]] entry {index} needs a text and a lang (ISO 639-1 code)")

@@ -29,6 +29,7 @@ principles and orders that intents.toml covers thinly (source "breadth", guard r
 from __future__ import annotations
 
 import hashlib
+import os
 import random
 import re
 import tomllib
@@ -36,6 +37,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+from parley.files import NotRegularFile, open_regular
 from parley.pipeline.guard import INJECTION, PRINCIPLES, language, normalize
 from parley.train.align_data import EVERYDAY
 
@@ -64,10 +66,13 @@ def data_dir() -> Path:
 def load_written(folder: str | Path | None = None) -> list[Example]:
     """The written examples of requests.toml and injections.toml in `folder`, validated."""
     folder = Path(folder) if folder is not None else data_dir()
+    if not folder.is_dir():
+        raise GuardDataError(f"guard data folder {folder} {'is not a folder' if folder.exists() else 'not found'}; "
+                             "give a folder with requests.toml and injections.toml (see parley/data/guard/)")
     requests, injections = (_read(folder / name) for name in ("requests.toml", "injections.toml"))
     out: list[Example] = []
     entries = requests.get("principle")
-    if not isinstance(entries, list) or not entries:
+    if not isinstance(entries, list) or not entries or not all(isinstance(e, dict) for e in entries):
         raise GuardDataError(f"{folder / 'requests.toml'} has no [[principle]] tables; add one per principle "
                              f"({', '.join(PRINCIPLES)}) with `harmful` and `benign` lists")
     for entry in entries:
@@ -94,7 +99,7 @@ def load_templates(folder: str | Path | None = None, seeds: Iterable[int] = (0,)
     seed; each keeps its template as `base`, so a template's sentences share a fold."""
     folder = Path(folder) if folder is not None else data_dir()
     path = folder / "templates.toml"
-    if not path.is_file():
+    if not os.path.lexists(path):
         return []
     out = []
     for section, table in _read(path).items():
@@ -105,6 +110,8 @@ def load_templates(folder: str | Path | None = None, seeds: Iterable[int] = (0,)
         if not isinstance(slots, dict):
             raise GuardDataError(f"{path}: [{section}.slots] must be a table of lists")
         slots = {k: _strings(v, f"{section}.slots.{k}", folder) for k, v in slots.items()}
+        if empty := [k for k, v in slots.items() if not v]:
+            raise GuardDataError(f"{path}: [{section}.slots] `{empty[0]}` is an empty list; give it at least one value")
         kind = "passage" if label == INJECTION else "request"
         lists = (("orders", label), ("innocent", "")) if label == INJECTION else (("harmful", label), ("benign", ""))
         for key, example_label in lists:
@@ -124,10 +131,10 @@ def load_intents(folder: str | Path | None = None) -> list[Example]:
     whole intents and "unseen written" tests intents never trained on, not unseen paraphrases."""
     folder = Path(folder) if folder is not None else data_dir()
     path = folder / "intents.toml"
-    if not path.is_file():
+    if not os.path.lexists(path):  # a pipe or device there is an error (_read), not an absent file
         return []
     table, out, seen = _read(path), [], set()
-    for n, entry in enumerate(table.get("intent", [])):
+    for n, entry in enumerate(_tables(table, "intent", path)):
         iid, pid = entry.get("id"), entry.get("principle")
         if not isinstance(iid, str) or not iid or iid in seen:
             raise GuardDataError(f"{path}: intent #{n} needs an `id` of its own (got {iid!r})")
@@ -136,7 +143,7 @@ def load_intents(folder: str | Path | None = None) -> list[Example]:
         seen.add(iid)
         out += [Example(t, pid, "request", "intents", f"intent:{iid}") for t in _strings(entry.get("harmful"), f"{iid}.harmful", folder)]
         out += [Example(t, "", "request", "intents", f"intent:{iid}") for t in _strings(entry.get("benign", []), f"{iid}.benign", folder)]
-    for n, entry in enumerate(table.get("order", [])):
+    for n, entry in enumerate(_tables(table, "order", path)):
         oid = entry.get("id")
         if not isinstance(oid, str) or not oid or oid in seen:
             raise GuardDataError(f"{path}: order #{n} needs an `id` of its own (got {oid!r})")
@@ -152,7 +159,7 @@ def load_languages(folder: str | Path | None = None) -> list[Example]:
     like intents.toml, an intent's phrasings and look-alikes share its id as `base`."""
     folder = Path(folder) if folder is not None else data_dir()
     path = folder / "languages.toml"
-    return _load_tagged(path, "languages") if path.is_file() else []
+    return _load_tagged(path, "languages") if os.path.lexists(path) else []
 
 
 def load_breadth(folder: str | Path | None = None, beside: list[Example] | None = None) -> list[Example]:
@@ -196,7 +203,7 @@ def _load_tagged(path: Path, source: str, sections: dict = TAGGED) -> list[Examp
         raise GuardDataError(f"{path}: unknown table(s) {', '.join(unknown)}; this file holds "
                              + " and ".join(f"[[{s}]]" for s in sections) + " entries")
     for section, lists in sections.items():
-        for n, entry in enumerate(table.get(section, [])):
+        for n, entry in enumerate(_tables(table, section, path)):
             eid, lang, pid = entry.get("id"), entry.get("lang"), entry.get("principle")
             if not isinstance(eid, str) or not eid or eid in seen:
                 raise GuardDataError(f"{path}: {section} #{n} needs an `id` of its own (got {eid!r})")
@@ -333,12 +340,26 @@ def _fill(template: str, slots: dict[str, list[str]], rng: random.Random, where:
 
 def _read(path: Path) -> dict:
     try:
-        return tomllib.loads(path.read_text(encoding="utf-8"))
+        with open_regular(path) as f:  # a FIFO would block the read, a device never end
+            return tomllib.loads(f.read().decode("utf-8"))
     except FileNotFoundError:
         raise GuardDataError(f"guard data file {path} not found; the folder needs requests.toml and "
                              "injections.toml (see parley/data/guard/)") from None
+    except NotRegularFile:
+        raise GuardDataError(f"guard data file {path} is not a regular file (a folder, pipe or device)") from None
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
         raise GuardDataError(f"guard data file {path} is not valid TOML: {e}") from None
+    except RecursionError:
+        raise GuardDataError(f"guard data file {path} is nested too deeply to be guard data") from None
+
+
+def _tables(table: dict, key: str, path: Path) -> list[dict]:
+    """`table[key]`, an array of tables ([[key]] entries; none when absent), or an error naming the file."""
+    entries = table.get(key, [])
+    if not isinstance(entries, list) or not all(isinstance(e, dict) for e in entries):
+        raise GuardDataError(f"{path}: `{key}` must be [[{key}]] tables, not {type(entries).__name__}"
+                             + (" of other values" if isinstance(entries, list) else ""))
+    return entries
 
 
 def _strings(values, where: str, folder: Path) -> list[str]:

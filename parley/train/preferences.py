@@ -33,7 +33,7 @@ from typing import Iterator
 import numpy as np
 import torch
 
-from parley.files import atomic_open
+from parley.files import NotRegularFile, atomic_open, open_regular
 from parley.train.data import _check_position, chat_tokens, sample_ids
 
 SOURCES = ("revision", "rails", "debate", "feedback", "written")
@@ -74,6 +74,18 @@ class Pair:
         return item
 
 
+def prompt_problem(prompt) -> str:
+    """What is wrong with a conversation to answer ('' = nothing): the field 'prompt' of a pair or a prompts line."""
+    if not isinstance(prompt, list) or not prompt:
+        return "field 'prompt' must be a non-empty list of messages"
+    for i, m in enumerate(prompt):
+        if not isinstance(m, dict) or m.get("role") not in ROLES or not isinstance(m.get("content"), str):
+            return f"field 'prompt': message {i} needs a role ({', '.join(ROLES)}) and a string content"
+    if prompt[-1]["role"] != "user":
+        return "field 'prompt' must end with a user message (the answer follows it)"
+    return ""
+
+
 def _problem(item) -> str:
     """What is wrong with one pair object ('' = nothing), naming the field."""
     if not isinstance(item, dict):
@@ -84,14 +96,8 @@ def _problem(item) -> str:
     unknown = sorted(set(item) - {"prompt", "chosen", "rejected", "principle", "source", "labeler", "meta"})
     if unknown:
         return f"unknown field '{unknown[0]}' (allowed: prompt, chosen, rejected, principle, source, labeler, meta)"
-    prompt = item["prompt"]
-    if not isinstance(prompt, list) or not prompt:
-        return "field 'prompt' must be a non-empty list of messages"
-    for i, m in enumerate(prompt):
-        if not isinstance(m, dict) or m.get("role") not in ROLES or not isinstance(m.get("content"), str):
-            return f"field 'prompt': message {i} needs a role ({', '.join(ROLES)}) and a string content"
-    if prompt[-1]["role"] != "user":
-        return "field 'prompt' must end with a user message (the answer follows it)"
+    if problem := prompt_problem(item["prompt"]):
+        return problem
     for name in ("chosen", "rejected"):
         if not isinstance(item[name], str) or not item[name].strip():
             return f"field '{name}' must be a non-empty string"
@@ -109,24 +115,53 @@ def _problem(item) -> str:
     return ""
 
 
-def load_pairs(path) -> list[Pair]:
-    """Every pair of a pairs file, validated: a ValueError names the file, line and field."""
+def _unique_keys(items: list[tuple]) -> dict:
+    out = dict(items)
+    if len(out) < len(items):
+        seen = set()
+        twice = next(k for k, _ in items if k in seen or seen.add(k))
+        raise ValueError(f"field {twice!r} is written twice in one object (JSON keeps the last silently): keep one")
+    return out
+
+
+def jsonl_rows(path, what: str) -> Iterator[tuple[int, object]]:
+    """(line number, decoded object) for each non-blank line of a JSONL file named from outside; a
+    ValueError names the file and the line: not UTF-8, not JSON, nested too deeply, a key twice. A pipe,
+    device or folder is refused (files.open_regular) instead of blocking or being read forever."""
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"pairs file {path} not found")
-    pairs = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
+    try:
+        f = open_regular(path)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{what} file {path} not found") from None
+    except NotRegularFile:
+        raise ValueError(f"{what} file {path} is not a regular file (a folder, pipe or device)") from None
+    with f:
+        for lineno, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise ValueError(f"{path}:{lineno}: not UTF-8 text (byte {e.start + 1} of the line)") from None
             if not line.strip():
                 continue
             try:
-                item = json.loads(line)
+                yield lineno, json.loads(line, object_pairs_hook=_unique_keys)
             except json.JSONDecodeError as e:
                 raise ValueError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
-            try:
-                pairs.append(Pair.from_dict(item))
             except ValueError as e:
                 raise ValueError(f"{path}:{lineno}: {e}") from None
+            except RecursionError:
+                raise ValueError(f"{path}:{lineno}: nested too deeply to be a {what} line") from None
+
+
+def load_pairs(path) -> list[Pair]:
+    """Every pair of a pairs file, validated: a ValueError names the file, line and field."""
+    path = Path(path)
+    pairs = []
+    for lineno, item in jsonl_rows(path, "pairs"):
+        try:
+            pairs.append(Pair.from_dict(item))
+        except ValueError as e:
+            raise ValueError(f"{path}:{lineno}: {e}") from None
     if not pairs:
         raise ValueError(f"pairs file {path} holds no pairs")
     return pairs

@@ -35,7 +35,7 @@ from parley.registry import NAME_PATTERN, Registry
 from parley.train.data import _check_position, chat_tokens, sample_ids
 from parley.train.loop import TrainConfig, _unique_state, resolve_device, train
 from parley.train.losses import reward_loss
-from parley.train.preferences import load_pairs
+from parley.train.preferences import Pair, load_pairs
 from parley.train.sft import LoRAConfig, add_adapters
 from parley.train.stage import claim_run, model_name, processes
 
@@ -113,16 +113,19 @@ class PairRows:
     """The pairs of one file or several, tokenized for the reward model; pairs over seq_len tokens are dropped."""
 
     def __init__(self, path, tokenizer: Tokenizer, seq_len: int):
+        """`path`: a pairs file, several, or the pairs themselves (a list of Pair)."""
         self.pad_id, self.rows, self.dropped = pad_id(tokenizer), [], 0
         paths = [path] if isinstance(path, (str, Path)) else list(path)
-        for pair in (p for one in paths for p in load_pairs(one)):
+        pairs = [p for one in paths for p in ([one] if isinstance(one, Pair) else load_pairs(one))]
+        for pair in pairs:
             chosen, rejected = encode(tokenizer, pair.prompt, pair.chosen), encode(tokenizer, pair.prompt, pair.rejected)
             if max(len(chosen), len(rejected)) > seq_len:
                 self.dropped += 1
             else:
                 self.rows.append((chosen, rejected))
         if not self.rows:
-            raise ValueError(f"every pair of {path} is longer than train.seq_len={seq_len} tokens: raise it")
+            where = "" if any(isinstance(one, Pair) for one in paths) else f" of {path}"
+            raise ValueError(f"every pair{where} is longer than train.seq_len={seq_len} tokens: raise it")
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -218,14 +221,17 @@ def main(cfg: RewardConfig) -> dict:
     t = cfg.train
     device = resolve_device(t.device)
     name = model_name(cfg)
+    loaded = {}  # every file read and checked before the (slow) model load
     for what, path in [("pairs", cfg.pairs), ("heldout", cfg.heldout), *(("more_pairs", p) for p in cfg.more_pairs)]:
-        if not Path(path).is_file():  # before the (slow) model load
+        if not Path(path).exists():
             raise FileNotFoundError(f"{what} file {path} not found")
+        loaded[path] = load_pairs(path)
     body, tokenizer, _ = Registry().load(cfg.base, dtype=torch.float32)
     if t.seq_len > body.config.max_position_embeddings:
         raise ValueError(f"train.seq_len {t.seq_len} is longer than {cfg.base}'s context "
                          f"({body.config.max_position_embeddings})")
-    pairs, heldout = PairRows([cfg.pairs, *cfg.more_pairs], tokenizer, t.seq_len), PairRows(cfg.heldout, tokenizer, t.seq_len)
+    pairs = PairRows([p for path in [cfg.pairs, *cfg.more_pairs] for p in loaded[path]], tokenizer, t.seq_len)
+    heldout = PairRows(loaded[cfg.heldout], tokenizer, t.seq_len)
     with torch.random.fork_rng(devices=[]):  # the head starts from train.seed
         torch.manual_seed(t.seed)
         model = RewardModel(body, tokenizer)

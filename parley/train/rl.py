@@ -51,6 +51,7 @@ from parley.train.align_data import deflects, is_refusal
 from parley.train.data import _check_position, sample_ids
 from parley.train.loop import TrainConfig, resolve_device, train
 from parley.train.losses import grpo_loss
+from parley.train.preferences import jsonl_rows, prompt_problem
 from parley.train.rail_pairs import looks_like_refusal
 from parley.train.sft import LoRAConfig, add_adapters
 from parley.train.stage import claim_run, finish, model_name, processes
@@ -99,18 +100,27 @@ def _key(prompt: list[dict]) -> str:
     return json.dumps(prompt, sort_keys=True)
 
 
+def read_prompts(path) -> list[tuple[int, dict]]:
+    """(line number, object) of each line of a prompts file, its "prompt" checked as a pair's is; a
+    ValueError names the file and the line. Read before the model loads, so a bad file fails at once."""
+    rows = []
+    for lineno, row in jsonl_rows(path, "prompts"):
+        problem = prompt_problem(row.get("prompt")) if isinstance(row, dict) else "not a JSON object"
+        if problem:
+            raise ValueError(f"{path}:{lineno}: expected {{\"prompt\": [messages ending with a user message]}}: "
+                             f"{problem}")
+        rows.append((lineno, row))
+    if not rows:
+        raise ValueError(f"prompts file {path} is empty")
+    return rows
+
+
 def refusal_labels(path) -> dict[str, bool]:
     """Whether each prompt of a prompts file should be declined: its line's "refuse" (true or false), or,
     for a pair, true where the chosen answer declines, false where only the rejected one does."""
     labels = {}
-    for lineno, line in enumerate(Path(path).read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-            key = _key(row["prompt"])
-        except (ValueError, KeyError, TypeError):
-            raise ValueError(f"{path}:{lineno}: expected {{\"prompt\": [messages ending with a user message]}}") from None
+    for lineno, row in read_prompts(path):
+        key = _key(row["prompt"])
         refuse = row.get("refuse")
         if refuse is None and isinstance(row.get("chosen"), str) and isinstance(row.get("rejected"), str):
             refuse = True if is_refusal(row["chosen"]) else False if is_refusal(row["rejected"]) else None
@@ -145,19 +155,9 @@ class Prompts:
 
     def __init__(self, path, tokenizer: Tokenizer, max_prompt_tokens: int):
         path = Path(path)
-        if not path.is_file():
-            raise FileNotFoundError(f"prompts file {path} not found")
         self.messages, self.ids, self.dropped, seen = [], [], 0, set()
-        for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                prompt = json.loads(line)["prompt"]
-                ok = isinstance(prompt, list) and prompt and prompt[-1].get("role") == "user"
-            except (ValueError, KeyError, TypeError, AttributeError):
-                ok = False
-            if not ok:
-                raise ValueError(f"{path}:{lineno}: expected {{\"prompt\": [messages ending with a user message]}}")
+        for _, row in read_prompts(path):
+            prompt = row["prompt"]
             key = _key(prompt)
             if key in seen:
                 continue
@@ -169,8 +169,7 @@ class Prompts:
             self.messages.append(prompt)
             self.ids.append(ids)
         if not self.ids:
-            raise ValueError(f"{path} holds no prompt of at most {max_prompt_tokens} tokens" if self.dropped
-                             else f"prompts file {path} is empty")
+            raise ValueError(f"{path} holds no prompt of at most {max_prompt_tokens} tokens")
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -306,8 +305,7 @@ def main(cfg: RLConfig) -> dict:
     resolve_device(cfg.train.device)
     if cfg.register:
         model_name(cfg)
-    if not Path(cfg.prompts).is_file():  # before the (slow) model loads
-        raise FileNotFoundError(f"prompts file {cfg.prompts} not found")
+    read_prompts(cfg.prompts)  # a missing or malformed file fails before the (slow) model loads
     rewards = [rails_reward(cfg.rails_penalty)]
     rewards[0].metric = "rails"
     if cfg.reward_model:

@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 
 from parley.config import setting
-from parley.files import atomic_open
+from parley.files import NotRegularFile, atomic_open, open_regular
 from parley.voice.asr import normalize
 from parley.voice.audio import resample
 
@@ -113,9 +113,16 @@ def corpus_sentences(min_words: int = 3, max_words: int = 10, text_file: str | P
     the dialog corpora, or of `text_file` (one sentence or more a line) when given."""
     if text_file is not None:
         path = Path(text_file)
-        if not path.is_file():
-            raise SpeechDataError(f"no text file {path}: give a UTF-8 file of sentences, or leave text= empty")
-        lines = path.read_text(encoding="utf-8").splitlines()
+        try:
+            with open_regular(path) as f:  # a FIFO would block the read, a device never end
+                lines = f.read().decode("utf-8").splitlines()
+        except FileNotFoundError:
+            raise SpeechDataError(f"no text file {path}: give a UTF-8 file of sentences, or leave text= empty") from None
+        except NotRegularFile:
+            raise SpeechDataError(f"text file {path} is not a regular file (a folder, pipe or device)") from None
+        except UnicodeDecodeError as e:
+            line = e.object[:e.start].count(b"\n") + 1
+            raise SpeechDataError(f"{path}:{line}: not UTF-8 text; give a UTF-8 file of sentences") from None
     else:
         import chatterbot_corpus
         import chitchat_dataset
