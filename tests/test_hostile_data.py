@@ -239,3 +239,14 @@ def test_a_pem_ca_file_still_loads(tmp_path):
     path = tmp_path / "ca.pem"
     path.write_bytes(b"a comment before the block\n" + Path(certifi.where()).read_bytes())
     Fetcher(WebConfig(ca_file=path, cache_dir=tmp_path / "cache")).close()
+
+
+# ---------------------------------------------------------------- the learning rounds' feedback folder
+
+def test_a_feedback_file_that_is_no_regular_file_is_named(tmp_path):
+    """`parley eval feedback=` skipped a pipe as sft-heldout.jsonl without a word (after the model loaded)."""
+    from parley.learn.report import EvalConfig
+
+    special(tmp_path / "sft-heldout.jsonl", "fifo")
+    with pytest.raises(ValueError, match="sft-heldout.jsonl is not a regular file"):
+        load_config(EvalConfig, None, [f"feedback={tmp_path}"])

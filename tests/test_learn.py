@@ -8,6 +8,7 @@ import dataclasses
 import importlib.util
 import io
 import json
+import os
 import re
 from pathlib import Path
 
@@ -218,6 +219,26 @@ def test_learn_refuses_bad_settings_and_a_round_with_no_feedback(home, capsys):
     [decision] = [json.loads(p.read_text()) for p in (root / "learn" / "tiny").glob("*/decision.json")]
     assert not decision["promoted"] and decision["reasons"] == ["no feedback to train on since the last round"]
     assert Registry(root).stamp("tiny") is None  # nothing changed
+
+
+def test_a_bad_replay_file_is_named_before_a_round_is_claimed(home, tmp_path, capsys):
+    """A bad replay line failed in json.loads (no file, no line) after the round folder was made."""
+    root, replay, db, _ = home
+    bad = tmp_path / "bad-replay"
+    bad.mkdir()
+    (bad / "dialogs-train.jsonl").write_text((replay / "dialogs-train.jsonl").read_text().splitlines()[0] + "\n{oops\n")
+    (bad / "dialogs-val.jsonl").write_text((replay / "dialogs-val.jsonl").read_text())
+    assert parley(["learn", "tiny", f"replay={bad}", f"db={db}", "--quick"]) == 2
+    assert "dialogs-train.jsonl:2: not valid JSON" in capsys.readouterr().err
+    (bad / "dialogs-train.jsonl").write_text('{"messages": "hello"}\n')
+    assert parley(["learn", "tiny", f"replay={bad}", f"db={db}", "--quick"]) == 2
+    assert 'dialogs-train.jsonl:1: expected {"messages": [...]}' in capsys.readouterr().err
+    (bad / "dialogs-train.jsonl").write_text((replay / "dialogs-train.jsonl").read_text())
+    (bad / "dialogs-val.jsonl").unlink()
+    os.mkfifo(bad / "dialogs-val.jsonl")  # was read with read_bytes: blocked for a writer
+    assert parley(["learn", "tiny", f"replay={bad}", f"db={db}", "--quick"]) == 2
+    assert "dialogs-val.jsonl is not a regular file" in capsys.readouterr().err
+    assert not (root / "learn" / "tiny").exists() or not any((root / "learn" / "tiny").iterdir())
 
 
 def test_versions_promote_atomically_and_roll_back(tmp_path, tiny_hf_dir):

@@ -34,6 +34,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import math
+import os
 import re
 import sys
 import time
@@ -44,7 +45,7 @@ from pathlib import Path
 import torch
 
 from parley.config import setting
-from parley.files import atomic_open
+from parley.files import NotRegularFile, atomic_open, open_regular
 from parley.registry import DEFAULT_MODEL, Registry
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -90,6 +91,12 @@ class EvalConfig:
         for name in ("dialogs", "feedback"):
             if getattr(self, name) and not Path(getattr(self, name)).exists():
                 raise FileNotFoundError(f"{name}={getattr(self, name)}: no such file or folder")
+        for name in ("sft-heldout.jsonl", "pairs-heldout.jsonl") if self.feedback else ():
+            if os.path.lexists(Path(self.feedback) / name):  # a pipe there would block, a device never end
+                try:
+                    open_regular(Path(self.feedback) / name).close()
+                except NotRegularFile as e:
+                    raise ValueError(f"feedback={self.feedback}: {e}; the folder `parley learn` writes holds files") from None
 
 
 def _benchmark(name: str):

@@ -32,13 +32,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from parley.config import setting
-from parley.files import atomic_open
+from parley.files import NotRegularFile, atomic_open, open_regular
 from parley.learn.feedback import Examples, collect
 from parley.learn.report import EvalConfig, compare, model_metrics, pipeline_metrics, write_report
 from parley.learn.withdrawal import WITHDRAWN, write_jsonl as _jsonl
 from parley.registry import DEFAULT_MODEL, Registry, parley_home, store_target
 from parley.train.loop import TrainConfig
-from parley.train.preferences import write_pairs
+from parley.train.preferences import jsonl_rows, write_pairs
 from parley.train.sft import LoRAConfig
 
 
@@ -100,9 +100,27 @@ def _split(rows: list, every: int) -> tuple[list, list]:
     return [r for r in rows if not any(r is h for h in held)], held
 
 
-def _replay(folder: Path, count: int, seed: int) -> list[dict]:
-    lines = [x for x in (folder / "dialogs-train.jsonl").read_text(encoding="utf-8").splitlines() if x.strip()]
-    return [json.loads(x) for x in random.Random(seed).sample(lines, min(count, len(lines)))]
+def _replay_dialogs(folder: Path) -> tuple[list[dict], bytes]:
+    """The replay folder's training dialogs, every line checked, and its validation file's bytes:
+    read before a round is claimed, so a bad file leaves no round folder behind."""
+    train, rows = folder / "dialogs-train.jsonl", []
+    for lineno, row in jsonl_rows(train, "replay dialogs"):
+        if not isinstance(row, dict) or not isinstance(row.get("messages"), list) or not row["messages"]:
+            raise ValueError(f"{train}:{lineno}: expected {{\"messages\": [...]}}, a dialog as "
+                             "`parley data prepare` writes it")
+        rows.append(row)
+    if not rows:
+        raise ValueError(f"{train} holds no dialogs: replay needs the ones `parley data prepare` writes")
+    try:
+        with open_regular(folder / "dialogs-val.jsonl") as f:
+            val = f.read()
+    except NotRegularFile as e:
+        raise ValueError(f"replay dialogs file {e}") from None
+    return rows, val
+
+
+def _replay(rows: list[dict], count: int, seed: int) -> list[dict]:
+    return random.Random(seed).sample(rows, min(count, len(rows)))
 
 
 def _claim(model: str) -> tuple[int, Path]:
@@ -161,9 +179,10 @@ def main(cfg: LearnConfig) -> dict:
         return {"rounds": rounds}
     current = registry.versions(cfg.model)  # an unknown model is reported here
     replay = Path(cfg.replay) if cfg.replay else None
-    if replay is None or not (replay / "dialogs-train.jsonl").is_file() or not (replay / "dialogs-val.jsonl").is_file():
+    if replay is None or not (replay / "dialogs-train.jsonl").exists() or not (replay / "dialogs-val.jsonl").exists():
         raise FileNotFoundError(f"replay={cfg.replay or '(none)'}: give a folder with dialogs-train.jsonl and "
                                 f"dialogs-val.jsonl (`parley data prepare DATA`): replaying them keeps old skills")
+    replay_rows, replay_val = _replay_dialogs(replay)
     done = list_rounds(cfg.model)
     since = cfg.since or (done[-1]["until"] if done else "")
     from parley.store import Store
@@ -194,10 +213,10 @@ def main(cfg: LearnConfig) -> dict:
     data = folder / "data"
     data.mkdir()
     mix = [_row(e) for e in train_sft]
-    mix += _replay(replay, round(cfg.replay_ratio * len(train_sft)), cfg.train.seed)
+    mix += _replay(replay_rows, round(cfg.replay_ratio * len(train_sft)), cfg.train.seed)
     random.Random(cfg.train.seed).shuffle(mix)
     _jsonl(data / "dialogs-train.jsonl", mix)
-    (data / "dialogs-val.jsonl").write_bytes((replay / "dialogs-val.jsonl").read_bytes())
+    (data / "dialogs-val.jsonl").write_bytes(replay_val)
     candidate = f"{cfg.model}.round-{n}"[:64]
     from parley.train import sft
 
