@@ -41,6 +41,7 @@ PCM = (TONE * 32767).astype("<i2").tobytes()
     (wav(fmt_chunk(), PCM)[:30], "not_audio", "fmt chunk has 10 of 16 bytes"),  # ends inside the fmt chunk
     (wav(fmt_chunk(code=0xFFFE, extra=struct.pack("<HHI", 22, 16, 4) + b"\x55\0" + bytes(14)), PCM),
      "unsupported", "0x55"),  # WAVE_FORMAT_EXTENSIBLE whose sub-format is MP3
+    (wav(fmt_chunk(code=0xFFFE, extra=struct.pack("<H", 0)), PCM), "not_audio", "EXTENSIBLE but has 18 bytes"),
     (wav(fmt_chunk(code=3, bits=32), np.full(4_000, np.inf, "<f4").tobytes()), "not_audio", "infinite"),
     (b"RIFX" + wav(fmt_chunk(), PCM)[4:], "not_audio", "format we decode"),  # big-endian RIFF
 ])

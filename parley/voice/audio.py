@@ -101,7 +101,10 @@ def read_wav(data: bytes | mmap.mmap, max_seconds: float | None = None) -> Clip:
     if pcm is None:
         raise AudioError("the WAV file has no data chunk (a truncated file?)", "not_audio")
     code, channels, rate, _, align, bits = struct.unpack_from("<HHIIHH", fmt)
-    if code == _EXTENSIBLE and len(fmt) >= 26:
+    if code == _EXTENSIBLE and len(fmt) < 26:
+        raise AudioError(f"the WAV's fmt chunk says WAVE_FORMAT_EXTENSIBLE but has {len(fmt)} bytes, too few to name "
+                         "its sample format (40): the file is damaged", "not_audio")
+    if code == _EXTENSIBLE:
         code = struct.unpack_from("<H", fmt, 24)[0]  # the first two bytes of the sub-format GUID
     width = bits // 8
     if not 1 <= channels <= 16 or bits % 8 or width == 0 or align != channels * width:
