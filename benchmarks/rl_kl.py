@@ -57,7 +57,7 @@ def plot(rows: list[dict], path: Path) -> None:
         ax.annotate(f"kl_coef={r['kl_coef']:g}", (r["kl"], r["reward"]), textcoords="offset points", xytext=(6, 4))
         bx.plot([c["step"] for c in r["curve"]], [c["reward"] for c in r["curve"]], label=f"kl_coef={r['kl_coef']:g}")
     ax.set(xlabel="KL to the base (nats per answer, mean of the last third of steps)",
-           ylabel="reward (reward model + rails)", title="GRPO on SmolLM2-135M: reward vs KL spent")
+           ylabel="reward (the recipe's parts, summed)", title="GRPO on SmolLM2-135M: reward vs KL spent")
     bx.set(xlabel="step", ylabel="reward (batch mean)", title="reward per step")
     for a in (ax, bx):
         a.grid(alpha=0.3)
