@@ -9,7 +9,8 @@ import torch
 
 from parley.config import load_config
 from parley.train.losses import grpo_loss
-from parley.train.rl import Prompts, RLConfig, group_advantages, refusal_labels, refusal_reward, run_rl
+from parley.train.rl import (Prompts, RLConfig, group_advantages, refusal_labels, refusal_reward, run_rl,
+                             token_logprobs)
 from tests.align_tiny import make_home
 
 
@@ -147,3 +148,17 @@ def test_refusal_reward_refuses_prompts_it_cannot_label_before_the_model_loads(h
         refusal_labels(path)
     with pytest.raises(ValueError, match="refusal_reward must be >= 0"):
         load_config(RLConfig, None, ["prompts=p", "run=r", "refusal_reward=-1"])
+
+
+def test_token_logprobs_of_the_answer_positions_alone_equal_the_full_ones(home):
+    """GRPO computes log-probs only where the answers are (the output layer skips the prompts): the same
+    figures there as the full computation, zeros elsewhere, and gradients through them."""
+    model = home.load("tiny", dtype=torch.float32)[0]
+    ids = torch.randint(0, model.config.vocab_size, (3, 12))
+    mask = torch.zeros(3, 11, dtype=torch.bool)
+    mask[0, 4:9], mask[1, 2:11], mask[2, 7:8] = True, True, True
+    full = token_logprobs(model, ids)
+    part = token_logprobs(model, ids, mask)
+    assert torch.allclose(part[mask], full[mask], atol=1e-5) and (part[~mask] == 0).all()
+    part.sum().backward()
+    assert next(p for p in model.parameters() if p.grad is not None).grad.abs().sum() > 0

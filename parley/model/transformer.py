@@ -567,8 +567,9 @@ class Transformer(nn.Module):
                 nn.init.normal_(p, mean=0.0, std=std * (scale if out_proj else 1.0))
 
     def forward(self, input_ids: torch.Tensor, cache: PagedBatch | None = None, last_only: bool = False,
-                return_router_logits: bool = False):
-        """Logits for every position (or only the last, with `last_only`).
+                return_router_logits: bool = False, select: torch.Tensor | None = None):
+        """Logits for every position (or only the last, with `last_only`; or, with `select`, a (B, T) bool
+        mask, only the selected positions', as (N, vocab): the output layer skips the rest).
 
         Without a cache this is the training forward: one causal pass over whole sequences.
         With a `PagedBatch`, input_ids is its packed row (1, N), the keys and values go to the
@@ -597,7 +598,7 @@ class Transformer(nn.Module):
                 router_logits.append(r)
         if cache is not None:
             x = x[:, cache.outputs]
-        x = self.model.norm(x[:, -1:] if last_only else x)
+        x = self.model.norm(x[:, -1:] if last_only else x if select is None else x[select])
         logits = self.lm_head(x)
         if cfg.final_logit_softcapping:
             cap = cfg.final_logit_softcapping

@@ -59,10 +59,16 @@ from parley.train.stage import claim_run, finish, model_name, processes
 RewardFn = Callable[[list[list[dict]], list[str]], list[float]]  # (conversations, answers) -> one score each
 
 
-def token_logprobs(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
-    """log p(ids[:, t] | ids[:, :t]) for t = 1 .. T-1: (batch, T-1), fp32."""
-    logits = model(ids[:, :-1]).float()
-    return logits.gather(-1, ids[:, 1:, None])[..., 0] - logits.logsumexp(-1)
+def token_logprobs(model: nn.Module, ids: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """log p(ids[:, t] | ids[:, :t]) for t = 1 .. T-1: (batch, T-1), fp32. With `mask` ((batch, T-1) bool),
+    only the masked positions are computed (the output layer runs on those alone: a prompt's positions
+    would cost most of a GRPO batch's memory in full-vocabulary logits) and the others are 0."""
+    if mask is None:
+        logits = model(ids[:, :-1]).float()
+        return logits.gather(-1, ids[:, 1:, None])[..., 0] - logits.logsumexp(-1)
+    logits = model(ids[:, :-1], select=mask).float()  # (N, vocab)
+    picked = logits.gather(-1, ids[:, 1:][mask][:, None])[:, 0] - logits.logsumexp(-1)
+    return torch.zeros(mask.shape, dtype=picked.dtype, device=picked.device).masked_scatter(mask, picked)
 
 
 def group_advantages(rewards: torch.Tensor, group_size: int) -> torch.Tensor:
@@ -231,8 +237,8 @@ class GRPO:
             mask[i, len(p) - 1:len(p) + len(a) - 1] = True
         ids, mask = ids.to(device), mask.to(device)
         with torch.no_grad():  # the reference's log-probs: once per batch, never trained
-            ref = token_logprobs(self.reference, ids)
-        logps = token_logprobs(policy, ids)
+            ref = token_logprobs(self.reference, ids, mask)
+        logps = token_logprobs(policy, ids, mask)
         advantages = group_advantages(rewards, self.group_size).to(device)
         loss, kl = grpo_loss(logps, ref, advantages, mask, self.kl_coef)
         metrics = {"reward": rewards.mean(), "kl": kl.mean(), "length": float(sum(map(len, answers)) / len(answers)),
