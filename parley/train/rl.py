@@ -59,13 +59,10 @@ from parley.train.stage import claim_run, finish, model_name, processes
 RewardFn = Callable[[list[list[dict]], list[str]], list[float]]  # (conversations, answers) -> one score each
 
 
-def token_logprobs(model: nn.Module, ids: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-    """log p(ids[:, t] | ids[:, :t]) for t = 1 .. T-1: (batch, T-1), fp32. With `mask` ((batch, T-1) bool),
-    only the masked positions are computed (the output layer runs on those alone: a prompt's positions
-    would cost most of a GRPO batch's memory in full-vocabulary logits) and the others are 0."""
-    if mask is None:
-        logits = model(ids[:, :-1]).float()
-        return logits.gather(-1, ids[:, 1:, None])[..., 0] - logits.logsumexp(-1)
+def token_logprobs(model: nn.Module, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """log p(ids[:, t] | ids[:, :t]) for t = 1 .. T-1 where `mask` ((batch, T-1) bool) is set, 0 elsewhere:
+    (batch, T-1), fp32. The output layer runs on the masked positions alone (a prompt's positions would
+    cost most of a GRPO batch's memory in full-vocabulary logits)."""
     logits = model(ids[:, :-1], select=mask).float()  # (N, vocab)
     picked = logits.gather(-1, ids[:, 1:][mask][:, None])[:, 0] - logits.logsumexp(-1)
     return torch.zeros(mask.shape, dtype=picked.dtype, device=picked.device).masked_scatter(mask, picked)
