@@ -32,7 +32,7 @@ from dataclasses import MISSING, field, fields, is_dataclass
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 
-from parley.files import NotRegularFile, open_regular
+from parley.files import NotRegularFile, read_regular
 
 T = TypeVar("T")
 
@@ -189,8 +189,7 @@ def _build(cls, values: dict, root, prefix: str = ""):
 def _read_recipe(path) -> dict:
     path = Path(path)
     try:
-        with open_regular(path) as f:  # a FIFO would block the read, a device never end
-            text = f.read().decode("utf-8")
+        text = read_regular(path).decode("utf-8")  # a FIFO would block the read, a device never end
         if path.suffix == ".json":
             return json.loads(text)
         return tomllib.loads(text)

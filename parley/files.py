@@ -6,6 +6,7 @@ new one, never half of one. And reads of files named from outside that cannot ha
     fsync(folder)                       # make renames inside `folder` durable
     with open_regular(path) as f:       # binary; NotRegularFile for a FIFO, device or folder
         data = f.read()
+    data = read_regular(path, max_bytes)  # the same, at most max_bytes (TooLarge beyond)
 """
 
 from __future__ import annotations
@@ -35,6 +36,27 @@ def open_regular(path) -> BinaryIO:
     except BaseException:
         os.close(fd)
         raise
+
+
+class TooLarge(OSError):
+    """A file over the size its reader allows; `size` is (at least) what it holds."""
+
+    def __init__(self, path, size: int, limit: int):
+        super().__init__(f"{path}: {size:,} bytes, over the limit of {limit:,}")
+        self.size = size
+
+
+def read_regular(path, max_bytes: int | None = None) -> bytes:
+    """A regular file's bytes (open_regular). With `max_bytes`, a larger file is refused from its size
+    before it is read, and one that grows while it is read is refused too: TooLarge."""
+    with open_regular(path) as f:
+        if max_bytes is None:
+            return f.read()
+        size = os.fstat(f.fileno()).st_size
+        data = f.read(max_bytes + 1) if size <= max_bytes else b""
+    if max(size, len(data)) > max_bytes:
+        raise TooLarge(path, max(size, len(data)), max_bytes)
+    return data
 
 
 @contextlib.contextmanager

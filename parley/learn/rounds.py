@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from parley.config import setting
-from parley.files import NotRegularFile, atomic_open, open_regular
+from parley.files import NotRegularFile, atomic_open, read_regular
 from parley.learn.feedback import Examples, collect
 from parley.learn.report import EvalConfig, compare, model_metrics, pipeline_metrics, write_report
 from parley.learn.withdrawal import WITHDRAWN, write_jsonl as _jsonl
@@ -112,8 +112,7 @@ def _replay_dialogs(folder: Path) -> tuple[list[dict], bytes]:
     if not rows:
         raise ValueError(f"{train} holds no dialogs: replay needs the ones `parley data prepare` writes")
     try:
-        with open_regular(folder / "dialogs-val.jsonl") as f:
-            val = f.read()
+        val = read_regular(folder / "dialogs-val.jsonl")
     except NotRegularFile as e:
         raise ValueError(f"replay dialogs file {e}") from None
     return rows, val

@@ -29,7 +29,7 @@ import tokenizers
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 from tokenizers import AddedToken, Regex, decoders, models, normalizers, pre_tokenizers, processors, trainers
 
-from parley.files import NotRegularFile, atomic_open, open_regular
+from parley.files import NotRegularFile, atomic_open, read_regular
 
 ROLES = ("system", "user", "assistant", "tool")
 CHATML_TEMPLATE = (
@@ -90,8 +90,7 @@ class Tokenizer:
         path = Path(path)
         file = path / "tokenizer.json"
         try:
-            with open_regular(file) as f:
-                text = f.read().decode("utf-8")
+            text = read_regular(file).decode("utf-8")
         except FileNotFoundError:
             raise FileNotFoundError(f"{file} not found: point at a folder holding a Hugging Face tokenizer.json") from None
         except NotRegularFile:

@@ -27,7 +27,7 @@ import tempfile
 from contextlib import ExitStack
 from pathlib import Path
 from types import SimpleNamespace
-from typing import BinaryIO, Iterable, Iterator
+from typing import Iterable, Iterator
 
 import gguf
 import numpy as np
@@ -35,7 +35,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from parley.files import NotRegularFile, fsync, open_regular
+from parley.files import NotRegularFile, TooLarge, fsync, open_regular, read_regular
 from parley.model import quant
 from parley.model.families import (SUPPORTED_ARCHITECTURES, UnsupportedModelError, WeightsError,  # noqa: F401
                                    config_from_hf, config_to_hf, hf_to_ours, ours_to_hf)
@@ -53,20 +53,19 @@ def _require(path, what: str) -> Path:
     return path
 
 
-def _open_regular(path, what: str) -> BinaryIO:
-    """`path` opened if it is a regular file (files.open_regular): a FIFO would block the open, a
-    device (a link to /dev/zero) never end."""
-    path = _require(path, what)
-    try:
-        return open_regular(path)
-    except NotRegularFile:
-        raise WeightsError(f"{what} {path} is not a regular file (a folder, pipe or device)") from None
+def _not_regular(path, what: str) -> WeightsError:
+    return WeightsError(f"{what} {path} is not a regular file (a folder, pipe or device)")
 
 
 def _regular_file(path, what: str) -> Path:
-    """`path`, checked to be a regular file, for a reader that opens it by name (safetensors)."""
-    _open_regular(path, what).close()
-    return Path(path)
+    """`path`, checked to be a regular file (files.open_regular: a FIFO would block the open, a device,
+    a link to /dev/zero, never end), for a reader that opens it by name (safetensors)."""
+    path = _require(path, what)
+    try:
+        open_regular(path).close()
+    except NotRegularFile:
+        raise _not_regular(path, what) from None
+    return path
 
 
 # ---------------------------------------------------------------- filling a model from tensors
@@ -159,11 +158,12 @@ JSON_MAX_BYTES = 64 * 2**20  # a config.json or shard index is kilobytes
 
 
 def _read_json(path: Path) -> dict:
-    with _open_regular(path, "config file") as f:
-        size = os.fstat(f.fileno()).st_size
-        text = f.read(JSON_MAX_BYTES + 1) if size <= JSON_MAX_BYTES else b""
-    if max(size, len(text)) > JSON_MAX_BYTES:  # bounded: the file may grow meanwhile
-        raise WeightsError(f"{path}: {max(size, len(text)):,} bytes is no config file (at most {JSON_MAX_BYTES:,})")
+    try:
+        text = read_regular(_require(path, "config file"), JSON_MAX_BYTES)
+    except NotRegularFile:
+        raise _not_regular(path, "config file") from None
+    except TooLarge as e:
+        raise WeightsError(f"{path}: {e.size:,} bytes is no config file (at most {JSON_MAX_BYTES:,})") from None
     try:
         data = json.loads(text)
     except (ValueError, UnicodeDecodeError, RecursionError) as e:

@@ -45,7 +45,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save as safetensors_bytes
 
 from parley.config import parse_cli, setting
-from parley.files import NotRegularFile, atomic_open, open_regular
+from parley.files import NotRegularFile, atomic_open, read_regular
 from parley.pipeline.frames import Frame, Intent, Slots, UserText
 from parley.pipeline.runner import Stage, Turn
 from parley.pipeline.urls import url_span
@@ -98,8 +98,7 @@ def load_intents(path: str | Path | None = None) -> IntentSet:
     """Read and check an intents file; every problem is an `IntentsError` naming the place."""
     path = Path(path) if path is not None else DEFAULT_INTENTS
     try:
-        with open_regular(path) as f:  # a FIFO would block the read, a device never end
-            raw = f.read()
+        raw = read_regular(path)  # a FIFO would block the read, a device never end
     except FileNotFoundError:
         raise IntentsError(f"{path}: no such intents file (pass an existing file, or leave it out "
                            f"to use the shipped {DEFAULT_INTENTS})") from None

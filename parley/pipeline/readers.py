@@ -42,7 +42,7 @@ from pypdf.errors import PyPdfError
 import trafilatura
 from lxml import etree
 
-from parley.files import NotRegularFile, open_regular
+from parley.files import NotRegularFile, TooLarge, read_regular
 
 MIME = {".txt": "text/plain", ".md": "text/markdown", ".markdown": "text/markdown", ".html": "text/html",
         ".htm": "text/html", ".pdf": "application/pdf"}
@@ -83,17 +83,12 @@ def load_file(path: Path, max_bytes: int = DEFAULT_MAX_BYTES) -> bytes:
     """The file's bytes, refusing one over the size limit before reading it, and anything that is
     not a regular file: a FIFO would wait for a writer, a device (/dev/zero) never end."""
     try:
-        f = open_regular(path)
+        return read_regular(path, max_bytes)
     except NotRegularFile:
         raise ReadError(f"{path}: not a regular file (a folder, device, pipe or socket); give a document file") from None
-    with f:  # bounded: the file may grow meanwhile
-        length = os.fstat(f.fileno()).st_size
-        data = f.read(max_bytes + 1) if length <= max_bytes else b""
-    size = max(length, len(data))
-    if size > max_bytes:
-        raise ReadError(f"{path}: {size / 1e6:.1f} MB is over the {max_bytes / 1e6:g} MB limit; "
-                        "split the file or raise the limit")
-    return data
+    except TooLarge as e:
+        raise ReadError(f"{path}: {e.size / 1e6:.1f} MB is over the {max_bytes / 1e6:g} MB limit; "
+                        "split the file or raise the limit") from None
 
 
 def read_bytes(name: str, data: bytes, where: str | None = None) -> tuple[str, list[Section]]:

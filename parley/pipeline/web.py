@@ -67,7 +67,7 @@ import trafilatura
 from charset_normalizer import from_bytes
 
 from parley.config import setting
-from parley.files import NotRegularFile, atomic_open, open_regular
+from parley.files import NotRegularFile, atomic_open, read_regular
 from parley.pipeline.frames import Frame, Intent, Notice, Passage, Passages, Slots, UserText
 from parley.pipeline.readers import shallow_html
 from parley.pipeline.runner import Stage, Turn
@@ -198,8 +198,7 @@ class Fetcher:
         context = httpx.create_ssl_context()  # certifi's CAs, as httpx uses by default
         if self.config.ca_file:
             try:  # read here, not by OpenSSL: a FIFO would block its open, a device never end
-                with open_regular(self.config.ca_file) as f:
-                    data = f.read()
+                data = read_regular(self.config.ca_file)
                 # PEM is ASCII text (what lies outside its blocks does not matter); anything else is DER
                 context.load_verify_locations(cadata=data.decode("ascii", "ignore") if b"-----BEGIN" in data else data)
             except NotRegularFile:

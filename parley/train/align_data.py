@@ -31,7 +31,7 @@ import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 
-from parley.files import NotRegularFile, open_regular
+from parley.files import NotRegularFile, read_regular
 
 REQUESTS = Path(__file__).resolve().parents[1] / "data" / "alignment" / "requests.toml"
 EVERYDAY = REQUESTS.with_name("everyday.toml")
@@ -151,8 +151,7 @@ def variants(text: str, rng: random.Random) -> list[tuple[str, str]]:
 
 def _read_toml(path: Path, what: str) -> dict:
     try:
-        with open_regular(path) as f:  # a FIFO would block the read, a device never end
-            return tomllib.loads(f.read().decode("utf-8"))
+        return tomllib.loads(read_regular(path).decode("utf-8"))  # a FIFO would block, a device never end
     except FileNotFoundError:
         raise FileNotFoundError(f"{what} file {path} not found") from None
     except NotRegularFile:

@@ -37,7 +37,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from parley.files import NotRegularFile, open_regular
+from parley.files import NotRegularFile, read_regular
 from parley.pipeline.guard import INJECTION, PRINCIPLES, language, normalize
 from parley.train.align_data import EVERYDAY
 
@@ -340,8 +340,7 @@ def _fill(template: str, slots: dict[str, list[str]], rng: random.Random, where:
 
 def _read(path: Path) -> dict:
     try:
-        with open_regular(path) as f:  # a FIFO would block the read, a device never end
-            return tomllib.loads(f.read().decode("utf-8"))
+        return tomllib.loads(read_regular(path).decode("utf-8"))  # a FIFO would block, a device never end
     except FileNotFoundError:
         raise GuardDataError(f"guard data file {path} not found; the folder needs requests.toml and "
                              "injections.toml (see parley/data/guard/)") from None

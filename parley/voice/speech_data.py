@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 
 from parley.config import setting
-from parley.files import NotRegularFile, atomic_open, open_regular
+from parley.files import NotRegularFile, atomic_open, read_regular
 from parley.voice.asr import normalize
 from parley.voice.audio import resample
 
@@ -114,8 +114,7 @@ def corpus_sentences(min_words: int = 3, max_words: int = 10, text_file: str | P
     if text_file is not None:
         path = Path(text_file)
         try:
-            with open_regular(path) as f:  # a FIFO would block the read, a device never end
-                lines = f.read().decode("utf-8").splitlines()
+            lines = read_regular(path).decode("utf-8").splitlines()  # a FIFO would block, a device never end
         except FileNotFoundError:
             raise SpeechDataError(f"no text file {path}: give a UTF-8 file of sentences, or leave text= empty") from None
         except NotRegularFile:
