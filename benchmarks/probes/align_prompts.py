@@ -6,7 +6,7 @@ to decline are sampled (seeded) down to the share asked. GRPO normalises rewards
 group, so a heavier weight on one kind of mistake changes nothing; what changes how often a step's
 gradient says "answer this" is how many of its requests should be answered.
 
-    python benchmarks/probes/align_prompts.py --harmful-share 0.25 --out runs/rl9/prompts.jsonl
+    python benchmarks/probes/align_prompts.py --harmful-share 0.25 --out runs/rl9-prompts.jsonl
 """
 
 from __future__ import annotations
