@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from parley.engine.cache import CachedSequence, PagedKVCache
 from parley.engine.engine import Engine
 from parley.engine.fast import FLOAT_CEILING, FLOAT_ISAS, FastDecoder, kernels, pack_float
 from parley.engine.sampling import SamplingParams
@@ -121,6 +122,33 @@ def test_where_a_prompt_is_cut_changes_no_bit(path):
     assert fast.packed == path.startswith("avx512")
     # the packed paths keep keys and values in bf16, as the tiles do (their 16-key scoring widens them)
     assert fast.kv_dtype == (torch.bfloat16 if fast.packed else torch.float32)
+    assert_cuts_change_no_bit(fast, 8)
+
+
+@pytest.mark.parametrize("path", EACH_PATH)
+def test_attention_shared_in_phases_changes_no_bit(path):
+    """Decode rows' attention shared among the threads in three phases (kernels.c's attend_for with
+    split_attn: spans of positions, query heads, spans of head dims) gives the bits of the one loop by
+    (row, kv head): for rows of several lengths at once, and against a prompt fed in chunks."""
+    fast = FastDecoder.create(bf16_model(), tiles=False, path=path)
+    rng = random.Random(11)
+    prompts = [[rng.randrange(CFG.vocab_size) for _ in range(n)] for n in (150, 37, 3)]
+
+    def step(split):
+        fast.split_attn = split
+        cache = PagedKVCache(fast.cfg, 2**24, 8, fast.kv_dtype)
+        seqs, at = [], 0
+        for tokens in prompts:
+            n = cache.pages_for(len(tokens))
+            seqs.append(CachedSequence(tokens=tokens, pages=list(range(at, at + n))))
+            at += n
+        with torch.inference_mode():
+            fast.step_rows(cache.batch([(s, len(s.tokens) - 1) for s in seqs]))
+            return fast.step_paged(cache.batch([(s, 1) for s in seqs])).clone()
+
+    apart = step(0)
+    assert torch.equal(step(1), apart) and torch.equal(step(-1), apart)
+    fast.split_attn = 1
     assert_cuts_change_no_bit(fast, 8)
 
 

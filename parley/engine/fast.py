@@ -86,7 +86,8 @@ class Shape(ctypes.Structure):
     _fields_ = [(n, ctypes.c_int) for n in ("B", "H", "nh", "nkv", "hd", "n_layers", "w_bf16", "amx", "kv_bf16")] + \
                [(n, ctypes.c_long) for n in ("inter", "vocab", "max_len")] + [("eps", ctypes.c_float)] + \
                [(n, ctypes.c_int) for n in ("quant", "isa")] + \
-               [(n, ctypes.c_float) for n in ("scale", "attn_cap")] + [(n, ctypes.c_int) for n in ("gelu", "fisa", "packed")]
+               [(n, ctypes.c_float) for n in ("scale", "attn_cap")] + \
+               [(n, ctypes.c_int) for n in ("gelu", "fisa", "packed", "split_attn")]
 
 
 class QWeight(ctypes.Structure):
@@ -251,6 +252,10 @@ class FastDecoder:
         # threads that may share chunks_attend, each with its own 16 rows of scores (the C side
         # caps its team at this)
         self.slots = max(torch.get_num_threads(), os.cpu_count() or 1)
+        # decode rows' attention in three phases shared by all the threads (kernels.c's attend_for): -1 where
+        # rows x kv heads leave threads idle and a row sees 512 positions or more, 1 always, 0 never; the
+        # same bits either way
+        self.split_attn = -1
 
     def _fp32(self, t: torch.Tensor | None) -> int | None:
         """The address of an fp32 copy of a small tensor, kept alive here (None for None)."""
@@ -452,7 +457,8 @@ class FastDecoder:
                      max_len=max_len,
                      eps=c.rms_norm_eps, quant=int(self.quant), isa=self.isa, fisa=self.fisa, packed=int(self.packed),
                      scale=c.attention_scale if c.query_pre_attn_scalar else 0.0,
-                     attn_cap=c.attn_logit_softcapping or 0.0, gelu=int(c.hidden_act != "silu"))
+                     attn_cap=c.attn_logit_softcapping or 0.0, gelu=int(c.hidden_act != "silu"),
+                     split_attn=self.split_attn)
 
     def _embed(self, x: torch.Tensor, ids: list[int]) -> None:
         """x = the embeddings of ids (Gemma's scaled)."""

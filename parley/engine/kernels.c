@@ -1601,14 +1601,15 @@ static inline __attribute__((always_inline)) void weigh_block(const float *p, lo
 }
 #endif
 
-/* weigh_block for the common shapes (up to 4 heads a group; head_dim 32, 64 or 128); 0 when
- * the shape is not one of them and the caller must use axpy. */
+/* weigh_block for the common shapes (up to 4 heads a group; `width` head dims, 16, 32, 64 or 128, of
+ * heads hd apart); 0 when the shape is not one of them and the caller must use axpy. */
 static int weigh_values(const float *p, long max_len, const char *v, long row, int kv_bf16, long s0, long s1,
-                        float *o, int hd, int group) {
+                        float *o, int hd, int width, int group) {
 #ifdef __AVX512F__
 #define WEIGH(G, HC) weigh_block(p, max_len, v, row, kv_bf16, s0, s1, o, hd, G, HC)
 #define WEIGH_HC(G)                                                                                          \
-    switch (hd) {                                                                                            \
+    switch (width) {                                                                                         \
+    case 16: WEIGH(G, 1); return 1;                                                                          \
     case 32: WEIGH(G, 2); return 1;                                                                          \
     case 64: WEIGH(G, 4); return 1;                                                                          \
     case 128: WEIGH(G, 8); return 1;                                                                         \
@@ -1624,7 +1625,8 @@ static int weigh_values(const float *p, long max_len, const char *v, long row, i
 #undef WEIGH_HC
 #undef WEIGH
 #else
-    (void)p, (void)max_len, (void)v, (void)row, (void)kv_bf16, (void)s0, (void)s1, (void)o, (void)hd, (void)group;
+    (void)p, (void)max_len, (void)v, (void)row, (void)kv_bf16, (void)s0, (void)s1, (void)o, (void)hd, (void)width;
+    (void)group;
     return 0;
 #endif
 }
@@ -1677,25 +1679,35 @@ static long key_scores_run(const char *k, long row, long s, long end, int kv_bf1
 }
 #endif
 
-/* o[j] = sum over lo <= s < n of p[j * p_stride + s] * v_s for the group heads j (o: group rows of hd),
- * v_s the value rows of kv head g of row b: a page of consecutive positions at a time, the next
- * page's values fetched early (pages lie anywhere in the pool). */
-static void weigh_runs(const float *p, long p_stride, const void *V, int kv_bf16, const Paging *pg, long b, int g,
-                       int nkv, int hd, long lo, long n, float *o, int group) {
+/* o[j][d] = sum over lo <= s < n of p[j * p_stride + s] * v_s[d] for the group heads j (o: group rows
+ * of hd) and the head dims d0 <= d < d0 + width, v_s the value rows of kv head g of row b: a page of
+ * consecutive positions at a time, the next page's values fetched early (pages lie anywhere in the
+ * pool). A dim's sum runs in the same order whatever d0 and width are (d0 and width multiples of 16,
+ * or the whole head). */
+static void weigh_dims(const float *p, long p_stride, const void *V, int kv_bf16, const Paging *pg, long b, int g,
+                       int nkv, int hd, long lo, long n, float *o, int group, int d0, int width) {
     const long run = pg->page_size, size = kv_bf16 ? 2 : 4, row = hd * size;
-    for (long i = 0; i < (long)group * hd; i++) o[i] = 0.f;
+    for (int j = 0; j < group; j++)
+        for (int d = d0; d < d0 + width; d++) o[(long)j * hd + d] = 0.f;
     for (long s0 = lo / run * run; s0 < n; s0 += run) {
         const long start = s0 > lo ? s0 : lo;
-        const char *v = (const char *)V + kv_at(pg, b, g, start, nkv, hd) * size;
+        const char *v = (const char *)V + (kv_at(pg, b, g, start, nkv, hd) + d0) * size;
         if (s0 + run < n) {
-            const char *next = (const char *)V + kv_at(pg, b, g, s0 + run, nkv, hd) * size;
-            for (long at = 0; at < run * row; at += 64) __builtin_prefetch(next + at, 0, 3);
+            const char *next = (const char *)V + (kv_at(pg, b, g, s0 + run, nkv, hd) + d0) * size;
+            for (long r = 0; r < run; r++)
+                for (long at = 0; at < width * size; at += 64) __builtin_prefetch(next + r * row + at, 0, 3);
         }
         const long s1 = n < s0 + run ? n : s0 + run;
-        if (!weigh_values(p, p_stride, v, row, kv_bf16, start, s1, o, hd, group))
+        if (!weigh_values(p, p_stride, v, row, kv_bf16, start, s1, o + d0, hd, width, group))
             for (long s = start; s < s1; s++, v += row)
-                for (int j = 0; j < group; j++) axpy(p[j * p_stride + s], v, kv_bf16, o + (long)j * hd, hd);
+                for (int j = 0; j < group; j++) axpy(p[j * p_stride + s], v, kv_bf16, o + (long)j * hd + d0, width);
     }
+}
+
+/* weigh_dims over the whole head. */
+static void weigh_runs(const float *p, long p_stride, const void *V, int kv_bf16, const Paging *pg, long b, int g,
+                       int nkv, int hd, long lo, long n, float *o, int group) {
+    weigh_dims(p, p_stride, V, kv_bf16, pg, b, g, nkv, hd, lo, n, o, group, 0, hd);
 }
 
 /* The first position a query at `pos` sees: in a sliding layer (window > 0) the last `window`
@@ -1836,61 +1848,128 @@ static void weigh_tiles(const float *p, long p_stride, int m, long from, const l
 }
 #endif
 
+/* The scores p[j * max_len + s] = scale * (q_j . k_s) of the group query heads q_j of row b (kv head g)
+ * for the positions a <= s < e, a where a block of 16 of the keys loop starts (keys_from) and e such a
+ * place or the row's end: page by page, 16 slots at once where they can be, so that a position's score
+ * is the same bits whichever span it is computed in. qp: the packed queries when `tiles`. */
+static void key_scores_span(const float *q, const void *K, int kv_bf16, int amx, int tiles, const uint32_t *qp,
+                            const Paging *pg, long b, int g, int nkv, int hd, int group, float scale, long a, long e,
+                            float *p, long max_len) {
+    const long run = pg->page_size, size = kv_bf16 ? 2 : 4, row = hd * size;
+    (void)tiles, (void)qp, (void)amx;
+    for (long s0 = a / run * run; s0 < e; s0 += run) {
+        long s = s0 > a ? s0 : a;
+        const long end = e < s0 + run ? e : s0 + run;
+        const char *k = (const char *)K + kv_at(pg, b, g, s, nkv, hd) * size;
+        if (s0 + run < e) { /* pages lie anywhere in the pool: fetch the next one's keys early */
+            const char *next = (const char *)K + kv_at(pg, b, g, s0 + run, nkv, hd) * size;
+            for (long at = 0; at < run * row; at += 64) __builtin_prefetch(next + at, 0, 3);
+        }
+#ifdef HAVE_AMX
+        /* 16 slots at once while all 16 lie in this run's memory (slots from `end` on are read, not used) */
+        for (; tiles && s < end && s + 16 <= s0 + run; s += 16, k += 16 * row) {
+            float c[16][16];
+            key_tile(k, row, hd, qp, c);
+            for (int r = 0; r < 16 && s + r < end; r++)
+                for (int j = 0; j < group; j++)
+                    p[j * max_len + s + r] = c[r][j] * scale;
+        }
+#endif
+#ifdef __AVX512F__
+        if (s < end) {
+            const float *qs[MAX_GROUP];
+            for (int j = 0; j < group && j < MAX_GROUP; j++) qs[j] = q + (long)j * hd;
+            const long at = group <= MAX_GROUP ? key_scores_run(k, row, s, end, kv_bf16, amx, hd, qs, group, scale, p,
+                                                                max_len) : s;
+            k += (at - s) * row, s = at;
+        }
+#endif
+        for (; s < end; s++, k += row)
+            for (int j = 0; j < group; j++)
+                p[j * max_len + s] = dot(q + (long)j * hd, k, kv_bf16, hd) * scale;
+    }
+}
+
+/* Whether attend_for shares a step's attention among `threads` in three phases rather than by (row,
+ * kv head): when those leave threads idle (fewer than four times the threads and not a multiple of
+ * them) and some row sees at least SPLIT_SEEN positions. Measured at batch 1 on 2 threads
+ * (benchmarks/probes/attn_split.py): at 512 positions the phases made a step 5% faster on SmolLM2's
+ * kept 4-bit file, 1-1.5% in bf16, 7-12% on Gemma 3 270M's kept file (one kv head); at 16 positions their
+ * two extra barriers a layer cost 2-4%. split: 1 always (off the tiles), 0 never, -1 as said. */
+#define SPLIT_SEEN 512
+static int attend_splits(int split, int tiles, long units, int threads, long seen) {
+    if (tiles || split == 0) return 0;
+    return split > 0 || (threads > 1 && units % threads && units < 4L * threads && seen >= SPLIT_SEEN);
+}
+
 /* One query per row and head against the row's positions 0..pos[b] in its pages (in a sliding
  * layer, window > 0, only the last `window` of them; scores soft-capped at cap > 0). Work is shared by (row, kv head): the `group` query heads that
  * read one kv head go together, so each key and value is loaded once for all of them.
  * q is read from qkv rows (stride q_stride); out is [B, nh * hd]; scratch holds
- * B * nh * max_len floats. */
+ * B * nh * max_len floats. With too few (row, kv head) units for the threads (a batch of one: SmolLM2's 3
+ * kv heads on 2 threads leave one idle a third of the time, Gemma 3 270M's one kv head all of it) and long
+ * rows, attend_splits says to share the work in three phases instead, each a loop of its own: the
+ * scores by spans of positions, the softmax by query head, the weighted values by spans of head dims.
+ * Each score, softmax and value sum is computed by the same code in the same order either way, so the
+ * output has the same bits whichever way the work was shared (tests/test_kernel_paths.py). */
 static void attend_for(const float *qkv, long q_stride, const void *K, const void *V, int kv_bf16, int amx,
                        float *out, float *scratch, int B, int nh, int nkv, int hd, long max_len, float scale,
-                       const int64_t *pos, const Paging *pg, long window, float cap) {
+                       const int64_t *pos, const Paging *pg, long window, float cap, int split) {
     const int group = nh / nkv;
     /* query . key products on the tile unit: bf16 keys, whole tiles of head dims, <= 16 heads a group */
     const int tiles = amx && kv_bf16 && hd % 32 == 0 && hd <= MAX_HD && group <= 16;
-    (void)tiles;
-    /* slots s0.. of a row lie contiguously (stride hd) up to the end of their page */
-    const long run = pg->page_size, size = kv_bf16 ? 2 : 4, row = hd * size;
+    const long run = pg->page_size, units = (long)B * nkv;
+    long seen = 0; /* the most positions a row sees */
+    for (int b = 0; b < B; b++)
+        seen = pos[b] + 1 - first_seen(pos[b], window) > seen ? pos[b] + 1 - first_seen(pos[b], window) : seen;
+    if (attend_splits(split, tiles, units, omp_get_num_threads(), seen)) {
+        /* at least two units a thread a phase; forced (split > 0), as if for 4 threads at least, so
+         * that the spans and parts are several on any machine */
+        const int threads = split > 0 && omp_get_num_threads() < 4 ? 4 : omp_get_num_threads();
+        const long spans = (2L * threads + units - 1) / units;
+        int parts = hd % 16 ? 1 : hd / 16; /* spans of head dims: whole blocks of 16, parts dividing hd / 16 */
+        while (parts > 1 && (parts > spans || (hd / 16) % parts)) parts--;
 #pragma omp for schedule(static)
-    for (long bg = 0; bg < (long)B * nkv; bg++) {
+        for (long u = 0; u < units * spans; u++) {
+            const long bg = u / spans, i = u % spans;
+            const int b = bg / nkv, g = bg % nkv;
+            const long n = pos[b] + 1, lo = first_seen(pos[b], window), keys = keys_from(lo, run);
+            const long at = i == 0 ? keys : keys_from(lo + (n - lo) * i / spans, run);
+            const long end = i + 1 == spans ? n : keys_from(lo + (n - lo) * (i + 1) / spans, run);
+            if (at < end)
+                key_scores_span(qkv + b * q_stride + (long)g * group * hd, K, kv_bf16, amx, 0, NULL, pg, b, g, nkv, hd,
+                                group, scale, at > keys ? at : keys, end,
+                                scratch + ((long)b * nh + (long)g * group) * max_len, max_len);
+        }
+#pragma omp for schedule(static)
+        for (long bh = 0; bh < (long)B * nh; bh++) {
+            const int b = bh / nh;
+            const long lo = first_seen(pos[b], window);
+            softmax_span(scratch + bh * max_len, lo, lo, pos[b] + 1, cap);
+        }
+#pragma omp for schedule(static)
+        for (long u = 0; u < units * parts; u++) {
+            const long bg = u / parts;
+            const int b = bg / nkv, g = bg % nkv, width = hd / parts;
+            weigh_dims(scratch + ((long)b * nh + (long)g * group) * max_len, max_len, V, kv_bf16, pg, b, g, nkv, hd,
+                       first_seen(pos[b], window), pos[b] + 1, out + (long)b * nh * hd + (long)g * group * hd, group,
+                       (int)(u % parts) * width, width);
+        }
+        return;
+    }
+#pragma omp for schedule(static)
+    for (long bg = 0; bg < units; bg++) {
         const int b = bg / nkv, g = bg % nkv;
         const long n = pos[b] + 1, lo = first_seen(pos[b], window), keys = keys_from(lo, run);
         const float *q = qkv + b * q_stride + (long)g * group * hd;
         float *p = scratch + ((long)b * nh + (long)g * group) * max_len; /* group rows of max_len */
         float *o = out + (long)b * nh * hd + (long)g * group * hd;       /* group heads, contiguous */
+        uint32_t *qp = NULL;
 #ifdef HAVE_AMX
-        uint32_t qp[MAX_HD / 2 * 16];
-        if (tiles) pack_queries(q, group, hd, qp);
+        uint32_t packed[MAX_HD / 2 * 16];
+        if (tiles) pack_queries(q, group, hd, packed), qp = packed;
 #endif
-        for (long s0 = keys / run * run; s0 < n; s0 += run) {
-            long s = s0 > keys ? s0 : keys;
-            const char *k = (const char *)K + kv_at(pg, b, g, s, nkv, hd) * size;
-            if (s0 + run < n) { /* pages lie anywhere in the pool: fetch the next one's keys early */
-                const char *next = (const char *)K + kv_at(pg, b, g, s0 + run, nkv, hd) * size;
-                for (long at = 0; at < run * row; at += 64) __builtin_prefetch(next + at, 0, 3);
-            }
-#ifdef HAVE_AMX
-            /* 16 slots at once while all 16 lie in this run's memory (slots from n on are read, not used) */
-            for (; tiles && s < n && s + 16 <= s0 + run; s += 16, k += 16 * row) {
-                float c[16][16];
-                key_tile(k, row, hd, qp, c);
-                for (int r = 0; r < 16 && s + r < n; r++)
-                    for (int j = 0; j < group; j++)
-                        p[j * max_len + s + r] = c[r][j] * scale;
-            }
-#endif
-#ifdef __AVX512F__
-            if (s < n) {
-                const float *qs[MAX_GROUP];
-                for (int j = 0; j < group && j < MAX_GROUP; j++) qs[j] = q + (long)j * hd;
-                const long end = n < s0 + run ? n : s0 + run, at = group <= MAX_GROUP ?
-                    key_scores_run(k, row, s, end, kv_bf16, amx, hd, qs, group, scale, p, max_len) : s;
-                k += (at - s) * row, s = at;
-            }
-#endif
-            for (; s < n && s < s0 + run; s++, k += row)
-                for (int j = 0; j < group; j++)
-                    p[j * max_len + s] = dot(q + (long)j * hd, k, kv_bf16, hd) * scale;
-        }
+        key_scores_span(q, K, kv_bf16, amx, tiles, qp, pg, b, g, nkv, hd, group, scale, keys, n, p, max_len);
         const long from = tiles ? lo / 32 * 32 : lo;
         for (int j = 0; j < group; j++) softmax_span(p + j * max_len, from, lo, n, cap);
 #ifdef HAVE_AMX
@@ -2071,6 +2150,7 @@ typedef struct {
     int gelu;              /* the MLP's gate: gelu (tanh approximation; Gemma's GeGLU), else silu */
     int fisa;              /* float weights off the tiles: the path (F_*) their projections run on */
     int packed;            /* and the layers' and output layer's weights are packed (linear_packed_for) */
+    int split_attn;        /* decode rows' attention in phases: 1 always, 0 never, -1 when threads would idle */
 } Shape;
 
 static inline float attention_scale(const Shape *sh) { return sh->scale > 0.f ? sh->scale : 1.f / sqrtf((float)sh->hd); }
@@ -2444,7 +2524,7 @@ void decode_step_paged(const Layer *layers, const float *final_norm, const void 
             const Layer *L = &layers[l];
             qkv_for(L, buf, sh, pos, cos_t, sin_t, &pg);
             attend_for(buf->qkv, qkv_w, L->K, L->V, sh->kv_bf16, sh->amx, buf->att, buf->scores, sh->B, sh->nh,
-                       sh->nkv, sh->hd, sh->max_len, scale, pos, &pg, L->window, sh->attn_cap);
+                       sh->nkv, sh->hd, sh->max_len, scale, pos, &pg, L->window, sh->attn_cap, sh->split_attn);
             mlp_for(L, buf, sh);
         }
         project1_for(sh, buf, lm_head, norm_input_for(sh, buf, buf->x, final_norm), buf->logits, sh->vocab, sh->vocab,
@@ -2491,7 +2571,8 @@ void rows_attend(const Layer *L, const Buffers *buf, const Shape *sh, const int6
     {
         tiles_begin(sh);
         attend_for(buf->qkv, qkv_w, L->K, L->V, sh->kv_bf16, sh->amx, buf->att, buf->scores, sh->B, sh->nh,
-                   sh->nkv, sh->hd, sh->max_len, attention_scale(sh), pos, &pg, L->window, sh->attn_cap);
+                   sh->nkv, sh->hd, sh->max_len, attention_scale(sh), pos, &pg, L->window, sh->attn_cap,
+                   sh->split_attn);
         tiles_end(sh);
     }
 }
