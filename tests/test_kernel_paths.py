@@ -5,6 +5,7 @@ chunks and decode rows in C) the tokens a request gets alone. tests/test_fast_fa
 every model family on these paths against the reference forward; the last test here builds the
 kernels for an AVX2 CPU (no AVX-512 outside their own functions) and runs this file on it."""
 
+import ctypes
 import os
 import random
 import subprocess
@@ -150,6 +151,18 @@ def test_attention_shared_in_phases_changes_no_bit(path):
     assert torch.equal(step(1), apart) and torch.equal(step(-1), apart)
     fast.split_attn = 1
     assert_cuts_change_no_bit(fast, 8)
+
+
+def test_attention_takes_the_phases_where_threads_would_idle_on_long_rows():
+    """split_attn -1 (the default): phases where the (row, kv head) pairs leave threads idle and a row
+    sees 512 positions or more; 1 always but on the tiles; 0 never."""
+    decide = kernels().attend_splits  # (split, tiles, pairs, threads, most positions a row sees)
+    decide.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_long, ctypes.c_int, ctypes.c_long]
+    assert decide(-1, 0, 3, 2, 512) and decide(-1, 0, 1, 2, 4000) and decide(-1, 0, 3, 16, 600)
+    assert not decide(-1, 0, 3, 2, 511)  # short rows: the two extra barriers a layer cost more
+    assert not decide(-1, 0, 4, 2, 4000) and not decide(-1, 0, 9, 2, 4000)  # every thread busy, or nearly
+    assert not decide(-1, 0, 3, 1, 4000) and not decide(-1, 1, 3, 2, 4000)  # one thread; the tiles
+    assert decide(1, 0, 24, 2, 1) and not decide(1, 1, 3, 2, 1) and not decide(0, 0, 3, 2, 4000)
 
 
 # the engine's settings and the path each runs on this CPU at most

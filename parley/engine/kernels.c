@@ -1897,7 +1897,7 @@ static void key_scores_span(const float *q, const void *K, int kv_bf16, int amx,
  * kept 4-bit file, 1-1.5% in bf16, 7-12% on Gemma 3 270M's kept file (one kv head); at 16 positions their
  * two extra barriers a layer cost 2-4%. split: 1 always (off the tiles), 0 never, -1 as said. */
 #define SPLIT_SEEN 512
-static int attend_splits(int split, int tiles, long units, int threads, long seen) {
+int attend_splits(int split, int tiles, long units, int threads, long seen) {
     if (tiles || split == 0) return 0;
     return split > 0 || (threads > 1 && units % threads && units < 4L * threads && seen >= SPLIT_SEEN);
 }
