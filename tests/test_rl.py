@@ -57,6 +57,20 @@ def test_advantages_are_normalised_within_each_group():
     assert adv[3:].abs().max() < 1e-6  # equal rewards teach nothing
 
 
+def test_advantages_scaled_by_the_batch_or_not_at_all_let_one_mistake_cost_more():
+    """scale_rewards: by its own group's std every group's advantages come out the same size, so a benign
+    refusal costing 2 instead of 1 changes nothing; by the batch's std, or unscaled (Dr. GRPO), it does."""
+    even, dearer = torch.tensor([1.0, -1.0, 1.0, 1.0]), torch.tensor([1.0, -2.0, 1.0, 1.0])
+    assert torch.allclose(group_advantages(even, 2), group_advantages(dearer, 2), atol=1e-3)
+    assert group_advantages(dearer, 2, "none").tolist() == [1.5, -1.5, 0.0, 0.0]
+    assert group_advantages(even, 2, "none").tolist() == [1.0, -1.0, 0.0, 0.0]
+    batch = group_advantages(dearer, 2, "batch")
+    assert batch.tolist() == pytest.approx((torch.tensor([1.5, -1.5, 0.0, 0.0]) / dearer.std(unbiased=False)).tolist(),
+                                           abs=1e-3)
+    with pytest.raises(ValueError, match="scale must be one of group, batch, none"):
+        group_advantages(even, 2, "prompt")
+
+
 def test_kl_term_is_zero_at_the_reference_and_its_gradient_pulls_back():
     ref = torch.log_softmax(torch.randn(2, 5), -1)
     logps = (ref + 0.5).requires_grad_()
@@ -127,6 +141,9 @@ def test_refusal_reward_scores_each_answer_against_its_prompts_label(tmp_path):
     dodge = "I'm sorry for any confusion, but I'm here to help."
     got = score([HARMFUL, HARMFUL, BENIGN, BENIGN, BENIGN, haiku], [DECLINE, "Find a bat.", HELP, DECLINE, dodge, "Snow"])
     assert got == [0.5, -0.5, 0.5, -0.5, 0.0, 0.5]
+    dearer = refusal_reward(path, 0.5, over_refusal=2.0)  # declining the benign request costs 2, nothing else moves
+    assert dearer([HARMFUL, HARMFUL, BENIGN, BENIGN, BENIGN, haiku],
+                  [DECLINE, "Find a bat.", HELP, DECLINE, dodge, "Snow"]) == [0.5, -0.5, 0.5, -2.0, 0.0, 0.5]
 
 
 def test_refusal_reward_refuses_prompts_it_cannot_label_before_the_model_loads(home, tmp_path):
@@ -148,6 +165,10 @@ def test_refusal_reward_refuses_prompts_it_cannot_label_before_the_model_loads(h
         refusal_labels(path)
     with pytest.raises(ValueError, match="refusal_reward must be >= 0"):
         load_config(RLConfig, None, ["prompts=p", "run=r", "refusal_reward=-1"])
+    with pytest.raises(ValueError, match="over_refusal_cost applies to refusal_reward"):
+        load_config(RLConfig, None, ["prompts=p", "run=r", "over_refusal_cost=2"])
+    with pytest.raises(ValueError, match="scale_rewards"):
+        load_config(RLConfig, None, ["prompts=p", "run=r", "scale_rewards=prompt"])
 
 
 def test_token_logprobs_of_the_answer_positions_alone_equal_the_full_ones(home):

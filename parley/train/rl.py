@@ -12,9 +12,11 @@ score, minus `rails_penalty` when the rails' output check (parley/pipeline/safet
 refuses it or it is empty, plus, with `refusal_reward` w > 0, +w when the answer declines exactly when
 its prompt's label says it should (the line's "refuse", or a pair: declined where its chosen answer
 declines, answered where only its rejected one does; `is_refusal`, the alignment benchmark's rule), 0
-for a benign prompt's answer that dodges (`deflects`), -w otherwise: a score of the answer in its
-context, which the rails' output check alone is not, (3) normalises rewards within each prompt's group (GRPO's advantage,
-(r - mean) / (std + 1e-4)), (4) computes the reference model's per-token log-probs once for the
+for a benign prompt's answer that dodges (`deflects`), -w otherwise (-over_refusal_cost instead for declining a
+benign one, when set): a score of the answer in its context, which the rails' output check alone is not, (3)
+normalises rewards within each prompt's group (GRPO's advantage, (r - mean) / (std + 1e-4); `scale_rewards=batch`
+divides by the batch's std instead and `none` by nothing, as TRL's scale_rewards and Dr. GRPO: only then can
+one kind of mistake cost more than another), (4) computes the reference model's per-token log-probs once for the
 batch (the base model, frozen) and the policy's with gradients, and (5) returns
 
     loss = mean over answers of mean over their tokens of -(ratio * A - kl_coef * kl_t)
@@ -37,6 +39,7 @@ import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 import torch
 import torch.nn as nn
@@ -68,12 +71,23 @@ def token_logprobs(model: nn.Module, ids: torch.Tensor, mask: torch.Tensor) -> t
     return torch.zeros(mask.shape, dtype=picked.dtype, device=picked.device).masked_scatter(mask, picked)
 
 
-def group_advantages(rewards: torch.Tensor, group_size: int) -> torch.Tensor:
-    """GRPO's advantage: each reward minus its group's mean, over the group's std (+1e-4)."""
+SCALES = ("group", "batch", "none")
+
+
+def group_advantages(rewards: torch.Tensor, group_size: int, scale: str = "group") -> torch.Tensor:
+    """GRPO's advantage: each reward minus its group's mean, over (+1e-4) the group's std (`scale` "group",
+    GRPO's), the whole batch's (`"batch"`) or nothing (`"none"`, Dr. GRPO's): TRL's scale_rewards. Divided by
+    its own group's std, every group's advantages have the same size whatever its rewards were, so a reward
+    that costs one mistake more than another changes nothing; with the batch's, or none, it does."""
     if rewards.dim() != 1 or rewards.numel() % group_size:
         raise ValueError(f"rewards must be a flat tensor of whole groups of {group_size}, got {tuple(rewards.shape)}")
+    if scale not in SCALES:
+        raise ValueError(f"scale must be one of {', '.join(SCALES)}, got {scale!r}")
     groups = rewards.view(-1, group_size)
-    return ((groups - groups.mean(1, keepdim=True)) / (groups.std(1, keepdim=True, unbiased=False) + 1e-4)).flatten()
+    centred = groups - groups.mean(1, keepdim=True)
+    if scale == "group":
+        return (centred / (groups.std(1, keepdim=True, unbiased=False) + 1e-4)).flatten()
+    return (centred / (rewards.std(unbiased=False) + 1e-4)).flatten() if scale == "batch" else centred.flatten()
 
 
 def rails_reward(penalty: float) -> RewardFn:
@@ -136,17 +150,19 @@ def refusal_labels(path) -> dict[str, bool]:
     return labels
 
 
-def refusal_reward(path, weight: float) -> RewardFn:
+def refusal_reward(path, weight: float, over_refusal: float | None = None) -> RewardFn:
     """+weight for an answer that declines exactly when its prompt should be declined (refusal_labels),
-    0 for a dodge of a prompt that should be answered, -weight otherwise."""
+    0 for a dodge of a prompt that should be answered, -over_refusal for declining a prompt that should
+    be answered (None: -weight), -weight for answering one that should be declined."""
     labels = refusal_labels(path)
+    cost = weight if over_refusal is None else over_refusal
 
     def score(prompts, answers):
         out = []
         for prompt, answer in zip(prompts, answers):
             refuse, refused = labels[_key(prompt)], is_refusal(answer)
             dodge = not refuse and not refused and deflects(answer, prompt[-1]["content"])
-            out.append(0.0 if dodge else weight if refused == refuse else -weight)
+            out.append(0.0 if dodge else weight if refused == refuse else -cost if refused else -weight)
         return out
 
     return score
@@ -195,6 +211,7 @@ class GRPO:
     max_new_tokens: int
     temperature: float
     seed: int
+    scale_rewards: str = "group"
 
     def sample(self, policy: nn.Module, step: int, rows: list[int]) -> list[list[int]]:
         """group_size answers for each prompt from the live policy, seeded by (seed, step, answer)."""
@@ -236,7 +253,7 @@ class GRPO:
         with torch.no_grad():  # the reference's log-probs: once per batch, never trained
             ref = token_logprobs(self.reference, ids, mask)
         logps = token_logprobs(policy, ids, mask)
-        advantages = group_advantages(rewards, self.group_size).to(device)
+        advantages = group_advantages(rewards, self.group_size, self.scale_rewards).to(device)
         loss, kl = grpo_loss(logps, ref, advantages, mask, self.kl_coef)
         metrics = {"reward": rewards.mean(), "kl": kl.mean(), "length": float(sum(map(len, answers)) / len(answers)),
                    "refusal_rate": sum(map(looks_like_refusal, texts)) / len(texts)}
@@ -251,7 +268,7 @@ def build(policy: nn.Module, tokenizer: Tokenizer, prompts: Prompts, rewards: li
     for p in reference.parameters():
         p.requires_grad_(False)
     return GRPO(prompts, tokenizer, rewards, reference, cfg.kl_coef, cfg.group_size, cfg.max_new_tokens,
-                cfg.temperature, cfg.train.seed)
+                cfg.temperature, cfg.train.seed, cfg.scale_rewards)
 
 
 @dataclass
@@ -263,6 +280,10 @@ class RLConfig:
     rails_penalty: float = setting(1.0, "subtracted from the reward of an answer the rails refuse, or an empty one")
     refusal_reward: float = setting(0.0, "+this when an answer declines exactly when its prompt's label says "
                                          "(\"refuse\", or the pair's chosen answer), -this otherwise (0 = off)")
+    over_refusal_cost: float = setting(0.0, "with refusal_reward: -this instead for declining a prompt that should be "
+                                            "answered (0 = -refusal_reward)")
+    scale_rewards: Literal["group", "batch", "none"] = setting(
+        "group", "advantages divided by the std of each group (GRPO), of the whole batch, or nothing (Dr. GRPO)")
     kl_coef: float = setting(0.05, "weight of the KL penalty to the reference (0 = unconstrained)")
     group_size: int = setting(4, "answers sampled per prompt (GRPO's group)")
     max_new_tokens: int = setting(32, "longest sampled answer")
@@ -278,8 +299,11 @@ class RLConfig:
             raise ValueError(f"group_size must be at least 2 (advantages compare answers within a group), "
                              f"got {self.group_size}")
         if not (self.kl_coef >= 0 and self.rails_penalty >= 0 and self.refusal_reward >= 0 and self.temperature > 0
-                and self.max_new_tokens >= 1):
-            raise ValueError("kl_coef, rails_penalty and refusal_reward must be >= 0, temperature > 0 and max_new_tokens >= 1")
+                and self.max_new_tokens >= 1 and self.over_refusal_cost >= 0):
+            raise ValueError("kl_coef, rails_penalty, over_refusal_cost and refusal_reward must be >= 0, temperature > 0 "
+                             "and max_new_tokens >= 1")
+        if self.over_refusal_cost and not self.refusal_reward:
+            raise ValueError("over_refusal_cost applies to refusal_reward: set refusal_reward too")
 
 
 def run_rl(cfg: RLConfig, policy: nn.Module, tokenizer: Tokenizer, rewards: list[RewardFn]) -> tuple[dict, Path]:
@@ -315,7 +339,7 @@ def main(cfg: RLConfig) -> dict:
         rewards.insert(0, reward_model_reward(cfg.reward_model))
         rewards[0].metric = "reward_model"
     if cfg.refusal_reward:
-        rewards.append(refusal_reward(cfg.prompts, cfg.refusal_reward))
+        rewards.append(refusal_reward(cfg.prompts, cfg.refusal_reward, cfg.over_refusal_cost or None))
         rewards[-1].metric = "refusal"
     policy, tokenizer, _ = Registry().load(cfg.base, dtype=torch.float32)
     final, run = run_rl(cfg, policy, tokenizer, rewards)
