@@ -10,7 +10,7 @@ cd "$(dirname "$0")/../.."
 BIN=${BIN:-.venv/bin}
 case "${1:-}" in
 train)
-    $BIN/parley models list 2>/dev/null | grep -q '^smollm2-rl9-10\b' || bash benchmarks/probes/align_round9.sh train
+    $BIN/parley models list 2>/dev/null | grep '^smollm2-rl9-10\b' >/dev/null || bash benchmarks/probes/align_round9.sh train
     test -f runs/rl9-prompts.jsonl ||
         $BIN/python benchmarks/probes/align_prompts.py --harmful-share 0.25 --seed 0 --out runs/rl9-prompts.jsonl
     OMP_NUM_THREADS=2 $BIN/parley train rl recipes/align-rl-cost.toml > runs/rl10.log 2>&1

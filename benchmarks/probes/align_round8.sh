@@ -16,7 +16,7 @@ train)
     test -f runs/cai-b/checkpoints/step-000200/model.safetensors ||
         OMP_NUM_THREADS=2 $BIN/parley train constitutional recipes/align-constitutional.toml run=runs/cai-b \
             name=smollm2-cai-b > runs/cai-b.log 2>&1
-    $BIN/parley models list 2>/dev/null | grep -q '^smollm2-cai\b' ||
+    $BIN/parley models list 2>/dev/null | grep '^smollm2-cai\b' >/dev/null ||
         $BIN/python benchmarks/probes/register_checkpoint.py runs/cai-b 200 smollm2-cai
     test -f runs/dev-smollm2-cai.json ||
         OMP_NUM_THREADS=2 $BIN/python benchmarks/alignment.py --heldout dev --models smollm2-cai \

@@ -12,7 +12,7 @@ cd "$(dirname "$0")/../.."
 BIN=${BIN:-.venv/bin}
 case "${1:-}" in
 train)
-    $BIN/parley models list 2>/dev/null | grep -q '^smollm2-rl8-30\b' || bash benchmarks/probes/align_round8.sh train
+    $BIN/parley models list 2>/dev/null | grep '^smollm2-rl8-30\b' >/dev/null || bash benchmarks/probes/align_round8.sh train
     $BIN/python benchmarks/probes/align_prompts.py --harmful-share 0.25 --seed 0 --out runs/rl9-prompts.jsonl
     OMP_NUM_THREADS=2 $BIN/parley train rl recipes/align-rl-benign.toml > runs/rl9.log 2>&1
     for step in 10 20 30 40; do
