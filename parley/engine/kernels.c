@@ -1893,9 +1893,11 @@ static void key_scores_span(const float *q, const void *K, int kv_bf16, int amx,
 /* Whether attend_for shares a step's attention among `threads` in three phases rather than by (row,
  * kv head): when those leave threads idle (fewer than four times the threads and not a multiple of
  * them) and some row sees at least SPLIT_SEEN positions. Measured at batch 1 on 2 threads
- * (benchmarks/probes/attn_split.py): at 512 positions the phases made a step 5% faster on SmolLM2's
- * kept 4-bit file, 1-1.5% in bf16, 7-12% on Gemma 3 270M's kept file (one kv head); at 16 positions their
- * two extra barriers a layer cost 2-4%. split: 1 always (off the tiles), 0 never, -1 as said. */
+ * (benchmarks/probes/attn_split.py, three runs): at 512 positions the phases made a step 5% faster on
+ * SmolLM2's kept 4-bit file and 6-12% on Gemma 3 270M's (one kv head), -1% to +1.5% in bf16; at 16
+ * positions, with two more barriers a layer and little attention, -5% to +4%. The bound of four times
+ * the threads is a guess (no CPU with more than 2 cores was at hand). split: 1 always (off the tiles),
+ * 0 never, -1 as said. */
 #define SPLIT_SEEN 512
 int attend_splits(int split, int tiles, long units, int threads, long seen) {
     if (tiles || split == 0) return 0;
