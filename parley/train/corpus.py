@@ -22,13 +22,16 @@ from __future__ import annotations
 import gzip
 import hashlib
 import importlib.util
+import io
 import json
+import os
 import re
 import struct
 import sys
 import textwrap
 import time
 import unicodedata
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
@@ -36,10 +39,12 @@ from typing import Callable, Iterable, Iterator
 import numpy as np
 
 from parley.config import parse_cli, setting
-from parley.files import atomic_open
+from parley.files import atomic_open, open_regular, read_regular
 
 MIN_WORDS = 3  # shorter documents (a bare headword, a "%" left alone) teach nothing
 SHARD_TOKENS = 1 << 27  # 256 MiB of uint16 a shard
+MAX_BYTES = 1 << 28  # the most one source file may hold, read or decompressed (gcide's text is ~60 MB)
+MAX_DEPTH = 50  # reST directives nested deeper than this are refused
 REPO = Path(__file__).resolve().parents[2]
 
 # ---- cleaning ----
@@ -65,14 +70,14 @@ def unwrap(text: str, width: int = 50) -> str:
     """Join hard-wrapped lines into paragraphs and drop indentation (dictionary entries). A line joins
     the one before when that one is long (it was wrapped) and this one does not start a list item,
     so short lines (verse, headwords) keep their breaks."""
-    out: list[str] = []
+    out: list[list[str]] = []  # a paragraph's lines, joined at the end (joining as it grew was quadratic)
     for line in text.split("\n"):
-        line, prev = line.strip(), out[-1] if out else ""
-        if line and len(prev) >= width and not _ITEM.match(line):
-            out[-1] = f"{prev} {line}"
+        line = line.strip()
+        if line and out and (len(out[-1]) > 1 or len(out[-1][0]) >= width) and not _ITEM.match(line):
+            out[-1].append(line)
         else:
-            out.append(line)
-    return re.sub(r"(?<=\S) {2,}", " ", "\n".join(out))
+            out.append([line])
+    return re.sub(r"(?<=\S) {2,}", " ", "\n".join(" ".join(p) for p in out))
 
 
 # ---- readers: each takes the source's location and yields documents (or conversations) ----
@@ -87,19 +92,50 @@ def _b64(digits: str) -> int:
     return n
 
 
+def _read(path: Path) -> bytes:
+    """A source file's bytes: a regular file (no pipe or device) of at most MAX_BYTES (TooLarge)."""
+    return read_regular(path, MAX_BYTES)
+
+
+def _read_text(path: Path, errors: str = "strict") -> str:
+    try:
+        return _read(path).decode("utf-8", errors=errors)
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path} is not UTF-8 (byte {e.start:,}): convert it, or point location= elsewhere") from None
+
+
+def _gunzip(path: Path) -> bytes:
+    """A .dz (gzip) file's contents, refused once they pass MAX_BYTES: a bomb stops as it inflates."""
+    try:
+        with gzip.GzipFile(fileobj=io.BytesIO(_read(path))) as f:
+            data = f.read(MAX_BYTES + 1)
+    except EOFError as e:
+        raise ValueError(f"{path} is truncated ({e}): reinstall it or point location= at a whole copy") from None
+    except (zlib.error, gzip.BadGzipFile) as e:
+        raise ValueError(f"{path} is damaged or not gzip data ({e}): reinstall it or point location= at "
+                         "the .dict.dz file") from None
+    if len(data) > MAX_BYTES:
+        raise ValueError(f"{path} holds over {MAX_BYTES:,} bytes once decompressed: not a dictd database")
+    return data
+
+
 def read_dictd(path: Path) -> Iterator[str]:
     """Entries of a dictd database: `name.dict.dz` (gzip) and `name.index` (headword, offset, length
     in dictd's base64). The index, not the text, says where entries start: layouts differ by dictionary."""
     index = path.with_name(path.name.removesuffix(".dz").removesuffix(".dict") + ".index")
     if not index.is_file():
         raise FileNotFoundError(f"{index} not found: a dictd database needs its index beside {path.name}")
-    data = gzip.decompress(path.read_bytes()) if path.suffix == ".dz" else path.read_bytes()
+    data = _gunzip(path) if path.suffix == ".dz" else _read(path)
     seen = set()
-    for lineno, line in enumerate(index.read_text(encoding="utf-8").splitlines(), 1):
+    for lineno, line in enumerate(_read_text(index).splitlines(), 1):
         fields = line.split("\t")
         if len(fields) < 3:
             raise ValueError(f"{index}:{lineno}: expected 'headword<TAB>offset<TAB>length'")
-        span = (_b64(fields[1]), _b64(fields[2]))
+        try:
+            span = (_b64(fields[1]), _b64(fields[2]))
+        except KeyError:
+            raise ValueError(f"{index}:{lineno}: offset and length must be dictd's base64 (A-Z a-z 0-9 + /), "
+                             f"not {fields[1][:20]!r}, {fields[2][:20]!r}") from None
         # 00-database-* entries are the database's own metadata; several headwords may share one entry
         if fields[0].replace("-", "").startswith("00database") or span in seen:
             continue
@@ -107,9 +143,9 @@ def read_dictd(path: Path) -> Iterator[str]:
         yield data[span[0]:span[0] + span[1]].decode("utf-8", errors="replace")
 
 
-_TAG_LINE = re.compile(r"^\s*\[[^\]\n]*\]\s*$", re.M)  # a line of its own: [1913 Webster], [Obs.]
-_SOURCE_TAG = re.compile(r"\[[^\]\n]*(?:Webster|WordNet|PJC|Century)[^\]\n]*\]")  # which edition said it
-_PRONUNCIATION = re.compile(r" ?\\[^\\\n]*\\(?: ?\([^)\n]*\))?")  # \Af*fect"\ (d[=a]"[i^]s)
+_TAG_LINE = re.compile(r"^[ \t]*\[[^\]\n]*\][ \t]*$", re.M)  # a line of its own: [1913 Webster], [Obs.]
+_SOURCE_TAG = re.compile(r"\[[^\[\]\n]*(?:Webster|WordNet|PJC|Century)[^\[\]\n]*\]")  # which edition said it
+_PRONUNCIATION = re.compile(r" ?\\[^\\\n]*\\(?: ?\([^)\n\\]*\))?")  # \Af*fect"\ (d[=a]"[i^]s)
 _XREF = re.compile(r"\{([^{}]*)\}")  # {Fact}: a cross-reference
 _ACCENT = re.compile(r"\[([='`\"~^]?)([A-Za-z]{1,5})(\^?)\]")
 _MARKS = {"=": "\u0304", "'": "\u0301", "`": "\u0300", '"': "\u0308", "~": "\u0303", "^": "\u0302"}
@@ -133,7 +169,7 @@ def gcide_text(entry: str) -> str:
 
 
 def foldoc_text(entry: str) -> str:
-    entry = re.sub(r"^\s*\(\d{4}-\d\d-\d\d\)\s*$", "", entry, flags=re.M)  # (1994-11-08): last edit
+    entry = re.sub(r"^[ \t]*\(\d{4}-\d\d-\d\d\)[ \t]*$", "", entry, flags=re.M)  # (1994-11-08): last edit
     entry = unwrap(clean(_XREF.sub(r"\1", entry)))
     return re.sub(r"<[a-z][a-z ,/-]*>\s*", "", entry)  # <programming>: a subject tag
 
@@ -152,7 +188,7 @@ def read_wordnet(path: Path) -> Iterator[str]:
     if not files:
         raise FileNotFoundError(f"no WordNet data.noun/verb/adj/adv files in {path}")
     for file, pos in files:
-        for lineno, line in enumerate(file.read_text(encoding="utf-8", errors="replace").splitlines(), 1):
+        for lineno, line in enumerate(_read_text(file, "replace").splitlines(), 1):
             if line.startswith("  "):  # the license header
                 continue
             head, _, gloss = line.partition(" | ")
@@ -181,7 +217,7 @@ _EXPLICIT = re.compile(r"^(\s*)\.\.(\s|$)")  # comments, targets (.. _label:), s
 # Heading underlines and table borders. Each run must end in a space or the line's end: nested runs that
 # could split anywhere would backtrack exponentially on a long near-miss line.
 _UNDERLINE = re.compile(r"^\s*(?:([=\-~^*#\"+'`.:_])\1{2,}(?:\s+|$))+$|^\s*\+(?:[-=]+\+)+\s*$")
-_ROLE = re.compile(r":(?:[\w-]+:)+`([^`]+)`")
+_ROLE = re.compile(r"(?<![\w:-]):(?:[\w-]+:)+`([^`]+)`")  # one try a run of colons, not one a colon
 _PLAIN_ROLES = ("ref", "term", "doc", "dfn", "abbr", "guilabel", "menuselection", "emphasis", "strong", "numref")
 
 
@@ -196,7 +232,9 @@ def _role(m: re.Match) -> str:
     return text if role in _PLAIN_ROLES else f"`{text}`"
 
 
-def _rst_blocks(lines: list[str]) -> list[str]:
+def _rst_blocks(lines: list[str], depth: int = 0) -> list[str]:
+    if depth > MAX_DEPTH:
+        raise ValueError(f"directives nested over {MAX_DEPTH} deep")
     out, i = [], 0
     while i < len(lines):
         line = lines[i]
@@ -221,7 +259,7 @@ def _rst_blocks(lines: list[str]) -> list[str]:
         while body and re.match(r"\s*:[\w-]+:", body[0]):  # directive options (:noindex:)
             body.pop(0)
         head = _RST_LABEL[name].format(arg) if name in _RST_LABEL else arg
-        out += ([head] if head else []) + _rst_blocks(body) + [""]
+        out += ([head] if head else []) + _rst_blocks(body, depth + 1) + [""]
     return out
 
 
@@ -230,7 +268,7 @@ def rst_text(source: str) -> str:
     text = "\n".join(_rst_blocks(source.replace("\r\n", "\n").split("\n")))
     text = _ROLE.sub(_role, text)
     text = re.sub(r"``(.+?)``", r"`\1`", text)  # ``literal`` -> `literal`
-    text = re.sub(r"`([^`<>]+?)\s*<[^<>`]+>`__?", r"\1", text)  # `title <url>`_
+    text = re.sub(r"`([^`<>]*[^`<>\s])\s*<[^<>`]+>`__?", r"\1", text)  # `title <url>`_
     text = re.sub(r"`([^`]+)`_\b", r"\1", text)  # `target`_
     text = re.sub(r"(?<=[A-Za-z0-9])_(?=[\s.,;:)]|$)", "", text, flags=re.M)  # target_
     return clean(text)
@@ -242,7 +280,10 @@ def read_python_docs(path: Path) -> Iterator[str]:
     if not files:
         raise FileNotFoundError(f"no .rst.txt files under {path}")
     for file in files:
-        yield rst_text(file.read_text(encoding="utf-8", errors="replace"))
+        try:
+            yield rst_text(_read_text(file, "replace"))
+        except ValueError as e:
+            raise ValueError(f"{file}: {e}") from None
 
 
 _BIBLE_MAGIC = b"EC02"
@@ -255,15 +296,16 @@ _BIBLE_BOOKS = (
     "Hebrews|James|1 Peter|2 Peter|1 John|2 John|3 John|Jude|Revelation").split("|")
 
 
-def unlzw(data: bytes, maxbits: int = 16) -> bytes:
+def unlzw(data: bytes, maxbits: int = 16, limit: int | None = None) -> bytes:
     """Decompress the codes of Unix `compress` (LZW, block mode) that follow its 3-byte header.
 
     Codes are little-endian bit strings of 9 bits, growing to `maxbits` as the table fills; code 256
     clears the table. compress writes codes in groups of 8, so whenever the width changes the rest
-    of the current group (counted from where this width began) is padding.
+    of the current group (counted from where this width began) is padding. Output past `limit`
+    bytes is refused (ValueError): 100 KB of codes can spell gigabytes.
     """
     table = [bytes([i]) for i in range(256)] + [b""]
-    out, prev, bits, pos, start, end = [], b"", 9, 0, 0, len(data) * 8
+    out, prev, bits, pos, start, end, size = [], b"", 9, 0, 0, len(data) * 8, 0
 
     def group_end(p: int) -> int:
         group = bits * 8
@@ -286,7 +328,9 @@ def unlzw(data: bytes, maxbits: int = 16) -> bytes:
         if prev and len(table) < 1 << maxbits:
             table.append(prev + entry[:1])
         out.append(entry)
-        prev = entry
+        prev, size = entry, size + len(entry)
+        if limit is not None and size > limit:
+            raise ValueError(f"decodes to over {limit:,} bytes")
         if len(table) >= 1 << bits and bits < maxbits:
             pos = start = group_end(pos)
             bits += 1
@@ -298,15 +342,27 @@ def read_bible(path: Path) -> Iterator[str]:
     (uint32 big-endian), count+1 offsets, then windows of `compress` (LZW) data, each decoded on its
     own; the 3-byte compress header sits just before the first. Text lines are 'Ge1:1 In the
     beginning...'. One document a chapter, a verse a line, titled with the book's name."""
-    data = path.read_bytes()
+    data = _read(path)
     if data[:4] != _BIBLE_MAGIC or len(data) < 92:
         raise ValueError(f"{path} is not a bible-kjv data file (no {_BIBLE_MAGIC!r} header)")
     _, count = struct.unpack(">II", data[84:92])
+    if 92 + 4 * (count + 1) > len(data):
+        raise ValueError(f"{path}: the header counts {count:,} windows, more than its {len(data):,} bytes hold: "
+                         "not a bible-kjv data file")
     offsets = struct.unpack(f">{count + 1}I", data[92:92 + 4 * (count + 1)])
+    if offsets[0] < 3 or offsets[-1] > len(data) or any(a > b for a, b in zip(offsets, offsets[1:])):
+        raise ValueError(f"{path}: window offsets out of order or past the end: not a bible-kjv data file")
     header = data[offsets[0] - 3:offsets[0]]
     if header[:2] != b"\x1f\x9d":
         raise ValueError(f"{path}: windows are not `compress` data")
-    text = b"".join(unlzw(data[a:b], header[2] & 0x1F) for a, b in zip(offsets, offsets[1:]))
+    windows, size = [], 0
+    for a, b in zip(offsets, offsets[1:]):
+        try:
+            windows.append(unlzw(data[a:b], header[2] & 0x1F, MAX_BYTES - size))
+        except ValueError as e:
+            raise ValueError(f"{path}: the window at byte {a:,} {e}") from None
+        size += len(windows[-1])
+    text = b"".join(windows)
     books: list[str] = []
     chapter, verses = None, []
     for line in text.decode("utf-8", errors="replace").splitlines():
@@ -335,7 +391,7 @@ def read_fortunes(path: Path) -> Iterator[str]:
     if not files:
         raise FileNotFoundError(f"no fortune files in {path}")
     for file in files:
-        raw = file.read_bytes()
+        raw = _read(file)
         try:
             text = raw.decode("utf-8")
         except UnicodeDecodeError:  # older fortune files are Latin-1
@@ -367,6 +423,8 @@ def read_chitchat(path: Path) -> Iterator[list[dict]]:
             raise ValueError(f"{path}: conversation {key} has no 'messages' list")
         messages = []
         for i, turn in enumerate(turns):
+            if not isinstance(turn, list):
+                raise ValueError(f"{path}: conversation {key}: turn {i + 1} is not a list of utterances")
             content = "\n".join(clean(str(u.get("text", ""))) for u in turn if isinstance(u, dict)).strip()
             if content:
                 messages.append({"role": ("user", "assistant")[i % 2], "content": content})
@@ -388,19 +446,27 @@ def read_chatterbot(path: Path) -> Iterator[list[dict]]:
         raise FileNotFoundError(f"no .yml files in {path}")
     for file in files:
         try:  # BaseLoader keeps every scalar a string: plain YAML would turn "yes" into True
-            data = yaml.load(file.read_text(encoding="utf-8"), Loader=yaml.BaseLoader)
+            data = yaml.load(_read_text(file), Loader=yaml.BaseLoader) or {}
         except yaml.YAMLError as e:
             raise ValueError(f"{file} is not valid YAML ({str(e).splitlines()[0]})") from None
-        for turns in (data or {}).get("conversations", []):
-            if isinstance(turns, list):
-                yield [{"role": ("user", "assistant")[i % 2], "content": clean(str(t))} for i, t in enumerate(turns)]
+        if not isinstance(data, dict):
+            raise ValueError(f"{file}: expected a mapping with 'conversations' (a list of lists of turns)")
+        conversations, size = data.get("conversations", []), 0
+        for turns in conversations if isinstance(conversations, list) else []:
+            if isinstance(turns, list) and all(isinstance(t, str) for t in turns):
+                size += sum(map(len, turns))  # aliases repeat one string without its bytes in the file
+                if size > MAX_BYTES:
+                    raise ValueError(f"{file} expands to over {MAX_BYTES:,} characters (YAML aliases?)")
+                yield [{"role": ("user", "assistant")[i % 2], "content": clean(t)} for i, t in enumerate(turns)]
 
 
 def _json(path: Path):
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
+        return json.loads(_read(path).decode("utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ValueError(f"{path} is not valid JSON ({e})") from None
+    except RecursionError:
+        raise ValueError(f"{path} is not valid JSON (nested too deeply)") from None
 
 
 # ---- the sources ----
@@ -502,27 +568,46 @@ def prepare(out_dir, sources=None, val_fraction: float = 0.01, seed: int = 0, to
     the text is tokenized too. Returns the manifest.
     """
     names = _check(sources, val_fraction, seed)
-    unknown = set(locations or {}) - set(SOURCES)
+    locations = locations or {}
+    unknown = set(locations) - set(SOURCES)
     if unknown:
-        raise ValueError(f"locations given for unknown source(s) {', '.join(sorted(unknown))}")
-    tokenizer = None if tokenizer is None else _load_tokenizer(tokenizer)
+        raise ValueError(f"locations given for unknown source(s) {', '.join(sorted(unknown))}; "
+                         f"choose from {', '.join(SOURCES)}")
+    if empty := [n for n, p in locations.items() if not str(p)]:
+        raise ValueError(f"the location of {empty[0]} is empty: give a path")
     out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"{out} is a file: OUT must be a folder (new, or one `parley data prepare` wrote)")
+    paths = {name: Path(locations[name]) if name in locations else SOURCES[name].path() for name in names}
+    for name, path in paths.items():
+        if _overlaps(out, path):
+            raise ValueError(f"OUT {out} and {name}'s location {path} overlap: preparing would read its own "
+                             "output or replace the source's files; choose an OUT outside the source")
+    tokenizer = None if tokenizer is None else _load_tokenizer(tokenizer)
     (out / "text").mkdir(parents=True, exist_ok=True)
     started, seen, dialogs = time.time(), set(), {"train": [], "val": []}
     manifest = {"version": 1, "seed": seed, "val_fraction": val_fraction, "sources": {}}
     for name in names:
-        source = SOURCES[name]
-        path = Path((locations or {}).get(name) or source.path())
+        source, path = SOURCES[name], paths[name]
         entry = manifest["sources"][name] = {"license": source.license, "package": source.package,
                                              "location": str(path)}
         text_file = out / "text" / f"{name}.jsonl"
         try:
             if not path.exists():
+                if path.is_symlink():
+                    raise FileNotFoundError(f"{path} is a symbolic link to nothing (or in a loop): "
+                                            f"point location={name}= at the files themselves")
                 raise FileNotFoundError(f"{path} not found: install {source.package} (make data-sources)")
+            found = {"train": [], "val": []}  # kept only if the whole source reads
             if source.text:
                 entry.update(_write_text(source, path, text_file, seen))
             if source.dialogs:
-                entry.update(_collect_dialogs(name, source, path, seen, dialogs, seed, val_fraction))
+                entry.update(_collect_dialogs(name, source, path, seen, found, seed, val_fraction))
+            if not any(entry.get(k) for k in ("documents", "duplicates", "dialogs", "dialog_duplicates")):
+                raise ValueError(f"no documents in {path}: are these {source.package}'s files? "
+                                 f"Point location={name}= at them")
+            for split, conversations in found.items():
+                dialogs[split] += conversations
         except (OSError, ValueError, UnicodeError, ImportError) as e:
             entry.clear()
             entry.update(license=source.license, package=source.package, location=str(path), skipped=str(e))
@@ -538,6 +623,17 @@ def prepare(out_dir, sources=None, val_fraction: float = 0.01, seed: int = 0, to
     if tokenizer is not None:
         manifest = tokenize(out, tokenizer, val_fraction, seed)
     return manifest
+
+
+_OUTPUTS = re.compile(r"manifest\.json|dialogs-(train|val)\.jsonl|(train|val)-\d{3,}\.bin")
+
+
+def _overlaps(out: Path, location: Path) -> bool:
+    """Whether OUT is a source's location or inside it, or the location is a file `prepare` writes."""
+    out, location = Path(os.path.realpath(out)), Path(os.path.realpath(location))  # no error on a loop
+    if out == location or location in out.parents:
+        return True
+    return (out / "text") in location.parents or (location.parent == out and bool(_OUTPUTS.fullmatch(location.name)))
 
 
 def _write_text(source: Source, path: Path, file: Path, seen: set) -> dict:
@@ -671,9 +767,14 @@ class DataConfig:
     location: list[str] = setting(factory=list, help="NAME=PATH: where a source's files are (repeatable)")
 
     def __post_init__(self):
-        bad = [item for item in self.location if "=" not in item]
-        if bad:
-            raise ValueError(f"location takes NAME=PATH, not {bad[0]!r}")
+        pairs = [item.partition("=") for item in self.location]
+        for item, (name, eq, path) in zip(self.location, pairs):
+            if not (name and eq and path):
+                raise ValueError(f"location=NAME=PATH needs a NAME and a PATH, not {item!r} "
+                                 "(e.g. location=gcide=/usr/share/dictd/gcide.dict.dz)")
+        names = [name for name, _, _ in pairs]
+        if twice := next((n for n in names if names.count(n) > 1), None):
+            raise ValueError(f"location={twice}= is given twice: keep one")
 
 
 def main(argv: list[str] | None = None, prog: str = "parley data prepare") -> int:
