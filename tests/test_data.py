@@ -43,13 +43,18 @@ def write_dictd(folder: Path, name: str, entries: dict[str, str]) -> Path:
 
 
 def compress_literals(data: bytes) -> bytes:
-    """Unix compress (LZW) codes that spell every byte as a literal: valid, if no smaller. The decoder
-    defines a code for each code after the first and widens codes when the table fills, skipping the
-    rest of compress's group of 8 codes; this mirrors that."""
+    """Unix compress (LZW) codes that spell every byte as a literal: valid, if no smaller."""
+    return lzw_codes(list(data))
+
+
+def lzw_codes(codes: list[int]) -> bytes:
+    """The bit string of Unix compress codes as its decoder reads them: the decoder defines a table entry
+    for each code after the first and widens codes when the table fills, skipping the rest of compress's
+    group of 8 codes; this mirrors that."""
     acc = pos = start = 0
     bits, size = 9, 257
-    for i, byte in enumerate(data):
-        acc |= byte << pos
+    for i, code in enumerate(codes):
+        acc |= code << pos
         pos += bits
         size += i > 0
         if size >= 1 << bits:

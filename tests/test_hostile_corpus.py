@@ -18,6 +18,7 @@ import pytest
 from parley import cli
 from parley.train import corpus
 from parley.train.corpus import SOURCES, prepare
+from test_data import lzw_codes
 
 B64 = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/"
 CAT = b"CAT, n. A soft, indestructible automaton provided by nature to be kicked.\n"
@@ -159,17 +160,7 @@ def bible(path: Path, count: int, offsets: list[int], windows: bytes) -> Path:
 
 def lzw_bomb(codes: int) -> bytes:
     """LZW codes each naming the entry being defined: entry k is k+1 bytes, the output grows as codes**2."""
-    acc = pos = start = 0
-    bits, size = 9, 257
-    for i, code in enumerate([97] + [257 + i for i in range(codes)]):
-        acc |= code << pos
-        pos += bits
-        size += i > 0
-        if size >= 1 << bits:
-            group = bits * 8
-            pos = start = start + -(-(pos - start) // group) * group
-            bits += 1
-    return acc.to_bytes((pos + 7) // 8, "little")
+    return lzw_codes([97] + [257 + i for i in range(codes)])
 
 
 def test_bible_data_that_lies(tmp_path, capsys, monkeypatch):
