@@ -18,9 +18,8 @@ import pytest
 from parley import cli
 from parley.train import corpus
 from parley.train.corpus import SOURCES, prepare
-from test_data import lzw_codes
+from test_data import b64, lzw_codes
 
-B64 = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/"
 CAT = b"CAT, n. A soft, indestructible automaton provided by nature to be kicked.\n"
 
 
@@ -34,14 +33,6 @@ def deadline():
     yield
     signal.alarm(0)
     signal.signal(signal.SIGALRM, old)
-
-
-def b64(n: int) -> str:
-    digits = ""
-    while True:
-        digits, n = B64[n % 64] + digits, n // 64
-        if not n:
-            return digits
 
 
 def dictd(folder: Path, data: bytes, index: str | None = None, name: str = "devil", raw: bool = False) -> Path:
