@@ -27,6 +27,7 @@ step), each folder built under a temporary name and renamed when complete.
 from __future__ import annotations
 
 import dataclasses
+import gc
 import itertools
 import json
 import math
@@ -404,6 +405,17 @@ def init_distributed(device: torch.device) -> tuple[int, int, bool]:
     return dist.get_rank(), dist.get_world_size(), True
 
 
+def leave(failed: bool) -> None:
+    """Leave the process group in order: collect garbage that may still hold its work (a DDP wrapper
+    freed late), wait for the others after a stage that went well (rank 0 registers the model while the
+    rest would already be exiting), then destroy it. Without this, one CI run in many saw a process
+    aborted at exit by gloo ('terminate called without an active exception', SIGABRT)."""
+    gc.collect()
+    if not failed:
+        dist.barrier()
+    dist.destroy_process_group()
+
+
 def _to(batch, device: torch.device):
     if isinstance(batch, torch.Tensor):
         return batch.to(device, non_blocking=True)
@@ -579,6 +591,7 @@ def train(model: nn.Module, cfg: TrainConfig, run_dir, get_batch: Callable[[int,
         log.close()
         if run_steps > 1:
             final["run_tok_per_s"] = tokens_per_step * (run_steps - 1) / run_time
+    del ddp, net
     if started_group:
-        dist.destroy_process_group()
+        leave(failed=False)
     return final

@@ -22,7 +22,7 @@ from parley.files import atomic_open
 from parley.model.tokenizer import Tokenizer
 from parley.model.transformer import Transformer
 from parley.registry import NAME_PATTERN, Registry
-from parley.train.loop import RUN_FILES, init_distributed, latest_checkpoint
+from parley.train.loop import RUN_FILES, init_distributed, latest_checkpoint, leave
 
 
 @contextmanager
@@ -30,11 +30,13 @@ def processes(device: torch.device):
     """The process group for the whole stage (torchrun), so that the run folder is claimed once;
     `train` joins it instead of starting its own. Outside torchrun: nothing."""
     rank, world, started = init_distributed(device)
+    failed = True
     try:
         yield rank, world
+        failed = False
     finally:
         if started:
-            dist.destroy_process_group()
+            leave(failed)
 
 
 def check_run(run: str, resume: bool) -> Path:
