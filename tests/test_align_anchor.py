@@ -132,6 +132,33 @@ def test_the_anchor_holds_the_model_to_its_base_on_ordinary_dialogs(home, capsys
     assert all(r["critique"] == "" and r["labeler"] == "rails" for r in records if r["harmful"])
 
 
+def test_sft_holds_the_model_to_its_base_when_anchored(home, capsys):
+    """`parley train sft` on narrow data with anchor.dialogs: the loss is the task's plus coef x KL, and the
+    model moves less on the ordinary dialogs than without it. An anchor without adapters is refused."""
+    data = home / "narrow"
+    data.mkdir()
+    for split in ("train", "val"):
+        with open(data / f"dialogs-{split}.jsonl", "w") as f:
+            for i in range(12):
+                f.write(json.dumps({"messages": [{"role": "user", "content": f"How do I stop process {i}?"},
+                                                 {"role": "assistant", "content": f"Run kill {i} in a shell."}]}) + "\n")
+    dialogs = write_dialogs(home / "dialogs.jsonl")
+    args = ["train", "sft", f"data={data}", "base=tiny", "lora.rank=8", "lora.alpha=16", "train.steps=8",
+            "train.batch_size=4", "train.seq_len=64", "train.lr=2e-2", "train.save_every=0", "train.eval_batches=1",
+            *QUIET]
+    for coef in (0, 5):
+        assert cli.main([*args, f"run={home / f'sft-{coef}'}", f"name=tiny-sft-{coef}", f"anchor.dialogs={dialogs}",
+                         f"anchor.coef={coef}"]) == 0
+    capsys.readouterr()
+    anchored = [r for r in metrics(home / "sft-5") if "loss" in r]
+    assert anchored and all(r["loss"] == pytest.approx(r["task"] + 5 * r["anchor_kl"], rel=1e-4) for r in anchored)
+    free, held = dialog_kl("tiny-sft-0", "tiny", dialogs), dialog_kl("tiny-sft-5", "tiny", dialogs)
+    assert held < 0.5 * free, (held, free)
+    for bad, says in [(["lora.rank=0", f"anchor.dialogs={dialogs}"], "anchor.dialogs needs LoRA adapters"),
+                      ([f"anchor.dialogs={home / 'none.jsonl'}"], "anchor.dialogs .* not found")]:
+        assert cli.main([*args, f"run={home / 'sft-bad'}", *bad]) != 0
+        assert re.search(says, capsys.readouterr().err) and not (home / "sft-bad").exists()
+
 def test_dpo_with_the_chosen_nll_and_the_anchor(home, capsys):
     dialogs = write_dialogs(home / "dialogs.jsonl")
     pairs = [Pair([{"role": "user", "content": q}], "Paris is the capital.", "Hello hello hello.", None, "written",

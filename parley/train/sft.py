@@ -3,10 +3,12 @@ model or LoRA adapters, starting from any registered model (ours or imported).
 
     parley train sft recipes/sft-chitchat.toml                       # SmolLM2 on chitchat, LoRA
     parley train sft recipes/sft-chitchat.toml lora.rank=0 run=runs/sft-full name=smollm2-chat-full
+    parley train sft recipes/align-sft-answers.toml          # narrow SFT held to its base (anchor.dialogs)
 
 The validation loss is measured before the first step and after the last, so the run
 shows what fine-tuning changed. With LoRA the adapters are saved in the run folder
-(adapter.safetensors) and merged into the registered model.
+(adapter.safetensors) and merged into the registered model. With LoRA, `anchor.dialogs` holds the
+model to its base on ordinary conversations while it learns narrow data (parley/train/anchor.py).
 """
 
 from __future__ import annotations
@@ -49,6 +51,7 @@ class SFTConfig:
     name: str = setting("", "register the result under this name ('' = the run folder's name)")
     resume: bool = setting(False, "continue the run in `run` from its newest checkpoint")
     lora: LoRAConfig = field(default_factory=LoRAConfig)
+    anchor: AnchorConfig = field(default_factory=AnchorConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
 
 
@@ -60,6 +63,7 @@ def main(cfg: SFTConfig) -> dict:
     for split in ("train", "val"):  # before the (slow) model load
         if not (data / f"dialogs-{split}.jsonl").is_file():
             raise FileNotFoundError(f"{data / f'dialogs-{split}.jsonl'} not found: run `parley data prepare {data}`")
+    cfg.anchor.check(cfg.lora.rank)
     model, tokenizer, _ = Registry().load(cfg.base, dtype=torch.float32)
     model.to(device)  # the evaluation before training runs where the training will
     if t.seq_len > model.config.max_position_embeddings:
@@ -70,7 +74,7 @@ def main(cfg: SFTConfig) -> dict:
     params = add_adapters(model, cfg.lora, t.seed)  # before the run folder: targets the model lacks are refused
     with processes(device):
         run = claim_run(cfg)
-        return fine_tune(cfg, model, tokenizer, chats, val, run, params, stage="sft")
+        return fine_tune(cfg, model, tokenizer, chats, val, run, params, stage="sft", anchor=cfg.anchor)
 
 
 def add_adapters(model, lora: LoRAConfig, seed: int) -> list | None:
