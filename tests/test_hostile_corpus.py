@@ -84,7 +84,9 @@ def test_a_pipe_or_device_in_a_location_is_refused(name, kind, tmp_path, capsys)
     (tmp_path / "devil.index").write_text("cat\tA\tB\n")
     special(tmp_path / inside, kind)
     reason = skipped(tmp_path, capsys, name, tmp_path / location)
-    assert re.search(f"{re.escape(str(tmp_path / inside))} is not a regular file", reason), reason
+    # a link to /dev/zero inside a source's folder is refused first as a link out of the folder
+    message = "is not a regular file" if kind == "fifo" or inside == location else "links out of .* \\(to /dev/zero\\)"
+    assert re.search(f"{re.escape(str(tmp_path / inside))} {message}", reason), reason
 
 
 @pytest.mark.parametrize("name, inside, location", [
@@ -292,3 +294,56 @@ def test_a_hostile_source_leaves_the_others_whole(tmp_path, capsys):
                        locations={"devil": dictd(tmp_path, CAT), "chitchat": tmp_path / "fifo.json"})
     assert manifest["sources"]["devil"]["documents"] == 1
     assert "not a regular file" in manifest["sources"]["chitchat"]["skipped"]
+
+
+# ---------------------------------------------------------------- folders too big, too deep, or leading out
+
+FOLDER_SOURCES = {"fortunes": "w{}", "sotu": "{}.json", "chatterbot": "{}.yml", "python-docs": "{}.rst.txt"}
+
+
+@pytest.mark.parametrize("name", FOLDER_SOURCES)
+def test_a_folder_of_too_many_files_is_refused_before_it_is_read(name, tmp_path, capsys, monkeypatch):
+    """Every file of a folder was read: 200,000 tiny files (a location= at a home folder) took minutes."""
+    monkeypatch.setattr(corpus, "MAX_FILES", 100, raising=False)
+    (tmp_path / "src").mkdir()
+    for i in range(101):
+        (tmp_path / "src" / FOLDER_SOURCES[name].format(i)).write_text("")
+    reason = skipped(tmp_path, capsys, name, tmp_path / "src")
+    assert f"{tmp_path / 'src'} holds over 100 files and folders" in reason, reason
+    assert f"point location={name}= at the source's own folder" in reason, reason
+
+
+def test_a_folder_nested_too_deep_is_refused(tmp_path, capsys):
+    """python-docs walked every subfolder: 1,500 of them nested was a RecursionError traceback."""
+    folders = [tmp_path / "docs"]
+    for _ in range(1500):  # one at a time: mkdir(parents=True) and rmtree recurse too
+        folders[-1].mkdir()
+        folders.append(folders[-1] / "a")
+    (folders[-2] / "x.rst.txt").write_text("Words of a document nobody reaches.\n")
+    try:
+        reason = skipped(tmp_path, capsys, "python-docs", tmp_path / "docs")
+    finally:
+        (folders[-2] / "x.rst.txt").unlink()
+        for folder in reversed(folders[:-1]):
+            folder.rmdir()
+    assert re.search(f"{re.escape(str(tmp_path / 'docs'))} has folders nested over {corpus.MAX_FOLDER_DEPTH} "
+                     "deep: point location=python-docs= at the source's own folder", reason), reason
+
+
+@pytest.mark.parametrize("name", ["sotu", "chatterbot", "python-docs"])  # fortunes reads no links at all
+def test_a_file_that_links_out_of_the_folder_is_refused(name, tmp_path, capsys):
+    """A link in the folder was read wherever it led: a downloaded folder's `a.rst.txt -> ~/.ssh/id_rsa`
+    put the key into the training text. Links inside the folder, and a link back up (a loop), are fine."""
+    src, line = tmp_path / "src", "A clash of doctrine is not a disaster, it is an opportunity."
+    (src / "sub").mkdir(parents=True)
+    documents = {"sotu": json.dumps({"year": 1, "name": "x", "text": line}),
+                 "chatterbot": f"conversations:\n- - {line}\n  - {line}\n", "python-docs": f"{line}\n"}
+    (src / "sub" / "real").write_text(documents[name])
+    (src / FOLDER_SOURCES[name].format("a")).symlink_to(src / "sub" / "real")
+    (src / "sub" / "up").symlink_to(src)
+    assert cli.main(["data", "prepare", str(tmp_path / "ok"), f"sources={name}", f"location={name}={src}"]) == 0
+    (tmp_path / "secret").write_text(documents[name].replace("clash", "secret"))
+    link = src / FOLDER_SOURCES[name].format("b")
+    link.symlink_to(tmp_path / "secret")
+    reason = skipped(tmp_path, capsys, name, src)
+    assert f"{link} links out of {src} (to {tmp_path / 'secret'})" in reason, reason

