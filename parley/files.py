@@ -61,9 +61,10 @@ def read_regular(path, max_bytes: int | None = None) -> bytes:
 
 @contextlib.contextmanager
 def atomic_open(path, mode: str = "w"):
-    """A temporary file beside `path`, renamed over it only if the block finishes."""
+    """A temporary file beside `path` (`.NAME.XXXXXXXX.tmp`: a killed process leaves it, recognisably),
+    renamed over it only if the block finishes."""
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, mode, **({"encoding": "utf-8"} if "b" not in mode else {})) as f:
             yield f

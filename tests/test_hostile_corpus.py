@@ -347,3 +347,21 @@ def test_a_file_that_links_out_of_the_folder_is_refused(name, tmp_path, capsys):
     link.symlink_to(tmp_path / "secret")
     reason = skipped(tmp_path, capsys, name, src)
     assert f"{link} links out of {src} (to {tmp_path / 'secret'})" in reason, reason
+
+
+# ---------------------------------------------------------------- a run that was killed
+
+def test_a_killed_runs_temporary_files_are_removed_and_nothing_else(tmp_path, capsys):
+    """SIGKILL mid-run left `.gcide.jsonl.6qlebrks` (5 MB, a shard's would be 256 MB) in OUT/text for good."""
+    out = tmp_path / "out"
+    (out / "text").mkdir(parents=True)
+    ours = [out / "text" / ".gcide.jsonl.6qlebrks.tmp", out / ".manifest.json.a_b1c2d3.tmp",
+            out / ".dialogs-val.jsonl.zzzzzzzz.tmp", out / ".train-007.bin.k2j3h4g5.tmp"]
+    theirs = [out / "text" / ".mine.jsonl.6qlebrks.tmp", out / ".manifest.json.bak", out / "notes.tmp",
+              out / ".manifest.json.6qlebrks", out / ".manifest.json.toolong12345.tmp", out / "text" / "gcide.tmp"]
+    for file in ours + theirs:
+        file.write_text("x")
+    assert cli.main(["data", "prepare", str(out), "sources=devil", f"location=devil={dictd(tmp_path, CAT)}"]) == 0
+    assert [f.name for f in ours if f.exists()] == []
+    assert [f.name for f in theirs if not f.exists()] == []
+    assert sorted(f.name for f in out.rglob(".*")) == sorted(f.name for f in theirs if f.name.startswith("."))

@@ -624,6 +624,7 @@ def prepare(out_dir, sources=None, val_fraction: float = 0.01, seed: int = 0, to
                              "output or replace the source's files; choose an OUT outside the source")
     tokenizer = None if tokenizer is None else _load_tokenizer(tokenizer)
     (out / "text").mkdir(parents=True, exist_ok=True)
+    _remove_leftovers(out)
     started, seen, dialogs = time.time(), set(), {"train": [], "val": []}
     manifest = {"version": 1, "seed": seed, "val_fraction": val_fraction, "sources": {}}
     for name in names:
@@ -666,6 +667,18 @@ def prepare(out_dir, sources=None, val_fraction: float = 0.01, seed: int = 0, to
 
 
 _OUTPUTS = re.compile(r"manifest\.json|dialogs-(train|val)\.jsonl|(train|val)-\d{3,}\.bin")
+_TEMPORARY = re.compile(r"\.(.+)\.[a-z0-9_]{8}\.tmp")  # atomic_open's name for a file not yet written
+
+
+def _remove_leftovers(out: Path) -> None:
+    """Delete the temporary files a killed run left in OUT (a shard's is 256 MiB): atomic_open's names
+    for the files this module writes there, nothing else."""
+    texts = {f"{name}.jsonl" for name in SOURCES}
+    for folder, ours in ((out, _OUTPUTS.fullmatch), (out / "text", texts.__contains__)):
+        for file in folder.glob(".*.tmp"):
+            m = _TEMPORARY.fullmatch(file.name)
+            if m and ours(m.group(1)) and file.is_file() and not file.is_symlink():
+                file.unlink()
 
 
 def _overlaps(out: Path, location: Path) -> bool:
@@ -759,6 +772,7 @@ def tokenize(out_dir, tokenizer, val_fraction: float = 0.01, seed: int = 0, shar
     if shard_tokens < 1:
         raise ValueError(f"shard_tokens must be positive, got {shard_tokens}")
     tokenizer = _load_tokenizer(tokenizer)
+    _remove_leftovers(out)
     eot = tokenizer.eot_id
     if eot is None:
         raise ValueError("the tokenizer has no end-of-text or eos token to separate documents")
