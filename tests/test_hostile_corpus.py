@@ -7,6 +7,7 @@ a traceback or a source's files overwritten."""
 import gzip
 import json
 import os
+import random
 import re
 import signal
 import struct
@@ -365,3 +366,39 @@ def test_a_killed_runs_temporary_files_are_removed_and_nothing_else(tmp_path, ca
     assert [f.name for f in ours if f.exists()] == []
     assert [f.name for f in theirs if not f.exists()] == []
     assert sorted(f.name for f in out.rglob(".*")) == sorted(f.name for f in theirs if f.name.startswith("."))
+
+
+# ---------------------------------------------------------------- bytes that decode but are no text
+
+@pytest.mark.parametrize("name, data", [
+    ("fortunes", bytes(range(256)) * 40),  # Latin-1 takes any byte: C1 controls, NULs
+    ("fortunes", random.Random(0).randbytes(1 << 14)),  # a binary file among the fortunes
+    ("devil", bytes(range(128, 256)) * 40),  # invalid UTF-8: replacement characters
+    ("devil", ("\x85\x9c word " * 400).encode()),  # UTF-8 of C1 control characters
+])
+def test_bytes_that_decode_but_are_no_text_are_dropped_and_counted(name, data, tmp_path, capsys):
+    """They became training documents: 16 KB of random bytes, decoded as Latin-1, was one document."""
+    location = tmp_path / "src"
+    if name == "devil":  # the bytes as one entry, CAT as the next
+        location = dictd(tmp_path, data + CAT, f"junk\tA\t{b64(len(data))}\ncat\t{b64(len(data))}\t{b64(len(CAT))}\n")
+    else:
+        location.mkdir()
+        (location / "wisdom").write_bytes(data + b"\n%\n" + CAT.replace(b"CAT", b"DOG"))
+    assert cli.main(["data", "prepare", str(tmp_path / "out"), f"sources={name}", f"location={name}={location}"]) == 0
+    out = capsys.readouterr().out
+    entry = json.loads((tmp_path / "out" / "manifest.json").read_text())["sources"][name]
+    texts = [json.loads(line)["text"] for line in (tmp_path / "out" / "text" / f"{name}.jsonl").open()]
+    assert all(t.startswith(("CAT", "DOG")) for t in texts), texts
+    assert entry["not_text"] >= 1 and f"not_text {entry['not_text']}" in out, (entry, out)
+
+
+def test_a_conversation_that_is_no_text_is_dropped_and_counted(tmp_path):
+    """JSON escapes spell any character: a conversation of C1 controls became a dialog and a document."""
+    good, bad = "Hello there, how are you today?", "\x85\x9c word " * 50
+    data = {key: {"messages": [[{"text": text}], [{"text": text.replace("?", "!")}]]}
+            for key, text in (("c0", good), ("c1", bad))}
+    (tmp_path / "d.json").write_text(json.dumps(data))
+    entry = prepare(tmp_path / "out", sources=["chitchat"], locations={"chitchat": tmp_path / "d.json"},
+                    val_fraction=0)["sources"]["chitchat"]
+    assert "word" not in (tmp_path / "out" / "dialogs-train.jsonl").read_text()
+    assert (entry["documents"], entry["not_text"], entry["dialogs"], entry["dialogs_not_text"]) == (1, 1, 1, 1)

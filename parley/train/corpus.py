@@ -42,6 +42,7 @@ from parley.config import parse_cli, setting
 from parley.files import atomic_open, open_regular, read_regular
 
 MIN_WORDS = 3  # shorter documents (a bare headword, a "%" left alone) teach nothing
+MAX_UNPRINTABLE = 0.1  # documents with a larger share of unprintable characters are no text (see is_text)
 SHARD_TOKENS = 1 << 27  # 256 MiB of uint16 a shard
 MAX_BYTES = 1 << 28  # the most one source file may hold, read or decompressed (gcide's text is ~60 MB)
 MAX_DEPTH = 50  # reST directives nested deeper than this are refused
@@ -63,6 +64,18 @@ def clean(text: str) -> str:
     text = _CONTROL.sub("", _OVERSTRIKE.sub("", text)).expandtabs(8)
     text = textwrap.dedent("\n".join(line.rstrip() for line in _SPACES.sub(" ", text).split("\n")))
     return re.sub(r"\n{3,}", "\n\n", text).strip()
+
+
+_UNPRINTABLE = re.compile("[\0\x80-\x9f\ufffd\ue000-\uf8ff\U000f0000-\U0010ffff]")
+
+
+def is_text(text: str) -> bool:
+    """Whether a document as decoded is text: at most MAX_UNPRINTABLE of its non-space characters are NULs,
+    C1 controls, replacement characters or private-use ones. Bytes that are no text (random, a binary file)
+    still decode: as Latin-1 about 13% of them are C1 controls or NULs, as UTF-8 (errors replaced) over
+    half are U+FFFD. The installed sources' documents hold under 5% (mojibake of a fortune), most none."""
+    bad = len(_UNPRINTABLE.findall(text))
+    return not bad or bad <= MAX_UNPRINTABLE * sum(map(len, text.split()))
 
 
 _ITEM = re.compile(r"\s*(\d+\.|\([a-z0-9]+\)|[-*•]|Syn:|Note:)\s")
@@ -690,9 +703,12 @@ def _overlaps(out: Path, location: Path) -> bool:
 
 
 def _write_text(source: Source, path: Path, file: Path, seen: set) -> dict:
-    stats = {"documents": 0, "words": 0, "duplicates": 0, "too_short": 0}
+    stats = {"documents": 0, "words": 0, "duplicates": 0, "too_short": 0, "not_text": 0}
     with atomic_open(file) as f:
         for raw in source.text(path):
+            if not is_text(raw):  # before cleaning, which drops the NULs
+                stats["not_text"] += 1
+                continue
             text = source.clean_text(raw)
             if len(text.split()) < MIN_WORDS:
                 stats["too_short"] += 1
@@ -709,13 +725,17 @@ def _write_text(source: Source, path: Path, file: Path, seen: set) -> dict:
 
 
 def _collect_dialogs(name, source, path, seen, dialogs, seed, val_fraction) -> dict:
-    stats = {"dialogs": 0, "dialog_words": 0, "dialog_duplicates": 0, "dialogs_without_answer": 0}
+    stats = {"dialogs": 0, "dialog_words": 0, "dialog_duplicates": 0, "dialogs_without_answer": 0,
+             "dialogs_not_text": 0}
     for messages in source.dialogs(path):
         messages = [m for m in messages if m["content"]]
         while messages and messages[-1]["role"] != "assistant":  # a question nobody answered teaches nothing
             messages.pop()
         if not messages or messages[0]["role"] != "user":
             stats["dialogs_without_answer"] += 1
+            continue
+        if not is_text("\n".join(m["content"] for m in messages)):
+            stats["dialogs_not_text"] += 1
             continue
         text = json.dumps(messages, ensure_ascii=False)
         key = _key(text)
