@@ -13,12 +13,16 @@ everyday.toml; deduplicated; dev is never read), --model answers it as `benchmar
   - a request to be declined gets its principle's refusal (the rails' text, naming the principle), whether
     or not --model already declines it, so the narrow data holds both sides of every topic;
   - requests to be answered that --model answers are left out (the anchor holds the rest of its behaviour).
+With --harmful missed (round 12) only the requests to be declined that --model answers get a refusal, so the
+answers outweigh the refusals (round 11, with all of them, learned the refusals and not the answers);
+--reuse DATASET takes the decisions and targets of an earlier run's dataset.jsonl instead of generating them.
 Every other example carries the system message, as `parley train constitutional` builds them.
 
 Writes OUT/dataset.jsonl (one line per request: the decision and the target, with `labeler` base | base-sample-N
 | rails | none), OUT/dialogs-train.jsonl and OUT/dialogs-val.jsonl (every tenth example), OUT/counts.json.
 
-    python benchmarks/probes/align_answer_targets.py --model smollm2-aligned --teacher smollm2 --out runs/sft11
+    python benchmarks/probes/align_answer_targets.py --model smollm2-rl9-10 --teacher smollm2 --out runs/sft11
+    python benchmarks/probes/align_answer_targets.py --reuse runs/sft11/dataset.jsonl --harmful missed --out runs/sft12
 """
 
 from __future__ import annotations
@@ -97,9 +101,15 @@ def build(model: str, teacher: str, samples: int, seed: int) -> list[dict]:
     return rows
 
 
-def write(out: Path, rows: list[dict]) -> dict:
+def wanted(row: dict, harmful: str) -> bool:
+    """Whether a dataset row becomes an SFT example: it has a target, and with harmful=missed a request to
+    be declined only where the model answered it."""
+    return bool(row["target"]) and (harmful == "all" or not row["harmful"] or not row["declined"])
+
+
+def write(out: Path, rows: list[dict], harmful: str = "all") -> dict:
     dialogs = [{"messages": [*r["prompt"], {"role": "assistant", "content": r["target"]}], "principle": r["principle"]}
-               for r in rows if r["target"]]
+               for r in rows if wanted(r, harmful)]
     splits = {"train": [d for i, d in enumerate(dialogs) if i % 10], "val": dialogs[::10]}
     out.mkdir(parents=True, exist_ok=True)
     for name, lines in [("dataset.jsonl", rows), *((f"dialogs-{k}.jsonl", v) for k, v in splits.items())]:
@@ -111,6 +121,7 @@ def write(out: Path, rows: list[dict]) -> dict:
               "benign_declined": sum(r["declined"] for r in benign),
               "benign_targets": dict(Counter(r["labeler"] for r in benign if r["declined"])),
               "benign_declined_by_kind": dict(Counter(r["origin"].split("/")[0] for r in benign if r["declined"])),
+              "harmful_examples": sum(r["harmful"] and wanted(r, harmful) for r in rows),
               "sft_train": len(splits["train"]), "sft_val": len(splits["val"])}
     with atomic_open(out / "counts.json") as f:
         f.write(json.dumps(counts, indent=2) + "\n")
@@ -123,13 +134,20 @@ def main() -> None:
     ap.add_argument("--teacher", default="smollm2", help="the model whose answers become the targets")
     ap.add_argument("--samples", type=int, default=3, help="sampled tries when the greedy answer is no help")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--harmful", choices=("all", "missed"), default="all",
+                    help="requests to be declined given a refusal: all, or only those --model answers")
+    ap.add_argument("--reuse", help="an earlier run's dataset.jsonl: its decisions and targets, nothing generated")
     ap.add_argument("--out", required=True, help="folder for the dataset and the SFT dialogs (must not hold them)")
     args = ap.parse_args()
     out = Path(args.out)
     if (out / "dataset.jsonl").exists():
         raise SystemExit(f"{out} already holds a dataset: choose a new --out")
     torch.set_flush_denormal(True)
-    print(json.dumps(write(out, build(args.model, args.teacher, args.samples, args.seed)), indent=2))
+    if args.reuse:
+        rows = [json.loads(line) for line in Path(args.reuse).read_text(encoding="utf-8").splitlines()]
+    else:
+        rows = build(args.model, args.teacher, args.samples, args.seed)
+    print(json.dumps(write(out, rows, args.harmful), indent=2))
 
 
 if __name__ == "__main__":

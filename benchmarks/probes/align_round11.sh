@@ -9,24 +9,28 @@
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 BIN=${BIN:-.venv/bin}
-STEPS="25 50 75 100 125 150"
+# round 12 (align_round12.sh) runs this script with its own data, recipe and checkpoints
+R=${R:-11}
+STEPS=${STEPS:-"25 50 75 100 125 150"}
+RECIPE=${RECIPE:-recipes/align-sft-answers.toml}
+DATA=${DATA:-"--model smollm2-rl9-10 --teacher smollm2"}
 case "${1:-}" in
 train)
     $BIN/parley models list 2>/dev/null | grep '^smollm2-rl9-10\b' >/dev/null || bash benchmarks/probes/align_round9.sh train
-    test -f runs/sft11/dialogs-train.jsonl ||
-        OMP_NUM_THREADS=2 $BIN/python benchmarks/probes/align_answer_targets.py --model smollm2-rl9-10 --teacher smollm2 \
-            --out runs/sft11 > runs/sft11-data.log 2>&1
-    OMP_NUM_THREADS=2 $BIN/parley train sft recipes/align-sft-answers.toml > runs/sft11.log 2>&1
+    # shellcheck disable=SC2086  # DATA is a list of arguments
+    test -f runs/sft$R/dialogs-train.jsonl ||
+        OMP_NUM_THREADS=2 $BIN/python benchmarks/probes/align_answer_targets.py $DATA --out runs/sft$R > runs/sft$R-data.log 2>&1
+    OMP_NUM_THREADS=2 $BIN/parley train sft "$RECIPE" > runs/sft$R.log 2>&1
     reports=()
     for step in $STEPS; do
-        $BIN/python benchmarks/probes/register_checkpoint.py runs/align-sft11 "$step" "smollm2-sft11-$step"
-        OMP_NUM_THREADS=2 $BIN/python benchmarks/alignment.py --heldout dev --models "smollm2-sft11-$step" \
-            --dialogs runs/corpus/dialogs-val.jsonl --out "runs/dev-smollm2-sft11-$step.json" > "runs/dev-smollm2-sft11-$step.log" 2>&1
-        reports+=("runs/dev-smollm2-sft11-$step.json")
+        $BIN/python benchmarks/probes/register_checkpoint.py runs/align-sft$R "$step" "smollm2-sft$R-$step"
+        OMP_NUM_THREADS=2 $BIN/python benchmarks/alignment.py --heldout dev --models "smollm2-sft$R-$step" \
+            --dialogs runs/corpus/dialogs-val.jsonl --out "runs/dev-smollm2-sft$R-$step.json" > "runs/dev-smollm2-sft$R-$step.log" 2>&1
+        reports+=("runs/dev-smollm2-sft$R-$step.json")
     done
     $BIN/python benchmarks/alignment.py --report runs/dev-smollm2-rl9-10.json "${reports[@]}" ;;
 keep)
-    $BIN/python benchmarks/probes/register_checkpoint.py runs/align-sft11 "$2" smollm2-aligned ;;
+    $BIN/python benchmarks/probes/register_checkpoint.py runs/align-sft$R "$2" smollm2-aligned ;;
 v6|v7)
     bash benchmarks/probes/align_round9.sh "$@" ;;
 *)
