@@ -122,7 +122,7 @@ def test_every_shipped_recipe_loads():
 
     stages = {"sft": sft.SFTConfig, "pretrain": pretrain.PretrainConfig, "reward": reward.RewardConfig,
               "rl": rl.RLConfig, "align-constitutional": constitutional.ConstitutionalConfig, "align-dpo": dpo.DPOConfig,
-              "align-rl": rl.RLConfig,
+              "align-rl": rl.RLConfig, "align-sft": sft.SFTConfig,
               "asr": asr.ASRConfig}
     recipes = sorted((Path(__file__).resolve().parents[1] / "recipes").glob("*.toml"))
     assert len(recipes) >= 8
