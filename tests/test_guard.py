@@ -56,6 +56,7 @@ def test_the_shipped_data_loads_with_a_label_and_source_on_every_example():
     assert {e.text for e in held} <= {e.text for e in s.test["unglossed languages"]}
 
 
+@pytest.mark.slow  # 35 s on 2 cores; .ci/run runs it (--runslow)
 def test_the_guard_catches_variants_held_out_by_generator_seed(guard):
     examples = load_all()
     s = split(examples)

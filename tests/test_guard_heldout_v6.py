@@ -15,6 +15,7 @@ import tomllib
 from collections import Counter, defaultdict
 from pathlib import Path
 
+import pytest
 import yaml
 import test_guard_heldout as v1
 import test_guard_heldout_v3 as v3
@@ -183,6 +184,7 @@ def test_no_text_is_in_the_training_data_or_an_earlier_set():
     assert [row["text"] for row in _all_rows() if normalize(row["text"]) in earlier] == []  # prints only v6 rows
 
 
+@pytest.mark.slow  # 7-9 s on 2 cores; .ci/run runs it (--runslow)
 def test_no_text_is_a_near_duplicate_of_the_training_data_or_an_earlier_set():
     # token-set Jaccard >= 0.7 with any string of the training data or of v1, v3, v4, v5 (v5 is training data now)
     check_not_near(_all_rows(), earlier_texts())

@@ -10,6 +10,8 @@ programmatically, and a failure names only v7 rows, never the text they collide 
 import functools
 from pathlib import Path
 
+import pytest
+
 import test_guard_heldout as v1
 import test_guard_heldout_v3 as v3
 import test_guard_heldout_v4 as v4
@@ -78,6 +80,7 @@ def test_no_text_is_in_the_training_data_or_an_earlier_set():
     assert [row["text"] for row in _all_rows() if normalize(row["text"]) in earlier] == []  # prints only v7 rows
 
 
+@pytest.mark.slow  # 7-9 s on 2 cores; .ci/run runs it (--runslow)
 def test_no_text_is_a_near_duplicate_of_the_training_data_or_an_earlier_set():
     # token-set Jaccard >= 0.7 with any string of the training data or of v1, v3, v4, v5, v6 (v6 is training data now)
     v6.check_not_near(_all_rows(), v6.earlier_texts(EARLIER_SETS))
