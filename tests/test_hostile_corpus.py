@@ -11,6 +11,8 @@ import random
 import re
 import signal
 import struct
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -18,6 +20,7 @@ import pytest
 
 from parley import cli
 from parley.train import corpus
+from parley.model.tokenizer import Tokenizer
 from parley.train.corpus import SOURCES, prepare
 from test_data import b64, lzw_codes
 
@@ -366,6 +369,37 @@ def test_a_killed_runs_temporary_files_are_removed_and_nothing_else(tmp_path, ca
     assert [f.name for f in ours if f.exists()] == []
     assert [f.name for f in theirs if not f.exists()] == []
     assert sorted(f.name for f in out.rglob(".*")) == sorted(f.name for f in theirs if f.name.startswith("."))
+
+
+
+def test_a_second_prepare_into_the_same_out_stops_at_once(tmp_path, capsys):
+    """Two runs into one OUT overwrote each other's outputs, and the second removed the first one's
+    temporary files. Another process holds OUT as a running prepare does (corpus._writing); this one
+    stops with one line and touches nothing; once the other is gone, it runs."""
+    out, source = tmp_path / "out", dictd(tmp_path, CAT)
+    (out / "text").mkdir(parents=True)
+    leftover = out / ".manifest.json.abcd1234.tmp"  # the other run's file in progress
+    leftover.write_text("x")
+    holder = subprocess.Popen([sys.executable, "-c", "import sys; from parley.train import corpus; from pathlib "
+                               "import Path\nwith corpus._writing(Path(sys.argv[1])):\n print('held', flush=True); "
+                               "sys.stdin.read()", str(out)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+                              cwd=Path(__file__).resolve().parents[1])
+    try:
+        assert holder.stdout.readline() == "held\n"
+        args = ["data", "prepare", str(out), "sources=devil", f"location=devil={source}"]
+        assert cli.main(args) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and f"another `parley data prepare` is writing {out}" in err, err
+        assert leftover.exists() and not (out / "manifest.json").exists()
+    finally:
+        holder.communicate("")
+    assert cli.main(args) == 0 and (out / "manifest.json").is_file() and not leftover.exists()
+    # prepare's own tokenize runs inside its lock (no error from itself), and a lone tokenize takes it again
+    (tmp_path / "words.txt").write_text(CAT.decode() * 4)
+    tokenizer = Tokenizer.train([tmp_path / "words.txt"], vocab_size=300)
+    tokenizer.save(tmp_path / "tok")
+    assert cli.main([*args, f"--tokenizer={tmp_path / 'tok'}"]) == 0
+    assert sum(corpus.tokenize(out, tokenizer)["tokens"].values()) == 28
 
 
 # ---------------------------------------------------------------- bytes that decode but are no text

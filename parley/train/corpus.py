@@ -19,6 +19,7 @@ The output folder holds
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import hashlib
 import importlib.util
@@ -35,6 +36,11 @@ import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
+
+try:
+    import fcntl
+except ImportError:  # Windows
+    fcntl = None
 
 import numpy as np
 
@@ -637,6 +643,11 @@ def prepare(out_dir, sources=None, val_fraction: float = 0.01, seed: int = 0, to
                              "output or replace the source's files; choose an OUT outside the source")
     tokenizer = None if tokenizer is None else _load_tokenizer(tokenizer)
     (out / "text").mkdir(parents=True, exist_ok=True)
+    with _writing(out):
+        return _prepare(out, names, paths, tokenizer, val_fraction, seed)
+
+
+def _prepare(out: Path, names: list[str], paths: dict, tokenizer, val_fraction: float, seed: int) -> dict:
     _remove_leftovers(out)
     started, seen, dialogs = time.time(), set(), {"train": [], "val": []}
     manifest = {"version": 1, "seed": seed, "val_fraction": val_fraction, "sources": {}}
@@ -677,6 +688,34 @@ def prepare(out_dir, sources=None, val_fraction: float = 0.01, seed: int = 0, to
     if tokenizer is not None:
         manifest = tokenize(out, tokenizer, val_fraction, seed)
     return manifest
+
+
+_WRITING: set[str] = set()  # the OUT folders this process holds locked
+
+
+@contextlib.contextmanager
+def _writing(out: Path):
+    """OUT locked while this process writes it (flock on the folder; prepare's own tokenize passes): a
+    second prepare or tokenize into the same OUT stops at once, instead of removing the first one's
+    temporary files and overwriting its outputs. The lock goes with the process: a killed run leaves none."""
+    key = os.path.realpath(out)
+    if key in _WRITING or fcntl is None:  # no flock on Windows
+        yield
+        return
+    fd = os.open(out, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise ValueError(f"another `parley data prepare` is writing {out}: wait for it to finish, or choose "
+                             "another OUT") from None
+        _WRITING.add(key)
+        try:
+            yield
+        finally:
+            _WRITING.discard(key)
+    finally:
+        os.close(fd)  # releases the lock
 
 
 _OUTPUTS = re.compile(r"manifest\.json|dialogs-(train|val)\.jsonl|(train|val)-\d{3,}\.bin")
@@ -792,10 +831,15 @@ def tokenize(out_dir, tokenizer, val_fraction: float = 0.01, seed: int = 0, shar
     if shard_tokens < 1:
         raise ValueError(f"shard_tokens must be positive, got {shard_tokens}")
     tokenizer = _load_tokenizer(tokenizer)
+    if tokenizer.eot_id is None:
+        raise ValueError("the tokenizer has no end-of-text or eos token to separate documents")
+    with _writing(out):
+        return _tokenize(out, tokenizer, val_fraction, seed, shard_tokens, batch_documents)
+
+
+def _tokenize(out: Path, tokenizer, val_fraction: float, seed: int, shard_tokens: int, batch_documents: int) -> dict:
     _remove_leftovers(out)
     eot = tokenizer.eot_id
-    if eot is None:
-        raise ValueError("the tokenizer has no end-of-text or eos token to separate documents")
     manifest = _json(out / "manifest.json")
     dtype = np.uint16 if tokenizer.vocab_size <= 65535 else np.uint32
     writers = {split: _ShardWriter(out, split, dtype, shard_tokens) for split in ("train", "val")}
