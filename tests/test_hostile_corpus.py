@@ -353,6 +353,20 @@ def test_a_file_that_links_out_of_the_folder_is_refused(name, tmp_path, capsys):
     assert f"{link} links out of {src} (to {tmp_path / 'secret'})" in reason, reason
 
 
+
+def test_a_wordnet_file_that_links_out_of_the_folder_is_refused(tmp_path, capsys):
+    """WordNet's data.* files have fixed names and were read wherever a link led; one inside the folder is fine."""
+    synset = "00001740 03 n 01 {} 0 000 | that which is perceived or known\n"
+    src = tmp_path / "wordnet"
+    (src / "dict").mkdir(parents=True)
+    (src / "dict" / "data.noun").write_text(synset.format("entity"))
+    (src / "data.noun").symlink_to(src / "dict" / "data.noun")
+    assert cli.main(["data", "prepare", str(tmp_path / "ok"), "sources=wordnet", f"location=wordnet={src}"]) == 0
+    (tmp_path / "secret").write_text(synset.format("secret"))
+    (src / "data.verb").symlink_to(tmp_path / "secret")
+    reason = skipped(tmp_path, capsys, "wordnet", src)
+    assert f"{src / 'data.verb'} links out of {src} (to {tmp_path / 'secret'})" in reason, reason
+
 # ---------------------------------------------------------------- a run that was killed
 
 def test_a_killed_runs_temporary_files_are_removed_and_nothing_else(tmp_path, capsys):

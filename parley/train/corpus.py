@@ -243,6 +243,7 @@ def read_wordnet(path: Path) -> Iterator[str]:
     files = [(path / f"data.{pos}", name) for pos, name in _WORDNET_POS.items() if (path / f"data.{pos}").is_file()]
     if not files:
         raise FileNotFoundError(f"no WordNet data.noun/verb/adj/adv files in {path}")
+    _own(path, [file for file, _ in files])
     for file, pos in files:
         for lineno, line in enumerate(_read_text(file, "replace").splitlines(), 1):
             if line.startswith("  "):  # the license header
