@@ -14,12 +14,7 @@ train)
     test -f runs/rl9-prompts.jsonl ||
         $BIN/python benchmarks/probes/align_prompts.py --harmful-share 0.25 --seed 0 --out runs/rl9-prompts.jsonl
     OMP_NUM_THREADS=2 $BIN/parley train rl recipes/align-rl-cost.toml > runs/rl10.log 2>&1
-    for step in 5 10 15 20; do
-        $BIN/python benchmarks/probes/register_checkpoint.py runs/rl10 "$step" "smollm2-rl10-$step"
-        OMP_NUM_THREADS=2 $BIN/python benchmarks/alignment.py --heldout dev --models "smollm2-rl10-$step" \
-            --dialogs runs/corpus/dialogs-val.jsonl --out "runs/dev-smollm2-rl10-$step.json" > "runs/dev-smollm2-rl10-$step.log" 2>&1
-    done
-    $BIN/python benchmarks/alignment.py --report runs/dev-smollm2-rl9-10.json runs/dev-smollm2-rl10-{5,10,15,20}.json ;;
+    bash benchmarks/probes/align_dev.sh runs/rl10 smollm2-rl10 runs/dev-smollm2-rl9-10.json 5 10 15 20 ;;
 keep)
     $BIN/python benchmarks/probes/register_checkpoint.py runs/rl10 "$2" smollm2-aligned ;;
 v6|v7)

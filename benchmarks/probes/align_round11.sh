@@ -21,14 +21,8 @@ train)
     test -f runs/sft$R/dialogs-train.jsonl ||
         OMP_NUM_THREADS=2 $BIN/python benchmarks/probes/align_answer_targets.py $DATA --out runs/sft$R > runs/sft$R-data.log 2>&1
     OMP_NUM_THREADS=2 $BIN/parley train sft "$RECIPE" > runs/sft$R.log 2>&1
-    reports=()
-    for step in $STEPS; do
-        $BIN/python benchmarks/probes/register_checkpoint.py runs/align-sft$R "$step" "smollm2-sft$R-$step"
-        OMP_NUM_THREADS=2 $BIN/python benchmarks/alignment.py --heldout dev --models "smollm2-sft$R-$step" \
-            --dialogs runs/corpus/dialogs-val.jsonl --out "runs/dev-smollm2-sft$R-$step.json" > "runs/dev-smollm2-sft$R-$step.log" 2>&1
-        reports+=("runs/dev-smollm2-sft$R-$step.json")
-    done
-    $BIN/python benchmarks/alignment.py --report runs/dev-smollm2-rl9-10.json "${reports[@]}" ;;
+    # shellcheck disable=SC2086  # STEPS is a list of steps
+    bash benchmarks/probes/align_dev.sh runs/align-sft$R smollm2-sft$R runs/dev-smollm2-rl9-10.json $STEPS ;;
 keep)
     $BIN/python benchmarks/probes/register_checkpoint.py runs/align-sft$R "$2" smollm2-aligned ;;
 v6|v7)

@@ -22,12 +22,7 @@ train)
         OMP_NUM_THREADS=2 $BIN/python benchmarks/alignment.py --heldout dev --models smollm2-cai \
             --dialogs runs/corpus/dialogs-val.jsonl --out runs/dev-smollm2-cai.json > runs/dev-smollm2-cai.log 2>&1
     OMP_NUM_THREADS=2 $BIN/parley train rl recipes/align-rl.toml > runs/rl8.log 2>&1
-    for step in 10 20 30 40; do
-        $BIN/python benchmarks/probes/register_checkpoint.py runs/rl8 "$step" "smollm2-rl8-$step"
-        OMP_NUM_THREADS=2 $BIN/python benchmarks/alignment.py --heldout dev --models "smollm2-rl8-$step" \
-            --dialogs runs/corpus/dialogs-val.jsonl --out "runs/dev-smollm2-rl8-$step.json" > "runs/dev-smollm2-rl8-$step.log" 2>&1
-    done
-    $BIN/python benchmarks/alignment.py --report runs/dev-smollm2-cai.json runs/dev-smollm2-rl8-{10,20,30,40}.json ;;
+    bash benchmarks/probes/align_dev.sh runs/rl8 smollm2-rl8 runs/dev-smollm2-cai.json 10 20 30 40 ;;
 aligned)  # the rule's choice
     $BIN/python benchmarks/probes/register_checkpoint.py runs/rl8 30 smollm2-aligned ;;
 v6)  # as round 6 ran it

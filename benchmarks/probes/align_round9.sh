@@ -15,12 +15,7 @@ train)
     $BIN/parley models list 2>/dev/null | grep '^smollm2-rl8-30\b' >/dev/null || bash benchmarks/probes/align_round8.sh train
     $BIN/python benchmarks/probes/align_prompts.py --harmful-share 0.25 --seed 0 --out runs/rl9-prompts.jsonl
     OMP_NUM_THREADS=2 $BIN/parley train rl recipes/align-rl-benign.toml > runs/rl9.log 2>&1
-    for step in 10 20 30 40; do
-        $BIN/python benchmarks/probes/register_checkpoint.py runs/rl9 "$step" "smollm2-rl9-$step"
-        OMP_NUM_THREADS=2 $BIN/python benchmarks/alignment.py --heldout dev --models "smollm2-rl9-$step" \
-            --dialogs runs/corpus/dialogs-val.jsonl --out "runs/dev-smollm2-rl9-$step.json" > "runs/dev-smollm2-rl9-$step.log" 2>&1
-    done
-    $BIN/python benchmarks/alignment.py --report runs/dev-smollm2-rl8-30.json runs/dev-smollm2-rl9-{10,20,30,40}.json ;;
+    bash benchmarks/probes/align_dev.sh runs/rl9 smollm2-rl9 runs/dev-smollm2-rl8-30.json 10 20 30 40 ;;
 keep)  # the rule's choice
     $BIN/python benchmarks/probes/register_checkpoint.py runs/rl9 "$2" smollm2-aligned ;;
 v6|v7)
