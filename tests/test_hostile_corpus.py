@@ -385,21 +385,20 @@ def test_a_killed_runs_temporary_files_are_removed_and_nothing_else(tmp_path, ca
     assert sorted(f.name for f in out.rglob(".*")) == sorted(f.name for f in theirs if f.name.startswith("."))
 
 
-
 def test_a_second_prepare_into_the_same_out_stops_at_once(tmp_path, capsys):
     """Two runs into one OUT overwrote each other's outputs, and the second removed the first one's
     temporary files. Another process holds OUT as a running prepare does (corpus._writing); this one
     stops with one line and touches nothing; once the other is gone, it runs."""
     out, source = tmp_path / "out", dictd(tmp_path, CAT)
     (out / "text").mkdir(parents=True)
-    leftover = out / ".manifest.json.abcd1234.tmp"  # the other run's file in progress
-    leftover.write_text("x")
+    leftover = out / ".manifest.json.abcd1234.tmp"  # the other run's file in progress, written once it holds OUT
     holder = subprocess.Popen([sys.executable, "-c", "import sys; from parley.train import corpus; from pathlib "
                                "import Path\nwith corpus._writing(Path(sys.argv[1])):\n print('held', flush=True); "
                                "sys.stdin.read()", str(out)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
                               cwd=Path(__file__).resolve().parents[1])
     try:
         assert holder.stdout.readline() == "held\n"
+        leftover.write_text("x")
         args = ["data", "prepare", str(out), "sources=devil", f"location=devil={source}"]
         assert cli.main(args) == 2
         err = capsys.readouterr().err

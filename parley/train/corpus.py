@@ -649,7 +649,6 @@ def prepare(out_dir, sources=None, val_fraction: float = 0.01, seed: int = 0, to
 
 
 def _prepare(out: Path, names: list[str], paths: dict, tokenizer, val_fraction: float, seed: int) -> dict:
-    _remove_leftovers(out)
     started, seen, dialogs = time.time(), set(), {"train": [], "val": []}
     manifest = {"version": 1, "seed": seed, "val_fraction": val_fraction, "sources": {}}
     for name in names:
@@ -696,27 +695,31 @@ _WRITING: set[str] = set()  # the OUT folders this process holds locked
 
 @contextlib.contextmanager
 def _writing(out: Path):
-    """OUT locked while this process writes it (flock on the folder; prepare's own tokenize passes): a
-    second prepare or tokenize into the same OUT stops at once, instead of removing the first one's
-    temporary files and overwriting its outputs. The lock goes with the process: a killed run leaves none."""
+    """OUT locked while this process writes it (flock on the folder; prepare's own tokenize passes), and
+    the temporary files a killed run left there removed once the lock is held: a second prepare or
+    tokenize into the same OUT stops at once, instead of removing the first one's temporary files and
+    overwriting its outputs. The lock goes with the process: a killed run leaves none."""
     key = os.path.realpath(out)
-    if key in _WRITING or fcntl is None:  # no flock on Windows
+    if key in _WRITING:
         yield
         return
-    fd = os.open(out, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    fd = None if fcntl is None else os.open(out, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))  # no flock on Windows
     try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise ValueError(f"another `parley data prepare` is writing {out}: wait for it to finish, or choose "
-                             "another OUT") from None
+        if fd is not None:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                raise ValueError(f"another `parley data prepare` is writing {out}: wait for it to finish, or choose "
+                                 "another OUT") from None
         _WRITING.add(key)
         try:
+            _remove_leftovers(out)
             yield
         finally:
             _WRITING.discard(key)
     finally:
-        os.close(fd)  # releases the lock
+        if fd is not None:
+            os.close(fd)  # releases the lock
 
 
 _OUTPUTS = re.compile(r"manifest\.json|dialogs-(train|val)\.jsonl|(train|val)-\d{3,}\.bin")
@@ -839,7 +842,6 @@ def tokenize(out_dir, tokenizer, val_fraction: float = 0.01, seed: int = 0, shar
 
 
 def _tokenize(out: Path, tokenizer, val_fraction: float, seed: int, shard_tokens: int, batch_documents: int) -> dict:
-    _remove_leftovers(out)
     eot = tokenizer.eot_id
     manifest = _json(out / "manifest.json")
     dtype = np.uint16 if tokenizer.vocab_size <= 65535 else np.uint32
