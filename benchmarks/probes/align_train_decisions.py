@@ -17,9 +17,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from parley.engine.engine import Engine  # noqa: E402
+from align_answer_targets import DECIDE_TOKENS, engine_for  # noqa: E402
 from parley.pipeline.safety import load_constitution  # noqa: E402
-from parley.registry import Registry  # noqa: E402
 from parley.train.align_data import is_refusal  # noqa: E402
 from parley.train.constitutional import generate, system_prompt  # noqa: E402
 
@@ -34,13 +33,12 @@ def main(dataset: str, models: list[str]) -> None:
     print("| training requests | " + " | ".join(models) + " |\n|---|" + "---|" * len(models))
     table = {g: [] for g in groups}
     for name in models:
-        model, tokenizer, _ = Registry().load(name, dtype=torch.bfloat16)
-        engine = Engine(model.eval(), max_batch=64)
+        engine, tokenizer = engine_for(name)
         for group, items in groups.items():
             chats = [system + [m for m in r["prompt"] if m["role"] == "user"] for r in items]
-            answers = generate(engine, tokenizer, chats, 32)
+            answers = generate(engine, tokenizer, chats, DECIDE_TOKENS)
             table[group].append(f"{sum(map(is_refusal, answers))}/{len(items)} declined")
-        del engine, model
+        del engine
     for group, cells in table.items():
         print(f"| {group} | " + " | ".join(cells) + " |")
 
