@@ -576,14 +576,32 @@ class Transformer(nn.Module):
         cache's pages, and the logits are those of `cache.outputs` (1, M, vocab).
         """
         cfg = self.config
-        B, T = input_ids.shape
+        positions = cache.positions if cache is not None else self._positions(input_ids)
+        x, router_logits = self._blocks(input_ids, positions, cache)
         if cache is not None:
-            positions = cache.positions
-        else:
-            if T > cfg.max_position_embeddings:
-                raise ValueError(f"sequence of {T} tokens is longer than the model's context "
-                                 f"({cfg.max_position_embeddings})")
-            positions = torch.arange(T, device=input_ids.device)[None].expand(B, T)
+            x = x[:, cache.outputs]
+        x = self.model.norm(x[:, -1:] if last_only else x if select is None else x[select])
+        logits = self.lm_head(x)
+        if cfg.final_logit_softcapping:
+            cap = cfg.final_logit_softcapping
+            logits = torch.tanh(logits / cap) * cap
+        return (logits, router_logits) if return_router_logits else logits
+
+    def states(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """The final norm's output at every position (B, T, hidden): the training forward without the
+        output layer, for a head of one's own on top (the guard's LoRA design reads the last token's)."""
+        return self.model.norm(self._blocks(input_ids, self._positions(input_ids), None)[0])
+
+    def _positions(self, input_ids: torch.Tensor) -> torch.Tensor:
+        B, T = input_ids.shape
+        if T > self.config.max_position_embeddings:
+            raise ValueError(f"sequence of {T} tokens is longer than the model's context "
+                             f"({self.config.max_position_embeddings})")
+        return torch.arange(T, device=input_ids.device)[None].expand(B, T)
+
+    def _blocks(self, input_ids: torch.Tensor, positions: torch.Tensor, cache: PagedBatch | None):
+        """Embeddings through every block: the hidden states before the final norm, and the MoE routers' logits."""
+        cfg = self.config
         rope = {None: (self.rope_cos[positions][:, None], self.rope_sin[positions][:, None])}
         if cfg.rope_local_base_freq is not None:
             rope["local"] = self.rope_local_cos[positions][:, None], self.rope_local_sin[positions][:, None]
@@ -596,11 +614,4 @@ class Transformer(nn.Module):
             x, r = block(x, cos, sin, cache)
             if r is not None:
                 router_logits.append(r)
-        if cache is not None:
-            x = x[:, cache.outputs]
-        x = self.model.norm(x[:, -1:] if last_only else x if select is None else x[select])
-        logits = self.lm_head(x)
-        if cfg.final_logit_softcapping:
-            cap = cfg.final_logit_softcapping
-            logits = torch.tanh(logits / cap) * cap
-        return (logits, router_logits) if return_router_logits else logits
+        return x, router_logits

@@ -386,7 +386,7 @@ class Guard:
         """One safetensors file (weights in float16: a head alone is 1.1 MB, with two tuned layers 8.2 MB), written
         atomically (a crash leaves the old one)."""
         tensors, meta = self.parts()
-        return _write(path, tensors, meta)
+        return write_head(path, tensors, meta)
 
     @classmethod
     def from_parts(cls, tensors: dict[str, torch.Tensor], meta: dict[str, str],
@@ -394,6 +394,9 @@ class Guard:
         """The head that `parts` gave `tensors` and `meta` (names without prefix), over `embedder`
         (the pipeline's MiniLM), or over mE5 where `meta` names that trunk (one copy a process, in
         bf16 where the CPU multiplies bf16 fast, or where `embedder` computes in bf16)."""
+        if meta.get("format", "").startswith("parley-guard-lora"):
+            raise GuardError(f"{where}: the LoRA design's comparison run (`parley train guard --design lora`), which "
+                             "the pipeline does not load; its guard is a MiniLM or mE5 head (`--design encoder`)")
         try:
             arrays = {k: tensors[k].float().numpy() for k in (*cls.PARTS, "thresholds")}
             arrays |= {k: tensors[k].numpy() for k in (*cls.SCALING, "answer_thresholds") if k in tensors}
@@ -515,7 +518,7 @@ def _check_texts(texts: Sequence[str]) -> None:
         raise GuardError("the guard scores a list of strings")
 
 
-def _write(path: str | Path, tensors: dict[str, torch.Tensor], meta: dict[str, str]) -> Path:
+def write_head(path: str | Path, tensors: dict[str, torch.Tensor], meta: dict[str, str]) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     with atomic_open(path, "wb") as f:

@@ -41,6 +41,7 @@ reports the same splits; it saves nothing for the pipeline (see RESULTS.md, Guar
 
 from __future__ import annotations
 
+import json
 import random
 import time
 from dataclasses import dataclass
@@ -52,7 +53,7 @@ import torch.nn.functional as F
 
 from parley.config import parse_cli, setting
 from parley.pipeline.guard import (INJECTION, LABELS, NGRAM_BUCKETS, PRINCIPLES, TRUNKS, GatedGuard, Guard, by_kind,
-                                   features, readings, standardize, trained_path, tuned_encoder)
+                                   features, readings, standardize, trained_path, tuned_encoder, write_head)
 from parley.train.guard_data import Example, GuardDataError, Splits, data_sha256, load_all, split
 
 
@@ -82,8 +83,12 @@ class GuardTrainConfig:
                                   "RESULTS.md, Guard round 4)")
     encoder_lr: float = setting(5e-5, "design=encoder: AdamW learning rate of the tuned layers")
     lora_model: str = setting("smollm2", "design=lora: the imported model to fine-tune")
-    lora_examples: int = setting(600, "design=lora: training examples sampled (CPU time grows with it)")
-    lora_steps: int = setting(60, "design=lora: optimizer steps (batch 16)")
+    lora_examples: int = setting(600, "design=lora: training examples sampled (0: all of the training split)")
+    lora_steps: int = setting(0, "design=lora: optimizer steps (0: one pass over the sample)")
+    lora_batch: int = setting(16, "design=lora: examples per optimizer step")
+    lora_rank: int = setting(8, "design=lora: adapter rank on every projection (alpha twice the rank)")
+    lora_lr: float = setting(5e-4, "design=lora: AdamW peak learning rate of the adapters (the head's: 4x); warm-up "
+                                   "over the first 5% of steps, cosine to a tenth")
     lora_eval_every: int = setting(1, "design=lora: calibrate and report on every n-th example of each split (CPU time)")
 
 
@@ -459,55 +464,92 @@ def _tune(cfg: GuardTrainConfig, encoder, states: list[torch.Tensor], grams: np.
 
 # --- design 2: SmolLM2 fine-tuned with LoRA as a classifier ------------------------------------------
 
+LORA_FORMAT = "parley-guard-lora-1"
+LORA_SUFFIX = "\nVerdict:"  # the last token, which reads the whole text (causal), is where the head looks
+LORA_TOKENS = 64  # a text's tokens kept before the suffix
+
+
+def lora_ids(tokenizer, texts: list[str]) -> list[list[int]]:
+    suffix = tokenizer.encode(LORA_SUFFIX)
+    return [tokenizer.encode(t)[:LORA_TOKENS] + suffix for t in texts]
+
+
+def lora_states(model, ids: list[list[int]]) -> torch.Tensor:
+    """The last real token's final hidden state of each text (right-padded: causal attention keeps the padding
+    out of every real position)."""
+    width = max(map(len, ids))
+    batch = torch.tensor([i + [0] * (width - len(i)) for i in ids])
+    return model.states(batch)[torch.arange(len(ids)), torch.tensor([len(i) - 1 for i in ids])]
+
+
+def buckets(examples: list[Example], size: int, rng: random.Random, pool: int = 50) -> list[list[int]]:
+    """One pass over `examples` in batches of `size` indices: shuffled, then sorted by length within pools of `pool`
+    batches so that a batch's texts are of a length (less padding: a third less time a step here), and the
+    batches shuffled again."""
+    order = rng.sample(range(len(examples)), len(examples))
+    out = []
+    for k in range(0, len(order), size * pool):
+        chunk = sorted(order[k:k + size * pool], key=lambda i: len(examples[i].text))
+        out += [chunk[j:j + size] for j in range(0, len(chunk), size)]
+    rng.shuffle(out)
+    return out
+
 
 def train_lora(cfg: GuardTrainConfig, written: list[Example]) -> dict:
-    from parley.model.lora import apply_lora
+    """Design 2: LoRA (rank `lora_rank`, every projection) on the language model and a linear head on the last
+    token's state, trained on a sample of the same training split with the same weighted loss, calibrated on
+    the same fold by the same rule and reported on the same splits (every `lora_eval_every`-th example)."""
+    from parley.model.lora import apply_lora, lora_state_dict
+    from parley.pipeline.embed import resolve_precision
     from parley.registry import Registry
 
     s = split(written, per_example=cfg.per_example)
     n = max(cfg.lora_eval_every, 1)
     s = Splits(s.train_fit, s.val[::n], s.train, {k: v[::n] for k, v in s.test.items()})
     model, tokenizer, _ = Registry().load(cfg.lora_model, dtype=torch.float32)
-    params = apply_lora(model, r=8, alpha=16, targets=("q_proj", "v_proj"))
-    head = torch.nn.Linear(model.config.hidden_size, len(LABELS))
     torch.manual_seed(cfg.seed)
     rng = random.Random(cfg.seed)
+    params = apply_lora(model, r=cfg.lora_rank, alpha=2 * cfg.lora_rank)
+    head = torch.nn.Linear(model.config.hidden_size, len(LABELS))
+    bf16 = resolve_precision(cfg.precision) == "bf16"
 
-    def hidden(texts: list[str]) -> torch.Tensor:
-        ids = [tokenizer.encode(t)[:48] or [0] for t in texts]
-        width = max(map(len, ids))
-        batch = torch.tensor([i + [0] * (width - len(i)) for i in ids])
-        last = torch.tensor([len(i) - 1 for i in ids])
-        positions = torch.arange(width)[None].expand(len(ids), width)
-        cos, sin = model.rope_cos[positions][:, None], model.rope_sin[positions][:, None]
-        x = model.model.embed_tokens(batch)
-        for i, block in enumerate(model.model.layers):
-            x, _ = block(x, cos, sin, i, None)
-        return model.model.norm(x)[torch.arange(len(ids)), last]  # causal: the last real token saw them all
+    def logits(texts: list[str]) -> torch.Tensor:
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            return head(lora_states(model, lora_ids(tokenizer, texts))).float()
 
-    sample = rng.sample(s.train_fit, min(cfg.lora_examples, len(s.train_fit)))
+    sample = rng.sample(s.train_fit, min(cfg.lora_examples or len(s.train_fit), len(s.train_fit)))
     y = torch.from_numpy(targets(sample))
     pos = y.sum(0)
     pos_weight = torch.sqrt((len(y) - pos) / pos.clamp(min=1.0))
-    optimizer = torch.optim.AdamW([*params, *head.parameters()], lr=2e-3)
+    steps = cfg.lora_steps or -(-len(sample) // cfg.lora_batch)
+    optimizer = torch.optim.AdamW([{"params": params, "lr": cfg.lora_lr},
+                                   {"params": list(head.parameters()), "lr": 4 * cfg.lora_lr}], weight_decay=0.0)
+    warmup = max(steps // 20, 1)
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda k: min((k + 1) / warmup, 0.1 + 0.9 * 0.5 * (1 + np.cos(np.pi * min(k / steps, 1.0)))))
+    batches = [b for _ in range(-(-steps * cfg.lora_batch // len(sample))) for b in buckets(sample, cfg.lora_batch, rng)]
     start = time.perf_counter()
     model.train()
-    for step in range(cfg.lora_steps):
-        idx = rng.sample(range(len(sample)), min(16, len(sample)))
-        loss = F.binary_cross_entropy_with_logits(head(hidden([sample[i].text for i in idx])), y[idx],
-                                                  pos_weight=pos_weight)
+    for step in range(steps):
+        idx = batches[step]
+        loss = F.binary_cross_entropy_with_logits(logits([sample[i].text for i in idx]), y[idx], pos_weight=pos_weight)
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
-        if step % 10 == 0:
-            print(f"lora step {step}: loss {loss.item():.3f} ({time.perf_counter() - start:.0f} s)", flush=True)
+        schedule.step()
+        if step % 50 == 0 or step == steps - 1:
+            print(f"lora step {step}/{steps}: loss {loss.item():.3f} ({time.perf_counter() - start:.0f} s)", flush=True)
     train_s = time.perf_counter() - start
     model.eval()
 
     @torch.no_grad()
     def probs(examples: list[Example]) -> np.ndarray:
-        out = [torch.sigmoid(head(hidden([e.text for e in examples[i:i + 32]]))) for i in range(0, len(examples), 32)]
-        return torch.cat(out).double().numpy()
+        out = np.zeros((len(examples), len(LABELS)))
+        by_length = sorted(range(len(examples)), key=lambda i: len(examples[i].text))  # little padding per batch
+        for k in range(0, len(examples), 32):
+            rows = by_length[k:k + 32]
+            out[rows] = torch.sigmoid(logits([examples[i].text for i in rows])).double().numpy()
+        return out
 
     t0 = time.perf_counter()
     val_probs = probs(s.val)
@@ -516,8 +558,18 @@ def train_lora(cfg: GuardTrainConfig, written: list[Example]) -> dict:
     figures = {"calibration fold": report(val_probs, s.val, limits(s.val, *both))}
     for name, examples in s.test.items():
         figures[name] = report(probs(examples), examples, limits(examples, *both))
-    figures["lora"] = {"train_examples": len(sample), "steps": cfg.lora_steps, "train_s": round(train_s, 1),
-                       "batched_ms_per_text": round(per_text_ms, 1)}
+        print(describe(name, figures[name]), flush=True)
+    figures["lora"] = {"train_examples": len(sample), "steps": steps, "train_s": round(train_s, 1),
+                       "batched_ms_per_text": round(per_text_ms, 1), "bf16": bf16}
+    if cfg.out:
+        tensors = {f"lora.{k}": v.contiguous() for k, v in lora_state_dict(model).items()}
+        tensors |= {"head.weight": head.weight.detach().contiguous(), "head.bias": head.bias.detach().contiguous(),
+                    "thresholds": torch.from_numpy(np.ascontiguousarray(both[0]))}
+        if both[1] is not None:
+            tensors["answer_thresholds"] = torch.from_numpy(np.ascontiguousarray(both[1]))
+        meta = {"format": LORA_FORMAT, "labels": json.dumps(list(LABELS)), "model": cfg.lora_model,
+                "rank": str(cfg.lora_rank), "data_sha256": data_sha256(cfg.data or None)}
+        print(f"saved {write_head(cfg.out, tensors, meta)}")
     return figures
 
 
@@ -534,6 +586,10 @@ def main(cfg: GuardTrainConfig) -> int:
     if cfg.trunk != "minilm" and cfg.design != "minilm":
         raise GuardDataError(f"--trunk {cfg.trunk} is built for design=minilm (a head on the frozen embeddings) "
                              f"only, not design={cfg.design}; leave --trunk at minilm")
+    if cfg.design == "lora" and (cfg.lora_examples < 0 or cfg.lora_steps < 0 or cfg.lora_batch < 1 or cfg.lora_rank < 1
+                                 or cfg.lora_lr <= 0 or cfg.lora_eval_every < 1):
+        raise GuardDataError("design=lora needs lora_examples and lora_steps >= 0, lora_batch, lora_rank and "
+                             "lora_eval_every >= 1 and lora_lr > 0")
     if cfg.design == "encoder" and (not 1 <= cfg.tuned_layers <= 6 or cfg.tune_epochs < 1 or cfg.encoder_lr <= 0):
         raise GuardDataError("design=encoder needs tuned_layers in 1..6, tune_epochs >= 1 and encoder_lr > 0")
     if (cfg.per_example < 0 or cfg.epochs < 1 or cfg.hidden < 1 or not 0 < cfg.max_fpr < 1 or not 0 <= cfg.answer_fpr < 1
