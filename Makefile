@@ -58,7 +58,7 @@ test-system:
 	$(call debs,$(TEST_DEBS),echo "their tests will be skipped",|| echo "could not install$$missing: their tests will be skipped")
 
 test: setup test-models test-system
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q --durations=15
 
 bench: model
 	$(BIN)/python benchmarks/decode.py

@@ -3,7 +3,7 @@
     parley train guard                             # the MiniLM head: ~15 min on 2 busy cores, writes $PARLEY_HOME/guard/
     parley train guard --design encoder          # top 2 MiniLM layers fine-tuned (~25 min, 1 busy thread): the shipped head
     parley train guard --design encoder --out parley/data/guard/guard_head.safetensors   # how it was made (round 4)
-    parley train guard --design lora --lora-examples 600                 # the second design, for comparison only
+    parley train guard --design lora --precision bf16 --lora-examples 9600   # the second design (round 12), compared only
     parley train guard --trunk me5 --precision auto     # the head over multilingual-e5-small (round 5)
     parley train guard --trunk me5 --dropout 0.2 --gate-with EN.safetensors   # the shipped guard (round 6): the
                                                   # English head EN (--design encoder) and this one behind a language gate
@@ -34,9 +34,11 @@ pipeline's pass for the layers below (`Embedder.encode_sharing`).
 MiniLM: the encoder reads other languages itself, so no gloss; the guard file records the trunk
 and the runtime guard loads mE5 beside the pipeline's MiniLM (a second embedding pass a message).
 
-Design "lora" fine-tunes SmolLM2 (LoRA r=8 on the attention projections, a linear head on the
-last token's hidden state) on a sample of the same training data, calibrates the same way, and
-reports the same splits; it saves nothing for the pipeline (see RESULTS.md, Guard, for why).
+Design "lora" fine-tunes SmolLM2 (LoRA of rank 8 on every projection, a linear head on the hidden
+state of the last token of the text followed by "\nVerdict:") on a sample of the same training data,
+calibrates the same way and reports the same splits; with `--out` it writes its adapters, head and
+thresholds, a file the pipeline's guard refuses (it has no runtime for this design: RESULTS.md,
+Guard rounds 1 and 12).
 """
 
 from __future__ import annotations
