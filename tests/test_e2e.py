@@ -98,6 +98,7 @@ def test_a_conversation_through_the_whole_pipeline(home):
     assert unreachable.startswith("Could not fetch URL: ") and "\n" not in unreachable  # and no made-up summary
 
 
+@pytest.mark.slow  # 12 s on 2 cores; .ci/run runs it (--runslow)
 def test_memory_outlives_the_process(home):
     first = parley(home, "chat", "temperature=0", stdin="Remember that my sister is called Ana\n")
     assert "I'll remember that your sister is called Ana." in first

@@ -82,6 +82,7 @@ def learn(*args: str, capsys=None) -> dict:
     return capsys.readouterr().out if capsys else None
 
 
+@pytest.mark.slow  # 13 s on 2 cores; .ci/run runs it (--runslow)
 def test_feedback_trains_a_gated_candidate_that_the_server_switches_to(home, embedder, capsys):
     root, replay, db, keys = home
     settings = Settings(db=db, home=str(root), model="tiny", engine=EngineConfig(dtype="float32"),

@@ -69,6 +69,7 @@ def site(tiny768_registry, tmp_path):
     engine.close()
 
 
+@pytest.mark.slow  # 12 s on 2 cores; .ci/run runs it (--runslow)
 def test_talk_hears_answers_speaks_and_is_interrupted_by_speech(browser, site):
     from playwright.sync_api import expect
 

@@ -158,6 +158,7 @@ class Microphone:
         self.thread.join()
 
 
+@pytest.mark.slow  # 13 s on 2 cores; .ci/run runs it (--runslow)
 def test_the_live_route_ignores_its_own_audio_and_hears_a_user_repeating_it(tiny768_registry, tmp_path):
     """Over /api/voice, from a client that streams its microphone in real time: the answer's
     audio, played by the client and heard back by its microphone (quieter, a room's reverberation,
