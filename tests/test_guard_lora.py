@@ -58,7 +58,7 @@ def test_a_tiny_lora_design_trains_calibrates_saves_and_the_pipeline_refuses_its
     _tiny_data(data)
     out = tmp_path / "lora.safetensors"
     cfg = GuardTrainConfig(data=str(data), out=str(out), design="lora", lora_model="tiny", lora_examples=0,
-                           lora_batch=8, lora_lr=1e-3, per_example=1)
+                           lora_batch=8, lora_lr=1e-3, per_example=1, lora_device="cpu")
     assert train_main(cfg) == 0
     printed = capsys.readouterr().out
     assert "calibration fold: harmful recall" in printed and "unseen written: harmful recall" in printed
@@ -75,7 +75,8 @@ def test_a_tiny_lora_design_trains_calibrates_saves_and_the_pipeline_refuses_its
 
 
 @pytest.mark.parametrize("setting", [{"lora_batch": 0}, {"lora_rank": 0}, {"lora_lr": 0.0}, {"lora_examples": -1},
-                                     {"lora_eval_every": 0}])
+                                     {"lora_eval_every": 0}, {"lora_device": "tpu"},
+                                     *([{"lora_device": "cuda"}] if not torch.cuda.is_available() else [])])
 def test_the_lora_design_rejects_bad_settings(setting):
     with pytest.raises(GuardDataError, match="design=lora"):
         train_main(GuardTrainConfig(design="lora", **setting))

@@ -89,6 +89,8 @@ class GuardTrainConfig:
     lora_steps: int = setting(0, "design=lora: optimizer steps (0: one pass over the sample)")
     lora_batch: int = setting(16, "design=lora: examples per optimizer step")
     lora_rank: int = setting(8, "design=lora: adapter rank on every projection (alpha twice the rank)")
+    lora_device: str = setting("cpu", "design=lora: where it trains: cpu, or cuda (bf16 autocast there) on a machine "
+                                      "with a GPU")
     lora_lr: float = setting(5e-4, "design=lora: AdamW peak learning rate of the adapters (the head's: 4x); warm-up "
                                    "over the first 5% of steps, cosine to a tenth")
     lora_eval_every: int = setting(1, "design=lora: calibrate and report on every n-th example of each split (CPU time)")
@@ -479,9 +481,10 @@ def lora_ids(tokenizer, texts: list[str]) -> list[list[int]]:
 def lora_states(model, ids: list[list[int]]) -> torch.Tensor:
     """The last real token's final hidden state of each text (right-padded: causal attention keeps the padding
     out of every real position)."""
-    width = max(map(len, ids))
-    batch = torch.tensor([i + [0] * (width - len(i)) for i in ids])
-    return model.states(batch)[torch.arange(len(ids)), torch.tensor([len(i) - 1 for i in ids])]
+    width, device = max(map(len, ids)), model.model.embed_tokens.weight.device
+    batch = torch.tensor([i + [0] * (width - len(i)) for i in ids], device=device)
+    return model.states(batch)[torch.arange(len(ids), device=device), torch.tensor([len(i) - 1 for i in ids],
+                                                                                    device=device)]
 
 
 def buckets(examples: list[Example], size: int, rng: random.Random, pool: int = 50) -> list[list[int]]:
@@ -513,14 +516,17 @@ def train_lora(cfg: GuardTrainConfig, written: list[Example]) -> dict:
     rng = random.Random(cfg.seed)
     params = apply_lora(model, r=cfg.lora_rank, alpha=2 * cfg.lora_rank)
     head = torch.nn.Linear(model.config.hidden_size, len(LABELS))
-    bf16 = resolve_precision(cfg.precision) == "bf16"
+    device = torch.device(cfg.lora_device)
+    model.to(device)
+    head.to(device)
+    bf16 = device.type == "cuda" or resolve_precision(cfg.precision) == "bf16"
 
     def logits(texts: list[str]) -> torch.Tensor:
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
             return head(lora_states(model, lora_ids(tokenizer, texts))).float()
 
     sample = rng.sample(s.train_fit, min(cfg.lora_examples or len(s.train_fit), len(s.train_fit)))
-    y = torch.from_numpy(targets(sample))
+    y = torch.from_numpy(targets(sample)).to(device)
     pos = y.sum(0)
     pos_weight = torch.sqrt((len(y) - pos) / pos.clamp(min=1.0))
     steps = cfg.lora_steps or -(-len(sample) // cfg.lora_batch)
@@ -550,7 +556,7 @@ def train_lora(cfg: GuardTrainConfig, written: list[Example]) -> dict:
         by_length = sorted(range(len(examples)), key=lambda i: len(examples[i].text))  # little padding per batch
         for k in range(0, len(examples), 32):
             rows = by_length[k:k + 32]
-            out[rows] = torch.sigmoid(logits([examples[i].text for i in rows])).double().numpy()
+            out[rows] = torch.sigmoid(logits([examples[i].text for i in rows])).double().cpu().numpy()
         return out
 
     t0 = time.perf_counter()
@@ -564,8 +570,8 @@ def train_lora(cfg: GuardTrainConfig, written: list[Example]) -> dict:
     figures["lora"] = {"train_examples": len(sample), "steps": steps, "train_s": round(train_s, 1),
                        "batched_ms_per_text": round(per_text_ms, 1), "bf16": bf16}
     if cfg.out:
-        tensors = {f"lora.{k}": v.contiguous() for k, v in lora_state_dict(model).items()}
-        tensors |= {"head.weight": head.weight.detach().contiguous(), "head.bias": head.bias.detach().contiguous(),
+        tensors = {f"lora.{k}": v.cpu().contiguous() for k, v in lora_state_dict(model).items()}
+        tensors |= {"head.weight": head.weight.detach().cpu().contiguous(), "head.bias": head.bias.detach().cpu().contiguous(),
                     "thresholds": torch.from_numpy(np.ascontiguousarray(both[0]))}
         if both[1] is not None:
             tensors["answer_thresholds"] = torch.from_numpy(np.ascontiguousarray(both[1]))
@@ -592,6 +598,11 @@ def main(cfg: GuardTrainConfig) -> int:
                                  or cfg.lora_lr <= 0 or cfg.lora_eval_every < 1):
         raise GuardDataError("design=lora needs lora_examples and lora_steps >= 0, lora_batch, lora_rank and "
                              "lora_eval_every >= 1 and lora_lr > 0")
+    if cfg.design == "lora" and cfg.lora_device not in ("cpu", "cuda"):
+        raise GuardDataError(f"design=lora: lora_device must be cpu or cuda, got {cfg.lora_device!r}")
+    if cfg.design == "lora" and cfg.lora_device == "cuda" and not torch.cuda.is_available():
+        raise GuardDataError("design=lora: lora_device=cuda, but this torch sees no CUDA GPU: train with "
+                             "lora_device=cpu, or on a machine with one and a CUDA build of torch")
     if cfg.design == "encoder" and (not 1 <= cfg.tuned_layers <= 6 or cfg.tune_epochs < 1 or cfg.encoder_lr <= 0):
         raise GuardDataError("design=encoder needs tuned_layers in 1..6, tune_epochs >= 1 and encoder_lr > 0")
     if (cfg.per_example < 0 or cfg.epochs < 1 or cfg.hidden < 1 or not 0 < cfg.max_fpr < 1 or not 0 <= cfg.answer_fpr < 1
