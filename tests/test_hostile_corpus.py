@@ -367,6 +367,20 @@ def test_a_wordnet_file_that_links_out_of_the_folder_is_refused(tmp_path, capsys
     reason = skipped(tmp_path, capsys, "wordnet", src)
     assert f"{src / 'data.verb'} links out of {src} (to {tmp_path / 'secret'})" in reason, reason
 
+
+def test_a_dictd_index_that_links_out_of_the_folder_is_refused(tmp_path, capsys):
+    """The index beside a .dz was read wherever a link led, and a line that did not parse was quoted in the error."""
+    src = tmp_path / "src"
+    src.mkdir()
+    path = dictd(src, CAT)
+    assert cli.main(["data", "prepare", str(tmp_path / "ok"), "sources=devil", f"location=devil={path}"]) == 0
+    (tmp_path / "secret").write_text("password\t!hunter2\tsecret\n")
+    (src / "devil.index").unlink()
+    (src / "devil.index").symlink_to(tmp_path / "secret")
+    reason = skipped(tmp_path, capsys, "devil", path)
+    assert f"{src / 'devil.index'} links out of {src} (to {tmp_path / 'secret'})" in reason, reason
+    assert "hunter2" not in reason
+
 # ---------------------------------------------------------------- a run that was killed
 
 def test_a_killed_runs_temporary_files_are_removed_and_nothing_else(tmp_path, capsys):

@@ -181,6 +181,7 @@ def read_dictd(path: Path) -> Iterator[str]:
     index = path.with_name(path.name.removesuffix(".dz").removesuffix(".dict") + ".index")
     if not index.is_file():
         raise FileNotFoundError(f"{index} not found: a dictd database needs its index beside {path.name}")
+    _own(path.parent, [index])  # its lines would otherwise be quoted in errors from wherever a link led
     data = _gunzip(path) if path.suffix == ".dz" else _read(path)
     seen = set()
     for lineno, line in enumerate(_read_text(index).splitlines(), 1):
