@@ -489,8 +489,7 @@ def lora_states(model, ids: list[list[int]]) -> torch.Tensor:
 
 def buckets(examples: list[Example], size: int, rng: random.Random, pool: int = 50) -> list[list[int]]:
     """One pass over `examples` in batches of `size` indices: shuffled, then sorted by length within pools of `pool`
-    batches so that a batch's texts are of a length (less padding: a third less time a step here), and the
-    batches shuffled again."""
+    batches so that a batch's texts are of a length (less padding), and the batches shuffled again."""
     order = rng.sample(range(len(examples)), len(examples))
     out = []
     for k in range(0, len(order), size * pool):
@@ -571,8 +570,8 @@ def train_lora(cfg: GuardTrainConfig, written: list[Example]) -> dict:
                        "batched_ms_per_text": round(per_text_ms, 1), "bf16": bf16}
     if cfg.out:
         tensors = {f"lora.{k}": v.cpu().contiguous() for k, v in lora_state_dict(model).items()}
-        tensors |= {"head.weight": head.weight.detach().cpu().contiguous(), "head.bias": head.bias.detach().cpu().contiguous(),
-                    "thresholds": torch.from_numpy(np.ascontiguousarray(both[0]))}
+        tensors |= {f"head.{k}": v.detach().cpu().contiguous() for k, v in head.state_dict().items()}
+        tensors["thresholds"] = torch.from_numpy(np.ascontiguousarray(both[0]))
         if both[1] is not None:
             tensors["answer_thresholds"] = torch.from_numpy(np.ascontiguousarray(both[1]))
         meta = {"format": LORA_FORMAT, "labels": json.dumps(list(LABELS)), "model": cfg.lora_model,
