@@ -353,7 +353,6 @@ def test_a_file_that_links_out_of_the_folder_is_refused(name, tmp_path, capsys):
     assert f"{link} links out of {src} (to {tmp_path / 'secret'})" in reason, reason
 
 
-
 def test_a_wordnet_file_that_links_out_of_the_folder_is_refused(tmp_path, capsys):
     """WordNet's data.* files have fixed names and were read wherever a link led; one inside the folder is fine."""
     synset = "00001740 03 n 01 {} 0 000 | that which is perceived or known\n"
@@ -380,6 +379,7 @@ def test_a_dictd_index_that_links_out_of_the_folder_is_refused(tmp_path, capsys)
     reason = skipped(tmp_path, capsys, "devil", path)
     assert f"{src / 'devil.index'} links out of {src} (to {tmp_path / 'secret'})" in reason, reason
     assert "hunter2" not in reason
+
 
 # ---------------------------------------------------------------- a run that was killed
 

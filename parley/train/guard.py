@@ -53,10 +53,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from parley.config import parse_cli, setting
+from parley.config import ConfigError, parse_cli, setting
 from parley.pipeline.guard import (INJECTION, LABELS, NGRAM_BUCKETS, PRINCIPLES, TRUNKS, GatedGuard, Guard, by_kind,
                                    features, readings, standardize, trained_path, tuned_encoder, write_head)
 from parley.train.guard_data import Example, GuardDataError, Splits, data_sha256, load_all, split
+from parley.train.loop import resolve_device
 
 
 @dataclass
@@ -89,8 +90,8 @@ class GuardTrainConfig:
     lora_steps: int = setting(0, "design=lora: optimizer steps (0: one pass over the sample)")
     lora_batch: int = setting(16, "design=lora: examples per optimizer step")
     lora_rank: int = setting(8, "design=lora: adapter rank on every projection (alpha twice the rank)")
-    lora_device: str = setting("cpu", "design=lora: where it trains: cpu, or cuda (bf16 autocast there) on a machine "
-                                      "with a GPU")
+    lora_device: str = setting("cpu", "design=lora: where it trains: cpu, cuda (bf16 autocast there) on a machine "
+                                      "with a GPU, or auto (cuda where torch sees one), as train.device")
     lora_lr: float = setting(5e-4, "design=lora: AdamW peak learning rate of the adapters (the head's: 4x); warm-up "
                                    "over the first 5% of steps, cosine to a tenth")
     lora_eval_every: int = setting(1, "design=lora: calibrate and report on every n-th example of each split (CPU time)")
@@ -481,10 +482,11 @@ def lora_ids(tokenizer, texts: list[str]) -> list[list[int]]:
 def lora_states(model, ids: list[list[int]]) -> torch.Tensor:
     """The last real token's final hidden state of each text (right-padded: causal attention keeps the padding
     out of every real position)."""
-    width, device = max(map(len, ids)), model.model.embed_tokens.weight.device
-    batch = torch.tensor([i + [0] * (width - len(i)) for i in ids], device=device)
-    return model.states(batch)[torch.arange(len(ids), device=device), torch.tensor([len(i) - 1 for i in ids],
-                                                                                    device=device)]
+    from parley.train.reward import pad
+
+    device = model.model.embed_tokens.weight.device
+    batch, last = (t.to(device) for t in pad(ids, 0))
+    return model.states(batch)[torch.arange(len(ids), device=device), last]
 
 
 def buckets(examples: list[Example], size: int, rng: random.Random, pool: int = 50) -> list[list[int]]:
@@ -508,14 +510,14 @@ def train_lora(cfg: GuardTrainConfig, written: list[Example]) -> dict:
     from parley.registry import Registry
 
     s = split(written, per_example=cfg.per_example)
-    n = max(cfg.lora_eval_every, 1)
+    n = cfg.lora_eval_every  # main checked it is >= 1
     s = Splits(s.train_fit, s.val[::n], s.train, {k: v[::n] for k, v in s.test.items()})
     model, tokenizer, _ = Registry().load(cfg.lora_model, dtype=torch.float32)
     torch.manual_seed(cfg.seed)
     rng = random.Random(cfg.seed)
     params = apply_lora(model, r=cfg.lora_rank, alpha=2 * cfg.lora_rank)
     head = torch.nn.Linear(model.config.hidden_size, len(LABELS))
-    device = torch.device(cfg.lora_device)
+    device = resolve_device(cfg.lora_device, "lora_device")
     model.to(device)
     head.to(device)
     bf16 = device.type == "cuda" or resolve_precision(cfg.precision) == "bf16"
@@ -597,11 +599,11 @@ def main(cfg: GuardTrainConfig) -> int:
                                  or cfg.lora_lr <= 0 or cfg.lora_eval_every < 1):
         raise GuardDataError("design=lora needs lora_examples and lora_steps >= 0, lora_batch, lora_rank and "
                              "lora_eval_every >= 1 and lora_lr > 0")
-    if cfg.design == "lora" and cfg.lora_device not in ("cpu", "cuda"):
-        raise GuardDataError(f"design=lora: lora_device must be cpu or cuda, got {cfg.lora_device!r}")
-    if cfg.design == "lora" and cfg.lora_device == "cuda" and not torch.cuda.is_available():
-        raise GuardDataError("design=lora: lora_device=cuda, but this torch sees no CUDA GPU: train with "
-                             "lora_device=cpu, or on a machine with one and a CUDA build of torch")
+    if cfg.design == "lora":
+        try:
+            resolve_device(cfg.lora_device, "lora_device")
+        except ConfigError as e:
+            raise GuardDataError(f"design=lora: {e}") from None
     if cfg.design == "encoder" and (not 1 <= cfg.tuned_layers <= 6 or cfg.tune_epochs < 1 or cfg.encoder_lr <= 0):
         raise GuardDataError("design=encoder needs tuned_layers in 1..6, tune_epochs >= 1 and encoder_lr > 0")
     if (cfg.per_example < 0 or cfg.epochs < 1 or cfg.hidden < 1 or not 0 < cfg.max_fpr < 1 or not 0 <= cfg.answer_fpr < 1

@@ -379,14 +379,14 @@ def _duration(seconds: float) -> str:
 
 # ---------------------------------------------------------------- the loop
 
-def resolve_device(choice: str) -> torch.device:
-    """train.device as a torch device: cuda:LOCAL_RANK (0 outside torchrun) or cpu; auto takes
-    cuda when torch sees a GPU. Asking for cuda without one is a ConfigError that says what to do."""
+def resolve_device(choice: str, name: str = "train.device") -> torch.device:
+    """train.device (or the setting `name`) as a torch device: cuda:LOCAL_RANK (0 outside torchrun) or cpu; auto
+    takes cuda when torch sees a GPU. Asking for cuda without one is a ConfigError that says what to do."""
     if choice not in ("auto", "cpu", "cuda"):
-        raise ConfigError(f"train.device: expected auto, cpu or cuda, got {choice!r}")
+        raise ConfigError(f"{name}: expected auto, cpu or cuda, got {choice!r}")
     if choice == "cuda" and not torch.cuda.is_available():
         build = f"a CPU-only build ({torch.__version__})" if torch.version.cuda is None else "a CUDA build"
-        raise ConfigError(f"train.device=cuda, but torch sees no CUDA GPU (torch is {build}): set train.device=cpu "
+        raise ConfigError(f"{name}=cuda, but torch sees no CUDA GPU (torch is {build}): set {name}=cpu "
                           "or auto, or run on a machine with an NVIDIA GPU and a CUDA build of torch")
     if choice == "cpu" or not torch.cuda.is_available():
         return torch.device("cpu")
